@@ -1,0 +1,8 @@
+// Every schema migration, in order. Listed here (not discovered on disk) so that the same
+// code runs from TypeScript sources and from the compiled build.
+import type { Migration } from 'kysely';
+import * as initial from './001_initial.js';
+
+export const migrations: Record<string, Migration> = {
+  '001_initial': initial,
+};

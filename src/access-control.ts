@@ -1,0 +1,38 @@
+// Who may talk to relayq: loopback detection (shared by SMTP and the HTTP API) and the
+// allowedNetworks CIDR list, checked with node's BlockList.
+import net from 'node:net';
+import { parseCidr } from './config/load.js';
+
+/** "::ffff:127.0.0.1" → "127.0.0.1"; other addresses unchanged. */
+export function normalizeIp(address: string | undefined): string {
+  if (!address) return '';
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  return mapped ? mapped[1] : address;
+}
+
+export function isLoopback(address: string | undefined): boolean {
+  const ip = normalizeIp(address);
+  return ip === '::1' || /^127\.\d+\.\d+\.\d+$/.test(ip);
+}
+
+export interface ClientPolicy {
+  allowLocalOnly: boolean;
+  allowedNetworks: readonly string[];
+}
+
+/** Returns a predicate telling whether a client address may use the SMTP port. */
+export function clientFilter(policy: ClientPolicy): (address: string | undefined) => boolean {
+  if (policy.allowLocalOnly) return isLoopback;
+  if (policy.allowedNetworks.length === 0) return () => true;
+  const list = new net.BlockList();
+  for (const cidr of policy.allowedNetworks) {
+    const parsed = parseCidr(cidr);
+    if (parsed) list.addSubnet(parsed.address, parsed.bits, parsed.family === 4 ? 'ipv4' : 'ipv6');
+  }
+  return (address) => {
+    const ip = normalizeIp(address);
+    const family = net.isIP(ip);
+    if (family === 0) return false;
+    return list.check(ip, family === 4 ? 'ipv4' : 'ipv6');
+  };
+}

@@ -1,0 +1,46 @@
+// `relayq serve`: load the configuration (every error at once, before anything listens),
+// start the relay, and shut down in order on SIGTERM/SIGINT (a second signal forces exit).
+import { findConfigFile, formatErrors, loadConfig, readConfigFile } from '../config/load.js';
+import { createLogger } from '../logger.js';
+import { startRelay } from '../main.js';
+
+export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
+  const loaded = loadConfig(argv, env, readConfigFile(findConfigFile(argv, env)));
+  if (!loaded.ok) {
+    process.stderr.write(`${formatErrors(loaded.errors)}\n`);
+    process.exit(2);
+  }
+  const logger = createLogger(loaded.config.logLevel);
+  let relay: Awaited<ReturnType<typeof startRelay>>;
+  try {
+    relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings });
+  } catch (err) {
+    logger.fatal({ event: 'relay.start_failed', err: (err as Error).message }, 'relayq could not start');
+    logger.flush();
+    process.stderr.write(`relayq: ${(err as Error).message}\n`);
+    process.exit(1);
+  }
+  let signals = 0;
+  const onSignal = (signal: string) => {
+    signals++;
+    if (signals > 1) {
+      logger.warn({ event: 'relay.forced_exit', signal }, 'second signal: exiting now');
+      logger.flush();
+      process.exit(1);
+    }
+    logger.info({ event: 'relay.signal', signal }, 'signal received');
+    relay.stop().then(
+      () => {
+        logger.flush();
+        process.exit(0);
+      },
+      (err) => {
+        logger.error({ event: 'relay.stop_failed', err: (err as Error).message }, 'shutdown failed');
+        logger.flush();
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+  process.on('SIGINT', () => onSignal('SIGINT'));
+}

@@ -1,0 +1,263 @@
+// Builds the effective configuration from defaults, a JSON file, the environment and flags
+// (later wins). Pure: the caller reads the file and passes argv/env; errors are returned, all
+// of them at once, each naming the key and where the bad value came from.
+import fs from 'node:fs';
+import net from 'node:net';
+import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, setPath } from './schema.js';
+
+export type Source = 'file' | 'env' | 'flag';
+
+export interface ConfigError {
+  key: string;
+  source: Source | 'config';
+  message: string;
+}
+
+export interface ConfigFile {
+  path: string;
+  /** Raw file text; parse errors are reported as config errors. */
+  text: string;
+}
+
+export type LoadResult = { ok: true; config: Config; warnings: string[] } | { ok: false; errors: ConfigError[] };
+
+const KEYS_BY_PATH = new Map(CONFIG_KEYS.map((k) => [k.path, k]));
+
+/** Flags: `--config FILE` and `--<key path> VALUE` or `--<key path>=VALUE`, e.g. `--rateLimits.enabled=true`. */
+export function parseFlags(argv: readonly string[]): { configPath?: string; values: Map<string, string>; unknown: string[] } {
+  const values = new Map<string, string>();
+  const unknown: string[] = [];
+  let configPath: string | undefined;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (!arg.startsWith('--')) {
+      unknown.push(arg);
+      continue;
+    }
+    let name = arg.slice(2);
+    let value: string | undefined;
+    const eq = name.indexOf('=');
+    if (eq >= 0) {
+      value = name.slice(eq + 1);
+      name = name.slice(0, eq);
+    } else if (i + 1 < argv.length && !argv[i + 1].startsWith('--')) {
+      value = argv[++i];
+    }
+    if (name === 'config') configPath = value;
+    else if (KEYS_BY_PATH.has(name) && value !== undefined) values.set(name, value);
+    else if (KEYS_BY_PATH.get(name)?.type === 'bool' && value === undefined) values.set(name, 'true');
+    else unknown.push(arg);
+  }
+  return { configPath, values, unknown };
+}
+
+/** Which config file to read: `--config`, else RELAYQ_CONFIG, else ./config.json if it exists. */
+export function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv, cwd = process.cwd()): string | undefined {
+  const { configPath } = parseFlags(argv);
+  if (configPath) return configPath;
+  if (env.RELAYQ_CONFIG) return env.RELAYQ_CONFIG;
+  const local = `${cwd}/config.json`;
+  return fs.existsSync(local) ? local : undefined;
+}
+
+/** Reads the file chosen by findConfigFile; a missing explicit file is reported by loadConfig. */
+export function readConfigFile(path: string | undefined): ConfigFile | undefined | { path: string; error: string } {
+  if (!path) return undefined;
+  try {
+    return { path, text: fs.readFileSync(path, 'utf8') };
+  } catch (err) {
+    return { path, error: (err as Error).message };
+  }
+}
+
+export function loadConfig(
+  argv: readonly string[],
+  env: NodeJS.ProcessEnv,
+  file?: ConfigFile | { path: string; error: string },
+): LoadResult {
+  const config = defaultConfig() as unknown as Record<string, unknown>;
+  const errors: ConfigError[] = [];
+
+  if (file && 'error' in file) {
+    errors.push({ key: 'config', source: 'file', message: `cannot read ${file.path}: ${file.error}` });
+  } else if (file) {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(file.text);
+    } catch (err) {
+      errors.push({ key: 'config', source: 'file', message: `${file.path} is not valid JSON: ${(err as Error).message}` });
+    }
+    if (parsed !== undefined) {
+      if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+        errors.push({ key: 'config', source: 'file', message: `${file.path} must hold a JSON object` });
+      } else {
+        applyFileObject(parsed as Record<string, unknown>, '', config, errors);
+      }
+    }
+  }
+
+  for (const key of CONFIG_KEYS) {
+    const raw = env[envName(key.path)];
+    if (raw === undefined) continue;
+    const value = parseString(key, raw);
+    if ('error' in value) errors.push({ key: key.path, source: 'env', message: `${envName(key.path)}: ${value.error}` });
+    else setPath(config, key.path, value.value);
+  }
+
+  const flags = parseFlags(argv);
+  for (const arg of flags.unknown) errors.push({ key: arg, source: 'flag', message: `unknown option ${arg}` });
+  for (const [path, raw] of flags.values) {
+    const key = KEYS_BY_PATH.get(path) as KeyDef;
+    const value = parseString(key, raw);
+    if ('error' in value) errors.push({ key: path, source: 'flag', message: `--${path}: ${value.error}` });
+    else setPath(config, path, value.value);
+  }
+
+  const typed = config as unknown as Config;
+  const warnings: string[] = [];
+  if (errors.length === 0) checkCombinations(typed, errors, warnings);
+  return errors.length ? { ok: false, errors } : { ok: true, config: typed, warnings };
+}
+
+function applyFileObject(obj: Record<string, unknown>, prefix: string, config: Record<string, unknown>, errors: ConfigError[]) {
+  for (const [name, value] of Object.entries(obj)) {
+    const path = prefix ? `${prefix}.${name}` : name;
+    const key = KEYS_BY_PATH.get(path);
+    if (key) {
+      const checked = checkValue(key, value);
+      if ('error' in checked) errors.push({ key: path, source: 'file', message: `${path}: ${checked.error}` });
+      else setPath(config, path, checked.value);
+    } else if (CONFIG_KEYS.some((k) => k.path.startsWith(`${path}.`))) {
+      if (typeof value === 'object' && value !== null && !Array.isArray(value)) {
+        applyFileObject(value as Record<string, unknown>, path, config, errors);
+      } else {
+        errors.push({ key: path, source: 'file', message: `${path}: must be an object` });
+      }
+    } else {
+      errors.push({ key: path, source: 'file', message: `${path}: unknown key` });
+    }
+  }
+}
+
+type Checked = { value: unknown } | { error: string };
+
+function checkValue(key: KeyDef, value: unknown): Checked {
+  switch (key.type) {
+    case 'string':
+      if (typeof value !== 'string') return { error: 'must be a string' };
+      if (key.values && !key.values.includes(value)) return { error: `must be one of ${key.values.join(', ')}` };
+      return { value };
+    case 'bool':
+      return typeof value === 'boolean' ? { value } : { error: 'must be true or false' };
+    case 'int':
+      if (typeof value !== 'number' || !Number.isInteger(value)) return { error: 'must be an integer' };
+      return inRange(key, value);
+    case 'list':
+      if (!Array.isArray(value) || value.some((v) => typeof v !== 'string')) return { error: 'must be a list of strings' };
+      return { value };
+  }
+}
+
+function parseString(key: KeyDef, raw: string): Checked {
+  switch (key.type) {
+    case 'string':
+      return checkValue(key, raw);
+    case 'bool': {
+      const v = raw.trim().toLowerCase();
+      if (['true', '1', 'yes'].includes(v)) return { value: true };
+      if (['false', '0', 'no'].includes(v)) return { value: false };
+      return { error: `must be true/false/1/0/yes/no, got "${raw}"` };
+    }
+    case 'int':
+      if (!/^-?\d+$/.test(raw.trim())) return { error: `must be an integer, got "${raw}"` };
+      return inRange(key, Number(raw.trim()));
+    case 'list':
+      return {
+        value: raw
+          .split(',')
+          .map((s) => s.trim())
+          .filter(Boolean),
+      };
+  }
+}
+
+function inRange(key: KeyDef, n: number): Checked {
+  if (key.min !== undefined && n < key.min) return { error: `must be at least ${key.min}, got ${n}` };
+  if (key.max !== undefined && n > key.max) return { error: `must be at most ${key.max}, got ${n}` };
+  return { value: n };
+}
+
+/** Checks that involve several keys; each error names the key to change. */
+function checkCombinations(c: Config, errors: ConfigError[], warnings: string[]) {
+  const conf = 'config' as const;
+  if (c.forwardSMTP && !c.forwardHost) {
+    errors.push({ key: 'forwardHost', source: conf, message: 'forwardHost is required when forwardSMTP is true' });
+  }
+  if ((c.tls.cert === '') !== (c.tls.key === '')) {
+    errors.push({ key: c.tls.cert ? 'tls.key' : 'tls.cert', source: conf, message: 'tls.cert and tls.key must be set together' });
+  }
+  for (const cidr of c.security.allowedNetworks) {
+    if (!parseCidr(cidr)) {
+      errors.push({ key: 'security.allowedNetworks', source: conf, message: `security.allowedNetworks: "${cidr}" is not a CIDR (e.g. 10.0.0.0/8)` });
+    }
+  }
+  if (c.rateLimits.maxPerHour > c.rateLimits.maxPerDay) {
+    errors.push({ key: 'rateLimits.maxPerHour', source: conf, message: 'rateLimits.maxPerHour must not exceed rateLimits.maxPerDay' });
+  }
+  if (c.rateLimits.globalMaxPerHour > c.rateLimits.globalMaxPerDay) {
+    errors.push({ key: 'rateLimits.globalMaxPerHour', source: conf, message: 'rateLimits.globalMaxPerHour must not exceed rateLimits.globalMaxPerDay' });
+  }
+  if (c.retry.initialDelay > c.retry.maxDelay) {
+    errors.push({ key: 'retry.initialDelay', source: conf, message: 'retry.initialDelay must not exceed retry.maxDelay' });
+  }
+  const noCredentials = !c.defaultUsername || !c.defaultPassword;
+  if (c.security.requireAuth && noCredentials) {
+    if (c.security.allowLocalOnly) {
+      warnings.push(
+        'security.requireAuth is on but defaultUsername/defaultPassword are not set: accepting mail from loopback clients without AUTH',
+      );
+    } else {
+      errors.push({
+        key: 'defaultUsername',
+        source: conf,
+        message:
+          'security.requireAuth with security.allowLocalOnly=false needs defaultUsername and defaultPassword ' +
+          '(set DEFAULT_USERNAME and DEFAULT_PASSWORD, or set security.allowLocalOnly=true); relayq never runs as an open relay',
+      });
+    }
+  }
+  if (!c.security.requireAuth && !c.security.allowLocalOnly && c.security.allowedNetworks.length === 0) {
+    errors.push({
+      key: 'security.allowedNetworks',
+      source: conf,
+      message:
+        'security.requireAuth=false with security.allowLocalOnly=false and no security.allowedNetworks would be an open relay; ' +
+        'set security.allowedNetworks or turn security.requireAuth on',
+    });
+  }
+}
+
+/** "10.0.0.0/8" → parts, or undefined when malformed. */
+export function parseCidr(cidr: string): { address: string; bits: number; family: 4 | 6 } | undefined {
+  const [address, bitsText, extra] = cidr.split('/');
+  if (extra !== undefined) return undefined;
+  const family = net.isIP(address);
+  if (family === 0) return undefined;
+  const maxBits = family === 4 ? 32 : 128;
+  const bits = bitsText === undefined ? maxBits : Number(bitsText);
+  if (!Number.isInteger(bits) || bits < 0 || bits > maxBits || (bitsText !== undefined && !/^\d+$/.test(bitsText))) return undefined;
+  return { address, bits, family: family as 4 | 6 };
+}
+
+/** Copy of the config with every secret replaced, for logging. */
+export function redactConfig(config: Config): Config {
+  const copy = structuredClone(config) as unknown as Record<string, unknown>;
+  for (const key of CONFIG_KEYS) {
+    if (key.secret && getPath(copy, key.path)) setPath(copy, key.path, '[redacted]');
+  }
+  return copy as unknown as Config;
+}
+
+export function formatErrors(errors: readonly ConfigError[]): string {
+  return errors.map((e) => `config error (${e.source}): ${e.message}`).join('\n');
+}

@@ -1,0 +1,153 @@
+// The configuration schema: every key relayq understands, with its type, default, bounds
+// and meaning. The loader, the README's configuration table and its test all read this list.
+import os from 'node:os';
+
+export type KeyType = 'string' | 'int' | 'bool' | 'list';
+
+export interface KeyDef {
+  /** Dotted path, e.g. "rateLimits.maxPerHour". */
+  path: string;
+  type: KeyType;
+  default: string | number | boolean | string[];
+  min?: number;
+  max?: number;
+  /** Allowed values for a string key. */
+  values?: readonly string[];
+  /** Never logged. */
+  secret?: boolean;
+  /** Unit shown in the docs. */
+  unit?: string;
+  doc: string;
+}
+
+const PORT = { min: 0, max: 65535 };
+
+export const CONFIG_KEYS: readonly KeyDef[] = [
+  { path: 'smtpHost', type: 'string', default: '127.0.0.1', doc: 'SMTP listen address' },
+  { path: 'smtpPort', type: 'int', default: 2525, ...PORT, doc: 'SMTP listen port (the Docker image sets 25)' },
+  { path: 'serverName', type: 'string', default: os.hostname(), doc: 'name in the greeting and in `Received:` (default: the host name)' },
+  { path: 'defaultUsername', type: 'string', default: '', doc: 'SMTP AUTH user name' },
+  { path: 'defaultPassword', type: 'string', default: '', secret: true, doc: 'SMTP AUTH password' },
+  { path: 'forwardSMTP', type: 'bool', default: false, doc: 'forward to the upstream; false = deliver locally into `emailsDir`' },
+  { path: 'forwardHost', type: 'string', default: '', doc: 'upstream host (required when forwardSMTP)' },
+  { path: 'forwardPort', type: 'int', default: 587, min: 1, max: 65535, doc: 'upstream port' },
+  { path: 'forwardUsername', type: 'string', default: '', doc: 'upstream AUTH user (no AUTH when empty)' },
+  { path: 'forwardPassword', type: 'string', default: '', secret: true, doc: 'upstream AUTH password' },
+  { path: 'forwardSSL', type: 'bool', default: false, doc: 'implicit TLS (port 465 style); false = STARTTLS when offered' },
+  { path: 'batchSize', type: 'int', default: 20, min: 1, max: 10000, doc: 'max recipients per upstream SMTP transaction' },
+  { path: 'batchDelay', type: 'int', default: 1000, min: 0, max: 3600000, unit: 'ms', doc: 'pause between two batches of the same message' },
+  { path: 'continueOnError', type: 'bool', default: true, doc: "a failed batch does not stop the message's other batches" },
+  { path: 'workerCount', type: 'int', default: 5, min: 1, max: 1000, doc: 'concurrent deliveries' },
+  { path: 'queueSize', type: 'int', default: 1000, min: 0, max: 100000000, doc: 'max messages not yet final (queued + sending); more get `452`; 0 = unlimited' },
+  { path: 'processingTimeout', type: 'int', default: 300, min: 5, max: 86400, unit: 's', doc: 'limit for one delivery attempt; also the claim lease' },
+  { path: 'enableHealthCheck', type: 'bool', default: true, doc: 'serve the HTTP API' },
+  { path: 'healthCheckHost', type: 'string', default: '127.0.0.1', doc: 'HTTP listen address' },
+  { path: 'healthCheckPort', type: 'int', default: 8025, ...PORT, doc: 'HTTP listen port' },
+  { path: 'rateLimits.enabled', type: 'bool', default: false, doc: 'enforce the four limits below' },
+  { path: 'rateLimits.maxPerHour', type: 'int', default: 500, min: 1, max: 100000000, doc: 'per envelope sender, messages per rolling hour' },
+  { path: 'rateLimits.maxPerDay', type: 'int', default: 2000, min: 1, max: 100000000, doc: 'per envelope sender, messages per rolling day' },
+  { path: 'rateLimits.globalMaxPerHour', type: 'int', default: 1000, min: 1, max: 100000000, doc: 'all senders together, messages per rolling hour' },
+  { path: 'rateLimits.globalMaxPerDay', type: 'int', default: 5000, min: 1, max: 100000000, doc: 'all senders together, messages per rolling day' },
+  { path: 'security.allowLocalOnly', type: 'bool', default: true, doc: 'only loopback clients may connect to SMTP' },
+  { path: 'security.allowedNetworks', type: 'list', default: [], doc: 'CIDRs allowed when allowLocalOnly is false (empty = any)' },
+  { path: 'security.requireAuth', type: 'bool', default: true, doc: 'SMTP AUTH required before MAIL' },
+  { path: 'security.logAllEmails', type: 'bool', default: true, doc: 'keep content after delivery and log subjects' },
+  { path: 'security.adminToken', type: 'string', default: '', secret: true, doc: 'bearer token that lets non-loopback clients use the HTTP API' },
+  { path: 'tls.cert', type: 'string', default: '', doc: 'PEM certificate file; with tls.key enables STARTTLS' },
+  { path: 'tls.key', type: 'string', default: '', doc: 'PEM private key file; with tls.cert enables STARTTLS' },
+  { path: 'databasePath', type: 'string', default: 'data/relayq.db', doc: 'the one SQLite file' },
+  { path: 'emailsDir', type: 'string', default: 'emails', doc: 'local deliveries; failed exports go to `emailsDir/failed`' },
+  { path: 'maxMessageSize', type: 'int', default: 26214400, min: 1024, max: 1073741824, unit: 'bytes', doc: 'larger messages get `552`' },
+  { path: 'maxRecipients', type: 'int', default: 1000, min: 1, max: 100000, doc: 'more RCPTs get `452`' },
+  { path: 'maxConnections', type: 'int', default: 500, min: 1, max: 100000, doc: 'concurrent SMTP connections' },
+  { path: 'retry.maxAttempts', type: 'int', default: 10, min: 1, max: 1000, doc: 'attempts before a temporarily failing batch becomes failed' },
+  { path: 'retry.initialDelay', type: 'int', default: 60, min: 0, max: 86400, unit: 's', doc: 'delay after the first temporary failure' },
+  { path: 'retry.maxDelay', type: 'int', default: 3600, min: 0, max: 604800, unit: 's', doc: 'cap of the exponential backoff (delay doubles, with jitter)' },
+  { path: 'retry.maxAge', type: 'int', default: 432000, min: 60, max: 31536000, unit: 's', doc: 'give up on mail older than this (5 days)' },
+  { path: 'failedRetryInterval', type: 'int', default: 3600, min: 0, max: 31536000, unit: 's', doc: 're-attempt failed mail whose last error was temporary; 0 = off' },
+  { path: 'retention.deliveredDays', type: 'int', default: 7, min: 0, max: 36500, doc: 'delete delivered messages after this many days; 0 = keep' },
+  { path: 'minFreeDiskMb', type: 'int', default: 512, min: 0, max: 100000000, doc: 'below this, new mail gets `452` and health is `error`' },
+  { path: 'logLevel', type: 'string', default: 'info', values: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], doc: 'pino level' },
+];
+
+export interface Config {
+  smtpHost: string;
+  smtpPort: number;
+  serverName: string;
+  defaultUsername: string;
+  defaultPassword: string;
+  forwardSMTP: boolean;
+  forwardHost: string;
+  forwardPort: number;
+  forwardUsername: string;
+  forwardPassword: string;
+  forwardSSL: boolean;
+  batchSize: number;
+  batchDelay: number;
+  continueOnError: boolean;
+  workerCount: number;
+  queueSize: number;
+  processingTimeout: number;
+  enableHealthCheck: boolean;
+  healthCheckHost: string;
+  healthCheckPort: number;
+  rateLimits: {
+    enabled: boolean;
+    maxPerHour: number;
+    maxPerDay: number;
+    globalMaxPerHour: number;
+    globalMaxPerDay: number;
+  };
+  security: {
+    allowLocalOnly: boolean;
+    allowedNetworks: string[];
+    requireAuth: boolean;
+    logAllEmails: boolean;
+    adminToken: string;
+  };
+  tls: { cert: string; key: string };
+  databasePath: string;
+  emailsDir: string;
+  maxMessageSize: number;
+  maxRecipients: number;
+  maxConnections: number;
+  retry: { maxAttempts: number; initialDelay: number; maxDelay: number; maxAge: number };
+  failedRetryInterval: number;
+  retention: { deliveredDays: number };
+  minFreeDiskMb: number;
+  logLevel: string;
+}
+
+/** `rateLimits.maxPerHour` → `RATE_LIMITS_MAX_PER_HOUR`. */
+export function envName(path: string): string {
+  return path
+    .split('.')
+    .map((part) => part.replace(/([a-z0-9])([A-Z])/g, '$1_$2').replace(/([A-Z]+)([A-Z][a-z])/g, '$1_$2'))
+    .join('_')
+    .toUpperCase();
+}
+
+export function defaultConfig(): Config {
+  const out: Record<string, unknown> = {};
+  for (const key of CONFIG_KEYS) setPath(out, key.path, Array.isArray(key.default) ? [...key.default] : key.default);
+  return out as unknown as Config;
+}
+
+export function setPath(target: Record<string, unknown>, path: string, value: unknown): void {
+  const parts = path.split('.');
+  let node = target;
+  for (const part of parts.slice(0, -1)) {
+    if (typeof node[part] !== 'object' || node[part] === null) node[part] = {};
+    node = node[part] as Record<string, unknown>;
+  }
+  node[parts[parts.length - 1]] = value;
+}
+
+export function getPath(source: unknown, path: string): unknown {
+  let node = source;
+  for (const part of path.split('.')) {
+    if (typeof node !== 'object' || node === null) return undefined;
+    node = (node as Record<string, unknown>)[part];
+  }
+  return node;
+}

@@ -1,0 +1,310 @@
+// SMTP intake: access control, AUTH, envelope checks, policy (limits, queue size, disk) and the
+// durable insert. Invariant: `250` is sent only from the callback of the commit that holds the
+// message; every refusal carries the reply code and enhanced code of the spec's §2 table.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import type { Logger } from 'pino';
+import type { SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
+import { clientFilter, isLoopback, normalizeIp } from '../access-control.js';
+import type { Clock } from '../clock.js';
+import type { Config } from '../config/schema.js';
+import type { CommitQueue } from '../store/commit-queue.js';
+import type { Sqlite } from '../store/db.js';
+import type { DiskSpace } from '../store/disk.js';
+import {
+  checkRateLimits,
+  countRefusal,
+  insertMessage,
+  isQueueFull,
+  newQueueId,
+  PolicyRefusal,
+  rateLimitMessage,
+} from '../store/intake.js';
+import { BareLineEndingScanner, isValidAddress, receivedHeader, subjectOf } from './message.js';
+import { RelayqSmtpServer } from './server.js';
+
+export interface IntakeDeps {
+  config: Config;
+  sqlite: Sqlite;
+  commits: CommitQueue;
+  disk: DiskSpace;
+  clock: Clock;
+  logger: Logger;
+}
+
+interface SessionState {
+  queueId?: string;
+  log?: Logger;
+}
+
+type Callback = (err?: Error | null) => void;
+
+function reply(code: number, text: string): Error & { responseCode: number } {
+  return Object.assign(new Error(text), { responseCode: code });
+}
+
+const AUTH_FAILURE_DELAY_MS = 250;
+const AUTH_FAILURE_MAX_DELAY_MS = 5000;
+
+export class SmtpIntake {
+  readonly server: RelayqSmtpServer;
+  private closing = false;
+  private readonly inFlight = new Set<Promise<unknown>>();
+  private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
+  private readonly authFailures = new Map<string, { count: number; at: number }>();
+  private readonly allowed: (ip: string | undefined) => boolean;
+  /** Loopback clients may send without AUTH when requireAuth is on but no credentials are set. */
+  private readonly credentialsConfigured: boolean;
+  private listening = false;
+
+  constructor(private readonly deps: IntakeDeps) {
+    const { config } = deps;
+    this.allowed = clientFilter(config.security);
+    this.credentialsConfigured = Boolean(config.defaultUsername && config.defaultPassword);
+    const tlsOn = Boolean(config.tls.cert && config.tls.key);
+    const smtpLog = deps.logger.child({ component: 'smtp-server' });
+    if (deps.logger.level !== 'debug' && deps.logger.level !== 'trace') smtpLog.level = 'warn';
+    this.server = new RelayqSmtpServer({
+      name: config.serverName,
+      banner: 'relayq',
+      size: config.maxMessageSize,
+      rejectOversized: true,
+      maxClients: config.maxConnections,
+      maxRecipients: config.maxRecipients,
+      authMethods: ['PLAIN', 'LOGIN'],
+      authOptional: true,
+      allowInsecureAuth: true,
+      disableReverseLookup: true,
+      hideENHANCEDSTATUSCODES: false,
+      hidePIPELINING: false,
+      hide8BITMIME: false,
+      hideSMTPUTF8: false,
+      hideDSN: true,
+      hideSTARTTLS: !tlsOn,
+      ...(tlsOn ? { key: fs.readFileSync(config.tls.key), cert: fs.readFileSync(config.tls.cert) } : {}),
+      logger: smtpLog as never,
+      onConnect: (session, cb) => this.onConnect(session, cb),
+      onAuth: (auth, session, cb) => this.onAuth(auth, session, cb),
+      onMailFrom: (address, session, cb) => this.onMailFrom(address.address, session, cb),
+      onRcptTo: (address, _session, cb) => this.onRcptTo(address.address, cb),
+      onData: (stream, session, cb) => this.onData(stream, session, cb),
+    } as ConstructorParameters<typeof RelayqSmtpServer>[0]);
+    this.server.on('error', (err) => deps.logger.warn({ event: 'smtp.error', err: err.message }, 'smtp error'));
+  }
+
+  listen(port: number, host: string): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const onError = (err: Error) => reject(err);
+      this.server.server.once('error', onError);
+      this.server.listen(port, host, () => {
+        this.server.server.off('error', onError);
+        this.listening = true;
+        const addr = this.server.server.address();
+        resolve(typeof addr === 'object' && addr ? addr.port : port);
+      });
+    });
+  }
+
+  get isListening(): boolean {
+    return this.listening && this.server.server.listening;
+  }
+
+  /**
+   * Stops accepting: new connections and commands get `421 4.3.2`, messages already in DATA
+   * finish (their commits complete) within `graceMs`, then the listener closes.
+   */
+  async shutdown(graceMs: number): Promise<void> {
+    this.closing = true;
+    const deadline = Date.now() + graceMs;
+    while (this.inFlight.size > 0 && Date.now() < deadline) {
+      await Promise.race([Promise.allSettled([...this.inFlight]), delay(Math.max(1, deadline - Date.now()))]);
+    }
+    await new Promise<void>((resolve) => {
+      this.server.close(() => resolve());
+      // smtp-server waits for idle clients; tell them to go away
+      for (const connection of this.server.connections) {
+        connection.send(421, '4.3.2 Service shutting down');
+      }
+    });
+    this.listening = false;
+  }
+
+  private state(session: SMTPServerSession): SessionState {
+    let s = this.sessions.get(session);
+    if (!s) {
+      s = {};
+      this.sessions.set(session, s);
+    }
+    return s;
+  }
+
+  private onConnect(session: SMTPServerSession, cb: Callback) {
+    if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
+    if (!this.allowed(session.remoteAddress)) {
+      this.deps.logger.warn({ event: 'smtp.refused', client: normalizeIp(session.remoteAddress) }, 'client not allowed');
+      return cb(reply(554, '5.7.1 Access denied: client not allowed'));
+    }
+    cb();
+  }
+
+  private onAuth(auth: SMTPServerAuthentication, session: SMTPServerSession, cb: (err: Error | null | undefined, response?: { user?: unknown }) => void) {
+    const ip = normalizeIp(session.remoteAddress);
+    if (!session.secure && !isLoopback(ip)) {
+      return cb(reply(538, '5.7.11 Encryption required for requested authentication mechanism'));
+    }
+    const { defaultUsername, defaultPassword } = this.deps.config;
+    const ok =
+      this.credentialsConfigured &&
+      safeEqual(auth.username ?? '', defaultUsername) &&
+      safeEqual(auth.password ?? '', defaultPassword);
+    if (ok) {
+      this.authFailures.delete(ip);
+      return cb(null, { user: auth.username });
+    }
+    // Repeated failures from one address are answered more and more slowly (never a lockout).
+    const now = Date.now();
+    const previous = this.authFailures.get(ip);
+    const count = previous && now - previous.at < 15 * 60_000 ? previous.count + 1 : 1;
+    this.authFailures.set(ip, { count, at: now });
+    if (this.authFailures.size > 10_000) this.authFailures.clear();
+    const wait = Math.min(AUTH_FAILURE_DELAY_MS * 2 ** (count - 1), AUTH_FAILURE_MAX_DELAY_MS);
+    this.deps.logger.warn({ event: 'smtp.auth_failed', client: ip, user: auth.username, failures: count }, 'authentication failed');
+    setTimeout(() => cb(reply(535, '5.7.8 Authentication credentials invalid')), count > 1 ? wait : 0).unref();
+  }
+
+  private onMailFrom(address: string, session: SMTPServerSession, cb: Callback) {
+    if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
+    const { config, sqlite, clock } = this.deps;
+    if (config.security.requireAuth && !session.user && (this.credentialsConfigured || !isLoopback(session.remoteAddress))) {
+      return cb(reply(530, '5.7.0 Authentication required'));
+    }
+    if (!isValidAddress(address, true)) return cb(reply(501, '5.1.3 Bad sender address syntax'));
+    if (this.deps.disk.isLow()) {
+      this.deps.logger.warn({ event: 'smtp.disk_low', freeMb: this.deps.disk.freeMb() }, 'refusing mail: disk space low');
+      return cb(reply(452, '4.3.1 Insufficient system storage, try again later'));
+    }
+    if (isQueueFull(sqlite, config.queueSize)) {
+      this.deps.commits.write((db) => countRefusal(db, 'queue-full')).catch(() => {});
+      return cb(reply(452, '4.3.1 Queue full, try again later'));
+    }
+    const now = clock.now();
+    const hit = checkRateLimits(sqlite, address, now, config.rateLimits);
+    if (hit) {
+      this.logRateLimit(address, hit.limit, hit.count, hit.max);
+      this.deps.commits.write((db) => countRefusal(db, 'rate-limit')).catch(() => {});
+      return cb(reply(451, `4.7.1 ${rateLimitMessage(hit)}, try again later`));
+    }
+    const s = this.state(session);
+    s.queueId = newQueueId(now);
+    s.log = this.deps.logger.child({ queueId: s.queueId });
+    cb();
+  }
+
+  private onRcptTo(address: string, cb: Callback) {
+    if (!isValidAddress(address, false)) return cb(reply(501, '5.1.3 Bad recipient address syntax'));
+    cb();
+  }
+
+  private onData(stream: SMTPServerDataStream, session: SMTPServerSession, cb: (err?: Error | null, message?: string) => void) {
+    const chunks: Buffer[] = [];
+    const scanner = new BareLineEndingScanner();
+    let bytes = 0;
+    stream.on('data', (chunk: Buffer) => {
+      if (stream.sizeExceeded) return;
+      scanner.scan(chunk);
+      if (!scanner.found) chunks.push(chunk);
+      bytes += chunk.length;
+    });
+    stream.on('end', () => {
+      const s = this.state(session);
+      const log = s.log ?? this.deps.logger;
+      if (stream.sizeExceeded) {
+        log.info({ event: 'smtp.refused', reason: 'size', bytes }, 'message too large');
+        return cb(reply(552, '5.3.4 Message size exceeds fixed maximum message size'));
+      }
+      if (scanner.finish()) {
+        log.warn({ event: 'smtp.refused', reason: 'bare-line-ending', client: normalizeIp(session.remoteAddress) }, 'bare CR or LF in DATA');
+        return cb(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 §2.3.8)'));
+      }
+      this.store(session, chunks, cb);
+    });
+  }
+
+  private store(session: SMTPServerSession, chunks: Buffer[], cb: (err?: Error | null, message?: string) => void) {
+    const { config, clock, commits } = this.deps;
+    const s = this.state(session);
+    const log = s.log ?? this.deps.logger;
+    const queueId = s.queueId ?? newQueueId(clock.now());
+    s.queueId = undefined;
+    const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
+    const recipients = session.envelope.rcptTo.map((r) => r.address);
+    const clientIp = normalizeIp(session.remoteAddress);
+    const now = clock.now();
+    const protocol = `ESMTP${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
+    const header = receivedHeader({
+      helo: session.hostNameAppearsAs || null,
+      clientHostname: session.clientHostname || null,
+      clientIp,
+      serverName: config.serverName,
+      protocol,
+      queueId,
+      recipients,
+      now,
+    });
+    const raw = Buffer.concat([header, ...chunks]);
+    const authUser = typeof session.user === 'string' ? session.user : session.user ? String(session.user) : null;
+    const write = commits.write((db) =>
+      insertMessage(
+        db,
+        { id: queueId, mailFrom, recipients, authUser, clientIp, clientHostname: session.clientHostname || null, helo: session.hostNameAppearsAs || null, raw, receivedAt: now },
+        { rateLimits: config.rateLimits, queueSize: config.queueSize },
+      ),
+    );
+    this.inFlight.add(write);
+    write.then(
+      () => {
+        this.inFlight.delete(write);
+        log.info(
+          {
+            event: 'smtp.accepted',
+            from: mailFrom,
+            rcpts: recipients.length,
+            size: raw.length,
+            client: clientIp,
+            user: authUser ?? undefined,
+            ...(config.security.logAllEmails ? { subject: subjectOf(raw) } : {}),
+          },
+          'message queued',
+        );
+        cb(null, `2.0.0 Ok: queued as ${queueId}`);
+      },
+      (err: unknown) => {
+        this.inFlight.delete(write);
+        if (err instanceof PolicyRefusal) {
+          commits.write((db) => countRefusal(db, err.kind)).catch(() => {});
+          if (err.kind === 'rate-limit' && err.hit) {
+            this.logRateLimit(mailFrom, err.hit.limit, err.hit.count, err.hit.max);
+            return cb(reply(451, `4.7.1 ${err.message}, try again later`));
+          }
+          return cb(reply(452, '4.3.1 Queue full, try again later'));
+        }
+        log.error({ event: 'smtp.store_failed', err: (err as Error).message }, 'storing the message failed');
+        cb(reply(451, '4.3.0 Local error in processing: message not stored, try again later'));
+      },
+    );
+  }
+
+  private logRateLimit(sender: string, limit: string, count: number, max: number) {
+    this.deps.logger.warn({ event: 'smtp.rate_limited', sender, limit, count, max }, 'rate limit reached');
+  }
+}
+
+function safeEqual(a: string, b: string): boolean {
+  const ha = crypto.createHash('sha256').update(a).digest();
+  const hb = crypto.createHash('sha256').update(b).digest();
+  return crypto.timingSafeEqual(ha, hb);
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms).unref());
+}

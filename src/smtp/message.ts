@@ -1,0 +1,92 @@
+// What intake does to a message's bytes and addresses: validation of envelope paths, the
+// bare-CR/LF scan that refuses SMTP smuggling, and the one Received: header relayq prepends.
+const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+$/u;
+
+/** An envelope path relayq accepts: local@domain without controls or spaces, or '' (null sender). */
+export function isValidAddress(address: string, allowEmpty: boolean): boolean {
+  if (address === '') return allowEmpty;
+  if (address.length > 320) return false;
+  if (/[\r\n\0]/.test(address)) return false;
+  return ADDRESS.test(address);
+}
+
+/**
+ * Watches DATA for a CR not followed by LF or an LF not preceded by CR — the ambiguity that SMTP
+ * smuggling exploits (`\n.\n`, `\r.\r`, ...). State carries across chunk boundaries.
+ */
+export class BareLineEndingScanner {
+  private previousCr = false;
+  found = false;
+
+  scan(chunk: Buffer): void {
+    if (this.found || chunk.length === 0) return;
+    // every LF must follow a CR
+    for (let i = chunk.indexOf(10); i !== -1; i = chunk.indexOf(10, i + 1)) {
+      const before = i === 0 ? this.previousCr : chunk[i - 1] === 13;
+      if (!before) {
+        this.found = true;
+        return;
+      }
+    }
+    // every CR must precede an LF (a CR at the end of a chunk is decided by the next one)
+    if (this.previousCr && chunk[0] !== 10) {
+      this.found = true;
+      return;
+    }
+    for (let i = chunk.indexOf(13); i !== -1 && i < chunk.length - 1; i = chunk.indexOf(13, i + 1)) {
+      if (chunk[i + 1] !== 10) {
+        this.found = true;
+        return;
+      }
+    }
+    this.previousCr = chunk[chunk.length - 1] === 13;
+  }
+
+  /** A message may not end in a lone CR either. */
+  finish(): boolean {
+    if (this.previousCr) this.found = true;
+    return this.found;
+  }
+}
+
+export interface ReceivedInfo {
+  helo: string | null;
+  clientHostname: string | null;
+  clientIp: string;
+  serverName: string;
+  protocol: string;
+  queueId: string;
+  recipients: readonly string[];
+  now: number;
+}
+
+/** RFC 5321 §4.4 trace header; `for` is given only for a single recipient. */
+export function receivedHeader(info: ReceivedInfo): Buffer {
+  const from = info.helo || info.clientIp;
+  const host = info.clientHostname && info.clientHostname !== info.clientIp ? `${info.clientHostname} ` : '';
+  const forPart = info.recipients.length === 1 ? `\r\n\tfor <${info.recipients[0]}>` : '';
+  return Buffer.from(
+    `Received: from ${sanitize(from)} (${sanitize(host)}[${info.clientIp}])\r\n\tby ${info.serverName} (relayq) with ${info.protocol} id ${info.queueId}${forPart};\r\n\t${rfc5322Date(info.now)}\r\n`,
+  );
+}
+
+function sanitize(text: string): string {
+  return text.replace(/[^\x21-\x7e ]/g, '?').replace(/[()]/g, '?');
+}
+
+const DAYS = ['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'];
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+
+export function rfc5322Date(ms: number): string {
+  const d = new Date(ms);
+  const pad = (n: number) => String(n).padStart(2, '0');
+  return `${DAYS[d.getUTCDay()]}, ${d.getUTCDate()} ${MONTHS[d.getUTCMonth()]} ${d.getUTCFullYear()} ${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}:${pad(d.getUTCSeconds())} +0000`;
+}
+
+/** The Subject of a message (first header block only), for logs when logAllEmails is on. */
+export function subjectOf(raw: Buffer): string | undefined {
+  const end = raw.indexOf('\r\n\r\n');
+  const head = raw.subarray(0, end === -1 ? Math.min(raw.length, 65536) : end).toString('utf8');
+  const match = /^Subject:[ \t]*(.*(?:\r\n[ \t].*)*)/im.exec(head);
+  return match ? match[1].replace(/\r\n[ \t]/g, ' ').slice(0, 200) : undefined;
+}

@@ -1,0 +1,61 @@
+// relayq's listener: smtp-server with two documented changes to its connection handling.
+// 1. No 100 ms "early talker" pause before the greeting. smtp-server hard-codes it in
+//    SMTPConnection.init(); it caps one-message-per-connection clients at ~10 messages/s per
+//    connection. relayq serves applications on trusted networks, not the open Internet.
+// 2. Replies whose text starts with an enhanced status code ("4.7.1 ...") are sent with that
+//    code instead of the one smtp-server derives from the basic code, and smtp-server's own
+//    replies that the spec gives another enhanced code are mapped here, in one table.
+import type net from 'node:net';
+import type tls from 'node:tls';
+import { SMTPServer, type SMTPServerOptions } from 'smtp-server';
+import { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
+
+const ENHANCED = /^[245]\.\d{1,3}\.\d{1,3} /;
+
+/** smtp-server's own replies that the spec gives another enhanced code. */
+const OWN_REPLIES: Array<[number, RegExp, string]> = [
+  [421, /shutting down/i, '4.3.2'],
+  [501, /address syntax/i, '5.1.3'],
+];
+
+export class RelayqConnection extends SMTPConnection {
+  override init(): void {
+    const self = this as unknown as { _setListeners(cb: () => void): void; _server: SMTPServer };
+    self._setListeners(() => {
+      const { maxClients } = this._server.options;
+      if (maxClients && this._server.connections.size > maxClients) {
+        this.send(421, '4.7.0 Too many connections, try again later');
+        return;
+      }
+      this.connectionReady();
+    });
+  }
+
+  override send(code: number, data?: string | string[] | null, context?: string | false): void {
+    super.send(code, ...withEnhancedCode(code, data, context));
+  }
+}
+
+/** The text and context smtp-server should send for a reply (see the module comment). */
+function withEnhancedCode(code: number, data: string | string[] | null | undefined, context: string | false | undefined) {
+  if (typeof data === 'string' && (code >= 400 || code === 250)) {
+    if (ENHANCED.test(data)) return [data, false] as const;
+    const own = OWN_REPLIES.find(([c, pattern]) => c === code && pattern.test(data));
+    if (own) return [`${own[2]} ${data}`, false] as const;
+  }
+  return [data, context] as const;
+}
+
+export class RelayqSmtpServer extends SMTPServer {
+  constructor(options: SMTPServerOptions) {
+    super(options);
+  }
+
+  override connect(socket: net.Socket | tls.TLSSocket, socketOptions?: ConstructorParameters<typeof SMTPConnection>[2]): void {
+    const connection = new RelayqConnection(this, socket, socketOptions);
+    this.connections.add(connection);
+    connection.on('error', (err: Error) => this._onError(err));
+    connection.on('connect', (data) => this._onClientConnect(data));
+    connection.init();
+  }
+}

@@ -1,0 +1,70 @@
+// Opens the one SQLite file: WAL journal, synchronous=FULL (a commit is fsynced before it
+// returns), a busy timeout so the CLI and the server can share the file, and the Kysely
+// migrations applied before anything else touches the schema.
+import fs from 'node:fs';
+import path from 'node:path';
+import Database from 'better-sqlite3';
+import { Kysely, Migrator, SqliteDialect } from 'kysely';
+import { migrations } from '../../migrations/index.js';
+import type { DB } from './schema.js';
+
+export type Sqlite = Database.Database;
+
+export interface Store {
+  sqlite: Sqlite;
+  db: Kysely<DB>;
+  path: string;
+  close(): Promise<void>;
+}
+
+export interface OpenOptions {
+  /** Apply pending migrations (the server and `relayq migrate` do; other CLI commands too). */
+  migrate?: boolean;
+  readonly?: boolean;
+}
+
+export async function openStore(file: string, options: OpenOptions = {}): Promise<Store> {
+  if (!options.readonly) fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
+  const sqlite = new Database(file, { readonly: options.readonly ?? false, fileMustExist: options.readonly ?? false });
+  sqlite.pragma('busy_timeout = 5000');
+  if (!options.readonly) {
+    sqlite.pragma('journal_mode = WAL');
+    sqlite.pragma('synchronous = FULL');
+  }
+  sqlite.pragma('foreign_keys = ON');
+  const db = new Kysely<DB>({ dialect: new SqliteDialect({ database: sqlite }) });
+  if (options.migrate ?? true) {
+    await migrateToLatest(db);
+  }
+  let closed = false;
+  return {
+    sqlite,
+    db,
+    path: file,
+    async close() {
+      if (closed) return;
+      closed = true;
+      // Kysely's destroy closes the better-sqlite3 handle.
+      if (!options.readonly) {
+        try {
+          sqlite.pragma('wal_checkpoint(TRUNCATE)');
+        } catch {
+          // another connection may hold the database; the next open checkpoints
+        }
+      }
+      await db.destroy();
+    },
+  };
+}
+
+export async function migrateToLatest(db: Kysely<DB>): Promise<string[]> {
+  const migrator = new Migrator({
+    db,
+    provider: { getMigrations: async () => migrations },
+    migrationTableName: 'schema_migrations',
+    migrationLockTableName: 'schema_migrations_lock',
+  });
+  const { error, results } = await migrator.migrateToLatest();
+  if (error) throw error instanceof Error ? error : new Error(String(error));
+  return (results ?? []).filter((r) => r.status === 'Success').map((r) => r.migrationName);
+}

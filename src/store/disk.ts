@@ -1,0 +1,32 @@
+// Free space on the filesystem that holds the database, sampled at most once a second so the
+// check can sit on the intake path.
+import fs from 'node:fs';
+import path from 'node:path';
+
+export class DiskSpace {
+  private cached = { at: 0, mb: Number.POSITIVE_INFINITY };
+
+  constructor(
+    private readonly databasePath: string,
+    private readonly minFreeMb: number,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  freeMb(): number {
+    const t = this.now();
+    if (t - this.cached.at >= 1000 || t < this.cached.at) {
+      try {
+        const s = fs.statfsSync(path.dirname(path.resolve(this.databasePath)));
+        this.cached = { at: t, mb: Math.floor((s.bavail * s.bsize) / (1024 * 1024)) };
+      } catch {
+        this.cached = { at: t, mb: 0 };
+      }
+    }
+    return this.cached.mb;
+  }
+
+  /** True when free space is below minFreeDiskMb (new mail is refused). */
+  isLow(): boolean {
+    return this.minFreeMb > 0 && this.freeMb() < this.minFreeMb;
+  }
+}

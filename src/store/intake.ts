@@ -1,0 +1,149 @@
+// The intake side of the queue: the policy checks that must hold at the moment a message is
+// stored (rate limits, queue size) and the insert of a message with its recipients. Run inside
+// the CommitQueue transaction, so a check and the insert it guards cannot be split by another
+// session.
+import crypto from 'node:crypto';
+import type { Sqlite } from './db.js';
+import { counter, incrementCounter, prepared } from './statements.js';
+
+export interface RateLimitPolicy {
+  enabled: boolean;
+  maxPerHour: number;
+  maxPerDay: number;
+  globalMaxPerHour: number;
+  globalMaxPerDay: number;
+}
+
+export interface IntakePolicy {
+  rateLimits: RateLimitPolicy;
+  /** 0 = unlimited. */
+  queueSize: number;
+}
+
+export interface NewMessage {
+  id: string;
+  mailFrom: string;
+  recipients: string[];
+  authUser: string | null;
+  clientIp: string;
+  clientHostname: string | null;
+  helo: string | null;
+  raw: Buffer;
+  receivedAt: number;
+}
+
+export type LimitName = 'maxPerHour' | 'maxPerDay' | 'globalMaxPerHour' | 'globalMaxPerDay';
+
+export interface LimitHit {
+  limit: LimitName;
+  max: number;
+  count: number;
+}
+
+/** Raised inside the insert transaction; intake maps it to its SMTP reply. */
+export class PolicyRefusal extends Error {
+  constructor(
+    readonly kind: 'rate-limit' | 'queue-full',
+    message: string,
+    readonly hit?: LimitHit,
+  ) {
+    super(message);
+  }
+}
+
+const HOUR_MINUTES = 60;
+const DAY_MINUTES = 1440;
+export const GLOBAL_SENDER_KEY = '*';
+
+/** Queue ids sort by arrival: 11 hex digits of milliseconds, then 9 random hex digits. */
+export function newQueueId(now: number): string {
+  return now.toString(16).toUpperCase().padStart(11, '0') + crypto.randomBytes(5).toString('hex').toUpperCase().slice(0, 9);
+}
+
+/** Rate limits apply per lower-cased envelope sender; the null sender `<>` is the key ''. */
+export function senderKey(mailFrom: string): string {
+  return mailFrom.toLowerCase();
+}
+
+/** Messages accepted for `key` in the rolling window of `minutes` that ends now. */
+export function windowCount(sqlite: Sqlite, key: string, now: number, minutes: number): number {
+  const current = Math.floor(now / 60000);
+  const row = prepared(
+    sqlite,
+    'SELECT COALESCE(SUM(count), 0) AS n FROM rate_buckets WHERE sender_key = ? AND minute > ? AND minute <= ?',
+  ).get(key, current - minutes, current) as { n: number };
+  return row.n;
+}
+
+/** The first limit that one more message from `mailFrom` would exceed, if any. */
+export function checkRateLimits(sqlite: Sqlite, mailFrom: string, now: number, limits: RateLimitPolicy): LimitHit | undefined {
+  if (!limits.enabled) return undefined;
+  const key = senderKey(mailFrom);
+  const checks: Array<[LimitName, string, number, number]> = [
+    ['maxPerHour', key, HOUR_MINUTES, limits.maxPerHour],
+    ['maxPerDay', key, DAY_MINUTES, limits.maxPerDay],
+    ['globalMaxPerHour', GLOBAL_SENDER_KEY, HOUR_MINUTES, limits.globalMaxPerHour],
+    ['globalMaxPerDay', GLOBAL_SENDER_KEY, DAY_MINUTES, limits.globalMaxPerDay],
+  ];
+  for (const [limit, k, minutes, max] of checks) {
+    const count = windowCount(sqlite, k, now, minutes);
+    if (count >= max) return { limit, max, count };
+  }
+  return undefined;
+}
+
+/** Messages not yet final (queued + sending), from trigger-maintained counters: no scan. */
+export function activeCount(sqlite: Sqlite): number {
+  return counter(sqlite, 'state_queued') + counter(sqlite, 'state_sending');
+}
+
+export function isQueueFull(sqlite: Sqlite, queueSize: number): boolean {
+  return queueSize > 0 && activeCount(sqlite) >= queueSize;
+}
+
+export function rateLimitMessage(hit: LimitHit): string {
+  const scope = hit.limit.startsWith('global') ? 'all senders' : 'sender';
+  const window = hit.limit.endsWith('Hour') ? 'hour' : 'day';
+  return `rate limit ${hit.limit} reached: ${scope} sent ${hit.count} messages in the last ${window} (max ${hit.max})`;
+}
+
+/** Inserts a message and its recipients after re-checking the policy in this transaction. */
+export function insertMessage(sqlite: Sqlite, msg: NewMessage, policy: IntakePolicy): string {
+  const hit = checkRateLimits(sqlite, msg.mailFrom, msg.receivedAt, policy.rateLimits);
+  if (hit) throw new PolicyRefusal('rate-limit', rateLimitMessage(hit), hit);
+  if (isQueueFull(sqlite, policy.queueSize)) throw new PolicyRefusal('queue-full', 'queue full, try again later');
+  prepared(
+    sqlite,
+    `INSERT INTO messages (id, state, mail_from, sender_key, auth_user, client_ip, client_hostname, helo,
+       size, recipient_count, raw, received_at, next_attempt_at, updated_at)
+     VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+  ).run(
+    msg.id,
+    msg.mailFrom,
+    senderKey(msg.mailFrom),
+    msg.authUser,
+    msg.clientIp,
+    msg.clientHostname,
+    msg.helo,
+    msg.raw.length,
+    msg.recipients.length,
+    msg.raw,
+    msg.receivedAt,
+    msg.receivedAt,
+    msg.receivedAt,
+  );
+  const addRecipient = prepared(
+    sqlite,
+    `INSERT INTO recipients (message_id, seq, address, status, next_attempt_at, updated_at)
+     VALUES (?, ?, ?, 'pending', ?, ?)`,
+  );
+  for (const [seq, address] of msg.recipients.entries()) {
+    addRecipient.run(msg.id, seq, address, msg.receivedAt, msg.receivedAt);
+  }
+  return msg.id;
+}
+
+/** Persisted count of refusals by reason, exposed by the metrics. */
+export function countRefusal(sqlite: Sqlite, kind: 'rate-limit' | 'queue-full'): void {
+  incrementCounter(sqlite, kind === 'rate-limit' ? 'rate_limit_refusals' : 'queue_full_refusals');
+}

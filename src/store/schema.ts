@@ -1,0 +1,75 @@
+// Row types of the SQLite schema (see migrations/), for Kysely's typed queries.
+import type { Generated } from 'kysely';
+
+export type MessageState = 'queued' | 'sending' | 'delivered' | 'failed';
+export type RecipientStatus = 'pending' | 'delivered' | 'failed';
+export type AttemptOutcome = 'delivered' | 'partial' | 'deferred' | 'failed';
+
+export const MESSAGE_STATES: readonly MessageState[] = ['queued', 'sending', 'delivered', 'failed'];
+
+export interface MessagesTable {
+  id: string;
+  state: MessageState;
+  mail_from: string;
+  sender_key: string;
+  auth_user: string | null;
+  client_ip: string;
+  client_hostname: string | null;
+  helo: string | null;
+  size: number;
+  recipient_count: number;
+  raw: Buffer | null;
+  received_at: number;
+  next_attempt_at: number;
+  lease_token: string | null;
+  lease_expires_at: number | null;
+  claims: Generated<number>;
+  last_error: string | null;
+  updated_at: number;
+  finished_at: number | null;
+}
+
+export interface RecipientsTable {
+  message_id: string;
+  seq: number;
+  address: string;
+  status: RecipientStatus;
+  attempts: Generated<number>;
+  next_attempt_at: number;
+  last_code: number | null;
+  last_reply: string | null;
+  temporary: Generated<number>;
+  updated_at: number;
+}
+
+export interface AttemptsTable {
+  id: Generated<number>;
+  message_id: string;
+  batch: number;
+  recipients: string;
+  upstream: string;
+  started_at: number;
+  duration_ms: number;
+  outcome: AttemptOutcome;
+  code: number | null;
+  reply: string | null;
+}
+
+export interface RateBucketsTable {
+  sender_key: string;
+  minute: number;
+  count: number;
+}
+
+export interface CountersTable {
+  name: string;
+  value: number;
+}
+
+export interface DB {
+  messages: MessagesTable;
+  recipients: RecipientsTable;
+  attempts: AttemptsTable;
+  rate_buckets: RateBucketsTable;
+  counters: CountersTable;
+}

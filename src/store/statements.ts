@@ -1,0 +1,29 @@
+// Prepared-statement cache per connection: the hot paths (intake, claims) prepare each SQL
+// text once and reuse it.
+import type Database from 'better-sqlite3';
+import type { Sqlite } from './db.js';
+
+const cache = new WeakMap<Sqlite, Map<string, Database.Statement>>();
+
+export function prepared(sqlite: Sqlite, sql: string): Database.Statement {
+  let byText = cache.get(sqlite);
+  if (!byText) {
+    byText = new Map();
+    cache.set(sqlite, byText);
+  }
+  let statement = byText.get(sql);
+  if (!statement) {
+    statement = sqlite.prepare(sql);
+    byText.set(sql, statement);
+  }
+  return statement;
+}
+
+export function counter(sqlite: Sqlite, name: string): number {
+  const row = prepared(sqlite, 'SELECT value FROM counters WHERE name = ?').get(name) as { value: number } | undefined;
+  return row?.value ?? 0;
+}
+
+export function incrementCounter(sqlite: Sqlite, name: string, by = 1): void {
+  prepared(sqlite, 'UPDATE counters SET value = value + ? WHERE name = ?').run(by, name);
+}

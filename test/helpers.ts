@@ -1,0 +1,220 @@
+// Shared test fixtures: a temp dir per test, a relay on port 0 with a fresh SQLite file, a raw
+// SMTP client for exact reply checks, nodemailer senders and a recording upstream smtp-server.
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import nodemailer from 'nodemailer';
+import pino from 'pino';
+import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
+import type { Clock } from '../src/clock.js';
+import { defaultConfig, type Config } from '../src/config/schema.js';
+import { type Relay, type RelayOptions, startRelay } from '../src/main.js';
+
+export function tempDir(prefix = 'relayq-test-'): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+export type DeepPartial<T> = { [K in keyof T]?: T[K] extends object ? (T[K] extends unknown[] ? T[K] : DeepPartial<T[K]>) : T[K] };
+
+function merge<T>(base: T, over: DeepPartial<T> | undefined): T {
+  if (!over) return base;
+  const out = { ...base } as Record<string, unknown>;
+  for (const [k, v] of Object.entries(over)) {
+    const b = (base as Record<string, unknown>)[k];
+    out[k] = v && typeof v === 'object' && !Array.isArray(v) && b && typeof b === 'object' ? merge(b, v as never) : v;
+  }
+  return out as T;
+}
+
+/** Built-in defaults, on port 0, with files in a fresh temp dir and logging silenced. */
+export function testConfig(overrides?: DeepPartial<Config>, dir = tempDir()): Config {
+  const base = defaultConfig();
+  return merge(
+    {
+      ...base,
+      smtpPort: 0,
+      healthCheckPort: 0,
+      databasePath: path.join(dir, 'data', 'relayq.db'),
+      emailsDir: path.join(dir, 'emails'),
+      minFreeDiskMb: 0,
+      logLevel: 'silent',
+      serverName: 'relayq.test',
+    },
+    overrides,
+  );
+}
+
+export async function startTestRelay(overrides?: DeepPartial<Config>, options: RelayOptions & { clock?: Clock } = {}): Promise<Relay> {
+  const config = testConfig(overrides);
+  return startRelay(config, { logger: pino({ level: 'silent' }), shutdownGraceMs: 2000, ...options });
+}
+
+export interface SendOptions {
+  from?: string;
+  to?: string[];
+  subject?: string;
+  text?: string;
+  raw?: string | Buffer;
+  auth?: { user: string; pass: string };
+}
+
+export async function sendMail(port: number, options: SendOptions = {}) {
+  const transport = nodemailer.createTransport({
+    host: '127.0.0.1',
+    port,
+    secure: false,
+    ignoreTLS: true,
+    auth: options.auth,
+  });
+  try {
+    const envelope = { from: options.from ?? 'sender@example.com', to: options.to ?? ['rcpt@example.com'] };
+    return await transport.sendMail(
+      options.raw
+        ? { envelope, raw: options.raw }
+        : { ...envelope, subject: options.subject ?? 'test', text: options.text ?? 'hello' },
+    );
+  } finally {
+    transport.close();
+  }
+}
+
+/** A raw SMTP client: every `send` resolves with the complete reply (all lines). */
+export class SmtpClient {
+  private buffer = '';
+  private waiters: Array<(reply: string) => void> = [];
+  private replies: string[] = [];
+  closed = false;
+
+  private constructor(readonly socket: net.Socket) {
+    socket.setEncoding('latin1');
+    socket.on('data', (d: string) => this.onData(d));
+    socket.on('close', () => {
+      this.closed = true;
+      for (const w of this.waiters.splice(0)) w('');
+    });
+    socket.on('error', () => {});
+  }
+
+  static async connect(port: number, host = '127.0.0.1', localAddress?: string): Promise<SmtpClient> {
+    const socket = net.connect({ port, host, localAddress });
+    await new Promise<void>((resolve, reject) => {
+      socket.once('connect', resolve);
+      socket.once('error', reject);
+    });
+    return new SmtpClient(socket);
+  }
+
+  private onData(data: string) {
+    this.buffer += data;
+    let m: RegExpExecArray | null;
+    // a complete reply ends with a line "NNN text" (no dash)
+    while ((m = /^((?:\d{3}-[^\n]*\n)*\d{3}(?: [^\n]*)?\r?\n)/.exec(this.buffer))) {
+      this.buffer = this.buffer.slice(m[1].length);
+      const reply = m[1].trimEnd();
+      const w = this.waiters.shift();
+      if (w) w(reply);
+      else this.replies.push(reply);
+    }
+  }
+
+  read(timeoutMs = 5000): Promise<string> {
+    const ready = this.replies.shift();
+    if (ready !== undefined) return Promise.resolve(ready);
+    if (this.closed) return Promise.resolve('');
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('no SMTP reply within timeout')), timeoutMs);
+      this.waiters.push((r) => {
+        clearTimeout(timer);
+        resolve(r);
+      });
+    });
+  }
+
+  write(data: string | Buffer): void {
+    this.socket.write(data);
+  }
+
+  async send(line: string | Buffer): Promise<string> {
+    this.write(typeof line === 'string' ? `${line}\r\n` : line);
+    return this.read();
+  }
+
+  close(): void {
+    this.socket.destroy();
+  }
+}
+
+/** Opens a session up to an accepted MAIL FROM and RCPTs; returns the client. */
+export async function openSession(port: number, from = 'sender@example.com', rcpts = ['rcpt@example.com']): Promise<SmtpClient> {
+  const c = await SmtpClient.connect(port);
+  const greeting = await c.read();
+  if (!greeting.startsWith('220')) throw new Error(`greeting: ${greeting}`);
+  await c.send('EHLO client.test');
+  const mail = await c.send(`MAIL FROM:<${from}>`);
+  if (!mail.startsWith('250')) throw new Error(`MAIL: ${mail}`);
+  for (const r of rcpts) {
+    const rr = await c.send(`RCPT TO:<${r}>`);
+    if (!rr.startsWith('250')) throw new Error(`RCPT: ${rr}`);
+  }
+  return c;
+}
+
+export function messageCount(relay: Relay): number {
+  return (relay.store.sqlite.prepare('SELECT COUNT(*) AS n FROM messages').get() as { n: number }).n;
+}
+
+export interface ReceivedMail {
+  from: string;
+  to: string[];
+  raw: Buffer;
+  at: number;
+}
+
+export interface Upstream {
+  server: SMTPServer;
+  port: number;
+  received: ReceivedMail[];
+  close(): Promise<void>;
+}
+
+/** A real smtp-server on 127.0.0.1:0 that records every transaction it accepts. */
+export async function startUpstream(options: Partial<SMTPServerOptions> = {}): Promise<Upstream> {
+  const received: ReceivedMail[] = [];
+  const server = new SMTPServer({
+    authOptional: true,
+    disabledCommands: ['STARTTLS'],
+    logger: false,
+    onData(stream, session: SMTPServerSession, cb) {
+      const chunks: Buffer[] = [];
+      stream.on('data', (c: Buffer) => chunks.push(c));
+      stream.on('end', () => {
+        received.push({
+          from: session.envelope.mailFrom ? session.envelope.mailFrom.address : '',
+          to: session.envelope.rcptTo.map((r) => r.address),
+          raw: Buffer.concat(chunks),
+          at: Date.now(),
+        });
+        cb();
+      });
+    },
+    ...options,
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.server.address() as net.AddressInfo).port;
+  return {
+    server,
+    port,
+    received,
+    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+  };
+}
+
+export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs = 10_000, what = 'condition'): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (await check()) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}

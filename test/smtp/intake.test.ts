@@ -1,0 +1,59 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import type { Relay } from '../../src/main.js';
+import { messageCount, sendMail, startTestRelay } from '../helpers.js';
+
+describe('durable intake', () => {
+  let relay: Relay;
+  before(async () => {
+    relay = await startTestRelay();
+  });
+  after(() => relay.stop());
+
+  test('stores the exact bytes plus one Received header, the envelope and every recipient', async () => {
+    const raw = Buffer.from(
+      'From: Alice <alice@example.com>\r\nTo: team@example.com\r\nSubject: exact bytes\r\nMessage-ID: <m1@example.com>\r\n\r\nline one\r\n..leading dot\r\n\r\nbye\r\n',
+    );
+    const info = await sendMail(relay.smtpPort, {
+      from: 'alice@example.com',
+      to: ['b@example.com', 'c@example.com', 'd@example.com'],
+      raw,
+    });
+    const match = /^250 2\.0\.0 Ok: queued as ([0-9A-F]{20})$/.exec(info.response);
+    assert.ok(match, info.response);
+    const id = match[1];
+    const row = relay.store.sqlite.prepare('SELECT * FROM messages WHERE id = ?').get(id) as Record<string, unknown>;
+    assert.equal(row.state, 'queued');
+    assert.equal(row.mail_from, 'alice@example.com');
+    assert.equal(row.client_ip, '127.0.0.1');
+    assert.equal(row.recipient_count, 3);
+    const stored = row.raw as Buffer;
+    const received = stored.subarray(0, stored.indexOf('\r\n', stored.indexOf('\r\n\t', stored.indexOf(';')) + 1) + 2);
+    assert.ok(stored.toString().startsWith('Received: from '), 'starts with Received');
+    assert.deepEqual(stored.subarray(stored.length - raw.length), raw, 'client bytes unchanged after the header');
+    const header = stored.subarray(0, stored.length - raw.length).toString();
+    assert.equal((header.match(/^Received:/gm) ?? []).length, 1);
+    assert.equal((stored.toString().match(/^Received:/gm) ?? []).length, 1);
+    assert.match(header, new RegExp(`by relayq\\.test \\(relayq\\) with ESMTP id ${id}`));
+    assert.ok(received.length > 0);
+    assert.equal(row.size, stored.length);
+    const rcpts = relay.store.sqlite.prepare('SELECT seq, address, status FROM recipients WHERE message_id = ? ORDER BY seq').all(id);
+    assert.deepEqual(rcpts, [
+      { seq: 0, address: 'b@example.com', status: 'pending' },
+      { seq: 1, address: 'c@example.com', status: 'pending' },
+      { seq: 2, address: 'd@example.com', status: 'pending' },
+    ]);
+  });
+
+  test('concurrent sessions share commits and each gets its own id', async () => {
+    const before = messageCount(relay);
+    const commitsBefore = relay.commits.stats.commits;
+    const results = await Promise.all(
+      Array.from({ length: 30 }, (_, i) => sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: [`r${i}@example.com`] })),
+    );
+    const ids = new Set(results.map((r) => /queued as (\S+)/.exec(r.response)?.[1]));
+    assert.equal(ids.size, 30);
+    assert.equal(messageCount(relay), before + 30);
+    assert.ok(relay.commits.stats.commits - commitsBefore <= 30);
+  });
+});
