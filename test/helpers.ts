@@ -11,6 +11,16 @@ import type { Clock } from '../src/clock.js';
 import { defaultConfig, type Config } from '../src/config/schema.js';
 import { type Relay, type RelayOptions, startRelay } from '../src/main.js';
 
+/** Absolute paths, so child processes work from any working directory. */
+export const REPO_ROOT = path.resolve(import.meta.dirname, '..');
+export const CLI_SOURCE = path.join(REPO_ROOT, 'src', 'cli', 'index.ts');
+export const TSX_LOADER = import.meta.resolve('tsx');
+
+/** argv for running the relayq CLI from source in a child process: spawn(process.execPath, cliArgs(...)). */
+export function cliArgs(...args: string[]): string[] {
+  return ['--import', TSX_LOADER, CLI_SOURCE, ...args];
+}
+
 export function tempDir(prefix = 'relayq-test-'): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 }
@@ -217,4 +227,59 @@ export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs
     await new Promise((r) => setTimeout(r, 20));
   }
   throw new Error(`timed out waiting for ${what}`);
+}
+
+export interface RelayProcess {
+  child: import('node:child_process').ChildProcess;
+  smtpPort: number;
+  httpPort?: number;
+  /** Everything the process printed so far. */
+  output: () => string;
+  kill(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+/**
+ * Runs `relayq serve` from source as a child process in `dir` (its database and emails live
+ * there) and resolves once it logged `relay.started`. Extra config as flags, e.g.
+ * ['--forwardSMTP', 'true'].
+ */
+export async function spawnRelay(dir: string, flags: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<RelayProcess> {
+  const { spawn } = await import('node:child_process');
+  const child = spawn(
+    process.execPath,
+    cliArgs('serve', '--smtpPort', '0', '--healthCheckPort', '0', '--minFreeDiskMb', '0', '--logLevel', 'info', ...flags),
+    { cwd: dir, env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env }, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  let out = '';
+  child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (out += d));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const started = await new Promise<{ smtp: string; http?: string }>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`relay did not start:\n${out}`)), 30_000);
+    const onData = () => {
+      for (const line of out.split('\n')) {
+        if (!line.includes('"relay.started"')) continue;
+        clearTimeout(timer);
+        child.stdout.off('data', onData);
+        resolve(JSON.parse(line));
+        return;
+      }
+    };
+    child.stdout.on('data', onData);
+    exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`relay exited with ${code} before starting:\n${out}`));
+    });
+  });
+  const portOf = (hostPort: string | undefined) => (hostPort ? Number(hostPort.slice(hostPort.lastIndexOf(':') + 1)) : undefined);
+  return {
+    child,
+    smtpPort: portOf(started.smtp) as number,
+    httpPort: portOf(started.http),
+    output: () => out,
+    async kill(signal: NodeJS.Signals = 'SIGKILL') {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      return exited;
+    },
+  };
 }

@@ -49,7 +49,8 @@ const AUTH_FAILURE_MAX_DELAY_MS = 5000;
 export class SmtpIntake {
   readonly server: RelayqSmtpServer;
   private closing = false;
-  private readonly inFlight = new Set<Promise<unknown>>();
+  /** Messages being received (DATA started) or being committed; shutdown waits for them. */
+  private inFlight = 0;
   private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
   private readonly authFailures = new Map<string, { count: number; at: number }>();
   private readonly allowed: (ip: string | undefined) => boolean;
@@ -116,9 +117,7 @@ export class SmtpIntake {
   async shutdown(graceMs: number): Promise<void> {
     this.closing = true;
     const deadline = Date.now() + graceMs;
-    while (this.inFlight.size > 0 && Date.now() < deadline) {
-      await Promise.race([Promise.allSettled([...this.inFlight]), delay(Math.max(1, deadline - Date.now()))]);
-    }
+    while (this.inFlight > 0 && Date.now() < deadline) await delay(10);
     await new Promise<void>((resolve) => {
       this.server.close(() => resolve());
       // smtp-server waits for idle clients; tell them to go away
@@ -209,6 +208,18 @@ export class SmtpIntake {
     const chunks: Buffer[] = [];
     const scanner = new BareLineEndingScanner();
     let bytes = 0;
+    this.inFlight++;
+    let settled = false;
+    const done = (err?: Error | null, message?: string) => {
+      if (settled) return;
+      settled = true;
+      this.inFlight--;
+      cb(err, message);
+    };
+    stream.on('close', () => {
+      // the client went away mid-DATA: nothing to store, nothing to answer
+      if (!stream.readableEnded) done(reply(451, '4.3.0 Connection lost'));
+    });
     stream.on('data', (chunk: Buffer) => {
       if (stream.sizeExceeded) return;
       scanner.scan(chunk);
@@ -220,13 +231,13 @@ export class SmtpIntake {
       const log = s.log ?? this.deps.logger;
       if (stream.sizeExceeded) {
         log.info({ event: 'smtp.refused', reason: 'size', bytes }, 'message too large');
-        return cb(reply(552, '5.3.4 Message size exceeds fixed maximum message size'));
+        return done(reply(552, '5.3.4 Message size exceeds fixed maximum message size'));
       }
       if (scanner.finish()) {
         log.warn({ event: 'smtp.refused', reason: 'bare-line-ending', client: normalizeIp(session.remoteAddress) }, 'bare CR or LF in DATA');
-        return cb(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 §2.3.8)'));
+        return done(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 §2.3.8)'));
       }
-      this.store(session, chunks, cb);
+      this.store(session, chunks, done);
     });
   }
 
@@ -260,10 +271,8 @@ export class SmtpIntake {
         { rateLimits: config.rateLimits, queueSize: config.queueSize },
       ),
     );
-    this.inFlight.add(write);
     write.then(
       () => {
-        this.inFlight.delete(write);
         log.info(
           {
             event: 'smtp.accepted',
@@ -279,7 +288,6 @@ export class SmtpIntake {
         cb(null, `2.0.0 Ok: queued as ${queueId}`);
       },
       (err: unknown) => {
-        this.inFlight.delete(write);
         if (err instanceof PolicyRefusal) {
           commits.write((db) => countRefusal(db, err.kind)).catch(() => {});
           if (err.kind === 'rate-limit' && err.hit) {

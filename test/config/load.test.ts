@@ -1,0 +1,146 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+import { loadConfig, parseFlags } from '../../src/config/load.js';
+import { CONFIG_KEYS, defaultConfig, envName } from '../../src/config/schema.js';
+import { cliArgs, tempDir } from '../helpers.js';
+
+const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
+
+describe('loadConfig', () => {
+  test('no file, no env, no flags → the built-in defaults', () => {
+    const r = loadConfig([], {});
+    assert.ok(r.ok);
+    assert.deepEqual(r.config, defaultConfig());
+    assert.equal(r.config.smtpHost, '127.0.0.1');
+    assert.equal(r.config.smtpPort, 2525);
+    assert.equal(r.config.healthCheckHost, '127.0.0.1');
+  });
+
+  test('reports every bad key at once, each with its source', () => {
+    const r = loadConfig(['--workerCount', 'many'], { SMTP_PORT: '70000', RATE_LIMITS_ENABLED: 'maybe' }, file({
+      smtpHost: 42,
+      batchSize: 0,
+      bogus: true,
+      rateLimits: { maxPerHour: 1.5, nope: 1 },
+      security: { allowedNetworks: 'x' },
+    }));
+    assert.equal(r.ok, false);
+    if (r.ok) return;
+    const seen = r.errors.map((e) => `${e.source}:${e.key}`).sort();
+    assert.deepEqual(seen, [
+      'env:rateLimits.enabled',
+      'env:smtpPort',
+      'file:batchSize',
+      'file:bogus',
+      'file:rateLimits.maxPerHour',
+      'file:rateLimits.nope',
+      'file:security.allowedNetworks',
+      'file:smtpHost',
+      'flag:workerCount',
+    ]);
+    for (const e of r.errors) assert.ok(e.message.length > 0);
+    assert.match(r.errors.find((e) => e.key === 'smtpPort')!.message, /SMTP_PORT.*at most 65535/);
+  });
+
+  test('later sources win: defaults < file < env < flags', () => {
+    const f = file({ smtpPort: 3000, batchSize: 7, rateLimits: { maxPerHour: 10 } });
+    const fromFile = loadConfig([], {}, f);
+    assert.ok(fromFile.ok);
+    assert.equal(fromFile.config.smtpPort, 3000);
+    const fromEnv = loadConfig([], { SMTP_PORT: '3001', RATE_LIMITS_MAX_PER_HOUR: '11' }, f);
+    assert.ok(fromEnv.ok);
+    assert.equal(fromEnv.config.smtpPort, 3001);
+    assert.equal(fromEnv.config.rateLimits.maxPerHour, 11);
+    assert.equal(fromEnv.config.batchSize, 7);
+    const fromFlag = loadConfig(['--smtpPort=3002'], { SMTP_PORT: '3001' }, f);
+    assert.ok(fromFlag.ok);
+    assert.equal(fromFlag.config.smtpPort, 3002);
+  });
+
+  test('booleans accept true/false/1/0/yes/no and lists are comma-separated in env', () => {
+    for (const [text, value] of [['yes', true], ['0', false], ['TRUE', true], ['no', false]] as const) {
+      const r = loadConfig([], { FORWARD_SSL: text });
+      assert.ok(r.ok);
+      assert.equal(r.config.forwardSSL, value);
+    }
+    const r = loadConfig([], {
+      SECURITY_ALLOW_LOCAL_ONLY: 'false',
+      SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8, 192.168.1.0/24',
+      DEFAULT_USERNAME: 'u',
+      DEFAULT_PASSWORD: 'p',
+    });
+    assert.ok(r.ok, JSON.stringify(!r.ok && r.errors));
+    assert.deepEqual(r.config.security.allowedNetworks, ['10.0.0.0/8', '192.168.1.0/24']);
+  });
+
+  test('every key has an environment variable named after its path', () => {
+    assert.equal(envName('rateLimits.maxPerHour'), 'RATE_LIMITS_MAX_PER_HOUR');
+    assert.equal(envName('forwardSMTP'), 'FORWARD_SMTP');
+    assert.equal(envName('security.allowLocalOnly'), 'SECURITY_ALLOW_LOCAL_ONLY');
+    assert.equal(new Set(CONFIG_KEYS.map((k) => envName(k.path))).size, CONFIG_KEYS.length);
+  });
+
+  test('config.example.json loads and shows every key with its default', () => {
+    const text = fs.readFileSync(path.join(import.meta.dirname, '..', '..', 'config.example.json'), 'utf8');
+    const r = loadConfig([], {}, { path: 'config.example.json', text });
+    assert.ok(r.ok, JSON.stringify(!r.ok && r.errors));
+    const defaults = defaultConfig();
+    for (const key of CONFIG_KEYS) {
+      const parts = key.path.split('.');
+      const get = (o: unknown) => parts.reduce((n: unknown, p) => (n as Record<string, unknown>)[p], o);
+      assert.notEqual(get(JSON.parse(text)), undefined, `${key.path} missing from config.example.json`);
+      if (key.path !== 'serverName') assert.deepEqual(get(r.config), get(defaults), key.path);
+    }
+  });
+
+  test('requireAuth without credentials: loopback-only mode with a warning', () => {
+    const r = loadConfig([], {});
+    assert.ok(r.ok);
+    assert.equal(r.warnings.length, 1);
+    assert.match(r.warnings[0], /loopback clients without AUTH/);
+  });
+
+  test('requireAuth without credentials and allowLocalOnly=false is refused, saying how to fix it', () => {
+    const r = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false' });
+    assert.equal(r.ok, false);
+    if (r.ok) return;
+    assert.equal(r.errors.length, 1);
+    assert.match(r.errors[0].message, /DEFAULT_USERNAME and DEFAULT_PASSWORD/);
+    assert.match(r.errors[0].message, /open relay/);
+  });
+
+  test('inconsistent combinations name the key to change', () => {
+    const r = loadConfig(['--forwardSMTP'], { TLS_CERT: 'cert.pem', RETRY_INITIAL_DELAY: '100', RETRY_MAX_DELAY: '10' });
+    assert.equal(r.ok, false);
+    if (r.ok) return;
+    assert.deepEqual(r.errors.map((e) => e.key).sort(), ['forwardHost', 'retry.initialDelay', 'tls.key']);
+  });
+
+  test('unknown flags and malformed JSON are errors', () => {
+    assert.deepEqual(parseFlags(['--nope', '1', 'stray']).unknown, ['--nope', 'stray']);
+    const r = loadConfig([], {}, { path: 'c.json', text: '{ "smtpPort": ' });
+    assert.equal(r.ok, false);
+    if (!r.ok) assert.match(r.errors[0].message, /not valid JSON/);
+  });
+});
+
+describe('relayq serve with a bad config', () => {
+  test('exits non-zero before listening and names every bad key', () => {
+    const dir = tempDir();
+    fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ smtpPort: 'x', unknownKey: 1 }));
+    const r = spawnSync(process.execPath, cliArgs('serve'), {
+      cwd: dir,
+      env: { ...process.env, BATCH_SIZE: '-3' },
+      encoding: 'utf8',
+      timeout: 30_000,
+    });
+    assert.equal(r.status, 2, r.stderr);
+    assert.match(r.stderr, /\(file\): smtpPort: must be an integer/);
+    assert.match(r.stderr, /\(file\): unknownKey: unknown key/);
+    assert.match(r.stderr, /\(env\): BATCH_SIZE: must be at least 1/);
+    assert.equal(fs.existsSync(path.join(dir, 'data', 'relayq.db')), false, 'nothing was created');
+  });
+});

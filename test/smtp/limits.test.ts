@@ -1,0 +1,139 @@
+// Rate limits, queue backpressure and the disk guard, with an injected clock.
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { ManualClock } from '../../src/clock.js';
+import type { Config } from '../../src/config/schema.js';
+import { startRelay } from '../../src/main.js';
+import { counter } from '../../src/store/statements.js';
+import { type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, testConfig } from '../helpers.js';
+import pino from 'pino';
+
+const HOUR = 3_600_000;
+const DAY = 24 * HOUR;
+
+function limits(over: Partial<Config['rateLimits']>): DeepPartial<Config> {
+  return { rateLimits: { enabled: true, maxPerHour: 1000, maxPerDay: 1000, globalMaxPerHour: 1000, globalMaxPerDay: 1000, ...over } };
+}
+
+async function mailFrom(port: number, sender: string): Promise<string> {
+  const c = await SmtpClient.connect(port);
+  await c.read();
+  await c.send('EHLO limits.test');
+  const reply = await c.send(`MAIL FROM:<${sender}>`);
+  c.close();
+  return reply;
+}
+
+const send = (port: number, from: string) => sendMail(port, { from, to: ['rcpt@example.com'] });
+
+describe('rate limits', () => {
+  const cases: Array<{ name: keyof Config['rateLimits']; window: number; global: boolean }> = [
+    { name: 'maxPerHour', window: HOUR, global: false },
+    { name: 'maxPerDay', window: DAY, global: false },
+    { name: 'globalMaxPerHour', window: HOUR, global: true },
+    { name: 'globalMaxPerDay', window: DAY, global: true },
+  ];
+  for (const { name, window, global } of cases) {
+    test(`${name} 3: the 4th message gets 451 4.7.1 at MAIL FROM; a window later it passes`, async () => {
+      const clock = new ManualClock(Date.UTC(2026, 5, 1, 12, 0, 0));
+      const relay = await startTestRelay(limits({ [name]: 3 }), { clock });
+      try {
+        for (let i = 0; i < 3; i++) {
+          await send(relay.smtpPort, global ? `s${i}@example.com` : 'Busy@Example.com');
+          clock.advance(60_000);
+        }
+        const refused = await mailFrom(relay.smtpPort, global ? 'new@example.com' : 'busy@example.com');
+        assert.match(refused, new RegExp(`^451 4\\.7\\.1 rate limit ${name} reached`));
+        if (!global) assert.match(await mailFrom(relay.smtpPort, 'other@example.com'), /^250 /, 'another sender still passes');
+        assert.equal(counter(relay.store.sqlite, 'rate_limit_refusals'), 1);
+        clock.advance(window - 60_000);
+        assert.match(await mailFrom(relay.smtpPort, global ? 'new@example.com' : 'busy@example.com'), /^250 /);
+      } finally {
+        await relay.stop();
+      }
+    });
+  }
+
+  test('the null sender <> is one sender', async () => {
+    const relay = await startTestRelay(limits({ maxPerHour: 1 }), { clock: new ManualClock() });
+    try {
+      await sendMail(relay.smtpPort, { from: '', to: ['a@example.com'] });
+      assert.match(await mailFrom(relay.smtpPort, ''), /^451 4\.7\.1 /);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('20 concurrent sessions of one sender with maxPerHour 5 → exactly 5 stored', async () => {
+    const relay = await startTestRelay(limits({ maxPerHour: 5 }));
+    try {
+      const results = await Promise.allSettled(Array.from({ length: 20 }, () => send(relay.smtpPort, 'burst@example.com')));
+      const ok = results.filter((r) => r.status === 'fulfilled');
+      const refused = results.filter((r) => r.status === 'rejected') as PromiseRejectedResult[];
+      assert.equal(ok.length, 5);
+      for (const r of refused) assert.match(r.reason.response, /^451 4\.7\.1 /);
+      assert.equal(messageCount(relay), 5);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('a restart keeps the counts', async () => {
+    const clock = new ManualClock();
+    const config = testConfig(limits({ maxPerHour: 2 }));
+    const logger = pino({ level: 'silent' });
+    const first = await startRelay(config, { clock, logger });
+    await send(first.smtpPort, 'a@example.com');
+    await send(first.smtpPort, 'a@example.com');
+    await first.stop();
+    const second = await startRelay({ ...config }, { clock, logger });
+    try {
+      assert.match(await mailFrom(second.smtpPort, 'a@example.com'), /^451 4\.7\.1 /);
+    } finally {
+      await second.stop();
+    }
+  });
+
+  test('rateLimits.enabled=false: no limit applies', async () => {
+    const relay = await startTestRelay({ rateLimits: { enabled: false, maxPerHour: 1, maxPerDay: 1, globalMaxPerHour: 1, globalMaxPerDay: 1 } });
+    try {
+      for (let i = 0; i < 4; i++) await send(relay.smtpPort, 'a@example.com');
+      assert.equal(messageCount(relay), 4);
+    } finally {
+      await relay.stop();
+    }
+  });
+});
+
+describe('backpressure', () => {
+  test('queueSize 10: the 11th message gets 452 4.3.1; accepted again once the queue drains', async () => {
+    const relay = await startTestRelay({ queueSize: 10, forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: 1 });
+    try {
+      for (let i = 0; i < 10; i++) await send(relay.smtpPort, 'a@example.com');
+      await assert.rejects(send(relay.smtpPort, 'a@example.com'), (err: { response: string }) => /^452 4\.3\.1 /.test(err.response));
+      assert.equal(messageCount(relay), 10);
+      assert.equal(counter(relay.store.sqlite, 'queue_full_refusals'), 1);
+      // the queue drains: one message reaches a final state
+      relay.store.sqlite.prepare("UPDATE messages SET state = 'delivered', finished_at = updated_at WHERE rowid = (SELECT MIN(rowid) FROM messages)").run();
+      await send(relay.smtpPort, 'a@example.com');
+      assert.equal(messageCount(relay), 11);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('free disk below minFreeDiskMb → 452 4.3.1 and nothing written', async () => {
+    const relay = await startTestRelay({ minFreeDiskMb: 100_000_000 });
+    try {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      await c.send('EHLO disk.test');
+      assert.match(await c.send('MAIL FROM:<a@example.com>'), /^452 4\.3\.1 /);
+      c.close();
+      assert.equal(messageCount(relay), 0);
+    } finally {
+      await relay.stop();
+    }
+  });
+});
+

@@ -1,0 +1,213 @@
+// One test per row of the spec's §2 reply table that intake owns: the exact code, the enhanced
+// code, and whether anything was stored.
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import type { Relay } from '../../src/main.js';
+import { messageCount, openSession, SmtpClient, sendMail, startTestRelay } from '../helpers.js';
+
+const MSG = 'Subject: t\r\n\r\nbody\r\n.\r\n';
+
+async function ehlo(port: number) {
+  const c = await SmtpClient.connect(port);
+  await c.read();
+  const reply = await c.send('EHLO client.test');
+  return { c, reply };
+}
+
+describe('SMTP replies (default config: loopback without AUTH)', () => {
+  let relay: Relay;
+  before(async () => {
+    relay = await startTestRelay({ maxMessageSize: 2048, maxRecipients: 3 });
+  });
+  after(() => relay.stop());
+
+  test('EHLO advertises the spec extensions', async () => {
+    const { c, reply } = await ehlo(relay.smtpPort);
+    for (const ext of ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'SIZE 2048', 'ENHANCEDSTATUSCODES', 'AUTH PLAIN LOGIN']) {
+      assert.match(reply, new RegExp(`250[- ]${ext}`), ext);
+    }
+    assert.doesNotMatch(reply, /STARTTLS/);
+    c.close();
+  });
+
+  test('accepted → 250 2.0.0 Ok: queued as <id>', async () => {
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354/);
+    const reply = await c.send(MSG.slice(0, -2));
+    assert.match(reply, /^250 2\.0\.0 Ok: queued as [0-9A-F]{20}$/);
+    c.close();
+  });
+
+  test('invalid address, CR/LF or NUL in a path → 501 5.1.3', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    assert.match(await c.send('MAIL FROM:<not an address>'), /^501 5\.1\.3 /);
+    assert.match(await c.send('MAIL FROM:<a\0b@example.com>'), /^501 5\.1\.3 /);
+    assert.match(await c.send('MAIL FROM:<a\rb@example.com>'), /^501 5\.1\.3 /);
+    assert.match(await c.send('MAIL FROM:<ok@example.com>'), /^250 /);
+    assert.match(await c.send('RCPT TO:<bad@@example.com>'), /^501 5\.1\.3 /);
+    assert.match(await c.send('RCPT TO:<x\0y@example.com>'), /^501 5\.1\.3 /);
+    assert.match(await c.send('RCPT TO:<>'), /^501 5\.1\.3 /);
+    c.close();
+  });
+
+  test('the null sender <> is accepted', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    assert.match(await c.send('MAIL FROM:<>'), /^250 /);
+    c.close();
+  });
+
+  test('too many recipients → 452 4.5.3', async () => {
+    const c = await openSession(relay.smtpPort, 'a@example.com', ['1@example.com', '2@example.com', '3@example.com']);
+    assert.match(await c.send('RCPT TO:<4@example.com>'), /^452 4\.5\.3 /);
+    c.close();
+  });
+
+  test('message over maxMessageSize → 552 5.3.4, nothing stored', async () => {
+    const before = messageCount(relay);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354/);
+    const reply = await c.send(`Subject: big\r\n\r\n${'x'.repeat(3000)}\r\n.`);
+    assert.match(reply, /^552 5\.3\.4 /);
+    assert.equal(messageCount(relay), before);
+    c.close();
+  });
+
+  test('bare LF or CR in DATA (SMTP smuggling) → 550 5.6.0, nothing stored', async () => {
+    const before = messageCount(relay);
+    for (const body of ['a\n.\nMAIL FROM:<x@example.com>\r\nb', 'line\rmore', 'trailing lf\n']) {
+      const c = await openSession(relay.smtpPort);
+      assert.match(await c.send('DATA'), /^354/);
+      assert.match(await c.send(`Subject: s\r\n\r\n${body}\r\n.`), /^550 5\.6\.0 /, JSON.stringify(body));
+      // the session stays usable
+      assert.match(await c.send('NOOP'), /^250/);
+      c.close();
+    }
+    assert.equal(messageCount(relay), before);
+  });
+});
+
+describe('SMTP replies with AUTH required', () => {
+  let relay: Relay;
+  before(async () => {
+    relay = await startTestRelay({ defaultUsername: 'app', defaultPassword: 's3cret', maxConnections: 2 });
+  });
+  after(() => relay.stop());
+
+  test('MAIL before AUTH → 530 5.7.0', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^530 5\.7\.0 /);
+    c.close();
+  });
+
+  test('bad credentials → 535 5.7.8; good ones → 235 and mail is accepted', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    const bad = Buffer.from('\0app\0wrong').toString('base64');
+    assert.match(await c.send(`AUTH PLAIN ${bad}`), /^535 5\.7\.8 /);
+    const good = Buffer.from('\0app\0s3cret').toString('base64');
+    assert.match(await c.send(`AUTH PLAIN ${good}`), /^235 /);
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    c.close();
+    const info = await sendMail(relay.smtpPort, { auth: { user: 'app', pass: 's3cret' } });
+    assert.match(info.response, /^250 2\.0\.0 /);
+    const row = relay.store.sqlite.prepare('SELECT auth_user FROM messages ORDER BY received_at DESC LIMIT 1').get() as { auth_user: string };
+    assert.equal(row.auth_user, 'app');
+  });
+
+  test('too many connections → 421 4.7.0', async () => {
+    const a = await SmtpClient.connect(relay.smtpPort);
+    const b = await SmtpClient.connect(relay.smtpPort);
+    assert.match(await a.read(), /^220 /);
+    assert.match(await b.read(), /^220 /);
+    const c = await SmtpClient.connect(relay.smtpPort);
+    assert.match(await c.read(), /^421 4\.7\.0 /);
+    a.close();
+    b.close();
+    c.close();
+  });
+});
+
+describe('storage faults', () => {
+  let relay: Relay;
+  before(async () => {
+    relay = await startTestRelay();
+  });
+  after(() => relay.stop());
+
+  test('storage write failed → 451 4.3.0, nothing stored; recovers when the fault clears', async () => {
+    const sqlite = relay.store.sqlite;
+    const before = messageCount(relay);
+    const pages = (sqlite.pragma('page_count', { simple: true }) as number) + 0;
+    const maxBefore = sqlite.pragma('max_page_count', { simple: true }) as number;
+    sqlite.pragma(`max_page_count = ${pages}`);
+    try {
+      await assert.rejects(
+        sendMail(relay.smtpPort, { text: 'x'.repeat(200_000) }),
+        (err: Error & { responseCode?: number; response?: string }) => {
+          assert.equal(err.responseCode, 451);
+          assert.match(err.response ?? '', /^451 4\.3\.0 /);
+          return true;
+        },
+      );
+      assert.equal(messageCount(relay), before);
+      const orphans = sqlite.prepare('SELECT COUNT(*) AS n FROM recipients WHERE message_id NOT IN (SELECT id FROM messages)').get() as { n: number };
+      assert.equal(orphans.n, 0);
+    } finally {
+      sqlite.pragma(`max_page_count = ${maxBefore}`);
+    }
+    const ok = await sendMail(relay.smtpPort, { text: 'after the fault' });
+    assert.match(ok.response, /^250 2\.0\.0 /);
+    assert.equal(messageCount(relay), before + 1);
+  });
+});
+
+describe('SMTP access control', () => {
+  test('client outside allowedNetworks → 554 5.7.1 at connect, then close', async () => {
+    const relay = await startTestRelay({
+      defaultUsername: 'u',
+      defaultPassword: 'p',
+      security: { allowLocalOnly: false, allowedNetworks: ['10.0.0.0/8'] },
+    });
+    try {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      assert.match(await c.read(), /^554 5\.7\.1 /);
+      await new Promise((r) => c.socket.once('close', r));
+      assert.ok(c.closed);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('allowedNetworks containing the client → greeting', async () => {
+    const relay = await startTestRelay({
+      defaultUsername: 'u',
+      defaultPassword: 'p',
+      security: { allowLocalOnly: false, allowedNetworks: ['127.0.0.0/8'] },
+    });
+    try {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      assert.match(await c.read(), /^220 /);
+      c.close();
+    } finally {
+      await relay.stop();
+    }
+  });
+});
+
+describe('shutdown', () => {
+  test('commands after shutdown began → 421 4.3.2; a message in DATA still completes', async () => {
+    const relay = await startTestRelay();
+    const inData = await openSession(relay.smtpPort);
+    assert.match(await inData.send('DATA'), /^354/);
+    inData.write('Subject: in flight\r\n\r\npart one\r\n');
+    const idle = await SmtpClient.connect(relay.smtpPort);
+    await idle.read();
+    await idle.send('EHLO x');
+    const stopping = relay.stop();
+    assert.match(await idle.send('MAIL FROM:<a@example.com>'), /^421 4\.3\.2 /);
+    const done = await inData.send('part two\r\n.');
+    assert.match(done, /^250 2\.0\.0 /);
+    await stopping;
+    inData.close();
+    idle.close();
+  });
+});
