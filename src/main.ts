@@ -18,6 +18,8 @@ export interface RelayOptions {
   warnings?: string[];
   /** How long shutdown waits for open DATA transfers and in-flight deliveries. */
   shutdownGraceMs?: number;
+  /** Test hook: the client address SMTP intake sees (default: the socket's peer). */
+  smtpPeerAddress?: (session: import('smtp-server').SMTPServerSession) => string;
 }
 
 export interface Relay {
@@ -43,7 +45,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   const store = await openStore(config.databasePath);
   const commits = new CommitQueue(store.sqlite);
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
-  const intake = new SmtpIntake({ config, sqlite: store.sqlite, commits, disk, clock, logger: logger.child({ component: 'smtp' }) });
+  const intake = new SmtpIntake({ config, sqlite: store.sqlite, commits, disk, clock, logger: logger.child({ component: 'smtp' }), peerAddress: options.smtpPeerAddress });
 
   let smtpPort: number;
   try {

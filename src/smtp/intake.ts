@@ -30,6 +30,8 @@ export interface IntakeDeps {
   disk: DiskSpace;
   clock: Clock;
   logger: Logger;
+  /** Where a session comes from; tests inject non-loopback peers here. */
+  peerAddress?: (session: SMTPServerSession) => string;
 }
 
 interface SessionState {
@@ -82,7 +84,7 @@ export class SmtpIntake {
       hideSMTPUTF8: false,
       hideDSN: true,
       hideSTARTTLS: !tlsOn,
-      ...(tlsOn ? { key: fs.readFileSync(config.tls.key), cert: fs.readFileSync(config.tls.cert) } : {}),
+      ...(tlsOn ? { key: readTlsFile('tls.key', config.tls.key), cert: readTlsFile('tls.cert', config.tls.cert) } : {}),
       logger: smtpLog as never,
       onConnect: (session, cb) => this.onConnect(session, cb),
       onAuth: (auth, session, cb) => this.onAuth(auth, session, cb),
@@ -128,6 +130,10 @@ export class SmtpIntake {
     this.listening = false;
   }
 
+  private peer(session: SMTPServerSession): string {
+    return this.deps.peerAddress ? this.deps.peerAddress(session) : normalizeIp(session.remoteAddress);
+  }
+
   private state(session: SMTPServerSession): SessionState {
     let s = this.sessions.get(session);
     if (!s) {
@@ -139,15 +145,15 @@ export class SmtpIntake {
 
   private onConnect(session: SMTPServerSession, cb: Callback) {
     if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
-    if (!this.allowed(session.remoteAddress)) {
-      this.deps.logger.warn({ event: 'smtp.refused', client: normalizeIp(session.remoteAddress) }, 'client not allowed');
+    if (!this.allowed(this.peer(session))) {
+      this.deps.logger.warn({ event: 'smtp.refused', client: this.peer(session) }, 'client not allowed');
       return cb(reply(554, '5.7.1 Access denied: client not allowed'));
     }
     cb();
   }
 
   private onAuth(auth: SMTPServerAuthentication, session: SMTPServerSession, cb: (err: Error | null | undefined, response?: { user?: unknown }) => void) {
-    const ip = normalizeIp(session.remoteAddress);
+    const ip = this.peer(session);
     if (!session.secure && !isLoopback(ip)) {
       return cb(reply(538, '5.7.11 Encryption required for requested authentication mechanism'));
     }
@@ -174,7 +180,7 @@ export class SmtpIntake {
   private onMailFrom(address: string, session: SMTPServerSession, cb: Callback) {
     if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
     const { config, sqlite, clock } = this.deps;
-    if (config.security.requireAuth && !session.user && (this.credentialsConfigured || !isLoopback(session.remoteAddress))) {
+    if (config.security.requireAuth && !session.user && (this.credentialsConfigured || !isLoopback(this.peer(session)))) {
       return cb(reply(530, '5.7.0 Authentication required'));
     }
     if (!isValidAddress(address, true)) return cb(reply(501, '5.1.3 Bad sender address syntax'));
@@ -234,7 +240,7 @@ export class SmtpIntake {
         return done(reply(552, '5.3.4 Message size exceeds fixed maximum message size'));
       }
       if (scanner.finish()) {
-        log.warn({ event: 'smtp.refused', reason: 'bare-line-ending', client: normalizeIp(session.remoteAddress) }, 'bare CR or LF in DATA');
+        log.warn({ event: 'smtp.refused', reason: 'bare-line-ending', client: this.peer(session) }, 'bare CR or LF in DATA');
         return done(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 §2.3.8)'));
       }
       this.store(session, chunks, done);
@@ -249,7 +255,7 @@ export class SmtpIntake {
     s.queueId = undefined;
     const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
     const recipients = session.envelope.rcptTo.map((r) => r.address);
-    const clientIp = normalizeIp(session.remoteAddress);
+    const clientIp = this.peer(session);
     const now = clock.now();
     const protocol = `ESMTP${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
     const header = receivedHeader({
@@ -304,6 +310,14 @@ export class SmtpIntake {
 
   private logRateLimit(sender: string, limit: string, count: number, max: number) {
     this.deps.logger.warn({ event: 'smtp.rate_limited', sender, limit, count, max }, 'rate limit reached');
+  }
+}
+
+function readTlsFile(key: string, file: string): Buffer {
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    throw new Error(`config error: ${key}: cannot read ${file}: ${(err as Error).message}`);
   }
 }
 

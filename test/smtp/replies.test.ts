@@ -211,3 +211,90 @@ describe('shutdown', () => {
     idle.close();
   });
 });
+
+describe('clients that are not on loopback (peer address injected)', () => {
+  const remote = () => '203.0.113.7';
+
+  test('AUTH in plain text from a non-loopback client → 538 5.7.11; MAIL without AUTH → 530 5.7.0', async () => {
+    const relay = await startTestRelay(
+      { defaultUsername: 'app', defaultPassword: 'pw', security: { allowLocalOnly: false, allowedNetworks: [] } },
+      { smtpPeerAddress: remote },
+    );
+    try {
+      const { c } = await ehlo(relay.smtpPort);
+      assert.match(await c.send(`AUTH PLAIN ${Buffer.from('\0app\0pw').toString('base64')}`), /^538 5\.7\.11 /);
+      assert.match(await c.send('MAIL FROM:<a@example.com>'), /^530 5\.7\.0 /);
+      c.close();
+      assert.equal(messageCount(relay), 0);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('allowLocalOnly with a remote client → 554 5.7.1', async () => {
+    const relay = await startTestRelay({}, { smtpPeerAddress: remote });
+    try {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      assert.match(await c.read(), /^554 5\.7\.1 /);
+      c.close();
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('loopback-only mode never accepts unauthenticated mail from a remote peer', async () => {
+    // requireAuth without credentials but the peer is remote (allowed by network): refused
+    const relay = await startTestRelay(
+      { defaultUsername: 'app', defaultPassword: 'pw', security: { allowLocalOnly: false, allowedNetworks: ['203.0.113.0/24'] } },
+      { smtpPeerAddress: remote },
+    );
+    try {
+      const { c } = await ehlo(relay.smtpPort);
+      assert.match(await c.send('MAIL FROM:<a@example.com>'), /^530 5\.7\.0 /);
+      c.close();
+    } finally {
+      await relay.stop();
+    }
+  });
+});
+
+describe('STARTTLS', () => {
+  test('is offered when tls.cert/tls.key are set, and AUTH + mail work over it', async () => {
+    const fs = await import('node:fs');
+    const path = await import('node:path');
+    const { default: tlsOptions } = await import('smtp-server/lib/tls-options.js');
+    const { key, cert } = tlsOptions({}) as { key: string; cert: string };
+    const dir = (await import('../helpers.js')).tempDir();
+    fs.writeFileSync(path.join(dir, 'key.pem'), key);
+    fs.writeFileSync(path.join(dir, 'cert.pem'), cert);
+    const relay = await startTestRelay(
+      {
+        defaultUsername: 'app',
+        defaultPassword: 'pw',
+        security: { allowLocalOnly: false },
+        tls: { key: path.join(dir, 'key.pem'), cert: path.join(dir, 'cert.pem') },
+      },
+      { smtpPeerAddress: () => '203.0.113.8' },
+    );
+    try {
+      const { c, reply } = await ehlo(relay.smtpPort);
+      assert.match(reply, /250[- ]STARTTLS/);
+      c.close();
+      const nodemailer = (await import('nodemailer')).default;
+      const transport = nodemailer.createTransport({
+        host: '127.0.0.1',
+        port: relay.smtpPort,
+        requireTLS: true,
+        tls: { rejectUnauthorized: false },
+        auth: { user: 'app', pass: 'pw' },
+      });
+      const info = await transport.sendMail({ from: 'a@example.com', to: 'b@example.com', subject: 'tls', text: 'secret' });
+      transport.close();
+      assert.match(info.response, /^250 2\.0\.0 /);
+      const row = relay.store.sqlite.prepare('SELECT raw FROM messages').get() as { raw: Buffer };
+      assert.match(row.raw.toString(), /with ESMTPSA id/);
+    } finally {
+      await relay.stop();
+    }
+  });
+});
