@@ -1,15 +1,21 @@
 // Wires relayq together: store → SMTP intake → delivery workers → HTTP API, and takes them down
 // in the reverse order on shutdown (stop intake, stop claiming, let in-flight deliveries
 // finish within a bound, release claims, checkpoint and close the database).
+import type { Context } from 'hono';
 import type { Logger } from 'pino';
+import { createApp } from './api/app.js';
+import { type ApiServer, startApiServer } from './api/server.js';
 import { type Clock, systemClock } from './clock.js';
 import { redactConfig } from './config/load.js';
 import type { Config } from './config/schema.js';
+import { DeliveryEngine } from './delivery/engine.js';
 import { createLogger } from './logger.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { CommitQueue } from './store/commit-queue.js';
 import { openStore, type Store } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
+import { limitWalSize, overwriteFreedPages } from './store/maintenance.js';
+import { RetentionSweeper } from './store/retention.js';
 
 export interface RelayOptions {
   clock?: Clock;
@@ -18,8 +24,18 @@ export interface RelayOptions {
   warnings?: string[];
   /** How long shutdown waits for open DATA transfers and in-flight deliveries. */
   shutdownGraceMs?: number;
+  /** false: delivery does not poll; tests drive it with `relay.delivery.runOnce()`. */
+  startDelivery?: boolean;
+  /** false: no retention timer; tests call `relay.retention.runOnce()` with their clock. */
+  startRetention?: boolean;
+  /** Jitter source of the retry backoff, [0, 1) like Math.random. */
+  random?: () => number;
+  /** How often delivery looks for due work besides being woken by commits (default 100 ms). */
+  deliveryPollMs?: number;
   /** Test hook: the client address SMTP intake sees (default: the socket's peer). */
   smtpPeerAddress?: (session: import('smtp-server').SMTPServerSession) => string;
+  /** Test hook: the client address the HTTP API sees (default: the socket's peer). */
+  apiClientIp?: (c: Context) => string | undefined;
 }
 
 export interface Relay {
@@ -27,10 +43,14 @@ export interface Relay {
   store: Store;
   commits: CommitQueue;
   intake: SmtpIntake;
+  delivery: DeliveryEngine;
+  retention: RetentionSweeper;
   disk: DiskSpace;
   clock: Clock;
   logger: Logger;
   smtpPort: number;
+  /** Port of the HTTP API; undefined when enableHealthCheck is false. */
+  httpPort: number | undefined;
   /** Warnings that also appear in /health (e.g. loopback clients accepted without AUTH). */
   warnings: string[];
   stop(): Promise<void>;
@@ -43,7 +63,9 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   for (const w of warnings) logger.warn({ event: 'config.warning' }, w);
 
   const store = await openStore(config.databasePath);
-  const commits = new CommitQueue(store.sqlite);
+  limitWalSize(store.sqlite);
+  if (!config.security.logAllEmails) overwriteFreedPages(store.sqlite);
+  const commits = new WakingCommitQueue(store.sqlite);
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
   const intake = new SmtpIntake({ config, sqlite: store.sqlite, commits, disk, clock, logger: logger.child({ component: 'smtp' }), peerAddress: options.smtpPeerAddress });
 
@@ -56,6 +78,43 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   }
   logger.info({ event: 'relay.started', smtp: `${config.smtpHost}:${smtpPort}`, config: redactConfig(config) }, 'relayq started');
 
+  const delivery = new DeliveryEngine({
+    config,
+    sqlite: store.sqlite,
+    commits,
+    clock,
+    logger: logger.child({ component: 'delivery' }),
+    random: options.random,
+    pollIntervalMs: options.deliveryPollMs,
+  });
+  if (options.startDelivery ?? true) {
+    commits.onCommitted = () => delivery.wake();
+    delivery.start();
+  }
+
+  // Deletes old delivered mail and stale rate buckets in small group-commit batches.
+  const retention = new RetentionSweeper({
+    commits,
+    clock,
+    logger: logger.child({ component: 'retention' }),
+    deliveredDays: config.retention.deliveredDays,
+  });
+  if (options.startRetention ?? true) retention.start();
+
+  let api: ApiServer | undefined;
+  if (config.enableHealthCheck) {
+    const app = createApp({ config, store, commits, disk, intake, clock, logger, warnings, delivery, getClientIp: options.apiClientIp });
+    try {
+      api = await startApiServer(app, config.healthCheckHost, config.healthCheckPort);
+    } catch (err) {
+      await Promise.all([intake.shutdown(0), delivery.stop(0), retention.stop()]);
+      commits.close();
+      await store.close();
+      throw err;
+    }
+    logger.info({ event: 'api.listening', http: `${config.healthCheckHost}:${api.port}` }, 'HTTP API listening');
+  }
+
   const graceMs = options.shutdownGraceMs ?? 10_000;
   let stopping: Promise<void> | undefined;
   const relay: Relay = {
@@ -63,15 +122,21 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     store,
     commits,
     intake,
+    delivery,
+    retention,
     disk,
     clock,
     logger,
     smtpPort,
+    httpPort: api?.port,
     warnings,
     stop() {
       stopping ??= (async () => {
         logger.info({ event: 'relay.stopping' }, 'shutting down');
-        await intake.shutdown(graceMs);
+        await api?.close();
+        // Intake drains and delivery stops claiming, finishes or releases its attempts, both
+        // within the grace period, before the last commit.
+        await Promise.all([intake.shutdown(graceMs), delivery.stop(graceMs), retention.stop()]);
         commits.close();
         await store.close();
         logger.info({ event: 'relay.stopped' }, 'relayq stopped');
@@ -80,4 +145,14 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     },
   };
   return relay;
+}
+
+/** Group commit that also wakes delivery after each commit: new mail is due at once, not at the next poll. */
+class WakingCommitQueue extends CommitQueue {
+  onCommitted: () => void = () => {};
+
+  override flush(): void {
+    super.flush();
+    this.onCommitted();
+  }
 }

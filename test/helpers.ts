@@ -189,7 +189,7 @@ export interface Upstream {
 }
 
 /** A real smtp-server on 127.0.0.1:0 that records every transaction it accepts. */
-export async function startUpstream(options: Partial<SMTPServerOptions> = {}): Promise<Upstream> {
+export async function startUpstream(options: Partial<SMTPServerOptions> = {}, listenPort = 0): Promise<Upstream> {
   const received: ReceivedMail[] = [];
   const server = new SMTPServer({
     authOptional: true,
@@ -210,7 +210,7 @@ export async function startUpstream(options: Partial<SMTPServerOptions> = {}): P
     },
     ...options,
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  await new Promise<void>((resolve) => server.listen(listenPort, '127.0.0.1', resolve));
   const port = (server.server.address() as net.AddressInfo).port;
   return {
     server,

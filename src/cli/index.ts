@@ -1,11 +1,23 @@
 #!/usr/bin/env node
 // The `relayq` command. `serve` runs the relay; the other commands work on the same database
-// file while it runs.
-import { Command } from 'commander';
-import { serve } from './serve.js';
+// file while it runs. Every command takes --config FILE and --json (before or after its name),
+// prints a table for people or JSON for scripts, and on bad input exits non-zero with one line.
+// Each command's module is loaded only when it runs, so a quick `relayq status` starts quickly.
+import { Command, InvalidArgumentError } from 'commander';
+import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
+import { CliError, type GlobalOptions } from './context.js';
 
 const program = new Command();
-program.name('relayq').description('Durable SMTP store-and-forward relay').showHelpAfterError();
+program
+  .name('relayq')
+  .description('Durable SMTP store-and-forward relay')
+  // Usage errors (bad option value, unknown command) are one line like every other failure.
+  .configureOutput({ outputError: (text, write) => write(`relayq: ${text.replace(/^error: /, '')}`) })
+  // Options after a command name belong to that command, so `serve` receives its
+  // `--config` and `--<key> value` flags untouched.
+  .enablePositionalOptions()
+  .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)')
+  .option('--json', 'machine-readable JSON output');
 
 program
   .command('serve')
@@ -14,10 +26,80 @@ program
   .helpOption('-h, --help')
   .argument('[options...]')
   .action(async (_args: string[], _opts: unknown, cmd: Command) => {
-    await serve(cmd.args, process.env);
+    const { config } = program.opts<GlobalOptions>();
+    const { serve } = await import('./serve.js');
+    await serve(config ? ['--config', config, ...cmd.args] : cmd.args, process.env);
   });
 
+/** A subcommand that also accepts the global options after its name. */
+function operatorCommand(name: string, description: string): Command {
+  return program
+    .command(name)
+    .description(description)
+    .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)')
+    .option('--json', 'machine-readable JSON output');
+}
+
+function globals(cmd: Command): GlobalOptions {
+  return cmd.optsWithGlobals<GlobalOptions>();
+}
+
+function positiveInt(value: string): number {
+  if (!/^\d+$/.test(value) || Number(value) < 1 || Number(value) > 100_000) {
+    throw new InvalidArgumentError('must be an integer from 1 to 100000');
+  }
+  return Number(value);
+}
+
+function messageState(value: string): MessageState {
+  if (!MESSAGE_STATES.includes(value as MessageState)) throw new InvalidArgumentError(`must be one of ${MESSAGE_STATES.join(', ')}`);
+  return value as MessageState;
+}
+
+operatorCommand('status', 'queue counts, lifetime totals (the numbers /metrics reports) and database size').action(
+  async (_opts: unknown, cmd: Command) => (await import('./status.js')).statusCommand(globals(cmd)),
+);
+
+operatorCommand('queue', 'list messages, newest first')
+  .option('--state <state>', `only messages in this state (${MESSAGE_STATES.join(', ')})`, messageState)
+  .option('--sender <address>', 'only mail from this envelope sender (case-insensitive; "" = the null sender)')
+  .option('--recipient <address>', 'only mail to this recipient')
+  .option('--limit <n>', 'at most this many messages', positiveInt, 50)
+  .option('--before <id>', 'the page after this message id (printed at the end of a full page)')
+  .action(async (opts, cmd: Command) =>
+    (await import('./queue.js')).queueCommand({ state: opts.state, sender: opts.sender, recipient: opts.recipient, limit: opts.limit, before: opts.before }, globals(cmd)),
+  );
+
+operatorCommand('show', 'one message: envelope, recipients and delivery attempts')
+  .argument('<id>', 'queue id')
+  .option('--raw', 'write the stored message (RFC 5322 bytes) to stdout instead')
+  .action(async (id: string, opts: { raw?: boolean }, cmd: Command) => (await import('./show.js')).showCommand(id, opts, globals(cmd)));
+
+operatorCommand('retry', 'make messages due now; failed recipients get a fresh set of attempts')
+  .argument('[ids...]', 'queue ids')
+  .option('--failed', 'requeue every failed message')
+  .option('--sender <address>', 'with --failed: only mail from this envelope sender')
+  .action(async (ids: string[], opts: { failed?: boolean; sender?: string }, cmd: Command) => (await import('./retry.js')).retryCommand(ids, opts, globals(cmd)));
+
+operatorCommand('delete', 'delete messages with their recipients and attempts (refused while a worker delivers one)')
+  .argument('<ids...>', 'queue ids')
+  .action(async (ids: string[], _opts: unknown, cmd: Command) => (await import('./delete.js')).deleteCommand(ids, globals(cmd)));
+
+operatorCommand('backup', 'write a consistent, fsynced, verified copy of the database while the server runs')
+  .argument('<file>', 'where to write the copy')
+  .option('--force', 'replace FILE if it exists')
+  .action(async (file: string, opts: { force?: boolean }, cmd: Command) => (await import('./backup.js')).backupCommand(file, opts, globals(cmd)));
+
+operatorCommand('export-failed', 'write the JSON export of every failed message')
+  .argument('[dir]', 'target directory (default: emailsDir/failed)')
+  .action(async (dir: string | undefined, _opts: unknown, cmd: Command) => (await import('./export-failed.js')).exportFailedCommand(dir, globals(cmd)));
+
+operatorCommand('migrate', 'apply pending database migrations (the server also does this at start)').action(
+  async (_opts: unknown, cmd: Command) => (await import('./migrate.js')).migrateCommand(globals(cmd)),
+);
+
 program.parseAsync(process.argv).catch((err: Error) => {
+  // One line: the reason, not a stack (config errors list every bad key, one per line).
   process.stderr.write(`relayq: ${err.message}\n`);
-  process.exit(1);
+  process.exit(err instanceof CliError ? err.exitCode : 1);
 });

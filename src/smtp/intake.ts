@@ -66,7 +66,8 @@ export class SmtpIntake {
     this.credentialsConfigured = Boolean(config.defaultUsername && config.defaultPassword);
     const tlsOn = Boolean(config.tls.cert && config.tls.key);
     const smtpLog = deps.logger.child({ component: 'smtp-server' });
-    if (deps.logger.level !== 'debug' && deps.logger.level !== 'trace') smtpLog.level = 'warn';
+    // smtp-server's per-session chatter only at debug; never louder than the root logger
+    if (deps.logger.levelVal > 20 && deps.logger.levelVal < 40) smtpLog.level = 'warn';
     this.server = new RelayqSmtpServer({
       name: config.serverName,
       banner: 'relayq',
@@ -84,6 +85,9 @@ export class SmtpIntake {
       hideSMTPUTF8: false,
       hideDSN: true,
       hideSTARTTLS: !tlsOn,
+      // without tls.* smtp-server would upgrade with its built-in certificate, whose private key
+      // is public, and the session would then count as secure for AUTH (no 538)
+      disabledCommands: tlsOn ? [] : ['STARTTLS'],
       ...(tlsOn ? { key: readTlsFile('tls.key', config.tls.key), cert: readTlsFile('tls.cert', config.tls.cert) } : {}),
       logger: smtpLog as never,
       onConnect: (session, cb) => this.onConnect(session, cb),

@@ -63,7 +63,9 @@ export interface ReceivedInfo {
 /** RFC 5321 §4.4 trace header; `for` is given only for a single recipient. */
 export function receivedHeader(info: ReceivedInfo): Buffer {
   const from = info.helo || info.clientIp;
-  const host = info.clientHostname && info.clientHostname !== info.clientIp ? `${info.clientHostname} ` : '';
+  // without reverse lookup smtp-server reports the client hostname as "[ip]": not a name
+  const named = info.clientHostname && info.clientHostname !== info.clientIp && info.clientHostname !== `[${info.clientIp}]`;
+  const host = named ? `${info.clientHostname} ` : '';
   const forPart = info.recipients.length === 1 ? `\r\n\tfor <${info.recipients[0]}>` : '';
   return Buffer.from(
     `Received: from ${sanitize(from)} (${sanitize(host)}[${info.clientIp}])\r\n\tby ${info.serverName} (relayq) with ${info.protocol} id ${info.queueId}${forPart};\r\n\t${rfc5322Date(info.now)}\r\n`,

@@ -5,7 +5,7 @@ import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { counter } from '../../src/store/statements.js';
-import { type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, testConfig } from '../helpers.js';
+import { type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig } from '../helpers.js';
 import pino from 'pino';
 
 const HOUR = 3_600_000;
@@ -106,19 +106,37 @@ describe('rate limits', () => {
 });
 
 describe('backpressure', () => {
-  test('queueSize 10: the 11th message gets 452 4.3.1; accepted again once the queue drains', async () => {
-    const relay = await startTestRelay({ queueSize: 10, forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: 1 });
+  test('queueSize 10 with the upstream down: the 11th message gets 452 4.3.1; accepted again once the queue drains', async () => {
+    // reserve a port, then leave it closed: the upstream is down
+    const probe = await startUpstream();
+    const port = probe.port;
+    await probe.close();
+    const clock = new ManualClock();
+    const relay = await startTestRelay(
+      { queueSize: 10, forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, batchDelay: 0, retry: { initialDelay: 1 } },
+      { clock, startDelivery: false },
+    );
+    let upstream: Awaited<ReturnType<typeof startUpstream>> | undefined;
     try {
       for (let i = 0; i < 10; i++) await send(relay.smtpPort, 'a@example.com');
+      await relay.delivery.runOnce();
+      const deferred = relay.store.sqlite.prepare("SELECT COUNT(*) AS n FROM messages WHERE state = 'queued' AND claims > 0").get() as { n: number };
+      assert.ok(deferred.n > 0, 'delivery was attempted and deferred');
       await assert.rejects(send(relay.smtpPort, 'a@example.com'), (err: { response: string }) => /^452 4\.3\.1 /.test(err.response));
       assert.equal(messageCount(relay), 10);
       assert.equal(counter(relay.store.sqlite, 'queue_full_refusals'), 1);
-      // the queue drains: one message reaches a final state
-      relay.store.sqlite.prepare("UPDATE messages SET state = 'delivered', finished_at = updated_at WHERE rowid = (SELECT MIN(rowid) FROM messages)").run();
+      // the upstream comes back and the queue drains
+      upstream = await startUpstream({}, port);
+      for (let round = 0; round < 20 && counter(relay.store.sqlite, 'state_delivered') < 10; round++) {
+        clock.advance(5_000);
+        await relay.delivery.runOnce();
+      }
+      assert.equal(counter(relay.store.sqlite, 'state_delivered'), 10);
       await send(relay.smtpPort, 'a@example.com');
       assert.equal(messageCount(relay), 11);
     } finally {
       await relay.stop();
+      await upstream?.close();
     }
   });
 

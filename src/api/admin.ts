@@ -1,0 +1,161 @@
+// /admin: requeue failed mail, page through the queue, look at one message (with its
+// recipients and attempts, or its raw bytes), retry or delete one message. Commands go through
+// the group commit like every write of the server; each is logged with who asked.
+import { Hono } from 'hono';
+import { bodyLimit } from 'hono/body-limit';
+import { HTTPException } from 'hono/http-exception';
+import { deleteMessage, type RequeueFilter, requeueFailed, retryMessage } from '../store/admin.js';
+import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
+import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
+import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
+
+export const DEFAULT_PAGE_SIZE = 50;
+export const MAX_PAGE_SIZE = 1000;
+const MAX_IDS = 10_000;
+/** Room for MAX_IDS ids and the other filters. */
+const MAX_BODY_BYTES = 1024 * 1024;
+
+function badRequest(message: string): HTTPException {
+  return new HTTPException(400, { message });
+}
+
+/** Database rows keep times as epoch ms; the API shows every `*_at` column as ISO 8601. */
+function withIsoTimes<T extends object>(row: T): Record<string, unknown> {
+  return Object.fromEntries(Object.entries(row).map(([k, v]) => [k, k.endsWith('_at') && (typeof v === 'number' || v === null) ? isoTime(v) : v]));
+}
+
+/** A time given as epoch milliseconds or as an ISO 8601 string. */
+function parseTime(name: string, value: unknown): number {
+  if (typeof value === 'number' && Number.isFinite(value)) return value;
+  if (typeof value === 'string' && value.trim() !== '') {
+    const ms = /^\d+$/.test(value) ? Number(value) : Date.parse(value);
+    if (Number.isFinite(ms)) return ms;
+  }
+  throw badRequest(`${name} must be an ISO 8601 time or epoch milliseconds`);
+}
+
+function parseRequeueFilter(body: unknown): RequeueFilter {
+  if (body === undefined) return {};
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw badRequest('the body must be a JSON object with optional ids, sender, since');
+  const filter: RequeueFilter = {};
+  for (const [key, value] of Object.entries(body)) {
+    if (key === 'ids') {
+      if (!Array.isArray(value) || value.length === 0 || value.length > MAX_IDS || !value.every((v) => typeof v === 'string' && v !== '')) {
+        throw badRequest(`ids must be a non-empty array of at most ${MAX_IDS} message ids`);
+      }
+      filter.ids = value;
+    } else if (key === 'sender') {
+      if (typeof value !== 'string') throw badRequest('sender must be a string (an envelope sender address, "" for <>)');
+      filter.sender = value;
+    } else if (key === 'since') {
+      filter.since = parseTime('since', value);
+    } else {
+      throw badRequest(`unknown field ${JSON.stringify(key)}: expected ids, sender, since`);
+    }
+  }
+  return filter;
+}
+
+function parseLimit(value: string | undefined): number {
+  if (value === undefined) return DEFAULT_PAGE_SIZE;
+  const n = Number(value);
+  if (!/^\d+$/.test(value) || n < 1 || n > MAX_PAGE_SIZE) throw badRequest(`limit must be an integer from 1 to ${MAX_PAGE_SIZE}`);
+  return n;
+}
+
+function notFound(id: string): HTTPException {
+  return new HTTPException(404, { message: `no message with id ${id}` });
+}
+
+export function adminRoutes(deps: ApiDeps) {
+  const { commits, clock, store } = deps;
+  const log = deps.logger;
+
+  return new Hono<ApiEnv>()
+    .post('/retry-failed', bodyLimit({ maxSize: MAX_BODY_BYTES, onError: (c) => c.json({ error: 'payload_too_large', message: `the body is over ${MAX_BODY_BYTES} bytes` }, 413) }), async (c) => {
+      const text = await c.req.text();
+      let body: unknown;
+      if (text.trim() !== '') {
+        try {
+          body = JSON.parse(text);
+        } catch {
+          throw badRequest('the body is not valid JSON');
+        }
+      }
+      const filter = parseRequeueFilter(body);
+      const requeued = await commits.write((sqlite) => requeueFailed(sqlite, filter, clock.now()));
+      const who = c.get('requester');
+      log.info({ event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter, requeued }, `requeued ${requeued} failed messages`);
+      return c.json({ requeued });
+    })
+    .get('/messages', (c) => {
+      const state = c.req.query('state');
+      if (state !== undefined && !MESSAGE_STATES.includes(state as MessageState)) {
+        throw badRequest(`state must be one of ${MESSAGE_STATES.join(', ')}`);
+      }
+      const before = c.req.query('before');
+      if (before === '') throw badRequest('before must be a message id (the next_before of the previous page)');
+      try {
+        const page = listMessages(store.sqlite, {
+          state: state as MessageState | undefined,
+          sender: c.req.query('sender'),
+          recipient: c.req.query('recipient'),
+          limit: parseLimit(c.req.query('limit')),
+          before,
+        });
+        return c.json({ messages: page.messages.map(withIsoTimes), next_before: page.nextBefore });
+      } catch (err) {
+        if (err instanceof UnknownCursor) throw badRequest(err.message);
+        throw err;
+      }
+    })
+    .get('/messages/:id', (c) => {
+      const id = c.req.param('id');
+      const detail = messageDetail(store.sqlite, id);
+      if (!detail) throw notFound(id);
+      const { raw_erased, ...message } = detail.message;
+      return c.json({
+        ...withIsoTimes(message),
+        raw_erased: raw_erased === 1,
+        recipients: detail.recipients.map((r) => ({ ...withIsoTimes(r), temporary: r.temporary === 1 })),
+        attempts: detail.attempts.map(withIsoTimes),
+      });
+    })
+    .get('/messages/:id/raw', (c) => {
+      const id = c.req.param('id');
+      const row = messageRaw(store.sqlite, id);
+      if (!row) throw notFound(id);
+      if (row.raw === null) {
+        throw new HTTPException(404, { message: `the content of ${id} was erased after delivery (security.logAllEmails is false)` });
+      }
+      return c.body(new Uint8Array(row.raw), 200, {
+        'Content-Type': 'message/rfc822',
+        'Content-Disposition': `attachment; filename="${id.replace(/[^A-Za-z0-9._-]/g, '_')}.eml"`,
+      });
+    })
+    .post('/messages/:id/retry', async (c) => {
+      const id = c.req.param('id');
+      const result = await commits.write((sqlite) => retryMessage(sqlite, id, clock.now()));
+      const who = c.get('requester');
+      log.info({ event: 'api.admin', action: 'retry', id, client: who.ip, via: who.via, result }, `retry ${id}: ${result}`);
+      switch (result) {
+        case 'not-found':
+          throw notFound(id);
+        case 'held':
+          throw new HTTPException(409, { message: `${id} is being delivered right now; try again when the attempt is over` });
+        case 'delivered':
+          throw new HTTPException(409, { message: `${id} is delivered to every recipient; nothing to retry` });
+        default:
+          return c.json({ id, result });
+      }
+    })
+    .delete('/messages/:id', async (c) => {
+      const id = c.req.param('id');
+      const result = await commits.write((sqlite) => deleteMessage(sqlite, id, clock.now()));
+      const who = c.get('requester');
+      log.info({ event: 'api.admin', action: 'delete', id, client: who.ip, via: who.via, result }, `delete ${id}: ${result}`);
+      if (result === 'not-found') throw notFound(id);
+      if (result === 'held') throw new HTTPException(409, { message: `${id} is being delivered right now; try again when the attempt is over` });
+      return c.json({ id, deleted: true });
+    });
+}

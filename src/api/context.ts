@@ -1,0 +1,45 @@
+// What the HTTP API needs from the running relay, and what every request carries once the
+// access check has passed (who asked, for the admin log). The Relay handle satisfies ApiDeps.
+import type { Context } from 'hono';
+import type { Logger } from 'pino';
+import type { Clock } from '../clock.js';
+import type { Config } from '../config/schema.js';
+import type { Sqlite } from '../store/db.js';
+
+/** What a delivery engine may report about its upstream beyond what the store records. */
+export interface UpstreamStatusSource {
+  status(): {
+    lastSuccessAt?: number | null;
+    lastFailureAt?: number | null;
+    consecutiveFailures?: number;
+  };
+}
+
+export interface ApiDeps {
+  config: Config;
+  store: { sqlite: Sqlite };
+  commits: { write<T>(op: (sqlite: Sqlite) => T): Promise<T> };
+  disk: { freeMb(): number; isLow(): boolean };
+  intake: { readonly isListening: boolean };
+  clock: Clock;
+  logger: Logger;
+  /** Startup warnings shown in /health (e.g. loopback clients accepted without AUTH). */
+  warnings: readonly string[];
+  /** Optional live view of the upstream; the persisted attempt counters are used without it. */
+  delivery?: Partial<UpstreamStatusSource>;
+  /** The client's address; by default the socket's peer address. Tests inject other peers. */
+  getClientIp?: (c: Context) => string | undefined;
+}
+
+export interface Requester {
+  ip: string;
+  /** How the request was let in. */
+  via: 'loopback' | 'token';
+}
+
+export type ApiEnv = { Variables: { requester: Requester } };
+
+/** Milliseconds since the epoch → ISO 8601, keeping null for "never". */
+export function isoTime(ms: number | null | undefined): string | null {
+  return ms === null || ms === undefined ? null : new Date(ms).toISOString();
+}

@@ -1,0 +1,128 @@
+// GET /health: `ok`, `degraded` (200) or `error` (503). Error = the database does not take a
+// write right now, free disk is below minFreeDiskMb, or the SMTP listener is down: mail cannot
+// be accepted. Degraded = mail is accepted but not leaving: the upstream has failed every
+// attempt for a while, or the queue is over 80 % of queueSize. All numbers are counter rows or
+// single index steps, so the check costs the same with a thousand or a million messages.
+import { Hono } from 'hono';
+import { oldestActiveReceivedAt, probeWrite, type StoreMetrics, storeMetrics, type UpstreamRecord } from '../store/queries.js';
+import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
+
+/**
+ * The upstream counts as failing when at least `upstreamFailures` attempts in a row delivered
+ * nothing and none succeeded for `upstreamQuietMs` (or ever). One refused connection is not an
+ * outage; a run of failures right after a success is not one yet either.
+ */
+export const HEALTH_THRESHOLDS = {
+  upstreamFailures: 3,
+  upstreamQuietMs: 5 * 60_000,
+  queueFullFraction: 0.8,
+};
+
+export type HealthStatus = 'ok' | 'degraded' | 'error';
+
+/** The store's record of the upstream, merged with what a delivery engine reports live. */
+export function upstreamView(persisted: UpstreamRecord, delivery: ApiDeps['delivery']): UpstreamRecord {
+  const live = delivery?.status?.();
+  if (!live) return persisted;
+  const latest = (a: number | null, b: number | null | undefined) => (b == null ? a : a === null ? b : Math.max(a, b));
+  return {
+    lastSuccessAt: latest(persisted.lastSuccessAt, live.lastSuccessAt),
+    lastFailureAt: latest(persisted.lastFailureAt, live.lastFailureAt),
+    consecutiveFailures: Math.max(persisted.consecutiveFailures, live.consecutiveFailures ?? 0),
+  };
+}
+
+export function upstreamFailing(upstream: UpstreamRecord, now: number): boolean {
+  if (upstream.consecutiveFailures < HEALTH_THRESHOLDS.upstreamFailures) return false;
+  return upstream.lastSuccessAt === null || now - upstream.lastSuccessAt >= HEALTH_THRESHOLDS.upstreamQuietMs;
+}
+
+/** Delivered / (delivered + failed for good), in percent; 100 before anything finished. */
+export function successRate(m: StoreMetrics): { processed: number; rate: number } {
+  const failed = Math.max(0, m.messagesFailed - m.messagesRequeued);
+  const processed = m.messagesDelivered + failed;
+  const rate = processed === 0 ? 100 : Math.round((m.messagesDelivered / processed) * 10000) / 100;
+  return { processed, rate };
+}
+
+export function healthRoutes(deps: ApiDeps) {
+  const { config, clock } = deps;
+  const upstreamTarget = config.forwardSMTP ? `${config.forwardHost}:${config.forwardPort}` : 'local';
+  // Logged when the status changes, not on every probe of a load balancer.
+  let lastStatus: HealthStatus = 'ok';
+
+  return new Hono<ApiEnv>().get('/health', async (c) => {
+    const now = clock.now();
+    const errors: string[] = [];
+    const degraded: string[] = [];
+
+    let database: 'ok' | 'error' = 'ok';
+    try {
+      await deps.commits.write(probeWrite);
+    } catch (err) {
+      database = 'error';
+      errors.push(`database is not writable: ${(err as Error).message}`);
+    }
+    let metrics: StoreMetrics | undefined;
+    let oldest: number | null = null;
+    try {
+      metrics = storeMetrics(deps.store.sqlite);
+      oldest = oldestActiveReceivedAt(deps.store.sqlite);
+    } catch (err) {
+      database = 'error';
+      errors.push(`database is not readable: ${(err as Error).message}`);
+    }
+
+    const freeMb = deps.disk.freeMb();
+    if (deps.disk.isLow()) errors.push(`free disk space ${freeMb} MB is below minFreeDiskMb ${config.minFreeDiskMb} MB`);
+    const listening = deps.intake.isListening;
+    if (!listening) errors.push('the SMTP listener is down');
+
+    let upstream: UpstreamRecord | undefined;
+    let active: number | null = null;
+    let rate: ReturnType<typeof successRate> | undefined;
+    if (metrics) {
+      upstream = upstreamView(metrics.upstream, deps.delivery);
+      if (upstreamFailing(upstream, now)) {
+        const since = upstream.lastSuccessAt === null ? 'no attempt has ever succeeded' : `last success ${isoTime(upstream.lastSuccessAt)}`;
+        degraded.push(`upstream ${upstreamTarget} failing: ${upstream.consecutiveFailures} attempts in a row delivered nothing (${since})`);
+      }
+      active = metrics.queue.queued + metrics.queue.sending;
+      if (config.queueSize > 0 && active > config.queueSize * HEALTH_THRESHOLDS.queueFullFraction) {
+        degraded.push(`queue is ${Math.round((active / config.queueSize) * 100)}% full (${active} of queueSize ${config.queueSize})`);
+      }
+      rate = successRate(metrics);
+    }
+
+    const status: HealthStatus = errors.length ? 'error' : degraded.length ? 'degraded' : 'ok';
+    const body = {
+      status,
+      timestamp: isoTime(now),
+      details: {
+        disk_space_available_mb: Number.isFinite(freeMb) ? freeMb : null,
+        queued_emails: active,
+        deferred_emails: metrics?.deferred ?? null,
+        failed_emails: metrics?.queue.failed ?? null,
+        total_emails_processed: rate?.processed ?? null,
+        success_rate: rate?.rate ?? null,
+        oldest_queued_age_seconds: oldest === null ? null : Math.max(0, Math.floor((now - oldest) / 1000)),
+        queue_size_limit: config.queueSize,
+        database,
+        smtp_listener: listening ? 'listening' : 'down',
+        upstream: {
+          target: upstreamTarget,
+          last_success: isoTime(upstream?.lastSuccessAt),
+          last_failure: isoTime(upstream?.lastFailureAt),
+          consecutive_failures: upstream?.consecutiveFailures ?? null,
+        },
+        warnings: [...errors, ...degraded, ...deps.warnings],
+      },
+    };
+    if (status !== lastStatus) {
+      const level = status === 'ok' ? 'info' : 'warn';
+      deps.logger[level]({ event: 'api.health_changed', status, previous: lastStatus, reasons: [...errors, ...degraded] }, `health ${status}`);
+      lastStatus = status;
+    }
+    return c.json(body, status === 'error' ? 503 : 200);
+  });
+}

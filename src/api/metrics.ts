@@ -1,0 +1,92 @@
+// GET /metrics: JSON by default; Prometheus text for ?format=prometheus or an Accept header that
+// prefers text/plain; OpenMetrics for ?format=openmetrics or an Accept header that prefers it
+// (what Prometheus itself sends). Every number is read from the store's counters, so it
+// survives restarts and costs the same whatever the database holds.
+import { Hono } from 'hono';
+import { HTTPException } from 'hono/http-exception';
+import { oldestActiveReceivedAt, storeMetrics } from '../store/queries.js';
+import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
+import { successRate, upstreamView } from './health.js';
+import { type ExpositionFormat, type MetricsSnapshot, renderExposition } from './prometheus.js';
+
+type MetricsFormat = 'json' | ExpositionFormat;
+
+const FORMATS: readonly MetricsFormat[] = ['json', 'prometheus', 'openmetrics'];
+
+/** The format an Accept header prefers (by q-value; ties go to JSON), JSON when it names none. */
+export function formatFromAccept(accept: string | undefined): MetricsFormat {
+  const q: Record<MetricsFormat, number> = { json: 0, prometheus: 0, openmetrics: 0 };
+  for (const part of (accept ?? '').split(',')) {
+    const [type, ...params] = part.split(';').map((p) => p.trim().toLowerCase());
+    const qParam = params.find((p) => p.startsWith('q='));
+    const weight = qParam ? Number(qParam.slice(2)) : 1;
+    if (!Number.isFinite(weight)) continue;
+    const format = type === 'application/json' ? 'json' : type === 'text/plain' ? 'prometheus' : type === 'application/openmetrics-text' ? 'openmetrics' : undefined;
+    if (format) q[format] = Math.max(q[format], weight);
+  }
+  if (q.openmetrics > q.json && q.openmetrics >= q.prometheus) return 'openmetrics';
+  if (q.prometheus > q.json) return 'prometheus';
+  return 'json';
+}
+
+export function metricsRoutes(deps: ApiDeps) {
+  const snapshot = (): MetricsSnapshot => {
+    const store = storeMetrics(deps.store.sqlite);
+    return {
+      now: deps.clock.now(),
+      store,
+      upstream: upstreamView(store.upstream, deps.delivery),
+      oldestActiveReceivedAt: oldestActiveReceivedAt(deps.store.sqlite),
+      queueSize: deps.config.queueSize,
+      diskFreeMb: deps.disk.freeMb(),
+      smtpListening: deps.intake.isListening,
+    };
+  };
+
+  return new Hono<ApiEnv>().get('/metrics', async (c) => {
+    const requested = c.req.query('format');
+    if (requested !== undefined && !FORMATS.includes(requested as MetricsFormat)) {
+      throw new HTTPException(400, { message: `format must be one of ${FORMATS.join(', ')}` });
+    }
+    const format = (requested as MetricsFormat | undefined) ?? formatFromAccept(c.req.header('accept'));
+    const s = snapshot();
+    if (format !== 'json') {
+      const { contentType, body } = await renderExposition(s, format);
+      return c.body(body, 200, { 'Content-Type': contentType });
+    }
+    const m = s.store;
+    const finished = m.messagesDelivered + m.messagesFailed;
+    let cumulative = 0;
+    return c.json({
+      timestamp: isoTime(s.now),
+      total_emails: m.messagesAccepted,
+      successful_emails: m.messagesDelivered,
+      failed_emails: Math.max(0, m.messagesFailed - m.messagesRequeued),
+      requeued_emails: m.messagesRequeued,
+      total_recipients: m.recipientsAccepted,
+      total_bytes: m.bytesAccepted,
+      avg_processing_time_ms: finished === 0 ? 0 : Math.round(m.processingMsTotal / finished),
+      success_rate: successRate(m).rate,
+      queue: m.queue,
+      deferred_emails: m.deferred,
+      oldest_queued_age_seconds: s.oldestActiveReceivedAt === null ? null : Math.max(0, Math.floor((s.now - s.oldestActiveReceivedAt) / 1000)),
+      rate_limit_refusals: m.rateLimitRefusals,
+      queue_full_refusals: m.queueFullRefusals,
+      attempts: { ...m.attempts, total: Object.values(m.attempts).reduce((sum, n) => sum + n, 0) },
+      attempt_duration_ms: {
+        count: m.attemptDuration.count,
+        sum: m.attemptDuration.sumMs,
+        avg: m.attemptDuration.count === 0 ? 0 : Math.round(m.attemptDuration.sumMs / m.attemptDuration.count),
+        buckets: m.attemptDuration.buckets.map((b) => ({
+          le: Number.isFinite(b.leMs) ? b.leMs : '+Inf',
+          count: (cumulative += b.count),
+        })),
+      },
+      upstream: {
+        last_success: isoTime(s.upstream.lastSuccessAt),
+        last_failure: isoTime(s.upstream.lastFailureAt),
+        consecutive_failures: s.upstream.consecutiveFailures,
+      },
+    });
+  });
+}

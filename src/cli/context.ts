@@ -1,0 +1,109 @@
+// What every operator command shares: the configuration loaded exactly as `serve` loads it
+// (--config, RELAYQ_CONFIG, ./config.json, environment), a connection to the same database
+// file the server may be writing, and output as a table or as JSON. Failures are CliErrors:
+// the entry point prints their one-line message and exits non-zero.
+import fs from 'node:fs';
+import { findConfigFile, formatErrors, loadConfig, readConfigFile } from '../config/load.js';
+import type { Config } from '../config/schema.js';
+import type { Sqlite } from '../store/db.js';
+import { appliedMigrations, openReadOnly } from '../store/maintenance.js';
+
+export class CliError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode = 1,
+  ) {
+    super(message);
+  }
+}
+
+export interface GlobalOptions {
+  config?: string;
+  json?: boolean;
+}
+
+export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): Config {
+  const argv = options.config ? ['--config', options.config] : [];
+  const loaded = loadConfig(argv, env, readConfigFile(findConfigFile(argv, env)));
+  if (!loaded.ok) throw new CliError(formatErrors(loaded.errors), 2);
+  return loaded.config;
+}
+
+function requireDatabaseFile(file: string): void {
+  if (!fs.existsSync(file)) {
+    throw new CliError(`no database at ${file} (set databasePath in the config file, DATABASE_PATH, or --config)`);
+  }
+}
+
+/**
+ * Runs `fn` on a read-only connection: it never takes a lock the server's writers wait for.
+ * The schema is not migrated; a file that is not a relayq database fails here with one line.
+ */
+export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
+  const file = config.databasePath;
+  requireDatabaseFile(file);
+  let sqlite: Sqlite;
+  try {
+    sqlite = openReadOnly(file);
+  } catch (err) {
+    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
+  }
+  try {
+    try {
+      if (appliedMigrations(sqlite).length === 0) throw new Error('no schema (run `relayq migrate` or start the server)');
+    } catch (err) {
+      throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
+    }
+    return await fn(sqlite);
+  } finally {
+    sqlite.close();
+  }
+}
+
+/**
+ * Runs `fn` on a read-write connection of the store (synchronous=FULL, foreign keys on). Only
+ * `serve` and `migrate` change the schema, so an older server never meets a newer schema
+ * behind its back; a database that needs migrations is refused. Callers keep transactions
+ * short: the server's commits wait for them.
+ */
+export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
+  const file = config.databasePath;
+  requireDatabaseFile(file);
+  // Loaded here, not at the top: the query builder and the migrations are only needed to write.
+  const [{ openStore }, { migrations }] = await Promise.all([import('../store/db.js'), import('../../migrations/index.js')]);
+  let store: Awaited<ReturnType<typeof openStore>>;
+  try {
+    store = await openStore(file, { migrate: false });
+  } catch (err) {
+    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
+  }
+  try {
+    let missing: string[];
+    try {
+      const applied = new Set(appliedMigrations(store.sqlite));
+      missing = Object.keys(migrations).filter((name) => !applied.has(name));
+    } catch (err) {
+      throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
+    }
+    if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
+    return await fn(store.sqlite);
+  } finally {
+    await closeWithoutCheckpoint(store);
+  }
+}
+
+/**
+ * Closes without the full (TRUNCATE) checkpoint that Store.close does: that checkpoint blocks
+ * the server's writers while it runs, and checkpointing is the server's job.
+ */
+export async function closeWithoutCheckpoint(store: { db: { destroy(): Promise<void> } }): Promise<void> {
+  await store.db.destroy();
+}
+
+export function printJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+}
+
+export function printText(text: string): void {
+  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+}

@@ -1,0 +1,23 @@
+// `relayq delete ID...`: removes messages with their recipients and attempts. All or nothing:
+// an unknown id, or a message a worker is delivering right now, and nothing is deleted.
+import { systemClock } from '../clock.js';
+import { deleteMessage } from '../store/admin.js';
+import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
+
+export async function deleteCommand(ids: string[], global: GlobalOptions): Promise<void> {
+  const config = loadCliConfig(global, process.env);
+  const unique = [...new Set(ids)];
+  await withWriter(config, (sqlite) =>
+    sqlite
+      .transaction(() => {
+        for (const id of unique) {
+          const result = deleteMessage(sqlite, id, systemClock.now());
+          if (result === 'not-found') throw new CliError(`no message with id ${id}; nothing deleted`);
+          if (result === 'held') throw new CliError(`message ${id} is being delivered right now; nothing deleted, try again later`);
+        }
+      })
+      .immediate(),
+  );
+  if (global.json) printJson({ deleted: unique });
+  else printText(`deleted ${unique.length} message${unique.length === 1 ? '' : 's'}: ${unique.join(' ')}`);
+}

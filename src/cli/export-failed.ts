@@ -1,0 +1,36 @@
+// `relayq export-failed [DIR]`: (re)writes the JSON export of every failed message, by default
+// into emailsDir/failed where the delivery engine writes them, e.g. after a restore or to hand
+// the failures to another tool. Same document, same atomic write as the automatic export.
+import path from 'node:path';
+import { systemClock } from '../clock.js';
+import { writeFileAtomic } from '../delivery/atomic-file.js';
+import { failedExportDocument, failedExportPath } from '../delivery/failed-export.js';
+import { safeFileStem } from '../delivery/local.js';
+import { loadMessageRecord } from '../store/delivery.js';
+import { listMessages } from '../store/queries.js';
+import { type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
+
+const PAGE = 500;
+
+export async function exportFailedCommand(dir: string | undefined, global: GlobalOptions): Promise<void> {
+  const config = loadCliConfig(global, process.env);
+  const files = await withReader(config, async (sqlite) => {
+    const written: string[] = [];
+    let before: string | undefined;
+    do {
+      const page = listMessages(sqlite, { state: 'failed', limit: PAGE, before });
+      for (const { id } of page.messages) {
+        const record = loadMessageRecord(sqlite, id);
+        if (record?.state !== 'failed') continue;
+        const file = dir ? path.join(dir, `${safeFileStem(id)}.json`) : failedExportPath(config.emailsDir, id);
+        await writeFileAtomic(file, `${JSON.stringify(failedExportDocument(record, systemClock.now()), null, 2)}\n`);
+        written.push(file);
+      }
+      before = page.nextBefore ?? undefined;
+    } while (before);
+    return written;
+  });
+  const target = dir ?? path.join(config.emailsDir, 'failed');
+  if (global.json) printJson({ directory: target, exported: files.length, files });
+  else printText(`exported ${files.length} failed message${files.length === 1 ? '' : 's'} to ${target}`);
+}

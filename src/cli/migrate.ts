@@ -1,0 +1,32 @@
+// `relayq migrate`: applies pending schema migrations (the server also does this at start), so an
+// upgrade can be prepared, or a restored backup brought up to date, before the server runs.
+import { migrations } from '../../migrations/index.js';
+import { migrateToLatest, openStore } from '../store/db.js';
+import { appliedMigrations } from '../store/maintenance.js';
+import { CliError, closeWithoutCheckpoint, type GlobalOptions, loadCliConfig, printJson, printText } from './context.js';
+
+export async function migrateCommand(global: GlobalOptions): Promise<void> {
+  const config = loadCliConfig(global, process.env);
+  const file = config.databasePath;
+  let store: Awaited<ReturnType<typeof openStore>>;
+  try {
+    store = await openStore(file, { migrate: false });
+  } catch (err) {
+    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
+  }
+  try {
+    const applied = await migrateToLatest(store.db).catch((err: Error) => {
+      throw new CliError(`migration failed on ${file}: ${err.message}`);
+    });
+    const pending = Object.keys(migrations).filter((name) => !appliedMigrations(store.sqlite).includes(name));
+    if (global.json) {
+      printJson({ database: file, applied, pending });
+    } else if (applied.length) {
+      printText(`applied ${applied.join(', ')} to ${file}`);
+    } else {
+      printText(`${file} is up to date`);
+    }
+  } finally {
+    await closeWithoutCheckpoint(store);
+  }
+}

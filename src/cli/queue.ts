@@ -1,0 +1,58 @@
+// `relayq queue`: a page of messages, newest first, filtered like GET /admin/messages.
+import { listMessages, type MessageSummary, UnknownCursor } from '../store/queries.js';
+import type { MessageState } from '../store/schema.js';
+import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
+import { formatTable, formatTime } from './table.js';
+
+export interface QueueOptions {
+  state?: MessageState;
+  sender?: string;
+  recipient?: string;
+  limit: number;
+  before?: string;
+}
+
+export async function queueCommand(options: QueueOptions, global: GlobalOptions): Promise<void> {
+  const config = loadCliConfig(global, process.env);
+  const page = await withReader(config, (sqlite) => {
+    try {
+      return listMessages(sqlite, options);
+    } catch (err) {
+      if (err instanceof UnknownCursor) throw new CliError(`no message with id ${options.before} (--before)`);
+      throw err;
+    }
+  });
+  if (global.json) {
+    printJson(page);
+    return;
+  }
+  if (page.messages.length === 0) {
+    printText('no messages');
+    return;
+  }
+  printText(
+    formatTable<MessageSummary>(page.messages, [
+      { header: 'ID', value: (m) => m.id },
+      { header: 'STATE', value: (m) => m.state },
+      { header: 'FROM', value: (m) => (m.mail_from === '' ? '<>' : m.mail_from), max: 40 },
+      { header: 'RCPTS', value: (m) => m.recipient_count, right: true },
+      { header: 'SIZE', value: (m) => m.size, right: true },
+      { header: 'RECEIVED', value: (m) => formatTime(m.received_at) },
+      { header: 'NEXT ATTEMPT', value: (m) => (m.state === 'queued' ? formatTime(m.next_attempt_at) : null) },
+      { header: 'TRIES', value: (m) => m.claims, right: true },
+      { header: 'LAST ERROR', value: (m) => m.last_error, max: 60 },
+    ]),
+  );
+  if (page.nextBefore) printText(`more: ${nextPageCommand(options, page.nextBefore)}`);
+}
+
+/** The command that lists the next page with the same filters. */
+function nextPageCommand(options: QueueOptions, before: string): string {
+  const quote = (value: string) => (/^[\w@.+-]+$/.test(value) ? value : `'${value.replace(/'/g, `'\\''`)}'`);
+  const args = ['relayq', 'queue'];
+  if (options.state) args.push('--state', options.state);
+  if (options.sender !== undefined) args.push('--sender', quote(options.sender));
+  if (options.recipient !== undefined) args.push('--recipient', quote(options.recipient));
+  args.push('--limit', String(options.limit), '--before', before);
+  return args.join(' ');
+}

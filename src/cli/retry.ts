@@ -1,0 +1,66 @@
+// `relayq retry ID...` puts messages back in the queue, due now; `relayq retry --failed` requeues
+// every failed message. Only failed or pending recipients are tried again, never delivered ones.
+// Writes go in short transactions (500 messages each) so the running server barely waits.
+import { systemClock } from '../clock.js';
+import { type RetryResult, requeueFailed, retryMessage } from '../store/admin.js';
+import { listMessages } from '../store/queries.js';
+import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
+import { formatTable } from './table.js';
+
+const REQUEUE_CHUNK = 500;
+
+const EXPLAIN: Record<Exclude<RetryResult, 'not-found'>, string> = {
+  requeued: 'requeued: failed recipients will be tried again now',
+  'due-now': 'due now',
+  held: 'a worker is delivering it right now; nothing changed',
+  delivered: 'already delivered to every recipient; nothing to retry',
+};
+
+export async function retryCommand(ids: string[], options: { failed?: boolean; sender?: string }, global: GlobalOptions): Promise<void> {
+  if (options.failed && ids.length) throw new CliError('give message ids or --failed, not both');
+  if (!options.failed && ids.length === 0) throw new CliError('give one or more message ids, or --failed to requeue every failed message');
+  if (options.sender !== undefined && !options.failed) throw new CliError('--sender goes with --failed');
+  const config = loadCliConfig(global, process.env);
+
+  if (options.failed) {
+    const requeued = await withWriter(config, (sqlite) => {
+      let total = 0;
+      for (;;) {
+        const page = listMessages(sqlite, { state: 'failed', sender: options.sender, limit: REQUEUE_CHUNK });
+        if (page.messages.length === 0) break;
+        const ids = page.messages.map((m) => m.id);
+        const n = sqlite.transaction(() => requeueFailed(sqlite, { ids, sender: options.sender }, systemClock.now())).immediate();
+        total += n;
+        // Nothing requeued means another process got there first; do not spin.
+        if (n === 0 || page.nextBefore === null) break;
+      }
+      return total;
+    });
+    if (global.json) printJson({ requeued });
+    else printText(`requeued ${requeued} failed message${requeued === 1 ? '' : 's'}`);
+    return;
+  }
+
+  const results = await withWriter(config, (sqlite) =>
+    // All or nothing: one unknown id and no message is touched.
+    sqlite
+      .transaction(() =>
+        [...new Set(ids)].map((id) => {
+          const result = retryMessage(sqlite, id, systemClock.now());
+          if (result === 'not-found') throw new CliError(`no message with id ${id}; nothing changed`);
+          return { id, result };
+        }),
+      )
+      .immediate(),
+  );
+  if (global.json) {
+    printJson({ results });
+    return;
+  }
+  printText(
+    formatTable(results, [
+      { header: 'ID', value: (r) => r.id },
+      { header: 'RESULT', value: (r) => EXPLAIN[r.result as Exclude<RetryResult, 'not-found'>] },
+    ]),
+  );
+}

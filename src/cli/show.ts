@@ -1,0 +1,67 @@
+// `relayq show ID`: one message with its envelope, every recipient and every delivery attempt;
+// `--raw` writes the stored message bytes instead (as GET /admin/messages/:id/raw does).
+import { type AttemptRow, messageDetail, messageRaw, type RecipientRow } from '../store/queries.js';
+import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
+import { formatFields, formatTable, formatTime } from './table.js';
+
+export async function showCommand(id: string, options: { raw?: boolean }, global: GlobalOptions): Promise<void> {
+  const config = loadCliConfig(global, process.env);
+  if (options.raw) {
+    const found = await withReader(config, (sqlite) => messageRaw(sqlite, id));
+    if (!found) throw new CliError(`no message with id ${id}`);
+    if (!found.raw) throw new CliError(`message ${id} has no stored content (erased after delivery: security.logAllEmails is false)`);
+    process.stdout.write(found.raw);
+    return;
+  }
+  const detail = await withReader(config, (sqlite) => messageDetail(sqlite, id));
+  if (!detail) throw new CliError(`no message with id ${id}`);
+  if (global.json) {
+    printJson(detail);
+    return;
+  }
+  const m = detail.message;
+  printText(
+    formatFields([
+      ['id', m.id],
+      ['state', m.state],
+      ['from', m.mail_from === '' ? '<>' : m.mail_from],
+      ['auth user', m.auth_user],
+      ['client', `${m.client_ip}${m.client_hostname ? ` (${m.client_hostname})` : ''}${m.helo ? ` helo ${m.helo}` : ''}`],
+      ['size', `${m.size} bytes${m.raw_erased ? ' (content erased after delivery)' : ''}`],
+      ['received', formatTime(m.received_at)],
+      ['next attempt', m.state === 'queued' ? formatTime(m.next_attempt_at) : null],
+      ['lease until', m.state === 'sending' ? formatTime(m.lease_expires_at) : null],
+      ['finished', formatTime(m.finished_at)],
+      ['tries', m.claims],
+      ['last error', m.last_error],
+    ]),
+  );
+  printText('');
+  printText(
+    formatTable<RecipientRow>(detail.recipients, [
+      { header: 'SEQ', value: (r) => r.seq, right: true },
+      { header: 'RECIPIENT', value: (r) => r.address },
+      { header: 'STATUS', value: (r) => r.status },
+      { header: 'TRIES', value: (r) => r.attempts, right: true },
+      { header: 'CODE', value: (r) => r.last_code },
+      { header: 'LAST REPLY', value: (r) => r.last_reply, max: 80 },
+    ]),
+  );
+  printText('');
+  if (detail.attempts.length === 0) {
+    printText('no delivery attempts yet');
+    return;
+  }
+  printText(
+    formatTable<AttemptRow>(detail.attempts, [
+      { header: 'STARTED', value: (a) => formatTime(a.started_at) },
+      { header: 'BATCH', value: (a) => a.batch, right: true },
+      { header: 'RCPTS', value: (a) => a.recipients.length, right: true },
+      { header: 'UPSTREAM', value: (a) => a.upstream },
+      { header: 'MS', value: (a) => a.duration_ms, right: true },
+      { header: 'OUTCOME', value: (a) => a.outcome },
+      { header: 'CODE', value: (a) => a.code },
+      { header: 'REPLY', value: (a) => a.reply, max: 80 },
+    ]),
+  );
+}

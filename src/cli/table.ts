@@ -1,0 +1,57 @@
+// Plain-text output for people: left-aligned columns padded to the widest cell, numbers
+// right-aligned, and "key: value" blocks. Scripts use --json instead, so nothing here is parsed.
+
+export interface Column<Row> {
+  header: string;
+  value: (row: Row) => string | number | null | undefined;
+  /** Right-align (numbers). */
+  right?: boolean;
+  /** Cut longer text to this many characters with an ellipsis. */
+  max?: number;
+}
+
+export function formatTable<Row>(rows: readonly Row[], columns: readonly Column<Row>[]): string {
+  const cells = rows.map((row) => columns.map((c) => cell(c.value(row), c.max)));
+  const widths = columns.map((c, i) => Math.max(c.header.length, ...cells.map((r) => r[i].length)));
+  const line = (values: string[]) =>
+    values
+      .map((v, i) => (columns[i].right ? v.padStart(widths[i]) : v.padEnd(widths[i])))
+      .join('  ')
+      .trimEnd();
+  return [line(columns.map((c) => c.header)), ...cells.map(line)].join('\n');
+}
+
+/** "key: value" lines with the values aligned. */
+export function formatFields(fields: ReadonlyArray<[string, string | number | null | undefined]>): string {
+  const width = Math.max(...fields.map(([k]) => k.length));
+  return fields.map(([k, v]) => `${`${k}:`.padEnd(width + 1)} ${cell(v)}`.trimEnd()).join('\n');
+}
+
+function cell(value: string | number | null | undefined, max?: number): string {
+  if (value === null || value === undefined || value === '') return '-';
+  // Control characters from mail (a reply text, a header) must not break the layout.
+  const text = String(value).replace(/[\r\n\t]+/g, ' ').replace(/[\x00-\x1f\x7f]/g, '?');
+  return max && text.length > max ? `${text.slice(0, max - 1)}…` : text;
+}
+
+/** Milliseconds since the epoch as "2026-01-01 12:00:00Z" (UTC, like the logs). */
+export function formatTime(ms: number | null | undefined): string {
+  if (ms === null || ms === undefined) return '-';
+  return new Date(ms).toISOString().replace('T', ' ').replace(/\.\d{3}Z$/, 'Z');
+}
+
+/** A duration in the largest sensible unit: "45s", "12m", "3h", "2d". */
+export function formatAge(ms: number): string {
+  const s = Math.max(0, Math.round(ms / 1000));
+  if (s < 120) return `${s}s`;
+  if (s < 7200) return `${Math.round(s / 60)}m`;
+  if (s < 172800) return `${Math.round(s / 3600)}h`;
+  return `${Math.round(s / 86400)}d`;
+}
+
+export function formatBytes(n: number): string {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+  if (n < 1024 * 1024 * 1024) return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+  return `${(n / 1024 / 1024 / 1024).toFixed(2)} GiB`;
+}

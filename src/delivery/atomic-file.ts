@@ -1,0 +1,43 @@
+// Crash-safe file writes for local delivery and the failed-mail export: write a temp file in the
+// target directory, fsync it, rename it over the target, fsync the directory. A reader sees the
+// old file or the complete new one, never a torn one, and the rename survives a power cut.
+import crypto from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+
+export async function writeFileAtomic(target: string, data: Buffer | string): Promise<void> {
+  const dir = path.dirname(target);
+  await fs.mkdir(dir, { recursive: true });
+  // Dot-prefixed and unique, so a concurrent writer or a directory listing never takes it for
+  // a finished file; a crash leaves at most a stray temp file behind.
+  const temp = path.join(dir, `.${path.basename(target)}.${crypto.randomBytes(6).toString('hex')}.tmp`);
+  const handle = await fs.open(temp, 'wx', 0o640);
+  try {
+    await handle.writeFile(data);
+    await handle.sync();
+  } catch (err) {
+    await handle.close().catch(() => {});
+    await fs.rm(temp, { force: true });
+    throw err;
+  }
+  await handle.close();
+  try {
+    await fs.rename(temp, target);
+  } catch (err) {
+    await fs.rm(temp, { force: true });
+    throw err;
+  }
+  await syncDirectory(dir);
+}
+
+async function syncDirectory(dir: string): Promise<void> {
+  let handle: fs.FileHandle | undefined;
+  try {
+    handle = await fs.open(dir, 'r');
+    await handle.sync();
+  } catch {
+    // Some platforms cannot fsync a directory; the rename is still atomic there.
+  } finally {
+    await handle?.close().catch(() => {});
+  }
+}

@@ -1,0 +1,459 @@
+// The delivery engine: claims due batches under a lease (group-committed writes), sends each
+// batch upstream (or writes it locally), and applies the outcome fenced by the claim token.
+// Invariants: at most workerCount attempts in flight; no worker sleeps through batchDelay or a
+// backoff (the message's next_attempt_at says when it is due); a crash leaves claims that
+// expire with their lease; a shutdown releases them so a restart picks them up at once.
+import crypto from 'node:crypto';
+import { performance } from 'node:perf_hooks';
+import type tls from 'node:tls';
+import type { Logger } from 'pino';
+import type { Clock } from '../clock.js';
+import type { Config } from '../config/schema.js';
+import type { CommitQueue } from '../store/commit-queue.js';
+import type { Sqlite } from '../store/db.js';
+import {
+  type ClaimedBatch,
+  type ClaimResult,
+  type CompletionResult,
+  claimDueBatches,
+  completeBatch,
+  findTemporaryFailures,
+  hasDueWork,
+  releaseClaims,
+  requeueTemporaryFailures,
+} from '../store/delivery.js';
+import { exportFailedMessage, removeFailedExport } from './failed-export.js';
+import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
+import { type BatchResult, planCompletion } from './outcomes.js';
+import { SmtpUpstream } from './upstream.js';
+
+export interface DeliveryDeps {
+  config: Config;
+  sqlite: Sqlite;
+  commits: CommitQueue;
+  clock: Clock;
+  logger: Logger;
+  /** Jitter source for the retry backoff, [0, 1) like Math.random. */
+  random?: () => number;
+  /** How often the engine looks for due work when nothing woke it. */
+  pollIntervalMs?: number;
+  /** Extra TLS options for the upstream connection (e.g. a private CA). */
+  upstreamTls?: tls.ConnectionOptions;
+  /** Deadline of one attempt; default: the lease minus 10 % (at least 1 s before it ends). */
+  attemptTimeoutMs?: number;
+}
+
+/** What /health needs to know about the upstream; times are the clock's milliseconds. */
+export interface DeliveryHealth {
+  /** "host:port" of the smart host, or "local". */
+  upstream: string;
+  /** Attempts between claim and commit of their outcome. */
+  inFlight: number;
+  /** Last attempt that delivered at least one recipient. */
+  lastSuccessAt: number | null;
+  /** Last attempt that delivered nothing (refused, deferred, unreachable). */
+  lastFailureAt: number | null;
+  /** Attempts in a row that delivered nothing; any delivery resets it. */
+  consecutiveFailures: number;
+  lastFailure: string | null;
+}
+
+export interface RunReport {
+  /** Batches attempted. */
+  attempts: number;
+  /** Failed messages put back in the queue by failedRetryInterval. */
+  requeued: number;
+}
+
+interface ActiveAttempt {
+  claim: ClaimedBatch;
+  abort: AbortController;
+}
+
+const DEFAULT_POLL_MS = 100;
+const REQUEUE_CHECK_MS = 1000;
+const REQUEUE_BATCH = 500;
+/** After the grace period, how long released attempts get to notice their abort. */
+const ABORT_SETTLE_MS = 1000;
+
+export class DeliveryEngine {
+  private readonly config: Config;
+  private readonly log: Logger;
+  private readonly random: () => number;
+  private readonly upstream: SmtpUpstream | undefined;
+  private readonly leaseMs: number;
+  /** Each attempt must end (or be aborted) this long before its lease runs out. */
+  readonly attemptTimeoutMs: number;
+  private readonly active = new Map<string, ActiveAttempt>();
+  private readonly tasks = new Set<Promise<unknown>>();
+  private readonly released = new Set<string>();
+  /** Attempt slots taken: claims in progress plus attempts still talking to the upstream. */
+  private busySlots = 0;
+  private claiming = false;
+  private pumpAgain = false;
+  private pumpScheduled = false;
+  private running = false;
+  private stopping = false;
+  private poll: NodeJS.Timeout | undefined;
+  private requeueCheckedAt = Number.NEGATIVE_INFINITY;
+  /** failedRetryInterval: failed messages finished at or before this were looked at already. */
+  private requeueWatermark = Number.NEGATIVE_INFINITY;
+  private readonly stats = {
+    lastSuccessAt: null as number | null,
+    lastFailureAt: null as number | null,
+    consecutiveFailures: 0,
+    lastFailure: null as string | null,
+  };
+
+  constructor(private readonly deps: DeliveryDeps) {
+    this.config = deps.config;
+    this.log = deps.logger;
+    this.random = deps.random ?? Math.random;
+    this.leaseMs = this.config.processingTimeout * 1000;
+    this.attemptTimeoutMs = Math.min(
+      deps.attemptTimeoutMs ?? Number.POSITIVE_INFINITY,
+      this.leaseMs - Math.max(1000, Math.floor(this.leaseMs / 10)),
+    );
+    this.upstream = this.config.forwardSMTP
+      ? new SmtpUpstream({
+          host: this.config.forwardHost,
+          port: this.config.forwardPort,
+          secure: this.config.forwardSSL,
+          username: this.config.forwardUsername,
+          password: this.config.forwardPassword,
+          clientName: this.config.serverName,
+          maxConnections: this.config.workerCount,
+          attemptTimeoutMs: this.attemptTimeoutMs,
+          logger: this.log,
+          tls: deps.upstreamTls,
+        })
+      : undefined;
+  }
+
+  get upstreamLabel(): string {
+    return this.upstream?.label ?? LOCAL_UPSTREAM;
+  }
+
+  /** Live upstream status for /health (the API merges it with the persisted counters). */
+  status(): DeliveryHealth {
+    return { upstream: this.upstreamLabel, inFlight: this.active.size, ...this.stats };
+  }
+
+  /** Starts polling for due work (and reacting to wake()). */
+  start(): void {
+    if (this.running || this.stopping) return;
+    this.running = true;
+    this.poll = setInterval(() => this.tick(), this.deps.pollIntervalMs ?? DEFAULT_POLL_MS);
+    this.poll.unref();
+    this.log.info({ event: 'delivery.started', upstream: this.upstreamLabel, workers: this.config.workerCount }, 'delivery started');
+    this.tick();
+  }
+
+  /** Something may have become due (a commit of new mail): look now instead of at the next poll. */
+  wake(): void {
+    if (!this.running || this.stopping || this.pumpScheduled) return;
+    this.pumpScheduled = true;
+    setImmediate(() => {
+      this.pumpScheduled = false;
+      this.pump();
+    });
+  }
+
+  /**
+   * Claims and delivers whatever is due now, until nothing is, and resolves when every outcome
+   * is committed (and failed mail exported). For tests and tools that drive the clock.
+   */
+  async runOnce(): Promise<RunReport> {
+    const requeued = await this.requeueFailed(true);
+    let attempts = 0;
+    for (;;) {
+      const claimed = await this.claim(this.config.workerCount);
+      await Promise.all(claimed.finalized.map((f) => this.afterFinal(f.id, f.state, 0)));
+      if (claimed.batches.length === 0) break;
+      attempts += claimed.batches.length;
+      await Promise.all(claimed.batches.map((b) => this.attempt(b)));
+    }
+    return { attempts, requeued };
+  }
+
+  /**
+   * Stops claiming, lets in-flight attempts finish within `graceMs`, then releases the claims of
+   * those that did not (due again at once) and aborts them. Resolves before the store may close.
+   */
+  async stop(graceMs: number): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.running = false;
+    if (this.poll) clearInterval(this.poll);
+    await settleWithin(this.tasks, graceMs);
+    const unfinished = [...this.active.values()];
+    if (unfinished.length > 0) {
+      for (const a of unfinished) this.released.add(a.claim.token);
+      const now = this.deps.clock.now();
+      const claims = unfinished.map((a) => ({ messageId: a.claim.messageId, token: a.claim.token }));
+      const released = await this.deps.commits.write((db) => releaseClaims(db, claims, now)).catch((err: Error) => {
+        this.log.error({ event: 'delivery.release_failed', err: err.message }, 'releasing claims failed; they expire with their lease');
+        return 0;
+      });
+      this.log.warn(
+        { event: 'delivery.released', released, ids: claims.map((c) => c.messageId) },
+        'shutdown: unfinished deliveries released for the next start',
+      );
+      for (const a of unfinished) a.abort.abort(new Error('aborted: relayq is shutting down'));
+      await settleWithin(this.tasks, ABORT_SETTLE_MS);
+    }
+    this.upstream?.close();
+    this.log.info({ event: 'delivery.stopped' }, 'delivery stopped');
+  }
+
+  private tick(): void {
+    if (!this.running || this.stopping) return;
+    const now = this.deps.clock.now();
+    if (this.config.failedRetryInterval > 0 && now - this.requeueCheckedAt >= REQUEUE_CHECK_MS) {
+      this.requeueCheckedAt = now;
+      this.track(this.requeueFailed(false));
+    }
+    this.pump();
+  }
+
+  /** Fills free attempt slots with due work: one claim write at a time, for all free slots. */
+  private pump(): void {
+    if (!this.running || this.stopping) return;
+    if (this.claiming) {
+      this.pumpAgain = true;
+      return;
+    }
+    const free = this.config.workerCount - this.busySlots;
+    if (free <= 0) return;
+    if (!hasDueWork(this.deps.sqlite, this.deps.clock.now())) return;
+    this.claiming = true;
+    this.busySlots += free;
+    const task = this.claim(free).then(
+      (claimed) => {
+        this.busySlots -= free - claimed.batches.length;
+        for (const f of claimed.finalized) this.track(this.afterFinal(f.id, f.state, 0));
+        if (this.stopping) {
+          // Claimed while shutdown began: hand them straight back.
+          this.busySlots -= claimed.batches.length;
+          const now = this.deps.clock.now();
+          const claims = claimed.batches.map((b) => ({ messageId: b.messageId, token: b.token }));
+          return this.deps.commits.write((db) => releaseClaims(db, claims, now)).then(() => 0);
+        }
+        for (const batch of claimed.batches) {
+          this.track(
+            this.attempt(batch, () => {
+              this.busySlots--;
+              this.pump();
+            }),
+          );
+        }
+        return claimed.batches.length;
+      },
+      (err: Error) => {
+        this.busySlots -= free;
+        this.log.error({ event: 'delivery.claim_failed', err: err.message }, 'claiming due work failed');
+        return -1;
+      },
+    );
+    this.track(
+      task.then((count) => {
+        this.claiming = false;
+        // Every free slot was filled: there may be more due work than slots.
+        if (this.pumpAgain || count === free) {
+          this.pumpAgain = false;
+          this.wake();
+        }
+      }),
+    );
+  }
+
+  private claim(limit: number): Promise<ClaimResult> {
+    const { clock, config } = this.deps;
+    return this.deps.commits.write((db) =>
+      claimDueBatches(db, {
+        now: clock.now(),
+        leaseMs: this.leaseMs,
+        // Local delivery writes the message once for all of its recipients.
+        batchSize: this.upstream ? config.batchSize : Number.POSITIVE_INFINITY,
+        limit,
+        maxAttempts: config.retry.maxAttempts,
+        newToken: () => crypto.randomUUID(),
+      }),
+    );
+  }
+
+  /**
+   * One attempt: send (bounded by the attempt deadline), then commit the outcome fenced by the
+   * claim token. `onSent` frees the worker slot as soon as the upstream has answered, so the
+   * next claim can share the transaction that commits this outcome.
+   */
+  private async attempt(claim: ClaimedBatch, onSent?: () => void): Promise<void> {
+    const { clock, config } = this.deps;
+    const abort = new AbortController();
+    this.active.set(claim.token, { claim, abort });
+    const log = this.log.child({ queueId: claim.messageId });
+    let completing: Promise<CompletionResult> | undefined;
+    let completion: ReturnType<typeof planCompletion> | undefined;
+    let result: BatchResult | undefined;
+    let durationMs = 0;
+    try {
+      const startedAt = clock.now();
+      const started = performance.now();
+      const deadline = setTimeout(() => {
+        const err = Object.assign(new Error(`timed out: the attempt exceeded ${this.attemptTimeoutMs} ms (processingTimeout)`), {
+          code: 'ETIMEDOUT',
+        });
+        abort.abort(err);
+      }, this.attemptTimeoutMs);
+      deadline.unref();
+      try {
+        result = this.upstream ? await this.upstream.send(claim, abort.signal) : await deliverLocally(config.emailsDir, claim);
+      } finally {
+        clearTimeout(deadline);
+      }
+      durationMs = performance.now() - started;
+      this.noteHealth(result);
+      completion = planCompletion(claim, result, {
+        now: clock.now(),
+        startedAt,
+        durationMs,
+        retry: config.retry,
+        batchDelayMs: config.batchDelay,
+        continueOnError: config.continueOnError,
+        eraseRawOnDelivered: !config.security.logAllEmails,
+        random: this.random,
+      });
+      const planned = completion;
+      completing = this.deps.commits.write((db) => completeBatch(db, planned));
+    } catch (err) {
+      log.error({ event: 'delivery.attempt_error', err: (err as Error).message }, 'delivery attempt failed unexpectedly');
+    } finally {
+      onSent?.();
+    }
+    if (!completing || !completion || !result) {
+      this.active.delete(claim.token);
+      return;
+    }
+    let outcome: CompletionResult;
+    try {
+      outcome = await completing;
+    } catch (err) {
+      this.active.delete(claim.token);
+      log.error(
+        { event: 'delivery.commit_failed', batch: claim.batch, err: (err as Error).message },
+        'recording the delivery outcome failed; the claim expires with its lease',
+      );
+      return;
+    }
+    this.active.delete(claim.token);
+    const counts = { delivered: 0, failed: 0, deferred: 0 };
+    for (const r of completion.recipients) counts[r.status === 'pending' ? 'deferred' : r.status]++;
+    const line = {
+      event: 'delivery.attempt',
+      batch: claim.batch,
+      outcome: completion.attempt.outcome,
+      code: result.code,
+      reply: result.reply,
+      durationMs: Math.round(durationMs),
+      upstream: result.upstream,
+      rcpts: claim.recipients.length,
+      ...counts,
+    };
+    if (outcome.leaseLost) {
+      if (this.released.delete(claim.token)) {
+        log.info({ ...line, event: 'delivery.attempt_released' }, 'attempt ended after its claim was released at shutdown');
+      } else {
+        log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
+      }
+      return;
+    }
+    log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: outcome.nextAttemptAt } : {}) }, 'delivery attempt');
+    await this.afterFinal(claim.messageId, outcome.state, claim.claims);
+  }
+
+  /** After the commit that made a message final: export failed mail; drop a stale export. */
+  private async afterFinal(id: string, state: string, claims: number): Promise<void> {
+    const { config, sqlite, clock } = this.deps;
+    if (state === 'failed') {
+      try {
+        const file = await exportFailedMessage(sqlite, config.emailsDir, id, clock.now());
+        if (file) this.log.warn({ event: 'delivery.failed', queueId: id, export: file }, 'message failed; exported');
+      } catch (err) {
+        this.log.error(
+          { event: 'delivery.export_failed', queueId: id, err: (err as Error).message },
+          'exporting the failed message failed; `relayq export-failed` can redo it',
+        );
+      }
+    } else if (state === 'delivered' && claims > 1) {
+      // Only a message that needed more than one claim can have failed before (and been retried).
+      if (await removeFailedExport(config.emailsDir, id)) {
+        this.log.info({ event: 'delivery.export_removed', queueId: id }, 'delivered after a retry; failed export removed');
+      }
+    }
+  }
+
+  /** failedRetryInterval: put failed mail whose last error was temporary back in the queue. */
+  private async requeueFailed(everything: boolean): Promise<number> {
+    const interval = this.config.failedRetryInterval;
+    if (interval <= 0) return 0;
+    const { sqlite, clock, commits } = this.deps;
+    const now = clock.now();
+    const finishedBefore = now - interval * 1000;
+    let requeued = 0;
+    for (;;) {
+      const candidates = findTemporaryFailures(sqlite, {
+        finishedAfter: everything ? Number.NEGATIVE_INFINITY : this.requeueWatermark,
+        finishedBefore,
+        limit: REQUEUE_BATCH,
+      });
+      if (candidates.length === 0) {
+        this.requeueWatermark = Math.max(this.requeueWatermark, finishedBefore);
+        break;
+      }
+      const ids = candidates.map((c) => c.id);
+      const done = await commits.write((db) => requeueTemporaryFailures(db, ids, { now, maxAttempts: this.config.retry.maxAttempts }));
+      requeued += done.length;
+      if (done.length > 0) this.log.info({ event: 'delivery.requeued', ids: done, count: done.length }, 'failed mail requeued (failedRetryInterval)');
+      this.requeueWatermark = Math.max(this.requeueWatermark, candidates[candidates.length - 1].finishedAt);
+      if (candidates.length < REQUEUE_BATCH) {
+        this.requeueWatermark = Math.max(this.requeueWatermark, finishedBefore);
+        break;
+      }
+    }
+    if (requeued > 0) this.wake();
+    return requeued;
+  }
+
+  private noteHealth(result: BatchResult): void {
+    const now = this.deps.clock.now();
+    if (result.recipients.some((r) => r.verdict === 'delivered')) {
+      this.stats.lastSuccessAt = now;
+      this.stats.consecutiveFailures = 0;
+    } else {
+      this.stats.lastFailureAt = now;
+      this.stats.consecutiveFailures++;
+      this.stats.lastFailure = result.code !== null && !result.reply.startsWith(String(result.code)) ? `${result.code} ${result.reply}` : result.reply;
+    }
+  }
+
+  private track<T>(task: Promise<T>): void {
+    const tracked = task.catch((err: Error) => {
+      this.log.error({ event: 'delivery.task_failed', err: err.message }, 'delivery task failed');
+    });
+    this.tasks.add(tracked);
+    tracked.finally(() => this.tasks.delete(tracked));
+  }
+}
+
+/** Waits until every task settled (including ones added meanwhile) or `ms` passed. */
+async function settleWithin(tasks: Set<Promise<unknown>>, ms: number): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (tasks.size > 0 && Date.now() < deadline) {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, Math.max(1, deadline - Date.now()));
+    });
+    await Promise.race([Promise.allSettled([...tasks]), timeout]);
+    clearTimeout(timer);
+  }
+}

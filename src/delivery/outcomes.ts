@@ -1,0 +1,218 @@
+// What an upstream answer means for each recipient of a batch, and what the queue does about it.
+// One function classifies errors (5xx permanent; 4xx, network, TLS, timeout, AUTH temporary);
+// one turns a transport result plus the retry policy into the fenced completion the store applies.
+import type { BatchCompletion, ClaimedBatch, RecipientOutcome } from '../store/delivery.js';
+import type { AttemptOutcome } from '../store/schema.js';
+import { backoffDelayMs, describeGiveUp, giveUpReason, type RetrySettings } from './retry-policy.js';
+
+export type Verdict = 'delivered' | 'failed' | 'deferred';
+
+export interface RecipientResult {
+  verdict: Verdict;
+  code: number | null;
+  reply: string;
+}
+
+/** What one attempt (one SMTP transaction, or one local write) produced. */
+export interface BatchResult {
+  /** "host:port" or "local". */
+  upstream: string;
+  /** Transaction-level reply (the DATA reply, or the error that ended the transaction). */
+  code: number | null;
+  reply: string;
+  /** One entry per claimed recipient, same order. */
+  recipients: RecipientResult[];
+  /** Refused as a whole with a 5xx (MAIL FROM, DATA, or every RCPT): continueOnError=false stops here. */
+  permanentFailure: boolean;
+}
+
+export interface ErrorClass {
+  temporary: boolean;
+  code: number | null;
+  reply: string;
+}
+
+/** Errors about the message or its envelope; anything else is about the session or the network. */
+const MESSAGE_ERROR_CODES = new Set(['EENVELOPE', 'EMESSAGE']);
+
+/**
+ * The one place that decides whether an upstream error is permanent. A 5xx reply to MAIL FROM,
+ * RCPT TO or DATA refuses the message: permanent. Everything else is temporary: 4xx replies,
+ * network and timeout errors (ECONNECTION, ETIMEDOUT, ESOCKET, EDNS, ...), TLS errors, and
+ * authentication or greeting failures even with a 5xx, because a wrong password or a refusing
+ * smart host says nothing about the message (Postfix's smtp_sasl_auth_soft_bounce, likewise).
+ * Unknown errors are temporary: retrying is recoverable, bouncing is not.
+ */
+export function classifyUpstreamError(err: unknown): ErrorClass {
+  const e = (err ?? {}) as { code?: unknown; responseCode?: unknown; response?: unknown; message?: unknown; cause?: unknown };
+  const code = typeof e.responseCode === 'number' && e.responseCode >= 200 && e.responseCode < 600 ? e.responseCode : null;
+  const errorCode = typeof e.code === 'string' ? e.code : '';
+  const response = typeof e.response === 'string' && e.response.trim() ? e.response.trim() : '';
+  // An aborted attempt says why in its cause (the attempt deadline, or shutdown).
+  const message = errorCode === 'EABORT' && e.cause instanceof Error ? e.cause.message : typeof e.message === 'string' ? e.message : String(err);
+  const reply = response || (errorCode ? `${errorCode}: ${message}` : message);
+  const aboutMessage = MESSAGE_ERROR_CODES.has(errorCode);
+  // 503 (bad sequence of commands) and 530 (authentication required: relayq has no or the
+  // wrong credentials) are about the session, not the message.
+  if (aboutMessage && code !== null) return { temporary: code < 500 || code === 503 || code === 530, code, reply };
+  // A message error without a reply is nodemailer refusing before sending (e.g. the message is
+  // larger than the upstream's SIZE, or an address it cannot encode): retrying will not help.
+  if (aboutMessage) return { temporary: false, code: null, reply };
+  return { temporary: true, code, reply };
+}
+
+export function replyCode(reply: string | undefined): number | null {
+  const m = /^([2-5]\d\d)/.exec(reply ?? '');
+  return m ? Number(m[1]) : null;
+}
+
+interface NodemailerInfo {
+  accepted?: unknown[];
+  rejected?: unknown[];
+  rejectedErrors?: Array<{ recipient?: string; responseCode?: number; response?: string; message?: string }>;
+  response?: string;
+}
+
+function addressOf(entry: unknown): string {
+  if (typeof entry === 'string') return entry;
+  if (entry && typeof entry === 'object' && 'address' in entry) return String((entry as { address: unknown }).address);
+  return String(entry);
+}
+
+/**
+ * Per-recipient results of a nodemailer send. `normalize` maps a stored address to the form
+ * nodemailer put in the RCPT command (it lower-cases and punycodes domains), because that is
+ * the form its `accepted` / `rejected` lists use.
+ */
+export function resultFromNodemailer(
+  upstream: string,
+  addresses: readonly string[],
+  outcome: { info: NodemailerInfo } | { error: unknown },
+  normalize: (address: string) => string,
+): BatchResult {
+  if ('info' in outcome) {
+    const { info } = outcome;
+    const accepted = new Set((info.accepted ?? []).map(addressOf));
+    const rejections = new Map<string, ErrorClass>();
+    for (const r of info.rejectedErrors ?? []) if (r.recipient) rejections.set(r.recipient, classifyUpstreamError(r));
+    const rejected = new Set((info.rejected ?? []).map(addressOf));
+    const response = (info.response ?? '').trim();
+    const code = replyCode(response);
+    const recipients = addresses.map((address): RecipientResult => {
+      const key = normalize(address);
+      if (accepted.has(key)) return { verdict: 'delivered', code, reply: response };
+      const rejection = rejections.get(key);
+      if (rejection) return { verdict: rejection.temporary ? 'deferred' : 'failed', code: rejection.code, reply: rejection.reply };
+      if (rejected.has(key)) return { verdict: 'deferred', code: null, reply: 'rejected by the upstream without a reply' };
+      // Not in either list: we cannot know whether it was accepted, so it is tried again.
+      return { verdict: 'deferred', code: null, reply: 'the upstream gave no reply for this recipient' };
+    });
+    return { upstream, code, reply: response, recipients, permanentFailure: false };
+  }
+  const error = outcome.error as { rejectedErrors?: NodemailerInfo['rejectedErrors'] };
+  const whole = classifyUpstreamError(outcome.error);
+  const perRecipient = new Map<string, ErrorClass>();
+  for (const r of error?.rejectedErrors ?? []) if (r.recipient) perRecipient.set(r.recipient, classifyUpstreamError(r));
+  const recipients = addresses.map((address): RecipientResult => {
+    const own = perRecipient.get(normalize(address)) ?? whole;
+    return { verdict: own.temporary ? 'deferred' : 'failed', code: own.code, reply: own.reply };
+  });
+  const permanentFailure = recipients.length > 0 && recipients.every((r) => r.verdict === 'failed');
+  return { upstream, code: whole.code, reply: whole.reply, recipients, permanentFailure };
+}
+
+/** The same verdict for every recipient: local delivery, or an error before any RCPT. */
+export function uniformResult(upstream: string, count: number, verdict: Verdict, code: number | null, reply: string): BatchResult {
+  return {
+    upstream,
+    code,
+    reply,
+    recipients: Array.from({ length: count }, () => ({ verdict, code, reply })),
+    permanentFailure: verdict === 'failed',
+  };
+}
+
+export interface CompletionContext {
+  now: number;
+  startedAt: number;
+  durationMs: number;
+  retry: RetrySettings;
+  batchDelayMs: number;
+  continueOnError: boolean;
+  eraseRawOnDelivered: boolean;
+  random: () => number;
+}
+
+/**
+ * Applies the retry policy to a batch result: deferred recipients get their next time (backoff
+ * with jitter) or are failed after retry.maxAttempts / retry.maxAge; a permanent refusal with
+ * continueOnError=false fails the message's remaining recipients with a reason that says why.
+ */
+export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: CompletionContext): BatchCompletion {
+  const { now } = ctx;
+  let delivered = 0;
+  let pending = 0;
+  let lastProblem: string | null = null;
+  const recipients = claim.recipients.map((r, i): RecipientOutcome => {
+    const res = result.recipients[i];
+    const text = res.code !== null && !res.reply.startsWith(String(res.code)) ? `${res.code} ${res.reply}` : res.reply;
+    if (res.verdict === 'delivered') {
+      delivered++;
+      return { seq: r.seq, status: 'delivered', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
+    }
+    if (res.verdict === 'failed') {
+      lastProblem = `${r.address}: ${text}`;
+      return { seq: r.seq, status: 'failed', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
+    }
+    const reason = giveUpReason(r.attempts, claim.receivedAt, now, ctx.retry);
+    if (reason) {
+      lastProblem = `${r.address}: ${describeGiveUp(reason, r.attempts, ctx.retry)}; last reply: ${text}`;
+      return {
+        seq: r.seq,
+        status: 'failed',
+        code: res.code,
+        reply: `${res.reply} (${describeGiveUp(reason, r.attempts, ctx.retry)})`,
+        temporary: true,
+        nextAttemptAt: now,
+      };
+    }
+    pending++;
+    lastProblem = `deferred ${r.address}: ${text}`;
+    return {
+      seq: r.seq,
+      status: 'pending',
+      code: res.code,
+      reply: res.reply,
+      temporary: true,
+      nextAttemptAt: now + backoffDelayMs(r.attempts, ctx.retry, ctx.random),
+    };
+  });
+  const total = claim.recipients.length;
+  const outcome: AttemptOutcome =
+    delivered === total ? 'delivered' : delivered > 0 ? 'partial' : pending > 0 ? 'deferred' : 'failed';
+  const stop = result.permanentFailure && !ctx.continueOnError;
+  const completion: BatchCompletion = {
+    messageId: claim.messageId,
+    token: claim.token,
+    now,
+    attempt: {
+      batch: claim.batch,
+      recipients: claim.recipients.map((r) => r.address),
+      upstream: result.upstream,
+      startedAt: ctx.startedAt,
+      durationMs: ctx.durationMs,
+      outcome,
+      code: result.code,
+      reply: result.reply,
+    },
+    recipients,
+    batchDelayMs: ctx.batchDelayMs,
+    eraseRawOnDelivered: ctx.eraseRawOnDelivered,
+    lastError: lastProblem,
+  };
+  if (stop) {
+    const refusal = result.code !== null && !result.reply.startsWith(String(result.code)) ? `${result.code} ${result.reply}` : result.reply;
+    completion.failRemaining = `not attempted: batch ${claim.batch} was refused permanently (${refusal}) and continueOnError is false`;
+  }
+  return completion;
+}

@@ -1,0 +1,99 @@
+// Operator commands on the queue, shared by the HTTP API and the CLI: requeue failed mail,
+// retry one message now, delete one message. Each runs inside one write transaction (the
+// server passes them to commits.write). Delivered recipients are never touched, so a requeue
+// can only re-send to recipients that did not get the message.
+import type { Sqlite } from './db.js';
+import { prepared } from './statements.js';
+
+export interface RequeueFilter {
+  /** Only these messages (those among them that are failed). */
+  ids?: string[];
+  /** Only mail from this envelope sender (case-insensitive; '' = the null sender). */
+  sender?: string;
+  /** Only messages that failed at or after this time (ms). */
+  since?: number;
+}
+
+/**
+ * Failed messages matching every given filter go back to the queue, due now: their failed
+ * recipients become pending with a fresh attempt count. Returns how many messages were requeued.
+ */
+export function requeueFailed(sqlite: Sqlite, filter: RequeueFilter, now: number): number {
+  const where = ["state = 'failed'"];
+  const params: unknown[] = [];
+  if (filter.sender !== undefined) {
+    where.push('sender_key = ?');
+    params.push(filter.sender.toLowerCase());
+  }
+  if (filter.since !== undefined) {
+    where.push('finished_at >= ?');
+    params.push(filter.since);
+  }
+  let ids: string[];
+  if (filter.ids !== undefined) {
+    const matches = prepared(sqlite, `SELECT id FROM messages WHERE id = ? AND ${where.join(' AND ')}`);
+    ids = [...new Set(filter.ids)].filter((id) => matches.get(id, ...params) !== undefined);
+  } else {
+    ids = (prepared(sqlite, `SELECT id FROM messages WHERE ${where.join(' AND ')}`).all(...params) as Array<{ id: string }>).map((r) => r.id);
+  }
+  let requeued = 0;
+  for (const id of ids) if (requeueOne(sqlite, id, now)) requeued++;
+  return requeued;
+}
+
+function requeueOne(sqlite: Sqlite, id: string, now: number): boolean {
+  const changed = prepared(
+    sqlite,
+    `UPDATE messages SET state = 'queued', next_attempt_at = ?, finished_at = NULL, last_error = NULL,
+       lease_token = NULL, lease_expires_at = NULL, updated_at = ?
+     WHERE id = ? AND state = 'failed'`,
+  ).run(now, now, id).changes;
+  if (changed === 0) return false;
+  prepared(
+    sqlite,
+    `UPDATE recipients SET status = 'pending', attempts = 0, temporary = 0, next_attempt_at = ?, updated_at = ?
+     WHERE message_id = ? AND status = 'failed'`,
+  ).run(now, now, id);
+  return true;
+}
+
+/**
+ * - requeued: it was failed; its failed recipients are pending again, due now.
+ * - due-now: it was waiting for a retry (or its worker's lease ran out); it is due now.
+ * - held: a worker holds it right now.
+ * - delivered: every recipient has it; nothing to retry.
+ */
+export type RetryResult = 'requeued' | 'due-now' | 'held' | 'delivered' | 'not-found';
+
+export function retryMessage(sqlite: Sqlite, id: string, now: number): RetryResult {
+  const row = prepared(sqlite, 'SELECT state, lease_expires_at FROM messages WHERE id = ?').get(id) as
+    | { state: string; lease_expires_at: number | null }
+    | undefined;
+  if (!row) return 'not-found';
+  switch (row.state) {
+    case 'failed':
+      requeueOne(sqlite, id, now);
+      return 'requeued';
+    case 'delivered':
+      return 'delivered';
+    case 'sending':
+      // An expired lease is claimable again already; the delivery engine takes it back.
+      return row.lease_expires_at !== null && row.lease_expires_at > now ? 'held' : 'due-now';
+    default:
+      prepared(sqlite, "UPDATE messages SET next_attempt_at = ?, updated_at = ? WHERE id = ? AND state = 'queued'").run(now, now, id);
+      prepared(sqlite, "UPDATE recipients SET next_attempt_at = ?, updated_at = ? WHERE message_id = ? AND status = 'pending'").run(now, now, id);
+      return 'due-now';
+  }
+}
+
+export type DeleteResult = 'deleted' | 'held' | 'not-found';
+
+/** Deletes a message with its recipients and attempts, unless a worker holds a live lease on it. */
+export function deleteMessage(sqlite: Sqlite, id: string, now: number): DeleteResult {
+  const deleted = prepared(
+    sqlite,
+    `DELETE FROM messages WHERE id = ? AND NOT (state = 'sending' AND lease_expires_at IS NOT NULL AND lease_expires_at > ?)`,
+  ).run(id, now).changes;
+  if (deleted > 0) return 'deleted';
+  return prepared(sqlite, 'SELECT 1 FROM messages WHERE id = ?').get(id) ? 'held' : 'not-found';
+}

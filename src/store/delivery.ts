@@ -1,0 +1,479 @@
+// The delivery side of the queue: claiming due batches under a lease, applying a batch's outcome,
+// releasing claims, and requeueing temporarily failed mail. Invariants: a claim and its attempt
+// count are one write; every later change to a claimed message is fenced by its lease token
+// (`WHERE id = ? AND lease_token = ?`), so a worker that lost its lease can never overwrite the
+// work of the one that holds it now; a delivered recipient is never made pending again.
+import type { Sqlite } from './db.js';
+import type { AttemptOutcome, MessageState, RecipientStatus } from './schema.js';
+import { prepared } from './statements.js';
+
+// INDEXED BY: without it SQLite's planner (no ANALYZE statistics) prefers the (state, ...)
+// indexes, which walk every queued row and sort them: a claim would cost O(backlog).
+/** Due work, read through the partial index `messages_due`: the first rows are the due ones. */
+export const SELECT_DUE_SQL = `SELECT id FROM messages INDEXED BY messages_due
+  WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?`;
+/** Claims of a crashed or stuck worker, read through the partial index `messages_lease`. */
+export const SELECT_EXPIRED_SQL = `SELECT id FROM messages INDEXED BY messages_lease
+  WHERE state = 'sending' AND lease_expires_at <= ? ORDER BY lease_expires_at LIMIT ?`;
+
+export interface ClaimedRecipient {
+  seq: number;
+  address: string;
+  /** Attempts including this one (counted when the batch was claimed). */
+  attempts: number;
+}
+
+export interface ClaimedBatch {
+  messageId: string;
+  token: string;
+  /** Index of the batch within the message: floor(first seq / batchSize). */
+  batch: number;
+  mailFrom: string;
+  /** The stored bytes; null only if the content was erased, which never happens to pending mail. */
+  raw: Buffer | null;
+  receivedAt: number;
+  /** Claims of this message so far, this one included. */
+  claims: number;
+  claimedAt: number;
+  leaseExpiresAt: number;
+  recipients: ClaimedRecipient[];
+}
+
+/** A message that reached a final state inside a claim (every recipient given up or done). */
+export interface FinalizedMessage {
+  id: string;
+  state: 'delivered' | 'failed';
+}
+
+export interface ClaimOptions {
+  now: number;
+  leaseMs: number;
+  /** Max recipients in the batch; Infinity takes every due recipient (local delivery). */
+  batchSize: number;
+  /** Max messages to claim in this write. */
+  limit: number;
+  /** Recipients that already used this many attempts without a result are failed, not sent. */
+  maxAttempts: number;
+  newToken: () => string;
+}
+
+export interface ClaimResult {
+  batches: ClaimedBatch[];
+  finalized: FinalizedMessage[];
+}
+
+/** True when something is due now: a cheap read that spares the poller an empty write. */
+export function hasDueWork(sqlite: Sqlite, now: number): boolean {
+  const row = prepared(
+    sqlite,
+    `SELECT EXISTS (SELECT 1 FROM messages INDEXED BY messages_due WHERE state = 'queued' AND next_attempt_at <= ?)
+         OR EXISTS (SELECT 1 FROM messages INDEXED BY messages_lease WHERE state = 'sending' AND lease_expires_at <= ?) AS due`,
+  ).get(now, now) as { due: number };
+  return row.due === 1;
+}
+
+/**
+ * Claims up to `limit` messages that are due (or whose lease expired) and, for each, its next
+ * batch of due pending recipients in RCPT order. Sets the lease and a fresh token, counts the
+ * claim and the batch recipients' attempts. Run inside `commits.write`.
+ */
+export function claimDueBatches(sqlite: Sqlite, options: ClaimOptions): ClaimResult {
+  const { now, limit } = options;
+  const expired = prepared(sqlite, SELECT_EXPIRED_SQL).all(now, limit) as Array<{ id: string }>;
+  const due =
+    expired.length < limit ? (prepared(sqlite, SELECT_DUE_SQL).all(now, limit - expired.length) as Array<{ id: string }>) : [];
+  const result: ClaimResult = { batches: [], finalized: [] };
+  for (const { id } of [...expired, ...due]) {
+    const batch = claimMessage(sqlite, id, options, result);
+    if (batch) result.batches.push(batch);
+  }
+  return result;
+}
+
+const GAVE_UP_UNFINISHED = 'gave up: the maximum number of attempts was used without a result';
+
+function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result: ClaimResult): ClaimedBatch | undefined {
+  const { now, batchSize, maxAttempts } = options;
+  const pending = prepared(
+    sqlite,
+    `SELECT seq, address, attempts, last_reply FROM recipients
+     WHERE message_id = ? AND status = 'pending' AND next_attempt_at <= ? ORDER BY seq`,
+  ).all(id, now) as Array<{ seq: number; address: string; attempts: number; last_reply: string | null }>;
+  const chosen: ClaimedRecipient[] = [];
+  let gaveUp = false;
+  for (const r of pending) {
+    if (chosen.length >= batchSize) break;
+    // Attempts are counted at claim time, so a batch whose delivery kills the process every
+    // time still runs out of attempts instead of looping forever.
+    if (r.attempts >= maxAttempts) {
+      const reply = r.last_reply ? `${GAVE_UP_UNFINISHED} (last reply: ${r.last_reply})` : GAVE_UP_UNFINISHED;
+      prepared(
+        sqlite,
+        `UPDATE recipients SET status = 'failed', temporary = 1, last_reply = ?, updated_at = ?
+         WHERE message_id = ? AND seq = ? AND status = 'pending'`,
+      ).run(reply, now, id, r.seq);
+      gaveUp = true;
+      continue;
+    }
+    chosen.push({ seq: r.seq, address: r.address, attempts: r.attempts + 1 });
+  }
+  if (chosen.length === 0) {
+    // Nothing to send now: put the message back where its recipients say it belongs.
+    const settled = settleMessage(sqlite, id, now, {
+      nextAttemptFloor: now,
+      lastError: gaveUp ? GAVE_UP_UNFINISHED : null,
+      eraseRawOnDelivered: false,
+    });
+    if (settled.state === 'delivered' || settled.state === 'failed') result.finalized.push({ id, state: settled.state });
+    return undefined;
+  }
+  const token = options.newToken();
+  const leaseExpiresAt = now + options.leaseMs;
+  prepared(
+    sqlite,
+    `UPDATE messages SET state = 'sending', lease_token = ?, lease_expires_at = ?, claims = claims + 1, updated_at = ?
+     WHERE id = ?`,
+  ).run(token, leaseExpiresAt, now, id);
+  const countAttempt = prepared(
+    sqlite,
+    'UPDATE recipients SET attempts = attempts + 1, updated_at = ? WHERE message_id = ? AND seq = ?',
+  );
+  for (const r of chosen) countAttempt.run(now, id, r.seq);
+  const message = prepared(sqlite, 'SELECT mail_from, raw, received_at, claims FROM messages WHERE id = ?').get(id) as {
+    mail_from: string;
+    raw: Buffer | null;
+    received_at: number;
+    claims: number;
+  };
+  return {
+    messageId: id,
+    token,
+    batch: Number.isFinite(batchSize) ? Math.floor(chosen[0].seq / batchSize) : 0,
+    mailFrom: message.mail_from,
+    raw: message.raw,
+    receivedAt: message.received_at,
+    claims: message.claims,
+    claimedAt: now,
+    leaseExpiresAt,
+    recipients: chosen,
+  };
+}
+
+export interface RecipientOutcome {
+  seq: number;
+  status: RecipientStatus;
+  code: number | null;
+  reply: string;
+  /** The failure (or deferral) was temporary: 4xx, network, TLS, timeout. */
+  temporary: boolean;
+  /** When a still pending recipient is due again. */
+  nextAttemptAt: number;
+}
+
+export interface BatchCompletion {
+  messageId: string;
+  token: string;
+  now: number;
+  attempt: {
+    batch: number;
+    recipients: string[];
+    upstream: string;
+    startedAt: number;
+    durationMs: number;
+    outcome: AttemptOutcome;
+    code: number | null;
+    reply: string;
+  };
+  recipients: RecipientOutcome[];
+  /** continueOnError=false after a permanent failure: every other pending recipient fails with this reply. */
+  failRemaining?: string;
+  /** The message's next batch is not due before now + batchDelay. */
+  batchDelayMs: number;
+  eraseRawOnDelivered: boolean;
+  /** Message-level summary of the latest problem (null clears it). */
+  lastError: string | null;
+}
+
+export type CompletionResult =
+  | { leaseLost: true }
+  | { leaseLost: false; state: MessageState; nextAttemptAt: number; pending: number; delivered: number; failed: number };
+
+/**
+ * Applies a batch's outcome, fenced by the claim token: zero rows means the lease was lost and
+ * nothing is written. Records the attempt, updates the batch recipients, and moves the message
+ * to its next state (back to 'queued' with the lease released, or to a final state).
+ */
+export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionResult {
+  const fenced = prepared(sqlite, 'UPDATE messages SET updated_at = ? WHERE id = ? AND lease_token = ?').run(
+    c.now,
+    c.messageId,
+    c.token,
+  );
+  if (fenced.changes === 0) return { leaseLost: true };
+  const a = c.attempt;
+  prepared(
+    sqlite,
+    `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+  ).run(c.messageId, a.batch, JSON.stringify(a.recipients), a.upstream, a.startedAt, Math.round(a.durationMs), a.outcome, a.code, a.reply);
+  const update = prepared(
+    sqlite,
+    `UPDATE recipients SET status = ?, last_code = ?, last_reply = ?, temporary = ?, next_attempt_at = ?, updated_at = ?
+     WHERE message_id = ? AND seq = ? AND status = 'pending'`,
+  );
+  for (const r of c.recipients) {
+    update.run(r.status, r.code, r.reply, r.temporary ? 1 : 0, r.nextAttemptAt, c.now, c.messageId, r.seq);
+  }
+  if (c.failRemaining !== undefined) {
+    prepared(
+      sqlite,
+      `UPDATE recipients SET status = 'failed', last_code = NULL, last_reply = ?, temporary = 0, updated_at = ?
+       WHERE message_id = ? AND status = 'pending'`,
+    ).run(c.failRemaining, c.now, c.messageId);
+  }
+  const settled = settleMessage(sqlite, c.messageId, c.now, {
+    nextAttemptFloor: c.now + c.batchDelayMs,
+    lastError: c.lastError,
+    eraseRawOnDelivered: c.eraseRawOnDelivered,
+  });
+  return { leaseLost: false, ...settled };
+}
+
+interface Settled {
+  state: MessageState;
+  nextAttemptAt: number;
+  pending: number;
+  delivered: number;
+  failed: number;
+}
+
+/**
+ * Derives the message's state from its recipients and releases any lease: pending recipients →
+ * 'queued', due at max(floor, earliest pending recipient); none pending → 'delivered' when all
+ * were delivered, else 'failed', with finished_at set.
+ */
+function settleMessage(
+  sqlite: Sqlite,
+  id: string,
+  now: number,
+  options: { nextAttemptFloor: number; lastError: string | null; eraseRawOnDelivered: boolean },
+): Settled {
+  const counts = prepared(
+    sqlite,
+    `SELECT COALESCE(SUM(status = 'pending'), 0) AS pending, COALESCE(SUM(status = 'delivered'), 0) AS delivered,
+            COALESCE(SUM(status = 'failed'), 0) AS failed,
+            MIN(CASE WHEN status = 'pending' THEN next_attempt_at END) AS next_due
+     FROM recipients WHERE message_id = ?`,
+  ).get(id) as { pending: number; delivered: number; failed: number; next_due: number | null };
+  if (counts.pending > 0) {
+    const nextAttemptAt = Math.max(options.nextAttemptFloor, counts.next_due ?? now);
+    prepared(
+      sqlite,
+      `UPDATE messages SET state = 'queued', lease_token = NULL, lease_expires_at = NULL, next_attempt_at = ?,
+         last_error = COALESCE(?, last_error), updated_at = ?
+       WHERE id = ?`,
+    ).run(nextAttemptAt, options.lastError, now, id);
+    return { state: 'queued', nextAttemptAt, pending: counts.pending, delivered: counts.delivered, failed: counts.failed };
+  }
+  const state: 'delivered' | 'failed' = counts.failed === 0 ? 'delivered' : 'failed';
+  if (state === 'delivered') {
+    // logAllEmails=false: the content goes in the same transaction that records the delivery.
+    prepared(
+      sqlite,
+      `UPDATE messages SET state = 'delivered', lease_token = NULL, lease_expires_at = NULL, finished_at = ?,
+         last_error = NULL, raw = CASE WHEN ? THEN NULL ELSE raw END, updated_at = ?
+       WHERE id = ?`,
+    ).run(now, options.eraseRawOnDelivered ? 1 : 0, now, id);
+  } else {
+    prepared(
+      sqlite,
+      `UPDATE messages SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, finished_at = ?,
+         last_error = COALESCE(?, last_error), updated_at = ?
+       WHERE id = ?`,
+    ).run(now, options.lastError, now, id);
+  }
+  return { state, nextAttemptAt: now, pending: 0, delivered: counts.delivered, failed: counts.failed };
+}
+
+/**
+ * Gives claims back (shutdown): the message is due again at once, so a restart picks it up
+ * without waiting for the lease to expire. Fenced by token; returns how many were released.
+ * Attempts counted at claim time stay counted: the batch may have reached the upstream.
+ */
+export function releaseClaims(sqlite: Sqlite, claims: ReadonlyArray<{ messageId: string; token: string }>, now: number): number {
+  const release = prepared(
+    sqlite,
+    `UPDATE messages SET state = 'queued', lease_token = NULL, lease_expires_at = NULL, next_attempt_at = ?, updated_at = ?
+     WHERE id = ? AND lease_token = ? AND state = 'sending'`,
+  );
+  let released = 0;
+  for (const c of claims) released += release.run(now, now, c.messageId, c.token).changes;
+  return released;
+}
+
+export interface RequeueOptions {
+  now: number;
+  /** Failed messages that finished at or before this time are eligible. */
+  finishedBefore: number;
+  /** ...and after this one (a watermark: older rows were looked at already). */
+  finishedAfter: number;
+  limit: number;
+  maxAttempts: number;
+}
+
+/** Failed messages with a temporarily failed recipient, eligible for a periodic re-attempt. */
+export function findTemporaryFailures(
+  sqlite: Sqlite,
+  options: Pick<RequeueOptions, 'finishedAfter' | 'finishedBefore' | 'limit'>,
+): Array<{ id: string; finishedAt: number }> {
+  return prepared(
+    sqlite,
+    `SELECT id, finished_at AS finishedAt FROM messages
+     WHERE state = 'failed' AND finished_at > ? AND finished_at <= ?
+       AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = messages.id AND r.status = 'failed' AND r.temporary = 1)
+     ORDER BY finished_at LIMIT ?`,
+  ).all(options.finishedAfter, options.finishedBefore, options.limit) as Array<{ id: string; finishedAt: number }>;
+}
+
+/**
+ * failedRetryInterval: recipients whose last failure was temporary become pending again with
+ * room for exactly one more attempt (so a new temporary failure fails them again); permanently
+ * failed and delivered recipients are untouched. Returns the ids requeued.
+ */
+export function requeueTemporaryFailures(sqlite: Sqlite, ids: readonly string[], options: Pick<RequeueOptions, 'now' | 'maxAttempts'>): string[] {
+  const { now } = options;
+  const requeued: string[] = [];
+  for (const id of ids) {
+    const recipients = prepared(
+      sqlite,
+      `UPDATE recipients SET status = 'pending', attempts = MIN(attempts, ?), next_attempt_at = ?, updated_at = ?
+       WHERE message_id = ? AND status = 'failed' AND temporary = 1`,
+    ).run(Math.max(0, options.maxAttempts - 1), now, now, id);
+    if (recipients.changes === 0) continue;
+    prepared(
+      sqlite,
+      `UPDATE messages SET state = 'queued', next_attempt_at = ?, finished_at = NULL, updated_at = ?
+       WHERE id = ? AND state = 'failed'`,
+    ).run(now, now, id);
+    requeued.push(id);
+  }
+  return requeued;
+}
+
+export interface FailedMessageRecord {
+  id: string;
+  state: MessageState;
+  mailFrom: string;
+  authUser: string | null;
+  clientIp: string;
+  clientHostname: string | null;
+  helo: string | null;
+  size: number;
+  receivedAt: number;
+  finishedAt: number | null;
+  lastError: string | null;
+  raw: Buffer | null;
+  recipients: Array<{
+    seq: number;
+    address: string;
+    status: RecipientStatus;
+    attempts: number;
+    lastCode: number | null;
+    lastReply: string | null;
+    temporary: boolean;
+  }>;
+  attempts: Array<{
+    batch: number;
+    recipients: string[];
+    upstream: string;
+    startedAt: number;
+    durationMs: number;
+    outcome: AttemptOutcome;
+    code: number | null;
+    reply: string | null;
+  }>;
+}
+
+/** Everything the failed-mail export carries, read in one go. */
+export function loadMessageRecord(sqlite: Sqlite, id: string): FailedMessageRecord | undefined {
+  const m = prepared(
+    sqlite,
+    `SELECT id, state, mail_from, auth_user, client_ip, client_hostname, helo, size, received_at, finished_at, last_error, raw
+     FROM messages WHERE id = ?`,
+  ).get(id) as
+    | {
+        id: string;
+        state: MessageState;
+        mail_from: string;
+        auth_user: string | null;
+        client_ip: string;
+        client_hostname: string | null;
+        helo: string | null;
+        size: number;
+        received_at: number;
+        finished_at: number | null;
+        last_error: string | null;
+        raw: Buffer | null;
+      }
+    | undefined;
+  if (!m) return undefined;
+  const recipients = prepared(
+    sqlite,
+    'SELECT seq, address, status, attempts, last_code, last_reply, temporary FROM recipients WHERE message_id = ? ORDER BY seq',
+  ).all(id) as Array<{
+    seq: number;
+    address: string;
+    status: RecipientStatus;
+    attempts: number;
+    last_code: number | null;
+    last_reply: string | null;
+    temporary: number;
+  }>;
+  const attempts = prepared(
+    sqlite,
+    `SELECT batch, recipients, upstream, started_at, duration_ms, outcome, code, reply
+     FROM attempts WHERE message_id = ? ORDER BY id`,
+  ).all(id) as Array<{
+    batch: number;
+    recipients: string;
+    upstream: string;
+    started_at: number;
+    duration_ms: number;
+    outcome: AttemptOutcome;
+    code: number | null;
+    reply: string | null;
+  }>;
+  return {
+    id: m.id,
+    state: m.state,
+    mailFrom: m.mail_from,
+    authUser: m.auth_user,
+    clientIp: m.client_ip,
+    clientHostname: m.client_hostname,
+    helo: m.helo,
+    size: m.size,
+    receivedAt: m.received_at,
+    finishedAt: m.finished_at,
+    lastError: m.last_error,
+    raw: m.raw,
+    recipients: recipients.map((r) => ({
+      seq: r.seq,
+      address: r.address,
+      status: r.status,
+      attempts: r.attempts,
+      lastCode: r.last_code,
+      lastReply: r.last_reply,
+      temporary: r.temporary === 1,
+    })),
+    attempts: attempts.map((a) => ({
+      batch: a.batch,
+      recipients: JSON.parse(a.recipients) as string[],
+      upstream: a.upstream,
+      startedAt: a.started_at,
+      durationMs: a.duration_ms,
+      outcome: a.outcome,
+      code: a.code,
+      reply: a.reply,
+    })),
+  };
+}

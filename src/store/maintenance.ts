@@ -1,0 +1,70 @@
+// Housekeeping of the SQLite files: keeping the WAL bounded, reading the schema version, and a
+// light read-only connection for tools. SQLite checkpoints the WAL by itself after a commit once it
+// holds 1000 pages (about 4 MB), and new commits then reuse the file from its start; the file
+// only grows past that while another connection (the CLI, a backup, a sqlite3 shell) pins an
+// old snapshot. journal_size_limit truncates it back once such a reader is gone.
+import fs from 'node:fs';
+import Database from 'better-sqlite3';
+import type { Sqlite } from './db.js';
+
+/** Size the -wal file is cut back to after a checkpoint that emptied it. */
+export const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
+
+export function limitWalSize(sqlite: Sqlite, bytes = WAL_SIZE_LIMIT_BYTES): void {
+  sqlite.pragma(`journal_size_limit = ${Math.floor(bytes)}`);
+}
+
+export interface CheckpointResult {
+  /** 1 when a writer or a reader kept the checkpoint from finishing. */
+  busy: number;
+  /** Frames in the WAL. */
+  log: number;
+  /** Frames copied into the database file. */
+  checkpointed: number;
+}
+
+/**
+ * PASSIVE never waits for locks, so the server may call it between commits without stalling;
+ * it copies what it can and leaves the rest for the next one.
+ */
+export function checkpointWal(sqlite: Sqlite): CheckpointResult {
+  const [row] = sqlite.pragma('wal_checkpoint(PASSIVE)') as CheckpointResult[];
+  return row;
+}
+
+/** Bytes of the database file and of its -wal file (0 when absent). */
+export function databaseFileSizes(databasePath: string): { database: number; wal: number } {
+  const size = (file: string) => {
+    try {
+      return fs.statSync(file).size;
+    } catch {
+      return 0;
+    }
+  };
+  return { database: size(databasePath), wal: size(`${databasePath}-wal`) };
+}
+
+/** Names of the migrations applied to this database; throws on a file that is not relayq's. */
+export function appliedMigrations(sqlite: Sqlite): string[] {
+  return (sqlite.prepare('SELECT name FROM schema_migrations ORDER BY name').all() as Array<{ name: string }>).map((r) => r.name);
+}
+
+/**
+ * A read-only connection for tools (the CLI's read commands, backups). It never takes a lock
+ * the server's writers wait for, never creates the file, and loads no query builder or
+ * migrations, so a command starts quickly.
+ */
+export function openReadOnly(file: string): Sqlite {
+  const sqlite = new Database(file, { readonly: true, fileMustExist: true });
+  sqlite.pragma('busy_timeout = 5000');
+  return sqlite;
+}
+
+/**
+ * With security.logAllEmails=false the content of delivered mail is erased (raw = NULL). Without
+ * secure_delete the freed pages would keep the old bytes in the file until reused; with it,
+ * SQLite overwrites them with zeros as it frees them.
+ */
+export function overwriteFreedPages(sqlite: Sqlite): void {
+  sqlite.pragma('secure_delete = ON');
+}

@@ -1,0 +1,283 @@
+// The read side of the queue for the HTTP API and the CLI: lifetime counters, queue depth,
+// the oldest waiting message, pages of messages, one message with its recipients and attempts,
+// and its raw bytes. Every query reads a few counter rows or walks an index for as many rows as
+// it returns, so none of them slows down as the database grows.
+import type { Sqlite } from './db.js';
+import { MESSAGE_STATES, type AttemptOutcome, type MessageState } from './schema.js';
+import { prepared } from './statements.js';
+
+export const ATTEMPT_OUTCOMES: readonly AttemptOutcome[] = ['delivered', 'partial', 'deferred', 'failed'];
+
+export interface DurationBucket {
+  /** Upper bound in ms; Infinity for the last bucket. */
+  leMs: number;
+  /** Attempts in this bucket alone (not cumulative). */
+  count: number;
+}
+
+export interface UpstreamRecord {
+  /** When the last attempt that the upstream accepted (at least in part) ended; null = never. */
+  lastSuccessAt: number | null;
+  /** When the last attempt that did not deliver anything ended; null = never. */
+  lastFailureAt: number | null;
+  /** Attempts since the last success, all without a delivery. */
+  consecutiveFailures: number;
+}
+
+export interface StoreMetrics {
+  messagesAccepted: number;
+  recipientsAccepted: number;
+  bytesAccepted: number;
+  /** Transitions to delivered / to failed (monotonic). */
+  messagesDelivered: number;
+  messagesFailed: number;
+  /** Failed messages put back in the queue, by hand or by failedRetryInterval (monotonic). */
+  messagesRequeued: number;
+  /** Sum over transitions to a final state of (finished - received). */
+  processingMsTotal: number;
+  rateLimitRefusals: number;
+  queueFullRefusals: number;
+  queue: Record<MessageState, number>;
+  /** Queued messages that were claimed before: waiting for a retry. */
+  deferred: number;
+  attempts: Record<AttemptOutcome, number>;
+  attemptDuration: { buckets: DurationBucket[]; sumMs: number; count: number };
+  upstream: UpstreamRecord;
+}
+
+const BUCKET_PREFIX = 'attempt_duration_le_';
+
+/** Every counter row; the table holds a few dozen rows whatever the queue holds. */
+export function readCounters(sqlite: Sqlite): Map<string, number> {
+  const rows = prepared(sqlite, 'SELECT name, value FROM counters').all() as Array<{ name: string; value: number }>;
+  return new Map(rows.map((r) => [r.name, r.value]));
+}
+
+export function storeMetrics(sqlite: Sqlite): StoreMetrics {
+  const c = readCounters(sqlite);
+  const n = (name: string) => c.get(name) ?? 0;
+  const buckets: DurationBucket[] = [];
+  for (const [name, count] of c) {
+    if (!name.startsWith(BUCKET_PREFIX)) continue;
+    const bound = name.slice(BUCKET_PREFIX.length);
+    buckets.push({ leMs: bound === 'inf' ? Number.POSITIVE_INFINITY : Number(bound), count });
+  }
+  buckets.sort((a, b) => a.leMs - b.leMs);
+  const queue = Object.fromEntries(MESSAGE_STATES.map((s) => [s, n(`state_${s}`)])) as Record<MessageState, number>;
+  const attempts = Object.fromEntries(ATTEMPT_OUTCOMES.map((o) => [o, n(`attempts_${o}`)])) as Record<AttemptOutcome, number>;
+  return {
+    messagesAccepted: n('messages_accepted'),
+    recipientsAccepted: n('recipients_accepted'),
+    bytesAccepted: n('bytes_accepted'),
+    messagesDelivered: n('messages_delivered'),
+    messagesFailed: n('messages_failed'),
+    messagesRequeued: n('messages_requeued'),
+    processingMsTotal: n('processing_ms_total'),
+    rateLimitRefusals: n('rate_limit_refusals'),
+    queueFullRefusals: n('queue_full_refusals'),
+    queue,
+    deferred: n('queued_deferred'),
+    attempts,
+    attemptDuration: {
+      buckets,
+      sumMs: n('attempt_duration_ms_total'),
+      count: buckets.reduce((sum, b) => sum + b.count, 0),
+    },
+    upstream: {
+      lastSuccessAt: n('upstream_last_success_at') || null,
+      lastFailureAt: n('upstream_last_failure_at') || null,
+      consecutiveFailures: n('upstream_consecutive_failures'),
+    },
+  };
+}
+
+/** Arrival time of the oldest message not yet final (queued or sending); null when none. */
+export function oldestActiveReceivedAt(sqlite: Sqlite): number | null {
+  // One MIN per state: each is a single step into messages_state_received.
+  const min = prepared(sqlite, 'SELECT MIN(received_at) AS t FROM messages WHERE state = ?');
+  const times = (['queued', 'sending'] as const)
+    .map((state) => (min.get(state) as { t: number | null }).t)
+    .filter((t): t is number => t !== null);
+  return times.length ? Math.min(...times) : null;
+}
+
+/**
+ * A write that changes nothing, for the health check: run inside the group commit it proves
+ * that the database takes a transaction and a commit right now.
+ */
+export function probeWrite(sqlite: Sqlite): void {
+  prepared(sqlite, "UPDATE counters SET value = value WHERE name = 'messages_accepted'").run();
+}
+
+export interface MessageFilter {
+  state?: MessageState;
+  /** Envelope sender, compared case-insensitively ('' = the null sender). */
+  sender?: string;
+  /** A recipient address, exactly as given in RCPT TO or lower-cased. */
+  recipient?: string;
+  limit: number;
+  /** Only messages listed after this one (newest first): the previous page's last id. */
+  before?: string;
+}
+
+export interface MessageSummary {
+  id: string;
+  state: MessageState;
+  mail_from: string;
+  auth_user: string | null;
+  client_ip: string;
+  size: number;
+  recipient_count: number;
+  received_at: number;
+  next_attempt_at: number;
+  claims: number;
+  last_error: string | null;
+  finished_at: number | null;
+}
+
+export interface MessagePage {
+  messages: MessageSummary[];
+  /** Pass as `before` for the next page; null when this page is the last. */
+  nextBefore: string | null;
+}
+
+export class UnknownCursor extends Error {}
+
+const SUMMARY_COLUMNS = `id, state, mail_from, auth_user, client_ip, size, recipient_count, received_at,
+  next_attempt_at, claims, last_error, finished_at`;
+
+/**
+ * Newest first (arrival time, then id). Each filter leads with the index that answers it: the
+ * recipient through recipients_address, the sender through messages_sender, the state through
+ * messages_state_received. With no filter at all the four states are read separately from that
+ * index and merged, so a page costs `limit` rows per state, never a sort of the whole table.
+ */
+export function listMessages(sqlite: Sqlite, filter: MessageFilter): MessagePage {
+  let cursor: { receivedAt: number; id: string } | undefined;
+  if (filter.before !== undefined) {
+    const row = prepared(sqlite, 'SELECT received_at FROM messages WHERE id = ?').get(filter.before) as { received_at: number } | undefined;
+    if (!row) throw new UnknownCursor(`before: no message with id ${filter.before}`);
+    cursor = { receivedAt: row.received_at, id: filter.before };
+  }
+  const fetch = filter.limit + 1;
+  let rows: MessageSummary[];
+  if (filter.recipient === undefined && filter.sender === undefined && filter.state === undefined) {
+    rows = MESSAGE_STATES.flatMap((state) => pageQuery(sqlite, { ...filter, state }, cursor, fetch));
+    rows.sort(newestFirst);
+    rows = rows.slice(0, fetch);
+  } else {
+    rows = pageQuery(sqlite, filter, cursor, fetch);
+  }
+  const more = rows.length > filter.limit;
+  const messages = rows.slice(0, filter.limit);
+  return { messages, nextBefore: more ? messages[messages.length - 1].id : null };
+}
+
+function newestFirst(a: MessageSummary, b: MessageSummary): number {
+  if (a.received_at !== b.received_at) return b.received_at - a.received_at;
+  return a.id < b.id ? 1 : a.id > b.id ? -1 : 0;
+}
+
+function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: { receivedAt: number; id: string } | undefined, limit: number): MessageSummary[] {
+  const where: string[] = [];
+  const params: unknown[] = [];
+  const byRecipient = filter.recipient !== undefined;
+  if (byRecipient) {
+    where.push('id IN (SELECT message_id FROM recipients WHERE address IN (?, ?))');
+    params.push(filter.recipient, filter.recipient?.toLowerCase());
+  }
+  // A leading `+` keeps SQLite from using that column's index when the recipient leads.
+  const column = (name: string) => (byRecipient ? `+${name}` : name);
+  if (filter.state !== undefined) {
+    where.push(`${column('state')} = ?`);
+    params.push(filter.state);
+  }
+  if (filter.sender !== undefined) {
+    where.push(`${column('sender_key')} = ?`);
+    params.push(filter.sender.toLowerCase());
+  }
+  if (cursor) {
+    where.push('(received_at, id) < (?, ?)');
+    params.push(cursor.receivedAt, cursor.id);
+  }
+  const sql = `SELECT ${SUMMARY_COLUMNS} FROM messages
+    ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
+    ORDER BY received_at DESC, id DESC LIMIT ?`;
+  return prepared(sqlite, sql).all(...params, limit) as MessageSummary[];
+}
+
+export interface MessageRow extends MessageSummary {
+  sender_key: string;
+  client_hostname: string | null;
+  helo: string | null;
+  lease_expires_at: number | null;
+  updated_at: number;
+  /** 1 when the raw bytes were erased (logAllEmails=false after delivery). */
+  raw_erased: number;
+}
+
+export interface RecipientRow {
+  seq: number;
+  address: string;
+  status: string;
+  attempts: number;
+  next_attempt_at: number;
+  last_code: number | null;
+  last_reply: string | null;
+  temporary: number;
+  updated_at: number;
+}
+
+export interface AttemptRow {
+  id: number;
+  batch: number;
+  recipients: string[];
+  upstream: string;
+  started_at: number;
+  duration_ms: number;
+  outcome: AttemptOutcome;
+  code: number | null;
+  reply: string | null;
+}
+
+export interface MessageDetail {
+  message: MessageRow;
+  recipients: RecipientRow[];
+  attempts: AttemptRow[];
+}
+
+export function messageDetail(sqlite: Sqlite, id: string): MessageDetail | undefined {
+  const message = prepared(
+    sqlite,
+    `SELECT ${SUMMARY_COLUMNS}, sender_key, client_hostname, helo, lease_expires_at, updated_at, raw IS NULL AS raw_erased
+     FROM messages WHERE id = ?`,
+  ).get(id) as MessageRow | undefined;
+  if (!message) return undefined;
+  const recipients = prepared(
+    sqlite,
+    `SELECT seq, address, status, attempts, next_attempt_at, last_code, last_reply, temporary, updated_at
+     FROM recipients WHERE message_id = ? ORDER BY seq`,
+  ).all(id) as RecipientRow[];
+  const attempts = (
+    prepared(
+      sqlite,
+      `SELECT id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply
+       FROM attempts WHERE message_id = ? ORDER BY id`,
+    ).all(id) as Array<Omit<AttemptRow, 'recipients'> & { recipients: string }>
+  ).map((a) => ({ ...a, recipients: parseRecipientList(a.recipients) }));
+  return { message, recipients, attempts };
+}
+
+function parseRecipientList(text: string): string[] {
+  try {
+    const value: unknown = JSON.parse(text);
+    return Array.isArray(value) ? value.map(String) : [text];
+  } catch {
+    return [text];
+  }
+}
+
+/** undefined = no such message; raw null = erased after delivery (logAllEmails=false). */
+export function messageRaw(sqlite: Sqlite, id: string): { raw: Buffer | null } | undefined {
+  return prepared(sqlite, 'SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer | null } | undefined;
+}

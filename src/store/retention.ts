@@ -1,0 +1,141 @@
+// Retention: delivered messages older than retention.deliveredDays and rate-limit buckets older
+// than the longest window (one day) are deleted a small batch at a time. Each batch is one
+// operation of the group commit, so intake keeps committing between batches and never waits
+// for a long delete. Failed messages are kept until an operator retries or deletes them.
+import type { Logger } from 'pino';
+import type { Clock } from '../clock.js';
+import type { CommitQueue } from './commit-queue.js';
+import type { Sqlite } from './db.js';
+import { prepared } from './statements.js';
+
+const DAY_MS = 86_400_000;
+/** The longest rate-limit window is a rolling day of per-minute buckets. */
+const RATE_WINDOW_MINUTES = 1440;
+
+/**
+ * Deletes up to `limit` delivered messages that finished before `cutoff` (oldest first), with
+ * their recipients and attempts (ON DELETE CASCADE). Returns how many messages went.
+ */
+export function deleteDeliveredBefore(sqlite: Sqlite, cutoff: number, limit: number): number {
+  return prepared(
+    sqlite,
+    `DELETE FROM messages WHERE id IN (
+       SELECT id FROM messages WHERE state = 'delivered' AND finished_at < ? ORDER BY finished_at LIMIT ?
+     )`,
+  ).run(cutoff, limit).changes;
+}
+
+/** Deletes up to `limit` rate-limit buckets that no rolling window can reach any more. */
+export function pruneRateBuckets(sqlite: Sqlite, now: number, limit: number): number {
+  const oldestLiveMinute = Math.floor(now / 60000) - RATE_WINDOW_MINUTES;
+  return prepared(
+    sqlite,
+    `DELETE FROM rate_buckets WHERE (sender_key, minute) IN (
+       SELECT sender_key, minute FROM rate_buckets WHERE minute <= ? LIMIT ?
+     )`,
+  ).run(oldestLiveMinute, limit).changes;
+}
+
+/** Delivered messages the retention would delete now (for status output and tests). */
+export function countExpiredDelivered(sqlite: Sqlite, cutoff: number): number {
+  const row = prepared(sqlite, `SELECT COUNT(*) AS n FROM messages WHERE state = 'delivered' AND finished_at < ?`).get(cutoff) as {
+    n: number;
+  };
+  return row.n;
+}
+
+export function retentionCutoff(now: number, deliveredDays: number): number {
+  return now - deliveredDays * DAY_MS;
+}
+
+export interface RetentionOptions {
+  commits: CommitQueue;
+  clock: Clock;
+  logger: Logger;
+  /** retention.deliveredDays; 0 keeps delivered mail forever (buckets are still pruned). */
+  deliveredDays: number;
+  /** Rows per write operation; small so one batch adds little to a shared commit. */
+  batchSize?: number;
+  /** Pause between sweeps once nothing is left to delete. */
+  idleIntervalMs?: number;
+  /** Pause between two batches while there is a backlog, so intake commits in between. */
+  busyIntervalMs?: number;
+}
+
+export interface SweepResult {
+  messages: number;
+  buckets: number;
+}
+
+/**
+ * Runs retention in the server process. `runOnce()` does one write operation (a batch of
+ * messages, else a batch of buckets) and is what tests call with a manual clock; `start()`
+ * repeats it on a timer that backs off to `idleIntervalMs` when there is nothing to delete.
+ */
+export class RetentionSweeper {
+  private timer: NodeJS.Timeout | undefined;
+  private running: Promise<unknown> | undefined;
+  private stopped = true;
+  readonly totals = { messages: 0, buckets: 0 };
+  private readonly batchSize: number;
+  private readonly idleIntervalMs: number;
+  private readonly busyIntervalMs: number;
+
+  constructor(private readonly options: RetentionOptions) {
+    this.batchSize = options.batchSize ?? 200;
+    this.idleIntervalMs = options.idleIntervalMs ?? 60_000;
+    this.busyIntervalMs = options.busyIntervalMs ?? 50;
+  }
+
+  /** One batch: delivered messages first; buckets only when no message is due for deletion. */
+  async runOnce(): Promise<SweepResult> {
+    const { commits, clock, deliveredDays } = this.options;
+    const now = clock.now();
+    const limit = this.batchSize;
+    const result = await commits.write((sqlite) => {
+      const messages = deliveredDays > 0 ? deleteDeliveredBefore(sqlite, retentionCutoff(now, deliveredDays), limit) : 0;
+      const buckets = messages === 0 ? pruneRateBuckets(sqlite, now, limit) : 0;
+      return { messages, buckets };
+    });
+    this.totals.messages += result.messages;
+    this.totals.buckets += result.buckets;
+    if (result.messages || result.buckets) {
+      this.options.logger.info({ event: 'retention.deleted', messages: result.messages, buckets: result.buckets }, 'retention deleted old rows');
+    }
+    return result;
+  }
+
+  start(): void {
+    if (!this.stopped) return;
+    this.stopped = false;
+    this.schedule(this.busyIntervalMs);
+  }
+
+  /** Stops the timer and waits for a batch in progress to commit. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+    await this.running?.catch(() => {});
+  }
+
+  private schedule(ms: number): void {
+    if (this.stopped) return;
+    this.timer = setTimeout(() => this.tick(), ms);
+    this.timer.unref();
+  }
+
+  private tick(): void {
+    this.timer = undefined;
+    const run = this.runOnce();
+    this.running = run;
+    run.then(
+      (r) => this.schedule(r.messages + r.buckets >= this.batchSize ? this.busyIntervalMs : this.idleIntervalMs),
+      (err: Error) => {
+        // The store may be closing, or the disk full: try again later rather than spin.
+        if (!this.stopped) this.options.logger.warn({ event: 'retention.failed', err: err.message }, 'retention batch failed');
+        this.schedule(this.idleIntervalMs);
+      },
+    );
+  }
+}

@@ -1,0 +1,134 @@
+import assert from 'node:assert/strict';
+import { Writable } from 'node:stream';
+import { after, before, describe, test } from 'node:test';
+import pino from 'pino';
+import { createApp } from '../../src/api/app.js';
+import type { Relay } from '../../src/main.js';
+import { startTestRelay } from '../helpers.js';
+import { call } from './fixtures.js';
+
+const TOKEN = 'k9-Qx7mT2vLr8cWz';
+const REMOTE = '198.51.100.7';
+const ROUTES: Array<[string, string]> = [
+  ['GET', '/health'],
+  ['GET', '/metrics'],
+  ['GET', '/admin/messages'],
+  ['POST', '/admin/retry-failed'],
+  ['GET', '/no-such-route'],
+];
+
+describe('API access: loopback, or a bearer token', () => {
+  let open: Relay;
+  let guarded: Relay;
+  before(async () => {
+    open = await startTestRelay({}, { startDelivery: false });
+    guarded = await startTestRelay({ security: { adminToken: TOKEN } }, { startDelivery: false });
+  });
+  after(async () => {
+    await open.stop();
+    await guarded.stop();
+  });
+
+  test('loopback clients may call everything, with or without a token configured', async () => {
+    for (const relay of [open, guarded]) {
+      for (const ip of ['127.0.0.1', '127.8.9.10', '::1', '::ffff:127.0.0.1']) {
+        const app = createApp({ ...relay, getClientIp: () => ip });
+        for (const [method, path] of ROUTES.slice(0, 4)) {
+          const res = await app.request(path, { method });
+          assert.equal(res.status, 200, `${ip} ${method} ${path}`);
+        }
+      }
+    }
+  });
+
+  test('without a configured token, other clients get 403 on every route, token or not', async () => {
+    const app = createApp({ ...open, getClientIp: () => REMOTE });
+    for (const [method, path] of ROUTES) {
+      for (const headers of [{}, { authorization: `Bearer ${TOKEN}` }] as Array<Record<string, string>>) {
+        const res = await app.request(path, { method, headers });
+        assert.equal(res.status, 403, `${method} ${path}`);
+        assert.deepEqual(await res.json(), {
+          error: 'forbidden',
+          message: 'only loopback clients may use this API: security.adminToken is not set',
+        });
+      }
+    }
+    // Addresses that only look local are not loopback.
+    for (const ip of ['10.0.0.1', '::ffff:10.0.0.1', '0.0.0.0', '128.0.0.1', '::2']) {
+      const res = await createApp({ ...open, getClientIp: () => ip }).request('/health');
+      assert.equal(res.status, 403, ip);
+    }
+  });
+
+  test('a request that did not come over a socket is not taken for loopback', async () => {
+    const res = await createApp(open).request('/health');
+    assert.equal(res.status, 403);
+  });
+
+  test('with a token: missing or wrong is 401, the right one is let in', async () => {
+    const app = createApp({ ...guarded, getClientIp: () => REMOTE });
+    const status = async (authorization?: string, path = '/health') =>
+      (await app.request(path, { headers: authorization ? { authorization } : {} })).status;
+    const missing = await app.request('/health');
+    assert.equal(missing.status, 401);
+    assert.equal(missing.headers.get('www-authenticate'), 'Bearer realm="relayq"');
+    assert.equal((await missing.json()).error, 'unauthorized');
+    assert.equal(await status(`Bearer ${TOKEN}x`), 401);
+    assert.equal(await status(`Bearer ${TOKEN.slice(0, -1)}`), 401);
+    assert.equal(await status('Bearer '), 401);
+    assert.equal(await status(`Basic ${Buffer.from(`admin:${TOKEN}`).toString('base64')}`), 401);
+    assert.equal(await status(TOKEN), 401);
+    assert.equal(await status(`Bearer ${TOKEN}`), 200);
+    assert.equal(await status(`bearer ${TOKEN}`), 200);
+    assert.equal(await status(`Bearer ${TOKEN}`, '/admin/messages'), 200);
+    assert.equal(await status(`Bearer ${TOKEN}`, '/no-such-route'), 404);
+  });
+
+  test('over real HTTP: the socket peer decides; an injected non-loopback peer needs the token', async () => {
+    assert.equal((await call(guarded, '/health')).status, 200, 'a real loopback socket');
+    const remote = await startTestRelay({ security: { adminToken: TOKEN } }, { startDelivery: false, apiClientIp: () => REMOTE });
+    try {
+      assert.equal((await call(remote, '/health')).status, 401);
+      assert.equal((await call(remote, '/health', { headers: { authorization: 'Bearer wrong' } })).status, 401);
+      assert.equal((await call(remote, '/health', { headers: { authorization: `Bearer ${TOKEN}` } })).status, 200);
+    } finally {
+      await remote.stop();
+    }
+  });
+
+  test('admin actions are logged with who asked, and the token never is', async () => {
+    const lines: string[] = [];
+    const sink = new Writable({
+      write(chunk, _enc, cb) {
+        lines.push(...String(chunk).trim().split('\n'));
+        cb();
+      },
+    });
+    const logger = pino({ level: 'info' }, sink);
+    const relay = await startTestRelay({ security: { adminToken: TOKEN } }, { startDelivery: false, logger });
+    try {
+      const asRemote = createApp({ ...relay, getClientIp: () => REMOTE });
+      const viaToken = await asRemote.request('/admin/retry-failed', { method: 'POST', headers: { authorization: `Bearer ${TOKEN}` } });
+      assert.equal(viaToken.status, 200);
+      const refused = await asRemote.request('/admin/retry-failed', { method: 'POST', headers: { authorization: 'Bearer nope' } });
+      assert.equal(refused.status, 401);
+      const local = await call(relay, '/admin/retry-failed', { method: 'POST' });
+      assert.equal(local.status, 200);
+      const events = lines.map((l) => JSON.parse(l) as Record<string, unknown>);
+      const admin = events.filter((e) => e.event === 'api.admin');
+      assert.deepEqual(
+        admin.map((e) => [e.action, e.client, e.via, e.requeued, e.component]),
+        [
+          ['retry-failed', REMOTE, 'token', 0, 'api'],
+          ['retry-failed', '127.0.0.1', 'loopback', 0, 'api'],
+        ],
+      );
+      const refusal = events.find((e) => e.event === 'api.refused');
+      assert.equal(refusal?.client, REMOTE);
+      assert.equal(refusal?.reason, 'wrong-token');
+      assert.ok(!lines.join('\n').includes(TOKEN), 'the token is not in the log');
+    } finally {
+      await relay.stop();
+    }
+  });
+});

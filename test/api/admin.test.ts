@@ -1,0 +1,404 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { ManualClock } from '../../src/clock.js';
+import type { Relay } from '../../src/main.js';
+import { sendMail, startTestRelay, startUpstream, type Upstream, waitFor } from '../helpers.js';
+import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
+
+interface MessageJson {
+  id: string;
+  state: string;
+  mail_from: string;
+  received_at: string;
+  next_attempt_at: string;
+  finished_at: string | null;
+  last_error: string | null;
+  raw_erased: boolean;
+  recipients: Array<{ seq: number; address: string; status: string; attempts: number; temporary: boolean; last_code: number | null }>;
+  attempts: Array<{ batch: number; recipients: string[]; upstream: string; outcome: string; code: number | null; started_at: string }>;
+}
+
+interface Page {
+  messages: Array<{ id: string; state: string; mail_from: string; received_at: string }>;
+  next_before: string | null;
+}
+
+async function send(relay: Relay, from: string, to: string[]): Promise<string> {
+  return queueIdOf((await sendMail(relay.smtpPort, { from, to })).response);
+}
+
+function options(clock: ManualClock) {
+  return { clock, startDelivery: false, startRetention: false };
+}
+
+describe('admin: requeue failed mail', () => {
+  test('retry-failed after an upstream outage delivers the failed mail and reports the number requeued', async () => {
+    const clock = new ManualClock();
+    const outage = await upstreamOutage();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: outage.port, failedRetryInterval: 0, retry: { maxAttempts: 1 } },
+      options(clock),
+    );
+    let upstream: Upstream | undefined;
+    try {
+      const a1 = await send(relay, 'a@example.com', ['x@example.com']);
+      const a2 = await send(relay, 'a@example.com', ['y@example.com']);
+      const b1 = await send(relay, 'B@Example.com', ['z@example.com']);
+      await relay.delivery.runOnce();
+      for (const id of [a1, a2, b1]) assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.state, 'failed');
+
+      upstream = await outage.recover();
+      clock.advance(1000);
+      const bySender = await call(relay, '/admin/retry-failed', postJson({ sender: 'b@example.com' }));
+      assert.deepEqual([bySender.status, bySender.body], [200, { requeued: 1 }]);
+      const rest = await call(relay, '/admin/retry-failed', { method: 'POST' });
+      assert.deepEqual([rest.status, rest.body], [200, { requeued: 2 }]);
+
+      const requeued = (await call<MessageJson>(relay, `/admin/messages/${a1}`)).body;
+      assert.equal(requeued.state, 'queued');
+      assert.equal(requeued.finished_at, null);
+      assert.equal(requeued.last_error, null);
+      assert.equal(requeued.next_attempt_at, new Date(clock.now()).toISOString());
+      assert.deepEqual(
+        requeued.recipients.map((r) => [r.status, r.attempts, r.temporary]),
+        [['pending', 0, false]],
+      );
+
+      // Due at once: no clock advance needed.
+      await relay.delivery.runOnce();
+      assert.deepEqual(upstream.received.map((m) => m.to[0]).sort(), ['x@example.com', 'y@example.com', 'z@example.com']);
+      for (const id of [a1, a2, b1]) assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.state, 'delivered');
+      assert.deepEqual((await call(relay, '/admin/retry-failed', { method: 'POST' })).body, { requeued: 0 });
+      const metrics = (await call(relay, '/metrics')).body;
+      assert.equal(metrics.requeued_emails, 3);
+      assert.equal(metrics.successful_emails, 3);
+      assert.equal(metrics.failed_emails, 0);
+    } finally {
+      await relay.stop();
+      await upstream?.close();
+    }
+  });
+
+  test('only the failed recipients are sent again; filters ids and since narrow the requeue', async () => {
+    const clock = new ManualClock();
+    let refuseLater = true;
+    const upstream = await startUpstream({
+      onRcptTo(address, _session, cb) {
+        if (refuseLater && address.address === 'later@example.com') {
+          return cb(Object.assign(new Error('4.2.1 Mailbox busy'), { responseCode: 450 }));
+        }
+        cb();
+      },
+    });
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0, retry: { maxAttempts: 1 } },
+      options(clock),
+    );
+    try {
+      const early = await send(relay, 'a@example.com', ['now@example.com', 'later@example.com']);
+      await relay.delivery.runOnce();
+      clock.advance(60_000);
+      const late = await send(relay, 'a@example.com', ['later@example.com']);
+      await relay.delivery.runOnce();
+      const failedAt = (await call<MessageJson>(relay, `/admin/messages/${late}`)).body.finished_at;
+      assert.ok(failedAt);
+      assert.equal(upstream.received.length, 1, 'only now@ got through');
+      refuseLater = false;
+
+      const none = await call(relay, '/admin/retry-failed', postJson({ ids: [early], since: failedAt }));
+      assert.deepEqual(none.body, { requeued: 0 }, 'early failed before `since`');
+      const bySince = await call(relay, '/admin/retry-failed', postJson({ since: failedAt }));
+      assert.deepEqual(bySince.body, { requeued: 1 });
+      const byId = await call(relay, '/admin/retry-failed', postJson({ ids: [early, early, 'NOSUCHID'] }));
+      assert.deepEqual(byId.body, { requeued: 1 });
+
+      await relay.delivery.runOnce();
+      const resent = upstream.received.slice(1).map((m) => m.to);
+      assert.deepEqual(resent, [['later@example.com'], ['later@example.com']], 'now@ was not sent again');
+      const detail = (await call<MessageJson>(relay, `/admin/messages/${early}`)).body;
+      assert.equal(detail.state, 'delivered');
+      assert.deepEqual(
+        detail.recipients.map((r) => [r.address, r.status]),
+        [
+          ['now@example.com', 'delivered'],
+          ['later@example.com', 'delivered'],
+        ],
+      );
+      assert.deepEqual(
+        detail.attempts.map((a) => [a.outcome, a.recipients]),
+        [
+          ['partial', ['now@example.com', 'later@example.com']],
+          ['delivered', ['later@example.com']],
+        ],
+      );
+    } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
+  test('a bad body is a 400 that names the problem', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    try {
+      const cases: Array<[RequestInit, string]> = [
+        [{ method: 'POST', body: '{"ids": [' }, 'the body is not valid JSON'],
+        [postJson([1, 2]), 'the body must be a JSON object with optional ids, sender, since'],
+        [postJson({ ids: 'ABC' }), 'ids must be a non-empty array of at most 10000 message ids'],
+        [postJson({ ids: [] }), 'ids must be a non-empty array of at most 10000 message ids'],
+        [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "" for <>)'],
+        [postJson({ since: 'yesterday' }), 'since must be an ISO 8601 time or epoch milliseconds'],
+        [postJson({ state: 'failed' }), 'unknown field "state": expected ids, sender, since'],
+      ];
+      for (const [init, message] of cases) {
+        const res = await call(relay, '/admin/retry-failed', init);
+        assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }]);
+      }
+      const huge = await call(relay, '/admin/retry-failed', postJson({ ids: Array.from({ length: 60_000 }, (_, i) => `ID${i}`.padEnd(20, '0')) }));
+      assert.deepEqual([huge.status, huge.body], [413, { error: 'payload_too_large', message: 'the body is over 1048576 bytes' }]);
+    } finally {
+      await relay.stop();
+    }
+  });
+});
+
+describe('admin: queue inspection', () => {
+  test('list pages newest first through every filter, with a cursor', async () => {
+    const clock = new ManualClock();
+    const relay = await startTestRelay({}, options(clock));
+    try {
+      const ids: string[] = [];
+      for (let i = 0; i < 9; i++) {
+        // Pairs share an arrival time, so the id breaks the tie.
+        if (i % 2 === 0) clock.advance(1000);
+        ids.push(await send(relay, i % 3 === 0 ? 'Tom@example.com' : `s${i}@example.com`, [`r${i % 4}@example.com`, 'all@example.com']));
+      }
+      await relay.commits.write((db) => db.prepare(`UPDATE messages SET state = 'failed', finished_at = 1 WHERE id IN (?, ?)`).run(ids[1], ids[4]));
+
+      const truth = (where: string, ...params: unknown[]) =>
+        (relay.store.sqlite.prepare(`SELECT id FROM messages ${where} ORDER BY received_at DESC, id DESC`).all(...params) as Array<{ id: string }>).map((r) => r.id);
+      const pageThrough = async (query: string, limit: number) => {
+        const seen: string[] = [];
+        let before: string | null = null;
+        for (let guard = 0; guard < 20; guard++) {
+          const res: { status: number; body: Page } = await call<Page>(relay, `/admin/messages?${query}&limit=${limit}${before ? `&before=${before}` : ''}`);
+          assert.equal(res.status, 200);
+          assert.ok(res.body.messages.length <= limit);
+          seen.push(...res.body.messages.map((m) => m.id));
+          before = res.body.next_before;
+          if (!before) return seen;
+        }
+        throw new Error('paging did not end');
+      };
+      for (const limit of [1, 2, 4, 50]) {
+        assert.deepEqual(await pageThrough('', limit), truth(''), `all, limit ${limit}`);
+        assert.deepEqual(await pageThrough('state=queued', limit), truth("WHERE state = 'queued'"));
+        assert.deepEqual(await pageThrough('sender=tom@EXAMPLE.com', limit), truth("WHERE sender_key = 'tom@example.com'"));
+        assert.deepEqual(
+          await pageThrough('recipient=r1@example.com', limit),
+          truth("WHERE id IN (SELECT message_id FROM recipients WHERE address = 'r1@example.com')"),
+        );
+        assert.deepEqual(
+          await pageThrough('state=failed&recipient=all@example.com', limit),
+          truth("WHERE state = 'failed'"),
+        );
+      }
+      const all = (await call<Page>(relay, '/admin/messages')).body.messages;
+      assert.equal(all.length, 9, 'default page of 50');
+      for (let i = 1; i < all.length; i++) {
+        const [newer, older] = [all[i - 1], all[i]];
+        assert.ok(newer.received_at > older.received_at || (newer.received_at === older.received_at && newer.id > older.id), 'newest first');
+      }
+
+      const first = (await call<Page>(relay, '/admin/messages?limit=1')).body.messages[0];
+      assert.deepEqual(Object.keys(first).sort(), [
+        'auth_user', 'claims', 'client_ip', 'finished_at', 'id', 'last_error', 'mail_from', 'next_attempt_at', 'received_at', 'recipient_count', 'size', 'state',
+      ]);
+      assert.equal(first.received_at, new Date(clock.now()).toISOString());
+
+      const bad: Array<[string, string]> = [
+        ['state=lost', 'state must be one of queued, sending, delivered, failed'],
+        ['limit=0', 'limit must be an integer from 1 to 1000'],
+        ['limit=1001', 'limit must be an integer from 1 to 1000'],
+        ['limit=ten', 'limit must be an integer from 1 to 1000'],
+        ['before=NOSUCHMESSAGE', 'before: no message with id NOSUCHMESSAGE'],
+        ['before=', 'before must be a message id (the next_before of the previous page)'],
+      ];
+      for (const [query, message] of bad) {
+        const res = await call(relay, `/admin/messages?${query}`);
+        assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }], query);
+      }
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('detail has the envelope, recipients and attempts; raw is the stored bytes as message/rfc822', async () => {
+    const clock = new ManualClock();
+    const relay = await startTestRelay({}, options(clock));
+    try {
+      const id = await send(relay, 'alice@example.com', ['b@example.com', 'c@example.com']);
+      clock.advance(500);
+      await relay.delivery.runOnce();
+      const { status, body } = await call<MessageJson>(relay, `/admin/messages/${id}`);
+      assert.equal(status, 200);
+      assert.equal(body.id, id);
+      assert.equal(body.state, 'delivered');
+      assert.equal(body.mail_from, 'alice@example.com');
+      assert.equal(body.raw_erased, false);
+      assert.equal(body.finished_at, new Date(clock.now()).toISOString());
+      assert.deepEqual(
+        body.recipients.map((r) => [r.seq, r.address, r.status, r.attempts]),
+        [
+          [0, 'b@example.com', 'delivered', 1],
+          [1, 'c@example.com', 'delivered', 1],
+        ],
+      );
+      assert.equal(body.attempts.length, 1);
+      assert.deepEqual(body.attempts[0].recipients, ['b@example.com', 'c@example.com']);
+      assert.equal(body.attempts[0].upstream, 'local');
+      assert.equal(body.attempts[0].outcome, 'delivered');
+
+      const res = await fetch(`http://127.0.0.1:${relay.httpPort}/admin/messages/${id}/raw`);
+      assert.equal(res.status, 200);
+      assert.equal(res.headers.get('content-type'), 'message/rfc822');
+      assert.equal(res.headers.get('content-disposition'), `attachment; filename="${id}.eml"`);
+      const stored = relay.store.sqlite.prepare('SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer };
+      assert.deepEqual(Buffer.from(await res.arrayBuffer()), stored.raw);
+
+      for (const path of [`/admin/messages/NOSUCHID`, `/admin/messages/NOSUCHID/raw`]) {
+        const missing = await call(relay, path);
+        assert.deepEqual([missing.status, missing.body], [404, { error: 'not_found', message: 'no message with id NOSUCHID' }]);
+      }
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('raw is 404 once the content was erased at delivery (logAllEmails=false)', async () => {
+    const relay = await startTestRelay({ security: { logAllEmails: false } }, { startDelivery: false });
+    try {
+      const id = await send(relay, 'a@example.com', ['b@example.com']);
+      assert.equal((await call<string>(relay, `/admin/messages/${id}/raw`)).status, 200, 'kept until delivered');
+      await relay.delivery.runOnce();
+      const raw = await call(relay, `/admin/messages/${id}/raw`);
+      assert.equal(raw.status, 404);
+      assert.match(String(raw.body.message), /erased after delivery/);
+      assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.raw_erased, true);
+    } finally {
+      await relay.stop();
+    }
+  });
+});
+
+describe('admin: retry and delete one message', () => {
+  test('retry: failed → requeued, deferred → due now, delivered → 409, unknown → 404', async () => {
+    const clock = new ManualClock();
+    const outage = await upstreamOutage();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: outage.port, failedRetryInterval: 0, retry: { maxAttempts: 2 } },
+      options(clock),
+    );
+    let upstream: Upstream | undefined;
+    try {
+      const id = await send(relay, 'a@example.com', ['x@example.com']);
+      await relay.delivery.runOnce();
+      const deferred = (await call<MessageJson>(relay, `/admin/messages/${id}`)).body;
+      assert.equal(deferred.state, 'queued');
+      assert.ok(Date.parse(deferred.next_attempt_at) > clock.now(), 'waiting for its backoff');
+
+      const now = await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
+      assert.deepEqual([now.status, now.body], [200, { id, result: 'due-now' }]);
+      assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.next_attempt_at, new Date(clock.now()).toISOString());
+      await relay.delivery.runOnce();
+      assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.state, 'failed', 'second attempt was the last');
+
+      upstream = await outage.recover();
+      const requeued = await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
+      assert.deepEqual([requeued.status, requeued.body], [200, { id, result: 'requeued' }]);
+      await relay.delivery.runOnce();
+      assert.equal(upstream.received.length, 1);
+
+      const done = await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
+      assert.equal(done.status, 409);
+      assert.equal(done.body.error, 'conflict');
+      const missing = await call(relay, '/admin/messages/NOSUCHID/retry', { method: 'POST' });
+      assert.equal(missing.status, 404);
+    } finally {
+      await relay.stop();
+      await upstream?.close();
+    }
+  });
+
+  test('delete removes a message with its recipients and attempts; 409 while a worker holds it', async () => {
+    const clock = new ManualClock();
+    let release: () => void = () => {};
+    const held = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const upstream = await startUpstream({
+      onData(stream, _session, cb) {
+        stream.resume();
+        stream.on('end', () => held.then(() => cb()));
+      },
+    });
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0, processingTimeout: 60 },
+      options(clock),
+    );
+    try {
+      const queued = await send(relay, 'a@example.com', ['x@example.com']);
+      const res = await call(relay, `/admin/messages/${queued}`, { method: 'DELETE' });
+      assert.deepEqual([res.status, res.body], [200, { id: queued, deleted: true }]);
+      assert.equal((await call(relay, `/admin/messages/${queued}`)).status, 404);
+      const left = relay.store.sqlite.prepare('SELECT COUNT(*) AS n FROM recipients WHERE message_id = ?').get(queued) as { n: number };
+      assert.equal(left.n, 0);
+      assert.equal((await call(relay, `/admin/messages/${queued}`, { method: 'DELETE' })).status, 404);
+
+      const busy = await send(relay, 'a@example.com', ['y@example.com']);
+      const run = relay.delivery.runOnce();
+      await waitFor(async () => (await call<MessageJson>(relay, `/admin/messages/${busy}`)).body.state === 'sending', 5000, 'the claim');
+      const refused = await call(relay, `/admin/messages/${busy}`, { method: 'DELETE' });
+      assert.equal(refused.status, 409);
+      assert.equal(refused.body.error, 'conflict');
+      assert.equal((await call(relay, `/admin/messages/${busy}/retry`, { method: 'POST' })).status, 409);
+      assert.equal(((await call(relay, '/metrics')).body.queue as Record<string, number>).sending, 1);
+
+      // Once the lease has run out nobody holds it any more.
+      clock.advance(61_000);
+      const gone = await call(relay, `/admin/messages/${busy}`, { method: 'DELETE' });
+      assert.equal(gone.status, 200);
+      release();
+      await run;
+      assert.equal((await call(relay, `/admin/messages/${busy}`)).status, 404, 'the late outcome did not bring it back');
+      const m = (await call(relay, '/metrics')).body;
+      assert.deepEqual(m.queue, { queued: 0, sending: 0, delivered: 0, failed: 0 });
+    } finally {
+      release();
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+});
+
+describe('HTTP errors are JSON', () => {
+  test('404 for unknown routes, 405 with Allow for known ones', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    try {
+      const unknown = await call(relay, '/admin/messages/X/raw/more');
+      assert.deepEqual([unknown.status, unknown.body], [404, { error: 'not_found', message: 'no route for GET /admin/messages/X/raw/more' }]);
+      const wrong = await call(relay, '/admin/retry-failed');
+      assert.equal(wrong.status, 405);
+      assert.equal(wrong.headers.get('allow'), 'POST');
+      assert.equal(wrong.body.error, 'method_not_allowed');
+      const put = await call(relay, '/admin/messages/X', { method: 'PUT' });
+      assert.equal(put.status, 405);
+      assert.equal(put.headers.get('allow'), 'DELETE, GET, HEAD');
+      const metrics = await call(relay, '/metrics', { method: 'POST' });
+      assert.deepEqual([metrics.status, metrics.headers.get('allow')], [405, 'GET, HEAD']);
+      const head = await fetch(`http://127.0.0.1:${relay.httpPort}/health`, { method: 'HEAD' });
+      assert.equal(head.status, 200);
+    } finally {
+      await relay.stop();
+    }
+  });
+});

@@ -1,0 +1,234 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { describe, test } from 'node:test';
+import { ManualClock } from '../../src/clock.js';
+import type { Relay } from '../../src/main.js';
+import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor } from '../helpers.js';
+import { call, closedPort } from './fixtures.js';
+
+type Json = Record<string, unknown>;
+
+/** An upstream that refuses bad@example.com for good (550) and takes everything else. */
+function rejectingUpstream(): Promise<Upstream> {
+  return startUpstream({
+    onRcptTo(address, _session, cb) {
+      if (address.address === 'bad@example.com') return cb(Object.assign(new Error('5.1.1 No such user'), { responseCode: 550 }));
+      cb();
+    },
+  });
+}
+
+/** One delivered, one failed and one partly delivered (so failed) message; one refused by the rate limit. */
+async function mixedTraffic(relay: Relay, clock: ManualClock): Promise<void> {
+  await sendMail(relay.smtpPort, { from: 'a@example.com', to: ['ok1@example.com'] });
+  await sendMail(relay.smtpPort, { from: 'a@example.com', to: ['bad@example.com'] });
+  await sendMail(relay.smtpPort, { from: 'b@example.com', to: ['ok2@example.com', 'bad@example.com'] });
+  await assert.rejects(sendMail(relay.smtpPort, { from: 'c@example.com' }), /451/);
+  clock.advance(2000);
+  await relay.delivery.runOnce();
+}
+
+function relayOptions(clock: ManualClock) {
+  return { clock, startDelivery: false, startRetention: false };
+}
+
+function config(upstreamPort: number, databasePath?: string) {
+  return {
+    forwardSMTP: true,
+    forwardHost: '127.0.0.1',
+    forwardPort: upstreamPort,
+    failedRetryInterval: 0,
+    rateLimits: { enabled: true, globalMaxPerHour: 3 },
+    ...(databasePath ? { databasePath } : {}),
+  };
+}
+
+function promtoolAvailable(): boolean {
+  return spawnSync('promtool', ['--version'], { stdio: 'ignore' }).status === 0;
+}
+
+describe('GET /metrics', () => {
+  test('JSON counts what the store recorded: messages, recipients, attempts by outcome, refusals, timing', async () => {
+    const clock = new ManualClock();
+    const upstream = await rejectingUpstream();
+    const relay = await startTestRelay(config(upstream.port), relayOptions(clock));
+    try {
+      await mixedTraffic(relay, clock);
+      await waitFor(async () => (await call(relay, '/metrics')).body.rate_limit_refusals === 1, 5000, 'the refusal counted');
+      const { status, headers, body } = await call(relay, '/metrics');
+      assert.equal(status, 200);
+      assert.match(headers.get('content-type') ?? '', /^application\/json/);
+      const durations = relay.store.sqlite.prepare('SELECT COALESCE(SUM(duration_ms), 0) AS sum FROM attempts').get() as { sum: number };
+      const { attempt_duration_ms: histogramJson, upstream: upstreamJson, ...counts } = body;
+      assert.deepEqual(
+        counts,
+        {
+          timestamp: new Date(clock.now()).toISOString(),
+          total_emails: 3,
+          successful_emails: 1,
+          failed_emails: 2,
+          requeued_emails: 0,
+          total_recipients: 4,
+          total_bytes: (relay.store.sqlite.prepare('SELECT SUM(size) AS n FROM messages').get() as { n: number }).n,
+          avg_processing_time_ms: 2000,
+          success_rate: 33.33,
+          queue: { queued: 0, sending: 0, delivered: 1, failed: 2 },
+          deferred_emails: 0,
+          oldest_queued_age_seconds: null,
+          rate_limit_refusals: 1,
+          queue_full_refusals: 0,
+          attempts: { delivered: 1, partial: 1, deferred: 0, failed: 1, total: 3 },
+        },
+      );
+      // The three attempts run concurrently: which one ended last is not fixed.
+      const upstreamRecord = upstreamJson as { last_success: string; last_failure: string; consecutive_failures: number };
+      assert.ok(upstreamRecord.last_success && upstreamRecord.last_failure);
+      assert.ok([0, 1].includes(upstreamRecord.consecutive_failures));
+      const histogram = histogramJson as { count: number; sum: number; buckets: Array<{ le: number | string; count: number }> };
+      assert.equal(histogram.count, 3);
+      assert.equal(histogram.sum, durations.sum);
+      assert.deepEqual(histogram.buckets.at(-1), { le: '+Inf', count: 3 });
+      for (let i = 1; i < histogram.buckets.length; i++) assert.ok(histogram.buckets[i].count >= histogram.buckets[i - 1].count, 'cumulative');
+    } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
+  test('queued mail waiting for a retry is counted as deferred, and a full queue as refusals', async () => {
+    const clock = new ManualClock();
+    const port = await closedPort();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, failedRetryInterval: 0, queueSize: 2 },
+      relayOptions(clock),
+    );
+    try {
+      await sendMail(relay.smtpPort, { to: ['x@example.com'] });
+      await sendMail(relay.smtpPort, { to: ['y@example.com'] });
+      await assert.rejects(sendMail(relay.smtpPort), /452/);
+      let m = (await call(relay, '/metrics')).body;
+      assert.equal(m.deferred_emails, 0, 'never attempted yet');
+      await relay.delivery.runOnce();
+      clock.advance(3_600_000);
+      await relay.delivery.runOnce();
+      m = (await call(relay, '/metrics')).body;
+      assert.equal(m.deferred_emails, 2);
+      assert.deepEqual(m.queue, { queued: 2, sending: 0, delivered: 0, failed: 0 });
+      assert.deepEqual(m.attempts, { delivered: 0, partial: 0, deferred: 4, failed: 0, total: 4 });
+      assert.equal(m.queue_full_refusals, 1);
+      assert.equal(m.oldest_queued_age_seconds, 3600);
+      assert.equal((m.upstream as Json).consecutive_failures, 4);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('JSON and Prometheus numbers are the same after a restart on the same database', async () => {
+    const clock = new ManualClock();
+    const upstream = await rejectingUpstream();
+    const databasePath = `${tempDir()}/relayq.db`;
+    const before: { json?: Json; text?: string } = {};
+    const first = await startTestRelay(config(upstream.port, databasePath), relayOptions(clock));
+    try {
+      await mixedTraffic(first, clock);
+      await sendMail(first.smtpPort, { from: 'd@example.com' }).catch(() => {});
+      await waitFor(async () => (await call(first, '/metrics')).body.rate_limit_refusals === 2, 5000, 'refusals counted');
+      before.json = (await call(first, '/metrics')).body;
+      before.text = (await call<string>(first, '/metrics?format=prometheus')).body;
+    } finally {
+      await first.stop();
+    }
+    const second = await startTestRelay(config(upstream.port, databasePath), relayOptions(clock));
+    try {
+      const after = (await call(second, '/metrics')).body;
+      const text = (await call<string>(second, '/metrics?format=prometheus')).body;
+      assert.deepEqual(after, before.json);
+      const stable = (t: string) => t.split('\n').filter((line) => !line.startsWith('relayq_disk_free_bytes'));
+      assert.deepEqual(stable(text), stable(before.text ?? ''));
+      assert.equal(after.total_emails, 3);
+      assert.equal(after.rate_limit_refusals, 2);
+    } finally {
+      await second.stop();
+      await upstream.close();
+    }
+  });
+
+  test('the attempt-duration histogram is built from the persisted bucket counts', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    try {
+      await sendMail(relay.smtpPort);
+      await relay.commits.write((db) => {
+        const insert = db.prepare(
+          `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome)
+           SELECT id, 0, '[]', 'local', 1000, ?, 'deferred' FROM messages LIMIT 1`,
+        );
+        for (const ms of [5, 30, 30, 400_000]) insert.run(ms);
+      });
+      const text = (await call<string>(relay, '/metrics?format=prometheus')).body;
+      const sample = (series: string) => {
+        const line = text.split('\n').find((l) => l.startsWith(`${series} `));
+        assert.ok(line, `${series} in the output`);
+        return Number(line.slice(series.length + 1));
+      };
+      const name = 'relayq_delivery_attempt_duration_seconds';
+      assert.match(text, new RegExp(`^# TYPE ${name} histogram$`, 'm'));
+      assert.equal(sample(`${name}_bucket{le="0.01"}`), 1);
+      assert.equal(sample(`${name}_bucket{le="0.025"}`), 1);
+      assert.equal(sample(`${name}_bucket{le="0.05"}`), 3);
+      assert.equal(sample(`${name}_bucket{le="300"}`), 3);
+      assert.equal(sample(`${name}_bucket{le="+Inf"}`), 4);
+      assert.equal(sample(`${name}_count`), 4);
+      assert.equal(sample(`${name}_sum`), 400.065);
+      assert.equal(sample('relayq_delivery_attempts_total{outcome="deferred"}'), 4);
+      assert.equal(sample('relayq_queue_messages{state="queued"}'), 1);
+      assert.equal(sample('relayq_upstream_consecutive_failures'), 4);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('the Prometheus output passes promtool check metrics', { skip: promtoolAvailable() ? false : 'promtool is not installed (apt-get install prometheus)' }, async () => {
+    const clock = new ManualClock();
+    const upstream = await rejectingUpstream();
+    const relay = await startTestRelay(config(upstream.port), relayOptions(clock));
+    try {
+      await mixedTraffic(relay, clock);
+      const { body } = await call<string>(relay, '/metrics?format=prometheus');
+      const check = spawnSync('promtool', ['check', 'metrics'], { input: body, encoding: 'utf8' });
+      assert.equal(check.status, 0, `promtool: ${check.stdout}${check.stderr}`);
+      assert.equal(`${check.stdout}${check.stderr}`.trim(), '', 'no lint findings');
+      for (const name of ['relayq_messages_accepted_total', 'relayq_queue_messages', 'relayq_delivery_attempt_duration_seconds']) {
+        assert.match(body, new RegExp(`^# HELP ${name} .+`, 'm'));
+        assert.match(body, new RegExp(`^# TYPE ${name} (counter|gauge|histogram)$`, 'm'));
+      }
+    } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
+  test('the format follows ?format= first, then the Accept header; JSON by default', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    try {
+      const type = async (path: string, accept?: string) =>
+        (await call(relay, path, { headers: accept ? { accept } : {} })).headers.get('content-type') ?? '';
+      assert.match(await type('/metrics'), /^application\/json/);
+      assert.match(await type('/metrics', '*/*'), /^application\/json/);
+      assert.match(await type('/metrics', 'text/plain'), /^text\/plain; version=0\.0\.4/);
+      assert.match(await type('/metrics?format=prometheus', 'application/json'), /^text\/plain; version=0\.0\.4/);
+      assert.match(await type('/metrics?format=json', 'text/plain'), /^application\/json/);
+      // What Prometheus sends when it scrapes.
+      const scrape = 'application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1';
+      const om = await call<string>(relay, '/metrics', { headers: { accept: scrape } });
+      assert.match(om.headers.get('content-type') ?? '', /^application\/openmetrics-text; version=1\.0\.0/);
+      assert.ok(om.body.endsWith('# EOF\n'));
+      assert.match(om.body, /^# TYPE relayq_messages_accepted counter$/m);
+      assert.match(om.body, /^relayq_messages_accepted_total 0$/m);
+      const bad = await call(relay, '/metrics?format=xml');
+      assert.equal(bad.status, 400);
+      assert.deepEqual(bad.body, { error: 'bad_request', message: 'format must be one of json, prometheus, openmetrics' });
+    } finally {
+      await relay.stop();
+    }
+  });
+});

@@ -1,0 +1,268 @@
+// Intake cases: the same load against relayq (durable, forwarding to a counting sink) and against
+// the store-nothing smtp-server ceilings, interleaved run by run so that both see the same
+// machine. Also the memory case: many concurrent clients each uploading one large message.
+import fs from 'node:fs';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { currentRssMb, type RelayProcess, type SinkProcess, startRelayProcess } from './processes.js';
+import { type ConnectionMode, type LoadResult, messageBody, runLoad } from './smtp-load.js';
+import { median } from './statistics.js';
+
+export interface IntakeCase {
+  mode: ConnectionMode;
+  bodyBytes: number;
+  clients: number;
+}
+
+export interface RunFigures {
+  acceptedPerSecond: number;
+  p50Ms: number;
+  p99Ms: number;
+  accepted: number;
+  refused: Record<string, number>;
+  connectionErrors: number;
+}
+
+export interface RelayRunFigures extends RunFigures {
+  /** Accepted messages / (load start → the sink has all of them); NaN when not all arrived. */
+  endToEndPerSecond: number;
+  delivered: number;
+}
+
+export interface IntakeCaseResult extends IntakeCase {
+  relayq: RelayRunFigures[];
+  /** smtp-server storing nothing, with relayq's listener (no greeting pause). */
+  ceiling: RunFigures[];
+  /** smtp-server storing nothing, as shipped (100 ms before each greeting); per-message cases only. */
+  stock: RunFigures[];
+  relayPeakRssMb: number;
+  median: {
+    relayqPerSecond: number;
+    relayqP50Ms: number;
+    relayqP99Ms: number;
+    endToEndPerSecond: number;
+    ceilingPerSecond: number;
+    stockPerSecond: number;
+    ceilingP50Ms: number;
+    ceilingP99Ms: number;
+  };
+}
+
+export interface IntakeSettings {
+  workDir: string;
+  runMs: number;
+  repeats: number;
+  /** Longest wait for the sink to receive what relayq accepted in one run. */
+  drainTimeoutMs: number;
+  upstream: SinkProcess;
+  ceiling: SinkProcess;
+  stock: SinkProcess;
+  relayConfig?: Record<string, string | number | boolean>;
+  log: (line: string) => void;
+}
+
+export function intakeCases(): IntakeCase[] {
+  const cases: IntakeCase[] = [];
+  for (const mode of ['persistent', 'per-message'] as const) {
+    for (const bodyBytes of [2 * 1024, 100 * 1024]) {
+      for (const clients of [1, 10, 50]) cases.push({ mode, bodyBytes, clients });
+    }
+  }
+  return cases;
+}
+
+export function caseName(c: IntakeCase): string {
+  return `${c.mode} ${c.bodyBytes / 1024} KB x${c.clients}`;
+}
+
+function figures(r: LoadResult): RunFigures {
+  return {
+    acceptedPerSecond: r.acceptedPerSecond,
+    p50Ms: r.latency.p50,
+    p99Ms: r.latency.p99,
+    accepted: r.accepted,
+    refused: r.refused,
+    connectionErrors: r.connectionErrors,
+  };
+}
+
+/**
+ * Waits until the sink has received `target` messages in total. Gives up after `timeoutMs`, or
+ * when nothing arrived for `stallMs` (delivery stalled, or not built yet).
+ */
+async function waitForSink(sink: SinkProcess, target: number, timeoutMs: number, stallMs = 10_000): Promise<{ delivered: number; at: number }> {
+  const deadline = performance.now() + timeoutMs;
+  let lastCount = -1;
+  let lastChange = performance.now();
+  for (;;) {
+    const { messages } = await sink.stats();
+    const now = performance.now();
+    if (messages >= target) return { delivered: messages, at: now };
+    if (messages !== lastCount) {
+      lastCount = messages;
+      lastChange = now;
+    }
+    if (now > deadline || now - lastChange > stallMs) return { delivered: messages, at: Number.NaN };
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** One load run against relayq that also waits for the sink to have every accepted message. */
+export async function relayRun(
+  relay: RelayProcess,
+  upstream: SinkProcess,
+  plan: { mode: ConnectionMode; body: Buffer; clients: number; durationMs?: number; messages?: number },
+  drainTimeoutMs: number,
+  stallMs?: number,
+): Promise<RelayRunFigures> {
+  const before = (await upstream.stats()).messages;
+  const result = await runLoad({ port: relay.smtpPort, ...plan });
+  const drained = await waitForSink(upstream, before + result.accepted, drainTimeoutMs, stallMs);
+  const delivered = drained.delivered - before;
+  return {
+    ...figures(result),
+    delivered,
+    endToEndPerSecond: Number.isFinite(drained.at) ? (result.accepted * 1000) / (drained.at - result.startedAt) : Number.NaN,
+  };
+}
+
+export async function runIntakeCase(c: IntakeCase, settings: IntakeSettings): Promise<IntakeCaseResult> {
+  const body = messageBody(c.bodyBytes);
+  const dir = fs.mkdtempSync(path.join(settings.workDir, 'intake-'));
+  const relay = await startRelayProcess({
+    databasePath: path.join(dir, 'relayq.db'),
+    dir,
+    upstreamPort: settings.upstream.port,
+    config: settings.relayConfig,
+  });
+  const plan = { mode: c.mode, body, clients: c.clients, durationMs: settings.runMs };
+  const result: IntakeCaseResult = { ...c, relayq: [], ceiling: [], stock: [], relayPeakRssMb: Number.NaN, median: {} as IntakeCaseResult['median'] };
+  try {
+    // warm-up: JIT and statement caches of the fresh relay process; also tells whether the
+    // relay delivers at all (when it does not, the runs below do not wait for the sink)
+    const warmUp = await relayRun(relay, settings.upstream, { ...plan, durationMs: Math.min(500, settings.runMs) }, settings.drainTimeoutMs, 5000);
+    const drainTimeoutMs = warmUp.delivered > 0 ? settings.drainTimeoutMs : 0;
+    for (let rep = 0; rep < settings.repeats; rep++) {
+      result.ceiling.push(figures(await runLoad({ port: settings.ceiling.port, ...plan })));
+      if (c.mode === 'per-message') result.stock.push(figures(await runLoad({ port: settings.stock.port, ...plan })));
+      result.relayq.push(await relayRun(relay, settings.upstream, plan, drainTimeoutMs));
+    }
+    result.relayPeakRssMb = relay.peakRssMb();
+  } finally {
+    await relay.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  result.median = {
+    relayqPerSecond: median(result.relayq.map((r) => r.acceptedPerSecond)),
+    relayqP50Ms: median(result.relayq.map((r) => r.p50Ms)),
+    relayqP99Ms: median(result.relayq.map((r) => r.p99Ms)),
+    endToEndPerSecond: median(result.relayq.map((r) => r.endToEndPerSecond)),
+    ceilingPerSecond: median(result.ceiling.map((r) => r.acceptedPerSecond)),
+    stockPerSecond: median(result.stock.map((r) => r.acceptedPerSecond)),
+    ceilingP50Ms: median(result.ceiling.map((r) => r.p50Ms)),
+    ceilingP99Ms: median(result.ceiling.map((r) => r.p99Ms)),
+  };
+  return result;
+}
+
+export interface MemoryResult {
+  clients: number;
+  bodyBytes: number;
+  accepted: number;
+  refused: Record<string, number>;
+  connectionErrors: number;
+  elapsedMs: number;
+  /** Messages the sink received (NaN wait time means delivery stalled). */
+  delivered: number;
+  /** VmHWM of the relay process after intake and delivery; it started fresh for this case. */
+  relayPeakRssMb: number;
+  relayIdleRssMb: number;
+}
+
+/** Peak RSS of a fresh relay while `clients` clients each upload one message of `bodyBytes`. */
+export async function runMemoryCase(
+  settings: Pick<IntakeSettings, 'workDir' | 'upstream' | 'relayConfig'>,
+  clients: number,
+  bodyBytes: number,
+): Promise<MemoryResult> {
+  const dir = fs.mkdtempSync(path.join(settings.workDir, 'memory-'));
+  const relay = await startRelayProcess({
+    databasePath: path.join(dir, 'relayq.db'),
+    dir,
+    upstreamPort: settings.upstream.port,
+    config: settings.relayConfig,
+  });
+  try {
+    const relayIdleRssMb = currentRssMb(relay.pid);
+    const before = (await settings.upstream.stats()).messages;
+    const load = await runLoad({
+      port: relay.smtpPort,
+      mode: 'per-message',
+      clients,
+      messages: clients,
+      body: messageBody(bodyBytes),
+    });
+    const drained = await waitForSink(settings.upstream, before + load.accepted, 120_000);
+    return {
+      clients,
+      bodyBytes,
+      accepted: load.accepted,
+      refused: load.refused,
+      connectionErrors: load.connectionErrors,
+      elapsedMs: load.elapsedMs,
+      delivered: drained.delivered - before,
+      relayPeakRssMb: relay.peakRssMb(),
+      relayIdleRssMb,
+    };
+  } finally {
+    await relay.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+export interface IntakeOnlyResult extends IntakeCase {
+  relayqPerSecond: number[];
+  ceilingPerSecond: number[];
+  median: { relayqPerSecond: number; ceilingPerSecond: number; p50Ms: number; p99Ms: number };
+}
+
+/**
+ * The same case with delivery out of the way: relayq forwards to an upstream that accepts TCP
+ * connections and never greets, so every worker waits and the relay's one thread does intake
+ * only. Separates the cost of storing from the cost of forwarding on the same core.
+ */
+export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings, silentUpstreamPort: number): Promise<IntakeOnlyResult> {
+  const body = messageBody(c.bodyBytes);
+  const dir = fs.mkdtempSync(path.join(settings.workDir, 'intake-only-'));
+  const relay = await startRelayProcess({
+    databasePath: path.join(dir, 'relayq.db'),
+    dir,
+    upstreamPort: silentUpstreamPort,
+    config: settings.relayConfig,
+  });
+  const plan = { mode: c.mode, body, clients: c.clients, durationMs: settings.runMs };
+  const relayq: LoadResult[] = [];
+  const ceiling: LoadResult[] = [];
+  try {
+    await runLoad({ port: relay.smtpPort, ...plan, durationMs: Math.min(500, settings.runMs) });
+    for (let rep = 0; rep < settings.repeats; rep++) {
+      ceiling.push(await runLoad({ port: settings.ceiling.port, ...plan }));
+      relayq.push(await runLoad({ port: relay.smtpPort, ...plan }));
+    }
+  } finally {
+    // its workers wait on the silent upstream; an orderly stop would wait for them
+    await relay.stop('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  return {
+    ...c,
+    relayqPerSecond: relayq.map((r) => r.acceptedPerSecond),
+    ceilingPerSecond: ceiling.map((r) => r.acceptedPerSecond),
+    median: {
+      relayqPerSecond: median(relayq.map((r) => r.acceptedPerSecond)),
+      ceilingPerSecond: median(ceiling.map((r) => r.acceptedPerSecond)),
+      p50Ms: median(relayq.map((r) => r.latency.p50)),
+      p99Ms: median(relayq.map((r) => r.latency.p99)),
+    },
+  };
+}

@@ -1,0 +1,74 @@
+// An SMTP server that stores nothing: it drains DATA and answers 250. Run as its own process
+// (forked by the benchmark, IPC channel for its counters) in one of two roles:
+//   - the store-nothing ceiling: what smtp-server itself can accept on this machine, with the
+//     options relayq uses (no AUTH required, no reverse lookup);
+//   - the counting upstream that relayq forwards to.
+// `--listener stock` is smtp-server as shipped (100 ms pause before every greeting);
+// `--listener relayq` uses relayq's listener class, which drops that pause.
+import type net from 'node:net';
+import { SMTPServer, type SMTPServerOptions } from 'smtp-server';
+import { RelayqSmtpServer } from '../../src/smtp/server.js';
+
+export type SinkListener = 'stock' | 'relayq';
+
+export type SinkRequest = { type: 'stats' };
+export type SinkMessage =
+  | { type: 'listening'; port: number }
+  | { type: 'stats'; messages: number; recipients: number; bytes: number; connections: number; firstAt: number; lastAt: number };
+
+function argument(name: string, fallback: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
+}
+
+const listener = argument('listener', 'stock') as SinkListener;
+const port = Number(argument('port', '0'));
+
+const stats = { messages: 0, recipients: 0, bytes: 0, connections: 0, firstAt: 0, lastAt: 0 };
+
+const options: SMTPServerOptions = {
+  name: 'sink.bench',
+  banner: 'sink',
+  authOptional: true,
+  disableReverseLookup: true,
+  // a plain-text local upstream, so relayq's delivery does not negotiate TLS with it
+  hideSTARTTLS: true,
+  hideDSN: true,
+  size: 64 * 1024 * 1024,
+  maxClients: 10_000,
+  logger: false,
+  onConnect(_session, cb) {
+    stats.connections++;
+    cb();
+  },
+  onData(stream, session, cb) {
+    let bytes = 0;
+    stream.on('data', (chunk: Buffer) => {
+      bytes += chunk.length;
+    });
+    stream.on('end', () => {
+      const now = Date.now();
+      if (stats.messages === 0) stats.firstAt = now;
+      stats.lastAt = now;
+      stats.messages++;
+      stats.recipients += session.envelope.rcptTo.length;
+      stats.bytes += bytes;
+      cb(null, 'Ok: stored nothing');
+    });
+  },
+};
+
+const server = listener === 'relayq' ? new RelayqSmtpServer(options) : new SMTPServer(options);
+server.on('error', () => {
+  // client resets during the benchmark are expected
+});
+server.listen(port, '127.0.0.1', () => {
+  const address = server.server.address() as net.AddressInfo;
+  process.send?.({ type: 'listening', port: address.port } satisfies SinkMessage);
+});
+
+process.on('message', (request: SinkRequest) => {
+  if (request.type === 'stats') process.send?.({ type: 'stats', ...stats } satisfies SinkMessage);
+});
+process.on('disconnect', () => process.exit(0));
+process.on('SIGTERM', () => process.exit(0));

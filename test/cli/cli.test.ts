@@ -1,0 +1,232 @@
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import type { Relay } from '../../src/main.js';
+import { storeMetrics } from '../../src/store/queries.js';
+import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream } from '../helpers.js';
+import { runCli, runCliJson, writeConfigFile } from './run-cli.js';
+
+const queuedId = (response: string) => {
+  const m = /queued as (\S+)/.exec(response);
+  assert.ok(m, response);
+  return m[1];
+};
+
+/** stderr must be exactly one line that says why. */
+function assertOneLineError(r: { code: number | null; stderr: string; stdout: string }, reason: RegExp) {
+  assert.notEqual(r.code, 0, `expected a failure, got stdout ${r.stdout}`);
+  const lines = r.stderr.trimEnd().split('\n');
+  assert.equal(lines.length, 1, `one line of stderr, got: ${r.stderr}`);
+  assert.match(lines[0], reason);
+}
+
+describe('relayq CLI on the database of a running relay', () => {
+  let relay: Relay;
+  let upstream: Upstream;
+  let rejectRecipient: (address: string) => boolean = (a) => a.startsWith('bad');
+  let configFile: string;
+  let dir: string;
+  const ids = { delivered: [] as string[], mixed: [] as string[], allBad: [] as string[], queued: [] as string[] };
+  const cli = (...args: string[]) => runCli(['--config', configFile, ...args]);
+  const cliJson = <T>(...args: string[]) => runCliJson<T>(['--config', configFile, ...args]);
+
+  before(async () => {
+    upstream = await startUpstream({
+      onRcptTo(address, _session, cb) {
+        if (rejectRecipient(address.address)) cb(Object.assign(new Error('5.1.1 no such user'), { responseCode: 550 }));
+        else cb();
+      },
+    });
+    relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchDelay: 0 },
+      { startDelivery: false, startRetention: false },
+    );
+    dir = tempDir('relayq-cli-');
+    configFile = writeConfigFile(dir, { databasePath: relay.config.databasePath, emailsDir: relay.config.emailsDir });
+    const send = (to: string[]) => sendMail(relay.smtpPort, { from: 'app@example.com', to }).then((i) => queuedId(i.response));
+    ids.delivered = await Promise.all([1, 2, 3, 4].map((i) => send([`ok${i}@example.com`])));
+    ids.mixed = await Promise.all([1, 2, 3].map((i) => send([`ok-mixed${i}@example.com`, `bad-mixed${i}@example.com`])));
+    ids.allBad = await Promise.all([1, 2].map((i) => send([`bad${i}@example.com`])));
+    await relay.delivery.runOnce();
+    ids.queued = await Promise.all([1, 2].map((i) => send([`later${i}@example.com`])));
+  });
+
+  after(async () => {
+    await relay.stop();
+    await upstream.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('status --json reports the numbers of GET /metrics and of the rows themselves', async () => {
+    const [status, metrics] = await Promise.all([
+      cliJson<Record<string, unknown>>('status'),
+      fetch(`http://127.0.0.1:${relay.httpPort}/metrics`).then((r) => r.json() as Promise<Record<string, unknown>>),
+    ]);
+    assert.deepEqual(status.queue, { queued: 2, sending: 0, delivered: 4, failed: 5 });
+    const byState = Object.fromEntries(
+      (relay.store.sqlite.prepare('SELECT state, COUNT(*) AS n FROM messages GROUP BY state').all() as Array<{ state: string; n: number }>).map(
+        (r) => [r.state, r.n],
+      ),
+    );
+    assert.deepEqual(status.queue, { queued: 0, sending: 0, delivered: 0, failed: 0, ...byState });
+    for (const key of [
+      'total_emails',
+      'successful_emails',
+      'failed_emails',
+      'requeued_emails',
+      'total_recipients',
+      'total_bytes',
+      'avg_processing_time_ms',
+      'queue',
+      'deferred_emails',
+      'rate_limit_refusals',
+      'queue_full_refusals',
+      'attempts',
+    ]) {
+      assert.deepEqual(status[key], metrics[key], `status.${key} equals /metrics ${key}`);
+    }
+    assert.equal(status.total_emails, 11);
+    assert.equal(status.successful_emails, storeMetrics(relay.store.sqlite).messagesDelivered);
+
+    const text = await cli('status');
+    assert.equal(text.code, 0, text.stderr);
+    assert.match(text.stdout, /^queued: +2 /m);
+    assert.match(text.stdout, /^failed: +5$/m);
+    assert.match(text.stdout, /^finished: +4 delivered, 5 failed, 0 requeued after failing$/m);
+  });
+
+  test('queue lists and filters messages as an aligned table and as JSON', async () => {
+    const [failed, bySender, table] = await Promise.all([
+      cliJson<{ messages: Array<{ id: string; state: string }> }>('queue', '--state', 'failed'),
+      cliJson<{ messages: Array<{ id: string }>; nextBefore: string | null }>('queue', '--sender', 'APP@example.com', '--limit', '10'),
+      cli('queue', '--state', 'queued'),
+    ]);
+    assert.deepEqual(failed.messages.map((m) => m.id).sort(), [...ids.mixed, ...ids.allBad].sort());
+    assert.ok(failed.messages.every((m) => m.state === 'failed'));
+    assert.equal(bySender.messages.length, 10, 'all 11 are from app@example.com; the page stops at the limit');
+    assert.equal(bySender.nextBefore, bySender.messages[9].id);
+
+    assert.equal(table.code, 0, table.stderr);
+    const lines = table.stdout.trimEnd().split('\n');
+    assert.equal(lines.length, 3, table.stdout);
+    assert.match(lines[0], /^ID +STATE +FROM +RCPTS +SIZE +RECEIVED/);
+    const stateColumn = lines[0].indexOf('STATE');
+    for (const line of lines.slice(1)) {
+      assert.equal(line.indexOf('queued'), stateColumn, `aligned: ${line}`);
+      assert.ok(ids.queued.includes(line.slice(0, stateColumn).trim()));
+    }
+  });
+
+  test('show prints envelope, recipients and attempts; export-failed writes the JSON copies', async () => {
+    const id = ids.mixed[0];
+    const [detail, text, raw, exported] = await Promise.all([
+      cliJson<{ message: { id: string; state: string }; recipients: Array<{ address: string; status: string }>; attempts: unknown[] }>(
+        'show',
+        id,
+      ),
+      cli('show', id),
+      cli('show', id, '--raw'),
+      cliJson<{ exported: number; files: string[] }>('export-failed', path.join(dir, 'export')),
+    ]);
+    assert.equal(detail.message.state, 'failed');
+    assert.deepEqual(
+      detail.recipients.map((r) => [r.address, r.status]),
+      [
+        ['ok-mixed1@example.com', 'delivered'],
+        ['bad-mixed1@example.com', 'failed'],
+      ],
+    );
+    assert.ok(detail.attempts.length >= 1);
+    assert.equal(text.code, 0, text.stderr);
+    assert.match(text.stdout, /^state: +failed$/m);
+    assert.match(text.stdout, /bad-mixed1@example\.com +failed +1 +550/);
+    const stored = relay.store.sqlite.prepare('SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer };
+    assert.equal(raw.code, 0, raw.stderr);
+    assert.equal(raw.stdout, stored.raw.toString('utf8'), 'show --raw writes the stored bytes');
+
+    assert.equal(exported.exported, 5);
+    const doc = JSON.parse(fs.readFileSync(path.join(dir, 'export', `${id}.json`), 'utf8'));
+    assert.equal(doc.id, id);
+    assert.match(Buffer.from(doc.raw, 'base64').toString(), new RegExp(`id ${id}`));
+  });
+
+  test('bad input exits non-zero with one line that says why, and changes nothing', async () => {
+    const garbage = path.join(dir, 'not-a-database.db');
+    fs.writeFileSync(garbage, 'this is not sqlite\n'.repeat(100));
+    const badJson = path.join(dir, 'bad.json');
+    fs.writeFileSync(badJson, '{"databasePath": ');
+    const keep = ids.queued[0];
+    const [unknownShow, unknownDelete, badState, unreadable, missing, badConfig] = await Promise.all([
+      cli('show', 'NOSUCHID'),
+      cli('delete', keep, 'NOSUCHID'),
+      cli('queue', '--state', 'lost'),
+      runCli(['status'], { env: { DATABASE_PATH: garbage } }),
+      runCli(['queue'], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
+      runCli(['status', '--config', badJson]),
+    ]);
+    assertOneLineError(unknownShow, /^relayq: no message with id NOSUCHID$/);
+    assertOneLineError(unknownDelete, /no message with id NOSUCHID; nothing deleted/);
+    assertOneLineError(badState, /state.*lost.*queued, sending, delivered, failed/);
+    assertOneLineError(unreadable, /cannot read database .*not-a-database\.db: file is not a database/);
+    assertOneLineError(missing, /no database at .*missing\.db/);
+    assertOneLineError(badConfig, /bad\.json is not valid JSON/);
+    assert.equal(badConfig.code, 2);
+    assert.ok(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(keep), 'all-or-nothing delete kept the known id');
+    assert.ok(!fs.existsSync(path.join(dir, 'missing.db')), 'a read command never creates a database');
+  });
+
+  test('retry --failed requeues failed mail; delivered recipients are never sent again', async () => {
+    const sentToOk = () => upstream.received.flatMap((m) => m.to).filter((a) => a.startsWith('ok')).length;
+    const okBefore = sentToOk();
+    const result = await cliJson<{ requeued: number }>('retry', '--failed');
+    assert.equal(result.requeued, 5);
+    const states = relay.store.sqlite
+      .prepare(`SELECT id, state FROM messages WHERE id IN (${[...ids.mixed, ...ids.allBad].map(() => '?').join(',')})`)
+      .all(...ids.mixed, ...ids.allBad) as Array<{ state: string }>;
+    assert.deepEqual(
+      states.map((s) => s.state),
+      Array(5).fill('queued'),
+    );
+    const rcpt = relay.store.sqlite.prepare('SELECT address, status, attempts FROM recipients WHERE message_id = ? ORDER BY seq').all(ids.mixed[1]);
+    assert.deepEqual(rcpt, [
+      { address: 'ok-mixed2@example.com', status: 'delivered', attempts: 1 },
+      { address: 'bad-mixed2@example.com', status: 'pending', attempts: 0 },
+    ]);
+
+    rejectRecipient = () => false;
+    await relay.delivery.runOnce();
+    assert.equal(sentToOk(), okBefore, 'no delivered recipient got the message twice');
+    const after = await cliJson<{ queue: Record<string, number>; requeued_emails: number }>('status');
+    assert.deepEqual(after.queue, { queued: 0, sending: 0, delivered: 11, failed: 0 });
+    assert.equal(after.requeued_emails, 5);
+
+    const again = await cli('retry', ids.delivered[0]);
+    assert.equal(again.code, 0, again.stderr);
+    assert.match(again.stdout, /already delivered/);
+  });
+
+  test('delete removes messages with their recipients and attempts', async () => {
+    const [a, b] = ids.delivered;
+    const r = await cli('delete', a, b);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, new RegExp(`deleted 2 messages: ${a} ${b}`));
+    for (const table of ['messages', 'recipients', 'attempts']) {
+      const column = table === 'messages' ? 'id' : 'message_id';
+      const n = relay.store.sqlite.prepare(`SELECT COUNT(*) AS n FROM ${table} WHERE ${column} IN (?, ?)`).get(a, b) as { n: number };
+      assert.equal(n.n, 0, `${table} rows gone`);
+    }
+    assert.equal(storeMetrics(relay.store.sqlite).queue.delivered, 9);
+    assertOneLineError(await cli('show', a), /no message with id/);
+  });
+
+  test('commands work while the relay accepts mail, without lock errors', async () => {
+    const sends = Promise.all(
+      Array.from({ length: 100 }, (_, i) => sendMail(relay.smtpPort, { from: 'load@example.com', to: [`load${i}@example.com`] })),
+    );
+    const commands = Promise.all([cli('status'), cli('retry', '--failed'), cli('retry', ids.queued[1])]);
+    const [sent, results] = await Promise.all([sends, commands]);
+    assert.equal(sent.filter((s) => s.response.startsWith('250')).length, 100);
+    for (const r of results) assert.equal(r.code, 0, r.stderr);
+  });
+});

@@ -1,0 +1,59 @@
+// Runs the relayq CLI as a real child process (TypeScript sources through tsx), with a config
+// file of its own and none of the caller's relayq environment variables.
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
+
+export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const CLI_ENTRY = path.join(REPO_ROOT, 'src', 'cli', 'index.ts');
+
+export interface CliResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** The environment without RELAYQ_CONFIG or any config key's variable, plus `extra`. */
+export function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env = { ...process.env };
+  delete env.RELAYQ_CONFIG;
+  for (const key of CONFIG_KEYS) delete env[envName(key.path)];
+  return { ...env, ...extra };
+}
+
+/** Writes a JSON config file into `dir` and returns its path. */
+export function writeConfigFile(dir: string, values: Record<string, unknown>): string {
+  const file = path.join(dir, 'cli-config.json');
+  fs.writeFileSync(file, JSON.stringify(values));
+  return file;
+}
+
+export function runCli(args: string[], options: { env?: Record<string, string>; timeoutMs?: number } = {}): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', CLI_ENTRY, ...args], {
+      cwd: REPO_ROOT,
+      env: cleanEnv(options.env),
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 30_000);
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}
+
+/** Runs a command that must succeed with --json and returns the parsed output. */
+export async function runCliJson<T = unknown>(args: string[], options?: { env?: Record<string, string> }): Promise<T> {
+  const r = await runCli([...args, '--json'], options);
+  if (r.code !== 0) throw new Error(`relayq ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
+  return JSON.parse(r.stdout) as T;
+}

@@ -1,0 +1,118 @@
+import assert from 'node:assert/strict';
+import { after, describe, test } from 'node:test';
+import { ManualClock } from '../../src/clock.js';
+import type { Relay } from '../../src/main.js';
+import { sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { addresses, attempts, message, NO_JITTER, queuedId, recipients, type ScriptedUpstream, startScriptedUpstream } from './fixtures.js';
+
+const RAW = Buffer.from(
+  'From: App <app@example.com>\r\nTo: undisclosed-recipients:;\r\nSubject: batches\r\nMessage-ID: <batch@example.com>\r\n\r\nline one\r\n.leading dot\r\n..two dots\r\n\r\nbye\r\n',
+);
+
+describe('recipient batches', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  async function setup(overrides: Parameters<typeof startTestRelay>[0], clock?: ManualClock): Promise<{ relay: Relay; upstream: ScriptedUpstream }> {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, ...overrides },
+      clock ? { clock, startDelivery: false, random: NO_JITTER } : { random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    return { relay, upstream };
+  }
+
+  test('45 recipients with batchSize 20 → transactions of 20, 20 and 5, batchDelay apart, bytes unchanged', async () => {
+    const clock = new ManualClock();
+    const { relay, upstream } = await setup({ batchSize: 20, batchDelay: 1000 }, clock);
+    const rcpts = addresses(45);
+    const id = queuedId((await sendMail(relay.smtpPort, { from: 'app@example.com', to: rcpts, raw: RAW })).response);
+    const stored = message(relay, id).raw!;
+
+    assert.equal((await relay.delivery.runOnce()).attempts, 1, 'first batch goes at once');
+    assert.equal(message(relay, id).state, 'queued');
+    assert.equal(message(relay, id).next_attempt_at, clock.now() + 1000, 'next batch due batchDelay later');
+    assert.equal((await relay.delivery.runOnce()).attempts, 0, 'nothing is due before batchDelay');
+    clock.advance(999);
+    assert.equal((await relay.delivery.runOnce()).attempts, 0, 'nothing is due 1 ms before batchDelay');
+    clock.advance(1);
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+    clock.advance(1000);
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+    assert.equal((await relay.delivery.runOnce()).attempts, 0);
+
+    assert.deepEqual(
+      upstream.accepted.map((t) => t.to.length),
+      [20, 20, 5],
+    );
+    assert.deepEqual(upstream.accepted.flatMap((t) => t.to), rcpts, 'every recipient once, in RCPT order');
+    for (const t of upstream.accepted) {
+      assert.equal(t.from, 'app@example.com', 'original envelope sender');
+      assert.deepEqual(t.raw, stored, 'stored bytes unchanged');
+    }
+    const rows = attempts(relay, id);
+    assert.deepEqual(
+      rows.map((a) => [a.batch, JSON.parse(a.recipients).length, a.outcome, a.code, a.upstream]),
+      [
+        [0, 20, 'delivered', 250, `127.0.0.1:${upstream.port}`],
+        [1, 20, 'delivered', 250, `127.0.0.1:${upstream.port}`],
+        [2, 5, 'delivered', 250, `127.0.0.1:${upstream.port}`],
+      ],
+    );
+    for (let i = 1; i < rows.length; i++) assert.ok(rows[i].started_at - rows[i - 1].started_at >= 1000, 'batchDelay apart');
+    const m = message(relay, id);
+    assert.equal(m.state, 'delivered');
+    assert.equal(m.claims, 3);
+    assert.equal(m.lease_token, null);
+    assert.ok(recipients(relay, id).every((r) => r.status === 'delivered' && r.attempts === 1 && r.last_code === 250));
+  });
+
+  test('the running engine keeps batches of one message at least batchDelay apart', async () => {
+    const { relay, upstream } = await setup({ batchSize: 2, batchDelay: 150 });
+    const id = queuedId((await sendMail(relay.smtpPort, { to: addresses(5), raw: RAW })).response);
+    await waitFor(() => message(relay, id).state === 'delivered', 10_000, 'delivery');
+    assert.deepEqual(
+      upstream.accepted.map((t) => t.to.length),
+      [2, 2, 1],
+    );
+    // Causal lower bound: a batch is claimed only once now >= (previous commit + batchDelay).
+    for (let i = 1; i < upstream.accepted.length; i++) {
+      assert.ok(upstream.accepted[i].at - upstream.accepted[i - 1].at >= 150, `gap ${upstream.accepted[i].at - upstream.accepted[i - 1].at} ms`);
+    }
+    assert.equal(relay.delivery.status().consecutiveFailures, 0);
+    assert.ok(relay.delivery.status().lastSuccessAt !== null);
+  });
+
+  test('other mail is delivered while a message waits for its next batch', async () => {
+    const clock = new ManualClock();
+    const { relay, upstream } = await setup({ batchSize: 1, batchDelay: 60_000, workerCount: 1 }, clock);
+    const big = queuedId((await sendMail(relay.smtpPort, { to: addresses(2), raw: RAW })).response);
+    await relay.delivery.runOnce();
+    const small = queuedId((await sendMail(relay.smtpPort, { to: ['solo@example.com'], raw: RAW })).response);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, small).state, 'delivered', 'not stuck behind the batch delay');
+    assert.equal(message(relay, big).state, 'queued');
+    assert.deepEqual(
+      upstream.accepted.map((t) => t.to),
+      [['rcpt00@example.com'], ['solo@example.com']],
+    );
+  });
+
+  test('8-bit content goes out with BODY=8BITMIME, unchanged; logAllEmails=false erases it once delivered', async () => {
+    const clock = new ManualClock();
+    const { relay, upstream } = await setup({ security: { logAllEmails: false } }, clock);
+    const raw = Buffer.concat([Buffer.from('Subject: caf\xc3\xa9\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n', 'latin1'), Buffer.from('Grüße aus Köln\r\n')]);
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw })).response);
+    const stored = message(relay, id).raw!;
+    await relay.delivery.runOnce();
+    assert.equal(upstream.accepted.length, 1);
+    assert.equal(upstream.accepted[0].bodyType, '8bitmime');
+    assert.deepEqual(upstream.accepted[0].raw, stored);
+    assert.equal(message(relay, id).state, 'delivered');
+    assert.equal(message(relay, id).raw, null, 'content erased in the delivering transaction');
+  });
+});

@@ -1,0 +1,139 @@
+// The relay runs as a child process and is killed with SIGKILL while the upstream holds a batch
+// in DATA. A restart on the same database delivers everything once the lease expires: nothing
+// acknowledged is lost, and only the batch that was in flight can reach the upstream twice.
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import path from 'node:path';
+import { after, describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { ManualClock } from '../../src/clock.js';
+import { sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
+import { message, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
+
+const CLI = fileURLToPath(new URL('../../src/cli/index.ts', import.meta.url));
+const TSX = import.meta.resolve('tsx');
+
+interface Child {
+  process: ChildProcess;
+  smtpPort: number;
+  exited: Promise<NodeJS.Signals | number | null>;
+  output: () => string;
+}
+
+async function spawnRelay(args: string[], cwd: string): Promise<Child> {
+  const env = { ...process.env };
+  for (const key of Object.keys(env)) if (key.startsWith('RELAYQ_')) delete env[key];
+  const child = spawn(process.execPath, ['--import', TSX, CLI, 'serve', ...args], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let output = '';
+  child.stdout.on('data', (d: Buffer) => (output += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (output += d.toString()));
+  const exited = new Promise<NodeJS.Signals | number | null>((resolve) => child.once('exit', (code, signal) => resolve(signal ?? code)));
+  let smtpPort = 0;
+  await waitFor(
+    () => {
+      const line = output.split('\n').find((l) => l.includes('"relay.started"'));
+      if (line) smtpPort = Number(/"smtp":"[^"]*:(\d+)"/.exec(line)?.[1]);
+      if (child.exitCode !== null) throw new Error(`relay exited early:\n${output}`);
+      return smtpPort > 0;
+    },
+    20_000,
+    'the relay to start',
+  );
+  return { process: child, smtpPort, exited, output: () => output };
+}
+
+describe('crash safety', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  test('SIGKILL during a delivery: after a restart everything is delivered, duplicates only from the batch in flight', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    // The second transaction is read completely and never answered: the relay is in the
+    // at-least-once window (it cannot know whether the upstream took it) when it dies.
+    upstream.hold = () => upstream.accepted.length + upstream.held.length === 1;
+
+    const dir = tempDir('relayq-crash-');
+    const config = testConfig(
+      {
+        forwardSMTP: true,
+        forwardHost: '127.0.0.1',
+        forwardPort: upstream.port,
+        batchSize: 2,
+        batchDelay: 0,
+        workerCount: 1,
+        processingTimeout: 5,
+      },
+      dir,
+    );
+    const child = await spawnRelay(
+      [
+        '--databasePath', config.databasePath,
+        '--emailsDir', config.emailsDir,
+        '--smtpPort', '0',
+        '--enableHealthCheck', 'false',
+        '--healthCheckPort', '0',
+        '--minFreeDiskMb', '0',
+        '--forwardSMTP', 'true',
+        '--forwardHost', '127.0.0.1',
+        '--forwardPort', String(upstream.port),
+        '--batchSize', '2',
+        '--batchDelay', '0',
+        '--workerCount', '1',
+        '--processingTimeout', '5',
+        '--logLevel', 'info',
+      ],
+      dir,
+    );
+    cleanup.push(async () => {
+      if (child.process.exitCode === null && child.process.signalCode === null) child.process.kill('SIGKILL');
+    });
+
+    const big = ['a', 'b', 'c', 'd', 'e', 'f'].map((l) => `${l}@example.com`);
+    const small = ['x@example.com', 'y@example.com'];
+    const ids = [
+      queuedId((await sendMail(child.smtpPort, { to: big, raw: 'Subject: big\r\n\r\nsix recipients\r\n' })).response),
+      queuedId((await sendMail(child.smtpPort, { to: small, raw: 'Subject: small\r\n\r\ntwo recipients\r\n' })).response),
+    ];
+    await waitFor(() => upstream.held.length === 1, 15_000, 'a batch held in DATA');
+    child.process.kill('SIGKILL');
+    assert.equal(await child.exited, 'SIGKILL');
+    const inFlight = upstream.held[0].to;
+    assert.equal(upstream.accepted.length, 1, 'one batch was delivered before the crash');
+
+    // Restart on the same files. The clock is injected so that the lease can be expired
+    // without waiting for it.
+    const clock = new ManualClock(Date.now());
+    const relay = await startTestRelay(config, { clock, startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const sending = ids.map((id) => message(relay, id)).filter((m) => m.state === 'sending');
+    assert.equal(sending.length, 1, 'the crashed claim is still held by its lease');
+    const leaseEnd = sending[0].lease_expires_at!;
+    for (const id of ids) assert.ok(message(relay, id), 'every acknowledged message survived the kill');
+
+    upstream.hold = () => false;
+    clock.set(leaseEnd - 1);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, sending[0].id).state, 'sending', 'not taken before the lease expires');
+    assert.ok(!upstream.accepted.some((t) => t.to.some((a) => inFlight.includes(a))), 'the held batch is not re-sent early');
+
+    clock.set(leaseEnd);
+    while ((await relay.delivery.runOnce()).attempts > 0) clock.advance(1);
+    for (const id of ids) {
+      assert.equal(message(relay, id).state, 'delivered', id);
+      assert.ok(recipients(relay, id).every((r) => r.status === 'delivered'));
+    }
+
+    // Count every copy the upstream got, including the held one it may have delivered.
+    const copies = new Map<string, number>();
+    for (const t of [...upstream.accepted, ...upstream.held]) for (const a of t.to) copies.set(a, (copies.get(a) ?? 0) + 1);
+    for (const a of [...big, ...small]) assert.ok((copies.get(a) ?? 0) >= 1, `${a} reached the upstream`);
+    const duplicated = [...copies].filter(([, n]) => n > 1).map(([a]) => a);
+    assert.deepEqual(duplicated.sort(), [...inFlight].sort(), 'duplicates are exactly the batch that was in flight');
+    assert.ok([...copies.values()].every((n) => n <= 2));
+    assert.match(child.output(), /"event":"delivery.attempt"/, 'the child logged its attempts');
+    assert.ok(path.isAbsolute(config.databasePath));
+  });
+});

@@ -1,0 +1,199 @@
+// Delivery test fixtures: a real smtp-server upstream on 127.0.0.1 whose replies a test can
+// script (refuse an RCPT, refuse DATA, hold DATA without answering, go down and come back on
+// the same port) and that records every transaction it accepted, byte for byte.
+import fs from 'node:fs';
+import type net from 'node:net';
+import path from 'node:path';
+import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
+import type { Relay } from '../../src/main.js';
+
+export interface Transaction {
+  from: string;
+  to: string[];
+  raw: Buffer;
+  /** Date.now() when the upstream had the whole message. */
+  at: number;
+  secure: boolean;
+  user: string | undefined;
+  bodyType: string;
+}
+
+export interface Reply {
+  code: number;
+  message: string;
+}
+
+export interface ScriptedUpstream {
+  port: number;
+  /** Transactions the upstream accepted (answered 250 to DATA). */
+  accepted: Transaction[];
+  /** Transactions whose DATA got an error reply. */
+  refused: Transaction[];
+  /** Every RCPT TO the upstream saw, accepted or not, in order. */
+  rcpts: string[];
+  /** Reply to RCPT TO for an address (undefined = accept). Checked on every RCPT. */
+  rcptReply: (address: string) => Reply | undefined;
+  /** Reply to the end of DATA (undefined = accept). */
+  dataReply: (t: Transaction) => Reply | undefined;
+  /** True: DATA is read completely, recorded in `held`, and never answered (the client waits). */
+  hold: (t: Transaction) => boolean;
+  held: Transaction[];
+  /** Refuses connections: the port is closed (connection refused). */
+  goDown(): Promise<void>;
+  /** Listens on the same port again. */
+  comeBack(): Promise<void>;
+  /** Open client connections right now. */
+  connections(): number;
+  close(): Promise<void>;
+}
+
+export async function startScriptedUpstream(options: Partial<SMTPServerOptions> = {}): Promise<ScriptedUpstream> {
+  let server: SMTPServer;
+  const upstream: ScriptedUpstream = {
+    port: 0,
+    accepted: [],
+    refused: [],
+    rcpts: [],
+    rcptReply: () => undefined,
+    dataReply: () => undefined,
+    hold: () => false,
+    held: [],
+    goDown: () => closeServer(server),
+    comeBack: async () => {
+      server = create();
+      await listen(server, upstream.port);
+    },
+    close: () => closeServer(server),
+    connections: () => server.connections.size,
+  };
+  const create = () =>
+    new SMTPServer({
+      authOptional: true,
+      disabledCommands: ['STARTTLS'],
+      logger: false,
+      closeTimeout: 100,
+      disableReverseLookup: true,
+      onRcptTo(address, _session, cb) {
+        upstream.rcpts.push(address.address);
+        const reply = upstream.rcptReply(address.address);
+        if (reply) return cb(Object.assign(new Error(reply.message), { responseCode: reply.code }));
+        cb();
+      },
+      onData(stream, session: SMTPServerSession, cb) {
+        const chunks: Buffer[] = [];
+        stream.on('data', (c: Buffer) => chunks.push(c));
+        stream.on('end', () => {
+          const t: Transaction = {
+            from: session.envelope.mailFrom ? session.envelope.mailFrom.address : '',
+            to: session.envelope.rcptTo.map((r) => r.address),
+            raw: Buffer.concat(chunks),
+            at: Date.now(),
+            secure: session.secure,
+            user: typeof session.user === 'string' ? session.user : undefined,
+            bodyType: (session.envelope as { bodyType?: string }).bodyType ?? '',
+          };
+          if (upstream.hold(t)) {
+            upstream.held.push(t);
+            return; // never answered: the client waits until it gives up or is killed
+          }
+          const reply = upstream.dataReply(t);
+          if (reply) {
+            upstream.refused.push(t);
+            return cb(Object.assign(new Error(reply.message), { responseCode: reply.code }));
+          }
+          upstream.accepted.push(t);
+          cb();
+        });
+      },
+      ...options,
+    });
+  server = create();
+  upstream.port = await listen(server, 0);
+  return upstream;
+}
+
+function listen(server: SMTPServer, port: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    server.server.once('error', reject);
+    server.listen(port, '127.0.0.1', () => resolve((server.server.address() as net.AddressInfo).port));
+  });
+}
+
+function closeServer(server: SMTPServer): Promise<void> {
+  return new Promise((resolve) => {
+    for (const connection of server.connections) connection.close();
+    server.close(() => resolve());
+  });
+}
+
+export interface MessageRow {
+  id: string;
+  state: string;
+  next_attempt_at: number;
+  lease_token: string | null;
+  lease_expires_at: number | null;
+  claims: number;
+  last_error: string | null;
+  finished_at: number | null;
+  raw: Buffer | null;
+  received_at: number;
+}
+
+export interface RecipientRow {
+  seq: number;
+  address: string;
+  status: string;
+  attempts: number;
+  next_attempt_at: number;
+  last_code: number | null;
+  last_reply: string | null;
+  temporary: number;
+}
+
+export interface AttemptRow {
+  batch: number;
+  recipients: string;
+  upstream: string;
+  started_at: number;
+  duration_ms: number;
+  outcome: string;
+  code: number | null;
+  reply: string | null;
+}
+
+export function message(relay: Pick<Relay, 'store'>, id: string): MessageRow {
+  return relay.store.sqlite.prepare('SELECT * FROM messages WHERE id = ?').get(id) as MessageRow;
+}
+
+export function recipients(relay: Pick<Relay, 'store'>, id: string): RecipientRow[] {
+  return relay.store.sqlite.prepare('SELECT * FROM recipients WHERE message_id = ? ORDER BY seq').all(id) as RecipientRow[];
+}
+
+export function attempts(relay: Pick<Relay, 'store'>, id: string): AttemptRow[] {
+  return relay.store.sqlite.prepare('SELECT * FROM attempts WHERE message_id = ? ORDER BY id').all(id) as AttemptRow[];
+}
+
+/** The queue id from `250 2.0.0 Ok: queued as <id>`. */
+export function queuedId(response: string): string {
+  const m = /queued as (\S+)/.exec(response);
+  if (!m) throw new Error(`not queued: ${response}`);
+  return m[1];
+}
+
+export function addresses(n: number, domain = 'example.com'): string[] {
+  return Array.from({ length: n }, (_, i) => `rcpt${String(i).padStart(2, '0')}@${domain}`);
+}
+
+export function readFailedExport(relay: Pick<Relay, 'config'>, id: string): Record<string, unknown> & {
+  recipients: Array<{ address: string; status: string; attempts: number; lastCode: number | null; lastReply: string | null }>;
+  raw: string;
+} {
+  return JSON.parse(fs.readFileSync(path.join(relay.config.emailsDir, 'failed', `${id}.json`), 'utf8'));
+}
+
+export function failedExportExists(relay: Pick<Relay, 'config'>, id: string): boolean {
+  return fs.existsSync(path.join(relay.config.emailsDir, 'failed', `${id}.json`));
+}
+
+/** A fixed "random" for the backoff jitter: 0.5 means no jitter at all. */
+export const NO_JITTER = () => 0.5;

@@ -1,0 +1,152 @@
+import assert from 'node:assert/strict';
+import { after, describe, test } from 'node:test';
+import { ManualClock } from '../../src/clock.js';
+import type { Relay } from '../../src/main.js';
+import {
+  type ClaimOptions,
+  claimDueBatches,
+  completeBatch,
+  releaseClaims,
+  SELECT_DUE_SQL,
+  SELECT_EXPIRED_SQL,
+} from '../../src/store/delivery.js';
+import { sendMail, startTestRelay, testConfig, waitFor } from '../helpers.js';
+import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
+
+describe('claims and leases', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  async function relayWithMail(overrides: Parameters<typeof startTestRelay>[0] = {}, to = ['a@example.com', 'b@example.com', 'c@example.com']) {
+    const clock = new ManualClock();
+    const relay = await startTestRelay({ processingTimeout: 60, ...overrides }, { clock, startDelivery: false, random: NO_JITTER });
+    cleanup.push(() => relay.stop());
+    const id = queuedId((await sendMail(relay.smtpPort, { to, raw: 'Subject: lease\r\n\r\nbody\r\n' })).response);
+    return { clock, relay, id };
+  }
+
+  let tokens = 0;
+  function claimOptions(clock: ManualClock, overrides: Partial<ClaimOptions> = {}): ClaimOptions {
+    return { now: clock.now(), leaseMs: 60_000, batchSize: 2, limit: 5, maxAttempts: 10, newToken: () => `token-${++tokens}`, ...overrides };
+  }
+
+  function claim(relay: Relay, options: ClaimOptions) {
+    return relay.commits.write((db) => claimDueBatches(db, options));
+  }
+
+  test('a claim sets the lease and a fresh token and counts attempts before anything is sent', async () => {
+    const { clock, relay, id } = await relayWithMail();
+    const { batches } = await claim(relay, claimOptions(clock));
+    assert.equal(batches.length, 1);
+    const [b] = batches;
+    assert.deepEqual(b.recipients.map((r) => [r.seq, r.address, r.attempts]), [
+      [0, 'a@example.com', 1],
+      [1, 'b@example.com', 1],
+    ]);
+    const m = message(relay, id);
+    assert.equal(m.state, 'sending');
+    assert.equal(m.lease_token, b.token);
+    assert.equal(m.lease_expires_at, clock.now() + 60_000);
+    assert.equal(m.claims, 1);
+    assert.deepEqual(recipients(relay, id).map((r) => r.attempts), [1, 1, 0]);
+    assert.equal((await claim(relay, claimOptions(clock))).batches.length, 0, 'a held lease is not claimable');
+  });
+
+  test('an expired lease is claimable again; the old holder is fenced off by its token', async () => {
+    const { clock, relay, id } = await relayWithMail();
+    const first = (await claim(relay, claimOptions(clock))).batches[0];
+    clock.advance(59_999);
+    assert.equal((await claim(relay, claimOptions(clock))).batches.length, 0);
+    clock.advance(1);
+    const second = (await claim(relay, claimOptions(clock))).batches[0];
+    assert.ok(second, 'claimable once the lease expired, without any manual fix');
+    assert.notEqual(second.token, first.token);
+    assert.deepEqual(second.recipients.map((r) => [r.address, r.attempts]), [
+      ['a@example.com', 2],
+      ['b@example.com', 2],
+    ]);
+
+    const outcome = (token: string) => ({
+      messageId: id,
+      token,
+      now: clock.now(),
+      attempt: { batch: 0, recipients: ['a@example.com', 'b@example.com'], upstream: 'x:25', startedAt: clock.now(), durationMs: 1, outcome: 'delivered' as const, code: 250, reply: '250 ok' },
+      recipients: [0, 1].map((seq) => ({ seq, status: 'delivered' as const, code: 250, reply: '250 ok', temporary: false, nextAttemptAt: clock.now() })),
+      batchDelayMs: 0,
+      eraseRawOnDelivered: false,
+      lastError: null,
+    });
+    const stale = await relay.commits.write((db) => completeBatch(db, outcome(first.token)));
+    assert.deepEqual(stale, { leaseLost: true });
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending', 'pending'], 'the stale outcome changed nothing');
+    assert.equal(attempts(relay, id).length, 0);
+    assert.equal(message(relay, id).lease_token, second.token);
+
+    const current = await relay.commits.write((db) => completeBatch(db, outcome(second.token)));
+    assert.equal(current.leaseLost, false);
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'delivered', 'pending']);
+    assert.equal(message(relay, id).state, 'queued');
+    assert.equal(message(relay, id).lease_token, null);
+    assert.equal(await relay.commits.write((db) => releaseClaims(db, [{ messageId: id, token: second.token }], clock.now())), 0, 'release is fenced too');
+  });
+
+  test('a batch that never finishes (the process dies every time) still runs out of attempts', async () => {
+    const { clock, relay, id } = await relayWithMail({ retry: { maxAttempts: 3 } }, ['a@example.com']);
+    for (let i = 1; i <= 3; i++) {
+      const { batches } = await claim(relay, claimOptions(clock, { maxAttempts: 3 }));
+      assert.equal(batches[0].recipients[0].attempts, i);
+      clock.advance(60_000); // the lease expires: the holder died
+    }
+    const { batches, finalized } = await claim(relay, claimOptions(clock, { maxAttempts: 3 }));
+    assert.equal(batches.length, 0);
+    assert.deepEqual(finalized, [{ id, state: 'failed' }]);
+    const [r] = recipients(relay, id);
+    assert.equal(r.status, 'failed');
+    assert.equal(r.temporary, 1);
+    assert.match(r.last_reply!, /gave up: the maximum number of attempts was used without a result/);
+    const m = message(relay, id);
+    assert.equal(m.state, 'failed');
+    assert.equal(m.lease_token, null);
+    assert.ok(m.finished_at !== null);
+  });
+
+  test('the claim reads due work through the partial indexes, never a table scan', async () => {
+    const { relay } = await relayWithMail();
+    const plan = (sql: string) =>
+      (relay.store.sqlite.prepare(`EXPLAIN QUERY PLAN ${sql}`).all(0, 1) as Array<{ detail: string }>).map((r) => r.detail).join('\n');
+    for (const [sql, index] of [
+      [SELECT_DUE_SQL, 'messages_due'],
+      [SELECT_EXPIRED_SQL, 'messages_lease'],
+    ]) {
+      const p = plan(sql);
+      assert.match(p, new RegExp(`SEARCH messages USING (COVERING )?INDEX ${index} \\(`), p);
+      assert.doesNotMatch(p, /TEMP B-TREE/, 'rows come in index order, no sort of the backlog');
+    }
+  });
+
+  test('shutdown releases an unfinished claim: due again at once, delivered by the next start', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.hold = () => true;
+    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 300 });
+    const first = await startTestRelay(config, { shutdownGraceMs: 300 });
+    const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com'], raw: 'Subject: held\r\n\r\nbody\r\n' })).response);
+    await waitFor(() => upstream.held.length === 1, 10_000, 'the upstream to hold DATA');
+    assert.equal(first.delivery.status().inFlight, 1);
+    await first.stop();
+
+    const second = await startTestRelay(config, { startDelivery: false });
+    cleanup.push(() => second.stop());
+    const m = message(second, id);
+    assert.equal(m.state, 'queued', 'released, not left to expire');
+    assert.equal(m.lease_token, null);
+    assert.ok(m.next_attempt_at <= Date.now(), 'due at once');
+    assert.equal(recipients(second, id)[0].attempts, 1, 'the attempt stays counted');
+    upstream.hold = () => false;
+    await second.delivery.runOnce();
+    assert.equal(message(second, id).state, 'delivered');
+    assert.equal(upstream.accepted.length, 1);
+  });
+});

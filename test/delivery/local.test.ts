@@ -1,0 +1,78 @@
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, describe, test } from 'node:test';
+import { ManualClock } from '../../src/clock.js';
+import { sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { attempts, message, queuedId, recipients } from './fixtures.js';
+
+describe('local delivery (forwardSMTP=false)', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  test('one .eml per message with the stored bytes, also for two messages from one sender in the same millisecond', async () => {
+    const clock = new ManualClock(); // never advanced: both messages arrive at the same instant
+    const relay = await startTestRelay({ forwardSMTP: false, batchSize: 2 }, { clock, startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const ids = [];
+    for (const text of ['first', 'second']) {
+      const info = await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['a@example.com', 'b@example.com', 'c@example.com'], raw: `Subject: ${text}\r\n\r\n${text}\r\n` });
+      ids.push(queuedId(info.response));
+    }
+    assert.notEqual(ids[0], ids[1]);
+    assert.equal(message(relay, ids[0]).received_at, message(relay, ids[1]).received_at);
+
+    const report = await relay.delivery.runOnce();
+    assert.equal(report.attempts, 2, 'one write per message, whatever the batchSize');
+    const files = fs.readdirSync(relay.config.emailsDir).sort();
+    assert.deepEqual(files, ids.map((id) => `${id}.eml`).sort(), 'exactly one file per message and no temp files');
+    for (const id of ids) {
+      const stored = message(relay, id).raw!;
+      assert.deepEqual(fs.readFileSync(path.join(relay.config.emailsDir, `${id}.eml`)), stored);
+      assert.equal(message(relay, id).state, 'delivered');
+      assert.ok(recipients(relay, id).every((r) => r.status === 'delivered' && r.attempts === 1));
+      const [a] = attempts(relay, id);
+      assert.equal(a.upstream, 'local');
+      assert.equal(a.outcome, 'delivered');
+      assert.equal(a.reply, `stored as ${id}.eml`);
+    }
+    assert.match(fs.readFileSync(path.join(relay.config.emailsDir, `${ids[0]}.eml`), 'utf8'), /first/);
+    assert.match(fs.readFileSync(path.join(relay.config.emailsDir, `${ids[1]}.eml`), 'utf8'), /second/);
+  });
+
+  test('a write that fails is deferred, not lost, and succeeds once the directory is writable', async () => {
+    const clock = new ManualClock();
+    const relay = await startTestRelay({ forwardSMTP: false, retry: { initialDelay: 5 } }, { clock, startDelivery: false, random: () => 0.5 });
+    cleanup.push(() => relay.stop());
+    // A file where the directory should be: mkdir and the write fail with ENOTDIR / EEXIST.
+    fs.mkdirSync(path.dirname(relay.config.emailsDir), { recursive: true });
+    fs.writeFileSync(relay.config.emailsDir, 'not a directory');
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'queued');
+    const [r] = recipients(relay, id);
+    assert.equal(r.status, 'pending');
+    assert.match(r.last_reply!, /local delivery failed/);
+    assert.equal(r.next_attempt_at, clock.now() + 5000);
+
+    fs.rmSync(relay.config.emailsDir);
+    clock.advance(5000);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'delivered');
+    assert.ok(fs.existsSync(path.join(relay.config.emailsDir, `${id}.eml`)));
+  });
+
+  test('the running engine is woken by the commit of new mail, not only by its poll', async () => {
+    const relay = await startTestRelay({ forwardSMTP: false }, { deliveryPollMs: 3_600_000 });
+    cleanup.push(() => relay.stop());
+    const ids = await Promise.all(
+      Array.from({ length: 20 }, (_, i) => sendMail(relay.smtpPort, { from: 'same@example.com', to: [`r${i}@example.com`] }).then((info) => queuedId(info.response))),
+    );
+    await waitFor(() => ids.every((id) => message(relay, id).state === 'delivered'), 10_000, 'local delivery');
+    assert.equal(fs.readdirSync(relay.config.emailsDir).filter((f) => f.endsWith('.eml')).length, 20);
+    assert.equal(relay.delivery.status().upstream, 'local');
+    assert.equal(relay.delivery.status().inFlight, 0);
+  });
+});

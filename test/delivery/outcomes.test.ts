@@ -1,0 +1,224 @@
+import assert from 'node:assert/strict';
+import { after, describe, test } from 'node:test';
+import { ManualClock } from '../../src/clock.js';
+import type { Relay } from '../../src/main.js';
+import { openSession, sendMail, startTestRelay } from '../helpers.js';
+import {
+  attempts,
+  failedExportExists,
+  message,
+  NO_JITTER,
+  queuedId,
+  readFailedExport,
+  recipients,
+  startScriptedUpstream,
+} from './fixtures.js';
+
+const RAW = Buffer.from('From: app@example.com\r\nSubject: outcomes\r\n\r\nbody\r\n');
+
+describe('per-recipient outcomes', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  async function setup(overrides: Parameters<typeof startTestRelay>[0] = {}) {
+    const clock = new ManualClock();
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { initialDelay: 60 }, ...overrides },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    return { clock, relay, upstream };
+  }
+
+  async function queue(relay: Relay, to: string[]): Promise<string> {
+    return queuedId((await sendMail(relay.smtpPort, { from: 'app@example.com', to, raw: RAW })).response);
+  }
+
+  test('550 to one RCPT → that recipient failed, the others delivered, message failed and exported with the original bytes', async () => {
+    const { relay, upstream } = await setup();
+    upstream.rcptReply = (a) => (a === 'bad@example.com' ? { code: 550, message: '5.1.1 No such user' } : undefined);
+    const id = await queue(relay, ['a@example.com', 'bad@example.com', 'c@example.com']);
+    const stored = message(relay, id).raw!;
+    await relay.delivery.runOnce();
+
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com', 'c@example.com']]);
+    const rows = recipients(relay, id);
+    assert.deepEqual(
+      rows.map((r) => [r.address, r.status, r.last_code, r.temporary]),
+      [
+        ['a@example.com', 'delivered', 250, 0],
+        ['bad@example.com', 'failed', 550, 0],
+        ['c@example.com', 'delivered', 250, 0],
+      ],
+    );
+    assert.match(rows[1].last_reply!, /550 5\.1\.1 No such user/);
+    const m = message(relay, id);
+    assert.equal(m.state, 'failed');
+    assert.ok(m.finished_at !== null);
+    assert.match(m.last_error!, /bad@example\.com.*550/);
+    assert.equal(attempts(relay, id)[0].outcome, 'partial');
+
+    const doc = readFailedExport(relay, id);
+    assert.equal(doc.id, id);
+    assert.deepEqual(doc.envelope, { mailFrom: 'app@example.com', rcptTo: ['a@example.com', 'bad@example.com', 'c@example.com'] });
+    assert.deepEqual(
+      doc.recipients.map((r) => [r.address, r.status, r.attempts, r.lastCode]),
+      [
+        ['a@example.com', 'delivered', 1, 250],
+        ['bad@example.com', 'failed', 1, 550],
+        ['c@example.com', 'delivered', 1, 250],
+      ],
+    );
+    assert.match(doc.recipients[1].lastReply!, /No such user/);
+    assert.deepEqual(Buffer.from(doc.raw, 'base64'), stored, 'the export decodes to the stored bytes');
+    assert.equal(typeof doc.receivedAt, 'string');
+    assert.equal(doc.failedAt, new Date(m.finished_at!).toISOString());
+    const client = doc.client as { ip: string; helo: string | null; authUser: string | null };
+    assert.equal(client.ip, '127.0.0.1');
+    assert.equal(typeof client.helo, 'string', 'the client HELO name is exported');
+    assert.equal(client.authUser, null);
+  });
+
+  test('450 to one RCPT → only that recipient is tried again later; the others are not re-sent', async () => {
+    const { clock, relay, upstream } = await setup();
+    let refusals = 1;
+    upstream.rcptReply = (a) => (a === 'busy@example.com' && refusals-- > 0 ? { code: 450, message: '4.2.1 Mailbox busy, try later' } : undefined);
+    const id = await queue(relay, ['a@example.com', 'busy@example.com', 'c@example.com']);
+    await relay.delivery.runOnce();
+
+    let rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => r.status), ['delivered', 'pending', 'delivered']);
+    assert.equal(rows[1].temporary, 1);
+    assert.equal(rows[1].last_code, 450);
+    assert.equal(rows[1].next_attempt_at, clock.now() + 60_000, 'initialDelay');
+    assert.equal(message(relay, id).state, 'queued');
+    assert.equal(message(relay, id).next_attempt_at, clock.now() + 60_000);
+    assert.equal(attempts(relay, id)[0].outcome, 'partial');
+
+    clock.advance(59_999);
+    assert.equal((await relay.delivery.runOnce()).attempts, 0);
+    clock.advance(1);
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com', 'c@example.com'], ['busy@example.com']]);
+    assert.deepEqual(upstream.rcpts, ['a@example.com', 'busy@example.com', 'c@example.com', 'busy@example.com'], 'the retry addresses only the deferred recipient');
+    rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.status, r.attempts]), [['delivered', 1], ['delivered', 2], ['delivered', 1]]);
+    assert.equal(message(relay, id).state, 'delivered');
+    assert.equal(failedExportExists(relay, id), false);
+  });
+
+  test('5xx to DATA → every recipient of the batch failed at once and the message exported', async () => {
+    const { relay, upstream } = await setup();
+    upstream.dataReply = () => ({ code: 554, message: '5.7.1 Message rejected as spam' });
+    const id = await queue(relay, ['a@example.com', 'b@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(upstream.refused.length, 1);
+    assert.equal(upstream.accepted.length, 0);
+    assert.deepEqual(recipients(relay, id).map((r) => [r.status, r.attempts, r.last_code, r.temporary]), [
+      ['failed', 1, 554, 0],
+      ['failed', 1, 554, 0],
+    ]);
+    assert.equal(message(relay, id).state, 'failed');
+    const [a] = attempts(relay, id);
+    assert.equal(a.outcome, 'failed');
+    assert.equal(a.code, 554);
+    assert.match(a.reply!, /spam/);
+    const doc = readFailedExport(relay, id);
+    assert.deepEqual(doc.recipients.map((r) => r.status), ['failed', 'failed']);
+    assert.equal((await relay.delivery.runOnce()).attempts, 0, 'a permanent failure is not retried');
+  });
+
+  test('continueOnError=false: a permanently refused batch stops the later batches, whose recipients fail saying why', async () => {
+    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 0, continueOnError: false });
+    upstream.dataReply = () => ({ code: 554, message: '5.7.1 Policy rejection' });
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com', 'e@example.com']);
+    await relay.delivery.runOnce();
+    clock.advance(3_600_000);
+    await relay.delivery.runOnce();
+    assert.equal(upstream.refused.length, 1, 'only the first batch reached the upstream');
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.status, r.attempts]), [
+      ['failed', 1],
+      ['failed', 1],
+      ['failed', 0],
+      ['failed', 0],
+      ['failed', 0],
+    ]);
+    for (const r of rows.slice(2)) assert.match(r.last_reply!, /not attempted: batch 0 was refused permanently \(554 .*Policy rejection\) and continueOnError is false/);
+    assert.equal(message(relay, id).state, 'failed');
+    assert.equal(attempts(relay, id).length, 1);
+    assert.match(readFailedExport(relay, id).recipients[4].lastReply!, /continueOnError is false/);
+  });
+
+  test('continueOnError=true (default): later batches still go after a refused one', async () => {
+    const { relay, upstream } = await setup({ batchSize: 2, batchDelay: 0 });
+    let first = true;
+    upstream.dataReply = () => {
+      const reply = first ? { code: 554, message: '5.7.1 Policy rejection' } : undefined;
+      first = false;
+      return reply;
+    };
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['failed', 'failed', 'delivered']);
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['c@example.com']]);
+    assert.equal(message(relay, id).state, 'failed');
+  });
+
+  test('every RCPT refused with 5xx → all failed; a mix of 4xx and 5xx keeps the 4xx ones pending', async () => {
+    const { relay, upstream } = await setup();
+    upstream.rcptReply = (a) =>
+      a.startsWith('perm') ? { code: 550, message: '5.1.1 Unknown user' } : a.startsWith('temp') ? { code: 451, message: '4.3.0 Try later' } : undefined;
+    const allBad = await queue(relay, ['perm1@example.com', 'perm2@example.com']);
+    const mixed = await queue(relay, ['perm3@example.com', 'temp1@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(recipients(relay, allBad).map((r) => [r.status, r.last_code]), [
+      ['failed', 550],
+      ['failed', 550],
+    ]);
+    assert.equal(message(relay, allBad).state, 'failed');
+    assert.deepEqual(recipients(relay, mixed).map((r) => [r.status, r.last_code, r.temporary]), [
+      ['failed', 550, 0],
+      ['pending', 451, 1],
+    ]);
+    assert.equal(message(relay, mixed).state, 'queued');
+    assert.equal(attempts(relay, mixed)[0].outcome, 'deferred');
+    assert.equal(upstream.accepted.length, 0);
+  });
+});
+
+describe('envelope details', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  test('addresses nodemailer rewrites (upper-case or IDN domain) are matched back to their recipients; <> stays <>', async () => {
+    const clock = new ManualClock();
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    // A raw session, so the relay stores the addresses exactly as a client wrote them.
+    const client = await openSession(relay.smtpPort, '', ['Mixed@EXAMPLE.COM', 'user@bücher.example']);
+    assert.match(await client.send('DATA'), /^354/);
+    const reply = await client.send('Subject: bounce\r\n\r\nnull sender\r\n.');
+    client.close();
+    const id = queuedId(reply);
+    assert.deepEqual(recipients(relay, id).map((r) => r.address), ['Mixed@EXAMPLE.COM', 'user@bücher.example']);
+    await relay.delivery.runOnce();
+    // nodemailer lower-cases and punycodes the domains (smtp-server shows IDN domains decoded again).
+    assert.deepEqual(upstream.accepted.map((t) => [t.from, t.to]), [['', ['Mixed@example.com', 'user@bücher.example']]]);
+    assert.ok(upstream.rcpts.includes('Mixed@example.com'));
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'delivered'], 'not deferred for want of a matching reply');
+    assert.equal(message(relay, id).state, 'delivered');
+  });
+});

@@ -1,0 +1,206 @@
+import assert from 'node:assert/strict';
+import { after, describe, test } from 'node:test';
+import { ManualClock } from '../../src/clock.js';
+import { classifyUpstreamError } from '../../src/delivery/outcomes.js';
+import { backoffDelayMs, giveUpReason } from '../../src/delivery/retry-policy.js';
+import type { Relay } from '../../src/main.js';
+import { sendMail, startTestRelay } from '../helpers.js';
+import { attempts, failedExportExists, message, NO_JITTER, queuedId, readFailedExport, recipients, startScriptedUpstream } from './fixtures.js';
+
+describe('retry policy', () => {
+  test('backoff doubles from initialDelay, ±10 % jitter, capped at maxDelay', () => {
+    const retry = { initialDelay: 60, maxDelay: 3600 };
+    assert.deepEqual(
+      [1, 2, 3, 4, 5, 6, 7, 8, 30, 2000].map((n) => backoffDelayMs(n, retry, NO_JITTER)),
+      [60_000, 120_000, 240_000, 480_000, 960_000, 1_920_000, 3_600_000, 3_600_000, 3_600_000, 3_600_000],
+    );
+    assert.equal(backoffDelayMs(1, retry, () => 0), 54_000, '-10 %');
+    assert.equal(backoffDelayMs(1, retry, () => 0.999999), 66_000, '+10 %');
+    assert.equal(backoffDelayMs(3, retry, () => 0.25), 228_000);
+    // at the cap, jitter only goes down: never beyond maxDelay
+    assert.equal(backoffDelayMs(10, retry, () => 0.999999), 3_600_000);
+    assert.equal(backoffDelayMs(10, retry, () => 0), 3_240_000);
+    for (let i = 0; i < 200; i++) {
+      const n = 1 + (i % 12);
+      const d = backoffDelayMs(n, retry, Math.random);
+      const base = Math.min(3600, 60 * 2 ** (n - 1)) * 1000;
+      assert.ok(d >= base * 0.9 && d <= Math.min(base * 1.1, 3_600_000), `attempt ${n}: ${d}`);
+    }
+  });
+
+  test('gives up after maxAttempts or maxAge', () => {
+    const retry = { maxAttempts: 3, maxAge: 3600 };
+    assert.equal(giveUpReason(2, 0, 1000, retry), undefined);
+    assert.equal(giveUpReason(3, 0, 1000, retry), 'max-attempts');
+    assert.equal(giveUpReason(1, 0, 3_599_999, retry), undefined);
+    assert.equal(giveUpReason(1, 0, 3_600_000, retry), 'max-age');
+  });
+
+  test('classifyUpstreamError: 5xx to the message is permanent; 4xx, network, TLS, timeouts and AUTH are temporary', () => {
+    const cases: Array<[unknown, boolean, number | null]> = [
+      [{ code: 'EENVELOPE', responseCode: 550, response: '550 5.1.1 No such user' }, false, 550],
+      [{ code: 'EMESSAGE', responseCode: 554, response: '554 5.7.1 Spam' }, false, 554],
+      [{ code: 'EENVELOPE', responseCode: 450, response: '450 4.2.1 Busy' }, true, 450],
+      [{ code: 'EMESSAGE', responseCode: 451, response: '451 4.3.0 Local error' }, true, 451],
+      [{ code: 'EENVELOPE', responseCode: 503, response: '503 5.5.1 Bad sequence' }, true, 503],
+      [{ code: 'EENVELOPE', responseCode: 530, response: '530 5.7.0 Authentication required' }, true, 530],
+      [{ code: 'ECONNECTION', message: 'connect ECONNREFUSED 127.0.0.1:1' }, true, null],
+      [{ code: 'ETIMEDOUT', message: 'Greeting never received' }, true, null],
+      [{ code: 'ESOCKET', message: 'read ECONNRESET' }, true, null],
+      [{ code: 'ETLS', message: 'self-signed certificate' }, true, null],
+      [{ code: 'EDNS', message: 'getaddrinfo ENOTFOUND smtp.invalid' }, true, null],
+      [{ code: 'EAUTH', responseCode: 535, response: '535 5.7.8 Authentication failed' }, true, 535],
+      [{ code: 'EAUTH', responseCode: 454, response: '454 4.7.0 Temporary authentication failure' }, true, 454],
+      [{ code: 'ECONNECTION', responseCode: 554, response: '554 No SMTP service here' }, true, 554],
+      [{ code: 'EMESSAGE', message: 'Message size larger than allowed 1000' }, false, null],
+      [new Error('something unexpected'), true, null],
+    ];
+    for (const [err, temporary, code] of cases) {
+      const c = classifyUpstreamError(err);
+      assert.equal(c.temporary, temporary, JSON.stringify(err));
+      assert.equal(c.code, code, JSON.stringify(err));
+      assert.ok(c.reply.length > 0);
+    }
+    assert.equal(classifyUpstreamError({ code: 'EENVELOPE', responseCode: 550, response: '550 5.1.1 No such user' }).reply, '550 5.1.1 No such user');
+  });
+});
+
+describe('retries against a real upstream, with an injected clock', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  async function setup(overrides: Parameters<typeof startTestRelay>[0]) {
+    const clock = new ManualClock();
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, ...overrides },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    return { clock, relay, upstream };
+  }
+
+  async function queue(relay: Relay, to = ['a@example.com', 'b@example.com']): Promise<string> {
+    return queuedId((await sendMail(relay.smtpPort, { to, raw: 'Subject: retry\r\n\r\nbody\r\n' })).response);
+  }
+
+  /** Moves the clock to the message's next attempt and runs it. */
+  async function runWhenDue(clock: ManualClock, relay: Relay, id: string): Promise<void> {
+    clock.set(Math.max(clock.now(), message(relay, id).next_attempt_at));
+    await relay.delivery.runOnce();
+  }
+
+  test('upstream down → deferred with growing delays; back up → delivered, without re-sending anything', async () => {
+    const { clock, relay, upstream } = await setup({ retry: { initialDelay: 10, maxDelay: 100, maxAttempts: 10 } });
+    await upstream.goDown();
+    const id = await queue(relay);
+    const delays: number[] = [];
+    for (let i = 0; i < 6; i++) {
+      await runWhenDue(clock, relay, id);
+      const m = message(relay, id);
+      assert.equal(m.state, 'queued');
+      delays.push(m.next_attempt_at - clock.now());
+    }
+    assert.deepEqual(delays, [10_000, 20_000, 40_000, 80_000, 100_000, 100_000]);
+    const rows = recipients(relay, id);
+    assert.ok(rows.every((r) => r.status === 'pending' && r.attempts === 6 && r.temporary === 1));
+    assert.match(rows[0].last_reply!, /ECONNECTION|ECONNREFUSED/);
+    assert.match(message(relay, id).last_error!, /deferred/);
+    assert.deepEqual(new Set(attempts(relay, id).map((a) => a.outcome)), new Set(['deferred']));
+    const status = relay.delivery.status();
+    assert.equal(status.consecutiveFailures, 6);
+    assert.equal(status.lastSuccessAt, null);
+    assert.ok(status.lastFailureAt !== null);
+
+    clock.advance(99_999);
+    assert.equal((await relay.delivery.runOnce()).attempts, 0, 'not before the backoff');
+    await upstream.comeBack();
+    await runWhenDue(clock, relay, id);
+    assert.equal(message(relay, id).state, 'delivered');
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com', 'b@example.com']]);
+    assert.equal(relay.delivery.status().consecutiveFailures, 0);
+    assert.equal(attempts(relay, id).length, 7);
+  });
+
+  test('after retry.maxAttempts temporary failures the recipients fail and the message is exported', async () => {
+    const { clock, relay, upstream } = await setup({ retry: { initialDelay: 1, maxDelay: 10, maxAttempts: 3 }, failedRetryInterval: 0 });
+    upstream.rcptReply = () => ({ code: 451, message: '4.7.1 Greylisted, try again' });
+    const id = await queue(relay);
+    for (let i = 0; i < 3; i++) await runWhenDue(clock, relay, id);
+    const m = message(relay, id);
+    assert.equal(m.state, 'failed');
+    const rows = recipients(relay, id);
+    assert.ok(rows.every((r) => r.status === 'failed' && r.attempts === 3 && r.temporary === 1 && r.last_code === 451));
+    assert.match(rows[0].last_reply!, /gave up after 3 attempts/);
+    assert.match(m.last_error!, /retry\.maxAttempts=3/);
+    const doc = readFailedExport(relay, id);
+    assert.deepEqual(doc.recipients.map((r) => [r.status, r.attempts, r.lastCode]), [
+      ['failed', 3, 451],
+      ['failed', 3, 451],
+    ]);
+    clock.advance(86_400_000);
+    assert.equal((await relay.delivery.runOnce()).attempts, 0, 'no more attempts (failedRetryInterval off)');
+    assert.equal(upstream.rcpts.length, 6);
+  });
+
+  test('after retry.maxAge a temporary failure fails the message', async () => {
+    const { clock, relay, upstream } = await setup({ retry: { initialDelay: 10, maxDelay: 100, maxAttempts: 100, maxAge: 60 } });
+    await upstream.goDown();
+    const id = await queue(relay, ['a@example.com']);
+    await runWhenDue(clock, relay, id);
+    assert.equal(message(relay, id).state, 'queued');
+    clock.advance(59_000);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'queued', 'younger than maxAge: still retried');
+    clock.advance(1000);
+    await runWhenDue(clock, relay, id);
+    assert.equal(message(relay, id).state, 'failed');
+    const [r] = recipients(relay, id);
+    assert.equal(r.attempts, 3);
+    assert.match(r.last_reply!, /older than retry\.maxAge \(60 s\)/);
+    assert.ok(failedExportExists(relay, id));
+  });
+
+  test('failedRetryInterval re-attempts mail that failed temporarily (once per interval), never permanent failures', async () => {
+    const { clock, relay, upstream } = await setup({
+      retry: { initialDelay: 1, maxDelay: 1, maxAttempts: 2 },
+      failedRetryInterval: 300,
+    });
+    await upstream.goDown();
+    const temporary = await queue(relay, ['t@example.com']);
+    await runWhenDue(clock, relay, temporary);
+    await runWhenDue(clock, relay, temporary);
+    assert.equal(message(relay, temporary).state, 'failed');
+    await upstream.comeBack();
+    upstream.rcptReply = (a) => (a === 'p@example.com' ? { code: 550, message: '5.1.1 Unknown user' } : undefined);
+    const permanent = await queue(relay, ['p@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, permanent).state, 'failed');
+    await upstream.goDown();
+
+    const failedAt = message(relay, temporary).finished_at!;
+    clock.set(failedAt + 299_999);
+    assert.equal((await relay.delivery.runOnce()).requeued, 0, 'not before the interval');
+    clock.set(failedAt + 300_000);
+    let report = await relay.delivery.runOnce();
+    assert.equal(report.requeued, 1);
+    assert.equal(report.attempts, 1, 'one re-attempt');
+    assert.equal(message(relay, temporary).state, 'failed', 'one more temporary failure fails it again');
+    assert.equal(recipients(relay, temporary)[0].attempts, 2);
+
+    await upstream.comeBack();
+    clock.advance(300_000);
+    report = await relay.delivery.runOnce();
+    assert.equal(report.requeued, 1);
+    assert.equal(message(relay, temporary).state, 'delivered');
+    assert.equal(failedExportExists(relay, temporary), false, 'the stale failed export is removed');
+    assert.equal(message(relay, permanent).state, 'failed', 'a 5xx failure is never requeued');
+    assert.deepEqual(
+      upstream.rcpts.filter((a) => a === 'p@example.com'),
+      ['p@example.com'],
+    );
+  });
+});

@@ -1,0 +1,136 @@
+import assert from 'node:assert/strict';
+import { after, describe, test } from 'node:test';
+import pino from 'pino';
+import { ManualClock } from '../../src/clock.js';
+import { DeliveryEngine } from '../../src/delivery/engine.js';
+import type { Relay } from '../../src/main.js';
+import { sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
+
+describe('upstream connection: TLS and AUTH', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  async function relayFor(port: number, overrides: Parameters<typeof startTestRelay>[0] = {}) {
+    const clock = new ManualClock();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, ...overrides },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw: 'Subject: tls\r\n\r\nbody\r\n' })).response);
+    return { clock, relay, id };
+  }
+
+  /** An engine on the relay's store with extra TLS options (the test upstream's certificate is self-signed). */
+  function engineWith(relay: Relay, clock: ManualClock, tls: Record<string, unknown>): DeliveryEngine {
+    const engine = new DeliveryEngine({
+      config: relay.config,
+      sqlite: relay.store.sqlite,
+      commits: relay.commits,
+      clock,
+      logger: pino({ level: 'silent' }),
+      random: NO_JITTER,
+      upstreamTls: tls,
+    });
+    cleanup.push(() => engine.stop(0));
+    return engine;
+  }
+
+  test('STARTTLS is used when offered, and a certificate that does not verify is a temporary error, never plain text', async () => {
+    const upstream = await startScriptedUpstream({ disabledCommands: [] }); // smtp-server's self-signed certificate
+    cleanup.push(() => upstream.close());
+    const { clock, relay, id } = await relayFor(upstream.port);
+
+    await relay.delivery.runOnce();
+    assert.equal(upstream.accepted.length, 0, 'nothing sent over an unverified or plain connection');
+    const [r] = recipients(relay, id);
+    assert.equal(r.status, 'pending');
+    assert.equal(r.temporary, 1);
+    assert.match(r.last_reply!, /ETLS|certificate/i);
+
+    clock.set(message(relay, id).next_attempt_at);
+    await engineWith(relay, clock, { rejectUnauthorized: false }).runOnce();
+    assert.equal(message(relay, id).state, 'delivered');
+    assert.equal(upstream.accepted.length, 1);
+    assert.equal(upstream.accepted[0].secure, true, 'upgraded with STARTTLS');
+  });
+
+  test('forwardSSL=true speaks implicit TLS', async () => {
+    const upstream = await startScriptedUpstream({ secure: true });
+    cleanup.push(() => upstream.close());
+    const { clock, relay, id } = await relayFor(upstream.port, { forwardSSL: true });
+    await engineWith(relay, clock, { rejectUnauthorized: false }).runOnce();
+    assert.equal(message(relay, id).state, 'delivered');
+    assert.equal(upstream.accepted[0].secure, true);
+  });
+
+  test('forwardUsername/forwardPassword authenticate; a refused login defers the mail instead of failing it', async () => {
+    const upstream = await startScriptedUpstream({
+      authOptional: false,
+      allowInsecureAuth: true,
+      authMethods: ['PLAIN', 'LOGIN'],
+      onAuth(auth, _session, cb) {
+        if (auth.username === 'relay' && auth.password === 's3cret') return cb(null, { user: auth.username });
+        cb(Object.assign(new Error('5.7.8 Authentication credentials invalid'), { responseCode: 535 }));
+      },
+    });
+    cleanup.push(() => upstream.close());
+
+    const wrong = await relayFor(upstream.port, { forwardUsername: 'relay', forwardPassword: 'wrong' });
+    await wrong.relay.delivery.runOnce();
+    const [r] = recipients(wrong.relay, wrong.id);
+    assert.equal(r.status, 'pending', 'a bad password is a configuration problem, not the message’s');
+    assert.equal(r.last_code, 535);
+    assert.equal(attempts(wrong.relay, wrong.id)[0].outcome, 'deferred');
+
+    const right = await relayFor(upstream.port, { forwardUsername: 'relay', forwardPassword: 's3cret' });
+    await right.relay.delivery.runOnce();
+    assert.equal(message(right.relay, right.id).state, 'delivered');
+    assert.equal(upstream.accepted.length, 1);
+    assert.equal(upstream.accepted[0].user, 'relay');
+  });
+});
+
+describe('attempt deadline', () => {
+  test('an upstream that never answers DATA is cut off before the lease ends: deferred, connection closed', async () => {
+    const upstream = await startScriptedUpstream();
+    upstream.hold = () => upstream.held.length === 0;
+    const clock = new ManualClock();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 5 },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    const engine = new DeliveryEngine({
+      config: relay.config,
+      sqlite: relay.store.sqlite,
+      commits: relay.commits,
+      clock,
+      logger: pino({ level: 'silent' }),
+      random: NO_JITTER,
+      attemptTimeoutMs: 300,
+    });
+    try {
+      const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
+      assert.equal(engine.attemptTimeoutMs, 300);
+      assert.equal(relay.delivery.attemptTimeoutMs, 4000, 'by default 10 % (at least 1 s) below the 5 s lease');
+      await engine.runOnce();
+      const [r] = recipients(relay, id);
+      assert.equal(r.status, 'pending');
+      assert.match(r.last_reply!, /timed out: the attempt exceeded 300 ms/);
+      assert.equal(message(relay, id).lease_token, null, 'recorded while the lease was still held');
+      assert.equal(upstream.held.length, 1);
+      await waitFor(() => upstream.connections() === 0, 5000, 'the stalled connection to close');
+
+      clock.set(message(relay, id).next_attempt_at);
+      await engine.runOnce();
+      assert.equal(message(relay, id).state, 'delivered');
+    } finally {
+      await engine.stop(0);
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+});

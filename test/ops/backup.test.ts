@@ -1,0 +1,146 @@
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import Database from 'better-sqlite3';
+import nodemailer from 'nodemailer';
+import pino from 'pino';
+import { ManualClock } from '../../src/clock.js';
+import { type Relay, startRelay } from '../../src/main.js';
+import { BackupError, backupDatabase } from '../../src/store/backup.js';
+import { openReadOnly } from '../../src/store/maintenance.js';
+import { startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { runCli, writeConfigFile } from '../cli/run-cli.js';
+
+const CLIENTS = 12;
+const MIN_MESSAGES = 400;
+/** The backup starts once this many messages have been acknowledged. */
+const ACKED_BEFORE_BACKUP = 150;
+
+describe('relayq backup while mail is accepted and delivered', () => {
+  let relay: Relay;
+  let dir: string;
+  let configFile: string;
+
+  before(async () => {
+    relay = await startTestRelay({ queueSize: 0 });
+    dir = tempDir('relayq-backup-');
+    configFile = writeConfigFile(dir, { databasePath: relay.config.databasePath, emailsDir: relay.config.emailsDir });
+  });
+  after(async () => {
+    await relay.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('the copy opens, passes integrity_check and holds every message acknowledged before it began', async () => {
+    const acked: string[] = [];
+    let backupDone = false;
+    let startBackup: () => void = () => {};
+    const backupMayStart = new Promise<void>((resolve) => (startBackup = resolve));
+    const client = async (k: number) => {
+      const transport = nodemailer.createTransport({ host: '127.0.0.1', port: relay.smtpPort, pool: true, maxConnections: 1, ignoreTLS: true });
+      try {
+        for (let i = 0; !backupDone || acked.length < MIN_MESSAGES; i++) {
+          const info = await transport.sendMail({
+            from: `load${k}@example.com`,
+            to: [`rcpt${k}-${i}@example.com`, `copy${k}-${i}@example.com`],
+            subject: `load ${k}/${i}`,
+            text: `message ${i} of client ${k}\n${'x'.repeat(2000)}`,
+          });
+          const id = /queued as (\S+)/.exec(info.response)?.[1];
+          assert.ok(id, info.response);
+          acked.push(id);
+          if (acked.length === ACKED_BEFORE_BACKUP) startBackup();
+        }
+      } finally {
+        transport.close();
+      }
+    };
+    const file = path.join(dir, 'relayq-backup.db');
+    const backup = backupMayStart.then(async () => {
+      const ackedBefore = [...acked];
+      const result = await runCli(['--config', configFile, 'backup', file, '--json']);
+      const ackedAfter = acked.length;
+      backupDone = true;
+      return { result, ackedBefore, ackedAfter };
+    });
+    const [{ result, ackedBefore, ackedAfter }] = await Promise.all([backup, ...Array.from({ length: CLIENTS }, (_, k) => client(k))]);
+
+    assert.equal(result.code, 0, result.stderr);
+    const report = JSON.parse(result.stdout) as { file: string; integrity: string; messages: number; bytes: number };
+    assert.equal(report.integrity, 'ok');
+    assert.equal(report.file, file);
+    assert.ok(ackedAfter > ackedBefore.length, 'mail kept being accepted while the backup ran');
+    assert.ok(acked.length >= MIN_MESSAGES);
+
+    assert.deepEqual(
+      fs.readdirSync(dir).filter((f) => f.startsWith('relayq-backup')),
+      ['relayq-backup.db'],
+      'no partial file or -wal next to the copy',
+    );
+    const copy = new Database(file, { readonly: true, fileMustExist: true });
+    try {
+      assert.deepEqual(copy.pragma('integrity_check'), [{ integrity_check: 'ok' }]);
+      assert.deepEqual(copy.pragma('foreign_key_check'), []);
+      const inCopy = new Set((copy.prepare('SELECT id FROM messages').all() as Array<{ id: string }>).map((r) => r.id));
+      assert.equal(inCopy.size, report.messages);
+      const missing = ackedBefore.filter((id) => !inCopy.has(id));
+      assert.deepEqual(missing, [], 'every message acknowledged before the backup is in it');
+      const rcpts = copy.prepare('SELECT COUNT(*) AS n FROM recipients WHERE message_id = ?');
+      for (const id of ackedBefore) assert.equal((rcpts.get(id) as { n: number }).n, 2);
+      // Counters are copied in the same snapshot as the rows they count.
+      const counted = copy.prepare("SELECT SUM(value) AS n FROM counters WHERE name LIKE 'state_%'").get() as { n: number };
+      assert.equal(counted.n, inCopy.size);
+    } finally {
+      copy.close();
+    }
+  });
+
+  test('restoring the copy as the README says brings every message back and delivers what was pending', async () => {
+    const file = path.join(dir, 'relayq-backup.db');
+    const restoredDir = tempDir('relayq-restore-');
+    const restored = path.join(restoredDir, 'data', 'relayq.db');
+    fs.mkdirSync(path.dirname(restored));
+    fs.copyFileSync(file, restored);
+    const expected = (new Database(file, { readonly: true }).prepare('SELECT COUNT(*) AS n FROM messages').get() as { n: number }).n;
+    const again = await startRelay(
+      { ...relay.config, smtpPort: 0, healthCheckPort: 0, databasePath: restored, emailsDir: path.join(restoredDir, 'emails') },
+      // Messages a worker had claimed when the copy was taken carry that worker's lease; they
+      // are due again once it runs out (processingTimeout), which this clock has passed.
+      { logger: pino({ level: 'silent' }), clock: new ManualClock(Date.now() + (relay.config.processingTimeout + 1) * 1000) },
+    );
+    try {
+      const count = (sql: string) => (again.store.sqlite.prepare(sql).get() as { n: number }).n;
+      assert.equal(count('SELECT COUNT(*) AS n FROM messages'), expected);
+      assert.ok(count("SELECT COUNT(*) AS n FROM messages WHERE state IN ('queued', 'sending')") > 0, 'the copy was taken mid-delivery');
+      await waitFor(() => count("SELECT COUNT(*) AS n FROM messages WHERE state IN ('queued', 'sending')") === 0, 20_000, 'restored queue to drain');
+      assert.equal(count("SELECT COUNT(*) AS n FROM messages WHERE state = 'delivered'"), expected);
+    } finally {
+      await again.stop();
+    }
+  });
+
+  test('refuses to overwrite without --force, replaces with it, and leaves nothing behind on failure', async () => {
+    const target = path.join(dir, 'second.db');
+    fs.writeFileSync(target, 'an older backup');
+    const refused = await runCli(['--config', configFile, 'backup', target]);
+    assert.notEqual(refused.code, 0);
+    assert.match(refused.stderr, /^relayq: backup failed: .*second\.db already exists \(use --force to replace it\)\n$/);
+    assert.equal(fs.readFileSync(target, 'utf8'), 'an older backup');
+
+    const sqlite = openReadOnly(relay.config.databasePath);
+    try {
+      const replaced = backupDatabase(sqlite, target, { overwrite: true });
+      assert.equal(replaced.integrity, 'ok');
+      assert.ok(replaced.messages >= MIN_MESSAGES);
+      assert.throws(() => backupDatabase(sqlite, path.join(dir, 'no-such-dir', 'x.db')), BackupError);
+      assert.throws(() => backupDatabase(sqlite, relay.config.databasePath, { overwrite: true }), /must not be the database itself/);
+      assert.deepEqual(
+        fs.readdirSync(dir).filter((f) => f.includes('.partial-')),
+        [],
+      );
+    } finally {
+      sqlite.close();
+    }
+  });
+});

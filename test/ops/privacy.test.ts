@@ -1,0 +1,35 @@
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import { describe, test } from 'node:test';
+import { sendMail, startTestRelay } from '../helpers.js';
+
+/** Delivers a few messages carrying `marker` (one small, two spanning overflow pages), then stops. */
+async function deliverAndStop(logAllEmails: boolean, marker: string) {
+  const relay = await startTestRelay({ security: { logAllEmails } }, { startDelivery: false, startRetention: false });
+  const bodies = [`short ${marker}`, `${marker}\n${'a'.repeat(30_000)}\n${marker}`, `${'b'.repeat(70_000)} ${marker}`];
+  for (const text of bodies) await sendMail(relay.smtpPort, { text, subject: 'private' });
+  await relay.delivery.runOnce();
+  const rows = relay.store.sqlite.prepare('SELECT state, raw IS NULL AS erased FROM messages').all() as Array<{ state: string; erased: number }>;
+  const file = relay.config.databasePath;
+  await relay.stop();
+  const onDisk = [file, `${file}-wal`].filter((f) => fs.existsSync(f)).map((f) => fs.readFileSync(f));
+  return { rows, onDisk };
+}
+
+describe('security.logAllEmails', () => {
+  test('false: delivered mail leaves no raw bytes in the database, not even in freed pages', async () => {
+    const marker = `PRIVATE-${crypto.randomBytes(8).toString('hex')}`;
+    const { rows, onDisk } = await deliverAndStop(false, marker);
+    assert.equal(rows.length, 3);
+    assert.deepEqual(rows, Array(3).fill({ state: 'delivered', erased: 1 }));
+    for (const bytes of onDisk) assert.equal(bytes.indexOf(marker), -1, 'the marker is nowhere in the database files');
+  });
+
+  test('true (control): the content is kept after delivery, so the search above can find it', async () => {
+    const marker = `KEPT-${crypto.randomBytes(8).toString('hex')}`;
+    const { rows, onDisk } = await deliverAndStop(true, marker);
+    assert.deepEqual(rows, Array(3).fill({ state: 'delivered', erased: 0 }));
+    assert.ok(onDisk.some((bytes) => bytes.indexOf(marker) >= 0));
+  });
+});

@@ -1,0 +1,54 @@
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { readmeConfigTable, renderConfigTable } from '../../src/config/docs.js';
+import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
+import { sendMail, startTestRelay } from '../helpers.js';
+import { REPO_ROOT } from '../cli/run-cli.js';
+
+const readme = fs.readFileSync(path.join(REPO_ROOT, 'README.md'), 'utf8');
+
+function section(title: string): string {
+  const start = readme.indexOf(`\n## ${title}\n`);
+  assert.ok(start >= 0, `README has a "## ${title}" section`);
+  const end = readme.indexOf('\n## ', start + 1);
+  return readme.slice(start, end < 0 ? undefined : end);
+}
+
+test("README's configuration table is the one the schema renders (run `npm run docs` to update it)", () => {
+  const inReadme = readmeConfigTable(readme);
+  assert.ok(inReadme, 'README has the config-table markers');
+  assert.equal(inReadme, renderConfigTable());
+
+  // The same, read the other way: one row per key, with its environment variable.
+  const rows = inReadme
+    .split('\n')
+    .slice(2)
+    .map((line) => line.split(' | ').map((c) => c.replace(/^\|? ?`?|`? ?\|?$/g, '')));
+  assert.deepEqual(
+    rows.map(([key, env]) => [key, env]),
+    CONFIG_KEYS.map((k) => [k.path, envName(k.path)]),
+  );
+});
+
+test("the Operations section's sqlite3 queries run against a relayq database", async () => {
+  const queries = [...section('Operations').matchAll(/sqlite3 [^"\n]*"([^"]+)"/g)].map((m) => m[1]);
+  assert.ok(queries.length >= 6, `found ${queries.length} queries`);
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  try {
+    const info = await sendMail(relay.smtpPort, { to: ['a@example.com', 'b@example.com'] });
+    await sendMail(relay.smtpPort);
+    await relay.delivery.runOnce();
+    const id = /queued as (\S+)/.exec(info.response)?.[1] as string;
+    const results = queries.map((sql) => relay.store.sqlite.prepare(sql.replaceAll('QUEUE_ID', id)).all());
+    assert.deepEqual(results[0], [{ state: 'delivered', messages: 2, recipients: 3 }]);
+    const perMessage = queries.findIndex((q) => q.includes('from recipients where message_id'));
+    assert.deepEqual(
+      (results[perMessage] as Array<{ address: string }>).map((r) => r.address),
+      ['a@example.com', 'b@example.com'],
+    );
+  } finally {
+    await relay.stop();
+  }
+});

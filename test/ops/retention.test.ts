@@ -1,0 +1,133 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import pino from 'pino';
+import { ManualClock } from '../../src/clock.js';
+import type { Relay } from '../../src/main.js';
+import { storeMetrics } from '../../src/store/queries.js';
+import { RetentionSweeper } from '../../src/store/retention.js';
+import { sendMail, startTestRelay, startUpstream, type Upstream, waitFor } from '../helpers.js';
+
+const MINUTE = 60_000;
+const DAY = 86_400_000;
+
+describe('retention with an injected clock', () => {
+  let relay: Relay;
+  let upstream: Upstream;
+  const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
+  const t0 = clock.now();
+  const ids = { old: [] as string[], failed: '', deferred: '', recent: '' };
+  const state = (id: string) => (relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').get(id) as { state: string } | undefined)?.state;
+  const rowsOf = (table: 'recipients' | 'attempts', id: string) =>
+    (relay.store.sqlite.prepare(`SELECT COUNT(*) AS n FROM ${table} WHERE message_id = ?`).get(id) as { n: number }).n;
+  const send = async (to: string) => {
+    const info = await sendMail(relay.smtpPort, { from: 'app@example.com', to: [to] });
+    return /queued as (\S+)/.exec(info.response)?.[1] as string;
+  };
+
+  before(async () => {
+    upstream = await startUpstream({
+      onRcptTo(address, _session, cb) {
+        if (address.address.startsWith('bad')) cb(Object.assign(new Error('5.1.1 unknown user'), { responseCode: 550 }));
+        else if (address.address.startsWith('slow')) cb(Object.assign(new Error('4.2.1 try later'), { responseCode: 451 }));
+        else cb();
+      },
+    });
+    relay = await startTestRelay(
+      {
+        forwardSMTP: true,
+        forwardHost: '127.0.0.1',
+        forwardPort: upstream.port,
+        batchDelay: 0,
+        retention: { deliveredDays: 7 },
+        // the deferred message must still be queued a week later
+        retry: { maxAttempts: 1000, initialDelay: 60, maxDelay: 3600, maxAge: 31536000 },
+        failedRetryInterval: 0,
+      },
+      { clock, startDelivery: false, startRetention: false },
+    );
+    // At t0: three delivered, one failed, one deferred (still queued).
+    ids.old = [await send('ok1@example.com'), await send('ok2@example.com'), await send('ok3@example.com')];
+    ids.failed = await send('bad@example.com');
+    ids.deferred = await send('slow@example.com');
+    await relay.delivery.runOnce();
+    assert.deepEqual(ids.old.map(state), ['delivered', 'delivered', 'delivered']);
+    assert.equal(state(ids.failed), 'failed');
+    assert.equal(state(ids.deferred), 'queued');
+  });
+
+  after(async () => {
+    await relay.stop();
+    await upstream.close();
+  });
+
+  test('keeps everything younger than retention.deliveredDays and prunes day-old rate buckets', async () => {
+    clock.set(t0 + 7 * DAY - MINUTE);
+    ids.recent = await send('ok4@example.com');
+    await relay.delivery.runOnce();
+    assert.equal(state(ids.recent), 'delivered');
+    const bucketMinutes = () =>
+      (relay.store.sqlite.prepare("SELECT minute FROM rate_buckets WHERE sender_key = '*' ORDER BY minute").all() as Array<{ minute: number }>).map(
+        (r) => r.minute,
+      );
+    assert.deepEqual(bucketMinutes(), [Math.floor(t0 / MINUTE), Math.floor((t0 + 7 * DAY - MINUTE) / MINUTE)]);
+
+    const r = await relay.retention.runOnce();
+    assert.equal(r.messages, 0);
+    assert.equal(state(ids.old[0]), 'delivered');
+    // With no message due, the same run prunes what no rate window reaches: t0's buckets (the
+    // sender's and the global one), not the bucket of the last day.
+    assert.equal(r.buckets, 2);
+    assert.deepEqual(bucketMinutes(), [Math.floor((t0 + 7 * DAY - MINUTE) / MINUTE)]);
+  });
+
+  test('deletes only delivered mail past its age, in batches, with its recipients and attempts', async () => {
+    clock.set(t0 + 7 * DAY + MINUTE);
+    const before = storeMetrics(relay.store.sqlite);
+    const sweeper = new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 2 });
+    assert.deepEqual(await sweeper.runOnce(), { messages: 2, buckets: 0 });
+    assert.equal((await sweeper.runOnce()).messages, 1);
+    for (const id of ids.old) {
+      assert.equal(state(id), undefined, `${id} deleted`);
+      assert.equal(rowsOf('recipients', id), 0);
+      assert.equal(rowsOf('attempts', id), 0);
+    }
+    assert.equal(state(ids.recent), 'delivered', 'delivered a minute short of 7 days ago: kept');
+    assert.equal(state(ids.failed), 'failed', 'failed mail is kept for the operator');
+    assert.equal(state(ids.deferred), 'queued', 'queued mail is never deleted, however old');
+    assert.ok(rowsOf('attempts', ids.failed) > 0);
+
+    const afterSweep = storeMetrics(relay.store.sqlite);
+    assert.equal(afterSweep.queue.delivered, before.queue.delivered - 3);
+    assert.equal(afterSweep.messagesDelivered, before.messagesDelivered, 'lifetime totals survive retention');
+    assert.equal(afterSweep.messagesAccepted, before.messagesAccepted);
+  });
+
+  test('deliveredDays 0 keeps delivered mail forever', async () => {
+    clock.set(t0 + 3650 * DAY);
+    const keep = new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 0 });
+    assert.equal((await keep.runOnce()).messages, 0);
+    assert.equal(state(ids.recent), 'delivered');
+  });
+
+  test('the timer works through a backlog batch by batch and stops on stop()', async () => {
+    clock.set(t0 + 7 * DAY - MINUTE);
+    const more = [await send('ok5@example.com'), await send('ok6@example.com'), await send('ok7@example.com')];
+    await relay.delivery.runOnce();
+    clock.set(t0 + 30 * DAY);
+    const sweeper = new RetentionSweeper({
+      commits: relay.commits,
+      clock,
+      logger: pino({ level: 'silent' }),
+      deliveredDays: 7,
+      batchSize: 1,
+      busyIntervalMs: 0,
+      idleIntervalMs: 60_000,
+    });
+    sweeper.start();
+    await waitFor(() => sweeper.totals.messages === 4, 10_000, 'the sweeper to delete the 4 delivered messages');
+    await sweeper.stop();
+    for (const id of [...more, ids.recent]) assert.equal(state(id), undefined);
+    assert.equal(state(ids.failed), 'failed');
+    assert.equal(state(ids.deferred), 'queued');
+  });
+});

@@ -1,0 +1,388 @@
+// Hostile SMTP input against a live relay: every case checks the exact reply, that nothing was
+// stored that did not get a 250, and that a normal client is still served afterwards.
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { after, before, describe, test } from 'node:test';
+import type { Relay } from '../../src/main.js';
+import { messageCount, openSession, SmtpClient, startTestRelay, waitFor } from '../helpers.js';
+import { assertStillServing, closedByPeer, INTAKE_ONLY, queuedId } from './smtp-session.js';
+
+const MAX_SIZE = 4096;
+
+/** DATA content of exactly `size` bytes (headers, blank line, body lines, final CRLF). */
+function contentOfSize(size: number): string {
+  let text = 'Subject: exact size\r\n\r\n';
+  while (text.length + 78 <= size) text += `${'x'.repeat(76)}\r\n`;
+  const rest = size - text.length;
+  if (rest >= 2) text += `${'y'.repeat(rest - 2)}\r\n`;
+  else text = text.replace('Subject: exact size', `Subject: exact size${'z'.repeat(rest)}`);
+  assert.equal(Buffer.byteLength(text), size);
+  return text;
+}
+
+function rawOf(relay: Relay, id: string): Buffer {
+  return (relay.store.sqlite.prepare('SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer }).raw;
+}
+
+/** Reads `count` reply lines from a raw socket (for replies too many to parse one by one). */
+function readReplyLines(socket: net.Socket, count: number): Promise<string[]> {
+  return new Promise((resolve, reject) => {
+    let buffer = '';
+    const lines: string[] = [];
+    const timer = setTimeout(() => reject(new Error(`only ${lines.length} of ${count} replies`)), 30_000);
+    const onData = (d: string) => {
+      buffer += d;
+      let end = buffer.indexOf('\r\n');
+      let start = 0;
+      while (end !== -1 && lines.length < count) {
+        lines.push(buffer.slice(start, end));
+        start = end + 2;
+        end = buffer.indexOf('\r\n', start);
+      }
+      buffer = buffer.slice(start);
+      if (lines.length >= count) {
+        clearTimeout(timer);
+        socket.off('data', onData);
+        resolve(lines);
+      }
+    };
+    socket.on('data', onData);
+  });
+}
+
+describe('hostile SMTP input', () => {
+  let relay: Relay;
+  before(async () => {
+    relay = await startTestRelay({ maxMessageSize: MAX_SIZE }, INTAKE_ONLY);
+  });
+  after(() => relay.stop());
+
+  const smuggling = ['\n.\n', '\r.\r', '\n.\r\n', '\r\n.\n', '\r.\r\n', '\n.\r'];
+  for (const sequence of smuggling) {
+    test(`smuggling ${JSON.stringify(sequence)} inside DATA → 550 5.6.0, nothing stored, session and server keep serving`, async () => {
+      const before = messageCount(relay);
+      const c = await openSession(relay.smtpPort, 'honest@example.com', ['rcpt@example.com']);
+      assert.match(await c.send('DATA'), /^354 /);
+      // the smuggled transaction hides behind the ambiguous end-of-data sequence
+      c.write(
+        `Subject: outer\r\n\r\nbefore${sequence}MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\nNOOP\r\n`,
+      );
+      assert.match(await c.read(), /^550 5\.6\.0 /);
+      // the smuggled commands were message content, not commands: the next reply is the NOOP's
+      assert.match(await c.read(), /^250 2\.0\.0 /);
+      assert.equal(messageCount(relay), before);
+      // the same session can still send a clean message
+      assert.match(await c.send('MAIL FROM:<honest@example.com>'), /^250 /);
+      assert.match(await c.send('RCPT TO:<rcpt@example.com>'), /^250 /);
+      assert.match(await c.send('DATA'), /^354 /);
+      const id = queuedId(await c.send('Subject: clean\r\n\r\nclean\r\n.'));
+      assert.ok(id);
+      c.close();
+      assert.equal(messageCount(relay), before + 1);
+      const evil = relay.store.sqlite
+        .prepare("SELECT COUNT(*) AS n FROM messages WHERE mail_from = 'evil@example.com' OR CAST(raw AS TEXT) LIKE '%smuggled%'")
+        .get() as { n: number };
+      assert.equal(evil.n, 0);
+      await assertStillServing(relay);
+    });
+  }
+
+  test('CR, LF or NUL injected into MAIL FROM / RCPT TO → 501 5.1.3, nothing stored', async () => {
+    const before = messageCount(relay);
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO hostile.test');
+    for (const path of ['a\0@example.com', 'a@exam\0ple.com', 'a@example.com\r', '\ra@example.com', 'a\r@example.com']) {
+      assert.match(await c.send(`MAIL FROM:<${path}>`), /^501 5\.1\.3 /, JSON.stringify(path));
+      // no transaction was opened by the refused MAIL
+      assert.match(await c.send('RCPT TO:<rcpt@example.com>'), /^503 /);
+    }
+    // an ESMTP parameter carrying a control character is refused as well
+    assert.match(await c.send('MAIL FROM:<a@example.com> ENVID=x\0y'), /^501 /);
+    // a bare LF ends the command line: neither half is taken as an address
+    c.write('MAIL FROM:<a@exam\nple.com>\r\n');
+    assert.match(await c.read(), /^501 5\.1\.3 /);
+    assert.match(await c.read(), /^500 /);
+    assert.match(await c.send('MAIL FROM:<good@example.com>'), /^250 /);
+    for (const path of ['r\0@example.com', 'r@example.com\0', 'r@exa\rmple.com', '\0']) {
+      assert.match(await c.send(`RCPT TO:<${path}>`), /^501 5\.1\.3 /, JSON.stringify(path));
+    }
+    // none of the refused recipients joined the envelope
+    assert.match(await c.send('DATA'), /^503 /);
+    c.close();
+    assert.equal(messageCount(relay), before);
+    const controls = relay.store.sqlite
+      .prepare(
+        "SELECT (SELECT COUNT(*) FROM messages WHERE instr(mail_from, char(0)) OR instr(mail_from, char(13)) OR instr(mail_from, char(10))) + (SELECT COUNT(*) FROM recipients WHERE instr(address, char(0)) OR instr(address, char(13)) OR instr(address, char(10))) AS n",
+      )
+      .get() as { n: number };
+    assert.equal(controls.n, 0);
+    await assertStillServing(relay);
+  });
+
+  test('10,000 pipelined RCPTs → 250 up to maxRecipients, then 452 4.5.3; the message keeps exactly maxRecipients', async () => {
+    const max = relay.config.maxRecipients;
+    const socket = net.connect(relay.smtpPort, '127.0.0.1');
+    socket.setEncoding('latin1');
+    await readReplyLines(socket, 1);
+    socket.write('EHLO many.test\r\nMAIL FROM:<bulk@example.com>\r\n');
+    const head = await readReplyLines(socket, 8);
+    assert.match(head[head.length - 1], /^250 /);
+    const rcpts = Array.from({ length: 10_000 }, (_, i) => `RCPT TO:<r${i}@example.com>\r\n`).join('');
+    const replies = readReplyLines(socket, 10_000);
+    socket.write(rcpts);
+    const lines = await replies;
+    assert.equal(lines.filter((l) => /^250 /.test(l)).length, max);
+    assert.ok(lines.slice(0, max).every((l) => /^250 /.test(l)));
+    assert.ok(lines.slice(max).every((l) => /^452 4\.5\.3 /.test(l)), lines[max]);
+    const done = readReplyLines(socket, 2);
+    socket.write('DATA\r\nSubject: many\r\n\r\nbody\r\n.\r\n');
+    const [dataReply, final] = await done;
+    assert.match(dataReply, /^354 /);
+    const id = queuedId(final);
+    assert.ok(id, final);
+    socket.destroy();
+    const n = relay.store.sqlite.prepare('SELECT COUNT(*) AS n FROM recipients WHERE message_id = ?').get(id) as { n: number };
+    assert.equal(n.n, max);
+    await assertStillServing(relay);
+  });
+
+  test('one byte over maxMessageSize → 552 5.3.4, nothing stored; exactly at the limit → 250', async () => {
+    const before = messageCount(relay);
+    const over = await openSession(relay.smtpPort);
+    assert.match(await over.send('DATA'), /^354 /);
+    over.write(`${contentOfSize(MAX_SIZE + 1)}.\r\n`);
+    assert.match(await over.read(), /^552 5\.3\.4 /);
+    assert.equal(messageCount(relay), before);
+    // the session survives the refusal
+    assert.match(await over.send('NOOP'), /^250 /);
+    over.close();
+
+    const content = contentOfSize(MAX_SIZE);
+    const exact = await openSession(relay.smtpPort);
+    assert.match(await exact.send('DATA'), /^354 /);
+    exact.write(`${content}.\r\n`);
+    const id = queuedId(await exact.read());
+    assert.ok(id);
+    exact.close();
+    // the limit applies to the client's bytes; the stored copy also holds the Received header
+    const raw = rawOf(relay, id);
+    assert.deepEqual(raw.subarray(raw.length - MAX_SIZE), Buffer.from(content, 'latin1'));
+    assert.ok(raw.length > MAX_SIZE);
+    assert.match(raw.subarray(0, raw.length - MAX_SIZE).toString(), /^Received: from /);
+    await assertStillServing(relay);
+  });
+
+  test('a SIZE= declaration over the limit is refused at MAIL FROM with 552 5.3.4', async () => {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO size.test');
+    assert.match(await c.send(`MAIL FROM:<a@example.com> SIZE=${MAX_SIZE + 1}`), /^552 5\.3\.4 /);
+    assert.match(await c.send(`MAIL FROM:<a@example.com> SIZE=${MAX_SIZE}`), /^250 /);
+    c.close();
+  });
+
+  test('an empty message is stored as its Received header alone and acknowledged once', async () => {
+    const before = messageCount(relay);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354 /);
+    const id = queuedId(await c.send('.'));
+    assert.ok(id);
+    c.close();
+    assert.equal(messageCount(relay), before + 1);
+    const raw = rawOf(relay, id).toString();
+    assert.match(raw, /^Received: from [^\r\n]+\r\n(\t[^\r\n]+\r\n)+$/);
+    await assertStillServing(relay);
+  });
+
+  test('a 100 KB command line → 421 and close, nothing stored', async () => {
+    const before = messageCount(relay);
+    const terminated = await SmtpClient.connect(relay.smtpPort);
+    await terminated.read();
+    await terminated.send('EHLO long.test');
+    assert.match(await terminated.send(`MAIL FROM:<${'a'.repeat(100 * 1024)}@example.com>`), /^421 /);
+    await closedByPeer(terminated.socket);
+    // and one that never ends: the server does not buffer it without bound either
+    const unterminated = await SmtpClient.connect(relay.smtpPort);
+    await unterminated.read();
+    unterminated.write(`EHLO ${'b'.repeat(100 * 1024)}`);
+    assert.match(await unterminated.read(), /^421 /);
+    await closedByPeer(unterminated.socket);
+    assert.equal(messageCount(relay), before);
+    await assertStillServing(relay);
+  });
+
+  test('invalid base64 and aborted exchanges in AUTH → 501, the session stays usable', async () => {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO auth.test');
+    assert.match(await c.send('AUTH PLAIN !!!not-base64!!!'), /^501 /);
+    assert.match(await c.send('AUTH LOGIN'), /^334 /);
+    assert.match(await c.send('%%%'), /^501 /);
+    assert.match(await c.send('AUTH PLAIN'), /^334/);
+    assert.match(await c.send('===='), /^501 /);
+    assert.match(await c.send('AUTH LOGIN'), /^334 /);
+    assert.match(await c.send('*'), /^501 /);
+    assert.match(await c.send(`AUTH PLAIN ${Buffer.from('no separators at all').toString('base64')}`), /^(501|535) /);
+    assert.match(await c.send(`AUTH PLAIN ${'QUFB'.repeat(3000)}`), /^(501|535) /);
+    assert.match(await c.send('AUTH CRAM-MD5'), /^504 /);
+    // loopback without configured credentials may send without AUTH: the session still works
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    c.close();
+    await assertStillServing(relay);
+  });
+
+  test('commands sent before the greeting: the greeting comes first, nothing is half-stored', async () => {
+    const before = messageCount(relay);
+    const socket = net.connect(relay.smtpPort, '127.0.0.1');
+    socket.setEncoding('latin1');
+    let received = '';
+    socket.on('data', (d: string) => (received += d));
+    // the whole transaction in the first packet, without waiting for anything
+    socket.write('EHLO early.test\r\nMAIL FROM:<early@example.com>\r\nRCPT TO:<r@example.com>\r\nDATA\r\nSubject: early\r\n\r\nearly\r\n.\r\nQUIT\r\n');
+    await closedByPeer(socket);
+    const codes = received
+      .split('\r\n')
+      .filter((l) => /^\d{3} /.test(l))
+      .map((l) => l.slice(0, 3));
+    assert.equal(codes[0], '220', received);
+    // either the pipelined commands are answered in order, or the early talker is turned away
+    const ids = [...received.matchAll(/queued as ([0-9A-F]{20})/g)].map((m) => m[1]);
+    if (codes.includes('421')) {
+      assert.deepEqual(ids, []);
+    } else {
+      assert.deepEqual(codes, ['220', '250', '250', '250', '354', '250', '221']);
+      assert.equal(ids.length, 1);
+    }
+    assert.equal(messageCount(relay), before + ids.length);
+    await assertStillServing(relay);
+  });
+
+  test('pipelined garbage after DATA: the message is stored once, the garbage gets 500 and then 421', async () => {
+    const before = messageCount(relay);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354 /);
+    const garbage = Array.from({ length: 12 }, (_, i) => `\x01\x02garbage${i} \xff\xfe\x00`).join('\r\n');
+    c.write(Buffer.from(`Subject: then garbage\r\n\r\nbody\r\n.\r\n${garbage}\r\n`, 'latin1'));
+    const id = queuedId(await c.read());
+    assert.ok(id);
+    const rest: string[] = [];
+    for (let r = await c.read(); r !== ''; r = await c.read()) rest.push(r);
+    assert.ok(rest.length >= 1);
+    assert.ok(rest.slice(0, -1).every((r) => /^500 /.test(r)), rest.join('\n'));
+    assert.match(rest[rest.length - 1], /^(500|421) /);
+    assert.equal(messageCount(relay), before + 1);
+    await assertStillServing(relay);
+  });
+
+  test('binary garbage as message content (sent without waiting for 354) is stored byte for byte', async () => {
+    const c = await openSession(relay.smtpPort);
+    const bytes = Buffer.from(Array.from({ length: 256 }, (_, i) => i).filter((b) => b !== 10 && b !== 13 && b !== 46));
+    const content = Buffer.concat([Buffer.from('Subject: binary\r\n\r\n'), bytes, Buffer.from('\r\n'), bytes, Buffer.from('\r\n')]);
+    c.write(Buffer.concat([Buffer.from('DATA\r\n'), content, Buffer.from('.\r\nNOOP\r\n')]));
+    assert.match(await c.read(), /^354 /);
+    const id = queuedId(await c.read());
+    assert.ok(id);
+    assert.match(await c.read(), /^250 /);
+    c.close();
+    const raw = rawOf(relay, id);
+    assert.deepEqual(raw.subarray(raw.length - content.length), content);
+  });
+
+  test('a client that leaves in the middle of DATA leaves nothing behind', async () => {
+    const before = messageCount(relay);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354 /);
+    c.write('Subject: half\r\n\r\nhalf a message\r\n');
+    await waitFor(() => relay.intake.server.connections.size > 0, 2000, 'server connection');
+    c.close();
+    await waitFor(() => relay.intake.server.connections.size === 0, 5000, 'server to drop the connection');
+    assert.equal(messageCount(relay), before);
+    await assertStillServing(relay);
+  });
+});
+
+describe('idle and slow clients', () => {
+  const SOCKET_TIMEOUT_MS = 1000;
+  let relay: Relay;
+  before(async () => {
+    relay = await startTestRelay(undefined, INTAKE_ONLY);
+    // smtp-server reads its options object per connection; a short idle timeout keeps the test fast
+    relay.intake.server.options.socketTimeout = SOCKET_TIMEOUT_MS;
+  });
+  after(() => relay.stop());
+
+  test('an idle client is closed with 421 after the socket timeout', async () => {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    assert.match(await c.read(), /^220 /);
+    assert.match(await c.read(SOCKET_TIMEOUT_MS * 10), /^421 /);
+    await closedByPeer(c.socket);
+    await assertStillServing(relay);
+  });
+
+  test('a client that stalls in the middle of DATA is timed out and nothing is stored', async () => {
+    const before = messageCount(relay);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354 /);
+    c.write('Subject: stalled\r\n\r\nfirst half\r\n');
+    assert.match(await c.read(SOCKET_TIMEOUT_MS * 10), /^421 /);
+    await closedByPeer(c.socket);
+    assert.equal(messageCount(relay), before);
+    await assertStillServing(relay);
+  });
+
+  test('a very slow client that keeps sending is not cut off, and others are served meanwhile', async () => {
+    const before = messageCount(relay);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354 /);
+    const content = `Subject: slow\r\n\r\n${'slow line\r\n'.repeat(12)}`;
+    const chunks = content.match(/[\s\S]{1,4}/g) ?? [];
+    // a few bytes every 60 ms: each gap is well inside the idle timeout, the whole far beyond it
+    assert.ok(chunks.length * 60 > SOCKET_TIMEOUT_MS * 2);
+    let others = 0;
+    for (const [i, chunk] of chunks.entries()) {
+      c.write(chunk);
+      if (i % 10 === 0) {
+        await assertStillServing(relay);
+        others++;
+      }
+      await new Promise((r) => setTimeout(r, 60));
+    }
+    const id = queuedId(await c.send('.'));
+    assert.ok(id);
+    c.close();
+    assert.equal(messageCount(relay), before + others + 1);
+    const raw = rawOf(relay, id);
+    assert.ok(raw.toString().endsWith(content));
+  });
+});
+
+describe('connection flood', () => {
+  test('more than maxConnections at once → 421 4.7.0 for the extra ones; the admitted ones keep working', async () => {
+    const relay = await startTestRelay({ maxConnections: 3 }, INTAKE_ONLY);
+    try {
+      const held = await Promise.all([1, 2, 3].map(() => SmtpClient.connect(relay.smtpPort)));
+      for (const c of held) assert.match(await c.read(), /^220 /);
+      const flood = await Promise.all(Array.from({ length: 20 }, () => SmtpClient.connect(relay.smtpPort)));
+      const replies = await Promise.all(flood.map((c) => c.read()));
+      assert.ok(
+        replies.every((r) => /^421 4\.7\.0 /.test(r)),
+        replies.join('\n'),
+      );
+      await Promise.all(flood.map((c) => closedByPeer(c.socket)));
+      // an admitted client completes a transaction while the flood is being turned away
+      const [first, ...others] = held;
+      await first.send('EHLO held.test');
+      assert.match(await first.send('MAIL FROM:<a@example.com>'), /^250 /);
+      assert.match(await first.send('RCPT TO:<b@example.com>'), /^250 /);
+      assert.match(await first.send('DATA'), /^354 /);
+      assert.ok(queuedId(await first.send('Subject: held\r\n\r\nheld\r\n.')));
+      first.close();
+      for (const c of others) c.close();
+      await waitFor(() => relay.intake.server.connections.size === 0, 5000, 'connections to close');
+      await assertStillServing(relay);
+    } finally {
+      await relay.stop();
+    }
+  });
+});

@@ -1,0 +1,262 @@
+// relayq never runs as an open relay. With allowLocalOnly=false and requireAuth=true, clients
+// from other hosts must authenticate, only over TLS, and outsiders of allowedNetworks are turned
+// away at connect. "Other hosts" are simulated by handing 127.0.0.1 sockets to the relay's SMTP
+// server under an injected peer address (see listenAsPeer), so nothing leaves the loopback.
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { once } from 'node:events';
+import net from 'node:net';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import type { Relay } from '../../src/main.js';
+import { messageCount, SmtpClient, startTestRelay, tempDir } from '../helpers.js';
+import { assertStillServing, closedByPeer, INTAKE_ONLY, listenAsPeer, type PeerListener, queuedId, SmtpDialog } from './smtp-session.js';
+
+const USER = 'relay-user';
+const PASSWORD = 'correct horse battery';
+const AUTH = { user: USER, pass: PASSWORD };
+
+function plain(user: string, password: string): string {
+  return Buffer.from(`\0${user}\0${password}`).toString('base64');
+}
+
+/** A throwaway self-signed certificate for STARTTLS, or undefined when openssl is missing. */
+function selfSignedCertificate(): { cert: string; key: string } | undefined {
+  const dir = tempDir('relayq-tls-');
+  const cert = path.join(dir, 'cert.pem');
+  const key = path.join(dir, 'key.pem');
+  try {
+    execFileSync(
+      'openssl',
+      ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=relayq.test'],
+      { stdio: 'ignore' },
+    );
+  } catch {
+    return undefined;
+  }
+  return { cert, key };
+}
+
+async function dialogVia(listener: PeerListener): Promise<{ dialog: SmtpDialog; greeting: string }> {
+  const socket = net.connect(listener.port, '127.0.0.1');
+  await once(socket, 'connect');
+  const dialog = new SmtpDialog(socket);
+  return { dialog, greeting: await dialog.read() };
+}
+
+async function timed<T>(fn: () => Promise<T>): Promise<{ value: T; ms: number }> {
+  const start = process.hrtime.bigint();
+  const value = await fn();
+  return { value, ms: Number(process.hrtime.bigint() - start) / 1e6 };
+}
+
+describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
+  const certificate = selfSignedCertificate();
+  let relay: Relay;
+  let outsider: PeerListener;
+  before(async () => {
+    relay = await startTestRelay({
+      defaultUsername: USER,
+      defaultPassword: PASSWORD,
+      security: { allowLocalOnly: false, requireAuth: true, allowedNetworks: [] },
+      tls: certificate ?? { cert: '', key: '' },
+    }, INTAKE_ONLY);
+    outsider = await listenAsPeer(relay, '198.51.100.23');
+  });
+  after(async () => {
+    await outsider.close();
+    await relay.stop();
+  });
+
+  test('a non-loopback client without AUTH: MAIL → 530 5.7.0 and a pipelined relay attempt stores nothing', async () => {
+    const before = messageCount(relay);
+    const { dialog, greeting } = await dialogVia(outsider);
+    assert.match(greeting, /^220 /);
+    await dialog.send('EHLO attacker.test');
+    assert.match(await dialog.send('MAIL FROM:<spammer@example.net>'), /^530 5\.7\.0 /);
+    assert.match(await dialog.send('RCPT TO:<victim@example.org>'), /^5\d\d /);
+    assert.match(await dialog.send('DATA'), /^5\d\d /);
+    // the would-be message body is read as commands, none of which is accepted
+    assert.match(await dialog.send('Subject: spam'), /^5\d\d /);
+    dialog.close();
+    assert.equal(messageCount(relay), before);
+  });
+
+  test('a loopback client without AUTH is refused too once credentials are configured', async () => {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO local.test');
+    assert.match(await c.send('MAIL FROM:<app@example.com>'), /^530 5\.7\.0 /);
+    c.close();
+    await assertStillServing(relay, { auth: AUTH });
+  });
+
+  test('AUTH in plain text from a non-loopback client → 538 5.7.11, even with the right password', async () => {
+    const { dialog } = await dialogVia(outsider);
+    await dialog.send('EHLO remote.test');
+    assert.match(await dialog.send(`AUTH PLAIN ${plain(USER, PASSWORD)}`), /^538 5\.7\.11 /);
+    assert.match(await dialog.send('AUTH LOGIN'), /^334 /);
+    assert.match(await dialog.send(Buffer.from(USER).toString('base64')), /^334 /);
+    assert.match(await dialog.send(Buffer.from(PASSWORD).toString('base64')), /^538 5\.7\.11 /);
+    assert.match(await dialog.send('MAIL FROM:<app@example.com>'), /^530 5\.7\.0 /);
+    dialog.close();
+  });
+
+  test('after STARTTLS the same non-loopback client may authenticate and send', { skip: certificate ? false : 'openssl not available' }, async () => {
+    const before = messageCount(relay);
+    const { dialog } = await dialogVia(outsider);
+    assert.match(await dialog.send('EHLO remote.test'), /STARTTLS/);
+    assert.match(await dialog.startTls(), /^220 /);
+    await dialog.send('EHLO remote.test');
+    assert.match(await dialog.send(`AUTH PLAIN ${plain(USER, 'wrong')}`), /^535 5\.7\.8 /);
+    assert.match(await dialog.send(`AUTH PLAIN ${plain(USER, PASSWORD)}`), /^235 /);
+    assert.match(await dialog.send('MAIL FROM:<app@example.com>'), /^250 /);
+    assert.match(await dialog.send('RCPT TO:<rcpt@example.org>'), /^250 /);
+    assert.match(await dialog.send('DATA'), /^354 /);
+    const id = queuedId(await dialog.send('Subject: over tls\r\n\r\nhello\r\n.'));
+    assert.ok(id);
+    dialog.close();
+    assert.equal(messageCount(relay), before + 1);
+    const row = relay.store.sqlite.prepare('SELECT client_ip, auth_user, raw FROM messages WHERE id = ?').get(id) as {
+      client_ip: string;
+      auth_user: string;
+      raw: Buffer;
+    };
+    assert.equal(row.client_ip, '198.51.100.23');
+    assert.equal(row.auth_user, USER);
+    assert.match(row.raw.toString(), /^Received: from remote\.test \(\[198\.51\.100\.23\]\)\r\n\tby relayq\.test \(relayq\) with ESMTPSA id /);
+  });
+
+  test('wrong passwords → 535 5.7.8, each repeated failure answered more slowly; no lockout', async () => {
+    // loopback clients may AUTH in plain text: the slowdown is per client address
+    const durations: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      await c.send('EHLO guesser.test');
+      const { value, ms } = await timed(() => c.send(`AUTH PLAIN ${plain(USER, `guess-${i}`)}`));
+      assert.match(value, /^535 5\.7\.8 /);
+      durations.push(ms);
+      c.close();
+    }
+    assert.ok(durations[1] > durations[0], `2nd failure (${durations[1]} ms) slower than the 1st (${durations[0]} ms)`);
+    assert.ok(durations[2] > durations[1], `3rd failure (${durations[2]} ms) slower than the 2nd (${durations[1]} ms)`);
+    // while that address is being slowed down, the right password still gets in
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO guesser.test');
+    assert.match(await c.send(`AUTH PLAIN ${plain(USER, PASSWORD)}`), /^235 /);
+    c.close();
+    await assertStillServing(relay, { auth: AUTH });
+  });
+
+  test("one address's failures do not slow down another address", { skip: certificate ? false : 'openssl not available' }, async () => {
+    const guesser = await listenAsPeer(relay, '203.0.113.77');
+    const bystander = await listenAsPeer(relay, '203.0.113.78');
+    try {
+      const failOverTls = async (listener: PeerListener) => {
+        const { dialog } = await dialogVia(listener);
+        await dialog.send('EHLO x.test');
+        await dialog.startTls();
+        await dialog.send('EHLO x.test');
+        const r = await timed(() => dialog.send(`AUTH PLAIN ${plain(USER, 'nope')}`));
+        dialog.close();
+        assert.match(r.value, /^535 5\.7\.8 /);
+        return r.ms;
+      };
+      const guesses = [await failOverTls(guesser), await failOverTls(guesser), await failOverTls(guesser)];
+      assert.ok(guesses[2] > guesses[0], `3rd failure (${guesses[2]} ms) slower than the 1st (${guesses[0]} ms)`);
+      const first = await failOverTls(bystander);
+      assert.ok(first < guesses[2], `another address's first failure (${first} ms) is not slowed like the 3rd guess (${guesses[2]} ms)`);
+      // the server as a whole is not locked: a loopback client authenticates at once
+      await assertStillServing(relay, { auth: AUTH });
+    } finally {
+      await guesser.close();
+      await bystander.close();
+    }
+  });
+});
+
+describe('allowedNetworks', () => {
+  let relay: Relay;
+  before(async () => {
+    relay = await startTestRelay({
+      defaultUsername: USER,
+      defaultPassword: PASSWORD,
+      security: { allowLocalOnly: false, requireAuth: true, allowedNetworks: ['10.20.0.0/16', '2001:db8:1::/48'] },
+    }, INTAKE_ONLY);
+  });
+  after(() => relay.stop());
+
+  for (const address of ['198.51.100.7', '::ffff:198.51.100.7', '10.21.0.1', '2001:db8:2::5']) {
+    test(`an outsider (${address}) gets 554 5.7.1 at connect and the connection is closed`, async () => {
+      const before = messageCount(relay);
+      const listener = await listenAsPeer(relay, address);
+      try {
+        const c = await SmtpClient.connect(listener.port);
+        // pipelined without waiting: nothing of it may be acted on
+        c.write('EHLO outsider.test\r\nMAIL FROM:<x@example.net>\r\nRCPT TO:<y@example.org>\r\nDATA\r\nSubject: no\r\n\r\nno\r\n.\r\n');
+        assert.match(await c.read(), /^554 5\.7\.1 /);
+        await closedByPeer(c.socket);
+        assert.equal(await c.read(), '');
+        assert.equal(messageCount(relay), before);
+      } finally {
+        await listener.close();
+      }
+    });
+  }
+
+  for (const address of ['10.20.4.5', '::ffff:10.20.0.9', '2001:db8:1::77']) {
+    test(`an insider (${address}) is greeted, and still has to authenticate`, async () => {
+      const listener = await listenAsPeer(relay, address);
+      try {
+        const c = await SmtpClient.connect(listener.port);
+        assert.match(await c.read(), /^220 /);
+        await c.send('EHLO insider.test');
+        assert.match(await c.send('MAIL FROM:<x@example.net>'), /^530 5\.7\.0 /);
+        c.close();
+      } finally {
+        await listener.close();
+      }
+    });
+  }
+});
+
+describe('allowLocalOnly=true (the default)', () => {
+  test('a non-loopback client gets 554 5.7.1 at connect, loopback ones are served', async () => {
+    const relay = await startTestRelay(undefined, INTAKE_ONLY);
+    const listener = await listenAsPeer(relay, '192.0.2.10');
+    try {
+      const c = await SmtpClient.connect(listener.port);
+      assert.match(await c.read(), /^554 5\.7\.1 /);
+      await closedByPeer(c.socket);
+      await assertStillServing(relay);
+    } finally {
+      await listener.close();
+      await relay.stop();
+    }
+  });
+});
+
+describe('STARTTLS without tls.cert / tls.key', () => {
+  test('is neither advertised nor accepted, so plain-text AUTH from a non-loopback client stays refused', async () => {
+    const relay = await startTestRelay({
+      defaultUsername: USER,
+      defaultPassword: PASSWORD,
+      security: { allowLocalOnly: false, requireAuth: true, allowedNetworks: [] },
+    }, INTAKE_ONLY);
+    const listener = await listenAsPeer(relay, '198.51.100.99');
+    try {
+      const { dialog } = await dialogVia(listener);
+      assert.doesNotMatch(await dialog.send('EHLO remote.test'), /STARTTLS/);
+      // smtp-server would otherwise upgrade with its built-in certificate, whose key is public
+      const reply = await dialog.startTls();
+      assert.match(reply, /^5\d\d /);
+      assert.match(await dialog.send(`AUTH PLAIN ${plain(USER, PASSWORD)}`), /^538 5\.7\.11 /);
+      dialog.close();
+    } finally {
+      await listener.close();
+      await relay.stop();
+    }
+  });
+});

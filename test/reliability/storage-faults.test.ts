@@ -1,0 +1,165 @@
+// The database refuses writes: every message in flight gets 451 4.3.0, nothing of it is stored
+// (no message row without its recipients, no counter moved), and intake recovers on its own as
+// soon as the fault clears.
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import Database from 'better-sqlite3';
+import type { Relay } from '../../src/main.js';
+import { insertMessage, newQueueId } from '../../src/store/intake.js';
+import { messageCount, openSession, sendMail, startTestRelay } from '../helpers.js';
+import { assertStillServing, INTAKE_ONLY, queuedId } from './smtp-session.js';
+
+type SmtpError = Error & { responseCode?: number; response?: string };
+
+/** Everything that must move together when a message is stored, or not at all. */
+function footprint(relay: Relay) {
+  const q = (sql: string) => (relay.store.sqlite.prepare(sql).get() as { n: number }).n;
+  return {
+    messages: q('SELECT COUNT(*) AS n FROM messages'),
+    recipients: q('SELECT COUNT(*) AS n FROM recipients'),
+    orphans: q('SELECT COUNT(*) AS n FROM recipients WHERE message_id NOT IN (SELECT id FROM messages)'),
+    incomplete: q('SELECT COUNT(*) AS n FROM messages m WHERE recipient_count <> (SELECT COUNT(*) FROM recipients r WHERE r.message_id = m.id)'),
+    accepted: q("SELECT value AS n FROM counters WHERE name = 'messages_accepted'"),
+    queued: q("SELECT value AS n FROM counters WHERE name = 'state_queued'"),
+    buckets: q("SELECT COALESCE(SUM(count), 0) AS n FROM rate_buckets WHERE sender_key = '*'"),
+  };
+}
+
+function assertConsistent(relay: Relay) {
+  const f = footprint(relay);
+  assert.equal(f.orphans, 0, 'recipients without their message');
+  assert.equal(f.incomplete, 0, 'messages without all their recipients');
+  assert.equal(f.accepted, f.messages, 'messages_accepted counter');
+  assert.equal(f.queued, f.messages, 'state_queued counter (nothing is delivered here)');
+  assert.equal(f.buckets, f.messages, 'rate buckets');
+}
+
+async function refusedWith451(promise: Promise<unknown>) {
+  await assert.rejects(promise, (err: SmtpError) => {
+    assert.match(err.response ?? '', /^451 4\.3\.0 /);
+    return true;
+  });
+}
+
+const recipients = (n: number) => Array.from({ length: n }, (_, i) => `rcpt${i}@example.com`);
+
+describe('storage faults', () => {
+  let relay: Relay;
+  before(async () => {
+    relay = await startTestRelay(undefined, INTAKE_ONLY);
+  });
+  after(() => relay.stop());
+
+  test('a read-only database → 451 4.3.0 for every concurrent session, nothing stored; all pass once writable again', async () => {
+    const before = footprint(relay);
+    relay.store.sqlite.pragma('query_only = ON');
+    try {
+      await Promise.all(
+        Array.from({ length: 10 }, (_, i) => refusedWith451(sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: recipients(3) }))),
+      );
+      assert.deepEqual(footprint(relay), before);
+    } finally {
+      relay.store.sqlite.pragma('query_only = OFF');
+    }
+    const results = await Promise.all(
+      Array.from({ length: 10 }, (_, i) => sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: recipients(3) })),
+    );
+    assert.ok(results.every((r) => queuedId(r.response)));
+    assert.equal(footprint(relay).messages, before.messages + 10);
+    assertConsistent(relay);
+  });
+
+  test('a full database (max_page_count): each message is stored whole or refused whole', async () => {
+    const sqlite = relay.store.sqlite;
+    const maxBefore = sqlite.pragma('max_page_count', { simple: true }) as number;
+    let refused = 0;
+    let accepted = 0;
+    try {
+      // a growing page budget: below the boundary the message row may fit while its recipients
+      // do not; the first budget that holds everything must store it whole
+      for (let extra = 0; extra <= 40 && accepted === 0; extra++) {
+        const pages = sqlite.pragma('page_count', { simple: true }) as number;
+        sqlite.pragma(`max_page_count = ${pages + extra}`);
+        const before = footprint(relay);
+        try {
+          const info = await sendMail(relay.smtpPort, { to: recipients(400), text: 'y'.repeat(6000) });
+          const id = queuedId(info.response);
+          assert.ok(id);
+          const n = sqlite.prepare('SELECT COUNT(*) AS n FROM recipients WHERE message_id = ?').get(id) as { n: number };
+          assert.equal(n.n, 400);
+          accepted++;
+        } catch (err) {
+          assert.match((err as SmtpError).response ?? '', /^451 4\.3\.0 /, String(err));
+          assert.deepEqual(footprint(relay), before);
+          refused++;
+        }
+        assertConsistent(relay);
+      }
+    } finally {
+      sqlite.pragma(`max_page_count = ${maxBefore}`);
+    }
+    assert.ok(refused > 1, 'the fault was hit at more than one budget');
+    assert.equal(accepted, 1, 'a large enough budget stores the message');
+    await assertStillServing(relay);
+    assertConsistent(relay);
+  });
+
+  test('in one group commit, an operation that does not fit fails alone or takes the others with it, never half', async () => {
+    const sqlite = relay.store.sqlite;
+    const maxBefore = sqlite.pragma('max_page_count', { simple: true }) as number;
+    const now = relay.clock.now();
+    const message = (raw: Buffer, n: number) => ({
+      id: newQueueId(now),
+      mailFrom: 'group@example.com',
+      recipients: recipients(n),
+      authUser: null,
+      clientIp: '127.0.0.1',
+      clientHostname: null,
+      helo: 'group.test',
+      raw,
+      receivedAt: now,
+    });
+    const policy = { rateLimits: relay.config.rateLimits, queueSize: 0 };
+    const small = message(Buffer.from('Subject: small\r\n\r\nsmall\r\n'), 1);
+    const large = message(Buffer.alloc(512 * 1024, 'x'), 50);
+    const pages = sqlite.pragma('page_count', { simple: true }) as number;
+    sqlite.pragma(`max_page_count = ${pages + 4}`);
+    let outcomes: PromiseSettledResult<string>[];
+    try {
+      // queued in the same turn of the event loop: one transaction, one savepoint each
+      outcomes = await Promise.allSettled([
+        relay.commits.write((db) => insertMessage(db, small, policy)),
+        relay.commits.write((db) => insertMessage(db, large, policy)),
+      ]);
+    } finally {
+      sqlite.pragma(`max_page_count = ${maxBefore}`);
+    }
+    assert.equal(outcomes[1].status, 'rejected');
+    for (const [i, msg] of [small, large].entries()) {
+      const stored = (sqlite.prepare('SELECT COUNT(*) AS n FROM messages WHERE id = ?').get(msg.id) as { n: number }).n;
+      assert.equal(stored, outcomes[i].status === 'fulfilled' ? 1 : 0, `message ${i}: resolved ⇔ stored`);
+    }
+    assertConsistent(relay);
+    await assertStillServing(relay);
+  });
+
+  test('another process holding the write lock past the busy timeout → 451 4.3.0; served again once it lets go', async () => {
+    const before = footprint(relay);
+    const other = new Database(relay.store.path);
+    other.exec('BEGIN IMMEDIATE');
+    try {
+      const c = await openSession(relay.smtpPort);
+      assert.match(await c.send('DATA'), /^354 /);
+      c.write('Subject: locked out\r\n\r\nbody\r\n.\r\n');
+      // the commit waits for busy_timeout (5 s) before it gives up
+      assert.match(await c.read(30_000), /^451 4\.3\.0 /);
+      c.close();
+      assert.equal(messageCount(relay), before.messages);
+    } finally {
+      other.exec('ROLLBACK');
+      other.close();
+    }
+    await assertStillServing(relay);
+    assertConsistent(relay);
+  });
+});

@@ -1,0 +1,285 @@
+// Upstream faults, each against a real misbehaving TCP server: the attempt ends in the state the
+// spec's §3 gives (5xx → failed; 4xx, refused, timeout, TLS and network errors → deferred with
+// backoff), the claim is never left behind, nothing is lost once the upstream heals, and retries
+// go only to the recipients still pending. Delivery is driven with an injected clock and runOnce().
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, describe, test } from 'node:test';
+import { ManualClock } from '../../src/clock.js';
+import type { Config } from '../../src/config/schema.js';
+import type { Relay } from '../../src/main.js';
+import { type DeepPartial, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { type Behaviour, closedPort, startMisbehavingUpstream, WELL_BEHAVED } from './misbehaving-upstream.js';
+import { queuedId } from './smtp-session.js';
+
+const PROCESSING_TIMEOUT_S = 5;
+const INITIAL_DELAY_S = 60;
+
+interface MessageRow {
+  state: string;
+  next_attempt_at: number;
+  lease_token: string | null;
+  lease_expires_at: number | null;
+  claims: number;
+}
+interface RecipientRow {
+  address: string;
+  status: string;
+  attempts: number;
+  last_code: number | null;
+  last_reply: string | null;
+  temporary: number;
+  next_attempt_at: number;
+}
+interface AttemptRow {
+  recipients: string;
+  outcome: string;
+  code: number | null;
+  reply: string | null;
+  duration_ms: number;
+}
+
+function rows(relay: Relay, id: string) {
+  const db = relay.store.sqlite;
+  return {
+    message: db.prepare('SELECT state, next_attempt_at, lease_token, lease_expires_at, claims FROM messages WHERE id = ?').get(id) as MessageRow,
+    recipients: db.prepare('SELECT * FROM recipients WHERE message_id = ? ORDER BY seq').all(id) as RecipientRow[],
+    attempts: db.prepare('SELECT * FROM attempts WHERE message_id = ? ORDER BY id').all(id) as AttemptRow[],
+  };
+}
+
+function statuses(relay: Relay, id: string): Record<string, string> {
+  return Object.fromEntries(rows(relay, id).recipients.map((r) => [r.address, r.status]));
+}
+
+/** No claim is left behind after an attempt, whatever the upstream did. */
+function assertNoClaimLeft(relay: Relay) {
+  const held = relay.store.sqlite.prepare("SELECT COUNT(*) AS n FROM messages WHERE state = 'sending' OR lease_token IS NOT NULL").get() as { n: number };
+  assert.equal(held.n, 0);
+}
+
+describe('upstream faults', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  /** A relay forwarding to 127.0.0.1:`port`, with a manual clock and delivery driven by runOnce(). */
+  async function relayFor(port: number, overrides: DeepPartial<Config> = {}) {
+    const clock = new ManualClock(Date.UTC(2026, 0, 1));
+    const relay = await startTestRelay(
+      {
+        forwardSMTP: true,
+        forwardHost: '127.0.0.1',
+        forwardPort: port,
+        processingTimeout: PROCESSING_TIMEOUT_S,
+        batchDelay: 0,
+        failedRetryInterval: 0,
+        retry: { initialDelay: INITIAL_DELAY_S, maxDelay: 3600, maxAttempts: 5 },
+        ...overrides,
+      },
+      // no jitter: the next attempt is exactly initialDelay later
+      { clock, startDelivery: false, startRetention: false, random: () => 0.5 },
+    );
+    cleanup.push(() => relay.stop());
+    return { clock, relay };
+  }
+
+  async function setup(overrides: DeepPartial<Config> = {}) {
+    const upstream = await startMisbehavingUpstream();
+    cleanup.push(() => upstream.close());
+    return { ...(await relayFor(upstream.port, overrides)), upstream };
+  }
+
+  async function queue(relay: Relay, to: string[]): Promise<string> {
+    const info = await sendMail(relay.smtpPort, { to, subject: 'fault test', text: 'body\r\n.leading dot line' });
+    const id = queuedId(info.response);
+    assert.ok(id, info.response);
+    return id;
+  }
+
+  /** Runs due work, moving the clock to each next attempt, until nothing is queued any more. */
+  async function deliverEverything(clock: ManualClock, relay: Relay, id: string) {
+    for (let i = 0; i < 10 && rows(relay, id).message.state === 'queued'; i++) {
+      clock.set(Math.max(clock.now(), rows(relay, id).message.next_attempt_at));
+      await relay.delivery.runOnce();
+    }
+  }
+
+  /** The deferral the spec asks for: pending, temporary, due initialDelay later, nothing held. */
+  function assertDeferred(relay: Relay, id: string, clock: ManualClock, reply: RegExp, code: number | null = null) {
+    const { message, recipients, attempts } = rows(relay, id);
+    assert.equal(message.state, 'queued');
+    assert.equal(message.next_attempt_at, clock.now() + INITIAL_DELAY_S * 1000);
+    for (const r of recipients) {
+      assert.equal(r.status, 'pending', r.address);
+      assert.equal(r.temporary, 1);
+      assert.equal(r.attempts, 1);
+    }
+    assert.equal(attempts.length, 1);
+    assert.equal(attempts[0].outcome, 'deferred');
+    assert.equal(attempts[0].code, code);
+    assert.match(attempts[0].reply ?? '', reply);
+    assertNoClaimLeft(relay);
+  }
+
+  const RCPTS = ['one@example.com', 'two@example.com', 'three@example.com'];
+
+  /** A deferring fault: then the upstream heals and every recipient gets the message exactly `copies` times. */
+  async function deferThenHeal(fault: Partial<Behaviour>, reply: RegExp, code: number | null, copies = 1) {
+    const { clock, relay, upstream } = await setup();
+    upstream.behaviour = { ...WELL_BEHAVED, ...fault };
+    const id = await queue(relay, RCPTS);
+    await relay.delivery.runOnce();
+    assertDeferred(relay, id, clock, reply, code);
+    // not due before the backoff has passed
+    clock.advance(INITIAL_DELAY_S * 1000 - 1);
+    assert.equal((await relay.delivery.runOnce()).attempts, 0);
+    upstream.behaviour = { ...WELL_BEHAVED };
+    await deliverEverything(clock, relay, id);
+    assert.equal(rows(relay, id).message.state, 'delivered');
+    for (const address of RCPTS) assert.equal(upstream.deliveriesTo(address), copies, address);
+    // the delivered copy is the stored message, byte for byte
+    const raw = (relay.store.sqlite.prepare('SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer }).raw;
+    const delivered = upstream.transactions.filter((t) => t.answered?.startsWith('250'));
+    assert.deepEqual(delivered[0].raw, raw);
+    assertNoClaimLeft(relay);
+    return { relay, upstream, id };
+  }
+
+  test('connection refused → deferred; delivered once the upstream listens again', async () => {
+    const port = await closedPort();
+    const { clock, relay } = await relayFor(port);
+    const id = await queue(relay, RCPTS);
+    await relay.delivery.runOnce();
+    assertDeferred(relay, id, clock, /ECONNREFUSED|ECONNECTION/);
+    const upstream = await startMisbehavingUpstream(port);
+    cleanup.push(() => upstream.close());
+    await deliverEverything(clock, relay, id);
+    assert.equal(rows(relay, id).message.state, 'delivered');
+    for (const address of RCPTS) assert.equal(upstream.deliveriesTo(address), 1);
+  });
+
+  test('greeting 421 → deferred with the code recorded; delivered once it greets', async () => {
+    await deferThenHeal({ greeting: { reply: '421 4.3.2 upstream.test busy, try later' } }, /busy/, 421);
+  });
+
+  test('a greeting that never comes → deferred by the greeting timeout, well inside the lease', async () => {
+    const { relay, id } = await deferThenHeal({ greeting: 'silent' }, /greeting|timeout|ETIMEDOUT/i, null);
+    assert.ok(rows(relay, id).attempts[0].duration_ms < PROCESSING_TIMEOUT_S * 1000);
+  });
+
+  test('connection dropped after DATA, before the reply → deferred; the retry makes one duplicate (at-least-once)', async () => {
+    const { upstream } = await deferThenHeal({ dataEnd: 'drop' }, /ECONNECTION|closed|ECONNRESET|EPIPE/i, null, 1);
+    // the upstream did get the first copy in full: that is the window the spec allows
+    const unanswered = upstream.transactions.filter((t) => t.answered === null);
+    assert.equal(unanswered.length, 1);
+    assert.deepEqual(unanswered[0].to, RCPTS);
+  });
+
+  test('no reply to DATA at all → the attempt times out before the lease ends, deferred, claim released', async () => {
+    const { relay, id, upstream } = await deferThenHeal({ dataEnd: 'silent' }, /timed out|timeout|ETIMEDOUT/i, null);
+    const first = rows(relay, id).attempts[0];
+    assert.ok(first.duration_ms < PROCESSING_TIMEOUT_S * 1000, `attempt took ${first.duration_ms} ms, lease is ${PROCESSING_TIMEOUT_S} s`);
+    assert.equal(upstream.transactions.filter((t) => t.answered === null).length, 1);
+  });
+
+  test('4xx to DATA → deferred; 250 later', async () => {
+    await deferThenHeal({ dataEnd: { reply: '451 4.3.0 queue temporarily full' } }, /queue temporarily full/, 451);
+  });
+
+  test('STARTTLS refused with 454 → deferred, never sent in plain text after it', async () => {
+    const { upstream } = await deferThenHeal({ startTls: { reply: '454 4.7.0 TLS not available' } }, /TLS not available/, 454);
+    assert.deepEqual(upstream.afterStartTls, []);
+    // the first session carried no envelope at all
+    assert.equal(upstream.transactions.length, 1);
+  });
+
+  test('STARTTLS handshake answered with garbage → deferred, nothing sent in plain text', async () => {
+    const { upstream } = await deferThenHeal({ startTls: 'garbage-handshake' }, /TLS|SSL|wrong version|ETLS|ECONNECTION/i, null);
+    assert.deepEqual(upstream.afterStartTls, []);
+  });
+
+  test('per-RCPT 4xx and 5xx: only the refused ones wait or fail; the retry goes to the pending one alone', async () => {
+    const { clock, relay, upstream } = await setup();
+    upstream.behaviour = {
+      ...WELL_BEHAVED,
+      rcpt: (a) => (a.startsWith('later') ? '450 4.2.1 mailbox busy' : a.startsWith('never') ? '550 5.1.1 no such user' : undefined),
+    };
+    const id = await queue(relay, ['ok@example.com', 'later@example.com', 'never@example.com', 'fine@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(statuses(relay, id), {
+      'ok@example.com': 'delivered',
+      'later@example.com': 'pending',
+      'never@example.com': 'failed',
+      'fine@example.com': 'delivered',
+    });
+    const after1 = rows(relay, id);
+    assert.equal(after1.message.state, 'queued');
+    assert.equal(after1.attempts[0].outcome, 'partial');
+    const never = after1.recipients.find((r) => r.address === 'never@example.com') as RecipientRow;
+    assert.equal(never.last_code, 550);
+    assert.equal(never.temporary, 0);
+    assertNoClaimLeft(relay);
+
+    upstream.behaviour = { ...upstream.behaviour, rcpt: (a) => (a.startsWith('never') ? '550 5.1.1 no such user' : undefined) };
+    const seen = upstream.rcpts.length;
+    await deliverEverything(clock, relay, id);
+    // the retry addressed the one pending recipient, nobody else
+    assert.deepEqual(upstream.rcpts.slice(seen), ['later@example.com']);
+    assert.equal(rows(relay, id).message.state, 'failed');
+    for (const a of ['ok@example.com', 'later@example.com', 'fine@example.com']) assert.equal(upstream.deliveriesTo(a), 1, a);
+    assert.equal(upstream.deliveriesTo('never@example.com'), 0);
+    assert.ok(fs.existsSync(path.join(relay.config.emailsDir, 'failed', `${id}.json`)), 'failed mail exported');
+    assertNoClaimLeft(relay);
+  });
+
+  test('5xx to DATA → every recipient of the batch failed at once, exported, never retried', async () => {
+    const { clock, relay, upstream } = await setup();
+    upstream.behaviour = { ...WELL_BEHAVED, dataEnd: { reply: '554 5.6.0 content rejected' } };
+    const id = await queue(relay, RCPTS);
+    await relay.delivery.runOnce();
+    const { message, recipients, attempts } = rows(relay, id);
+    assert.equal(message.state, 'failed');
+    assert.ok(recipients.every((r) => r.status === 'failed' && r.last_code === 554 && r.temporary === 0));
+    assert.equal(attempts[0].outcome, 'failed');
+    assert.ok(fs.existsSync(path.join(relay.config.emailsDir, 'failed', `${id}.json`)));
+    upstream.behaviour = { ...WELL_BEHAVED };
+    clock.advance(7 * 24 * 3600 * 1000);
+    assert.equal((await relay.delivery.runOnce()).attempts, 0);
+    assert.equal(upstream.transactions.length, 1);
+    assertNoClaimLeft(relay);
+  });
+
+  test('very slow acceptance: the claim holds while the upstream thinks; delivered exactly once', async () => {
+    const { relay, upstream } = await setup();
+    upstream.behaviour = { ...WELL_BEHAVED, dataEnd: { delayMs: 1500 } };
+    const id = await queue(relay, RCPTS);
+    const running = relay.delivery.runOnce();
+    await waitFor(() => upstream.transactions.length === 1, 5000, 'DATA at the upstream');
+    const during = rows(relay, id).message;
+    assert.equal(during.state, 'sending');
+    assert.equal(during.lease_expires_at, relay.clock.now() + PROCESSING_TIMEOUT_S * 1000);
+    // nobody else may claim it meanwhile
+    assert.equal((await relay.delivery.runOnce()).attempts, 0);
+    await running;
+    assert.equal(rows(relay, id).message.state, 'delivered');
+    assert.equal(rows(relay, id).message.claims, 1);
+    for (const address of RCPTS) assert.equal(upstream.deliveriesTo(address), 1);
+    assertNoClaimLeft(relay);
+  });
+
+  test('a fault that outlasts retry.maxAttempts → failed (temporary) and exported, nothing left queued', async () => {
+    const { clock, relay, upstream } = await setup({ retry: { initialDelay: INITIAL_DELAY_S, maxDelay: 3600, maxAttempts: 3 } });
+    upstream.behaviour = { ...WELL_BEHAVED, greeting: { reply: '421 4.3.2 still busy' } };
+    const id = await queue(relay, RCPTS);
+    await deliverEverything(clock, relay, id);
+    const { message, recipients, attempts } = rows(relay, id);
+    assert.equal(message.state, 'failed');
+    assert.equal(attempts.length, 3);
+    assert.ok(recipients.every((r) => r.status === 'failed' && r.temporary === 1 && r.attempts === 3));
+    assert.ok(fs.existsSync(path.join(relay.config.emailsDir, 'failed', `${id}.json`)));
+    assertNoClaimLeft(relay);
+  });
+});
