@@ -2,9 +2,9 @@
 // code runs from TypeScript sources and from the compiled build.
 import type { Migration } from 'kysely';
 import * as initial from './001_initial.js';
-import * as metrics from './003_metrics.js';
+import * as metrics from './002_metrics.js';
 
 export const migrations: Record<string, Migration> = {
   '001_initial': initial,
-  '003_metrics': metrics,
+  '002_metrics': metrics,
 };
