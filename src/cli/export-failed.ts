@@ -3,10 +3,7 @@
 // the failures to another tool. Same document, same atomic write as the automatic export.
 import path from 'node:path';
 import { systemClock } from '../clock.js';
-import { writeFileAtomic } from '../delivery/atomic-file.js';
-import { failedExportDocument, failedExportPath } from '../delivery/failed-export.js';
-import { safeFileStem } from '../delivery/local.js';
-import { loadMessageRecord } from '../store/delivery.js';
+import { exportFailedMessage } from '../delivery/failed-export.js';
 import { listMessages } from '../store/queries.js';
 import { type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 
@@ -20,11 +17,8 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     do {
       const page = listMessages(sqlite, { state: 'failed', limit: PAGE, before });
       for (const { id } of page.messages) {
-        const record = loadMessageRecord(sqlite, id);
-        if (record?.state !== 'failed') continue;
-        const file = dir ? path.join(dir, `${safeFileStem(id)}.json`) : failedExportPath(config.emailsDir, id);
-        await writeFileAtomic(file, `${JSON.stringify(failedExportDocument(record, systemClock.now()), null, 2)}\n`);
-        written.push(file);
+        const file = await exportFailedMessage(sqlite, config.emailsDir, id, systemClock.now(), dir);
+        if (file) written.push(file);
       }
       before = page.nextBefore ?? undefined;
     } while (before);

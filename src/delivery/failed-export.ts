@@ -4,41 +4,52 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Sqlite } from '../store/db.js';
-import { type FailedMessageRecord, loadMessageRecord } from '../store/delivery.js';
+import { type MessageDetail, messageDetail, messageRaw } from '../store/queries.js';
 import { writeFileAtomic } from './atomic-file.js';
 import { safeFileStem } from './local.js';
 
 export const FAILED_EXPORT_VERSION = 1;
 
-export function failedExportPath(emailsDir: string, id: string): string {
-  return path.join(emailsDir, 'failed', `${safeFileStem(id)}.json`);
+/** Where the export of `id` goes: emailsDir/failed by default, or the directory given. */
+export function failedExportPath(emailsDir: string, id: string, directory = path.join(emailsDir, 'failed')): string {
+  return path.join(directory, `${safeFileStem(id)}.json`);
 }
 
 const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 
 /** The JSON document of a failed message (documented in the README). */
-export function failedExportDocument(record: FailedMessageRecord, exportedAt: number): Record<string, unknown> {
+export function failedExportDocument(detail: MessageDetail, raw: Buffer | null, exportedAt: number): Record<string, unknown> {
+  const { message: m, recipients, attempts } = detail;
   return {
     version: FAILED_EXPORT_VERSION,
-    id: record.id,
-    state: record.state,
-    envelope: { mailFrom: record.mailFrom, rcptTo: record.recipients.map((r) => r.address) },
-    recipients: record.recipients.map((r) => ({
+    id: m.id,
+    state: m.state,
+    envelope: { mailFrom: m.mail_from, rcptTo: recipients.map((r) => r.address) },
+    recipients: recipients.map((r) => ({
       address: r.address,
       status: r.status,
       attempts: r.attempts,
-      lastCode: r.lastCode,
-      lastReply: r.lastReply,
-      temporary: r.temporary,
+      lastCode: r.last_code,
+      lastReply: r.last_reply,
+      temporary: r.temporary === 1,
     })),
-    receivedAt: iso(record.receivedAt),
-    failedAt: iso(record.finishedAt),
-    lastError: record.lastError,
-    client: { ip: record.clientIp, hostname: record.clientHostname, helo: record.helo, authUser: record.authUser },
-    size: record.size,
-    attempts: record.attempts.map((a) => ({ ...a, startedAt: iso(a.startedAt) })),
+    receivedAt: iso(m.received_at),
+    failedAt: iso(m.finished_at),
+    lastError: m.last_error,
+    client: { ip: m.client_ip, hostname: m.client_hostname, helo: m.helo, authUser: m.auth_user },
+    size: m.size,
+    attempts: attempts.map((a) => ({
+      batch: a.batch,
+      recipients: a.recipients,
+      upstream: a.upstream,
+      startedAt: iso(a.started_at),
+      durationMs: a.duration_ms,
+      outcome: a.outcome,
+      code: a.code,
+      reply: a.reply,
+    })),
     exportedAt: iso(exportedAt),
-    raw: record.raw ? record.raw.toString('base64') : null,
+    raw: raw ? raw.toString('base64') : null,
   };
 }
 
@@ -46,11 +57,18 @@ export function failedExportDocument(record: FailedMessageRecord, exportedAt: nu
  * Writes the export of message `id` if it is failed; returns the file, or undefined when the
  * message is gone or no longer failed (a retry got in first).
  */
-export async function exportFailedMessage(sqlite: Sqlite, emailsDir: string, id: string, now: number): Promise<string | undefined> {
-  const record = loadMessageRecord(sqlite, id);
-  if (record?.state !== 'failed') return undefined;
-  const file = failedExportPath(emailsDir, id);
-  await writeFileAtomic(file, `${JSON.stringify(failedExportDocument(record, now), null, 2)}\n`);
+export async function exportFailedMessage(
+  sqlite: Sqlite,
+  emailsDir: string,
+  id: string,
+  now: number,
+  directory?: string,
+): Promise<string | undefined> {
+  const detail = messageDetail(sqlite, id);
+  if (detail?.message.state !== 'failed') return undefined;
+  const file = failedExportPath(emailsDir, id, directory);
+  const document = failedExportDocument(detail, messageRaw(sqlite, id)?.raw ?? null, now);
+  await writeFileAtomic(file, `${JSON.stringify(document, null, 2)}\n`);
   return file;
 }
 
