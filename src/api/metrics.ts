@@ -4,7 +4,7 @@
 // survives restarts and costs the same whatever the database holds.
 import { Hono } from 'hono';
 import { HTTPException } from 'hono/http-exception';
-import { oldestActiveReceivedAt, storeMetrics } from '../store/queries.js';
+import { metricsSummary, oldestActiveReceivedAt, storeMetrics } from '../store/queries.js';
 import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
 import { successRate, upstreamView } from './health.js';
 import { type ExpositionFormat, type MetricsSnapshot, renderExposition } from './prometheus.js';
@@ -55,24 +55,12 @@ export function metricsRoutes(deps: ApiDeps) {
       return c.body(body, 200, { 'Content-Type': contentType });
     }
     const m = s.store;
-    const finished = m.messagesDelivered + m.messagesFailed;
     let cumulative = 0;
+    const summary = metricsSummary(m, s.oldestActiveReceivedAt, s.now);
     return c.json({
       timestamp: isoTime(s.now),
-      total_emails: m.messagesAccepted,
-      successful_emails: m.messagesDelivered,
-      failed_emails: Math.max(0, m.messagesFailed - m.messagesRequeued),
-      requeued_emails: m.messagesRequeued,
-      total_recipients: m.recipientsAccepted,
-      total_bytes: m.bytesAccepted,
-      avg_processing_time_ms: finished === 0 ? 0 : Math.round(m.processingMsTotal / finished),
+      ...summary,
       success_rate: successRate(m).rate,
-      queue: m.queue,
-      deferred_emails: m.deferred,
-      oldest_queued_age_seconds: s.oldestActiveReceivedAt === null ? null : Math.max(0, Math.floor((s.now - s.oldestActiveReceivedAt) / 1000)),
-      rate_limit_refusals: m.rateLimitRefusals,
-      queue_full_refusals: m.queueFullRefusals,
-      attempts: { ...m.attempts, total: Object.values(m.attempts).reduce((sum, n) => sum + n, 0) },
       attempt_duration_ms: {
         count: m.attemptDuration.count,
         sum: m.attemptDuration.sumMs,

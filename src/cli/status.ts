@@ -3,7 +3,7 @@
 // record and the size of the database files.
 import { systemClock } from '../clock.js';
 import { databaseFileSizes } from '../store/maintenance.js';
-import { oldestActiveReceivedAt, storeMetrics } from '../store/queries.js';
+import { metricsSummary, oldestActiveReceivedAt, storeMetrics } from '../store/queries.js';
 import { type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatAge, formatBytes, formatFields, formatTime } from './table.js';
 
@@ -15,28 +15,15 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
     now: systemClock.now(),
   }));
   const files = databaseFileSizes(config.databasePath);
-  // As /metrics: a failed message that was requeued no longer counts as failed.
-  const failedNet = Math.max(0, m.messagesFailed - m.messagesRequeued);
+  const summary = metricsSummary(m, oldest, now);
+  const failedNet = summary.failed_emails;
   const finished = m.messagesDelivered + m.messagesFailed;
-  const avgProcessingMs = finished === 0 ? 0 : Math.round(m.processingMsTotal / finished);
   const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 
   if (global.json) {
     printJson({
       database: { path: config.databasePath, bytes: files.database, wal_bytes: files.wal },
-      total_emails: m.messagesAccepted,
-      successful_emails: m.messagesDelivered,
-      failed_emails: failedNet,
-      requeued_emails: m.messagesRequeued,
-      total_recipients: m.recipientsAccepted,
-      total_bytes: m.bytesAccepted,
-      avg_processing_time_ms: avgProcessingMs,
-      queue: m.queue,
-      deferred_emails: m.deferred,
-      oldest_queued_age_seconds: oldest === null ? null : Math.max(0, Math.floor((now - oldest) / 1000)),
-      rate_limit_refusals: m.rateLimitRefusals,
-      queue_full_refusals: m.queueFullRefusals,
-      attempts: { ...m.attempts, total: Object.values(m.attempts).reduce((sum, n) => sum + n, 0) },
+      ...summary,
       upstream: {
         last_success: iso(m.upstream.lastSuccessAt),
         last_failure: iso(m.upstream.lastFailureAt),
@@ -57,7 +44,7 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
       ['oldest waiting', oldest === null ? 'none' : `${formatTime(oldest)} (${formatAge(now - oldest)} ago)`],
       ['accepted', `${m.messagesAccepted} messages, ${m.recipientsAccepted} recipients, ${formatBytes(m.bytesAccepted)}`],
       ['finished', `${m.messagesDelivered} delivered, ${failedNet} failed, ${m.messagesRequeued} requeued after failing`],
-      ['avg processing', finished ? `${avgProcessingMs} ms` : '-'],
+      ['avg processing', finished ? `${summary.avg_processing_time_ms} ms` : '-'],
       ['attempts', `${a.delivered} delivered, ${a.partial} partial, ${a.deferred} deferred, ${a.failed} failed`],
       ['upstream ok', formatTime(m.upstream.lastSuccessAt)],
       ['upstream error', `${formatTime(m.upstream.lastFailureAt)} (${m.upstream.consecutiveFailures} failed attempts in a row)`],

@@ -53,6 +53,29 @@ export function readCounters(sqlite: Sqlite): Map<string, number> {
   return new Map(rows.map((r) => [r.name, r.value]));
 }
 
+/**
+ * The lifetime totals and queue figures that GET /metrics and `relayq status --json` both
+ * report, under the same names. A failed message that was requeued no longer counts as failed.
+ */
+export function metricsSummary(m: StoreMetrics, oldestActiveReceivedAt: number | null, now: number) {
+  const finished = m.messagesDelivered + m.messagesFailed;
+  return {
+    total_emails: m.messagesAccepted,
+    successful_emails: m.messagesDelivered,
+    failed_emails: Math.max(0, m.messagesFailed - m.messagesRequeued),
+    requeued_emails: m.messagesRequeued,
+    total_recipients: m.recipientsAccepted,
+    total_bytes: m.bytesAccepted,
+    avg_processing_time_ms: finished === 0 ? 0 : Math.round(m.processingMsTotal / finished),
+    queue: m.queue,
+    deferred_emails: m.deferred,
+    oldest_queued_age_seconds: oldestActiveReceivedAt === null ? null : Math.max(0, Math.floor((now - oldestActiveReceivedAt) / 1000)),
+    rate_limit_refusals: m.rateLimitRefusals,
+    queue_full_refusals: m.queueFullRefusals,
+    attempts: { ...m.attempts, total: Object.values(m.attempts).reduce((sum, n) => sum + n, 0) },
+  };
+}
+
 export function storeMetrics(sqlite: Sqlite): StoreMetrics {
   const c = readCounters(sqlite);
   const n = (name: string) => c.get(name) ?? 0;
