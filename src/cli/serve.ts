@@ -16,31 +16,36 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
     relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings });
   } catch (err) {
     logger.fatal({ event: 'relay.start_failed', err: (err as Error).message }, 'relayq could not start');
-    logger.flush();
     process.stderr.write(`relayq: ${(err as Error).message}\n`);
-    process.exit(1);
+    exitAfterFlush(logger, 1);
+    return;
   }
   let signals = 0;
   const onSignal = (signal: string) => {
     signals++;
     if (signals > 1) {
       logger.warn({ event: 'relay.forced_exit', signal }, 'second signal: exiting now');
-      logger.flush();
-      process.exit(1);
+      exitAfterFlush(logger, 1);
+      return;
     }
     logger.info({ event: 'relay.signal', signal }, 'signal received');
     relay.stop().then(
       () => {
-        logger.flush();
-        process.exit(0);
+        exitAfterFlush(logger, 0);
       },
       (err) => {
         logger.error({ event: 'relay.stop_failed', err: (err as Error).message }, 'shutdown failed');
-        logger.flush();
-        process.exit(1);
+        exitAfterFlush(logger, 1);
       },
     );
   };
   process.on('SIGTERM', () => onSignal('SIGTERM'));
   process.on('SIGINT', () => onSignal('SIGINT'));
+}
+
+/** The log destination is asynchronous: write out what is buffered, then exit. */
+function exitAfterFlush(logger: ReturnType<typeof createLogger>, code: number): void {
+  logger.flush(() => process.exit(code));
+  // never hang on a stuck destination
+  setTimeout(() => process.exit(code), 1000).unref();
 }
