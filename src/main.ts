@@ -11,11 +11,11 @@ import type { Config } from './config/schema.js';
 import { DeliveryEngine } from './delivery/engine.js';
 import { createLogger } from './logger.js';
 import { SmtpIntake } from './smtp/intake.js';
-import { CommitQueue } from './store/commit-queue.js';
 import { openStore, type Store } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
-import { limitWalSize, overwriteFreedPages } from './store/maintenance.js';
+import { limitWalSize } from './store/maintenance.js';
 import { RetentionSweeper } from './store/retention.js';
+import { StoreWriter } from './store/writer.js';
 
 export interface RelayOptions {
   clock?: Clock;
@@ -41,7 +41,8 @@ export interface RelayOptions {
 export interface Relay {
   config: Config;
   store: Store;
-  commits: CommitQueue;
+  /** Every write of the server goes through here (the writer thread's group commit). */
+  commits: StoreWriter;
   intake: SmtpIntake;
   delivery: DeliveryEngine;
   retention: RetentionSweeper;
@@ -64,8 +65,8 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
 
   const store = await openStore(config.databasePath);
   limitWalSize(store.sqlite);
-  if (!config.security.logAllEmails) overwriteFreedPages(store.sqlite);
-  const commits = new WakingCommitQueue(store.sqlite);
+  // The main thread's connection only reads; the writer thread owns every write.
+  const commits = new StoreWriter({ file: config.databasePath, secureDelete: !config.security.logAllEmails });
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
   const intake = new SmtpIntake({ config, sqlite: store.sqlite, commits, disk, clock, logger: logger.child({ component: 'smtp' }), peerAddress: options.smtpPeerAddress });
 
@@ -73,6 +74,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   try {
     smtpPort = await intake.listen(config.smtpPort, config.smtpHost);
   } catch (err) {
+    await commits.close();
     await store.close();
     throw err;
   }
@@ -108,7 +110,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
       api = await startApiServer(app, config.healthCheckHost, config.healthCheckPort);
     } catch (err) {
       await Promise.all([intake.shutdown(0), delivery.stop(0), retention.stop()]);
-      commits.close();
+      await commits.close();
       await store.close();
       throw err;
     }
@@ -137,9 +139,9 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
         // Intake drains and delivery stops claiming, finishes or releases its attempts, both
         // within the grace period, before the last commit.
         await Promise.all([intake.shutdown(graceMs), delivery.stop(graceMs), retention.stop()]);
-        commits.close();
+        await commits.close();
         await store.close();
-        logger.info({ event: 'relay.stopped' }, 'relayq stopped');
+        logger.info({ event: 'relay.stopped', writes: commits.stats.writes, commits: commits.stats.commits }, 'relayq stopped');
       })();
       return stopping;
     },
@@ -148,11 +150,3 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
 }
 
 /** Group commit that also wakes delivery after each commit: new mail is due at once, not at the next poll. */
-class WakingCommitQueue extends CommitQueue {
-  onCommitted: () => void = () => {};
-
-  override flush(): void {
-    super.flush();
-    this.onCommitted();
-  }
-}

@@ -283,3 +283,13 @@ export async function spawnRelay(dir: string, flags: string[] = [], env: NodeJS.
     },
   };
 }
+
+/**
+ * Runs `fn` in one IMMEDIATE transaction on the relay's main-thread connection: a second real
+ * connection to the same file, beside the writer thread, for tests that set up or change rows
+ * directly.
+ */
+export async function writeDirect<T>(relay: Relay, fn: (db: Relay['store']['sqlite']) => T): Promise<T> {
+  const db = relay.store.sqlite;
+  return db.transaction(() => fn(db)).immediate();
+}

@@ -4,7 +4,7 @@
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
-import { deleteMessage, type RequeueFilter, requeueFailed, retryMessage } from '../store/admin.js';
+import type { RequeueFilter } from '../store/admin.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
@@ -83,7 +83,7 @@ export function adminRoutes(deps: ApiDeps) {
         }
       }
       const filter = parseRequeueFilter(body);
-      const requeued = await commits.write((sqlite) => requeueFailed(sqlite, filter, clock.now()));
+      const requeued = await commits.write('requeueFailed', filter, clock.now());
       const who = c.get('requester');
       log.info({ event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter, requeued }, `requeued ${requeued} failed messages`);
       return c.json({ requeued });
@@ -135,7 +135,7 @@ export function adminRoutes(deps: ApiDeps) {
     })
     .post('/messages/:id/retry', async (c) => {
       const id = c.req.param('id');
-      const result = await commits.write((sqlite) => retryMessage(sqlite, id, clock.now()));
+      const result = await commits.write('retryMessage', id, clock.now());
       const who = c.get('requester');
       log.info({ event: 'api.admin', action: 'retry', id, client: who.ip, via: who.via, result }, `retry ${id}: ${result}`);
       switch (result) {
@@ -151,7 +151,7 @@ export function adminRoutes(deps: ApiDeps) {
     })
     .delete('/messages/:id', async (c) => {
       const id = c.req.param('id');
-      const result = await commits.write((sqlite) => deleteMessage(sqlite, id, clock.now()));
+      const result = await commits.write('deleteMessage', id, clock.now());
       const who = c.get('requester');
       log.info({ event: 'api.admin', action: 'delete', id, client: who.ip, via: who.via, result }, `delete ${id}: ${result}`);
       if (result === 'not-found') throw notFound(id);

@@ -5,6 +5,7 @@ import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import type { Sqlite } from '../store/db.js';
+import type { StoreWriter } from '../store/writer.js';
 
 /** What a delivery engine may report about its upstream beyond what the store records. */
 export interface UpstreamStatusSource {
@@ -18,7 +19,7 @@ export interface UpstreamStatusSource {
 export interface ApiDeps {
   config: Config;
   store: { sqlite: Sqlite };
-  commits: { write<T>(op: (sqlite: Sqlite) => T): Promise<T> };
+  commits: Pick<StoreWriter, 'write'>;
   disk: { freeMb(): number; isLow(): boolean };
   intake: { readonly isListening: boolean };
   clock: Clock;

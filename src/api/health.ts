@@ -4,7 +4,7 @@
 // attempt for a while, or the queue is over 80 % of queueSize. All numbers are counter rows or
 // single index steps, so the check costs the same with a thousand or a million messages.
 import { Hono } from 'hono';
-import { oldestActiveReceivedAt, probeWrite, type StoreMetrics, storeMetrics, type UpstreamRecord } from '../store/queries.js';
+import { oldestActiveReceivedAt, type StoreMetrics, storeMetrics, type UpstreamRecord } from '../store/queries.js';
 import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
 
 /**
@@ -58,7 +58,7 @@ export function healthRoutes(deps: ApiDeps) {
 
     let database: 'ok' | 'error' = 'ok';
     try {
-      await deps.commits.write(probeWrite);
+      await deps.commits.write('probeWrite');
     } catch (err) {
       database = 'error';
       errors.push(`database is not writable: ${(err as Error).message}`);

@@ -3,25 +3,20 @@
 // Invariants: at most workerCount attempts in flight; no worker sleeps through batchDelay or a
 // backoff (the message's next_attempt_at says when it is due); a crash leaves claims that
 // expire with their lease; a shutdown releases them so a restart picks them up at once.
-import crypto from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import type tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import type { CommitQueue } from '../store/commit-queue.js';
 import type { Sqlite } from '../store/db.js';
 import {
   type ClaimedBatch,
   type ClaimResult,
   type CompletionResult,
-  claimDueBatches,
-  completeBatch,
   findTemporaryFailures,
   hasDueWork,
-  releaseClaims,
-  requeueTemporaryFailures,
 } from '../store/delivery.js';
+import type { StoreWriter } from '../store/writer.js';
 import { exportFailedMessage, removeFailedExport } from './failed-export.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
 import { type BatchResult, planCompletion } from './outcomes.js';
@@ -30,7 +25,7 @@ import { SmtpUpstream } from './upstream.js';
 export interface DeliveryDeps {
   config: Config;
   sqlite: Sqlite;
-  commits: CommitQueue;
+  commits: StoreWriter;
   clock: Clock;
   logger: Logger;
   /** Jitter source for the retry backoff, [0, 1) like Math.random. */
@@ -191,7 +186,7 @@ export class DeliveryEngine {
       for (const a of unfinished) this.released.add(a.claim.token);
       const now = this.deps.clock.now();
       const claims = unfinished.map((a) => ({ messageId: a.claim.messageId, token: a.claim.token }));
-      const released = await this.deps.commits.write((db) => releaseClaims(db, claims, now)).catch((err: Error) => {
+      const released = await this.deps.commits.write('releaseClaims', claims, now).catch((err: Error) => {
         this.log.error({ event: 'delivery.release_failed', err: err.message }, 'releasing claims failed; they expire with their lease');
         return 0;
       });
@@ -237,7 +232,7 @@ export class DeliveryEngine {
           this.busySlots -= claimed.batches.length;
           const now = this.deps.clock.now();
           const claims = claimed.batches.map((b) => ({ messageId: b.messageId, token: b.token }));
-          return this.deps.commits.write((db) => releaseClaims(db, claims, now)).then(() => 0);
+          return this.deps.commits.write('releaseClaims', claims, now).then(() => 0);
         }
         for (const batch of claimed.batches) {
           this.track(
@@ -269,17 +264,14 @@ export class DeliveryEngine {
 
   private claim(limit: number): Promise<ClaimResult> {
     const { clock, config } = this.deps;
-    return this.deps.commits.write((db) =>
-      claimDueBatches(db, {
-        now: clock.now(),
-        leaseMs: this.leaseMs,
-        // Local delivery writes the message once for all of its recipients.
-        batchSize: this.upstream ? config.batchSize : Number.POSITIVE_INFINITY,
-        limit,
-        maxAttempts: config.retry.maxAttempts,
-        newToken: () => crypto.randomUUID(),
-      }),
-    );
+    return this.deps.commits.write('claimDueBatches', {
+      now: clock.now(),
+      leaseMs: this.leaseMs,
+      // Local delivery writes the message once for all of its recipients.
+      batchSize: this.upstream ? config.batchSize : Number.POSITIVE_INFINITY,
+      limit,
+      maxAttempts: config.retry.maxAttempts,
+    });
   }
 
   /**
@@ -324,7 +316,7 @@ export class DeliveryEngine {
         random: this.random,
       });
       const planned = completion;
-      completing = this.deps.commits.write((db) => completeBatch(db, planned));
+      completing = this.deps.commits.write('completeBatch', planned);
     } catch (err) {
       log.error({ event: 'delivery.attempt_error', err: (err as Error).message }, 'delivery attempt failed unexpectedly');
     } finally {
@@ -411,7 +403,7 @@ export class DeliveryEngine {
         break;
       }
       const ids = candidates.map((c) => c.id);
-      const done = await commits.write((db) => requeueTemporaryFailures(db, ids, { now, maxAttempts: this.config.retry.maxAttempts }));
+      const done = await commits.write('requeueTemporaryFailures', ids, { now, maxAttempts: this.config.retry.maxAttempts });
       requeued += done.length;
       if (done.length > 0) this.log.info({ event: 'delivery.requeued', ids: done, count: done.length }, 'failed mail requeued (failedRetryInterval)');
       this.requeueWatermark = Math.max(this.requeueWatermark, candidates[candidates.length - 1].finishedAt);

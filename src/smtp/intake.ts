@@ -8,13 +8,11 @@ import type { SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession 
 import { clientFilter, isLoopback, normalizeIp } from '../access-control.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import type { CommitQueue } from '../store/commit-queue.js';
 import type { Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
+import type { StoreWriter } from '../store/writer.js';
 import {
   checkRateLimits,
-  countRefusal,
-  insertMessage,
   isQueueFull,
   newQueueId,
   PolicyRefusal,
@@ -26,7 +24,7 @@ import { RelayqSmtpServer } from './server.js';
 export interface IntakeDeps {
   config: Config;
   sqlite: Sqlite;
-  commits: CommitQueue;
+  commits: StoreWriter;
   disk: DiskSpace;
   clock: Clock;
   logger: Logger;
@@ -193,14 +191,14 @@ export class SmtpIntake {
       return cb(reply(452, '4.3.1 Insufficient system storage, try again later'));
     }
     if (isQueueFull(sqlite, config.queueSize)) {
-      this.deps.commits.write((db) => countRefusal(db, 'queue-full')).catch(() => {});
+      this.deps.commits.write('countRefusal', 'queue-full').catch(() => {});
       return cb(reply(452, '4.3.1 Queue full, try again later'));
     }
     const now = clock.now();
     const hit = checkRateLimits(sqlite, address, now, config.rateLimits);
     if (hit) {
       this.logRateLimit(address, hit.limit, hit.count, hit.max);
-      this.deps.commits.write((db) => countRefusal(db, 'rate-limit')).catch(() => {});
+      this.deps.commits.write('countRefusal', 'rate-limit').catch(() => {});
       return cb(reply(451, `4.7.1 ${rateLimitMessage(hit)}, try again later`));
     }
     const s = this.state(session);
@@ -274,13 +272,12 @@ export class SmtpIntake {
     });
     const raw = Buffer.concat([header, ...chunks]);
     const authUser = typeof session.user === 'string' ? session.user : session.user ? String(session.user) : null;
-    const write = commits.write((db) =>
-      insertMessage(
-        db,
-        { id: queueId, mailFrom, recipients, authUser, clientIp, clientHostname: session.clientHostname || null, helo: session.hostNameAppearsAs || null, raw, receivedAt: now },
-        { rateLimits: config.rateLimits, queueSize: config.queueSize },
-      ),
+    const write = commits.write(
+      'insertMessage',
+      { id: queueId, mailFrom, recipients, authUser, clientIp, clientHostname: session.clientHostname || null, helo: session.hostNameAppearsAs || null, raw, receivedAt: now },
+      { rateLimits: config.rateLimits, queueSize: config.queueSize },
     );
+
     write.then(
       () => {
         log.info(
@@ -299,7 +296,7 @@ export class SmtpIntake {
       },
       (err: unknown) => {
         if (err instanceof PolicyRefusal) {
-          commits.write((db) => countRefusal(db, err.kind)).catch(() => {});
+          commits.write('countRefusal', err.kind).catch(() => {});
           if (err.kind === 'rate-limit' && err.hit) {
             this.logRateLimit(mailFrom, err.hit.limit, err.hit.count, err.hit.max);
             return cb(reply(451, `4.7.1 ${err.message}, try again later`));

@@ -23,7 +23,8 @@ export interface OpenOptions {
   readonly?: boolean;
 }
 
-export async function openStore(file: string, options: OpenOptions = {}): Promise<Store> {
+/** A better-sqlite3 connection with relayq's pragmas; every connection to the file uses this. */
+export function openConnection(file: string, options: { readonly?: boolean } = {}): Sqlite {
   if (!options.readonly) fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
   const sqlite = new Database(file, { readonly: options.readonly ?? false, fileMustExist: options.readonly ?? false });
   sqlite.pragma('busy_timeout = 5000');
@@ -32,6 +33,11 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
     sqlite.pragma('synchronous = FULL');
   }
   sqlite.pragma('foreign_keys = ON');
+  return sqlite;
+}
+
+export async function openStore(file: string, options: OpenOptions = {}): Promise<Store> {
+  const sqlite = openConnection(file, options);
   const db = new Kysely<DB>({ dialect: new SqliteDialect({ database: sqlite }) });
   if (options.migrate ?? true) {
     await migrateToLatest(db);

@@ -1,6 +1,6 @@
 // The intake side of the queue: the policy checks that must hold at the moment a message is
 // stored (rate limits, queue size) and the insert of a message with its recipients. Run inside
-// the CommitQueue transaction, so a check and the insert it guards cannot be split by another
+// the writer's group-commit transaction, so a check and the insert it guards cannot be split by another
 // session.
 import crypto from 'node:crypto';
 import type { Sqlite } from './db.js';

@@ -4,7 +4,7 @@
 // for a long delete. Failed messages are kept until an operator retries or deletes them.
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
-import type { CommitQueue } from './commit-queue.js';
+import type { StoreWriter } from './writer.js';
 import type { Sqlite } from './db.js';
 import { prepared } from './statements.js';
 
@@ -49,7 +49,7 @@ export function retentionCutoff(now: number, deliveredDays: number): number {
 }
 
 export interface RetentionOptions {
-  commits: CommitQueue;
+  commits: StoreWriter;
   clock: Clock;
   logger: Logger;
   /** retention.deliveredDays; 0 keeps delivered mail forever (buckets are still pruned). */
@@ -92,11 +92,7 @@ export class RetentionSweeper {
     const { commits, clock, deliveredDays } = this.options;
     const now = clock.now();
     const limit = this.batchSize;
-    const result = await commits.write((sqlite) => {
-      const messages = deliveredDays > 0 ? deleteDeliveredBefore(sqlite, retentionCutoff(now, deliveredDays), limit) : 0;
-      const buckets = messages === 0 ? pruneRateBuckets(sqlite, now, limit) : 0;
-      return { messages, buckets };
-    });
+    const result = await commits.write('retentionSweep', { now, deliveredDays, limit });
     this.totals.messages += result.messages;
     this.totals.buckets += result.buckets;
     if (result.messages || result.buckets) {

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { sendMail, startTestRelay, startUpstream, type Upstream, waitFor } from '../helpers.js';
+import { sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 
 interface MessageJson {
@@ -172,7 +172,7 @@ describe('admin: queue inspection', () => {
         if (i % 2 === 0) clock.advance(1000);
         ids.push(await send(relay, i % 3 === 0 ? 'Tom@example.com' : `s${i}@example.com`, [`r${i % 4}@example.com`, 'all@example.com']));
       }
-      await relay.commits.write((db) => db.prepare(`UPDATE messages SET state = 'failed', finished_at = 1 WHERE id IN (?, ?)`).run(ids[1], ids[4]));
+      await writeDirect(relay, (db) => db.prepare(`UPDATE messages SET state = 'failed', finished_at = 1 WHERE id IN (?, ?)`).run(ids[1], ids[4]));
 
       const truth = (where: string, ...params: unknown[]) =>
         (relay.store.sqlite.prepare(`SELECT id FROM messages ${where} ORDER BY received_at DESC, id DESC`).all(...params) as Array<{ id: string }>).map((r) => r.id);

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
-import { sendMail, startTestRelay, type Upstream } from '../helpers.js';
+import { sendMail, startTestRelay, type Upstream, writeDirect } from '../helpers.js';
 import { call, upstreamOutage } from './fixtures.js';
 
 interface Health {
@@ -104,7 +104,7 @@ describe('GET /health', () => {
       await relay.delivery.runOnce();
       // Three failed attempts a minute after a success: within the quiet period.
       const now = clock.now();
-      await relay.commits.write((db) => {
+      await writeDirect(relay, (db) => {
         const insert = db.prepare(
           `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply)
            SELECT id, 0, '[]', 'local', ?, 5, 'deferred', 421, 'try later' FROM messages LIMIT 1`,
@@ -139,7 +139,7 @@ describe('GET /health', () => {
     const relay = await startTestRelay({}, { startDelivery: false });
     try {
       // The connection refuses every write (SQLITE_READONLY), as with a read-only database.
-      relay.store.sqlite.pragma('query_only = ON');
+      await relay.commits.pragma('query_only = ON');
       const { status, body } = await call<Health>(relay, '/health');
       assert.equal(status, 503);
       assert.equal(body.status, 'error');
@@ -148,7 +148,7 @@ describe('GET /health', () => {
       // SMTP intake cannot store either: the two agree.
       await assert.rejects(sendMail(relay.smtpPort), /451/);
 
-      relay.store.sqlite.pragma('query_only = OFF');
+      await relay.commits.pragma('query_only = OFF');
       const recovered = await call<Health>(relay, '/health');
       assert.equal(recovered.status, 200);
       assert.equal(recovered.body.details.database, 'ok');

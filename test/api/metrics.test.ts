@@ -3,7 +3,7 @@ import { spawnSync } from 'node:child_process';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor } from '../helpers.js';
+import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, closedPort } from './fixtures.js';
 
 type Json = Record<string, unknown>;
@@ -157,7 +157,7 @@ describe('GET /metrics', () => {
     const relay = await startTestRelay({}, { startDelivery: false });
     try {
       await sendMail(relay.smtpPort);
-      await relay.commits.write((db) => {
+      await writeDirect(relay, (db) => {
         const insert = db.prepare(
           `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome)
            SELECT id, 0, '[]', 'local', 1000, ?, 'deferred' FROM messages LIMIT 1`,

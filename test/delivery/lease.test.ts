@@ -10,7 +10,7 @@ import {
   SELECT_DUE_SQL,
   SELECT_EXPIRED_SQL,
 } from '../../src/store/delivery.js';
-import { sendMail, startTestRelay, testConfig, waitFor } from '../helpers.js';
+import { sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('claims and leases', () => {
@@ -33,7 +33,7 @@ describe('claims and leases', () => {
   }
 
   function claim(relay: Relay, options: ClaimOptions) {
-    return relay.commits.write((db) => claimDueBatches(db, options));
+    return writeDirect(relay, (db) => claimDueBatches(db, options));
   }
 
   test('a claim sets the lease and a fresh token and counts attempts before anything is sent', async () => {
@@ -78,18 +78,18 @@ describe('claims and leases', () => {
       eraseRawOnDelivered: false,
       lastError: null,
     });
-    const stale = await relay.commits.write((db) => completeBatch(db, outcome(first.token)));
+    const stale = await writeDirect(relay, (db) => completeBatch(db, outcome(first.token)));
     assert.deepEqual(stale, { leaseLost: true });
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending', 'pending'], 'the stale outcome changed nothing');
     assert.equal(attempts(relay, id).length, 0);
     assert.equal(message(relay, id).lease_token, second.token);
 
-    const current = await relay.commits.write((db) => completeBatch(db, outcome(second.token)));
+    const current = await writeDirect(relay, (db) => completeBatch(db, outcome(second.token)));
     assert.equal(current.leaseLost, false);
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'delivered', 'pending']);
     assert.equal(message(relay, id).state, 'queued');
     assert.equal(message(relay, id).lease_token, null);
-    assert.equal(await relay.commits.write((db) => releaseClaims(db, [{ messageId: id, token: second.token }], clock.now())), 0, 'release is fenced too');
+    assert.equal(await writeDirect(relay, (db) => releaseClaims(db, [{ messageId: id, token: second.token }], clock.now())), 0, 'release is fenced too');
   });
 
   test('a batch that never finishes (the process dies every time) still runs out of attempts', async () => {

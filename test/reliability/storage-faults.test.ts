@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import type { Relay } from '../../src/main.js';
-import { insertMessage, newQueueId } from '../../src/store/intake.js';
+import { newQueueId } from '../../src/store/intake.js';
 import { messageCount, openSession, sendMail, startTestRelay } from '../helpers.js';
 import { assertStillServing, INTAKE_ONLY, queuedId } from './smtp-session.js';
 
@@ -52,14 +52,14 @@ describe('storage faults', () => {
 
   test('a read-only database → 451 4.3.0 for every concurrent session, nothing stored; all pass once writable again', async () => {
     const before = footprint(relay);
-    relay.store.sqlite.pragma('query_only = ON');
+    await relay.commits.pragma('query_only = ON');
     try {
       await Promise.all(
         Array.from({ length: 10 }, (_, i) => refusedWith451(sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: recipients(3) }))),
       );
       assert.deepEqual(footprint(relay), before);
     } finally {
-      relay.store.sqlite.pragma('query_only = OFF');
+      await relay.commits.pragma('query_only = OFF');
     }
     const results = await Promise.all(
       Array.from({ length: 10 }, (_, i) => sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: recipients(3) })),
@@ -71,15 +71,15 @@ describe('storage faults', () => {
 
   test('a full database (max_page_count): each message is stored whole or refused whole', async () => {
     const sqlite = relay.store.sqlite;
-    const maxBefore = sqlite.pragma('max_page_count', { simple: true }) as number;
+    const maxBefore = (await relay.commits.pragma('max_page_count')) as number;
     let refused = 0;
     let accepted = 0;
     try {
       // a growing page budget: below the boundary the message row may fit while its recipients
       // do not; the first budget that holds everything must store it whole
       for (let extra = 0; extra <= 40 && accepted === 0; extra++) {
-        const pages = sqlite.pragma('page_count', { simple: true }) as number;
-        sqlite.pragma(`max_page_count = ${pages + extra}`);
+        const pages = (await relay.commits.pragma('page_count')) as number;
+        await relay.commits.pragma(`max_page_count = ${pages + extra}`);
         const before = footprint(relay);
         try {
           const info = await sendMail(relay.smtpPort, { to: recipients(400), text: 'y'.repeat(6000) });
@@ -96,7 +96,7 @@ describe('storage faults', () => {
         assertConsistent(relay);
       }
     } finally {
-      sqlite.pragma(`max_page_count = ${maxBefore}`);
+      await relay.commits.pragma(`max_page_count = ${maxBefore}`);
     }
     assert.ok(refused > 1, 'the fault was hit at more than one budget');
     assert.equal(accepted, 1, 'a large enough budget stores the message');
@@ -106,7 +106,7 @@ describe('storage faults', () => {
 
   test('in one group commit, an operation that does not fit fails alone or takes the others with it, never half', async () => {
     const sqlite = relay.store.sqlite;
-    const maxBefore = sqlite.pragma('max_page_count', { simple: true }) as number;
+    const maxBefore = (await relay.commits.pragma('max_page_count')) as number;
     const now = relay.clock.now();
     const message = (raw: Buffer, n: number) => ({
       id: newQueueId(now),
@@ -122,17 +122,17 @@ describe('storage faults', () => {
     const policy = { rateLimits: relay.config.rateLimits, queueSize: 0 };
     const small = message(Buffer.from('Subject: small\r\n\r\nsmall\r\n'), 1);
     const large = message(Buffer.alloc(512 * 1024, 'x'), 50);
-    const pages = sqlite.pragma('page_count', { simple: true }) as number;
-    sqlite.pragma(`max_page_count = ${pages + 4}`);
+    const pages = (await relay.commits.pragma('page_count')) as number;
+    await relay.commits.pragma(`max_page_count = ${pages + 4}`);
     let outcomes: PromiseSettledResult<string>[];
     try {
-      // queued in the same turn of the event loop: one transaction, one savepoint each
+      // sent to the writer together: one transaction, one savepoint each
       outcomes = await Promise.allSettled([
-        relay.commits.write((db) => insertMessage(db, small, policy)),
-        relay.commits.write((db) => insertMessage(db, large, policy)),
+        relay.commits.write('insertMessage', small, policy),
+        relay.commits.write('insertMessage', large, policy),
       ]);
     } finally {
-      sqlite.pragma(`max_page_count = ${maxBefore}`);
+      await relay.commits.pragma(`max_page_count = ${maxBefore}`);
     }
     assert.equal(outcomes[1].status, 'rejected');
     for (const [i, msg] of [small, large].entries()) {

@@ -5,7 +5,7 @@ import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { counter } from '../../src/store/statements.js';
-import { type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig } from '../helpers.js';
+import { type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig, waitFor } from '../helpers.js';
 import pino from 'pino';
 
 const HOUR = 3_600_000;
@@ -45,7 +45,7 @@ describe('rate limits', () => {
         const refused = await mailFrom(relay.smtpPort, global ? 'new@example.com' : 'busy@example.com');
         assert.match(refused, new RegExp(`^451 4\\.7\\.1 rate limit ${name} reached`));
         if (!global) assert.match(await mailFrom(relay.smtpPort, 'other@example.com'), /^250 /, 'another sender still passes');
-        assert.equal(counter(relay.store.sqlite, 'rate_limit_refusals'), 1);
+        await waitFor(() => counter(relay.store.sqlite, 'rate_limit_refusals') === 1, 5000, 'the refusal to be counted');
         clock.advance(window - 60_000);
         assert.match(await mailFrom(relay.smtpPort, global ? 'new@example.com' : 'busy@example.com'), /^250 /);
       } finally {
@@ -124,7 +124,7 @@ describe('backpressure', () => {
       assert.ok(deferred.n > 0, 'delivery was attempted and deferred');
       await assert.rejects(send(relay.smtpPort, 'a@example.com'), (err: { response: string }) => /^452 4\.3\.1 /.test(err.response));
       assert.equal(messageCount(relay), 10);
-      assert.equal(counter(relay.store.sqlite, 'queue_full_refusals'), 1);
+      await waitFor(() => counter(relay.store.sqlite, 'queue_full_refusals') === 1, 5000, 'the refusal to be counted');
       // the upstream comes back and the queue drains
       upstream = await startUpstream({}, port);
       for (let round = 0; round < 20 && counter(relay.store.sqlite, 'state_delivered') < 10; round++) {

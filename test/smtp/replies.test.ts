@@ -136,9 +136,10 @@ describe('storage faults', () => {
   test('storage write failed → 451 4.3.0, nothing stored; recovers when the fault clears', async () => {
     const sqlite = relay.store.sqlite;
     const before = messageCount(relay);
-    const pages = (sqlite.pragma('page_count', { simple: true }) as number) + 0;
-    const maxBefore = sqlite.pragma('max_page_count', { simple: true }) as number;
-    sqlite.pragma(`max_page_count = ${pages}`);
+    // the fault is set on the connection that writes (the writer thread's)
+    const pages = (await relay.commits.pragma('page_count')) as number;
+    const maxBefore = (await relay.commits.pragma('max_page_count')) as number;
+    await relay.commits.pragma(`max_page_count = ${pages}`);
     try {
       await assert.rejects(
         sendMail(relay.smtpPort, { text: 'x'.repeat(200_000) }),
@@ -152,7 +153,7 @@ describe('storage faults', () => {
       const orphans = sqlite.prepare('SELECT COUNT(*) AS n FROM recipients WHERE message_id NOT IN (SELECT id FROM messages)').get() as { n: number };
       assert.equal(orphans.n, 0);
     } finally {
-      sqlite.pragma(`max_page_count = ${maxBefore}`);
+      await relay.commits.pragma(`max_page_count = ${maxBefore}`);
     }
     const ok = await sendMail(relay.smtpPort, { text: 'after the fault' });
     assert.match(ok.response, /^250 2\.0\.0 /);

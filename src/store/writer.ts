@@ -1,0 +1,96 @@
+// The main thread's side of the writer thread: `write(op, ...args)` sends a named write (see
+// write-ops.ts) and resolves with its result once the commit that holds it is durable. The
+// promise settles only after COMMIT returned on the writer's connection (synchronous=FULL), so a
+// `250` sent from `.then()` is sent after the fsync.
+import { Worker } from 'node:worker_threads';
+import { PolicyRefusal } from './intake.js';
+import type { WriteOpArgs, WriteOpName, WriteOpResult } from './write-ops.js';
+import type { SerializedError, WriterReply, WriterRequest, WriterThreadOptions } from './writer-thread.js';
+
+interface Pending {
+  resolve: (value: unknown) => void;
+  reject: (err: unknown) => void;
+}
+
+export class StoreWriter {
+  private readonly worker: Worker;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private closing: Promise<void> | undefined;
+  private failed: Error | undefined;
+  /** Called after results arrive (something was committed); delivery uses it to wake up. */
+  onCommitted: () => void = () => {};
+  /** Writes completed and transactions committed so far (for tests and the benchmark). */
+  readonly stats = { writes: 0, commits: 0 };
+
+  constructor(options: WriterThreadOptions) {
+    this.worker = startWorker(options);
+    this.worker.on('message', (reply: WriterReply) => this.onReply(reply));
+    this.worker.on('error', (err) => this.fail(err));
+    this.worker.on('exit', (code) => this.fail(new Error(`writer thread exited with code ${code}`)));
+  }
+
+  write<K extends WriteOpName>(op: K, ...args: WriteOpArgs<K>): Promise<WriteOpResult<K>> {
+    return this.send((id) => ({ type: 'write', id, op, args })) as Promise<WriteOpResult<K>>;
+  }
+
+  /** A pragma on the writer's connection, outside any transaction (maintenance, fault injection in tests). */
+  pragma(text: string): Promise<unknown> {
+    return this.send((id) => ({ type: 'pragma', id, text }));
+  }
+
+  private send(request: (id: number) => WriterRequest): Promise<unknown> {
+    if (this.failed) return Promise.reject(this.failed);
+    if (this.closing) return Promise.reject(new Error('store is closed'));
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage(request(id));
+    });
+  }
+
+  /** Lets queued writes commit, then stops the thread and closes its connection. */
+  close(): Promise<void> {
+    this.closing ??= new Promise<void>((resolve) => {
+      if (this.failed) return resolve();
+      this.worker.once('exit', () => resolve());
+      this.worker.postMessage({ type: 'close' } satisfies WriterRequest);
+    });
+    return this.closing;
+  }
+
+  private onReply(reply: WriterReply) {
+    if (reply.type === 'closed') return;
+    const p = this.pending.get(reply.id);
+    if (!p) return;
+    this.pending.delete(reply.id);
+    this.stats.writes++;
+    this.stats.commits = Math.max(this.stats.commits, reply.commits);
+    if (reply.ok) p.resolve(reply.value);
+    else p.reject(revive(reply.error));
+    this.onCommitted();
+  }
+
+  private fail(err: Error) {
+    this.failed ??= err;
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+  }
+}
+
+function revive(e: SerializedError): Error {
+  if (e.kind === 'rate-limit' || e.kind === 'queue-full') {
+    return new PolicyRefusal(e.kind, e.message, e.hit as ConstructorParameters<typeof PolicyRefusal>[2]);
+  }
+  return Object.assign(new Error(e.message), { name: e.name, code: e.code });
+}
+
+/** Runs writer-thread.js; from TypeScript sources (tests, tsx) the thread registers tsx first. */
+function startWorker(options: WriterThreadOptions): Worker {
+  const fromSource = import.meta.url.endsWith('.ts');
+  const entry = new URL(fromSource ? './writer-thread.ts' : './writer-thread.js', import.meta.url);
+  if (!fromSource) return new Worker(entry, { workerData: options });
+  const tsx = import.meta.resolve('tsx/esm/api');
+  const bootstrap = `import(${JSON.stringify(tsx)}).then((t) => { t.register(); return import(${JSON.stringify(entry.href)}); })`;
+  return new Worker(bootstrap, { eval: true, workerData: options });
+}
