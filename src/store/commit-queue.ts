@@ -1,7 +1,8 @@
-// Group commit. Every write of the process goes through `write(op)`: operations queued during
-// one turn of the event loop run in a single IMMEDIATE transaction, each inside its own
-// savepoint, and share one fsync (synchronous=FULL). A promise resolves only after COMMIT has
-// returned, so a caller that answers `250` from `.then()` answers after the data is durable.
+// Group commit, run by the writer thread (writer-thread.ts): operations queued during one turn of
+// that thread's event loop — everything that arrived while the previous commit was in progress —
+// run in a single IMMEDIATE transaction, each inside its own savepoint, and share one fsync
+// (synchronous=FULL). A promise resolves only after COMMIT has returned, so a caller that answers
+// `250` from `.then()` answers after the data is durable.
 import type { Sqlite } from './db.js';
 
 type Op<T> = (sqlite: Sqlite) => T;
