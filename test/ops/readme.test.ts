@@ -52,3 +52,22 @@ test("the Operations section's sqlite3 queries run against a relayq database", a
     await relay.stop();
   }
 });
+
+test("the rate-limit section's sqlite3 queries count what maxPerHour counts", async () => {
+  const queries = [...section('Rate limits and backpressure').matchAll(/sqlite3 [^"\n]*"([^"]+)"/g)].map((m) => m[1]);
+  assert.equal(queries.length, 2);
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  try {
+    await sendMail(relay.smtpPort, { from: 'App@Example.com' });
+    await sendMail(relay.smtpPort, { from: 'app@example.com' });
+    await sendMail(relay.smtpPort, { from: 'other@example.com' });
+    const [perSender, busiest] = queries.map((sql) => relay.store.sqlite.prepare(sql).all());
+    assert.deepEqual(Object.values(perSender[0] as object), [2]);
+    assert.deepEqual(busiest, [
+      { sender_key: 'app@example.com', n: 2 },
+      { sender_key: 'other@example.com', n: 1 },
+    ]);
+  } finally {
+    await relay.stop();
+  }
+});
