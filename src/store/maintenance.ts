@@ -14,24 +14,6 @@ export function limitWalSize(sqlite: Sqlite, bytes = WAL_SIZE_LIMIT_BYTES): void
   sqlite.pragma(`journal_size_limit = ${Math.floor(bytes)}`);
 }
 
-export interface CheckpointResult {
-  /** 1 when a writer or a reader kept the checkpoint from finishing. */
-  busy: number;
-  /** Frames in the WAL. */
-  log: number;
-  /** Frames copied into the database file. */
-  checkpointed: number;
-}
-
-/**
- * PASSIVE never waits for locks, so the server may call it between commits without stalling;
- * it copies what it can and leaves the rest for the next one.
- */
-export function checkpointWal(sqlite: Sqlite): CheckpointResult {
-  const [row] = sqlite.pragma('wal_checkpoint(PASSIVE)') as CheckpointResult[];
-  return row;
-}
-
 /** Bytes of the database file and of its -wal file (0 when absent). */
 export function databaseFileSizes(databasePath: string): { database: number; wal: number } {
   const size = (file: string) => {

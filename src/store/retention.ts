@@ -36,14 +36,6 @@ export function pruneRateBuckets(sqlite: Sqlite, now: number, limit: number): nu
   ).run(oldestLiveMinute, limit).changes;
 }
 
-/** Delivered messages the retention would delete now (for status output and tests). */
-export function countExpiredDelivered(sqlite: Sqlite, cutoff: number): number {
-  const row = prepared(sqlite, `SELECT COUNT(*) AS n FROM messages WHERE state = 'delivered' AND finished_at < ?`).get(cutoff) as {
-    n: number;
-  };
-  return row.n;
-}
-
 export function retentionCutoff(now: number, deliveredDays: number): number {
   return now - deliveredDays * DAY_MS;
 }

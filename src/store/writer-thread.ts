@@ -4,7 +4,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { CommitQueue } from './commit-queue.js';
 import { openConnection } from './db.js';
-import { limitWalSize } from './maintenance.js';
+import { limitWalSize, overwriteFreedPages } from './maintenance.js';
 import { WRITE_OPS, type WriteOpName } from './write-ops.js';
 
 export interface WriterThreadOptions {
@@ -38,7 +38,7 @@ if (!port) throw new Error('writer-thread must run as a worker thread');
 
 const sqlite = openConnection(options.file);
 limitWalSize(sqlite);
-if (options.secureDelete) sqlite.pragma('secure_delete = ON');
+if (options.secureDelete) overwriteFreedPages(sqlite);
 const commits = new CommitQueue(sqlite);
 
 function serialize(err: unknown): SerializedError {
