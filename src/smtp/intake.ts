@@ -271,8 +271,13 @@ export class SmtpIntake {
       now,
     });
     const raw = Buffer.concat([header, ...chunks]);
+    chunks.length = 0;
+    // what the log line needs, taken before the bytes move to the writer thread
+    const size = raw.length;
+    const subject = config.security.logAllEmails ? subjectOf(raw) : undefined;
     const authUser = typeof session.user === 'string' ? session.user : session.user ? String(session.user) : null;
-    const write = commits.write(
+    const write = commits.writeMoving(
+      [raw],
       'insertMessage',
       { id: queueId, mailFrom, recipients, authUser, clientIp, clientHostname: session.clientHostname || null, helo: session.hostNameAppearsAs || null, raw, receivedAt: now },
       { rateLimits: config.rateLimits, queueSize: config.queueSize },
@@ -285,10 +290,10 @@ export class SmtpIntake {
             event: 'smtp.accepted',
             from: mailFrom,
             rcpts: recipients.length,
-            size: raw.length,
+            size,
             client: clientIp,
             user: authUser ?? undefined,
-            ...(config.security.logAllEmails ? { subject: subjectOf(raw) } : {}),
+            ...(subject !== undefined ? { subject } : {}),
           },
           'message queued',
         );

@@ -34,18 +34,28 @@ export class StoreWriter {
     return this.send((id) => ({ type: 'write', id, op, args })) as Promise<WriteOpResult<K>>;
   }
 
+  /**
+   * As write(), but the given buffers' memory moves to the writer thread instead of being copied
+   * (a large message is then held once, not twice). The caller must not use them afterwards;
+   * small buffers that share Node's buffer pool are copied as usual.
+   */
+  writeMoving<K extends WriteOpName>(buffers: Buffer[], op: K, ...args: WriteOpArgs<K>): Promise<WriteOpResult<K>> {
+    const transfer = buffers.filter((b) => b.byteOffset === 0 && b.byteLength === b.buffer.byteLength).map((b) => b.buffer as ArrayBuffer);
+    return this.send((id) => ({ type: 'write', id, op, args }), transfer) as Promise<WriteOpResult<K>>;
+  }
+
   /** A pragma on the writer's connection, outside any transaction (maintenance, fault injection in tests). */
   pragma(text: string): Promise<unknown> {
     return this.send((id) => ({ type: 'pragma', id, text }));
   }
 
-  private send(request: (id: number) => WriterRequest): Promise<unknown> {
+  private send(request: (id: number) => WriterRequest, transfer: ArrayBuffer[] = []): Promise<unknown> {
     if (this.failed) return Promise.reject(this.failed);
     if (this.closing) return Promise.reject(new Error('store is closed'));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.worker.postMessage(request(id));
+      this.worker.postMessage(request(id), transfer);
     });
   }
 

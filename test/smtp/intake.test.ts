@@ -46,6 +46,16 @@ describe('durable intake', () => {
     ]);
   });
 
+  test('a large message (its memory moved to the writer thread) is stored byte for byte', async () => {
+    const body = Buffer.alloc(300_000, 'abcdefghij\r\n');
+    const raw = Buffer.concat([Buffer.from('Subject: large\r\n\r\n'), body]);
+    const info = await sendMail(relay.smtpPort, { raw });
+    const id = /queued as (\S+)/.exec(info.response)?.[1];
+    const row = relay.store.sqlite.prepare('SELECT raw, size FROM messages WHERE id = ?').get(id) as { raw: Buffer; size: number };
+    assert.deepEqual(row.raw.subarray(row.raw.length - raw.length), raw);
+    assert.equal(row.size, row.raw.length);
+  });
+
   test('concurrent sessions share commits and each gets its own id', async () => {
     const before = messageCount(relay);
     const commitsBefore = relay.commits.stats.commits;
