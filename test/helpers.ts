@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import tls from 'node:tls';
 import nodemailer from 'nodemailer';
 import pino from 'pino';
 import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
@@ -96,7 +97,12 @@ export class SmtpClient {
   private replies: string[] = [];
   closed = false;
 
-  private constructor(readonly socket: net.Socket) {
+  /** Wraps a connected socket (SmtpClient.connect opens one). */
+  constructor(public socket: net.Socket | tls.TLSSocket) {
+    this.attach(socket);
+  }
+
+  private attach(socket: net.Socket | tls.TLSSocket) {
     socket.setEncoding('latin1');
     socket.on('data', (d: string) => this.onData(d));
     socket.on('close', () => {
@@ -104,6 +110,23 @@ export class SmtpClient {
       for (const w of this.waiters.splice(0)) w('');
     });
     socket.on('error', () => {});
+  }
+
+  /** STARTTLS, then the TLS handshake on the same connection (any certificate is accepted). */
+  async startTls(): Promise<string> {
+    const reply = await this.send('STARTTLS');
+    if (!reply.startsWith('220')) return reply;
+    const plain = this.socket;
+    plain.removeAllListeners('data');
+    plain.removeAllListeners('close');
+    const secure = tls.connect({ socket: plain, rejectUnauthorized: false });
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secureConnect', resolve);
+      secure.once('error', reject);
+    });
+    this.socket = secure;
+    this.attach(secure);
+    return reply;
   }
 
   static async connect(port: number, host = '127.0.0.1', localAddress?: string): Promise<SmtpClient> {

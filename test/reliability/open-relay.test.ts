@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { messageCount, SmtpClient, startTestRelay, tempDir } from '../helpers.js';
-import { assertStillServing, closedByPeer, INTAKE_ONLY, listenAsPeer, type PeerListener, queuedId, SmtpDialog } from './smtp-session.js';
+import { assertStillServing, closedByPeer, INTAKE_ONLY, listenAsPeer, type PeerListener, queuedId } from './smtp-session.js';
 
 const USER = 'relay-user';
 const PASSWORD = 'correct horse battery';
@@ -37,10 +37,10 @@ function selfSignedCertificate(): { cert: string; key: string } | undefined {
   return { cert, key };
 }
 
-async function dialogVia(listener: PeerListener): Promise<{ dialog: SmtpDialog; greeting: string }> {
+async function dialogVia(listener: PeerListener): Promise<{ dialog: SmtpClient; greeting: string }> {
   const socket = net.connect(listener.port, '127.0.0.1');
   await once(socket, 'connect');
-  const dialog = new SmtpDialog(socket);
+  const dialog = new SmtpClient(socket);
   return { dialog, greeting: await dialog.read() };
 }
 

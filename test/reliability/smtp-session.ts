@@ -4,7 +4,6 @@
 // normal client after something hostile happened.
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import tls from 'node:tls';
 import type { Relay } from '../../src/main.js';
 import { messageCount, type SendOptions, sendMail } from '../helpers.js';
 
@@ -62,77 +61,6 @@ export function closedByPeer(socket: net.Socket, ms = 5000): Promise<void> {
       resolve();
     });
   });
-}
-
-/**
- * A raw SMTP dialog over any socket that can be upgraded to TLS after STARTTLS (the shared
- * SmtpClient stays on its plain socket).
- */
-export class SmtpDialog {
-  private buffer = '';
-  private replies: string[] = [];
-  private waiters: Array<(reply: string) => void> = [];
-
-  constructor(private socket: net.Socket | tls.TLSSocket) {
-    this.attach(socket);
-  }
-
-  private attach(socket: net.Socket | tls.TLSSocket) {
-    socket.setEncoding('latin1');
-    socket.on('data', (d: string) => {
-      this.buffer += d;
-      let m: RegExpExecArray | null;
-      while ((m = /^((?:\d{3}-[^\n]*\n)*\d{3}(?: [^\n]*)?\r?\n)/.exec(this.buffer))) {
-        this.buffer = this.buffer.slice(m[1].length);
-        const reply = m[1].trimEnd();
-        const w = this.waiters.shift();
-        if (w) w(reply);
-        else this.replies.push(reply);
-      }
-    });
-    socket.on('close', () => {
-      for (const w of this.waiters.splice(0)) w('');
-    });
-    socket.on('error', () => {});
-  }
-
-  read(timeoutMs = 5000): Promise<string> {
-    const ready = this.replies.shift();
-    if (ready !== undefined) return Promise.resolve(ready);
-    if (this.socket.destroyed) return Promise.resolve('');
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error('no SMTP reply within timeout')), timeoutMs);
-      this.waiters.push((r) => {
-        clearTimeout(timer);
-        resolve(r);
-      });
-    });
-  }
-
-  send(line: string): Promise<string> {
-    this.socket.write(`${line}\r\n`);
-    return this.read();
-  }
-
-  /** STARTTLS, then the TLS handshake on the same connection (any certificate is accepted). */
-  async startTls(): Promise<string> {
-    const reply = await this.send('STARTTLS');
-    if (!reply.startsWith('220')) return reply;
-    const plain = this.socket;
-    plain.removeAllListeners('data');
-    const secure = tls.connect({ socket: plain, rejectUnauthorized: false });
-    await new Promise<void>((resolve, reject) => {
-      secure.once('secureConnect', resolve);
-      secure.once('error', reject);
-    });
-    this.socket = secure;
-    this.attach(secure);
-    return reply;
-  }
-
-  close(): void {
-    this.socket.destroy();
-  }
 }
 
 /** Relay options for tests of intake alone: no delivery or retention writes in between. */
