@@ -6,6 +6,8 @@ import type net from 'node:net';
 import path from 'node:path';
 import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import type { Relay } from '../../src/main.js';
+import type { Selectable } from 'kysely';
+import type { AttemptsTable, MessagesTable, RecipientsTable } from '../../src/store/schema.js';
 
 export interface Transaction {
   from: string;
@@ -126,40 +128,10 @@ function closeServer(server: SMTPServer): Promise<void> {
   });
 }
 
-export interface MessageRow {
-  id: string;
-  state: string;
-  next_attempt_at: number;
-  lease_token: string | null;
-  lease_expires_at: number | null;
-  claims: number;
-  last_error: string | null;
-  finished_at: number | null;
-  raw: Buffer | null;
-  received_at: number;
-}
-
-export interface RecipientRow {
-  seq: number;
-  address: string;
-  status: string;
-  attempts: number;
-  next_attempt_at: number;
-  last_code: number | null;
-  last_reply: string | null;
-  temporary: number;
-}
-
-export interface AttemptRow {
-  batch: number;
-  recipients: string;
-  upstream: string;
-  started_at: number;
-  duration_ms: number;
-  outcome: string;
-  code: number | null;
-  reply: string | null;
-}
+/** Rows as SQLite returns them (the schema's own types). */
+export type MessageRow = Selectable<MessagesTable>;
+export type RecipientRow = Selectable<RecipientsTable>;
+export type AttemptRow = Selectable<AttemptsTable>;
 
 export function message(relay: Pick<Relay, 'store'>, id: string): MessageRow {
   return relay.store.sqlite.prepare('SELECT * FROM messages WHERE id = ?').get(id) as MessageRow;
