@@ -196,7 +196,8 @@ describe('SMTP access control', () => {
 
 describe('shutdown', () => {
   test('commands after shutdown began → 421 4.3.2; a message in DATA still completes', async () => {
-    const relay = await startTestRelay();
+    // a grace far longer than the test, so a slow machine cannot turn the DATA in flight into a 421
+    const relay = await startTestRelay({}, { shutdownGraceMs: 60_000 });
     const inData = await openSession(relay.smtpPort);
     assert.match(await inData.send('DATA'), /^354/);
     inData.write('Subject: in flight\r\n\r\npart one\r\n');
