@@ -223,7 +223,9 @@ export async function runMemoryCase(
 export interface IntakeOnlyResult extends IntakeCase {
   relayqPerSecond: number[];
   ceilingPerSecond: number[];
-  median: { relayqPerSecond: number; ceilingPerSecond: number; p50Ms: number; p99Ms: number };
+  /** Per-message cases only. */
+  stockPerSecond: number[];
+  median: { relayqPerSecond: number; ceilingPerSecond: number; stockPerSecond: number; p50Ms: number; p99Ms: number };
 }
 
 /**
@@ -243,10 +245,12 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
   const plan = { mode: c.mode, body, clients: c.clients, durationMs: settings.runMs };
   const relayq: LoadResult[] = [];
   const ceiling: LoadResult[] = [];
+  const stock: LoadResult[] = [];
   try {
     await runLoad({ port: relay.smtpPort, ...plan, durationMs: Math.min(500, settings.runMs) });
     for (let rep = 0; rep < settings.repeats; rep++) {
       ceiling.push(await runLoad({ port: settings.ceiling.port, ...plan }));
+      if (c.mode === 'per-message') stock.push(await runLoad({ port: settings.stock.port, ...plan }));
       relayq.push(await runLoad({ port: relay.smtpPort, ...plan }));
     }
   } finally {
@@ -258,9 +262,11 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
     ...c,
     relayqPerSecond: relayq.map((r) => r.acceptedPerSecond),
     ceilingPerSecond: ceiling.map((r) => r.acceptedPerSecond),
+    stockPerSecond: stock.map((r) => r.acceptedPerSecond),
     median: {
       relayqPerSecond: median(relayq.map((r) => r.acceptedPerSecond)),
       ceilingPerSecond: median(ceiling.map((r) => r.acceptedPerSecond)),
+      stockPerSecond: median(stock.map((r) => r.acceptedPerSecond)),
       p50Ms: median(relayq.map((r) => r.latency.p50)),
       p99Ms: median(relayq.map((r) => r.latency.p99)),
     },

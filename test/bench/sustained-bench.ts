@@ -20,6 +20,7 @@ export interface SustainedSample {
 }
 
 export interface SustainedResult {
+  workerCount: number;
   seconds: number;
   clients: number;
   bodyBytes: number;
@@ -58,6 +59,8 @@ export interface SustainedSettings {
   drainTimeoutMs: number;
   clients?: number;
   bodyBytes?: number;
+  /** Delivery workers (the relay's workerCount). */
+  workerCount: number;
   log: (line: string) => void;
 }
 
@@ -74,7 +77,12 @@ export async function runSustained(settings: SustainedSettings): Promise<Sustain
   const bodyBytes = settings.bodyBytes ?? 2048;
   const dir = fs.mkdtempSync(path.join(settings.workDir, 'sustained-'));
   const databasePath = path.join(dir, 'relayq.db');
-  const relay = await startRelayProcess({ databasePath, dir, upstreamPort: settings.upstream.port });
+  const relay = await startRelayProcess({
+    databasePath,
+    dir,
+    upstreamPort: settings.upstream.port,
+    config: { workerCount: settings.workerCount },
+  });
   // A reader of the counters, as an operator's sqlite3 would be: read-only, its own connection.
   const reader = new Database(databasePath, { readonly: true });
   const queueDepth = () =>
@@ -147,6 +155,7 @@ export async function runSustained(settings: SustainedSettings): Promise<Sustain
     const acceptedPerSecond = load.accepted / loadSeconds;
     const deliveredPerSecond = atEnd.delivered / loadSeconds;
     return {
+      workerCount: settings.workerCount,
       seconds: loadSeconds,
       clients,
       bodyBytes,
