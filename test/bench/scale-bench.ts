@@ -16,8 +16,12 @@ import { type FixtureSummary, HOT_SENDER, writeFixture } from './fixture.js';
 import { type SinkProcess, startRelayProcess } from './processes.js';
 import { median, microsPerCall, percentile, ratio } from './statistics.js';
 
-/** A cached fixture is reused while younger than this (its time range is relative to its creation). */
-const FIXTURE_MAX_AGE_MS = 12 * 3600_000;
+/**
+ * A cached fixture is reused while younger than this. Its messages span the 23 hours before its
+ * creation; a relay started on it prunes rate buckets older than a day, so after an hour it
+ * would start thinning the rate-limit windows that the next run measures.
+ */
+const FIXTURE_MAX_AGE_MS = 3600_000;
 
 export interface StoreCosts {
   messages: number;
