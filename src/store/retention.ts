@@ -25,15 +25,15 @@ export function deleteDeliveredBefore(sqlite: Sqlite, cutoff: number, limit: num
   ).run(cutoff, limit).changes;
 }
 
+/** Read through the rate_buckets_minute index (migration 003): never a scan of the table. */
+export const PRUNE_RATE_BUCKETS_SQL = `DELETE FROM rate_buckets WHERE (sender_key, minute) IN (
+  SELECT sender_key, minute FROM rate_buckets WHERE minute <= ? LIMIT ?
+)`;
+
 /** Deletes up to `limit` rate-limit buckets that no rolling window can reach any more. */
 export function pruneRateBuckets(sqlite: Sqlite, now: number, limit: number): number {
   const oldestLiveMinute = Math.floor(now / 60000) - RATE_WINDOW_MINUTES;
-  return prepared(
-    sqlite,
-    `DELETE FROM rate_buckets WHERE (sender_key, minute) IN (
-       SELECT sender_key, minute FROM rate_buckets WHERE minute <= ? LIMIT ?
-     )`,
-  ).run(oldestLiveMinute, limit).changes;
+  return prepared(sqlite, PRUNE_RATE_BUCKETS_SQL).run(oldestLiveMinute, limit).changes;
 }
 
 export function retentionCutoff(now: number, deliveredDays: number): number {

@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import pino from 'pino';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { RetentionSweeper } from '../../src/store/retention.js';
-import { sendMail, startTestRelay, startUpstream, type Upstream, waitFor } from '../helpers.js';
+import { PRUNE_RATE_BUCKETS_SQL, RetentionSweeper } from '../../src/store/retention.js';
+import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor } from '../helpers.js';
 
 const MINUTE = 60_000;
 const DAY = 86_400_000;
@@ -130,4 +131,16 @@ describe('retention with an injected clock', () => {
     assert.equal(state(ids.failed), 'failed');
     assert.equal(state(ids.deferred), 'queued');
   });
+});
+
+test('pruning rate buckets reads the minute index, not the whole table', async () => {
+  const { openStore } = await import('../../src/store/db.js');
+  const store = await openStore(path.join(tempDir(), 'plan.db'));
+  try {
+    const plan = store.sqlite.prepare(`EXPLAIN QUERY PLAN ${PRUNE_RATE_BUCKETS_SQL}`).all(1, 10) as Array<{ detail: string }>;
+    assert.ok(plan.some((row) => /rate_buckets_minute/.test(row.detail)), JSON.stringify(plan));
+    assert.ok(!plan.some((row) => /^SCAN rate_buckets/.test(row.detail)), JSON.stringify(plan));
+  } finally {
+    await store.close();
+  }
 });
