@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import { findConfigFile, formatErrors, loadConfig, readConfigFile } from '../config/load.js';
 import type { Config } from '../config/schema.js';
-import type { Sqlite } from '../store/db.js';
+import type { Sqlite, Store } from '../store/db.js';
 import { appliedMigrations, openReadOnly } from '../store/maintenance.js';
 
 export class CliError extends Error {
@@ -60,6 +60,15 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   }
 }
 
+/** Opens the store without migrating; a failure is one CLI line naming the file. */
+export async function openStoreForCli(file: string, open: typeof import('../store/db.js').openStore): Promise<Store> {
+  try {
+    return await open(file, { migrate: false });
+  } catch (err) {
+    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
+  }
+}
+
 /**
  * Runs `fn` on a read-write connection of the store (synchronous=FULL, foreign keys on). Only
  * `serve` and `migrate` change the schema, so an older server never meets a newer schema
@@ -71,12 +80,7 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   requireDatabaseFile(file);
   // Loaded here, not at the top: the query builder and the migrations are only needed to write.
   const [{ openStore }, { migrations }] = await Promise.all([import('../store/db.js'), import('../../migrations/index.js')]);
-  let store: Awaited<ReturnType<typeof openStore>>;
-  try {
-    store = await openStore(file, { migrate: false });
-  } catch (err) {
-    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
-  }
+  const store = await openStoreForCli(file, openStore);
   try {
     let missing: string[];
     try {

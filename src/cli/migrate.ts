@@ -3,17 +3,12 @@
 import { migrations } from '../../migrations/index.js';
 import { migrateToLatest, openStore } from '../store/db.js';
 import { appliedMigrations } from '../store/maintenance.js';
-import { CliError, closeWithoutCheckpoint, type GlobalOptions, loadCliConfig, printJson, printText } from './context.js';
+import { CliError, closeWithoutCheckpoint, openStoreForCli, type GlobalOptions, loadCliConfig, printJson, printText } from './context.js';
 
 export async function migrateCommand(global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
   const file = config.databasePath;
-  let store: Awaited<ReturnType<typeof openStore>>;
-  try {
-    store = await openStore(file, { migrate: false });
-  } catch (err) {
-    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
-  }
+  const store = await openStoreForCli(file, openStore);
   try {
     const applied = await migrateToLatest(store.db).catch((err: Error) => {
       throw new CliError(`migration failed on ${file}: ${err.message}`);
