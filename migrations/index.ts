@@ -4,9 +4,11 @@ import type { Migration } from 'kysely';
 import * as initial from './001_initial.js';
 import * as metrics from './002_metrics.js';
 import * as rateBucketMinute from './003_rate_bucket_minute.js';
+import * as rateHours from './004_rate_hours.js';
 
 export const migrations: Record<string, Migration> = {
   '001_initial': initial,
   '002_metrics': metrics,
   '003_rate_bucket_minute': rateBucketMinute,
+  '004_rate_hours': rateHours,
 };

@@ -65,13 +65,27 @@ export function senderKey(mailFrom: string): string {
   return mailFrom.toLowerCase();
 }
 
-/** Messages accepted for `key` in the rolling window of `minutes` that ends now. */
+/**
+ * Messages accepted under `key` (a sender key, or '*' for all) in the rolling window of the last
+ * `minutes` minutes, this one included. The whole hours inside the window come from rate_hours,
+ * the minutes at its two ends from rate_buckets: at most about 140 rows for a day, however many
+ * messages the window holds.
+ */
 export function windowCount(sqlite: Sqlite, key: string, now: number, minutes: number): number {
   const current = Math.floor(now / 60000);
+  const first = current - minutes + 1;
+  const firstHour = Math.floor(first / 60);
+  const currentHour = Math.floor(current / 60);
+  // minutes [first, headEnd) of the first hour and [tailStart, current] of the current one
+  const headEnd = Math.min((firstHour + 1) * 60, current + 1);
+  const tailStart = Math.max(currentHour * 60, headEnd);
   const row = prepared(
     sqlite,
-    'SELECT COALESCE(SUM(count), 0) AS n FROM rate_buckets WHERE sender_key = ? AND minute > ? AND minute <= ?',
-  ).get(key, current - minutes, current) as { n: number };
+    `SELECT
+       (SELECT COALESCE(SUM(count), 0) FROM rate_buckets WHERE sender_key = @key AND minute >= @first AND minute < @headEnd)
+     + (SELECT COALESCE(SUM(count), 0) FROM rate_buckets WHERE sender_key = @key AND minute >= @tailStart AND minute <= @current)
+     + (SELECT COALESCE(SUM(count), 0) FROM rate_hours WHERE sender_key = @key AND hour > @firstHour AND hour < @currentHour) AS n`,
+  ).get({ key, first, headEnd, tailStart, current, firstHour, currentHour }) as { n: number };
   return row.n;
 }
 

@@ -9,7 +9,7 @@ import type { Sqlite } from './db.js';
 import { prepared } from './statements.js';
 
 const DAY_MS = 86_400_000;
-/** The longest rate-limit window is a rolling day of per-minute buckets. */
+/** The longest rate-limit window is a rolling day. */
 const RATE_WINDOW_MINUTES = 1440;
 
 /**
@@ -30,10 +30,21 @@ export const PRUNE_RATE_BUCKETS_SQL = `DELETE FROM rate_buckets WHERE (sender_ke
   SELECT sender_key, minute FROM rate_buckets WHERE minute <= ? LIMIT ?
 )`;
 
-/** Deletes up to `limit` rate-limit buckets that no rolling window can reach any more. */
+/** The same for the hourly buckets, through rate_hours_hour (migration 004). */
+export const PRUNE_RATE_HOURS_SQL = `DELETE FROM rate_hours WHERE (sender_key, hour) IN (
+  SELECT sender_key, hour FROM rate_hours WHERE hour < ? LIMIT ?
+)`;
+
+/**
+ * Deletes up to `limit` rate-limit buckets (per-minute, then hourly) that no rolling window can
+ * reach any more.
+ */
 export function pruneRateBuckets(sqlite: Sqlite, now: number, limit: number): number {
   const oldestLiveMinute = Math.floor(now / 60000) - RATE_WINDOW_MINUTES;
-  return prepared(sqlite, PRUNE_RATE_BUCKETS_SQL).run(oldestLiveMinute, limit).changes;
+  const minutes = prepared(sqlite, PRUNE_RATE_BUCKETS_SQL).run(oldestLiveMinute, limit).changes;
+  if (minutes >= limit) return minutes;
+  const oldestLiveHour = Math.floor(oldestLiveMinute / 60);
+  return minutes + prepared(sqlite, PRUNE_RATE_HOURS_SQL).run(oldestLiveHour, limit - minutes).changes;
 }
 
 export function retentionCutoff(now: number, deliveredDays: number): number {

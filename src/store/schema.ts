@@ -61,6 +61,13 @@ export interface RateBucketsTable {
   count: number;
 }
 
+/** Accepted messages per sender key and hour (received_at / 3,600,000). */
+export interface RateHoursTable {
+  sender_key: string;
+  hour: number;
+  count: number;
+}
+
 export interface CountersTable {
   name: string;
   value: number;
@@ -71,5 +78,6 @@ export interface DB {
   recipients: RecipientsTable;
   attempts: AttemptsTable;
   rate_buckets: RateBucketsTable;
+  rate_hours: RateHoursTable;
   counters: CountersTable;
 }

@@ -55,18 +55,20 @@ test("the Operations section's sqlite3 queries run against a relayq database", a
 
 test("the rate-limit section's sqlite3 queries count what maxPerHour counts", async () => {
   const queries = [...section('Rate limits and backpressure').matchAll(/sqlite3 [^"\n]*"([^"]+)"/g)].map((m) => m[1]);
-  assert.equal(queries.length, 2);
+  assert.equal(queries.length, 3);
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   try {
     await sendMail(relay.smtpPort, { from: 'App@Example.com' });
     await sendMail(relay.smtpPort, { from: 'app@example.com' });
     await sendMail(relay.smtpPort, { from: 'other@example.com' });
-    const [perSender, busiest] = queries.map((sql) => relay.store.sqlite.prepare(sql).all());
+    const [perSender, busiest, hourly] = queries.map((sql) => relay.store.sqlite.prepare(sql).all());
     assert.deepEqual(Object.values(perSender[0] as object), [2]);
     assert.deepEqual(busiest, [
       { sender_key: 'app@example.com', n: 2 },
       { sender_key: 'other@example.com', n: 1 },
     ]);
+    const hour = new Date(Math.floor(Date.now() / 3_600_000) * 3_600_000).toISOString().slice(0, 19).replace('T', ' ');
+    assert.deepEqual(hourly, [{ hour, count: 3 }]);
   } finally {
     await relay.stop();
   }

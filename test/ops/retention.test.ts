@@ -5,7 +5,7 @@ import pino from 'pino';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { PRUNE_RATE_BUCKETS_SQL, RetentionSweeper } from '../../src/store/retention.js';
+import { PRUNE_RATE_BUCKETS_SQL, PRUNE_RATE_HOURS_SQL, RetentionSweeper } from '../../src/store/retention.js';
 import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor } from '../helpers.js';
 
 const MINUTE = 60_000;
@@ -75,9 +75,9 @@ describe('retention with an injected clock', () => {
     const r = await relay.retention.runOnce();
     assert.equal(r.messages, 0);
     assert.equal(state(ids.old[0]), 'delivered');
-    // With no message due, the same run prunes what no rate window reaches: t0's buckets (the
-    // sender's and the global one), not the bucket of the last day.
-    assert.equal(r.buckets, 2);
+    // With no message due, the same run prunes what no rate window reaches: t0's per-minute and
+    // hourly buckets (the sender's and the global one), not the buckets of the last day.
+    assert.equal(r.buckets, 4);
     assert.deepEqual(bucketMinutes(), [Math.floor((t0 + 7 * DAY - MINUTE) / MINUTE)]);
   });
 
@@ -133,13 +133,16 @@ describe('retention with an injected clock', () => {
   });
 });
 
-test('pruning rate buckets reads the minute index, not the whole table', async () => {
+test('pruning rate buckets reads the minute and hour indexes, not the whole tables', async () => {
   const { openStore } = await import('../../src/store/db.js');
   const store = await openStore(path.join(tempDir(), 'plan.db'));
   try {
     const plan = store.sqlite.prepare(`EXPLAIN QUERY PLAN ${PRUNE_RATE_BUCKETS_SQL}`).all(1, 10) as Array<{ detail: string }>;
     assert.ok(plan.some((row) => /rate_buckets_minute/.test(row.detail)), JSON.stringify(plan));
     assert.ok(!plan.some((row) => /^SCAN rate_buckets/.test(row.detail)), JSON.stringify(plan));
+    const hours = store.sqlite.prepare(`EXPLAIN QUERY PLAN ${PRUNE_RATE_HOURS_SQL}`).all(1, 10) as Array<{ detail: string }>;
+    assert.ok(hours.some((row) => /rate_hours_hour/.test(row.detail)), JSON.stringify(hours));
+    assert.ok(!hours.some((row) => /^SCAN rate_hours/.test(row.detail)), JSON.stringify(hours));
   } finally {
     await store.close();
   }

@@ -22,6 +22,7 @@ function footprint(relay: Relay) {
     accepted: q("SELECT value AS n FROM counters WHERE name = 'messages_accepted'"),
     queued: q("SELECT value AS n FROM counters WHERE name = 'state_queued'"),
     buckets: q("SELECT COALESCE(SUM(count), 0) AS n FROM rate_buckets WHERE sender_key = '*'"),
+    hours: q("SELECT COALESCE(SUM(count), 0) AS n FROM rate_hours WHERE sender_key = '*'"),
   };
 }
 
@@ -32,6 +33,7 @@ function assertConsistent(relay: Relay) {
   assert.equal(f.accepted, f.messages, 'messages_accepted counter');
   assert.equal(f.queued, f.messages, 'state_queued counter (nothing is delivered here)');
   assert.equal(f.buckets, f.messages, 'rate buckets');
+  assert.equal(f.hours, f.messages, 'hourly rate buckets');
 }
 
 async function refusedWith451(promise: Promise<unknown>) {

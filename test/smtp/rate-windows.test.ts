@@ -1,0 +1,133 @@
+// The rolling windows that rate limits count: per-minute and hourly buckets kept by the insert
+// trigger, summed at the two ends and in the middle of a window. Checked against a plain count of
+// the stored messages at every few minutes of two days, and across the upgrade that added the
+// hourly buckets.
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { test } from 'node:test';
+import Database from 'better-sqlite3';
+import { Kysely, Migrator, SqliteDialect } from 'kysely';
+import * as initial from '../../migrations/001_initial.js';
+import * as metrics from '../../migrations/002_metrics.js';
+import * as rateBucketMinute from '../../migrations/003_rate_bucket_minute.js';
+import { openStore, type Sqlite } from '../../src/store/db.js';
+import { GLOBAL_SENDER_KEY, insertMessage, newQueueId, windowCount } from '../../src/store/intake.js';
+import { pruneRateBuckets } from '../../src/store/retention.js';
+import { tempDir } from '../helpers.js';
+
+const MINUTE = 60_000;
+const HOUR = 60 * MINUTE;
+const DAY = 24 * HOUR;
+const T0 = Date.UTC(2026, 0, 5, 7, 0, 0);
+const NO_LIMITS = { rateLimits: { enabled: false, maxPerHour: 0, maxPerDay: 0, globalMaxPerHour: 0, globalMaxPerDay: 0 }, queueSize: 0 };
+
+/** Deterministic pseudo-random numbers in [0, 1). */
+function lcg(seed: number): () => number {
+  let x = seed;
+  return () => {
+    x = (x * 1103515245 + 12345) % 2 ** 31;
+    return x / 2 ** 31;
+  };
+}
+
+function store(sqlite: Sqlite, sender: string, at: number) {
+  insertMessage(
+    sqlite,
+    { id: newQueueId(at), mailFrom: sender, recipients: ['r@example.net'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: null, raw: Buffer.from('x'), receivedAt: at },
+    NO_LIMITS,
+  );
+}
+
+/** The same window counted from the messages themselves. */
+function plainCount(sqlite: Sqlite, key: string, now: number, minutes: number): number {
+  const current = Math.floor(now / MINUTE);
+  const where = key === GLOBAL_SENDER_KEY ? '' : 'sender_key = ? AND';
+  const params = key === GLOBAL_SENDER_KEY ? [] : [key];
+  return (
+    sqlite.prepare(`SELECT COUNT(*) AS n FROM messages WHERE ${where} received_at / 60000 > ? AND received_at / 60000 <= ?`).get(...params, current - minutes, current) as { n: number }
+  ).n;
+}
+
+test('window counts equal a plain count of the messages at every minute offset, over two days', async () => {
+  const s = await openStore(path.join(tempDir(), 'windows.db'));
+  try {
+    const random = lcg(42);
+    const senders = ['a@example.com', 'b@example.com', ''];
+    s.sqlite.transaction(() => {
+      for (let i = 0; i < 3000; i++) store(s.sqlite, senders[Math.floor(random() * 3)], T0 + Math.floor(random() * 2 * DAY));
+      // bursts on hour and minute edges
+      for (const at of [T0 + HOUR - 1, T0 + HOUR, T0 + DAY - MINUTE, T0 + DAY, T0 + DAY + 59 * MINUTE]) for (let i = 0; i < 7; i++) store(s.sqlite, 'a@example.com', at);
+    })();
+    let checked = 0;
+    for (let now = T0 - HOUR; now <= T0 + 3 * DAY; now += 7 * MINUTE + 13_000) {
+      for (const key of ['a@example.com', '', GLOBAL_SENDER_KEY]) {
+        for (const minutes of [60, 1440, 1, 61, 119]) {
+          assert.equal(windowCount(s.sqlite, key, now, minutes), plainCount(s.sqlite, key, now, minutes), `${key} ${minutes} min at ${new Date(now).toISOString()}`);
+          checked++;
+        }
+      }
+    }
+    assert.ok(checked > 5000);
+    assert.ok(windowCount(s.sqlite, GLOBAL_SENDER_KEY, T0 + DAY, 1440) > 1000, 'the data fills the windows');
+  } finally {
+    await s.close();
+  }
+});
+
+test('pruning removes per-minute and hourly buckets no window reaches, and leaves the counts alone', async () => {
+  const s = await openStore(path.join(tempDir(), 'prune.db'));
+  try {
+    for (let h = 0; h < 48; h++) store(s.sqlite, 'a@example.com', T0 + h * HOUR + 30 * MINUTE);
+    const now = T0 + 48 * HOUR;
+    const before = [60, 1440].map((m) => windowCount(s.sqlite, 'a@example.com', now, m));
+    let pruned = 0;
+    for (let n = pruneRateBuckets(s.sqlite, now, 5); n > 0; n = pruneRateBuckets(s.sqlite, now, 5)) pruned += n;
+    const rows = (table: string) => (s.sqlite.prepare(`SELECT COUNT(*) AS n FROM ${table}`).get() as { n: number }).n;
+    // the 24 messages of the first day are out of every window: their minute and hour rows go,
+    // each twice (the sender's and '*'); the window now starts a minute into hour 24
+    assert.equal(pruned, 24 * 2 + 24 * 2);
+    assert.equal(rows('rate_buckets'), 24 * 2);
+    assert.equal(rows('rate_hours'), 24 * 2);
+    assert.deepEqual([60, 1440].map((m) => windowCount(s.sqlite, 'a@example.com', now, m)), before);
+    assert.equal(before[1], 24);
+  } finally {
+    await s.close();
+  }
+});
+
+test('the upgrade to hourly buckets fills them from the per-minute buckets already there', async () => {
+  const file = path.join(tempDir(), 'old.db');
+  const sqlite = new Database(file);
+  const db = new Kysely({ dialect: new SqliteDialect({ database: sqlite }) });
+  const migrator = new Migrator({
+    db,
+    provider: { getMigrations: async () => ({ '001_initial': initial, '002_metrics': metrics, '003_rate_bucket_minute': rateBucketMinute }) },
+    migrationTableName: 'schema_migrations',
+    migrationLockTableName: 'schema_migrations_lock',
+  });
+  assert.equal((await migrator.migrateToLatest()).error, undefined);
+  const random = lcg(7);
+  for (let i = 0; i < 500; i++) store(sqlite, random() < 0.5 ? 'a@example.com' : 'b@example.com', T0 + Math.floor(random() * DAY));
+  await db.destroy();
+
+  const s = await openStore(file);
+  try {
+    for (let now = T0; now <= T0 + 2 * DAY; now += 37 * MINUTE) {
+      for (const key of ['a@example.com', GLOBAL_SENDER_KEY]) {
+        assert.equal(windowCount(s.sqlite, key, now, 1440), plainCount(s.sqlite, key, now, 1440));
+      }
+    }
+    // and the rewritten trigger keeps counting
+    store(s.sqlite, 'a@example.com', T0 + DAY - 1);
+    assert.equal(windowCount(s.sqlite, 'a@example.com', T0 + DAY - 1, 1440), plainCount(s.sqlite, 'a@example.com', T0 + DAY - 1, 1440));
+    const counters = s.sqlite.prepare("SELECT name, value FROM counters WHERE name IN ('state_queued', 'messages_accepted', 'recipients_accepted', 'bytes_accepted')").all();
+    assert.deepEqual(Object.fromEntries((counters as Array<{ name: string; value: number }>).map((r) => [r.name, r.value])), {
+      state_queued: 501,
+      messages_accepted: 501,
+      recipients_accepted: 501,
+      bytes_accepted: 501,
+    });
+  } finally {
+    await s.close();
+  }
+});
