@@ -5,6 +5,10 @@
 // 2. Replies whose text starts with an enhanced status code ("4.7.1 ...") are sent with that
 //    code instead of the one smtp-server derives from the basic code, and smtp-server's own
 //    replies that the spec gives another enhanced code are mapped here, in one table.
+// And one change to how replies are written: the replies a connection produces in one pass over
+// its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
+// the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
+// written at once, because a TLS upgrade takes the socket over right after it.
 import type net from 'node:net';
 import type tls from 'node:tls';
 import { SMTPServer, type SMTPServerOptions } from 'smtp-server';
@@ -31,8 +35,23 @@ export class RelayqConnection extends SMTPConnection {
     });
   }
 
+  private corked = false;
+
   override send(code: number, data?: string | string[] | null, context?: string | false): void {
+    const socket = (this as unknown as { _socket: net.Socket })._socket;
+    if (code === 220) this.uncork(socket);
+    else if (!this.corked && socket.writable) {
+      this.corked = true;
+      socket.cork();
+      process.nextTick(() => this.uncork(socket));
+    }
     super.send(code, ...withEnhancedCode(code, data, context));
+  }
+
+  private uncork(socket: net.Socket): void {
+    if (!this.corked) return;
+    this.corked = false;
+    socket.uncork();
   }
 }
 

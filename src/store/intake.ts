@@ -55,9 +55,23 @@ const HOUR_MINUTES = 60;
 const DAY_MINUTES = 1440;
 export const GLOBAL_SENDER_KEY = '*';
 
+/** Random bytes drawn in blocks: one call into the system's generator per 800 queue ids. */
+const RANDOM_BLOCK_BYTES = 4000;
+let randomBlock = Buffer.alloc(0);
+let randomOffset = 0;
+
+function randomHex(bytes: number): string {
+  if (randomOffset + bytes > randomBlock.length) {
+    randomBlock = crypto.randomBytes(RANDOM_BLOCK_BYTES);
+    randomOffset = 0;
+  }
+  randomOffset += bytes;
+  return randomBlock.toString('hex', randomOffset - bytes, randomOffset);
+}
+
 /** Queue ids sort by arrival: 11 hex digits of milliseconds, then 9 random hex digits. */
 export function newQueueId(now: number): string {
-  return now.toString(16).toUpperCase().padStart(11, '0') + crypto.randomBytes(5).toString('hex').toUpperCase().slice(0, 9);
+  return now.toString(16).toUpperCase().padStart(11, '0') + randomHex(5).toUpperCase().slice(0, 9);
 }
 
 /** Rate limits apply per lower-cased envelope sender; the null sender `<>` is the key ''. */

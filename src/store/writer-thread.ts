@@ -33,11 +33,15 @@ export interface SerializedError {
 }
 
 const options = workerData as WriterThreadOptions;
+if (!parentPort) throw new Error('writer-thread must run as a worker thread');
 const port = parentPort;
-if (!port) throw new Error('writer-thread must run as a worker thread');
 
 const sqlite = openConnection(options.file);
 limitWalSize(sqlite);
+// Every operation of a group commit runs in a savepoint, whose undo journal SQLite keeps in a
+// temporary file by default: a write syscall per page an operation touches again. In memory it is
+// a copy (the pages are small, and the journal lives only until the operation's RELEASE).
+sqlite.pragma('temp_store = MEMORY');
 if (options.secureDelete) overwriteFreedPages(sqlite);
 const commits = new CommitQueue(sqlite);
 
@@ -46,12 +50,26 @@ function serialize(err: unknown): SerializedError {
   return { name: e?.name ?? 'Error', message: e?.message ?? String(err), code: e?.code, kind: e?.kind, hit: e?.hit };
 }
 
-port.on('message', (request: WriterRequest) => {
+/** Replies of one turn of this thread's event loop (one commit's results) go back as one message. */
+let outbox: WriterReply[] = [];
+
+function reply(message: WriterReply): void {
+  outbox.push(message);
+  if (outbox.length === 1) {
+    queueMicrotask(() => {
+      const replies = outbox;
+      outbox = [];
+      port.postMessage(replies);
+    });
+  }
+}
+
+function handle(request: WriterRequest): void {
   if (request.type === 'close') {
     commits.close();
     sqlite.close();
-    port.postMessage({ type: 'closed' } satisfies WriterReply);
-    port.close();
+    reply({ type: 'closed' });
+    queueMicrotask(() => port.close());
     return;
   }
   if (request.type === 'pragma') {
@@ -59,16 +77,20 @@ port.on('message', (request: WriterRequest) => {
     commits.flush();
     const { id, text } = request;
     try {
-      port.postMessage({ type: 'result', id, commits: commits.stats.commits, ok: true, value: sqlite.pragma(text, { simple: true }) } satisfies WriterReply);
+      reply({ type: 'result', id, commits: commits.stats.commits, ok: true, value: sqlite.pragma(text, { simple: true }) });
     } catch (err) {
-      port.postMessage({ type: 'result', id, commits: commits.stats.commits, ok: false, error: serialize(err) } satisfies WriterReply);
+      reply({ type: 'result', id, commits: commits.stats.commits, ok: false, error: serialize(err) });
     }
     return;
   }
   const { id, op, args } = request;
   const fn = WRITE_OPS[op] as (db: typeof sqlite, ...a: unknown[]) => unknown;
   commits.write((db) => fn(db, ...args)).then(
-    (value) => port.postMessage({ type: 'result', id, commits: commits.stats.commits, ok: true, value } satisfies WriterReply),
-    (err) => port.postMessage({ type: 'result', id, commits: commits.stats.commits, ok: false, error: serialize(err) } satisfies WriterReply),
+    (value) => reply({ type: 'result', id, commits: commits.stats.commits, ok: true, value }),
+    (err) => reply({ type: 'result', id, commits: commits.stats.commits, ok: false, error: serialize(err) }),
   );
+}
+
+port.on('message', (requests: WriterRequest[]) => {
+  for (const request of requests) handle(request);
 });

@@ -15,6 +15,8 @@ interface Pending {
 export class StoreWriter {
   private readonly worker: Worker;
   private readonly pending = new Map<number, Pending>();
+  private outbox: WriterRequest[] = [];
+  private outboxTransfer: ArrayBuffer[] = [];
   private nextId = 1;
   private closing: Promise<void> | undefined;
   private failed: Error | undefined;
@@ -25,7 +27,7 @@ export class StoreWriter {
 
   constructor(options: WriterThreadOptions) {
     this.worker = startWorker(options);
-    this.worker.on('message', (reply: WriterReply) => this.onReply(reply));
+    this.worker.on('message', (replies: WriterReply[]) => this.onReplies(replies));
     this.worker.on('error', (err) => this.fail(err));
     this.worker.on('exit', (code) => this.fail(new Error(`writer thread exited with code ${code}`)));
   }
@@ -55,8 +57,27 @@ export class StoreWriter {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.worker.postMessage(request(id), transfer);
+      this.post(request(id), transfer);
     });
+  }
+
+  /**
+   * Requests made during one turn of the event loop (the writes of every session whose data
+   * arrived in it) cross to the writer thread as one message.
+   */
+  private post(request: WriterRequest, transfer: ArrayBuffer[] = []): void {
+    this.outbox.push(request);
+    this.outboxTransfer.push(...transfer);
+    if (this.outbox.length === 1) setImmediate(() => this.flushOutbox());
+  }
+
+  private flushOutbox(): void {
+    if (this.outbox.length === 0) return;
+    const requests = this.outbox;
+    const transfer = this.outboxTransfer;
+    this.outbox = [];
+    this.outboxTransfer = [];
+    this.worker.postMessage(requests, transfer);
   }
 
   /** Lets queued writes commit, then stops the thread and closes its connection. */
@@ -64,20 +85,23 @@ export class StoreWriter {
     this.closing ??= new Promise<void>((resolve) => {
       if (this.failed) return resolve();
       this.worker.once('exit', () => resolve());
-      this.worker.postMessage({ type: 'close' } satisfies WriterRequest);
+      this.post({ type: 'close' });
+      this.flushOutbox();
     });
     return this.closing;
   }
 
-  private onReply(reply: WriterReply) {
-    if (reply.type === 'closed') return;
-    const p = this.pending.get(reply.id);
-    if (!p) return;
-    this.pending.delete(reply.id);
-    this.stats.writes++;
-    this.stats.commits = Math.max(this.stats.commits, reply.commits);
-    if (reply.ok) p.resolve(reply.value);
-    else p.reject(revive(reply.error));
+  private onReplies(replies: WriterReply[]) {
+    for (const reply of replies) {
+      if (reply.type === 'closed') continue;
+      const p = this.pending.get(reply.id);
+      if (!p) continue;
+      this.pending.delete(reply.id);
+      this.stats.writes++;
+      this.stats.commits = Math.max(this.stats.commits, reply.commits);
+      if (reply.ok) p.resolve(reply.value);
+      else p.reject(revive(reply.error));
+    }
     this.onCommitted();
   }
 
