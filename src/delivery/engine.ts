@@ -283,7 +283,7 @@ export class DeliveryEngine {
     const { clock, config } = this.deps;
     const abort = new AbortController();
     this.active.set(claim.token, { claim, abort });
-    const log = this.log.child({ queueId: claim.messageId });
+    const queueId = claim.messageId;
     let completing: Promise<CompletionResult> | undefined;
     let completion: ReturnType<typeof planCompletion> | undefined;
     let result: BatchResult | undefined;
@@ -318,7 +318,7 @@ export class DeliveryEngine {
       const planned = completion;
       completing = this.deps.commits.write('completeBatch', planned);
     } catch (err) {
-      log.error({ event: 'delivery.attempt_error', err: (err as Error).message }, 'delivery attempt failed unexpectedly');
+      this.log.error({ queueId, event: 'delivery.attempt_error', err: (err as Error).message }, 'delivery attempt failed unexpectedly');
     } finally {
       onSent?.();
     }
@@ -331,8 +331,8 @@ export class DeliveryEngine {
       outcome = await completing;
     } catch (err) {
       this.active.delete(claim.token);
-      log.error(
-        { event: 'delivery.commit_failed', batch: claim.batch, err: (err as Error).message },
+      this.log.error(
+        { queueId, event: 'delivery.commit_failed', batch: claim.batch, err: (err as Error).message },
         'recording the delivery outcome failed; the claim expires with its lease',
       );
       return;
@@ -341,6 +341,7 @@ export class DeliveryEngine {
     const counts = { delivered: 0, failed: 0, deferred: 0 };
     for (const r of completion.recipients) counts[r.status === 'pending' ? 'deferred' : r.status]++;
     const line = {
+      queueId,
       event: 'delivery.attempt',
       batch: claim.batch,
       outcome: completion.attempt.outcome,
@@ -353,13 +354,13 @@ export class DeliveryEngine {
     };
     if (outcome.leaseLost) {
       if (this.released.delete(claim.token)) {
-        log.info({ ...line, event: 'delivery.attempt_released' }, 'attempt ended after its claim was released at shutdown');
+        this.log.info({ ...line, event: 'delivery.attempt_released' }, 'attempt ended after its claim was released at shutdown');
       } else {
-        log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
+        this.log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
       }
       return;
     }
-    log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: outcome.nextAttemptAt } : {}) }, 'delivery attempt');
+    this.log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: outcome.nextAttemptAt } : {}) }, 'delivery attempt');
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
   }
 

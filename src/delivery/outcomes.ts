@@ -99,7 +99,8 @@ export function resultFromNodemailer(
     const response = (info.response ?? '').trim();
     const code = replyCode(response);
     const recipients = addresses.map((address): RecipientResult => {
-      const key = normalize(address);
+      // an address already in nodemailer's form is its own key (normalizing is not free)
+      const key = accepted.has(address) ? address : normalize(address);
       if (accepted.has(key)) return { verdict: 'delivered', code, reply: response };
       const rejection = rejections.get(key);
       if (rejection) return { verdict: rejection.temporary ? 'deferred' : 'failed', code: rejection.code, reply: rejection.reply };

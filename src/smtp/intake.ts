@@ -34,13 +34,20 @@ export interface IntakeDeps {
 
 interface SessionState {
   queueId?: string;
-  log?: Logger;
 }
 
 type Callback = (err?: Error | null) => void;
 
 function reply(code: number, text: string): Error & { responseCode: number } {
   return Object.assign(new Error(text), { responseCode: code });
+}
+
+const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
+
+function onlyEnabledLevels(log: Logger): RelayqSmtpServer['logger'] {
+  const noop = () => {};
+  const methods = LOG_LEVELS.map((level) => [level, log.isLevelEnabled(level) ? log[level].bind(log) : noop]);
+  return Object.fromEntries(methods) as RelayqSmtpServer['logger'];
 }
 
 const AUTH_FAILURE_DELAY_MS = 250;
@@ -94,6 +101,9 @@ export class SmtpIntake {
       onRcptTo: (address, _session, cb) => this.onRcptTo(address.address, cb),
       onData: (stream, session, cb) => this.onData(stream, session, cb),
     } as ConstructorParameters<typeof RelayqSmtpServer>[0]);
+    // smtp-server wraps the logger it is given so that every command and reply builds a log
+    // entry before the level is looked at; give it the levels that are on, and no-ops.
+    this.server.logger = onlyEnabledLevels(smtpLog);
     this.server.on('error', (err) => deps.logger.warn({ event: 'smtp.error', err: err.message }, 'smtp error'));
   }
 
@@ -203,7 +213,6 @@ export class SmtpIntake {
     }
     const s = this.state(session);
     s.queueId = newQueueId(now);
-    s.log = this.deps.logger.child({ queueId: s.queueId });
     cb();
   }
 
@@ -235,14 +244,14 @@ export class SmtpIntake {
       bytes += chunk.length;
     });
     stream.on('end', () => {
-      const s = this.state(session);
-      const log = s.log ?? this.deps.logger;
+      const { queueId } = this.state(session);
+      const log = this.deps.logger;
       if (stream.sizeExceeded) {
-        log.info({ event: 'smtp.refused', reason: 'size', bytes }, 'message too large');
+        log.info({ queueId, event: 'smtp.refused', reason: 'size', bytes }, 'message too large');
         return done(reply(552, '5.3.4 Message size exceeds fixed maximum message size'));
       }
       if (scanner.finish()) {
-        log.warn({ event: 'smtp.refused', reason: 'bare-line-ending', client: this.peer(session) }, 'bare CR or LF in DATA');
+        log.warn({ queueId, event: 'smtp.refused', reason: 'bare-line-ending', client: this.peer(session) }, 'bare CR or LF in DATA');
         return done(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 §2.3.8)'));
       }
       this.store(session, chunks, done);
@@ -252,7 +261,7 @@ export class SmtpIntake {
   private store(session: SMTPServerSession, chunks: Buffer[], cb: (err?: Error | null, message?: string) => void) {
     const { config, clock, commits } = this.deps;
     const s = this.state(session);
-    const log = s.log ?? this.deps.logger;
+    const log = this.deps.logger;
     const queueId = s.queueId ?? newQueueId(clock.now());
     s.queueId = undefined;
     const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
@@ -287,6 +296,7 @@ export class SmtpIntake {
       () => {
         log.info(
           {
+            queueId,
             event: 'smtp.accepted',
             from: mailFrom,
             rcpts: recipients.length,
@@ -308,7 +318,7 @@ export class SmtpIntake {
           }
           return cb(reply(452, '4.3.1 Queue full, try again later'));
         }
-        log.error({ event: 'smtp.store_failed', err: (err as Error).message }, 'storing the message failed');
+        log.error({ queueId, event: 'smtp.store_failed', err: (err as Error).message }, 'storing the message failed');
         cb(reply(451, '4.3.0 Local error in processing: message not stored, try again later'));
       },
     );
