@@ -117,7 +117,6 @@ export class DeliveryEngine {
           username: this.config.forwardUsername,
           password: this.config.forwardPassword,
           clientName: this.config.serverName,
-          maxConnections: this.config.workerCount,
           attemptTimeoutMs: this.attemptTimeoutMs,
           logger: this.log,
           tls: deps.upstreamTls,

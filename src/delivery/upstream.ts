@@ -1,10 +1,14 @@
-// The upstream SMTP relay ("smart host"): one pooled nodemailer transport, reused connections,
-// the original envelope sender and the stored bytes unchanged. Every timeout is below the claim
-// lease, and an attempt that outlives its deadline is aborted (its connection closed), so a
-// stalled upstream can never hold a batch past its lease.
+// The upstream SMTP relay ("smart host"): nodemailer's SMTPConnection on pooled, reused
+// connections, the original envelope sender and the stored bytes unchanged. relayq keeps its own
+// small pool instead of nodemailer's pooled transport because that transport builds a MIME tree
+// for every message, even a raw one (a random boundary and a Message-ID it then does not use);
+// on a busy relay that cost about as much CPU as receiving the message. Every timeout is below
+// the claim lease, and an attempt that outlives its deadline is aborted (its connection closed),
+// so a stalled upstream can never hold a batch past its lease.
+import { Readable } from 'node:stream';
 import type tls from 'node:tls';
-import nodemailer, { type Mail } from 'nodemailer';
-import MimeNode from 'nodemailer/lib/mime-node';
+import { domainToASCII } from 'node:url';
+import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import type { Logger } from 'pino';
 import type { ClaimedBatch } from '../store/delivery.js';
 import { type BatchResult, resultFromNodemailer, uniformResult } from './outcomes.js';
@@ -18,7 +22,6 @@ export interface UpstreamSettings {
   password: string;
   /** Our name in EHLO. */
   clientName: string;
-  maxConnections: number;
   /** The whole attempt must end before this; connection-level timeouts are derived from it. */
   attemptTimeoutMs: number;
   logger: Logger;
@@ -26,9 +29,18 @@ export interface UpstreamSettings {
   tls?: tls.ConnectionOptions;
 }
 
-/** nodemailer writes the RCPT commands with normalized addresses (lower-case, punycoded domain). */
-function normalizeForRcpt(address: string): string {
-  return new MimeNode().setEnvelope({ from: '', to: [address] }).getEnvelope().to[0] ?? address;
+/**
+ * The form an address takes in RCPT TO: the domain lower-cased, and an internationalized domain
+ * in its ASCII (punycode) form, as nodemailer writes it. The upstream's replies name recipients
+ * in this form, so outcomes are matched back through it too.
+ */
+export function normalizeForRcpt(address: string): string {
+  const at = address.lastIndexOf('@');
+  if (at < 0) return address;
+  const domain = address.slice(at + 1);
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: the ASCII range is the point
+  const ascii = /^[\x00-\x7f]*$/.test(domain) ? domain : domainToASCII(domain) || domain;
+  return `${address.slice(0, at)}@${ascii.toLowerCase()}`;
 }
 
 /** 8-bit bytes in the message: announce BODY=8BITMIME when the upstream offers it. */
@@ -37,9 +49,25 @@ function hasEightBitBytes(raw: Buffer): boolean {
   return false;
 }
 
+type SendInfo = SMTPConnection.SentMessageInfo;
+type UpstreamError = SMTPConnection.SMTPError & { notSent?: boolean };
+
+function abortError(signal: AbortSignal): Error {
+  return Object.assign(new Error('Message sending aborted', { cause: signal.reason }), { name: 'AbortError', code: 'EABORT' });
+}
+
+/** The connection ended: the server closed it, or a network error or timeout did. */
+function endedConnection(err: UpstreamError): boolean {
+  return err.responseCode === 421 || err.code === 'ECONNECTION' || err.code === 'ESOCKET' || err.code === 'ETIMEDOUT';
+}
+
 export class SmtpUpstream {
   readonly label: string;
-  private readonly transport: Mail;
+  private readonly options: SMTPConnection.Options;
+  private readonly auth: SMTPConnection.Credentials | undefined;
+  /** Connections between two transactions, most recently used last. */
+  private readonly idle: SMTPConnection[] = [];
+  private closed = false;
 
   constructor(settings: UpstreamSettings) {
     this.label = `${settings.host}:${settings.port}`;
@@ -47,10 +75,8 @@ export class SmtpUpstream {
     const setupTimeout = Math.min(30_000, Math.max(1000, Math.floor(budget / 3)));
     // nodemailer logs every session step at info and every refused message at error; relayq's
     // own `delivery.attempt` line carries the same facts once, so its log is for debugging only.
-    const transportLogger = settings.logger.child({ component: 'upstream' });
-    if (!settings.logger.isLevelEnabled('debug')) transportLogger.level = 'silent';
-    this.transport = nodemailer.createTransport({
-      pool: true,
+    const debug = settings.logger.isLevelEnabled('debug');
+    this.options = {
       host: settings.host,
       port: settings.port,
       secure: settings.secure,
@@ -60,20 +86,16 @@ export class SmtpUpstream {
       requireTLS: false,
       tls: { ...settings.tls },
       name: settings.clientName,
-      auth: settings.username ? { user: settings.username, pass: settings.password } : undefined,
-      maxConnections: settings.maxConnections,
       connectionTimeout: setupTimeout,
       greetingTimeout: setupTimeout,
       dnsTimeout: setupTimeout,
       // inactivity on an open connection; the attempt deadline bounds the whole transaction
       socketTimeout: Math.min(120_000, budget),
-      logger: transportLogger as never,
-      // nodemailer 10 sets TCP_NODELAY on every socket it opens (smtp-connection _onConnect), so
+      logger: debug ? (settings.logger.child({ component: 'upstream' }) as never) : false,
+      // nodemailer sets TCP_NODELAY on every socket it opens (smtp-connection _onConnect), so
       // the final "." is not held back by Nagle's algorithm waiting for a delayed ACK.
-    });
-    this.transport.on('error', (err: Error) =>
-      settings.logger.warn({ event: 'delivery.transport_error', upstream: this.label, err: err.message }, 'upstream transport error'),
-    );
+    };
+    this.auth = settings.username ? { user: settings.username, pass: settings.password } : undefined;
   }
 
   /** One SMTP transaction for the batch; never throws. `signal` aborts it and closes its connection. */
@@ -82,12 +104,12 @@ export class SmtpUpstream {
     if (!claim.raw) return uniformResult(this.label, addresses.length, 'failed', null, 'message content is missing');
     const envelope = {
       from: claim.mailFrom,
-      to: addresses,
+      to: addresses.map(normalizeForRcpt),
       size: claim.raw.length,
       use8BitMime: hasEightBitBytes(claim.raw),
     };
     try {
-      const info = await this.transport.sendMail({ envelope, raw: claim.raw, signal } as Parameters<Mail['sendMail']>[0]);
+      const info = await this.transaction(envelope, claim.raw, signal);
       return resultFromNodemailer(this.label, addresses, { info }, normalizeForRcpt);
     } catch (error) {
       return resultFromNodemailer(this.label, addresses, { error }, normalizeForRcpt);
@@ -96,6 +118,101 @@ export class SmtpUpstream {
 
   /** Closes idle connections; in-flight transactions were aborted by their signals first. */
   close(): void {
-    this.transport.close();
+    this.closed = true;
+    for (const connection of this.idle.splice(0)) connection.close();
+  }
+
+  /**
+   * Sends on an idle connection when there is one, else on a new one. A reused connection that
+   * the upstream had closed meanwhile (its idle timeout) fails before a byte of the message was
+   * sent; the transaction then runs once more on a new connection.
+   */
+  private async transaction(envelope: SMTPConnection.Envelope, raw: Buffer, signal: AbortSignal): Promise<SendInfo> {
+    const reused = this.idle.pop();
+    if (reused) {
+      try {
+        return await this.sendOn(reused, envelope, raw, signal);
+      } catch (err) {
+        const e = err as UpstreamError;
+        if (!(e.notSent && endedConnection(e)) || signal.aborted) throw err;
+      }
+    }
+    return this.sendOn(await this.connect(signal), envelope, raw, signal);
+  }
+
+  private sendOn(connection: SMTPConnection, envelope: SMTPConnection.Envelope, raw: Buffer, signal: AbortSignal): Promise<SendInfo> {
+    return new Promise((resolve, reject) => {
+      if (signal.aborted) {
+        this.release(connection);
+        return reject(abortError(signal));
+      }
+      const onAbort = () => {
+        connection.close();
+        reject(abortError(signal));
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
+      // a stream, not the buffer itself, so that a failure tells whether any byte went out
+      const message = Readable.from([raw], { objectMode: false });
+      connection.send({ ...envelope }, message, (err, info) => {
+        signal.removeEventListener('abort', onAbort);
+        if (signal.aborted) return;
+        if (!err) {
+          this.release(connection);
+          return resolve(info);
+        }
+        const e = err as UpstreamError;
+        e.notSent = !message.readableDidRead;
+        if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && e.responseCode !== 421 && !connection.destroyed) {
+          // the upstream refused this message; the session itself is fine
+          connection.reset((resetErr) => (resetErr ? connection.close() : this.release(connection)));
+        } else {
+          connection.close();
+        }
+        reject(e);
+      });
+    });
+  }
+
+  /** A new connection, greeted, secured (STARTTLS when offered) and logged in when configured. */
+  private connect(signal: AbortSignal): Promise<SMTPConnection> {
+    return new Promise((resolve, reject) => {
+      const connection = new SMTPConnection(this.options);
+      let settled = false;
+      const settle = (err?: Error) => {
+        if (settled) return;
+        settled = true;
+        signal.removeEventListener('abort', onAbort);
+        if (err) {
+          connection.close();
+          reject(err);
+        } else {
+          resolve(connection);
+        }
+      };
+      const onAbort = () => settle(abortError(signal));
+      signal.addEventListener('abort', onAbort, { once: true });
+      // Errors of a transaction reach its send callback; one that ends an idle connection only
+      // ends it. Either way the connection leaves the pool when it ends.
+      connection.on('error', (err: Error) => settle(err));
+      connection.once('end', () => {
+        this.forget(connection);
+        settle(Object.assign(new Error('Connection closed unexpectedly'), { code: 'ECONNECTION' }));
+      });
+      connection.connect((err) => {
+        if (err) return settle(err);
+        if (this.auth && connection.allowsAuth) connection.login(this.auth, (loginErr) => settle(loginErr ?? undefined));
+        else settle();
+      });
+    });
+  }
+
+  private release(connection: SMTPConnection): void {
+    if (this.closed || connection.destroyed) connection.close();
+    else this.idle.push(connection);
+  }
+
+  private forget(connection: SMTPConnection): void {
+    const i = this.idle.indexOf(connection);
+    if (i >= 0) this.idle.splice(i, 1);
   }
 }

@@ -1,0 +1,102 @@
+// The upstream connection pool: connections are reused between transactions, a refused message
+// does not cost the connection, and a connection the upstream closed while it sat idle is
+// replaced without deferring the mail. Real smtp-server upstreams on 127.0.0.1.
+import assert from 'node:assert/strict';
+import { after, describe, test } from 'node:test';
+import type { SMTPServerOptions } from 'smtp-server';
+import { ManualClock } from '../../src/clock.js';
+import { normalizeForRcpt } from '../../src/delivery/upstream.js';
+import { sendMail, startTestRelay } from '../helpers.js';
+import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
+
+describe('upstream connection pool', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  /** A scripted upstream that counts the connections it was opened, and a relay forwarding to it. */
+  async function setup(options: Partial<SMTPServerOptions> = {}) {
+    const opened = { count: 0 };
+    const upstream = await startScriptedUpstream({
+      ...options,
+      onConnect(_session, cb) {
+        opened.count++;
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, workerCount: 1, batchDelay: 0 },
+      { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    const send = async (to: string[]) => queuedId((await sendMail(relay.smtpPort, { to, raw: 'Subject: pool\r\n\r\nbody\r\n' })).response);
+    return { upstream, relay, opened, send };
+  }
+
+  test('consecutive transactions share one connection', async () => {
+    const { upstream, relay, opened, send } = await setup();
+    const ids = [];
+    for (let i = 0; i < 5; i++) ids.push(await send([`r${i}@example.com`]));
+    // one worker: five transactions one after the other
+    assert.equal((await relay.delivery.runOnce()).attempts, 5);
+    assert.equal(upstream.accepted.length, 5);
+    for (const id of ids) assert.equal(message(relay, id).state, 'delivered');
+    assert.equal(opened.count, 1);
+  });
+
+  test('a refused message keeps the connection for the next one (RSET, not a reconnect)', async () => {
+    const { upstream, relay, opened, send } = await setup();
+    upstream.rcptReply = (address) => (address.startsWith('bad') ? { code: 550, message: 'no such user' } : undefined);
+    const refused = await send(['bad@example.com']);
+    const fine = await send(['good@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, refused).state, 'failed');
+    assert.equal(message(relay, fine).state, 'delivered');
+    assert.equal(opened.count, 1);
+  });
+
+  test('a connection the upstream closed while idle is replaced; the mail is not deferred', async () => {
+    // smtp-server closes a connection that was idle for socketTimeout
+    const { upstream, relay, opened, send } = await setup({ socketTimeout: 200 });
+    await send(['first@example.com']);
+    await relay.delivery.runOnce();
+    await new Promise((r) => setTimeout(r, 600));
+    const second = await send(['second@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, second).state, 'delivered');
+    assert.equal(attempts(relay, second).length, 1);
+    assert.equal(upstream.accepted.length, 2);
+    assert.equal(opened.count, 2);
+  });
+
+  test('421 to MAIL FROM on a reused connection: the batch goes out at once on a new connection', async () => {
+    const transactions = new Map<string, number>();
+    const { upstream, relay, opened, send } = await setup({
+      onMailFrom(_address, session, cb) {
+        const n = (transactions.get(session.id) ?? 0) + 1;
+        transactions.set(session.id, n);
+        // the upstream is done with this connection after one message
+        if (n > 1) return cb(Object.assign(new Error('too many messages on this connection'), { responseCode: 421 }));
+        cb();
+      },
+    });
+    const ids = [await send(['one@example.com']), await send(['two@example.com'])];
+    assert.equal((await relay.delivery.runOnce()).attempts, 2);
+    for (const id of ids) {
+      assert.equal(message(relay, id).state, 'delivered');
+      assert.deepEqual(recipients(relay, id).map((r) => r.attempts), [1]);
+    }
+    assert.equal(upstream.accepted.length, 2);
+    assert.equal(opened.count, 2);
+  });
+});
+
+test('RCPT addresses: the domain lower-cased and in ASCII, the local part untouched', () => {
+  assert.equal(normalizeForRcpt('Mixed@EXAMPLE.COM'), 'Mixed@example.com');
+  assert.equal(normalizeForRcpt('user@bücher.example'), 'user@xn--bcher-kva.example');
+  assert.equal(normalizeForRcpt('Ünïcode@Example.org'), 'Ünïcode@example.org');
+  assert.equal(normalizeForRcpt('user@[192.0.2.1]'), 'user@[192.0.2.1]');
+  assert.equal(normalizeForRcpt(''), '');
+});
