@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { currentRssMb, type RelayProcess, type SinkProcess, startRelayProcess } from './processes.js';
+import { currentRssMb, type RelayProcess, type SinkProcess, startRelayProcess, threadCpuMs } from './processes.js';
 import { type ConnectionMode, type LoadResult, messageBody, runLoad } from './smtp-load.js';
 import { median } from './statistics.js';
 
@@ -225,7 +225,41 @@ export interface IntakeOnlyResult extends IntakeCase {
   ceilingPerSecond: number[];
   /** Per-message cases only. */
   stockPerSecond: number[];
-  median: { relayqPerSecond: number; ceilingPerSecond: number; stockPerSecond: number; p50Ms: number; p99Ms: number };
+  /** CPU time per accepted message, µs: relayq's main thread and its other threads, the ceiling server, the load generator. */
+  cpuUsPerMessage: CpuPerMessage[];
+  median: {
+    relayqPerSecond: number;
+    ceilingPerSecond: number;
+    stockPerSecond: number;
+    p50Ms: number;
+    p99Ms: number;
+    cpuUsPerMessage: CpuPerMessage;
+  };
+}
+
+export interface CpuPerMessage {
+  relayMain: number;
+  relayOtherThreads: number;
+  /** The store-nothing server (one thread does all its work). */
+  ceiling: number;
+  /** The load generator while it drove relayq. */
+  loadGenerator: number;
+}
+
+/** Runs a load and returns it with the CPU µs per accepted message that `pid` and this process spent. */
+async function measuredLoad(pid: number, plan: Parameters<typeof runLoad>[0]) {
+  const before = threadCpuMs(pid);
+  const own = process.cpuUsage();
+  const load = await runLoad(plan);
+  const after = threadCpuMs(pid);
+  const ownUs = process.cpuUsage(own);
+  const per = (ms: number) => (ms * 1000) / load.accepted;
+  return {
+    load,
+    mainUs: per(after.main - before.main),
+    othersUs: per(after.others - before.others),
+    loadGeneratorUs: (ownUs.user + ownUs.system) / load.accepted,
+  };
 }
 
 /**
@@ -246,12 +280,16 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
   const relayq: LoadResult[] = [];
   const ceiling: LoadResult[] = [];
   const stock: LoadResult[] = [];
+  const cpu: CpuPerMessage[] = [];
   try {
     await runLoad({ port: relay.smtpPort, ...plan, durationMs: Math.min(500, settings.runMs) });
     for (let rep = 0; rep < settings.repeats; rep++) {
-      ceiling.push(await runLoad({ port: settings.ceiling.port, ...plan }));
+      const sink = await measuredLoad(settings.ceiling.pid, { port: settings.ceiling.port, ...plan });
+      ceiling.push(sink.load);
       if (c.mode === 'per-message') stock.push(await runLoad({ port: settings.stock.port, ...plan }));
-      relayq.push(await runLoad({ port: relay.smtpPort, ...plan }));
+      const run = await measuredLoad(relay.pid, { port: relay.smtpPort, ...plan });
+      relayq.push(run.load);
+      cpu.push({ relayMain: run.mainUs, relayOtherThreads: run.othersUs, ceiling: sink.mainUs + sink.othersUs, loadGenerator: run.loadGeneratorUs });
     }
   } finally {
     // its workers wait on the silent upstream; an orderly stop would wait for them
@@ -263,12 +301,19 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
     relayqPerSecond: relayq.map((r) => r.acceptedPerSecond),
     ceilingPerSecond: ceiling.map((r) => r.acceptedPerSecond),
     stockPerSecond: stock.map((r) => r.acceptedPerSecond),
+    cpuUsPerMessage: cpu,
     median: {
       relayqPerSecond: median(relayq.map((r) => r.acceptedPerSecond)),
       ceilingPerSecond: median(ceiling.map((r) => r.acceptedPerSecond)),
       stockPerSecond: median(stock.map((r) => r.acceptedPerSecond)),
       p50Ms: median(relayq.map((r) => r.latency.p50)),
       p99Ms: median(relayq.map((r) => r.latency.p99)),
+      cpuUsPerMessage: {
+        relayMain: median(cpu.map((x) => x.relayMain)),
+        relayOtherThreads: median(cpu.map((x) => x.relayOtherThreads)),
+        ceiling: median(cpu.map((x) => x.ceiling)),
+        loadGenerator: median(cpu.map((x) => x.loadGenerator)),
+      },
     },
   };
 }

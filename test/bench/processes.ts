@@ -69,6 +69,28 @@ export function currentRssMb(pid: number): number {
   return procStatusMb(pid, 'VmRSS');
 }
 
+/**
+ * CPU time (user + system, ms) a process has used so far: its main thread, and all its other
+ * threads together (for relayq: the writer thread and V8's helper threads). NaN without /proc.
+ */
+export function threadCpuMs(pid: number): { main: number; others: number } {
+  const result = { main: 0, others: 0 };
+  try {
+    const ticksMs = 10; // USER_HZ is 100 on Linux
+    for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+      const stat = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      // fields after the command name (which may hold spaces): utime is the 12th, stime the 13th
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      const ms = (Number(fields[11]) + Number(fields[12])) * ticksMs;
+      if (Number(tid) === pid) result.main += ms;
+      else result.others += ms;
+    }
+    return result;
+  } catch {
+    return { main: Number.NaN, others: Number.NaN };
+  }
+}
+
 function procStatusMb(pid: number, field: string): number {
   try {
     const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');

@@ -187,6 +187,10 @@ async function main() {
           log(
             `${caseName(c)}, delivery idle: relayq ${fmt(m.relayqPerSecond)}/s p50 ${fmt(m.p50Ms, 2)} ms p99 ${fmt(m.p99Ms, 2)} ms = ${fmt(share * 100)} % of ceiling ${fmt(m.ceilingPerSecond)}/s${c.mode === 'per-message' ? `, ${fmt(ratio(m.relayqPerSecond, m.stockPerSecond), 1)}x stock ${fmt(m.stockPerSecond)}/s` : ''}`,
           );
+          const cpu = m.cpuUsPerMessage;
+          log(
+            `  CPU per message: relayq main thread ${fmt(cpu.relayMain)} µs + other threads ${fmt(cpu.relayOtherThreads)} µs (writer, GC helpers); store-nothing server ${fmt(cpu.ceiling)} µs; load generator ${fmt(cpu.loadGenerator)} µs`,
+          );
         }
       } finally {
         silent.close();
