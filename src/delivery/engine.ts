@@ -13,6 +13,7 @@ import {
   type ClaimedBatch,
   type ClaimResult,
   type CompletionResult,
+  type FailedScanCursor,
   findTemporaryFailures,
   hasDueWork,
 } from '../store/delivery.js';
@@ -67,7 +68,8 @@ interface ActiveAttempt {
 
 const DEFAULT_POLL_MS = 100;
 const REQUEUE_CHECK_MS = 1000;
-const REQUEUE_BATCH = 500;
+/** Failed messages looked at per step of the failedRetryInterval scan. */
+const REQUEUE_SCAN_STEP = 500;
 /** After the grace period, how long released attempts get to notice their abort. */
 const ABORT_SETTLE_MS = 1000;
 
@@ -93,6 +95,7 @@ export class DeliveryEngine {
   private requeueCheckedAt = Number.NEGATIVE_INFINITY;
   /** failedRetryInterval: failed messages finished at or before this were looked at already. */
   private requeueWatermark = Number.NEGATIVE_INFINITY;
+  private requeueing = false;
   private readonly stats = {
     lastSuccessAt: null as number | null,
     lastFailureAt: null as number | null,
@@ -384,36 +387,38 @@ export class DeliveryEngine {
     }
   }
 
-  /** failedRetryInterval: put failed mail whose last error was temporary back in the queue. */
+  /**
+   * failedRetryInterval: put failed mail whose last error was temporary back in the queue. Scans
+   * failed mail in bounded steps and lets SMTP sessions run between them, so the first scan after
+   * a start does not hold the main thread however much failed mail the store keeps.
+   */
   private async requeueFailed(everything: boolean): Promise<number> {
     const interval = this.config.failedRetryInterval;
-    if (interval <= 0) return 0;
-    const { sqlite, clock, commits } = this.deps;
-    const now = clock.now();
-    const finishedBefore = now - interval * 1000;
-    let requeued = 0;
-    for (;;) {
-      const candidates = findTemporaryFailures(sqlite, {
-        finishedAfter: everything ? Number.NEGATIVE_INFINITY : this.requeueWatermark,
-        finishedBefore,
-        limit: REQUEUE_BATCH,
-      });
-      if (candidates.length === 0) {
-        this.requeueWatermark = Math.max(this.requeueWatermark, finishedBefore);
-        break;
+    if (interval <= 0 || (this.requeueing && !everything)) return 0;
+    this.requeueing = true;
+    try {
+      const { sqlite, clock, commits } = this.deps;
+      const now = clock.now();
+      const finishedBefore = now - interval * 1000;
+      let cursor: FailedScanCursor | null = { finishedAt: everything ? Number.NEGATIVE_INFINITY : this.requeueWatermark, id: '' };
+      let requeued = 0;
+      while (cursor) {
+        const step = findTemporaryFailures(sqlite, { cursor, finishedBefore, limit: REQUEUE_SCAN_STEP });
+        if (step.ids.length > 0) {
+          const done = await commits.write('requeueTemporaryFailures', step.ids, { now, maxAttempts: this.config.retry.maxAttempts });
+          requeued += done.length;
+          if (done.length > 0) this.log.info({ event: 'delivery.requeued', ids: done, count: done.length }, 'failed mail requeued (failedRetryInterval)');
+        } else if (step.next) {
+          await new Promise((resolve) => setImmediate(resolve));
+        }
+        cursor = step.next;
       }
-      const ids = candidates.map((c) => c.id);
-      const done = await commits.write('requeueTemporaryFailures', ids, { now, maxAttempts: this.config.retry.maxAttempts });
-      requeued += done.length;
-      if (done.length > 0) this.log.info({ event: 'delivery.requeued', ids: done, count: done.length }, 'failed mail requeued (failedRetryInterval)');
-      this.requeueWatermark = Math.max(this.requeueWatermark, candidates[candidates.length - 1].finishedAt);
-      if (candidates.length < REQUEUE_BATCH) {
-        this.requeueWatermark = Math.max(this.requeueWatermark, finishedBefore);
-        break;
-      }
+      this.requeueWatermark = Math.max(this.requeueWatermark, finishedBefore);
+      if (requeued > 0) this.wake();
+      return requeued;
+    } finally {
+      this.requeueing = false;
     }
-    if (requeued > 0) this.wake();
-    return requeued;
   }
 
   private noteHealth(result: BatchResult): void {

@@ -321,18 +321,36 @@ export interface RequeueOptions {
   maxAttempts: number;
 }
 
-/** Failed messages with a temporarily failed recipient, eligible for a periodic re-attempt. */
+/** Where a scan of failed mail goes on from: after this finish time, and this id at that time. */
+export interface FailedScanCursor {
+  finishedAt: number;
+  id: string;
+}
+
+/** Read through the messages_finished index (state, finished_at): a range, never the whole table. */
+export const FAILED_SCAN_SQL = `SELECT id, finishedAt,
+  EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.status = 'failed' AND r.temporary = 1) AS temporary
+FROM (SELECT id, finished_at AS finishedAt FROM messages
+      WHERE state = 'failed' AND finished_at >= @after AND finished_at <= @before AND (finished_at > @after OR id > @id)
+      ORDER BY finished_at, id LIMIT @limit) AS m`;
+
+/**
+ * One bounded step of failedRetryInterval's look for failed mail: the next `limit` failed
+ * messages after `cursor` in (finish time, id) order, through the messages_finished index, and
+ * which of them have a recipient whose last failure was temporary. A step costs the same however
+ * much failed mail the store holds; `next` is where the following step starts (null: done).
+ */
 export function findTemporaryFailures(
   sqlite: Sqlite,
-  options: Pick<RequeueOptions, 'finishedAfter' | 'finishedBefore' | 'limit'>,
-): Array<{ id: string; finishedAt: number }> {
-  return prepared(
-    sqlite,
-    `SELECT id, finished_at AS finishedAt FROM messages
-     WHERE state = 'failed' AND finished_at > ? AND finished_at <= ?
-       AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = messages.id AND r.status = 'failed' AND r.temporary = 1)
-     ORDER BY finished_at LIMIT ?`,
-  ).all(options.finishedAfter, options.finishedBefore, options.limit) as Array<{ id: string; finishedAt: number }>;
+  options: { cursor: FailedScanCursor; finishedBefore: number; limit: number },
+): { ids: string[]; next: FailedScanCursor | null } {
+  const { cursor, finishedBefore, limit } = options;
+  const rows = prepared(sqlite, FAILED_SCAN_SQL).all({ after: cursor.finishedAt, id: cursor.id, before: finishedBefore, limit }) as Array<{ id: string; finishedAt: number; temporary: number }>;
+  const last = rows[rows.length - 1];
+  return {
+    ids: rows.filter((r) => r.temporary === 1).map((r) => r.id),
+    next: rows.length === limit ? { finishedAt: last.finishedAt, id: last.id } : null,
+  };
 }
 
 /**

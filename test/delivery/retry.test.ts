@@ -204,3 +204,47 @@ describe('retries against a real upstream, with an injected clock', () => {
     );
   });
 });
+
+test('the failed-mail scan goes in bounded steps and finds every temporary failure, also among many finished at the same instant', async () => {
+  const { openStore } = await import('../../src/store/db.js');
+  const { FAILED_SCAN_SQL, findTemporaryFailures } = await import('../../src/store/delivery.js');
+  const { tempDir } = await import('../helpers.js');
+  const path = await import('node:path');
+  const store = await openStore(path.join(tempDir(), 'failed.db'));
+  try {
+    const insertMessage = store.sqlite.prepare(
+      `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at, finished_at)
+       VALUES (?, 'failed', 'a@example.com', 'a@example.com', '127.0.0.1', 1, 1, x'00', 0, 0, 0, ?)`,
+    );
+    const insertRecipient = store.sqlite.prepare(
+      `INSERT INTO recipients (message_id, seq, address, status, temporary, next_attempt_at, updated_at) VALUES (?, 0, 'r@example.com', 'failed', ?, 0, 0)`,
+    );
+    const temporary: string[] = [];
+    store.sqlite.transaction(() => {
+      // 1,300 failed messages, 700 of them finished in the same millisecond; every 97th failed temporarily
+      for (let i = 0; i < 1300; i++) {
+        const id = `M${String(i).padStart(5, '0')}`;
+        insertMessage.run(id, i < 700 ? 1000 : 1000 + i);
+        insertRecipient.run(id, i % 97 === 0 ? 1 : 0);
+        if (i % 97 === 0) temporary.push(id);
+      }
+    })();
+    const found: string[] = [];
+    let steps = 0;
+    let cursor: { finishedAt: number; id: string } | null = { finishedAt: Number.NEGATIVE_INFINITY, id: '' };
+    while (cursor) {
+      const step = findTemporaryFailures(store.sqlite, { cursor, finishedBefore: 10_000, limit: 200 });
+      found.push(...step.ids);
+      cursor = step.next;
+      steps++;
+    }
+    assert.deepEqual(found, temporary);
+    assert.equal(steps, 7, '1,300 messages in steps of 200');
+    // the step reads the finish-time index, not the table
+    const plan = store.sqlite.prepare(`EXPLAIN QUERY PLAN ${FAILED_SCAN_SQL}`).all({ after: 1, id: '', before: 2, limit: 5 }) as Array<{ detail: string }>;
+    assert.ok(plan.some((row) => /messages_finished/.test(row.detail)), JSON.stringify(plan));
+    assert.ok(!plan.some((row) => /^SCAN messages\b/.test(row.detail)), JSON.stringify(plan));
+  } finally {
+    await store.close();
+  }
+});
