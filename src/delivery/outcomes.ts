@@ -80,16 +80,11 @@ function addressOf(entry: unknown): string {
 }
 
 /**
- * Per-recipient results of a nodemailer send. `normalize` maps a stored address to the form
- * nodemailer put in the RCPT command (it lower-cases and punycodes domains), because that is
- * the form its `accepted` / `rejected` lists use.
+ * Per-recipient results of a nodemailer send, in batch order. `rcpts` are the addresses as they
+ * were written in the RCPT commands (domain lower-cased and punycoded), the form the `accepted` /
+ * `rejected` lists use.
  */
-export function resultFromNodemailer(
-  upstream: string,
-  addresses: readonly string[],
-  outcome: { info: NodemailerInfo } | { error: unknown },
-  normalize: (address: string) => string,
-): BatchResult {
+export function resultFromNodemailer(upstream: string, rcpts: readonly string[], outcome: { info: NodemailerInfo } | { error: unknown }): BatchResult {
   if ('info' in outcome) {
     const { info } = outcome;
     const accepted = new Set((info.accepted ?? []).map(addressOf));
@@ -98,9 +93,7 @@ export function resultFromNodemailer(
     const rejected = new Set((info.rejected ?? []).map(addressOf));
     const response = (info.response ?? '').trim();
     const code = replyCode(response);
-    const recipients = addresses.map((address): RecipientResult => {
-      // an address already in nodemailer's form is its own key (normalizing is not free)
-      const key = accepted.has(address) ? address : normalize(address);
+    const recipients = rcpts.map((key): RecipientResult => {
       if (accepted.has(key)) return { verdict: 'delivered', code, reply: response };
       const rejection = rejections.get(key);
       if (rejection) return { verdict: rejection.temporary ? 'deferred' : 'failed', code: rejection.code, reply: rejection.reply };
@@ -114,8 +107,8 @@ export function resultFromNodemailer(
   const whole = classifyUpstreamError(outcome.error);
   const perRecipient = new Map<string, ErrorClass>();
   for (const r of error?.rejectedErrors ?? []) if (r.recipient) perRecipient.set(r.recipient, classifyUpstreamError(r));
-  const recipients = addresses.map((address): RecipientResult => {
-    const own = perRecipient.get(normalize(address)) ?? whole;
+  const recipients = rcpts.map((key): RecipientResult => {
+    const own = perRecipient.get(key) ?? whole;
     return { verdict: own.temporary ? 'deferred' : 'failed', code: own.code, reply: own.reply };
   });
   const permanentFailure = recipients.length > 0 && recipients.every((r) => r.verdict === 'failed');

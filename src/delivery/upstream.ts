@@ -102,17 +102,13 @@ export class SmtpUpstream {
   async send(claim: ClaimedBatch, signal: AbortSignal): Promise<BatchResult> {
     const addresses = claim.recipients.map((r) => r.address);
     if (!claim.raw) return uniformResult(this.label, addresses.length, 'failed', null, 'message content is missing');
-    const envelope = {
-      from: claim.mailFrom,
-      to: addresses.map(normalizeForRcpt),
-      size: claim.raw.length,
-      use8BitMime: hasEightBitBytes(claim.raw),
-    };
+    const rcpts = addresses.map(normalizeForRcpt);
+    const envelope = { from: claim.mailFrom, to: rcpts, size: claim.raw.length, use8BitMime: hasEightBitBytes(claim.raw) };
     try {
       const info = await this.transaction(envelope, claim.raw, signal);
-      return resultFromNodemailer(this.label, addresses, { info }, normalizeForRcpt);
+      return resultFromNodemailer(this.label, rcpts, { info });
     } catch (error) {
-      return resultFromNodemailer(this.label, addresses, { error }, normalizeForRcpt);
+      return resultFromNodemailer(this.label, rcpts, { error });
     }
   }
 
