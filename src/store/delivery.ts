@@ -313,11 +313,6 @@ export function releaseClaims(sqlite: Sqlite, claims: ReadonlyArray<{ messageId:
 
 export interface RequeueOptions {
   now: number;
-  /** Failed messages that finished at or before this time are eligible. */
-  finishedBefore: number;
-  /** ...and after this one (a watermark: older rows were looked at already). */
-  finishedAfter: number;
-  limit: number;
   maxAttempts: number;
 }
 
@@ -358,7 +353,7 @@ export function findTemporaryFailures(
  * room for exactly one more attempt (so a new temporary failure fails them again); permanently
  * failed and delivered recipients are untouched. Returns the ids requeued.
  */
-export function requeueTemporaryFailures(sqlite: Sqlite, ids: readonly string[], options: Pick<RequeueOptions, 'now' | 'maxAttempts'>): string[] {
+export function requeueTemporaryFailures(sqlite: Sqlite, ids: readonly string[], options: RequeueOptions): string[] {
   const { now } = options;
   const requeued: string[] = [];
   for (const id of ids) {
