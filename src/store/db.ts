@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { Kysely, Migrator, SqliteDialect } from 'kysely';
+import { Kysely, type Migration, Migrator, SqliteDialect } from 'kysely';
 import { migrations } from '../../migrations/index.js';
 import type { DB } from './schema.js';
 
@@ -63,10 +63,11 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
   };
 }
 
-export async function migrateToLatest(db: Kysely<DB>): Promise<string[]> {
+/** Applies pending migrations: all of relayq's, or (tests of an upgrade) the first few of them. */
+export async function migrateToLatest<T>(db: Kysely<T>, set: Record<string, Migration> = migrations): Promise<string[]> {
   const migrator = new Migrator({
     db,
-    provider: { getMigrations: async () => migrations },
+    provider: { getMigrations: async () => set },
     migrationTableName: 'schema_migrations',
     migrationLockTableName: 'schema_migrations_lock',
   });

@@ -2,9 +2,9 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { test } from 'node:test';
 import Database from 'better-sqlite3';
-import { Kysely, Migrator, SqliteDialect } from 'kysely';
+import { Kysely, SqliteDialect } from 'kysely';
 import * as initial from '../../migrations/001_initial.js';
-import { openStore } from '../../src/store/db.js';
+import { migrateToLatest, openStore } from '../../src/store/db.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { tempDir } from '../helpers.js';
 
@@ -12,14 +12,7 @@ test('the metrics migration starts its counters from the rows of an existing dat
   const file = path.join(tempDir(), 'old.db');
   const sqlite = new Database(file);
   const db = new Kysely({ dialect: new SqliteDialect({ database: sqlite }) });
-  const migrator = new Migrator({
-    db,
-    provider: { getMigrations: async () => ({ '001_initial': initial }) },
-    migrationTableName: 'schema_migrations',
-    migrationLockTableName: 'schema_migrations_lock',
-  });
-  const { error } = await migrator.migrateToLatest();
-  assert.equal(error, undefined);
+  await migrateToLatest(db, { '001_initial': initial });
   const message = sqlite.prepare(
     `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at, claims)
      VALUES (?, ?, 'a@example.com', 'a@example.com', '127.0.0.1', 10, 1, x'00', 0, 0, 0, ?)`,

@@ -6,11 +6,11 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { test } from 'node:test';
 import Database from 'better-sqlite3';
-import { Kysely, Migrator, SqliteDialect } from 'kysely';
+import { Kysely, SqliteDialect } from 'kysely';
 import * as initial from '../../migrations/001_initial.js';
 import * as metrics from '../../migrations/002_metrics.js';
 import * as rateBucketMinute from '../../migrations/003_rate_bucket_minute.js';
-import { openStore, type Sqlite } from '../../src/store/db.js';
+import { migrateToLatest, openStore, type Sqlite } from '../../src/store/db.js';
 import { GLOBAL_SENDER_KEY, insertMessage, newQueueId, windowCount } from '../../src/store/intake.js';
 import { pruneRateBuckets } from '../../src/store/retention.js';
 import { tempDir } from '../helpers.js';
@@ -99,13 +99,7 @@ test('the upgrade to hourly buckets fills them from the per-minute buckets alrea
   const file = path.join(tempDir(), 'old.db');
   const sqlite = new Database(file);
   const db = new Kysely({ dialect: new SqliteDialect({ database: sqlite }) });
-  const migrator = new Migrator({
-    db,
-    provider: { getMigrations: async () => ({ '001_initial': initial, '002_metrics': metrics, '003_rate_bucket_minute': rateBucketMinute }) },
-    migrationTableName: 'schema_migrations',
-    migrationLockTableName: 'schema_migrations_lock',
-  });
-  assert.equal((await migrator.migrateToLatest()).error, undefined);
+  await migrateToLatest(db, { '001_initial': initial, '002_metrics': metrics, '003_rate_bucket_minute': rateBucketMinute });
   const random = lcg(7);
   for (let i = 0; i < 500; i++) store(sqlite, random() < 0.5 ? 'a@example.com' : 'b@example.com', T0 + Math.floor(random() * DAY));
   await db.destroy();
