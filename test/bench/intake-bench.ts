@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { currentRssMb, type RelayProcess, type SinkProcess, startRelayProcess, threadCpuMs } from './processes.js';
+import { currentRssMb, diskWriteBytes, type RelayProcess, type SinkProcess, startRelayProcess, threadCpuMs } from './processes.js';
 import { type ConnectionMode, type LoadResult, messageBody, runLoad } from './smtp-load.js';
 import { median } from './statistics.js';
 
@@ -227,6 +227,8 @@ export interface IntakeOnlyResult extends IntakeCase {
   stockPerSecond: number[];
   /** CPU time per accepted message, µs: relayq's main thread and its other threads, the ceiling server, the load generator. */
   cpuUsPerMessage: CpuPerMessage[];
+  /** Bytes relayq wrote to the disk per accepted message (WAL frames, checkpoints). */
+  diskBytesPerMessage: number[];
   median: {
     relayqPerSecond: number;
     ceilingPerSecond: number;
@@ -234,6 +236,7 @@ export interface IntakeOnlyResult extends IntakeCase {
     p50Ms: number;
     p99Ms: number;
     cpuUsPerMessage: CpuPerMessage;
+    diskBytesPerMessage: number;
   };
 }
 
@@ -246,12 +249,17 @@ export interface CpuPerMessage {
   loadGenerator: number;
 }
 
-/** Runs a load and returns it with the CPU µs per accepted message that `pid` and this process spent. */
+/**
+ * Runs a load and returns it with the CPU µs per accepted message that `pid` and this process
+ * spent, and the bytes `pid` wrote to the disk per accepted message.
+ */
 async function measuredLoad(pid: number, plan: Parameters<typeof runLoad>[0]) {
   const before = threadCpuMs(pid);
+  const writtenBefore = diskWriteBytes(pid);
   const own = process.cpuUsage();
   const load = await runLoad(plan);
   const after = threadCpuMs(pid);
+  const written = diskWriteBytes(pid) - writtenBefore;
   const ownUs = process.cpuUsage(own);
   const per = (ms: number) => (ms * 1000) / load.accepted;
   return {
@@ -259,6 +267,7 @@ async function measuredLoad(pid: number, plan: Parameters<typeof runLoad>[0]) {
     mainUs: per(after.main - before.main),
     othersUs: per(after.others - before.others),
     loadGeneratorUs: (ownUs.user + ownUs.system) / load.accepted,
+    diskBytes: written / load.accepted,
   };
 }
 
@@ -281,6 +290,7 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
   const ceiling: LoadResult[] = [];
   const stock: LoadResult[] = [];
   const cpu: CpuPerMessage[] = [];
+  const diskBytes: number[] = [];
   try {
     await runLoad({ port: relay.smtpPort, ...plan, durationMs: Math.min(500, settings.runMs) });
     for (let rep = 0; rep < settings.repeats; rep++) {
@@ -290,6 +300,7 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
       const run = await measuredLoad(relay.pid, { port: relay.smtpPort, ...plan });
       relayq.push(run.load);
       cpu.push({ relayMain: run.mainUs, relayOtherThreads: run.othersUs, ceiling: sink.mainUs + sink.othersUs, loadGenerator: run.loadGeneratorUs });
+      diskBytes.push(run.diskBytes);
     }
   } finally {
     // its workers wait on the silent upstream; an orderly stop would wait for them
@@ -302,6 +313,7 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
     ceilingPerSecond: ceiling.map((r) => r.acceptedPerSecond),
     stockPerSecond: stock.map((r) => r.acceptedPerSecond),
     cpuUsPerMessage: cpu,
+    diskBytesPerMessage: diskBytes,
     median: {
       relayqPerSecond: median(relayq.map((r) => r.acceptedPerSecond)),
       ceilingPerSecond: median(ceiling.map((r) => r.acceptedPerSecond)),
@@ -314,6 +326,7 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
         ceiling: median(cpu.map((x) => x.ceiling)),
         loadGenerator: median(cpu.map((x) => x.loadGenerator)),
       },
+      diskBytesPerMessage: median(diskBytes),
     },
   };
 }

@@ -91,6 +91,16 @@ export function threadCpuMs(pid: number): { main: number; others: number } {
   }
 }
 
+/** Bytes a process has caused to be written to storage so far (/proc/<pid>/io write_bytes), NaN without /proc. */
+export function diskWriteBytes(pid: number): number {
+  try {
+    const match = /^write_bytes: (\d+)$/m.exec(fs.readFileSync(`/proc/${pid}/io`, 'utf8'));
+    return match ? Number(match[1]) : Number.NaN;
+  } catch {
+    return Number.NaN;
+  }
+}
+
 function procStatusMb(pid: number, field: string): number {
   try {
     const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');

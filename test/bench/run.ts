@@ -191,6 +191,7 @@ async function main() {
           log(
             `  CPU per message: relayq main thread ${fmt(cpu.relayMain)} µs + other threads ${fmt(cpu.relayOtherThreads)} µs (writer, GC helpers); store-nothing server ${fmt(cpu.ceiling)} µs; load generator ${fmt(cpu.loadGenerator)} µs`,
           );
+          log(`  disk writes per message: ${fmt(m.diskBytesPerMessage / 1024, 1)} KB (WAL frames and their checkpoints; body ${fmt(c.bodyBytes / 1024, 1)} KB)`);
         }
       } finally {
         silent.close();
