@@ -2,10 +2,23 @@ import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
 import pino from 'pino';
 import { ManualClock } from '../../src/clock.js';
-import { DeliveryEngine } from '../../src/delivery/engine.js';
+import { type DeliveryDeps, DeliveryEngine } from '../../src/delivery/engine.js';
 import type { Relay } from '../../src/main.js';
 import { sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
+
+/** A second engine on a test relay's store, silent and without jitter, with the given extra dependencies. */
+function engineOn(relay: Relay, clock: ManualClock, extra: Partial<DeliveryDeps>): DeliveryEngine {
+  return new DeliveryEngine({
+    config: relay.config,
+    sqlite: relay.store.sqlite,
+    commits: relay.commits,
+    clock,
+    logger: pino({ level: 'silent' }),
+    random: NO_JITTER,
+    ...extra,
+  });
+}
 
 describe('upstream connection: TLS and AUTH', () => {
   const cleanup: Array<() => Promise<unknown>> = [];
@@ -26,15 +39,7 @@ describe('upstream connection: TLS and AUTH', () => {
 
   /** An engine on the relay's store with extra TLS options (the test upstream's certificate is self-signed). */
   function engineWith(relay: Relay, clock: ManualClock, tls: Record<string, unknown>): DeliveryEngine {
-    const engine = new DeliveryEngine({
-      config: relay.config,
-      sqlite: relay.store.sqlite,
-      commits: relay.commits,
-      clock,
-      logger: pino({ level: 'silent' }),
-      random: NO_JITTER,
-      upstreamTls: tls,
-    });
+    const engine = engineOn(relay, clock, { upstreamTls: tls });
     cleanup.push(() => engine.stop(0));
     return engine;
   }
@@ -103,15 +108,7 @@ describe('attempt deadline', () => {
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 5 },
       { clock, startDelivery: false, random: NO_JITTER },
     );
-    const engine = new DeliveryEngine({
-      config: relay.config,
-      sqlite: relay.store.sqlite,
-      commits: relay.commits,
-      clock,
-      logger: pino({ level: 'silent' }),
-      random: NO_JITTER,
-      attemptTimeoutMs: 300,
-    });
+    const engine = engineOn(relay, clock, { attemptTimeoutMs: 300 });
     try {
       const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
       assert.equal(engine.attemptTimeoutMs, 300);
