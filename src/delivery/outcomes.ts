@@ -144,6 +144,9 @@ export interface CompletionContext {
  */
 export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: CompletionContext): BatchCompletion {
   const { now } = ctx;
+  // One jitter draw per attempt: recipients deferred together (with the same attempt count) stay
+  // due together and go out in one transaction again, instead of one by one as each comes due.
+  const draw = ctx.random();
   let delivered = 0;
   let pending = 0;
   let lastProblem: string | null = null;
@@ -178,7 +181,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       code: res.code,
       reply: res.reply,
       temporary: true,
-      nextAttemptAt: now + backoffDelayMs(r.attempts, ctx.retry, ctx.random),
+      nextAttemptAt: now + backoffDelayMs(r.attempts, ctx.retry, () => draw),
     };
   });
   const total = claim.recipients.length;

@@ -71,13 +71,13 @@ describe('retries against a real upstream, with an injected clock', () => {
     for (const c of cleanup.reverse()) await c();
   });
 
-  async function setup(overrides: Parameters<typeof startTestRelay>[0]) {
+  async function setup(overrides: Parameters<typeof startTestRelay>[0], random = NO_JITTER) {
     const clock = new ManualClock();
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, ...overrides },
-      { clock, startDelivery: false, random: NO_JITTER },
+      { clock, startDelivery: false, random },
     );
     cleanup.push(() => relay.stop());
     return { clock, relay, upstream };
@@ -123,6 +123,38 @@ describe('retries against a real upstream, with an injected clock', () => {
     assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com', 'b@example.com']]);
     assert.equal(relay.delivery.status().consecutiveFailures, 0);
     assert.equal(attempts(relay, id).length, 7);
+  });
+
+  test('the recipients of a deferred batch share one jittered retry time and go out together again', async () => {
+    // a different draw at every call: per-recipient jitter would split the batch apart
+    const draws = [0.05, 0.95, 0.3, 0.7, 0.15, 0.85, 0.45, 0.6];
+    let calls = 0;
+    const random = () => draws[calls++ % draws.length];
+    const { clock, relay, upstream } = await setup({ batchSize: 3, retry: { initialDelay: 100, maxDelay: 1000, maxAttempts: 10 } }, random);
+    await upstream.goDown();
+    const to = ['a@example.com', 'b@example.com', 'c@example.com'];
+    const id = await queue(relay, to);
+    const delays: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      await runWhenDue(clock, relay, id);
+      const due = new Set(recipients(relay, id).map((r) => r.next_attempt_at));
+      assert.equal(due.size, 1, `after attempt ${i + 1} every recipient of the batch is due at the same time`);
+      delays.push([...due][0] - clock.now());
+    }
+    assert.ok(calls > 0, 'the jitter source was used');
+    delays.forEach((d, i) => {
+      const base = 100_000 * 2 ** i;
+      assert.ok(d >= base * 0.9 && d <= base * 1.1 && d !== base, `attempt ${i + 1}: ${d} ms is ${base} ms ± 10 %, jittered`);
+    });
+
+    await upstream.comeBack();
+    await runWhenDue(clock, relay, id);
+    assert.equal(message(relay, id).state, 'delivered');
+    assert.deepEqual(
+      upstream.accepted.map((t) => t.to),
+      [to],
+      'one transaction with all three recipients',
+    );
   });
 
   test('after retry.maxAttempts temporary failures the recipients fail and the message is exported', async () => {
