@@ -1,7 +1,9 @@
 // The upstream connection pool: connections are reused between transactions, a refused message
 // does not cost the connection, and a connection the upstream closed while it sat idle is
-// replaced without deferring the mail. Real smtp-server upstreams on 127.0.0.1.
+// replaced without deferring the mail. Real smtp-server upstreams on 127.0.0.1, and one raw
+// socket upstream that checks the envelope is pipelined.
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import { after, describe, test } from 'node:test';
 import type { SMTPServerOptions } from 'smtp-server';
 import { ManualClock } from '../../src/clock.js';
@@ -91,6 +93,67 @@ describe('upstream connection pool', () => {
     assert.equal(upstream.accepted.length, 2);
     assert.equal(opened.count, 2);
   });
+});
+
+test('with PIPELINING offered, MAIL, every RCPT and DATA go out without waiting for replies', async () => {
+  // A raw upstream that answers MAIL only once it has read DATA: a client that waits for each
+  // reply would stall here until the upstream gives up waiting (1 s) and answers anyway.
+  const seen: Array<{ pipelined: boolean; lines: string[] }> = [];
+  const server = net.createServer((socket) => {
+    let buffered = '';
+    let inData = false;
+    let envelope: string[] = [];
+    let giveUp: NodeJS.Timeout | undefined;
+    const answerEnvelope = (pipelined: boolean) => {
+      clearTimeout(giveUp);
+      seen.push({ pipelined, lines: envelope });
+      const replies = envelope.map((line) => (/^DATA/i.test(line) ? '354 go ahead' : '250 2.1.0 ok'));
+      socket.write(`${replies.join('\r\n')}\r\n`);
+      inData = envelope.some((line) => /^DATA/i.test(line));
+      envelope = [];
+    };
+    socket.on('error', () => {});
+    socket.write('220 raw.example ESMTP\r\n');
+    socket.on('data', (chunk) => {
+      buffered += chunk.toString('latin1');
+      if (inData) {
+        const end = buffered.indexOf('\r\n.\r\n');
+        if (end < 0) return;
+        buffered = buffered.slice(end + 5);
+        inData = false;
+        socket.write('250 2.0.0 queued\r\n');
+      }
+      let eol = buffered.indexOf('\r\n');
+      while (!inData && eol >= 0) {
+        const line = buffered.slice(0, eol);
+        buffered = buffered.slice(eol + 2);
+        if (/^EHLO/i.test(line)) socket.write('250-raw.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n');
+        else if (/^QUIT/i.test(line)) socket.end('221 bye\r\n');
+        else if (/^(MAIL|RCPT|DATA)/i.test(line)) {
+          envelope.push(line);
+          if (envelope.length === 1) giveUp = setTimeout(() => answerEnvelope(false), 1000);
+          if (/^DATA/i.test(line)) answerEnvelope(true);
+        } else socket.write('250 2.0.0 ok\r\n');
+        eol = buffered.indexOf('\r\n');
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: (server.address() as net.AddressInfo).port, workerCount: 1 },
+    { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
+  );
+  try {
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: 'Subject: pipelined\r\n\r\nbody\r\n' })).response);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'delivered');
+    assert.equal(seen.length, 1);
+    assert.deepEqual(seen[0].lines.map((line) => line.split(':')[0].toUpperCase()), ['MAIL FROM', 'RCPT TO', 'RCPT TO', 'DATA']);
+    assert.equal(seen[0].pipelined, true, 'DATA arrived before MAIL FROM was answered');
+  } finally {
+    await relay.stop();
+    server.close();
+  }
 });
 
 test('RCPT addresses: the domain lower-cased and in ASCII, the local part untouched', () => {
