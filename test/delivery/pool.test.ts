@@ -97,7 +97,7 @@ describe('upstream connection pool', () => {
 
 test('with PIPELINING offered, MAIL, every RCPT and DATA go out without waiting for replies', async () => {
   // A raw upstream that answers MAIL only once it has read DATA: a client that waits for each
-  // reply would stall here until the upstream gives up waiting (1 s) and answers anyway.
+  // reply would stall here until the upstream gives up waiting (3 s) and answers anyway.
   const seen: Array<{ pipelined: boolean; lines: string[] }> = [];
   const server = net.createServer((socket) => {
     let buffered = '';
@@ -131,7 +131,7 @@ test('with PIPELINING offered, MAIL, every RCPT and DATA go out without waiting 
         else if (/^QUIT/i.test(line)) socket.end('221 bye\r\n');
         else if (/^(MAIL|RCPT|DATA)/i.test(line)) {
           envelope.push(line);
-          if (envelope.length === 1) giveUp = setTimeout(() => answerEnvelope(false), 1000);
+          if (envelope.length === 1) giveUp = setTimeout(() => answerEnvelope(false), 3000);
           if (/^DATA/i.test(line)) answerEnvelope(true);
         } else socket.write('250 2.0.0 ok\r\n');
         eol = buffered.indexOf('\r\n');
