@@ -77,6 +77,8 @@ export function loadConfig(
 ): LoadResult {
   const config = defaultConfig() as unknown as Record<string, unknown>;
   const errors: ConfigError[] = [];
+  /** Where each key's value came from; keys not in it have their default. */
+  const origins = new Map<string, Source>();
 
   if (file && 'error' in file) {
     errors.push({ key: 'config', source: 'file', message: `cannot read ${file.path}: ${file.error}` });
@@ -91,7 +93,7 @@ export function loadConfig(
       if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
         errors.push({ key: 'config', source: 'file', message: `${file.path} must hold a JSON object` });
       } else {
-        applyFileObject(parsed as Record<string, unknown>, '', config, errors);
+        applyFileObject(parsed as Record<string, unknown>, '', config, errors, origins);
       }
     }
   }
@@ -101,7 +103,10 @@ export function loadConfig(
     if (raw === undefined) continue;
     const value = parseString(key, raw);
     if ('error' in value) errors.push({ key: key.path, source: 'env', message: `${envName(key.path)}: ${value.error}` });
-    else setPath(config, key.path, value.value);
+    else {
+      setPath(config, key.path, value.value);
+      origins.set(key.path, 'env');
+    }
   }
 
   const flags = parseFlags(argv);
@@ -110,26 +115,43 @@ export function loadConfig(
     const key = KEYS_BY_PATH.get(path) as KeyDef;
     const value = parseString(key, raw);
     if ('error' in value) errors.push({ key: path, source: 'flag', message: `--${path}: ${value.error}` });
-    else setPath(config, path, value.value);
+    else {
+      setPath(config, path, value.value);
+      origins.set(path, 'flag');
+    }
   }
 
   const typed = config as unknown as Config;
   const warnings: string[] = [];
-  if (errors.length === 0) checkCombinations(typed, errors, warnings);
+  // Checked on the values that were valid; a combination that names a key whose own value was
+  // already refused is left out (the default standing in for it would only confuse).
+  const refused = new Set(errors.map((e) => e.key));
+  const combinations: ConfigError[] = [];
+  checkCombinations(typed, origins, combinations, warnings);
+  errors.push(...combinations.filter((e) => !refused.has(e.key)));
   return errors.length ? { ok: false, errors } : { ok: true, config: typed, warnings };
 }
 
-function applyFileObject(obj: Record<string, unknown>, prefix: string, config: Record<string, unknown>, errors: ConfigError[]) {
+function applyFileObject(
+  obj: Record<string, unknown>,
+  prefix: string,
+  config: Record<string, unknown>,
+  errors: ConfigError[],
+  origins: Map<string, Source>,
+) {
   for (const [name, value] of Object.entries(obj)) {
     const path = prefix ? `${prefix}.${name}` : name;
     const key = KEYS_BY_PATH.get(path);
     if (key) {
       const checked = checkValue(key, value);
       if ('error' in checked) errors.push({ key: path, source: 'file', message: `${path}: ${checked.error}` });
-      else setPath(config, path, checked.value);
+      else {
+        setPath(config, path, checked.value);
+        origins.set(path, 'file');
+      }
     } else if (CONFIG_KEYS.some((k) => k.path.startsWith(`${path}.`))) {
       if (typeof value === 'object' && value !== null && !Array.isArray(value)) {
-        applyFileObject(value as Record<string, unknown>, path, config, errors);
+        applyFileObject(value as Record<string, unknown>, path, config, errors, origins);
       } else {
         errors.push({ key: path, source: 'file', message: `${path}: must be an object` });
       }
@@ -187,28 +209,39 @@ function inRange(key: KeyDef, n: number): Checked {
   return { value: n };
 }
 
-/** Checks that involve several keys; each error names the key to change. */
-function checkCombinations(c: Config, errors: ConfigError[], warnings: string[]) {
-  const conf = 'config' as const;
+/**
+ * Checks that involve several keys. Each error names the key to change, and says where the
+ * values involved came from; its source is that of the first of them set anywhere.
+ */
+function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, errors: ConfigError[], warnings: string[]) {
+  const fail = (key: string, involved: string[], message: string) => {
+    const set = involved.find((k) => origins.has(k));
+    const from = involved.map((k) => `${k} ${origins.has(k) ? `from ${origins.get(k)}` : 'by default'}`).join(', ');
+    errors.push({ key, source: set ? (origins.get(set) as Source) : 'config', message: `${message} [${from}]` });
+  };
   if (c.forwardSMTP && !c.forwardHost) {
-    errors.push({ key: 'forwardHost', source: conf, message: 'forwardHost is required when forwardSMTP is true' });
+    fail('forwardHost', ['forwardSMTP', 'forwardHost'], 'forwardHost is required when forwardSMTP is true');
   }
   if ((c.tls.cert === '') !== (c.tls.key === '')) {
-    errors.push({ key: c.tls.cert ? 'tls.key' : 'tls.cert', source: conf, message: 'tls.cert and tls.key must be set together' });
+    fail(c.tls.cert ? 'tls.key' : 'tls.cert', ['tls.cert', 'tls.key'], 'tls.cert and tls.key must be set together');
   }
   for (const cidr of c.security.allowedNetworks) {
     if (!parseCidr(cidr)) {
-      errors.push({ key: 'security.allowedNetworks', source: conf, message: `security.allowedNetworks: "${cidr}" is not a CIDR (e.g. 10.0.0.0/8)` });
+      fail('security.allowedNetworks', ['security.allowedNetworks'], `security.allowedNetworks: "${cidr}" is not a CIDR (e.g. 10.0.0.0/8)`);
     }
   }
   if (c.rateLimits.maxPerHour > c.rateLimits.maxPerDay) {
-    errors.push({ key: 'rateLimits.maxPerHour', source: conf, message: 'rateLimits.maxPerHour must not exceed rateLimits.maxPerDay' });
+    fail('rateLimits.maxPerHour', ['rateLimits.maxPerHour', 'rateLimits.maxPerDay'], 'rateLimits.maxPerHour must not exceed rateLimits.maxPerDay');
   }
   if (c.rateLimits.globalMaxPerHour > c.rateLimits.globalMaxPerDay) {
-    errors.push({ key: 'rateLimits.globalMaxPerHour', source: conf, message: 'rateLimits.globalMaxPerHour must not exceed rateLimits.globalMaxPerDay' });
+    fail(
+      'rateLimits.globalMaxPerHour',
+      ['rateLimits.globalMaxPerHour', 'rateLimits.globalMaxPerDay'],
+      'rateLimits.globalMaxPerHour must not exceed rateLimits.globalMaxPerDay',
+    );
   }
   if (c.retry.initialDelay > c.retry.maxDelay) {
-    errors.push({ key: 'retry.initialDelay', source: conf, message: 'retry.initialDelay must not exceed retry.maxDelay' });
+    fail('retry.initialDelay', ['retry.initialDelay', 'retry.maxDelay'], 'retry.initialDelay must not exceed retry.maxDelay');
   }
   const noCredentials = !c.defaultUsername || !c.defaultPassword;
   if (c.security.requireAuth && noCredentials) {
@@ -217,23 +250,21 @@ function checkCombinations(c: Config, errors: ConfigError[], warnings: string[])
         'security.requireAuth is on but defaultUsername/defaultPassword are not set: accepting mail from loopback clients without AUTH',
       );
     } else {
-      errors.push({
-        key: 'defaultUsername',
-        source: conf,
-        message:
-          'security.requireAuth with security.allowLocalOnly=false needs defaultUsername and defaultPassword ' +
+      fail(
+        'defaultUsername',
+        ['security.allowLocalOnly', 'security.requireAuth', 'defaultUsername', 'defaultPassword'],
+        'security.requireAuth with security.allowLocalOnly=false needs defaultUsername and defaultPassword ' +
           '(set DEFAULT_USERNAME and DEFAULT_PASSWORD, or set security.allowLocalOnly=true); relayq never runs as an open relay',
-      });
+      );
     }
   }
   if (!c.security.requireAuth && !c.security.allowLocalOnly && c.security.allowedNetworks.length === 0) {
-    errors.push({
-      key: 'security.allowedNetworks',
-      source: conf,
-      message:
-        'security.requireAuth=false with security.allowLocalOnly=false and no security.allowedNetworks would be an open relay; ' +
+    fail(
+      'security.allowedNetworks',
+      ['security.requireAuth', 'security.allowLocalOnly', 'security.allowedNetworks'],
+      'security.requireAuth=false with security.allowLocalOnly=false and no security.allowedNetworks would be an open relay; ' +
         'set security.allowedNetworks or turn security.requireAuth on',
-    });
+    );
   }
 }
 

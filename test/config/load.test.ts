@@ -112,11 +112,24 @@ describe('loadConfig', () => {
     assert.match(r.errors[0].message, /open relay/);
   });
 
-  test('inconsistent combinations name the key to change', () => {
-    const r = loadConfig(['--forwardSMTP'], { TLS_CERT: 'cert.pem', RETRY_INITIAL_DELAY: '100', RETRY_MAX_DELAY: '10' });
+  test('inconsistent combinations come with the other errors, name the key to change and where the values came from', () => {
+    const r = loadConfig(['--forwardSMTP'], { TLS_CERT: 'cert.pem', RETRY_MAX_DELAY: '10', SMTP_PORT: 'x' }, file({ retry: { initialDelay: 100 } }));
     assert.equal(r.ok, false);
     if (r.ok) return;
-    assert.deepEqual(r.errors.map((e) => e.key).sort(), ['forwardHost', 'retry.initialDelay', 'tls.key']);
+    assert.deepEqual(r.errors.map((e) => `${e.source}:${e.key}`).sort(), ['env:smtpPort', 'env:tls.key', 'file:retry.initialDelay', 'flag:forwardHost']);
+    const message = (key: string) => r.errors.find((e) => e.key === key)?.message;
+    assert.match(message('forwardHost')!, /required when forwardSMTP is true \[forwardSMTP from flag, forwardHost by default\]$/);
+    assert.match(message('tls.key')!, /\[tls\.cert from env, tls\.key by default\]$/);
+    assert.match(message('retry.initialDelay')!, /\[retry\.initialDelay from file, retry\.maxDelay from env\]$/);
+  });
+
+  test('a combination with a key whose own value was refused is not reported a second time', () => {
+    const r = loadConfig([], { RETRY_INITIAL_DELAY: 'soon', RETRY_MAX_DELAY: '10' });
+    assert.equal(r.ok, false);
+    if (r.ok) return;
+    assert.equal(r.errors.length, 1);
+    assert.equal(r.errors[0].key, 'retry.initialDelay');
+    assert.match(r.errors[0].message, /RETRY_INITIAL_DELAY: must be an integer/);
   });
 
   test('unknown flags and malformed JSON are errors', () => {
