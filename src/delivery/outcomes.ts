@@ -111,7 +111,10 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
     const own = perRecipient.get(key) ?? whole;
     return { verdict: own.temporary ? 'deferred' : 'failed', code: own.code, reply: own.reply };
   });
-  const permanentFailure = recipients.length > 0 && recipients.every((r) => r.verdict === 'failed');
+  // Refused as a whole: MAIL FROM or DATA refused permanently (for every recipient the upstream
+  // had accepted at RCPT), or every RCPT refused permanently.
+  const rest = rcpts.filter((key) => !perRecipient.has(key));
+  const permanentFailure = rest.length > 0 ? !whole.temporary : recipients.length > 0 && recipients.every((r) => r.verdict === 'failed');
   return { upstream, code: whole.code, reply: whole.reply, recipients, permanentFailure };
 }
 
@@ -209,7 +212,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
   };
   if (stop) {
     const refusal = result.code !== null && !result.reply.startsWith(String(result.code)) ? `${result.code} ${result.reply}` : result.reply;
-    completion.failRemaining = `not attempted: batch ${claim.batch} was refused permanently (${refusal}) and continueOnError is false`;
+    completion.failRemaining = `batch ${claim.batch} was refused permanently (${refusal}) and continueOnError is false`;
   }
   return completion;
 }

@@ -50,7 +50,9 @@ function hasEightBitBytes(raw: Buffer): boolean {
 }
 
 type SendInfo = SMTPConnection.SentMessageInfo;
-type UpstreamError = SMTPConnection.SMTPError & { notSent?: boolean };
+type UpstreamError = SMTPConnection.SMTPError & { notSent?: boolean; rejectedErrors?: SMTPConnection.SMTPError[] };
+/** What nodemailer's SMTPConnection records of the current transaction's RCPT replies. */
+type EnvelopeState = { accepted?: string[]; rejectedErrors?: SMTPConnection.SMTPError[] };
 
 function abortError(signal: AbortSignal): Error {
   return Object.assign(new Error('Message sending aborted', { cause: signal.reason }), { name: 'AbortError', code: 'EABORT' });
@@ -158,6 +160,12 @@ export class SmtpUpstream {
         }
         const e = err as UpstreamError;
         e.notSent = !message.readableDidRead;
+        // A refusal of DATA or of the message says nothing of the recipients the upstream had
+        // already refused at RCPT; nodemailer keeps those on the envelope only (which RSET clears).
+        const envelopeState = (connection as unknown as { _envelope?: EnvelopeState })._envelope;
+        if (!e.rejectedErrors && envelopeState?.accepted?.length && envelopeState.rejectedErrors?.length) {
+          e.rejectedErrors = envelopeState.rejectedErrors;
+        }
         if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && e.responseCode !== 421 && !connection.destroyed) {
           // the upstream refused this message; the session itself is fine
           connection.reset((resetErr) => (resetErr ? connection.close() : this.release(connection)));

@@ -185,7 +185,11 @@ export interface BatchCompletion {
     reply: string;
   };
   recipients: RecipientOutcome[];
-  /** continueOnError=false after a permanent failure: every other pending recipient fails with this reply. */
+  /**
+   * continueOnError=false after a permanent failure: every other pending recipient fails for this
+   * reason ("not attempted: …", or "not attempted again: …" before the last reply of one that
+   * was deferred earlier, whose last code is kept).
+   */
   failRemaining?: string;
   /** The message's next batch is not due before now + batchDelay. */
   batchDelayMs: number;
@@ -227,9 +231,11 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
   if (c.failRemaining !== undefined) {
     prepared(
       sqlite,
-      `UPDATE recipients SET status = 'failed', last_code = NULL, last_reply = ?, temporary = 0, updated_at = ?
+      `UPDATE recipients SET status = 'failed', temporary = 0, updated_at = ?,
+         last_reply = CASE WHEN attempts = 0 OR last_reply IS NULL THEN 'not attempted: ' || ?
+                      ELSE 'not attempted again: ' || ? || '; last reply: ' || last_reply END
        WHERE message_id = ? AND status = 'pending'`,
-    ).run(c.failRemaining, c.now, c.messageId);
+    ).run(c.now, c.failRemaining, c.failRemaining, c.messageId);
   }
   const settled = settleMessage(sqlite, c.messageId, c.now, {
     nextAttemptFloor: c.now + c.batchDelayMs,

@@ -155,6 +155,46 @@ describe('per-recipient outcomes', () => {
     assert.match(readFailedExport(relay, id).recipients[4].lastReply!, /continueOnError is false/);
   });
 
+  test('a recipient refused at RCPT keeps its own reply when DATA is then refused or deferred', async () => {
+    const { relay, upstream } = await setup();
+    upstream.rcptReply = (a) =>
+      a.startsWith('nouser') ? { code: 550, message: '5.1.1 No such user' } : a.startsWith('full') ? { code: 452, message: '4.2.2 Mailbox full' } : undefined;
+    upstream.dataReply = (t) =>
+      t.to.includes('grey@example.com') ? { code: 451, message: '4.7.1 Greylisted, try again' } : { code: 554, message: '5.7.1 Rejected as spam' };
+    const greylisted = await queue(relay, ['grey@example.com', 'nouser@example.com']);
+    const spam = await queue(relay, ['spam@example.com', 'full@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(recipients(relay, greylisted).map((r) => [r.address, r.status, r.last_code, r.temporary]), [
+      ['grey@example.com', 'pending', 451, 1],
+      ['nouser@example.com', 'failed', 550, 0],
+    ]);
+    assert.match(recipients(relay, greylisted)[1].last_reply!, /No such user/);
+    assert.deepEqual(recipients(relay, spam).map((r) => [r.address, r.status, r.last_code, r.temporary]), [
+      ['spam@example.com', 'failed', 554, 0],
+      ['full@example.com', 'pending', 452, 1],
+    ]);
+    assert.equal(attempts(relay, spam)[0].code, 554);
+  });
+
+  test('continueOnError=false: a recipient deferred in an earlier batch fails too, keeping its own last reply', async () => {
+    const { relay, upstream } = await setup({ batchSize: 2, batchDelay: 0, continueOnError: false });
+    upstream.rcptReply = (a) => (a === 'b@example.com' ? { code: 450, message: '4.2.1 Mailbox busy' } : undefined);
+    upstream.dataReply = (t) => (t.to.includes('c@example.com') ? { code: 554, message: '5.7.1 Policy rejection' } : undefined);
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com', 'e@example.com']);
+    await relay.delivery.runOnce();
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.address, r.status, r.attempts, r.last_code]), [
+      ['a@example.com', 'delivered', 1, 250],
+      ['b@example.com', 'failed', 1, 450],
+      ['c@example.com', 'failed', 1, 554],
+      ['d@example.com', 'failed', 1, 554],
+      ['e@example.com', 'failed', 0, null],
+    ]);
+    assert.match(rows[1].last_reply!, /^not attempted again: batch 1 was refused permanently \(554 .*Policy rejection\) and continueOnError is false; last reply: 450 .*Mailbox busy/);
+    assert.match(rows[4].last_reply!, /^not attempted: batch 1 was refused permanently/);
+    assert.equal(message(relay, id).state, 'failed');
+  });
+
   test('continueOnError=true (default): later batches still go after a refused one', async () => {
     const { relay, upstream } = await setup({ batchSize: 2, batchDelay: 0 });
     let first = true;
