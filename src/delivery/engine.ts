@@ -230,10 +230,10 @@ export class DeliveryEngine {
         this.busySlots -= free - claimed.batches.length;
         for (const f of claimed.finalized) this.track(this.afterFinal(f.id, f.state, 0));
         if (this.stopping) {
-          // Claimed while shutdown began: hand them straight back.
+          // Claimed while shutdown began: hand them straight back, as if never claimed.
           this.busySlots -= claimed.batches.length;
           const now = this.deps.clock.now();
-          const claims = claimed.batches.map((b) => ({ messageId: b.messageId, token: b.token }));
+          const claims = claimed.batches.map((b) => ({ messageId: b.messageId, token: b.token, unsent: b.recipients.map((r) => r.seq) }));
           return this.deps.commits.write('releaseClaims', claims, now).then(() => 0);
         }
         for (const batch of claimed.batches) {
@@ -306,19 +306,26 @@ export class DeliveryEngine {
         clearTimeout(deadline);
       }
       durationMs = performance.now() - started;
-      this.noteHealth(result);
-      completion = planCompletion(claim, result, {
-        now: clock.now(),
-        startedAt,
-        durationMs,
-        retry: config.retry,
-        batchDelayMs: config.batchDelay,
-        continueOnError: config.continueOnError,
-        eraseRawOnDelivered: !config.security.logAllEmails,
-        random: this.random,
-      });
-      const planned = completion;
-      completing = this.deps.commits.write('completeBatch', planned);
+      if (abort.signal.aborted && this.released.delete(claim.token)) {
+        // Cut off at shutdown after its claim was released: the release already made the
+        // message due again for the next start, and the abort is no outcome to record. (An
+        // answer that came before the abort is recorded: the release keeps the claim token.)
+        this.log.info({ queueId, event: 'delivery.attempt_released', batch: claim.batch }, 'attempt aborted after its claim was released at shutdown');
+      } else {
+        this.noteHealth(result);
+        completion = planCompletion(claim, result, {
+          now: clock.now(),
+          startedAt,
+          durationMs,
+          retry: config.retry,
+          batchDelayMs: config.batchDelay,
+          continueOnError: config.continueOnError,
+          eraseRawOnDelivered: !config.security.logAllEmails,
+          random: this.random,
+        });
+        const planned = completion;
+        completing = this.deps.commits.write('completeBatch', planned);
+      }
     } catch (err) {
       this.log.error({ queueId, event: 'delivery.attempt_error', err: (err as Error).message }, 'delivery attempt failed unexpectedly');
     } finally {
@@ -354,12 +361,9 @@ export class DeliveryEngine {
       rcpts: claim.recipients.length,
       ...counts,
     };
+    this.released.delete(claim.token);
     if (outcome.leaseLost) {
-      if (this.released.delete(claim.token)) {
-        this.log.info({ ...line, event: 'delivery.attempt_released' }, 'attempt ended after its claim was released at shutdown');
-      } else {
-        this.log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
-      }
+      this.log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
       return;
     }
     this.log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: outcome.nextAttemptAt } : {}) }, 'delivery attempt');

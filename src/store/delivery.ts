@@ -304,16 +304,34 @@ function settleMessage(
 /**
  * Gives claims back (shutdown): the message is due again at once, so a restart picks it up
  * without waiting for the lease to expire. Fenced by token; returns how many were released.
- * Attempts counted at claim time stay counted: the batch may have reached the upstream.
+ * The token stays until the message is claimed again, so an outcome that arrives while the
+ * release commits (the upstream answered just then) is still recorded instead of being lost.
+ * Attempts counted at claim time stay counted, as the batch may have reached the upstream;
+ * `unsent` lists the recipients (seqs) of a batch that never went out, whose count is undone.
  */
-export function releaseClaims(sqlite: Sqlite, claims: ReadonlyArray<{ messageId: string; token: string }>, now: number): number {
+export function releaseClaims(
+  sqlite: Sqlite,
+  claims: ReadonlyArray<{ messageId: string; token: string; unsent?: readonly number[] }>,
+  now: number,
+): number {
   const release = prepared(
     sqlite,
-    `UPDATE messages SET state = 'queued', lease_token = NULL, lease_expires_at = NULL, next_attempt_at = ?, updated_at = ?
+    `UPDATE messages SET state = 'queued', lease_expires_at = NULL, next_attempt_at = ?, updated_at = ?
      WHERE id = ? AND lease_token = ? AND state = 'sending'`,
   );
+  const uncountClaim = prepared(sqlite, 'UPDATE messages SET claims = claims - 1 WHERE id = ? AND claims > 0');
+  const uncountAttempt = prepared(
+    sqlite,
+    'UPDATE recipients SET attempts = attempts - 1 WHERE message_id = ? AND seq = ? AND attempts > 0',
+  );
   let released = 0;
-  for (const c of claims) released += release.run(now, now, c.messageId, c.token).changes;
+  for (const c of claims) {
+    const changes = release.run(now, now, c.messageId, c.token).changes;
+    released += changes;
+    if (changes === 0 || !c.unsent) continue;
+    uncountClaim.run(c.messageId);
+    for (const seq of c.unsent) uncountAttempt.run(c.messageId, seq);
+  }
   return released;
 }
 

@@ -36,6 +36,20 @@ describe('claims and leases', () => {
     return writeDirect(relay, (db) => claimDueBatches(db, options));
   }
 
+  /** The outcome of the first batch (recipients 0 and 1) delivered, fenced by `token`. */
+  function deliveredOutcome(clock: ManualClock, id: string, token: string) {
+    return {
+      messageId: id,
+      token,
+      now: clock.now(),
+      attempt: { batch: 0, recipients: ['a@example.com', 'b@example.com'], upstream: 'x:25', startedAt: clock.now(), durationMs: 1, outcome: 'delivered' as const, code: 250, reply: '250 ok' },
+      recipients: [0, 1].map((seq) => ({ seq, status: 'delivered' as const, code: 250, reply: '250 ok', temporary: false, nextAttemptAt: clock.now() })),
+      batchDelayMs: 0,
+      eraseRawOnDelivered: false,
+      lastError: null,
+    };
+  }
+
   test('a claim sets the lease and a fresh token and counts attempts before anything is sent', async () => {
     const { clock, relay, id } = await relayWithMail();
     const { batches } = await claim(relay, claimOptions(clock));
@@ -68,16 +82,7 @@ describe('claims and leases', () => {
       ['b@example.com', 2],
     ]);
 
-    const outcome = (token: string) => ({
-      messageId: id,
-      token,
-      now: clock.now(),
-      attempt: { batch: 0, recipients: ['a@example.com', 'b@example.com'], upstream: 'x:25', startedAt: clock.now(), durationMs: 1, outcome: 'delivered' as const, code: 250, reply: '250 ok' },
-      recipients: [0, 1].map((seq) => ({ seq, status: 'delivered' as const, code: 250, reply: '250 ok', temporary: false, nextAttemptAt: clock.now() })),
-      batchDelayMs: 0,
-      eraseRawOnDelivered: false,
-      lastError: null,
-    });
+    const outcome = (token: string) => deliveredOutcome(clock, id, token);
     const stale = await writeDirect(relay, (db) => completeBatch(db, outcome(first.token)));
     assert.deepEqual(stale, { leaseLost: true });
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending', 'pending'], 'the stale outcome changed nothing');
@@ -90,6 +95,57 @@ describe('claims and leases', () => {
     assert.equal(message(relay, id).state, 'queued');
     assert.equal(message(relay, id).lease_token, null);
     assert.equal(await writeDirect(relay, (db) => releaseClaims(db, [{ messageId: id, token: second.token }], clock.now())), 0, 'release is fenced too');
+  });
+
+  test('a released claim keeps its token until the next claim: an answer that comes while the release commits is recorded', async () => {
+    const { clock, relay, id } = await relayWithMail();
+    const first = (await claim(relay, claimOptions(clock))).batches[0];
+    assert.equal(await writeDirect(relay, (db) => releaseClaims(db, [{ messageId: id, token: first.token }], clock.now())), 1);
+    let m = message(relay, id);
+    assert.deepEqual([m.state, m.lease_token, m.lease_expires_at, m.next_attempt_at], ['queued', first.token, null, clock.now()]);
+    assert.deepEqual(recipients(relay, id).map((r) => r.attempts), [1, 1, 0], 'a batch that may have gone out stays counted');
+    const late = await writeDirect(relay, (db) => completeBatch(db, deliveredOutcome(clock, id, first.token)));
+    assert.equal(late.leaseLost, false);
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'delivered', 'pending']);
+    assert.equal(attempts(relay, id).length, 1);
+
+    const second = (await claim(relay, claimOptions(clock))).batches[0];
+    await writeDirect(relay, (db) => releaseClaims(db, [{ messageId: id, token: second.token }], clock.now()));
+    const third = (await claim(relay, claimOptions(clock))).batches[0];
+    assert.ok(third);
+    m = message(relay, id);
+    assert.equal(m.lease_token, third.token);
+    assert.deepEqual(await writeDirect(relay, (db) => completeBatch(db, deliveredOutcome(clock, id, second.token))), { leaseLost: true });
+  });
+
+  test('a claim that commits after shutdown began goes back uncounted: no attempt used, nothing sent', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port });
+    const first = await startTestRelay(config, { startDelivery: false });
+    const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com'], raw: 'Subject: late claim\r\n\r\nbody\r\n' })).response);
+    // SIGTERM arrives while the first claim commits
+    const write = first.commits.write.bind(first.commits);
+    let stopping: Promise<void> | undefined;
+    first.commits.write = ((op, ...args) => {
+      const result = write(op, ...args);
+      if (op === 'claimDueBatches' && !stopping) stopping = first.stop();
+      return result;
+    }) as typeof first.commits.write;
+    first.delivery.start();
+    await waitFor(() => stopping !== undefined, 10_000, 'the first claim');
+    await stopping;
+
+    const second = await startTestRelay(config, { startDelivery: false });
+    cleanup.push(() => second.stop());
+    const m = message(second, id);
+    assert.deepEqual([m.state, m.claims], ['queued', 0]);
+    assert.ok(m.next_attempt_at <= Date.now(), 'due at once');
+    assert.deepEqual(recipients(second, id).map((r) => r.attempts), [0]);
+    assert.equal(upstream.rcpts.length, 0);
+    await second.delivery.runOnce();
+    assert.equal(message(second, id).state, 'delivered');
+    assert.deepEqual(recipients(second, id).map((r) => r.attempts), [1]);
   });
 
   test('a batch that never finishes (the process dies every time) still runs out of attempts', async () => {
@@ -141,8 +197,9 @@ describe('claims and leases', () => {
     cleanup.push(() => second.stop());
     const m = message(second, id);
     assert.equal(m.state, 'queued', 'released, not left to expire');
-    assert.equal(m.lease_token, null);
-    assert.ok(m.next_attempt_at <= Date.now(), 'due at once');
+    assert.equal(m.lease_expires_at, null);
+    assert.ok(m.next_attempt_at <= Date.now(), 'due at once: the aborted attempt recorded no deferral');
+    assert.equal(attempts(second, id).length, 0);
     assert.equal(recipients(second, id)[0].attempts, 1, 'the attempt stays counted');
     upstream.hold = () => false;
     await second.delivery.runOnce();
