@@ -380,7 +380,11 @@ export function findTemporaryFailures(
 export function requeueTemporaryFailures(sqlite: Sqlite, ids: readonly string[], options: RequeueOptions): string[] {
   const { now } = options;
   const requeued: string[] = [];
+  const stillFailed = prepared(sqlite, `SELECT 1 FROM messages WHERE id = ? AND state = 'failed'`);
   for (const id of ids) {
+    // The scan ran on another connection: a message retried by hand since then is not failed
+    // any more, and its recipients that gave up meanwhile are not this scan's to revive.
+    if (!stillFailed.get(id)) continue;
     const recipients = prepared(
       sqlite,
       `UPDATE recipients SET status = 'pending', attempts = MIN(attempts, ?), next_attempt_at = ?, updated_at = ?

@@ -237,6 +237,40 @@ describe('retries against a real upstream, with an injected clock', () => {
   });
 });
 
+test('failedRetryInterval requeues only messages still failed when its write runs', async () => {
+  const { openStore } = await import('../../src/store/db.js');
+  const { requeueTemporaryFailures } = await import('../../src/store/delivery.js');
+  const { tempDir } = await import('../helpers.js');
+  const path = await import('node:path');
+  const store = await openStore(path.join(tempDir(), 'requeue.db'));
+  try {
+    const insertMessage = store.sqlite.prepare(
+      `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at, finished_at)
+       VALUES (?, ?, 'a@example.com', 'a@example.com', '127.0.0.1', 1, 2, x'00', 0, 0, 0, ?)`,
+    );
+    const insertRecipient = store.sqlite.prepare(
+      `INSERT INTO recipients (message_id, seq, address, status, attempts, temporary, next_attempt_at, updated_at) VALUES (?, ?, ?, ?, 10, ?, 0, 0)`,
+    );
+    // F failed for good with a temporary failure; Q was found by the scan, then retried by hand:
+    // queued again, one recipient pending and one that has since given up (temporarily) again
+    insertMessage.run('F', 'failed', 1000);
+    insertRecipient.run('F', 0, 'f@example.com', 'failed', 1);
+    insertMessage.run('Q', 'queued', null);
+    insertRecipient.run('Q', 0, 'q0@example.com', 'pending', 0);
+    insertRecipient.run('Q', 1, 'q1@example.com', 'failed', 1);
+    const requeued = store.sqlite.transaction(() => requeueTemporaryFailures(store.sqlite, ['F', 'Q'], { now: 5000, maxAttempts: 10 }))();
+    assert.deepEqual(requeued, ['F']);
+    const status = (id: string) => store.sqlite.prepare('SELECT status, attempts FROM recipients WHERE message_id = ? ORDER BY seq').all(id);
+    assert.deepEqual(status('F'), [{ status: 'pending', attempts: 9 }]);
+    assert.deepEqual(status('Q'), [
+      { status: 'pending', attempts: 10 },
+      { status: 'failed', attempts: 10 },
+    ]);
+  } finally {
+    await store.close();
+  }
+});
+
 test('the failed-mail scan goes in bounded steps and finds every temporary failure, also among many finished at the same instant', async () => {
   const { openStore } = await import('../../src/store/db.js');
   const { FAILED_SCAN_SQL, findTemporaryFailures } = await import('../../src/store/delivery.js');
