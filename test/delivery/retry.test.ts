@@ -1,10 +1,13 @@
 import assert from 'node:assert/strict';
+import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import { classifyUpstreamError } from '../../src/delivery/outcomes.js';
 import { backoffDelayMs, giveUpReason } from '../../src/delivery/retry-policy.js';
 import type { Relay } from '../../src/main.js';
-import { sendMail, startTestRelay } from '../helpers.js';
+import { openStore } from '../../src/store/db.js';
+import { FAILED_SCAN_SQL, findTemporaryFailures, requeueTemporaryFailures } from '../../src/store/delivery.js';
+import { sendMail, startTestRelay, tempDir } from '../helpers.js';
 import { attempts, failedExportExists, message, NO_JITTER, queuedId, readFailedExport, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('retry policy', () => {
@@ -237,27 +240,33 @@ describe('retries against a real upstream, with an injected clock', () => {
   });
 });
 
+/** A store of its own (no relay), with inserts for messages and recipients in any state. */
+async function scratchStore(name: string) {
+  const store = await openStore(path.join(tempDir(), name));
+  const message = store.sqlite.prepare(
+    `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at, finished_at)
+     VALUES (?, ?, 'a@example.com', 'a@example.com', '127.0.0.1', 1, 1, x'00', 0, 0, 0, ?)`,
+  );
+  const recipient = store.sqlite.prepare(
+    `INSERT INTO recipients (message_id, seq, address, status, attempts, temporary, next_attempt_at, updated_at) VALUES (?, ?, ?, ?, 10, ?, 0, 0)`,
+  );
+  return {
+    store,
+    insertMessage: (id: string, state: string, finishedAt: number | null) => message.run(id, state, finishedAt),
+    insertRecipient: (id: string, seq: number, address: string, status: string, temporary: number) => recipient.run(id, seq, address, status, temporary),
+  };
+}
+
 test('failedRetryInterval requeues only messages still failed when its write runs', async () => {
-  const { openStore } = await import('../../src/store/db.js');
-  const { requeueTemporaryFailures } = await import('../../src/store/delivery.js');
-  const { tempDir } = await import('../helpers.js');
-  const path = await import('node:path');
-  const store = await openStore(path.join(tempDir(), 'requeue.db'));
+  const { store, insertMessage, insertRecipient } = await scratchStore('requeue.db');
   try {
-    const insertMessage = store.sqlite.prepare(
-      `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at, finished_at)
-       VALUES (?, ?, 'a@example.com', 'a@example.com', '127.0.0.1', 1, 2, x'00', 0, 0, 0, ?)`,
-    );
-    const insertRecipient = store.sqlite.prepare(
-      `INSERT INTO recipients (message_id, seq, address, status, attempts, temporary, next_attempt_at, updated_at) VALUES (?, ?, ?, ?, 10, ?, 0, 0)`,
-    );
     // F failed for good with a temporary failure; Q was found by the scan, then retried by hand:
     // queued again, one recipient pending and one that has since given up (temporarily) again
-    insertMessage.run('F', 'failed', 1000);
-    insertRecipient.run('F', 0, 'f@example.com', 'failed', 1);
-    insertMessage.run('Q', 'queued', null);
-    insertRecipient.run('Q', 0, 'q0@example.com', 'pending', 0);
-    insertRecipient.run('Q', 1, 'q1@example.com', 'failed', 1);
+    insertMessage('F', 'failed', 1000);
+    insertRecipient('F', 0, 'f@example.com', 'failed', 1);
+    insertMessage('Q', 'queued', null);
+    insertRecipient('Q', 0, 'q0@example.com', 'pending', 0);
+    insertRecipient('Q', 1, 'q1@example.com', 'failed', 1);
     const requeued = store.sqlite.transaction(() => requeueTemporaryFailures(store.sqlite, ['F', 'Q'], { now: 5000, maxAttempts: 10 }))();
     assert.deepEqual(requeued, ['F']);
     const status = (id: string) => store.sqlite.prepare('SELECT status, attempts FROM recipients WHERE message_id = ? ORDER BY seq').all(id);
@@ -272,26 +281,15 @@ test('failedRetryInterval requeues only messages still failed when its write run
 });
 
 test('the failed-mail scan goes in bounded steps and finds every temporary failure, also among many finished at the same instant', async () => {
-  const { openStore } = await import('../../src/store/db.js');
-  const { FAILED_SCAN_SQL, findTemporaryFailures } = await import('../../src/store/delivery.js');
-  const { tempDir } = await import('../helpers.js');
-  const path = await import('node:path');
-  const store = await openStore(path.join(tempDir(), 'failed.db'));
+  const { store, insertMessage, insertRecipient } = await scratchStore('failed.db');
   try {
-    const insertMessage = store.sqlite.prepare(
-      `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at, finished_at)
-       VALUES (?, 'failed', 'a@example.com', 'a@example.com', '127.0.0.1', 1, 1, x'00', 0, 0, 0, ?)`,
-    );
-    const insertRecipient = store.sqlite.prepare(
-      `INSERT INTO recipients (message_id, seq, address, status, temporary, next_attempt_at, updated_at) VALUES (?, 0, 'r@example.com', 'failed', ?, 0, 0)`,
-    );
     const temporary: string[] = [];
     store.sqlite.transaction(() => {
       // 1,300 failed messages, 700 of them finished in the same millisecond; every 97th failed temporarily
       for (let i = 0; i < 1300; i++) {
         const id = `M${String(i).padStart(5, '0')}`;
-        insertMessage.run(id, i < 700 ? 1000 : 1000 + i);
-        insertRecipient.run(id, i % 97 === 0 ? 1 : 0);
+        insertMessage(id, 'failed', i < 700 ? 1000 : 1000 + i);
+        insertRecipient(id, 0, 'r@example.com', 'failed', i % 97 === 0 ? 1 : 0);
         if (i % 97 === 0) temporary.push(id);
       }
     })();
