@@ -100,7 +100,7 @@ export class SmtpIntake {
       onMailFrom: (address, session, cb) => this.onMailFrom(address.address, session, cb),
       onRcptTo: (address, _session, cb) => this.onRcptTo(address.address, cb),
       onData: (stream, session, cb) => this.onData(stream, session, cb),
-    } as ConstructorParameters<typeof RelayqSmtpServer>[0]);
+    } as ConstructorParameters<typeof RelayqSmtpServer>[0], (session) => isLoopback(this.peer(session)));
     // smtp-server wraps the logger it is given so that every command and reply builds a log
     // entry before the level is looked at; give it the levels that are on, and no-ops.
     this.server.logger = onlyEnabledLevels(smtpLog);

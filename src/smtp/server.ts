@@ -5,13 +5,16 @@
 // 2. Replies whose text starts with an enhanced status code ("4.7.1 ...") are sent with that
 //    code instead of the one smtp-server derives from the basic code, and smtp-server's own
 //    replies that the spec gives another enhanced code are mapped here, in one table.
+// 3. AUTH before TLS only where the policy allows it (relayq: loopback clients). Other sessions
+//    are not offered AUTH in the EHLO reply, and an AUTH command gets `538 5.7.11` at once,
+//    before the client has sent a credential (smtp-server would run the SASL exchange first).
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
 // written at once, because a TLS upgrade takes the socket over right after it.
 import type net from 'node:net';
 import type tls from 'node:tls';
-import { SMTPServer, type SMTPServerOptions } from 'smtp-server';
+import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
 
 const ENHANCED = /^[245]\.\d{1,3}\.\d{1,3} /;
@@ -45,7 +48,22 @@ export class RelayqConnection extends SMTPConnection {
       socket.cork();
       process.nextTick(() => this.uncork(socket));
     }
+    // the EHLO reply (the only multi-line 250) offers AUTH only to sessions that may use it
+    if (code === 250 && Array.isArray(data) && this.authNeedsTls()) data = data.filter((line) => !/^AUTH\b/i.test(line));
     super.send(code, ...withEnhancedCode(code, data, context));
+  }
+
+  override handler_AUTH(command: Buffer, callback: () => void): void {
+    if (this.authNeedsTls()) {
+      this.send(538, '5.7.11 Encryption required for requested authentication mechanism');
+      callback();
+    } else {
+      super.handler_AUTH(command, callback);
+    }
+  }
+
+  private authNeedsTls(): boolean {
+    return !this.secure && !(this._server as RelayqSmtpServer).plaintextAuth(this.session);
   }
 
   private uncork(socket: net.Socket): void {
@@ -66,7 +84,11 @@ function withEnhancedCode(code: number, data: string | string[] | null | undefin
 }
 
 export class RelayqSmtpServer extends SMTPServer {
-  constructor(options: SMTPServerOptions) {
+  /** `plaintextAuth`: may this session authenticate before TLS (default: every session may). */
+  constructor(
+    options: SMTPServerOptions,
+    readonly plaintextAuth: (session: SMTPServerSession) => boolean = () => true,
+  ) {
     super(options);
   }
 

@@ -233,6 +233,23 @@ describe('clients that are not on loopback (peer address injected)', () => {
     }
   });
 
+  test('an allowed network without AUTH (the Docker setup): an app configured with credentials still sends, as AUTH is not offered in plain text', async () => {
+    const relay = await startTestRelay(
+      { security: { requireAuth: false, allowLocalOnly: false, allowedNetworks: ['203.0.113.0/24'] } },
+      { smtpPeerAddress: remote },
+    );
+    try {
+      const { c, reply } = await ehlo(relay.smtpPort);
+      c.close();
+      assert.doesNotMatch(reply, /AUTH/);
+      const info = await sendMail(relay.smtpPort, { to: ['a@example.com'], auth: { user: 'app', pass: 'secret' } });
+      assert.match(info.response, /^250 2\.0\.0 Ok: queued as /);
+      assert.equal(messageCount(relay), 1);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('allowLocalOnly with a remote client → 554 5.7.1', async () => {
     const relay = await startTestRelay({}, { smtpPeerAddress: remote });
     try {
