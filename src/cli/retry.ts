@@ -53,14 +53,15 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; s
       )
       .immediate(),
   );
-  if (global.json) {
-    printJson({ results });
-    return;
+  if (global.json) printJson({ results });
+  else {
+    printText(
+      formatTable(results, [
+        { header: 'ID', value: (r) => r.id },
+        { header: 'RESULT', value: (r) => EXPLAIN[r.result as Exclude<RetryResult, 'not-found'>] },
+      ]),
+    );
   }
-  printText(
-    formatTable(results, [
-      { header: 'ID', value: (r) => r.id },
-      { header: 'RESULT', value: (r) => EXPLAIN[r.result as Exclude<RetryResult, 'not-found'>] },
-    ]),
-  );
+  // like the API's 409: a message a worker holds, or one delivered already, was not retried
+  if (results.some((r) => r.result === 'held' || r.result === 'delivered')) process.exitCode = 1;
 }

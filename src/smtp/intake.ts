@@ -252,7 +252,7 @@ export class SmtpIntake {
       }
       if (scanner.finish()) {
         log.warn({ queueId, event: 'smtp.refused', reason: 'bare-line-ending', client: this.peer(session) }, 'bare CR or LF in DATA');
-        return done(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 §2.3.8)'));
+        return done(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8)'));
       }
       this.store(session, chunks, done);
     });

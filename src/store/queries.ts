@@ -176,6 +176,12 @@ const SUMMARY_COLUMNS = `id, state, mail_from, auth_user, client_ip, size, recip
  * index and merged, so a page costs `limit` rows per state, never a sort of the whole table.
  */
 export function listMessages(sqlite: Sqlite, filter: MessageFilter): MessagePage {
+  // one snapshot for the cursor and the per-state reads: a message that changes state between
+  // two of them (delivery runs meanwhile) would show up twice, or not at all
+  return sqlite.transaction(() => listMessagesNow(sqlite, filter))();
+}
+
+function listMessagesNow(sqlite: Sqlite, filter: MessageFilter): MessagePage {
   let cursor: { receivedAt: number; id: string } | undefined;
   if (filter.before !== undefined) {
     const row = prepared(sqlite, 'SELECT received_at FROM messages WHERE id = ?').get(filter.before) as { received_at: number } | undefined;

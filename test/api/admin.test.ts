@@ -402,3 +402,36 @@ describe('HTTP errors are JSON', () => {
     }
   });
 });
+
+test('the unfiltered message list is one snapshot: a message changing state meanwhile shows up exactly once', async () => {
+  const { Worker } = await import('node:worker_threads');
+  const { createRequire } = await import('node:module');
+  const { listMessages } = await import('../../src/store/queries.js');
+  const relay = await startTestRelay({}, { startDelivery: false });
+  const stop = new Int32Array(new SharedArrayBuffer(4));
+  let flipper: InstanceType<typeof Worker> | undefined;
+  try {
+    for (let i = 0; i < 20; i++) await send(relay, 'a@example.com', [`r${i}@example.com`]);
+    // another connection moves every message between queued and sending as fast as it can, as
+    // delivery does, while this thread lists them
+    const sqlitePath = createRequire(import.meta.url).resolve('better-sqlite3');
+    flipper = new Worker(
+      `const { workerData } = require('node:worker_threads');
+       const db = new (require(workerData.sqlitePath))(workerData.file);
+       db.pragma('busy_timeout = 5000');
+       const flip = db.prepare("UPDATE messages SET state = CASE state WHEN 'queued' THEN 'sending' ELSE 'queued' END");
+       while (Atomics.load(workerData.stop, 0) === 0) flip.run();
+       db.close();`,
+      { eval: true, workerData: { file: relay.config.databasePath, sqlitePath, stop } },
+    );
+    for (let i = 0; i < 3000; i++) {
+      const ids = listMessages(relay.store.sqlite, { limit: 100 }).messages.map((m) => m.id);
+      assert.equal(new Set(ids).size, 20, `listing ${i}: ${ids.length} rows, ${new Set(ids).size} distinct`);
+      assert.equal(ids.length, 20);
+    }
+  } finally {
+    Atomics.store(stop, 0, 1);
+    if (flipper) await new Promise((resolve) => flipper?.once('exit', resolve));
+    await relay.stop();
+  }
+});
