@@ -4,7 +4,7 @@
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
-import type { RequeueFilter } from '../store/admin.js';
+import { type RequeueFilter, requeueFailedInSteps } from '../store/admin.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
@@ -83,7 +83,8 @@ export function adminRoutes(deps: ApiDeps) {
         }
       }
       const filter = parseRequeueFilter(body);
-      const requeued = await commits.write('requeueFailed', filter, clock.now());
+      const now = clock.now();
+      const requeued = await requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now));
       const who = c.get('requester');
       log.info({ event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter, requeued }, `requeued ${requeued} failed messages`);
       return c.json({ requeued });

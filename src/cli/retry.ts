@@ -2,12 +2,9 @@
 // every failed message. Only failed or pending recipients are tried again, never delivered ones.
 // Writes go in short transactions (500 messages each) so the running server barely waits.
 import { systemClock } from '../clock.js';
-import { type RetryResult, requeueFailed, retryMessage } from '../store/admin.js';
-import { listMessages } from '../store/queries.js';
+import { type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
 import { formatTable } from './table.js';
-
-const REQUEUE_CHUNK = 500;
 
 const EXPLAIN: Record<Exclude<RetryResult, 'not-found'>, string> = {
   requeued: 'requeued: failed recipients will be tried again now',
@@ -24,17 +21,10 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; s
 
   if (options.failed) {
     const requeued = await withWriter(config, (sqlite) => {
-      let total = 0;
-      for (;;) {
-        const page = listMessages(sqlite, { state: 'failed', sender: options.sender, limit: REQUEUE_CHUNK });
-        if (page.messages.length === 0) break;
-        const ids = page.messages.map((m) => m.id);
-        const n = sqlite.transaction(() => requeueFailed(sqlite, { ids, sender: options.sender }, systemClock.now())).immediate();
-        total += n;
-        // Nothing requeued means another process got there first; do not spin.
-        if (n === 0 || page.nextBefore === null) break;
-      }
-      return total;
+      const now = systemClock.now();
+      return requeueFailedInSteps(sqlite, { sender: options.sender }, async (step) =>
+        sqlite.transaction(() => requeueFailed(sqlite, step, now)).immediate(),
+      );
     });
     if (global.json) printJson({ requeued });
     else printText(`requeued ${requeued} failed message${requeued === 1 ? '' : 's'}`);

@@ -14,6 +14,41 @@ export interface RequeueFilter {
   since?: number;
 }
 
+/** Failed messages requeued per write by requeueFailedInSteps. */
+export const REQUEUE_STEP = 500;
+
+const FAILED_PAGE_SQL = `SELECT id, finished_at AS finishedAt FROM messages
+  WHERE state = 'failed' AND finished_at >= @after AND (finished_at > @after OR id > @id)
+  ORDER BY finished_at, id LIMIT @limit`;
+
+/**
+ * Requeues the failed mail that matches `filter` in writes of at most REQUEUE_STEP messages,
+ * so that a requeue of everything never holds the writer (and the `250`s waiting behind it)
+ * for long. Failed messages are read in (finish time, id) order on `reader`; `write` runs
+ * requeueFailed for one step and resolves with how many it requeued.
+ */
+export async function requeueFailedInSteps(
+  reader: Sqlite,
+  filter: RequeueFilter,
+  write: (step: RequeueFilter) => Promise<number>,
+): Promise<number> {
+  let requeued = 0;
+  if (filter.ids !== undefined) {
+    const ids = [...new Set(filter.ids)];
+    for (let i = 0; i < ids.length; i += REQUEUE_STEP) requeued += await write({ ...filter, ids: ids.slice(i, i + REQUEUE_STEP) });
+    return requeued;
+  }
+  const page = prepared(reader, FAILED_PAGE_SQL);
+  let cursor = { after: filter.since ?? Number.NEGATIVE_INFINITY, id: '' };
+  for (;;) {
+    const rows = page.all({ ...cursor, limit: REQUEUE_STEP }) as Array<{ id: string; finishedAt: number }>;
+    if (rows.length === 0) return requeued;
+    requeued += await write({ ...filter, ids: rows.map((r) => r.id) });
+    const last = rows[rows.length - 1];
+    cursor = { after: last.finishedAt, id: last.id };
+  }
+}
+
 /**
  * Failed messages matching every given filter go back to the queue, due now: their failed
  * recipients become pending with a fresh attempt count. Returns how many messages were requeued.

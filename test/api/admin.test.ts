@@ -435,3 +435,43 @@ test('the unfiltered message list is one snapshot: a message changing state mean
     await relay.stop();
   }
 });
+
+test('retry-failed requeues any number of failed messages in writes of at most 500, with its filters', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false });
+  try {
+    await writeDirect(relay, (db) => {
+      const message = db.prepare(
+        `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at, finished_at)
+         VALUES (?, 'failed', ?, ?, '127.0.0.1', 1, 1, x'00', 0, 0, 0, ?)`,
+      );
+      const recipient = db.prepare(
+        `INSERT INTO recipients (message_id, seq, address, status, temporary, next_attempt_at, updated_at) VALUES (?, 0, 'r@example.com', 'failed', 0, 0, 0)`,
+      );
+      for (let i = 0; i < 1300; i++) {
+        const id = `F${String(i).padStart(5, '0')}`;
+        const from = i % 2 ? 'odd@example.com' : 'even@example.com';
+        message.run(id, from, from, 1000 + (i % 700));
+        recipient.run(id);
+      }
+    });
+    const steps: number[] = [];
+    const write = relay.commits.write.bind(relay.commits);
+    relay.commits.write = ((op, ...args) => {
+      if (op === 'requeueFailed') steps.push((args[0] as { ids: string[] }).ids.length);
+      return write(op, ...args);
+    }) as typeof relay.commits.write;
+
+    // odd senders finished at 1100 or later: i odd with i % 700 >= 100, 300 + 250 of them
+    const some = await call(relay, '/admin/retry-failed', postJson({ sender: 'ODD@example.com', since: 1100 }));
+    assert.deepEqual(some.body, { requeued: 550 });
+    assert.deepEqual(steps, [500, 500, 100], 'the 1,100 failed messages finished since 1100, in steps');
+    steps.length = 0;
+    const rest = await call(relay, '/admin/retry-failed', { method: 'POST' });
+    assert.deepEqual(rest.body, { requeued: 750 });
+    assert.deepEqual(steps, [500, 250]);
+    const states = relay.store.sqlite.prepare('SELECT state, COUNT(*) AS n FROM messages GROUP BY state').all();
+    assert.deepEqual(states, [{ state: 'queued', n: 1300 }]);
+  } finally {
+    await relay.stop();
+  }
+});
