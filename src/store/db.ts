@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { Kysely, type Migration, Migrator, SqliteDialect } from 'kysely';
+import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect } from 'kysely';
 import { migrations } from '../../migrations/index.js';
 import type { DB } from './schema.js';
 
@@ -36,9 +36,32 @@ export function openConnection(file: string, options: { readonly?: boolean } = {
   return sqlite;
 }
 
+/**
+ * SQLite changes its schema inside transactions, but Kysely's adapter says it cannot, and its
+ * migrator then commits every statement on its own: a crash in the middle of a migration left
+ * half of it applied and unrecorded, and every later start failed on it. Saying so makes the
+ * migrator run the pending migrations and their bookkeeping in one transaction.
+ */
+class TransactionalDdlSqliteAdapter extends SqliteAdapter {
+  override get supportsTransactionalDdl(): boolean {
+    return true;
+  }
+}
+
+class RelayqSqliteDialect extends SqliteDialect {
+  override createAdapter(): DialectAdapter {
+    return new TransactionalDdlSqliteAdapter();
+  }
+}
+
+/** The query builder on a connection; its migrations run in one transaction (see above). */
+export function kyselyFor<T = DB>(sqlite: Sqlite): Kysely<T> {
+  return new Kysely<T>({ dialect: new RelayqSqliteDialect({ database: sqlite }) });
+}
+
 export async function openStore(file: string, options: OpenOptions = {}): Promise<Store> {
   const sqlite = openConnection(file, options);
-  const db = new Kysely<DB>({ dialect: new SqliteDialect({ database: sqlite }) });
+  const db = kyselyFor<DB>(sqlite);
   if (options.migrate ?? true) {
     await migrateToLatest(db);
   }

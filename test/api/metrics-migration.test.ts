@@ -2,16 +2,15 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { test } from 'node:test';
 import Database from 'better-sqlite3';
-import { Kysely, SqliteDialect } from 'kysely';
 import * as initial from '../../migrations/001_initial.js';
-import { migrateToLatest, openStore } from '../../src/store/db.js';
+import { kyselyFor, migrateToLatest, openStore } from '../../src/store/db.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { tempDir } from '../helpers.js';
 
 test('the metrics migration starts its counters from the rows of an existing database', async () => {
   const file = path.join(tempDir(), 'old.db');
   const sqlite = new Database(file);
-  const db = new Kysely({ dialect: new SqliteDialect({ database: sqlite }) });
+  const db = kyselyFor(sqlite);
   await migrateToLatest(db, { '001_initial': initial });
   const message = sqlite.prepare(
     `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at, claims)
@@ -55,5 +54,35 @@ test('the metrics migration starts its counters from the rows of an existing dat
     assert.equal(storeMetrics(store.sqlite).deferred, 1);
   } finally {
     await store.close();
+  }
+});
+
+test('a migration that fails part-way leaves nothing behind, and the next start applies it whole', async () => {
+  const { sql } = await import('kysely');
+  const file = path.join(tempDir(), 'upgrade.db');
+  const sqlite = new Database(file);
+  const db = kyselyFor(sqlite);
+  try {
+    await migrateToLatest(db, { '001_initial': initial });
+    let crash = true;
+    const next = {
+      async up(trx: Parameters<typeof initial.up>[0]) {
+        await sql`CREATE TABLE upgrade_half (x INTEGER)`.execute(trx);
+        await sql`DROP TRIGGER messages_counted_insert`.execute(trx);
+        if (crash) throw new Error('killed in the middle of the migration');
+        await sql`CREATE TABLE upgrade_rest (x INTEGER)`.execute(trx);
+      },
+    };
+    await assert.rejects(migrateToLatest(db, { '001_initial': initial, '002_next': next }), /killed in the middle/);
+    const names = (type: string) => (sqlite.prepare('SELECT name FROM sqlite_schema WHERE type = ? ORDER BY name').all(type) as Array<{ name: string }>).map((r) => r.name);
+    assert.ok(!names('table').includes('upgrade_half'), 'the first statement was rolled back with the rest');
+    assert.ok(names('trigger').includes('messages_counted_insert'), 'the dropped trigger is back');
+    assert.deepEqual((sqlite.prepare('SELECT name FROM schema_migrations').all() as Array<{ name: string }>).map((r) => r.name), ['001_initial']);
+
+    crash = false;
+    assert.deepEqual(await migrateToLatest(db, { '001_initial': initial, '002_next': next }), ['002_next']);
+    assert.ok(names('table').includes('upgrade_rest'));
+  } finally {
+    await db.destroy();
   }
 });

@@ -6,11 +6,10 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { test } from 'node:test';
 import Database from 'better-sqlite3';
-import { Kysely, SqliteDialect } from 'kysely';
 import * as initial from '../../migrations/001_initial.js';
 import * as metrics from '../../migrations/002_metrics.js';
 import * as rateBucketMinute from '../../migrations/003_rate_bucket_minute.js';
-import { migrateToLatest, openStore, type Sqlite } from '../../src/store/db.js';
+import { kyselyFor, migrateToLatest, openStore, type Sqlite } from '../../src/store/db.js';
 import { GLOBAL_SENDER_KEY, insertMessage, newQueueId, windowCount } from '../../src/store/intake.js';
 import { pruneRateBuckets } from '../../src/store/retention.js';
 import { tempDir } from '../helpers.js';
@@ -98,7 +97,7 @@ test('pruning removes per-minute and hourly buckets no window reaches, and leave
 test('the upgrade to hourly buckets fills them from the per-minute buckets already there', async () => {
   const file = path.join(tempDir(), 'old.db');
   const sqlite = new Database(file);
-  const db = new Kysely({ dialect: new SqliteDialect({ database: sqlite }) });
+  const db = kyselyFor(sqlite);
   await migrateToLatest(db, { '001_initial': initial, '002_metrics': metrics, '003_rate_bucket_minute': rateBucketMinute });
   const random = lcg(7);
   for (let i = 0; i < 500; i++) store(sqlite, random() < 0.5 ? 'a@example.com' : 'b@example.com', T0 + Math.floor(random() * DAY));
