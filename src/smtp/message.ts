@@ -66,9 +66,11 @@ export function receivedHeader(info: ReceivedInfo): Buffer {
   // without reverse lookup smtp-server reports the client hostname as "[ip]": not a name
   const named = info.clientHostname && info.clientHostname !== info.clientIp && info.clientHostname !== `[${info.clientIp}]`;
   const host = named ? `${info.clientHostname} ` : '';
+  // an address literal: IPv6 ones carry the "IPv6:" tag (RFC 5321 section 4.1.3)
+  const literal = info.clientIp.includes(':') ? `IPv6:${info.clientIp}` : info.clientIp;
   const forPart = info.recipients.length === 1 ? `\r\n\tfor <${info.recipients[0]}>` : '';
   return Buffer.from(
-    `Received: from ${sanitize(from)} (${sanitize(host)}[${info.clientIp}])\r\n\tby ${info.serverName} (relayq) with ${info.protocol} id ${info.queueId}${forPart};\r\n\t${rfc5322Date(info.now)}\r\n`,
+    `Received: from ${sanitize(from)} (${sanitize(host)}[${literal}])\r\n\tby ${info.serverName} (relayq) with ${info.protocol} id ${info.queueId}${forPart};\r\n\t${rfc5322Date(info.now)}\r\n`,
   );
 }
 

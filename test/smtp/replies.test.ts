@@ -250,6 +250,21 @@ describe('clients that are not on loopback (peer address injected)', () => {
     }
   });
 
+  test('an IPv6 client appears in the Received header as an IPv6 address literal', async () => {
+    const relay = await startTestRelay(
+      { security: { requireAuth: false, allowLocalOnly: false, allowedNetworks: ['2001:db8::/32'] } },
+      { smtpPeerAddress: () => '2001:db8::7' },
+    );
+    try {
+      const id = (await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response.split(' ').pop() as string;
+      const { raw } = relay.store.sqlite.prepare('SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer };
+      // (the injected peer differs from the socket's own address, which smtp-server reports as the host name)
+      assert.match(raw.toString(), /^Received: from [^\r\n]*\[IPv6:2001:db8::7\]\)\r\n/);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('allowLocalOnly with a remote client → 554 5.7.1', async () => {
     const relay = await startTestRelay({}, { smtpPeerAddress: remote });
     try {
