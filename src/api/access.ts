@@ -1,6 +1,10 @@
 // Who may use the HTTP API: loopback clients may call everything; any other client needs
 // `Authorization: Bearer <security.adminToken>`, and is refused outright when no token is set.
 // The token is compared in constant time (both sides hashed to equal length first).
+// A web page in a browser on the relay's host reaches the loopback listener too: by a form
+// post from another site, or by DNS rebinding (a name of the page's site that now resolves to
+// 127.0.0.1). Loopback trust therefore also needs a loopback name in `Host`, and in `Origin`
+// when the browser sends one; a page cannot send the bearer token, so the token path is open.
 import crypto from 'node:crypto';
 import { getConnInfo } from '@hono/node-server/conninfo';
 import type { Context, MiddlewareHandler } from 'hono';
@@ -29,6 +33,11 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
     const raw = clientIp(c);
     const ip = normalizeIp(raw) || 'unknown';
     if (isLoopback(raw)) {
+      const foreign = foreignBrowserContext(c.req.header('host'), c.req.header('origin'));
+      if (foreign) {
+        log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: 'foreign-host-or-origin', [foreign.header]: foreign.value }, 'loopback request from another site refused');
+        return c.json({ error: 'forbidden', message: `a loopback request must name a loopback host in ${foreign.header}, got ${JSON.stringify(foreign.value)}` }, 403);
+      }
       c.set('requester', { ip, via: 'loopback' });
       return next();
     }
@@ -49,4 +58,24 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
     c.set('requester', { ip, via: 'token' });
     return next();
   };
+}
+
+/** localhost, 127.x.x.x or ::1, as a URL or `Host` header writes them (a port and brackets allowed). */
+function isLoopbackName(host: string): boolean {
+  const name = host.trim().toLowerCase();
+  const bare = name.startsWith('[') ? name.slice(1, name.indexOf(']')) : name.replace(/:\d*$/, '');
+  return bare === 'localhost' || bare.endsWith('.localhost') || isLoopback(bare);
+}
+
+/** The header that shows a loopback request comes from another site's page, if one does. */
+function foreignBrowserContext(host: string | undefined, origin: string | undefined): { header: 'host' | 'origin'; value: string } | undefined {
+  if (host !== undefined && !isLoopbackName(host)) return { header: 'host', value: host };
+  if (origin === undefined) return undefined;
+  let originHost: string;
+  try {
+    originHost = new URL(origin).host;
+  } catch {
+    return { header: 'origin', value: origin }; // "null": a sandboxed page or a local file
+  }
+  return isLoopbackName(originHost) ? undefined : { header: 'origin', value: origin };
 }

@@ -96,6 +96,35 @@ describe('API access: loopback, or a bearer token', () => {
     }
   });
 
+  test('a loopback request from another site (form post, DNS rebinding) is refused; the token path is not affected', async () => {
+    const loopback = createApp({ ...open, getClientIp: () => '127.0.0.1' });
+    for (const headers of [{ host: 'localhost:8025' }, { host: '127.0.0.1' }, { host: '[::1]:8025' }, { origin: 'http://localhost:8025' }, {}] as Array<Record<string, string>>) {
+      assert.equal((await loopback.request('/admin/messages', { headers })).status, 200, JSON.stringify(headers));
+    }
+    for (const headers of [{ host: 'rebound.example:8025' }, { origin: 'https://evil.example' }, { origin: 'null' }, { host: '127.0.0.1.evil.example' }] as Array<Record<string, string>>) {
+      const res = await loopback.request('/admin/retry-failed', { method: 'POST', headers: { ...headers, 'content-type': 'text/plain' }, body: '{}' });
+      assert.equal(res.status, 403, JSON.stringify(headers));
+      const body = (await res.json()) as { error: string; message: string };
+      assert.equal(body.error, 'forbidden');
+      assert.match(body.message, /a loopback request must name a loopback host in (host|origin)/);
+    }
+    const remote = createApp({ ...guarded, getClientIp: () => REMOTE });
+    const withToken = await remote.request('/admin/messages', { headers: { authorization: `Bearer ${TOKEN}`, origin: 'https://ops.example' } });
+    assert.equal(withToken.status, 200);
+
+    // over a real socket, with the Host header a rebinding page's browser would send
+    const { request } = await import('node:http');
+    const status = await new Promise<number>((resolve, reject) => {
+      const req = request({ host: '127.0.0.1', port: open.httpPort, path: '/admin/messages', headers: { host: `rebound.example:${open.httpPort}` } }, (res) => {
+        res.resume();
+        resolve(res.statusCode ?? 0);
+      });
+      req.on('error', reject);
+      req.end();
+    });
+    assert.equal(status, 403);
+  });
+
   test('admin actions are logged with who asked, and the token never is', async () => {
     const lines: string[] = [];
     const sink = new Writable({
