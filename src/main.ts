@@ -36,6 +36,11 @@ export interface RelayOptions {
   smtpPeerAddress?: (session: import('smtp-server').SMTPServerSession) => string;
   /** Test hook: the client address the HTTP API sees (default: the socket's peer). */
   apiClientIp?: (c: Context) => string | undefined;
+  /**
+   * The relay can no longer store mail (its writer thread died). `relayq serve` stops and exits
+   * non-zero, so that a supervisor (systemd, Docker's restart policy) starts it again.
+   */
+  onFatal?: (err: Error) => void;
 }
 
 export interface Relay {
@@ -67,6 +72,14 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   limitWalSize(store.sqlite);
   // The main thread's connection only reads; the writer thread owns every write.
   const commits = new StoreWriter({ file: config.databasePath, secureDelete: !config.security.logAllEmails });
+  try {
+    // a round trip to the writer thread: its connection is open before anything listens
+    await commits.pragma('journal_mode');
+  } catch (err) {
+    await commits.close();
+    await store.close();
+    throw err;
+  }
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
   const intake = new SmtpIntake({ config, sqlite: store.sqlite, commits, disk, clock, logger: logger.child({ component: 'smtp' }), peerAddress: options.smtpPeerAddress });
 
@@ -119,6 +132,10 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
 
   const graceMs = options.shutdownGraceMs ?? 10_000;
   let stopping: Promise<void> | undefined;
+  commits.onFailed = (err) => {
+    logger.fatal({ event: 'relay.writer_failed', err: err.message }, 'the writer thread failed: nothing can be stored any more');
+    options.onFatal?.(err);
+  };
   const relay: Relay = {
     config,
     store,

@@ -11,15 +11,21 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
     process.exit(2);
   }
   const logger = createLogger(loaded.config.logLevel);
-  let relay: Awaited<ReturnType<typeof startRelay>>;
+  let relay: Awaited<ReturnType<typeof startRelay>> | undefined;
+  // the relay cannot store mail any more: stop, and exit non-zero for the supervisor to restart it
+  const onFatal = () => {
+    if (!relay) return exitAfterFlush(logger, 1);
+    relay.stop().finally(() => exitAfterFlush(logger, 1));
+  };
   try {
-    relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings });
+    relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings, onFatal });
   } catch (err) {
     logger.fatal({ event: 'relay.start_failed', err: (err as Error).message }, 'relayq could not start');
     process.stderr.write(`relayq: ${(err as Error).message}\n`);
     exitAfterFlush(logger, 1);
     return;
   }
+  const running = relay;
   let signals = 0;
   const onSignal = (signal: string) => {
     signals++;
@@ -29,7 +35,7 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
       return;
     }
     logger.info({ event: 'relay.signal', signal }, 'signal received');
-    relay.stop().then(
+    running.stop().then(
       () => {
         exitAfterFlush(logger, 0);
       },

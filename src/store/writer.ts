@@ -22,6 +22,11 @@ export class StoreWriter {
   private failed: Error | undefined;
   /** Called after results arrive (something was committed); delivery uses it to wake up. */
   onCommitted: () => void = () => {};
+  /**
+   * Called once if the thread dies (not at close): every pending and later write is rejected,
+   * so nothing can be stored any more and the relay should stop (and be restarted).
+   */
+  onFailed: (err: Error) => void = () => {};
   /** Writes completed and transactions committed so far (for tests and the benchmark). */
   readonly stats = { writes: 0, commits: 0 };
 
@@ -106,9 +111,11 @@ export class StoreWriter {
   }
 
   private fail(err: Error) {
+    const first = this.failed === undefined;
     this.failed ??= err;
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
+    if (first && !this.closing) this.onFailed(err);
   }
 }
 

@@ -165,3 +165,24 @@ describe('storage faults', () => {
     assertConsistent(relay);
   });
 });
+
+test('the writer thread dies: the relay says so once, refuses mail with 451 4.3.0, and still stops in order', async () => {
+  const fatal: Error[] = [];
+  const relay = await startTestRelay({}, { ...INTAKE_ONLY, onFatal: (err) => fatal.push(err) });
+  try {
+    const before = messageCount(relay);
+    // what an out-of-memory abort or a crash in native code would do to the thread
+    await (relay.commits as unknown as { worker: import('node:worker_threads').Worker }).worker.terminate();
+    assert.equal(fatal.length, 1);
+    assert.match(fatal[0].message, /writer thread exited/);
+    await assert.rejects(sendMail(relay.smtpPort, { to: ['a@example.com'] }), (err: SmtpError) => {
+      assert.equal(err.responseCode, 451);
+      assert.match(err.response ?? '', /^451 4\.3\.0 /);
+      return true;
+    });
+    assert.equal(messageCount(relay), before);
+  } finally {
+    await relay.stop();
+  }
+  assert.equal(fatal.length, 1, 'not again at shutdown');
+});
