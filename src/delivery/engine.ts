@@ -3,6 +3,7 @@
 // Invariants: at most workerCount attempts in flight; no worker sleeps through batchDelay or a
 // backoff (the message's next_attempt_at says when it is due); a crash leaves claims that
 // expire with their lease; a shutdown releases them so a restart picks them up at once.
+import fs from 'node:fs/promises';
 import { performance } from 'node:perf_hooks';
 import type tls from 'node:tls';
 import type { Logger } from 'pino';
@@ -17,8 +18,9 @@ import {
   findTemporaryFailures,
   hasDueWork,
 } from '../store/delivery.js';
+import { type FailedCursor, failedPage } from '../store/admin.js';
 import type { StoreWriter } from '../store/writer.js';
-import { exportFailedMessage, removeFailedExport } from './failed-export.js';
+import { exportFailedMessage, failedExportPath, removeFailedExport } from './failed-export.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
 import { type BatchResult, planCompletion } from './outcomes.js';
 import { SmtpUpstream } from './upstream.js';
@@ -72,6 +74,17 @@ const REQUEUE_CHECK_MS = 1000;
 const REQUEUE_SCAN_STEP = 500;
 /** After the grace period, how long released attempts get to notice their abort. */
 const ABORT_SETTLE_MS = 1000;
+/** Failed messages whose export is looked for per step after a start. */
+const EXPORT_CHECK_STEP = 500;
+
+async function fileExists(file: string): Promise<boolean> {
+  try {
+    await fs.access(file);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 export class DeliveryEngine {
   private readonly config: Config;
@@ -144,6 +157,7 @@ export class DeliveryEngine {
     this.poll.unref();
     this.log.info({ event: 'delivery.started', upstream: this.upstreamLabel, workers: this.config.workerCount }, 'delivery started');
     this.tick();
+    this.track(this.exportMissingFailures());
   }
 
   /** Something may have become due (a commit of new mail): look now instead of at the next poll. */
@@ -389,6 +403,31 @@ export class DeliveryEngine {
         this.log.info({ event: 'delivery.export_removed', queueId: id }, 'delivered after a retry; failed export removed');
       }
     }
+  }
+
+  /**
+   * After a start: failed mail without its JSON export (the process died between the commit
+   * and the export, or the export could not be written) is exported now. In steps of
+   * EXPORT_CHECK_STEP failed messages, letting SMTP sessions run between them.
+   */
+  private async exportMissingFailures(): Promise<void> {
+    const { sqlite, config, clock } = this.deps;
+    let cursor: FailedCursor | null = { after: Number.NEGATIVE_INFINITY, id: '' };
+    const exported: string[] = [];
+    while (cursor && !this.stopping) {
+      const page = failedPage(sqlite, cursor, EXPORT_CHECK_STEP);
+      for (const id of page.ids) {
+        if (await fileExists(failedExportPath(config.emailsDir, id))) continue;
+        try {
+          if (await exportFailedMessage(sqlite, config.emailsDir, id, clock.now())) exported.push(id);
+        } catch (err) {
+          this.log.error({ event: 'delivery.export_failed', queueId: id, err: (err as Error).message }, 'exporting the failed message failed; `relayq export-failed` can redo it');
+        }
+      }
+      cursor = page.next;
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    if (exported.length > 0) this.log.warn({ event: 'delivery.exports_restored', count: exported.length, ids: exported }, 'failed mail without its export exported');
   }
 
   /**

@@ -21,6 +21,19 @@ const FAILED_PAGE_SQL = `SELECT id, finished_at AS finishedAt FROM messages
   WHERE state = 'failed' AND finished_at >= @after AND (finished_at > @after OR id > @id)
   ORDER BY finished_at, id LIMIT @limit`;
 
+/** Where a walk over failed mail goes on from: after this finish time, and this id at that time. */
+export interface FailedCursor {
+  after: number;
+  id: string;
+}
+
+/** The next `limit` failed messages after `cursor` in (finish time, id) order; the cursor after them, or null at the end. */
+export function failedPage(sqlite: Sqlite, cursor: FailedCursor, limit: number): { ids: string[]; next: FailedCursor | null } {
+  const rows = prepared(sqlite, FAILED_PAGE_SQL).all({ ...cursor, limit }) as Array<{ id: string; finishedAt: number }>;
+  const last = rows[rows.length - 1];
+  return { ids: rows.map((r) => r.id), next: rows.length < limit ? null : { after: last.finishedAt, id: last.id } };
+}
+
 /**
  * Requeues the failed mail that matches `filter` in writes of at most REQUEUE_STEP messages,
  * so that a requeue of everything never holds the writer (and the `250`s waiting behind it)
@@ -38,15 +51,13 @@ export async function requeueFailedInSteps(
     for (let i = 0; i < ids.length; i += REQUEUE_STEP) requeued += await write({ ...filter, ids: ids.slice(i, i + REQUEUE_STEP) });
     return requeued;
   }
-  const page = prepared(reader, FAILED_PAGE_SQL);
-  let cursor = { after: filter.since ?? Number.NEGATIVE_INFINITY, id: '' };
-  for (;;) {
-    const rows = page.all({ ...cursor, limit: REQUEUE_STEP }) as Array<{ id: string; finishedAt: number }>;
-    if (rows.length === 0) return requeued;
-    requeued += await write({ ...filter, ids: rows.map((r) => r.id) });
-    const last = rows[rows.length - 1];
-    cursor = { after: last.finishedAt, id: last.id };
+  let cursor: FailedCursor | null = { after: filter.since ?? Number.NEGATIVE_INFINITY, id: '' };
+  while (cursor) {
+    const page = failedPage(reader, cursor, REQUEUE_STEP);
+    if (page.ids.length > 0) requeued += await write({ ...filter, ids: page.ids });
+    cursor = page.next;
   }
+  return requeued;
 }
 
 /**

@@ -1,8 +1,10 @@
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { openSession, sendMail, startTestRelay } from '../helpers.js';
+import { openSession, sendMail, startTestRelay, testConfig, waitFor } from '../helpers.js';
 import {
   attempts,
   failedExportExists,
@@ -131,6 +133,25 @@ describe('per-recipient outcomes', () => {
     const doc = readFailedExport(relay, id);
     assert.deepEqual(doc.recipients.map((r) => r.status), ['failed', 'failed']);
     assert.equal((await relay.delivery.runOnce()).attempts, 0, 'a permanent failure is not retried');
+  });
+
+  test('a failed message whose export went missing (a crash right after the commit) is exported at the next start', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.rcptReply = () => ({ code: 550, message: '5.1.1 No such user' });
+    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port });
+    const first = await startTestRelay(config, { startDelivery: false });
+    const id = await queue(first, ['nobody@example.com']);
+    await first.delivery.runOnce();
+    assert.equal(message(first, id).state, 'failed');
+    assert.ok(failedExportExists(first, id));
+    fs.rmSync(path.join(config.emailsDir, 'failed', `${id}.json`));
+    await first.stop();
+
+    const second = await startTestRelay(config);
+    cleanup.push(() => second.stop());
+    await waitFor(() => failedExportExists(second, id), 10_000, 'the export to be written again');
+    assert.equal(readFailedExport(second, id).recipients[0].lastCode, 550);
   });
 
   test('continueOnError=false: a permanently refused batch stops the later batches, whose recipients fail saying why', async () => {
