@@ -4,6 +4,7 @@
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
+import { removeFailedExport } from '../delivery/failed-export.js';
 import { type RequeueFilter, requeueFailedInSteps } from '../store/admin.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
@@ -157,6 +158,8 @@ export function adminRoutes(deps: ApiDeps) {
       log.info({ event: 'api.admin', action: 'delete', id, client: who.ip, via: who.via, result }, `delete ${id}: ${result}`);
       if (result === 'not-found') throw notFound(id);
       if (result === 'held') throw new HTTPException(409, { message: `${id} is being delivered right now; try again when the attempt is over` });
+      // a failed message's export goes with it: it would describe mail that is no longer there
+      await removeFailedExport(deps.config.emailsDir, id);
       return c.json({ id, deleted: true });
     });
 }

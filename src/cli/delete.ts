@@ -1,6 +1,8 @@
-// `relayq delete ID...`: removes messages with their recipients and attempts. All or nothing:
-// an unknown id, or a message a worker is delivering right now, and nothing is deleted.
+// `relayq delete ID...`: removes messages with their recipients, attempts and failed-mail
+// export. All or nothing: an unknown id, or a message a worker is delivering right now, and
+// nothing is deleted.
 import { systemClock } from '../clock.js';
+import { removeFailedExport } from '../delivery/failed-export.js';
 import { deleteMessage } from '../store/admin.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
 
@@ -18,6 +20,8 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
       })
       .immediate(),
   );
+  // failed messages' exports go with them: they would describe mail that is no longer there
+  for (const id of unique) await removeFailedExport(config.emailsDir, id);
   if (global.json) printJson({ deleted: unique });
   else printText(`deleted ${unique.length} message${unique.length === 1 ? '' : 's'}: ${unique.join(' ')}`);
 }

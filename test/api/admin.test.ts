@@ -475,3 +475,26 @@ test('retry-failed requeues any number of failed messages in writes of at most 5
     await relay.stop();
   }
 });
+
+test('deleting a failed message removes its JSON export too', async () => {
+  const fs = await import('node:fs');
+  const path = await import('node:path');
+  const upstream = await startUpstream({
+    onRcptTo(_address, _session, cb) {
+      cb(Object.assign(new Error('5.1.1 No such user'), { responseCode: 550 }));
+    },
+  });
+  const clock = new ManualClock();
+  const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, options(clock));
+  try {
+    const id = await send(relay, 'a@example.com', ['nobody@example.com']);
+    await relay.delivery.runOnce();
+    const file = path.join(relay.config.emailsDir, 'failed', `${id}.json`);
+    assert.ok(fs.existsSync(file));
+    assert.equal((await call(relay, `/admin/messages/${id}`, { method: 'DELETE' })).status, 200);
+    assert.equal(fs.existsSync(file), false);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+});
