@@ -5,10 +5,12 @@ import * as initial from './001_initial.js';
 import * as metrics from './002_metrics.js';
 import * as rateBucketMinute from './003_rate_bucket_minute.js';
 import * as rateHours from './004_rate_hours.js';
+import * as recipientAddressNocase from './005_recipient_address_nocase.js';
 
 export const migrations: Record<string, Migration> = {
   '001_initial': initial,
   '002_metrics': metrics,
   '003_rate_bucket_minute': rateBucketMinute,
   '004_rate_hours': rateHours,
+  '005_recipient_address_nocase': recipientAddressNocase,
 };

@@ -136,7 +136,7 @@ export interface MessageFilter {
   state?: MessageState;
   /** Envelope sender, compared case-insensitively ('' = the null sender). */
   sender?: string;
-  /** A recipient address, exactly as given in RCPT TO or lower-cased. */
+  /** A recipient address, in any case. */
   recipient?: string;
   limit: number;
   /** Only messages listed after this one (newest first): the previous page's last id. */
@@ -171,7 +171,7 @@ const SUMMARY_COLUMNS = `id, state, mail_from, auth_user, client_ip, size, recip
 
 /**
  * Newest first (arrival time, then id). Each filter leads with the index that answers it: the
- * recipient through recipients_address, the sender through messages_sender, the state through
+ * recipient through recipients_address_lower, the sender through messages_sender, the state through
  * messages_state_received. With no filter at all the four states are read separately from that
  * index and merged, so a page costs `limit` rows per state, never a sort of the whole table.
  */
@@ -212,8 +212,8 @@ function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: { receivedAt: 
   const params: unknown[] = [];
   const byRecipient = filter.recipient !== undefined;
   if (byRecipient) {
-    where.push('id IN (SELECT message_id FROM recipients WHERE address IN (?, ?))');
-    params.push(filter.recipient, filter.recipient?.toLowerCase());
+    where.push('id IN (SELECT message_id FROM recipients WHERE lower(address) = lower(?))');
+    params.push(filter.recipient);
   }
   // A leading `+` keeps SQLite from using that column's index when the recipient leads.
   const column = (name: string) => (byRecipient ? `+${name}` : name);

@@ -215,6 +215,13 @@ describe('admin: queue inspection', () => {
       ]);
       assert.equal(first.received_at, new Date(clock.now()).toISOString());
 
+      // the recipient filter ignores case, as the sender filter does
+      const mixed = await send(relay, 'x@example.com', ['John.Doe@Example.com']);
+      for (const query of ['john.doe@example.com', 'JOHN.DOE@EXAMPLE.COM', 'John.Doe@Example.com']) {
+        const res = await call<Page>(relay, `/admin/messages?recipient=${encodeURIComponent(query)}`);
+        assert.deepEqual(res.body.messages.map((m) => m.id), [mixed], query);
+      }
+
       const bad: Array<[string, string]> = [
         ['state=lost', 'state must be one of queued, sending, delivered, failed'],
         ['limit=0', 'limit must be an integer from 1 to 1000'],
