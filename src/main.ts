@@ -72,14 +72,13 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   limitWalSize(store.sqlite);
   // The main thread's connection only reads; the writer thread owns every write.
   const commits = new StoreWriter({ file: config.databasePath, secureDelete: !config.security.logAllEmails });
-  try {
-    // a round trip to the writer thread: its connection is open before anything listens
-    await commits.pragma('journal_mode');
-  } catch (err) {
-    await commits.close();
-    await store.close();
-    throw err;
-  }
+  // The writer thread opens its connection while the rest starts (writes made meanwhile wait for
+  // it). If it cannot, or dies later, every write is refused from then on: say so, and let the
+  // caller stop the relay (`relayq serve` exits 1 for its supervisor to restart it).
+  commits.onFailed = (err) => {
+    logger.fatal({ event: 'relay.writer_failed', err: err.message }, 'the writer thread failed: nothing can be stored any more');
+    options.onFatal?.(err);
+  };
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
   const intake = new SmtpIntake({ config, sqlite: store.sqlite, commits, disk, clock, logger: logger.child({ component: 'smtp' }), peerAddress: options.smtpPeerAddress });
 
@@ -132,10 +131,6 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
 
   const graceMs = options.shutdownGraceMs ?? 10_000;
   let stopping: Promise<void> | undefined;
-  commits.onFailed = (err) => {
-    logger.fatal({ event: 'relay.writer_failed', err: err.message }, 'the writer thread failed: nothing can be stored any more');
-    options.onFatal?.(err);
-  };
   const relay: Relay = {
     config,
     store,
