@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import { findConfigFile, formatErrors, loadConfig, readConfigFile } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 import type { Sqlite, Store } from '../store/db.js';
-import { appliedMigrations, openReadOnly } from '../store/maintenance.js';
+import { appliedMigrations, openReadOnly, overwriteFreedPages } from '../store/maintenance.js';
 
 export class CliError extends Error {
   constructor(
@@ -90,6 +90,8 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
       throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
     }
     if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
+    // as on the server's writer: content this command frees must not linger in the file
+    if (!config.security.logAllEmails) overwriteFreedPages(store.sqlite);
     return await fn(store.sqlite);
   } finally {
     await closeWithoutCheckpoint(store);

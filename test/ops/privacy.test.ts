@@ -33,3 +33,31 @@ describe('security.logAllEmails', () => {
     assert.ok(onDisk.some((bytes) => bytes.indexOf(marker) >= 0));
   });
 });
+
+describe('security.logAllEmails=false and the CLI', () => {
+  /** Queues a message carrying `marker`, stops the relay, deletes the message with the CLI, checkpoints. */
+  async function deleteWithCli(logAllEmails: boolean, marker: string): Promise<Buffer> {
+    const { runCli, writeConfigFile } = await import('../cli/run-cli.js');
+    const path = await import('node:path');
+    const { default: Database } = await import('better-sqlite3');
+    const relay = await startTestRelay({ security: { logAllEmails } }, { startDelivery: false, startRetention: false });
+    const info = await sendMail(relay.smtpPort, { text: `${marker}\n${'c'.repeat(20_000)}`, subject: 'private' });
+    const id = info.response.split(' ').pop() as string;
+    const file = relay.config.databasePath;
+    await relay.stop();
+    const config = writeConfigFile(path.dirname(file), { databasePath: file, security: { logAllEmails } });
+    const r = await runCli(['delete', id, '--config', config]);
+    assert.equal(r.code, 0, r.stderr);
+    const db = new Database(file);
+    db.pragma('wal_checkpoint(TRUNCATE)');
+    db.close();
+    return fs.readFileSync(file);
+  }
+
+  test('relayq delete overwrites the pages it frees, as the server does', async () => {
+    const marker = `PRIVATE-${crypto.randomBytes(8).toString('hex')}`;
+    assert.equal((await deleteWithCli(false, marker)).indexOf(marker), -1);
+    const kept = `KEPT-${crypto.randomBytes(8).toString('hex')}`;
+    assert.ok((await deleteWithCli(true, kept)).indexOf(kept) >= 0, 'control: without it the freed pages keep the bytes');
+  });
+});
