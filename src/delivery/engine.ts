@@ -15,10 +15,10 @@ import {
   type ClaimResult,
   type CompletionResult,
   type FailedScanCursor,
+  failedPage,
   findTemporaryFailures,
   hasDueWork,
 } from '../store/delivery.js';
-import { type FailedCursor, failedPage } from '../store/admin.js';
 import type { StoreWriter } from '../store/writer.js';
 import { exportFailedMessage, failedExportPath, removeFailedExport } from './failed-export.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
@@ -412,11 +412,11 @@ export class DeliveryEngine {
    */
   private async exportMissingFailures(): Promise<void> {
     const { sqlite, config, clock } = this.deps;
-    let cursor: FailedCursor | null = { after: Number.NEGATIVE_INFINITY, id: '' };
+    let cursor: FailedScanCursor | null = { finishedAt: Number.NEGATIVE_INFINITY, id: '' };
     const exported: string[] = [];
     while (cursor && !this.stopping) {
-      const page = failedPage(sqlite, cursor, EXPORT_CHECK_STEP);
-      for (const id of page.ids) {
+      const page = failedPage(sqlite, { cursor, limit: EXPORT_CHECK_STEP });
+      for (const { id } of page.messages) {
         if (await fileExists(failedExportPath(config.emailsDir, id))) continue;
         try {
           if (await exportFailedMessage(sqlite, config.emailsDir, id, clock.now())) exported.push(id);

@@ -3,6 +3,7 @@
 // server passes them to commits.write). Delivered recipients are never touched, so a requeue
 // can only re-send to recipients that did not get the message.
 import type { Sqlite } from './db.js';
+import { type FailedScanCursor, failedPage } from './delivery.js';
 import { prepared } from './statements.js';
 
 export interface RequeueFilter {
@@ -16,23 +17,6 @@ export interface RequeueFilter {
 
 /** Failed messages requeued per write by requeueFailedInSteps. */
 export const REQUEUE_STEP = 500;
-
-const FAILED_PAGE_SQL = `SELECT id, finished_at AS finishedAt FROM messages
-  WHERE state = 'failed' AND finished_at >= @after AND (finished_at > @after OR id > @id)
-  ORDER BY finished_at, id LIMIT @limit`;
-
-/** Where a walk over failed mail goes on from: after this finish time, and this id at that time. */
-export interface FailedCursor {
-  after: number;
-  id: string;
-}
-
-/** The next `limit` failed messages after `cursor` in (finish time, id) order; the cursor after them, or null at the end. */
-export function failedPage(sqlite: Sqlite, cursor: FailedCursor, limit: number): { ids: string[]; next: FailedCursor | null } {
-  const rows = prepared(sqlite, FAILED_PAGE_SQL).all({ ...cursor, limit }) as Array<{ id: string; finishedAt: number }>;
-  const last = rows[rows.length - 1];
-  return { ids: rows.map((r) => r.id), next: rows.length < limit ? null : { after: last.finishedAt, id: last.id } };
-}
 
 /**
  * Requeues the failed mail that matches `filter` in writes of at most REQUEUE_STEP messages,
@@ -51,10 +35,10 @@ export async function requeueFailedInSteps(
     for (let i = 0; i < ids.length; i += REQUEUE_STEP) requeued += await write({ ...filter, ids: ids.slice(i, i + REQUEUE_STEP) });
     return requeued;
   }
-  let cursor: FailedCursor | null = { after: filter.since ?? Number.NEGATIVE_INFINITY, id: '' };
+  let cursor: FailedScanCursor | null = { finishedAt: filter.since ?? Number.NEGATIVE_INFINITY, id: '' };
   while (cursor) {
-    const page = failedPage(reader, cursor, REQUEUE_STEP);
-    if (page.ids.length > 0) requeued += await write({ ...filter, ids: page.ids });
+    const page = failedPage(reader, { cursor, limit: REQUEUE_STEP });
+    if (page.messages.length > 0) requeued += await write({ ...filter, ids: page.messages.map((m) => m.id) });
     cursor = page.next;
   }
   return requeued;

@@ -340,7 +340,7 @@ export interface RequeueOptions {
   maxAttempts: number;
 }
 
-/** Where a scan of failed mail goes on from: after this finish time, and this id at that time. */
+/** Where a walk over failed mail goes on from: after this finish time, and this id at that time. */
 export interface FailedScanCursor {
   finishedAt: number;
   id: string;
@@ -354,22 +354,33 @@ FROM (SELECT id, finished_at AS finishedAt FROM messages
       ORDER BY finished_at, id LIMIT @limit) AS m`;
 
 /**
- * One bounded step of failedRetryInterval's look for failed mail: the next `limit` failed
- * messages after `cursor` in (finish time, id) order, through the messages_finished index, and
- * which of them have a recipient whose last failure was temporary. A step costs the same however
- * much failed mail the store holds; `next` is where the following step starts (null: done).
+ * One bounded step of a walk over failed mail: the next `limit` failed messages after `cursor`
+ * in (finish time, id) order, finished at or before `finishedBefore`, through the
+ * messages_finished index, each with whether a recipient's last failure was temporary. A step
+ * costs the same however much failed mail the store holds; `next` is where the following step
+ * starts (null: done). failedRetryInterval, the requeue of failed mail and the export check
+ * after a start all walk this way.
  */
+export function failedPage(
+  sqlite: Sqlite,
+  options: { cursor: FailedScanCursor; finishedBefore?: number; limit: number },
+): { messages: Array<{ id: string; temporary: boolean }>; next: FailedScanCursor | null } {
+  const { cursor, finishedBefore = Number.POSITIVE_INFINITY, limit } = options;
+  const rows = prepared(sqlite, FAILED_SCAN_SQL).all({ after: cursor.finishedAt, id: cursor.id, before: finishedBefore, limit }) as Array<{ id: string; finishedAt: number; temporary: number }>;
+  const last = rows[rows.length - 1];
+  return {
+    messages: rows.map((r) => ({ id: r.id, temporary: r.temporary === 1 })),
+    next: rows.length === limit ? { finishedAt: last.finishedAt, id: last.id } : null,
+  };
+}
+
+/** One step of failedRetryInterval's look for failed mail: the ids, of that step, with a temporarily failed recipient. */
 export function findTemporaryFailures(
   sqlite: Sqlite,
   options: { cursor: FailedScanCursor; finishedBefore: number; limit: number },
 ): { ids: string[]; next: FailedScanCursor | null } {
-  const { cursor, finishedBefore, limit } = options;
-  const rows = prepared(sqlite, FAILED_SCAN_SQL).all({ after: cursor.finishedAt, id: cursor.id, before: finishedBefore, limit }) as Array<{ id: string; finishedAt: number; temporary: number }>;
-  const last = rows[rows.length - 1];
-  return {
-    ids: rows.filter((r) => r.temporary === 1).map((r) => r.id),
-    next: rows.length === limit ? { finishedAt: last.finishedAt, id: last.id } : null,
-  };
+  const page = failedPage(sqlite, options);
+  return { ids: page.messages.filter((m) => m.temporary).map((m) => m.id), next: page.next };
 }
 
 /**
