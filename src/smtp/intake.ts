@@ -165,10 +165,9 @@ export class SmtpIntake {
   }
 
   private onAuth(auth: SMTPServerAuthentication, session: SMTPServerSession, cb: (err: Error | null | undefined, response?: { user?: unknown }) => void) {
+    // Only secure or loopback sessions get here: the listener answers AUTH from the others with
+    // 538 before any credential is sent (the plaintextAuth policy given to RelayqSmtpServer).
     const ip = this.peer(session);
-    if (!session.secure && !isLoopback(ip)) {
-      return cb(reply(538, '5.7.11 Encryption required for requested authentication mechanism'));
-    }
     const { defaultUsername, defaultPassword } = this.deps.config;
     const ok =
       this.credentialsConfigured &&
