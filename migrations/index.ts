@@ -6,6 +6,7 @@ import * as metrics from './002_metrics.js';
 import * as rateBucketMinute from './003_rate_bucket_minute.js';
 import * as rateHours from './004_rate_hours.js';
 import * as recipientAddressNocase from './005_recipient_address_nocase.js';
+import * as messageBodies from './006_message_bodies.js';
 
 export const migrations: Record<string, Migration> = {
   '001_initial': initial,
@@ -13,4 +14,5 @@ export const migrations: Record<string, Migration> = {
   '003_rate_bucket_minute': rateBucketMinute,
   '004_rate_hours': rateHours,
   '005_recipient_address_nocase': recipientAddressNocase,
+  '006_message_bodies': messageBodies,
 };

@@ -139,7 +139,11 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     'UPDATE recipients SET attempts = attempts + 1, updated_at = ? WHERE message_id = ? AND seq = ?',
   );
   for (const r of chosen) countAttempt.run(now, id, r.seq);
-  const message = prepared(sqlite, 'SELECT mail_from, raw, received_at, claims FROM messages WHERE id = ?').get(id) as {
+  const message = prepared(
+    sqlite,
+    `SELECT mail_from, (SELECT raw FROM message_bodies WHERE id = body_id) AS raw, received_at, claims
+     FROM messages WHERE id = ?`,
+  ).get(id) as {
     mail_from: string;
     raw: Buffer | null;
     received_at: number;
@@ -284,10 +288,13 @@ function settleMessage(
   const state: 'delivered' | 'failed' = counts.failed === 0 ? 'delivered' : 'failed';
   if (state === 'delivered') {
     // logAllEmails=false: the content goes in the same transaction that records the delivery.
+    if (options.eraseRawOnDelivered) {
+      prepared(sqlite, 'DELETE FROM message_bodies WHERE id = (SELECT body_id FROM messages WHERE id = ?)').run(id);
+    }
     prepared(
       sqlite,
       `UPDATE messages SET state = 'delivered', lease_token = NULL, lease_expires_at = NULL, finished_at = ?,
-         last_error = NULL, raw = CASE WHEN ? THEN NULL ELSE raw END, updated_at = ?
+         last_error = NULL, body_id = CASE WHEN ? THEN NULL ELSE body_id END, updated_at = ?
        WHERE id = ?`,
     ).run(now, options.eraseRawOnDelivered ? 1 : 0, now, id);
   } else {

@@ -140,10 +140,11 @@ export function insertMessage(sqlite: Sqlite, msg: NewMessage, policy: IntakePol
   const hit = checkRateLimits(sqlite, msg.mailFrom, msg.receivedAt, policy.rateLimits);
   if (hit) throw new PolicyRefusal('rate-limit', rateLimitMessage(hit), hit);
   if (isQueueFull(sqlite, policy.queueSize)) throw new PolicyRefusal('queue-full', 'queue full, try again later');
+  const body = prepared(sqlite, 'INSERT INTO message_bodies (raw) VALUES (?)').run(msg.raw);
   prepared(
     sqlite,
     `INSERT INTO messages (id, state, mail_from, sender_key, auth_user, client_ip, client_hostname, helo,
-       size, recipient_count, raw, received_at, next_attempt_at, updated_at)
+       size, recipient_count, body_id, received_at, next_attempt_at, updated_at)
      VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
   ).run(
     msg.id,
@@ -155,7 +156,7 @@ export function insertMessage(sqlite: Sqlite, msg: NewMessage, policy: IntakePol
     msg.helo,
     msg.raw.length,
     msg.recipients.length,
-    msg.raw,
+    body.lastInsertRowid,
     msg.receivedAt,
     msg.receivedAt,
     msg.receivedAt,

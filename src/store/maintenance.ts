@@ -43,9 +43,9 @@ export function openReadOnly(file: string): Sqlite {
 }
 
 /**
- * With security.logAllEmails=false the content of delivered mail is erased (raw = NULL). Without
- * secure_delete the freed pages would keep the old bytes in the file until reused; with it,
- * SQLite overwrites them with zeros as it frees them.
+ * With security.logAllEmails=false the content of delivered mail is erased (its message_bodies row
+ * is deleted). Without secure_delete the freed pages would keep the old bytes in the file until
+ * reused; with it, SQLite overwrites them with zeros as it frees them.
  */
 export function overwriteFreedPages(sqlite: Sqlite): void {
   sqlite.pragma('secure_delete = ON');

@@ -278,7 +278,7 @@ export interface MessageDetail {
 export function messageDetail(sqlite: Sqlite, id: string): MessageDetail | undefined {
   const message = prepared(
     sqlite,
-    `SELECT ${SUMMARY_COLUMNS}, sender_key, client_hostname, helo, lease_expires_at, updated_at, raw IS NULL AS raw_erased
+    `SELECT ${SUMMARY_COLUMNS}, sender_key, client_hostname, helo, lease_expires_at, updated_at, body_id IS NULL AS raw_erased
      FROM messages WHERE id = ?`,
   ).get(id) as MessageRow | undefined;
   if (!message) return undefined;
@@ -308,5 +308,7 @@ function parseRecipientList(text: string): string[] {
 
 /** undefined = no such message; raw null = erased after delivery (logAllEmails=false). */
 export function messageRaw(sqlite: Sqlite, id: string): { raw: Buffer | null } | undefined {
-  return prepared(sqlite, 'SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer | null } | undefined;
+  return prepared(sqlite, 'SELECT (SELECT raw FROM message_bodies WHERE id = body_id) AS raw FROM messages WHERE id = ?').get(id) as
+    | { raw: Buffer | null }
+    | undefined;
 }

@@ -18,7 +18,8 @@ export interface MessagesTable {
   helo: string | null;
   size: number;
   recipient_count: number;
-  raw: Buffer | null;
+  /** The row of message_bodies holding the stored bytes; NULL once erased (logAllEmails=false). */
+  body_id: number | null;
   received_at: number;
   next_attempt_at: number;
   lease_token: string | null;
@@ -27,6 +28,12 @@ export interface MessagesTable {
   last_error: string | null;
   updated_at: number;
   finished_at: number | null;
+}
+
+/** The stored bytes of a message (the Received: header relayq adds, then the client's bytes). */
+export interface MessageBodiesTable {
+  id: Generated<number>;
+  raw: Buffer;
 }
 
 export interface RecipientsTable {
@@ -75,6 +82,7 @@ export interface CountersTable {
 
 export interface DB {
   messages: MessagesTable;
+  message_bodies: MessageBodiesTable;
   recipients: RecipientsTable;
   attempts: AttemptsTable;
   rate_buckets: RateBucketsTable;

@@ -4,6 +4,7 @@ import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
+import { messageRaw } from '../../src/store/queries.js';
 
 interface MessageJson {
   id: string;
@@ -269,7 +270,7 @@ describe('admin: queue inspection', () => {
       assert.equal(res.status, 200);
       assert.equal(res.headers.get('content-type'), 'message/rfc822');
       assert.equal(res.headers.get('content-disposition'), `attachment; filename="${id}.eml"`);
-      const stored = relay.store.sqlite.prepare('SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer };
+      const stored = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
       assert.deepEqual(Buffer.from(await res.arrayBuffer()), stored.raw);
 
       for (const path of [`/admin/messages/NOSUCHID`, `/admin/messages/NOSUCHID/raw`]) {
@@ -448,8 +449,8 @@ test('retry-failed requeues any number of failed messages in writes of at most 5
   try {
     await writeDirect(relay, (db) => {
       const message = db.prepare(
-        `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at, finished_at)
-         VALUES (?, 'failed', ?, ?, '127.0.0.1', 1, 1, x'00', 0, 0, 0, ?)`,
+        `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, received_at, next_attempt_at, updated_at, finished_at)
+         VALUES (?, 'failed', ?, ?, '127.0.0.1', 1, 1, 0, 0, 0, ?)`,
       );
       const recipient = db.prepare(
         `INSERT INTO recipients (message_id, seq, address, status, temporary, next_attempt_at, updated_at) VALUES (?, 0, 'r@example.com', 'failed', 0, 0, 0)`,

@@ -72,10 +72,11 @@ export async function writeFixture(file: string, options: FixtureOptions): Promi
   const summary = { delivered: 0, queued: 0, failed: 0, hotSenderMessages: 0, allDueAt: options.now };
 
   const insertMessageRow = sqlite.prepare(
-    `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, helo, size, recipient_count, raw, received_at,
+    `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, helo, size, recipient_count, body_id, received_at,
        next_attempt_at, claims, last_error, updated_at, finished_at)
      VALUES (?, ?, ?, ?, '127.0.0.1', 'app.bench.example', ?, ?, ?, ?, ?, 1, ?, ?, ?)`,
   );
+  const insertBody = sqlite.prepare('INSERT INTO message_bodies (raw) VALUES (?)');
   const insertRecipient = sqlite.prepare(
     `INSERT INTO recipients (message_id, seq, address, status, attempts, next_attempt_at, last_code, last_reply, temporary, updated_at)
      VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?)`,
@@ -124,7 +125,7 @@ export async function writeFixture(file: string, options: FixtureOptions): Promi
         senderKey(mailFrom),
         raw.length,
         recipients.length,
-        raw,
+        insertBody.run(raw).lastInsertRowid,
         receivedAt,
         nextAttemptAt,
         fate === 'delivered' ? null : reply,

@@ -6,6 +6,7 @@ import type { Relay } from '../../src/main.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream } from '../helpers.js';
 import { runCli, runCliJson, writeConfigFile } from './run-cli.js';
+import { messageRaw } from '../../src/store/queries.js';
 
 const queuedId = (response: string) => {
   const m = /queued as (\S+)/.exec(response);
@@ -141,7 +142,7 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal(text.code, 0, text.stderr);
     assert.match(text.stdout, /^state: +failed$/m);
     assert.match(text.stdout, /bad-mixed1@example\.com +failed +1 +550/);
-    const stored = relay.store.sqlite.prepare('SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer };
+    const stored = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
     assert.equal(raw.code, 0, raw.stderr);
     assert.equal(raw.stdout, stored.raw.toString('utf8'), 'show --raw writes the stored bytes');
 

@@ -129,12 +129,14 @@ function closeServer(server: SMTPServer): Promise<void> {
 }
 
 /** Rows as SQLite returns them (the schema's own types). */
-export type MessageRow = Selectable<MessagesTable>;
+export type MessageRow = Selectable<MessagesTable> & { raw: Buffer | null };
 export type RecipientRow = Selectable<RecipientsTable>;
 export type AttemptRow = Selectable<AttemptsTable>;
 
 export function message(relay: Pick<Relay, 'store'>, id: string): MessageRow {
-  return relay.store.sqlite.prepare('SELECT * FROM messages WHERE id = ?').get(id) as MessageRow;
+  return relay.store.sqlite
+    .prepare('SELECT *, (SELECT raw FROM message_bodies WHERE id = body_id) AS raw FROM messages WHERE id = ?')
+    .get(id) as MessageRow;
 }
 
 export function recipients(relay: Pick<Relay, 'store'>, id: string): RecipientRow[] {

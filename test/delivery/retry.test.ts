@@ -244,8 +244,8 @@ describe('retries against a real upstream, with an injected clock', () => {
 async function scratchStore(name: string) {
   const store = await openStore(path.join(tempDir(), name));
   const message = store.sqlite.prepare(
-    `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at, finished_at)
-     VALUES (?, ?, 'a@example.com', 'a@example.com', '127.0.0.1', 1, 1, x'00', 0, 0, 0, ?)`,
+    `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, received_at, next_attempt_at, updated_at, finished_at)
+     VALUES (?, ?, 'a@example.com', 'a@example.com', '127.0.0.1', 1, 1, 0, 0, 0, ?)`,
   );
   const recipient = store.sqlite.prepare(
     `INSERT INTO recipients (message_id, seq, address, status, attempts, temporary, next_attempt_at, updated_at) VALUES (?, ?, ?, ?, 10, ?, 0, 0)`,

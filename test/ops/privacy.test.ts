@@ -10,7 +10,7 @@ async function deliverAndStop(logAllEmails: boolean, marker: string) {
   const bodies = [`short ${marker}`, `${marker}\n${'a'.repeat(30_000)}\n${marker}`, `${'b'.repeat(70_000)} ${marker}`];
   for (const text of bodies) await sendMail(relay.smtpPort, { text, subject: 'private' });
   await relay.delivery.runOnce();
-  const rows = relay.store.sqlite.prepare('SELECT state, raw IS NULL AS erased FROM messages').all() as Array<{ state: string; erased: number }>;
+  const rows = relay.store.sqlite.prepare('SELECT state, body_id IS NULL AS erased FROM messages').all() as Array<{ state: string; erased: number }>;
   const file = relay.config.databasePath;
   await relay.stop();
   const onDisk = [file, `${file}-wal`].filter((f) => fs.existsSync(f)).map((f) => fs.readFileSync(f));

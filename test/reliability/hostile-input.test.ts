@@ -6,6 +6,7 @@ import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { messageCount, openSession, SmtpClient, startTestRelay, waitFor } from '../helpers.js';
 import { assertStillServing, closedByPeer, INTAKE_ONLY, queuedId } from './smtp-session.js';
+import { messageRaw } from '../../src/store/queries.js';
 
 const MAX_SIZE = 4096;
 
@@ -21,7 +22,7 @@ function contentOfSize(size: number): string {
 }
 
 function rawOf(relay: Relay, id: string): Buffer {
-  return (relay.store.sqlite.prepare('SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer }).raw;
+  return (messageRaw(relay.store.sqlite, id) as { raw: Buffer }).raw;
 }
 
 /** Reads `count` reply lines from a raw socket (for replies too many to parse one by one). */
@@ -81,7 +82,10 @@ describe('hostile SMTP input', () => {
       c.close();
       assert.equal(messageCount(relay), before + 1);
       const evil = relay.store.sqlite
-        .prepare("SELECT COUNT(*) AS n FROM messages WHERE mail_from = 'evil@example.com' OR CAST(raw AS TEXT) LIKE '%smuggled%'")
+        .prepare(
+          `SELECT COUNT(*) AS n FROM messages
+           WHERE mail_from = 'evil@example.com' OR body_id IN (SELECT id FROM message_bodies WHERE CAST(raw AS TEXT) LIKE '%smuggled%')`,
+        )
         .get() as { n: number };
       assert.equal(evil.n, 0);
       await assertStillServing(relay);

@@ -119,7 +119,7 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     assert.ok(id);
     dialog.close();
     assert.equal(messageCount(relay), before + 1);
-    const row = relay.store.sqlite.prepare('SELECT client_ip, auth_user, raw FROM messages WHERE id = ?').get(id) as {
+    const row = relay.store.sqlite.prepare('SELECT client_ip, auth_user, raw FROM messages JOIN message_bodies ON message_bodies.id = body_id WHERE messages.id = ?').get(id) as {
       client_ip: string;
       auth_user: string;
       raw: Buffer;

@@ -12,6 +12,7 @@ import type { Relay } from '../../src/main.js';
 import { type DeepPartial, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { type Behaviour, closedPort, startMisbehavingUpstream, WELL_BEHAVED } from './misbehaving-upstream.js';
 import { queuedId } from './smtp-session.js';
+import { messageRaw } from '../../src/store/queries.js';
 
 const PROCESSING_TIMEOUT_S = 5;
 const INITIAL_DELAY_S = 60;
@@ -141,7 +142,7 @@ describe('upstream faults', () => {
     assert.equal(rows(relay, id).message.state, 'delivered');
     for (const address of RCPTS) assert.equal(upstream.deliveriesTo(address), copies, address);
     // the delivered copy is the stored message, byte for byte
-    const raw = (relay.store.sqlite.prepare('SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer }).raw;
+    const raw = (messageRaw(relay.store.sqlite, id) as { raw: Buffer }).raw;
     const delivered = upstream.transactions.filter((t) => t.answered?.startsWith('250'));
     assert.deepEqual(delivered[0].raw, raw);
     assertNoClaimLeft(relay);

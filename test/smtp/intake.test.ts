@@ -23,7 +23,9 @@ describe('durable intake', () => {
     const match = /^250 2\.0\.0 Ok: queued as ([0-9A-F]{20})$/.exec(info.response);
     assert.ok(match, info.response);
     const id = match[1];
-    const row = relay.store.sqlite.prepare('SELECT * FROM messages WHERE id = ?').get(id) as Record<string, unknown>;
+    const row = relay.store.sqlite
+      .prepare('SELECT messages.*, raw FROM messages JOIN message_bodies ON message_bodies.id = body_id WHERE messages.id = ?')
+      .get(id) as Record<string, unknown>;
     assert.equal(row.state, 'queued');
     assert.equal(row.mail_from, 'alice@example.com');
     assert.equal(row.client_ip, '127.0.0.1');
@@ -51,7 +53,7 @@ describe('durable intake', () => {
     const raw = Buffer.concat([Buffer.from('Subject: large\r\n\r\n'), body]);
     const info = await sendMail(relay.smtpPort, { raw });
     const id = /queued as (\S+)/.exec(info.response)?.[1];
-    const row = relay.store.sqlite.prepare('SELECT raw, size FROM messages WHERE id = ?').get(id) as { raw: Buffer; size: number };
+    const row = relay.store.sqlite.prepare('SELECT raw, size FROM messages JOIN message_bodies ON message_bodies.id = body_id WHERE messages.id = ?').get(id) as { raw: Buffer; size: number };
     assert.deepEqual(row.raw.subarray(row.raw.length - raw.length), raw);
     assert.equal(row.size, row.raw.length);
   });

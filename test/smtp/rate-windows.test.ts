@@ -37,6 +37,16 @@ function store(sqlite: Sqlite, sender: string, at: number) {
   );
 }
 
+/** A message as the schema before migration 004 stores it (insertMessage writes today's schema). */
+function storeBefore004(sqlite: Sqlite, sender: string, at: number) {
+  sqlite
+    .prepare(
+      `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, raw, received_at, next_attempt_at, updated_at)
+       VALUES (?, 'queued', ?, ?, '127.0.0.1', 1, 1, x'78', ?, ?, ?)`,
+    )
+    .run(newQueueId(at), sender, sender, at, at, at);
+}
+
 /** The same window counted from the messages themselves. */
 function plainCount(sqlite: Sqlite, key: string, now: number, minutes: number): number {
   const current = Math.floor(now / MINUTE);
@@ -100,7 +110,7 @@ test('the upgrade to hourly buckets fills them from the per-minute buckets alrea
   const db = kyselyFor(sqlite);
   await migrateToLatest(db, { '001_initial': initial, '002_metrics': metrics, '003_rate_bucket_minute': rateBucketMinute });
   const random = lcg(7);
-  for (let i = 0; i < 500; i++) store(sqlite, random() < 0.5 ? 'a@example.com' : 'b@example.com', T0 + Math.floor(random() * DAY));
+  for (let i = 0; i < 500; i++) storeBefore004(sqlite, random() < 0.5 ? 'a@example.com' : 'b@example.com', T0 + Math.floor(random() * DAY));
   await db.destroy();
 
   const s = await openStore(file);

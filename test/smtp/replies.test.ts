@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { messageCount, openSession, SmtpClient, sendMail, startTestRelay } from '../helpers.js';
+import { messageRaw } from '../../src/store/queries.js';
 
 const MSG = 'Subject: t\r\n\r\nbody\r\n.\r\n';
 
@@ -257,7 +258,7 @@ describe('clients that are not on loopback (peer address injected)', () => {
     );
     try {
       const id = (await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response.split(' ').pop() as string;
-      const { raw } = relay.store.sqlite.prepare('SELECT raw FROM messages WHERE id = ?').get(id) as { raw: Buffer };
+      const { raw } = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
       // (the injected peer differs from the socket's own address, which smtp-server reports as the host name)
       assert.match(raw.toString(), /^Received: from [^\r\n]*\[IPv6:2001:db8::7\]\)\r\n/);
     } finally {
@@ -325,7 +326,7 @@ describe('STARTTLS', () => {
       const info = await transport.sendMail({ from: 'a@example.com', to: 'b@example.com', subject: 'tls', text: 'secret' });
       transport.close();
       assert.match(info.response, /^250 2\.0\.0 /);
-      const row = relay.store.sqlite.prepare('SELECT raw FROM messages').get() as { raw: Buffer };
+      const row = relay.store.sqlite.prepare('SELECT raw FROM message_bodies').get() as { raw: Buffer };
       assert.match(row.raw.toString(), /with ESMTPSA id/);
     } finally {
       await relay.stop();
