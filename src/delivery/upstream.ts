@@ -38,7 +38,6 @@ export function normalizeForRcpt(address: string): string {
   const at = address.lastIndexOf('@');
   if (at < 0) return address;
   const domain = address.slice(at + 1);
-  // biome-ignore lint/suspicious/noControlCharactersInRegex: the ASCII range is the point
   const ascii = /^[\x00-\x7f]*$/.test(domain) ? domain : domainToASCII(domain) || domain;
   return `${address.slice(0, at)}@${ascii.toLowerCase()}`;
 }
@@ -47,6 +46,24 @@ export function normalizeForRcpt(address: string): string {
 function hasEightBitBytes(raw: Buffer): boolean {
   for (let i = 0; i < raw.length; i++) if (raw[i] > 127) return true;
   return false;
+}
+
+/** The envelope of one transaction, as relayq builds it for nodemailer. */
+interface Envelope {
+  from: string;
+  to: string[];
+  size: number;
+  use8BitMime: boolean;
+}
+
+/** An address of the envelope is not ASCII: the transaction needs SMTPUTF8. */
+function needsSmtpUtf8(envelope: Envelope): boolean {
+  return [envelope.from, ...envelope.to].some((address) => /[^\x00-\x7f]/.test(address));
+}
+
+/** Whether the upstream's EHLO reply offered an extension (as nodemailer parsed it). */
+function offers(connection: SMTPConnection, extension: string): boolean {
+  return ((connection as unknown as { _supportedExtensions?: string[] })._supportedExtensions ?? []).includes(extension);
 }
 
 type SendInfo = SMTPConnection.SentMessageInfo;
@@ -105,7 +122,7 @@ export class SmtpUpstream {
     const addresses = claim.recipients.map((r) => r.address);
     if (!claim.raw) return uniformResult(this.label, addresses.length, 'failed', null, 'message content is missing');
     const rcpts = addresses.map(normalizeForRcpt);
-    const envelope = { from: claim.mailFrom, to: rcpts, size: claim.raw.length, use8BitMime: hasEightBitBytes(claim.raw) };
+    const envelope: Envelope = { from: claim.mailFrom, to: rcpts, size: claim.raw.length, use8BitMime: hasEightBitBytes(claim.raw) };
     try {
       const info = await this.transaction(envelope, claim.raw, signal);
       return resultFromNodemailer(this.label, rcpts, { info });
@@ -125,7 +142,7 @@ export class SmtpUpstream {
    * the upstream had closed meanwhile (its idle timeout) fails before a byte of the message was
    * sent; the transaction then runs once more on a new connection.
    */
-  private async transaction(envelope: SMTPConnection.Envelope, raw: Buffer, signal: AbortSignal): Promise<SendInfo> {
+  private async transaction(envelope: Envelope, raw: Buffer, signal: AbortSignal): Promise<SendInfo> {
     const reused = this.idle.pop();
     if (reused) {
       try {
@@ -138,7 +155,7 @@ export class SmtpUpstream {
     return this.sendOn(await this.connect(signal), envelope, raw, signal);
   }
 
-  private sendOn(connection: SMTPConnection, envelope: SMTPConnection.Envelope, raw: Buffer, signal: AbortSignal): Promise<SendInfo> {
+  private sendOn(connection: SMTPConnection, envelope: Envelope, raw: Buffer, signal: AbortSignal): Promise<SendInfo> {
     return new Promise((resolve, reject) => {
       if (signal.aborted) {
         this.release(connection);
@@ -148,6 +165,13 @@ export class SmtpUpstream {
         connection.close();
         reject(abortError(signal));
       };
+      if (needsSmtpUtf8(envelope) && !offers(connection, 'SMTPUTF8')) {
+        // RFC 6531 §3.2: no non-ASCII address to a server that does not offer SMTPUTF8 (nodemailer
+        // would send it anyway). Like Postfix, a permanent failure of the batch; nothing is sent.
+        this.release(connection);
+        const reason = `5.6.7 SMTPUTF8 is required, but was not offered by ${this.label}`;
+        return reject(Object.assign(new Error(reason), { code: 'EENVELOPE', notSent: true }));
+      }
       signal.addEventListener('abort', onAbort, { once: true });
       // a stream, not the buffer itself, so that a failure tells whether any byte went out
       const message = Readable.from([raw], { objectMode: false });

@@ -4,7 +4,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import type { Logger } from 'pino';
-import type { SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
+import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import { clientFilter, isLoopback, normalizeIp } from '../access-control.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
@@ -40,6 +40,25 @@ type Callback = (err?: Error | null) => void;
 
 function reply(code: number, text: string): Error & { responseCode: number } {
   return Object.assign(new Error(text), { responseCode: code });
+}
+
+/** MAIL FROM parameters of the extensions relayq offers; smtp-server checks their values. */
+const MAIL_PARAMETERS = ['SIZE', 'BODY', 'SMTPUTF8', 'AUTH'];
+
+/**
+ * Why a MAIL FROM (sender) or RCPT TO path is refused, or null: a parameter of an extension
+ * relayq does not offer (DSN's NOTIFY, RET ...: `555`, RFC 5321 §4.1.1.11), a bad address, or
+ * a non-ASCII address in a transaction that did not declare SMTPUTF8 (`553 5.6.7`, RFC 6531).
+ * `<postmaster>` without a domain is a valid recipient (RFC 5321 §4.5.1).
+ */
+function refusedPath(path: SMTPServerAddress, session: SMTPServerSession, sender: boolean, parameters: string[]) {
+  const unsupported = Object.keys(path.args || {}).find((name) => !parameters.includes(name.toUpperCase()));
+  if (unsupported) return reply(555, `5.5.4 Unsupported option: ${unsupported}`);
+  const address = path.address;
+  if (!sender && /^postmaster$/i.test(address)) return null;
+  if (!isValidAddress(address, sender)) return reply(501, `5.1.3 Bad ${sender ? 'sender' : 'recipient'} address syntax`);
+  if (!session.envelope.smtpUtf8 && /[^\x00-\x7f]/.test(address)) return reply(553, '5.6.7 Must declare SMTPUTF8 to send unicode address');
+  return null;
 }
 
 const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
@@ -97,8 +116,8 @@ export class SmtpIntake {
       logger: smtpLog as never,
       onConnect: (session, cb) => this.onConnect(session, cb),
       onAuth: (auth, session, cb) => this.onAuth(auth, session, cb),
-      onMailFrom: (address, session, cb) => this.onMailFrom(address.address, session, cb),
-      onRcptTo: (address, _session, cb) => this.onRcptTo(address.address, cb),
+      onMailFrom: (address, session, cb) => this.onMailFrom(address, session, cb),
+      onRcptTo: (address, session, cb) => this.onRcptTo(address, session, cb),
       onData: (stream, session, cb) => this.onData(stream, session, cb),
     } as ConstructorParameters<typeof RelayqSmtpServer>[0], (session) => isLoopback(this.peer(session)));
     // smtp-server wraps the logger it is given so that every command and reply builds a log
@@ -188,13 +207,15 @@ export class SmtpIntake {
     setTimeout(() => cb(reply(535, '5.7.8 Authentication credentials invalid')), count > 1 ? wait : 0).unref();
   }
 
-  private onMailFrom(address: string, session: SMTPServerSession, cb: Callback) {
+  private onMailFrom(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
     if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
     const { config, sqlite, clock } = this.deps;
     if (config.security.requireAuth && !session.user && (this.credentialsConfigured || !isLoopback(this.peer(session)))) {
       return cb(reply(530, '5.7.0 Authentication required'));
     }
-    if (!isValidAddress(address, true)) return cb(reply(501, '5.1.3 Bad sender address syntax'));
+    const address = path.address;
+    const refused = refusedPath(path, session, true, MAIL_PARAMETERS);
+    if (refused) return cb(refused);
     if (this.deps.disk.isLow()) {
       this.deps.logger.warn({ event: 'smtp.disk_low', freeMb: this.deps.disk.freeMb() }, 'refusing mail: disk space low');
       return cb(reply(452, '4.3.1 Insufficient system storage, try again later'));
@@ -215,9 +236,8 @@ export class SmtpIntake {
     cb();
   }
 
-  private onRcptTo(address: string, cb: Callback) {
-    if (!isValidAddress(address, false)) return cb(reply(501, '5.1.3 Bad recipient address syntax'));
-    cb();
+  private onRcptTo(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
+    cb(refusedPath(path, session, false, []));
   }
 
   private onData(stream: SMTPServerDataStream, session: SMTPServerSession, cb: (err?: Error | null, message?: string) => void) {
@@ -267,7 +287,9 @@ export class SmtpIntake {
     const recipients = session.envelope.rcptTo.map((r) => r.address);
     const clientIp = this.peer(session);
     const now = clock.now();
-    const protocol = `ESMTP${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
+    // RFC 3848 and RFC 6531 §3.7.3: SMTP after HELO, ESMTP after EHLO, UTF8SMTP with SMTPUTF8
+    const base = session.envelope.smtpUtf8 ? 'UTF8SMTP' : session.openingCommand === 'HELO' ? 'SMTP' : 'ESMTP';
+    const protocol = `${base}${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
     const header = receivedHeader({
       helo: session.hostNameAppearsAs || null,
       clientHostname: session.clientHostname || null,

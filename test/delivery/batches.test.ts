@@ -15,8 +15,12 @@ describe('recipient batches', () => {
     for (const c of cleanup.reverse()) await c();
   });
 
-  async function setup(overrides: Parameters<typeof startTestRelay>[0], clock?: ManualClock): Promise<{ relay: Relay; upstream: ScriptedUpstream }> {
-    const upstream = await startScriptedUpstream();
+  async function setup(
+    overrides: Parameters<typeof startTestRelay>[0],
+    clock?: ManualClock,
+    upstreamOptions: Parameters<typeof startScriptedUpstream>[0] = {},
+  ): Promise<{ relay: Relay; upstream: ScriptedUpstream }> {
+    const upstream = await startScriptedUpstream(upstreamOptions);
     cleanup.push(() => upstream.close());
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, ...overrides },
@@ -100,6 +104,29 @@ describe('recipient batches', () => {
       upstream.accepted.map((t) => t.to),
       [['rcpt00@example.com'], ['solo@example.com']],
     );
+  });
+
+  test('a non-ASCII address goes out with SMTPUTF8; to an upstream without it the batch fails with 5.6.7, nothing sent', async () => {
+    const to = ['用户@例子.test', 'ascii@example.com'];
+    const raw = Buffer.from('Subject: utf8\r\n\r\nhello\r\n');
+    const offers = await setup({}, new ManualClock());
+    const sent = queuedId((await sendMail(offers.relay.smtpPort, { from: 'jörg@example.com', to, raw })).response);
+    await offers.relay.delivery.runOnce();
+    assert.equal(message(offers.relay, sent).state, 'delivered');
+    assert.deepEqual(
+      offers.upstream.accepted.map((t) => [t.from, t.to, t.smtpUtf8]),
+      [['jörg@example.com', to, true]],
+    );
+
+    const lacks = await setup({}, new ManualClock(), { hideSMTPUTF8: true });
+    const refused = queuedId((await sendMail(lacks.relay.smtpPort, { to, raw })).response);
+    await lacks.relay.delivery.runOnce();
+    assert.deepEqual(lacks.upstream.rcpts, [], 'not one RCPT was sent');
+    assert.equal(message(lacks.relay, refused).state, 'failed');
+    for (const r of recipients(lacks.relay, refused)) {
+      assert.equal(r.status, 'failed');
+      assert.match(r.last_reply ?? '', /5\.6\.7 SMTPUTF8 is required, but was not offered by 127\.0\.0\.1:\d+/);
+    }
   });
 
   test('8-bit content goes out with BODY=8BITMIME, unchanged; logAllEmails=false erases it once delivered', async () => {

@@ -18,6 +18,8 @@ export interface Transaction {
   secure: boolean;
   user: string | undefined;
   bodyType: string;
+  /** MAIL FROM carried SMTPUTF8. */
+  smtpUtf8: boolean;
 }
 
 export interface Reply {
@@ -93,6 +95,7 @@ export async function startScriptedUpstream(options: Partial<SMTPServerOptions> 
             secure: session.secure,
             user: typeof session.user === 'string' ? session.user : undefined,
             bodyType: (session.envelope as { bodyType?: string }).bodyType ?? '',
+            smtpUtf8: session.envelope.smtpUtf8 === true,
           };
           if (upstream.hold(t)) {
             upstream.held.push(t);

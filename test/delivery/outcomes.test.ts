@@ -4,7 +4,7 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { openSession, sendMail, startTestRelay, testConfig, waitFor } from '../helpers.js';
+import { SmtpClient, sendMail, startTestRelay, testConfig, waitFor } from '../helpers.js';
 import {
   attempts,
   failedExportExists,
@@ -269,14 +269,19 @@ describe('envelope details', () => {
     );
     cleanup.push(() => relay.stop());
     // A raw session, so the relay stores the addresses exactly as a client wrote them.
-    const client = await openSession(relay.smtpPort, '', ['Mixed@EXAMPLE.COM', 'user@bücher.example']);
+    const client = await SmtpClient.connect(relay.smtpPort);
+    await client.read();
+    await client.send('EHLO client.test');
+    assert.match(await client.send('MAIL FROM:<> SMTPUTF8'), /^250 /);
+    for (const rcpt of ['Mixed@EXAMPLE.COM', 'user@bücher.example']) assert.match(await client.send(`RCPT TO:<${rcpt}>`), /^250 /);
     assert.match(await client.send('DATA'), /^354/);
     const reply = await client.send('Subject: bounce\r\n\r\nnull sender\r\n.');
     client.close();
     const id = queuedId(reply);
     assert.deepEqual(recipients(relay, id).map((r) => r.address), ['Mixed@EXAMPLE.COM', 'user@bücher.example']);
     await relay.delivery.runOnce();
-    // nodemailer lower-cases and punycodes the domains (smtp-server shows IDN domains decoded again).
+    // nodemailer lower-cases and punycodes the domains (smtp-server shows IDN domains decoded again),
+    // so the envelope is ASCII and needs no SMTPUTF8 upstream.
     assert.deepEqual(upstream.accepted.map((t) => [t.from, t.to]), [['', ['Mixed@example.com', 'user@bücher.example']]]);
     assert.ok(upstream.rcpts.includes('Mixed@example.com'));
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'delivered'], 'not deferred for want of a matching reply');

@@ -15,7 +15,8 @@ const MAX_SIZE = 2048;
 /**
  * Reply code → enhanced codes it may carry ('' = none). The spec's table, plus the replies of the
  * ordinary protocol: greeting, EHLO, QUIT, AUTH challenges, 354, HELP, VRFY, syntax and sequence
- * errors, and smtp-server's own 421 for a line too long or too many unrecognized commands.
+ * errors, a non-ASCII address without SMTPUTF8 (553), a parameter of an extension not offered (555),
+ * and smtp-server's own 421 for a line too long or too many unrecognized commands.
  */
 const ALLOWED: Record<string, readonly string[]> = {
   '214': ['2.0.0'],
@@ -39,7 +40,9 @@ const ALLOWED: Record<string, readonly string[]> = {
   '538': ['5.7.11'],
   '550': ['5.6.0'],
   '552': ['5.3.4'],
+  '553': ['5.6.7'],
   '554': ['5.7.1'],
+  '555': ['5.5.4'],
 };
 
 function checkReply(reply: string, sent: string): void {

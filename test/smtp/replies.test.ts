@@ -57,6 +57,55 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     c.close();
   });
 
+  test('a parameter of an extension relayq does not offer (DSN, unknown) → 555 5.5.4; offered ones pass', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    assert.match(await c.send('MAIL FROM:<a@example.com> FOO=bar'), /^555 5\.5\.4 Unsupported option: FOO/);
+    assert.match(await c.send('MAIL FROM:<a@example.com> RET=FULL'), /^555 5\.5\.4 Unsupported option: RET/);
+    assert.match(await c.send('MAIL FROM:<a@example.com> SIZE=100 BODY=8BITMIME SMTPUTF8'), /^250 /);
+    assert.match(await c.send('RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE'), /^555 5\.5\.4 Unsupported option: NOTIFY/);
+    assert.match(await c.send('RCPT TO:<b@example.com> ORCPT=rfc822;b@example.com'), /^555 5\.5\.4 /);
+    assert.match(await c.send('RCPT TO:<b@example.com>'), /^250 /);
+    c.close();
+  });
+
+  test('a non-ASCII address without SMTPUTF8 → 553 5.6.7; with it the mail is taken, and said so in Received', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    assert.match(await c.send('MAIL FROM:<jörg@example.com>'), /^553 5\.6\.7 /);
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    assert.match(await c.send('RCPT TO:<用户@例子.test>'), /^553 5\.6\.7 /);
+    assert.match(await c.send('RSET'), /^250 /);
+    assert.match(await c.send('MAIL FROM:<jörg@example.com> SMTPUTF8'), /^250 /);
+    assert.match(await c.send('RCPT TO:<用户@例子.test>'), /^250 /);
+    assert.match(await c.send('DATA'), /^354/);
+    const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+    c.close();
+    const recipients = relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ?').all(id);
+    assert.deepEqual(recipients, [{ address: '用户@例子.test' }]);
+    assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', /\(relayq\) with UTF8SMTP id /);
+  });
+
+  test('<postmaster> without a domain is a valid recipient (RFC 5321 §4.5.1)', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    assert.match(await c.send('RCPT TO:<Postmaster>'), /^250 /);
+    assert.match(await c.send('RCPT TO:<webmaster>'), /^501 5\.1\.3 /);
+    c.close();
+  });
+
+  test('a HELO session is "with SMTP" in the Received header, an EHLO session "with ESMTP"', async () => {
+    for (const [greeting, protocol] of [['HELO', 'SMTP'], ['EHLO', 'ESMTP']]) {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      assert.match(await c.send(`${greeting} client.test`), /^250/);
+      assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+      assert.match(await c.send('RCPT TO:<b@example.com>'), /^250 /);
+      assert.match(await c.send('DATA'), /^354/);
+      const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+      c.close();
+      assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', new RegExp(`\\(relayq\\) with ${protocol} id ${id}`));
+    }
+  });
+
   test('too many recipients → 452 4.5.3', async () => {
     const c = await openSession(relay.smtpPort, 'a@example.com', ['1@example.com', '2@example.com', '3@example.com']);
     assert.match(await c.send('RCPT TO:<4@example.com>'), /^452 4\.5\.3 /);
