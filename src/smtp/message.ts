@@ -1,13 +1,22 @@
 // What intake does to a message's bytes and addresses: validation of envelope paths, the
 // bare-CR/LF scan that refuses SMTP smuggling, and the one Received: header relayq prepends.
-const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+$/u;
+import net from 'node:net';
 
-/** An envelope path relayq accepts: local@domain without controls or spaces, or '' (null sender). */
+const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+$/u;
+/** local@[192.0.2.1] or local@[IPv6:2001:db8::1]: a domain that is an address literal (RFC 5321 §4.1.3). */
+const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:]+)\]$/iu;
+
+/**
+ * An envelope path relayq accepts: local@domain without controls or spaces, local@[address
+ * literal], or '' (null sender). Quoted local parts are not accepted.
+ */
 export function isValidAddress(address: string, allowEmpty: boolean): boolean {
   if (address === '') return allowEmpty;
   if (address.length > 320) return false;
   if (/[\r\n\0]/.test(address)) return false;
-  return ADDRESS.test(address);
+  if (ADDRESS.test(address)) return true;
+  const literal = ADDRESS_LITERAL.exec(address);
+  return literal !== null && (literal[1] ? net.isIPv6(literal[2]) : net.isIPv4(literal[2]));
 }
 
 /**

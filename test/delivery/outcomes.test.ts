@@ -4,7 +4,7 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { SmtpClient, sendMail, startTestRelay, testConfig, waitFor } from '../helpers.js';
+import { openSession, SmtpClient, sendMail, startTestRelay, testConfig, waitFor } from '../helpers.js';
 import {
   attempts,
   failedExportExists,
@@ -285,6 +285,26 @@ describe('envelope details', () => {
     assert.deepEqual(upstream.accepted.map((t) => [t.from, t.to]), [['', ['Mixed@example.com', 'user@bücher.example']]]);
     assert.ok(upstream.rcpts.includes('Mixed@example.com'));
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'delivered'], 'not deferred for want of a matching reply');
+    assert.equal(message(relay, id).state, 'delivered');
+  });
+
+  test('address literals ([192.0.2.1], [IPv6:...]) are taken, forwarded and matched back to their recipients', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false, random: NO_JITTER });
+    cleanup.push(() => relay.stop());
+    const to = ['b@[192.0.2.1]', 'c@[IPv6:2001:DB8::1]'];
+    const client = await openSession(relay.smtpPort, 'device@[198.51.100.7]', to);
+    assert.match(await client.send('RCPT TO:<d@[192.0.2.300]>'), /^501 5\.1\.3 /, 'not an IPv4 address');
+    assert.match(await client.send('RCPT TO:<d@[IPv6:192.0.2.1]>'), /^501 5\.1\.3 /, 'not an IPv6 address');
+    assert.match(await client.send('DATA'), /^354/);
+    const id = queuedId(await client.send('Subject: literal\r\n\r\nfrom a device\r\n.'));
+    client.close();
+    await relay.delivery.runOnce();
+    // smtp-server lower-cases a domain as it reads it (the IPv6 tag keeps its spelling)
+    const stored = ['b@[192.0.2.1]', 'c@[IPv6:2001:db8::1]'];
+    assert.deepEqual(upstream.accepted.map((t) => [t.from, t.to]), [['device@[198.51.100.7]', stored]]);
+    assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status]), [[stored[0], 'delivered'], [stored[1], 'delivered']]);
     assert.equal(message(relay, id).state, 'delivered');
   });
 });
