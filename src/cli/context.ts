@@ -19,11 +19,16 @@ export class CliError extends Error {
 
 export interface GlobalOptions {
   config?: string;
+  /** Overrides the config's databasePath, as `serve --databasePath` does. */
+  databasePath?: string;
   json?: boolean;
 }
 
 export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): Config {
-  const argv = options.config ? ['--config', options.config] : [];
+  const argv = [
+    ...(options.config ? ['--config', options.config] : []),
+    ...(options.databasePath ? ['--databasePath', options.databasePath] : []),
+  ];
   const loaded = loadConfig(argv, env, readConfigFile(findConfigFile(argv, env)));
   if (!loaded.ok) throw new CliError(formatErrors(loaded.errors), 2);
   return loaded.config;
@@ -31,7 +36,7 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
 
 function requireDatabaseFile(file: string): void {
   if (!fs.existsSync(file)) {
-    throw new CliError(`no database at ${file} (set databasePath in the config file, DATABASE_PATH, or --config)`);
+    throw new CliError(`no database at ${file} (set databasePath in the config file, DATABASE_PATH, --databasePath or --config)`);
   }
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // The `relayq` command. `serve` runs the relay; the other commands work on the same database
-// file while it runs. Every command takes --config FILE and --json (before or after its name),
-// prints a table for people or JSON for scripts, and on bad input exits non-zero with one line.
+// file while it runs. Every command takes --config FILE, --databasePath FILE and --json (before
+// or after its name), prints a table for people or JSON for scripts, and on bad input exits
+// non-zero with one line.
 // Each command's module is loaded only when it runs, so a quick `relayq status` starts quickly.
 import { Command, InvalidArgumentError } from 'commander';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
@@ -17,6 +18,7 @@ program
   // `--config` and `--<key> value` flags untouched.
   .enablePositionalOptions()
   .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)')
+  .option('--databasePath <file>', 'the database file (default: databasePath from the config)')
   .option('--json', 'machine-readable JSON output');
 
 program
@@ -26,9 +28,10 @@ program
   .helpOption('-h, --help')
   .argument('[options...]')
   .action(async (_args: string[], _opts: unknown, cmd: Command) => {
-    const { config } = program.opts<GlobalOptions>();
+    const { config, databasePath } = program.opts<GlobalOptions>();
     const { serve } = await import('./serve.js');
-    await serve(config ? ['--config', config, ...cmd.args] : cmd.args, process.env);
+    const before = [...(config ? ['--config', config] : []), ...(databasePath ? ['--databasePath', databasePath] : [])];
+    await serve([...before, ...cmd.args], process.env);
   });
 
 /** A subcommand that also accepts the global options after its name. */
@@ -37,6 +40,7 @@ function operatorCommand(name: string, description: string): Command {
     .command(name)
     .description(description)
     .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)')
+    .option('--databasePath <file>', 'the database file (default: databasePath from the config)')
     .option('--json', 'machine-readable JSON output');
 }
 

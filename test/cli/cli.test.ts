@@ -177,6 +177,19 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.ok(!fs.existsSync(path.join(dir, 'missing.db')), 'a read command never creates a database');
   });
 
+  test('--databasePath names the file without a config, before or after the command name', async () => {
+    const viaConfig = await cliJson<{ total_emails: number }>('status');
+    const file = relay.config.databasePath;
+    for (const args of [['status', '--databasePath', file, '--json'], ['--databasePath', file, 'status', '--json']]) {
+      const r = await runCli(args, { env: { DATABASE_PATH: path.join(dir, 'elsewhere.db') } });
+      assert.equal(r.code, 0, r.stderr);
+      const status = JSON.parse(r.stdout) as { database: { path: string }; total_emails: number };
+      assert.equal(status.database.path, file);
+      assert.ok(status.total_emails > 0);
+      assert.equal(status.total_emails, viaConfig.total_emails);
+    }
+  });
+
   test('retry --failed requeues failed mail; delivered recipients are never sent again', async () => {
     const sentToOk = () => upstream.received.flatMap((m) => m.to).filter((a) => a.startsWith('ok')).length;
     const okBefore = sentToOk();
