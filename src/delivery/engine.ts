@@ -99,8 +99,6 @@ export class DeliveryEngine {
   private readonly released = new Set<string>();
   /** Attempt slots taken: claims in progress plus attempts still talking to the upstream. */
   private busySlots = 0;
-  private claiming = false;
-  private pumpAgain = false;
   private pumpScheduled = false;
   private running = false;
   private stopping = false;
@@ -227,17 +225,17 @@ export class DeliveryEngine {
     this.pump();
   }
 
-  /** Fills free attempt slots with due work: one claim write at a time, for all free slots. */
+  /**
+   * Fills free attempt slots with due work: one claim write for all slots free now. A slot freed
+   * while an earlier claim is still committing claims at once too (the writer runs claims one
+   * after the other, so two never take the same message), and shares the commit of the outcome
+   * that freed it instead of waiting for that claim to finish first.
+   */
   private pump(): void {
     if (!this.running || this.stopping) return;
-    if (this.claiming) {
-      this.pumpAgain = true;
-      return;
-    }
     const free = this.config.workerCount - this.busySlots;
     if (free <= 0) return;
     if (!hasDueWork(this.deps.sqlite, this.deps.clock.now())) return;
-    this.claiming = true;
     this.busySlots += free;
     const task = this.claim(free).then(
       (claimed) => {
@@ -266,16 +264,8 @@ export class DeliveryEngine {
         return -1;
       },
     );
-    this.track(
-      task.then((count) => {
-        this.claiming = false;
-        // Every free slot was filled: there may be more due work than slots.
-        if (this.pumpAgain || count === free) {
-          this.pumpAgain = false;
-          this.wake();
-        }
-      }),
-    );
+    // Every free slot was filled: there may be more due work than slots.
+    this.track(task.then((count) => count === free && this.wake()));
   }
 
   private claim(limit: number): Promise<ClaimResult> {

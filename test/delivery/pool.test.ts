@@ -8,7 +8,7 @@ import { after, describe, test } from 'node:test';
 import type { SMTPServerOptions } from 'smtp-server';
 import { ManualClock } from '../../src/clock.js';
 import { normalizeForRcpt } from '../../src/delivery/upstream.js';
-import { sendMail, startTestRelay } from '../helpers.js';
+import { sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('upstream connection pool', () => {
@@ -162,4 +162,26 @@ test('RCPT addresses: the domain lower-cased and in ASCII, the local part untouc
   assert.equal(normalizeForRcpt('Ünïcode@Example.org'), 'Ünïcode@example.org');
   assert.equal(normalizeForRcpt('user@[192.0.2.1]'), 'user@[192.0.2.1]');
   assert.equal(normalizeForRcpt(''), '');
+});
+
+test('the running engine: claims that overlap (a slot freed while another claim commits) never take one message twice', async () => {
+  const upstream = await startScriptedUpstream();
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, workerCount: 8, batchDelay: 0 },
+    { random: NO_JITTER },
+  );
+  try {
+    const count = 120;
+    const sent = await Promise.all(
+      Array.from({ length: count }, (_, i) => sendMail(relay.smtpPort, { to: [`r${i}@example.com`], raw: `Subject: ${i}\r\n\r\nbody\r\n` })),
+    );
+    const ids = sent.map((info) => queuedId(info.response));
+    await waitFor(() => ids.every((id) => message(relay, id).state === 'delivered'), 20_000, 'every message delivered');
+    const received = upstream.accepted.flatMap((t) => t.to).sort();
+    assert.deepEqual(received, Array.from({ length: count }, (_, i) => `r${i}@example.com`).sort(), 'each recipient exactly once');
+    for (const id of ids) assert.equal(attempts(relay, id).length, 1, `one attempt for ${id}`);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
 });
