@@ -30,11 +30,12 @@ export interface UpstreamSettings {
 }
 
 /**
- * The form an address takes in RCPT TO: the domain lower-cased, and an internationalized domain
- * in its ASCII (punycode) form, as nodemailer writes it. The upstream's replies name recipients
- * in this form, so outcomes are matched back through it too.
+ * The form an address takes in the envelope sent upstream (MAIL FROM and RCPT TO): the domain
+ * lower-cased, and an internationalized domain in its ASCII (punycode) form, as nodemailer writes
+ * it. The upstream's replies name recipients in this form, so outcomes are matched back through
+ * it too.
  */
-export function normalizeForRcpt(address: string): string {
+export function normalizeForEnvelope(address: string): string {
   const at = address.lastIndexOf('@');
   if (at < 0) return address;
   const domain = address.slice(at + 1);
@@ -56,9 +57,14 @@ interface Envelope {
   use8BitMime: boolean;
 }
 
-/** An address of the envelope is not ASCII: the transaction needs SMTPUTF8. */
-function needsSmtpUtf8(envelope: Envelope): boolean {
-  return [envelope.from, ...envelope.to].some((address) => /[^\x00-\x7f]/.test(address));
+function isAscii(address: string): boolean {
+  return /^[\x00-\x7f]*$/.test(address);
+}
+
+/** A transaction, or one recipient of it, the upstream cannot take without SMTPUTF8 (RFC 6531 §3.2). */
+function smtpUtf8Refusal(label: string, recipient?: string): UpstreamError {
+  const message = `5.6.7 SMTPUTF8 is required, but was not offered by ${label}`;
+  return Object.assign(new Error(message), { code: 'EENVELOPE', ...(recipient === undefined ? { notSent: true } : { recipient }) });
 }
 
 /** Whether the upstream's EHLO reply offered an extension (as nodemailer parsed it). */
@@ -121,8 +127,8 @@ export class SmtpUpstream {
   async send(claim: ClaimedBatch, signal: AbortSignal): Promise<BatchResult> {
     const addresses = claim.recipients.map((r) => r.address);
     if (!claim.raw) return uniformResult(this.label, addresses.length, 'failed', null, 'message content is missing');
-    const rcpts = addresses.map(normalizeForRcpt);
-    const envelope: Envelope = { from: claim.mailFrom, to: rcpts, size: claim.raw.length, use8BitMime: hasEightBitBytes(claim.raw) };
+    const rcpts = addresses.map(normalizeForEnvelope);
+    const envelope: Envelope = { from: normalizeForEnvelope(claim.mailFrom), to: rcpts, size: claim.raw.length, use8BitMime: hasEightBitBytes(claim.raw) };
     try {
       const info = await this.transaction(envelope, claim.raw, signal);
       return resultFromNodemailer(this.label, rcpts, { info });
@@ -165,12 +171,18 @@ export class SmtpUpstream {
         connection.close();
         reject(abortError(signal));
       };
-      if (needsSmtpUtf8(envelope) && !offers(connection, 'SMTPUTF8')) {
-        // RFC 6531 §3.2: no non-ASCII address to a server that does not offer SMTPUTF8 (nodemailer
-        // would send it anyway). Like Postfix, a permanent failure of the batch; nothing is sent.
-        this.release(connection);
-        const reason = `5.6.7 SMTPUTF8 is required, but was not offered by ${this.label}`;
-        return reject(Object.assign(new Error(reason), { code: 'EENVELOPE', notSent: true }));
+      // No non-ASCII address to a server that does not offer SMTPUTF8 (nodemailer would send it
+      // anyway). As in Postfix, such a recipient fails permanently; so does the whole batch when
+      // the sender is one. The other recipients go out.
+      let leftOut: SMTPConnection.SMTPError[] = [];
+      if (!offers(connection, 'SMTPUTF8') && ![envelope.from, ...envelope.to].every(isAscii)) {
+        const sendable = envelope.to.filter(isAscii);
+        if (!isAscii(envelope.from) || sendable.length === 0) {
+          this.release(connection);
+          return reject(smtpUtf8Refusal(this.label));
+        }
+        leftOut = envelope.to.filter((r) => !isAscii(r)).map((r) => smtpUtf8Refusal(this.label, r));
+        envelope = { ...envelope, to: sendable };
       }
       signal.addEventListener('abort', onAbort, { once: true });
       // a stream, not the buffer itself, so that a failure tells whether any byte went out
@@ -180,6 +192,7 @@ export class SmtpUpstream {
         if (signal.aborted) return;
         if (!err) {
           this.release(connection);
+          if (leftOut.length) info.rejectedErrors = [...(info.rejectedErrors ?? []), ...leftOut];
           return resolve(info);
         }
         const e = err as UpstreamError;
@@ -190,6 +203,7 @@ export class SmtpUpstream {
         if (!e.rejectedErrors && envelopeState?.accepted?.length && envelopeState.rejectedErrors?.length) {
           e.rejectedErrors = envelopeState.rejectedErrors;
         }
+        if (leftOut.length) e.rejectedErrors = [...(e.rejectedErrors ?? []), ...leftOut];
         if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && e.responseCode !== 421 && !connection.destroyed) {
           // the upstream refused this message; the session itself is fine
           connection.reset((resetErr) => (resetErr ? connection.close() : this.release(connection)));

@@ -42,22 +42,31 @@ function reply(code: number, text: string): Error & { responseCode: number } {
   return Object.assign(new Error(text), { responseCode: code });
 }
 
-/** MAIL FROM parameters of the extensions relayq offers; smtp-server checks their values. */
-const MAIL_PARAMETERS = ['SIZE', 'BODY', 'SMTPUTF8', 'AUTH'];
+/**
+ * Parameters taken on MAIL FROM and RCPT TO: those of the extensions relayq offers (smtp-server
+ * checks their values), and DSN's, which are accepted and ignored because DSN is not offered
+ * (as Postfix does when it does not announce DSN; some mailers send NOTIFY regardless).
+ */
+const MAIL_PARAMETERS = ['SIZE', 'BODY', 'SMTPUTF8', 'AUTH', 'RET', 'ENVID'];
+const RCPT_PARAMETERS = ['NOTIFY', 'ORCPT'];
 
 /**
- * Why a MAIL FROM (sender) or RCPT TO path is refused, or null: a parameter of an extension
- * relayq does not offer (DSN's NOTIFY, RET ...: `555`, RFC 5321 §4.1.1.11), a bad address, or
- * a non-ASCII address in a transaction that did not declare SMTPUTF8 (`553 5.6.7`, RFC 6531).
+ * Why a MAIL FROM (sender) or RCPT TO path is refused, or null: an unknown parameter (`555`,
+ * RFC 5321 §4.1.1.11), a bad address, or an address whose local part is not ASCII in a
+ * transaction that did not declare SMTPUTF8 (`553 5.6.7`, RFC 6531). Only the local part
+ * counts: smtp-server hands over domains decoded from punycode, so `user@xn--mnchen-3ya.de`
+ * arrives as `user@münchen.de`, and a domain goes out in punycode again anyway.
  * `<postmaster>` without a domain is a valid recipient (RFC 5321 §4.5.1).
  */
-function refusedPath(path: SMTPServerAddress, session: SMTPServerSession, sender: boolean, parameters: string[]) {
+function refusedPath(path: SMTPServerAddress, smtpUtf8: boolean, sender: boolean) {
+  const parameters = sender ? MAIL_PARAMETERS : RCPT_PARAMETERS;
   const unsupported = Object.keys(path.args || {}).find((name) => !parameters.includes(name.toUpperCase()));
   if (unsupported) return reply(555, `5.5.4 Unsupported option: ${unsupported}`);
   const address = path.address;
   if (!sender && /^postmaster$/i.test(address)) return null;
   if (!isValidAddress(address, sender)) return reply(501, `5.1.3 Bad ${sender ? 'sender' : 'recipient'} address syntax`);
-  if (!session.envelope.smtpUtf8 && /[^\x00-\x7f]/.test(address)) return reply(553, '5.6.7 Must declare SMTPUTF8 to send unicode address');
+  const local = address.slice(0, address.lastIndexOf('@'));
+  if (!smtpUtf8 && /[^\x00-\x7f]/.test(local)) return reply(553, '5.6.7 Must declare SMTPUTF8 to send unicode address');
   return null;
 }
 
@@ -208,13 +217,16 @@ export class SmtpIntake {
   }
 
   private onMailFrom(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
+    // smtp-server sets the flag when MAIL carries SMTPUTF8 and clears it only at RSET or EHLO,
+    // so a MAIL refused with it would leave it set for the next MAIL without it
+    session.envelope.smtpUtf8 = path.args !== false && Boolean(path.args.SMTPUTF8);
     if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
     const { config, sqlite, clock } = this.deps;
     if (config.security.requireAuth && !session.user && (this.credentialsConfigured || !isLoopback(this.peer(session)))) {
       return cb(reply(530, '5.7.0 Authentication required'));
     }
     const address = path.address;
-    const refused = refusedPath(path, session, true, MAIL_PARAMETERS);
+    const refused = refusedPath(path, session.envelope.smtpUtf8, true);
     if (refused) return cb(refused);
     if (this.deps.disk.isLow()) {
       this.deps.logger.warn({ event: 'smtp.disk_low', freeMb: this.deps.disk.freeMb() }, 'refusing mail: disk space low');
@@ -237,7 +249,7 @@ export class SmtpIntake {
   }
 
   private onRcptTo(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
-    cb(refusedPath(path, session, false, []));
+    cb(refusedPath(path, session.envelope.smtpUtf8 === true, false));
   }
 
   private onData(stream: SMTPServerDataStream, session: SMTPServerSession, cb: (err?: Error | null, message?: string) => void) {

@@ -106,7 +106,7 @@ describe('recipient batches', () => {
     );
   });
 
-  test('a non-ASCII address goes out with SMTPUTF8; to an upstream without it the batch fails with 5.6.7, nothing sent', async () => {
+  test('a non-ASCII address goes out with SMTPUTF8; an upstream without it gets the ASCII recipients only, the others fail with 5.6.7', async () => {
     const to = ['用户@例子.test', 'ascii@example.com'];
     const raw = Buffer.from('Subject: utf8\r\n\r\nhello\r\n');
     const offers = await setup({}, new ManualClock());
@@ -119,13 +119,27 @@ describe('recipient batches', () => {
     );
 
     const lacks = await setup({}, new ManualClock(), { hideSMTPUTF8: true });
-    const refused = queuedId((await sendMail(lacks.relay.smtpPort, { to, raw })).response);
+    const smtpUtf8Required = /5\.6\.7 SMTPUTF8 is required, but was not offered by 127\.0\.0\.1:\d+/;
+    // an ASCII sender (its domain in punycode): the ASCII recipient gets the mail
+    const split = queuedId((await sendMail(lacks.relay.smtpPort, { from: 'app@bücher.example', to, raw })).response);
     await lacks.relay.delivery.runOnce();
-    assert.deepEqual(lacks.upstream.rcpts, [], 'not one RCPT was sent');
+    assert.deepEqual(
+      lacks.upstream.accepted.map((t) => [t.from, t.to, t.smtpUtf8]),
+      [['app@bücher.example', ['ascii@example.com'], false]],
+      'smtp-server shows the punycoded sender domain decoded again',
+    );
+    assert.deepEqual(recipients(lacks.relay, split).map((r) => r.status), ['failed', 'delivered']);
+    assert.match(recipients(lacks.relay, split)[0].last_reply ?? '', smtpUtf8Required);
+    assert.equal(message(lacks.relay, split).state, 'failed');
+    // a non-ASCII sender: nothing can go out
+    const refused = queuedId((await sendMail(lacks.relay.smtpPort, { from: 'jörg@example.com', to, raw })).response);
+    const rcptsBefore = lacks.upstream.rcpts.length;
+    await lacks.relay.delivery.runOnce();
+    assert.equal(lacks.upstream.rcpts.length, rcptsBefore, 'not one RCPT was sent');
     assert.equal(message(lacks.relay, refused).state, 'failed');
     for (const r of recipients(lacks.relay, refused)) {
       assert.equal(r.status, 'failed');
-      assert.match(r.last_reply ?? '', /5\.6\.7 SMTPUTF8 is required, but was not offered by 127\.0\.0\.1:\d+/);
+      assert.match(r.last_reply ?? '', smtpUtf8Required);
     }
   });
 

@@ -7,7 +7,7 @@ import net from 'node:net';
 import { after, describe, test } from 'node:test';
 import type { SMTPServerOptions } from 'smtp-server';
 import { ManualClock } from '../../src/clock.js';
-import { normalizeForRcpt } from '../../src/delivery/upstream.js';
+import { normalizeForEnvelope } from '../../src/delivery/upstream.js';
 import { sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
@@ -157,11 +157,11 @@ test('with PIPELINING offered, MAIL, every RCPT and DATA go out without waiting 
 });
 
 test('RCPT addresses: the domain lower-cased and in ASCII, the local part untouched', () => {
-  assert.equal(normalizeForRcpt('Mixed@EXAMPLE.COM'), 'Mixed@example.com');
-  assert.equal(normalizeForRcpt('user@bücher.example'), 'user@xn--bcher-kva.example');
-  assert.equal(normalizeForRcpt('Ünïcode@Example.org'), 'Ünïcode@example.org');
-  assert.equal(normalizeForRcpt('user@[192.0.2.1]'), 'user@[192.0.2.1]');
-  assert.equal(normalizeForRcpt(''), '');
+  assert.equal(normalizeForEnvelope('Mixed@EXAMPLE.COM'), 'Mixed@example.com');
+  assert.equal(normalizeForEnvelope('user@bücher.example'), 'user@xn--bcher-kva.example');
+  assert.equal(normalizeForEnvelope('Ünïcode@Example.org'), 'Ünïcode@example.org');
+  assert.equal(normalizeForEnvelope('user@[192.0.2.1]'), 'user@[192.0.2.1]');
+  assert.equal(normalizeForEnvelope(''), '');
 });
 
 test('the running engine: claims that overlap (a slot freed while another claim commits) never take one message twice', async () => {

@@ -15,7 +15,7 @@ const MAX_SIZE = 2048;
 /**
  * Reply code → enhanced codes it may carry ('' = none). The spec's table, plus the replies of the
  * ordinary protocol: greeting, EHLO, QUIT, AUTH challenges, 354, HELP, VRFY, syntax and sequence
- * errors, a non-ASCII address without SMTPUTF8 (553), a parameter of an extension not offered (555),
+ * errors, a non-ASCII local part without SMTPUTF8 (553), an unknown MAIL/RCPT parameter (555),
  * and smtp-server's own 421 for a line too long or too many unrecognized commands.
  */
 const ALLOWED: Record<string, readonly string[]> = {
