@@ -68,7 +68,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   const warnings = options.warnings ?? [];
   for (const w of warnings) logger.warn({ event: 'config.warning' }, w);
 
-  const store = await openStore(config.databasePath);
+  const store = await openStore(config.databasePath, { secureDelete: !config.security.logAllEmails });
   limitWalSize(store.sqlite);
   // The main thread's connection only reads; the writer thread owns every write.
   const commits = new StoreWriter({ file: config.databasePath, secureDelete: !config.security.logAllEmails });

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import { findConfigFile, formatErrors, loadConfig, readConfigFile } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 import type { Sqlite, Store } from '../store/db.js';
-import { appliedMigrations, openReadOnly, overwriteFreedPages } from '../store/maintenance.js';
+import { appliedMigrations, openReadOnly } from '../store/maintenance.js';
 
 export class CliError extends Error {
   constructor(
@@ -42,7 +42,10 @@ function requireDatabaseFile(file: string): void {
 
 /**
  * Runs `fn` on a read-only connection: it never takes a lock the server's writers wait for.
- * The schema is not migrated; a file that is not a relayq database fails here with one line.
+ * The schema is not migrated; a file that is not a relayq database fails here with one line, and
+ * so does one whose schema is older than this relayq (a table or column it reads is missing).
+ * Comparing with the migration list would mean loading the migrations, which alone take longer
+ * to import than a `relayq status` takes to run.
  */
 export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
   const file = config.databasePath;
@@ -59,16 +62,25 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
     } catch (err) {
       throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
     }
-    return await fn(sqlite);
+    try {
+      return await fn(sqlite);
+    } catch (err) {
+      const message = (err as Error).message;
+      if (/^no such (table|column)/.test(message)) {
+        throw new CliError(`database ${file} needs migrations (${message}): run \`relayq migrate\` or start the server`);
+      }
+      throw err;
+    }
   } finally {
     sqlite.close();
   }
 }
 
 /** Opens the store without migrating; a failure is one CLI line naming the file. */
-export async function openStoreForCli(file: string, open: typeof import('../store/db.js').openStore): Promise<Store> {
+export async function openStoreForCli(file: string, open: typeof import('../store/db.js').openStore, config: Config): Promise<Store> {
   try {
-    return await open(file, { migrate: false });
+    // as on the server's writer: content a command frees must not linger in the file
+    return await open(file, { migrate: false, secureDelete: !config.security.logAllEmails });
   } catch (err) {
     throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
   }
@@ -85,7 +97,7 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   requireDatabaseFile(file);
   // Loaded here, not at the top: the query builder and the migrations are only needed to write.
   const [{ openStore }, { migrations }] = await Promise.all([import('../store/db.js'), import('../../migrations/index.js')]);
-  const store = await openStoreForCli(file, openStore);
+  const store = await openStoreForCli(file, openStore, config);
   try {
     let missing: string[];
     try {
@@ -95,8 +107,6 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
       throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
     }
     if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
-    // as on the server's writer: content this command frees must not linger in the file
-    if (!config.security.logAllEmails) overwriteFreedPages(store.sqlite);
     return await fn(store.sqlite);
   } finally {
     await closeWithoutCheckpoint(store);

@@ -8,7 +8,7 @@ import { CliError, closeWithoutCheckpoint, openStoreForCli, type GlobalOptions, 
 export async function migrateCommand(global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
   const file = config.databasePath;
-  const store = await openStoreForCli(file, openStore);
+  const store = await openStoreForCli(file, openStore, config);
   try {
     const applied = await migrateToLatest(store.db).catch((err: Error) => {
       throw new CliError(`migration failed on ${file}: ${err.message}`);

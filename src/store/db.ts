@@ -21,6 +21,11 @@ export interface OpenOptions {
   /** Apply pending migrations (the server and `relayq migrate` do; other CLI commands too). */
   migrate?: boolean;
   readonly?: boolean;
+  /**
+   * Overwrite the pages this connection frees with zeros (logAllEmails=false: erased content must
+   * not linger in the file), from the migrations on: they rewrite rows that hold message content.
+   */
+  secureDelete?: boolean;
 }
 
 /** A better-sqlite3 connection with relayq's pragmas; every connection to the file uses this. */
@@ -61,6 +66,7 @@ export function kyselyFor<T = DB>(sqlite: Sqlite): Kysely<T> {
 
 export async function openStore(file: string, options: OpenOptions = {}): Promise<Store> {
   const sqlite = openConnection(file, options);
+  if (options.secureDelete) sqlite.pragma('secure_delete = ON');
   const db = kyselyFor<DB>(sqlite);
   if (options.migrate ?? true) {
     await migrateToLatest(db);

@@ -13,6 +13,7 @@ import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { deleteDeliveredBefore } from '../../src/store/retention.js';
 import { sendMail, startTestRelay, startUpstream, tempDir } from '../helpers.js';
+import { runCli } from '../cli/run-cli.js';
 
 const POLICY = {
   rateLimits: { enabled: false, maxPerHour: 500, maxPerDay: 2000, globalMaxPerHour: 1000, globalMaxPerDay: 5000 },
@@ -87,9 +88,15 @@ test('deleting a message, by hand or by retention, deletes its bytes', async () 
   }
 });
 
-test('the upgrade moves every stored message into message_bodies, and the relay delivers the moved bytes', async () => {
-  const dir = tempDir();
-  const file = path.join(dir, 'old.db');
+interface OldMessage {
+  id: string;
+  state: 'queued' | 'delivered' | 'failed';
+  raw: Buffer | null;
+  rcpt: string;
+}
+
+/** A database with the schema before migration 006 (bytes in messages.raw), holding `messages`. */
+async function databaseBefore006(file: string, messages: OldMessage[]) {
   const before = Object.fromEntries(Object.entries(migrations).filter(([name]) => name < '006'));
   const sqlite = new Database(file);
   const db = kyselyFor(sqlite);
@@ -99,14 +106,22 @@ test('the upgrade moves every stored message into message_bodies, and the relay 
      VALUES (?, ?, 'app@example.com', 'app@example.com', '127.0.0.1', ?, 1, ?, 0, 0, 0, ?)`,
   );
   const recipient = sqlite.prepare(`INSERT INTO recipients (message_id, seq, address, status, next_attempt_at, updated_at) VALUES (?, 0, ?, ?, 0, 0)`);
+  for (const m of messages) {
+    insert.run(m.id, m.state, m.raw?.length ?? 99, m.raw, m.state === 'queued' ? null : 10);
+    recipient.run(m.id, m.rcpt, m.state === 'queued' ? 'pending' : m.state);
+  }
+  return { sqlite, db };
+}
+
+test('the upgrade moves every stored message into message_bodies, and the relay delivers the moved bytes', async () => {
+  const file = path.join(tempDir(), 'old.db');
   const queued = Buffer.concat([Buffer.from('Subject: moved\r\n\r\n'), Buffer.alloc(70_000, 'abc\r\n'), Buffer.from([0xe9, 0x0d, 0x0a])]);
   const kept = Buffer.from('Subject: kept\r\n\r\ndelivered, content kept\r\n');
-  insert.run('Q', 'queued', queued.length, queued, null);
-  insert.run('K', 'delivered', kept.length, kept, 10);
-  insert.run('E', 'delivered', 99, null, 10);
-  recipient.run('Q', 'q@example.net', 'pending');
-  recipient.run('K', 'k@example.net', 'delivered');
-  recipient.run('E', 'e@example.net', 'delivered');
+  const { sqlite, db } = await databaseBefore006(file, [
+    { id: 'Q', state: 'queued', raw: queued, rcpt: 'q@example.net' },
+    { id: 'K', state: 'delivered', raw: kept, rcpt: 'k@example.net' },
+    { id: 'E', state: 'delivered', raw: null, rcpt: 'e@example.net' },
+  ]);
 
   assert.deepEqual(await migrateToLatest(db), ['006_message_bodies']);
   const columns = (sqlite.prepare('PRAGMA table_info(messages)').all() as Array<{ name: string }>).map((c) => c.name);
@@ -135,5 +150,42 @@ test('the upgrade moves every stored message into message_bodies, and the relay 
   } finally {
     await relay.stop();
     await upstream.close();
+  }
+});
+
+test('with logAllEmails=false no copy of moved content stays in the file once the mail is delivered', async () => {
+  const file = path.join(tempDir(), 'old.db');
+  const marker = 'PRIVATE-CONTENT-7Q2X';
+  const { db } = await databaseBefore006(file, [
+    { id: 'S', state: 'queued', raw: Buffer.from(`Subject: short\r\n\r\n${marker}\r\n`), rcpt: 's@example.net' },
+    { id: 'L', state: 'queued', raw: Buffer.from(`Subject: long\r\n\r\n${marker}\r\n${'x'.repeat(30_000)}\r\n${marker}\r\n`), rcpt: 'l@example.net' },
+  ]);
+  await db.destroy();
+  const upstream = await startUpstream();
+  const relay = await startTestRelay(
+    { databasePath: file, forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, security: { logAllEmails: false } },
+    { startDelivery: false },
+  );
+  try {
+    await relay.delivery.runOnce();
+    assert.equal(upstream.received.length, 2);
+    assert.equal(bodyCount(relay.store.sqlite), 0, 'erased at delivery');
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+  const onDisk = [file, `${file}-wal`].filter((f) => fs.existsSync(f)).map((f) => fs.readFileSync(f));
+  for (const bytes of onDisk) assert.equal(bytes.indexOf(marker), -1, 'the migration rewrote those rows with secure_delete on');
+});
+
+test('CLI commands that read refuse a database the migration has not reached yet, in one line', async () => {
+  const dir = tempDir();
+  const file = path.join(dir, 'old.db');
+  const { db } = await databaseBefore006(file, [{ id: 'F', state: 'failed', raw: Buffer.from('Subject: f\r\n\r\nf\r\n'), rcpt: 'f@example.net' }]);
+  await db.destroy();
+  for (const args of [['show', 'F'], ['show', 'F', '--raw'], ['export-failed', dir]]) {
+    const r = await runCli([...args, '--databasePath', file]);
+    assert.equal(r.code, 1, `${args.join(' ')}: ${r.stdout}`);
+    assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations \(no such (table|column): [a-z_]+\): run `relayq migrate` or start the server$/);
   }
 });
