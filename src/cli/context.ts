@@ -24,11 +24,13 @@ export interface GlobalOptions {
   json?: boolean;
 }
 
+/** The global options as the config loader's command-line flags (what `serve` passes on too). */
+export function configFlags(options: GlobalOptions): string[] {
+  return [...(options.config ? ['--config', options.config] : []), ...(options.databasePath ? ['--databasePath', options.databasePath] : [])];
+}
+
 export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): Config {
-  const argv = [
-    ...(options.config ? ['--config', options.config] : []),
-    ...(options.databasePath ? ['--databasePath', options.databasePath] : []),
-  ];
+  const argv = configFlags(options);
   const loaded = loadConfig(argv, env, readConfigFile(findConfigFile(argv, env)));
   if (!loaded.ok) throw new CliError(formatErrors(loaded.errors), 2);
   return loaded.config;

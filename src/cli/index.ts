@@ -6,7 +6,7 @@
 // Each command's module is loaded only when it runs, so a quick `relayq status` starts quickly.
 import { Command, InvalidArgumentError } from 'commander';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
-import { CliError, type GlobalOptions } from './context.js';
+import { CliError, configFlags, type GlobalOptions } from './context.js';
 
 const program = new Command();
 program
@@ -28,10 +28,8 @@ program
   .helpOption('-h, --help')
   .argument('[options...]')
   .action(async (_args: string[], _opts: unknown, cmd: Command) => {
-    const { config, databasePath } = program.opts<GlobalOptions>();
     const { serve } = await import('./serve.js');
-    const before = [...(config ? ['--config', config] : []), ...(databasePath ? ['--databasePath', databasePath] : [])];
-    await serve([...before, ...cmd.args], process.env);
+    await serve([...configFlags(program.opts<GlobalOptions>()), ...cmd.args], process.env);
   });
 
 /** A subcommand that also accepts the global options after its name. */

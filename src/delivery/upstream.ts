@@ -29,6 +29,10 @@ export interface UpstreamSettings {
   tls?: tls.ConnectionOptions;
 }
 
+function isAscii(text: string): boolean {
+  return /^[\x00-\x7f]*$/.test(text);
+}
+
 /**
  * The form an address takes in the envelope sent upstream (MAIL FROM and RCPT TO): the domain
  * lower-cased, and an internationalized domain in its ASCII (punycode) form, as nodemailer writes
@@ -39,7 +43,7 @@ export function normalizeForEnvelope(address: string): string {
   const at = address.lastIndexOf('@');
   if (at < 0) return address;
   const domain = address.slice(at + 1);
-  const ascii = /^[\x00-\x7f]*$/.test(domain) ? domain : domainToASCII(domain) || domain;
+  const ascii = isAscii(domain) ? domain : domainToASCII(domain) || domain;
   return `${address.slice(0, at)}@${ascii.toLowerCase()}`;
 }
 
@@ -55,10 +59,6 @@ interface Envelope {
   to: string[];
   size: number;
   use8BitMime: boolean;
-}
-
-function isAscii(address: string): boolean {
-  return /^[\x00-\x7f]*$/.test(address);
 }
 
 /** A transaction, or one recipient of it, the upstream cannot take without SMTPUTF8 (RFC 6531 §3.2). */

@@ -6,6 +6,7 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect } from 'kysely';
 import { migrations } from '../../migrations/index.js';
+import { overwriteFreedPages } from './maintenance.js';
 import type { DB } from './schema.js';
 
 export type Sqlite = Database.Database;
@@ -66,7 +67,7 @@ export function kyselyFor<T = DB>(sqlite: Sqlite): Kysely<T> {
 
 export async function openStore(file: string, options: OpenOptions = {}): Promise<Store> {
   const sqlite = openConnection(file, options);
-  if (options.secureDelete) sqlite.pragma('secure_delete = ON');
+  if (options.secureDelete) overwriteFreedPages(sqlite);
   const db = kyselyFor<DB>(sqlite);
   if (options.migrate ?? true) {
     await migrateToLatest(db);
