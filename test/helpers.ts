@@ -61,6 +61,20 @@ export async function startTestRelay(overrides?: DeepPartial<Config>, options: R
   return startRelay(config, { logger: pino({ level: 'silent' }), shutdownGraceMs: 2000, ...options });
 }
 
+/** Runs `fn` on a test relay started for it, and stops the relay afterwards, whatever happens. */
+export async function withTestRelay<T>(
+  overrides: DeepPartial<Config>,
+  options: RelayOptions & { clock?: Clock },
+  fn: (relay: Relay) => Promise<T>,
+): Promise<T> {
+  const relay = await startTestRelay(overrides, options);
+  try {
+    return await fn(relay);
+  } finally {
+    await relay.stop();
+  }
+}
+
 export interface SendOptions {
   from?: string;
   to?: string[];

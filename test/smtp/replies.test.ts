@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
-import { messageCount, openSession, SmtpClient, sendMail, startTestRelay } from '../helpers.js';
+import { messageCount, openSession, SmtpClient, sendMail, startTestRelay, withTestRelay } from '../helpers.js';
 import { messageRaw } from '../../src/store/queries.js';
 
 const MSG = 'Subject: t\r\n\r\nbody\r\n.\r\n';
@@ -221,34 +221,28 @@ describe('storage faults', () => {
 
 describe('SMTP access control', () => {
   test('client outside allowedNetworks → 554 5.7.1 at connect, then close', async () => {
-    const relay = await startTestRelay({
-      defaultUsername: 'u',
-      defaultPassword: 'p',
-      security: { allowLocalOnly: false, allowedNetworks: ['10.0.0.0/8'] },
-    });
-    try {
-      const c = await SmtpClient.connect(relay.smtpPort);
-      assert.match(await c.read(), /^554 5\.7\.1 /);
-      await new Promise((r) => c.socket.once('close', r));
-      assert.ok(c.closed);
-    } finally {
-      await relay.stop();
-    }
+    await withTestRelay(
+      { defaultUsername: 'u', defaultPassword: 'p', security: { allowLocalOnly: false, allowedNetworks: ['10.0.0.0/8'] } },
+      {},
+      async (relay) => {
+        const c = await SmtpClient.connect(relay.smtpPort);
+        assert.match(await c.read(), /^554 5\.7\.1 /);
+        await new Promise((r) => c.socket.once('close', r));
+        assert.ok(c.closed);
+      },
+    );
   });
 
   test('allowedNetworks containing the client → greeting', async () => {
-    const relay = await startTestRelay({
-      defaultUsername: 'u',
-      defaultPassword: 'p',
-      security: { allowLocalOnly: false, allowedNetworks: ['127.0.0.0/8'] },
-    });
-    try {
-      const c = await SmtpClient.connect(relay.smtpPort);
-      assert.match(await c.read(), /^220 /);
-      c.close();
-    } finally {
-      await relay.stop();
-    }
+    await withTestRelay(
+      { defaultUsername: 'u', defaultPassword: 'p', security: { allowLocalOnly: false, allowedNetworks: ['127.0.0.0/8'] } },
+      {},
+      async (relay) => {
+        const c = await SmtpClient.connect(relay.smtpPort);
+        assert.match(await c.read(), /^220 /);
+        c.close();
+      },
+    );
   });
 });
 
@@ -276,77 +270,66 @@ describe('clients that are not on loopback (peer address injected)', () => {
   const remote = () => '203.0.113.7';
 
   test('AUTH in plain text from a non-loopback client → 538 5.7.11; MAIL without AUTH → 530 5.7.0', async () => {
-    const relay = await startTestRelay(
+    await withTestRelay(
       { defaultUsername: 'app', defaultPassword: 'pw', security: { allowLocalOnly: false, allowedNetworks: [] } },
       { smtpPeerAddress: remote },
+      async (relay) => {
+        const { c } = await ehlo(relay.smtpPort);
+        assert.match(await c.send(`AUTH PLAIN ${Buffer.from('\0app\0pw').toString('base64')}`), /^538 5\.7\.11 /);
+        assert.match(await c.send('MAIL FROM:<a@example.com>'), /^530 5\.7\.0 /);
+        c.close();
+        assert.equal(messageCount(relay), 0);
+      },
     );
-    try {
-      const { c } = await ehlo(relay.smtpPort);
-      assert.match(await c.send(`AUTH PLAIN ${Buffer.from('\0app\0pw').toString('base64')}`), /^538 5\.7\.11 /);
-      assert.match(await c.send('MAIL FROM:<a@example.com>'), /^530 5\.7\.0 /);
-      c.close();
-      assert.equal(messageCount(relay), 0);
-    } finally {
-      await relay.stop();
-    }
   });
 
   test('an allowed network without AUTH (the Docker setup): an app configured with credentials still sends, as AUTH is not offered in plain text', async () => {
-    const relay = await startTestRelay(
+    await withTestRelay(
       { security: { requireAuth: false, allowLocalOnly: false, allowedNetworks: ['203.0.113.0/24'] } },
       { smtpPeerAddress: remote },
+      async (relay) => {
+        const { c, reply } = await ehlo(relay.smtpPort);
+        c.close();
+        assert.doesNotMatch(reply, /AUTH/);
+        const info = await sendMail(relay.smtpPort, { to: ['a@example.com'], auth: { user: 'app', pass: 'secret' } });
+        assert.match(info.response, /^250 2\.0\.0 Ok: queued as /);
+        assert.equal(messageCount(relay), 1);
+      },
     );
-    try {
-      const { c, reply } = await ehlo(relay.smtpPort);
-      c.close();
-      assert.doesNotMatch(reply, /AUTH/);
-      const info = await sendMail(relay.smtpPort, { to: ['a@example.com'], auth: { user: 'app', pass: 'secret' } });
-      assert.match(info.response, /^250 2\.0\.0 Ok: queued as /);
-      assert.equal(messageCount(relay), 1);
-    } finally {
-      await relay.stop();
-    }
   });
 
   test('an IPv6 client appears in the Received header as an IPv6 address literal', async () => {
-    const relay = await startTestRelay(
+    await withTestRelay(
       { security: { requireAuth: false, allowLocalOnly: false, allowedNetworks: ['2001:db8::/32'] } },
       { smtpPeerAddress: () => '2001:db8::7' },
+      async (relay) => {
+        const id = (await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response.split(' ').pop() as string;
+        const { raw } = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
+        // (the injected peer differs from the socket's own address, which smtp-server reports as the host name)
+        assert.match(raw.toString(), /^Received: from [^\r\n]*\[IPv6:2001:db8::7\]\)\r\n/);
+      },
     );
-    try {
-      const id = (await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response.split(' ').pop() as string;
-      const { raw } = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
-      // (the injected peer differs from the socket's own address, which smtp-server reports as the host name)
-      assert.match(raw.toString(), /^Received: from [^\r\n]*\[IPv6:2001:db8::7\]\)\r\n/);
-    } finally {
-      await relay.stop();
-    }
   });
 
   test('allowLocalOnly with a remote client → 554 5.7.1', async () => {
-    const relay = await startTestRelay({}, { smtpPeerAddress: remote });
-    try {
+    await withTestRelay({}, { smtpPeerAddress: remote }, async (relay) => {
       const c = await SmtpClient.connect(relay.smtpPort);
       assert.match(await c.read(), /^554 5\.7\.1 /);
       c.close();
-    } finally {
-      await relay.stop();
-    }
+    });
   });
 
   test('loopback-only mode never accepts unauthenticated mail from a remote peer', async () => {
     // requireAuth without credentials but the peer is remote (allowed by network): refused
-    const relay = await startTestRelay(
+    await withTestRelay(
       { defaultUsername: 'app', defaultPassword: 'pw', security: { allowLocalOnly: false, allowedNetworks: ['203.0.113.0/24'] } },
       { smtpPeerAddress: remote },
+      async (relay) => {
+        const { c } = await ehlo(relay.smtpPort);
+        assert.match(await c.send('MAIL FROM:<a@example.com>'), /^530 5\.7\.0 /);
+        c.close();
+      },
     );
-    try {
-      const { c } = await ehlo(relay.smtpPort);
-      assert.match(await c.send('MAIL FROM:<a@example.com>'), /^530 5\.7\.0 /);
-      c.close();
-    } finally {
-      await relay.stop();
-    }
   });
 });
 
@@ -359,7 +342,7 @@ describe('STARTTLS', () => {
     const dir = (await import('../helpers.js')).tempDir();
     fs.writeFileSync(path.join(dir, 'key.pem'), key);
     fs.writeFileSync(path.join(dir, 'cert.pem'), cert);
-    const relay = await startTestRelay(
+    await withTestRelay(
       {
         defaultUsername: 'app',
         defaultPassword: 'pw',
@@ -367,26 +350,24 @@ describe('STARTTLS', () => {
         tls: { key: path.join(dir, 'key.pem'), cert: path.join(dir, 'cert.pem') },
       },
       { smtpPeerAddress: () => '203.0.113.8' },
+      async (relay) => {
+        const { c, reply } = await ehlo(relay.smtpPort);
+        assert.match(reply, /250[- ]STARTTLS/);
+        c.close();
+        const nodemailer = (await import('nodemailer')).default;
+        const transport = nodemailer.createTransport({
+          host: '127.0.0.1',
+          port: relay.smtpPort,
+          requireTLS: true,
+          tls: { rejectUnauthorized: false },
+          auth: { user: 'app', pass: 'pw' },
+        });
+        const info = await transport.sendMail({ from: 'a@example.com', to: 'b@example.com', subject: 'tls', text: 'secret' });
+        transport.close();
+        assert.match(info.response, /^250 2\.0\.0 /);
+        const row = relay.store.sqlite.prepare('SELECT raw FROM message_bodies').get() as { raw: Buffer };
+        assert.match(row.raw.toString(), /with ESMTPSA id/);
+      },
     );
-    try {
-      const { c, reply } = await ehlo(relay.smtpPort);
-      assert.match(reply, /250[- ]STARTTLS/);
-      c.close();
-      const nodemailer = (await import('nodemailer')).default;
-      const transport = nodemailer.createTransport({
-        host: '127.0.0.1',
-        port: relay.smtpPort,
-        requireTLS: true,
-        tls: { rejectUnauthorized: false },
-        auth: { user: 'app', pass: 'pw' },
-      });
-      const info = await transport.sendMail({ from: 'a@example.com', to: 'b@example.com', subject: 'tls', text: 'secret' });
-      transport.close();
-      assert.match(info.response, /^250 2\.0\.0 /);
-      const row = relay.store.sqlite.prepare('SELECT raw FROM message_bodies').get() as { raw: Buffer };
-      assert.match(row.raw.toString(), /with ESMTPSA id/);
-    } finally {
-      await relay.stop();
-    }
   });
 });
