@@ -80,7 +80,25 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     options.onFatal?.(err);
   };
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
-  const intake = new SmtpIntake({ config, sqlite: store.sqlite, commits, disk, clock, logger: logger.child({ component: 'smtp' }), peerAddress: options.smtpPeerAddress });
+  const delivery = new DeliveryEngine({
+    config,
+    sqlite: store.sqlite,
+    commits,
+    clock,
+    logger: logger.child({ component: 'delivery' }),
+    random: options.random,
+    pollIntervalMs: options.deliveryPollMs,
+  });
+  const intake = new SmtpIntake({
+    config,
+    sqlite: store.sqlite,
+    commits,
+    disk,
+    clock,
+    logger: logger.child({ component: 'smtp' }),
+    peerAddress: options.smtpPeerAddress,
+    inFlow: delivery.inFlow,
+  });
 
   let smtpPort: number;
   try {
@@ -92,15 +110,6 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   }
   logger.info({ event: 'relay.started', smtp: `${config.smtpHost}:${smtpPort}`, config: redactConfig(config) }, 'relayq started');
 
-  const delivery = new DeliveryEngine({
-    config,
-    sqlite: store.sqlite,
-    commits,
-    clock,
-    logger: logger.child({ component: 'delivery' }),
-    random: options.random,
-    pollIntervalMs: options.deliveryPollMs,
-  });
   if (options.startDelivery ?? true) {
     commits.onCommitted = () => delivery.wake();
     delivery.start();

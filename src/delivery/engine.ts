@@ -17,10 +17,12 @@ import {
   type FailedScanCursor,
   failedPage,
   findTemporaryFailures,
+  countDueQueued,
   hasDueWork,
 } from '../store/delivery.js';
 import type { StoreWriter } from '../store/writer.js';
 import { exportFailedMessage, failedExportPath, removeFailedExport } from './failed-export.js';
+import { InFlowGate } from './in-flow.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
 import { type BatchResult, planCompletion } from './outcomes.js';
 import { SmtpUpstream } from './upstream.js';
@@ -76,6 +78,10 @@ const REQUEUE_SCAN_STEP = 500;
 const ABORT_SETTLE_MS = 1000;
 /** Failed messages whose export is looked for per step after a start. */
 const EXPORT_CHECK_STEP = 500;
+/** inFlowDelay: intake waits while more than this many due messages per worker wait for one. */
+export const IN_FLOW_BACKLOG_PER_WORKER = 100;
+/** Pacing is logged at most this often. */
+const PACING_LOG_MS = 60_000;
 
 async function fileExists(file: string): Promise<boolean> {
   try {
@@ -92,6 +98,8 @@ export class DeliveryEngine {
   private readonly random: () => number;
   private readonly upstream: SmtpUpstream | undefined;
   private readonly leaseMs: number;
+  /** Paces intake while due mail waits for workers (inFlowDelay); intake asks it at each MAIL. */
+  readonly inFlow: InFlowGate;
   /** Each attempt must end (or be aborted) this long before its lease runs out. */
   readonly attemptTimeoutMs: number;
   private readonly active = new Map<string, ActiveAttempt>();
@@ -107,6 +115,7 @@ export class DeliveryEngine {
   /** failedRetryInterval: failed messages finished at or before this were looked at already. */
   private requeueWatermark = Number.NEGATIVE_INFINITY;
   private requeueing = false;
+  private pacingLogged = { at: Number.NEGATIVE_INFINITY, delayed: 0, timedOut: 0 };
   private readonly stats = {
     lastSuccessAt: null as number | null,
     lastFailureAt: null as number | null,
@@ -119,6 +128,7 @@ export class DeliveryEngine {
     this.log = deps.logger;
     this.random = deps.random ?? Math.random;
     this.leaseMs = this.config.processingTimeout * 1000;
+    this.inFlow = new InFlowGate(this.config.workerCount * IN_FLOW_BACKLOG_PER_WORKER, this.config.inFlowDelay);
     this.attemptTimeoutMs = Math.min(
       deps.attemptTimeoutMs ?? Number.POSITIVE_INFINITY,
       this.leaseMs - Math.max(1000, Math.floor(this.leaseMs / 10)),
@@ -153,6 +163,7 @@ export class DeliveryEngine {
     this.running = true;
     this.poll = setInterval(() => this.tick(), this.deps.pollIntervalMs ?? DEFAULT_POLL_MS);
     this.poll.unref();
+    this.inFlow.setEnabled(true);
     this.log.info({ event: 'delivery.started', upstream: this.upstreamLabel, workers: this.config.workerCount }, 'delivery started');
     this.tick();
     this.track(this.exportMissingFailures());
@@ -194,6 +205,7 @@ export class DeliveryEngine {
     this.stopping = true;
     this.running = false;
     if (this.poll) clearInterval(this.poll);
+    this.inFlow.setEnabled(false);
     await settleWithin(this.tasks, graceMs);
     const unfinished = [...this.active.values()];
     if (unfinished.length > 0) {
@@ -222,6 +234,10 @@ export class DeliveryEngine {
       this.requeueCheckedAt = now;
       this.track(this.requeueFailed(false));
     }
+    if (this.inFlow.delayMs > 0) {
+      this.inFlow.measured(countDueQueued(this.deps.sqlite, now, this.inFlow.limit));
+      this.notePacing(now);
+    }
     this.pump();
   }
 
@@ -240,6 +256,7 @@ export class DeliveryEngine {
     const task = this.claim(free).then(
       (claimed) => {
         this.busySlots -= free - claimed.batches.length;
+        this.inFlow.taken(claimed.batches.length);
         for (const f of claimed.finalized) this.track(this.afterFinal(f.id, f.state, 0));
         if (this.stopping) {
           // Claimed while shutdown began: hand them straight back, as if never claimed.
@@ -452,6 +469,17 @@ export class DeliveryEngine {
     } finally {
       this.requeueing = false;
     }
+  }
+
+  /** At most once a minute: how many MAIL commands waited for delivery to catch up. */
+  private notePacing(now: number): void {
+    const { delayed, timedOut, backlog, limit } = this.inFlow.stats();
+    if (delayed === this.pacingLogged.delayed || now - this.pacingLogged.at < PACING_LOG_MS) return;
+    this.log.warn(
+      { event: 'intake.paced', delayed: delayed - this.pacingLogged.delayed, timedOut: timedOut - this.pacingLogged.timedOut, backlog, limit },
+      'delivery is behind: new mail waits at MAIL FROM (inFlowDelay)',
+    );
+    this.pacingLogged = { at: now, delayed, timedOut };
   }
 
   private noteHealth(result: BatchResult): void {

@@ -9,6 +9,7 @@ import { clientFilter, isLoopback, normalizeIp } from '../access-control.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import type { Sqlite } from '../store/db.js';
+import type { InFlowGate } from '../delivery/in-flow.js';
 import type { DiskSpace } from '../store/disk.js';
 import type { StoreWriter } from '../store/writer.js';
 import {
@@ -30,6 +31,8 @@ export interface IntakeDeps {
   logger: Logger;
   /** Where a session comes from; tests inject non-loopback peers here. */
   peerAddress?: (session: SMTPServerSession) => string;
+  /** Paces MAIL while delivery is behind (inFlowDelay); none: never waits. */
+  inFlow?: InFlowGate;
 }
 
 interface SessionState {
@@ -221,13 +224,22 @@ export class SmtpIntake {
     // so a MAIL refused with it would leave it set for the next MAIL without it
     session.envelope.smtpUtf8 = path.args !== false && Boolean(path.args.SMTPUTF8);
     if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
-    const { config, sqlite, clock } = this.deps;
+    const { config } = this.deps;
     if (config.security.requireAuth && !session.user && (this.credentialsConfigured || !isLoopback(this.peer(session)))) {
       return cb(reply(530, '5.7.0 Authentication required'));
     }
-    const address = path.address;
     const refused = refusedPath(path, session.envelope.smtpUtf8, true);
     if (refused) return cb(refused);
+    const paced = this.deps.inFlow?.admit();
+    if (paced) paced.then(() => this.admitMail(path, session, cb));
+    else this.admitMail(path, session, cb);
+  }
+
+  /** MAIL after in-flow pacing: the checks of the moment (shutdown, disk, queue, rate limits). */
+  private admitMail(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
+    if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
+    const { config, sqlite, clock } = this.deps;
+    const address = path.address;
     if (this.deps.disk.isLow()) {
       this.deps.logger.warn({ event: 'smtp.disk_low', freeMb: this.deps.disk.freeMb() }, 'refusing mail: disk space low');
       return cb(reply(452, '4.3.1 Insufficient system storage, try again later'));

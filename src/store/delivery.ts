@@ -72,6 +72,15 @@ export function hasDueWork(sqlite: Sqlite, now: number): boolean {
   return row.due === 1;
 }
 
+/** Queued messages that are due now, counted up to `limit` (the in-flow backlog). */
+export function countDueQueued(sqlite: Sqlite, now: number, limit: number): number {
+  const row = prepared(
+    sqlite,
+    `SELECT count(*) AS n FROM (SELECT 1 FROM messages INDEXED BY messages_due WHERE state = 'queued' AND next_attempt_at <= ? LIMIT ?)`,
+  ).get(now, limit) as { n: number };
+  return row.n;
+}
+
 /**
  * Claims up to `limit` messages that are due (or whose lease expired) and, for each, its next
  * batch of due pending recipients in RCPT order. Sets the lease and a fresh token, counts the

@@ -219,6 +219,8 @@ export async function startRelayProcess(options: RelayProcessOptions): Promise<R
     logLevel: 'warn',
     serverName: 'relayq.bench',
     queueSize: 0,
+    // intake as fast as it goes; the sustained runs set their own
+    inFlowDelay: 0,
     maxConnections: 2000,
     ...(options.upstreamPort
       ? { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: options.upstreamPort, workerCount: 16, batchDelay: 0 }

@@ -12,6 +12,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { CONFIG_KEYS } from '../../src/config/schema.js';
 import { type FsyncCeiling, measureFsyncCeiling } from './fsync.js';
 import {
   caseName,
@@ -37,8 +38,10 @@ interface Options {
   runMs: number;
   repeats: number;
   sustainedSeconds: number;
-  /** One sustained run per workerCount. */
+  /** One sustained run per workerCount, with the default inFlowDelay. */
   sustainedWorkers: number[];
+  /** And one per workerCount here with inFlowDelay 0 (intake not paced). */
+  sustainedUnpaced: number[];
   walSeconds: number;
   scaleMessages: number;
   smallMessages: number;
@@ -48,6 +51,13 @@ interface Options {
   memoryBytes: number;
   cpuProf: boolean;
   out: string;
+}
+
+/** The relay's own default, which the sustained runs use unless they are the unpaced ones. */
+const IN_FLOW_DELAY_DEFAULT = CONFIG_KEYS.find((k) => k.path === 'inFlowDelay')?.default as number;
+
+function numbers(list: string): number[] {
+  return list === '' ? [] : list.split(',').map(Number);
 }
 
 function parseOptions(argv: string[]): Options {
@@ -73,7 +83,8 @@ function parseOptions(argv: string[]): Options {
     runMs: num('run-ms', quick ? 1000 : 2000),
     repeats: num('repeats', quick ? 1 : 3),
     sustainedSeconds: num('sustained-seconds', quick ? 10 : 60),
-    sustainedWorkers: (value('sustained-workers') ?? '16,128').split(',').map(Number),
+    sustainedWorkers: numbers(value('sustained-workers') ?? '16,128'),
+    sustainedUnpaced: numbers(value('sustained-unpaced') ?? '16'),
     walSeconds: num('wal-seconds', 600),
     scaleMessages: num('scale-messages', quick ? 100_000 : 1_000_000),
     smallMessages: num('small-messages', 1000),
@@ -252,10 +263,13 @@ async function main() {
 
     if (options.sections.has('sustained')) {
       const runs: SustainedResult[] = [];
-      for (const workerCount of options.sustainedWorkers) {
-        log(
-          `\n## sustained end to end (${options.sustainedSeconds} s, 50 persistent clients, 2 KB, forwarding to the sink, workerCount ${workerCount})`,
-        );
+      const plan = [
+        ...options.sustainedWorkers.map((workerCount) => ({ workerCount, inFlowDelay: IN_FLOW_DELAY_DEFAULT })),
+        ...options.sustainedUnpaced.map((workerCount) => ({ workerCount, inFlowDelay: 0 })),
+      ];
+      for (const { workerCount, inFlowDelay } of plan) {
+        const setting = `workerCount ${workerCount}, inFlowDelay ${inFlowDelay}`;
+        log(`\n## sustained end to end (${options.sustainedSeconds} s, 50 persistent clients, 2 KB, forwarding to the sink, ${setting})`);
         const sustained = await runSustained({
           workDir,
           upstream,
@@ -263,12 +277,13 @@ async function main() {
           sampleEveryMs: 1000,
           drainTimeoutMs: 300_000,
           workerCount,
+          inFlowDelay,
           log,
         });
         runs.push(sustained);
         log(sustainedSummary(sustained));
         targets.push({
-          name: `end to end, sustained ${options.sustainedSeconds} s, ${workerCount} workers`,
+          name: `end to end, sustained ${options.sustainedSeconds} s, ${setting}`,
           goal: 'delivery >= 80 % of accept rate; queue bounded',
           measured: `delivered ${fmt(sustained.deliveredPerSecond)}/s of ${fmt(sustained.acceptedPerSecond)}/s accepted (${fmt(sustained.deliveryShare * 100)} %), queue ${sustained.queueGrowthPerSecond >= 0 ? '+' : ''}${fmt(sustained.queueGrowthPerSecond, 1)}/s at the end`,
           met: sustained.deliveryShare >= 0.8 && !(sustained.queueGrowthPerSecond > 0.05 * sustained.acceptedPerSecond),
@@ -328,6 +343,7 @@ async function main() {
         drainTimeoutMs: 0,
         // enough workers for delivery to keep up: the steady state of a relay that is not falling behind
         workerCount: 128,
+        inFlowDelay: IN_FLOW_DELAY_DEFAULT,
         log,
       });
       results.wal = wal;
@@ -351,7 +367,7 @@ async function main() {
 
 function sustainedSummary(r: SustainedResult): string {
   return [
-    `workerCount ${r.workerCount}: accepted ${r.accepted} in ${fmt(r.seconds, 1)} s = ${fmt(r.acceptedPerSecond)}/s (p50 ${fmt(r.p50Ms, 2)} ms, p99 ${fmt(r.p99Ms, 2)} ms)`,
+    `workerCount ${r.workerCount}, inFlowDelay ${r.inFlowDelay}: accepted ${r.accepted} in ${fmt(r.seconds, 1)} s = ${fmt(r.acceptedPerSecond)}/s (p50 ${fmt(r.p50Ms, 2)} ms, p99 ${fmt(r.p99Ms, 2)} ms)`,
     `delivered during the load ${r.deliveredDuringLoad} = ${fmt(r.deliveredPerSecond)}/s (${fmt(r.deliveryShare * 100)} % of the accept rate)`,
     `queue depth: max ${r.maxQueueDepth}, at the end ${r.queueDepthAtEnd}, growth over the second half ${fmt(r.queueGrowthPerSecond, 1)}/s; drained in ${fmt(r.drainSeconds, 1)} s (${fmt(r.drainPerSecond)}/s with intake idle)`,
     `WAL: max ${fmt(r.maxWalMb, 1)} MB, at the end of the load ${fmt(r.walMbAtEnd, 1)} MB, after draining ${fmt(r.walMbAfterDrain, 1)} MB; database ${fmt(r.databaseMbAfterDrain, 1)} MB; relay peak RSS ${fmt(r.relayPeakRssMb)} MB`,

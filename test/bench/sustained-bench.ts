@@ -21,6 +21,7 @@ export interface SustainedSample {
 
 export interface SustainedResult {
   workerCount: number;
+  inFlowDelay: number;
   seconds: number;
   clients: number;
   bodyBytes: number;
@@ -61,6 +62,8 @@ export interface SustainedSettings {
   bodyBytes?: number;
   /** Delivery workers (the relay's workerCount). */
   workerCount: number;
+  /** The relay's inFlowDelay (ms); 0 lets intake outrun delivery. */
+  inFlowDelay: number;
   log: (line: string) => void;
 }
 
@@ -81,7 +84,7 @@ export async function runSustained(settings: SustainedSettings): Promise<Sustain
     databasePath,
     dir,
     upstreamPort: settings.upstream.port,
-    config: { workerCount: settings.workerCount },
+    config: { workerCount: settings.workerCount, inFlowDelay: settings.inFlowDelay },
   });
   // A reader of the counters, as an operator's sqlite3 would be: read-only, its own connection.
   const reader = new Database(databasePath, { readonly: true });
@@ -156,6 +159,7 @@ export async function runSustained(settings: SustainedSettings): Promise<Sustain
     const deliveredPerSecond = atEnd.delivered / loadSeconds;
     return {
       workerCount: settings.workerCount,
+      inFlowDelay: settings.inFlowDelay,
       seconds: loadSeconds,
       clients,
       bodyBytes,

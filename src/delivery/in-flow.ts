@@ -1,0 +1,91 @@
+// In-flow pacing, as Postfix's in_flow_delay: while more mail is due than the workers are taking,
+// each new MAIL FROM waits until delivery has taken some (or at most `delayMs`), so that intake
+// cannot outrun delivery for long and the queue does not grow without bound. Nothing is refused:
+// a client that waits the whole delay goes ahead anyway.
+//
+// The backlog (due mail not yet claimed) is measured by the delivery engine at each poll and kept
+// current in between: +1 per admitted MAIL, minus each claim. The estimate drifts (a refused or
+// abandoned message, a retry that came due) only until the next measurement.
+
+export interface InFlowStats {
+  /** Due messages waiting for a worker, as last measured or estimated. */
+  backlog: number;
+  /** Pacing starts at this backlog. */
+  limit: number;
+  /** MAIL commands that had to wait, and those of them that waited the whole delay. */
+  delayed: number;
+  timedOut: number;
+  /** Sessions waiting now. */
+  waiting: number;
+}
+
+interface Waiter {
+  admit: () => void;
+  timer: NodeJS.Timeout;
+}
+
+export class InFlowGate {
+  private backlog = 0;
+  private enabled = false;
+  private readonly waiters: Waiter[] = [];
+  private delayed = 0;
+  private timedOut = 0;
+
+  constructor(
+    /** Backlog at which MAIL starts to wait. */
+    readonly limit: number,
+    /** Longest wait of one MAIL; 0 = never wait. */
+    readonly delayMs: number,
+  ) {}
+
+  /** Undefined when the MAIL may go ahead at once; otherwise resolves when it may. */
+  admit(): Promise<void> | undefined {
+    if (!this.enabled || (this.backlog < this.limit && this.waiters.length === 0)) {
+      this.backlog++;
+      return undefined;
+    }
+    this.delayed++;
+    return new Promise((resolve) => {
+      const waiter: Waiter = {
+        admit: () => {
+          clearTimeout(waiter.timer);
+          this.backlog++;
+          resolve();
+        },
+        timer: setTimeout(() => {
+          this.waiters.splice(this.waiters.indexOf(waiter), 1);
+          this.timedOut++;
+          waiter.admit();
+        }, this.delayMs),
+      };
+      this.waiters.push(waiter);
+    });
+  }
+
+  /** Pacing on (the engine runs) or off (it stopped: everyone waiting goes ahead). */
+  setEnabled(enabled: boolean): void {
+    this.enabled = enabled && this.delayMs > 0;
+    if (!this.enabled) this.release(Number.POSITIVE_INFINITY);
+  }
+
+  /** The backlog as counted in the store (at most `limit`: beyond it the count does not matter). */
+  measured(backlog: number): void {
+    this.backlog = backlog;
+    this.release(this.limit);
+  }
+
+  /** Workers claimed `count` messages. */
+  taken(count: number): void {
+    this.backlog = Math.max(0, this.backlog - count);
+    this.release(this.limit);
+  }
+
+  stats(): InFlowStats {
+    return { backlog: this.backlog, limit: this.limit, delayed: this.delayed, timedOut: this.timedOut, waiting: this.waiters.length };
+  }
+
+  /** Lets waiting sessions go, oldest first, while the backlog is under `limit`. */
+  private release(limit: number): void {
+    while (this.waiters.length > 0 && this.backlog < limit) this.waiters.shift()?.admit();
+  }
+}
