@@ -78,8 +78,13 @@ const REQUEUE_SCAN_STEP = 500;
 const ABORT_SETTLE_MS = 1000;
 /** Failed messages whose export is looked for per step after a start. */
 const EXPORT_CHECK_STEP = 500;
-/** inFlowDelay: intake waits while more than this many due messages per worker wait for one. */
-export const IN_FLOW_BACKLOG_PER_WORKER = 100;
+/**
+ * inFlowDelay: intake waits while more due messages than this wait for a worker: 100 per worker,
+ * at most 10,000 (the poll counts up to that many index entries).
+ */
+export function inFlowBacklogLimit(workerCount: number): number {
+  return Math.min(workerCount * 100, 10_000);
+}
 /** Pacing is logged at most this often. */
 const PACING_LOG_MS = 60_000;
 
@@ -128,7 +133,7 @@ export class DeliveryEngine {
     this.log = deps.logger;
     this.random = deps.random ?? Math.random;
     this.leaseMs = this.config.processingTimeout * 1000;
-    this.inFlow = new InFlowGate(this.config.workerCount * IN_FLOW_BACKLOG_PER_WORKER, this.config.inFlowDelay);
+    this.inFlow = new InFlowGate(inFlowBacklogLimit(this.config.workerCount), this.config.inFlowDelay);
     this.attemptTimeoutMs = Math.min(
       deps.attemptTimeoutMs ?? Number.POSITIVE_INFINITY,
       this.leaseMs - Math.max(1000, Math.floor(this.leaseMs / 10)),

@@ -3,10 +3,13 @@
 // its own, then a relay whose one worker is held by a real upstream that does not answer yet.
 import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
-import { IN_FLOW_BACKLOG_PER_WORKER } from '../../src/delivery/engine.js';
+import { inFlowBacklogLimit } from '../../src/delivery/engine.js';
 import { InFlowGate } from '../../src/delivery/in-flow.js';
 import type { Relay } from '../../src/main.js';
 import { SmtpClient, startTestRelay, startUpstream, waitFor } from '../helpers.js';
+
+/** The pacing limit of the one-worker relays below. */
+const LIMIT = inFlowBacklogLimit(1);
 
 /** Whether a promise settled by now (after pending callbacks ran). */
 async function settled(promise: Promise<unknown>): Promise<boolean> {
@@ -99,15 +102,14 @@ describe('in-flow pacing in the relay', () => {
     cleanup.push(async () => client.close());
     assert.match(await client.read(), /^220/);
     assert.match(await client.send('EHLO client.test'), /^250/);
-    const limit = IN_FLOW_BACKLOG_PER_WORKER;
-    for (let i = 0; i <= limit; i++) {
+    for (let i = 0; i <= LIMIT; i++) {
       assert.match(await client.send('MAIL FROM:<sender@example.com>'), /^250/, `MAIL ${i}`);
       assert.match(await client.send('RCPT TO:<rcpt@example.com>'), /^250/);
       assert.match(await client.send('DATA'), /^354/);
       assert.match(await client.send(`Subject: ${i}\r\n\r\nbody\r\n.`), /^250/);
     }
-    await waitFor(() => held.length === 1 && dueCount(relay) === limit, 10_000, 'one message at the upstream, the rest due');
-    await waitFor(() => relay.delivery.inFlow.stats().backlog === limit, 10_000, 'the backlog measured');
+    await waitFor(() => held.length === 1 && dueCount(relay) === LIMIT, 10_000, 'one message at the upstream, the rest due');
+    await waitFor(() => relay.delivery.inFlow.stats().backlog === LIMIT, 10_000, 'the backlog measured');
     return { relay, client, release, held };
   }
 
@@ -132,7 +134,7 @@ describe('in-flow pacing in the relay', () => {
     assert.match(await client.send('RCPT TO:<rcpt@example.com>'), /^250/);
     assert.match(await client.send('DATA'), /^354/);
     assert.match(await client.send('Subject: paced\r\n\r\nbody\r\n.'), /^250/);
-    await waitFor(() => state(relay, 'delivered') === IN_FLOW_BACKLOG_PER_WORKER + 2, 30_000, 'everything delivered');
+    await waitFor(() => state(relay, 'delivered') === LIMIT + 2, 30_000, 'everything delivered');
   });
 
   test('with the upstream stuck, a MAIL waits inFlowDelay and is then accepted: nothing is refused', async () => {
@@ -145,7 +147,7 @@ describe('in-flow pacing in the relay', () => {
     }
     assert.deepEqual(
       [relay.delivery.inFlow.stats().delayed, relay.delivery.inFlow.stats().timedOut, dueCount(relay)],
-      [3, 3, IN_FLOW_BACKLOG_PER_WORKER + 3],
+      [3, 3, LIMIT + 3],
     );
   });
 
