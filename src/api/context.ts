@@ -4,6 +4,7 @@ import type { Context } from 'hono';
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
+import type { InFlowStats } from '../delivery/in-flow.js';
 import type { Sqlite } from '../store/db.js';
 import type { StoreWriter } from '../store/writer.js';
 
@@ -26,8 +27,11 @@ export interface ApiDeps {
   logger: Logger;
   /** Startup warnings shown in /health (e.g. loopback clients accepted without AUTH). */
   warnings: readonly string[];
-  /** Optional live view of the upstream; the persisted attempt counters are used without it. */
-  delivery?: Partial<UpstreamStatusSource>;
+  /**
+   * Optional live view of the upstream (the persisted attempt counters are used without it) and
+   * of in-flow pacing (counted since this process started).
+   */
+  delivery?: Partial<UpstreamStatusSource> & { inFlow?: { stats(): InFlowStats } };
   /** The client's address; by default the socket's peer address. Tests inject other peers. */
   getClientIp?: (c: Context) => string | undefined;
 }

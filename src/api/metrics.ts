@@ -1,7 +1,8 @@
 // GET /metrics: JSON by default; Prometheus text for ?format=prometheus or an Accept header that
 // prefers text/plain; OpenMetrics for ?format=openmetrics or an Accept header that prefers it
 // (what Prometheus itself sends). Every number is read from the store's counters, so it
-// survives restarts and costs the same whatever the database holds.
+// survives restarts and costs the same whatever the database holds; only the in-flow pacing
+// counts are the delivery engine's, since this process started.
 import { Hono } from 'hono';
 import { HTTPException } from 'hono/http-exception';
 import { metricsSummary, oldestActiveReceivedAt, storeMetrics } from '../store/queries.js';
@@ -40,6 +41,7 @@ export function metricsRoutes(deps: ApiDeps) {
       queueSize: deps.config.queueSize,
       diskFreeMb: deps.disk.freeMb(),
       smtpListening: deps.intake.isListening,
+      pacing: deps.delivery?.inFlow?.stats() ?? null,
     };
   };
 
@@ -75,6 +77,7 @@ export function metricsRoutes(deps: ApiDeps) {
         last_failure: isoTime(s.upstream.lastFailureAt),
         consecutive_failures: s.upstream.consecutiveFailures,
       },
+      ...(s.pacing && { intake_pacing: { waiting: s.pacing.waiting, delayed: s.pacing.delayed, timed_out: s.pacing.timedOut } }),
     });
   });
 }

@@ -4,6 +4,7 @@
 // kept in the database as per-bucket counts (a trigger on attempts); StoredHistogram hands
 // those to prom-client's formatter instead of observations made in this process.
 import { Counter, Gauge, Histogram, Registry, type RegistryContentType } from 'prom-client';
+import type { InFlowStats } from '../delivery/in-flow.js';
 import type { StoreMetrics, UpstreamRecord } from '../store/queries.js';
 import { MESSAGE_STATES } from '../store/schema.js';
 
@@ -15,6 +16,8 @@ export interface MetricsSnapshot {
   queueSize: number;
   diskFreeMb: number;
   smtpListening: boolean;
+  /** In-flow pacing since this process started; null without a delivery engine. */
+  pacing: InFlowStats | null;
 }
 
 export type ExpositionFormat = 'prometheus' | 'openmetrics';
@@ -123,6 +126,11 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
     (s.upstream.lastFailureAt ?? 0) / 1000,
   );
   gauge('relayq_disk_free_bytes', 'Free space on the filesystem of the database.', Number.isFinite(s.diskFreeMb) ? s.diskFreeMb * 1024 * 1024 : 0);
+  if (s.pacing) {
+    counter('relayq_intake_paced_total', 'MAIL commands that waited for delivery to catch up (inFlowDelay), since this process started.', s.pacing.delayed);
+    counter('relayq_intake_paced_timeouts_total', 'Of those, the ones that waited the whole inFlowDelay.', s.pacing.timedOut);
+    gauge('relayq_intake_paced_waiting', 'MAIL commands waiting now.', s.pacing.waiting);
+  }
   gauge('relayq_smtp_listener_up', '1 while the SMTP listener accepts connections.', s.smtpListening ? 1 : 0);
 
   return { contentType: registry.contentType as string, body: await registry.metrics() };

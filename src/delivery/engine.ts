@@ -79,11 +79,12 @@ const ABORT_SETTLE_MS = 1000;
 /** Failed messages whose export is looked for per step after a start. */
 const EXPORT_CHECK_STEP = 500;
 /**
- * inFlowDelay: intake waits while more due messages than this wait for a worker: 100 per worker,
- * at most 10,000 (the poll counts up to that many index entries).
+ * inFlowDelay: intake waits while this many due messages wait for a worker: 100 per worker, at
+ * most 10,000 (the poll counts up to that many index entries) and at most half of queueSize (so
+ * that pacing starts well before the queue is full and refuses mail).
  */
-export function inFlowBacklogLimit(workerCount: number): number {
-  return Math.min(workerCount * 100, 10_000);
+export function inFlowBacklogLimit(workerCount: number, queueSize: number): number {
+  return Math.min(workerCount * 100, 10_000, queueSize > 0 ? Math.max(1, Math.floor(queueSize / 2)) : Number.POSITIVE_INFINITY);
 }
 /** Pacing is logged at most this often. */
 const PACING_LOG_MS = 60_000;
@@ -133,7 +134,7 @@ export class DeliveryEngine {
     this.log = deps.logger;
     this.random = deps.random ?? Math.random;
     this.leaseMs = this.config.processingTimeout * 1000;
-    this.inFlow = new InFlowGate(inFlowBacklogLimit(this.config.workerCount), this.config.inFlowDelay);
+    this.inFlow = new InFlowGate(inFlowBacklogLimit(this.config.workerCount, this.config.queueSize), this.config.inFlowDelay);
     this.attemptTimeoutMs = Math.min(
       deps.attemptTimeoutMs ?? Number.POSITIVE_INFINITY,
       this.leaseMs - Math.max(1000, Math.floor(this.leaseMs / 10)),

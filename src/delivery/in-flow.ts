@@ -10,7 +10,7 @@
 export interface InFlowStats {
   /** Due messages waiting for a worker, as last measured or estimated. */
   backlog: number;
-  /** Pacing starts at this backlog. */
+  /** MAIL waits while the backlog is at least this. */
   limit: number;
   /** MAIL commands that had to wait, and those of them that waited the whole delay. */
   delayed: number;
@@ -32,7 +32,7 @@ export class InFlowGate {
   private timedOut = 0;
 
   constructor(
-    /** Backlog at which MAIL starts to wait. */
+    /** MAIL waits while the backlog is at least this. */
     readonly limit: number,
     /** Longest wait of one MAIL; 0 = never wait. */
     readonly delayMs: number,
@@ -53,7 +53,9 @@ export class InFlowGate {
           resolve();
         },
         timer: setTimeout(() => {
-          this.waiters.splice(this.waiters.indexOf(waiter), 1);
+          const i = this.waiters.indexOf(waiter);
+          if (i < 0) return;
+          this.waiters.splice(i, 1);
           this.timedOut++;
           waiter.admit();
         }, this.delayMs),

@@ -224,22 +224,13 @@ export class SmtpIntake {
     // so a MAIL refused with it would leave it set for the next MAIL without it
     session.envelope.smtpUtf8 = path.args !== false && Boolean(path.args.SMTPUTF8);
     if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
-    const { config } = this.deps;
+    const { config, sqlite, clock } = this.deps;
     if (config.security.requireAuth && !session.user && (this.credentialsConfigured || !isLoopback(this.peer(session)))) {
       return cb(reply(530, '5.7.0 Authentication required'));
     }
+    const address = path.address;
     const refused = refusedPath(path, session.envelope.smtpUtf8, true);
     if (refused) return cb(refused);
-    const paced = this.deps.inFlow?.admit();
-    if (paced) paced.then(() => this.admitMail(path, session, cb));
-    else this.admitMail(path, session, cb);
-  }
-
-  /** MAIL after in-flow pacing: the checks of the moment (shutdown, disk, queue, rate limits). */
-  private admitMail(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
-    if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
-    const { config, sqlite, clock } = this.deps;
-    const address = path.address;
     if (this.deps.disk.isLow()) {
       this.deps.logger.warn({ event: 'smtp.disk_low', freeMb: this.deps.disk.freeMb() }, 'refusing mail: disk space low');
       return cb(reply(452, '4.3.1 Insufficient system storage, try again later'));
@@ -248,15 +239,21 @@ export class SmtpIntake {
       this.deps.commits.write('countRefusal', 'queue-full').catch(() => {});
       return cb(reply(452, '4.3.1 Queue full, try again later'));
     }
-    const now = clock.now();
-    const hit = checkRateLimits(sqlite, address, now, config.rateLimits);
+    const hit = checkRateLimits(sqlite, address, clock.now(), config.rateLimits);
     if (hit) {
       this.logRateLimit(address, hit.limit, hit.count, hit.max);
       this.deps.commits.write('countRefusal', 'rate-limit').catch(() => {});
       return cb(reply(451, `4.7.1 ${rateLimitMessage(hit)}, try again later`));
     }
-    const s = this.state(session);
-    s.queueId = newQueueId(now);
+    // In-flow pacing: mail that may be accepted waits while delivery is behind. The checks above
+    // are not repeated after the wait: the transaction that stores the message runs them again.
+    const paced = this.deps.inFlow?.admit();
+    if (!paced) return this.mailAccepted(session, cb);
+    paced.then(() => (this.closing ? cb(reply(421, '4.3.2 Service shutting down, try again later')) : this.mailAccepted(session, cb)));
+  }
+
+  private mailAccepted(session: SMTPServerSession, cb: Callback) {
+    this.state(session).queueId = newQueueId(this.deps.clock.now());
     cb();
   }
 

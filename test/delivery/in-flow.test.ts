@@ -2,14 +2,15 @@
 // until delivery has taken some, or at most inFlowDelay; nothing is refused for it. The gate on
 // its own, then a relay whose one worker is held by a real upstream that does not answer yet.
 import assert from 'node:assert/strict';
-import { after, describe, test } from 'node:test';
+import { describe, type TestContext, test } from 'node:test';
+import { createApp } from '../../src/api/app.js';
 import { inFlowBacklogLimit } from '../../src/delivery/engine.js';
 import { InFlowGate } from '../../src/delivery/in-flow.js';
 import type { Relay } from '../../src/main.js';
 import { SmtpClient, startTestRelay, startUpstream, waitFor } from '../helpers.js';
 
-/** The pacing limit of the one-worker relays below. */
-const LIMIT = inFlowBacklogLimit(1);
+/** The pacing limit of the one-worker relays below (no queueSize). */
+const LIMIT = inFlowBacklogLimit(1, 0);
 
 /** Whether a promise settled by now (after pending callbacks ran). */
 async function settled(promise: Promise<unknown>): Promise<boolean> {
@@ -22,6 +23,14 @@ async function settled(promise: Promise<unknown>): Promise<boolean> {
 }
 
 describe('in-flow gate', () => {
+  test('the limit: 100 due messages per worker, at most 10,000 and at most half of queueSize', () => {
+    assert.equal(inFlowBacklogLimit(5, 1000), 500);
+    assert.equal(inFlowBacklogLimit(16, 1000), 500);
+    assert.equal(inFlowBacklogLimit(16, 0), 1600);
+    assert.equal(inFlowBacklogLimit(1000, 0), 10_000);
+    assert.equal(inFlowBacklogLimit(1, 1), 1);
+  });
+
   test('admits at once under the limit; over it, waits until delivery takes mail', async () => {
     const gate = new InFlowGate(2, 60_000);
     gate.setEnabled(true);
@@ -69,16 +78,12 @@ describe('in-flow gate', () => {
 });
 
 describe('in-flow pacing in the relay', () => {
-  const cleanup: Array<() => Promise<unknown>> = [];
-  after(async () => {
-    for (const c of cleanup.reverse()) await c();
-  });
-
   /**
-   * A relay with one worker, forwarding to an upstream that holds every DATA until released, with
-   * the first message in the worker's hands and a backlog of exactly the pacing limit behind it.
+   * A relay with one worker (no queueSize, so the pacing limit is LIMIT) forwarding to an upstream
+   * that holds every DATA until released, and a client session after EHLO. Everything is closed
+   * after the test, the upstream released first.
    */
-  async function backlogged(inFlowDelay: number) {
+  async function pacedRelay(t: TestContext, inFlowDelay: number) {
     const held: Array<() => void> = [];
     let holding = true;
     const upstream = await startUpstream({
@@ -91,38 +96,46 @@ describe('in-flow pacing in the relay', () => {
       holding = false;
       for (const answer of held.splice(0)) answer();
     };
-    cleanup.push(() => upstream.close());
-    cleanup.push(async () => release());
     const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, workerCount: 1, batchDelay: 0, inFlowDelay },
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, workerCount: 1, batchDelay: 0, queueSize: 0, inFlowDelay },
       { deliveryPollMs: 20 },
     );
-    cleanup.push(() => relay.stop());
     const client = await SmtpClient.connect(relay.smtpPort);
-    cleanup.push(async () => client.close());
+    t.after(async () => {
+      release();
+      client.close();
+      await relay.stop();
+      await upstream.close();
+    });
     assert.match(await client.read(), /^220/);
     assert.match(await client.send('EHLO client.test'), /^250/);
-    for (let i = 0; i <= LIMIT; i++) {
-      assert.match(await client.send('MAIL FROM:<sender@example.com>'), /^250/, `MAIL ${i}`);
-      assert.match(await client.send('RCPT TO:<rcpt@example.com>'), /^250/);
-      assert.match(await client.send('DATA'), /^354/);
-      assert.match(await client.send(`Subject: ${i}\r\n\r\nbody\r\n.`), /^250/);
-    }
-    await waitFor(() => held.length === 1 && dueCount(relay) === LIMIT, 10_000, 'one message at the upstream, the rest due');
-    await waitFor(() => relay.delivery.inFlow.stats().backlog === LIMIT, 10_000, 'the backlog measured');
     return { relay, client, release, held };
   }
 
-  function dueCount(relay: Relay): number {
-    return (relay.store.sqlite.prepare(`SELECT count(*) AS n FROM messages WHERE state = 'queued'`).get() as { n: number }).n;
+  async function sendOne(client: SmtpClient, subject: string): Promise<void> {
+    assert.match(await client.send('MAIL FROM:<sender@example.com>'), /^250/, subject);
+    assert.match(await client.send('RCPT TO:<rcpt@example.com>'), /^250/);
+    assert.match(await client.send('DATA'), /^354/);
+    assert.match(await client.send(`Subject: ${subject}\r\n\r\nbody\r\n.`), /^250/);
   }
 
-  function state(relay: Relay, states: string): number {
-    return (relay.store.sqlite.prepare(`SELECT count(*) AS n FROM messages WHERE state = ?`).get(states) as { n: number }).n;
+  /** As pacedRelay, with the first message held at the upstream and LIMIT due behind it. */
+  async function backlogged(t: TestContext, inFlowDelay: number) {
+    const paced = await pacedRelay(t, inFlowDelay);
+    const { relay, client, held } = paced;
+    for (let i = 0; i <= LIMIT; i++) await sendOne(client, `message ${i}`);
+    await waitFor(() => held.length === 1 && count(relay, 'queued') === LIMIT, 10_000, 'one message at the upstream, the rest due');
+    // a poll that ran before the last commit counted one less: wait for one that ran after it
+    await waitFor(() => relay.delivery.inFlow.stats().backlog === LIMIT, 10_000, 'the backlog counted');
+    return paced;
   }
 
-  test('a MAIL over the backlog waits, and goes ahead when the worker takes the next message', async () => {
-    const { relay, client, release } = await backlogged(10_000);
+  function count(relay: Relay, state: string): number {
+    return (relay.store.sqlite.prepare('SELECT count(*) AS n FROM messages WHERE state = ?').get(state) as { n: number }).n;
+  }
+
+  test('a MAIL over the backlog waits, and goes ahead when the worker takes the next message', async (t) => {
+    const { relay, client, release } = await backlogged(t, 10_000);
     client.write('MAIL FROM:<sender@example.com>\r\n');
     const reply = client.read(30_000);
     await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
@@ -134,36 +147,46 @@ describe('in-flow pacing in the relay', () => {
     assert.match(await client.send('RCPT TO:<rcpt@example.com>'), /^250/);
     assert.match(await client.send('DATA'), /^354/);
     assert.match(await client.send('Subject: paced\r\n\r\nbody\r\n.'), /^250/);
-    await waitFor(() => state(relay, 'delivered') === LIMIT + 2, 30_000, 'everything delivered');
+    await waitFor(() => count(relay, 'delivered') === LIMIT + 2, 60_000, 'everything delivered');
   });
 
-  test('with the upstream stuck, a MAIL waits inFlowDelay and is then accepted: nothing is refused', async () => {
-    const { relay, client } = await backlogged(100);
-    for (let i = 0; i < 3; i++) {
-      assert.match(await client.send('MAIL FROM:<sender@example.com>'), /^250/);
-      assert.match(await client.send('RCPT TO:<rcpt@example.com>'), /^250/);
-      assert.match(await client.send('DATA'), /^354/);
-      assert.match(await client.send(`Subject: late ${i}\r\n\r\nbody\r\n.`), /^250/);
-    }
-    assert.deepEqual(
-      [relay.delivery.inFlow.stats().delayed, relay.delivery.inFlow.stats().timedOut, dueCount(relay)],
-      [3, 3, LIMIT + 3],
-    );
+  test('with the upstream stuck, a MAIL waits inFlowDelay and is then accepted: nothing is refused', async (t) => {
+    const { relay, client } = await backlogged(t, 100);
+    for (let i = 0; i < 3; i++) await sendOne(client, `late ${i}`);
+    const { delayed, timedOut } = relay.delivery.inFlow.stats();
+    assert.deepEqual([delayed, timedOut, count(relay, 'queued')], [3, 3, LIMIT + 3]);
+    // what an operator sees: /metrics over HTTP, and its Prometheus form through the app
+    const metrics = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/metrics`)).json()) as { intake_pacing: unknown };
+    assert.deepEqual(metrics.intake_pacing, { waiting: 0, delayed: 3, timed_out: 3 });
+    const text = await (await createApp({ ...relay, getClientIp: () => '127.0.0.1' }).request('/metrics?format=prometheus')).text();
+    assert.match(text, /^relayq_intake_paced_total 3$/m);
+    assert.match(text, /^relayq_intake_paced_timeouts_total 3$/m);
+    assert.match(text, /^relayq_intake_paced_waiting 0$/m);
   });
 
-  test('inFlowDelay 0: no MAIL waits, however large the backlog', async () => {
-    const { relay, client } = await backlogged(0);
-    assert.match(await client.send('MAIL FROM:<sender@example.com>'), /^250/);
+  test('a count that ran ahead of the store (MAILs that stored nothing) is corrected by the next poll', async (t) => {
+    // no claim comes to lower it: only the poll's count of due mail (none) lets the MAIL go
+    const { relay, client } = await pacedRelay(t, 10_000);
+    for (let i = 0; i < LIMIT; i++) relay.delivery.inFlow.admit();
+    await sendOne(client, 'after the poll');
+    assert.equal(relay.delivery.inFlow.stats().timedOut, 0);
+  });
+
+  test('inFlowDelay 0: no MAIL waits, however large the backlog', async (t) => {
+    const { relay, client } = await backlogged(t, 0);
+    await sendOne(client, 'not paced');
     assert.equal(relay.delivery.inFlow.stats().delayed, 0);
   });
 
-  test('a MAIL waiting when shutdown begins gets 421', async () => {
-    const { relay, client } = await backlogged(10_000);
+  test('a MAIL waiting when shutdown begins gets 421, and the stop lets it go', async (t) => {
+    const { relay, client } = await backlogged(t, 10_000);
     client.write('MAIL FROM:<sender@example.com>\r\n');
     const reply = client.read(30_000);
     await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
     const stopping = relay.stop();
     assert.match(await reply, /^421 4\.3\.2/);
     await stopping;
+    const { waiting, timedOut } = relay.delivery.inFlow.stats();
+    assert.deepEqual([waiting, timedOut], [0, 0]);
   });
 });
