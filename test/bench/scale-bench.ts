@@ -8,8 +8,9 @@ import http from 'node:http';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { migrations } from '../../migrations/index.js';
+import { inFlowBacklogLimit } from '../../src/delivery/engine.js';
 import { openStore } from '../../src/store/db.js';
-import { claimDueBatches, findTemporaryFailures, hasDueWork } from '../../src/store/delivery.js';
+import { claimDueBatches, countDueQueued, findTemporaryFailures, hasDueWork } from '../../src/store/delivery.js';
 import { checkRateLimits, GLOBAL_SENDER_KEY, isQueueFull, windowCount } from '../../src/store/intake.js';
 import { pruneRateBuckets } from '../../src/store/retention.js';
 import { type FixtureSummary, HOT_SENDER, writeFixture } from './fixture.js';
@@ -33,6 +34,9 @@ export interface StoreCosts {
   queueSizeCheckUs: number;
   /** hasDueWork when nothing is due (the idle poll), µs. */
   dueProbeIdleUs: number;
+  /** The in-flow pacing count at each poll, up to 16 workers' limit (1,600) with all mail due, µs. */
+  inFlowCountUs: number;
+  inFlowCounted: number;
   /** claimDueBatches of 16 due messages (batchSize 20) in a rolled-back transaction, µs. */
   claimUs: number;
   claimed: number;
@@ -104,6 +108,10 @@ export async function measureStoreCosts(fixture: FixtureSummary): Promise<StoreC
     const rateLimitCheckUs = microsPerCall(() => checkRateLimits(sqlite, HOT_SENDER, now, LIMITS));
     const queueSizeCheckUs = microsPerCall(() => isQueueFull(sqlite, 1000));
     const dueProbeIdleUs = microsPerCall(() => hasDueWork(sqlite, now));
+    let inFlowCounted = 0;
+    const inFlowCountUs = microsPerCall(() => {
+      inFlowCounted = countDueQueued(sqlite, fixture.allDueAt, inFlowBacklogLimit(16, 0));
+    });
     let claimed = 0;
     let token = 0;
     const claimUs = microsPerCall(
@@ -146,6 +154,8 @@ export async function measureStoreCosts(fixture: FixtureSummary): Promise<StoreC
       rateLimitCheckUs,
       queueSizeCheckUs,
       dueProbeIdleUs,
+      inFlowCountUs,
+      inFlowCounted,
       claimUs,
       claimed,
       pruneBucketsUs,
@@ -260,6 +270,7 @@ export async function runScale(settings: ScaleSettings): Promise<ScaleResult> {
       rateLimitCheckUs: median(runs.map((r) => r.rateLimitCheckUs)),
       queueSizeCheckUs: median(runs.map((r) => r.queueSizeCheckUs)),
       dueProbeIdleUs: median(runs.map((r) => r.dueProbeIdleUs)),
+      inFlowCountUs: median(runs.map((r) => r.inFlowCountUs)),
       claimUs: median(runs.map((r) => r.claimUs)),
       pruneBucketsUs: median(runs.map((r) => r.pruneBucketsUs)),
       temporaryFailuresScanUs: median(runs.map((r) => r.temporaryFailuresScanUs)),
@@ -267,7 +278,7 @@ export async function runScale(settings: ScaleSettings): Promise<ScaleResult> {
   });
   for (const s of storeMedian) {
     log(
-      `${String(s.messages).padStart(8)} messages (hot sender ${s.window.senderHour}/h ${s.window.senderDay}/day, all ${s.window.globalDay}/day): rate-limit check ${s.rateLimitCheckUs.toFixed(1)} µs, queue-size check ${s.queueSizeCheckUs.toFixed(1)} µs, due probe ${s.dueProbeIdleUs.toFixed(1)} µs, claim of ${s.claimed} ${s.claimUs.toFixed(0)} µs, rate-bucket pruning step ${(s.pruneBucketsUs / 1000).toFixed(1)} ms, failed-mail requeue scan step ${(s.temporaryFailuresScanUs / 1000).toFixed(1)} ms`,
+      `${String(s.messages).padStart(8)} messages (hot sender ${s.window.senderHour}/h ${s.window.senderDay}/day, all ${s.window.globalDay}/day): rate-limit check ${s.rateLimitCheckUs.toFixed(1)} µs, queue-size check ${s.queueSizeCheckUs.toFixed(1)} µs, due probe ${s.dueProbeIdleUs.toFixed(1)} µs, in-flow count of ${s.inFlowCounted} ${s.inFlowCountUs.toFixed(1)} µs, claim of ${s.claimed} ${s.claimUs.toFixed(0)} µs, rate-bucket pruning step ${(s.pruneBucketsUs / 1000).toFixed(1)} ms, failed-mail requeue scan step ${(s.temporaryFailuresScanUs / 1000).toFixed(1)} ms`,
     );
   }
 
