@@ -3,7 +3,7 @@
 // machine (a store-nothing smtp-server and the disk's fsync rate), all in one run. Prints a
 // summary with ratios and the targets, and writes everything to bench-results/<time>.json.
 //
-//   npm run bench                      full run (about 10 minutes on 2 cores)
+//   npm run bench                      full run (about 12 minutes on 2 cores)
 //   npm run bench -- --quick           short runs, one repeat, a 100,000-message scale fixture
 //   npm run bench -- --only intake,fsync
 //   npm run bench -- --cpu-prof        also write a CPU profile of every relay process
