@@ -243,6 +243,12 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
   if (c.retry.initialDelay > c.retry.maxDelay) {
     fail('retry.initialDelay', ['retry.initialDelay', 'retry.maxDelay'], 'retry.initialDelay must not exceed retry.maxDelay');
   }
+  if (c.inFlowDelay > 0 && c.inFlowDelay <= 10) {
+    // Postfix's in_flow_delay is in seconds (1s by default, at most 10s); this key is in ms
+    warnings.push(
+      `inFlowDelay is in milliseconds: ${c.inFlowDelay} ms hardly slows intake while delivery is behind; Postfix's in_flow_delay = 1s is inFlowDelay 1000`,
+    );
+  }
   const noCredentials = !c.defaultUsername || !c.defaultPassword;
   if (c.security.requireAuth && noCredentials) {
     if (c.security.allowLocalOnly) {

@@ -103,6 +103,19 @@ describe('loadConfig', () => {
     assert.match(r.warnings[0], /loopback clients without AUTH/);
   });
 
+  test('inFlowDelay given in seconds, as Postfix takes in_flow_delay, gets a warning; milliseconds do not', () => {
+    const seconds = loadConfig(['--inFlowDelay', '2'], { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' });
+    assert.ok(seconds.ok);
+    assert.deepEqual(seconds.warnings, [
+      "inFlowDelay is in milliseconds: 2 ms hardly slows intake while delivery is behind; Postfix's in_flow_delay = 1s is inFlowDelay 1000",
+    ]);
+    for (const ms of ['0', '500', '1000']) {
+      const r = loadConfig(['--inFlowDelay', ms], { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' });
+      assert.ok(r.ok);
+      assert.deepEqual(r.warnings, [], ms);
+    }
+  });
+
   test('requireAuth without credentials and allowLocalOnly=false is refused, saying how to fix it', () => {
     const r = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false' });
     assert.equal(r.ok, false);
