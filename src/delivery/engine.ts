@@ -14,10 +14,10 @@ import {
   type ClaimedBatch,
   type ClaimResult,
   type CompletionResult,
+  countDueQueued,
   type FailedScanCursor,
   failedPage,
   findTemporaryFailures,
-  countDueQueued,
   hasDueWork,
 } from '../store/delivery.js';
 import type { StoreWriter } from '../store/writer.js';

@@ -1,7 +1,7 @@
-// In-flow pacing, as Postfix's in_flow_delay: while more mail is due than the workers are taking,
-// each new MAIL FROM waits until delivery has taken some (or at most `delayMs`), so that intake
-// cannot outrun delivery for long and the queue does not grow without bound. Nothing is refused:
-// a client that waits the whole delay goes ahead anyway.
+// In-flow pacing, modelled on Postfix's in_flow_delay: while at least `limit` due messages wait
+// for a worker, each new MAIL FROM waits until delivery has taken some (or at most `delayMs`), so
+// that intake cannot outrun delivery for long and the queue does not grow without bound. Nothing
+// is refused: a client that waits the whole delay goes ahead anyway.
 //
 // The backlog (due mail not yet claimed) is measured by the delivery engine at each poll and kept
 // current in between: +1 per admitted MAIL, minus each claim. The estimate drifts (a refused or

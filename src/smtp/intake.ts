@@ -8,8 +8,8 @@ import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream,
 import { clientFilter, isLoopback, normalizeIp } from '../access-control.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import type { Sqlite } from '../store/db.js';
 import type { InFlowGate } from '../delivery/in-flow.js';
+import type { Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import type { StoreWriter } from '../store/writer.js';
 import {
