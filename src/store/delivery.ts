@@ -72,7 +72,11 @@ export function hasDueWork(sqlite: Sqlite, now: number): boolean {
   return row.due === 1;
 }
 
-/** Queued messages that are due now, counted up to `limit` (the in-flow backlog). */
+/**
+ * Queued messages that are due now, counted up to `limit` (the in-flow backlog). The rows of
+ * SELECT_DUE_SQL, but `SELECT 1`: the index alone answers, without a lookup of each row for its
+ * id (counting 1,600 that way took twice as long).
+ */
 export function countDueQueued(sqlite: Sqlite, now: number, limit: number): number {
   const row = prepared(
     sqlite,
