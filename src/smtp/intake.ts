@@ -45,6 +45,11 @@ function reply(code: number, text: string): Error & { responseCode: number } {
   return Object.assign(new Error(text), { responseCode: code });
 }
 
+/** The reply to a connection or MAIL once shutdown has begun. */
+function shuttingDown() {
+  return reply(421, '4.3.2 Service shutting down, try again later');
+}
+
 /**
  * Parameters taken on MAIL FROM and RCPT TO: those of the extensions relayq offers (smtp-server
  * checks their values), and DSN's, which are accepted and ignored because DSN is not offered
@@ -187,7 +192,7 @@ export class SmtpIntake {
   }
 
   private onConnect(session: SMTPServerSession, cb: Callback) {
-    if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
+    if (this.closing) return cb(shuttingDown());
     if (!this.allowed(this.peer(session))) {
       this.deps.logger.warn({ event: 'smtp.refused', client: this.peer(session) }, 'client not allowed');
       return cb(reply(554, '5.7.1 Access denied: client not allowed'));
@@ -223,7 +228,7 @@ export class SmtpIntake {
     // smtp-server sets the flag when MAIL carries SMTPUTF8 and clears it only at RSET or EHLO,
     // so a MAIL refused with it would leave it set for the next MAIL without it
     session.envelope.smtpUtf8 = path.args !== false && Boolean(path.args.SMTPUTF8);
-    if (this.closing) return cb(reply(421, '4.3.2 Service shutting down, try again later'));
+    if (this.closing) return cb(shuttingDown());
     const { config, sqlite, clock } = this.deps;
     if (config.security.requireAuth && !session.user && (this.credentialsConfigured || !isLoopback(this.peer(session)))) {
       return cb(reply(530, '5.7.0 Authentication required'));
@@ -249,7 +254,7 @@ export class SmtpIntake {
     // are not repeated after the wait: the transaction that stores the message runs them again.
     const paced = this.deps.inFlow?.admit();
     if (!paced) return this.mailAccepted(session, cb);
-    paced.then(() => (this.closing ? cb(reply(421, '4.3.2 Service shutting down, try again later')) : this.mailAccepted(session, cb)));
+    paced.then(() => (this.closing ? cb(shuttingDown()) : this.mailAccepted(session, cb)));
   }
 
   private mailAccepted(session: SMTPServerSession, cb: Callback) {
