@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { CONFIG_KEYS } from '../../src/config/schema.js';
+import { defaultConfig } from '../../src/config/schema.js';
 import { type FsyncCeiling, measureFsyncCeiling } from './fsync.js';
 import {
   caseName,
@@ -54,7 +54,7 @@ interface Options {
 }
 
 /** The relay's own default, which the sustained runs use unless they are the unpaced ones. */
-const IN_FLOW_DELAY_DEFAULT = CONFIG_KEYS.find((k) => k.path === 'inFlowDelay')?.default as number;
+const IN_FLOW_DELAY_DEFAULT = defaultConfig().inFlowDelay;
 
 function numbers(list: string): number[] {
   return list === '' ? [] : list.split(',').map(Number);
