@@ -7,6 +7,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
+import type { SinkCounters } from './counting-sink.js';
 import type { SinkListener, SinkMessage } from './sink-server.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -124,14 +125,8 @@ async function terminate(child: ChildProcess, graceMs = 15_000, signal: NodeJS.S
   clearTimeout(timer);
 }
 
-export interface SinkStats {
-  messages: number;
-  recipients: number;
-  bytes: number;
-  connections: number;
-  firstAt: number;
-  lastAt: number;
-}
+/** What a sink has counted since it started. */
+export type SinkStats = SinkCounters;
 
 export interface SinkProcess {
   port: number;

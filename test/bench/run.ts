@@ -133,7 +133,7 @@ async function main() {
 
   const sinks: SinkProcess[] = [];
   try {
-    const upstream = await startSink('relayq');
+    const upstream = await startSink('counting');
     const ceiling = await startSink('relayq');
     const stock = await startSink('stock');
     sinks.push(upstream, ceiling, stock);

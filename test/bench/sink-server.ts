@@ -1,20 +1,22 @@
 // An SMTP server that stores nothing: it drains DATA and answers 250. Run as its own process
-// (forked by the benchmark, IPC channel for its counters) in one of two roles:
-//   - the store-nothing ceiling: what smtp-server itself can accept on this machine, with the
-//     options relayq uses (no AUTH required, no reverse lookup);
-//   - the counting upstream that relayq forwards to.
-// `--listener stock` is smtp-server as shipped (100 ms pause before every greeting);
-// `--listener relayq` uses relayq's listener class, which drops that pause.
+// (forked by the benchmark, IPC channel for its counters) in one of three roles:
+//   - `--listener relayq`, the store-nothing ceiling: what smtp-server itself can accept on this
+//     machine, with relayq's listener class (no greeting pause) and the options relayq uses (no
+//     AUTH required, no reverse lookup);
+//   - `--listener stock`: smtp-server as shipped (100 ms pause before every greeting);
+//   - `--listener counting`: the upstream that relayq forwards to, on raw sockets
+//     (counting-sink.ts), so that it takes little of the CPU the relay is measured on.
 import type net from 'node:net';
 import { SMTPServer, type SMTPServerOptions } from 'smtp-server';
 import { RelayqSmtpServer } from '../../src/smtp/server.js';
+import { createCountingSink, newCounters, type SinkCounters } from './counting-sink.js';
 
-export type SinkListener = 'stock' | 'relayq';
+export type SinkListener = 'stock' | 'relayq' | 'counting';
 
 export type SinkRequest = { type: 'stats' };
 export type SinkMessage =
   | { type: 'listening'; port: number }
-  | { type: 'stats'; messages: number; recipients: number; bytes: number; connections: number; firstAt: number; lastAt: number };
+  | ({ type: 'stats' } & SinkCounters);
 
 function argument(name: string, fallback: string): string {
   const i = process.argv.indexOf(`--${name}`);
@@ -24,7 +26,7 @@ function argument(name: string, fallback: string): string {
 const listener = argument('listener', 'stock') as SinkListener;
 const port = Number(argument('port', '0'));
 
-const stats = { messages: 0, recipients: 0, bytes: 0, connections: 0, firstAt: 0, lastAt: 0 };
+const stats = newCounters();
 
 const options: SMTPServerOptions = {
   name: 'sink.bench',
@@ -58,12 +60,17 @@ const options: SMTPServerOptions = {
   },
 };
 
-const server = listener === 'relayq' ? new RelayqSmtpServer(options) : new SMTPServer(options);
-server.on('error', () => {
-  // client resets during the benchmark are expected
-});
+function smtpServer(): net.Server {
+  const server = listener === 'relayq' ? new RelayqSmtpServer(options) : new SMTPServer(options);
+  server.on('error', () => {
+    // client resets during the benchmark are expected
+  });
+  return server.server;
+}
+
+const server = listener === 'counting' ? createCountingSink(stats) : smtpServer();
 server.listen(port, '127.0.0.1', () => {
-  const address = server.server.address() as net.AddressInfo;
+  const address = server.address() as net.AddressInfo;
   process.send?.({ type: 'listening', port: address.port } satisfies SinkMessage);
 });
 
