@@ -96,7 +96,7 @@ export function adminRoutes(deps: ApiDeps) {
         throw badRequest(`state must be one of ${MESSAGE_STATES.join(', ')}`);
       }
       const before = c.req.query('before');
-      if (before === '') throw badRequest('before must be a message id (the next_before of the previous page)');
+      if (before === '') throw badRequest('before must be the next_before of the previous page, or a message id');
       try {
         const page = listMessages(store.sqlite, {
           state: state as MessageState | undefined,

@@ -67,7 +67,7 @@ operatorCommand('queue', 'list messages, newest first')
   .option('--sender <address>', 'only mail from this envelope sender (case-insensitive; "" = the null sender)')
   .option('--recipient <address>', 'only mail to this recipient')
   .option('--limit <n>', 'at most this many messages', positiveInt, 50)
-  .option('--before <id>', 'the page after this message id (printed at the end of a full page)')
+  .option('--before <cursor>', 'the page after this one (the cursor printed at the end of a full page, or a message id)')
   .action(async (opts, cmd: Command) =>
     (await import('./queue.js')).queueCommand({ state: opts.state, sender: opts.sender, recipient: opts.recipient, limit: opts.limit, before: opts.before }, globals(cmd)),
   );

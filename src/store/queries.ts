@@ -139,7 +139,7 @@ export interface MessageFilter {
   /** A recipient address, in any case. */
   recipient?: string;
   limit: number;
-  /** Only messages listed after this one (newest first): the previous page's last id. */
+  /** Only messages listed after this cursor (newest first): the previous page's nextBefore, or a message id. */
   before?: string;
 }
 
@@ -160,7 +160,11 @@ export interface MessageSummary {
 
 export interface MessagePage {
   messages: MessageSummary[];
-  /** Pass as `before` for the next page; null when this page is the last. */
+  /**
+   * Pass as `before` for the next page; null when this page is the last. It is the arrival time
+   * and id of the page's last message (`<received_at>-<id>`), so it stays valid when that message
+   * is deleted before the next page is read.
+   */
   nextBefore: string | null;
 }
 
@@ -181,13 +185,19 @@ export function listMessages(sqlite: Sqlite, filter: MessageFilter): MessagePage
   return sqlite.transaction(() => listMessagesNow(sqlite, filter))();
 }
 
+type Cursor = { receivedAt: number; id: string };
+
+/** `<received_at>-<id>` as nextBefore writes it; a bare message id is looked up. */
+function parseCursor(sqlite: Sqlite, before: string): Cursor {
+  const written = /^(\d{1,15})-(.+)$/.exec(before);
+  if (written) return { receivedAt: Number(written[1]), id: written[2] };
+  const row = prepared(sqlite, 'SELECT received_at FROM messages WHERE id = ?').get(before) as { received_at: number } | undefined;
+  if (!row) throw new UnknownCursor(`before: no message with id ${before}`);
+  return { receivedAt: row.received_at, id: before };
+}
+
 function listMessagesNow(sqlite: Sqlite, filter: MessageFilter): MessagePage {
-  let cursor: { receivedAt: number; id: string } | undefined;
-  if (filter.before !== undefined) {
-    const row = prepared(sqlite, 'SELECT received_at FROM messages WHERE id = ?').get(filter.before) as { received_at: number } | undefined;
-    if (!row) throw new UnknownCursor(`before: no message with id ${filter.before}`);
-    cursor = { receivedAt: row.received_at, id: filter.before };
-  }
+  const cursor = filter.before === undefined ? undefined : parseCursor(sqlite, filter.before);
   const fetch = filter.limit + 1;
   let rows: MessageSummary[];
   if (filter.recipient === undefined && filter.sender === undefined && filter.state === undefined) {
@@ -199,7 +209,8 @@ function listMessagesNow(sqlite: Sqlite, filter: MessageFilter): MessagePage {
   }
   const more = rows.length > filter.limit;
   const messages = rows.slice(0, filter.limit);
-  return { messages, nextBefore: more ? messages[messages.length - 1].id : null };
+  const last = messages[messages.length - 1];
+  return { messages, nextBefore: more ? `${last.received_at}-${last.id}` : null };
 }
 
 function newestFirst(a: MessageSummary, b: MessageSummary): number {
@@ -207,7 +218,7 @@ function newestFirst(a: MessageSummary, b: MessageSummary): number {
   return a.id < b.id ? 1 : a.id > b.id ? -1 : 0;
 }
 
-function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: { receivedAt: number; id: string } | undefined, limit: number): MessageSummary[] {
+function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: Cursor | undefined, limit: number): MessageSummary[] {
   const where: string[] = [];
   const params: unknown[] = [];
   const byRecipient = filter.recipient !== undefined;

@@ -203,8 +203,21 @@ describe('admin: queue inspection', () => {
           truth("WHERE state = 'failed'"),
         );
       }
+      // The cursor outlives its message: delete the last one listed, and the next page starts
+      // where it would have. A bare message id still works as a cursor.
+      const order = truth('');
+      const firstPage = (await call<Page>(relay, '/admin/messages?limit=3')).body;
+      assert.deepEqual(firstPage.messages.map((m) => m.id), order.slice(0, 3));
+      const byId = (await call<Page>(relay, `/admin/messages?limit=3&before=${order[2]}`)).body;
+      assert.deepEqual(byId.messages.map((m) => m.id), order.slice(3, 6));
+      assert.equal((await call(relay, `/admin/messages/${order[2]}`, { method: 'DELETE' })).status, 200);
+      const next = await call<Page>(relay, `/admin/messages?limit=3&before=${firstPage.next_before}`);
+      assert.equal(next.status, 200);
+      assert.deepEqual(next.body.messages.map((m) => m.id), order.slice(3, 6));
+      assert.equal(next.body.next_before, byId.next_before);
+
       const all = (await call<Page>(relay, '/admin/messages')).body.messages;
-      assert.equal(all.length, 9, 'default page of 50');
+      assert.equal(all.length, 8, 'default page of 50');
       for (let i = 1; i < all.length; i++) {
         const [newer, older] = [all[i - 1], all[i]];
         assert.ok(newer.received_at > older.received_at || (newer.received_at === older.received_at && newer.id > older.id), 'newest first');
@@ -229,7 +242,7 @@ describe('admin: queue inspection', () => {
         ['limit=1001', 'limit must be an integer from 1 to 1000'],
         ['limit=ten', 'limit must be an integer from 1 to 1000'],
         ['before=NOSUCHMESSAGE', 'before: no message with id NOSUCHMESSAGE'],
-        ['before=', 'before must be a message id (the next_before of the previous page)'],
+        ['before=', 'before must be the next_before of the previous page, or a message id'],
       ];
       for (const [query, message] of bad) {
         const res = await call(relay, `/admin/messages?${query}`);
