@@ -18,7 +18,7 @@ export async function queueCommand(options: QueueOptions, global: GlobalOptions)
     try {
       return listMessages(sqlite, options);
     } catch (err) {
-      if (err instanceof UnknownCursor) throw new CliError(`no message with id ${options.before} (--before)`);
+      if (err instanceof UnknownCursor) throw new CliError(`--${err.message}`);
       throw err;
     }
   });

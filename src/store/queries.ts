@@ -187,10 +187,11 @@ export function listMessages(sqlite: Sqlite, filter: MessageFilter): MessagePage
 
 type Cursor = { receivedAt: number; id: string };
 
-/** `<received_at>-<id>` as nextBefore writes it; a bare message id is looked up. */
+/** `<received_at>-<id>` as nextBefore writes it; a bare message id (queue ids have no `-`) is looked up. */
 function parseCursor(sqlite: Sqlite, before: string): Cursor {
-  const written = /^(\d{1,15})-(.+)$/.exec(before);
+  const written = /^(\d{1,15})-([0-9A-Za-z]+)$/.exec(before);
   if (written) return { receivedAt: Number(written[1]), id: written[2] };
+  if (before.includes('-')) throw new UnknownCursor(`before: ${before} is not a cursor (<received_at>-<id>, as next_before gives it)`);
   const row = prepared(sqlite, 'SELECT received_at FROM messages WHERE id = ?').get(before) as { received_at: number } | undefined;
   if (!row) throw new UnknownCursor(`before: no message with id ${before}`);
   return { receivedAt: row.received_at, id: before };

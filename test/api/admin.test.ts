@@ -242,6 +242,9 @@ describe('admin: queue inspection', () => {
         ['limit=1001', 'limit must be an integer from 1 to 1000'],
         ['limit=ten', 'limit must be an integer from 1 to 1000'],
         ['before=NOSUCHMESSAGE', 'before: no message with id NOSUCHMESSAGE'],
+        ['before=1-', 'before: 1- is not a cursor (<received_at>-<id>, as next_before gives it)'],
+        ['before=-1A2239F2D794D2B77B69', 'before: -1A2239F2D794D2B77B69 is not a cursor (<received_at>-<id>, as next_before gives it)'],
+        ['before=99999999999999999999-X', 'before: 99999999999999999999-X is not a cursor (<received_at>-<id>, as next_before gives it)'],
         ['before=', 'before must be the next_before of the previous page, or a message id'],
       ];
       for (const [query, message] of bad) {

@@ -158,10 +158,12 @@ describe('relayq CLI on the database of a running relay', () => {
     const badJson = path.join(dir, 'bad.json');
     fs.writeFileSync(badJson, '{"databasePath": ');
     const keep = ids.queued[0];
-    const [unknownShow, unknownDelete, badState, unreadable, missing, badConfig] = await Promise.all([
+    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, unreadable, missing, badConfig] = await Promise.all([
       cli('show', 'NOSUCHID'),
       cli('delete', keep, 'NOSUCHID'),
       cli('queue', '--state', 'lost'),
+      cli('queue', '--before', 'NOSUCHID'),
+      cli('queue', '--before', '12-'),
       runCli(['status'], { env: { DATABASE_PATH: garbage } }),
       runCli(['queue'], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
       runCli(['status', '--config', badJson]),
@@ -169,6 +171,8 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(unknownShow, /^relayq: no message with id NOSUCHID$/);
     assertOneLineError(unknownDelete, /no message with id NOSUCHID; nothing deleted/);
     assertOneLineError(badState, /state.*lost.*queued, sending, delivered, failed/);
+    assertOneLineError(unknownBefore, /^relayq: --before: no message with id NOSUCHID$/);
+    assertOneLineError(badBefore, /^relayq: --before: 12- is not a cursor/);
     assertOneLineError(unreadable, /cannot read database .*not-a-database\.db: file is not a database/);
     assertOneLineError(missing, /no database at .*missing\.db/);
     assertOneLineError(badConfig, /bad\.json is not valid JSON/);
