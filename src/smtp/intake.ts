@@ -80,10 +80,31 @@ function refusedPath(path: SMTPServerAddress, smtpUtf8: boolean, sender: boolean
 
 const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
 
-function onlyEnabledLevels(log: Logger): RelayqSmtpServer['logger'] {
-  const noop = () => {};
-  const methods = LOG_LEVELS.map((level) => [level, log.isLevelEnabled(level) ? log[level].bind(log) : noop]);
-  return Object.fromEntries(methods) as RelayqSmtpServer['logger'];
+/** Socket errors that mean the client went away (Postfix logs "lost connection"), not a relay fault. */
+const LOST_CONNECTION = new Set(['ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH']);
+
+function lostConnection(err: unknown): err is Error & { code: string; remoteAddress?: string } {
+  return LOST_CONNECTION.has((err as { code?: string } | undefined)?.code ?? '');
+}
+
+/**
+ * The logger smtp-server is given: the levels that are off are no-ops. smtp-server logs every
+ * socket error of a session at error, stack included; a client that went away is logged to
+ * `intakeLog` at info instead, in one line (`smtp.connection_lost`).
+ */
+function onlyEnabledLevels(log: Logger, intakeLog: Logger): RelayqSmtpServer['logger'] {
+  type Method = (...args: unknown[]) => void;
+  const noop: Method = () => {};
+  const methods: Record<string, Method> = Object.fromEntries(
+    LOG_LEVELS.map((level) => [level, log.isLevelEnabled(level) ? (log[level].bind(log) as Method) : noop]),
+  );
+  const { error } = methods;
+  methods.error = (entry, ...rest) => {
+    const { err, tnx } = (entry ?? {}) as { err?: unknown; tnx?: string };
+    if (tnx !== 'error' || !lostConnection(err)) return error(entry, ...rest);
+    intakeLog.info({ event: 'smtp.connection_lost', client: err.remoteAddress && normalizeIp(err.remoteAddress), code: err.code }, 'client connection lost');
+  };
+  return methods as unknown as RelayqSmtpServer['logger'];
 }
 
 const AUTH_FAILURE_DELAY_MS = 250;
@@ -139,8 +160,11 @@ export class SmtpIntake {
     } as ConstructorParameters<typeof RelayqSmtpServer>[0], (session) => isLoopback(this.peer(session)));
     // smtp-server wraps the logger it is given so that every command and reply builds a log
     // entry before the level is looked at; give it the levels that are on, and no-ops.
-    this.server.logger = onlyEnabledLevels(smtpLog);
-    this.server.on('error', (err) => deps.logger.warn({ event: 'smtp.error', err: err.message }, 'smtp error'));
+    this.server.logger = onlyEnabledLevels(smtpLog, deps.logger);
+    this.server.on('error', (err) => {
+      // a client that went away during a transaction: already logged as smtp.connection_lost
+      if (!lostConnection(err)) deps.logger.warn({ event: 'smtp.error', err: err.message }, 'smtp error');
+    });
   }
 
   listen(port: number, host: string): Promise<number> {

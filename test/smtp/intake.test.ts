@@ -1,7 +1,10 @@
 import assert from 'node:assert/strict';
+import type net from 'node:net';
+import { Writable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
+import pino from 'pino';
 import type { Relay } from '../../src/main.js';
-import { messageCount, sendMail, startTestRelay } from '../helpers.js';
+import { messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor } from '../helpers.js';
 
 describe('durable intake', () => {
   let relay: Relay;
@@ -68,5 +71,46 @@ describe('durable intake', () => {
     assert.equal(ids.size, 30);
     assert.equal(messageCount(relay), before + 30);
     assert.ok(relay.commits.stats.commits - commitsBefore <= 30);
+  });
+});
+
+describe('intake log', () => {
+  test('a client that resets its connection is one info line (smtp.connection_lost), not an error', async () => {
+    const lines: Array<Record<string, unknown>> = [];
+    const sink = new Writable({
+      write(chunk, _enc, cb) {
+        for (const line of String(chunk).trim().split('\n')) lines.push(JSON.parse(line));
+        cb();
+      },
+    });
+    const relay = await startTestRelay({}, { startDelivery: false, logger: pino({ level: 'info' }, sink) });
+    try {
+      // one reset in the middle of a transaction, one between transactions
+      const inTransaction = await openSession(relay.smtpPort);
+      const between = await SmtpClient.connect(relay.smtpPort);
+      await between.read();
+      await between.send('EHLO client.test');
+      for (const client of [inTransaction, between]) {
+        const closed = new Promise((resolve) => client.socket.once('close', resolve));
+        (client.socket as net.Socket).resetAndDestroy();
+        await closed;
+      }
+      await waitFor(() => lines.filter((l) => l.event === 'smtp.connection_lost').length === 2, 5000, 'two lost connections logged');
+      const lost = lines.filter((l) => l.event === 'smtp.connection_lost');
+      assert.deepEqual(
+        lost.map((l) => [l.level, l.client, l.code, l.component]),
+        [
+          [30, '127.0.0.1', 'ECONNRESET', 'smtp'],
+          [30, '127.0.0.1', 'ECONNRESET', 'smtp'],
+        ],
+      );
+      assert.deepEqual(
+        lines.filter((l) => (l.level as number) >= 50 || l.event === 'smtp.error'),
+        [],
+        'no error lines, no smtp.error warning',
+      );
+    } finally {
+      await relay.stop();
+    }
   });
 });
