@@ -5,6 +5,7 @@
 // on a busy relay that cost about as much CPU as receiving the message. Every timeout is below
 // the claim lease, and an attempt that outlives its deadline is aborted (its connection closed),
 // so a stalled upstream can never hold a batch past its lease.
+import type net from 'node:net';
 import { Readable } from 'node:stream';
 import type tls from 'node:tls';
 import { domainToASCII } from 'node:url';
@@ -65,6 +66,28 @@ interface Envelope {
 function smtpUtf8Refusal(label: string, recipient?: string): UpstreamError {
   const message = `5.6.7 SMTPUTF8 is required, but was not offered by ${label}`;
   return Object.assign(new Error(message), { code: 'EENVELOPE', ...(recipient === undefined ? { notSent: true } : { recipient }) });
+}
+
+/**
+ * nodemailer hands a message to the socket in two writes, its bytes and then the final dot: two
+ * TCP segments (TCP_NODELAY) and two reads at the upstream. The socket is corked when nodemailer
+ * creates the message's stream (after the 354) and uncorked when this turn of the event loop is
+ * over; the message is one buffer in memory, so by then both writes are in and leave as one.
+ * Anything written later (a large message waiting for the socket to drain) goes out as before.
+ * The hook is nodemailer's private `_createSendStream`; without it nothing changes.
+ */
+function writeEachMessageAtOnce(connection: SMTPConnection): void {
+  const internals = connection as unknown as { _createSendStream?: (...args: unknown[]) => unknown; _socket?: net.Socket };
+  const create = internals._createSendStream;
+  if (typeof create !== 'function') return;
+  internals._createSendStream = function (this: unknown, ...args: unknown[]) {
+    const socket = internals._socket;
+    if (socket && !socket.destroyed) {
+      socket.cork();
+      setImmediate(() => socket.uncork());
+    }
+    return create.apply(this, args);
+  };
 }
 
 /** Whether the upstream's EHLO reply offered an extension (as nodemailer parsed it). */
@@ -219,6 +242,7 @@ export class SmtpUpstream {
   private connect(signal: AbortSignal): Promise<SMTPConnection> {
     return new Promise((resolve, reject) => {
       const connection = new SMTPConnection(this.options);
+      writeEachMessageAtOnce(connection);
       let settled = false;
       const settle = (err?: Error) => {
         if (settled) return;
