@@ -92,8 +92,10 @@ export class SinkSession {
     }
     if (end < 0) {
       this.bytes += chunk.length;
-      const kept = Buffer.concat([this.carry, chunk]);
-      this.carry = Buffer.from(kept.subarray(Math.max(0, kept.length - (END_OF_DATA.length - 1))));
+      // the last four bytes so far: of this chunk alone unless it is shorter (no copy of a large one)
+      const keep = END_OF_DATA.length - 1;
+      const last = chunk.length >= keep ? chunk.subarray(chunk.length - keep) : Buffer.concat([this.carry, chunk]).subarray(-keep);
+      this.carry = Buffer.from(last);
       return -1;
     }
     // the message keeps the CRLF before the dot; ".\r\n" ends it
