@@ -158,39 +158,7 @@ test('with PIPELINING offered, MAIL, every RCPT and DATA go out without waiting 
 });
 
 test('a message and its final dot leave in one write; a large one arrives intact', async () => {
-  // A raw upstream that collects each message between its 354 and the final dot.
-  const received: string[] = [];
-  const server = net.createServer((socket) => {
-    let buffered = '';
-    let inData = false;
-    socket.on('error', () => {});
-    socket.write('220 raw.example ESMTP\r\n');
-    socket.on('data', (chunk) => {
-      buffered += chunk.toString('latin1');
-      for (;;) {
-        if (inData) {
-          const end = buffered.indexOf('\r\n.\r\n');
-          if (end < 0) return;
-          received.push(buffered.slice(0, end + 2));
-          buffered = buffered.slice(end + 5);
-          inData = false;
-          socket.write('250 2.0.0 queued\r\n');
-        }
-        const eol = buffered.indexOf('\r\n');
-        if (eol < 0) return;
-        const line = buffered.slice(0, eol);
-        buffered = buffered.slice(eol + 2);
-        if (/^EHLO/i.test(line)) socket.write('250-raw.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n');
-        else if (/^QUIT/i.test(line)) socket.end('221 bye\r\n');
-        else if (/^DATA/i.test(line)) {
-          socket.write('354 go ahead\r\n');
-          inData = true;
-        } else socket.write('250 2.0.0 ok\r\n');
-      }
-    });
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const upstreamPort = (server.address() as net.AddressInfo).port;
+  const upstream = await startScriptedUpstream();
   // What the relay's sockets hand to the kernel towards the upstream, one entry per write call
   // (a corked socket writes its buffered chunks with one _writev).
   const writes: string[] = [];
@@ -201,15 +169,15 @@ test('a message and its final dot leave in one write; a large one arrives intact
   };
   const { _write, _writev } = socketProto;
   socketProto._write = function (this: net.Socket, chunk, encoding, cb) {
-    if (this.remotePort === upstreamPort) writes.push(chunk.toString('latin1'));
+    if (this.remotePort === upstream.port) writes.push(chunk.toString('latin1'));
     return _write.call(this, chunk, encoding, cb);
   };
   socketProto._writev = function (this: net.Socket, chunks, cb) {
-    if (this.remotePort === upstreamPort) writes.push(chunks.map((c) => c.chunk.toString('latin1')).join(''));
+    if (this.remotePort === upstream.port) writes.push(chunks.map((c) => c.chunk.toString('latin1')).join(''));
     return _writev.call(this, chunks, cb);
   };
   const relay = await startTestRelay(
-    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstreamPort, workerCount: 1, batchDelay: 0 },
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, workerCount: 1, batchDelay: 0 },
     { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
   );
   try {
@@ -223,7 +191,7 @@ test('a message and its final dot leave in one write; a large one arrives intact
     ids.forEach((id, i) => {
       assert.equal(message(relay, id).state, 'delivered');
       const stored = messageRaw(relay.store.sqlite, id)?.raw?.toString('latin1');
-      assert.equal(received[i]?.replace(/^\./gm, ''), stored, `message ${i} arrived as stored`);
+      assert.equal(upstream.accepted[i]?.raw.toString('latin1'), stored, `message ${i} arrived as stored`);
     });
     // the small ones: bytes and final dot in one write (they were two, the second ".\r\n");
     // the large one fills the socket's buffer first, so its dot follows on its own as before
@@ -234,7 +202,7 @@ test('a message and its final dot leave in one write; a large one arrives intact
     socketProto._write = _write;
     socketProto._writev = _writev;
     await relay.stop();
-    server.close();
+    await upstream.close();
   }
 });
 
