@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { Writable } from 'node:stream';
 import tls from 'node:tls';
 import nodemailer from 'nodemailer';
 import pino from 'pino';
@@ -54,6 +55,18 @@ export function testConfig(overrides?: DeepPartial<Config>, dir = tempDir()): Co
     },
     overrides,
   );
+}
+
+/** A pino logger at `level` whose lines are kept: `lines` as written, `entries()` parsed. */
+export function capturedLog(level = 'info'): { logger: pino.Logger; lines: string[]; entries(): Array<Record<string, unknown>> } {
+  const lines: string[] = [];
+  const sink = new Writable({
+    write(chunk, _enc, cb) {
+      lines.push(...String(chunk).trim().split('\n'));
+      cb();
+    },
+  });
+  return { logger: pino({ level }, sink), lines, entries: () => lines.map((l) => JSON.parse(l) as Record<string, unknown>) };
 }
 
 export async function startTestRelay(overrides?: DeepPartial<Config>, options: RelayOptions & { clock?: Clock } = {}): Promise<Relay> {

@@ -1,10 +1,8 @@
 import assert from 'node:assert/strict';
-import { Writable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
-import pino from 'pino';
 import { createApp } from '../../src/api/app.js';
 import type { Relay } from '../../src/main.js';
-import { startTestRelay } from '../helpers.js';
+import { capturedLog, startTestRelay } from '../helpers.js';
 import { call } from './fixtures.js';
 
 const TOKEN = 'k9-Qx7mT2vLr8cWz';
@@ -126,14 +124,7 @@ describe('API access: loopback, or a bearer token', () => {
   });
 
   test('admin actions are logged with who asked, and the token never is', async () => {
-    const lines: string[] = [];
-    const sink = new Writable({
-      write(chunk, _enc, cb) {
-        lines.push(...String(chunk).trim().split('\n'));
-        cb();
-      },
-    });
-    const logger = pino({ level: 'info' }, sink);
+    const { logger, lines, entries } = capturedLog();
     const relay = await startTestRelay({ security: { adminToken: TOKEN } }, { startDelivery: false, logger });
     try {
       const asRemote = createApp({ ...relay, getClientIp: () => REMOTE });
@@ -143,7 +134,7 @@ describe('API access: loopback, or a bearer token', () => {
       assert.equal(refused.status, 401);
       const local = await call(relay, '/admin/retry-failed', { method: 'POST' });
       assert.equal(local.status, 200);
-      const events = lines.map((l) => JSON.parse(l) as Record<string, unknown>);
+      const events = entries();
       const admin = events.filter((e) => e.event === 'api.admin');
       assert.deepEqual(
         admin.map((e) => [e.action, e.client, e.via, e.requeued, e.component]),

@@ -1,10 +1,8 @@
 import assert from 'node:assert/strict';
 import type net from 'node:net';
-import { Writable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
-import pino from 'pino';
 import type { Relay } from '../../src/main.js';
-import { messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor } from '../helpers.js';
 
 describe('durable intake', () => {
   let relay: Relay;
@@ -76,14 +74,8 @@ describe('durable intake', () => {
 
 describe('intake log', () => {
   test('a client that resets its connection is one info line (smtp.connection_lost), not an error', async () => {
-    const lines: Array<Record<string, unknown>> = [];
-    const sink = new Writable({
-      write(chunk, _enc, cb) {
-        for (const line of String(chunk).trim().split('\n')) lines.push(JSON.parse(line));
-        cb();
-      },
-    });
-    const relay = await startTestRelay({}, { startDelivery: false, logger: pino({ level: 'info' }, sink) });
+    const log = capturedLog();
+    const relay = await startTestRelay({}, { startDelivery: false, logger: log.logger });
     try {
       // one reset in the middle of a transaction, one between transactions
       const inTransaction = await openSession(relay.smtpPort);
@@ -95,7 +87,8 @@ describe('intake log', () => {
         (client.socket as net.Socket).resetAndDestroy();
         await closed;
       }
-      await waitFor(() => lines.filter((l) => l.event === 'smtp.connection_lost').length === 2, 5000, 'two lost connections logged');
+      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.connection_lost').length === 2, 5000, 'two lost connections logged');
+      const lines = log.entries();
       const lost = lines.filter((l) => l.event === 'smtp.connection_lost');
       assert.deepEqual(
         lost.map((l) => [l.level, l.client, l.code, l.component]),
