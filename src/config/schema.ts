@@ -59,6 +59,7 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'databasePath', type: 'string', default: 'data/relayq.db', doc: 'the one SQLite file' },
   { path: 'emailsDir', type: 'string', default: 'emails', doc: 'local deliveries; failed exports go to `emailsDir/failed`' },
   { path: 'maxMessageSize', type: 'int', default: 26214400, min: 1024, max: 1073741824, unit: 'bytes', doc: 'larger messages get `552`' },
+  { path: 'spoolAfter', type: 'int', default: 262144, min: 0, max: 1073741824, unit: 'bytes', doc: 'a message being received is held in memory up to this size, the rest in a file in `<databasePath>-spool/` until its commit (as Haraka\'s spool_after); 0 = all in memory' },
   { path: 'maxRecipients', type: 'int', default: 1000, min: 1, max: 100000, doc: 'more RCPTs get `452`' },
   { path: 'maxConnections', type: 'int', default: 500, min: 1, max: 100000, doc: 'concurrent SMTP connections' },
   { path: 'retry.maxAttempts', type: 'int', default: 10, min: 1, max: 1000, doc: 'attempts before a temporarily failing batch becomes failed' },
@@ -111,6 +112,7 @@ export interface Config {
   databasePath: string;
   emailsDir: string;
   maxMessageSize: number;
+  spoolAfter: number;
   maxRecipients: number;
   maxConnections: number;
   retry: { maxAttempts: number; initialDelay: number; maxDelay: number; maxAge: number };

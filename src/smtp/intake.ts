@@ -21,6 +21,7 @@ import {
 } from '../store/intake.js';
 import { BareLineEndingScanner, isValidAddress, receivedHeader, subjectOf } from './message.js';
 import { RelayqSmtpServer } from './server.js';
+import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
 
 export interface IntakeDeps {
   config: Config;
@@ -43,6 +44,11 @@ type Callback = (err?: Error | null) => void;
 
 function reply(code: number, text: string): Error & { responseCode: number } {
   return Object.assign(new Error(text), { responseCode: code });
+}
+
+/** Storage write failed (spec §2): nothing was stored. */
+function notStored() {
+  return reply(451, '4.3.0 Local error in processing: message not stored, try again later');
 }
 
 /** The reply to a connection or MAIL once shutdown has begun. */
@@ -121,11 +127,14 @@ export class SmtpIntake {
   /** Loopback clients may send without AUTH when requireAuth is on but no credentials are set. */
   private readonly credentialsConfigured: boolean;
   private listening = false;
+  /** Where the part of a message beyond `spoolAfter` bytes waits for its commit. */
+  private readonly spool: Spool;
 
   constructor(private readonly deps: IntakeDeps) {
     const { config } = deps;
     this.allowed = clientFilter(config.security);
     this.credentialsConfigured = Boolean(config.defaultUsername && config.defaultPassword);
+    this.spool = new Spool(Spool.dirFor(config.databasePath), config.spoolAfter);
     const tlsOn = Boolean(config.tls.cert && config.tls.key);
     const smtpLog = deps.logger.child({ component: 'smtp-server' });
     // smtp-server's per-session chatter only at debug; never louder than the root logger
@@ -167,7 +176,9 @@ export class SmtpIntake {
     });
   }
 
+  /** Empties the spool directory (what a crashed process left), then listens. */
   listen(port: number, host: string): Promise<number> {
+    this.spool.clear();
     return new Promise((resolve, reject) => {
       const onError = (err: Error) => reject(err);
       this.server.server.once('error', onError);
@@ -291,7 +302,8 @@ export class SmtpIntake {
   }
 
   private onData(stream: SMTPServerDataStream, session: SMTPServerSession, cb: (err?: Error | null, message?: string) => void) {
-    const chunks: Buffer[] = [];
+    const { queueId } = this.state(session);
+    const body = new MessageBytes(this.spool, queueId ?? newQueueId(this.deps.clock.now()), stream);
     const scanner = new BareLineEndingScanner();
     let bytes = 0;
     this.inFlight++;
@@ -300,6 +312,7 @@ export class SmtpIntake {
       if (settled) return;
       settled = true;
       this.inFlight--;
+      body.discard();
       cb(err, message);
     };
     stream.on('close', () => {
@@ -309,11 +322,10 @@ export class SmtpIntake {
     stream.on('data', (chunk: Buffer) => {
       if (stream.sizeExceeded) return;
       scanner.scan(chunk);
-      if (!scanner.found) chunks.push(chunk);
+      if (!scanner.found) body.add(chunk);
       bytes += chunk.length;
     });
     stream.on('end', () => {
-      const { queueId } = this.state(session);
       const log = this.deps.logger;
       if (stream.sizeExceeded) {
         log.info({ queueId, event: 'smtp.refused', reason: 'size', bytes }, 'message too large');
@@ -323,11 +335,18 @@ export class SmtpIntake {
         log.warn({ queueId, event: 'smtp.refused', reason: 'bare-line-ending', client: this.peer(session) }, 'bare CR or LF in DATA');
         return done(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8)'));
       }
-      this.store(session, chunks, done);
+      body.finish().then(
+        (received) => this.store(session, received, done),
+        (err: Error) => {
+          log.error({ queueId, event: 'smtp.store_failed', err: err.message }, 'spooling the message failed');
+          done(notStored());
+        },
+      );
     });
   }
 
-  private store(session: SMTPServerSession, chunks: Buffer[], cb: (err?: Error | null, message?: string) => void) {
+  /** Commits the message; `cb` (which removes its spool file) runs once the write has settled. */
+  private store(session: SMTPServerSession, received: ReceivedBytes, cb: (err?: Error | null, message?: string) => void) {
     const { config, clock, commits } = this.deps;
     const s = this.state(session);
     const log = this.deps.logger;
@@ -350,16 +369,17 @@ export class SmtpIntake {
       recipients,
       now,
     });
+    const { chunks, spooled } = received;
     const raw = Buffer.concat([header, ...chunks]);
     chunks.length = 0;
     // what the log line needs, taken before the bytes move to the writer thread
-    const size = raw.length;
+    const size = raw.length + (spooled?.bytes ?? 0);
     const subject = config.security.logAllEmails ? subjectOf(raw) : undefined;
     const authUser = typeof session.user === 'string' ? session.user : session.user ? String(session.user) : null;
     const write = commits.writeMoving(
       [raw],
       'insertMessage',
-      { id: queueId, mailFrom, recipients, authUser, clientIp, clientHostname: session.clientHostname || null, helo: session.hostNameAppearsAs || null, raw, receivedAt: now },
+      { id: queueId, mailFrom, recipients, authUser, clientIp, clientHostname: session.clientHostname || null, helo: session.hostNameAppearsAs || null, raw, spooled, receivedAt: now },
       { rateLimits: config.rateLimits, queueSize: config.queueSize },
     );
 
@@ -390,7 +410,7 @@ export class SmtpIntake {
           return cb(reply(452, '4.3.1 Queue full, try again later'));
         }
         log.error({ queueId, event: 'smtp.store_failed', err: (err as Error).message }, 'storing the message failed');
-        cb(reply(451, '4.3.0 Local error in processing: message not stored, try again later'));
+        cb(notStored());
       },
     );
   }

@@ -3,6 +3,7 @@
 // the writer's group-commit transaction, so a check and the insert it guards cannot be split by another
 // session.
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import type { Sqlite } from './db.js';
 import { counter, incrementCounter, prepared } from './statements.js';
 
@@ -28,7 +29,9 @@ export interface NewMessage {
   clientIp: string;
   clientHostname: string | null;
   helo: string | null;
+  /** The message's bytes; with `spooled`, its first part, and the rest is in that file. */
   raw: Buffer;
+  spooled?: { file: string; bytes: number };
   receivedAt: number;
 }
 
@@ -140,7 +143,8 @@ export function insertMessage(sqlite: Sqlite, msg: NewMessage, policy: IntakePol
   const hit = checkRateLimits(sqlite, msg.mailFrom, msg.receivedAt, policy.rateLimits);
   if (hit) throw new PolicyRefusal('rate-limit', rateLimitMessage(hit), hit);
   if (isQueueFull(sqlite, policy.queueSize)) throw new PolicyRefusal('queue-full', 'queue full, try again later');
-  const body = prepared(sqlite, 'INSERT INTO message_bodies (raw) VALUES (?)').run(msg.raw);
+  const raw = messageBytes(msg);
+  const body = prepared(sqlite, 'INSERT INTO message_bodies (raw) VALUES (?)').run(raw);
   prepared(
     sqlite,
     `INSERT INTO messages (id, state, mail_from, sender_key, auth_user, client_ip, client_hostname, helo,
@@ -154,7 +158,7 @@ export function insertMessage(sqlite: Sqlite, msg: NewMessage, policy: IntakePol
     msg.clientIp,
     msg.clientHostname,
     msg.helo,
-    msg.raw.length,
+    raw.length,
     msg.recipients.length,
     body.lastInsertRowid,
     msg.receivedAt,
@@ -170,6 +174,25 @@ export function insertMessage(sqlite: Sqlite, msg: NewMessage, policy: IntakePol
     addRecipient.run(msg.id, seq, address, msg.receivedAt, msg.receivedAt);
   }
   return msg.id;
+}
+
+/** The whole message: `raw`, followed by the spool file's bytes (read into one allocation). */
+function messageBytes(msg: Pick<NewMessage, 'raw' | 'spooled'>): Buffer {
+  if (!msg.spooled) return msg.raw;
+  const { file, bytes } = msg.spooled;
+  const whole = Buffer.allocUnsafe(msg.raw.length + bytes);
+  whole.set(msg.raw); // after the thread boundary `raw` is a Uint8Array
+  const fd = fs.openSync(file, 'r');
+  try {
+    for (let at = msg.raw.length; at < whole.length; ) {
+      const n = fs.readSync(fd, whole, at, whole.length - at, null);
+      if (n === 0) throw new Error(`spool file ${file} holds ${at - msg.raw.length} bytes, not ${bytes}`);
+      at += n;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  return whole;
 }
 
 /** Persisted count of refusals by reason, exposed by the metrics. */

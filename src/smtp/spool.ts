@@ -1,0 +1,124 @@
+// A message's bytes while it is being received: in memory up to `spoolAfter` bytes, the rest in
+// a file of the spool directory (as Haraka's spool_after), so that a session holds at most
+// about `spoolAfter` bytes of memory whatever the size of its message. The file is not the
+// message's durable copy: the writer thread reads it into the insert, the `250` follows that
+// commit, and the file is removed once the write has settled either way. The directory sits next
+// to the database (`<databasePath>-spool`) and is emptied at startup, so the files of sessions
+// cut off by a crash (none of which was answered `250`) do not pile up.
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Readable } from 'node:stream';
+import { finished } from 'node:stream/promises';
+
+export class Spool {
+  private seq = 0;
+
+  /** `after` 0: every message stays in memory. */
+  constructor(
+    readonly dir: string,
+    readonly after: number,
+  ) {}
+
+  static dirFor(databasePath: string): string {
+    return `${databasePath}-spool`;
+  }
+
+  /** Removes what earlier processes left (messages that were never acknowledged). */
+  clear(): void {
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  /** A path for a new file (the directory is made, or made again, here). */
+  newFile(name: string): string {
+    fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    return path.join(this.dir, `${name}.${process.pid}.${++this.seq}`);
+  }
+}
+
+/** What a received message consists of: `chunks` in memory, then the spool file's bytes, if any. */
+export interface ReceivedBytes {
+  chunks: Buffer[];
+  spooled?: { file: string; bytes: number };
+}
+
+export class MessageBytes {
+  private readonly chunks: Buffer[] = [];
+  private held = 0;
+  private file: { path: string; stream: fs.WriteStream; bytes: number; draining: boolean } | undefined;
+  /** The spool file could not be created or written: the message cannot be stored. */
+  private failed: Error | undefined;
+  private discarded = false;
+
+  /** `data`: the DATA stream, paused while the file's writes are behind. */
+  constructor(
+    private readonly spool: Spool,
+    private readonly name: string,
+    private readonly data: Readable,
+  ) {}
+
+  add(chunk: Buffer): void {
+    if (this.discarded || this.failed) return;
+    if (!this.file && (this.spool.after === 0 || this.held + chunk.length <= this.spool.after)) {
+      this.chunks.push(chunk);
+      this.held += chunk.length;
+      return;
+    }
+    const file = this.file ?? this.openFile();
+    if (!file) return;
+    file.bytes += chunk.length;
+    if (!file.stream.write(chunk) && !file.draining) {
+      file.draining = true;
+      this.data.pause();
+      file.stream.once('drain', () => {
+        file.draining = false;
+        this.data.resume();
+      });
+    }
+  }
+
+  /** Waits for the file's writes; rejects when one failed (the message cannot be stored). */
+  async finish(): Promise<ReceivedBytes> {
+    const file = this.file;
+    if (file && !this.failed) {
+      file.stream.end();
+      try {
+        await finished(file.stream);
+      } catch (err) {
+        this.failed ??= err as Error;
+      }
+    }
+    if (this.failed) throw this.failed;
+    return { chunks: this.chunks, spooled: file && { file: file.path, bytes: file.bytes } };
+  }
+
+  /** Drops the bytes and removes the file, if any (after the write settled, or on refusal). */
+  discard(): void {
+    this.discarded = true;
+    this.chunks.length = 0;
+    const file = this.file;
+    if (!file) return;
+    file.stream.destroy();
+    fs.rm(file.path, { force: true }, () => {});
+  }
+
+  private openFile() {
+    let path: string;
+    try {
+      path = this.spool.newFile(this.name);
+    } catch (err) {
+      this.fail(err as Error);
+      return undefined;
+    }
+    const stream = fs.createWriteStream(path, { mode: 0o600 });
+    stream.on('error', (err) => this.fail(err));
+    this.file = { path, stream, bytes: 0, draining: false };
+    return this.file;
+  }
+
+  private fail(err: Error): void {
+    this.failed ??= err;
+    this.chunks.length = 0;
+    // the rest of DATA is read and dropped; the reply at its end says the message was not stored
+    this.data.resume();
+  }
+}

@@ -1,0 +1,178 @@
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import type { Relay } from '../../src/main.js';
+import { Spool } from '../../src/smtp/spool.js';
+import { openStore } from '../../src/store/db.js';
+import { insertMessage } from '../../src/store/intake.js';
+import { capturedLog, messageCount, openSession, sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
+
+const SPOOL_AFTER = 4096;
+
+function spoolFiles(relay: Relay): string[] {
+  const dir = Spool.dirFor(relay.config.databasePath);
+  return fs.existsSync(dir) ? fs.readdirSync(dir) : [];
+}
+
+function storedBody(relay: Relay, id: string): { raw: Buffer; size: number } {
+  return relay.store.sqlite
+    .prepare('SELECT raw, size FROM messages JOIN message_bodies ON message_bodies.id = body_id WHERE messages.id = ?')
+    .get(id) as { raw: Buffer; size: number };
+}
+
+/** Lines of 60 characters, some starting with a dot (dot-stuffed on the wire). */
+function body(bytes: number): Buffer {
+  const lines: string[] = [];
+  for (let i = 0, n = 0; n < bytes; i++) {
+    const line = `${i % 7 === 0 ? '.' : ''}${String(i).padStart(8, '0')} ${'x'.repeat(50)}\r\n`;
+    lines.push(line);
+    n += line.length;
+  }
+  return Buffer.from(`Subject: spooled\r\n\r\n${lines.join('')}`);
+}
+
+describe('spooling a large message while it is received (spoolAfter)', () => {
+  let relay: Relay;
+  const log = capturedLog('info');
+  before(async () => {
+    relay = await startTestRelay({ spoolAfter: SPOOL_AFTER, maxMessageSize: 500_000 }, { startDelivery: false, logger: log.logger });
+  });
+  after(() => relay.stop());
+
+  test('the bytes past spoolAfter wait in a file during DATA; the stored message is exact and the file is gone after the 250', async () => {
+    const raw = body(200_000);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354/);
+    const wire = Buffer.from(raw.toString('latin1').replace(/^\./gm, '..'), 'latin1');
+    c.write(wire.subarray(0, 100_000));
+    await waitFor(() => spoolFiles(relay).length === 1, 5000, 'a spool file during DATA');
+    const [file] = spoolFiles(relay);
+    await waitFor(() => fs.statSync(path.join(Spool.dirFor(relay.config.databasePath), file)).size > 0, 5000, 'bytes in the spool file');
+    c.write(wire.subarray(100_000));
+    const reply = await c.send('.');
+    const id = /^250 2\.0\.0 Ok: queued as (\S+)$/.exec(reply)?.[1];
+    assert.ok(id, reply);
+    const row = storedBody(relay, id);
+    assert.deepEqual(row.raw.subarray(row.raw.length - raw.length), raw);
+    assert.match(row.raw.subarray(0, row.raw.length - raw.length).toString(), /^Received: from client\.test /);
+    assert.equal(row.size, row.raw.length);
+    await waitFor(() => spoolFiles(relay).length === 0, 5000, 'the spool file removed');
+    c.close();
+  });
+
+  test('a message up to spoolAfter stays in memory: no spool file', async () => {
+    const dir = Spool.dirFor(relay.config.databasePath);
+    fs.rmSync(dir, { recursive: true, force: true });
+    const raw = body(SPOOL_AFTER - 500);
+    const info = await sendMail(relay.smtpPort, { raw });
+    const id = /queued as (\S+)/.exec(info.response)?.[1] as string;
+    assert.deepEqual(storedBody(relay, id).raw.subarray(-raw.length), raw);
+    assert.equal(fs.existsSync(dir), false, 'the spool directory is created only when a message needs it');
+  });
+
+  test('a client that disconnects mid-DATA leaves nothing stored and no spool file', async () => {
+    const before = messageCount(relay);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354/);
+    c.write(body(100_000));
+    await waitFor(() => spoolFiles(relay).length === 1, 5000, 'a spool file during DATA');
+    c.close();
+    await waitFor(() => spoolFiles(relay).length === 0, 5000, 'the spool file removed');
+    assert.equal(messageCount(relay), before);
+  });
+
+  test('a message over maxMessageSize gets 552 and its spool file is removed', async () => {
+    const before = messageCount(relay);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354/);
+    c.write(body(600_000));
+    assert.match(await c.send('.'), /^552 5\.3\.4 /);
+    await waitFor(() => spoolFiles(relay).length === 0, 5000, 'the spool file removed');
+    assert.equal(messageCount(relay), before);
+    c.close();
+  });
+
+  test('a spool file that cannot be created: 451 4.3.0, nothing stored, the next message goes through', async () => {
+    const dir = Spool.dirFor(relay.config.databasePath);
+    const before = messageCount(relay);
+    // a plain file where the directory should be
+    fs.rmSync(dir, { recursive: true, force: true });
+    fs.writeFileSync(dir, 'not a directory');
+    try {
+      await assert.rejects(sendMail(relay.smtpPort, { raw: body(50_000) }), (err: Error & { response?: string }) => {
+        assert.match(err.response ?? '', /^451 4\.3\.0 Local error in processing: message not stored/);
+        return true;
+      });
+      assert.equal(messageCount(relay), before);
+      assert.ok(log.entries().some((e) => e.event === 'smtp.store_failed' && e.msg === 'spooling the message failed'));
+    } finally {
+      fs.rmSync(dir, { force: true });
+    }
+    const info = await sendMail(relay.smtpPort, { raw: body(50_000) });
+    assert.match(info.response, /^250 /);
+    assert.equal(messageCount(relay), before + 1);
+  });
+});
+
+test('spoolAfter 0 keeps every message in memory', async () => {
+  const relay = await startTestRelay({ spoolAfter: 0 }, { startDelivery: false });
+  try {
+    const raw = body(300_000);
+    const info = await sendMail(relay.smtpPort, { raw });
+    const id = /queued as (\S+)/.exec(info.response)?.[1] as string;
+    assert.deepEqual(storedBody(relay, id).raw.subarray(-raw.length), raw);
+    assert.equal(fs.existsSync(Spool.dirFor(relay.config.databasePath)), false);
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('files that an earlier process left in the spool directory are removed at startup', async () => {
+  const config = testConfig();
+  const dir = Spool.dirFor(config.databasePath);
+  fs.mkdirSync(dir, { recursive: true });
+  fs.writeFileSync(path.join(dir, '1A22AF1C0B4CA8658AC5.4242.1'), 'a message that never got its 250');
+  const relay = await startTestRelay({ databasePath: config.databasePath }, { startDelivery: false });
+  try {
+    assert.equal(fs.existsSync(dir), false);
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('a spool file shorter than the bytes counted into it: the insert fails and stores nothing', async () => {
+  const dir = tempDir();
+  const store = await openStore(path.join(dir, 'relayq.db'));
+  try {
+    const file = path.join(dir, 'short');
+    fs.writeFileSync(file, 'abc');
+    const msg = {
+      id: '1A22AF1C0B4CA8658AC6',
+      mailFrom: 'a@example.com',
+      recipients: ['b@example.net'],
+      authUser: null,
+      clientIp: '127.0.0.1',
+      clientHostname: null,
+      helo: 'client.test',
+      raw: Buffer.from('Received: x\r\n'),
+      spooled: { file, bytes: 10 },
+      receivedAt: Date.now(),
+    };
+    const policy = { rateLimits: { ...testConfig().rateLimits }, queueSize: 0 };
+    const sqlite = store.sqlite;
+    sqlite.exec('BEGIN IMMEDIATE');
+    assert.throws(() => insertMessage(sqlite, msg, policy), /spool file .*short holds 3 bytes, not 10/);
+    sqlite.exec('ROLLBACK');
+    assert.equal((sqlite.prepare('SELECT COUNT(*) AS n FROM message_bodies').get() as { n: number }).n, 0);
+    fs.writeFileSync(file, '0123456789');
+    sqlite.exec('BEGIN IMMEDIATE');
+    insertMessage(sqlite, msg, policy);
+    sqlite.exec('COMMIT');
+    const row = sqlite.prepare('SELECT raw, size FROM messages JOIN message_bodies ON message_bodies.id = body_id').get() as { raw: Buffer; size: number };
+    assert.equal(row.raw.toString(), 'Received: x\r\n0123456789');
+    assert.equal(row.size, 23);
+  } finally {
+    await store.close();
+  }
+});
