@@ -49,6 +49,8 @@ interface Options {
   fixtureDir: string;
   memoryClients: number;
   memoryBytes: number;
+  /** Relay config for the intake and memory sections (`--relay spoolAfter=0,workerCount=4`). */
+  relayConfig: Record<string, string>;
   cpuProf: boolean;
   out: string;
 }
@@ -92,6 +94,16 @@ function parseOptions(argv: string[]): Options {
     fixtureDir: value('fixture-dir') ?? path.join(os.tmpdir(), 'relayq-bench-fixtures'),
     memoryClients: num('memory-clients', 200),
     memoryBytes: num('memory-bytes', 1024 * 1024),
+    relayConfig: Object.fromEntries(
+      (value('relay') ?? '')
+        .split(',')
+        .filter(Boolean)
+        .map((pair) => {
+          const eq = pair.indexOf('=');
+          if (eq < 1) throw new Error(`--relay takes key=value pairs separated by commas, not "${pair}"`);
+          return [pair.slice(0, eq), pair.slice(eq + 1)];
+        }),
+    ),
     cpuProf: argv.includes('--cpu-prof'),
     out: value('out') ?? path.join(repoRoot(), 'bench-results'),
   };
@@ -130,6 +142,8 @@ async function main() {
     results.profiles = profiles;
   }
   log(`relayq benchmark — ${os.cpus().length} CPUs, node ${process.version}, work dir in ${os.tmpdir()}`);
+  const relayFlags = Object.entries(options.relayConfig).map(([k, v]) => `${k}=${v}`);
+  if (relayFlags.length) log(`relay config for intake and memory: ${relayFlags.join(', ')}`);
 
   const sinks: SinkProcess[] = [];
   try {
@@ -159,6 +173,7 @@ async function main() {
           upstream,
           ceiling,
           stock,
+          relayConfig: options.relayConfig,
           log,
         });
         caseResults.push(r);
@@ -189,7 +204,7 @@ async function main() {
           if (!c) continue;
           const only = await runIntakeOnlyCase(
             c,
-            { workDir, runMs: options.runMs, repeats: options.repeats, drainTimeoutMs: 0, upstream, ceiling, stock, log },
+            { workDir, runMs: options.runMs, repeats: options.repeats, drainTimeoutMs: 0, upstream, ceiling, stock, relayConfig: options.relayConfig, log },
             (silent.address() as net.AddressInfo).port,
           );
           intakeOnly.push(only);
@@ -243,7 +258,7 @@ async function main() {
       log(`\n## memory (${options.memoryClients} concurrent clients, one ${fmt(options.memoryBytes / 1024)} KB message each; a fresh relay per run)`);
       const runs: MemoryResult[] = [];
       for (let rep = 0; rep < options.repeats; rep++) {
-        const memory = await runMemoryCase({ workDir, upstream }, options.memoryClients, options.memoryBytes);
+        const memory = await runMemoryCase({ workDir, upstream, relayConfig: options.relayConfig }, options.memoryClients, options.memoryBytes);
         runs.push(memory);
         log(
           `accepted ${memory.accepted}/${memory.clients} in ${fmt(memory.elapsedMs)} ms, delivered ${memory.delivered}, relay RSS idle ${fmt(memory.relayIdleRssMb)} MB, peak ${fmt(memory.relayPeakRssMb)} MB`,
