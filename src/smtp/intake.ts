@@ -335,13 +335,13 @@ export class SmtpIntake {
         log.warn({ queueId, event: 'smtp.refused', reason: 'bare-line-ending', client: this.peer(session) }, 'bare CR or LF in DATA');
         return done(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8)'));
       }
-      body.finish().then(
-        (received) => this.store(session, received, done),
-        (err: Error) => {
-          log.error({ queueId, event: 'smtp.store_failed', err: err.message }, 'spooling the message failed');
+      body
+        .finish()
+        .then((received) => this.store(session, received, done))
+        .catch((err: Error) => {
+          log.error({ queueId, event: 'smtp.store_failed', err: err.message }, 'storing the message failed');
           done(notStored());
-        },
-      );
+        });
     });
   }
 

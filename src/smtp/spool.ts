@@ -97,8 +97,10 @@ export class MessageBytes {
     this.chunks.length = 0;
     const file = this.file;
     if (!file) return;
-    file.stream.destroy();
-    fs.rm(file.path, { force: true }, () => {});
+    // a stream still opening its file creates it before it closes: remove the file after that
+    const remove = () => fs.rm(file.path, { force: true }, () => {});
+    if (file.stream.closed) remove();
+    else file.stream.once('close', remove).destroy();
   }
 
   private openFile() {
