@@ -24,6 +24,9 @@ interface Waiter {
   timer: NodeJS.Timeout;
 }
 
+/** A MAIL's wait. `cancel()` when its session closes: it gives up its place and never settles. */
+export type InFlowWait = Promise<void> & { cancel(): void };
+
 export class InFlowGate {
   private backlog = 0;
   private enabled = false;
@@ -39,29 +42,33 @@ export class InFlowGate {
   ) {}
 
   /** Undefined when the MAIL may go ahead at once; otherwise resolves when it may. */
-  admit(): Promise<void> | undefined {
+  admit(): InFlowWait | undefined {
     if (!this.enabled || (this.backlog < this.limit && this.waiters.length === 0)) {
       this.backlog++;
       return undefined;
     }
     this.delayed++;
-    return new Promise((resolve) => {
-      const waiter: Waiter = {
+    let waiter: Waiter | undefined;
+    const wait = new Promise<void>((resolve) => {
+      const w: Waiter = {
         admit: () => {
-          clearTimeout(waiter.timer);
+          clearTimeout(w.timer);
           this.backlog++;
           resolve();
         },
         timer: setTimeout(() => {
-          const i = this.waiters.indexOf(waiter);
-          if (i < 0) return;
-          this.waiters.splice(i, 1);
+          if (!this.remove(w)) return;
           this.timedOut++;
-          waiter.admit();
+          w.admit();
         }, this.delayMs),
       };
-      this.waiters.push(waiter);
+      this.waiters.push(w);
+      waiter = w;
     });
+    const cancel = () => {
+      if (waiter && this.remove(waiter)) clearTimeout(waiter.timer);
+    };
+    return Object.assign(wait, { cancel });
   }
 
   /** Pacing on (the engine runs) or off (it stopped: everyone waiting goes ahead). */
@@ -84,6 +91,12 @@ export class InFlowGate {
 
   stats(): InFlowStats {
     return { backlog: this.backlog, limit: this.limit, delayed: this.delayed, timedOut: this.timedOut, waiting: this.waiters.length };
+  }
+
+  private remove(waiter: Waiter): boolean {
+    const i = this.waiters.indexOf(waiter);
+    if (i >= 0) this.waiters.splice(i, 1);
+    return i >= 0;
   }
 
   /** Lets waiting sessions go, oldest first, while the backlog is under `limit`. */

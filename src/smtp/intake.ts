@@ -8,7 +8,7 @@ import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream,
 import { clientFilter, isLoopback, normalizeIp } from '../access-control.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import type { InFlowGate } from '../delivery/in-flow.js';
+import type { InFlowGate, InFlowWait } from '../delivery/in-flow.js';
 import type { Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import type { StoreWriter } from '../store/writer.js';
@@ -38,6 +38,8 @@ export interface IntakeDeps {
 
 interface SessionState {
   queueId?: string;
+  /** A MAIL waiting for in-flow pacing; cancelled if the connection closes meanwhile. */
+  pacing?: InFlowWait;
 }
 
 type Callback = (err?: Error | null) => void;
@@ -166,6 +168,8 @@ export class SmtpIntake {
       onMailFrom: (address, session, cb) => this.onMailFrom(address, session, cb),
       onRcptTo: (address, session, cb) => this.onRcptTo(address, session, cb),
       onData: (stream, session, cb) => this.onData(stream, session, cb),
+      // a session that leaves while its MAIL waits for pacing gives up its place
+      onClose: (session) => this.sessions.get(session)?.pacing?.cancel(),
     } as ConstructorParameters<typeof RelayqSmtpServer>[0], (session) => isLoopback(this.peer(session)));
     // smtp-server wraps the logger it is given so that every command and reply builds a log
     // entry before the level is looked at; give it the levels that are on, and no-ops.
@@ -289,7 +293,13 @@ export class SmtpIntake {
     // are not repeated after the wait: the transaction that stores the message runs them again.
     const paced = this.deps.inFlow?.admit();
     if (!paced) return this.mailAccepted(session, cb);
-    paced.then(() => (this.closing ? cb(shuttingDown()) : this.mailAccepted(session, cb)));
+    const s = this.state(session);
+    s.pacing = paced;
+    paced.then(() => {
+      s.pacing = undefined;
+      if (this.closing) cb(shuttingDown());
+      else this.mailAccepted(session, cb);
+    });
   }
 
   private mailAccepted(session: SMTPServerSession, cb: Callback) {

@@ -62,6 +62,23 @@ describe('in-flow gate', () => {
     assert.deepEqual(gate.stats(), { backlog: 2, limit: 1, delayed: 1, timedOut: 1, waiting: 0 });
   });
 
+  test('a cancelled wait gives up its place: it counts nothing, never settles, and the next MAIL is not held behind it', async () => {
+    const gate = new InFlowGate(1, 60_000);
+    gate.setEnabled(true);
+    gate.admit();
+    const gone = gate.admit();
+    const next = gate.admit();
+    assert.ok(gone && next);
+    gone.cancel();
+    assert.deepEqual(gate.stats(), { backlog: 1, limit: 1, delayed: 2, timedOut: 0, waiting: 1 });
+    gate.taken(1);
+    assert.equal(await settled(next), true, 'the claim goes to the MAIL still waiting');
+    assert.equal(await settled(gone), false);
+    assert.deepEqual(gate.stats(), { backlog: 1, limit: 1, delayed: 2, timedOut: 0, waiting: 0 });
+    gone.cancel();
+    assert.equal(gate.stats().backlog, 1);
+  });
+
   test('never waits when off (delay 0 or delivery not running), and lets everyone go when turned off', async () => {
     const off = new InFlowGate(1, 0);
     off.setEnabled(true);
@@ -176,6 +193,16 @@ describe('in-flow pacing in the relay', () => {
     const { relay, client } = await backlogged(t, 0);
     await sendOne(client, 'not paced');
     assert.equal(relay.delivery.inFlow.stats().delayed, 0);
+  });
+
+  test('a client that leaves while its MAIL waits gives up its place at once', async (t) => {
+    const { relay, client } = await backlogged(t, 60_000);
+    client.write('MAIL FROM:<sender@example.com>\r\n');
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
+    client.close();
+    // without the cancel it would keep its place for the whole minute: the upstream holds, so no claim comes
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 0, 5000, 'the place given up');
+    assert.equal(relay.delivery.inFlow.stats().timedOut, 0);
   });
 
   test('a MAIL waiting when shutdown begins gets 421, and the stop lets it go', async (t) => {
