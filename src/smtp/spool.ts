@@ -23,9 +23,19 @@ export class Spool {
     return `${databasePath}-spool`;
   }
 
-  /** Removes what earlier processes left (messages that were never acknowledged). */
+  /**
+   * Removes what earlier processes left (messages that were never acknowledged). The directory
+   * itself stays: it may be a mount point or a link that the operator made.
+   */
   clear(): void {
-    fs.rmSync(this.dir, { recursive: true, force: true });
+    let names: string[];
+    try {
+      names = fs.readdirSync(this.dir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw err;
+    }
+    for (const name of names) fs.rmSync(path.join(this.dir, name), { recursive: true, force: true });
   }
 
   /** A path for a new file (the directory is made, or made again, here). */

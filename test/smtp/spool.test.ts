@@ -142,14 +142,19 @@ test('spoolAfter 0 keeps every message in memory', async () => {
   }
 });
 
-test('files that an earlier process left in the spool directory are removed at startup', async () => {
+test('files that an earlier process left in the spool directory are removed at startup; the directory stays', async () => {
   const config = testConfig();
   const dir = Spool.dirFor(config.databasePath);
-  fs.mkdirSync(dir, { recursive: true });
+  // the directory may be a link the operator made (or a mount point): it stays, emptied
+  const target = tempDir('relayq-spool-');
+  fs.mkdirSync(path.dirname(dir), { recursive: true });
+  fs.symlinkSync(target, dir);
   fs.writeFileSync(path.join(dir, '1A22AF1C0B4CA8658AC5.4242.1'), 'a message that never got its 250');
+  fs.mkdirSync(path.join(dir, 'stray'));
   const relay = await startTestRelay({ databasePath: config.databasePath }, { startDelivery: false });
   try {
-    assert.equal(fs.existsSync(dir), false);
+    assert.ok(fs.lstatSync(dir).isSymbolicLink());
+    assert.deepEqual(fs.readdirSync(target), []);
   } finally {
     await relay.stop();
   }
