@@ -180,14 +180,22 @@ export class SmtpIntake {
     });
   }
 
-  /** Empties the spool directory (what a crashed process left), then listens. */
+  /**
+   * Listens, then empties the spool directory (what a crashed process left), before the first
+   * session: a second relay started on the same database fails to bind before it touches it.
+   */
   listen(port: number, host: string): Promise<number> {
-    this.spool.clear();
     return new Promise((resolve, reject) => {
       const onError = (err: Error) => reject(err);
       this.server.server.once('error', onError);
       this.server.listen(port, host, () => {
         this.server.server.off('error', onError);
+        try {
+          this.spool.clear();
+        } catch (err) {
+          this.server.server.close();
+          return reject(err);
+        }
         this.listening = true;
         const addr = this.server.server.address();
         resolve(typeof addr === 'object' && addr ? addr.port : port);

@@ -86,7 +86,9 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
     const before = messageCount(relay);
     const c = await openSession(relay.smtpPort);
     assert.match(await c.send('DATA'), /^354/);
-    c.write(body(600_000));
+    c.write(body(100_000));
+    await waitFor(() => spoolFiles(relay).length === 1, 5000, 'a spool file during DATA');
+    c.write(body(500_000));
     assert.match(await c.send('.'), /^552 5\.3\.4 /);
     await waitFor(() => spoolFiles(relay).length === 0, 5000, 'the spool file removed');
     assert.equal(messageCount(relay), before);
@@ -155,6 +157,26 @@ test('files that an earlier process left in the spool directory are removed at s
   try {
     assert.ok(fs.lstatSync(dir).isSymbolicLink());
     assert.deepEqual(fs.readdirSync(target), []);
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('a second relay started on the same database, which cannot bind, leaves the running one\'s spool alone', async () => {
+  const relay = await startTestRelay({ spoolAfter: SPOOL_AFTER }, { startDelivery: false });
+  try {
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354/);
+    const raw = body(100_000);
+    c.write(raw.subarray(0, 50_000));
+    await waitFor(() => spoolFiles(relay).length === 1, 5000, 'a spool file during DATA');
+    await assert.rejects(startTestRelay({ databasePath: relay.config.databasePath, smtpPort: relay.smtpPort, spoolAfter: SPOOL_AFTER }), /EADDRINUSE/);
+    assert.equal(spoolFiles(relay).length, 1);
+    c.write(raw.subarray(50_000));
+    const id = /^250 2\.0\.0 Ok: queued as (\S+)$/.exec(await c.send('.'))?.[1];
+    assert.ok(id);
+    assert.deepEqual(storedBody(relay, id).raw.subarray(-raw.length), raw);
+    c.close();
   } finally {
     await relay.stop();
   }
