@@ -114,16 +114,16 @@ export class MessageBytes {
   }
 
   private openFile() {
-    let path: string;
+    let file: string;
     try {
-      path = this.spool.newFile(this.name);
+      file = this.spool.newFile(this.name);
     } catch (err) {
       this.fail(err as Error);
       return undefined;
     }
-    const stream = fs.createWriteStream(path, { mode: 0o600 });
+    const stream = fs.createWriteStream(file, { mode: 0o600 });
     stream.on('error', (err) => this.fail(err));
-    this.file = { path, stream, bytes: 0, draining: false };
+    this.file = { path: file, stream, bytes: 0, draining: false };
     return this.file;
   }
 
