@@ -5,6 +5,7 @@
 // on a busy relay that cost about as much CPU as receiving the message. Every timeout is below
 // the claim lease, and an attempt that outlives its deadline is aborted (its connection closed),
 // so a stalled upstream can never hold a batch past its lease.
+import { isAscii as isAsciiBytes } from 'node:buffer';
 import type net from 'node:net';
 import { Readable } from 'node:stream';
 import type tls from 'node:tls';
@@ -46,12 +47,6 @@ export function normalizeForEnvelope(address: string): string {
   const domain = address.slice(at + 1);
   const ascii = isAscii(domain) ? domain : domainToASCII(domain) || domain;
   return `${address.slice(0, at)}@${ascii.toLowerCase()}`;
-}
-
-/** 8-bit bytes in the message: announce BODY=8BITMIME when the upstream offers it. */
-function hasEightBitBytes(raw: Buffer): boolean {
-  for (let i = 0; i < raw.length; i++) if (raw[i] > 127) return true;
-  return false;
 }
 
 /** The envelope of one transaction, as relayq builds it for nodemailer. */
@@ -151,7 +146,8 @@ export class SmtpUpstream {
     const addresses = claim.recipients.map((r) => r.address);
     if (!claim.raw) return uniformResult(this.label, addresses.length, 'failed', null, 'message content is missing');
     const rcpts = addresses.map(normalizeForEnvelope);
-    const envelope: Envelope = { from: normalizeForEnvelope(claim.mailFrom), to: rcpts, size: claim.raw.length, use8BitMime: hasEightBitBytes(claim.raw) };
+    // 8-bit bytes in the message: BODY=8BITMIME when the upstream offers it
+    const envelope: Envelope = { from: normalizeForEnvelope(claim.mailFrom), to: rcpts, size: claim.raw.length, use8BitMime: !isAsciiBytes(claim.raw) };
     try {
       const info = await this.transaction(envelope, claim.raw, signal);
       return resultFromNodemailer(this.label, rcpts, { info });

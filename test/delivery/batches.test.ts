@@ -143,7 +143,7 @@ describe('recipient batches', () => {
     }
   });
 
-  test('8-bit content goes out with BODY=8BITMIME, unchanged; logAllEmails=false erases it once delivered', async () => {
+  test('8-bit content goes out with BODY=8BITMIME, unchanged (7-bit content without it); logAllEmails=false erases it once delivered', async () => {
     const clock = new ManualClock();
     const { relay, upstream } = await setup({ security: { logAllEmails: false } }, clock);
     const raw = Buffer.concat([Buffer.from('Subject: caf\xc3\xa9\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n', 'latin1'), Buffer.from('Grüße aus Köln\r\n')]);
@@ -155,5 +155,9 @@ describe('recipient batches', () => {
     assert.deepEqual(upstream.accepted[0].raw, stored);
     assert.equal(message(relay, id).state, 'delivered');
     assert.equal(message(relay, id).raw, null, 'content erased in the delivering transaction');
+    queuedId((await sendMail(relay.smtpPort, { to: ['b@example.com'], raw: Buffer.from('Subject: plain\r\n\r\nascii only\r\n') })).response);
+    await relay.delivery.runOnce();
+    assert.equal(upstream.accepted.length, 2);
+    assert.equal(upstream.accepted[1].bodyType, '7bit', 'no BODY=8BITMIME for a message of 7-bit bytes');
   });
 });
