@@ -22,6 +22,13 @@ export interface KeyDef {
 
 const PORT = { min: 0, max: 65535 };
 
+/**
+ * The largest maxMessageSize: a stored message (its bytes and the Received header) is one SQLite
+ * value, and the SQLite that better-sqlite3 builds stores values up to about 512 MiB. A larger
+ * message would be received in full and then refused with a 451 at every attempt.
+ */
+export const MAX_MESSAGE_SIZE_LIMIT = 500 * 1024 * 1024;
+
 export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'smtpHost', type: 'string', default: '127.0.0.1', doc: 'SMTP listen address' },
   { path: 'smtpPort', type: 'int', default: 2525, ...PORT, doc: 'SMTP listen port (the Docker image sets 25)' },
@@ -58,8 +65,8 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'tls.key', type: 'string', default: '', doc: 'PEM private key file; with tls.cert enables STARTTLS' },
   { path: 'databasePath', type: 'string', default: 'data/relayq.db', doc: 'the one SQLite file' },
   { path: 'emailsDir', type: 'string', default: 'emails', doc: 'local deliveries; failed exports go to `emailsDir/failed`' },
-  { path: 'maxMessageSize', type: 'int', default: 26214400, min: 1024, max: 1073741824, unit: 'bytes', doc: 'larger messages get `552`' },
-  { path: 'spoolAfter', type: 'int', default: 262144, min: 0, max: 1073741824, unit: 'bytes', doc: 'a message being received is held in memory up to this size, the rest in a file in `<databasePath>-spool/` until its commit (as Haraka\'s spool_after); 0 = all in memory' },
+  { path: 'maxMessageSize', type: 'int', default: 26214400, min: 1024, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'larger messages get `552` (at most 500 MiB: SQLite stores a message as one value, of at most 512 MiB)' },
+  { path: 'spoolAfter', type: 'int', default: 262144, min: 0, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'a message being received is held in memory up to this size, the rest in a file in `<databasePath>-spool/` until its commit (as Haraka\'s spool_after); 0 = all in memory' },
   { path: 'maxRecipients', type: 'int', default: 1000, min: 1, max: 100000, doc: 'more RCPTs get `452`' },
   { path: 'maxConnections', type: 'int', default: 500, min: 1, max: 100000, doc: 'concurrent SMTP connections' },
   { path: 'retry.maxAttempts', type: 'int', default: 10, min: 1, max: 1000, doc: 'attempts before a temporarily failing batch becomes failed' },

@@ -4,7 +4,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { loadConfig, parseFlags } from '../../src/config/load.js';
-import { CONFIG_KEYS, defaultConfig, envName } from '../../src/config/schema.js';
+import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
+import { openStore } from '../../src/store/db.js';
 import { cliArgs, tempDir } from '../helpers.js';
 
 const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
@@ -143,6 +144,23 @@ describe('loadConfig', () => {
     assert.equal(r.errors.length, 1);
     assert.equal(r.errors[0].key, 'retry.initialDelay');
     assert.match(r.errors[0].message, /RETRY_INITIAL_DELAY: must be an integer/);
+  });
+
+  test('the largest maxMessageSize, with room for the Received header, fits in one SQLite value', async () => {
+    const store = await openStore(path.join(tempDir(), 'limit.db'));
+    try {
+      const length = (n: number) => (store.sqlite.prepare('SELECT length(zeroblob(?)) AS n').get(n) as { n: number }).n;
+      assert.equal(length(MAX_MESSAGE_SIZE_LIMIT + 65536), MAX_MESSAGE_SIZE_LIMIT + 65536);
+      // the bound is not needlessly low either: twice it does not fit
+      assert.throws(() => length(2 * MAX_MESSAGE_SIZE_LIMIT), /too big/);
+    } finally {
+      await store.close();
+    }
+    const r = loadConfig([`--maxMessageSize=${MAX_MESSAGE_SIZE_LIMIT + 1}`], {});
+    assert.equal(r.ok, false);
+    if (r.ok) return;
+    assert.deepEqual(r.errors.map((e) => e.key), ['maxMessageSize']);
+    assert.match(r.errors[0].message, /at most 524288000/);
   });
 
   test('unknown flags and malformed JSON are errors', () => {
