@@ -3,6 +3,7 @@
 // the relay is killed with SIGKILL at random moments and restarted on the same files. At the end
 // everything must drain: every queue id that got a 250 reached the upstream (missing = 0), no
 // message is left in 'sending', and the copies beyond the first are counted (at-least-once).
+import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import { SMTPServer } from 'smtp-server';
@@ -19,6 +20,11 @@ export interface CrashLoopOptions {
   /** Time allowed for the queue to drain after the last restart. */
   drainTimeoutMs: number;
   seed: number;
+  /**
+   * Run the relay with this spoolAfter and give every message a body four times as large, so
+   * that each one is spooled to a file while the relay is being killed. Default: small messages.
+   */
+  spoolAfter?: number;
   /** Progress lines (the soak prints them; the test stays quiet). */
   progress?: (line: string) => void;
 }
@@ -44,6 +50,8 @@ export interface CrashLoopResult {
   upstreamTransactions: number;
   /** Exit code of the final SIGTERM shutdown (0 = orderly). */
   finalExitCode: number | null;
+  /** Files in the spool directory after that shutdown (every session had ended before it). */
+  spoolFilesLeft: number;
   elapsedMs: number;
 }
 
@@ -109,6 +117,7 @@ async function sendContinuously(
   acknowledged: Set<string>,
   stop: { now: boolean },
   random: () => number,
+  filler: string,
 ) {
   let n = 0;
   while (!stop.now) {
@@ -129,7 +138,7 @@ async function sendContinuously(
         let ok = true;
         for (let r = 0; r < rcpts && ok; r++) ok = (await c.send(`RCPT TO:<c${client}m${n}r${r}@example.org>`)).startsWith('250');
         if (!ok || !(await c.send('DATA')).startsWith('354')) break;
-        const reply = await c.send(`Message-ID: <c${client}.${n}@crash-loop.test>\r\nSubject: crash loop ${client}/${n}\r\n\r\nbody ${n}\r\n.`);
+        const reply = await c.send(`Message-ID: <c${client}.${n}@crash-loop.test>\r\nSubject: crash loop ${client}/${n}\r\n\r\nbody ${n}\r\n${filler}.`);
         const id = /^250 2\.0\.0 Ok: queued as ([0-9A-F]{20})$/.exec(reply)?.[1];
         if (!id) break;
         acknowledged.add(id);
@@ -143,8 +152,9 @@ async function sendContinuously(
   }
 }
 
-function relayFlags(upstreamPort: number, processingTimeoutS: number): string[] {
+function relayFlags(upstreamPort: number, processingTimeoutS: number, spoolAfter: number | undefined): string[] {
   return [
+    ...(spoolAfter === undefined ? [] : ['--spoolAfter', String(spoolAfter)]),
     '--serverName', 'relayq.crash-loop',
     '--enableHealthCheck', 'false',
     '--forwardSMTP', 'true',
@@ -166,13 +176,14 @@ export async function runCrashLoop(options: CrashLoopOptions): Promise<CrashLoop
   const progress = options.progress ?? (() => {});
   const dir = tempDir('relayq-crash-loop-');
   const upstream = await startCountingUpstream(random);
-  const flags = relayFlags(upstream.port, options.processingTimeoutS);
+  const flags = relayFlags(upstream.port, options.processingTimeoutS, options.spoolAfter);
+  const filler = options.spoolAfter ? `${'x'.repeat(78)}\r\n`.repeat(Math.ceil((4 * options.spoolAfter) / 80)) : '';
   const acknowledged = new Set<string>();
   const stop = { now: false };
   const current = { port: 0 };
   let relay: RelayProcess = await spawnRelay(dir, flags);
   current.port = relay.smtpPort;
-  const clients = Array.from({ length: options.clients }, (_, i) => sendContinuously(i, current, acknowledged, stop, seededRandom(options.seed + i + 1)));
+  const clients = Array.from({ length: options.clients }, (_, i) => sendContinuously(i, current, acknowledged, stop, seededRandom(options.seed + i + 1), filler));
   let kills = 0;
   let finalExitCode: number | null = null;
   try {
@@ -220,6 +231,7 @@ export async function runCrashLoop(options: CrashLoopOptions): Promise<CrashLoop
         undelivered: count("SELECT COUNT(*) AS n FROM messages WHERE state <> 'delivered'"),
         upstreamTransactions: upstream.transactions(),
         finalExitCode,
+        spoolFilesLeft: 0,
         elapsedMs: 0,
       };
     } finally {
@@ -227,6 +239,8 @@ export async function runCrashLoop(options: CrashLoopOptions): Promise<CrashLoop
     }
     finalExitCode = await relay.kill('SIGTERM');
     result.finalExitCode = finalExitCode;
+    const spoolDir = path.join(dir, 'data', 'relayq.db-spool');
+    result.spoolFilesLeft = fs.existsSync(spoolDir) ? fs.readdirSync(spoolDir).length : 0;
     result.elapsedMs = Date.now() - started;
     return result;
   } finally {
@@ -247,6 +261,7 @@ export function summaryLine(r: CrashLoopResult): string {
     `undelivered=${r.undelivered}`,
     `upstream_transactions=${r.upstreamTransactions}`,
     `final_exit=${r.finalExitCode}`,
+    `spool_files_left=${r.spoolFilesLeft}`,
     `seed=${r.seed}`,
     `elapsed=${(r.elapsedMs / 1000).toFixed(1)}s`,
   ].join(' ');
