@@ -201,7 +201,7 @@ describe('in-flow pacing in the relay', () => {
     await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
     client.close();
     // without the cancel it would keep its place for the whole minute: the upstream holds, so no claim comes
-    await waitFor(() => relay.delivery.inFlow.stats().waiting === 0, 5000, 'the place given up');
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 0, 10_000, 'the place given up');
     assert.equal(relay.delivery.inFlow.stats().timedOut, 0);
   });
 

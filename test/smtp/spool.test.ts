@@ -46,9 +46,9 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
     assert.match(await c.send('DATA'), /^354/);
     const wire = Buffer.from(raw.toString('latin1').replace(/^\./gm, '..'), 'latin1');
     c.write(wire.subarray(0, 100_000));
-    await waitFor(() => spoolFiles(relay).length === 1, 5000, 'a spool file during DATA');
+    await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
     const [file] = spoolFiles(relay);
-    await waitFor(() => fs.statSync(path.join(Spool.dirFor(relay.config.databasePath), file)).size > 0, 5000, 'bytes in the spool file');
+    await waitFor(() => fs.statSync(path.join(Spool.dirFor(relay.config.databasePath), file)).size > 0, 10_000, 'bytes in the spool file');
     c.write(wire.subarray(100_000));
     const reply = await c.send('.');
     const id = /^250 2\.0\.0 Ok: queued as (\S+)$/.exec(reply)?.[1];
@@ -57,7 +57,7 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
     assert.deepEqual(row.raw.subarray(row.raw.length - raw.length), raw);
     assert.match(row.raw.subarray(0, row.raw.length - raw.length).toString(), /^Received: from client\.test /);
     assert.equal(row.size, row.raw.length);
-    await waitFor(() => spoolFiles(relay).length === 0, 5000, 'the spool file removed');
+    await waitFor(() => spoolFiles(relay).length === 0, 10_000, 'the spool file removed');
     c.close();
   });
 
@@ -76,9 +76,9 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
     const c = await openSession(relay.smtpPort);
     assert.match(await c.send('DATA'), /^354/);
     c.write(body(100_000));
-    await waitFor(() => spoolFiles(relay).length === 1, 5000, 'a spool file during DATA');
+    await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
     c.close();
-    await waitFor(() => spoolFiles(relay).length === 0, 5000, 'the spool file removed');
+    await waitFor(() => spoolFiles(relay).length === 0, 10_000, 'the spool file removed');
     assert.equal(messageCount(relay), before);
   });
 
@@ -87,10 +87,10 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
     const c = await openSession(relay.smtpPort);
     assert.match(await c.send('DATA'), /^354/);
     c.write(body(100_000));
-    await waitFor(() => spoolFiles(relay).length === 1, 5000, 'a spool file during DATA');
+    await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
     c.write(body(500_000));
     assert.match(await c.send('.'), /^552 5\.3\.4 /);
-    await waitFor(() => spoolFiles(relay).length === 0, 5000, 'the spool file removed');
+    await waitFor(() => spoolFiles(relay).length === 0, 10_000, 'the spool file removed');
     assert.equal(messageCount(relay), before);
     c.close();
   });
@@ -100,11 +100,11 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
     const c = await openSession(relay.smtpPort);
     assert.match(await c.send('DATA'), /^354/);
     c.write(body(50_000));
-    await waitFor(() => spoolFiles(relay).length === 1, 5000, 'a spool file during DATA');
+    await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
     c.write('smuggled\n.\nMAIL FROM:<x@example.com>\r\n');
     c.write(body(20_000));
     assert.match(await c.send('.'), /^550 5\.6\.0 /);
-    await waitFor(() => spoolFiles(relay).length === 0, 5000, 'the spool file removed');
+    await waitFor(() => spoolFiles(relay).length === 0, 10_000, 'the spool file removed');
     assert.equal(messageCount(relay), before);
     c.close();
   });
@@ -169,7 +169,7 @@ test('a second relay started on the same database, which cannot bind, leaves the
     assert.match(await c.send('DATA'), /^354/);
     const raw = body(100_000);
     c.write(raw.subarray(0, 50_000));
-    await waitFor(() => spoolFiles(relay).length === 1, 5000, 'a spool file during DATA');
+    await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
     await assert.rejects(startTestRelay({ databasePath: relay.config.databasePath, smtpPort: relay.smtpPort, spoolAfter: SPOOL_AFTER }), /EADDRINUSE/);
     assert.equal(spoolFiles(relay).length, 1);
     c.write(raw.subarray(50_000));
