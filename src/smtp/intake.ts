@@ -320,8 +320,11 @@ export class SmtpIntake {
   }
 
   private onData(stream: SMTPServerDataStream, session: SMTPServerSession, cb: (err?: Error | null, message?: string) => void) {
-    const { queueId } = this.state(session);
-    const body = new MessageBytes(this.spool, queueId ?? newQueueId(this.deps.clock.now()), stream);
+    // the id of this message (given at MAIL) names its spool file, its log lines and its row
+    const s = this.state(session);
+    const queueId = s.queueId ?? newQueueId(this.deps.clock.now());
+    s.queueId = undefined;
+    const body = new MessageBytes(this.spool, queueId, stream);
     const scanner = new BareLineEndingScanner();
     let bytes = 0;
     this.inFlight++;
@@ -355,7 +358,7 @@ export class SmtpIntake {
       }
       body
         .finish()
-        .then((received) => this.store(session, received, done))
+        .then((received) => this.store(session, queueId, received, done))
         .catch((err: Error) => {
           log.error({ queueId, event: 'smtp.store_failed', err: err.message }, 'storing the message failed');
           done(notStored());
@@ -364,12 +367,9 @@ export class SmtpIntake {
   }
 
   /** Commits the message; `cb` (which removes its spool file) runs once the write has settled. */
-  private store(session: SMTPServerSession, received: ReceivedBytes, cb: (err?: Error | null, message?: string) => void) {
+  private store(session: SMTPServerSession, queueId: string, received: ReceivedBytes, cb: (err?: Error | null, message?: string) => void) {
     const { config, clock, commits } = this.deps;
-    const s = this.state(session);
     const log = this.deps.logger;
-    const queueId = s.queueId ?? newQueueId(clock.now());
-    s.queueId = undefined;
     const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
     const recipients = session.envelope.rcptTo.map((r) => r.address);
     const clientIp = this.peer(session);
