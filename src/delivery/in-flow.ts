@@ -48,25 +48,25 @@ export class InFlowGate {
       return undefined;
     }
     this.delayed++;
-    let waiter: Waiter | undefined;
-    const wait = new Promise<void>((resolve) => {
-      const w: Waiter = {
-        admit: () => {
-          clearTimeout(w.timer);
-          this.backlog++;
-          resolve();
-        },
-        timer: setTimeout(() => {
-          if (!this.remove(w)) return;
-          this.timedOut++;
-          w.admit();
-        }, this.delayMs),
-      };
-      this.waiters.push(w);
-      waiter = w;
+    let resolve!: () => void;
+    const wait = new Promise<void>((r) => {
+      resolve = r;
     });
+    const waiter: Waiter = {
+      admit: () => {
+        clearTimeout(waiter.timer);
+        this.backlog++;
+        resolve();
+      },
+      timer: setTimeout(() => {
+        if (!this.remove(waiter)) return;
+        this.timedOut++;
+        waiter.admit();
+      }, this.delayMs),
+    };
+    this.waiters.push(waiter);
     const cancel = () => {
-      if (waiter && this.remove(waiter)) clearTimeout(waiter.timer);
+      if (this.remove(waiter)) clearTimeout(waiter.timer);
     };
     return Object.assign(wait, { cancel });
   }
