@@ -6,7 +6,7 @@ import type { Relay } from '../../src/main.js';
 import { Spool } from '../../src/smtp/spool.js';
 import { openStore } from '../../src/store/db.js';
 import { insertMessage } from '../../src/store/intake.js';
-import { capturedLog, messageCount, openSession, sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
+import { capturedLog, messageCount, openSession, type SmtpClient, sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
 
 const SPOOL_AFTER = 4096;
 
@@ -19,6 +19,19 @@ function storedBody(relay: Relay, id: string): { raw: Buffer; size: number } {
   return relay.store.sqlite
     .prepare('SELECT raw, size FROM messages JOIN message_bodies ON message_bodies.id = body_id WHERE messages.id = ?')
     .get(id) as { raw: Buffer; size: number };
+}
+
+/** A session in DATA that has sent `first` and whose message is being spooled: one file exists. */
+async function spoolingSession(relay: Relay, first: Buffer): Promise<SmtpClient> {
+  const c = await openSession(relay.smtpPort);
+  assert.match(await c.send('DATA'), /^354/);
+  c.write(first);
+  await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
+  return c;
+}
+
+function spoolEmptied(relay: Relay): Promise<void> {
+  return waitFor(() => spoolFiles(relay).length === 0, 10_000, 'the spool file removed');
 }
 
 /** Lines of 60 characters, some starting with a dot (dot-stuffed on the wire). */
@@ -42,11 +55,8 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
 
   test('the bytes past spoolAfter wait in a file during DATA; the stored message is exact and the file is gone after the 250', async () => {
     const raw = body(200_000);
-    const c = await openSession(relay.smtpPort);
-    assert.match(await c.send('DATA'), /^354/);
     const wire = Buffer.from(raw.toString('latin1').replace(/^\./gm, '..'), 'latin1');
-    c.write(wire.subarray(0, 100_000));
-    await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
+    const c = await spoolingSession(relay, wire.subarray(0, 100_000));
     const [file] = spoolFiles(relay);
     await waitFor(() => fs.statSync(path.join(Spool.dirFor(relay.config.databasePath), file)).size > 0, 10_000, 'bytes in the spool file');
     c.write(wire.subarray(100_000));
@@ -57,7 +67,7 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
     assert.deepEqual(row.raw.subarray(row.raw.length - raw.length), raw);
     assert.match(row.raw.subarray(0, row.raw.length - raw.length).toString(), /^Received: from client\.test /);
     assert.equal(row.size, row.raw.length);
-    await waitFor(() => spoolFiles(relay).length === 0, 10_000, 'the spool file removed');
+    await spoolEmptied(relay);
     c.close();
   });
 
@@ -73,38 +83,29 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
 
   test('a client that disconnects mid-DATA leaves nothing stored and no spool file', async () => {
     const before = messageCount(relay);
-    const c = await openSession(relay.smtpPort);
-    assert.match(await c.send('DATA'), /^354/);
-    c.write(body(100_000));
-    await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
+    const c = await spoolingSession(relay, body(100_000));
     c.close();
-    await waitFor(() => spoolFiles(relay).length === 0, 10_000, 'the spool file removed');
+    await spoolEmptied(relay);
     assert.equal(messageCount(relay), before);
   });
 
   test('a message over maxMessageSize gets 552 and its spool file is removed', async () => {
     const before = messageCount(relay);
-    const c = await openSession(relay.smtpPort);
-    assert.match(await c.send('DATA'), /^354/);
-    c.write(body(100_000));
-    await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
+    const c = await spoolingSession(relay, body(100_000));
     c.write(body(500_000));
     assert.match(await c.send('.'), /^552 5\.3\.4 /);
-    await waitFor(() => spoolFiles(relay).length === 0, 10_000, 'the spool file removed');
+    await spoolEmptied(relay);
     assert.equal(messageCount(relay), before);
     c.close();
   });
 
   test('a bare LF past spoolAfter gets 550 and the spool file is removed', async () => {
     const before = messageCount(relay);
-    const c = await openSession(relay.smtpPort);
-    assert.match(await c.send('DATA'), /^354/);
-    c.write(body(50_000));
-    await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
+    const c = await spoolingSession(relay, body(50_000));
     c.write('smuggled\n.\nMAIL FROM:<x@example.com>\r\n');
     c.write(body(20_000));
     assert.match(await c.send('.'), /^550 5\.6\.0 /);
-    await waitFor(() => spoolFiles(relay).length === 0, 10_000, 'the spool file removed');
+    await spoolEmptied(relay);
     assert.equal(messageCount(relay), before);
     c.close();
   });
@@ -165,11 +166,8 @@ test('files that an earlier process left in the spool directory are removed at s
 test('a second relay started on the same database, which cannot bind, leaves the running one\'s spool alone', async () => {
   const relay = await startTestRelay({ spoolAfter: SPOOL_AFTER }, { startDelivery: false });
   try {
-    const c = await openSession(relay.smtpPort);
-    assert.match(await c.send('DATA'), /^354/);
     const raw = body(100_000);
-    c.write(raw.subarray(0, 50_000));
-    await waitFor(() => spoolFiles(relay).length === 1, 10_000, 'a spool file during DATA');
+    const c = await spoolingSession(relay, raw.subarray(0, 50_000));
     await assert.rejects(startTestRelay({ databasePath: relay.config.databasePath, smtpPort: relay.smtpPort, spoolAfter: SPOOL_AFTER }), /EADDRINUSE/);
     assert.equal(spoolFiles(relay).length, 1);
     c.write(raw.subarray(50_000));
