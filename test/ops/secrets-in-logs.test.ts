@@ -1,0 +1,105 @@
+// "Passwords and tokens never appear in logs": a relay at debug level (nodemailer's session log
+// included) that authenticates its clients and its upstream, and serves an authenticated API call.
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import { Writable } from 'node:stream';
+import { test } from 'node:test';
+import { CONFIG_KEYS, defaultConfig, setPath } from '../../src/config/schema.js';
+import { createLogger } from '../../src/logger.js';
+import { SmtpClient, sendMail, spawnRelay, startUpstream, tempDir, waitFor } from '../helpers.js';
+
+const secret = (name: string) => `${name}-${crypto.randomBytes(6).toString('hex')}`;
+const base64 = (text: string) => Buffer.from(text).toString('base64');
+
+/** Every form in which `value` could leak: as is, in base64, and inside an AUTH PLAIN response. */
+function leaks(output: string, value: string, user = ''): string[] {
+  const forms = [value, base64(value), base64(`\0${user}\0${value}`), base64(`${user}\0${user}\0${value}`)];
+  return forms.filter((form) => output.includes(form));
+}
+
+test('no password or token reaches the log of a relay at debug level', async () => {
+  const smtpPassword = secret('smtp-pass');
+  const wrongPassword = secret('wrong-pass');
+  const forwardPassword = secret('forward-pass');
+  const adminToken = secret('admin-token');
+  const upstream = await startUpstream({
+    authOptional: false,
+    allowInsecureAuth: true,
+    onAuth(auth, _session, cb) {
+      if (auth.username === 'relay' && auth.password === forwardPassword) return cb(null, { user: 'relay' });
+      cb(new Error('invalid credentials'));
+    },
+  });
+  const relay = await spawnRelay(tempDir(), [
+    '--logLevel', 'debug',
+    '--defaultUsername', 'app',
+    '--defaultPassword', smtpPassword,
+    '--forwardSMTP', 'true',
+    '--forwardHost', '127.0.0.1',
+    '--forwardPort', String(upstream.port),
+    '--forwardUsername', 'relay',
+    '--forwardPassword', forwardPassword,
+    '--security.adminToken', adminToken,
+  ]);
+  try {
+    const refused = await SmtpClient.connect(relay.smtpPort);
+    await refused.read();
+    await refused.send('EHLO client.test');
+    assert.match(await refused.send(`AUTH PLAIN ${base64(`\0app\0${wrongPassword}`)}`), /^535 /);
+    await refused.send('QUIT');
+    refused.close();
+
+    const info = await sendMail(relay.smtpPort, { auth: { user: 'app', pass: smtpPassword } });
+    assert.match(info.response, /^250 /);
+    await waitFor(() => upstream.received.length === 1, 10_000, 'delivery with AUTH');
+
+    await waitFor(() => relay.output().includes('"api.listening"'), 10_000, 'the HTTP API');
+    const listening = JSON.parse(relay.output().split('\n').find((line) => line.includes('"api.listening"')) as string);
+    const api = await fetch(`http://${listening.http}/metrics`, { headers: { authorization: `Bearer ${adminToken}` } });
+    assert.equal(api.status, 200);
+  } finally {
+    await relay.kill('SIGTERM');
+    await upstream.close();
+  }
+  const output = relay.output();
+  assert.match(output, /"component":"upstream"/, 'the upstream session was logged (debug level)');
+  assert.match(output, /"event":"relay.stopped"/);
+  const started = JSON.parse(output.split('\n').find((line) => line.includes('"relay.started"')) as string);
+  assert.equal(started.config.defaultPassword, '[redacted]');
+  assert.equal(started.config.forwardPassword, '[redacted]');
+  assert.equal(started.config.security.adminToken, '[redacted]');
+  assert.deepEqual(leaks(output, smtpPassword, 'app'), []);
+  assert.deepEqual(leaks(output, wrongPassword, 'app'), []);
+  assert.deepEqual(leaks(output, forwardPassword, 'relay'), []);
+  assert.deepEqual(leaks(output, adminToken), []);
+});
+
+test('the logger itself censors every secret config key, and credentials logged under their own names', () => {
+  const lines: string[] = [];
+  const sink = new Writable({
+    write(chunk, _encoding, cb) {
+      lines.push(String(chunk));
+      cb();
+    },
+  });
+  const logger = createLogger('info', sink);
+  const config = defaultConfig() as unknown as Record<string, unknown>;
+  const secrets = CONFIG_KEYS.filter((key) => key.secret).map((key) => {
+    const value = secret(key.path);
+    setPath(config, key.path, value);
+    return { key, value };
+  });
+  assert.ok(secrets.length >= 3);
+  // a config dump that skipped redactConfig
+  logger.info({ config }, 'config');
+  for (const { key, value } of secrets) {
+    const name = key.path.slice(key.path.lastIndexOf('.') + 1);
+    logger.info({ [name]: value }, key.path);
+  }
+  for (const name of ['password', 'pass', 'authorization']) logger.info({ [name]: secret(name) }, name);
+  const output = lines.join('');
+  assert.equal(lines.length, secrets.length + 4);
+  for (const { value } of secrets) assert.equal(output.includes(value), false, `${value} is in the log`);
+  assert.doesNotMatch(output, /password-|pass-|authorization-/);
+  assert.equal(output.split('[redacted]').length - 1, secrets.length * 2 + 3);
+});
