@@ -82,45 +82,56 @@ export function senderKey(mailFrom: string): string {
   return mailFrom.toLowerCase();
 }
 
+/** The limits in the order they are checked: the first one reached is the one reported. */
+const LIMIT_NAMES: readonly LimitName[] = ['maxPerHour', 'maxPerDay', 'globalMaxPerHour', 'globalMaxPerDay'];
+
+const minutes = (key: string, from: string, to: string) =>
+  `(SELECT COALESCE(SUM(count), 0) FROM rate_buckets WHERE sender_key = ${key} AND minute >= @${from} AND minute < @${to})`;
+const wholeHours = (key: string) =>
+  `(SELECT COALESCE(SUM(count), 0) FROM rate_hours WHERE sender_key = ${key} AND hour > @dayFirstHour AND hour < @currentHour)`;
+const windowTerms = (key: string, as: string) =>
+  `${minutes(key, 'currentHourStart', 'end')} AS ${as}Tail, ${minutes(key, 'hourStart', 'currentHourStart')} AS ${as}HourHead,
+   ${minutes(key, 'dayStart', 'dayHeadEnd')} AS ${as}DayHead, ${wholeHours(key)} AS ${as}DayHours`;
+const RATE_WINDOWS_SQL = `SELECT ${windowTerms('@key', 'sender')}, ${windowTerms(`'${GLOBAL_SENDER_KEY}'`, 'all')}`;
+
 /**
- * Messages accepted under `key` (a sender key, or '*' for all) in the rolling window of the last
- * `minutes` minutes, this one included. The whole hours inside the window come from rate_hours,
- * the minutes at its two ends from rate_buckets: at most about 140 rows for a day, however many
- * messages the window holds.
+ * Messages accepted in the four rolling windows the limits count: `key`'s and everyone's, in the
+ * last 60 and the last 1,440 minutes (the current minute included). One statement; each window
+ * is a few range sums, so the cost does not grow with the messages it holds:
+ *   - the minutes of the current hour (rate_buckets), which both windows end with;
+ *   - the hour window's minutes before them, in the previous hour (rate_buckets);
+ *   - the day window's minutes in its first hour (rate_buckets), and the whole hours between
+ *     that one and the current one (rate_hours).
  */
-export function windowCount(sqlite: Sqlite, key: string, now: number, minutes: number): number {
+export function rateWindows(sqlite: Sqlite, key: string, now: number): Record<LimitName, number> {
   const current = Math.floor(now / 60000);
-  const first = current - minutes + 1;
-  const firstHour = Math.floor(first / 60);
   const currentHour = Math.floor(current / 60);
-  // minutes [first, headEnd) of the first hour and [tailStart, current] of the current one
-  const headEnd = Math.min((firstHour + 1) * 60, current + 1);
-  const tailStart = Math.max(currentHour * 60, headEnd);
-  const row = prepared(
-    sqlite,
-    `SELECT
-       (SELECT COALESCE(SUM(count), 0) FROM rate_buckets WHERE sender_key = @key AND minute >= @first AND minute < @headEnd)
-     + (SELECT COALESCE(SUM(count), 0) FROM rate_buckets WHERE sender_key = @key AND minute >= @tailStart AND minute <= @current)
-     + (SELECT COALESCE(SUM(count), 0) FROM rate_hours WHERE sender_key = @key AND hour > @firstHour AND hour < @currentHour) AS n`,
-  ).get({ key, first, headEnd, tailStart, current, firstHour, currentHour }) as { n: number };
-  return row.n;
+  const dayStart = current - DAY_MINUTES + 1;
+  const dayFirstHour = Math.floor(dayStart / 60);
+  const r = prepared(sqlite, RATE_WINDOWS_SQL).get({
+    key,
+    end: current + 1,
+    currentHourStart: currentHour * 60,
+    currentHour,
+    hourStart: current - HOUR_MINUTES + 1,
+    dayStart,
+    dayHeadEnd: (dayFirstHour + 1) * 60,
+    dayFirstHour,
+  }) as Record<string, number>;
+  return {
+    maxPerHour: r.senderTail + r.senderHourHead,
+    maxPerDay: r.senderTail + r.senderDayHead + r.senderDayHours,
+    globalMaxPerHour: r.allTail + r.allHourHead,
+    globalMaxPerDay: r.allTail + r.allDayHead + r.allDayHours,
+  };
 }
 
 /** The first limit that one more message from `mailFrom` would exceed, if any. */
 export function checkRateLimits(sqlite: Sqlite, mailFrom: string, now: number, limits: RateLimitPolicy): LimitHit | undefined {
   if (!limits.enabled) return undefined;
-  const key = senderKey(mailFrom);
-  const checks: Array<[LimitName, string, number, number]> = [
-    ['maxPerHour', key, HOUR_MINUTES, limits.maxPerHour],
-    ['maxPerDay', key, DAY_MINUTES, limits.maxPerDay],
-    ['globalMaxPerHour', GLOBAL_SENDER_KEY, HOUR_MINUTES, limits.globalMaxPerHour],
-    ['globalMaxPerDay', GLOBAL_SENDER_KEY, DAY_MINUTES, limits.globalMaxPerDay],
-  ];
-  for (const [limit, k, minutes, max] of checks) {
-    const count = windowCount(sqlite, k, now, minutes);
-    if (count >= max) return { limit, max, count };
-  }
-  return undefined;
+  const counts = rateWindows(sqlite, senderKey(mailFrom), now);
+  const limit = LIMIT_NAMES.find((name) => counts[name] >= limits[name]);
+  return limit ? { limit, max: limits[limit], count: counts[limit] } : undefined;
 }
 
 /** Messages not yet final (queued + sending), from trigger-maintained counters: no scan. */

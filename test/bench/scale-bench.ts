@@ -11,7 +11,7 @@ import { migrations } from '../../migrations/index.js';
 import { inFlowBacklogLimit } from '../../src/delivery/engine.js';
 import { openStore } from '../../src/store/db.js';
 import { claimDueBatches, countDueQueued, findTemporaryFailures, hasDueWork } from '../../src/store/delivery.js';
-import { checkRateLimits, GLOBAL_SENDER_KEY, isQueueFull, windowCount } from '../../src/store/intake.js';
+import { checkRateLimits, isQueueFull, rateWindows } from '../../src/store/intake.js';
 import { pruneRateBuckets } from '../../src/store/retention.js';
 import { type FixtureSummary, HOT_SENDER, writeFixture } from './fixture.js';
 import { type SinkProcess, startRelayProcess } from './processes.js';
@@ -100,11 +100,8 @@ export async function measureStoreCosts(fixture: FixtureSummary): Promise<StoreC
   const { sqlite } = store;
   try {
     const now = fixture.now;
-    const window = {
-      senderHour: windowCount(sqlite, HOT_SENDER, now, 60),
-      senderDay: windowCount(sqlite, HOT_SENDER, now, 1440),
-      globalDay: windowCount(sqlite, GLOBAL_SENDER_KEY, now, 1440),
-    };
+    const counts = rateWindows(sqlite, HOT_SENDER, now);
+    const window = { senderHour: counts.maxPerHour, senderDay: counts.maxPerDay, globalDay: counts.globalMaxPerDay };
     const rateLimitCheckUs = microsPerCall(() => checkRateLimits(sqlite, HOT_SENDER, now, LIMITS));
     const queueSizeCheckUs = microsPerCall(() => isQueueFull(sqlite, 1000));
     const dueProbeIdleUs = microsPerCall(() => hasDueWork(sqlite, now));

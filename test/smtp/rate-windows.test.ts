@@ -10,7 +10,7 @@ import * as initial from '../../migrations/001_initial.js';
 import * as metrics from '../../migrations/002_metrics.js';
 import * as rateBucketMinute from '../../migrations/003_rate_bucket_minute.js';
 import { kyselyFor, migrateToLatest, openStore, type Sqlite } from '../../src/store/db.js';
-import { GLOBAL_SENDER_KEY, insertMessage, newQueueId, windowCount } from '../../src/store/intake.js';
+import { GLOBAL_SENDER_KEY, insertMessage, newQueueId, rateWindows } from '../../src/store/intake.js';
 import { pruneRateBuckets } from '../../src/store/retention.js';
 import { tempDir } from '../helpers.js';
 
@@ -47,7 +47,17 @@ function storeBefore004(sqlite: Sqlite, sender: string, at: number) {
     .run(newQueueId(at), sender, sender, at, at, at);
 }
 
-/** The same window counted from the messages themselves. */
+/** The four windows as rateWindows counts them, from the messages themselves. */
+function plainWindows(sqlite: Sqlite, key: string, now: number) {
+  return {
+    maxPerHour: plainCount(sqlite, key, now, 60),
+    maxPerDay: plainCount(sqlite, key, now, 1440),
+    globalMaxPerHour: plainCount(sqlite, GLOBAL_SENDER_KEY, now, 60),
+    globalMaxPerDay: plainCount(sqlite, GLOBAL_SENDER_KEY, now, 1440),
+  };
+}
+
+/** A window counted from the messages themselves. */
 function plainCount(sqlite: Sqlite, key: string, now: number, minutes: number): number {
   const current = Math.floor(now / MINUTE);
   const where = key === GLOBAL_SENDER_KEY ? '' : 'sender_key = ? AND';
@@ -57,7 +67,7 @@ function plainCount(sqlite: Sqlite, key: string, now: number, minutes: number): 
   ).n;
 }
 
-test('window counts equal a plain count of the messages at every minute offset, over two days', async () => {
+test('the four window counts equal plain counts of the messages at every minute offset, over two days', async () => {
   const s = await openStore(path.join(tempDir(), 'windows.db'));
   try {
     const random = lcg(42);
@@ -69,15 +79,13 @@ test('window counts equal a plain count of the messages at every minute offset, 
     })();
     let checked = 0;
     for (let now = T0 - HOUR; now <= T0 + 3 * DAY; now += 7 * MINUTE + 13_000) {
-      for (const key of ['a@example.com', '', GLOBAL_SENDER_KEY]) {
-        for (const minutes of [60, 1440, 1, 61, 119]) {
-          assert.equal(windowCount(s.sqlite, key, now, minutes), plainCount(s.sqlite, key, now, minutes), `${key} ${minutes} min at ${new Date(now).toISOString()}`);
-          checked++;
-        }
+      for (const key of ['a@example.com', '', 'nobody@example.com']) {
+        assert.deepEqual(rateWindows(s.sqlite, key, now), plainWindows(s.sqlite, key, now), `${key} at ${new Date(now).toISOString()}`);
+        checked++;
       }
     }
-    assert.ok(checked > 5000);
-    assert.ok(windowCount(s.sqlite, GLOBAL_SENDER_KEY, T0 + DAY, 1440) > 1000, 'the data fills the windows');
+    assert.ok(checked > 1500);
+    assert.ok(rateWindows(s.sqlite, 'a@example.com', T0 + DAY).globalMaxPerDay > 1000, 'the data fills the windows');
   } finally {
     await s.close();
   }
@@ -88,7 +96,7 @@ test('pruning removes per-minute and hourly buckets no window reaches, and leave
   try {
     for (let h = 0; h < 48; h++) store(s.sqlite, 'a@example.com', T0 + h * HOUR + 30 * MINUTE);
     const now = T0 + 48 * HOUR;
-    const before = [60, 1440].map((m) => windowCount(s.sqlite, 'a@example.com', now, m));
+    const before = rateWindows(s.sqlite, 'a@example.com', now);
     let pruned = 0;
     for (let n = pruneRateBuckets(s.sqlite, now, 5); n > 0; n = pruneRateBuckets(s.sqlite, now, 5)) pruned += n;
     const rows = (table: string) => (s.sqlite.prepare(`SELECT COUNT(*) AS n FROM ${table}`).get() as { n: number }).n;
@@ -97,8 +105,8 @@ test('pruning removes per-minute and hourly buckets no window reaches, and leave
     assert.equal(pruned, 24 * 2 + 24 * 2);
     assert.equal(rows('rate_buckets'), 24 * 2);
     assert.equal(rows('rate_hours'), 24 * 2);
-    assert.deepEqual([60, 1440].map((m) => windowCount(s.sqlite, 'a@example.com', now, m)), before);
-    assert.equal(before[1], 24);
+    assert.deepEqual(rateWindows(s.sqlite, 'a@example.com', now), before);
+    assert.equal(before.maxPerDay, 24);
   } finally {
     await s.close();
   }
@@ -116,13 +124,11 @@ test('the upgrade to hourly buckets fills them from the per-minute buckets alrea
   const s = await openStore(file);
   try {
     for (let now = T0; now <= T0 + 2 * DAY; now += 37 * MINUTE) {
-      for (const key of ['a@example.com', GLOBAL_SENDER_KEY]) {
-        assert.equal(windowCount(s.sqlite, key, now, 1440), plainCount(s.sqlite, key, now, 1440));
-      }
+      assert.deepEqual(rateWindows(s.sqlite, 'a@example.com', now), plainWindows(s.sqlite, 'a@example.com', now));
     }
     // and the rewritten trigger keeps counting
     store(s.sqlite, 'a@example.com', T0 + DAY - 1);
-    assert.equal(windowCount(s.sqlite, 'a@example.com', T0 + DAY - 1, 1440), plainCount(s.sqlite, 'a@example.com', T0 + DAY - 1, 1440));
+    assert.deepEqual(rateWindows(s.sqlite, 'a@example.com', T0 + DAY - 1), plainWindows(s.sqlite, 'a@example.com', T0 + DAY - 1));
     const counters = s.sqlite.prepare("SELECT name, value FROM counters WHERE name IN ('state_queued', 'messages_accepted', 'recipients_accepted', 'bytes_accepted')").all();
     assert.deepEqual(Object.fromEntries((counters as Array<{ name: string; value: number }>).map((r) => [r.name, r.value])), {
       state_queued: 501,
