@@ -5,7 +5,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import type { Sqlite } from './db.js';
-import { counter, incrementCounter, prepared } from './statements.js';
+import { incrementCounter, prepared } from './statements.js';
 
 export interface RateLimitPolicy {
   enabled: boolean;
@@ -136,7 +136,8 @@ export function checkRateLimits(sqlite: Sqlite, mailFrom: string, now: number, l
 
 /** Messages not yet final (queued + sending), from trigger-maintained counters: no scan. */
 export function activeCount(sqlite: Sqlite): number {
-  return counter(sqlite, 'state_queued') + counter(sqlite, 'state_sending');
+  const row = prepared(sqlite, "SELECT SUM(value) AS n FROM counters WHERE name IN ('state_queued', 'state_sending')").get() as { n: number | null };
+  return row.n ?? 0;
 }
 
 export function isQueueFull(sqlite: Sqlite, queueSize: number): boolean {

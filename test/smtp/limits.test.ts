@@ -4,8 +4,9 @@ import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
+import { claimDueBatches } from '../../src/store/delivery.js';
 import { counter } from '../../src/store/statements.js';
-import { type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig, waitFor } from '../helpers.js';
+import { type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
 import pino from 'pino';
 
 const HOUR = 3_600_000;
@@ -137,6 +138,24 @@ describe('backpressure', () => {
     } finally {
       await relay.stop();
       await upstream?.close();
+    }
+  });
+
+  test('queueSize counts the messages being sent as well as the queued ones', async () => {
+    const clock = new ManualClock();
+    const relay = await startTestRelay({ queueSize: 3 }, { clock, startDelivery: false });
+    try {
+      for (let i = 0; i < 3; i++) await send(relay.smtpPort, 'a@example.com');
+      // two of the three are claimed by a delivery worker: 'sending'
+      const claimed = await writeDirect(relay, (db) =>
+        claimDueBatches(db, { now: clock.now(), leaseMs: 60_000, batchSize: 20, limit: 2, maxAttempts: 10, newToken: () => 'worker' }),
+      );
+      assert.equal(claimed.batches.length, 2);
+      assert.deepEqual([counter(relay.store.sqlite, 'state_queued'), counter(relay.store.sqlite, 'state_sending')], [1, 2]);
+      await assert.rejects(send(relay.smtpPort, 'a@example.com'), (err: { response: string }) => /^452 4\.3\.1 /.test(err.response));
+      assert.equal(messageCount(relay), 3);
+    } finally {
+      await relay.stop();
     }
   });
 
