@@ -1,9 +1,12 @@
 // The one root pino logger. Components get `logger.child({ component })`. Secrets are kept
-// out at the source (the config is logged through redactConfig, errors as their message); as a
-// second guard pino censors credentials under their usual names and every secret config key
-// where a config dump puts it. The paths are explicit on purpose: one wildcard path
-// (`*.password`) makes pino walk the keys of every line, about 10 µs a line where the line itself
-// costs 6, and every message logs a line when it is queued and one per attempt.
+// out at the source: the config is logged through redactConfig, relayq's own lines log an error
+// by its message, and smtp-server and nodemailer mask AUTH in their transcripts. As a second
+// guard pino censors credentials under their usual names (also inside `auth` and `headers`) and
+// every secret config key where a config dump puts it; a credential nested under another name
+// (`{ upstream: { password } }`) is not covered, so log such objects by their fields. The paths
+// are explicit on purpose: one wildcard path (`*.password`) makes pino walk the keys of every
+// line, about 10 µs a line where the line itself costs 6, and every message logs a line when it
+// is queued and one per attempt.
 import pino, { type Logger } from 'pino';
 import { CONFIG_KEYS } from './config/schema.js';
 

@@ -135,6 +135,8 @@ export class SmtpUpstream {
       // inactivity on an open connection; the attempt deadline bounds the whole transaction
       socketTimeout: Math.min(120_000, budget),
       logger: debug ? (settings.logger.child({ component: 'upstream' }) as never) : false,
+      // and at debug the session's commands and replies, AUTH masked, without the message
+      transactionLog: debug,
       // nodemailer sets TCP_NODELAY on every socket it opens (smtp-connection _onConnect), so
       // the final "." is not held back by Nagle's algorithm waiting for a delayed ACK.
     };

@@ -3,6 +3,7 @@
 // message; every refusal carries the reply code and enhanced code of the spec's §2 table.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import { format } from 'node:util';
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import { clientFilter, isLoopback, normalizeIp } from '../access-control.js';
@@ -96,15 +97,22 @@ function lostConnection(err: unknown): err is Error & { code: string; remoteAddr
 }
 
 /**
- * The logger smtp-server is given: the levels that are off are no-ops. smtp-server logs every
- * socket error of a session at error, stack included; a client that went away is logged to
- * `intakeLog` at info instead, in one line (`smtp.connection_lost`).
+ * The logger smtp-server is given: the levels that are off are no-ops. Its messages are formatted
+ * as bunyan, which it is written for, formats them: pino would drop the arguments of
+ * `debug(entry, 'C:', line)` that have no placeholder, and with them the command of every line of
+ * the session transcript. smtp-server logs every socket error of a session at error, stack
+ * included; a client that went away is logged to `intakeLog` at info instead, in one line
+ * (`smtp.connection_lost`).
  */
 function onlyEnabledLevels(log: Logger, intakeLog: Logger): RelayqSmtpServer['logger'] {
   type Method = (...args: unknown[]) => void;
   const noop: Method = () => {};
+  const formatted = (level: (typeof LOG_LEVELS)[number]): Method => {
+    const write = log[level].bind(log) as Method;
+    return (entry, message, ...args) => (args.length ? write(entry, format(message, ...args)) : write(entry, message));
+  };
   const methods: Record<string, Method> = Object.fromEntries(
-    LOG_LEVELS.map((level) => [level, log.isLevelEnabled(level) ? (log[level].bind(log) as Method) : noop]),
+    LOG_LEVELS.map((level) => [level, log.isLevelEnabled(level) ? formatted(level) : noop]),
   );
   const { error } = methods;
   methods.error = (entry, ...rest) => {

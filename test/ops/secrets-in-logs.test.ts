@@ -1,5 +1,6 @@
-// "Passwords and tokens never appear in logs": a relay at debug level (nodemailer's session log
-// included) that authenticates its clients and its upstream, and serves an authenticated API call.
+// "Passwords and tokens never appear in logs": a relay at debug level, which logs the SMTP
+// transcripts of its clients and of its upstream sessions, authenticates a client (and refuses a
+// wrong password), logs in to its upstream and serves an API call with the admin token.
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import { Writable } from 'node:stream';
@@ -62,7 +63,11 @@ test('no password or token reaches the log of a relay at debug level', async () 
     await upstream.close();
   }
   const output = relay.output();
-  assert.match(output, /"component":"upstream"/, 'the upstream session was logged (debug level)');
+  // both transcripts are there, so the AUTH lines that could carry a credential were logged
+  assert.ok(output.includes('"msg":"C: MAIL FROM:<sender@example.com>"'), 'the client session transcript');
+  assert.equal(output.split('"msg":"C: AUTH PLAIN /* secured */"').length - 1, 2, 'both AUTH commands, masked');
+  assert.match(output, /"tnx":"client","msg":"AUTH PLAIN [A-Za-z0-9+/=]+"/, 'the upstream session transcript');
+  assert.match(output, /"tnx":"client","msg":"MAIL FROM:<sender@example.com>"/);
   assert.match(output, /"event":"relay.stopped"/);
   const started = JSON.parse(output.split('\n').find((line) => line.includes('"relay.started"')) as string);
   assert.equal(started.config.defaultPassword, '[redacted]');
@@ -96,10 +101,12 @@ test('the logger itself censors every secret config key, and credentials logged 
     const name = key.path.slice(key.path.lastIndexOf('.') + 1);
     logger.info({ [name]: value }, key.path);
   }
-  for (const name of ['password', 'pass', 'authorization']) logger.info({ [name]: secret(name) }, name);
+  // credentials under their usual names, alone or in the objects that usually carry them
+  logger.info({ password: secret('password'), pass: secret('pass'), authorization: secret('authorization') }, 'credentials');
+  logger.info({ auth: { user: 'u', pass: secret('pass'), password: secret('password') }, headers: { authorization: secret('authorization') } }, 'nested');
   const output = lines.join('');
-  assert.equal(lines.length, secrets.length + 4);
+  assert.equal(lines.length, secrets.length + 3);
   for (const { value } of secrets) assert.equal(output.includes(value), false, `${value} is in the log`);
   assert.doesNotMatch(output, /password-|pass-|authorization-/);
-  assert.equal(output.split('[redacted]').length - 1, secrets.length * 2 + 3);
+  assert.equal(output.split('[redacted]').length - 1, secrets.length * 2 + 6);
 });

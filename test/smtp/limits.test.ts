@@ -146,7 +146,7 @@ describe('backpressure', () => {
     const relay = await startTestRelay({ queueSize: 3 }, { clock, startDelivery: false });
     try {
       for (let i = 0; i < 3; i++) await send(relay.smtpPort, 'a@example.com');
-      // two of the three are claimed by a delivery worker: 'sending'
+      // two of the three are claimed, as a delivery worker claims them: 'sending'
       const claimed = await writeDirect(relay, (db) =>
         claimDueBatches(db, { now: clock.now(), leaseMs: 60_000, batchSize: 20, limit: 2, maxAttempts: 10, newToken: () => 'worker' }),
       );
