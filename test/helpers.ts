@@ -57,8 +57,14 @@ export function testConfig(overrides?: DeepPartial<Config>, dir = tempDir()): Co
   );
 }
 
-/** A pino logger at `level` whose lines are kept: `lines` as written, `entries()` parsed. */
-export function capturedLog(level = 'info'): { logger: pino.Logger; lines: string[]; entries(): Array<Record<string, unknown>> } {
+/**
+ * A pino logger at `level` whose lines are kept: `lines` as written, `entries()` parsed. `make`
+ * builds the logger on the capturing stream (a plain pino logger, or e.g. relayq's createLogger).
+ */
+export function capturedLog(
+  level = 'info',
+  make: (level: string, destination: Writable) => pino.Logger = (l, destination) => pino({ level: l }, destination),
+): { logger: pino.Logger; lines: string[]; entries(): Array<Record<string, unknown>> } {
   const lines: string[] = [];
   const sink = new Writable({
     write(chunk, _enc, cb) {
@@ -66,7 +72,7 @@ export function capturedLog(level = 'info'): { logger: pino.Logger; lines: strin
       cb();
     },
   });
-  return { logger: pino({ level }, sink), lines, entries: () => lines.map((l) => JSON.parse(l) as Record<string, unknown>) };
+  return { logger: make(level, sink), lines, entries: () => lines.map((l) => JSON.parse(l) as Record<string, unknown>) };
 }
 
 export async function startTestRelay(overrides?: DeepPartial<Config>, options: RelayOptions & { clock?: Clock } = {}): Promise<Relay> {

@@ -3,11 +3,10 @@
 // wrong password), logs in to its upstream and serves an API call with the admin token.
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
-import { Writable } from 'node:stream';
 import { test } from 'node:test';
 import { CONFIG_KEYS, defaultConfig, setPath } from '../../src/config/schema.js';
 import { createLogger } from '../../src/logger.js';
-import { SmtpClient, sendMail, spawnRelay, startUpstream, tempDir, waitFor } from '../helpers.js';
+import { capturedLog, SmtpClient, sendMail, spawnRelay, startUpstream, tempDir, waitFor } from '../helpers.js';
 
 const secret = (name: string) => `${name}-${crypto.randomBytes(6).toString('hex')}`;
 const base64 = (text: string) => Buffer.from(text).toString('base64');
@@ -80,14 +79,7 @@ test('no password or token reaches the log of a relay at debug level', async () 
 });
 
 test('the logger itself censors every secret config key, and credentials logged under their own names', () => {
-  const lines: string[] = [];
-  const sink = new Writable({
-    write(chunk, _encoding, cb) {
-      lines.push(String(chunk));
-      cb();
-    },
-  });
-  const logger = createLogger('info', sink);
+  const { logger, lines } = capturedLog('info', createLogger);
   const config = defaultConfig() as unknown as Record<string, unknown>;
   const secrets = CONFIG_KEYS.filter((key) => key.secret).map((key) => {
     const value = secret(key.path);
@@ -104,7 +96,7 @@ test('the logger itself censors every secret config key, and credentials logged 
   // credentials under their usual names, alone or in the objects that usually carry them
   logger.info({ password: secret('password'), pass: secret('pass'), authorization: secret('authorization') }, 'credentials');
   logger.info({ auth: { user: 'u', pass: secret('pass'), password: secret('password') }, headers: { authorization: secret('authorization') } }, 'nested');
-  const output = lines.join('');
+  const output = lines.join('\n');
   assert.equal(lines.length, secrets.length + 3);
   for (const { value } of secrets) assert.equal(output.includes(value), false, `${value} is in the log`);
   assert.doesNotMatch(output, /password-|pass-|authorization-/);
