@@ -6,7 +6,8 @@
 // (`{ upstream: { password } }`) is not covered, so log such objects by their fields. The paths
 // are explicit on purpose: one wildcard path (`*.password`) makes pino walk the keys of every
 // line, about 10 µs a line where the line itself costs 6, and every message logs a line when it
-// is queued and one per attempt.
+// is queued and one per attempt. A secret that is not set (empty) is shown as it is, so the
+// startup dump tells an operator which ones are set.
 import pino, { type Logger } from 'pino';
 import { CONFIG_KEYS } from './config/schema.js';
 
@@ -23,12 +24,17 @@ export const REDACT_PATHS = [
   ...SECRET_KEYS.map((path) => `config.${path}`),
 ];
 
+/** Set values become `[redacted]`; an empty or missing one stays as it is. */
+function censor(value: unknown): unknown {
+  return value === '' || value === undefined || value === null ? value : '[redacted]';
+}
+
 export function createLogger(level: string, destination?: pino.DestinationStream): Logger {
   return pino(
     {
       level,
       base: { service: 'relayq' },
-      redact: { paths: REDACT_PATHS, censor: '[redacted]' },
+      redact: { paths: REDACT_PATHS, censor },
       timestamp: pino.stdTimeFunctions.isoTime,
     },
     destination ?? pino.destination({ fd: 1, sync: false }),

@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import { test } from 'node:test';
-import { CONFIG_KEYS, defaultConfig, setPath } from '../../src/config/schema.js';
+import { CONFIG_KEYS, defaultConfig, getPath, setPath } from '../../src/config/schema.js';
 import { createLogger } from '../../src/logger.js';
 import { capturedLog, SmtpClient, sendMail, spawnRelay, startUpstream, tempDir, waitFor } from '../helpers.js';
 
@@ -101,4 +101,13 @@ test('the logger itself censors every secret config key, and credentials logged 
   for (const { value } of secrets) assert.equal(output.includes(value), false, `${value} is in the log`);
   assert.doesNotMatch(output, /password-|pass-|authorization-/);
   assert.equal(output.split('[redacted]').length - 1, secrets.length * 2 + 6);
+});
+
+test('a secret that is not set is logged empty, not as [redacted]', () => {
+  const { logger, lines } = capturedLog('info', createLogger);
+  const config = defaultConfig();
+  logger.info({ config, password: '' }, 'config');
+  const line = JSON.parse(lines[0]);
+  for (const key of CONFIG_KEYS.filter((k) => k.secret)) assert.equal(getPath(line.config, key.path), '', key.path);
+  assert.equal(line.password, '');
 });
