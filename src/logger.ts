@@ -8,6 +8,7 @@
 // line, about 10 µs a line where the line itself costs 6, and every message logs a line when it
 // is queued and one per attempt. A secret that is not set (empty) is shown as it is, so the
 // startup dump tells an operator which ones are set.
+import { format } from 'node:util';
 import pino, { type Logger } from 'pino';
 import { CONFIG_KEYS } from './config/schema.js';
 
@@ -39,4 +40,30 @@ export function createLogger(level: string, destination?: pino.DestinationStream
     },
     destination ?? pino.destination({ fd: 1, sync: false }),
   );
+}
+
+const LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
+
+type LogMethod = (entry?: object, message?: string, ...args: unknown[]) => void;
+/** The logger interface smtp-server and nodemailer take: bunyan's methods. */
+export type LibraryLogger = Record<(typeof LEVELS)[number], LogMethod>;
+
+/**
+ * `log` for a library written for bunyan (smtp-server, nodemailer), its lines marked
+ * `"lib": name`:
+ *   - the levels that are off are no-ops: the libraries build an entry for every command and
+ *     reply before the level is looked at;
+ *   - arguments after the message are formatted as bunyan does: pino drops those without a
+ *     placeholder, as in smtp-server's `debug(entry, 'C:', line)`, and with them the command;
+ *   - the `component` the library puts in each entry is dropped: the line already has relayq's
+ *     own, and JSON tools keep only the last of two keys with one name.
+ */
+export function libraryLogger(log: Logger, name: string): LibraryLogger {
+  const lib = log.child({ lib: name });
+  const noop: LogMethod = () => {};
+  const method = (level: (typeof LEVELS)[number]): LogMethod => {
+    const write = lib[level].bind(lib) as (entry: object, message?: string) => void;
+    return (entry, message, ...args) => write({ ...entry, component: undefined }, args.length ? format(message, ...args) : message);
+  };
+  return Object.fromEntries(LEVELS.map((level) => [level, log.isLevelEnabled(level) ? method(level) : noop])) as LibraryLogger;
 }

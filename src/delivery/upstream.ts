@@ -12,6 +12,7 @@ import type tls from 'node:tls';
 import { domainToASCII } from 'node:url';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import type { Logger } from 'pino';
+import { libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
 import { type BatchResult, resultFromNodemailer, uniformResult } from './outcomes.js';
 
@@ -134,7 +135,7 @@ export class SmtpUpstream {
       dnsTimeout: setupTimeout,
       // inactivity on an open connection; the attempt deadline bounds the whole transaction
       socketTimeout: Math.min(120_000, budget),
-      logger: debug ? (settings.logger.child({ component: 'upstream' }) as never) : false,
+      logger: debug ? (libraryLogger(settings.logger, 'nodemailer') as never) : false,
       // and at debug the session's commands and replies, AUTH masked, without the message
       transactionLog: debug,
       // nodemailer sets TCP_NODELAY on every socket it opens (smtp-connection _onConnect), so

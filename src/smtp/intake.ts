@@ -3,16 +3,15 @@
 // message; every refusal carries the reply code and enhanced code of the spec's §2 table.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import { format } from 'node:util';
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import { clientFilter, isLoopback, normalizeIp } from '../access-control.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import type { InFlowGate, InFlowWait } from '../delivery/in-flow.js';
+import { type LibraryLogger, libraryLogger } from '../logger.js';
 import type { Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
-import type { StoreWriter } from '../store/writer.js';
 import {
   checkRateLimits,
   isQueueFull,
@@ -20,6 +19,7 @@ import {
   PolicyRefusal,
   rateLimitMessage,
 } from '../store/intake.js';
+import type { StoreWriter } from '../store/writer.js';
 import { BareLineEndingScanner, isValidAddress, receivedHeader, subjectOf } from './message.js';
 import { RelayqSmtpServer } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
@@ -87,8 +87,6 @@ function refusedPath(path: SMTPServerAddress, smtpUtf8: boolean, sender: boolean
   return null;
 }
 
-const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
-
 /** Socket errors that mean the client went away (Postfix logs "lost connection"), not a relay fault. */
 const LOST_CONNECTION = new Set(['ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH']);
 
@@ -97,30 +95,19 @@ function lostConnection(err: unknown): err is Error & { code: string; remoteAddr
 }
 
 /**
- * The logger smtp-server is given: the levels that are off are no-ops. Its messages are formatted
- * as bunyan, which it is written for, formats them: pino would drop the arguments of
- * `debug(entry, 'C:', line)` that have no placeholder, and with them the command of every line of
- * the session transcript. smtp-server logs every socket error of a session at error, stack
- * included; a client that went away is logged to `intakeLog` at info instead, in one line
- * (`smtp.connection_lost`).
+ * The logger smtp-server is given (see libraryLogger). smtp-server logs every socket error of a
+ * session at error, stack included; a client that went away is logged to `intakeLog` at info
+ * instead, in one line (`smtp.connection_lost`).
  */
-function onlyEnabledLevels(log: Logger, intakeLog: Logger): RelayqSmtpServer['logger'] {
-  type Method = (...args: unknown[]) => void;
-  const noop: Method = () => {};
-  const formatted = (level: (typeof LOG_LEVELS)[number]): Method => {
-    const write = log[level].bind(log) as Method;
-    return (entry, message, ...args) => (args.length ? write(entry, format(message, ...args)) : write(entry, message));
-  };
-  const methods: Record<string, Method> = Object.fromEntries(
-    LOG_LEVELS.map((level) => [level, log.isLevelEnabled(level) ? formatted(level) : noop]),
-  );
+function smtpServerLogger(log: Logger, intakeLog: Logger): LibraryLogger {
+  const methods = libraryLogger(log, 'smtp-server');
   const { error } = methods;
   methods.error = (entry, ...rest) => {
     const { err, tnx } = (entry ?? {}) as { err?: unknown; tnx?: string };
     if (tnx !== 'error' || !lostConnection(err)) return error(entry, ...rest);
     intakeLog.info({ event: 'smtp.connection_lost', client: err.remoteAddress && normalizeIp(err.remoteAddress), code: err.code }, 'client connection lost');
   };
-  return methods as unknown as RelayqSmtpServer['logger'];
+  return methods;
 }
 
 const AUTH_FAILURE_DELAY_MS = 250;
@@ -146,9 +133,12 @@ export class SmtpIntake {
     this.credentialsConfigured = Boolean(config.defaultUsername && config.defaultPassword);
     this.spool = new Spool(Spool.dirFor(config.databasePath), config.spoolAfter);
     const tlsOn = Boolean(config.tls.cert && config.tls.key);
-    const smtpLog = deps.logger.child({ component: 'smtp-server' });
     // smtp-server's per-session chatter only at debug; never louder than the root logger
+    const smtpLog = deps.logger.child({});
     if (deps.logger.levelVal > 20 && deps.logger.levelVal < 40) smtpLog.level = 'warn';
+    // smtp-server wraps the logger it is given so that every command and reply builds a log
+    // entry before the level is looked at; it gets the levels that are on, and no-ops.
+    const serverLog = smtpServerLogger(smtpLog, deps.logger);
     this.server = new RelayqSmtpServer({
       name: config.serverName,
       banner: 'relayq',
@@ -170,7 +160,7 @@ export class SmtpIntake {
       // is public, and the session would then count as secure for AUTH (no 538)
       disabledCommands: tlsOn ? [] : ['STARTTLS'],
       ...(tlsOn ? { key: readTlsFile('tls.key', config.tls.key), cert: readTlsFile('tls.cert', config.tls.cert) } : {}),
-      logger: smtpLog as never,
+      logger: serverLog as never,
       onConnect: (session, cb) => this.onConnect(session, cb),
       onAuth: (auth, session, cb) => this.onAuth(auth, session, cb),
       onMailFrom: (address, session, cb) => this.onMailFrom(address, session, cb),
@@ -179,9 +169,7 @@ export class SmtpIntake {
       // a session that leaves while its MAIL waits for pacing gives up its place
       onClose: (session) => this.sessions.get(session)?.pacing?.cancel(),
     } as ConstructorParameters<typeof RelayqSmtpServer>[0], (session) => isLoopback(this.peer(session)));
-    // smtp-server wraps the logger it is given so that every command and reply builds a log
-    // entry before the level is looked at; give it the levels that are on, and no-ops.
-    this.server.logger = onlyEnabledLevels(smtpLog, deps.logger);
+    this.server.logger = serverLog as unknown as RelayqSmtpServer['logger'];
     this.server.on('error', (err) => {
       // a client that went away during a transaction: already logged as smtp.connection_lost
       if (!lostConnection(err)) deps.logger.warn({ event: 'smtp.error', err: err.message }, 'smtp error');

@@ -68,6 +68,11 @@ test('no password or token reaches the log of a relay at debug level', async () 
   assert.match(output, /"tnx":"client","msg":"AUTH PLAIN [A-Za-z0-9+/=]+"/, 'the upstream session transcript');
   assert.match(output, /"tnx":"client","msg":"MAIL FROM:<sender@example.com>"/);
   assert.match(output, /"event":"relay.stopped"/);
+  // the libraries' lines are marked by `lib`, and no line names two components
+  assert.match(output, /"component":"smtp","lib":"smtp-server"/);
+  assert.match(output, /"component":"delivery","lib":"nodemailer"/);
+  const twice = output.split('\n').filter((line) => line.split('"component":').length > 2);
+  assert.deepEqual(twice, []);
   const started = JSON.parse(output.split('\n').find((line) => line.includes('"relay.started"')) as string);
   assert.equal(started.config.defaultPassword, '[redacted]');
   assert.equal(started.config.forwardPassword, '[redacted]');
