@@ -23,7 +23,8 @@ export async function queueCommand(options: QueueOptions, global: GlobalOptions)
     }
   });
   if (global.json) {
-    printJson(page);
+    // the shape of GET /admin/messages, so a script reads both alike
+    printJson({ messages: page.messages, next_before: page.nextBefore });
     return;
   }
   if (page.messages.length === 0) {

@@ -100,13 +100,13 @@ describe('relayq CLI on the database of a running relay', () => {
   test('queue lists and filters messages as an aligned table and as JSON', async () => {
     const [failed, bySender, table] = await Promise.all([
       cliJson<{ messages: Array<{ id: string; state: string }> }>('queue', '--state', 'failed'),
-      cliJson<{ messages: Array<{ id: string; received_at: number }>; nextBefore: string | null }>('queue', '--sender', 'APP@example.com', '--limit', '10'),
+      cliJson<{ messages: Array<{ id: string; received_at: number }>; next_before: string | null }>('queue', '--sender', 'APP@example.com', '--limit', '10'),
       cli('queue', '--state', 'queued'),
     ]);
     assert.deepEqual(failed.messages.map((m) => m.id).sort(), [...ids.mixed, ...ids.allBad].sort());
     assert.ok(failed.messages.every((m) => m.state === 'failed'));
     assert.equal(bySender.messages.length, 10, 'all 11 are from app@example.com; the page stops at the limit');
-    assert.equal(bySender.nextBefore, `${bySender.messages[9].received_at}-${bySender.messages[9].id}`);
+    assert.equal(bySender.next_before, `${bySender.messages[9].received_at}-${bySender.messages[9].id}`);
 
     assert.equal(table.code, 0, table.stderr);
     const lines = table.stdout.trimEnd().split('\n');
