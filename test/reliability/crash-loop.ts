@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import { SMTPServer } from 'smtp-server';
+import { Spool } from '../../src/smtp/spool.js';
 import { type RelayProcess, SmtpClient, spawnRelay, tempDir } from '../helpers.js';
 
 export interface CrashLoopOptions {
@@ -175,6 +176,8 @@ export async function runCrashLoop(options: CrashLoopOptions): Promise<CrashLoop
   const random = seededRandom(options.seed);
   const progress = options.progress ?? (() => {});
   const dir = tempDir('relayq-crash-loop-');
+  // the relay runs in `dir` with the default databasePath
+  const databasePath = path.join(dir, 'data', 'relayq.db');
   const upstream = await startCountingUpstream(random);
   const flags = relayFlags(upstream.port, options.processingTimeoutS, options.spoolAfter);
   const filler = options.spoolAfter ? `${'x'.repeat(78)}\r\n`.repeat(Math.ceil((4 * options.spoolAfter) / 80)) : '';
@@ -202,7 +205,7 @@ export async function runCrashLoop(options: CrashLoopOptions): Promise<CrashLoop
     stop.now = true;
     await Promise.all(clients);
 
-    const db = new Database(path.join(dir, 'data', 'relayq.db'), { readonly: true });
+    const db = new Database(databasePath, { readonly: true });
     const count = (sql: string) => (db.prepare(sql).get() as { n: number }).n;
     let result: CrashLoopResult;
     try {
@@ -239,7 +242,7 @@ export async function runCrashLoop(options: CrashLoopOptions): Promise<CrashLoop
     }
     finalExitCode = await relay.kill('SIGTERM');
     result.finalExitCode = finalExitCode;
-    const spoolDir = path.join(dir, 'data', 'relayq.db-spool');
+    const spoolDir = Spool.dirFor(databasePath);
     result.spoolFilesLeft = fs.existsSync(spoolDir) ? fs.readdirSync(spoolDir).length : 0;
     result.elapsedMs = Date.now() - started;
     return result;
