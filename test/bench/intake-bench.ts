@@ -27,6 +27,20 @@ export interface RelayRunFigures extends RunFigures {
   /** Accepted messages / (load start → the sink has all of them); NaN when not all arrived. */
   endToEndPerSecond: number;
   delivered: number;
+  /** While the load ran; relayq's figures include the delivery that ran meanwhile. */
+  cpu: RelayCpu;
+}
+
+/** CPU time per accepted message (µs) while a load ran against relayq, and the cores that kept busy. */
+export interface RelayCpu {
+  relayMain: number;
+  /** The writer thread and V8's helper threads. */
+  relayOtherThreads: number;
+  /** The counting sink relayq forwards to. */
+  sink: number;
+  loadGenerator: number;
+  /** All of the above together, in cores (CPU time / wall time of the load). */
+  coresBusy: number;
 }
 
 export interface IntakeCaseResult extends IntakeCase {
@@ -45,6 +59,7 @@ export interface IntakeCaseResult extends IntakeCase {
     stockPerSecond: number;
     ceilingP50Ms: number;
     ceilingP99Ms: number;
+    cpu: RelayCpu;
   };
 }
 
@@ -116,13 +131,15 @@ export async function relayRun(
   stallMs?: number,
 ): Promise<RelayRunFigures> {
   const before = (await upstream.stats()).messages;
-  const result = await runLoad({ port: relay.smtpPort, ...plan });
+  const run = await measuredLoad(relay.pid, { port: relay.smtpPort, ...plan }, upstream.pid);
+  const result = run.load;
   const drained = await waitForSink(upstream, before + result.accepted, drainTimeoutMs, stallMs);
   const delivered = drained.delivered - before;
   return {
     ...figures(result),
     delivered,
     endToEndPerSecond: Number.isFinite(drained.at) ? (result.accepted * 1000) / (drained.at - result.startedAt) : Number.NaN,
+    cpu: { relayMain: run.mainUs, relayOtherThreads: run.othersUs, sink: run.sinkUs, loadGenerator: run.loadGeneratorUs, coresBusy: run.coresBusy },
   };
 }
 
@@ -161,6 +178,7 @@ export async function runIntakeCase(c: IntakeCase, settings: IntakeSettings): Pr
     stockPerSecond: median(result.stock.map((r) => r.acceptedPerSecond)),
     ceilingP50Ms: median(result.ceiling.map((r) => r.p50Ms)),
     ceilingP99Ms: median(result.ceiling.map((r) => r.p99Ms)),
+    cpu: medianCpu(result.relayq.map((r) => r.cpu)),
   };
   return result;
 }
@@ -247,26 +265,44 @@ export interface CpuPerMessage {
   ceiling: number;
   /** The load generator while it drove relayq. */
   loadGenerator: number;
+  /** relayq and the load generator together while it drove relayq, in cores. */
+  coresBusy: number;
+}
+
+function medianCpu(runs: readonly RelayCpu[]): RelayCpu {
+  const of = (key: keyof RelayCpu) => median(runs.map((r) => r[key]));
+  return { relayMain: of('relayMain'), relayOtherThreads: of('relayOtherThreads'), sink: of('sink'), loadGenerator: of('loadGenerator'), coresBusy: of('coresBusy') };
 }
 
 /**
- * Runs a load and returns it with the CPU µs per accepted message that `pid` and this process
- * spent, and the bytes `pid` wrote to the disk per accepted message.
+ * Runs a load and returns it with the CPU µs per accepted message that `pid`, the sink process
+ * (when given) and this process (the load generator) spent, the cores they kept busy together,
+ * and the bytes `pid` wrote to the disk per accepted message.
  */
-async function measuredLoad(pid: number, plan: Parameters<typeof runLoad>[0]) {
+async function measuredLoad(pid: number, plan: Parameters<typeof runLoad>[0], sinkPid?: number) {
+  const sinkMs = () => {
+    if (sinkPid === undefined) return 0;
+    const t = threadCpuMs(sinkPid);
+    return t.main + t.others;
+  };
   const before = threadCpuMs(pid);
+  const sinkBefore = sinkMs();
   const writtenBefore = diskWriteBytes(pid);
   const own = process.cpuUsage();
   const load = await runLoad(plan);
   const after = threadCpuMs(pid);
+  const sinkSpentMs = sinkMs() - sinkBefore;
   const written = diskWriteBytes(pid) - writtenBefore;
   const ownUs = process.cpuUsage(own);
+  const totalMs = after.main - before.main + (after.others - before.others) + sinkSpentMs + (ownUs.user + ownUs.system) / 1000;
   const per = (ms: number) => (ms * 1000) / load.accepted;
   return {
     load,
     mainUs: per(after.main - before.main),
     othersUs: per(after.others - before.others),
+    sinkUs: per(sinkSpentMs),
     loadGeneratorUs: (ownUs.user + ownUs.system) / load.accepted,
+    coresBusy: totalMs / load.elapsedMs,
     diskBytes: written / load.accepted,
   };
 }
@@ -299,7 +335,13 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
       if (c.mode === 'per-message') stock.push(await runLoad({ port: settings.stock.port, ...plan }));
       const run = await measuredLoad(relay.pid, { port: relay.smtpPort, ...plan });
       relayq.push(run.load);
-      cpu.push({ relayMain: run.mainUs, relayOtherThreads: run.othersUs, ceiling: sink.mainUs + sink.othersUs, loadGenerator: run.loadGeneratorUs });
+      cpu.push({
+        relayMain: run.mainUs,
+        relayOtherThreads: run.othersUs,
+        ceiling: sink.mainUs + sink.othersUs,
+        loadGenerator: run.loadGeneratorUs,
+        coresBusy: run.coresBusy,
+      });
       diskBytes.push(run.diskBytes);
     }
   } finally {
@@ -325,6 +367,7 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
         relayOtherThreads: median(cpu.map((x) => x.relayOtherThreads)),
         ceiling: median(cpu.map((x) => x.ceiling)),
         loadGenerator: median(cpu.map((x) => x.loadGenerator)),
+        coresBusy: median(cpu.map((x) => x.coresBusy)),
       },
       diskBytesPerMessage: median(diskBytes),
     },

@@ -181,6 +181,9 @@ async function main() {
         log(
           `${caseName(c).padEnd(26)} relayq ${fmt(m.relayqPerSecond).padStart(6)}/s p50 ${fmt(m.relayqP50Ms, 2)} ms p99 ${fmt(m.relayqP99Ms, 2)} ms e2e ${fmt(m.endToEndPerSecond).padStart(6)}/s rss ${fmt(r.relayPeakRssMb)} MB | ceiling ${fmt(m.ceilingPerSecond)}/s (${fmt(ratio(m.relayqPerSecond, m.ceilingPerSecond) * 100)} %)${c.mode === 'per-message' ? ` | stock ${fmt(m.stockPerSecond)}/s (${fmt(ratio(m.relayqPerSecond, m.stockPerSecond), 1)}x)` : ''}`,
         );
+        log(
+          `  CPU per message: relayq main thread ${fmt(m.cpu.relayMain)} µs + other threads ${fmt(m.cpu.relayOtherThreads)} µs (intake and the delivery meanwhile); sink ${fmt(m.cpu.sink)} µs; load generator ${fmt(m.cpu.loadGenerator)} µs; ${fmt(m.cpu.coresBusy, 2)} cores busy`,
+        );
       }
       results.intake = caseResults;
       log(`\n${intakeTable(caseResults, fsync)}`);
@@ -215,7 +218,7 @@ async function main() {
           );
           const cpu = m.cpuUsPerMessage;
           log(
-            `  CPU per message: relayq main thread ${fmt(cpu.relayMain)} µs + other threads ${fmt(cpu.relayOtherThreads)} µs (writer, GC helpers); store-nothing server ${fmt(cpu.ceiling)} µs; load generator ${fmt(cpu.loadGenerator)} µs`,
+            `  CPU per message: relayq main thread ${fmt(cpu.relayMain)} µs + other threads ${fmt(cpu.relayOtherThreads)} µs (writer, GC helpers); store-nothing server ${fmt(cpu.ceiling)} µs; load generator ${fmt(cpu.loadGenerator)} µs; ${fmt(cpu.coresBusy, 2)} cores busy (relayq and the load generator)`,
           );
           log(`  disk writes per message: ${fmt(m.diskBytesPerMessage / 1024, 1)} KB (WAL frames and their checkpoints; body ${fmt(c.bodyBytes / 1024, 1)} KB)`);
         }
