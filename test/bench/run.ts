@@ -23,6 +23,7 @@ import {
   runIntakeCase,
   runIntakeOnlyCase,
   runMemoryCase,
+  warmUpServers,
 } from './intake-bench.js';
 import { profileRelays, repoRoot, type SinkProcess, startSink } from './processes.js';
 import { runScale } from './scale-bench.js';
@@ -37,6 +38,8 @@ interface Options {
   sections: Set<Section>;
   runMs: number;
   repeats: number;
+  /** Load against each fresh relay (and once against the ceilings) before its runs are measured. */
+  warmUpMs: number;
   sustainedSeconds: number;
   /** One sustained run per workerCount, with the default inFlowDelay. */
   sustainedWorkers: number[];
@@ -84,6 +87,7 @@ function parseOptions(argv: string[]): Options {
     sections,
     runMs: num('run-ms', quick ? 1000 : 2000),
     repeats: num('repeats', quick ? 1 : 3),
+    warmUpMs: num('warm-up-ms', quick ? 1000 : 5000),
     sustainedSeconds: num('sustained-seconds', quick ? 10 : 60),
     sustainedWorkers: numbers(value('sustained-workers') ?? '16,128'),
     sustainedUnpaced: numbers(value('sustained-unpaced') ?? '16'),
@@ -162,13 +166,18 @@ async function main() {
     }
 
     if (options.sections.has('intake')) {
-      log(`\n## intake (${options.repeats} x ${options.runMs} ms per case and server, interleaved)`);
+      log(
+        `\n## intake (${options.repeats} x ${options.runMs} ms per case and server, interleaved; each relay warmed up for ${options.warmUpMs} ms first)`,
+      );
+      // The ceiling servers live through the whole section; the first cases should not find them cold.
+      await warmUpServers([ceiling, stock], options.warmUpMs);
       const caseResults: IntakeCaseResult[] = [];
       for (const c of intakeCases()) {
         const r = await runIntakeCase(c, {
           workDir,
           runMs: options.runMs,
           repeats: options.repeats,
+          warmUpMs: options.warmUpMs,
           drainTimeoutMs: 60_000,
           upstream,
           ceiling,
@@ -207,7 +216,7 @@ async function main() {
           if (!c) continue;
           const only = await runIntakeOnlyCase(
             c,
-            { workDir, runMs: options.runMs, repeats: options.repeats, drainTimeoutMs: 0, upstream, ceiling, stock, relayConfig: options.relayConfig, log },
+            { workDir, runMs: options.runMs, repeats: options.repeats, warmUpMs: options.warmUpMs, drainTimeoutMs: 0, upstream, ceiling, stock, relayConfig: options.relayConfig, log },
             (silent.address() as net.AddressInfo).port,
           );
           intakeOnly.push(only);
