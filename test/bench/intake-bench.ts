@@ -69,7 +69,7 @@ export interface IntakeSettings {
   repeats: number;
   /**
    * Load against a fresh relay before its runs are measured. V8 compiles the hot paths while
-   * the first seconds of load run: right after a 0.5 s warm-up, a relay accepted about a third
+   * the first seconds of load run: right after a 0.5 s warm-up, a relay accepted a third to a half
    * less than it did a few seconds later.
    */
   warmUpMs: number;
