@@ -6,7 +6,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { currentRssMb, diskWriteBytes, type RelayProcess, type SinkProcess, startRelayProcess, threadCpuMs } from './processes.js';
 import { type ConnectionMode, type LoadResult, messageBody, runLoad } from './smtp-load.js';
-import { median } from './statistics.js';
+import { median, medians } from './statistics.js';
 
 export interface IntakeCase {
   mode: ConnectionMode;
@@ -192,7 +192,7 @@ export async function runIntakeCase(c: IntakeCase, settings: IntakeSettings): Pr
     stockPerSecond: median(result.stock.map((r) => r.acceptedPerSecond)),
     ceilingP50Ms: median(result.ceiling.map((r) => r.p50Ms)),
     ceilingP99Ms: median(result.ceiling.map((r) => r.p99Ms)),
-    cpu: medianCpu(result.relayq.map((r) => r.cpu)),
+    cpu: medians(result.relayq.map((r) => r.cpu)),
   };
   return result;
 }
@@ -283,11 +283,6 @@ export interface CpuPerMessage {
   coresBusy: number;
 }
 
-function medianCpu(runs: readonly RelayCpu[]): RelayCpu {
-  const of = (key: keyof RelayCpu) => median(runs.map((r) => r[key]));
-  return { relayMain: of('relayMain'), relayOtherThreads: of('relayOtherThreads'), sink: of('sink'), loadGenerator: of('loadGenerator'), coresBusy: of('coresBusy') };
-}
-
 /**
  * Runs a load and returns it with the CPU µs per accepted message that `pid`, the sink process
  * (when given) and this process (the load generator) spent, the cores they kept busy together,
@@ -376,13 +371,7 @@ export async function runIntakeOnlyCase(c: IntakeCase, settings: IntakeSettings,
       stockPerSecond: median(stock.map((r) => r.acceptedPerSecond)),
       p50Ms: median(relayq.map((r) => r.latency.p50)),
       p99Ms: median(relayq.map((r) => r.latency.p99)),
-      cpuUsPerMessage: {
-        relayMain: median(cpu.map((x) => x.relayMain)),
-        relayOtherThreads: median(cpu.map((x) => x.relayOtherThreads)),
-        ceiling: median(cpu.map((x) => x.ceiling)),
-        loadGenerator: median(cpu.map((x) => x.loadGenerator)),
-        coresBusy: median(cpu.map((x) => x.coresBusy)),
-      },
+      cpuUsPerMessage: medians(cpu),
       diskBytesPerMessage: median(diskBytes),
     },
   };

@@ -15,6 +15,12 @@ export function median(values: readonly number[]): number {
   return finite.length % 2 ? finite[mid] : (finite[mid - 1] + finite[mid]) / 2;
 }
 
+/** The median of each field over repeated runs that measured the same figures. */
+export function medians<T extends { [K in keyof T]: number }>(runs: readonly T[]): T {
+  const keys = Object.keys(runs[0] ?? {}) as Array<keyof T>;
+  return Object.fromEntries(keys.map((key) => [key, median(runs.map((run) => run[key]))])) as T;
+}
+
 export function ratio(numerator: number, denominator: number): number {
   return denominator > 0 && Number.isFinite(numerator) ? numerator / denominator : Number.NaN;
 }
