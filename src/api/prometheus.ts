@@ -107,7 +107,7 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
 
   const queue = new Gauge({ name: 'relayq_queue_messages', help: 'Messages in the database, by state.', labelNames: ['state'], registers });
   for (const state of MESSAGE_STATES) queue.set({ state }, m.queue[state]);
-  gauge('relayq_queue_deferred_messages', 'Queued messages waiting for a retry after a failed attempt.', m.deferred);
+  gauge('relayq_queue_deferred_messages', 'Queued messages tried before: waiting for a retry, or for their next recipient batch.', m.deferred);
   gauge(
     'relayq_queue_oldest_age_seconds',
     'Age of the oldest message not yet delivered or failed (0 when none).',

@@ -37,7 +37,7 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
   printText(
     formatFields([
       ['database', `${config.databasePath} (${formatBytes(files.database)}, WAL ${formatBytes(files.wal)})`],
-      ['queued', `${q.queued} (${m.deferred} waiting for a retry)`],
+      ['queued', `${q.queued} (${m.deferred} tried before)`],
       ['sending', q.sending],
       ['delivered', `${q.delivered} (kept ${config.retention.deliveredDays ? `${config.retention.deliveredDays} days` : 'forever'})`],
       ['failed', q.failed],

@@ -222,6 +222,14 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
   if (c.forwardSMTP && !c.forwardHost) {
     fail('forwardHost', ['forwardSMTP', 'forwardHost'], 'forwardHost is required when forwardSMTP is true');
   }
+  if (c.forwardSMTP && (c.forwardUsername === '') !== (c.forwardPassword === '')) {
+    // one without the other would log in with an empty password, or drop the one given
+    fail(
+      c.forwardUsername ? 'forwardPassword' : 'forwardUsername',
+      ['forwardUsername', 'forwardPassword'],
+      'forwardUsername and forwardPassword must be set together (leave both empty for no upstream AUTH)',
+    );
+  }
   if ((c.tls.cert === '') !== (c.tls.key === '')) {
     fail(c.tls.cert ? 'tls.key' : 'tls.cert', ['tls.cert', 'tls.key'], 'tls.cert and tls.key must be set together');
   }

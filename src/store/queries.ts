@@ -38,7 +38,7 @@ export interface StoreMetrics {
   rateLimitRefusals: number;
   queueFullRefusals: number;
   queue: Record<MessageState, number>;
-  /** Queued messages that were claimed before: waiting for a retry. */
+  /** Queued messages that were claimed before: waiting for a retry, or for their next recipient batch. */
   deferred: number;
   attempts: Record<AttemptOutcome, number>;
   attemptDuration: { buckets: DurationBucket[]; sumMs: number; count: number };

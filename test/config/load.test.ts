@@ -137,6 +137,29 @@ describe('loadConfig', () => {
     assert.match(message('retry.initialDelay')!, /\[retry\.initialDelay from file, retry\.maxDelay from env\]$/);
   });
 
+  test('upstream AUTH needs both forwardUsername and forwardPassword when forwarding, or neither', () => {
+    const forwarding = { FORWARD_SMTP: 'true', FORWARD_HOST: 'smtp.example.com' };
+    const userOnly = loadConfig([], { ...forwarding, FORWARD_USERNAME: 'relay' });
+    assert.equal(userOnly.ok, false);
+    if (userOnly.ok) return;
+    assert.deepEqual(
+      userOnly.errors.map((e) => `${e.source}:${e.key}`),
+      ['env:forwardPassword'],
+    );
+    assert.match(userOnly.errors[0].message, /must be set together .* \[forwardUsername from env, forwardPassword by default\]$/);
+    const passwordOnly = loadConfig(['--forwardPassword=secret'], forwarding);
+    assert.equal(passwordOnly.ok, false);
+    if (passwordOnly.ok) return;
+    assert.deepEqual(
+      passwordOnly.errors.map((e) => `${e.source}:${e.key}`),
+      ['flag:forwardUsername'],
+    );
+    assert.equal(loadConfig([], { ...forwarding, FORWARD_USERNAME: 'relay', FORWARD_PASSWORD: 'secret' }).ok, true);
+    assert.equal(loadConfig([], forwarding).ok, true);
+    // not forwarding: the credentials are not used, so a half-filled pair does not stop the start
+    assert.equal(loadConfig([], { FORWARD_USERNAME: 'relay' }).ok, true);
+  });
+
   test('a combination with a key whose own value was refused is not reported a second time', () => {
     const r = loadConfig([], { RETRY_INITIAL_DELAY: 'soon', RETRY_MAX_DELAY: '10' });
     assert.equal(r.ok, false);
