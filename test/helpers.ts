@@ -23,8 +23,26 @@ export function cliArgs(...args: string[]): string[] {
   return ['--import', TSX_LOADER, CLI_SOURCE, ...args];
 }
 
+const tempDirs: string[] = [];
+
+/**
+ * A fresh directory under the OS temp dir, removed when this test process exits (each test file
+ * runs in a process of its own), together with every database, spool and export written there.
+ */
 export function tempDir(prefix = 'relayq-test-'): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  if (tempDirs.push(dir) === 1) {
+    process.once('exit', () => {
+      for (const d of tempDirs) {
+        try {
+          fs.rmSync(d, { recursive: true, force: true });
+        } catch {
+          // e.g. a directory a test left unreadable: leaving it is no reason to fail the run
+        }
+      }
+    });
+  }
+  return dir;
 }
 
 export type DeepPartial<T> = { [K in keyof T]?: T[K] extends object ? (T[K] extends unknown[] ? T[K] : DeepPartial<T[K]>) : T[K] };
@@ -276,11 +294,11 @@ export async function startUpstream(options: Partial<SMTPServerOptions> = {}, li
   };
 }
 
-export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs = 10_000, what = 'condition'): Promise<void> {
+export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs = 10_000, what = 'condition', intervalMs = 20): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (await check()) return;
-    await new Promise((r) => setTimeout(r, 20));
+    await new Promise((r) => setTimeout(r, intervalMs));
   }
   throw new Error(`timed out waiting for ${what}`);
 }
