@@ -30,6 +30,11 @@ export class StoreWriter {
   /** Writes completed and transactions committed so far (for tests and the benchmark). */
   readonly stats = { writes: 0, commits: 0 };
 
+  /** Writes sent and not yet answered (for tests). */
+  get waiting(): number {
+    return this.pending.size;
+  }
+
   constructor(options: WriterThreadOptions) {
     this.worker = startWorker(options);
     this.worker.on('message', (replies: WriterReply[]) => this.onReplies(replies));

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
-import { SmtpClient, spawnRelay, tempDir } from '../helpers.js';
+import { SmtpClient, spawnRelay, tempDir, waitFor } from '../helpers.js';
 
 function storedIds(dir: string): Set<string> {
   const db = new Database(path.join(dir, 'data', 'relayq.db'), { readonly: true });
@@ -43,9 +43,12 @@ describe('crash safety of intake', () => {
     const dir = tempDir();
     const relay = await spawnRelay(dir);
     const acked: string[] = [];
-    await sendLoop(relay.smtpPort, 1, 'single', acked);
+    try {
+      await sendLoop(relay.smtpPort, 1, 'single', acked);
+    } finally {
+      await relay.kill('SIGKILL');
+    }
     assert.equal(acked.length, 1);
-    await relay.kill('SIGKILL');
     const again = await spawnRelay(dir);
     try {
       assert.ok(storedIds(dir).has(acked[0]));
@@ -59,9 +62,12 @@ describe('crash safety of intake', () => {
     const relay = await spawnRelay(dir);
     const acked: string[] = [];
     const clients = Array.from({ length: 10 }, (_, i) => sendLoop(relay.smtpPort, 20, `client${i}`, acked));
-    // kill once a good part of the burst has been acknowledged, while the rest is in flight
-    while (acked.length < 60) await new Promise((r) => setTimeout(r, 2));
-    await relay.kill('SIGKILL');
+    try {
+      // kill once a good part of the burst has been acknowledged, while the rest is in flight
+      await waitFor(() => acked.length >= 60, 60_000, '60 acknowledged messages', 2);
+    } finally {
+      await relay.kill('SIGKILL');
+    }
     await Promise.all(clients);
     assert.ok(acked.length >= 60 && acked.length < 200, `acked ${acked.length}`);
     const again = await spawnRelay(dir);
