@@ -432,7 +432,8 @@ test('the unfiltered message list is one snapshot: a message changing state mean
   const { createRequire } = await import('node:module');
   const { listMessages } = await import('../../src/store/queries.js');
   const relay = await startTestRelay({}, { startDelivery: false });
-  const stop = new Int32Array(new SharedArrayBuffer(4));
+  // [0]: set to stop the other thread; [1]: the state flips it has committed
+  const shared = new Int32Array(new SharedArrayBuffer(8));
   let flipper: InstanceType<typeof Worker> | undefined;
   try {
     for (let i = 0; i < 20; i++) await send(relay, 'a@example.com', [`r${i}@example.com`]);
@@ -444,17 +445,24 @@ test('the unfiltered message list is one snapshot: a message changing state mean
        const db = new (require(workerData.sqlitePath))(workerData.file);
        db.pragma('busy_timeout = 5000');
        const flip = db.prepare("UPDATE messages SET state = CASE state WHEN 'queued' THEN 'sending' ELSE 'queued' END");
-       while (Atomics.load(workerData.stop, 0) === 0) flip.run();
+       while (Atomics.load(workerData.shared, 0) === 0) {
+         flip.run();
+         Atomics.add(workerData.shared, 1, 1);
+       }
        db.close();`,
-      { eval: true, workerData: { file: relay.config.databasePath, sqlitePath, stop } },
+      { eval: true, workerData: { file: relay.config.databasePath, sqlitePath, shared } },
     );
+    await waitFor(() => Atomics.load(shared, 1) > 0, 30_000, 'the other thread to flip states');
+    const flipsBefore = Atomics.load(shared, 1);
     for (let i = 0; i < 3000; i++) {
       const ids = listMessages(relay.store.sqlite, { limit: 100 }).messages.map((m) => m.id);
       assert.equal(new Set(ids).size, 20, `listing ${i}: ${ids.length} rows, ${new Set(ids).size} distinct`);
       assert.equal(ids.length, 20);
     }
+    // the listings ran while the states changed, or the test proved nothing
+    assert.ok(Atomics.load(shared, 1) > flipsBefore, 'no state changed while listing');
   } finally {
-    Atomics.store(stop, 0, 1);
+    Atomics.store(shared, 0, 1);
     if (flipper) await new Promise((resolve) => flipper?.once('exit', resolve));
     await relay.stop();
   }

@@ -65,7 +65,7 @@ describe('upstream connection pool', () => {
     const { upstream, relay, opened, send } = await setup({ socketTimeout: 200 });
     await send(['first@example.com']);
     await relay.delivery.runOnce();
-    await new Promise((r) => setTimeout(r, 600));
+    await waitFor(() => upstream.connections() === 0, 10_000, 'the upstream to close the idle connection');
     const second = await send(['second@example.com']);
     await relay.delivery.runOnce();
     assert.equal(message(relay, second).state, 'delivered');

@@ -4,6 +4,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { readmeConfigTable, renderConfigTable } from '../../src/config/docs.js';
 import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
+import { ManualClock } from '../../src/clock.js';
 import { sendMail, startTestRelay } from '../helpers.js';
 import { REPO_ROOT } from '../cli/run-cli.js';
 
@@ -56,7 +57,9 @@ test("the Operations section's sqlite3 queries run against a relayq database", a
 test("the rate-limit section's sqlite3 queries count what maxPerHour counts", async () => {
   const queries = [...section('Rate limits and backpressure').matchAll(/sqlite3 [^"\n]*"([^"]+)"/g)].map((m) => m[1]);
   assert.equal(queries.length, 3);
-  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  // the relay's clock stands still, so the three messages fall in one hour even at hh:59:59
+  const clock = new ManualClock(Date.now());
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, clock });
   try {
     await sendMail(relay.smtpPort, { from: 'App@Example.com' });
     await sendMail(relay.smtpPort, { from: 'app@example.com' });
@@ -67,7 +70,7 @@ test("the rate-limit section's sqlite3 queries count what maxPerHour counts", as
       { sender_key: 'app@example.com', n: 2 },
       { sender_key: 'other@example.com', n: 1 },
     ]);
-    const hour = new Date(Math.floor(Date.now() / 3_600_000) * 3_600_000).toISOString().slice(0, 19).replace('T', ' ');
+    const hour = new Date(Math.floor(clock.now() / 3_600_000) * 3_600_000).toISOString().slice(0, 19).replace('T', ' ');
     assert.deepEqual(hourly, [{ hour, count: 3 }]);
   } finally {
     await relay.stop();

@@ -1,12 +1,13 @@
 // A smart host that misbehaves on purpose: a raw TCP server on 127.0.0.1 that speaks just enough
 // SMTP to take mail, and whose behaviour a test switches between attempts (refuse the greeting,
 // never answer, drop the connection after DATA, botch STARTTLS, refuse some RCPTs or DATA, accept
-// slowly). It records what it received, answered or not, so a test can count deliveries.
+// when the test says so). It records what it received, answered or not, so a test can count deliveries.
 import net from 'node:net';
 
 export type Greeting = 'ok' | 'silent' | { reply: string };
 export type StartTls = 'not-offered' | { reply: string } | 'garbage-handshake';
-export type DataEnd = 'ok' | 'drop' | 'silent' | { reply: string } | { delayMs: number };
+/** `until`: accept once the promise settles (an upstream that thinks for as long as the test wants). */
+export type DataEnd = 'ok' | 'drop' | 'silent' | { reply: string } | { until: Promise<void> };
 
 export interface Behaviour {
   greeting: Greeting;
@@ -107,10 +108,10 @@ export async function startMisbehavingUpstream(port = 0): Promise<MisbehavingUps
         t.answered = end.reply;
         say(end.reply);
       } else {
-        setTimeout(() => {
+        end.until.then(() => {
           t.answered = '250 2.0.0 accepted, slowly';
           say(t.answered);
-        }, end.delayMs);
+        });
       }
     };
 
