@@ -106,8 +106,9 @@ export class DeliveryEngine {
   private readonly leaseMs: number;
   /** Paces intake while due mail waits for workers (inFlowDelay); intake asks it at each MAIL. */
   readonly inFlow: InFlowGate;
-  /** Each attempt must end (or be aborted) this long before its lease runs out. */
+  /** An attempt takes at most this long, and must end (or be aborted) leaseMarginMs before its lease runs out. */
   readonly attemptTimeoutMs: number;
+  private readonly leaseMarginMs: number;
   private readonly active = new Map<string, ActiveAttempt>();
   private readonly tasks = new Set<Promise<unknown>>();
   private readonly released = new Set<string>();
@@ -135,10 +136,8 @@ export class DeliveryEngine {
     this.random = deps.random ?? Math.random;
     this.leaseMs = this.config.processingTimeout * 1000;
     this.inFlow = new InFlowGate(inFlowBacklogLimit(this.config.workerCount, this.config.queueSize), this.config.inFlowDelay);
-    this.attemptTimeoutMs = Math.min(
-      deps.attemptTimeoutMs ?? Number.POSITIVE_INFINITY,
-      this.leaseMs - Math.max(1000, Math.floor(this.leaseMs / 10)),
-    );
+    this.leaseMarginMs = Math.max(1000, Math.floor(this.leaseMs / 10));
+    this.attemptTimeoutMs = Math.min(deps.attemptTimeoutMs ?? Number.POSITIVE_INFINITY, this.leaseMs - this.leaseMarginMs);
     this.upstream = this.config.forwardSMTP
       ? new SmtpUpstream({
           host: this.config.forwardHost,
@@ -320,12 +319,16 @@ export class DeliveryEngine {
     try {
       const startedAt = clock.now();
       const started = performance.now();
+      // The lease counts from the claim, not from now: a claim that took long to commit (a busy
+      // writer) leaves the attempt less time, or the lease could run out while it still sends and
+      // another worker would claim the message and send it a second time.
+      const budgetMs = Math.max(0, Math.min(this.attemptTimeoutMs, claim.leaseExpiresAt - startedAt - this.leaseMarginMs));
       const deadline = setTimeout(() => {
-        const err = Object.assign(new Error(`timed out: the attempt exceeded ${this.attemptTimeoutMs} ms (processingTimeout)`), {
+        const err = Object.assign(new Error(`timed out: the attempt exceeded ${budgetMs} ms (processingTimeout)`), {
           code: 'ETIMEDOUT',
         });
         abort.abort(err);
-      }, this.attemptTimeoutMs);
+      }, budgetMs);
       deadline.unref();
       try {
         result = this.upstream ? await this.upstream.send(claim, abort.signal) : await deliverLocally(config.emailsDir, claim);

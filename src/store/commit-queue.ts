@@ -50,8 +50,10 @@ export class CommitQueue {
       for (const p of batch) {
         this.sqlite.exec('SAVEPOINT op');
         try {
-          results.push({ ok: true, value: p.op(this.sqlite) });
+          const value = p.op(this.sqlite);
           this.sqlite.exec('RELEASE op');
+          // only now: an operation whose RELEASE failed was rolled back, and has one result
+          results.push({ ok: true, value });
         } catch (error) {
           this.sqlite.exec('ROLLBACK TO op');
           this.sqlite.exec('RELEASE op');

@@ -9,6 +9,7 @@ import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
 import type { Relay } from '../../src/main.js';
+import { openConnection } from '../../src/store/db.js';
 import { type DeepPartial, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { type Behaviour, closedPort, startMisbehavingUpstream, WELL_BEHAVED } from './misbehaving-upstream.js';
 import { queuedId } from './smtp-session.js';
@@ -275,6 +276,32 @@ describe('upstream faults', () => {
     assert.equal(rows(relay, id).message.claims, 1);
     for (const address of RCPTS) assert.equal(upstream.deliveriesTo(address), 1);
     assertNoClaimLeft(relay);
+  });
+
+  test('a claim that commits late leaves its attempt only the rest of the lease: nothing is sent past it', async () => {
+    const { clock, relay, upstream } = await setup();
+    const id = await queue(relay, RCPTS);
+    // another connection holds the write lock while the claim waits to commit, and the clock
+    // moves on meanwhile: when the claim commits, less than the lease's margin is left
+    await relay.commits.pragma('busy_timeout = 120000');
+    const blocker = openConnection(relay.config.databasePath);
+    blocker.exec('BEGIN IMMEDIATE');
+    let running: Promise<unknown> | undefined;
+    try {
+      running = relay.delivery.runOnce();
+      await waitFor(() => relay.commits.waiting === 1, 10_000, 'the claim waiting for the writer');
+      clock.advance(PROCESSING_TIMEOUT_S * 1000 - 500);
+    } finally {
+      blocker.exec('COMMIT');
+      blocker.close();
+    }
+    await running;
+    await relay.commits.pragma('busy_timeout = 5000');
+    assert.equal(upstream.transactions.length, 0, 'sent although its lease was about to run out');
+    assertDeferred(relay, id, clock, /timed out: the attempt exceeded 0 ms/);
+    await deliverEverything(clock, relay, id);
+    assert.equal(rows(relay, id).message.state, 'delivered');
+    for (const address of RCPTS) assert.equal(upstream.deliveriesTo(address), 1);
   });
 
   test('a fault that outlasts retry.maxAttempts → failed (temporary) and exported, nothing left queued', async () => {
