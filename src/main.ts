@@ -68,7 +68,9 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   const warnings = options.warnings ?? [];
   for (const w of warnings) logger.warn({ event: 'config.warning' }, w);
 
-  const store = await openStore(config.databasePath, { secureDelete: !config.security.logAllEmails });
+  const store = await openStore(config.databasePath, { secureDelete: !config.security.logAllEmails }).catch((err: Error) => {
+    throw new Error(`databasePath ${config.databasePath}: ${err.message}`);
+  });
   limitWalSize(store.sqlite);
   // The main thread's connection only reads; the writer thread owns every write.
   const commits = new StoreWriter({ file: config.databasePath, secureDelete: !config.security.logAllEmails });
@@ -89,16 +91,24 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     random: options.random,
     pollIntervalMs: options.deliveryPollMs,
   });
-  const intake = new SmtpIntake({
-    config,
-    sqlite: store.sqlite,
-    commits,
-    disk,
-    clock,
-    logger: logger.child({ component: 'smtp' }),
-    peerAddress: options.smtpPeerAddress,
-    inFlow: delivery.inFlow,
-  });
+  let intake: SmtpIntake;
+  try {
+    intake = new SmtpIntake({
+      config,
+      sqlite: store.sqlite,
+      commits,
+      disk,
+      clock,
+      logger: logger.child({ component: 'smtp' }),
+      peerAddress: options.smtpPeerAddress,
+      inFlow: delivery.inFlow,
+    });
+  } catch (err) {
+    // e.g. tls.cert or tls.key unreadable: nothing listens yet, but the writer thread runs
+    await commits.close();
+    await store.close();
+    throw err;
+  }
 
   let smtpPort: number;
   try {
@@ -106,7 +116,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   } catch (err) {
     await commits.close();
     await store.close();
-    throw err;
+    throw new Error(`smtpHost, smtpPort: cannot listen on ${config.smtpHost}:${config.smtpPort}: ${(err as Error).message}`);
   }
   logger.info({ event: 'relay.started', smtp: `${config.smtpHost}:${smtpPort}`, config: redactConfig(config) }, 'relayq started');
 
@@ -133,7 +143,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
       await Promise.all([intake.shutdown(0), delivery.stop(0), retention.stop()]);
       await commits.close();
       await store.close();
-      throw err;
+      throw new Error(`healthCheckHost, healthCheckPort: cannot listen on ${config.healthCheckHost}:${config.healthCheckPort}: ${(err as Error).message}`);
     }
     logger.info({ event: 'api.listening', http: `${config.healthCheckHost}:${api.port}` }, 'HTTP API listening');
   }

@@ -24,9 +24,10 @@ export type LoadResult = { ok: true; config: Config; warnings: string[] } | { ok
 const KEYS_BY_PATH = new Map(CONFIG_KEYS.map((k) => [k.path, k]));
 
 /** Flags: `--config FILE` and `--<key path> VALUE` or `--<key path>=VALUE`, e.g. `--rateLimits.enabled=true`. */
-export function parseFlags(argv: readonly string[]): { configPath?: string; values: Map<string, string>; unknown: string[] } {
+export function parseFlags(argv: readonly string[]): { configPath?: string; values: Map<string, string>; unknown: string[]; missing: string[] } {
   const values = new Map<string, string>();
   const unknown: string[] = [];
+  const missing: string[] = [];
   let configPath: string | undefined;
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -43,12 +44,14 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
     } else if (i + 1 < argv.length && !argv[i + 1].startsWith('--')) {
       value = argv[++i];
     }
-    if (name === 'config') configPath = value;
-    else if (KEYS_BY_PATH.has(name) && value !== undefined) values.set(name, value);
-    else if (KEYS_BY_PATH.get(name)?.type === 'bool' && value === undefined) values.set(name, 'true');
-    else unknown.push(arg);
+    const known = name === 'config' || KEYS_BY_PATH.has(name);
+    if (!known) unknown.push(`--${name}`); // not the value: a mistyped --defaultPassword=... stays secret
+    else if (value === undefined && KEYS_BY_PATH.get(name)?.type === 'bool') values.set(name, 'true');
+    else if (value === undefined) missing.push(name);
+    else if (name === 'config') configPath = value;
+    else values.set(name, value);
   }
-  return { configPath, values, unknown };
+  return { configPath, values, unknown, missing };
 }
 
 /** Which config file to read: `--config`, else RELAYQ_CONFIG, else ./config.json if it exists. */
@@ -111,6 +114,7 @@ export function loadConfig(
 
   const flags = parseFlags(argv);
   for (const arg of flags.unknown) errors.push({ key: arg, source: 'flag', message: `unknown option ${arg}` });
+  for (const name of flags.missing) errors.push({ key: name, source: 'flag', message: `--${name} needs a value` });
   for (const [path, raw] of flags.values) {
     const key = KEYS_BY_PATH.get(path) as KeyDef;
     const value = parseString(key, raw);
@@ -168,6 +172,7 @@ function checkValue(key: KeyDef, value: unknown): Checked {
     case 'string':
       if (typeof value !== 'string') return { error: 'must be a string' };
       if (key.values && !key.values.includes(value)) return { error: `must be one of ${key.values.join(', ')}` };
+      if (key.pattern && !key.pattern.match.test(value)) return { error: `must be ${key.pattern.what}, got ${JSON.stringify(value)}` };
       return { value };
     case 'bool':
       return typeof value === 'boolean' ? { value } : { error: 'must be true or false' };

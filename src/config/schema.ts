@@ -13,6 +13,8 @@ export interface KeyDef {
   max?: number;
   /** Allowed values for a string key. */
   values?: readonly string[];
+  /** A string key's value must match this, or the error says `must be <what>`. */
+  pattern?: { match: RegExp; what: string };
   /** Never logged. */
   secret?: boolean;
   /** Unit shown in the docs. */
@@ -32,7 +34,14 @@ export const MAX_MESSAGE_SIZE_LIMIT = 500 * 1024 * 1024;
 export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'smtpHost', type: 'string', default: '127.0.0.1', doc: 'SMTP listen address' },
   { path: 'smtpPort', type: 'int', default: 2525, ...PORT, doc: 'SMTP listen port (the Docker image sets 25)' },
-  { path: 'serverName', type: 'string', default: os.hostname(), doc: 'name in the greeting and in `Received:` (default: the host name)' },
+  {
+    path: 'serverName',
+    type: 'string',
+    default: os.hostname(),
+    // written into every Received: header and sent in EHLO: a CR or LF would inject lines
+    pattern: { match: /^[\x21-\x7e]+$/, what: 'a host name (printable ASCII, no spaces)' },
+    doc: 'name in the greeting and in `Received:` (default: the host name)',
+  },
   { path: 'defaultUsername', type: 'string', default: '', doc: 'SMTP AUTH user name' },
   { path: 'defaultPassword', type: 'string', default: '', secret: true, doc: 'SMTP AUTH password' },
   { path: 'forwardSMTP', type: 'bool', default: false, doc: 'forward to the upstream; false = deliver locally into `emailsDir`' },

@@ -3,6 +3,7 @@
 // message; every refusal carries the reply code and enhanced code of the spec's §2 table.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import { clientFilter, isLoopback, normalizeIp } from '../access-control.js';
@@ -159,7 +160,7 @@ export class SmtpIntake {
       // without tls.* smtp-server would upgrade with its built-in certificate, whose private key
       // is public, and the session would then count as secure for AUTH (no 538)
       disabledCommands: tlsOn ? [] : ['STARTTLS'],
-      ...(tlsOn ? { key: readTlsFile('tls.key', config.tls.key), cert: readTlsFile('tls.cert', config.tls.cert) } : {}),
+      ...(tlsOn ? readTlsFiles(config.tls.cert, config.tls.key) : {}),
       logger: serverLog as never,
       onConnect: (session, cb) => this.onConnect(session, cb),
       onAuth: (auth, session, cb) => this.onAuth(auth, session, cb),
@@ -434,12 +435,22 @@ export class SmtpIntake {
   }
 }
 
-function readTlsFile(key: string, file: string): Buffer {
+/** The certificate and key for STARTTLS; an error names the config key to fix. */
+function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer; key: Buffer } {
+  const read = (key: string, file: string) => {
+    try {
+      return fs.readFileSync(file);
+    } catch (err) {
+      throw new Error(`config error: ${key}: cannot read ${file}: ${(err as Error).message}`);
+    }
+  };
+  const files = { cert: read('tls.cert', certFile), key: read('tls.key', keyFile) };
   try {
-    return fs.readFileSync(file);
+    tls.createSecureContext(files);
   } catch (err) {
-    throw new Error(`config error: ${key}: cannot read ${file}: ${(err as Error).message}`);
+    throw new Error(`config error: tls.cert, tls.key: ${certFile} and ${keyFile} are not a PEM certificate and its key: ${(err as Error).message}`);
   }
+  return files;
 }
 
 function safeEqual(a: string, b: string): boolean {

@@ -6,7 +6,9 @@ import { describe, test } from 'node:test';
 import { loadConfig, parseFlags } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
-import { cliArgs, tempDir } from '../helpers.js';
+import Database from 'better-sqlite3';
+import { cliArgs, startTestRelay, tempDir } from '../helpers.js';
+import { runCli } from '../cli/run-cli.js';
 
 const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
 
@@ -186,6 +188,32 @@ describe('loadConfig', () => {
     assert.match(r.errors[0].message, /at most 524288000/);
   });
 
+  test('a flag without its value is an error that says so, and an unknown flag is named without its value', () => {
+    const r = loadConfig(['--serverName=relay.test', '--defaultPasword=TopSecret1', '--smtpPort'], {});
+    assert.equal(r.ok, false);
+    if (r.ok) return;
+    assert.deepEqual(
+      r.errors.map((e) => `${e.key}: ${e.message}`),
+      ['--defaultPasword: unknown option --defaultPasword', 'smtpPort: --smtpPort needs a value'],
+    );
+    assert.doesNotMatch(JSON.stringify(r.errors), /TopSecret1/);
+    // a boolean flag on its own means true
+    const b = loadConfig(['--forwardSSL'], {});
+    assert.ok(b.ok && b.config.forwardSSL);
+  });
+
+  test('serverName, written into Received: and sent in EHLO, takes no spaces or line breaks', () => {
+    for (const bad of ['evil\r\nX-Injected: yes', 'two words', '']) {
+      const r = loadConfig([], { SERVER_NAME: bad });
+      assert.equal(r.ok, false, JSON.stringify(bad));
+      if (r.ok) return;
+      assert.deepEqual(r.errors.map((e) => e.key), ['serverName']);
+      assert.match(r.errors[0].message, /^SERVER_NAME: must be a host name \(printable ASCII, no spaces\)/);
+    }
+    const ok = loadConfig(['--serverName', 'mx-1.relay.example.com'], {});
+    assert.ok(ok.ok && ok.config.serverName === 'mx-1.relay.example.com');
+  });
+
   test('unknown flags and malformed JSON are errors', () => {
     assert.deepEqual(parseFlags(['--nope', '1', 'stray']).unknown, ['--nope', 'stray']);
     const r = loadConfig([], {}, { path: 'c.json', text: '{ "smtpPort": ' });
@@ -209,5 +237,54 @@ describe('relayq serve with a bad config', () => {
     assert.match(r.stderr, /\(file\): unknownKey: unknown key/);
     assert.match(r.stderr, /\(env\): BATCH_SIZE: must be at least 1/);
     assert.equal(fs.existsSync(path.join(dir, 'data', 'relayq.db')), false, 'nothing was created');
+  });
+});
+
+describe('what only the start can find out names the key to fix', () => {
+  test('unreadable or non-PEM tls.cert / tls.key', async () => {
+    const dir = tempDir();
+    const notPem = path.join(dir, 'not.pem');
+    fs.writeFileSync(notPem, 'this is not a certificate\n');
+    await assert.rejects(
+      startTestRelay({ tls: { cert: path.join(dir, 'missing.pem'), key: notPem } }),
+      /^Error: config error: tls\.cert: cannot read .*missing\.pem: ENOENT/,
+    );
+    await assert.rejects(startTestRelay({ tls: { cert: notPem, key: notPem } }), /^Error: config error: tls\.cert, tls\.key: .*not\.pem and .*not\.pem are not a PEM certificate and its key/);
+  });
+
+  test('an SMTP port in use', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    try {
+      await assert.rejects(
+        startTestRelay({ smtpPort: relay.smtpPort }, { startDelivery: false }),
+        new RegExp(`^Error: smtpHost, smtpPort: cannot listen on 127\\.0\\.0\\.1:${relay.smtpPort}: .*EADDRINUSE`),
+      );
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test("another program's SQLite file as databasePath is refused and left as it was, by serve and by migrate", async () => {
+    const dir = tempDir();
+    const file = path.join(dir, 'other.db');
+    const other = new Database(file);
+    other.exec('CREATE TABLE foo (x); INSERT INTO foo VALUES (1)');
+    other.close();
+    const tables = () => {
+      const db = new Database(file, { readonly: true });
+      try {
+        return (db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all() as Array<{ name: string }>).map((r) => r.name);
+      } finally {
+        db.close();
+      }
+    };
+    await assert.rejects(
+      startTestRelay({ databasePath: file }),
+      /^Error: databasePath .*other\.db: not a relayq database: it holds tables relayq did not create \(foo\) and no schema_migrations$/,
+    );
+    const migrate = await runCli(['migrate', '--databasePath', file]);
+    assert.notEqual(migrate.code, 0);
+    assert.match(migrate.stderr, /not a relayq database: it holds tables relayq did not create \(foo\)/);
+    assert.deepEqual(tables(), ['foo']);
   });
 });
