@@ -11,6 +11,7 @@ import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import type { Sqlite } from '../store/db.js';
 import {
+  type BatchCompletion,
   type ClaimedBatch,
   type ClaimResult,
   type CompletionResult,
@@ -78,6 +79,9 @@ const REQUEUE_SCAN_STEP = 500;
 const ABORT_SETTLE_MS = 1000;
 /** Failed messages whose export is looked for per step after a start. */
 const EXPORT_CHECK_STEP = 500;
+/** A failed commit of an outcome is tried again after this long, doubling up to the maximum. */
+const OUTCOME_RETRY_FIRST_MS = 100;
+const OUTCOME_RETRY_MAX_MS = 5000;
 /**
  * inFlowDelay: intake waits while this many due messages wait for a worker: 100 per worker, at
  * most 10,000 (the poll counts up to that many index entries) and at most half of queueSize (so
@@ -353,8 +357,7 @@ export class DeliveryEngine {
           eraseRawOnDelivered: !config.security.logAllEmails,
           random: this.random,
         });
-        const planned = completion;
-        completing = this.deps.commits.write('completeBatch', planned);
+        completing = this.recordOutcome(completion, claim);
       }
     } catch (err) {
       this.log.error({ queueId, event: 'delivery.attempt_error', err: (err as Error).message }, 'delivery attempt failed unexpectedly');
@@ -398,6 +401,29 @@ export class DeliveryEngine {
     }
     this.log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: outcome.nextAttemptAt } : {}) }, 'delivery attempt');
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
+  }
+
+  /**
+   * Commits an attempt's outcome. The upstream has answered, so a commit that fails (the writer
+   * waited past its busy timeout behind another process, a full disk) is tried again until the
+   * claim's lease nears its end: given up, the lease would run out and the batch go out a second
+   * time. Trying again is safe: the failed transaction wrote nothing, and the write is fenced by
+   * the claim token. The first write is sent at once, so that the next claim can share its commit.
+   */
+  private async recordOutcome(completion: BatchCompletion, claim: ClaimedBatch): Promise<CompletionResult> {
+    const giveUpAt = performance.now() + (claim.leaseExpiresAt - this.deps.clock.now() - this.leaseMarginMs);
+    for (let waitMs = OUTCOME_RETRY_FIRST_MS; ; waitMs = Math.min(2 * waitMs, OUTCOME_RETRY_MAX_MS)) {
+      try {
+        return await this.deps.commits.write('completeBatch', completion);
+      } catch (err) {
+        if (this.stopping || performance.now() + waitMs >= giveUpAt) throw err;
+        this.log.warn(
+          { queueId: claim.messageId, event: 'delivery.commit_retry', batch: claim.batch, err: (err as Error).message, retryInMs: waitMs },
+          'recording the delivery outcome failed; trying again',
+        );
+        await new Promise((resolve) => setTimeout(resolve, waitMs));
+      }
+    }
   }
 
   /** After the commit that made a message final: export failed mail; drop a stale export. */

@@ -10,7 +10,7 @@ import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
 import type { Relay } from '../../src/main.js';
 import { openConnection } from '../../src/store/db.js';
-import { type DeepPartial, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, type DeepPartial, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { type Behaviour, closedPort, startMisbehavingUpstream, WELL_BEHAVED } from './misbehaving-upstream.js';
 import { queuedId } from './smtp-session.js';
 import { messageRaw } from '../../src/store/queries.js';
@@ -302,6 +302,43 @@ describe('upstream faults', () => {
     await deliverEverything(clock, relay, id);
     assert.equal(rows(relay, id).message.state, 'delivered');
     for (const address of RCPTS) assert.equal(upstream.deliveriesTo(address), 1);
+  });
+
+  test('an outcome whose commit fails is committed again, not left for the lease to expire and the batch to go out twice', async () => {
+    const upstream = await startMisbehavingUpstream();
+    cleanup.push(() => upstream.close());
+    const log = capturedLog('warn');
+    const clock = new ManualClock(Date.UTC(2026, 0, 1));
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 60, batchDelay: 0 },
+      { clock, startDelivery: false, startRetention: false, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    let accept = () => {};
+    upstream.behaviour = { ...WELL_BEHAVED, dataEnd: { until: new Promise<void>((resolve) => (accept = resolve)) } };
+    const id = await queue(relay, RCPTS);
+    const running = relay.delivery.runOnce();
+    await waitFor(() => upstream.transactions.length === 1, 10_000, 'DATA at the upstream');
+    // while the upstream thinks, another process takes the write lock, and the writer gives up
+    // on it after 100 ms: the outcome's first commit fails
+    await relay.commits.pragma('busy_timeout = 100');
+    const blocker = openConnection(relay.config.databasePath);
+    blocker.exec('BEGIN IMMEDIATE');
+    try {
+      accept();
+      await waitFor(() => log.entries().some((e) => e.event === 'delivery.commit_retry'), 10_000, 'a retried outcome commit');
+      assert.equal(rows(relay, id).message.state, 'sending');
+    } finally {
+      blocker.exec('COMMIT');
+      blocker.close();
+    }
+    await running;
+    await relay.commits.pragma('busy_timeout = 5000');
+    const { message, attempts } = rows(relay, id);
+    assert.equal(message.state, 'delivered');
+    assert.equal(attempts.length, 1);
+    assert.equal(upstream.transactions.length, 1);
+    assert.ok(!log.entries().some((e) => e.event === 'delivery.commit_failed'));
   });
 
   test('a fault that outlasts retry.maxAttempts → failed (temporary) and exported, nothing left queued', async () => {
