@@ -64,6 +64,11 @@ export function createApp(dependencies: ApiDeps) {
       deps.logger.error({ event: 'api.database_error', path: c.req.path, code, err: err.message }, 'database error');
       return c.json({ error: ERROR_NAMES[503], message: `database unavailable: ${err.message}` }, 503);
     }
+    if (code === 'ECONNRESET' || err.message === 'aborted') {
+      // the client went away while sending its request: nothing failed here, and nobody reads a reply
+      deps.logger.info({ event: 'api.client_aborted', path: c.req.path }, 'client closed the connection before its request was complete');
+      return c.json({ error: ERROR_NAMES[400], message: 'request aborted by the client' }, 400);
+    }
     deps.logger.error({ event: 'api.error', path: c.req.path, err: err.message, stack: err.stack }, 'request failed');
     return c.json({ error: 'internal_error', message: 'internal error; see the relayq log' }, 500);
   });

@@ -323,7 +323,6 @@ export class SmtpIntake {
     s.queueId = undefined;
     const body = new MessageBytes(this.spool, queueId, stream);
     const scanner = new BareLineEndingScanner();
-    let bytes = 0;
     this.inFlight++;
     let settled = false;
     const done = (err?: Error | null, message?: string) => {
@@ -341,12 +340,12 @@ export class SmtpIntake {
       if (stream.sizeExceeded) return;
       scanner.scan(chunk);
       if (!scanner.found) body.add(chunk);
-      bytes += chunk.length;
     });
     stream.on('end', () => {
       const log = this.deps.logger;
       if (stream.sizeExceeded) {
-        log.info({ queueId, event: 'smtp.refused', reason: 'size', bytes }, 'message too large');
+        // stream.byteLength: every byte of the DATA, also those after the limit that were not kept
+        log.info({ queueId, event: 'smtp.refused', reason: 'size', bytes: stream.byteLength, client: this.peer(session) }, 'message too large');
         return done(reply(552, '5.3.4 Message size exceeds fixed maximum message size'));
       }
       if (scanner.finish()) {

@@ -1,8 +1,9 @@
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 import { messageRaw } from '../../src/store/queries.js';
 
@@ -528,5 +529,35 @@ test('deleting a failed message removes its JSON export too', async () => {
   } finally {
     await relay.stop();
     await upstream.close();
+  }
+});
+
+test('a client that closes the connection in the middle of its request body is logged at info, not as an error', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay({}, { logger: log.logger, startDelivery: false });
+  try {
+    const port = relay.httpPort as number;
+    const abortedLogged = () => log.entries().some((e) => e.event === 'api.client_aborted');
+    // the request must have reached the app before the client goes: wait longer each time
+    for (let waitMs = 50; !abortedLogged() && waitMs < 5000; waitMs *= 2) {
+      await new Promise<void>((resolve, reject) => {
+        const socket = net.connect(port, '127.0.0.1', () => {
+          socket.write('POST /admin/retry-failed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"sin');
+          setTimeout(() => socket.destroy(), waitMs);
+        });
+        socket.on('close', () => resolve());
+        socket.on('error', reject);
+      });
+      await waitFor(abortedLogged, waitMs).catch(() => {});
+    }
+    assert.ok(abortedLogged(), 'the aborted request is in the log');
+    const [aborted] = log.entries().filter((e) => e.event === 'api.client_aborted');
+    assert.equal(aborted.level, 30);
+    assert.equal(aborted.path, '/admin/retry-failed');
+    assert.ok(!log.entries().some((e) => e.event === 'api.error'));
+    // and the API goes on answering
+    assert.equal((await fetch(`http://127.0.0.1:${port}/health`)).status, 200);
+  } finally {
+    await relay.stop();
   }
 });

@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
-import { messageCount, openSession, SmtpClient, sendMail, startTestRelay, withTestRelay } from '../helpers.js';
+import { capturedLog, messageCount, openSession, SmtpClient, sendMail, startTestRelay, withTestRelay } from '../helpers.js';
 import { messageRaw } from '../../src/store/queries.js';
 
 const MSG = 'Subject: t\r\n\r\nbody\r\n.\r\n';
@@ -17,8 +17,9 @@ async function ehlo(port: number) {
 
 describe('SMTP replies (default config: loopback without AUTH)', () => {
   let relay: Relay;
+  const log = capturedLog('info');
   before(async () => {
-    relay = await startTestRelay({ maxMessageSize: 2048, maxRecipients: 3 });
+    relay = await startTestRelay({ maxMessageSize: 2048, maxRecipients: 3 }, { logger: log.logger });
   });
   after(() => relay.stop());
 
@@ -128,6 +129,11 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.match(reply, /^552 5\.3\.4 /);
     assert.equal(messageCount(relay), before);
     c.close();
+    // the log line says how big it was (all of it, not what was kept) and from whom
+    const refused = log.entries().filter((e) => e.event === 'smtp.refused' && e.reason === 'size');
+    assert.equal(refused.length, 1);
+    assert.equal(refused[0].bytes, 'Subject: big\r\n\r\n'.length + 3000 + 2);
+    assert.equal(refused[0].client, '127.0.0.1');
   });
 
   test('bare LF or CR in DATA (SMTP smuggling) → 550 5.6.0, nothing stored', async () => {
