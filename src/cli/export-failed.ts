@@ -1,9 +1,8 @@
 // `relayq export-failed [DIR]`: (re)writes the JSON export of every failed message, by default
 // into emailsDir/failed where the delivery engine writes them, e.g. after a restore or to hand
 // the failures to another tool. Same document, same atomic write as the automatic export.
-import path from 'node:path';
 import { systemClock } from '../clock.js';
-import { exportFailedMessage } from '../delivery/failed-export.js';
+import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.js';
 import { listMessages } from '../store/queries.js';
 import { type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 
@@ -24,7 +23,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     } while (before);
     return written;
   });
-  const target = dir ?? path.join(config.emailsDir, 'failed');
+  const target = dir ?? failedExportDir(config.emailsDir);
   if (global.json) printJson({ directory: target, exported: files.length, files });
   else printText(`exported ${files.length} failed message${files.length === 1 ? '' : 's'} to ${target}`);
 }

@@ -5,6 +5,9 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 
+/** The temp files writeFileAtomic makes: `.<target name>.<12 hex digits>.tmp`. */
+const TEMP_FILE = /^\..+\.[0-9a-f]{12}\.tmp$/;
+
 export async function writeFileAtomic(target: string, data: Buffer | string): Promise<void> {
   const dir = path.dirname(target);
   await fs.mkdir(dir, { recursive: true });
@@ -40,4 +43,25 @@ async function syncDirectory(dir: string): Promise<void> {
   } finally {
     await handle?.close().catch(() => {});
   }
+}
+
+/**
+ * Removes the temp files in `dir` last written before `before` (ms since the epoch): those a
+ * crash left, not those of writes begun since the start. Returns their names; a missing
+ * directory has none.
+ */
+export async function removeStrayTempFiles(dir: string, before: number): Promise<string[]> {
+  const names = await fs.readdir(dir).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') return [];
+    throw err;
+  });
+  const removed: string[] = [];
+  for (const name of names.filter((n) => TEMP_FILE.test(n))) {
+    const file = path.join(dir, name);
+    const stat = await fs.stat(file).catch(() => undefined);
+    if (!stat || stat.mtimeMs >= before) continue;
+    await fs.rm(file, { force: true });
+    removed.push(name);
+  }
+  return removed;
 }

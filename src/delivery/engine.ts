@@ -22,7 +22,8 @@ import {
   hasDueWork,
 } from '../store/delivery.js';
 import type { StoreWriter } from '../store/writer.js';
-import { exportFailedMessage, failedExportPath, removeFailedExport } from './failed-export.js';
+import { removeStrayTempFiles } from './atomic-file.js';
+import { exportFailedMessage, failedExportDir, failedExportPath, removeFailedExport } from './failed-export.js';
 import { InFlowGate } from './in-flow.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
 import { type BatchResult, planCompletion } from './outcomes.js';
@@ -176,6 +177,7 @@ export class DeliveryEngine {
     this.log.info({ event: 'delivery.started', upstream: this.upstreamLabel, workers: this.config.workerCount }, 'delivery started');
     this.tick();
     this.track(this.exportMissingFailures());
+    this.track(this.removeStrayTempFiles(Date.now()));
   }
 
   /** Something may have become due (a commit of new mail): look now instead of at the next poll. */
@@ -452,6 +454,23 @@ export class DeliveryEngine {
    * and the export, or the export could not be written) is exported now. In steps of
    * EXPORT_CHECK_STEP failed messages, letting SMTP sessions run between them.
    */
+  /**
+   * Temp files of local deliveries and failed-mail exports that a crash cut off: those written
+   * before `startedAt` (real time, as file times are), so that no write of this process loses its
+   * temp file.
+   */
+  private async removeStrayTempFiles(startedAt: number): Promise<void> {
+    const { emailsDir } = this.deps.config;
+    for (const dir of [emailsDir, failedExportDir(emailsDir)]) {
+      try {
+        const removed = await removeStrayTempFiles(dir, startedAt);
+        if (removed.length) this.log.info({ event: 'delivery.temp_files_removed', dir, files: removed }, 'removed temp files left by a crash');
+      } catch (err) {
+        this.log.warn({ event: 'delivery.temp_files_unreadable', dir, err: (err as Error).message }, 'could not look for temp files left by a crash');
+      }
+    }
+  }
+
   private async exportMissingFailures(): Promise<void> {
     const { sqlite, config, clock } = this.deps;
     let cursor: FailedScanCursor | null = { finishedAt: Number.NEGATIVE_INFINITY, id: '' };

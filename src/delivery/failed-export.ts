@@ -10,8 +10,13 @@ import { safeFileStem } from './local.js';
 
 export const FAILED_EXPORT_VERSION = 1;
 
+/** emailsDir/failed: where failed mail is exported. */
+export function failedExportDir(emailsDir: string): string {
+  return path.join(emailsDir, 'failed');
+}
+
 /** Where the export of `id` goes: emailsDir/failed by default, or the directory given. */
-export function failedExportPath(emailsDir: string, id: string, directory = path.join(emailsDir, 'failed')): string {
+export function failedExportPath(emailsDir: string, id: string, directory = failedExportDir(emailsDir)): string {
   return path.join(directory, `${safeFileStem(id)}.json`);
 }
 

@@ -3,7 +3,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
-import { sendMail, startTestRelay, waitFor } from '../helpers.js';
+import pino from 'pino';
+import { startRelay } from '../../src/main.js';
+import { removeStrayTempFiles } from '../../src/delivery/atomic-file.js';
+import { sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
 import { attempts, message, queuedId, recipients } from './fixtures.js';
 
 describe('local delivery (forwardSMTP=false)', () => {
@@ -76,4 +79,39 @@ describe('local delivery (forwardSMTP=false)', () => {
     // the read connection sees a commit before the engine has handled the writer's reply to it
     await waitFor(() => relay.delivery.status().inFlight === 0, 10_000, 'no attempt in flight');
   });
+});
+
+test('temp files a crash left in emailsDir and emailsDir/failed are removed at start; nothing else is', async () => {
+  const config = testConfig({ forwardSMTP: false });
+  const failedDir = path.join(config.emailsDir, 'failed');
+  fs.mkdirSync(failedDir, { recursive: true });
+  const stray = [path.join(config.emailsDir, '.19CB2FAB2202390B919A.eml.0a1b2c3d4e5f.tmp'), path.join(failedDir, '.19CB2FAB2202390B919A.json.a1b2c3d4e5f6.tmp')];
+  const kept = [path.join(config.emailsDir, 'notes.tmp'), path.join(config.emailsDir, '.hidden'), path.join(failedDir, 'X.json')];
+  const crashedAt = new Date(Date.now() - 60_000);
+  for (const file of [...stray, ...kept]) {
+    fs.writeFileSync(file, 'x');
+    fs.utimesSync(file, crashedAt, crashedAt);
+  }
+
+  const relay = await startRelay(config, { logger: pino({ level: 'silent' }) });
+  try {
+    await waitFor(() => stray.every((file) => !fs.existsSync(file)), 10_000, 'the stray temp files to go');
+    for (const file of kept) assert.ok(fs.existsSync(file), file);
+  } finally {
+    await relay.stop();
+  }
+});
+
+test("only temp files written before the start are taken for a crash's", async () => {
+  const dir = tempDir();
+  const old = path.join(dir, '.A.eml.0a1b2c3d4e5f.tmp');
+  const fresh = path.join(dir, '.B.eml.0a1b2c3d4e60.tmp');
+  const start = Date.now();
+  for (const [file, at] of [[old, start - 1000], [fresh, start + 1000]] as const) {
+    fs.writeFileSync(file, 'x');
+    fs.utimesSync(file, new Date(at), new Date(at));
+  }
+  assert.deepEqual(await removeStrayTempFiles(dir, start), ['.A.eml.0a1b2c3d4e5f.tmp']);
+  assert.ok(fs.existsSync(fresh), 'a write begun since the start keeps its temp file');
+  assert.deepEqual(await removeStrayTempFiles(path.join(dir, 'missing'), start), []);
 });
