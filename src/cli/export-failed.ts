@@ -1,15 +1,23 @@
 // `relayq export-failed [DIR]`: (re)writes the JSON export of every failed message, by default
 // into emailsDir/failed where the delivery engine writes them, e.g. after a restore or to hand
 // the failures to another tool. Same document, same atomic write as the automatic export.
+import fs from 'node:fs';
 import { systemClock } from '../clock.js';
 import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.js';
 import { listMessages } from '../store/queries.js';
-import { type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
+import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 
 const PAGE = 500;
 
 export async function exportFailedCommand(dir: string | undefined, global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
+  const target = dir ?? failedExportDir(config.emailsDir);
+  try {
+    // a directory, or one that can be made: found out before anything is read or written
+    fs.mkdirSync(target, { recursive: true });
+  } catch (err) {
+    throw new CliError(`cannot export into ${target}: ${(err as Error).message}`);
+  }
   const files = await withReader(config, async (sqlite) => {
     const written: string[] = [];
     let before: string | undefined;
@@ -23,7 +31,6 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     } while (before);
     return written;
   });
-  const target = dir ?? failedExportDir(config.emailsDir);
   if (global.json) printJson({ directory: target, exported: files.length, files });
   else printText(`exported ${files.length} failed message${files.length === 1 ? '' : 's'} to ${target}`);
 }

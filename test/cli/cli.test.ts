@@ -158,7 +158,9 @@ describe('relayq CLI on the database of a running relay', () => {
     const badJson = path.join(dir, 'bad.json');
     fs.writeFileSync(badJson, '{"databasePath": ');
     const keep = ids.queued[0];
-    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, unreadable, missing, badConfig] = await Promise.all([
+    const aFile = path.join(dir, 'a-file');
+    fs.writeFileSync(aFile, 'not a directory\n');
+    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, unreadable, missing, badConfig, exportIntoFile] = await Promise.all([
       cli('show', 'NOSUCHID'),
       cli('delete', keep, 'NOSUCHID'),
       cli('queue', '--state', 'lost'),
@@ -167,6 +169,7 @@ describe('relayq CLI on the database of a running relay', () => {
       runCli(['status'], { env: { DATABASE_PATH: garbage } }),
       runCli(['queue'], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
       runCli(['status', '--config', badJson]),
+      cli('export-failed', aFile),
     ]);
     assertOneLineError(unknownShow, /^relayq: no message with id NOSUCHID$/);
     assertOneLineError(unknownDelete, /no message with id NOSUCHID; nothing deleted/);
@@ -176,6 +179,8 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(unreadable, /cannot read database .*not-a-database\.db: file is not a database/);
     assertOneLineError(missing, /no database at .*missing\.db/);
     assertOneLineError(badConfig, /bad\.json is not valid JSON/);
+    assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: EEXIST/);
+    assert.equal(fs.readFileSync(aFile, 'utf8'), 'not a directory\n');
     assert.equal(badConfig.code, 2);
     assert.ok(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(keep), 'all-or-nothing delete kept the known id');
     assert.ok(!fs.existsSync(path.join(dir, 'missing.db')), 'a read command never creates a database');
