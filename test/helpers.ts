@@ -294,6 +294,27 @@ export async function startUpstream(options: Partial<SMTPServerOptions> = {}, li
   };
 }
 
+/**
+ * A port on 127.0.0.1 with nothing listening on it (connection refused), that a test may listen
+ * on later, e.g. an upstream that comes back after an outage. It is taken below the range the
+ * system hands out for port 0 (32768 and up on Linux, 49152 and up elsewhere), so that no other
+ * test's listener is given it in between.
+ */
+export async function closedPort(): Promise<number> {
+  for (let tries = 0; tries < 100; tries++) {
+    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    const server = net.createServer();
+    const bound = await new Promise<boolean>((resolve) => {
+      server.once('error', () => resolve(false));
+      server.listen(port, '127.0.0.1', () => resolve(true));
+    });
+    if (!bound) continue;
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+    return port;
+  }
+  throw new Error('no free port between 20000 and 32000');
+}
+
 export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs = 10_000, what = 'condition', intervalMs = 20): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {

@@ -1,9 +1,7 @@
-// Fixtures of the HTTP API tests: JSON calls over real HTTP to a running relay, a port that
-// refuses connections (an upstream that is down), and an upstream whose outage can be switched
-// off again on the same port.
-import net from 'node:net';
+// Fixtures of the HTTP API tests: JSON calls over real HTTP to a running relay, and an upstream
+// that is down (connection refused) until its outage is switched off, on the same port.
 import type { Relay } from '../../src/main.js';
-import { startUpstream, type Upstream } from '../helpers.js';
+import { closedPort, startUpstream, type Upstream } from '../helpers.js';
 
 export interface HttpReply<T = Record<string, unknown>> {
   status: number;
@@ -22,15 +20,6 @@ export async function call<T = Record<string, unknown>>(relay: Relay, path: stri
 
 export function postJson(body: unknown): RequestInit {
   return { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) };
-}
-
-/** A local port with nothing listening on it (bound, then closed). */
-export async function closedPort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
 }
 
 /** An upstream that is down (connection refused) until `recover()` starts it on the same port. */

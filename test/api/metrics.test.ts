@@ -3,8 +3,8 @@ import { spawnSync } from 'node:child_process';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';
-import { call, closedPort } from './fixtures.js';
+import { closedPort, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';
+import { call } from './fixtures.js';
 
 type Json = Record<string, unknown>;
 

@@ -43,15 +43,6 @@ export interface MisbehavingUpstream {
   close(): Promise<void>;
 }
 
-/** A port nothing listens on (connection refused). */
-export async function closedPort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as net.AddressInfo).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
-
 export async function startMisbehavingUpstream(port = 0): Promise<MisbehavingUpstream> {
   const sockets = new Set<net.Socket>();
   const upstream: MisbehavingUpstream = {

@@ -10,8 +10,8 @@ import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
 import type { Relay } from '../../src/main.js';
 import { openConnection } from '../../src/store/db.js';
-import { capturedLog, type DeepPartial, sendMail, startTestRelay, waitFor } from '../helpers.js';
-import { type Behaviour, closedPort, startMisbehavingUpstream, WELL_BEHAVED } from './misbehaving-upstream.js';
+import { capturedLog, closedPort, type DeepPartial, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { type Behaviour, startMisbehavingUpstream, WELL_BEHAVED } from './misbehaving-upstream.js';
 import { queuedId } from './smtp-session.js';
 import { messageRaw } from '../../src/store/queries.js';
 
