@@ -69,7 +69,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   for (const w of warnings) logger.warn({ event: 'config.warning' }, w);
 
   const store = await openStore(config.databasePath, { secureDelete: !config.security.logAllEmails }).catch((err: Error) => {
-    throw new Error(`databasePath ${config.databasePath}: ${err.message}`);
+    throw new Error(`databasePath ${config.databasePath}: ${err.message}`, { cause: err });
   });
   limitWalSize(store.sqlite);
   // The main thread's connection only reads; the writer thread owns every write.
@@ -116,7 +116,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   } catch (err) {
     await commits.close();
     await store.close();
-    throw new Error(`smtpHost, smtpPort: cannot listen on ${config.smtpHost}:${config.smtpPort}: ${(err as Error).message}`);
+    throw new Error(`smtpHost, smtpPort: cannot listen on ${config.smtpHost}:${config.smtpPort}: ${(err as Error).message}`, { cause: err });
   }
   logger.info({ event: 'relay.started', smtp: `${config.smtpHost}:${smtpPort}`, config: redactConfig(config) }, 'relayq started');
 
@@ -143,7 +143,9 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
       await Promise.all([intake.shutdown(0), delivery.stop(0), retention.stop()]);
       await commits.close();
       await store.close();
-      throw new Error(`healthCheckHost, healthCheckPort: cannot listen on ${config.healthCheckHost}:${config.healthCheckPort}: ${(err as Error).message}`);
+      throw new Error(`healthCheckHost, healthCheckPort: cannot listen on ${config.healthCheckHost}:${config.healthCheckPort}: ${(err as Error).message}`, {
+        cause: err,
+      });
     }
     logger.info({ event: 'api.listening', http: `${config.healthCheckHost}:${api.port}` }, 'HTTP API listening');
   }

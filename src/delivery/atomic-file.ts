@@ -2,6 +2,7 @@
 // target directory, fsync it, rename it over the target, fsync the directory. A reader sees the
 // old file or the complete new one, never a torn one, and the rename survives a power cut.
 import crypto from 'node:crypto';
+import { readdirSync, rmSync, statSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 
@@ -46,21 +47,24 @@ async function syncDirectory(dir: string): Promise<void> {
 }
 
 /**
- * Removes the temp files in `dir` last written before `before` (ms since the epoch): those a
- * crash left, not those of writes begun since the start. Returns their names; a missing
- * directory has none.
+ * Removes the temp files in `dir` last written before `before` (ms since the epoch), i.e. those
+ * a crash left, not those of a write in progress elsewhere. Synchronous, for the start, before
+ * this process writes any. Returns their names; a missing directory has none.
  */
-export async function removeStrayTempFiles(dir: string, before: number): Promise<string[]> {
-  const names = await fs.readdir(dir).catch((err: NodeJS.ErrnoException) => {
-    if (err.code === 'ENOENT') return [];
+export function removeStrayTempFiles(dir: string, before: number): string[] {
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
     throw err;
-  });
+  }
   const removed: string[] = [];
   for (const name of names.filter((n) => TEMP_FILE.test(n))) {
     const file = path.join(dir, name);
-    const stat = await fs.stat(file).catch(() => undefined);
+    const stat = statSync(file, { throwIfNoEntry: false });
     if (!stat || stat.mtimeMs >= before) continue;
-    await fs.rm(file, { force: true });
+    rmSync(file, { force: true });
     removed.push(name);
   }
   return removed;

@@ -80,6 +80,8 @@ const REQUEUE_SCAN_STEP = 500;
 const ABORT_SETTLE_MS = 1000;
 /** Failed messages whose export is looked for per step after a start. */
 const EXPORT_CHECK_STEP = 500;
+/** A temp file this old at the start was left by a crash (younger ones may be another process's). */
+const TEMP_FILE_MIN_AGE_MS = 60_000;
 /** A failed commit of an outcome is tried again after this long, doubling up to the maximum. */
 const OUTCOME_RETRY_FIRST_MS = 100;
 const OUTCOME_RETRY_MAX_MS = 5000;
@@ -175,9 +177,9 @@ export class DeliveryEngine {
     this.poll.unref();
     this.inFlow.setEnabled(true);
     this.log.info({ event: 'delivery.started', upstream: this.upstreamLabel, workers: this.config.workerCount }, 'delivery started');
+    this.sweepCrashTempFiles();
     this.tick();
     this.track(this.exportMissingFailures());
-    this.track(this.removeStrayTempFiles(Date.now()));
   }
 
   /** Something may have become due (a commit of new mail): look now instead of at the next poll. */
@@ -450,20 +452,15 @@ export class DeliveryEngine {
   }
 
   /**
-   * After a start: failed mail without its JSON export (the process died between the commit
-   * and the export, or the export could not be written) is exported now. In steps of
-   * EXPORT_CHECK_STEP failed messages, letting SMTP sessions run between them.
+   * Removes the temp files of local deliveries and failed-mail exports that a crash cut off, before
+   * this process writes any. Only files older than a minute go: a `relayq export-failed` running
+   * beside the server may be writing one.
    */
-  /**
-   * Temp files of local deliveries and failed-mail exports that a crash cut off: those written
-   * before `startedAt` (real time, as file times are), so that no write of this process loses its
-   * temp file.
-   */
-  private async removeStrayTempFiles(startedAt: number): Promise<void> {
+  private sweepCrashTempFiles(): void {
     const { emailsDir } = this.deps.config;
     for (const dir of [emailsDir, failedExportDir(emailsDir)]) {
       try {
-        const removed = await removeStrayTempFiles(dir, startedAt);
+        const removed = removeStrayTempFiles(dir, Date.now() - TEMP_FILE_MIN_AGE_MS);
         if (removed.length) this.log.info({ event: 'delivery.temp_files_removed', dir, files: removed }, 'removed temp files left by a crash');
       } catch (err) {
         this.log.warn({ event: 'delivery.temp_files_unreadable', dir, err: (err as Error).message }, 'could not look for temp files left by a crash');
@@ -471,6 +468,11 @@ export class DeliveryEngine {
     }
   }
 
+  /**
+   * After a start: failed mail without its JSON export (the process died between the commit
+   * and the export, or the export could not be written) is exported now. In steps of
+   * EXPORT_CHECK_STEP failed messages, letting SMTP sessions run between them.
+   */
   private async exportMissingFailures(): Promise<void> {
     const { sqlite, config, clock } = this.deps;
     let cursor: FailedScanCursor | null = { finishedAt: Number.NEGATIVE_INFINITY, id: '' };

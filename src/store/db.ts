@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect, sql } from 'kysely';
+import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect } from 'kysely';
 import { migrations } from '../../migrations/index.js';
 import { overwriteFreedPages } from './maintenance.js';
 import type { DB } from './schema.js';
@@ -29,10 +29,32 @@ export interface OpenOptions {
   secureDelete?: boolean;
 }
 
+/**
+ * relayq creates its tables in an empty file only: a file of another program's tables (a wrong
+ * databasePath) is refused before anything, even the journal mode, is changed in it.
+ */
+function refuseForeignDatabase(sqlite: Sqlite): void {
+  const names = (
+    sqlite.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, 7) <> 'sqlite_' ORDER BY name").all() as Array<{
+      name: string;
+    }>
+  ).map((r) => r.name);
+  if (names.length > 0 && !names.includes('schema_migrations')) {
+    const shown = names.slice(0, 5).join(', ') + (names.length > 5 ? ', …' : '');
+    throw new Error(`not a relayq database: it holds tables relayq did not create (${shown}) and no schema_migrations`);
+  }
+}
+
 /** A better-sqlite3 connection with relayq's pragmas; every connection to the file uses this. */
 export function openConnection(file: string, options: { readonly?: boolean } = {}): Sqlite {
   if (!options.readonly) fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
   const sqlite = new Database(file, { readonly: options.readonly ?? false, fileMustExist: options.readonly ?? false });
+  try {
+    refuseForeignDatabase(sqlite);
+  } catch (err) {
+    sqlite.close();
+    throw err;
+  }
   sqlite.pragma('busy_timeout = 5000');
   if (!options.readonly) {
     sqlite.pragma('journal_mode = WAL');
@@ -70,7 +92,12 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
   if (options.secureDelete) overwriteFreedPages(sqlite);
   const db = kyselyFor<DB>(sqlite);
   if (options.migrate ?? true) {
-    await migrateToLatest(db);
+    try {
+      await migrateToLatest(db);
+    } catch (err) {
+      await db.destroy();
+      throw err;
+    }
   }
   let closed = false;
   return {
@@ -95,14 +122,6 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
 
 /** Applies pending migrations: all of relayq's, or (tests of an upgrade) the first few of them. */
 export async function migrateToLatest<T>(db: Kysely<T>, set: Record<string, Migration> = migrations): Promise<string[]> {
-  // relayq creates its tables in an empty file only: a file of some other program's tables (a
-  // wrong databasePath) is refused, not given relayq's tables beside its own
-  const tables = await sql<{ name: string }>`SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, 7) <> 'sqlite_' ORDER BY name`.execute(db);
-  const names = tables.rows.map((r) => r.name);
-  if (names.length > 0 && !names.includes('schema_migrations')) {
-    const shown = names.slice(0, 5).join(', ') + (names.length > 5 ? ', …' : '');
-    throw new Error(`not a relayq database: it holds tables relayq did not create (${shown}) and no schema_migrations`);
-  }
   const migrator = new Migrator({
     db,
     provider: { getMigrations: async () => set },

@@ -286,5 +286,10 @@ describe('what only the start can find out names the key to fix', () => {
     assert.notEqual(migrate.code, 0);
     assert.match(migrate.stderr, /not a relayq database: it holds tables relayq did not create \(foo\)/);
     assert.deepEqual(tables(), ['foo']);
+    // not even its journal mode was changed
+    const after = new Database(file, { readonly: true });
+    assert.equal(after.pragma('journal_mode', { simple: true }), 'delete');
+    after.close();
+    assert.ok(!fs.existsSync(`${file}-wal`), 'no WAL file beside it');
   });
 });

@@ -87,7 +87,7 @@ test('temp files a crash left in emailsDir and emailsDir/failed are removed at s
   fs.mkdirSync(failedDir, { recursive: true });
   const stray = [path.join(config.emailsDir, '.19CB2FAB2202390B919A.eml.0a1b2c3d4e5f.tmp'), path.join(failedDir, '.19CB2FAB2202390B919A.json.a1b2c3d4e5f6.tmp')];
   const kept = [path.join(config.emailsDir, 'notes.tmp'), path.join(config.emailsDir, '.hidden'), path.join(failedDir, 'X.json')];
-  const crashedAt = new Date(Date.now() - 60_000);
+  const crashedAt = new Date(Date.now() - 120_000);
   for (const file of [...stray, ...kept]) {
     fs.writeFileSync(file, 'x');
     fs.utimesSync(file, crashedAt, crashedAt);
@@ -102,16 +102,16 @@ test('temp files a crash left in emailsDir and emailsDir/failed are removed at s
   }
 });
 
-test("only temp files written before the start are taken for a crash's", async () => {
+test("only temp files written before the given time are taken for a crash's", () => {
   const dir = tempDir();
   const old = path.join(dir, '.A.eml.0a1b2c3d4e5f.tmp');
   const fresh = path.join(dir, '.B.eml.0a1b2c3d4e60.tmp');
-  const start = Date.now();
-  for (const [file, at] of [[old, start - 1000], [fresh, start + 1000]] as const) {
+  const before = Date.now() - 60_000;
+  for (const [file, at] of [[old, before - 1000], [fresh, before + 1000]] as const) {
     fs.writeFileSync(file, 'x');
     fs.utimesSync(file, new Date(at), new Date(at));
   }
-  assert.deepEqual(await removeStrayTempFiles(dir, start), ['.A.eml.0a1b2c3d4e5f.tmp']);
-  assert.ok(fs.existsSync(fresh), 'a write begun since the start keeps its temp file');
-  assert.deepEqual(await removeStrayTempFiles(path.join(dir, 'missing'), start), []);
+  assert.deepEqual(removeStrayTempFiles(dir, before), ['.A.eml.0a1b2c3d4e5f.tmp']);
+  assert.ok(fs.existsSync(fresh), 'a younger temp file, maybe of a write in progress, is kept');
+  assert.deepEqual(removeStrayTempFiles(path.join(dir, 'missing'), before), []);
 });

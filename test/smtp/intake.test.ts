@@ -74,7 +74,7 @@ describe('durable intake', () => {
       sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: [`r${i}@example.com`] }).finally(() => answered++),
     );
     try {
-      await waitFor(() => relay.commits.waiting === 30, 60_000, 'all 30 messages waiting for the writer');
+      await waitFor(() => relay.commits.waiting >= 30, 60_000, 'all 30 messages waiting for the writer');
       // let the last turn's writes cross to the writer thread
       await new Promise((r) => setImmediate(r));
       assert.equal(answered, 0, 'no 250 before the commit');
