@@ -81,6 +81,11 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     logger.fatal({ event: 'relay.writer_failed', err: err.message }, 'the writer thread failed: nothing can be stored any more');
     options.onFatal?.(err);
   };
+  /** The last step of a stop, and of a start that failed: queued writes commit, then both close. */
+  const closeStorage = async () => {
+    await commits.close();
+    await store.close();
+  };
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
   const delivery = new DeliveryEngine({
     config,
@@ -105,8 +110,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     });
   } catch (err) {
     // e.g. tls.cert or tls.key unreadable: nothing listens yet, but the writer thread runs
-    await commits.close();
-    await store.close();
+    await closeStorage();
     throw err;
   }
 
@@ -114,8 +118,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   try {
     smtpPort = await intake.listen(config.smtpPort, config.smtpHost);
   } catch (err) {
-    await commits.close();
-    await store.close();
+    await closeStorage();
     throw new Error(`smtpHost, smtpPort: cannot listen on ${config.smtpHost}:${config.smtpPort}: ${(err as Error).message}`, { cause: err });
   }
   logger.info({ event: 'relay.started', smtp: `${config.smtpHost}:${smtpPort}`, config: redactConfig(config) }, 'relayq started');
@@ -141,8 +144,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
       api = await startApiServer(app, config.healthCheckHost, config.healthCheckPort);
     } catch (err) {
       await Promise.all([intake.shutdown(0), delivery.stop(0), retention.stop()]);
-      await commits.close();
-      await store.close();
+      await closeStorage();
       throw new Error(`healthCheckHost, healthCheckPort: cannot listen on ${config.healthCheckHost}:${config.healthCheckPort}: ${(err as Error).message}`, {
         cause: err,
       });
@@ -172,8 +174,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
         // Intake drains and delivery stops claiming, finishes or releases its attempts, both
         // within the grace period, before the last commit.
         await Promise.all([intake.shutdown(graceMs), delivery.stop(graceMs), retention.stop()]);
-        await commits.close();
-        await store.close();
+        await closeStorage();
         logger.info({ event: 'relay.stopped', writes: commits.stats.writes, commits: commits.stats.commits }, 'relayq stopped');
       })();
       return stopping;

@@ -330,7 +330,7 @@ export class DeliveryEngine {
       // The lease counts from the claim, not from now: a claim that took long to commit (a busy
       // writer) leaves the attempt less time, or the lease could run out while it still sends and
       // another worker would claim the message and send it a second time.
-      const budgetMs = Math.max(0, Math.min(this.attemptTimeoutMs, claim.leaseExpiresAt - startedAt - this.leaseMarginMs));
+      const budgetMs = Math.max(0, Math.min(this.attemptTimeoutMs, this.usableLeaseMs(claim)));
       const deadline = setTimeout(() => {
         const err = Object.assign(new Error(`timed out: the attempt exceeded ${budgetMs} ms (processingTimeout)`), {
           code: 'ETIMEDOUT',
@@ -407,6 +407,11 @@ export class DeliveryEngine {
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
   }
 
+  /** What is left of the claim's lease now, less the margin an attempt must keep to its end. */
+  private usableLeaseMs(claim: ClaimedBatch): number {
+    return claim.leaseExpiresAt - this.deps.clock.now() - this.leaseMarginMs;
+  }
+
   /**
    * Commits an attempt's outcome. The upstream has answered, so a commit that fails (the writer
    * waited past its busy timeout behind another process, a full disk) is tried again until the
@@ -415,7 +420,7 @@ export class DeliveryEngine {
    * the claim token. The first write is sent at once, so that the next claim can share its commit.
    */
   private async recordOutcome(completion: BatchCompletion, claim: ClaimedBatch): Promise<CompletionResult> {
-    const giveUpAt = performance.now() + (claim.leaseExpiresAt - this.deps.clock.now() - this.leaseMarginMs);
+    const giveUpAt = performance.now() + this.usableLeaseMs(claim);
     for (let waitMs = OUTCOME_RETRY_FIRST_MS; ; waitMs = Math.min(2 * waitMs, OUTCOME_RETRY_MAX_MS)) {
       try {
         return await this.deps.commits.write('completeBatch', completion);

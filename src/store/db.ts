@@ -45,6 +45,9 @@ function refuseForeignDatabase(sqlite: Sqlite): void {
   }
 }
 
+/** How long a connection waits for another one's write lock before SQLITE_BUSY. */
+export const BUSY_TIMEOUT_MS = 5000;
+
 /** A better-sqlite3 connection with relayq's pragmas; every connection to the file uses this. */
 export function openConnection(file: string, options: { readonly?: boolean } = {}): Sqlite {
   if (!options.readonly) fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
@@ -55,7 +58,7 @@ export function openConnection(file: string, options: { readonly?: boolean } = {
     sqlite.close();
     throw err;
   }
-  sqlite.pragma('busy_timeout = 5000');
+  sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
   if (!options.readonly) {
     sqlite.pragma('journal_mode = WAL');
     sqlite.pragma('synchronous = FULL');
