@@ -12,6 +12,7 @@ import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp
 import type { Clock } from '../src/clock.js';
 import { defaultConfig, type Config } from '../src/config/schema.js';
 import { type Relay, type RelayOptions, startRelay } from '../src/main.js';
+import { BUSY_TIMEOUT_MS, openConnection } from '../src/store/db.js';
 
 /** Absolute paths, so child processes work from any working directory. */
 export const REPO_ROOT = path.resolve(import.meta.dirname, '..');
@@ -313,6 +314,24 @@ export async function closedPort(): Promise<number> {
     return port;
   }
   throw new Error('no free port between 20000 and 32000');
+}
+
+/**
+ * Another connection takes the database's write lock, as another process or a long commit would.
+ * With `writerBusyTimeoutMs` the relay's writer waits that long for it instead of its usual
+ * BUSY_TIMEOUT_MS. `release()` lets go of the lock and gives the writer its usual timeout back.
+ */
+export async function holdWriteLock(relay: Relay, writerBusyTimeoutMs?: number): Promise<{ release(): Promise<void> }> {
+  if (writerBusyTimeoutMs !== undefined) await relay.commits.pragma(`busy_timeout = ${writerBusyTimeoutMs}`);
+  const holder = openConnection(relay.config.databasePath);
+  holder.exec('BEGIN IMMEDIATE');
+  return {
+    async release() {
+      holder.exec('COMMIT');
+      holder.close();
+      if (writerBusyTimeoutMs !== undefined) await relay.commits.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+    },
+  };
 }
 
 export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs = 10_000, what = 'condition', intervalMs = 20): Promise<void> {

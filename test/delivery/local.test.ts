@@ -6,6 +6,7 @@ import { ManualClock } from '../../src/clock.js';
 import pino from 'pino';
 import { startRelay } from '../../src/main.js';
 import { removeStrayTempFiles } from '../../src/delivery/atomic-file.js';
+import { failedExportDir } from '../../src/delivery/failed-export.js';
 import { sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
 import { attempts, message, queuedId, recipients } from './fixtures.js';
 
@@ -83,7 +84,7 @@ describe('local delivery (forwardSMTP=false)', () => {
 
 test('temp files a crash left in emailsDir and emailsDir/failed are removed at start; nothing else is', async () => {
   const config = testConfig({ forwardSMTP: false });
-  const failedDir = path.join(config.emailsDir, 'failed');
+  const failedDir = failedExportDir(config.emailsDir);
   fs.mkdirSync(failedDir, { recursive: true });
   const stray = [path.join(config.emailsDir, '.19CB2FAB2202390B919A.eml.0a1b2c3d4e5f.tmp'), path.join(failedDir, '.19CB2FAB2202390B919A.json.a1b2c3d4e5f6.tmp')];
   const kept = [path.join(config.emailsDir, 'notes.tmp'), path.join(config.emailsDir, '.hidden'), path.join(failedDir, 'X.json')];

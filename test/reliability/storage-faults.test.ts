@@ -3,10 +3,9 @@
 // soon as the fault clears.
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import Database from 'better-sqlite3';
 import type { Relay } from '../../src/main.js';
 import { newQueueId } from '../../src/store/intake.js';
-import { messageCount, openSession, sendMail, startTestRelay } from '../helpers.js';
+import { holdWriteLock, messageCount, openSession, sendMail, startTestRelay } from '../helpers.js';
 import { assertStillServing, INTAKE_ONLY, queuedId } from './smtp-session.js';
 
 type SmtpError = Error & { responseCode?: number; response?: string };
@@ -147,8 +146,7 @@ describe('storage faults', () => {
 
   test('another process holding the write lock past the busy timeout → 451 4.3.0; served again once it lets go', async () => {
     const before = footprint(relay);
-    const other = new Database(relay.store.path);
-    other.exec('BEGIN IMMEDIATE');
+    const lock = await holdWriteLock(relay);
     try {
       const c = await openSession(relay.smtpPort);
       assert.match(await c.send('DATA'), /^354 /);
@@ -158,8 +156,7 @@ describe('storage faults', () => {
       c.close();
       assert.equal(messageCount(relay), before.messages);
     } finally {
-      other.exec('ROLLBACK');
-      other.close();
+      await lock.release();
     }
     await assertStillServing(relay);
     assertConsistent(relay);

@@ -9,8 +9,7 @@ import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
 import type { Relay } from '../../src/main.js';
-import { openConnection } from '../../src/store/db.js';
-import { capturedLog, closedPort, type DeepPartial, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, closedPort, type DeepPartial, holdWriteLock, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { type Behaviour, startMisbehavingUpstream, WELL_BEHAVED } from './misbehaving-upstream.js';
 import { queuedId } from './smtp-session.js';
 import { messageRaw } from '../../src/store/queries.js';
@@ -283,20 +282,16 @@ describe('upstream faults', () => {
     const id = await queue(relay, RCPTS);
     // another connection holds the write lock while the claim waits to commit, and the clock
     // moves on meanwhile: when the claim commits, less than the lease's margin is left
-    await relay.commits.pragma('busy_timeout = 120000');
-    const blocker = openConnection(relay.config.databasePath);
-    blocker.exec('BEGIN IMMEDIATE');
+    const lock = await holdWriteLock(relay, 120_000);
     let running: Promise<unknown> | undefined;
     try {
       running = relay.delivery.runOnce();
       await waitFor(() => relay.commits.waiting === 1, 10_000, 'the claim waiting for the writer');
       clock.advance(PROCESSING_TIMEOUT_S * 1000 - 500);
     } finally {
-      blocker.exec('COMMIT');
-      blocker.close();
+      await lock.release();
     }
     await running;
-    await relay.commits.pragma('busy_timeout = 5000');
     assert.equal(upstream.transactions.length, 0, 'sent although its lease was about to run out');
     assertDeferred(relay, id, clock, /timed out: the attempt exceeded 0 ms/);
     await deliverEverything(clock, relay, id);
@@ -321,19 +316,15 @@ describe('upstream faults', () => {
     await waitFor(() => upstream.transactions.length === 1, 10_000, 'DATA at the upstream');
     // while the upstream thinks, another process takes the write lock, and the writer gives up
     // on it after 100 ms: the outcome's first commit fails
-    await relay.commits.pragma('busy_timeout = 100');
-    const blocker = openConnection(relay.config.databasePath);
-    blocker.exec('BEGIN IMMEDIATE');
+    const lock = await holdWriteLock(relay, 100);
     try {
       accept();
       await waitFor(() => log.entries().some((e) => e.event === 'delivery.commit_retry'), 10_000, 'a retried outcome commit');
       assert.equal(rows(relay, id).message.state, 'sending');
     } finally {
-      blocker.exec('COMMIT');
-      blocker.close();
+      await lock.release();
     }
     await running;
-    await relay.commits.pragma('busy_timeout = 5000');
     const { message, attempts } = rows(relay, id);
     assert.equal(message.state, 'delivered');
     assert.equal(attempts.length, 1);

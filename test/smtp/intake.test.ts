@@ -2,8 +2,7 @@ import assert from 'node:assert/strict';
 import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
-import { openConnection } from '../../src/store/db.js';
-import { capturedLog, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor } from '../helpers.js';
 
 describe('durable intake', () => {
   let relay: Relay;
@@ -64,11 +63,9 @@ describe('durable intake', () => {
     // Another connection holds the write lock, as a long commit would: the writer waits for it
     // (longer than its default busy timeout, so a slow machine cannot make this test fail). The
     // pragma runs after every write queued before it, so the counts below start from a quiet writer.
-    await relay.commits.pragma('busy_timeout = 120000');
+    const lock = await holdWriteLock(relay, 120_000);
     const before = messageCount(relay);
     const commitsBefore = relay.commits.stats.commits;
-    const blocker = openConnection(relay.config.databasePath);
-    blocker.exec('BEGIN IMMEDIATE');
     let answered = 0;
     const sends = Array.from({ length: 30 }, (_, i) =>
       sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: [`r${i}@example.com`] }).finally(() => answered++),
@@ -79,11 +76,9 @@ describe('durable intake', () => {
       await new Promise((r) => setImmediate(r));
       assert.equal(answered, 0, 'no 250 before the commit');
     } finally {
-      blocker.exec('COMMIT');
-      blocker.close();
+      await lock.release();
     }
     const results = await Promise.all(sends);
-    await relay.commits.pragma('busy_timeout = 5000');
     const ids = new Set(results.map((r) => /^250 2\.0\.0 Ok: queued as (\S+)/.exec(r.response)?.[1]));
     assert.equal(ids.size, 30);
     assert.equal(messageCount(relay), before + 30);
