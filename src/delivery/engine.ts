@@ -26,7 +26,7 @@ import { removeStrayTempFiles } from './atomic-file.js';
 import { exportFailedMessage, failedExportDir, failedExportPath, removeFailedExport } from './failed-export.js';
 import { InFlowGate } from './in-flow.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
-import { type BatchResult, planCompletion } from './outcomes.js';
+import { type BatchResult, planCompletion, uniformResult } from './outcomes.js';
 import { SmtpUpstream } from './upstream.js';
 
 export interface DeliveryDeps {
@@ -70,6 +70,8 @@ export interface RunReport {
 interface ActiveAttempt {
   claim: ClaimedBatch;
   abort: AbortController;
+  /** The upstream has answered; only the commit of the outcome is left. */
+  answered: boolean;
 }
 
 const DEFAULT_POLL_MS = 100;
@@ -124,6 +126,10 @@ export class DeliveryEngine {
   private pumpScheduled = false;
   private running = false;
   private stopping = false;
+  /** Shutdown's grace period is over: a failed outcome commit gets no further try. */
+  private graceOver = false;
+  /** Outcome commits waiting to be tried again; shutdown wakes them. */
+  private readonly waitingRetries = new Set<() => void>();
   private poll: NodeJS.Timeout | undefined;
   private requeueCheckedAt = Number.NEGATIVE_INFINITY;
   /** failedRetryInterval: failed messages finished at or before this were looked at already. */
@@ -211,7 +217,9 @@ export class DeliveryEngine {
 
   /**
    * Stops claiming, lets in-flight attempts finish within `graceMs`, then releases the claims of
-   * those that did not (due again at once) and aborts them. Resolves before the store may close.
+   * those that did not (due again at once) and aborts them. An outcome waiting to be committed
+   * again is tried at once when shutdown begins, and once more when the grace period ends: the
+   * upstream has it, and released it would go out again. Resolves before the store may close.
    */
   async stop(graceMs: number): Promise<void> {
     if (this.stopping) return;
@@ -219,8 +227,11 @@ export class DeliveryEngine {
     this.running = false;
     if (this.poll) clearInterval(this.poll);
     this.inFlow.setEnabled(false);
+    this.wakeWaitingRetries();
     await settleWithin(this.tasks, graceMs);
-    const unfinished = [...this.active.values()];
+    this.graceOver = true;
+    this.wakeWaitingRetries();
+    const unfinished = [...this.active.values()].filter((a) => !a.answered);
     if (unfinished.length > 0) {
       for (const a of unfinished) this.released.add(a.claim.token);
       const now = this.deps.clock.now();
@@ -234,8 +245,8 @@ export class DeliveryEngine {
         'shutdown: unfinished deliveries released for the next start',
       );
       for (const a of unfinished) a.abort.abort(new Error('aborted: relayq is shutting down'));
-      await settleWithin(this.tasks, ABORT_SETTLE_MS);
     }
+    if (this.active.size > 0) await settleWithin(this.tasks, ABORT_SETTLE_MS);
     this.upstream?.close();
     this.log.info({ event: 'delivery.stopped' }, 'delivery stopped');
   }
@@ -318,7 +329,8 @@ export class DeliveryEngine {
   private async attempt(claim: ClaimedBatch, onSent?: () => void): Promise<void> {
     const { clock, config } = this.deps;
     const abort = new AbortController();
-    this.active.set(claim.token, { claim, abort });
+    const active: ActiveAttempt = { claim, abort, answered: false };
+    this.active.set(claim.token, active);
     const queueId = claim.messageId;
     let completing: Promise<CompletionResult> | undefined;
     let completion: ReturnType<typeof planCompletion> | undefined;
@@ -330,18 +342,14 @@ export class DeliveryEngine {
       // The lease counts from the claim, not from now: a claim that took long to commit (a busy
       // writer) leaves the attempt less time, or the lease could run out while it still sends and
       // another worker would claim the message and send it a second time.
-      const budgetMs = Math.max(0, Math.min(this.attemptTimeoutMs, this.usableLeaseMs(claim)));
-      const deadline = setTimeout(() => {
-        const err = Object.assign(new Error(`timed out: the attempt exceeded ${budgetMs} ms (processingTimeout)`), {
-          code: 'ETIMEDOUT',
-        });
-        abort.abort(err);
-      }, budgetMs);
-      deadline.unref();
-      try {
-        result = this.upstream ? await this.upstream.send(claim, abort.signal) : await deliverLocally(config.emailsDir, claim);
-      } finally {
-        clearTimeout(deadline);
+      const budgetMs = Math.min(this.attemptTimeoutMs, this.usableLeaseMs(claim));
+      // Not sent at all (the claim itself came too late) says nothing about the upstream's health.
+      const sent = budgetMs > 0;
+      if (sent) {
+        result = await this.send(claim, budgetMs, abort);
+      } else {
+        const reply = 'not sent: the claim committed too late to finish before its lease ends (processingTimeout)';
+        result = uniformResult(this.upstreamLabel, claim.recipients.length, 'deferred', null, reply);
       }
       durationMs = performance.now() - started;
       if (abort.signal.aborted && this.released.delete(claim.token)) {
@@ -350,7 +358,7 @@ export class DeliveryEngine {
         // answer that came before the abort is recorded: the release keeps the claim token.)
         this.log.info({ queueId, event: 'delivery.attempt_released', batch: claim.batch }, 'attempt aborted after its claim was released at shutdown');
       } else {
-        this.noteHealth(result);
+        if (sent) this.noteHealth(result);
         completion = planCompletion(claim, result, {
           now: clock.now(),
           startedAt,
@@ -361,6 +369,7 @@ export class DeliveryEngine {
           eraseRawOnDelivered: !config.security.logAllEmails,
           random: this.random,
         });
+        active.answered = true;
         completing = this.recordOutcome(completion, claim);
       }
     } catch (err) {
@@ -407,6 +416,19 @@ export class DeliveryEngine {
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
   }
 
+  /** Sends the batch upstream (or writes it locally), aborted after `budgetMs`. */
+  private async send(claim: ClaimedBatch, budgetMs: number, abort: AbortController): Promise<BatchResult> {
+    const deadline = setTimeout(() => {
+      abort.abort(Object.assign(new Error(`timed out: the attempt exceeded ${budgetMs} ms (processingTimeout)`), { code: 'ETIMEDOUT' }));
+    }, budgetMs);
+    deadline.unref();
+    try {
+      return this.upstream ? await this.upstream.send(claim, abort.signal) : await deliverLocally(this.config.emailsDir, claim);
+    } finally {
+      clearTimeout(deadline);
+    }
+  }
+
   /** What is left of the claim's lease now, less the margin an attempt must keep to its end. */
   private usableLeaseMs(claim: ClaimedBatch): number {
     return claim.leaseExpiresAt - this.deps.clock.now() - this.leaseMarginMs;
@@ -418,6 +440,7 @@ export class DeliveryEngine {
    * claim's lease nears its end: given up, the lease would run out and the batch go out a second
    * time. Trying again is safe: the failed transaction wrote nothing, and the write is fenced by
    * the claim token. The first write is sent at once, so that the next claim can share its commit.
+   * Shutdown cuts a wait short (see stop()).
    */
   private async recordOutcome(completion: BatchCompletion, claim: ClaimedBatch): Promise<CompletionResult> {
     const giveUpAt = performance.now() + this.usableLeaseMs(claim);
@@ -425,14 +448,31 @@ export class DeliveryEngine {
       try {
         return await this.deps.commits.write('completeBatch', completion);
       } catch (err) {
-        if (this.stopping || performance.now() + waitMs >= giveUpAt) throw err;
+        if (this.graceOver || performance.now() + waitMs >= giveUpAt) throw err;
         this.log.warn(
           { queueId: claim.messageId, event: 'delivery.commit_retry', batch: claim.batch, err: (err as Error).message, retryInMs: waitMs },
           'recording the delivery outcome failed; trying again',
         );
-        await new Promise((resolve) => setTimeout(resolve, waitMs));
+        await this.retryPause(waitMs);
       }
     }
+  }
+
+  /** Waits `ms`, or less if shutdown wakes it. */
+  private retryPause(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.waitingRetries.delete(done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.waitingRetries.add(done);
+    });
+  }
+
+  private wakeWaitingRetries(): void {
+    for (const wake of [...this.waitingRetries]) wake();
   }
 
   /** After the commit that made a message final: export failed mail; drop a stale export. */

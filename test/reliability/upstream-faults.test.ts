@@ -93,6 +93,25 @@ describe('upstream faults', () => {
     return { ...(await relayFor(upstream.port, overrides)), upstream };
   }
 
+  /**
+   * An upstream that holds its reply to DATA until `accept()`, and a relay (manual clock, a 60 s
+   * lease) whose warnings are captured.
+   */
+  async function gatedSetup(options: { startDelivery: boolean }) {
+    const upstream = await startMisbehavingUpstream();
+    cleanup.push(() => upstream.close());
+    const log = capturedLog('warn');
+    const clock = new ManualClock(Date.UTC(2026, 0, 1));
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 60, batchDelay: 0 },
+      { clock, startDelivery: options.startDelivery, startRetention: false, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    let release = () => {};
+    upstream.behaviour = { ...WELL_BEHAVED, dataEnd: { until: new Promise<void>((resolve) => (release = resolve)) } };
+    return { upstream, log, relay, accept: () => release() };
+  }
+
   async function queue(relay: Relay, to: string[]): Promise<string> {
     const info = await sendMail(relay.smtpPort, { to, subject: 'fault test', text: 'body\r\n.leading dot line' });
     const id = queuedId(info.response);
@@ -293,24 +312,17 @@ describe('upstream faults', () => {
     }
     await running;
     assert.equal(upstream.transactions.length, 0, 'sent although its lease was about to run out');
-    assertDeferred(relay, id, clock, /timed out: the attempt exceeded 0 ms/);
+    assertDeferred(relay, id, clock, /not sent: the claim committed too late/);
+    // the upstream was never asked, so its health is not touched
+    assert.equal(relay.delivery.status().consecutiveFailures, 0);
+    assert.equal(relay.delivery.status().lastFailureAt, null);
     await deliverEverything(clock, relay, id);
     assert.equal(rows(relay, id).message.state, 'delivered');
     for (const address of RCPTS) assert.equal(upstream.deliveriesTo(address), 1);
   });
 
   test('an outcome whose commit fails is committed again, not left for the lease to expire and the batch to go out twice', async () => {
-    const upstream = await startMisbehavingUpstream();
-    cleanup.push(() => upstream.close());
-    const log = capturedLog('warn');
-    const clock = new ManualClock(Date.UTC(2026, 0, 1));
-    const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 60, batchDelay: 0 },
-      { clock, startDelivery: false, startRetention: false, logger: log.logger },
-    );
-    cleanup.push(() => relay.stop());
-    let accept = () => {};
-    upstream.behaviour = { ...WELL_BEHAVED, dataEnd: { until: new Promise<void>((resolve) => (accept = resolve)) } };
+    const { upstream, log, relay, accept } = await gatedSetup({ startDelivery: false });
     const id = await queue(relay, RCPTS);
     const running = relay.delivery.runOnce();
     await waitFor(() => upstream.transactions.length === 1, 10_000, 'DATA at the upstream');
@@ -330,6 +342,28 @@ describe('upstream faults', () => {
     assert.equal(attempts.length, 1);
     assert.equal(upstream.transactions.length, 1);
     assert.ok(!log.entries().some((e) => e.event === 'delivery.commit_failed'));
+  });
+
+  test('at shutdown an outcome waiting to be committed again is tried at once, not released to go out a second time', async () => {
+    const { upstream, log, relay, accept } = await gatedSetup({ startDelivery: true });
+    const id = await queue(relay, RCPTS);
+    await waitFor(() => upstream.transactions.length === 1, 10_000, 'DATA at the upstream');
+    const lock = await holdWriteLock(relay, 100);
+    try {
+      accept();
+      // the outcome's commit failed five times: its next try is 3.2 s away, far past the grace period
+      const longWait = () => log.entries().some((e) => e.event === 'delivery.commit_retry' && Number(e.retryInMs) >= 3200);
+      await waitFor(longWait, 30_000, 'a long wait before the next try');
+    } finally {
+      await lock.release();
+    }
+    await relay.delivery.stop(200);
+    const { message, attempts } = rows(relay, id);
+    assert.equal(message.state, 'delivered');
+    assert.equal(attempts.length, 1);
+    assert.equal(upstream.transactions.length, 1);
+    const events = log.entries().map((e) => e.event);
+    assert.ok(!events.includes('delivery.released') && !events.includes('delivery.commit_failed'), events.join(' '));
   });
 
   test('a fault that outlasts retry.maxAttempts → failed (temporary) and exported, nothing left queued', async () => {
