@@ -55,7 +55,7 @@ function notStored() {
   return reply(451, '4.3.0 Local error in processing: message not stored, try again later');
 }
 
-/** The reply to a connection or MAIL once shutdown has begun. */
+/** The reply to a connection or MAIL once shutdown has begun, and to DATA once its grace period is over. */
 function shuttingDown() {
   return reply(421, '4.3.2 Service shutting down, try again later');
 }
@@ -119,6 +119,10 @@ export class SmtpIntake {
   private closing = false;
   /** Messages being received (DATA started) or being committed; shutdown waits for them. */
   private inFlight = 0;
+  /** Shutdown's grace period is over: a message received now is not stored any more. */
+  private graceOver = false;
+  /** Writes of messages sent to the writer and not yet answered to their clients. */
+  private readonly commitsInFlight = new Set<Promise<void>>();
   private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
   private readonly authFailures = new Map<string, { count: number; at: number }>();
   private readonly allowed: (ip: string | undefined) => boolean;
@@ -206,12 +210,19 @@ export class SmtpIntake {
 
   /**
    * Stops accepting: new connections and commands get `421 4.3.2`, messages already in DATA
-   * finish (their commits complete) within `graceMs`, then the listener closes.
+   * finish (their commits complete) within `graceMs`, then the listener closes. A message whose
+   * commit has begun gets its answer first, even after the grace period: told `421`, its client
+   * would send again a message that the commit stores all the same.
    */
   async shutdown(graceMs: number): Promise<void> {
     this.closing = true;
     const deadline = Date.now() + graceMs;
     while (this.inFlight > 0 && Date.now() < deadline) await delay(10);
+    this.graceOver = true;
+    if (this.commitsInFlight.size > 0) {
+      this.deps.logger.info({ event: 'smtp.shutdown_commits', commits: this.commitsInFlight.size }, 'shutdown: waiting for messages being committed');
+      await Promise.all(this.commitsInFlight);
+    }
     await new Promise<void>((resolve) => {
       this.server.close(() => resolve());
       // smtp-server waits for idle clients; tell them to go away
@@ -364,6 +375,7 @@ export class SmtpIntake {
 
   /** Commits the message; `cb` (which removes its spool file) runs once the write has settled. */
   private store(session: SMTPServerSession, queueId: string, received: ReceivedBytes, cb: (err?: Error | null, message?: string) => void) {
+    if (this.graceOver) return cb(shuttingDown());
     const { config, clock, commits } = this.deps;
     const log = this.deps.logger;
     const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
@@ -397,7 +409,7 @@ export class SmtpIntake {
       { rateLimits: config.rateLimits, queueSize: config.queueSize },
     );
 
-    write.then(
+    const answered = write.then(
       () => {
         log.info(
           {
@@ -427,6 +439,8 @@ export class SmtpIntake {
         cb(notStored());
       },
     );
+    this.commitsInFlight.add(answered);
+    answered.finally(() => this.commitsInFlight.delete(answered));
   }
 
   private logRateLimit(sender: string, limit: string, count: number, max: number) {

@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
-import { capturedLog, messageCount, openSession, SmtpClient, sendMail, startTestRelay, withTestRelay } from '../helpers.js';
+import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor, withTestRelay } from '../helpers.js';
 import { messageRaw } from '../../src/store/queries.js';
 
 const MSG = 'Subject: t\r\n\r\nbody\r\n.\r\n';
@@ -269,6 +269,50 @@ describe('shutdown', () => {
     await stopping;
     inData.close();
     idle.close();
+  });
+
+  test('a message whose commit outlasts the grace period still gets its 250: told 421, its client would send it again', async () => {
+    const log = capturedLog('info');
+    const relay = await startTestRelay({}, { shutdownGraceMs: 100, logger: log.logger });
+    // another process holds the write lock, and the writer waits for it as long as it takes
+    const lock = await holdWriteLock(relay, 120_000);
+    let stopping: Promise<void> | undefined;
+    const c = await openSession(relay.smtpPort);
+    try {
+      assert.match(await c.send('DATA'), /^354/);
+      const answer = c.send(MSG.slice(0, -2));
+      await waitFor(() => relay.commits.waiting === 1, 10_000, 'the message waiting for the writer');
+      stopping = relay.stop();
+      // until the grace period is over (or the client has its answer early)
+      const graceOver = waitFor(() => log.entries().some((e) => e.event === 'smtp.shutdown_commits'), 10_000, 'the end of the grace period');
+      await Promise.race([answer, graceOver.catch(() => {})]);
+      await lock.release();
+      assert.match(await answer, /^250 2\.0\.0 Ok: queued as /);
+      assert.equal(messageCount(relay), 1);
+      assert.match(await c.read(), /^421 4\.3\.2 /);
+    } finally {
+      await lock.release().catch(() => {});
+      c.close();
+      await stopping;
+    }
+  });
+
+  test('a client still in DATA when the grace period ends → 421 4.3.2 and disconnected, nothing stored', async () => {
+    const relay = await startTestRelay({}, { shutdownGraceMs: 100 });
+    const c = await openSession(relay.smtpPort);
+    let stopping: Promise<void> | undefined;
+    try {
+      assert.match(await c.send('DATA'), /^354/);
+      c.write('Subject: slow\r\n\r\npart one\r\n');
+      stopping = relay.stop();
+      // the grace period ends while the client is still sending
+      assert.match(await c.read(), /^421 4\.3\.2 /);
+      assert.equal(await c.send('part two\r\n.'), '', 'the connection is closed');
+      assert.equal(messageCount(relay), 0);
+    } finally {
+      c.close();
+      await stopping;
+    }
   });
 });
 
