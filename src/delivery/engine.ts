@@ -26,7 +26,7 @@ import { removeStrayTempFiles } from './atomic-file.js';
 import { exportFailedMessage, failedExportDir, failedExportPath, removeFailedExport } from './failed-export.js';
 import { InFlowGate } from './in-flow.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
-import { type BatchResult, planCompletion, uniformResult } from './outcomes.js';
+import { type BatchResult, planCompletion } from './outcomes.js';
 import { SmtpUpstream } from './upstream.js';
 
 export interface DeliveryDeps {
@@ -285,9 +285,7 @@ export class DeliveryEngine {
         if (this.stopping) {
           // Claimed while shutdown began: hand them straight back, as if never claimed.
           this.busySlots -= claimed.batches.length;
-          const now = this.deps.clock.now();
-          const claims = claimed.batches.map((b) => ({ messageId: b.messageId, token: b.token, unsent: b.recipients.map((r) => r.seq) }));
-          return this.deps.commits.write('releaseClaims', claims, now).then(() => 0);
+          return this.handBack(claimed.batches).then(() => 0);
         }
         for (const batch of claimed.batches) {
           this.track(
@@ -343,14 +341,14 @@ export class DeliveryEngine {
       // writer) leaves the attempt less time, or the lease could run out while it still sends and
       // another worker would claim the message and send it a second time.
       const budgetMs = Math.min(this.attemptTimeoutMs, this.usableLeaseMs(claim));
-      // Not sent at all (the claim itself came too late) says nothing about the upstream's health.
-      const sent = budgetMs > 0;
-      if (sent) {
-        result = await this.send(claim, budgetMs, abort);
-      } else {
-        const reply = 'not sent: the claim committed too late to finish before its lease ends (processingTimeout)';
-        result = uniformResult(this.upstreamLabel, claim.recipients.length, 'deferred', null, reply);
+      if (budgetMs <= 0) {
+        // Nothing was tried: hand the claim back uncounted, due at once (the next claim gets a whole lease).
+        this.log.warn({ queueId, event: 'delivery.claim_late', batch: claim.batch }, 'the claim committed too late to send before its lease ends; handed back');
+        this.active.delete(claim.token);
+        await this.handBack([claim]);
+        return;
       }
+      result = await this.send(claim, budgetMs, abort);
       durationMs = performance.now() - started;
       if (abort.signal.aborted && this.released.delete(claim.token)) {
         // Cut off at shutdown after its claim was released: the release already made the
@@ -358,7 +356,7 @@ export class DeliveryEngine {
         // answer that came before the abort is recorded: the release keeps the claim token.)
         this.log.info({ queueId, event: 'delivery.attempt_released', batch: claim.batch }, 'attempt aborted after its claim was released at shutdown');
       } else {
-        if (sent) this.noteHealth(result);
+        this.noteHealth(result);
         completion = planCompletion(claim, result, {
           now: clock.now(),
           startedAt,
@@ -414,6 +412,15 @@ export class DeliveryEngine {
     }
     this.log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: outcome.nextAttemptAt } : {}) }, 'delivery attempt');
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
+  }
+
+  /** Gives claims back as if never made: due at once, their attempts uncounted. */
+  private handBack(batches: ClaimedBatch[]): Promise<number> {
+    const claims = batches.map((b) => ({ messageId: b.messageId, token: b.token, unsent: b.recipients.map((r) => r.seq) }));
+    return this.deps.commits.write('releaseClaims', claims, this.deps.clock.now()).catch((err: Error) => {
+      this.log.error({ event: 'delivery.release_failed', err: err.message }, 'handing claims back failed; they expire with their lease');
+      return 0;
+    });
   }
 
   /** Sends the batch upstream (or writes it locally), aborted after `budgetMs`. */

@@ -221,7 +221,7 @@ export class SmtpIntake {
     this.graceOver = true;
     if (this.commitsInFlight.size > 0) {
       this.deps.logger.info({ event: 'smtp.shutdown_commits', commits: this.commitsInFlight.size }, 'shutdown: waiting for messages being committed');
-      await Promise.all(this.commitsInFlight);
+      await Promise.allSettled(this.commitsInFlight);
     }
     await new Promise<void>((resolve) => {
       this.server.close(() => resolve());

@@ -1,6 +1,7 @@
 // One test per row of the spec's §2 reply table that intake owns: the exact code, the enhanced
 // code, and whether anything was stored.
 import assert from 'node:assert/strict';
+import Database from 'better-sqlite3';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor, withTestRelay } from '../helpers.js';
@@ -271,30 +272,46 @@ describe('shutdown', () => {
     idle.close();
   });
 
-  test('a message whose commit outlasts the grace period still gets its 250: told 421, its client would send it again', async () => {
+  test('at the end of the grace period a message being committed still gets its 250; one completed meanwhile gets 421 and is not stored', async () => {
     const log = capturedLog('info');
     const relay = await startTestRelay({}, { shutdownGraceMs: 100, logger: log.logger });
     // another process holds the write lock, and the writer waits for it as long as it takes
     const lock = await holdWriteLock(relay, 120_000);
     let stopping: Promise<void> | undefined;
-    const c = await openSession(relay.smtpPort);
+    const committing = await openSession(relay.smtpPort);
+    const late = await openSession(relay.smtpPort);
     try {
-      assert.match(await c.send('DATA'), /^354/);
-      const answer = c.send(MSG.slice(0, -2));
+      assert.match(await committing.send('DATA'), /^354/);
+      assert.match(await late.send('DATA'), /^354/);
+      late.write('Subject: late\r\n\r\npart one\r\n');
+      committing.write(MSG);
+      const answer = committing.read(120_000);
       await waitFor(() => relay.commits.waiting === 1, 10_000, 'the message waiting for the writer');
       stopping = relay.stop();
-      // until the grace period is over (or the client has its answer early)
+      // until the grace period is over (or the client has its answer early: told 421 while its
+      // message is being committed, it would send it again)
       const graceOver = waitFor(() => log.entries().some((e) => e.event === 'smtp.shutdown_commits'), 10_000, 'the end of the grace period');
       await Promise.race([answer, graceOver.catch(() => {})]);
+      // the other message completes while shutdown waits for that commit: too late to be stored
+      late.write('part two\r\n.\r\n');
+      let lateAnswered = false;
+      const lateAnswer = late.read(120_000).finally(() => {
+        lateAnswered = true;
+      });
+      await waitFor(() => lateAnswered || relay.commits.waiting > 1, 10_000, 'an answer, or the late message sent to the writer');
       await lock.release();
       assert.match(await answer, /^250 2\.0\.0 Ok: queued as /);
-      assert.equal(messageCount(relay), 1);
-      assert.match(await c.read(), /^421 4\.3\.2 /);
+      assert.match(await lateAnswer, /^421 4\.3\.2 /);
+      assert.match(await committing.read(120_000), /^421 4\.3\.2 /);
     } finally {
       await lock.release().catch(() => {});
-      c.close();
+      committing.close();
+      late.close();
       await stopping;
     }
+    const stored = new Database(relay.config.databasePath, { readonly: true });
+    assert.equal((stored.prepare('SELECT COUNT(*) AS n FROM messages').get() as { n: number }).n, 1);
+    stored.close();
   });
 
   test('a client still in DATA when the grace period ends → 421 4.3.2 and disconnected, nothing stored', async () => {
