@@ -130,6 +130,8 @@ export class DeliveryEngine {
   private graceOver = false;
   /** Outcome commits waiting to be tried again; shutdown wakes them. */
   private readonly waitingRetries = new Set<() => void>();
+  /** Claims sent to the writer and not yet settled; shutdown waits for them to hand them back. */
+  private readonly claiming = new Set<Promise<unknown>>();
   private poll: NodeJS.Timeout | undefined;
   private requeueCheckedAt = Number.NEGATIVE_INFINITY;
   /** failedRetryInterval: failed messages finished at or before this were looked at already. */
@@ -219,7 +221,9 @@ export class DeliveryEngine {
    * Stops claiming, lets in-flight attempts finish within `graceMs`, then releases the claims of
    * those that did not (due again at once) and aborts them. An outcome waiting to be committed
    * again is tried at once when shutdown begins, and once more when the grace period ends: the
-   * upstream has it, and released it would go out again. Resolves before the store may close.
+   * upstream has it, and released it would go out again. A claim still being committed when the
+   * grace period ends is waited for and handed back: left to the closing store, it would commit
+   * and stay claimed until its lease ran out. Resolves before the store may close.
    */
   async stop(graceMs: number): Promise<void> {
     if (this.stopping) return;
@@ -231,6 +235,10 @@ export class DeliveryEngine {
     await settleWithin(this.tasks, graceMs);
     this.graceOver = true;
     this.wakeWaitingRetries();
+    if (this.claiming.size > 0) {
+      this.log.info({ event: 'delivery.shutdown_claims', claims: this.claiming.size }, 'shutdown: waiting for claims being committed, to hand them back');
+      await Promise.allSettled(this.claiming);
+    }
     const unfinished = [...this.active.values()].filter((a) => !a.answered);
     if (unfinished.length > 0) {
       for (const a of unfinished) this.released.add(a.claim.token);
@@ -303,6 +311,8 @@ export class DeliveryEngine {
         return -1;
       },
     );
+    this.claiming.add(task);
+    task.finally(() => this.claiming.delete(task));
     // Every free slot was filled: there may be more due work than slots.
     this.track(task.then((count) => count === free && this.wake()));
   }

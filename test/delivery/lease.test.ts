@@ -10,7 +10,7 @@ import {
   SELECT_DUE_SQL,
   SELECT_EXPIRED_SQL,
 } from '../../src/store/delivery.js';
-import { sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, holdWriteLock, sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('claims and leases', () => {
@@ -146,6 +146,36 @@ describe('claims and leases', () => {
     await second.delivery.runOnce();
     assert.equal(message(second, id).state, 'delivered');
     assert.deepEqual(recipients(second, id).map((r) => r.attempts), [1]);
+  });
+
+  test('a claim still committing when the grace period ends is waited for and handed back, not left to its lease', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const log = capturedLog('info');
+    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port });
+    const first = await startTestRelay(config, { startDelivery: false, shutdownGraceMs: 100, logger: log.logger });
+    const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com'], raw: 'Subject: slow claim\r\n\r\nbody\r\n' })).response);
+    // another process holds the write lock: the claim waits for it past the grace period
+    const lock = await holdWriteLock(first, 120_000);
+    let stopping: Promise<void> | undefined;
+    try {
+      first.delivery.start();
+      await waitFor(() => first.commits.waiting === 1, 10_000, 'the claim waiting for the writer');
+      stopping = first.stop();
+      const waiting = waitFor(() => log.entries().some((e) => e.event === 'delivery.shutdown_claims'), 10_000, 'shutdown waiting for the claim');
+      await Promise.race([stopping, waiting.catch(() => {})]);
+    } finally {
+      // (setting the writer's busy timeout back fails once the store is closed)
+      await lock.release().catch(() => {});
+    }
+    await stopping;
+
+    const second = await startTestRelay(config, { startDelivery: false });
+    cleanup.push(() => second.stop());
+    const m = message(second, id);
+    assert.deepEqual([m.state, m.claims, m.lease_expires_at], ['queued', 0, null]);
+    assert.deepEqual(recipients(second, id).map((r) => r.attempts), [0]);
+    assert.equal(upstream.rcpts.length, 0);
   });
 
   test('a batch that never finishes (the process dies every time) still runs out of attempts', async () => {
