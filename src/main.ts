@@ -1,6 +1,7 @@
 // Wires relayq together: store → SMTP intake → delivery workers → HTTP API, and takes them down
 // in the reverse order on shutdown (stop intake, stop claiming, let in-flight deliveries
 // finish within a bound, release claims, checkpoint and close the database).
+import fs from 'node:fs';
 import type { Context } from 'hono';
 import type { Logger } from 'pino';
 import { createApp } from './api/app.js';
@@ -9,6 +10,7 @@ import { type Clock, systemClock } from './clock.js';
 import { redactConfig } from './config/load.js';
 import type { Config } from './config/schema.js';
 import { DeliveryEngine } from './delivery/engine.js';
+import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { openStore, type Store } from './store/db.js';
@@ -62,12 +64,29 @@ export interface Relay {
   stop(): Promise<void>;
 }
 
+/**
+ * emailsDir holds local deliveries and the exports of failed mail (emailsDir/failed, also when
+ * forwarding): a path that cannot be such a directory stops the start, instead of the first
+ * delivery or failure.
+ */
+function prepareEmailsDir(emailsDir: string): void {
+  const failedDir = failedExportDir(emailsDir);
+  try {
+    fs.mkdirSync(failedDir, { recursive: true });
+    fs.accessSync(emailsDir, fs.constants.W_OK);
+    fs.accessSync(failedDir, fs.constants.W_OK);
+  } catch (err) {
+    throw new Error(`config error: emailsDir: ${emailsDir} cannot hold deliveries and failed-mail exports: ${(err as Error).message}`, { cause: err });
+  }
+}
+
 export async function startRelay(config: Config, options: RelayOptions = {}): Promise<Relay> {
   const clock = options.clock ?? systemClock;
   const logger = options.logger ?? createLogger(config.logLevel);
   const warnings = options.warnings ?? [];
   for (const w of warnings) logger.warn({ event: 'config.warning' }, w);
 
+  prepareEmailsDir(config.emailsDir);
   const store = await openStore(config.databasePath, { secureDelete: !config.security.logAllEmails }).catch((err: Error) => {
     throw new Error(`databasePath ${config.databasePath}: ${err.message}`, { cause: err });
   });

@@ -264,6 +264,18 @@ describe('what only the start can find out names the key to fix', () => {
     }
   });
 
+  test('an emailsDir that cannot be a directory (a regular file on its path)', async () => {
+    const dir = tempDir();
+    const file = path.join(dir, 'a-file');
+    fs.writeFileSync(file, 'not a directory\n');
+    await assert.rejects(
+      startTestRelay({ emailsDir: path.join(file, 'emails'), databasePath: path.join(dir, 'relayq.db') }, { startDelivery: false }),
+      /^Error: config error: emailsDir: .*a-file\/emails cannot hold deliveries and failed-mail exports: ENOTDIR/,
+    );
+    // nothing was started or created: not even the database
+    assert.deepEqual(fs.readdirSync(dir), ['a-file']);
+  });
+
   test("another program's SQLite file as databasePath is refused and left as it was, by serve and by migrate", async () => {
     const dir = tempDir();
     const file = path.join(dir, 'other.db');
