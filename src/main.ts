@@ -73,8 +73,9 @@ function prepareEmailsDir(emailsDir: string): void {
   const failedDir = failedExportDir(emailsDir);
   try {
     fs.mkdirSync(failedDir, { recursive: true });
-    fs.accessSync(emailsDir, fs.constants.W_OK);
-    fs.accessSync(failedDir, fs.constants.W_OK);
+    // writing a file into a directory takes write and search (execute) permission on it
+    fs.accessSync(emailsDir, fs.constants.W_OK | fs.constants.X_OK);
+    fs.accessSync(failedDir, fs.constants.W_OK | fs.constants.X_OK);
   } catch (err) {
     throw new Error(`config error: emailsDir: ${emailsDir} cannot hold deliveries and failed-mail exports: ${(err as Error).message}`, { cause: err });
   }

@@ -153,6 +153,11 @@ export class DeliveryEngine {
     this.inFlow = new InFlowGate(inFlowBacklogLimit(this.config.workerCount, this.config.queueSize), this.config.inFlowDelay);
     this.leaseMarginMs = Math.max(1000, Math.floor(this.leaseMs / 10));
     this.attemptTimeoutMs = Math.min(deps.attemptTimeoutMs ?? Number.POSITIVE_INFINITY, this.leaseMs - this.leaseMarginMs);
+    // Without time to send, every claim would be handed back as too late, and claimed again at once.
+    if (!(this.attemptTimeoutMs > 0)) {
+      const given = deps.attemptTimeoutMs === undefined ? '' : ` and attemptTimeoutMs ${deps.attemptTimeoutMs}`;
+      throw new Error(`no time for an attempt: processingTimeout ${this.config.processingTimeout} s less the lease's ${this.leaseMarginMs} ms margin${given}`);
+    }
     this.upstream = this.config.forwardSMTP
       ? new SmtpUpstream({
           host: this.config.forwardHost,
@@ -211,8 +216,8 @@ export class DeliveryEngine {
       const claimed = await this.claim(this.config.workerCount);
       await Promise.all(claimed.finalized.map((f) => this.afterFinal(f.id, f.state, 0)));
       if (claimed.batches.length === 0) break;
-      attempts += claimed.batches.length;
-      await Promise.all(claimed.batches.map((b) => this.attempt(b)));
+      const made = await Promise.all(claimed.batches.map((b) => this.attempt(b)));
+      attempts += made.filter(Boolean).length;
     }
     return { attempts, requeued };
   }
@@ -312,7 +317,8 @@ export class DeliveryEngine {
       },
     );
     this.claiming.add(task);
-    task.finally(() => this.claiming.delete(task));
+    const settled = () => this.claiming.delete(task);
+    task.then(settled, settled);
     // Every free slot was filled: there may be more due work than slots.
     this.track(task.then((count) => count === free && this.wake()));
   }
@@ -334,7 +340,7 @@ export class DeliveryEngine {
    * claim token. `onSent` frees the worker slot as soon as the upstream has answered, so the
    * next claim can share the transaction that commits this outcome.
    */
-  private async attempt(claim: ClaimedBatch, onSent?: () => void): Promise<void> {
+  private async attempt(claim: ClaimedBatch, onSent?: () => void): Promise<boolean> {
     const { clock, config } = this.deps;
     const abort = new AbortController();
     const active: ActiveAttempt = { claim, abort, answered: false };
@@ -356,7 +362,7 @@ export class DeliveryEngine {
         this.log.warn({ queueId, event: 'delivery.claim_late', batch: claim.batch }, 'the claim committed too late to send before its lease ends; handed back');
         this.active.delete(claim.token);
         await this.handBack([claim]);
-        return;
+        return false;
       }
       result = await this.send(claim, budgetMs, abort);
       durationMs = performance.now() - started;
@@ -387,7 +393,7 @@ export class DeliveryEngine {
     }
     if (!completing || !completion || !result) {
       this.active.delete(claim.token);
-      return;
+      return true;
     }
     let outcome: CompletionResult;
     try {
@@ -398,7 +404,7 @@ export class DeliveryEngine {
         { queueId, event: 'delivery.commit_failed', batch: claim.batch, err: (err as Error).message },
         'recording the delivery outcome failed; the claim expires with its lease',
       );
-      return;
+      return true;
     }
     this.active.delete(claim.token);
     const counts = { delivered: 0, failed: 0, deferred: 0 };
@@ -418,10 +424,11 @@ export class DeliveryEngine {
     this.released.delete(claim.token);
     if (outcome.leaseLost) {
       this.log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
-      return;
+      return true;
     }
     this.log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: outcome.nextAttemptAt } : {}) }, 'delivery attempt');
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
+    return true;
   }
 
   /** Gives claims back as if never made: due at once, their attempts uncounted. */

@@ -130,4 +130,17 @@ describe('attempt deadline', () => {
       await upstream.close();
     }
   });
+
+  test('an engine whose attempts would have no time at all is refused: its claims would come back forever', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    try {
+      const clock = new ManualClock();
+      // a 1 s lease is all margin (config refuses processingTimeout below 5 s; the engine checks too)
+      const oneSecondLease = { ...relay, config: { ...relay.config, processingTimeout: 1 } };
+      assert.throws(() => engineOn(oneSecondLease, clock, {}), /no time for an attempt: processingTimeout 1 s less the lease's 1000 ms margin$/);
+      assert.throws(() => engineOn(relay, clock, { attemptTimeoutMs: 0 }), /no time for an attempt: .* and attemptTimeoutMs 0$/);
+    } finally {
+      await relay.stop();
+    }
+  });
 });
