@@ -186,11 +186,10 @@ describe('upstream faults', () => {
     await deferThenHeal({ greeting: { reply: '421 4.3.2 upstream.test busy, try later' } }, /busy/, 421);
   });
 
-  test('a greeting that never comes → deferred by the greeting timeout, well inside the lease', async () => {
-    const { relay } = await deferThenHeal({ greeting: 'silent' }, /greeting|timeout|ETIMEDOUT/i, null);
-    // the attempt's own timer ends it before the lease would; its measured duration is not
-    // asserted, as a loaded machine only makes it longer
-    assert.ok(relay.delivery.attemptTimeoutMs < PROCESSING_TIMEOUT_S * 1000);
+  test('a greeting that never comes → deferred by the greeting timeout, before the attempt deadline', async () => {
+    const { relay, id } = await deferThenHeal({ greeting: 'silent' }, /Greeting never received/, null);
+    // the setup timeout (a third of the attempt's time) ended it, not the attempt's own deadline
+    assert.doesNotMatch(rows(relay, id).attempts[0].reply ?? '', /processingTimeout/);
   });
 
   test('connection dropped after DATA, before the reply → deferred; the retry makes one duplicate (at-least-once)', async () => {
@@ -201,9 +200,9 @@ describe('upstream faults', () => {
     assert.deepEqual(unanswered[0].to, RCPTS);
   });
 
-  test('no reply to DATA at all → the attempt times out before the lease ends, deferred, claim released', async () => {
-    const { relay, upstream } = await deferThenHeal({ dataEnd: 'silent' }, /timed out|timeout|ETIMEDOUT/i, null);
-    assert.ok(relay.delivery.attemptTimeoutMs < PROCESSING_TIMEOUT_S * 1000);
+  test('no reply to DATA at all → the attempt times out, deferred, claim released', async () => {
+    // (that the attempt's deadline lies before the lease's end: test/delivery/upstream.test.ts)
+    const { upstream } = await deferThenHeal({ dataEnd: 'silent' }, /timed out|timeout|ETIMEDOUT/i, null);
     assert.equal(upstream.transactions.filter((t) => t.answered === null).length, 1);
   });
 
