@@ -274,9 +274,9 @@ export class SmtpIntake {
     const count = previous && now - previous.at < 15 * 60_000 ? previous.count + 1 : 1;
     this.authFailures.set(ip, { count, at: now });
     if (this.authFailures.size > 10_000) this.authFailures.clear();
-    const wait = Math.min(AUTH_FAILURE_DELAY_MS * 2 ** (count - 1), AUTH_FAILURE_MAX_DELAY_MS);
-    this.deps.logger.warn({ event: 'smtp.auth_failed', client: ip, user: auth.username, failures: count }, 'authentication failed');
-    setTimeout(() => cb(reply(535, '5.7.8 Authentication credentials invalid')), count > 1 ? wait : 0).unref();
+    const replyInMs = count > 1 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** (count - 1), AUTH_FAILURE_MAX_DELAY_MS) : 0;
+    this.deps.logger.warn({ event: 'smtp.auth_failed', client: ip, user: auth.username, failures: count, replyInMs }, 'authentication failed');
+    setTimeout(() => cb(reply(535, '5.7.8 Authentication credentials invalid')), replyInMs).unref();
   }
 
   private onMailFrom(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {

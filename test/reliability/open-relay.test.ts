@@ -9,7 +9,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
-import { messageCount, SmtpClient, startTestRelay, tempDir } from '../helpers.js';
+import { capturedLog, messageCount, SmtpClient, startTestRelay, tempDir } from '../helpers.js';
 import { assertStillServing, closedByPeer, INTAKE_ONLY, listenAsPeer, type PeerListener, queuedId } from './smtp-session.js';
 
 const USER = 'relay-user';
@@ -54,13 +54,14 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
   const certificate = selfSignedCertificate();
   let relay: Relay;
   let outsider: PeerListener;
+  const log = capturedLog('warn');
   before(async () => {
     relay = await startTestRelay({
       defaultUsername: USER,
       defaultPassword: PASSWORD,
       security: { allowLocalOnly: false, requireAuth: true, allowedNetworks: [] },
       tls: certificate ?? { cert: '', key: '' },
-    }, INTAKE_ONLY);
+    }, { ...INTAKE_ONLY, logger: log.logger });
     outsider = await listenAsPeer(relay, '198.51.100.23');
   });
   after(async () => {
@@ -131,6 +132,7 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
 
   test('wrong passwords → 535 5.7.8, each repeated failure answered more slowly; no lockout', async () => {
     // loopback clients may AUTH in plain text: the slowdown is per client address
+    const logged = log.entries().length;
     const durations: number[] = [];
     for (let i = 0; i < 3; i++) {
       const c = await SmtpClient.connect(relay.smtpPort);
@@ -141,8 +143,11 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
       durations.push(ms);
       c.close();
     }
-    // the 2nd failure waits 500 ms and the 3rd 1000 ms before the reply; only lower bounds are
-    // asserted (a timer never fires early, while a loaded machine makes any reply later)
+    // the first failure is answered at once, the 2nd after 500 ms and the 3rd after 1000 ms (as
+    // logged); of the time measured only lower bounds are asserted (a timer never fires early,
+    // while a loaded machine makes any reply later)
+    const failures = log.entries().slice(logged).filter((e) => e.event === 'smtp.auth_failed' && e.client === '127.0.0.1');
+    assert.deepEqual(failures.map((e) => [e.failures, e.replyInMs]), [[1, 0], [2, 500], [3, 1000]]);
     assert.ok(durations[1] >= 490, `2nd failure answered after ${durations[1]} ms, not slowed down`);
     assert.ok(durations[2] >= 990, `3rd failure answered after ${durations[2]} ms, not slowed down further`);
     // while that address is being slowed down, the right password still gets in
