@@ -27,7 +27,7 @@ function withIsoTimes<T extends object>(row: T): Record<string, unknown> {
 
 /** A time given as epoch milliseconds or as an ISO 8601 string. */
 function parseTime(name: string, value: unknown): number {
-  if (typeof value === 'number' && Number.isFinite(value)) return value;
+  if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return value;
   if (typeof value === 'string' && value.trim() !== '') {
     const ms = /^\d+$/.test(value) ? Number(value) : Date.parse(value);
     if (Number.isFinite(ms)) return ms;

@@ -149,6 +149,8 @@ describe('admin: requeue failed mail', () => {
         [postJson({ ids: [] }), 'ids must be a non-empty array of at most 10000 message ids'],
         [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "" for <>)'],
         [postJson({ since: 'yesterday' }), 'since must be an ISO 8601 time or epoch milliseconds'],
+        [postJson({ since: -5 }), 'since must be an ISO 8601 time or epoch milliseconds'],
+        [postJson({ since: 1.5 }), 'since must be an ISO 8601 time or epoch milliseconds'],
         [postJson({ state: 'failed' }), 'unknown field "state": expected ids, sender, since'],
       ];
       for (const [init, message] of cases) {
