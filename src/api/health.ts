@@ -4,7 +4,7 @@
 // attempt for a while, or the queue is over 80 % of queueSize. All numbers are counter rows or
 // single index steps, so the check costs the same with a thousand or a million messages.
 import { Hono } from 'hono';
-import { oldestActiveReceivedAt, type StoreMetrics, storeMetrics, type UpstreamRecord } from '../store/queries.js';
+import { oldestActiveReceivedAt, type StoreMetrics, storeMetrics, successRate, type UpstreamRecord } from '../store/queries.js';
 import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
 
 /**
@@ -35,14 +35,6 @@ export function upstreamView(persisted: UpstreamRecord, delivery: ApiDeps['deliv
 export function upstreamFailing(upstream: UpstreamRecord, now: number): boolean {
   if (upstream.consecutiveFailures < HEALTH_THRESHOLDS.upstreamFailures) return false;
   return upstream.lastSuccessAt === null || now - upstream.lastSuccessAt >= HEALTH_THRESHOLDS.upstreamQuietMs;
-}
-
-/** Delivered / (delivered + failed for good), in percent; 100 before anything finished. */
-export function successRate(m: StoreMetrics): { processed: number; rate: number } {
-  const failed = Math.max(0, m.messagesFailed - m.messagesRequeued);
-  const processed = m.messagesDelivered + failed;
-  const rate = processed === 0 ? 100 : Math.round((m.messagesDelivered / processed) * 10000) / 100;
-  return { processed, rate };
 }
 
 export function healthRoutes(deps: ApiDeps) {

@@ -7,7 +7,7 @@ import { Hono } from 'hono';
 import { HTTPException } from 'hono/http-exception';
 import { metricsSummary, oldestActiveReceivedAt, storeMetrics } from '../store/queries.js';
 import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
-import { successRate, upstreamView } from './health.js';
+import { upstreamView } from './health.js';
 import { type ExpositionFormat, type MetricsSnapshot, renderExposition } from './prometheus.js';
 
 type MetricsFormat = 'json' | ExpositionFormat;
@@ -56,22 +56,9 @@ export function metricsRoutes(deps: ApiDeps) {
       const { contentType, body } = await renderExposition(s, format);
       return c.body(body, 200, { 'Content-Type': contentType });
     }
-    const m = s.store;
-    let cumulative = 0;
-    const summary = metricsSummary(m, s.oldestActiveReceivedAt, s.now);
     return c.json({
       timestamp: isoTime(s.now),
-      ...summary,
-      success_rate: successRate(m).rate,
-      attempt_duration_ms: {
-        count: m.attemptDuration.count,
-        sum: m.attemptDuration.sumMs,
-        avg: m.attemptDuration.count === 0 ? 0 : Math.round(m.attemptDuration.sumMs / m.attemptDuration.count),
-        buckets: m.attemptDuration.buckets.map((b) => ({
-          le: Number.isFinite(b.leMs) ? b.leMs : '+Inf',
-          count: (cumulative += b.count),
-        })),
-      },
+      ...metricsSummary(s.store, s.oldestActiveReceivedAt, s.now),
       upstream: {
         last_success: isoTime(s.upstream.lastSuccessAt),
         last_failure: isoTime(s.upstream.lastFailureAt),

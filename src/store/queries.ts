@@ -57,6 +57,14 @@ export function readCounters(sqlite: Sqlite): Map<string, number> {
  * The lifetime totals and queue figures that GET /metrics and `relayq status --json` both
  * report, under the same names. A failed message that was requeued no longer counts as failed.
  */
+/** Delivered / (delivered + failed for good), in percent; 100 before anything finished. */
+export function successRate(m: StoreMetrics): { processed: number; rate: number } {
+  const failed = Math.max(0, m.messagesFailed - m.messagesRequeued);
+  const processed = m.messagesDelivered + failed;
+  const rate = processed === 0 ? 100 : Math.round((m.messagesDelivered / processed) * 10000) / 100;
+  return { processed, rate };
+}
+
 export function metricsSummary(m: StoreMetrics, oldestActiveReceivedAt: number | null, now: number) {
   const finished = m.messagesDelivered + m.messagesFailed;
   return {
@@ -73,7 +81,20 @@ export function metricsSummary(m: StoreMetrics, oldestActiveReceivedAt: number |
     rate_limit_refusals: m.rateLimitRefusals,
     queue_full_refusals: m.queueFullRefusals,
     attempts: { ...m.attempts, total: Object.values(m.attempts).reduce((sum, n) => sum + n, 0) },
+    success_rate: successRate(m).rate,
+    attempt_duration_ms: {
+      count: m.attemptDuration.count,
+      sum: m.attemptDuration.sumMs,
+      avg: m.attemptDuration.count === 0 ? 0 : Math.round(m.attemptDuration.sumMs / m.attemptDuration.count),
+      buckets: cumulativeBuckets(m.attemptDuration.buckets),
+    },
   };
+}
+
+/** Histogram buckets as Prometheus counts them: each includes those below it. */
+function cumulativeBuckets(buckets: readonly DurationBucket[]): Array<{ le: number | '+Inf'; count: number }> {
+  let cumulative = 0;
+  return buckets.map((b) => ({ le: Number.isFinite(b.leMs) ? b.leMs : '+Inf', count: (cumulative += b.count) }));
 }
 
 export function storeMetrics(sqlite: Sqlite): StoreMetrics {

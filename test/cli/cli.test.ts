@@ -84,6 +84,8 @@ describe('relayq CLI on the database of a running relay', () => {
       'rate_limit_refusals',
       'queue_full_refusals',
       'attempts',
+      'success_rate',
+      'attempt_duration_ms',
     ]) {
       assert.deepEqual(status[key], metrics[key], `status.${key} equals /metrics ${key}`);
     }
