@@ -247,14 +247,10 @@ export class DeliveryEngine {
     const unfinished = [...this.active.values()].filter((a) => !a.answered);
     if (unfinished.length > 0) {
       for (const a of unfinished) this.released.add(a.claim.token);
-      const now = this.deps.clock.now();
-      const claims = unfinished.map((a) => ({ messageId: a.claim.messageId, token: a.claim.token }));
-      const released = await this.deps.commits.write('releaseClaims', claims, now).catch((err: Error) => {
-        this.log.error({ event: 'delivery.release_failed', err: err.message }, 'releasing claims failed; they expire with their lease');
-        return 0;
-      });
+      // these may have reached the upstream: their attempts stay counted
+      const released = await this.release(unfinished.map((a) => a.claim), { uncount: false });
       this.log.warn(
-        { event: 'delivery.released', released, ids: claims.map((c) => c.messageId) },
+        { event: 'delivery.released', released, ids: unfinished.map((a) => a.claim.messageId) },
         'shutdown: unfinished deliveries released for the next start',
       );
       for (const a of unfinished) a.abort.abort(new Error('aborted: relayq is shutting down'));
@@ -298,7 +294,7 @@ export class DeliveryEngine {
         if (this.stopping) {
           // Claimed while shutdown began: hand them straight back, as if never claimed.
           this.busySlots -= claimed.batches.length;
-          return this.handBack(claimed.batches).then(() => 0);
+          return this.release(claimed.batches, { uncount: true }).then(() => 0);
         }
         for (const batch of claimed.batches) {
           this.track(
@@ -361,7 +357,7 @@ export class DeliveryEngine {
         // Nothing was tried: hand the claim back uncounted, due at once (the next claim gets a whole lease).
         this.log.warn({ queueId, event: 'delivery.claim_late', batch: claim.batch }, 'the claim committed too late to send before its lease ends; handed back');
         this.active.delete(claim.token);
-        await this.handBack([claim]);
+        await this.release([claim], { uncount: true });
         return false;
       }
       result = await this.send(claim, budgetMs, abort);
@@ -431,11 +427,18 @@ export class DeliveryEngine {
     return true;
   }
 
-  /** Gives claims back as if never made: due at once, their attempts uncounted. */
-  private handBack(batches: ClaimedBatch[]): Promise<number> {
-    const claims = batches.map((b) => ({ messageId: b.messageId, token: b.token, unsent: b.recipients.map((r) => r.seq) }));
+  /**
+   * Gives claims back: due at once. With `uncount`, as if never made (nothing was sent): the claim
+   * and its recipients' attempts are not counted. Resolves with how many were released.
+   */
+  private release(batches: ClaimedBatch[], options: { uncount: boolean }): Promise<number> {
+    const claims = batches.map((b) => ({
+      messageId: b.messageId,
+      token: b.token,
+      ...(options.uncount ? { unsent: b.recipients.map((r) => r.seq) } : {}),
+    }));
     return this.deps.commits.write('releaseClaims', claims, this.deps.clock.now()).catch((err: Error) => {
-      this.log.error({ event: 'delivery.release_failed', err: err.message }, 'handing claims back failed; they expire with their lease');
+      this.log.error({ event: 'delivery.release_failed', err: err.message }, 'releasing claims failed; they expire with their lease');
       return 0;
     });
   }

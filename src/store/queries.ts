@@ -53,24 +53,28 @@ export function readCounters(sqlite: Sqlite): Map<string, number> {
   return new Map(rows.map((r) => [r.name, r.value]));
 }
 
-/**
- * The lifetime totals and queue figures that GET /metrics and `relayq status --json` both
- * report, under the same names. A failed message that was requeued no longer counts as failed.
- */
+/** Messages failed for good: a failed message that was requeued no longer counts as failed. */
+function failedForGood(m: StoreMetrics): number {
+  return Math.max(0, m.messagesFailed - m.messagesRequeued);
+}
+
 /** Delivered / (delivered + failed for good), in percent; 100 before anything finished. */
 export function successRate(m: StoreMetrics): { processed: number; rate: number } {
-  const failed = Math.max(0, m.messagesFailed - m.messagesRequeued);
-  const processed = m.messagesDelivered + failed;
+  const processed = m.messagesDelivered + failedForGood(m);
   const rate = processed === 0 ? 100 : Math.round((m.messagesDelivered / processed) * 10000) / 100;
   return { processed, rate };
 }
 
+/**
+ * The lifetime totals and queue figures that GET /metrics and `relayq status --json` both
+ * report, under the same names. A failed message that was requeued no longer counts as failed.
+ */
 export function metricsSummary(m: StoreMetrics, oldestActiveReceivedAt: number | null, now: number) {
   const finished = m.messagesDelivered + m.messagesFailed;
   return {
     total_emails: m.messagesAccepted,
     successful_emails: m.messagesDelivered,
-    failed_emails: Math.max(0, m.messagesFailed - m.messagesRequeued),
+    failed_emails: failedForGood(m),
     requeued_emails: m.messagesRequeued,
     total_recipients: m.recipientsAccepted,
     total_bytes: m.bytesAccepted,
