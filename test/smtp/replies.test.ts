@@ -1,10 +1,10 @@
 // One test per row of the spec's §2 reply table that intake owns: the exact code, the enhanced
 // code, and whether anything was stored.
 import assert from 'node:assert/strict';
-import Database from 'better-sqlite3';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor, withTestRelay } from '../helpers.js';
+import { openReadOnly } from '../../src/store/maintenance.js';
 import { messageRaw } from '../../src/store/queries.js';
 
 const MSG = 'Subject: t\r\n\r\nbody\r\n.\r\n';
@@ -309,7 +309,7 @@ describe('shutdown', () => {
       late.close();
       await stopping;
     }
-    const stored = new Database(relay.config.databasePath, { readonly: true });
+    const stored = openReadOnly(relay.config.databasePath);
     assert.equal((stored.prepare('SELECT COUNT(*) AS n FROM messages').get() as { n: number }).n, 1);
     stored.close();
   });
