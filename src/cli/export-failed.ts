@@ -12,13 +12,13 @@ const PAGE = 500;
 export async function exportFailedCommand(dir: string | undefined, global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
   const target = dir ?? failedExportDir(config.emailsDir);
-  try {
-    // a directory, or one that can be made: found out before anything is read or written
-    fs.mkdirSync(target, { recursive: true });
-  } catch (err) {
-    throw new CliError(`cannot export into ${target}: ${(err as Error).message}`);
-  }
   const files = await withReader(config, async (sqlite) => {
+    // the database opened; now the target: a directory, or one that can be made
+    try {
+      fs.mkdirSync(target, { recursive: true });
+    } catch (err) {
+      throw new CliError(`cannot export into ${target}: ${(err as Error).message}`);
+    }
     const written: string[] = [];
     let before: string | undefined;
     do {

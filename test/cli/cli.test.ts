@@ -162,7 +162,8 @@ describe('relayq CLI on the database of a running relay', () => {
     const keep = ids.queued[0];
     const aFile = path.join(dir, 'a-file');
     fs.writeFileSync(aFile, 'not a directory\n');
-    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, unreadable, missing, badConfig, exportIntoFile] = await Promise.all([
+    const exportTarget = path.join(dir, 'export-from-nowhere');
+    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, unreadable, missing, badConfig, exportIntoFile, exportMissing] = await Promise.all([
       cli('show', 'NOSUCHID'),
       cli('delete', keep, 'NOSUCHID'),
       cli('queue', '--state', 'lost'),
@@ -172,6 +173,7 @@ describe('relayq CLI on the database of a running relay', () => {
       runCli(['queue'], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
       runCli(['status', '--config', badJson]),
       cli('export-failed', aFile),
+      runCli(['export-failed', exportTarget], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
     ]);
     assertOneLineError(unknownShow, /^relayq: no message with id NOSUCHID$/);
     assertOneLineError(unknownDelete, /no message with id NOSUCHID; nothing deleted/);
@@ -183,6 +185,8 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(badConfig, /bad\.json is not valid JSON/);
     assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: EEXIST/);
     assert.equal(fs.readFileSync(aFile, 'utf8'), 'not a directory\n');
+    assertOneLineError(exportMissing, /no database at .*missing\.db/);
+    assert.ok(!fs.existsSync(exportTarget), 'export-failed without a database creates no directory');
     assert.equal(badConfig.code, 2);
     assert.ok(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(keep), 'all-or-nothing delete kept the known id');
     assert.ok(!fs.existsSync(path.join(dir, 'missing.db')), 'a read command never creates a database');
