@@ -85,7 +85,7 @@ export function adminRoutes(deps: ApiDeps) {
       }
       const filter = parseRequeueFilter(body);
       const now = clock.now();
-      const requeued = await requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now));
+      const requeued = await requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now, deps.config.batchDelay));
       const who = c.get('requester');
       log.info({ event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter, requeued }, `requeued ${requeued} failed messages`);
       return c.json({ requeued });
@@ -137,7 +137,7 @@ export function adminRoutes(deps: ApiDeps) {
     })
     .post('/messages/:id/retry', async (c) => {
       const id = c.req.param('id');
-      const result = await commits.write('retryMessage', id, clock.now());
+      const result = await commits.write('retryMessage', id, clock.now(), deps.config.batchDelay);
       const who = c.get('requester');
       log.info({ event: 'api.admin', action: 'retry', id, client: who.ip, via: who.via, result }, `retry ${id}: ${result}`);
       switch (result) {

@@ -23,7 +23,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; s
     const requeued = await withWriter(config, (sqlite) => {
       const now = systemClock.now();
       return requeueFailedInSteps(sqlite, { sender: options.sender }, async (step) =>
-        sqlite.transaction(() => requeueFailed(sqlite, step, now)).immediate(),
+        sqlite.transaction(() => requeueFailed(sqlite, step, now, config.batchDelay)).immediate(),
       );
     });
     if (global.json) printJson({ requeued });
@@ -36,7 +36,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; s
     sqlite
       .transaction(() =>
         [...new Set(ids)].map((id) => {
-          const result = retryMessage(sqlite, id, systemClock.now());
+          const result = retryMessage(sqlite, id, systemClock.now(), config.batchDelay);
           if (result === 'not-found') throw new CliError(`no message with id ${id}; nothing changed`);
           return { id, result };
         }),

@@ -583,7 +583,11 @@ export class DeliveryEngine {
       while (cursor) {
         const step = findTemporaryFailures(sqlite, { cursor, finishedBefore, limit: REQUEUE_SCAN_STEP });
         if (step.ids.length > 0) {
-          const done = await commits.write('requeueTemporaryFailures', step.ids, { now, maxAttempts: this.config.retry.maxAttempts });
+          const done = await commits.write('requeueTemporaryFailures', step.ids, {
+            now,
+            maxAttempts: this.config.retry.maxAttempts,
+            batchDelayMs: this.config.batchDelay,
+          });
           requeued += done.length;
           if (done.length > 0) this.log.info({ event: 'delivery.requeued', ids: done, count: done.length }, 'failed mail requeued (failedRetryInterval)');
         } else if (step.next) {

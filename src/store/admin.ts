@@ -3,7 +3,7 @@
 // server passes them to commits.write). Delivered recipients are never touched, so a requeue
 // can only re-send to recipients that did not get the message.
 import type { Sqlite } from './db.js';
-import { type FailedScanCursor, failedPage } from './delivery.js';
+import { type FailedScanCursor, failedPage, nextBatchAt } from './delivery.js';
 import { prepared } from './statements.js';
 
 export interface RequeueFilter {
@@ -45,10 +45,11 @@ export async function requeueFailedInSteps(
 }
 
 /**
- * Failed messages matching every given filter go back to the queue, due now: their failed
- * recipients become pending with a fresh attempt count. Returns how many messages were requeued.
+ * Failed messages matching every given filter go back to the queue, due now (or batchDelay after
+ * their last batch, if that is later): their failed recipients become pending with a fresh
+ * attempt count. Returns how many messages were requeued.
  */
-export function requeueFailed(sqlite: Sqlite, filter: RequeueFilter, now: number): number {
+export function requeueFailed(sqlite: Sqlite, filter: RequeueFilter, now: number, batchDelayMs: number): number {
   const where = ["state = 'failed'"];
   const params: unknown[] = [];
   if (filter.sender !== undefined) {
@@ -67,17 +68,17 @@ export function requeueFailed(sqlite: Sqlite, filter: RequeueFilter, now: number
     ids = (prepared(sqlite, `SELECT id FROM messages WHERE ${where.join(' AND ')}`).all(...params) as Array<{ id: string }>).map((r) => r.id);
   }
   let requeued = 0;
-  for (const id of ids) if (requeueOne(sqlite, id, now)) requeued++;
+  for (const id of ids) if (requeueOne(sqlite, id, now, batchDelayMs)) requeued++;
   return requeued;
 }
 
-function requeueOne(sqlite: Sqlite, id: string, now: number): boolean {
+function requeueOne(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): boolean {
   const changed = prepared(
     sqlite,
     `UPDATE messages SET state = 'queued', next_attempt_at = ?, finished_at = NULL, last_error = NULL,
        lease_token = NULL, lease_expires_at = NULL, updated_at = ?
      WHERE id = ? AND state = 'failed'`,
-  ).run(now, now, id).changes;
+  ).run(nextBatchAt(sqlite, id, now, batchDelayMs), now, id).changes;
   if (changed === 0) return false;
   prepared(
     sqlite,
@@ -90,19 +91,20 @@ function requeueOne(sqlite: Sqlite, id: string, now: number): boolean {
 /**
  * - requeued: it was failed; its failed recipients are pending again, due now.
  * - due-now: it was waiting for a retry (or its worker's lease ran out); it is due now.
+ * "Now" is at the earliest batchDelay after the message's last batch ended.
  * - held: a worker holds it right now.
  * - delivered: every recipient has it; nothing to retry.
  */
 export type RetryResult = 'requeued' | 'due-now' | 'held' | 'delivered' | 'not-found';
 
-export function retryMessage(sqlite: Sqlite, id: string, now: number): RetryResult {
+export function retryMessage(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): RetryResult {
   const row = prepared(sqlite, 'SELECT state, lease_expires_at FROM messages WHERE id = ?').get(id) as
     | { state: string; lease_expires_at: number | null }
     | undefined;
   if (!row) return 'not-found';
   switch (row.state) {
     case 'failed':
-      requeueOne(sqlite, id, now);
+      requeueOne(sqlite, id, now, batchDelayMs);
       return 'requeued';
     case 'delivered':
       return 'delivered';
@@ -110,7 +112,11 @@ export function retryMessage(sqlite: Sqlite, id: string, now: number): RetryResu
       // An expired lease is claimable again already; the delivery engine takes it back.
       return row.lease_expires_at !== null && row.lease_expires_at > now ? 'held' : 'due-now';
     default:
-      prepared(sqlite, "UPDATE messages SET next_attempt_at = ?, updated_at = ? WHERE id = ? AND state = 'queued'").run(now, now, id);
+      // never later than it was: between two batches it stays due batchDelay after the last one
+      prepared(
+        sqlite,
+        "UPDATE messages SET next_attempt_at = MIN(next_attempt_at, ?), updated_at = ? WHERE id = ? AND state = 'queued'",
+      ).run(nextBatchAt(sqlite, id, now, batchDelayMs), now, id);
       prepared(sqlite, "UPDATE recipients SET next_attempt_at = ?, updated_at = ? WHERE message_id = ? AND status = 'pending'").run(now, now, id);
       return 'due-now';
   }

@@ -358,6 +358,20 @@ export function releaseClaims(
 export interface RequeueOptions {
   now: number;
   maxAttempts: number;
+  /** Batches of one message stay at least this far apart, requeued or not. */
+  batchDelayMs: number;
+}
+
+/**
+ * When a message put back in the queue by hand or by a periodic requeue may send its next
+ * batch: now, unless its last batch ended less than batchDelay ago (the spec allows no
+ * exception to that spacing, a retry included).
+ */
+export function nextBatchAt(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): number {
+  const row = prepared(sqlite, 'SELECT MAX(started_at + duration_ms) AS ended FROM attempts WHERE message_id = ?').get(id) as {
+    ended: number | null;
+  };
+  return row.ended === null ? now : Math.max(now, row.ended + batchDelayMs);
 }
 
 /** Where a walk over failed mail goes on from: after this finish time, and this id at that time. */
@@ -426,7 +440,7 @@ export function requeueTemporaryFailures(sqlite: Sqlite, ids: readonly string[],
       sqlite,
       `UPDATE messages SET state = 'queued', next_attempt_at = ?, finished_at = NULL, updated_at = ?
        WHERE id = ? AND state = 'failed'`,
-    ).run(now, now, id);
+    ).run(nextBatchAt(sqlite, id, now, options.batchDelayMs), now, id);
     requeued.push(id);
   }
   return requeued;

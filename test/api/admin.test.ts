@@ -38,7 +38,7 @@ describe('admin: requeue failed mail', () => {
     const clock = new ManualClock();
     const outage = await upstreamOutage();
     const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: outage.port, failedRetryInterval: 0, retry: { maxAttempts: 1 } },
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: outage.port, failedRetryInterval: 0, batchDelay: 0, retry: { maxAttempts: 1 } },
       options(clock),
     );
     let upstream: Upstream | undefined;
@@ -93,7 +93,7 @@ describe('admin: requeue failed mail', () => {
       },
     });
     const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0, retry: { maxAttempts: 1 } },
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0, batchDelay: 0, retry: { maxAttempts: 1 } },
       options(clock),
     );
     try {
@@ -106,6 +106,7 @@ describe('admin: requeue failed mail', () => {
       assert.ok(failedAt);
       assert.equal(upstream.received.length, 1, 'only now@ got through');
       refuseLater = false;
+      clock.advance(1000); // past the end of the last attempt (its duration is real time)
 
       const none = await call(relay, '/admin/retry-failed', postJson({ ids: [early], since: failedAt }));
       assert.deepEqual(none.body, { requeued: 0 }, 'early failed before `since`');
@@ -322,7 +323,7 @@ describe('admin: retry and delete one message', () => {
     const clock = new ManualClock();
     const outage = await upstreamOutage();
     const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: outage.port, failedRetryInterval: 0, retry: { maxAttempts: 2 } },
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: outage.port, failedRetryInterval: 0, batchDelay: 0, retry: { maxAttempts: 2 } },
       options(clock),
     );
     let upstream: Upstream | undefined;
@@ -332,6 +333,7 @@ describe('admin: retry and delete one message', () => {
       const deferred = (await call<MessageJson>(relay, `/admin/messages/${id}`)).body;
       assert.equal(deferred.state, 'queued');
       assert.ok(Date.parse(deferred.next_attempt_at) > clock.now(), 'waiting for its backoff');
+      clock.advance(1000); // past the end of the attempt (its duration is real time)
 
       const now = await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
       assert.deepEqual([now.status, now.body], [200, { id, result: 'due-now' }]);
@@ -340,6 +342,7 @@ describe('admin: retry and delete one message', () => {
       assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.state, 'failed', 'second attempt was the last');
 
       upstream = await outage.recover();
+      clock.advance(1000);
       const requeued = await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
       assert.deepEqual([requeued.status, requeued.body], [200, { id, result: 'requeued' }]);
       await relay.delivery.runOnce();

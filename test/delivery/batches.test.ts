@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
+import { call, postJson } from '../api/fixtures.js';
 import { sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { addresses, attempts, message, NO_JITTER, queuedId, recipients, type ScriptedUpstream, startScriptedUpstream } from './fixtures.js';
 
@@ -89,6 +90,43 @@ describe('recipient batches', () => {
     }
     assert.equal(relay.delivery.status().consecutiveFailures, 0);
     assert.ok(relay.delivery.status().lastSuccessAt !== null);
+  });
+
+  test('a retry by hand, of a message between batches or of a failed one, still waits batchDelay after its last batch', async () => {
+    const clock = new ManualClock();
+    const { relay, upstream } = await setup({ batchSize: 2, batchDelay: 60_000, workerCount: 1 }, clock);
+    const retry = (id: string) => call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
+    const between = queuedId((await sendMail(relay.smtpPort, { to: addresses(4), raw: RAW })).response);
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+    const lastBatchAt = clock.now();
+    clock.advance(1000);
+    assert.deepEqual((await retry(between)).body, { id: between, result: 'due-now' });
+    assert.equal((await relay.delivery.runOnce()).attempts, 0, 'not before batchDelay, even retried by hand');
+    assert.equal(message(relay, between).next_attempt_at, lastBatchAt + 60_000);
+    clock.set(lastBatchAt + 60_000);
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+    assert.equal(message(relay, between).state, 'delivered');
+
+    // a message that failed (one recipient refused for good) and is requeued by hand
+    upstream.rcptReply = (address) => (address === 'rcpt01@example.com' ? { code: 550, message: 'no such user' } : undefined);
+    const failed = queuedId((await sendMail(relay.smtpPort, { to: addresses(2), raw: RAW })).response);
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+    assert.equal(message(relay, failed).state, 'failed');
+    upstream.rcptReply = () => undefined;
+    const [first] = attempts(relay, failed);
+    const dueAt = first.started_at + first.duration_ms + 60_000;
+    clock.advance(1000);
+    assert.deepEqual((await call(relay, '/admin/retry-failed', postJson({ ids: [failed] }))).body, { requeued: 1 });
+    assert.equal(message(relay, failed).next_attempt_at, dueAt, 'batchDelay after the failed batch ended');
+    assert.equal((await relay.delivery.runOnce()).attempts, 0, 'not before batchDelay');
+    clock.set(dueAt);
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+    assert.equal(message(relay, failed).state, 'delivered');
+    assert.deepEqual(
+      upstream.accepted.slice(-2).map((t) => t.to),
+      [['rcpt00@example.com'], ['rcpt01@example.com']],
+      'the retry sent the failed recipient only',
+    );
   });
 
   test('other mail is delivered while a message waits for its next batch', async () => {
