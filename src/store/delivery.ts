@@ -219,10 +219,13 @@ export type CompletionResult =
   | { leaseLost: true }
   | { leaseLost: false; state: MessageState; nextAttemptAt: number; pending: number; delivered: number; failed: number };
 
+const LEASE_LOST_REPLY = 'lease lost before this outcome was recorded, so it was not applied: ';
+
 /**
- * Applies a batch's outcome, fenced by the claim token: zero rows means the lease was lost and
- * nothing is written. Records the attempt, updates the batch recipients, and moves the message
- * to its next state (back to 'queued' with the lease released, or to a final state).
+ * Records the attempt and applies a batch's outcome, fenced by the claim token: zero rows means
+ * the lease was lost, and only the attempt is recorded (its reply says so; another claim owns
+ * the recipients now). Otherwise updates the batch recipients and moves the message to its next
+ * state (back to 'queued' with the lease released, or to a final state).
  */
 export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionResult {
   const fenced = prepared(sqlite, 'UPDATE messages SET updated_at = ? WHERE id = ? AND lease_token = ?').run(
@@ -230,13 +233,15 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
     c.messageId,
     c.token,
   );
-  if (fenced.changes === 0) return { leaseLost: true };
   const a = c.attempt;
+  const reply = fenced.changes === 0 ? LEASE_LOST_REPLY + a.reply : a.reply;
+  // the message may be gone: deleted once its lease had run out
   prepared(
     sqlite,
     `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply)
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-  ).run(c.messageId, a.batch, JSON.stringify(a.recipients), a.upstream, a.startedAt, Math.round(a.durationMs), a.outcome, a.code, a.reply);
+     SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM messages WHERE id = ?)`,
+  ).run(c.messageId, a.batch, JSON.stringify(a.recipients), a.upstream, a.startedAt, Math.round(a.durationMs), a.outcome, a.code, reply, c.messageId);
+  if (fenced.changes === 0) return { leaseLost: true };
   const update = prepared(
     sqlite,
     `UPDATE recipients SET status = ?, last_code = ?, last_reply = ?, temporary = ?, next_attempt_at = ?, updated_at = ?

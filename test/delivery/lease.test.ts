@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
+import { deleteMessage } from '../../src/store/admin.js';
 import {
   type ClaimOptions,
   claimDueBatches,
@@ -85,8 +86,12 @@ describe('claims and leases', () => {
     const outcome = (token: string) => deliveredOutcome(clock, id, token);
     const stale = await writeDirect(relay, (db) => completeBatch(db, outcome(first.token)));
     assert.deepEqual(stale, { leaseLost: true });
-    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending', 'pending'], 'the stale outcome changed nothing');
-    assert.equal(attempts(relay, id).length, 0);
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending', 'pending'], 'the stale outcome changed no recipient');
+    assert.deepEqual(
+      attempts(relay, id).map((a) => [a.outcome, a.code, a.reply]),
+      [['delivered', 250, 'lease lost before this outcome was recorded, so it was not applied: 250 ok']],
+      'the stale attempt is recorded, marked as not applied',
+    );
     assert.equal(message(relay, id).lease_token, second.token);
 
     const current = await writeDirect(relay, (db) => completeBatch(db, outcome(second.token)));
@@ -116,6 +121,13 @@ describe('claims and leases', () => {
     m = message(relay, id);
     assert.equal(m.lease_token, third.token);
     assert.deepEqual(await writeDirect(relay, (db) => completeBatch(db, deliveredOutcome(clock, id, second.token))), { leaseLost: true });
+    assert.equal(attempts(relay, id).length, 2, 'the late answer and the stale one');
+
+    // a message deleted once its lease ran out: the stale outcome has nothing to record against
+    clock.advance(60_000);
+    assert.equal(await writeDirect(relay, (db) => deleteMessage(db, id, clock.now())), 'deleted');
+    assert.deepEqual(await writeDirect(relay, (db) => completeBatch(db, deliveredOutcome(clock, id, third.token))), { leaseLost: true });
+    assert.equal(attempts(relay, id).length, 0);
   });
 
   test('a claim that commits after shutdown began goes back uncounted: no attempt used, nothing sent', async () => {
