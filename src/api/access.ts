@@ -4,7 +4,8 @@
 // A web page in a browser on the relay's host reaches the loopback listener too: by a form
 // post from another site, or by DNS rebinding (a name of the page's site that now resolves to
 // 127.0.0.1). Loopback trust therefore also needs a loopback name in `Host`, and in `Origin`
-// when the browser sends one; a page cannot send the bearer token, so the token path is open.
+// when the browser sends one. A page cannot send the bearer token, so the token path is open,
+// also to a loopback request that names another host (a reverse proxy on the relay's host).
 import crypto from 'node:crypto';
 import { getConnInfo } from '@hono/node-server/conninfo';
 import type { Context, MiddlewareHandler } from 'hono';
@@ -32,8 +33,15 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
   return async (c, next) => {
     const raw = clientIp(c);
     const ip = normalizeIp(raw) || 'unknown';
+    const token = deps.config.security.adminToken;
+    const bearer = /^Bearer\s+(\S+)\s*$/i.exec(c.req.header('authorization') ?? '')?.[1];
     if (isLoopback(raw)) {
       const foreign = foreignBrowserContext(c.req.header('host'), c.req.header('origin'));
+      // a page cannot send the token: with it, a loopback request may name any host (a reverse proxy)
+      if (foreign && token && bearer !== undefined && tokensEqual(bearer, token)) {
+        c.set('requester', { ip, via: 'token' });
+        return next();
+      }
       if (foreign) {
         log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: 'foreign-host-or-origin', [foreign.header]: foreign.value }, 'loopback request from another site refused');
         return c.json({ error: 'forbidden', message: `a loopback request must name a loopback host in ${foreign.header}, got ${JSON.stringify(foreign.value)}` }, 403);
@@ -41,7 +49,6 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
       c.set('requester', { ip, via: 'loopback' });
       return next();
     }
-    const token = deps.config.security.adminToken;
     if (!token) {
       log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: 'no-token-configured' }, 'non-loopback client refused');
       return c.json(
@@ -49,9 +56,8 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
         403,
       );
     }
-    const match = /^Bearer\s+(\S+)\s*$/i.exec(c.req.header('authorization') ?? '');
-    if (!match || !tokensEqual(match[1], token)) {
-      log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: match ? 'wrong-token' : 'no-token' }, 'client refused');
+    if (bearer === undefined || !tokensEqual(bearer, token)) {
+      log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: bearer === undefined ? 'no-token' : 'wrong-token' }, 'client refused');
       c.header('WWW-Authenticate', 'Bearer realm="relayq"');
       return c.json({ error: 'unauthorized', message: 'a valid Authorization: Bearer <adminToken> header is required' }, 401);
     }

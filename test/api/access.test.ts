@@ -123,6 +123,34 @@ describe('API access: loopback, or a bearer token', () => {
     assert.equal(status, 403);
   });
 
+  test('a loopback request that names another host (a reverse proxy on the same host) gets in with the token, and only with it', async () => {
+    // node:http, since fetch does not let a caller set Host
+    const { request } = await import('node:http');
+    const viaProxy = (relay: Relay, headers: Record<string, string>) =>
+      new Promise<{ status: number; body: Record<string, unknown> }>((resolve, reject) => {
+        const path = '/admin/messages';
+        const req = request({ host: '127.0.0.1', port: relay.httpPort, path, headers: { host: 'relay.example.com', 'x-forwarded-for': REMOTE, ...headers } }, (res) => {
+          let text = '';
+          res.setEncoding('utf8');
+          res.on('data', (chunk: string) => {
+            text += chunk;
+          });
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) }));
+        });
+        req.on('error', reject);
+        req.end();
+      });
+    const withToken = await viaProxy(guarded, { authorization: `Bearer ${TOKEN}` });
+    assert.equal(withToken.status, 200);
+    assert.ok(Array.isArray(withToken.body.messages));
+    for (const headers of [{}, { authorization: 'Bearer wrong' }, { authorization: TOKEN }] as Array<Record<string, string>>) {
+      const refused = await viaProxy(guarded, headers);
+      assert.deepEqual([refused.status, refused.body.error], [403, 'forbidden'], JSON.stringify(headers));
+    }
+    // no token configured: nothing to present, so the Host rule alone decides
+    assert.equal((await viaProxy(open, { authorization: 'Bearer anything' })).status, 403);
+  });
+
   test('admin actions are logged with who asked, and the token never is', async () => {
     const { logger, lines, entries } = capturedLog();
     const relay = await startTestRelay({ security: { adminToken: TOKEN } }, { startDelivery: false, logger });
