@@ -172,7 +172,9 @@ function checkValue(key: KeyDef, value: unknown): Checked {
     case 'string':
       if (typeof value !== 'string') return { error: 'must be a string' };
       if (key.values && !key.values.includes(value)) return { error: `must be one of ${key.values.join(', ')}` };
-      if (key.pattern && !key.pattern.match.test(value)) return { error: `must be ${key.pattern.what}, got ${JSON.stringify(value)}` };
+      if (key.pattern && !key.pattern.match.test(value)) {
+        return { error: `must be ${key.pattern.what}${key.secret ? '' : `, got ${JSON.stringify(value)}`}` };
+      }
       return { value };
     case 'bool':
       return typeof value === 'boolean' ? { value } : { error: 'must be true or false' };

@@ -31,8 +31,14 @@ const PORT = { min: 0, max: 65535 };
  */
 export const MAX_MESSAGE_SIZE_LIMIT = 500 * 1024 * 1024;
 
+/**
+ * A listen address must be given: Node would take an empty one (an unset `${VAR}` in compose) as
+ * every interface. 0.0.0.0 or :: says that on purpose.
+ */
+const LISTEN_ADDRESS = { match: /^[\x21-\x7e]+$/, what: 'an IP address or host name (0.0.0.0 or :: for every interface)' };
+
 export const CONFIG_KEYS: readonly KeyDef[] = [
-  { path: 'smtpHost', type: 'string', default: '127.0.0.1', doc: 'SMTP listen address' },
+  { path: 'smtpHost', type: 'string', default: '127.0.0.1', pattern: LISTEN_ADDRESS, doc: 'SMTP listen address' },
   { path: 'smtpPort', type: 'int', default: 2525, ...PORT, doc: 'SMTP listen port (the Docker image sets 25)' },
   {
     path: 'serverName',
@@ -58,7 +64,7 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'inFlowDelay', type: 'int', default: 1000, min: 0, max: 10000, unit: 'ms', doc: 'while 100 messages per worker (at most 10,000, at most half of queueSize) are due and waiting, each MAIL FROM waits up to this long for delivery to take some (modelled on Postfix in_flow_delay); 0 = off' },
   { path: 'processingTimeout', type: 'int', default: 300, min: 5, max: 86400, unit: 's', doc: 'limit for one delivery attempt; also the claim lease' },
   { path: 'enableHealthCheck', type: 'bool', default: true, doc: 'serve the HTTP API' },
-  { path: 'healthCheckHost', type: 'string', default: '127.0.0.1', doc: 'HTTP listen address' },
+  { path: 'healthCheckHost', type: 'string', default: '127.0.0.1', pattern: LISTEN_ADDRESS, doc: 'HTTP listen address' },
   { path: 'healthCheckPort', type: 'int', default: 8025, ...PORT, doc: 'HTTP listen port' },
   { path: 'rateLimits.enabled', type: 'bool', default: false, doc: 'enforce the four limits below' },
   { path: 'rateLimits.maxPerHour', type: 'int', default: 500, min: 1, max: 100000000, doc: 'per envelope sender, messages per rolling hour' },
@@ -69,7 +75,15 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'security.allowedNetworks', type: 'list', default: [], doc: 'CIDRs allowed when allowLocalOnly is false (empty = any)' },
   { path: 'security.requireAuth', type: 'bool', default: true, doc: 'SMTP AUTH required before MAIL' },
   { path: 'security.logAllEmails', type: 'bool', default: true, doc: 'keep content after delivery and log subjects' },
-  { path: 'security.adminToken', type: 'string', default: '', secret: true, doc: 'bearer token that lets non-loopback clients use the HTTP API' },
+  {
+    path: 'security.adminToken',
+    type: 'string',
+    default: '',
+    secret: true,
+    // it travels as `Authorization: Bearer <token>`, which ends at the first space
+    pattern: { match: /^[\x21-\x7e]*$/, what: 'printable ASCII without spaces' },
+    doc: 'bearer token that lets non-loopback clients use the HTTP API',
+  },
   { path: 'tls.cert', type: 'string', default: '', doc: 'PEM certificate file; with tls.key enables STARTTLS' },
   { path: 'tls.key', type: 'string', default: '', doc: 'PEM private key file; with tls.cert enables STARTTLS' },
   { path: 'databasePath', type: 'string', default: 'data/relayq.db', doc: 'the one SQLite file' },

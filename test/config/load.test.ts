@@ -214,6 +214,33 @@ describe('loadConfig', () => {
     assert.ok(ok.ok && ok.config.serverName === 'mx-1.relay.example.com');
   });
 
+  test('listen addresses must be given: an empty one (an unset variable in a compose file) would mean every interface', () => {
+    const r = loadConfig([], { SMTP_HOST: '', HEALTH_CHECK_HOST: ' ' });
+    assert.equal(r.ok, false);
+    if (r.ok) return;
+    assert.deepEqual(r.errors.map((e) => e.message), [
+      'SMTP_HOST: must be an IP address or host name (0.0.0.0 or :: for every interface), got ""',
+      'HEALTH_CHECK_HOST: must be an IP address or host name (0.0.0.0 or :: for every interface), got " "',
+    ]);
+    for (const host of ['0.0.0.0', '::', '::1', 'relay.internal']) {
+      const ok = loadConfig([], { SMTP_HOST: host, HEALTH_CHECK_HOST: host });
+      assert.ok(ok.ok && ok.config.smtpHost === host && ok.config.healthCheckHost === host, host);
+    }
+  });
+
+  test('an adminToken with a space, which a Bearer header cannot carry, is refused without showing it', () => {
+    for (const bad of ['open sesame', 'trailing-space ', 'tab\there']) {
+      const r = loadConfig([], { SECURITY_ADMIN_TOKEN: bad });
+      assert.equal(r.ok, false, JSON.stringify(bad));
+      if (r.ok) return;
+      assert.deepEqual(r.errors.map((e) => e.message), ['SECURITY_ADMIN_TOKEN: must be printable ASCII without spaces']);
+    }
+    const file = loadConfig([], {}, { path: 'c.json', text: JSON.stringify({ security: { adminToken: 'two words' } }) });
+    assert.ok(!file.ok && file.errors[0].message === 'security.adminToken: must be printable ASCII without spaces');
+    const ok = loadConfig([], { SECURITY_ADMIN_TOKEN: 'k9-Qx7mT2vLr8cWz' });
+    assert.ok(ok.ok && ok.config.security.adminToken === 'k9-Qx7mT2vLr8cWz');
+  });
+
   test('unknown flags and malformed JSON are errors', () => {
     assert.deepEqual(parseFlags(['--nope', '1', 'stray']).unknown, ['--nope', 'stray']);
     const r = loadConfig([], {}, { path: 'c.json', text: '{ "smtpPort": ' });
