@@ -74,7 +74,7 @@ operatorCommand('queue', 'list messages, newest first')
 
 operatorCommand('show', 'one message: envelope, recipients and delivery attempts')
   .argument('<id>', 'queue id')
-  .option('--raw', 'write the stored message (RFC 5322 bytes) to stdout instead')
+  .option('--raw', 'write the stored message (RFC 5322 bytes) to stdout instead (not with --json)')
   .action(async (id: string, opts: { raw?: boolean }, cmd: Command) => (await import('./show.js')).showCommand(id, opts, globals(cmd)));
 
 operatorCommand('retry', 'make messages due now; failed recipients get a fresh set of attempts')
@@ -99,6 +99,16 @@ operatorCommand('export-failed', 'write the JSON export of every failed message'
 operatorCommand('migrate', 'apply pending database migrations (the server also does this at start)').action(
   async (_opts: unknown, cmd: Command) => (await import('./migrate.js')).migrateCommand(globals(cmd)),
 );
+
+// `relayq queue | head`: once the reader has gone, the rest of the output has nowhere to go. A
+// command stops there quietly, as Unix tools do, instead of with a stack trace. (Not `serve`.)
+program.hook('preAction', (_program, command) => {
+  if (command.name() === 'serve') return;
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') throw err;
+    process.exit(0);
+  });
+});
 
 program.parseAsync(process.argv).catch((err: Error) => {
   // One line: the reason, not a stack (config errors list every bad key, one per line).

@@ -5,6 +5,7 @@ import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, with
 import { formatFields, formatTable, formatTime } from './table.js';
 
 export async function showCommand(id: string, options: { raw?: boolean }, global: GlobalOptions): Promise<void> {
+  if (options.raw && global.json) throw new CliError('--raw writes the message itself, not JSON: give one of --raw and --json');
   const config = loadCliConfig(global, process.env);
   if (options.raw) {
     const found = await withReader(config, (sqlite) => messageRaw(sqlite, id));

@@ -163,7 +163,7 @@ describe('relayq CLI on the database of a running relay', () => {
     const aFile = path.join(dir, 'a-file');
     fs.writeFileSync(aFile, 'not a directory\n');
     const exportTarget = path.join(dir, 'export-from-nowhere');
-    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, unreadable, missing, badConfig, exportIntoFile, exportMissing] = await Promise.all([
+    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, unreadable, missing, badConfig, exportIntoFile, exportMissing, rawAsJson] = await Promise.all([
       cli('show', 'NOSUCHID'),
       cli('delete', keep, 'NOSUCHID'),
       cli('queue', '--state', 'lost'),
@@ -174,6 +174,7 @@ describe('relayq CLI on the database of a running relay', () => {
       runCli(['status', '--config', badJson]),
       cli('export-failed', aFile),
       runCli(['export-failed', exportTarget], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
+      cli('show', keep, '--raw', '--json'),
     ]);
     assertOneLineError(unknownShow, /^relayq: no message with id NOSUCHID$/);
     assertOneLineError(unknownDelete, /no message with id NOSUCHID; nothing deleted/);
@@ -186,10 +187,17 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: EEXIST/);
     assert.equal(fs.readFileSync(aFile, 'utf8'), 'not a directory\n');
     assertOneLineError(exportMissing, /no database at .*missing\.db/);
+    assertOneLineError(rawAsJson, /^relayq: --raw writes the message itself, not JSON: give one of --raw and --json$/);
     assert.ok(!fs.existsSync(exportTarget), 'export-failed without a database creates no directory');
     assert.equal(badConfig.code, 2);
     assert.ok(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(keep), 'all-or-nothing delete kept the known id');
     assert.ok(!fs.existsSync(path.join(dir, 'missing.db')), 'a read command never creates a database');
+  });
+
+  test('a reader that goes away (relayq queue | head) ends a command quietly, without a stack trace', async () => {
+    const gone = (...args: string[]) => runCli(['--config', configFile, ...args], { closeStdout: true });
+    const results = await Promise.all([gone('queue'), gone('status'), gone('show', ids.mixed[0]), gone('show', ids.mixed[0], '--raw'), gone('status', '--json')]);
+    for (const r of results) assert.deepEqual([r.code, r.stderr], [0, '']);
   });
 
   test('--databasePath names the file without a config, before or after the command name', async () => {
