@@ -4,8 +4,9 @@
 // A web page in a browser on the relay's host reaches the loopback listener too: by a form
 // post from another site, or by DNS rebinding (a name of the page's site that now resolves to
 // 127.0.0.1). Loopback trust therefore also needs a loopback name in `Host`, and in `Origin`
-// when the browser sends one. A page cannot send the bearer token, so the token path is open,
-// also to a loopback request that names another host (a reverse proxy on the relay's host).
+// when the browser sends one. A page does not know the bearer token (at least 16 characters, so
+// not guessed), so the token path is open, also to a loopback request that names another host
+// (a reverse proxy on the relay's host).
 import crypto from 'node:crypto';
 import { getConnInfo } from '@hono/node-server/conninfo';
 import type { Context, MiddlewareHandler } from 'hono';
@@ -35,10 +36,16 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
     const ip = normalizeIp(raw) || 'unknown';
     const token = deps.config.security.adminToken;
     const bearer = /^Bearer\s+(\S+)\s*$/i.exec(c.req.header('authorization') ?? '')?.[1];
+    const refuseToken = () => {
+      log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: bearer === undefined ? 'no-token' : 'wrong-token' }, 'client refused');
+      c.header('WWW-Authenticate', 'Bearer realm="relayq"');
+      return c.json({ error: 'unauthorized', message: 'a valid Authorization: Bearer <adminToken> header is required' }, 401);
+    };
     if (isLoopback(raw)) {
       const foreign = foreignBrowserContext(c.req.header('host'), c.req.header('origin'));
-      // a page cannot send the token: with it, a loopback request may name any host (a reverse proxy)
-      if (foreign && token && bearer !== undefined && tokensEqual(bearer, token)) {
+      // a page cannot know the token: with it, a loopback request may name any host (a reverse proxy)
+      if (foreign && token && bearer !== undefined) {
+        if (!tokensEqual(bearer, token)) return refuseToken();
         c.set('requester', { ip, via: 'token' });
         return next();
       }
@@ -56,11 +63,7 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
         403,
       );
     }
-    if (bearer === undefined || !tokensEqual(bearer, token)) {
-      log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: bearer === undefined ? 'no-token' : 'wrong-token' }, 'client refused');
-      c.header('WWW-Authenticate', 'Bearer realm="relayq"');
-      return c.json({ error: 'unauthorized', message: 'a valid Authorization: Bearer <adminToken> header is required' }, 401);
-    }
+    if (bearer === undefined || !tokensEqual(bearer, token)) return refuseToken();
     c.set('requester', { ip, via: 'token' });
     return next();
   };

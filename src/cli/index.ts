@@ -77,7 +77,7 @@ operatorCommand('show', 'one message: envelope, recipients and delivery attempts
   .option('--raw', 'write the stored message (RFC 5322 bytes) to stdout instead (not with --json)')
   .action(async (id: string, opts: { raw?: boolean }, cmd: Command) => (await import('./show.js')).showCommand(id, opts, globals(cmd)));
 
-operatorCommand('retry', 'make messages due now; failed recipients get a fresh set of attempts')
+operatorCommand('retry', 'make messages due now (at the earliest batchDelay after their last batch); failed recipients get a fresh set of attempts')
   .argument('[ids...]', 'queue ids')
   .option('--failed', 'requeue every failed message')
   .option('--sender <address>', 'with --failed: only mail from this envelope sender')

@@ -1,4 +1,5 @@
-// `relayq retry ID...` puts messages back in the queue, due now; `relayq retry --failed` requeues
+// `relayq retry ID...` puts messages back in the queue, due now (at the earliest batchDelay after
+// their last batch, as the engine spaces batches); `relayq retry --failed` requeues
 // every failed message. Only failed or pending recipients are tried again, never delivered ones.
 // Writes go in short transactions (500 messages each) so the running server barely waits.
 import { systemClock } from '../clock.js';

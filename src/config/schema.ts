@@ -80,8 +80,9 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
     type: 'string',
     default: '',
     secret: true,
-    // it travels as `Authorization: Bearer <token>`, which ends at the first space
-    pattern: { match: /^[\x21-\x7e]*$/, what: 'printable ASCII without spaces' },
+    // it travels as `Authorization: Bearer <token>`, which ends at the first space; and anyone
+    // who reaches the port may guess it, a page in a browser on the relay's host included
+    pattern: { match: /^(?:[\x21-\x7e]{16,})?$/, what: 'empty, or at least 16 printable ASCII characters without spaces (openssl rand -hex 32 makes one)' },
     doc: 'bearer token that lets non-loopback clients use the HTTP API',
   },
   { path: 'tls.cert', type: 'string', default: '', doc: 'PEM certificate file; with tls.key enables STARTTLS' },

@@ -89,9 +89,9 @@ function requeueOne(sqlite: Sqlite, id: string, now: number, batchDelayMs: numbe
 }
 
 /**
+ * "Now" below is at the earliest batchDelay after the message's last batch ended.
  * - requeued: it was failed; its failed recipients are pending again, due now.
  * - due-now: it was waiting for a retry (or its worker's lease ran out); it is due now.
- * "Now" is at the earliest batchDelay after the message's last batch ended.
  * - held: a worker holds it right now.
  * - delivered: every recipient has it; nothing to retry.
  */

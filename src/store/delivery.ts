@@ -370,13 +370,14 @@ export interface RequeueOptions {
 /**
  * When a message put back in the queue by hand or by a periodic requeue may send its next
  * batch: now, unless its last batch ended less than batchDelay ago (the spec allows no
- * exception to that spacing, a retry included).
+ * exception to that spacing, a retry included). An end after `now` (a clock set back since)
+ * counts as now, so the wait is never longer than batchDelay.
  */
 export function nextBatchAt(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): number {
   const row = prepared(sqlite, 'SELECT MAX(started_at + duration_ms) AS ended FROM attempts WHERE message_id = ?').get(id) as {
     ended: number | null;
   };
-  return row.ended === null ? now : Math.max(now, row.ended + batchDelayMs);
+  return row.ended === null ? now : Math.max(now, Math.min(row.ended, now) + batchDelayMs);
 }
 
 /** Where a walk over failed mail goes on from: after this finish time, and this id at that time. */

@@ -50,7 +50,6 @@ describe('admin: requeue failed mail', () => {
       for (const id of [a1, a2, b1]) assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.state, 'failed');
 
       upstream = await outage.recover();
-      clock.advance(1000);
       const bySender = await call(relay, '/admin/retry-failed', postJson({ sender: 'b@example.com' }));
       assert.deepEqual([bySender.status, bySender.body], [200, { requeued: 1 }]);
       const rest = await call(relay, '/admin/retry-failed', { method: 'POST' });
@@ -106,7 +105,6 @@ describe('admin: requeue failed mail', () => {
       assert.ok(failedAt);
       assert.equal(upstream.received.length, 1, 'only now@ got through');
       refuseLater = false;
-      clock.advance(1000); // past the end of the last attempt (its duration is real time)
 
       const none = await call(relay, '/admin/retry-failed', postJson({ ids: [early], since: failedAt }));
       assert.deepEqual(none.body, { requeued: 0 }, 'early failed before `since`');
@@ -333,7 +331,6 @@ describe('admin: retry and delete one message', () => {
       const deferred = (await call<MessageJson>(relay, `/admin/messages/${id}`)).body;
       assert.equal(deferred.state, 'queued');
       assert.ok(Date.parse(deferred.next_attempt_at) > clock.now(), 'waiting for its backoff');
-      clock.advance(1000); // past the end of the attempt (its duration is real time)
 
       const now = await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
       assert.deepEqual([now.status, now.body], [200, { id, result: 'due-now' }]);
@@ -342,7 +339,6 @@ describe('admin: retry and delete one message', () => {
       assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.state, 'failed', 'second attempt was the last');
 
       upstream = await outage.recover();
-      clock.advance(1000);
       const requeued = await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
       assert.deepEqual([requeued.status, requeued.body], [200, { id, result: 'requeued' }]);
       await relay.delivery.runOnce();

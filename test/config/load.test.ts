@@ -225,12 +225,13 @@ describe('loadConfig', () => {
     }
   });
 
-  test('an adminToken with a space, which a Bearer header cannot carry, is refused without showing it', () => {
-    for (const bad of ['open sesame', 'trailing-space ', 'tab\there']) {
-      assert.deepEqual(errorMessages(loadConfig([], { SECURITY_ADMIN_TOKEN: bad })), ['SECURITY_ADMIN_TOKEN: must be printable ASCII without spaces']);
+  test('an adminToken that is short, or has a space a Bearer header cannot carry, is refused without showing it', () => {
+    const rule = 'must be empty, or at least 16 printable ASCII characters without spaces (openssl rand -hex 32 makes one)';
+    for (const bad of ['open sesame and more', 'trailing-space-token ', 'tab\there-and-there', 'admin', '15-characters!!']) {
+      assert.deepEqual(errorMessages(loadConfig([], { SECURITY_ADMIN_TOKEN: bad })), [`SECURITY_ADMIN_TOKEN: ${rule}`], bad);
     }
-    const file = loadConfig([], {}, { path: 'c.json', text: JSON.stringify({ security: { adminToken: 'two words' } }) });
-    assert.deepEqual(errorMessages(file), ['security.adminToken: must be printable ASCII without spaces']);
+    const file = loadConfig([], {}, { path: 'c.json', text: JSON.stringify({ security: { adminToken: 'two words, long enough' } }) });
+    assert.deepEqual(errorMessages(file), [`security.adminToken: ${rule}`]);
     const ok = loadConfig([], { SECURITY_ADMIN_TOKEN: 'k9-Qx7mT2vLr8cWz' });
     assert.ok(ok.ok && ok.config.security.adminToken === 'k9-Qx7mT2vLr8cWz');
   });

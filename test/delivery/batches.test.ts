@@ -92,9 +92,9 @@ describe('recipient batches', () => {
     assert.ok(relay.delivery.status().lastSuccessAt !== null);
   });
 
-  test('a retry by hand, of a message between batches or of a failed one, still waits batchDelay after its last batch', async () => {
+  test('a retry by hand, of a message between batches, in backoff or failed, still waits batchDelay after its last batch', async () => {
     const clock = new ManualClock();
-    const { relay, upstream } = await setup({ batchSize: 2, batchDelay: 60_000, workerCount: 1 }, clock);
+    const { relay, upstream } = await setup({ batchSize: 2, batchDelay: 60_000, workerCount: 1, retry: { initialDelay: 600 } }, clock);
     const retry = (id: string) => call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
     const between = queuedId((await sendMail(relay.smtpPort, { to: addresses(4), raw: RAW })).response);
     assert.equal((await relay.delivery.runOnce()).attempts, 1);
@@ -107,6 +107,22 @@ describe('recipient batches', () => {
     assert.equal((await relay.delivery.runOnce()).attempts, 1);
     assert.equal(message(relay, between).state, 'delivered');
 
+    // a message in a backoff (600 s) longer than batchDelay: the retry brings it forward to batchDelay
+    upstream.rcptReply = () => ({ code: 451, message: 'try later' });
+    const backoff = queuedId((await sendMail(relay.smtpPort, { to: ['slow@example.com'], raw: RAW })).response);
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+    upstream.rcptReply = () => undefined;
+    const [deferred] = attempts(relay, backoff);
+    assert.equal(message(relay, backoff).next_attempt_at, clock.now() + 600_000);
+    clock.advance(1000);
+    assert.deepEqual((await retry(backoff)).body, { id: backoff, result: 'due-now' });
+    const deferredEnd = deferred.started_at + deferred.duration_ms;
+    assert.equal(message(relay, backoff).next_attempt_at, deferredEnd + 60_000, 'brought forward, to batchDelay after the attempt');
+    assert.equal((await relay.delivery.runOnce()).attempts, 0);
+    clock.set(deferredEnd + 60_000);
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+    assert.equal(message(relay, backoff).state, 'delivered');
+
     // a message that failed (one recipient refused for good) and is requeued by hand
     upstream.rcptReply = (address) => (address === 'rcpt01@example.com' ? { code: 550, message: 'no such user' } : undefined);
     const failed = queuedId((await sendMail(relay.smtpPort, { to: addresses(2), raw: RAW })).response);
@@ -114,8 +130,8 @@ describe('recipient batches', () => {
     assert.equal(message(relay, failed).state, 'failed');
     upstream.rcptReply = () => undefined;
     const [first] = attempts(relay, failed);
-    const dueAt = first.started_at + first.duration_ms + 60_000;
     clock.advance(1000);
+    const dueAt = first.started_at + first.duration_ms + 60_000;
     assert.deepEqual((await call(relay, '/admin/retry-failed', postJson({ ids: [failed] }))).body, { requeued: 1 });
     assert.equal(message(relay, failed).next_attempt_at, dueAt, 'batchDelay after the failed batch ended');
     assert.equal((await relay.delivery.runOnce()).attempts, 0, 'not before batchDelay');

@@ -267,21 +267,23 @@ test('failedRetryInterval requeues only messages still failed when its write run
     insertMessage('Q', 'queued', null);
     insertRecipient('Q', 0, 'q0@example.com', 'pending', 0);
     insertRecipient('Q', 1, 'q1@example.com', 'failed', 1);
-    // G's last batch ended at 4,600: with batchDelay 1,000 it is due at 5,600, not now (5,000)
-    insertMessage('G', 'failed', 4600);
-    insertRecipient('G', 0, 'g@example.com', 'failed', 1);
-    store.sqlite
-      .prepare(
-        `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply)
-         VALUES ('G', 0, '[]', 'up', ?, ?, 'deferred', 451, 'busy')`,
-      )
-      .run(4000, 600);
+    // G's last batch ended at 4,600: with batchDelay 1,000 it is due at 5,600, not now (5,000).
+    // H's ended at 9,000, after now (the clock was set back since): it waits batchDelay, no more.
+    const attempt = store.sqlite.prepare(
+      `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply)
+       VALUES (?, 0, '[]', 'up', ?, ?, 'deferred', 451, 'busy')`,
+    );
+    for (const [id, startedAt, durationMs] of [['G', 4000, 600], ['H', 8000, 1000]] as const) {
+      insertMessage(id, 'failed', startedAt + durationMs);
+      insertRecipient(id, 0, `${id}@example.com`, 'failed', 1);
+      attempt.run(id, startedAt, durationMs);
+    }
     const requeued = store.sqlite.transaction(() =>
-      requeueTemporaryFailures(store.sqlite, ['F', 'Q', 'G'], { now: 5000, maxAttempts: 10, batchDelayMs: 1000 }),
+      requeueTemporaryFailures(store.sqlite, ['F', 'Q', 'G', 'H'], { now: 5000, maxAttempts: 10, batchDelayMs: 1000 }),
     )();
-    assert.deepEqual(requeued, ['F', 'G']);
+    assert.deepEqual(requeued, ['F', 'G', 'H']);
     const due = (id: string) => (store.sqlite.prepare('SELECT next_attempt_at AS due FROM messages WHERE id = ?').get(id) as { due: number }).due;
-    assert.deepEqual([due('F'), due('G')], [5000, 5600]);
+    assert.deepEqual([due('F'), due('G'), due('H')], [5000, 5600, 6000]);
     const status = (id: string) => store.sqlite.prepare('SELECT status, attempts FROM recipients WHERE message_id = ? ORDER BY seq').all(id);
     assert.deepEqual(status('F'), [{ status: 'pending', attempts: 9 }]);
     assert.deepEqual(status('Q'), [
