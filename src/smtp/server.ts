@@ -1,4 +1,4 @@
-// relayq's listener: smtp-server with two documented changes to its connection handling.
+// relayq's listener: smtp-server with these documented changes to its connection handling.
 // 1. No 100 ms "early talker" pause before the greeting. smtp-server hard-codes it in
 //    SMTPConnection.init(); it caps one-message-per-connection clients at ~10 messages/s per
 //    connection. relayq serves applications on trusted networks, not the open Internet.
@@ -8,6 +8,14 @@
 // 3. AUTH before TLS only where the policy allows it (relayq: loopback clients). Other sessions
 //    are not offered AUTH in the EHLO reply, and an AUTH command gets `538 5.7.11` at once,
 //    before the client has sent a credential (smtp-server would run the SASL exchange first).
+//    AUTH inside a mail transaction gets `503 5.5.1` (RFC 4954 §4); smtp-server took it.
+// 4. The commands that follow a message run once its commit has answered, through the parser's
+//    continue(). smtp-server's clears the saved continuation after running it, so when those
+//    commands end another message at once (a client that sends whole messages without waiting
+//    for `354`), that message's continuation was wiped and the connection stalled until its
+//    timeout. relayq's parser clears it first.
+// 5. The EHLO/HELO name keeps the case the client sent, for `Received:` and the stored `helo`
+//    (smtp-server lower-cases it; Postfix records it as sent).
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
@@ -25,9 +33,27 @@ const OWN_REPLIES: Array<[number, RegExp, string]> = [
   [501, /address syntax/i, '5.1.3'],
 ];
 
+type Continuation = (() => void) | boolean;
+
+/** SMTPStream.continue(), with the saved continuation cleared before it runs (module comment, 4). */
+function continueClearedFirst(this: { _continueCallback: Continuation }): void {
+  const next = this._continueCallback;
+  if (typeof next === 'function') {
+    this._continueCallback = false;
+    next();
+  } else {
+    this._continueCallback = true; // continue() came before the message's end: run it then
+  }
+}
+
 export class RelayqConnection extends SMTPConnection {
   override init(): void {
-    const self = this as unknown as { _setListeners(cb: () => void): void; _server: SMTPServer };
+    const self = this as unknown as {
+      _setListeners(cb: () => void): void;
+      _server: SMTPServer;
+      _parser: { continue(): void; _continueCallback: Continuation };
+    };
+    self._parser.continue = continueClearedFirst;
     self._setListeners(() => {
       const { maxClients } = this._server.options;
       if (maxClients && this._server.connections.size > maxClients) {
@@ -54,12 +80,34 @@ export class RelayqConnection extends SMTPConnection {
   }
 
   override handler_AUTH(command: Buffer, callback: () => void): void {
-    if (this.authNeedsTls()) {
+    if (this.session.envelope.mailFrom) {
+      this.send(503, '5.5.1 Error: MAIL transaction in progress');
+      callback();
+    } else if (this.authNeedsTls()) {
       this.send(538, '5.7.11 Encryption required for requested authentication mechanism');
       callback();
     } else {
       super.handler_AUTH(command, callback);
     }
+  }
+
+  override handler_EHLO(command: Buffer, callback: () => void): void {
+    super.handler_EHLO(command, () => this.keepHeloCase(command, callback));
+  }
+
+  override handler_HELO(command: Buffer, callback: () => void): void {
+    super.handler_HELO(command, () => this.keepHeloCase(command, callback));
+  }
+
+  /** After an accepted EHLO/HELO: the name as the client wrote it (module comment, 5). */
+  private keepHeloCase(command: Buffer, callback: () => void): void {
+    const name = command.toString().trim().split(/\s+/)[1];
+    const self = this as unknown as { hostNameAppearsAs: string | false };
+    if (name && self.hostNameAppearsAs === name.toLowerCase()) {
+      self.hostNameAppearsAs = name;
+      this.session.hostNameAppearsAs = name;
+    }
+    callback();
   }
 
   private authNeedsTls(): boolean {

@@ -102,6 +102,38 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     c.close();
   });
 
+  test('whole messages sent in one write without waiting for 354 are each answered, and the session goes on', async () => {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO client.test');
+    const message = (i: number) => `MAIL FROM:<burst${i}@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nSubject: burst ${i}\r\n\r\nbody\r\n.\r\n`;
+    c.write(`${[1, 2, 3, 4].map(message).join('')}NOOP\r\n`);
+    const ids: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      assert.deepEqual([(await c.read()).slice(0, 3), (await c.read()).slice(0, 3), (await c.read()).slice(0, 3)], ['250', '250', '354'], `message ${i + 1}`);
+      ids.push(/^250 2\.0\.0 Ok: queued as (\S+)$/.exec(await c.read())?.[1] ?? `message ${i + 1} not queued`);
+    }
+    assert.match(await c.read(), /^250 /, 'the NOOP after them is answered too');
+    c.close();
+    const stored = ids.map((id) => /Subject: burst (\d)/.exec(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '')?.[1]);
+    assert.deepEqual(stored, ['1', '2', '3', '4']);
+  });
+
+  test('the EHLO/HELO name is stored and put in Received: as the client wrote it', async () => {
+    for (const command of ['EHLO', 'HELO']) {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      // pipelined: the name must be right before the message that follows it is stored
+      c.write(`${command} MyApp.Example.COM\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n`);
+      for (const code of ['250', '250', '250', '354']) assert.equal((await c.read()).slice(0, 3), code);
+      const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+      c.close();
+      assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', /^Received: from MyApp\.Example\.COM \(/);
+      const row = relay.store.sqlite.prepare('SELECT helo FROM messages WHERE id = ?').get(id) as { helo: string };
+      assert.equal(row.helo, 'MyApp.Example.COM', command);
+    }
+  });
+
   test('a HELO session is "with SMTP" in the Received header, an EHLO session "with ESMTP"', async () => {
     for (const [greeting, protocol] of [['HELO', 'SMTP'], ['EHLO', 'ESMTP']]) {
       const c = await SmtpClient.connect(relay.smtpPort);
@@ -176,6 +208,19 @@ describe('SMTP replies with AUTH required', () => {
     assert.match(info.response, /^250 2\.0\.0 /);
     const row = relay.store.sqlite.prepare('SELECT auth_user FROM messages ORDER BY received_at DESC LIMIT 1').get() as { auth_user: string };
     assert.equal(row.auth_user, 'app');
+  });
+
+  test('AUTH inside a mail transaction → 503 5.5.1 (RFC 4954); after RSET it is taken', async () => {
+    await withTestRelay({ defaultUsername: 'app', defaultPassword: 's3cret', security: { requireAuth: false } }, {}, async (open) => {
+      const { c } = await ehlo(open.smtpPort);
+      const good = Buffer.from('\0app\0s3cret').toString('base64');
+      assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+      assert.match(await c.send(`AUTH PLAIN ${good}`), /^503 5\.5\.1 /);
+      assert.match(await c.send('RCPT TO:<b@example.com>'), /^250 /, 'the transaction goes on, unauthenticated');
+      assert.match(await c.send('RSET'), /^250 /);
+      assert.match(await c.send(`AUTH PLAIN ${good}`), /^235 /);
+      c.close();
+    });
   });
 
   test('too many connections → 421 4.7.0', async () => {
