@@ -13,7 +13,7 @@
 //    continue(). smtp-server's clears the saved continuation after running it, so when those
 //    commands end another message at once (a client that sends whole messages without waiting
 //    for `354`), that message's continuation was wiped and the connection stalled until its
-//    timeout. relayq's parser clears it first.
+//    timeout. relayq's parsers (one more after STARTTLS) clear it first.
 // 5. The EHLO/HELO name keeps the case the client sent, for `Received:` and the stored `helo`
 //    (smtp-server lower-cases it; Postfix records it as sent).
 // And one change to how replies are written: the replies a connection produces in one pass over
@@ -24,6 +24,7 @@ import type net from 'node:net';
 import type tls from 'node:tls';
 import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
+import type { SMTPStream } from 'smtp-server/lib/smtp-stream.js';
 
 const ENHANCED = /^[245]\.\d{1,3}\.\d{1,3} /;
 
@@ -33,10 +34,8 @@ const OWN_REPLIES: Array<[number, RegExp, string]> = [
   [501, /address syntax/i, '5.1.3'],
 ];
 
-type Continuation = (() => void) | boolean;
-
 /** SMTPStream.continue(), with the saved continuation cleared before it runs (module comment, 4). */
-function continueClearedFirst(this: { _continueCallback: Continuation }): void {
+function continueClearedFirst(this: SMTPStream): void {
   const next = this._continueCallback;
   if (typeof next === 'function') {
     this._continueCallback = false;
@@ -48,12 +47,7 @@ function continueClearedFirst(this: { _continueCallback: Continuation }): void {
 
 export class RelayqConnection extends SMTPConnection {
   override init(): void {
-    const self = this as unknown as {
-      _setListeners(cb: () => void): void;
-      _server: SMTPServer;
-      _parser: { continue(): void; _continueCallback: Continuation };
-    };
-    self._parser.continue = continueClearedFirst;
+    const self = this as unknown as { _setListeners(cb: () => void): void; _server: SMTPServer };
     self._setListeners(() => {
       const { maxClients } = this._server.options;
       if (maxClients && this._server.connections.size > maxClients) {
@@ -62,6 +56,12 @@ export class RelayqConnection extends SMTPConnection {
       }
       this.connectionReady();
     });
+  }
+
+  override _createParser(): SMTPStream {
+    const parser = super._createParser();
+    parser.continue = continueClearedFirst;
+    return parser;
   }
 
   private corked = false;
@@ -101,9 +101,10 @@ export class RelayqConnection extends SMTPConnection {
 
   /** After an accepted EHLO/HELO: the name as the client wrote it (module comment, 5). */
   private keepHeloCase(command: Buffer, callback: () => void): void {
-    const name = command.toString().trim().split(/\s+/)[1];
+    const [, name, extra] = command.toString().trim().split(/\s+/);
     const self = this as unknown as { hostNameAppearsAs: string | false };
-    if (name && self.hostNameAppearsAs === name.toLowerCase()) {
+    // accepted: one name, now the session's (a refused EHLO leaves the earlier name as it was)
+    if (name && extra === undefined && self.hostNameAppearsAs === name.toLowerCase()) {
       self.hostNameAppearsAs = name;
       this.session.hostNameAppearsAs = name;
     }

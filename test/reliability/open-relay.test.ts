@@ -118,8 +118,16 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     assert.match(await dialog.send('DATA'), /^354 /);
     const id = queuedId(await dialog.send('Subject: over tls\r\n\r\nhello\r\n.'));
     assert.ok(id);
+    // the parser made for the TLS session continues like the first one: whole messages in one write
+    const whole = 'MAIL FROM:<app@example.com>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\nSubject: burst\r\n\r\nhi\r\n.\r\n';
+    dialog.write(`${whole.repeat(3)}NOOP\r\n`);
+    for (let i = 0; i < 3; i++) {
+      for (const code of ['250', '250', '354']) assert.equal((await dialog.read()).slice(0, 3), code, `message ${i + 1}`);
+      assert.ok(queuedId(await dialog.read()), `message ${i + 1} queued`);
+    }
+    assert.match(await dialog.read(), /^250 /);
     dialog.close();
-    assert.equal(messageCount(relay), before + 1);
+    assert.equal(messageCount(relay), before + 4);
     const row = relay.store.sqlite.prepare('SELECT client_ip, auth_user, raw FROM messages JOIN message_bodies ON message_bodies.id = body_id WHERE messages.id = ?').get(id) as {
       client_ip: string;
       auth_user: string;

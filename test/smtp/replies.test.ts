@@ -132,6 +132,15 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
       const row = relay.store.sqlite.prepare('SELECT helo FROM messages WHERE id = ?').get(id) as { helo: string };
       assert.equal(row.helo, 'MyApp.Example.COM', command);
     }
+    // a refused EHLO changes nothing, the case of the name included
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    assert.match(await c.send('EHLO app.example.com'), /^250/);
+    assert.match(await c.send('EHLO APP.EXAMPLE.COM extra'), /^501 /);
+    for (const line of ['MAIL FROM:<a@example.com>', 'RCPT TO:<b@example.com>', 'DATA']) await c.send(line);
+    const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+    c.close();
+    assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', /^Received: from app\.example\.com \(/);
   });
 
   test('a HELO session is "with SMTP" in the Received header, an EHLO session "with ESMTP"', async () => {
