@@ -36,34 +36,29 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
     const ip = normalizeIp(raw) || 'unknown';
     const token = deps.config.security.adminToken;
     const bearer = /^Bearer\s+(\S+)\s*$/i.exec(c.req.header('authorization') ?? '')?.[1];
-    const refuseToken = () => {
-      log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: bearer === undefined ? 'no-token' : 'wrong-token' }, 'client refused');
-      c.header('WWW-Authenticate', 'Bearer realm="relayq"');
-      return c.json({ error: 'unauthorized', message: 'a valid Authorization: Bearer <adminToken> header is required' }, 401);
-    };
     if (isLoopback(raw)) {
       const foreign = foreignBrowserContext(c.req.header('host'), c.req.header('origin'));
-      // a page cannot know the token: with it, a loopback request may name any host (a reverse proxy)
-      if (foreign && token && bearer !== undefined) {
-        if (!tokensEqual(bearer, token)) return refuseToken();
-        c.set('requester', { ip, via: 'token' });
+      if (!foreign) {
+        c.set('requester', { ip, via: 'loopback' });
         return next();
       }
-      if (foreign) {
+      // a page cannot know the token: a request that carries one (a reverse proxy) takes the token path
+      if (!token || bearer === undefined) {
         log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: 'foreign-host-or-origin', [foreign.header]: foreign.value }, 'loopback request from another site refused');
         return c.json({ error: 'forbidden', message: `a loopback request must name a loopback host in ${foreign.header}, got ${JSON.stringify(foreign.value)}` }, 403);
       }
-      c.set('requester', { ip, via: 'loopback' });
-      return next();
-    }
-    if (!token) {
+    } else if (!token) {
       log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: 'no-token-configured' }, 'non-loopback client refused');
       return c.json(
         { error: 'forbidden', message: 'only loopback clients may use this API: security.adminToken is not set' },
         403,
       );
     }
-    if (bearer === undefined || !tokensEqual(bearer, token)) return refuseToken();
+    if (bearer === undefined || !tokensEqual(bearer, token)) {
+      log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: bearer === undefined ? 'no-token' : 'wrong-token' }, 'client refused');
+      c.header('WWW-Authenticate', 'Bearer realm="relayq"');
+      return c.json({ error: 'unauthorized', message: 'a valid Authorization: Bearer <adminToken> header is required' }, 401);
+    }
     c.set('requester', { ip, via: 'token' });
     return next();
   };
