@@ -233,15 +233,17 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
     c.messageId,
     c.token,
   );
-  const a = c.attempt;
-  const reply = fenced.changes === 0 ? LEASE_LOST_REPLY + a.reply : a.reply;
-  // the message may be gone: deleted once its lease had run out
-  prepared(
-    sqlite,
-    `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply)
-     SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM messages WHERE id = ?)`,
-  ).run(c.messageId, a.batch, JSON.stringify(a.recipients), a.upstream, a.startedAt, Math.round(a.durationMs), a.outcome, a.code, reply, c.messageId);
-  if (fenced.changes === 0) return { leaseLost: true };
+  const leaseLost = fenced.changes === 0;
+  // with the lease lost, the message may be gone too: deleted once its lease had run out
+  if (!leaseLost || prepared(sqlite, 'SELECT 1 FROM messages WHERE id = ?').get(c.messageId)) {
+    const a = c.attempt;
+    prepared(
+      sqlite,
+      `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+    ).run(c.messageId, a.batch, JSON.stringify(a.recipients), a.upstream, a.startedAt, Math.round(a.durationMs), a.outcome, a.code, leaseLost ? LEASE_LOST_REPLY + a.reply : a.reply);
+  }
+  if (leaseLost) return { leaseLost: true };
   const update = prepared(
     sqlite,
     `UPDATE recipients SET status = ?, last_code = ?, last_reply = ?, temporary = ?, next_attempt_at = ?, updated_at = ?
