@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import http from 'node:http';
 import { after, before, describe, test } from 'node:test';
 import { createApp } from '../../src/api/app.js';
 import type { Relay } from '../../src/main.js';
@@ -111,35 +112,11 @@ describe('API access: loopback, or a bearer token', () => {
     assert.equal(withToken.status, 200);
 
     // over a real socket, with the Host header a rebinding page's browser would send
-    const { request } = await import('node:http');
-    const status = await new Promise<number>((resolve, reject) => {
-      const req = request({ host: '127.0.0.1', port: open.httpPort, path: '/admin/messages', headers: { host: `rebound.example:${open.httpPort}` } }, (res) => {
-        res.resume();
-        resolve(res.statusCode ?? 0);
-      });
-      req.on('error', reject);
-      req.end();
-    });
-    assert.equal(status, 403);
+    assert.equal((await namingHost(open, `rebound.example:${open.httpPort}`)).status, 403);
   });
 
   test('a loopback request that names another host (a reverse proxy on the same host) gets in with the token, and only with it', async () => {
-    // node:http, since fetch does not let a caller set Host
-    const { request } = await import('node:http');
-    const viaProxy = (relay: Relay, headers: Record<string, string>) =>
-      new Promise<{ status: number; body: Record<string, unknown> }>((resolve, reject) => {
-        const path = '/admin/messages';
-        const req = request({ host: '127.0.0.1', port: relay.httpPort, path, headers: { host: 'relay.example.com', 'x-forwarded-for': REMOTE, ...headers } }, (res) => {
-          let text = '';
-          res.setEncoding('utf8');
-          res.on('data', (chunk: string) => {
-            text += chunk;
-          });
-          res.on('end', () => resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) }));
-        });
-        req.on('error', reject);
-        req.end();
-      });
+    const viaProxy = (relay: Relay, headers: Record<string, string>) => namingHost(relay, 'relay.example.com', { 'x-forwarded-for': REMOTE, ...headers });
     const withToken = await viaProxy(guarded, { authorization: `Bearer ${TOKEN}` });
     assert.equal(withToken.status, 200);
     assert.ok(Array.isArray(withToken.body.messages));
@@ -183,3 +160,19 @@ describe('API access: loopback, or a bearer token', () => {
     }
   });
 });
+
+/** GET /admin/messages over a real socket with this Host header (fetch does not let a caller set Host). */
+function namingHost(relay: Relay, host: string, headers: Record<string, string> = {}): Promise<{ status: number; body: Record<string, unknown> }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port: relay.httpPort, path: '/admin/messages', headers: { ...headers, host } }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk: string) => {
+        text += chunk;
+      });
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) }));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
