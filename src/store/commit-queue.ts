@@ -19,6 +19,8 @@ export class CommitQueue {
   private closed = false;
   /** Transactions committed and operations run so far (for the benchmark and tests). */
   readonly stats = { commits: 0, operations: 0 };
+  /** Called after each COMMIT, before the batch's promises settle. */
+  onCommitted: () => void = () => {};
 
   constructor(private readonly sqlite: Sqlite) {}
 
@@ -73,6 +75,7 @@ export class CommitQueue {
     }
     this.stats.commits++;
     this.stats.operations += batch.length;
+    this.onCommitted();
     batch.forEach((p, i) => {
       const r = results[i];
       if (r.ok) p.resolve(r.value);

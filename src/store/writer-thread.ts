@@ -3,7 +3,7 @@
 // keep being served while the disk works; messages that arrive meanwhile share the next commit.
 import { parentPort, workerData } from 'node:worker_threads';
 import { CommitQueue } from './commit-queue.js';
-import { openConnection } from './db.js';
+import { BUSY_TIMEOUT_MS, openConnection } from './db.js';
 import { limitWalSize, overwriteFreedPages } from './maintenance.js';
 import { WRITE_OPS, type WriteOpName } from './write-ops.js';
 
@@ -42,8 +42,44 @@ limitWalSize(sqlite);
 // temporary file by default: a write syscall per page an operation touches again. In memory it is
 // a copy (the pages are small, and the journal lives only until the operation's RELEASE).
 sqlite.pragma('temp_store = MEMORY');
-if (options.secureDelete) overwriteFreedPages(sqlite);
+/**
+ * logAllEmails=false: secure_delete zeroes the pages that erased content frees, but it does so in
+ * the WAL. Until a checkpoint copies those pages over, the database file keeps the old bytes (of a
+ * message that waited long enough to be checkpointed), and the WAL's earlier frames keep them until
+ * later commits happen to write over them. So the WAL is checkpointed and truncated this long
+ * after a commit, and again after the commits that follow, at most once per period.
+ */
+const WAL_TRUNCATION_DELAY_MS = 1000;
+let walTruncation: NodeJS.Timeout | undefined;
+
+function scheduleWalTruncation(): void {
+  walTruncation ??= setTimeout(truncateWal, WAL_TRUNCATION_DELAY_MS).unref();
+}
+
+/**
+ * Between two commits (timers never run inside one). It does not wait for a reader that still
+ * reads older frames (a backup, the CLI): the writer would wait with it. It copies what it can,
+ * and tries again a period later.
+ */
+function truncateWal(): void {
+  walTruncation = undefined;
+  sqlite.pragma('busy_timeout = 0');
+  try {
+    const [result] = sqlite.pragma('wal_checkpoint(TRUNCATE)') as Array<{ busy: number }>;
+    if (result?.busy) scheduleWalTruncation();
+  } catch {
+    scheduleWalTruncation();
+  } finally {
+    sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+  }
+}
+
 const commits = new CommitQueue(sqlite);
+if (options.secureDelete) {
+  overwriteFreedPages(sqlite);
+  commits.onCommitted = scheduleWalTruncation;
+  scheduleWalTruncation(); // what a kill -9 left in the WAL
+}
 
 function serialize(err: unknown): SerializedError {
   const e = err as Error & { code?: string; kind?: string; hit?: unknown };
@@ -66,6 +102,7 @@ function reply(message: WriterReply): void {
 
 function handle(request: WriterRequest): void {
   if (request.type === 'close') {
+    clearTimeout(walTruncation);
     commits.close();
     sqlite.close();
     reply({ type: 'closed' });

@@ -34,6 +34,26 @@ describe('security.logAllEmails', () => {
   });
 });
 
+test('logAllEmails=false: content already checkpointed into the database file is gone from both files soon after delivery, while the relay runs', async () => {
+  const marker = `PRIVATE-${crypto.randomBytes(8).toString('hex')}`;
+  const relay = await startTestRelay({ security: { logAllEmails: false } }, { startDelivery: false, startRetention: false });
+  try {
+    await sendMail(relay.smtpPort, { text: `${marker}\n${'d'.repeat(10_000)}`, subject: 'private' });
+    // as happens to mail that waits (deferred, a backlog): a checkpoint copies it into the file
+    await relay.commits.pragma('wal_checkpoint(TRUNCATE)');
+    const file = relay.config.databasePath;
+    const holders = () => [file, `${file}-wal`].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(marker) >= 0);
+    assert.deepEqual(holders(), [file], 'control: the content is in the database file before delivery');
+    await relay.delivery.runOnce();
+    assert.equal((relay.store.sqlite.prepare('SELECT state FROM messages').get() as { state: string }).state, 'delivered');
+    const deadline = Date.now() + 15_000;
+    while (holders().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(holders(), [], 'neither the database file nor the WAL holds the content');
+  } finally {
+    await relay.stop();
+  }
+});
+
 describe('security.logAllEmails=false and the CLI', () => {
   /** Queues a message carrying `marker`, stops the relay, deletes the message with the CLI, checkpoints. */
   async function deleteWithCli(logAllEmails: boolean, marker: string): Promise<Buffer> {
