@@ -21,19 +21,14 @@ export class BackupError extends Error {}
 
 /**
  * Copies the database behind `sqlite` (any connection, read-only is enough) to `target`.
- * Refuses to replace an existing file unless `overwrite`.
+ * Refuses to replace an existing file unless `overwrite`, and never replaces the database or one
+ * of its own files, whatever name (a link, another path) the target gives it.
  */
 export function backupDatabase(sqlite: Sqlite, target: string, options: { overwrite?: boolean; now?: () => number } = {}): BackupResult {
   const now = options.now ?? Date.now;
   const started = now();
-  const file = path.resolve(target);
+  const file = checkTarget(target, sqlite.name, options.overwrite ?? false);
   const dir = path.dirname(file);
-  if (!fs.existsSync(dir)) throw new BackupError(`directory ${dir} does not exist`);
-  if (fs.existsSync(file)) {
-    if (!options.overwrite) throw new BackupError(`${target} already exists (use --force to replace it)`);
-    if (!fs.statSync(file).isFile()) throw new BackupError(`${target} is not a regular file`);
-  }
-  if (path.resolve(sqlite.name) === file) throw new BackupError('the backup file must not be the database itself');
 
   const partial = `${file}.partial-${process.pid}`;
   fs.rmSync(partial, { force: true });
@@ -41,13 +36,49 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
     sqlite.prepare('VACUUM INTO ?').run(partial);
     fsyncFile(partial);
     const checked = verifyBackup(partial);
-    fs.renameSync(partial, file);
+    if (options.overwrite) {
+      fs.renameSync(partial, file);
+    } else {
+      // a link fails if the name was taken meanwhile (another backup), where a rename would replace it
+      try {
+        fs.linkSync(partial, file);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new BackupError(`${target} already exists (use --force to replace it)`);
+        throw err;
+      }
+      fs.rmSync(partial);
+    }
     fsyncFile(dir);
     return { file, bytes: fs.statSync(file).size, ...checked, durationMs: now() - started };
   } catch (err) {
     fs.rmSync(partial, { force: true });
     throw err;
   }
+}
+
+/** The target as an absolute path, once it is known to be a place a backup may be written. */
+function checkTarget(target: string, databaseFile: string, overwrite: boolean): string {
+  if (target.endsWith('/') || target.endsWith(path.sep)) throw new BackupError(`${target} names a directory, not a file`);
+  const file = path.resolve(target);
+  const dir = path.dirname(file);
+  if (!fs.existsSync(dir)) throw new BackupError(`directory ${dir} does not exist`);
+  if (!fs.statSync(dir).isDirectory()) throw new BackupError(`${dir} is not a directory`);
+  const existing = fs.existsSync(file) ? fs.statSync(file) : undefined;
+  if (existing && !existing.isFile()) throw new BackupError(`${target} is not a regular file`);
+
+  // the database, its WAL, shared memory, rollback journal and spool directory (see spool.ts)
+  const database = fs.realpathSync(databaseFile);
+  const own = [database, ...['-wal', '-shm', '-journal', '-spool'].map((suffix) => database + suffix)];
+  const names = [path.join(fs.realpathSync(dir), path.basename(file)), ...(existing ? [fs.realpathSync(file)] : [])];
+  const sameFile = (other: string) => {
+    const st = fs.statSync(other, { throwIfNoEntry: false });
+    return st !== undefined && existing !== undefined && st.dev === existing.dev && st.ino === existing.ino;
+  };
+  if (own.some((f) => names.includes(f) || sameFile(f))) {
+    throw new BackupError(`${target} is the database or one of its files (${path.basename(database)}, -wal, -shm, -journal, -spool)`);
+  }
+  if (existing && !overwrite) throw new BackupError(`${target} already exists (use --force to replace it)`);
+  return file;
 }
 
 /** Opens a backup read-only and proves it is a usable relayq database. */

@@ -134,13 +134,49 @@ describe('relayq backup while mail is accepted and delivered', () => {
       assert.equal(replaced.integrity, 'ok');
       assert.ok(replaced.messages >= MIN_MESSAGES);
       assert.throws(() => backupDatabase(sqlite, path.join(dir, 'no-such-dir', 'x.db')), BackupError);
-      assert.throws(() => backupDatabase(sqlite, relay.config.databasePath, { overwrite: true }), /must not be the database itself/);
+      assert.throws(() => backupDatabase(sqlite, relay.config.databasePath, { overwrite: true }), /is the database or one of its files/);
       assert.deepEqual(
         fs.readdirSync(dir).filter((f) => f.includes('.partial-')),
         [],
       );
     } finally {
       sqlite.close();
+    }
+  });
+
+  test('never replaces the database or its files, whatever the name, and refuses a name that is not a file', async () => {
+    const db = relay.config.databasePath;
+    const linkedDir = path.join(dir, 'linked-data');
+    fs.symlinkSync(path.dirname(db), linkedDir);
+    const hardLink = path.join(dir, 'hard-link.db');
+    fs.linkSync(db, hardLink);
+    const linkToWal = path.join(dir, 'wal-link');
+    fs.symlinkSync(`${db}-wal`, linkToWal);
+    const before = fs.statSync(db).ino;
+    const sqlite = openReadOnly(db);
+    try {
+      for (const target of [path.join(linkedDir, path.basename(db)), `${db}-wal`, `${db}-shm`, hardLink, linkToWal]) {
+        assert.throws(() => backupDatabase(sqlite, target, { overwrite: true }), /is the database or one of its files/, target);
+      }
+      const newDir = path.join(dir, 'new-dir');
+      assert.throws(() => backupDatabase(sqlite, `${newDir}/`), /names a directory, not a file/);
+      assert.equal(fs.existsSync(newDir), false);
+      assert.throws(() => backupDatabase(sqlite, dir), /is not a regular file/, 'not "already exists": --force would not help');
+    } finally {
+      sqlite.close();
+    }
+    assert.equal(fs.statSync(db).ino, before, 'the database file is the one the relay opened');
+    const info = await nodemailer.createTransport({ host: '127.0.0.1', port: relay.smtpPort, ignoreTLS: true }).sendMail({
+      from: 'after@example.com',
+      to: 'rcpt@example.com',
+      text: 'still stored',
+    });
+    const id = /queued as (\S+)/.exec(info.response)?.[1];
+    const reader = openReadOnly(db);
+    try {
+      assert.ok(reader.prepare('SELECT 1 FROM messages WHERE id = ?').get(id), 'a new connection reads the live database');
+    } finally {
+      reader.close();
     }
   });
 });
