@@ -40,6 +40,11 @@ export interface IntakeDeps {
 
 interface SessionState {
   queueId?: string;
+  /** Messages this session got a `250` for. */
+  accepted?: number;
+  /** Its replies of 400 and above, the first MAX_LOGGED_REFUSALS of them, and how many in all. */
+  refused?: string[];
+  refusedCount?: number;
   /** A MAIL waiting for in-flow pacing; cancelled if the connection closes meanwhile. */
   pacing?: InFlowWait;
 }
@@ -111,6 +116,8 @@ function smtpServerLogger(log: Logger, intakeLog: Logger): LibraryLogger {
   return methods;
 }
 
+/** How many of a session's refusals its closing log line lists (it counts all of them). */
+const MAX_LOGGED_REFUSALS = 10;
 const AUTH_FAILURE_DELAY_MS = 250;
 const AUTH_FAILURE_MAX_DELAY_MS = 5000;
 
@@ -171,9 +178,8 @@ export class SmtpIntake {
       onMailFrom: (address, session, cb) => this.onMailFrom(address, session, cb),
       onRcptTo: (address, session, cb) => this.onRcptTo(address, session, cb),
       onData: (stream, session, cb) => this.onData(stream, session, cb),
-      // a session that leaves while its MAIL waits for pacing gives up its place
-      onClose: (session) => this.sessions.get(session)?.pacing?.cancel(),
-    } as ConstructorParameters<typeof RelayqSmtpServer>[0], (session) => isLoopback(this.peer(session)));
+      onClose: (session) => this.onClose(session),
+    } as ConstructorParameters<typeof RelayqSmtpServer>[0], (session) => isLoopback(this.peer(session)), (session, text) => this.onRefusal(session, text));
     this.server.logger = serverLog as unknown as RelayqSmtpServer['logger'];
     this.server.on('error', (err) => {
       // a client that went away during a transaction: already logged as smtp.connection_lost
@@ -244,6 +250,32 @@ export class SmtpIntake {
       this.sessions.set(session, s);
     }
     return s;
+  }
+
+  private onRefusal(session: SMTPServerSession, text: string) {
+    const s = this.state(session);
+    s.refusedCount = (s.refusedCount ?? 0) + 1;
+    if (s.refusedCount <= MAX_LOGGED_REFUSALS) (s.refused ??= []).push(text);
+  }
+
+  /** One line per session, as Postfix's "disconnect from": who it was, what it got stored, what was refused. */
+  private onClose(session: SMTPServerSession) {
+    const s = this.sessions.get(session);
+    // a session that leaves while its MAIL waits for pacing gives up its place
+    s?.pacing?.cancel();
+    const user = session.user as { username?: string } | string | undefined;
+    this.deps.logger.info(
+      {
+        event: 'smtp.session',
+        client: this.peer(session),
+        helo: session.hostNameAppearsAs || undefined,
+        user: (typeof user === 'object' ? user.username : user) || undefined,
+        accepted: s?.accepted ?? 0,
+        refused: s?.refusedCount ?? 0,
+        ...(s?.refused ? { replies: s.refused } : {}),
+      },
+      'session closed',
+    );
   }
 
   private onConnect(session: SMTPServerSession, cb: Callback) {
@@ -424,6 +456,8 @@ export class SmtpIntake {
           },
           'message queued',
         );
+        const state = this.state(session);
+        state.accepted = (state.accepted ?? 0) + 1;
         cb(null, `2.0.0 Ok: queued as ${queueId}`);
       },
       (err: unknown) => {

@@ -16,6 +16,8 @@
 //    timeout. relayq's parsers (one more after STARTTLS) clear it first.
 // 5. The EHLO/HELO name keeps the case the client sent, for `Received:` and the stored `helo`
 //    (smtp-server lower-cases it; Postfix records it as sent).
+// 6. Every reply of 400 and above, smtp-server's own included, is reported to the server's
+//    `onRefusal`, so that the session's closing log line can list what was refused.
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
@@ -76,7 +78,9 @@ export class RelayqConnection extends SMTPConnection {
     }
     // the EHLO reply (the only multi-line 250) offers AUTH only to sessions that may use it
     if (code === 250 && Array.isArray(data) && this.authNeedsTls()) data = data.filter((line) => !/^AUTH\b/i.test(line));
-    super.send(code, ...withEnhancedCode(code, data, context));
+    const [text, ctx] = withEnhancedCode(code, data, context);
+    if (code >= 400) (this._server as RelayqSmtpServer).onRefusal(this.session, `${code} ${Array.isArray(text) ? text[0] : (text ?? '')}`);
+    super.send(code, text, ctx);
   }
 
   override handler_AUTH(command: Buffer, callback: () => void): void {
@@ -133,10 +137,14 @@ function withEnhancedCode(code: number, data: string | string[] | null | undefin
 }
 
 export class RelayqSmtpServer extends SMTPServer {
-  /** `plaintextAuth`: may this session authenticate before TLS (default: every session may). */
+  /**
+   * `plaintextAuth`: may this session authenticate before TLS (default: every session may);
+   * `onRefusal`: a reply of 400 or above was sent in this session (module comment, 6).
+   */
   constructor(
     options: SMTPServerOptions,
     readonly plaintextAuth: (session: SMTPServerSession) => boolean = () => true,
+    readonly onRefusal: (session: SMTPServerSession, reply: string) => void = () => {},
   ) {
     super(options);
   }

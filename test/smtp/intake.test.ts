@@ -123,4 +123,42 @@ describe('intake log', () => {
       await relay.stop();
     }
   });
+
+  test('every session ends with one info line (smtp.session): client, HELO name, messages stored, replies refused', async () => {
+    const log = capturedLog();
+    const relay = await startTestRelay({ maxRecipients: 2 }, { startDelivery: false, logger: log.logger });
+    try {
+      const busy = await SmtpClient.connect(relay.smtpPort);
+      await busy.read();
+      await busy.send('EHLO Client.Example');
+      assert.match(await busy.send('MAIL FROM:<not an address>'), /^501 5\.1\.3 /); // relayq's handler
+      assert.match(await busy.send('MAIL FROM:<sender@example.com>'), /^250 /);
+      for (const rcpt of ['a', 'b']) assert.match(await busy.send(`RCPT TO:<${rcpt}@example.com>`), /^250 /);
+      assert.match(await busy.send('RCPT TO:<c@example.com>'), /^452 /); // smtp-server's own
+      assert.match(await busy.send('DATA'), /^354 /);
+      assert.match(await busy.send('Subject: one\r\n\r\nbody\r\n.'), /^250 2\.0\.0 Ok: queued as /);
+      await busy.send('QUIT');
+      const idle = await SmtpClient.connect(relay.smtpPort);
+      await idle.read();
+      await idle.send('QUIT');
+      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 2, 5000, 'two session lines');
+      const sessions = log.entries().filter((l) => l.event === 'smtp.session');
+      assert.deepEqual(
+        sessions.map(({ level, client, helo, accepted, refused, replies }) => ({ level, client, helo, accepted, refused, replies })),
+        [
+          {
+            level: 30,
+            client: '127.0.0.1',
+            helo: 'Client.Example',
+            accepted: 1,
+            refused: 2,
+            replies: ['501 5.1.3 Error: Bad sender address syntax', '452 Error: too many recipients'],
+          },
+          { level: 30, client: '127.0.0.1', helo: undefined, accepted: 0, refused: 0, replies: undefined },
+        ],
+      );
+    } finally {
+      await relay.stop();
+    }
+  });
 });
