@@ -1,7 +1,7 @@
 // `relayq queue`: a page of messages, newest first, filtered like GET /admin/messages.
 import { listMessages, type MessageSummary, UnknownCursor } from '../store/queries.js';
 import type { MessageState } from '../store/schema.js';
-import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
+import { CliError, configFlags, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatTable, formatTime } from './table.js';
 
 export interface QueueOptions {
@@ -44,13 +44,13 @@ export async function queueCommand(options: QueueOptions, global: GlobalOptions)
       { header: 'LAST ERROR', value: (m) => m.last_error, max: 60 },
     ]),
   );
-  if (page.nextBefore) printText(`more: ${nextPageCommand(options, page.nextBefore)}`);
+  if (page.nextBefore) printText(`more: ${nextPageCommand(options, global, page.nextBefore)}`);
 }
 
-/** The command that lists the next page with the same filters. */
-function nextPageCommand(options: QueueOptions, before: string): string {
-  const quote = (value: string) => (/^[\w@.+-]+$/.test(value) ? value : `'${value.replace(/'/g, `'\\''`)}'`);
-  const args = ['relayq', 'queue'];
+/** The command that lists the next page of the same database with the same filters. */
+function nextPageCommand(options: QueueOptions, global: GlobalOptions, before: string): string {
+  const quote = (value: string) => (/^[\w@.+/-]+$/.test(value) ? value : `'${value.replace(/'/g, `'\\''`)}'`);
+  const args = ['relayq', 'queue', ...configFlags(global).map(quote)];
   if (options.state) args.push('--state', options.state);
   if (options.sender !== undefined) args.push('--sender', quote(options.sender));
   if (options.recipient !== undefined) args.push('--recipient', quote(options.recipient));

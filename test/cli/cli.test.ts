@@ -121,6 +121,20 @@ describe('relayq CLI on the database of a running relay', () => {
     }
   });
 
+  test("a full page ends with the command for the next one, which reads the same database", async () => {
+    const first = await cli('queue', '--limit', '3');
+    assert.equal(first.code, 0, first.stderr);
+    const lines = first.stdout.trimEnd().split('\n');
+    const more = /^more: relayq (.*)$/.exec(lines.at(-1) ?? '');
+    assert.ok(more, first.stdout);
+    assert.match(more[1], new RegExp(`^queue --config ${configFile.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} --limit 3 --before \\S+$`));
+    const next = await runCli(more[1].split(' '));
+    assert.equal(next.code, 0, next.stderr);
+    const idsOf = (stdout: string) => stdout.split('\n').slice(1).filter((l) => /^[0-9A-F]{20} /.test(l)).map((l) => l.slice(0, 20));
+    assert.equal(idsOf(next.stdout).length, 3);
+    assert.deepEqual(idsOf(first.stdout).filter((id) => idsOf(next.stdout).includes(id)), [], 'the next page, not the first again');
+  });
+
   test('show prints envelope, recipients and attempts; export-failed writes the JSON copies', async () => {
     const id = ids.mixed[0];
     const [detail, text, raw, exported] = await Promise.all([
