@@ -190,10 +190,10 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     stop() {
       stopping ??= (async () => {
         logger.info({ event: 'relay.stopping' }, 'shutting down');
-        await api?.close();
         // Intake drains and delivery stops claiming, finishes or releases its attempts, both
-        // within the grace period, before the last commit.
-        await Promise.all([intake.shutdown(graceMs), delivery.stop(graceMs), retention.stop()]);
+        // within the grace period, before the last commit. The API closes meanwhile: waiting for
+        // its requests first would let SMTP accept and delivery claim for up to its close grace.
+        await Promise.all([api?.close(), intake.shutdown(graceMs), delivery.stop(graceMs), retention.stop()]);
         await closeStorage();
         logger.info({ event: 'relay.stopped', writes: commits.stats.writes, commits: commits.stats.commits }, 'relayq stopped');
       })();

@@ -237,6 +237,13 @@ export class SmtpIntake {
       }
     });
     this.listening = false;
+    // no session is left, and every commit has read its file: what remains belongs to messages
+    // cut off at the end of the grace period, whose removal may still be under way
+    try {
+      this.spool.clear();
+    } catch {
+      // the next start empties it
+    }
   }
 
   private peer(session: SMTPServerSession): string {

@@ -1,11 +1,13 @@
 // One test per row of the spec's §2 reply table that intake owns: the exact code, the enhanced
 // code, and whether anything was stored.
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor, withTestRelay } from '../helpers.js';
 import { openReadOnly } from '../../src/store/maintenance.js';
 import { messageRaw } from '../../src/store/queries.js';
+import { Spool } from '../../src/smtp/spool.js';
 
 const MSG = 'Subject: t\r\n\r\nbody\r\n.\r\n';
 
@@ -368,18 +370,41 @@ describe('shutdown', () => {
     stored.close();
   });
 
-  test('a client still in DATA when the grace period ends → 421 4.3.2 and disconnected, nothing stored', async () => {
-    const relay = await startTestRelay({}, { shutdownGraceMs: 100 });
+  test('SMTP refuses new connections at once, even while an HTTP request holds the API open', async () => {
+    const relay = await startTestRelay({}, { shutdownGraceMs: 60_000 });
+    // half a request: the API's close waits for it (up to 2 s) before it gives up on it
+    const http = await SmtpClient.connect(relay.httpPort as number);
+    http.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n');
+    const stopping = relay.stop();
+    let late: SmtpClient | undefined;
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      late = await SmtpClient.connect(relay.smtpPort).catch(() => undefined);
+      // refused (421), or the listener already closed: either way nothing is accepted
+      if (late) assert.match(await late.read(), /^421 4\.3\.2 /);
+    } finally {
+      late?.close();
+      http.close();
+      await stopping;
+    }
+  });
+
+  test('a client still in DATA when the grace period ends → 421 4.3.2 and disconnected, nothing stored; its spool file is gone', async () => {
+    const relay = await startTestRelay({ spoolAfter: 1024 }, { shutdownGraceMs: 100 });
     const c = await openSession(relay.smtpPort);
     let stopping: Promise<void> | undefined;
     try {
       assert.match(await c.send('DATA'), /^354/);
-      c.write('Subject: slow\r\n\r\npart one\r\n');
+      c.write(`Subject: slow\r\n\r\n${'part one, past spoolAfter\r\n'.repeat(2000)}`);
+      const spool = Spool.dirFor(relay.config.databasePath);
+      await waitFor(() => fs.existsSync(spool) && fs.readdirSync(spool).length === 1, 10_000, 'the message spooled');
       stopping = relay.stop();
       // the grace period ends while the client is still sending
       assert.match(await c.read(), /^421 4\.3\.2 /);
       assert.equal(await c.send('part two\r\n.'), '', 'the connection is closed');
       assert.equal(messageCount(relay), 0);
+      await stopping;
+      assert.deepEqual(fs.readdirSync(spool), [], 'nothing left in the spool once stop() has returned');
     } finally {
       c.close();
       await stopping;
