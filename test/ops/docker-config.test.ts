@@ -67,6 +67,21 @@ test('the Dockerfile and docker-compose.yml set only real config keys and load i
   assert.notEqual(loaded.config.security.adminToken, '', 'the host reaches the API with the admin token');
 });
 
+test("docker-compose.yml passes every variable of .env on, and overrides no key of config.json that .env leaves out", () => {
+  const compose = read('docker-compose.yml');
+  assert.match(compose, /^ {4}env_file: \.env$/m);
+  // what the README's steps write to .env, and a variable the compose file does not name
+  const dotEnv = { RELAYQ_ADMIN_TOKEN: 'a'.repeat(64), FORWARD_SMTP: 'true', FORWARD_HOST: 'smtp.example.com', FORWARD_SSL: 'true' };
+  const file = JSON.stringify({ ...JSON.parse(read('config.example.json')), forwardPort: 465, logLevel: 'warn' });
+  // precedence: the image's ENV, then env_file, then environment:
+  const loaded = loadConfig([], { ...dockerfileEnv(read('Dockerfile')), ...dotEnv, ...composeEnv(compose) }, { path: 'config.json', text: file });
+  assert.ok(loaded.ok, loaded.ok ? '' : JSON.stringify(loaded.errors));
+  assert.equal(loaded.config.forwardSSL, true, 'FORWARD_SSL from .env');
+  assert.equal(loaded.config.forwardHost, 'smtp.example.com');
+  assert.equal(loaded.config.forwardPort, 465, "config.json's value, not a default of the compose file");
+  assert.equal(loaded.config.logLevel, 'warn');
+});
+
 test('the image runs the built CLI as `node`, exposes 25 and 8025 and checks /health without curl', () => {
   const dockerfile = read('Dockerfile');
   const pkg = JSON.parse(read('package.json')) as { bin: { relayq: string } };
