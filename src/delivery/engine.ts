@@ -43,6 +43,8 @@ export interface DeliveryDeps {
   upstreamTls?: tls.ConnectionOptions;
   /** Deadline of one attempt; default: the lease minus 10 % (at least 1 s before it ends). */
   attemptTimeoutMs?: number;
+  /** A temp file this old was left by a crash; younger ones may be another process's (default 60 s). */
+  tempFileMinAgeMs?: number;
 }
 
 /** What /health needs to know about the upstream; times are the clock's milliseconds. */
@@ -82,7 +84,7 @@ const REQUEUE_SCAN_STEP = 500;
 const ABORT_SETTLE_MS = 1000;
 /** Failed messages whose export is looked for per step after a start. */
 const EXPORT_CHECK_STEP = 500;
-/** A temp file this old at the start was left by a crash (younger ones may be another process's). */
+/** A temp file this old was left by a crash (younger ones may be another process's). */
 const TEMP_FILE_MIN_AGE_MS = 60_000;
 /** A failed commit of an outcome is tried again after this long, doubling up to the maximum. */
 const OUTCOME_RETRY_FIRST_MS = 100;
@@ -133,6 +135,8 @@ export class DeliveryEngine {
   /** Claims sent to the writer and not yet settled; shutdown waits for them to hand them back. */
   private readonly claiming = new Set<Promise<unknown>>();
   private poll: NodeJS.Timeout | undefined;
+  /** The second look for temp files a crash left (see start). */
+  private tempSweep: NodeJS.Timeout | undefined;
   private requeueCheckedAt = Number.NEGATIVE_INFINITY;
   /** failedRetryInterval: failed messages finished at or before this were looked at already. */
   private requeueWatermark = Number.NEGATIVE_INFINITY;
@@ -190,7 +194,13 @@ export class DeliveryEngine {
     this.poll.unref();
     this.inFlow.setEnabled(true);
     this.log.info({ event: 'delivery.started', upstream: this.upstreamLabel, workers: this.config.workerCount }, 'delivery started');
-    this.sweepCrashTempFiles();
+    // A restart right after a crash (a supervisor's) finds that crash's temp files too young
+    // to be told from another process's; once they have aged, what was older than this start goes.
+    const startedAt = Date.now();
+    const minAge = this.deps.tempFileMinAgeMs ?? TEMP_FILE_MIN_AGE_MS;
+    this.sweepCrashTempFiles(startedAt - minAge);
+    this.tempSweep = setTimeout(() => this.sweepCrashTempFiles(startedAt), minAge);
+    this.tempSweep.unref();
     this.tick();
     this.track(this.exportMissingFailures());
   }
@@ -235,6 +245,7 @@ export class DeliveryEngine {
     this.stopping = true;
     this.running = false;
     if (this.poll) clearInterval(this.poll);
+    clearTimeout(this.tempSweep);
     this.inFlow.setEnabled(false);
     this.wakeWaitingRetries();
     await settleWithin(this.tasks, graceMs);
@@ -524,15 +535,15 @@ export class DeliveryEngine {
   }
 
   /**
-   * Removes the temp files of local deliveries and failed-mail exports that a crash cut off, before
-   * this process writes any. Only files older than a minute go: a `relayq export-failed` running
-   * beside the server may be writing one.
+   * Removes the temp files of local deliveries and failed-mail exports that a crash cut off:
+   * those last written before `before`, a minute before now at the least, since a
+   * `relayq export-failed` running beside the server may be writing one.
    */
-  private sweepCrashTempFiles(): void {
+  private sweepCrashTempFiles(before: number): void {
     const { emailsDir } = this.deps.config;
     for (const dir of [emailsDir, failedExportDir(emailsDir)]) {
       try {
-        const removed = removeStrayTempFiles(dir, Date.now() - TEMP_FILE_MIN_AGE_MS);
+        const removed = removeStrayTempFiles(dir, before);
         if (removed.length) this.log.info({ event: 'delivery.temp_files_removed', dir, files: removed }, 'removed temp files left by a crash');
       } catch (err) {
         this.log.warn({ event: 'delivery.temp_files_unreadable', dir, err: (err as Error).message }, 'could not look for temp files left by a crash');

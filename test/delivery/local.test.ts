@@ -6,6 +6,7 @@ import { ManualClock } from '../../src/clock.js';
 import pino from 'pino';
 import { startRelay } from '../../src/main.js';
 import { removeStrayTempFiles } from '../../src/delivery/atomic-file.js';
+import { DeliveryEngine } from '../../src/delivery/engine.js';
 import { failedExportDir } from '../../src/delivery/failed-export.js';
 import { sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
 import { attempts, message, queuedId, recipients } from './fixtures.js';
@@ -101,6 +102,28 @@ test('temp files a crash left in emailsDir and emailsDir/failed are removed at s
     await waitFor(() => stray.every((file) => !fs.existsSync(file)), 10_000, 'the stray temp files to go');
     for (const file of kept) assert.ok(fs.existsSync(file), file);
   } finally {
+    await relay.stop();
+  }
+});
+
+test("a restart right after a crash removes that crash's temp files once they are old enough to tell", async () => {
+  const relay = await startTestRelay({ forwardSMTP: false }, { startDelivery: false });
+  const stray = path.join(relay.config.emailsDir, '.19CB2FAB2202390B919A.eml.0a1b2c3d4e5f.tmp');
+  fs.writeFileSync(stray, 'cut off by a kill -9 a moment ago');
+  const engine = new DeliveryEngine({
+    config: relay.config,
+    sqlite: relay.store.sqlite,
+    commits: relay.commits,
+    clock: relay.clock,
+    logger: pino({ level: 'silent' }),
+    tempFileMinAgeMs: 500,
+  });
+  try {
+    engine.start();
+    assert.ok(fs.existsSync(stray), "too young at the start: it might be another process's");
+    await waitFor(() => !fs.existsSync(stray), 10_000, 'the temp file to go once it has aged');
+  } finally {
+    await engine.stop(1000);
     await relay.stop();
   }
 });
