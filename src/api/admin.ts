@@ -26,13 +26,16 @@ function withIsoTimes<T extends object>(row: T): Record<string, unknown> {
 }
 
 /** A time given as epoch milliseconds or as an ISO 8601 string. */
+/** A date, or a date and time with a zone (`Z` or an offset): a time without one would be the server's local time. */
+const ISO_8601 = /^\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:\d{2}))?$/;
+
 function parseTime(name: string, value: unknown): number {
   if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return value;
-  if (typeof value === 'string' && value.trim() !== '') {
-    const ms = /^\d+$/.test(value) ? Number(value) : Date.parse(value);
+  if (typeof value === 'string' && ISO_8601.test(value)) {
+    const ms = Date.parse(value);
     if (Number.isFinite(ms)) return ms;
   }
-  throw badRequest(`${name} must be an ISO 8601 time or epoch milliseconds`);
+  throw badRequest(`${name} must be an ISO 8601 date or time with a zone (2026-03-03T08:00:00Z) or epoch milliseconds (a number)`);
 }
 
 function parseRequeueFilter(body: unknown): RequeueFilter {

@@ -147,14 +147,18 @@ describe('admin: requeue failed mail', () => {
         [postJson({ ids: 'ABC' }), 'ids must be a non-empty array of at most 10000 message ids'],
         [postJson({ ids: [] }), 'ids must be a non-empty array of at most 10000 message ids'],
         [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "" for <>)'],
-        [postJson({ since: 'yesterday' }), 'since must be an ISO 8601 time or epoch milliseconds'],
-        [postJson({ since: -5 }), 'since must be an ISO 8601 time or epoch milliseconds'],
-        [postJson({ since: 1.5 }), 'since must be an ISO 8601 time or epoch milliseconds'],
+        ...['yesterday', 'Mar 3 2026', '1772529300000', '2026-03-03T08:00:00', '2026-13-03', -5, 1.5].map(
+          (since): [RequestInit, string] => [postJson({ since }), 'since must be an ISO 8601 date or time with a zone (2026-03-03T08:00:00Z) or epoch milliseconds (a number)'],
+        ),
         [postJson({ state: 'failed' }), 'unknown field "state": expected ids, sender, since'],
       ];
       for (const [init, message] of cases) {
         const res = await call(relay, '/admin/retry-failed', init);
         assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }]);
+      }
+      for (const since of ['2026-03-03', '2026-03-03T08:00Z', '2026-03-03T09:00:00.5+01:00', 0]) {
+        const res = await call(relay, '/admin/retry-failed', postJson({ since }));
+        assert.deepEqual([res.status, res.body], [200, { requeued: 0 }], String(since));
       }
       const huge = await call(relay, '/admin/retry-failed', postJson({ ids: Array.from({ length: 60_000 }, (_, i) => `ID${i}`.padEnd(20, '0')) }));
       assert.deepEqual([huge.status, huge.body], [413, { error: 'payload_too_large', message: 'the body is over 1048576 bytes' }]);
