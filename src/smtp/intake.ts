@@ -40,8 +40,10 @@ export interface IntakeDeps {
 
 interface SessionState {
   queueId?: string;
-  /** Messages this session got a `250` for. */
+  /** Messages of this session stored (answered `250`, if the client was still there). */
   accepted?: number;
+  /** The commit of its message in progress, which the closing log line waits for. */
+  committing?: Promise<void>;
   /** Its replies of 400 and above, the first MAX_LOGGED_REFUSALS of them, and how many in all. */
   refused?: string[];
   refusedCount?: number;
@@ -271,18 +273,22 @@ export class SmtpIntake {
     // a session that leaves while its MAIL waits for pacing gives up its place
     s?.pacing?.cancel();
     const user = session.user as { username?: string } | string | undefined;
-    this.deps.logger.info(
-      {
-        event: 'smtp.session',
-        client: this.peer(session),
-        helo: session.hostNameAppearsAs || undefined,
-        user: (typeof user === 'object' ? user.username : user) || undefined,
-        accepted: s?.accepted ?? 0,
-        refused: s?.refusedCount ?? 0,
-        ...(s?.refused ? { replies: s.refused } : {}),
-      },
-      'session closed',
-    );
+    const logLine = () =>
+      this.deps.logger.info(
+        {
+          event: 'smtp.session',
+          client: this.peer(session),
+          helo: session.hostNameAppearsAs || undefined,
+          user: (typeof user === 'object' ? user.username : user) || undefined,
+          accepted: s?.accepted ?? 0,
+          refused: s?.refusedCount ?? 0,
+          ...(s?.refused ? { replies: s.refused } : {}),
+        },
+        'session closed',
+      );
+    // a client that left while its message was being committed: the line says whether it was stored
+    if (s?.committing) s.committing.then(logLine, logLine);
+    else logLine();
   }
 
   private onConnect(session: SMTPServerSession, cb: Callback) {
@@ -463,8 +469,8 @@ export class SmtpIntake {
           },
           'message queued',
         );
-        const state = this.state(session);
-        state.accepted = (state.accepted ?? 0) + 1;
+        const s = this.state(session);
+        s.accepted = (s.accepted ?? 0) + 1;
         cb(null, `2.0.0 Ok: queued as ${queueId}`);
       },
       (err: unknown) => {
@@ -481,7 +487,12 @@ export class SmtpIntake {
       },
     );
     this.commitsInFlight.add(answered);
-    answered.finally(() => this.commitsInFlight.delete(answered));
+    const state = this.state(session);
+    state.committing = answered;
+    answered.finally(() => {
+      this.commitsInFlight.delete(answered);
+      if (state.committing === answered) state.committing = undefined;
+    });
   }
 
   private logRateLimit(sender: string, limit: string, count: number, max: number) {

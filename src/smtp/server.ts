@@ -53,6 +53,8 @@ export class RelayqConnection extends SMTPConnection {
     self._setListeners(() => {
       const { maxClients } = this._server.options;
       if (maxClients && this._server.connections.size > maxClients) {
+        // smtp-server fills the session in only for a connection it serves; the log line needs this
+        this.session.remoteAddress = this.remoteAddress;
         this.send(421, '4.7.0 Too many connections, try again later');
         return;
       }
@@ -78,9 +80,9 @@ export class RelayqConnection extends SMTPConnection {
     }
     // the EHLO reply (the only multi-line 250) offers AUTH only to sessions that may use it
     if (code === 250 && Array.isArray(data) && this.authNeedsTls()) data = data.filter((line) => !/^AUTH\b/i.test(line));
-    const [text, ctx] = withEnhancedCode(code, data, context);
-    if (code >= 400) (this._server as RelayqSmtpServer).onRefusal(this.session, `${code} ${Array.isArray(text) ? text[0] : (text ?? '')}`);
-    super.send(code, text, ctx);
+    super.send(code, ...withEnhancedCode(code, data, context));
+    // smtp-server keeps the last such reply, as sent, in session.error
+    if (code >= 400) (this._server as RelayqSmtpServer).onRefusal(this.session, String(this.session.error));
   }
 
   override handler_AUTH(command: Buffer, callback: () => void): void {

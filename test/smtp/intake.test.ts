@@ -152,12 +152,43 @@ describe('intake log', () => {
             helo: 'Client.Example',
             accepted: 1,
             refused: 2,
-            replies: ['501 5.1.3 Error: Bad sender address syntax', '452 Error: too many recipients'],
+            replies: ['501 5.1.3 Error: Bad sender address syntax', '452 4.5.3 Error: too many recipients'],
           },
           { level: 30, client: '127.0.0.1', helo: undefined, accepted: 0, refused: 0, replies: undefined },
         ],
       );
     } finally {
+      await relay.stop();
+    }
+  });
+
+  test('smtp.session names the client refused for too many connections, and counts a message stored after its client left', async () => {
+    const log = capturedLog();
+    const relay = await startTestRelay({ maxConnections: 1 }, { startDelivery: false, logger: log.logger });
+    const lock = await holdWriteLock(relay, 120_000);
+    try {
+      const leaving = await openSession(relay.smtpPort);
+      const refused = await SmtpClient.connect(relay.smtpPort);
+      assert.match(await refused.read(), /^421 4\.7\.0 /);
+      refused.close();
+      assert.match(await leaving.send('DATA'), /^354 /);
+      leaving.write('Subject: left\r\n\r\nbody\r\n.\r\n');
+      await waitFor(() => relay.commits.waiting === 1, 10_000, 'the message waiting for the writer');
+      leaving.close();
+      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 1, 5000, 'the refused session logged');
+      await lock.release();
+      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 2, 10_000, 'the other session logged once stored');
+      const sessions = log.entries().filter((l) => l.event === 'smtp.session');
+      assert.deepEqual(
+        sessions.map(({ client, accepted, replies }) => ({ client, accepted, replies })),
+        [
+          { client: '127.0.0.1', accepted: 0, replies: ['421 4.7.0 Too many connections, try again later'] },
+          { client: '127.0.0.1', accepted: 1, replies: undefined },
+        ],
+      );
+      assert.equal(messageCount(relay), 1);
+    } finally {
+      await lock.release().catch(() => {});
       await relay.stop();
     }
   });
