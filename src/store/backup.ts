@@ -39,14 +39,7 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
     if (options.overwrite) {
       fs.renameSync(partial, file);
     } else {
-      // a link fails if the name was taken meanwhile (another backup), where a rename would replace it
-      try {
-        fs.linkSync(partial, file);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new BackupError(`${target} already exists (use --force to replace it)`);
-        throw err;
-      }
-      fs.rmSync(partial);
+      placeWithoutReplacing(partial, file, target);
     }
     fsyncFile(dir);
     return { file, bytes: fs.statSync(file).size, ...checked, durationMs: now() - started };
@@ -54,6 +47,30 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
     fs.rmSync(partial, { force: true });
     throw err;
   }
+}
+
+/**
+ * Gives the finished copy its name unless something took the name meanwhile (another backup),
+ * where a rename would replace it: a hard link, or on a file system without them (vfat, some
+ * network shares) an exclusive copy.
+ */
+function placeWithoutReplacing(partial: string, file: string, target: string): void {
+  const taken = () => new BackupError(`${target} already exists (use --force to replace it)`);
+  try {
+    fs.linkSync(partial, file);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') throw taken();
+    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') throw err;
+    try {
+      fs.copyFileSync(partial, file, fs.constants.COPYFILE_EXCL);
+    } catch (copyErr) {
+      if ((copyErr as NodeJS.ErrnoException).code === 'EEXIST') throw taken();
+      throw copyErr;
+    }
+    fsyncFile(file);
+  }
+  fs.rmSync(partial);
 }
 
 /** The target as an absolute path, once it is known to be a place a backup may be written. */
@@ -66,16 +83,18 @@ function checkTarget(target: string, databaseFile: string, overwrite: boolean): 
   const existing = fs.existsSync(file) ? fs.statSync(file) : undefined;
   if (existing && !existing.isFile()) throw new BackupError(`${target} is not a regular file`);
 
-  // the database, its WAL, shared memory, rollback journal and spool directory (see spool.ts)
-  const database = fs.realpathSync(databaseFile);
-  const own = [database, ...['-wal', '-shm', '-journal', '-spool'].map((suffix) => database + suffix)];
+  // the database, its WAL, shared memory, rollback journal and spool directory (see spool.ts, which
+  // names it after the path as configured), by the path it was opened with and by its real path
+  const bases = [...new Set([path.resolve(databaseFile), fs.realpathSync(databaseFile)])];
+  const own = bases.flatMap((db) => [db, ...['-wal', '-shm', '-journal', '-spool'].map((suffix) => db + suffix)]);
   const names = [path.join(fs.realpathSync(dir), path.basename(file)), ...(existing ? [fs.realpathSync(file)] : [])];
   const sameFile = (other: string) => {
     const st = fs.statSync(other, { throwIfNoEntry: false });
     return st !== undefined && existing !== undefined && st.dev === existing.dev && st.ino === existing.ino;
   };
-  if (own.some((f) => names.includes(f) || sameFile(f))) {
-    throw new BackupError(`${target} is the database or one of its files (${path.basename(database)}, -wal, -shm, -journal, -spool)`);
+  const inSpool = (name: string) => bases.some((db) => name.startsWith(`${db}-spool${path.sep}`));
+  if (own.some((f) => names.includes(f) || sameFile(f)) || names.some(inSpool)) {
+    throw new BackupError(`${target} is the database or one of its files (${path.basename(databaseFile)}, -wal, -shm, -journal, or in -spool)`);
   }
   if (existing && !overwrite) throw new BackupError(`${target} already exists (use --force to replace it)`);
   return file;
