@@ -25,15 +25,24 @@ function withIsoTimes<T extends object>(row: T): Record<string, unknown> {
   return Object.fromEntries(Object.entries(row).map(([k, v]) => [k, k.endsWith('_at') && (typeof v === 'number' || v === null) ? isoTime(v) : v]));
 }
 
-/** A time given as epoch milliseconds or as an ISO 8601 string. */
-/** A date, or a date and time with a zone (`Z` or an offset): a time without one would be the server's local time. */
-const ISO_8601 = /^\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:\d{2}))?$/;
+/**
+ * A date (midnight UTC), or a date and time with a zone (`Z` or an offset): a time without one
+ * would be the server's local time. Fields out of range (a 30 February) are refused, where
+ * Date.parse would roll them over into the next month.
+ */
+const ISO_8601 = /^(\d{4})-(\d{2})-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d{1,9})?)?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d))?$/;
 
+/** A time given as epoch milliseconds (a JSON number) or as an ISO 8601 string. */
 function parseTime(name: string, value: unknown): number {
   if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return value;
-  if (typeof value === 'string' && ISO_8601.test(value)) {
-    const ms = Date.parse(value);
-    if (Number.isFinite(ms)) return ms;
+  const m = typeof value === 'string' ? ISO_8601.exec(value) : null;
+  if (m) {
+    const [y, mo, d, h = 0, mi = 0, sec = 0] = m.slice(1).map((f) => (f === undefined ? undefined : Number(f))) as number[];
+    const fields = new Date(Date.UTC(y, mo - 1, d, h, mi, sec));
+    const inRange =
+      fields.getUTCFullYear() === y && fields.getUTCMonth() === mo - 1 && fields.getUTCDate() === d && fields.getUTCHours() === h && fields.getUTCMinutes() === mi && fields.getUTCSeconds() === sec;
+    const ms = Date.parse(value as string);
+    if (inRange && Number.isFinite(ms)) return ms;
   }
   throw badRequest(`${name} must be an ISO 8601 date or time with a zone (2026-03-03T08:00:00Z) or epoch milliseconds (a number)`);
 }

@@ -2,7 +2,6 @@
 // target directory, fsync it, rename it over the target, fsync the directory. A reader sees the
 // old file or the complete new one, never a torn one, and the rename survives a power cut.
 import crypto from 'node:crypto';
-import { readdirSync, rmSync, statSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 
@@ -48,13 +47,14 @@ async function syncDirectory(dir: string): Promise<void> {
 
 /**
  * Removes the temp files in `dir` last written before `before` (ms since the epoch), i.e. those
- * a crash left, not those of a write in progress elsewhere. Synchronous, for the start, before
- * this process writes any. Returns their names; a missing directory has none.
+ * a crash left, not those of a write in progress elsewhere or in this process (written later).
+ * Asynchronous: emailsDir holds every local delivery, and the server is serving meanwhile.
+ * Returns their names; a missing directory has none.
  */
-export function removeStrayTempFiles(dir: string, before: number): string[] {
+export async function removeStrayTempFiles(dir: string, before: number): Promise<string[]> {
   let names: string[];
   try {
-    names = readdirSync(dir);
+    names = await fs.readdir(dir);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
     throw err;
@@ -62,9 +62,9 @@ export function removeStrayTempFiles(dir: string, before: number): string[] {
   const removed: string[] = [];
   for (const name of names.filter((n) => TEMP_FILE.test(n))) {
     const file = path.join(dir, name);
-    const stat = statSync(file, { throwIfNoEntry: false });
+    const stat = await fs.stat(file).catch(() => undefined);
     if (!stat || stat.mtimeMs >= before) continue;
-    rmSync(file, { force: true });
+    await fs.rm(file, { force: true });
     removed.push(name);
   }
   return removed;

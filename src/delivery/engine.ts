@@ -198,8 +198,8 @@ export class DeliveryEngine {
     // to be told from another process's; once they have aged, what was older than this start goes.
     const startedAt = Date.now();
     const minAge = this.deps.tempFileMinAgeMs ?? TEMP_FILE_MIN_AGE_MS;
-    this.sweepCrashTempFiles(startedAt - minAge);
-    this.tempSweep = setTimeout(() => this.sweepCrashTempFiles(startedAt), minAge);
+    this.track(this.sweepCrashTempFiles(startedAt - minAge));
+    this.tempSweep = setTimeout(() => this.track(this.sweepCrashTempFiles(startedAt)), minAge);
     this.tempSweep.unref();
     this.tick();
     this.track(this.exportMissingFailures());
@@ -539,11 +539,11 @@ export class DeliveryEngine {
    * those last written before `before`, a minute before now at the least, since a
    * `relayq export-failed` running beside the server may be writing one.
    */
-  private sweepCrashTempFiles(before: number): void {
+  private async sweepCrashTempFiles(before: number): Promise<void> {
     const { emailsDir } = this.deps.config;
     for (const dir of [emailsDir, failedExportDir(emailsDir)]) {
       try {
-        const removed = removeStrayTempFiles(dir, before);
+        const removed = await removeStrayTempFiles(dir, before);
         if (removed.length) this.log.info({ event: 'delivery.temp_files_removed', dir, files: removed }, 'removed temp files left by a crash');
       } catch (err) {
         this.log.warn({ event: 'delivery.temp_files_unreadable', dir, err: (err as Error).message }, 'could not look for temp files left by a crash');

@@ -3,7 +3,7 @@
 // keep being served while the disk works; messages that arrive meanwhile share the next commit.
 import { parentPort, workerData } from 'node:worker_threads';
 import { CommitQueue } from './commit-queue.js';
-import { BUSY_TIMEOUT_MS, openConnection } from './db.js';
+import { openConnection } from './db.js';
 import { limitWalSize, overwriteFreedPages } from './maintenance.js';
 import { WRITE_OPS, type WriteOpName } from './write-ops.js';
 
@@ -63,6 +63,7 @@ function scheduleWalTruncation(): void {
  */
 function truncateWal(): void {
   walTruncation = undefined;
+  const busyTimeout = sqlite.pragma('busy_timeout', { simple: true }) as number;
   sqlite.pragma('busy_timeout = 0');
   try {
     const [result] = sqlite.pragma('wal_checkpoint(TRUNCATE)') as Array<{ busy: number }>;
@@ -70,7 +71,7 @@ function truncateWal(): void {
   } catch {
     scheduleWalTruncation();
   } finally {
-    sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+    sqlite.pragma(`busy_timeout = ${busyTimeout}`);
   }
 }
 
@@ -102,6 +103,7 @@ function reply(message: WriterReply): void {
 
 function handle(request: WriterRequest): void {
   if (request.type === 'close') {
+    commits.onCommitted = () => {};
     clearTimeout(walTruncation);
     commits.close();
     sqlite.close();

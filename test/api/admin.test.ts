@@ -147,7 +147,7 @@ describe('admin: requeue failed mail', () => {
         [postJson({ ids: 'ABC' }), 'ids must be a non-empty array of at most 10000 message ids'],
         [postJson({ ids: [] }), 'ids must be a non-empty array of at most 10000 message ids'],
         [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "" for <>)'],
-        ...['yesterday', 'Mar 3 2026', '1772529300000', '2026-03-03T08:00:00', '2026-13-03', -5, 1.5].map(
+        ...['yesterday', 'Mar 3 2026', '1772529300000', '2026-03-03T08:00:00', '2026-13-03', '2026-02-30', '2026-02-31T08:00Z', '2026-03-03T24:00Z', -5, 1.5].map(
           (since): [RequestInit, string] => [postJson({ since }), 'since must be an ISO 8601 date or time with a zone (2026-03-03T08:00:00Z) or epoch milliseconds (a number)'],
         ),
         [postJson({ state: 'failed' }), 'unknown field "state": expected ids, sender, since'],

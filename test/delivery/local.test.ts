@@ -110,6 +110,8 @@ test("a restart right after a crash removes that crash's temp files once they ar
   const relay = await startTestRelay({ forwardSMTP: false }, { startDelivery: false });
   const stray = path.join(relay.config.emailsDir, '.19CB2FAB2202390B919A.eml.0a1b2c3d4e5f.tmp');
   fs.writeFileSync(stray, 'cut off by a kill -9 a moment ago');
+  const crashedAt = new Date(Date.now() - 100);
+  fs.utimesSync(stray, crashedAt, crashedAt);
   const engine = new DeliveryEngine({
     config: relay.config,
     sqlite: relay.store.sqlite,
@@ -128,7 +130,7 @@ test("a restart right after a crash removes that crash's temp files once they ar
   }
 });
 
-test("only temp files written before the given time are taken for a crash's", () => {
+test("only temp files written before the given time are taken for a crash's", async () => {
   const dir = tempDir();
   const old = path.join(dir, '.A.eml.0a1b2c3d4e5f.tmp');
   const fresh = path.join(dir, '.B.eml.0a1b2c3d4e60.tmp');
@@ -137,7 +139,7 @@ test("only temp files written before the given time are taken for a crash's", ()
     fs.writeFileSync(file, 'x');
     fs.utimesSync(file, new Date(at), new Date(at));
   }
-  assert.deepEqual(removeStrayTempFiles(dir, before), ['.A.eml.0a1b2c3d4e5f.tmp']);
+  assert.deepEqual(await removeStrayTempFiles(dir, before), ['.A.eml.0a1b2c3d4e5f.tmp']);
   assert.ok(fs.existsSync(fresh), 'a younger temp file, maybe of a write in progress, is kept');
-  assert.deepEqual(removeStrayTempFiles(path.join(dir, 'missing'), before), []);
+  assert.deepEqual(await removeStrayTempFiles(path.join(dir, 'missing'), before), []);
 });
