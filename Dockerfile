@@ -3,7 +3,7 @@
 # slim one. Data lives in /app/data (the SQLite file) and /app/emails (local deliveries and
 # failed-mail exports); mount both.
 
-FROM node:26-slim AS build
+FROM node:26-trixie-slim AS build
 WORKDIR /app
 # better-sqlite3 compiles from source when no prebuilt binary matches the platform.
 RUN apt-get update \
@@ -17,7 +17,7 @@ COPY migrations ./migrations
 # The migrations are compiled into dist/ with the rest; devDependencies go after the build.
 RUN npm run build && npm prune --omit=dev
 
-FROM node:26-slim
+FROM node:26-trixie-slim
 WORKDIR /app
 RUN mkdir -p /app/data /app/emails && chown node:node /app/data /app/emails
 COPY --from=build --chown=root:root /app/package.json ./package.json

@@ -85,7 +85,7 @@ test("docker-compose.yml passes every variable of .env on, and overrides no key 
 test('the image runs the built CLI as `node`, exposes 25 and 8025 and checks /health without curl', () => {
   const dockerfile = read('Dockerfile');
   const pkg = JSON.parse(read('package.json')) as { bin: { relayq: string } };
-  assert.match(dockerfile, /^FROM node:26-slim AS build$/m);
+  assert.match(dockerfile, /^FROM node:26-trixie-slim AS build$/m);
   assert.match(dockerfile, /npm run build && npm prune --omit=dev/);
   assert.match(dockerfile, /^USER node$/m);
   assert.match(dockerfile, /^EXPOSE 25 8025$/m);
