@@ -37,12 +37,11 @@ function parseTime(name: string, value: unknown): number {
   if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return value;
   const m = typeof value === 'string' ? ISO_8601.exec(value) : null;
   if (m) {
-    const [y, mo, d, h = 0, mi = 0, sec = 0] = m.slice(1).map((f) => (f === undefined ? undefined : Number(f))) as number[];
-    const fields = new Date(Date.UTC(y, mo - 1, d, h, mi, sec));
-    const inRange =
-      fields.getUTCFullYear() === y && fields.getUTCMonth() === mo - 1 && fields.getUTCDate() === d && fields.getUTCHours() === h && fields.getUTCMinutes() === mi && fields.getUTCSeconds() === sec;
-    const ms = Date.parse(value as string);
-    if (inRange && Number.isFinite(ms)) return ms;
+    // the fields read as UTC must come back unchanged: Date.parse rolls 30 February over
+    const [, y, mo, d, h = '00', mi = '00', sec = '00'] = m;
+    const fields = `${y}-${mo}-${d}T${h}:${mi}:${sec}`;
+    const asUtc = Date.parse(`${fields}Z`);
+    if (Number.isFinite(asUtc) && new Date(asUtc).toISOString().startsWith(fields)) return Date.parse(m[0]);
   }
   throw badRequest(`${name} must be an ISO 8601 date or time with a zone (2026-03-03T08:00:00Z) or epoch milliseconds (a number)`);
 }

@@ -447,6 +447,7 @@ export class SmtpIntake {
     const size = raw.length + (spooled?.bytes ?? 0);
     const subject = config.security.logAllEmails ? subjectOf(raw) : undefined;
     const authUser = typeof session.user === 'string' ? session.user : session.user ? String(session.user) : null;
+    const state = this.state(session);
     const write = commits.writeMoving(
       [raw],
       'insertMessage',
@@ -469,8 +470,7 @@ export class SmtpIntake {
           },
           'message queued',
         );
-        const s = this.state(session);
-        s.accepted = (s.accepted ?? 0) + 1;
+        state.accepted = (state.accepted ?? 0) + 1;
         cb(null, `2.0.0 Ok: queued as ${queueId}`);
       },
       (err: unknown) => {
@@ -487,7 +487,6 @@ export class SmtpIntake {
       },
     );
     this.commitsInFlight.add(answered);
-    const state = this.state(session);
     state.committing = answered;
     answered.finally(() => {
       this.commitsInFlight.delete(answered);

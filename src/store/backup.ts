@@ -78,9 +78,10 @@ function checkTarget(target: string, databaseFile: string, overwrite: boolean): 
   if (target.endsWith('/') || target.endsWith(path.sep)) throw new BackupError(`${target} names a directory, not a file`);
   const file = path.resolve(target);
   const dir = path.dirname(file);
-  if (!fs.existsSync(dir)) throw new BackupError(`directory ${dir} does not exist`);
-  if (!fs.statSync(dir).isDirectory()) throw new BackupError(`${dir} is not a directory`);
-  const existing = fs.existsSync(file) ? fs.statSync(file) : undefined;
+  const dirStat = fs.statSync(dir, { throwIfNoEntry: false });
+  if (!dirStat) throw new BackupError(`directory ${dir} does not exist`);
+  if (!dirStat.isDirectory()) throw new BackupError(`${dir} is not a directory`);
+  const existing = fs.statSync(file, { throwIfNoEntry: false });
   if (existing && !existing.isFile()) throw new BackupError(`${target} is not a regular file`);
 
   // the database, its WAL, shared memory, rollback journal and spool directory (see spool.ts, which
@@ -89,8 +90,8 @@ function checkTarget(target: string, databaseFile: string, overwrite: boolean): 
   const own = bases.flatMap((db) => [db, ...['-wal', '-shm', '-journal', '-spool'].map((suffix) => db + suffix)]);
   const names = [path.join(fs.realpathSync(dir), path.basename(file)), ...(existing ? [fs.realpathSync(file)] : [])];
   const sameFile = (other: string) => {
-    const st = fs.statSync(other, { throwIfNoEntry: false });
-    return st !== undefined && existing !== undefined && st.dev === existing.dev && st.ino === existing.ino;
+    const st = existing && fs.statSync(other, { throwIfNoEntry: false });
+    return st !== undefined && st.dev === existing?.dev && st.ino === existing.ino;
   };
   const inSpool = (name: string) => bases.some((db) => name.startsWith(`${db}-spool${path.sep}`));
   if (own.some((f) => names.includes(f) || sameFile(f)) || names.some(inSpool)) {
