@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import { findConfigFile, formatErrors, loadConfig, readConfigFile } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 import type { Sqlite, Store } from '../store/db.js';
-import { appliedMigrations, openReadOnly } from '../store/maintenance.js';
+import { appliedMigrations, openReadOnly, refuseForeignDatabase } from '../store/maintenance.js';
 
 export class CliError extends Error {
   constructor(
@@ -26,7 +26,10 @@ export interface GlobalOptions {
 
 /** The global options as the config loader's command-line flags (what `serve` passes on too). */
 export function configFlags(options: GlobalOptions): string[] {
-  return [...(options.config ? ['--config', options.config] : []), ...(options.databasePath ? ['--databasePath', options.databasePath] : [])];
+  return [
+    ...(options.config !== undefined ? ['--config', options.config] : []),
+    ...(options.databasePath !== undefined ? ['--databasePath', options.databasePath] : []),
+  ];
 }
 
 export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): Config {
@@ -36,7 +39,11 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
   return loaded.config;
 }
 
-function requireDatabaseFile(file: string): void {
+function hasSchema(sqlite: Sqlite): boolean {
+  return sqlite.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'").get() !== undefined;
+}
+
+export function requireDatabaseFile(file: string): void {
   if (!fs.existsSync(file)) {
     throw new CliError(`no database at ${file} (set databasePath in the config file, DATABASE_PATH, --databasePath or --config)`);
   }
@@ -60,7 +67,10 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   }
   try {
     try {
-      if (appliedMigrations(sqlite).length === 0) throw new Error('no schema (run `relayq migrate` or start the server)');
+      refuseForeignDatabase(sqlite);
+      if (!hasSchema(sqlite) || appliedMigrations(sqlite).length === 0) {
+        throw new Error('no schema: an empty database (start the server on it, or run `relayq migrate`)');
+      }
     } catch (err) {
       throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
     }

@@ -12,8 +12,12 @@ const program = new Command();
 program
   .name('relayq')
   .description('Durable SMTP store-and-forward relay')
-  // Usage errors (bad option value, unknown command) are one line like every other failure.
-  .configureOutput({ outputError: (text, write) => write(`relayq: ${text.replace(/^error: /, '')}`) })
+  // Usage errors (bad option value, unknown command) are one line like every other failure. An
+  // unknown option is named without its value: `relayq --defaultPassword=… serve` (a key given
+  // before the command name) must not print the password.
+  .configureOutput({
+    outputError: (text, write) => write(`relayq: ${text.replace(/^error: /, '').replace(/(unknown option '-[^'=]*)=[^']*'/, "$1'")}`),
+  })
   // Options after a command name belong to that command, so `serve` receives its
   // `--config` and `--<key> value` flags untouched.
   .enablePositionalOptions()

@@ -3,11 +3,13 @@
 import { migrations } from '../../migrations/index.js';
 import { migrateToLatest, openStore } from '../store/db.js';
 import { appliedMigrations } from '../store/maintenance.js';
-import { CliError, closeWithoutCheckpoint, openStoreForCli, type GlobalOptions, loadCliConfig, printJson, printText } from './context.js';
+import { CliError, closeWithoutCheckpoint, openStoreForCli, type GlobalOptions, loadCliConfig, requireDatabaseFile, printJson, printText } from './context.js';
 
 export async function migrateCommand(global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
   const file = config.databasePath;
+  // an upgrade of a database that is not there would create an empty one and call it a success
+  requireDatabaseFile(file);
   const store = await openStoreForCli(file, openStore, config);
   try {
     const applied = await migrateToLatest(store.db).catch((err: Error) => {

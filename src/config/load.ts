@@ -23,16 +23,25 @@ export type LoadResult = { ok: true; config: Config; warnings: string[] } | { ok
 
 const KEYS_BY_PATH = new Map(CONFIG_KEYS.map((k) => [k.path, k]));
 
-/** Flags: `--config FILE` and `--<key path> VALUE` or `--<key path>=VALUE`, e.g. `--rateLimits.enabled=true`. */
+/**
+ * Flags: `--config FILE` and `--<key path> VALUE` or `--<key path>=VALUE`, e.g. `--rateLimits.enabled=true`.
+ * A key that takes a value takes the next argument whatever it starts with (a password may start
+ * with `--`); a boolean takes it only if it is not a flag, so `--forwardSMTP --forwardHost h` works.
+ * What is reported names flags, never values: a mistyped `--defaultPasword=...` stays secret.
+ */
 export function parseFlags(argv: readonly string[]): { configPath?: string; values: Map<string, string>; unknown: string[]; missing: string[] } {
   const values = new Map<string, string>();
   const unknown: string[] = [];
   const missing: string[] = [];
   let configPath: string | undefined;
+  /** The flag whose value the previous argument was. */
+  let previousFlag = '';
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (!arg.startsWith('--')) {
-      unknown.push(arg);
+      // a space in an unquoted password leaves its second word here: name the flag, not the word
+      unknown.push(KEYS_BY_PATH.get(previousFlag)?.secret ? `the word after --${previousFlag}'s value (quote a value that has spaces)` : arg);
+      previousFlag = '';
       continue;
     }
     let name = arg.slice(2);
@@ -41,23 +50,48 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
     if (eq >= 0) {
       value = name.slice(eq + 1);
       name = name.slice(0, eq);
-    } else if (i + 1 < argv.length && !argv[i + 1].startsWith('--')) {
-      value = argv[++i];
     }
-    const known = name === 'config' || KEYS_BY_PATH.has(name);
-    if (!known) unknown.push(`--${name}`); // not the value: a mistyped --defaultPassword=... stays secret
-    else if (value === undefined && KEYS_BY_PATH.get(name)?.type === 'bool') values.set(name, 'true');
-    else if (value === undefined) missing.push(name);
+    const key = KEYS_BY_PATH.get(name);
+    const takesValue = name === 'config' || (key !== undefined && key.type !== 'bool');
+    if (value === undefined && i + 1 < argv.length && (takesValue || !argv[i + 1].startsWith('--'))) value = argv[++i];
+    previousFlag = value === undefined ? '' : name;
+    const known = name === 'config' || key !== undefined;
+    if (!known) unknown.push(`--${name}`);
+    else if (value === undefined && key?.type === 'bool') values.set(name, 'true');
+    else if (value === undefined || (name === 'config' && value === '')) missing.push(name);
     else if (name === 'config') configPath = value;
     else values.set(name, value);
   }
   return { configPath, values, unknown, missing };
 }
 
+/**
+ * JSON.parse's reason, and where in the file, without the text around the error that V8 quotes
+ * (it may be a password: `"defaultPassword": 'secret'`). V8 gives a position for most errors; for
+ * an unexpected token it quotes the 10 characters before and after it instead, which locate it.
+ */
+export function describeJsonError(err: Error, text: string): string {
+  const at = (pos: number) => {
+    const before = text.slice(0, pos).split('\n');
+    return ` at line ${before.length}, column ${before[before.length - 1].length + 1}`;
+  };
+  const positioned = /^((?:[^'"]|'[^']')*?) (in|after) JSON at position (\d+)/.exec(err.message);
+  if (positioned) return `${positioned[1]}${positioned[2] === 'after' ? ' after the object' : ''}${at(Number(positioned[3]))}`;
+  if (/^Unexpected end of JSON input/.test(err.message)) return 'unexpected end of the file';
+  const token = /^Unexpected token '(.{1,2}?)', (\.\.\.)?"(.*)"(\.\.\.)? is not valid JSON$/s.exec(err.message);
+  if (!token) return 'syntax error';
+  const [, char, lead, context, trail] = token;
+  let pos: number | undefined;
+  if (lead && text.includes(context)) pos = text.indexOf(context) + 10;
+  else if (!lead && trail) pos = context.length - 10;
+  const hint = /^['\p{L}]/u.test(char) ? ' (strings must be in double quotes)' : '';
+  return `unexpected character${pos === undefined ? '' : at(pos)}${hint}`;
+}
+
 /** Which config file to read: `--config`, else RELAYQ_CONFIG, else ./config.json if it exists. */
 export function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv, cwd = process.cwd()): string | undefined {
   const { configPath } = parseFlags(argv);
-  if (configPath) return configPath;
+  if (configPath !== undefined) return configPath;
   if (env.RELAYQ_CONFIG) return env.RELAYQ_CONFIG;
   const local = `${cwd}/config.json`;
   return fs.existsSync(local) ? local : undefined;
@@ -90,7 +124,7 @@ export function loadConfig(
     try {
       parsed = JSON.parse(file.text);
     } catch (err) {
-      errors.push({ key: 'config', source: 'file', message: `${file.path} is not valid JSON: ${(err as Error).message}` });
+      errors.push({ key: 'config', source: 'file', message: `${file.path} is not valid JSON: ${describeJsonError(err as Error, file.text)}` });
     }
     if (parsed !== undefined) {
       if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
@@ -113,7 +147,9 @@ export function loadConfig(
   }
 
   const flags = parseFlags(argv);
-  for (const arg of flags.unknown) errors.push({ key: arg, source: 'flag', message: `unknown option ${arg}` });
+  for (const arg of flags.unknown) {
+    errors.push({ key: arg, source: 'flag', message: arg.startsWith('--') ? `unknown option ${arg}` : `unexpected argument: ${arg}` });
+  }
   for (const name of flags.missing) errors.push({ key: name, source: 'flag', message: `--${name} needs a value` });
   for (const [path, raw] of flags.values) {
     const key = KEYS_BY_PATH.get(path) as KeyDef;
@@ -145,7 +181,8 @@ function applyFileObject(
 ) {
   for (const [name, value] of Object.entries(obj)) {
     const path = prefix ? `${prefix}.${name}` : name;
-    const key = KEYS_BY_PATH.get(path);
+    // the file nests: {"security": {"requireAuth": false}}, not {"security.requireAuth": false}
+    const key = name.includes('.') ? undefined : KEYS_BY_PATH.get(path);
     if (key) {
       const checked = checkValue(key, value);
       if ('error' in checked) errors.push({ key: path, source: 'file', message: `${path}: ${checked.error}` });
@@ -160,7 +197,8 @@ function applyFileObject(
         errors.push({ key: path, source: 'file', message: `${path}: must be an object` });
       }
     } else {
-      errors.push({ key: path, source: 'file', message: `${path}: unknown key` });
+      const nested = KEYS_BY_PATH.has(path) ? ` (write it nested: {"${path.split('.').join('": {"')}": …})` : '';
+      errors.push({ key: path, source: 'file', message: `${path}: unknown key${nested}` });
     }
   }
 }
@@ -199,7 +237,7 @@ function parseString(key: KeyDef, raw: string): Checked {
     }
     case 'int':
       if (!/^-?\d+$/.test(raw.trim())) return { error: `must be an integer, got "${raw}"` };
-      return inRange(key, Number(raw.trim()));
+      return inRange(key, Number(raw.trim()), raw);
     case 'list':
       return {
         value: raw
@@ -210,9 +248,9 @@ function parseString(key: KeyDef, raw: string): Checked {
   }
 }
 
-function inRange(key: KeyDef, n: number): Checked {
-  if (key.min !== undefined && n < key.min) return { error: `must be at least ${key.min}, got ${n}` };
-  if (key.max !== undefined && n > key.max) return { error: `must be at most ${key.max}, got ${n}` };
+function inRange(key: KeyDef, n: number, text = String(n)): Checked {
+  if (key.min !== undefined && n < key.min) return { error: `must be at least ${key.min}, got ${text}` };
+  if (key.max !== undefined && n > key.max) return { error: `must be at most ${key.max}, got ${text}` };
   return { value: n };
 }
 

@@ -6,7 +6,7 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect } from 'kysely';
 import { migrations } from '../../migrations/index.js';
-import { overwriteFreedPages } from './maintenance.js';
+import { overwriteFreedPages, refuseForeignDatabase } from './maintenance.js';
 import type { DB } from './schema.js';
 
 export type Sqlite = Database.Database;
@@ -27,22 +27,6 @@ export interface OpenOptions {
    * not linger in the file), from the migrations on: they rewrite rows that hold message content.
    */
   secureDelete?: boolean;
-}
-
-/**
- * relayq creates its tables in an empty file only: a file of another program's tables (a wrong
- * databasePath) is refused before anything, even the journal mode, is changed in it.
- */
-function refuseForeignDatabase(sqlite: Sqlite): void {
-  const names = (
-    sqlite.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, 7) <> 'sqlite_' ORDER BY name").all() as Array<{
-      name: string;
-    }>
-  ).map((r) => r.name);
-  if (names.length > 0 && !names.includes('schema_migrations')) {
-    const shown = names.slice(0, 5).join(', ') + (names.length > 5 ? ', …' : '');
-    throw new Error(`not a relayq database: it holds tables relayq did not create (${shown}) and no schema_migrations`);
-  }
 }
 
 /** How long a connection waits for another one's write lock before SQLITE_BUSY. */

@@ -26,6 +26,22 @@ export function databaseFileSizes(databasePath: string): { database: number; wal
   return { database: size(databasePath), wal: size(`${databasePath}-wal`) };
 }
 
+/**
+ * relayq creates its tables in an empty file only: a file of another program's tables (a wrong
+ * databasePath) is refused before anything, even the journal mode, is changed in it.
+ */
+export function refuseForeignDatabase(sqlite: Sqlite): void {
+  const names = (
+    sqlite.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, 7) <> 'sqlite_' ORDER BY name").all() as Array<{
+      name: string;
+    }>
+  ).map((r) => r.name);
+  if (names.length > 0 && !names.includes('schema_migrations')) {
+    const shown = names.slice(0, 5).join(', ') + (names.length > 5 ? ', …' : '');
+    throw new Error(`not a relayq database: it holds tables relayq did not create (${shown}) and no schema_migrations`);
+  }
+}
+
 /** Names of the migrations applied to this database; throws on a file that is not relayq's. */
 export function appliedMigrations(sqlite: Sqlite): string[] {
   return (sqlite.prepare('SELECT name FROM schema_migrations ORDER BY name').all() as Array<{ name: string }>).map((r) => r.name);

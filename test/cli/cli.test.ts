@@ -198,6 +198,13 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(unreadable, /cannot read database .*not-a-database\.db: file is not a database/);
     assertOneLineError(missing, /no database at .*missing\.db/);
     assertOneLineError(badConfig, /bad\.json is not valid JSON/);
+    // a key given before the command name is commander's unknown option: named without its value
+    const [beforeCommand, onOperatorCommand] = await Promise.all([
+      runCli(['--defaultPassword=Hunter2Secret', 'serve']),
+      runCli(['status', '--forwardPassword=Hunter2Secret']),
+    ]);
+    assertOneLineError(beforeCommand, /^relayq: unknown option '--defaultPassword'$/);
+    assertOneLineError(onOperatorCommand, /^relayq: unknown option '--forwardPassword'$/);
     assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: EEXIST/);
     assert.equal(fs.readFileSync(aFile, 'utf8'), 'not a directory\n');
     assertOneLineError(exportMissing, /no database at .*missing\.db/);

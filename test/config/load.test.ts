@@ -236,6 +236,49 @@ describe('loadConfig', () => {
     assert.ok(ok.ok && ok.config.security.adminToken === 'k9-Qx7mT2vLr8cWz');
   });
 
+  test('a config file that is not JSON is located by line and column, and none of its text is shown (it may be a password)', () => {
+    const cases: Array<[string, RegExp]> = [
+      ['{\n  "smtpPort": 25,\n  "defaultPassword": \'Tr0ub4dor&3\'\n}', /^c\.json is not valid JSON: unexpected character at line 3, column 22 \(strings must be in double quotes\)$/],
+      ['{"defaultPassword": hunter2secret}', /^c\.json is not valid JSON: unexpected character at line 1, column 21 \(strings must be in double quotes\)$/],
+      ['{"defaultPassword": "abc"Tr0ub4dor"}', /^c\.json is not valid JSON: .* at line 1, column 26$/],
+      ['{"smtpPort": 25,}', /^c\.json is not valid JSON: .* at line 1, column 17$/],
+      ['{"smtpPort": ', /^c\.json is not valid JSON: unexpected end of the file$/],
+    ];
+    for (const [text, expected] of cases) {
+      const messages = errorMessages(loadConfig([], {}, { path: 'c.json', text }));
+      assert.equal(messages.length, 1);
+      assert.match(messages[0], expected, text);
+      assert.doesNotMatch(messages[0], /Tr0ub|hunter2|assword/, text);
+    }
+  });
+
+  test('a value may start with --; a word after a password that went unquoted is not shown', () => {
+    const r = loadConfig(['--defaultPassword', '--Sup3rSecret', '--forwardSMTP', '--forwardHost', 'smtp.example.com'], {});
+    assert.ok(r.ok && r.config.defaultPassword === '--Sup3rSecret' && r.config.forwardSMTP && r.config.forwardHost === 'smtp.example.com');
+    const split = errorMessages(loadConfig(['--forwardPassword', 'correct', 'horsebattery', '--serverName', 'a', 'stray'], {}));
+    assert.deepEqual(split, [
+      "unexpected argument: the word after --forwardPassword's value (quote a value that has spaces)",
+      'unexpected argument: stray',
+    ]);
+  });
+
+  test('an empty --config is an error, not a silent fallback to ./config.json', () => {
+    assert.deepEqual(errorMessages(loadConfig(['--config', ''], {})), ['--config needs a value']);
+    assert.deepEqual(errorMessages(loadConfig(['--config='], {})), ['--config needs a value']);
+  });
+
+  test('the file nests its keys: a dotted name is an unknown key that says how to write it', () => {
+    const text = JSON.stringify({ security: { requireAuth: true }, 'security.requireAuth': false, 'rateLimits.maxPerHour': 7 });
+    assert.deepEqual(errorMessages(loadConfig([], {}, { path: 'c.json', text })), [
+      'security.requireAuth: unknown key (write it nested: {"security": {"requireAuth": …})',
+      'rateLimits.maxPerHour: unknown key (write it nested: {"rateLimits": {"maxPerHour": …})',
+    ]);
+  });
+
+  test('a number out of range is quoted as it was written', () => {
+    assert.deepEqual(errorMessages(loadConfig([], { SMTP_PORT: '99999999999999999999999' })), ['SMTP_PORT: must be at most 65535, got 99999999999999999999999']);
+  });
+
   test('unknown flags and malformed JSON are errors', () => {
     assert.deepEqual(parseFlags(['--nope', '1', 'stray']).unknown, ['--nope', 'stray']);
     const r = loadConfig([], {}, { path: 'c.json', text: '{ "smtpPort": ' });
@@ -316,9 +359,11 @@ describe('what only the start can find out names the key to fix', () => {
       startTestRelay({ databasePath: file }),
       /^Error: databasePath .*other\.db: not a relayq database: it holds tables relayq did not create \(foo\) and no schema_migrations$/,
     );
-    const migrate = await runCli(['migrate', '--databasePath', file]);
+    const [migrate, status] = await Promise.all([runCli(['migrate', '--databasePath', file]), runCli(['status', '--databasePath', file])]);
     assert.notEqual(migrate.code, 0);
     assert.match(migrate.stderr, /not a relayq database: it holds tables relayq did not create \(foo\)/);
+    assert.notEqual(status.code, 0);
+    assert.match(status.stderr, /^relayq: cannot read database .*other\.db: not a relayq database: it holds tables relayq did not create \(foo\)/);
     assert.deepEqual(tables(), ['foo']);
     // not even its journal mode was changed
     const after = new Database(file, { readonly: true });
@@ -326,6 +371,19 @@ describe('what only the start can find out names the key to fix', () => {
     after.close();
     assert.ok(!fs.existsSync(`${file}-wal`), 'no WAL file beside it');
   });
+});
+
+test('an empty database file gets a read command to say so; migrate does not create a database that is not there', async () => {
+  const dir = tempDir();
+  const empty = path.join(dir, 'empty.db');
+  fs.writeFileSync(empty, '');
+  const missing = path.join(dir, 'typo', 'relayq.db');
+  const [status, migrate] = await Promise.all([runCli(['status', '--databasePath', empty]), runCli(['migrate', '--databasePath', missing])]);
+  assert.equal(status.code, 1);
+  assert.match(status.stderr, /^relayq: cannot read database .*empty\.db: no schema: an empty database \(start the server on it, or run `relayq migrate`\)\n$/);
+  assert.equal(migrate.code, 1);
+  assert.match(migrate.stderr, /^relayq: no database at .*typo\/relayq\.db /);
+  assert.deepEqual(fs.readdirSync(dir), ['empty.db'], 'nothing was created');
 });
 
 /** The error messages of a load that must have failed. */
