@@ -7,6 +7,10 @@
 // when the browser sends one. A page does not know the bearer token (at least 16 characters, so
 // not guessed), so the token path is open, also to a loopback request that names another host
 // (a reverse proxy on the relay's host).
+// A reverse proxy on the relay's host connects from loopback for every client it relays, and
+// unless told otherwise it sends its own upstream address as `Host` (nginx's `proxy_pass
+// http://127.0.0.1:8025`). A loopback request that carries a forwarding header is therefore a
+// remote client's: it needs the token, as that client would.
 import crypto from 'node:crypto';
 import { getConnInfo } from '@hono/node-server/conninfo';
 import type { Context, MiddlewareHandler } from 'hono';
@@ -36,7 +40,8 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
     const ip = normalizeIp(raw) || 'unknown';
     const token = deps.config.security.adminToken;
     const bearer = /^Bearer\s+(\S+)\s*$/i.exec(c.req.header('authorization') ?? '')?.[1];
-    if (isLoopback(raw)) {
+    const forwarding = FORWARDING_HEADERS.find((name) => c.req.header(name) !== undefined);
+    if (isLoopback(raw) && forwarding === undefined) {
       const foreign = foreignBrowserContext(c.req.header('host'), c.req.header('origin'));
       if (!foreign) {
         c.set('requester', { ip, via: 'loopback' });
@@ -48,11 +53,10 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
         return c.json({ error: 'forbidden', message: `a loopback request must name a loopback host in ${foreign.header}, got ${JSON.stringify(foreign.value)}` }, 403);
       }
     } else if (!token) {
-      log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: 'no-token-configured' }, 'non-loopback client refused');
-      return c.json(
-        { error: 'forbidden', message: 'only loopback clients may use this API: security.adminToken is not set' },
-        403,
-      );
+      const reason = forwarding === undefined ? 'no-token-configured' : 'proxied-no-token-configured';
+      log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason }, 'non-loopback client refused');
+      const via = forwarding === undefined ? '' : ` (a request relayed by a proxy, with ${forwarding}, is not a loopback client's)`;
+      return c.json({ error: 'forbidden', message: `only loopback clients may use this API${via}: security.adminToken is not set` }, 403);
     }
     if (bearer === undefined || !tokensEqual(bearer, token)) {
       log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: bearer === undefined ? 'no-token' : 'wrong-token' }, 'client refused');
@@ -63,6 +67,9 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
     return next();
   };
 }
+
+/** Headers a proxy adds to say whom it relays (RFC 7239, and the older de facto ones). */
+const FORWARDING_HEADERS = ['forwarded', 'x-forwarded-for', 'x-real-ip'] as const;
 
 /** localhost, 127.x.x.x or ::1, as a URL or `Host` header writes them (a port and brackets allowed). */
 function isLoopbackName(host: string): boolean {

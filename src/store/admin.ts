@@ -36,9 +36,14 @@ export async function requeueFailedInSteps(
     return requeued;
   }
   let cursor: FailedScanCursor | null = { finishedAt: filter.since ?? Number.NEGATIVE_INFINITY, id: '' };
+  // A message requeued by an early step that fails again before the walk ends has a later finish
+  // time, so a later step meets it again: it is requeued once per call, not once per meeting.
+  const requeuedIds = new Set<string>();
   while (cursor) {
     const page = failedPage(reader, { cursor, limit: REQUEUE_STEP });
-    if (page.messages.length > 0) requeued += await write({ ...filter, ids: page.messages.map((m) => m.id) });
+    const ids = page.messages.map((m) => m.id).filter((id) => !requeuedIds.has(id));
+    for (const id of ids) requeuedIds.add(id);
+    if (ids.length > 0) requeued += await write({ ...filter, ids });
     cursor = page.next;
   }
   return requeued;

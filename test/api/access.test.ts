@@ -121,14 +121,30 @@ describe('API access: loopback, or a bearer token', () => {
     assert.equal(withToken.status, 200);
     assert.ok(Array.isArray(withToken.body.messages));
     for (const headers of [{}, { authorization: TOKEN }] as Array<Record<string, string>>) {
+      // relayed (X-Forwarded-For): a remote client without the token
       const refused = await viaProxy(guarded, headers);
-      assert.deepEqual([refused.status, refused.body.error], [403, 'forbidden'], JSON.stringify(headers));
+      assert.deepEqual([refused.status, refused.body.error], [401, 'unauthorized'], JSON.stringify(headers));
+      // not relayed, but naming another host: a browser's page, refused outright
+      const page = await namingHost(guarded, 'relay.example.com', headers);
+      assert.deepEqual([page.status, page.body.error], [403, 'forbidden'], JSON.stringify(headers));
     }
     // a token, but the wrong one: told so, as any client with a wrong token is
     const wrong = await viaProxy(guarded, { authorization: 'Bearer wrong-token-of-16-chars' });
     assert.deepEqual([wrong.status, wrong.body.error], [401, 'unauthorized']);
     // no token configured: nothing to present, so the Host rule alone decides
     assert.equal((await viaProxy(open, { authorization: 'Bearer anything' })).status, 403);
+  });
+
+  test('a loopback request a proxy relays (Forwarded, X-Forwarded-For, X-Real-IP) is a remote client: it needs the token', async () => {
+    for (const forwarding of [{ forwarded: `for=${REMOTE}` }, { 'x-forwarded-for': REMOTE }, { 'x-real-ip': REMOTE }] as Array<Record<string, string>>) {
+      // as nginx's plain proxy_pass http://127.0.0.1:8025 does, the request names the loopback host it connects to
+      const noTokenConfigured = await call(open, '/admin/messages', { headers: forwarding });
+      assert.equal(noTokenConfigured.status, 403, JSON.stringify(forwarding));
+      assert.match(String(noTokenConfigured.body.message), /^only loopback clients may use this API \(a request relayed by a proxy, with (forwarded|x-forwarded-for|x-real-ip), is not a loopback client's\): security\.adminToken is not set$/);
+      assert.equal((await call(guarded, '/admin/messages', { headers: forwarding })).status, 401);
+      assert.equal((await call(guarded, '/admin/messages', { headers: { ...forwarding, authorization: `Bearer ${TOKEN}` } })).status, 200);
+    }
+    assert.equal((await call(open, '/admin/messages')).status, 200, 'control: the same request without the header is loopback');
   });
 
   test('admin actions are logged with who asked, and the token never is', async () => {

@@ -6,6 +6,8 @@ import type { Relay } from '../../src/main.js';
 import { capturedLog, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 import { messageRaw } from '../../src/store/queries.js';
+import { REQUEUE_STEP, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
+import { insertMessage } from '../../src/store/intake.js';
 
 interface MessageJson {
   id: string;
@@ -562,6 +564,36 @@ test('a client that closes the connection in the middle of its request body is l
     assert.ok(!log.entries().some((e) => e.event === 'api.error'));
     // and the API goes on answering
     assert.equal((await fetch(`http://127.0.0.1:${port}/health`)).status, 200);
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('retry-failed requeues each failed message once per call, even one that fails again while the call walks the rest', async () => {
+  const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
+  try {
+    const ids = await writeDirect(relay, (db) => {
+      const made: string[] = [];
+      for (let i = 0; i < REQUEUE_STEP + 100; i++) {
+        const id = `FAILED${String(i).padStart(14, '0')}`;
+        insertMessage(db, { id, mailFrom: 'a@example.com', recipients: ['r@example.com'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'h', raw: Buffer.from('x'), receivedAt: 1000 + i }, { rateLimits: { enabled: false, maxPerHour: 1, maxPerDay: 1, globalMaxPerHour: 1, globalMaxPerDay: 1 }, queueSize: 0 });
+        made.push(id);
+      }
+      db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at").run();
+      return made;
+    });
+    const stepIds: string[][] = [];
+    const requeued = await requeueFailedInSteps(relay.store.sqlite, {}, async (step) => {
+      stepIds.push(step.ids ?? []);
+      // as a fast worker would: the step's messages are requeued, tried, and failed again at once
+      return writeDirect(relay, (db) => {
+        const n = requeueFailed(db, step, 5000, 0);
+        db.prepare(`UPDATE messages SET state = 'failed', finished_at = 9000 WHERE id IN (${(step.ids ?? []).map(() => '?').join(',')})`).run(...(step.ids ?? []));
+        return n;
+      });
+    });
+    assert.equal(requeued, ids.length);
+    assert.deepEqual(stepIds.flat().sort(), ids, 'every failed message was requeued exactly once');
   } finally {
     await relay.stop();
   }
