@@ -317,6 +317,14 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
       );
     }
   }
+  if (c.security.requireAuth && !noCredentials && !c.security.allowLocalOnly && !c.tls.cert) {
+    // AUTH in plain text is for loopback clients only (538 5.7.11 to others): with no STARTTLS a
+    // remote client can never authenticate, and without AUTH it gets 530
+    warnings.push(
+      'security.requireAuth with security.allowLocalOnly=false and no tls.cert/tls.key: clients other than loopback cannot authenticate ' +
+        '(AUTH needs STARTTLS) and so cannot send; set tls.cert and tls.key, or security.requireAuth=false with security.allowedNetworks',
+    );
+  }
   if (!c.security.requireAuth && !c.security.allowLocalOnly && c.security.allowedNetworks.length === 0) {
     fail(
       'security.allowedNetworks',

@@ -103,17 +103,36 @@ function lostConnection(err: unknown): err is Error & { code: string; remoteAddr
 }
 
 /**
+ * TLS that failed on the client's side: plain text after `220 Ready to start TLS`, a protocol or
+ * cipher the client lacks, a client that refused the certificate. Not a relay fault.
+ */
+function clientTlsFailure(err: unknown): err is Error & { code: string; reason?: string; remoteAddress?: string } {
+  const e = err as { code?: unknown; library?: unknown } | undefined;
+  return (typeof e?.code === 'string' && e.code.startsWith('ERR_SSL_')) || e?.library === 'SSL routines';
+}
+
+/**
  * The logger smtp-server is given (see libraryLogger). smtp-server logs every socket error of a
- * session at error, stack included; a client that went away is logged to `intakeLog` at info
- * instead, in one line (`smtp.connection_lost`).
+ * session at error, stack included (a TLS failure twice); a client that went away, or whose TLS
+ * failed, is logged to `intakeLog` at info instead, in one line (`smtp.connection_lost`,
+ * `smtp.tls_failed`), as Postfix logs "lost connection" and "SSL_accept error".
  */
 function smtpServerLogger(log: Logger, intakeLog: Logger): LibraryLogger {
   const methods = libraryLogger(log, 'smtp-server');
   const { error } = methods;
+  const logged = new WeakSet<object>();
   methods.error = (entry, ...rest) => {
     const { err, tnx } = (entry ?? {}) as { err?: unknown; tnx?: string };
-    if (tnx !== 'error' || !lostConnection(err)) return error(entry, ...rest);
-    intakeLog.info({ event: 'smtp.connection_lost', client: err.remoteAddress && normalizeIp(err.remoteAddress), code: err.code }, 'client connection lost');
+    if (tnx === 'error' && lostConnection(err)) {
+      intakeLog.info({ event: 'smtp.connection_lost', client: err.remoteAddress && normalizeIp(err.remoteAddress), code: err.code }, 'client connection lost');
+    } else if (tnx === 'error' && clientTlsFailure(err)) {
+      if (logged.has(err)) return;
+      logged.add(err);
+      const client = err.remoteAddress && normalizeIp(err.remoteAddress);
+      intakeLog.info({ event: 'smtp.tls_failed', client, code: err.code, reason: err.reason }, 'TLS with the client failed');
+    } else {
+      error(entry, ...rest);
+    }
   };
   return methods;
 }
@@ -184,8 +203,8 @@ export class SmtpIntake {
     } as ConstructorParameters<typeof RelayqSmtpServer>[0], (session) => isLoopback(this.peer(session)), (session, text) => this.onRefusal(session, text));
     this.server.logger = serverLog as unknown as RelayqSmtpServer['logger'];
     this.server.on('error', (err) => {
-      // a client that went away during a transaction: already logged as smtp.connection_lost
-      if (!lostConnection(err)) deps.logger.warn({ event: 'smtp.error', err: err.message }, 'smtp error');
+      // a client that went away, or whose TLS failed: already logged (smtpServerLogger)
+      if (!lostConnection(err) && !clientTlsFailure(err)) deps.logger.warn({ event: 'smtp.error', err: err.message }, 'smtp error');
     });
   }
 

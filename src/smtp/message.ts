@@ -1,6 +1,7 @@
 // What intake does to a message's bytes and addresses: validation of envelope paths, the
 // bare-CR/LF scan that refuses SMTP smuggling, and the one Received: header relayq prepends.
 import net from 'node:net';
+import { domainToASCII } from 'node:url';
 
 const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+$/u;
 /** local@[192.0.2.1] or local@[IPv6:2001:db8::1]: a domain that is an address literal (RFC 5321 §4.1.3). */
@@ -77,10 +78,21 @@ export function receivedHeader(info: ReceivedInfo): Buffer {
   const host = named ? `${info.clientHostname} ` : '';
   // an address literal: IPv6 ones carry the "IPv6:" tag (RFC 5321 section 4.1.3)
   const literal = info.clientIp.includes(':') ? `IPv6:${info.clientIp}` : info.clientIp;
-  const forPart = info.recipients.length === 1 ? `\r\n\tfor <${info.recipients[0]}>` : '';
+  const forPart = info.recipients.length === 1 ? `\r\n\tfor <${traceAddress(info.recipients[0], info.protocol)}>` : '';
   return Buffer.from(
     `Received: from ${sanitize(from)} (${sanitize(host)}[${literal}])\r\n\tby ${info.serverName} (relayq) with ${info.protocol} id ${info.queueId}${forPart};\r\n\t${rfc5322Date(info.now)}\r\n`,
   );
+}
+
+/**
+ * The address as the header may carry it: smtp-server hands over a punycode domain decoded
+ * (`user@xn--mnchen-3ya.de` arrives as `user@münchen.de`). Outside an SMTPUTF8 session the header
+ * must stay ASCII, so the domain goes back to the form the client wrote.
+ */
+function traceAddress(address: string, protocol: string): string {
+  const at = address.lastIndexOf('@');
+  if (protocol.startsWith('UTF8') || at < 0 || /^[\x00-\x7f]*$/.test(address)) return address;
+  return `${address.slice(0, at)}@${domainToASCII(address.slice(at + 1)) || sanitize(address.slice(at + 1))}`;
 }
 
 function sanitize(text: string): string {

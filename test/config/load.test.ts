@@ -119,6 +119,19 @@ describe('loadConfig', () => {
     }
   });
 
+  test('requireAuth for remote clients without tls.*: a warning that they cannot authenticate; none with TLS or only loopback', () => {
+    const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' };
+    const remote = loadConfig([], { ...credentials, SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8' });
+    assert.ok(remote.ok);
+    assert.equal(remote.warnings.length, 1);
+    assert.match(remote.warnings[0], /^security\.requireAuth with security\.allowLocalOnly=false and no tls\.cert\/tls\.key: clients other than loopback cannot authenticate/);
+    for (const env of [{ ...credentials }, { ...credentials, SECURITY_ALLOW_LOCAL_ONLY: 'false', TLS_CERT: 'c.pem', TLS_KEY: 'k.pem' }, { SECURITY_REQUIRE_AUTH: 'false', SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8' }]) {
+      const r = loadConfig([], env);
+      assert.ok(r.ok);
+      assert.deepEqual(r.warnings, [], JSON.stringify(env));
+    }
+  });
+
   test('requireAuth without credentials and allowLocalOnly=false is refused, saying how to fix it', () => {
     const r = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false' });
     assert.equal(r.ok, false);

@@ -277,3 +277,25 @@ describe('STARTTLS without tls.cert / tls.key', () => {
     }
   });
 });
+
+test('a client whose TLS fails (plain text after 220 Ready to start TLS) is one info line, smtp.tls_failed, and the relay serves on', async (t) => {
+  const certificate = selfSignedCertificate();
+  if (!certificate) return t.skip('openssl is not installed');
+  const log = capturedLog('info');
+  const relay = await startTestRelay({ tls: certificate }, { ...INTAKE_ONLY, logger: log.logger });
+  try {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO client.test');
+    assert.match(await c.send('STARTTLS'), /^220 /);
+    c.write('EHLO client.test\r\n');
+    await closedByPeer(c.socket);
+    await assertStillServing(relay);
+    const tls = log.entries().filter((e) => e.event === 'smtp.tls_failed');
+    assert.equal(tls.length, 1);
+    assert.deepEqual([tls[0].level, tls[0].client, tls[0].code], [30, '127.0.0.1', 'ERR_SSL_WRONG_VERSION_NUMBER']);
+    assert.deepEqual(log.entries().filter((e) => (e.level as number) >= 40), [], 'no warning or error for what the client did');
+  } finally {
+    await relay.stop();
+  }
+});

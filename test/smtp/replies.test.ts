@@ -89,11 +89,17 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', /\(relayq\) with UTF8SMTP id /);
   });
 
-  test('an internationalized domain in ASCII (xn--) needs no SMTPUTF8', async () => {
+  test('an internationalized domain in ASCII (xn--) needs no SMTPUTF8, and the Received header keeps it in ASCII', async () => {
     const { c } = await ehlo(relay.smtpPort);
     assert.match(await c.send('MAIL FROM:<app@xn--bcher-kva.example>'), /^250 /);
     assert.match(await c.send('RCPT TO:<user@xn--mnchen-3ya.de>'), /^250 /);
+    assert.match(await c.send('DATA'), /^354/);
+    const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
     c.close();
+    const raw = messageRaw(relay.store.sqlite, id)?.raw ?? Buffer.alloc(0);
+    const received = raw.subarray(0, raw.indexOf('Subject:')).toString('latin1');
+    assert.match(received, /\tfor <user@xn--mnchen-3ya\.de>;/);
+    assert.ok(/^[\x00-\x7f]*$/.test(received), `the header is ASCII: ${received}`);
   });
 
   test('<postmaster> without a domain is a valid recipient (RFC 5321 §4.5.1)', async () => {
