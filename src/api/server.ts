@@ -1,8 +1,11 @@
 // Serves the API app on a TCP port with @hono/node-server. close() stops listening, drops idle
 // keep-alive connections at once and cuts the rest after a short grace, so shutdown is bounded.
-import type { Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
-import { serve } from '@hono/node-server';
+// A request the app never sees is answered in JSON too: one @hono/node-server cannot make into a
+// Request (no `Host`, `GET *`) and one Node's parser refuses (a head over 16 KB, a control
+// character in a header); both would otherwise get a status with an empty body.
+import { createServer, STATUS_CODES } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { getRequestListener, RequestError } from '@hono/node-server';
 import type { Hono } from 'hono';
 import type { ApiEnv } from './context.js';
 
@@ -14,27 +17,55 @@ export interface ApiServer {
 const CLOSE_GRACE_MS = 2000;
 
 export function startApiServer(app: Hono<ApiEnv>, host: string, port: number): Promise<ApiServer> {
+  // what @hono/node-server's serve() does, with the error handler it does not pass on
+  const listener = getRequestListener(app.fetch, { hostname: host, errorHandler: requestError });
+  // Node's own check would answer an HTTP/1.1 request without Host (RFC 9112 §3.2) with an empty 400
+  const server = createServer({ requireHostHeader: false }, (req, res) => {
+    if (req.httpVersion !== '1.1' || req.headers.host !== undefined) return listener(req, res);
+    const body = JSON.stringify({ error: 'bad_request', message: 'malformed request: an HTTP/1.1 request needs a Host header' });
+    res.writeHead(400, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), Connection: 'close' }).end(body);
+  });
+  server.on('clientError', clientError);
   return new Promise((resolve, reject) => {
-    const server = serve({ fetch: app.fetch, hostname: host, port }, (info: AddressInfo) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
       server.off('error', reject);
       let closing: Promise<void> | undefined;
       resolve({
-        port: info.port,
+        port: (server.address() as AddressInfo).port,
         close() {
           closing ??= new Promise<void>((done) => {
-            const http = server as Server;
-            const force = setTimeout(() => http.closeAllConnections(), CLOSE_GRACE_MS);
+            const force = setTimeout(() => server.closeAllConnections(), CLOSE_GRACE_MS);
             force.unref();
-            http.close(() => {
+            server.close(() => {
               clearTimeout(force);
               done();
             });
-            http.closeIdleConnections();
+            server.closeIdleConnections();
           });
           return closing;
         },
       });
     });
-    server.once('error', reject);
   });
+}
+
+function requestError(err: unknown): Response {
+  if (err instanceof RequestError) return Response.json({ error: 'bad_request', message: `malformed request: ${err.message}` }, { status: 400 });
+  return Response.json({ error: 'internal_error', message: 'internal error' }, { status: 500 });
+}
+
+/** Node's default clientError handling (the same statuses, the same condition), with a JSON body. */
+function clientError(err: NodeJS.ErrnoException, socket: Socket): void {
+  const response = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage;
+  if (!socket.writable || response?.headersSent || err.code === 'ECONNRESET') {
+    socket.destroy();
+    return;
+  }
+  const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
+  const error = status === 431 ? 'request_header_fields_too_large' : status === 408 ? 'request_timeout' : 'bad_request';
+  const body = JSON.stringify({ error, message: `malformed request: ${STATUS_CODES[status]?.toLowerCase()}` });
+  socket.end(
+    `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+  );
 }

@@ -433,6 +433,47 @@ describe('HTTP errors are JSON', () => {
       await relay.stop();
     }
   });
+
+  test('requests the app never sees (no Host, GET *, a head over 16 KB, a control character in a header) get JSON errors too', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    /** One request written as is; the response as status, content type and parsed body. */
+    const raw = (request: string) =>
+      new Promise<{ status: number; type: string; body: { error: string; message: string } }>((resolve, reject) => {
+        // written, not ended: the server closes once it has answered (Connection: close)
+        const socket = net.connect(relay.httpPort as number, '127.0.0.1', () => socket.write(request));
+        let text = '';
+        socket.setEncoding('latin1');
+        socket.on('data', (d: string) => {
+          text += d;
+        });
+        socket.on('error', reject);
+        socket.on('close', () => {
+          const [head, body] = [text.slice(0, text.indexOf('\r\n\r\n')), text.slice(text.indexOf('\r\n\r\n') + 4)];
+          const type = /\r\ncontent-type: ([^\r]*)/i.exec(head)?.[1] ?? '';
+          try {
+            resolve({ status: Number(head.split(' ')[1]), type, body: JSON.parse(body) });
+          } catch {
+            reject(new Error(`not JSON: ${JSON.stringify(text)}`));
+          }
+        });
+      });
+    try {
+      const cases: Array<[string, number, string, RegExp]> = [
+        ['GET /health HTTP/1.1\r\nConnection: close\r\n\r\n', 400, 'bad_request', /^malformed request: an HTTP\/1\.1 request needs a Host header$/],
+        ['GET * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n', 400, 'bad_request', /^malformed request: Invalid URL$/],
+        [`GET /admin/messages?sender=${'a'.repeat(17_000)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, 431, 'request_header_fields_too_large', /^malformed request: /],
+        ['GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Bad: a\x01b\r\n\r\n', 400, 'bad_request', /^malformed request: bad request$/],
+      ];
+      for (const [request, status, error, message] of cases) {
+        const r = await raw(request);
+        assert.deepEqual([r.status, r.type.startsWith('application/json'), r.body.error], [status, true, error], request.slice(0, 40));
+        assert.match(r.body.message, message);
+      }
+      assert.equal((await call(relay, '/health')).status, 200, 'the API goes on answering');
+    } finally {
+      await relay.stop();
+    }
+  });
 });
 
 test('the unfiltered message list is one snapshot: a message changing state meanwhile shows up exactly once', async () => {
