@@ -277,6 +277,11 @@ interface Settled {
   failed: number;
 }
 
+/** "address: code reply" of the message's recipient that failed last (the reply may start with its code). */
+const LAST_FAILURE_SQL = `SELECT address || ': ' || CASE WHEN last_code IS NOT NULL AND substr(last_reply, 1, 3) <> CAST(last_code AS TEXT)
+    THEN last_code || ' ' || last_reply ELSE last_reply END
+  FROM recipients WHERE message_id = ? AND status = 'failed' ORDER BY updated_at DESC, seq DESC LIMIT 1`;
+
 /**
  * Derives the message's state from its recipients and releases any lease: pending recipients →
  * 'queued', due at max(floor, earliest pending recipient); none pending → 'delivered' when all
@@ -318,12 +323,14 @@ function settleMessage(
        WHERE id = ?`,
     ).run(now, options.eraseRawOnDelivered ? 1 : 0, now, id);
   } else {
+    // The reason is that of the recipient that failed last, not this attempt's last problem: a
+    // deferral noted earlier may belong to a recipient that was delivered since.
     prepared(
       sqlite,
       `UPDATE messages SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, finished_at = ?,
-         last_error = COALESCE(?, last_error), updated_at = ?
+         last_error = COALESCE((${LAST_FAILURE_SQL}), ?, last_error), updated_at = ?
        WHERE id = ?`,
-    ).run(now, options.lastError, now, id);
+    ).run(now, id, options.lastError, now, id);
   }
   return { state, nextAttemptAt: now, pending: 0, delivered: counts.delivered, failed: counts.failed };
 }

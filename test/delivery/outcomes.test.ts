@@ -40,6 +40,21 @@ describe('per-recipient outcomes', () => {
     return queuedId((await sendMail(relay.smtpPort, { from: 'app@example.com', to, raw: RAW })).response);
   }
 
+  test("a failed message's last error names the recipient that failed, not one deferred meanwhile and delivered since", async () => {
+    const { clock, relay, upstream } = await setup();
+    let busy = true;
+    upstream.rcptReply = (a) => (a === 'bad@example.com' ? { code: 550, message: '5.1.1 No such user' } : a === 'tmp@example.com' && busy ? { code: 450, message: '4.2.1 Busy' } : undefined);
+    const id = await queue(relay, ['bad@example.com', 'tmp@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual([message(relay, id).state, message(relay, id).last_error], ['queued', 'deferred tmp@example.com: 450 4.2.1 Busy']);
+    busy = false;
+    clock.advance(60_000);
+    await relay.delivery.runOnce();
+    assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status]), [['bad@example.com', 'failed'], ['tmp@example.com', 'delivered']]);
+    assert.deepEqual([message(relay, id).state, message(relay, id).last_error], ['failed', 'bad@example.com: 550 5.1.1 No such user']);
+    assert.equal(readFailedExport(relay, id).lastError, 'bad@example.com: 550 5.1.1 No such user');
+  });
+
   test('550 to one RCPT → that recipient failed, the others delivered, message failed and exported with the original bytes', async () => {
     const { relay, upstream } = await setup();
     upstream.rcptReply = (a) => (a === 'bad@example.com' ? { code: 550, message: '5.1.1 No such user' } : undefined);
