@@ -134,14 +134,31 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     throw err;
   }
 
+  // The API binds first: a port in use stops the start before SMTP has taken any mail or
+  // delivery has claimed any (its /health says the SMTP listener is down until it listens).
+  let api: ApiServer | undefined;
+  if (config.enableHealthCheck) {
+    const app = createApp({ config, store, commits, disk, intake, clock, logger, warnings, delivery, getClientIp: options.apiClientIp });
+    try {
+      api = await startApiServer(app, config.healthCheckHost, config.healthCheckPort);
+    } catch (err) {
+      await closeStorage();
+      throw new Error(`healthCheckHost, healthCheckPort: cannot listen on ${config.healthCheckHost}:${config.healthCheckPort}: ${(err as Error).message}`, {
+        cause: err,
+      });
+    }
+  }
+
   let smtpPort: number;
   try {
     smtpPort = await intake.listen(config.smtpPort, config.smtpHost);
   } catch (err) {
+    await api?.close();
     await closeStorage();
     throw new Error(`smtpHost, smtpPort: cannot listen on ${config.smtpHost}:${config.smtpPort}: ${(err as Error).message}`, { cause: err });
   }
   logger.info({ event: 'relay.started', smtp: `${config.smtpHost}:${smtpPort}`, config: redactConfig(config) }, 'relayq started');
+  if (api) logger.info({ event: 'api.listening', http: `${config.healthCheckHost}:${api.port}` }, 'HTTP API listening');
 
   if (options.startDelivery ?? true) {
     commits.onCommitted = () => delivery.wake();
@@ -156,21 +173,6 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     deliveredDays: config.retention.deliveredDays,
   });
   if (options.startRetention ?? true) retention.start();
-
-  let api: ApiServer | undefined;
-  if (config.enableHealthCheck) {
-    const app = createApp({ config, store, commits, disk, intake, clock, logger, warnings, delivery, getClientIp: options.apiClientIp });
-    try {
-      api = await startApiServer(app, config.healthCheckHost, config.healthCheckPort);
-    } catch (err) {
-      await Promise.all([intake.shutdown(0), delivery.stop(0), retention.stop()]);
-      await closeStorage();
-      throw new Error(`healthCheckHost, healthCheckPort: cannot listen on ${config.healthCheckHost}:${config.healthCheckPort}: ${(err as Error).message}`, {
-        cause: err,
-      });
-    }
-    logger.info({ event: 'api.listening', http: `${config.healthCheckHost}:${api.port}` }, 'HTTP API listening');
-  }
 
   const graceMs = options.shutdownGraceMs ?? 10_000;
   let stopping: Promise<void> | undefined;

@@ -16,8 +16,8 @@ const EXPLAIN: Record<Exclude<RetryResult, 'not-found'>, string> = {
 
 export async function retryCommand(ids: string[], options: { failed?: boolean; sender?: string }, global: GlobalOptions): Promise<void> {
   if (options.failed && ids.length) throw new CliError('give message ids or --failed, not both');
-  if (!options.failed && ids.length === 0) throw new CliError('give one or more message ids, or --failed to requeue every failed message');
   if (options.sender !== undefined && !options.failed) throw new CliError('--sender goes with --failed');
+  if (!options.failed && ids.length === 0) throw new CliError('give one or more message ids, or --failed to requeue every failed message');
   const config = loadCliConfig(global, process.env);
 
   if (options.failed) {

@@ -199,10 +199,12 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(missing, /no database at .*missing\.db/);
     assertOneLineError(badConfig, /bad\.json is not valid JSON/);
     // a key given before the command name is commander's unknown option: named without its value
-    const [beforeCommand, onOperatorCommand] = await Promise.all([
+    const [beforeCommand, onOperatorCommand, senderAlone] = await Promise.all([
       runCli(['--defaultPassword=Hunter2Secret', 'serve']),
       runCli(['status', '--forwardPassword=Hunter2Secret']),
+      cli('retry', '--sender', 'x@example.com'),
     ]);
+    assertOneLineError(senderAlone, /^relayq: --sender goes with --failed$/);
     assertOneLineError(beforeCommand, /^relayq: unknown option '--defaultPassword'$/);
     assertOneLineError(onOperatorCommand, /^relayq: unknown option '--forwardPassword'$/);
     assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: EEXIST/);

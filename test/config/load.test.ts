@@ -1,13 +1,14 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { loadConfig, parseFlags } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
 import Database from 'better-sqlite3';
-import { cliArgs, startTestRelay, tempDir } from '../helpers.js';
+import { capturedLog, cliArgs, closedPort, startTestRelay, tempDir } from '../helpers.js';
 import { runCli } from '../cli/run-cli.js';
 
 const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
@@ -337,6 +338,26 @@ describe('what only the start can find out names the key to fix', () => {
         startTestRelay({ smtpPort: relay.smtpPort }, { startDelivery: false }),
         new RegExp(`^Error: smtpHost, smtpPort: cannot listen on 127\\.0\\.0\\.1:${relay.smtpPort}: .*EADDRINUSE`),
       );
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('an HTTP port in use stops the start before SMTP listens', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    const smtpPort = await closedPort();
+    const log = capturedLog('info');
+    try {
+      await assert.rejects(
+        startTestRelay({ smtpPort, healthCheckPort: relay.httpPort }, { logger: log.logger }),
+        new RegExp(`^Error: healthCheckHost, healthCheckPort: cannot listen on 127\\.0\\.0\\.1:${relay.httpPort}: .*EADDRINUSE`),
+      );
+      const refused = await new Promise<string>((resolve) => {
+        const socket = net.connect(smtpPort, '127.0.0.1', () => resolve('connected'));
+        socket.on('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? 'error'));
+      });
+      assert.equal(refused, 'ECONNREFUSED', 'SMTP does not listen');
+      assert.deepEqual(log.entries().filter((e) => e.event === 'relay.started'), [], 'the relay never started: SMTP never listened');
     } finally {
       await relay.stop();
     }
