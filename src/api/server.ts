@@ -55,7 +55,11 @@ function requestError(err: unknown): Response {
   return Response.json({ error: 'internal_error', message: 'internal error' }, { status: 500 });
 }
 
-/** Node's default clientError handling (the same statuses, the same condition), with a JSON body. */
+/**
+ * Node's default clientError handling, with a JSON body: 431 for a head that is too large, 408
+ * for one that came too slowly, 400 for the rest, and nothing on a socket that already has part
+ * of a response.
+ */
 function clientError(err: NodeJS.ErrnoException, socket: Socket): void {
   const response = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage;
   if (!socket.writable || response?.headersSent || err.code === 'ECONNRESET') {

@@ -16,7 +16,7 @@ program
   // unknown option is named without its value: `relayq --defaultPassword=… serve` (a key given
   // before the command name) must not print the password.
   .configureOutput({
-    outputError: (text, write) => write(`relayq: ${text.replace(/^error: /, '').replace(/(unknown option '-[^'=]*)=[^']*'/, "$1'")}`),
+    outputError: (text, write) => write(`relayq: ${text.replace(/^error: /, '').replace(/(unknown option '-[^'=]*)=.*'/, "$1'")}`),
   })
   // Options after a command name belong to that command, so `serve` receives its
   // `--config` and `--<key> value` flags untouched.

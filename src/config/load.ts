@@ -23,11 +23,18 @@ export type LoadResult = { ok: true; config: Config; warnings: string[] } | { ok
 
 const KEYS_BY_PATH = new Map(CONFIG_KEYS.map((k) => [k.path, k]));
 
+/** `--config` or `--<key path>`, with or without `=value`. */
+function isFlagName(arg: string): boolean {
+  const name = arg.slice(2).split('=')[0];
+  return name === 'config' || KEYS_BY_PATH.has(name);
+}
+
 /**
  * Flags: `--config FILE` and `--<key path> VALUE` or `--<key path>=VALUE`, e.g. `--rateLimits.enabled=true`.
- * A key that takes a value takes the next argument whatever it starts with (a password may start
- * with `--`); a boolean takes it only if it is not a flag, so `--forwardSMTP --forwardHost h` works.
- * What is reported names flags, never values: a mistyped `--defaultPasword=...` stays secret.
+ * A value does not start with `--`, so `--smtpPort --defaultPassword x` (an unset `$PORT`) is
+ * "--smtpPort needs a value", and a boolean alone is true (`--forwardSMTP --forwardHost h`); a
+ * password or token may, unless it is another known flag. What is reported names flags, never
+ * values: a mistyped `--defaultPasword=...` stays secret.
  */
 export function parseFlags(argv: readonly string[]): { configPath?: string; values: Map<string, string>; unknown: string[]; missing: string[] } {
   const values = new Map<string, string>();
@@ -52,8 +59,10 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
       name = name.slice(0, eq);
     }
     const key = KEYS_BY_PATH.get(name);
-    const takesValue = name === 'config' || (key !== undefined && key.type !== 'bool');
-    if (value === undefined && i + 1 < argv.length && (takesValue || !argv[i + 1].startsWith('--'))) value = argv[++i];
+    const next = argv[i + 1];
+    // a password or token may start with `--`; any other value, and another known flag, may not
+    const mayTake = next !== undefined && (!next.startsWith('--') || (key?.secret === true && !isFlagName(next)));
+    if (value === undefined && mayTake) value = argv[++i];
     previousFlag = value === undefined ? '' : name;
     const known = name === 'config' || key !== undefined;
     if (!known) unknown.push(`--${name}`);

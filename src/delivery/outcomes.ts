@@ -153,6 +153,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
   let delivered = 0;
   let pending = 0;
   let lastProblem: string | null = null;
+  let lastFailure: string | null = null;
   const recipients = claim.recipients.map((r, i): RecipientOutcome => {
     const res = result.recipients[i];
     const text = res.code !== null && !res.reply.startsWith(String(res.code)) ? `${res.code} ${res.reply}` : res.reply;
@@ -161,12 +162,12 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       return { seq: r.seq, status: 'delivered', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
     }
     if (res.verdict === 'failed') {
-      lastProblem = `${r.address}: ${text}`;
+      lastProblem = lastFailure = `${r.address}: ${text}`;
       return { seq: r.seq, status: 'failed', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
     }
     const reason = giveUpReason(r.attempts, claim.receivedAt, now, ctx.retry);
     if (reason) {
-      lastProblem = `${r.address}: ${describeGiveUp(reason, r.attempts, ctx.retry)}; last reply: ${text}`;
+      lastProblem = lastFailure = `${r.address}: ${describeGiveUp(reason, r.attempts, ctx.retry)}; last reply: ${text}`;
       return {
         seq: r.seq,
         status: 'failed',
@@ -209,6 +210,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     batchDelayMs: ctx.batchDelayMs,
     eraseRawOnDelivered: ctx.eraseRawOnDelivered,
     lastError: lastProblem,
+    lastFailure,
   };
   if (stop) {
     const refusal = result.code !== null && !result.reply.startsWith(String(result.code)) ? `${result.code} ${result.reply}` : result.reply;

@@ -135,6 +135,7 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     const settled = settleMessage(sqlite, id, now, {
       nextAttemptFloor: now,
       lastError: gaveUp ? GAVE_UP_UNFINISHED : null,
+      lastFailure: gaveUp ? GAVE_UP_UNFINISHED : null,
       eraseRawOnDelivered: false,
     });
     if (settled.state === 'delivered' || settled.state === 'failed') result.finalized.push({ id, state: settled.state });
@@ -213,6 +214,8 @@ export interface BatchCompletion {
   eraseRawOnDelivered: boolean;
   /** Message-level summary of the latest problem (null clears it). */
   lastError: string | null;
+  /** This batch's last permanent failure: what a message that ends failed now reports. */
+  lastFailure?: string | null;
 }
 
 export type CompletionResult =
@@ -264,6 +267,7 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
   const settled = settleMessage(sqlite, c.messageId, c.now, {
     nextAttemptFloor: c.now + c.batchDelayMs,
     lastError: c.lastError,
+    lastFailure: c.lastFailure,
     eraseRawOnDelivered: c.eraseRawOnDelivered,
   });
   return { leaseLost: false, ...settled };
@@ -277,10 +281,14 @@ interface Settled {
   failed: number;
 }
 
-/** "address: code reply" of the message's recipient that failed last (the reply may start with its code). */
+/**
+ * "address: code reply" of the message's recipient that failed last (the reply may start with its
+ * code), one the upstream refused rather than one failed unattempted (continueOnError=false).
+ */
 const LAST_FAILURE_SQL = `SELECT address || ': ' || CASE WHEN last_code IS NOT NULL AND substr(last_reply, 1, 3) <> CAST(last_code AS TEXT)
     THEN last_code || ' ' || last_reply ELSE last_reply END
-  FROM recipients WHERE message_id = ? AND status = 'failed' ORDER BY updated_at DESC, seq DESC LIMIT 1`;
+  FROM recipients WHERE message_id = ? AND status = 'failed'
+  ORDER BY last_reply LIKE 'not attempted%', updated_at DESC, seq DESC LIMIT 1`;
 
 /**
  * Derives the message's state from its recipients and releases any lease: pending recipients →
@@ -291,7 +299,7 @@ function settleMessage(
   sqlite: Sqlite,
   id: string,
   now: number,
-  options: { nextAttemptFloor: number; lastError: string | null; eraseRawOnDelivered: boolean },
+  options: { nextAttemptFloor: number; lastError: string | null; lastFailure?: string | null; eraseRawOnDelivered: boolean },
 ): Settled {
   const counts = prepared(
     sqlite,
@@ -323,14 +331,14 @@ function settleMessage(
        WHERE id = ?`,
     ).run(now, options.eraseRawOnDelivered ? 1 : 0, now, id);
   } else {
-    // The reason is that of the recipient that failed last, not this attempt's last problem: a
-    // deferral noted earlier may belong to a recipient that was delivered since.
+    // The reason is a failure: this attempt's, else the recipient that failed last. Not this
+    // attempt's last problem: a deferral noted may belong to a recipient that was delivered since.
     prepared(
       sqlite,
       `UPDATE messages SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, finished_at = ?,
-         last_error = COALESCE((${LAST_FAILURE_SQL}), ?, last_error), updated_at = ?
+         last_error = COALESCE(?, (${LAST_FAILURE_SQL}), ?, last_error), updated_at = ?
        WHERE id = ?`,
-    ).run(now, id, options.lastError, now, id);
+    ).run(now, options.lastFailure ?? null, id, options.lastError, now, id);
   }
   return { state, nextAttemptAt: now, pending: 0, delivered: counts.delivered, failed: counts.failed };
 }

@@ -200,7 +200,7 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(badConfig, /bad\.json is not valid JSON/);
     // a key given before the command name is commander's unknown option: named without its value
     const [beforeCommand, onOperatorCommand, senderAlone] = await Promise.all([
-      runCli(['--defaultPassword=Hunter2Secret', 'serve']),
+      runCli(["--defaultPassword=Hun'ter2Secret", 'serve']),
       runCli(['status', '--forwardPassword=Hunter2Secret']),
       cli('retry', '--sender', 'x@example.com'),
     ]);

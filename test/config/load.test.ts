@@ -266,9 +266,14 @@ describe('loadConfig', () => {
     }
   });
 
-  test('a value may start with --; a word after a password that went unquoted is not shown', () => {
+  test('a password may start with --, another value may not; a word after a password that went unquoted is not shown', () => {
     const r = loadConfig(['--defaultPassword', '--Sup3rSecret', '--forwardSMTP', '--forwardHost', 'smtp.example.com'], {});
     assert.ok(r.ok && r.config.defaultPassword === '--Sup3rSecret' && r.config.forwardSMTP && r.config.forwardHost === 'smtp.example.com');
+    // an unset variable ($PORT, $UPSTREAM) leaves a flag without its value: said so, the next flag keeps its own
+    assert.deepEqual(errorMessages(loadConfig(['--smtpPort', '--defaultPassword', 'hunter2Secret'], {})), ['--smtpPort needs a value']);
+    assert.deepEqual(errorMessages(loadConfig(['--serverName', '--defaultPassword=hunter2Secret'], {})), ['--serverName needs a value']);
+    assert.deepEqual(errorMessages(loadConfig(['--forwardHost', '--forwardSMTP'], {})), ['--forwardHost needs a value']);
+    assert.deepEqual(errorMessages(loadConfig(['--defaultPassword', '--logLevel', 'debug'], {})), ['--defaultPassword needs a value']);
     const split = errorMessages(loadConfig(['--forwardPassword', 'correct', 'horsebattery', '--serverName', 'a', 'stray'], {}));
     assert.deepEqual(split, [
       "unexpected argument: the word after --forwardPassword's value (quote a value that has spaces)",

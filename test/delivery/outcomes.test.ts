@@ -229,6 +229,8 @@ describe('per-recipient outcomes', () => {
     assert.match(rows[1].last_reply!, /^not attempted again: batch 1 was refused permanently \(554 .*Policy rejection\) and continueOnError is false; last reply: 450 .*Mailbox busy/);
     assert.match(rows[4].last_reply!, /^not attempted: batch 1 was refused permanently/);
     assert.equal(message(relay, id).state, 'failed');
+    // the message reports the refusal, not a recipient that was never tried
+    assert.equal(message(relay, id).last_error, 'd@example.com: 554 5.7.1 Policy rejection');
   });
 
   test('continueOnError=true (default): later batches still go after a refused one', async () => {
