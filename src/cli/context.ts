@@ -39,10 +39,6 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
   return loaded.config;
 }
 
-function hasSchema(sqlite: Sqlite): boolean {
-  return sqlite.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'").get() !== undefined;
-}
-
 export function requireDatabaseFile(file: string): void {
   if (!fs.existsSync(file)) {
     throw new CliError(`no database at ${file} (set databasePath in the config file, DATABASE_PATH, --databasePath or --config)`);
@@ -67,8 +63,7 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   }
   try {
     try {
-      refuseForeignDatabase(sqlite);
-      if (!hasSchema(sqlite) || appliedMigrations(sqlite).length === 0) {
+      if (refuseForeignDatabase(sqlite).length === 0 || appliedMigrations(sqlite).length === 0) {
         throw new Error('no schema: an empty database (start the server on it, or run `relayq migrate`)');
       }
     } catch (err) {

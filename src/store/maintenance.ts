@@ -28,9 +28,10 @@ export function databaseFileSizes(databasePath: string): { database: number; wal
 
 /**
  * relayq creates its tables in an empty file only: a file of another program's tables (a wrong
- * databasePath) is refused before anything, even the journal mode, is changed in it.
+ * databasePath) is refused before anything, even the journal mode, is changed in it. Returns the
+ * file's tables (none: an empty database).
  */
-export function refuseForeignDatabase(sqlite: Sqlite): void {
+export function refuseForeignDatabase(sqlite: Sqlite): string[] {
   const names = (
     sqlite.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, 7) <> 'sqlite_' ORDER BY name").all() as Array<{
       name: string;
@@ -40,6 +41,7 @@ export function refuseForeignDatabase(sqlite: Sqlite): void {
     const shown = names.slice(0, 5).join(', ') + (names.length > 5 ? ', …' : '');
     throw new Error(`not a relayq database: it holds tables relayq did not create (${shown}) and no schema_migrations`);
   }
+  return names;
 }
 
 /** Names of the migrations applied to this database; throws on a file that is not relayq's. */
