@@ -1,5 +1,6 @@
-// Who may talk to relayq: loopback detection (shared by SMTP and the HTTP API) and the
-// allowedNetworks CIDR list, checked with node's BlockList.
+// Who may talk to relayq: loopback detection (shared by SMTP and the HTTP API), the
+// allowedNetworks CIDR list (checked with node's BlockList), and how a secret is compared.
+import crypto from 'node:crypto';
 import net from 'node:net';
 import { parseCidr } from './config/load.js';
 
@@ -35,4 +36,11 @@ export function clientFilter(policy: ClientPolicy): (address: string | undefined
     if (family === 0) return false;
     return list.check(ip, family === 4 ? 'ipv4' : 'ipv6');
   };
+}
+
+/** A secret compared in constant time (hashed first, so that the lengths may differ). */
+export function secretsEqual(given: string, expected: string): boolean {
+  const a = crypto.createHash('sha256').update(given).digest();
+  const b = crypto.createHash('sha256').update(expected).digest();
+  return crypto.timingSafeEqual(a, b);
 }

@@ -6,6 +6,11 @@ export interface Clock {
 
 export const systemClock: Clock = { now: () => Date.now() };
 
+/** Milliseconds since the epoch → ISO 8601, keeping null for "never". */
+export function isoTime(ms: number | null | undefined): string | null {
+  return ms === null || ms === undefined ? null : new Date(ms).toISOString();
+}
+
 export class ManualClock implements Clock {
   constructor(private t = Date.UTC(2026, 0, 1)) {}
   now(): number {

@@ -14,7 +14,7 @@ import { CONFIG_KEYS } from './config/schema.js';
 
 const SECRET_KEYS = CONFIG_KEYS.filter((key) => key.secret).map((key) => key.path);
 
-export const REDACT_PATHS = [
+const REDACT_PATHS = [
   'password',
   'pass',
   'authorization',

@@ -1,6 +1,7 @@
-// Wires relayq together: store → SMTP intake → delivery workers → HTTP API, and takes them down
-// in the reverse order on shutdown (stop intake, stop claiming, let in-flight deliveries
-// finish within a bound, release claims, checkpoint and close the database).
+// Wires relayq together: the store opens, the HTTP API binds, SMTP listens, then delivery and
+// retention start. A stop closes the API and drains intake and delivery together within the grace
+// period (in-flight deliveries finish or are released), then the last commits are made and the
+// database is checkpointed and closed.
 import fs from 'node:fs';
 import type { Context } from 'hono';
 import type { Logger } from 'pino';
@@ -204,5 +205,3 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   };
   return relay;
 }
-
-/** Group commit that also wakes delivery after each commit: new mail is due at once, not at the next poll. */

@@ -11,25 +11,18 @@
 // unless told otherwise it sends its own upstream address as `Host` (nginx's `proxy_pass
 // http://127.0.0.1:8025`). A loopback request that carries a forwarding header is therefore a
 // remote client's: it needs the token, as that client would.
-import crypto from 'node:crypto';
 import { getConnInfo } from '@hono/node-server/conninfo';
 import type { Context, MiddlewareHandler } from 'hono';
-import { isLoopback, normalizeIp } from '../access-control.js';
+import { isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
 import type { ApiDeps, ApiEnv } from './context.js';
 
 /** The socket's peer address; undefined when the request did not come over a socket. */
-export function socketClientIp(c: Context): string | undefined {
+function socketClientIp(c: Context): string | undefined {
   try {
     return getConnInfo(c).remote.address;
   } catch {
     return undefined;
   }
-}
-
-function tokensEqual(given: string, expected: string): boolean {
-  const a = crypto.createHash('sha256').update(given).digest();
-  const b = crypto.createHash('sha256').update(expected).digest();
-  return crypto.timingSafeEqual(a, b);
 }
 
 export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
@@ -58,7 +51,7 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
       const via = forwarding === undefined ? '' : ` (a request relayed by a proxy, with ${forwarding}, is not a loopback client's)`;
       return c.json({ error: 'forbidden', message: `only loopback clients may use this API${via}: security.adminToken is not set` }, 403);
     }
-    if (bearer === undefined || !tokensEqual(bearer, token)) {
+    if (bearer === undefined || !secretsEqual(bearer, token)) {
       log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: bearer === undefined ? 'no-token' : 'wrong-token' }, 'client refused');
       c.header('WWW-Authenticate', 'Bearer realm="relayq"');
       return c.json({ error: 'unauthorized', message: 'a valid Authorization: Bearer <adminToken> header is required' }, 401);

@@ -8,10 +8,11 @@ import { removeFailedExport } from '../delivery/failed-export.js';
 import { type RequeueFilter, requeueFailedInSteps } from '../store/admin.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
-import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
+import { isoTime } from '../clock.js';
+import type { ApiDeps, ApiEnv } from './context.js';
 
-export const DEFAULT_PAGE_SIZE = 50;
-export const MAX_PAGE_SIZE = 1000;
+const DEFAULT_PAGE_SIZE = 50;
+const MAX_PAGE_SIZE = 1000;
 const MAX_IDS = 10_000;
 /** Room for MAX_IDS ids and the other filters. */
 const MAX_BODY_BYTES = 1024 * 1024;

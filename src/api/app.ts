@@ -75,5 +75,3 @@ export function createApp(dependencies: ApiDeps) {
 
   return app;
 }
-
-export type ApiApp = ReturnType<typeof createApp>;

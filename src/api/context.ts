@@ -8,13 +8,13 @@ import type { InFlowStats } from '../delivery/in-flow.js';
 import type { Sqlite } from '../store/db.js';
 import type { StoreWriter } from '../store/writer.js';
 
-/** What a delivery engine may report about its upstream beyond what the store records. */
-export interface UpstreamStatusSource {
-  status(): {
-    lastSuccessAt?: number | null;
-    lastFailureAt?: number | null;
-    consecutiveFailures?: number;
-  };
+/**
+ * The delivery engine's live view: of the upstream, beyond what the store records, and of in-flow
+ * pacing (counted since this process started).
+ */
+export interface DeliveryView {
+  status(): { lastSuccessAt: number | null; lastFailureAt: number | null; consecutiveFailures: number };
+  inFlow: { stats(): InFlowStats };
 }
 
 export interface ApiDeps {
@@ -27,11 +27,7 @@ export interface ApiDeps {
   logger: Logger;
   /** Startup warnings shown in /health (e.g. loopback clients accepted without AUTH). */
   warnings: readonly string[];
-  /**
-   * Optional live view of the upstream (the persisted attempt counters are used without it) and
-   * of in-flow pacing (counted since this process started).
-   */
-  delivery?: Partial<UpstreamStatusSource> & { inFlow?: { stats(): InFlowStats } };
+  delivery: DeliveryView;
   /** The client's address; by default the socket's peer address. Tests inject other peers. */
   getClientIp?: (c: Context) => string | undefined;
 }
@@ -43,8 +39,3 @@ export interface Requester {
 }
 
 export type ApiEnv = { Variables: { requester: Requester } };
-
-/** Milliseconds since the epoch → ISO 8601, keeping null for "never". */
-export function isoTime(ms: number | null | undefined): string | null {
-  return ms === null || ms === undefined ? null : new Date(ms).toISOString();
-}

@@ -5,14 +5,15 @@
 // single index steps, so the check costs the same with a thousand or a million messages.
 import { Hono } from 'hono';
 import { oldestActiveReceivedAt, type StoreMetrics, storeMetrics, successRate, type UpstreamRecord } from '../store/queries.js';
-import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
+import { isoTime } from '../clock.js';
+import type { ApiDeps, ApiEnv } from './context.js';
 
 /**
  * The upstream counts as failing when at least `upstreamFailures` attempts in a row delivered
  * nothing and none succeeded for `upstreamQuietMs` (or ever). One refused connection is not an
  * outage; a run of failures right after a success is not one yet either.
  */
-export const HEALTH_THRESHOLDS = {
+const HEALTH_THRESHOLDS = {
   upstreamFailures: 3,
   upstreamQuietMs: 5 * 60_000,
   queueFullFraction: 0.8,
@@ -22,17 +23,16 @@ export type HealthStatus = 'ok' | 'degraded' | 'error';
 
 /** The store's record of the upstream, merged with what a delivery engine reports live. */
 export function upstreamView(persisted: UpstreamRecord, delivery: ApiDeps['delivery']): UpstreamRecord {
-  const live = delivery?.status?.();
-  if (!live) return persisted;
-  const latest = (a: number | null, b: number | null | undefined) => (b == null ? a : a === null ? b : Math.max(a, b));
+  const live = delivery.status();
+  const latest = (a: number | null, b: number | null) => (b === null ? a : a === null ? b : Math.max(a, b));
   return {
     lastSuccessAt: latest(persisted.lastSuccessAt, live.lastSuccessAt),
     lastFailureAt: latest(persisted.lastFailureAt, live.lastFailureAt),
-    consecutiveFailures: Math.max(persisted.consecutiveFailures, live.consecutiveFailures ?? 0),
+    consecutiveFailures: Math.max(persisted.consecutiveFailures, live.consecutiveFailures),
   };
 }
 
-export function upstreamFailing(upstream: UpstreamRecord, now: number): boolean {
+function upstreamFailing(upstream: UpstreamRecord, now: number): boolean {
   if (upstream.consecutiveFailures < HEALTH_THRESHOLDS.upstreamFailures) return false;
   return upstream.lastSuccessAt === null || now - upstream.lastSuccessAt >= HEALTH_THRESHOLDS.upstreamQuietMs;
 }

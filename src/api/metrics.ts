@@ -6,7 +6,8 @@
 import { Hono } from 'hono';
 import { HTTPException } from 'hono/http-exception';
 import { metricsSummary, oldestActiveReceivedAt, storeMetrics } from '../store/queries.js';
-import { type ApiDeps, type ApiEnv, isoTime } from './context.js';
+import { isoTime } from '../clock.js';
+import type { ApiDeps, ApiEnv } from './context.js';
 import { upstreamView } from './health.js';
 import { type ExpositionFormat, type MetricsSnapshot, renderExposition } from './prometheus.js';
 
@@ -15,7 +16,7 @@ type MetricsFormat = 'json' | ExpositionFormat;
 const FORMATS: readonly MetricsFormat[] = ['json', 'prometheus', 'openmetrics'];
 
 /** The format an Accept header prefers (by q-value; ties go to JSON), JSON when it names none. */
-export function formatFromAccept(accept: string | undefined): MetricsFormat {
+function formatFromAccept(accept: string | undefined): MetricsFormat {
   const q: Record<MetricsFormat, number> = { json: 0, prometheus: 0, openmetrics: 0 };
   for (const part of (accept ?? '').split(',')) {
     const [type, ...params] = part.split(';').map((p) => p.trim().toLowerCase());
@@ -41,7 +42,7 @@ export function metricsRoutes(deps: ApiDeps) {
       queueSize: deps.config.queueSize,
       diskFreeMb: deps.disk.freeMb(),
       smtpListening: deps.intake.isListening,
-      pacing: deps.delivery?.inFlow?.stats() ?? null,
+      pacing: deps.delivery.inFlow.stats(),
     };
   };
 
@@ -58,13 +59,8 @@ export function metricsRoutes(deps: ApiDeps) {
     }
     return c.json({
       timestamp: isoTime(s.now),
-      ...metricsSummary(s.store, s.oldestActiveReceivedAt, s.now),
-      upstream: {
-        last_success: isoTime(s.upstream.lastSuccessAt),
-        last_failure: isoTime(s.upstream.lastFailureAt),
-        consecutive_failures: s.upstream.consecutiveFailures,
-      },
-      ...(s.pacing && { intake_pacing: { waiting: s.pacing.waiting, delayed: s.pacing.delayed, timed_out: s.pacing.timedOut } }),
+      ...metricsSummary(s.store, s.oldestActiveReceivedAt, s.now, s.upstream),
+      intake_pacing: { waiting: s.pacing.waiting, delayed: s.pacing.delayed, timed_out: s.pacing.timedOut },
     });
   });
 }

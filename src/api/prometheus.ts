@@ -16,8 +16,8 @@ export interface MetricsSnapshot {
   queueSize: number;
   diskFreeMb: number;
   smtpListening: boolean;
-  /** In-flow pacing since this process started; null without a delivery engine. */
-  pacing: InFlowStats | null;
+  /** In-flow pacing since this process started. */
+  pacing: InFlowStats;
 }
 
 export type ExpositionFormat = 'prometheus' | 'openmetrics';
@@ -126,11 +126,9 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
     (s.upstream.lastFailureAt ?? 0) / 1000,
   );
   gauge('relayq_disk_free_bytes', 'Free space on the filesystem of the database.', Number.isFinite(s.diskFreeMb) ? s.diskFreeMb * 1024 * 1024 : 0);
-  if (s.pacing) {
-    counter('relayq_intake_paced_total', 'MAIL commands that waited for delivery to catch up (inFlowDelay), since this process started.', s.pacing.delayed);
-    counter('relayq_intake_paced_timeouts_total', 'Of those, the ones that waited the whole inFlowDelay.', s.pacing.timedOut);
-    gauge('relayq_intake_paced_waiting', 'MAIL commands waiting now.', s.pacing.waiting);
-  }
+  counter('relayq_intake_paced_total', 'MAIL commands that waited for delivery to catch up (inFlowDelay), since this process started.', s.pacing.delayed);
+  counter('relayq_intake_paced_timeouts_total', 'Of those, the ones that waited the whole inFlowDelay.', s.pacing.timedOut);
+  gauge('relayq_intake_paced_waiting', 'MAIL commands waiting now.', s.pacing.waiting);
   gauge('relayq_smtp_listener_up', '1 while the SMTP listener accepts connections.', s.smtpListening ? 1 : 0);
 
   return { contentType: registry.contentType as string, body: await registry.metrics() };

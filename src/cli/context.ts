@@ -83,11 +83,16 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   }
 }
 
-/** Opens the store without migrating; a failure is one CLI line naming the file. */
-export async function openStoreForCli(file: string, open: typeof import('../store/db.js').openStore, config: Config): Promise<Store> {
+/**
+ * Opens the store without migrating; a failure is one CLI line naming the file. The query builder
+ * and the migrations load here, not at the top: only the commands that write need them.
+ */
+export async function openStoreForCli(config: Config): Promise<Store> {
+  const file = config.databasePath;
+  const { openStore } = await import('../store/db.js');
   try {
     // as on the server's writer: content a command frees must not linger in the file
-    return await open(file, { migrate: false, secureDelete: !config.security.logAllEmails });
+    return await openStore(file, { migrate: false, secureDelete: !config.security.logAllEmails });
   } catch (err) {
     throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
   }
@@ -102,9 +107,8 @@ export async function openStoreForCli(file: string, open: typeof import('../stor
 export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
   const file = config.databasePath;
   requireDatabaseFile(file);
-  // Loaded here, not at the top: the query builder and the migrations are only needed to write.
-  const [{ openStore }, { migrations }] = await Promise.all([import('../store/db.js'), import('../../migrations/index.js')]);
-  const store = await openStoreForCli(file, openStore, config);
+  const { migrations } = await import('../../migrations/index.js');
+  const store = await openStoreForCli(config);
   try {
     let missing: string[];
     try {

@@ -8,6 +8,14 @@ import { Command, InvalidArgumentError } from 'commander';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { CliError, configFlags, type GlobalOptions } from './context.js';
 
+/** --config, --databasePath and --json: taken before a command's name and after it. */
+function withGlobalOptions(cmd: Command): Command {
+  return cmd
+    .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)')
+    .option('--databasePath <file>', 'the database file (default: databasePath from the config)')
+    .option('--json', 'machine-readable JSON output');
+}
+
 const program = new Command();
 program
   .name('relayq')
@@ -20,10 +28,8 @@ program
   })
   // Options after a command name belong to that command, so `serve` receives its
   // `--config` and `--<key> value` flags untouched.
-  .enablePositionalOptions()
-  .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)')
-  .option('--databasePath <file>', 'the database file (default: databasePath from the config)')
-  .option('--json', 'machine-readable JSON output');
+  .enablePositionalOptions();
+withGlobalOptions(program);
 
 program
   .command('serve')
@@ -38,12 +44,7 @@ program
 
 /** A subcommand that also accepts the global options after its name. */
 function operatorCommand(name: string, description: string): Command {
-  return program
-    .command(name)
-    .description(description)
-    .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)')
-    .option('--databasePath <file>', 'the database file (default: databasePath from the config)')
-    .option('--json', 'machine-readable JSON output');
+  return withGlobalOptions(program.command(name).description(description));
 }
 
 function globals(cmd: Command): GlobalOptions {

@@ -1,8 +1,6 @@
 // `relayq migrate`: applies pending schema migrations (the server also does this at start), so an
 // upgrade can be prepared, or a restored backup brought up to date, before the server runs.
-import { migrations } from '../../migrations/index.js';
-import { migrateToLatest, openStore } from '../store/db.js';
-import { appliedMigrations } from '../store/maintenance.js';
+import { migrateToLatest } from '../store/db.js';
 import { CliError, closeWithoutCheckpoint, openStoreForCli, type GlobalOptions, loadCliConfig, requireDatabaseFile, printJson, printText } from './context.js';
 
 export async function migrateCommand(global: GlobalOptions): Promise<void> {
@@ -10,14 +8,13 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
   const file = config.databasePath;
   // an upgrade of a database that is not there would create an empty one and call it a success
   requireDatabaseFile(file);
-  const store = await openStoreForCli(file, openStore, config);
+  const store = await openStoreForCli(config);
   try {
     const applied = await migrateToLatest(store.db).catch((err: Error) => {
       throw new CliError(`migration failed on ${file}: ${err.message}`);
     });
-    const pending = Object.keys(migrations).filter((name) => !appliedMigrations(store.sqlite).includes(name));
     if (global.json) {
-      printJson({ database: file, applied, pending });
+      printJson({ database: file, applied });
     } else if (applied.length) {
       printText(`applied ${applied.join(', ')} to ${file}`);
     } else {

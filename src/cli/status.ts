@@ -18,17 +18,11 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
   const summary = metricsSummary(m, oldest, now);
   const failedNet = summary.failed_emails;
   const finished = m.messagesDelivered + m.messagesFailed;
-  const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 
   if (global.json) {
     printJson({
       database: { path: config.databasePath, bytes: files.database, wal_bytes: files.wal },
       ...summary,
-      upstream: {
-        last_success: iso(m.upstream.lastSuccessAt),
-        last_failure: iso(m.upstream.lastFailureAt),
-        consecutive_failures: m.upstream.consecutiveFailures,
-      },
     });
     return;
   }

@@ -79,7 +79,7 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
  * (it may be a password: `"defaultPassword": 'secret'`). V8 gives a position for most errors; for
  * an unexpected token it quotes the 10 characters before and after it instead, which locate it.
  */
-export function describeJsonError(err: Error, text: string): string {
+function describeJsonError(err: Error, text: string): string {
   const at = (pos: number) => {
     const before = text.slice(0, pos).split('\n');
     return ` at line ${before.length}, column ${before[before.length - 1].length + 1}`;

@@ -59,7 +59,6 @@ export interface DeliveryHealth {
   lastFailureAt: number | null;
   /** Attempts in a row that delivered nothing; any delivery resets it. */
   consecutiveFailures: number;
-  lastFailure: string | null;
 }
 
 export interface RunReport {
@@ -146,7 +145,6 @@ export class DeliveryEngine {
     lastSuccessAt: null as number | null,
     lastFailureAt: null as number | null,
     consecutiveFailures: 0,
-    lastFailure: null as string | null,
   };
 
   constructor(private readonly deps: DeliveryDeps) {
@@ -633,7 +631,6 @@ export class DeliveryEngine {
     } else {
       this.stats.lastFailureAt = now;
       this.stats.consecutiveFailures++;
-      this.stats.lastFailure = result.code !== null && !result.reply.startsWith(String(result.code)) ? `${result.code} ${result.reply}` : result.reply;
     }
   }
 

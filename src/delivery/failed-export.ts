@@ -3,12 +3,13 @@
 // database stays the source of truth; the export can be redone from it at any time.
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { isoTime } from '../clock.js';
 import type { Sqlite } from '../store/db.js';
 import { type MessageDetail, messageDetail, messageRaw } from '../store/queries.js';
 import { writeFileAtomic } from './atomic-file.js';
 import { safeFileStem } from './local.js';
 
-export const FAILED_EXPORT_VERSION = 1;
+const FAILED_EXPORT_VERSION = 1;
 
 /** emailsDir/failed: where failed mail is exported. */
 export function failedExportDir(emailsDir: string): string {
@@ -20,10 +21,9 @@ export function failedExportPath(emailsDir: string, id: string, directory = fail
   return path.join(directory, `${safeFileStem(id)}.json`);
 }
 
-const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 
 /** The JSON document of a failed message (documented in the README). */
-export function failedExportDocument(detail: MessageDetail, raw: Buffer | null, exportedAt: number): Record<string, unknown> {
+function failedExportDocument(detail: MessageDetail, raw: Buffer | null, exportedAt: number): Record<string, unknown> {
   const { message: m, recipients, attempts } = detail;
   return {
     version: FAILED_EXPORT_VERSION,
@@ -38,8 +38,8 @@ export function failedExportDocument(detail: MessageDetail, raw: Buffer | null, 
       lastReply: r.last_reply,
       temporary: r.temporary === 1,
     })),
-    receivedAt: iso(m.received_at),
-    failedAt: iso(m.finished_at),
+    receivedAt: isoTime(m.received_at),
+    failedAt: isoTime(m.finished_at),
     lastError: m.last_error,
     client: { ip: m.client_ip, hostname: m.client_hostname, helo: m.helo, authUser: m.auth_user },
     size: m.size,
@@ -47,13 +47,13 @@ export function failedExportDocument(detail: MessageDetail, raw: Buffer | null, 
       batch: a.batch,
       recipients: a.recipients,
       upstream: a.upstream,
-      startedAt: iso(a.started_at),
+      startedAt: isoTime(a.started_at),
       durationMs: a.duration_ms,
       outcome: a.outcome,
       code: a.code,
       reply: a.reply,
     })),
-    exportedAt: iso(exportedAt),
+    exportedAt: isoTime(exportedAt),
     raw: raw ? raw.toString('base64') : null,
   };
 }

@@ -14,7 +14,7 @@ export function safeFileStem(id: string): string {
   return id;
 }
 
-export function emlPath(emailsDir: string, id: string): string {
+function emlPath(emailsDir: string, id: string): string {
   return path.join(emailsDir, `${safeFileStem(id)}.eml`);
 }
 

@@ -61,7 +61,7 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
   return { temporary: true, code, reply };
 }
 
-export function replyCode(reply: string | undefined): number | null {
+function replyCode(reply: string | undefined): number | null {
   const m = /^([2-5]\d\d)/.exec(reply ?? '');
   return m ? Number(m[1]) : null;
 }
@@ -156,7 +156,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
   let lastFailure: string | null = null;
   const recipients = claim.recipients.map((r, i): RecipientOutcome => {
     const res = result.recipients[i];
-    const text = res.code !== null && !res.reply.startsWith(String(res.code)) ? `${res.code} ${res.reply}` : res.reply;
+    const text = withCode(res.code, res.reply);
     if (res.verdict === 'delivered') {
       delivered++;
       return { seq: r.seq, status: 'delivered', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
@@ -213,8 +213,12 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     lastFailure,
   };
   if (stop) {
-    const refusal = result.code !== null && !result.reply.startsWith(String(result.code)) ? `${result.code} ${result.reply}` : result.reply;
-    completion.failRemaining = `batch ${claim.batch} was refused permanently (${refusal}) and continueOnError is false`;
+    completion.failRemaining = `batch ${claim.batch} was refused permanently (${withCode(result.code, result.reply)}) and continueOnError is false`;
   }
   return completion;
+}
+
+/** A reply with its code in front, unless it starts with it already. */
+function withCode(code: number | null, reply: string): string {
+  return code !== null && !reply.startsWith(String(code)) ? `${code} ${reply}` : reply;
 }

@@ -13,7 +13,7 @@ export interface RetrySettings {
 }
 
 /** ± this fraction of the delay, so that mail deferred together does not return together. */
-export const JITTER = 0.1;
+const JITTER = 0.1;
 
 /**
  * Delay before attempt n+1 after the n-th attempt failed temporarily:

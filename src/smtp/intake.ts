@@ -1,21 +1,20 @@
 // SMTP intake: access control, AUTH, envelope checks, policy (limits, queue size, disk) and the
 // durable insert. Invariant: `250` is sent only from the callback of the commit that holds the
 // message; every refusal carries the reply code and enhanced code of the spec's §2 table.
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
-import { clientFilter, isLoopback, normalizeIp } from '../access-control.js';
+import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import type { InFlowGate, InFlowWait } from '../delivery/in-flow.js';
 import { type LibraryLogger, libraryLogger } from '../logger.js';
 import type { Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import {
   checkRateLimits,
   isQueueFull,
+  type LimitHit,
   newQueueId,
   PolicyRefusal,
   rateLimitMessage,
@@ -35,8 +34,17 @@ export interface IntakeDeps {
   /** Where a session comes from; tests inject non-loopback peers here. */
   peerAddress?: (session: SMTPServerSession) => string;
   /** Paces MAIL while delivery is behind (inFlowDelay); none: never waits. */
-  inFlow?: InFlowGate;
+  inFlow?: MailPacer;
 }
+
+/**
+ * Delivery's in-flow pacing as intake sees it: admit() is undefined when a MAIL may go ahead at
+ * once, else its wait, which `cancel()` gives up when the session closes.
+ */
+export interface MailPacer {
+  admit(): PacedMail | undefined;
+}
+type PacedMail = Promise<void> & { cancel(): void };
 
 interface SessionState {
   queueId?: string;
@@ -48,7 +56,7 @@ interface SessionState {
   refused?: string[];
   refusedCount?: number;
   /** A MAIL waiting for in-flow pacing; cancelled if the connection closes meanwhile. */
-  pacing?: InFlowWait;
+  pacing?: PacedMail;
 }
 
 type Callback = (err?: Error | null) => void;
@@ -291,14 +299,13 @@ export class SmtpIntake {
     const s = this.sessions.get(session);
     // a session that leaves while its MAIL waits for pacing gives up its place
     s?.pacing?.cancel();
-    const user = session.user as { username?: string } | string | undefined;
     const logLine = () =>
       this.deps.logger.info(
         {
           event: 'smtp.session',
           client: this.peer(session),
           helo: session.hostNameAppearsAs || undefined,
-          user: (typeof user === 'object' ? user.username : user) || undefined,
+          user: authUserOf(session) ?? undefined,
           accepted: s?.accepted ?? 0,
           refused: s?.refusedCount ?? 0,
           ...(s?.refused ? { replies: s.refused } : {}),
@@ -326,8 +333,8 @@ export class SmtpIntake {
     const { defaultUsername, defaultPassword } = this.deps.config;
     const ok =
       this.credentialsConfigured &&
-      safeEqual(auth.username ?? '', defaultUsername) &&
-      safeEqual(auth.password ?? '', defaultPassword);
+      secretsEqual(auth.username ?? '', defaultUsername) &&
+      secretsEqual(auth.password ?? '', defaultPassword);
     if (ok) {
       this.authFailures.delete(ip);
       return cb(null, { user: auth.username });
@@ -359,16 +366,9 @@ export class SmtpIntake {
       this.deps.logger.warn({ event: 'smtp.disk_low', freeMb: this.deps.disk.freeMb() }, 'refusing mail: disk space low');
       return cb(reply(452, '4.3.1 Insufficient system storage, try again later'));
     }
-    if (isQueueFull(sqlite, config.queueSize)) {
-      this.deps.commits.write('countRefusal', 'queue-full').catch(() => {});
-      return cb(reply(452, '4.3.1 Queue full, try again later'));
-    }
+    if (isQueueFull(sqlite, config.queueSize)) return cb(this.policyRefused(address));
     const hit = checkRateLimits(sqlite, address, clock.now(), config.rateLimits);
-    if (hit) {
-      this.logRateLimit(address, hit.limit, hit.count, hit.max);
-      this.deps.commits.write('countRefusal', 'rate-limit').catch(() => {});
-      return cb(reply(451, `4.7.1 ${rateLimitMessage(hit)}, try again later`));
-    }
+    if (hit) return cb(this.policyRefused(address, hit));
     // In-flow pacing: mail that may be accepted waits while delivery is behind. The checks above
     // are not repeated after the wait: the transaction that stores the message runs them again.
     const paced = this.deps.inFlow?.admit();
@@ -465,7 +465,7 @@ export class SmtpIntake {
     // what the log line needs, taken before the bytes move to the writer thread
     const size = raw.length + (spooled?.bytes ?? 0);
     const subject = config.security.logAllEmails ? subjectOf(raw) : undefined;
-    const authUser = typeof session.user === 'string' ? session.user : session.user ? String(session.user) : null;
+    const authUser = authUserOf(session);
     const state = this.state(session);
     const write = commits.writeMoving(
       [raw],
@@ -493,14 +493,8 @@ export class SmtpIntake {
         cb(null, `2.0.0 Ok: queued as ${queueId}`);
       },
       (err: unknown) => {
-        if (err instanceof PolicyRefusal) {
-          commits.write('countRefusal', err.kind).catch(() => {});
-          if (err.kind === 'rate-limit' && err.hit) {
-            this.logRateLimit(mailFrom, err.hit.limit, err.hit.count, err.hit.max);
-            return cb(reply(451, `4.7.1 ${err.message}, try again later`));
-          }
-          return cb(reply(452, '4.3.1 Queue full, try again later'));
-        }
+        // checked at MAIL FROM, but another session's message may have come first
+        if (err instanceof PolicyRefusal) return cb(this.policyRefused(mailFrom, err.hit));
         log.error({ queueId, event: 'smtp.store_failed', err: (err as Error).message }, 'storing the message failed');
         cb(notStored());
       },
@@ -513,8 +507,12 @@ export class SmtpIntake {
     });
   }
 
-  private logRateLimit(sender: string, limit: string, count: number, max: number) {
-    this.deps.logger.warn({ event: 'smtp.rate_limited', sender, limit, count, max }, 'rate limit reached');
+  /** A refusal by policy: a rate limit `hit`, else a full queue. Counted, and logged if a limit. */
+  private policyRefused(sender: string, hit?: LimitHit): Error {
+    this.deps.commits.write('countRefusal', hit ? 'rate-limit' : 'queue-full').catch(() => {});
+    if (!hit) return reply(452, '4.3.1 Queue full, try again later');
+    this.deps.logger.warn({ event: 'smtp.rate_limited', sender, limit: hit.limit, count: hit.count, max: hit.max }, 'rate limit reached');
+    return reply(451, `4.7.1 ${rateLimitMessage(hit)}, try again later`);
   }
 }
 
@@ -536,10 +534,9 @@ function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer; key: B
   return files;
 }
 
-function safeEqual(a: string, b: string): boolean {
-  const ha = crypto.createHash('sha256').update(a).digest();
-  const hb = crypto.createHash('sha256').update(b).digest();
-  return crypto.timingSafeEqual(ha, hb);
+/** The name the session authenticated as (onAuth hands smtp-server the username), or null. */
+function authUserOf(session: SMTPServerSession): string | null {
+  return typeof session.user === 'string' && session.user !== '' ? session.user : null;
 }
 
 function delay(ms: number): Promise<void> {

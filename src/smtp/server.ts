@@ -47,7 +47,7 @@ function continueClearedFirst(this: SMTPStream): void {
   }
 }
 
-export class RelayqConnection extends SMTPConnection {
+class RelayqConnection extends SMTPConnection {
   override init(): void {
     const self = this as unknown as { _setListeners(cb: () => void): void; _server: SMTPServer };
     self._setListeners(() => {

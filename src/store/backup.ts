@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import type { Sqlite } from './db.js';
+import { appliedMigrations } from './maintenance.js';
 
 export interface BackupResult {
   file: string;
@@ -24,9 +25,8 @@ export class BackupError extends Error {}
  * Refuses to replace an existing file unless `overwrite`, and never replaces the database or one
  * of its own files, whatever name (a link, another path) the target gives it.
  */
-export function backupDatabase(sqlite: Sqlite, target: string, options: { overwrite?: boolean; now?: () => number } = {}): BackupResult {
-  const now = options.now ?? Date.now;
-  const started = now();
+export function backupDatabase(sqlite: Sqlite, target: string, options: { overwrite?: boolean } = {}): BackupResult {
+  const started = Date.now();
   const file = checkTarget(target, sqlite.name, options.overwrite ?? false);
   const dir = path.dirname(file);
 
@@ -42,7 +42,7 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
       placeWithoutReplacing(partial, file, target);
     }
     fsyncFile(dir);
-    return { file, bytes: fs.statSync(file).size, ...checked, durationMs: now() - started };
+    return { file, bytes: fs.statSync(file).size, ...checked, durationMs: Date.now() - started };
   } catch (err) {
     fs.rmSync(partial, { force: true });
     throw err;
@@ -102,7 +102,7 @@ function checkTarget(target: string, databaseFile: string, overwrite: boolean): 
 }
 
 /** Opens a backup read-only and proves it is a usable relayq database. */
-export function verifyBackup(file: string): { messages: number; migrations: string[]; integrity: 'ok' } {
+function verifyBackup(file: string): { messages: number; migrations: string[]; integrity: 'ok' } {
   const copy = new Database(file, { readonly: true, fileMustExist: true });
   try {
     const problems = (copy.pragma('integrity_check') as Array<{ integrity_check: string }>).map((r) => r.integrity_check);
@@ -110,8 +110,7 @@ export function verifyBackup(file: string): { messages: number; migrations: stri
       throw new BackupError(`integrity_check failed on the copy: ${problems.slice(0, 3).join('; ')}`);
     }
     const messages = (copy.prepare('SELECT COUNT(*) AS n FROM messages').get() as { n: number }).n;
-    const migrations = (copy.prepare('SELECT name FROM schema_migrations ORDER BY name').all() as Array<{ name: string }>).map((r) => r.name);
-    return { messages, migrations, integrity: 'ok' };
+    return { messages, migrations: appliedMigrations(copy), integrity: 'ok' };
   } finally {
     copy.close();
   }

@@ -19,9 +19,8 @@ export interface Store {
 }
 
 export interface OpenOptions {
-  /** Apply pending migrations (the server and `relayq migrate` do; other CLI commands too). */
+  /** Apply pending migrations (the server does; the CLI opens with false, `relayq migrate` then runs them itself). */
   migrate?: boolean;
-  readonly?: boolean;
   /**
    * Overwrite the pages this connection frees with zeros (logAllEmails=false: erased content must
    * not linger in the file), from the migrations on: they rewrite rows that hold message content.
@@ -33,9 +32,9 @@ export interface OpenOptions {
 export const BUSY_TIMEOUT_MS = 5000;
 
 /** A better-sqlite3 connection with relayq's pragmas; every connection to the file uses this. */
-export function openConnection(file: string, options: { readonly?: boolean } = {}): Sqlite {
-  if (!options.readonly) fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
-  const sqlite = new Database(file, { readonly: options.readonly ?? false, fileMustExist: options.readonly ?? false });
+export function openConnection(file: string): Sqlite {
+  fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
+  const sqlite = new Database(file);
   try {
     refuseForeignDatabase(sqlite);
   } catch (err) {
@@ -43,10 +42,8 @@ export function openConnection(file: string, options: { readonly?: boolean } = {
     throw err;
   }
   sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
-  if (!options.readonly) {
-    sqlite.pragma('journal_mode = WAL');
-    sqlite.pragma('synchronous = FULL');
-  }
+  sqlite.pragma('journal_mode = WAL');
+  sqlite.pragma('synchronous = FULL');
   sqlite.pragma('foreign_keys = ON');
   return sqlite;
 }
@@ -75,7 +72,7 @@ export function kyselyFor<T = DB>(sqlite: Sqlite): Kysely<T> {
 }
 
 export async function openStore(file: string, options: OpenOptions = {}): Promise<Store> {
-  const sqlite = openConnection(file, options);
+  const sqlite = openConnection(file);
   if (options.secureDelete) overwriteFreedPages(sqlite);
   const db = kyselyFor<DB>(sqlite);
   if (options.migrate ?? true) {
@@ -95,12 +92,10 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
       if (closed) return;
       closed = true;
       // Kysely's destroy closes the better-sqlite3 handle.
-      if (!options.readonly) {
-        try {
-          sqlite.pragma('wal_checkpoint(TRUNCATE)');
-        } catch {
-          // another connection may hold the database; the next open checkpoints
-        }
+      try {
+        sqlite.pragma('wal_checkpoint(TRUNCATE)');
+      } catch {
+        // another connection may hold the database; the next open checkpoints
       }
       await db.destroy();
     },

@@ -9,12 +9,13 @@ import { prepared } from './statements.js';
 
 // INDEXED BY: without it SQLite's planner (no ANALYZE statistics) prefers the (state, ...)
 // indexes, which walk every queued row and sort them: a claim would cost O(backlog).
-/** Due work, read through the partial index `messages_due`: the first rows are the due ones. */
-export const SELECT_DUE_SQL = `SELECT id FROM messages INDEXED BY messages_due
-  WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?`;
-/** Claims of a crashed or stuck worker, read through the partial index `messages_lease`. */
-export const SELECT_EXPIRED_SQL = `SELECT id FROM messages INDEXED BY messages_lease
-  WHERE state = 'sending' AND lease_expires_at <= ? ORDER BY lease_expires_at LIMIT ?`;
+/** Queued messages due at `?`, read through the partial index `messages_due`. */
+const DUE = `FROM messages INDEXED BY messages_due WHERE state = 'queued' AND next_attempt_at <= ?`;
+/** Claims of a crashed or stuck worker whose lease ran out by `?`, through `messages_lease`. */
+const EXPIRED = `FROM messages INDEXED BY messages_lease WHERE state = 'sending' AND lease_expires_at <= ?`;
+/** Due work: in index order, so the first rows are the due ones. */
+export const SELECT_DUE_SQL = `SELECT id ${DUE} ORDER BY next_attempt_at LIMIT ?`;
+export const SELECT_EXPIRED_SQL = `SELECT id ${EXPIRED} ORDER BY lease_expires_at LIMIT ?`;
 
 export interface ClaimedRecipient {
   seq: number;
@@ -34,7 +35,6 @@ export interface ClaimedBatch {
   receivedAt: number;
   /** Claims of this message so far, this one included. */
   claims: number;
-  claimedAt: number;
   leaseExpiresAt: number;
   recipients: ClaimedRecipient[];
 }
@@ -66,8 +66,7 @@ export interface ClaimResult {
 export function hasDueWork(sqlite: Sqlite, now: number): boolean {
   const row = prepared(
     sqlite,
-    `SELECT EXISTS (SELECT 1 FROM messages INDEXED BY messages_due WHERE state = 'queued' AND next_attempt_at <= ?)
-         OR EXISTS (SELECT 1 FROM messages INDEXED BY messages_lease WHERE state = 'sending' AND lease_expires_at <= ?) AS due`,
+    `SELECT EXISTS (SELECT 1 ${DUE}) OR EXISTS (SELECT 1 ${EXPIRED}) AS due`,
   ).get(now, now) as { due: number };
   return row.due === 1;
 }
@@ -80,7 +79,7 @@ export function hasDueWork(sqlite: Sqlite, now: number): boolean {
 export function countDueQueued(sqlite: Sqlite, now: number, limit: number): number {
   const row = prepared(
     sqlite,
-    `SELECT count(*) AS n FROM (SELECT 1 FROM messages INDEXED BY messages_due WHERE state = 'queued' AND next_attempt_at <= ? LIMIT ?)`,
+    `SELECT count(*) AS n FROM (SELECT 1 ${DUE} LIMIT ?)`,
   ).get(now, limit) as { n: number };
   return row.n;
 }
@@ -171,7 +170,6 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     raw: message.raw,
     receivedAt: message.received_at,
     claims: message.claims,
-    claimedAt: now,
     leaseExpiresAt,
     recipients: chosen,
   };
@@ -220,7 +218,7 @@ export interface BatchCompletion {
 
 export type CompletionResult =
   | { leaseLost: true }
-  | { leaseLost: false; state: MessageState; nextAttemptAt: number; pending: number; delivered: number; failed: number };
+  | { leaseLost: false; state: MessageState; nextAttemptAt: number };
 
 const LEASE_LOST_REPLY = 'lease lost before this outcome was recorded, so it was not applied: ';
 
@@ -276,9 +274,6 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
 interface Settled {
   state: MessageState;
   nextAttemptAt: number;
-  pending: number;
-  delivered: number;
-  failed: number;
 }
 
 /**
@@ -303,11 +298,10 @@ function settleMessage(
 ): Settled {
   const counts = prepared(
     sqlite,
-    `SELECT COALESCE(SUM(status = 'pending'), 0) AS pending, COALESCE(SUM(status = 'delivered'), 0) AS delivered,
-            COALESCE(SUM(status = 'failed'), 0) AS failed,
+    `SELECT COALESCE(SUM(status = 'pending'), 0) AS pending, COALESCE(SUM(status = 'failed'), 0) AS failed,
             MIN(CASE WHEN status = 'pending' THEN next_attempt_at END) AS next_due
      FROM recipients WHERE message_id = ?`,
-  ).get(id) as { pending: number; delivered: number; failed: number; next_due: number | null };
+  ).get(id) as { pending: number; failed: number; next_due: number | null };
   if (counts.pending > 0) {
     const nextAttemptAt = Math.max(options.nextAttemptFloor, counts.next_due ?? now);
     prepared(
@@ -316,7 +310,7 @@ function settleMessage(
          last_error = COALESCE(?, last_error), updated_at = ?
        WHERE id = ?`,
     ).run(nextAttemptAt, options.lastError, now, id);
-    return { state: 'queued', nextAttemptAt, pending: counts.pending, delivered: counts.delivered, failed: counts.failed };
+    return { state: 'queued', nextAttemptAt };
   }
   const state: 'delivered' | 'failed' = counts.failed === 0 ? 'delivered' : 'failed';
   if (state === 'delivered') {
@@ -340,7 +334,7 @@ function settleMessage(
        WHERE id = ?`,
     ).run(now, options.lastFailure ?? null, id, options.lastError, now, id);
   }
-  return { state, nextAttemptAt: now, pending: 0, delivered: counts.delivered, failed: counts.failed };
+  return { state, nextAttemptAt: now };
 }
 
 /**

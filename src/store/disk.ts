@@ -9,11 +9,10 @@ export class DiskSpace {
   constructor(
     private readonly databasePath: string,
     private readonly minFreeMb: number,
-    private readonly now: () => number = Date.now,
   ) {}
 
   freeMb(): number {
-    const t = this.now();
+    const t = Date.now();
     if (t - this.cached.at >= 1000 || t < this.cached.at) {
       try {
         const s = fs.statfsSync(path.dirname(path.resolve(this.databasePath)));

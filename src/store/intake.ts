@@ -1,7 +1,7 @@
 // The intake side of the queue: the policy checks that must hold at the moment a message is
-// stored (rate limits, queue size) and the insert of a message with its recipients. Run inside
-// the writer's group-commit transaction, so a check and the insert it guards cannot be split by another
-// session.
+// stored (rate limits, queue size) and the insert of a message with its recipients. The insert and
+// its checks run inside the writer's group-commit transaction, so a check and the insert it guards
+// cannot be split by another session; intake also reads the checks early, at MAIL FROM.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import type { Sqlite } from './db.js';
@@ -135,7 +135,7 @@ export function checkRateLimits(sqlite: Sqlite, mailFrom: string, now: number, l
 }
 
 /** Messages not yet final (queued + sending), from trigger-maintained counters: no scan. */
-export function activeCount(sqlite: Sqlite): number {
+function activeCount(sqlite: Sqlite): number {
   const row = prepared(sqlite, "SELECT SUM(value) AS n FROM counters WHERE name IN ('state_queued', 'state_sending')").get() as { n: number | null };
   return row.n ?? 0;
 }

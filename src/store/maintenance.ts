@@ -8,10 +8,10 @@ import Database from 'better-sqlite3';
 import type { Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
-export const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
+const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
 
-export function limitWalSize(sqlite: Sqlite, bytes = WAL_SIZE_LIMIT_BYTES): void {
-  sqlite.pragma(`journal_size_limit = ${Math.floor(bytes)}`);
+export function limitWalSize(sqlite: Sqlite): void {
+  sqlite.pragma(`journal_size_limit = ${WAL_SIZE_LIMIT_BYTES}`);
 }
 
 /** Bytes of the database file and of its -wal file (0 when absent). */

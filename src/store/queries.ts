@@ -2,11 +2,12 @@
 // the oldest waiting message, pages of messages, one message with its recipients and attempts,
 // and its raw bytes. Every query reads a few counter rows or walks an index for as many rows as
 // it returns, so none of them slows down as the database grows.
+import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
 import { MESSAGE_STATES, type AttemptOutcome, type MessageState } from './schema.js';
 import { prepared } from './statements.js';
 
-export const ATTEMPT_OUTCOMES: readonly AttemptOutcome[] = ['delivered', 'partial', 'deferred', 'failed'];
+const ATTEMPT_OUTCOMES: readonly AttemptOutcome[] = ['delivered', 'partial', 'deferred', 'failed'];
 
 export interface DurationBucket {
   /** Upper bound in ms; Infinity for the last bucket. */
@@ -48,7 +49,7 @@ export interface StoreMetrics {
 const BUCKET_PREFIX = 'attempt_duration_le_';
 
 /** Every counter row; the table holds a few dozen rows whatever the queue holds. */
-export function readCounters(sqlite: Sqlite): Map<string, number> {
+function readCounters(sqlite: Sqlite): Map<string, number> {
   const rows = prepared(sqlite, 'SELECT name, value FROM counters').all() as Array<{ name: string; value: number }>;
   return new Map(rows.map((r) => [r.name, r.value]));
 }
@@ -66,10 +67,11 @@ export function successRate(m: StoreMetrics): { processed: number; rate: number 
 }
 
 /**
- * The lifetime totals and queue figures that GET /metrics and `relayq status --json` both
- * report, under the same names. A failed message that was requeued no longer counts as failed.
+ * The lifetime totals, queue figures and upstream record that GET /metrics and `relayq status
+ * --json` both report, under the same names. A failed message that was requeued no longer counts
+ * as failed. `upstream`: the store's record, or (the server) that merged with delivery's live view.
  */
-export function metricsSummary(m: StoreMetrics, oldestActiveReceivedAt: number | null, now: number) {
+export function metricsSummary(m: StoreMetrics, oldestActiveReceivedAt: number | null, now: number, upstream: UpstreamRecord = m.upstream) {
   const finished = m.messagesDelivered + m.messagesFailed;
   return {
     total_emails: m.messagesAccepted,
@@ -91,6 +93,11 @@ export function metricsSummary(m: StoreMetrics, oldestActiveReceivedAt: number |
       sum: m.attemptDuration.sumMs,
       avg: m.attemptDuration.count === 0 ? 0 : Math.round(m.attemptDuration.sumMs / m.attemptDuration.count),
       buckets: cumulativeBuckets(m.attemptDuration.buckets),
+    },
+    upstream: {
+      last_success: isoTime(upstream.lastSuccessAt),
+      last_failure: isoTime(upstream.lastFailureAt),
+      consecutive_failures: upstream.consecutiveFailures,
     },
   };
 }
@@ -147,14 +154,6 @@ export function oldestActiveReceivedAt(sqlite: Sqlite): number | null {
     .map((state) => (min.get(state) as { t: number | null }).t)
     .filter((t): t is number => t !== null);
   return times.length ? Math.min(...times) : null;
-}
-
-/**
- * A write that changes nothing, for the health check: run inside the group commit it proves
- * that the database takes a transaction and a commit right now.
- */
-export function probeWrite(sqlite: Sqlite): void {
-  prepared(sqlite, "UPDATE counters SET value = value WHERE name = 'messages_accepted'").run();
 }
 
 export interface MessageFilter {

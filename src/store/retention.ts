@@ -47,8 +47,16 @@ export function pruneRateBuckets(sqlite: Sqlite, now: number, limit: number): nu
   return minutes + prepared(sqlite, PRUNE_RATE_HOURS_SQL).run(oldestLiveHour, limit - minutes).changes;
 }
 
-export function retentionCutoff(now: number, deliveredDays: number): number {
+function retentionCutoff(now: number, deliveredDays: number): number {
   return now - deliveredDays * DAY_MS;
+}
+
+/** One step of the sweep (a write op): delivered messages first; buckets only when none is due. */
+export function retentionSweep(sqlite: Sqlite, options: { now: number; deliveredDays: number; limit: number }) {
+  const { now, deliveredDays, limit } = options;
+  const messages = deliveredDays > 0 ? deleteDeliveredBefore(sqlite, retentionCutoff(now, deliveredDays), limit) : 0;
+  const buckets = messages === 0 ? pruneRateBuckets(sqlite, now, limit) : 0;
+  return { messages, buckets };
 }
 
 export interface RetentionOptions {
@@ -90,7 +98,7 @@ export class RetentionSweeper {
     this.busyIntervalMs = options.busyIntervalMs ?? 50;
   }
 
-  /** One batch: delivered messages first; buckets only when no message is due for deletion. */
+  /** One batch (see retentionSweep). */
   async runOnce(): Promise<SweepResult> {
     const { commits, clock, deliveredDays } = this.options;
     const now = clock.now();

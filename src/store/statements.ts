@@ -24,6 +24,6 @@ export function counter(sqlite: Sqlite, name: string): number {
   return row?.value ?? 0;
 }
 
-export function incrementCounter(sqlite: Sqlite, name: string, by = 1): void {
-  prepared(sqlite, 'UPDATE counters SET value = value + ? WHERE name = ?').run(by, name);
+export function incrementCounter(sqlite: Sqlite, name: string): void {
+  prepared(sqlite, 'UPDATE counters SET value = value + 1 WHERE name = ?').run(name);
 }

@@ -6,8 +6,8 @@ import { deleteMessage, requeueFailed, retryMessage } from './admin.js';
 import type { Sqlite } from './db.js';
 import { type ClaimOptions, claimDueBatches, completeBatch, releaseClaims, requeueTemporaryFailures } from './delivery.js';
 import { countRefusal, insertMessage } from './intake.js';
-import { probeWrite } from './queries.js';
-import { deleteDeliveredBefore, pruneRateBuckets, retentionCutoff } from './retention.js';
+import { retentionSweep } from './retention.js';
+import { prepared } from './statements.js';
 
 export const WRITE_OPS = {
   insertMessage,
@@ -20,18 +20,14 @@ export const WRITE_OPS = {
   requeueFailed,
   retryMessage,
   deleteMessage,
-  probeWrite,
-  /** One retention step: delivered messages first; rate buckets only when none is due. */
-  retentionSweep(sqlite: Sqlite, options: { now: number; deliveredDays: number; limit: number }) {
-    const { now, deliveredDays, limit } = options;
-    const messages = deliveredDays > 0 ? deleteDeliveredBefore(sqlite, retentionCutoff(now, deliveredDays), limit) : 0;
-    const buckets = messages === 0 ? pruneRateBuckets(sqlite, now, limit) : 0;
-    return { messages, buckets };
+  /**
+   * A write that changes nothing, for the health check: run inside the group commit it proves
+   * that the database takes a transaction and a commit right now.
+   */
+  probeWrite(sqlite: Sqlite) {
+    prepared(sqlite, "UPDATE counters SET value = value WHERE name = 'messages_accepted'").run();
   },
-  /** One statement on the writer's connection (tests and maintenance). */
-  run(sqlite: Sqlite, sql: string, params: unknown[] = []) {
-    return sqlite.prepare(sql).run(...params).changes;
-  },
+  retentionSweep,
 };
 
 export type WriteOps = typeof WRITE_OPS;

@@ -56,7 +56,7 @@ export class StoreWriter {
     return this.send((id) => ({ type: 'write', id, op, args }), transfer) as Promise<WriteOpResult<K>>;
   }
 
-  /** A pragma on the writer's connection, outside any transaction (maintenance, fault injection in tests). */
+  /** A pragma on the writer's connection, outside any transaction (tests use it to inject faults). */
   pragma(text: string): Promise<unknown> {
     return this.send((id) => ({ type: 'pragma', id, text }));
   }
