@@ -197,6 +197,8 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
         // within the grace period, before the last commit. The API closes meanwhile: waiting for
         // its requests first would let SMTP accept and delivery claim for up to its close grace.
         await Promise.all([api?.close(), intake.shutdown(graceMs), delivery.stop(graceMs), retention.stop()]);
+        // until now a client that connects is told `421`, not refused
+        await intake.close();
         await closeStorage();
         logger.info({ event: 'relay.stopped', writes: commits.stats.writes, commits: commits.stats.commits }, 'relayq stopped');
       })();

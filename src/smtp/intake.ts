@@ -244,10 +244,11 @@ export class SmtpIntake {
   }
 
   /**
-   * Stops accepting: new connections and commands get `421 4.3.2`, messages already in DATA
-   * finish (their commits complete) within `graceMs`, then the listener closes. A message whose
-   * commit has begun gets its answer first, even after the grace period: told `421`, its client
-   * would send again a message that the commit stores all the same.
+   * Stops taking mail: new connections and new transactions (`MAIL`) get `421 4.3.2`, messages
+   * already in DATA finish (their commits complete) within `graceMs`, then every session left gets
+   * `421 4.3.2` and is disconnected. A message whose commit has begun gets its answer first, even
+   * after the grace period: told `421`, its client would send again a message that the commit
+   * stores all the same. The listener stays open, answering `421`, until close().
    */
   async shutdown(graceMs: number): Promise<void> {
     this.closing = true;
@@ -258,6 +259,11 @@ export class SmtpIntake {
       this.deps.logger.info({ event: 'smtp.shutdown_commits', commits: this.commitsInFlight.size }, 'shutdown: waiting for messages being committed');
       await Promise.allSettled(this.commitsInFlight);
     }
+    for (const connection of this.server.connections) connection.send(421, '4.3.2 Service shutting down');
+  }
+
+  /** After shutdown(), once the relay has nothing left to do: the listener closes. */
+  async close(): Promise<void> {
     await new Promise<void>((resolve) => {
       this.server.close(() => resolve());
       // smtp-server waits for idle clients; tell them to go away
