@@ -4,7 +4,7 @@
 // attempt for a while, or the queue is over 80 % of queueSize. All numbers are counter rows or
 // single index steps, so the check costs the same with a thousand or a million messages.
 import { Hono } from 'hono';
-import { oldestActiveReceivedAt, type StoreMetrics, storeMetrics, successRate, type UpstreamRecord } from '../store/queries.js';
+import { oldestAgeSeconds, type StoreMetrics, storeMetrics, successRate, type UpstreamRecord } from '../store/queries.js';
 import { isoTime } from '../clock.js';
 import type { ApiDeps, ApiEnv } from './context.js';
 
@@ -56,10 +56,8 @@ export function healthRoutes(deps: ApiDeps) {
       errors.push(`database is not writable: ${(err as Error).message}`);
     }
     let metrics: StoreMetrics | undefined;
-    let oldest: number | null = null;
     try {
       metrics = storeMetrics(deps.store.sqlite);
-      oldest = oldestActiveReceivedAt(deps.store.sqlite);
     } catch (err) {
       database = 'error';
       errors.push(`database is not readable: ${(err as Error).message}`);
@@ -97,7 +95,7 @@ export function healthRoutes(deps: ApiDeps) {
         failed_emails: metrics?.queue.failed ?? null,
         total_emails_processed: rate?.processed ?? null,
         success_rate: rate?.rate ?? null,
-        oldest_queued_age_seconds: oldest === null ? null : Math.max(0, Math.floor((now - oldest) / 1000)),
+        oldest_queued_age_seconds: metrics ? oldestAgeSeconds(metrics, now) : null,
         queue_size_limit: config.queueSize,
         database,
         smtp_listener: listening ? 'listening' : 'down',

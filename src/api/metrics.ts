@@ -5,7 +5,7 @@
 // counts are the delivery engine's, since this process started.
 import { Hono } from 'hono';
 import { HTTPException } from 'hono/http-exception';
-import { metricsSummary, oldestActiveReceivedAt, storeMetrics } from '../store/queries.js';
+import { metricsSummary, storeMetrics } from '../store/queries.js';
 import { isoTime } from '../clock.js';
 import type { ApiDeps, ApiEnv } from './context.js';
 import { upstreamView } from './health.js';
@@ -38,7 +38,6 @@ export function metricsRoutes(deps: ApiDeps) {
       now: deps.clock.now(),
       store,
       upstream: upstreamView(store.upstream, deps.delivery),
-      oldestActiveReceivedAt: oldestActiveReceivedAt(deps.store.sqlite),
       queueSize: deps.config.queueSize,
       diskFreeMb: deps.disk.freeMb(),
       smtpListening: deps.intake.isListening,
@@ -59,7 +58,7 @@ export function metricsRoutes(deps: ApiDeps) {
     }
     return c.json({
       timestamp: isoTime(s.now),
-      ...metricsSummary(s.store, s.oldestActiveReceivedAt, s.now, s.upstream),
+      ...metricsSummary(s.store, s.now, s.upstream),
       intake_pacing: { waiting: s.pacing.waiting, delayed: s.pacing.delayed, timed_out: s.pacing.timedOut },
     });
   });

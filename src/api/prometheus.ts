@@ -12,7 +12,6 @@ export interface MetricsSnapshot {
   now: number;
   store: StoreMetrics;
   upstream: UpstreamRecord;
-  oldestActiveReceivedAt: number | null;
   queueSize: number;
   diskFreeMb: number;
   smtpListening: boolean;
@@ -111,7 +110,7 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
   gauge(
     'relayq_queue_oldest_age_seconds',
     'Age of the oldest message not yet delivered or failed (0 when none).',
-    s.oldestActiveReceivedAt === null ? 0 : Math.max(0, (s.now - s.oldestActiveReceivedAt) / 1000),
+    s.store.oldestActiveReceivedAt === null ? 0 : Math.max(0, (s.now - s.store.oldestActiveReceivedAt) / 1000),
   );
   gauge('relayq_queue_size_limit_messages', 'The queueSize setting (0 = unlimited).', s.queueSize);
   gauge('relayq_upstream_consecutive_failures', 'Attempts in a row that delivered nothing.', s.upstream.consecutiveFailures);

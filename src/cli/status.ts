@@ -3,19 +3,16 @@
 // record and the size of the database files.
 import { systemClock } from '../clock.js';
 import { databaseFileSizes } from '../store/maintenance.js';
-import { metricsSummary, oldestActiveReceivedAt, storeMetrics } from '../store/queries.js';
+import { metricsSummary, storeMetrics } from '../store/queries.js';
 import { type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatAge, formatBytes, formatFields, formatTime } from './table.js';
 
 export async function statusCommand(global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
-  const { m, oldest, now } = await withReader(config, (sqlite) => ({
-    m: storeMetrics(sqlite),
-    oldest: oldestActiveReceivedAt(sqlite),
-    now: systemClock.now(),
-  }));
+  const { m, now } = await withReader(config, (sqlite) => ({ m: storeMetrics(sqlite), now: systemClock.now() }));
+  const oldest = m.oldestActiveReceivedAt;
   const files = databaseFileSizes(config.databasePath);
-  const summary = metricsSummary(m, oldest, now);
+  const summary = metricsSummary(m, now);
   const failedNet = summary.failed_emails;
   const finished = m.messagesDelivered + m.messagesFailed;
 

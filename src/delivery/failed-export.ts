@@ -69,10 +69,14 @@ export async function exportFailedMessage(
   now: number,
   directory?: string,
 ): Promise<string | undefined> {
-  const detail = messageDetail(sqlite, id);
-  if (detail?.message.state !== 'failed') return undefined;
+  // the message, its recipients, attempts and content from one snapshot
+  const read = sqlite.transaction(() => {
+    const detail = messageDetail(sqlite, id);
+    return detail?.message.state === 'failed' ? { detail, raw: messageRaw(sqlite, id)?.raw ?? null } : undefined;
+  })();
+  if (!read) return undefined;
   const file = failedExportPath(emailsDir, id, directory);
-  const document = failedExportDocument(detail, messageRaw(sqlite, id)?.raw ?? null, now);
+  const document = failedExportDocument(read.detail, read.raw, now);
   await writeFileAtomic(file, `${JSON.stringify(document, null, 2)}\n`);
   return file;
 }

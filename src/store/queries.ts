@@ -44,6 +44,8 @@ export interface StoreMetrics {
   attempts: Record<AttemptOutcome, number>;
   attemptDuration: { buckets: DurationBucket[]; sumMs: number; count: number };
   upstream: UpstreamRecord;
+  /** Arrival time of the oldest message not yet final (queued or sending); null when none. */
+  oldestActiveReceivedAt: number | null;
 }
 
 const BUCKET_PREFIX = 'attempt_duration_le_';
@@ -71,7 +73,7 @@ export function successRate(m: StoreMetrics): { processed: number; rate: number 
  * --json` both report, under the same names. A failed message that was requeued no longer counts
  * as failed. `upstream`: the store's record, or (the server) that merged with delivery's live view.
  */
-export function metricsSummary(m: StoreMetrics, oldestActiveReceivedAt: number | null, now: number, upstream: UpstreamRecord = m.upstream) {
+export function metricsSummary(m: StoreMetrics, now: number, upstream: UpstreamRecord = m.upstream) {
   const finished = m.messagesDelivered + m.messagesFailed;
   return {
     total_emails: m.messagesAccepted,
@@ -83,7 +85,7 @@ export function metricsSummary(m: StoreMetrics, oldestActiveReceivedAt: number |
     avg_processing_time_ms: finished === 0 ? 0 : Math.round(m.processingMsTotal / finished),
     queue: m.queue,
     deferred_emails: m.deferred,
-    oldest_queued_age_seconds: oldestActiveReceivedAt === null ? null : Math.max(0, Math.floor((now - oldestActiveReceivedAt) / 1000)),
+    oldest_queued_age_seconds: oldestAgeSeconds(m, now),
     rate_limit_refusals: m.rateLimitRefusals,
     queue_full_refusals: m.queueFullRefusals,
     attempts: { ...m.attempts, total: Object.values(m.attempts).reduce((sum, n) => sum + n, 0) },
@@ -102,14 +104,20 @@ export function metricsSummary(m: StoreMetrics, oldestActiveReceivedAt: number |
   };
 }
 
+/** Whole seconds since the oldest message not yet final arrived; null when there is none. */
+export function oldestAgeSeconds(m: StoreMetrics, now: number): number | null {
+  return m.oldestActiveReceivedAt === null ? null : Math.max(0, Math.floor((now - m.oldestActiveReceivedAt) / 1000));
+}
+
 /** Histogram buckets as Prometheus counts them: each includes those below it. */
 function cumulativeBuckets(buckets: readonly DurationBucket[]): Array<{ le: number | '+Inf'; count: number }> {
   let cumulative = 0;
   return buckets.map((b) => ({ le: Number.isFinite(b.leMs) ? b.leMs : '+Inf', count: (cumulative += b.count) }));
 }
 
+/** The counters and the oldest active message, read in one snapshot so that they agree. */
 export function storeMetrics(sqlite: Sqlite): StoreMetrics {
-  const c = readCounters(sqlite);
+  const [c, oldest] = sqlite.transaction(() => [readCounters(sqlite), oldestActiveReceivedAt(sqlite)] as const)();
   const n = (name: string) => c.get(name) ?? 0;
   const buckets: DurationBucket[] = [];
   for (const [name, count] of c) {
@@ -143,11 +151,11 @@ export function storeMetrics(sqlite: Sqlite): StoreMetrics {
       lastFailureAt: n('upstream_last_failure_at') || null,
       consecutiveFailures: n('upstream_consecutive_failures'),
     },
+    oldestActiveReceivedAt: oldest,
   };
 }
 
-/** Arrival time of the oldest message not yet final (queued or sending); null when none. */
-export function oldestActiveReceivedAt(sqlite: Sqlite): number | null {
+function oldestActiveReceivedAt(sqlite: Sqlite): number | null {
   // One MIN per state: each is a single step into messages_state_received.
   const min = prepared(sqlite, 'SELECT MIN(received_at) AS t FROM messages WHERE state = ?');
   const times = (['queued', 'sending'] as const)
@@ -312,6 +320,11 @@ export interface MessageDetail {
 }
 
 export function messageDetail(sqlite: Sqlite, id: string): MessageDetail | undefined {
+  // one snapshot: the recipients and the attempts agree with each other and with the state
+  return sqlite.transaction(() => messageDetailNow(sqlite, id))();
+}
+
+function messageDetailNow(sqlite: Sqlite, id: string): MessageDetail | undefined {
   const message = prepared(
     sqlite,
     `SELECT ${SUMMARY_COLUMNS}, sender_key, client_hostname, helo, lease_expires_at, updated_at, body_id IS NULL AS raw_erased
