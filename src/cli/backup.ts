@@ -18,7 +18,7 @@ export async function backupCommand(file: string, options: { force?: boolean }, 
     return;
   }
   printText(
-    `copied ${config.databasePath} to ${result.file} (${formatBytes(result.bytes)}, ${result.messages} messages, ` +
+    `copied ${config.databasePath} to ${result.file} (${formatBytes(result.bytes)}, ${result.messages} message${result.messages === 1 ? '' : 's'}, ` +
       `schema ${result.migrations.at(-1) ?? 'none'}) in ${result.durationMs} ms; fsynced; integrity_check ok`,
   );
 }

@@ -108,7 +108,8 @@ test('compose mounts config, data and emails, publishes on loopback only, restar
   assert.deepEqual(ports, ['127.0.0.1:2525:25', '127.0.0.1:8025:8025']);
   assert.match(compose, /^ {4}restart: unless-stopped$/m);
   assert.match(compose, /^ {4}sysctls:\n {6}net\.ipv4\.ip_unprivileged_port_start: 0$/m, 'the non-root process may bind port 25');
-  assert.match(compose, /^ {4}healthcheck:\n {6}test: \["CMD", "node", "-e", "fetch\('http:\/\/127\.0\.0\.1:8025\/health'\)/m);
+  // the port the relay listens on, also when HEALTH_CHECK_PORT comes from .env
+  assert.match(compose, /^ {4}healthcheck:\n {6}test: \["CMD", "node", "-e", "fetch\('http:\/\/127\.0\.0\.1:'\+\(process\.env\.HEALTH_CHECK_PORT\|\|8025\)\+'\/health'\)/m);
   const subnet = /subnet: (\S+)/.exec(compose)?.[1];
   assert.equal(composeEnv(compose).SECURITY_ALLOWED_NETWORKS, subnet, 'SMTP is open to the compose network, not beyond');
 });
