@@ -68,6 +68,14 @@ export interface RunReport {
   requeued: number;
 }
 
+/** An attempt the upstream answered, its outcome planned and being committed. */
+interface SentAttempt {
+  result: BatchResult;
+  completion: BatchCompletion;
+  durationMs: number;
+  committed: Promise<CompletionResult>;
+}
+
 interface ActiveAttempt {
   claim: ClaimedBatch;
   abort: AbortController;
@@ -343,75 +351,87 @@ export class DeliveryEngine {
   /**
    * One attempt: send (bounded by the attempt deadline), then commit the outcome fenced by the
    * claim token. `onSent` frees the worker slot as soon as the upstream has answered, so the
-   * next claim can share the transaction that commits this outcome.
+   * next claim can share the transaction that commits this outcome. False: the claim came too
+   * late to be used and was handed back.
    */
   private async attempt(claim: ClaimedBatch, onSent?: () => void): Promise<boolean> {
-    const { clock, config } = this.deps;
-    const abort = new AbortController();
-    const active: ActiveAttempt = { claim, abort, answered: false };
+    const active: ActiveAttempt = { claim, abort: new AbortController(), answered: false };
     this.active.set(claim.token, active);
-    const queueId = claim.messageId;
-    let completing: Promise<CompletionResult> | undefined;
-    let completion: ReturnType<typeof planCompletion> | undefined;
-    let result: BatchResult | undefined;
-    let durationMs = 0;
+    let sent: SentAttempt | 'late' | undefined;
     try {
-      const startedAt = clock.now();
-      const started = performance.now();
-      // The lease counts from the claim, not from now: a claim that took long to commit (a busy
-      // writer) leaves the attempt less time, or the lease could run out while it still sends and
-      // another worker would claim the message and send it a second time.
-      const budgetMs = Math.min(this.attemptTimeoutMs, this.usableLeaseMs(claim));
-      if (budgetMs <= 0) {
-        // Nothing was tried: hand the claim back uncounted, due at once (the next claim gets a whole lease).
-        this.log.warn({ queueId, event: 'delivery.claim_late', batch: claim.batch }, 'the claim committed too late to send before its lease ends; handed back');
-        this.active.delete(claim.token);
-        await this.release([claim], { uncount: true });
-        return false;
-      }
-      result = await this.send(claim, budgetMs, abort);
-      durationMs = performance.now() - started;
-      if (abort.signal.aborted && this.released.delete(claim.token)) {
-        // Cut off at shutdown after its claim was released: the release already made the
-        // message due again for the next start, and the abort is no outcome to record. (An
-        // answer that came before the abort is recorded: the release keeps the claim token.)
-        this.log.info({ queueId, event: 'delivery.attempt_released', batch: claim.batch }, 'attempt aborted after its claim was released at shutdown');
-      } else {
-        this.noteHealth(result);
-        completion = planCompletion(claim, result, {
-          now: clock.now(),
-          startedAt,
-          durationMs,
-          retry: config.retry,
-          batchDelayMs: config.batchDelay,
-          continueOnError: config.continueOnError,
-          eraseRawOnDelivered: !config.security.logAllEmails,
-          random: this.random,
-        });
-        active.answered = true;
-        completing = this.recordOutcome(completion, claim);
-      }
+      sent = await this.sendBatch(active);
     } catch (err) {
-      this.log.error({ queueId, event: 'delivery.attempt_error', err: (err as Error).message }, 'delivery attempt failed unexpectedly');
+      this.log.error({ queueId: claim.messageId, event: 'delivery.attempt_error', err: (err as Error).message }, 'delivery attempt failed unexpectedly');
     } finally {
       onSent?.();
     }
-    if (!completing || !completion || !result) {
+    if (sent === 'late') return false;
+    if (sent) await this.settle(claim, sent);
+    else this.active.delete(claim.token);
+    return true;
+  }
+
+  /**
+   * Sends the batch and starts the commit of its outcome. 'late': nothing was tried (the claim
+   * was handed back); undefined: cut off at shutdown after its claim was released.
+   */
+  private async sendBatch(active: ActiveAttempt): Promise<SentAttempt | 'late' | undefined> {
+    const { clock, config } = this.deps;
+    const { claim, abort } = active;
+    const queueId = claim.messageId;
+    const startedAt = clock.now();
+    const started = performance.now();
+    // The lease counts from the claim, not from now: a claim that took long to commit (a busy
+    // writer) leaves the attempt less time, or the lease could run out while it still sends and
+    // another worker would claim the message and send it a second time.
+    const budgetMs = Math.min(this.attemptTimeoutMs, this.usableLeaseMs(claim));
+    if (budgetMs <= 0) {
+      // Nothing was tried: hand the claim back uncounted, due at once (the next claim gets a whole lease).
+      this.log.warn({ queueId, event: 'delivery.claim_late', batch: claim.batch }, 'the claim committed too late to send before its lease ends; handed back');
       this.active.delete(claim.token);
-      return true;
+      await this.release([claim], { uncount: true });
+      return 'late';
     }
+    const result = await this.send(claim, budgetMs, abort);
+    const durationMs = performance.now() - started;
+    if (abort.signal.aborted && this.released.delete(claim.token)) {
+      // Cut off at shutdown after its claim was released: the release already made the
+      // message due again for the next start, and the abort is no outcome to record. (An
+      // answer that came before the abort is recorded: the release keeps the claim token.)
+      this.log.info({ queueId, event: 'delivery.attempt_released', batch: claim.batch }, 'attempt aborted after its claim was released at shutdown');
+      return undefined;
+    }
+    this.noteHealth(result);
+    const completion = planCompletion(claim, result, {
+      now: clock.now(),
+      startedAt,
+      durationMs,
+      retry: config.retry,
+      batchDelayMs: config.batchDelay,
+      continueOnError: config.continueOnError,
+      eraseRawOnDelivered: !config.security.logAllEmails,
+      random: this.random,
+    });
+    active.answered = true;
+    return { result, completion, durationMs, committed: this.recordOutcome(completion, claim) };
+  }
+
+  /** Waits for the outcome's commit, logs the attempt, and acts on a final state. */
+  private async settle(claim: ClaimedBatch, sent: SentAttempt): Promise<void> {
+    const { result, completion, durationMs } = sent;
+    const queueId = claim.messageId;
     let outcome: CompletionResult;
     try {
-      outcome = await completing;
+      outcome = await sent.committed;
     } catch (err) {
-      this.active.delete(claim.token);
       this.log.error(
         { queueId, event: 'delivery.commit_failed', batch: claim.batch, err: (err as Error).message },
         'recording the delivery outcome failed; the claim expires with its lease',
       );
-      return true;
+      return;
+    } finally {
+      this.active.delete(claim.token);
     }
-    this.active.delete(claim.token);
     const counts = { delivered: 0, failed: 0, deferred: 0 };
     for (const r of completion.recipients) counts[r.status === 'pending' ? 'deferred' : r.status]++;
     const line = {
@@ -429,11 +449,10 @@ export class DeliveryEngine {
     this.released.delete(claim.token);
     if (outcome.leaseLost) {
       this.log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
-      return true;
+      return;
     }
     this.log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: outcome.nextAttemptAt } : {}) }, 'delivery attempt');
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
-    return true;
   }
 
   /**
