@@ -24,7 +24,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     do {
       const page = listMessages(sqlite, { state: 'failed', limit: PAGE, before });
       for (const { id } of page.messages) {
-        const file = await exportFailedMessage(sqlite, config.emailsDir, id, systemClock.now(), dir);
+        const file = await exportFailedMessage(sqlite, target, id, systemClock.now());
         if (file) written.push(file);
       }
       before = page.nextBefore ?? undefined;

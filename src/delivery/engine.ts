@@ -535,7 +535,7 @@ export class DeliveryEngine {
     const { config, sqlite, clock } = this.deps;
     if (state === 'failed') {
       try {
-        const file = await exportFailedMessage(sqlite, config.emailsDir, id, clock.now());
+        const file = await exportFailedMessage(sqlite, failedExportDir(config.emailsDir), id, clock.now());
         if (file) this.log.warn({ event: 'delivery.failed', queueId: id, export: file }, 'message failed; exported');
       } catch (err) {
         this.log.error(
@@ -582,7 +582,7 @@ export class DeliveryEngine {
       for (const { id } of page.messages) {
         if (await fileExists(failedExportPath(config.emailsDir, id))) continue;
         try {
-          if (await exportFailedMessage(sqlite, config.emailsDir, id, clock.now())) exported.push(id);
+          if (await exportFailedMessage(sqlite, failedExportDir(config.emailsDir), id, clock.now())) exported.push(id);
         } catch (err) {
           this.log.error({ event: 'delivery.export_failed', queueId: id, err: (err as Error).message }, 'exporting the failed message failed; `relayq export-failed` can redo it');
         }

@@ -16,9 +16,14 @@ export function failedExportDir(emailsDir: string): string {
   return path.join(emailsDir, 'failed');
 }
 
-/** Where the export of `id` goes: emailsDir/failed by default, or the directory given. */
-export function failedExportPath(emailsDir: string, id: string, directory = failedExportDir(emailsDir)): string {
+/** The file of `id`'s export in `directory`. */
+function exportFile(directory: string, id: string): string {
   return path.join(directory, `${safeFileStem(id)}.json`);
+}
+
+/** Where the relay keeps the export of `id`: in emailsDir/failed. */
+export function failedExportPath(emailsDir: string, id: string): string {
+  return exportFile(failedExportDir(emailsDir), id);
 }
 
 
@@ -59,23 +64,17 @@ function failedExportDocument(detail: MessageDetail, raw: Buffer | null, exporte
 }
 
 /**
- * Writes the export of message `id` if it is failed; returns the file, or undefined when the
- * message is gone or no longer failed (a retry got in first).
+ * Writes the export of message `id` into `directory` if it is failed; returns the file, or
+ * undefined when the message is gone or no longer failed (a retry got in first).
  */
-export async function exportFailedMessage(
-  sqlite: Sqlite,
-  emailsDir: string,
-  id: string,
-  now: number,
-  directory?: string,
-): Promise<string | undefined> {
+export async function exportFailedMessage(sqlite: Sqlite, directory: string, id: string, now: number): Promise<string | undefined> {
   // the message, its recipients, attempts and content from one snapshot
   const read = sqlite.transaction(() => {
     const detail = messageDetail(sqlite, id);
     return detail?.message.state === 'failed' ? { detail, raw: messageRaw(sqlite, id)?.raw ?? null } : undefined;
   })();
   if (!read) return undefined;
-  const file = failedExportPath(emailsDir, id, directory);
+  const file = exportFile(directory, id);
   const document = failedExportDocument(read.detail, read.raw, now);
   await writeFileAtomic(file, `${JSON.stringify(document, null, 2)}\n`);
   return file;

@@ -455,9 +455,11 @@ export class SmtpIntake {
     // RFC 3848 and RFC 6531 §3.7.3: SMTP after HELO, ESMTP after EHLO, UTF8SMTP with SMTPUTF8
     const base = session.envelope.smtpUtf8 ? 'UTF8SMTP' : session.openingCommand === 'HELO' ? 'SMTP' : 'ESMTP';
     const protocol = `${base}${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
+    const helo = session.hostNameAppearsAs || null;
+    const clientHostname = session.clientHostname || null;
     const header = receivedHeader({
-      helo: session.hostNameAppearsAs || null,
-      clientHostname: session.clientHostname || null,
+      helo,
+      clientHostname,
       clientIp,
       serverName: config.serverName,
       protocol,
@@ -476,7 +478,7 @@ export class SmtpIntake {
     const write = commits.writeMoving(
       [raw],
       'insertMessage',
-      { id: queueId, mailFrom, recipients, authUser, clientIp, clientHostname: session.clientHostname || null, helo: session.hostNameAppearsAs || null, raw, spooled, receivedAt: now },
+      { id: queueId, mailFrom, recipients, authUser, clientIp, clientHostname, helo, raw, spooled, receivedAt: now },
       { rateLimits: config.rateLimits, queueSize: config.queueSize },
     );
 
