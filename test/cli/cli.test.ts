@@ -199,11 +199,17 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(missing, /no database at .*missing\.db/);
     assertOneLineError(badConfig, /bad\.json is not valid JSON/);
     // a key given before the command name is commander's unknown option: named without its value
-    const [beforeCommand, onOperatorCommand, senderAlone] = await Promise.all([
+    const [beforeCommand, onOperatorCommand, senderAlone, jsonServe] = await Promise.all([
       runCli(["--defaultPassword=Hun'ter2Secret", 'serve']),
       runCli(['status', '--forwardPassword=Hunter2Secret']),
       cli('retry', '--sender', 'x@example.com'),
+      // (a relay that started anyway is killed after 10 s, and writes only under dir)
+      runCli(['--json', 'serve', '--smtpPort', '0', '--enableHealthCheck', 'false', '--databasePath', path.join(dir, 'serve.db'), '--emailsDir', path.join(dir, 'serve-emails')], {
+        timeoutMs: 10_000,
+      }),
     ]);
+    assertOneLineError(jsonServe, /^relayq: --json does not apply to serve: its log lines are JSON already$/);
+    assert.equal(jsonServe.code, 2);
     assertOneLineError(senderAlone, /^relayq: --sender goes with --failed$/);
     assertOneLineError(beforeCommand, /^relayq: unknown option '--defaultPassword'$/);
     assertOneLineError(onOperatorCommand, /^relayq: unknown option '--forwardPassword'$/);
