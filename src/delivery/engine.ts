@@ -149,6 +149,9 @@ export class DeliveryEngine {
   private requeueWatermark = Number.NEGATIVE_INFINITY;
   private requeueing = false;
   private pacingLogged = { at: Number.NEGATIVE_INFINITY, delayed: 0, timedOut: 0 };
+  /** After a failed claim: no claim before this (performance.now()); the wait after the next failure doubles. */
+  private claimsPausedUntil = 0;
+  private claimRetryMs = 0;
   private readonly stats = {
     lastSuccessAt: null as number | null,
     lastFailureAt: null as number | null,
@@ -300,11 +303,12 @@ export class DeliveryEngine {
   private pump(): void {
     if (!this.running || this.stopping) return;
     const free = this.config.workerCount - this.busySlots;
-    if (free <= 0) return;
+    if (free <= 0 || performance.now() < this.claimsPausedUntil) return;
     if (!hasDueWork(this.deps.sqlite, this.deps.clock.now())) return;
     this.busySlots += free;
     const task = this.claim(free).then(
       (claimed) => {
+        this.claimRetryMs = 0;
         this.busySlots -= free - claimed.batches.length;
         this.inFlow.taken(claimed.batches.length);
         for (const f of claimed.finalized) this.track(this.afterFinal(f.id, f.state, 0));
@@ -325,7 +329,11 @@ export class DeliveryEngine {
       },
       (err: Error) => {
         this.busySlots -= free;
-        this.log.error({ event: 'delivery.claim_failed', err: err.message }, 'claiming due work failed');
+        // A write that fails at once (a full disk, a read-only file) would otherwise be tried
+        // again at every wake-up and poll: wait, longer each time, as outcome commits do.
+        this.claimRetryMs = Math.min(Math.max(2 * this.claimRetryMs, OUTCOME_RETRY_FIRST_MS), OUTCOME_RETRY_MAX_MS);
+        this.claimsPausedUntil = performance.now() + this.claimRetryMs;
+        this.log.error({ event: 'delivery.claim_failed', err: err.message, retryInMs: this.claimRetryMs }, 'claiming due work failed');
         return -1;
       },
     );

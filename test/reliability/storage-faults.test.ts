@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { newQueueId } from '../../src/store/intake.js';
-import { holdWriteLock, messageCount, openSession, sendMail, startTestRelay } from '../helpers.js';
+import { capturedLog, closedPort, holdWriteLock, messageCount, openSession, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { assertStillServing, INTAKE_ONLY, queuedId } from './smtp-session.js';
 
 type SmtpError = Error & { responseCode?: number; response?: string };
@@ -182,4 +182,26 @@ test('the writer thread dies: the relay says so once, refuses mail with 451 4.3.
     await relay.stop();
   }
   assert.equal(fatal.length, 1, 'not again at shutdown');
+});
+
+test('claims that fail at once (a read-only database) are tried again after a pause that doubles, not in a loop', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: await closedPort() },
+    { logger: log.logger, startDelivery: false, startRetention: false },
+  );
+  try {
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
+    await relay.commits.pragma('query_only = ON');
+    relay.delivery.start();
+    const failures = () => log.entries().filter((e) => e.event === 'delivery.claim_failed');
+    await waitFor(() => failures().length >= 3, 10_000, 'three failed claims');
+    const waits = failures().map((e) => e.retryInMs);
+    assert.deepEqual(waits, [100, 200, 400, 800, 1600, 3200, 5000].slice(0, waits.length), 'each wait twice the one before');
+    await relay.commits.pragma('query_only = OFF');
+    const claims = () => (relay.store.sqlite.prepare('SELECT claims FROM messages WHERE id = ?').get(id) as { claims: number }).claims;
+    await waitFor(() => claims() > 0, 10_000, 'a claim once the database takes writes again');
+  } finally {
+    await relay.stop();
+  }
 });
