@@ -82,6 +82,19 @@ function prepareEmailsDir(emailsDir: string): void {
   }
 }
 
+/**
+ * relayq creates its database readable by its user alone; one made otherwise (before, by hand, by
+ * a restore) that other users may read holds every message for them: say so at start.
+ */
+function warnIfShared(databasePath: string, logger: Logger): void {
+  const mode = fs.statSync(databasePath).mode & 0o777;
+  if ((mode & 0o077) === 0) return;
+  logger.warn(
+    { event: 'store.permissions', databasePath, mode: `0${mode.toString(8)}` },
+    'other users may read the database, which holds every message: chmod 600 it and its -wal and -shm files',
+  );
+}
+
 export async function startRelay(config: Config, options: RelayOptions = {}): Promise<Relay> {
   const clock = options.clock ?? systemClock;
   const logger = options.logger ?? createLogger(config.logLevel);
@@ -93,6 +106,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     throw new Error(`databasePath ${config.databasePath}: ${err.message}`, { cause: err });
   });
   limitWalSize(store.sqlite);
+  warnIfShared(config.databasePath, logger);
   // The main thread's connection only reads; the writer thread owns every write.
   const commits = new StoreWriter({ file: config.databasePath, secureDelete: !config.security.logAllEmails });
   // The writer thread opens its connection while the rest starts (writes made meanwhile wait for

@@ -33,6 +33,9 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
   const partial = `${file}.partial-${process.pid}`;
   fs.rmSync(partial, { force: true });
   try {
+    // the copy holds every message: readable by this user alone, as the database is (VACUUM INTO
+    // takes an empty file)
+    fs.writeFileSync(partial, '', { flag: 'wx', mode: 0o600 });
     sqlite.prepare('VACUUM INTO ?').run(partial);
     fsyncFile(partial);
     const checked = verifyBackup(partial);

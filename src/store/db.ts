@@ -31,9 +31,19 @@ export interface OpenOptions {
 /** How long a connection waits for another one's write lock before SQLITE_BUSY. */
 export const BUSY_TIMEOUT_MS = 5000;
 
-/** A better-sqlite3 connection with relayq's pragmas; every connection to the file uses this. */
+/**
+ * A better-sqlite3 connection with relayq's pragmas; every connection to the file uses this. A
+ * database it creates is readable by the relay's user alone (0600, in a directory made 0700 if it
+ * makes one), like Postfix's queue: it holds every message. SQLite gives its -wal and -shm files
+ * the database file's mode.
+ */
 export function openConnection(file: string): Sqlite {
-  fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
+  fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true, mode: 0o700 });
+  try {
+    fs.writeFileSync(file, '', { flag: 'wx', mode: 0o600 });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+  }
   const sqlite = new Database(file);
   try {
     refuseForeignDatabase(sqlite);

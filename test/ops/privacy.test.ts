@@ -1,8 +1,10 @@
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
 import { describe, test } from 'node:test';
-import { sendMail, startTestRelay } from '../helpers.js';
+import { backupDatabase } from '../../src/store/backup.js';
+import { capturedLog, sendMail, startTestRelay, tempDir } from '../helpers.js';
 
 /** Delivers a few messages carrying `marker` (one small, two spanning overflow pages), then stops. */
 async function deliverAndStop(logAllEmails: boolean, marker: string) {
@@ -79,5 +81,41 @@ describe('security.logAllEmails=false and the CLI', () => {
     assert.equal((await deleteWithCli(false, marker)).indexOf(marker), -1);
     const kept = `KEPT-${crypto.randomBytes(8).toString('hex')}`;
     assert.ok((await deleteWithCli(true, kept)).indexOf(kept) >= 0, 'control: without it the freed pages keep the bytes');
+  });
+});
+
+describe('file permissions', () => {
+  const mode = (file: string) => fs.statSync(file).mode & 0o777;
+
+  test('a database relayq creates, its -wal and -shm and a backup are readable by the relay user alone', async () => {
+    const dir = tempDir();
+    const databasePath = path.join(dir, 'new', 'relayq.db');
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ databasePath }, { logger: log.logger, startDelivery: false, startRetention: false });
+    try {
+      await sendMail(relay.smtpPort, { text: 'private' });
+      assert.equal(mode(path.dirname(databasePath)), 0o700, 'the directory it made');
+      for (const file of [databasePath, `${databasePath}-wal`, `${databasePath}-shm`]) assert.equal(mode(file), 0o600, file);
+      const copy = path.join(dir, 'backup.db');
+      backupDatabase(relay.store.sqlite, copy);
+      assert.equal(mode(copy), 0o600, 'the backup');
+      assert.ok(!log.entries().some((e) => e.event === 'store.permissions'), 'no warning for its own file');
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('a database others may read (made before, or by hand) gets a warning at start', async () => {
+    const dir = tempDir();
+    const databasePath = path.join(dir, 'relayq.db');
+    await (await startTestRelay({ databasePath }, { startDelivery: false, startRetention: false })).stop();
+    fs.chmodSync(databasePath, 0o644);
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ databasePath }, { logger: log.logger, startDelivery: false, startRetention: false });
+    await relay.stop();
+    const warning = log.entries().find((e) => e.event === 'store.permissions');
+    assert.ok(warning, 'a store.permissions warning');
+    assert.equal(warning.mode, '0644');
+    assert.match(String(warning.msg), /chmod 600/);
   });
 });
