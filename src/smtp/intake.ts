@@ -341,18 +341,20 @@ export class SmtpIntake {
       this.credentialsConfigured &&
       secretsEqual(auth.username ?? '', defaultUsername) &&
       secretsEqual(auth.password ?? '', defaultPassword);
-    if (ok) {
-      this.authFailures.delete(ip);
-      return cb(null, { user: auth.username });
-    }
-    // Repeated failures from one address are answered more and more slowly (never a lockout).
+    // After failures from this address every answer to it comes more and more slowly (never a
+    // lockout), a success too: a guesser that hangs up when no quick answer comes learns nothing.
     const now = Date.now();
     const previous = this.authFailures.get(ip);
-    const count = previous && now - previous.at < 15 * 60_000 ? previous.count + 1 : 1;
-    this.authFailures.set(ip, { count, at: now });
+    const failed = previous && now - previous.at < 15 * 60_000 ? previous.count : 0;
+    const replyInMs = failed > 0 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** failed, AUTH_FAILURE_MAX_DELAY_MS) : 0;
+    if (ok) {
+      this.authFailures.delete(ip);
+      setTimeout(() => cb(null, { user: auth.username }), replyInMs).unref();
+      return;
+    }
+    this.authFailures.set(ip, { count: failed + 1, at: now });
     if (this.authFailures.size > 10_000) this.authFailures.clear();
-    const replyInMs = count > 1 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** (count - 1), AUTH_FAILURE_MAX_DELAY_MS) : 0;
-    this.deps.logger.warn({ event: 'smtp.auth_failed', client: ip, user: auth.username, failures: count, replyInMs }, 'authentication failed');
+    this.deps.logger.warn({ event: 'smtp.auth_failed', client: ip, user: auth.username, failures: failed + 1, replyInMs }, 'authentication failed');
     setTimeout(() => cb(reply(535, '5.7.8 Authentication credentials invalid')), replyInMs).unref();
   }
 
