@@ -41,6 +41,8 @@ export interface DeliveryDeps {
   pollIntervalMs?: number;
   /** Extra TLS options for the upstream connection (e.g. a private CA). */
   upstreamTls?: tls.ConnectionOptions;
+  /** Test hook: the upstream's address as the AUTH policy sees it (default: the socket's peer). */
+  upstreamAddress?: (socketAddress: string) => string;
   /** Deadline of one attempt; default: the lease minus 10 % (at least 1 s before it ends). */
   attemptTimeoutMs?: number;
   /** A temp file this old was left by a crash; younger ones may be another process's (default 60 s). */
@@ -182,6 +184,7 @@ export class DeliveryEngine {
           attemptTimeoutMs: this.attemptTimeoutMs,
           logger: this.log,
           tls: deps.upstreamTls,
+          peerAddress: deps.upstreamAddress,
         })
       : undefined;
   }

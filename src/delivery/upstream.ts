@@ -12,6 +12,7 @@ import type tls from 'node:tls';
 import { domainToASCII } from 'node:url';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import type { Logger } from 'pino';
+import { isLoopback } from '../access-control.js';
 import { libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
 import { type BatchResult, resultFromNodemailer, uniformResult } from './outcomes.js';
@@ -30,6 +31,8 @@ export interface UpstreamSettings {
   logger: Logger;
   /** Extra tls.connect options (a private CA, for instance). Certificates are verified. */
   tls?: tls.ConnectionOptions;
+  /** Test hook: the upstream's address as the AUTH policy sees it (default: the socket's peer). */
+  peerAddress?: (socketAddress: string) => string;
 }
 
 function isAscii(text: string): boolean {
@@ -105,10 +108,14 @@ function endedConnection(err: UpstreamError): boolean {
   return err.responseCode === 421 || err.code === 'ECONNECTION' || err.code === 'ESOCKET' || err.code === 'ETIMEDOUT';
 }
 
+const PLAINTEXT_AUTH_REFUSED =
+  'the upstream offered no TLS (STARTTLS), so forwardUsername/forwardPassword were not sent in plain text; use forwardSSL or an upstream with STARTTLS';
+
 export class SmtpUpstream {
   readonly label: string;
   private readonly options: SMTPConnection.Options;
   private readonly auth: SMTPConnection.Credentials | undefined;
+  private readonly peerAddress: (socketAddress: string) => string;
   /** Connections between two transactions, most recently used last. */
   private readonly idle: SMTPConnection[] = [];
   private closed = false;
@@ -142,6 +149,7 @@ export class SmtpUpstream {
       // the final "." is not held back by Nagle's algorithm waiting for a delayed ACK.
     };
     this.auth = settings.username ? { user: settings.username, pass: settings.password } : undefined;
+    this.peerAddress = settings.peerAddress ?? ((address) => address);
   }
 
   /** One SMTP transaction for the batch; never throws. `signal` aborts it and closes its connection. */
@@ -265,8 +273,14 @@ export class SmtpUpstream {
       });
       connection.connect((err) => {
         if (err) return settle(err);
-        if (this.auth && connection.allowsAuth) connection.login(this.auth, (loginErr) => settle(loginErr ?? undefined));
-        else settle();
+        if (!this.auth || !connection.allowsAuth) return settle();
+        // The password goes out encrypted, or over loopback: an upstream that offers no STARTTLS
+        // (or a man in the middle that strips it) does not get it (Postfix: noplaintext).
+        const socket = (connection as unknown as { _socket?: { remoteAddress?: string } })._socket;
+        if (!connection.secure && !isLoopback(this.peerAddress(socket?.remoteAddress ?? ''))) {
+          return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS' }));
+        }
+        connection.login(this.auth, (loginErr) => settle(loginErr ?? undefined));
       });
     });
   }

@@ -99,6 +99,71 @@ describe('upstream connection: TLS and AUTH', () => {
   });
 });
 
+describe('upstream AUTH and plain text', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  /** An upstream that takes AUTH PLAIN/LOGIN (in plain text too) and records every login tried. */
+  async function authUpstream(startTls: boolean) {
+    const logins: Array<{ username?: string; secure: boolean }> = [];
+    const upstream = await startScriptedUpstream({
+      disabledCommands: startTls ? [] : ['STARTTLS'],
+      authOptional: false,
+      allowInsecureAuth: true,
+      authMethods: ['PLAIN', 'LOGIN'],
+      onAuth(auth, session, cb) {
+        logins.push({ username: auth.username, secure: session.secure });
+        cb(null, { user: auth.username });
+      },
+    });
+    cleanup.push(() => upstream.close());
+    return { upstream, logins };
+  }
+
+  async function relayWithCredentials(port: number) {
+    const clock = new ManualClock();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, forwardUsername: 'relay', forwardPassword: 's3cret' },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
+    return { clock, relay, id };
+  }
+
+  test('an upstream elsewhere that offers no STARTTLS never gets the password: the mail is deferred, saying why', async () => {
+    const { upstream, logins } = await authUpstream(false);
+    const { clock, relay, id } = await relayWithCredentials(upstream.port);
+    const engine = engineOn(relay, clock, { upstreamAddress: () => '192.0.2.25' });
+    cleanup.push(() => engine.stop(0));
+    await engine.runOnce();
+    assert.deepEqual(logins, [], 'no AUTH was tried');
+    assert.equal(upstream.accepted.length, 0);
+    const [r] = recipients(relay, id);
+    assert.equal(r.status, 'pending');
+    assert.equal(r.temporary, 1);
+    assert.match(r.last_reply!, /not sent in plain text/);
+  });
+
+  test('with STARTTLS the password goes out encrypted; over loopback also in plain text', async () => {
+    const tlsUpstream = await authUpstream(true);
+    const remote = await relayWithCredentials(tlsUpstream.upstream.port);
+    const engine = engineOn(remote.relay, remote.clock, { upstreamAddress: () => '192.0.2.25', upstreamTls: { rejectUnauthorized: false } });
+    cleanup.push(() => engine.stop(0));
+    await engine.runOnce();
+    assert.equal(message(remote.relay, remote.id).state, 'delivered');
+    assert.deepEqual(tlsUpstream.logins, [{ username: 'relay', secure: true }]);
+
+    const plainUpstream = await authUpstream(false);
+    const local = await relayWithCredentials(plainUpstream.upstream.port);
+    await local.relay.delivery.runOnce();
+    assert.equal(message(local.relay, local.id).state, 'delivered');
+    assert.deepEqual(plainUpstream.logins, [{ username: 'relay', secure: false }]);
+  });
+});
+
 describe('attempt deadline', () => {
   test('an upstream that never answers DATA is cut off before the lease ends: deferred, connection closed', async () => {
     const upstream = await startScriptedUpstream();
