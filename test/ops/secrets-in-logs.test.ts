@@ -6,7 +6,7 @@ import crypto from 'node:crypto';
 import { test } from 'node:test';
 import { CONFIG_KEYS, defaultConfig, getPath, setPath } from '../../src/config/schema.js';
 import { createLogger } from '../../src/logger.js';
-import { capturedLog, SmtpClient, sendMail, spawnRelay, startUpstream, tempDir, waitFor } from '../helpers.js';
+import { capturedLog, SmtpClient, sendMail, spawnRelay, startTestRelay, startUpstream, tempDir, waitFor } from '../helpers.js';
 
 const secret = (name: string) => `${name}-${crypto.randomBytes(6).toString('hex')}`;
 const base64 = (text: string) => Buffer.from(text).toString('base64');
@@ -115,4 +115,37 @@ test('a secret that is not set is logged empty, not as [redacted]', () => {
   const line = JSON.parse(lines[0]);
   for (const key of CONFIG_KEYS.filter((k) => k.secret)) assert.equal(getPath(line.config, key.path), '', key.path);
   assert.equal(line.password, '');
+});
+
+test('credentials a client sends after relayq refused its AUTH (538 without TLS, 503 in a transaction) are masked at debug', async () => {
+  const password = secret('after-refusal');
+  const { logger, lines } = capturedLog('debug', createLogger);
+  const relay = await startTestRelay(
+    { defaultUsername: 'app', defaultPassword: password, security: { allowLocalOnly: false, allowedNetworks: ['198.51.100.0/24'], requireAuth: false } },
+    { logger, smtpPeerAddress: () => '198.51.100.7', startDelivery: false, startRetention: false },
+  );
+  try {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO client.test');
+    // LOGIN refused before TLS; the client sends its two lines anyway
+    assert.match(await c.send('AUTH LOGIN'), /^538 /);
+    assert.match(await c.send(base64('app')), /^5/);
+    assert.match(await c.send(base64(password)), /^5/);
+    // PLAIN refused inside a transaction; the response follows on its own line
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    assert.match(await c.send('AUTH PLAIN'), /^503 /);
+    assert.match(await c.send(base64(`\0app\0${password}`)), /^5/);
+    // masking stops at the next command
+    assert.match(await c.send('NOOP'), /^250 /);
+    await c.send('QUIT');
+    c.close();
+  } finally {
+    await relay.stop();
+  }
+  const output = lines.join('\n');
+  assert.deepEqual(leaks(output, password, 'app'), []);
+  assert.deepEqual(leaks(output.toUpperCase(), base64(password).toUpperCase()), [], 'nor upper-cased as a command name');
+  assert.equal(output.split('"msg":"C: /* secured */"').length - 1, 3, 'the three credential lines, masked');
+  assert.ok(output.includes('"msg":"C: NOOP"'), 'the command after them is logged as usual');
 });
