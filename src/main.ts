@@ -14,6 +14,7 @@ import { DeliveryEngine } from './delivery/engine.js';
 import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
 import { SmtpIntake } from './smtp/intake.js';
+import { SpoolError } from './smtp/spool.js';
 import { openStore, type Store } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
 import { limitWalSize } from './store/maintenance.js';
@@ -170,6 +171,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   } catch (err) {
     await api?.close();
     await closeStorage();
+    if (err instanceof SpoolError) throw new Error(`databasePath: ${err.message}`, { cause: err });
     throw new Error(`smtpHost, smtpPort: cannot listen on ${config.smtpHost}:${config.smtpPort}: ${(err as Error).message}`, { cause: err });
   }
   logger.info({ event: 'relay.started', smtp: `${config.smtpHost}:${smtpPort}`, config: redactConfig(config) }, 'relayq started');

@@ -10,6 +10,9 @@ import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { finished } from 'node:stream/promises';
 
+/** The spool directory cannot be emptied at start: a problem of databasePath, not of the listener. */
+export class SpoolError extends Error {}
+
 export class Spool {
   private seq = 0;
 
@@ -25,17 +28,29 @@ export class Spool {
 
   /**
    * Removes what earlier processes left (messages that were never acknowledged). The directory
-   * itself stays: it may be a mount point or a link that the operator made.
+   * itself stays: it may be a mount point or a link that the operator made. A link that another
+   * user made (in a directory others may write to) is refused: emptying would delete whatever
+   * that user pointed it at.
    */
   clear(): void {
     let names: string[];
     try {
+      const link = fs.lstatSync(this.dir);
+      const uid = process.getuid?.();
+      if (link.isSymbolicLink() && uid !== undefined && link.uid !== uid) {
+        throw new SpoolError(`${this.dir} is a symbolic link made by another user (uid ${link.uid}); relayq will not empty what it points to: remove it`);
+      }
       names = fs.readdirSync(this.dir);
     } catch (err) {
+      if (err instanceof SpoolError) throw err;
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-      throw err;
+      throw new SpoolError(`cannot read ${this.dir}: ${(err as Error).message}`, { cause: err });
     }
-    for (const name of names) fs.rmSync(path.join(this.dir, name), { recursive: true, force: true });
+    try {
+      for (const name of names) fs.rmSync(path.join(this.dir, name), { recursive: true, force: true });
+    } catch (err) {
+      throw new SpoolError(`cannot empty ${this.dir}: ${(err as Error).message}`, { cause: err });
+    }
   }
 
   /** A path for a new file (the directory is made, or made again, here). */

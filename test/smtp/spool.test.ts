@@ -163,6 +163,23 @@ test('files that an earlier process left in the spool directory are removed at s
   }
 });
 
+test('a spool link that another user made is refused at start, and what it points to is left alone', {
+  skip: process.getuid?.() === 0 ? false : 'giving a link another owner takes root',
+}, async () => {
+  const config = testConfig();
+  const dir = Spool.dirFor(config.databasePath);
+  const victim = tempDir('relayq-victim-');
+  fs.writeFileSync(path.join(victim, 'keep.txt'), 'not relayq\'s');
+  fs.mkdirSync(path.dirname(dir), { recursive: true });
+  fs.symlinkSync(victim, dir);
+  fs.lchownSync(dir, 65534, 65534);
+  await assert.rejects(
+    startTestRelay({ databasePath: config.databasePath, emailsDir: config.emailsDir }, { startDelivery: false }),
+    /^Error: databasePath: .*-spool is a symbolic link made by another user \(uid 65534\); relayq will not empty what it points to/,
+  );
+  assert.deepEqual(fs.readdirSync(victim), ['keep.txt']);
+});
+
 test('a second relay started on the same database, which cannot bind, leaves the running one\'s spool alone', async () => {
   const relay = await startTestRelay({ spoolAfter: SPOOL_AFTER }, { startDelivery: false });
   try {
