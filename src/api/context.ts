@@ -20,7 +20,7 @@ export interface DeliveryView {
 export interface ApiDeps {
   config: Config;
   store: { sqlite: Sqlite };
-  commits: Pick<StoreWriter, 'write'>;
+  commits: Pick<StoreWriter, 'write' | 'storageFault'>;
   disk: { freeMb(): number; isLow(): boolean };
   intake: { readonly isListening: boolean };
   clock: Clock;

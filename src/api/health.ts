@@ -17,6 +17,8 @@ const HEALTH_THRESHOLDS = {
   upstreamFailures: 3,
   upstreamQuietMs: 5 * 60_000,
   queueFullFraction: 0.8,
+  /** A write refused for lack of room counts this long, unless a later one succeeds. */
+  storageFaultMs: 60_000,
 };
 
 export type HealthStatus = 'ok' | 'degraded' | 'error';
@@ -54,6 +56,12 @@ export function healthRoutes(deps: ApiDeps) {
     } catch (err) {
       database = 'error';
       errors.push(`database is not writable: ${(err as Error).message}`);
+    }
+    // the probe is small: it may still commit where messages and claims no longer fit
+    const fault = database === 'ok' ? deps.commits.storageFault(HEALTH_THRESHOLDS.storageFaultMs) : undefined;
+    if (fault) {
+      database = 'error';
+      errors.push(`the database refused a write in the last minute: ${fault}`);
     }
     let metrics: StoreMetrics | undefined;
     try {

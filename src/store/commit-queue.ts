@@ -57,6 +57,9 @@ export class CommitQueue {
           // only now: an operation whose RELEASE failed was rolled back, and has one result
           results.push({ ok: true, value });
         } catch (error) {
+          // SQLITE_FULL or an I/O error may roll the whole transaction back: then the batch
+          // fails, with this cause rather than the missing savepoint's
+          if (!this.sqlite.inTransaction) throw error;
           this.sqlite.exec('ROLLBACK TO op');
           this.sqlite.exec('RELEASE op');
           results.push({ ok: false, error });

@@ -10,7 +10,15 @@ import type { SerializedError, WriterReply, WriterRequest, WriterThreadOptions }
 interface Pending {
   resolve: (value: unknown) => void;
   reject: (err: unknown) => void;
+  /** The write op, or undefined for a pragma. */
+  op: WriteOpName | undefined;
 }
+
+/**
+ * A disk or database that is full: a small write may still fit (the health check's probe) while
+ * messages and claims do not. Other faults (a read-only or damaged file) fail the probe too.
+ */
+const STORAGE_FULL = 'SQLITE_FULL';
 
 export class StoreWriter {
   private readonly worker: Worker;
@@ -29,6 +37,8 @@ export class StoreWriter {
   onFailed: (err: Error) => void = () => {};
   /** Writes completed and transactions committed so far (for tests and the benchmark). */
   readonly stats = { writes: 0, commits: 0 };
+  /** The last write refused as STORAGE_FULL, until a later write succeeds. */
+  private fault: { at: number; message: string } | undefined;
 
   /** Writes sent and not yet answered (for tests). */
   get waiting(): number {
@@ -43,7 +53,16 @@ export class StoreWriter {
   }
 
   write<K extends WriteOpName>(op: K, ...args: WriteOpArgs<K>): Promise<WriteOpResult<K>> {
-    return this.send((id) => ({ type: 'write', id, op, args })) as Promise<WriteOpResult<K>>;
+    return this.send(op, (id) => ({ type: 'write', id, op, args })) as Promise<WriteOpResult<K>>;
+  }
+
+  /**
+   * Why the database refused a write for lack of room in the last `withinMs`, unless a write has
+   * succeeded since; the health check's probe does not count, as a write that small may still
+   * fit where messages and claims no longer do.
+   */
+  storageFault(withinMs: number): string | undefined {
+    return this.fault && Date.now() - this.fault.at < withinMs ? this.fault.message : undefined;
   }
 
   /**
@@ -53,20 +72,20 @@ export class StoreWriter {
    */
   writeMoving<K extends WriteOpName>(buffers: Buffer[], op: K, ...args: WriteOpArgs<K>): Promise<WriteOpResult<K>> {
     const transfer = buffers.filter((b) => b.byteOffset === 0 && b.byteLength === b.buffer.byteLength).map((b) => b.buffer as ArrayBuffer);
-    return this.send((id) => ({ type: 'write', id, op, args }), transfer) as Promise<WriteOpResult<K>>;
+    return this.send(op, (id) => ({ type: 'write', id, op, args }), transfer) as Promise<WriteOpResult<K>>;
   }
 
   /** A pragma on the writer's connection, outside any transaction (tests use it to inject faults). */
   pragma(text: string): Promise<unknown> {
-    return this.send((id) => ({ type: 'pragma', id, text }));
+    return this.send(undefined, (id) => ({ type: 'pragma', id, text }));
   }
 
-  private send(request: (id: number) => WriterRequest, transfer: ArrayBuffer[] = []): Promise<unknown> {
+  private send(op: WriteOpName | undefined, request: (id: number) => WriterRequest, transfer: ArrayBuffer[] = []): Promise<unknown> {
     if (this.failed) return Promise.reject(this.failed);
     if (this.closing) return Promise.reject(new Error('store is closed'));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
+      this.pending.set(id, { resolve, reject, op });
       this.post(request(id), transfer);
     });
   }
@@ -109,8 +128,13 @@ export class StoreWriter {
       this.pending.delete(reply.id);
       this.stats.writes++;
       this.stats.commits = Math.max(this.stats.commits, reply.commits);
-      if (reply.ok) p.resolve(reply.value);
-      else p.reject(revive(reply.error));
+      if (reply.ok) {
+        if (p.op !== undefined && p.op !== 'probeWrite') this.fault = undefined;
+        p.resolve(reply.value);
+      } else {
+        if (reply.error.code === STORAGE_FULL) this.fault = { at: Date.now(), message: reply.error.message };
+        p.reject(revive(reply.error));
+      }
     }
     this.onCommitted();
   }

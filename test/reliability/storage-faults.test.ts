@@ -205,3 +205,33 @@ test('claims that fail at once (a read-only database) are tried again after a pa
     await relay.stop();
   }
 });
+
+test('/health says error while the database refuses messages for lack of room, though its small probe still commits', async () => {
+  const relay = await startTestRelay(undefined, INTAKE_ONLY);
+  const health = async () => {
+    const res = await fetch(`http://127.0.0.1:${relay.httpPort}/health`);
+    return { status: res.status, body: (await res.json()) as { status: string; details: { database: string; warnings: string[] } } };
+  };
+  try {
+    const maxBefore = (await relay.commits.pragma('max_page_count')) as number;
+    await relay.commits.pragma(`max_page_count = ${(await relay.commits.pragma('page_count')) as number}`);
+    try {
+      await refusedWith451(sendMail(relay.smtpPort, { to: recipients(50), text: 'y'.repeat(20_000) }));
+      await relay.commits.write('probeWrite'); // what the health check tries: it still fits
+      const full = await health();
+      assert.equal(full.status, 503);
+      assert.equal(full.body.status, 'error');
+      assert.equal(full.body.details.database, 'error');
+      assert.ok(full.body.details.warnings.some((w) => /^the database refused a write in the last minute: .*full/.test(w)), String(full.body.details.warnings));
+    } finally {
+      await relay.commits.pragma(`max_page_count = ${maxBefore}`);
+    }
+    // a write that succeeds clears it
+    await sendMail(relay.smtpPort, { to: recipients(50), text: 'y'.repeat(20_000) });
+    const again = await health();
+    assert.equal(again.status, 200);
+    assert.equal(again.body.details.database, 'ok');
+  } finally {
+    await relay.stop();
+  }
+});
