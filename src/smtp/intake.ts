@@ -57,6 +57,8 @@ interface SessionState {
   refusedCount?: number;
   /** A MAIL waiting for in-flow pacing; cancelled if the connection closes meanwhile. */
   pacing?: PacedMail;
+  /** The client has gone. */
+  closed?: boolean;
 }
 
 type Callback = (err?: Error | null) => void;
@@ -302,9 +304,10 @@ export class SmtpIntake {
 
   /** One line per session, as Postfix's "disconnect from": who it was, what it got stored, what was refused. */
   private onClose(session: SMTPServerSession) {
-    const s = this.sessions.get(session);
+    const s = this.state(session);
+    s.closed = true;
     // a session that leaves while its MAIL waits for pacing gives up its place
-    s?.pacing?.cancel();
+    s.pacing?.cancel();
     const logLine = () =>
       this.deps.logger.info(
         {
@@ -312,14 +315,14 @@ export class SmtpIntake {
           client: this.peer(session),
           helo: session.hostNameAppearsAs || undefined,
           user: authUserOf(session) ?? undefined,
-          accepted: s?.accepted ?? 0,
-          refused: s?.refusedCount ?? 0,
-          ...(s?.refused ? { replies: s.refused } : {}),
+          accepted: s.accepted ?? 0,
+          refused: s.refusedCount ?? 0,
+          ...(s.refused ? { replies: s.refused } : {}),
         },
         'session closed',
       );
     // a client that left while its message was being committed: the line says whether it was stored
-    if (s?.committing) s.committing.then(logLine, logLine);
+    if (s.committing) s.committing.then(logLine, logLine);
     else logLine();
   }
 
@@ -347,13 +350,18 @@ export class SmtpIntake {
     const previous = this.authFailures.get(ip);
     const failed = previous && now - previous.at < 15 * 60_000 ? previous.count : 0;
     const replyInMs = failed > 0 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** failed, AUTH_FAILURE_MAX_DELAY_MS) : 0;
-    if (ok) {
-      this.authFailures.delete(ip);
-      setTimeout(() => cb(null, { user: auth.username }), replyInMs).unref();
-      return;
-    }
+    // Counted as a failure until its answer is given: a guesser that hung up must not learn from
+    // how fast its next guess is answered that this one was right.
     this.authFailures.set(ip, { count: failed + 1, at: now });
     if (this.authFailures.size > 10_000) this.authFailures.clear();
+    if (ok) {
+      setTimeout(() => {
+        if (this.state(session).closed) return;
+        this.authFailures.delete(ip);
+        cb(null, { user: auth.username });
+      }, replyInMs).unref();
+      return;
+    }
     this.deps.logger.warn({ event: 'smtp.auth_failed', client: ip, user: auth.username, failures: failed + 1, replyInMs }, 'authentication failed');
     setTimeout(() => cb(reply(535, '5.7.8 Authentication credentials invalid')), replyInMs).unref();
   }

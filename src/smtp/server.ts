@@ -18,9 +18,10 @@
 //    (smtp-server lower-cases it; Postfix records it as sent).
 // 6. Every reply of 400 and above, smtp-server's own included, is reported to the server's
 //    `onRefusal`, so that the session's closing log line can list what was refused.
-// 7. After an AUTH refused by relayq (538, 503) the client may still send its credentials (the
-//    base64 lines of LOGIN, a PLAIN response): the next two lines that are not SMTP commands are
-//    logged masked at debug, as smtp-server masks them inside an AUTH exchange.
+// 7. After an AUTH that was refused (relayq's 538 and 503, smtp-server's 503 and 504) the client
+//    may still send its credentials (the base64 lines of LOGIN, a PLAIN response): so after any
+//    AUTH the next two lines that are not SMTP commands are logged masked at debug, as
+//    smtp-server masks the lines of an AUTH exchange.
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
@@ -75,15 +76,17 @@ class RelayqConnection extends SMTPConnection {
   }
 
   private corked = false;
-  /** Lines still to mask after a refused AUTH (module comment, 7). */
+  /** Lines still to mask after an AUTH command (module comment, 7). */
   private credentialLines = 0;
 
   _redactCredentials(commandName: string, line: string): { commandName: string; line: string } {
-    if (this.credentialLines > 0) {
-      this.credentialLines = COMMANDS.has(commandName) ? 0 : this.credentialLines - 1;
-      if (!COMMANDS.has(commandName)) return { commandName: 'AUTH', line: '/* secured */' };
+    const own = (SMTPConnection.prototype as unknown as { _redactCredentials: RelayqConnection['_redactCredentials'] })._redactCredentials;
+    if (this.credentialLines > 0 && !COMMANDS.has(commandName)) {
+      this.credentialLines--;
+      return { commandName: 'AUTH', line: '/* secured */' };
     }
-    return (SMTPConnection.prototype as unknown as { _redactCredentials: RelayqConnection['_redactCredentials'] })._redactCredentials.call(this, commandName, line);
+    this.credentialLines = commandName === 'AUTH' ? 2 : 0;
+    return own.call(this, commandName, line);
   }
 
   override send(code: number, data?: string | string[] | null, context?: string | false): void {
@@ -103,11 +106,9 @@ class RelayqConnection extends SMTPConnection {
 
   override handler_AUTH(command: Buffer, callback: () => void): void {
     if (this.session.envelope.mailFrom) {
-      this.credentialLines = 2;
       this.send(503, '5.5.1 Error: MAIL transaction in progress');
       callback();
     } else if (this.authNeedsTls()) {
-      this.credentialLines = 2;
       this.send(538, '5.7.11 Encryption required for requested authentication mechanism');
       callback();
     } else {

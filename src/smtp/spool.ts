@@ -28,16 +28,16 @@ export class Spool {
 
   /**
    * Removes what earlier processes left (messages that were never acknowledged). The directory
-   * itself stays: it may be a mount point or a link that the operator made. A link that another
-   * user made (in a directory others may write to) is refused: emptying would delete whatever
-   * that user pointed it at.
+   * itself stays: it may be a mount point or a link that the operator made (as this user or as
+   * root). A link that another user made (in a directory others may write to) is refused:
+   * emptying would delete whatever that user pointed it at.
    */
   clear(): void {
     let names: string[];
     try {
       const link = fs.lstatSync(this.dir);
       const uid = process.getuid?.();
-      if (link.isSymbolicLink() && uid !== undefined && link.uid !== uid) {
+      if (link.isSymbolicLink() && uid !== undefined && link.uid !== uid && link.uid !== 0) {
         throw new SpoolError(`${this.dir} is a symbolic link made by another user (uid ${link.uid}); relayq will not empty what it points to: remove it`);
       }
       names = fs.readdirSync(this.dir);

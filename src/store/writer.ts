@@ -37,7 +37,7 @@ export class StoreWriter {
   onFailed: (err: Error) => void = () => {};
   /** Writes completed and transactions committed so far (for tests and the benchmark). */
   readonly stats = { writes: 0, commits: 0 };
-  /** The last write refused as STORAGE_FULL, until a later write succeeds. */
+  /** The last write refused as STORAGE_FULL, until a message is stored again. */
   private fault: { at: number; message: string } | undefined;
 
   /** Writes sent and not yet answered (for tests). */
@@ -57,9 +57,9 @@ export class StoreWriter {
   }
 
   /**
-   * Why the database refused a write for lack of room in the last `withinMs`, unless a write has
-   * succeeded since; the health check's probe does not count, as a write that small may still
-   * fit where messages and claims no longer do.
+   * Why the database refused a write for lack of room in the last `withinMs`, unless a message
+   * has been stored since. Only that clears it: the health check's probe, a claim or a delivery's
+   * outcome are small writes that may still fit where a message no longer does.
    */
   storageFault(withinMs: number): string | undefined {
     return this.fault && Date.now() - this.fault.at < withinMs ? this.fault.message : undefined;
@@ -129,7 +129,7 @@ export class StoreWriter {
       this.stats.writes++;
       this.stats.commits = Math.max(this.stats.commits, reply.commits);
       if (reply.ok) {
-        if (p.op !== undefined && p.op !== 'probeWrite') this.fault = undefined;
+        if (p.op === 'insertMessage') this.fault = undefined;
         p.resolve(reply.value);
       } else {
         if (reply.error.code === STORAGE_FULL) this.fault = { at: Date.now(), message: reply.error.message };

@@ -117,7 +117,7 @@ test('a secret that is not set is logged empty, not as [redacted]', () => {
   assert.equal(line.password, '');
 });
 
-test('credentials a client sends after relayq refused its AUTH (538 without TLS, 503 in a transaction) are masked at debug', async () => {
+test('credentials a client sends after its AUTH was refused (538, 503, 504) are masked at debug', async () => {
   const password = secret('after-refusal');
   const { logger, lines } = capturedLog('debug', createLogger);
   const relay = await startTestRelay(
@@ -143,9 +143,27 @@ test('credentials a client sends after relayq refused its AUTH (538 without TLS,
   } finally {
     await relay.stop();
   }
+  // smtp-server's own refusals, on loopback: AUTH before EHLO, an unknown mechanism, a second AUTH
+  const local = await startTestRelay({ defaultUsername: 'app', defaultPassword: password }, { logger, startDelivery: false, startRetention: false });
+  try {
+    const c = await SmtpClient.connect(local.smtpPort);
+    await c.read();
+    assert.match(await c.send('AUTH LOGIN'), /^503 /);
+    assert.match(await c.send(base64(password)), /^5/);
+    await c.send('EHLO client.test');
+    assert.match(await c.send('AUTH XOAUTH2'), /^504 /);
+    assert.match(await c.send(base64(password)), /^5/);
+    assert.match(await c.send(`AUTH PLAIN ${base64(`\0app\0${password}`)}`), /^235 /);
+    assert.match(await c.send('AUTH LOGIN'), /^503 /);
+    assert.match(await c.send(base64(password)), /^5/);
+    await c.send('QUIT');
+    c.close();
+  } finally {
+    await local.stop();
+  }
   const output = lines.join('\n');
   assert.deepEqual(leaks(output, password, 'app'), []);
   assert.deepEqual(leaks(output.toUpperCase(), base64(password).toUpperCase()), [], 'nor upper-cased as a command name');
-  assert.equal(output.split('"msg":"C: /* secured */"').length - 1, 3, 'the three credential lines, masked');
+  assert.equal(output.split('"msg":"C: /* secured */"').length - 1, 6, 'the six credential lines, masked');
   assert.ok(output.includes('"msg":"C: NOOP"'), 'the command after them is logged as usual');
 });

@@ -195,9 +195,15 @@ test('claims that fail at once (a read-only database) are tried again after a pa
     await relay.commits.pragma('query_only = ON');
     relay.delivery.start();
     const failures = () => log.entries().filter((e) => e.event === 'delivery.claim_failed');
-    await waitFor(() => failures().length >= 3, 10_000, 'three failed claims');
-    const waits = failures().map((e) => e.retryInMs);
+    await waitFor(() => failures().length >= 4, 10_000, 'four failed claims');
+    const seen = failures();
+    const waits = seen.map((e) => e.retryInMs as number);
     assert.deepEqual(waits, [100, 200, 400, 800, 1600, 3200, 5000].slice(0, waits.length), 'each wait twice the one before');
+    // and no claim came sooner (a timer never fires early; pino's time is in ms)
+    for (let i = 1; i < seen.length; i++) {
+      const gap = (seen[i].time as number) - (seen[i - 1].time as number);
+      assert.ok(gap >= waits[i - 1] - 1, `claim ${i + 1} came ${gap} ms after the one before, not after the ${waits[i - 1]} ms pause`);
+    }
     await relay.commits.pragma('query_only = OFF');
     const claims = () => (relay.store.sqlite.prepare('SELECT claims FROM messages WHERE id = ?').get(id) as { claims: number }).claims;
     await waitFor(() => claims() > 0, 10_000, 'a claim once the database takes writes again');
@@ -217,7 +223,9 @@ test('/health says error while the database refuses messages for lack of room, t
     await relay.commits.pragma(`max_page_count = ${(await relay.commits.pragma('page_count')) as number}`);
     try {
       await refusedWith451(sendMail(relay.smtpPort, { to: recipients(50), text: 'y'.repeat(20_000) }));
-      await relay.commits.write('probeWrite'); // what the health check tries: it still fits
+      // small writes still fit: the health check's own, and a claim (delivery goes on draining)
+      await relay.commits.write('probeWrite');
+      await relay.commits.write('claimDueBatches', { now: Date.now(), leaseMs: 60_000, batchSize: 10, limit: 1, maxAttempts: 5 });
       const full = await health();
       assert.equal(full.status, 503);
       assert.equal(full.body.status, 'error');
@@ -226,7 +234,7 @@ test('/health says error while the database refuses messages for lack of room, t
     } finally {
       await relay.commits.pragma(`max_page_count = ${maxBefore}`);
     }
-    // a write that succeeds clears it
+    // a message stored clears it
     await sendMail(relay.smtpPort, { to: recipients(50), text: 'y'.repeat(20_000) });
     const again = await health();
     assert.equal(again.status, 200);
