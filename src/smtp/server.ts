@@ -37,6 +37,10 @@ const ENHANCED = /^[245]\.\d{1,3}\.\d{1,3} /;
 /** Commands smtp-server knows: a line after a refused AUTH that is none of these may be a credential. */
 const COMMANDS = new Set(['HELO', 'EHLO', 'LHLO', 'MAIL', 'RCPT', 'DATA', 'RSET', 'NOOP', 'QUIT', 'VRFY', 'HELP', 'STARTTLS', 'AUTH', 'BDAT', 'XCLIENT', 'XFORWARD']);
 
+/** smtp-server's own masking of AUTH lines, which RelayqConnection extends (module comment, 7). */
+const redactCredentials = (SMTPConnection.prototype as unknown as { _redactCredentials(commandName: string, line: string): { commandName: string; line: string } })
+  ._redactCredentials;
+
 /** smtp-server's own replies that the spec gives another enhanced code. */
 const OWN_REPLIES: Array<[number, RegExp, string]> = [
   [421, /shutting down/i, '4.3.2'],
@@ -80,13 +84,12 @@ class RelayqConnection extends SMTPConnection {
   private credentialLines = 0;
 
   _redactCredentials(commandName: string, line: string): { commandName: string; line: string } {
-    const own = (SMTPConnection.prototype as unknown as { _redactCredentials: RelayqConnection['_redactCredentials'] })._redactCredentials;
     if (this.credentialLines > 0 && !COMMANDS.has(commandName)) {
       this.credentialLines--;
       return { commandName: 'AUTH', line: '/* secured */' };
     }
     this.credentialLines = commandName === 'AUTH' ? 2 : 0;
-    return own.call(this, commandName, line);
+    return redactCredentials.call(this, commandName, line);
   }
 
   override send(code: number, data?: string | string[] | null, context?: string | false): void {
