@@ -22,6 +22,13 @@
 //    may still send its credentials (the base64 lines of LOGIN, a PLAIN response): so after any
 //    AUTH the next two lines that are not SMTP commands are logged masked at debug, as
 //    smtp-server masks the lines of an AUTH exchange.
+// 8. A client that shuts down its sending side after its last command (`nc -N`, a script that
+//    half-closes after `.` or QUIT) still gets the replies to what it sent, as Postfix gives
+//    them: the listener keeps the socket half-open (intake sets `allowHalfOpen`), replies are
+//    written while the socket can still be written (smtp-server writes only while both sides
+//    are open, so a message stored after the client's FIN went unanswered and was then sent
+//    again), and the connection closes once every command it sent has been answered.
+//    `inputEnded(session)` tells the handlers whether the client has sent its FIN.
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
@@ -58,9 +65,19 @@ function continueClearedFirst(this: SMTPStream): void {
   }
 }
 
+/** Whether each session's client has shut down its sending side (module comment, 8). */
+const inputEnds = new WeakMap<SMTPServerSession, () => boolean>();
+
+/** The client of this session has sent its FIN: it may have hung up, or only half-closed. */
+export function inputEnded(session: SMTPServerSession): boolean {
+  return inputEnds.get(session)?.() ?? false;
+}
+
 class RelayqConnection extends SMTPConnection {
   override init(): void {
-    const self = this as unknown as { _setListeners(cb: () => void): void; _server: SMTPServer };
+    const self = this as unknown as { _setListeners(cb: () => void): void; _server: SMTPServer; _socket: net.Socket };
+    // the socket of the moment: the TLS socket after STARTTLS
+    inputEnds.set(this.session, () => self._socket.readableEnded);
     self._setListeners(() => {
       const { maxClients } = this._server.options;
       if (maxClients && this._server.connections.size > maxClients) {
@@ -76,6 +93,8 @@ class RelayqConnection extends SMTPConnection {
   override _createParser(): SMTPStream {
     const parser = super._createParser();
     parser.continue = continueClearedFirst;
+    // the client's input has ended and every command in it has been answered (module comment, 8)
+    parser.once('finish', () => this.close());
     return parser;
   }
 
@@ -94,6 +113,7 @@ class RelayqConnection extends SMTPConnection {
 
   override send(code: number, data?: string | string[] | null, context?: string | false): void {
     const socket = (this as unknown as { _socket: net.Socket })._socket;
+    if (socket.readyState === 'writeOnly') stillOpenForReplies(socket);
     if (code === 220) this.uncork(socket);
     else if (!this.corked && socket.writable) {
       this.corked = true;
@@ -148,6 +168,15 @@ class RelayqConnection extends SMTPConnection {
     this.corked = false;
     socket.uncork();
   }
+}
+
+/**
+ * smtp-server writes a reply only while the socket's readyState is 'open', which ends with the
+ * client's FIN; the replies of a client that half-closed are written as long as the socket can
+ * be written (module comment, 8).
+ */
+function stillOpenForReplies(socket: net.Socket): void {
+  Object.defineProperty(socket, 'readyState', { get: () => (socket.writable ? 'open' : 'closed') });
 }
 
 /** The text and context smtp-server should send for a reply (see the module comment). */

@@ -193,3 +193,52 @@ describe('intake log', () => {
     }
   });
 });
+
+describe('a client that shuts down its sending side (half-close)', () => {
+  let relay: Relay;
+  before(async () => {
+    relay = await startTestRelay({}, { startDelivery: false });
+  });
+  after(() => relay.stop());
+
+  /** Greeting and EHLO, then `input` in one write and the client's FIN; every reply until relayq closes. */
+  async function sendThenHalfClose(input: string): Promise<string[]> {
+    const client = await SmtpClient.connect(relay.smtpPort);
+    assert.match(await client.read(), /^220 /);
+    assert.match(await client.send('EHLO client.test'), /^250-/);
+    client.socket.end(input);
+    const replies: string[] = [];
+    for (let reply = await client.read(10_000); reply !== ''; reply = await client.read(10_000)) replies.push(reply);
+    return replies;
+  }
+
+  const transaction = 'MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.com>\r\nDATA\r\nSubject: half-closed\r\n\r\nbody\r\n.\r\n';
+
+  test('its message and QUIT are answered, 250 and 221, and relayq closes the connection', async () => {
+    const before = messageCount(relay);
+    const replies = await sendThenHalfClose(`${transaction}QUIT\r\n`);
+    assert.equal(replies.length, 5, replies.join(' | '));
+    assert.match(replies[3], /^250 2\.0\.0 Ok: queued as [0-9A-F]{20}$/);
+    assert.match(replies[4], /^221 /);
+    assert.equal(messageCount(relay), before + 1);
+  });
+
+  test('without QUIT: the 250 is sent, then relayq closes the connection', async () => {
+    const before = messageCount(relay);
+    const replies = await sendThenHalfClose(transaction);
+    assert.deepEqual(replies.slice(0, 3).map((r) => r.slice(0, 3)), ['250', '250', '354']);
+    const id = /^250 2\.0\.0 Ok: queued as ([0-9A-F]{20})$/.exec(replies[3] ?? '')?.[1];
+    assert.ok(id, replies.join(' | '));
+    assert.equal(replies.length, 4);
+    const stored = relay.store.sqlite.prepare('SELECT COUNT(*) AS n FROM messages WHERE id = ?').get(id) as { n: number };
+    assert.equal(stored.n, 1);
+    assert.equal(messageCount(relay), before + 1);
+  });
+
+  test('in the middle of a message: nothing is stored and relayq closes the connection', async () => {
+    const before = messageCount(relay);
+    const replies = await sendThenHalfClose('MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.com>\r\nDATA\r\nSubject: cut\r\n\r\nbody\r\n');
+    assert.deepEqual(replies.map((r) => r.slice(0, 3)), ['250', '250', '354']);
+    assert.equal(messageCount(relay), before);
+  });
+});
