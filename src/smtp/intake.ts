@@ -21,7 +21,7 @@ import {
 } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
 import { BareLineEndingScanner, isValidAddress, receivedHeader, subjectOf } from './message.js';
-import { inputEnded, RelayqSmtpServer } from './server.js';
+import { inputAhead, RelayqSmtpServer } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
 
 export interface IntakeDeps {
@@ -359,9 +359,9 @@ export class SmtpIntake {
     if (ok) {
       setTimeout(() => {
         if (this.state(session).closed) return;
-        // A client that sent its FIN before a slowed answer has maybe hung up and never reads
-        // it (or it half-closed and does): the login is answered and still counts as a failure.
-        if (replyInMs === 0 || !inputEnded(session)) this.authFailures.delete(ip);
+        // A client that sent its FIN or more input before a slowed answer may have hung up and
+        // never read it: the login is answered and still counts as a failure.
+        if (replyInMs === 0 || !inputAhead(session)) this.authFailures.delete(ip);
         cb(null, { user: auth.username });
       }, replyInMs).unref();
       return;

@@ -27,8 +27,10 @@
 //    them: the listener keeps the socket half-open (intake sets `allowHalfOpen`), replies are
 //    written while the socket can still be written (smtp-server writes only while both sides
 //    are open, so a message stored after the client's FIN went unanswered and was then sent
-//    again), and the connection closes once every command it sent has been answered.
-//    `inputEnded(session)` tells the handlers whether the client has sent its FIN.
+//    again), and the connection closes once every command it sent has been answered. During a
+//    STARTTLS handshake there is no parser to end, so a FIN then ends the connection, as before.
+//    `inputAhead(session)` tells the handlers whether the client has sent more than the
+//    command being answered (more input, or its FIN): such a client may never read the answer.
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
@@ -65,20 +67,25 @@ function continueClearedFirst(this: SMTPStream): void {
   }
 }
 
-/** Whether each session's client has shut down its sending side (module comment, 8). */
-const inputEnds = new WeakMap<SMTPServerSession, () => boolean>();
+/** Whether each session's client has sent more than the command being answered (module comment, 8). */
+const inputsAhead = new WeakMap<SMTPServerSession, () => boolean>();
 
-/** The client of this session has sent its FIN: it may have hung up, or only half-closed. */
-export function inputEnded(session: SMTPServerSession): boolean {
-  return inputEnds.get(session)?.() ?? false;
+/**
+ * The client of this session has sent its FIN, or more input than the parser takes while it
+ * waits for the current command's answer: the socket then stops reading, and a FIN waits unread.
+ */
+export function inputAhead(session: SMTPServerSession): boolean {
+  return inputsAhead.get(session)?.() ?? false;
 }
 
 class RelayqConnection extends SMTPConnection {
   override init(): void {
-    const self = this as unknown as { _setListeners(cb: () => void): void; _server: SMTPServer; _socket: net.Socket };
-    // the socket of the moment: the TLS socket after STARTTLS
-    inputEnds.set(this.session, () => self._socket.readableEnded);
-    self._setListeners(() => {
+    // the socket and parser of the moment: those of the TLS session after STARTTLS
+    inputsAhead.set(this.session, () => {
+      const socket = this._socket;
+      return socket.readableEnded || socket.readableLength > 0 || (this._parser ? this._parser.writableNeedDrain : false);
+    });
+    this._setListeners(() => {
       const { maxClients } = this._server.options;
       if (maxClients && this._server.connections.size > maxClients) {
         // smtp-server fills the session in only for a connection it serves; the log line needs this
@@ -98,6 +105,18 @@ class RelayqConnection extends SMTPConnection {
     return parser;
   }
 
+  /**
+   * A TLS socket takes allowHalfOpen from the socket it wraps. Until the handshake is done no
+   * parser reads, so a client's FIN must end the connection (module comment, 8).
+   */
+  override upgrade(callback: () => void, secureCallback?: () => void): void {
+    this._socket.allowHalfOpen = false;
+    super.upgrade(callback, () => {
+      this._socket.allowHalfOpen = true;
+      secureCallback?.();
+    });
+  }
+
   private corked = false;
   /** Lines still to mask after an AUTH command (module comment, 7). */
   private credentialLines = 0;
@@ -112,7 +131,7 @@ class RelayqConnection extends SMTPConnection {
   }
 
   override send(code: number, data?: string | string[] | null, context?: string | false): void {
-    const socket = (this as unknown as { _socket: net.Socket })._socket;
+    const socket = this._socket;
     if (socket.readyState === 'writeOnly') stillOpenForReplies(socket);
     if (code === 220) this.uncork(socket);
     else if (!this.corked && socket.writable) {

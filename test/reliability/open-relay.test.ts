@@ -199,6 +199,33 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     assert.match((await guess(PASSWORD)) ?? '', /^235 /);
   });
 
+  test('a right password followed by more input and a hang-up still counts, though the FIN waits behind the unread input', async () => {
+    const logged = log.entries().length;
+    const guess = async (password: string) => {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      await c.send('EHLO guesser.test');
+      const answer = await c.send(`AUTH PLAIN ${plain(USER, password)}`);
+      c.close();
+      return answer;
+    };
+    assert.match(await guess('wrong-1'), /^535 /);
+    assert.match(await guess('wrong-2'), /^535 /);
+    // the right one, then 72 KB of commands: relayq stops reading while the login waits for its
+    // answer, so the client's FIN stays unread behind them
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO guesser.test');
+    c.write(`AUTH PLAIN ${plain(USER, PASSWORD)}\r\n${'NOOP\r\n'.repeat(12_000)}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    c.close();
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    assert.match(await guess('wrong-3'), /^535 /);
+    const failures = log.entries().slice(logged).filter((e) => e.event === 'smtp.auth_failed' && e.client === '127.0.0.1');
+    assert.deepEqual(failures.map((e) => [e.failures, e.replyInMs]), [[1, 0], [2, 500], [4, 2000]]);
+    assert.match(await guess(PASSWORD), /^235 /);
+  });
+
   test("one address's failures do not slow down another address", { skip: certificate ? false : 'openssl not available' }, async () => {
     const guesser = await listenAsPeer(relay, '203.0.113.77');
     const bystander = await listenAsPeer(relay, '203.0.113.78');
@@ -327,6 +354,36 @@ test('a client whose TLS fails (plain text after 220 Ready to start TLS) is one 
     assert.equal(tls.length, 1);
     assert.deepEqual([tls[0].level, tls[0].client, tls[0].code], [30, '127.0.0.1', 'ERR_SSL_WRONG_VERSION_NUMBER']);
     assert.deepEqual(log.entries().filter((e) => (e.level as number) >= 40), [], 'no warning or error for what the client did');
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('STARTTLS: a client that hangs up before its handshake is disconnected at once; one that half-closes its TLS session gets its 250', async (t) => {
+  const certificate = selfSignedCertificate();
+  if (!certificate) return t.skip('openssl is not installed');
+  const relay = await startTestRelay({ tls: certificate }, INTAKE_ONLY);
+  try {
+    const gone = await SmtpClient.connect(relay.smtpPort);
+    await gone.read();
+    await gone.send('EHLO client.test');
+    assert.match(await gone.send('STARTTLS'), /^220 /);
+    gone.socket.end();
+    // not held until the idle timeout (60 s) with nothing to read it
+    await closedByPeer(gone.socket);
+
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO client.test');
+    await c.startTls();
+    await c.send('EHLO client.test');
+    c.socket.end('MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.com>\r\nDATA\r\nSubject: tls\r\n\r\nbody\r\n.\r\nQUIT\r\n');
+    const replies: string[] = [];
+    for (let reply = await c.read(10_000); reply !== ''; reply = await c.read(10_000)) replies.push(reply);
+    const id = queuedId(replies[3] ?? '');
+    assert.ok(id, replies.join(' | '));
+    assert.match(replies[4] ?? '', /^221 /);
+    assert.equal(messageCount(relay), 1);
   } finally {
     await relay.stop();
   }
