@@ -351,6 +351,9 @@ export class SmtpIntake {
     const now = Date.now();
     const previous = this.authFailures.get(ip);
     const failed = previous && now - previous.at < 15 * 60_000 ? previous.count : 0;
+    // No failure to hide a right guess among: answered at once, and logins that arrive together
+    // (a connection pool starting) do not slow each other down.
+    if (ok && failed === 0) return cb(null, { user: auth.username });
     const replyInMs = failed > 0 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** failed, AUTH_FAILURE_MAX_DELAY_MS) : 0;
     // Counted as a failure until its answer is given: a guesser that hung up must not learn from
     // how fast its next guess is answered that this one was right.
@@ -359,9 +362,9 @@ export class SmtpIntake {
     if (ok) {
       setTimeout(() => {
         if (this.state(session).closed) return;
-        // A client that sent its FIN or more input before a slowed answer may have hung up and
-        // never read it: the login is answered and still counts as a failure.
-        if (replyInMs === 0 || !inputAhead(session)) this.authFailures.delete(ip);
+        // A client that sent its FIN or more input before the slowed answer may have hung up
+        // and never read it: the login is answered and still counts as a failure.
+        if (!inputAhead(session)) this.authFailures.delete(ip);
         cb(null, { user: auth.username });
       }, replyInMs).unref();
       return;

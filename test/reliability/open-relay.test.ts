@@ -226,6 +226,27 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     assert.match(await guess(PASSWORD), /^235 /);
   });
 
+  test('right logins that arrive together, with no failure before them, are all answered at once: a connection pool is not slowed down', async () => {
+    const clients = await Promise.all(
+      Array.from({ length: 6 }, async () => {
+        const c = await SmtpClient.connect(relay.smtpPort);
+        await c.read();
+        await c.send('EHLO pool.test');
+        return c;
+      }),
+    );
+    try {
+      const logins = await Promise.all(clients.map((c) => timed(() => c.send(`AUTH PLAIN ${plain(USER, PASSWORD)}`))));
+      for (const { value } of logins) assert.match(value, /^235 /);
+      // the smallest slow-down is 500 ms; with each login counted against the others until its
+      // answer, they were answered after 0.5, 1, 2, 4 and 5 s
+      const ms = logins.map((l) => Math.round(l.ms));
+      assert.ok(Math.max(...ms) < 500, `logins answered after ${ms.join(', ')} ms`);
+    } finally {
+      for (const c of clients) c.close();
+    }
+  });
+
   test("one address's failures do not slow down another address", { skip: certificate ? false : 'openssl not available' }, async () => {
     const guesser = await listenAsPeer(relay, '203.0.113.77');
     const bystander = await listenAsPeer(relay, '203.0.113.78');
