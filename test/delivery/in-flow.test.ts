@@ -195,14 +195,28 @@ describe('in-flow pacing in the relay', () => {
     assert.equal(relay.delivery.inFlow.stats().delayed, 0);
   });
 
-  test('a client that leaves while its MAIL waits gives up its place at once', async (t) => {
+  test('a client that drops its connection while its MAIL waits gives up its place at once', async (t) => {
     const { relay, client } = await backlogged(t, 60_000);
     client.write('MAIL FROM:<sender@example.com>\r\n');
     await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
-    client.close();
+    (client.socket as import('node:net').Socket).resetAndDestroy();
     // without the cancel it would keep its place for the whole minute: the upstream holds, so no claim comes
     await waitFor(() => relay.delivery.inFlow.stats().waiting === 0, 10_000, 'the place given up');
     assert.equal(relay.delivery.inFlow.stats().timedOut, 0);
+  });
+
+  test('a client that half-closes after its whole transaction keeps its place, and gets its 250 once its MAIL goes ahead', async (t) => {
+    const { relay, client, release } = await backlogged(t, 60_000);
+    client.socket.end('MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.com>\r\nDATA\r\nSubject: paced, half-closed\r\n\r\nbody\r\n.\r\nQUIT\r\n');
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
+    release();
+    const replies = [await client.read(30_000), await client.read(), await client.read(), await client.read(), await client.read()];
+    assert.deepEqual(
+      replies.map((r) => r.slice(0, 3)),
+      ['250', '250', '354', '250', '221'],
+    );
+    assert.equal(relay.delivery.inFlow.stats().timedOut, 0, 'let go by delivery, not by the delay');
+    await waitFor(() => count(relay, 'delivered') === LIMIT + 2, 60_000, 'everything delivered');
   });
 
   test('a MAIL waiting when shutdown begins gets 421, and the stop lets it go', async (t) => {
