@@ -300,6 +300,7 @@ export class SmtpIntake {
 
   private onRefusal(session: SMTPServerSession, text: string) {
     const s = this.state(session);
+    if (s.closed) return; // not sent to anyone
     s.refusedCount = (s.refusedCount ?? 0) + 1;
     if (s.refusedCount <= MAX_LOGGED_REFUSALS) (s.refused ??= []).push(text);
   }
@@ -330,6 +331,12 @@ export class SmtpIntake {
 
   private onConnect(session: SMTPServerSession, cb: Callback) {
     if (this.closing) return cb(shuttingDown());
+    // A client that reset the connection at once (a TCP health check, a port scan) is gone before
+    // it is served, and its address with it (smtp.connection_lost says so): not a refused client.
+    if (this.peer(session) === '') {
+      this.state(session).closed = true;
+      return cb(reply(421, '4.4.2 Connection lost'));
+    }
     if (!this.allowed(this.peer(session))) {
       this.deps.logger.warn({ event: 'smtp.refused', client: this.peer(session) }, 'client not allowed');
       return cb(reply(554, '5.7.1 Access denied: client not allowed'));

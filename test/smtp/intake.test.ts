@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
+import { promisify } from 'node:util';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor } from '../helpers.js';
 
@@ -119,6 +121,35 @@ describe('intake log', () => {
         [],
         'no error lines, no smtp.error warning',
       );
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('clients that reset the connection at once (TCP health checks) are not warned about as clients not allowed', async () => {
+    const log = capturedLog();
+    const relay = await startTestRelay({}, { startDelivery: false, logger: log.logger });
+    try {
+      // from another process, so that the reset comes before the relay reads the client's
+      // address, which is then gone (in this process the relay reads it first)
+      const probes = `
+        const net = require('node:net');
+        (async () => {
+          for (let i = 0; i < 20; i++) {
+            const socket = net.connect(${relay.smtpPort}, '127.0.0.1');
+            await new Promise((resolve) => socket.once('connect', resolve));
+            socket.resetAndDestroy();
+            await new Promise((resolve) => socket.once('close', resolve));
+          }
+        })();`;
+      await promisify(execFile)(process.execPath, ['-e', probes]);
+      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 20, 5000, 'every session logged');
+      const lines = log.entries();
+      assert.deepEqual(lines.filter((l) => (l.level as number) >= 40), [], 'no warning: nothing was refused');
+      // each is a lost connection, and a session that refused nothing
+      assert.ok(lines.filter((l) => l.event === 'smtp.connection_lost').length > 0);
+      const sessions = lines.filter((l) => l.event === 'smtp.session');
+      assert.deepEqual(new Set(sessions.map(({ refused, replies }) => [refused, replies].join())), new Set(['0,']));
     } finally {
       await relay.stop();
     }
