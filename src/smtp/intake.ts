@@ -331,14 +331,15 @@ export class SmtpIntake {
 
   private onConnect(session: SMTPServerSession, cb: Callback) {
     if (this.closing) return cb(shuttingDown());
+    const client = this.peer(session);
     // A client that reset the connection at once (a TCP health check, a port scan) is gone before
     // it is served, and its address with it (smtp.connection_lost says so): not a refused client.
-    if (this.peer(session) === '') {
+    if (client === '') {
       this.state(session).closed = true;
       return cb(reply(421, '4.4.2 Connection lost'));
     }
-    if (!this.allowed(this.peer(session))) {
-      this.deps.logger.warn({ event: 'smtp.refused', client: this.peer(session) }, 'client not allowed');
+    if (!this.allowed(client)) {
+      this.deps.logger.warn({ event: 'smtp.refused', client }, 'client not allowed');
       return cb(reply(554, '5.7.1 Access denied: client not allowed'));
     }
     cb();
