@@ -26,7 +26,6 @@ export function failedExportPath(emailsDir: string, id: string): string {
   return exportFile(failedExportDir(emailsDir), id);
 }
 
-
 /** The JSON document of a failed message (documented in the README). */
 function failedExportDocument(detail: MessageDetail, raw: Buffer | null, exportedAt: number): Record<string, unknown> {
   const { message: m, recipients, attempts } = detail;
