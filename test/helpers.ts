@@ -216,6 +216,13 @@ export class SmtpClient {
     });
   }
 
+  /** Every reply until the server closes the connection. */
+  async readAll(timeoutMs = 10_000): Promise<string[]> {
+    const replies: string[] = [];
+    for (let reply = await this.read(timeoutMs); reply !== ''; reply = await this.read(timeoutMs)) replies.push(reply);
+    return replies;
+  }
+
   write(data: string | Buffer): void {
     this.socket.write(data);
   }

@@ -399,8 +399,7 @@ test('STARTTLS: a client that hangs up before its handshake is disconnected at o
     await c.startTls();
     await c.send('EHLO client.test');
     c.socket.end('MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.com>\r\nDATA\r\nSubject: tls\r\n\r\nbody\r\n.\r\nQUIT\r\n');
-    const replies: string[] = [];
-    for (let reply = await c.read(10_000); reply !== ''; reply = await c.read(10_000)) replies.push(reply);
+    const replies = await c.readAll();
     const id = queuedId(replies[3] ?? '');
     assert.ok(id, replies.join(' | '));
     assert.match(replies[4] ?? '', /^221 /);

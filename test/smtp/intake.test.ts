@@ -238,9 +238,7 @@ describe('a client that shuts down its sending side (half-close)', () => {
     assert.match(await client.read(), /^220 /);
     assert.match(await client.send('EHLO client.test'), /^250-/);
     client.socket.end(input);
-    const replies: string[] = [];
-    for (let reply = await client.read(10_000); reply !== ''; reply = await client.read(10_000)) replies.push(reply);
-    return replies;
+    return client.readAll();
   }
 
   const transaction = 'MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.com>\r\nDATA\r\nSubject: half-closed\r\n\r\nbody\r\n.\r\n';
