@@ -68,6 +68,20 @@ function smtpUtf8Refusal(label: string, recipient?: string): UpstreamError {
 }
 
 /**
+ * A message larger than the upstream's SIZE (RFC 1870). nodemailer refuses it before MAIL FROM
+ * too, but with no status code; this one says 5.3.4, as Postfix's bounce for it does.
+ */
+function sizeRefusal(label: string, size: number, limit: number): UpstreamError {
+  const message = `5.3.4 message size ${size} exceeds the size limit ${limit} of ${label}`;
+  return Object.assign(new Error(message), { code: 'EMESSAGE', notSent: true });
+}
+
+/** The upstream's SIZE limit as nodemailer read it from the EHLO reply; 0 when none is given. */
+function sizeLimit(connection: SMTPConnection): number {
+  return (connection as unknown as { _maxAllowedSize?: number })._maxAllowedSize ?? 0;
+}
+
+/**
  * nodemailer hands a message to the socket in two writes, its bytes and then the final dot: two
  * TCP segments (TCP_NODELAY) and two reads at the upstream. The socket is corked when nodemailer
  * creates the message's stream (after the 354) and uncorked when this turn of the event loop is
@@ -204,6 +218,11 @@ export class SmtpUpstream {
       // No non-ASCII address to a server that does not offer SMTPUTF8 (nodemailer would send it
       // anyway). As in Postfix, such a recipient fails permanently; so does the whole batch when
       // the sender is one. The other recipients go out.
+      const limit = sizeLimit(connection);
+      if (limit > 0 && envelope.size > limit) {
+        this.release(connection);
+        return reject(sizeRefusal(this.label, envelope.size, limit));
+      }
       let leftOut: SMTPConnection.SMTPError[] = [];
       if (!offers(connection, 'SMTPUTF8') && ![envelope.from, ...envelope.to].every(isAscii)) {
         const sendable = envelope.to.filter(isAscii);

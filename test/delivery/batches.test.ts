@@ -197,6 +197,22 @@ describe('recipient batches', () => {
     }
   });
 
+  test("a message larger than the upstream's SIZE fails with 5.3.4 and is not sent; a smaller one goes out", async () => {
+    const { relay, upstream } = await setup({}, new ManualClock(), { size: 300 });
+    const big = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: Buffer.from(`Subject: big\r\n\r\n${'x'.repeat(300)}\r\n`) })).response);
+    await relay.delivery.runOnce();
+    assert.equal(upstream.rcpts.length, 0, 'not one RCPT was sent');
+    assert.equal(message(relay, big).state, 'failed');
+    const size = message(relay, big).raw!.length;
+    for (const r of recipients(relay, big)) {
+      assert.equal(r.status, 'failed');
+      assert.match(r.last_reply ?? '', new RegExp(`5\\.3\\.4 message size ${size} exceeds the size limit 300 of 127\\.0\\.0\\.1:\\d+`));
+    }
+    const small = queuedId((await sendMail(relay.smtpPort, { to: ['c@example.com'], raw: Buffer.from('Subject: s\r\n\r\nhi\r\n') })).response);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, small).state, 'delivered', 'the pooled connection is still good');
+  });
+
   test('8-bit content goes out with BODY=8BITMIME, unchanged (7-bit content without it); logAllEmails=false erases it once delivered', async () => {
     const clock = new ManualClock();
     const { relay, upstream } = await setup({ security: { logAllEmails: false } }, clock);
