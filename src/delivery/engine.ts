@@ -232,7 +232,7 @@ export class DeliveryEngine {
    * is committed (and failed mail exported). For tests and tools that drive the clock.
    */
   async runOnce(): Promise<RunReport> {
-    const requeued = await this.requeueFailed(true);
+    const requeued = await this.requeueTemporaryFailures(true);
     let attempts = 0;
     for (;;) {
       const claimed = await this.claim(this.config.workerCount);
@@ -288,7 +288,7 @@ export class DeliveryEngine {
     const now = this.deps.clock.now();
     if (this.config.failedRetryInterval > 0 && now - this.requeueCheckedAt >= REQUEUE_CHECK_MS) {
       this.requeueCheckedAt = now;
-      this.track(this.requeueFailed(false));
+      this.track(this.requeueTemporaryFailures(false));
     }
     if (this.inFlow.delayMs > 0) {
       this.inFlow.measured(countDueQueued(this.deps.sqlite, now, this.inFlow.limit));
@@ -609,7 +609,7 @@ export class DeliveryEngine {
    * failed mail in bounded steps and lets SMTP sessions run between them, so the first scan after
    * a start does not hold the main thread however much failed mail the store keeps.
    */
-  private async requeueFailed(everything: boolean): Promise<number> {
+  private async requeueTemporaryFailures(everything: boolean): Promise<number> {
     const interval = this.config.failedRetryInterval;
     if (interval <= 0 || (this.requeueing && !everything)) return 0;
     this.requeueing = true;

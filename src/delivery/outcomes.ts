@@ -55,8 +55,8 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
   // 503 (bad sequence of commands) and 530 (authentication required: relayq has no or the
   // wrong credentials) are about the session, not the message.
   if (aboutMessage && code !== null) return { temporary: code < 500 || code === 503 || code === 530, code, reply };
-  // A message error without a reply is nodemailer refusing before sending (e.g. the message is
-  // larger than the upstream's SIZE, or an address it cannot encode): retrying will not help.
+  // A message error without a reply is a refusal before sending (relayq's SIZE or SMTPUTF8 check,
+  // or nodemailer's, e.g. an address it cannot encode): retrying will not help.
   if (aboutMessage) return { temporary: false, code: null, reply };
   return { temporary: true, code, reply };
 }

@@ -86,7 +86,7 @@ function sizeLimit(connection: SMTPConnection): number {
  * TCP segments (TCP_NODELAY) and two reads at the upstream. The socket is corked when nodemailer
  * creates the message's stream (after the 354) and uncorked when this turn of the event loop is
  * over; the message is one buffer in memory, so by then both writes are in and leave as one.
- * Anything written later (a large message waiting for the socket to drain) goes out as before.
+ * Anything written later (a large message waiting for the socket to drain) is written uncorked.
  * The hook is nodemailer's private `_createSendStream`; without it nothing changes.
  */
 function writeEachMessageAtOnce(connection: SMTPConnection): void {
@@ -215,14 +215,15 @@ export class SmtpUpstream {
         connection.close();
         reject(abortError(signal));
       };
-      // No non-ASCII address to a server that does not offer SMTPUTF8 (nodemailer would send it
-      // anyway). As in Postfix, such a recipient fails permanently; so does the whole batch when
-      // the sender is one. The other recipients go out.
+      // A message over the upstream's SIZE is not offered to it at all.
       const limit = sizeLimit(connection);
       if (limit > 0 && envelope.size > limit) {
         this.release(connection);
         return reject(sizeRefusal(this.label, envelope.size, limit));
       }
+      // No non-ASCII address to a server that does not offer SMTPUTF8 (nodemailer would send it
+      // anyway). As in Postfix, such a recipient fails permanently; so does the whole batch when
+      // the sender is one. The other recipients go out.
       let leftOut: SMTPConnection.SMTPError[] = [];
       if (!offers(connection, 'SMTPUTF8') && ![envelope.from, ...envelope.to].every(isAscii)) {
         const sendable = envelope.to.filter(isAscii);

@@ -28,7 +28,7 @@
 //    written while the socket can still be written (smtp-server writes only while both sides
 //    are open, so a message stored after the client's FIN went unanswered and was then sent
 //    again), and the connection closes once every command it sent has been answered. During a
-//    STARTTLS handshake there is no parser to end, so a FIN then ends the connection, as before.
+//    STARTTLS handshake there is no parser to end, so a FIN then ends the connection.
 //    `inputAhead(session)` tells the handlers whether the client has sent more than the
 //    command being answered (more input, or its FIN): such a client may never read the answer.
 // And one change to how replies are written: the replies a connection produces in one pass over

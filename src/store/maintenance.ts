@@ -5,7 +5,7 @@
 // old snapshot. journal_size_limit truncates it back once such a reader is gone.
 import fs from 'node:fs';
 import Database from 'better-sqlite3';
-import type { Sqlite } from './db.js';
+import { BUSY_TIMEOUT_MS, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
@@ -56,7 +56,7 @@ export function appliedMigrations(sqlite: Sqlite): string[] {
  */
 export function openReadOnly(file: string): Sqlite {
   const sqlite = new Database(file, { readonly: true, fileMustExist: true });
-  sqlite.pragma('busy_timeout = 5000');
+  sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
   return sqlite;
 }
 

@@ -1,4 +1,4 @@
-// Row types of the SQLite schema (see migrations/), for Kysely's typed queries.
+// Row types of the SQLite schema (see migrations/): the migrator's `Kysely<DB>` and the tests' row reads.
 import type { Generated } from 'kysely';
 
 export type MessageState = 'queued' | 'sending' | 'delivered' | 'failed';
