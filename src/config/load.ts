@@ -64,7 +64,7 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
     const mayTake = next !== undefined && (!next.startsWith('--') || (key?.secret === true && !isFlagName(next)));
     if (value === undefined && mayTake) value = argv[++i];
     previousFlag = value === undefined ? '' : name;
-    const known = isFlagName(arg);
+    const known = name === 'config' || key !== undefined;
     if (!known) unknown.push(`--${name}`);
     else if (value === undefined && key?.type === 'bool') values.set(name, 'true');
     else if (value === undefined || (name === 'config' && value === '')) missing.push(name);

@@ -22,12 +22,13 @@ export const REQUEUE_STEP = 500;
  * Requeues the failed mail that matches `filter` in writes of at most REQUEUE_STEP messages,
  * so that a requeue of everything never holds the writer (and the `250`s waiting behind it)
  * for long. Failed messages are read in (finish time, id) order on `reader`; `write` runs
- * requeueFailed for one step and resolves with how many it requeued.
+ * requeueFailed for one step (at most REQUEUE_STEP distinct ids) and resolves with how many it
+ * requeued.
  */
 export async function requeueFailedInSteps(
   reader: Sqlite,
   filter: RequeueFilter,
-  write: (step: RequeueFilter) => Promise<number>,
+  write: (step: RequeueStep) => Promise<number>,
 ): Promise<number> {
   let requeued = 0;
   if (filter.ids !== undefined) {
@@ -49,12 +50,15 @@ export async function requeueFailedInSteps(
   return requeued;
 }
 
+/** One step of requeueFailedInSteps: the filter with the step's ids, each once. */
+export type RequeueStep = RequeueFilter & { ids: string[] };
+
 /**
- * Failed messages matching every given filter go back to the queue, due now (or batchDelay after
+ * The step's failed messages matching every given filter go back to the queue, due now (or batchDelay after
  * their last batch, if that is later): their failed recipients become pending with a fresh
  * attempt count. Returns how many messages were requeued.
  */
-export function requeueFailed(sqlite: Sqlite, filter: RequeueFilter, now: number, batchDelayMs: number): number {
+export function requeueFailed(sqlite: Sqlite, filter: RequeueStep, now: number, batchDelayMs: number): number {
   const where = ["state = 'failed'"];
   const params: unknown[] = [];
   if (filter.sender !== undefined) {
@@ -65,15 +69,9 @@ export function requeueFailed(sqlite: Sqlite, filter: RequeueFilter, now: number
     where.push('finished_at >= ?');
     params.push(filter.since);
   }
-  let ids: string[];
-  if (filter.ids !== undefined) {
-    const matches = prepared(sqlite, `SELECT id FROM messages WHERE id = ? AND ${where.join(' AND ')}`);
-    ids = [...new Set(filter.ids)].filter((id) => matches.get(id, ...params) !== undefined);
-  } else {
-    ids = (prepared(sqlite, `SELECT id FROM messages WHERE ${where.join(' AND ')}`).all(...params) as Array<{ id: string }>).map((r) => r.id);
-  }
+  const matches = prepared(sqlite, `SELECT id FROM messages WHERE id = ? AND ${where.join(' AND ')}`);
   let requeued = 0;
-  for (const id of ids) if (requeueOne(sqlite, id, now, batchDelayMs)) requeued++;
+  for (const id of filter.ids) if (matches.get(id, ...params) !== undefined && requeueOne(sqlite, id, now, batchDelayMs)) requeued++;
   return requeued;
 }
 
