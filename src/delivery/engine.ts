@@ -543,22 +543,29 @@ export class DeliveryEngine {
 
   /** After the commit that made a message final: export failed mail; drop a stale export. */
   private async afterFinal(id: string, state: string, claims: number): Promise<void> {
-    const { config, sqlite, clock } = this.deps;
+    const { config } = this.deps;
     if (state === 'failed') {
-      try {
-        const file = await exportFailedMessage(sqlite, failedExportDir(config.emailsDir), id, clock.now());
-        if (file) this.log.warn({ event: 'delivery.failed', queueId: id, export: file }, 'message failed; exported');
-      } catch (err) {
-        this.log.error(
-          { event: 'delivery.export_failed', queueId: id, err: (err as Error).message },
-          'exporting the failed message failed; `relayq export-failed` can redo it',
-        );
-      }
+      const file = await this.exportFailed(id);
+      if (file) this.log.warn({ event: 'delivery.failed', queueId: id, export: file }, 'message failed; exported');
     } else if (state === 'delivered' && claims > 1) {
       // Only a message that needed more than one claim can have failed before (and been retried).
       if (await removeFailedExport(config.emailsDir, id)) {
         this.log.info({ event: 'delivery.export_removed', queueId: id }, 'delivered after a retry; failed export removed');
       }
+    }
+  }
+
+  /** Writes a failed message's JSON export; the file, or undefined if it was not written (logged). */
+  private async exportFailed(id: string): Promise<string | undefined> {
+    const { config, sqlite, clock } = this.deps;
+    try {
+      return await exportFailedMessage(sqlite, failedExportDir(config.emailsDir), id, clock.now());
+    } catch (err) {
+      this.log.error(
+        { event: 'delivery.export_failed', queueId: id, err: (err as Error).message },
+        'exporting the failed message failed; `relayq export-failed` can redo it',
+      );
+      return undefined;
     }
   }
 
@@ -585,18 +592,14 @@ export class DeliveryEngine {
    * EXPORT_CHECK_STEP failed messages, letting SMTP sessions run between them.
    */
   private async exportMissingFailures(): Promise<void> {
-    const { sqlite, config, clock } = this.deps;
+    const { sqlite, config } = this.deps;
     let cursor: FailedScanCursor | null = { finishedAt: Number.NEGATIVE_INFINITY, id: '' };
     const exported: string[] = [];
     while (cursor && !this.stopping) {
       const page = failedPage(sqlite, { cursor, limit: EXPORT_CHECK_STEP });
       for (const { id } of page.messages) {
         if (await fileExists(failedExportPath(config.emailsDir, id))) continue;
-        try {
-          if (await exportFailedMessage(sqlite, failedExportDir(config.emailsDir), id, clock.now())) exported.push(id);
-        } catch (err) {
-          this.log.error({ event: 'delivery.export_failed', queueId: id, err: (err as Error).message }, 'exporting the failed message failed; `relayq export-failed` can redo it');
-        }
+        if (await this.exportFailed(id)) exported.push(id);
       }
       cursor = page.next;
       await new Promise((resolve) => setImmediate(resolve));
