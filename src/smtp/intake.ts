@@ -33,8 +33,8 @@ export interface IntakeDeps {
   logger: Logger;
   /** Where a session comes from; tests inject non-loopback peers here. */
   peerAddress?: (session: SMTPServerSession) => string;
-  /** Paces MAIL while delivery is behind (inFlowDelay); none: never waits. */
-  inFlow?: MailPacer;
+  /** Paces MAIL while delivery is behind (inFlowDelay). */
+  inFlow: MailPacer;
 }
 
 /**
@@ -402,7 +402,7 @@ export class SmtpIntake {
     if (hit) return cb(this.policyRefused(address, hit));
     // In-flow pacing: mail that may be accepted waits while delivery is behind. The checks above
     // are not repeated after the wait: the transaction that stores the message runs them again.
-    const paced = this.deps.inFlow?.admit();
+    const paced = this.deps.inFlow.admit();
     if (!paced) return this.mailAccepted(session, cb);
     const s = this.state(session);
     s.pacing = paced;

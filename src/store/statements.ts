@@ -19,11 +19,6 @@ export function prepared(sqlite: Sqlite, sql: string): Database.Statement {
   return statement;
 }
 
-export function counter(sqlite: Sqlite, name: string): number {
-  const row = prepared(sqlite, 'SELECT value FROM counters WHERE name = ?').get(name) as { value: number } | undefined;
-  return row?.value ?? 0;
-}
-
 export function incrementCounter(sqlite: Sqlite, name: string): void {
   prepared(sqlite, 'UPDATE counters SET value = value + 1 WHERE name = ?').run(name);
 }

@@ -5,9 +5,14 @@ import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { claimDueBatches } from '../../src/store/delivery.js';
-import { counter } from '../../src/store/statements.js';
+import type { Sqlite } from '../../src/store/db.js';
 import { type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
 import pino from 'pino';
+
+function counter(sqlite: Sqlite, name: string): number {
+  const row = sqlite.prepare('SELECT value FROM counters WHERE name = ?').get(name) as { value: number } | undefined;
+  return row?.value ?? 0;
+}
 
 const HOUR = 3_600_000;
 const DAY = 24 * HOUR;
