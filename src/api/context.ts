@@ -13,7 +13,7 @@ import type { StoreWriter } from '../store/writer.js';
  * pacing (counted since this process started).
  */
 export interface DeliveryView {
-  status(): { lastSuccessAt: number | null; lastFailureAt: number | null; consecutiveFailures: number };
+  status(): { upstream: string; lastSuccessAt: number | null; lastFailureAt: number | null; consecutiveFailures: number };
   inFlow: { stats(): InFlowStats };
 }
 

@@ -41,7 +41,7 @@ function upstreamFailing(upstream: UpstreamRecord, now: number): boolean {
 
 export function healthRoutes(deps: ApiDeps) {
   const { config, clock } = deps;
-  const upstreamTarget = config.forwardSMTP ? `${config.forwardHost}:${config.forwardPort}` : 'local';
+  const upstreamTarget = deps.delivery.status().upstream;
   // Logged when the status changes, not on every probe of a load balancer.
   let lastStatus: HealthStatus = 'ok';
 

@@ -49,7 +49,7 @@ export interface DeliveryDeps {
   tempFileMinAgeMs?: number;
 }
 
-/** What /health needs to know about the upstream; times are the clock's milliseconds. */
+/** The engine's live state, for /health and the tests; times are the clock's milliseconds. */
 export interface DeliveryHealth {
   /** "host:port" of the smart host, or "local". */
   upstream: string;
