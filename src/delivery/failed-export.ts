@@ -5,7 +5,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { isoTime } from '../clock.js';
 import type { Sqlite } from '../store/db.js';
-import { type MessageDetail, messageDetail, messageRaw } from '../store/queries.js';
+import { failedMessage, type MessageDetail } from '../store/queries.js';
 import { writeFileAtomic } from './atomic-file.js';
 import { safeFileStem } from './local.js';
 
@@ -67,11 +67,7 @@ function failedExportDocument(detail: MessageDetail, raw: Buffer | null, exporte
  * undefined when the message is gone or no longer failed (a retry got in first).
  */
 export async function exportFailedMessage(sqlite: Sqlite, directory: string, id: string, now: number): Promise<string | undefined> {
-  // the message, its recipients, attempts and content from one snapshot
-  const read = sqlite.transaction(() => {
-    const detail = messageDetail(sqlite, id);
-    return detail?.message.state === 'failed' ? { detail, raw: messageRaw(sqlite, id)?.raw ?? null } : undefined;
-  })();
+  const read = failedMessage(sqlite, id);
   if (!read) return undefined;
   const file = exportFile(directory, id);
   const document = failedExportDocument(read.detail, read.raw, now);

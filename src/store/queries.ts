@@ -355,6 +355,14 @@ function parseRecipientList(text: string): string[] {
   }
 }
 
+/** A failed message with its content, from one snapshot; undefined unless it is failed. */
+export function failedMessage(sqlite: Sqlite, id: string): { detail: MessageDetail; raw: Buffer | null } | undefined {
+  return sqlite.transaction(() => {
+    const detail = messageDetailNow(sqlite, id);
+    return detail?.message.state === 'failed' ? { detail, raw: messageRaw(sqlite, id)?.raw ?? null } : undefined;
+  })();
+}
+
 /** undefined = no such message; raw null = erased after delivery (logAllEmails=false). */
 export function messageRaw(sqlite: Sqlite, id: string): { raw: Buffer | null } | undefined {
   return prepared(sqlite, 'SELECT (SELECT raw FROM message_bodies WHERE id = body_id) AS raw FROM messages WHERE id = ?').get(id) as
