@@ -5,14 +5,9 @@ import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { claimDueBatches } from '../../src/store/delivery.js';
-import type { Sqlite } from '../../src/store/db.js';
+import { storeMetrics } from '../../src/store/queries.js';
 import { type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
 import pino from 'pino';
-
-function counter(sqlite: Sqlite, name: string): number {
-  const row = sqlite.prepare('SELECT value FROM counters WHERE name = ?').get(name) as { value: number } | undefined;
-  return row?.value ?? 0;
-}
 
 const HOUR = 3_600_000;
 const DAY = 24 * HOUR;
@@ -51,7 +46,7 @@ describe('rate limits', () => {
         const refused = await mailFrom(relay.smtpPort, global ? 'new@example.com' : 'busy@example.com');
         assert.match(refused, new RegExp(`^451 4\\.7\\.1 rate limit ${name} reached`));
         if (!global) assert.match(await mailFrom(relay.smtpPort, 'other@example.com'), /^250 /, 'another sender still passes');
-        await waitFor(() => counter(relay.store.sqlite, 'rate_limit_refusals') === 1, 5000, 'the refusal to be counted');
+        await waitFor(() => storeMetrics(relay.store.sqlite).rateLimitRefusals === 1, 5000, 'the refusal to be counted');
         clock.advance(window - 60_000);
         assert.match(await mailFrom(relay.smtpPort, global ? 'new@example.com' : 'busy@example.com'), /^250 /);
       } finally {
@@ -130,14 +125,14 @@ describe('backpressure', () => {
       assert.ok(deferred.n > 0, 'delivery was attempted and deferred');
       await assert.rejects(send(relay.smtpPort, 'a@example.com'), (err: { response: string }) => /^452 4\.3\.1 /.test(err.response));
       assert.equal(messageCount(relay), 10);
-      await waitFor(() => counter(relay.store.sqlite, 'queue_full_refusals') === 1, 5000, 'the refusal to be counted');
+      await waitFor(() => storeMetrics(relay.store.sqlite).queueFullRefusals === 1, 5000, 'the refusal to be counted');
       // the upstream comes back and the queue drains
       upstream = await startUpstream({}, port);
-      for (let round = 0; round < 20 && counter(relay.store.sqlite, 'state_delivered') < 10; round++) {
+      for (let round = 0; round < 20 && storeMetrics(relay.store.sqlite).queue.delivered < 10; round++) {
         clock.advance(5_000);
         await relay.delivery.runOnce();
       }
-      assert.equal(counter(relay.store.sqlite, 'state_delivered'), 10);
+      assert.equal(storeMetrics(relay.store.sqlite).queue.delivered, 10);
       await send(relay.smtpPort, 'a@example.com');
       assert.equal(messageCount(relay), 11);
     } finally {
@@ -156,7 +151,8 @@ describe('backpressure', () => {
         claimDueBatches(db, { now: clock.now(), leaseMs: 60_000, batchSize: 20, limit: 2, maxAttempts: 10, newToken: () => 'worker' }),
       );
       assert.equal(claimed.batches.length, 2);
-      assert.deepEqual([counter(relay.store.sqlite, 'state_queued'), counter(relay.store.sqlite, 'state_sending')], [1, 2]);
+      const { queued, sending } = storeMetrics(relay.store.sqlite).queue;
+      assert.deepEqual([queued, sending], [1, 2]);
       await assert.rejects(send(relay.smtpPort, 'a@example.com'), (err: { response: string }) => /^452 4\.3\.1 /.test(err.response));
       assert.equal(messageCount(relay), 3);
     } finally {
