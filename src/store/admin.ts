@@ -54,9 +54,9 @@ export async function requeueFailedInSteps(
 export type RequeueStep = RequeueFilter & { ids: string[] };
 
 /**
- * The step's failed messages matching every given filter go back to the queue, due now (or batchDelay after
- * their last batch, if that is later): their failed recipients become pending with a fresh
- * attempt count. Returns how many messages were requeued.
+ * The step's failed messages matching every given filter go back to the queue, due now (or
+ * batchDelay after their last batch, if that is later): their failed recipients become pending
+ * with a fresh attempt count. Returns how many messages were requeued.
  */
 export function requeueFailed(sqlite: Sqlite, filter: RequeueStep, now: number, batchDelayMs: number): number {
   const where = ["state = 'failed'"];

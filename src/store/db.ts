@@ -61,8 +61,8 @@ export function openConnection(file: string): Sqlite {
 /**
  * SQLite changes its schema inside transactions, but Kysely's adapter says it cannot, and its
  * migrator then commits every statement on its own: a crash in the middle of a migration would
- * leave half of it applied and unrecorded, and every later start would fail on it. Saying so makes the
- * migrator run the pending migrations and their bookkeeping in one transaction.
+ * leave half of it applied and unrecorded, and every later start would fail on it. Saying so
+ * makes the migrator run the pending migrations and their bookkeeping in one transaction.
  */
 class TransactionalDdlSqliteAdapter extends SqliteAdapter {
   override get supportsTransactionalDdl(): boolean {
