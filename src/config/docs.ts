@@ -36,17 +36,17 @@ function cell(text: string): string {
   return text.replace(/\|/g, '\\|').replace(/\s*\n\s*/g, ' ');
 }
 
-export function renderConfigTable(keys: readonly KeyDef[] = CONFIG_KEYS): string {
-  const rows = keys.map((k) => `| \`${k.path}\` | \`${envName(k.path)}\` | ${cell(typeLabel(k))} | ${cell(defaultLabel(k))} | ${cell(k.doc)} |`);
+export function renderConfigTable(): string {
+  const rows = CONFIG_KEYS.map((k) => `| \`${k.path}\` | \`${envName(k.path)}\` | ${cell(typeLabel(k))} | ${cell(defaultLabel(k))} | ${cell(k.doc)} |`);
   return ['| key | env | type | default | meaning |', '|---|---|---|---|---|', ...rows].join('\n');
 }
 
 /** `readme` with the text between the markers replaced by the current table. */
-function withConfigTable(readme: string, table = renderConfigTable()): string {
+function withConfigTable(readme: string): string {
   const start = readme.indexOf(TABLE_START);
   const end = readme.indexOf(TABLE_END);
   if (start < 0 || end < start) throw new Error(`README has no ${TABLE_START} … ${TABLE_END} block`);
-  return `${readme.slice(0, start + TABLE_START.length)}\n${table}\n${readme.slice(end)}`;
+  return `${readme.slice(0, start + TABLE_START.length)}\n${renderConfigTable()}\n${readme.slice(end)}`;
 }
 
 /** The table as it stands in the README (between the markers), or undefined without markers. */
