@@ -7,6 +7,7 @@ import * as rateBucketMinute from './003_rate_bucket_minute.js';
 import * as rateHours from './004_rate_hours.js';
 import * as recipientAddressNocase from './005_recipient_address_nocase.js';
 import * as messageBodies from './006_message_bodies.js';
+import * as upstreamFailures from './007_upstream_failures.js';
 
 export const migrations: Record<string, Migration> = {
   '001_initial': initial,
@@ -15,4 +16,5 @@ export const migrations: Record<string, Migration> = {
   '004_rate_hours': rateHours,
   '005_recipient_address_nocase': recipientAddressNocase,
   '006_message_bodies': messageBodies,
+  '007_upstream_failures': upstreamFailures,
 };

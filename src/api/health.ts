@@ -9,9 +9,10 @@ import { isoTime } from '../clock.js';
 import type { ApiDeps, ApiEnv } from './context.js';
 
 /**
- * The upstream counts as failing when at least `upstreamFailures` attempts in a row delivered
- * nothing and none succeeded for `upstreamQuietMs` (or ever). One refused connection is not an
- * outage; a run of failures right after a success is not one yet either.
+ * The upstream counts as failing when at least `upstreamFailures` attempts in a row failed
+ * (outcomes.ts, upstreamVerdict: delivered nothing, and not refused for good) and none succeeded
+ * for `upstreamQuietMs` (or ever). One refused connection is not an outage; a run of failures
+ * right after a success is not one yet either.
  */
 const HEALTH_THRESHOLDS = {
   upstreamFailures: 3,
@@ -83,7 +84,7 @@ export function healthRoutes(deps: ApiDeps) {
       upstream = upstreamView(metrics.upstream, deps.delivery);
       if (upstreamFailing(upstream, now)) {
         const since = upstream.lastSuccessAt === null ? 'no attempt has ever succeeded' : `last success ${isoTime(upstream.lastSuccessAt)}`;
-        degraded.push(`upstream ${upstreamTarget} failing: ${upstream.consecutiveFailures} attempts in a row delivered nothing (${since})`);
+        degraded.push(`upstream ${upstreamTarget} failing: ${upstream.consecutiveFailures} attempts in a row failed (${since})`);
       }
       active = metrics.queue.queued + metrics.queue.sending;
       if (config.queueSize > 0 && active > config.queueSize * HEALTH_THRESHOLDS.queueFullFraction) {

@@ -113,7 +113,7 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
     s.store.oldestActiveReceivedAt === null ? 0 : Math.max(0, (s.now - s.store.oldestActiveReceivedAt) / 1000),
   );
   gauge('relayq_queue_size_limit_messages', 'The queueSize setting (0 = unlimited).', s.queueSize);
-  gauge('relayq_upstream_consecutive_failures', 'Attempts in a row that delivered nothing.', s.upstream.consecutiveFailures);
+  gauge('relayq_upstream_consecutive_failures', 'Attempts in a row that failed (delivered nothing, and not refused for good).', s.upstream.consecutiveFailures);
   gauge(
     'relayq_upstream_last_success_timestamp_seconds',
     'End of the last attempt that delivered something (0 = never).',

@@ -26,7 +26,7 @@ import { removeStrayTempFiles } from './atomic-file.js';
 import { exportFailedMessage, failedExportDir, failedExportPath, removeFailedExport } from './failed-export.js';
 import { InFlowGate } from './in-flow.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
-import { type BatchResult, planCompletion } from './outcomes.js';
+import { type BatchResult, planCompletion, upstreamVerdict } from './outcomes.js';
 import { SmtpUpstream } from './upstream.js';
 
 export interface DeliveryDeps {
@@ -59,7 +59,7 @@ export interface DeliveryHealth {
   lastSuccessAt: number | null;
   /** Last attempt that delivered nothing (refused, deferred, unreachable). */
   lastFailureAt: number | null;
-  /** Attempts in a row that delivered nothing; any delivery resets it. */
+  /** Attempts in a row that failed (upstreamVerdict): a delivery or a refusal of the mail ends the run. */
   consecutiveFailures: number;
 }
 
@@ -658,13 +658,10 @@ export class DeliveryEngine {
 
   private noteHealth(result: BatchResult): void {
     const now = this.deps.clock.now();
-    if (result.recipients.some((r) => r.verdict === 'delivered')) {
-      this.stats.lastSuccessAt = now;
-      this.stats.consecutiveFailures = 0;
-    } else {
-      this.stats.lastFailureAt = now;
-      this.stats.consecutiveFailures++;
-    }
+    const verdict = upstreamVerdict(result);
+    if (verdict === 'delivered') this.stats.lastSuccessAt = now;
+    else this.stats.lastFailureAt = now;
+    this.stats.consecutiveFailures = verdict === 'failed' ? this.stats.consecutiveFailures + 1 : 0;
   }
 
   private track<T>(task: Promise<T>): void {

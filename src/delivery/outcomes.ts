@@ -26,6 +26,20 @@ export interface BatchResult {
   permanentFailure: boolean;
 }
 
+/**
+ * What an attempt says about the upstream, for `/health`'s run of failures: it delivered to at
+ * least one recipient; it refused every recipient for good (a 5xx to MAIL, RCPT or DATA, or
+ * relayq's own size or SMTPUTF8 check): it works, and the mail was at fault, e.g. unknown
+ * addresses; or it failed otherwise (no connection, TLS, AUTH, a timeout, a 4xx). Only the last
+ * makes the run longer, as only connection and session failures make Postfix mark a host dead.
+ */
+export type UpstreamVerdict = 'delivered' | 'refused' | 'failed';
+
+export function upstreamVerdict(result: BatchResult): UpstreamVerdict {
+  if (result.recipients.some((r) => r.verdict === 'delivered')) return 'delivered';
+  return result.recipients.every((r) => r.verdict === 'failed') ? 'refused' : 'failed';
+}
+
 export interface ErrorClass {
   temporary: boolean;
   code: number | null;
@@ -207,6 +221,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       reply: result.reply,
     },
     recipients,
+    upstreamFailed: upstreamVerdict(result) === 'failed',
     batchDelayMs: ctx.batchDelayMs,
     eraseRawOnDelivered: ctx.eraseRawOnDelivered,
     lastError: lastProblem,

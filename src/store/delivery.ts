@@ -207,6 +207,11 @@ export interface BatchCompletion {
    * was deferred earlier, whose last code is kept).
    */
   failRemaining?: string;
+  /**
+   * The attempt failed for the upstream's or the network's sake, not because of this mail
+   * (outcomes.ts, upstreamVerdict): the run of failures `/health` reads grows; otherwise it ends.
+   */
+  upstreamFailed: boolean;
   /** The message's next batch is not due before now + batchDelay. */
   batchDelayMs: number;
   eraseRawOnDelivered: boolean;
@@ -244,6 +249,10 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     ).run(c.messageId, a.batch, JSON.stringify(a.recipients), a.upstream, a.startedAt, Math.round(a.durationMs), a.outcome, a.code, leaseLost ? LEASE_LOST_REPLY + a.reply : a.reply);
   }
+  prepared(
+    sqlite,
+    `UPDATE counters SET value = CASE WHEN ? THEN value + 1 ELSE 0 END WHERE name = 'upstream_consecutive_failures'`,
+  ).run(c.upstreamFailed ? 1 : 0);
   if (leaseLost) return { leaseLost: true };
   const update = prepared(
     sqlite,

@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
-import { sendMail, startTestRelay, type Upstream, writeDirect } from '../helpers.js';
+import { storeMetrics } from '../../src/store/queries.js';
+import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream } from '../helpers.js';
 import { call, upstreamOutage } from './fixtures.js';
 
 interface Health {
@@ -20,6 +21,18 @@ interface Health {
     upstream: { target: string; last_success: string | null; last_failure: string | null; consecutive_failures: number | null };
     warnings: string[];
   };
+}
+
+/** An upstream that refuses `unknown…` recipients for good (550), defers `busy…` ones (451) and takes the rest. */
+function pickyUpstream(): Promise<Upstream> {
+  return startUpstream({
+    onRcptTo(address, _session, cb) {
+      const local = address.address.split('@')[0];
+      if (local.startsWith('unknown')) return cb(Object.assign(new Error('5.1.1 No such user'), { responseCode: 550 }));
+      if (local.startsWith('busy')) return cb(Object.assign(new Error('4.7.1 Try again later'), { responseCode: 451 }));
+      cb();
+    },
+  });
 }
 
 describe('GET /health', () => {
@@ -96,27 +109,68 @@ describe('GET /health', () => {
     }
   });
 
-  test('one refused attempt right after a success is not an outage yet', async () => {
+  test('failures right after a success are not an outage until none succeeded for 5 minutes', async () => {
     const clock = new ManualClock();
-    const relay = await startTestRelay({}, { clock, startDelivery: false });
+    const upstream = await pickyUpstream();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0 },
+      { clock, startDelivery: false },
+    );
     try {
-      await sendMail(relay.smtpPort);
+      await sendMail(relay.smtpPort, { to: ['ok@example.com'] });
       await relay.delivery.runOnce();
-      // Three failed attempts a minute after a success: within the quiet period.
-      const now = clock.now();
-      await writeDirect(relay, (db) => {
-        const insert = db.prepare(
-          `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply)
-           SELECT id, 0, '[]', 'local', ?, 5, 'deferred', 421, 'try later' FROM messages LIMIT 1`,
-        );
-        for (let i = 0; i < 3; i++) insert.run(now + 60_000);
-      });
       clock.advance(60_000);
-      assert.equal((await call<Health>(relay, '/health')).body.status, 'ok');
+      for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort, { to: [`busy${i}@example.com`] });
+      await relay.delivery.runOnce();
+      const soon = (await call<Health>(relay, '/health')).body;
+      assert.equal(soon.details.upstream.consecutive_failures, 3);
+      assert.equal(soon.status, 'ok', 'a minute after a delivery');
       clock.advance(5 * 60_000);
       assert.equal((await call<Health>(relay, '/health')).body.status, 'degraded');
     } finally {
       await relay.stop();
+      await upstream.close();
+    }
+  });
+
+  test('an upstream that refuses mail for good (unknown addresses) is not failing; one that defers it is, after a restart too', async () => {
+    const clock = new ManualClock();
+    const upstream = await pickyUpstream();
+    const config = { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0, databasePath: `${tempDir()}/relayq.db` };
+    let relay = await startTestRelay(config, { clock, startDelivery: false });
+    try {
+      for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort, { to: [`unknown${i}@example.com`] });
+      assert.equal((await relay.delivery.runOnce()).attempts, 3);
+      clock.advance(10 * 60_000);
+      let health = (await call<Health>(relay, '/health')).body;
+      assert.equal(health.status, 'ok', health.details.warnings.join('; '));
+      assert.equal(health.details.failed_emails, 3);
+      assert.equal(health.details.upstream.consecutive_failures, 0);
+      assert.ok(health.details.upstream.last_failure, 'the attempts delivered nothing');
+
+      for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort, { to: [`busy${i}@example.com`] });
+      await relay.delivery.runOnce();
+      health = (await call<Health>(relay, '/health')).body;
+      assert.equal(health.status, 'degraded');
+      assert.equal(health.details.upstream.consecutive_failures, 3);
+
+      // The run is stored with the attempts: a restart still reports it.
+      await relay.stop();
+      relay = await startTestRelay(config, { clock, startDelivery: false });
+      health = (await call<Health>(relay, '/health')).body;
+      assert.equal(health.status, 'degraded');
+      assert.equal(health.details.upstream.consecutive_failures, 3);
+
+      // A refusal is an answer: the upstream works again, though nothing was delivered.
+      await sendMail(relay.smtpPort, { to: ['unknown9@example.com'] });
+      await relay.delivery.runOnce();
+      health = (await call<Health>(relay, '/health')).body;
+      assert.equal(health.status, 'ok', health.details.warnings.join('; '));
+      assert.equal(health.details.upstream.consecutive_failures, 0);
+      assert.equal(storeMetrics(relay.store.sqlite).upstream.consecutiveFailures, 0);
+    } finally {
+      await relay.stop();
+      await upstream.close();
     }
   });
 

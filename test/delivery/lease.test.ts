@@ -45,6 +45,7 @@ describe('claims and leases', () => {
       now: clock.now(),
       attempt: { batch: 0, recipients: ['a@example.com', 'b@example.com'], upstream: 'x:25', startedAt: clock.now(), durationMs: 1, outcome: 'delivered' as const, code: 250, reply: '250 ok' },
       recipients: [0, 1].map((seq) => ({ seq, status: 'delivered' as const, code: 250, reply: '250 ok', temporary: false, nextAttemptAt: clock.now() })),
+      upstreamFailed: false,
       batchDelayMs: 0,
       eraseRawOnDelivered: false,
       lastError: null,

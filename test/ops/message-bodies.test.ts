@@ -57,6 +57,7 @@ test('claiming a 200 KB message and recording its outcome write a few pages, not
         now: 3_000,
         attempt: { batch: 0, recipients: ['a@example.net'], upstream: 'mx:25', startedAt: 2_000, durationMs: 5, outcome: 'delivered', code: 250, reply: '250 ok' },
         recipients: [{ seq: 0, status: 'delivered', code: 250, reply: '250 ok', temporary: false, nextAttemptAt: 3_000 }],
+        upstreamFailed: false,
         batchDelayMs: 0,
         lastError: null,
         eraseRawOnDelivered: false,
@@ -123,7 +124,7 @@ test('the upgrade moves every stored message into message_bodies, and the relay 
     { id: 'E', state: 'delivered', raw: null, rcpt: 'e@example.net' },
   ]);
 
-  assert.deepEqual(await migrateToLatest(db), ['006_message_bodies']);
+  assert.deepEqual(await migrateToLatest(db), ['006_message_bodies', '007_upstream_failures']);
   const columns = (sqlite.prepare('PRAGMA table_info(messages)').all() as Array<{ name: string }>).map((c) => c.name);
   assert.ok(!columns.includes('raw') && columns.includes('body_id'), columns.join(', '));
   assert.deepEqual(messageRaw(sqlite, 'Q')?.raw, queued);
