@@ -15,7 +15,7 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
         for (const id of unique) {
           const result = deleteMessage(sqlite, id, systemClock.now());
           if (result === 'not-found') throw new CliError(`no message with id ${id}; nothing deleted`);
-          if (result === 'held') throw new CliError(`message ${id} is being delivered right now; nothing deleted, try again later`);
+          if (result === 'held') throw new CliError(`message ${id} is held by a delivery worker (after a crash, until its processingTimeout lease runs out); nothing deleted, try again later`);
         }
       })
       .immediate(),

@@ -11,7 +11,7 @@ import { formatTable } from './table.js';
 const EXPLAIN: Record<Exclude<RetryResult, 'not-found'>, string> = {
   requeued: 'requeued: failed recipients will be tried again now',
   'due-now': 'due now',
-  held: 'a worker is delivering it right now; nothing changed',
+  held: 'a delivery worker holds it (after a crash, until its processingTimeout lease runs out); nothing changed',
   delivered: 'already delivered to every recipient; nothing to retry',
 };
 
