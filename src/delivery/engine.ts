@@ -21,6 +21,7 @@ import {
   findTemporaryFailures,
   hasDueWork,
 } from '../store/delivery.js';
+import { messageState } from '../store/queries.js';
 import type { StoreWriter } from '../store/writer.js';
 import { removeStrayTempFiles } from './atomic-file.js';
 import { exportFailedMessage, failedExportDir, failedExportPath, removeFailedExport } from './failed-export.js';
@@ -91,7 +92,7 @@ const REQUEUE_CHECK_MS = 1000;
 const REQUEUE_SCAN_STEP = 500;
 /** After the grace period, how long released attempts get to notice their abort. */
 const ABORT_SETTLE_MS = 1000;
-/** Failed messages whose export is looked for per step after a start. */
+/** Failed messages whose export is looked for, and exports whose message is, per step after a start. */
 const EXPORT_CHECK_STEP = 500;
 /** A temp file this old was left by a crash (younger ones may be another process's). */
 const TEMP_FILE_MIN_AGE_MS = 60_000;
@@ -215,6 +216,7 @@ export class DeliveryEngine {
     this.tempSweep.unref();
     this.tick();
     this.track(this.exportMissingFailures());
+    this.track(this.removeDeliveredExports());
   }
 
   /** Something may have become due (a commit of new mail): look now instead of at the next poll. */
@@ -605,6 +607,31 @@ export class DeliveryEngine {
       await new Promise((resolve) => setImmediate(resolve));
     }
     if (exported.length > 0) this.log.warn({ event: 'delivery.exports_restored', count: exported.length, ids: exported }, 'failed mail without its export exported');
+  }
+
+  /**
+   * After a start: the exports of mail that was delivered after it failed (the process died
+   * between the commit of the delivery and the removal of its export). Only delivered mail: a
+   * message retried and not yet delivered keeps its export until it is, as while relayq runs,
+   * and a file of a message this database does not hold is not relayq's to judge. In steps of
+   * EXPORT_CHECK_STEP files, letting SMTP sessions run between them.
+   */
+  private async removeDeliveredExports(): Promise<void> {
+    const { sqlite, config } = this.deps;
+    let names: string[];
+    try {
+      names = await fs.readdir(failedExportDir(config.emailsDir));
+    } catch (err) {
+      this.log.warn({ event: 'delivery.exports_unreadable', err: (err as Error).message }, 'could not look for exports of mail delivered since it failed');
+      return;
+    }
+    const removed: string[] = [];
+    for (let i = 0; i < names.length && !this.stopping; i++) {
+      const id = names[i].endsWith('.json') ? names[i].slice(0, -'.json'.length) : '';
+      if (id && messageState(sqlite, id) === 'delivered' && (await removeFailedExport(config.emailsDir, id))) removed.push(id);
+      if ((i + 1) % EXPORT_CHECK_STEP === 0) await new Promise((resolve) => setImmediate(resolve));
+    }
+    if (removed.length > 0) this.log.info({ event: 'delivery.exports_removed', count: removed.length, ids: removed }, 'exports of mail delivered after it failed removed');
   }
 
   /**

@@ -363,6 +363,11 @@ export function failedMessage(sqlite: Sqlite, id: string): { detail: MessageDeta
   })();
 }
 
+/** The state of message `id`; undefined when there is no such message. */
+export function messageState(sqlite: Sqlite, id: string): MessageState | undefined {
+  return (prepared(sqlite, 'SELECT state FROM messages WHERE id = ?').get(id) as { state: MessageState } | undefined)?.state;
+}
+
 /** undefined = no such message; raw null = erased after delivery (logAllEmails=false). */
 export function messageRaw(sqlite: Sqlite, id: string): { raw: Buffer | null } | undefined {
   return prepared(sqlite, 'SELECT (SELECT raw FROM message_bodies WHERE id = body_id) AS raw FROM messages WHERE id = ?').get(id) as

@@ -4,7 +4,8 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { openSession, SmtpClient, sendMail, startTestRelay, testConfig, waitFor } from '../helpers.js';
+import { retryMessage } from '../../src/store/admin.js';
+import { openSession, SmtpClient, sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
 import {
   attempts,
   failedExportExists,
@@ -167,6 +168,36 @@ describe('per-recipient outcomes', () => {
     cleanup.push(() => second.stop());
     await waitFor(() => failedExportExists(second, id), 10_000, 'the export to be written again');
     assert.equal(readFailedExport(second, id).recipients[0].lastCode, 550);
+  });
+
+  test('the export of mail delivered after a retry, left by a crash before its removal, is removed at the next start', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.rcptReply = () => ({ code: 550, message: '5.1.1 No such user' });
+    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port });
+    const first = await startTestRelay(config, { startDelivery: false });
+    const retried = await queue(first, ['later@example.com']);
+    const stillFailed = await queue(first, ['nobody@example.com']);
+    await first.delivery.runOnce();
+    const file = (id: string) => path.join(config.emailsDir, 'failed', `${id}.json`);
+    const leftover = fs.readFileSync(file(retried));
+
+    upstream.rcptReply = (address) => (address.startsWith('nobody') ? { code: 550, message: '5.1.1 No such user' } : undefined);
+    assert.equal(await writeDirect(first, (db) => retryMessage(db, retried, Date.now(), 0)), 'requeued');
+    await first.delivery.runOnce();
+    assert.equal(message(first, retried).state, 'delivered');
+    assert.ok(!fs.existsSync(file(retried)), 'removed once delivered');
+    await first.stop();
+    // What a crash between the commit of the delivery and the removal of the export leaves.
+    fs.writeFileSync(file(retried), leftover);
+    const foreign = file('0123456789ABCDEF0123');
+    fs.writeFileSync(foreign, '{}\n');
+
+    const second = await startTestRelay(config);
+    cleanup.push(() => second.stop());
+    await waitFor(() => !fs.existsSync(file(retried)), 10_000, 'the stale export to be removed');
+    assert.ok(failedExportExists(second, stillFailed), 'the export of mail still failed stays');
+    assert.ok(fs.existsSync(foreign), 'a file of a message this database does not hold stays');
   });
 
   test('continueOnError=false: a permanently refused batch stops the later batches, whose recipients fail saying why', async () => {
