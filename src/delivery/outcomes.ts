@@ -1,6 +1,7 @@
 // What an upstream answer means for each recipient of a batch, and what the queue does about it.
-// One function classifies errors (5xx permanent; 4xx, network, TLS, timeout, AUTH temporary);
-// one turns a transport result plus the retry policy into the fenced completion the store applies.
+// Errors are classified in one place (5xx permanent; 4xx, network, TLS, timeout, AUTH temporary;
+// a 552 to RCPT TO is taken for a 452); one function turns a transport result plus the retry
+// policy into the fenced completion the store applies.
 import type { BatchCompletion, ClaimedBatch, RecipientOutcome } from '../store/delivery.js';
 import type { AttemptOutcome } from '../store/schema.js';
 import { backoffDelayMs, describeGiveUp, giveUpReason, type RetrySettings } from './retry-policy.js';
@@ -75,6 +76,16 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
   return { temporary: true, code, reply };
 }
 
+/**
+ * A refusal of one recipient at RCPT TO. RFC 5321 (4.5.3.1.10) has a client take a `552` there
+ * for a `452`: servers sent it for "too many recipients", and so the recipients over an upstream's
+ * limit (a batchSize above it) go in a later attempt instead of failing. Postfix does the same.
+ */
+function classifyRcptRefusal(err: unknown): ErrorClass {
+  const c = classifyUpstreamError(err);
+  return c.code === 552 ? { ...c, temporary: true } : c;
+}
+
 function replyCode(reply: string | undefined): number | null {
   const m = /^([2-5]\d\d)/.exec(reply ?? '');
   return m ? Number(m[1]) : null;
@@ -103,7 +114,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
     const { info } = outcome;
     const accepted = new Set((info.accepted ?? []).map(addressOf));
     const rejections = new Map<string, ErrorClass>();
-    for (const r of info.rejectedErrors ?? []) if (r.recipient) rejections.set(r.recipient, classifyUpstreamError(r));
+    for (const r of info.rejectedErrors ?? []) if (r.recipient) rejections.set(r.recipient, classifyRcptRefusal(r));
     const rejected = new Set((info.rejected ?? []).map(addressOf));
     const response = (info.response ?? '').trim();
     const code = replyCode(response);
@@ -120,7 +131,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
   const error = outcome.error as { rejectedErrors?: NodemailerInfo['rejectedErrors'] };
   const whole = classifyUpstreamError(outcome.error);
   const perRecipient = new Map<string, ErrorClass>();
-  for (const r of error?.rejectedErrors ?? []) if (r.recipient) perRecipient.set(r.recipient, classifyUpstreamError(r));
+  for (const r of error?.rejectedErrors ?? []) if (r.recipient) perRecipient.set(r.recipient, classifyRcptRefusal(r));
   const recipients = rcpts.map((key): RecipientResult => {
     const own = perRecipient.get(key) ?? whole;
     return { verdict: own.temporary ? 'deferred' : 'failed', code: own.code, reply: own.reply };

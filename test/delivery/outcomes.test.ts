@@ -170,6 +170,28 @@ describe('per-recipient outcomes', () => {
     assert.equal(readFailedExport(second, id).recipients[0].lastCode, 550);
   });
 
+  test('a 552 to RCPT TO defers that recipient (RFC 5321: "too many recipients"); a 552 to DATA fails the batch', async () => {
+    const { clock, relay, upstream } = await setup();
+    let limited = true;
+    upstream.rcptReply = (a) => (a === 'second@example.com' && limited ? { code: 552, message: '5.5.3 Too many recipients' } : undefined);
+    const id = await queue(relay, ['first@example.com', 'second@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(recipients(relay, id).map((r) => [r.status, r.last_code, r.temporary]), [
+      ['delivered', 250, 0],
+      ['pending', 552, 1],
+    ]);
+    limited = false;
+    clock.advance(60_000);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'delivered');
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['first@example.com'], ['second@example.com']], 'only the deferred recipient went again');
+
+    upstream.dataReply = () => ({ code: 552, message: '5.3.4 Message too big for system' });
+    const big = await queue(relay, ['third@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(recipients(relay, big).map((r) => [r.status, r.last_code, r.temporary]), [['failed', 552, 0]]);
+  });
+
   test('the export of mail delivered after a retry, left by a crash before its removal, is removed at the next start', async () => {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
