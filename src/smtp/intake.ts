@@ -20,7 +20,7 @@ import {
   rateLimitMessage,
 } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
-import { BareLineEndingScanner, isValidAddress, receivedHeader, subjectOf } from './message.js';
+import { BareLineEndingScanner, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
 import { inputAhead, RelayqSmtpServer } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
 
@@ -429,6 +429,7 @@ export class SmtpIntake {
     s.queueId = undefined;
     const body = new MessageBytes(this.spool, queueId, stream);
     const scanner = new BareLineEndingScanner();
+    const hops = new ReceivedHeaderCounter();
     this.inFlight++;
     let settled = false;
     const done = (err?: Error | null, message?: string) => {
@@ -445,6 +446,7 @@ export class SmtpIntake {
     stream.on('data', (chunk: Buffer) => {
       if (stream.sizeExceeded) return;
       scanner.scan(chunk);
+      hops.scan(chunk);
       if (!scanner.found) body.add(chunk);
     });
     stream.on('end', () => {
@@ -457,6 +459,10 @@ export class SmtpIntake {
       if (scanner.finish()) {
         log.warn({ queueId, event: 'smtp.refused', reason: 'bare-line-ending', client: this.peer(session) }, 'bare CR or LF in DATA');
         return done(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8)'));
+      }
+      if (hops.count + 1 > MAX_RECEIVED_HEADERS) {
+        log.warn({ queueId, event: 'smtp.refused', reason: 'mail-loop', received: hops.count, client: this.peer(session) }, 'too many Received: headers: a mail loop');
+        return done(reply(554, `5.4.6 Too many hops: ${hops.count} Received: header fields, a mail loop`));
       }
       body
         .finish()

@@ -1,5 +1,6 @@
 // What intake does to a message's bytes and addresses: validation of envelope paths, the
-// bare-CR/LF scan that refuses SMTP smuggling, and the one Received: header relayq prepends.
+// bare-CR/LF scan that refuses SMTP smuggling, the count of Received: headers that stops a mail
+// loop, and the one Received: header relayq prepends.
 import net from 'node:net';
 import { domainToASCII } from 'node:url';
 
@@ -56,6 +57,46 @@ export class BareLineEndingScanner {
   finish(): boolean {
     if (this.previousCr) this.found = true;
     return this.found;
+  }
+}
+
+/**
+ * A message may carry at most this many `Received:` header fields, relayq's own included: more
+ * means a mail loop (RFC 5321 §6.3), e.g. a forwardHost that leads back to this relay. Postfix's
+ * hopcount_limit, with its default.
+ */
+export const MAX_RECEIVED_HEADERS = 50;
+
+/**
+ * Counts the `Received:` header fields of a message as its bytes arrive (CRLF lines, as the
+ * bare-line-ending scan makes sure), up to the empty line that ends the header section. Only
+ * the first 9 bytes of a line are looked at.
+ */
+export class ReceivedHeaderCounter {
+  count = 0;
+  private ended = false;
+  /** The first bytes of the current line, up to 9. */
+  private start = '';
+
+  scan(chunk: Buffer): void {
+    let i = 0;
+    while (!this.ended && i < chunk.length) {
+      if (this.start.length < 9) {
+        const b = chunk[i++];
+        if (b === 10) {
+          if (this.start === '\r') this.ended = true; // the empty line
+          this.start = '';
+          continue;
+        }
+        this.start += String.fromCharCode(b);
+        if (this.start.length === 9 && this.start.toLowerCase() === 'received:') this.count++;
+        continue;
+      }
+      const lf = chunk.indexOf(10, i);
+      if (lf === -1) return;
+      this.start = '';
+      i = lf + 1;
+    }
   }
 }
 

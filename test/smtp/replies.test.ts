@@ -198,6 +198,23 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     }
     assert.equal(messageCount(relay), before);
   });
+
+  test('50 Received: headers already (a mail loop) → 554 5.4.6, nothing stored; 49 are taken, and lines of the body do not count', async () => {
+    const before = messageCount(relay);
+    const hops = (n: number) => 'Received: by h\r\n'.repeat(n);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354/);
+    assert.match(await c.send(`${hops(49)}RECEIVED: by g\r\nSubject: loop\r\n\r\nbody\r\n.`), /^554 5\.4\.6 Too many hops: 50 /);
+    assert.equal(messageCount(relay), before);
+    assert.match(await c.send('NOOP'), /^250/);
+    c.close();
+    assert.equal(log.entries().filter((e) => e.event === 'smtp.refused' && e.reason === 'mail-loop').length, 1);
+
+    // relayq's own header makes 50, the limit
+    const taken = await sendMail(relay.smtpPort, { raw: Buffer.from(`${hops(49)}Subject: far\r\n\r\n${hops(5)}`) });
+    assert.match(taken.response, /^250 /);
+    assert.equal(messageCount(relay), before + 1);
+  });
 });
 
 describe('SMTP replies with AUTH required', () => {
