@@ -284,6 +284,16 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
       'forwardUsername and forwardPassword must be set together (leave both empty for no upstream AUTH)',
     );
   }
+  if (c.forwardSMTP && c.forwardPort === c.smtpPort && reaches(c.forwardHost, c.smtpHost)) {
+    fail(
+      'forwardPort',
+      ['forwardHost', 'forwardPort', 'smtpHost', 'smtpPort'],
+      `forwardHost:forwardPort ${c.forwardHost}:${c.forwardPort} is relayq's own SMTP listener: every message would go round in a loop`,
+    );
+  }
+  if (c.enableHealthCheck && c.smtpPort !== 0 && c.smtpPort === c.healthCheckPort && clash(c.healthCheckHost, c.smtpHost)) {
+    fail('healthCheckPort', ['smtpPort', 'healthCheckPort'], 'smtpPort and healthCheckPort must differ: SMTP and the HTTP API cannot listen on one port');
+  }
   if ((c.tls.cert === '') !== (c.tls.key === '')) {
     fail(c.tls.cert ? 'tls.key' : 'tls.cert', ['tls.cert', 'tls.key'], 'tls.cert and tls.key must be set together');
   }
@@ -342,6 +352,21 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
         'set security.allowedNetworks or turn security.requireAuth on',
     );
   }
+}
+
+const LOOPBACK_HOST = /^(localhost|127(\.\d{1,3}){3}|::1|::ffff:127(\.\d{1,3}){3})$/i;
+const EVERY_INTERFACE = new Set(['0.0.0.0', '::']);
+
+const local = (host: string) => LOOPBACK_HOST.test(host) || EVERY_INTERFACE.has(host);
+
+/** Whether connecting to `host` reaches a listener on `listenHost` (the same port assumed). */
+function reaches(host: string, listenHost: string): boolean {
+  return host.toLowerCase() === listenHost.toLowerCase() || (local(host) && local(listenHost));
+}
+
+/** Whether two listeners on one port would refuse each other. */
+function clash(a: string, b: string): boolean {
+  return a.toLowerCase() === b.toLowerCase() || EVERY_INTERFACE.has(a) || EVERY_INTERFACE.has(b);
 }
 
 /** "10.0.0.0/8" → parts, or undefined when malformed. */

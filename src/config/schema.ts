@@ -37,6 +37,16 @@ export const MAX_MESSAGE_SIZE_LIMIT = 500 * 1024 * 1024;
  */
 const LISTEN_ADDRESS = { match: /^[\x21-\x7e]+$/, what: 'an IP address or host name (0.0.0.0 or :: for every interface)' };
 
+/**
+ * An upstream host: a name or an IPv4 address, or an IPv6 address (two colons at least) without
+ * brackets. Not `host:port`, nor Postfix's `[host]`: the port is forwardPort, and either would be
+ * looked up as a name and every message deferred. Empty: not forwarding.
+ */
+const UPSTREAM_HOST = {
+  match: /^(|[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?|(?=(?:[^:]*:){2})[0-9A-Fa-f:.]+)$/,
+  what: 'a host name or an IP address, without a port (that is forwardPort) or [brackets]',
+};
+
 export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'smtpHost', type: 'string', default: '127.0.0.1', pattern: LISTEN_ADDRESS, doc: 'SMTP listen address' },
   { path: 'smtpPort', type: 'int', default: 2525, ...PORT, doc: 'SMTP listen port (the Docker image sets 25)' },
@@ -51,7 +61,7 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'defaultUsername', type: 'string', default: '', doc: 'SMTP AUTH user name' },
   { path: 'defaultPassword', type: 'string', default: '', secret: true, doc: 'SMTP AUTH password' },
   { path: 'forwardSMTP', type: 'bool', default: false, doc: 'forward to the upstream; false = deliver locally into `emailsDir`' },
-  { path: 'forwardHost', type: 'string', default: '', doc: 'upstream host (required when forwardSMTP)' },
+  { path: 'forwardHost', type: 'string', default: '', pattern: UPSTREAM_HOST, doc: 'upstream host (required when forwardSMTP)' },
   { path: 'forwardPort', type: 'int', default: 587, min: 1, max: 65535, doc: 'upstream port' },
   { path: 'forwardUsername', type: 'string', default: '', doc: 'upstream AUTH user (no AUTH when empty; set it with `forwardPassword`)' },
   { path: 'forwardPassword', type: 'string', default: '', secret: true, doc: 'upstream AUTH password (set it with `forwardUsername`)' },

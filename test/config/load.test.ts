@@ -176,6 +176,38 @@ describe('loadConfig', () => {
     assert.equal(loadConfig([], { FORWARD_USERNAME: 'relay' }).ok, true);
   });
 
+  test('forwardHost is a host name or an IP address: a port, [brackets] or a stray space is refused, naming the key', () => {
+    for (const bad of ['smtp.example.com:587', '[smtp.example.com]', '127.0.0.1:2525', 'smtp.example.com ', 'a b', '-x.example.com']) {
+      const r = loadConfig([], { FORWARD_SMTP: 'true', FORWARD_HOST: bad });
+      assert.equal(r.ok, false, bad);
+      if (r.ok) continue;
+      assert.deepEqual(r.errors.map((e) => e.key), ['forwardHost'], bad);
+      assert.match(r.errors[0].message, /without a port \(that is forwardPort\)/);
+    }
+    for (const good of ['smtp.example.com', 'smtp.example.com.', 'localhost', 'mail_relay', '192.0.2.1', '2001:db8::1', '::1', 'xn--bcher-kva.example']) {
+      assert.equal(loadConfig([], { FORWARD_SMTP: 'true', FORWARD_HOST: good }).ok, true, good);
+    }
+    assert.equal(loadConfig([], { FORWARD_HOST: '' }).ok, true, 'empty when not forwarding');
+  });
+
+  test("forwarding to relayq's own listener, or SMTP and HTTP on one port, is refused before anything listens", () => {
+    const keys = (r: ReturnType<typeof loadConfig>) => (r.ok ? [] : r.errors.map((e) => e.key));
+    const forward = (host: string, port: string) => ({ FORWARD_SMTP: 'true', FORWARD_HOST: host, FORWARD_PORT: port });
+    const loop = loadConfig([], forward('localhost', '2525'));
+    assert.deepEqual(keys(loop), ['forwardPort']);
+    assert.match(loop.ok ? '' : loop.errors[0].message, /localhost:2525 is relayq's own SMTP listener/);
+    // the Docker image listens on every interface, port 25
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward('127.0.0.1', '25') })), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward('smtp.example.com', '25') })), []);
+    assert.deepEqual(keys(loadConfig([], forward('localhost', '587'))), []);
+
+    assert.deepEqual(keys(loadConfig(['--smtpPort', '8025'], {})), ['healthCheckPort']);
+    assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--healthCheckHost', '0.0.0.0'], {})), ['healthCheckPort']);
+    assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--enableHealthCheck', 'false'], {})), []);
+    assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--healthCheckHost', '127.0.0.2'], {})), []);
+    assert.deepEqual(keys(loadConfig(['--smtpPort', '0', '--healthCheckPort', '0'], {})), []);
+  });
+
   test('a combination with a key whose own value was refused is not reported a second time', () => {
     const r = loadConfig([], { RETRY_INITIAL_DELAY: 'soon', RETRY_MAX_DELAY: '10' });
     assert.equal(r.ok, false);
