@@ -9,16 +9,24 @@ const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\
 const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:]+)\]$/iu;
 
 /**
- * An envelope path relayq accepts: local@domain without controls or spaces, local@[address
- * literal], or '' (null sender). Quoted local parts are not accepted.
+ * An envelope path relayq accepts: local@domain without controls or spaces, whose domain's labels
+ * start and end with a letter or digit and are at most 63 octets in ASCII form (RFC 5321
+ * §4.1.2), local@[address literal], or '' (null sender). Quoted local parts are not accepted.
  */
 export function isValidAddress(address: string, allowEmpty: boolean): boolean {
   if (address === '') return allowEmpty;
   if (address.length > 320) return false;
   if (/[\r\n\0]/.test(address)) return false;
-  if (ADDRESS.test(address)) return true;
+  if (ADDRESS.test(address)) return validLabels(address.slice(address.lastIndexOf('@') + 1));
   const literal = ADDRESS_LITERAL.exec(address);
   return literal !== null && (literal[1] ? net.isIPv6(literal[2]) : net.isIPv4(literal[2]));
+}
+
+/** No label starts or ends with '-' (as written: an internationalized one too), none is over 63 octets in ASCII. */
+function validLabels(domain: string): boolean {
+  const ascii = /^[\x00-\x7f]*$/.test(domain) ? domain : domainToASCII(domain);
+  if (ascii === '') return false;
+  return domain.split('.').every((label) => !label.startsWith('-') && !label.endsWith('-')) && ascii.split('.').every((label) => label.length <= 63);
 }
 
 /**

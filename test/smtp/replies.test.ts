@@ -52,6 +52,12 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.match(await c.send('RCPT TO:<bad@@example.com>'), /^501 5\.1\.3 /);
     assert.match(await c.send('RCPT TO:<x\0y@example.com>'), /^501 5\.1\.3 /);
     assert.match(await c.send('RCPT TO:<>'), /^501 5\.1\.3 /);
+    // RFC 5321 §4.1.2: a label starts and ends with a letter or digit, and has 63 octets at most
+    for (const domain of ['-x.example.com', 'x-.example.com', 'example.com-', `${'x'.repeat(64)}.example.com`, '-bücher.example']) {
+      assert.match(await c.send(`RCPT TO:<a@${domain}>`), /^501 5\.1\.3 /, domain);
+    }
+    assert.match(await c.send(`RCPT TO:<a@x-y.${'x'.repeat(63)}.example.com>`), /^250 /);
+    assert.match(await c.send('RCPT TO:<a@bücher.example>'), /^250 /);
     c.close();
   });
 
