@@ -13,14 +13,12 @@ import { type Kysely, sql } from 'kysely';
 const DURATION_BUCKETS_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000];
 
 /** Outcomes that show the upstream took the mail (at least for some recipients). */
-export const SUCCESS = `('delivered', 'partial')`;
-
-/** The name of the bucket counter of an attempt that took `duration` (an SQL expression) ms. */
-export const bucketOf = (duration: string) =>
-  `CASE ${DURATION_BUCKETS_MS.map((ms) => `WHEN ${duration} <= ${ms} THEN 'attempt_duration_le_${ms}'`).join(' ')} ELSE 'attempt_duration_le_inf' END`;
+const SUCCESS = `('delivered', 'partial')`;
 
 export async function up(db: Kysely<unknown>): Promise<void> {
   const bucketNames = [...DURATION_BUCKETS_MS.map(String), 'inf'].map((bound) => `'attempt_duration_le_${bound}'`);
+  const bucketOf = (duration: string) =>
+    `CASE ${DURATION_BUCKETS_MS.map((ms) => `WHEN ${duration} <= ${ms} THEN 'attempt_duration_le_${ms}'`).join(' ')} ELSE 'attempt_duration_le_inf' END`;
   const statements = [
     // Starting values come from the rows already there (a one-time scan at upgrade).
     `INSERT INTO counters (name, value) VALUES

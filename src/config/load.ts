@@ -354,14 +354,20 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
   }
 }
 
-const LOOPBACK_HOST = /^(localhost|127(\.\d{1,3}){3}|::1|::ffff:127(\.\d{1,3}){3})$/i;
 const EVERY_INTERFACE = new Set(['0.0.0.0', '::']);
+/** Hosts that a listener on every interface receives connections for, whatever the machine's addresses. */
+const THIS_MACHINE = /^(localhost|127(\.\d{1,3}){3}|::1|::ffff:127(\.\d{1,3}){3}|0\.0\.0\.0|::)$/i;
 
-const local = (host: string) => LOOPBACK_HOST.test(host) || EVERY_INTERFACE.has(host);
-
-/** Whether connecting to `host` reaches a listener on `listenHost` (the same port assumed). */
+/**
+ * Whether connecting to `host` reaches a listener on `listenHost` (the same port assumed): the
+ * same host, `localhost` for a loopback listener, or this machine for one on every interface.
+ * Another loopback address (127.0.0.2) reaches another listener.
+ */
 function reaches(host: string, listenHost: string): boolean {
-  return host.toLowerCase() === listenHost.toLowerCase() || (local(host) && local(listenHost));
+  const h = host.toLowerCase();
+  if (h === listenHost.toLowerCase()) return true;
+  if (EVERY_INTERFACE.has(listenHost)) return THIS_MACHINE.test(h);
+  return h === 'localhost' && (listenHost === '127.0.0.1' || listenHost === '::1');
 }
 
 /** Whether two listeners on one port would refuse each other. */

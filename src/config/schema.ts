@@ -1,5 +1,6 @@
 // The configuration schema: every key relayq understands, with its type, default, bounds
 // and meaning. The loader, the README's configuration table and its test all read this list.
+import net from 'node:net';
 import os from 'node:os';
 
 export type KeyType = 'string' | 'int' | 'bool' | 'list';
@@ -13,8 +14,8 @@ export interface KeyDef {
   max?: number;
   /** Allowed values for a string key. */
   values?: readonly string[];
-  /** A string key's value must match this, or the error says `must be <what>`. */
-  pattern?: { match: RegExp; what: string };
+  /** A string key's value must match this (a RegExp, or a test of its own), or the error says `must be <what>`. */
+  pattern?: { match: { test(value: string): boolean }; what: string };
   /** Never logged. */
   secret?: boolean;
   /** Unit shown in the docs. */
@@ -37,14 +38,17 @@ export const MAX_MESSAGE_SIZE_LIMIT = 500 * 1024 * 1024;
  */
 const LISTEN_ADDRESS = { match: /^[\x21-\x7e]+$/, what: 'an IP address or host name (0.0.0.0 or :: for every interface)' };
 
+/** Labels of letters, digits, '-' and '_', a hyphen at neither end; a trailing dot allowed. */
+const HOST_NAME = /^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$/;
+
 /**
- * An upstream host: a name or an IPv4 address, or an IPv6 address (two colons at least) without
- * brackets. Not `host:port`, nor Postfix's `[host]`: the port is forwardPort, and either would be
- * looked up as a name and every message deferred. Empty: not forwarding.
+ * An upstream host: a host name in ASCII or an IP address. Not `host:port`, nor Postfix's
+ * `[host]`: the port is forwardPort, and either would be looked up as a name and every message
+ * deferred (as would a name in Unicode: the lookup takes its xn-- form). Empty: not forwarding.
  */
 const UPSTREAM_HOST = {
-  match: /^(|[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?|(?=(?:[^:]*:){2})[0-9A-Fa-f:.]+)$/,
-  what: 'a host name or an IP address, without a port (that is forwardPort) or [brackets]',
+  match: { test: (host: string) => host === '' || net.isIP(host) !== 0 || HOST_NAME.test(host) },
+  what: 'a host name (xn-- for an internationalized one) or an IP address, without a port (that is forwardPort) or [brackets]',
 };
 
 export const CONFIG_KEYS: readonly KeyDef[] = [

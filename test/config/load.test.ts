@@ -177,14 +177,14 @@ describe('loadConfig', () => {
   });
 
   test('forwardHost is a host name or an IP address: a port, [brackets] or a stray space is refused, naming the key', () => {
-    for (const bad of ['smtp.example.com:587', '[smtp.example.com]', '127.0.0.1:2525', 'smtp.example.com ', 'a b', '-x.example.com']) {
+    for (const bad of ['smtp.example.com:587', '[smtp.example.com]', '127.0.0.1:2525', 'dead:beef:25', '[2001:db8::1]', 'smtp.example.com ', 'a b', '-x.example.com', 'bücher.example']) {
       const r = loadConfig([], { FORWARD_SMTP: 'true', FORWARD_HOST: bad });
       assert.equal(r.ok, false, bad);
       if (r.ok) continue;
       assert.deepEqual(r.errors.map((e) => e.key), ['forwardHost'], bad);
       assert.match(r.errors[0].message, /without a port \(that is forwardPort\)/);
     }
-    for (const good of ['smtp.example.com', 'smtp.example.com.', 'localhost', 'mail_relay', '192.0.2.1', '2001:db8::1', '::1', 'xn--bcher-kva.example']) {
+    for (const good of ['smtp.example.com', 'smtp.example.com.', 'localhost', 'mail_relay', 'email-smtp.eu-west-1.amazonaws.com', '192.0.2.1', '2001:db8::1', '::1', '::ffff:192.0.2.1', 'fe80::1%eth0', 'xn--bcher-kva.example']) {
       assert.equal(loadConfig([], { FORWARD_SMTP: 'true', FORWARD_HOST: good }).ok, true, good);
     }
     assert.equal(loadConfig([], { FORWARD_HOST: '' }).ok, true, 'empty when not forwarding');
@@ -200,6 +200,10 @@ describe('loadConfig', () => {
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward('127.0.0.1', '25') })), ['forwardPort']);
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward('smtp.example.com', '25') })), []);
     assert.deepEqual(keys(loadConfig([], forward('localhost', '587'))), []);
+    // another loopback address is another listener: relayq in front of a Postfix on 127.0.0.1:25
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '127.0.0.2', SMTP_PORT: '25', ...forward('127.0.0.1', '25') })), []);
+    assert.deepEqual(keys(loadConfig([], forward('::1', '2525'))), []);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::', SMTP_PORT: '25', ...forward('::1', '25') })), ['forwardPort']);
 
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025'], {})), ['healthCheckPort']);
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--healthCheckHost', '0.0.0.0'], {})), ['healthCheckPort']);
