@@ -5,7 +5,7 @@ import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import { removeFailedExport } from '../delivery/failed-export.js';
-import { type RequeueFilter, requeueFailedInSteps } from '../store/admin.js';
+import { HELD, type RequeueFilter, requeueFailedInSteps } from '../store/admin.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { isoTime } from '../clock.js';
@@ -156,7 +156,7 @@ export function adminRoutes(deps: ApiDeps) {
         case 'not-found':
           throw notFound(id);
         case 'held':
-          throw new HTTPException(409, { message: `${id} is held by a delivery worker (after a crash, until its processingTimeout lease runs out); try again when the attempt is over` });
+          throw new HTTPException(409, { message: `${id}: ${HELD}; try again later` });
         case 'delivered':
           throw new HTTPException(409, { message: `${id} is delivered to every recipient; nothing to retry` });
         default:
@@ -169,7 +169,7 @@ export function adminRoutes(deps: ApiDeps) {
       const who = c.get('requester');
       log.info({ event: 'api.admin', action: 'delete', id, client: who.ip, via: who.via, result }, `delete ${id}: ${result}`);
       if (result === 'not-found') throw notFound(id);
-      if (result === 'held') throw new HTTPException(409, { message: `${id} is held by a delivery worker (after a crash, until its processingTimeout lease runs out); try again when the attempt is over` });
+      if (result === 'held') throw new HTTPException(409, { message: `${id}: ${HELD}; try again later` });
       // a failed message's export goes with it: it would describe mail that is no longer there
       await removeFailedExport(deps.config.emailsDir, id);
       return c.json({ id, deleted: true });

@@ -3,7 +3,7 @@
 // nothing is deleted.
 import { systemClock } from '../clock.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
-import { deleteMessage } from '../store/admin.js';
+import { deleteMessage, HELD } from '../store/admin.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
 
 export async function deleteCommand(ids: string[], global: GlobalOptions): Promise<void> {
@@ -15,7 +15,7 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
         for (const id of unique) {
           const result = deleteMessage(sqlite, id, systemClock.now());
           if (result === 'not-found') throw new CliError(`no message with id ${id}; nothing deleted`);
-          if (result === 'held') throw new CliError(`message ${id} is held by a delivery worker (after a crash, until its processingTimeout lease runs out); nothing deleted, try again later`);
+          if (result === 'held') throw new CliError(`message ${id}: ${HELD}; nothing deleted, try again later`);
         }
       })
       .immediate(),

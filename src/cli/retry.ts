@@ -4,14 +4,14 @@
 // --failed writes in short transactions (500 messages each) so the running server barely waits;
 // the ids given are requeued in one (all or nothing).
 import { systemClock } from '../clock.js';
-import { type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
+import { HELD, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
 import { formatTable } from './table.js';
 
 const EXPLAIN: Record<Exclude<RetryResult, 'not-found'>, string> = {
   requeued: 'requeued: failed recipients will be tried again now',
   'due-now': 'due now',
-  held: 'a delivery worker holds it (after a crash, until its processingTimeout lease runs out); nothing changed',
+  held: `${HELD}; nothing changed`,
   delivered: 'already delivered to every recipient; nothing to retry',
 };
 

@@ -95,7 +95,7 @@ function requeueOne(sqlite: Sqlite, id: string, now: number, batchDelayMs: numbe
  * "Now" below is at the earliest batchDelay after the message's last batch ended.
  * - requeued: it was failed; its failed recipients are pending again, due now.
  * - due-now: it was waiting for a retry (or its worker's lease ran out); it is due now.
- * - held: a worker holds it right now.
+ * - held: a worker holds it right now (HELD).
  * - delivered: every recipient has it; nothing to retry.
  */
 export type RetryResult = 'requeued' | 'due-now' | 'held' | 'delivered' | 'not-found';
@@ -124,6 +124,10 @@ export function retryMessage(sqlite: Sqlite, id: string, now: number, batchDelay
       return 'due-now';
   }
 }
+
+/** What a `held` result means, in the words of the CLI and the API. */
+export const HELD =
+  'a delivery worker holds it: it is being delivered, or was when its relay stopped without handing it back (then until its processingTimeout lease runs out)';
 
 export type DeleteResult = 'deleted' | 'held' | 'not-found';
 
