@@ -1,7 +1,7 @@
 // What an upstream answer means for each recipient of a batch, and what the queue does about it.
-// Errors are classified in one place (5xx permanent; 4xx, network, TLS, timeout, AUTH temporary;
-// a 552 to RCPT TO is taken for a 452); one function turns a transport result plus the retry
-// policy into the fenced completion the store applies.
+// classifyUpstreamError decides whether an error is permanent (5xx) or temporary (4xx, network,
+// TLS, timeout, AUTH), and classifyRcptRefusal takes a 552 to RCPT TO for a 452; planCompletion
+// turns a transport result plus the retry policy into the fenced completion the store applies.
 import type { BatchCompletion, ClaimedBatch, RecipientOutcome } from '../store/delivery.js';
 import type { AttemptOutcome } from '../store/schema.js';
 import { backoffDelayMs, describeGiveUp, giveUpReason, type RetrySettings } from './retry-policy.js';
@@ -32,7 +32,7 @@ export interface BatchResult {
  * least one recipient; it refused every recipient for good (a 5xx to MAIL, RCPT or DATA, or
  * relayq's own size or SMTPUTF8 check): it works, and the mail was at fault, e.g. unknown
  * addresses; or it failed otherwise (no connection, TLS, AUTH, a timeout, a 4xx). Only the last
- * makes the run longer, as only connection and session failures make Postfix mark a host dead.
+ * makes the run longer.
  */
 export type UpstreamVerdict = 'delivered' | 'refused' | 'failed';
 

@@ -186,6 +186,16 @@ describe('per-recipient outcomes', () => {
     assert.equal(message(relay, id).state, 'delivered');
     assert.deepEqual(upstream.accepted.map((t) => t.to), [['first@example.com'], ['second@example.com']], 'only the deferred recipient went again');
 
+    // every recipient refused with 552: the transaction ends at RCPT, and each is deferred
+    upstream.rcptReply = (a) => (a.startsWith('over') ? { code: 552, message: '5.5.3 Too many recipients' } : undefined);
+    const over = await queue(relay, ['over1@example.com', 'over2@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(recipients(relay, over).map((r) => [r.status, r.last_code, r.temporary]), [
+      ['pending', 552, 1],
+      ['pending', 552, 1],
+    ]);
+    assert.equal(message(relay, over).state, 'queued');
+
     upstream.dataReply = () => ({ code: 552, message: '5.3.4 Message too big for system' });
     const big = await queue(relay, ['third@example.com']);
     await relay.delivery.runOnce();
