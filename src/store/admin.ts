@@ -4,6 +4,7 @@
 // can only re-send to recipients that did not get the message.
 import type { Sqlite } from './db.js';
 import { type FailedScanCursor, failedPage, nextBatchAt } from './delivery.js';
+import { senderKey } from './intake.js';
 import { prepared } from './statements.js';
 
 export interface RequeueFilter {
@@ -63,7 +64,7 @@ export function requeueFailed(sqlite: Sqlite, filter: RequeueStep, now: number, 
   const params: unknown[] = [];
   if (filter.sender !== undefined) {
     where.push('sender_key = ?');
-    params.push(filter.sender.toLowerCase());
+    params.push(senderKey(filter.sender));
   }
   if (filter.since !== undefined) {
     where.push('finished_at >= ?');

@@ -4,6 +4,7 @@
 // cannot be split by another session; intake also reads the checks early, at MAIL FROM.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import { domainToUnicode } from 'node:url';
 import type { Sqlite } from './db.js';
 import { incrementCounter, prepared } from './statements.js';
 
@@ -77,9 +78,17 @@ export function newQueueId(now: number): string {
   return now.toString(16).toUpperCase().padStart(11, '0') + randomHex(5).toUpperCase().slice(0, 9);
 }
 
-/** Rate limits apply per lower-cased envelope sender; the null sender `<>` is the key ''. */
+/**
+ * Rate limits apply per envelope sender, lower-cased, with an `xn--` domain decoded: smtp-server
+ * decodes only lower-case `xn--` labels, so `XN--MNCHEN-3YA.DE` would otherwise be another sender
+ * than `münchen.de`. The null sender `<>` is the key ''. The sender filters compare this key too.
+ */
 export function senderKey(mailFrom: string): string {
-  return mailFrom.toLowerCase();
+  const lower = mailFrom.toLowerCase();
+  const at = lower.lastIndexOf('@');
+  const domain = lower.slice(at + 1);
+  if (at < 0 || !/(^|\.)xn--/.test(domain)) return lower;
+  return `${lower.slice(0, at)}@${domainToUnicode(domain) || domain}`;
 }
 
 /** The limits in the order they are checked: the first one reached is the one reported. */

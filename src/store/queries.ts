@@ -4,6 +4,7 @@
 // it returns, so none of them slows down as the database grows.
 import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
+import { senderKey } from './intake.js';
 import { MESSAGE_STATES, type AttemptOutcome, type MessageState } from './schema.js';
 import { prepared } from './statements.js';
 
@@ -267,7 +268,7 @@ function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: Cursor | undef
   }
   if (filter.sender !== undefined) {
     where.push(`${column('sender_key')} = ?`);
-    params.push(filter.sender.toLowerCase());
+    params.push(senderKey(filter.sender));
   }
   if (cursor) {
     where.push('(received_at, id) < (?, ?)');

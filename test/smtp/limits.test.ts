@@ -65,6 +65,20 @@ describe('rate limits', () => {
     }
   });
 
+  test('a sender is one sender whatever the case of its address, an xn-- domain in capitals included', async () => {
+    const relay = await startTestRelay(limits({ maxPerHour: 2 }), { clock: new ManualClock() });
+    try {
+      await send(relay.smtpPort, 'H@münchen.de');
+      await send(relay.smtpPort, 'h@XN--MNCHEN-3YA.DE');
+      assert.match(await mailFrom(relay.smtpPort, 'h@Xn--Mnchen-3ya.de'), /^451 4\.7\.1 /);
+      assert.match(await mailFrom(relay.smtpPort, 'h@xn--mnchen-3ya.de'), /^451 4\.7\.1 /);
+      const keys = relay.store.sqlite.prepare('SELECT DISTINCT sender_key FROM messages').all();
+      assert.deepEqual(keys, [{ sender_key: 'h@münchen.de' }]);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('20 concurrent sessions of one sender with maxPerHour 5 → exactly 5 stored', async () => {
     const relay = await startTestRelay(limits({ maxPerHour: 5 }));
     try {
