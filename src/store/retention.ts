@@ -51,11 +51,15 @@ function retentionCutoff(now: number, deliveredDays: number): number {
   return now - deliveredDays * DAY_MS;
 }
 
-/** One step of the sweep (a write op): delivered messages first; buckets only when none is due. */
+/**
+ * One step of the sweep (a write op) of `limit` rows at most: delivered messages first, then
+ * buckets with what is left of the limit. So a steady flow of mail coming due, a little at
+ * every sweep, does not keep the buckets from being pruned.
+ */
 export function retentionSweep(sqlite: Sqlite, options: { now: number; deliveredDays: number; limit: number }) {
   const { now, deliveredDays, limit } = options;
   const messages = deliveredDays > 0 ? deleteDeliveredBefore(sqlite, retentionCutoff(now, deliveredDays), limit) : 0;
-  const buckets = messages === 0 ? pruneRateBuckets(sqlite, now, limit) : 0;
+  const buckets = messages < limit ? pruneRateBuckets(sqlite, now, limit - messages) : 0;
   return { messages, buckets };
 }
 
@@ -80,7 +84,7 @@ export interface SweepResult {
 
 /**
  * Runs retention in the server process. `runOnce()` does one write operation (a batch of
- * messages, else a batch of buckets) and is what tests call with a manual clock; `start()`
+ * messages and buckets, see retentionSweep) and is what tests call with a manual clock; `start()`
  * repeats it on a timer that backs off to `idleIntervalMs` when there is nothing to delete.
  */
 export class RetentionSweeper {

@@ -133,6 +133,23 @@ describe('retention with an injected clock', () => {
   });
 });
 
+test('rate buckets are pruned in the batch that deletes delivered mail, so a steady flow of it does not keep them', async () => {
+  const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
+  const t0 = clock.now();
+  const relay = await startTestRelay({ retention: { deliveredDays: 7 } }, { clock, startDelivery: false, startRetention: false });
+  try {
+    await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['a@example.com'] });
+    await relay.delivery.runOnce();
+    clock.set(t0 + 7 * DAY + MINUTE);
+    // the message, and t0's minute and hour buckets of its sender and of all mail ('*')
+    assert.deepEqual(await relay.retention.runOnce(), { messages: 1, buckets: 4 });
+    const rows = (table: string) => (relay.store.sqlite.prepare(`SELECT COUNT(*) AS n FROM ${table}`).get() as { n: number }).n;
+    assert.equal(rows('rate_buckets') + rows('rate_hours'), 0);
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('pruning rate buckets reads the minute and hour indexes, not the whole tables', async () => {
   const { openStore } = await import('../../src/store/db.js');
   const store = await openStore(path.join(tempDir(), 'plan.db'));
