@@ -547,8 +547,9 @@ export class DeliveryEngine {
   private async afterFinal(id: string, state: string, claims: number): Promise<void> {
     const { config } = this.deps;
     if (state === 'failed') {
+      // logged whether or not the export was written: an alert on this event must not miss any
       const file = await this.exportFailed(id);
-      if (file) this.log.warn({ event: 'delivery.failed', queueId: id, export: file }, 'message failed; exported');
+      this.log.warn({ event: 'delivery.failed', queueId: id, export: file ?? null }, file ? 'message failed; exported' : 'message failed; not exported');
     } else if (state === 'delivered' && claims > 1) {
       // Only a message that needed more than one claim can have failed before (and been retried).
       if (await removeFailedExport(config.emailsDir, id)) {

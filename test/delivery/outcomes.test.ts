@@ -5,7 +5,7 @@ import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { retryMessage } from '../../src/store/admin.js';
-import { openSession, SmtpClient, sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, openSession, SmtpClient, sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
 import {
   attempts,
   failedExportExists,
@@ -200,6 +200,28 @@ describe('per-recipient outcomes', () => {
     const big = await queue(relay, ['third@example.com']);
     await relay.delivery.runOnce();
     assert.deepEqual(recipients(relay, big).map((r) => [r.status, r.last_code, r.temporary]), [['failed', 552, 0]]);
+  });
+
+  test('a failed message is logged as failed also when its export cannot be written', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.rcptReply = () => ({ code: 550, message: '5.1.1 No such user' });
+    const log = capturedLog('info');
+    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port });
+    const relay = await startTestRelay(config, { startDelivery: false, logger: log.logger });
+    cleanup.push(() => relay.stop());
+    // emailsDir/failed, made and checked at the start, is replaced by a file while the relay runs
+    fs.rmSync(path.join(config.emailsDir, 'failed'), { recursive: true });
+    fs.writeFileSync(path.join(config.emailsDir, 'failed'), 'not a directory');
+    const id = await queue(relay, ['nobody@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'failed');
+    const events = log.entries().filter((e) => e.queueId === id);
+    assert.deepEqual(
+      events.filter((e) => e.event === 'delivery.failed').map((e) => e.export),
+      [null],
+    );
+    assert.equal(events.filter((e) => e.event === 'delivery.export_failed').length, 1);
   });
 
   test('the export of mail delivered after a retry, left by a crash before its removal, is removed at the next start', async () => {
