@@ -1,12 +1,13 @@
 // SMTP intake: access control, AUTH, envelope checks, policy (limits, queue size, disk) and the
 // durable insert. Invariant: `250` is sent only from the callback of the commit that holds the
 // message; every refusal carries the reply code and enhanced code of the spec's §2 table.
+import { X509Certificate } from 'node:crypto';
 import fs from 'node:fs';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
-import type { Clock } from '../clock.js';
+import { type Clock, isoTime } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import { type LibraryLogger, libraryLogger } from '../logger.js';
 import type { Sqlite } from '../store/db.js';
@@ -571,6 +572,25 @@ function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer; key: B
     throw new Error(`config error: tls.cert, tls.key: ${certFile} and ${keyFile} are not a PEM certificate and its key: ${(err as Error).message}`);
   }
   return files;
+}
+
+/**
+ * A warning when `tls.cert` is expired or not valid yet: relayq starts with it (clients that do
+ * not verify certificates still use it), but every client that verifies fails its STARTTLS.
+ * An unreadable file is readTlsFiles's error, not a warning.
+ */
+export function certificateWarning(certFile: string, now: number): string | undefined {
+  let cert: X509Certificate;
+  try {
+    cert = new X509Certificate(fs.readFileSync(certFile));
+  } catch {
+    return undefined;
+  }
+  const validFrom = Date.parse(cert.validFrom);
+  const validTo = Date.parse(cert.validTo);
+  if (now > validTo) return `tls.cert ${certFile} expired on ${isoTime(validTo)}: clients that verify certificates cannot use STARTTLS`;
+  if (now < validFrom) return `tls.cert ${certFile} is not valid before ${isoTime(validFrom)}: clients that verify certificates cannot use STARTTLS`;
+  return undefined;
 }
 
 /** The name the session authenticated as (onAuth hands smtp-server the username), or null. */

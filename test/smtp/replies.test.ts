@@ -545,4 +545,35 @@ describe('STARTTLS', () => {
       },
     );
   });
+
+  test('a tls.cert that is expired or not valid yet starts, with a warning in the log and in /health', async () => {
+    const path = await import('node:path');
+    const { ManualClock } = await import('../../src/clock.js');
+    const { default: tlsOptions } = await import('smtp-server/lib/tls-options.js');
+    // smtp-server's own certificate: valid from 2015-02-12T11:32:58Z to 2025-02-09T11:32:58Z
+    const { key, cert } = tlsOptions({}) as { key: string; cert: string };
+    const dir = (await import('../helpers.js')).tempDir();
+    const files = { key: path.join(dir, 'key.pem'), cert: path.join(dir, 'cert.pem') };
+    fs.writeFileSync(files.key, key);
+    fs.writeFileSync(files.cert, cert);
+    const warningsAt = async (time: number) => {
+      const log = capturedLog('warn');
+      const relay = await startTestRelay({ tls: files }, { clock: new ManualClock(time), logger: log.logger, startDelivery: false });
+      try {
+        const health = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { details: { warnings: string[] } };
+        const logged = log.entries().filter((e) => e.event === 'config.warning').map((e) => e.msg);
+        assert.deepEqual(health.details.warnings, logged);
+        return logged.filter((w) => String(w).startsWith('tls.cert'));
+      } finally {
+        await relay.stop();
+      }
+    };
+    assert.deepEqual(await warningsAt(Date.UTC(2026, 0, 1)), [
+      `tls.cert ${files.cert} expired on 2025-02-09T11:32:58.000Z: clients that verify certificates cannot use STARTTLS`,
+    ]);
+    assert.deepEqual(await warningsAt(Date.UTC(2020, 0, 1)), []);
+    assert.deepEqual(await warningsAt(Date.UTC(2010, 0, 1)), [
+      `tls.cert ${files.cert} is not valid before 2015-02-12T11:32:58.000Z: clients that verify certificates cannot use STARTTLS`,
+    ]);
+  });
 });
