@@ -13,7 +13,7 @@ import type { Config } from './config/schema.js';
 import { DeliveryEngine } from './delivery/engine.js';
 import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
-import { certificateWarning, SmtpIntake } from './smtp/intake.js';
+import { SmtpIntake } from './smtp/intake.js';
 import { SpoolError } from './smtp/spool.js';
 import { openStore, type Store } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
@@ -150,10 +150,9 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     throw err;
   }
 
-  const certWarning = config.tls.cert ? certificateWarning(config.tls.cert, clock.now()) : undefined;
-  if (certWarning) {
-    warnings.push(certWarning);
-    logger.warn({ event: 'config.warning' }, certWarning);
+  if (intake.certificateWarning) {
+    warnings.push(intake.certificateWarning);
+    logger.warn({ event: 'config.warning' }, intake.certificateWarning);
   }
 
   // The API binds first: a port in use stops the start before SMTP has taken any mail or

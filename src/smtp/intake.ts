@@ -170,6 +170,8 @@ export class SmtpIntake {
   private listening = false;
   /** Where the part of a message beyond `spoolAfter` bytes waits for its commit. */
   private readonly spool: Spool;
+  /** Set when tls.cert has expired or is not valid yet (certificateWarning). */
+  readonly certificateWarning: string | undefined;
 
   constructor(private readonly deps: IntakeDeps) {
     const { config } = deps;
@@ -177,6 +179,8 @@ export class SmtpIntake {
     this.credentialsConfigured = Boolean(config.defaultUsername && config.defaultPassword);
     this.spool = new Spool(Spool.dirFor(config.databasePath), config.spoolAfter);
     const tlsOn = Boolean(config.tls.cert && config.tls.key);
+    const tlsFiles = tlsOn ? readTlsFiles(config.tls.cert, config.tls.key) : undefined;
+    this.certificateWarning = tlsFiles && certificateWarning(config.tls.cert, tlsFiles.cert, deps.clock.now());
     // smtp-server's per-session chatter only at debug; never louder than the root logger
     const smtpLog = deps.logger.child({});
     if (deps.logger.levelVal > 20 && deps.logger.levelVal < 40) smtpLog.level = 'warn';
@@ -205,7 +209,7 @@ export class SmtpIntake {
       // without tls.* smtp-server would upgrade with its built-in certificate, whose private key
       // is public, and the session would then count as secure for AUTH (no 538)
       disabledCommands: tlsOn ? [] : ['STARTTLS'],
-      ...(tlsOn ? readTlsFiles(config.tls.cert, config.tls.key) : {}),
+      ...tlsFiles,
       logger: serverLog as never,
       onConnect: (session, cb) => this.onConnect(session, cb),
       onAuth: (auth, session, cb) => this.onAuth(auth, session, cb),
@@ -575,17 +579,12 @@ function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer; key: B
 }
 
 /**
- * A warning when `tls.cert` is expired or not valid yet: relayq starts with it (clients that do
- * not verify certificates still use it), but every client that verifies fails its STARTTLS.
- * An unreadable file is readTlsFiles's error, not a warning.
+ * A warning when `tls.cert` (`pem`, checked by readTlsFiles) is expired or not valid yet: relayq
+ * starts with it (clients that do not verify certificates still use it), but every client that
+ * verifies fails its STARTTLS.
  */
-export function certificateWarning(certFile: string, now: number): string | undefined {
-  let cert: X509Certificate;
-  try {
-    cert = new X509Certificate(fs.readFileSync(certFile));
-  } catch {
-    return undefined;
-  }
+function certificateWarning(certFile: string, pem: Buffer, now: number): string | undefined {
+  const cert = new X509Certificate(pem);
   const validFrom = Date.parse(cert.validFrom);
   const validTo = Date.parse(cert.validTo);
   if (now > validTo) return `tls.cert ${certFile} expired on ${isoTime(validTo)}: clients that verify certificates cannot use STARTTLS`;
