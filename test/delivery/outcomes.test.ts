@@ -37,6 +37,14 @@ describe('per-recipient outcomes', () => {
     return { clock, relay, upstream };
   }
 
+  /** An upstream that refuses every recipient with 550, and a config that forwards to it (for relays started and restarted on it). */
+  async function refusingUpstream() {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.rcptReply = () => ({ code: 550, message: '5.1.1 No such user' });
+    return { upstream, config: testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }) };
+  }
+
   async function queue(relay: Relay, to: string[]): Promise<string> {
     return queuedId((await sendMail(relay.smtpPort, { from: 'app@example.com', to, raw: RAW })).response);
   }
@@ -152,10 +160,7 @@ describe('per-recipient outcomes', () => {
   });
 
   test('a failed message whose export went missing (a crash right after the commit) is exported at the next start', async () => {
-    const upstream = await startScriptedUpstream();
-    cleanup.push(() => upstream.close());
-    upstream.rcptReply = () => ({ code: 550, message: '5.1.1 No such user' });
-    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port });
+    const { config } = await refusingUpstream();
     const first = await startTestRelay(config, { startDelivery: false });
     const id = await queue(first, ['nobody@example.com']);
     await first.delivery.runOnce();
@@ -203,11 +208,8 @@ describe('per-recipient outcomes', () => {
   });
 
   test('a failed message is logged as failed also when its export cannot be written', async () => {
-    const upstream = await startScriptedUpstream();
-    cleanup.push(() => upstream.close());
-    upstream.rcptReply = () => ({ code: 550, message: '5.1.1 No such user' });
+    const { config } = await refusingUpstream();
     const log = capturedLog('info');
-    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port });
     const relay = await startTestRelay(config, { startDelivery: false, logger: log.logger });
     cleanup.push(() => relay.stop());
     // emailsDir/failed, made and checked at the start, is replaced by a file while the relay runs
@@ -225,10 +227,7 @@ describe('per-recipient outcomes', () => {
   });
 
   test('the export of mail delivered after a retry, left by a crash before its removal, is removed at the next start', async () => {
-    const upstream = await startScriptedUpstream();
-    cleanup.push(() => upstream.close());
-    upstream.rcptReply = () => ({ code: 550, message: '5.1.1 No such user' });
-    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port });
+    const { upstream, config } = await refusingUpstream();
     const first = await startTestRelay(config, { startDelivery: false });
     const retried = await queue(first, ['later@example.com']);
     const stillFailed = await queue(first, ['nobody@example.com']);
