@@ -77,33 +77,38 @@ export const MAX_RECEIVED_HEADERS = 50;
 
 /**
  * Counts the `Received:` header fields of a message as its bytes arrive (CRLF lines, as the
- * bare-line-ending scan makes sure), up to the empty line that ends the header section. Only
- * the first 9 bytes of a line are looked at.
+ * bare-line-ending scan makes sure), up to the empty line that ends the header section. A field
+ * name may be followed by spaces or tabs before its colon (RFC 5322 §4.5's obsolete syntax, which
+ * Postfix's hop count also takes). Only the start of a line is looked at.
  */
 export class ReceivedHeaderCounter {
   count = 0;
   private ended = false;
-  /** The first bytes of the current line, up to 9. */
+  /** Where the current line is: in its first 8 bytes, after `received`, or past what counts. */
+  private state: 'name' | 'colon' | 'rest' = 'name';
+  /** The first bytes of the current line, up to the 8 of `received`. */
   private start = '';
 
   scan(chunk: Buffer): void {
     let i = 0;
     while (!this.ended && i < chunk.length) {
-      if (this.start.length < 9) {
-        const b = chunk[i++];
-        if (b === 10) {
-          if (this.start === '\r') this.ended = true; // the empty line
-          this.start = '';
-          continue;
-        }
-        this.start += String.fromCharCode(b);
-        if (this.start.length === 9 && this.start.toLowerCase() === 'received:') this.count++;
-        continue;
+      if (this.state === 'rest') {
+        const lf = chunk.indexOf(10, i);
+        if (lf === -1) return;
+        i = lf;
       }
-      const lf = chunk.indexOf(10, i);
-      if (lf === -1) return;
-      this.start = '';
-      i = lf + 1;
+      const b = chunk[i++];
+      if (b === 10) {
+        if (this.start === '\r') this.ended = true; // the empty line
+        this.state = 'name';
+        this.start = '';
+      } else if (this.state === 'colon') {
+        if (b === 58) this.count++; // ':'
+        if (b !== 32 && b !== 9) this.state = 'rest';
+      } else {
+        this.start += String.fromCharCode(b);
+        if (this.start.length === 8) this.state = this.start.toLowerCase() === 'received' ? 'colon' : 'rest';
+      }
     }
   }
 }
