@@ -9,7 +9,7 @@ import { HELD, type RequeueFilter, requeueFailedInSteps } from '../store/admin.j
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { isoTime } from '../clock.js';
-import type { ApiDeps, ApiEnv } from './context.js';
+import { type ApiDeps, type ApiEnv, singleQuery } from './context.js';
 
 const DEFAULT_PAGE_SIZE = 50;
 const MAX_PAGE_SIZE = 1000;
@@ -103,18 +103,18 @@ export function adminRoutes(deps: ApiDeps) {
       return c.json({ requeued });
     })
     .get('/messages', (c) => {
-      const state = c.req.query('state');
+      const state = singleQuery(c, 'state');
       if (state !== undefined && !MESSAGE_STATES.includes(state as MessageState)) {
         throw badRequest(`state must be one of ${MESSAGE_STATES.join(', ')}`);
       }
-      const before = c.req.query('before');
+      const before = singleQuery(c, 'before');
       if (before === '') throw badRequest('before must be the next_before of the previous page, or a message id');
       try {
         const page = listMessages(store.sqlite, {
           state: state as MessageState | undefined,
-          sender: c.req.query('sender'),
-          recipient: c.req.query('recipient'),
-          limit: parseLimit(c.req.query('limit')),
+          sender: singleQuery(c, 'sender'),
+          recipient: singleQuery(c, 'recipient'),
+          limit: parseLimit(singleQuery(c, 'limit')),
           before,
         });
         return c.json({ messages: page.messages.map(withIsoTimes), next_before: page.nextBefore });

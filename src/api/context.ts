@@ -1,6 +1,7 @@
 // What the HTTP API needs from the running relay, and what every request carries once the
 // access check has passed (who asked, for the admin log). The Relay handle satisfies ApiDeps.
 import type { Context } from 'hono';
+import { HTTPException } from 'hono/http-exception';
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
@@ -39,3 +40,13 @@ export interface Requester {
 }
 
 export type ApiEnv = { Variables: { requester: Requester } };
+
+/**
+ * A query parameter given at most once. A repeated one (`?state=failed&state=queued`) is a `400`:
+ * taking one of the values would answer a question the client did not ask.
+ */
+export function singleQuery(c: Context, name: string): string | undefined {
+  const values = c.req.queries(name);
+  if (values && values.length > 1) throw new HTTPException(400, { message: `${name} may be given only once` });
+  return values?.[0];
+}

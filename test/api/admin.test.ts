@@ -254,6 +254,8 @@ describe('admin: queue inspection', () => {
         ['before=-1A2239F2D794D2B77B69', 'before: -1A2239F2D794D2B77B69 is not a cursor (<received_at>-<id>, as next_before gives it)'],
         ['before=99999999999999999999-X', 'before: 99999999999999999999-X is not a cursor (<received_at>-<id>, as next_before gives it)'],
         ['before=', 'before must be the next_before of the previous page, or a message id'],
+        ['state=failed&state=queued', 'state may be given only once'],
+        ['limit=5&sender=a%40example.com&limit=5', 'limit may be given only once'],
       ];
       for (const [query, message] of bad) {
         const res = await call(relay, `/admin/messages?${query}`);

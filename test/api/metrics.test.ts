@@ -227,6 +227,8 @@ describe('GET /metrics', () => {
       const bad = await call(relay, '/metrics?format=xml');
       assert.equal(bad.status, 400);
       assert.deepEqual(bad.body, { error: 'bad_request', message: 'format must be one of json, prometheus, openmetrics' });
+      const twice = await call(relay, '/metrics?format=json&format=prometheus');
+      assert.deepEqual([twice.status, twice.body], [400, { error: 'bad_request', message: 'format may be given only once' }]);
     } finally {
       await relay.stop();
     }
