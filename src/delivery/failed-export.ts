@@ -5,7 +5,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { isoTime } from '../clock.js';
 import type { Sqlite } from '../store/db.js';
-import { failedMessage, type MessageDetail } from '../store/queries.js';
+import { failedMessage, type MessageDetail, messageState } from '../store/queries.js';
 import { writeFileAtomic } from './atomic-file.js';
 import { safeFileStem } from './local.js';
 
@@ -72,6 +72,13 @@ export async function exportFailedMessage(sqlite: Sqlite, directory: string, id:
   const file = exportFile(directory, id);
   const document = failedExportDocument(read.detail, read.raw, now);
   await writeFileAtomic(file, `${JSON.stringify(document, null, 2)}\n`);
+  // Delivered after a retry, or deleted, while the file was being written: the removal that
+  // followed found no file yet, so the export would outlive the failure.
+  const state = messageState(sqlite, id);
+  if (state === undefined || state === 'delivered') {
+    await fs.rm(file, { force: true });
+    return undefined;
+  }
   return file;
 }
 

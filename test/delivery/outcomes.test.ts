@@ -2,7 +2,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
+import Database from 'better-sqlite3';
 import { ManualClock } from '../../src/clock.js';
+import { exportFailedMessage } from '../../src/delivery/failed-export.js';
 import type { Relay } from '../../src/main.js';
 import { retryMessage } from '../../src/store/admin.js';
 import { capturedLog, openSession, SmtpClient, sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
@@ -251,6 +253,33 @@ describe('per-recipient outcomes', () => {
     await waitFor(() => !fs.existsSync(file(retried)), 10_000, 'the stale export to be removed');
     assert.ok(failedExportExists(second, stillFailed), 'the export of mail still failed stays');
     assert.ok(fs.existsSync(foreign), 'a file of a message this database does not hold stays');
+  });
+
+  test('an export that the delivery or deletion of its message overtakes while it is written does not stay', async () => {
+    const { config } = await refusingUpstream();
+    const relay = await startTestRelay(config, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const delivered = await queue(relay, ['later@example.com']);
+    const deleted = await queue(relay, ['gone@example.com']);
+    const retried = await queue(relay, ['again@example.com']);
+    await relay.delivery.runOnce();
+    const dir = path.join(config.emailsDir, 'failed');
+    // Another connection changes each message between the export's read and its write, as a
+    // retry and a delivery (or a delete) committed meanwhile would.
+    const other = new Database(config.databasePath);
+    try {
+      const exports = [delivered, deleted, retried].map((id) => exportFailedMessage(relay.store.sqlite, dir, id, Date.now()));
+      other.prepare("UPDATE messages SET state = 'delivered' WHERE id = ?").run(delivered);
+      other.prepare('DELETE FROM messages WHERE id = ?').run(deleted);
+      other.prepare("UPDATE messages SET state = 'queued' WHERE id = ?").run(retried);
+      const files = await Promise.all(exports);
+      assert.deepEqual(files, [undefined, undefined, path.join(dir, `${retried}.json`)]);
+    } finally {
+      other.close();
+    }
+    assert.ok(!fs.existsSync(path.join(dir, `${delivered}.json`)), 'no export of delivered mail');
+    assert.ok(!fs.existsSync(path.join(dir, `${deleted}.json`)), 'no export of deleted mail');
+    assert.ok(fs.existsSync(path.join(dir, `${retried}.json`)), 'retried mail keeps its export until it is delivered');
   });
 
   test('continueOnError=false: a permanently refused batch stops the later batches, whose recipients fail saying why', async () => {
