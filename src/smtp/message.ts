@@ -132,7 +132,7 @@ export function receivedHeader(info: ReceivedInfo): Buffer {
   const host = named ? `${info.clientHostname} ` : '';
   // an address literal: IPv6 ones carry the "IPv6:" tag (RFC 5321 section 4.1.3)
   const literal = info.clientIp.includes(':') ? `IPv6:${info.clientIp}` : info.clientIp;
-  const forPart = info.recipients.length === 1 ? `\r\n\tfor <${traceAddress(info.recipients[0], info.protocol)}>` : '';
+  const forPart = info.recipients.length === 1 ? `\r\n\tfor <${traceAddress(info.recipients[0])}>` : '';
   return Buffer.from(
     `Received: from ${sanitize(from)} (${sanitize(host)}[${literal}])\r\n\tby ${info.serverName} (relayq) with ${info.protocol} id ${info.queueId}${forPart};\r\n\t${rfc5322Date(info.now)}\r\n`,
   );
@@ -140,12 +140,14 @@ export function receivedHeader(info: ReceivedInfo): Buffer {
 
 /**
  * The address as the header may carry it: smtp-server hands over a punycode domain decoded
- * (`user@xn--mnchen-3ya.de` arrives as `user@münchen.de`). Outside an SMTPUTF8 session the header
- * must stay ASCII, so the domain goes back to the form the client wrote.
+ * (`user@xn--mnchen-3ya.de` arrives as `user@münchen.de`), and relayq forwards domains in ASCII.
+ * The header does the same, so that it adds no UTF-8 to a message that carries none: an ASCII
+ * envelope goes upstream without SMTPUTF8. Only a UTF-8 local part stays, and it needs SMTPUTF8
+ * of its own.
  */
-function traceAddress(address: string, protocol: string): string {
+function traceAddress(address: string): string {
   const at = address.lastIndexOf('@');
-  if (protocol.startsWith('UTF8') || at < 0 || /^[\x00-\x7f]*$/.test(address)) return address;
+  if (at < 0 || /^[\x00-\x7f]*$/.test(address)) return address;
   return `${address.slice(0, at)}@${domainToASCII(address.slice(at + 1)) || sanitize(address.slice(at + 1))}`;
 }
 

@@ -92,7 +92,22 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     c.close();
     const recipients = relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ?').all(id);
     assert.deepEqual(recipients, [{ address: '用户@例子.test' }]);
-    assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', /\(relayq\) with UTF8SMTP id /);
+    const raw = messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '';
+    assert.match(raw, /\(relayq\) with UTF8SMTP id /);
+    // the local part needs SMTPUTF8 anyway; the domain is written in ASCII, as it is forwarded
+    assert.match(raw, /\tfor <用户@xn--fsqu00a\.test>;/);
+  });
+
+  test('an SMTPUTF8 session to an IDN domain adds no UTF-8 to an ASCII message: the Received header names the domain in ASCII', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    assert.match(await c.send('MAIL FROM:<a@example.com> SMTPUTF8'), /^250 /);
+    assert.match(await c.send('RCPT TO:<u@münchen.de>'), /^250 /);
+    assert.match(await c.send('DATA'), /^354/);
+    const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+    c.close();
+    const raw = messageRaw(relay.store.sqlite, id)?.raw ?? Buffer.alloc(0);
+    assert.match(raw.toString(), /with UTF8SMTP id \S+\r\n\tfor <u@xn--mnchen-3ya\.de>;/);
+    assert.ok(raw.every((b) => b < 0x80), 'the stored message is ASCII');
   });
 
   test('an internationalized domain in ASCII (xn--) needs no SMTPUTF8, and the Received header keeps it in ASCII', async () => {
