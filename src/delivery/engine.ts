@@ -281,7 +281,7 @@ export class DeliveryEngine {
       for (const a of unfinished) a.abort.abort(new Error('aborted: relayq is shutting down'));
     }
     if (this.active.size > 0) await settleWithin(this.tasks, ABORT_SETTLE_MS);
-    this.upstream?.close();
+    await this.upstream?.close();
     this.log.info({ event: 'delivery.stopped' }, 'delivery stopped');
   }
 

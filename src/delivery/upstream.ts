@@ -122,6 +122,11 @@ function endedConnection(err: UpstreamError): boolean {
   return err.responseCode === 421 || err.code === 'ECONNECTION' || err.code === 'ESOCKET' || err.code === 'ETIMEDOUT';
 }
 
+/** An idle connection says QUIT after this long (Haraka's outbound pool keeps one 50 s). */
+const IDLE_QUIT_MS = 30_000;
+/** How long a QUIT waits for the upstream's reply before the connection is cut off. */
+const QUIT_WAIT_MS = 1000;
+
 const PLAINTEXT_AUTH_REFUSED =
   'the upstream offered no TLS (STARTTLS), so forwardUsername/forwardPassword were not sent in plain text; use forwardSSL or an upstream with STARTTLS';
 
@@ -132,6 +137,12 @@ export class SmtpUpstream {
   private readonly peerAddress: (socketAddress: string) => string;
   /** Connections between two transactions, most recently used last. */
   private readonly idle: SMTPConnection[] = [];
+  /** The timer of each idle connection that says QUIT when it has been idle for idleMs. */
+  private readonly idleTimers = new Map<SMTPConnection, NodeJS.Timeout>();
+  /** How long a connection may sit idle: well within the socket timeout, which would drop it without QUIT. */
+  private readonly idleMs: number;
+  /** Connections that said QUIT and have not yet ended. */
+  private readonly quitting = new Set<Promise<void>>();
   private closed = false;
 
   constructor(settings: UpstreamSettings) {
@@ -162,6 +173,7 @@ export class SmtpUpstream {
       // nodemailer sets TCP_NODELAY on every socket it opens (smtp-connection _onConnect), so
       // the final "." is not held back by Nagle's algorithm waiting for a delayed ACK.
     };
+    this.idleMs = Math.min(IDLE_QUIT_MS, Math.floor((this.options.socketTimeout ?? budget) / 2));
     this.auth = settings.username ? { user: settings.username, pass: settings.password } : undefined;
     this.peerAddress = settings.peerAddress ?? ((address) => address);
   }
@@ -181,10 +193,14 @@ export class SmtpUpstream {
     }
   }
 
-  /** Closes idle connections; in-flight transactions were aborted by their signals first. */
-  close(): void {
+  /**
+   * Says QUIT on the idle connections and waits (at most QUIT_WAIT_MS) for them to end; in-flight
+   * transactions were aborted by their signals first.
+   */
+  async close(): Promise<void> {
     this.closed = true;
-    for (const connection of this.idle.splice(0)) connection.close();
+    for (const connection of [...this.idle]) this.quit(connection);
+    await Promise.allSettled(this.quitting);
   }
 
   /**
@@ -193,8 +209,9 @@ export class SmtpUpstream {
    * sent; the transaction then runs once more on a new connection.
    */
   private async transaction(envelope: Envelope, raw: Buffer, signal: AbortSignal): Promise<SendInfo> {
-    const reused = this.idle.pop();
+    const reused = this.idle.at(-1);
     if (reused) {
+      this.forget(reused);
       try {
         return await this.sendOn(reused, envelope, raw, signal);
       } catch (err) {
@@ -306,11 +323,40 @@ export class SmtpUpstream {
   }
 
   private release(connection: SMTPConnection): void {
-    if (this.closed || connection.destroyed) connection.close();
-    else this.idle.push(connection);
+    if (connection.destroyed) {
+      connection.close();
+    } else if (this.closed) {
+      this.quit(connection);
+    } else {
+      this.idle.push(connection);
+      this.idleTimers.set(connection, setTimeout(() => this.quit(connection), this.idleMs).unref());
+    }
+  }
+
+  /**
+   * Ends a connection politely (RFC 5321 §4.1.1.10: QUIT before closing), as Postfix does when it
+   * drops a cached connection; an upstream that does not answer within QUIT_WAIT_MS is cut off.
+   */
+  private quit(connection: SMTPConnection): void {
+    this.forget(connection);
+    const ended = new Promise<void>((resolve) => {
+      const cutOff = setTimeout(() => {
+        connection.close();
+        resolve();
+      }, QUIT_WAIT_MS);
+      connection.once('end', () => {
+        clearTimeout(cutOff);
+        resolve();
+      });
+    });
+    this.quitting.add(ended);
+    void ended.then(() => this.quitting.delete(ended));
+    connection.quit();
   }
 
   private forget(connection: SMTPConnection): void {
+    clearTimeout(this.idleTimers.get(connection));
+    this.idleTimers.delete(connection);
     const i = this.idle.indexOf(connection);
     if (i >= 0) this.idle.splice(i, 1);
   }

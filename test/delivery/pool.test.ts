@@ -96,13 +96,46 @@ describe('upstream connection pool', () => {
   });
 });
 
+/**
+ * A raw SMTP upstream on 127.0.0.1, for what smtp-server does not let a test see or do:
+ * `session(socket)` is called for each connection and returns what answers its commands (the
+ * `354` to DATA included); the message after DATA is read up to its dot and answered `250`.
+ */
+async function startRawUpstream(session: (socket: net.Socket) => (command: string) => void): Promise<{ port: number; close(): void }> {
+  const server = net.createServer((socket) => {
+    const answer = session(socket);
+    let buffered = '';
+    let inData = false;
+    socket.on('error', () => {});
+    socket.write('220 raw.example ESMTP\r\n');
+    socket.on('data', (chunk) => {
+      buffered += chunk.toString('latin1');
+      for (;;) {
+        if (inData) {
+          const end = buffered.indexOf('\r\n.\r\n');
+          if (end < 0) return;
+          buffered = buffered.slice(end + 5);
+          inData = false;
+          socket.write('250 2.0.0 queued\r\n');
+        }
+        const eol = buffered.indexOf('\r\n');
+        if (eol < 0) return;
+        const command = buffered.slice(0, eol);
+        buffered = buffered.slice(eol + 2);
+        inData = /^DATA/i.test(command);
+        answer(command);
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return { port: (server.address() as net.AddressInfo).port, close: () => server.close() };
+}
+
 test('with PIPELINING offered, MAIL, every RCPT and DATA go out without waiting for replies', async () => {
   // A raw upstream that answers MAIL only once it has read DATA: a client that waits for each
   // reply would stall here until the upstream gives up waiting (3 s) and answers anyway.
   const seen: Array<{ pipelined: boolean; lines: string[] }> = [];
-  const server = net.createServer((socket) => {
-    let buffered = '';
-    let inData = false;
+  const server = await startRawUpstream((socket) => {
     let envelope: string[] = [];
     let giveUp: NodeJS.Timeout | undefined;
     const answerEnvelope = (pipelined: boolean) => {
@@ -110,38 +143,20 @@ test('with PIPELINING offered, MAIL, every RCPT and DATA go out without waiting 
       seen.push({ pipelined, lines: envelope });
       const replies = envelope.map((line) => (/^DATA/i.test(line) ? '354 go ahead' : '250 2.1.0 ok'));
       socket.write(`${replies.join('\r\n')}\r\n`);
-      inData = envelope.some((line) => /^DATA/i.test(line));
       envelope = [];
     };
-    socket.on('error', () => {});
-    socket.write('220 raw.example ESMTP\r\n');
-    socket.on('data', (chunk) => {
-      buffered += chunk.toString('latin1');
-      if (inData) {
-        const end = buffered.indexOf('\r\n.\r\n');
-        if (end < 0) return;
-        buffered = buffered.slice(end + 5);
-        inData = false;
-        socket.write('250 2.0.0 queued\r\n');
-      }
-      let eol = buffered.indexOf('\r\n');
-      while (!inData && eol >= 0) {
-        const line = buffered.slice(0, eol);
-        buffered = buffered.slice(eol + 2);
-        if (/^EHLO/i.test(line)) socket.write('250-raw.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n');
-        else if (/^QUIT/i.test(line)) socket.end('221 bye\r\n');
-        else if (/^(MAIL|RCPT|DATA)/i.test(line)) {
-          envelope.push(line);
-          if (envelope.length === 1) giveUp = setTimeout(() => answerEnvelope(false), 3000);
-          if (/^DATA/i.test(line)) answerEnvelope(true);
-        } else socket.write('250 2.0.0 ok\r\n');
-        eol = buffered.indexOf('\r\n');
-      }
-    });
+    return (line) => {
+      if (/^EHLO/i.test(line)) socket.write('250-raw.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n');
+      else if (/^QUIT/i.test(line)) socket.end('221 bye\r\n');
+      else if (/^(MAIL|RCPT|DATA)/i.test(line)) {
+        envelope.push(line);
+        if (envelope.length === 1) giveUp = setTimeout(() => answerEnvelope(false), 3000);
+        if (/^DATA/i.test(line)) answerEnvelope(true);
+      } else socket.write('250 2.0.0 ok\r\n');
+    };
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const relay = await startTestRelay(
-    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: (server.address() as net.AddressInfo).port, workerCount: 1 },
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 1 },
     { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
   );
   try {
@@ -234,4 +249,46 @@ test('the running engine: claims that overlap (a slot freed while another claim 
     await relay.stop();
     await upstream.close();
   }
+});
+
+test('a connection says QUIT before it is closed: once it has been idle, and at shutdown', async () => {
+  // A raw upstream that keeps each connection's commands, and whether the client closed it.
+  const connections: Array<{ commands: string[]; closedByClient: boolean }> = [];
+  const server = await startRawUpstream((socket) => {
+    const seen = { commands: [] as string[], closedByClient: false };
+    connections.push(seen);
+    socket.on('end', () => {
+      seen.closedByClient = true;
+      socket.end();
+    });
+    return (line) => {
+      seen.commands.push(line.split(/[ :]/)[0].toUpperCase());
+      if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
+      else if (/^QUIT/i.test(line)) socket.write('221 2.0.0 bye\r\n');
+      else socket.write('250 ok\r\n');
+    };
+  });
+  // processingTimeout 5 s: an attempt has 4 s, and a connection may sit idle for half of that
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 1, processingTimeout: 5 },
+    { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
+  );
+  const deliverOne = async () => {
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw: 'Subject: quit\r\n\r\nbody\r\n' })).response);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'delivered');
+  };
+  try {
+    await deliverOne();
+    await waitFor(() => connections[0]?.closedByClient, 10_000, 'the idle connection to be closed');
+    assert.deepEqual(connections[0].commands, ['EHLO', 'MAIL', 'RCPT', 'DATA', 'QUIT']);
+
+    await deliverOne();
+    assert.equal(connections.length, 2, 'the next message went on a new connection');
+  } finally {
+    await relay.stop();
+    server.close();
+  }
+  assert.deepEqual(connections[1].commands, ['EHLO', 'MAIL', 'RCPT', 'DATA', 'QUIT'], 'QUIT at shutdown');
+  assert.ok(connections[1].closedByClient);
 });
