@@ -14,6 +14,7 @@ import type { Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import {
   checkRateLimits,
+  decodeIdnDomain,
   isQueueFull,
   type LimitHit,
   newQueueId,
@@ -485,7 +486,7 @@ export class SmtpIntake {
     const { config, clock, commits } = this.deps;
     const log = this.deps.logger;
     const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
-    const recipients = session.envelope.rcptTo.map((r) => r.address);
+    const recipients = session.envelope.rcptTo.map((r) => decodeIdnDomain(r.address));
     const clientIp = this.peer(session);
     const now = clock.now();
     // RFC 3848 and RFC 6531 §3.7.3: SMTP after HELO, ESMTP after EHLO, UTF8SMTP with SMTPUTF8

@@ -79,16 +79,23 @@ export function newQueueId(now: number): string {
 }
 
 /**
- * Rate limits apply per envelope sender, lower-cased, with an `xn--` domain decoded: smtp-server
- * decodes only lower-case `xn--` labels, so `XN--MNCHEN-3YA.DE` would otherwise be another sender
- * than `münchen.de`. The null sender `<>` is the key ''. The sender filters compare this key too.
+ * An address with an `xn--` domain decoded, whatever its case: smtp-server decodes only lower-case
+ * `xn--` labels, so `bob@XN--MNCHEN-3YA.DE` would otherwise be stored, counted and found apart
+ * from `bob@münchen.de`. Other addresses are returned as they are.
+ */
+export function decodeIdnDomain(address: string): string {
+  const at = address.lastIndexOf('@');
+  const domain = address.slice(at + 1);
+  if (at < 0 || !/(^|\.)xn--/i.test(domain)) return address;
+  return `${address.slice(0, at)}@${domainToUnicode(domain.toLowerCase()) || domain}`;
+}
+
+/**
+ * Rate limits apply per envelope sender, lower-cased, with an `xn--` domain decoded. The null
+ * sender `<>` is the key ''. The sender filters compare this key too.
  */
 export function senderKey(mailFrom: string): string {
-  const lower = mailFrom.toLowerCase();
-  const at = lower.lastIndexOf('@');
-  const domain = lower.slice(at + 1);
-  if (at < 0 || !/(^|\.)xn--/.test(domain)) return lower;
-  return `${lower.slice(0, at)}@${domainToUnicode(domain) || domain}`;
+  return decodeIdnDomain(mailFrom.toLowerCase());
 }
 
 /** The limits in the order they are checked: the first one reached is the one reported. */

@@ -4,7 +4,7 @@
 // it returns, so none of them slows down as the database grows.
 import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
-import { senderKey } from './intake.js';
+import { decodeIdnDomain, senderKey } from './intake.js';
 import { MESSAGE_STATES, type AttemptOutcome, type MessageState } from './schema.js';
 import { prepared } from './statements.js';
 
@@ -256,9 +256,9 @@ function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: Cursor | undef
   const where: string[] = [];
   const params: unknown[] = [];
   const byRecipient = filter.recipient !== undefined;
-  if (byRecipient) {
+  if (filter.recipient !== undefined) {
     where.push('id IN (SELECT message_id FROM recipients WHERE lower(address) = lower(?))');
-    params.push(filter.recipient);
+    params.push(decodeIdnDomain(filter.recipient));
   }
   // A leading `+` keeps SQLite from using that column's index when the recipient leads.
   const column = (name: string) => (byRecipient ? `+${name}` : name);

@@ -243,6 +243,16 @@ describe('admin: queue inspection', () => {
         const res = await call<Page>(relay, `/admin/messages?recipient=${encodeURIComponent(query)}`);
         assert.deepEqual(res.body.messages.map((m) => m.id), [mixed], query);
       }
+      // an xn-- domain is stored decoded however the client wrote it, and found in either form
+      const idn = await send(relay, 'x@example.com', ['bob@XN--MNCHEN-3YA.DE', 'carl@xn--mnchen-3ya.de']);
+      assert.deepEqual(
+        relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ? ORDER BY seq').pluck().all(idn),
+        ['bob@münchen.de', 'carl@münchen.de'],
+      );
+      for (const query of ['bob@münchen.de', 'bob@xn--mnchen-3ya.de', 'carl@XN--MNCHEN-3YA.DE', 'Carl@münchen.DE']) {
+        const res = await call<Page>(relay, `/admin/messages?recipient=${encodeURIComponent(query)}`);
+        assert.deepEqual(res.body.messages.map((m) => m.id), [idn], query);
+      }
 
       const bad: Array<[string, string]> = [
         ['state=lost', 'state must be one of queued, sending, delivered, failed'],
