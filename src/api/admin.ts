@@ -5,7 +5,7 @@ import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import { removeFailedExport } from '../delivery/failed-export.js';
-import { HELD, type RequeueFilter, requeueFailedInSteps } from '../store/admin.js';
+import { HELD, type RequeueFilter, RequeueStopped, requeueFailedInSteps } from '../store/admin.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { isoTime } from '../clock.js';
@@ -97,10 +97,17 @@ export function adminRoutes(deps: ApiDeps) {
       }
       const filter = parseRequeueFilter(body);
       const now = clock.now();
-      const requeued = await requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now, deps.config.batchDelay));
       const who = c.get('requester');
-      log.info({ event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter, requeued }, `requeued ${requeued} failed messages`);
-      return c.json({ requeued });
+      const logged = { event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter };
+      try {
+        const requeued = await requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now, deps.config.batchDelay));
+        log.info({ ...logged, requeued }, `requeued ${requeued} failed messages`);
+        return c.json({ requeued });
+      } catch (err) {
+        // what was committed before the failure is a change the admin log must show
+        if (err instanceof RequeueStopped) log.warn({ ...logged, requeued: err.requeued, err: err.message }, `requeued ${err.requeued} failed messages, then stopped`);
+        throw err;
+      }
     })
     .get('/messages', (c) => {
       const state = singleQuery(c, 'state');

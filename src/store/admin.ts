@@ -29,9 +29,16 @@ export const REQUEUE_STEP = 500;
 export async function requeueFailedInSteps(
   reader: Sqlite,
   filter: RequeueFilter,
-  write: (step: RequeueStep) => Promise<number>,
+  writeStep: (step: RequeueStep) => Promise<number>,
 ): Promise<number> {
   let requeued = 0;
+  const write = async (step: RequeueStep) => {
+    try {
+      return await writeStep(step);
+    } catch (err) {
+      throw requeued > 0 ? new RequeueStopped(requeued, err as Error) : err;
+    }
+  };
   if (filter.ids !== undefined) {
     const ids = [...new Set(filter.ids)];
     for (let i = 0; i < ids.length; i += REQUEUE_STEP) requeued += await write({ ...filter, ids: ids.slice(i, i + REQUEUE_STEP) });
@@ -49,6 +56,23 @@ export async function requeueFailedInSteps(
     cursor = page.next;
   }
   return requeued;
+}
+
+/**
+ * A requeue whose step failed after earlier steps had committed: those stay requeued, and saying
+ * only "database is locked" would tell the operator that nothing changed. Carries the failed
+ * step's error code, so that a database error is still answered as one.
+ */
+export class RequeueStopped extends Error {
+  readonly code: unknown;
+
+  constructor(
+    readonly requeued: number,
+    cause: Error,
+  ) {
+    super(`${cause.message}; ${requeued} failed message${requeued === 1 ? ' was' : 's were'} requeued before that and stay requeued (run it again for the rest)`, { cause });
+    this.code = (cause as { code?: unknown }).code;
+  }
 }
 
 /** One step of requeueFailedInSteps: the filter with the step's ids, each once. */

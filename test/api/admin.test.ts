@@ -1,12 +1,13 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import Database from 'better-sqlite3';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 import { messageRaw } from '../../src/store/queries.js';
-import { REQUEUE_STEP, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
+import { REQUEUE_STEP, type RequeueStep, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
 import { insertMessage } from '../../src/store/intake.js';
 
 interface MessageJson {
@@ -622,19 +623,24 @@ test('a client that closes the connection in the middle of its request body is l
   }
 });
 
+/** `count` failed messages, written straight into the relay's database; their ids in order. */
+function insertFailed(relay: Relay, count: number): Promise<string[]> {
+  return writeDirect(relay, (db) => {
+    const made: string[] = [];
+    for (let i = 0; i < count; i++) {
+      const id = `FAILED${String(i).padStart(14, '0')}`;
+      insertMessage(db, { id, mailFrom: 'a@example.com', recipients: ['r@example.com'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'h', raw: Buffer.from('x'), receivedAt: 1000 + i }, { rateLimits: { enabled: false, maxPerHour: 1, maxPerDay: 1, globalMaxPerHour: 1, globalMaxPerDay: 1 }, queueSize: 0 });
+      made.push(id);
+    }
+    db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at").run();
+    return made;
+  });
+}
+
 test('retry-failed requeues each failed message once per call, even one that fails again while the call walks the rest', async () => {
   const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
   try {
-    const ids = await writeDirect(relay, (db) => {
-      const made: string[] = [];
-      for (let i = 0; i < REQUEUE_STEP + 100; i++) {
-        const id = `FAILED${String(i).padStart(14, '0')}`;
-        insertMessage(db, { id, mailFrom: 'a@example.com', recipients: ['r@example.com'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'h', raw: Buffer.from('x'), receivedAt: 1000 + i }, { rateLimits: { enabled: false, maxPerHour: 1, maxPerDay: 1, globalMaxPerHour: 1, globalMaxPerDay: 1 }, queueSize: 0 });
-        made.push(id);
-      }
-      db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at").run();
-      return made;
-    });
+    const ids = await insertFailed(relay, REQUEUE_STEP + 100);
     const stepIds: string[][] = [];
     const requeued = await requeueFailedInSteps(relay.store.sqlite, {}, async (step) => {
       stepIds.push(step.ids ?? []);
@@ -648,6 +654,46 @@ test('retry-failed requeues each failed message once per call, even one that fai
     assert.equal(requeued, ids.length);
     assert.deepEqual(stepIds.flat().sort(), ids, 'every failed message was requeued exactly once');
   } finally {
+    await relay.stop();
+  }
+});
+
+test('retry-failed that fails after its first step says how many it requeued, in its 503 and in the admin log', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false, logger: log.logger });
+  const locker = new Database(relay.config.databasePath);
+  const late = new Database(relay.config.databasePath, { timeout: 0 });
+  try {
+    await insertFailed(relay, REQUEUE_STEP + 100);
+    // The first step commits as usual; the second meets a write lock that another connection
+    // took meanwhile (a backup, the CLI), and gives up at once instead of after busy_timeout.
+    const write = relay.commits.write.bind(relay.commits) as (op: 'requeueFailed', step: RequeueStep, now: number, batchDelay: number) => Promise<number>;
+    let steps = 0;
+    relay.commits.write = (async (op: 'requeueFailed', step: RequeueStep, now: number, batchDelay: number) => {
+      if (steps++ === 0) return write(op, step, now, batchDelay);
+      locker.exec('BEGIN IMMEDIATE');
+      return late.transaction(() => requeueFailed(late, step, now, batchDelay)).immediate();
+    }) as typeof relay.commits.write;
+    const res = await call(relay, '/admin/retry-failed', { method: 'POST' });
+    assert.deepEqual([res.status, res.body], [
+      503,
+      {
+        error: 'unavailable',
+        message: `database unavailable: database is locked; ${REQUEUE_STEP} failed messages were requeued before that and stay requeued (run it again for the rest)`,
+      },
+    ]);
+    const [entry] = log.entries().filter((e) => e.event === 'api.admin');
+    assert.deepEqual([entry?.level, entry?.action, entry?.requeued], [40, 'retry-failed', REQUEUE_STEP]);
+    locker.exec('ROLLBACK');
+    const states = relay.store.sqlite.prepare('SELECT state, count(*) AS n FROM messages GROUP BY state ORDER BY state').all();
+    assert.deepEqual(states, [
+      { state: 'failed', n: 100 },
+      { state: 'queued', n: REQUEUE_STEP },
+    ]);
+  } finally {
+    if (locker.inTransaction) locker.exec('ROLLBACK');
+    locker.close();
+    late.close();
     await relay.stop();
   }
 });
