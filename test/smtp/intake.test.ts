@@ -193,6 +193,23 @@ describe('intake log', () => {
     }
   });
 
+  test('smtp.session lists no reply to a client that was gone before it could be sent', async () => {
+    const log = capturedLog();
+    const relay = await startTestRelay({}, { startDelivery: false, logger: log.logger });
+    try {
+      const leaving = await openSession(relay.smtpPort);
+      assert.match(await leaving.send('DATA'), /^354 /);
+      leaving.write('Subject: cut off\r\n\r\nthe first half');
+      leaving.socket.resetAndDestroy();
+      await waitFor(() => log.entries().some((l) => l.event === 'smtp.session'), 5000, 'the session logged');
+      const [session] = log.entries().filter((l) => l.event === 'smtp.session');
+      assert.deepEqual([session.accepted, session.refused, session.replies], [0, 0, undefined]);
+      assert.equal(messageCount(relay), 0);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('smtp.session names the client refused for too many connections, and counts a message stored after its client left', async () => {
     const log = capturedLog();
     const relay = await startTestRelay({ maxConnections: 1 }, { startDelivery: false, logger: log.logger });
