@@ -15,7 +15,10 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
   // the relay cannot store mail any more: stop, and exit non-zero for the supervisor to restart it
   const onFatal = () => {
     if (!relay) return exitAfterFlush(logger, 1);
-    relay.stop().finally(() => exitAfterFlush(logger, 1));
+    relay
+      .stop()
+      .catch((err) => logger.error({ event: 'relay.stop_failed', err: (err as Error).message }, 'shutdown failed'))
+      .finally(() => exitAfterFlush(logger, 1));
   };
   try {
     relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings, onFatal });

@@ -362,7 +362,7 @@ export class SmtpIntake {
       secretsEqual(auth.password ?? '', defaultPassword);
     // After failures from this address every answer to it comes more and more slowly (never a
     // lockout), a success too: a guesser that hangs up when no quick answer comes learns nothing.
-    const now = Date.now();
+    const now = this.deps.clock.now();
     const previous = this.authFailures.get(ip);
     const failed = previous && now - previous.at < 15 * 60_000 ? previous.count : 0;
     // No failure to hide a right guess among: answered at once, and logins that arrive together

@@ -9,6 +9,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
+import { ManualClock } from '../../src/clock.js';
 import { capturedLog, messageCount, SmtpClient, startTestRelay, tempDir } from '../helpers.js';
 import { assertStillServing, closedByPeer, INTAKE_ONLY, listenAsPeer, type PeerListener, queuedId } from './smtp-session.js';
 
@@ -309,6 +310,31 @@ describe('allowedNetworks', () => {
         await listener.close();
       }
     });
+  }
+});
+
+test("failed logins older than 15 minutes (on the relay's clock) no longer slow an address down", async () => {
+  const clock = new ManualClock();
+  const log = capturedLog('warn');
+  const relay = await startTestRelay({ defaultUsername: USER, defaultPassword: PASSWORD }, { ...INTAKE_ONLY, clock, logger: log.logger });
+  try {
+    const fail = async () => {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      await c.send('EHLO guesser.test');
+      assert.match(await c.send(`AUTH PLAIN ${plain(USER, 'wrong')}`), /^535 5\.7\.8 /);
+      c.close();
+    };
+    await fail();
+    await fail();
+    clock.advance(15 * 60_000 - 1);
+    await fail();
+    clock.advance(15 * 60_000);
+    await fail();
+    const failures = log.entries().filter((e) => e.event === 'smtp.auth_failed');
+    assert.deepEqual(failures.map((e) => [e.failures, e.replyInMs]), [[1, 0], [2, 500], [3, 1000], [1, 0]]);
+  } finally {
+    await relay.stop();
   }
 });
 
