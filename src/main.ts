@@ -187,7 +187,6 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     delivery.start();
   }
 
-  // Deletes old delivered mail and stale rate buckets in small group-commit batches.
   const retention = new RetentionSweeper({
     commits,
     clock,

@@ -8,7 +8,7 @@ import path from 'node:path';
 /** The temp files writeFileAtomic makes: `.<target name>.<12 hex digits>.tmp`. */
 const TEMP_FILE = /^\..+\.[0-9a-f]{12}\.tmp$/;
 
-export async function writeFileAtomic(target: string, data: Buffer | string): Promise<void> {
+export async function writeFileAtomic(target: string, data: Uint8Array | string): Promise<void> {
   const dir = path.dirname(target);
   await fs.mkdir(dir, { recursive: true });
   // Dot-prefixed and unique, so a concurrent writer or a directory listing never takes it for

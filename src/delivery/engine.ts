@@ -5,6 +5,7 @@
 // expire with their lease; a shutdown releases them so a restart picks them up at once.
 import fs from 'node:fs/promises';
 import { performance } from 'node:perf_hooks';
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import type tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
@@ -605,7 +606,7 @@ export class DeliveryEngine {
         if (await this.exportFailed(id)) exported.push(id);
       }
       cursor = page.next;
-      await new Promise((resolve) => setImmediate(resolve));
+      await nextTurn();
     }
     if (exported.length > 0) this.log.warn({ event: 'delivery.exports_restored', count: exported.length, ids: exported }, 'failed mail without its export exported');
   }
@@ -630,7 +631,7 @@ export class DeliveryEngine {
     for (let i = 0; i < names.length && !this.stopping; i++) {
       const id = names[i].endsWith('.json') ? names[i].slice(0, -'.json'.length) : '';
       if (id && messageState(sqlite, id) === 'delivered' && (await removeFailedExport(config.emailsDir, id))) removed.push(id);
-      if ((i + 1) % EXPORT_CHECK_STEP === 0) await new Promise((resolve) => setImmediate(resolve));
+      if ((i + 1) % EXPORT_CHECK_STEP === 0) await nextTurn();
     }
     if (removed.length > 0) this.log.info({ event: 'delivery.exports_removed', count: removed.length, ids: removed }, 'exports of mail delivered after it failed removed');
   }
@@ -661,7 +662,7 @@ export class DeliveryEngine {
           requeued += done.length;
           if (done.length > 0) this.log.info({ event: 'delivery.requeued', ids: done, count: done.length }, 'failed mail requeued (failedRetryInterval)');
         } else if (step.next) {
-          await new Promise((resolve) => setImmediate(resolve));
+          await nextTurn();
         }
         cursor = step.next;
       }

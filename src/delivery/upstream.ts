@@ -208,7 +208,7 @@ export class SmtpUpstream {
    * the upstream had closed meanwhile (its idle timeout) fails before a byte of the message was
    * sent; the transaction then runs once more on a new connection.
    */
-  private async transaction(envelope: Envelope, raw: Buffer, signal: AbortSignal): Promise<SendInfo> {
+  private async transaction(envelope: Envelope, raw: Uint8Array, signal: AbortSignal): Promise<SendInfo> {
     const reused = this.idle.at(-1);
     if (reused) {
       this.forget(reused);
@@ -222,7 +222,7 @@ export class SmtpUpstream {
     return this.sendOn(await this.connect(signal), envelope, raw, signal);
   }
 
-  private sendOn(connection: SMTPConnection, envelope: Envelope, raw: Buffer, signal: AbortSignal): Promise<SendInfo> {
+  private sendOn(connection: SMTPConnection, envelope: Envelope, raw: Uint8Array, signal: AbortSignal): Promise<SendInfo> {
     return new Promise((resolve, reject) => {
       if (signal.aborted) {
         this.release(connection);

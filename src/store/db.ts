@@ -14,7 +14,6 @@ export type Sqlite = Database.Database;
 export interface Store {
   sqlite: Sqlite;
   db: Kysely<DB>;
-  path: string;
   close(): Promise<void>;
 }
 
@@ -97,7 +96,6 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
   return {
     sqlite,
     db,
-    path: file,
     async close() {
       if (closed) return;
       closed = true;

@@ -30,8 +30,12 @@ export interface ClaimedBatch {
   /** Index of the batch within the message: floor(first seq / batchSize). */
   batch: number;
   mailFrom: string;
-  /** The stored bytes; null only if the content was erased, which never happens to pending mail. */
-  raw: Buffer | null;
+  /**
+   * The stored bytes; null only if the content was erased, which never happens to pending mail.
+   * A Uint8Array, not a Buffer: it comes from the writer thread, and a structured clone does not
+   * keep Buffer's methods.
+   */
+  raw: Uint8Array | null;
   receivedAt: number;
   /** Claims of this message so far, this one included. */
   claims: number;

@@ -1,7 +1,8 @@
 // The read side of the queue for the HTTP API and the CLI: lifetime counters, queue depth,
 // the oldest waiting message, pages of messages, one message with its recipients and attempts,
-// and its raw bytes. Every query reads a few counter rows or walks an index for as many rows as
-// it returns, so none of them slows down as the database grows.
+// and its raw bytes. The counters and the unfiltered pages read a few counter rows or walk an
+// index for as many rows as they return, so they do not slow down as the database grows; a
+// filtered page costs as many rows as the filter matches (listMessages).
 import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
 import { decodeIdnDomain, senderKey } from './intake.js';
@@ -210,7 +211,9 @@ const SUMMARY_COLUMNS = `id, state, mail_from, auth_user, client_ip, size, recip
  * Newest first (arrival time, then id). Each filter leads with the index that answers it: the
  * recipient through recipients_address_lower, the sender through messages_sender, the state through
  * messages_state_received. With no filter at all the four states are read separately from that
- * index and merged, so a page costs `limit` rows per state, never a sort of the whole table.
+ * index and merged, so a page costs `limit` rows per state, never a sort of the whole table. A
+ * recipient or sender filter reads every message of that address (the recipient's are sorted),
+ * so its cost grows with that address's share of the store, not with the page.
  */
 export function listMessages(sqlite: Sqlite, filter: MessageFilter): MessagePage {
   // one snapshot for the cursor and the per-state reads: a message that changes state between

@@ -101,7 +101,7 @@ function reply(message: WriterReply): void {
   }
 }
 
-function handle(request: WriterRequest): void {
+function runRequest(request: WriterRequest): void {
   if (request.type === 'close') {
     commits.onCommitted = () => {};
     clearTimeout(walTruncation);
@@ -131,5 +131,5 @@ function handle(request: WriterRequest): void {
 }
 
 port.on('message', (requests: WriterRequest[]) => {
-  for (const request of requests) handle(request);
+  for (const request of requests) runRequest(request);
 });

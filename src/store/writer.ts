@@ -28,7 +28,7 @@ export class StoreWriter {
   private nextId = 1;
   private closing: Promise<void> | undefined;
   private failed: Error | undefined;
-  /** Called after results arrive (something was committed); delivery uses it to wake up. */
+  /** Called after results arrive (usually something was committed); delivery uses it to wake up. */
   onCommitted: () => void = () => {};
   /**
    * Called once if the thread dies (not at close): every pending and later write is rejected,
@@ -53,7 +53,7 @@ export class StoreWriter {
   }
 
   write<K extends WriteOpName>(op: K, ...args: WriteOpArgs<K>): Promise<WriteOpResult<K>> {
-    return this.send(op, (id) => ({ type: 'write', id, op, args })) as Promise<WriteOpResult<K>>;
+    return this.writeMoving([], op, ...args);
   }
 
   /**
