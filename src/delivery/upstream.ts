@@ -143,6 +143,8 @@ export class SmtpUpstream {
   private readonly idleMs: number;
   /** Connections that said QUIT and have not yet ended. */
   private readonly quitting = new Set<Promise<void>>();
+  /** Connections waiting for the reply to the RSET after a refused message, and that wait. */
+  private readonly resetting = new Map<SMTPConnection, Promise<void>>();
   private closed = false;
 
   constructor(settings: UpstreamSettings) {
@@ -200,6 +202,13 @@ export class SmtpUpstream {
   async close(): Promise<void> {
     this.closed = true;
     for (const connection of [...this.idle]) this.quit(connection);
+    // a connection whose RSET is answered in time says QUIT too (release, now that the pool is closed)
+    if (this.resetting.size > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([Promise.allSettled(this.resetting.values()), new Promise((resolve) => (timer = setTimeout(resolve, QUIT_WAIT_MS)))]);
+      clearTimeout(timer);
+      for (const connection of this.resetting.keys()) connection.close();
+    }
     await Promise.allSettled(this.quitting);
   }
 
@@ -273,7 +282,7 @@ export class SmtpUpstream {
         if (leftOut.length) e.rejectedErrors = [...(e.rejectedErrors ?? []), ...leftOut];
         if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && e.responseCode !== 421 && !connection.destroyed) {
           // the upstream refused this message; the session itself is fine
-          connection.reset((resetErr) => (resetErr ? connection.close() : this.release(connection)));
+          this.reset(connection);
         } else {
           connection.close();
         }
@@ -333,6 +342,19 @@ export class SmtpUpstream {
     }
   }
 
+  /** RSET after a refused message: the connection goes back to the pool once it is answered. */
+  private reset(connection: SMTPConnection): void {
+    const answered = new Promise<void>((resolve) => {
+      connection.reset((err) => {
+        this.resetting.delete(connection);
+        if (err) connection.close();
+        else this.release(connection);
+        resolve();
+      });
+    });
+    this.resetting.set(connection, answered);
+  }
+
   /**
    * Ends a connection politely (RFC 5321 §4.1.1.10: QUIT before closing), as Postfix does when it
    * drops a cached connection; an upstream that does not answer within QUIT_WAIT_MS is cut off.
@@ -355,6 +377,7 @@ export class SmtpUpstream {
   }
 
   private forget(connection: SMTPConnection): void {
+    this.resetting.delete(connection);
     clearTimeout(this.idleTimers.get(connection));
     this.idleTimers.delete(connection);
     const i = this.idle.indexOf(connection);

@@ -265,6 +265,8 @@ test('a connection says QUIT before it is closed: once it has been idle, and at 
       seen.commands.push(line.split(/[ :]/)[0].toUpperCase());
       if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
       else if (/^QUIT/i.test(line)) socket.write('221 2.0.0 bye\r\n');
+      else if (/^RCPT TO:<refused@/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
+      else if (/^RSET/i.test(line)) setTimeout(() => socket.write('250 ok\r\n'), 300);
       else socket.write('250 ok\r\n');
     };
   });
@@ -273,10 +275,10 @@ test('a connection says QUIT before it is closed: once it has been idle, and at 
     { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 1, processingTimeout: 5 },
     { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
   );
-  const deliverOne = async () => {
-    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw: 'Subject: quit\r\n\r\nbody\r\n' })).response);
+  const deliverOne = async (to = 'a@example.com', state = 'delivered') => {
+    const id = queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: quit\r\n\r\nbody\r\n' })).response);
     await relay.delivery.runOnce();
-    assert.equal(message(relay, id).state, 'delivered');
+    assert.equal(message(relay, id).state, state);
   };
   try {
     await deliverOne();
@@ -285,10 +287,12 @@ test('a connection says QUIT before it is closed: once it has been idle, and at 
 
     await deliverOne();
     assert.equal(connections.length, 2, 'the next message went on a new connection');
+    // refused: the attempt ends before the upstream answers its RSET, and the stop waits for that
+    await deliverOne('refused@example.com', 'failed');
   } finally {
     await relay.stop();
     server.close();
   }
-  assert.deepEqual(connections[1].commands, ['EHLO', 'MAIL', 'RCPT', 'DATA', 'QUIT'], 'QUIT at shutdown');
+  assert.deepEqual(connections[1].commands, ['EHLO', 'MAIL', 'RCPT', 'DATA', 'MAIL', 'RCPT', 'RSET', 'QUIT'], 'QUIT at shutdown');
   assert.ok(connections[1].closedByClient);
 });
