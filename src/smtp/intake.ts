@@ -486,7 +486,9 @@ export class SmtpIntake {
     const { config, clock, commits } = this.deps;
     const log = this.deps.logger;
     const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
-    const recipients = session.envelope.rcptTo.map((r) => decodeIdnDomain(r.address));
+    // smtp-server merged the recipients that differ only in case; two spellings of one xn--
+    // domain meet only here, once decoded
+    const recipients = uniqueIgnoringCase(session.envelope.rcptTo.map((r) => decodeIdnDomain(r.address)));
     const clientIp = this.peer(session);
     const now = clock.now();
     // RFC 3848 and RFC 6531 §3.7.3: SMTP after HELO, ESMTP after EHLO, UTF8SMTP with SMTPUTF8
@@ -591,6 +593,17 @@ function certificateWarning(certFile: string, pem: Buffer, now: number): string 
   if (now > validTo) return `tls.cert ${certFile} expired on ${isoTime(validTo)}: clients that verify certificates cannot use STARTTLS`;
   if (now < validFrom) return `tls.cert ${certFile} is not valid before ${isoTime(validFrom)}: clients that verify certificates cannot use STARTTLS`;
   return undefined;
+}
+
+/** The addresses in order, each once, compared without regard to case (the first spelling stays). */
+function uniqueIgnoringCase(addresses: string[]): string[] {
+  const seen = new Set<string>();
+  return addresses.filter((address) => {
+    const key = address.toLowerCase();
+    if (seen.has(key)) return false;
+    seen.add(key);
+    return true;
+  });
 }
 
 /** The name the session authenticated as (onAuth hands smtp-server the username), or null. */

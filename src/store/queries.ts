@@ -260,8 +260,10 @@ function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: Cursor | undef
   const params: unknown[] = [];
   const byRecipient = filter.recipient !== undefined;
   if (filter.recipient !== undefined) {
-    where.push('id IN (SELECT message_id FROM recipients WHERE lower(address) = lower(?))');
-    params.push(decodeIdnDomain(filter.recipient));
+    // the decoded form, as recipients are stored, and the form given, as mail stored before that
+    // may have kept it
+    where.push('id IN (SELECT message_id FROM recipients WHERE lower(address) IN (lower(?), lower(?)))');
+    params.push(decodeIdnDomain(filter.recipient), filter.recipient);
   }
   // A leading `+` keeps SQLite from using that column's index when the recipient leads.
   const column = (name: string) => (byRecipient ? `+${name}` : name);

@@ -245,15 +245,22 @@ describe('admin: queue inspection', () => {
         assert.deepEqual(res.body.messages.map((m) => m.id), [mixed], query);
       }
       // an xn-- domain is stored decoded however the client wrote it, and found in either form
-      const idn = await send(relay, 'x@example.com', ['bob@XN--MNCHEN-3YA.DE', 'carl@xn--mnchen-3ya.de']);
+      // (two spellings of one address are one recipient)
+      const idn = await send(relay, 'x@example.com', ['bob@XN--MNCHEN-3YA.DE', 'carl@xn--mnchen-3ya.de', 'bob@xn--mnchen-3ya.de']);
       assert.deepEqual(
         relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ? ORDER BY seq').pluck().all(idn),
         ['bob@münchen.de', 'carl@münchen.de'],
       );
+      assert.equal(relay.store.sqlite.prepare('SELECT recipient_count FROM messages WHERE id = ?').pluck().get(idn), 2);
       for (const query of ['bob@münchen.de', 'bob@xn--mnchen-3ya.de', 'carl@XN--MNCHEN-3YA.DE', 'Carl@münchen.DE']) {
         const res = await call<Page>(relay, `/admin/messages?recipient=${encodeURIComponent(query)}`);
         assert.deepEqual(res.body.messages.map((m) => m.id), [idn], query);
       }
+      // a recipient stored in its xn-- form (by an older version) is still found in that form
+      const old = await send(relay, 'x@example.com', ['dave@example.org']);
+      await writeDirect(relay, (db) => db.prepare("UPDATE recipients SET address = 'dave@XN--MNCHEN-3YA.DE' WHERE message_id = ?").run(old));
+      const found = await call<Page>(relay, `/admin/messages?recipient=${encodeURIComponent('dave@xn--mnchen-3ya.de')}`);
+      assert.deepEqual(found.body.messages.map((m) => m.id), [old]);
 
       const bad: Array<[string, string]> = [
         ['state=lost', 'state must be one of queued, sending, delivered, failed'],
