@@ -141,8 +141,9 @@ class RelayqConnection extends SMTPConnection {
     }
     // the EHLO reply (the only multi-line 250) offers AUTH only to sessions that may use it
     if (code === 250 && Array.isArray(data) && this.authNeedsTls()) data = data.filter((line) => !/^AUTH\b/i.test(line));
-    // a reply to a client that is gone (a reset in the middle of DATA) reaches nobody
-    const reaches = socket.writable;
+    // smtp-server writes a reply only to an open socket outside a TLS handshake: one to a client
+    // that is gone (a reset in the middle of DATA) or mid-handshake reaches nobody
+    const reaches = !this._upgrading && !socket.destroyed && socket.readyState === 'open';
     super.send(code, ...withEnhancedCode(code, data, context));
     // smtp-server keeps the last such reply, as sent, in session.error
     if (code >= 400 && reaches) (this._server as RelayqSmtpServer).onRefusal(this.session, String(this.session.error));

@@ -399,6 +399,27 @@ test('a client whose TLS fails (plain text after 220 Ready to start TLS) is one 
   }
 });
 
+test('the 421 of a stop is not counted for a session in the middle of its TLS handshake: it was never written', async (t) => {
+  const certificate = selfSignedCertificate();
+  if (!certificate) return t.skip('openssl is not installed');
+  const log = capturedLog('info');
+  const relay = await startTestRelay({ tls: certificate }, { ...INTAKE_ONLY, logger: log.logger });
+  let stopped = false;
+  try {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO client.test');
+    assert.match(await c.send('STARTTLS'), /^220 /);
+    // no ClientHello: the session waits in its handshake while the relay stops
+    await relay.stop();
+    stopped = true;
+    const [session] = log.entries().filter((e) => e.event === 'smtp.session');
+    assert.deepEqual([session?.refused, session?.replies], [0, undefined]);
+  } finally {
+    if (!stopped) await relay.stop();
+  }
+});
+
 test('STARTTLS: a client that hangs up before its handshake is disconnected at once; one that half-closes its TLS session gets its 250', async (t) => {
   const certificate = selfSignedCertificate();
   if (!certificate) return t.skip('openssl is not installed');
