@@ -29,20 +29,22 @@ export const REQUEUE_STEP = 500;
 export async function requeueFailedInSteps(
   reader: Sqlite,
   filter: RequeueFilter,
-  writeStep: (step: RequeueStep) => Promise<number>,
+  write: (step: RequeueStep) => Promise<number>,
 ): Promise<number> {
-  let requeued = 0;
-  const write = async (step: RequeueStep) => {
-    try {
-      return await writeStep(step);
-    } catch (err) {
-      throw requeued > 0 ? new RequeueStopped(requeued, err as Error) : err;
-    }
-  };
+  const progress = { requeued: 0 };
+  try {
+    await requeueSteps(reader, filter, write, progress);
+    return progress.requeued;
+  } catch (err) {
+    throw progress.requeued > 0 ? new RequeueStopped(progress.requeued, err as Error) : err;
+  }
+}
+
+async function requeueSteps(reader: Sqlite, filter: RequeueFilter, write: (step: RequeueStep) => Promise<number>, progress: { requeued: number }) {
   if (filter.ids !== undefined) {
     const ids = [...new Set(filter.ids)];
-    for (let i = 0; i < ids.length; i += REQUEUE_STEP) requeued += await write({ ...filter, ids: ids.slice(i, i + REQUEUE_STEP) });
-    return requeued;
+    for (let i = 0; i < ids.length; i += REQUEUE_STEP) progress.requeued += await write({ ...filter, ids: ids.slice(i, i + REQUEUE_STEP) });
+    return;
   }
   let cursor: FailedScanCursor | null = { finishedAt: filter.since ?? Number.NEGATIVE_INFINITY, id: '' };
   // A message requeued by an early step that fails again before the walk ends has a later finish
@@ -52,10 +54,9 @@ export async function requeueFailedInSteps(
     const page = failedPage(reader, { cursor, limit: REQUEUE_STEP });
     const ids = page.messages.map((m) => m.id).filter((id) => !requeuedIds.has(id));
     for (const id of ids) requeuedIds.add(id);
-    if (ids.length > 0) requeued += await write({ ...filter, ids });
+    if (ids.length > 0) progress.requeued += await write({ ...filter, ids });
     cursor = page.next;
   }
-  return requeued;
 }
 
 /**
