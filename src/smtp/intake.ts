@@ -1,13 +1,10 @@
 // SMTP intake: access control, AUTH, envelope checks, policy (limits, queue size, disk) and the
 // durable insert. Invariant: `250` is sent only from the callback of the commit that holds the
 // message; every refusal carries the reply code and enhanced code of the spec's §2 table.
-import { X509Certificate } from 'node:crypto';
-import fs from 'node:fs';
-import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
-import { type Clock, isoTime } from '../clock.js';
+import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import { type LibraryLogger, libraryLogger } from '../logger.js';
 import type { Sqlite } from '../store/db.js';
@@ -25,6 +22,7 @@ import type { StoreWriter } from '../store/writer.js';
 import { BareLineEndingScanner, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
 import { inputAhead, RelayqSmtpServer } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
+import { certificateWarning, readTlsFiles } from './tls-files.js';
 
 export interface IntakeDeps {
   config: Config;
@@ -561,38 +559,6 @@ export class SmtpIntake {
     this.deps.logger.warn({ event: 'smtp.rate_limited', sender, limit: hit.limit, count: hit.count, max: hit.max }, 'rate limit reached');
     return reply(451, `4.7.1 ${rateLimitMessage(hit)}, try again later`);
   }
-}
-
-/** The certificate and key for STARTTLS; an error names the config key to fix. */
-function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer; key: Buffer } {
-  const read = (key: string, file: string) => {
-    try {
-      return fs.readFileSync(file);
-    } catch (err) {
-      throw new Error(`config error: ${key}: cannot read ${file}: ${(err as Error).message}`);
-    }
-  };
-  const files = { cert: read('tls.cert', certFile), key: read('tls.key', keyFile) };
-  try {
-    tls.createSecureContext(files);
-  } catch (err) {
-    throw new Error(`config error: tls.cert, tls.key: ${certFile} and ${keyFile} are not a PEM certificate and its key: ${(err as Error).message}`);
-  }
-  return files;
-}
-
-/**
- * A warning when `tls.cert` (`pem`, checked by readTlsFiles) is expired or not valid yet: relayq
- * starts with it (clients that do not verify certificates still use it), but every client that
- * verifies fails its STARTTLS.
- */
-function certificateWarning(certFile: string, pem: Buffer, now: number): string | undefined {
-  const cert = new X509Certificate(pem);
-  const validFrom = Date.parse(cert.validFrom);
-  const validTo = Date.parse(cert.validTo);
-  if (now > validTo) return `tls.cert ${certFile} expired on ${isoTime(validTo)}: clients that verify certificates cannot use STARTTLS`;
-  if (now < validFrom) return `tls.cert ${certFile} is not valid before ${isoTime(validFrom)}: clients that verify certificates cannot use STARTTLS`;
-  return undefined;
 }
 
 /** The addresses in order, each once, compared without regard to case (the first spelling stays). */

@@ -1,0 +1,39 @@
+// The certificate and key for STARTTLS (tls.cert, tls.key): read and checked once at start, so
+// that a wrong path or a key that does not fit stops the start with the key named, and a
+// certificate out of its validity dates is a startup warning rather than failed handshakes.
+import { X509Certificate } from 'node:crypto';
+import fs from 'node:fs';
+import tls from 'node:tls';
+import { isoTime } from '../clock.js';
+
+/** The certificate and key for STARTTLS; an error names the config key to fix. */
+export function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer; key: Buffer } {
+  const read = (key: string, file: string) => {
+    try {
+      return fs.readFileSync(file);
+    } catch (err) {
+      throw new Error(`config error: ${key}: cannot read ${file}: ${(err as Error).message}`);
+    }
+  };
+  const files = { cert: read('tls.cert', certFile), key: read('tls.key', keyFile) };
+  try {
+    tls.createSecureContext(files);
+  } catch (err) {
+    throw new Error(`config error: tls.cert, tls.key: ${certFile} and ${keyFile} are not a PEM certificate and its key: ${(err as Error).message}`);
+  }
+  return files;
+}
+
+/**
+ * A warning when `tls.cert` (`pem`, checked by readTlsFiles) is expired or not valid yet: relayq
+ * starts with it (clients that do not verify certificates still use it), but every client that
+ * verifies fails its STARTTLS.
+ */
+export function certificateWarning(certFile: string, pem: Buffer, now: number): string | undefined {
+  const cert = new X509Certificate(pem);
+  const validFrom = Date.parse(cert.validFrom);
+  const validTo = Date.parse(cert.validTo);
+  if (now > validTo) return `tls.cert ${certFile} expired on ${isoTime(validTo)}: clients that verify certificates cannot use STARTTLS`;
+  if (now < validFrom) return `tls.cert ${certFile} is not valid before ${isoTime(validFrom)}: clients that verify certificates cannot use STARTTLS`;
+  return undefined;
+}
