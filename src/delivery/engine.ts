@@ -3,7 +3,6 @@
 // Invariants: at most workerCount attempts in flight; no worker sleeps through batchDelay or a
 // backoff (the message's next_attempt_at says when it is due); a crash leaves claims that
 // expire with their lease; a shutdown releases them so a restart picks them up at once.
-import fs from 'node:fs/promises';
 import { performance } from 'node:perf_hooks';
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import type tls from 'node:tls';
@@ -18,15 +17,13 @@ import {
   type CompletionResult,
   countDueQueued,
   type FailedScanCursor,
-  failedPage,
   findTemporaryFailures,
   hasDueWork,
 } from '../store/delivery.js';
-import { messageState } from '../store/queries.js';
 import type { StoreWriter } from '../store/writer.js';
-import { removeStrayTempFiles } from './atomic-file.js';
-import { exportFailedMessage, failedExportDir, failedExportPath, removeFailedExport } from './failed-export.js';
+import { exportFailedMessage, failedExportDir, removeFailedExport } from './failed-export.js';
 import { InFlowGate } from './in-flow.js';
+import { exportMissingFailures, type LeftoversContext, removeDeliveredExports, sweepCrashTempFiles } from './leftovers.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
 import { type BatchResult, planCompletion, upstreamVerdict } from './outcomes.js';
 import { SmtpUpstream } from './upstream.js';
@@ -93,8 +90,6 @@ const REQUEUE_CHECK_MS = 1000;
 const REQUEUE_SCAN_STEP = 500;
 /** After the grace period, how long released attempts get to notice their abort. */
 const ABORT_SETTLE_MS = 1000;
-/** Failed messages whose export is looked for, and exports whose message is, per step after a start. */
-const EXPORT_CHECK_STEP = 500;
 /** A temp file this old was left by a crash (younger ones may be another process's). */
 const TEMP_FILE_MIN_AGE_MS = 60_000;
 /** A failed commit of an outcome is tried again after this long, doubling up to the maximum. */
@@ -110,15 +105,6 @@ export function inFlowBacklogLimit(workerCount: number, queueSize: number): numb
 }
 /** Pacing is logged at most this often. */
 const PACING_LOG_MS = 60_000;
-
-async function fileExists(file: string): Promise<boolean> {
-  try {
-    await fs.access(file);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 export class DeliveryEngine {
   private readonly config: Config;
@@ -212,12 +198,19 @@ export class DeliveryEngine {
     // to be told from another process's; once they have aged, what was older than this start goes.
     const startedAt = Date.now();
     const minAge = this.deps.tempFileMinAgeMs ?? TEMP_FILE_MIN_AGE_MS;
-    this.track(this.sweepCrashTempFiles(startedAt - minAge));
-    this.tempSweep = setTimeout(() => this.track(this.sweepCrashTempFiles(startedAt)), minAge);
+    const leftovers: LeftoversContext = {
+      sqlite: this.deps.sqlite,
+      emailsDir: this.config.emailsDir,
+      log: this.log,
+      stopping: () => this.stopping,
+      exportFailed: (id) => this.exportFailed(id),
+    };
+    this.track(sweepCrashTempFiles(leftovers, startedAt - minAge));
+    this.tempSweep = setTimeout(() => this.track(sweepCrashTempFiles(leftovers, startedAt)), minAge);
     this.tempSweep.unref();
     this.tick();
-    this.track(this.exportMissingFailures());
-    this.track(this.removeDeliveredExports());
+    this.track(exportMissingFailures(leftovers));
+    this.track(removeDeliveredExports(leftovers));
   }
 
   /** Something may have become due (a commit of new mail): look now instead of at the next poll. */
@@ -571,69 +564,6 @@ export class DeliveryEngine {
       );
       return undefined;
     }
-  }
-
-  /**
-   * Removes the temp files of local deliveries and failed-mail exports that a crash cut off:
-   * those last written before `before`, a minute before now at the least, since a
-   * `relayq export-failed` running beside the server may be writing one.
-   */
-  private async sweepCrashTempFiles(before: number): Promise<void> {
-    const { emailsDir } = this.deps.config;
-    for (const dir of [emailsDir, failedExportDir(emailsDir)]) {
-      try {
-        const removed = await removeStrayTempFiles(dir, before);
-        if (removed.length) this.log.info({ event: 'delivery.temp_files_removed', dir, files: removed }, 'removed temp files left by a crash');
-      } catch (err) {
-        this.log.warn({ event: 'delivery.temp_files_unreadable', dir, err: (err as Error).message }, 'could not look for temp files left by a crash');
-      }
-    }
-  }
-
-  /**
-   * After a start: failed mail without its JSON export (the process died between the commit
-   * and the export, or the export could not be written) is exported now. In steps of
-   * EXPORT_CHECK_STEP failed messages, letting SMTP sessions run between them.
-   */
-  private async exportMissingFailures(): Promise<void> {
-    const { sqlite, config } = this.deps;
-    let cursor: FailedScanCursor | null = { finishedAt: Number.NEGATIVE_INFINITY, id: '' };
-    const exported: string[] = [];
-    while (cursor && !this.stopping) {
-      const page = failedPage(sqlite, { cursor, limit: EXPORT_CHECK_STEP });
-      for (const { id } of page.messages) {
-        if (await fileExists(failedExportPath(config.emailsDir, id))) continue;
-        if (await this.exportFailed(id)) exported.push(id);
-      }
-      cursor = page.next;
-      await nextTurn();
-    }
-    if (exported.length > 0) this.log.warn({ event: 'delivery.exports_restored', count: exported.length, ids: exported }, 'failed mail without its export exported');
-  }
-
-  /**
-   * After a start: the exports of mail that was delivered after it failed (the process died
-   * between the commit of the delivery and the removal of its export). Only delivered mail: a
-   * message retried and not yet delivered keeps its export until it is, as while relayq runs,
-   * and a file of a message this database does not hold is not relayq's to judge. In steps of
-   * EXPORT_CHECK_STEP files, letting SMTP sessions run between them.
-   */
-  private async removeDeliveredExports(): Promise<void> {
-    const { sqlite, config } = this.deps;
-    let names: string[];
-    try {
-      names = await fs.readdir(failedExportDir(config.emailsDir));
-    } catch (err) {
-      this.log.warn({ event: 'delivery.exports_unreadable', err: (err as Error).message }, 'could not look for exports of mail delivered since it failed');
-      return;
-    }
-    const removed: string[] = [];
-    for (let i = 0; i < names.length && !this.stopping; i++) {
-      const id = names[i].endsWith('.json') ? names[i].slice(0, -'.json'.length) : '';
-      if (id && messageState(sqlite, id) === 'delivered' && (await removeFailedExport(config.emailsDir, id))) removed.push(id);
-      if ((i + 1) % EXPORT_CHECK_STEP === 0) await nextTurn();
-    }
-    if (removed.length > 0) this.log.info({ event: 'delivery.exports_removed', count: removed.length, ids: removed }, 'exports of mail delivered after it failed removed');
   }
 
   /**
