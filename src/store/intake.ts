@@ -6,7 +6,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { domainToUnicode } from 'node:url';
 import type { Sqlite } from './db.js';
-import { incrementCounter, prepared } from './statements.js';
+import { prepared } from './statements.js';
 
 export interface RateLimitPolicy {
   enabled: boolean;
@@ -225,5 +225,5 @@ function messageBytes(msg: Pick<NewMessage, 'raw' | 'spooled'>): Buffer {
 
 /** Persisted count of refusals by reason, exposed by the metrics. */
 export function countRefusal(sqlite: Sqlite, kind: 'rate-limit' | 'queue-full'): void {
-  incrementCounter(sqlite, kind === 'rate-limit' ? 'rate_limit_refusals' : 'queue_full_refusals');
+  prepared(sqlite, 'UPDATE counters SET value = value + 1 WHERE name = ?').run(kind === 'rate-limit' ? 'rate_limit_refusals' : 'queue_full_refusals');
 }

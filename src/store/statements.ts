@@ -18,7 +18,3 @@ export function prepared(sqlite: Sqlite, sql: string): Database.Statement {
   }
   return statement;
 }
-
-export function incrementCounter(sqlite: Sqlite, name: string): void {
-  prepared(sqlite, 'UPDATE counters SET value = value + 1 WHERE name = ?').run(name);
-}
