@@ -13,23 +13,23 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
   const config = loadCliConfig(global, process.env);
   const target = dir ?? failedExportDir(config.emailsDir);
   const files = await withReader(config, async (sqlite) => {
-    // the database opened; now the target: a directory, or one that can be made
+    let page = listMessages(sqlite, { state: 'failed', limit: PAGE });
+    // the database answered (one that needs migrating does not); now the target: a directory,
+    // or one that can be made
     try {
       fs.mkdirSync(target, { recursive: true });
     } catch (err) {
       throw new CliError(`cannot export into ${target}: ${(err as Error).message}`);
     }
     const written: string[] = [];
-    let before: string | undefined;
-    do {
-      const page = listMessages(sqlite, { state: 'failed', limit: PAGE, before });
+    for (;;) {
       for (const { id } of page.messages) {
         const file = await exportFailedMessage(sqlite, target, id, systemClock.now());
         if (file) written.push(file);
       }
-      before = page.nextBefore ?? undefined;
-    } while (before);
-    return written;
+      if (page.nextBefore === null) return written;
+      page = listMessages(sqlite, { state: 'failed', limit: PAGE, before: page.nextBefore });
+    }
   });
   if (global.json) printJson({ directory: target, exported: files.length, files });
   else printText(`exported ${files.length} failed message${files.length === 1 ? '' : 's'} to ${target}`);

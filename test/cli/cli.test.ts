@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
+import { openStore } from '../../src/store/db.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream } from '../helpers.js';
 import { runCli, runCliJson, writeConfigFile } from './run-cli.js';
@@ -177,6 +178,12 @@ describe('relayq CLI on the database of a running relay', () => {
     const aFile = path.join(dir, 'a-file');
     fs.writeFileSync(aFile, 'not a directory\n');
     const exportTarget = path.join(dir, 'export-from-nowhere');
+    // a database of an older schema (its messages table not there yet, as far as the query sees)
+    const stale = path.join(dir, 'stale.db');
+    const staleStore = await openStore(stale);
+    staleStore.sqlite.exec('DROP TABLE messages');
+    await staleStore.close();
+    const staleTarget = path.join(dir, 'export-from-stale');
     const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, unreadable, missing, badConfig, exportIntoFile, exportMissing, rawAsJson] = await Promise.all([
       cli('show', 'NOSUCHID'),
       cli('delete', keep, 'NOSUCHID'),
@@ -190,6 +197,9 @@ describe('relayq CLI on the database of a running relay', () => {
       runCli(['export-failed', exportTarget], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
       cli('show', keep, '--raw', '--json'),
     ]);
+    const exportStale = await runCli(['export-failed', staleTarget], { env: { DATABASE_PATH: stale } });
+    assertOneLineError(exportStale, /^relayq: database .*stale\.db needs migrations \(no such table: messages\)/);
+    assert.ok(!fs.existsSync(staleTarget), 'export-failed on a database that needs migrating creates no directory');
     assertOneLineError(unknownShow, /^relayq: no message with id NOSUCHID$/);
     assertOneLineError(unknownDelete, /no message with id NOSUCHID; nothing deleted/);
     assertOneLineError(badState, /state.*lost.*queued, sending, delivered, failed/);
