@@ -276,6 +276,7 @@ export class DeliveryEngine {
     }
     if (this.active.size > 0) await settleWithin(this.tasks, ABORT_SETTLE_MS);
     await this.upstream?.close();
+    this.notePacing(this.deps.clock.now(), true);
     this.log.info({ event: 'delivery.stopped' }, 'delivery stopped');
   }
 
@@ -605,9 +606,10 @@ export class DeliveryEngine {
   }
 
   /** At most once a minute: how many MAIL commands waited for delivery to catch up. */
-  private notePacing(now: number): void {
+  /** At most once a minute; `final` (the stop) logs what was counted since the last line at once. */
+  private notePacing(now: number, final = false): void {
     const { delayed, timedOut, backlog, limit } = this.inFlow.stats();
-    if (delayed === this.pacingLogged.delayed || now - this.pacingLogged.at < PACING_LOG_MS) return;
+    if (delayed === this.pacingLogged.delayed || (!final && now - this.pacingLogged.at < PACING_LOG_MS)) return;
     this.log.warn(
       { event: 'intake.paced', delayed: delayed - this.pacingLogged.delayed, timedOut: timedOut - this.pacingLogged.timedOut, backlog, limit },
       'delivery is behind: new mail waits at MAIL FROM (inFlowDelay)',

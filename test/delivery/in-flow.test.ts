@@ -7,7 +7,8 @@ import { createApp } from '../../src/api/app.js';
 import { inFlowBacklogLimit } from '../../src/delivery/engine.js';
 import { InFlowGate } from '../../src/delivery/in-flow.js';
 import type { Relay } from '../../src/main.js';
-import { SmtpClient, startTestRelay, startUpstream, waitFor } from '../helpers.js';
+import type { Logger } from 'pino';
+import { capturedLog, SmtpClient, startTestRelay, startUpstream, waitFor } from '../helpers.js';
 
 /** The pacing limit of the one-worker relays below (no queueSize). */
 const LIMIT = inFlowBacklogLimit(1, 0);
@@ -100,7 +101,7 @@ describe('in-flow pacing in the relay', () => {
    * that holds every DATA until released, and a client session after EHLO. Everything is closed
    * after the test, the upstream released first.
    */
-  async function pacedRelay(t: TestContext, inFlowDelay: number) {
+  async function pacedRelay(t: TestContext, inFlowDelay: number, logger?: Logger) {
     const held: Array<() => void> = [];
     let holding = true;
     const upstream = await startUpstream({
@@ -115,7 +116,7 @@ describe('in-flow pacing in the relay', () => {
     };
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, workerCount: 1, batchDelay: 0, queueSize: 0, inFlowDelay },
-      { deliveryPollMs: 20 },
+      { deliveryPollMs: 20, ...(logger ? { logger } : {}) },
     );
     const client = await SmtpClient.connect(relay.smtpPort);
     t.after(async () => {
@@ -137,8 +138,8 @@ describe('in-flow pacing in the relay', () => {
   }
 
   /** As pacedRelay, with the first message held at the upstream and LIMIT due behind it. */
-  async function backlogged(t: TestContext, inFlowDelay: number) {
-    const paced = await pacedRelay(t, inFlowDelay);
+  async function backlogged(t: TestContext, inFlowDelay: number, logger?: Logger) {
+    const paced = await pacedRelay(t, inFlowDelay, logger);
     const { relay, client, held } = paced;
     for (let i = 0; i <= LIMIT; i++) await sendOne(client, `message ${i}`);
     await waitFor(() => held.length === 1 && count(relay, 'queued') === LIMIT, 10_000, 'one message at the upstream, the rest due');
@@ -179,6 +180,22 @@ describe('in-flow pacing in the relay', () => {
     assert.match(text, /^relayq_intake_paced_total 3$/m);
     assert.match(text, /^relayq_intake_paced_timeouts_total 3$/m);
     assert.match(text, /^relayq_intake_paced_waiting 0$/m);
+  });
+
+  test('intake.paced is logged at most once a minute, and what was counted since is logged at the stop', async (t) => {
+    const log = capturedLog('warn');
+    const { relay, client, release } = await backlogged(t, 100, log.logger);
+    for (let i = 0; i < 3; i++) await sendOne(client, `late ${i}`);
+    release();
+    client.close();
+    await relay.stop();
+    const lines = log.entries().filter((e) => e.event === 'intake.paced');
+    assert.ok(lines.length <= 2, `${lines.length} lines in well under a minute`);
+    assert.deepEqual(
+      [lines.reduce((n, e) => n + (e.delayed as number), 0), lines.reduce((n, e) => n + (e.timedOut as number), 0)],
+      [3, 3],
+      'every paced MAIL is in the log',
+    );
   });
 
   test('a count that ran ahead of the store (MAILs that stored nothing) is corrected by the next poll', async (t) => {
