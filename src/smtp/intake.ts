@@ -216,7 +216,14 @@ export class SmtpIntake {
       onRcptTo: (address, session, cb) => this.onRcptTo(address, session, cb),
       onData: (stream, session, cb) => this.onData(stream, session, cb),
       onClose: (session) => this.onClose(session),
-    } as ConstructorParameters<typeof RelayqSmtpServer>[0], (session) => isLoopback(this.peer(session)), (session, text) => this.onRefusal(session, text));
+    } as ConstructorParameters<typeof RelayqSmtpServer>[0],
+      (session) => isLoopback(this.peer(session)),
+      (session, text) => this.onRefusal(session, text),
+      // Only with credentials to check: a client that logs in whenever AUTH is offered
+      // (nodemailer, Postfix with smtp_sasl_auth_enable) would otherwise get 535 for every
+      // message on a relay that takes loopback mail without AUTH.
+      this.credentialsConfigured,
+    );
     this.server.logger = serverLog as unknown as RelayqSmtpServer['logger'];
     this.server.on('error', (err) => {
       // a client that went away, or whose TLS failed: already logged (smtpServerLogger)

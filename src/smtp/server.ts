@@ -140,7 +140,7 @@ class RelayqConnection extends SMTPConnection {
       process.nextTick(() => this.uncork(socket));
     }
     // the EHLO reply (the only multi-line 250) offers AUTH only to sessions that may use it
-    if (code === 250 && Array.isArray(data) && this.authNeedsTls()) data = data.filter((line) => !/^AUTH\b/i.test(line));
+    if (code === 250 && Array.isArray(data) && !this.authOffered()) data = data.filter((line) => !/^AUTH\b/i.test(line));
     // smtp-server writes a reply only to an open socket outside a TLS handshake: one to a client
     // that is gone (a reset in the middle of DATA) or mid-handshake reaches nobody
     const reaches = !this._upgrading && !socket.destroyed && socket.readyState === 'open';
@@ -150,7 +150,11 @@ class RelayqConnection extends SMTPConnection {
   }
 
   override handler_AUTH(command: Buffer, callback: () => void): void {
-    if (this.session.envelope.mailFrom) {
+    if (!(this._server as RelayqSmtpServer).authEnabled) {
+      // no credentials configured: AUTH is not offered, and answered as Postfix answers it
+      this.send(503, '5.5.1 Error: authentication not enabled');
+      callback();
+    } else if (this.session.envelope.mailFrom) {
       this.send(503, '5.5.1 Error: MAIL transaction in progress');
       callback();
     } else if (this.authNeedsTls()) {
@@ -179,6 +183,11 @@ class RelayqConnection extends SMTPConnection {
       this.session.hostNameAppearsAs = name;
     }
     callback();
+  }
+
+  /** Whether the EHLO reply offers AUTH: there are credentials to check, and no TLS is needed first. */
+  private authOffered(): boolean {
+    return (this._server as RelayqSmtpServer).authEnabled && !this.authNeedsTls();
   }
 
   private authNeedsTls(): boolean {
@@ -214,12 +223,15 @@ function withEnhancedCode(code: number, data: string | string[] | null | undefin
 export class RelayqSmtpServer extends SMTPServer {
   /**
    * `plaintextAuth`: may this session authenticate before TLS (default: every session may);
-   * `onRefusal`: a reply of 400 or above was sent in this session (module comment, 6).
+   * `onRefusal`: a reply of 400 or above was sent in this session (module comment, 6);
+   * `authEnabled`: false when there are no credentials to check: AUTH is then neither offered
+   * nor taken (smtp-server itself always offers its `authMethods`).
    */
   constructor(
     options: SMTPServerOptions,
     readonly plaintextAuth: (session: SMTPServerSession) => boolean = () => true,
     readonly onRefusal: (session: SMTPServerSession, reply: string) => void = () => {},
+    readonly authEnabled = true,
   ) {
     super(options);
   }

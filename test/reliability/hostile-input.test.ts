@@ -131,7 +131,8 @@ describe('hostile SMTP input', () => {
     socket.setEncoding('latin1');
     await readReplyLines(socket, 1);
     socket.write('EHLO many.test\r\nMAIL FROM:<bulk@example.com>\r\n');
-    const head = await readReplyLines(socket, 8);
+    // EHLO's six lines (no AUTH without credentials), then MAIL's
+    const head = await readReplyLines(socket, 7);
     assert.match(head[head.length - 1], /^250 /);
     const rcpts = Array.from({ length: 10_000 }, (_, i) => `RCPT TO:<r${i}@example.com>\r\n`).join('');
     const replies = readReplyLines(socket, 10_000);
@@ -218,6 +219,15 @@ describe('hostile SMTP input', () => {
   });
 
   test('invalid base64 and aborted exchanges in AUTH → 501, the session stays usable', async () => {
+    const withAuth = await startTestRelay({ defaultUsername: 'app', defaultPassword: 's3cret' }, INTAKE_ONLY);
+    try {
+      await badAuthExchanges(withAuth);
+    } finally {
+      await withAuth.stop();
+    }
+  });
+
+  async function badAuthExchanges(relay: Relay): Promise<void> {
     const c = await SmtpClient.connect(relay.smtpPort);
     await c.read();
     await c.send('EHLO auth.test');
@@ -231,11 +241,12 @@ describe('hostile SMTP input', () => {
     assert.match(await c.send(`AUTH PLAIN ${Buffer.from('no separators at all').toString('base64')}`), /^(501|535) /);
     assert.match(await c.send(`AUTH PLAIN ${'QUFB'.repeat(3000)}`), /^(501|535) /);
     assert.match(await c.send('AUTH CRAM-MD5'), /^504 /);
-    // loopback without configured credentials may send without AUTH: the session still works
+    // the session still works
+    assert.match(await c.send(`AUTH PLAIN ${Buffer.from('\0app\0s3cret').toString('base64')}`), /^235 /);
     assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
     c.close();
-    await assertStillServing(relay);
-  });
+    await assertStillServing(relay, { auth: { user: 'app', pass: 's3cret' } });
+  }
 
   test('commands sent before the greeting: the greeting comes first, nothing is half-stored', async () => {
     const before = messageCount(relay);

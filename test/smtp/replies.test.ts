@@ -26,13 +26,30 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
   });
   after(() => relay.stop());
 
-  test('EHLO advertises the spec extensions', async () => {
+  test('EHLO advertises the spec extensions; AUTH only with credentials to check', async () => {
     const { c, reply } = await ehlo(relay.smtpPort);
-    for (const ext of ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'SIZE 2048', 'ENHANCEDSTATUSCODES', 'AUTH PLAIN LOGIN']) {
+    for (const ext of ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'SIZE 2048', 'ENHANCEDSTATUSCODES']) {
       assert.match(reply, new RegExp(`250[- ]${ext}`), ext);
     }
     assert.doesNotMatch(reply, /STARTTLS/);
+    assert.doesNotMatch(reply, /AUTH/);
+    // as Postfix without SASL answers it; no credential is asked for
+    assert.match(await c.send(`AUTH PLAIN ${Buffer.from('\0app\0secret').toString('base64')}`), /^503 5\.5\.1 Error: authentication not enabled/);
+    assert.match(await c.send('AUTH LOGIN'), /^503 5\.5\.1 /);
     c.close();
+    // an application that still has its provider's credentials set sends as it would to Postfix:
+    // nodemailer logs in only when AUTH is offered
+    const info = await sendMail(relay.smtpPort, { auth: { user: 'provider-user', pass: 'provider-pass' } });
+    assert.match(info.response, /^250 2\.0\.0 /);
+
+    const withCredentials = await startTestRelay({ defaultUsername: 'app', defaultPassword: 's3cret' }, { startDelivery: false });
+    try {
+      const offered = await ehlo(withCredentials.smtpPort);
+      assert.match(offered.reply, /250[- ]AUTH PLAIN LOGIN/);
+      offered.c.close();
+    } finally {
+      await withCredentials.stop();
+    }
   });
 
   test('accepted → 250 2.0.0 Ok: queued as <id>', async () => {
