@@ -11,6 +11,7 @@ import { type Clock, systemClock } from './clock.js';
 import { redactConfig } from './config/load.js';
 import type { Config } from './config/schema.js';
 import { DeliveryEngine } from './delivery/engine.js';
+import { EMAILS_DIR_MODE } from './delivery/atomic-file.js';
 import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
 import { SmtpIntake } from './smtp/intake.js';
@@ -74,7 +75,9 @@ export interface Relay {
 function prepareEmailsDir(emailsDir: string): void {
   const failedDir = failedExportDir(emailsDir);
   try {
-    fs.mkdirSync(failedDir, { recursive: true });
+    // not writable by others, whatever the umask: the files hold messages, and a directory others
+    // may write to would let them swap in a link to another place
+    fs.mkdirSync(failedDir, { recursive: true, mode: EMAILS_DIR_MODE });
     // writing a file into a directory takes write and search (execute) permission on it
     fs.accessSync(emailsDir, fs.constants.W_OK | fs.constants.X_OK);
     fs.accessSync(failedDir, fs.constants.W_OK | fs.constants.X_OK);

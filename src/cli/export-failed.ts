@@ -3,6 +3,7 @@
 // the failures to another tool. Same document, same atomic write as the automatic export.
 import fs from 'node:fs';
 import { systemClock } from '../clock.js';
+import { EMAILS_DIR_MODE } from '../delivery/atomic-file.js';
 import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.js';
 import { listMessages } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
@@ -17,7 +18,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     // the database answered (one that needs migrating does not); now the target: a directory,
     // or one that can be made
     try {
-      fs.mkdirSync(target, { recursive: true });
+      fs.mkdirSync(target, { recursive: true, mode: EMAILS_DIR_MODE });
     } catch (err) {
       throw new CliError(`cannot export into ${target}: ${(err as Error).message}`);
     }

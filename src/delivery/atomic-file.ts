@@ -5,12 +5,19 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 
+/**
+ * The mode of the directories relayq makes for message files (emailsDir, emailsDir/failed, an
+ * export target): only relayq's user writes there, under any umask (mkdir applies the umask on
+ * top, which can only take permissions away).
+ */
+export const EMAILS_DIR_MODE = 0o750;
+
 /** The temp files writeFileAtomic makes: `.<target name>.<12 hex digits>.tmp`. */
 const TEMP_FILE = /^\..+\.[0-9a-f]{12}\.tmp$/;
 
 export async function writeFileAtomic(target: string, data: Uint8Array | string): Promise<void> {
   const dir = path.dirname(target);
-  await fs.mkdir(dir, { recursive: true });
+  await fs.mkdir(dir, { recursive: true, mode: EMAILS_DIR_MODE });
   // Dot-prefixed and unique, so a concurrent writer or a directory listing never takes it for
   // a finished file; a crash leaves at most a stray temp file behind.
   const temp = path.join(dir, `.${path.basename(target)}.${crypto.randomBytes(6).toString('hex')}.tmp`);

@@ -3,6 +3,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
+import { writeFileAtomic } from '../../src/delivery/atomic-file.js';
 import { backupDatabase } from '../../src/store/backup.js';
 import { capturedLog, sendMail, startTestRelay, tempDir } from '../helpers.js';
 
@@ -102,6 +103,23 @@ describe('file permissions', () => {
       assert.ok(!log.entries().some((e) => e.event === 'store.permissions'), 'no warning for its own file');
     } finally {
       await relay.stop();
+    }
+  });
+
+  test('the directories relayq makes for message files are not writable by others, even under umask 000', async () => {
+    const dir = tempDir();
+    const emailsDir = path.join(dir, 'new', 'emails');
+    const umask = process.umask(0);
+    try {
+      const relay = await startTestRelay({ emailsDir }, { startDelivery: false, startRetention: false });
+      await relay.stop();
+      // writeFileAtomic makes a missing directory the same way (a local delivery, an export)
+      const nested = path.join(dir, 'elsewhere', 'failed');
+      await writeFileAtomic(path.join(nested, 'X.json'), '{}\n');
+      for (const made of [emailsDir, path.join(emailsDir, 'failed'), nested]) assert.equal(mode(made), 0o750, made);
+      assert.equal(mode(path.join(nested, 'X.json')), 0o640);
+    } finally {
+      process.umask(umask);
     }
   });
 
