@@ -27,10 +27,14 @@ export function formatFields(fields: ReadonlyArray<[string, string | number | nu
   return fields.map(([k, v]) => `${`${k}:`.padEnd(width + 1)} ${cell(v)}`.trimEnd()).join('\n');
 }
 
+const UNPRINTABLE = /[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
 function cell(value: string | number | null | undefined, max?: number): string {
   if (value === null || value === undefined || value === '') return '-';
-  // Control characters from mail (a reply text, a header) must not break the layout.
-  const text = String(value).replace(/[\r\n\t]+/g, ' ').replace(/[\x00-\x1f\x7f]/g, '?');
+  // Control characters from mail (a reply text, an address) must not break the layout or reach
+  // the terminal: C0, DEL, C1 (U+009B is a CSI) and the bidirectional overrides and isolates,
+  // which would show an address or a reply reversed.
+  const text = String(value).replace(/[\r\n\t]+/g, ' ').replace(UNPRINTABLE, '?');
   return max && text.length > max ? `${text.slice(0, max - 1)}…` : text;
 }
 

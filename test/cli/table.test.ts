@@ -1,0 +1,17 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { formatFields, formatTable } from '../../src/cli/table.js';
+
+test('text from mail reaches the terminal without control characters: C0, DEL, C1 and bidirectional overrides become ?', () => {
+  const reply = '550 5.1.1 No such user \x1b[2J\u009b31mC1 \u202eRTL\u2066x\u2069 \x7f end\r\nnext';
+  const address = 'gnp.exe\u202e@example.com';
+  const fields = formatFields([
+    ['reply', reply],
+    ['from', address],
+  ]);
+  assert.equal(fields, 'reply: 550 5.1.1 No such user ?[2J?31mC1 ?RTL?x? ? end next\nfrom:  gnp.exe?@example.com');
+  const table = formatTable([{ address }], [{ header: 'ADDRESS', value: (r) => r.address }]);
+  assert.ok(!/[\u0080-\u009f\u202a-\u202e\u2066-\u2069\x00-\x09\x0b-\x1f]/.test(table), table);
+  // what is printable stays as it is, non-ASCII letters included
+  assert.equal(formatFields([['to', 'jürgen@münchen.de']]), 'to: jürgen@münchen.de');
+});
