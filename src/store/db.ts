@@ -1,6 +1,9 @@
 // Opens the one SQLite file: WAL journal, synchronous=FULL (a commit is fsynced before it
 // returns), a busy timeout so the CLI and the server can share the file, and the Kysely
-// migrations applied before anything else touches the schema.
+// migrations applied before anything else touches the schema. Nothing in the server's process
+// may open and close the database, -wal or -shm file outside SQLite (fs.copyFile, a stat through
+// open): closing any descriptor of a file drops every POSIX lock the process holds on it, and
+// another process could then take the WAL for its own and delete it under the relay.
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
