@@ -360,6 +360,7 @@ export class SmtpIntake {
     // Only secure or loopback sessions get here: the listener answers AUTH from the others with
     // 538 before any credential is sent (the plaintextAuth policy given to RelayqSmtpServer).
     const ip = this.peer(session);
+    const client = authClientKey(ip);
     const { defaultUsername, defaultPassword } = this.deps.config;
     const ok =
       this.credentialsConfigured &&
@@ -368,7 +369,7 @@ export class SmtpIntake {
     // After failures from this address every answer to it comes more and more slowly (never a
     // lockout), a success too: a guesser that hangs up when no quick answer comes learns nothing.
     const now = this.deps.clock.now();
-    const previous = this.authFailures.get(ip);
+    const previous = this.authFailures.get(client);
     const failed = previous && now - previous.at < 15 * 60_000 ? previous.count : 0;
     // No failure to hide a right guess among: answered at once, and logins that arrive together
     // (a connection pool starting) do not slow each other down.
@@ -376,14 +377,17 @@ export class SmtpIntake {
     const replyInMs = failed > 0 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** failed, AUTH_FAILURE_MAX_DELAY_MS) : 0;
     // Counted as a failure until its answer is given: a guesser that hung up must not learn from
     // how fast its next guess is answered that this one was right.
-    this.authFailures.set(ip, { count: failed + 1, at: now });
-    if (this.authFailures.size > 10_000) this.authFailures.clear();
+    // re-inserted, so that the Map's order is the order of the last failures: at the limit the
+    // client that failed longest ago is forgotten, never the one being slowed down now
+    this.authFailures.delete(client);
+    this.authFailures.set(client, { count: failed + 1, at: now });
+    if (this.authFailures.size > MAX_AUTH_CLIENTS) this.authFailures.delete(this.authFailures.keys().next().value as string);
     if (ok) {
       setTimeout(() => {
         if (this.state(session).closed) return;
         // A client that sent its FIN or more input before the slowed answer may have hung up
         // and never read it: the login is answered and still counts as a failure.
-        if (!inputAhead(session)) this.authFailures.delete(ip);
+        if (!inputAhead(session)) this.authFailures.delete(client);
         cb(null, { user: auth.username });
       }, replyInMs).unref();
       return;
@@ -566,6 +570,24 @@ export class SmtpIntake {
     this.deps.logger.warn({ event: 'smtp.rate_limited', sender, limit: hit.limit, count: hit.count, max: hit.max }, 'rate limit reached');
     return reply(451, `4.7.1 ${rateLimitMessage(hit)}, try again later`);
   }
+}
+
+/** Clients whose failed logins are remembered (for the slow-down); the oldest go first. */
+const MAX_AUTH_CLIENTS = 10_000;
+
+/**
+ * Whose failed logins count together: every loopback address is one client (any local user can
+ * send from any of 127/8's 16 million addresses), an IPv6 client is its /64 (what one host or
+ * site is given), an IPv4 client its address.
+ */
+export function authClientKey(ip: string): string {
+  if (isLoopback(ip)) return 'loopback';
+  if (!ip.includes(':')) return ip;
+  const [head, tail = ''] = ip.split('::');
+  const headGroups = head ? head.split(':') : [];
+  const tailGroups = tail ? tail.split(':') : [];
+  const groups = ip.includes('::') ? [...headGroups, ...Array(8 - headGroups.length - tailGroups.length).fill('0'), ...tailGroups] : headGroups;
+  return `${groups.slice(0, 4).map((g) => g.replace(/^0+(?=.)/, '').toLowerCase()).join(':')}::/64`;
 }
 
 /** The addresses in order, each once, compared without regard to case (the first spelling stays). */

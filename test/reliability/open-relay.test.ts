@@ -10,6 +10,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { ManualClock } from '../../src/clock.js';
+import { authClientKey } from '../../src/smtp/intake.js';
 import { capturedLog, messageCount, SmtpClient, startTestRelay, tempDir } from '../helpers.js';
 import { assertStillServing, closedByPeer, INTAKE_ONLY, listenAsPeer, type PeerListener, queuedId } from './smtp-session.js';
 
@@ -336,6 +337,47 @@ test("failed logins older than 15 minutes (on the relay's clock) no longer slow 
   } finally {
     await relay.stop();
   }
+});
+
+test('failed logins from any loopback address count together, an IPv6 client by its /64: other source addresses do not start afresh', async () => {
+  const log = capturedLog('warn');
+  // each connection comes from another loopback address, as a local user can make it
+  const peers = new WeakMap<object, string>();
+  let next = 2;
+  const relay = await startTestRelay(
+    { defaultUsername: USER, defaultPassword: PASSWORD },
+    {
+      ...INTAKE_ONLY,
+      logger: log.logger,
+      smtpPeerAddress: (session) => {
+        if (!peers.has(session)) peers.set(session, `127.0.${next++}.1`);
+        return peers.get(session) as string;
+      },
+    },
+  );
+  try {
+    for (let i = 0; i < 3; i++) {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      await c.send('EHLO guesser.test');
+      assert.match(await c.send(`AUTH PLAIN ${plain(USER, `guess-${i}`)}`), /^535 5\.7\.8 /);
+      c.close();
+    }
+    const failures = log.entries().filter((e) => e.event === 'smtp.auth_failed');
+    assert.deepEqual(failures.map((e) => [e.client, e.failures, e.replyInMs]), [
+      ['127.0.2.1', 1, 0],
+      ['127.0.3.1', 2, 500],
+      ['127.0.4.1', 3, 1000],
+    ]);
+  } finally {
+    await relay.stop();
+  }
+  assert.equal(authClientKey('2001:db8:1:2::10'), '2001:db8:1:2::/64');
+  assert.equal(authClientKey('2001:DB8:1:2:ffff:0:0:1'), '2001:db8:1:2::/64');
+  assert.equal(authClientKey('2001:db8::1'), '2001:db8:0:0::/64');
+  assert.equal(authClientKey('2001:0db8:0001:0003::1'), '2001:db8:1:3::/64');
+  assert.equal(authClientKey('192.0.2.7'), '192.0.2.7');
+  assert.equal(authClientKey('::1'), 'loopback');
 });
 
 describe('allowLocalOnly=true (the default)', () => {
