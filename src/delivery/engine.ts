@@ -173,6 +173,7 @@ export class DeliveryEngine {
           logger: this.log,
           tls: deps.upstreamTls,
           peerAddress: deps.upstreamAddress,
+          now: () => deps.clock.now(),
         })
       : undefined;
   }

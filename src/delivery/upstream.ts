@@ -33,6 +33,8 @@ export interface UpstreamSettings {
   tls?: tls.ConnectionOptions;
   /** Test hook: the upstream's address as the AUTH policy sees it (default: the socket's peer). */
   peerAddress?: (socketAddress: string) => string;
+  /** The relay's clock (default Date.now): how old a connection is. */
+  now?: () => number;
 }
 
 function isAscii(text: string): boolean {
@@ -122,6 +124,12 @@ function endedConnection(err: UpstreamError): boolean {
   return err.responseCode === 421 || err.code === 'ECONNECTION' || err.code === 'ESOCKET' || err.code === 'ETIMEDOUT';
 }
 
+/**
+ * A connection is used for new transactions this long after it was opened, then ended with QUIT
+ * (Postfix's smtp_connection_reuse_time_limit): a change on the upstream (a reload, another
+ * server behind its name) reaches relayq's sessions, and no session piles up errors for ever.
+ */
+const REUSE_TIME_LIMIT_MS = 300_000;
 /** An idle connection says QUIT after this long (Haraka's outbound pool keeps one 50 s). */
 const IDLE_QUIT_MS = 30_000;
 /** How long a QUIT waits for the upstream's reply before the connection is cut off. */
@@ -141,6 +149,9 @@ export class SmtpUpstream {
   private readonly idleTimers = new Map<SMTPConnection, NodeJS.Timeout>();
   /** How long a connection may sit idle: well within the socket timeout, which would drop it without QUIT. */
   private readonly idleMs: number;
+  /** When each connection was opened (REUSE_TIME_LIMIT_MS). */
+  private readonly openedAt = new WeakMap<SMTPConnection, number>();
+  private readonly now: () => number;
   /** Connections that said QUIT and have not yet ended. */
   private readonly quitting = new Set<Promise<void>>();
   /** Connections waiting for the reply to the RSET after a refused message, and that wait. */
@@ -178,6 +189,7 @@ export class SmtpUpstream {
     this.idleMs = Math.min(IDLE_QUIT_MS, Math.floor((this.options.socketTimeout ?? budget) / 2));
     this.auth = settings.username ? { user: settings.username, pass: settings.password } : undefined;
     this.peerAddress = settings.peerAddress ?? ((address) => address);
+    this.now = settings.now ?? Date.now;
   }
 
   /** One SMTP transaction for the batch; never throws. `signal` aborts it and closes its connection. */
@@ -218,7 +230,11 @@ export class SmtpUpstream {
    * sent; the transaction then runs once more on a new connection.
    */
   private async transaction(envelope: Envelope, raw: Uint8Array, signal: AbortSignal): Promise<SendInfo> {
-    const reused = this.idle.at(-1);
+    let reused = this.idle.at(-1);
+    if (reused && this.pastReuseLimit(reused)) {
+      this.quit(reused);
+      reused = undefined;
+    }
     if (reused) {
       this.forget(reused);
       try {
@@ -295,6 +311,7 @@ export class SmtpUpstream {
   private connect(signal: AbortSignal): Promise<SMTPConnection> {
     return new Promise((resolve, reject) => {
       const connection = new SMTPConnection(this.options);
+      this.openedAt.set(connection, this.now());
       writeEachMessageAtOnce(connection);
       let settled = false;
       const settle = (err?: Error) => {
@@ -334,12 +351,16 @@ export class SmtpUpstream {
   private release(connection: SMTPConnection): void {
     if (connection.destroyed) {
       connection.close();
-    } else if (this.closed) {
+    } else if (this.closed || this.pastReuseLimit(connection)) {
       this.quit(connection);
     } else {
       this.idle.push(connection);
       this.idleTimers.set(connection, setTimeout(() => this.quit(connection), this.idleMs).unref());
     }
+  }
+
+  private pastReuseLimit(connection: SMTPConnection): boolean {
+    return this.now() - (this.openedAt.get(connection) ?? Number.NEGATIVE_INFINITY) >= REUSE_TIME_LIMIT_MS;
   }
 
   /** RSET after a refused message: the connection goes back to the pool once it is answered. */

@@ -49,6 +49,24 @@ describe('upstream connection pool', () => {
     assert.equal(opened.count, 1);
   });
 
+  test('a connection is reused for 5 minutes after it was opened (on the relay\'s clock), then a new one is opened', async () => {
+    const { relay, opened, send } = await setup();
+    const clock = relay.clock as ManualClock;
+    await send(['a@example.com']);
+    await relay.delivery.runOnce();
+    clock.advance(299_000);
+    await send(['b@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(opened.count, 1, 'reused within the limit');
+    clock.advance(1000);
+    await send(['c@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(opened.count, 2, 'a new connection once the first is 5 minutes old');
+    await send(['d@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(opened.count, 2, 'and that one is reused');
+  });
+
   test('a refused message keeps the connection for the next one (RSET, not a reconnect)', async () => {
     const { upstream, relay, opened, send } = await setup();
     upstream.rcptReply = (address) => (address.startsWith('bad') ? { code: 550, message: 'no such user' } : undefined);
