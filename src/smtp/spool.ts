@@ -35,15 +35,16 @@ export class Spool {
   clear(): void {
     let names: string[];
     try {
-      const link = fs.lstatSync(this.dir);
-      const uid = process.getuid?.();
-      if (link.isSymbolicLink() && uid !== undefined && link.uid !== uid && link.uid !== 0) {
-        throw new SpoolError(`${this.dir} is a symbolic link made by another user (uid ${link.uid}); relayq will not empty what it points to: remove it`);
-      }
+      this.refuseForeignLink('empty');
       names = fs.readdirSync(this.dir);
     } catch (err) {
       if (err instanceof SpoolError) throw err;
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+        // made now rather than at the first large message: relayq's, before another user could
+        // put a link of theirs at this name
+        if (this.after > 0) this.makeDir();
+        return;
+      }
       throw new SpoolError(`cannot read ${this.dir}: ${(err as Error).message}`, { cause: err });
     }
     try {
@@ -53,10 +54,26 @@ export class Spool {
     }
   }
 
-  /** A path for a new file (the directory is made, or made again, here). */
+  /**
+   * A path for a new file (the directory is made, or made again, here). A link that another user
+   * made since the start is refused, as at the start: the file would be theirs to read or swap.
+   */
   newFile(name: string): string {
-    fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    this.makeDir();
+    this.refuseForeignLink('write into');
     return path.join(this.dir, `${name}.${process.pid}.${++this.seq}`);
+  }
+
+  private makeDir(): void {
+    fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+  }
+
+  private refuseForeignLink(action: string): void {
+    const link = fs.lstatSync(this.dir);
+    const uid = process.getuid?.();
+    if (link.isSymbolicLink() && uid !== undefined && link.uid !== uid && link.uid !== 0) {
+      throw new SpoolError(`${this.dir} is a symbolic link made by another user (uid ${link.uid}); relayq will not ${action} what it points to: remove it`);
+    }
   }
 }
 

@@ -180,6 +180,32 @@ test('a spool link that another user made is refused at start, and what it point
   assert.deepEqual(fs.readdirSync(victim), ['keep.txt']);
 });
 
+test('the spool directory is made at start; a link another user puts there later gets no message: 451 4.3.0, nothing stored', {
+  skip: process.getuid?.() === 0 ? false : 'giving a link another owner takes root',
+}, async () => {
+  const relay = await startTestRelay({ spoolAfter: SPOOL_AFTER }, { startDelivery: false });
+  try {
+    const dir = Spool.dirFor(relay.config.databasePath);
+    const made = fs.lstatSync(dir);
+    assert.ok(made.isDirectory() && (made.mode & 0o777) === 0o700, 'relayq\'s own, before any message');
+    // what another user could do in a directory others may write to, had it not been made
+    const theirs = tempDir('relayq-theirs-');
+    fs.rmdirSync(dir);
+    fs.symlinkSync(theirs, dir);
+    fs.lchownSync(dir, 65534, 65534);
+    const before = messageCount(relay);
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354/);
+    c.write(body(3 * SPOOL_AFTER));
+    assert.match(await c.send('.'), /^451 4\.3\.0 /);
+    c.close();
+    assert.equal(messageCount(relay), before);
+    assert.deepEqual(fs.readdirSync(theirs), [], 'nothing written where the link points');
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('a second relay started on the same database, which cannot bind, leaves the running one\'s spool alone', async () => {
   const relay = await startTestRelay({ spoolAfter: SPOOL_AFTER }, { startDelivery: false });
   try {
