@@ -606,8 +606,10 @@ export class DeliveryEngine {
     }
   }
 
-  /** At most once a minute: how many MAIL commands waited for delivery to catch up. */
-  /** At most once a minute; `final` (the stop) logs what was counted since the last line at once. */
+  /**
+   * At most once a minute: how many MAIL commands waited for delivery to catch up; `final` (the
+   * stop) logs what was counted since the last line at once.
+   */
   private notePacing(now: number, final = false): void {
     const { delayed, timedOut, backlog, limit } = this.inFlow.stats();
     if (delayed === this.pacingLogged.delayed || (!final && now - this.pacingLogged.at < PACING_LOG_MS)) return;

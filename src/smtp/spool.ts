@@ -42,7 +42,14 @@ export class Spool {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
         // made now rather than at the first large message: relayq's, before another user could
         // put a link of theirs at this name
-        if (this.after > 0) this.makeDir();
+        if (this.after > 0) {
+          try {
+            this.makeDir();
+          } catch (mkdirErr) {
+            // a link the operator made that points nowhere, say
+            throw new SpoolError(`cannot make ${this.dir}: ${(mkdirErr as Error).message}`, { cause: mkdirErr });
+          }
+        }
         return;
       }
       throw new SpoolError(`cannot read ${this.dir}: ${(err as Error).message}`, { cause: err });

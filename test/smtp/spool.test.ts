@@ -180,6 +180,17 @@ test('a spool link that another user made is refused at start, and what it point
   assert.deepEqual(fs.readdirSync(victim), ['keep.txt']);
 });
 
+test('a spool link that points nowhere stops the start, naming databasePath', async () => {
+  const config = testConfig();
+  const dir = Spool.dirFor(config.databasePath);
+  fs.mkdirSync(path.dirname(dir), { recursive: true });
+  fs.symlinkSync(path.join(tempDir('relayq-gone-'), 'nothing-here'), dir);
+  await assert.rejects(
+    startTestRelay({ databasePath: config.databasePath, emailsDir: config.emailsDir }, { startDelivery: false }),
+    /^Error: databasePath: cannot make .*-spool: ENOENT/,
+  );
+});
+
 test('the spool directory is made at start; a link another user puts there later gets no message: 451 4.3.0, nothing stored', {
   skip: process.getuid?.() === 0 ? false : 'giving a link another owner takes root',
 }, async () => {
