@@ -35,7 +35,7 @@ export class Spool {
   clear(): void {
     let names: string[];
     try {
-      this.refuseForeignLink('empty');
+      this.refuseForeign('empty');
       names = fs.readdirSync(this.dir);
     } catch (err) {
       if (err instanceof SpoolError) throw err;
@@ -67,7 +67,7 @@ export class Spool {
    */
   newFile(name: string): string {
     this.makeDir();
-    this.refuseForeignLink('write into');
+    this.refuseForeign('write into');
     return path.join(this.dir, `${name}.${process.pid}.${++this.seq}`);
   }
 
@@ -75,12 +75,18 @@ export class Spool {
     fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
   }
 
-  private refuseForeignLink(action: string): void {
-    const link = fs.lstatSync(this.dir);
+  /**
+   * A link, or a directory, that a user other than relayq's or root made: its owner could read
+   * the spooled part of messages, or swap it for other bytes before the insert reads it.
+   */
+  private refuseForeign(action: string): void {
+    const entry = fs.lstatSync(this.dir);
     const uid = process.getuid?.();
-    if (link.isSymbolicLink() && uid !== undefined && link.uid !== uid && link.uid !== 0) {
-      throw new SpoolError(`${this.dir} is a symbolic link made by another user (uid ${link.uid}); relayq will not ${action} what it points to: remove it`);
+    if (uid === undefined || entry.uid === uid || entry.uid === 0) return;
+    if (entry.isSymbolicLink()) {
+      throw new SpoolError(`${this.dir} is a symbolic link made by another user (uid ${entry.uid}); relayq will not ${action} what it points to: remove it`);
     }
+    throw new SpoolError(`${this.dir} belongs to another user (uid ${entry.uid}); relayq will not ${action} it: remove it, or give it to relayq's user`);
   }
 }
 

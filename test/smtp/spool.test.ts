@@ -180,6 +180,22 @@ test('a spool link that another user made is refused at start, and what it point
   assert.deepEqual(fs.readdirSync(victim), ['keep.txt']);
 });
 
+test('a spool directory that another user owns is refused at start, and left alone', {
+  skip: process.getuid?.() === 0 ? false : 'giving a directory another owner takes root',
+}, async () => {
+  const config = testConfig();
+  const dir = Spool.dirFor(config.databasePath);
+  fs.mkdirSync(dir, { recursive: true });
+  fs.writeFileSync(path.join(dir, 'theirs.txt'), 'not relayq\'s');
+  fs.chownSync(dir, 65534, 65534);
+  await assert.rejects(
+    // a relay that starts all the same is stopped, so that the failed assertion ends the test
+    startTestRelay({ databasePath: config.databasePath, emailsDir: config.emailsDir }, { startDelivery: false }).then((relay) => relay.stop()),
+    /^Error: databasePath: .*-spool belongs to another user \(uid 65534\); relayq will not empty it/,
+  );
+  assert.deepEqual(fs.readdirSync(dir), ['theirs.txt']);
+});
+
 test('a spool link that points nowhere stops the start, naming databasePath', async () => {
   const config = testConfig();
   const dir = Spool.dirFor(config.databasePath);
