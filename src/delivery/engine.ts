@@ -26,6 +26,7 @@ import { InFlowGate } from './in-flow.js';
 import { exportMissingFailures, type LeftoversContext, removeDeliveredExports, sweepCrashTempFiles } from './leftovers.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
 import { type BatchResult, planCompletion, upstreamVerdict } from './outcomes.js';
+import { settleWithin } from './settle.js';
 import { SmtpUpstream } from './upstream.js';
 
 export interface DeliveryDeps {
@@ -634,18 +635,5 @@ export class DeliveryEngine {
     });
     this.tasks.add(tracked);
     tracked.finally(() => this.tasks.delete(tracked));
-  }
-}
-
-/** Waits until every task settled (including ones added meanwhile) or `ms` passed. */
-async function settleWithin(tasks: Set<Promise<unknown>>, ms: number): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (tasks.size > 0 && Date.now() < deadline) {
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<void>((resolve) => {
-      timer = setTimeout(resolve, Math.max(1, deadline - Date.now()));
-    });
-    await Promise.race([Promise.allSettled([...tasks]), timeout]);
-    clearTimeout(timer);
   }
 }

@@ -16,6 +16,7 @@ import { isLoopback } from '../access-control.js';
 import { libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
 import { type BatchResult, resultFromNodemailer, uniformResult } from './outcomes.js';
+import { settleWithin } from './settle.js';
 
 export interface UpstreamSettings {
   host: string;
@@ -215,12 +216,8 @@ export class SmtpUpstream {
     this.closed = true;
     for (const connection of [...this.idle]) this.quit(connection);
     // a connection whose RSET is answered in time says QUIT too (release, now that the pool is closed)
-    if (this.resetting.size > 0) {
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([Promise.allSettled(this.resetting.values()), new Promise((resolve) => (timer = setTimeout(resolve, QUIT_WAIT_MS)))]);
-      clearTimeout(timer);
-      for (const connection of this.resetting.keys()) connection.close();
-    }
+    await settleWithin(this.resetting, QUIT_WAIT_MS);
+    for (const connection of this.resetting.keys()) connection.close();
     await Promise.allSettled(this.quitting);
   }
 

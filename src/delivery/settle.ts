@@ -1,0 +1,18 @@
+// Bounded waits of the shutdown: for in-flight attempts (the engine) and for upstream sessions
+// still being answered (the pool). Each waited-for promise leaves its collection when it settles.
+
+/**
+ * Waits until every task settled (including ones added meanwhile) or `ms` passed. `tasks` is a
+ * Set of promises, or a Map whose values are, each removed from it once settled.
+ */
+export async function settleWithin(tasks: { readonly size: number; values(): Iterable<Promise<unknown>> }, ms: number): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (tasks.size > 0 && Date.now() < deadline) {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, Math.max(1, deadline - Date.now()));
+    });
+    await Promise.race([Promise.allSettled([...tasks.values()]), timeout]);
+    clearTimeout(timer);
+  }
+}
