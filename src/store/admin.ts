@@ -31,31 +31,27 @@ export async function requeueFailedInSteps(
   filter: RequeueFilter,
   write: (step: RequeueStep) => Promise<number>,
 ): Promise<number> {
-  const progress = { requeued: 0 };
+  let requeued = 0;
   try {
-    await requeueSteps(reader, filter, write, progress);
-    return progress.requeued;
+    if (filter.ids !== undefined) {
+      const ids = [...new Set(filter.ids)];
+      for (let i = 0; i < ids.length; i += REQUEUE_STEP) requeued += await write({ ...filter, ids: ids.slice(i, i + REQUEUE_STEP) });
+      return requeued;
+    }
+    let cursor: FailedScanCursor | null = { finishedAt: filter.since ?? Number.NEGATIVE_INFINITY, id: '' };
+    // A message requeued by an early step that fails again before the walk ends has a later finish
+    // time, so a later step meets it again: it is requeued once per call, not once per meeting.
+    const requeuedIds = new Set<string>();
+    while (cursor) {
+      const page = failedPage(reader, { cursor, limit: REQUEUE_STEP });
+      const ids = page.messages.map((m) => m.id).filter((id) => !requeuedIds.has(id));
+      for (const id of ids) requeuedIds.add(id);
+      if (ids.length > 0) requeued += await write({ ...filter, ids });
+      cursor = page.next;
+    }
+    return requeued;
   } catch (err) {
-    throw progress.requeued > 0 ? new RequeueStopped(progress.requeued, err as Error) : err;
-  }
-}
-
-async function requeueSteps(reader: Sqlite, filter: RequeueFilter, write: (step: RequeueStep) => Promise<number>, progress: { requeued: number }) {
-  if (filter.ids !== undefined) {
-    const ids = [...new Set(filter.ids)];
-    for (let i = 0; i < ids.length; i += REQUEUE_STEP) progress.requeued += await write({ ...filter, ids: ids.slice(i, i + REQUEUE_STEP) });
-    return;
-  }
-  let cursor: FailedScanCursor | null = { finishedAt: filter.since ?? Number.NEGATIVE_INFINITY, id: '' };
-  // A message requeued by an early step that fails again before the walk ends has a later finish
-  // time, so a later step meets it again: it is requeued once per call, not once per meeting.
-  const requeuedIds = new Set<string>();
-  while (cursor) {
-    const page = failedPage(reader, { cursor, limit: REQUEUE_STEP });
-    const ids = page.messages.map((m) => m.id).filter((id) => !requeuedIds.has(id));
-    for (const id of ids) requeuedIds.add(id);
-    if (ids.length > 0) progress.requeued += await write({ ...filter, ids });
-    cursor = page.next;
+    throw requeued > 0 ? new RequeueStopped(requeued, err as Error) : err;
   }
 }
 
