@@ -29,8 +29,8 @@ export class Spool {
   /**
    * Removes what earlier processes left (messages that were never acknowledged). The directory
    * itself stays: it may be a mount point or a link that the operator made (as this user or as
-   * root). A link that another user made (in a directory others may write to) is refused:
-   * emptying would delete whatever that user pointed it at.
+   * root). A link or a directory that another user made (in a directory others may write to)
+   * is refused: emptying would delete whatever that user pointed it at (refuseForeign).
    */
   clear(): void {
     let names: string[];
@@ -42,14 +42,7 @@ export class Spool {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
         // made now rather than at the first large message: relayq's, before another user could
         // put a link of theirs at this name
-        if (this.after > 0) {
-          try {
-            this.makeDir();
-          } catch (mkdirErr) {
-            // a link the operator made that points nowhere, say
-            throw new SpoolError(`cannot make ${this.dir}: ${(mkdirErr as Error).message}`, { cause: mkdirErr });
-          }
-        }
+        if (this.after > 0) this.makeDir();
         return;
       }
       throw new SpoolError(`cannot read ${this.dir}: ${(err as Error).message}`, { cause: err });
@@ -71,8 +64,13 @@ export class Spool {
     return path.join(this.dir, `${name}.${process.pid}.${++this.seq}`);
   }
 
+  /** Fails when, say, the directory is a link the operator made that points nowhere. */
   private makeDir(): void {
-    fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    try {
+      fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    } catch (err) {
+      throw new SpoolError(`cannot make ${this.dir}: ${(err as Error).message}`, { cause: err });
+    }
   }
 
   /**
