@@ -19,7 +19,7 @@ import {
   rateLimitMessage,
 } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
-import { BareLineEndingScanner, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
+import { BareLineEndingScanner, isAscii, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
 import { inputAhead, RelayqSmtpServer } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
 import { certificateWarning, readTlsFiles } from './tls-files.js';
@@ -101,7 +101,7 @@ function refusedPath(path: SMTPServerAddress, smtpUtf8: boolean, sender: boolean
   if (!sender && /^postmaster$/i.test(address)) return null;
   if (!isValidAddress(address, sender)) return reply(501, `5.1.3 Bad ${sender ? 'sender' : 'recipient'} address syntax`);
   const local = address.slice(0, address.lastIndexOf('@'));
-  if (!smtpUtf8 && /[^\x00-\x7f]/.test(local)) return reply(553, '5.6.7 Must declare SMTPUTF8 to send unicode address');
+  if (!smtpUtf8 && !isAscii(local)) return reply(553, '5.6.7 Must declare SMTPUTF8 to send unicode address');
   return null;
 }
 

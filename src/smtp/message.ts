@@ -22,9 +22,13 @@ export function isValidAddress(address: string, allowEmpty: boolean): boolean {
   return literal !== null && (literal[1] ? net.isIPv6(literal[2]) : net.isIPv4(literal[2]));
 }
 
+export function isAscii(text: string): boolean {
+  return /^[\x00-\x7f]*$/.test(text);
+}
+
 /** No label starts or ends with '-' (as written: an internationalized one too), none is over 63 octets in ASCII. */
 function validLabels(domain: string): boolean {
-  const ascii = /^[\x00-\x7f]*$/.test(domain) ? domain : domainToASCII(domain);
+  const ascii = isAscii(domain) ? domain : domainToASCII(domain);
   if (ascii === '') return false;
   return domain.split('.').every((label) => !label.startsWith('-') && !label.endsWith('-')) && ascii.split('.').every((label) => label.length <= 63);
 }
@@ -147,7 +151,7 @@ export function receivedHeader(info: ReceivedInfo): Buffer {
  */
 function traceAddress(address: string): string {
   const at = address.lastIndexOf('@');
-  if (at < 0 || /^[\x00-\x7f]*$/.test(address)) return address;
+  if (at < 0 || isAscii(address)) return address;
   return `${address.slice(0, at)}@${domainToASCII(address.slice(at + 1)) || sanitize(address.slice(at + 1))}`;
 }
 
