@@ -19,9 +19,9 @@
 // 6. Every reply of 400 and above, smtp-server's own included, is reported to the server's
 //    `onRefusal`, so that the session's closing log line can list what was refused.
 // 7. After an AUTH that was refused (relayq's 538 and 503, smtp-server's 503 and 504) the client
-//    may still send its credentials (the base64 lines of LOGIN, a PLAIN response): so after any
-//    AUTH the next two lines that are not SMTP commands are logged masked at debug, as
-//    smtp-server masks the lines of an AUTH exchange.
+//    may still send its credentials (the base64 lines of LOGIN, a PLAIN response), also after
+//    cancelling one with `*`: so after any AUTH every line up to the next SMTP command is logged
+//    masked at debug, as smtp-server masks the lines of an AUTH exchange.
 // 8. A client that shuts down its sending side after its last command (`nc -N`, a script that
 //    half-closes after `.` or QUIT) still gets the replies to what it sent, as Postfix gives
 //    them: the listener keeps the socket half-open (intake sets `allowHalfOpen`), replies are
@@ -118,15 +118,12 @@ class RelayqConnection extends SMTPConnection {
   }
 
   private corked = false;
-  /** Lines still to mask after an AUTH command (module comment, 7). */
-  private credentialLines = 0;
+  /** Whether lines are masked until the next command, after an AUTH (module comment, 7). */
+  private afterAuth = false;
 
   _redactCredentials(commandName: string, line: string): { commandName: string; line: string } {
-    if (this.credentialLines > 0 && !COMMANDS.has(commandName)) {
-      this.credentialLines--;
-      return { commandName: 'AUTH', line: '/* secured */' };
-    }
-    this.credentialLines = commandName === 'AUTH' ? 2 : 0;
+    if (this.afterAuth && !COMMANDS.has(commandName)) return { commandName: 'AUTH', line: '/* secured */' };
+    this.afterAuth = commandName === 'AUTH';
     return redactCredentials.call(this, commandName, line);
   }
 

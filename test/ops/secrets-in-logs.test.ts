@@ -117,7 +117,7 @@ test('a secret that is not set is logged empty, not as [redacted]', () => {
   assert.equal(line.password, '');
 });
 
-test('credentials a client sends after its AUTH was refused (538, 503, 504) are masked at debug', async () => {
+test('credentials a client sends after its AUTH was refused (538, 503, 504) or cancelled are masked at debug', async () => {
   const password = secret('after-refusal');
   const { logger, lines } = capturedLog('debug', createLogger);
   const relay = await startTestRelay(
@@ -153,6 +153,11 @@ test('credentials a client sends after its AUTH was refused (538, 503, 504) are 
     await c.send('EHLO client.test');
     assert.match(await c.send('AUTH XOAUTH2'), /^504 /);
     assert.match(await c.send(base64(password)), /^5/);
+    // a LOGIN cancelled with `*`, then both lines sent all the same
+    assert.match(await c.send('AUTH LOGIN'), /^334 /);
+    assert.match(await c.send('*'), /^501 /);
+    assert.match(await c.send(base64('app')), /^5/);
+    assert.match(await c.send(base64(password)), /^5/);
     assert.match(await c.send(`AUTH PLAIN ${base64(`\0app\0${password}`)}`), /^235 /);
     assert.match(await c.send('AUTH LOGIN'), /^503 /);
     assert.match(await c.send(base64(password)), /^5/);
@@ -164,6 +169,6 @@ test('credentials a client sends after its AUTH was refused (538, 503, 504) are 
   const output = lines.join('\n');
   assert.deepEqual(leaks(output, password, 'app'), []);
   assert.deepEqual(leaks(output.toUpperCase(), base64(password).toUpperCase()), [], 'nor upper-cased as a command name');
-  assert.equal(output.split('"msg":"C: /* secured */"').length - 1, 6, 'the six credential lines, masked');
+  assert.equal(output.split('"msg":"C: /* secured */"').length - 1, 9, 'the nine lines after AUTH commands, masked');
   assert.ok(output.includes('"msg":"C: NOOP"'), 'the command after them is logged as usual');
 });
