@@ -494,7 +494,7 @@ export class SmtpIntake {
     if (this.graceOver) return cb(shuttingDown());
     const { config, clock, commits } = this.deps;
     const log = this.deps.logger;
-    const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
+    const mailFrom = session.envelope.mailFrom ? decodeIdnDomain(session.envelope.mailFrom.address) : '';
     // smtp-server merged the recipients that differ only in case; two spellings of one xn--
     // domain meet only here, once decoded
     const recipients = uniqueIgnoringCase(session.envelope.rcptTo.map((r) => decodeIdnDomain(r.address)));

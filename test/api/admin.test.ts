@@ -4,7 +4,7 @@ import Database from 'better-sqlite3';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { capturedLog, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, openSession, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { REQUEUE_STEP, type RequeueStep, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
@@ -30,6 +30,17 @@ interface Page {
 
 async function send(relay: Relay, from: string, to: string[]): Promise<string> {
   return queueIdOf((await sendMail(relay.smtpPort, { from, to })).response);
+}
+
+/** Like send, with the addresses exactly as written (nodemailer lower-cases and encodes domains). */
+async function sendAsWritten(relay: Relay, from: string, to: string[]): Promise<string> {
+  const c = await openSession(relay.smtpPort, from, to);
+  try {
+    await c.send('DATA');
+    return queueIdOf(await c.send('Subject: as written\r\n\r\nbody\r\n.'));
+  } finally {
+    c.close();
+  }
 }
 
 function options(clock: ManualClock) {
@@ -246,12 +257,15 @@ describe('admin: queue inspection', () => {
       }
       // an xn-- domain is stored decoded however the client wrote it, and found in either form
       // (two spellings of one address are one recipient)
-      const idn = await send(relay, 'x@example.com', ['bob@XN--MNCHEN-3YA.DE', 'carl@xn--mnchen-3ya.de', 'bob@xn--mnchen-3ya.de']);
+      const idn = await sendAsWritten(relay, 'x@example.com', ['bob@XN--MNCHEN-3YA.DE', 'carl@xn--mnchen-3ya.de', 'bob@xn--mnchen-3ya.de']);
       assert.deepEqual(
         relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ? ORDER BY seq').pluck().all(idn),
         ['bob@münchen.de', 'carl@münchen.de'],
       );
       assert.equal(relay.store.sqlite.prepare('SELECT recipient_count FROM messages WHERE id = ?').pluck().get(idn), 2);
+      // so is the sender's
+      const fromIdn = await sendAsWritten(relay, 'Alice@XN--MNCHEN-3YA.DE', ['x@example.com']);
+      assert.equal(relay.store.sqlite.prepare('SELECT mail_from FROM messages WHERE id = ?').pluck().get(fromIdn), 'Alice@münchen.de');
       for (const query of ['bob@münchen.de', 'bob@xn--mnchen-3ya.de', 'carl@XN--MNCHEN-3YA.DE', 'Carl@münchen.DE']) {
         const res = await call<Page>(relay, `/admin/messages?recipient=${encodeURIComponent(query)}`);
         assert.deepEqual(res.body.messages.map((m) => m.id), [idn], query);
