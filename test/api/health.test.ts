@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import { storeMetrics } from '../../src/store/queries.js';
@@ -206,6 +207,33 @@ describe('GET /health', () => {
       const recovered = await call<Health>(relay, '/health');
       assert.equal(recovered.status, 200);
       assert.equal(recovered.body.details.database, 'ok');
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('error and 503 on every check while the database file cannot be written (an I/O error at commit)', async (t) => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    const wal = `${relay.config.databasePath}-wal`;
+    try {
+      assert.equal((await call<Health>(relay, '/health')).body.status, 'ok');
+      const counted = () => relay.store.sqlite.prepare("SELECT value FROM counters WHERE name = 'health_checks'").pluck().get();
+      assert.equal(counted(), 1, 'each check commits a change, which the commit must write to the disk');
+      // The immutable flag makes every write to the open WAL fail (EPERM): SQLite reports an I/O
+      // error, as on a file system remounted read-only after an error.
+      if (spawnSync('chattr', ['+i', wal]).status !== 0) return t.skip('chattr +i is not available here (needs root and ext4)');
+      try {
+        for (let i = 0; i < 3; i++) {
+          const { status, body } = await call<Health>(relay, '/health');
+          assert.equal(status, 503, `check ${i + 1}`);
+          assert.ok(body.details.warnings.some((w) => w.startsWith('database is not writable')), body.details.warnings.join('; '));
+        }
+        await assert.rejects(sendMail(relay.smtpPort), /451/);
+      } finally {
+        spawnSync('chattr', ['-i', wal]);
+      }
+      await sendMail(relay.smtpPort);
+      assert.equal((await call<Health>(relay, '/health')).status, 200);
     } finally {
       await relay.stop();
     }
