@@ -306,7 +306,7 @@ export class DeliveryEngine {
     if (!this.running || this.stopping) return;
     const free = this.config.workerCount - this.busySlots;
     if (free <= 0 || performance.now() < this.claimsPausedUntil) return;
-    if (!hasDueWork(this.deps.sqlite, this.deps.clock.now())) return;
+    if (!hasDueWork(this.deps.sqlite, this.deps.clock.now(), this.held())) return;
     this.busySlots += free;
     const task = this.claim(free).then(
       (claimed) => {
@@ -355,7 +355,13 @@ export class DeliveryEngine {
       batchSize: this.upstream ? config.batchSize : Number.POSITIVE_INFINITY,
       limit,
       maxAttempts: config.retry.maxAttempts,
+      held: this.held(),
     });
+  }
+
+  /** The messages of the attempts in progress. */
+  private held(): string[] {
+    return Array.from(this.active.values(), (a) => a.claim.messageId);
   }
 
   /**

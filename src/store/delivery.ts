@@ -59,6 +59,8 @@ export interface ClaimOptions {
   /** Recipients that already used this many attempts without a result are failed, not sent. */
   maxAttempts: number;
   newToken: () => string;
+  /** Messages this process is sending now: never claimed again, even when their lease looks expired. */
+  held?: readonly string[];
 }
 
 export interface ClaimResult {
@@ -67,12 +69,19 @@ export interface ClaimResult {
 }
 
 /** True when something is due now: a cheap read that spares the poller an empty write. */
-export function hasDueWork(sqlite: Sqlite, now: number): boolean {
-  const row = prepared(
-    sqlite,
-    `SELECT EXISTS (SELECT 1 ${DUE}) OR EXISTS (SELECT 1 ${EXPIRED}) AS due`,
-  ).get(now, now) as { due: number };
-  return row.due === 1;
+export function hasDueWork(sqlite: Sqlite, now: number, held: readonly string[] = []): boolean {
+  const row = prepared(sqlite, `SELECT EXISTS (SELECT 1 ${DUE}) AS due`).get(now) as { due: number };
+  return row.due === 1 || expiredClaims(sqlite, now, 1, held).length > 0;
+}
+
+/**
+ * Messages whose lease ran out by `now`, up to `limit`, except those this process holds: the lease
+ * is a wall-clock time, so a clock stepped forward by more than it during an attempt makes the
+ * attempt's own message look abandoned (its attempt still ends on time, on a timer).
+ */
+function expiredClaims(sqlite: Sqlite, now: number, limit: number, held: readonly string[]): Array<{ id: string }> {
+  const rows = prepared(sqlite, SELECT_EXPIRED_SQL).all(now, limit + held.length) as Array<{ id: string }>;
+  return (held.length ? rows.filter((r) => !held.includes(r.id)) : rows).slice(0, limit);
 }
 
 /**
@@ -95,7 +104,7 @@ export function countDueQueued(sqlite: Sqlite, now: number, limit: number): numb
  */
 export function claimDueBatches(sqlite: Sqlite, options: ClaimOptions): ClaimResult {
   const { now, limit } = options;
-  const expired = prepared(sqlite, SELECT_EXPIRED_SQL).all(now, limit) as Array<{ id: string }>;
+  const expired = expiredClaims(sqlite, now, limit, options.held ?? []);
   const due =
     expired.length < limit ? (prepared(sqlite, SELECT_DUE_SQL).all(now, limit - expired.length) as Array<{ id: string }>) : [];
   const result: ClaimResult = { batches: [], finalized: [] };

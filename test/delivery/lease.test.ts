@@ -11,7 +11,7 @@ import {
   SELECT_DUE_SQL,
   SELECT_EXPIRED_SQL,
 } from '../../src/store/delivery.js';
-import { capturedLog, holdWriteLock, sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, holdWriteLock, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('claims and leases', () => {
@@ -223,6 +223,37 @@ describe('claims and leases', () => {
       assert.match(p, new RegExp(`SEARCH messages USING (COVERING )?INDEX ${index} \\(`), p);
       assert.doesNotMatch(p, /TEMP B-TREE/, 'rows come in index order, no sort of the backlog');
     }
+  });
+
+  test('a clock stepped forward past the lease during an attempt does not hand its message to another worker', async () => {
+    // the upstream holds the first DATA until told to answer
+    let answer: (() => void) | undefined;
+    let transactions = 0;
+    const upstream = await startUpstream({
+      onData(stream, _session, cb) {
+        transactions++;
+        stream.resume();
+        stream.on('end', () => (answer ? cb() : (answer = () => cb())));
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const clock = new ManualClock();
+    const { logger, lines } = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 60, workerCount: 4 },
+      { clock, logger, deliveryPollMs: 10 },
+    );
+    cleanup.push(() => relay.stop());
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw: 'Subject: step\r\n\r\nbody\r\n' })).response);
+    await waitFor(() => answer !== undefined, 10_000, 'the upstream to hold DATA');
+    clock.advance(3_600_000); // an NTP step or a resumed VM: the lease has run out by the wall clock
+    // the poller looks every 10 ms; another worker would claim the message within a few polls
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(message(relay, id).claims, 1, 'claimed once');
+    answer?.();
+    await waitFor(() => message(relay, id).state === 'delivered', 10_000, 'delivery');
+    assert.equal(transactions, 1, 'sent once');
+    assert.ok(!lines.some((l) => l.includes('delivery.lease_lost')), 'the attempt kept its lease');
   });
 
   test('shutdown releases an unfinished claim: due again at once, delivered by the next start', async () => {
