@@ -8,6 +8,7 @@ import * as rateHours from './004_rate_hours.js';
 import * as recipientAddressNocase from './005_recipient_address_nocase.js';
 import * as messageBodies from './006_message_bodies.js';
 import * as upstreamFailures from './007_upstream_failures.js';
+import * as processingTimeFloor from './008_processing_time_floor.js';
 
 export const migrations: Record<string, Migration> = {
   '001_initial': initial,
@@ -17,4 +18,5 @@ export const migrations: Record<string, Migration> = {
   '005_recipient_address_nocase': recipientAddressNocase,
   '006_message_bodies': messageBodies,
   '007_upstream_failures': upstreamFailures,
+  '008_processing_time_floor': processingTimeFloor,
 };

@@ -1,8 +1,12 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import path from 'node:path';
 import { describe, test } from 'node:test';
+import Database from 'better-sqlite3';
+import { migrations } from '../../migrations/index.js';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
+import { kyselyFor, migrateToLatest } from '../../src/store/db.js';
 import { closedPort, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call } from './fixtures.js';
 
@@ -151,6 +155,44 @@ describe('GET /metrics', () => {
     } finally {
       await second.stop();
       await upstream.close();
+    }
+  });
+
+  test('a clock stepped back between receipt and delivery adds no processing time; the Prometheus form still renders', async () => {
+    const clock = new ManualClock();
+    const upstream = await rejectingUpstream();
+    const relay = await startTestRelay(config(upstream.port), relayOptions(clock));
+    try {
+      await sendMail(relay.smtpPort, { to: ['ok1@example.com'] });
+      clock.advance(2000);
+      await relay.delivery.runOnce();
+      const id = /queued as ([0-9A-F]+)/.exec((await sendMail(relay.smtpPort, { to: ['ok2@example.com'] })).response)?.[1];
+      clock.advance(-3_600_000);
+      // due an hour from now by the stepped clock, so an operator sends it at once; it is
+      // delivered "an hour before" it was received
+      assert.equal((await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' })).status, 200);
+      await relay.delivery.runOnce();
+      assert.equal(relay.store.sqlite.prepare("SELECT COUNT(*) FROM messages WHERE state = 'delivered'").pluck().get(), 2);
+      assert.equal((await call(relay, '/metrics')).body.avg_processing_time_ms, 1000);
+      const { status, body } = await call<string>(relay, '/metrics?format=prometheus');
+      assert.equal(status, 200, body);
+      assert.match(body, /^relayq_message_processing_seconds_total 2$/m);
+    } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
+  test('the upgrade to 008 starts a processing-time total that a stepped clock made negative again at 0', async () => {
+    const sqlite = new Database(path.join(tempDir(), 'old.db'));
+    const db = kyselyFor(sqlite);
+    try {
+      await migrateToLatest(db, Object.fromEntries(Object.entries(migrations).filter(([name]) => name < '008')));
+      sqlite.prepare("UPDATE counters SET value = -3598000 WHERE name = 'processing_ms_total'").run();
+      assert.deepEqual(await migrateToLatest(db), ['008_processing_time_floor']);
+      assert.equal(sqlite.prepare("SELECT value FROM counters WHERE name = 'processing_ms_total'").pluck().get(), 0);
+    } finally {
+      await db.destroy();
     }
   });
 

@@ -124,7 +124,7 @@ test('the upgrade moves every stored message into message_bodies, and the relay 
     { id: 'E', state: 'delivered', raw: null, rcpt: 'e@example.net' },
   ]);
 
-  assert.deepEqual(await migrateToLatest(db), ['006_message_bodies', '007_upstream_failures']);
+  assert.deepEqual(await migrateToLatest(db), ['006_message_bodies', '007_upstream_failures', '008_processing_time_floor']);
   const columns = (sqlite.prepare('PRAGMA table_info(messages)').all() as Array<{ name: string }>).map((c) => c.name);
   assert.ok(!columns.includes('raw') && columns.includes('body_id'), columns.join(', '));
   assert.deepEqual(messageRaw(sqlite, 'Q')?.raw, queued);
