@@ -135,8 +135,12 @@ export class DeliveryEngine {
   private poll: NodeJS.Timeout | undefined;
   /** The second look for temp files a crash left (see start). */
   private tempSweep: NodeJS.Timeout | undefined;
+  /** performance.now() of the last look for failed mail to requeue. */
   private requeueCheckedAt = Number.NEGATIVE_INFINITY;
-  /** failedRetryInterval: failed messages finished at or before this were looked at already. */
+  /**
+   * failedRetryInterval: failed messages finished at or before this were looked at already. After
+   * a clock stepped back it moves back too: mail that fails then is finished "before" it.
+   */
   private requeueWatermark = Number.NEGATIVE_INFINITY;
   private requeueing = false;
   private pacingLogged = { at: Number.NEGATIVE_INFINITY, delayed: 0, timedOut: 0 };
@@ -285,8 +289,8 @@ export class DeliveryEngine {
   private tick(): void {
     if (!this.running || this.stopping) return;
     const now = this.deps.clock.now();
-    if (this.config.failedRetryInterval > 0 && now - this.requeueCheckedAt >= REQUEUE_CHECK_MS) {
-      this.requeueCheckedAt = now;
+    if (this.config.failedRetryInterval > 0 && performance.now() - this.requeueCheckedAt >= REQUEUE_CHECK_MS) {
+      this.requeueCheckedAt = performance.now();
       this.track(this.requeueTemporaryFailures(false));
     }
     if (this.inFlow.delayMs > 0) {
@@ -605,7 +609,7 @@ export class DeliveryEngine {
         }
         cursor = step.next;
       }
-      this.requeueWatermark = Math.max(this.requeueWatermark, finishedBefore);
+      this.requeueWatermark = finishedBefore;
       if (requeued > 0) this.wake();
       return requeued;
     } finally {

@@ -7,7 +7,7 @@ import { backoffDelayMs, giveUpReason } from '../../src/delivery/retry-policy.js
 import type { Relay } from '../../src/main.js';
 import { openStore } from '../../src/store/db.js';
 import { FAILED_SCAN_SQL, findTemporaryFailures, requeueTemporaryFailures } from '../../src/store/delivery.js';
-import { sendMail, startTestRelay, tempDir } from '../helpers.js';
+import { sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { attempts, failedExportExists, message, NO_JITTER, queuedId, readFailedExport, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('retry policy', () => {
@@ -237,6 +237,29 @@ describe('retries against a real upstream, with an injected clock', () => {
       upstream.rcpts.filter((a) => a === 'p@example.com'),
       ['p@example.com'],
     );
+  });
+
+  test('failedRetryInterval still requeues mail that failed after the clock was stepped back', async () => {
+    const clock = new ManualClock();
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    await upstream.goDown();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { maxAttempts: 1 }, failedRetryInterval: 10 },
+      { clock, deliveryPollMs: 20 },
+    );
+    cleanup.push(() => relay.stop());
+    const claims = (id: string) => message(relay, id).claims;
+    const failed = (id: string) => message(relay, id).state === 'failed';
+    const first = await queue(relay, ['a@example.com']);
+    await waitFor(() => failed(first), 10_000, 'the first failure');
+    clock.advance(10_000);
+    await waitFor(() => claims(first) === 2 && failed(first), 10_000, 'the first requeue, and its failure');
+    clock.advance(-3_600_000);
+    const second = await queue(relay, ['b@example.com']);
+    await waitFor(() => failed(second), 10_000, 'a failure after the step back');
+    clock.advance(10_000);
+    await waitFor(() => claims(second) === 2, 10_000, 'its requeue, an interval later');
   });
 });
 
