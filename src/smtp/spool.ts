@@ -27,8 +27,8 @@ export class Spool {
   }
 
   /**
-   * Removes what earlier processes left (messages that were never acknowledged). The directory
-   * itself stays: it may be a mount point or a link that the operator made (as this user or as
+   * Removes what earlier processes left (messages that were never acknowledged), and checks that
+   * relayq can write there when it spools. The directory itself stays: it may be a mount point or a link that the operator made (as this user or as
    * root). A link or a directory that another user made (in a directory others may write to)
    * is refused: emptying would delete whatever that user pointed it at (refuseForeign).
    */
@@ -49,8 +49,10 @@ export class Spool {
     }
     try {
       for (const name of names) fs.rmSync(path.join(this.dir, name), { recursive: true, force: true });
+      // else every message larger than spoolAfter would get 451, for as long as relayq runs
+      if (this.after > 0) fs.accessSync(this.dir, fs.constants.W_OK | fs.constants.X_OK);
     } catch (err) {
-      throw new SpoolError(`cannot empty ${this.dir}: ${(err as Error).message}`, { cause: err });
+      throw new SpoolError(`cannot empty or write into ${this.dir}: ${(err as Error).message}`, { cause: err });
     }
   }
 

@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -194,6 +195,24 @@ test('a spool directory that another user owns is refused at start, and left alo
     /^Error: databasePath: .*-spool belongs to another user \(uid 65534\); relayq will not empty it/,
   );
   assert.deepEqual(fs.readdirSync(dir), ['theirs.txt']);
+});
+
+test('a spool directory relayq cannot write into stops the start, naming databasePath', async (t) => {
+  const config = testConfig();
+  const dir = Spool.dirFor(config.databasePath);
+  fs.mkdirSync(dir, { recursive: true });
+  // immutable: no one may write into it, root included (a mode would not stop root)
+  if (spawnSync('chattr', ['+i', dir]).status !== 0) return t.skip('chattr +i is not available here (needs root and ext4)');
+  try {
+    await assert.rejects(
+      startTestRelay({ databasePath: config.databasePath, emailsDir: config.emailsDir, spoolAfter: SPOOL_AFTER }, { startDelivery: false }).then((relay) =>
+        relay.stop(),
+      ),
+      /^Error: databasePath: cannot empty or write into .*-spool: EPERM/,
+    );
+  } finally {
+    spawnSync('chattr', ['-i', dir]);
+  }
 });
 
 test('a spool link that points nowhere stops the start, naming databasePath', async () => {
