@@ -25,7 +25,12 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     const written: string[] = [];
     for (;;) {
       for (const { id } of page.messages) {
-        const file = await exportFailedMessage(sqlite, target, id, systemClock.now());
+        let file: string | undefined;
+        try {
+          file = await exportFailedMessage(sqlite, target, id, systemClock.now());
+        } catch (err) {
+          throw new CliError(`cannot export ${id} into ${target} (${written.length} exported before it): ${(err as Error).message}`);
+        }
         if (file) written.push(file);
       }
       if (page.nextBefore === null) return written;

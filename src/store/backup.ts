@@ -48,7 +48,9 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
     return { file, bytes: fs.statSync(file).size, ...checked, durationMs: Date.now() - started };
   } catch (err) {
     fs.rmSync(partial, { force: true });
-    throw err;
+    if (err instanceof BackupError) throw err;
+    // a full disk says only "database or disk is full": name the copy, not the live database
+    throw new BackupError(`cannot write ${target}: ${(err as Error).message}`, { cause: err });
   }
 }
 

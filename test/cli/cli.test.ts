@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -167,6 +168,22 @@ describe('relayq CLI on the database of a running relay', () => {
     const doc = JSON.parse(fs.readFileSync(path.join(dir, 'export', `${id}.json`), 'utf8'));
     assert.equal(doc.id, id);
     assert.match(Buffer.from(doc.raw, 'base64').toString(), new RegExp(`id ${id}`));
+  });
+
+  test('export-failed and backup into a directory that cannot be written name what they were writing', async (t) => {
+    const locked = path.join(dir, 'locked');
+    fs.mkdirSync(locked);
+    // immutable: no one may write into it, root included (as on a full or read-only disk, the
+    // write itself fails)
+    if (spawnSync('chattr', ['+i', locked]).status !== 0) return t.skip('chattr +i is not available here (needs root and ext4)');
+    try {
+      const [exported, backup] = await Promise.all([cli('export-failed', locked), cli('backup', path.join(locked, 'copy.db'))]);
+      assertOneLineError(exported, /^relayq: cannot export [0-9A-F]+ into .*locked \(0 exported before it\): EPERM/);
+      assertOneLineError(backup, /^relayq: backup failed: cannot write .*locked\/copy\.db: EPERM/);
+      assert.deepEqual(fs.readdirSync(locked), []);
+    } finally {
+      spawnSync('chattr', ['-i', locked]);
+    }
   });
 
   test('bad input exits non-zero with one line that says why, and changes nothing', async () => {
