@@ -29,6 +29,8 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
         try {
           file = await exportFailedMessage(sqlite, target, id, systemClock.now());
         } catch (err) {
+          // a file system error; the database's own (a schema that needs migrating) pass as they are
+          if ((err as NodeJS.ErrnoException).syscall === undefined) throw err;
           throw new CliError(`cannot export ${id} into ${target} (${written.length} exported before it): ${(err as Error).message}`);
         }
         if (file) written.push(file);
