@@ -65,15 +65,23 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
   const response = typeof e.response === 'string' && e.response.trim() ? e.response.trim() : '';
   // An aborted attempt says why in its cause (the attempt deadline, or shutdown).
   const message = errorCode === 'EABORT' && e.cause instanceof Error ? e.cause.message : typeof e.message === 'string' ? e.message : String(err);
-  const reply = response || (errorCode ? `${errorCode}: ${message}` : message);
+  const reply = shortReply(response || (errorCode ? `${errorCode}: ${message}` : message));
   const aboutMessage = MESSAGE_ERROR_CODES.has(errorCode);
   // 503 (bad sequence of commands) and 530 (authentication required: relayq has no or the
   // wrong credentials) are about the session, not the message.
   if (aboutMessage && code !== null) return { temporary: code < 500 || code === 503 || code === 530, code, reply };
   // A message error without a reply is a refusal before sending (relayq's SIZE or SMTPUTF8 check,
-  // or nodemailer's, e.g. an address it cannot encode): retrying will not help.
-  if (aboutMessage) return { temporary: false, code: null, reply };
+  // or nodemailer's, e.g. an address it cannot encode): retrying will not help. A reply that is
+  // no SMTP reply (no code, or 999) refuses nothing.
+  if (aboutMessage && !response) return { temporary: false, code: null, reply };
   return { temporary: true, code, reply };
+}
+
+/** Replies are kept to this many characters (Postfix's line_length_limit): they are stored per recipient and logged. */
+const REPLY_LIMIT = 2048;
+
+function shortReply(reply: string): string {
+  return reply.length <= REPLY_LIMIT ? reply : `${reply.slice(0, REPLY_LIMIT)}… (${reply.length} characters)`;
 }
 
 /**
@@ -116,7 +124,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
     const rejections = new Map<string, ErrorClass>();
     for (const r of info.rejectedErrors ?? []) if (r.recipient) rejections.set(r.recipient, classifyRcptRefusal(r));
     const rejected = new Set((info.rejected ?? []).map(addressOf));
-    const response = (info.response ?? '').trim();
+    const response = shortReply((info.response ?? '').trim());
     const code = replyCode(response);
     const recipients = rcpts.map((key): RecipientResult => {
       if (accepted.has(key)) return { verdict: 'delivered', code, reply: response };

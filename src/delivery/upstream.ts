@@ -106,6 +106,29 @@ function writeEachMessageAtOnce(connection: SMTPConnection): void {
   };
 }
 
+/**
+ * The reply to DATA must be `354` (RFC 5321 §4.1.1.4), as Postfix requires; nodemailer also goes
+ * ahead on a 2xx, for servers said to send `250` there. A 2xx there mostly means that the replies
+ * are out of step with the commands (an upstream that sent one line too many, such as a second
+ * greeting line): the message would go out, the `354` would then be read as the reply to the
+ * final dot, and every retry would deliver it again. So the transaction ends before the message
+ * is sent, as a temporary failure, and the connection is closed. The hook is nodemailer's private
+ * `_actionDATA`; without it nothing changes.
+ */
+function requireGoAheadForData(connection: SMTPConnection): void {
+  type Callback = (err: Error | null, info?: unknown) => void;
+  const internals = connection as unknown as { _actionDATA?: (reply: string, callback: Callback) => void };
+  const action = internals._actionDATA;
+  if (typeof action !== 'function') return;
+  internals._actionDATA = function (this: unknown, reply: string, callback: Callback) {
+    action.call(this, reply, (err, info) => {
+      if (err || reply.startsWith('3')) return callback(err, info);
+      const message = `the upstream answered DATA with "${reply.slice(0, 200)}" instead of 354: its replies are out of step with the commands`;
+      callback(Object.assign(new Error(message), { code: 'EPROTOCOL' }));
+    });
+  };
+}
+
 /** Whether the upstream's EHLO reply offered an extension (as nodemailer parsed it). */
 function offers(connection: SMTPConnection, extension: string): boolean {
   return ((connection as unknown as { _supportedExtensions?: string[] })._supportedExtensions ?? []).includes(extension);
@@ -293,8 +316,10 @@ export class SmtpUpstream {
           e.rejectedErrors = envelopeState.rejectedErrors;
         }
         if (leftOut.length) e.rejectedErrors = [...(e.rejectedErrors ?? []), ...leftOut];
-        if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && e.responseCode !== 421 && !connection.destroyed) {
-          // the upstream refused this message; the session itself is fine
+        const refusal = typeof e.responseCode === 'number' && e.responseCode >= 400 && e.responseCode < 600 && e.responseCode !== 421;
+        if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && refusal && !connection.destroyed) {
+          // the upstream refused this message; the session itself is fine (another reply, such
+          // as a 354 to the final dot, says it is not)
           this.reset(connection);
         } else {
           connection.close();
@@ -310,6 +335,7 @@ export class SmtpUpstream {
       const connection = new SMTPConnection(this.options);
       this.openedAt.set(connection, this.now());
       writeEachMessageAtOnce(connection);
+      requireGoAheadForData(connection);
       let settled = false;
       const settle = (err?: Error) => {
         if (settled) return;

@@ -4,7 +4,8 @@
 // when the test says so). It records what it received, answered or not, so a test can count deliveries.
 import net from 'node:net';
 
-export type Greeting = 'ok' | 'silent' | { reply: string };
+/** 'twice': a second `220` line after the first, one reply too many: every later reply is one out of step. */
+export type Greeting = 'ok' | 'silent' | 'twice' | { reply: string };
 export type StartTls = 'not-offered' | { reply: string } | 'garbage-handshake';
 /** `until`: accept once the promise settles (an upstream that thinks for as long as the test wants). */
 export type DataEnd = 'ok' | 'drop' | 'silent' | { reply: string } | { until: Promise<void> };
@@ -78,6 +79,7 @@ export async function startMisbehavingUpstream(port = 0): Promise<MisbehavingUps
       return;
     }
     say('220 upstream.test ESMTP misbehaving');
+    if (b.greeting === 'twice') say('220 upstream.test second banner line');
 
     let buffer = Buffer.alloc(0);
     let inData = false;

@@ -256,6 +256,28 @@ describe('upstream faults', () => {
     assertNoClaimLeft(relay);
   });
 
+  test('a reply that is no SMTP reply, to RCPT or to the final dot → deferred, not failed', async () => {
+    await deferThenHeal({ rcpt: () => 'HELLO THIS IS NOT SMTP' }, /^HELLO THIS IS NOT SMTP$/, null);
+    await deferThenHeal({ dataEnd: { reply: '999 what is this' } }, /^999 what is this$/, null);
+  });
+
+  test('replies out of step with the commands (a second greeting line): the message is not sent until they are in step', async () => {
+    // DATA gets the last RCPT's 250; going ahead would send the message, read the 354 as the
+    // reply to the final dot, and send it again at every retry
+    const { upstream } = await deferThenHeal({ greeting: 'twice' }, /^EPROTOCOL: the upstream answered DATA with "250 [^"]*" instead of 354/, null);
+    assert.equal(upstream.transactions.length, 1, 'no message went out while out of step');
+  });
+
+  test('a very long reply is kept to 2,048 characters in the database', async () => {
+    const { relay, upstream } = await setup();
+    upstream.behaviour = { ...WELL_BEHAVED, dataEnd: { reply: `554 5.6.0 ${'x'.repeat(100_000)}` } };
+    const id = await queue(relay, ['one@example.com']);
+    await relay.delivery.runOnce();
+    const { recipients, attempts } = rows(relay, id);
+    const kept = `554 5.6.0 ${'x'.repeat(2038)}… (100010 characters)`;
+    assert.deepEqual([recipients[0].status, recipients[0].last_code, recipients[0].last_reply, attempts[0].reply], ['failed', 554, kept, kept]);
+  });
+
   test('5xx to DATA → every recipient of the batch failed at once, exported, never retried', async () => {
     const { clock, relay, upstream } = await setup();
     upstream.behaviour = { ...WELL_BEHAVED, dataEnd: { reply: '554 5.6.0 content rejected' } };
