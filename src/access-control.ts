@@ -2,7 +2,6 @@
 // allowedNetworks CIDR list (checked with node's BlockList), and how a secret is compared.
 import crypto from 'node:crypto';
 import net from 'node:net';
-import { parseCidr } from './config/load.js';
 
 /** "::ffff:127.0.0.1" → "127.0.0.1"; other addresses unchanged. */
 export function normalizeIp(address: string | undefined): string {
@@ -36,6 +35,18 @@ export function clientFilter(policy: ClientPolicy): (address: string | undefined
     if (family === 0) return false;
     return list.check(ip, family === 4 ? 'ipv4' : 'ipv6');
   };
+}
+
+/** "10.0.0.0/8" → parts, or undefined when malformed. */
+export function parseCidr(cidr: string): { address: string; bits: number; family: 4 | 6 } | undefined {
+  const [address, bitsText, extra] = cidr.split('/');
+  if (extra !== undefined) return undefined;
+  const family = net.isIP(address);
+  if (family === 0) return undefined;
+  const maxBits = family === 4 ? 32 : 128;
+  const bits = bitsText === undefined ? maxBits : Number(bitsText);
+  if (!Number.isInteger(bits) || bits < 0 || bits > maxBits || (bitsText !== undefined && !/^\d+$/.test(bitsText))) return undefined;
+  return { address, bits, family: family as 4 | 6 };
 }
 
 /** A secret compared in constant time (hashed first, so that the lengths may differ). */

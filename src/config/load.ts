@@ -2,7 +2,7 @@
 // (later wins). Pure: the caller reads the file and passes argv/env; errors are returned, all
 // of them at once, each naming the key and where the bad value came from.
 import fs from 'node:fs';
-import net from 'node:net';
+import { clientFilter, isLoopback, parseCidr } from '../access-control.js';
 import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, setPath } from './schema.js';
 
 export type Source = 'file' | 'env' | 'flag';
@@ -284,6 +284,14 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
       'forwardUsername and forwardPassword must be set together (leave both empty for no upstream AUTH)',
     );
   }
+  if ((c.defaultUsername === '') !== (c.defaultPassword === '')) {
+    // one without the other turns SMTP AUTH off (an unset variable in a compose file, say)
+    fail(
+      c.defaultUsername ? 'defaultPassword' : 'defaultUsername',
+      ['defaultUsername', 'defaultPassword'],
+      'defaultUsername and defaultPassword must be set together (leave both empty for no SMTP AUTH)',
+    );
+  }
   if (c.forwardSMTP && c.forwardPort === c.smtpPort && reaches(c.forwardHost, c.smtpHost)) {
     fail(
       'forwardPort',
@@ -339,24 +347,34 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
   if (c.security.requireAuth && !noCredentials && !c.security.allowLocalOnly && !c.tls.cert) {
     // AUTH in plain text is for loopback clients only (538 5.7.11 to others): with no STARTTLS a
     // remote client can never authenticate, and without AUTH it gets 530
+    const loopbackAllowed = clientFilter(c.security)('127.0.0.1') || clientFilter(c.security)('::1');
     warnings.push(
       'security.requireAuth with security.allowLocalOnly=false and no tls.cert/tls.key: clients other than loopback cannot authenticate ' +
-        '(AUTH needs STARTTLS) and so cannot send; set tls.cert and tls.key, or security.requireAuth=false with security.allowedNetworks',
+        `(AUTH needs STARTTLS) and so cannot send${loopbackAllowed ? '' : ', and security.allowedNetworks does not list loopback: no client can send'}; ` +
+        'set tls.cert and tls.key, or security.requireAuth=false with security.allowedNetworks',
     );
   }
-  if (!c.security.requireAuth && !c.security.allowLocalOnly && c.security.allowedNetworks.length === 0) {
+  // a list that names every address (0.0.0.0/0, ::/0) lets in anyone, as an empty one does
+  const anyClient = c.security.allowedNetworks.length === 0 || c.security.allowedNetworks.some((cidr) => parseCidr(cidr)?.bits === 0);
+  if (!c.security.requireAuth && !c.security.allowLocalOnly && anyClient) {
     fail(
       'security.allowedNetworks',
       ['security.requireAuth', 'security.allowLocalOnly', 'security.allowedNetworks'],
-      'security.requireAuth=false with security.allowLocalOnly=false and no security.allowedNetworks would be an open relay; ' +
-        'set security.allowedNetworks or turn security.requireAuth on',
+      'security.requireAuth=false with security.allowLocalOnly=false and security.allowedNetworks empty or open to every address ' +
+        'would be an open relay; list the networks that may send, or turn security.requireAuth on',
+    );
+  }
+  if (c.security.allowLocalOnly && c.security.allowedNetworks.length > 0) {
+    fail(
+      'security.allowedNetworks',
+      ['security.allowLocalOnly', 'security.allowedNetworks'],
+      'security.allowedNetworks applies only with security.allowLocalOnly=false (with it on, only loopback clients may connect); ' +
+        'set security.allowLocalOnly=false to use the list, or leave it empty',
     );
   }
 }
 
 const EVERY_INTERFACE = new Set(['0.0.0.0', '::']);
-/** Hosts that a listener on every interface receives connections for, whatever the machine's addresses. */
-const THIS_MACHINE = /^(localhost|127(\.\d{1,3}){3}|::1|::ffff:127(\.\d{1,3}){3}|0\.0\.0\.0|::)$/i;
 
 /**
  * Whether connecting to `host` reaches a listener on `listenHost` (the same port assumed): the
@@ -366,25 +384,14 @@ const THIS_MACHINE = /^(localhost|127(\.\d{1,3}){3}|::1|::ffff:127(\.\d{1,3}){3}
 function reaches(host: string, listenHost: string): boolean {
   const h = host.toLowerCase();
   if (h === listenHost.toLowerCase()) return true;
-  if (EVERY_INTERFACE.has(listenHost)) return THIS_MACHINE.test(h);
+  // this machine, whatever its addresses
+  if (EVERY_INTERFACE.has(listenHost)) return h === 'localhost' || isLoopback(h) || EVERY_INTERFACE.has(h);
   return h === 'localhost' && (listenHost === '127.0.0.1' || listenHost === '::1');
 }
 
 /** Whether two listeners on one port would refuse each other. */
 function clash(a: string, b: string): boolean {
   return a.toLowerCase() === b.toLowerCase() || EVERY_INTERFACE.has(a) || EVERY_INTERFACE.has(b);
-}
-
-/** "10.0.0.0/8" → parts, or undefined when malformed. */
-export function parseCidr(cidr: string): { address: string; bits: number; family: 4 | 6 } | undefined {
-  const [address, bitsText, extra] = cidr.split('/');
-  if (extra !== undefined) return undefined;
-  const family = net.isIP(address);
-  if (family === 0) return undefined;
-  const maxBits = family === 4 ? 32 : 128;
-  const bits = bitsText === undefined ? maxBits : Number(bitsText);
-  if (!Number.isInteger(bits) || bits < 0 || bits > maxBits || (bitsText !== undefined && !/^\d+$/.test(bitsText))) return undefined;
-  return { address, bits, family: family as 4 | 6 };
 }
 
 /** Copy of the config with every secret replaced, for logging. */

@@ -153,6 +153,42 @@ describe('loadConfig', () => {
     assert.match(message('retry.initialDelay')!, /\[retry\.initialDelay from file, retry\.maxDelay from env\]$/);
   });
 
+  test('SMTP AUTH needs both defaultUsername and defaultPassword, or neither', () => {
+    const userOnly = loadConfig(['--defaultUsername', 'app'], {});
+    assert.equal(userOnly.ok, false);
+    if (userOnly.ok) return;
+    assert.deepEqual(userOnly.errors.map((e) => `${e.source}:${e.key}`), ['flag:defaultPassword']);
+    assert.match(userOnly.errors[0].message, /must be set together .* \[defaultUsername from flag, defaultPassword by default\]$/);
+    const passwordOnly = loadConfig([], { DEFAULT_PASSWORD: 'secret' });
+    assert.equal(passwordOnly.ok, false);
+    if (passwordOnly.ok) return;
+    assert.deepEqual(passwordOnly.errors.map((e) => `${e.source}:${e.key}`), ['env:defaultUsername']);
+  });
+
+  test('allowedNetworks: refused while allowLocalOnly is on (it would not be used), and open to every address counts as no list', () => {
+    const unused = loadConfig([], { SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8' });
+    assert.equal(unused.ok, false);
+    if (unused.ok) return;
+    assert.deepEqual(unused.errors.map((e) => `${e.source}:${e.key}`), ['env:security.allowedNetworks']);
+    assert.match(unused.errors[0].message, /applies only with security\.allowLocalOnly=false .*\[security\.allowLocalOnly by default, security\.allowedNetworks from env\]$/);
+    for (const everyone of ['0.0.0.0/0', '10.0.0.0/8, ::/0']) {
+      const open = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_REQUIRE_AUTH: 'false', SECURITY_ALLOWED_NETWORKS: everyone });
+      assert.equal(open.ok, false, everyone);
+      if (open.ok) return;
+      assert.match(open.errors[0].message, /would be an open relay/);
+    }
+  });
+
+  test('requireAuth over plain text with an allowedNetworks that leaves out loopback: the warning says no client can send', () => {
+    const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p', SECURITY_ALLOW_LOCAL_ONLY: 'false' };
+    const none = loadConfig([], { ...credentials, SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8' });
+    assert.ok(none.ok);
+    assert.match(none.warnings[0], /does not list loopback: no client can send/);
+    const local = loadConfig([], { ...credentials, SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8,127.0.0.0/8' });
+    assert.ok(local.ok);
+    assert.doesNotMatch(local.warnings[0], /no client can send/);
+  });
+
   test('upstream AUTH needs both forwardUsername and forwardPassword when forwarding, or neither', () => {
     const forwarding = { FORWARD_SMTP: 'true', FORWARD_HOST: 'smtp.example.com' };
     const userOnly = loadConfig([], { ...forwarding, FORWARD_USERNAME: 'relay' });
@@ -303,11 +339,11 @@ describe('loadConfig', () => {
   });
 
   test('a password may start with --, another value may not; a word after a password that went unquoted is not shown', () => {
-    const r = loadConfig(['--defaultPassword', '--Sup3rSecret', '--forwardSMTP', '--forwardHost', 'smtp.example.com'], {});
+    const r = loadConfig(['--defaultUsername', 'app', '--defaultPassword', '--Sup3rSecret', '--forwardSMTP', '--forwardHost', 'smtp.example.com'], {});
     assert.ok(r.ok && r.config.defaultPassword === '--Sup3rSecret' && r.config.forwardSMTP && r.config.forwardHost === 'smtp.example.com');
     // an unset variable ($PORT, $UPSTREAM) leaves a flag without its value: said so, the next flag keeps its own
-    assert.deepEqual(errorMessages(loadConfig(['--smtpPort', '--defaultPassword', 'hunter2Secret'], {})), ['--smtpPort needs a value']);
-    assert.deepEqual(errorMessages(loadConfig(['--serverName', '--defaultPassword=hunter2Secret'], {})), ['--serverName needs a value']);
+    assert.deepEqual(errorMessages(loadConfig(['--defaultUsername', 'app', '--smtpPort', '--defaultPassword', 'hunter2Secret'], {})), ['--smtpPort needs a value']);
+    assert.deepEqual(errorMessages(loadConfig(['--defaultUsername', 'app', '--serverName', '--defaultPassword=hunter2Secret'], {})), ['--serverName needs a value']);
     assert.deepEqual(errorMessages(loadConfig(['--forwardHost', '--forwardSMTP'], {})), ['--forwardHost needs a value']);
     assert.deepEqual(errorMessages(loadConfig(['--defaultPassword', '--logLevel', 'debug'], {})), ['--defaultPassword needs a value']);
     const split = errorMessages(loadConfig(['--forwardPassword', 'correct', 'horsebattery', '--serverName', 'a', 'stray'], {}));
