@@ -109,6 +109,9 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   const store = await openStore(config.databasePath, { secureDelete: !config.security.logAllEmails }).catch((err: Error) => {
     throw new Error(`databasePath ${config.databasePath}: ${err.message}`, { cause: err });
   });
+  if (store.migrated.names.length > 0) {
+    logger.info({ event: 'store.migrated', migrations: store.migrated.names, durationMs: store.migrated.durationMs }, 'schema migrations applied');
+  }
   limitWalSize(store.sqlite);
   warnIfShared(config.databasePath, logger);
   // The main thread's connection only reads; the writer thread owns every write.

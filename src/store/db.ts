@@ -17,6 +17,8 @@ export type Sqlite = Database.Database;
 export interface Store {
   sqlite: Sqlite;
   db: Kysely<DB>;
+  /** The migrations this open applied, and how long they took (ms). */
+  migrated: { names: string[]; durationMs: number };
   close(): Promise<void>;
 }
 
@@ -87,18 +89,22 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
   const sqlite = openConnection(file);
   if (options.secureDelete) overwriteFreedPages(sqlite);
   const db = kyselyFor<DB>(sqlite);
+  const migrated = { names: [] as string[], durationMs: 0 };
   if (options.migrate ?? true) {
+    const started = performance.now();
     try {
-      await migrateToLatest(db);
+      migrated.names = await migrateToLatest(db);
     } catch (err) {
       await db.destroy();
       throw err;
     }
+    migrated.durationMs = Math.round(performance.now() - started);
   }
   let closed = false;
   return {
     sqlite,
     db,
+    migrated,
     async close() {
       if (closed) return;
       closed = true;

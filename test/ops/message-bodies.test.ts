@@ -12,7 +12,7 @@ import { claimDueBatches, completeBatch } from '../../src/store/delivery.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { deleteDeliveredBefore } from '../../src/store/retention.js';
-import { sendMail, startTestRelay, startUpstream, tempDir } from '../helpers.js';
+import { capturedLog, sendMail, startTestRelay, startUpstream, tempDir } from '../helpers.js';
 import { runCli } from '../cli/run-cli.js';
 
 const POLICY = {
@@ -152,6 +152,22 @@ test('the upgrade moves every stored message into message_bodies, and the relay 
     await relay.stop();
     await upstream.close();
   }
+});
+
+test('a start that migrates says which migrations it applied, and how long they took; the next start says nothing', async () => {
+  const file = path.join(tempDir(), 'old.db');
+  const { db } = await databaseBefore006(file, [{ id: 'Q', state: 'queued', raw: Buffer.from('Subject: q\r\n\r\nbody\r\n'), rcpt: 'q@example.net' }]);
+  await db.destroy();
+  const migratedLines = async () => {
+    const { logger, entries } = capturedLog('info');
+    const relay = await startTestRelay({ databasePath: file }, { logger, startDelivery: false });
+    await relay.stop();
+    return entries().filter((e) => e.event === 'store.migrated');
+  };
+  const [line, ...more] = await migratedLines();
+  assert.deepEqual([line?.migrations, more], [['006_message_bodies', '007_upstream_failures', '008_processing_time_floor'], []]);
+  assert.equal(typeof line.durationMs, 'number');
+  assert.deepEqual(await migratedLines(), []);
 });
 
 test('with logAllEmails=false no copy of moved content stays in the file once the mail is delivered', async () => {
