@@ -312,11 +312,15 @@ export class SmtpUpstream {
         // A refusal of DATA or of the message says nothing of the recipients the upstream had
         // already refused at RCPT; nodemailer keeps those on the envelope only (which RSET clears).
         const envelopeState = (connection as unknown as { _envelope?: EnvelopeState })._envelope;
-        if (!e.rejectedErrors && envelopeState?.accepted?.length && envelopeState.rejectedErrors?.length) {
+        // Replies out of step with the commands (a 2xx to DATA, a 354 to the final dot) were
+        // read against the wrong RCPTs too: none of those is taken, and every recipient waits.
+        const outOfStep = e.code === 'EPROTOCOL' || (typeof e.responseCode === 'number' && (e.responseCode < 400 || e.responseCode >= 600));
+        if (outOfStep) e.rejectedErrors = undefined;
+        else if (!e.rejectedErrors && envelopeState?.accepted?.length && envelopeState.rejectedErrors?.length) {
           e.rejectedErrors = envelopeState.rejectedErrors;
         }
         if (leftOut.length) e.rejectedErrors = [...(e.rejectedErrors ?? []), ...leftOut];
-        const refusal = typeof e.responseCode === 'number' && e.responseCode >= 400 && e.responseCode < 600 && e.responseCode !== 421;
+        const refusal = !outOfStep && typeof e.responseCode === 'number' && e.responseCode !== 421;
         if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && refusal && !connection.destroyed) {
           // the upstream refused this message; the session itself is fine (another reply, such
           // as a 354 to the final dot, says it is not)

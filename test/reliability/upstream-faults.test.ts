@@ -264,8 +264,11 @@ describe('upstream faults', () => {
   test('replies out of step with the commands (a second greeting line): the message is not sent until they are in step', async () => {
     // DATA gets the last RCPT's 250; going ahead would send the message, read the 354 as the
     // reply to the final dot, and send it again at every retry
-    const { upstream } = await deferThenHeal({ greeting: 'twice' }, /^EPROTOCOL: the upstream answered DATA with "250 [^"]*" instead of 354/, null);
+    const outOfStep = /^EPROTOCOL: the upstream answered DATA with "250 [^"]*" instead of 354/;
+    const { upstream } = await deferThenHeal({ greeting: 'twice' }, outOfStep, null);
     assert.equal(upstream.transactions.length, 1, 'no message went out while out of step');
+    // the 550 meant for one@ comes as the reply to two@'s RCPT: nobody is failed on it
+    await deferThenHeal({ greeting: 'twice', rcpt: (a) => (a === 'one@example.com' ? '550 5.1.1 no such user' : undefined) }, outOfStep, null);
   });
 
   test('a very long reply is kept to 2,048 characters in the database', async () => {
