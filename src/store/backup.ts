@@ -49,8 +49,12 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
   } catch (err) {
     fs.rmSync(partial, { force: true });
     if (err instanceof BackupError) throw err;
-    // a full disk says only "database or disk is full": name the copy, not the live database
-    throw new BackupError(`cannot write ${target}: ${(err as Error).message}`, { cause: err });
+    // a full disk says only "database or disk is full": name the copy, not the live database;
+    // what else VACUUM INTO reports may be the live database's (a damaged page)
+    const code = (err as NodeJS.ErrnoException).code;
+    const writing = (err as NodeJS.ErrnoException).syscall !== undefined || code === 'SQLITE_FULL' || code === 'SQLITE_CANTOPEN';
+    const what = writing ? `cannot write ${target}` : `copying ${sqlite.name} to ${target} failed`;
+    throw new BackupError(`${what}: ${(err as Error).message}`, { cause: err });
   }
 }
 

@@ -181,3 +181,25 @@ describe('relayq backup while mail is accepted and delivered', () => {
     }
   });
 });
+
+test('a damaged live database: the error names it, not the target', async () => {
+  const dir = tempDir('relayq-damaged-');
+  const db = path.join(dir, 'relayq.db');
+  const relay = await startTestRelay({ databasePath: db }, { startDelivery: false, startRetention: false });
+  await relay.stop();
+  // the last page is in use (a fresh database has no free pages); 0xFF is no b-tree page type
+  const size = fs.statSync(db).size;
+  const fd = fs.openSync(db, 'r+');
+  fs.writeSync(fd, Buffer.alloc(16, 0xff), 0, 16, size - 4096);
+  fs.closeSync(fd);
+  const sqlite = openReadOnly(db);
+  try {
+    assert.throws(() => backupDatabase(sqlite, path.join(dir, 'copy.db')), (err: Error) => {
+      assert.ok(err instanceof BackupError);
+      assert.match(err.message, /^copying .*relayq\.db to .*copy\.db failed: database disk image is malformed$/);
+      return true;
+    });
+  } finally {
+    sqlite.close();
+  }
+});
