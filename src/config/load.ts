@@ -354,8 +354,10 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
         'set tls.cert and tls.key, or security.requireAuth=false with security.allowedNetworks',
     );
   }
-  // a list that names every address (0.0.0.0/0, ::/0) lets in anyone, as an empty one does
-  const anyClient = c.security.allowedNetworks.length === 0 || c.security.allowedNetworks.some((cidr) => parseCidr(cidr)?.bits === 0);
+  // a list that lets in every address (0.0.0.0/0, ::/0, two halves, ::ffff:0:0/96) is as good as
+  // none: one that admits addresses from all four quarters of IPv4 or of IPv6 is taken for that
+  const admits = clientFilter({ allowLocalOnly: false, allowedNetworks: c.security.allowedNetworks });
+  const anyClient = c.security.allowedNetworks.length === 0 || SPREAD_ADDRESSES.some((quarters) => quarters.every(admits));
   if (!c.security.requireAuth && !c.security.allowLocalOnly && anyClient) {
     fail(
       'security.allowedNetworks',
@@ -375,6 +377,11 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
 }
 
 const EVERY_INTERFACE = new Set(['0.0.0.0', '::']);
+/** One address from each quarter of the IPv4 and of the IPv6 address space. */
+const SPREAD_ADDRESSES = [
+  ['1.0.0.1', '64.0.0.1', '128.0.0.1', '192.0.0.1'],
+  ['1::1', '4000::1', '8000::1', 'c000::1'],
+];
 
 /**
  * Whether connecting to `host` reaches a listener on `listenHost` (the same port assumed): the
