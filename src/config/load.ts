@@ -110,7 +110,8 @@ export function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv, 
 export function readConfigFile(path: string | undefined): ConfigFile | undefined | { path: string; error: string } {
   if (!path) return undefined;
   try {
-    return { path, text: fs.readFileSync(path, 'utf8') };
+    // without a UTF-8 byte order mark, which some editors write and JSON.parse refuses
+    return { path, text: fs.readFileSync(path, 'utf8').replace(/^\uFEFF/, '') };
   } catch (err) {
     return { path, error: (err as Error).message };
   }
@@ -218,7 +219,11 @@ function checkValue(key: KeyDef, value: unknown): Checked {
   switch (key.type) {
     case 'string':
       if (typeof value !== 'string') return { error: 'must be a string' };
-      if (key.values && !key.values.includes(value)) return { error: `must be one of ${key.values.join(', ')}` };
+      // a choice is taken in any case (LOG_LEVEL=INFO), as booleans are
+      if (key.values) {
+        const chosen = key.values.find((v) => v === value.toLowerCase());
+        return chosen === undefined ? { error: `must be one of ${key.values.join(', ')}` } : { value: chosen };
+      }
       if (key.pattern && !key.pattern.match.test(value)) {
         return { error: `must be ${key.pattern.what}${key.secret ? '' : `, got ${JSON.stringify(value)}`}` };
       }

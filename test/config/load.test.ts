@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { describe, test } from 'node:test';
-import { loadConfig, parseFlags } from '../../src/config/load.js';
+import { loadConfig, parseFlags, readConfigFile } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
 import Database from 'better-sqlite3';
@@ -151,6 +151,16 @@ describe('loadConfig', () => {
     assert.match(message('forwardHost')!, /required when forwardSMTP is true \[forwardSMTP from flag, forwardHost by default\]$/);
     assert.match(message('tls.key')!, /\[tls\.cert from env, tls\.key by default\]$/);
     assert.match(message('retry.initialDelay')!, /\[retry\.initialDelay from file, retry\.maxDelay from env\]$/);
+  });
+
+  test('a choice is taken in any case, and a config file may start with a byte order mark', () => {
+    const r = loadConfig([], { LOG_LEVEL: 'INFO' });
+    assert.ok(r.ok && r.config.logLevel === 'info');
+    assert.match(errorMessages(loadConfig([], { LOG_LEVEL: 'verbose' }))[0], /must be one of fatal, error, warn, info, debug, trace, silent/);
+    const file = path.join(tempDir(), 'config.json');
+    fs.writeFileSync(file, '\uFEFF{"smtpPort": 2600}\n');
+    const withBom = loadConfig([], {}, readConfigFile(file));
+    assert.ok(withBom.ok && withBom.config.smtpPort === 2600, JSON.stringify(!withBom.ok && withBom.errors));
   });
 
   test('SMTP AUTH needs both defaultUsername and defaultPassword, or neither', () => {
