@@ -129,6 +129,26 @@ function requireGoAheadForData(connection: SMTPConnection): void {
   };
 }
 
+/**
+ * The reply to EHLO or HELO must be `250` (RFC 5321 §4.3.2); nodemailer takes any 2xx. Another
+ * 2xx there (a second `220` greeting line) means that every later reply is one out of step with
+ * its command, and a refusal of one RCPT would be read as another's: the connection fails
+ * (EPROTOCOL, temporary) before a transaction starts. The hooks are nodemailer's private
+ * `_actionEHLO` and `_actionHELO`; without them nothing changes.
+ */
+function requireHelloReply(connection: SMTPConnection): void {
+  const internals = connection as unknown as Record<string, unknown> & { _onError(err: Error, type: string): void };
+  for (const [name, command] of [['_actionEHLO', 'EHLO'], ['_actionHELO', 'HELO']] as const) {
+    const action = internals[name];
+    if (typeof action !== 'function') continue;
+    internals[name] = function (this: typeof internals, reply: string) {
+      if (!reply.startsWith('2') || reply.startsWith('250')) return action.call(this, reply);
+      const message = `the upstream answered ${command} with "${reply.slice(0, 200)}" instead of 250: its replies are out of step with the commands`;
+      this._onError(new Error(message), 'EPROTOCOL');
+    };
+  }
+}
+
 /** Whether the upstream's EHLO reply offered an extension (as nodemailer parsed it). */
 function offers(connection: SMTPConnection, extension: string): boolean {
   return ((connection as unknown as { _supportedExtensions?: string[] })._supportedExtensions ?? []).includes(extension);
@@ -314,7 +334,9 @@ export class SmtpUpstream {
         const envelopeState = (connection as unknown as { _envelope?: EnvelopeState })._envelope;
         // Replies out of step with the commands (a 2xx to DATA, a 354 to the final dot) were
         // read against the wrong RCPTs too: none of those is taken, and every recipient waits.
-        const outOfStep = e.code === 'EPROTOCOL' || (typeof e.responseCode === 'number' && (e.responseCode < 400 || e.responseCode >= 600));
+        const outOfStep =
+          e.code === 'EPROTOCOL' ||
+          (e.command === 'DATA' && typeof e.responseCode === 'number' && (e.responseCode < 400 || e.responseCode >= 600));
         if (outOfStep) e.rejectedErrors = undefined;
         else if (!e.rejectedErrors && envelopeState?.accepted?.length && envelopeState.rejectedErrors?.length) {
           e.rejectedErrors = envelopeState.rejectedErrors;
@@ -340,6 +362,7 @@ export class SmtpUpstream {
       this.openedAt.set(connection, this.now());
       writeEachMessageAtOnce(connection);
       requireGoAheadForData(connection);
+      requireHelloReply(connection);
       let settled = false;
       const settle = (err?: Error) => {
         if (settled) return;

@@ -15,6 +15,8 @@ export interface Behaviour {
   startTls: StartTls;
   /** Reply line for RCPT TO <address>; undefined accepts. */
   rcpt: (address: string) => string | undefined;
+  /** Reply line for DATA instead of `354` (the message is then not read as such). */
+  data?: string;
   dataEnd: DataEnd;
 }
 
@@ -147,6 +149,7 @@ export async function startMisbehavingUpstream(port = 0): Promise<MisbehavingUps
         say('250 2.1.5 ok');
       } else if (verb === 'DATA') {
         if (!tx || tx.to.length === 0) return say('503 5.5.1 no valid recipients');
+        if (now.data) return say(now.data);
         inData = true;
         say('354 go ahead');
       } else if (verb === 'RSET') {

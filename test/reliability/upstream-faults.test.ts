@@ -261,14 +261,41 @@ describe('upstream faults', () => {
     await deferThenHeal({ dataEnd: { reply: '999 what is this' } }, /^999 what is this$/, null);
   });
 
+  test('a reply that is no SMTP reply to one RCPT defers that recipient only; a 550 to another still fails it', async () => {
+    const { relay, upstream } = await setup();
+    upstream.behaviour = {
+      ...WELL_BEHAVED,
+      rcpt: (a) => (a === 'one@example.com' ? '550 5.1.1 no such user' : a === 'two@example.com' ? '999 weird' : undefined),
+    };
+    const id = await queue(relay, ['one@example.com', 'two@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(
+      rows(relay, id).recipients.map((r) => [r.address, r.status, r.last_code]),
+      [
+        ['one@example.com', 'failed', 550],
+        ['two@example.com', 'pending', null],
+      ],
+    );
+  });
+
   test('replies out of step with the commands (a second greeting line): the message is not sent until they are in step', async () => {
     // DATA gets the last RCPT's 250; going ahead would send the message, read the 354 as the
     // reply to the final dot, and send it again at every retry
-    const outOfStep = /^EPROTOCOL: the upstream answered DATA with "250 [^"]*" instead of 354/;
+    // the second 220 comes as the reply to EHLO: no transaction starts
+    const outOfStep = /^EPROTOCOL: the upstream answered EHLO with "220 [^"]*" instead of 250/;
     const { upstream } = await deferThenHeal({ greeting: 'twice' }, outOfStep, null);
     assert.equal(upstream.transactions.length, 1, 'no message went out while out of step');
-    // the 550 meant for one@ comes as the reply to two@'s RCPT: nobody is failed on it
-    await deferThenHeal({ greeting: 'twice', rcpt: (a) => (a === 'one@example.com' ? '550 5.1.1 no such user' : undefined) }, outOfStep, null);
+    for (const refused of RCPTS) {
+      // else one recipient's refusal would come as the reply to another's RCPT
+      await deferThenHeal({ greeting: 'twice', rcpt: (a) => (a === refused ? '550 5.1.1 no such user' : undefined) }, outOfStep, null);
+    }
+  });
+
+  test('a 2xx to DATA: the message is not sent, every recipient waits, the RCPT replies are disregarded', async () => {
+    // an upstream that answers DATA with 250 (replies out of step, or a broken server)
+    const outOfStep = /^EPROTOCOL: the upstream answered DATA with "250 [^"]*" instead of 354/;
+    const { upstream } = await deferThenHeal({ data: '250 2.0.0 go on', rcpt: (a) => (a === 'two@example.com' ? '550 5.1.1 no such user' : undefined) }, outOfStep, null);
+    assert.equal(upstream.transactions.length, 1, 'no message went out before the 354');
   });
 
   test('a very long reply is kept to 2,048 characters in the database', async () => {
