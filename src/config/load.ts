@@ -359,8 +359,9 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
         'set tls.cert and tls.key, or security.requireAuth=false with security.allowedNetworks',
     );
   }
-  // a list that lets in every address (0.0.0.0/0, ::/0, two halves, ::ffff:0:0/96) is as good as
-  // none: one that admits addresses from all four quarters of IPv4 or of IPv6 is taken for that
+  // a list that lets in every address (0.0.0.0/0, ::/0, two halves, ::ffff:0:0/96, 2000::/3) is
+  // as good as none: one that admits addresses from all four quarters of IPv4, of IPv6 or of its
+  // routed part is taken for that
   const admits = clientFilter({ allowLocalOnly: false, allowedNetworks: c.security.allowedNetworks });
   const anyClient = c.security.allowedNetworks.length === 0 || SPREAD_ADDRESSES.some((quarters) => quarters.every(admits));
   if (!c.security.requireAuth && !c.security.allowLocalOnly && anyClient) {
@@ -382,10 +383,11 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
 }
 
 const EVERY_INTERFACE = new Set(['0.0.0.0', '::']);
-/** One address from each quarter of the IPv4 and of the IPv6 address space. */
+/** One address from each quarter of the IPv4 space, of the IPv6 space, and of its routed part (2000::/3). */
 const SPREAD_ADDRESSES = [
   ['1.0.0.1', '64.0.0.1', '128.0.0.1', '192.0.0.1'],
   ['1::1', '4000::1', '8000::1', 'c000::1'],
+  ['2000::1', '2800::1', '3000::1', '3800::1'],
 ];
 
 /**

@@ -181,7 +181,7 @@ describe('loadConfig', () => {
     if (unused.ok) return;
     assert.deepEqual(unused.errors.map((e) => `${e.source}:${e.key}`), ['env:security.allowedNetworks']);
     assert.match(unused.errors[0].message, /applies only with security\.allowLocalOnly=false .*\[security\.allowLocalOnly by default, security\.allowedNetworks from env\]$/);
-    for (const everyone of ['0.0.0.0/0', '10.0.0.0/8, ::/0', '0.0.0.0/1,128.0.0.0/1', '::ffff:0.0.0.0/96']) {
+    for (const everyone of ['0.0.0.0/0', '10.0.0.0/8, ::/0', '0.0.0.0/1,128.0.0.0/1', '::ffff:0.0.0.0/96', '2000::/3']) {
       const open = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_REQUIRE_AUTH: 'false', SECURITY_ALLOWED_NETWORKS: everyone });
       assert.equal(open.ok, false, everyone);
       if (open.ok) return;
