@@ -107,21 +107,26 @@ export async function openStoreForCli(config: Config): Promise<Store> {
 export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
   const file = config.databasePath;
   requireDatabaseFile(file);
-  const { migrations } = await import('../../migrations/index.js');
   const store = await openStoreForCli(config);
   try {
-    let missing: string[];
-    try {
-      const applied = new Set(appliedMigrations(store.sqlite));
-      missing = Object.keys(migrations).filter((name) => !applied.has(name));
-    } catch (err) {
-      throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
-    }
-    if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
+    await requireCurrentSchema(store.sqlite, file);
     return await fn(store.sqlite);
   } finally {
     await closeWithoutCheckpoint(store);
   }
+}
+
+/** Refuses a database that needs migrations: the commands that write, and export-failed, which reads the newest tables. */
+export async function requireCurrentSchema(sqlite: Sqlite, file: string): Promise<void> {
+  const { migrations } = await import('../../migrations/index.js');
+  let missing: string[];
+  try {
+    const applied = new Set(appliedMigrations(sqlite));
+    missing = Object.keys(migrations).filter((name) => !applied.has(name));
+  } catch (err) {
+    throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
+  }
+  if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
 }
 
 /**

@@ -6,7 +6,7 @@ import { systemClock } from '../clock.js';
 import { EMAILS_DIR_MODE } from '../delivery/atomic-file.js';
 import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.js';
 import { listMessages } from '../store/queries.js';
-import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
+import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, requireCurrentSchema, withReader } from './context.js';
 
 const PAGE = 500;
 
@@ -14,6 +14,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
   const config = loadCliConfig(global, process.env);
   const target = dir ?? failedExportDir(config.emailsDir);
   const files = await withReader(config, async (sqlite) => {
+    await requireCurrentSchema(sqlite, config.databasePath);
     let page = listMessages(sqlite, { state: 'failed', limit: PAGE });
     // the database answered (one that needs migrating does not); now the target: a directory,
     // or one that can be made

@@ -200,9 +200,15 @@ test('CLI commands that read refuse a database the migration has not reached yet
   const file = path.join(dir, 'old.db');
   const { db } = await databaseBefore006(file, [{ id: 'F', state: 'failed', raw: Buffer.from('Subject: f\r\n\r\nf\r\n'), rcpt: 'f@example.net' }]);
   await db.destroy();
-  for (const args of [['show', 'F'], ['show', 'F', '--raw'], ['export-failed', dir]]) {
+  for (const args of [['show', 'F'], ['show', 'F', '--raw']]) {
     const r = await runCli([...args, '--databasePath', file]);
     assert.equal(r.code, 1, `${args.join(' ')}: ${r.stdout}`);
     assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations \(no such (table|column): [a-z_]+\): run `relayq migrate` or start the server$/);
   }
+  // export-failed reads the newest tables: it asks for every migration, before it makes its directory
+  const exports = path.join(dir, 'exports');
+  const r = await runCli(['export-failed', exports, '--databasePath', file]);
+  assert.equal(r.code, 1, r.stdout);
+  assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, 007_upstream_failures, 008_processing_time_floor: run `relayq migrate`/);
+  assert.equal(fs.existsSync(exports), false);
 });
