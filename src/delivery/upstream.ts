@@ -107,8 +107,8 @@ function writeEachMessageAtOnce(connection: SMTPConnection): void {
 }
 
 /**
- * The reply to DATA must be `354` (RFC 5321 §4.1.1.4), as Postfix requires; nodemailer also goes
- * ahead on a 2xx, for servers said to send `250` there. A 2xx there mostly means that the replies
+ * The reply to DATA must be `354` (RFC 5321 §4.1.1.4; Postfix checks for a 3xx, and so does
+ * this); nodemailer also goes ahead on a 2xx, for servers said to send `250` there. A 2xx there mostly means that the replies
  * are out of step with the commands (an upstream that sent one line too many, such as a second
  * greeting line): the message would go out, the `354` would then be read as the reply to the
  * final dot, and every retry would deliver it again. So the transaction ends before the message
@@ -342,7 +342,7 @@ export class SmtpUpstream {
           e.rejectedErrors = envelopeState.rejectedErrors;
         }
         if (leftOut.length) e.rejectedErrors = [...(e.rejectedErrors ?? []), ...leftOut];
-        const refusal = !outOfStep && typeof e.responseCode === 'number' && e.responseCode !== 421;
+        const refusal = !outOfStep && typeof e.responseCode === 'number' && e.responseCode >= 400 && e.responseCode < 600 && e.responseCode !== 421;
         if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && refusal && !connection.destroyed) {
           // the upstream refused this message; the session itself is fine (another reply, such
           // as a 354 to the final dot, says it is not)
