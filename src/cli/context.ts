@@ -34,8 +34,9 @@ export function configFlags(options: GlobalOptions): string[] {
 
 export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): Config {
   const argv = configFlags(options);
-  const loaded = loadConfig(argv, env, readConfigFile(findConfigFile(argv, env)));
-  if (!loaded.ok) throw new CliError(formatErrors(loaded.errors), 2);
+  const file = readConfigFile(findConfigFile(argv, env));
+  const loaded = loadConfig(argv, env, file);
+  if (!loaded.ok) throw new CliError(formatErrors(loaded.errors, file?.path), 2);
   return loaded.config;
 }
 

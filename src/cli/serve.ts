@@ -5,9 +5,10 @@ import { createLogger } from '../logger.js';
 import { startRelay } from '../main.js';
 
 export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
-  const loaded = loadConfig(argv, env, readConfigFile(findConfigFile(argv, env)));
+  const file = readConfigFile(findConfigFile(argv, env));
+  const loaded = loadConfig(argv, env, file);
   if (!loaded.ok) {
-    process.stderr.write(`${formatErrors(loaded.errors)}\n`);
+    process.stderr.write(`${formatErrors(loaded.errors, file?.path)}\n`);
     process.exit(2);
   }
   const logger = createLogger(loaded.config.logLevel);

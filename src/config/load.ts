@@ -417,6 +417,7 @@ export function redactConfig(config: Config): Config {
   return copy as unknown as Config;
 }
 
-export function formatErrors(errors: readonly ConfigError[]): string {
-  return errors.map((e) => `config error (${e.source}): ${e.message}`).join('\n');
+/** One line per error; an error of the file names it (`./config.json` or `$RELAYQ_CONFIG` may have been read). */
+export function formatErrors(errors: readonly ConfigError[], file?: string): string {
+  return errors.map((e) => `config error (${e.source === 'file' && file ? `file ${file}` : e.source}): ${e.message}`).join('\n');
 }

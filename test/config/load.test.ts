@@ -399,8 +399,9 @@ describe('relayq serve with a bad config', () => {
       timeout: 30_000,
     });
     assert.equal(r.status, 2, r.stderr);
-    assert.match(r.stderr, /\(file\): smtpPort: must be an integer/);
-    assert.match(r.stderr, /\(file\): unknownKey: unknown key/);
+    // ./config.json, found in the working directory: the error says which file it read
+    assert.match(r.stderr, /\(file \S*config\.json\): smtpPort: must be an integer/);
+    assert.match(r.stderr, /\(file \S*config\.json\): unknownKey: unknown key/);
     assert.match(r.stderr, /\(env\): BATCH_SIZE: must be at least 1/);
     assert.equal(fs.existsSync(path.join(dir, 'data', 'relayq.db')), false, 'nothing was created');
   });
