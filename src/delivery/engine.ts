@@ -19,6 +19,7 @@ import {
   type FailedScanCursor,
   findTemporaryFailures,
   hasDueWork,
+  lastError,
 } from '../store/delivery.js';
 import type { StoreWriter } from '../store/writer.js';
 import { exportFailedMessage, failedExportDir, removeFailedExport } from './failed-export.js';
@@ -465,6 +466,8 @@ export class DeliveryEngine {
       upstream: result.upstream,
       rcpts: claim.recipients.length,
       ...counts,
+      // the reply of a partial attempt is the one the message got: the others say why they were not delivered
+      ...(completion.attempt.outcome === 'partial' ? { notDelivered: notDelivered(claim, completion) } : {}),
     };
     this.released.delete(claim.token);
     if (outcome.leaseLost) {
@@ -556,7 +559,8 @@ export class DeliveryEngine {
     if (state === 'failed') {
       // logged whether or not the export was written: an alert on this event must not miss any
       const file = await this.exportFailed(id);
-      this.log.warn({ event: 'delivery.failed', queueId: id, export: file ?? null }, file ? 'message failed; exported' : 'message failed; not exported');
+      const reason = lastError(this.deps.sqlite, id);
+      this.log.warn({ event: 'delivery.failed', queueId: id, reason, export: file ?? null }, file ? 'message failed; exported' : 'message failed; not exported');
     } else if (state === 'delivered' && claims > 1) {
       // Only a message that needed more than one claim can have failed before (and been retried).
       if (await removeFailedExport(config.emailsDir, id)) {
@@ -646,4 +650,12 @@ export class DeliveryEngine {
     this.tasks.add(tracked);
     tracked.finally(() => this.tasks.delete(tracked));
   }
+}
+
+/** The recipients of a batch that were not delivered, each with its own reply. */
+function notDelivered(claim: ClaimedBatch, completion: BatchCompletion) {
+  const addresses = new Map(claim.recipients.map((r) => [r.seq, r.address]));
+  return completion.recipients
+    .filter((r) => r.status !== 'delivered')
+    .map((r) => ({ to: addresses.get(r.seq), status: r.status === 'pending' ? 'deferred' : r.status, reply: r.reply }));
 }

@@ -84,6 +84,12 @@ function expiredClaims(sqlite: Sqlite, now: number, limit: number, held: readonl
   return (held.length ? rows.filter((r) => !held.includes(r.id)) : rows).slice(0, limit);
 }
 
+/** Why a message last failed or waits (messages.last_error), for the log; null if it is gone. */
+export function lastError(sqlite: Sqlite, id: string): string | null {
+  const row = prepared(sqlite, 'SELECT last_error FROM messages WHERE id = ?').get(id) as { last_error: string | null } | undefined;
+  return row?.last_error ?? null;
+}
+
 /**
  * Queued messages that are due now, counted up to `limit` (the in-flow backlog). The rows of
  * SELECT_DUE_SQL, but `SELECT 1`: the index alone answers, without a lookup of each row for its

@@ -111,6 +111,34 @@ describe('per-recipient outcomes', () => {
     assert.equal(client.authUser, null);
   });
 
+  test('the log says why: a partial attempt names each recipient not delivered with its reply; delivery.failed gives the reason', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.rcptReply = (a) =>
+      a === 'bad@example.com' ? { code: 550, message: '5.1.1 No such user' } : a === 'tmp@example.com' ? { code: 450, message: '4.2.1 Busy' } : undefined;
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { maxAttempts: 1 } },
+      { clock: new ManualClock(), startDelivery: false, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['ok@example.com', 'bad@example.com', 'tmp@example.com']);
+    await relay.delivery.runOnce();
+    const events = log.entries().filter((e) => e.queueId === id);
+    const attempt = events.find((e) => e.event === 'delivery.attempt');
+    assert.equal(attempt?.outcome, 'partial');
+    assert.deepEqual(
+      ((attempt?.notDelivered ?? []) as Array<{ to: string; status: string; reply: string }>).map((r) => [r.to, r.status, r.reply.slice(0, 9)]),
+      [
+        ['bad@example.com', 'failed', '550 5.1.1'],
+        ['tmp@example.com', 'failed', '450 4.2.1'],
+      ],
+    );
+    const failed = events.find((e) => e.event === 'delivery.failed');
+    assert.equal(failed?.reason, message(relay, id).last_error);
+    assert.match(String(failed?.reason), /@example\.com: (550|gave up)/);
+  });
+
   test('450 to one RCPT → only that recipient is tried again later; the others are not re-sent', async () => {
     const { clock, relay, upstream } = await setup();
     let refusals = 1;
