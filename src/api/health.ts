@@ -118,7 +118,8 @@ export function healthRoutes(deps: ApiDeps) {
       },
     };
     if (status !== lastStatus) {
-      const level = status === 'ok' ? 'info' : 'warn';
+      // error: mail cannot be accepted
+      const level = status === 'ok' ? 'info' : status === 'degraded' ? 'warn' : 'error';
       deps.logger[level]({ event: 'api.health_changed', status, previous: lastStatus, reasons: [...errors, ...degraded] }, `health ${status}`);
       lastStatus = status;
     }

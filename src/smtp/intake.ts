@@ -140,6 +140,9 @@ function smtpServerLogger(log: Logger, intakeLog: Logger): LibraryLogger {
       logged.add(err);
       const client = err.remoteAddress && normalizeIp(err.remoteAddress);
       intakeLog.info({ event: 'smtp.tls_failed', client, code: err.code, reason: err.reason }, 'TLS with the client failed');
+    } else if (tnx === 'punycode') {
+      // a client's address that cannot be decoded: its 501 is in the session's line
+      methods.debug(entry, ...rest);
     } else {
       error(entry, ...rest);
     }
@@ -566,7 +569,10 @@ export class SmtpIntake {
   /** A refusal by policy: a rate limit `hit`, else a full queue. Counted, and logged if a limit. */
   private policyRefused(sender: string, hit?: LimitHit): Error {
     this.deps.commits.write('countRefusal', hit ? 'rate-limit' : 'queue-full').catch(() => {});
-    if (!hit) return reply(452, '4.3.1 Queue full, try again later');
+    if (!hit) {
+      this.deps.logger.warn({ event: 'smtp.queue_full', sender, queueSize: this.deps.config.queueSize }, 'queue full: mail refused');
+      return reply(452, '4.3.1 Queue full, try again later');
+    }
     this.deps.logger.warn({ event: 'smtp.rate_limited', sender, limit: hit.limit, count: hit.count, max: hit.max }, 'rate limit reached');
     return reply(451, `4.7.1 ${rateLimitMessage(hit)}, try again later`);
   }

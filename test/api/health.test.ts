@@ -3,7 +3,7 @@ import { spawnSync } from 'node:child_process';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream } from '../helpers.js';
+import { capturedLog, sendMail, startTestRelay, startUpstream, tempDir, type Upstream } from '../helpers.js';
 import { call, upstreamOutage } from './fixtures.js';
 
 interface Health {
@@ -191,7 +191,8 @@ describe('GET /health', () => {
   });
 
   test('error and 503 while the database refuses writes; ok again when it takes them', async () => {
-    const relay = await startTestRelay({}, { startDelivery: false });
+    const log = capturedLog('info');
+    const relay = await startTestRelay({}, { startDelivery: false, logger: log.logger });
     try {
       // The connection refuses every write (SQLITE_READONLY), as with a read-only database.
       await relay.commits.pragma('query_only = ON');
@@ -207,6 +208,9 @@ describe('GET /health', () => {
       const recovered = await call<Health>(relay, '/health');
       assert.equal(recovered.status, 200);
       assert.equal(recovered.body.details.database, 'ok');
+      // mail cannot be accepted: logged as an error, its end as info
+      const changes = log.entries().filter((e) => e.event === 'api.health_changed');
+      assert.deepEqual(changes.map((e) => [e.level, e.status]), [[50, 'error'], [30, 'ok']]);
     } finally {
       await relay.stop();
     }

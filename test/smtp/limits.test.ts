@@ -6,7 +6,7 @@ import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { claimDueBatches } from '../../src/store/delivery.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
 import pino from 'pino';
 
 const HOUR = 3_600_000;
@@ -157,7 +157,8 @@ describe('backpressure', () => {
 
   test('queueSize counts the messages being sent as well as the queued ones', async () => {
     const clock = new ManualClock();
-    const relay = await startTestRelay({ queueSize: 3 }, { clock, startDelivery: false });
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ queueSize: 3 }, { clock, startDelivery: false, logger: log.logger });
     try {
       for (let i = 0; i < 3; i++) await send(relay.smtpPort, 'a@example.com');
       // two of the three are claimed, as a delivery worker claims them: 'sending'
@@ -169,6 +170,9 @@ describe('backpressure', () => {
       assert.deepEqual([queued, sending], [1, 2]);
       await assert.rejects(send(relay.smtpPort, 'a@example.com'), (err: { response: string }) => /^452 4\.3\.1 /.test(err.response));
       assert.equal(messageCount(relay), 3);
+      // refusing all mail is worth a warning, as a rate limit is
+      const full = log.entries().filter((e) => e.event === 'smtp.queue_full');
+      assert.deepEqual(full.map((e) => [e.level, e.sender, e.queueSize]), [[40, 'a@example.com', 3]]);
     } finally {
       await relay.stop();
     }

@@ -75,7 +75,10 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     }
     assert.match(await c.send(`RCPT TO:<a@x-y.${'x'.repeat(63)}.example.com>`), /^250 /);
     assert.match(await c.send('RCPT TO:<a@bücher.example>'), /^250 /);
+    // an xn-- label that does not decode: the client's mistake, not an error of relayq's
+    assert.match(await c.send('RCPT TO:<b@xn--99999999999999.com>'), /^501 5\.1\.3 /);
     c.close();
+    assert.deepEqual(log.entries().filter((e) => (e.level as number) >= 50), []);
   });
 
   test('the null sender <> is accepted', async () => {
