@@ -329,6 +329,7 @@ export class SmtpIntake {
       this.deps.logger.info(
         {
           event: 'smtp.session',
+          session: session.id,
           client: this.peer(session),
           helo: session.hostNameAppearsAs || undefined,
           user: authUserOf(session) ?? undefined,
@@ -353,7 +354,7 @@ export class SmtpIntake {
       return cb(reply(421, '4.4.2 Connection lost'));
     }
     if (!this.allowed(client)) {
-      this.deps.logger.warn({ event: 'smtp.refused', client }, 'client not allowed');
+      this.deps.logger.warn({ event: 'smtp.refused', session: session.id, client }, 'client not allowed');
       return cb(reply(554, '5.7.1 Access denied: client not allowed'));
     }
     cb();
@@ -395,7 +396,7 @@ export class SmtpIntake {
       }, replyInMs).unref();
       return;
     }
-    this.deps.logger.warn({ event: 'smtp.auth_failed', client: ip, user: auth.username, failures: failed + 1, replyInMs }, 'authentication failed');
+    this.deps.logger.warn({ event: 'smtp.auth_failed', session: session.id, client: ip, user: auth.username, failures: failed + 1, replyInMs }, 'authentication failed');
     setTimeout(() => cb(reply(535, '5.7.8 Authentication credentials invalid')), replyInMs).unref();
   }
 
@@ -412,12 +413,15 @@ export class SmtpIntake {
     const refused = refusedPath(path, session.envelope.smtpUtf8, true);
     if (refused) return cb(refused);
     if (this.deps.disk.isLow()) {
-      this.deps.logger.warn({ event: 'smtp.disk_low', freeMb: this.deps.disk.freeMb() }, 'refusing mail: disk space low');
+      this.deps.logger.warn(
+        { event: 'smtp.disk_low', session: session.id, client: this.peer(session), sender: address, freeMb: this.deps.disk.freeMb() },
+        'refusing mail: disk space low',
+      );
       return cb(reply(452, '4.3.1 Insufficient system storage, try again later'));
     }
-    if (isQueueFull(sqlite, config.queueSize)) return cb(this.policyRefused(address));
+    if (isQueueFull(sqlite, config.queueSize)) return cb(this.policyRefused(session, address));
     const hit = checkRateLimits(sqlite, address, clock.now(), config.rateLimits);
-    if (hit) return cb(this.policyRefused(address, hit));
+    if (hit) return cb(this.policyRefused(session, address, hit));
     // In-flow pacing: mail that may be accepted waits while delivery is behind. The checks above
     // are not repeated after the wait: the transaction that stores the message runs them again.
     const paced = this.deps.inFlow.admit();
@@ -471,15 +475,15 @@ export class SmtpIntake {
       const log = this.deps.logger;
       if (stream.sizeExceeded) {
         // stream.byteLength: every byte of the DATA, also those after the limit that were not kept
-        log.info({ queueId, event: 'smtp.refused', reason: 'size', bytes: stream.byteLength, client: this.peer(session) }, 'message too large');
+        log.info({ queueId, event: 'smtp.refused', session: session.id, reason: 'size', bytes: stream.byteLength, client: this.peer(session) }, 'message too large');
         return done(reply(552, '5.3.4 Message size exceeds fixed maximum message size'));
       }
       if (scanner.finish()) {
-        log.warn({ queueId, event: 'smtp.refused', reason: 'bare-line-ending', client: this.peer(session) }, 'bare CR or LF in DATA');
+        log.warn({ queueId, event: 'smtp.refused', session: session.id, reason: 'bare-line-ending', client: this.peer(session) }, 'bare CR or LF in DATA');
         return done(reply(550, '5.6.0 Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8)'));
       }
       if (hops.count + 1 > MAX_RECEIVED_HEADERS) {
-        log.warn({ queueId, event: 'smtp.refused', reason: 'mail-loop', received: hops.count, client: this.peer(session) }, 'too many Received: headers: a mail loop');
+        log.warn({ queueId, event: 'smtp.refused', session: session.id, reason: 'mail-loop', received: hops.count, client: this.peer(session) }, 'too many Received: headers: a mail loop');
         return done(reply(554, `5.4.6 Too many hops: ${hops.count} Received: header fields, a mail loop`));
       }
       body
@@ -539,6 +543,7 @@ export class SmtpIntake {
           {
             queueId,
             event: 'smtp.accepted',
+            session: session.id,
             from: mailFrom,
             rcpts: recipients.length,
             size,
@@ -553,7 +558,7 @@ export class SmtpIntake {
       },
       (err: unknown) => {
         // checked at MAIL FROM, but another session's message may have come first
-        if (err instanceof PolicyRefusal) return cb(this.policyRefused(mailFrom, err.hit));
+        if (err instanceof PolicyRefusal) return cb(this.policyRefused(session, mailFrom, err.hit));
         log.error({ queueId, event: 'smtp.store_failed', err: (err as Error).message }, 'storing the message failed');
         cb(notStored());
       },
@@ -567,13 +572,14 @@ export class SmtpIntake {
   }
 
   /** A refusal by policy: a rate limit `hit`, else a full queue. Counted, and logged if a limit. */
-  private policyRefused(sender: string, hit?: LimitHit): Error {
+  private policyRefused(session: SMTPServerSession, sender: string, hit?: LimitHit): Error {
     this.deps.commits.write('countRefusal', hit ? 'rate-limit' : 'queue-full').catch(() => {});
+    const who = { session: session.id, client: this.peer(session), sender };
     if (!hit) {
-      this.deps.logger.warn({ event: 'smtp.queue_full', sender, queueSize: this.deps.config.queueSize }, 'queue full: mail refused');
+      this.deps.logger.warn({ event: 'smtp.queue_full', ...who, queueSize: this.deps.config.queueSize }, 'queue full: mail refused');
       return reply(452, '4.3.1 Queue full, try again later');
     }
-    this.deps.logger.warn({ event: 'smtp.rate_limited', sender, limit: hit.limit, count: hit.count, max: hit.max }, 'rate limit reached');
+    this.deps.logger.warn({ event: 'smtp.rate_limited', ...who, limit: hit.limit, count: hit.count, max: hit.max }, 'rate limit reached');
     return reply(451, `4.7.1 ${rateLimitMessage(hit)}, try again later`);
   }
 }

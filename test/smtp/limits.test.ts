@@ -173,6 +173,13 @@ describe('backpressure', () => {
       // refusing all mail is worth a warning, as a rate limit is
       const full = log.entries().filter((e) => e.event === 'smtp.queue_full');
       assert.deepEqual(full.map((e) => [e.level, e.sender, e.queueSize]), [[40, 'a@example.com', 3]]);
+      // the session id ties each line of a session to its closing line
+      const sessionLines = () => log.entries().filter((e) => e.event === 'smtp.session');
+      await waitFor(() => sessionLines().length === 4, 5000, 'four closed sessions');
+      const sessions = new Map(sessionLines().map((e) => [e.session, e]));
+      const accepted = log.entries().filter((e) => e.event === 'smtp.accepted');
+      assert.deepEqual(accepted.map((e) => sessions.get(e.session)?.accepted), [1, 1, 1]);
+      assert.match(String((sessions.get(full[0].session)?.replies as string[] | undefined)?.[0]), /^452 4\.3\.1 /);
     } finally {
       await relay.stop();
     }
