@@ -59,6 +59,8 @@ interface SessionState {
   pacing?: PacedMail;
   /** The client has gone. */
   closed?: boolean;
+  /** The message the client was sending when it went (Postfix's "lost connection after DATA"). */
+  lostInData?: { queueId: string; bytes: number };
 }
 
 type Callback = (err?: Error | null) => void;
@@ -336,6 +338,7 @@ export class SmtpIntake {
           accepted: s.accepted ?? 0,
           refused: s.refusedCount ?? 0,
           ...(s.refused ? { replies: s.refused } : {}),
+          ...(s.lostInData ? { lostInData: s.lostInData } : {}),
         },
         'session closed',
       );
@@ -463,7 +466,9 @@ export class SmtpIntake {
     };
     stream.on('close', () => {
       // the client went away mid-DATA: nothing to store, nothing to answer
-      if (!stream.readableEnded) done(reply(451, '4.3.0 Connection lost'));
+      if (stream.readableEnded) return;
+      s.lostInData = { queueId, bytes: stream.byteLength };
+      done(reply(451, '4.3.0 Connection lost'));
     });
     stream.on('data', (chunk: Buffer) => {
       if (stream.sizeExceeded) return;

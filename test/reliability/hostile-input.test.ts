@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
-import { messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { assertStillServing, closedByPeer, INTAKE_ONLY, queuedId } from './smtp-session.js';
 import { messageRaw } from '../../src/store/queries.js';
 
@@ -316,6 +316,29 @@ describe('hostile SMTP input', () => {
     assert.equal(messageCount(relay), before);
     await assertStillServing(relay);
   });
+});
+
+test('a client that leaves in the middle of DATA is named in its session line: the queue id and the bytes it sent', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay(undefined, { ...INTAKE_ONLY, logger: log.logger });
+  const sessions = () => log.entries().filter((e) => e.event === 'smtp.session');
+  try {
+    // a FIN (the client shut down its side), then a reset
+    for (const [i, leave] of (['end', 'destroy'] as const).entries()) {
+      const c = await openSession(relay.smtpPort);
+      assert.match(await c.send('DATA'), /^354 /);
+      c.write('Subject: half\r\n\r\nhalf a message\r\n');
+      await new Promise((r) => setTimeout(r, 200));
+      c.socket[leave]();
+      await waitFor(() => sessions().length === i + 1, 5000, 'the session line');
+      const lost = sessions()[i].lostInData as { queueId: string; bytes: number } | undefined;
+      assert.match(String(lost?.queueId), /^[0-9A-F]{20}$/, leave);
+      // smtp-server holds back the last bytes until it knows they are not the final dot
+      assert.ok(lost && lost.bytes > 0 && lost.bytes <= 33, `${leave}: ${lost?.bytes}`);
+    }
+  } finally {
+    await relay.stop();
+  }
 });
 
 describe('idle and slow clients', () => {
