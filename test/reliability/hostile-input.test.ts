@@ -329,7 +329,8 @@ test('a client that leaves in the middle of DATA is named in its session line: t
       assert.match(await c.send('DATA'), /^354 /);
       c.write('Subject: half\r\n\r\nhalf a message\r\n');
       await new Promise((r) => setTimeout(r, 200));
-      c.socket[leave]();
+      if (leave === 'end') c.socket.end();
+      else c.socket.destroy();
       await waitFor(() => sessions().length === i + 1, 5000, 'the session line');
       const lost = sessions()[i].lostInData as { queueId: string; bytes: number } | undefined;
       assert.match(String(lost?.queueId), /^[0-9A-F]{20}$/, leave);
