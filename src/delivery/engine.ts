@@ -466,8 +466,8 @@ export class DeliveryEngine {
       upstream: result.upstream,
       rcpts: claim.recipients.length,
       ...counts,
-      // the reply of a partial attempt is the one the message got: the others say why they were not delivered
-      ...(completion.attempt.outcome === 'partial' ? { notDelivered: notDelivered(claim, completion) } : {}),
+      // `reply` is the transaction's: the recipients with a reply of their own say why they were not delivered
+      ...notDelivered(claim, completion, result.reply),
     };
     this.released.delete(claim.token);
     if (outcome.leaseLost) {
@@ -558,8 +558,8 @@ export class DeliveryEngine {
     const { config } = this.deps;
     if (state === 'failed') {
       // logged whether or not the export was written: an alert on this event must not miss any
-      const file = await this.exportFailed(id);
       const reason = lastError(this.deps.sqlite, id);
+      const file = await this.exportFailed(id);
       this.log.warn({ event: 'delivery.failed', queueId: id, reason, export: file ?? null }, file ? 'message failed; exported' : 'message failed; not exported');
     } else if (state === 'delivered' && claims > 1) {
       // Only a message that needed more than one claim can have failed before (and been retried).
@@ -652,10 +652,15 @@ export class DeliveryEngine {
   }
 }
 
-/** The recipients of a batch that were not delivered, each with its own reply. */
-function notDelivered(claim: ClaimedBatch, completion: BatchCompletion) {
+/** Recipients the log lists at most per attempt line (its counts give them all). */
+const MAX_LOGGED_RECIPIENTS = 10;
+
+/** The recipients of a batch that were not delivered with a reply other than `reply`, each with its own. */
+function notDelivered(claim: ClaimedBatch, completion: BatchCompletion, reply: string) {
   const addresses = new Map(claim.recipients.map((r) => [r.seq, r.address]));
-  return completion.recipients
-    .filter((r) => r.status !== 'delivered')
+  const own = completion.recipients
+    .filter((r) => r.status !== 'delivered' && r.reply !== reply)
+    .slice(0, MAX_LOGGED_RECIPIENTS)
     .map((r) => ({ to: addresses.get(r.seq), status: r.status === 'pending' ? 'deferred' : r.status, reply: r.reply }));
+  return own.length ? { notDelivered: own } : {};
 }

@@ -115,7 +115,7 @@ describe('per-recipient outcomes', () => {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     upstream.rcptReply = (a) =>
-      a === 'bad@example.com' ? { code: 550, message: '5.1.1 No such user' } : a === 'tmp@example.com' ? { code: 450, message: '4.2.1 Busy' } : undefined;
+      a.startsWith('bad') ? { code: 550, message: '5.1.1 No such user' } : a.startsWith('tmp') ? { code: 450, message: '4.2.1 Busy' } : undefined;
     const log = capturedLog('info');
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { maxAttempts: 1 } },
@@ -137,6 +137,20 @@ describe('per-recipient outcomes', () => {
     const failed = events.find((e) => e.event === 'delivery.failed');
     assert.equal(failed?.reason, message(relay, id).last_error);
     assert.match(String(failed?.reason), /@example\.com: (550|gave up)/);
+
+    // nobody delivered: the line's reply is the transaction's (the 450), and each recipient with
+    // another reply of its own is listed (the 550; the 450 that gave up says so)
+    const other = await queue(relay, ['tmp2@example.com', 'bad2@example.com']);
+    await relay.delivery.runOnce();
+    const line = log.entries().find((e) => e.queueId === other && e.event === 'delivery.attempt');
+    const listed = ((line?.notDelivered ?? []) as Array<{ to: string; reply: string }>).map((r) => [r.to, r.reply.slice(0, 9)]);
+    assert.deepEqual([String(line?.reply).slice(0, 9), listed], [
+      '450 4.2.1',
+      [
+        ['tmp2@example.com', '450 4.2.1'],
+        ['bad2@example.com', '550 5.1.1'],
+      ],
+    ]);
   });
 
   test('450 to one RCPT → only that recipient is tried again later; the others are not re-sent', async () => {
