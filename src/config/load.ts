@@ -419,5 +419,6 @@ export function redactConfig(config: Config): Config {
 
 /** One line per error; an error of the file names it (`./config.json` or `$RELAYQ_CONFIG` may have been read). */
 export function formatErrors(errors: readonly ConfigError[], file?: string): string {
-  return errors.map((e) => `config error (${e.source === 'file' && file ? `file ${file}` : e.source}): ${e.message}`).join('\n');
+  // an error about the whole file (key 'config') names it already
+  return errors.map((e) => `config error (${e.source === 'file' && file && e.key !== 'config' ? `file ${file}` : e.source}): ${e.message}`).join('\n');
 }

@@ -495,7 +495,7 @@ export class SmtpIntake {
         .finish()
         .then((received) => this.store(session, queueId, received, done))
         .catch((err: Error) => {
-          log.error({ queueId, event: 'smtp.store_failed', err: err.message }, 'storing the message failed');
+          log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: err.message }, 'storing the message failed');
           done(notStored());
         });
     });
@@ -564,7 +564,7 @@ export class SmtpIntake {
       (err: unknown) => {
         // checked at MAIL FROM, but another session's message may have come first
         if (err instanceof PolicyRefusal) return cb(this.policyRefused(session, mailFrom, err.hit));
-        log.error({ queueId, event: 'smtp.store_failed', err: (err as Error).message }, 'storing the message failed');
+        log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: (err as Error).message }, 'storing the message failed');
         cb(notStored());
       },
     );

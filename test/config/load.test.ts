@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { describe, test } from 'node:test';
-import { loadConfig, parseFlags, readConfigFile } from '../../src/config/load.js';
+import { formatErrors, loadConfig, parseFlags, readConfigFile } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
 import Database from 'better-sqlite3';
@@ -161,6 +161,16 @@ describe('loadConfig', () => {
     fs.writeFileSync(file, '\uFEFF{"smtpPort": 2600}\n');
     const withBom = loadConfig([], {}, readConfigFile(file));
     assert.ok(withBom.ok && withBom.config.smtpPort === 2600, JSON.stringify(!withBom.ok && withBom.errors));
+  });
+
+  test('an error of the file names the file once', () => {
+    const text = '{"smtpPort": "x"';
+    const broken = loadConfig([], {}, { path: 'c.json', text });
+    assert.ok(!broken.ok);
+    assert.match(formatErrors(broken.errors, 'c.json'), /^config error \(file\): c\.json is not valid JSON/);
+    const wrong = loadConfig([], {}, { path: 'c.json', text: `${text}}` });
+    assert.ok(!wrong.ok);
+    assert.equal(formatErrors(wrong.errors, 'c.json'), 'config error (file c.json): smtpPort: must be an integer');
   });
 
   test('SMTP AUTH needs both defaultUsername and defaultPassword, or neither', () => {
