@@ -1,10 +1,12 @@
 // Shared test fixtures: a temp dir per test, a relay on port 0 with a fresh SQLite file, a raw
 // SMTP client for exact reply checks, nodemailer senders and a recording upstream smtp-server.
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
+import type { TestContext } from 'node:test';
 import tls from 'node:tls';
 import nodemailer from 'nodemailer';
 import pino from 'pino';
@@ -413,4 +415,23 @@ export async function spawnRelay(dir: string, flags: string[] = [], env: NodeJS.
 export async function writeDirect<T>(relay: Relay, fn: (db: Relay['store']['sqlite']) => T): Promise<T> {
   const db = relay.store.sqlite;
   return db.transaction(() => fn(db)).immediate();
+}
+
+/**
+ * Runs `fn` while `file` (a file or a directory) is immutable: no one may write to it, root
+ * included, also through descriptors already open, as on a file system that went read-only or
+ * full. Where `chattr +i` is not available (it needs root and ext4) the test is skipped and
+ * `fn` does not run: the result says which.
+ */
+export async function whileImmutable(t: TestContext, file: string, fn: () => Promise<void>): Promise<boolean> {
+  if (spawnSync('chattr', ['+i', file]).status !== 0) {
+    t.skip('chattr +i is not available here (needs root and ext4)');
+    return false;
+  }
+  try {
+    await fn();
+  } finally {
+    spawnSync('chattr', ['-i', file]);
+  }
+  return true;
 }

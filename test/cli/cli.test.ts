@@ -1,12 +1,11 @@
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { openStore } from '../../src/store/db.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream } from '../helpers.js';
+import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable } from '../helpers.js';
 import { runCli, runCliJson, writeConfigFile } from './run-cli.js';
 import { messageRaw } from '../../src/store/queries.js';
 
@@ -175,15 +174,12 @@ describe('relayq CLI on the database of a running relay', () => {
     fs.mkdirSync(locked);
     // immutable: no one may write into it, root included (as on a full or read-only disk, the
     // write itself fails)
-    if (spawnSync('chattr', ['+i', locked]).status !== 0) return t.skip('chattr +i is not available here (needs root and ext4)');
-    try {
+    await whileImmutable(t, locked, async () => {
       const [exported, backup] = await Promise.all([cli('export-failed', locked), cli('backup', path.join(locked, 'copy.db'))]);
       assertOneLineError(exported, /^relayq: cannot export [0-9A-F]+ into .*locked \(0 exported before it\): EPERM/);
       assertOneLineError(backup, /^relayq: backup failed: cannot write .*locked\/copy\.db: EPERM/);
       assert.deepEqual(fs.readdirSync(locked), []);
-    } finally {
-      spawnSync('chattr', ['-i', locked]);
-    }
+    });
   });
 
   test('bad input exits non-zero with one line that says why, and changes nothing', async () => {
