@@ -334,6 +334,8 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
       `inFlowDelay is in milliseconds: ${c.inFlowDelay} ms hardly slows intake while delivery is behind; Postfix's in_flow_delay = 1s is inFlowDelay 1000`,
     );
   }
+  // who may connect when allowLocalOnly is off
+  const admits = clientFilter({ allowLocalOnly: false, allowedNetworks: c.security.allowedNetworks });
   const noCredentials = !c.defaultUsername || !c.defaultPassword;
   if (c.security.requireAuth && noCredentials) {
     if (c.security.allowLocalOnly) {
@@ -352,7 +354,7 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
   if (c.security.requireAuth && !noCredentials && !c.security.allowLocalOnly && !c.tls.cert) {
     // AUTH in plain text is for loopback clients only (538 5.7.11 to others): with no STARTTLS a
     // remote client can never authenticate, and without AUTH it gets 530
-    const loopbackAllowed = clientFilter(c.security)('127.0.0.1') || clientFilter(c.security)('::1');
+    const loopbackAllowed = admits('127.0.0.1') || admits('::1');
     warnings.push(
       'security.requireAuth with security.allowLocalOnly=false and no tls.cert/tls.key: clients other than loopback cannot authenticate ' +
         `(AUTH needs STARTTLS) and so cannot send${loopbackAllowed ? '' : ', and security.allowedNetworks does not list loopback: no client can send'}; ` +
@@ -362,7 +364,6 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
   // a list that lets in every address (0.0.0.0/0, ::/0, two halves, ::ffff:0:0/96, 2000::/3) is
   // as good as none: one that admits addresses from all four quarters of IPv4, of IPv6 or of its
   // routed part is taken for that
-  const admits = clientFilter({ allowLocalOnly: false, allowedNetworks: c.security.allowedNetworks });
   const anyClient = c.security.allowedNetworks.length === 0 || SPREAD_ADDRESSES.some((quarters) => quarters.every(admits));
   if (!c.security.requireAuth && !c.security.allowLocalOnly && anyClient) {
     fail(
