@@ -108,12 +108,12 @@ function writeEachMessageAtOnce(connection: SMTPConnection): void {
 
 /**
  * The reply to DATA must be `354` (RFC 5321 §4.1.1.4; Postfix checks for a 3xx, and so does
- * this); nodemailer also goes ahead on a 2xx, for servers said to send `250` there. A 2xx there mostly means that the replies
- * are out of step with the commands (an upstream that sent one line too many, such as a second
- * greeting line): the message would go out, the `354` would then be read as the reply to the
- * final dot, and every retry would deliver it again. So the transaction ends before the message
- * is sent, as a temporary failure, and the connection is closed. The hook is nodemailer's private
- * `_actionDATA`; without it nothing changes.
+ * this); nodemailer also goes ahead on a 2xx, for servers said to send `250` there. A 2xx there
+ * mostly means that the replies are out of step with the commands (an upstream that sent one
+ * line too many, such as a second greeting line): the message would go out, the `354` would then
+ * be read as the reply to the final dot, and every retry would deliver it again. So the
+ * transaction ends before the message is sent, as a temporary failure, and the connection is
+ * closed. The hook is nodemailer's private `_actionDATA`; without it nothing changes.
  */
 function requireGoAheadForData(connection: SMTPConnection): void {
   type Callback = (err: Error | null, info?: unknown) => void;

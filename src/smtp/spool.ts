@@ -28,9 +28,10 @@ export class Spool {
 
   /**
    * Removes what earlier processes left (messages that were never acknowledged), and checks that
-   * relayq can write there when it spools. The directory itself stays: it may be a mount point or a link that the operator made (as this user or as
-   * root). A link or a directory that another user made (in a directory others may write to)
-   * is refused: emptying would delete whatever that user pointed it at (refuseForeign).
+   * relayq can write there when it spools. The directory itself stays: it may be a mount point
+   * or a link that the operator made (as this user or as root). A link or a directory that
+   * another user made (in a directory others may write to) is refused: emptying would delete
+   * whatever that user pointed it at (refuseForeign).
    */
   clear(): void {
     let names: string[];

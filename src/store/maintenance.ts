@@ -1,9 +1,10 @@
 // Housekeeping of the SQLite files, below the queue's own tables: keeping the WAL bounded, the
 // files' sizes, refusing another program's database, the schema version, a light read-only
-// connection for tools, and overwriting freed pages for logAllEmails=false. SQLite checkpoints the WAL by itself after a commit once it
-// holds 1000 pages (about 4 MB), and new commits then reuse the file from its start; the file
-// only grows past that while another connection (the CLI, a backup, a sqlite3 shell) pins an
-// old snapshot. journal_size_limit truncates it back once such a reader is gone.
+// connection for tools, and overwriting freed pages for logAllEmails=false. SQLite checkpoints
+// the WAL by itself after a commit once it holds 1000 pages (about 4 MB), and new commits then
+// reuse the file from its start; the file only grows past that while another connection (the
+// CLI, a backup, a sqlite3 shell) pins an old snapshot. journal_size_limit truncates it back
+// once such a reader is gone.
 import fs from 'node:fs';
 import Database from 'better-sqlite3';
 import { BUSY_TIMEOUT_MS, type Sqlite } from './db.js';
