@@ -311,9 +311,10 @@ export class DeliveryEngine {
     if (!this.running || this.stopping) return;
     const free = this.config.workerCount - this.busySlots;
     if (free <= 0 || performance.now() < this.claimsPausedUntil) return;
-    if (!hasDueWork(this.deps.sqlite, this.deps.clock.now(), this.held())) return;
+    const held = this.held();
+    if (!hasDueWork(this.deps.sqlite, this.deps.clock.now(), held)) return;
     this.busySlots += free;
-    const task = this.claim(free).then(
+    const task = this.claim(free, held).then(
       (claimed) => {
         this.claimRetryMs = 0;
         this.busySlots -= free - claimed.batches.length;
@@ -351,7 +352,7 @@ export class DeliveryEngine {
     this.track(task.then((count) => count === free && this.wake()));
   }
 
-  private claim(limit: number): Promise<ClaimResult> {
+  private claim(limit: number, held = this.held()): Promise<ClaimResult> {
     const { clock, config } = this.deps;
     return this.deps.commits.write('claimDueBatches', {
       now: clock.now(),
@@ -360,7 +361,7 @@ export class DeliveryEngine {
       batchSize: this.upstream ? config.batchSize : Number.POSITIVE_INFINITY,
       limit,
       maxAttempts: config.retry.maxAttempts,
-      held: this.held(),
+      held,
     });
   }
 

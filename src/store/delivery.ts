@@ -70,8 +70,13 @@ export interface ClaimResult {
 
 /** True when something is due now: a cheap read that spares the poller an empty write. */
 export function hasDueWork(sqlite: Sqlite, now: number, held: readonly string[] = []): boolean {
-  const row = prepared(sqlite, `SELECT EXISTS (SELECT 1 ${DUE}) AS due`).get(now) as { due: number };
-  return row.due === 1 || expiredClaims(sqlite, now, 1, held).length > 0;
+  const row = prepared(sqlite, `SELECT EXISTS (SELECT 1 ${DUE}) AS due, EXISTS (SELECT 1 ${EXPIRED}) AS expired`).get(now, now) as {
+    due: number;
+    expired: number;
+  };
+  if (row.due === 1) return true;
+  // an expired claim counts unless it is one of ours (read again only then)
+  return row.expired === 1 && (held.length === 0 || expiredClaims(sqlite, now, 1, held).length > 0);
 }
 
 /**

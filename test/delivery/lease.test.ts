@@ -7,6 +7,7 @@ import {
   type ClaimOptions,
   claimDueBatches,
   completeBatch,
+  hasDueWork,
   releaseClaims,
   SELECT_DUE_SQL,
   SELECT_EXPIRED_SQL,
@@ -76,6 +77,10 @@ describe('claims and leases', () => {
     clock.advance(59_999);
     assert.equal((await claim(relay, claimOptions(clock))).batches.length, 0);
     clock.advance(1);
+    // due work for the poller, unless this process holds the message itself
+    assert.equal(hasDueWork(relay.store.sqlite, clock.now()), true);
+    assert.equal(hasDueWork(relay.store.sqlite, clock.now(), [id]), false);
+    assert.equal((await claim(relay, claimOptions(clock, { held: [id] }))).batches.length, 0);
     const second = (await claim(relay, claimOptions(clock))).batches[0];
     assert.ok(second, 'claimable once the lease expired, without any manual fix');
     assert.notEqual(second.token, first.token);
