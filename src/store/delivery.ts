@@ -14,8 +14,8 @@ const DUE = `FROM messages INDEXED BY messages_due WHERE state = 'queued' AND ne
 /** Claims of a crashed or stuck worker whose lease ran out by `?`, through `messages_lease`. */
 const EXPIRED = `FROM messages INDEXED BY messages_lease WHERE state = 'sending' AND lease_expires_at <= ?`;
 /** Due work: in index order, so the first rows are the due ones. */
-export const SELECT_DUE_SQL = `SELECT id ${DUE} ORDER BY next_attempt_at LIMIT ?`;
-export const SELECT_EXPIRED_SQL = `SELECT id ${EXPIRED} ORDER BY lease_expires_at LIMIT ?`;
+export const SELECT_DUE_SQL = `SELECT id ${DUE} ORDER BY next_attempt_at LIMIT CAST(? AS INTEGER)`;
+export const SELECT_EXPIRED_SQL = `SELECT id ${EXPIRED} ORDER BY lease_expires_at LIMIT CAST(? AS INTEGER)`;
 
 export interface ClaimedRecipient {
   seq: number;
@@ -103,7 +103,7 @@ export function lastError(sqlite: Sqlite, id: string): string | null {
 export function countDueQueued(sqlite: Sqlite, now: number, limit: number): number {
   const row = prepared(
     sqlite,
-    `SELECT count(*) AS n FROM (SELECT 1 ${DUE} LIMIT ?)`,
+    `SELECT count(*) AS n FROM (SELECT 1 ${DUE} LIMIT CAST(? AS INTEGER))`,
   ).get(now, limit) as { n: number };
   return row.n;
 }
@@ -435,7 +435,7 @@ export const FAILED_SCAN_SQL = `SELECT id, finishedAt,
   EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.status = 'failed' AND r.temporary = 1) AS temporary
 FROM (SELECT id, finished_at AS finishedAt FROM messages
       WHERE state = 'failed' AND finished_at >= @after AND finished_at <= @before AND (finished_at > @after OR id > @id)
-      ORDER BY finished_at, id LIMIT @limit) AS m`;
+      ORDER BY finished_at, id LIMIT CAST(@limit AS INTEGER)) AS m`;
 
 /**
  * One bounded step of a walk over failed mail: the next `limit` failed messages after `cursor`

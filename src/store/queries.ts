@@ -281,7 +281,7 @@ function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: Cursor | undef
   }
   const sql = `SELECT ${SUMMARY_COLUMNS} FROM messages
     ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
-    ORDER BY received_at DESC, id DESC LIMIT ?`;
+    ORDER BY received_at DESC, id DESC LIMIT CAST(? AS INTEGER)`;
   return prepared(sqlite, sql).all(...params, limit) as MessageSummary[];
 }
 

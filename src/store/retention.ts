@@ -20,19 +20,19 @@ export function deleteDeliveredBefore(sqlite: Sqlite, cutoff: number, limit: num
   return prepared(
     sqlite,
     `DELETE FROM messages WHERE id IN (
-       SELECT id FROM messages WHERE state = 'delivered' AND finished_at < ? ORDER BY finished_at LIMIT ?
+       SELECT id FROM messages WHERE state = 'delivered' AND finished_at < ? ORDER BY finished_at LIMIT CAST(? AS INTEGER)
      )`,
   ).run(cutoff, limit).changes;
 }
 
 /** Read through the rate_buckets_minute index (migration 003): never a scan of the table. */
 export const PRUNE_RATE_BUCKETS_SQL = `DELETE FROM rate_buckets WHERE (sender_key, minute) IN (
-  SELECT sender_key, minute FROM rate_buckets WHERE minute <= ? LIMIT ?
+  SELECT sender_key, minute FROM rate_buckets WHERE minute <= ? LIMIT CAST(? AS INTEGER)
 )`;
 
 /** The same for the hourly buckets, through rate_hours_hour (migration 004). */
 export const PRUNE_RATE_HOURS_SQL = `DELETE FROM rate_hours WHERE (sender_key, hour) IN (
-  SELECT sender_key, hour FROM rate_hours WHERE hour < ? LIMIT ?
+  SELECT sender_key, hour FROM rate_hours WHERE hour < ? LIMIT CAST(? AS INTEGER)
 )`;
 
 /**

@@ -12,6 +12,7 @@ import {
   SELECT_DUE_SQL,
   SELECT_EXPIRED_SQL,
 } from '../../src/store/delivery.js';
+import { prepared } from '../../src/store/statements.js';
 import { capturedLog, holdWriteLock, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
@@ -228,6 +229,16 @@ describe('claims and leases', () => {
       assert.match(p, new RegExp(`SEARCH messages USING (COVERING )?INDEX ${index} \\(`), p);
       assert.doesNotMatch(p, /TEMP B-TREE/, 'rows come in index order, no sort of the backlog');
     }
+  });
+
+  test('a bound LIMIT is cast, so that SQLite does not compile the claim again at every run', async () => {
+    const { relay } = await relayWithMail();
+    const sqlite = relay.store.sqlite;
+    // the planner reads a plain `LIMIT ?`, and every new binding expires the statement
+    assert.throws(() => prepared(sqlite, 'SELECT id FROM messages LIMIT ?'), /CAST\(\? AS INTEGER\)/);
+    assert.throws(() => prepared(sqlite, 'SELECT id FROM messages LIMIT 5 OFFSET @skip'), /CAST/);
+    assert.equal(prepared(sqlite, 'SELECT id FROM messages LIMIT CAST(? AS INTEGER)').all(1).length, 1);
+    for (const sql of [SELECT_DUE_SQL, SELECT_EXPIRED_SQL]) assert.doesNotThrow(() => prepared(sqlite, sql));
   });
 
   test('a clock stepped forward past the lease during an attempt does not hand its message to another worker', async () => {
