@@ -183,6 +183,12 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
   // One jitter draw per attempt: recipients deferred together (with the same attempt count) stay
   // due together and go out in one transaction again, instead of one by one as each comes due.
   const draw = ctx.random();
+  // continueOnError=false: a permanent refusal fails what is left of the message, this batch's
+  // deferred recipients included (the store fails those of its other batches)
+  const failRemaining =
+    result.permanentFailure && !ctx.continueOnError
+      ? `batch ${claim.batch} was refused permanently (${withCode(result.code, result.reply)}) and continueOnError is false`
+      : undefined;
   let delivered = 0;
   let pending = 0;
   let lastProblem: string | null = null;
@@ -210,6 +216,10 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
         nextAttemptAt: now,
       };
     }
+    if (failRemaining) {
+      const reply = `not attempted again: ${failRemaining}; last reply: ${res.reply}`;
+      return { seq: r.seq, status: 'failed', code: res.code, reply, temporary: false, nextAttemptAt: now };
+    }
     pending++;
     lastProblem = `deferred ${r.address}: ${text}`;
     return {
@@ -224,8 +234,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
   const total = claim.recipients.length;
   const outcome: AttemptOutcome =
     delivered === total ? 'delivered' : delivered > 0 ? 'partial' : pending > 0 ? 'deferred' : 'failed';
-  const stop = result.permanentFailure && !ctx.continueOnError;
-  const completion: BatchCompletion = {
+  return {
     messageId: claim.messageId,
     token: claim.token,
     now,
@@ -245,11 +254,8 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     eraseRawOnDelivered: ctx.eraseRawOnDelivered,
     lastError: lastProblem,
     lastFailure,
+    failRemaining,
   };
-  if (stop) {
-    completion.failRemaining = `batch ${claim.batch} was refused permanently (${withCode(result.code, result.reply)}) and continueOnError is false`;
-  }
-  return completion;
 }
 
 /** A reply with its code in front, unless it starts with it already. */

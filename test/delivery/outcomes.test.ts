@@ -388,6 +388,33 @@ describe('per-recipient outcomes', () => {
     assert.equal(message(relay, id).last_error, 'd@example.com: 554 5.7.1 Policy rejection');
   });
 
+  test('continueOnError=false: the attempt that fails a recipient deferred in its own batch records it as failed', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.rcptReply = (a) => (a === 'busy@example.com' ? { code: 450, message: '4.2.1 Mailbox busy' } : undefined);
+    upstream.dataReply = () => ({ code: 554, message: '5.7.1 Policy rejection' });
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, continueOnError: false },
+      { clock: new ManualClock(), startDelivery: false, logger: log.logger, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com', 'busy@example.com', 'c@example.com']);
+    await relay.delivery.runOnce();
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.address, r.status, r.attempts]), [
+      ['a@example.com', 'failed', 1],
+      ['busy@example.com', 'failed', 1],
+      ['c@example.com', 'failed', 0],
+    ]);
+    assert.match(rows[1].last_reply!, /^not attempted again: batch 0 was refused permanently \(554 .*\) and continueOnError is false; last reply: 450 4\.2\.1 Mailbox busy/);
+    assert.deepEqual(attempts(relay, id).map((a) => [a.outcome, a.code]), [['failed', 554]]);
+    const line = log.entries().find((e) => e.queueId === id && e.event === 'delivery.attempt');
+    assert.deepEqual([line?.outcome, line?.failed, line?.deferred, line?.state], ['failed', 2, 0, 'failed']);
+    const listed = (line?.notDelivered ?? []) as Array<{ to: string; status: string }>;
+    assert.deepEqual(listed.map((r) => [r.to, r.status]), [['busy@example.com', 'failed']]);
+  });
+
   test('continueOnError=true (default): later batches still go after a refused one', async () => {
     const { relay, upstream } = await setup({ batchSize: 2, batchDelay: 0 });
     let first = true;
