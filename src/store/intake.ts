@@ -4,7 +4,7 @@
 // cannot be split by another session; intake also reads the checks early, at MAIL FROM.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import { domainToUnicode } from 'node:url';
+import { domainToASCII, domainToUnicode } from 'node:url';
 import type { Sqlite } from './db.js';
 import { prepared } from './statements.js';
 
@@ -79,15 +79,18 @@ export function newQueueId(now: number): string {
 }
 
 /**
- * An address with an `xn--` domain decoded, whatever its case: smtp-server decodes only lower-case
- * `xn--` labels, so `bob@XN--MNCHEN-3YA.DE` would otherwise be stored, counted and found apart
- * from `bob@münchen.de`. Other addresses are returned as they are.
+ * An address whose domain is internationalized (non-ASCII, or with an `xn--` label in any case)
+ * with that domain as IDNA maps it, in Unicode: lower case, NFC, fullwidth letters made ASCII.
+ * `bob@XN--MNCHEN-3YA.DE`, `bob@MÜNCHEN.de` and `bob@ｍüｎｃｈｅｎ.de` go upstream as one address,
+ * so they are stored, counted and found as one (smtp-server decodes only lower-case `xn--`
+ * labels). An ASCII domain, or one IDNA refuses, is returned as written.
  */
 export function decodeIdnDomain(address: string): string {
   const at = address.lastIndexOf('@');
   const domain = address.slice(at + 1);
-  if (at < 0 || !/(^|\.)xn--/i.test(domain)) return address;
-  return `${address.slice(0, at)}@${domainToUnicode(domain.toLowerCase()) || domain}`;
+  if (at < 0 || (!/[^\x00-\x7f]/.test(domain) && !/(^|\.)xn--/i.test(domain))) return address;
+  const ascii = domainToASCII(domain);
+  return `${address.slice(0, at)}@${(ascii && domainToUnicode(ascii)) || domain}`;
 }
 
 /**

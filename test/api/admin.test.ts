@@ -255,9 +255,17 @@ describe('admin: queue inspection', () => {
         const res = await call<Page>(relay, `/admin/messages?recipient=${encodeURIComponent(query)}`);
         assert.deepEqual(res.body.messages.map((m) => m.id), [mixed], query);
       }
-      // an xn-- domain is stored decoded however the client wrote it, and found in either form
-      // (two spellings of one address are one recipient)
-      const idn = await sendAsWritten(relay, 'x@example.com', ['bob@XN--MNCHEN-3YA.DE', 'carl@xn--mnchen-3ya.de', 'bob@xn--mnchen-3ya.de']);
+      // an xn-- domain is stored decoded however the client wrote it, and found in either form;
+      // so is a Unicode one, as IDNA maps it (upper case, fullwidth letters, a decomposed ü): two
+      // spellings of one address are one recipient, as they are one address upstream
+      const idn = await sendAsWritten(relay, 'x@example.com', [
+        'bob@XN--MNCHEN-3YA.DE',
+        'carl@xn--mnchen-3ya.de',
+        'bob@xn--mnchen-3ya.de',
+        'bob@MÜNCHEN.de',
+        'bob@ｍüｎｃｈｅｎ.de',
+        'bob@mu\u0308nchen.de',
+      ]);
       assert.deepEqual(
         relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ? ORDER BY seq').pluck().all(idn),
         ['bob@münchen.de', 'carl@münchen.de'],
@@ -266,6 +274,12 @@ describe('admin: queue inspection', () => {
       // so is the sender's
       const fromIdn = await sendAsWritten(relay, 'Alice@XN--MNCHEN-3YA.DE', ['x@example.com']);
       assert.equal(relay.store.sqlite.prepare('SELECT mail_from FROM messages WHERE id = ?').pluck().get(fromIdn), 'Alice@münchen.de');
+      const fullwidth = await sendAsWritten(relay, 'Eve@ＥＸＡＭＰＬＥ.org', ['x@example.com', 'y@ｅｘａｍｐｌｅ.com', 'Y@example.COM']);
+      assert.equal(relay.store.sqlite.prepare('SELECT mail_from FROM messages WHERE id = ?').pluck().get(fullwidth), 'Eve@example.org');
+      assert.deepEqual(
+        relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ? ORDER BY seq').pluck().all(fullwidth),
+        ['x@example.com', 'y@example.com'],
+      );
       for (const query of ['bob@münchen.de', 'bob@xn--mnchen-3ya.de', 'carl@XN--MNCHEN-3YA.DE', 'Carl@münchen.DE']) {
         const res = await call<Page>(relay, `/admin/messages?recipient=${encodeURIComponent(query)}`);
         assert.deepEqual(res.body.messages.map((m) => m.id), [idn], query);
