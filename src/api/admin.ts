@@ -1,7 +1,7 @@
 // /admin: requeue failed mail, page through the queue, look at one message (with its
 // recipients and attempts, or its raw bytes), retry or delete one message. Commands go through
 // the group commit like every write of the server; each is logged with who asked.
-import { Hono } from 'hono';
+import { type Context, Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import { removeFailedExport } from '../delivery/failed-export.js';
@@ -84,6 +84,20 @@ export function adminRoutes(deps: ApiDeps) {
   const { commits, clock, store } = deps;
   const log = deps.logger;
 
+  /** Logs a command on one message with who asked: its result, or (at warn) why it failed. */
+  async function logged<T extends string>(c: Context<ApiEnv>, action: string, id: string, command: Promise<T>): Promise<T> {
+    const who = c.get('requester');
+    const line = { event: 'api.admin', action, id, client: who.ip, via: who.via };
+    try {
+      const result = await command;
+      log.info({ ...line, result }, `${action} ${id}: ${result}`);
+      return result;
+    } catch (err) {
+      log.warn({ ...line, result: 'error', err: (err as Error).message }, `${action} ${id} failed`);
+      throw err;
+    }
+  }
+
   return new Hono<ApiEnv>()
     .post('/retry-failed', bodyLimit({ maxSize: MAX_BODY_BYTES, onError: (c) => c.json({ error: 'payload_too_large', message: `the body is over ${MAX_BODY_BYTES} bytes` }, 413) }), async (c) => {
       const text = await c.req.text();
@@ -105,7 +119,8 @@ export function adminRoutes(deps: ApiDeps) {
         return c.json({ requeued });
       } catch (err) {
         // what was committed before the failure is a change the admin log must show
-        if (err instanceof RequeueStopped) log.warn({ ...logged, requeued: err.requeued, err: err.message }, `requeued ${err.requeued} failed messages, then stopped`);
+        const requeued = err instanceof RequeueStopped ? err.requeued : 0;
+        log.warn({ ...logged, requeued, err: (err as Error).message }, `requeued ${requeued} failed messages, then stopped`);
         throw err;
       }
     })
@@ -156,9 +171,7 @@ export function adminRoutes(deps: ApiDeps) {
     })
     .post('/messages/:id/retry', async (c) => {
       const id = c.req.param('id');
-      const result = await commits.write('retryMessage', id, clock.now(), deps.config.batchDelay);
-      const who = c.get('requester');
-      log.info({ event: 'api.admin', action: 'retry', id, client: who.ip, via: who.via, result }, `retry ${id}: ${result}`);
+      const result = await logged(c, 'retry', id, commits.write('retryMessage', id, clock.now(), deps.config.batchDelay));
       switch (result) {
         case 'not-found':
           throw notFound(id);
@@ -172,9 +185,7 @@ export function adminRoutes(deps: ApiDeps) {
     })
     .delete('/messages/:id', async (c) => {
       const id = c.req.param('id');
-      const result = await commits.write('deleteMessage', id, clock.now());
-      const who = c.get('requester');
-      log.info({ event: 'api.admin', action: 'delete', id, client: who.ip, via: who.via, result }, `delete ${id}: ${result}`);
+      const result = await logged(c, 'delete', id, commits.write('deleteMessage', id, clock.now()));
       if (result === 'not-found') throw notFound(id);
       if (result === 'held') throw new HTTPException(409, { message: `${id}: ${HELD}; try again later` });
       // a failed message's export goes with it: it would describe mail that is no longer there

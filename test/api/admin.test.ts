@@ -4,7 +4,7 @@ import Database from 'better-sqlite3';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { capturedLog, openSession, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, holdWriteLock, openSession, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { REQUEUE_STEP, type RequeueStep, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
@@ -688,6 +688,33 @@ test('retry-failed requeues each failed message once per call, even one that fai
     });
     assert.equal(requeued, ids.length);
     assert.deepEqual(stepIds.flat().sort(), ids, 'every failed message was requeued exactly once');
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('an admin command the database cannot run (another process holds the write lock) is a JSON 503, logged as api.admin with who asked', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
+  try {
+    const [id] = await insertFailed(relay, 1);
+    const lock = await holdWriteLock(relay, 50);
+    try {
+      for (const [path, method, action] of [
+        [`/admin/messages/${id}`, 'DELETE', 'delete'],
+        [`/admin/messages/${id}/retry`, 'POST', 'retry'],
+        ['/admin/retry-failed', 'POST', 'retry-failed'],
+      ]) {
+        const res = await call(relay, path, { method });
+        assert.deepEqual([res.status, res.body.error], [503, 'unavailable'], path);
+        const entry = log.entries().find((e) => e.event === 'api.admin' && e.action === action);
+        assert.deepEqual([entry?.level, entry?.client, entry?.via], [40, '127.0.0.1', 'loopback'], action);
+        assert.match(String(entry?.err), /database is locked/);
+      }
+    } finally {
+      await lock.release();
+    }
+    assert.equal(relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(id), 'failed', 'nothing changed');
   } finally {
     await relay.stop();
   }
