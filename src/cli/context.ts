@@ -5,7 +5,8 @@
 import fs from 'node:fs';
 import { findConfigFile, formatErrors, loadConfig, readConfigFile } from '../config/load.js';
 import type { Config } from '../config/schema.js';
-import type { Sqlite, Store } from '../store/db.js';
+import { RequeueStopped } from '../store/admin.js';
+import { BUSY_TIMEOUT_MS, type Sqlite, type Store } from '../store/db.js';
 import { appliedMigrations, openReadOnly, refuseForeignDatabase } from '../store/maintenance.js';
 
 export class CliError extends Error {
@@ -112,6 +113,15 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   try {
     await requireCurrentSchema(store.sqlite, file);
     return await fn(store.sqlite);
+  } catch (err) {
+    // every write of these commands is one transaction: refused, it changed nothing (a retry
+    // --failed stopped after a step says what it requeued before)
+    if ((err as { code?: unknown }).code === 'SQLITE_BUSY' && !(err instanceof RequeueStopped)) {
+      throw new CliError(
+        `database ${file} is locked: another process (the relay, a backup) held its write lock for more than ${BUSY_TIMEOUT_MS / 1000} s; nothing was changed, run the command again`,
+      );
+    }
+    throw err;
   } finally {
     await closeWithoutCheckpoint(store);
   }

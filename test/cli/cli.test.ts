@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
-import { openStore } from '../../src/store/db.js';
+import { openConnection, openStore } from '../../src/store/db.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable } from '../helpers.js';
 import { runCli, runCliJson, writeConfigFile } from './run-cli.js';
@@ -321,5 +321,23 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal(retryOne.stderr, '');
     assert.match(retryOne.stdout, /already delivered/);
     assert.equal(retryOne.code, 1);
+  });
+
+  test('a write command that another process keeps from the database past the busy timeout says so, and changes nothing', async () => {
+    const id = ids.queued[0];
+    const count = () => relay.store.sqlite.prepare('SELECT count(*) FROM messages WHERE id = ?').pluck().get(id);
+    assert.equal(count(), 1);
+    const holder = openConnection(relay.config.databasePath);
+    holder.exec('BEGIN IMMEDIATE');
+    try {
+      const results = await Promise.all([cli('delete', id), cli('retry', id)]);
+      for (const r of results) {
+        assertOneLineError(r, /^relayq: database .* is locked: another process \(the relay, a backup\) held its write lock for more than 5 s; nothing was changed, run the command again$/);
+      }
+    } finally {
+      holder.exec('ROLLBACK');
+      holder.close();
+    }
+    assert.equal(count(), 1);
   });
 });
