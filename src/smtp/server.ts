@@ -113,6 +113,7 @@ class RelayqConnection extends SMTPConnection {
     this._socket.allowHalfOpen = false;
     super.upgrade(callback, () => {
       this._socket.allowHalfOpen = true;
+      this.acceptedOpening = false; // as smtp-server forgets the greeting (RFC 3207 §4.2)
       secureCallback?.();
     });
   }
@@ -170,7 +171,14 @@ class RelayqConnection extends SMTPConnection {
     super.handler_HELO(command, () => this.keepHeloCase(command, callback));
   }
 
-  /** After an accepted EHLO/HELO: the name as the client wrote it (module comment, 5). */
+  /** The EHLO or HELO the session was last greeted with; false before one (and after STARTTLS). */
+  private acceptedOpening: string | false = false;
+
+  /**
+   * After an EHLO/HELO: the name as the client wrote it (module comment, 5). smtp-server takes the
+   * command as the session's opening one before it checks it, so a refused one (`HELO` without a
+   * name) would have the next message's `Received:` say `SMTP` after an `EHLO`: it is put back.
+   */
   private keepHeloCase(command: Buffer, callback: () => void): void {
     const [, name, extra] = command.toString().trim().split(/\s+/);
     const self = this as unknown as { hostNameAppearsAs: string | false };
@@ -178,6 +186,9 @@ class RelayqConnection extends SMTPConnection {
     if (name && extra === undefined && self.hostNameAppearsAs === name.toLowerCase()) {
       self.hostNameAppearsAs = name;
       this.session.hostNameAppearsAs = name;
+      this.acceptedOpening = this.openingCommand;
+    } else {
+      this.openingCommand = this.acceptedOpening;
     }
     callback();
   }

@@ -187,16 +187,21 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
   });
 
   test('a HELO session is "with SMTP" in the Received header, an EHLO session "with ESMTP"', async () => {
-    for (const [greeting, protocol] of [['HELO', 'SMTP'], ['EHLO', 'ESMTP']]) {
+    // a refused HELO or EHLO after the accepted one does not change it
+    for (const [greeting, refused, protocol] of [['HELO', '', 'SMTP'], ['EHLO', '', 'ESMTP'], ['EHLO', 'HELO', 'ESMTP'], ['HELO', 'EHLO', 'SMTP']]) {
       const c = await SmtpClient.connect(relay.smtpPort);
       await c.read();
       assert.match(await c.send(`${greeting} client.test`), /^250/);
+      if (refused) {
+        assert.match(await c.send(refused), /^501 /);
+        assert.match(await c.send('RSET'), /^250 /);
+      }
       assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
       assert.match(await c.send('RCPT TO:<b@example.com>'), /^250 /);
       assert.match(await c.send('DATA'), /^354/);
       const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
       c.close();
-      assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', new RegExp(`\\(relayq\\) with ${protocol} id ${id}`));
+      assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', new RegExp(`\\(relayq\\) with ${protocol} id ${id}`), `${greeting}, ${refused}`);
     }
   });
 
