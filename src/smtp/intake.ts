@@ -491,18 +491,27 @@ export class SmtpIntake {
         log.warn({ queueId, event: 'smtp.refused', session: session.id, reason: 'mail-loop', received: hops.count, client: this.peer(session) }, 'too many Received: headers: a mail loop');
         return done(reply(554, `5.4.6 Too many hops: ${hops.count} Received: header fields, a mail loop`));
       }
-      body
+      // from here on a client that leaves is logged once the message is stored or refused: also
+      // while a spooled message's last bytes are still being written, before its commit begins
+      const committing: Promise<void> = body
         .finish()
         .then((received) => this.store(session, queueId, received, done))
         .catch((err: Error) => {
           log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: err.message }, 'storing the message failed');
           done(notStored());
         });
+      s.committing = committing;
+      committing.finally(() => {
+        if (s.committing === committing) s.committing = undefined;
+      });
     });
   }
 
-  /** Commits the message; `cb` (which removes its spool file) runs once the write has settled. */
-  private store(session: SMTPServerSession, queueId: string, received: ReceivedBytes, cb: (err?: Error | null, message?: string) => void) {
+  /**
+   * Commits the message; `cb` (which removes its spool file) runs once the write has settled.
+   * Resolves when the client has been answered.
+   */
+  private async store(session: SMTPServerSession, queueId: string, received: ReceivedBytes, cb: (err?: Error | null, message?: string) => void): Promise<void> {
     if (this.graceOver) return cb(shuttingDown());
     const { config, clock, commits } = this.deps;
     const log = this.deps.logger;
@@ -569,11 +578,8 @@ export class SmtpIntake {
       },
     );
     this.commitsInFlight.add(answered);
-    state.committing = answered;
-    answered.finally(() => {
-      this.commitsInFlight.delete(answered);
-      if (state.committing === answered) state.committing = undefined;
-    });
+    answered.finally(() => this.commitsInFlight.delete(answered));
+    return answered;
   }
 
   /** A refusal by policy: a rate limit `hit`, else a full queue. Counted, and logged if a limit. */

@@ -1,10 +1,12 @@
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
 import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import type { Relay } from '../../src/main.js';
-import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 
 describe('durable intake', () => {
   let relay: Relay;
@@ -240,6 +242,50 @@ describe('intake log', () => {
       await relay.stop();
     }
   });
+});
+
+test('smtp.session counts a spooled message whose client reset the connection while its spool file was being finished', async () => {
+  // The session's line must wait for the message from the end of DATA on, also while the last
+  // bytes of a message larger than spoolAfter are still being written to its spool file. Those
+  // writes run on libuv's thread pool: every thread of it is held in the open() of a FIFO until
+  // the client has reset the connection.
+  const log = capturedLog();
+  const relay = await startTestRelay({ spoolAfter: 4096 }, { startDelivery: false, logger: log.logger });
+  const dir = tempDir('relayq-pool-');
+  const fifos = Array.from({ length: Number(process.env.UV_THREADPOOL_SIZE ?? 4) }, (_, i) => path.join(dir, `fifo${i}`));
+  let held: Array<Promise<unknown>> = [];
+  const release = async () => {
+    for (const fifo of fifos) fs.closeSync(fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK));
+    await Promise.all(held);
+    held = [];
+  };
+  try {
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354 /);
+    const body = `Subject: spooled\r\n\r\n${'x'.repeat(76)}\r\n`.repeat(100);
+    c.write(body);
+    const spool = `${relay.config.databasePath}-spool`;
+    const spooled = () => fs.readdirSync(spool).map((f) => fs.statSync(path.join(spool, f)).size);
+    // all but the first spoolAfter bytes (kept in memory) and the last few (that the parser keeps
+    // until it knows they are no end of DATA)
+    await waitFor(() => (spooled()[0] ?? 0) >= body.length - 4096 - 16, 5000, 'the body written to its spool file');
+    for (const fifo of fifos) execFileSync('mkfifo', [fifo]);
+    held = fifos.map((fifo) => fs.promises.open(fifo, 'r').then((f) => f.close()));
+    c.write('.\r\n');
+    await new Promise((r) => setTimeout(r, 200)); // for the relay to read the final dot
+    c.socket.resetAndDestroy();
+    await new Promise((r) => setTimeout(r, 200));
+    assert.deepEqual(log.entries().filter((l) => l.event === 'smtp.session'), [], 'not logged before the message is stored');
+    await release();
+    await waitFor(() => log.entries().some((l) => l.event === 'smtp.session'), 5000, 'the session logged');
+    const [session] = log.entries().filter((l) => l.event === 'smtp.session');
+    assert.equal(messageCount(relay), 1);
+    assert.equal(session.accepted, 1);
+  } finally {
+    if (held.length) await release();
+    await relay.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 describe('a client that shuts down its sending side (half-close)', () => {
