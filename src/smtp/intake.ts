@@ -209,6 +209,7 @@ export class SmtpIntake {
       hide8BITMIME: false,
       hideSMTPUTF8: false,
       hideDSN: true,
+      hideREQUIRETLS: true,
       hideSTARTTLS: !tlsOn,
       // without tls.* smtp-server would upgrade with its built-in certificate, whose private key
       // is public, and the session would then count as secure for AUTH (no 538)

@@ -163,6 +163,23 @@ class RelayqConnection extends SMTPConnection {
     }
   }
 
+  /**
+   * REQUIRETLS (RFC 8689) is not offered (intake hides it): its parameter gets the `555` of any
+   * other unknown one. smtp-server would answer it without TLS with a `530`, which reads as
+   * "authentication required".
+   */
+  override handler_MAIL(command: Buffer, callback: () => void): void {
+    const line = command.toString();
+    const parameters = line.includes('>') ? line.slice(line.indexOf('>') + 1) : '';
+    const requireTls = /(?:^|\s)(REQUIRETLS)(?=[=\s]|$)/i.exec(parameters)?.[1];
+    if (requireTls) {
+      this.send(555, `5.5.4 Unsupported option: ${requireTls}`);
+      callback();
+    } else {
+      super.handler_MAIL(command, callback);
+    }
+  }
+
   override handler_EHLO(command: Buffer, callback: () => void): void {
     super.handler_EHLO(command, () => this.keepHeloCase(command, callback));
   }
