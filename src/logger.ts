@@ -30,7 +30,7 @@ function censor(value: unknown): unknown {
   return value === '' || value === undefined || value === null ? value : '[redacted]';
 }
 
-export function createLogger(level: string, destination?: pino.DestinationStream): Logger {
+export function createLogger(level: string, destination: pino.DestinationStream = stdoutLog()): Logger {
   return pino(
     {
       level,
@@ -38,8 +38,52 @@ export function createLogger(level: string, destination?: pino.DestinationStream
       redact: { paths: REDACT_PATHS, censor },
       timestamp: pino.stdTimeFunctions.isoTime,
     },
-    destination ?? pino.destination({ fd: 1, sync: false }),
+    destination,
   );
+}
+
+export type StdoutLog = ReturnType<typeof pino.destination> & {
+  /** Writes out what is buffered, waiting at most `ms`, and then nothing more. */
+  closeWithin(ms: number): Promise<void>;
+};
+
+/**
+ * stdout, written asynchronously. A write that fails (a full disk under a redirect, /dev/full, a
+ * pipe whose reader has gone) ends logging, with one line on stderr, and mail goes on: a relay
+ * that stopped serving for want of a log would be worse. An abandoned stream neither writes nor
+ * flushes: sonic-boom retries a failed synchronous flush (pino's, at exit) every 100 ms for ever,
+ * which kept a relay whose stdout nobody read from exiting, signals and all. So the exit does
+ * not flush synchronously either: closeWithin() writes what is left asynchronously, for a while.
+ */
+export function stdoutLog(): StdoutLog {
+  const stream = pino.destination({ fd: 1, sync: false });
+  let abandoned = false;
+  const abandon = () => {
+    abandoned = true;
+    Object.assign(stream, {
+      write: () => true,
+      flush: (cb?: (err?: Error) => void) => cb?.(),
+      flushSync: () => {},
+      end: () => {},
+    });
+  };
+  stream.on('error', (err: NodeJS.ErrnoException) => {
+    if (abandoned) return;
+    abandon();
+    process.stderr.write(`relayq: the log cannot be written to stdout (${err.code ?? err.message}); logging stops, mail is still served\n`);
+  });
+  const closeWithin = (ms: number) =>
+    new Promise<void>((resolve) => {
+      if (abandoned) return resolve();
+      const timer = setTimeout(resolve, ms);
+      stream.once('close', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      stream.end();
+      abandon();
+    });
+  return Object.assign(stream, { closeWithin });
 }
 
 const LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;

@@ -1,8 +1,13 @@
 // `relayq serve`: load the configuration (every error at once, before anything listens),
-// start the relay, and shut down in order on SIGTERM/SIGINT (a second signal forces exit).
+// start the relay, and shut down in order on SIGTERM, SIGINT or SIGHUP (a second signal forces
+// exit). The signals are taken from the first moment: one that comes while the relay starts (a
+// long migration) stops it once it has started, rather than killing it mid-start or, as PID 1
+// in a container, being ignored.
 import { findConfigFile, formatErrors, loadConfig, readConfigFile } from '../config/load.js';
-import { createLogger } from '../logger.js';
-import { startRelay } from '../main.js';
+import { createLogger, type StdoutLog, stdoutLog } from '../logger.js';
+import { type Relay, startRelay } from '../main.js';
+
+const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP'] as const;
 
 export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
   const file = readConfigFile(findConfigFile(argv, env));
@@ -11,51 +16,57 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
     process.stderr.write(`${formatErrors(loaded.errors, file?.path)}\n`);
     process.exit(2);
   }
-  const logger = createLogger(loaded.config.logLevel);
-  let relay: Awaited<ReturnType<typeof startRelay>> | undefined;
-  // the relay cannot store mail any more: stop, and exit non-zero for the supervisor to restart it
-  const onFatal = () => {
-    if (!relay) return exitAfterFlush(logger, 1);
-    relay
-      .stop()
-      .catch((err) => logger.error({ event: 'relay.stop_failed', err: (err as Error).message }, 'shutdown failed'))
-      .finally(() => exitAfterFlush(logger, 1));
+  const out = stdoutLog();
+  const logger = createLogger(loaded.config.logLevel, out);
+  let relay: Relay | undefined;
+  let exitCode = 0;
+  let stopping = false;
+  /** Stops once, and exits with the highest code asked for meanwhile. */
+  const stop = (running: Relay, code: number) => {
+    exitCode = Math.max(exitCode, code);
+    if (stopping) return;
+    stopping = true;
+    running.stop().then(
+      () => exitAfterFlush(out, exitCode),
+      (err) => {
+        logger.error({ event: 'relay.stop_failed', err: (err as Error).message }, 'shutdown failed');
+        exitAfterFlush(out, 1);
+      },
+    );
   };
-  try {
-    relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings, onFatal });
-  } catch (err) {
-    logger.fatal({ event: 'relay.start_failed', err: (err as Error).message }, 'relayq could not start');
-    process.stderr.write(`relayq: ${(err as Error).message}\n`);
-    exitAfterFlush(logger, 1);
-    return;
-  }
-  const running = relay;
   let signals = 0;
   const onSignal = (signal: string) => {
     signals++;
     if (signals > 1) {
       logger.warn({ event: 'relay.forced_exit', signal }, 'second signal: exiting now');
-      exitAfterFlush(logger, 1);
+      exitAfterFlush(out, 1);
       return;
     }
-    logger.info({ event: 'relay.signal', signal }, 'signal received');
-    running.stop().then(
-      () => {
-        exitAfterFlush(logger, 0);
-      },
-      (err) => {
-        logger.error({ event: 'relay.stop_failed', err: (err as Error).message }, 'shutdown failed');
-        exitAfterFlush(logger, 1);
-      },
-    );
+    logger.info({ event: 'relay.signal', signal, ...(relay ? {} : { starting: true }) }, relay ? 'signal received' : 'signal received while starting: stopping once started');
+    if (relay) stop(relay, 0);
   };
-  process.on('SIGTERM', () => onSignal('SIGTERM'));
-  process.on('SIGINT', () => onSignal('SIGINT'));
+  for (const signal of STOP_SIGNALS) process.on(signal, () => onSignal(signal));
+  // the relay cannot store mail any more: stop, and exit non-zero for the supervisor to restart it
+  const onFatal = () => (relay ? stop(relay, 1) : exitAfterFlush(out, 1));
+  try {
+    relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings, onFatal });
+  } catch (err) {
+    logger.fatal({ event: 'relay.start_failed', err: (err as Error).message }, 'relayq could not start');
+    process.stderr.write(`relayq: ${(err as Error).message}\n`);
+    exitAfterFlush(out, 1);
+    return;
+  }
+  if (signals === 1) stop(relay, 0);
 }
 
-/** The log destination is asynchronous: write out what is buffered, then exit. */
-function exitAfterFlush(logger: ReturnType<typeof createLogger>, code: number): void {
-  logger.flush(() => process.exit(code));
-  // never hang on a stuck destination
-  setTimeout(() => process.exit(code), 1000).unref();
+let exiting = false;
+
+/**
+ * The log is written asynchronously: write out what is left, for a second at most, then exit.
+ * The first exit decided wins (a second signal's, over the stop it cut short).
+ */
+function exitAfterFlush(out: StdoutLog, code: number): void {
+  if (exiting) return;
+  exiting = true;
+  out.closeWithin(1000).then(() => process.exit(code));
 }

@@ -1,8 +1,11 @@
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
-import { sendMail, tempDir } from '../helpers.js';
+import { openConnection, openStore } from '../../src/store/db.js';
+import { closedPort, sendMail, tempDir, waitFor } from '../helpers.js';
 import { CLI_ENTRY, cleanEnv, REPO_ROOT, writeConfigFile } from './run-cli.js';
 
 test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail and exits 0 on SIGTERM', async () => {
@@ -37,4 +40,132 @@ test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail 
     clearTimeout(kill);
     child.kill('SIGKILL');
   }
+});
+
+/** A relay started as `relayq serve` on ports known beforehand, its stdout given by the caller. */
+async function serveWith(dir: string, stdout: number | 'pipe', databasePath = path.join(dir, 'data', 'relayq.db')) {
+  const [smtpPort, httpPort] = [await closedPort(), await closedPort()];
+  const configFile = writeConfigFile(dir, { databasePath, emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0, smtpPort, healthCheckPort: httpPort });
+  const child = spawn(process.execPath, ['--import', 'tsx', CLI_ENTRY, 'serve', '--config', configFile], {
+    cwd: REPO_ROOT,
+    env: cleanEnv(),
+    stdio: ['ignore', stdout, 'pipe'],
+  });
+  let stderr = '';
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  const accepting = async () => {
+    await waitFor(
+      () => new Promise<boolean>((resolve) => net.connect(smtpPort, '127.0.0.1').on('connect', function (this: net.Socket) { this.destroy(); resolve(true); }).on('error', () => resolve(false))),
+      30_000,
+      'the relay to accept SMTP connections',
+      100,
+    );
+  };
+  return { child, smtpPort, exited, accepting, stderr: () => stderr };
+}
+
+/** Resolves with the exit code, or with 'still running' after `ms`. */
+function exitWithin(exited: Promise<number | null>, ms: number): Promise<number | null | 'still running'> {
+  return Promise.race([exited, new Promise<'still running'>((resolve) => setTimeout(() => resolve('still running'), ms).unref())]);
+}
+
+test('a log that cannot be written (stdout on /dev/full) stops logging, says so on stderr, and mail is still served', async () => {
+  const dir = tempDir('relayq-serve-');
+  const full = fs.openSync('/dev/full', 'w');
+  const relay = await serveWith(dir, full);
+  fs.closeSync(full);
+  try {
+    await relay.accepting();
+    const info = await sendMail(relay.smtpPort);
+    assert.match(info.response, /^250 2\.0\.0 Ok: queued as /);
+    assert.match(relay.stderr(), /^relayq: the log cannot be written to stdout \(ENOSPC\); logging stops, mail is still served$/m);
+    relay.child.kill('SIGTERM');
+    assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
+  } finally {
+    relay.child.kill('SIGKILL');
+  }
+});
+
+test('a stop whose log nobody reads (a full pipe) still exits, and keeps every message', async () => {
+  const dir = tempDir('relayq-serve-');
+  const fifo = path.join(dir, 'stdout');
+  execFileSync('mkfifo', [fifo]);
+  const reader = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK); // held, never read
+  const writer = fs.openSync(fifo, fs.constants.O_WRONLY);
+  const relay = await serveWith(dir, writer);
+  fs.closeSync(writer);
+  try {
+    await relay.accepting();
+    // about 1 KB of log lines per message at info: far more than the pipe holds
+    for (let i = 0; i < 150; i++) assert.match((await sendMail(relay.smtpPort)).response, /^250 /);
+    relay.child.kill('SIGTERM');
+    assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
+    const db = openConnection(path.join(dir, 'data', 'relayq.db'));
+    assert.equal(db.prepare('SELECT count(*) FROM messages').pluck().get(), 150);
+    db.close();
+  } finally {
+    relay.child.kill('SIGKILL');
+    fs.closeSync(reader);
+  }
+});
+
+/**
+ * Sends `signals` to a relay while its start waits for a database another connection keeps
+ * locked (busy_timeout), then lets it go on; resolves with its exit code and its log's relay.*
+ * events.
+ */
+async function signalWhileStarting(signals: NodeJS.Signals[]) {
+  const dir = tempDir('relayq-serve-');
+  const databasePath = path.join(dir, 'relayq.db');
+  await (await openStore(databasePath)).close();
+  const holder = openConnection(databasePath);
+  holder.pragma('locking_mode = EXCLUSIVE');
+  holder.exec('BEGIN EXCLUSIVE');
+  const relay = await serveWith(dir, 'pipe', databasePath);
+  let stdout = '';
+  relay.child.stdout?.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+  try {
+    // it has opened the database: its signal handlers are in place, and it waits for the lock
+    const fds = `/proc/${relay.child.pid}/fd`;
+    const target = (fd: string) => {
+      try {
+        return fs.readlinkSync(path.join(fds, fd));
+      } catch {
+        return undefined; // closed meanwhile
+      }
+    };
+    await waitFor(() => fs.readdirSync(fds).some((fd) => target(fd) === databasePath), 20_000, 'the relay to open its database');
+    for (const signal of signals) {
+      relay.child.kill(signal);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    // SQLite's busy wait holds the relay's main thread: the signals are handled once the lock goes
+    holder.exec('COMMIT');
+    holder.close();
+    const code = await exitWithin(relay.exited, 20_000);
+    const events = stdout.split('\n').filter(Boolean).map((l) => (JSON.parse(l) as { event?: string }).event);
+    return { code, events: events.filter((e) => e?.startsWith('relay.')), stderr: relay.stderr() };
+  } finally {
+    if (holder.open) holder.close();
+    relay.child.kill('SIGKILL');
+  }
+}
+
+test('a SIGTERM while the relay starts (here: waiting for a locked database) stops it in order instead of killing it', async () => {
+  const { code, events, stderr } = await signalWhileStarting(['SIGTERM']);
+  assert.equal(code, 0, stderr);
+  // handled once the start had gone far enough to run it: before or after relay.started
+  assert.deepEqual(new Set(events), new Set(['relay.signal', 'relay.started', 'relay.stopping', 'relay.stopped']), events.join());
+  assert.deepEqual(events.slice(-2), ['relay.stopping', 'relay.stopped']);
+});
+
+test('a second signal exits at once with code 1; SIGHUP stops the relay as SIGTERM does', async () => {
+  const forced = await signalWhileStarting(['SIGHUP', 'SIGINT']);
+  assert.equal(forced.code, 1, forced.stderr);
+  assert.ok(forced.events.includes('relay.forced_exit'), forced.events.join());
+  assert.ok(!forced.events.includes('relay.stopped'), forced.events.join());
+  const hangup = await signalWhileStarting(['SIGHUP']);
+  assert.equal(hangup.code, 0, hangup.stderr);
+  assert.deepEqual(hangup.events.slice(-2), ['relay.stopping', 'relay.stopped']);
 });
