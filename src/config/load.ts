@@ -2,6 +2,7 @@
 // (later wins). Pure: the caller reads the file and passes argv/env; errors are returned, all
 // of them at once, each naming the key and where the bad value came from.
 import fs from 'node:fs';
+import { isAbsolute } from 'node:path';
 import { clientFilter, isLoopback, parseCidr } from '../access-control.js';
 import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, setPath } from './schema.js';
 
@@ -113,7 +114,9 @@ export function readConfigFile(path: string | undefined): ConfigFile | undefined
     // without a UTF-8 byte order mark, which some editors write and JSON.parse refuses
     return { path, text: fs.readFileSync(path, 'utf8').replace(/^\uFEFF/, '') };
   } catch (err) {
-    return { path, error: (err as Error).message };
+    // a relative path is read from the working directory, which `npm start` sets to the package's
+    const from = isAbsolute(path) ? '' : ` (looked for from ${process.cwd()})`;
+    return { path, error: `${(err as Error).message}${from}` };
   }
 }
 

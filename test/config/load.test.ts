@@ -171,6 +171,11 @@ describe('loadConfig', () => {
     const wrong = loadConfig([], {}, { path: 'c.json', text: `${text}}` });
     assert.ok(!wrong.ok);
     assert.equal(formatErrors(wrong.errors, 'c.json'), 'config error (file c.json): smtpPort: must be an integer');
+    // a relative path says where it was looked for
+    const missing = loadConfig([], {}, readConfigFile('../no-such-dir/config.json'));
+    assert.ok(!missing.ok);
+    assert.match(missing.errors[0].message, /^cannot read \.\.\/no-such-dir\/config\.json: ENOENT.* \(looked for from (.*)\)$/);
+    assert.ok(missing.errors[0].message.endsWith(`(looked for from ${process.cwd()})`));
   });
 
   test('SMTP AUTH needs both defaultUsername and defaultPassword, or neither', () => {
