@@ -164,20 +164,14 @@ class RelayqConnection extends SMTPConnection {
   }
 
   /**
-   * REQUIRETLS (RFC 8689) is not offered (intake hides it): its parameter gets the `555` of any
-   * other unknown one. smtp-server would answer it without TLS with a `530`, which reads as
-   * "authentication required".
+   * REQUIRETLS (RFC 8689) is not offered (intake hides it): smtp-server's check of it is skipped,
+   * so that its parameter gets relayq's `555` of any other unknown one, in the same order of
+   * checks. smtp-server would answer it without TLS with a `530`, which reads as "authentication
+   * required".
    */
-  override handler_MAIL(command: Buffer, callback: () => void): void {
-    const line = command.toString();
-    const parameters = line.includes('>') ? line.slice(line.indexOf('>') + 1) : '';
-    const requireTls = /(?:^|\s)(REQUIRETLS)(?=[=\s]|$)/i.exec(parameters)?.[1];
-    if (requireTls) {
-      this.send(555, `5.5.4 Unsupported option: ${requireTls}`);
-      callback();
-    } else {
-      super.handler_MAIL(command, callback);
-    }
+  override _validateMailParams(parsed: Parameters<SMTPConnection['_validateMailParams']>[0]): ReturnType<SMTPConnection['_validateMailParams']> {
+    const { REQUIRETLS: _, ...args } = parsed.args || {};
+    return super._validateMailParams({ ...parsed, args });
   }
 
   override handler_EHLO(command: Buffer, callback: () => void): void {
