@@ -43,7 +43,7 @@ export function createLogger(level: string, destination: pino.DestinationStream 
 }
 
 export type StdoutLog = ReturnType<typeof pino.destination> & {
-  /** Writes out what is buffered, waiting at most `ms`, and then nothing more. */
+  /** Writes out what is buffered, waiting at most `ms` (then says on stderr what it dropped), and then nothing more. */
   closeWithin(ms: number): Promise<void>;
 };
 
@@ -75,7 +75,11 @@ export function stdoutLog(): StdoutLog {
   const closeWithin = (ms: number) =>
     new Promise<void>((resolve) => {
       if (abandoned) return resolve();
-      const timer = setTimeout(resolve, ms);
+      const timer = setTimeout(() => {
+        const left = (stream as unknown as { _len?: number })._len;
+        process.stderr.write(`relayq: stdout took no log for ${ms / 1000} s; exiting without the last ${left ?? 'few'} bytes of it\n`);
+        resolve();
+      }, ms);
       stream.once('close', () => {
         clearTimeout(timer);
         resolve();

@@ -39,7 +39,7 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
     signals++;
     if (signals > 1) {
       logger.warn({ event: 'relay.forced_exit', signal }, 'second signal: exiting now');
-      exitAfterFlush(out, 1);
+      exitAfterFlush(out, 1, 1000);
       return;
     }
     logger.info({ event: 'relay.signal', signal, ...(relay ? {} : { starting: true }) }, relay ? 'signal received' : 'signal received while starting: stopping once started');
@@ -62,11 +62,12 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
 let exiting = false;
 
 /**
- * The log is written asynchronously: write out what is left, for a second at most, then exit.
- * The first exit decided wins (a second signal's, over the stop it cut short).
+ * The log is written asynchronously: write out what is left, for `ms` at most (a reader that is
+ * slow, not gone, gets its lines), then exit. The first exit decided wins (a second signal's,
+ * over the stop it cut short).
  */
-function exitAfterFlush(out: StdoutLog, code: number): void {
+function exitAfterFlush(out: StdoutLog, code: number, ms = 5000): void {
   if (exiting) return;
   exiting = true;
-  out.closeWithin(1000).then(() => process.exit(code));
+  out.closeWithin(ms).then(() => process.exit(code));
 }
