@@ -118,7 +118,7 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
     // --failed stopped after a step says what it requeued before)
     if ((err as { code?: unknown }).code === 'SQLITE_BUSY' && !(err instanceof RequeueStopped)) {
       throw new CliError(
-        `database ${file} is locked: another process (the relay, a backup) held its write lock for more than ${BUSY_TIMEOUT_MS / 1000} s; nothing was changed, run the command again`,
+        `database ${file} is locked: another process (the relay, a sqlite3 shell inside a transaction) held its write lock for more than ${BUSY_TIMEOUT_MS / 1000} s; nothing was changed, run the command again`,
       );
     }
     throw err;

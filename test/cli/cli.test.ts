@@ -332,7 +332,7 @@ describe('relayq CLI on the database of a running relay', () => {
     try {
       const results = await Promise.all([cli('delete', id), cli('retry', id)]);
       for (const r of results) {
-        assertOneLineError(r, /^relayq: database .* is locked: another process \(the relay, a backup\) held its write lock for more than 5 s; nothing was changed, run the command again$/);
+        assertOneLineError(r, /^relayq: database .* is locked: another process \(the relay, a sqlite3 shell inside a transaction\) held its write lock for more than 5 s; nothing was changed, run the command again$/);
       }
     } finally {
       holder.exec('ROLLBACK');
