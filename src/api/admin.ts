@@ -14,6 +14,8 @@ import { type ApiDeps, type ApiEnv, singleQuery } from './context.js';
 const DEFAULT_PAGE_SIZE = 50;
 const MAX_PAGE_SIZE = 1000;
 const MAX_IDS = 10_000;
+/** Ids of a retry-failed request that its log line lists (`idCount` says how many it had). */
+const MAX_LOGGED_IDS = 10;
 /** Room for MAX_IDS ids and the other filters. */
 const MAX_BODY_BYTES = 1024 * 1024;
 
@@ -112,7 +114,9 @@ export function adminRoutes(deps: ApiDeps) {
       const filter = parseRequeueFilter(body);
       const now = clock.now();
       const who = c.get('requester');
-      const logged = { event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter };
+      // the ids a request may list (up to MAX_IDS) would make one line of up to a megabyte
+      const ids = filter.ids && { ids: filter.ids.slice(0, MAX_LOGGED_IDS), idCount: filter.ids.length };
+      const logged = { event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter: { ...filter, ...ids } };
       try {
         const requeued = await requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now, deps.config.batchDelay));
         log.info({ ...logged, requeued }, `requeued ${requeued} failed messages`);

@@ -693,6 +693,20 @@ test('retry-failed requeues each failed message once per call, even one that fai
   }
 });
 
+test('retry-failed logs the first ten ids it was given, and how many: a request may list 10,000', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
+  try {
+    const ids = Array.from({ length: 500 }, (_, i) => `NOSUCHID${String(i).padStart(12, '0')}`);
+    const res = await call(relay, '/admin/retry-failed', postJson({ ids, sender: 'a@example.com' }));
+    assert.deepEqual([res.status, res.body], [200, { requeued: 0 }]);
+    const entry = log.entries().find((e) => e.event === 'api.admin');
+    assert.deepEqual(entry?.filter, { ids: ids.slice(0, 10), idCount: 500, sender: 'a@example.com' });
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('an admin command the database cannot run (another process holds the write lock) is a JSON 503, logged as api.admin with who asked', async () => {
   const log = capturedLog('info');
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
