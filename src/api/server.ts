@@ -16,16 +16,38 @@ export interface ApiServer {
 
 const CLOSE_GRACE_MS = 2000;
 
-export function startApiServer(app: Hono<ApiEnv>, host: string, port: number): Promise<ApiServer> {
+/**
+ * Bounds on the API's connections, so that clients of the API (a slow request head holds a
+ * connection before the access check can run) cannot use up the file descriptors that SMTP
+ * intake needs: at most `maxConnections` at once (more are closed at once), a request head within
+ * `headersTimeoutMs` (then `408`), a whole request within 30 s.
+ */
+export interface ApiLimits {
+  maxConnections: number;
+  headersTimeoutMs: number;
+}
+
+const API_LIMITS: ApiLimits = { maxConnections: 256, headersTimeoutMs: 10_000 };
+const REQUEST_TIMEOUT_MS = 30_000;
+
+export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, limits: ApiLimits = API_LIMITS): Promise<ApiServer> {
   // what @hono/node-server's serve() does, with the error handler it does not pass on
   const listener = getRequestListener(app.fetch, { hostname: host, errorHandler: requestError });
   // Node's own check would answer an HTTP/1.1 request without Host (RFC 9112 §3.2) with an empty 400
-  const server = createServer({ requireHostHeader: false }, (req, res) => {
+  const options = {
+    requireHostHeader: false,
+    headersTimeout: limits.headersTimeoutMs,
+    requestTimeout: Math.max(REQUEST_TIMEOUT_MS, limits.headersTimeoutMs),
+    // how often those timeouts are checked (Node's default, 30 s, would let a slow head stay 40 s)
+    connectionsCheckingInterval: Math.min(1000, limits.headersTimeoutMs),
+  };
+  const server = createServer(options, (req, res) => {
     if (req.httpVersion !== '1.1' || req.headers.host !== undefined) return listener(req, res);
     const body = JSON.stringify({ error: 'bad_request', message: 'malformed request: an HTTP/1.1 request needs a Host header' });
     res.writeHead(400, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), Connection: 'close' }).end(body);
   });
   server.on('clientError', clientError);
+  server.maxConnections = limits.maxConnections;
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => {

@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { createApp } from '../../src/api/app.js';
+import { startApiServer } from '../../src/api/server.js';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, startTestRelay } from '../helpers.js';
 import { call } from './fixtures.js';
@@ -192,3 +194,43 @@ function namingHost(relay: Relay, host: string, headers: Record<string, string> 
     req.end();
   });
 }
+
+test('API clients cannot hold more connections than its limit, nor a request head longer than its timeout', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const api = await startApiServer(createApp(relay), '127.0.0.1', 0, { maxConnections: 5, headersTimeoutMs: 1000 });
+  const sockets: net.Socket[] = [];
+  try {
+    const open = async () => {
+      const socket = net.connect(api.port, '127.0.0.1');
+      sockets.push(socket);
+      let received = '';
+      socket.setEncoding('utf8').on('data', (d: string) => (received += d));
+      const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
+      socket.on('error', () => {});
+      await new Promise((resolve) => socket.once('connect', resolve));
+      return { socket, closed, received: () => received };
+    };
+    // five clients that start a request and never finish its head
+    const slow = [];
+    for (let i = 0; i < 5; i++) {
+      const c = await open();
+      c.socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n');
+      slow.push(c);
+    }
+    await new Promise((r) => setTimeout(r, 200));
+    // a sixth is closed at once, without an answer
+    const sixth = await open();
+    sixth.socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+    await sixth.closed;
+    assert.equal(sixth.received(), '');
+    // the slow ones get 408 once their head is overdue, and their places are free again
+    await Promise.all(slow.map((c) => c.closed));
+    for (const c of slow) assert.match(c.received(), /^HTTP\/1\.1 408 /);
+    const res = await fetch(`http://127.0.0.1:${api.port}/health`);
+    assert.equal(res.status, 200);
+  } finally {
+    for (const s of sockets) s.destroy();
+    await api.close();
+    await relay.stop();
+  }
+});
