@@ -3,7 +3,7 @@
 // file the server may be writing, and output as a table or as JSON. Failures are CliErrors:
 // the entry point prints their one-line message and exits non-zero.
 import fs from 'node:fs';
-import { findConfigFile, formatErrors, loadConfig, readConfigFile } from '../config/load.js';
+import { loadConfigFromSources } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 import { RequeueStopped } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, type Sqlite, type Store } from '../store/db.js';
@@ -34,10 +34,8 @@ export function configFlags(options: GlobalOptions): string[] {
 }
 
 export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): Config {
-  const argv = configFlags(options);
-  const file = readConfigFile(findConfigFile(argv, env));
-  const loaded = loadConfig(argv, env, file);
-  if (!loaded.ok) throw new CliError(formatErrors(loaded.errors, file?.path), 2);
+  const loaded = loadConfigFromSources(configFlags(options), env);
+  if (!loaded.ok) throw new CliError(loaded.message, 2);
   return loaded.config;
 }
 

@@ -3,17 +3,16 @@
 // exit). The signals are taken from the first moment: one that comes while the relay starts (a
 // long migration) stops it once it has started, rather than killing it mid-start or, as PID 1
 // in a container, being ignored.
-import { findConfigFile, formatErrors, loadConfig, readConfigFile } from '../config/load.js';
+import { loadConfigFromSources } from '../config/load.js';
 import { createLogger, type StdoutLog, stdoutLog } from '../logger.js';
 import { type Relay, startRelay } from '../main.js';
 
 const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP'] as const;
 
 export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
-  const file = readConfigFile(findConfigFile(argv, env));
-  const loaded = loadConfig(argv, env, file);
+  const loaded = loadConfigFromSources(argv, env);
   if (!loaded.ok) {
-    process.stderr.write(`${formatErrors(loaded.errors, file?.path)}\n`);
+    process.stderr.write(`${loaded.message}\n`);
     process.exit(2);
   }
   const out = stdoutLog();

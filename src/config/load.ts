@@ -412,6 +412,19 @@ function clash(a: string, b: string): boolean {
   return a.toLowerCase() === b.toLowerCase() || EVERY_INTERFACE.has(a) || EVERY_INTERFACE.has(b);
 }
 
+/**
+ * The configuration `serve` and the CLI run with: the file findConfigFile chooses, the
+ * environment and the flags. A failure is formatErrors' text, naming the file that was read.
+ */
+export function loadConfigFromSources(
+  argv: readonly string[],
+  env: NodeJS.ProcessEnv,
+): { ok: true; config: Config; warnings: string[] } | { ok: false; message: string } {
+  const file = readConfigFile(findConfigFile(argv, env));
+  const loaded = loadConfig(argv, env, file);
+  return loaded.ok ? loaded : { ok: false, message: formatErrors(loaded.errors, file?.path) };
+}
+
 /** Copy of the config with every secret replaced, for logging. */
 export function redactConfig(config: Config): Config {
   const copy = structuredClone(config) as unknown as Record<string, unknown>;
