@@ -116,15 +116,15 @@ export function adminRoutes(deps: ApiDeps) {
       const who = c.get('requester');
       // the ids a request may list (up to MAX_IDS) would make one line of up to a megabyte
       const ids = filter.ids && { ids: filter.ids.slice(0, MAX_LOGGED_IDS), idCount: filter.ids.length };
-      const logged = { event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter: { ...filter, ...ids } };
+      const line = { event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter: { ...filter, ...ids } };
       try {
         const requeued = await requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now, deps.config.batchDelay));
-        log.info({ ...logged, requeued }, `requeued ${requeued} failed messages`);
+        log.info({ ...line, requeued }, `requeued ${requeued} failed messages`);
         return c.json({ requeued });
       } catch (err) {
         // what was committed before the failure is a change the admin log must show
         const requeued = err instanceof RequeueStopped ? err.requeued : 0;
-        log.warn({ ...logged, requeued, err: (err as Error).message }, `requeued ${requeued} failed messages, then stopped`);
+        log.warn({ ...line, requeued, err: (err as Error).message }, `requeued ${requeued} failed messages, then stopped`);
         throw err;
       }
     })
