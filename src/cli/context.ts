@@ -22,6 +22,8 @@ export interface GlobalOptions {
   config?: string;
   /** Overrides the config's databasePath, as `serve --databasePath` does. */
   databasePath?: string;
+  /** Overrides the config's emailsDir (where delete and export-failed find the failed-mail exports). */
+  emailsDir?: string;
   json?: boolean;
 }
 
@@ -30,6 +32,7 @@ export function configFlags(options: GlobalOptions): string[] {
   return [
     ...(options.config !== undefined ? ['--config', options.config] : []),
     ...(options.databasePath !== undefined ? ['--databasePath', options.databasePath] : []),
+    ...(options.emailsDir !== undefined ? ['--emailsDir', options.emailsDir] : []),
   ];
 }
 

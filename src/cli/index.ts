@@ -1,18 +1,19 @@
 #!/usr/bin/env node
 // The `relayq` command. `serve` runs the relay; the other commands work on the same database
-// file while it runs. Every command takes --config FILE, --databasePath FILE and --json (before
-// or after its name), prints a table for people or JSON for scripts, and on bad input exits
-// non-zero with one line.
+// file while it runs. Every command takes --config FILE, --databasePath FILE, --emailsDir DIR and
+// --json (before or after its name), prints a table for people or JSON for scripts, and on bad
+// input exits non-zero with one line.
 // Each command's module is loaded only when it runs, so a quick `relayq status` starts quickly.
 import { Command, InvalidArgumentError } from 'commander';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { CliError, configFlags, type GlobalOptions } from './context.js';
 
-/** --config, --databasePath and --json: taken before a command's name and after it. */
+/** --config, --databasePath, --emailsDir and --json: taken before a command's name and after it. */
 function withGlobalOptions(cmd: Command): Command {
   return cmd
     .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)')
     .option('--databasePath <file>', 'the database file (default: databasePath from the config)')
+    .option('--emailsDir <dir>', 'the directory of local deliveries and failed-mail exports (default: emailsDir from the config)')
     .option('--json', 'machine-readable JSON output');
 }
 

@@ -309,6 +309,26 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(await cli('show', a), /no message with id/);
   });
 
+  test('--emailsDir names where delete and export-failed find the failed-mail exports of a relay configured by flags', async () => {
+    rejectRecipient = (a) => a.startsWith('bad');
+    const id = await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['bad-flags@example.com'] }).then((i) => queuedId(i.response));
+    await relay.delivery.runOnce();
+    rejectRecipient = () => false;
+    const serverExport = path.join(relay.config.emailsDir, 'failed', `${id}.json`);
+    assert.ok(fs.existsSync(serverExport), 'the relay exported the failed message');
+    const byFlags = ['--databasePath', relay.config.databasePath, '--emailsDir'];
+
+    const otherDir = path.join(dir, 'flag-emails');
+    const exported = await runCliJson<{ directory: string; exported: number }>(['export-failed', ...byFlags, otherDir]);
+    assert.equal(exported.directory, path.join(otherDir, 'failed'));
+    assert.equal(exported.exported, 1);
+    assert.equal(JSON.parse(fs.readFileSync(path.join(otherDir, 'failed', `${id}.json`), 'utf8')).id, id);
+
+    const deleted = await runCli(['delete', id, ...byFlags, relay.config.emailsDir]);
+    assert.equal(deleted.code, 0, deleted.stderr);
+    assert.equal(fs.existsSync(serverExport), false, "the relay's export went with the message");
+  });
+
   test('commands work while the relay accepts mail, without lock errors', async () => {
     const sends = Promise.all(
       Array.from({ length: 100 }, (_, i) => sendMail(relay.smtpPort, { from: 'load@example.com', to: [`load${i}@example.com`] })),
