@@ -118,7 +118,7 @@ program.hook('preAction', (_program, command) => {
 });
 
 program.parseAsync(process.argv).catch((err: Error) => {
-  // One line: the reason, not a stack (config errors list every bad key, one per line).
-  process.stderr.write(`relayq: ${err.message}\n`);
+  // The reason, not a stack: one line, or one per bad key of a config error, each marked as ours.
+  process.stderr.write(err.message.split('\n').map((line) => `relayq: ${line}\n`).join(''));
   process.exit(err instanceof CliError ? err.exitCode : 1);
 });

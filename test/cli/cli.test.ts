@@ -242,6 +242,15 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(rawAsJson, /^relayq: --raw writes the message itself, not JSON: give one of --raw and --json$/);
     assert.ok(!fs.existsSync(exportTarget), 'export-failed without a database creates no directory');
     assert.equal(badConfig.code, 2);
+    const twoBadKeys = path.join(dir, 'two-bad-keys.json');
+    fs.writeFileSync(twoBadKeys, JSON.stringify({ smtpPort: 'x', batchSize: 0 }));
+    const twoErrors = await runCli(['status', '--config', twoBadKeys]);
+    assert.equal(twoErrors.code, 2);
+    assert.deepEqual(
+      twoErrors.stderr.trimEnd().split('\n').map((line) => /^relayq: config error \(file .*two-bad-keys\.json\): (\w+):/.exec(line)?.[1]),
+      ['smtpPort', 'batchSize'],
+      `every line of a config error says it is relayq's and names its key: ${twoErrors.stderr}`,
+    );
     assert.ok(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(keep), 'all-or-nothing delete kept the known id');
     assert.ok(!fs.existsSync(path.join(dir, 'missing.db')), 'a read command never creates a database');
   });
