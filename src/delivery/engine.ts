@@ -81,6 +81,13 @@ interface SentAttempt {
 
 interface ActiveAttempt {
   claim: ClaimedBatch;
+  /**
+   * When the claim's lease ends, on the monotonic clock (performance.now()): the lease in the
+   * database is wall-clock time, and a stepped clock must neither cut an attempt short (a forward
+   * step would leave it no time to record its outcome, and the batch would go out again) nor
+   * lengthen it.
+   */
+  leaseEndsAt: number;
   abort: AbortController;
   /** The upstream has answered; only the commit of the outcome is left. */
   answered: boolean;
@@ -377,7 +384,8 @@ export class DeliveryEngine {
    * late to be used and was handed back.
    */
   private async attempt(claim: ClaimedBatch, onSent?: () => void): Promise<boolean> {
-    const active: ActiveAttempt = { claim, abort: new AbortController(), answered: false };
+    const leaseEndsAt = performance.now() + (claim.leaseExpiresAt - this.deps.clock.now());
+    const active: ActiveAttempt = { claim, leaseEndsAt, abort: new AbortController(), answered: false };
     this.active.set(claim.token, active);
     let sent: SentAttempt | 'late' | undefined;
     try {
@@ -406,7 +414,7 @@ export class DeliveryEngine {
     // The lease counts from the claim, not from now: a claim that took long to commit (a busy
     // writer) leaves the attempt less time, or the lease could run out while it still sends and
     // another worker would claim the message and send it a second time.
-    const budgetMs = Math.min(this.attemptTimeoutMs, this.usableLeaseMs(claim));
+    const budgetMs = Math.min(this.attemptTimeoutMs, this.usableLeaseMs(active));
     if (budgetMs <= 0) {
       // Nothing was tried: hand the claim back uncounted, due at once (the next claim gets a whole lease).
       this.log.warn({ queueId, event: 'delivery.claim_late', batch: claim.batch }, 'the claim committed too late to send before its lease ends; handed back');
@@ -435,7 +443,7 @@ export class DeliveryEngine {
       random: this.random,
     });
     active.answered = true;
-    return { result, completion, durationMs, committed: this.recordOutcome(completion, claim) };
+    return { result, completion, durationMs, committed: this.recordOutcome(completion, active) };
   }
 
   /** Waits for the outcome's commit, logs the attempt, and acts on a final state. */
@@ -509,8 +517,8 @@ export class DeliveryEngine {
   }
 
   /** What is left of the claim's lease now, less the margin an attempt must keep to its end. */
-  private usableLeaseMs(claim: ClaimedBatch): number {
-    return claim.leaseExpiresAt - this.deps.clock.now() - this.leaseMarginMs;
+  private usableLeaseMs(active: ActiveAttempt): number {
+    return active.leaseEndsAt - performance.now() - this.leaseMarginMs;
   }
 
   /**
@@ -521,8 +529,8 @@ export class DeliveryEngine {
    * the claim token. The first write is sent at once, so that the next claim can share its commit.
    * Shutdown cuts a wait short (see stop()).
    */
-  private async recordOutcome(completion: BatchCompletion, claim: ClaimedBatch): Promise<CompletionResult> {
-    const giveUpAt = performance.now() + this.usableLeaseMs(claim);
+  private async recordOutcome(completion: BatchCompletion, { claim, leaseEndsAt }: ActiveAttempt): Promise<CompletionResult> {
+    const giveUpAt = leaseEndsAt - this.leaseMarginMs;
     for (let waitMs = OUTCOME_RETRY_FIRST_MS; ; waitMs = Math.min(2 * waitMs, OUTCOME_RETRY_MAX_MS)) {
       try {
         return await this.deps.commits.write('completeBatch', completion);

@@ -110,7 +110,7 @@ describe('upstream faults', () => {
     cleanup.push(() => relay.stop());
     let release = () => {};
     upstream.behaviour = { ...WELL_BEHAVED, dataEnd: { until: new Promise<void>((resolve) => (release = resolve)) } };
-    return { upstream, log, relay, accept: () => release() };
+    return { upstream, log, relay, clock, accept: () => release() };
   }
 
   async function queue(relay: Relay, to: string[]): Promise<string> {
@@ -398,6 +398,30 @@ describe('upstream faults', () => {
     await running;
     const { message, attempts } = rows(relay, id);
     assert.equal(message.state, 'delivered');
+    assert.equal(attempts.length, 1);
+    assert.equal(upstream.transactions.length, 1);
+    assert.ok(!log.entries().some((e) => e.event === 'delivery.commit_failed'));
+  });
+
+  test('after the clock steps forward past the lease, an outcome whose commit fails is still committed again, not sent twice', async () => {
+    const { upstream, log, relay, clock, accept } = await gatedSetup({ startDelivery: false });
+    const id = await queue(relay, RCPTS);
+    const running = relay.delivery.runOnce();
+    await waitFor(() => upstream.transactions.length === 1, 10_000, 'DATA at the upstream');
+    // an NTP step (a resumed VM): by the new clock the claim's 60 s lease has long ended, but the
+    // attempt keeps its message, and its outcome gets the time that was left on the monotonic clock
+    clock.advance(3_600_000);
+    const lock = await holdWriteLock(relay, 100);
+    try {
+      accept();
+      await waitFor(() => log.entries().some((e) => e.event === 'delivery.commit_retry'), 10_000, 'a retried outcome commit');
+    } finally {
+      await lock.release();
+    }
+    await running;
+    const { message, attempts } = rows(relay, id);
+    assert.equal(message.state, 'delivered');
+    assert.equal(message.claims, 1);
     assert.equal(attempts.length, 1);
     assert.equal(upstream.transactions.length, 1);
     assert.ok(!log.entries().some((e) => e.event === 'delivery.commit_failed'));
