@@ -100,6 +100,14 @@ export function adminRoutes(deps: ApiDeps) {
     }
   }
 
+  /**
+   * 'held' while an attempt of this relay delivers the message, as the database says by the
+   * claim's lease, which a wall clock stepped forward ends early; otherwise runs the command.
+   */
+  function unlessDelivering<T extends string>(id: string, command: () => Promise<T>): Promise<T | 'held'> {
+    return deps.delivery.holds(id) ? Promise.resolve('held') : command();
+  }
+
   return new Hono<ApiEnv>()
     .post('/retry-failed', bodyLimit({ maxSize: MAX_BODY_BYTES, onError: (c) => c.json({ error: 'payload_too_large', message: `the body is over ${MAX_BODY_BYTES} bytes` }, 413) }), async (c) => {
       const text = await c.req.text();
@@ -175,7 +183,7 @@ export function adminRoutes(deps: ApiDeps) {
     })
     .post('/messages/:id/retry', async (c) => {
       const id = c.req.param('id');
-      const result = await logged(c, 'retry', id, commits.write('retryMessage', id, clock.now(), deps.config.batchDelay));
+      const result = await logged(c, 'retry', id, unlessDelivering(id, () => commits.write('retryMessage', id, clock.now(), deps.config.batchDelay)));
       switch (result) {
         case 'not-found':
           throw notFound(id);
@@ -189,7 +197,7 @@ export function adminRoutes(deps: ApiDeps) {
     })
     .delete('/messages/:id', async (c) => {
       const id = c.req.param('id');
-      const result = await logged(c, 'delete', id, commits.write('deleteMessage', id, clock.now()));
+      const result = await logged(c, 'delete', id, unlessDelivering(id, () => commits.write('deleteMessage', id, clock.now())));
       if (result === 'not-found') throw notFound(id);
       if (result === 'held') throw new HTTPException(409, { message: `${id}: ${HELD}; try again later` });
       // a failed message's export goes with it: it would describe mail that is no longer there

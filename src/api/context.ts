@@ -16,6 +16,11 @@ import type { StoreWriter } from '../store/writer.js';
 export interface DeliveryView {
   status(): { upstream: string; lastSuccessAt: number | null; lastFailureAt: number | null; consecutiveFailures: number };
   inFlow: { stats(): InFlowStats };
+  /**
+   * An attempt of this relay is delivering the message now. Its lease in the database says the
+   * same, except after the wall clock stepped forward past it: the attempt keeps its message.
+   */
+  holds(messageId: string): boolean;
 }
 
 export interface ApiDeps {

@@ -372,6 +372,12 @@ export class DeliveryEngine {
     });
   }
 
+  /** An attempt in progress is delivering this message (see DeliveryView). */
+  holds(messageId: string): boolean {
+    for (const a of this.active.values()) if (a.claim.messageId === messageId) return true;
+    return false;
+  }
+
   /** The messages of the attempts in progress. */
   private held(): string[] {
     return Array.from(this.active.values(), (a) => a.claim.messageId);
