@@ -6,11 +6,12 @@
  * Set of promises, or a Map whose values are, each removed from it once settled.
  */
 export async function settleWithin(tasks: { readonly size: number; values(): Iterable<Promise<unknown>> }, ms: number): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (tasks.size > 0 && Date.now() < deadline) {
+  // on the monotonic clock: a stepped wall clock must neither cut the wait short nor lengthen it
+  const deadline = performance.now() + ms;
+  while (tasks.size > 0 && performance.now() < deadline) {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<void>((resolve) => {
-      timer = setTimeout(resolve, Math.max(1, deadline - Date.now()));
+      timer = setTimeout(resolve, Math.max(1, deadline - performance.now()));
     });
     await Promise.race([Promise.allSettled([...tasks.values()]), timeout]);
     clearTimeout(timer);

@@ -273,8 +273,9 @@ export class SmtpIntake {
    */
   async shutdown(graceMs: number): Promise<void> {
     this.closing = true;
-    const deadline = Date.now() + graceMs;
-    while (this.inFlight > 0 && Date.now() < deadline) await delay(10);
+    // on the monotonic clock: a stepped wall clock must neither cut the grace period short nor lengthen it
+    const deadline = performance.now() + graceMs;
+    while (this.inFlight > 0 && performance.now() < deadline) await delay(10);
     this.graceOver = true;
     if (this.commitsInFlight.size > 0) {
       this.deps.logger.info({ event: 'smtp.shutdown_commits', commits: this.commitsInFlight.size }, 'shutdown: waiting for messages being committed');

@@ -37,7 +37,7 @@ export class StoreWriter {
   onFailed: (err: Error) => void = () => {};
   /** Writes completed and transactions committed so far (for tests and the benchmark). */
   readonly stats = { writes: 0, commits: 0 };
-  /** The last write refused as STORAGE_FULL, until a message is stored again. */
+  /** The last write refused as STORAGE_FULL (at: performance.now(), not stepped with the wall clock), until a message is stored again. */
   private fault: { at: number; message: string } | undefined;
 
   /** Writes sent and not yet answered (for tests). */
@@ -62,7 +62,7 @@ export class StoreWriter {
    * outcome are small writes that may still fit where a message no longer does.
    */
   storageFault(withinMs: number): string | undefined {
-    return this.fault && Date.now() - this.fault.at < withinMs ? this.fault.message : undefined;
+    return this.fault && performance.now() - this.fault.at < withinMs ? this.fault.message : undefined;
   }
 
   /**
@@ -132,7 +132,7 @@ export class StoreWriter {
         if (p.op === 'insertMessage') this.fault = undefined;
         p.resolve(reply.value);
       } else {
-        if (reply.error.code === STORAGE_FULL) this.fault = { at: Date.now(), message: reply.error.message };
+        if (reply.error.code === STORAGE_FULL) this.fault = { at: performance.now(), message: reply.error.message };
         p.reject(revive(reply.error));
       }
     }

@@ -377,7 +377,11 @@ describe('SMTP access control', () => {
 });
 
 describe('shutdown', () => {
-  test('commands after shutdown began → 421 4.3.2; a message in DATA still completes', async () => {
+  /**
+   * A stop begins while one client is in DATA: new transactions get 421, the message still
+   * completes. `stepMs`: once the grace period has begun, the wall clock steps this far ahead.
+   */
+  async function messageInDataCompletes(stepMs: number) {
     // a grace far longer than the test, so a slow machine cannot turn the DATA in flight into a 421
     const relay = await startTestRelay({}, { shutdownGraceMs: 60_000 });
     const inData = await openSession(relay.smtpPort);
@@ -388,12 +392,24 @@ describe('shutdown', () => {
     await idle.send('EHLO x');
     const stopping = relay.stop();
     assert.match(await idle.send('MAIL FROM:<a@example.com>'), /^421 4\.3\.2 /);
-    const done = await inData.send('part two\r\n.');
-    assert.match(done, /^250 2\.0\.0 /);
+    const realNow = Date.now;
+    Date.now = () => realNow() + stepMs;
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      assert.match(await inData.send('part two\r\n.'), /^250 2\.0\.0 /);
+    } finally {
+      Date.now = realNow;
+    }
     await stopping;
     inData.close();
     idle.close();
-  });
+  }
+
+  test('commands after shutdown began → 421 4.3.2; a message in DATA still completes', () => messageInDataCompletes(0));
+
+  // an NTP step or a resumed VM: the grace period runs on the monotonic clock
+  test('a wall clock stepped forward during the grace period does not end it: a message in DATA still completes', () =>
+    messageInDataCompletes(3_600_000));
 
   test('at the end of the grace period a message being committed still gets its 250; one completed meanwhile gets 421 and is not stored', async () => {
     const log = capturedLog('info');
