@@ -4,7 +4,7 @@
 // the entry point prints their one-line message and exits non-zero.
 import fs from 'node:fs';
 import { loadConfigFromSources } from '../config/load.js';
-import type { Config } from '../config/schema.js';
+import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { RequeueStopped } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, type Sqlite, type Store } from '../store/db.js';
 import { appliedMigrations, openReadOnly, refuseForeignDatabase } from '../store/maintenance.js';
@@ -20,20 +20,19 @@ export class CliError extends Error {
 
 export interface GlobalOptions {
   config?: string;
-  /** Overrides the config's databasePath, as `serve --databasePath` does. */
-  databasePath?: string;
-  /** Overrides the config's emailsDir (where delete and export-failed find the failed-mail exports). */
-  emailsDir?: string;
   json?: boolean;
+  /** Config keys given as flags (`--databasePath`, `--security.logAllEmails`, …), as `serve` takes them. */
+  [key: string]: string | boolean | undefined;
 }
 
 /** The global options as the config loader's command-line flags (what `serve` passes on too). */
 export function configFlags(options: GlobalOptions): string[] {
-  return [
-    ...(options.config !== undefined ? ['--config', options.config] : []),
-    ...(options.databasePath !== undefined ? ['--databasePath', options.databasePath] : []),
-    ...(options.emailsDir !== undefined ? ['--emailsDir', options.emailsDir] : []),
-  ];
+  const flags = options.config !== undefined ? ['--config', options.config] : [];
+  for (const { path } of CONFIG_KEYS) {
+    const value = options[path];
+    if (typeof value === 'string') flags.push(`--${path}`, value);
+  }
+  return flags;
 }
 
 export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): Config {

@@ -4,7 +4,8 @@
 // --json (before or after its name), prints a table for people or JSON for scripts, and on bad
 // input exits non-zero with one line.
 // Each command's module is loaded only when it runs, so a quick `relayq status` starts quickly.
-import { Command, InvalidArgumentError } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { CONFIG_KEYS } from '../config/schema.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { CliError, configFlags, type GlobalOptions } from './context.js';
 
@@ -44,9 +45,17 @@ program
     await serve([...configFlags(program.opts<GlobalOptions>()), ...cmd.args], process.env);
   });
 
-/** A subcommand that also accepts the global options after its name. */
+/**
+ * A subcommand that also accepts the global options after its name, and every config key as a
+ * flag, as `serve` does (a relay configured by flags alone: `--security.logAllEmails false` makes
+ * `delete` overwrite what it frees). Only --databasePath and --emailsDir show in --help.
+ */
 function operatorCommand(name: string, description: string): Command {
-  return withGlobalOptions(program.command(name).description(description));
+  const cmd = withGlobalOptions(program.command(name).description(description));
+  for (const { path } of CONFIG_KEYS) {
+    if (path !== 'databasePath' && path !== 'emailsDir') cmd.addOption(new Option(`--${path} <value>`).hideHelp());
+  }
+  return cmd;
 }
 
 function globals(cmd: Command): GlobalOptions {

@@ -50,7 +50,8 @@ export async function queueCommand(options: QueueOptions, global: GlobalOptions)
 /** The command that lists the next page of the same database with the same filters. */
 function nextPageCommand(options: QueueOptions, global: GlobalOptions, before: string): string {
   const quote = (value: string) => (/^[\w@.+/-]+$/.test(value) ? value : `'${value.replace(/'/g, `'\\''`)}'`);
-  const args = ['relayq', 'queue', ...configFlags(global).map(quote)];
+  // the file this page came from; no other config flag (one may be a password)
+  const args = ['relayq', 'queue', ...configFlags({ config: global.config, databasePath: global.databasePath }).map(quote)];
   if (options.state) args.push('--state', options.state);
   if (options.sender !== undefined) args.push('--sender', quote(options.sender));
   if (options.recipient !== undefined) args.push('--recipient', quote(options.recipient));

@@ -30,7 +30,7 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
       ['database', `${config.databasePath} (${formatBytes(files.database)}, WAL ${formatBytes(files.wal)})`],
       ['queued', `${q.queued} (${m.deferred} tried before)`],
       ['sending', q.sending],
-      ['delivered', `${q.delivered} (kept ${config.retention.deliveredDays ? `${config.retention.deliveredDays} days` : 'forever'})`],
+      ['delivered', `${q.delivered} (kept ${keptFor(config.retention.deliveredDays)})`],
       ['failed', q.failed],
       ['oldest waiting', oldest === null ? 'none' : `${formatTime(oldest)} (${formatAge(now - oldest)} ago)`],
       ['accepted', `${m.messagesAccepted} messages, ${m.recipientsAccepted} recipients, ${formatBytes(m.bytesAccepted)}`],
@@ -42,4 +42,8 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
       ['refused', `${m.rateLimitRefusals} over a rate limit, ${m.queueFullRefusals} queue full`],
     ]),
   );
+}
+
+function keptFor(days: number): string {
+  return days ? `${days} day${days === 1 ? '' : 's'}` : 'forever';
 }

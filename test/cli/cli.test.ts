@@ -224,7 +224,7 @@ describe('relayq CLI on the database of a running relay', () => {
     // a key given before the command name is commander's unknown option: named without its value
     const [beforeCommand, onOperatorCommand, senderAlone, jsonServe] = await Promise.all([
       runCli(["--defaultPassword=Hun'ter2Secret", 'serve']),
-      runCli(['status', '--forwardPassword=Hunter2Secret']),
+      runCli(['status', '--forwardPasword=Hunter2Secret']),
       cli('retry', '--sender', 'x@example.com'),
       // (a relay that started anyway is killed after 10 s, and writes only under dir)
       runCli(['--json', 'serve', '--smtpPort', '0', '--enableHealthCheck', 'false', '--databasePath', path.join(dir, 'serve.db'), '--emailsDir', path.join(dir, 'serve-emails')], {
@@ -235,7 +235,7 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal(jsonServe.code, 2);
     assertOneLineError(senderAlone, /^relayq: --sender goes with --failed$/);
     assertOneLineError(beforeCommand, /^relayq: unknown option '--defaultPassword'$/);
-    assertOneLineError(onOperatorCommand, /^relayq: unknown option '--forwardPassword'$/);
+    assertOneLineError(onOperatorCommand, /^relayq: unknown option '--forwardPasword'$/);
     assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: EEXIST/);
     assert.equal(fs.readFileSync(aFile, 'utf8'), 'not a directory\n');
     assertOneLineError(exportMissing, /no database at .*missing\.db/);
@@ -272,6 +272,13 @@ describe('relayq CLI on the database of a running relay', () => {
       assert.ok(status.total_emails > 0);
       assert.equal(status.total_emails, viaConfig.total_emails);
     }
+    // any config key is a flag too; the next page's command repeats only where the page came from
+    const page = await runCli(['queue', '--databasePath', file, '--retention.deliveredDays', '3', '--forwardPassword', 'Hunter2Secret', '--limit', '1']);
+    assert.equal(page.code, 0, page.stderr);
+    assert.match(page.stdout, new RegExp(`^more: relayq queue --databasePath ${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} --limit 1 --before \\S+$`, 'm'));
+    assert.ok(!page.stdout.includes('Hunter2Secret'));
+    const kept = await runCli(['status', '--databasePath', file, '--retention.deliveredDays', '1']);
+    assert.match(kept.stdout, /^delivered: +\d+ \(kept 1 day\)$/m);
   });
 
   test('retry --failed requeues failed mail; delivered recipients are never sent again', async () => {

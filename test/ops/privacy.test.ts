@@ -58,8 +58,11 @@ test('logAllEmails=false: content already checkpointed into the database file is
 });
 
 describe('security.logAllEmails=false and the CLI', () => {
-  /** Queues a message carrying `marker`, stops the relay, deletes the message with the CLI, checkpoints. */
-  async function deleteWithCli(logAllEmails: boolean, marker: string): Promise<Buffer> {
+  /**
+   * Queues a message carrying `marker`, stops the relay, deletes the message with the CLI (given
+   * the setting in a config file, or as flags), checkpoints.
+   */
+  async function deleteWithCli(logAllEmails: boolean, marker: string, via: 'config' | 'flags' = 'config'): Promise<Buffer> {
     const { runCli, writeConfigFile } = await import('../cli/run-cli.js');
     const path = await import('node:path');
     const { default: Database } = await import('better-sqlite3');
@@ -69,7 +72,8 @@ describe('security.logAllEmails=false and the CLI', () => {
     const file = relay.config.databasePath;
     await relay.stop();
     const config = writeConfigFile(path.dirname(file), { databasePath: file, security: { logAllEmails } });
-    const r = await runCli(['delete', id, '--config', config]);
+    const flags = via === 'config' ? ['--config', config] : ['--databasePath', file, '--security.logAllEmails', String(logAllEmails)];
+    const r = await runCli(['delete', id, ...flags]);
     assert.equal(r.code, 0, r.stderr);
     const db = new Database(file);
     db.pragma('wal_checkpoint(TRUNCATE)');
@@ -82,6 +86,9 @@ describe('security.logAllEmails=false and the CLI', () => {
     assert.equal((await deleteWithCli(false, marker)).indexOf(marker), -1);
     const kept = `KEPT-${crypto.randomBytes(8).toString('hex')}`;
     assert.ok((await deleteWithCli(true, kept)).indexOf(kept) >= 0, 'control: without it the freed pages keep the bytes');
+    // a relay configured by flags alone: the CLI takes the same flags
+    const flagged = `FLAGGED-${crypto.randomBytes(8).toString('hex')}`;
+    assert.equal((await deleteWithCli(false, flagged, 'flags')).indexOf(flagged), -1);
   });
 });
 
