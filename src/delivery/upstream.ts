@@ -182,6 +182,14 @@ const QUIT_WAIT_MS = 1000;
 const PLAINTEXT_AUTH_REFUSED =
   'the upstream offered no TLS (STARTTLS), so forwardUsername/forwardPassword were not sent in plain text; use forwardSSL or an upstream with STARTTLS';
 
+/**
+ * Credentials are set, so the upstream is meant to be a submission server; one that offers no
+ * AUTH (a port 25 MX by mistake, a man in the middle that strips AUTH and STARTTLS) would get the
+ * mail without it, and its refusal (`554 relay access denied`) would fail the mail for good.
+ */
+const NO_AUTH_OFFERED =
+  'forwardUsername is set but the upstream offered no AUTH, so nothing was sent; check forwardHost and forwardPort (a submission port, 587 or 465), or remove the credentials if this upstream takes mail without them';
+
 export class SmtpUpstream {
   readonly label: string;
   private readonly options: SMTPConnection.Options;
@@ -217,7 +225,8 @@ export class SmtpUpstream {
       // verify is a TLS error (retried), never a silent fallback to plain text.
       ignoreTLS: false,
       requireTLS: false,
-      tls: { ...settings.tls },
+      // explicit, so that NODE_TLS_REJECT_UNAUTHORIZED=0 in the environment does not turn it off
+      tls: { rejectUnauthorized: true, ...settings.tls },
       name: settings.clientName,
       connectionTimeout: setupTimeout,
       greetingTimeout: setupTimeout,
@@ -386,7 +395,8 @@ export class SmtpUpstream {
       });
       connection.connect((err) => {
         if (err) return settle(err);
-        if (!this.auth || !connection.allowsAuth) return settle();
+        if (!this.auth) return settle();
+        if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH' }));
         // The password goes out encrypted, or over loopback: an upstream that offers no STARTTLS
         // (or a man in the middle that strips it) does not get it (Postfix: noplaintext).
         const socket = (connection as unknown as { _socket?: { remoteAddress?: string } })._socket;

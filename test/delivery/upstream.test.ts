@@ -63,6 +63,24 @@ describe('upstream connection: TLS and AUTH', () => {
     assert.equal(upstream.accepted[0].secure, true, 'upgraded with STARTTLS');
   });
 
+  test('NODE_TLS_REJECT_UNAUTHORIZED=0 in the environment does not turn certificate checks off', async () => {
+    const upstream = await startScriptedUpstream({ disabledCommands: [] }); // self-signed
+    cleanup.push(() => upstream.close());
+    const { relay, id } = await relayFor(upstream.port);
+    const before = process.env.NODE_TLS_REJECT_UNAUTHORIZED;
+    process.env.NODE_TLS_REJECT_UNAUTHORIZED = '0';
+    try {
+      await relay.delivery.runOnce();
+    } finally {
+      if (before === undefined) delete process.env.NODE_TLS_REJECT_UNAUTHORIZED;
+      else process.env.NODE_TLS_REJECT_UNAUTHORIZED = before;
+    }
+    assert.equal(upstream.accepted.length, 0);
+    const [r] = recipients(relay, id);
+    assert.equal(r.status, 'pending');
+    assert.match(r.last_reply!, /ETLS|certificate/i);
+  });
+
   test('forwardSSL=true speaks implicit TLS', async () => {
     const upstream = await startScriptedUpstream({ secure: true });
     cleanup.push(() => upstream.close());
@@ -145,6 +163,20 @@ describe('upstream AUTH and plain text', () => {
     assert.equal(r.status, 'pending');
     assert.equal(r.temporary, 1);
     assert.match(r.last_reply!, /not sent in plain text/);
+  });
+
+  test('an upstream that offers no AUTH while credentials are set gets nothing: the mail is deferred, saying why', async () => {
+    // e.g. forwardPort pointing at an MX's port 25, which would refuse relaying with a 554
+    const upstream = await startScriptedUpstream({ disabledCommands: ['AUTH', 'STARTTLS'] });
+    cleanup.push(() => upstream.close());
+    const { relay, id } = await relayWithCredentials(upstream.port);
+    await relay.delivery.runOnce();
+    assert.equal(upstream.accepted.length, 0);
+    const [r] = recipients(relay, id);
+    assert.equal(r.status, 'pending');
+    assert.equal(r.temporary, 1);
+    assert.match(r.last_reply!, /forwardUsername is set but the upstream offered no AUTH/);
+    assert.equal(attempts(relay, id)[0].outcome, 'deferred');
   });
 
   test('with STARTTLS the password goes out encrypted; over loopback also in plain text', async () => {
