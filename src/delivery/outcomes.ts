@@ -80,7 +80,9 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
 /** Replies are kept to this many characters (Postfix's line_length_limit): they are stored per recipient and logged. */
 const REPLY_LIMIT = 2048;
 
-function shortReply(reply: string): string {
+function shortReply(text: string): string {
+  // without the line end some errors carry (OpenSSL's), which `relayq show` would print as a blank line
+  const reply = text.trimEnd();
   return reply.length <= REPLY_LIMIT ? reply : `${reply.slice(0, REPLY_LIMIT)}… (${reply.length} characters)`;
 }
 

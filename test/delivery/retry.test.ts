@@ -65,6 +65,9 @@ describe('retry policy', () => {
       assert.ok(c.reply.length > 0);
     }
     assert.equal(classifyUpstreamError({ code: 'EENVELOPE', responseCode: 550, response: '550 5.1.1 No such user' }).reply, '550 5.1.1 No such user');
+    // OpenSSL's messages end with a line end (forwardSSL=true against a plain upstream)
+    const tls = classifyUpstreamError({ code: 'ESOCKET', message: '80ACCBCB7F7F0000:error:0A00010B:SSL routines:ssl3_get_record:wrong version number:ssl3_record.c:350:\n' });
+    assert.equal(tls.reply, 'ESOCKET: 80ACCBCB7F7F0000:error:0A00010B:SSL routines:ssl3_get_record:wrong version number:ssl3_record.c:350:');
   });
 });
 
