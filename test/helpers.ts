@@ -435,3 +435,17 @@ export async function whileImmutable(t: TestContext, file: string, fn: () => Pro
   }
   return true;
 }
+
+/**
+ * Runs `fn` while Date.now() is `stepMs` away from the real time (an NTP step, a resumed VM): for
+ * code that must keep its timing on the monotonic clock. The whole process sees the step.
+ */
+export async function withSteppedClock<T>(stepMs: number, fn: () => Promise<T>): Promise<T> {
+  const realNow = Date.now;
+  Date.now = () => realNow() + stepMs;
+  try {
+    return await fn();
+  } finally {
+    Date.now = realNow;
+  }
+}

@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 // The `relayq` command. `serve` runs the relay; the other commands work on the same database
 // file while it runs. Every command takes --config FILE, --databasePath FILE, --emailsDir DIR and
-// --json (before or after its name), prints a table for people or JSON for scripts, and on bad
-// input exits non-zero with one line.
+// --json (before or after its name) and, after its name, any other config key as a flag; it
+// prints a table for people or JSON for scripts, and on bad input exits non-zero with one line.
 // Each command's module is loaded only when it runs, so a quick `relayq status` starts quickly.
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { CONFIG_KEYS } from '../config/schema.js';

@@ -374,8 +374,7 @@ export class DeliveryEngine {
 
   /** An attempt in progress is delivering this message (see DeliveryView). */
   holds(messageId: string): boolean {
-    for (const a of this.active.values()) if (a.claim.messageId === messageId) return true;
-    return false;
+    return this.held().includes(messageId);
   }
 
   /** The messages of the attempts in progress. */
@@ -535,8 +534,9 @@ export class DeliveryEngine {
    * the claim token. The first write is sent at once, so that the next claim can share its commit.
    * Shutdown cuts a wait short (see stop()).
    */
-  private async recordOutcome(completion: BatchCompletion, { claim, leaseEndsAt }: ActiveAttempt): Promise<CompletionResult> {
-    const giveUpAt = leaseEndsAt - this.leaseMarginMs;
+  private async recordOutcome(completion: BatchCompletion, active: ActiveAttempt): Promise<CompletionResult> {
+    const { claim } = active;
+    const giveUpAt = performance.now() + this.usableLeaseMs(active);
     for (let waitMs = OUTCOME_RETRY_FIRST_MS; ; waitMs = Math.min(2 * waitMs, OUTCOME_RETRY_MAX_MS)) {
       try {
         return await this.deps.commits.write('completeBatch', completion);

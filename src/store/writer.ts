@@ -37,7 +37,10 @@ export class StoreWriter {
   onFailed: (err: Error) => void = () => {};
   /** Writes completed and transactions committed so far (for tests and the benchmark). */
   readonly stats = { writes: 0, commits: 0 };
-  /** The last write refused as STORAGE_FULL (at: performance.now(), not stepped with the wall clock), until a message is stored again. */
+  /**
+   * The last write refused as STORAGE_FULL, until a message is stored again (at: performance.now(),
+   * which a stepped wall clock does not move).
+   */
   private fault: { at: number; message: string } | undefined;
 
   /** Writes sent and not yet answered (for tests). */

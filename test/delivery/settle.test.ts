@@ -3,17 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { settleWithin } from '../../src/delivery/settle.js';
-
-/** Runs `fn` while Date.now() is `stepMs` away from the real time (an NTP step, a resumed VM). */
-async function withSteppedClock<T>(stepMs: number, fn: () => Promise<T>): Promise<T> {
-  const realNow = Date.now;
-  Date.now = () => realNow() + stepMs;
-  try {
-    return await fn();
-  } finally {
-    Date.now = realNow;
-  }
-}
+import { withSteppedClock } from '../helpers.js';
 
 test('settleWithin ends after its time even when the wall clock steps back meanwhile', async () => {
   let settled = false;

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
-import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor, withTestRelay } from '../helpers.js';
+import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor, withSteppedClock, withTestRelay } from '../helpers.js';
 import { openReadOnly } from '../../src/store/maintenance.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { Spool } from '../../src/smtp/spool.js';
@@ -392,14 +392,10 @@ describe('shutdown', () => {
     await idle.send('EHLO x');
     const stopping = relay.stop();
     assert.match(await idle.send('MAIL FROM:<a@example.com>'), /^421 4\.3\.2 /);
-    const realNow = Date.now;
-    Date.now = () => realNow() + stepMs;
-    try {
+    await withSteppedClock(stepMs, async () => {
       await new Promise((resolve) => setTimeout(resolve, 100));
       assert.match(await inData.send('part two\r\n.'), /^250 2\.0\.0 /);
-    } finally {
-      Date.now = realNow;
-    }
+    });
     await stopping;
     inData.close();
     idle.close();
