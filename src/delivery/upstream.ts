@@ -15,7 +15,7 @@ import type { Logger } from 'pino';
 import { isLoopback } from '../access-control.js';
 import { libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
-import { type BatchResult, resultFromNodemailer, uniformResult } from './outcomes.js';
+import { type BatchResult, type RecipientResult, resultFromNodemailer, uniformResult } from './outcomes.js';
 import { settleWithin } from './settle.js';
 
 export interface UpstreamSettings {
@@ -190,6 +190,18 @@ const PLAINTEXT_AUTH_REFUSED =
 const NO_AUTH_OFFERED =
   'forwardUsername is set but the upstream offered no AUTH, so nothing was sent; check forwardHost and forwardPort (a submission port, 587 or 465), or remove the credentials if this upstream takes mail without them';
 
+/**
+ * The recipients an upstream deferred as over its limit of recipients per transaction (`452`, or
+ * `552` taken for one, with `x.5.3` or "too many recipients"), when it delivered to others of the
+ * same transaction; none when it delivered to none (nothing would change the next time).
+ */
+function overLimit<T extends { r: RecipientResult }>(results: T[]): T[] {
+  if (!results.some(({ r }) => r.verdict === 'delivered')) return [];
+  return results.filter(({ r }) => r.verdict === 'deferred' && (r.code === 452 || r.code === 552) && TOO_MANY.test(r.reply));
+}
+
+const TOO_MANY = /^\d{3}[ -][45]\.5\.3\b|too many recipients/i;
+
 export class SmtpUpstream {
   readonly label: string;
   private readonly options: SMTPConnection.Options;
@@ -252,11 +264,27 @@ export class SmtpUpstream {
     const rcpts = addresses.map(normalizeForEnvelope);
     // 8-bit bytes in the message: BODY=8BITMIME when the upstream offers it
     const envelope: Envelope = { from: normalizeForEnvelope(claim.mailFrom), to: rcpts, size: claim.raw.length, use8BitMime: !isAsciiBytes(claim.raw) };
+    const result = await this.sendTo(envelope, claim.raw, signal);
+    // The recipients over the upstream's limit per transaction go at once in another one, as long
+    // as each delivers to some (RFC 5321 §4.5.3.1.10); they are not held back for a retry.
+    let over = overLimit(result.recipients.map((r, i) => ({ r, i })));
+    while (over.length > 0 && !signal.aborted) {
+      const next = await this.sendTo({ ...envelope, to: over.map(({ i }) => rcpts[i]) }, claim.raw, signal);
+      over.forEach(({ i }, k) => {
+        result.recipients[i] = next.recipients[k];
+      });
+      over = overLimit(over.map(({ i }, k) => ({ r: next.recipients[k], i })));
+    }
+    return result;
+  }
+
+  /** One transaction; never throws. */
+  private async sendTo(envelope: Envelope, raw: Uint8Array, signal: AbortSignal): Promise<BatchResult> {
     try {
-      const info = await this.transaction(envelope, claim.raw, signal);
-      return resultFromNodemailer(this.label, rcpts, { info });
+      const info = await this.transaction(envelope, raw, signal);
+      return resultFromNodemailer(this.label, envelope.to, { info });
     } catch (error) {
-      return resultFromNodemailer(this.label, rcpts, { error });
+      return resultFromNodemailer(this.label, envelope.to, { error });
     }
   }
 

@@ -16,6 +16,7 @@ import {
   queuedId,
   readFailedExport,
   recipients,
+  type ScriptedUpstream,
   startScriptedUpstream,
 } from './fixtures.js';
 
@@ -249,6 +250,39 @@ describe('per-recipient outcomes', () => {
     const big = await queue(relay, ['third@example.com']);
     await relay.delivery.runOnce();
     assert.deepEqual(recipients(relay, big).map((r) => [r.status, r.last_code, r.temporary]), [['failed', 552, 0]]);
+  });
+
+  test("recipients over the upstream's limit per transaction go at once in another transaction of the same attempt", async () => {
+    // an upstream that takes two recipients per transaction (Postfix's smtpd_recipient_limit)
+    const upstream: ScriptedUpstream = await startScriptedUpstream({
+      onRcptTo(address, session, cb) {
+        upstream.rcpts.push(address.address);
+        if (address.address.startsWith('full')) return cb(Object.assign(new Error('4.2.2 Mailbox full'), { responseCode: 452 }));
+        if (session.envelope.rcptTo.length >= 2) return cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'full@example.com', 'd@example.com', 'e@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [
+      ['a@example.com', 'b@example.com'],
+      ['c@example.com', 'd@example.com'],
+      ['e@example.com'],
+    ]);
+    assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status, r.attempts, r.last_code]), [
+      ['a@example.com', 'delivered', 1, 250],
+      ['b@example.com', 'delivered', 1, 250],
+      ['c@example.com', 'delivered', 1, 250],
+      ['full@example.com', 'pending', 1, 452],
+      ['d@example.com', 'delivered', 1, 250],
+      ['e@example.com', 'delivered', 1, 250],
+    ]);
+    // a full mailbox is no limit per transaction: it waits for its retry, as before
+    assert.equal(upstream.rcpts.filter((a) => a === 'full@example.com').length, 1);
+    assert.deepEqual(attempts(relay, id).map((a) => a.outcome), ['partial']);
   });
 
   test('a failed message is logged as failed also when its export cannot be written', async () => {
