@@ -1,5 +1,6 @@
 // Who may talk to relayq: loopback detection (shared by SMTP and the HTTP API), the
-// allowedNetworks CIDR list (checked with node's BlockList), and how a secret is compared.
+// allowedNetworks CIDR list (checked with node's BlockList), and how a secret is compared; and
+// how an address and port are written.
 import crypto from 'node:crypto';
 import net from 'node:net';
 
@@ -8,6 +9,11 @@ export function normalizeIp(address: string | undefined): string {
   if (!address) return '';
   const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
   return mapped ? mapped[1] : address;
+}
+
+/** `host:port`, an IPv6 address in brackets (`[::1]:2525`, as Postfix writes it): `::1:2525` is an address itself. */
+export function hostPort(host: string, port: number): string {
+  return net.isIPv6(host) ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
 export function isLoopback(address: string | undefined): boolean {

@@ -5,6 +5,7 @@
 import fs from 'node:fs';
 import type { Context } from 'hono';
 import type { Logger } from 'pino';
+import { hostPort } from './access-control.js';
 import { createApp } from './api/app.js';
 import { type ApiServer, startApiServer } from './api/server.js';
 import { type Clock, systemClock } from './clock.js';
@@ -170,23 +171,24 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
       api = await startApiServer(app, config.healthCheckHost, config.healthCheckPort);
     } catch (err) {
       await closeStorage();
-      throw new Error(`healthCheckHost, healthCheckPort: cannot listen on ${config.healthCheckHost}:${config.healthCheckPort}: ${(err as Error).message}`, {
+      throw new Error(`healthCheckHost, healthCheckPort: cannot listen on ${hostPort(config.healthCheckHost, config.healthCheckPort)}: ${(err as Error).message}`, {
         cause: err,
       });
     }
   }
 
-  let smtpPort: number;
+  let smtp: { address: string; port: number };
   try {
-    smtpPort = await intake.listen(config.smtpPort, config.smtpHost);
+    smtp = await intake.listen(config.smtpPort, config.smtpHost);
   } catch (err) {
     await api?.close();
     await closeStorage();
     if (err instanceof SpoolError) throw new Error(`databasePath: ${err.message}`, { cause: err });
-    throw new Error(`smtpHost, smtpPort: cannot listen on ${config.smtpHost}:${config.smtpPort}: ${(err as Error).message}`, { cause: err });
+    throw new Error(`smtpHost, smtpPort: cannot listen on ${hostPort(config.smtpHost, config.smtpPort)}: ${(err as Error).message}`, { cause: err });
   }
-  logger.info({ event: 'relay.started', smtp: `${config.smtpHost}:${smtpPort}`, config: redactConfig(config) }, 'relayq started');
-  if (api) logger.info({ event: 'api.listening', http: `${config.healthCheckHost}:${api.port}` }, 'HTTP API listening');
+  // the addresses listened on: a host name listens on the first address it resolves to
+  logger.info({ event: 'relay.started', smtp: hostPort(smtp.address, smtp.port), config: redactConfig(config) }, 'relayq started');
+  if (api) logger.info({ event: 'api.listening', http: hostPort(api.address, api.port) }, 'HTTP API listening');
 
   if (options.startDelivery ?? true) {
     commits.onCommitted = () => delivery.wake();
@@ -213,7 +215,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     disk,
     clock,
     logger,
-    smtpPort,
+    smtpPort: smtp.port,
     httpPort: api?.port,
     warnings,
     stop() {

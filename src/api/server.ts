@@ -10,6 +10,8 @@ import type { Hono } from 'hono';
 import type { ApiEnv } from './context.js';
 
 export interface ApiServer {
+  /** The address listened on (a host name's first address). */
+  address: string;
   port: number;
   close(): Promise<void>;
 }
@@ -54,6 +56,7 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
       server.off('error', reject);
       let closing: Promise<void> | undefined;
       resolve({
+        address: (server.address() as AddressInfo).address,
         port: (server.address() as AddressInfo).port,
         close() {
           closing ??= new Promise<void>((done) => {

@@ -32,14 +32,18 @@ const PORT = { min: 0, max: 65535 };
  */
 export const MAX_MESSAGE_SIZE_LIMIT = 500 * 1024 * 1024;
 
-/**
- * A listen address must be given: Node would take an empty one (an unset `${VAR}` in compose) as
- * every interface. 0.0.0.0 or :: says that on purpose.
- */
-const LISTEN_ADDRESS = { match: /^[\x21-\x7e]+$/, what: 'an IP address or host name (0.0.0.0 or :: for every interface)' };
-
 /** Labels of letters, digits, '-' and '_', a hyphen at neither end; a trailing dot allowed. */
 const HOST_NAME = /^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$/;
+
+/**
+ * A listen address must be given: Node would take an empty one (an unset `${VAR}` in compose) as
+ * every interface. 0.0.0.0 or :: says that on purpose. Not Postfix's `[::1]` (Node would look it
+ * up as a name), nor `host:port` (the port has its own key).
+ */
+const LISTEN_ADDRESS = {
+  match: { test: (host: string) => net.isIP(host) !== 0 || HOST_NAME.test(host) },
+  what: 'an IP address or host name, without [brackets] or a port (0.0.0.0 or :: for every interface)',
+};
 
 /**
  * An upstream host: a host name in ASCII or an IP address. Not `host:port`, nor Postfix's

@@ -12,7 +12,7 @@ import type tls from 'node:tls';
 import { domainToASCII } from 'node:url';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import type { Logger } from 'pino';
-import { isLoopback } from '../access-control.js';
+import { hostPort, isLoopback } from '../access-control.js';
 import { libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
 import { type BatchResult, type RecipientResult, resultFromNodemailer, uniformResult } from './outcomes.js';
@@ -46,12 +46,14 @@ function isAscii(text: string): boolean {
  * The form an address takes in the envelope sent upstream (MAIL FROM and RCPT TO): the domain
  * lower-cased, and an internationalized domain in its ASCII (punycode) form, as nodemailer writes
  * it. The upstream's replies name recipients in this form, so outcomes are matched back through
- * it too.
+ * it too. An address literal (`[IPv6:…]`, `[127.0.0.1]`) stays as it is: RFC 5321 writes the tag
+ * `IPv6:`, and a strict upstream could refuse `ipv6:`.
  */
 export function normalizeForEnvelope(address: string): string {
   const at = address.lastIndexOf('@');
   if (at < 0) return address;
   const domain = address.slice(at + 1);
+  if (domain.startsWith('[')) return address;
   const ascii = isAscii(domain) ? domain : domainToASCII(domain) || domain;
   return `${address.slice(0, at)}@${ascii.toLowerCase()}`;
 }
@@ -223,7 +225,7 @@ export class SmtpUpstream {
   private closed = false;
 
   constructor(settings: UpstreamSettings) {
-    this.label = `${settings.host}:${settings.port}`;
+    this.label = hostPort(settings.host, settings.port);
     const budget = settings.attemptTimeoutMs;
     const setupTimeout = Math.min(30_000, Math.max(1000, Math.floor(budget / 3)));
     // nodemailer logs every session step at info and every refused message at error; relayq's

@@ -241,7 +241,7 @@ export class SmtpIntake {
    * Listens, then empties the spool directory (what a crashed process left), before the first
    * session: a second relay started on the same database fails to bind before it touches it.
    */
-  listen(port: number, host: string): Promise<number> {
+  listen(port: number, host: string): Promise<{ address: string; port: number }> {
     return new Promise((resolve, reject) => {
       const onError = (err: Error) => reject(err);
       this.server.server.once('error', onError);
@@ -255,7 +255,7 @@ export class SmtpIntake {
         }
         this.listening = true;
         const addr = this.server.server.address();
-        resolve(typeof addr === 'object' && addr ? addr.port : port);
+        resolve(typeof addr === 'object' && addr ? { address: addr.address, port: addr.port } : { address: host, port });
       });
     });
   }

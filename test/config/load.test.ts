@@ -4,12 +4,12 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { describe, test } from 'node:test';
+import Database from 'better-sqlite3';
 import { formatErrors, loadConfig, parseFlags, readConfigFile } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
-import Database from 'better-sqlite3';
-import { capturedLog, cliArgs, closedPort, startTestRelay, tempDir } from '../helpers.js';
 import { runCli } from '../cli/run-cli.js';
+import { capturedLog, cliArgs, closedPort, SmtpClient, startTestRelay, tempDir } from '../helpers.js';
 
 const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
 
@@ -327,8 +327,13 @@ describe('loadConfig', () => {
 
   test('listen addresses must be given: an empty one (an unset variable in a compose file) would mean every interface', () => {
     assert.deepEqual(errorMessages(loadConfig([], { SMTP_HOST: '', HEALTH_CHECK_HOST: ' ' })), [
-      'SMTP_HOST: must be an IP address or host name (0.0.0.0 or :: for every interface), got ""',
-      'HEALTH_CHECK_HOST: must be an IP address or host name (0.0.0.0 or :: for every interface), got " "',
+      'SMTP_HOST: must be an IP address or host name, without [brackets] or a port (0.0.0.0 or :: for every interface), got ""',
+      'HEALTH_CHECK_HOST: must be an IP address or host name, without [brackets] or a port (0.0.0.0 or :: for every interface), got " "',
+    ]);
+    // Postfix's inet_interfaces form, or a port: Node would look either up as a name, and fail at the start
+    assert.deepEqual(errorMessages(loadConfig(['--smtpHost', '[::1]', '--healthCheckHost', '127.0.0.1:8025'], {})), [
+      '--smtpHost: must be an IP address or host name, without [brackets] or a port (0.0.0.0 or :: for every interface), got "[::1]"',
+      '--healthCheckHost: must be an IP address or host name, without [brackets] or a port (0.0.0.0 or :: for every interface), got "127.0.0.1:8025"',
     ]);
     for (const host of ['0.0.0.0', '::', '::1', 'relay.internal']) {
       const ok = loadConfig([], { SMTP_HOST: host, HEALTH_CHECK_HOST: host });
@@ -507,6 +512,65 @@ describe('what only the start can find out names the key to fix', () => {
     assert.equal(after.pragma('journal_mode', { simple: true }), 'delete');
     after.close();
     assert.ok(!fs.existsSync(`${file}-wal`), 'no WAL file beside it');
+  });
+});
+
+describe('listen and upstream addresses as logged and recorded', () => {
+  /** Whether this host can listen on ::1 (IPv6 may be off). */
+  async function ipv6Loopback(): Promise<boolean> {
+    const server = net.createServer();
+    return new Promise((resolve) => {
+      server.once('error', () => resolve(false));
+      server.listen(0, '::1', () => server.close(() => resolve(true)));
+    });
+  }
+
+  test('a host name is logged as the address it listens on', async () => {
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ smtpHost: 'localhost', healthCheckHost: 'localhost' }, { startDelivery: false, logger: log.logger });
+    try {
+      const [started] = log.entries().filter((e) => e.event === 'relay.started');
+      const [api] = log.entries().filter((e) => e.event === 'api.listening');
+      // localhost's first address: 127.0.0.1, or ::1 where the resolver puts it first
+      assert.match(String(started.smtp), new RegExp(`^(127\\.0\\.0\\.1|\\[::1\\]):${relay.smtpPort}$`));
+      assert.match(String(api.http), new RegExp(`^(127\\.0\\.0\\.1|\\[::1\\]):${relay.httpPort}$`));
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('an IPv6 address is written in brackets, [::1]:port, in the log and as the upstream of an attempt', async (t) => {
+    const upstreamPort = await closedPort();
+    const ipv6 = await ipv6Loopback();
+    const log = capturedLog('info');
+    const listen = ipv6 ? { smtpHost: '::1', healthCheckHost: '::1' } : {};
+    const relay = await startTestRelay(
+      { ...listen, forwardSMTP: true, forwardHost: '::1', forwardPort: upstreamPort },
+      { startDelivery: false, logger: log.logger },
+    );
+    try {
+      if (ipv6) {
+        assert.equal(log.entries().find((e) => e.event === 'relay.started')?.smtp, `[::1]:${relay.smtpPort}`);
+        assert.equal(log.entries().find((e) => e.event === 'api.listening')?.http, `[::1]:${relay.httpPort}`);
+      } else {
+        t.diagnostic('no IPv6 loopback here: only the upstream is checked');
+      }
+      const client = await SmtpClient.connect(relay.smtpPort, ipv6 ? '::1' : '127.0.0.1');
+      await client.read();
+      await client.send('EHLO client.test');
+      await client.send('MAIL FROM:<a@example.com>');
+      await client.send('RCPT TO:<b@example.com>');
+      await client.send('DATA');
+      assert.match(await client.send('Subject: v6\r\n\r\nbody\r\n.'), /^250 /);
+      client.close();
+      await relay.delivery.runOnce();
+      const attempts = relay.store.sqlite.prepare('SELECT upstream, outcome FROM attempts').all();
+      assert.deepEqual(attempts, [{ upstream: `[::1]:${upstreamPort}`, outcome: 'deferred' }]);
+      const health = (await (await fetch(`http://${ipv6 ? '[::1]' : '127.0.0.1'}:${relay.httpPort}/health`)).json()) as { details: { upstream: { target: string } } };
+      assert.equal(health.details.upstream.target, `[::1]:${upstreamPort}`);
+    } finally {
+      await relay.stop();
+    }
   });
 });
 

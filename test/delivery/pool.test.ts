@@ -244,6 +244,7 @@ test('RCPT addresses: the domain lower-cased and in ASCII, the local part untouc
   assert.equal(normalizeForEnvelope('user@bücher.example'), 'user@xn--bcher-kva.example');
   assert.equal(normalizeForEnvelope('Ünïcode@Example.org'), 'Ünïcode@example.org');
   assert.equal(normalizeForEnvelope('user@[192.0.2.1]'), 'user@[192.0.2.1]');
+  assert.equal(normalizeForEnvelope('User@[IPv6:2001:db8::a]'), 'User@[IPv6:2001:db8::a]');
   assert.equal(normalizeForEnvelope(''), '');
 });
 
