@@ -28,7 +28,7 @@ export interface ApiDeps {
   store: { sqlite: Sqlite };
   commits: Pick<StoreWriter, 'write' | 'storageFault'>;
   disk: { freeMb(): number; isLow(): boolean };
-  intake: { readonly isListening: boolean };
+  intake: { readonly isListening: boolean; spoolFault(withinMs: number): string | undefined };
   clock: Clock;
   logger: Logger;
   /** Startup warnings shown in /health (e.g. loopback clients accepted without AUTH). */

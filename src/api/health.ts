@@ -18,7 +18,7 @@ const HEALTH_THRESHOLDS = {
   upstreamFailures: 3,
   upstreamQuietMs: 5 * 60_000,
   queueFullFraction: 0.8,
-  /** A write refused for lack of room counts this long, unless a later one succeeds. */
+  /** A write refused for lack of room, or a spool file that failed, counts this long, unless a later one succeeds. */
   storageFaultMs: 60_000,
 };
 
@@ -76,6 +76,10 @@ export function healthRoutes(deps: ApiDeps) {
     if (deps.disk.isLow()) errors.push(`free disk space ${freeMb} MB is below minFreeDiskMb ${config.minFreeDiskMb} MB`);
     const listening = deps.intake.isListening;
     if (!listening) errors.push('the SMTP listener is down');
+
+    // small messages are still taken
+    const spoolFault = deps.intake.spoolFault(HEALTH_THRESHOLDS.storageFaultMs);
+    if (spoolFault) degraded.push(`messages over spoolAfter (${config.spoolAfter} bytes) get 451: a spool file failed in the last minute: ${spoolFault}`);
 
     let upstream: UpstreamRecord | undefined;
     let active: number | null = null;

@@ -15,7 +15,8 @@ export const EMAILS_DIR_MODE = 0o750;
 /** The temp files writeFileAtomic makes: `.<target name>.<12 hex digits>.tmp`. */
 const TEMP_FILE = /^\..+\.[0-9a-f]{12}\.tmp$/;
 
-export async function writeFileAtomic(target: string, data: Uint8Array | string): Promise<void> {
+/** `data` may come in pieces (an iterable), written one after the other. */
+export async function writeFileAtomic(target: string, data: Uint8Array | string | Iterable<string>): Promise<void> {
   const dir = path.dirname(target);
   await fs.mkdir(dir, { recursive: true, mode: EMAILS_DIR_MODE });
   // Dot-prefixed and unique, so a concurrent writer or a directory listing never takes it for
@@ -23,7 +24,9 @@ export async function writeFileAtomic(target: string, data: Uint8Array | string)
   const temp = path.join(dir, `.${path.basename(target)}.${crypto.randomBytes(6).toString('hex')}.tmp`);
   const handle = await fs.open(temp, 'wx', 0o640);
   try {
-    await handle.writeFile(data);
+    // each writeFile writes on from where the last one ended
+    if (typeof data === 'string' || data instanceof Uint8Array) await handle.writeFile(data);
+    else for (const piece of data) await handle.writeFile(piece);
     await handle.sync();
   } catch (err) {
     await handle.close().catch(() => {});
@@ -40,13 +43,21 @@ export async function writeFileAtomic(target: string, data: Uint8Array | string)
   await syncDirectory(dir);
 }
 
-async function syncDirectory(dir: string): Promise<void> {
+/** What a file system or platform that cannot fsync a directory says; the rename is still atomic there. */
+const CANNOT_SYNC_DIRECTORY = new Set(['EINVAL', 'ENOTSUP', 'EISDIR', 'EPERM']);
+
+/**
+ * Makes a rename in `dir` durable. Any other error (no file descriptor left, EMFILE) is thrown:
+ * a local delivery is then deferred, not recorded as delivered (and its database copy erased)
+ * while a power cut could still undo the rename.
+ */
+export async function syncDirectory(dir: string): Promise<void> {
   let handle: fs.FileHandle | undefined;
   try {
     handle = await fs.open(dir, 'r');
     await handle.sync();
-  } catch {
-    // Some platforms cannot fsync a directory; the rename is still atomic there.
+  } catch (err) {
+    if (!CANNOT_SYNC_DIRECTORY.has((err as NodeJS.ErrnoException).code ?? '')) throw err;
   } finally {
     await handle?.close().catch(() => {});
   }

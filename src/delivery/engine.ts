@@ -419,7 +419,7 @@ export class DeliveryEngine {
     // The lease counts from the claim, not from now: a claim that took long to commit (a busy
     // writer) leaves the attempt less time, or the lease could run out while it still sends and
     // another worker would claim the message and send it a second time.
-    const budgetMs = Math.min(this.attemptTimeoutMs, this.usableLeaseMs(active));
+    const budgetMs = Math.floor(Math.min(this.attemptTimeoutMs, this.usableLeaseMs(active)));
     if (budgetMs <= 0) {
       // Nothing was tried: hand the claim back uncounted, due at once (the next claim gets a whole lease).
       this.log.warn({ queueId, event: 'delivery.claim_late', batch: claim.batch }, 'the claim committed too late to send before its lease ends; handed back');

@@ -264,6 +264,11 @@ export class SmtpIntake {
     return this.listening && this.server.server.listening;
   }
 
+  /** Why messages over spoolAfter get 451 (a spool file failed in the last `withinMs`, none written since), for /health. */
+  spoolFault(withinMs: number): string | undefined {
+    return this.spool.fault(withinMs);
+  }
+
   /**
    * Stops taking mail: new connections and new transactions (`MAIL`) get `421 4.3.2`, messages
    * already in DATA finish (their commits complete) within `graceMs`, then every session left gets

@@ -15,6 +15,8 @@ export class SpoolError extends Error {}
 
 export class Spool {
   private seq = 0;
+  /** The last spool file that could not be made or written (performance.now()), unless one was written since. */
+  private failure: { at: number; message: string } | undefined;
 
   /** `after` 0: every message stays in memory. */
   constructor(
@@ -24,6 +26,22 @@ export class Spool {
 
   static dirFor(databasePath: string): string {
     return `${databasePath}-spool`;
+  }
+
+  /**
+   * Why messages over `spoolAfter` are refused: a spool file failed within the last `withinMs`
+   * and none has been written in full since (for /health).
+   */
+  fault(withinMs: number): string | undefined {
+    return this.failure && performance.now() - this.failure.at <= withinMs ? this.failure.message : undefined;
+  }
+
+  noteFailure(err: Error): void {
+    this.failure = { at: performance.now(), message: err.message };
+  }
+
+  noteWritten(): void {
+    this.failure = undefined;
   }
 
   /**
@@ -140,10 +158,11 @@ export class MessageBytes {
       try {
         await finished(file.stream);
       } catch (err) {
-        this.failed ??= err as Error;
+        this.fail(err as Error);
       }
     }
     if (this.failed) throw this.failed;
+    if (file) this.spool.noteWritten();
     return { chunks: this.chunks, spooled: file && { file: file.path, bytes: file.bytes } };
   }
 
@@ -174,6 +193,7 @@ export class MessageBytes {
   }
 
   private fail(err: Error): void {
+    if (!this.failed && !this.discarded) this.spool.noteFailure(err);
     this.failed ??= err;
     this.chunks.length = 0;
     // the rest of DATA is read and dropped; the reply at its end says the message was not stored

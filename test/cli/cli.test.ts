@@ -377,3 +377,35 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal(count(), 1);
   });
 });
+
+test('export-failed writes a large message a slice at a time: 20 MB in a 48 MB heap', async () => {
+  const upstream = await startUpstream({ onRcptTo: (_address, _session, cb) => cb(Object.assign(new Error('5.1.1 no such user'), { responseCode: 550 })) });
+  const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false, startRetention: false });
+  const dir = tempDir('relayq-cli-');
+  try {
+    const line = `${'a'.repeat(76)}\r\n`;
+    const raw = Buffer.from(`Subject: large\r\n\r\n${line.repeat(Math.ceil((20 * 1024 * 1024) / line.length))}`);
+    const id = queuedId((await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['nobody@example.com'], raw })).response);
+    await relay.delivery.runOnce();
+    const stored = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
+    await relay.stop();
+    // as one string, and then inside the document's, the base64 alone would take 2 × 28 MB of heap
+    const target = path.join(dir, 'export');
+    const r = await runCli(['export-failed', target, '--json'], {
+      env: { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir, NODE_OPTIONS: '--max-old-space-size=48' },
+      timeoutMs: 60_000,
+    });
+    assert.equal(r.code, 0, r.stderr.slice(0, 2000));
+    assert.equal(JSON.parse(r.stdout).exported, 1);
+    const text = fs.readFileSync(path.join(target, `${id}.json`), 'utf8');
+    const doc = JSON.parse(text);
+    assert.ok(Buffer.from(doc.raw, 'base64').equals(stored.raw), 'the stored bytes');
+    // the same document JSON.stringify would have written in one piece
+    assert.equal(text, `${JSON.stringify(doc, null, 2)}\n`);
+    assert.deepEqual(Object.keys(doc).slice(-2), ['exportedAt', 'raw']);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -5,7 +5,7 @@ import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import pino from 'pino';
 import { startRelay } from '../../src/main.js';
-import { removeStrayTempFiles } from '../../src/delivery/atomic-file.js';
+import { removeStrayTempFiles, syncDirectory } from '../../src/delivery/atomic-file.js';
 import { DeliveryEngine } from '../../src/delivery/engine.js';
 import { failedExportDir } from '../../src/delivery/failed-export.js';
 import { sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
@@ -142,4 +142,10 @@ test("only temp files written before the given time are taken for a crash's", as
   assert.deepEqual(await removeStrayTempFiles(dir, before), ['.A.eml.0a1b2c3d4e5f.tmp']);
   assert.ok(fs.existsSync(fresh), 'a younger temp file, maybe of a write in progress, is kept');
   assert.deepEqual(await removeStrayTempFiles(path.join(dir, 'missing'), before), []);
+});
+
+test('a directory whose rename cannot be made durable (it cannot be opened: EMFILE, EACCES, gone) is an error, not a delivery', async () => {
+  const dir = tempDir();
+  await syncDirectory(dir);
+  await assert.rejects(syncDirectory(path.join(dir, 'gone')), { code: 'ENOENT' });
 });

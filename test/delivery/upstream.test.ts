@@ -228,6 +228,24 @@ describe('attempt deadline', () => {
     }
   });
 
+  test('an attempt cut off by what is left of its lease says so in whole milliseconds', async () => {
+    const upstream = await startScriptedUpstream();
+    upstream.hold = () => true;
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 5 },
+      { startDelivery: false, random: NO_JITTER },
+    );
+    try {
+      const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
+      // the lease counts from the claim, so the attempt gets a little less than its 4,000 ms
+      await relay.delivery.runOnce();
+      assert.match(recipients(relay, id)[0].last_reply!, /timed out: the attempt exceeded \d{4} ms \(processingTimeout\)$/);
+    } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
   test('an engine whose attempts would have no time at all is refused: its claims would come back forever', async () => {
     const relay = await startTestRelay({}, { startDelivery: false });
     try {

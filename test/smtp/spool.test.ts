@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
+import { createApp } from '../../src/api/app.js';
 import { Spool } from '../../src/smtp/spool.js';
 import { openStore } from '../../src/store/db.js';
 import { insertMessage } from '../../src/store/intake.js';
@@ -123,12 +124,24 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
       });
       assert.equal(messageCount(relay), before);
       assert.ok(log.entries().some((e) => e.event === 'smtp.store_failed' && /EEXIST|ENOTDIR/.test(String(e.err))), log.lines.join('\n'));
+      // small messages are still taken, large ones are not: degraded, saying why
+      const health = await createApp({ ...relay, getClientIp: () => '127.0.0.1' }).request('/health');
+      assert.equal(health.status, 200);
+      const { status, details } = (await health.json()) as { status: string; details: { warnings: string[] } };
+      assert.equal(status, 'degraded');
+      assert.ok(
+        details.warnings.some((w) => /^messages over spoolAfter \(4096 bytes\) get 451: a spool file failed in the last minute: .*(EEXIST|ENOTDIR)/.test(w)),
+        details.warnings.join('\n'),
+      );
     } finally {
       fs.rmSync(dir, { force: true });
     }
     const info = await sendMail(relay.smtpPort, { raw: body(50_000) });
     assert.match(info.response, /^250 /);
     assert.equal(messageCount(relay), before + 1);
+    // a spooled message since: ok again
+    const health = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { status: string };
+    assert.equal(health.status, 'ok');
   });
 });
 
