@@ -355,7 +355,6 @@ export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs
 export interface RelayProcess {
   child: import('node:child_process').ChildProcess;
   smtpPort: number;
-  httpPort?: number;
   /** Everything the process printed so far. */
   output: () => string;
   kill(signal?: NodeJS.Signals): Promise<number | null>;
@@ -366,18 +365,22 @@ export interface RelayProcess {
  * there) and resolves once it logged `relay.started`. Extra config as flags, e.g.
  * ['--forwardSMTP', 'true'].
  */
-export async function spawnRelay(dir: string, flags: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<RelayProcess> {
+export async function spawnRelay(dir: string, flags: string[] = [], env: NodeJS.ProcessEnv = {}, fileLimit?: number): Promise<RelayProcess> {
   const { spawn } = await import('node:child_process');
-  const child = spawn(
-    process.execPath,
-    cliArgs('serve', '--smtpPort', '0', '--healthCheckPort', '0', '--minFreeDiskMb', '0', '--logLevel', 'info', ...flags),
-    { cwd: dir, env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env }, stdio: ['ignore', 'pipe', 'pipe'] },
-  );
+  const args = cliArgs('serve', '--smtpPort', '0', '--healthCheckPort', '0', '--minFreeDiskMb', '0', '--logLevel', 'info', ...flags);
+  // `fileLimit`: the relay runs under `ulimit -n` (bash execs it: the same process)
+  const [command, commandArgs] =
+    fileLimit === undefined ? [process.execPath, args] : ['bash', ['-c', `ulimit -n ${fileLimit} && exec "$0" "$@"`, process.execPath, ...args]];
+  const child = spawn(command, commandArgs, {
+    cwd: dir,
+    env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let out = '';
   child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
   child.stderr.setEncoding('utf8').on('data', (d: string) => (out += d));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  const started = await new Promise<{ smtp: string; http?: string }>((resolve, reject) => {
+  const started = await new Promise<{ smtp: string }>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`relay did not start:\n${out}`)), 30_000);
     const onData = () => {
       for (const line of out.split('\n')) {
@@ -394,11 +397,9 @@ export async function spawnRelay(dir: string, flags: string[] = [], env: NodeJS.
       reject(new Error(`relay exited with ${code} before starting:\n${out}`));
     });
   });
-  const portOf = (hostPort: string | undefined) => (hostPort ? Number(hostPort.slice(hostPort.lastIndexOf(':') + 1)) : undefined);
   return {
     child,
-    smtpPort: portOf(started.smtp) as number,
-    httpPort: portOf(started.http),
+    smtpPort: Number(started.smtp.slice(started.smtp.lastIndexOf(':') + 1)),
     output: () => out,
     async kill(signal: NodeJS.Signals = 'SIGKILL') {
       if (child.exitCode === null && child.signalCode === null) child.kill(signal);

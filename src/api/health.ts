@@ -1,8 +1,10 @@
 // GET /health: `ok`, `degraded` (200) or `error` (503). Error = the database does not take a
 // write right now, free disk is below minFreeDiskMb, or the SMTP listener is down: mail cannot
 // be accepted. Degraded = mail is accepted but not leaving: the upstream has failed every
-// attempt for a while, or the queue is over 80 % of queueSize. All numbers are counter rows or
+// attempt for a while, or the queue is over 80 % of queueSize; or some mail is not accepted:
+// spool files fail, or file descriptors run out. All numbers are counter rows or
 // single index steps, so the check costs the same with a thousand or a million messages.
+import fs from 'node:fs';
 import { Hono } from 'hono';
 import { oldestAgeSeconds, type StoreMetrics, storeMetrics, successRate, type UpstreamRecord } from '../store/queries.js';
 import { isoTime } from '../clock.js';
@@ -20,7 +22,24 @@ const HEALTH_THRESHOLDS = {
   queueFullFraction: 0.8,
   /** A write refused for lack of room, or a spool file that failed, counts this long, unless a later one succeeds. */
   storageFaultMs: 60_000,
+  /** Of the process's limit of open files. */
+  fileDescriptorsFraction: 0.9,
 };
+
+/**
+ * Open file descriptors and the process's limit, from /proc (Linux); undefined elsewhere. At the
+ * limit nothing is logged: libuv accepts each new connection and closes it at once, unanswered.
+ */
+function fileDescriptors(): { open: number; limit: number } | undefined {
+  try {
+    const limit = Number(/^Max open files\s+(\d+)/m.exec(fs.readFileSync('/proc/self/limits', 'utf8'))?.[1]);
+    // less the descriptor of the listing itself
+    const open = fs.readdirSync('/proc/self/fd').length - 1;
+    return limit > 0 ? { open, limit } : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 export type HealthStatus = 'ok' | 'degraded' | 'error';
 
@@ -77,6 +96,10 @@ export function healthRoutes(deps: ApiDeps) {
     const listening = deps.intake.isListening;
     if (!listening) errors.push('the SMTP listener is down');
 
+    const files = fileDescriptors();
+    if (files && files.open >= files.limit * HEALTH_THRESHOLDS.fileDescriptorsFraction) {
+      degraded.push(`${files.open} of ${files.limit} file descriptors in use (ulimit -n): at the limit new connections are closed unanswered`);
+    }
     // small messages are still taken
     const spoolFault = deps.intake.spoolFault(HEALTH_THRESHOLDS.storageFaultMs);
     if (spoolFault) degraded.push(`messages over spoolAfter (${config.spoolAfter} bytes) get 451: a spool file failed in the last minute: ${spoolFault}`);

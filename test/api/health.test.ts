@@ -1,8 +1,11 @@
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import net from 'node:net';
 import { describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { ManualClock } from '../../src/clock.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { capturedLog, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable } from '../helpers.js';
+import { capturedLog, closedPort, sendMail, spawnRelay, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable } from '../helpers.js';
 import { call, upstreamOutage } from './fixtures.js';
 
 interface Health {
@@ -273,4 +276,42 @@ describe('GET /health', () => {
       await relay.stop();
     }
   });
+});
+
+test('degraded when nearly every file descriptor the process may open is in use (ulimit -n), ok once connections close', async () => {
+  const httpPort = await closedPort();
+  const relay = await spawnRelay(tempDir(), ['--healthCheckPort', String(httpPort)], {}, 160);
+  const sockets: net.Socket[] = [];
+  try {
+    // at the limit the relay may not answer at all: a failed fetch fails the test, it does not hang it
+    const health = async () => (await fetch(`http://127.0.0.1:${httpPort}/health`, { signal: AbortSignal.timeout(5000) })).json() as Promise<Health>;
+    await waitFor(async () => (await health()).status === 'ok', 10_000, 'the relay healthy at first');
+    // idle SMTP connections, one descriptor each in the relay, until 90 % of the 160 are in use
+    let degraded: Health | undefined;
+    let limitReached = false;
+    while (!degraded && !limitReached && sockets.length < 150) {
+      for (let i = 0; i < 10 && !limitReached; i++) {
+        const socket = net.connect(relay.smtpPort, '127.0.0.1');
+        socket.on('error', () => {});
+        sockets.push(socket);
+        // the greeting: the relay holds the connection; at the limit it closes it unanswered
+        const greeted = await Promise.race([once(socket, 'data').then(() => true), once(socket, 'close').then(() => false), sleep(5000).then(() => false)]);
+        limitReached = !greeted;
+      }
+      if (!limitReached) {
+        const h = await health();
+        if (h.status === 'degraded') degraded = h;
+      }
+    }
+    assert.ok(degraded, 'degraded before the limit');
+    assert.ok(
+      degraded.details.warnings.some((w) => /^\d+ of 160 file descriptors in use \(ulimit -n\): at the limit new connections are closed unanswered$/.test(w)),
+      degraded.details.warnings.join('\n'),
+    );
+    for (const socket of sockets.splice(0)) socket.destroy();
+    await waitFor(async () => (await health()).status === 'ok', 10_000, 'ok again once the connections closed');
+  } finally {
+    for (const socket of sockets) socket.destroy();
+    await relay.kill('SIGTERM');
+  }
 });
