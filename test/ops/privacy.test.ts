@@ -9,31 +9,39 @@ import { capturedLog, sendMail, startTestRelay, tempDir } from '../helpers.js';
 
 /** Delivers a few messages carrying `marker` (one small, two spanning overflow pages), then stops. */
 async function deliverAndStop(logAllEmails: boolean, marker: string) {
-  const relay = await startTestRelay({ security: { logAllEmails } }, { startDelivery: false, startRetention: false });
+  const log = capturedLog('debug');
+  const relay = await startTestRelay({ security: { logAllEmails } }, { startDelivery: false, startRetention: false, logger: log.logger });
   const bodies = [`short ${marker}`, `${marker}\n${'a'.repeat(30_000)}\n${marker}`, `${'b'.repeat(70_000)} ${marker}`];
-  for (const text of bodies) await sendMail(relay.smtpPort, { text, subject: 'private' });
+  for (const text of bodies) await sendMail(relay.smtpPort, { text, subject: `private ${marker}` });
   await relay.delivery.runOnce();
   const rows = relay.store.sqlite.prepare('SELECT state, body_id IS NULL AS erased FROM messages').all() as Array<{ state: string; erased: number }>;
   const file = relay.config.databasePath;
   await relay.stop();
   const onDisk = [file, `${file}-wal`].filter((f) => fs.existsSync(f)).map((f) => fs.readFileSync(f));
-  return { rows, onDisk };
+  return { rows, onDisk, log };
 }
 
 describe('security.logAllEmails', () => {
   test('false: delivered mail leaves no raw bytes in the database, not even in freed pages', async () => {
     const marker = `PRIVATE-${crypto.randomBytes(8).toString('hex')}`;
-    const { rows, onDisk } = await deliverAndStop(false, marker);
+    const { rows, onDisk, log } = await deliverAndStop(false, marker);
     assert.equal(rows.length, 3);
     assert.deepEqual(rows, Array(3).fill({ state: 'delivered', erased: 1 }));
     for (const bytes of onDisk) assert.equal(bytes.indexOf(marker), -1, 'the marker is nowhere in the database files');
+    // the log has the envelope only: not the subject, at any level
+    assert.equal(log.entries().filter((e) => e.event === 'smtp.accepted').length, 3);
+    assert.deepEqual(log.lines.filter((line) => line.includes(marker)), []);
   });
 
   test('true (control): the content is kept after delivery, so the search above can find it', async () => {
     const marker = `KEPT-${crypto.randomBytes(8).toString('hex')}`;
-    const { rows, onDisk } = await deliverAndStop(true, marker);
+    const { rows, onDisk, log } = await deliverAndStop(true, marker);
     assert.deepEqual(rows, Array(3).fill({ state: 'delivered', erased: 0 }));
     assert.ok(onDisk.some((bytes) => bytes.indexOf(marker) >= 0));
+    assert.deepEqual(
+      log.entries().filter((e) => e.event === 'smtp.accepted').map((e) => e.subject),
+      Array(3).fill(`private ${marker}`),
+    );
   });
 });
 

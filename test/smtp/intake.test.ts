@@ -42,7 +42,9 @@ describe('durable intake', () => {
     const header = stored.subarray(0, stored.length - raw.length).toString();
     assert.equal((header.match(/^Received:/gm) ?? []).length, 1);
     assert.equal((stored.toString().match(/^Received:/gm) ?? []).length, 1);
-    assert.match(header, new RegExp(`by relayq\\.test \\(relayq\\) with ESMTP id ${id}`));
+    assert.match(header, new RegExp(`by relayq\\.test \\(relayq\\) with ESMTP id ${id};`));
+    // three recipients: no `for` clause, which would name one of them (a Bcc, maybe) to all
+    assert.doesNotMatch(header, /\bfor </);
     assert.ok(received.length > 0);
     assert.equal(row.size, stored.length);
     const rcpts = relay.store.sqlite.prepare('SELECT seq, address, status FROM recipients WHERE message_id = ? ORDER BY seq').all(id);

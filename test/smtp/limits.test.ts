@@ -6,7 +6,7 @@ import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { claimDueBatches } from '../../src/store/delivery.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { capturedLog, type DeepPartial, messageCount, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, type DeepPartial, messageCount, openSession, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
 import pino from 'pino';
 
 const HOUR = 3_600_000;
@@ -121,6 +121,21 @@ describe('rate limits', () => {
 });
 
 describe('backpressure', () => {
+  test('queueSize 5 and 20 sessions that all passed MAIL FROM before any message was stored: exactly 5 stored, the rest 452 4.3.1 after DATA', async () => {
+    const relay = await startTestRelay({ queueSize: 5 }, { startDelivery: false });
+    try {
+      const sessions = await Promise.all(Array.from({ length: 20 }, (_, i) => openSession(relay.smtpPort, `sender${i}@example.com`)));
+      for (const c of sessions) assert.match(await c.send('DATA'), /^354/);
+      const replies = await Promise.all(sessions.map((c) => c.send('Subject: race\r\n\r\nbody\r\n.')));
+      for (const c of sessions) c.close();
+      assert.equal(replies.filter((r) => r.startsWith('250 ')).length, 5, replies.join('\n'));
+      for (const r of replies.filter((r) => !r.startsWith('250 '))) assert.match(r, /^452 4\.3\.1 /);
+      assert.equal(messageCount(relay), 5);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('queueSize 10 with the upstream down: the 11th message gets 452 4.3.1; accepted again once the queue drains', async () => {
     // reserve a port, then leave it closed: the upstream is down
     const probe = await startUpstream();

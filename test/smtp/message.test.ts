@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { ReceivedHeaderCounter } from '../../src/smtp/message.js';
+import { BareLineEndingScanner, ReceivedHeaderCounter } from '../../src/smtp/message.js';
 
 test('Received: header fields are counted however the bytes arrive split, in the header section only', () => {
   const message = Buffer.from(
@@ -12,4 +12,20 @@ test('Received: header fields are counted however the bytes arrive split, in the
     for (let i = 0; i < message.length; i += size) counter.scan(message.subarray(i, i + size));
     assert.equal(counter.count, 4, `chunks of ${size} bytes`);
   }
+});
+
+test('a bare LF or CR is found wherever the chunks split the message; CRLF split between two chunks is not one', () => {
+  const split = (message: string, at: number) => {
+    const bytes = Buffer.from(message);
+    const scanner = new BareLineEndingScanner();
+    scanner.scan(bytes.subarray(0, at));
+    scanner.scan(bytes.subarray(at));
+    return scanner.finish();
+  };
+  const bare = ['Subject: x\r\n\r\nab\nXYZ\r\n', 'Subject: x\r\n\r\nab\rWXYZ\r\n', 'Subject: x\r\n\r\nab\r\r\n', 'Subject: x\r\n\r\nend\r'];
+  const clean = 'Subject: x\r\n\r\nab\r\nXYZ\r\n';
+  for (const message of bare) {
+    for (let at = 0; at <= message.length; at++) assert.equal(split(message, at), true, `${JSON.stringify(message)} split at ${at}`);
+  }
+  for (let at = 0; at <= clean.length; at++) assert.equal(split(clean, at), false, `clean, split at ${at}`);
 });
