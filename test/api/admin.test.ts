@@ -1,14 +1,14 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import Database from 'better-sqlite3';
 import { describe, test } from 'node:test';
+import Database from 'better-sqlite3';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { capturedLog, holdWriteLock, openSession, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
-import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
-import { messageRaw } from '../../src/store/queries.js';
 import { REQUEUE_STEP, type RequeueStep, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
 import { insertMessage } from '../../src/store/intake.js';
+import { messageRaw } from '../../src/store/queries.js';
+import { capturedLog, holdWriteLock, openSession, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
+import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 
 interface MessageJson {
   id: string;
@@ -307,6 +307,7 @@ describe('admin: queue inspection', () => {
         const res = await call(relay, `/admin/messages?${query}`);
         assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }], query);
       }
+      for (const limit of [1, 1000]) assert.equal((await call(relay, `/admin/messages?limit=${limit}`)).status, 200, `limit=${limit}`);
     } finally {
       await relay.stop();
     }

@@ -4,10 +4,10 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { openConnection, openStore } from '../../src/store/db.js';
-import { storeMetrics } from '../../src/store/queries.js';
-import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable } from '../helpers.js';
+import { messageRaw, storeMetrics } from '../../src/store/queries.js';
+import { startScriptedUpstream } from '../delivery/fixtures.js';
+import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable } from '../helpers.js';
 import { runCli, runCliJson, writeConfigFile } from './run-cli.js';
-import { messageRaw } from '../../src/store/queries.js';
 
 const queuedId = (response: string) => {
   const m = /queued as (\S+)/.exec(response);
@@ -16,7 +16,8 @@ const queuedId = (response: string) => {
 };
 
 /** stderr must be exactly one line that says why. */
-function assertOneLineError(r: { code: number | null; stderr: string; stdout: string }, reason: RegExp) {
+function assertOneLineError(r: { code: number | null; signal: NodeJS.Signals | null; stderr: string; stdout: string }, reason: RegExp) {
+  assert.equal(r.signal, null, 'the command was killed: it ran past its time limit');
   assert.notEqual(r.code, 0, `expected a failure, got stdout ${r.stdout}`);
   const lines = r.stderr.trimEnd().split('\n');
   assert.equal(lines.length, 1, `one line of stderr, got: ${r.stderr}`);
@@ -407,5 +408,27 @@ test('export-failed writes a large message a slice at a time: 20 MB in a 48 MB h
     await relay.stop();
     await upstream.close();
     fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('delete and retry leave alone a message a delivery worker holds (exit 1, nothing changed)', async () => {
+  const upstream = await startScriptedUpstream();
+  upstream.hold = () => true; // DATA is never answered: the attempt holds its claim until its deadline
+  const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 5 }, { startDelivery: false, startRetention: false });
+  try {
+    const id = queuedId((await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['held@example.com'] })).response);
+    const attempt = relay.delivery.runOnce();
+    await waitFor(() => upstream.held.length === 1, 10_000, 'the attempt in DATA');
+    const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
+    const [deleted, retried] = await Promise.all([runCli(['delete', id], { env }), runCli(['retry', id], { env })]);
+    assertOneLineError(deleted, /^relayq: message \S+: a delivery worker holds it: .*; nothing deleted, try again later$/);
+    assert.equal(retried.code, 1, retried.stderr);
+    assert.match(retried.stdout, /a delivery worker holds it: .*; nothing changed/);
+    const row = relay.store.sqlite.prepare('SELECT state, lease_token IS NOT NULL AS leased FROM messages WHERE id = ?').get(id);
+    assert.deepEqual(row, { state: 'sending', leased: 1 });
+    await attempt;
+  } finally {
+    await relay.stop();
+    await upstream.close();
   }
 });

@@ -44,7 +44,8 @@ export function runCli(args: string[], options: { env?: Record<string, string>; 
     if (options.closeStdout) child.stdout.destroy();
     else child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
     child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 30_000);
+    // generous: a busy machine compiling a dozen of them at once through tsx is slow
+    const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 60_000);
     child.on('error', reject);
     child.on('close', (code, signal) => {
       clearTimeout(timer);

@@ -4,9 +4,9 @@
 import fs from 'node:fs';
 import type net from 'node:net';
 import path from 'node:path';
+import type { Selectable } from 'kysely';
 import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import type { Relay } from '../../src/main.js';
-import type { Selectable } from 'kysely';
 import type { AttemptsTable, MessagesTable, RecipientsTable } from '../../src/store/schema.js';
 
 export interface Transaction {
@@ -162,7 +162,7 @@ export function addresses(n: number, domain = 'example.com'): string[] {
 }
 
 export function readFailedExport(relay: Pick<Relay, 'config'>, id: string): Record<string, unknown> & {
-  recipients: Array<{ address: string; status: string; attempts: number; lastCode: number | null; lastReply: string | null }>;
+  recipients: Array<{ address: string; status: string; attempts: number; lastCode: number | null; lastReply: string | null; temporary: boolean }>;
   raw: string;
 } {
   return JSON.parse(fs.readFileSync(path.join(relay.config.emailsDir, 'failed', `${id}.json`), 'utf8'));

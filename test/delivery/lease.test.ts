@@ -14,7 +14,7 @@ import {
 } from '../../src/store/delivery.js';
 import { prepared } from '../../src/store/statements.js';
 import { capturedLog, holdWriteLock, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
-import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
+import { attempts, failedExportExists, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('claims and leases', () => {
   const cleanup: Array<() => Promise<unknown>> = [];
@@ -215,6 +215,20 @@ describe('claims and leases', () => {
     assert.equal(m.state, 'failed');
     assert.equal(m.lease_token, null);
     assert.ok(m.finished_at !== null);
+  });
+
+  test('the running engine exports and logs mail that ran out of attempts at its claim', async () => {
+    const clock = new ManualClock();
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ processingTimeout: 60, retry: { maxAttempts: 1 } }, { clock, startDelivery: false, random: NO_JITTER, logger: log.logger });
+    cleanup.push(() => relay.stop());
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw: 'Subject: lease\r\n\r\nbody\r\n' })).response);
+    await claim(relay, claimOptions(clock, { maxAttempts: 1 }));
+    clock.advance(60_000); // the lease expires: the holder died, its one attempt used
+    relay.delivery.start();
+    await waitFor(() => failedExportExists(relay, id), 10_000, 'the export of the message that gave up');
+    assert.equal(message(relay, id).state, 'failed');
+    await waitFor(() => log.entries().some((e) => e.event === 'delivery.failed' && e.queueId === id), 10_000, 'its delivery.failed line');
   });
 
   test('the claim reads due work through the partial indexes, never a table scan', async () => {

@@ -5,6 +5,7 @@ import { after, describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { ManualClock } from '../../src/clock.js';
 import { exportFailedMessage } from '../../src/delivery/failed-export.js';
+import { resultFromNodemailer } from '../../src/delivery/outcomes.js';
 import type { Relay } from '../../src/main.js';
 import { retryMessage } from '../../src/store/admin.js';
 import { capturedLog, openSession, SmtpClient, sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
@@ -69,10 +70,11 @@ describe('per-recipient outcomes', () => {
   });
 
   test('550 to one RCPT → that recipient failed, the others delivered, message failed and exported with the original bytes', async () => {
-    const { relay, upstream } = await setup();
+    const { clock, relay, upstream } = await setup();
     upstream.rcptReply = (a) => (a === 'bad@example.com' ? { code: 550, message: '5.1.1 No such user' } : undefined);
     const id = await queue(relay, ['a@example.com', 'bad@example.com', 'c@example.com']);
     const stored = message(relay, id).raw!;
+    clock.advance(5000); // failed later than received
     await relay.delivery.runOnce();
 
     assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com', 'c@example.com']]);
@@ -105,8 +107,28 @@ describe('per-recipient outcomes', () => {
     );
     assert.match(doc.recipients[1].lastReply!, /No such user/);
     assert.deepEqual(Buffer.from(doc.raw, 'base64'), stored, 'the export decodes to the stored bytes');
-    assert.equal(typeof doc.receivedAt, 'string');
+    assert.equal(doc.receivedAt, new Date(m.received_at).toISOString());
     assert.equal(doc.failedAt, new Date(m.finished_at!).toISOString());
+    assert.notEqual(doc.failedAt, doc.receivedAt);
+    assert.equal(doc.exportedAt, new Date(clock.now()).toISOString());
+    assert.equal(doc.size, m.size);
+    assert.deepEqual(
+      doc.recipients.map((r) => r.temporary),
+      [false, false, false],
+    );
+    const [row] = attempts(relay, id);
+    assert.deepEqual(doc.attempts, [
+      {
+        batch: 0,
+        recipients: ['a@example.com', 'bad@example.com', 'c@example.com'],
+        upstream: `127.0.0.1:${upstream.port}`,
+        startedAt: new Date(row.started_at).toISOString(),
+        durationMs: row.duration_ms,
+        outcome: 'partial',
+        code: 250,
+        reply: row.reply,
+      },
+    ]);
     const client = doc.client as { ip: string; helo: string | null; authUser: string | null };
     assert.equal(client.ip, '127.0.0.1');
     assert.equal(typeof client.helo, 'string', 'the client HELO name is exported');
@@ -542,4 +564,18 @@ describe('envelope details', () => {
     assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status]), [[stored[0], 'delivered'], [stored[1], 'delivered']]);
     assert.equal(message(relay, id).state, 'delivered');
   });
+});
+
+test('a recipient the upstream named neither accepted nor rejected is deferred, never taken as delivered', () => {
+  const result = resultFromNodemailer('x:25', ['a@example.com', 'b@example.com', 'c@example.com'], {
+    info: { accepted: ['a@example.com'], rejected: ['c@example.com'], rejectedErrors: [], response: '250 2.0.0 Ok' },
+  });
+  assert.deepEqual(
+    result.recipients.map((r) => [r.verdict, r.reply]),
+    [
+      ['delivered', '250 2.0.0 Ok'],
+      ['deferred', 'the upstream gave no reply for this recipient'],
+      ['deferred', 'rejected by the upstream without a reply'],
+    ],
+  );
 });

@@ -175,9 +175,9 @@ describe('retries against a real upstream, with an injected clock', () => {
     assert.match(rows[0].last_reply!, /gave up after 3 attempts/);
     assert.match(m.last_error!, /retry\.maxAttempts=3/);
     const doc = readFailedExport(relay, id);
-    assert.deepEqual(doc.recipients.map((r) => [r.status, r.attempts, r.lastCode]), [
-      ['failed', 3, 451],
-      ['failed', 3, 451],
+    assert.deepEqual(doc.recipients.map((r) => [r.status, r.attempts, r.lastCode, r.temporary]), [
+      ['failed', 3, 451, true],
+      ['failed', 3, 451, true],
     ]);
     clock.advance(86_400_000);
     assert.equal((await relay.delivery.runOnce()).attempts, 0, 'no more attempts (failedRetryInterval off)');

@@ -51,6 +51,13 @@ describe('storage faults', () => {
   });
   after(() => relay.stop());
 
+  test('every commit is fsynced before its 250: the writing connection runs WAL with synchronous=FULL', async () => {
+    // a power cut, which no test here can cause, would lose what NORMAL had not synced yet
+    assert.equal(await relay.commits.pragma('journal_mode'), 'wal');
+    assert.equal(await relay.commits.pragma('synchronous'), 2);
+    assert.equal(relay.store.sqlite.pragma('synchronous', { simple: true }), 2, 'the main thread writes too (claims in tests, the CLI)');
+  });
+
   test('a read-only database → 451 4.3.0 for every concurrent session, nothing stored; all pass once writable again', async () => {
     const before = footprint(relay);
     await relay.commits.pragma('query_only = ON');
