@@ -27,17 +27,29 @@ const HEALTH_THRESHOLDS = {
 };
 
 /**
- * Open file descriptors and the process's limit, from /proc (Linux); undefined elsewhere. At the
- * limit nothing is logged: libuv accepts each new connection and closes it at once, unanswered.
+ * The process's limit of open files (Node raised its soft limit to the hard one as it started),
+ * from /proc (Linux); undefined elsewhere. Read once, while a file can still be opened.
  */
-function fileDescriptors(): { open: number; limit: number } | undefined {
+function openFilesLimit(): number | undefined {
   try {
     const limit = Number(/^Max open files\s+(\d+)/m.exec(fs.readFileSync('/proc/self/limits', 'utf8'))?.[1]);
-    // less the descriptor of the listing itself
-    const open = fs.readdirSync('/proc/self/fd').length - 1;
-    return limit > 0 ? { open, limit } : undefined;
+    return limit > 0 ? limit : undefined;
   } catch {
     return undefined;
+  }
+}
+
+/**
+ * The file descriptors open now; at the limit, where even the listing cannot be opened, the limit.
+ * There nothing is logged: libuv accepts each new connection and closes it at once, unanswered.
+ */
+function openFiles(limit: number): number | undefined {
+  try {
+    // less the descriptor of the listing itself
+    return fs.readdirSync('/proc/self/fd').length - 1;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    return code === 'EMFILE' || code === 'ENFILE' ? limit : undefined;
   }
 }
 
@@ -62,6 +74,7 @@ function upstreamFailing(upstream: UpstreamRecord, now: number): boolean {
 export function healthRoutes(deps: ApiDeps) {
   const { config, clock } = deps;
   const upstreamTarget = deps.delivery.status().upstream;
+  const fileLimit = openFilesLimit();
   // Logged when the status changes, not on every probe of a load balancer.
   let lastStatus: HealthStatus = 'ok';
 
@@ -96,9 +109,9 @@ export function healthRoutes(deps: ApiDeps) {
     const listening = deps.intake.isListening;
     if (!listening) errors.push('the SMTP listener is down');
 
-    const files = fileDescriptors();
-    if (files && files.open >= files.limit * HEALTH_THRESHOLDS.fileDescriptorsFraction) {
-      degraded.push(`${files.open} of ${files.limit} file descriptors in use (ulimit -n): at the limit new connections are closed unanswered`);
+    const openNow = fileLimit === undefined ? undefined : openFiles(fileLimit);
+    if (fileLimit !== undefined && openNow !== undefined && openNow >= fileLimit * HEALTH_THRESHOLDS.fileDescriptorsFraction) {
+      degraded.push(`${openNow} of ${fileLimit} file descriptors in use (ulimit -n): at the limit new connections are closed unanswered`);
     }
     // small messages are still taken
     const spoolFault = deps.intake.spoolFault(HEALTH_THRESHOLDS.storageFaultMs);

@@ -192,17 +192,18 @@ const PLAINTEXT_AUTH_REFUSED =
 const NO_AUTH_OFFERED =
   'forwardUsername is set but the upstream offered no AUTH, so nothing was sent; check forwardHost and forwardPort (a submission port, 587 or 465), or remove the credentials if this upstream takes mail without them';
 
-/**
- * The recipients an upstream deferred as over its limit of recipients per transaction (`452`, or
- * `552` taken for one, with `x.5.3` or "too many recipients"), when it delivered to others of the
- * same transaction; none when it delivered to none (nothing would change the next time).
- */
-function overLimit<T extends { r: RecipientResult }>(results: T[]): T[] {
-  if (!results.some(({ r }) => r.verdict === 'delivered')) return [];
-  return results.filter(({ r }) => r.verdict === 'deferred' && (r.code === 452 || r.code === 552) && TOO_MANY.test(r.reply));
-}
-
 const TOO_MANY = /^\d{3}[ -][45]\.5\.3\b|too many recipients/i;
+
+/**
+ * The positions of the recipients a transaction deferred as over the upstream's limit of
+ * recipients per transaction (`452`, or `552` taken for one, with `x.5.3` or "too many
+ * recipients"), when it delivered to others; none when it delivered to none (nothing would change
+ * the next time).
+ */
+function overLimit(results: RecipientResult[]): number[] {
+  if (!results.some((r) => r.verdict === 'delivered')) return [];
+  return results.flatMap((r, k) => (r.verdict === 'deferred' && (r.code === 452 || r.code === 552) && TOO_MANY.test(r.reply) ? [k] : []));
+}
 
 export class SmtpUpstream {
   readonly label: string;
@@ -269,13 +270,15 @@ export class SmtpUpstream {
     const result = await this.sendTo(envelope, claim.raw, signal);
     // The recipients over the upstream's limit per transaction go at once in another one, as long
     // as each delivers to some (RFC 5321 §4.5.3.1.10); they are not held back for a retry.
-    let over = overLimit(result.recipients.map((r, i) => ({ r, i })));
-    while (over.length > 0 && !signal.aborted) {
-      const next = await this.sendTo({ ...envelope, to: over.map(({ i }) => rcpts[i]) }, claim.raw, signal);
-      over.forEach(({ i }, k) => {
+    let again = overLimit(result.recipients);
+    while (again.length > 0 && !signal.aborted) {
+      const next = await this.sendTo({ ...envelope, to: again.map((i) => rcpts[i]) }, claim.raw, signal);
+      again.forEach((i, k) => {
         result.recipients[i] = next.recipients[k];
       });
-      over = overLimit(over.map(({ i }, k) => ({ r: next.recipients[k], i })));
+      // refused as a whole (a 5xx to MAIL FROM or DATA): so is the batch, for continueOnError
+      if (next.permanentFailure) Object.assign(result, { permanentFailure: true, code: next.code, reply: next.reply });
+      again = overLimit(next.recipients).map((k) => again[k]);
     }
     return result;
   }

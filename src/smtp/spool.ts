@@ -40,8 +40,9 @@ export class Spool {
     this.failure = { at: performance.now(), message: err.message };
   }
 
-  noteWritten(): void {
-    this.failure = undefined;
+  /** A spool file opened at `openedAt` (performance.now()) was written in full: one opened before a failure says nothing of it. */
+  noteWritten(openedAt: number): void {
+    if (this.failure && openedAt > this.failure.at) this.failure = undefined;
   }
 
   /**
@@ -118,7 +119,7 @@ export interface ReceivedBytes {
 export class MessageBytes {
   private readonly chunks: Buffer[] = [];
   private held = 0;
-  private file: { path: string; stream: fs.WriteStream; bytes: number; draining: boolean } | undefined;
+  private file: { path: string; stream: fs.WriteStream; bytes: number; draining: boolean; openedAt: number } | undefined;
   /** The spool file could not be created or written: the message cannot be stored. */
   private failed: Error | undefined;
   private discarded = false;
@@ -162,7 +163,7 @@ export class MessageBytes {
       }
     }
     if (this.failed) throw this.failed;
-    if (file) this.spool.noteWritten();
+    if (file) this.spool.noteWritten(file.openedAt);
     return { chunks: this.chunks, spooled: file && { file: file.path, bytes: file.bytes } };
   }
 
@@ -188,7 +189,7 @@ export class MessageBytes {
     }
     const stream = fs.createWriteStream(file, { mode: 0o600 });
     stream.on('error', (err) => this.fail(err));
-    this.file = { path: file, stream, bytes: 0, draining: false };
+    this.file = { path: file, stream, bytes: 0, draining: false, openedAt: performance.now() };
     return this.file;
   }
 

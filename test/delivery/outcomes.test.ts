@@ -308,6 +308,35 @@ describe('per-recipient outcomes', () => {
     assert.deepEqual(attempts(relay, id).map((a) => a.outcome), ['partial']);
   });
 
+  test('a follow-up transaction refused as a whole with a 5xx stops the message under continueOnError=false, as its batch would', async () => {
+    const upstream: ScriptedUpstream = await startScriptedUpstream({
+      onRcptTo(address, session, cb) {
+        if (session.envelope.rcptTo.length >= 2) return cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    upstream.dataReply = (t) => (t.to.includes('c@example.com') ? { code: 554, message: '5.7.1 Rejected as spam' } : undefined);
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 4, batchDelay: 0, continueOnError: false },
+      { startDelivery: false },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com', 'e@example.com', 'f@example.com']);
+    await relay.delivery.runOnce();
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.address, r.status, r.last_code]), [
+      ['a@example.com', 'delivered', 250],
+      ['b@example.com', 'delivered', 250],
+      ['c@example.com', 'failed', 554],
+      ['d@example.com', 'failed', 554],
+      ['e@example.com', 'failed', null],
+      ['f@example.com', 'failed', null],
+    ]);
+    assert.match(rows[4].last_reply!, /not attempted: batch 0 was refused permanently \(554 .*Rejected as spam\) and continueOnError is false/);
+    assert.equal(message(relay, id).state, 'failed');
+  });
+
   test('a failed message is logged as failed also when its export cannot be written', async () => {
     const { config } = await refusingUpstream();
     const log = capturedLog('info');

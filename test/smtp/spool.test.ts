@@ -313,3 +313,27 @@ test('a spool file shorter than the bytes counted into it: the insert fails and 
     await store.close();
   }
 });
+
+test('a spool file opened before a spool failure does not clear it: /health stays degraded until a newer one is written', async () => {
+  const relay = await startTestRelay({ spoolAfter: SPOOL_AFTER, maxMessageSize: 500_000 }, { startDelivery: false });
+  const status = async () => ((await (await createApp({ ...relay, getClientIp: () => '127.0.0.1' }).request('/health')).json()) as { status: string }).status;
+  const dir = Spool.dirFor(relay.config.databasePath);
+  try {
+    // A spools its message; then the directory goes, and B's spool file cannot be made
+    const a = await spoolingSession(relay, body(50_000));
+    fs.renameSync(dir, `${dir}.old`);
+    fs.writeFileSync(dir, 'not a directory');
+    await assert.rejects(sendMail(relay.smtpPort, { raw: body(50_000) }), (err: Error & { response?: string }) => /^451 /.test(err.response ?? ''));
+    assert.equal(await status(), 'degraded');
+    // A's file, opened before the failure, is written in full: that says nothing of the spool now
+    await a.send('.');
+    a.close();
+    assert.equal(await status(), 'degraded');
+    fs.rmSync(dir);
+    fs.renameSync(`${dir}.old`, dir);
+    assert.match((await sendMail(relay.smtpPort, { raw: body(50_000) })).response, /^250 /);
+    assert.equal(await status(), 'ok');
+  } finally {
+    await relay.stop();
+  }
+});
