@@ -2,8 +2,9 @@
 // (later wins). Pure: the caller reads the file and passes argv/env; errors are returned, all
 // of them at once, each naming the key and where the bad value came from.
 import fs from 'node:fs';
+import os from 'node:os';
 import { isAbsolute } from 'node:path';
-import { clientFilter, isLoopback, parseCidr } from '../access-control.js';
+import { clientFilter, isLoopback, normalizeIp, parseCidr } from '../access-control.js';
 import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, setPath } from './schema.js';
 
 export type Source = 'file' | 'env' | 'flag';
@@ -396,15 +397,18 @@ const SPREAD_ADDRESSES = [
 
 /**
  * Whether connecting to `host` reaches a listener on `listenHost` (the same port assumed): the
- * same host, `localhost` for a loopback listener, or this machine for one on every interface.
- * Another loopback address (127.0.0.2) reaches another listener.
+ * same host (however written: `LOCALHOST.`, `::ffff:127.0.0.1`), `localhost` and the loopback
+ * address it stands for, or this machine (its loopback addresses, its name) for a listener on
+ * every interface. Another loopback address (127.0.0.2) reaches another listener.
  */
 function reaches(host: string, listenHost: string): boolean {
-  const h = host.toLowerCase();
-  if (h === listenHost.toLowerCase()) return true;
+  const [h, l] = [host, listenHost].map((x) => normalizeIp(x.toLowerCase().replace(/\.$/, '')));
+  if (h === l) return true;
   // this machine, whatever its addresses
-  if (EVERY_INTERFACE.has(listenHost)) return h === 'localhost' || isLoopback(h) || EVERY_INTERFACE.has(h);
-  return h === 'localhost' && (listenHost === '127.0.0.1' || listenHost === '::1');
+  if (EVERY_INTERFACE.has(l)) return h === 'localhost' || isLoopback(h) || EVERY_INTERFACE.has(h) || h === os.hostname().toLowerCase();
+  // localhost is 127.0.0.1 or ::1, whichever it resolves to first
+  const loopback = (x: string) => x === 'localhost' || x === '127.0.0.1' || x === '::1';
+  return loopback(h) && loopback(l) && (h === 'localhost' || l === 'localhost');
 }
 
 /** Whether two listeners on one port would refuse each other. */

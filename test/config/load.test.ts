@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
@@ -265,6 +266,13 @@ describe('loadConfig', () => {
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '127.0.0.2', SMTP_PORT: '25', ...forward('127.0.0.1', '25') })), []);
     assert.deepEqual(keys(loadConfig([], forward('::1', '2525'))), []);
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::', SMTP_PORT: '25', ...forward('::1', '25') })), ['forwardPort']);
+    // other spellings of the same listener: localhost and its address, a final dot, an IPv4-mapped address, this machine's name
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: 'localhost', ...forward('127.0.0.1', '2525') })), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::1', ...forward('localhost', '2525') })), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], forward('LOCALHOST.', '2525'))), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], forward('::ffff:127.0.0.1', '2525'))), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward(os.hostname(), '25') })), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: 'localhost', ...forward('127.0.0.2', '2525') })), []);
 
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025'], {})), ['healthCheckPort']);
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--healthCheckHost', '0.0.0.0'], {})), ['healthCheckPort']);
