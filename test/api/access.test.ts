@@ -102,7 +102,7 @@ describe('API access: loopback, or a bearer token', () => {
     for (const headers of [{ host: 'localhost:8025' }, { host: '127.0.0.1' }, { host: '[::1]:8025' }, { origin: 'http://localhost:8025' }, {}] as Array<Record<string, string>>) {
       assert.equal((await loopback.request('/admin/messages', { headers })).status, 200, JSON.stringify(headers));
     }
-    for (const headers of [{ host: 'rebound.example:8025' }, { origin: 'https://evil.example' }, { origin: 'null' }, { host: '127.0.0.1.evil.example' }] as Array<Record<string, string>>) {
+    for (const headers of [{ host: 'rebound.example:8025' }, { origin: 'https://evil.example' }, { origin: 'null' }, { host: '127.0.0.1.evil.example' }, { host: 'notlocalhost:8025' }, { origin: 'http://evillocalhost' }] as Array<Record<string, string>>) {
       const res = await loopback.request('/admin/retry-failed', { method: 'POST', headers: { ...headers, 'content-type': 'text/plain' }, body: '{}' });
       assert.equal(res.status, 403, JSON.stringify(headers));
       const body = (await res.json()) as { error: string; message: string };

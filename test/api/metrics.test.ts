@@ -104,13 +104,24 @@ describe('GET /metrics', () => {
     const clock = new ManualClock();
     const port = await closedPort();
     const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, failedRetryInterval: 0, queueSize: 2 },
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, failedRetryInterval: 0, queueSize: 2, rateLimits: { enabled: true, maxPerHour: 1 } },
       relayOptions(clock),
     );
     try {
-      await sendMail(relay.smtpPort, { to: ['x@example.com'] });
-      await sendMail(relay.smtpPort, { to: ['y@example.com'] });
-      await assert.rejects(sendMail(relay.smtpPort), /452/);
+      await sendMail(relay.smtpPort, { from: 'a@example.com', to: ['x@example.com'] });
+      for (let i = 0; i < 2; i++) await assert.rejects(sendMail(relay.smtpPort, { from: 'a@example.com' }), /451/);
+      await sendMail(relay.smtpPort, { from: 'b@example.com', to: ['y@example.com'] });
+      await assert.rejects(sendMail(relay.smtpPort, { from: 'c@example.com' }), /452/);
+      // refusals are counted in a write of their own, after the reply
+      const prometheus = async () => (await (await fetch(`http://127.0.0.1:${relay.httpPort}/metrics?format=prometheus`)).text()).split('\n');
+      await waitFor(
+        async () => {
+          const text = await prometheus();
+          return text.includes('relayq_refusals_total{reason="rate_limit"} 2') && text.includes('relayq_refusals_total{reason="queue_full"} 1');
+        },
+        10_000,
+        'each refusal counted under its own reason',
+      );
       let m = (await call(relay, '/metrics')).body;
       assert.equal(m.deferred_emails, 0, 'never attempted yet');
       await relay.delivery.runOnce();

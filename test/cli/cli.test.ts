@@ -135,6 +135,11 @@ describe('relayq CLI on the database of a running relay', () => {
     const idsOf = (stdout: string) => stdout.split('\n').slice(1).filter((l) => /^[0-9A-F]{20} /.test(l)).map((l) => l.slice(0, 20));
     assert.equal(idsOf(next.stdout).length, 3);
     assert.deepEqual(idsOf(first.stdout).filter((id) => idsOf(next.stdout).includes(id)), [], 'the next page, not the first again');
+
+    // the next page keeps the filters
+    const filtered = await cli('queue', '--state', 'delivered', '--sender', 'app@example.com', '--limit', '1');
+    assert.equal(filtered.code, 0, filtered.stderr);
+    assert.match(filtered.stdout.trimEnd().split('\n').at(-1) ?? '', /^more: relayq queue .* --state delivered --sender app@example\.com --limit 1 --before \S+$/);
   });
 
   test('show prints envelope, recipients and attempts; export-failed writes the JSON copies', async () => {

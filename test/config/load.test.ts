@@ -290,6 +290,13 @@ describe('loadConfig', () => {
     assert.match(r.errors[0].message, /RETRY_INITIAL_DELAY: must be an integer/);
   });
 
+  test('an integer with anything after its digits is refused, not read as NaN or as a number in another notation', () => {
+    assert.deepEqual(errorMessages(loadConfig(['--workerCount', '1e3'], { SMTP_PORT: '25x' })), [
+      'SMTP_PORT: must be an integer, got "25x"',
+      '--workerCount: must be an integer, got "1e3"',
+    ]);
+  });
+
   test('the largest maxMessageSize, with room for the Received header, fits in one SQLite value', async () => {
     const store = await openStore(path.join(tempDir(), 'limit.db'));
     try {
@@ -564,12 +571,17 @@ describe('listen and upstream addresses as logged and recorded', () => {
         t.diagnostic('no IPv6 loopback here: only the upstream is checked');
       }
       const client = await SmtpClient.connect(relay.smtpPort, ipv6 ? '::1' : '127.0.0.1');
-      await client.read();
-      await client.send('EHLO client.test');
-      await client.send('MAIL FROM:<a@example.com>');
-      await client.send('RCPT TO:<b@example.com>');
-      await client.send('DATA');
-      assert.match(await client.send('Subject: v6\r\n\r\nbody\r\n.'), /^250 /);
+      // generous waits: other test files may be loading the machine
+      const say = (line: string) => {
+        client.write(`${line}\r\n`);
+        return client.read(30_000);
+      };
+      await client.read(30_000);
+      await say('EHLO client.test');
+      await say('MAIL FROM:<a@example.com>');
+      await say('RCPT TO:<b@example.com>');
+      await say('DATA');
+      assert.match(await say('Subject: v6\r\n\r\nbody\r\n.'), /^250 /);
       client.close();
       await relay.delivery.runOnce();
       const attempts = relay.store.sqlite.prepare('SELECT upstream, outcome FROM attempts').all();

@@ -92,6 +92,17 @@ describe('upstream connection pool', () => {
     assert.equal(opened.count, 2);
   });
 
+  test('421 to the final dot on a reused connection: deferred, not sent again at once (the upstream may have kept it)', async () => {
+    const { upstream, relay, opened, send } = await setup();
+    upstream.dataReply = (t) => (t.to.includes('two@example.com') ? { code: 421, message: '4.3.2 Service shutting down' } : undefined);
+    await send(['one@example.com']);
+    const second = await send(['two@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(recipients(relay, second).map((r) => [r.status, r.last_code]), [['pending', 421]]);
+    assert.equal(upstream.refused.length, 1, 'the message went to the upstream once');
+    assert.equal(opened.count, 1);
+  });
+
   test('421 to MAIL FROM on a reused connection: the batch goes out at once on a new connection', async () => {
     const transactions = new Map<string, number>();
     const { upstream, relay, opened, send } = await setup({
