@@ -311,7 +311,7 @@ describe('per-recipient outcomes', () => {
   test('a follow-up transaction refused as a whole with a 5xx stops the message under continueOnError=false, as its batch would', async () => {
     // this upstream says "too many recipients" with a 552, which is taken for a 452
     const upstream: ScriptedUpstream = await startScriptedUpstream({
-      onRcptTo(address, session, cb) {
+      onRcptTo(_address, session, cb) {
         if (session.envelope.rcptTo.length >= 2) return cb(Object.assign(new Error('5.5.3 Too many recipients'), { responseCode: 552 }));
         cb();
       },
