@@ -135,12 +135,16 @@ describe('loadConfig', () => {
   });
 
   test('requireAuth without credentials and allowLocalOnly=false is refused, saying how to fix it', () => {
-    const r = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false' });
-    assert.equal(r.ok, false);
-    if (r.ok) return;
-    assert.equal(r.errors.length, 1);
-    assert.match(r.errors[0].message, /DEFAULT_USERNAME and DEFAULT_PASSWORD/);
-    assert.match(r.errors[0].message, /open relay/);
+    // with TLS set too: STARTTLS would not make up for the missing credentials
+    for (const tls of [{}, { TLS_CERT: 'cert.pem', TLS_KEY: 'key.pem' }]) {
+      const r = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false', ...tls });
+      assert.equal(r.ok, false);
+      if (r.ok) return;
+      assert.equal(r.errors.length, 1);
+      assert.equal(r.errors[0].key, 'defaultUsername');
+      assert.match(r.errors[0].message, /DEFAULT_USERNAME and DEFAULT_PASSWORD/);
+      assert.match(r.errors[0].message, /open relay/);
+    }
   });
 
   test('inconsistent combinations come with the other errors, name the key to change and where the values came from', () => {
