@@ -35,13 +35,18 @@ export const MAX_MESSAGE_SIZE_LIMIT = 500 * 1024 * 1024;
 /** Labels of letters, digits, '-' and '_', a hyphen at neither end; a trailing dot allowed. */
 const HOST_NAME = /^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$/;
 
+/** An IP address or a host name in ASCII: no brackets, no port. */
+function isHost(host: string): boolean {
+  return net.isIP(host) !== 0 || HOST_NAME.test(host);
+}
+
 /**
  * A listen address must be given: Node would take an empty one (an unset `${VAR}` in compose) as
  * every interface. 0.0.0.0 or :: says that on purpose. Not Postfix's `[::1]` (Node would look it
  * up as a name), nor `host:port` (the port has its own key).
  */
 const LISTEN_ADDRESS = {
-  match: { test: (host: string) => net.isIP(host) !== 0 || HOST_NAME.test(host) },
+  match: { test: isHost },
   what: 'an IP address or host name, without [brackets] or a port (0.0.0.0 or :: for every interface)',
 };
 
@@ -51,7 +56,7 @@ const LISTEN_ADDRESS = {
  * deferred (as would a name in Unicode: the lookup takes its xn-- form). Empty: not forwarding.
  */
 const UPSTREAM_HOST = {
-  match: { test: (host: string) => host === '' || net.isIP(host) !== 0 || HOST_NAME.test(host) },
+  match: { test: (host: string) => host === '' || isHost(host) },
   what: 'a host name (xn-- for an internationalized one) or an IP address, without a port (that is forwardPort) or [brackets]',
 };
 
