@@ -1,5 +1,6 @@
 // The clock every component reads. Production uses the system clock; tests inject one they
-// can move, so that backoff, leases, rate windows and retention run without sleeping.
+// can move, so that backoff, leases, rate windows and retention run without sleeping. And a
+// failure remembered for a while on the monotonic clock, for /health.
 export interface Clock {
   now(): number;
 }
@@ -21,5 +22,28 @@ export class ManualClock implements Clock {
   }
   set(ms: number): void {
     this.t = ms;
+  }
+}
+
+/**
+ * The last failure of something (a write refused for lack of room, a spool file), remembered for
+ * /health until something shows it is over. Timed on the monotonic clock (performance.now()),
+ * which a stepped wall clock does not move.
+ */
+export class RecentFailure {
+  private last: { at: number; message: string } | undefined;
+
+  note(message: string): void {
+    this.last = { at: performance.now(), message };
+  }
+
+  /** It is over, unless it happened after `startedAt` (performance.now()): what began before it says nothing of it. */
+  clear(startedAt = Number.POSITIVE_INFINITY): void {
+    if (this.last && this.last.at < startedAt) this.last = undefined;
+  }
+
+  /** Its message, if it happened less than `ms` ago. */
+  within(ms: number): string | undefined {
+    return this.last && performance.now() - this.last.at < ms ? this.last.message : undefined;
   }
 }

@@ -9,14 +9,15 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { finished } from 'node:stream/promises';
+import { RecentFailure } from '../clock.js';
 
 /** The spool directory cannot be emptied at start: a problem of databasePath, not of the listener. */
 export class SpoolError extends Error {}
 
 export class Spool {
   private seq = 0;
-  /** The last spool file that could not be made or written (performance.now()), unless one was written since. */
-  private failure: { at: number; message: string } | undefined;
+  /** The last spool file that could not be made or written, unless one was written since. */
+  private readonly failure = new RecentFailure();
 
   /** `after` 0: every message stays in memory. */
   constructor(
@@ -33,16 +34,16 @@ export class Spool {
    * and none has been written in full since (for /health).
    */
   fault(withinMs: number): string | undefined {
-    return this.failure && performance.now() - this.failure.at <= withinMs ? this.failure.message : undefined;
+    return this.failure.within(withinMs);
   }
 
   noteFailure(err: Error): void {
-    this.failure = { at: performance.now(), message: err.message };
+    this.failure.note(err.message);
   }
 
   /** A spool file opened at `openedAt` (performance.now()) was written in full: one opened before a failure says nothing of it. */
   noteWritten(openedAt: number): void {
-    if (this.failure && openedAt > this.failure.at) this.failure = undefined;
+    this.failure.clear(openedAt);
   }
 
   /**

@@ -3,6 +3,7 @@
 // promise settles only after COMMIT returned on the writer's connection (synchronous=FULL), so a
 // `250` sent from `.then()` is sent after the fsync.
 import { Worker } from 'node:worker_threads';
+import { RecentFailure } from '../clock.js';
 import { PolicyRefusal } from './intake.js';
 import type { WriteOpArgs, WriteOpName, WriteOpResult } from './write-ops.js';
 import type { SerializedError, WriterReply, WriterRequest, WriterThreadOptions } from './writer-thread.js';
@@ -37,11 +38,8 @@ export class StoreWriter {
   onFailed: (err: Error) => void = () => {};
   /** Writes completed and transactions committed so far (for tests and the benchmark). */
   readonly stats = { writes: 0, commits: 0 };
-  /**
-   * The last write refused as STORAGE_FULL, until a message is stored again (at: performance.now(),
-   * which a stepped wall clock does not move).
-   */
-  private fault: { at: number; message: string } | undefined;
+  /** The last write refused as STORAGE_FULL, until a message is stored again. */
+  private readonly fault = new RecentFailure();
 
   /** Writes sent and not yet answered (for tests). */
   get waiting(): number {
@@ -65,7 +63,7 @@ export class StoreWriter {
    * outcome are small writes that may still fit where a message no longer does.
    */
   storageFault(withinMs: number): string | undefined {
-    return this.fault && performance.now() - this.fault.at < withinMs ? this.fault.message : undefined;
+    return this.fault.within(withinMs);
   }
 
   /**
@@ -132,10 +130,10 @@ export class StoreWriter {
       this.stats.writes++;
       this.stats.commits = Math.max(this.stats.commits, reply.commits);
       if (reply.ok) {
-        if (p.op === 'insertMessage') this.fault = undefined;
+        if (p.op === 'insertMessage') this.fault.clear();
         p.resolve(reply.value);
       } else {
-        if (reply.error.code === STORAGE_FULL) this.fault = { at: performance.now(), message: reply.error.message };
+        if (reply.error.code === STORAGE_FULL) this.fault.note(reply.error.message);
         p.reject(revive(reply.error));
       }
     }
