@@ -19,7 +19,6 @@ import { SmtpIntake } from './smtp/intake.js';
 import { SpoolError } from './smtp/spool.js';
 import { openStore, type Store } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
-import { limitWalSize } from './store/maintenance.js';
 import { RetentionSweeper } from './store/retention.js';
 import { StoreWriter } from './store/writer.js';
 
@@ -113,7 +112,6 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   if (store.migrated.names.length > 0) {
     logger.info({ event: 'store.migrated', migrations: store.migrated.names, durationMs: store.migrated.durationMs }, 'schema migrations applied');
   }
-  limitWalSize(store.sqlite);
   warnIfShared(config.databasePath, logger);
   // The main thread's connection only reads; the writer thread owns every write.
   const commits = new StoreWriter({ file: config.databasePath, secureDelete: !config.security.logAllEmails });

@@ -12,8 +12,8 @@ import { claimDueBatches, completeBatch } from '../../src/store/delivery.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { deleteDeliveredBefore } from '../../src/store/retention.js';
-import { capturedLog, sendMail, startTestRelay, startUpstream, tempDir } from '../helpers.js';
 import { runCli } from '../cli/run-cli.js';
+import { capturedLog, sendMail, startTestRelay, startUpstream, tempDir } from '../helpers.js';
 
 const POLICY = {
   rateLimits: { enabled: false, maxPerHour: 500, maxPerDay: 2000, globalMaxPerHour: 1000, globalMaxPerDay: 5000 },
@@ -211,4 +211,26 @@ test('CLI commands that read refuse a database the migration has not reached yet
   assert.equal(r.code, 1, r.stdout);
   assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, 007_upstream_failures, 008_processing_time_floor: run `relayq migrate`/);
   assert.equal(fs.existsSync(exports), false);
+});
+
+test('a WAL grown past 16 MiB under a long reader is cut back to 16 MiB once the reader is gone', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const file = relay.config.databasePath;
+  const wal = () => fs.statSync(`${file}-wal`).size;
+  const reader = new Database(file, { readonly: true });
+  try {
+    // a backup or a sqlite3 shell in the middle of its read: no checkpoint may pass its snapshot
+    reader.prepare('BEGIN').run();
+    reader.prepare('SELECT count(*) FROM messages').get();
+    const text = 'x'.repeat(1024 * 1024);
+    for (let i = 0; i < 20; i++) await sendMail(relay.smtpPort, { text });
+    assert.ok(wal() > 20 * 1024 * 1024, `control: the WAL grew (${wal()} bytes)`);
+    reader.prepare('COMMIT').run();
+    // the next commits checkpoint it all, then start the WAL over and cut the file back
+    for (let i = 0; i < 5 && wal() > 16 * 1024 * 1024; i++) await sendMail(relay.smtpPort);
+    assert.ok(wal() <= 16 * 1024 * 1024, `the WAL is ${wal()} bytes`);
+  } finally {
+    reader.close();
+    await relay.stop();
+  }
 });

@@ -1,11 +1,13 @@
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { writeFileAtomic } from '../../src/delivery/atomic-file.js';
 import { backupDatabase } from '../../src/store/backup.js';
-import { capturedLog, sendMail, startTestRelay, tempDir } from '../helpers.js';
+import { openReadOnly } from '../../src/store/maintenance.js';
+import { capturedLog, REPO_ROOT, sendMail, startTestRelay, tempDir } from '../helpers.js';
 
 /** Delivers a few messages carrying `marker` (one small, two spanning overflow pages), then stops. */
 async function deliverAndStop(logAllEmails: boolean, marker: string) {
@@ -60,6 +62,63 @@ test('logAllEmails=false: content already checkpointed into the database file is
     const deadline = Date.now() + 15_000;
     while (holders().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
     assert.deepEqual(holders(), [], 'neither the database file nor the WAL holds the content');
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('logAllEmails=false: a reader holding an old snapshot delays the erasure of checkpointed content; it happens once the reader is gone, with no commit after it', async () => {
+  const marker = `PRIVATE-${crypto.randomBytes(8).toString('hex')}`;
+  const relay = await startTestRelay({ security: { logAllEmails: false } }, { startDelivery: false, startRetention: false });
+  const reader = openReadOnly(relay.config.databasePath);
+  try {
+    await sendMail(relay.smtpPort, { text: `${marker}\n${'e'.repeat(10_000)}`, subject: 'private' });
+    await relay.commits.pragma('wal_checkpoint(TRUNCATE)');
+    const file = relay.config.databasePath;
+    const holders = () => [file, `${file}-wal`].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(marker) >= 0);
+    // a CLI command or a backup in the middle of its read: the checkpoint may not copy past its snapshot
+    reader.prepare('BEGIN').run();
+    reader.prepare('SELECT count(*) FROM messages').get();
+    await relay.delivery.runOnce();
+    await new Promise((r) => setTimeout(r, 2500)); // past the first truncation, and its first retry
+    assert.deepEqual(holders(), [file], 'control: the reader keeps the checkpoint from overwriting the file');
+    reader.prepare('COMMIT').run();
+    const deadline = Date.now() + 15_000;
+    while (holders().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(holders(), [], 'the truncation was tried again after the reader left');
+  } finally {
+    reader.close();
+    await relay.stop();
+  }
+});
+
+test('logAllEmails=false: an erasure a kill -9 left in the WAL reaches the database file after the next start, with no commit of its own', async () => {
+  const marker = `PRIVATE-${crypto.randomBytes(8).toString('hex')}`;
+  const first = await startTestRelay({ security: { logAllEmails: false } }, { startDelivery: false, startRetention: false });
+  const file = first.config.databasePath;
+  await sendMail(first.smtpPort, { text: `${marker}\n${'f'.repeat(10_000)}`, subject: 'private' });
+  await first.stop(); // checkpoints: the content is in the database file
+  // a process erases it as a delivery does, and is killed before any checkpoint
+  const erase = spawnSync(
+    process.execPath,
+    [
+      '-e',
+      `const db = require('better-sqlite3')(process.argv[1]);
+       db.pragma('secure_delete = ON');
+       db.exec('UPDATE messages SET body_id = NULL; DELETE FROM message_bodies;');
+       process.kill(process.pid, 'SIGKILL');`,
+      file,
+    ],
+    { cwd: REPO_ROOT },
+  );
+  assert.equal(erase.signal, 'SIGKILL', String(erase.stderr));
+  const holders = () => [file, `${file}-wal`].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(marker) >= 0);
+  assert.deepEqual(holders(), [file], 'control: the erasure is in the WAL only');
+  const relay = await startTestRelay({ databasePath: file, security: { logAllEmails: false } }, { startDelivery: false, startRetention: false });
+  try {
+    const deadline = Date.now() + 15_000;
+    while (holders().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(holders(), [], 'the start checkpointed the erasure into the file');
   } finally {
     await relay.stop();
   }
