@@ -69,7 +69,7 @@ function positiveInt(value: string): number {
   return Number(value);
 }
 
-function messageState(value: string): MessageState {
+function parseStateOption(value: string): MessageState {
   if (!MESSAGE_STATES.includes(value as MessageState)) throw new InvalidArgumentError(`must be one of ${MESSAGE_STATES.join(', ')}`);
   return value as MessageState;
 }
@@ -79,7 +79,7 @@ operatorCommand('status', 'queue counts, lifetime totals (the numbers /metrics r
 );
 
 operatorCommand('queue', 'list messages, newest first')
-  .option('--state <state>', `only messages in this state (${MESSAGE_STATES.join(', ')})`, messageState)
+  .option('--state <state>', `only messages in this state (${MESSAGE_STATES.join(', ')})`, parseStateOption)
   .option('--sender <address>', 'only mail from this envelope sender (case-insensitive; "" = the null sender)')
   .option('--recipient <address>', 'only mail to this recipient')
   .option('--limit <n>', 'at most this many messages', positiveInt, 50)

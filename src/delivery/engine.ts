@@ -10,6 +10,7 @@ import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import type { Sqlite } from '../store/db.js';
+import type { RecipientStatus } from '../store/schema.js';
 import {
   type BatchCompletion,
   type ClaimedBatch,
@@ -23,7 +24,7 @@ import {
 } from '../store/delivery.js';
 import type { StoreWriter } from '../store/writer.js';
 import { exportFailedMessage, failedExportDir, removeFailedExport } from './failed-export.js';
-import { InFlowGate } from './in-flow.js';
+import { InFlowGate, inFlowBacklogLimit } from './in-flow.js';
 import { exportMissingFailures, type LeftoversContext, removeDeliveredExports, sweepCrashTempFiles } from './leftovers.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
 import { type BatchResult, planCompletion, upstreamVerdict } from './outcomes.js';
@@ -46,7 +47,7 @@ export interface DeliveryDeps {
   upstreamAddress?: (socketAddress: string) => string;
   /** Deadline of one attempt; default: the lease minus 10 % (at least 1 s before it ends). */
   attemptTimeoutMs?: number;
-  /** A temp file this old was left by a crash; younger ones may be another process's (default 60 s). */
+  /** Test hook: the age from which a temp file counts as a crash's (default TEMP_FILE_MIN_AGE_MS). */
   tempFileMinAgeMs?: number;
 }
 
@@ -104,14 +105,6 @@ const TEMP_FILE_MIN_AGE_MS = 60_000;
 /** A failed commit of an outcome is tried again after this long, doubling up to the maximum. */
 const OUTCOME_RETRY_FIRST_MS = 100;
 const OUTCOME_RETRY_MAX_MS = 5000;
-/**
- * inFlowDelay: intake waits while this many due messages wait for a worker: 100 per worker, at
- * most 10,000 (the poll counts up to that many index entries) and at most half of queueSize (so
- * that pacing starts well before the queue is full and refuses mail).
- */
-export function inFlowBacklogLimit(workerCount: number, queueSize: number): number {
-  return Math.min(workerCount * 100, 10_000, queueSize > 0 ? Math.max(1, Math.floor(queueSize / 2)) : Number.POSITIVE_INFINITY);
-}
 /** Pacing is logged at most this often. */
 const PACING_LOG_MS = 60_000;
 
@@ -436,7 +429,7 @@ export class DeliveryEngine {
       this.log.info({ queueId, event: 'delivery.attempt_released', batch: claim.batch }, 'attempt aborted after its claim was released at shutdown');
       return undefined;
     }
-    this.noteHealth(result);
+    this.noteUpstreamVerdict(result);
     const completion = planCompletion(claim, result, {
       now: clock.now(),
       startedAt,
@@ -468,7 +461,7 @@ export class DeliveryEngine {
       this.active.delete(claim.token);
     }
     const counts = { delivered: 0, failed: 0, deferred: 0 };
-    for (const r of completion.recipients) counts[r.status === 'pending' ? 'deferred' : r.status]++;
+    for (const r of completion.recipients) counts[loggedStatus(r.status)]++;
     const line = {
       queueId,
       event: 'delivery.attempt',
@@ -650,7 +643,8 @@ export class DeliveryEngine {
     this.pacingLogged = { at: now, delayed, timedOut };
   }
 
-  private noteHealth(result: BatchResult): void {
+  /** What /health says of the upstream: the last success, the last failure, the failures in a row. */
+  private noteUpstreamVerdict(result: BatchResult): void {
     const now = this.deps.clock.now();
     const verdict = upstreamVerdict(result);
     if (verdict === 'delivered') this.stats.lastSuccessAt = now;
@@ -667,6 +661,11 @@ export class DeliveryEngine {
   }
 }
 
+/** A recipient still pending after an attempt was deferred by it: the log says so. */
+function loggedStatus(status: RecipientStatus): 'deferred' | 'delivered' | 'failed' {
+  return status === 'pending' ? 'deferred' : status;
+}
+
 /** Recipients the log lists at most per attempt line (its counts give them all). */
 const MAX_LOGGED_RECIPIENTS = 10;
 
@@ -676,6 +675,6 @@ function notDelivered(claim: ClaimedBatch, completion: BatchCompletion, reply: s
   const own = completion.recipients
     .filter((r) => r.status !== 'delivered' && r.reply !== reply)
     .slice(0, MAX_LOGGED_RECIPIENTS)
-    .map((r) => ({ to: addresses.get(r.seq), status: r.status === 'pending' ? 'deferred' : r.status, reply: r.reply }));
+    .map((r) => ({ to: addresses.get(r.seq), status: loggedStatus(r.status), reply: r.reply }));
   return own.length ? { notDelivered: own } : {};
 }

@@ -69,7 +69,7 @@ const BASE64_SLICE = 3 * 64 * 1024;
  * the message's base64 a slice at a time. As one string, and then inside the whole document's,
  * a large message took about five times its size in the heap for each export being written.
  */
-export function* failedExportText(document: Record<string, unknown>, raw: Buffer | null): Generator<string> {
+function* failedExportText(document: Record<string, unknown>, raw: Buffer | null): Generator<string> {
   const head = JSON.stringify(document, null, 2);
   yield head.slice(0, head.lastIndexOf('\n}'));
   if (!raw) {
@@ -100,7 +100,7 @@ export async function exportFailedMessage(sqlite: Sqlite, directory: string, id:
   return file;
 }
 
-/** A message that was failed and got delivered after a retry: its export is no longer true. */
+/** Removes the export of a failed message that was delivered since, or deleted; false when it had none. */
 export async function removeFailedExport(emailsDir: string, id: string): Promise<boolean> {
   try {
     await fs.unlink(failedExportPath(emailsDir, id));

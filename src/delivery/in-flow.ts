@@ -19,13 +19,22 @@ export interface InFlowStats {
   waiting: number;
 }
 
+/**
+ * inFlowDelay: intake waits while this many due messages wait for a worker: 100 per worker, at
+ * most 10,000 (the poll counts up to that many index entries) and at most half of queueSize (so
+ * that pacing starts well before the queue is full and refuses mail).
+ */
+export function inFlowBacklogLimit(workerCount: number, queueSize: number): number {
+  return Math.min(workerCount * 100, 10_000, queueSize > 0 ? Math.max(1, Math.floor(queueSize / 2)) : Number.POSITIVE_INFINITY);
+}
+
 interface Waiter {
   admit: () => void;
   timer: NodeJS.Timeout;
 }
 
 /** A MAIL's wait. `cancel()` when its session closes: it gives up its place and never settles. */
-export type InFlowWait = Promise<void> & { cancel(): void };
+type InFlowWait = Promise<void> & { cancel(): void };
 
 export class InFlowGate {
   private backlog = 0;

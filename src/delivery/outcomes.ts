@@ -114,6 +114,13 @@ function addressOf(entry: unknown): string {
   return String(entry);
 }
 
+/** Each refused recipient's refusal, by address. */
+function rcptRefusals(refusals: NodemailerInfo['rejectedErrors']): Map<string, ErrorClass> {
+  const byRecipient = new Map<string, ErrorClass>();
+  for (const r of refusals ?? []) if (r.recipient) byRecipient.set(r.recipient, classifyRcptRefusal(r));
+  return byRecipient;
+}
+
 /**
  * Per-recipient results of a nodemailer send, in batch order. `rcpts` are the addresses as they
  * were written in the RCPT commands (domain lower-cased and punycoded), the form the `accepted` /
@@ -123,8 +130,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
   if ('info' in outcome) {
     const { info } = outcome;
     const accepted = new Set((info.accepted ?? []).map(addressOf));
-    const rejections = new Map<string, ErrorClass>();
-    for (const r of info.rejectedErrors ?? []) if (r.recipient) rejections.set(r.recipient, classifyRcptRefusal(r));
+    const rejections = rcptRefusals(info.rejectedErrors);
     const rejected = new Set((info.rejected ?? []).map(addressOf));
     const response = shortReply((info.response ?? '').trim());
     const code = replyCode(response);
@@ -140,8 +146,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
   }
   const error = outcome.error as { rejectedErrors?: NodemailerInfo['rejectedErrors'] };
   const whole = classifyUpstreamError(outcome.error);
-  const perRecipient = new Map<string, ErrorClass>();
-  for (const r of error?.rejectedErrors ?? []) if (r.recipient) perRecipient.set(r.recipient, classifyRcptRefusal(r));
+  const perRecipient = rcptRefusals(error?.rejectedErrors);
   const recipients = rcpts.map((key): RecipientResult => {
     const own = perRecipient.get(key) ?? whole;
     return { verdict: own.temporary ? 'deferred' : 'failed', code: own.code, reply: own.reply };
@@ -208,12 +213,13 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     }
     const reason = giveUpReason(r.attempts, claim.receivedAt, now, ctx.retry);
     if (reason) {
-      lastProblem = lastFailure = `${r.address}: ${describeGiveUp(reason, r.attempts, ctx.retry)}; last reply: ${text}`;
+      const gaveUp = describeGiveUp(reason, r.attempts, ctx.retry);
+      lastProblem = lastFailure = `${r.address}: ${gaveUp}; last reply: ${text}`;
       return {
         seq: r.seq,
         status: 'failed',
         code: res.code,
-        reply: `${res.reply} (${describeGiveUp(reason, r.attempts, ctx.retry)})`,
+        reply: `${res.reply} (${gaveUp})`,
         temporary: true,
         nextAttemptAt: now,
       };

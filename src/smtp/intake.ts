@@ -390,9 +390,9 @@ export class SmtpIntake {
     if (ok && failed === 0) return cb(null, { user: auth.username });
     const replyInMs = failed > 0 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** failed, AUTH_FAILURE_MAX_DELAY_MS) : 0;
     // Counted as a failure until its answer is given: a guesser that hung up must not learn from
-    // how fast its next guess is answered that this one was right.
-    // re-inserted, so that the Map's order is the order of the last failures: at the limit the
-    // client that failed longest ago is forgotten, never the one being slowed down now
+    // how fast its next guess is answered that this one was right. Re-inserted, so that the Map's
+    // order is the order of the last failures: at the limit the client that failed longest ago is
+    // forgotten, never the one being slowed down now.
     this.authFailures.delete(client);
     this.authFailures.set(client, { count: failed + 1, at: now });
     if (this.authFailures.size > MAX_AUTH_CLIENTS) this.authFailures.delete(this.authFailures.keys().next().value as string);
@@ -502,7 +502,7 @@ export class SmtpIntake {
       // while a spooled message's last bytes are still being written, before its commit begins
       const committing: Promise<void> = body
         .finish()
-        .then((received) => this.store(session, queueId, received, done))
+        .then((received) => this.commitAndAnswer(session, queueId, received, done))
         .catch((err: Error) => {
           log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: err.message }, 'storing the message failed');
           done(notStored());
@@ -518,7 +518,7 @@ export class SmtpIntake {
    * Commits the message; `cb` (which removes its spool file) runs once the write has settled.
    * Resolves when the client has been answered.
    */
-  private async store(session: SMTPServerSession, queueId: string, received: ReceivedBytes, cb: (err?: Error | null, message?: string) => void): Promise<void> {
+  private async commitAndAnswer(session: SMTPServerSession, queueId: string, received: ReceivedBytes, cb: (err?: Error | null, message?: string) => void): Promise<void> {
     if (this.graceOver) return cb(shuttingDown());
     const { config, clock, commits } = this.deps;
     const log = this.deps.logger;

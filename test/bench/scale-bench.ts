@@ -8,7 +8,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { migrations } from '../../migrations/index.js';
-import { inFlowBacklogLimit } from '../../src/delivery/engine.js';
+import { inFlowBacklogLimit } from '../../src/delivery/in-flow.js';
 import { openStore } from '../../src/store/db.js';
 import { claimDueBatches, countDueQueued, findTemporaryFailures, hasDueWork } from '../../src/store/delivery.js';
 import { checkRateLimits, isQueueFull, rateWindows } from '../../src/store/intake.js';

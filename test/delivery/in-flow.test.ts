@@ -4,8 +4,7 @@
 import assert from 'node:assert/strict';
 import { describe, type TestContext, test } from 'node:test';
 import { createApp } from '../../src/api/app.js';
-import { inFlowBacklogLimit } from '../../src/delivery/engine.js';
-import { InFlowGate } from '../../src/delivery/in-flow.js';
+import { InFlowGate, inFlowBacklogLimit } from '../../src/delivery/in-flow.js';
 import type { Relay } from '../../src/main.js';
 import type { Logger } from 'pino';
 import { capturedLog, SmtpClient, startTestRelay, startUpstream, waitFor } from '../helpers.js';
