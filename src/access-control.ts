@@ -43,8 +43,11 @@ export function clientFilter(policy: ClientPolicy): (address: string | undefined
   };
 }
 
-/** "10.0.0.0/8" → parts, or undefined when malformed. */
-export function parseCidr(cidr: string): { address: string; bits: number; family: 4 | 6 } | undefined {
+/**
+ * "10.0.0.0/8" → parts, or undefined when malformed. `network` is the address with its host bits
+ * cleared (what the entry admits), `hostBits` whether the address had any set (`10.0.0.1/8`).
+ */
+export function parseCidr(cidr: string): { address: string; bits: number; family: 4 | 6; network: string; hostBits: boolean } | undefined {
   const [address, bitsText, extra] = cidr.split('/');
   if (extra !== undefined) return undefined;
   const family = net.isIP(address);
@@ -52,7 +55,30 @@ export function parseCidr(cidr: string): { address: string; bits: number; family
   const maxBits = family === 4 ? 32 : 128;
   const bits = bitsText === undefined ? maxBits : Number(bitsText);
   if (!Number.isInteger(bits) || bits < 0 || bits > maxBits || (bitsText !== undefined && !/^\d+$/.test(bitsText))) return undefined;
-  return { address, bits, family: family as 4 | 6 };
+  const groups = family === 4 ? address.split('.').map(Number) : ipv6Groups(address);
+  const groupBits = family === 4 ? 8n : 16n;
+  const value = groups.reduce((n, group) => (n << groupBits) | BigInt(group), 0n);
+  const hostMask = (1n << BigInt(maxBits - bits)) - 1n;
+  const masked = value & ~hostMask;
+  const maskedGroups = groups.map((_, i) => Number((masked >> (groupBits * BigInt(groups.length - 1 - i))) & ((1n << groupBits) - 1n)));
+  const network =
+    family === 4 ? maskedGroups.join('.') : new net.SocketAddress({ address: maskedGroups.map((g) => g.toString(16)).join(':'), family: 'ipv6' }).address;
+  return { address, bits, family: family as 4 | 6, network, hostBits: (value & hostMask) !== 0n };
+}
+
+/** The eight 16-bit groups of an IPv6 address ("::1", "::ffff:1.2.3.4", "fe80::1%eth0"). */
+function ipv6Groups(address: string): number[] {
+  let text = address.replace(/%.*$/, '');
+  const ipv4 = /(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(text);
+  if (ipv4) {
+    const [a, b, c, d] = ipv4.slice(1).map(Number);
+    text = `${text.slice(0, ipv4.index)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
+  }
+  const [head, tail] = text.split('::');
+  const parse = (part: string | undefined) => (part ? part.split(':').map((g) => Number.parseInt(g, 16)) : []);
+  if (tail === undefined) return parse(head);
+  const [before, after] = [parse(head), parse(tail)];
+  return [...before, ...Array<number>(8 - before.length - after.length).fill(0), ...after];
 }
 
 /** A secret compared in constant time (hashed first, so that the lengths may differ). */

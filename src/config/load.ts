@@ -100,7 +100,7 @@ function describeJsonError(err: Error, text: string): string {
 }
 
 /** Which config file to read: `--config`, else RELAYQ_CONFIG, else ./config.json if it exists. */
-export function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv, cwd = process.cwd()): string | undefined {
+function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv, cwd = process.cwd()): string | undefined {
   const { configPath } = parseFlags(argv);
   if (configPath !== undefined) return configPath;
   if (env.RELAYQ_CONFIG) return env.RELAYQ_CONFIG;
@@ -149,15 +149,16 @@ export function loadConfig(
     }
   }
 
+  /** A value given as text (environment, flag): parsed for its key, and set or refused. */
+  const applyText = (key: KeyDef, raw: string, source: 'env' | 'flag', label: string) => {
+    const value = parseString(key, raw);
+    if ('error' in value) return errors.push({ key: key.path, source, message: `${label}: ${value.error}` });
+    setPath(config, key.path, value.value);
+    origins.set(key.path, source);
+  };
   for (const key of CONFIG_KEYS) {
     const raw = env[envName(key.path)];
-    if (raw === undefined) continue;
-    const value = parseString(key, raw);
-    if ('error' in value) errors.push({ key: key.path, source: 'env', message: `${envName(key.path)}: ${value.error}` });
-    else {
-      setPath(config, key.path, value.value);
-      origins.set(key.path, 'env');
-    }
+    if (raw !== undefined) applyText(key, raw, 'env', envName(key.path));
   }
 
   const flags = parseFlags(argv);
@@ -165,15 +166,7 @@ export function loadConfig(
     errors.push({ key: arg, source: 'flag', message: arg.startsWith('--') ? `unknown option ${arg}` : `unexpected argument: ${arg}` });
   }
   for (const name of flags.missing) errors.push({ key: name, source: 'flag', message: `--${name} needs a value` });
-  for (const [path, raw] of flags.values) {
-    const key = KEYS_BY_PATH.get(path) as KeyDef;
-    const value = parseString(key, raw);
-    if ('error' in value) errors.push({ key: path, source: 'flag', message: `--${path}: ${value.error}` });
-    else {
-      setPath(config, path, value.value);
-      origins.set(path, 'flag');
-    }
-  }
+  for (const [path, raw] of flags.values) applyText(KEYS_BY_PATH.get(path) as KeyDef, raw, 'flag', `--${path}`);
 
   const typed = config as unknown as Config;
   const warnings: string[] = [];
@@ -285,22 +278,14 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
   if (c.forwardSMTP && !c.forwardHost) {
     fail('forwardHost', ['forwardSMTP', 'forwardHost'], 'forwardHost is required when forwardSMTP is true');
   }
-  if (c.forwardSMTP && (c.forwardUsername === '') !== (c.forwardPassword === '')) {
-    // one without the other would log in with an empty password, or drop the one given
-    fail(
-      c.forwardUsername ? 'forwardPassword' : 'forwardUsername',
-      ['forwardUsername', 'forwardPassword'],
-      'forwardUsername and forwardPassword must be set together (leave both empty for no upstream AUTH)',
-    );
-  }
-  if ((c.defaultUsername === '') !== (c.defaultPassword === '')) {
-    // one without the other turns SMTP AUTH off (an unset variable in a compose file, say)
-    fail(
-      c.defaultUsername ? 'defaultPassword' : 'defaultUsername',
-      ['defaultUsername', 'defaultPassword'],
-      'defaultUsername and defaultPassword must be set together (leave both empty for no SMTP AUTH)',
-    );
-  }
+  /** Two keys given both or neither: the error names the one missing. */
+  const together = (a: string, b: string, aValue: string, bValue: string, hint = '') => {
+    if ((aValue === '') !== (bValue === '')) fail(aValue ? b : a, [a, b], `${a} and ${b} must be set together${hint}`);
+  };
+  // one without the other would log in with an empty password, or drop the one given
+  if (c.forwardSMTP) together('forwardUsername', 'forwardPassword', c.forwardUsername, c.forwardPassword, ' (leave both empty for no upstream AUTH)');
+  // one without the other turns SMTP AUTH off (an unset variable in a compose file, say)
+  together('defaultUsername', 'defaultPassword', c.defaultUsername, c.defaultPassword, ' (leave both empty for no SMTP AUTH)');
   if (c.forwardSMTP && c.forwardPort === c.smtpPort && reaches(c.forwardHost, c.smtpHost)) {
     fail(
       'forwardPort',
@@ -311,14 +296,7 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
   if (c.enableHealthCheck && c.smtpPort !== 0 && c.smtpPort === c.healthCheckPort && clash(c.healthCheckHost, c.smtpHost)) {
     fail('healthCheckPort', ['smtpPort', 'healthCheckPort'], 'smtpPort and healthCheckPort must differ: SMTP and the HTTP API cannot listen on one port');
   }
-  if ((c.tls.cert === '') !== (c.tls.key === '')) {
-    fail(c.tls.cert ? 'tls.key' : 'tls.cert', ['tls.cert', 'tls.key'], 'tls.cert and tls.key must be set together');
-  }
-  for (const cidr of c.security.allowedNetworks) {
-    if (!parseCidr(cidr)) {
-      fail('security.allowedNetworks', ['security.allowedNetworks'], `security.allowedNetworks: "${cidr}" is not a CIDR (e.g. 10.0.0.0/8)`);
-    }
-  }
+  together('tls.cert', 'tls.key', c.tls.cert, c.tls.key);
   if (c.rateLimits.maxPerHour > c.rateLimits.maxPerDay) {
     fail('rateLimits.maxPerHour', ['rateLimits.maxPerHour', 'rateLimits.maxPerDay'], 'rateLimits.maxPerHour must not exceed rateLimits.maxPerDay');
   }
@@ -337,6 +315,22 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
     warnings.push(
       `inFlowDelay is in milliseconds: ${c.inFlowDelay} ms hardly slows intake while delivery is behind; Postfix's in_flow_delay = 1s is inFlowDelay 1000`,
     );
+  }
+  checkAccessPolicy(c, fail, warnings);
+}
+
+/** Who may send: never everyone without AUTH (an open relay), and AUTH only where it can work. */
+function checkAccessPolicy(c: Config, fail: (key: string, involved: string[], message: string) => void, warnings: string[]) {
+  for (const cidr of c.security.allowedNetworks) {
+    const parsed = parseCidr(cidr);
+    if (!parsed) {
+      fail('security.allowedNetworks', ['security.allowedNetworks'], `security.allowedNetworks: "${cidr}" is not a CIDR (e.g. 10.0.0.0/8)`);
+    } else if (parsed.hostBits) {
+      // as Postfix warns of mynetworks: a host's address with a network's prefix length admits the whole network
+      warnings.push(
+        `security.allowedNetworks: "${cidr}" has host bits set: it admits all of ${parsed.network}/${parsed.bits}, not ${parsed.address} alone`,
+      );
+    }
   }
   // who may connect when allowLocalOnly is off
   const admits = clientFilter({ allowLocalOnly: false, allowedNetworks: c.security.allowedNetworks });

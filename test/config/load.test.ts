@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
+import { clientFilter } from '../../src/access-control.js';
 import { formatErrors, loadConfig, parseFlags, readConfigFile } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
@@ -217,6 +218,19 @@ describe('loadConfig', () => {
     const local = loadConfig([], { ...credentials, SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8,127.0.0.0/8' });
     assert.ok(local.ok);
     assert.doesNotMatch(local.warnings[0], /no client can send/);
+  });
+
+  test('an allowedNetworks entry with host bits set is taken for its network, with a warning naming it (as Postfix warns of mynetworks)', () => {
+    const base = { SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_REQUIRE_AUTH: 'false' };
+    const r = loadConfig([], { ...base, SECURITY_ALLOWED_NETWORKS: '192.168.1.10/24,10.0.0.0/8,2001:db8:1::5/32,::1,127.0.0.1/8' });
+    assert.ok(r.ok);
+    assert.deepEqual(r.warnings, [
+      'security.allowedNetworks: "192.168.1.10/24" has host bits set: it admits all of 192.168.1.0/24, not 192.168.1.10 alone',
+      'security.allowedNetworks: "2001:db8:1::5/32" has host bits set: it admits all of 2001:db8::/32, not 2001:db8:1::5 alone',
+      'security.allowedNetworks: "127.0.0.1/8" has host bits set: it admits all of 127.0.0.0/8, not 127.0.0.1 alone',
+    ]);
+    const admits = clientFilter(r.config.security);
+    assert.deepEqual(['192.168.1.200', '192.168.2.1', '2001:db8:ffff::1', '2001:db9::1'].map(admits), [true, false, true, false]);
   });
 
   test('upstream AUTH needs both forwardUsername and forwardPassword when forwarding, or neither', () => {
