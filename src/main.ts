@@ -19,6 +19,7 @@ import { SmtpIntake } from './smtp/intake.js';
 import { SpoolError } from './smtp/spool.js';
 import { openStore, type Store } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
+import { lockDatabase } from './store/maintenance.js';
 import { RetentionSweeper } from './store/retention.js';
 import { StoreWriter } from './store/writer.js';
 
@@ -106,8 +107,16 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   for (const w of warnings) logger.warn({ event: 'config.warning' }, w);
 
   prepareEmailsDir(config.emailsDir);
+  const refused = (err: Error) => new Error(`databasePath ${config.databasePath}: ${err.message}`, { cause: err });
+  let lock: { release(): void };
+  try {
+    lock = lockDatabase(config.databasePath);
+  } catch (err) {
+    throw refused(err as Error);
+  }
   const store = await openStore(config.databasePath, { secureDelete: !config.security.logAllEmails }).catch((err: Error) => {
-    throw new Error(`databasePath ${config.databasePath}: ${err.message}`, { cause: err });
+    lock.release();
+    throw refused(err);
   });
   if (store.migrated.names.length > 0) {
     logger.info({ event: 'store.migrated', migrations: store.migrated.names, durationMs: store.migrated.durationMs }, 'schema migrations applied');
@@ -126,6 +135,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   const closeStorage = async () => {
     await commits.close();
     await store.close();
+    lock.release();
   };
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
   const delivery = new DeliveryEngine({

@@ -7,7 +7,7 @@ import { loadConfigFromSources } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { RequeueStopped } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, type Sqlite, type Store } from '../store/db.js';
-import { appliedMigrations, openReadOnly, refuseForeignDatabase } from '../store/maintenance.js';
+import { appliedMigrations, openReadOnly, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 
 export class CliError extends Error {
   constructor(
@@ -127,16 +127,24 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   }
 }
 
-/** Refuses a database that needs migrations: the commands that write, and export-failed, which reads the newest tables. */
+/**
+ * Refuses a database that needs migrations, or that a newer relayq migrated: the commands that
+ * write, and export-failed, which reads the newest tables.
+ */
 export async function requireCurrentSchema(sqlite: Sqlite, file: string): Promise<void> {
   const { migrations } = await import('../../migrations/index.js');
-  let missing: string[];
+  let applied: string[];
   try {
-    const applied = new Set(appliedMigrations(sqlite));
-    missing = Object.keys(migrations).filter((name) => !applied.has(name));
+    applied = appliedMigrations(sqlite);
   } catch (err) {
     throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
   }
+  try {
+    refuseNewerSchema(applied, Object.keys(migrations));
+  } catch (err) {
+    throw new CliError(`database ${file}: ${(err as Error).message}`);
+  }
+  const missing = Object.keys(migrations).filter((name) => !applied.includes(name));
   if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
 }
 

@@ -239,7 +239,7 @@ export class SmtpIntake {
 
   /**
    * Listens, then empties the spool directory (what a crashed process left), before the first
-   * session: a second relay started on the same database fails to bind before it touches it.
+   * session. No other relay runs on this database: its lock was taken first (lockDatabase).
    */
   listen(port: number, host: string): Promise<{ address: string; port: number }> {
     return new Promise((resolve, reject) => {

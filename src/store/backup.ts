@@ -93,10 +93,11 @@ function checkTarget(target: string, databaseFile: string, overwrite: boolean): 
   const existing = fs.statSync(file, { throwIfNoEntry: false });
   if (existing && !existing.isFile()) throw new BackupError(`${target} is not a regular file`);
 
-  // the database, its WAL, shared memory, rollback journal and spool directory (see spool.ts, which
-  // names it after the path as configured), by the path it was opened with and by its real path
+  // the database, its WAL, shared memory, rollback journal, the relay's lock (lockDatabase) and
+  // spool directory (see spool.ts, which names it after the path as configured), by the path it
+  // was opened with and by its real path
   const bases = [...new Set([path.resolve(databaseFile), fs.realpathSync(databaseFile)])];
-  const own = bases.flatMap((db) => [db, ...['-wal', '-shm', '-journal', '-spool'].map((suffix) => db + suffix)]);
+  const own = bases.flatMap((db) => [db, ...['-wal', '-shm', '-journal', '-lock', '-spool'].map((suffix) => db + suffix)]);
   const names = [path.join(fs.realpathSync(dir), path.basename(file)), ...(existing ? [fs.realpathSync(file)] : [])];
   const sameFile = (other: string) => {
     const st = existing && fs.statSync(other, { throwIfNoEntry: false });
@@ -104,7 +105,7 @@ function checkTarget(target: string, databaseFile: string, overwrite: boolean): 
   };
   const inSpool = (name: string) => bases.some((db) => name.startsWith(`${db}-spool${path.sep}`));
   if (own.some((f) => names.includes(f) || sameFile(f)) || names.some(inSpool)) {
-    throw new BackupError(`${target} is the database or one of its files (${path.basename(databaseFile)}, -wal, -shm, -journal, or in -spool)`);
+    throw new BackupError(`${target} is the database or one of its files (${path.basename(databaseFile)}, -wal, -shm, -journal, -lock, or in -spool)`);
   }
   if (existing && !overwrite) throw new BackupError(`${target} already exists (use --force to replace it)`);
   return file;

@@ -7,9 +7,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect } from 'kysely';
+import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect, sql } from 'kysely';
 import { migrations } from '../../migrations/index.js';
-import { overwriteFreedPages, refuseForeignDatabase } from './maintenance.js';
+import { overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema, requireWritable } from './maintenance.js';
 import type { DB } from './schema.js';
 
 export type Sqlite = Database.Database;
@@ -23,7 +23,10 @@ export interface Store {
 }
 
 export interface OpenOptions {
-  /** Apply pending migrations (the server does; the CLI opens with false, `relayq migrate` then runs them itself). */
+  /**
+   * Apply pending migrations, and check that the file can be written (the server does; the CLI
+   * opens with false, `relayq migrate` then runs them itself).
+   */
   migrate?: boolean;
   /**
    * Overwrite the pages this connection frees with zeros (logAllEmails=false: erased content must
@@ -42,12 +45,7 @@ export const BUSY_TIMEOUT_MS = 5000;
  * the database file's mode.
  */
 export function openConnection(file: string): Sqlite {
-  fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true, mode: 0o700 });
-  try {
-    fs.writeFileSync(file, '', { flag: 'wx', mode: 0o600 });
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-  }
+  createPrivateFile(file);
   const sqlite = new Database(file);
   try {
     refuseForeignDatabase(sqlite);
@@ -60,6 +58,18 @@ export function openConnection(file: string): Sqlite {
   sqlite.pragma('synchronous = FULL');
   sqlite.pragma('foreign_keys = ON');
   return sqlite;
+}
+
+/** Creates `file` empty, readable by the relay's user alone, unless it is there already. */
+export function createPrivateFile(file: string): void {
+  fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true, mode: 0o700 });
+  try {
+    fs.writeFileSync(file, '', { flag: 'wx', mode: 0o600 });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    // else SQLite says only "unable to open database file"
+    if (fs.statSync(file).isDirectory()) throw new Error(`${file} is a directory, not a database file`);
+  }
 }
 
 /**
@@ -94,11 +104,12 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
     const started = performance.now();
     try {
       migrated.names = await migrateToLatest(db);
+      migrated.durationMs = Math.round(performance.now() - started);
+      requireWritable(sqlite);
     } catch (err) {
       await db.destroy();
       throw err;
     }
-    migrated.durationMs = Math.round(performance.now() - started);
   }
   let closed = false;
   return {
@@ -121,6 +132,12 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
 
 /** Applies pending migrations: all of relayq's, or (tests of an upgrade) the first few of them. */
 export async function migrateToLatest<T>(db: Kysely<T>, set: Record<string, Migration> = migrations): Promise<string[]> {
+  // (Kysely would call it "corrupted migrations: previously executed migration … is missing")
+  const applied = await sql<{ name: string }>`SELECT name FROM schema_migrations`.execute(db).then(
+    (r) => r.rows.map((row) => row.name),
+    () => [], // a new database: no table yet
+  );
+  refuseNewerSchema(applied, Object.keys(set));
   const migrator = new Migrator({
     db,
     provider: { getMigrations: async () => set },

@@ -7,13 +7,35 @@
 // once such a reader is gone.
 import fs from 'node:fs';
 import Database from 'better-sqlite3';
-import { BUSY_TIMEOUT_MS, type Sqlite } from './db.js';
+import { BUSY_TIMEOUT_MS, createPrivateFile, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
 
 export function limitWalSize(sqlite: Sqlite): void {
   sqlite.pragma(`journal_size_limit = ${WAL_SIZE_LIMIT_BYTES}`);
+}
+
+/**
+ * One relay per database, as one Postfix master per queue: a relay holds an exclusive SQLite lock
+ * on `<databasePath>-lock` for as long as it runs (the kernel lets go of it when the process dies,
+ * kill -9 included). A second relay on the database would empty the first one's spool directory
+ * under its sessions; it is refused before it touches anything. The CLI takes no such lock: its
+ * commands work beside a running relay.
+ */
+export function lockDatabase(databasePath: string): { release(): void } {
+  const file = `${databasePath}-lock`;
+  createPrivateFile(file);
+  const lock = new Database(file);
+  try {
+    lock.pragma('busy_timeout = 0');
+    lock.exec('BEGIN EXCLUSIVE');
+  } catch (err) {
+    lock.close();
+    if ((err as { code?: string }).code === 'SQLITE_BUSY') throw new Error(`another relayq is running on this database (it holds ${file})`);
+    throw err;
+  }
+  return { release: () => lock.close() };
 }
 
 /** Bytes of the database file and of its -wal file (0 when absent). */
@@ -49,6 +71,28 @@ export function refuseForeignDatabase(sqlite: Sqlite): string[] {
 /** Names of the migrations applied to this database; throws on a file that is not relayq's. */
 export function appliedMigrations(sqlite: Sqlite): string[] {
   return (sqlite.prepare('SELECT name FROM schema_migrations ORDER BY name').all() as Array<{ name: string }>).map((r) => r.name);
+}
+
+/**
+ * SQLite opens a database file it may not write read-only, without a word: a relay on it would
+ * answer every message 451. A write transaction that changes nothing finds it at the start.
+ */
+export function requireWritable(sqlite: Sqlite): void {
+  try {
+    sqlite.transaction(() => sqlite.prepare('DELETE FROM schema_migrations WHERE 0').run()).immediate();
+  } catch (err) {
+    throw new Error(`cannot write to it (${(err as Error).message}): the relay's user must be able to write the file, its -wal and -shm files and its directory`, {
+      cause: err,
+    });
+  }
+}
+
+/** Refuses a database a newer relayq migrated: this version would write to a schema it does not know. */
+export function refuseNewerSchema(applied: readonly string[], known: readonly string[]): void {
+  const unknown = applied.filter((name) => !known.includes(name));
+  if (unknown.length > 0) {
+    throw new Error(`it was migrated by a newer relayq (${unknown.join(', ')}): run that version, or restore the backup taken before the upgrade`);
+  }
 }
 
 /**

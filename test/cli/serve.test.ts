@@ -5,8 +5,8 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { openConnection, openStore } from '../../src/store/db.js';
-import { closedPort, sendMail, tempDir, waitFor } from '../helpers.js';
-import { CLI_ENTRY, cleanEnv, REPO_ROOT, writeConfigFile } from './run-cli.js';
+import { closedPort, sendMail, spawnRelay, tempDir, waitFor } from '../helpers.js';
+import { CLI_ENTRY, cleanEnv, REPO_ROOT, runCli, writeConfigFile } from './run-cli.js';
 
 test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail and exits 0 on SIGTERM', async () => {
   const dir = tempDir('relayq-serve-');
@@ -169,4 +169,22 @@ test('a second signal exits at once with code 1; SIGHUP stops the relay as SIGTE
   const hangup = await signalWhileStarting(['SIGHUP']);
   assert.equal(hangup.code, 0, hangup.stderr);
   assert.deepEqual(hangup.events.slice(-2), ['relay.stopping', 'relay.stopped']);
+});
+
+test('a second relay on the same database is refused before it touches anything, until the first is gone (kill -9 included)', async () => {
+  const dir = tempDir('relayq-serve-');
+  const first = await spawnRelay(dir);
+  try {
+    const databasePath = path.join(dir, 'data', 'relayq.db');
+    const second = await runCli(['serve', '--smtpPort', '0', '--healthCheckPort', '0', '--minFreeDiskMb', '0', '--databasePath', databasePath, '--emailsDir', path.join(dir, 'emails2')]);
+    assert.equal(second.code, 1, second.stderr);
+    assert.match(second.stdout + second.stderr, /databasePath \S+relayq\.db: another relayq is running on this database \(it holds \S+relayq\.db-lock\)/);
+    await sendMail(first.smtpPort);
+    assert.equal(await first.kill('SIGKILL'), null);
+    // the kernel let go of the lock with the process
+    const next = await spawnRelay(dir);
+    assert.equal(await next.kill('SIGTERM'), 0);
+  } finally {
+    await first.kill();
+  }
 });

@@ -11,7 +11,7 @@ import { formatErrors, loadConfig, parseFlags, readConfigFile } from '../../src/
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
 import { runCli } from '../cli/run-cli.js';
-import { capturedLog, cliArgs, closedPort, SmtpClient, startTestRelay, tempDir } from '../helpers.js';
+import { capturedLog, cliArgs, closedPort, SmtpClient, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
 
 const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
 
@@ -514,6 +514,21 @@ describe('what only the start can find out names the key to fix', () => {
     );
     // nothing was started or created: not even the database
     assert.deepEqual(fs.readdirSync(dir), ['a-file']);
+  });
+
+  test('a database file the relay may not write (SQLite would open it read-only) stops the start', async (t) => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    const file = relay.config.databasePath;
+    await relay.stop();
+    const ran = await whileImmutable(t, file, async () => {
+      await assert.rejects(
+        startTestRelay({ databasePath: file }, { startDelivery: false }),
+        /^Error: databasePath \S+: cannot write to it \(attempt to write a readonly database\): the relay's user must be able to write the file/,
+      );
+    });
+    if (!ran) return;
+    const again = await startTestRelay({ databasePath: file }, { startDelivery: false });
+    await again.stop();
   });
 
   test("another program's SQLite file as databasePath is refused and left as it was, by serve and by migrate", async () => {

@@ -156,7 +156,7 @@ describe('relayq backup while mail is accepted and delivered', () => {
     const sqlite = openReadOnly(db);
     try {
       fs.mkdirSync(`${db}-spool`, { recursive: true });
-      for (const target of [path.join(linkedDir, path.basename(db)), `${db}-wal`, `${db}-shm`, hardLink, linkToWal, path.join(`${db}-spool`, 'copy.db')]) {
+      for (const target of [path.join(linkedDir, path.basename(db)), `${db}-wal`, `${db}-shm`, `${db}-lock`, hardLink, linkToWal, path.join(`${db}-spool`, 'copy.db')]) {
         assert.throws(() => backupDatabase(sqlite, target, { overwrite: true }), /is the database or one of its files/, target);
       }
       const newDir = path.join(dir, 'new-dir');

@@ -234,3 +234,30 @@ test('a WAL grown past 16 MiB under a long reader is cut back to 16 MiB once the
     await relay.stop();
   }
 });
+
+test('a database a newer relayq migrated is refused by the start, by relayq migrate and by the CLI commands that write, and left as it was', async () => {
+  const dir = tempDir();
+  const file = path.join(dir, 'newer.db');
+  const relay = await startTestRelay({ databasePath: file }, { startDelivery: false, startRetention: false });
+  const id = (await sendMail(relay.smtpPort)).response.split(' ').pop() as string;
+  await relay.stop();
+  const db = new Database(file);
+  db.prepare("INSERT INTO schema_migrations (name, timestamp) VALUES ('999_from_the_future', '2030-01-01T00:00:00.000Z')").run();
+  db.close();
+  const before = fs.readFileSync(file);
+  const newer = /it was migrated by a newer relayq \(999_from_the_future\): run that version, or restore the backup taken before the upgrade/;
+  await assert.rejects(startTestRelay({ databasePath: file }), newer);
+  for (const args of [['migrate'], ['delete', id], ['retry', id], ['export-failed', path.join(dir, 'exports')]]) {
+    const r = await runCli([...args, '--databasePath', file]);
+    assert.equal(r.code, 1, `${args.join(' ')}: ${r.stdout}`);
+    assert.match(r.stderr.trim(), newer, args.join(' '));
+  }
+  assert.deepEqual(fs.readFileSync(file), before);
+  const show = await runCli(['show', id, '--databasePath', file]);
+  assert.equal(show.code, 0, 'reading still works');
+});
+
+test('a databasePath that is a directory is refused as one', async () => {
+  const dir = tempDir();
+  await assert.rejects(startTestRelay({ databasePath: dir }), new RegExp(`^Error: databasePath ${dir}: ${dir} is a directory, not a database file$`));
+});
