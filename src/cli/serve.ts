@@ -1,6 +1,6 @@
 // `relayq serve`: load the configuration (every error at once, before anything listens),
 // start the relay, and shut down in order on SIGTERM, SIGINT or SIGHUP (a second signal forces
-// exit). The signals are taken from the first moment: one that comes while the relay starts (a
+// exit; the first one repeated within a second does not). The signals are taken from the first moment: one that comes while the relay starts (a
 // long migration) stops it once it has started, rather than killing it mid-start or, as PID 1
 // in a container, being ignored.
 import { loadConfigFromSources } from '../config/load.js';
@@ -8,6 +8,8 @@ import { createLogger, type StdoutLog, stdoutLog } from '../logger.js';
 import { type Relay, startRelay } from '../main.js';
 
 const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP'] as const;
+/** The first signal again within this long is the same request delivered twice, not a second one. */
+const REPEAT_WINDOW_MS = 1000;
 
 export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
   const loaded = loadConfigFromSources(argv, env);
@@ -34,7 +36,11 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
     );
   };
   let signals = 0;
+  let first: { signal: string; at: number } | undefined;
   const onSignal = (signal: string) => {
+    // `timeout` sends its signal to the process and then to its process group: one request, twice
+    if (first?.signal === signal && performance.now() - first.at < REPEAT_WINDOW_MS) return;
+    first ??= { signal, at: performance.now() };
     signals++;
     if (signals > 1) {
       logger.warn({ event: 'relay.forced_exit', signal }, 'second signal: exiting now');

@@ -188,3 +188,17 @@ test('a second relay on the same database is refused before it touches anything,
     await first.kill();
   }
 });
+
+test('the same signal twice at once (as `timeout` sends it, to the process and to its group) is one request: the stop is orderly', async () => {
+  const relay = await spawnRelay(tempDir('relayq-serve-'));
+  relay.child.kill('SIGTERM');
+  relay.child.kill('SIGTERM');
+  assert.equal(await relay.kill('SIGTERM'), 0, relay.output());
+  const events = relay
+    .output()
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => (JSON.parse(l) as { event?: string }).event)
+    .filter((e) => e?.startsWith('relay.'));
+  assert.deepEqual(events, ['relay.started', 'relay.signal', 'relay.stopping', 'relay.stopped']);
+});
