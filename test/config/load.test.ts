@@ -115,7 +115,11 @@ describe('loadConfig', () => {
     assert.deepEqual(seconds.warnings, [
       "inFlowDelay is in milliseconds: 2 ms hardly slows intake while delivery is behind; Postfix's in_flow_delay = 1s is inFlowDelay 1000",
     ]);
-    for (const ms of ['0', '500', '1000']) {
+    // Postfix's in_flow_delay is at most 10s: 10 is still taken for seconds, 11 is not
+    const ten = loadConfig(['--inFlowDelay', '10'], { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' });
+    assert.ok(ten.ok);
+    assert.match(ten.warnings[0] ?? '', /^inFlowDelay is in milliseconds: 10 ms/);
+    for (const ms of ['0', '11', '500', '1000']) {
       const r = loadConfig(['--inFlowDelay', ms], { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' });
       assert.ok(r.ok);
       assert.deepEqual(r.warnings, [], ms);

@@ -3,7 +3,7 @@ import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { call, postJson } from '../api/fixtures.js';
-import { sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { sendMail, startTestRelay, startUpstream, waitFor } from '../helpers.js';
 import { addresses, attempts, message, NO_JITTER, queuedId, recipients, type ScriptedUpstream, startScriptedUpstream } from './fixtures.js';
 
 const RAW = Buffer.from(
@@ -211,6 +211,22 @@ describe('recipient batches', () => {
     const small = queuedId((await sendMail(relay.smtpPort, { to: ['c@example.com'], raw: Buffer.from('Subject: s\r\n\r\nhi\r\n') })).response);
     await relay.delivery.runOnce();
     assert.equal(message(relay, small).state, 'delivered', 'the pooled connection is still good');
+  });
+
+  test("a message of exactly the upstream's SIZE goes out (the limit is the largest size allowed)", async () => {
+    const upstream = await startUpstream({ size: 1 });
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port },
+      { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw: Buffer.from(`Subject: exact\r\n\r\n${'x'.repeat(300)}\r\n`) })).response);
+    // read at EHLO, when delivery connects: the stored size, Received header included
+    upstream.server.options.size = message(relay, id).raw!.length;
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'delivered', recipients(relay, id)[0].last_reply ?? '');
+    assert.equal(upstream.received.length, 1);
   });
 
   test('8-bit content goes out with BODY=8BITMIME, unchanged (7-bit content without it); logAllEmails=false erases it once delivered', async () => {

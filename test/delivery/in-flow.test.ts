@@ -29,6 +29,20 @@ describe('in-flow gate', () => {
     assert.equal(inFlowBacklogLimit(16, 0), 1600);
     assert.equal(inFlowBacklogLimit(1000, 0), 10_000);
     assert.equal(inFlowBacklogLimit(1, 1), 1);
+    assert.equal(inFlowBacklogLimit(5, 7), 3, 'half of an odd queueSize, rounded down');
+  });
+
+  test('claims of more than the estimate counted (mail it did not see: retries come due) leave the backlog at 0, not below', async () => {
+    const gate = new InFlowGate(2, 60_000);
+    gate.setEnabled(true);
+    assert.equal(gate.admit(), undefined);
+    gate.taken(5);
+    assert.equal(gate.stats().backlog, 0);
+    assert.equal(gate.admit(), undefined);
+    assert.equal(gate.admit(), undefined);
+    const third = gate.admit();
+    assert.ok(third, 'the limit still holds: a negative backlog would let more through');
+    third.cancel();
   });
 
   test('admits at once under the limit; over it, waits until delivery takes mail', async () => {

@@ -326,3 +326,38 @@ test('a connection says QUIT before it is closed: once it has been idle, and at 
   assert.deepEqual(connections[1].commands, ['EHLO', 'MAIL', 'RCPT', 'DATA', 'MAIL', 'RCPT', 'RSET', 'QUIT'], 'QUIT at shutdown');
   assert.ok(connections[1].closedByClient);
 });
+
+test('a connection whose RSET is refused is closed, not reused: the next message goes on a new one', async () => {
+  const connections: string[][] = [];
+  const server = await startRawUpstream((socket) => {
+    const commands: string[] = [];
+    connections.push(commands);
+    return (line) => {
+      commands.push(line.split(/[ :]/)[0].toUpperCase());
+      if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
+      else if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
+      else if (/^RCPT TO:<refused@/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
+      else if (/^RSET/i.test(line)) socket.write('500 5.5.1 unrecognized command\r\n');
+      else socket.write('250 ok\r\n');
+    };
+  });
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 1 },
+    { startDelivery: false, random: NO_JITTER },
+  );
+  try {
+    const send = async (to: string) => queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: rset\r\n\r\nbody\r\n' })).response);
+    const refused = await send('refused@example.com');
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, refused).state, 'failed');
+    await waitFor(() => connections[0]?.includes('RSET'), 10_000, 'the RSET after the refusal');
+    const fine = await send('fine@example.com');
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, fine).state, 'delivered');
+    assert.equal(connections.length, 2, 'a new connection');
+    assert.deepEqual(connections[0], ['EHLO', 'MAIL', 'RCPT', 'RSET'], 'nothing more on the first one');
+  } finally {
+    await relay.stop();
+    server.close();
+  }
+});
