@@ -237,7 +237,8 @@ export class DeliveryEngine {
   async runOnce(): Promise<RunReport> {
     const requeued = await this.requeueTemporaryFailures(true);
     let attempts = 0;
-    for (;;) {
+    // a stop ends the run: what it released is the next start's
+    while (!this.stopping) {
       const claimed = await this.claim(this.config.workerCount);
       await Promise.all(claimed.finalized.map((f) => this.afterFinal(f.id, f.state, 0)));
       if (claimed.batches.length === 0) break;

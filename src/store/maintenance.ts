@@ -29,6 +29,7 @@ export function lockDatabase(databasePath: string): { release(): void } {
   const lock = new Database(file);
   try {
     lock.pragma('busy_timeout = 0');
+    lock.pragma('journal_mode = MEMORY'); // no -lock-journal file beside it
     lock.exec('BEGIN EXCLUSIVE');
   } catch (err) {
     lock.close();

@@ -420,10 +420,12 @@ test('export-failed writes a large message a slice at a time: 20 MB in a 48 MB h
 test('delete and retry leave alone a message a delivery worker holds (exit 1, nothing changed)', async () => {
   const upstream = await startScriptedUpstream();
   upstream.hold = () => true; // DATA is never answered: the attempt holds its claim until its deadline
-  const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 5 }, { startDelivery: false, startRetention: false });
+  // a lease long enough for two CLI processes to start on a busy machine; the stop ends the attempt
+  const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 300 }, { startDelivery: false, startRetention: false });
+  let attempt: Promise<unknown> = Promise.resolve();
   try {
     const id = queuedId((await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['held@example.com'] })).response);
-    const attempt = relay.delivery.runOnce();
+    attempt = relay.delivery.runOnce();
     await waitFor(() => upstream.held.length === 1, 10_000, 'the attempt in DATA');
     const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
     const [deleted, retried] = await Promise.all([runCli(['delete', id], { env }), runCli(['retry', id], { env })]);
@@ -432,9 +434,9 @@ test('delete and retry leave alone a message a delivery worker holds (exit 1, no
     assert.match(retried.stdout, /a delivery worker holds it: .*; nothing changed/);
     const row = relay.store.sqlite.prepare('SELECT state, lease_token IS NOT NULL AS leased FROM messages WHERE id = ?').get(id);
     assert.deepEqual(row, { state: 'sending', leased: 1 });
-    await attempt;
   } finally {
     await relay.stop();
+    await attempt;
     await upstream.close();
   }
 });

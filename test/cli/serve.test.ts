@@ -179,6 +179,12 @@ test('a second relay on the same database is refused before it touches anything,
     const second = await runCli(['serve', '--smtpPort', '0', '--healthCheckPort', '0', '--minFreeDiskMb', '0', '--databasePath', databasePath, '--emailsDir', path.join(dir, 'emails2')]);
     assert.equal(second.code, 1, second.stderr);
     assert.match(second.stdout + second.stderr, /databasePath \S+relayq\.db: another relayq is running on this database \(it holds \S+relayq\.db-lock\)/);
+    assert.deepEqual(
+      fs.readdirSync(path.dirname(databasePath)).filter((f) => f.includes('-lock')),
+      ['relayq.db-lock'],
+      'one empty lock file: no journal beside it',
+    );
+    assert.equal(fs.statSync(`${databasePath}-lock`).size, 0);
     await sendMail(first.smtpPort);
     assert.equal(await first.kill('SIGKILL'), null);
     // the kernel let go of the lock with the process
