@@ -1,13 +1,15 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { startScriptedUpstream } from '../delivery/fixtures.js';
 import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable } from '../helpers.js';
-import { runCli, runCliJson, writeConfigFile } from './run-cli.js';
+import { CLI_ENTRY, cleanEnv, REPO_ROOT, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 const queuedId = (response: string) => {
   const m = /queued as (\S+)/.exec(response);
@@ -94,9 +96,16 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal(status.total_emails, 11);
     assert.equal(status.successful_emails, storeMetrics(relay.store.sqlite).messagesDelivered);
 
+    // the files as they are (the relay is idle between tests)
+    const database = status.database as { bytes: number; wal_bytes: number };
+    assert.deepEqual(database, {
+      ...database,
+      bytes: fs.statSync(relay.config.databasePath).size,
+      wal_bytes: fs.statSync(`${relay.config.databasePath}-wal`).size,
+    });
     const text = await cli('status');
     assert.equal(text.code, 0, text.stderr);
-    assert.match(text.stdout, /^queued: +2 /m);
+    assert.match(text.stdout, /^queued: +2 \(0 tried before\)$/m);
     assert.match(text.stdout, /^failed: +5$/m);
     assert.match(text.stdout, /^finished: +4 delivered, 5 failed, 0 requeued after failing$/m);
     // one attempt per message so far: 4 delivered, 3 partly (ok-mixed* and bad-mixed*), 2 refused
@@ -312,6 +321,9 @@ describe('relayq CLI on the database of a running relay', () => {
     const after = await cliJson<{ queue: Record<string, number>; requeued_emails: number }>('status');
     assert.deepEqual(after.queue, { queued: 0, sending: 0, delivered: 11, failed: 0 });
     assert.equal(after.requeued_emails, 5);
+    // failed, net of the requeued: as /metrics counts it, not every failure there was
+    const text = await cli('status');
+    assert.match(text.stdout, /^finished: +11 delivered, 0 failed, 5 requeued after failing$/m);
 
     const again = await cli('retry', ids.delivered[0]);
     assert.equal(again.code, 1, 'nothing was retried, as the API says with 409');
@@ -439,4 +451,66 @@ test('delete and retry leave alone a message a delivery worker holds (exit 1, no
     await attempt;
     await upstream.close();
   }
+});
+
+test('status: the oldest waiting message with its age; a queue page of bounces keeps --sender \'\' in its next-page command', async () => {
+  // received three hours ago by the relay's clock
+  const relay = await startTestRelay({}, { clock: new ManualClock(Date.now() - 3 * 3600_000), startDelivery: false, startRetention: false });
+  try {
+    const bounces: string[] = [];
+    for (let i = 0; i < 2; i++) bounces.push(queuedId((await sendMail(relay.smtpPort, { from: '', to: [`postmaster${i}@example.com`] })).response));
+    await sendMail(relay.smtpPort, { from: 'app@example.com' });
+    const db = ['--databasePath', relay.config.databasePath];
+    const status = await runCli(['status', ...db]);
+    assert.equal(status.code, 0, status.stderr);
+    assert.match(status.stdout, /^oldest waiting: .* \(3h ago\)$/m);
+    const first = await runCli(['queue', '--sender', '', '--limit', '1', ...db]);
+    assert.equal(first.code, 0, first.stderr);
+    const more = /^more: relayq (.*)$/m.exec(first.stdout);
+    assert.ok(more, first.stdout);
+    assert.match(more[1], / --sender '' /);
+    const next = await runCli(more[1].split(' ').map((arg) => (arg === "''" ? '' : arg)));
+    assert.equal(next.code, 0, next.stderr);
+    const listed = [first.stdout, next.stdout].map((out) => bounces.find((id) => out.includes(id)));
+    assert.deepEqual(listed.sort(), [...bounces].sort(), 'each page one bounce, and no other sender');
+    assert.ok(!next.stdout.includes('app@example.com'));
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('a read command waits for a lock another connection holds on the database (busy timeout), instead of failing at once', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const file = relay.config.databasePath;
+  await sendMail(relay.smtpPort);
+  await relay.stop();
+  // a connection in exclusive locking mode keeps every other one out once it has written
+  const holder = openConnection(file);
+  holder.pragma('locking_mode = EXCLUSIVE');
+  holder.exec('BEGIN IMMEDIATE; UPDATE counters SET value = value WHERE 0; COMMIT');
+  const child = spawn(process.execPath, ['--import', 'tsx', CLI_ENTRY, 'status', '--json', '--databasePath', file], { cwd: REPO_ROOT, env: cleanEnv() });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  try {
+    // it has opened the database and is waiting for the lock (or failed on it)
+    const fds = `/proc/${child.pid}/fd`;
+    const opened = () => {
+      try {
+        return fs.readdirSync(fds).some((fd) => fs.readlinkSync(path.join(fds, fd)) === file);
+      } catch {
+        return child.exitCode !== null;
+      }
+    };
+    await waitFor(opened, 60_000, 'the command to open the database');
+    await new Promise((r) => setTimeout(r, 300));
+  } finally {
+    holder.pragma('locking_mode = NORMAL');
+    holder.prepare('SELECT count(*) FROM messages').get(); // a read lets the exclusive lock go
+    holder.close();
+  }
+  assert.equal(await exited, 0, stderr);
+  assert.equal((JSON.parse(stdout) as { total_emails: number }).total_emails, 1);
 });
