@@ -96,8 +96,11 @@ operatorCommand('show', 'one message: envelope, recipients and delivery attempts
 operatorCommand('retry', 'make messages due now (at the earliest batchDelay after their last batch); failed recipients get a fresh set of attempts')
   .argument('[ids...]', 'queue ids')
   .option('--failed', 'requeue every failed message')
-  .option('--sender <address>', 'with --failed: only mail from this envelope sender')
-  .action(async (ids: string[], opts: { failed?: boolean; sender?: string }, cmd: Command) => (await import('./retry.js')).retryCommand(ids, opts, globals(cmd)));
+  .option('--queued', 'make every queued message due now, retries waiting for their backoff included (postqueue -f)')
+  .option('--sender <address>', 'with --failed or --queued: only mail from this envelope sender')
+  .action(async (ids: string[], opts: { failed?: boolean; queued?: boolean; sender?: string }, cmd: Command) =>
+    (await import('./retry.js')).retryCommand(ids, opts, globals(cmd)),
+  );
 
 operatorCommand('delete', 'delete messages with their recipients and attempts (refused while a worker delivers one)')
   .argument('<ids...>', 'queue ids')

@@ -1,10 +1,10 @@
 // `relayq retry ID...` puts messages back in the queue, due now (at the earliest batchDelay after
 // their last batch, as the engine spaces batches); `relayq retry --failed` requeues
-// every failed message. Only failed or pending recipients are tried again, never delivered ones.
+// every failed message; `relayq retry --queued` makes every queued one due now (postqueue -f). Only failed or pending recipients are tried again, never delivered ones.
 // --failed writes in short transactions (500 messages each) so the running server barely waits;
 // the ids given are requeued in one (all or nothing).
 import { systemClock } from '../clock.js';
-import { HELD, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
+import { flushQueuedInSteps, HELD, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
 import { formatTable } from './table.js';
 
@@ -15,11 +15,27 @@ const EXPLAIN: Record<Exclude<RetryResult, 'not-found'>, string> = {
   delivered: 'already delivered to every recipient; nothing to retry',
 };
 
-export async function retryCommand(ids: string[], options: { failed?: boolean; sender?: string }, global: GlobalOptions): Promise<void> {
-  if (options.failed && ids.length) throw new CliError('give message ids or --failed, not both');
-  if (options.sender !== undefined && !options.failed) throw new CliError('--sender goes with --failed');
-  if (!options.failed && ids.length === 0) throw new CliError('give one or more message ids, or --failed to requeue every failed message');
+export async function retryCommand(ids: string[], options: { failed?: boolean; queued?: boolean; sender?: string }, global: GlobalOptions): Promise<void> {
+  if (options.failed && options.queued) throw new CliError('give --failed or --queued, not both');
+  if ((options.failed || options.queued) && ids.length) throw new CliError(`give message ids or --${options.failed ? 'failed' : 'queued'}, not both`);
+  if (options.sender !== undefined && !options.failed && !options.queued) throw new CliError('--sender goes with --failed or --queued');
+  if (!options.failed && !options.queued && ids.length === 0) {
+    throw new CliError('give one or more message ids, --failed to requeue every failed message, or --queued to make every queued one due now');
+  }
   const config = loadCliConfig(global, process.env);
+
+  if (options.queued) {
+    const flushed = await withWriter(config, (sqlite) =>
+      flushQueuedInSteps(sqlite, options.sender, async (step) =>
+        sqlite
+          .transaction(() => step.filter((id) => retryMessage(sqlite, id, systemClock.now(), config.batchDelay) === 'due-now').length)
+          .immediate(),
+      ),
+    );
+    if (global.json) printJson({ due_now: flushed });
+    else printText(`${flushed} queued message${flushed === 1 ? ' is' : 's are'} due now`);
+    return;
+  }
 
   if (options.failed) {
     const requeued = await withWriter(config, (sqlite) => {

@@ -5,6 +5,7 @@
 import type { Sqlite } from './db.js';
 import { type FailedScanCursor, failedPage, nextBatchAt } from './delivery.js';
 import { senderKey } from './intake.js';
+import { listMessages } from './queries.js';
 import { prepared } from './statements.js';
 
 export interface RequeueFilter {
@@ -66,9 +67,32 @@ export class RequeueStopped extends Error {
   constructor(
     readonly requeued: number,
     cause: Error,
+    done = `${requeued} failed message${requeued === 1 ? ' was' : 's were'} requeued before that and stay requeued`,
   ) {
-    super(`${cause.message}; ${requeued} failed message${requeued === 1 ? ' was' : 's were'} requeued before that and stay requeued (run it again for the rest)`, { cause });
+    super(`${cause.message}; ${done} (run it again for the rest)`, { cause });
     this.code = (cause as { code?: unknown }).code;
+  }
+}
+
+/**
+ * Makes the queued mail (from `sender`, when given) due now, as Postfix's `postqueue -f` does:
+ * after an outage, mail waiting for its next retry need not wait out its backoff. In writes of at
+ * most REQUEUE_STEP messages, newest first; `write` runs retryMessage on one step's ids and
+ * resolves with how many it made due. Mail that arrives meanwhile is due at once anyway.
+ */
+export async function flushQueuedInSteps(reader: Sqlite, sender: string | undefined, write: (ids: string[]) => Promise<number>): Promise<number> {
+  let flushed = 0;
+  let before: string | undefined;
+  try {
+    do {
+      const page = listMessages(reader, { state: 'queued', sender, limit: REQUEUE_STEP, before });
+      if (page.messages.length > 0) flushed += await write(page.messages.map((m) => m.id));
+      before = page.nextBefore ?? undefined;
+    } while (before);
+    return flushed;
+  } catch (err) {
+    if (flushed === 0) throw err;
+    throw new RequeueStopped(flushed, err as Error, `${flushed} queued message${flushed === 1 ? ' was' : 's were'} made due before that`);
   }
 }
 

@@ -249,7 +249,7 @@ describe('relayq CLI on the database of a running relay', () => {
     ]);
     assertOneLineError(jsonServe, /^relayq: --json does not apply to serve: its log lines are JSON already$/);
     assert.equal(jsonServe.code, 2);
-    assertOneLineError(senderAlone, /^relayq: --sender goes with --failed$/);
+    assertOneLineError(senderAlone, /^relayq: --sender goes with --failed or --queued$/);
     assertOneLineError(beforeCommand, /^relayq: unknown option '--defaultPassword'$/);
     assertOneLineError(onOperatorCommand, /^relayq: unknown option '--forwardPasword'$/);
     assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: EEXIST/);
@@ -513,4 +513,46 @@ test('a read command waits for a lock another connection holds on the database (
   }
   assert.equal(await exited, 0, stderr);
   assert.equal((JSON.parse(stdout) as { total_emails: number }).total_emails, 1);
+});
+
+test('retry --queued makes queued mail due now, past its backoff (postqueue -f); --sender narrows it', async () => {
+  const upstream = await startScriptedUpstream();
+  upstream.rcptReply = () => ({ code: 451, message: '4.3.0 try again later' });
+  const clock = new ManualClock(Date.now());
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { initialDelay: 3600 } },
+    { clock, startDelivery: false, startRetention: false },
+  );
+  try {
+    const from = (sender: string) => sendMail(relay.smtpPort, { from: sender, to: [`rcpt@${sender.split('@')[1]}`] }).then((i) => queuedId(i.response));
+    const fromA = [await from('a@one.example'), await from('A@one.example')];
+    const fromB = await from('b@two.example');
+    await relay.delivery.runOnce();
+    const dueAt = (id: string) => relay.store.sqlite.prepare('SELECT next_attempt_at FROM messages WHERE id = ?').pluck().get(id) as number;
+    for (const id of [...fromA, fromB]) assert.ok(dueAt(id) > Date.now() + 3000_000, 'deferred for about an hour');
+    const db = ['--databasePath', relay.config.databasePath];
+
+    const some = await runCli(['retry', '--queued', '--sender', 'a@ONE.example', ...db]);
+    assert.equal(some.code, 0, some.stderr);
+    assert.equal(some.stdout.trim(), '2 queued messages are due now');
+    for (const id of fromA) assert.ok(dueAt(id) <= Date.now(), 'due now');
+    assert.ok(dueAt(fromB) > Date.now() + 3000_000, 'another sender still waits');
+
+    const all = await runCliJson<{ due_now: number }>(['retry', '--queued', ...db]);
+    assert.equal(all.due_now, 3);
+    assert.ok(dueAt(fromB) <= Date.now());
+    // the relay's clock catches up with the CLI's: every message goes out at the next run
+    upstream.rcptReply = () => undefined;
+    clock.set(Date.now());
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.accepted.map((t) => t.to[0]).sort(), ['rcpt@one.example', 'rcpt@one.example', 'rcpt@two.example']);
+
+    const both = await runCli(['retry', '--queued', '--failed', ...db]);
+    assertOneLineError(both, /^relayq: give --failed or --queued, not both$/);
+    const withIds = await runCli(['retry', '--queued', fromB, ...db]);
+    assertOneLineError(withIds, /^relayq: give message ids or --queued, not both$/);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
 });
