@@ -243,6 +243,68 @@ describe('per-recipient outcomes', () => {
     assert.equal(readFailedExport(second, id).recipients[0].lastCode, 550);
   });
 
+  test('at a start only missing exports are written: a failed message whose export is there keeps that file', async () => {
+    const { config } = await refusingUpstream();
+    const first = await startTestRelay(config, { startDelivery: false });
+    const kept = await queue(first, ['nobody@example.com']);
+    const lost = await queue(first, ['nobody2@example.com']);
+    await first.delivery.runOnce();
+    assert.deepEqual([message(first, kept).state, message(first, lost).state], ['failed', 'failed']);
+    const keptFile = path.join(config.emailsDir, 'failed', `${kept}.json`);
+    const before = fs.statSync(keptFile);
+    const keptText = fs.readFileSync(keptFile, 'utf8');
+    fs.rmSync(path.join(config.emailsDir, 'failed', `${lost}.json`));
+    await first.stop();
+
+    const log = capturedLog('info');
+    const second = await startTestRelay(config, { logger: log.logger });
+    cleanup.push(() => second.stop());
+    const restored = () => log.entries().find((e) => e.event === 'delivery.exports_restored');
+    await waitFor(() => restored() !== undefined, 10_000, 'the missing export to be written again');
+    assert.deepEqual([restored()?.count, restored()?.ids], [1, [lost]]);
+    assert.ok(failedExportExists(second, lost));
+    const after = fs.statSync(keptFile);
+    assert.deepEqual([after.ino, after.mtimeMs], [before.ino, before.mtimeMs], 'the export still there is not written again');
+    assert.equal(fs.readFileSync(keptFile, 'utf8'), keptText);
+  });
+
+  test('at a start every failed message is checked for its export, not only the first step of the scan', async () => {
+    const { config } = await refusingUpstream();
+    const clock = new ManualClock();
+    const first = await startTestRelay(config, { clock, startDelivery: false });
+    const early = await queue(first, ['nobody@example.com']);
+    await first.delivery.runOnce();
+    // 500 failed messages that finished after it, inserted as such, fill the rest of the scan's
+    // first step (500 messages), so the next one is in its second step. Their exports are there:
+    // the scan asks only whether the file is.
+    const filler = Array.from({ length: 500 }, (_, i) => `FILLER${String(i).padStart(4, '0')}`);
+    await writeDirect(first, (db) => {
+      const insert = db.prepare(
+        `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, received_at, next_attempt_at, updated_at, finished_at)
+         VALUES (?, 'failed', 'app@example.com', 'app@example.com', '127.0.0.1', 1, 1, 0, 0, 0, ?)`,
+      );
+      for (const [i, id] of filler.entries()) insert.run(id, clock.now() + 1 + i);
+    });
+    for (const id of filler) fs.writeFileSync(path.join(config.emailsDir, 'failed', `${id}.json`), '{}\n');
+    clock.advance(60_000);
+    const late = await queue(first, ['nobody2@example.com']);
+    await first.delivery.runOnce();
+    const failedInScanOrder = (first.store.sqlite.prepare("SELECT id FROM messages WHERE state = 'failed' ORDER BY finished_at, id").all() as Array<{ id: string }>).map(
+      (r) => r.id,
+    );
+    assert.deepEqual([failedInScanOrder.length, failedInScanOrder.indexOf(early), failedInScanOrder.indexOf(late)], [502, 0, 501]);
+    for (const id of [early, late]) fs.rmSync(path.join(config.emailsDir, 'failed', `${id}.json`));
+    await first.stop();
+
+    const log = capturedLog('info');
+    const second = await startTestRelay(config, { logger: log.logger });
+    cleanup.push(() => second.stop());
+    const restored = () => log.entries().find((e) => e.event === 'delivery.exports_restored');
+    await waitFor(() => restored() !== undefined, 10_000, 'the missing exports to be written again');
+    assert.deepEqual(restored()?.ids, [early, late], 'the one in the second step too');
+    assert.equal(readFailedExport(second, late).recipients[0].lastCode, 550);
+  });
+
   test('a 552 to RCPT TO defers that recipient (RFC 5321: "too many recipients"); a 552 to DATA fails the batch', async () => {
     const { clock, relay, upstream } = await setup();
     let limited = true;

@@ -17,3 +17,25 @@ test('settleWithin ends after its time even when the wall clock steps back meanw
   assert.equal(settled, false, 'settleWithin waited for the task instead of its 200 ms');
   await slow;
 });
+
+/** `work` in `tasks` until it settles, as the engine tracks its attempts. */
+function track(tasks: Set<Promise<unknown>>, work: Promise<unknown>): void {
+  tasks.add(work);
+  void work.finally(() => tasks.delete(work));
+}
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+test('settleWithin also waits for a task added while it waits', async () => {
+  const tasks = new Set<Promise<unknown>>();
+  let laterSettled = false;
+  // the first task, as it ends, starts another (as a finished attempt lets the next one be claimed)
+  track(tasks, sleep(20).then(() => {
+    track(tasks, sleep(50).then(() => {
+      laterSettled = true;
+    }));
+  }));
+  await settleWithin(tasks, 60_000);
+  assert.equal(laterSettled, true, 'settleWithin returned while the task added meanwhile was in flight');
+  assert.equal(tasks.size, 0);
+});

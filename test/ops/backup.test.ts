@@ -9,7 +9,7 @@ import { ManualClock } from '../../src/clock.js';
 import { type Relay, startRelay } from '../../src/main.js';
 import { BackupError, backupDatabase } from '../../src/store/backup.js';
 import { openReadOnly } from '../../src/store/maintenance.js';
-import { startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { runCli, writeConfigFile } from '../cli/run-cli.js';
 
 const CLIENTS = 12;
@@ -201,5 +201,34 @@ test('a damaged live database: the error names it, not the target', async () => 
     });
   } finally {
     sqlite.close();
+  }
+});
+
+test('a database opened through a symlink: its WAL and shared memory beside the real file are its own too', async () => {
+  const dir = tempDir('relayq-linked-db-');
+  const real = path.join(dir, 'real', 'relayq.db');
+  fs.mkdirSync(path.dirname(real));
+  await (await startTestRelay({ databasePath: real }, { startDelivery: false, startRetention: false })).stop();
+  const link = path.join(dir, 'relayq-link.db');
+  fs.symlinkSync(real, link);
+  const relay = await startTestRelay({ databasePath: link }, { startDelivery: false, startRetention: false });
+  try {
+    await sendMail(relay.smtpPort, { to: ['rcpt@example.com'] });
+    // SQLite resolves the link: the WAL and -shm are the real file's, none is beside the link
+    assert.ok(fs.existsSync(`${real}-wal`) && fs.existsSync(`${real}-shm`));
+    assert.equal(fs.existsSync(`${link}-wal`), false);
+    const walBefore = fs.statSync(`${real}-wal`).ino;
+    const sqlite = openReadOnly(link);
+    try {
+      for (const target of [`${real}-wal`, `${real}-shm`]) {
+        assert.throws(() => backupDatabase(sqlite, target, { overwrite: true }), /is the database or one of its files/, target);
+      }
+    } finally {
+      sqlite.close();
+    }
+    assert.equal(fs.statSync(`${real}-wal`).ino, walBefore, 'the live WAL is the one SQLite opened');
+  } finally {
+    await relay.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });

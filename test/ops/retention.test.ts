@@ -6,7 +6,7 @@ import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { PRUNE_RATE_BUCKETS_SQL, PRUNE_RATE_HOURS_SQL, RetentionSweeper } from '../../src/store/retention.js';
-import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor } from '../helpers.js';
+import { capturedLog, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor } from '../helpers.js';
 
 const MINUTE = 60_000;
 const DAY = 86_400_000;
@@ -162,5 +162,38 @@ test('pruning rate buckets reads the minute and hour indexes, not the whole tabl
     assert.ok(!hours.some((row) => /^SCAN rate_hours/.test(row.detail)), JSON.stringify(hours));
   } finally {
     await store.close();
+  }
+});
+
+test('a batch that fails (a full disk, say) is tried again later: retention does not stop until a restart', async () => {
+  const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
+  const t0 = clock.now();
+  const relay = await startTestRelay({ retention: { deliveredDays: 7 } }, { clock, startDelivery: false, startRetention: false });
+  try {
+    const ids: string[] = [];
+    for (const to of ['a@example.com', 'b@example.com']) {
+      ids.push(/queued as (\S+)/.exec((await sendMail(relay.smtpPort, { from: 'app@example.com', to: [to] })).response)?.[1] as string);
+    }
+    await relay.delivery.runOnce();
+    clock.set(t0 + 7 * DAY + MINUTE);
+    // the first sweep's write is refused; every later one goes to the writer thread
+    const write = relay.commits.write.bind(relay.commits);
+    let refused = 0;
+    relay.commits.write = ((op, ...args) => {
+      if (op === 'retentionSweep' && refused++ === 0) return Promise.reject(new Error('database or disk is full'));
+      return write(op, ...args);
+    }) as typeof relay.commits.write;
+    const log = capturedLog('warn');
+    const sweeper = new RetentionSweeper({ commits: relay.commits, clock, logger: log.logger, deliveredDays: 7, busyIntervalMs: 0, idleIntervalMs: 10 });
+    sweeper.start();
+    try {
+      await waitFor(() => sweeper.totals.messages === 2, 10_000, 'the sweeper to delete the 2 delivered messages after its failed batch');
+    } finally {
+      await sweeper.stop();
+    }
+    assert.deepEqual(log.entries().filter((e) => e.event === 'retention.failed').map((e) => e.err), ['database or disk is full']);
+    for (const id of ids) assert.equal(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(id), undefined);
+  } finally {
+    await relay.stop();
   }
 });

@@ -10,7 +10,7 @@ import * as initial from '../../migrations/001_initial.js';
 import * as metrics from '../../migrations/002_metrics.js';
 import * as rateBucketMinute from '../../migrations/003_rate_bucket_minute.js';
 import { kyselyFor, migrateToLatest, openStore, type Sqlite } from '../../src/store/db.js';
-import { GLOBAL_SENDER_KEY, insertMessage, newQueueId, rateWindows } from '../../src/store/intake.js';
+import { checkRateLimits, GLOBAL_SENDER_KEY, insertMessage, newQueueId, rateWindows } from '../../src/store/intake.js';
 import { pruneRateBuckets } from '../../src/store/retention.js';
 import { tempDir } from '../helpers.js';
 
@@ -107,6 +107,34 @@ test('pruning removes per-minute and hourly buckets no window reaches, and leave
     assert.equal(rows('rate_hours'), 24 * 2);
     assert.deepEqual(rateWindows(s.sqlite, 'a@example.com', now), before);
     assert.equal(before.maxPerDay, 24);
+  } finally {
+    await s.close();
+  }
+});
+
+test('pruning keeps the oldest minute still in the rolling day: it counts toward maxPerDay until the minute after', async () => {
+  const s = await openStore(path.join(tempDir(), 'prune-edge.db'));
+  try {
+    const sent = T0 + 17 * MINUTE + 30_000;
+    store(s.sqlite, 'a@example.com', sent);
+    const limits = { enabled: true, maxPerHour: 100, maxPerDay: 1, globalMaxPerHour: 100, globalMaxPerDay: 100 };
+    const pruneAll = (now: number) => {
+      let pruned = 0;
+      for (let n = pruneRateBuckets(s.sqlite, now, 5); n > 0; n = pruneRateBuckets(s.sqlite, now, 5)) pruned += n;
+      return pruned;
+    };
+    const minuteRows = () => (s.sqlite.prepare('SELECT COUNT(*) AS n FROM rate_buckets').get() as { n: number }).n;
+    // 1,439 minutes later the message's minute is the first of the day window (the current minute is its last)
+    const lastMinuteInWindow = sent + 1439 * MINUTE;
+    assert.equal(pruneAll(lastMinuteInWindow), 0);
+    assert.equal(minuteRows(), 2, "the sender's and '*' minute buckets are kept");
+    assert.equal(rateWindows(s.sqlite, 'a@example.com', lastMinuteInWindow).maxPerDay, 1);
+    assert.deepEqual(checkRateLimits(s.sqlite, 'a@example.com', lastMinuteInWindow, limits), { limit: 'maxPerDay', max: 1, count: 1 });
+    // a minute later no window reaches it: its minute buckets go (its hour's go once the whole hour is out)
+    const outOfWindow = lastMinuteInWindow + MINUTE;
+    assert.equal(pruneAll(outOfWindow), 2);
+    assert.equal(minuteRows(), 0);
+    assert.equal(checkRateLimits(s.sqlite, 'a@example.com', outOfWindow, limits), undefined);
   } finally {
     await s.close();
   }

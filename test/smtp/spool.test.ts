@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
+import { PassThrough } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { createApp } from '../../src/api/app.js';
-import { Spool } from '../../src/smtp/spool.js';
+import { MessageBytes, Spool } from '../../src/smtp/spool.js';
 import { openStore } from '../../src/store/db.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { capturedLog, messageCount, openSession, type SmtpClient, sendMail, startTestRelay, tempDir, testConfig, waitFor, whileImmutable } from '../helpers.js';
@@ -339,4 +340,68 @@ test('a spool file opened before a spool failure does not clear it: /health stay
   } finally {
     await relay.stop();
   }
+});
+
+describe('a message\'s bytes past spoolAfter (MessageBytes)', () => {
+  /** A fresh spool and the bytes of one message, read from `data` (the DATA stream). */
+  function receiving(name: string): { dir: string; spool: Spool; data: PassThrough; bytes: MessageBytes } {
+    const dir = path.join(tempDir(), 'spool');
+    const spool = new Spool(dir, SPOOL_AFTER);
+    const data = new PassThrough();
+    return { dir, spool, data, bytes: new MessageBytes(spool, name, data) };
+  }
+
+  test('DATA is paused while the spool file\'s writes are behind, and resumed once they drained', async () => {
+    const { bytes, data } = receiving('1A22AF1C0B4CA8658AC7');
+    // far past the file stream's buffer (16 KiB): its write() asks for a drain
+    const big = Buffer.alloc(256 * 1024, 'x');
+    bytes.add(big);
+    assert.equal(data.isPaused(), true, 'DATA kept flowing while the spool file was behind');
+    await waitFor(() => !data.isPaused(), 10_000, 'DATA resumed after the drain');
+    const received = await bytes.finish();
+    assert.ok(received.spooled);
+    assert.equal(received.spooled.bytes, big.length);
+    assert.equal(fs.statSync(received.spooled.file).size, big.length);
+    bytes.discard();
+  });
+
+  test('a message discarded while its spool file is still being opened leaves no file behind', async (t) => {
+    const { dir, bytes } = receiving('1A22AF1C0B4CA8658AC8');
+    // a slow disk: the file's open is held until any removal of it has run (or long enough that
+    // one would have), so the removal cannot come before the file exists by luck
+    const realOpen = fs.open;
+    const realRm = fs.rm;
+    let removed!: () => void;
+    const removal = new Promise<void>((resolve) => (removed = resolve));
+    const opening = Promise.race([removal, new Promise<void>((resolve) => setTimeout(resolve, 500))]);
+    t.mock.method(fs, 'open', (...args: Parameters<typeof fs.open>) => {
+      if (String(args[0]).startsWith(dir)) void opening.then(() => realOpen(...args));
+      else realOpen(...args);
+    });
+    t.mock.method(fs, 'rm', (file: fs.PathLike, options: fs.RmOptions, cb: fs.NoParamCallback) =>
+      realRm(file, options, (err) => {
+        cb(err);
+        removed();
+      }),
+    );
+    bytes.add(Buffer.alloc(SPOOL_AFTER + 1, 'x'));
+    bytes.discard();
+    // settles once the file's stream has closed, when its file exists
+    await bytes.finish().catch(() => {});
+    await waitFor(() => fs.readdirSync(dir).length === 0, 10_000, 'the spool file removed');
+  });
+
+  test('a message discarded while finish() waits for its file is no spool failure: /health is not degraded for it', async () => {
+    const { dir, spool, bytes } = receiving('1A22AF1C0B4CA8658AC9');
+    bytes.add(Buffer.alloc(SPOOL_AFTER + 1, 'x'));
+    // bytes in the file: its stream is open (one still opening would finish its writes before closing)
+    await waitFor(() => fs.readdirSync(dir).some((name) => fs.statSync(path.join(dir, name)).size > 0), 10_000, 'bytes in the spool file');
+    bytes.add(Buffer.alloc(1024 * 1024, 'y'));
+    const finishing = bytes.finish();
+    bytes.discard();
+    // the file's writes were cut short: this message is not stored, and that is all
+    await assert.rejects(finishing);
+    assert.equal(spool.fault(60_000), undefined, 'a discarded message counted as a spool failure');
+    await waitFor(() => fs.readdirSync(dir).length === 0, 10_000, 'the spool file removed');
+  });
 });
