@@ -40,7 +40,10 @@ program
   .helpOption('-h, --help')
   .argument('[options...]')
   .action(async (_args: string[], _opts: unknown, cmd: Command) => {
-    if (program.opts<GlobalOptions>().json) throw new CliError('--json does not apply to serve: its log lines are JSON already', 2);
+    // before the command name or after it
+    if (program.opts<GlobalOptions>().json || cmd.args.includes('--json')) {
+      throw new CliError('--json does not apply to serve: its log lines are JSON already', 2);
+    }
     const { serve } = await import('./serve.js');
     await serve([...configFlags(program.opts<GlobalOptions>()), ...cmd.args], process.env);
   });

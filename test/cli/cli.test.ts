@@ -240,15 +240,19 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(missing, /no database at .*missing\.db/);
     assertOneLineError(badConfig, /bad\.json is not valid JSON/);
     // a key given before the command name is commander's unknown option: named without its value
-    const [beforeCommand, onOperatorCommand, senderAlone, jsonServe] = await Promise.all([
+    // (a relay that started anyway is killed at the time limit, and writes only under dir)
+    const serveFlags = ['--smtpPort', '0', '--enableHealthCheck', 'false', '--databasePath', path.join(dir, 'serve.db'), '--emailsDir', path.join(dir, 'serve-emails')];
+    const [beforeCommand, onOperatorCommand, senderAlone, jsonServe, serveJson] = await Promise.all([
       runCli(["--defaultPassword=Hun'ter2Secret", 'serve']),
       runCli(['status', '--forwardPasword=Hunter2Secret']),
       cli('retry', '--sender', 'x@example.com'),
-      // (a relay that started anyway is killed at the time limit, and writes only under dir)
-      runCli(['--json', 'serve', '--smtpPort', '0', '--enableHealthCheck', 'false', '--databasePath', path.join(dir, 'serve.db'), '--emailsDir', path.join(dir, 'serve-emails')]),
+      runCli(['--json', 'serve', ...serveFlags]),
+      runCli(['serve', ...serveFlags, '--json']),
     ]);
-    assertOneLineError(jsonServe, /^relayq: --json does not apply to serve: its log lines are JSON already$/);
-    assert.equal(jsonServe.code, 2);
+    for (const r of [jsonServe, serveJson]) {
+      assertOneLineError(r, /^relayq: --json does not apply to serve: its log lines are JSON already$/);
+      assert.equal(r.code, 2);
+    }
     assertOneLineError(senderAlone, /^relayq: --sender goes with --failed or --queued$/);
     assertOneLineError(beforeCommand, /^relayq: unknown option '--defaultPassword'$/);
     assertOneLineError(onOperatorCommand, /^relayq: unknown option '--forwardPasword'$/);
