@@ -133,9 +133,12 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   };
   /** The last step of a stop, and of a start that failed: queued writes commit, then both close. */
   const closeStorage = async () => {
-    await commits.close();
-    await store.close();
-    lock.release();
+    try {
+      await commits.close();
+      await store.close();
+    } finally {
+      lock.release();
+    }
   };
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
   const delivery = new DeliveryEngine({

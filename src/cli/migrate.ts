@@ -1,6 +1,7 @@
 // `relayq migrate`: applies pending schema migrations (the server also does this at start), so an
 // upgrade can be prepared, or a restored backup brought up to date, before the server runs.
 import { migrateToLatest } from '../store/db.js';
+import { lockDatabase } from '../store/maintenance.js';
 import { CliError, closeWithoutCheckpoint, openStoreForCli, type GlobalOptions, loadCliConfig, requireDatabaseFile, printJson, printText } from './context.js';
 
 export async function migrateCommand(global: GlobalOptions): Promise<void> {
@@ -8,7 +9,17 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
   const file = config.databasePath;
   // an upgrade of a database that is not there would create an empty one and call it a success
   requireDatabaseFile(file);
-  const store = await openStoreForCli(config);
+  // not under a running relay: it would go on with the schema it started with
+  let lock: { release(): void };
+  try {
+    lock = lockDatabase(file);
+  } catch (err) {
+    throw new CliError(`${file}: ${(err as Error).message}`);
+  }
+  const store = await openStoreForCli(config).catch((err) => {
+    lock.release();
+    throw err;
+  });
   try {
     const applied = await migrateToLatest(store.db).catch((err: Error) => {
       throw new CliError(`migration failed on ${file}: ${err.message}`);
@@ -22,5 +33,6 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
     }
   } finally {
     await closeWithoutCheckpoint(store);
+    lock.release();
   }
 }

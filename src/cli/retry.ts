@@ -4,7 +4,7 @@
 // --failed writes in short transactions (500 messages each) so the running server barely waits;
 // the ids given are requeued in one (all or nothing).
 import { systemClock } from '../clock.js';
-import { flushQueuedInSteps, HELD, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
+import { flushQueuedInSteps, HELD, queuedDueNow, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
 import { formatTable } from './table.js';
 
@@ -28,7 +28,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
     const flushed = await withWriter(config, (sqlite) =>
       flushQueuedInSteps(sqlite, options.sender, async (step) =>
         sqlite
-          .transaction(() => step.filter((id) => retryMessage(sqlite, id, systemClock.now(), config.batchDelay) === 'due-now').length)
+          .transaction(() => step.filter((id) => queuedDueNow(sqlite, id, systemClock.now(), config.batchDelay)).length)
           .immediate(),
       ),
     );

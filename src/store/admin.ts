@@ -77,8 +77,9 @@ export class RequeueStopped extends Error {
 /**
  * Makes the queued mail (from `sender`, when given) due now, as Postfix's `postqueue -f` does:
  * after an outage, mail waiting for its next retry need not wait out its backoff. In writes of at
- * most REQUEUE_STEP messages, newest first; `write` runs retryMessage on one step's ids and
- * resolves with how many it made due. Mail that arrives meanwhile is due at once anyway.
+ * most REQUEUE_STEP messages, newest first; `write` runs queuedDueNow on one step's ids (those
+ * still queued: one may have been claimed or failed since the page was read) and resolves with
+ * how many it made due. Mail that arrives meanwhile is due at once anyway.
  */
 export async function flushQueuedInSteps(reader: Sqlite, sender: string | undefined, write: (ids: string[]) => Promise<number>): Promise<number> {
   let flushed = 0;
@@ -161,14 +162,21 @@ export function retryMessage(sqlite: Sqlite, id: string, now: number, batchDelay
       // An expired lease is claimable again already; the delivery engine takes it back.
       return row.lease_expires_at !== null && row.lease_expires_at > now ? 'held' : 'due-now';
     default:
-      // never later than it was: between two batches it stays due batchDelay after the last one
-      prepared(
-        sqlite,
-        "UPDATE messages SET next_attempt_at = MIN(next_attempt_at, ?), updated_at = ? WHERE id = ? AND state = 'queued'",
-      ).run(nextBatchAt(sqlite, id, now, batchDelayMs), now, id);
-      prepared(sqlite, "UPDATE recipients SET next_attempt_at = ?, updated_at = ? WHERE message_id = ? AND status = 'pending'").run(now, now, id);
+      queuedDueNow(sqlite, id, now, batchDelayMs);
       return 'due-now';
   }
+}
+
+/** A queued message due now (at the earliest batchDelay after its last batch); false when it is not queued (any more). */
+export function queuedDueNow(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): boolean {
+  // never later than it was: between two batches it stays due batchDelay after the last one
+  const changed = prepared(
+    sqlite,
+    "UPDATE messages SET next_attempt_at = MIN(next_attempt_at, ?), updated_at = ? WHERE id = ? AND state = 'queued'",
+  ).run(nextBatchAt(sqlite, id, now, batchDelayMs), now, id).changes;
+  if (changed === 0) return false;
+  prepared(sqlite, "UPDATE recipients SET next_attempt_at = ?, updated_at = ? WHERE message_id = ? AND status = 'pending'").run(now, now, id);
+  return true;
 }
 
 /** What a `held` result means, in the words of the CLI and the API. */

@@ -68,7 +68,7 @@ export function createPrivateFile(file: string): void {
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     // else SQLite says only "unable to open database file"
-    if (fs.statSync(file).isDirectory()) throw new Error(`${file} is a directory, not a database file`);
+    if (fs.statSync(file).isDirectory()) throw new Error(`${file} is a directory`);
   }
 }
 

@@ -6,6 +6,7 @@
 // CLI, a backup, a sqlite3 shell) pins an old snapshot. journal_size_limit truncates it back
 // once such a reader is gone.
 import fs from 'node:fs';
+import path from 'node:path';
 import Database from 'better-sqlite3';
 import { BUSY_TIMEOUT_MS, createPrivateFile, type Sqlite } from './db.js';
 
@@ -18,25 +19,36 @@ export function limitWalSize(sqlite: Sqlite): void {
 
 /**
  * One relay per database, as one Postfix master per queue: a relay holds an exclusive SQLite lock
- * on `<databasePath>-lock` for as long as it runs (the kernel lets go of it when the process dies,
- * kill -9 included). A second relay on the database would empty the first one's spool directory
- * under its sessions; it is refused before it touches anything. The CLI takes no such lock: its
- * commands work beside a running relay.
+ * on `<database>-lock`, beside the database's real file (two paths to it, a symbolic link, share
+ * one lock), for as long as it runs; the kernel lets go of it when the process dies, kill -9
+ * included. A second relay on the database would empty the first one's spool directory under its
+ * sessions; it is refused before it opens the database. `relayq migrate` takes the lock too (a
+ * schema changed under a running relay); the other CLI commands work beside a running relay.
  */
 export function lockDatabase(databasePath: string): { release(): void } {
-  const file = `${databasePath}-lock`;
-  createPrivateFile(file);
-  const lock = new Database(file);
+  let real = path.resolve(databasePath);
   try {
+    real = fs.realpathSync(databasePath);
+  } catch {
+    // not there yet: the start creates it at this path
+  }
+  const file = `${real}-lock`;
+  let lock: Sqlite | undefined;
+  try {
+    createPrivateFile(file);
+    lock = new Database(file);
     lock.pragma('busy_timeout = 0');
     lock.pragma('journal_mode = MEMORY'); // no -lock-journal file beside it
     lock.exec('BEGIN EXCLUSIVE');
   } catch (err) {
-    lock.close();
-    if ((err as { code?: string }).code === 'SQLITE_BUSY') throw new Error(`another relayq is running on this database (it holds ${file})`);
-    throw err;
+    lock?.close();
+    if ((err as { code?: string }).code === 'SQLITE_BUSY') {
+      throw new Error(`another relayq is running on this database: ${file} is locked (on a network file system without locks it always is)`);
+    }
+    throw new Error(`${file}: ${(err as Error).message}`, { cause: err });
   }
-  return { release: () => lock.close() };
+  const held = lock;
+  return { release: () => held.close() };
 }
 
 /** Bytes of the database file and of its -wal file (0 when absent). */

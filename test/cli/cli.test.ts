@@ -5,10 +5,11 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
+import { flushQueuedInSteps, queuedDueNow } from '../../src/store/admin.js';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { startScriptedUpstream } from '../delivery/fixtures.js';
-import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable } from '../helpers.js';
+import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable, writeDirect } from '../helpers.js';
 import { CLI_ENTRY, cleanEnv, REPO_ROOT, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 const queuedId = (response: string) => {
@@ -524,7 +525,8 @@ test('retry --queued makes queued mail due now, past its backoff (postqueue -f);
   upstream.rcptReply = () => ({ code: 451, message: '4.3.0 try again later' });
   const clock = new ManualClock(Date.now());
   const relay = await startTestRelay(
-    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { initialDelay: 3600 } },
+    // batchDelay 0: due at the CLI's now, however fast it runs
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchDelay: 0, retry: { initialDelay: 3600 } },
     { clock, startDelivery: false, startRetention: false },
   );
   try {
@@ -545,11 +547,29 @@ test('retry --queued makes queued mail due now, past its backoff (postqueue -f);
     const all = await runCliJson<{ due_now: number }>(['retry', '--queued', ...db]);
     assert.equal(all.due_now, 3);
     assert.ok(dueAt(fromB) <= Date.now());
+
+    // a message that fails between the read of its page and the write is left failed, attempts and all
+    const failing = await from('c@three.example');
+    await relay.delivery.runOnce();
+    const flushed = await flushQueuedInSteps(relay.store.sqlite, 'c@three.example', async (ids) => {
+      assert.deepEqual(ids, [failing]);
+      await writeDirect(relay, (sqlite) => {
+        sqlite.prepare("UPDATE messages SET state = 'failed', finished_at = ? WHERE id = ?").run(Date.now(), failing);
+        sqlite.prepare("UPDATE recipients SET status = 'failed' WHERE message_id = ?").run(failing);
+      });
+      return writeDirect(relay, (sqlite) => ids.filter((id) => queuedDueNow(sqlite, id, Date.now(), 0)).length);
+    });
+    assert.equal(flushed, 0);
+    assert.deepEqual(relay.store.sqlite.prepare('SELECT m.state, r.status, r.attempts FROM messages m JOIN recipients r ON r.message_id = m.id WHERE m.id = ?').get(failing), {
+      state: 'failed',
+      status: 'failed',
+      attempts: 1,
+    });
     // the relay's clock catches up with the CLI's: every message goes out at the next run
     upstream.rcptReply = () => undefined;
     clock.set(Date.now());
     await relay.delivery.runOnce();
-    assert.deepEqual(upstream.accepted.map((t) => t.to[0]).sort(), ['rcpt@one.example', 'rcpt@one.example', 'rcpt@two.example']);
+    assert.deepEqual(upstream.accepted.map((t) => t.to[0]).sort(), ['rcpt@one.example', 'rcpt@one.example', 'rcpt@two.example'], 'not the failed one');
 
     const both = await runCli(['retry', '--queued', '--failed', ...db]);
     assertOneLineError(both, /^relayq: give --failed or --queued, not both$/);

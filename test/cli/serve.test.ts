@@ -161,6 +161,14 @@ test('a SIGTERM while the relay starts (here: waiting for a locked database) sto
   assert.deepEqual(events.slice(-2), ['relay.stopping', 'relay.stopped']);
 });
 
+test('the same signal twice at once (as `timeout` sends it, to the process and to its group) is one request: the stop is orderly', async () => {
+  // both are handled together once the start lets go of the main thread
+  const { code, events, stderr } = await signalWhileStarting(['SIGTERM', 'SIGTERM']);
+  assert.equal(code, 0, stderr);
+  assert.ok(!events.includes('relay.forced_exit'), events.join());
+  assert.deepEqual(events.slice(-2), ['relay.stopping', 'relay.stopped']);
+});
+
 test('a second signal exits at once with code 1; SIGHUP stops the relay as SIGTERM does', async () => {
   const forced = await signalWhileStarting(['SIGHUP', 'SIGINT']);
   assert.equal(forced.code, 1, forced.stderr);
@@ -178,7 +186,18 @@ test('a second relay on the same database is refused before it touches anything,
     const databasePath = path.join(dir, 'data', 'relayq.db');
     const second = await runCli(['serve', '--smtpPort', '0', '--healthCheckPort', '0', '--minFreeDiskMb', '0', '--databasePath', databasePath, '--emailsDir', path.join(dir, 'emails2')]);
     assert.equal(second.code, 1, second.stderr);
-    assert.match(second.stdout + second.stderr, /databasePath \S+relayq\.db: another relayq is running on this database \(it holds \S+relayq\.db-lock\)/);
+    assert.match(second.stdout + second.stderr, /databasePath \S+relayq\.db: another relayq is running on this database: \S+relayq\.db-lock is locked/);
+    // nor by another path to it, nor a migration under it
+    const link = path.join(dir, 'link.db');
+    fs.symlinkSync(databasePath, link);
+    const [viaLink, migrate] = await Promise.all([
+      runCli(['serve', '--smtpPort', '0', '--healthCheckPort', '0', '--minFreeDiskMb', '0', '--databasePath', link, '--emailsDir', path.join(dir, 'emails3')]),
+      runCli(['migrate', '--databasePath', databasePath]),
+    ]);
+    assert.equal(viaLink.code, 1, viaLink.stderr);
+    assert.match(viaLink.stderr, /another relayq is running on this database/);
+    assert.equal(migrate.code, 1, migrate.stderr);
+    assert.match(migrate.stderr, /^relayq: \S+relayq\.db: another relayq is running on this database/);
     assert.deepEqual(
       fs.readdirSync(path.dirname(databasePath)).filter((f) => f.includes('-lock')),
       ['relayq.db-lock'],
@@ -193,18 +212,4 @@ test('a second relay on the same database is refused before it touches anything,
   } finally {
     await first.kill();
   }
-});
-
-test('the same signal twice at once (as `timeout` sends it, to the process and to its group) is one request: the stop is orderly', async () => {
-  const relay = await spawnRelay(tempDir('relayq-serve-'));
-  relay.child.kill('SIGTERM');
-  relay.child.kill('SIGTERM');
-  assert.equal(await relay.kill('SIGTERM'), 0, relay.output());
-  const events = relay
-    .output()
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => (JSON.parse(l) as { event?: string }).event)
-    .filter((e) => e?.startsWith('relay.'));
-  assert.deepEqual(events, ['relay.started', 'relay.signal', 'relay.stopping', 'relay.stopped']);
 });
