@@ -1,8 +1,9 @@
 // `relayq retry ID...` puts messages back in the queue, due now (at the earliest batchDelay after
-// their last batch, as the engine spaces batches); `relayq retry --failed` requeues
-// every failed message; `relayq retry --queued` makes every queued one due now (postqueue -f). Only failed or pending recipients are tried again, never delivered ones.
-// --failed writes in short transactions (500 messages each) so the running server barely waits;
-// the ids given are requeued in one (all or nothing).
+// their last batch, as the engine spaces batches); `relayq retry --failed` requeues every failed
+// message; `relayq retry --queued` makes every queued one due now (postqueue -f). Only failed or
+// pending recipients are tried again, never delivered ones. --failed and --queued write in short
+// transactions (500 messages each) so the running server barely waits; the ids given are
+// requeued in one (all or nothing).
 import { systemClock } from '../clock.js';
 import { flushQueuedInSteps, HELD, queuedDueNow, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';

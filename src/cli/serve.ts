@@ -1,8 +1,8 @@
 // `relayq serve`: load the configuration (every error at once, before anything listens),
 // start the relay, and shut down in order on SIGTERM, SIGINT or SIGHUP (a second signal forces
-// exit; the first one repeated within a second does not). The signals are taken from the first moment: one that comes while the relay starts (a
-// long migration) stops it once it has started, rather than killing it mid-start or, as PID 1
-// in a container, being ignored.
+// exit; the first one repeated within a second does not). The signals are taken from the first
+// moment: one that comes while the relay starts (a long migration) stops it once it has started,
+// rather than killing it mid-start or, as PID 1 in a container, being ignored.
 import { loadConfigFromSources } from '../config/load.js';
 import { createLogger, type StdoutLog, stdoutLog } from '../logger.js';
 import { type Relay, startRelay } from '../main.js';

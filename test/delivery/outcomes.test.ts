@@ -243,6 +243,16 @@ describe('per-recipient outcomes', () => {
     assert.equal(readFailedExport(second, id).recipients[0].lastCode, 550);
   });
 
+  /** Starts a relay on `config` and waits for its start's restoring of missing exports (its log line). */
+  async function restartForExports(config: Parameters<typeof startTestRelay>[0]) {
+    const log = capturedLog('info');
+    const second = await startTestRelay(config, { logger: log.logger });
+    cleanup.push(() => second.stop());
+    const line = () => log.entries().find((e) => e.event === 'delivery.exports_restored');
+    await waitFor(() => line() !== undefined, 10_000, 'the missing exports to be written again');
+    return { second, restored: line() as { count?: unknown; ids?: unknown } };
+  }
+
   test('at a start only missing exports are written: a failed message whose export is there keeps that file', async () => {
     const { config } = await refusingUpstream();
     const first = await startTestRelay(config, { startDelivery: false });
@@ -256,12 +266,8 @@ describe('per-recipient outcomes', () => {
     fs.rmSync(path.join(config.emailsDir, 'failed', `${lost}.json`));
     await first.stop();
 
-    const log = capturedLog('info');
-    const second = await startTestRelay(config, { logger: log.logger });
-    cleanup.push(() => second.stop());
-    const restored = () => log.entries().find((e) => e.event === 'delivery.exports_restored');
-    await waitFor(() => restored() !== undefined, 10_000, 'the missing export to be written again');
-    assert.deepEqual([restored()?.count, restored()?.ids], [1, [lost]]);
+    const { second, restored } = await restartForExports(config);
+    assert.deepEqual([restored.count, restored.ids], [1, [lost]]);
     assert.ok(failedExportExists(second, lost));
     const after = fs.statSync(keptFile);
     assert.deepEqual([after.ino, after.mtimeMs], [before.ino, before.mtimeMs], 'the export still there is not written again');
@@ -296,12 +302,8 @@ describe('per-recipient outcomes', () => {
     for (const id of [early, late]) fs.rmSync(path.join(config.emailsDir, 'failed', `${id}.json`));
     await first.stop();
 
-    const log = capturedLog('info');
-    const second = await startTestRelay(config, { logger: log.logger });
-    cleanup.push(() => second.stop());
-    const restored = () => log.entries().find((e) => e.event === 'delivery.exports_restored');
-    await waitFor(() => restored() !== undefined, 10_000, 'the missing exports to be written again');
-    assert.deepEqual(restored()?.ids, [early, late], 'the one in the second step too');
+    const { second, restored } = await restartForExports(config);
+    assert.deepEqual(restored.ids, [early, late], 'the one in the second step too');
     assert.equal(readFailedExport(second, late).recipients[0].lastCode, 550);
   });
 
