@@ -18,12 +18,27 @@ import { BUSY_TIMEOUT_MS, openConnection } from '../src/store/db.js';
 
 /** Absolute paths, so child processes work from any working directory. */
 export const REPO_ROOT = path.resolve(import.meta.dirname, '..');
-export const CLI_SOURCE = path.join(REPO_ROOT, 'src', 'cli', 'index.ts');
-export const TSX_LOADER = import.meta.resolve('tsx');
+const BUILT_CLI = path.join(REPO_ROOT, 'dist', 'src', 'cli', 'index.js');
 
-/** argv for running the relayq CLI from source in a child process: spawn(process.execPath, cliArgs(...)). */
+/**
+ * argv for running the relayq CLI in a child process: spawn(process.execPath, cliArgs(...)).
+ * It runs the build, as an operator does (`npm test` builds first; each process would take twice
+ * as long to start from the sources through tsx). A build older than a source is refused, not tested.
+ */
 export function cliArgs(...args: string[]): string[] {
-  return ['--import', TSX_LOADER, CLI_SOURCE, ...args];
+  if (!buildChecked) requireCurrentBuild();
+  buildChecked = true;
+  return [BUILT_CLI, ...args];
+}
+
+let buildChecked = false;
+
+function requireCurrentBuild(): void {
+  const built = fs.statSync(BUILT_CLI, { throwIfNoEntry: false })?.mtimeMs ?? 0;
+  const stale = ['src', 'migrations']
+    .flatMap((dir) => fs.readdirSync(path.join(REPO_ROOT, dir), { recursive: true }).map((f) => path.join(dir, String(f))))
+    .find((f) => f.endsWith('.ts') && fs.statSync(path.join(REPO_ROOT, f)).mtimeMs > built);
+  if (stale !== undefined) throw new Error(`the CLI tests run the build, and ${built === 0 ? 'there is none' : `${stale} is newer than it`}: run npm run build (npm test does)`);
 }
 
 const tempDirs: string[] = [];
@@ -361,7 +376,7 @@ export interface RelayProcess {
 }
 
 /**
- * Runs `relayq serve` from source as a child process in `dir` (its database and emails live
+ * Runs `relayq serve` (the build) as a child process in `dir` (its database and emails live
  * there) and resolves once it logged `relay.started`. Extra config as flags, e.g.
  * ['--forwardSMTP', 'true'].
  */

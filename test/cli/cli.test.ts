@@ -9,8 +9,8 @@ import { flushQueuedInSteps, queuedDueNow } from '../../src/store/admin.js';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { startScriptedUpstream } from '../delivery/fixtures.js';
-import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable, writeDirect } from '../helpers.js';
-import { CLI_ENTRY, cleanEnv, REPO_ROOT, runCli, runCliJson, writeConfigFile } from './run-cli.js';
+import { cliArgs, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable, writeDirect } from '../helpers.js';
+import { cleanEnv, REPO_ROOT, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 const queuedId = (response: string) => {
   const m = /queued as (\S+)/.exec(response);
@@ -493,7 +493,7 @@ test('a read command waits for a lock another connection holds on the database (
   const holder = openConnection(file);
   holder.pragma('locking_mode = EXCLUSIVE');
   holder.exec('BEGIN IMMEDIATE; UPDATE counters SET value = value WHERE 0; COMMIT');
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI_ENTRY, 'status', '--json', '--databasePath', file], { cwd: REPO_ROOT, env: cleanEnv() });
+  const child = spawn(process.execPath, cliArgs('status', '--json', '--databasePath', file), { cwd: REPO_ROOT, env: cleanEnv() });
   let stdout = '';
   let stderr = '';
   child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));

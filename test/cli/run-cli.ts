@@ -1,13 +1,13 @@
-// Runs the relayq CLI as a real child process (TypeScript sources through tsx), with a config
-// file of its own and none of the caller's relayq environment variables.
+// Runs the relayq CLI (the build) as a real child process, with a config file of its own and none
+// of the caller's relayq environment variables.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
+import { cliArgs } from '../helpers.js';
 
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-export const CLI_ENTRY = path.join(REPO_ROOT, 'src', 'cli', 'index.ts');
 
 export interface CliResult {
   code: number | null;
@@ -34,7 +34,7 @@ export function writeConfigFile(dir: string, values: Record<string, unknown>): s
 /** `closeStdout`: the reading end goes away at once, as `relayq … | head -1` does once it has its line. */
 export function runCli(args: string[], options: { env?: Record<string, string>; timeoutMs?: number; closeStdout?: boolean } = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', CLI_ENTRY, ...args], {
+    const child = spawn(process.execPath, cliArgs(...args), {
       cwd: REPO_ROOT,
       env: cleanEnv(options.env),
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -44,7 +44,7 @@ export function runCli(args: string[], options: { env?: Record<string, string>; 
     if (options.closeStdout) child.stdout.destroy();
     else child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
     child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-    // generous: a busy machine compiling a dozen of them at once through tsx is slow
+    // generous: a busy machine starting a dozen of them at once is slow
     const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 60_000);
     child.on('error', reject);
     child.on('close', (code, signal) => {

@@ -5,15 +5,15 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { openConnection, openStore } from '../../src/store/db.js';
-import { closedPort, sendMail, spawnRelay, tempDir, waitFor } from '../helpers.js';
-import { CLI_ENTRY, cleanEnv, REPO_ROOT, runCli, writeConfigFile } from './run-cli.js';
+import { cliArgs, closedPort, sendMail, spawnRelay, tempDir, waitFor } from '../helpers.js';
+import { cleanEnv, REPO_ROOT, runCli, writeConfigFile } from './run-cli.js';
 
 test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail and exits 0 on SIGTERM', async () => {
   const dir = tempDir('relayq-serve-');
   const configFile = writeConfigFile(dir, { databasePath: path.join(dir, 'data', 'relayq.db'), emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0 });
   const child = spawn(
     process.execPath,
-    ['--import', 'tsx', CLI_ENTRY, 'serve', '--config', configFile, '--smtpPort', '0', '--healthCheckPort=0', '--logLevel', 'info'],
+    cliArgs('serve', '--config', configFile, '--smtpPort', '0', '--healthCheckPort=0', '--logLevel', 'info'),
     { cwd: REPO_ROOT, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let stdout = '';
@@ -46,7 +46,7 @@ test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail 
 async function serveWith(dir: string, stdout: number | 'pipe', databasePath = path.join(dir, 'data', 'relayq.db')) {
   const [smtpPort, httpPort] = [await closedPort(), await closedPort()];
   const configFile = writeConfigFile(dir, { databasePath, emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0, smtpPort, healthCheckPort: httpPort });
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI_ENTRY, 'serve', '--config', configFile], {
+  const child = spawn(process.execPath, cliArgs('serve', '--config', configFile), {
     cwd: REPO_ROOT,
     env: cleanEnv(),
     stdio: ['ignore', stdout, 'pipe'],

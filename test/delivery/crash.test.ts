@@ -5,13 +5,9 @@ import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { ManualClock } from '../../src/clock.js';
-import { sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
+import { cliArgs, sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
 import { message, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
-
-const CLI = fileURLToPath(new URL('../../src/cli/index.ts', import.meta.url));
-const TSX = import.meta.resolve('tsx');
 
 interface Child {
   process: ChildProcess;
@@ -23,7 +19,7 @@ interface Child {
 async function spawnRelay(args: string[], cwd: string): Promise<Child> {
   const env = { ...process.env };
   for (const key of Object.keys(env)) if (key.startsWith('RELAYQ_')) delete env[key];
-  const child = spawn(process.execPath, ['--import', TSX, CLI, 'serve', ...args], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, cliArgs('serve', ...args), { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   child.stdout.on('data', (d: Buffer) => (output += d.toString()));
   child.stderr.on('data', (d: Buffer) => (output += d.toString()));
