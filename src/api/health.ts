@@ -53,6 +53,13 @@ function openFiles(limit: number): number | undefined {
   }
 }
 
+/** From 90 % of the process's file descriptors in use: how many. */
+function descriptorsWarning(limit: number): string | undefined {
+  const open = openFiles(limit);
+  if (open === undefined || open < limit * HEALTH_THRESHOLDS.fileDescriptorsFraction) return undefined;
+  return `${open} of ${limit} file descriptors in use (ulimit -n): at the limit new connections are closed unanswered`;
+}
+
 export type HealthStatus = 'ok' | 'degraded' | 'error';
 
 /** The store's record of the upstream, merged with what a delivery engine reports live. */
@@ -109,10 +116,8 @@ export function healthRoutes(deps: ApiDeps) {
     const listening = deps.intake.isListening;
     if (!listening) errors.push('the SMTP listener is down');
 
-    const openNow = fileLimit === undefined ? undefined : openFiles(fileLimit);
-    if (fileLimit !== undefined && openNow !== undefined && openNow >= fileLimit * HEALTH_THRESHOLDS.fileDescriptorsFraction) {
-      degraded.push(`${openNow} of ${fileLimit} file descriptors in use (ulimit -n): at the limit new connections are closed unanswered`);
-    }
+    const descriptors = fileLimit === undefined ? undefined : descriptorsWarning(fileLimit);
+    if (descriptors) degraded.push(descriptors);
     // small messages are still taken
     const spoolFault = deps.intake.spoolFault(HEALTH_THRESHOLDS.storageFaultMs);
     if (spoolFault) degraded.push(`messages over spoolAfter (${config.spoolAfter} bytes) get 451: a spool file failed in the last minute: ${spoolFault}`);

@@ -17,7 +17,7 @@ export interface RequeueFilter {
   since?: number;
 }
 
-/** Failed messages requeued per write by requeueFailedInSteps. */
+/** Messages changed per write by requeueFailedInSteps and flushQueuedInSteps. */
 export const REQUEUE_STEP = 500;
 
 /**
@@ -27,33 +27,60 @@ export const REQUEUE_STEP = 500;
  * requeueFailed for one step (at most REQUEUE_STEP distinct ids) and resolves with how many it
  * requeued.
  */
-export async function requeueFailedInSteps(
-  reader: Sqlite,
-  filter: RequeueFilter,
-  write: (step: RequeueStep) => Promise<number>,
-): Promise<number> {
-  let requeued = 0;
+export function requeueFailedInSteps(reader: Sqlite, filter: RequeueFilter, write: (step: RequeueStep) => Promise<number>): Promise<number> {
+  const pages = filter.ids === undefined ? failedIdPages(reader, filter.since) : idSlices([...new Set(filter.ids)]);
+  const done = (n: number) => `${n} failed message${n === 1 ? ' was' : 's were'} requeued before that and stay requeued`;
+  return writeInSteps(pages, (ids) => write({ ...filter, ids }), done);
+}
+
+/**
+ * Makes the queued mail (from `sender`, when given) due now, as Postfix's `postqueue -f` does:
+ * after an outage, mail waiting for its next retry need not wait out its backoff. In writes of at
+ * most REQUEUE_STEP messages, newest first; `write` runs queuedDueNow on one step's ids (those
+ * still queued: one may have been claimed or failed since the page was read) and resolves with
+ * how many it made due. Mail that arrives meanwhile is due at once anyway.
+ */
+export function flushQueuedInSteps(reader: Sqlite, sender: string | undefined, write: (ids: string[]) => Promise<number>): Promise<number> {
+  return writeInSteps(queuedIdPages(reader, sender), write, (n) => `${n} queued message${n === 1 ? ' was' : 's were'} made due before that`);
+}
+
+/** Writes each page of ids in a step of its own; a failure after a step committed says what stays done. */
+async function writeInSteps(pages: Iterable<string[]>, write: (ids: string[]) => Promise<number>, done: (changed: number) => string): Promise<number> {
+  let changed = 0;
   try {
-    if (filter.ids !== undefined) {
-      const ids = [...new Set(filter.ids)];
-      for (let i = 0; i < ids.length; i += REQUEUE_STEP) requeued += await write({ ...filter, ids: ids.slice(i, i + REQUEUE_STEP) });
-      return requeued;
-    }
-    let cursor: FailedScanCursor | null = { finishedAt: filter.since ?? Number.NEGATIVE_INFINITY, id: '' };
-    // A message requeued by an early step that fails again before the walk ends has a later finish
-    // time, so a later step meets it again: it is requeued once per call, not once per meeting.
-    const requeuedIds = new Set<string>();
-    while (cursor) {
-      const page = failedPage(reader, { cursor, limit: REQUEUE_STEP });
-      const ids = page.messages.map((m) => m.id).filter((id) => !requeuedIds.has(id));
-      for (const id of ids) requeuedIds.add(id);
-      if (ids.length > 0) requeued += await write({ ...filter, ids });
-      cursor = page.next;
-    }
-    return requeued;
+    for (const ids of pages) if (ids.length > 0) changed += await write(ids);
+    return changed;
   } catch (err) {
-    throw requeued > 0 ? new RequeueStopped(requeued, err as Error) : err;
+    throw changed > 0 ? new RequeueStopped(changed, err as Error, done(changed)) : err;
   }
+}
+
+function* idSlices(ids: string[]): Generator<string[]> {
+  for (let i = 0; i < ids.length; i += REQUEUE_STEP) yield ids.slice(i, i + REQUEUE_STEP);
+}
+
+/** The failed messages finished at or after `since`, each once, a page read as the previous one is written. */
+function* failedIdPages(reader: Sqlite, since = Number.NEGATIVE_INFINITY): Generator<string[]> {
+  let cursor: FailedScanCursor | null = { finishedAt: since, id: '' };
+  // A message requeued by an early step that fails again before the walk ends has a later finish
+  // time, so a later page meets it again: it is requeued once per call, not once per meeting.
+  const seen = new Set<string>();
+  while (cursor) {
+    const page = failedPage(reader, { cursor, limit: REQUEUE_STEP });
+    const ids = page.messages.map((m) => m.id).filter((id) => !seen.has(id));
+    for (const id of ids) seen.add(id);
+    yield ids;
+    cursor = page.next;
+  }
+}
+
+function* queuedIdPages(reader: Sqlite, sender: string | undefined): Generator<string[]> {
+  let before: string | undefined;
+  do {
+    const page = listMessages(reader, { state: 'queued', sender, limit: REQUEUE_STEP, before });
+    yield page.messages.map((m) => m.id);
+    before = page.nextBefore ?? undefined;
+  } while (before);
 }
 
 /**
@@ -64,36 +91,9 @@ export async function requeueFailedInSteps(
 export class RequeueStopped extends Error {
   readonly code: unknown;
 
-  constructor(
-    readonly requeued: number,
-    cause: Error,
-    done = `${requeued} failed message${requeued === 1 ? ' was' : 's were'} requeued before that and stay requeued`,
-  ) {
+  constructor(readonly requeued: number, cause: Error, done: string) {
     super(`${cause.message}; ${done} (run it again for the rest)`, { cause });
     this.code = (cause as { code?: unknown }).code;
-  }
-}
-
-/**
- * Makes the queued mail (from `sender`, when given) due now, as Postfix's `postqueue -f` does:
- * after an outage, mail waiting for its next retry need not wait out its backoff. In writes of at
- * most REQUEUE_STEP messages, newest first; `write` runs queuedDueNow on one step's ids (those
- * still queued: one may have been claimed or failed since the page was read) and resolves with
- * how many it made due. Mail that arrives meanwhile is due at once anyway.
- */
-export async function flushQueuedInSteps(reader: Sqlite, sender: string | undefined, write: (ids: string[]) => Promise<number>): Promise<number> {
-  let flushed = 0;
-  let before: string | undefined;
-  try {
-    do {
-      const page = listMessages(reader, { state: 'queued', sender, limit: REQUEUE_STEP, before });
-      if (page.messages.length > 0) flushed += await write(page.messages.map((m) => m.id));
-      before = page.nextBefore ?? undefined;
-    } while (before);
-    return flushed;
-  } catch (err) {
-    if (flushed === 0) throw err;
-    throw new RequeueStopped(flushed, err as Error, `${flushed} queued message${flushed === 1 ? ' was' : 's were'} made due before that`);
   }
 }
 

@@ -135,7 +135,10 @@ export async function migrateToLatest<T>(db: Kysely<T>, set: Record<string, Migr
   // (Kysely would call it "corrupted migrations: previously executed migration … is missing")
   const applied = await sql<{ name: string }>`SELECT name FROM schema_migrations`.execute(db).then(
     (r) => r.rows.map((row) => row.name),
-    () => [], // a new database: no table yet
+    (err: Error) => {
+      if (/^no such table/.test(err.message)) return []; // a new database
+      throw err;
+    },
   );
   refuseNewerSchema(applied, Object.keys(set));
   const migrator = new Migrator({

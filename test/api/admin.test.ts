@@ -4,7 +4,7 @@ import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { REQUEUE_STEP, type RequeueStep, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
+import { flushQueuedInSteps, queuedDueNow, REQUEUE_STEP, type RequeueStep, RequeueStopped, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { capturedLog, holdWriteLock, openSession, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
@@ -693,6 +693,34 @@ test('retry-failed requeues each failed message once per call, even one that fai
     });
     assert.equal(requeued, ids.length);
     assert.deepEqual(stepIds.flat().sort(), ids, 'every failed message was requeued exactly once');
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('a flush of the queue (retry --queued) that fails after its first step says how many it made due, and those stay due', async () => {
+  const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
+  try {
+    const later = Date.now() + 3600_000;
+    await writeDirect(relay, (db) => {
+      for (let i = 0; i < REQUEUE_STEP + 10; i++) {
+        const id = `QUEUED${String(i).padStart(14, '0')}`;
+        insertMessage(db, { id, mailFrom: 'a@example.com', recipients: ['r@example.com'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'h', raw: Buffer.from('x'), receivedAt: 1000 + i }, { rateLimits: { enabled: false, maxPerHour: 1, maxPerDay: 1, globalMaxPerHour: 1, globalMaxPerDay: 1 }, queueSize: 0 });
+      }
+      db.prepare('UPDATE messages SET next_attempt_at = ?').run(later);
+    });
+    let steps = 0;
+    const flushing = flushQueuedInSteps(relay.store.sqlite, undefined, async (ids) => {
+      if (steps++ > 0) throw Object.assign(new Error('database is locked'), { code: 'SQLITE_BUSY' });
+      return writeDirect(relay, (db) => ids.filter((id) => queuedDueNow(db, id, Date.now(), 0)).length);
+    });
+    await assert.rejects(flushing, (err) => {
+      assert.ok(err instanceof RequeueStopped);
+      assert.equal(err.message, `database is locked; ${REQUEUE_STEP} queued messages were made due before that (run it again for the rest)`);
+      assert.deepEqual([err.code, err.requeued], ['SQLITE_BUSY', REQUEUE_STEP]);
+      return true;
+    });
+    assert.equal(relay.store.sqlite.prepare('SELECT count(*) FROM messages WHERE next_attempt_at < ?').pluck().get(later), REQUEUE_STEP);
   } finally {
     await relay.stop();
   }
