@@ -1,11 +1,12 @@
-// /admin: requeue failed mail, page through the queue, look at one message (with its
-// recipients and attempts, or its raw bytes), retry or delete one message. Commands go through
-// the group commit like every write of the server; each is logged with who asked.
+// /admin: requeue failed mail, make queued mail due now, page through the queue, look at one
+// message (with its recipients and attempts, or its raw bytes), retry or delete one message.
+// Commands go through the group commit like every write of the server; each is logged with who
+// asked.
 import { type Context, Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import { removeFailedExport } from '../delivery/failed-export.js';
-import { HELD, type RequeueFilter, RequeueStopped, requeueFailedInSteps } from '../store/admin.js';
+import { flushQueuedInSteps, HELD, type RequeueFilter, RequeueStopped, requeueFailedInSteps } from '../store/admin.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { isoTime } from '../clock.js';
@@ -49,6 +50,21 @@ function parseTime(name: string, value: unknown): number {
   throw badRequest(`${name} must be an ISO 8601 date or time with a zone (2026-03-03T08:00:00Z) or epoch milliseconds (a number)`);
 }
 
+function parseSender(value: unknown): string {
+  if (typeof value !== 'string') throw badRequest('sender must be a string (an envelope sender address, "" for <>)');
+  return value;
+}
+
+/** The body of retry-queued: optionally, the sender whose mail to make due. */
+function parseFlushFilter(body: unknown): { sender?: string } {
+  if (body === undefined) return {};
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw badRequest('the body must be a JSON object with an optional sender');
+  const [unknown] = Object.keys(body).filter((key) => key !== 'sender');
+  if (unknown !== undefined) throw badRequest(`unknown field ${JSON.stringify(unknown)}: expected sender`);
+  const { sender } = body as { sender?: unknown };
+  return sender === undefined ? {} : { sender: parseSender(sender) };
+}
+
 function parseRequeueFilter(body: unknown): RequeueFilter {
   if (body === undefined) return {};
   if (typeof body !== 'object' || body === null || Array.isArray(body)) throw badRequest('the body must be a JSON object with optional ids, sender, since');
@@ -60,8 +76,7 @@ function parseRequeueFilter(body: unknown): RequeueFilter {
       }
       filter.ids = value;
     } else if (key === 'sender') {
-      if (typeof value !== 'string') throw badRequest('sender must be a string (an envelope sender address, "" for <>)');
-      filter.sender = value;
+      filter.sender = parseSender(value);
     } else if (key === 'since') {
       filter.since = parseTime('since', value);
     } else {
@@ -76,6 +91,22 @@ function parseLimit(value: string | undefined): number {
   const n = Number(value);
   if (!/^\d+$/.test(value) || n < 1 || n > MAX_PAGE_SIZE) throw badRequest(`limit must be an integer from 1 to ${MAX_PAGE_SIZE}`);
   return n;
+}
+
+const limitBody = bodyLimit({
+  maxSize: MAX_BODY_BYTES,
+  onError: (c) => c.json({ error: 'payload_too_large', message: `the body is over ${MAX_BODY_BYTES} bytes` }, 413),
+});
+
+/** The request's body as JSON; undefined when it is empty. */
+async function jsonBody(c: Context<ApiEnv>): Promise<unknown> {
+  const text = await c.req.text();
+  if (text.trim() === '') return undefined;
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw badRequest('the body is not valid JSON');
+  }
 }
 
 function notFound(id: string): HTTPException {
@@ -109,17 +140,8 @@ export function adminRoutes(deps: ApiDeps) {
   }
 
   return new Hono<ApiEnv>()
-    .post('/retry-failed', bodyLimit({ maxSize: MAX_BODY_BYTES, onError: (c) => c.json({ error: 'payload_too_large', message: `the body is over ${MAX_BODY_BYTES} bytes` }, 413) }), async (c) => {
-      const text = await c.req.text();
-      let body: unknown;
-      if (text.trim() !== '') {
-        try {
-          body = JSON.parse(text);
-        } catch {
-          throw badRequest('the body is not valid JSON');
-        }
-      }
-      const filter = parseRequeueFilter(body);
+    .post('/retry-failed', limitBody, async (c) => {
+      const filter = parseRequeueFilter(await jsonBody(c));
       const now = clock.now();
       const who = c.get('requester');
       // the ids a request may list (up to MAX_IDS) would make one line of up to a megabyte
@@ -133,6 +155,21 @@ export function adminRoutes(deps: ApiDeps) {
         // what was committed before the failure is a change the admin log must show
         const requeued = err instanceof RequeueStopped ? err.requeued : 0;
         log.warn({ ...line, requeued, err: (err as Error).message }, `requeued ${requeued} failed messages, then stopped`);
+        throw err;
+      }
+    })
+    .post('/retry-queued', limitBody, async (c) => {
+      const filter = parseFlushFilter(await jsonBody(c));
+      const now = clock.now();
+      const who = c.get('requester');
+      const line = { event: 'api.admin', action: 'retry-queued', client: who.ip, via: who.via, filter };
+      try {
+        const dueNow = await flushQueuedInSteps(store.sqlite, filter.sender, (ids) => commits.write('flushQueued', ids, now, deps.config.batchDelay));
+        log.info({ ...line, dueNow }, `made ${dueNow} queued messages due now`);
+        return c.json({ due_now: dueNow });
+      } catch (err) {
+        const dueNow = err instanceof RequeueStopped ? err.requeued : 0;
+        log.warn({ ...line, dueNow, err: (err as Error).message }, `made ${dueNow} queued messages due now, then stopped`);
         throw err;
       }
     })

@@ -5,7 +5,7 @@
 // transactions (500 messages each) so the running server barely waits; the ids given are
 // requeued in one (all or nothing).
 import { systemClock } from '../clock.js';
-import { flushQueuedInSteps, HELD, queuedDueNow, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
+import { flushQueued, flushQueuedInSteps, HELD, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
 import { formatTable } from './table.js';
 
@@ -27,11 +27,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
 
   if (options.queued) {
     const flushed = await withWriter(config, (sqlite) =>
-      flushQueuedInSteps(sqlite, options.sender, async (step) =>
-        sqlite
-          .transaction(() => step.filter((id) => queuedDueNow(sqlite, id, systemClock.now(), config.batchDelay)).length)
-          .immediate(),
-      ),
+      flushQueuedInSteps(sqlite, options.sender, async (ids) => sqlite.transaction(() => flushQueued(sqlite, ids, systemClock.now(), config.batchDelay)).immediate()),
     );
     if (global.json) printJson({ due_now: flushed });
     else printText(`${flushed} queued message${flushed === 1 ? ' is' : 's are'} due now`);

@@ -1,7 +1,7 @@
-// Operator commands on the queue, shared by the HTTP API and the CLI: requeue failed mail,
-// retry one message now, delete one message. Each runs inside one write transaction (the
-// server passes them to commits.write). Delivered recipients are never touched, so a requeue
-// can only re-send to recipients that did not get the message.
+// Operator commands on the queue, shared by the HTTP API and the CLI: requeue failed mail, make
+// queued mail due now, retry one message now, delete one message. Each runs inside one write
+// transaction (the server passes them to commits.write). Delivered recipients are never
+// touched, so a requeue can only re-send to recipients that did not get the message.
 import type { Sqlite } from './db.js';
 import { type FailedScanCursor, failedPage, nextBatchAt } from './delivery.js';
 import { senderKey } from './intake.js';
@@ -36,7 +36,7 @@ export function requeueFailedInSteps(reader: Sqlite, filter: RequeueFilter, writ
 /**
  * Makes the queued mail (from `sender`, when given) due now, as Postfix's `postqueue -f` does:
  * after an outage, mail waiting for its next retry need not wait out its backoff. In writes of at
- * most REQUEUE_STEP messages, newest first; `write` runs queuedDueNow on one step's ids (those
+ * most REQUEUE_STEP messages, newest first; `write` runs flushQueued on one step's ids (those
  * still queued: one may have been claimed or failed since the page was read) and resolves with
  * how many it made due. Mail that arrives meanwhile is due at once anyway.
  */
@@ -177,6 +177,11 @@ export function queuedDueNow(sqlite: Sqlite, id: string, now: number, batchDelay
   if (changed === 0) return false;
   prepared(sqlite, "UPDATE recipients SET next_attempt_at = ?, updated_at = ? WHERE message_id = ? AND status = 'pending'").run(now, now, id);
   return true;
+}
+
+/** One step of flushQueuedInSteps: those of `ids` still queued become due now. Returns how many. */
+export function flushQueued(sqlite: Sqlite, ids: string[], now: number, batchDelayMs: number): number {
+  return ids.filter((id) => queuedDueNow(sqlite, id, now, batchDelayMs)).length;
 }
 
 /** What a `held` result means, in the words of the CLI and the API. */

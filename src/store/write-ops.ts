@@ -2,7 +2,7 @@
 // group commit (see writer.ts); arguments and results cross the thread boundary by structured
 // clone, so they are plain data: no functions, no class instances.
 import crypto from 'node:crypto';
-import { deleteMessage, requeueFailed, retryMessage } from './admin.js';
+import { deleteMessage, flushQueued, requeueFailed, retryMessage } from './admin.js';
 import type { Sqlite } from './db.js';
 import { type ClaimOptions, claimDueBatches, completeBatch, releaseClaims, requeueTemporaryFailures } from './delivery.js';
 import { countRefusal, insertMessage } from './intake.js';
@@ -18,6 +18,7 @@ export const WRITE_OPS = {
   releaseClaims,
   requeueTemporaryFailures,
   requeueFailed,
+  flushQueued,
   retryMessage,
   deleteMessage,
   /**

@@ -15,6 +15,7 @@ const ROUTES: Array<[string, string]> = [
   ['GET', '/metrics'],
   ['GET', '/admin/messages'],
   ['POST', '/admin/retry-failed'],
+  ['POST', '/admin/retry-queued'],
   ['GET', '/no-such-route'],
 ];
 
@@ -34,7 +35,7 @@ describe('API access: loopback, or a bearer token', () => {
     for (const relay of [open, guarded]) {
       for (const ip of ['127.0.0.1', '127.8.9.10', '::1', '::ffff:127.0.0.1']) {
         const app = createApp({ ...relay, getClientIp: () => ip });
-        for (const [method, path] of ROUTES.slice(0, 4)) {
+        for (const [method, path] of ROUTES.slice(0, 5)) {
           const res = await app.request(path, { method });
           assert.equal(res.status, 200, `${ip} ${method} ${path}`);
         }
@@ -160,13 +161,16 @@ describe('API access: loopback, or a bearer token', () => {
       assert.equal(refused.status, 401);
       const local = await call(relay, '/admin/retry-failed', { method: 'POST' });
       assert.equal(local.status, 200);
+      const flush = await asRemote.request('/admin/retry-queued', { method: 'POST', headers: { authorization: `Bearer ${TOKEN}` } });
+      assert.equal(flush.status, 200);
       const events = entries();
       const admin = events.filter((e) => e.event === 'api.admin');
       assert.deepEqual(
-        admin.map((e) => [e.action, e.client, e.via, e.requeued, e.component]),
+        admin.map((e) => [e.action, e.client, e.via, e.requeued ?? e.dueNow, e.component]),
         [
           ['retry-failed', REMOTE, 'token', 0, 'api'],
           ['retry-failed', '127.0.0.1', 'loopback', 0, 'api'],
+          ['retry-queued', REMOTE, 'token', 0, 'api'],
         ],
       );
       const refusal = events.find((e) => e.event === 'api.refused');

@@ -182,6 +182,69 @@ describe('admin: requeue failed mail', () => {
   });
 });
 
+describe('admin: make queued mail due now', () => {
+  test('retry-queued after an upstream outage sends the deferred mail at once (postqueue -f); sender narrows it', async () => {
+    const clock = new ManualClock();
+    const outage = await upstreamOutage();
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: outage.port, batchDelay: 0 }, { ...options(clock), logger: log.logger });
+    let upstream: Upstream | undefined;
+    try {
+      const a1 = await send(relay, 'a@example.com', ['x@example.com']);
+      const b1 = await send(relay, 'B@Example.com', ['z@example.com']);
+      await relay.delivery.runOnce();
+      const dueAt = async (id: string) => (await call<MessageJson>(relay, `/admin/messages/${id}`)).body.next_attempt_at;
+      for (const id of [a1, b1]) assert.ok(Date.parse(await dueAt(id)) > clock.now(), 'deferred: waiting out its backoff');
+
+      upstream = await outage.recover();
+      const bySender = await call(relay, '/admin/retry-queued', postJson({ sender: 'b@example.com' }));
+      assert.deepEqual([bySender.status, bySender.body], [200, { due_now: 1 }]);
+      assert.equal(await dueAt(b1), new Date(clock.now()).toISOString());
+      assert.ok(Date.parse(await dueAt(a1)) > clock.now(), 'another sender still waits');
+      await relay.delivery.runOnce();
+      assert.deepEqual(upstream.received.map((m) => m.to[0]), ['z@example.com']);
+
+      const rest = await call(relay, '/admin/retry-queued', { method: 'POST' });
+      assert.deepEqual([rest.status, rest.body], [200, { due_now: 1 }]);
+      await relay.delivery.runOnce();
+      assert.deepEqual(upstream.received.map((m) => m.to[0]).sort(), ['x@example.com', 'z@example.com']);
+      assert.deepEqual((await call(relay, '/admin/retry-queued', { method: 'POST' })).body, { due_now: 0 }, 'nothing queued any more');
+      assert.deepEqual(
+        log.entries().filter((e) => e.event === 'api.admin').map((e) => [e.action, e.filter, e.dueNow]),
+        [
+          ['retry-queued', { sender: 'b@example.com' }, 1],
+          ['retry-queued', {}, 1],
+          ['retry-queued', {}, 0],
+        ],
+      );
+    } finally {
+      await relay.stop();
+      await upstream?.close();
+    }
+  });
+
+  test('retry-queued: a bad body is a 400 that names the problem', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    try {
+      const cases: Array<[RequestInit, string]> = [
+        [{ method: 'POST', body: '{"sender": ' }, 'the body is not valid JSON'],
+        [postJson(['a@example.com']), 'the body must be a JSON object with an optional sender'],
+        [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "" for <>)'],
+        [postJson({ ids: ['ABC'] }), 'unknown field "ids": expected sender'],
+      ];
+      for (const [init, message] of cases) {
+        const res = await call(relay, '/admin/retry-queued', init);
+        assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }]);
+      }
+      for (const init of [postJson({}), postJson({ sender: '' }), { method: 'POST', body: ' ' }]) {
+        assert.deepEqual((await call(relay, '/admin/retry-queued', init)).body, { due_now: 0 });
+      }
+    } finally {
+      await relay.stop();
+    }
+  });
+});
+
 describe('admin: queue inspection', () => {
   test('list pages newest first through every filter, with a cursor', async () => {
     const clock = new ManualClock();
