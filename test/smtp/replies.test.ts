@@ -451,19 +451,20 @@ describe('shutdown', () => {
 
   test('a client that connects while the relay is still stopping is told 421 4.3.2, not refused', async () => {
     const relay = await startTestRelay({}, { shutdownGraceMs: 60_000 });
-    // half a request: the API's close waits for it (up to 2 s) before it gives up on it
-    const http = await SmtpClient.connect(relay.httpPort as number);
-    http.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n');
+    // a message in DATA: the stop waits for it
+    const inData = await openSession(relay.smtpPort);
+    assert.match(await inData.send('DATA'), /^354/);
     const stopping = relay.stop();
     let late: SmtpClient | undefined;
     try {
       await new Promise((resolve) => setTimeout(resolve, 100));
-      // the stop waits for the API's request; meanwhile SMTP answers, but takes nothing
+      // meanwhile SMTP answers, but takes nothing
       late = await SmtpClient.connect(relay.smtpPort);
       assert.match(await late.read(), /^421 4\.3\.2 /);
+      assert.match(await inData.send('Subject: in flight\r\n\r\nbody\r\n.'), /^250 2\.0\.0 /);
     } finally {
       late?.close();
-      http.close();
+      inData.close();
       await stopping;
     }
   });
