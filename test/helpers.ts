@@ -37,7 +37,8 @@ function requireCurrentBuild(): void {
   const built = fs.statSync(BUILT_CLI, { throwIfNoEntry: false })?.mtimeMs ?? 0;
   const stale = ['src', 'migrations']
     .flatMap((dir) => fs.readdirSync(path.join(REPO_ROOT, dir), { recursive: true }).map((f) => path.join(dir, String(f))))
-    .find((f) => f.endsWith('.ts') && fs.statSync(path.join(REPO_ROOT, f)).mtimeMs > built);
+    // (an editor's lock file may be a link to nowhere)
+    .find((f) => f.endsWith('.ts') && (fs.statSync(path.join(REPO_ROOT, f), { throwIfNoEntry: false })?.mtimeMs ?? 0) > built);
   if (stale !== undefined) throw new Error(`the CLI tests run the build, and ${built === 0 ? 'there is none' : `${stale} is newer than it`}: run npm run build (npm test does)`);
 }
 

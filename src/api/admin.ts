@@ -6,7 +6,8 @@ import { type Context, Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import { removeFailedExport } from '../delivery/failed-export.js';
-import { flushQueuedInSteps, HELD, type RequeueFilter, RequeueStopped, requeueFailedInSteps } from '../store/admin.js';
+import { MAX_ADDRESS_LENGTH } from '../smtp/message.js';
+import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, StoppedPartWay } from '../store/admin.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { isoTime } from '../clock.js';
@@ -52,6 +53,7 @@ function parseTime(name: string, value: unknown): number {
 
 function parseSender(value: unknown): string {
   if (typeof value !== 'string') throw badRequest('sender must be a string (an envelope sender address, "" for <>)');
+  if (value.length > MAX_ADDRESS_LENGTH) throw badRequest(`sender must be at most ${MAX_ADDRESS_LENGTH} characters, as every envelope sender relayq takes`);
   return value;
 }
 
@@ -98,8 +100,13 @@ const limitBody = bodyLimit({
   onError: (c) => c.json({ error: 'payload_too_large', message: `the body is over ${MAX_BODY_BYTES} bytes` }, 413),
 });
 
-/** The request's body as JSON; undefined when it is empty. */
-async function jsonBody(c: Context<ApiEnv>): Promise<unknown> {
+/**
+ * The filters of a command on many messages: its JSON body, undefined when empty. A query string
+ * is refused: `?sender=…` there, as GET /messages takes it, would be left out, and the command
+ * would act on every message.
+ */
+async function filterBody(c: Context<ApiEnv>): Promise<unknown> {
+  if (new URL(c.req.url).search !== '') throw badRequest('the filters go in the JSON body, not in the query string');
   const text = await c.req.text();
   if (text.trim() === '') return undefined;
   try {
@@ -141,7 +148,7 @@ export function adminRoutes(deps: ApiDeps) {
 
   return new Hono<ApiEnv>()
     .post('/retry-failed', limitBody, async (c) => {
-      const filter = parseRequeueFilter(await jsonBody(c));
+      const filter = parseRequeueFilter(await filterBody(c));
       const now = clock.now();
       const who = c.get('requester');
       // the ids a request may list (up to MAX_IDS) would make one line of up to a megabyte
@@ -153,13 +160,13 @@ export function adminRoutes(deps: ApiDeps) {
         return c.json({ requeued });
       } catch (err) {
         // what was committed before the failure is a change the admin log must show
-        const requeued = err instanceof RequeueStopped ? err.requeued : 0;
-        log.warn({ ...line, requeued, err: (err as Error).message }, `requeued ${requeued} failed messages, then stopped`);
+        const requeued = err instanceof StoppedPartWay ? err.changed : 0;
+        log.warn({ ...line, result: 'error', requeued, err: (err as Error).message }, `requeued ${requeued} failed messages, then stopped`);
         throw err;
       }
     })
     .post('/retry-queued', limitBody, async (c) => {
-      const filter = parseFlushFilter(await jsonBody(c));
+      const filter = parseFlushFilter(await filterBody(c));
       const now = clock.now();
       const who = c.get('requester');
       const line = { event: 'api.admin', action: 'retry-queued', client: who.ip, via: who.via, filter };
@@ -168,8 +175,8 @@ export function adminRoutes(deps: ApiDeps) {
         log.info({ ...line, dueNow }, `made ${dueNow} queued messages due now`);
         return c.json({ due_now: dueNow });
       } catch (err) {
-        const dueNow = err instanceof RequeueStopped ? err.requeued : 0;
-        log.warn({ ...line, dueNow, err: (err as Error).message }, `made ${dueNow} queued messages due now, then stopped`);
+        const dueNow = err instanceof StoppedPartWay ? err.changed : 0;
+        log.warn({ ...line, result: 'error', dueNow, err: (err as Error).message }, `made ${dueNow} queued messages due now, then stopped`);
         throw err;
       }
     })

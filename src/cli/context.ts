@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import { loadConfigFromSources } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
-import { RequeueStopped } from '../store/admin.js';
+import { StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, type Sqlite, type Store } from '../store/db.js';
 import { appliedMigrations, openReadOnly, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 
@@ -116,7 +116,7 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   } catch (err) {
     // every write of these commands is one transaction: refused, it changed nothing (a retry
     // --failed stopped after a step says what it requeued before)
-    if ((err as { code?: unknown }).code === 'SQLITE_BUSY' && !(err instanceof RequeueStopped)) {
+    if ((err as { code?: unknown }).code === 'SQLITE_BUSY' && !(err instanceof StoppedPartWay)) {
       throw new CliError(
         `database ${file} is locked: another process (the relay, a sqlite3 shell inside a transaction) held its write lock for more than ${BUSY_TIMEOUT_MS / 1000} s; nothing was changed, run the command again`,
       );

@@ -8,6 +8,9 @@ const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\
 /** local@[192.0.2.1] or local@[IPv6:2001:db8::1]: a domain that is an address literal (RFC 5321 §4.1.3). */
 const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:]+)\]$/iu;
 
+/** The longest envelope address relayq accepts (64 octets of local part, @, 255 of domain). */
+export const MAX_ADDRESS_LENGTH = 320;
+
 /**
  * An envelope path relayq accepts: local@domain without controls or spaces, whose domain's labels
  * start and end with a letter or digit and are at most 63 octets in ASCII form (RFC 5321
@@ -15,7 +18,7 @@ const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:
  */
 export function isValidAddress(address: string, allowEmpty: boolean): boolean {
   if (address === '') return allowEmpty;
-  if (address.length > 320) return false;
+  if (address.length > MAX_ADDRESS_LENGTH) return false;
   if (/[\r\n\0]/.test(address)) return false;
   if (ADDRESS.test(address)) return validLabels(address.slice(address.lastIndexOf('@') + 1));
   const literal = ADDRESS_LITERAL.exec(address);

@@ -18,13 +18,13 @@ export interface RequeueFilter {
 }
 
 /** Messages changed per write by requeueFailedInSteps and flushQueuedInSteps. */
-export const REQUEUE_STEP = 500;
+export const ADMIN_STEP = 500;
 
 /**
- * Requeues the failed mail that matches `filter` in writes of at most REQUEUE_STEP messages,
+ * Requeues the failed mail that matches `filter` in writes of at most ADMIN_STEP messages,
  * so that a requeue of everything never holds the writer (and the `250`s waiting behind it)
  * for long. Failed messages are read in (finish time, id) order on `reader`; `write` runs
- * requeueFailed for one step (at most REQUEUE_STEP distinct ids) and resolves with how many it
+ * requeueFailed for one step (at most ADMIN_STEP distinct ids) and resolves with how many it
  * requeued.
  */
 export function requeueFailedInSteps(reader: Sqlite, filter: RequeueFilter, write: (step: RequeueStep) => Promise<number>): Promise<number> {
@@ -36,7 +36,7 @@ export function requeueFailedInSteps(reader: Sqlite, filter: RequeueFilter, writ
 /**
  * Makes the queued mail (from `sender`, when given) due now, as Postfix's `postqueue -f` does:
  * after an outage, mail waiting for its next retry need not wait out its backoff. In writes of at
- * most REQUEUE_STEP messages, newest first; `write` runs flushQueued on one step's ids (those
+ * most ADMIN_STEP messages, newest first; `write` runs flushQueued on one step's ids (those
  * still queued: one may have been claimed or failed since the page was read) and resolves with
  * how many it made due. Mail that arrives meanwhile is due at once anyway.
  */
@@ -51,12 +51,12 @@ async function writeInSteps(pages: Iterable<string[]>, write: (ids: string[]) =>
     for (const ids of pages) if (ids.length > 0) changed += await write(ids);
     return changed;
   } catch (err) {
-    throw changed > 0 ? new RequeueStopped(changed, err as Error, done(changed)) : err;
+    throw changed > 0 ? new StoppedPartWay(changed, err as Error, done(changed)) : err;
   }
 }
 
 function* idSlices(ids: string[]): Generator<string[]> {
-  for (let i = 0; i < ids.length; i += REQUEUE_STEP) yield ids.slice(i, i + REQUEUE_STEP);
+  for (let i = 0; i < ids.length; i += ADMIN_STEP) yield ids.slice(i, i + ADMIN_STEP);
 }
 
 /** The failed messages finished at or after `since`, each once, a page read as the previous one is written. */
@@ -66,7 +66,7 @@ function* failedIdPages(reader: Sqlite, since = Number.NEGATIVE_INFINITY): Gener
   // time, so a later page meets it again: it is requeued once per call, not once per meeting.
   const seen = new Set<string>();
   while (cursor) {
-    const page = failedPage(reader, { cursor, limit: REQUEUE_STEP });
+    const page = failedPage(reader, { cursor, limit: ADMIN_STEP });
     const ids = page.messages.map((m) => m.id).filter((id) => !seen.has(id));
     for (const id of ids) seen.add(id);
     yield ids;
@@ -77,21 +77,21 @@ function* failedIdPages(reader: Sqlite, since = Number.NEGATIVE_INFINITY): Gener
 function* queuedIdPages(reader: Sqlite, sender: string | undefined): Generator<string[]> {
   let before: string | undefined;
   do {
-    const page = listMessages(reader, { state: 'queued', sender, limit: REQUEUE_STEP, before });
+    const page = listMessages(reader, { state: 'queued', sender, limit: ADMIN_STEP, before });
     yield page.messages.map((m) => m.id);
     before = page.nextBefore ?? undefined;
   } while (before);
 }
 
 /**
- * A requeue whose step failed after earlier steps had committed: those stay requeued, and saying
- * only "database is locked" would tell the operator that nothing changed. Carries the failed
- * step's error code, so that a database error is still answered as one.
+ * A requeue or flush whose step failed after earlier steps had committed: those stay changed, and
+ * saying only "database is locked" would tell the operator that nothing changed. Carries the
+ * failed step's error code, so that a database error is still answered as one.
  */
-export class RequeueStopped extends Error {
+export class StoppedPartWay extends Error {
   readonly code: unknown;
 
-  constructor(readonly requeued: number, cause: Error, done: string) {
+  constructor(readonly changed: number, cause: Error, done: string) {
     super(`${cause.message}; ${done} (run it again for the rest)`, { cause });
     this.code = (cause as { code?: unknown }).code;
   }

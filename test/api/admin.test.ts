@@ -4,7 +4,7 @@ import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { flushQueuedInSteps, queuedDueNow, REQUEUE_STEP, type RequeueStep, RequeueStopped, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
+import { ADMIN_STEP, flushQueued, type RequeueStep, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { capturedLog, holdWriteLock, openSession, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
@@ -174,6 +174,12 @@ describe('admin: requeue failed mail', () => {
         const res = await call(relay, '/admin/retry-failed', postJson({ since }));
         assert.deepEqual([res.status, res.body], [200, { requeued: 0 }], String(since));
       }
+      const long = `${'a'.repeat(64)}@${'d'.repeat(256)}`;
+      const longSender = await call(relay, '/admin/retry-failed', postJson({ sender: long }));
+      assert.deepEqual(longSender.body, { error: 'bad_request', message: 'sender must be at most 320 characters, as every envelope sender relayq takes' });
+      // as GET /admin/messages takes it: left out, it would requeue everything
+      const inQuery = await call(relay, '/admin/retry-failed?sender=a@example.com', { method: 'POST' });
+      assert.deepEqual([inQuery.status, inQuery.body], [400, { error: 'bad_request', message: 'the filters go in the JSON body, not in the query string' }]);
       const huge = await call(relay, '/admin/retry-failed', postJson({ ids: Array.from({ length: 60_000 }, (_, i) => `ID${i}`.padEnd(20, '0')) }));
       assert.deepEqual([huge.status, huge.body], [413, { error: 'payload_too_large', message: 'the body is over 1048576 bytes' }]);
     } finally {
@@ -231,11 +237,14 @@ describe('admin: make queued mail due now', () => {
         [postJson(['a@example.com']), 'the body must be a JSON object with an optional sender'],
         [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "" for <>)'],
         [postJson({ ids: ['ABC'] }), 'unknown field "ids": expected sender'],
+        [postJson({ sender: `a@${'d'.repeat(319)}` }), 'sender must be at most 320 characters, as every envelope sender relayq takes'],
       ];
       for (const [init, message] of cases) {
         const res = await call(relay, '/admin/retry-queued', init);
         assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }]);
       }
+      const inQuery = await call(relay, '/admin/retry-queued?sender=', { method: 'POST' });
+      assert.deepEqual([inQuery.status, inQuery.body], [400, { error: 'bad_request', message: 'the filters go in the JSON body, not in the query string' }]);
       for (const init of [postJson({}), postJson({ sender: '' }), { method: 'POST', body: ' ' }]) {
         assert.deepEqual((await call(relay, '/admin/retry-queued', init)).body, { due_now: 0 });
       }
@@ -726,24 +735,52 @@ test('a client that closes the connection in the middle of its request body is l
   }
 });
 
-/** `count` failed messages, written straight into the relay's database; their ids in order. */
-function insertFailed(relay: Relay, count: number): Promise<string[]> {
+/**
+ * `count` messages written straight into the relay's database, failed or queued (waiting out an
+ * hour's backoff); their ids in order.
+ */
+function insertMessages(relay: Relay, count: number, state: 'failed' | 'queued'): Promise<string[]> {
   return writeDirect(relay, (db) => {
     const made: string[] = [];
     for (let i = 0; i < count; i++) {
-      const id = `FAILED${String(i).padStart(14, '0')}`;
+      const id = `${state.toUpperCase()}${String(i).padStart(14, '0')}`;
       insertMessage(db, { id, mailFrom: 'a@example.com', recipients: ['r@example.com'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'h', raw: Buffer.from('x'), receivedAt: 1000 + i }, { rateLimits: { enabled: false, maxPerHour: 1, maxPerDay: 1, globalMaxPerHour: 1, globalMaxPerDay: 1 }, queueSize: 0 });
       made.push(id);
     }
-    db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at").run();
+    if (state === 'failed') db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at WHERE id LIKE 'FAILED%'").run();
+    else db.prepare("UPDATE messages SET next_attempt_at = ? WHERE id LIKE 'QUEUED%'").run(Date.now() + 3600_000);
     return made;
   });
+}
+
+/**
+ * From the second step of a command on many messages, the relay's write meets a write lock that
+ * another connection (a backup, the CLI) took meanwhile, and gives up at once instead of after
+ * busy_timeout; `runStep` is the step's write op. `release` lets the lock go.
+ */
+function lockAfterFirstStep(relay: Relay, runStep: (db: Database.Database, args: unknown[]) => number): { release(): void } {
+  const locker = new Database(relay.config.databasePath);
+  const late = new Database(relay.config.databasePath, { timeout: 0 });
+  const write = relay.commits.write.bind(relay.commits) as (...args: unknown[]) => Promise<number>;
+  let steps = 0;
+  relay.commits.write = (async (...args: unknown[]) => {
+    if (steps++ === 0) return write(...args);
+    locker.exec('BEGIN IMMEDIATE');
+    return late.transaction(() => runStep(late, args.slice(1))).immediate();
+  }) as typeof relay.commits.write;
+  return {
+    release() {
+      if (locker.inTransaction) locker.exec('ROLLBACK');
+      locker.close();
+      late.close();
+    },
+  };
 }
 
 test('retry-failed requeues each failed message once per call, even one that fails again while the call walks the rest', async () => {
   const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
   try {
-    const ids = await insertFailed(relay, REQUEUE_STEP + 100);
+    const ids = await insertMessages(relay, ADMIN_STEP + 100, 'failed');
     const stepIds: string[][] = [];
     const requeued = await requeueFailedInSteps(relay.store.sqlite, {}, async (step) => {
       stepIds.push(step.ids ?? []);
@@ -756,34 +793,6 @@ test('retry-failed requeues each failed message once per call, even one that fai
     });
     assert.equal(requeued, ids.length);
     assert.deepEqual(stepIds.flat().sort(), ids, 'every failed message was requeued exactly once');
-  } finally {
-    await relay.stop();
-  }
-});
-
-test('a flush of the queue (retry --queued) that fails after its first step says how many it made due, and those stay due', async () => {
-  const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
-  try {
-    const later = Date.now() + 3600_000;
-    await writeDirect(relay, (db) => {
-      for (let i = 0; i < REQUEUE_STEP + 10; i++) {
-        const id = `QUEUED${String(i).padStart(14, '0')}`;
-        insertMessage(db, { id, mailFrom: 'a@example.com', recipients: ['r@example.com'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'h', raw: Buffer.from('x'), receivedAt: 1000 + i }, { rateLimits: { enabled: false, maxPerHour: 1, maxPerDay: 1, globalMaxPerHour: 1, globalMaxPerDay: 1 }, queueSize: 0 });
-      }
-      db.prepare('UPDATE messages SET next_attempt_at = ?').run(later);
-    });
-    let steps = 0;
-    const flushing = flushQueuedInSteps(relay.store.sqlite, undefined, async (ids) => {
-      if (steps++ > 0) throw Object.assign(new Error('database is locked'), { code: 'SQLITE_BUSY' });
-      return writeDirect(relay, (db) => ids.filter((id) => queuedDueNow(db, id, Date.now(), 0)).length);
-    });
-    await assert.rejects(flushing, (err) => {
-      assert.ok(err instanceof RequeueStopped);
-      assert.equal(err.message, `database is locked; ${REQUEUE_STEP} queued messages were made due before that (run it again for the rest)`);
-      assert.deepEqual([err.code, err.requeued], ['SQLITE_BUSY', REQUEUE_STEP]);
-      return true;
-    });
-    assert.equal(relay.store.sqlite.prepare('SELECT count(*) FROM messages WHERE next_attempt_at < ?').pluck().get(later), REQUEUE_STEP);
   } finally {
     await relay.stop();
   }
@@ -807,18 +816,20 @@ test('an admin command the database cannot run (another process holds the write 
   const log = capturedLog('info');
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
   try {
-    const [id] = await insertFailed(relay, 1);
+    const [id] = await insertMessages(relay, 1, 'failed');
+    await insertMessages(relay, 1, 'queued');
     const lock = await holdWriteLock(relay, 50);
     try {
       for (const [path, method, action] of [
         [`/admin/messages/${id}`, 'DELETE', 'delete'],
         [`/admin/messages/${id}/retry`, 'POST', 'retry'],
         ['/admin/retry-failed', 'POST', 'retry-failed'],
+        ['/admin/retry-queued', 'POST', 'retry-queued'],
       ]) {
         const res = await call(relay, path, { method });
         assert.deepEqual([res.status, res.body.error], [503, 'unavailable'], path);
         const entry = log.entries().find((e) => e.event === 'api.admin' && e.action === action);
-        assert.deepEqual([entry?.level, entry?.client, entry?.via], [40, '127.0.0.1', 'loopback'], action);
+        assert.deepEqual([entry?.level, entry?.result, entry?.client, entry?.via], [40, 'error', '127.0.0.1', 'loopback'], action);
         assert.match(String(entry?.err), /database is locked/);
       }
     } finally {
@@ -833,39 +844,51 @@ test('an admin command the database cannot run (another process holds the write 
 test('retry-failed that fails after its first step says how many it requeued, in its 503 and in the admin log', async () => {
   const log = capturedLog('info');
   const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false, logger: log.logger });
-  const locker = new Database(relay.config.databasePath);
-  const late = new Database(relay.config.databasePath, { timeout: 0 });
+  const lock = lockAfterFirstStep(relay, (db, [step, now, batchDelay]) => requeueFailed(db, step as RequeueStep, now as number, batchDelay as number));
   try {
-    await insertFailed(relay, REQUEUE_STEP + 100);
-    // The first step commits as usual; the second meets a write lock that another connection
-    // took meanwhile (a backup, the CLI), and gives up at once instead of after busy_timeout.
-    const write = relay.commits.write.bind(relay.commits) as (op: 'requeueFailed', step: RequeueStep, now: number, batchDelay: number) => Promise<number>;
-    let steps = 0;
-    relay.commits.write = (async (op: 'requeueFailed', step: RequeueStep, now: number, batchDelay: number) => {
-      if (steps++ === 0) return write(op, step, now, batchDelay);
-      locker.exec('BEGIN IMMEDIATE');
-      return late.transaction(() => requeueFailed(late, step, now, batchDelay)).immediate();
-    }) as typeof relay.commits.write;
+    await insertMessages(relay, ADMIN_STEP + 100, 'failed');
     const res = await call(relay, '/admin/retry-failed', { method: 'POST' });
     assert.deepEqual([res.status, res.body], [
       503,
       {
         error: 'unavailable',
-        message: `database unavailable: database is locked; ${REQUEUE_STEP} failed messages were requeued before that and stay requeued (run it again for the rest)`,
+        message: `database unavailable: database is locked; ${ADMIN_STEP} failed messages were requeued before that and stay requeued (run it again for the rest)`,
       },
     ]);
     const [entry] = log.entries().filter((e) => e.event === 'api.admin');
-    assert.deepEqual([entry?.level, entry?.action, entry?.requeued], [40, 'retry-failed', REQUEUE_STEP]);
-    locker.exec('ROLLBACK');
+    assert.deepEqual([entry?.level, entry?.action, entry?.result, entry?.requeued], [40, 'retry-failed', 'error', ADMIN_STEP]);
+    lock.release();
     const states = relay.store.sqlite.prepare('SELECT state, count(*) AS n FROM messages GROUP BY state ORDER BY state').all();
     assert.deepEqual(states, [
       { state: 'failed', n: 100 },
-      { state: 'queued', n: REQUEUE_STEP },
+      { state: 'queued', n: ADMIN_STEP },
     ]);
   } finally {
-    if (locker.inTransaction) locker.exec('ROLLBACK');
-    locker.close();
-    late.close();
+    lock.release();
+    await relay.stop();
+  }
+});
+
+test('retry-queued that fails after its first step says how many it made due, in its 503 and in the admin log', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false, logger: log.logger });
+  const lock = lockAfterFirstStep(relay, (db, [ids, now, batchDelay]) => flushQueued(db, ids as string[], now as number, batchDelay as number));
+  try {
+    await insertMessages(relay, ADMIN_STEP + 10, 'queued');
+    const res = await call(relay, '/admin/retry-queued', { method: 'POST' });
+    assert.deepEqual([res.status, res.body], [
+      503,
+      {
+        error: 'unavailable',
+        message: `database unavailable: database is locked; ${ADMIN_STEP} queued messages were made due before that (run it again for the rest)`,
+      },
+    ]);
+    const [entry] = log.entries().filter((e) => e.event === 'api.admin');
+    assert.deepEqual([entry?.level, entry?.action, entry?.result, entry?.dueNow], [40, 'retry-queued', 'error', ADMIN_STEP]);
+    lock.release();
+    assert.equal(relay.store.sqlite.prepare('SELECT count(*) FROM messages WHERE next_attempt_at <= ?').pluck().get(Date.now()), ADMIN_STEP);
+  } finally {
+    lock.release();
     await relay.stop();
   }
 });
