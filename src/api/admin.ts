@@ -156,12 +156,12 @@ export function adminRoutes(deps: ApiDeps) {
       const line = { event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter: { ...filter, ...ids } };
       try {
         const requeued = await requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now, deps.config.batchDelay));
-        log.info({ ...line, requeued }, `requeued ${requeued} failed messages`);
+        log.info({ ...line, requeued }, `requeued ${requeued} failed message${requeued === 1 ? '' : 's'}`);
         return c.json({ requeued });
       } catch (err) {
         // what was committed before the failure is a change the admin log must show
         const requeued = err instanceof StoppedPartWay ? err.changed : 0;
-        log.warn({ ...line, result: 'error', requeued, err: (err as Error).message }, `requeued ${requeued} failed messages, then stopped`);
+        log.warn({ ...line, result: 'error', requeued, err: (err as Error).message }, `requeued ${requeued} failed message${requeued === 1 ? '' : 's'}, then stopped`);
         throw err;
       }
     })
@@ -172,11 +172,11 @@ export function adminRoutes(deps: ApiDeps) {
       const line = { event: 'api.admin', action: 'retry-queued', client: who.ip, via: who.via, filter };
       try {
         const dueNow = await flushQueuedInSteps(store.sqlite, filter.sender, (ids) => commits.write('flushQueued', ids, now, deps.config.batchDelay));
-        log.info({ ...line, dueNow }, `made ${dueNow} queued messages due now`);
+        log.info({ ...line, dueNow }, `made ${dueNow} queued message${dueNow === 1 ? '' : 's'} due now`);
         return c.json({ due_now: dueNow });
       } catch (err) {
         const dueNow = err instanceof StoppedPartWay ? err.changed : 0;
-        log.warn({ ...line, result: 'error', dueNow, err: (err as Error).message }, `made ${dueNow} queued messages due now, then stopped`);
+        log.warn({ ...line, result: 'error', dueNow, err: (err as Error).message }, `made ${dueNow} queued message${dueNow === 1 ? '' : 's'} due now, then stopped`);
         throw err;
       }
     })
