@@ -139,6 +139,30 @@ export function adminRoutes(deps: ApiDeps) {
   }
 
   /**
+   * Logs a command on many messages with who asked and how many it changed, under `count`: also
+   * when it stopped part-way (at warn), since what was committed before the failure is a change
+   * the admin log must show.
+   */
+  async function loggedBulk(
+    c: Context<ApiEnv>,
+    command: { action: string; filter: object; count: string },
+    says: (changed: number) => string,
+    run: Promise<number>,
+  ): Promise<number> {
+    const who = c.get('requester');
+    const line = { event: 'api.admin', action: command.action, client: who.ip, via: who.via, filter: command.filter };
+    try {
+      const changed = await run;
+      log.info({ ...line, [command.count]: changed }, says(changed));
+      return changed;
+    } catch (err) {
+      const changed = err instanceof StoppedPartWay ? err.changed : 0;
+      log.warn({ ...line, result: 'error', [command.count]: changed, err: (err as Error).message }, `${says(changed)}, then stopped`);
+      throw err;
+    }
+  }
+
+  /**
    * 'held' while an attempt of this relay delivers the message, as the database says by the
    * claim's lease, which a wall clock stepped forward ends early; otherwise runs the command.
    */
@@ -150,35 +174,26 @@ export function adminRoutes(deps: ApiDeps) {
     .post('/retry-failed', limitBody, async (c) => {
       const filter = parseRequeueFilter(await filterBody(c));
       const now = clock.now();
-      const who = c.get('requester');
       // the ids a request may list (up to MAX_IDS) would make one line of up to a megabyte
       const ids = filter.ids && { ids: filter.ids.slice(0, MAX_LOGGED_IDS), idCount: filter.ids.length };
-      const line = { event: 'api.admin', action: 'retry-failed', client: who.ip, via: who.via, filter: { ...filter, ...ids } };
-      try {
-        const requeued = await requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now, deps.config.batchDelay));
-        log.info({ ...line, requeued }, `requeued ${requeued} failed message${requeued === 1 ? '' : 's'}`);
-        return c.json({ requeued });
-      } catch (err) {
-        // what was committed before the failure is a change the admin log must show
-        const requeued = err instanceof StoppedPartWay ? err.changed : 0;
-        log.warn({ ...line, result: 'error', requeued, err: (err as Error).message }, `requeued ${requeued} failed message${requeued === 1 ? '' : 's'}, then stopped`);
-        throw err;
-      }
+      const requeued = await loggedBulk(
+        c,
+        { action: 'retry-failed', filter: { ...filter, ...ids }, count: 'requeued' },
+        (n) => `requeued ${n} failed message${n === 1 ? '' : 's'}`,
+        requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now, deps.config.batchDelay)),
+      );
+      return c.json({ requeued });
     })
     .post('/retry-queued', limitBody, async (c) => {
       const filter = parseFlushFilter(await filterBody(c));
       const now = clock.now();
-      const who = c.get('requester');
-      const line = { event: 'api.admin', action: 'retry-queued', client: who.ip, via: who.via, filter };
-      try {
-        const dueNow = await flushQueuedInSteps(store.sqlite, filter.sender, (ids) => commits.write('flushQueued', ids, now, deps.config.batchDelay));
-        log.info({ ...line, dueNow }, `made ${dueNow} queued message${dueNow === 1 ? '' : 's'} due now`);
-        return c.json({ due_now: dueNow });
-      } catch (err) {
-        const dueNow = err instanceof StoppedPartWay ? err.changed : 0;
-        log.warn({ ...line, result: 'error', dueNow, err: (err as Error).message }, `made ${dueNow} queued message${dueNow === 1 ? '' : 's'} due now, then stopped`);
-        throw err;
-      }
+      const dueNow = await loggedBulk(
+        c,
+        { action: 'retry-queued', filter, count: 'dueNow' },
+        (n) => `made ${n} queued message${n === 1 ? '' : 's'} due now`,
+        flushQueuedInSteps(store.sqlite, filter.sender, (ids) => commits.write('flushQueued', ids, now, deps.config.batchDelay)),
+      );
+      return c.json({ due_now: dueNow });
     })
     .get('/messages', (c) => {
       const state = singleQuery(c, 'state');
