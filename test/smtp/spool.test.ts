@@ -318,6 +318,39 @@ test('a spool file shorter than the bytes counted into it: the insert fails and 
   }
 });
 
+test('spooled messages of one commit, smaller and larger than the last and over 4 MiB, are each stored exactly', async () => {
+  const dir = tempDir();
+  const store = await openStore(path.join(dir, 'relayq.db'));
+  try {
+    const sizes = [300_000, 100_000, 5 * 1024 * 1024, 200_000, 4 * 1024 * 1024 - 12];
+    const sqlite = store.sqlite;
+    const policy = { rateLimits: { ...testConfig().rateLimits }, queueSize: 0 };
+    const wanted = new Map<string, Buffer>();
+    sqlite.exec('BEGIN IMMEDIATE');
+    for (const [i, size] of sizes.entries()) {
+      const file = path.join(dir, `spool-${i}`);
+      const rest = Buffer.alloc(size, String.fromCharCode(97 + i));
+      fs.writeFileSync(file, rest);
+      const id = `1A22AF1C0B4CA8658AC${i}`;
+      const head = Buffer.from(`Received: ${i}\r\n`);
+      wanted.set(id, Buffer.concat([head, rest]));
+      const msg = { id, mailFrom: 'a@example.com', recipients: ['b@example.net'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'client.test', raw: head, spooled: { file, bytes: size }, receivedAt: Date.now() };
+      insertMessage(sqlite, msg, policy);
+    }
+    sqlite.exec('COMMIT');
+    const rows = sqlite.prepare('SELECT messages.id, raw, size FROM messages JOIN message_bodies ON message_bodies.id = body_id').all() as Array<{ id: string; raw: Buffer; size: number }>;
+    assert.equal(rows.length, sizes.length);
+    for (const row of rows) {
+      const expected = wanted.get(row.id);
+      assert.ok(expected, row.id);
+      assert.equal(row.size, expected.length, row.id);
+      assert.ok(row.raw.equals(expected), `${row.id}: the stored bytes differ`);
+    }
+  } finally {
+    await store.close();
+  }
+});
+
 test('a spool file opened before a spool failure does not clear it: /health stays degraded until a newer one is written', async () => {
   const relay = await startTestRelay({ spoolAfter: SPOOL_AFTER, maxMessageSize: 500_000 }, { startDelivery: false });
   const status = async () => ((await (await createApp({ ...relay, getClientIp: () => '127.0.0.1' }).request('/health')).json()) as { status: string }).status;
