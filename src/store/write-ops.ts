@@ -4,7 +4,7 @@
 import crypto from 'node:crypto';
 import { deleteMessage, flushQueued, requeueFailed, retryMessage } from './admin.js';
 import type { Sqlite } from './db.js';
-import { type ClaimOptions, claimDueBatches, completeBatch, releaseClaims, requeueTemporaryFailures } from './delivery.js';
+import { type ClaimOptions, type ClaimResult, claimDueBatches, completeBatch, releaseClaims, requeueTemporaryFailures } from './delivery.js';
 import { countRefusal, insertMessage } from './intake.js';
 import { retentionSweep } from './retention.js';
 import { prepared } from './statements.js';
@@ -37,3 +37,19 @@ export type WriteOpName = keyof WriteOps;
 // biome-ignore lint/suspicious/noExplicitAny: extracting the parameters after the connection
 export type WriteOpArgs<K extends WriteOpName> = WriteOps[K] extends (sqlite: Sqlite, ...args: infer A) => any ? A : never;
 export type WriteOpResult<K extends WriteOpName> = ReturnType<WriteOps[K]>;
+
+/**
+ * The memory of these views that is theirs alone, to move across the thread boundary instead of
+ * being copied (a large message is then held once, not twice). A view into Node's shared buffer
+ * pool is copied as usual; each memory is listed once.
+ */
+export function ownMemory(views: ReadonlyArray<Uint8Array | null>): ArrayBuffer[] {
+  const own = new Set<ArrayBuffer>();
+  for (const v of views) if (v && v.byteOffset === 0 && v.byteLength === v.buffer.byteLength) own.add(v.buffer as ArrayBuffer);
+  return [...own];
+}
+
+/** What of a write's result moves to the main thread rather than being copied: the claimed messages' bytes. */
+export function movableResult(op: WriteOpName, value: unknown): ArrayBuffer[] {
+  return op === 'claimDueBatches' ? ownMemory((value as ClaimResult).batches.map((b) => b.raw)) : [];
+}

@@ -5,7 +5,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { CommitQueue } from './commit-queue.js';
 import { openConnection } from './db.js';
 import { limitWalSize, overwriteFreedPages } from './maintenance.js';
-import { WRITE_OPS, type WriteOpName } from './write-ops.js';
+import { movableResult, WRITE_OPS, type WriteOpName } from './write-ops.js';
 
 export interface WriterThreadOptions {
   file: string;
@@ -89,14 +89,19 @@ function serialize(err: unknown): SerializedError {
 
 /** Replies of one turn of this thread's event loop (one commit's results) go back as one message. */
 let outbox: WriterReply[] = [];
+let outboxTransfer: ArrayBuffer[] = [];
 
-function reply(message: WriterReply): void {
+/** `transfer`: memory of the reply that moves to the main thread instead of being copied. */
+function reply(message: WriterReply, transfer: ArrayBuffer[] = []): void {
   outbox.push(message);
+  outboxTransfer.push(...transfer);
   if (outbox.length === 1) {
     queueMicrotask(() => {
       const replies = outbox;
+      const moved = outboxTransfer;
       outbox = [];
-      port.postMessage(replies);
+      outboxTransfer = [];
+      port.postMessage(replies, moved);
     });
   }
 }
@@ -125,7 +130,7 @@ function runRequest(request: WriterRequest): void {
   const { id, op, args } = request;
   const fn = WRITE_OPS[op] as (db: typeof sqlite, ...a: unknown[]) => unknown;
   commits.write((db) => fn(db, ...args)).then(
-    (value) => reply({ type: 'result', id, commits: commits.stats.commits, ok: true, value }),
+    (value) => reply({ type: 'result', id, commits: commits.stats.commits, ok: true, value }, movableResult(op, value)),
     (err) => reply({ type: 'result', id, commits: commits.stats.commits, ok: false, error: serialize(err) }),
   );
 }

@@ -5,7 +5,7 @@
 import { Worker } from 'node:worker_threads';
 import { RecentFailure } from '../clock.js';
 import { PolicyRefusal } from './intake.js';
-import type { WriteOpArgs, WriteOpName, WriteOpResult } from './write-ops.js';
+import { ownMemory, type WriteOpArgs, type WriteOpName, type WriteOpResult } from './write-ops.js';
 import type { SerializedError, WriterReply, WriterRequest, WriterThreadOptions } from './writer-thread.js';
 
 interface Pending {
@@ -72,8 +72,7 @@ export class StoreWriter {
    * small buffers that share Node's buffer pool are copied as usual.
    */
   writeMoving<K extends WriteOpName>(buffers: Buffer[], op: K, ...args: WriteOpArgs<K>): Promise<WriteOpResult<K>> {
-    const transfer = buffers.filter((b) => b.byteOffset === 0 && b.byteLength === b.buffer.byteLength).map((b) => b.buffer as ArrayBuffer);
-    return this.send(op, (id) => ({ type: 'write', id, op, args }), transfer) as Promise<WriteOpResult<K>>;
+    return this.send(op, (id) => ({ type: 'write', id, op, args }), ownMemory(buffers)) as Promise<WriteOpResult<K>>;
   }
 
   /** A pragma on the writer's connection, outside any transaction (tests use it to inject faults). */

@@ -13,6 +13,7 @@ import {
   SELECT_EXPIRED_SQL,
 } from '../../src/store/delivery.js';
 import { prepared } from '../../src/store/statements.js';
+import { ownMemory } from '../../src/store/write-ops.js';
 import { capturedLog, holdWriteLock, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
 import { attempts, failedExportExists, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
@@ -53,6 +54,32 @@ describe('claims and leases', () => {
       lastError: null,
     };
   }
+
+  test('claims through the writer thread bring each message\'s stored bytes, several claims and messages in one commit', async () => {
+    const { clock, relay, id } = await relayWithMail();
+    const ids = [id];
+    for (const size of [2_000, 300_000, 1_500_000]) {
+      const raw = `Subject: size ${size}\r\n\r\n${'x'.repeat(size)}\r\n`;
+      ids.push(queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw })).response));
+    }
+    const options = { now: clock.now(), leaseMs: 60_000, batchSize: 10, limit: 2, maxAttempts: 10 };
+    // both writes go in one turn of the event loop: one commit, and their results cross back together
+    const results = await Promise.all([relay.commits.write('claimDueBatches', options), relay.commits.write('claimDueBatches', options)]);
+    const batches = results.flatMap((r) => r.batches);
+    assert.deepEqual(batches.map((b) => b.messageId).sort(), [...ids].sort());
+    for (const b of batches) {
+      const stored = message(relay, b.messageId).raw;
+      assert.ok(stored && b.raw && Buffer.from(b.raw).equals(stored), `${b.messageId}: the claimed bytes differ from the stored ones`);
+    }
+  });
+
+  test('the memory that crosses between the threads: what a view owns alone, each once', () => {
+    const own = Buffer.alloc(10_000);
+    const other = new Uint8Array(3);
+    const pooled = Buffer.from('in the shared pool');
+    assert.ok(pooled.buffer.byteLength > pooled.length, 'a small Buffer.from shares the pool');
+    assert.deepEqual(ownMemory([own, null, pooled, own.subarray(1), other, own]), [own.buffer, other.buffer]);
+  });
 
   test('a claim sets the lease and a fresh token and counts attempts before anything is sent', async () => {
     const { clock, relay, id } = await relayWithMail();
