@@ -41,7 +41,8 @@ export type WriteOpResult<K extends WriteOpName> = ReturnType<WriteOps[K]>;
 /**
  * The memory of these views that is theirs alone, to move across the thread boundary instead of
  * being copied (a large message is then held once, not twice). A view into Node's shared buffer
- * pool is copied as usual; each memory is listed once.
+ * pool is copied as usual. Each memory is listed once: postMessage refuses a transfer list that
+ * names one twice. Both threads take it over all the views of one message they post.
  */
 export function ownMemory(views: ReadonlyArray<Uint8Array | null>): ArrayBuffer[] {
   const own = new Set<ArrayBuffer>();
@@ -50,6 +51,6 @@ export function ownMemory(views: ReadonlyArray<Uint8Array | null>): ArrayBuffer[
 }
 
 /** What of a write's result moves to the main thread rather than being copied: the claimed messages' bytes. */
-export function movableResult(op: WriteOpName, value: unknown): ArrayBuffer[] {
-  return op === 'claimDueBatches' ? ownMemory((value as ClaimResult).batches.map((b) => b.raw)) : [];
+export function movableResult(op: WriteOpName, value: unknown): Array<Uint8Array | null> {
+  return op === 'claimDueBatches' ? (value as ClaimResult).batches.map((b) => b.raw) : [];
 }

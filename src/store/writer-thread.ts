@@ -5,7 +5,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { CommitQueue } from './commit-queue.js';
 import { openConnection } from './db.js';
 import { limitWalSize, overwriteFreedPages } from './maintenance.js';
-import { movableResult, WRITE_OPS, type WriteOpName } from './write-ops.js';
+import { movableResult, ownMemory, WRITE_OPS, type WriteOpName } from './write-ops.js';
 
 export interface WriterThreadOptions {
   file: string;
@@ -89,19 +89,19 @@ function serialize(err: unknown): SerializedError {
 
 /** Replies of one turn of this thread's event loop (one commit's results) go back as one message. */
 let outbox: WriterReply[] = [];
-let outboxTransfer: ArrayBuffer[] = [];
+let outboxMoving: Array<Uint8Array | null> = [];
 
-/** `transfer`: memory of the reply that moves to the main thread instead of being copied. */
-function reply(message: WriterReply, transfer: ArrayBuffer[] = []): void {
+/** `moving`: bytes of the reply whose memory moves to the main thread instead of being copied. */
+function reply(message: WriterReply, moving: Array<Uint8Array | null> = []): void {
   outbox.push(message);
-  outboxTransfer.push(...transfer);
+  outboxMoving.push(...moving);
   if (outbox.length === 1) {
     queueMicrotask(() => {
       const replies = outbox;
-      const moved = outboxTransfer;
+      const moving = outboxMoving;
       outbox = [];
-      outboxTransfer = [];
-      port.postMessage(replies, moved);
+      outboxMoving = [];
+      port.postMessage(replies, ownMemory(moving));
     });
   }
 }

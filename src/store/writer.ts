@@ -25,7 +25,7 @@ export class StoreWriter {
   private readonly worker: Worker;
   private readonly pending = new Map<number, Pending>();
   private outbox: WriterRequest[] = [];
-  private outboxTransfer: ArrayBuffer[] = [];
+  private outboxMoving: Buffer[] = [];
   private nextId = 1;
   private closing: Promise<void> | undefined;
   private failed: Error | undefined;
@@ -72,7 +72,7 @@ export class StoreWriter {
    * small buffers that share Node's buffer pool are copied as usual.
    */
   writeMoving<K extends WriteOpName>(buffers: Buffer[], op: K, ...args: WriteOpArgs<K>): Promise<WriteOpResult<K>> {
-    return this.send(op, (id) => ({ type: 'write', id, op, args }), ownMemory(buffers)) as Promise<WriteOpResult<K>>;
+    return this.send(op, (id) => ({ type: 'write', id, op, args }), buffers) as Promise<WriteOpResult<K>>;
   }
 
   /** A pragma on the writer's connection, outside any transaction (tests use it to inject faults). */
@@ -80,13 +80,13 @@ export class StoreWriter {
     return this.send(undefined, (id) => ({ type: 'pragma', id, text }));
   }
 
-  private send(op: WriteOpName | undefined, request: (id: number) => WriterRequest, transfer: ArrayBuffer[] = []): Promise<unknown> {
+  private send(op: WriteOpName | undefined, request: (id: number) => WriterRequest, moving: Buffer[] = []): Promise<unknown> {
     if (this.failed) return Promise.reject(this.failed);
     if (this.closing) return Promise.reject(new Error('store is closed'));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject, op });
-      this.post(request(id), transfer);
+      this.post(request(id), moving);
     });
   }
 
@@ -94,19 +94,19 @@ export class StoreWriter {
    * Requests made during one turn of the event loop (the writes of every session whose data
    * arrived in it) cross to the writer thread as one message.
    */
-  private post(request: WriterRequest, transfer: ArrayBuffer[] = []): void {
+  private post(request: WriterRequest, moving: Buffer[] = []): void {
     this.outbox.push(request);
-    this.outboxTransfer.push(...transfer);
+    this.outboxMoving.push(...moving);
     if (this.outbox.length === 1) setImmediate(() => this.flushOutbox());
   }
 
   private flushOutbox(): void {
     if (this.outbox.length === 0) return;
     const requests = this.outbox;
-    const transfer = this.outboxTransfer;
+    const moving = this.outboxMoving;
     this.outbox = [];
-    this.outboxTransfer = [];
-    this.worker.postMessage(requests, transfer);
+    this.outboxMoving = [];
+    this.worker.postMessage(requests, ownMemory(moving));
   }
 
   /** Lets queued writes commit, then stops the thread and closes its connection. */

@@ -81,6 +81,15 @@ describe('claims and leases', () => {
     assert.deepEqual(ownMemory([own, null, pooled, own.subarray(1), other, own]), [own.buffer, other.buffer]);
   });
 
+  test('two writes of one turn that move the same memory: it crosses once, and both commit', async () => {
+    const { relay } = await relayWithMail();
+    const bytes = Buffer.alloc(10_000);
+    const writes = relay.commits.stats.writes;
+    await Promise.all([relay.commits.writeMoving([bytes], 'probeWrite'), relay.commits.writeMoving([bytes], 'probeWrite')]);
+    assert.equal(bytes.byteLength, 0, 'the memory moved to the writer thread');
+    assert.equal(relay.commits.stats.writes, writes + 2);
+  });
+
   test('a claim sets the lease and a fresh token and counts attempts before anything is sent', async () => {
     const { clock, relay, id } = await relayWithMail();
     const { batches } = await claim(relay, claimOptions(clock));
