@@ -58,6 +58,18 @@ export function normalizeForEnvelope(address: string): string {
   return `${address.slice(0, at)}@${ascii.toLowerCase()}`;
 }
 
+/**
+ * The message goes to nodemailer in views of this size, none copied. Its dot-stuffing reads each
+ * chunk in one go and copies a chunk in which it stuffs a line: a 25 MB message in one chunk
+ * held the main thread for about 0.6 s and took 150 MB more memory when its lines started with
+ * dots, 0.1 s when none did.
+ */
+export const MESSAGE_PIECE_BYTES = 64 * 1024;
+
+function* pieces(raw: Uint8Array): Generator<Uint8Array> {
+  for (let at = 0; at < raw.length; at += MESSAGE_PIECE_BYTES) yield raw.subarray(at, at + MESSAGE_PIECE_BYTES);
+}
+
 /** The envelope of one transaction, as relayq builds it for nodemailer. */
 interface Envelope {
   from: string;
@@ -360,7 +372,7 @@ export class SmtpUpstream {
       }
       signal.addEventListener('abort', onAbort, { once: true });
       // a stream, not the buffer itself, so that a failure tells whether any byte went out
-      const message = Readable.from([raw], { objectMode: false });
+      const message = Readable.from(pieces(raw), { objectMode: false });
       connection.send({ ...envelope }, message, (err, info) => {
         signal.removeEventListener('abort', onAbort);
         if (signal.aborted) return;

@@ -1,9 +1,11 @@
 import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
+import { MESSAGE_PIECE_BYTES } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
+import { insertMessage } from '../../src/store/intake.js';
 import { call, postJson } from '../api/fixtures.js';
-import { sendMail, startTestRelay, startUpstream, waitFor } from '../helpers.js';
+import { sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
 import { addresses, attempts, message, NO_JITTER, queuedId, recipients, type ScriptedUpstream, startScriptedUpstream } from './fixtures.js';
 
 const RAW = Buffer.from(
@@ -30,6 +32,43 @@ describe('recipient batches', () => {
     cleanup.push(() => relay.stop());
     return { relay, upstream };
   }
+
+  test('a message goes upstream in pieces, and lines that start with a dot at their seams arrive unchanged', async () => {
+    const clock = new ManualClock();
+    const { relay, upstream } = await setup({}, clock);
+    const parts = ['Subject: seams\r\n\r\n'];
+    let length = parts[0].length;
+    const add = (line: string) => {
+      parts.push(line);
+      length += line.length;
+    };
+    /** Lines of x up to `offset`, where the next line starts. */
+    const fillTo = (offset: number) => {
+      while (offset - length > 144) add(`${'x'.repeat(70)}\r\n`);
+      const rest = offset - length;
+      for (const n of [Math.floor(rest / 2), rest - Math.floor(rest / 2)]) add(`${'y'.repeat(n - 2)}\r\n`);
+    };
+    const seam = MESSAGE_PIECE_BYTES;
+    fillTo(seam);
+    add('.a dot that starts a piece\r\n');
+    fillTo(2 * seam + 1); // the line end before it is split: CR ends one piece, LF starts the next
+    add('.a dot after a line end split across a seam\r\n');
+    fillTo(3 * seam);
+    add('.\r\n'); // a line of one dot, which unstuffed would end DATA here
+    add('after the lone dot\r\n');
+    const raw = Buffer.from(parts.join(''));
+    assert.equal(raw.subarray(seam, seam + 1).toString(), '.');
+    assert.equal(raw.subarray(2 * seam - 1, 2 * seam + 2).toString(), '\r\n.');
+    assert.equal(raw.subarray(3 * seam - 2, 3 * seam + 3).toString(), '\r\n.\r\n');
+    const id = '1A22AF1C0B4CA8658AD0';
+    const policy = { rateLimits: { ...testConfig().rateLimits }, queueSize: 0 };
+    const msg = { id, mailFrom: 'app@example.com', recipients: ['you@example.net'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'client.test', raw, receivedAt: clock.now() };
+    await writeDirect(relay, (db) => insertMessage(db, msg, policy));
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+    assert.equal(message(relay, id).state, 'delivered');
+    assert.equal(upstream.accepted.length, 1);
+    assert.ok(upstream.accepted[0].raw.equals(raw), 'the upstream received the stored bytes');
+  });
 
   test('45 recipients with batchSize 20 → transactions of 20, 20 and 5, batchDelay apart, bytes unchanged', async () => {
     const clock = new ManualClock();
