@@ -15,6 +15,7 @@ import type { Clock } from '../src/clock.js';
 import { defaultConfig, type Config } from '../src/config/schema.js';
 import { type Relay, type RelayOptions, startRelay } from '../src/main.js';
 import { BUSY_TIMEOUT_MS, openConnection } from '../src/store/db.js';
+import type { IntakePolicy, NewMessage } from '../src/store/intake.js';
 
 /** Absolute paths, so child processes work from any working directory. */
 export const REPO_ROOT = path.resolve(import.meta.dirname, '..');
@@ -48,6 +49,14 @@ const tempDirs: string[] = [];
  * A fresh directory under the OS temp dir, removed when this test process exits (each test file
  * runs in a process of its own), together with every database, spool and export written there.
  */
+/** No rate limit and no queue size: a policy that refuses no insert. */
+export const NO_LIMITS: IntakePolicy = { rateLimits: { enabled: false, maxPerHour: 0, maxPerDay: 0, globalMaxPerHour: 0, globalMaxPerDay: 0 }, queueSize: 0 };
+
+/** A message as intake hands it to insertMessage; what a test does not name is a plain default. */
+export function newMessage(fields: Pick<NewMessage, 'id' | 'raw' | 'receivedAt'> & Partial<NewMessage>): NewMessage {
+  return { mailFrom: 'a@example.com', recipients: ['b@example.net'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'client.test', ...fields };
+}
+
 export function tempDir(prefix = 'relayq-test-'): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
   if (tempDirs.push(dir) === 1) {

@@ -7,7 +7,7 @@ import type { Relay } from '../../src/main.js';
 import { ADMIN_STEP, flushQueued, type RequeueStep, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw } from '../../src/store/queries.js';
-import { capturedLog, holdWriteLock, openSession, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, holdWriteLock, NO_LIMITS, newMessage, openSession, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 
 interface MessageJson {
@@ -744,7 +744,7 @@ function insertMessages(relay: Relay, count: number, state: 'failed' | 'queued')
     const made: string[] = [];
     for (let i = 0; i < count; i++) {
       const id = `${state.toUpperCase()}${String(i).padStart(14, '0')}`;
-      insertMessage(db, { id, mailFrom: 'a@example.com', recipients: ['r@example.com'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'h', raw: Buffer.from('x'), receivedAt: 1000 + i }, { rateLimits: { enabled: false, maxPerHour: 1, maxPerDay: 1, globalMaxPerHour: 1, globalMaxPerDay: 1 }, queueSize: 0 });
+      insertMessage(db, newMessage({ id, raw: Buffer.from('x'), receivedAt: 1000 + i }), NO_LIMITS);
       made.push(id);
     }
     if (state === 'failed') db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at WHERE id LIKE 'FAILED%'").run();

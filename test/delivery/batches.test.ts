@@ -5,7 +5,7 @@ import { MESSAGE_PIECE_BYTES } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { call, postJson } from '../api/fixtures.js';
-import { sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
+import { NO_LIMITS, newMessage, sendMail, startTestRelay, startUpstream, waitFor, writeDirect } from '../helpers.js';
 import { addresses, attempts, message, NO_JITTER, queuedId, recipients, type ScriptedUpstream, startScriptedUpstream } from './fixtures.js';
 
 const RAW = Buffer.from(
@@ -61,9 +61,7 @@ describe('recipient batches', () => {
     assert.equal(raw.subarray(2 * seam - 1, 2 * seam + 2).toString(), '\r\n.');
     assert.equal(raw.subarray(3 * seam - 2, 3 * seam + 3).toString(), '\r\n.\r\n');
     const id = '1A22AF1C0B4CA8658AD0';
-    const policy = { rateLimits: { ...testConfig().rateLimits }, queueSize: 0 };
-    const msg = { id, mailFrom: 'app@example.com', recipients: ['you@example.net'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'client.test', raw, receivedAt: clock.now() };
-    await writeDirect(relay, (db) => insertMessage(db, msg, policy));
+    await writeDirect(relay, (db) => insertMessage(db, newMessage({ id, raw, receivedAt: clock.now() }), NO_LIMITS));
     assert.equal((await relay.delivery.runOnce()).attempts, 1);
     assert.equal(message(relay, id).state, 'delivered');
     assert.equal(upstream.accepted.length, 1);

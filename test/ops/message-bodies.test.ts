@@ -13,16 +13,11 @@ import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { deleteDeliveredBefore } from '../../src/store/retention.js';
 import { runCli } from '../cli/run-cli.js';
-import { capturedLog, sendMail, startTestRelay, startUpstream, tempDir } from '../helpers.js';
-
-const POLICY = {
-  rateLimits: { enabled: false, maxPerHour: 500, maxPerDay: 2000, globalMaxPerHour: 1000, globalMaxPerDay: 5000 },
-  queueSize: 0,
-};
+import { capturedLog, NO_LIMITS, newMessage, sendMail, startTestRelay, startUpstream, tempDir } from '../helpers.js';
 
 function store(sqlite: Sqlite, id: string, raw: Buffer, receivedAt = 1_000) {
-  const msg = { id, mailFrom: 'app@example.com', recipients: ['a@example.net'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'app', raw, receivedAt };
-  return sqlite.transaction(() => insertMessage(sqlite, msg, POLICY))();
+  const msg = newMessage({ id, mailFrom: 'app@example.com', recipients: ['a@example.net'], raw, receivedAt });
+  return sqlite.transaction(() => insertMessage(sqlite, msg, NO_LIMITS))();
 }
 
 function bodyCount(sqlite: Sqlite): number {

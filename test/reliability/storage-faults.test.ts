@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { newQueueId } from '../../src/store/intake.js';
-import { capturedLog, closedPort, holdWriteLock, messageCount, openSession, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, closedPort, holdWriteLock, messageCount, newMessage, openSession, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { assertStillServing, INTAKE_ONLY, queuedId } from './smtp-session.js';
 
 type SmtpError = Error & { responseCode?: number; response?: string };
@@ -116,17 +116,7 @@ describe('storage faults', () => {
     const sqlite = relay.store.sqlite;
     const maxBefore = (await relay.commits.pragma('max_page_count')) as number;
     const now = relay.clock.now();
-    const message = (raw: Buffer, n: number) => ({
-      id: newQueueId(now),
-      mailFrom: 'group@example.com',
-      recipients: recipients(n),
-      authUser: null,
-      clientIp: '127.0.0.1',
-      clientHostname: null,
-      helo: 'group.test',
-      raw,
-      receivedAt: now,
-    });
+    const message = (raw: Buffer, n: number) => newMessage({ id: newQueueId(now), mailFrom: 'group@example.com', recipients: recipients(n), raw, receivedAt: now });
     const policy = { rateLimits: relay.config.rateLimits, queueSize: 0 };
     const small = message(Buffer.from('Subject: small\r\n\r\nsmall\r\n'), 1);
     const large = message(Buffer.alloc(512 * 1024, 'x'), 50);

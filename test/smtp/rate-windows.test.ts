@@ -12,14 +12,12 @@ import * as rateBucketMinute from '../../migrations/003_rate_bucket_minute.js';
 import { kyselyFor, migrateToLatest, openStore, type Sqlite } from '../../src/store/db.js';
 import { checkRateLimits, GLOBAL_SENDER_KEY, insertMessage, newQueueId, rateWindows } from '../../src/store/intake.js';
 import { pruneRateBuckets } from '../../src/store/retention.js';
-import { tempDir } from '../helpers.js';
+import { NO_LIMITS, newMessage, tempDir } from '../helpers.js';
 
 const MINUTE = 60_000;
 const HOUR = 60 * MINUTE;
 const DAY = 24 * HOUR;
 const T0 = Date.UTC(2026, 0, 5, 7, 0, 0);
-const NO_LIMITS = { rateLimits: { enabled: false, maxPerHour: 0, maxPerDay: 0, globalMaxPerHour: 0, globalMaxPerDay: 0 }, queueSize: 0 };
-
 /** Deterministic pseudo-random numbers in [0, 1). */
 function lcg(seed: number): () => number {
   let x = seed;
@@ -30,11 +28,7 @@ function lcg(seed: number): () => number {
 }
 
 function store(sqlite: Sqlite, sender: string, at: number) {
-  insertMessage(
-    sqlite,
-    { id: newQueueId(at), mailFrom: sender, recipients: ['r@example.net'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: null, raw: Buffer.from('x'), receivedAt: at },
-    NO_LIMITS,
-  );
+  insertMessage(sqlite, newMessage({ id: newQueueId(at), mailFrom: sender, raw: Buffer.from('x'), receivedAt: at }), NO_LIMITS);
 }
 
 /** A message as the schema before migration 004 stores it (insertMessage writes today's schema). */

@@ -8,7 +8,7 @@ import { createApp } from '../../src/api/app.js';
 import { MessageBytes, Spool } from '../../src/smtp/spool.js';
 import { openStore } from '../../src/store/db.js';
 import { insertMessage } from '../../src/store/intake.js';
-import { capturedLog, messageCount, openSession, type SmtpClient, sendMail, startTestRelay, tempDir, testConfig, waitFor, whileImmutable } from '../helpers.js';
+import { capturedLog, messageCount, NO_LIMITS, newMessage, openSession, type SmtpClient, sendMail, startTestRelay, tempDir, testConfig, waitFor, whileImmutable } from '../helpers.js';
 
 const SPOOL_AFTER = 4096;
 
@@ -288,27 +288,15 @@ test('a spool file shorter than the bytes counted into it: the insert fails and 
   try {
     const file = path.join(dir, 'short');
     fs.writeFileSync(file, 'abc');
-    const msg = {
-      id: '1A22AF1C0B4CA8658AC6',
-      mailFrom: 'a@example.com',
-      recipients: ['b@example.net'],
-      authUser: null,
-      clientIp: '127.0.0.1',
-      clientHostname: null,
-      helo: 'client.test',
-      raw: Buffer.from('Received: x\r\n'),
-      spooled: { file, bytes: 10 },
-      receivedAt: Date.now(),
-    };
-    const policy = { rateLimits: { ...testConfig().rateLimits }, queueSize: 0 };
+    const msg = newMessage({ id: '1A22AF1C0B4CA8658AC6', raw: Buffer.from('Received: x\r\n'), spooled: { file, bytes: 10 }, receivedAt: Date.now() });
     const sqlite = store.sqlite;
     sqlite.exec('BEGIN IMMEDIATE');
-    assert.throws(() => insertMessage(sqlite, msg, policy), /spool file .*short holds 3 bytes, not 10/);
+    assert.throws(() => insertMessage(sqlite, msg, NO_LIMITS), /spool file .*short holds 3 bytes, not 10/);
     sqlite.exec('ROLLBACK');
     assert.equal((sqlite.prepare('SELECT COUNT(*) AS n FROM message_bodies').get() as { n: number }).n, 0);
     fs.writeFileSync(file, '0123456789');
     sqlite.exec('BEGIN IMMEDIATE');
-    insertMessage(sqlite, msg, policy);
+    insertMessage(sqlite, msg, NO_LIMITS);
     sqlite.exec('COMMIT');
     const row = sqlite.prepare('SELECT raw, size FROM messages JOIN message_bodies ON message_bodies.id = body_id').get() as { raw: Buffer; size: number };
     assert.equal(row.raw.toString(), 'Received: x\r\n0123456789');
@@ -324,7 +312,6 @@ test('spooled messages of one commit, smaller and larger than the last and over 
   try {
     const sizes = [300_000, 100_000, 5 * 1024 * 1024, 200_000, 4 * 1024 * 1024 - 12];
     const sqlite = store.sqlite;
-    const policy = { rateLimits: { ...testConfig().rateLimits }, queueSize: 0 };
     const wanted = new Map<string, Buffer>();
     sqlite.exec('BEGIN IMMEDIATE');
     for (const [i, size] of sizes.entries()) {
@@ -334,8 +321,7 @@ test('spooled messages of one commit, smaller and larger than the last and over 
       const id = `1A22AF1C0B4CA8658AC${i}`;
       const head = Buffer.from(`Received: ${i}\r\n`);
       wanted.set(id, Buffer.concat([head, rest]));
-      const msg = { id, mailFrom: 'a@example.com', recipients: ['b@example.net'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'client.test', raw: head, spooled: { file, bytes: size }, receivedAt: Date.now() };
-      insertMessage(sqlite, msg, policy);
+      insertMessage(sqlite, newMessage({ id, raw: head, spooled: { file, bytes: size }, receivedAt: Date.now() }), NO_LIMITS);
     }
     sqlite.exec('COMMIT');
     const rows = sqlite.prepare('SELECT messages.id, raw, size FROM messages JOIN message_bodies ON message_bodies.id = body_id').all() as Array<{ id: string; raw: Buffer; size: number }>;
