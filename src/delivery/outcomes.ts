@@ -198,7 +198,9 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       : undefined;
   let delivered = 0;
   let pending = 0;
-  let lastProblem: string | null = null;
+  // What the message reports: while it waits, why it waits (a deferral, over a failure of
+  // another recipient that comes later in RCPT order); once it has failed, a failure.
+  let lastDeferral: string | null = null;
   let lastFailure: string | null = null;
   const recipients = claim.recipients.map((r, i): RecipientOutcome => {
     const res = result.recipients[i];
@@ -208,13 +210,13 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       return { seq: r.seq, status: 'delivered', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
     }
     if (res.verdict === 'failed') {
-      lastProblem = lastFailure = `${r.address}: ${text}`;
+      lastFailure = `${r.address}: ${text}`;
       return { seq: r.seq, status: 'failed', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
     }
     const reason = giveUpReason(r.attempts, claim.receivedAt, now, ctx.retry);
     if (reason) {
       const gaveUp = describeGiveUp(reason, r.attempts, ctx.retry);
-      lastProblem = lastFailure = `${r.address}: ${gaveUp}; last reply: ${text}`;
+      lastFailure = `${r.address}: ${gaveUp}; last reply: ${text}`;
       return {
         seq: r.seq,
         status: 'failed',
@@ -229,7 +231,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       return { seq: r.seq, status: 'failed', code: res.code, reply, temporary: false, nextAttemptAt: now };
     }
     pending++;
-    lastProblem = `deferred ${r.address}: ${text}`;
+    lastDeferral = `deferred ${r.address}: ${text}`;
     return {
       seq: r.seq,
       status: 'pending',
@@ -260,7 +262,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     upstreamFailed: upstreamVerdict(result) === 'failed',
     batchDelayMs: ctx.batchDelayMs,
     eraseRawOnDelivered: ctx.eraseRawOnDelivered,
-    lastError: lastProblem,
+    lastError: lastDeferral ?? lastFailure,
     lastFailure,
     failRemaining,
   };

@@ -239,7 +239,7 @@ export interface BatchCompletion {
   /** The message's next batch is not due before now + batchDelay. */
   batchDelayMs: number;
   eraseRawOnDelivered: boolean;
-  /** Message-level summary of the latest problem (null clears it). */
+  /** Message-level summary of this batch's problem: a deferral if it had one, else a failure (null keeps the last). */
   lastError: string | null;
   /** This batch's last permanent failure: what a message that ends failed now reports. */
   lastFailure?: string | null;

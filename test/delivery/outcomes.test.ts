@@ -69,6 +69,15 @@ describe('per-recipient outcomes', () => {
     assert.equal(readFailedExport(relay, id).lastError, 'bad@example.com: 550 5.1.1 No such user');
   });
 
+  test('a message left waiting names the recipient it waits for, also when one refused after it in RCPT order', async () => {
+    const { relay, upstream } = await setup();
+    upstream.rcptReply = (a) => (a === 'bad@example.com' ? { code: 550, message: '5.1.1 No such user' } : a === 'tmp@example.com' ? { code: 450, message: '4.2.1 Busy' } : undefined);
+    const id = await queue(relay, ['tmp@example.com', 'bad@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status]), [['tmp@example.com', 'pending'], ['bad@example.com', 'failed']]);
+    assert.deepEqual([message(relay, id).state, message(relay, id).last_error], ['queued', 'deferred tmp@example.com: 450 4.2.1 Busy']);
+  });
+
   test('550 to one RCPT → that recipient failed, the others delivered, message failed and exported with the original bytes', async () => {
     const { clock, relay, upstream } = await setup();
     upstream.rcptReply = (a) => (a === 'bad@example.com' ? { code: 550, message: '5.1.1 No such user' } : undefined);
