@@ -25,6 +25,37 @@ export type LoadResult = { ok: true; config: Config; warnings: string[] } | { ok
 
 const KEYS_BY_PATH = new Map(CONFIG_KEYS.map((k) => [k.path, k]));
 
+/** Every name a file or a flag may use: the keys, and the objects that hold nested ones (`rateLimits`). */
+const KNOWN_NAMES = [...new Set(CONFIG_KEYS.flatMap((k) => k.path.split('.').map((_, i, parts) => parts.slice(0, i + 1).join('.'))))];
+
+/** A name without case and punctuation: `worker-count`, `WORKER_COUNT` and `workerCount` are one. */
+const folded = (name: string) => name.toLowerCase().replace(/[^a-z0-9.]/g, '');
+
+/** Edits (insert, delete, replace) from one name to the other. */
+function editDistance(a: string, b: string): number {
+  let row = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const next = [i];
+    for (let j = 1; j <= b.length; j++) next[j] = Math.min(row[j] + 1, next[j - 1] + 1, row[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    row = next;
+  }
+  return row[b.length];
+}
+
+/**
+ * The known name an unknown one was likely meant to be: the same but for case and punctuation, or
+ * one letter off (two in a name of nine letters or more; none in one of four or fewer).
+ */
+function meant(name: string): string | undefined {
+  const wanted = folded(name);
+  let best: { name: string; distance: number } | undefined;
+  for (const known of KNOWN_NAMES) {
+    const distance = editDistance(wanted, folded(known));
+    if (distance < (best?.distance ?? Math.min(3, Math.ceil(wanted.length / 4)))) best = { name: known, distance };
+  }
+  return best?.name;
+}
+
 /** `--config` or `--<key path>`, with or without `=value`. */
 function isFlagName(arg: string): boolean {
   const name = arg.slice(2).split('=')[0];
@@ -163,7 +194,9 @@ export function loadConfig(
 
   const flags = parseFlags(argv);
   for (const arg of flags.unknown) {
-    errors.push({ key: arg, source: 'flag', message: arg.startsWith('--') ? `unknown option ${arg}` : `unexpected argument: ${arg}` });
+    const hint = arg.startsWith('--') ? meant(arg.slice(2)) : undefined;
+    const suggestion = hint && KEYS_BY_PATH.has(hint) ? ` (did you mean --${hint}?)` : '';
+    errors.push({ key: arg, source: 'flag', message: arg.startsWith('--') ? `unknown option ${arg}${suggestion}` : `unexpected argument: ${arg}` });
   }
   for (const name of flags.missing) errors.push({ key: name, source: 'flag', message: `--${name} needs a value` });
   for (const [path, raw] of flags.values) applyText(KEYS_BY_PATH.get(path) as KeyDef, raw, 'flag', `--${path}`);
@@ -204,7 +237,12 @@ function applyFileObject(
         errors.push({ key: path, source: 'file', message: `${path}: must be an object` });
       }
     } else {
-      const nested = KEYS_BY_PATH.has(path) ? ` (write it nested: {"${path.split('.').join('": {"')}": …})` : '';
+      const hint = meant(path);
+      const nested = KEYS_BY_PATH.has(path)
+        ? ` (write it nested: {"${path.split('.').join('": {"')}": …})`
+        : hint
+          ? ` (did you mean ${hint}?)`
+          : '';
       errors.push({ key: path, source: 'file', message: `${path}: unknown key${nested}` });
     }
   }

@@ -342,7 +342,7 @@ describe('loadConfig', () => {
     if (r.ok) return;
     assert.deepEqual(
       r.errors.map((e) => `${e.key}: ${e.message}`),
-      ['--defaultPasword: unknown option --defaultPasword', 'smtpPort: --smtpPort needs a value'],
+      ['--defaultPasword: unknown option --defaultPasword (did you mean --defaultPassword?)', 'smtpPort: --smtpPort needs a value'],
     );
     assert.doesNotMatch(JSON.stringify(r.errors), /TopSecret1/);
     // a boolean flag on its own means true
@@ -430,6 +430,35 @@ describe('loadConfig', () => {
     assert.deepEqual(errorMessages(loadConfig([], {}, { path: 'c.json', text })), [
       'security.requireAuth: unknown key (write it nested: {"security": {"requireAuth": …})',
       'rateLimits.maxPerHour: unknown key (write it nested: {"rateLimits": {"maxPerHour": …})',
+    ]);
+  });
+
+  test('an unknown key or flag that is a known one but for case, punctuation or a letter or two says which', () => {
+    const text = JSON.stringify({
+      workercount: 3,
+      security: { requireauth: true },
+      ratelimits: {},
+      tls: { crt: 'a.pem' },
+      forwardPrt: 25,
+      maxmessagesze: 1,
+      port: 1,
+      zzz: 1,
+    });
+    assert.deepEqual(errorMessages(loadConfig(['--worker_count=3', '--forwardhost', 'h', '--rateLimits', '--nope'], {}, { path: 'c.json', text })), [
+      'workercount: unknown key (did you mean workerCount?)',
+      'security.requireauth: unknown key (did you mean security.requireAuth?)',
+      'ratelimits: unknown key (did you mean rateLimits?)',
+      'tls.crt: unknown key (did you mean tls.cert?)',
+      'forwardPrt: unknown key (did you mean forwardPort?)',
+      'maxmessagesze: unknown key (did you mean maxMessageSize?)',
+      // a short name is not guessed at: smtpPort, healthCheckPort or forwardPort?
+      'port: unknown key',
+      'zzz: unknown key',
+      'unknown option --worker_count (did you mean --workerCount?)',
+      'unknown option --forwardhost (did you mean --forwardHost?)',
+      // an object, not a flag: its keys are
+      'unknown option --rateLimits',
+      'unknown option --nope',
     ]);
   });
 
