@@ -354,6 +354,12 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
       `inFlowDelay is in milliseconds: ${c.inFlowDelay} ms hardly slows intake while delivery is behind; Postfix's in_flow_delay = 1s is inFlowDelay 1000`,
     );
   }
+  if (/(^|\.)example(\.(com|net|org))?\.?$/i.test(c.serverName)) {
+    // config.example.json's placeholder, copied and left as it was
+    warnings.push(
+      `serverName ${c.serverName} is a name reserved for examples (RFC 2606): every Received: header and the EHLO to the upstream carry it; set it to this host's name`,
+    );
+  }
   checkAccessPolicy(c, fail, warnings);
 }
 

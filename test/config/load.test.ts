@@ -100,6 +100,18 @@ describe('loadConfig', () => {
       assert.notEqual(get(JSON.parse(text)), undefined, `${key.path} missing from config.example.json`);
       if (key.path !== 'serverName') assert.deepEqual(get(r.config), get(defaults), key.path);
     }
+    // its serverName is a placeholder: copied and left as it is, it is named at the start
+    assert.ok(r.ok && r.warnings.some((w) => w.startsWith('serverName relay.example.com is a name reserved for examples')), JSON.stringify(r));
+  });
+
+  test('a serverName in a domain reserved for examples gets a warning; a real one does not', () => {
+    const warned = (name: string) => {
+      const r = loadConfig(['--serverName', name], { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' });
+      assert.ok(r.ok);
+      return r.warnings.some((w) => w.includes('reserved for examples'));
+    };
+    for (const name of ['relay.example.com', 'MX.Example.ORG', 'example.net', 'host.example', 'relay.example.com.']) assert.ok(warned(name), name);
+    for (const name of ['relay.mycompany.com', 'example.community', 'myexample.com', 'relay.test', 'mail.example.co.uk']) assert.ok(!warned(name), name);
   });
 
   test('requireAuth without credentials: loopback-only mode with a warning', () => {
