@@ -238,12 +238,12 @@ function applyFileObject(
       }
     } else {
       const hint = meant(path);
-      const nested = KEYS_BY_PATH.has(path)
+      const advice = KEYS_BY_PATH.has(path)
         ? ` (write it nested: {"${path.split('.').join('": {"')}": …})`
         : hint
           ? ` (did you mean ${hint}?)`
           : '';
-      errors.push({ key: path, source: 'file', message: `${path}: unknown key${nested}` });
+      errors.push({ key: path, source: 'file', message: `${path}: unknown key${advice}` });
     }
   }
 }
