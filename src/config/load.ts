@@ -25,8 +25,10 @@ export type LoadResult = { ok: true; config: Config; warnings: string[] } | { ok
 
 const KEYS_BY_PATH = new Map(CONFIG_KEYS.map((k) => [k.path, k]));
 
-/** Every name a file or a flag may use: the keys, and the objects that hold nested ones (`rateLimits`). */
-const KNOWN_NAMES = [...new Set(CONFIG_KEYS.flatMap((k) => k.path.split('.').map((_, i, parts) => parts.slice(0, i + 1).join('.'))))];
+/** Every name a file may use: the keys, and the objects that hold nested ones (`rateLimits`). */
+const FILE_NAMES = [...new Set(CONFIG_KEYS.flatMap((k) => k.path.split('.').map((_, i, parts) => parts.slice(0, i + 1).join('.'))))];
+/** Every flag's name: `--config` and the keys. */
+const FLAG_NAMES = ['config', ...KEYS_BY_PATH.keys()];
 
 /** A name without case and punctuation: `worker-count`, `WORKER_COUNT` and `workerCount` are one. */
 const folded = (name: string) => name.toLowerCase().replace(/[^a-z0-9.]/g, '');
@@ -46,10 +48,10 @@ function editDistance(a: string, b: string): number {
  * The known name an unknown one was likely meant to be: the same but for case and punctuation, or
  * one letter off (two in a name of nine letters or more; none in one of four or fewer).
  */
-function meant(name: string): string | undefined {
+function meant(name: string, names: readonly string[]): string | undefined {
   const wanted = folded(name);
   let best: { name: string; distance: number } | undefined;
-  for (const known of KNOWN_NAMES) {
+  for (const known of names) {
     const distance = editDistance(wanted, folded(known));
     if (distance < (best?.distance ?? Math.min(3, Math.ceil(wanted.length / 4)))) best = { name: known, distance };
   }
@@ -194,8 +196,8 @@ export function loadConfig(
 
   const flags = parseFlags(argv);
   for (const arg of flags.unknown) {
-    const hint = arg.startsWith('--') ? meant(arg.slice(2)) : undefined;
-    const suggestion = hint && KEYS_BY_PATH.has(hint) ? ` (did you mean --${hint}?)` : '';
+    const hint = arg.startsWith('--') ? meant(arg.slice(2), FLAG_NAMES) : undefined;
+    const suggestion = hint ? ` (did you mean --${hint}?)` : '';
     errors.push({ key: arg, source: 'flag', message: arg.startsWith('--') ? `unknown option ${arg}${suggestion}` : `unexpected argument: ${arg}` });
   }
   for (const name of flags.missing) errors.push({ key: name, source: 'flag', message: `--${name} needs a value` });
@@ -237,7 +239,7 @@ function applyFileObject(
         errors.push({ key: path, source: 'file', message: `${path}: must be an object` });
       }
     } else {
-      const hint = meant(path);
+      const hint = meant(path, FILE_NAMES);
       const advice = KEYS_BY_PATH.has(path)
         ? ` (write it nested: {"${path.split('.').join('": {"')}": …})`
         : hint

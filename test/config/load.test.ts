@@ -456,7 +456,7 @@ describe('loadConfig', () => {
       port: 1,
       zzz: 1,
     });
-    assert.deepEqual(errorMessages(loadConfig(['--worker_count=3', '--forwardhost', 'h', '--rateLimits', '--nope'], {}, { path: 'c.json', text })), [
+    assert.deepEqual(errorMessages(loadConfig(['--worker_count=3', '--forwardhost', 'h', '--confg', 'c.json', '--rateLimits', '--nope'], {}, { path: 'c.json', text })), [
       'workercount: unknown key (did you mean workerCount?)',
       'security.requireauth: unknown key (did you mean security.requireAuth?)',
       'ratelimits: unknown key (did you mean rateLimits?)',
@@ -468,6 +468,7 @@ describe('loadConfig', () => {
       'zzz: unknown key',
       'unknown option --worker_count (did you mean --workerCount?)',
       'unknown option --forwardhost (did you mean --forwardHost?)',
+      'unknown option --confg (did you mean --config?)',
       // an object, not a flag: its keys are
       'unknown option --rateLimits',
       'unknown option --nope',
