@@ -26,7 +26,14 @@ program
   // unknown option is named without its value: `relayq --defaultPassword=… serve` (a key given
   // before the command name) must not print the password.
   .configureOutput({
-    outputError: (text, write) => write(`relayq: ${text.replace(/^error: /, '').replace(/(unknown option '-[^'=]*)=.*'/, "$1'")}`),
+    // one line: commander puts its suggestion for an unknown command or option on a second one
+    outputError: (text, write) =>
+      write(
+        `relayq: ${text
+          .replace(/^error: /, '')
+          .replace(/(unknown option '-[^'=]*)=.*'/, "$1'")
+          .replace(/\n\(Did you mean (.*)\?\)/, ' (did you mean $1?)')}`,
+      ),
   })
   // Options after a command name belong to that command, so `serve` receives its
   // `--config` and `--<key> value` flags untouched.

@@ -243,9 +243,11 @@ describe('relayq CLI on the database of a running relay', () => {
     // a key given before the command name is commander's unknown option: named without its value
     // (a relay that started anyway is killed at the time limit, and writes only under dir)
     const serveFlags = ['--smtpPort', '0', '--enableHealthCheck', 'false', '--databasePath', path.join(dir, 'serve.db'), '--emailsDir', path.join(dir, 'serve-emails')];
-    const [beforeCommand, onOperatorCommand, senderAlone, jsonServe, serveJson] = await Promise.all([
+    const [beforeCommand, onOperatorCommand, mistypedOption, mistypedCommand, senderAlone, jsonServe, serveJson] = await Promise.all([
       runCli(["--defaultPassword=Hun'ter2Secret", 'serve']),
       runCli(['status', '--forwardPasword=Hunter2Secret']),
+      runCli(['queue', '--stat', 'failed']),
+      runCli(['stauts']),
       cli('retry', '--sender', 'x@example.com'),
       runCli(['--json', 'serve', ...serveFlags]),
       runCli(['serve', ...serveFlags, '--json']),
@@ -257,6 +259,9 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(senderAlone, /^relayq: --sender goes with --failed or --queued$/);
     assertOneLineError(beforeCommand, /^relayq: unknown option '--defaultPassword'$/);
     assertOneLineError(onOperatorCommand, /^relayq: unknown option '--forwardPasword'$/);
+    // commander's suggestion, on the same line
+    assertOneLineError(mistypedOption, /^relayq: unknown option '--stat' \(did you mean --state\?\)$/);
+    assertOneLineError(mistypedCommand, /^relayq: unknown command 'stauts' \(did you mean status\?\)$/);
     assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: EEXIST/);
     assert.equal(fs.readFileSync(aFile, 'utf8'), 'not a directory\n');
     assertOneLineError(exportMissing, /no database at .*missing\.db/);
