@@ -43,12 +43,6 @@ function requireCurrentBuild(): void {
   if (stale !== undefined) throw new Error(`the CLI tests run the build, and ${built === 0 ? 'there is none' : `${stale} is newer than it`}: run npm run build (npm test does)`);
 }
 
-const tempDirs: string[] = [];
-
-/**
- * A fresh directory under the OS temp dir, removed when this test process exits (each test file
- * runs in a process of its own), together with every database, spool and export written there.
- */
 /** No rate limit and no queue size: a policy that refuses no insert. */
 export const NO_LIMITS: IntakePolicy = { rateLimits: { enabled: false, maxPerHour: 0, maxPerDay: 0, globalMaxPerHour: 0, globalMaxPerDay: 0 }, queueSize: 0 };
 
@@ -57,6 +51,12 @@ export function newMessage(fields: Pick<NewMessage, 'id' | 'raw' | 'receivedAt'>
   return { mailFrom: 'a@example.com', recipients: ['b@example.net'], authUser: null, clientIp: '127.0.0.1', clientHostname: null, helo: 'client.test', ...fields };
 }
 
+const tempDirs: string[] = [];
+
+/**
+ * A fresh directory under the OS temp dir, removed when this test process exits (each test file
+ * runs in a process of its own), together with every database, spool and export written there.
+ */
 export function tempDir(prefix = 'relayq-test-'): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
   if (tempDirs.push(dir) === 1) {
