@@ -45,17 +45,18 @@ function editDistance(a: string, b: string): number {
 }
 
 /**
- * The known name an unknown one was likely meant to be: the same but for case and punctuation, or
- * one letter off (two in a name of nine letters or more; none in one of four or fewer).
+ * ` (did you mean <prefix><name>?)` for the known name an unknown one was likely meant to be: the
+ * same but for case and punctuation, or one letter off (two in a name of nine letters or more;
+ * none in one of four or fewer). Empty when none is.
  */
-function meant(name: string, names: readonly string[]): string | undefined {
+function didYouMean(name: string, names: readonly string[], prefix = ''): string {
   const wanted = folded(name);
   let best: { name: string; distance: number } | undefined;
   for (const known of names) {
     const distance = editDistance(wanted, folded(known));
     if (distance < (best?.distance ?? Math.min(3, Math.ceil(wanted.length / 4)))) best = { name: known, distance };
   }
-  return best?.name;
+  return best ? ` (did you mean ${prefix}${best.name}?)` : '';
 }
 
 /** `--config` or `--<key path>`, with or without `=value`. */
@@ -196,9 +197,8 @@ export function loadConfig(
 
   const flags = parseFlags(argv);
   for (const arg of flags.unknown) {
-    const hint = arg.startsWith('--') ? meant(arg.slice(2), FLAG_NAMES) : undefined;
-    const suggestion = hint ? ` (did you mean --${hint}?)` : '';
-    errors.push({ key: arg, source: 'flag', message: arg.startsWith('--') ? `unknown option ${arg}${suggestion}` : `unexpected argument: ${arg}` });
+    const message = arg.startsWith('--') ? `unknown option ${arg}${didYouMean(arg.slice(2), FLAG_NAMES, '--')}` : `unexpected argument: ${arg}`;
+    errors.push({ key: arg, source: 'flag', message });
   }
   for (const name of flags.missing) errors.push({ key: name, source: 'flag', message: `--${name} needs a value` });
   for (const [path, raw] of flags.values) applyText(KEYS_BY_PATH.get(path) as KeyDef, raw, 'flag', `--${path}`);
@@ -239,12 +239,7 @@ function applyFileObject(
         errors.push({ key: path, source: 'file', message: `${path}: must be an object` });
       }
     } else {
-      const hint = meant(path, FILE_NAMES);
-      const advice = KEYS_BY_PATH.has(path)
-        ? ` (write it nested: {"${path.split('.').join('": {"')}": …})`
-        : hint
-          ? ` (did you mean ${hint}?)`
-          : '';
+      const advice = KEYS_BY_PATH.has(path) ? ` (write it nested: {"${path.split('.').join('": {"')}": …})` : didYouMean(path, FILE_NAMES);
       errors.push({ key: path, source: 'file', message: `${path}: unknown key${advice}` });
     }
   }
