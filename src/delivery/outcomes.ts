@@ -198,9 +198,6 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       : undefined;
   let delivered = 0;
   let pending = 0;
-  // What the message reports: while it waits, why it waits (a deferral, over a failure of
-  // another recipient that comes later in RCPT order); once it has failed, a failure.
-  let lastDeferral: string | null = null;
   let lastFailure: string | null = null;
   const recipients = claim.recipients.map((r, i): RecipientOutcome => {
     const res = result.recipients[i];
@@ -231,7 +228,6 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       return { seq: r.seq, status: 'failed', code: res.code, reply, temporary: false, nextAttemptAt: now };
     }
     pending++;
-    lastDeferral = `deferred ${r.address}: ${text}`;
     return {
       seq: r.seq,
       status: 'pending',
@@ -262,7 +258,6 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     upstreamFailed: upstreamVerdict(result) === 'failed',
     batchDelayMs: ctx.batchDelayMs,
     eraseRawOnDelivered: ctx.eraseRawOnDelivered,
-    lastError: lastDeferral ?? lastFailure,
     lastFailure,
     failRemaining,
   };

@@ -157,7 +157,6 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     // Nothing to send now: put the message back where its recipients say it belongs.
     const settled = settleMessage(sqlite, id, now, {
       nextAttemptFloor: now,
-      lastError: gaveUp ? GAVE_UP_UNFINISHED : null,
       lastFailure: gaveUp ? GAVE_UP_UNFINISHED : null,
       eraseRawOnDelivered: false,
     });
@@ -239,10 +238,8 @@ export interface BatchCompletion {
   /** The message's next batch is not due before now + batchDelay. */
   batchDelayMs: number;
   eraseRawOnDelivered: boolean;
-  /** Message-level summary of this batch's problem: a deferral if it had one, else a failure (null keeps the last). */
-  lastError: string | null;
-  /** This batch's last permanent failure: what a message that ends failed now reports. */
-  lastFailure?: string | null;
+  /** This batch's last failure, as the message reports it (`address: reply`); null when none failed. */
+  lastFailure: string | null;
 }
 
 export type CompletionResult =
@@ -297,7 +294,6 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
   }
   const settled = settleMessage(sqlite, c.messageId, c.now, {
     nextAttemptFloor: c.now + c.batchDelayMs,
-    lastError: c.lastError,
     lastFailure: c.lastFailure,
     eraseRawOnDelivered: c.eraseRawOnDelivered,
   });
@@ -309,25 +305,35 @@ interface Settled {
   nextAttemptAt: number;
 }
 
+/** A recipient's last reply with its code in front, unless it starts with it already (as withCode in delivery/outcomes.ts). */
+const REPLY_WITH_CODE = `CASE WHEN last_code IS NOT NULL AND substr(last_reply, 1, 3) <> CAST(last_code AS TEXT)
+    THEN last_code || ' ' || last_reply ELSE last_reply END`;
+
 /**
- * "address: code reply" of the message's recipient that failed last (the reply may start with its
- * code), one the upstream refused rather than one failed unattempted (continueOnError=false).
+ * "address: code reply" of the message's recipient that failed last, one the upstream refused
+ * rather than one failed unattempted (continueOnError=false).
  */
-const LAST_FAILURE_SQL = `SELECT address || ': ' || CASE WHEN last_code IS NOT NULL AND substr(last_reply, 1, 3) <> CAST(last_code AS TEXT)
-    THEN last_code || ' ' || last_reply ELSE last_reply END
-  FROM recipients WHERE message_id = ? AND status = 'failed'
+const LAST_FAILURE_SQL = `SELECT address || ': ' || ${REPLY_WITH_CODE} FROM recipients WHERE message_id = ? AND status = 'failed'
   ORDER BY last_reply LIKE 'not attempted%', updated_at DESC, seq DESC LIMIT 1`;
+
+/** "deferred address: code reply" of the message's pending recipient deferred last; none when no pending recipient was deferred. */
+const LAST_DEFERRAL_SQL = `SELECT 'deferred ' || address || ': ' || ${REPLY_WITH_CODE}
+  FROM recipients WHERE message_id = ? AND status = 'pending' AND temporary = 1 AND last_reply IS NOT NULL
+  ORDER BY updated_at DESC, seq DESC LIMIT 1`;
 
 /**
  * Derives the message's state from its recipients and releases any lease: pending recipients →
  * 'queued', due at max(floor, earliest pending recipient); none pending → 'delivered' when all
- * were delivered, else 'failed', with finished_at set.
+ * were delivered, else 'failed', with finished_at set. The last error of a queued message says
+ * why it waits: its pending recipient deferred last, else a recipient that failed (none: it only
+ * waits for its next batch). A failed message's names a failure: `lastFailure` (this attempt's),
+ * else the recipient that failed last.
  */
 function settleMessage(
   sqlite: Sqlite,
   id: string,
   now: number,
-  options: { nextAttemptFloor: number; lastError: string | null; lastFailure?: string | null; eraseRawOnDelivered: boolean },
+  options: { nextAttemptFloor: number; lastFailure: string | null; eraseRawOnDelivered: boolean },
 ): Settled {
   const counts = prepared(
     sqlite,
@@ -340,9 +346,9 @@ function settleMessage(
     prepared(
       sqlite,
       `UPDATE messages SET state = 'queued', lease_token = NULL, lease_expires_at = NULL, next_attempt_at = ?,
-         last_error = COALESCE(?, last_error), updated_at = ?
+         last_error = COALESCE((${LAST_DEFERRAL_SQL}), ?, (${LAST_FAILURE_SQL})), updated_at = ?
        WHERE id = ?`,
-    ).run(nextAttemptAt, options.lastError, now, id);
+    ).run(nextAttemptAt, id, options.lastFailure, id, now, id);
     return { state: 'queued', nextAttemptAt };
   }
   const state: 'delivered' | 'failed' = counts.failed === 0 ? 'delivered' : 'failed';
@@ -358,14 +364,12 @@ function settleMessage(
        WHERE id = ?`,
     ).run(now, options.eraseRawOnDelivered ? 1 : 0, now, id);
   } else {
-    // The reason is a failure: this attempt's, else the recipient that failed last. Not this
-    // attempt's last problem: a deferral noted may belong to a recipient that was delivered since.
     prepared(
       sqlite,
       `UPDATE messages SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, finished_at = ?,
-         last_error = COALESCE(?, (${LAST_FAILURE_SQL}), ?, last_error), updated_at = ?
+         last_error = COALESCE(?, (${LAST_FAILURE_SQL}), last_error), updated_at = ?
        WHERE id = ?`,
-    ).run(now, options.lastFailure ?? null, id, options.lastError, now, id);
+    ).run(now, options.lastFailure, id, now, id);
   }
   return { state, nextAttemptAt: now };
 }

@@ -51,7 +51,7 @@ describe('claims and leases', () => {
       upstreamFailed: false,
       batchDelayMs: 0,
       eraseRawOnDelivered: false,
-      lastError: null,
+      lastFailure: null,
     };
   }
 

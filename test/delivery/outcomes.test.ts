@@ -78,6 +78,26 @@ describe('per-recipient outcomes', () => {
     assert.deepEqual([message(relay, id).state, message(relay, id).last_error], ['queued', 'deferred tmp@example.com: 450 4.2.1 Busy']);
   });
 
+  test('a message waiting between batches names a deferral while its recipient waits, and none once that recipient is delivered', async () => {
+    const { clock, relay, upstream } = await setup({ batchSize: 1, batchDelay: 1000 });
+    let busy = true;
+    upstream.rcptReply = (a) => (a === 'tmp@example.com' && busy ? { code: 450, message: '4.2.1 Busy' } : undefined);
+    const id = await queue(relay, ['tmp@example.com', 'a@example.com', 'b@example.com']);
+    const waiting = async (advanceMs: number) => {
+      clock.advance(advanceMs);
+      await relay.delivery.runOnce();
+      return [recipients(relay, id).map((r) => r.status).join(' '), message(relay, id).last_error];
+    };
+    assert.deepEqual(await waiting(0), ['pending pending pending', 'deferred tmp@example.com: 450 4.2.1 Busy']);
+    // a later batch delivered: the message still waits for tmp@
+    assert.deepEqual(await waiting(1000), ['pending delivered pending', 'deferred tmp@example.com: 450 4.2.1 Busy']);
+    busy = false;
+    // tmp@ delivered on its retry: the message waits only for b@'s batch, and no problem is left
+    assert.deepEqual(await waiting(60_000), ['delivered delivered pending', null]);
+    assert.deepEqual(await waiting(1000), ['delivered delivered delivered', null]);
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com'], ['tmp@example.com'], ['b@example.com']]);
+  });
+
   test('550 to one RCPT → that recipient failed, the others delivered, message failed and exported with the original bytes', async () => {
     const { clock, relay, upstream } = await setup();
     upstream.rcptReply = (a) => (a === 'bad@example.com' ? { code: 550, message: '5.1.1 No such user' } : undefined);

@@ -54,7 +54,7 @@ test('claiming a 200 KB message and recording its outcome write a few pages, not
         recipients: [{ seq: 0, status: 'delivered', code: 250, reply: '250 ok', temporary: false, nextAttemptAt: 3_000 }],
         upstreamFailed: false,
         batchDelayMs: 0,
-        lastError: null,
+        lastFailure: null,
         eraseRawOnDelivered: false,
       }),
     );
