@@ -29,6 +29,8 @@ const KEYS_BY_PATH = new Map(CONFIG_KEYS.map((k) => [k.path, k]));
 const FILE_NAMES = [...new Set(CONFIG_KEYS.flatMap((k) => k.path.split('.').map((_, i, parts) => parts.slice(0, i + 1).join('.'))))];
 /** Every flag's name: `--config` and the keys. */
 const FLAG_NAMES = ['config', ...KEYS_BY_PATH.keys()];
+/** Every environment variable relayq reads: RELAYQ_CONFIG and one per key. */
+const ENV_NAMES = ['RELAYQ_CONFIG', ...CONFIG_KEYS.map((k) => envName(k.path))];
 
 /** A name without case and punctuation: `worker-count`, `WORKER_COUNT` and `workerCount` are one. */
 const folded = (name: string) => name.toLowerCase().replace(/[^a-z0-9.]/g, '');
@@ -53,8 +55,12 @@ function didYouMean(name: string, names: readonly string[], prefix = ''): string
   const wanted = folded(name);
   let best: { name: string; distance: number } | undefined;
   for (const known of names) {
-    const distance = editDistance(wanted, folded(known));
-    if (distance < (best?.distance ?? Math.min(3, Math.ceil(wanted.length / 4)))) best = { name: known, distance };
+    const limit = best?.distance ?? Math.min(3, Math.ceil(wanted.length / 4));
+    const candidate = folded(known);
+    // names that differ this much in length are this many edits apart at least
+    if (Math.abs(candidate.length - wanted.length) >= limit) continue;
+    const distance = editDistance(wanted, candidate);
+    if (distance < limit) best = { name: known, distance };
   }
   return best ? ` (did you mean ${prefix}${best.name}?)` : '';
 }
@@ -194,6 +200,7 @@ export function loadConfig(
     const raw = env[envName(key.path)];
     if (raw !== undefined) applyText(key, raw, 'env', envName(key.path));
   }
+  const warnings = mistypedEnvNames(env);
 
   const flags = parseFlags(argv);
   for (const arg of flags.unknown) {
@@ -204,7 +211,6 @@ export function loadConfig(
   for (const [path, raw] of flags.values) applyText(KEYS_BY_PATH.get(path) as KeyDef, raw, 'flag', `--${path}`);
 
   const typed = config as unknown as Config;
-  const warnings: string[] = [];
   // Checked on the values that were valid; a combination that names a key whose own value was
   // already refused is left out (the default standing in for it would only confuse).
   const refused = new Set(errors.map((e) => e.key));
@@ -212,6 +218,21 @@ export function loadConfig(
   checkCombinations(typed, origins, combinations, warnings);
   errors.push(...combinations.filter((e) => !refused.has(e.key)));
   return errors.length ? { ok: false, errors } : { ok: true, config: typed, warnings };
+}
+
+/**
+ * The environment holds every other program's variables too, so a name relayq does not read is no
+ * error. One that is relayq's but for a letter or its underscores (`WORKER_CONT`,
+ * `HEALTHCHECK_PORT`) was likely meant for it and is ignored: that gets a warning.
+ */
+function mistypedEnvNames(env: NodeJS.ProcessEnv): string[] {
+  const warnings: string[] = [];
+  for (const name of Object.keys(env)) {
+    if (ENV_NAMES.includes(name)) continue;
+    const guess = didYouMean(name, ENV_NAMES);
+    if (guess) warnings.push(`${name}: not an environment variable relayq reads, so it is ignored${guess}`);
+  }
+  return warnings;
 }
 
 function applyFileObject(

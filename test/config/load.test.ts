@@ -475,6 +475,34 @@ describe('loadConfig', () => {
     ]);
   });
 
+  test("an environment variable that is relayq's but for a letter or its underscores gets a warning and is ignored; other programs' are left alone", () => {
+    const env = {
+      DEFAULT_USERNAME: 'u',
+      DEFAULT_PASSWORD: 'p',
+      WORKER_CONT: '3',
+      HEALTHCHECK_PORT: '9000',
+      log_level: 'debug',
+      // other programs' variables, some of them close to relayq's names, and the compose file's own
+      RELAYQ_ADMIN_TOKEN: 'not-shown',
+      PATH: '/usr/bin',
+      HOSTNAME: 'h',
+      PORT: '8080',
+      MAIL_PORT: '25',
+      SMTP_PASSWORD: 'x',
+      KUBERNETES_SERVICE_HOST: '10.0.0.1',
+      npm_config_loglevel: 'warn',
+      NODE_ENV: 'production',
+    };
+    const r = loadConfig([], env);
+    assert.ok(r.ok, JSON.stringify(r));
+    assert.deepEqual(r.warnings, [
+      'WORKER_CONT: not an environment variable relayq reads, so it is ignored (did you mean WORKER_COUNT?)',
+      'HEALTHCHECK_PORT: not an environment variable relayq reads, so it is ignored (did you mean HEALTH_CHECK_PORT?)',
+      'log_level: not an environment variable relayq reads, so it is ignored (did you mean LOG_LEVEL?)',
+    ]);
+    assert.deepEqual([r.config.workerCount, r.config.healthCheckPort, r.config.logLevel], [5, 8025, 'info']);
+  });
+
   test('a number out of range is quoted as it was written', () => {
     assert.deepEqual(errorMessages(loadConfig([], { SMTP_PORT: '99999999999999999999999' })), ['SMTP_PORT: must be at most 65535, got 99999999999999999999999']);
   });
