@@ -3,7 +3,7 @@
 // file the server may be writing, and output as a table or as JSON. Failures are CliErrors:
 // the entry point prints their one-line message and exits non-zero.
 import fs from 'node:fs';
-import { loadConfigFromSources } from '../config/load.js';
+import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, type Sqlite, type Store } from '../store/db.js';
@@ -38,6 +38,9 @@ export function configFlags(options: GlobalOptions): string[] {
 export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): Config {
   const loaded = loadConfigFromSources(configFlags(options), env);
   if (!loaded.ok) throw new CliError(loaded.message, 2);
+  // Of the start's warnings, only these can change what a command reads (DATABASE_PAHT): as
+  // Postfix's commands warn of an unused parameter in main.cf, on stderr.
+  for (const warning of mistypedEnvNames(env)) process.stderr.write(`relayq: warning: ${warning}\n`);
   return loaded.config;
 }
 

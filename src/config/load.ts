@@ -225,7 +225,7 @@ export function loadConfig(
  * error. One that is relayq's but for a letter or its underscores (`WORKER_CONT`,
  * `HEALTHCHECK_PORT`) was likely meant for it and is ignored: that gets a warning.
  */
-function mistypedEnvNames(env: NodeJS.ProcessEnv): string[] {
+export function mistypedEnvNames(env: NodeJS.ProcessEnv): string[] {
   const warnings: string[] = [];
   for (const name of Object.keys(env)) {
     if (ENV_NAMES.includes(name)) continue;

@@ -307,6 +307,17 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.match(kept.stdout, /^delivered: +\d+ \(kept 1 day\)$/m);
   });
 
+  test("a mistyped relayq environment variable gets a warning on stderr, and the command reads what it would without it", async () => {
+    const file = relay.config.databasePath;
+    const r = await runCli(['status', '--json'], { env: { DATABASE_PATH: file, DATABASE_PAHT: path.join(dir, 'elsewhere.db') } });
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(
+      r.stderr,
+      'relayq: warning: DATABASE_PAHT: not an environment variable relayq reads, so it is ignored (did you mean DATABASE_PATH?)\n',
+    );
+    assert.equal((JSON.parse(r.stdout) as { database: { path: string } }).database.path, file);
+  });
+
   test('retry --failed requeues failed mail; delivered recipients are never sent again', async () => {
     const sentToOk = () => upstream.received.flatMap((m) => m.to).filter((a) => a.startsWith('ok')).length;
     const okBefore = sentToOk();
