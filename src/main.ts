@@ -11,10 +11,11 @@ import { type ApiServer, startApiServer } from './api/server.js';
 import { type Clock, systemClock } from './clock.js';
 import { redactConfig } from './config/load.js';
 import type { Config } from './config/schema.js';
-import { DeliveryEngine } from './delivery/engine.js';
 import { EMAILS_DIR_MODE } from './delivery/atomic-file.js';
+import { DeliveryEngine } from './delivery/engine.js';
 import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
+import { makeDirectory } from './make-dir.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { SpoolError } from './smtp/spool.js';
 import { openStore, type Store } from './store/db.js';
@@ -78,7 +79,7 @@ function prepareEmailsDir(emailsDir: string): void {
   try {
     // not writable by others, whatever the umask: the files hold messages, and a directory others
     // may write to would let them swap in a link to another place
-    fs.mkdirSync(failedDir, { recursive: true, mode: EMAILS_DIR_MODE });
+    makeDirectory(failedDir, EMAILS_DIR_MODE);
     // writing a file into a directory takes write and search (execute) permission on it
     fs.accessSync(emailsDir, fs.constants.W_OK | fs.constants.X_OK);
     fs.accessSync(failedDir, fs.constants.W_OK | fs.constants.X_OK);

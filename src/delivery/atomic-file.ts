@@ -4,6 +4,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { makeDirectory } from '../make-dir.js';
 
 /**
  * The mode of the directories relayq makes for message files (emailsDir, emailsDir/failed, an
@@ -18,11 +19,15 @@ const TEMP_FILE = /^\..+\.[0-9a-f]{12}\.tmp$/;
 /** `data` may come in pieces (an iterable), written one after the other. */
 export async function writeFileAtomic(target: string, data: Uint8Array | string | Iterable<string>): Promise<void> {
   const dir = path.dirname(target);
-  await fs.mkdir(dir, { recursive: true, mode: EMAILS_DIR_MODE });
   // Dot-prefixed and unique, so a concurrent writer or a directory listing never takes it for
   // a finished file; a crash leaves at most a stray temp file behind.
   const temp = path.join(dir, `.${path.basename(target)}.${crypto.randomBytes(6).toString('hex')}.tmp`);
-  const handle = await fs.open(temp, 'wx', 0o640);
+  const handle = await fs.open(temp, 'wx', 0o640).catch((err: NodeJS.ErrnoException) => {
+    if (err.code !== 'ENOENT') throw err;
+    // the directory is gone (made at the start; an operator may have removed it since)
+    makeDirectory(dir, EMAILS_DIR_MODE);
+    return fs.open(temp, 'wx', 0o640);
+  });
   try {
     // each writeFile writes on from where the last one ended
     if (typeof data === 'string' || data instanceof Uint8Array) await handle.writeFile(data);

@@ -10,6 +10,7 @@ import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { finished } from 'node:stream/promises';
 import { RecentFailure } from '../clock.js';
+import { makeDirectory } from '../make-dir.js';
 
 /** The spool directory cannot be emptied at start: a problem of databasePath, not of the listener. */
 export class SpoolError extends Error {}
@@ -90,7 +91,7 @@ export class Spool {
   /** Fails when, say, the directory is a link the operator made that points nowhere. */
   private makeDir(): void {
     try {
-      fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+      makeDirectory(this.dir, 0o700);
     } catch (err) {
       throw new SpoolError(`cannot make ${this.dir}: ${(err as Error).message}`, { cause: err });
     }

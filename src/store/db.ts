@@ -9,6 +9,7 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect, sql } from 'kysely';
 import { migrations } from '../../migrations/index.js';
+import { makeDirectory } from '../make-dir.js';
 import { overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema, requireWritable } from './maintenance.js';
 import type { DB } from './schema.js';
 
@@ -62,7 +63,7 @@ export function openConnection(file: string): Sqlite {
 
 /** Creates `file` empty, readable by the relay's user alone, unless it is there already. */
 export function createPrivateFile(file: string): void {
-  fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true, mode: 0o700 });
+  makeDirectory(path.dirname(path.resolve(file)), 0o700);
   try {
     fs.writeFileSync(file, '', { flag: 'wx', mode: 0o600 });
   } catch (err) {

@@ -1,0 +1,37 @@
+// `mkdir -p` for the directories relayq makes. Not Node's recursive mkdir: for a path under /proc
+// (procfs answers ENOENT for a child it cannot make) that makes the parent, finds it there, and
+// tries the child again, forever, at full CPU, so a start with such a path would never end.
+import fs from 'node:fs';
+import path from 'node:path';
+
+/**
+ * Makes `dir` and its missing parents with `mode`; a directory that is there already is fine.
+ * Fails as Node's recursive mkdir does: EEXIST for a file in its place, ENOTDIR for a file on its
+ * path, ENOENT for a link that points nowhere, and ENOENT, at once, under /proc.
+ */
+export function makeDirectory(dir: string, mode: number): void {
+  let failure = mkdirFailure(dir, mode);
+  const parent = path.dirname(dir);
+  if (failure?.code === 'ENOENT' && parent !== dir) {
+    try {
+      makeDirectory(parent, mode);
+    } catch (err) {
+      // a parent that is there but no directory (a link that points nowhere): the child's error says it
+      if ((err as NodeJS.ErrnoException).syscall === 'mkdir' && (err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    // once only: a child that is still not found with its parent there never will be
+    failure = mkdirFailure(dir, mode);
+  }
+  // statSync throws ENOENT for a link that points nowhere
+  if (failure?.code === 'EEXIST' && fs.statSync(dir).isDirectory()) return;
+  if (failure) throw failure;
+}
+
+function mkdirFailure(dir: string, mode: number): NodeJS.ErrnoException | undefined {
+  try {
+    fs.mkdirSync(dir, { mode });
+    return undefined;
+  } catch (err) {
+    return err as NodeJS.ErrnoException;
+  }
+}
