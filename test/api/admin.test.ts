@@ -509,7 +509,7 @@ describe('admin: retry and delete one message', () => {
 
       const busy = await send(relay, 'a@example.com', ['y@example.com']);
       const run = relay.delivery.runOnce();
-      await waitFor(async () => (await call<MessageJson>(relay, `/admin/messages/${busy}`)).body.state === 'sending', 5000, 'the claim');
+      await waitFor(async () => (await call<MessageJson>(relay, `/admin/messages/${busy}`)).body.state === 'sending', 10_000, 'the claim');
       const refused = await call(relay, `/admin/messages/${busy}`, { method: 'DELETE' });
       assert.equal(refused.status, 409);
       assert.equal(refused.body.error, 'conflict');

@@ -58,7 +58,7 @@ describe('GET /metrics', () => {
     const relay = await startTestRelay(config(upstream.port), relayOptions(clock));
     try {
       await mixedTraffic(relay, clock);
-      await waitFor(async () => (await call(relay, '/metrics')).body.rate_limit_refusals === 1, 5000, 'the refusal counted');
+      await waitFor(async () => (await call(relay, '/metrics')).body.rate_limit_refusals === 1, 10_000, 'the refusal counted');
       const { status, headers, body } = await call(relay, '/metrics');
       assert.equal(status, 200);
       assert.match(headers.get('content-type') ?? '', /^application\/json/);
@@ -148,7 +148,7 @@ describe('GET /metrics', () => {
     try {
       await mixedTraffic(first, clock);
       await sendMail(first.smtpPort, { from: 'd@example.com' }).catch(() => {});
-      await waitFor(async () => (await call(first, '/metrics')).body.rate_limit_refusals === 2, 5000, 'refusals counted');
+      await waitFor(async () => (await call(first, '/metrics')).body.rate_limit_refusals === 2, 10_000, 'refusals counted');
       before.json = (await call(first, '/metrics')).body;
       before.text = (await call<string>(first, '/metrics?format=prometheus')).body;
     } finally {

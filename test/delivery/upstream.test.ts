@@ -216,7 +216,7 @@ describe('attempt deadline', () => {
       assert.match(r.last_reply!, /timed out: the attempt exceeded 300 ms/);
       assert.equal(message(relay, id).lease_token, null, 'recorded while the lease was still held');
       assert.equal(upstream.held.length, 1);
-      await waitFor(() => upstream.connections() === 0, 5000, 'the stalled connection to close');
+      await waitFor(() => upstream.connections() === 0, 10_000, 'the stalled connection to close');
 
       clock.set(message(relay, id).next_attempt_at);
       await engine.runOnce();

@@ -310,9 +310,9 @@ describe('hostile SMTP input', () => {
     const c = await openSession(relay.smtpPort);
     assert.match(await c.send('DATA'), /^354 /);
     c.write('Subject: half\r\n\r\nhalf a message\r\n');
-    await waitFor(() => relay.intake.server.connections.size > 0, 2000, 'server connection');
+    await waitFor(() => relay.intake.server.connections.size > 0, 10_000, 'server connection');
     c.close();
-    await waitFor(() => relay.intake.server.connections.size === 0, 5000, 'server to drop the connection');
+    await waitFor(() => relay.intake.server.connections.size === 0, 10_000, 'server to drop the connection');
     assert.equal(messageCount(relay), before);
     await assertStillServing(relay);
   });
@@ -331,7 +331,7 @@ test('a client that leaves in the middle of DATA is named in its session line: t
       await new Promise((r) => setTimeout(r, 200));
       if (leave === 'end') c.socket.end();
       else c.socket.destroy();
-      await waitFor(() => sessions().length === i + 1, 5000, 'the session line');
+      await waitFor(() => sessions().length === i + 1, 10_000, 'the session line');
       const lost = sessions()[i].lostInData as { queueId: string; bytes: number } | undefined;
       assert.match(String(lost?.queueId), /^[0-9A-F]{20}$/, leave);
       // smtp-server holds back the last bytes until it knows they are not the final dot
@@ -420,7 +420,7 @@ describe('connection flood', () => {
       assert.ok(queuedId(await first.send('Subject: held\r\n\r\nheld\r\n.')));
       first.close();
       for (const c of others) c.close();
-      await waitFor(() => relay.intake.server.connections.size === 0, 5000, 'connections to close');
+      await waitFor(() => relay.intake.server.connections.size === 0, 10_000, 'connections to close');
       await assertStillServing(relay);
     } finally {
       await relay.stop();

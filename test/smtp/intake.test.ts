@@ -110,7 +110,7 @@ describe('intake log', () => {
         (client.socket as net.Socket).resetAndDestroy();
         await closed;
       }
-      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.connection_lost').length === 2, 5000, 'two lost connections logged');
+      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.connection_lost').length === 2, 10_000, 'two lost connections logged');
       const lines = log.entries();
       const lost = lines.filter((l) => l.event === 'smtp.connection_lost');
       assert.deepEqual(
@@ -147,7 +147,7 @@ describe('intake log', () => {
           }
         })();`;
       await promisify(execFile)(process.execPath, ['-e', probes]);
-      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 20, 5000, 'every session logged');
+      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 20, 10_000, 'every session logged');
       const lines = log.entries();
       assert.deepEqual(lines.filter((l) => (l.level as number) >= 40), [], 'no warning: nothing was refused');
       // each is a lost connection, and a session that refused nothing
@@ -176,7 +176,7 @@ describe('intake log', () => {
       const idle = await SmtpClient.connect(relay.smtpPort);
       await idle.read();
       await idle.send('QUIT');
-      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 2, 5000, 'two session lines');
+      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 2, 10_000, 'two session lines');
       const sessions = log.entries().filter((l) => l.event === 'smtp.session');
       assert.deepEqual(
         sessions.map(({ level, client, helo, accepted, refused, replies }) => ({ level, client, helo, accepted, refused, replies })),
@@ -205,7 +205,7 @@ describe('intake log', () => {
       assert.match(await leaving.send('DATA'), /^354 /);
       leaving.write('Subject: cut off\r\n\r\nthe first half');
       leaving.socket.resetAndDestroy();
-      await waitFor(() => log.entries().some((l) => l.event === 'smtp.session'), 5000, 'the session logged');
+      await waitFor(() => log.entries().some((l) => l.event === 'smtp.session'), 10_000, 'the session logged');
       const [session] = log.entries().filter((l) => l.event === 'smtp.session');
       assert.deepEqual([session.accepted, session.refused, session.replies], [0, 0, undefined]);
       assert.equal(messageCount(relay), 0);
@@ -227,7 +227,7 @@ describe('intake log', () => {
       leaving.write('Subject: left\r\n\r\nbody\r\n.\r\n');
       await waitFor(() => relay.commits.waiting === 1, 10_000, 'the message waiting for the writer');
       leaving.close();
-      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 1, 5000, 'the refused session logged');
+      await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 1, 10_000, 'the refused session logged');
       await lock.release();
       await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 2, 10_000, 'the other session logged once stored');
       const sessions = log.entries().filter((l) => l.event === 'smtp.session');

@@ -46,7 +46,7 @@ describe('rate limits', () => {
         const refused = await mailFrom(relay.smtpPort, global ? 'new@example.com' : 'busy@example.com');
         assert.match(refused, new RegExp(`^451 4\\.7\\.1 rate limit ${name} reached`));
         if (!global) assert.match(await mailFrom(relay.smtpPort, 'other@example.com'), /^250 /, 'another sender still passes');
-        await waitFor(() => storeMetrics(relay.store.sqlite).rateLimitRefusals === 1, 5000, 'the refusal to be counted');
+        await waitFor(() => storeMetrics(relay.store.sqlite).rateLimitRefusals === 1, 10_000, 'the refusal to be counted');
         clock.advance(window - 60_000);
         assert.match(await mailFrom(relay.smtpPort, global ? 'new@example.com' : 'busy@example.com'), /^250 /);
       } finally {
@@ -154,7 +154,7 @@ describe('backpressure', () => {
       assert.ok(deferred.n > 0, 'delivery was attempted and deferred');
       await assert.rejects(send(relay.smtpPort, 'a@example.com'), (err: { response: string }) => /^452 4\.3\.1 /.test(err.response));
       assert.equal(messageCount(relay), 10);
-      await waitFor(() => storeMetrics(relay.store.sqlite).queueFullRefusals === 1, 5000, 'the refusal to be counted');
+      await waitFor(() => storeMetrics(relay.store.sqlite).queueFullRefusals === 1, 10_000, 'the refusal to be counted');
       // the upstream comes back and the queue drains
       upstream = await startUpstream({}, port);
       for (let round = 0; round < 20 && storeMetrics(relay.store.sqlite).queue.delivered < 10; round++) {
@@ -190,7 +190,7 @@ describe('backpressure', () => {
       assert.deepEqual(full.map((e) => [e.level, e.sender, e.queueSize]), [[40, 'a@example.com', 3]]);
       // the session id ties each line of a session to its closing line
       const sessionLines = () => log.entries().filter((e) => e.event === 'smtp.session');
-      await waitFor(() => sessionLines().length === 4, 5000, 'four closed sessions');
+      await waitFor(() => sessionLines().length === 4, 10_000, 'four closed sessions');
       const sessions = new Map(sessionLines().map((e) => [e.session, e]));
       const accepted = log.entries().filter((e) => e.event === 'smtp.accepted');
       assert.deepEqual(accepted.map((e) => sessions.get(e.session)?.accepted), [1, 1, 1]);
