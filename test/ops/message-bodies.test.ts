@@ -230,7 +230,7 @@ test('a WAL grown past 16 MiB under a long reader is cut back to 16 MiB once the
   }
 });
 
-test('a database a newer relayq migrated is refused by the start, by relayq migrate and by the CLI commands that write, and left as it was', async () => {
+test('a database a newer relayq migrated is refused by the start, by relayq migrate, export-failed and the CLI commands that write, and left as it was; the other reads work', async () => {
   const dir = tempDir();
   const file = path.join(dir, 'newer.db');
   const relay = await startTestRelay({ databasePath: file }, { startDelivery: false, startRetention: false });
@@ -248,8 +248,10 @@ test('a database a newer relayq migrated is refused by the start, by relayq migr
     assert.match(r.stderr.trim(), newer, args.join(' '));
   }
   assert.deepEqual(fs.readFileSync(file), before);
-  const show = await runCli(['show', id, '--databasePath', file]);
-  assert.equal(show.code, 0, 'reading still works');
+  for (const args of [['show', id], ['status'], ['queue'], ['backup', path.join(dir, 'copy.db')]]) {
+    const r = await runCli([...args, '--databasePath', file]);
+    assert.equal(r.code, 0, `reading still works: ${args.join(' ')}: ${r.stderr}`);
+  }
 });
 
 test('a databasePath that is a directory is refused as one', async () => {
