@@ -10,7 +10,7 @@ import { openConnection, openStore } from '../../src/store/db.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { startScriptedUpstream } from '../delivery/fixtures.js';
 import { cliArgs, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable, writeDirect } from '../helpers.js';
-import { cleanEnv, REPO_ROOT, runCli, runCliJson, writeConfigFile } from './run-cli.js';
+import { CLI_CWD, cleanEnv, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 const queuedId = (response: string) => {
   const m = /queued as (\S+)/.exec(response);
@@ -509,7 +509,7 @@ test('a read command waits for a lock another connection holds on the database (
   const holder = openConnection(file);
   holder.pragma('locking_mode = EXCLUSIVE');
   holder.exec('BEGIN IMMEDIATE; UPDATE counters SET value = value WHERE 0; COMMIT');
-  const child = spawn(process.execPath, cliArgs('status', '--json', '--databasePath', file), { cwd: REPO_ROOT, env: cleanEnv() });
+  const child = spawn(process.execPath, cliArgs('status', '--json', '--databasePath', file), { cwd: CLI_CWD, env: cleanEnv() });
   let stdout = '';
   let stderr = '';
   child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));

@@ -1,13 +1,20 @@
-// Runs the relayq CLI (the build) as a real child process, with a config file of its own and none
-// of the caller's relayq environment variables.
+// Runs the relayq CLI (the build) as a real child process, with a config file of its own, none
+// of the caller's relayq environment variables, and an empty working directory.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
-import { cliArgs } from '../helpers.js';
+import { cliArgs, tempDir } from '../helpers.js';
 
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/**
+ * The working directory of the CLI processes the tests start: an empty directory, so that a
+ * `./config.json` or `data/relayq.db` of the checkout's own (an operator's, or a trial run's) is
+ * neither read nor touched by a test.
+ */
+export const CLI_CWD = tempDir('relayq-cli-cwd-');
 
 export interface CliResult {
   code: number | null;
@@ -35,7 +42,7 @@ export function writeConfigFile(dir: string, values: Record<string, unknown>): s
 export function runCli(args: string[], options: { env?: Record<string, string>; timeoutMs?: number; closeStdout?: boolean } = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, cliArgs(...args), {
-      cwd: REPO_ROOT,
+      cwd: CLI_CWD,
       env: cleanEnv(options.env),
       stdio: ['ignore', 'pipe', 'pipe'],
     });

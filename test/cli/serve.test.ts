@@ -6,7 +6,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { cliArgs, closedPort, sendMail, spawnRelay, tempDir, waitFor } from '../helpers.js';
-import { cleanEnv, REPO_ROOT, runCli, writeConfigFile } from './run-cli.js';
+import { CLI_CWD, cleanEnv, runCli, writeConfigFile } from './run-cli.js';
 
 test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail and exits 0 on SIGTERM', async () => {
   const dir = tempDir('relayq-serve-');
@@ -14,7 +14,7 @@ test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail 
   const child = spawn(
     process.execPath,
     cliArgs('serve', '--config', configFile, '--smtpPort', '0', '--healthCheckPort=0', '--logLevel', 'info'),
-    { cwd: REPO_ROOT, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] },
+    { cwd: CLI_CWD, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let stdout = '';
   let stderr = '';
@@ -47,7 +47,7 @@ async function serveWith(dir: string, stdout: number | 'pipe', databasePath = pa
   const [smtpPort, httpPort] = [await closedPort(), await closedPort()];
   const configFile = writeConfigFile(dir, { databasePath, emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0, smtpPort, healthCheckPort: httpPort });
   const child = spawn(process.execPath, cliArgs('serve', '--config', configFile), {
-    cwd: REPO_ROOT,
+    cwd: CLI_CWD,
     env: cleanEnv(),
     stdio: ['ignore', stdout, 'pipe'],
   });
