@@ -7,7 +7,7 @@ import { performance } from 'node:perf_hooks';
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import type tls from 'node:tls';
 import type { Logger } from 'pino';
-import type { Clock } from '../clock.js';
+import { type Clock, isoTime } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import type { Sqlite } from '../store/db.js';
 import type { RecipientStatus } from '../store/schema.js';
@@ -482,7 +482,7 @@ export class DeliveryEngine {
       this.log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
       return;
     }
-    this.log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: outcome.nextAttemptAt } : {}) }, 'delivery attempt');
+    this.log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: isoTime(outcome.nextAttemptAt) } : {}) }, 'delivery attempt');
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
   }
 

@@ -206,6 +206,23 @@ describe('per-recipient outcomes', () => {
     ]);
   });
 
+  test("an attempt that leaves its message queued logs the message's next attempt as an ISO time, as the API gives it", async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.rcptReply = () => ({ code: 450, message: '4.2.1 Busy' });
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { initialDelay: 60 } },
+      { clock: new ManualClock(), startDelivery: false, random: NO_JITTER, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['tmp@example.com']);
+    await relay.delivery.runOnce();
+    const line = log.entries().find((e) => e.queueId === id && e.event === 'delivery.attempt');
+    assert.equal(line?.state, 'queued');
+    assert.equal(line?.nextAttemptAt, new Date(message(relay, id).next_attempt_at).toISOString());
+  });
+
   test('450 to one RCPT → only that recipient is tried again later; the others are not re-sent', async () => {
     const { clock, relay, upstream } = await setup();
     let refusals = 1;
