@@ -14,6 +14,7 @@ import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import type { Logger } from 'pino';
 import { hostPort, isLoopback } from '../access-control.js';
 import { libraryLogger } from '../logger.js';
+import { isAscii } from '../smtp/message.js';
 import type { ClaimedBatch } from '../store/delivery.js';
 import { type BatchResult, type RecipientResult, resultFromNodemailer, uniformResult } from './outcomes.js';
 import { settleWithin } from './settle.js';
@@ -36,10 +37,6 @@ export interface UpstreamSettings {
   peerAddress?: (socketAddress: string) => string;
   /** The relay's clock (default Date.now): how old a connection is. */
   now?: () => number;
-}
-
-function isAscii(text: string): boolean {
-  return /^[\x00-\x7f]*$/.test(text);
 }
 
 /**
