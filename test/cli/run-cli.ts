@@ -3,11 +3,10 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
 import { cliArgs, tempDir } from '../helpers.js';
 
-export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+export { REPO_ROOT } from '../helpers.js';
 
 /**
  * The working directory of the CLI processes the tests start: an empty directory, so that a
