@@ -47,11 +47,10 @@ function editDistance(a: string, b: string): number {
 }
 
 /**
- * ` (did you mean <prefix><name>?)` for the known name an unknown one was likely meant to be: the
- * same but for case and punctuation, or one letter off (two in a name of nine letters or more;
- * none in one of four or fewer). Empty when none is.
+ * The known name an unknown one was likely meant to be: the same but for case and punctuation,
+ * or one letter off (two in a name of nine letters or more; none in one of four or fewer).
  */
-function didYouMean(name: string, names: readonly string[], prefix = ''): string {
+function closestName(name: string, names: readonly string[]): string | undefined {
   const wanted = folded(name);
   let best: { name: string; distance: number } | undefined;
   for (const known of names) {
@@ -62,7 +61,22 @@ function didYouMean(name: string, names: readonly string[], prefix = ''): string
     const distance = editDistance(wanted, candidate);
     if (distance < limit) best = { name: known, distance };
   }
-  return best ? ` (did you mean ${prefix}${best.name}?)` : '';
+  return best?.name;
+}
+
+/** ` (did you mean <prefix><name>?)` for closestName's name; empty when there is none. */
+function didYouMean(name: string, names: readonly string[], prefix = ''): string {
+  const best = closestName(name, names);
+  return best ? ` (did you mean ${prefix}${best}?)` : '';
+}
+
+/**
+ * A flag whose value is never shown and may start with `--`: a secret key's, or an unknown flag
+ * that may be one mistyped (`--defaultPasword`, `--forward-pass`): its value is as secret.
+ */
+function secretFlag(name: string): boolean {
+  const key = KEYS_BY_PATH.get(name) ?? KEYS_BY_PATH.get(closestName(name, FLAG_NAMES) ?? '');
+  return key?.secret === true || (!KEYS_BY_PATH.has(name) && name !== 'config' && /pass|secret|token/i.test(name));
 }
 
 /** `--config` or `--<key path>`, with or without `=value`. */
@@ -76,7 +90,7 @@ function isFlagName(arg: string): boolean {
  * A value does not start with `--`, so `--smtpPort --defaultPassword x` (an unset `$PORT`) is
  * "--smtpPort needs a value", and a boolean alone is true (`--forwardSMTP --forwardHost h`); a
  * password or token may, unless it is another known flag. What is reported names flags, never
- * values: a mistyped `--defaultPasword=...` stays secret.
+ * values: a mistyped `--defaultPasword=...` or `--defaultPasword ...` stays secret.
  */
 export function parseFlags(argv: readonly string[]): { configPath?: string; values: Map<string, string>; unknown: string[]; missing: string[] } {
   const values = new Map<string, string>();
@@ -89,7 +103,7 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
     const arg = argv[i];
     if (!arg.startsWith('--')) {
       // a space in an unquoted password leaves its second word here: name the flag, not the word
-      unknown.push(KEYS_BY_PATH.get(previousFlag)?.secret ? `the word after --${previousFlag}'s value (quote a value that has spaces)` : arg);
+      unknown.push(previousFlag && secretFlag(previousFlag) ? `the word after --${previousFlag}'s value (quote a value that has spaces)` : arg);
       previousFlag = '';
       continue;
     }
@@ -103,7 +117,7 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
     const key = KEYS_BY_PATH.get(name);
     const next = argv[i + 1];
     // a password or token may start with `--`; any other value, and another known flag, may not
-    const mayTake = next !== undefined && (!next.startsWith('--') || (key?.secret === true && !isFlagName(next)));
+    const mayTake = next !== undefined && (!next.startsWith('--') || (secretFlag(name) && !isFlagName(next)));
     if (value === undefined && mayTake) value = argv[++i];
     previousFlag = value === undefined ? '' : name;
     const known = name === 'config' || key !== undefined;
@@ -467,9 +481,9 @@ function reaches(host: string, listenHost: string): boolean {
   return loopback(h) && loopback(l) && (h === 'localhost' || l === 'localhost');
 }
 
-/** Whether two listeners on one port would refuse each other. */
+/** Whether two listeners on one port would refuse each other: one address, however written, or every interface. */
 function clash(a: string, b: string): boolean {
-  return a.toLowerCase() === b.toLowerCase() || EVERY_INTERFACE.has(a) || EVERY_INTERFACE.has(b);
+  return EVERY_INTERFACE.has(a) || EVERY_INTERFACE.has(b) || reaches(a, b);
 }
 
 /**

@@ -312,6 +312,11 @@ describe('loadConfig', () => {
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--healthCheckHost', '0.0.0.0'], {})), ['healthCheckPort']);
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--enableHealthCheck', 'false'], {})), []);
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--healthCheckHost', '127.0.0.2'], {})), []);
+    // the same spellings of one address as above
+    assert.deepEqual(keys(loadConfig(['--smtpHost', 'localhost', '--smtpPort', '8025'], {})), ['healthCheckPort']);
+    assert.deepEqual(keys(loadConfig(['--smtpHost', '::1', '--smtpPort', '8025', '--healthCheckHost', 'LOCALHOST.'], {})), ['healthCheckPort']);
+    assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--healthCheckHost', '::ffff:127.0.0.1'], {})), ['healthCheckPort']);
+    assert.deepEqual(keys(loadConfig(['--smtpHost', 'localhost', '--smtpPort', '8025', '--healthCheckHost', '127.0.0.2'], {})), []);
     assert.deepEqual(keys(loadConfig(['--smtpPort', '0', '--healthCheckPort', '0'], {})), []);
   });
 
@@ -430,6 +435,25 @@ describe('loadConfig', () => {
       "unexpected argument: the word after --forwardPassword's value (quote a value that has spaces)",
       'unexpected argument: stray',
     ]);
+  });
+
+  test('the value of a mistyped password or token flag is not shown either, also when it starts with -- or has spaces', () => {
+    const cases: Array<[string[], string[]]> = [
+      [['--defaultPasword', '--x7Secret'], ['unknown option --defaultPasword (did you mean --defaultPassword?)']],
+      [
+        ['--defaultPasword', 'foo', 'barSecret'],
+        ['unknown option --defaultPasword (did you mean --defaultPassword?)', "unexpected argument: the word after --defaultPasword's value (quote a value that has spaces)"],
+      ],
+      [['--forward-pass', '--hunter2Secret'], ['unknown option --forward-pass']],
+      [['--security.admintoken', '--tokenSecret', '--smtpPort', '2600'], ['unknown option --security.admintoken (did you mean --security.adminToken?)']],
+      // any other unknown flag takes no value that looks like a flag: both are named
+      [['--smtpPrt', '--serverNam'], ['unknown option --smtpPrt (did you mean --smtpPort?)', 'unknown option --serverNam (did you mean --serverName?)']],
+    ];
+    for (const [argv, expected] of cases) {
+      const r = loadConfig(argv, {});
+      assert.deepEqual(errorMessages(r), expected, argv.join(' '));
+      assert.doesNotMatch(JSON.stringify(r), /Secret/, argv.join(' '));
+    }
   });
 
   test('an empty --config is an error, not a silent fallback to ./config.json', () => {
