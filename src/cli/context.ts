@@ -31,6 +31,7 @@ export function configFlags(options: GlobalOptions): string[] {
   for (const { path } of CONFIG_KEYS) {
     const value = options[path];
     if (typeof value === 'string') flags.push(`--${path}`, value);
+    else if (value === true) flags.push(`--${path}`); // a boolean key given alone
   }
   return flags;
 }

@@ -62,8 +62,9 @@ program
  */
 function operatorCommand(name: string, description: string): Command {
   const cmd = withGlobalOptions(program.command(name).description(description));
-  for (const { path } of CONFIG_KEYS) {
-    if (path !== 'databasePath' && path !== 'emailsDir') cmd.addOption(new Option(`--${path} <value>`).hideHelp());
+  for (const { path, type } of CONFIG_KEYS) {
+    // a boolean alone is true, as serve takes it: `--forwardSMTP --forwardHost h`
+    if (path !== 'databasePath' && path !== 'emailsDir') cmd.addOption(new Option(`--${path} ${type === 'bool' ? '[value]' : '<value>'}`).hideHelp());
   }
   return cmd;
 }

@@ -305,6 +305,14 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.ok(!page.stdout.includes('Hunter2Secret'));
     const kept = await runCli(['status', '--databasePath', file, '--retention.deliveredDays', '1']);
     assert.match(kept.stdout, /^delivered: +\d+ \(kept 1 day\)$/m);
+    // a boolean key alone is true, as serve takes it, and the next flag keeps its own value
+    const bare = await runCli(['status', '--databasePath', file, '--forwardSMTP', '--retention.deliveredDays', '1']);
+    assert.deepEqual([bare.code, bare.stderr.trim().split('\n').length], [2, 1], bare.stderr);
+    assert.match(bare.stderr, /forwardHost is required when forwardSMTP is true/);
+    for (const flags of [['--forwardSMTP', '--forwardHost', 'smtp.example.com'], ['--forwardSMTP', 'false', '--json'], ['--json', '--security.logAllEmails']]) {
+      const r = await runCli(['status', '--databasePath', file, ...flags]);
+      assert.equal(r.code, 0, `${flags.join(' ')}: ${r.stderr}`);
+    }
   });
 
   test("a mistyped relayq environment variable gets a warning on stderr, and the command reads what it would without it", async () => {
