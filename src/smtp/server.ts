@@ -4,7 +4,9 @@
 //    connection. relayq serves applications on trusted networks, not the open Internet.
 // 2. Replies whose text starts with an enhanced status code ("4.7.1 ...") are sent with that
 //    code instead of the one smtp-server derives from the basic code, and smtp-server's own
-//    replies that the spec gives another enhanced code are mapped here, in one table.
+//    replies that the spec gives another enhanced code are mapped here, in one table. LHLO, an
+//    unknown command to an SMTP server, gets its refusal's code as any other unknown command
+//    does (smtp-server leaves it out, as RFC 2034 has it for the replies to HELO and EHLO).
 // 3. AUTH before TLS only where the policy allows it (relayq: loopback clients). Other sessions
 //    are not offered AUTH in the EHLO reply, and an AUTH command gets `538 5.7.11` at once,
 //    before the client has sent a credential (smtp-server would run the SASL exchange first).
@@ -236,7 +238,7 @@ function withEnhancedCode(code: number, data: string | string[] | null | undefin
     const own = OWN_REPLIES.find(([c, pattern]) => c === code && pattern.test(data));
     if (own) return [`${own[2]} ${data}`, false] as const;
   }
-  return [data, context] as const;
+  return [data, context === 'LHLO' ? undefined : context] as const;
 }
 
 export class RelayqSmtpServer extends SMTPServer {

@@ -52,6 +52,12 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     }
   });
 
+  test('an unknown command → 500 5.5.2, LHLO (the LMTP greeting) too', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    for (const line of ['LHLO client.test', 'XYZZY']) assert.match(await c.send(line), /^500 5\.5\.2 Error: command not recognized/, line);
+    c.close();
+  });
+
   test('accepted → 250 2.0.0 Ok: queued as <id>', async () => {
     const c = await openSession(relay.smtpPort);
     assert.match(await c.send('DATA'), /^354/);
