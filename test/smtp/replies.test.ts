@@ -476,7 +476,8 @@ describe('shutdown', () => {
   });
 
   test('a client still in DATA when the grace period ends → 421 4.3.2 and disconnected, nothing stored; its spool file is gone', async () => {
-    const relay = await startTestRelay({ spoolAfter: 1024 }, { shutdownGraceMs: 100 });
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ spoolAfter: 1024 }, { shutdownGraceMs: 100, logger: log.logger });
     const c = await openSession(relay.smtpPort);
     let stopping: Promise<void> | undefined;
     try {
@@ -491,6 +492,9 @@ describe('shutdown', () => {
       assert.equal(messageCount(relay), 0);
       await stopping;
       assert.deepEqual(fs.readdirSync(spool), [], 'nothing left in the spool once stop() has returned');
+      // its session line says where it was cut off, as for a client that left there
+      const session = log.entries().find((e) => e.event === 'smtp.session');
+      assert.ok((session?.lostInData as { bytes?: number } | undefined)?.bytes, JSON.stringify(session));
     } finally {
       c.close();
       await stopping;
