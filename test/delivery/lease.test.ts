@@ -15,7 +15,7 @@ import {
 import { prepared } from '../../src/store/statements.js';
 import { ownMemory } from '../../src/store/write-ops.js';
 import { capturedLog, holdWriteLock, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
-import { attempts, failedExportExists, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
+import { attempts, failedExportExists, message, NO_JITTER, queuedId, recipients, type ScriptedUpstream, startScriptedUpstream } from './fixtures.js';
 
 describe('claims and leases', () => {
   const cleanup: Array<() => Promise<unknown>> = [];
@@ -338,12 +338,53 @@ describe('claims and leases', () => {
     const m = message(second, id);
     assert.equal(m.state, 'queued', 'released, not left to expire');
     assert.equal(m.lease_expires_at, null);
-    assert.ok(m.next_attempt_at <= Date.now(), 'due at once: the aborted attempt recorded no deferral');
-    assert.equal(attempts(second, id).length, 0);
-    assert.equal(recipients(second, id)[0].attempts, 1, 'the attempt stays counted');
+    assert.ok(m.next_attempt_at <= Date.now(), 'due at once: the aborted attempt waits for no backoff');
+    // the attempt is recorded, and stays counted: the message may have reached the upstream
+    assert.deepEqual(
+      attempts(second, id).map((a) => [a.outcome, a.code, a.reply]),
+      [['deferred', null, 'EABORT: aborted: relayq is shutting down']],
+    );
+    assert.deepEqual(
+      recipients(second, id).map((r) => [r.status, r.attempts, r.last_reply]),
+      [['pending', 1, 'EABORT: aborted: relayq is shutting down']],
+    );
     upstream.hold = () => false;
     await second.delivery.runOnce();
     assert.equal(message(second, id).state, 'delivered');
     assert.equal(upstream.accepted.length, 1);
+  });
+
+  test('shutdown cuts off a batch sent in several transactions: the recipients an earlier one delivered to are recorded, and not sent to again', async () => {
+    // an upstream that takes one recipient per transaction, and holds the DATA of b's
+    const upstream: ScriptedUpstream = await startScriptedUpstream({
+      onRcptTo(_address, session, cb) {
+        if (session.envelope.rcptTo.length >= 1) return cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    upstream.hold = (t) => t.to.includes('b@example.com');
+    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, processingTimeout: 300 });
+    const first = await startTestRelay(config, { shutdownGraceMs: 300 });
+    const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: 'Subject: split\r\n\r\nbody\r\n' })).response);
+    await waitFor(() => upstream.held.length === 1, 10_000, "the upstream to hold b's DATA");
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com']]);
+    await first.stop();
+
+    const second = await startTestRelay(config, { startDelivery: false });
+    cleanup.push(() => second.stop());
+    assert.deepEqual(
+      recipients(second, id).map((r) => [r.address, r.status, r.attempts]),
+      [
+        ['a@example.com', 'delivered', 1],
+        ['b@example.com', 'pending', 1],
+      ],
+    );
+    assert.deepEqual(attempts(second, id).map((a) => a.outcome), ['partial']);
+    assert.ok(message(second, id).next_attempt_at <= Date.now(), 'b is due at once');
+    upstream.hold = () => false;
+    await second.delivery.runOnce();
+    assert.equal(message(second, id).state, 'delivered');
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com'], ['b@example.com']], 'a got the message once');
   });
 });
