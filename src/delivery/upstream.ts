@@ -269,8 +269,12 @@ export class SmtpUpstream {
     this.now = settings.now ?? Date.now;
   }
 
-  /** One SMTP transaction for the batch; never throws. `signal` aborts it and closes its connection. */
-  async send(claim: ClaimedBatch, signal: AbortSignal): Promise<BatchResult> {
+  /**
+   * One SMTP transaction for the batch, or more for the recipients over the upstream's limit per
+   * transaction; never throws. `signal` aborts it and closes its connection. `beforeNext` gets
+   * the results so far before each further transaction, and is waited for.
+   */
+  async send(claim: ClaimedBatch, signal: AbortSignal, beforeNext?: (sofar: BatchResult) => Promise<void>): Promise<BatchResult> {
     const addresses = claim.recipients.map((r) => r.address);
     if (!claim.raw) return uniformResult(this.label, addresses.length, 'failed', null, 'message content is missing');
     const rcpts = addresses.map(normalizeForEnvelope);
@@ -281,6 +285,7 @@ export class SmtpUpstream {
     // as each delivers to some (RFC 5321 §4.5.3.1.10); they are not held back for a retry.
     let again = overLimit(result.recipients);
     while (again.length > 0 && !signal.aborted) {
+      await beforeNext?.(result);
       const next = await this.sendTo({ ...envelope, to: again.map((i) => rcpts[i]) }, claim.raw, signal);
       again.forEach((i, k) => {
         result.recipients[i] = next.recipients[k];

@@ -300,6 +300,31 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
   return { leaseLost: false, ...settled };
 }
 
+/** Recipients an earlier transaction of a batch delivered to, with the reply that did (recordDelivered). */
+export interface DeliveredSoFar {
+  messageId: string;
+  token: string;
+  now: number;
+  recipients: Array<{ seq: number; code: number | null; reply: string }>;
+}
+
+/**
+ * Records the recipients an earlier transaction of a batch delivered to while the batch goes on
+ * in another (recipients over the upstream's limit per transaction): a crash before the batch's
+ * outcome is committed then sends the message again to the others only. Fenced by the claim
+ * token; the claim stays, and completeBatch records the attempt. False: the lease was lost.
+ */
+export function recordDelivered(sqlite: Sqlite, d: DeliveredSoFar): boolean {
+  if (!prepared(sqlite, 'SELECT 1 FROM messages WHERE id = ? AND lease_token = ?').get(d.messageId, d.token)) return false;
+  const update = prepared(
+    sqlite,
+    `UPDATE recipients SET status = 'delivered', last_code = ?, last_reply = ?, temporary = 0, updated_at = ?
+     WHERE message_id = ? AND seq = ? AND status = 'pending'`,
+  );
+  for (const r of d.recipients) update.run(r.code, r.reply, d.now, d.messageId, r.seq);
+  return true;
+}
+
 interface Settled {
   state: MessageState;
   nextAttemptAt: number;

@@ -4,7 +4,7 @@
 import crypto from 'node:crypto';
 import { deleteMessage, flushQueued, requeueFailed, retryMessage } from './admin.js';
 import type { Sqlite } from './db.js';
-import { type ClaimOptions, type ClaimResult, claimDueBatches, completeBatch, releaseClaims, requeueTemporaryFailures } from './delivery.js';
+import { type ClaimOptions, type ClaimResult, claimDueBatches, completeBatch, recordDelivered, releaseClaims, requeueTemporaryFailures } from './delivery.js';
 import { countRefusal, insertMessage } from './intake.js';
 import { retentionSweep } from './retention.js';
 import { prepared } from './statements.js';
@@ -15,6 +15,7 @@ export const WRITE_OPS = {
   claimDueBatches: (sqlite: Sqlite, options: Omit<ClaimOptions, 'newToken'>) =>
     claimDueBatches(sqlite, { ...options, newToken: () => crypto.randomUUID() }),
   completeBatch,
+  recordDelivered,
   releaseClaims,
   requeueTemporaryFailures,
   requeueFailed,

@@ -8,13 +8,14 @@ import {
   claimDueBatches,
   completeBatch,
   hasDueWork,
+  recordDelivered,
   releaseClaims,
   SELECT_DUE_SQL,
   SELECT_EXPIRED_SQL,
 } from '../../src/store/delivery.js';
 import { prepared } from '../../src/store/statements.js';
 import { ownMemory } from '../../src/store/write-ops.js';
-import { capturedLog, holdWriteLock, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, holdWriteLock, sendMail, spawnRelay, startTestRelay, startUpstream, tempDir, testConfig, waitFor, writeDirect } from '../helpers.js';
 import { attempts, failedExportExists, message, NO_JITTER, queuedId, recipients, type ScriptedUpstream, startScriptedUpstream } from './fixtures.js';
 
 describe('claims and leases', () => {
@@ -125,6 +126,10 @@ describe('claims and leases', () => {
       ['a@example.com', 2],
       ['b@example.com', 2],
     ]);
+
+    const sofar = (token: string) => ({ messageId: id, token, now: clock.now(), recipients: [{ seq: 0, code: 250, reply: '250 ok' }] });
+    assert.equal(await writeDirect(relay, (db) => recordDelivered(db, sofar(first.token))), false);
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending', 'pending'], 'the stale holder recorded no recipient delivered');
 
     const outcome = (token: string) => deliveredOutcome(clock, id, token);
     const stale = await writeDirect(relay, (db) => completeBatch(db, outcome(first.token)));
@@ -354,8 +359,8 @@ describe('claims and leases', () => {
     assert.equal(upstream.accepted.length, 1);
   });
 
-  test('shutdown cuts off a batch sent in several transactions: the recipients an earlier one delivered to are recorded, and not sent to again', async () => {
-    // an upstream that takes one recipient per transaction, and holds the DATA of b's
+  /** An upstream that takes one recipient per transaction, and holds the DATA of b's. */
+  async function oneRecipientPerTransaction(): Promise<ScriptedUpstream> {
     const upstream: ScriptedUpstream = await startScriptedUpstream({
       onRcptTo(_address, session, cb) {
         if (session.envelope.rcptTo.length >= 1) return cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
@@ -364,6 +369,52 @@ describe('claims and leases', () => {
     });
     cleanup.push(() => upstream.close());
     upstream.hold = (t) => t.to.includes('b@example.com');
+    return upstream;
+  }
+
+  test('a batch sent in several transactions commits the recipients each one delivered to before the next one begins', async () => {
+    const upstream = await oneRecipientPerTransaction();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, processingTimeout: 300 },
+      { shutdownGraceMs: 100 },
+    );
+    cleanup.push(() => relay.stop());
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: 'Subject: split\r\n\r\nbody\r\n' })).response);
+    await waitFor(() => upstream.held.length === 1, 10_000, "the upstream to hold b's DATA");
+    assert.equal(message(relay, id).state, 'sending');
+    assert.deepEqual(
+      recipients(relay, id).map((r) => [r.address, r.status, r.last_code]),
+      [
+        ['a@example.com', 'delivered', 250],
+        ['b@example.com', 'pending', null],
+      ],
+    );
+  });
+
+  test('a relay killed while a later transaction of a batch is in flight does not send to the recipients of an earlier one again', async () => {
+    const upstream = await oneRecipientPerTransaction();
+    const dir = tempDir();
+    const flags = ['--forwardSMTP', '--forwardHost', '127.0.0.1', '--forwardPort', String(upstream.port), '--batchSize', '2', '--processingTimeout', '5'];
+    const first = await spawnRelay(dir, flags);
+    try {
+      await sendMail(first.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: 'Subject: split\r\n\r\nbody\r\n' });
+      await waitFor(() => upstream.held.length === 1, 10_000, "the upstream to hold b's DATA");
+    } finally {
+      await first.kill('SIGKILL');
+    }
+    upstream.hold = () => false;
+    const second = await spawnRelay(dir, flags);
+    try {
+      // b's claim is taken again once its lease (processingTimeout) has run out
+      await waitFor(() => upstream.accepted.length === 2, 30_000, 'b delivered after the restart');
+      assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com'], ['b@example.com']], 'a got the message once');
+    } finally {
+      await second.kill('SIGTERM');
+    }
+  });
+
+  test('shutdown cuts off a batch sent in several transactions: the recipients an earlier one delivered to are recorded, and not sent to again', async () => {
+    const upstream = await oneRecipientPerTransaction();
     const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, processingTimeout: 300 });
     const first = await startTestRelay(config, { shutdownGraceMs: 300 });
     const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: 'Subject: split\r\n\r\nbody\r\n' })).response);
