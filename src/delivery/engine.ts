@@ -250,12 +250,11 @@ export class DeliveryEngine {
 
   /**
    * Stops claiming, lets in-flight attempts finish within `graceMs`, then releases the claims of
-   * those that did not (due again at once) and aborts them; an aborted attempt is still recorded,
-   * with what its batch's earlier transactions delivered (see sendBatch). An outcome waiting to
-   * be committed again is tried at once when shutdown begins, and once more when the grace period
-   * ends: the upstream has it, and released it would go out again. A claim still being committed
-   * when the grace period ends is waited for and handed back: left to the closing store, it would
-   * commit and stay claimed until its lease ran out. Resolves before the store may close.
+   * those that did not (due again at once) and aborts them. An outcome waiting to be committed
+   * again is tried at once when shutdown begins, and once more when the grace period ends: the
+   * upstream has it, and released it would go out again. A claim still being committed when the
+   * grace period ends is waited for and handed back: left to the closing store, it would commit
+   * and stay claimed until its lease ran out. Resolves before the store may close.
    */
   async stop(graceMs: number): Promise<void> {
     if (this.stopping) return;
@@ -403,9 +402,9 @@ export class DeliveryEngine {
 
   /**
    * Sends the batch and starts the commit of its outcome. 'late': nothing was tried (the claim
-   * was handed back).
+   * was handed back); undefined: cut off at shutdown after its claim was released.
    */
-  private async sendBatch(active: ActiveAttempt): Promise<SentAttempt | 'late'> {
+  private async sendBatch(active: ActiveAttempt): Promise<SentAttempt | 'late' | undefined> {
     const { clock, config } = this.deps;
     const { claim, abort } = active;
     const queueId = claim.messageId;
@@ -424,11 +423,13 @@ export class DeliveryEngine {
     }
     const result = await this.send(claim, budgetMs, abort);
     const durationMs = performance.now() - started;
-    // Cut off at shutdown after its claim was released (which made the message due again for the
-    // next start, should this outcome not be committed before the store closes). It is recorded
-    // all the same: an attempt, and the recipients an earlier transaction of the batch delivered
-    // to, which the next start must not send to again (the release keeps the claim token).
-    const interrupted = abort.signal.aborted && this.released.has(claim.token);
+    if (abort.signal.aborted && this.released.delete(claim.token)) {
+      // Cut off at shutdown after its claim was released: the release already made the
+      // message due again for the next start, and the abort is no outcome to record. (An
+      // answer that came before the abort is recorded: the release keeps the claim token.)
+      this.log.info({ queueId, event: 'delivery.attempt_released', batch: claim.batch }, 'attempt aborted after its claim was released at shutdown');
+      return undefined;
+    }
     this.noteUpstreamVerdict(result);
     const completion = planCompletion(claim, result, {
       now: clock.now(),
@@ -439,7 +440,6 @@ export class DeliveryEngine {
       continueOnError: config.continueOnError,
       eraseRawOnDelivered: !config.security.logAllEmails,
       random: this.random,
-      interrupted,
     });
     active.answered = true;
     return { result, completion, durationMs, committed: this.recordOutcome(completion, active) };

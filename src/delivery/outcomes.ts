@@ -178,11 +178,6 @@ export interface CompletionContext {
   continueOnError: boolean;
   eraseRawOnDelivered: boolean;
   random: () => number;
-  /**
-   * Cut off at shutdown, its claim released: what is still pending is due at once, as the
-   * release made it, not after a backoff or batchDelay (the next start sends it).
-   */
-  interrupted?: boolean;
 }
 
 /**
@@ -239,7 +234,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       code: res.code,
       reply: res.reply,
       temporary: true,
-      nextAttemptAt: ctx.interrupted ? now : now + backoffDelayMs(r.attempts, ctx.retry, () => draw),
+      nextAttemptAt: now + backoffDelayMs(r.attempts, ctx.retry, () => draw),
     };
   });
   const total = claim.recipients.length;
@@ -261,7 +256,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     },
     recipients,
     upstreamFailed: upstreamVerdict(result) === 'failed',
-    batchDelayMs: ctx.interrupted ? 0 : ctx.batchDelayMs,
+    batchDelayMs: ctx.batchDelayMs,
     eraseRawOnDelivered: ctx.eraseRawOnDelivered,
     lastFailure,
     failRemaining,
