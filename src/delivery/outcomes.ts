@@ -25,6 +25,8 @@ export interface BatchResult {
   recipients: RecipientResult[];
   /** Refused as a whole with a 5xx (MAIL FROM, DATA, or every RCPT): continueOnError=false stops here. */
   permanentFailure: boolean;
+  /** A 5xx to MAIL FROM or DATA, or an error before any RCPT: refused as a whole, not recipient by recipient. */
+  refusedWhole: boolean;
 }
 
 /**
@@ -142,7 +144,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
       // Not in either list: we cannot know whether it was accepted, so it is tried again.
       return { verdict: 'deferred', code: null, reply: 'the upstream gave no reply for this recipient' };
     });
-    return { upstream, code, reply: response, recipients, permanentFailure: false };
+    return { upstream, code, reply: response, recipients, permanentFailure: false, refusedWhole: false };
   }
   const error = outcome.error as { rejectedErrors?: NodemailerInfo['rejectedErrors'] };
   const whole = classifyUpstreamError(outcome.error);
@@ -154,8 +156,9 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
   // Refused as a whole: MAIL FROM or DATA refused permanently (for every recipient the upstream
   // had accepted at RCPT), or every RCPT refused permanently.
   const rest = rcpts.filter((key) => !perRecipient.has(key));
-  const permanentFailure = rest.length > 0 ? !whole.temporary : recipients.length > 0 && recipients.every((r) => r.verdict === 'failed');
-  return { upstream, code: whole.code, reply: whole.reply, recipients, permanentFailure };
+  const refusedWhole = rest.length > 0 && !whole.temporary;
+  const permanentFailure = refusedWhole || (rest.length === 0 && recipients.length > 0 && recipients.every((r) => r.verdict === 'failed'));
+  return { upstream, code: whole.code, reply: whole.reply, recipients, permanentFailure, refusedWhole };
 }
 
 /** The same verdict for every recipient: local delivery, or an error before any RCPT. */
@@ -166,6 +169,7 @@ export function uniformResult(upstream: string, count: number, verdict: Verdict,
     reply,
     recipients: Array.from({ length: count }, () => ({ verdict, code, reply })),
     permanentFailure: verdict === 'failed',
+    refusedWhole: verdict === 'failed',
   };
 }
 

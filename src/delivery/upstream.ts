@@ -290,8 +290,9 @@ export class SmtpUpstream {
       again.forEach((i, k) => {
         result.recipients[i] = next.recipients[k];
       });
-      // refused as a whole (a 5xx to MAIL FROM or DATA): so is the batch, for continueOnError
-      if (next.permanentFailure) Object.assign(result, { permanentFailure: true, code: next.code, reply: next.reply });
+      // refused as a whole (a 5xx to MAIL FROM or DATA): so is the batch, for continueOnError; its
+      // recipients all refused one by one are not (the first transaction delivered to others)
+      if (next.refusedWhole) Object.assign(result, { permanentFailure: true, code: next.code, reply: next.reply });
       again = overLimit(next.recipients).map((k) => again[k]);
     }
     return result;

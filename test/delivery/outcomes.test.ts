@@ -448,6 +448,37 @@ describe('per-recipient outcomes', () => {
     assert.equal(message(relay, id).state, 'failed');
   });
 
+  test('continueOnError=false: a follow-up transaction whose one recipient is refused at RCPT does not stop the message', async () => {
+    // one recipient per transaction: whether b is refused alone or beside a must not matter
+    const upstream: ScriptedUpstream = await startScriptedUpstream({
+      onRcptTo(address, session, cb) {
+        if (session.envelope.rcptTo.length >= 1) return cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
+        if (address.address === 'b@example.com') return cb(Object.assign(new Error('5.1.1 No such user'), { responseCode: 550 }));
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, batchDelay: 0, continueOnError: false },
+      { startDelivery: false },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(
+      recipients(relay, id).map((r) => [r.address, r.status, r.last_code]),
+      [
+        ['a@example.com', 'delivered', 250],
+        ['b@example.com', 'failed', 550],
+        ['c@example.com', 'delivered', 250],
+      ],
+    );
+    assert.deepEqual(attempts(relay, id).map((a) => [a.batch, a.outcome, a.code]), [
+      [0, 'partial', 250],
+      [1, 'delivered', 250],
+    ]);
+  });
+
   test('a failed message is logged as failed also when its export cannot be written', async () => {
     const { config } = await refusingUpstream();
     const log = capturedLog('info');
