@@ -510,7 +510,7 @@ export class DeliveryEngine {
     deadline.unref();
     try {
       return this.upstream
-        ? await this.upstream.send(claim, abort.signal, (sofar) => this.recordDelivered(claim, sofar))
+        ? await this.upstream.send(claim, abort.signal, (sofar) => this.recordDelivered(claim, sofar, abort))
         : await deliverLocally(this.config.emailsDir, claim);
     } finally {
       clearTimeout(deadline);
@@ -521,21 +521,23 @@ export class DeliveryEngine {
    * Before a batch goes on in another transaction: commits the recipients delivered so far, so
    * that only a crash in the moment after an upstream's `250` can send to them again, not one
    * during the transactions that follow (see recordDelivered). A failure is logged; the batch's
-   * outcome records them anyway.
+   * outcome records them anyway. A lease found lost ends the batch: another worker sends the rest.
    */
-  private async recordDelivered(claim: ClaimedBatch, sofar: BatchResult): Promise<void> {
+  private async recordDelivered(claim: ClaimedBatch, sofar: BatchResult, abort: AbortController): Promise<void> {
     const recipients = claim.recipients.flatMap((r, i) => {
       const res = sofar.recipients[i];
       return res.verdict === 'delivered' ? [{ seq: r.seq, code: res.code, reply: res.reply }] : [];
     });
     if (recipients.length === 0) return;
     const { messageId, token } = claim;
-    await this.deps.commits.write('recordDelivered', { messageId, token, now: this.deps.clock.now(), recipients }).catch((err: Error) => {
+    const held = await this.deps.commits.write('recordDelivered', { messageId, token, now: this.deps.clock.now(), recipients }).catch((err: Error) => {
       this.log.warn(
         { queueId: messageId, event: 'delivery.progress_failed', batch: claim.batch, err: err.message },
         "recording the recipients delivered so far failed; the batch's outcome records them",
       );
+      return true;
     });
+    if (!held) abort.abort(new Error('lease lost: another worker holds the message now'));
   }
 
   /** What is left of the claim's lease now, less the margin an attempt must keep to its end. */

@@ -272,7 +272,7 @@ export class SmtpUpstream {
   /**
    * One SMTP transaction for the batch, or more for the recipients over the upstream's limit per
    * transaction; never throws. `signal` aborts it and closes its connection. `beforeNext` gets
-   * the results so far before each further transaction, and is waited for.
+   * the results so far before each further transaction, and is waited for (it may abort).
    */
   async send(claim: ClaimedBatch, signal: AbortSignal, beforeNext?: (sofar: BatchResult) => Promise<void>): Promise<BatchResult> {
     const addresses = claim.recipients.map((r) => r.address);

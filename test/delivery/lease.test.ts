@@ -355,7 +355,8 @@ describe('claims and leases', () => {
   /** An upstream that takes one recipient per transaction, and holds the DATA of b's. */
   async function oneRecipientPerTransaction(): Promise<ScriptedUpstream> {
     const upstream: ScriptedUpstream = await startScriptedUpstream({
-      onRcptTo(_address, session, cb) {
+      onRcptTo(address, session, cb) {
+        upstream.rcpts.push(address.address);
         if (session.envelope.rcptTo.length >= 1) return cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
         cb();
       },
@@ -382,6 +383,28 @@ describe('claims and leases', () => {
         ['b@example.com', 'pending', null],
       ],
     );
+  });
+
+  test('a batch whose lease is found lost between two of its transactions sends no further one', async () => {
+    const upstream = await oneRecipientPerTransaction();
+    const { logger, lines } = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, processingTimeout: 300 },
+      { startDelivery: false, logger },
+    );
+    cleanup.push(() => relay.stop());
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: 'Subject: split\r\n\r\nbody\r\n' })).response);
+    upstream.hold = () => false;
+    // another worker takes the message over while the first transaction's DATA is answered
+    upstream.dataReply = () => {
+      writeDirect(relay, (db) => db.prepare("UPDATE messages SET lease_token = 'another worker' WHERE id = ?").run(id));
+      return undefined;
+    };
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.rcpts, ['a@example.com', 'b@example.com'], "b's transaction was not sent");
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com']]);
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending'], 'nothing recorded without the lease');
+    assert.ok(lines.some((l) => l.includes('"delivery.lease_lost"')));
   });
 
   test('a relay killed while a later transaction of a batch is in flight does not send to the recipients of an earlier one again', async () => {
