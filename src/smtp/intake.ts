@@ -50,9 +50,11 @@ interface SessionState {
   queueId?: string;
   /** Messages of this session stored (answered `250`, if the client was still there). */
   accepted?: number;
+  /** Their queue ids, the first MAX_LISTED of them. */
+  queueIds?: string[];
   /** The commit of its message in progress, which the closing log line waits for. */
   committing?: Promise<void>;
-  /** Its replies of 400 and above, the first MAX_LOGGED_REFUSALS of them, and how many in all. */
+  /** Its replies of 400 and above, the first MAX_LISTED of them, and how many in all. */
   refused?: string[];
   refusedCount?: number;
   /** A MAIL waiting for in-flow pacing; cancelled if the connection closes meanwhile. */
@@ -152,8 +154,8 @@ function smtpServerLogger(log: Logger, intakeLog: Logger): LibraryLogger {
   return methods;
 }
 
-/** How many of a session's refusals its closing log line lists (it counts all of them). */
-const MAX_LOGGED_REFUSALS = 10;
+/** How many of a session's refusals and stored messages its closing log line lists (it counts all of them). */
+const MAX_LISTED = 10;
 const AUTH_FAILURE_DELAY_MS = 250;
 const AUTH_FAILURE_MAX_DELAY_MS = 5000;
 
@@ -325,7 +327,7 @@ export class SmtpIntake {
     const s = this.state(session);
     if (s.closed) return; // not sent to anyone
     s.refusedCount = (s.refusedCount ?? 0) + 1;
-    if (s.refusedCount <= MAX_LOGGED_REFUSALS) (s.refused ??= []).push(text);
+    if (s.refusedCount <= MAX_LISTED) (s.refused ??= []).push(text);
   }
 
   /** One line per session, as Postfix's "disconnect from": who it was, what it got stored, what was refused. */
@@ -343,6 +345,7 @@ export class SmtpIntake {
           helo: session.hostNameAppearsAs || undefined,
           user: authUserOf(session) ?? undefined,
           accepted: s.accepted ?? 0,
+          ...(s.queueIds ? { queueIds: s.queueIds } : {}),
           refused: s.refusedCount ?? 0,
           ...(s.refused ? { replies: s.refused } : {}),
           ...(s.lostInData ? { lostInData: s.lostInData } : {}),
@@ -575,6 +578,7 @@ export class SmtpIntake {
           'message queued',
         );
         state.accepted = (state.accepted ?? 0) + 1;
+        if (state.accepted <= MAX_LISTED) (state.queueIds ??= []).push(queueId);
         cb(null, `2.0.0 Ok: queued as ${queueId}`);
       },
       (err: unknown) => {

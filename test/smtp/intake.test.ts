@@ -171,7 +171,8 @@ describe('intake log', () => {
       for (const rcpt of ['a', 'b']) assert.match(await busy.send(`RCPT TO:<${rcpt}@example.com>`), /^250 /);
       assert.match(await busy.send('RCPT TO:<c@example.com>'), /^452 /); // smtp-server's own
       assert.match(await busy.send('DATA'), /^354 /);
-      assert.match(await busy.send('Subject: one\r\n\r\nbody\r\n.'), /^250 2\.0\.0 Ok: queued as /);
+      const queued = /queued as (\S+)/.exec(await busy.send('Subject: one\r\n\r\nbody\r\n.'))?.[1];
+      assert.ok(queued);
       await busy.send('QUIT');
       const idle = await SmtpClient.connect(relay.smtpPort);
       await idle.read();
@@ -179,17 +180,18 @@ describe('intake log', () => {
       await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 2, 10_000, 'two session lines');
       const sessions = log.entries().filter((l) => l.event === 'smtp.session');
       assert.deepEqual(
-        sessions.map(({ level, client, helo, accepted, refused, replies }) => ({ level, client, helo, accepted, refused, replies })),
+        sessions.map(({ level, client, helo, accepted, queueIds, refused, replies }) => ({ level, client, helo, accepted, queueIds, refused, replies })),
         [
           {
             level: 30,
             client: '127.0.0.1',
             helo: 'Client.Example',
             accepted: 1,
+            queueIds: [queued],
             refused: 2,
             replies: ['501 5.1.3 Error: Bad sender address syntax', '452 4.5.3 Error: too many recipients'],
           },
-          { level: 30, client: '127.0.0.1', helo: undefined, accepted: 0, refused: 0, replies: undefined },
+          { level: 30, client: '127.0.0.1', helo: undefined, accepted: 0, queueIds: undefined, refused: 0, replies: undefined },
         ],
       );
     } finally {
