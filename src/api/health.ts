@@ -82,8 +82,9 @@ export function healthRoutes(deps: ApiDeps) {
   const { config, clock } = deps;
   const upstreamTarget = deps.delivery.status().upstream;
   const fileLimit = openFilesLimit();
-  // Logged when the status changes, not on every probe of a load balancer.
-  let lastStatus: HealthStatus = 'ok';
+  // Logged when the status changes, not on every probe of a load balancer; the first check logs
+  // only a status other than ok, with no previous one.
+  let lastStatus: HealthStatus | null = null;
 
   return new Hono<ApiEnv>().get('/health', async (c) => {
     const now = clock.now();
@@ -162,12 +163,12 @@ export function healthRoutes(deps: ApiDeps) {
         warnings: [...errors, ...degraded, ...deps.warnings],
       },
     };
-    if (status !== lastStatus) {
+    if (status !== (lastStatus ?? 'ok')) {
       // error: mail cannot be accepted
       const level = status === 'ok' ? 'info' : status === 'degraded' ? 'warn' : 'error';
       deps.logger[level]({ event: 'api.health_changed', status, previous: lastStatus, reasons: [...errors, ...degraded] }, `health ${status}`);
-      lastStatus = status;
     }
+    lastStatus = status;
     return c.json(body, status === 'error' ? 503 : 200);
   });
 }
