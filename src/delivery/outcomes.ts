@@ -61,12 +61,13 @@ const MESSAGE_ERROR_CODES = new Set(['EENVELOPE', 'EMESSAGE']);
  * Unknown errors are temporary: retrying is recoverable, bouncing is not.
  */
 export function classifyUpstreamError(err: unknown): ErrorClass {
-  const e = (err ?? {}) as { code?: unknown; responseCode?: unknown; response?: unknown; message?: unknown; cause?: unknown };
+  const e = (err ?? {}) as { code?: unknown; responseCode?: unknown; response?: unknown; message?: unknown; cause?: unknown; reason?: unknown; originalCode?: unknown };
   const code = typeof e.responseCode === 'number' && e.responseCode >= 200 && e.responseCode < 600 ? e.responseCode : null;
   const errorCode = typeof e.code === 'string' ? e.code : '';
   const response = typeof e.response === 'string' && e.response.trim() ? e.response.trim() : '';
   // An aborted attempt says why in its cause (the attempt deadline, or shutdown).
-  const message = errorCode === 'EABORT' && e.cause instanceof Error ? e.cause.message : typeof e.message === 'string' ? e.message : String(err);
+  const message =
+    errorCode === 'EABORT' && e.cause instanceof Error ? e.cause.message : (openSslMessage(e) ?? (typeof e.message === 'string' ? e.message : String(err)));
   const reply = shortReply(response || (errorCode ? `${errorCode}: ${message}` : message));
   const aboutMessage = MESSAGE_ERROR_CODES.has(errorCode);
   // 503 (bad sequence of commands) and 530 (authentication required: relayq has no or the
@@ -77,6 +78,20 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
   // no SMTP reply (no code, or 999) refuses nothing.
   if (aboutMessage && !response) return { temporary: false, code: null, reply };
   return { temporary: true, code, reply };
+}
+
+/**
+ * An OpenSSL error says `80ACCBCB7F7F0000:error:0A00010B:SSL routines:ssl3_get_record:wrong version
+ * number:ssl3_record.c:350:`, whose first field differs from process to process: its reason and
+ * code instead, so that one fault reads the same every time. The reason a plain port gives a
+ * TLS client says what to check.
+ */
+function openSslMessage(e: { reason?: unknown; originalCode?: unknown; code?: unknown }): string | undefined {
+  const code = typeof e.originalCode === 'string' ? e.originalCode : e.code;
+  if (typeof e.reason !== 'string' || typeof code !== 'string' || !code.startsWith('ERR_SSL_')) return undefined;
+  const hint =
+    code === 'ERR_SSL_WRONG_VERSION_NUMBER' ? ': the upstream did not answer in TLS (with forwardSSL=true its port must start with TLS, as 465 does)' : '';
+  return `TLS ${e.reason} (${code})${hint}`;
 }
 
 /** Replies are kept to this many characters (Postfix's line_length_limit): they are stored per recipient and logged. */

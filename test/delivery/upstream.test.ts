@@ -90,6 +90,19 @@ describe('upstream connection: TLS and AUTH', () => {
     assert.equal(upstream.accepted[0].secure, true);
   });
 
+  test('forwardSSL=true against a plain port defers with a reply that reads the same every time and says what to check', async () => {
+    const upstream = await startScriptedUpstream(); // plain, STARTTLS off
+    cleanup.push(() => upstream.close());
+    const { relay, id } = await relayFor(upstream.port, { forwardSSL: true });
+    await relay.delivery.runOnce();
+    const [r] = recipients(relay, id);
+    assert.equal(r.status, 'pending');
+    assert.equal(
+      r.last_reply,
+      'ESOCKET: TLS wrong version number (ERR_SSL_WRONG_VERSION_NUMBER): the upstream did not answer in TLS (with forwardSSL=true its port must start with TLS, as 465 does)',
+    );
+  });
+
   test('forwardUsername/forwardPassword authenticate; a refused login defers the mail instead of failing it', async () => {
     const upstream = await startScriptedUpstream({
       authOptional: false,
