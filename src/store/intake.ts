@@ -94,11 +94,14 @@ export function decodeIdnDomain(address: string): string {
 }
 
 /**
- * Rate limits apply per envelope sender, lower-cased, with an `xn--` domain decoded. The null
- * sender `<>` is the key ''. The sender filters compare this key too.
+ * Rate limits apply per envelope sender, its domain decoded as stored (decodeIdnDomain), then
+ * lower-cased. The null sender `<>` is the key ''. The sender filters compare this key too.
+ * Decoding comes first, as for the stored sender: IDNA maps some capitals otherwise than their
+ * lower case (`ẞ.de` is `ss.de`, `ß.de` a domain of its own), and the check at MAIL FROM, which
+ * gets the address as the client wrote it, must find the key the stored message counts under.
  */
 export function senderKey(mailFrom: string): string {
-  return decodeIdnDomain(mailFrom.toLowerCase());
+  return decodeIdnDomain(mailFrom).toLowerCase();
 }
 
 /** The limits in the order they are checked: the first one reached is the one reported. */

@@ -79,6 +79,19 @@ describe('rate limits', () => {
     }
   });
 
+  test('MAIL FROM checks the key its message would count under, also where IDNA maps a capital otherwise than its lower case', async () => {
+    const relay = await startTestRelay(limits({ maxPerHour: 2 }), { clock: new ManualClock() });
+    try {
+      // IDNA maps ẞ (capital sharp s) to ss, while ß is a domain of its own
+      await send(relay.smtpPort, 'app@ss.de');
+      await send(relay.smtpPort, 'app@ss.de');
+      assert.match(await mailFrom(relay.smtpPort, 'app@ẞ.de'), /^451 4\.7\.1 /);
+      assert.match(await mailFrom(relay.smtpPort, 'app@ß.de'), /^250 /, 'another sender');
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('20 concurrent sessions of one sender with maxPerHour 5 → exactly 5 stored', async () => {
     const relay = await startTestRelay(limits({ maxPerHour: 5 }));
     try {
