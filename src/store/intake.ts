@@ -172,11 +172,14 @@ export function rateLimitMessage(hit: LimitHit): string {
   return `rate limit ${hit.limit} reached: ${scope} sent ${hit.count} messages in the last ${window} (max ${hit.max})`;
 }
 
-/** Inserts a message and its recipients after re-checking the policy in this transaction. */
+/**
+ * Inserts a message and its recipients after re-checking the policy in this transaction, in the
+ * order MAIL FROM checks it: a full queue, then the rate limits.
+ */
 export function insertMessage(sqlite: Sqlite, msg: NewMessage, policy: IntakePolicy): string {
+  if (isQueueFull(sqlite, policy.queueSize)) throw new PolicyRefusal('queue-full', 'queue full, try again later');
   const hit = checkRateLimits(sqlite, msg.mailFrom, msg.receivedAt, policy.rateLimits);
   if (hit) throw new PolicyRefusal('rate-limit', rateLimitMessage(hit), hit);
-  if (isQueueFull(sqlite, policy.queueSize)) throw new PolicyRefusal('queue-full', 'queue full, try again later');
   const raw = messageBytes(msg);
   const body = prepared(sqlite, 'INSERT INTO message_bodies (raw) VALUES (?)').run(raw);
   prepared(

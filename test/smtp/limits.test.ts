@@ -149,6 +149,21 @@ describe('backpressure', () => {
     }
   });
 
+  test('a message both a full queue and a rate limit refuse after DATA gets the reply MAIL FROM would give: 452 4.3.1', async () => {
+    const relay = await startTestRelay({ queueSize: 1, ...limits({ maxPerHour: 1 }) }, { startDelivery: false, clock: new ManualClock() });
+    try {
+      const [first, second] = await Promise.all([openSession(relay.smtpPort), openSession(relay.smtpPort)]);
+      assert.match(await first.send('DATA'), /^354/);
+      assert.match(await first.send('Subject: one\r\n\r\nbody\r\n.'), /^250 /);
+      assert.match(await second.send('DATA'), /^354/);
+      assert.match(await second.send('Subject: two\r\n\r\nbody\r\n.'), /^452 4\.3\.1 /);
+      for (const c of [first, second]) c.close();
+      assert.match(await mailFrom(relay.smtpPort, 'sender@example.com'), /^452 4\.3\.1 /);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('queueSize 10 with the upstream down: the 11th message gets 452 4.3.1; accepted again once the queue drains', async () => {
     // reserve a port, then leave it closed: the upstream is down
     const probe = await startUpstream();
