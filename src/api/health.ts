@@ -6,7 +6,7 @@
 // single index steps, so the check costs the same with a thousand or a million messages.
 import fs from 'node:fs';
 import { Hono } from 'hono';
-import { oldestAgeSeconds, type StoreMetrics, storeMetrics, successRate, type UpstreamRecord } from '../store/queries.js';
+import { lastAttemptReply, oldestAgeSeconds, type StoreMetrics, storeMetrics, successRate, type UpstreamRecord } from '../store/queries.js';
 import { isoTime } from '../clock.js';
 import type { ApiDeps, ApiEnv } from './context.js';
 
@@ -130,7 +130,8 @@ export function healthRoutes(deps: ApiDeps) {
       upstream = upstreamView(metrics.upstream, deps.delivery);
       if (upstreamFailing(upstream, now)) {
         const since = upstream.lastSuccessAt === null ? 'no attempt has ever succeeded' : `last success ${isoTime(upstream.lastSuccessAt)}`;
-        degraded.push(`upstream ${upstreamTarget} failing: ${upstream.consecutiveFailures} attempts in a row failed (${since})`);
+        const last = lastAttemptReply(deps.store.sqlite);
+        degraded.push(`upstream ${upstreamTarget} failing: ${upstream.consecutiveFailures} attempts in a row failed (${since})${last ? `; last reply: ${last}` : ''}`);
       }
       active = metrics.queue.queued + metrics.queue.sending;
       if (config.queueSize > 0 && active > config.queueSize * HEALTH_THRESHOLDS.queueFullFraction) {

@@ -107,6 +107,19 @@ export function metricsSummary(m: StoreMetrics, now: number, upstream: UpstreamR
 }
 
 /** Whole seconds since the oldest message not yet final arrived; null when there is none. */
+/**
+ * The reply of the attempt recorded last, with its code in front: while the upstream fails every
+ * attempt, why it does (the counter of failures in a row is written with each attempt's row).
+ */
+export function lastAttemptReply(sqlite: Sqlite): string | undefined {
+  const row = prepared(
+    sqlite,
+    `SELECT CASE WHEN code IS NOT NULL AND substr(reply, 1, 3) <> CAST(code AS TEXT) THEN code || ' ' || reply ELSE reply END AS reply
+     FROM attempts ORDER BY id DESC LIMIT 1`,
+  ).get() as { reply: string | null } | undefined;
+  return row?.reply ?? undefined;
+}
+
 export function oldestAgeSeconds(m: StoreMetrics, now: number): number | null {
   return m.oldestActiveReceivedAt === null ? null : Math.max(0, Math.floor((now - m.oldestActiveReceivedAt) / 1000));
 }

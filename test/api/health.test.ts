@@ -97,7 +97,13 @@ describe('GET /health', () => {
       assert.equal(body.details.upstream.last_success, null);
       assert.ok(body.details.upstream.last_failure);
       assert.equal(body.details.deferred_emails, 3);
-      assert.ok(body.details.warnings.some((w) => w.startsWith(`upstream 127.0.0.1:${port} failing`)), body.details.warnings.join('; '));
+      // and why: the reply of the last attempt, as stored
+      const lastReply = relay.store.sqlite.prepare('SELECT reply FROM attempts ORDER BY id DESC LIMIT 1').pluck().get() as string;
+      assert.match(lastReply, /ECONNREFUSED/);
+      assert.ok(
+        body.details.warnings.some((w) => w.startsWith(`upstream 127.0.0.1:${port} failing`) && w.endsWith(`; last reply: ${lastReply}`)),
+        body.details.warnings.join('; '),
+      );
 
       upstream = await outage.recover();
       clock.advance(10 * 60_000);
