@@ -330,9 +330,13 @@ interface Settled {
   nextAttemptAt: number;
 }
 
-/** A recipient's last reply with its code in front, unless it starts with it already (as withCode in delivery/outcomes.ts). */
-const REPLY_WITH_CODE = `CASE WHEN last_code IS NOT NULL AND substr(last_reply, 1, 3) <> CAST(last_code AS TEXT)
-    THEN last_code || ' ' || last_reply ELSE last_reply END`;
+/** SQL: the reply in column `reply` with the code in column `code` in front, unless it starts with it already (as withCode in delivery/outcomes.ts). */
+export function replyWithCodeSql(code: string, reply: string): string {
+  return `CASE WHEN ${code} IS NOT NULL AND substr(${reply}, 1, 3) <> CAST(${code} AS TEXT) THEN ${code} || ' ' || ${reply} ELSE ${reply} END`;
+}
+
+/** A recipient's last reply with its code in front. */
+const REPLY_WITH_CODE = replyWithCodeSql('last_code', 'last_reply');
 
 /**
  * "address: code reply" of the message's recipient that failed last, one the upstream refused

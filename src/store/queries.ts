@@ -5,6 +5,7 @@
 // filtered page costs as many rows as the filter matches (listMessages).
 import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
+import { replyWithCodeSql } from './delivery.js';
 import { decodeIdnDomain, senderKey } from './intake.js';
 import { MESSAGE_STATES, type AttemptOutcome, type MessageState } from './schema.js';
 import { prepared } from './statements.js';
@@ -106,20 +107,18 @@ export function metricsSummary(m: StoreMetrics, now: number, upstream: UpstreamR
   };
 }
 
-/** Whole seconds since the oldest message not yet final arrived; null when there is none. */
 /**
  * The reply of the attempt recorded last, with its code in front: while the upstream fails every
  * attempt, why it does (the counter of failures in a row is written with each attempt's row).
  */
 export function lastAttemptReply(sqlite: Sqlite): string | undefined {
-  const row = prepared(
-    sqlite,
-    `SELECT CASE WHEN code IS NOT NULL AND substr(reply, 1, 3) <> CAST(code AS TEXT) THEN code || ' ' || reply ELSE reply END AS reply
-     FROM attempts ORDER BY id DESC LIMIT 1`,
-  ).get() as { reply: string | null } | undefined;
+  const row = prepared(sqlite, `SELECT ${replyWithCodeSql('code', 'reply')} AS reply FROM attempts ORDER BY id DESC LIMIT 1`).get() as
+    | { reply: string | null }
+    | undefined;
   return row?.reply ?? undefined;
 }
 
+/** Whole seconds since the oldest message not yet final arrived; null when there is none. */
 export function oldestAgeSeconds(m: StoreMetrics, now: number): number | null {
   return m.oldestActiveReceivedAt === null ? null : Math.max(0, Math.floor((now - m.oldestActiveReceivedAt) / 1000));
 }
