@@ -88,6 +88,18 @@ function parseRequeueFilter(body: unknown): RequeueFilter {
   return filter;
 }
 
+/** The query parameters of GET /messages. */
+const LIST_FILTERS = ['state', 'sender', 'recipient', 'limit', 'before'];
+
+/**
+ * Refuses a query parameter the route does not take: a misspelt filter (`?stat=failed`) would
+ * otherwise be left out, and the page would answer for every message.
+ */
+function onlyQueries(c: Context<ApiEnv>, names: readonly string[]): void {
+  const [unknown] = Object.keys(c.req.queries()).filter((name) => !names.includes(name));
+  if (unknown !== undefined) throw badRequest(`unknown query parameter ${JSON.stringify(unknown)}: expected ${names.join(', ')}`);
+}
+
 function parseLimit(value: string | undefined): number {
   if (value === undefined) return DEFAULT_PAGE_SIZE;
   const n = Number(value);
@@ -196,6 +208,7 @@ export function adminRoutes(deps: ApiDeps) {
       return c.json({ due_now: dueNow });
     })
     .get('/messages', (c) => {
+      onlyQueries(c, LIST_FILTERS);
       const state = singleQuery(c, 'state');
       if (state !== undefined && !MESSAGE_STATES.includes(state as MessageState)) {
         throw badRequest(`state must be one of ${MESSAGE_STATES.join(', ')}`);

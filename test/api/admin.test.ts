@@ -374,6 +374,8 @@ describe('admin: queue inspection', () => {
         ['before=', 'before must be the next_before of the previous page, or a message id'],
         ['state=failed&state=queued', 'state may be given only once'],
         ['limit=5&sender=a%40example.com&limit=5', 'limit may be given only once'],
+        ['stat=failed', 'unknown query parameter "stat": expected state, sender, recipient, limit, before'],
+        ['state=failed&Sender=a%40example.com', 'unknown query parameter "Sender": expected state, sender, recipient, limit, before'],
       ];
       for (const [query, message] of bad) {
         const res = await call(relay, `/admin/messages?${query}`);
