@@ -9,12 +9,21 @@ import { CONFIG_KEYS } from '../config/schema.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { CliError, configFlags, type GlobalOptions } from './context.js';
 
+/**
+ * A path, not the name of a command: `relayq --config serve`, its value left out, would otherwise
+ * read a file named serve, or with no command left print the help. `./serve` is such a file.
+ */
+function pathValue(value: string): string {
+  if (program.commands.some((cmd) => cmd.name() === value)) throw new InvalidArgumentError(`${value} is a command: give the option its value first (./${value} for a file of that name)`);
+  return value;
+}
+
 /** --config, --databasePath, --emailsDir and --json: taken before a command's name and after it. */
 function withGlobalOptions(cmd: Command): Command {
   return cmd
-    .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)')
-    .option('--databasePath <file>', 'the database file (default: databasePath from the config)')
-    .option('--emailsDir <dir>', 'the directory of local deliveries and failed-mail exports (default: emailsDir from the config)')
+    .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)', pathValue)
+    .option('--databasePath <file>', 'the database file (default: databasePath from the config)', pathValue)
+    .option('--emailsDir <dir>', 'the directory of local deliveries and failed-mail exports (default: emailsDir from the config)', pathValue)
     .option('--json', 'machine-readable JSON output');
 }
 

@@ -243,7 +243,7 @@ describe('relayq CLI on the database of a running relay', () => {
     // a key given before the command name is commander's unknown option: named without its value
     // (a relay that started anyway is killed at the time limit, and writes only under dir)
     const serveFlags = ['--smtpPort', '0', '--enableHealthCheck', 'false', '--databasePath', path.join(dir, 'serve.db'), '--emailsDir', path.join(dir, 'serve-emails')];
-    const [beforeCommand, onOperatorCommand, mistypedOption, mistypedCommand, senderAlone, jsonServe, serveJson] = await Promise.all([
+    const [beforeCommand, onOperatorCommand, mistypedOption, mistypedCommand, senderAlone, jsonServe, serveJson, configLeftOut] = await Promise.all([
       runCli(["--defaultPassword=Hun'ter2Secret", 'serve']),
       runCli(['status', '--forwardPasword=Hunter2Secret']),
       runCli(['queue', '--stat', 'failed']),
@@ -251,6 +251,8 @@ describe('relayq CLI on the database of a running relay', () => {
       cli('retry', '--sender', 'x@example.com'),
       runCli(['--json', 'serve', ...serveFlags]),
       runCli(['serve', ...serveFlags, '--json']),
+      // the value left out: the option took the command's name, and no command was left
+      runCli(['--config', 'serve']),
     ]);
     for (const r of [jsonServe, serveJson]) {
       assertOneLineError(r, /^relayq: --json does not apply to serve: its log lines are JSON already$/);
@@ -262,6 +264,7 @@ describe('relayq CLI on the database of a running relay', () => {
     // commander's suggestion, on the same line
     assertOneLineError(mistypedOption, /^relayq: unknown option '--stat' \(did you mean --state\?\)$/);
     assertOneLineError(mistypedCommand, /^relayq: unknown command 'stauts' \(did you mean status\?\)$/);
+    assertOneLineError(configLeftOut, /^relayq: option '--config <file>' argument 'serve' is invalid\. serve is a command: give the option its value first \(\.\/serve for a file of that name\)$/);
     assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: EEXIST/);
     assert.equal(fs.readFileSync(aFile, 'utf8'), 'not a directory\n');
     assertOneLineError(exportMissing, /no database at .*missing\.db/);
