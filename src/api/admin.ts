@@ -5,8 +5,8 @@
 import { type Context, Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
+import { MAX_ADDRESS_LENGTH } from '../address.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
-import { MAX_ADDRESS_LENGTH } from '../smtp/message.js';
 import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, StoppedPartWay } from '../store/admin.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';

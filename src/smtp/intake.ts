@@ -4,6 +4,7 @@
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
+import { decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import { type LibraryLogger, libraryLogger } from '../logger.js';
@@ -11,7 +12,6 @@ import type { Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import {
   checkRateLimits,
-  decodeIdnDomain,
   isQueueFull,
   type LimitHit,
   newQueueId,
@@ -19,7 +19,7 @@ import {
   rateLimitMessage,
 } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
-import { BareLineEndingScanner, isAscii, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
+import { BareLineEndingScanner, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
 import { inputAhead, RelayqSmtpServer } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
 import { certificateWarning, readTlsFiles } from './tls-files.js';

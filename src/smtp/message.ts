@@ -3,13 +3,12 @@
 // loop, and the one Received: header relayq prepends.
 import net from 'node:net';
 import { domainToASCII } from 'node:url';
+import { isAscii, MAX_ADDRESS_LENGTH } from '../address.js';
 
 const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+$/u;
 /** local@[192.0.2.1] or local@[IPv6:2001:db8::1]: a domain that is an address literal (RFC 5321 §4.1.3). */
 const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:]+)\]$/iu;
 
-/** The longest envelope address relayq accepts (64 octets of local part, @, 255 of domain). */
-export const MAX_ADDRESS_LENGTH = 320;
 
 /**
  * An envelope path relayq accepts: local@domain without controls or spaces, whose domain's labels
@@ -23,10 +22,6 @@ export function isValidAddress(address: string, allowEmpty: boolean): boolean {
   if (ADDRESS.test(address)) return validLabels(address.slice(address.lastIndexOf('@') + 1));
   const literal = ADDRESS_LITERAL.exec(address);
   return literal !== null && (literal[1] ? net.isIPv6(literal[2]) : net.isIPv4(literal[2]));
-}
-
-export function isAscii(text: string): boolean {
-  return /^[\x00-\x7f]*$/.test(text);
 }
 
 /** No label starts or ends with '-' (as written: an internationalized one too), none is over 63 octets in ASCII. */

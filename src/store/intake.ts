@@ -4,7 +4,7 @@
 // cannot be split by another session; intake also reads the checks early, at MAIL FROM.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import { domainToASCII, domainToUnicode } from 'node:url';
+import { decodeIdnDomain } from '../address.js';
 import type { Sqlite } from './db.js';
 import { prepared } from './statements.js';
 
@@ -76,21 +76,6 @@ function randomHex(bytes: number): string {
 /** Queue ids sort by arrival: 11 hex digits of milliseconds, then 9 random hex digits. */
 export function newQueueId(now: number): string {
   return now.toString(16).toUpperCase().padStart(11, '0') + randomHex(5).toUpperCase().slice(0, 9);
-}
-
-/**
- * An address whose domain is internationalized (non-ASCII, or with an `xn--` label in any case)
- * with that domain as IDNA maps it, in Unicode: lower case, NFC, fullwidth letters made ASCII.
- * `bob@XN--MNCHEN-3YA.DE`, `bob@MÜNCHEN.de` and `bob@ｍüｎｃｈｅｎ.de` go upstream as one address,
- * so they are stored, counted and found as one (smtp-server decodes only lower-case `xn--`
- * labels). An ASCII domain, or one IDNA refuses, is returned as written.
- */
-export function decodeIdnDomain(address: string): string {
-  const at = address.lastIndexOf('@');
-  const domain = address.slice(at + 1);
-  if (at < 0 || (!/[^\x00-\x7f]/.test(domain) && !/(^|\.)xn--/i.test(domain))) return address;
-  const ascii = domainToASCII(domain);
-  return `${address.slice(0, at)}@${(ascii && domainToUnicode(ascii)) || domain}`;
 }
 
 /**

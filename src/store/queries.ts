@@ -3,10 +3,11 @@
 // and its raw bytes. The counters and the unfiltered pages read a few counter rows or walk an
 // index for as many rows as they return, so they do not slow down as the database grows; a
 // filtered page costs as many rows as the filter matches (listMessages).
+import { decodeIdnDomain } from '../address.js';
 import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
 import { replyWithCodeSql } from './delivery.js';
-import { decodeIdnDomain, senderKey } from './intake.js';
+import { senderKey } from './intake.js';
 import { MESSAGE_STATES, type AttemptOutcome, type MessageState } from './schema.js';
 import { prepared } from './statements.js';
 

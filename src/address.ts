@@ -1,0 +1,26 @@
+// What an envelope address is for every part of relayq: its longest length, and the form of its
+// domain that relayq stores, counts and looks up.
+import { domainToASCII, domainToUnicode } from 'node:url';
+
+/** The longest envelope address relayq accepts (64 octets of local part, @, 255 of domain). */
+export const MAX_ADDRESS_LENGTH = 320;
+
+/** Only ASCII characters: what a server without SMTPUTF8 takes in an address. */
+export function isAscii(text: string): boolean {
+  return /^[\x00-\x7f]*$/.test(text);
+}
+
+/**
+ * An address whose domain is internationalized (non-ASCII, or with an `xn--` label in any case)
+ * with that domain as IDNA maps it, in Unicode: lower case, NFC, fullwidth letters made ASCII.
+ * `bob@XN--MNCHEN-3YA.DE`, `bob@MÜNCHEN.de` and `bob@ｍüｎｃｈｅｎ.de` go upstream as one address,
+ * so they are stored, counted and found as one (smtp-server decodes only lower-case `xn--`
+ * labels). An ASCII domain, or one IDNA refuses, is returned as written.
+ */
+export function decodeIdnDomain(address: string): string {
+  const at = address.lastIndexOf('@');
+  const domain = address.slice(at + 1);
+  if (at < 0 || (isAscii(domain) && !/(^|\.)xn--/i.test(domain))) return address;
+  const ascii = domainToASCII(domain);
+  return `${address.slice(0, at)}@${(ascii && domainToUnicode(ascii)) || domain}`;
+}
