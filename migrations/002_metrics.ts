@@ -8,7 +8,7 @@ import { type Kysely, sql } from 'kysely';
 /**
  * Upper bounds (ms) of the attempt-duration buckets. Each attempt increments exactly one
  * counter, `attempt_duration_le_<bound>` or `attempt_duration_le_inf`; readers derive the
- * bounds from the counter names, so this list is the only place they are written down.
+ * bounds from the counter names. 007 writes the trigger again with a copy of this list.
  */
 const DURATION_BUCKETS_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000];
 

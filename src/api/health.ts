@@ -14,7 +14,8 @@ import type { ApiDeps, ApiEnv } from './context.js';
  * The upstream counts as failing when at least `upstreamFailures` attempts in a row failed
  * (outcomes.ts, upstreamVerdict: delivered nothing, and not refused for good) and none succeeded
  * for `upstreamQuietMs` (or ever). One refused connection is not an outage; a run of failures
- * right after a success is not one yet either.
+ * right after a success is not one yet either. The queue is nearly full at `queueFullFraction`
+ * of `queueSize`; the other two are below.
  */
 const HEALTH_THRESHOLDS = {
   upstreamFailures: 3,

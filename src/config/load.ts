@@ -1,6 +1,7 @@
 // Builds the effective configuration from defaults, a JSON file, the environment and flags
-// (later wins). Pure: the caller reads the file and passes argv/env; errors are returned, all
-// of them at once, each naming the key and where the bad value came from.
+// (later wins). loadConfig is pure, given the file's text, argv and env; loadConfigFromSources
+// finds and reads the file. Errors are returned, all of them at once, each naming the key and
+// where the bad value came from.
 import fs from 'node:fs';
 import os from 'node:os';
 import { isAbsolute } from 'node:path';
@@ -154,11 +155,11 @@ function describeJsonError(err: Error, text: string): string {
 }
 
 /** Which config file to read: `--config`, else RELAYQ_CONFIG, else ./config.json if it exists. */
-function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv, cwd = process.cwd()): string | undefined {
+function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv): string | undefined {
   const { configPath } = parseFlags(argv);
   if (configPath !== undefined) return configPath;
   if (env.RELAYQ_CONFIG) return env.RELAYQ_CONFIG;
-  const local = `${cwd}/config.json`;
+  const local = `${process.cwd()}/config.json`;
   return fs.existsSync(local) ? local : undefined;
 }
 

@@ -8,10 +8,8 @@ import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
 import { replyWithCodeSql } from './delivery.js';
 import { senderKey } from './intake.js';
-import { MESSAGE_STATES, type AttemptOutcome, type MessageState } from './schema.js';
+import { ATTEMPT_OUTCOMES, type AttemptOutcome, MESSAGE_STATES, type MessageState, type RecipientStatus } from './schema.js';
 import { prepared } from './statements.js';
-
-const ATTEMPT_OUTCOMES: readonly AttemptOutcome[] = ['delivered', 'partial', 'deferred', 'failed'];
 
 export interface DurationBucket {
   /** Upper bound in ms; Infinity for the last bucket. */
@@ -311,7 +309,7 @@ export interface MessageRow extends MessageSummary {
 export interface RecipientRow {
   seq: number;
   address: string;
-  status: string;
+  status: RecipientStatus;
   attempts: number;
   next_attempt_at: number;
   last_code: number | null;

@@ -6,6 +6,7 @@ export type RecipientStatus = 'pending' | 'delivered' | 'failed';
 export type AttemptOutcome = 'delivered' | 'partial' | 'deferred' | 'failed';
 
 export const MESSAGE_STATES: readonly MessageState[] = ['queued', 'sending', 'delivered', 'failed'];
+export const ATTEMPT_OUTCOMES: readonly AttemptOutcome[] = ['delivered', 'partial', 'deferred', 'failed'];
 
 export interface MessagesTable {
   id: string;

@@ -36,7 +36,7 @@ export class StoreWriter {
    * so nothing can be stored any more and the relay should stop (and be restarted).
    */
   onFailed: (err: Error) => void = () => {};
-  /** Writes completed and transactions committed so far (for tests and the benchmark). */
+  /** Writes completed and transactions committed so far: `relay.stopped` logs them. */
   readonly stats = { writes: 0, commits: 0 };
   /** The last write refused as STORAGE_FULL, until a message is stored again. */
   private readonly fault = new RecentFailure();
