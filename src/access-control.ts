@@ -67,7 +67,7 @@ export function parseCidr(cidr: string): { address: string; bits: number; family
 }
 
 /** The eight 16-bit groups of an IPv6 address ("::1", "::ffff:1.2.3.4", "fe80::1%eth0"). */
-function ipv6Groups(address: string): number[] {
+export function ipv6Groups(address: string): number[] {
   let text = address.replace(/%.*$/, '');
   const ipv4 = /(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(text);
   if (ipv4) {

@@ -3,7 +3,7 @@
 // message; every refusal carries the reply code and enhanced code of the spec's §2 table.
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
-import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
+import { clientFilter, ipv6Groups, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
 import { decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
@@ -224,14 +224,14 @@ export class SmtpIntake {
       onRcptTo: (address, session, cb) => this.onRcptTo(address, session, cb),
       onData: (stream, session, cb) => this.onData(stream, session, cb),
       onClose: (session) => this.onClose(session),
-    } as ConstructorParameters<typeof RelayqSmtpServer>[0],
-      (session) => isLoopback(this.peer(session)),
-      (session, text) => this.onRefusal(session, text),
+    } as ConstructorParameters<typeof RelayqSmtpServer>[0], {
+      plaintextAuth: (session) => isLoopback(this.peer(session)),
+      onRefusal: (session, text) => this.onRefusal(session, text),
       // Only with credentials to check: a client that logs in whenever AUTH is offered
       // (nodemailer, Postfix with smtp_sasl_auth_enable) would otherwise get 535 for every
       // message on a relay that takes loopback mail without AUTH.
-      this.credentialsConfigured,
-    );
+      authEnabled: this.credentialsConfigured,
+    });
     this.server.logger = serverLog as unknown as RelayqSmtpServer['logger'];
     this.server.on('error', (err) => {
       // a client that went away, or whose TLS failed: already logged (smtpServerLogger)
@@ -617,11 +617,7 @@ const MAX_AUTH_CLIENTS = 10_000;
 export function authClientKey(ip: string): string {
   if (isLoopback(ip)) return 'loopback';
   if (!ip.includes(':')) return ip;
-  const [head, tail = ''] = ip.split('::');
-  const headGroups = head ? head.split(':') : [];
-  const tailGroups = tail ? tail.split(':') : [];
-  const groups = ip.includes('::') ? [...headGroups, ...Array(8 - headGroups.length - tailGroups.length).fill('0'), ...tailGroups] : headGroups;
-  return `${groups.slice(0, 4).map((g) => g.replace(/^0+(?=.)/, '').toLowerCase()).join(':')}::/64`;
+  return `${ipv6Groups(ip).slice(0, 4).map((g) => g.toString(16)).join(':')}::/64`;
 }
 
 /** The addresses in order, each once, compared without regard to case (the first spelling stays). */

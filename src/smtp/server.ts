@@ -146,11 +146,11 @@ class RelayqConnection extends SMTPConnection {
     const reaches = !this._upgrading && !socket.destroyed && socket.readyState === 'open';
     super.send(code, ...withEnhancedCode(code, data, context));
     // smtp-server keeps the last such reply, as sent, in session.error
-    if (code >= 400 && reaches) (this._server as RelayqSmtpServer).onRefusal(this.session, String(this.session.error));
+    if (code >= 400 && reaches) this.relayq.onRefusal(this.session, String(this.session.error));
   }
 
   override handler_AUTH(command: Buffer, callback: () => void): void {
-    if (!(this._server as RelayqSmtpServer).authEnabled) {
+    if (!this.relayq.authEnabled) {
       // no credentials configured: AUTH is not offered, and answered as Postfix answers it
       this.send(503, '5.5.1 Error: authentication not enabled');
       callback();
@@ -206,13 +206,17 @@ class RelayqConnection extends SMTPConnection {
     callback();
   }
 
+  private get relayq(): RelayqListenerOptions {
+    return (this._server as RelayqSmtpServer).relayq;
+  }
+
   /** Whether the EHLO reply offers AUTH: there are credentials to check, and no TLS is needed first. */
   private authOffered(): boolean {
-    return (this._server as RelayqSmtpServer).authEnabled && !this.authNeedsTls();
+    return this.relayq.authEnabled && !this.authNeedsTls();
   }
 
   private authNeedsTls(): boolean {
-    return !this.secure && !(this._server as RelayqSmtpServer).plaintextAuth(this.session);
+    return !this.secure && !this.relayq.plaintextAuth(this.session);
   }
 
   private uncork(socket: net.Socket): void {
@@ -241,18 +245,25 @@ function withEnhancedCode(code: number, data: string | string[] | null | undefin
   return [data, context === 'LHLO' ? undefined : context] as const;
 }
 
-export class RelayqSmtpServer extends SMTPServer {
+/** What relayq's listener adds to smtp-server's options. */
+export interface RelayqListenerOptions {
+  /** May this session authenticate before TLS. */
+  plaintextAuth: (session: SMTPServerSession) => boolean;
+  /** A reply of 400 or above was sent in this session (module comment, 6). */
+  onRefusal: (session: SMTPServerSession, reply: string) => void;
   /**
-   * `plaintextAuth`: may this session authenticate before TLS (default: every session may);
-   * `onRefusal`: a reply of 400 or above was sent in this session (module comment, 6);
-   * `authEnabled`: false when there are no credentials to check: AUTH is then neither offered
-   * nor taken (smtp-server itself always offers its `authMethods`).
+   * False when there are no credentials to check: AUTH is then neither offered nor taken
+   * (smtp-server itself always offers its `authMethods`).
    */
+  authEnabled: boolean;
+}
+
+const EVERY_SESSION: RelayqListenerOptions = { plaintextAuth: () => true, onRefusal: () => {}, authEnabled: true };
+
+export class RelayqSmtpServer extends SMTPServer {
   constructor(
     options: SMTPServerOptions,
-    readonly plaintextAuth: (session: SMTPServerSession) => boolean = () => true,
-    readonly onRefusal: (session: SMTPServerSession, reply: string) => void = () => {},
-    readonly authEnabled = true,
+    readonly relayq: RelayqListenerOptions = EVERY_SESSION,
   ) {
     super(options);
   }
