@@ -346,70 +346,75 @@ export class SmtpUpstream {
 
   private sendOn(connection: SMTPConnection, envelope: Envelope, raw: Uint8Array, signal: AbortSignal): Promise<SendInfo> {
     return new Promise((resolve, reject) => {
-      if (signal.aborted) {
+      const offer = signal.aborted ? { refusal: abortError(signal) } : this.offerable(connection, envelope);
+      if ('refusal' in offer) {
         this.release(connection);
-        return reject(abortError(signal));
+        return reject(offer.refusal);
       }
+      const { leftOut } = offer;
       const onAbort = () => {
         connection.close();
         reject(abortError(signal));
       };
-      // A message over the upstream's SIZE is not offered to it at all.
-      const limit = sizeLimit(connection);
-      if (limit > 0 && envelope.size > limit) {
-        this.release(connection);
-        return reject(sizeRefusal(this.label, envelope.size, limit));
-      }
-      // No non-ASCII address to a server that does not offer SMTPUTF8 (nodemailer would send it
-      // anyway). As in Postfix, such a recipient fails permanently; so does the whole batch when
-      // the sender is one. The other recipients go out.
-      let leftOut: SMTPConnection.SMTPError[] = [];
-      if (!offers(connection, 'SMTPUTF8') && ![envelope.from, ...envelope.to].every(isAscii)) {
-        const sendable = envelope.to.filter(isAscii);
-        if (!isAscii(envelope.from) || sendable.length === 0) {
-          this.release(connection);
-          return reject(smtpUtf8Refusal(this.label));
-        }
-        leftOut = envelope.to.filter((r) => !isAscii(r)).map((r) => smtpUtf8Refusal(this.label, r));
-        envelope = { ...envelope, to: sendable };
-      }
       signal.addEventListener('abort', onAbort, { once: true });
       // a stream, not the buffer itself, so that a failure tells whether any byte went out
       const message = Readable.from(pieces(raw), { objectMode: false });
-      connection.send({ ...envelope }, message, (err, info) => {
+      connection.send({ ...offer.envelope }, message, (err, info) => {
         signal.removeEventListener('abort', onAbort);
         if (signal.aborted) return;
-        if (!err) {
-          this.release(connection);
-          if (leftOut.length) info.rejectedErrors = [...(info.rejectedErrors ?? []), ...leftOut];
-          return resolve(info);
-        }
-        const e = err as UpstreamError;
-        e.notSent = !message.readableDidRead;
-        // A refusal of DATA or of the message says nothing of the recipients the upstream had
-        // already refused at RCPT; nodemailer keeps those on the envelope only (which RSET clears).
-        const envelopeState = (connection as unknown as { _envelope?: EnvelopeState })._envelope;
-        // Replies out of step with the commands (a 2xx to DATA, a 354 to the final dot) were
-        // read against the wrong RCPTs too: none of those is taken, and every recipient waits.
-        const outOfStep =
-          e.code === 'EPROTOCOL' ||
-          (e.command === 'DATA' && typeof e.responseCode === 'number' && (e.responseCode < 400 || e.responseCode >= 600));
-        if (outOfStep) e.rejectedErrors = undefined;
-        else if (!e.rejectedErrors && envelopeState?.accepted?.length && envelopeState.rejectedErrors?.length) {
-          e.rejectedErrors = envelopeState.rejectedErrors;
-        }
-        if (leftOut.length) e.rejectedErrors = [...(e.rejectedErrors ?? []), ...leftOut];
-        const refusal = !outOfStep && typeof e.responseCode === 'number' && e.responseCode >= 400 && e.responseCode < 600 && e.responseCode !== 421;
-        if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && refusal && !connection.destroyed) {
-          // the upstream refused this message; the session itself is fine (another reply, such
-          // as a 354 to the final dot, says it is not)
-          this.reset(connection);
-        } else {
-          connection.close();
-        }
-        reject(e);
+        if (err) return reject(this.failedSend(connection, err as UpstreamError, message, leftOut));
+        this.release(connection);
+        if (leftOut.length) info.rejectedErrors = [...(info.rejectedErrors ?? []), ...leftOut];
+        resolve(info);
       });
     });
+  }
+
+  /**
+   * The envelope this connection may be offered, with the recipients left out of it; or why the
+   * message may not be offered at all.
+   */
+  private offerable(connection: SMTPConnection, envelope: Envelope): { envelope: Envelope; leftOut: SMTPConnection.SMTPError[] } | { refusal: Error } {
+    // A message over the upstream's SIZE is not offered to it at all.
+    const limit = sizeLimit(connection);
+    if (limit > 0 && envelope.size > limit) return { refusal: sizeRefusal(this.label, envelope.size, limit) };
+    // No non-ASCII address to a server that does not offer SMTPUTF8 (nodemailer would send it
+    // anyway). As in Postfix, such a recipient fails permanently; so does the whole batch when
+    // the sender is one. The other recipients go out.
+    if (offers(connection, 'SMTPUTF8') || [envelope.from, ...envelope.to].every(isAscii)) return { envelope, leftOut: [] };
+    const sendable = envelope.to.filter(isAscii);
+    if (!isAscii(envelope.from) || sendable.length === 0) return { refusal: smtpUtf8Refusal(this.label) };
+    const leftOut = envelope.to.filter((r) => !isAscii(r)).map((r) => smtpUtf8Refusal(this.label, r));
+    return { envelope: { ...envelope, to: sendable }, leftOut };
+  }
+
+  /**
+   * A send that failed: the error with what it says of the recipients, and the connection reset
+   * for the next message when only this message was refused, else closed.
+   */
+  private failedSend(connection: SMTPConnection, e: UpstreamError, message: Readable, leftOut: SMTPConnection.SMTPError[]): UpstreamError {
+    e.notSent = !message.readableDidRead;
+    // A refusal of DATA or of the message says nothing of the recipients the upstream had
+    // already refused at RCPT; nodemailer keeps those on the envelope only (which RSET clears).
+    const envelopeState = (connection as unknown as { _envelope?: EnvelopeState })._envelope;
+    // Replies out of step with the commands (a 2xx to DATA, a 354 to the final dot) were
+    // read against the wrong RCPTs too: none of those is taken, and every recipient waits.
+    const outOfStep =
+      e.code === 'EPROTOCOL' || (e.command === 'DATA' && typeof e.responseCode === 'number' && (e.responseCode < 400 || e.responseCode >= 600));
+    if (outOfStep) e.rejectedErrors = undefined;
+    else if (!e.rejectedErrors && envelopeState?.accepted?.length && envelopeState.rejectedErrors?.length) {
+      e.rejectedErrors = envelopeState.rejectedErrors;
+    }
+    if (leftOut.length) e.rejectedErrors = [...(e.rejectedErrors ?? []), ...leftOut];
+    const refusal = !outOfStep && typeof e.responseCode === 'number' && e.responseCode >= 400 && e.responseCode < 600 && e.responseCode !== 421;
+    if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && refusal && !connection.destroyed) {
+      // the upstream refused this message; the session itself is fine (another reply, such
+      // as a 354 to the final dot, says it is not)
+      this.reset(connection);
+    } else {
+      connection.close();
+    }
+    return e;
   }
 
   /** A new connection, greeted, secured (STARTTLS when offered) and logged in when configured. */
