@@ -150,6 +150,52 @@ test('rate buckets are pruned in the batch that deletes delivered mail, so a ste
   }
 });
 
+test('retention counts deliveredDays from the delivery, not the arrival: mail deferred for six days is kept a week after it went', async () => {
+  const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
+  const t0 = clock.now();
+  let deferring = true;
+  const upstream = await startUpstream({
+    onRcptTo(_address, _session, cb) {
+      if (deferring) cb(Object.assign(new Error('4.2.1 try later'), { responseCode: 451 }));
+      else cb();
+    },
+  });
+  const relay = await startTestRelay(
+    {
+      forwardSMTP: true,
+      forwardHost: '127.0.0.1',
+      forwardPort: upstream.port,
+      batchDelay: 0,
+      retention: { deliveredDays: 7 },
+      retry: { maxAttempts: 1000, initialDelay: 60, maxDelay: 3600, maxAge: 31536000 },
+      failedRetryInterval: 0,
+    },
+    { clock, startDelivery: false, startRetention: false },
+  );
+  try {
+    const id = /queued as (\S+)/.exec((await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['late@example.com'] })).response)?.[1] as string;
+    const row = () => relay.store.sqlite.prepare('SELECT state, received_at, finished_at FROM messages WHERE id = ?').get(id) as
+      | { state: string; received_at: number; finished_at: number | null }
+      | undefined;
+    await relay.delivery.runOnce();
+    assert.equal(row()?.state, 'queued', 'deferred');
+    deferring = false;
+    clock.set(t0 + 6 * DAY);
+    await relay.delivery.runOnce();
+    assert.deepEqual(row(), { state: 'delivered', received_at: t0, finished_at: t0 + 6 * DAY });
+
+    clock.set(t0 + 7 * DAY + MINUTE);
+    assert.equal((await relay.retention.runOnce()).messages, 0, 'arrived over 7 days ago, delivered a day ago: kept');
+    assert.equal(row()?.state, 'delivered');
+    clock.set(t0 + 13 * DAY + MINUTE);
+    assert.equal((await relay.retention.runOnce()).messages, 1);
+    assert.equal(row(), undefined);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+});
+
 test('pruning rate buckets reads the minute and hour indexes, not the whole tables', async () => {
   const { openStore } = await import('../../src/store/db.js');
   const store = await openStore(path.join(tempDir(), 'plan.db'));
