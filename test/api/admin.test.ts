@@ -88,6 +88,9 @@ describe('admin: requeue failed mail', () => {
       assert.equal(metrics.requeued_emails, 3);
       assert.equal(metrics.successful_emails, 3);
       assert.equal(metrics.failed_emails, 0);
+      assert.equal(metrics.success_rate, 100, 'a failure since requeued and delivered is no failure');
+      const health = (await call<{ details: Record<string, unknown> }>(relay, '/health')).body.details;
+      assert.deepEqual([health.failed_emails, health.total_emails_processed, health.success_rate], [0, 3, 100]);
     } finally {
       await relay.stop();
       await upstream?.close();
