@@ -390,6 +390,26 @@ describe('admin: queue inspection', () => {
     }
   });
 
+  test('a page that holds exactly the last `limit` messages has no next_before, with and without a filter', async () => {
+    const clock = new ManualClock();
+    const relay = await startTestRelay({}, options(clock));
+    try {
+      for (let i = 0; i < 3; i++) {
+        clock.advance(1000);
+        await send(relay, 'tom@example.com', ['x@example.com']);
+      }
+      for (const query of ['', 'state=queued&', 'sender=tom%40example.com&']) {
+        const exact = (await call<Page>(relay, `/admin/messages?${query}limit=3`)).body;
+        assert.deepEqual([exact.messages.length, exact.next_before], [3, null], `${query}limit=3`);
+        const short = (await call<Page>(relay, `/admin/messages?${query}limit=2`)).body;
+        assert.equal(short.messages.length, 2);
+        assert.notEqual(short.next_before, null, `${query}limit=2: one more to come`);
+      }
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('detail has the envelope, recipients and attempts; raw is the stored bytes as message/rfc822', async () => {
     const clock = new ManualClock();
     const relay = await startTestRelay({}, options(clock));
