@@ -74,6 +74,40 @@ describe('GET /health', () => {
     }
   });
 
+  test('the oldest queued age counts a message being sent as well', async () => {
+    const clock = new ManualClock();
+    let release: () => void = () => {};
+    const held = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const upstream = await startUpstream({
+      onData(stream, _session, cb) {
+        stream.resume();
+        stream.on('end', () => held.then(() => cb()));
+      },
+    });
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0 },
+      { clock, startDelivery: false },
+    );
+    try {
+      await sendMail(relay.smtpPort);
+      const run = relay.delivery.runOnce();
+      await waitFor(() => storeMetrics(relay.store.sqlite).queue.sending === 1, 10_000, 'the attempt under way');
+      clock.advance(120_000);
+      const d = (await call<Health>(relay, '/health')).body.details;
+      assert.deepEqual([d.queued_emails, d.oldest_queued_age_seconds], [1, 120]);
+      assert.equal((await call(relay, '/metrics')).body.oldest_queued_age_seconds, 120);
+      release();
+      await run;
+      assert.equal((await call<Health>(relay, '/health')).body.details.oldest_queued_age_seconds, null);
+    } finally {
+      release();
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
   test('degraded when every attempt to the upstream fails, ok again once one succeeds', async () => {
     const clock = new ManualClock();
     const outage = await upstreamOutage();
