@@ -7,7 +7,7 @@ import { createApp } from '../../src/api/app.js';
 import { InFlowGate, inFlowBacklogLimit } from '../../src/delivery/in-flow.js';
 import type { Relay } from '../../src/main.js';
 import type { Logger } from 'pino';
-import { capturedLog, SmtpClient, startTestRelay, startUpstream, waitFor } from '../helpers.js';
+import { capturedLog, openSession, SmtpClient, startTestRelay, startUpstream, waitFor } from '../helpers.js';
 
 /** The pacing limit of the one-worker relays below (no queueSize). */
 const LIMIT = inFlowBacklogLimit(1, 0);
@@ -153,12 +153,16 @@ describe('in-flow pacing in the relay', () => {
   /** As pacedRelay, with the first message held at the upstream and LIMIT due behind it. */
   async function backlogged(t: TestContext, inFlowDelay: number, logger?: Logger) {
     const paced = await pacedRelay(t, inFlowDelay, logger);
-    const { relay, client, held } = paced;
+    await fillBacklog(paced);
+    return paced;
+  }
+
+  /** Sends the message the upstream holds and LIMIT more, and waits until the backlog counts them. */
+  async function fillBacklog({ relay, client, held }: Awaited<ReturnType<typeof pacedRelay>>): Promise<void> {
     for (let i = 0; i <= LIMIT; i++) await sendOne(client, `message ${i}`);
     await waitFor(() => held.length === 1 && count(relay, 'queued') === LIMIT, 10_000, 'one message at the upstream, the rest due');
     // a poll that ran before the last commit counted one less: wait for one that ran after it
     await waitFor(() => relay.delivery.inFlow.stats().backlog === LIMIT, 10_000, 'the backlog counted');
-    return paced;
   }
 
   function count(relay: Relay, state: string): number {
@@ -259,5 +263,24 @@ describe('in-flow pacing in the relay', () => {
     await stopping;
     const { waiting, timedOut } = relay.delivery.inFlow.stats();
     assert.deepEqual([waiting, timedOut], [0, 0]);
+  });
+
+  test('a MAIL let go while the shutdown waits for a message in DATA gets 421 too, not 250', async (t) => {
+    const paced = await pacedRelay(t, 60_000);
+    const { relay, client } = paced;
+    // another session, in DATA before the backlog: the shutdown gives it its grace period
+    const inData = await openSession(relay.smtpPort);
+    t.after(() => inData.close());
+    assert.match(await inData.send('DATA'), /^354/);
+    inData.write('Subject: in DATA at the stop\r\n\r\nbody');
+    await fillBacklog(paced);
+    client.write('MAIL FROM:<sender@example.com>\r\n');
+    const reply = client.read(30_000);
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
+    // the stop lets the MAIL go at once, while the other session still holds the shutdown
+    const stopping = relay.stop();
+    assert.equal(await reply, '421 4.3.2 Service shutting down, try again later');
+    assert.match(await inData.send('\r\n.'), /^250 2\.0\.0 Ok: queued as/);
+    await stopping;
   });
 });
