@@ -574,6 +574,27 @@ describe('per-recipient outcomes', () => {
     assert.match(readFailedExport(relay, id).recipients[4].lastReply!, /continueOnError is false/);
   });
 
+  test('continueOnError=false: a batch whose every RCPT is refused with 5xx stops the later batches too', async () => {
+    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 0, continueOnError: false });
+    upstream.rcptReply = (a) => (a === 'a@example.com' || a === 'b@example.com' ? { code: 550, message: '5.1.1 No such user' } : undefined);
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com']);
+    await relay.delivery.runOnce();
+    clock.advance(3_600_000);
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.rcpts, ['a@example.com', 'b@example.com'], 'the second batch never reached the upstream');
+    assert.equal(upstream.accepted.length + upstream.refused.length, 0);
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.address, r.status, r.attempts, r.last_code]), [
+      ['a@example.com', 'failed', 1, 550],
+      ['b@example.com', 'failed', 1, 550],
+      ['c@example.com', 'failed', 0, null],
+      ['d@example.com', 'failed', 0, null],
+    ]);
+    for (const r of rows.slice(2)) assert.match(r.last_reply!, /^not attempted: batch 0 was refused permanently \(550 .*\) and continueOnError is false/);
+    assert.equal(message(relay, id).state, 'failed');
+    assert.deepEqual(attempts(relay, id).map((a) => [a.batch, a.outcome]), [[0, 'failed']]);
+  });
+
   test('a recipient refused at RCPT keeps its own reply when DATA is then refused or deferred', async () => {
     const { relay, upstream } = await setup();
     upstream.rcptReply = (a) =>
