@@ -8,6 +8,7 @@ import { exportFailedMessage } from '../../src/delivery/failed-export.js';
 import { resultFromNodemailer } from '../../src/delivery/outcomes.js';
 import type { Relay } from '../../src/main.js';
 import { retryMessage } from '../../src/store/admin.js';
+import { storeMetrics } from '../../src/store/queries.js';
 import { capturedLog, openSession, SmtpClient, sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
 import { startMisbehavingUpstream } from '../reliability/misbehaving-upstream.js';
 import {
@@ -221,6 +222,31 @@ describe('per-recipient outcomes', () => {
     const line = log.entries().find((e) => e.queueId === id && e.event === 'delivery.attempt');
     assert.equal(line?.state, 'queued');
     assert.equal(line?.nextAttemptAt, new Date(message(relay, id).next_attempt_at).toISOString());
+  });
+
+  test("an attempt's duration is recorded as long as the upstream took, and counted in the histogram by it", async () => {
+    // an upstream that takes 300 ms to answer the end of DATA
+    const upstream: ScriptedUpstream = await startScriptedUpstream({
+      onData(stream, _session, cb) {
+        stream.resume();
+        stream.on('end', () => setTimeout(() => cb(), 300));
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port },
+      { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'delivered');
+    const [row] = attempts(relay, id);
+    assert.ok(row.duration_ms >= 250, `attempt recorded as taking ${row.duration_ms} ms`);
+    const { buckets, sumMs, count } = storeMetrics(relay.store.sqlite).attemptDuration;
+    assert.equal(count, 1);
+    assert.equal(sumMs, row.duration_ms);
+    assert.deepEqual(buckets.filter((b) => b.leMs <= 250).map((b) => b.count).filter((n) => n > 0), [], 'not counted at or below 250 ms');
   });
 
   test('450 to one RCPT → only that recipient is tried again later; the others are not re-sent', async () => {
