@@ -444,6 +444,36 @@ describe('per-recipient outcomes', () => {
     assert.deepEqual(attempts(relay, id).map((a) => a.outcome), ['partial']);
   });
 
+  test('an upstream that says "Too many recipients" without an enhanced code is over its limit too: the rest go in another transaction', async () => {
+    // two recipients per transaction, and a bare 452 reply (no 4.5.3) as some servers give
+    const upstream: ScriptedUpstream = await startScriptedUpstream({
+      onRcptTo(address, session, cb) {
+        upstream.rcpts.push(address.address);
+        if (address.address.startsWith('nouser')) return cb(Object.assign(new Error('5.1.1 No such user'), { responseCode: 550 }));
+        if (session.envelope.rcptTo.length >= 2) return cb(Object.assign(new Error('Too many recipients'), { responseCode: 452 }));
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'nouser@example.com', 'c@example.com', 'd@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [
+      ['a@example.com', 'b@example.com'],
+      ['c@example.com', 'd@example.com'],
+    ]);
+    assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status, r.attempts, r.last_code]), [
+      ['a@example.com', 'delivered', 1, 250],
+      ['b@example.com', 'delivered', 1, 250],
+      ['nouser@example.com', 'failed', 1, 550],
+      ['c@example.com', 'delivered', 1, 250],
+      ['d@example.com', 'delivered', 1, 250],
+    ]);
+    assert.equal(message(relay, id).state, 'failed');
+    assert.deepEqual(attempts(relay, id).map((a) => [a.batch, a.outcome, a.code]), [[0, 'partial', 250]]);
+  });
+
   test('a follow-up transaction refused as a whole with a 5xx stops the message under continueOnError=false, as its batch would', async () => {
     // this upstream says "too many recipients" with a 552, which is taken for a 452
     const upstream: ScriptedUpstream = await startScriptedUpstream({
