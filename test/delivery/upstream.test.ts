@@ -4,7 +4,7 @@ import pino from 'pino';
 import { ManualClock } from '../../src/clock.js';
 import { type DeliveryDeps, DeliveryEngine } from '../../src/delivery/engine.js';
 import type { Relay } from '../../src/main.js';
-import { sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { holdWriteLock, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
 /** A second engine on a test relay's store, silent and without jitter, with the given extra dependencies. */
@@ -253,6 +253,43 @@ describe('attempt deadline', () => {
       // the lease counts from the claim, so the attempt gets a little less than its 4,000 ms
       await relay.delivery.runOnce();
       assert.match(recipients(relay, id)[0].last_reply!, /timed out: the attempt exceeded \d{4} ms \(processingTimeout\)$/);
+    } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
+  test('a claim that commits late leaves its attempt only what is left of the lease, not the whole attempt timeout', async () => {
+    const upstream = await startScriptedUpstream();
+    upstream.hold = () => true;
+    const clock = new ManualClock();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 5 },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    try {
+      const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
+      assert.equal(relay.delivery.attemptTimeoutMs, 4000);
+      // another connection holds the write lock while the claim waits to commit, and the clock
+      // moves on 2.5 s meanwhile: of the 5 s lease, 2.5 s are left, 1.5 s of them to send in
+      const lock = await holdWriteLock(relay, 120_000);
+      let running: Promise<unknown> | undefined;
+      try {
+        running = relay.delivery.runOnce();
+        await waitFor(() => relay.commits.waiting === 1, 10_000, 'the claim waiting for the writer');
+        clock.advance(2_500);
+      } finally {
+        await lock.release();
+      }
+      await running;
+      assert.equal(upstream.held.length, 1, 'the upstream had the message and held it');
+      const [r] = recipients(relay, id);
+      assert.equal(r.status, 'pending');
+      const budget = Number(/timed out: the attempt exceeded (\d+) ms \(processingTimeout\)$/.exec(r.last_reply!)?.[1]);
+      assert.ok(budget > 0 && budget <= 1500, `cut off after ${budget} ms, not within what was left of the lease: ${r.last_reply}`);
+      assert.equal(attempts(relay, id)[0].reply, r.last_reply, 'recorded while the lease was still held');
+      assert.equal(message(relay, id).lease_token, null);
+      await waitFor(() => upstream.connections() === 0, 10_000, 'the held connection to close');
     } finally {
       await relay.stop();
       await upstream.close();
