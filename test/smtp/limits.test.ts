@@ -55,6 +55,17 @@ describe('rate limits', () => {
     });
   }
 
+  test('with several limits reached, the reply names the first in the order of the table: the sender\'s before the global ones, the hour before the day', async () => {
+    const relay = await startTestRelay(limits({ maxPerHour: 1, maxPerDay: 1, globalMaxPerHour: 1, globalMaxPerDay: 1 }), { clock: new ManualClock() });
+    try {
+      await send(relay.smtpPort, 'busy@example.com');
+      assert.match(await mailFrom(relay.smtpPort, 'busy@example.com'), /^451 4\.7\.1 rate limit maxPerHour reached/);
+      assert.match(await mailFrom(relay.smtpPort, 'new@example.com'), /^451 4\.7\.1 rate limit globalMaxPerHour reached/);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('the null sender <> is one sender', async () => {
     const relay = await startTestRelay(limits({ maxPerHour: 1 }), { clock: new ManualClock() });
     try {
