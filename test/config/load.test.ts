@@ -82,6 +82,12 @@ describe('loadConfig', () => {
     assert.deepEqual(r.config.security.allowedNetworks, ['10.0.0.0/8', '192.168.1.0/24']);
   });
 
+  test('an empty item in a list variable (a trailing comma, two commas) is skipped, not taken for an entry', () => {
+    const r = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_REQUIRE_AUTH: 'false', SECURITY_ALLOWED_NETWORKS: ' 10.0.0.0/8,,192.168.1.0/24, ,' });
+    assert.ok(r.ok, JSON.stringify(!r.ok && r.errors));
+    assert.deepEqual(r.config.security.allowedNetworks, ['10.0.0.0/8', '192.168.1.0/24']);
+  });
+
   test('every key has an environment variable named after its path', () => {
     assert.equal(envName('rateLimits.maxPerHour'), 'RATE_LIMITS_MAX_PER_HOUR');
     assert.equal(envName('forwardSMTP'), 'FORWARD_SMTP');
