@@ -255,6 +255,20 @@ describe('loadConfig', () => {
     assert.deepEqual(['192.168.1.200', '192.168.2.1', '2001:db8:ffff::1', '2001:db9::1'].map(admits), [true, false, true, false]);
   });
 
+  test('an allowedNetworks entry that is not a CIDR is refused and quoted: a prefix length out of range or not in digits, a second slash', () => {
+    const base = { SECURITY_ALLOW_LOCAL_ONLY: 'false', DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p', TLS_CERT: 'c.pem', TLS_KEY: 'k.pem' };
+    // from the file, where no item is trimmed: "10.0.0.0/" is not /0, which would admit every address
+    for (const bad of ['10.0.0.0/33', '2001:db8::/129', '10.0.0.0/', '10.0.0.0/0x8', '10.0.0.0/8.0', '10.0.0.0/+8', '10.0.0.0/-1', '10.0.0.0/8/9', '10.0.0.256/8', 'relay.internal/8']) {
+      const messages = errorMessages(loadConfig([], base, file({ security: { allowedNetworks: ['192.168.0.0/16', bad] } })));
+      assert.deepEqual(messages, [`security.allowedNetworks: ${JSON.stringify(bad)} is not a CIDR (e.g. 10.0.0.0/8) [security.allowedNetworks from file]`], bad);
+    }
+    // the longest prefixes, and an address alone, are one host each
+    const hosts = loadConfig([], { ...base, SECURITY_ALLOWED_NETWORKS: '10.1.2.3/32,2001:db8::1/128,192.0.2.7' });
+    assert.ok(hosts.ok, JSON.stringify(!hosts.ok && hosts.errors));
+    const admits = clientFilter(hosts.config.security);
+    assert.deepEqual(['10.1.2.3', '10.1.2.4', '2001:db8::1', '2001:db8::2', '192.0.2.7', '192.0.2.6'].map(admits), [true, false, true, false, true, false]);
+  });
+
   test('upstream AUTH needs both forwardUsername and forwardPassword when forwarding, or neither', () => {
     const forwarding = { FORWARD_SMTP: 'true', FORWARD_HOST: 'smtp.example.com' };
     const userOnly = loadConfig([], { ...forwarding, FORWARD_USERNAME: 'relay' });
