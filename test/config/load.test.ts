@@ -551,6 +551,14 @@ describe('loadConfig', () => {
     assert.deepEqual(errorMessages(loadConfig([], { SMTP_PORT: '99999999999999999999999' })), ['SMTP_PORT: must be at most 65535, got 99999999999999999999999']);
   });
 
+  test('a range includes its bounds: the lowest and highest value of a key are taken, one past either is refused', () => {
+    const edges = loadConfig(['--smtpPort', '65535', '--forwardPort', '1', '--healthCheckPort', '65534', `--maxMessageSize=${MAX_MESSAGE_SIZE_LIMIT}`, '--batchSize', '10000'], {});
+    assert.ok(edges.ok, JSON.stringify(!edges.ok && edges.errors));
+    assert.deepEqual([edges.config.smtpPort, edges.config.forwardPort, edges.config.maxMessageSize, edges.config.batchSize], [65535, 1, MAX_MESSAGE_SIZE_LIMIT, 10000]);
+    // port 0 is no upstream port (a listen port 0 is: the system picks one)
+    assert.deepEqual(errorMessages(loadConfig([], { FORWARD_PORT: '0', BATCH_SIZE: '10001' })), ['FORWARD_PORT: must be at least 1, got 0', 'BATCH_SIZE: must be at most 10000, got 10001']);
+  });
+
   test('unknown flags and malformed JSON are errors', () => {
     assert.deepEqual(parseFlags(['--nope', '1', 'stray']).unknown, ['--nope', 'stray']);
     const r = loadConfig([], {}, { path: 'c.json', text: '{ "smtpPort": ' });
