@@ -559,6 +559,27 @@ describe('loadConfig', () => {
     assert.deepEqual(errorMessages(loadConfig([], { FORWARD_PORT: '0', BATCH_SIZE: '10001' })), ['FORWARD_PORT: must be at least 1, got 0', 'BATCH_SIZE: must be at most 10000, got 10001']);
   });
 
+  test('an hourly rate limit over the daily one is refused, per sender and for all senders; equal ones are taken, as is a retry delay that starts at its cap', () => {
+    const r = loadConfig([], { RATE_LIMITS_MAX_PER_HOUR: '101', RATE_LIMITS_MAX_PER_DAY: '100', RATE_LIMITS_GLOBAL_MAX_PER_HOUR: '6000' });
+    assert.equal(r.ok, false);
+    if (r.ok) return;
+    assert.deepEqual(
+      r.errors.map((e) => `${e.source}:${e.key}: ${e.message}`),
+      [
+        'env:rateLimits.maxPerHour: rateLimits.maxPerHour must not exceed rateLimits.maxPerDay [rateLimits.maxPerHour from env, rateLimits.maxPerDay from env]',
+        'env:rateLimits.globalMaxPerHour: rateLimits.globalMaxPerHour must not exceed rateLimits.globalMaxPerDay [rateLimits.globalMaxPerHour from env, rateLimits.globalMaxPerDay by default]',
+      ],
+    );
+    const equal = loadConfig([], {
+      RATE_LIMITS_MAX_PER_HOUR: '100',
+      RATE_LIMITS_MAX_PER_DAY: '100',
+      RATE_LIMITS_GLOBAL_MAX_PER_HOUR: '5000',
+      RETRY_INITIAL_DELAY: '3600',
+      RETRY_MAX_DELAY: '3600',
+    });
+    assert.ok(equal.ok, JSON.stringify(!equal.ok && equal.errors));
+  });
+
   test('unknown flags and malformed JSON are errors', () => {
     assert.deepEqual(parseFlags(['--nope', '1', 'stray']).unknown, ['--nope', 'stray']);
     const r = loadConfig([], {}, { path: 'c.json', text: '{ "smtpPort": ' });
