@@ -619,6 +619,16 @@ describe('what only the start can find out names the key to fix', () => {
     await assert.rejects(startTestRelay({ tls: { cert: notPem, key: notPem } }), /^Error: config error: tls\.cert, tls\.key: .*not\.pem and .*not\.pem are not a PEM certificate and its key/);
   });
 
+  test('an unreadable tls.key is named as tls.key, whatever the certificate', async () => {
+    const dir = tempDir();
+    const notPem = path.join(dir, 'not.pem');
+    fs.writeFileSync(notPem, 'this is not a certificate\n');
+    await assert.rejects(
+      startTestRelay({ tls: { cert: notPem, key: path.join(dir, 'missing-key.pem') } }, { startDelivery: false }),
+      /^Error: config error: tls\.key: cannot read .*missing-key\.pem: ENOENT/,
+    );
+  });
+
   test('an SMTP port in use', async () => {
     const relay = await startTestRelay({}, { startDelivery: false });
     try {
