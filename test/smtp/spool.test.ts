@@ -73,6 +73,16 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
     c.close();
   });
 
+  test("a spool file holds a message's bytes for relayq's user alone: mode 0600", async () => {
+    const before = messageCount(relay);
+    const c = await spoolingSession(relay, body(100_000));
+    const [file] = spoolFiles(relay);
+    assert.equal(fs.statSync(path.join(Spool.dirFor(relay.config.databasePath), file)).mode & 0o777, 0o600);
+    c.close();
+    await spoolEmptied(relay);
+    assert.equal(messageCount(relay), before);
+  });
+
   test('a message up to spoolAfter stays in memory: no spool file', async () => {
     const dir = Spool.dirFor(relay.config.databasePath);
     fs.rmSync(dir, { recursive: true, force: true });
