@@ -93,6 +93,27 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
     assert.equal(fs.existsSync(dir), false, 'the spool directory is created only when a message needs it');
   });
 
+  test('a message of exactly spoolAfter bytes stays in memory; one byte more is spooled', async () => {
+    const dir = Spool.dirFor(relay.config.databasePath);
+    fs.rmSync(dir, { recursive: true, force: true });
+    /** `size` bytes of content, no line starting with a dot: as many bytes on the wire. */
+    const ofSize = (size: number) => {
+      const head = 'Subject: edge\r\n\r\n';
+      const lines = `${'x'.repeat(60)}\r\n`.repeat(Math.floor((size - head.length - 2) / 62));
+      return Buffer.from(`${head}${lines}${'y'.repeat(size - head.length - lines.length - 2)}\r\n`);
+    };
+    const exact = ofSize(SPOOL_AFTER);
+    assert.equal(exact.length, SPOOL_AFTER);
+    const id = /queued as (\S+)/.exec((await sendMail(relay.smtpPort, { raw: exact })).response)?.[1] as string;
+    assert.deepEqual(storedBody(relay, id).raw.subarray(-exact.length), exact);
+    assert.equal(fs.existsSync(dir), false, 'no spool file for a message of spoolAfter bytes');
+    const over = ofSize(SPOOL_AFTER + 1);
+    const spooled = /queued as (\S+)/.exec((await sendMail(relay.smtpPort, { raw: over })).response)?.[1] as string;
+    assert.deepEqual(storedBody(relay, spooled).raw.subarray(-over.length), over);
+    assert.equal(fs.existsSync(dir), true, 'the spool directory made for a message of spoolAfter + 1 bytes');
+    await spoolEmptied(relay);
+  });
+
   test('a client that disconnects mid-DATA leaves nothing stored and no spool file', async () => {
     const before = messageCount(relay);
     const c = await spoolingSession(relay, body(100_000));
