@@ -8,7 +8,7 @@ import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { kyselyFor, migrateToLatest } from '../../src/store/db.js';
 import { closedPort, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';
-import { call } from './fixtures.js';
+import { call, postJson } from './fixtures.js';
 
 type Json = Record<string, unknown>;
 
@@ -165,6 +165,66 @@ describe('GET /metrics', () => {
       assert.equal(after.rate_limit_refusals, 2);
     } finally {
       await second.stop();
+      await upstream.close();
+    }
+  });
+
+  test('each Prometheus sample is the number JSON reports under its name, or the setting it names', async () => {
+    const clock = new ManualClock();
+    const upstream = await rejectingUpstream();
+    const relay = await startTestRelay({ ...config(upstream.port), queueSize: 7 }, relayOptions(clock));
+    try {
+      await mixedTraffic(relay, clock);
+      assert.deepEqual((await call(relay, '/admin/retry-failed', postJson({}))).body, { requeued: 2 });
+      // past the rate-limit hour: one more message, never tried, beside the two requeued ones
+      clock.advance(3_700_000);
+      await sendMail(relay.smtpPort, { from: 'd@example.com', to: ['ok3@example.com'] });
+      clock.advance(90_000);
+      await waitFor(async () => (await call(relay, '/metrics')).body.rate_limit_refusals === 1, 10_000, 'the refusal counted');
+      const json = (await call(relay, '/metrics')).body;
+      assert.deepEqual([json.requeued_emails, json.deferred_emails, (json.queue as Json).queued], [2, 2, 3]);
+      const text = (await call<string>(relay, '/metrics?format=prometheus')).body;
+      const sample = (series: string) => {
+        const line = text.split('\n').find((l) => l.startsWith(`${series} `));
+        assert.ok(line, `${series} in the output`);
+        return Number(line.slice(series.length + 1));
+      };
+      const upstreamJson = json.upstream as { last_success: string; last_failure: string; consecutive_failures: number };
+      assert.deepEqual(
+        {
+          accepted: sample('relayq_messages_accepted_total'),
+          recipients: sample('relayq_recipients_accepted_total'),
+          bytes: sample('relayq_accepted_bytes_total'),
+          delivered: sample('relayq_messages_delivered_total'),
+          requeued: sample('relayq_messages_requeued_total'),
+          deferred: sample('relayq_queue_deferred_messages'),
+          queued: sample('relayq_queue_messages{state="queued"}'),
+          oldest: sample('relayq_queue_oldest_age_seconds'),
+          lastSuccess: sample('relayq_upstream_last_success_timestamp_seconds'),
+          lastFailure: sample('relayq_upstream_last_failure_timestamp_seconds'),
+          consecutiveFailures: sample('relayq_upstream_consecutive_failures'),
+        },
+        {
+          accepted: json.total_emails,
+          recipients: json.total_recipients,
+          bytes: json.total_bytes,
+          delivered: json.successful_emails,
+          requeued: 2,
+          deferred: 2,
+          queued: 3,
+          oldest: json.oldest_queued_age_seconds,
+          lastSuccess: Date.parse(upstreamJson.last_success) / 1000,
+          lastFailure: Date.parse(upstreamJson.last_failure) / 1000,
+          consecutiveFailures: upstreamJson.consecutive_failures,
+        },
+      );
+      assert.equal(json.oldest_queued_age_seconds, 3792, 'the requeued messages arrived 2 s before the attempt, 3790 s ago');
+      assert.equal(sample('relayq_queue_size_limit_messages'), 7);
+      assert.equal(sample('relayq_smtp_listener_up'), 1);
+      await new Promise<void>((resolve) => relay.intake.server.server.close(() => resolve()));
+      assert.match((await call<string>(relay, '/metrics?format=prometheus')).body, /^relayq_smtp_listener_up 0$/m);
+    } finally {
+      await relay.stop();
       await upstream.close();
     }
   });
