@@ -185,6 +185,23 @@ describe('in-flow pacing in the relay', () => {
     await waitFor(() => count(relay, 'delivered') === LIMIT + 2, 60_000, 'everything delivered');
   });
 
+  test('a MAIL let go by delivery is counted as paced, not as timed out, in /metrics and its Prometheus form', async (t) => {
+    const { relay, client, release } = await backlogged(t, 10_000);
+    client.write('MAIL FROM:<sender@example.com>\r\n');
+    const reply = client.read(30_000);
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
+    const metrics = async () => ((await (await fetch(`http://127.0.0.1:${relay.httpPort}/metrics`)).json()) as { intake_pacing: unknown }).intake_pacing;
+    const prometheus = async () => (await createApp({ ...relay, getClientIp: () => '127.0.0.1' }).request('/metrics?format=prometheus')).text();
+    assert.deepEqual(await metrics(), { waiting: 1, delayed: 1, timed_out: 0 });
+    assert.match(await prometheus(), /^relayq_intake_paced_waiting 1$/m);
+    release();
+    assert.match(await reply, /^250/);
+    assert.deepEqual(await metrics(), { waiting: 0, delayed: 1, timed_out: 0 });
+    const text = await prometheus();
+    assert.match(text, /^relayq_intake_paced_total 1$/m);
+    assert.match(text, /^relayq_intake_paced_timeouts_total 0$/m);
+  });
+
   test('with the upstream stuck, a MAIL waits inFlowDelay and is then accepted: nothing is refused', async (t) => {
     const { relay, client } = await backlogged(t, 100);
     for (let i = 0; i < 3; i++) await sendOne(client, `late ${i}`);
