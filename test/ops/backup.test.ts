@@ -144,6 +144,33 @@ describe('relayq backup while mail is accepted and delivered', () => {
     }
   });
 
+  test('--json names the source and the copy with its size, messages and schema; the text says the same for people', async () => {
+    const target = path.join(dir, 'reported.db');
+    const json = await runCli(['--config', configFile, 'backup', target, '--json']);
+    assert.equal(json.code, 0, json.stderr);
+    const result = JSON.parse(json.stdout) as Record<string, unknown>;
+    const copy = new Database(target, { readonly: true, fileMustExist: true });
+    let messages: number;
+    let migrations: string[];
+    try {
+      messages = copy.prepare('SELECT COUNT(*) FROM messages').pluck().get() as number;
+      migrations = copy.prepare('SELECT name FROM schema_migrations ORDER BY name').pluck().all() as string[];
+    } finally {
+      copy.close();
+    }
+    assert.deepEqual(Object.keys(result).sort(), ['bytes', 'durationMs', 'file', 'integrity', 'messages', 'migrations', 'source'].sort());
+    assert.deepEqual(
+      { ...result, durationMs: 0 },
+      { source: relay.config.databasePath, file: target, bytes: fs.statSync(target).size, messages, migrations, integrity: 'ok', durationMs: 0 },
+    );
+    const text = await runCli(['--config', configFile, 'backup', path.join(dir, 'reported-text.db')]);
+    assert.equal(text.code, 0, text.stderr);
+    assert.match(
+      text.stdout,
+      new RegExp(`^copied ${relay.config.databasePath.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} to .*reported-text\\.db \\([\\d.]+ [KM]iB, ${messages} messages, schema ${migrations.at(-1)}\\) in \\d+ ms; fsynced; integrity_check ok\\n$`),
+    );
+  });
+
   test('never replaces the database or its files, whatever the name, and refuses a name that is not a file', async () => {
     const db = relay.config.databasePath;
     const linkedDir = path.join(dir, 'linked-data');
@@ -202,6 +229,27 @@ test('a damaged live database: the error names it, not the target', async () => 
   } finally {
     sqlite.close();
   }
+});
+
+test('a copy that fails halfway leaves no partial file next to the target', async () => {
+  const dir = tempDir('relayq-damaged-');
+  const db = path.join(dir, 'relayq.db');
+  const relay = await startTestRelay({ databasePath: db }, { startDelivery: false, startRetention: false });
+  await relay.stop();
+  // as above: the last page is in use, and 0xFF is no b-tree page type
+  const size = fs.statSync(db).size;
+  const fd = fs.openSync(db, 'r+');
+  fs.writeSync(fd, Buffer.alloc(16, 0xff), 0, 16, size - 4096);
+  fs.closeSync(fd);
+  const targetDir = path.join(dir, 'backups');
+  fs.mkdirSync(targetDir);
+  const sqlite = openReadOnly(db);
+  try {
+    assert.throws(() => backupDatabase(sqlite, path.join(targetDir, 'copy.db')), BackupError);
+  } finally {
+    sqlite.close();
+  }
+  assert.deepEqual(fs.readdirSync(targetDir), [], 'no copy.db and no copy.db.partial-<pid>');
 });
 
 test('a database opened through a symlink: its WAL and shared memory beside the real file are its own too', async () => {
