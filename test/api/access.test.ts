@@ -138,6 +138,14 @@ describe('API access: loopback, or a bearer token', () => {
     assert.equal((await viaProxy(open, { authorization: 'Bearer anything' })).status, 403);
   });
 
+  test('with no token configured, a loopback request that names another host is refused with 403 whatever Authorization it carries', async () => {
+    for (const headers of [{ authorization: 'Bearer anything-at-all-16' }, { authorization: `Bearer ${TOKEN}` }] as Array<Record<string, string>>) {
+      const page = await namingHost(open, 'relay.example.com', headers);
+      assert.deepEqual([page.status, page.body.error], [403, 'forbidden'], JSON.stringify(headers));
+      assert.match(String(page.body.message), /^a loopback request must name a loopback host in host, got "relay\.example\.com"$/);
+    }
+  });
+
   test('a loopback request a proxy relays (Forwarded, X-Forwarded-For, X-Real-IP) is a remote client: it needs the token', async () => {
     for (const forwarding of [{ forwarded: `for=${REMOTE}` }, { 'x-forwarded-for': REMOTE }, { 'x-real-ip': REMOTE }] as Array<Record<string, string>>) {
       // as nginx's plain proxy_pass http://127.0.0.1:8025 does, the request names the loopback host it connects to
