@@ -16,12 +16,24 @@ export function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer;
     }
   };
   const files = { cert: read('tls.cert', certFile), key: read('tls.key', keyFile) };
+  if (isEncryptedKey(files.key)) {
+    throw new Error(
+      `config error: tls.key: ${keyFile} is encrypted with a passphrase, which relayq cannot be given: ` +
+        'write it out unencrypted (openssl pkey -in <encrypted> -out <plain>), readable by the relay user alone',
+    );
+  }
   try {
     tls.createSecureContext(files);
   } catch (err) {
     throw new Error(`config error: tls.cert, tls.key: ${certFile} and ${keyFile} are not a PEM certificate and its key: ${(err as Error).message}`);
   }
   return files;
+}
+
+/** PKCS#8 (`BEGIN ENCRYPTED PRIVATE KEY`) and the older OpenSSL form (`Proc-Type: 4,ENCRYPTED`). */
+function isEncryptedKey(pem: Buffer): boolean {
+  const text = pem.toString('latin1');
+  return text.includes('-----BEGIN ENCRYPTED PRIVATE KEY-----') || /^Proc-Type: *4, *ENCRYPTED\b/m.test(text);
 }
 
 /**

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -627,6 +628,30 @@ describe('what only the start can find out names the key to fix', () => {
       startTestRelay({ tls: { cert: notPem, key: path.join(dir, 'missing-key.pem') } }, { startDelivery: false }),
       /^Error: config error: tls\.key: cannot read .*missing-key\.pem: ENOENT/,
     );
+  });
+
+  test('a key encrypted with a passphrase is named as such, in either PEM form; the same key unencrypted starts', async () => {
+    const dir = tempDir();
+    const { default: tlsOptions } = await import('smtp-server/lib/tls-options.js');
+    const { key, cert } = tlsOptions({}) as { key: string; cert: string };
+    const files = { cert: path.join(dir, 'cert.pem'), key: path.join(dir, 'key.pem') };
+    fs.writeFileSync(files.cert, cert);
+    const privateKey = crypto.createPrivateKey(key);
+    const encrypted = {
+      pkcs8: privateKey.export({ type: 'pkcs8', format: 'pem', cipher: 'aes-256-cbc', passphrase: 'secret' }),
+      traditional: privateKey.export({ type: 'pkcs1', format: 'pem', cipher: 'aes-256-cbc', passphrase: 'secret' }),
+    };
+    for (const [form, pem] of Object.entries(encrypted)) {
+      fs.writeFileSync(files.key, pem);
+      await assert.rejects(
+        startTestRelay({ tls: files }, { startDelivery: false }),
+        /^Error: config error: tls\.key: \S*key\.pem is encrypted with a passphrase, which relayq cannot be given: write it out unencrypted \(openssl pkey/,
+        form,
+      );
+    }
+    fs.writeFileSync(files.key, key);
+    const relay = await startTestRelay({ tls: files }, { startDelivery: false });
+    await relay.stop();
   });
 
   test('an SMTP port in use', async () => {
