@@ -201,6 +201,16 @@ const PLAINTEXT_AUTH_REFUSED =
 const NO_AUTH_OFFERED =
   'forwardUsername is set but the upstream offered no AUTH, so nothing was sent; check forwardHost and forwardPort (a submission port, 587 or 465), or remove the credentials if this upstream takes mail without them';
 
+/**
+ * A port that starts with TLS (465) waits for the client's TLS hello while a plain client waits
+ * for its `220`: the greeting timeout is all that happens, so the reply says what to check.
+ */
+function withImplicitTlsHint(err: Error): Error {
+  if ((err as { timeoutType?: unknown }).timeoutType !== 'GREETING_TIMEOUT') return err;
+  err.message += ': no 220 came (with forwardSSL=false its port must start in plain text; a port that starts with TLS, as 465 does, needs forwardSSL=true)';
+  return err;
+}
+
 const TOO_MANY = /^\d{3}[ -][45]\.5\.3\b|too many recipients/i;
 
 /**
@@ -441,7 +451,7 @@ export class SmtpUpstream {
       signal.addEventListener('abort', onAbort, { once: true });
       // Errors of a transaction reach its send callback; one that ends an idle connection only
       // ends it. Either way the connection leaves the pool when it ends.
-      connection.on('error', (err: Error) => settle(err));
+      connection.on('error', (err: Error) => settle(this.options.secure ? err : withImplicitTlsHint(err)));
       connection.once('end', () => {
         this.forget(connection);
         settle(Object.assign(new Error('Connection closed unexpectedly'), { code: 'ECONNECTION' }));

@@ -42,6 +42,8 @@ export interface ScriptedUpstream {
   /** True: DATA is read completely, recorded in `held`, and never answered (the client waits). */
   hold: (t: Transaction) => boolean;
   held: Transaction[];
+  /** Errors of client connections the server reported (a TLS handshake a client cut short). */
+  errors: Error[];
   /** Refuses connections: the port is closed (connection refused). */
   goDown(): Promise<void>;
   /** Listens on the same port again. */
@@ -62,6 +64,7 @@ export async function startScriptedUpstream(options: Partial<SMTPServerOptions> 
     dataReply: () => undefined,
     hold: () => false,
     held: [],
+    errors: [],
     goDown: () => closeServer(server),
     comeBack: async () => {
       server = create();
@@ -70,8 +73,8 @@ export async function startScriptedUpstream(options: Partial<SMTPServerOptions> 
     close: () => closeServer(server),
     connections: () => server.connections.size,
   };
-  const create = () =>
-    new SMTPServer({
+  const create = () => {
+    const created = new SMTPServer({
       authOptional: true,
       disabledCommands: ['STARTTLS'],
       logger: false,
@@ -112,6 +115,9 @@ export async function startScriptedUpstream(options: Partial<SMTPServerOptions> 
       },
       ...options,
     });
+    created.on('error', (err) => upstream.errors.push(err));
+    return created;
+  };
   server = create();
   upstream.port = await listen(server, 0);
   return upstream;

@@ -103,6 +103,23 @@ describe('upstream connection: TLS and AUTH', () => {
     );
   });
 
+  test('forwardSSL=false against a port that starts with TLS defers when no greeting comes, with a reply that says what to check', async () => {
+    const upstream = await startScriptedUpstream({ secure: true });
+    cleanup.push(() => upstream.close());
+    // the shortest attempt: its connection setup waits 1.67 s for the greeting
+    const { relay, id } = await relayFor(upstream.port, { processingTimeout: 5 });
+    await relay.delivery.runOnce();
+    const [r] = recipients(relay, id);
+    assert.equal(r.status, 'pending');
+    assert.equal(
+      r.last_reply,
+      'ETIMEDOUT: Greeting never received: no 220 came (with forwardSSL=false its port must start in plain text; a port that starts with TLS, as 465 does, needs forwardSSL=true)',
+    );
+    assert.equal(upstream.accepted.length, 0);
+    await waitFor(() => upstream.errors.length > 0, 10_000, 'the upstream saw its TLS handshake cut short');
+    assert.match(upstream.errors[0].message, /TLS/);
+  });
+
   test('forwardUsername/forwardPassword authenticate; a refused login defers the mail instead of failing it', async () => {
     const upstream = await startScriptedUpstream({
       authOptional: false,
