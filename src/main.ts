@@ -18,6 +18,7 @@ import { createLogger } from './logger.js';
 import { makeDirectory } from './make-dir.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { SpoolError } from './smtp/spool.js';
+import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
 import { openStore, type Store } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
 import { lockDatabase } from './store/maintenance.js';
@@ -107,6 +108,13 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   const warnings = options.warnings ?? [];
   for (const w of warnings) logger.warn({ event: 'config.warning' }, w);
 
+  // before anything is created: a key that cannot be used stops the start as a config error does
+  const tls = config.tls.cert && config.tls.key ? readTlsFiles(config.tls.cert, config.tls.key) : undefined;
+  const expiry = tls && certificateWarning(config.tls.cert, tls.cert, clock.now());
+  if (expiry) {
+    warnings.push(expiry);
+    logger.warn({ event: 'config.warning' }, expiry);
+  }
   prepareEmailsDir(config.emailsDir);
   const refused = (err: Error) => new Error(`databasePath ${config.databasePath}: ${err.message}`, { cause: err });
   let lock: { release(): void };
@@ -151,28 +159,17 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     random: options.random,
     pollIntervalMs: options.deliveryPollMs,
   });
-  let intake: SmtpIntake;
-  try {
-    intake = new SmtpIntake({
-      config,
-      sqlite: store.sqlite,
-      commits,
-      disk,
-      clock,
-      logger: logger.child({ component: 'smtp' }),
-      peerAddress: options.smtpPeerAddress,
-      inFlow: delivery.inFlow,
-    });
-  } catch (err) {
-    // e.g. tls.cert or tls.key unreadable: nothing listens yet, but the writer thread runs
-    await closeStorage();
-    throw err;
-  }
-
-  if (intake.certificateWarning) {
-    warnings.push(intake.certificateWarning);
-    logger.warn({ event: 'config.warning' }, intake.certificateWarning);
-  }
+  const intake = new SmtpIntake({
+    config,
+    sqlite: store.sqlite,
+    commits,
+    disk,
+    clock,
+    logger: logger.child({ component: 'smtp' }),
+    peerAddress: options.smtpPeerAddress,
+    inFlow: delivery.inFlow,
+    tls,
+  });
 
   // The API binds first: a port in use stops the start before SMTP has taken any mail or
   // delivery has claimed any (its /health says the SMTP listener is down until it listens).

@@ -22,7 +22,6 @@ import type { StoreWriter } from '../store/writer.js';
 import { BareLineEndingScanner, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
 import { inputAhead, RelayqSmtpServer } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
-import { certificateWarning, readTlsFiles } from './tls-files.js';
 
 export interface IntakeDeps {
   config: Config;
@@ -35,6 +34,8 @@ export interface IntakeDeps {
   peerAddress?: (session: SMTPServerSession) => string;
   /** Paces MAIL while delivery is behind (inFlowDelay). */
   inFlow: MailPacer;
+  /** tls.cert and tls.key as read at start (readTlsFiles); STARTTLS is offered with them. */
+  tls?: { cert: Buffer; key: Buffer };
 }
 
 /**
@@ -176,17 +177,13 @@ export class SmtpIntake {
   private listening = false;
   /** Where the part of a message beyond `spoolAfter` bytes waits for its commit. */
   private readonly spool: Spool;
-  /** Set when tls.cert has expired or is not valid yet (certificateWarning). */
-  readonly certificateWarning: string | undefined;
 
   constructor(private readonly deps: IntakeDeps) {
     const { config } = deps;
     this.allowed = clientFilter(config.security);
     this.credentialsConfigured = Boolean(config.defaultUsername && config.defaultPassword);
     this.spool = new Spool(Spool.dirFor(config.databasePath), config.spoolAfter);
-    const tlsOn = Boolean(config.tls.cert && config.tls.key);
-    const tlsFiles = tlsOn ? readTlsFiles(config.tls.cert, config.tls.key) : undefined;
-    this.certificateWarning = tlsFiles && certificateWarning(config.tls.cert, tlsFiles.cert, deps.clock.now());
+    const tlsOn = Boolean(deps.tls);
     // smtp-server's per-session chatter only at debug; never louder than the root logger
     const smtpLog = deps.logger.child({});
     if (deps.logger.levelVal > 20 && deps.logger.levelVal < 40) smtpLog.level = 'warn';
@@ -216,7 +213,7 @@ export class SmtpIntake {
       // without tls.* smtp-server would upgrade with its built-in certificate, whose private key
       // is public, and the session would then count as secure for AUTH (no 538)
       disabledCommands: tlsOn ? [] : ['STARTTLS'],
-      ...tlsFiles,
+      ...deps.tls,
       logger: serverLog as never,
       onConnect: (session, cb) => this.onConnect(session, cb),
       onAuth: (auth, session, cb) => this.onAuth(auth, session, cb),

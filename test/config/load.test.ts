@@ -641,17 +641,21 @@ describe('what only the start can find out names the key to fix', () => {
       pkcs8: privateKey.export({ type: 'pkcs8', format: 'pem', cipher: 'aes-256-cbc', passphrase: 'secret' }),
       traditional: privateKey.export({ type: 'pkcs1', format: 'pem', cipher: 'aes-256-cbc', passphrase: 'secret' }),
     };
+    // found before anything is made, as a config error is
+    const paths = { databasePath: path.join(dir, 'data', 'relayq.db'), emailsDir: path.join(dir, 'emails') };
     for (const [form, pem] of Object.entries(encrypted)) {
       fs.writeFileSync(files.key, pem);
       await assert.rejects(
-        startTestRelay({ tls: files }, { startDelivery: false }),
+        startTestRelay({ tls: files, ...paths }, { startDelivery: false }),
         /^Error: config error: tls\.key: \S*key\.pem is encrypted with a passphrase, which relayq cannot be given: write it out unencrypted \(openssl pkey/,
         form,
       );
+      assert.deepEqual(fs.readdirSync(dir).sort(), ['cert.pem', 'key.pem'], form);
     }
     fs.writeFileSync(files.key, key);
-    const relay = await startTestRelay({ tls: files }, { startDelivery: false });
+    const relay = await startTestRelay({ tls: files, ...paths }, { startDelivery: false });
     await relay.stop();
+    assert.ok(fs.existsSync(paths.databasePath));
   });
 
   test('an SMTP port in use', async () => {
