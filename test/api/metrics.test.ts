@@ -330,6 +330,12 @@ describe('GET /metrics', () => {
       assert.match(await type('/metrics', 'text/plain'), /^text\/plain; version=0\.0\.4/);
       assert.match(await type('/metrics?format=prometheus', 'application/json'), /^text\/plain; version=0\.0\.4/);
       assert.match(await type('/metrics?format=json', 'text/plain'), /^application\/json/);
+      // by q-value; a tie goes to JSON, and between the two text forms to OpenMetrics
+      assert.match(await type('/metrics', 'text/plain, application/json'), /^application\/json/);
+      assert.match(await type('/metrics', 'application/json;q=0.4, text/plain;q=0.5'), /^text\/plain; version=0\.0\.4/);
+      assert.match(await type('/metrics', 'text/plain;q=0.9, application/openmetrics-text;q=0.9'), /^application\/openmetrics-text/);
+      assert.match(await type('/metrics', 'application/openmetrics-text;q=0.5, application/json;q=0.5'), /^application\/json/);
+      assert.match(await type('/metrics', 'text/plain;q=abc'), /^application\/json/, 'a q-value that is no number counts for nothing');
       // What Prometheus sends when it scrapes.
       const scrape = 'application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1';
       const om = await call<string>(relay, '/metrics', { headers: { accept: scrape } });
