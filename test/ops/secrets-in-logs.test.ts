@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import { test } from 'node:test';
 import { CONFIG_KEYS, defaultConfig, getPath, setPath } from '../../src/config/schema.js';
+import { redactConfig } from '../../src/config/load.js';
 import { createLogger } from '../../src/logger.js';
 import { capturedLog, SmtpClient, sendMail, spawnRelay, startTestRelay, startUpstream, tempDir, waitFor } from '../helpers.js';
 
@@ -171,4 +172,17 @@ test('credentials a client sends after its AUTH was refused (538, 503, 504) or c
   assert.deepEqual(leaks(output.toUpperCase(), base64(password).toUpperCase()), [], 'nor upper-cased as a command name');
   assert.equal(output.split('"msg":"C: /* secured */"').length - 1, 9, 'the nine lines after AUTH commands, masked');
   assert.ok(output.includes('"msg":"C: NOOP"'), 'the command after them is logged as usual');
+});
+
+test('redactConfig replaces every secret that is set, leaves empty ones and the rest as they are, and does not touch the config it copies', () => {
+  const config = defaultConfig();
+  const secrets = CONFIG_KEYS.filter((key) => key.secret);
+  const [unset, ...set] = secrets;
+  for (const key of set) setPath(config as unknown as Record<string, unknown>, key.path, secret(key.path));
+  const before = structuredClone(config);
+  const redacted = redactConfig(config) as unknown as Record<string, unknown>;
+  assert.deepEqual(config, before);
+  for (const key of set) assert.equal(getPath(redacted, key.path), '[redacted]', key.path);
+  assert.equal(getPath(redacted, unset.path), '', `${unset.path} is not set, and shown so`);
+  for (const key of CONFIG_KEYS.filter((k) => !k.secret)) assert.deepEqual(getPath(redacted, key.path), getPath(config as unknown as Record<string, unknown>, key.path), key.path);
 });
