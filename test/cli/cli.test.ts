@@ -496,6 +496,9 @@ test('status: the oldest waiting message with its age; a queue page of bounces k
     const status = await runCli(['status', ...db]);
     assert.equal(status.code, 0, status.stderr);
     assert.match(status.stdout, /^oldest waiting: .* \(3h ago\)$/m);
+    // nothing finished, nothing attempted yet
+    assert.match(status.stdout, /^avg processing: -$/m);
+    assert.match(status.stdout, /^upstream ok: +-$/m);
     const first = await runCli(['queue', '--sender', '', '--limit', '1', ...db]);
     assert.equal(first.code, 0, first.stderr);
     const more = /^more: relayq (.*)$/m.exec(first.stdout);
@@ -508,6 +511,87 @@ test('status: the oldest waiting message with its age; a queue page of bounces k
     assert.ok(!next.stdout.includes('app@example.com'));
   } finally {
     await relay.stop();
+  }
+});
+
+test('status: each line shows its own numbers, the upstream\'s last success and failure and the refusals by reason, aligned', async () => {
+  const upstream = await startScriptedUpstream();
+  upstream.rcptReply = (address) => (address.startsWith('later') ? { code: 451, message: '4.3.0 try again later' } : undefined);
+  const clock = new ManualClock(Date.now() - 2 * 3600_000);
+  const relay = await startTestRelay(
+    {
+      forwardSMTP: true,
+      forwardHost: '127.0.0.1',
+      forwardPort: upstream.port,
+      failedRetryInterval: 0,
+      inFlowDelay: 0,
+      queueSize: 1,
+      rateLimits: { enabled: true, maxPerHour: 1 },
+    },
+    { clock, startDelivery: false, startRetention: false },
+  );
+  try {
+    // delivered 1.5 s after it came, so the upstream's last success
+    await sendMail(relay.smtpPort, { from: 'a@example.com', to: ['ok@example.com'] });
+    clock.advance(1500);
+    await relay.delivery.runOnce();
+    for (let i = 0; i < 2; i++) await assert.rejects(sendMail(relay.smtpPort, { from: 'a@example.com' }), /451/);
+    // a minute later: two recipients deferred, the last failure; the queue is full with it
+    clock.advance(60_000);
+    const waiting = queuedId((await sendMail(relay.smtpPort, { from: 'b@example.com', to: ['later1@example.com', 'later2@example.com'] })).response);
+    await assert.rejects(sendMail(relay.smtpPort, { from: 'c@example.com' }), /452/);
+    await relay.delivery.runOnce();
+    // refusals are counted in a write of their own, after the reply
+    await waitFor(
+      () => {
+        const m = storeMetrics(relay.store.sqlite);
+        return m.rateLimitRefusals === 2 && m.queueFullRefusals === 1;
+      },
+      10_000,
+      'the refusals counted',
+    );
+    const db = ['--databasePath', relay.config.databasePath];
+    const [json, text, forever] = await Promise.all([
+      runCliJson<{ total_bytes: number; upstream: { last_success: string; last_failure: string; consecutive_failures: number } }>(['status', ...db]),
+      runCli(['status', ...db]),
+      runCli(['status', ...db, '--retention.deliveredDays', '0']),
+    ]);
+    assert.equal(text.code, 0, text.stderr);
+    const time = (iso: string) => iso.replace('T', ' ').replace(/\.\d{3}Z$/, 'Z');
+    const received = relay.store.sqlite.prepare('SELECT received_at FROM messages WHERE id = ?').pluck().get(waiting) as number;
+    assert.notEqual(json.upstream.last_success, json.upstream.last_failure);
+    const lines = text.stdout.trimEnd().split('\n');
+    assert.match(lines[0], /^database: {7}\S+relayq\.db \(\d+(\.\d)? [KM]?i?B, WAL \d+(\.\d)? [KM]?i?B\)$/);
+    assert.match(lines[5], new RegExp(`^oldest waiting: ${time(new Date(received).toISOString())} \\(\\d+[smhd] ago\\)$`));
+    assert.deepEqual(
+      [...lines.slice(1, 5), ...lines.slice(6)],
+      [
+        'queued:         1 (1 tried before)',
+        'sending:        0',
+        'delivered:      1 (kept 7 days)',
+        'failed:         0',
+        `accepted:       2 messages, 3 recipients, ${json.total_bytes} B`,
+        'finished:       1 delivered, 0 failed, 0 requeued after failing',
+        'avg processing: 1500 ms',
+        'attempts:       1 delivered, 0 partial, 1 deferred, 0 failed',
+        `upstream ok:    ${time(json.upstream.last_success)}`,
+        `upstream error: ${time(json.upstream.last_failure)} (1 failed attempts in a row)`,
+        'refused:        2 over a rate limit, 1 queue full',
+      ],
+    );
+    assert.match(forever.stdout, /^delivered: +1 \(kept forever\)$/m);
+
+    // the deferred message goes out at its retry: nothing waits, and the failures in a row are over
+    upstream.rcptReply = () => undefined;
+    clock.advance(3600_000);
+    await relay.delivery.runOnce();
+    const idle = await runCli(['status', ...db]);
+    assert.equal(idle.code, 0, idle.stderr);
+    assert.match(idle.stdout, /^oldest waiting: none$/m);
+    assert.match(idle.stdout, /^upstream error: .* \(0 failed attempts in a row\)$/m);
+  } finally {
+    await relay.stop();
+    await upstream.close();
   }
 });
 
