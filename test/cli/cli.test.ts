@@ -595,6 +595,94 @@ test('status: each line shows its own numbers, the upstream\'s last success and 
   }
 });
 
+test('queue: numbers right-aligned under their headers, a sender past 40 and an error past 60 characters cut with …, a next attempt for queued mail only, <> for the null sender', async () => {
+  const upstream = await startScriptedUpstream();
+  upstream.rcptReply = (address) => (address.startsWith('refused') ? { code: 550, message: `5.1.1 ${'this mailbox is unknown here; '.repeat(3)}` } : undefined);
+  const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false, startRetention: false });
+  try {
+    // 41 characters: one more than the column shows
+    const longSender = `${'s'.repeat(29)}@example.com`;
+    const send = (from: string, to: string[]) => sendMail(relay.smtpPort, { from, to }).then((i) => queuedId(i.response));
+    const failed = await send(longSender, Array.from({ length: 10 }, (_, i) => `refused${i}@example.com`));
+    const delivered = await send('', ['postmaster@example.com']);
+    await relay.delivery.runOnce();
+    const queued = await send('', ['postmaster@example.com']);
+    const db = ['--databasePath', relay.config.databasePath];
+    const [table, firstPage] = await Promise.all([runCli(['queue', ...db]), runCli(['queue', ...db, '--recipient', 'postmaster@example.com', '--limit', '1'])]);
+    assert.equal(table.code, 0, table.stderr);
+
+    const [header, ...rows] = table.stdout.trimEnd().split('\n');
+    const headers = ['ID', 'STATE', 'FROM', 'RCPTS', 'SIZE', 'RECEIVED', 'NEXT ATTEMPT', 'TRIES', 'LAST ERROR'];
+    assert.match(header, new RegExp(`^${headers.join(' +')}$`));
+    // each cell under its header: from where the header starts to where the next one does
+    const cells = (line: string) =>
+      Object.fromEntries(headers.map((h, i) => [h, line.slice(header.indexOf(h), i + 1 < headers.length ? header.indexOf(headers[i + 1]) : undefined).trimEnd()]));
+    const row = (id: string) => {
+      const line = rows.find((l) => l.startsWith(`${id} `));
+      assert.ok(line, `${id} in\n${table.stdout}`);
+      return cells(line);
+    };
+    const stored = (id: string) =>
+      relay.store.sqlite.prepare('SELECT size, received_at, next_attempt_at, last_error FROM messages WHERE id = ?').get(id) as {
+        size: number;
+        received_at: number;
+        next_attempt_at: number;
+        last_error: string | null;
+      };
+    const time = (ms: number) => new Date(ms).toISOString().replace('T', ' ').replace(/\.\d{3}Z$/, 'Z');
+    const lastError = stored(failed).last_error ?? '';
+    assert.ok(lastError.length > 60, lastError);
+    assert.ok(Math.max(...[failed, delivered, queued].map((id) => stored(id).size)) < 10_000, 'sizes fit under SIZE');
+    // numbers narrower than their header end where the header ends
+    assert.deepEqual(row(failed), {
+      ID: failed,
+      STATE: 'failed',
+      FROM: `${longSender.slice(0, 39)}…`,
+      RCPTS: '   10',
+      SIZE: String(stored(failed).size).padStart(4),
+      RECEIVED: time(stored(failed).received_at),
+      'NEXT ATTEMPT': '-',
+      TRIES: '    1',
+      'LAST ERROR': `${lastError.slice(0, 59)}…`,
+    });
+    assert.deepEqual(row(delivered), {
+      ID: delivered,
+      STATE: 'delivered',
+      FROM: '<>',
+      RCPTS: '    1',
+      SIZE: String(stored(delivered).size).padStart(4),
+      RECEIVED: time(stored(delivered).received_at),
+      'NEXT ATTEMPT': '-',
+      TRIES: '    1',
+      'LAST ERROR': '-',
+    });
+    assert.deepEqual(row(queued), {
+      ID: queued,
+      STATE: 'queued',
+      FROM: '<>',
+      RCPTS: '    1',
+      SIZE: String(stored(queued).size).padStart(4),
+      RECEIVED: time(stored(queued).received_at),
+      'NEXT ATTEMPT': time(stored(queued).next_attempt_at),
+      TRIES: '    0',
+      'LAST ERROR': '-',
+    });
+
+    // the next page keeps --recipient, and lists the other message to that address
+    assert.equal(firstPage.code, 0, firstPage.stderr);
+    const more = /^more: relayq (.*)$/m.exec(firstPage.stdout);
+    assert.ok(more, firstPage.stdout);
+    assert.match(more[1], / --recipient postmaster@example\.com --limit 1 --before \S+$/);
+    const next = await runCli(more[1].split(' '));
+    assert.equal(next.code, 0, next.stderr);
+    const listed = [firstPage.stdout, next.stdout].map((out) => [delivered, queued].filter((id) => out.includes(id)));
+    assert.deepEqual(listed, [[queued], [delivered]]);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+});
+
 test('a read command waits for a lock another connection holds on the database (busy timeout), instead of failing at once', async () => {
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   const file = relay.config.databasePath;
