@@ -7,9 +7,10 @@ import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { flushQueuedInSteps, queuedDueNow } from '../../src/store/admin.js';
 import { openConnection, openStore } from '../../src/store/db.js';
+import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { startScriptedUpstream } from '../delivery/fixtures.js';
-import { cliArgs, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable, writeDirect } from '../helpers.js';
+import { cliArgs, NO_LIMITS, newMessage, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable, writeDirect } from '../helpers.js';
 import { CLI_CWD, cleanEnv, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 const queuedId = (response: string) => {
@@ -680,6 +681,50 @@ test('queue: numbers right-aligned under their headers, a sender past 40 and an 
   } finally {
     await relay.stop();
     await upstream.close();
+  }
+});
+
+test('export-failed writes every failed message past the first 500, and --json names each file; queue shows 50 by default and takes --limit up to 100000', async () => {
+  const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
+  try {
+    // one more than a page of the export's reads, written straight into the database
+    const ids = await writeDirect(relay, (db) => {
+      const made: string[] = [];
+      for (let i = 0; i < 501; i++) {
+        const id = `FAILED${String(i).padStart(14, '0')}`;
+        insertMessage(db, newMessage({ id, raw: Buffer.from(`Subject: ${i}\r\n\r\nfailed\r\n`), receivedAt: 1000 + i }), NO_LIMITS);
+        made.push(id);
+      }
+      db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at").run();
+      return made;
+    });
+    const db = ['--databasePath', relay.config.databasePath];
+    const target = path.join(tempDir('relayq-cli-'), 'export');
+    const [exported, page, limits] = await Promise.all([
+      runCliJson<{ directory: string; exported: number; files: string[] }>(['export-failed', target, ...db]),
+      runCli(['queue', ...db]),
+      Promise.all(['0', '100001', '1.5'].map((n) => runCli(['queue', ...db, '--limit', n]))),
+    ]);
+    const files = ids.map((id) => path.join(target, `${id}.json`));
+    assert.deepEqual({ ...exported, files: [...exported.files].sort() }, { directory: target, exported: 501, files });
+    assert.deepEqual(fs.readdirSync(target).sort(), ids.map((id) => `${id}.json`));
+    assert.equal(JSON.parse(fs.readFileSync(files[0], 'utf8')).id, ids[0], 'the oldest, on the second page, too');
+
+    assert.equal(page.code, 0, page.stderr);
+    const lines = page.stdout.trimEnd().split('\n');
+    assert.deepEqual(
+      lines.slice(1, -1).map((l) => l.slice(0, 20)),
+      ids.slice(-50).reverse(),
+      'the newest 50',
+    );
+    assert.match(lines.at(-1) ?? '', / --limit 50 --before \S+$/);
+    for (const [i, n] of ['0', '100001', '1.5'].entries()) {
+      assertOneLineError(limits[i], new RegExp(`^relayq: option '--limit <n>' argument '${n.replace('.', '\\.')}' is invalid\\. must be an integer from 1 to 100000$`));
+    }
+    const all = await runCliJson<{ messages: unknown[]; next_before: string | null }>(['queue', ...db, '--limit', '100000']);
+    assert.deepEqual([all.messages.length, all.next_before], [501, null]);
+  } finally {
+    await relay.stop();
   }
 });
 
