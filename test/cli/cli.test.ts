@@ -728,6 +728,47 @@ test('export-failed writes every failed message past the first 500, and --json n
   }
 });
 
+test('retry ID... with an unknown id changes nothing; retry and delete --json answer each id once; retry says what it did in words', async () => {
+  const upstream = await startScriptedUpstream();
+  upstream.rcptReply = () => ({ code: 550, message: '5.1.1 no such user' });
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0 },
+    { startDelivery: false, startRetention: false },
+  );
+  try {
+    const send = () => sendMail(relay.smtpPort, { from: 'app@example.com', to: ['nobody@example.com'] }).then((i) => queuedId(i.response));
+    const failed = [await send(), await send()];
+    await relay.delivery.runOnce();
+    const queued = await send();
+    const state = (id: string) => relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(id);
+    assert.deepEqual(failed.map(state), ['failed', 'failed']);
+    const db = ['--databasePath', relay.config.databasePath];
+
+    // all or nothing: the known id before the unknown one is left failed
+    assertOneLineError(await runCli(['retry', failed[0], 'NOSUCHID', ...db]), /^relayq: no message with id NOSUCHID; nothing changed$/);
+    assert.equal(state(failed[0]), 'failed');
+
+    const retried = await runCliJson(['retry', failed[0], queued, failed[0], ...db]);
+    assert.deepEqual(retried, {
+      results: [
+        { id: failed[0], result: 'requeued' },
+        { id: queued, result: 'due-now' },
+      ],
+    });
+    assert.equal(state(failed[0]), 'queued');
+    const [table, rest] = await Promise.all([runCli(['retry', queued, ...db]), runCli(['retry', '--failed', ...db])]);
+    assert.deepEqual([table.code, table.stdout], [0, `ID                    RESULT\n${queued}  due now\n`]);
+    assert.deepEqual([rest.code, rest.stdout], [0, 'requeued 1 failed message\n']);
+
+    const deleted = await runCliJson(['delete', queued, failed[1], queued, ...db]);
+    assert.deepEqual(deleted, { deleted: [queued, failed[1]] });
+    assert.deepEqual([queued, failed[1]].map(state), [undefined, undefined]);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+});
+
 test('a read command waits for a lock another connection holds on the database (busy timeout), instead of failing at once', async () => {
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   const file = relay.config.databasePath;
