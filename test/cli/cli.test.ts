@@ -158,7 +158,7 @@ describe('relayq CLI on the database of a running relay', () => {
 
   test('show prints envelope, recipients and attempts; export-failed writes the JSON copies', async () => {
     const id = ids.mixed[0];
-    const [detail, text, raw, exported] = await Promise.all([
+    const [detail, text, raw, exported, waiting] = await Promise.all([
       cliJson<{ message: { id: string; state: string }; recipients: Array<{ address: string; status: string }>; attempts: unknown[] }>(
         'show',
         id,
@@ -166,6 +166,7 @@ describe('relayq CLI on the database of a running relay', () => {
       cli('show', id),
       cli('show', id, '--raw'),
       cliJson<{ exported: number; files: string[] }>('export-failed', path.join(dir, 'export')),
+      cli('show', ids.queued[0]),
     ]);
     assert.equal(detail.message.state, 'failed');
     assert.deepEqual(
@@ -178,7 +179,18 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.ok(detail.attempts.length >= 1);
     assert.equal(text.code, 0, text.stderr);
     assert.match(text.stdout, /^state: +failed$/m);
-    assert.match(text.stdout, /bad-mixed1@example\.com +failed +1 +550/);
+    assert.match(text.stdout, /^next attempt: +-$/m);
+    assert.match(text.stdout, /^tries: +1$/m);
+    // SEQ and TRIES, right-aligned under their headers
+    assert.match(text.stdout, /^SEQ {2}RECIPIENT +STATUS +TRIES {2}CODE/m);
+    assert.match(text.stdout, /^ {2}0 {2}ok-mixed1@example\.com +delivered +1 {2}250 /m);
+    assert.match(text.stdout, /^ {2}1 {2}bad-mixed1@example\.com +failed +1 {2}550 /m);
+    // a message not tried yet: when it is due, and no attempts
+    const due = relay.store.sqlite.prepare('SELECT next_attempt_at FROM messages WHERE id = ?').pluck().get(ids.queued[0]) as number;
+    assert.equal(waiting.code, 0, waiting.stderr);
+    assert.match(waiting.stdout, new RegExp(`^next attempt: ${new Date(due).toISOString().replace('T', ' ').replace(/\.\d{3}Z$/, 'Z')}$`, 'm'));
+    assert.match(waiting.stdout, /^tries: +0$/m);
+    assert.match(waiting.stdout, /\n\nno delivery attempts yet\n$/);
     const stored = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
     assert.equal(raw.code, 0, raw.stderr);
     assert.equal(raw.stdout, stored.raw.toString('utf8'), 'show --raw writes the stored bytes');
@@ -766,6 +778,22 @@ test('retry ID... with an unknown id changes nothing; retry and delete --json an
   } finally {
     await relay.stop();
     await upstream.close();
+  }
+});
+
+test('show of a message whose content was erased after delivery says so, and show --raw refuses it in one line', async () => {
+  const relay = await startTestRelay({ security: { logAllEmails: false } }, { startRetention: false });
+  try {
+    const id = queuedId((await sendMail(relay.smtpPort)).response);
+    await waitFor(() => relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(id) === 'delivered', 10_000, 'the local delivery');
+    const db = ['--databasePath', relay.config.databasePath];
+    const [text, raw] = await Promise.all([runCli(['show', id, ...db]), runCli(['show', id, '--raw', ...db])]);
+    assert.equal(text.code, 0, text.stderr);
+    assert.match(text.stdout, /^size: +\d+ bytes \(content erased after delivery\)$/m);
+    assertOneLineError(raw, new RegExp(`^relayq: message ${id} has no stored content \\(erased after delivery: security\\.logAllEmails is false\\)$`));
+    assert.equal(raw.stdout, '');
+  } finally {
+    await relay.stop();
   }
 });
 
