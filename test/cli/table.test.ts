@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { formatFields, formatTable } from '../../src/cli/table.js';
+import { formatAge, formatFields, formatTable } from '../../src/cli/table.js';
 
 test('text from mail reaches the terminal without control characters: C0, DEL, C1 and bidirectional overrides become ?', () => {
   const reply = '550 5.1.1 No such user \x1b[2J\u009b31mC1 \u202eRTL\u2066x\u2069 \x7f end\r\nnext';
@@ -14,4 +14,11 @@ test('text from mail reaches the terminal without control characters: C0, DEL, C
   assert.ok(!/[\u0080-\u009f\u202a-\u202e\u2066-\u2069\x00-\x09\x0b-\x1f]/.test(table), table);
   // what is printable stays as it is, non-ASCII letters included
   assert.equal(formatFields([['to', 'jürgen@münchen.de']]), 'to: jürgen@münchen.de');
+});
+
+test('an age is in seconds below 2 minutes, minutes below 2 hours, hours below 2 days, then days; a clock behind the data is 0s', () => {
+  assert.deepEqual(
+    [-5000, 0, 119_000, 120_000, 7_199_000, 7_200_000, 172_799_000, 172_800_000, 30 * 86_400_000].map(formatAge),
+    ['0s', '0s', '119s', '2m', '120m', '2h', '48h', '2d', '30d'],
+  );
 });
