@@ -621,8 +621,13 @@ test('queue: numbers right-aligned under their headers, a sender past 40 and an 
     await relay.delivery.runOnce();
     const queued = await send('', ['postmaster@example.com']);
     const db = ['--databasePath', relay.config.databasePath];
-    const [table, firstPage] = await Promise.all([runCli(['queue', ...db]), runCli(['queue', ...db, '--recipient', 'postmaster@example.com', '--limit', '1'])]);
+    const [table, firstPage, none] = await Promise.all([
+      runCli(['queue', ...db]),
+      runCli(['queue', ...db, '--recipient', 'postmaster@example.com', '--limit', '1']),
+      runCli(['queue', ...db, '--state', 'sending']),
+    ]);
     assert.equal(table.code, 0, table.stderr);
+    assert.deepEqual([none.code, none.stdout], [0, 'no messages\n']);
 
     const [header, ...rows] = table.stdout.trimEnd().split('\n');
     const headers = ['ID', 'STATE', 'FROM', 'RCPTS', 'SIZE', 'RECEIVED', 'NEXT ATTEMPT', 'TRIES', 'LAST ERROR'];
@@ -759,6 +764,9 @@ test('retry ID... with an unknown id changes nothing; retry and delete --json an
     // all or nothing: the known id before the unknown one is left failed
     assertOneLineError(await runCli(['retry', failed[0], 'NOSUCHID', ...db]), /^relayq: no message with id NOSUCHID; nothing changed$/);
     assert.equal(state(failed[0]), 'failed');
+    const nothing = await runCli(['retry', ...db]);
+    assertOneLineError(nothing, /^relayq: give one or more message ids, --failed to requeue every failed message, or --queued to make every queued one due now$/);
+    assert.deepEqual([nothing.code, nothing.stdout], [1, '']);
 
     const retried = await runCliJson(['retry', failed[0], queued, failed[0], ...db]);
     assert.deepEqual(retried, {
