@@ -22,15 +22,15 @@ const CLOSE_GRACE_MS = 2000;
  * Bounds on the API's connections, so that clients of the API (a slow request head holds a
  * connection before the access check can run) cannot use up the file descriptors that SMTP
  * intake needs: at most `maxConnections` at once (more are closed at once), a request head within
- * `headersTimeoutMs` (then `408`), a whole request within 30 s.
+ * `headersTimeoutMs` and a whole request within `requestTimeoutMs` (then `408`).
  */
 export interface ApiLimits {
   maxConnections: number;
   headersTimeoutMs: number;
+  requestTimeoutMs: number;
 }
 
-const API_LIMITS: ApiLimits = { maxConnections: 256, headersTimeoutMs: 10_000 };
-const REQUEST_TIMEOUT_MS = 30_000;
+const API_LIMITS: ApiLimits = { maxConnections: 256, headersTimeoutMs: 10_000, requestTimeoutMs: 30_000 };
 
 export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, limits: ApiLimits = API_LIMITS): Promise<ApiServer> {
   // what @hono/node-server's serve() does, with the error handler it does not pass on
@@ -39,7 +39,7 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
   const options = {
     requireHostHeader: false,
     headersTimeout: limits.headersTimeoutMs,
-    requestTimeout: Math.max(REQUEST_TIMEOUT_MS, limits.headersTimeoutMs),
+    requestTimeout: Math.max(limits.requestTimeoutMs, limits.headersTimeoutMs),
     // how often those timeouts are checked (Node's default, 30 s, would let a slow head stay 40 s)
     connectionsCheckingInterval: Math.min(1000, limits.headersTimeoutMs),
   };
@@ -48,7 +48,7 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
     const body = JSON.stringify({ error: 'bad_request', message: 'malformed request: an HTTP/1.1 request needs a Host header' });
     res.writeHead(400, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), Connection: 'close' }).end(body);
   });
-  server.on('clientError', clientError);
+  server.on('clientError', (err: NodeJS.ErrnoException & { reason?: string }, socket: Socket) => clientError(err, socket, limits));
   server.maxConnections = limits.maxConnections;
   return new Promise((resolve, reject) => {
     server.once('error', reject);
@@ -82,19 +82,29 @@ function requestError(err: unknown): Response {
 
 /**
  * Node's default clientError handling, with a JSON body: 431 for a head that is too large, 408
- * for one that came too slowly, 400 for the rest, and nothing on a socket that already has part
- * of a response.
+ * for a request that came too slowly, 400 for the rest, and nothing on a socket that already has
+ * part of a response. The socket is closed once the answer is written, whether or not the client
+ * closes its side: one that never does must not keep holding a place under `maxConnections`.
  */
-function clientError(err: NodeJS.ErrnoException, socket: Socket): void {
+function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: Socket, limits: ApiLimits): void {
   const response = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage;
   if (!socket.writable || response?.headersSent || err.code === 'ECONNRESET') {
     socket.destroy();
     return;
   }
-  const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
-  const error = status === 431 ? 'request_header_fields_too_large' : status === 408 ? 'request_timeout' : 'bad_request';
-  const body = JSON.stringify({ error, message: `malformed request: ${STATUS_CODES[status]?.toLowerCase()}` });
+  const [status, error, message] =
+    err.code === 'HPE_HEADER_OVERFLOW'
+      ? [431, 'request_header_fields_too_large', 'request head too large: its request line and headers may take at most 16 KiB']
+      : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+        ? [408, 'request_timeout', `request too slow: a request head must arrive within ${seconds(limits.headersTimeoutMs)} and the whole request within ${seconds(Math.max(limits.requestTimeoutMs, limits.headersTimeoutMs))}`]
+        : [400, 'bad_request', `malformed request: ${err.reason ?? 'bad request'}`];
+  const body = JSON.stringify({ error, message });
   socket.end(
     `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+    () => socket.destroy(),
   );
+}
+
+function seconds(ms: number): string {
+  return `${ms / 1000} s`;
 }

@@ -207,39 +207,54 @@ function namingHost(relay: Relay, host: string, headers: Record<string, string> 
   });
 }
 
-test('API clients cannot hold more connections than its limit, nor a request head longer than its timeout', async () => {
+test('API clients cannot hold more connections than its limit, nor a request longer than its timeouts', async () => {
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
-  const api = await startApiServer(createApp(relay), '127.0.0.1', 0, { maxConnections: 5, headersTimeoutMs: 1000 });
+  const api = await startApiServer(createApp(relay), '127.0.0.1', 0, { maxConnections: 5, headersTimeoutMs: 1000, requestTimeoutMs: 2000 });
   const sockets: net.Socket[] = [];
   try {
+    // a client that never closes its side, as a stuck or hostile one may not: the server must
+    // not wait for it once it has answered
     const open = async () => {
-      const socket = net.connect(api.port, '127.0.0.1');
+      const socket = net.connect({ port: api.port, host: '127.0.0.1', allowHalfOpen: true });
       sockets.push(socket);
       let received = '';
       socket.setEncoding('utf8').on('data', (d: string) => (received += d));
-      const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
+      const closed = new Promise<void>((resolve) => {
+        socket.on('end', () => resolve());
+        socket.on('close', () => resolve());
+      });
       socket.on('error', () => {});
       await new Promise((resolve) => socket.once('connect', resolve));
       return { socket, closed, received: () => received };
     };
-    // five clients that start a request and never finish its head
+    // four clients that start a request and never finish its head, and one that never finishes its body
     const slow = [];
-    for (let i = 0; i < 5; i++) {
+    for (let i = 0; i < 4; i++) {
       const c = await open();
       c.socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n');
       slow.push(c);
     }
+    const slowBody = await open();
+    slowBody.socket.write('POST /admin/retry-failed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{"ids":');
+    slow.push(slowBody);
     await new Promise((r) => setTimeout(r, 200));
     // a sixth is closed at once, without an answer
     const sixth = await open();
     sixth.socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
     await sixth.closed;
     assert.equal(sixth.received(), '');
-    // the slow ones get 408 once their head is overdue, and their places are free again
+    // the slow ones get 408 once their request is overdue, and their places are free again
+    // though none of them has closed its side: five new clients are all answered
     await Promise.all(slow.map((c) => c.closed));
-    for (const c of slow) assert.match(c.received(), /^HTTP\/1\.1 408 /);
-    const res = await fetch(`http://127.0.0.1:${api.port}/health`);
-    assert.equal(res.status, 200);
+    for (const c of slow) {
+      assert.match(c.received(), /^HTTP\/1\.1 408 /);
+      const body = JSON.parse(c.received().slice(c.received().indexOf('\r\n\r\n') + 4));
+      assert.deepEqual(body, { error: 'request_timeout', message: 'request too slow: a request head must arrive within 1 s and the whole request within 2 s' });
+    }
+    const fresh = await Promise.all(slow.map(() => open()));
+    for (const c of fresh) c.socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n');
+    await Promise.all(fresh.map((c) => c.closed));
+    for (const c of fresh) assert.match(c.received(), /^HTTP\/1\.1 200 /);
   } finally {
     for (const s of sockets) s.destroy();
     await api.close();
