@@ -78,8 +78,24 @@ function operatorCommand(name: string, description: string): Command {
   return cmd;
 }
 
+/**
+ * The global options, those after the command name over those before it: as `serve` takes them,
+ * the later one wins (commander's optsWithGlobals() would give the earlier one).
+ */
 function globals(cmd: Command): GlobalOptions {
-  return cmd.optsWithGlobals<GlobalOptions>();
+  return { ...program.opts<GlobalOptions>(), ...cmd.opts<GlobalOptions>() };
+}
+
+/**
+ * An option that narrows what a command works on, refused when given twice: `--state failed
+ * --state queued` would otherwise list only the queued ones, where the user may well expect both
+ * (the API answers a parameter given twice with a 400 too).
+ */
+function once<T>(name: string, parse: (value: string) => T = (value) => value as T): (value: string, previous: T | undefined) => T {
+  return (value, previous) => {
+    if (previous !== undefined) throw new InvalidArgumentError(`${name} is given twice: give it once`);
+    return parse(value);
+  };
 }
 
 function positiveInt(value: string): number {
@@ -99,13 +115,13 @@ operatorCommand('status', 'queue counts, lifetime totals (the numbers /metrics r
 );
 
 operatorCommand('queue', 'list messages, newest first')
-  .option('--state <state>', `only messages in this state (${MESSAGE_STATES.join(', ')})`, parseStateOption)
-  .option('--sender <address>', 'only mail from this envelope sender (case-insensitive; "" = the null sender)')
-  .option('--recipient <address>', 'only mail to this recipient')
-  .option('--limit <n>', 'at most this many messages', positiveInt, 50)
-  .option('--before <cursor>', 'the page after this one (the cursor printed at the end of a full page, or a message id)')
+  .option('--state <state>', `only messages in this state (${MESSAGE_STATES.join(', ')})`, once('--state', parseStateOption))
+  .option('--sender <address>', 'only mail from this envelope sender (case-insensitive; "" = the null sender)', once('--sender'))
+  .option('--recipient <address>', 'only mail to this recipient', once('--recipient'))
+  .option('--limit <n>', 'at most this many messages (default: 50)', once('--limit', positiveInt))
+  .option('--before <cursor>', 'the page after this one (the cursor printed at the end of a full page, or a message id)', once('--before'))
   .action(async (opts, cmd: Command) =>
-    (await import('./queue.js')).queueCommand({ state: opts.state, sender: opts.sender, recipient: opts.recipient, limit: opts.limit, before: opts.before }, globals(cmd)),
+    (await import('./queue.js')).queueCommand({ state: opts.state, sender: opts.sender, recipient: opts.recipient, limit: opts.limit ?? 50, before: opts.before }, globals(cmd)),
   );
 
 operatorCommand('show', 'one message: envelope, recipients and delivery attempts')
@@ -117,7 +133,7 @@ operatorCommand('retry', 'make messages due now (at the earliest batchDelay afte
   .argument('[ids...]', 'queue ids')
   .option('--failed', 'requeue every failed message')
   .option('--queued', 'make every queued message due now, retries waiting for their backoff included (postqueue -f)')
-  .option('--sender <address>', 'with --failed or --queued: only mail from this envelope sender')
+  .option('--sender <address>', 'with --failed or --queued: only mail from this envelope sender', once('--sender'))
   .action(async (ids: string[], opts: { failed?: boolean; queued?: boolean; sender?: string }, cmd: Command) =>
     (await import('./retry.js')).retryCommand(ids, opts, globals(cmd)),
   );

@@ -297,6 +297,22 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.ok(!fs.existsSync(path.join(dir, 'missing.db')), 'a read command never creates a database');
   });
 
+  test('a filter given twice is refused with one line, not narrowed to the last one given', async () => {
+    const failedBefore = (await cliJson<{ queue: { failed: number } }>('status')).queue.failed;
+    const runs = await Promise.all(
+      [
+        ['queue', '--state', 'failed', '--state', 'queued'],
+        ['queue', '--sender', '', '--sender', 'app@example.com'],
+        ['queue', '--recipient', 'a@example.com', '--recipient', 'a@example.com'],
+        ['queue', '--limit', '5', '--limit', '6'],
+        ['queue', '--before', ids.queued[0], '--before', ids.queued[0]],
+        ['retry', '--failed', '--sender', 'a@example.com', '--sender', 'b@example.com'],
+      ].map((args) => cli(...args)),
+    );
+    for (const r of runs) assertOneLineError(r, /^relayq: option '--(\w+) <\w+>' argument '[^']*' is invalid\. --\1 is given twice: give it once$/);
+    assert.equal((await cliJson<{ queue: { failed: number } }>('status')).queue.failed, failedBefore, 'nothing was requeued');
+  });
+
   test('a reader that goes away (relayq queue | head) ends a command quietly, without a stack trace', async () => {
     const gone = (...args: string[]) => runCli(['--config', configFile, ...args], { closeStdout: true });
     const results = await Promise.all([gone('queue'), gone('status'), gone('show', ids.mixed[0]), gone('show', ids.mixed[0], '--raw'), gone('status', '--json')]);
@@ -314,6 +330,10 @@ describe('relayq CLI on the database of a running relay', () => {
       assert.ok(status.total_emails > 0);
       assert.equal(status.total_emails, viaConfig.total_emails);
     }
+    // given before the name and after it, the later one counts, as serve takes it
+    const both = await runCli(['--databasePath', path.join(dir, 'elsewhere.db'), 'status', '--databasePath', file, '--json']);
+    assert.equal(both.code, 0, both.stderr);
+    assert.equal(JSON.parse(both.stdout).database.path, file);
     // any config key is a flag too; the next page's command repeats only where the page came from
     const page = await runCli(['queue', '--databasePath', file, '--retention.deliveredDays', '3', '--forwardPassword', 'Hunter2Secret', '--limit', '1']);
     assert.equal(page.code, 0, page.stderr);
