@@ -1,21 +1,27 @@
 // Plain-text output for people: left-aligned columns padded to the widest cell, numbers
 // right-aligned, and "key: value" blocks. Scripts use --json instead, so nothing here is parsed.
+// Widths are terminal columns, not string lengths: an address may be internationalized
+// (SMTPUTF8), and a CJK character or an emoji takes two columns, a combining accent none.
+import stringWidth from 'string-width';
 
 export interface Column<Row> {
   header: string;
   value: (row: Row) => string | number | null | undefined;
   /** Right-align (numbers). */
   right?: boolean;
-  /** Cut longer text to this many characters with an ellipsis. */
+  /** Cut longer text to this many columns with an ellipsis. */
   max?: number;
 }
 
 export function formatTable<Row>(rows: readonly Row[], columns: readonly Column<Row>[]): string {
   const cells = rows.map((row) => columns.map((c) => cell(c.value(row), c.max)));
-  const widths = columns.map((c, i) => Math.max(c.header.length, ...cells.map((r) => r[i].length)));
+  const widths = columns.map((c, i) => Math.max(c.header.length, ...cells.map((r) => stringWidth(r[i]))));
   const line = (values: string[]) =>
     values
-      .map((v, i) => (columns[i].right ? v.padStart(widths[i]) : v.padEnd(widths[i])))
+      .map((v, i) => {
+        const fill = ' '.repeat(widths[i] - stringWidth(v));
+        return columns[i].right ? fill + v : v + fill;
+      })
       .join('  ')
       .trimEnd();
   return [line(columns.map((c) => c.header)), ...cells.map(line)].join('\n');
@@ -35,7 +41,21 @@ function cell(value: string | number | null | undefined, max?: number): string {
   // the terminal: C0, DEL, C1 (U+009B is a CSI) and the bidirectional overrides and isolates,
   // which would show an address or a reply reversed.
   const text = String(value).replace(/[\r\n\t]+/g, ' ').replace(UNPRINTABLE, '?');
-  return max && text.length > max ? `${text.slice(0, max - 1)}…` : text;
+  return max && stringWidth(text) > max ? `${cut(text, max - 1)}…` : text;
+}
+
+const graphemes = new Intl.Segmenter();
+
+/** The longest start of text that takes at most `width` columns, never half a character. */
+function cut(text: string, width: number): string {
+  let kept = '';
+  let used = 0;
+  for (const { segment } of graphemes.segment(text)) {
+    used += stringWidth(segment);
+    if (used > width) break;
+    kept += segment;
+  }
+  return kept;
 }
 
 /** Milliseconds since the epoch as "2026-01-01 12:00:00Z" (UTC, like the logs). */

@@ -22,3 +22,25 @@ test('an age is in seconds below 2 minutes, minutes below 2 hours, hours below 2
     ['0s', '0s', '119s', '2m', '120m', '2h', '48h', '2d', '30d'],
   );
 });
+
+test('columns line up in terminal columns: a CJK address or an emoji takes two, a combining accent none, and a cut never splits a character', () => {
+  const rows = [
+    { to: 'ascii@example.com', n: 1, reply: 'plain' },
+    { to: '用户@例子.中国', n: 22, reply: 'ok 👍🏽 thanks' },
+    { to: 'jose\u0301@example.com', n: 333, reply: '日本語の返事です' },
+  ];
+  const table = formatTable(rows, [
+    { header: 'TO', value: (r) => r.to },
+    { header: 'N', value: (r) => r.n, right: true },
+    { header: 'REPLY', value: (r) => r.reply, max: 9 },
+  ]);
+  assert.equal(
+    table,
+    [
+      'TO                   N  REPLY',
+      'ascii@example.com    1  plain',
+      '用户@例子.中国      22  ok 👍🏽 th…',
+      'jose\u0301@example.com   333  日本語の…',
+    ].join('\n'),
+  );
+});
