@@ -329,6 +329,21 @@ export async function startUpstream(options: Partial<SMTPServerOptions> = {}, li
   };
 }
 
+/** An upstream that takes each message's data and answers it only once release() is called. */
+export async function startHoldingUpstream(): Promise<Upstream & { release(): void }> {
+  let release: () => void = () => {};
+  const held = new Promise<void>((resolve) => {
+    release = resolve;
+  });
+  const upstream = await startUpstream({
+    onData(stream, _session, cb) {
+      stream.resume();
+      stream.on('end', () => held.then(() => cb()));
+    },
+  });
+  return Object.assign(upstream, { release });
+}
+
 /**
  * A port on 127.0.0.1 with nothing listening on it (connection refused), that a test may listen
  * on later, e.g. an upstream that comes back after an outage. It is taken below the range the

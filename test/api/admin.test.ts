@@ -7,7 +7,7 @@ import type { Relay } from '../../src/main.js';
 import { ADMIN_STEP, flushQueued, type RequeueStep, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw } from '../../src/store/queries.js';
-import { capturedLog, holdWriteLock, NO_LIMITS, newMessage, openSession, sendMail, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, holdWriteLock, NO_LIMITS, newMessage, openSession, sendMail, startHoldingUpstream, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 
 interface MessageJson {
@@ -509,16 +509,7 @@ describe('admin: retry and delete one message', () => {
 
   test('delete removes a message with its recipients and attempts; 409 while a worker holds it, even past its lease by a stepped clock', async () => {
     const clock = new ManualClock();
-    let release: () => void = () => {};
-    const held = new Promise<void>((resolve) => {
-      release = resolve;
-    });
-    const upstream = await startUpstream({
-      onData(stream, _session, cb) {
-        stream.resume();
-        stream.on('end', () => held.then(() => cb()));
-      },
-    });
+    const upstream = await startHoldingUpstream();
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0, processingTimeout: 60 },
       options(clock),
@@ -546,7 +537,7 @@ describe('admin: retry and delete one message', () => {
       clock.advance(61_000);
       assert.equal((await call(relay, `/admin/messages/${busy}`, { method: 'DELETE' })).status, 409);
       assert.equal((await call(relay, `/admin/messages/${busy}/retry`, { method: 'POST' })).status, 409);
-      release();
+      upstream.release();
       await run;
       assert.equal((await call<MessageJson>(relay, `/admin/messages/${busy}`)).body.state, 'delivered');
       assert.equal(relay.store.sqlite.prepare('SELECT claims FROM messages WHERE id = ?').pluck().get(busy), 1, 'claimed once, sent once');
@@ -555,7 +546,7 @@ describe('admin: retry and delete one message', () => {
       const m = (await call(relay, '/metrics')).body;
       assert.deepEqual(m.queue, { queued: 0, sending: 0, delivered: 0, failed: 0 });
     } finally {
-      release();
+      upstream.release();
       await relay.stop();
       await upstream.close();
     }

@@ -6,7 +6,7 @@ import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ManualClock } from '../../src/clock.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { capturedLog, closedPort, sendMail, spawnRelay, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable } from '../helpers.js';
+import { capturedLog, closedPort, sendMail, spawnRelay, startHoldingUpstream, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable } from '../helpers.js';
 import { call, upstreamOutage } from './fixtures.js';
 
 interface Health {
@@ -76,16 +76,7 @@ describe('GET /health', () => {
 
   test('the oldest queued age counts a message being sent as well', async () => {
     const clock = new ManualClock();
-    let release: () => void = () => {};
-    const held = new Promise<void>((resolve) => {
-      release = resolve;
-    });
-    const upstream = await startUpstream({
-      onData(stream, _session, cb) {
-        stream.resume();
-        stream.on('end', () => held.then(() => cb()));
-      },
-    });
+    const upstream = await startHoldingUpstream();
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0 },
       { clock, startDelivery: false },
@@ -98,11 +89,11 @@ describe('GET /health', () => {
       const d = (await call<Health>(relay, '/health')).body.details;
       assert.deepEqual([d.queued_emails, d.oldest_queued_age_seconds], [1, 120]);
       assert.equal((await call(relay, '/metrics')).body.oldest_queued_age_seconds, 120);
-      release();
+      upstream.release();
       await run;
       assert.equal((await call<Health>(relay, '/health')).body.details.oldest_queued_age_seconds, null);
     } finally {
-      release();
+      upstream.release();
       await relay.stop();
       await upstream.close();
     }

@@ -209,7 +209,8 @@ describe('relayq backup while mail is accepted and delivered', () => {
   });
 });
 
-test('a damaged live database: the error names it, not the target', async () => {
+/** A relay's database in a new directory, with its last page overwritten so that reading it fails. */
+async function damagedDatabase(): Promise<{ dir: string; db: string }> {
   const dir = tempDir('relayq-damaged-');
   const db = path.join(dir, 'relayq.db');
   const relay = await startTestRelay({ databasePath: db }, { startDelivery: false, startRetention: false });
@@ -219,6 +220,11 @@ test('a damaged live database: the error names it, not the target', async () => 
   const fd = fs.openSync(db, 'r+');
   fs.writeSync(fd, Buffer.alloc(16, 0xff), 0, 16, size - 4096);
   fs.closeSync(fd);
+  return { dir, db };
+}
+
+test('a damaged live database: the error names it, not the target', async () => {
+  const { dir, db } = await damagedDatabase();
   const sqlite = openReadOnly(db);
   try {
     assert.throws(() => backupDatabase(sqlite, path.join(dir, 'copy.db')), (err: Error) => {
@@ -232,15 +238,7 @@ test('a damaged live database: the error names it, not the target', async () => 
 });
 
 test('a copy that fails halfway leaves no partial file next to the target', async () => {
-  const dir = tempDir('relayq-damaged-');
-  const db = path.join(dir, 'relayq.db');
-  const relay = await startTestRelay({ databasePath: db }, { startDelivery: false, startRetention: false });
-  await relay.stop();
-  // as above: the last page is in use, and 0xFF is no b-tree page type
-  const size = fs.statSync(db).size;
-  const fd = fs.openSync(db, 'r+');
-  fs.writeSync(fd, Buffer.alloc(16, 0xff), 0, 16, size - 4096);
-  fs.closeSync(fd);
+  const { dir, db } = await damagedDatabase();
   const targetDir = path.join(dir, 'backups');
   fs.mkdirSync(targetDir);
   const sqlite = openReadOnly(db);
