@@ -14,7 +14,8 @@ const REPEAT_WINDOW_MS = 1000;
 export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
   const loaded = loadConfigFromSources(argv, env);
   if (!loaded.ok) {
-    process.stderr.write(`${loaded.message}\n`);
+    // one line per bad key, each marked as ours, as every other command writes its errors
+    process.stderr.write(loaded.message.split('\n').map((line) => `relayq: ${line}\n`).join(''));
     process.exit(2);
   }
   const out = stdoutLog();

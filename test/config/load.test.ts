@@ -601,9 +601,12 @@ describe('relayq serve with a bad config', () => {
     });
     assert.equal(r.status, 2, r.stderr);
     // ./config.json, found in the working directory: the error says which file it read
-    assert.match(r.stderr, /\(file \S*config\.json\): smtpPort: must be an integer/);
-    assert.match(r.stderr, /\(file \S*config\.json\): unknownKey: unknown key/);
-    assert.match(r.stderr, /\(env\): BATCH_SIZE: must be at least 1/);
+    // one line each, marked as relayq's as every command's errors are
+    const lines = r.stderr.trimEnd().split('\n');
+    assert.equal(lines.length, 3, r.stderr);
+    assert.match(lines.join('\n'), /^relayq: config error \(file \S*config\.json\): smtpPort: must be an integer$/m);
+    assert.match(lines.join('\n'), /^relayq: config error \(file \S*config\.json\): unknownKey: unknown key/m);
+    assert.match(lines.join('\n'), /^relayq: config error \(env\): BATCH_SIZE: must be at least 1/m);
     assert.equal(fs.existsSync(path.join(dir, 'data', 'relayq.db')), false, 'nothing was created');
   });
 });
