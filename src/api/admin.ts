@@ -11,7 +11,7 @@ import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, Sto
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { isoTime } from '../clock.js';
-import { type ApiDeps, type ApiEnv, singleQuery } from './context.js';
+import { type ApiDeps, type ApiEnv, onlyQueries, singleQuery } from './context.js';
 
 const DEFAULT_PAGE_SIZE = 50;
 const MAX_PAGE_SIZE = 1000;
@@ -90,15 +90,6 @@ function parseRequeueFilter(body: unknown): RequeueFilter {
 
 /** The query parameters of GET /messages. */
 const LIST_FILTERS = ['state', 'sender', 'recipient', 'limit', 'before'];
-
-/**
- * Refuses a query parameter the route does not take: a misspelt filter (`?stat=failed`) would
- * otherwise be left out, and the page would answer for every message.
- */
-function onlyQueries(c: Context<ApiEnv>, names: readonly string[]): void {
-  const [unknown] = Object.keys(c.req.queries()).filter((name) => !names.includes(name));
-  if (unknown !== undefined) throw badRequest(`unknown query parameter ${JSON.stringify(unknown)}: expected ${names.join(', ')}`);
-}
 
 function parseLimit(value: string | undefined): number {
   if (value === undefined) return DEFAULT_PAGE_SIZE;

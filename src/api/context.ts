@@ -55,3 +55,13 @@ export function singleQuery(c: Context, name: string): string | undefined {
   if (values && values.length > 1) throw new HTTPException(400, { message: `${name} may be given only once` });
   return values?.[0];
 }
+
+/**
+ * Refuses a query parameter the route does not take: a misspelt one would otherwise be left out,
+ * and the answer would be to another question (`?stat=failed` a page of every message,
+ * `/metrics?fromat=prometheus` JSON).
+ */
+export function onlyQueries(c: Context, names: readonly string[]): void {
+  const [unknown] = Object.keys(c.req.queries()).filter((name) => !names.includes(name));
+  if (unknown !== undefined) throw new HTTPException(400, { message: `unknown query parameter ${JSON.stringify(unknown)}: expected ${names.join(', ')}` });
+}

@@ -7,7 +7,7 @@ import { Hono } from 'hono';
 import { HTTPException } from 'hono/http-exception';
 import { metricsSummary, storeMetrics } from '../store/queries.js';
 import { isoTime } from '../clock.js';
-import { type ApiDeps, type ApiEnv, singleQuery } from './context.js';
+import { type ApiDeps, type ApiEnv, onlyQueries, singleQuery } from './context.js';
 import { upstreamView } from './health.js';
 import { type ExpositionFormat, type MetricsSnapshot, renderExposition } from './prometheus.js';
 
@@ -46,6 +46,7 @@ export function metricsRoutes(deps: ApiDeps) {
   };
 
   return new Hono<ApiEnv>().get('/metrics', async (c) => {
+    onlyQueries(c, ['format']);
     const requested = singleQuery(c, 'format');
     if (requested !== undefined && !FORMATS.includes(requested as MetricsFormat)) {
       throw new HTTPException(400, { message: `format must be one of ${FORMATS.join(', ')}` });

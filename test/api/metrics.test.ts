@@ -348,6 +348,9 @@ describe('GET /metrics', () => {
       assert.deepEqual(bad.body, { error: 'bad_request', message: 'format must be one of json, prometheus, openmetrics' });
       const twice = await call(relay, '/metrics?format=json&format=prometheus');
       assert.deepEqual([twice.status, twice.body], [400, { error: 'bad_request', message: 'format may be given only once' }]);
+      // a misspelt parameter is refused, not answered in JSON as if it were not there
+      const typo = await call(relay, '/metrics?fromat=prometheus');
+      assert.deepEqual([typo.status, typo.body], [400, { error: 'bad_request', message: 'unknown query parameter "fromat": expected format' }]);
     } finally {
       await relay.stop();
     }
