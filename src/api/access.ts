@@ -42,7 +42,7 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
       }
       // a page cannot know the token: a request that carries one (a reverse proxy) takes the token path
       if (!token || bearer === undefined) {
-        log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: 'foreign-host-or-origin', [foreign.header]: foreign.value }, 'loopback request from another site refused');
+        log.warn({ event: 'api.refused', client: ip, path: c.req.path, reason: 'foreign-host-or-origin', [foreign.header.toLowerCase()]: foreign.value }, 'loopback request from another site refused');
         return c.json({ error: 'forbidden', message: `a loopback request must name a loopback host in ${foreign.header}, got ${JSON.stringify(foreign.value)}` }, 403);
       }
     } else if (!token) {
@@ -72,14 +72,14 @@ function isLoopbackName(host: string): boolean {
 }
 
 /** The header that shows a loopback request comes from another site's page, if one does. */
-function foreignBrowserContext(host: string | undefined, origin: string | undefined): { header: 'host' | 'origin'; value: string } | undefined {
-  if (host !== undefined && !isLoopbackName(host)) return { header: 'host', value: host };
+function foreignBrowserContext(host: string | undefined, origin: string | undefined): { header: 'Host' | 'Origin'; value: string } | undefined {
+  if (host !== undefined && !isLoopbackName(host)) return { header: 'Host', value: host };
   if (origin === undefined) return undefined;
   let originHost: string;
   try {
     originHost = new URL(origin).host;
   } catch {
-    return { header: 'origin', value: origin }; // "null": a sandboxed page or a local file
+    return { header: 'Origin', value: origin }; // "null": a sandboxed page or a local file
   }
-  return isLoopbackName(originHost) ? undefined : { header: 'origin', value: origin };
+  return isLoopbackName(originHost) ? undefined : { header: 'Origin', value: origin };
 }

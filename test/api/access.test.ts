@@ -108,7 +108,7 @@ describe('API access: loopback, or a bearer token', () => {
       assert.equal(res.status, 403, JSON.stringify(headers));
       const body = (await res.json()) as { error: string; message: string };
       assert.equal(body.error, 'forbidden');
-      assert.match(body.message, /a loopback request must name a loopback host in (host|origin)/);
+      assert.match(body.message, /a loopback request must name a loopback host in (Host|Origin)/);
     }
     const remote = createApp({ ...guarded, getClientIp: () => REMOTE });
     const withToken = await remote.request('/admin/messages', { headers: { authorization: `Bearer ${TOKEN}`, origin: 'https://ops.example' } });
@@ -142,7 +142,7 @@ describe('API access: loopback, or a bearer token', () => {
     for (const headers of [{ authorization: 'Bearer anything-at-all-16' }, { authorization: `Bearer ${TOKEN}` }] as Array<Record<string, string>>) {
       const page = await namingHost(open, 'relay.example.com', headers);
       assert.deepEqual([page.status, page.body.error], [403, 'forbidden'], JSON.stringify(headers));
-      assert.match(String(page.body.message), /^a loopback request must name a loopback host in host, got "relay\.example\.com"$/);
+      assert.match(String(page.body.message), /^a loopback request must name a loopback host in Host, got "relay\.example\.com"$/);
     }
   });
 
