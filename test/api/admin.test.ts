@@ -828,6 +828,22 @@ test('retry-failed logs the first ten ids it was given, and how many: a request 
   }
 });
 
+test('retry-failed takes up to 10,000 ids, each a non-empty string; one more, or an empty id, is a 400', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  try {
+    const ids = Array.from({ length: 10_000 }, (_, i) => `NOSUCHID${String(i).padStart(12, '0')}`);
+    const all = await call(relay, '/admin/retry-failed', postJson({ ids }));
+    assert.deepEqual([all.status, all.body], [200, { requeued: 0 }]);
+    const message = 'ids must be a non-empty array of at most 10000 message ids';
+    for (const body of [{ ids: [...ids, 'ONEMORE'] }, { ids: [''] }, { ids: ['A', ''] }]) {
+      const res = await call(relay, '/admin/retry-failed', postJson(body));
+      assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }], String(body.ids.length));
+    }
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('an admin command the database cannot run (another process holds the write lock) is a JSON 503, logged as api.admin with who asked', async () => {
   const log = capturedLog('info');
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
