@@ -844,6 +844,27 @@ test('retry-failed takes up to 10,000 ids, each a non-empty string; one more, or
   }
 });
 
+test('a retry or delete of one message is logged at info with its result and who asked, an unknown id too', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
+  try {
+    const [id] = await insertMessages(relay, 1, 'queued');
+    assert.equal((await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' })).status, 200);
+    assert.equal((await call(relay, `/admin/messages/${id}`, { method: 'DELETE' })).status, 200);
+    assert.equal((await call(relay, '/admin/messages/NOSUCHID/retry', { method: 'POST' })).status, 404);
+    assert.deepEqual(
+      log.entries().filter((e) => e.event === 'api.admin').map((e) => [e.level, e.action, e.id, e.result, e.client, e.via, e.msg]),
+      [
+        [30, 'retry', id, 'due-now', '127.0.0.1', 'loopback', `retry ${id}: due-now`],
+        [30, 'delete', id, 'deleted', '127.0.0.1', 'loopback', `delete ${id}: deleted`],
+        [30, 'retry', 'NOSUCHID', 'not-found', '127.0.0.1', 'loopback', 'retry NOSUCHID: not-found'],
+      ],
+    );
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('an admin command the database cannot run (another process holds the write lock) is a JSON 503, logged as api.admin with who asked', async () => {
   const log = capturedLog('info');
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
