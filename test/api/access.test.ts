@@ -118,6 +118,16 @@ describe('API access: loopback, or a bearer token', () => {
     assert.equal((await namingHost(open, `rebound.example:${open.httpPort}`)).status, 403);
   });
 
+  test('a name under .localhost, or a loopback name in capitals, is a loopback host in Host and Origin', async () => {
+    const loopback = createApp({ ...open, getClientIp: () => '127.0.0.1' });
+    for (const headers of [{ host: 'relayq.localhost:8025' }, { host: 'LOCALHOST:8025' }, { host: 'Localhost' }, { origin: 'http://app.localhost:3000' }, { host: 'a.b.localhost', origin: 'http://LOCALHOST' }] as Array<Record<string, string>>) {
+      assert.equal((await loopback.request('/admin/messages', { headers })).status, 200, JSON.stringify(headers));
+    }
+    for (const headers of [{ host: 'localhost.evil.example' }, { origin: 'http://localhost.evil.example' }] as Array<Record<string, string>>) {
+      assert.equal((await loopback.request('/admin/messages', { headers })).status, 403, JSON.stringify(headers));
+    }
+  });
+
   test('a loopback request that names another host (a reverse proxy on the same host) gets in with the token, and only with it', async () => {
     const viaProxy = (relay: Relay, headers: Record<string, string>) => namingHost(relay, 'relay.example.com', { 'x-forwarded-for': REMOTE, ...headers });
     const withToken = await viaProxy(guarded, { authorization: `Bearer ${TOKEN}` });
