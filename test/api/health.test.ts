@@ -144,6 +144,28 @@ describe('GET /health', () => {
     }
   });
 
+  test('two failed attempts in a row are not an outage; the third is', async () => {
+    const clock = new ManualClock();
+    const outage = await upstreamOutage();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: outage.port, failedRetryInterval: 0 },
+      { clock, startDelivery: false },
+    );
+    try {
+      for (let i = 0; i < 2; i++) await sendMail(relay.smtpPort, { to: [`r${i}@example.com`] });
+      assert.equal((await relay.delivery.runOnce()).attempts, 2);
+      const two = (await call<Health>(relay, '/health')).body;
+      assert.deepEqual([two.status, two.details.upstream.consecutive_failures], ['ok', 2]);
+      // the first two wait out their backoff: only the new one is tried
+      await sendMail(relay.smtpPort, { to: ['r2@example.com'] });
+      assert.equal((await relay.delivery.runOnce()).attempts, 1);
+      const three = (await call<Health>(relay, '/health')).body;
+      assert.deepEqual([three.status, three.details.upstream.consecutive_failures], ['degraded', 3]);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('failures right after a success are not an outage until none succeeded for 5 minutes', async () => {
     const clock = new ManualClock();
     const upstream = await pickyUpstream();
@@ -161,6 +183,29 @@ describe('GET /health', () => {
       assert.equal(soon.details.upstream.consecutive_failures, 3);
       assert.equal(soon.status, 'ok', 'a minute after a delivery');
       clock.advance(5 * 60_000);
+      assert.equal((await call<Health>(relay, '/health')).body.status, 'degraded');
+    } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
+  test('failures after a success are an outage from exactly 5 minutes after that success', async () => {
+    const clock = new ManualClock();
+    const upstream = await pickyUpstream();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0 },
+      { clock, startDelivery: false },
+    );
+    try {
+      await sendMail(relay.smtpPort, { to: ['ok@example.com'] });
+      await relay.delivery.runOnce();
+      const success = Date.parse(String((await call<Health>(relay, '/health')).body.details.upstream.last_success));
+      for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort, { to: [`busy${i}@example.com`] });
+      await relay.delivery.runOnce();
+      clock.set(success + 5 * 60_000 - 1);
+      assert.equal((await call<Health>(relay, '/health')).body.status, 'ok', 'a millisecond short of 5 minutes');
+      clock.set(success + 5 * 60_000);
       assert.equal((await call<Health>(relay, '/health')).body.status, 'degraded');
     } finally {
       await relay.stop();
