@@ -20,6 +20,7 @@ interface Health {
     total_emails_processed: number | null;
     success_rate: number | null;
     oldest_queued_age_seconds: number | null;
+    queue_size_limit: number;
     database: string;
     smtp_listener: string;
     upstream: { target: string; last_success: string | null; last_failure: string | null; consecutive_failures: number | null };
@@ -264,6 +265,17 @@ describe('GET /health', () => {
       assert.equal(body.status, 'degraded');
       assert.equal(body.details.queued_emails, 5);
       assert.ok(body.details.warnings.includes('queue is 100% full (5 of queueSize 5)'), body.details.warnings.join('; '));
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('with queueSize 0 (no limit) a queue of any length is ok', async () => {
+    const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false });
+    try {
+      for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort);
+      const { body } = await call<Health>(relay, '/health');
+      assert.deepEqual([body.status, body.details.queued_emails, body.details.queue_size_limit, body.details.warnings], ['ok', 3, 0, []]);
     } finally {
       await relay.stop();
     }
