@@ -6,7 +6,7 @@ import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ManualClock } from '../../src/clock.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { capturedLog, closedPort, sendMail, spawnRelay, startHoldingUpstream, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable } from '../helpers.js';
+import { capturedLog, closedPort, holdWriteLock, sendMail, spawnRelay, startHoldingUpstream, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable } from '../helpers.js';
 import { call, upstreamOutage } from './fixtures.js';
 
 interface Health {
@@ -250,6 +250,48 @@ describe('GET /health', () => {
       assert.equal(health.details.upstream.consecutive_failures, 0);
       assert.equal(storeMetrics(relay.store.sqlite).upstream.consecutiveFailures, 0);
     } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
+  test('a failed attempt counts in consecutive_failures at once, while its outcome waits to be committed', async () => {
+    const clock = new ManualClock();
+    const log = capturedLog('info');
+    let answer: () => void = () => {};
+    const answered = new Promise<void>((resolve) => {
+      answer = resolve;
+    });
+    // takes the message, then defers it (451) once the test lets it answer
+    const upstream = await startUpstream({
+      onData(stream, _session, cb) {
+        stream.resume();
+        stream.on('end', () => answered.then(() => cb(Object.assign(new Error('4.7.1 Try again later'), { responseCode: 451 }))));
+      },
+    });
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0 },
+      { clock, startDelivery: false, logger: log.logger },
+    );
+    try {
+      await sendMail(relay.smtpPort);
+      const run = relay.delivery.runOnce();
+      await waitFor(() => storeMetrics(relay.store.sqlite).queue.sending === 1, 10_000, 'the attempt under way');
+      const lock = await holdWriteLock(relay, 50);
+      try {
+        answer();
+        await waitFor(() => log.entries().some((e) => e.event === 'delivery.commit_retry'), 10_000, 'an outcome waiting to be committed');
+        assert.equal(storeMetrics(relay.store.sqlite).upstream.consecutiveFailures, 0, 'not stored yet');
+        const { details } = (await call<Health>(relay, '/health')).body;
+        assert.equal(details.upstream.consecutive_failures, 1);
+        assert.ok(details.upstream.last_failure);
+      } finally {
+        await lock.release();
+      }
+      await run;
+      assert.equal((await call<Health>(relay, '/health')).body.details.upstream.consecutive_failures, 1);
+    } finally {
+      answer();
       await relay.stop();
       await upstream.close();
     }
