@@ -323,6 +323,22 @@ describe('GET /health', () => {
     }
   });
 
+  test('the health status is logged when it changes, not on every check; a first check that is ok logs nothing', async () => {
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ queueSize: 1 }, { startDelivery: false, logger: log.logger });
+    try {
+      const changes = () => log.entries().filter((e) => e.event === 'api.health_changed').map((e) => [e.level, e.status, e.previous]);
+      for (let i = 0; i < 2; i++) assert.equal((await call<Health>(relay, '/health')).body.status, 'ok');
+      assert.deepEqual(changes(), []);
+      await sendMail(relay.smtpPort);
+      for (let i = 0; i < 2; i++) assert.equal((await call<Health>(relay, '/health')).body.status, 'degraded');
+      // mail is accepted but not leaving: a warning
+      assert.deepEqual(changes(), [[40, 'degraded', 'ok']]);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('error and 503 while the database refuses writes; ok again when it takes them', async () => {
     const log = capturedLog('info');
     const relay = await startTestRelay({}, { startDelivery: false, logger: log.logger });
