@@ -343,6 +343,9 @@ describe('GET /metrics', () => {
       assert.ok(om.body.endsWith('# EOF\n'));
       assert.match(om.body, /^# TYPE relayq_messages_accepted counter$/m);
       assert.match(om.body, /^relayq_messages_accepted_total 0$/m);
+      // a type listed twice counts at its highest q-value, wherever it stands
+      assert.match(await type('/metrics', 'application/openmetrics-text;version=1.0.0, application/openmetrics-text;version=0.0.1;q=0.2, text/plain;q=0.5'), /^application\/openmetrics-text/);
+      assert.match(await type('/metrics', 'text/plain;q=0.1, application/json;q=0.5, text/plain;version=0.0.4'), /^text\/plain; version=0\.0\.4/);
       const bad = await call(relay, '/metrics?format=xml');
       assert.equal(bad.status, 400);
       assert.deepEqual(bad.body, { error: 'bad_request', message: 'format must be one of json, prometheus, openmetrics' });
