@@ -254,6 +254,20 @@ describe('GET /metrics', () => {
     }
   });
 
+  test('a clock stepped back past the oldest waiting message shows an age of 0, not a negative one', async () => {
+    const clock = new ManualClock();
+    const relay = await startTestRelay({}, { clock, startDelivery: false });
+    try {
+      await sendMail(relay.smtpPort);
+      clock.advance(-60_000);
+      const { body } = await call<string>(relay, '/metrics?format=prometheus');
+      assert.match(body, /^relayq_queue_oldest_age_seconds 0$/m);
+      assert.equal((await call(relay, '/metrics')).body.oldest_queued_age_seconds, 0);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('the upgrade to 008 starts a processing-time total that a stepped clock made negative again at 0', async () => {
     const sqlite = new Database(path.join(tempDir(), 'old.db'));
     const db = kyselyFor(sqlite);
