@@ -617,6 +617,34 @@ describe('HTTP errors are JSON', () => {
   });
 });
 
+test('an HTTP/1.0 request without Host is answered; an HTTP/1.1 one gets its 400 with Connection: close', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false });
+  /** One request written as is; the whole answer once the server closes the connection. */
+  const raw = (request: string) =>
+    new Promise<string>((resolve, reject) => {
+      const socket = net.connect(relay.httpPort as number, '127.0.0.1', () => socket.write(request));
+      let text = '';
+      socket.setEncoding('latin1');
+      socket.on('data', (d: string) => {
+        text += d;
+      });
+      socket.on('error', reject);
+      socket.on('close', () => resolve(text));
+    });
+  try {
+    // as a plain HTTP/1.0 health check (HAProxy's httpchk, nc) sends it
+    const old = await raw('GET /health HTTP/1.0\r\n\r\n');
+    assert.match(old, /^HTTP\/1\.1 200 /);
+    assert.equal(JSON.parse(old.slice(old.indexOf('\r\n\r\n') + 4)).status, 'ok');
+    // the client asked for no close: the server closes, and says so
+    const noHost = await raw('GET /health HTTP/1.1\r\n\r\n');
+    assert.match(noHost, /^HTTP\/1\.1 400 /);
+    assert.match(noHost.slice(0, noHost.indexOf('\r\n\r\n')), /\r\nConnection: close(\r\n|$)/i);
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('the unfiltered message list is one snapshot: a message changing state meanwhile shows up exactly once', async () => {
   const { Worker } = await import('node:worker_threads');
   const { createRequire } = await import('node:module');
