@@ -149,6 +149,21 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
       lock.release();
     }
   };
+  // The lock says no other relay runs on this database: a claim still held was left by one that
+  // ended without handing it back. It is due again now, as Postfix's queue manager moves its
+  // active queue back at its start, rather than once its lease (processingTimeout) has run out.
+  try {
+    const orphaned = await commits.write('releaseOrphanedClaims', clock.now());
+    if (orphaned.length > 0) {
+      logger.warn(
+        { event: 'delivery.claims_recovered', count: orphaned.length, ids: orphaned.slice(0, 10) },
+        'messages were being delivered when relayq last stopped without handing them back: due again now',
+      );
+    }
+  } catch (err) {
+    await closeStorage();
+    throw refused(err as Error);
+  }
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
   const delivery = new DeliveryEngine({
     config,

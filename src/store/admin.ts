@@ -186,7 +186,7 @@ export function flushQueued(sqlite: Sqlite, ids: string[], now: number, batchDel
 
 /** What a `held` result means, in the words of the CLI and the API. */
 export const HELD =
-  'a delivery worker holds it: it is being delivered, or was when its relay stopped without handing it back (then until its processingTimeout lease runs out)';
+  'a delivery worker holds it: it is being delivered, or was when its relay stopped without handing it back (then until the relay starts again, or its processingTimeout lease runs out)';
 
 export type DeleteResult = 'deleted' | 'held' | 'not-found';
 

@@ -437,6 +437,23 @@ export function releaseClaims(
   return released;
 }
 
+/**
+ * At the start, under the database lock (no other relay runs on this file): every claim still
+ * held was left by a relay that ended without handing it back (`kill -9`, a crash, power loss).
+ * They are given back, due at once, instead of waiting out their leases; as in a shutdown's
+ * release, the attempts counted at their claim stay counted. Returns the messages' ids.
+ */
+export function releaseOrphanedClaims(sqlite: Sqlite, now: number): string[] {
+  return prepared(
+    sqlite,
+    `UPDATE messages SET state = 'queued', lease_expires_at = NULL, next_attempt_at = ?, updated_at = ?
+     WHERE id IN (SELECT id FROM messages INDEXED BY messages_lease WHERE state = 'sending')
+     RETURNING id`,
+  )
+    .pluck()
+    .all(now, now) as string[];
+}
+
 export interface RequeueOptions {
   now: number;
   maxAttempts: number;

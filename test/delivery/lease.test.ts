@@ -421,7 +421,7 @@ describe('claims and leases', () => {
     upstream.hold = () => false;
     const second = await spawnRelay(dir, flags);
     try {
-      // b's claim is taken again once its lease (processingTimeout) has run out
+      // b's claim, left by the kill, is given back when the relay starts again
       await waitFor(() => upstream.accepted.length === 2, 30_000, 'b delivered after the restart');
       assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com'], ['b@example.com']], 'a got the message once');
     } finally {

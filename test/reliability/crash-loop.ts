@@ -16,7 +16,7 @@ export interface CrashLoopOptions {
   clients: number;
   /** How long the relay runs before the next kill: uniform in [min, max] ms. */
   uptimeMs: [number, number];
-  /** Lease of a claim (processingTimeout, seconds): a killed delivery is retried after it. */
+  /** Lease of a claim (processingTimeout, seconds); a restart gives back the claims a kill left. */
   processingTimeoutS: number;
   /** Time allowed for the queue to drain after the last restart. */
   drainTimeoutMs: number;
