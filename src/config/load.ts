@@ -393,6 +393,12 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, erro
       `serverName ${c.serverName} is a name reserved for examples (RFC 2606): every Received: header and the EHLO to the upstream carry it; set it to this host's name`,
     );
   }
+  if (c.forwardSMTP && !c.serverName.includes('.') && !c.serverName.startsWith('[')) {
+    // the default is the host's name, which is often a bare one; Postfix would add its mydomain
+    warnings.push(
+      `serverName ${c.serverName} is not a fully qualified domain name: it is the EHLO name relayq sends to the upstream, and an upstream that requires one (Postfix's reject_non_fqdn_helo_hostname) fails every message for good; set serverName to this host's full name`,
+    );
+  }
   checkAccessPolicy(c, fail, warnings);
 }
 

@@ -121,6 +121,21 @@ describe('loadConfig', () => {
     for (const name of ['relay.mycompany.com', 'example.community', 'myexample.com', 'relay.test', 'mail.example.co.uk']) assert.ok(!warned(name), name);
   });
 
+  test('a serverName that is no fully qualified name gets a warning when it is the EHLO name sent upstream', () => {
+    const warnings = (...flags: string[]) => {
+      const r = loadConfig(flags, { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' });
+      assert.ok(r.ok, JSON.stringify(r));
+      return r.warnings;
+    };
+    const upstream = ['--forwardSMTP', '--forwardHost', 'smtp.mycompany.com'];
+    assert.deepEqual(warnings(...upstream, '--serverName', 'mailhost'), [
+      "serverName mailhost is not a fully qualified domain name: it is the EHLO name relayq sends to the upstream, and an upstream that requires one (Postfix's reject_non_fqdn_helo_hostname) fails every message for good; set serverName to this host's full name",
+    ]);
+    for (const name of ['relay.mycompany.com', '[192.0.2.25]']) assert.deepEqual(warnings(...upstream, '--serverName', name), [], name);
+    // delivered into emailsDir, the name is only written into Received:
+    assert.deepEqual(warnings('--serverName', 'mailhost'), []);
+  });
+
   test('requireAuth without credentials: loopback-only mode with a warning', () => {
     const r = loadConfig([], {});
     assert.ok(r.ok);
