@@ -116,7 +116,7 @@ operatorCommand('status', 'queue counts, lifetime totals (the numbers /metrics r
 
 operatorCommand('queue', 'list messages, newest first')
   .option('--state <state>', `only messages in this state (${MESSAGE_STATES.join(', ')})`, once('--state', parseStateOption))
-  .option('--sender <address>', 'only mail from this envelope sender (case-insensitive; "" = the null sender)', once('--sender'))
+  .option('--sender <address>', 'only mail from this envelope sender (case-insensitive; "<>" or "" = the null sender)', once('--sender'))
   .option('--recipient <address>', 'only mail to this recipient', once('--recipient'))
   .option('--limit <n>', 'at most this many messages (default: 50)', once('--limit', positiveInt))
   .option('--before <cursor>', 'the page after this one (the cursor printed at the end of a full page, or a message id)', once('--before'))

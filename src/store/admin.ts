@@ -4,7 +4,7 @@
 // touched, so a requeue can only re-send to recipients that did not get the message.
 import type { Sqlite } from './db.js';
 import { type FailedScanCursor, failedPage, nextBatchAt } from './delivery.js';
-import { senderKey } from './intake.js';
+import { senderFilterKey } from './intake.js';
 import { listMessages } from './queries.js';
 import { prepared } from './statements.js';
 
@@ -110,7 +110,7 @@ export function requeueFailed(sqlite: Sqlite, filter: RequeueStep, now: number, 
   const params: unknown[] = [];
   if (filter.sender !== undefined) {
     where.push('sender_key = ?');
-    params.push(senderKey(filter.sender));
+    params.push(senderFilterKey(filter.sender));
   }
   if (filter.since !== undefined) {
     where.push('finished_at >= ?');

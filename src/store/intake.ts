@@ -89,6 +89,15 @@ export function senderKey(mailFrom: string): string {
   return decodeIdnDomain(mailFrom).toLowerCase();
 }
 
+/**
+ * The key a sender filter (`relayq queue --sender`, `?sender=`, a bulk retry's `sender`) asks for:
+ * also the sender as listings show it and MAIL FROM writes it, `<>` for the null sender and
+ * `<app@example.com>` for an address, since no stored sender starts with `<`.
+ */
+export function senderFilterKey(sender: string): string {
+  return senderKey(/^<(.*)>$/s.exec(sender)?.[1] ?? sender);
+}
+
 /** The limits in the order they are checked: the first one reached is the one reported. */
 const LIMIT_NAMES: readonly LimitName[] = ['maxPerHour', 'maxPerDay', 'globalMaxPerHour', 'globalMaxPerDay'];
 

@@ -7,7 +7,7 @@ import { decodeIdnDomain } from '../address.js';
 import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
 import { replyWithCodeSql } from './delivery.js';
-import { senderKey } from './intake.js';
+import { senderFilterKey } from './intake.js';
 import { ATTEMPT_OUTCOMES, type AttemptOutcome, MESSAGE_STATES, type MessageState, type RecipientStatus } from './schema.js';
 import { prepared } from './statements.js';
 
@@ -284,7 +284,7 @@ function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: Cursor | undef
   }
   if (filter.sender !== undefined) {
     where.push(`${column('sender_key')} = ?`);
-    params.push(senderKey(filter.sender));
+    params.push(senderFilterKey(filter.sender));
   }
   if (cursor) {
     where.push('(received_at, id) < (?, ?)');

@@ -163,7 +163,7 @@ describe('admin: requeue failed mail', () => {
         [postJson([1, 2]), 'the body must be a JSON object with optional ids, sender, since'],
         [postJson({ ids: 'ABC' }), 'ids must be a non-empty array of at most 10000 message ids'],
         [postJson({ ids: [] }), 'ids must be a non-empty array of at most 10000 message ids'],
-        [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "" for <>)'],
+        [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "<>" or "" for the null sender)'],
         ...['yesterday', 'Mar 3 2026', '1772529300000', '2026-03-03T08:00:00', '2026-13-03', '2026-02-30', '2026-02-31T08:00Z', '2026-03-03T24:00Z', -5, 1.5].map(
           (since): [RequestInit, string] => [postJson({ since }), 'since must be an ISO 8601 date or time with a zone (2026-03-03T08:00:00Z) or epoch milliseconds (a number)'],
         ),
@@ -238,7 +238,7 @@ describe('admin: make queued mail due now', () => {
       const cases: Array<[RequestInit, string]> = [
         [{ method: 'POST', body: '{"sender": ' }, 'the body is not valid JSON'],
         [postJson(['a@example.com']), 'the body must be a JSON object with an optional sender'],
-        [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "" for <>)'],
+        [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "<>" or "" for the null sender)'],
         [postJson({ ids: ['ABC'] }), 'unknown field "ids": expected sender'],
         [postJson({ sender: `a@${'d'.repeat(319)}` }), 'sender must be at most 320 characters, as every envelope sender relayq takes'],
       ];
@@ -323,6 +323,17 @@ describe('admin: queue inspection', () => {
         'auth_user', 'claims', 'client_ip', 'finished_at', 'id', 'last_error', 'mail_from', 'next_attempt_at', 'received_at', 'recipient_count', 'size', 'state',
       ]);
       assert.equal(first.received_at, new Date(clock.now()).toISOString());
+
+      // the null sender is found as a listing shows it, <>, or empty; an address also as MAIL FROM
+      // writes it, in angle brackets
+      const bounce = await sendAsWritten(relay, '', ['bounced@example.com']);
+      for (const query of ['', '<>']) {
+        const res = await call<Page>(relay, `/admin/messages?sender=${encodeURIComponent(query)}`);
+        assert.deepEqual(res.body.messages.map((m) => m.id), [bounce], JSON.stringify(query));
+      }
+      const bracketed = await call<Page>(relay, `/admin/messages?sender=${encodeURIComponent('<TOM@example.com>')}`);
+      assert.deepEqual(bracketed.body.messages.map((m) => m.id), truth("WHERE sender_key = 'tom@example.com'"));
+      assert.ok(bracketed.body.messages.length > 0);
 
       // the recipient filter ignores case, as the sender filter does
       const mixed = await send(relay, 'x@example.com', ['John.Doe@Example.com']);
