@@ -196,6 +196,73 @@ test('retention counts deliveredDays from the delivery, not the arrival: mail de
   }
 });
 
+test('delivered mail goes once it is more than deliveredDays old, not at the instant it is that old, and the oldest goes first', async () => {
+  const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
+  const t0 = clock.now();
+  const relay = await startTestRelay({ retention: { deliveredDays: 7 } }, { clock, startDelivery: false, startRetention: false });
+  try {
+    const ids: string[] = [];
+    for (const [i, to] of ['first@example.com', 'second@example.com', 'third@example.com'].entries()) {
+      clock.set(t0 + i * MINUTE);
+      ids.push(/queued as (\S+)/.exec((await sendMail(relay.smtpPort, { from: 'app@example.com', to: [to] })).response)?.[1] as string);
+      await relay.delivery.runOnce();
+    }
+    const state = (id: string) => (relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').get(id) as { state: string } | undefined)?.state;
+    assert.deepEqual(ids.map(state), ['delivered', 'delivered', 'delivered']);
+    const sweeper = new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 1 });
+
+    clock.set(t0 + 7 * DAY);
+    assert.equal((await sweeper.runOnce()).messages, 0, 'delivered exactly 7 days ago: kept');
+    clock.set(t0 + 7 * DAY + 1);
+    assert.equal((await sweeper.runOnce()).messages, 1);
+    assert.deepEqual(ids.map(state), [undefined, 'delivered', 'delivered']);
+
+    // both others are past their age now; a batch of one takes the one delivered first
+    clock.set(t0 + 8 * DAY);
+    assert.equal((await sweeper.runOnce()).messages, 1);
+    assert.deepEqual(ids.map(state), [undefined, undefined, 'delivered']);
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('a sweep removes at most its batch of rows in all: delivered mail first, buckets with what is left', async () => {
+  const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
+  const t0 = clock.now();
+  const relay = await startTestRelay({ retention: { deliveredDays: 7 } }, { clock, startDelivery: false, startRetention: false });
+  try {
+    for (const to of ['a@example.com', 'b@example.com']) await sendMail(relay.smtpPort, { from: 'app@example.com', to: [to] });
+    await relay.delivery.runOnce();
+    clock.set(t0 + 7 * DAY + MINUTE);
+    const sweeper = new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 3 });
+    // two messages, then t0's minute and hour buckets of the sender and of all mail: four
+    assert.deepEqual(await sweeper.runOnce(), { messages: 2, buckets: 1 });
+    assert.deepEqual(await sweeper.runOnce(), { messages: 0, buckets: 3 });
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('a per-minute rate bucket is pruned in the minute no rolling day reaches it any more', async () => {
+  const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
+  const t0 = clock.now();
+  const relay = await startTestRelay({ retention: { deliveredDays: 0 } }, { clock, startDelivery: false, startRetention: false });
+  try {
+    await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['a@example.com'] });
+    const minutes = () => (relay.store.sqlite.prepare('SELECT COUNT(*) AS n FROM rate_buckets').get() as { n: number }).n;
+    assert.equal(minutes(), 2, "the sender's bucket and that of all mail");
+    // the day window is the last 1,440 minutes, this one included: t0's minute is its first
+    clock.set(t0 + 1439 * MINUTE);
+    await relay.retention.runOnce();
+    assert.equal(minutes(), 2);
+    clock.set(t0 + 1440 * MINUTE);
+    await relay.retention.runOnce();
+    assert.equal(minutes(), 0);
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('pruning rate buckets reads the minute and hour indexes, not the whole tables', async () => {
   const { openStore } = await import('../../src/store/db.js');
   const store = await openStore(path.join(tempDir(), 'plan.db'));
