@@ -4,7 +4,7 @@ import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { ADMIN_STEP, flushQueued, type RequeueStep, requeueFailed, requeueFailedInSteps } from '../../src/store/admin.js';
+import { ADMIN_STEP, deleteMessage, flushQueued, type RequeueStep, requeueFailed, requeueFailedInSteps, retryMessage } from '../../src/store/admin.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { capturedLog, holdWriteLock, NO_LIMITS, newMessage, openSession, sendMail, startHoldingUpstream, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
@@ -229,6 +229,31 @@ describe('admin: make queued mail due now', () => {
     } finally {
       await relay.stop();
       await upstream?.close();
+    }
+  });
+
+  test('retry-queued never makes mail due later than it was: a next batch due before batchDelay after the last one stays due', async () => {
+    const clock = new ManualClock();
+    const upstream = await startUpstream();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 1, batchDelay: 60 },
+      options(clock),
+    );
+    try {
+      const id = await send(relay, 'a@example.com', ['x@example.com', 'y@example.com']);
+      await relay.delivery.runOnce();
+      assert.deepEqual(upstream.received.map((m) => m.to), [['x@example.com']]);
+      // due a second after its first batch, as a shorter batchDelay had it when the batch ended
+      const dueAt = clock.now() + 1000;
+      await writeDirect(relay, (db) => db.prepare('UPDATE messages SET next_attempt_at = ? WHERE id = ?').run(dueAt, id));
+      clock.advance(2000);
+      assert.deepEqual((await call(relay, '/admin/retry-queued', { method: 'POST' })).body, { due_now: 1 });
+      assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.next_attempt_at, new Date(dueAt).toISOString());
+      await relay.delivery.runOnce();
+      assert.deepEqual(upstream.received.map((m) => m.to), [['x@example.com'], ['y@example.com']]);
+    } finally {
+      await relay.stop();
+      await upstream.close();
     }
   });
 
@@ -560,6 +585,26 @@ describe('admin: retry and delete one message', () => {
       upstream.release();
       await relay.stop();
       await upstream.close();
+    }
+  });
+  test('a claim whose lease ran out (its relay stopped without handing it back) holds the message until that instant, not after', async () => {
+    const clock = new ManualClock();
+    const relay = await startTestRelay({}, options(clock));
+    try {
+      const retried = await send(relay, 'a@example.com', ['x@example.com']);
+      const deleted = await send(relay, 'a@example.com', ['y@example.com']);
+      const leaseEnds = clock.now() + 60_000;
+      await writeDirect(relay, (db) =>
+        db.prepare("UPDATE messages SET state = 'sending', lease_token = 'stopped', lease_expires_at = ? WHERE id IN (?, ?)").run(leaseEnds, retried, deleted),
+      );
+      const at = <T>(fn: (db: Relay['store']['sqlite']) => T) => writeDirect(relay, fn);
+      assert.equal(await at((db) => retryMessage(db, retried, leaseEnds - 1, 0)), 'held');
+      assert.equal(await at((db) => deleteMessage(db, deleted, leaseEnds - 1)), 'held');
+      assert.equal(await at((db) => retryMessage(db, retried, leaseEnds, 0)), 'due-now', 'claimable again: the delivery engine takes it back');
+      assert.equal(await at((db) => deleteMessage(db, deleted, leaseEnds)), 'deleted');
+      assert.equal(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(deleted), undefined);
+    } finally {
+      await relay.stop();
     }
   });
 });
