@@ -7,7 +7,7 @@ import { migrations } from '../../migrations/index.js';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { kyselyFor, migrateToLatest } from '../../src/store/db.js';
-import { closedPort, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';
+import { closedPort, sendMail, startHoldingUpstream, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson } from './fixtures.js';
 
 type Json = Record<string, unknown>;
@@ -136,6 +136,26 @@ describe('GET /metrics', () => {
       assert.equal((m.upstream as Json).consecutive_failures, 4);
     } finally {
       await relay.stop();
+    }
+  });
+
+  test('the oldest message not yet final counts while it is being sent, not only while it waits', async () => {
+    const clock = new ManualClock();
+    const upstream = await startHoldingUpstream();
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0 }, relayOptions(clock));
+    try {
+      await sendMail(relay.smtpPort, { from: 'a@example.com', to: ['x@example.com'] });
+      clock.advance(30_000);
+      const run = relay.delivery.runOnce();
+      await waitFor(async () => ((await call(relay, '/metrics')).body.queue as Json).sending === 1, 10_000, 'the claim');
+      assert.equal((await call(relay, '/metrics')).body.oldest_queued_age_seconds, 30);
+      upstream.release();
+      await run;
+      assert.equal((await call(relay, '/metrics')).body.oldest_queued_age_seconds, null);
+    } finally {
+      upstream.release();
+      await relay.stop();
+      await upstream.close();
     }
   });
 
