@@ -24,6 +24,7 @@ import { DiskSpace } from './store/disk.js';
 import { lockDatabase } from './store/maintenance.js';
 import { RetentionSweeper } from './store/retention.js';
 import { StoreWriter } from './store/writer.js';
+import { VERSION } from './version.js';
 
 export interface RelayOptions {
   clock?: Clock;
@@ -211,7 +212,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     throw new Error(`smtpHost, smtpPort: cannot listen on ${hostPort(config.smtpHost, config.smtpPort)}: ${(err as Error).message}`, { cause: err });
   }
   // the addresses listened on: a host name listens on the first address it resolves to
-  logger.info({ event: 'relay.started', smtp: hostPort(smtp.address, smtp.port), config: redactConfig(config) }, 'relayq started');
+  logger.info({ event: 'relay.started', version: VERSION, smtp: hostPort(smtp.address, smtp.port), config: redactConfig(config) }, 'relayq started');
   if (api) logger.info({ event: 'api.listening', http: hostPort(api.address, api.port) }, 'HTTP API listening');
 
   if (options.startDelivery ?? true) {

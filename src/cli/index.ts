@@ -7,6 +7,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { CONFIG_KEYS } from '../config/schema.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
+import { VERSION } from '../version.js';
 import { CliError, configFlags, type GlobalOptions } from './context.js';
 
 /**
@@ -31,6 +32,7 @@ const program = new Command();
 program
   .name('relayq')
   .description('Durable SMTP store-and-forward relay')
+  .version(VERSION, '-V, --version', 'print the version')
   // Usage errors (bad option value, unknown command) are one line like every other failure. An
   // unknown option is named without its value: `relayq --defaultPassword=… serve` (a key given
   // before the command name) must not print the password.

@@ -12,7 +12,7 @@ import { formatErrors, loadConfig, parseFlags, readConfigFile } from '../../src/
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
 import { runCli } from '../cli/run-cli.js';
-import { capturedLog, cliArgs, closedPort, SmtpClient, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
+import { capturedLog, cliArgs, closedPort, REPO_ROOT, SmtpClient, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
 
 const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
 
@@ -777,7 +777,7 @@ describe('listen and upstream addresses as logged and recorded', () => {
     });
   }
 
-  test('a host name is logged as the address it listens on', async () => {
+  test('a host name is logged as the address it listens on, with the version that runs', async () => {
     const log = capturedLog('info');
     const relay = await startTestRelay({ smtpHost: 'localhost', healthCheckHost: 'localhost' }, { startDelivery: false, logger: log.logger });
     try {
@@ -786,6 +786,11 @@ describe('listen and upstream addresses as logged and recorded', () => {
       // localhost's first address: 127.0.0.1, or ::1 where the resolver puts it first
       assert.match(String(started.smtp), new RegExp(`^(127\\.0\\.0\\.1|\\[::1\\]):${relay.smtpPort}$`));
       assert.match(String(api.http), new RegExp(`^(127\\.0\\.0\\.1|\\[::1\\]):${relay.httpPort}$`));
+      // which relayq this is: package.json's version, as `relayq --version` prints it
+      const pkg = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8')) as { version: string };
+      assert.equal(started.version, pkg.version);
+      const printed = spawnSync(process.execPath, cliArgs('--version'), { encoding: 'utf8', timeout: 30_000 });
+      assert.deepEqual([printed.status, printed.stdout, printed.stderr], [0, `${pkg.version}\n`, '']);
     } finally {
       await relay.stop();
     }
