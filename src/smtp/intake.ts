@@ -341,6 +341,8 @@ export class SmtpIntake {
           client: this.peer(session),
           helo: session.hostNameAppearsAs || undefined,
           user: authUserOf(session) ?? undefined,
+          // as Postfix logs a TLS session: protocol and cipher (after STARTTLS)
+          ...(session.tlsOptions ? { tls: `${session.tlsOptions.version} ${session.tlsOptions.name}` } : {}),
           accepted: s.accepted ?? 0,
           ...(s.queueIds ? { queueIds: s.queueIds } : {}),
           refused: s.refusedCount ?? 0,

@@ -595,6 +595,7 @@ describe('STARTTLS', () => {
     const dir = (await import('../helpers.js')).tempDir();
     fs.writeFileSync(path.join(dir, 'key.pem'), key);
     fs.writeFileSync(path.join(dir, 'cert.pem'), cert);
+    const log = capturedLog('info');
     await withTestRelay(
       {
         defaultUsername: 'app',
@@ -602,8 +603,10 @@ describe('STARTTLS', () => {
         security: { allowLocalOnly: false },
         tls: { key: path.join(dir, 'key.pem'), cert: path.join(dir, 'cert.pem') },
       },
-      { smtpPeerAddress: () => '203.0.113.8' },
+      { smtpPeerAddress: () => '203.0.113.8', logger: log.logger },
       async (relay) => {
+        const plain = await ehlo(relay.smtpPort);
+        plain.c.close();
         const { c, reply } = await ehlo(relay.smtpPort);
         assert.match(reply, /250[- ]STARTTLS/);
         // over TLS too the EHLO reply offers no REQUIRETLS (relayq does not implement it)
@@ -623,6 +626,12 @@ describe('STARTTLS', () => {
         assert.match(info.response, /^250 2\.0\.0 /);
         const row = relay.store.sqlite.prepare('SELECT raw FROM message_bodies').get() as { raw: Buffer };
         assert.match(row.raw.toString(), /with ESMTPSA id/);
+        // each session's line says whether it was encrypted, and with what, as Postfix logs it
+        await waitFor(() => log.entries().filter((e) => e.event === 'smtp.session').length === 3, 10_000, 'three sessions logged');
+        const sessions = log.entries().filter((e) => e.event === 'smtp.session');
+        const encrypted = sessions.filter((e) => e.tls !== undefined);
+        assert.equal(encrypted.length, 2, 'the plain session has no tls');
+        for (const session of encrypted) assert.match(String(session.tls), /^TLSv1\.[23] [A-Z0-9_-]+$/);
       },
     );
   });
