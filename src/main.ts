@@ -214,6 +214,13 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   // the addresses listened on: a host name listens on the first address it resolves to
   logger.info({ event: 'relay.started', version: VERSION, smtp: hostPort(smtp.address, smtp.port), config: redactConfig(config) }, 'relayq started');
   if (api) logger.info({ event: 'api.listening', http: hostPort(api.address, api.port) }, 'HTTP API listening');
+  // said now, not first at the next MAIL FROM (452) or health check
+  if (disk.isLow()) {
+    logger.warn(
+      { event: 'relay.disk_low', freeMb: disk.freeMb(), minFreeDiskMb: config.minFreeDiskMb },
+      'free disk space is below minFreeDiskMb: new mail is refused with 452 until there is more',
+    );
+  }
 
   if (options.startDelivery ?? true) {
     commits.onCommitted = () => delivery.wake();

@@ -404,9 +404,12 @@ describe('GET /health', () => {
     }
   });
 
-  test('error and 503 when free disk space is below minFreeDiskMb', async () => {
-    const relay = await startTestRelay({ minFreeDiskMb: 100_000_000 }, { startDelivery: false });
+  test('error and 503 when free disk space is below minFreeDiskMb, said in the log at the start', async () => {
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ minFreeDiskMb: 100_000_000 }, { startDelivery: false, logger: log.logger });
     try {
+      const [low] = log.entries().filter((e) => e.event === 'relay.disk_low');
+      assert.deepEqual([low?.level, low?.minFreeDiskMb, typeof low?.freeMb], [40, 100_000_000, 'number']);
       const { status, body } = await call<Health>(relay, '/health');
       assert.equal(status, 503);
       assert.equal(body.status, 'error');
