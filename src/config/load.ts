@@ -141,8 +141,13 @@ function describeJsonError(err: Error, text: string): string {
     const before = text.slice(0, pos).split('\n');
     return ` at line ${before.length}, column ${before[before.length - 1].length + 1}`;
   };
+  // a comment, as many config formats take and JSON does not
+  const comment = (pos: number) => (text.startsWith('//', pos) || text.startsWith('/*', pos) ? ' (JSON takes no comments)' : '');
   const positioned = /^((?:[^'"]|'[^']')*?) (in|after) JSON at position (\d+)/.exec(err.message);
-  if (positioned) return `${positioned[1]}${positioned[2] === 'after' ? ' after the object' : ''}${at(Number(positioned[3]))}`;
+  if (positioned) {
+    const pos = Number(positioned[3]);
+    return `${positioned[1]}${positioned[2] === 'after' ? ' after the object' : ''}${at(pos)}${comment(pos)}`;
+  }
   if (/^Unexpected end of JSON input/.test(err.message)) return 'unexpected end of the file';
   const token = /^Unexpected token '(.{1,2}?)', (\.\.\.)?"(.*)"(\.\.\.)? is not valid JSON$/s.exec(err.message);
   if (!token) return 'syntax error';
@@ -150,7 +155,7 @@ function describeJsonError(err: Error, text: string): string {
   let pos: number | undefined;
   if (lead && text.includes(context)) pos = text.indexOf(context) + 10;
   else if (!lead && trail) pos = context.length - 10;
-  const hint = /^['\p{L}]/u.test(char) ? ' (strings must be in double quotes)' : '';
+  const hint = /^['\p{L}]/u.test(char) ? ' (strings must be in double quotes)' : pos === undefined ? '' : comment(pos);
   return `unexpected character${pos === undefined ? '' : at(pos)}${hint}`;
 }
 

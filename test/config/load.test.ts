@@ -449,6 +449,9 @@ describe('loadConfig', () => {
       ['{"defaultPassword": "abc"Tr0ub4dor"}', /^c\.json is not valid JSON: .* at line 1, column 26$/],
       ['{"smtpPort": 25,}', /^c\.json is not valid JSON: .* at line 1, column 17$/],
       ['{"smtpPort": ', /^c\.json is not valid JSON: unexpected end of the file$/],
+      ['{\n  // the relay\n  "smtpPort": 25\n}', /^c\.json is not valid JSON: .* at line 2, column 3 \(JSON takes no comments\)$/],
+      ['{"smtpPort": 25, /* the port */ "forwardPort": 587}', /^c\.json is not valid JSON: .* at line 1, column 18 \(JSON takes no comments\)$/],
+      ['{"smtpPort": /* the port */ 25}', /^c\.json is not valid JSON: .* at line 1, column 14 \(JSON takes no comments\)$/],
     ];
     for (const [text, expected] of cases) {
       const messages = errorMessages(loadConfig([], {}, { path: 'c.json', text }));
