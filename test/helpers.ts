@@ -329,8 +329,11 @@ export async function startUpstream(options: Partial<SMTPServerOptions> = {}, li
   };
 }
 
-/** An upstream that takes each message's data and answers it only once release() is called. */
-export async function startHoldingUpstream(): Promise<Upstream & { release(): void }> {
+/**
+ * An upstream that takes each message's data and answers it only once release() is called: with
+ * `250`, or with the error `refusal` gives (one with a `responseCode`).
+ */
+export async function startHoldingUpstream(refusal: () => Error | undefined = () => undefined): Promise<Upstream & { release(): void }> {
   let release: () => void = () => {};
   const held = new Promise<void>((resolve) => {
     release = resolve;
@@ -338,7 +341,7 @@ export async function startHoldingUpstream(): Promise<Upstream & { release(): vo
   const upstream = await startUpstream({
     onData(stream, _session, cb) {
       stream.resume();
-      stream.on('end', () => held.then(() => cb()));
+      stream.on('end', () => held.then(() => cb(refusal() ?? null)));
     },
   });
   return Object.assign(upstream, { release });
