@@ -35,11 +35,13 @@ const API_LIMITS: ApiLimits = { maxConnections: 256, headersTimeoutMs: 10_000, r
 export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, limits: ApiLimits = API_LIMITS): Promise<ApiServer> {
   // what @hono/node-server's serve() does, with the error handler it does not pass on
   const listener = getRequestListener(app.fetch, { hostname: host, errorHandler: requestError });
+  // Node refuses a whole-request timeout shorter than the one for the head
+  const timeouts = { headersTimeoutMs: limits.headersTimeoutMs, requestTimeoutMs: Math.max(limits.requestTimeoutMs, limits.headersTimeoutMs) };
   // Node's own check would answer an HTTP/1.1 request without Host (RFC 9112 §3.2) with an empty 400
   const options = {
     requireHostHeader: false,
-    headersTimeout: limits.headersTimeoutMs,
-    requestTimeout: Math.max(limits.requestTimeoutMs, limits.headersTimeoutMs),
+    headersTimeout: timeouts.headersTimeoutMs,
+    requestTimeout: timeouts.requestTimeoutMs,
     // how often those timeouts are checked (Node's default, 30 s, would let a slow head stay 40 s)
     connectionsCheckingInterval: Math.min(1000, limits.headersTimeoutMs),
   };
@@ -48,7 +50,7 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
     const body = JSON.stringify({ error: 'bad_request', message: 'malformed request: an HTTP/1.1 request needs a Host header' });
     res.writeHead(400, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), Connection: 'close' }).end(body);
   });
-  server.on('clientError', (err: NodeJS.ErrnoException & { reason?: string }, socket: Socket) => clientError(err, socket, limits));
+  server.on('clientError', (err: NodeJS.ErrnoException & { reason?: string }, socket: Socket) => clientError(err, socket, timeouts));
   server.maxConnections = limits.maxConnections;
   return new Promise((resolve, reject) => {
     server.once('error', reject);
@@ -86,7 +88,7 @@ function requestError(err: unknown): Response {
  * part of a response. The socket is closed once the answer is written, whether or not the client
  * closes its side: one that never does must not keep holding a place under `maxConnections`.
  */
-function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: Socket, limits: ApiLimits): void {
+function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: Socket, timeouts: Omit<ApiLimits, 'maxConnections'>): void {
   const response = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage;
   if (!socket.writable || response?.headersSent || err.code === 'ECONNRESET') {
     socket.destroy();
@@ -96,7 +98,7 @@ function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: S
     err.code === 'HPE_HEADER_OVERFLOW'
       ? [431, 'request_header_fields_too_large', 'request head too large: its request line and headers may take at most 16 KiB']
       : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
-        ? [408, 'request_timeout', `request too slow: a request head must arrive within ${seconds(limits.headersTimeoutMs)} and the whole request within ${seconds(Math.max(limits.requestTimeoutMs, limits.headersTimeoutMs))}`]
+        ? [408, 'request_timeout', `request too slow: a request head must arrive within ${seconds(timeouts.headersTimeoutMs)} and the whole request within ${seconds(timeouts.requestTimeoutMs)}`]
         : [400, 'bad_request', `malformed request: ${err.reason ?? 'bad request'}`];
   const body = JSON.stringify({ error, message });
   socket.end(
