@@ -1,5 +1,6 @@
 // Every schema migration, in order. Listed here (not discovered on disk) so that the same
-// code runs from TypeScript sources and from the compiled build.
+// code runs from TypeScript sources and from the compiled build; a name missing from names.ts,
+// or one of its names missing here, does not compile.
 import type { Migration } from 'kysely';
 import * as initial from './001_initial.js';
 import * as metrics from './002_metrics.js';
@@ -9,8 +10,9 @@ import * as recipientAddressNocase from './005_recipient_address_nocase.js';
 import * as messageBodies from './006_message_bodies.js';
 import * as upstreamFailures from './007_upstream_failures.js';
 import * as processingTimeFloor from './008_processing_time_floor.js';
+import type { MigrationName } from './names.js';
 
-export const migrations: Record<string, Migration> = {
+export const migrations: Record<MigrationName, Migration> = {
   '001_initial': initial,
   '002_metrics': metrics,
   '003_rate_bucket_minute': rateBucketMinute,

@@ -3,6 +3,7 @@
 // file the server may be writing, and output as a table or as JSON. Failures are CliErrors:
 // the entry point prints their one-line message and exits non-zero.
 import fs from 'node:fs';
+import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { StoppedPartWay } from '../store/admin.js';
@@ -90,8 +91,8 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
 }
 
 /**
- * Opens the store without migrating; a failure is one CLI line naming the file. The query builder
- * and the migrations load here, not at the top: only the commands that write need them.
+ * Opens the store without migrating; a failure is one CLI line naming the file. The store's module
+ * loads here, not at the top: only the commands that write need it.
  */
 export async function openStoreForCli(config: Config): Promise<Store> {
   const file = config.databasePath;
@@ -136,7 +137,6 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
  * write, and export-failed, which reads the newest tables.
  */
 export async function requireCurrentSchema(sqlite: Sqlite, file: string): Promise<void> {
-  const { migrations } = await import('../../migrations/index.js');
   let applied: string[];
   try {
     applied = appliedMigrations(sqlite);
@@ -144,11 +144,11 @@ export async function requireCurrentSchema(sqlite: Sqlite, file: string): Promis
     throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
   }
   try {
-    refuseNewerSchema(applied, Object.keys(migrations));
+    refuseNewerSchema(applied, MIGRATION_NAMES);
   } catch (err) {
     throw new CliError(`database ${file}: ${(err as Error).message}`);
   }
-  const missing = Object.keys(migrations).filter((name) => !applied.includes(name));
+  const missing = MIGRATION_NAMES.filter((name) => !applied.includes(name));
   if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
 }
 
@@ -156,8 +156,8 @@ export async function requireCurrentSchema(sqlite: Sqlite, file: string): Promis
  * Closes without the full (TRUNCATE) checkpoint that Store.close does: that checkpoint blocks
  * the server's writers while it runs, and checkpointing is the server's job.
  */
-export async function closeWithoutCheckpoint(store: { db: { destroy(): Promise<void> } }): Promise<void> {
-  await store.db.destroy();
+export async function closeWithoutCheckpoint(store: Store): Promise<void> {
+  store.sqlite.close();
 }
 
 export function printJson(value: unknown): void {

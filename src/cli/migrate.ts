@@ -1,7 +1,7 @@
 // `relayq migrate`: applies pending schema migrations (the server also does this at start), so an
 // upgrade can be prepared, or a restored backup brought up to date, before the server runs.
-import { migrateToLatest } from '../store/db.js';
 import { lockDatabase } from '../store/maintenance.js';
+import { kyselyFor, migrateToLatest } from '../store/migrate.js';
 import { CliError, closeWithoutCheckpoint, openStoreForCli, type GlobalOptions, loadCliConfig, requireDatabaseFile, printJson, printText } from './context.js';
 
 export async function migrateCommand(global: GlobalOptions): Promise<void> {
@@ -21,7 +21,7 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
     throw err;
   });
   try {
-    const applied = await migrateToLatest(store.db).catch((err: Error) => {
+    const applied = await migrateToLatest(kyselyFor(store.sqlite)).catch((err: Error) => {
       throw new CliError(`migration failed on ${file}: ${err.message}`);
     });
     if (global.json) {

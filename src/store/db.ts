@@ -1,5 +1,5 @@
 // Opens the one SQLite file: WAL journal, synchronous=FULL (a commit is fsynced before it
-// returns), a busy timeout so the CLI and the server can share the file, and the Kysely
+// returns), a busy timeout so the CLI and the server can share the file, and the pending
 // migrations applied before anything else touches the schema. Nothing in the server's process
 // may open and close the database, -wal or -shm file outside SQLite (fs.copyFile, a stat through
 // open): closing any descriptor of a file drops every POSIX lock the process holds on it, and
@@ -7,17 +7,14 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect, sql } from 'kysely';
-import { migrations } from '../../migrations/index.js';
+import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { makeDirectory } from '../make-dir.js';
-import { overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema, requireWritable } from './maintenance.js';
-import type { DB } from './schema.js';
+import { appliedMigrations, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema, requireWritable } from './maintenance.js';
 
 export type Sqlite = Database.Database;
 
 export interface Store {
   sqlite: Sqlite;
-  db: Kysely<DB>;
   /** The migrations this open applied, and how long they took (ms). */
   migrated: { names: string[]; durationMs: number };
   close(): Promise<void>;
@@ -73,82 +70,52 @@ export function createPrivateFile(file: string): void {
   }
 }
 
-/**
- * SQLite changes its schema inside transactions, but Kysely's adapter says it cannot, and its
- * migrator then commits every statement on its own: a crash in the middle of a migration would
- * leave half of it applied and unrecorded, and every later start would fail on it. Saying so
- * makes the migrator run the pending migrations and their bookkeeping in one transaction.
- */
-class TransactionalDdlSqliteAdapter extends SqliteAdapter {
-  override get supportsTransactionalDdl(): boolean {
-    return true;
-  }
-}
-
-class RelayqSqliteDialect extends SqliteDialect {
-  override createAdapter(): DialectAdapter {
-    return new TransactionalDdlSqliteAdapter();
-  }
-}
-
-/** The query builder on a connection; its migrations run in one transaction (see above). */
-export function kyselyFor<T = DB>(sqlite: Sqlite): Kysely<T> {
-  return new Kysely<T>({ dialect: new RelayqSqliteDialect({ database: sqlite }) });
-}
-
 export async function openStore(file: string, options: OpenOptions = {}): Promise<Store> {
   const sqlite = openConnection(file);
   if (options.secureDelete) overwriteFreedPages(sqlite);
-  const db = kyselyFor<DB>(sqlite);
   const migrated = { names: [] as string[], durationMs: 0 };
   if (options.migrate ?? true) {
     const started = performance.now();
     try {
-      migrated.names = await migrateToLatest(db);
+      migrated.names = await migratePending(sqlite);
       migrated.durationMs = Math.round(performance.now() - started);
       requireWritable(sqlite);
     } catch (err) {
-      await db.destroy();
+      sqlite.close();
       throw err;
     }
   }
   let closed = false;
   return {
     sqlite,
-    db,
     migrated,
     async close() {
       if (closed) return;
       closed = true;
-      // Kysely's destroy closes the better-sqlite3 handle.
       try {
         sqlite.pragma('wal_checkpoint(TRUNCATE)');
       } catch {
         // another connection may hold the database; the next open checkpoints
       }
-      await db.destroy();
+      sqlite.close();
     },
   };
 }
 
-/** Applies pending migrations: all of relayq's, or (tests of an upgrade) the first few of them. */
-export async function migrateToLatest<T>(db: Kysely<T>, set: Record<string, Migration> = migrations): Promise<string[]> {
-  // (Kysely would call it "corrupted migrations: previously executed migration … is missing")
-  const applied = await sql<{ name: string }>`SELECT name FROM schema_migrations`.execute(db).then(
-    (r) => r.rows.map((row) => row.name),
-    (err: Error) => {
-      if (/^no such table/.test(err.message)) return []; // a new database
-      throw err;
-    },
-  );
-  refuseNewerSchema(applied, Object.keys(set));
-  const migrator = new Migrator({
-    db,
-    provider: { getMigrations: async () => set },
-    migrationTableName: 'schema_migrations',
-    migrationLockTableName: 'schema_migrations_lock',
-  });
-  const { error, results } = await migrator.migrateToLatest();
-  if (error) throw error instanceof Error ? error : new Error(String(error));
-  return (results ?? []).filter((r) => r.status === 'Success').map((r) => r.migrationName);
+/**
+ * Applies the pending migrations and names them. The migrator, and the query builder it runs on,
+ * load only when one is pending: most starts have none.
+ */
+async function migratePending(sqlite: Sqlite): Promise<string[]> {
+  let applied: string[];
+  try {
+    applied = appliedMigrations(sqlite);
+  } catch (err) {
+    if (!/^no such table/.test((err as Error).message)) throw err;
+    applied = []; // a new database
+  }
+  refuseNewerSchema(applied, MIGRATION_NAMES);
+  if (MIGRATION_NAMES.every((name) => applied.includes(name))) return [];
+  const { kyselyFor, migrateToLatest } = await import('./migrate.js');
+  return migrateToLatest(kyselyFor(sqlite));
 }

@@ -1,4 +1,4 @@
-// Row types of the SQLite schema (see migrations/): the migrator's `Kysely<DB>` and the tests' row reads.
+// Row types of the SQLite schema (see migrations/), as the store and the tests read them.
 import type { Generated } from 'kysely';
 
 export type MessageState = 'queued' | 'sending' | 'delivered' | 'failed';
@@ -79,14 +79,4 @@ export interface RateHoursTable {
 export interface CountersTable {
   name: string;
   value: number;
-}
-
-export interface DB {
-  messages: MessagesTable;
-  message_bodies: MessageBodiesTable;
-  recipients: RecipientsTable;
-  attempts: AttemptsTable;
-  rate_buckets: RateBucketsTable;
-  rate_hours: RateHoursTable;
-  counters: CountersTable;
 }

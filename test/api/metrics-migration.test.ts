@@ -3,7 +3,8 @@ import path from 'node:path';
 import { test } from 'node:test';
 import Database from 'better-sqlite3';
 import * as initial from '../../migrations/001_initial.js';
-import { kyselyFor, migrateToLatest, openStore } from '../../src/store/db.js';
+import { openStore } from '../../src/store/db.js';
+import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { tempDir } from '../helpers.js';
 

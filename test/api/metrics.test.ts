@@ -6,7 +6,7 @@ import Database from 'better-sqlite3';
 import { migrations } from '../../migrations/index.js';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { kyselyFor, migrateToLatest } from '../../src/store/db.js';
+import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
 import { closedPort, sendMail, startHoldingUpstream, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson } from './fixtures.js';
 

@@ -1,0 +1,55 @@
+// The schema migrations, run with Kysely's migrator. Loaded only when a migration is pending
+// (db.ts) or `relayq migrate` runs: the query builder takes longer to load than the rest of a
+// CLI command takes to run.
+import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect, sql } from 'kysely';
+import { migrations } from '../../migrations/index.js';
+import type { Sqlite } from './db.js';
+import { refuseNewerSchema } from './maintenance.js';
+
+/**
+ * SQLite changes its schema inside transactions, but Kysely's adapter says it cannot, and its
+ * migrator then commits every statement on its own: a crash in the middle of a migration would
+ * leave half of it applied and unrecorded, and every later start would fail on it. Saying so
+ * makes the migrator run the pending migrations and their bookkeeping in one transaction.
+ */
+class TransactionalDdlSqliteAdapter extends SqliteAdapter {
+  override get supportsTransactionalDdl(): boolean {
+    return true;
+  }
+}
+
+class RelayqSqliteDialect extends SqliteDialect {
+  override createAdapter(): DialectAdapter {
+    return new TransactionalDdlSqliteAdapter();
+  }
+}
+
+/**
+ * The query builder on a connection; its migrations run in one transaction (see above). Its
+ * destroy() closes the connection: the connection's owner closes it instead.
+ */
+export function kyselyFor<T>(sqlite: Sqlite): Kysely<T> {
+  return new Kysely<T>({ dialect: new RelayqSqliteDialect({ database: sqlite }) });
+}
+
+/** Applies pending migrations: all of relayq's, or (tests of an upgrade) the first few of them. */
+export async function migrateToLatest<T>(db: Kysely<T>, set: Record<string, Migration> = migrations): Promise<string[]> {
+  // (Kysely would call it "corrupted migrations: previously executed migration … is missing")
+  const applied = await sql<{ name: string }>`SELECT name FROM schema_migrations`.execute(db).then(
+    (r) => r.rows.map((row) => row.name),
+    (err: Error) => {
+      if (/^no such table/.test(err.message)) return []; // a new database
+      throw err;
+    },
+  );
+  refuseNewerSchema(applied, Object.keys(set));
+  const migrator = new Migrator({
+    db,
+    provider: { getMigrations: async () => set },
+    migrationTableName: 'schema_migrations',
+    migrationLockTableName: 'schema_migrations_lock',
+  });
+  const { error, results } = await migrator.migrateToLatest();
+  if (error) throw error instanceof Error ? error : new Error(String(error));
+  return (results ?? []).filter((r) => r.status === 'Success').map((r) => r.migrationName);
+}
