@@ -213,7 +213,7 @@ describe('claims and leases', () => {
     cleanup.push(() => upstream.close());
     const log = capturedLog('info');
     const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port });
-    const first = await startTestRelay(config, { startDelivery: false, shutdownGraceMs: 100, logger: log.logger });
+    const first = await startTestRelay(config, { startDelivery: false, startRetention: false, shutdownGraceMs: 100, logger: log.logger });
     const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com'], raw: 'Subject: slow claim\r\n\r\nbody\r\n' })).response);
     // another process holds the write lock: the claim waits for it past the grace period
     const lock = await holdWriteLock(first, 120_000);

@@ -282,7 +282,7 @@ describe('attempt deadline', () => {
     const clock = new ManualClock();
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 5 },
-      { clock, startDelivery: false, random: NO_JITTER },
+      { clock, startDelivery: false, startRetention: false, random: NO_JITTER },
     );
     try {
       const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);

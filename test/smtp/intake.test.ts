@@ -11,8 +11,8 @@ import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, send
 describe('durable intake', () => {
   let relay: Relay;
   before(async () => {
-    // intake alone: delivery would change states and add commits of its own
-    relay = await startTestRelay({}, { startDelivery: false });
+    // intake alone: delivery and retention would add commits of their own
+    relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   });
   after(() => relay.stop());
 
@@ -218,7 +218,7 @@ describe('intake log', () => {
 
   test('smtp.session names the client refused for too many connections, and counts a message stored after its client left', async () => {
     const log = capturedLog();
-    const relay = await startTestRelay({ maxConnections: 1 }, { startDelivery: false, logger: log.logger });
+    const relay = await startTestRelay({ maxConnections: 1 }, { startDelivery: false, startRetention: false, logger: log.logger });
     const lock = await holdWriteLock(relay, 120_000);
     try {
       const leaving = await openSession(relay.smtpPort);

@@ -432,7 +432,7 @@ describe('shutdown', () => {
 
   test('at the end of the grace period a message being committed still gets its 250; one completed meanwhile gets 421 and is not stored', async () => {
     const log = capturedLog('info');
-    const relay = await startTestRelay({}, { shutdownGraceMs: 100, logger: log.logger });
+    const relay = await startTestRelay({}, { shutdownGraceMs: 100, startRetention: false, logger: log.logger });
     // another process holds the write lock, and the writer waits for it as long as it takes
     const lock = await holdWriteLock(relay, 120_000);
     let stopping: Promise<void> | undefined;
