@@ -5,6 +5,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import { isAbsolute } from 'node:path';
+import { visit } from 'jsonc-parser';
 import { clientFilter, isLoopback, normalizeIp, parseCidr } from '../access-control.js';
 import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, setPath } from './schema.js';
 
@@ -181,6 +182,29 @@ export function readConfigFile(path: string | undefined): ConfigFile | undefined
   }
 }
 
+/**
+ * The keys an object of a config file gives twice, as dotted paths. JSON.parse keeps the last
+ * one without a word; an operator who changed the first would see no effect.
+ */
+function repeatedKeys(text: string): string[] {
+  const seen: Set<string>[] = [];
+  const repeated = new Set<string>();
+  visit(text, {
+    onObjectBegin: () => {
+      seen.push(new Set());
+    },
+    onObjectEnd: () => {
+      seen.pop();
+    },
+    onObjectProperty: (name, _offset, _length, _line, _column, parentPath) => {
+      const keys = seen[seen.length - 1];
+      if (keys.has(name)) repeated.add([...parentPath(), name].join('.'));
+      keys.add(name);
+    },
+  });
+  return [...repeated];
+}
+
 export function loadConfig(
   argv: readonly string[],
   env: NodeJS.ProcessEnv,
@@ -205,6 +229,9 @@ export function loadConfig(
         errors.push({ key: 'config', source: 'file', message: `${file.path} must hold a JSON object` });
       } else {
         applyFileObject(parsed as Record<string, unknown>, '', config, errors, origins);
+        for (const key of repeatedKeys(file.text)) {
+          errors.push({ key, source: 'file', message: `${key}: given more than once in the file; keep one (JSON would take the last without a word)` });
+        }
       }
     }
   }

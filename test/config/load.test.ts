@@ -207,6 +207,22 @@ describe('loadConfig', () => {
     assert.ok(withBom.ok && withBom.config.smtpPort === 2600, JSON.stringify(!withBom.ok && withBom.errors));
   });
 
+  test('a key given twice in the file is refused by name, at any depth; the same name in two objects is not', () => {
+    const text = '{"workerCount": 3, "retry": {"maxAttempts": 2, "maxAttempts": 4}, "rateLimits": {"enabled": true}, "workerCount": 4, "enabled": false}';
+    const twice = loadConfig([], {}, { path: 'c.json', text });
+    assert.ok(!twice.ok);
+    assert.equal(
+      formatErrors(twice.errors, 'c.json'),
+      [
+        'config error (file c.json): enabled: unknown key',
+        'config error (file c.json): retry.maxAttempts: given more than once in the file; keep one (JSON would take the last without a word)',
+        'config error (file c.json): workerCount: given more than once in the file; keep one (JSON would take the last without a word)',
+      ].join('\n'),
+    );
+    const once = loadConfig([], {}, { path: 'c.json', text: '{"retry": {"maxAttempts": 2}, "rateLimits": {"enabled": true, "maxPerHour": 5}, "security": {"logAllEmails": true}}' });
+    assert.ok(once.ok, JSON.stringify(!once.ok && once.errors));
+  });
+
   test('an error of the file names the file once', () => {
     const text = '{"smtpPort": "x"';
     const broken = loadConfig([], {}, { path: 'c.json', text });
