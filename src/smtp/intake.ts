@@ -530,9 +530,10 @@ export class SmtpIntake {
     const recipients = uniqueIgnoringCase(session.envelope.rcptTo.map((r) => decodeIdnDomain(r.address)));
     const clientIp = this.peer(session);
     const now = clock.now();
-    // RFC 3848 and RFC 6531 §3.7.3: SMTP after HELO, ESMTP after EHLO, UTF8SMTP with SMTPUTF8
+    // RFC 3848 and RFC 6531 §3.7.3: SMTP after HELO, ESMTP after EHLO, UTF8SMTP with SMTPUTF8;
+    // S (TLS) and A (AUTH) are registered for the last two only, so a HELO session is SMTP
     const base = session.envelope.smtpUtf8 ? 'UTF8SMTP' : session.openingCommand === 'HELO' ? 'SMTP' : 'ESMTP';
-    const protocol = `${base}${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
+    const protocol = base === 'SMTP' ? base : `${base}${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
     const helo = session.hostNameAppearsAs || null;
     const clientHostname = session.clientHostname || null;
     const header = receivedHeader({

@@ -291,6 +291,19 @@ describe('SMTP replies with AUTH required', () => {
   });
   after(() => relay.stop());
 
+  test('an authenticated HELO session is "with SMTP": ESMTPA and its kin are names for ESMTP only (RFC 3848)', async () => {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    assert.match(await c.send('HELO client.test'), /^250/);
+    assert.match(await c.send(`AUTH PLAIN ${Buffer.from('\0app\0s3cret').toString('base64')}`), /^235 /);
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    assert.match(await c.send('RCPT TO:<b@example.com>'), /^250 /);
+    assert.match(await c.send('DATA'), /^354/);
+    const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+    c.close();
+    assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', new RegExp(`\\(relayq\\) with SMTP id ${id}`));
+  });
+
   test('MAIL before AUTH → 530 5.7.0', async () => {
     const { c } = await ehlo(relay.smtpPort);
     assert.match(await c.send('MAIL FROM:<a@example.com>'), /^530 5\.7\.0 /);
