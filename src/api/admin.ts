@@ -8,6 +8,7 @@ import { HTTPException } from 'hono/http-exception';
 import { MAX_ADDRESS_LENGTH } from '../address.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
 import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, StoppedPartWay } from '../store/admin.js';
+import { canonicalQueueId } from '../store/intake.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { isoTime } from '../clock.js';
@@ -76,7 +77,7 @@ function parseRequeueFilter(body: unknown): RequeueFilter {
       if (!Array.isArray(value) || value.length === 0 || value.length > MAX_IDS || !value.every((v) => typeof v === 'string' && v !== '')) {
         throw badRequest(`ids must be a non-empty array of at most ${MAX_IDS} message ids`);
       }
-      filter.ids = value;
+      filter.ids = value.map(canonicalQueueId);
     } else if (key === 'sender') {
       filter.sender = parseSender(value);
     } else if (key === 'since') {
@@ -221,7 +222,7 @@ export function adminRoutes(deps: ApiDeps) {
       }
     })
     .get('/messages/:id', (c) => {
-      const id = c.req.param('id');
+      const id = canonicalQueueId(c.req.param('id'));
       const detail = messageDetail(store.sqlite, id);
       if (!detail) throw notFound(id);
       const { raw_erased, ...message } = detail.message;
@@ -233,7 +234,7 @@ export function adminRoutes(deps: ApiDeps) {
       });
     })
     .get('/messages/:id/raw', (c) => {
-      const id = c.req.param('id');
+      const id = canonicalQueueId(c.req.param('id'));
       const row = messageRaw(store.sqlite, id);
       if (!row) throw notFound(id);
       if (row.raw === null) {
@@ -245,7 +246,7 @@ export function adminRoutes(deps: ApiDeps) {
       });
     })
     .post('/messages/:id/retry', async (c) => {
-      const id = c.req.param('id');
+      const id = canonicalQueueId(c.req.param('id'));
       const result = await logged(c, 'retry', id, unlessDelivering(id, () => commits.write('retryMessage', id, clock.now(), deps.config.batchDelay)));
       switch (result) {
         case 'not-found':
@@ -259,7 +260,7 @@ export function adminRoutes(deps: ApiDeps) {
       }
     })
     .delete('/messages/:id', async (c) => {
-      const id = c.req.param('id');
+      const id = canonicalQueueId(c.req.param('id'));
       const result = await logged(c, 'delete', id, unlessDelivering(id, () => commits.write('deleteMessage', id, clock.now())));
       if (result === 'not-found') throw notFound(id);
       if (result === 'held') throw new HTTPException(409, { message: `${id}: ${HELD}; try again later` });

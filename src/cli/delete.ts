@@ -4,11 +4,12 @@
 import { systemClock } from '../clock.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
 import { deleteMessage, HELD } from '../store/admin.js';
+import { canonicalQueueId } from '../store/intake.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
 
 export async function deleteCommand(ids: string[], global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
-  const unique = [...new Set(ids)];
+  const unique = [...new Set(ids.map(canonicalQueueId))];
   await withWriter(config, (sqlite) =>
     sqlite
       .transaction(() => {

@@ -6,6 +6,7 @@
 // requeued in one (all or nothing).
 import { systemClock } from '../clock.js';
 import { flushQueued, flushQueuedInSteps, HELD, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
+import { canonicalQueueId } from '../store/intake.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
 import { formatTable } from './table.js';
 
@@ -50,7 +51,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
     // All or nothing: one unknown id and no message is touched.
     sqlite
       .transaction(() =>
-        [...new Set(ids)].map((id) => {
+        [...new Set(ids.map(canonicalQueueId))].map((id) => {
           const result = retryMessage(sqlite, id, systemClock.now(), config.batchDelay);
           if (result === 'not-found') throw new CliError(`no message with id ${id}; nothing changed`);
           return { id, result };

@@ -1,12 +1,14 @@
 // `relayq show ID`: one message with its envelope, every recipient and every delivery attempt;
 // `--raw` writes the stored message bytes instead (as GET /admin/messages/:id/raw does).
+import { canonicalQueueId } from '../store/intake.js';
 import { type AttemptRow, messageDetail, messageRaw, type RecipientRow } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatFields, formatTable, formatTime } from './table.js';
 
-export async function showCommand(id: string, options: { raw?: boolean }, global: GlobalOptions): Promise<void> {
+export async function showCommand(given: string, options: { raw?: boolean }, global: GlobalOptions): Promise<void> {
   if (options.raw && global.json) throw new CliError('--raw writes the message itself, not JSON: give one of --raw and --json');
   const config = loadCliConfig(global, process.env);
+  const id = canonicalQueueId(given);
   if (options.raw) {
     const found = await withReader(config, (sqlite) => messageRaw(sqlite, id));
     if (!found) throw new CliError(`no message with id ${id}`);

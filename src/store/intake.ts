@@ -79,6 +79,15 @@ export function newQueueId(now: number): string {
 }
 
 /**
+ * A queue id as someone typed it: ids are hex digits written in upper case, so `1a2b…` names the
+ * same message as `1A2B…` (an id is matched exactly in the database). Anything else is kept as
+ * given, to be reported as not found.
+ */
+export function canonicalQueueId(input: string): string {
+  return /^[0-9a-f]+$/i.test(input) ? input.toUpperCase() : input;
+}
+
+/**
  * Rate limits apply per envelope sender, its domain decoded as stored (decodeIdnDomain), then
  * lower-cased. The null sender `<>` is the key ''. The sender filters compare this key too.
  * Decoding comes first, as for the stored sender: IDNA maps some capitals otherwise than their

@@ -7,7 +7,7 @@ import { decodeIdnDomain } from '../address.js';
 import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
 import { replyWithCodeSql } from './delivery.js';
-import { senderFilterKey } from './intake.js';
+import { canonicalQueueId, senderFilterKey } from './intake.js';
 import { ATTEMPT_OUTCOMES, type AttemptOutcome, MESSAGE_STATES, type MessageState, type RecipientStatus } from './schema.js';
 import { prepared } from './statements.js';
 
@@ -237,11 +237,12 @@ type Cursor = { receivedAt: number; id: string };
 /** `<received_at>-<id>` as nextBefore writes it; a bare message id (queue ids have no `-`) is looked up. */
 function parseCursor(sqlite: Sqlite, before: string): Cursor {
   const written = /^(\d{1,15})-([0-9A-Za-z]+)$/.exec(before);
-  if (written) return { receivedAt: Number(written[1]), id: written[2] };
+  if (written) return { receivedAt: Number(written[1]), id: canonicalQueueId(written[2]) };
   if (before.includes('-')) throw new UnknownCursor(`before: ${before} is not a cursor (<received_at>-<id>, as next_before gives it)`);
-  const row = prepared(sqlite, 'SELECT received_at FROM messages WHERE id = ?').get(before) as { received_at: number } | undefined;
+  const id = canonicalQueueId(before);
+  const row = prepared(sqlite, 'SELECT received_at FROM messages WHERE id = ?').get(id) as { received_at: number } | undefined;
   if (!row) throw new UnknownCursor(`before: no message with id ${before}`);
-  return { receivedAt: row.received_at, id: before };
+  return { receivedAt: row.received_at, id };
 }
 
 function listMessagesNow(sqlite: Sqlite, filter: MessageFilter): MessagePage {

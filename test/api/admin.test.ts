@@ -127,7 +127,7 @@ describe('admin: requeue failed mail', () => {
       assert.deepEqual(none.body, { requeued: 0 }, 'early failed before `since`');
       const bySince = await call(relay, '/admin/retry-failed', postJson({ since: failedAt }));
       assert.deepEqual(bySince.body, { requeued: 1 });
-      const byId = await call(relay, '/admin/retry-failed', postJson({ ids: [early, early, 'NOSUCHID'] }));
+      const byId = await call(relay, '/admin/retry-failed', postJson({ ids: [early.toLowerCase(), early.toLowerCase(), 'NOSUCHID'] }));
       assert.deepEqual(byId.body, { requeued: 1 });
 
       await relay.delivery.runOnce();
@@ -478,6 +478,18 @@ describe('admin: queue inspection', () => {
       assert.equal(res.headers.get('content-disposition'), `attachment; filename="${id}.eml"`);
       const stored = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
       assert.deepEqual(Buffer.from(await res.arrayBuffer()), stored.raw);
+
+      // an id typed in lower case names the same message, and replies name it as stored
+      const lower = id.toLowerCase();
+      assert.deepEqual(await call<MessageJson>(relay, `/admin/messages/${lower}`).then((r) => [r.status, r.body]), [200, body]);
+      const rawLower = await fetch(`http://127.0.0.1:${relay.httpPort}/admin/messages/${lower}/raw`);
+      assert.equal(rawLower.headers.get('content-disposition'), `attachment; filename="${id}.eml"`);
+      assert.deepEqual(Buffer.from(await rawLower.arrayBuffer()), stored.raw);
+      const retried = await call(relay, `/admin/messages/${lower}/retry`, { method: 'POST' });
+      assert.deepEqual([retried.status, retried.body.message], [409, `${id} is delivered to every recipient; nothing to retry`]);
+      const deleted = await call(relay, `/admin/messages/${lower}`, { method: 'DELETE' });
+      assert.deepEqual([deleted.status, deleted.body], [200, { id, deleted: true }]);
+      assert.equal(messageRaw(relay.store.sqlite, id), undefined);
 
       for (const path of [`/admin/messages/NOSUCHID`, `/admin/messages/NOSUCHID/raw`]) {
         const missing = await call(relay, path);

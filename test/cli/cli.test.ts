@@ -409,6 +409,24 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(await cli('show', a), /no message with id/);
   });
 
+  test('a queue id typed in lower case names the same message', async () => {
+    const id = await sendMail(relay.smtpPort, { from: 'lower@example.com', to: ['lower@example.com'] }).then((i) => queuedId(i.response));
+    const lower = id.toLowerCase();
+    assert.notEqual(lower, id);
+    const shown = await cliJson<{ message: { id: string } }>('show', lower);
+    assert.equal(shown.message.id, id);
+    const page = (before: string) => cliJson<{ messages: Array<{ id: string }> }>('queue', '--before', before, '--limit', '2');
+    const [byLower, byStored] = await Promise.all([page(lower), page(id)]);
+    assert.equal(byStored.messages.length, 2);
+    assert.deepEqual(byLower, byStored);
+    const retried = await cliJson<{ results: Array<{ id: string; result: string }> }>('retry', lower);
+    assert.deepEqual(retried.results.map((r) => r.id), [id]);
+    const deleted = await cli('delete', lower);
+    assert.equal(deleted.code, 0, deleted.stderr);
+    assert.match(deleted.stdout, new RegExp(`^deleted 1 message: ${id}$`, 'm'));
+    assert.equal(relay.store.sqlite.prepare('SELECT COUNT(*) AS n FROM messages WHERE id = ?').pluck().get(id), 0);
+  });
+
   test('--emailsDir names where delete and export-failed find the failed-mail exports of a relay configured by flags', async () => {
     rejectRecipient = (a) => a.startsWith('bad');
     const id = await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['bad-flags@example.com'] }).then((i) => queuedId(i.response));
