@@ -180,6 +180,7 @@ export class DeliveryEngine {
           tls: deps.upstreamTls,
           peerAddress: deps.upstreamAddress,
           now: () => deps.clock.now(),
+          maxMessageSize: this.config.maxMessageSize,
         })
       : undefined;
   }

@@ -37,6 +37,8 @@ export interface UpstreamSettings {
   peerAddress?: (socketAddress: string) => string;
   /** The relay's clock (default Date.now): how old a connection is. */
   now?: () => number;
+  /** The largest message relayq accepts (maxMessageSize): an upstream SIZE below it gets a warning. */
+  maxMessageSize: number;
 }
 
 /**
@@ -94,6 +96,12 @@ function sizeRefusal(label: string, size: number, limit: number): UpstreamError 
 function sizeLimit(connection: SMTPConnection): number {
   return (connection as unknown as { _maxAllowedSize?: number })._maxAllowedSize ?? 0;
 }
+
+/**
+ * Room above maxMessageSize for the Received: header relayq adds to a message (usually 150-300
+ * bytes; a long HELO, client name or recipient makes it longer).
+ */
+export const RECEIVED_HEADER_ROOM = 2048;
 
 /**
  * nodemailer hands a message to the socket in two writes, its bytes and then the final dot: two
@@ -243,6 +251,10 @@ export class SmtpUpstream {
   /** Connections waiting for the reply to the RSET after a refused message, and that wait. */
   private readonly resetting = new Map<SMTPConnection, Promise<void>>();
   private closed = false;
+  private readonly log: Logger;
+  private readonly maxMessageSize: number;
+  /** The last SIZE limit warned of: a limit is named once, not at every connection. */
+  private warnedSizeLimit = 0;
 
   constructor(settings: UpstreamSettings) {
     this.label = hostPort(settings.host, settings.port);
@@ -277,6 +289,8 @@ export class SmtpUpstream {
     this.auth = settings.username ? { user: settings.username, pass: settings.password } : undefined;
     this.peerAddress = settings.peerAddress ?? ((address) => address);
     this.now = settings.now ?? Date.now;
+    this.log = settings.logger;
+    this.maxMessageSize = settings.maxMessageSize;
   }
 
   /**
@@ -458,6 +472,7 @@ export class SmtpUpstream {
       });
       connection.connect((err) => {
         if (err) return settle(err);
+        this.warnOfSizeLimit(sizeLimit(connection));
         if (!this.auth) return settle();
         if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH' }));
         // The password goes out encrypted, or over loopback: an upstream that offers no STARTTLS
@@ -469,6 +484,20 @@ export class SmtpUpstream {
         connection.login(this.auth, (loginErr) => settle(loginErr ?? undefined));
       });
     });
+  }
+
+  /**
+   * An upstream whose SIZE is below what relayq accepts refuses the larger messages after relayq
+   * has answered `250` for them: they fail for good with 5.3.4. That is said once per limit, when
+   * a connection reads it, with the maxMessageSize that avoids it.
+   */
+  private warnOfSizeLimit(limit: number): void {
+    if (limit === 0 || limit >= this.maxMessageSize + RECEIVED_HEADER_ROOM || limit === this.warnedSizeLimit) return;
+    this.warnedSizeLimit = limit;
+    this.log.warn(
+      { event: 'upstream.size_limit', upstream: this.label, sizeLimit: limit, maxMessageSize: this.maxMessageSize, suggested: Math.max(0, limit - RECEIVED_HEADER_ROOM) },
+      `the upstream takes messages of at most ${limit} bytes (SIZE), and relayq accepts up to maxMessageSize ${this.maxMessageSize} bytes plus its Received: header, so a message over the upstream's limit gets 250 here and then fails for good with 5.3.4; set maxMessageSize to at most ${Math.max(0, limit - RECEIVED_HEADER_ROOM)}, or raise the upstream's limit`,
+    );
   }
 
   private release(connection: SMTPConnection): void {

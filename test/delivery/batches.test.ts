@@ -1,11 +1,11 @@
 import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
-import { MESSAGE_PIECE_BYTES } from '../../src/delivery/upstream.js';
+import { MESSAGE_PIECE_BYTES, RECEIVED_HEADER_ROOM } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { call, postJson } from '../api/fixtures.js';
-import { NO_LIMITS, newMessage, sendMail, startTestRelay, startUpstream, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, NO_LIMITS, newMessage, sendMail, startTestRelay, startUpstream, waitFor, writeDirect } from '../helpers.js';
 import { addresses, attempts, message, NO_JITTER, queuedId, recipients, type ScriptedUpstream, startScriptedUpstream } from './fixtures.js';
 
 const RAW = Buffer.from(
@@ -264,6 +264,46 @@ describe('recipient batches', () => {
     await relay.delivery.runOnce();
     assert.equal(message(relay, id).state, 'delivered', recipients(relay, id)[0].last_reply ?? '');
     assert.equal(upstream.received.length, 1);
+  });
+
+  test("an upstream SIZE below maxMessageSize and the Received: header is named once in a warning, with the maxMessageSize that fits", async () => {
+    const limit = 100_000;
+    let connections = 0;
+    const upstream = await startUpstream({
+      size: limit,
+      onConnect(_session, cb) {
+        connections++;
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const warningsWith = async (maxMessageSize: number) => {
+      const log = capturedLog('warn');
+      const relay = await startTestRelay(
+        { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, maxMessageSize, workerCount: 3 },
+        { clock: new ManualClock(), startDelivery: false, random: NO_JITTER, logger: log.logger },
+      );
+      try {
+        for (const to of ['a@example.com', 'b@example.com', 'c@example.com']) await sendMail(relay.smtpPort, { to: [to] });
+        const before = connections;
+        await relay.delivery.runOnce();
+        assert.equal(upstream.received.length % 3, 0, 'every message went out');
+        assert.ok(connections - before > 1, `the three messages went out on ${connections - before} connection(s)`);
+        return log.entries().filter((e) => e.event === 'upstream.size_limit');
+      } finally {
+        await relay.stop();
+      }
+    };
+    // the upstream takes every message this relay accepts
+    assert.deepEqual(await warningsWith(limit - RECEIVED_HEADER_ROOM), []);
+    // one that leaves less room than that: once, not once per connection
+    const warnings = await warningsWith(limit - RECEIVED_HEADER_ROOM + 1);
+    assert.equal(warnings.length, 1, JSON.stringify(warnings));
+    assert.deepEqual(
+      { ...warnings[0], upstream: '' },
+      { ...warnings[0], upstream: '', sizeLimit: limit, maxMessageSize: limit - RECEIVED_HEADER_ROOM + 1, suggested: limit - RECEIVED_HEADER_ROOM },
+    );
+    assert.match(String(warnings[0].msg), /at most 100000 bytes \(SIZE\).*fails for good with 5\.3\.4; set maxMessageSize to at most 97952/);
   });
 
   test('8-bit content goes out with BODY=8BITMIME, unchanged (7-bit content without it); logAllEmails=false erases it once delivered', async () => {
