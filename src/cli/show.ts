@@ -29,7 +29,7 @@ export async function showCommand(given: string, options: { raw?: boolean }, glo
       ['state', m.state],
       ['from', m.mail_from === '' ? '<>' : m.mail_from],
       ['auth user', m.auth_user],
-      ['client', `${m.client_ip}${m.client_hostname ? ` (${m.client_hostname})` : ''}${m.helo ? ` helo ${m.helo}` : ''}`],
+      ['client', `${m.client_ip}${m.client_hostname && !m.client_hostname.startsWith('[') ? ` (${m.client_hostname})` : ''}${m.helo ? ` helo ${m.helo}` : ''}`],
       ['size', `${m.size} bytes${m.raw_erased ? ' (content erased after delivery)' : ''}`],
       ['received', formatTime(m.received_at)],
       ['next attempt', m.state === 'queued' ? formatTime(m.next_attempt_at) : null],

@@ -535,7 +535,8 @@ export class SmtpIntake {
     const base = session.envelope.smtpUtf8 ? 'UTF8SMTP' : session.openingCommand === 'HELO' ? 'SMTP' : 'ESMTP';
     const protocol = base === 'SMTP' ? base : `${base}${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
     const helo = session.hostNameAppearsAs || null;
-    const clientHostname = session.clientHostname || null;
+    // relayq does no reverse lookup, and smtp-server then gives the address in brackets: no name
+    const clientHostname = session.clientHostname && !session.clientHostname.startsWith('[') ? session.clientHostname : null;
     const header = receivedHeader({
       helo,
       clientHostname,

@@ -181,6 +181,8 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.match(text.stdout, /^state: +failed$/m);
     assert.match(text.stdout, /^next attempt: +-$/m);
     assert.match(text.stdout, /^tries: +1$/m);
+    // no reverse lookup: the address alone, not followed by itself in brackets as a name
+    assert.match(text.stdout, /^client: +127\.0\.0\.1 helo \S+$/m);
     // SEQ and TRIES, right-aligned under their headers
     assert.match(text.stdout, /^SEQ {2}RECIPIENT +STATUS +TRIES {2}CODE/m);
     assert.match(text.stdout, /^ {2}0 {2}ok-mixed1@example\.com +delivered +1 {2}250 /m);

@@ -34,6 +34,7 @@ describe('durable intake', () => {
     assert.equal(row.state, 'queued');
     assert.equal(row.mail_from, 'alice@example.com');
     assert.equal(row.client_ip, '127.0.0.1');
+    assert.equal(row.client_hostname, null, 'no reverse lookup, so no name: not "[127.0.0.1]"');
     assert.equal(row.recipient_count, 3);
     const stored = row.raw as Buffer;
     const received = stored.subarray(0, stored.indexOf('\r\n', stored.indexOf('\r\n\t', stored.indexOf(';')) + 1) + 2);
