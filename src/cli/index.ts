@@ -158,12 +158,15 @@ operatorCommand('migrate', 'apply pending database migrations (the server also d
 );
 
 // `relayq queue | head`: once the reader has gone, the rest of the output has nowhere to go. A
-// command stops there quietly, as Unix tools do, instead of with a stack trace. (Not `serve`.)
+// command stops there quietly, as Unix tools do, instead of with a stack trace. Output that
+// cannot be written otherwise (`show --raw > msg.eml` on a full disk) is a failure of one line.
+// (Not `serve`: its log has its own handling.)
 program.hook('preAction', (_program, command) => {
   if (command.name() === 'serve') return;
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code !== 'EPIPE') throw err;
-    process.exit(0);
+    if (err.code === 'EPIPE') process.exit(0);
+    process.stderr.write(`relayq: cannot write the output: ${err.message}\n`);
+    process.exit(1);
   });
 });
 

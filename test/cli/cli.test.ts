@@ -321,6 +321,20 @@ describe('relayq CLI on the database of a running relay', () => {
     for (const r of results) assert.deepEqual([r.code, r.stderr], [0, '']);
   });
 
+  test('output that cannot be written (a full disk) fails with one line that says so', async () => {
+    const full = fs.openSync('/dev/full', 'w');
+    try {
+      const toFull = (...args: string[]) => runCli(['--config', configFile, ...args], { stdoutFd: full });
+      const results = await Promise.all([toFull('status'), toFull('status', '--json'), toFull('show', ids.mixed[0], '--raw'), toFull('queue')]);
+      for (const r of results) {
+        assertOneLineError(r, /^relayq: cannot write the output: ENOSPC/);
+        assert.equal(r.code, 1);
+      }
+    } finally {
+      fs.closeSync(full);
+    }
+  });
+
   test('--databasePath names the file without a config, before or after the command name', async () => {
     const viaConfig = await cliJson<{ total_emails: number }>('status');
     const file = relay.config.databasePath;

@@ -37,19 +37,25 @@ export function writeConfigFile(dir: string, values: Record<string, unknown>): s
   return file;
 }
 
-/** `closeStdout`: the reading end goes away at once, as `relayq … | head -1` does once it has its line. */
-export function runCli(args: string[], options: { env?: Record<string, string>; timeoutMs?: number; closeStdout?: boolean } = {}): Promise<CliResult> {
+/**
+ * `closeStdout`: the reading end goes away at once, as `relayq … | head -1` does once it has its
+ * line. `stdoutFd`: the command writes to this file descriptor instead (`/dev/full`: a full disk).
+ */
+export function runCli(
+  args: string[],
+  options: { env?: Record<string, string>; timeoutMs?: number; closeStdout?: boolean; stdoutFd?: number } = {},
+): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, cliArgs(...args), {
       cwd: CLI_CWD,
       env: cleanEnv(options.env),
-      stdio: ['ignore', 'pipe', 'pipe'],
+      stdio: ['ignore', options.stdoutFd ?? 'pipe', 'pipe'],
     });
     let stdout = '';
     let stderr = '';
-    if (options.closeStdout) child.stdout.destroy();
-    else child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    if (options.closeStdout) child.stdout?.destroy();
+    else child.stdout?.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d));
     // generous: a busy machine starting a dozen of them at once is slow
     const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 60_000);
     child.on('error', reject);
