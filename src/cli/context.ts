@@ -47,10 +47,13 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
 }
 
 export function requireDatabaseFile(file: string): void {
-  if (!fs.existsSync(file)) {
-    throw new CliError(`no database at ${file} (set databasePath in the config file, DATABASE_PATH, --databasePath or --config)`);
-  }
+  const stat = fs.statSync(file, { throwIfNoEntry: false });
+  if (!stat) throw new CliError(`no database at ${file} (set databasePath in the config file, DATABASE_PATH, --databasePath or --config)`);
+  // else SQLite says "disk I/O error", and sends the operator looking at the disk
+  if (stat.isDirectory()) throw new CliError(`cannot open database ${file}: it is a directory (databasePath names the database file)`);
 }
+
+const NO_SCHEMA = 'no schema: an empty database (start the server on it, or run `relayq migrate`)';
 
 /**
  * Runs `fn` on a read-only connection: it never takes a lock the server's writers wait for.
@@ -71,7 +74,7 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   try {
     try {
       if (refuseForeignDatabase(sqlite).length === 0 || appliedMigrations(sqlite).length === 0) {
-        throw new Error('no schema: an empty database (start the server on it, or run `relayq migrate`)');
+        throw new Error(NO_SCHEMA);
       }
     } catch (err) {
       throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
@@ -114,6 +117,8 @@ export async function openStoreForCli(config: Config): Promise<Store> {
 export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
   const file = config.databasePath;
   requireDatabaseFile(file);
+  // refused before the open, which would turn the empty file into a database (WAL mode, -wal, -shm)
+  if (fs.statSync(file).size === 0) throw new CliError(`cannot read database ${file}: ${NO_SCHEMA}`);
   const store = await openStoreForCli(config);
   try {
     await requireCurrentSchema(store.sqlite, file);

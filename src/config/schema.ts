@@ -51,6 +51,13 @@ const LISTEN_ADDRESS = {
 };
 
 /**
+ * A file or directory relayq writes must be named: an empty path (an unset `${VAR}` in compose)
+ * fails at the start with "ENOENT … ''", and not before it has made directories of its own in
+ * the working directory.
+ */
+const PATH = { match: /./, what: 'a path (not empty)' };
+
+/**
  * An upstream host: a host name in ASCII or an IP address. Not `host:port`, nor Postfix's
  * `[host]`: the port is forwardPort, and either would be looked up as a name and every message
  * deferred (as would a name in Unicode: the lookup takes its xn-- form). Empty: not forwarding.
@@ -110,8 +117,8 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   },
   { path: 'tls.cert', type: 'string', default: '', doc: 'PEM certificate file; with tls.key enables STARTTLS' },
   { path: 'tls.key', type: 'string', default: '', doc: 'PEM private key file; with tls.cert enables STARTTLS' },
-  { path: 'databasePath', type: 'string', default: 'data/relayq.db', doc: 'the one SQLite file' },
-  { path: 'emailsDir', type: 'string', default: 'emails', doc: 'local deliveries; failed exports go to `emailsDir/failed`' },
+  { path: 'databasePath', type: 'string', default: 'data/relayq.db', pattern: PATH, doc: 'the one SQLite file' },
+  { path: 'emailsDir', type: 'string', default: 'emails', pattern: PATH, doc: 'local deliveries; failed exports go to `emailsDir/failed`' },
   { path: 'maxMessageSize', type: 'int', default: 26214400, min: 1024, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'larger messages get `552` (at most 500 MiB: SQLite stores a message as one value, of at most 512 MiB)' },
   { path: 'spoolAfter', type: 'int', default: 262144, min: 0, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'a message being received is held in memory up to this size, the rest in a file in `<databasePath>-spool/` until its commit (as Haraka\'s spool_after); 0 = all in memory' },
   { path: 'maxRecipients', type: 'int', default: 1000, min: 1, max: 100000, doc: 'more RCPTs get `452`' },

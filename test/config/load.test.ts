@@ -447,6 +447,16 @@ describe('loadConfig', () => {
     }
   });
 
+  test('the database and the emails directory must be named: an empty path (an unset variable in a compose file) is refused', () => {
+    assert.deepEqual(errorMessages(loadConfig([], { DATABASE_PATH: '', EMAILS_DIR: '' })), [
+      'DATABASE_PATH: must be a path (not empty), got ""',
+      'EMAILS_DIR: must be a path (not empty), got ""',
+    ]);
+    assert.deepEqual(errorMessages(loadConfig(['--databasePath', ''], {})), ['--databasePath: must be a path (not empty), got ""']);
+    const ok = loadConfig([], { DATABASE_PATH: 'q.db', EMAILS_DIR: 'mail' });
+    assert.ok(ok.ok && ok.config.databasePath === 'q.db' && ok.config.emailsDir === 'mail');
+  });
+
   test('an adminToken that is short, or has a space a Bearer header cannot carry, is refused without showing it', () => {
     const rule = 'must be empty, or at least 16 printable ASCII characters without spaces (openssl rand -hex 32 makes one)';
     for (const bad of ['open sesame and more', 'trailing-space-token ', 'tab\there-and-there', 'admin', '15-characters!!']) {
@@ -855,17 +865,38 @@ describe('listen and upstream addresses as logged and recorded', () => {
   });
 });
 
-test('an empty database file gets a read command to say so; migrate does not create a database that is not there', async () => {
+test('an empty database file gets a command to say so, and stays empty; migrate does not create a database that is not there', async () => {
   const dir = tempDir();
   const empty = path.join(dir, 'empty.db');
   fs.writeFileSync(empty, '');
   const missing = path.join(dir, 'typo', 'relayq.db');
-  const [status, migrate] = await Promise.all([runCli(['status', '--databasePath', empty]), runCli(['migrate', '--databasePath', missing])]);
-  assert.equal(status.code, 1);
-  assert.match(status.stderr, /^relayq: cannot read database .*empty\.db: no schema: an empty database \(start the server on it, or run `relayq migrate`\)\n$/);
+  const [status, del, retry, migrate] = await Promise.all([
+    runCli(['status', '--databasePath', empty]),
+    runCli(['delete', '1A23BC3C88F4F86B3CCE', '--databasePath', empty]),
+    runCli(['retry', '--failed', '--databasePath', empty]),
+    runCli(['migrate', '--databasePath', missing]),
+  ]);
+  for (const r of [status, del, retry]) {
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /^relayq: cannot read database .*empty\.db: no schema: an empty database \(start the server on it, or run `relayq migrate`\)\n$/);
+  }
   assert.equal(migrate.code, 1);
   assert.match(migrate.stderr, /^relayq: no database at .*typo\/relayq\.db /);
   assert.deepEqual(fs.readdirSync(dir), ['empty.db'], 'nothing was created');
+  assert.equal(fs.statSync(empty).size, 0, 'the empty file was not made a database');
+});
+
+test('a database path that is a directory is named as one by every command, and nothing is created beside it', async () => {
+  const dir = tempDir();
+  const database = path.join(dir, 'relayq.db');
+  fs.mkdirSync(database);
+  const commands = [['status'], ['queue'], ['show', '1A23BC3C88F4F86B3CCE'], ['backup', path.join(dir, 'copy.db')], ['export-failed', path.join(dir, 'out')], ['delete', '1A23BC3C88F4F86B3CCE'], ['migrate']];
+  const results = await Promise.all(commands.map((args) => runCli([...args, '--databasePath', database])));
+  for (const [i, r] of results.entries()) {
+    assert.equal(r.code, 1, commands[i].join(' '));
+    assert.match(r.stderr, /^relayq: cannot open database .*relayq\.db: it is a directory \(databasePath names the database file\)\n$/, commands[i].join(' '));
+  }
+  assert.deepEqual(fs.readdirSync(dir), ['relayq.db'], 'no lock file, copy or export beside it');
 });
 
 /** The error messages of a load that must have failed. */
