@@ -2,7 +2,8 @@
 // keep-alive connections at once and cuts the rest after a short grace, so shutdown is bounded.
 // A request the app never sees is answered in JSON too: one @hono/node-server cannot make into a
 // Request (no `Host`, `GET *`) and one Node's parser refuses (a head over 16 KB, a control
-// character in a header); both would otherwise get a status with an empty body.
+// character in a header); both would otherwise get a status with an empty body. So is a CONNECT,
+// which Node would close unanswered.
 import { createServer, STATUS_CODES } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { getRequestListener, RequestError } from '@hono/node-server';
@@ -51,6 +52,10 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
     res.writeHead(400, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), Connection: 'close' }).end(body);
   });
   server.on('clientError', (err: NodeJS.ErrnoException & { reason?: string }, socket: Socket) => clientError(err, socket, timeouts));
+  // Node hands a CONNECT to this event, and closes the connection unanswered when nobody listens
+  server.on('connect', (_req, socket: Socket) =>
+    answerAndClose(socket, 405, 'method_not_allowed', 'CONNECT is not served: this is the API of relayq, not a proxy', 'Allow: GET, HEAD, POST, DELETE\r\n'),
+  );
   server.maxConnections = limits.maxConnections;
   return new Promise((resolve, reject) => {
     server.once('error', reject);
@@ -100,9 +105,14 @@ function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: S
       : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
         ? [408, 'request_timeout', `request too slow: a request head must arrive within ${seconds(timeouts.headersTimeoutMs)} and the whole request within ${seconds(timeouts.requestTimeoutMs)}`]
         : [400, 'bad_request', `malformed request: ${err.reason ?? 'bad request'}`];
+  answerAndClose(socket, status, error, message);
+}
+
+/** A JSON error written on the socket itself, which is then closed. */
+function answerAndClose(socket: Socket, status: number, error: string, message: string, headers = ''): void {
   const body = JSON.stringify({ error, message });
   socket.end(
-    `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+    `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n${headers}Connection: close\r\n\r\n${body}`,
     () => socket.destroy(),
   );
 }
