@@ -7,6 +7,7 @@ import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import { MAX_ADDRESS_LENGTH } from '../address.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
+import { repeatedKeys } from '../repeated-keys.js';
 import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, StoppedPartWay } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
@@ -113,11 +114,16 @@ async function filterBody(c: Context<ApiEnv>): Promise<unknown> {
   if (new URL(c.req.url).search !== '') throw badRequest('the filters go in the JSON body, not in the query string');
   const text = await c.req.text();
   if (text.trim() === '') return undefined;
+  let body: unknown;
   try {
-    return JSON.parse(text);
+    body = JSON.parse(text);
   } catch {
     throw badRequest('the body is not valid JSON');
   }
+  // as a query parameter given twice: JSON.parse would take the last value without a word
+  const [repeated] = repeatedKeys(text);
+  if (repeated !== undefined) throw badRequest(`${repeated} may be given only once`);
+  return body;
 }
 
 function notFound(id: string): HTTPException {

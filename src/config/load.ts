@@ -5,8 +5,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import { isAbsolute } from 'node:path';
-import { visit } from 'jsonc-parser';
 import { clientFilter, isLoopback, normalizeIp, parseCidr } from '../access-control.js';
+import { repeatedKeys } from '../repeated-keys.js';
 import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, setPath } from './schema.js';
 
 export type Source = 'file' | 'env' | 'flag';
@@ -180,29 +180,6 @@ export function readConfigFile(path: string | undefined): ConfigFile | undefined
     const from = isAbsolute(path) ? '' : ` (looked for from ${process.cwd()})`;
     return { path, error: `${(err as Error).message}${from}` };
   }
-}
-
-/**
- * The keys an object of a config file gives twice, as dotted paths. JSON.parse keeps the last
- * one without a word; an operator who changed the first would see no effect.
- */
-function repeatedKeys(text: string): string[] {
-  const seen: Set<string>[] = [];
-  const repeated = new Set<string>();
-  visit(text, {
-    onObjectBegin: () => {
-      seen.push(new Set());
-    },
-    onObjectEnd: () => {
-      seen.pop();
-    },
-    onObjectProperty: (name, _offset, _length, _line, _column, parentPath) => {
-      const keys = seen[seen.length - 1];
-      if (keys.has(name)) repeated.add([...parentPath(), name].join('.'));
-      keys.add(name);
-    },
-  });
-  return [...repeated];
 }
 
 export function loadConfig(

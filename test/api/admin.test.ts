@@ -168,6 +168,8 @@ describe('admin: requeue failed mail', () => {
           (since): [RequestInit, string] => [postJson({ since }), 'since must be an ISO 8601 date or time with a zone (2026-03-03T08:00:00Z) or epoch milliseconds (a number)'],
         ),
         [postJson({ state: 'failed' }), 'unknown field "state": expected ids, sender, since'],
+        // JSON.parse would take the last one: the filter narrowed without a word
+        [{ method: 'POST', body: '{"sender": "a@example.com", "sender": "b@example.com"}' }, 'sender may be given only once'],
       ];
       for (const [init, message] of cases) {
         const res = await call(relay, '/admin/retry-failed', init);
