@@ -275,7 +275,9 @@ function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: Cursor | undef
     // the decoded form, as recipients are stored, and the form given, as mail stored before that
     // may have kept it
     where.push('id IN (SELECT message_id FROM recipients WHERE lower(address) IN (lower(?), lower(?)))');
-    params.push(decodeIdnDomain(filter.recipient), filter.recipient);
+    // as RCPT TO writes it, `<bob@example.com>`, as the sender filter takes it too
+    const recipient = /^<(.+)>$/s.exec(filter.recipient)?.[1] ?? filter.recipient;
+    params.push(decodeIdnDomain(recipient), recipient);
   }
   // A leading `+` keeps SQLite from using that column's index when the recipient leads.
   const column = (name: string) => (byRecipient ? `+${name}` : name);

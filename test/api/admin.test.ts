@@ -393,7 +393,7 @@ describe('admin: queue inspection', () => {
         relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ? ORDER BY seq').pluck().all(fullwidth),
         ['x@example.com', 'y@example.com'],
       );
-      for (const query of ['bob@münchen.de', 'bob@xn--mnchen-3ya.de', 'carl@XN--MNCHEN-3YA.DE', 'Carl@münchen.DE']) {
+      for (const query of ['bob@münchen.de', 'bob@xn--mnchen-3ya.de', 'carl@XN--MNCHEN-3YA.DE', 'Carl@münchen.DE', '<bob@münchen.de>']) {
         const res = await call<Page>(relay, `/admin/messages?recipient=${encodeURIComponent(query)}`);
         assert.deepEqual(res.body.messages.map((m) => m.id), [idn], query);
       }
