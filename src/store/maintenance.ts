@@ -33,7 +33,7 @@ export function lockDatabase(databasePath: string): { release(): void } {
     // not there yet: the start creates it at this path
   }
   // not a lock file beside a directory: the open of the database would fail anyway
-  if (fs.statSync(real, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`${databasePath} is a directory, not a database file`);
+  if (fs.statSync(real, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`${databasePath} is a directory`);
   const file = `${real}-lock`;
   let lock: Sqlite | undefined;
   try {
