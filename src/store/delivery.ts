@@ -128,6 +128,22 @@ export function claimDueBatches(sqlite: Sqlite, options: ClaimOptions): ClaimRes
 
 const GAVE_UP_UNFINISHED = 'gave up: the maximum number of attempts was used without a result';
 
+/**
+ * Why a recipient whose attempts are used up when its batch is claimed is given up. Attempts are
+ * counted at the claim: with one of them not recorded, a batch never finished (the process died
+ * while it was out); with every one recorded, retry.maxAttempts was lowered below them since.
+ */
+function gaveUpReason(sqlite: Sqlite, id: string, recipient: { address: string; attempts: number }, maxAttempts: number): string {
+  const recorded = prepared(
+    sqlite,
+    'SELECT count(*) FROM attempts WHERE message_id = ? AND EXISTS (SELECT 1 FROM json_each(recipients) WHERE value = ?)',
+  )
+    .pluck()
+    .get(id, recipient.address) as number;
+  if (recorded < recipient.attempts) return GAVE_UP_UNFINISHED;
+  return `gave up: retry.maxAttempts is ${maxAttempts}, and it has had ${recipient.attempts} attempts`;
+}
+
 function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result: ClaimResult): ClaimedBatch | undefined {
   const { now, batchSize, maxAttempts } = options;
   const pending = prepared(
@@ -136,19 +152,19 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
      WHERE message_id = ? AND status = 'pending' AND next_attempt_at <= ? ORDER BY seq`,
   ).all(id, now) as Array<{ seq: number; address: string; attempts: number; last_reply: string | null }>;
   const chosen: ClaimedRecipient[] = [];
-  let gaveUp = false;
+  let gaveUp: string | null = null;
   for (const r of pending) {
     if (chosen.length >= batchSize) break;
     // Attempts are counted at claim time, so a batch whose delivery kills the process every
     // time still runs out of attempts instead of looping forever.
     if (r.attempts >= maxAttempts) {
-      const reply = r.last_reply ? `${GAVE_UP_UNFINISHED} (last reply: ${r.last_reply})` : GAVE_UP_UNFINISHED;
+      gaveUp = gaveUpReason(sqlite, id, r, maxAttempts);
+      const reply = r.last_reply ? `${gaveUp} (last reply: ${r.last_reply})` : gaveUp;
       prepared(
         sqlite,
         `UPDATE recipients SET status = 'failed', temporary = 1, last_reply = ?, updated_at = ?
          WHERE message_id = ? AND seq = ? AND status = 'pending'`,
       ).run(reply, now, id, r.seq);
-      gaveUp = true;
       continue;
     }
     chosen.push({ seq: r.seq, address: r.address, attempts: r.attempts + 1 });
@@ -157,7 +173,7 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     // Nothing to send now: put the message back where its recipients say it belongs.
     const settled = settleMessage(sqlite, id, now, {
       nextAttemptFloor: now,
-      lastFailure: gaveUp ? GAVE_UP_UNFINISHED : null,
+      lastFailure: gaveUp,
       eraseRawOnDelivered: false,
     });
     if (settled.state === 'delivered' || settled.state === 'failed') result.finalized.push({ id, state: settled.state });

@@ -258,6 +258,42 @@ describe('claims and leases', () => {
     assert.ok(m.finished_at !== null);
   });
 
+  test('mail whose attempts all had a result, when retry.maxAttempts is lowered to them, fails saying so, not as a batch that never finished', async () => {
+    const { clock, relay, id } = await relayWithMail({}, ['a@example.com', 'b@example.com']);
+    const deferred = '451 4.3.0 try again later';
+    for (let i = 1; i <= 3; i++) {
+      const { batches } = await claim(relay, claimOptions(clock, { maxAttempts: 30 }));
+      const b = batches[0];
+      // a has a result each time; b's third batch never finishes
+      const outcomes = b.recipients.filter((r) => r.address === 'a@example.com' || i < 3);
+      await writeDirect(relay, (db) =>
+        completeBatch(db, {
+          messageId: id,
+          token: b.token,
+          now: clock.now(),
+          attempt: { batch: 0, recipients: outcomes.map((r) => r.address), upstream: 'x:25', startedAt: clock.now(), durationMs: 1, outcome: 'deferred', code: 451, reply: deferred },
+          recipients: outcomes.map((r) => ({ seq: r.seq, status: 'pending' as const, code: 451, reply: deferred, temporary: true, nextAttemptAt: clock.now() })),
+          upstreamFailed: false,
+          batchDelayMs: 0,
+          eraseRawOnDelivered: false,
+          lastFailure: null,
+        }),
+      );
+      clock.advance(1000);
+    }
+    const { batches, finalized } = await claim(relay, claimOptions(clock, { maxAttempts: 3 }));
+    assert.equal(batches.length, 0);
+    assert.deepEqual(finalized, [{ id, state: 'failed' }]);
+    assert.deepEqual(
+      recipients(relay, id).map((r) => [r.address, r.status, r.last_reply]),
+      [
+        ['a@example.com', 'failed', `gave up: retry.maxAttempts is 3, and it has had 3 attempts (last reply: ${deferred})`],
+        ['b@example.com', 'failed', `gave up: the maximum number of attempts was used without a result (last reply: ${deferred})`],
+      ],
+    );
+    assert.equal(message(relay, id).last_error, 'gave up: the maximum number of attempts was used without a result');
+  });
+
   test('the running engine exports and logs mail that ran out of attempts at its claim', async () => {
     const clock = new ManualClock();
     const log = capturedLog('info');
