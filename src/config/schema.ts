@@ -31,6 +31,8 @@ const PORT = { min: 0, max: 65535 };
  * message would be received in full and then refused with a 451 at every attempt.
  */
 export const MAX_MESSAGE_SIZE_LIMIT = 500 * 1024 * 1024;
+/** The smallest maxMessageSize: a message of a few headers and lines. */
+export const MIN_MESSAGE_SIZE_LIMIT = 1024;
 
 /** Labels of letters, digits, '-' and '_', a hyphen at neither end; a trailing dot allowed. */
 const HOST_NAME = /^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$/;
@@ -119,7 +121,7 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'tls.key', type: 'string', default: '', doc: 'PEM private key file; with tls.cert enables STARTTLS' },
   { path: 'databasePath', type: 'string', default: 'data/relayq.db', pattern: PATH, doc: 'the one SQLite file' },
   { path: 'emailsDir', type: 'string', default: 'emails', pattern: PATH, doc: 'local deliveries; failed exports go to `emailsDir/failed`' },
-  { path: 'maxMessageSize', type: 'int', default: 26214400, min: 1024, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'larger messages get `552` (at most 500 MiB: SQLite stores a message as one value, of at most 512 MiB)' },
+  { path: 'maxMessageSize', type: 'int', default: 26214400, min: MIN_MESSAGE_SIZE_LIMIT, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'larger messages get `552` (at most 500 MiB: SQLite stores a message as one value, of at most 512 MiB)' },
   { path: 'spoolAfter', type: 'int', default: 262144, min: 0, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'a message being received is held in memory up to this size, the rest in a file in `<databasePath>-spool/` until its commit (as Haraka\'s spool_after); 0 = all in memory' },
   { path: 'maxRecipients', type: 'int', default: 1000, min: 1, max: 100000, doc: 'more RCPTs get `452`' },
   { path: 'maxConnections', type: 'int', default: 500, min: 1, max: 100000, doc: 'concurrent SMTP connections' },

@@ -14,6 +14,7 @@ import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import type { Logger } from 'pino';
 import { hostPort, isLoopback } from '../access-control.js';
 import { isAscii } from '../address.js';
+import { MIN_MESSAGE_SIZE_LIMIT } from '../config/schema.js';
 import { libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
 import { type BatchResult, type RecipientResult, resultFromNodemailer, uniformResult } from './outcomes.js';
@@ -494,9 +495,14 @@ export class SmtpUpstream {
   private warnOfSizeLimit(limit: number): void {
     if (limit === 0 || limit >= this.maxMessageSize + RECEIVED_HEADER_ROOM || limit === this.warnedSizeLimit) return;
     this.warnedSizeLimit = limit;
+    const fits = limit - RECEIVED_HEADER_ROOM;
+    const advice =
+      fits >= MIN_MESSAGE_SIZE_LIMIT
+        ? `set maxMessageSize to at most ${fits}, or raise the upstream's limit`
+        : `raise the upstream's limit: it leaves no room for the smallest maxMessageSize, ${MIN_MESSAGE_SIZE_LIMIT}`;
     this.log.warn(
-      { event: 'upstream.size_limit', upstream: this.label, sizeLimit: limit, maxMessageSize: this.maxMessageSize, suggested: Math.max(0, limit - RECEIVED_HEADER_ROOM) },
-      `the upstream takes messages of at most ${limit} bytes (SIZE), and relayq accepts up to maxMessageSize ${this.maxMessageSize} bytes plus its Received: header, so a message over the upstream's limit gets 250 here and then fails for good with 5.3.4; set maxMessageSize to at most ${Math.max(0, limit - RECEIVED_HEADER_ROOM)}, or raise the upstream's limit`,
+      { event: 'upstream.size_limit', upstream: this.label, sizeLimit: limit, maxMessageSize: this.maxMessageSize, suggested: fits >= MIN_MESSAGE_SIZE_LIMIT ? fits : null },
+      `the upstream takes messages of at most ${limit} bytes (SIZE), and relayq accepts up to maxMessageSize ${this.maxMessageSize} bytes plus its Received: header, so a message over the upstream's limit gets 250 here and then fails for good with 5.3.4; ${advice}`,
     );
   }
 

@@ -304,6 +304,12 @@ describe('recipient batches', () => {
       { ...warnings[0], upstream: '', sizeLimit: limit, maxMessageSize: limit - RECEIVED_HEADER_ROOM + 1, suggested: limit - RECEIVED_HEADER_ROOM },
     );
     assert.match(String(warnings[0].msg), /at most 100000 bytes \(SIZE\).*fails for good with 5\.3\.4; set maxMessageSize to at most 97952/);
+    // a limit that no maxMessageSize fits under: no value the config would refuse is suggested
+    upstream.server.options.size = 2000;
+    const [tiny, ...more] = await warningsWith(limit);
+    assert.deepEqual(more, []);
+    assert.deepEqual([tiny.sizeLimit, tiny.suggested], [2000, null]);
+    assert.match(String(tiny.msg), /; raise the upstream's limit: it leaves no room for the smallest maxMessageSize, 1024$/);
   });
 
   test('8-bit content goes out with BODY=8BITMIME, unchanged (7-bit content without it); logAllEmails=false erases it once delivered', async () => {
