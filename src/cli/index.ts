@@ -56,7 +56,13 @@ program
   .description('run the relay (SMTP intake, delivery workers, HTTP API); config keys may be given as --key value')
   .allowUnknownOption(true)
   .helpOption('-h, --help')
+  .usage('[--config FILE] [--<key> value ...]')
   .argument('[options...]')
+  .addHelpText(
+    'after',
+    '\nAny config key is a flag: --smtpPort 2526, --databasePath FILE, --security.requireAuth false.\n' +
+      'They override the config file (--config FILE, RELAYQ_CONFIG, ./config.json) and the environment (SMTP_PORT, ...).',
+  )
   .action(async (_args: string[], _opts: unknown, cmd: Command) => {
     // before the command name or after it
     if (program.opts<GlobalOptions>().json || cmd.args.includes('--json')) {

@@ -70,6 +70,13 @@ function exitWithin(exited: Promise<number | null>, ms: number): Promise<number 
   return Promise.race([exited, new Promise<'still running'>((resolve) => setTimeout(() => resolve('still running'), ms).unref())]);
 }
 
+test('serve --help says how to give the config file and any config key', async () => {
+  const r = await runCli(['serve', '--help']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /^Usage: relayq serve \[--config FILE\] \[--<key> value \.\.\.\]$/m);
+  assert.match(r.stdout, /^Any config key is a flag: --smtpPort 2526, --databasePath FILE/m);
+});
+
 test('a log that cannot be written (stdout on /dev/full) stops logging, says so on stderr, and mail is still served', async () => {
   const dir = tempDir('relayq-serve-');
   const full = fs.openSync('/dev/full', 'w');
