@@ -96,6 +96,13 @@ export function requireWritable(sqlite: Sqlite): void {
   try {
     sqlite.transaction(() => sqlite.prepare('DELETE FROM schema_migrations WHERE 0').run()).immediate();
   } catch (err) {
+    // the file can be written, but another connection kept its write lock past the busy timeout
+    if ((err as { code?: unknown }).code === 'SQLITE_BUSY') {
+      throw new Error(
+        `it is locked: another process (a sqlite3 shell inside a transaction, a relayq command) held its write lock for more than ${BUSY_TIMEOUT_MS / 1000} s; start again once it is done`,
+        { cause: err },
+      );
+    }
     throw new Error(`cannot write to it (${(err as Error).message}): the relay's user must be able to write the file, its -wal and -shm files and its directory`, {
       cause: err,
     });

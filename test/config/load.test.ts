@@ -764,6 +764,25 @@ describe('what only the start can find out names the key to fix', () => {
     await again.stop();
   });
 
+  test('a database another process keeps write-locked past the busy timeout stops the start, saying so (not as a permission problem)', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+    const file = relay.config.databasePath;
+    await relay.stop();
+    const holder = new Database(file);
+    holder.exec('BEGIN IMMEDIATE');
+    try {
+      await assert.rejects(
+        startTestRelay({ databasePath: file }, { startDelivery: false }),
+        /^Error: databasePath \S+: it is locked: another process \(a sqlite3 shell inside a transaction, a relayq command\) held its write lock for more than 5 s; start again once it is done$/,
+      );
+    } finally {
+      holder.exec('ROLLBACK');
+      holder.close();
+    }
+    const again = await startTestRelay({ databasePath: file }, { startDelivery: false });
+    await again.stop();
+  });
+
   test("another program's SQLite file as databasePath is refused and left as it was, by serve and by migrate", async () => {
     const dir = tempDir();
     const file = path.join(dir, 'other.db');
