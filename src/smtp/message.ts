@@ -129,9 +129,8 @@ export interface ReceivedInfo {
 /** RFC 5321 §4.4 trace header; `for` is given only for a single recipient. */
 export function receivedHeader(info: ReceivedInfo): Buffer {
   const from = info.helo || info.clientIp;
-  // without reverse lookup smtp-server reports the client hostname as "[ip]": not a name
-  const named = info.clientHostname && info.clientHostname !== info.clientIp && info.clientHostname !== `[${info.clientIp}]`;
-  const host = named ? `${info.clientHostname} ` : '';
+  // intake gives a name only when there is one (relayq does no reverse lookup)
+  const host = info.clientHostname && info.clientHostname !== info.clientIp ? `${info.clientHostname} ` : '';
   // an address literal: IPv6 ones carry the "IPv6:" tag (RFC 5321 section 4.1.3)
   const literal = info.clientIp.includes(':') ? `IPv6:${info.clientIp}` : info.clientIp;
   const forPart = info.recipients.length === 1 ? `\r\n\tfor <${traceAddress(info.recipients[0])}>` : '';
