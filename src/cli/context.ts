@@ -46,11 +46,13 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
   return loaded.config;
 }
 
-export function requireDatabaseFile(file: string): void {
+/** The database file's stat: it must be there, and be a file. */
+export function requireDatabaseFile(file: string): fs.Stats {
   const stat = fs.statSync(file, { throwIfNoEntry: false });
   if (!stat) throw new CliError(`no database at ${file} (set databasePath in the config file, DATABASE_PATH, --databasePath or --config)`);
   // else SQLite says "disk I/O error", and sends the operator looking at the disk
   if (stat.isDirectory()) throw new CliError(`cannot open database ${file}: it is a directory (databasePath names the database file)`);
+  return stat;
 }
 
 const NO_SCHEMA = 'no schema: an empty database (start the server on it, or run `relayq migrate`)';
@@ -116,9 +118,8 @@ export async function openStoreForCli(config: Config): Promise<Store> {
  */
 export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
   const file = config.databasePath;
-  requireDatabaseFile(file);
   // refused before the open, which would turn the empty file into a database (WAL mode, -wal, -shm)
-  if (fs.statSync(file).size === 0) throw new CliError(`cannot read database ${file}: ${NO_SCHEMA}`);
+  if (requireDatabaseFile(file).size === 0) throw new CliError(`cannot read database ${file}: ${NO_SCHEMA}`);
   const store = await openStoreForCli(config);
   try {
     await requireCurrentSchema(store.sqlite, file);

@@ -496,12 +496,13 @@ export class SmtpUpstream {
     if (limit === 0 || limit >= this.maxMessageSize + RECEIVED_HEADER_ROOM || limit === this.warnedSizeLimit) return;
     this.warnedSizeLimit = limit;
     const fits = limit - RECEIVED_HEADER_ROOM;
+    const suggested = fits >= MIN_MESSAGE_SIZE_LIMIT ? fits : null;
     const advice =
-      fits >= MIN_MESSAGE_SIZE_LIMIT
-        ? `set maxMessageSize to at most ${fits}, or raise the upstream's limit`
+      suggested !== null
+        ? `set maxMessageSize to at most ${suggested}, or raise the upstream's limit`
         : `raise the upstream's limit: it leaves no room for the smallest maxMessageSize, ${MIN_MESSAGE_SIZE_LIMIT}`;
     this.log.warn(
-      { event: 'upstream.size_limit', upstream: this.label, sizeLimit: limit, maxMessageSize: this.maxMessageSize, suggested: fits >= MIN_MESSAGE_SIZE_LIMIT ? fits : null },
+      { event: 'upstream.size_limit', upstream: this.label, sizeLimit: limit, maxMessageSize: this.maxMessageSize, suggested },
       `the upstream takes messages of at most ${limit} bytes (SIZE), and relayq accepts up to maxMessageSize ${this.maxMessageSize} bytes plus its Received: header, so a message over the upstream's limit gets 250 here and then fails for good with 5.3.4; ${advice}`,
     );
   }

@@ -19,7 +19,7 @@ import {
   rateLimitMessage,
 } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
-import { BareLineEndingScanner, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
+import { BareLineEndingScanner, clientName, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
 import { inputAhead, RelayqSmtpServer } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
 
@@ -535,8 +535,7 @@ export class SmtpIntake {
     const base = session.envelope.smtpUtf8 ? 'UTF8SMTP' : session.openingCommand === 'HELO' ? 'SMTP' : 'ESMTP';
     const protocol = base === 'SMTP' ? base : `${base}${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
     const helo = session.hostNameAppearsAs || null;
-    // relayq does no reverse lookup, and smtp-server then gives the address in brackets: no name
-    const clientHostname = session.clientHostname && !session.clientHostname.startsWith('[') ? session.clientHostname : null;
+    const clientHostname = clientName(session.clientHostname);
     const header = receivedHeader({
       helo,
       clientHostname,

@@ -126,6 +126,14 @@ export interface ReceivedInfo {
   now: number;
 }
 
+/**
+ * The client's host name, or null when there is none: relayq does no reverse lookup, and
+ * smtp-server then gives the address in brackets in its place (rows stored before this hold it).
+ */
+export function clientName(hostname: string | null | undefined): string | null {
+  return hostname && !hostname.startsWith('[') ? hostname : null;
+}
+
 /** RFC 5321 §4.4 trace header; `for` is given only for a single recipient. */
 export function receivedHeader(info: ReceivedInfo): Buffer {
   const from = info.helo || info.clientIp;
