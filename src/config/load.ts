@@ -222,7 +222,8 @@ export function loadConfig(
   };
   for (const key of CONFIG_KEYS) {
     const raw = env[envName(key.path)];
-    if (raw !== undefined) applyText(key, raw, 'env', envName(key.path));
+    // the variable as the operator set it, and the key it sets
+    if (raw !== undefined) applyText(key, raw, 'env', `${envName(key.path)} (${key.path})`);
   }
   const warnings = mistypedEnvNames(env);
 

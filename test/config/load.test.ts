@@ -378,12 +378,12 @@ describe('loadConfig', () => {
     if (r.ok) return;
     assert.equal(r.errors.length, 1);
     assert.equal(r.errors[0].key, 'retry.initialDelay');
-    assert.match(r.errors[0].message, /RETRY_INITIAL_DELAY: must be an integer/);
+    assert.match(r.errors[0].message, /RETRY_INITIAL_DELAY \(retry\.initialDelay\): must be an integer/);
   });
 
   test('an integer with anything after its digits is refused, not read as NaN or as a number in another notation', () => {
     assert.deepEqual(errorMessages(loadConfig(['--workerCount', '1e3'], { SMTP_PORT: '25x' })), [
-      'SMTP_PORT: must be an integer, got "25x"',
+      'SMTP_PORT (smtpPort): must be an integer, got "25x"',
       '--workerCount: must be an integer, got "1e3"',
     ]);
   });
@@ -425,7 +425,7 @@ describe('loadConfig', () => {
       assert.equal(r.ok, false, JSON.stringify(bad));
       if (r.ok) return;
       assert.deepEqual(r.errors.map((e) => e.key), ['serverName']);
-      assert.match(r.errors[0].message, /^SERVER_NAME: must be a host name \(printable ASCII, no spaces\)/);
+      assert.match(r.errors[0].message, /^SERVER_NAME \(serverName\): must be a host name \(printable ASCII, no spaces\)/);
     }
     const ok = loadConfig(['--serverName', 'mx-1.relay.example.com'], {});
     assert.ok(ok.ok && ok.config.serverName === 'mx-1.relay.example.com');
@@ -433,8 +433,8 @@ describe('loadConfig', () => {
 
   test('listen addresses must be given: an empty one (an unset variable in a compose file) would mean every interface', () => {
     assert.deepEqual(errorMessages(loadConfig([], { SMTP_HOST: '', HEALTH_CHECK_HOST: ' ' })), [
-      'SMTP_HOST: must be an IP address or host name, without [brackets] or a port (0.0.0.0 or :: for every interface), got ""',
-      'HEALTH_CHECK_HOST: must be an IP address or host name, without [brackets] or a port (0.0.0.0 or :: for every interface), got " "',
+      'SMTP_HOST (smtpHost): must be an IP address or host name, without [brackets] or a port (0.0.0.0 or :: for every interface), got ""',
+      'HEALTH_CHECK_HOST (healthCheckHost): must be an IP address or host name, without [brackets] or a port (0.0.0.0 or :: for every interface), got " "',
     ]);
     // Postfix's inet_interfaces form, or a port: Node would look either up as a name, and fail at the start
     assert.deepEqual(errorMessages(loadConfig(['--smtpHost', '[::1]', '--healthCheckHost', '127.0.0.1:8025'], {})), [
@@ -449,8 +449,8 @@ describe('loadConfig', () => {
 
   test('the database and the emails directory must be named: an empty path (an unset variable in a compose file) is refused', () => {
     assert.deepEqual(errorMessages(loadConfig([], { DATABASE_PATH: '', EMAILS_DIR: '' })), [
-      'DATABASE_PATH: must be a path (not empty), got ""',
-      'EMAILS_DIR: must be a path (not empty), got ""',
+      'DATABASE_PATH (databasePath): must be a path (not empty), got ""',
+      'EMAILS_DIR (emailsDir): must be a path (not empty), got ""',
     ]);
     assert.deepEqual(errorMessages(loadConfig(['--databasePath', ''], {})), ['--databasePath: must be a path (not empty), got ""']);
     const ok = loadConfig([], { DATABASE_PATH: 'q.db', EMAILS_DIR: 'mail' });
@@ -460,7 +460,7 @@ describe('loadConfig', () => {
   test('an adminToken that is short, or has a space a Bearer header cannot carry, is refused without showing it', () => {
     const rule = 'must be empty, or at least 16 printable ASCII characters without spaces (openssl rand -hex 32 makes one)';
     for (const bad of ['open sesame and more', 'trailing-space-token ', 'tab\there-and-there', 'admin', '15-characters!!']) {
-      assert.deepEqual(errorMessages(loadConfig([], { SECURITY_ADMIN_TOKEN: bad })), [`SECURITY_ADMIN_TOKEN: ${rule}`], bad);
+      assert.deepEqual(errorMessages(loadConfig([], { SECURITY_ADMIN_TOKEN: bad })), [`SECURITY_ADMIN_TOKEN (security.adminToken): ${rule}`], bad);
     }
     const file = loadConfig([], {}, { path: 'c.json', text: JSON.stringify({ security: { adminToken: 'two words, long enough' } }) });
     assert.deepEqual(errorMessages(file), [`security.adminToken: ${rule}`]);
@@ -593,7 +593,7 @@ describe('loadConfig', () => {
   });
 
   test('a number out of range is quoted as it was written', () => {
-    assert.deepEqual(errorMessages(loadConfig([], { SMTP_PORT: '99999999999999999999999' })), ['SMTP_PORT: must be at most 65535, got 99999999999999999999999']);
+    assert.deepEqual(errorMessages(loadConfig([], { SMTP_PORT: '99999999999999999999999' })), ['SMTP_PORT (smtpPort): must be at most 65535, got 99999999999999999999999']);
   });
 
   test('a range includes its bounds: the lowest and highest value of a key are taken, one past either is refused', () => {
@@ -601,7 +601,7 @@ describe('loadConfig', () => {
     assert.ok(edges.ok, JSON.stringify(!edges.ok && edges.errors));
     assert.deepEqual([edges.config.smtpPort, edges.config.forwardPort, edges.config.maxMessageSize, edges.config.batchSize], [65535, 1, MAX_MESSAGE_SIZE_LIMIT, 10000]);
     // port 0 is no upstream port (a listen port 0 is: the system picks one)
-    assert.deepEqual(errorMessages(loadConfig([], { FORWARD_PORT: '0', BATCH_SIZE: '10001' })), ['FORWARD_PORT: must be at least 1, got 0', 'BATCH_SIZE: must be at most 10000, got 10001']);
+    assert.deepEqual(errorMessages(loadConfig([], { FORWARD_PORT: '0', BATCH_SIZE: '10001' })), ['FORWARD_PORT (forwardPort): must be at least 1, got 0', 'BATCH_SIZE (batchSize): must be at most 10000, got 10001']);
   });
 
   test('an hourly rate limit over the daily one is refused, per sender and for all senders; equal ones are taken, as is a retry delay that starts at its cap', () => {
@@ -650,7 +650,7 @@ describe('relayq serve with a bad config', () => {
     assert.equal(lines.length, 3, r.stderr);
     assert.match(lines.join('\n'), /^relayq: config error \(file \S*config\.json\): smtpPort: must be an integer$/m);
     assert.match(lines.join('\n'), /^relayq: config error \(file \S*config\.json\): unknownKey: unknown key/m);
-    assert.match(lines.join('\n'), /^relayq: config error \(env\): BATCH_SIZE: must be at least 1/m);
+    assert.match(lines.join('\n'), /^relayq: config error \(env\): BATCH_SIZE \(batchSize\): must be at least 1/m);
     assert.equal(fs.existsSync(path.join(dir, 'data', 'relayq.db')), false, 'nothing was created');
   });
 });
