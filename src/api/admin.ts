@@ -6,13 +6,14 @@ import { type Context, Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import { MAX_ADDRESS_LENGTH } from '../address.js';
+import { isoTime } from '../clock.js';
+import { count } from '../count.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
 import { repeatedKeys } from '../repeated-keys.js';
 import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, StoppedPartWay } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
 import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
-import { isoTime } from '../clock.js';
 import { type ApiDeps, type ApiEnv, onlyQueries, singleQuery } from './context.js';
 
 const DEFAULT_PAGE_SIZE = 50;
@@ -189,7 +190,7 @@ export function adminRoutes(deps: ApiDeps) {
       const requeued = await loggedBulk(
         c,
         { action: 'retry-failed', filter: { ...filter, ...ids }, count: 'requeued' },
-        (n) => `requeued ${n} failed message${n === 1 ? '' : 's'}`,
+        (n) => `requeued ${count(n, 'failed message')}`,
         requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now, deps.config.batchDelay)),
       );
       return c.json({ requeued });
@@ -200,7 +201,7 @@ export function adminRoutes(deps: ApiDeps) {
       const dueNow = await loggedBulk(
         c,
         { action: 'retry-queued', filter, count: 'dueNow' },
-        (n) => `made ${n} queued message${n === 1 ? '' : 's'} due now`,
+        (n) => `made ${count(n, 'queued message')} due now`,
         flushQueuedInSteps(store.sqlite, filter.sender, (ids) => commits.write('flushQueued', ids, now, deps.config.batchDelay)),
       );
       return c.json({ due_now: dueNow });

@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import { Hono } from 'hono';
 import { lastAttemptReply, oldestAgeSeconds, type StoreMetrics, storeMetrics, successRate, type UpstreamRecord } from '../store/queries.js';
 import { isoTime } from '../clock.js';
+import { count } from '../count.js';
 import type { ApiDeps, ApiEnv } from './context.js';
 
 /**
@@ -132,7 +133,7 @@ export function healthRoutes(deps: ApiDeps) {
       if (upstreamFailing(upstream, now)) {
         const since = upstream.lastSuccessAt === null ? 'no attempt has ever succeeded' : `last success ${isoTime(upstream.lastSuccessAt)}`;
         const last = lastAttemptReply(deps.store.sqlite);
-        degraded.push(`upstream ${upstreamTarget} failing: ${upstream.consecutiveFailures} attempts in a row failed (${since})${last ? `; last reply: ${last}` : ''}`);
+        degraded.push(`upstream ${upstreamTarget} failing: ${count(upstream.consecutiveFailures, 'attempt')} in a row failed (${since})${last ? `; last reply: ${last}` : ''}`);
       }
       active = metrics.queue.queued + metrics.queue.sending;
       if (config.queueSize > 0 && active > config.queueSize * HEALTH_THRESHOLDS.queueFullFraction) {

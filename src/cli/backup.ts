@@ -1,4 +1,6 @@
 // `relayq backup FILE`: a consistent, fsynced, verified copy of the live database.
+
+import { count } from '../count.js';
 import { BackupError, backupDatabase } from '../store/backup.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatBytes } from './table.js';
@@ -18,7 +20,7 @@ export async function backupCommand(file: string, options: { force?: boolean }, 
     return;
   }
   printText(
-    `copied ${config.databasePath} to ${result.file} (${formatBytes(result.bytes)}, ${result.messages} message${result.messages === 1 ? '' : 's'}, ` +
+    `copied ${config.databasePath} to ${result.file} (${formatBytes(result.bytes)}, ${count(result.messages, 'message')}, ` +
       `schema ${result.migrations.at(-1) ?? 'none'}) in ${result.durationMs} ms; fsynced; integrity_check ok`,
   );
 }

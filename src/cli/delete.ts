@@ -2,6 +2,7 @@
 // export. All or nothing: an unknown id, or a message a worker is delivering right now, and
 // nothing is deleted.
 import { systemClock } from '../clock.js';
+import { count } from '../count.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
 import { deleteMessage, HELD } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
@@ -24,5 +25,5 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
   // failed messages' exports go with them: they would describe mail that is no longer there
   for (const id of unique) await removeFailedExport(config.emailsDir, id);
   if (global.json) printJson({ deleted: unique });
-  else printText(`deleted ${unique.length} message${unique.length === 1 ? '' : 's'}: ${unique.join(' ')}`);
+  else printText(`deleted ${count(unique.length, 'message')}: ${unique.join(' ')}`);
 }

@@ -2,6 +2,7 @@
 // into emailsDir/failed where the delivery engine writes them, e.g. after a restore or to hand
 // the failures to another tool. Same document, same atomic write as the automatic export.
 import { systemClock } from '../clock.js';
+import { count } from '../count.js';
 import { EMAILS_DIR_MODE } from '../delivery/atomic-file.js';
 import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.js';
 import { makeDirectory } from '../make-dir.js';
@@ -41,5 +42,5 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     }
   });
   if (global.json) printJson({ directory: target, exported: files.length, files });
-  else printText(`exported ${files.length} failed message${files.length === 1 ? '' : 's'} to ${target}`);
+  else printText(`exported ${count(files.length, 'failed message')} to ${target}`);
 }

@@ -5,6 +5,7 @@
 // transactions (500 messages each) so the running server barely waits; the ids given are
 // requeued in one (all or nothing).
 import { systemClock } from '../clock.js';
+import { count } from '../count.js';
 import { flushQueued, flushQueuedInSteps, HELD, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
@@ -43,7 +44,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
       );
     });
     if (global.json) printJson({ requeued });
-    else printText(`requeued ${requeued} failed message${requeued === 1 ? '' : 's'}`);
+    else printText(`requeued ${count(requeued, 'failed message')}`);
     return;
   }
 

@@ -2,6 +2,7 @@
 // GET /metrics, under the same names in --json, plus the oldest waiting message, the upstream's
 // record and the size of the database files.
 import { systemClock } from '../clock.js';
+import { count } from '../count.js';
 import { databaseFileSizes } from '../store/maintenance.js';
 import { metricsSummary, storeMetrics } from '../store/queries.js';
 import { type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
@@ -33,7 +34,7 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
       ['delivered', `${q.delivered} (kept ${keptFor(config.retention.deliveredDays)})`],
       ['failed', q.failed],
       ['oldest waiting', oldest === null ? 'none' : `${formatTime(oldest)} (${formatAge(now - oldest)} ago)`],
-      ['accepted', `${m.messagesAccepted} messages, ${m.recipientsAccepted} recipients, ${formatBytes(m.bytesAccepted)}`],
+      ['accepted', `${count(m.messagesAccepted, 'message')}, ${count(m.recipientsAccepted, 'recipient')}, ${formatBytes(m.bytesAccepted)}`],
       ['finished', `${m.messagesDelivered} delivered, ${failedNet} failed, ${m.messagesRequeued} requeued after failing`],
       ['avg processing', finished ? `${summary.avg_processing_time_ms} ms` : '-'],
       ['attempts', `${a.delivered} delivered, ${a.partial} partial, ${a.deferred} deferred, ${a.failed} failed`],
@@ -45,5 +46,5 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
 }
 
 function keptFor(days: number): string {
-  return days ? `${days} day${days === 1 ? '' : 's'}` : 'forever';
+  return days ? count(days, 'day') : 'forever';
 }

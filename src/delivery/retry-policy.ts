@@ -1,6 +1,7 @@
 // When a temporarily failing recipient is tried again, and when relayq gives up on it. Pure
 // functions of the attempt count, the message's age, the config and an injected random source,
 // so tests can pin every delay.
+import { count } from '../count.js';
 
 export interface RetrySettings {
   maxAttempts: number;
@@ -39,6 +40,6 @@ export function giveUpReason(attempts: number, receivedAt: number, now: number, 
 
 export function describeGiveUp(reason: GiveUpReason, attempts: number, retry: Pick<RetrySettings, 'maxAttempts' | 'maxAge'>): string {
   return reason === 'max-attempts'
-    ? `gave up after ${attempts} attempts (retry.maxAttempts=${retry.maxAttempts})`
+    ? `gave up after ${count(attempts, 'attempt')} (retry.maxAttempts=${retry.maxAttempts})`
     : `gave up: message older than retry.maxAge (${retry.maxAge} s)`;
 }

@@ -3,6 +3,7 @@
 // count are one write; every later change to a claimed message is fenced by its lease token
 // (`WHERE id = ? AND lease_token = ?`), so a worker that lost its lease can never overwrite the
 // work of the one that holds it now; a delivered recipient is never made pending again.
+import { count } from '../count.js';
 import type { Sqlite } from './db.js';
 import type { AttemptOutcome, MessageState, RecipientStatus } from './schema.js';
 import { prepared } from './statements.js';
@@ -141,7 +142,7 @@ function gaveUpReason(sqlite: Sqlite, id: string, recipient: { address: string; 
     .pluck()
     .get(id, recipient.address) as number;
   if (recorded < recipient.attempts) return GAVE_UP_UNFINISHED;
-  return `gave up: retry.maxAttempts is ${maxAttempts}, and it has had ${recipient.attempts} attempts`;
+  return `gave up: retry.maxAttempts is ${maxAttempts}, and it has had ${count(recipient.attempts, 'attempt')}`;
 }
 
 function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result: ClaimResult): ClaimedBatch | undefined {

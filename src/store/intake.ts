@@ -5,6 +5,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { decodeIdnDomain } from '../address.js';
+import { count } from '../count.js';
 import type { Sqlite } from './db.js';
 import { prepared } from './statements.js';
 
@@ -172,7 +173,7 @@ export function isQueueFull(sqlite: Sqlite, queueSize: number): boolean {
 export function rateLimitMessage(hit: LimitHit): string {
   const scope = hit.limit.startsWith('global') ? 'all senders' : 'sender';
   const window = hit.limit.endsWith('Hour') ? 'hour' : 'day';
-  return `rate limit ${hit.limit} reached: ${scope} sent ${hit.count} messages in the last ${window} (max ${hit.max})`;
+  return `rate limit ${hit.limit} reached: ${scope} sent ${count(hit.count, 'message')} in the last ${window} (max ${hit.max})`;
 }
 
 /**

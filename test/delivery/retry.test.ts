@@ -3,7 +3,7 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import { classifyUpstreamError } from '../../src/delivery/outcomes.js';
-import { backoffDelayMs, giveUpReason } from '../../src/delivery/retry-policy.js';
+import { backoffDelayMs, describeGiveUp, giveUpReason } from '../../src/delivery/retry-policy.js';
 import type { Relay } from '../../src/main.js';
 import { openStore } from '../../src/store/db.js';
 import { FAILED_SCAN_SQL, findTemporaryFailures, requeueTemporaryFailures } from '../../src/store/delivery.js';
@@ -383,4 +383,10 @@ test('the failed-mail scan goes in bounded steps and finds every temporary failu
   } finally {
     await store.close();
   }
+});
+
+test('a give-up reason counts its attempts in words: 1 attempt, 2 attempts', () => {
+  const retry = { maxAttempts: 1, maxAge: 60 };
+  assert.equal(describeGiveUp('max-attempts', 1, retry), 'gave up after 1 attempt (retry.maxAttempts=1)');
+  assert.equal(describeGiveUp('max-attempts', 2, { ...retry, maxAttempts: 2 }), 'gave up after 2 attempts (retry.maxAttempts=2)');
 });
