@@ -10,6 +10,7 @@ import * as recipientAddressNocase from './005_recipient_address_nocase.js';
 import * as messageBodies from './006_message_bodies.js';
 import * as upstreamFailures from './007_upstream_failures.js';
 import * as processingTimeFloor from './008_processing_time_floor.js';
+import * as processingTimeByMessage from './009_processing_time_by_message.js';
 import type { MigrationName } from './names.js';
 
 export const migrations: Record<MigrationName, Migration> = {
@@ -21,4 +22,5 @@ export const migrations: Record<MigrationName, Migration> = {
   '006_message_bodies': messageBodies,
   '007_upstream_failures': upstreamFailures,
   '008_processing_time_floor': processingTimeFloor,
+  '009_processing_time_by_message': processingTimeByMessage,
 };

@@ -11,6 +11,7 @@ export const MIGRATION_NAMES = [
   '006_message_bodies',
   '007_upstream_failures',
   '008_processing_time_floor',
+  '009_processing_time_by_message',
 ] as const;
 
 export type MigrationName = (typeof MIGRATION_NAMES)[number];

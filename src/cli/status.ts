@@ -15,7 +15,6 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
   const files = databaseFileSizes(config.databasePath);
   const summary = metricsSummary(m, now);
   const failedNet = summary.failed_emails;
-  const finished = m.messagesDelivered + m.messagesFailed;
 
   if (global.json) {
     printJson({
@@ -36,7 +35,7 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
       ['oldest waiting', oldest === null ? 'none' : `${formatTime(oldest)} (${formatAge(now - oldest)} ago)`],
       ['accepted', `${count(m.messagesAccepted, 'message')}, ${count(m.recipientsAccepted, 'recipient')}, ${formatBytes(m.bytesAccepted)}`],
       ['finished', `${m.messagesDelivered} delivered, ${failedNet} failed, ${m.messagesRequeued} requeued after failing`],
-      ['avg processing', finished ? `${summary.avg_processing_time_ms} ms` : '-'],
+      ['avg processing', m.messagesDelivered + failedNet ? `${summary.avg_processing_time_ms} ms` : '-'],
       ['attempts', `${a.delivered} delivered, ${a.partial} partial, ${a.deferred} deferred, ${a.failed} failed`],
       ['upstream ok', formatTime(m.upstream.lastSuccessAt)],
       ['upstream error', `${formatTime(m.upstream.lastFailureAt)} (${m.upstream.consecutiveFailures} failed attempts in a row)`],

@@ -38,6 +38,8 @@ export interface StoreMetrics {
   messagesRequeued: number;
   /** Sum over transitions to a final state of (finished - received). */
   processingMsTotal: number;
+  /** Each final message's receipt-to-final time, once, by its last outcome (a requeue takes it back). */
+  processingMsByMessage: number;
   rateLimitRefusals: number;
   queueFullRefusals: number;
   queue: Record<MessageState, number>;
@@ -76,7 +78,7 @@ export function successRate(m: StoreMetrics): { processed: number; rate: number 
  * as failed. `upstream`: the store's record, or (the server) that merged with delivery's live view.
  */
 export function metricsSummary(m: StoreMetrics, now: number, upstream: UpstreamRecord = m.upstream) {
-  const finished = m.messagesDelivered + m.messagesFailed;
+  const { processed } = successRate(m);
   return {
     total_emails: m.messagesAccepted,
     successful_emails: m.messagesDelivered,
@@ -84,7 +86,8 @@ export function metricsSummary(m: StoreMetrics, now: number, upstream: UpstreamR
     requeued_emails: m.messagesRequeued,
     total_recipients: m.recipientsAccepted,
     total_bytes: m.bytesAccepted,
-    avg_processing_time_ms: finished === 0 ? 0 : Math.round(m.processingMsTotal / finished),
+    // per message, by its last outcome: a message failed again and again counts once
+    avg_processing_time_ms: processed === 0 ? 0 : Math.round(m.processingMsByMessage / processed),
     queue: m.queue,
     deferred_emails: m.deferred,
     oldest_queued_age_seconds: oldestAgeSeconds(m, now),
@@ -149,6 +152,7 @@ export function storeMetrics(sqlite: Sqlite): StoreMetrics {
     messagesFailed: n('messages_failed'),
     messagesRequeued: n('messages_requeued'),
     processingMsTotal: n('processing_ms_total'),
+    processingMsByMessage: n('processing_ms_by_message'),
     rateLimitRefusals: n('rate_limit_refusals'),
     queueFullRefusals: n('queue_full_refusals'),
     queue,

@@ -8,6 +8,7 @@ import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
 import { closedPort, sendMail, startHoldingUpstream, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';
+import { runCliJson } from '../cli/run-cli.js';
 import { call, postJson } from './fixtures.js';
 
 type Json = Record<string, unknown>;
@@ -274,6 +275,32 @@ describe('GET /metrics', () => {
     }
   });
 
+  test('a message that fails, is requeued and fails again counts once in the mean processing time, by its last outcome', async () => {
+    const clock = new ManualClock();
+    const upstream = await rejectingUpstream();
+    const relay = await startTestRelay(config(upstream.port), relayOptions(clock));
+    try {
+      const id = /queued as ([0-9A-F]+)/.exec((await sendMail(relay.smtpPort, { to: ['bad@example.com'] })).response)?.[1];
+      clock.advance(1000);
+      await relay.delivery.runOnce(); // failed 1 s after receipt
+      await sendMail(relay.smtpPort, { to: ['ok1@example.com'] });
+      clock.advance(9000);
+      assert.equal((await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' })).status, 200);
+      clock.advance(1000);
+      await relay.delivery.runOnce(); // the first fails again 11 s after receipt; the second is delivered after 10 s
+      const { body } = await call<Json>(relay, '/metrics');
+      assert.deepEqual([body.successful_emails, body.failed_emails, body.requeued_emails], [1, 1, 1]);
+      assert.equal(body.avg_processing_time_ms, (11_000 + 10_000) / 2, 'not (1 s + 11 s + 10 s) / 3: the first failure was taken back');
+      const { body: text } = await call<string>(relay, '/metrics?format=prometheus');
+      assert.match(text, /^relayq_message_processing_seconds_total 22$/m, 'the counter keeps every final transition');
+      const status = await runCliJson<Json>(['status', '--databasePath', relay.config.databasePath]);
+      assert.equal(status.avg_processing_time_ms, 10_500);
+    } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
   test('a clock stepped back past the oldest waiting message shows an age of 0, not a negative one', async () => {
     const clock = new ManualClock();
     const relay = await startTestRelay({}, { clock, startDelivery: false });
@@ -294,8 +321,21 @@ describe('GET /metrics', () => {
     try {
       await migrateToLatest(db, Object.fromEntries(Object.entries(migrations).filter(([name]) => name < '008')));
       sqlite.prepare("UPDATE counters SET value = -3598000 WHERE name = 'processing_ms_total'").run();
-      assert.deepEqual(await migrateToLatest(db), ['008_processing_time_floor']);
+      assert.deepEqual(await migrateToLatest(db), ['008_processing_time_floor', '009_processing_time_by_message']);
       assert.equal(sqlite.prepare("SELECT value FROM counters WHERE name = 'processing_ms_total'").pluck().get(), 0);
+    } finally {
+      await db.destroy();
+    }
+  });
+
+  test('the upgrade to 009 starts the per-message processing time at the lifetime total', async () => {
+    const sqlite = new Database(path.join(tempDir(), 'old.db'));
+    const db = kyselyFor(sqlite);
+    try {
+      await migrateToLatest(db, Object.fromEntries(Object.entries(migrations).filter(([name]) => name < '009')));
+      sqlite.prepare("UPDATE counters SET value = 5000 WHERE name = 'processing_ms_total'").run();
+      assert.deepEqual(await migrateToLatest(db), ['009_processing_time_by_message']);
+      assert.equal(sqlite.prepare("SELECT value FROM counters WHERE name = 'processing_ms_by_message'").pluck().get(), 5000);
     } finally {
       await db.destroy();
     }

@@ -146,7 +146,7 @@ export async function writeFixture(file: string, options: FixtureOptions): Promi
     UPDATE counters SET value = (SELECT COUNT(*) FROM messages WHERE state = 'delivered') WHERE name = 'messages_delivered';
     UPDATE counters SET value = (SELECT COUNT(*) FROM messages WHERE state = 'failed') WHERE name = 'messages_failed';
     UPDATE counters SET value = (SELECT COALESCE(SUM(finished_at - received_at), 0) FROM messages WHERE finished_at IS NOT NULL)
-      WHERE name = 'processing_ms_total';`);
+      WHERE name IN ('processing_ms_total', 'processing_ms_by_message');`);
   // no ANALYZE: a production database has no planner statistics either
   sqlite.pragma('journal_mode = WAL');
   await store.close();

@@ -120,7 +120,7 @@ test('the upgrade moves every stored message into message_bodies, and the relay 
     { id: 'E', state: 'delivered', raw: null, rcpt: 'e@example.net' },
   ]);
 
-  assert.deepEqual(await migrateToLatest(db), ['006_message_bodies', '007_upstream_failures', '008_processing_time_floor']);
+  assert.deepEqual(await migrateToLatest(db), ['006_message_bodies', '007_upstream_failures', '008_processing_time_floor', '009_processing_time_by_message']);
   const columns = (sqlite.prepare('PRAGMA table_info(messages)').all() as Array<{ name: string }>).map((c) => c.name);
   assert.ok(!columns.includes('raw') && columns.includes('body_id'), columns.join(', '));
   assert.deepEqual(messageRaw(sqlite, 'Q')?.raw, queued);
@@ -161,7 +161,7 @@ test('a start that migrates says which migrations it applied, and how long they 
     return entries().filter((e) => e.event === 'store.migrated');
   };
   const [line, ...more] = await migratedLines();
-  assert.deepEqual([line?.migrations, more], [['006_message_bodies', '007_upstream_failures', '008_processing_time_floor'], []]);
+  assert.deepEqual([line?.migrations, more], [['006_message_bodies', '007_upstream_failures', '008_processing_time_floor', '009_processing_time_by_message'], []]);
   assert.equal(typeof line.durationMs, 'number');
   assert.deepEqual(await migratedLines(), []);
 });
@@ -205,7 +205,7 @@ test('CLI commands that read refuse a database the migration has not reached yet
   const exports = path.join(dir, 'exports');
   const r = await runCli(['export-failed', exports, '--databasePath', file]);
   assert.equal(r.code, 1, r.stdout);
-  assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, 007_upstream_failures, 008_processing_time_floor: run `relayq migrate`/);
+  assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, 007_upstream_failures, 008_processing_time_floor, 009_processing_time_by_message: run `relayq migrate`/);
   assert.equal(fs.existsSync(exports), false);
 });
 
