@@ -7,6 +7,7 @@ import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import type { InFlowStats } from '../delivery/in-flow.js';
 import type { Sqlite } from '../store/db.js';
+import type { DiskSpace } from '../store/disk.js';
 import type { StoreWriter } from '../store/writer.js';
 
 /**
@@ -27,7 +28,7 @@ export interface ApiDeps {
   config: Config;
   store: { sqlite: Sqlite };
   commits: Pick<StoreWriter, 'write' | 'storageFault'>;
-  disk: { freeMb(): number; isLow(): boolean };
+  disk: Pick<DiskSpace, 'freeMb' | 'isLow' | 'readError'>;
   intake: { readonly isListening: boolean; spoolFault(withinMs: number): string | undefined };
   clock: Clock;
   logger: Logger;

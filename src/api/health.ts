@@ -117,7 +117,14 @@ export function healthRoutes(deps: ApiDeps) {
     }
 
     const freeMb = deps.disk.freeMb();
-    if (deps.disk.isLow()) errors.push(`free disk space ${freeMb} MB is below minFreeDiskMb ${config.minFreeDiskMb} MB`);
+    if (deps.disk.isLow()) {
+      const unread = deps.disk.readError;
+      errors.push(
+        unread
+          ? `free disk space cannot be read (${unread}), so new mail is refused as below minFreeDiskMb`
+          : `free disk space ${freeMb} MB is below minFreeDiskMb ${config.minFreeDiskMb} MB`,
+      );
+    }
     const listening = deps.intake.isListening;
     if (!listening) errors.push('the SMTP listener is down');
 

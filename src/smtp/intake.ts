@@ -426,8 +426,8 @@ export class SmtpIntake {
     if (refused) return cb(refused);
     if (this.deps.disk.isLow()) {
       this.deps.logger.warn(
-        { event: 'smtp.disk_low', session: session.id, client: this.peer(session), sender: address, freeMb: this.deps.disk.freeMb() },
-        'refusing mail: disk space low',
+        { event: 'smtp.disk_low', session: session.id, client: this.peer(session), sender: address, freeMb: this.deps.disk.freeMb(), err: this.deps.disk.readError },
+        this.deps.disk.readError ? 'refusing mail: free disk space cannot be read' : 'refusing mail: disk space low',
       );
       return cb(reply(452, '4.3.1 Insufficient system storage, try again later'));
     }

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 
 export class DiskSpace {
-  private cached = { at: 0, mb: Number.POSITIVE_INFINITY };
+  private cached: { at: number; mb: number; error?: string } = { at: 0, mb: Number.POSITIVE_INFINITY };
 
   constructor(
     private readonly databasePath: string,
@@ -17,11 +17,17 @@ export class DiskSpace {
       try {
         const s = fs.statfsSync(path.dirname(path.resolve(this.databasePath)));
         this.cached = { at: t, mb: Math.floor((s.bavail * s.bsize) / (1024 * 1024)) };
-      } catch {
-        this.cached = { at: t, mb: 0 };
+      } catch (err) {
+        // taken for a full disk: new mail is refused until the space can be read again
+        this.cached = { at: t, mb: 0, error: (err as Error).message };
       }
     }
     return this.cached.mb;
+  }
+
+  /** Why the free space could not be read at the last sample, if it could not. */
+  get readError(): string | undefined {
+    return this.cached.error;
   }
 
   /** True when free space is below minFreeDiskMb (new mail is refused). */

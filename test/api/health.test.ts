@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
+import path from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ManualClock } from '../../src/clock.js';
@@ -409,6 +411,26 @@ describe('GET /health', () => {
       assert.equal(status, 503);
       assert.equal(body.status, 'error');
       assert.ok(body.details.warnings.some((w) => w.includes('below minFreeDiskMb 100000000 MB')), body.details.warnings.join('; '));
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('free disk space that cannot be read is an error that says so, not "0 MB free"', async () => {
+    const dir = tempDir();
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ databasePath: path.join(dir, 'data', 'relayq.db'), minFreeDiskMb: 1 }, { startDelivery: false, logger: log.logger });
+    try {
+      assert.equal((await call<Health>(relay, '/health')).body.status, 'ok');
+      // the open database stays writable; the directory it was in is gone
+      fs.renameSync(path.join(dir, 'data'), path.join(dir, 'moved'));
+      let body: Health | undefined;
+      await waitFor(async () => (body = (await call<Health>(relay, '/health')).body).status === 'error', 5000, 'the next disk sample');
+      const warning = body?.details.warnings.find((w) => w.includes('free disk space'));
+      assert.match(String(warning), /^free disk space cannot be read \(ENOENT[^)]*\), so new mail is refused as below minFreeDiskMb$/);
+      await assert.rejects(sendMail(relay.smtpPort), /452 4\.3\.1/);
+      const [refusal] = log.entries().filter((e) => e.event === 'smtp.disk_low');
+      assert.match(String(refusal?.err), /^ENOENT/);
     } finally {
       await relay.stop();
     }
