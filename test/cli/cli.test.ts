@@ -108,8 +108,8 @@ describe('relayq CLI on the database of a running relay', () => {
     const text = await cli('status');
     assert.equal(text.code, 0, text.stderr);
     assert.match(text.stdout, /^queued: +2 \(0 tried before\)$/m);
-    assert.match(text.stdout, /^failed: +5$/m);
-    assert.match(text.stdout, /^finished: +4 delivered, 5 failed, 0 requeued after failing$/m);
+    assert.match(text.stdout, /^failed: +5 \(kept until retried or deleted\)$/m);
+    assert.match(text.stdout, /^finished: +4 delivered, 5 failed, 0 requeued after failing \(lifetime\)$/m);
     // one attempt per message so far: 4 delivered, 3 partly (ok-mixed* and bad-mixed*), 2 refused
     assert.deepEqual(status.attempts, { delivered: 4, partial: 3, deferred: 0, failed: 2, total: 9 });
     assert.match(text.stdout, /^attempts: +4 delivered, 3 partial, 0 deferred, 2 failed$/m);

@@ -111,7 +111,7 @@ test('compose mounts config, data and emails, publishes on loopback only, restar
   // the port the relay listens on, also when HEALTH_CHECK_PORT comes from .env
   assert.match(compose, /^ {4}healthcheck:\n {6}test: \["CMD", "node", "-e", "fetch\('http:\/\/127\.0\.0\.1:'\+\(process\.env\.HEALTH_CHECK_PORT\|\|8025\)\+'\/health'\)/m);
   const subnet = /subnet: (\S+)/.exec(compose)?.[1];
-  assert.equal(composeEnv(compose).SECURITY_ALLOWED_NETWORKS, subnet, 'SMTP is open to the compose network, not beyond');
+  assert.equal(composeEnv(compose).SECURITY_ALLOWED_NETWORKS, `127.0.0.0/8,::1/128,${subnet}`, 'SMTP is open to loopback and the compose network, not beyond');
 });
 
 test('.dockerignore keeps local data, secrets and build output out of the build context', () => {
