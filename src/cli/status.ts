@@ -38,7 +38,7 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
       ['avg processing', m.messagesDelivered + failedNet ? `${summary.avg_processing_time_ms} ms` : '-'],
       ['attempts', `${a.delivered} delivered, ${a.partial} partial, ${a.deferred} deferred, ${a.failed} failed`],
       ['upstream ok', formatTime(m.upstream.lastSuccessAt)],
-      ['upstream error', `${formatTime(m.upstream.lastFailureAt)} (${m.upstream.consecutiveFailures} failed attempts in a row)`],
+      ['upstream error', `${formatTime(m.upstream.lastFailureAt)} (${count(m.upstream.consecutiveFailures, 'failed attempt')} in a row)`],
       ['refused', `${m.rateLimitRefusals} over a rate limit, ${m.queueFullRefusals} queue full`],
     ]),
   );

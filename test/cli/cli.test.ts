@@ -404,7 +404,7 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal(after.requeued_emails, 5);
     // failed, net of the requeued: as /metrics counts it, not every failure there was
     const text = await cli('status');
-    assert.match(text.stdout, /^finished: +11 delivered, 0 failed, 5 requeued after failing$/m);
+    assert.match(text.stdout, /^finished: +11 delivered, 0 failed, 5 requeued after failing \(lifetime\)$/m);
 
     const again = await cli('retry', ids.delivered[0]);
     assert.equal(again.code, 1, 'nothing was retried, as the API says with 409');
@@ -636,13 +636,13 @@ test('status: each line shows its own numbers, the upstream\'s last success and 
         'queued:         1 (1 tried before)',
         'sending:        0',
         'delivered:      1 (kept 7 days)',
-        'failed:         0',
+        'failed:         0 (kept until retried or deleted)',
         `accepted:       2 messages, 3 recipients, ${json.total_bytes} B`,
-        'finished:       1 delivered, 0 failed, 0 requeued after failing',
+        'finished:       1 delivered, 0 failed, 0 requeued after failing (lifetime)',
         'avg processing: 1500 ms',
         'attempts:       1 delivered, 0 partial, 1 deferred, 0 failed',
         `upstream ok:    ${time(json.upstream.last_success)}`,
-        `upstream error: ${time(json.upstream.last_failure)} (1 failed attempts in a row)`,
+        `upstream error: ${time(json.upstream.last_failure)} (1 failed attempt in a row)`,
         'refused:        2 over a rate limit, 1 queue full',
       ],
     );
