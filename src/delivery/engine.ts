@@ -456,7 +456,7 @@ export class DeliveryEngine {
     } catch (err) {
       this.log.error(
         { queueId, event: 'delivery.commit_failed', batch: claim.batch, err: (err as Error).message },
-        'recording the delivery outcome failed; the claim expires with its lease',
+        'recording the delivery outcome failed at shutdown; the next start sends the batch again',
       );
       return;
     } finally {
@@ -548,20 +548,21 @@ export class DeliveryEngine {
 
   /**
    * Commits an attempt's outcome. The upstream has answered, so a commit that fails (the writer
-   * waited past its busy timeout behind another process, a full disk) is tried again until the
-   * claim's lease nears its end: given up, the lease would run out and the batch go out a second
-   * time. Trying again is safe: the failed transaction wrote nothing, and the write is fenced by
-   * the claim token. The first write is sent at once, so that the next claim can share its commit.
-   * Shutdown cuts a wait short (see stop()).
+   * waited past its busy timeout behind another process, a full disk) is tried again, past the
+   * end of the claim's lease too, until it lands or the shutdown's grace period ends: given up,
+   * the batch would be claimed again and go out a second time. Meanwhile the message stays held,
+   * and no other process claims it (this one holds the database's lock). Trying again is safe: the
+   * failed transaction wrote nothing, and the write is fenced by the claim token. The first write
+   * is sent at once, so that the next claim can share its commit. Shutdown cuts a wait short
+   * (see stop()).
    */
   private async recordOutcome(completion: BatchCompletion, active: ActiveAttempt): Promise<CompletionResult> {
     const { claim } = active;
-    const giveUpAt = performance.now() + this.usableLeaseMs(active);
     for (let waitMs = OUTCOME_RETRY_FIRST_MS; ; waitMs = Math.min(2 * waitMs, OUTCOME_RETRY_MAX_MS)) {
       try {
         return await this.deps.commits.write('completeBatch', completion);
       } catch (err) {
-        if (this.graceOver || performance.now() + waitMs >= giveUpAt) throw err;
+        if (this.graceOver) throw err;
         this.log.warn(
           { queueId: claim.messageId, event: 'delivery.commit_retry', batch: claim.batch, err: (err as Error).message, retryInMs: waitMs },
           'recording the delivery outcome failed; trying again',

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
@@ -98,13 +99,13 @@ describe('upstream faults', () => {
    * An upstream that holds its reply to DATA until `accept()`, and a relay (manual clock, a 60 s
    * lease) whose warnings are captured.
    */
-  async function gatedSetup(options: { startDelivery: boolean }) {
+  async function gatedSetup(options: { startDelivery: boolean; processingTimeout?: number }) {
     const upstream = await startMisbehavingUpstream();
     cleanup.push(() => upstream.close());
     const log = capturedLog('warn');
     const clock = new ManualClock(Date.UTC(2026, 0, 1));
     const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 60, batchDelay: 0 },
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: options.processingTimeout ?? 60, batchDelay: 0 },
       { clock, startDelivery: options.startDelivery, startRetention: false, logger: log.logger },
     );
     cleanup.push(() => relay.stop());
@@ -416,6 +417,28 @@ describe('upstream faults', () => {
   // attempt keeps its message, and its outcome gets the time that was left on the monotonic clock
   test('after the clock steps forward past the lease, an outcome whose commit fails is still committed again, not sent twice', () =>
     outcomeCommittedAgain(3_600_000));
+
+  test('an outcome kept from its commit past the end of the lease (another process holds the write lock) keeps its message: committed when the lock goes, sent once', async () => {
+    const { upstream, log, relay, clock, accept } = await gatedSetup({ startDelivery: true, processingTimeout: 5 });
+    const id = await queue(relay, RCPTS);
+    await waitFor(() => upstream.transactions.length === 1, 10_000, 'DATA at the upstream');
+    const lock = await holdWriteLock(relay, 100);
+    try {
+      accept();
+      await waitFor(() => log.entries().some((e) => e.event === 'delivery.commit_retry'), 10_000, 'a retried outcome commit');
+      // the 5 s lease ends by both clocks: the one the claim counts on, and the database's
+      await sleep(5500);
+      clock.advance(5500);
+      assert.equal(rows(relay, id).message.state, 'sending');
+    } finally {
+      await lock.release();
+    }
+    await waitFor(() => rows(relay, id).message.state === 'delivered', 30_000, 'the outcome committed');
+    assert.equal(upstream.transactions.length, 1, 'the batch went out once');
+    const { message, attempts } = rows(relay, id);
+    assert.deepEqual([message.claims, attempts.length], [1, 1]);
+    assert.ok(!log.entries().some((e) => e.event === 'delivery.commit_failed'));
+  });
 
   test('at shutdown an outcome waiting to be committed again is tried at once, not released to go out a second time', async () => {
     const { upstream, log, relay, accept } = await gatedSetup({ startDelivery: true });
