@@ -31,7 +31,7 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
   const dir = path.dirname(file);
 
   const partial = `${file}.partial-${process.pid}`;
-  fs.rmSync(partial, { force: true });
+  removeLeftCopies(file);
   try {
     // the copy holds every message: readable by this user alone, as the database is (VACUUM INTO
     // takes an empty file)
@@ -48,6 +48,7 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
     return { file, bytes: fs.statSync(file).size, ...checked, durationMs: Date.now() - started };
   } catch (err) {
     fs.rmSync(partial, { force: true });
+    fs.rmSync(`${partial}-journal`, { force: true });
     if (err instanceof BackupError) throw err;
     // a full disk says only "database or disk is full": name the copy, not the live database;
     // what else VACUUM INTO reports may be the live database's (a damaged page)
@@ -55,6 +56,36 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
     const writing = (err as NodeJS.ErrnoException).syscall !== undefined || code === 'SQLITE_FULL' || code === 'SQLITE_CANTOPEN';
     const what = writing ? `cannot write ${target}` : `copying ${sqlite.name} to ${target} failed`;
     throw new BackupError(`${what}: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/**
+ * The unfinished copies to `file` that backups killed before their end left beside it
+ * (`<file>.partial-<pid>`, with the rollback journal of VACUUM INTO): up to the size of the
+ * database each, on the disk that minFreeDiskMb may watch. A copy whose process still runs is
+ * another backup's, under way, and stays.
+ */
+function removeLeftCopies(file: string): void {
+  const dir = path.dirname(file);
+  const prefix = `${path.basename(file)}.partial-`;
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return; // the copy itself reports the directory
+  }
+  for (const name of names) {
+    const pid = name.startsWith(prefix) ? /^(\d+)(-journal)?$/.exec(name.slice(prefix.length))?.[1] : undefined;
+    if (pid !== undefined && (Number(pid) === process.pid || !processRuns(Number(pid)))) fs.rmSync(path.join(dir, name), { force: true });
+  }
+}
+
+function processRuns(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -248,6 +250,24 @@ test('a copy that fails halfway leaves no partial file next to the target', asyn
     sqlite.close();
   }
   assert.deepEqual(fs.readdirSync(targetDir), [], 'no copy.db and no copy.db.partial-<pid>');
+});
+
+test('the unfinished copies of backups that were killed are removed by the next backup to that name; one under way is left alone', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const dir = tempDir('relayq-backup-left-');
+  const running = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60_000)'], { stdio: 'ignore' });
+  try {
+    const ended = spawn(process.execPath, ['-e', '']);
+    await once(ended, 'exit');
+    const left = [`copy.db.partial-${ended.pid}`, `copy.db.partial-${ended.pid}-journal`, `copy.db.partial-${process.pid}`];
+    const kept = [`copy.db.partial-${running.pid}`, `other.db.partial-${ended.pid}`, `copy.db.partial-${ended.pid}.txt`];
+    for (const name of [...left, ...kept]) fs.writeFileSync(path.join(dir, name), 'x'.repeat(1000));
+    backupDatabase(relay.store.sqlite, path.join(dir, 'copy.db'));
+    assert.deepEqual(fs.readdirSync(dir).sort(), ['copy.db', ...kept].sort());
+  } finally {
+    running.kill();
+    await relay.stop();
+  }
 });
 
 test('a database opened through a symlink: its WAL and shared memory beside the real file are its own too', async () => {
