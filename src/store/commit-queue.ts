@@ -3,6 +3,12 @@
 // run in a single IMMEDIATE transaction, each inside its own savepoint, and share one fsync
 // (synchronous=FULL). A promise resolves only after COMMIT has returned, so a caller that answers
 // `250` from `.then()` answers after the data is durable.
+//
+// A heavy operation (the insert of a message spooled to a file: a quarter of a megabyte up to
+// maxMessageSize) gets a transaction of its own, after the turn's other operations have committed,
+// and one per turn: the small writes queued behind it — a delivery's outcome, whose commit is all
+// that stands between the upstream's `250` and a batch that a crash would send twice — wait for
+// at most one large write, not for every one that arrived with them.
 import type { Sqlite } from './db.js';
 
 type Op<T> = (sqlite: Sqlite) => T;
@@ -15,7 +21,9 @@ interface Pending {
 
 export class CommitQueue {
   private pending: Pending[] = [];
+  private heavy: Pending[] = [];
   private scheduled = false;
+  private heavyScheduled = false;
   private closed = false;
   /** Transactions committed so far (each result reports it, so that the writer knows). */
   readonly stats = { commits: 0 };
@@ -24,22 +32,55 @@ export class CommitQueue {
 
   constructor(private readonly sqlite: Sqlite) {}
 
-  write<T>(op: Op<T>): Promise<T> {
+  write<T>(op: Op<T>, options: { heavy?: boolean } = {}): Promise<T> {
     if (this.closed) return Promise.reject(new Error('store is closed'));
     return new Promise<T>((resolve, reject) => {
-      this.pending.push({ op, resolve: resolve as (v: unknown) => void, reject });
-      if (!this.scheduled) {
-        this.scheduled = true;
-        setImmediate(() => this.flush());
-      }
+      (options.heavy ? this.heavy : this.pending).push({ op, resolve: resolve as (v: unknown) => void, reject });
+      this.schedule();
     });
   }
 
-  /** Runs everything queued now; normally called from setImmediate. */
-  flush(): void {
+  private schedule(): void {
+    if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(() => this.flush());
+    }
+  }
+
+  /**
+   * One turn: what is queued, in one transaction. A heavy operation waiting goes in a turn of its
+   * own, the next one: the results of this commit are sent when this turn ends, not after it.
+   */
+  private flush(): void {
     this.scheduled = false;
+    this.commitQueued();
+    if (this.heavy.length > 0 && !this.heavyScheduled) {
+      this.heavyScheduled = true;
+      setImmediate(() => this.flushHeavy());
+    }
+  }
+
+  /** One heavy operation in its own transaction; the next waits for a turn in which the others may go first. */
+  private flushHeavy(): void {
+    this.heavyScheduled = false;
+    const next = this.heavy.shift();
+    if (next) this.commit([next]);
+    if (this.heavy.length > 0) this.schedule();
+  }
+
+  private commitQueued(): void {
     const batch = this.pending;
     this.pending = [];
+    this.commit(batch);
+  }
+
+  /** Commits everything queued, heavy operations too (before a pragma, and at close). */
+  drain(): void {
+    this.commitQueued();
+    for (let next = this.heavy.shift(); next; next = this.heavy.shift()) this.commit([next]);
+  }
+
+  private commit(batch: Pending[]): void {
     if (batch.length === 0) return;
     const results: Array<{ ok: true; value: unknown } | { ok: false; error: unknown }> = [];
     try {
@@ -87,7 +128,7 @@ export class CommitQueue {
 
   /** Flushes what is queued and refuses further writes. */
   close(): void {
-    if (this.pending.length) this.flush();
+    this.drain();
     this.closed = true;
   }
 }

@@ -4,6 +4,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { CommitQueue } from './commit-queue.js';
 import { openConnection } from './db.js';
+import type { NewMessage } from './intake.js';
 import { limitWalSize, overwriteFreedPages } from './maintenance.js';
 import { movableResult, ownMemory, WRITE_OPS, type WriteOpName } from './write-ops.js';
 
@@ -118,7 +119,7 @@ function runRequest(request: WriterRequest): void {
   }
   if (request.type === 'pragma') {
     // outside any transaction (some pragmas refuse to run in one), after what is queued
-    commits.flush();
+    commits.drain();
     const { id, text } = request;
     try {
       reply({ type: 'result', id, commits: commits.stats.commits, ok: true, value: sqlite.pragma(text, { simple: true }) });
@@ -129,10 +130,15 @@ function runRequest(request: WriterRequest): void {
   }
   const { id, op, args } = request;
   const fn = WRITE_OPS[op] as (db: typeof sqlite, ...a: unknown[]) => unknown;
-  commits.write((db) => fn(db, ...args)).then(
+  commits.write((db) => fn(db, ...args), { heavy: isHeavy(request) }).then(
     (value) => reply({ type: 'result', id, commits: commits.stats.commits, ok: true, value }, movableResult(op, value)),
     (err) => reply({ type: 'result', id, commits: commits.stats.commits, ok: false, error: serialize(err) }),
   );
+}
+
+/** The insert of a message that was spooled to a file (over spoolAfter): see commit-queue.ts. */
+function isHeavy(request: Extract<WriterRequest, { type: 'write' }>): boolean {
+  return request.op === 'insertMessage' && (request.args[0] as NewMessage).spooled !== undefined;
 }
 
 port.on('message', (requests: WriterRequest[]) => {
