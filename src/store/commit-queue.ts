@@ -4,17 +4,22 @@
 // (synchronous=FULL). A promise resolves only after COMMIT has returned, so a caller that answers
 // `250` from `.then()` answers after the data is durable.
 //
-// A heavy operation (the insert of a message spooled to a file: a quarter of a megabyte up to
-// maxMessageSize) gets a transaction of its own, after the turn's other operations have committed,
-// and one per turn: the small writes queued behind it — a delivery's outcome, whose commit is all
-// that stands between the upstream's `250` and a batch that a crash would send twice — wait for
-// at most one large write, not for every one that arrived with them.
+// A large write (the insert of a message spooled to a file: over spoolAfter, up to
+// maxMessageSize) goes in a transaction apart, after the turn's small writes have committed, with
+// other large ones up to HEAVY_GROUP_BYTES: the small writes queued behind it — a delivery's
+// outcome, whose commit is all that stands between the upstream's `250` and a batch that a crash
+// would send twice — wait for one such group at most, not for every large message that came with
+// them.
 import type { Sqlite } from './db.js';
 
 type Op<T> = (sqlite: Sqlite) => T;
 
+/** The large writes of one transaction add up to this, or it holds one. */
+export const HEAVY_GROUP_BYTES = 4 * 1024 * 1024;
+
 interface Pending {
   op: Op<unknown>;
+  bytes: number;
   resolve: (value: unknown) => void;
   reject: (err: unknown) => void;
 }
@@ -32,10 +37,11 @@ export class CommitQueue {
 
   constructor(private readonly sqlite: Sqlite) {}
 
-  write<T>(op: Op<T>, options: { heavy?: boolean } = {}): Promise<T> {
+  /** `largeBytes`: the size of a large write (see above); a small one has none. */
+  write<T>(op: Op<T>, largeBytes = 0): Promise<T> {
     if (this.closed) return Promise.reject(new Error('store is closed'));
     return new Promise<T>((resolve, reject) => {
-      (options.heavy ? this.heavy : this.pending).push({ op, resolve: resolve as (v: unknown) => void, reject });
+      (largeBytes > 0 ? this.heavy : this.pending).push({ op, bytes: largeBytes, resolve: resolve as (v: unknown) => void, reject });
       this.schedule();
     });
   }
@@ -48,7 +54,7 @@ export class CommitQueue {
   }
 
   /**
-   * One turn: what is queued, in one transaction. A heavy operation waiting goes in a turn of its
+   * One turn: what is queued, in one transaction. Large writes waiting go in a turn of their
    * own, the next one: the results of this commit are sent when this turn ends, not after it.
    */
   private flush(): void {
@@ -60,12 +66,18 @@ export class CommitQueue {
     }
   }
 
-  /** One heavy operation in its own transaction; the next waits for a turn in which the others may go first. */
+  /** One group of large writes in a transaction; the next waits for a turn in which small ones may go first. */
   private flushHeavy(): void {
     this.heavyScheduled = false;
-    const next = this.heavy.shift();
-    if (next) this.commit([next]);
+    this.commit(this.heavyGroup());
     if (this.heavy.length > 0) this.schedule();
+  }
+
+  private heavyGroup(): Pending[] {
+    let bytes = 0;
+    let n = 0;
+    while (n < this.heavy.length && (n === 0 || bytes + this.heavy[n].bytes <= HEAVY_GROUP_BYTES)) bytes += this.heavy[n++].bytes;
+    return this.heavy.splice(0, n);
   }
 
   private commitQueued(): void {
@@ -74,10 +86,10 @@ export class CommitQueue {
     this.commit(batch);
   }
 
-  /** Commits everything queued, heavy operations too (before a pragma, and at close). */
+  /** Commits everything queued, large writes too (before a pragma, and at close). */
   drain(): void {
     this.commitQueued();
-    for (let next = this.heavy.shift(); next; next = this.heavy.shift()) this.commit([next]);
+    while (this.heavy.length > 0) this.commit(this.heavyGroup());
   }
 
   private commit(batch: Pending[]): void {

@@ -130,15 +130,17 @@ function runRequest(request: WriterRequest): void {
   }
   const { id, op, args } = request;
   const fn = WRITE_OPS[op] as (db: typeof sqlite, ...a: unknown[]) => unknown;
-  commits.write((db) => fn(db, ...args), { heavy: isHeavy(request) }).then(
+  commits.write((db) => fn(db, ...args), largeBytes(request)).then(
     (value) => reply({ type: 'result', id, commits: commits.stats.commits, ok: true, value }, movableResult(op, value)),
     (err) => reply({ type: 'result', id, commits: commits.stats.commits, ok: false, error: serialize(err) }),
   );
 }
 
-/** The insert of a message that was spooled to a file (over spoolAfter): see commit-queue.ts. */
-function isHeavy(request: Extract<WriterRequest, { type: 'write' }>): boolean {
-  return request.op === 'insertMessage' && (request.args[0] as NewMessage).spooled !== undefined;
+/** The size of the insert of a message that was spooled to a file (over spoolAfter), a large write (see commit-queue.ts); 0 for any other. */
+function largeBytes(request: Extract<WriterRequest, { type: 'write' }>): number {
+  if (request.op !== 'insertMessage') return 0;
+  const { raw, spooled } = request.args[0] as NewMessage;
+  return spooled ? raw.length + spooled.bytes : 0;
 }
 
 port.on('message', (requests: WriterRequest[]) => {

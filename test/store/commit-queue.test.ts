@@ -2,7 +2,9 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { test } from 'node:test';
 import Database from 'better-sqlite3';
-import { CommitQueue } from '../../src/store/commit-queue.js';
+import { CommitQueue, HEAVY_GROUP_BYTES } from '../../src/store/commit-queue.js';
+
+const MB = 1024 * 1024;
 import { tempDir } from '../helpers.js';
 
 function queueOnFile() {
@@ -19,14 +21,14 @@ function queueOnFile() {
   return { sqlite, queue, events, op };
 }
 
-test('a heavy write commits on its own, after the writes queued with it, and their results are out before it begins', async () => {
+test('a large write commits apart, after the small writes queued with it, and their results are out before it begins', async () => {
   const { sqlite, queue, events, op } = queueOnFile();
   try {
     let smallDone = false;
     const heavy = queue.write((db) => {
       op('heavy')(db);
       events.push(`small already answered: ${smallDone}`);
-    }, { heavy: true });
+    }, MB);
     const small = queue.write(op('small')).then(() => {
       smallDone = true;
     });
@@ -40,24 +42,26 @@ test('a heavy write commits on its own, after the writes queued with it, and the
   }
 });
 
-test('heavy writes go one per transaction, and a small write that arrives meanwhile goes before the next one', async () => {
+test('large writes go up to HEAVY_GROUP_BYTES a transaction, and a small write that arrives meanwhile goes before the next group', async () => {
   const { sqlite, queue, events, op } = queueOnFile();
   try {
-    const first = queue.write(op('heavy 1'), { heavy: true });
-    const second = queue.write(op('heavy 2'), { heavy: true });
-    await first;
+    const half = HEAVY_GROUP_BYTES / 2;
+    const written = [queue.write(op('large 1'), half), queue.write(op('large 2'), half), queue.write(op('large 3'), 1)];
+    // one over the limit on its own still goes, alone
+    written.push(queue.write(op('huge'), 8 * HEAVY_GROUP_BYTES));
+    await written[1];
     await queue.write(op('small'));
-    await second;
-    assert.deepEqual(events, ['heavy 1', 'commit', 'small', 'commit', 'heavy 2', 'commit']);
+    await Promise.all(written);
+    assert.deepEqual(events, ['large 1', 'large 2', 'commit', 'small', 'commit', 'large 3', 'commit', 'huge', 'commit']);
   } finally {
     sqlite.close();
   }
 });
 
-test('close commits what is queued, heavy writes included, and refuses what comes after', async () => {
+test('close commits what is queued, large writes included, and refuses what comes after', async () => {
   const { sqlite, queue, events, op } = queueOnFile();
   try {
-    const written = [queue.write(op('heavy'), { heavy: true }), queue.write(op('small'))];
+    const written = [queue.write(op('heavy'), MB), queue.write(op('small'))];
     queue.close();
     await Promise.all(written);
     assert.deepEqual(events, ['small', 'commit', 'heavy', 'commit']);
