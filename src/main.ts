@@ -31,6 +31,8 @@ export interface RelayOptions {
   logger?: Logger;
   /** Startup warnings from loadConfig, logged once the logger exists. */
   warnings?: string[];
+  /** The config file the config was read from (null: none), as relay.started says. */
+  configFile?: string | null;
   /** How long shutdown waits for open DATA transfers and in-flight deliveries. */
   shutdownGraceMs?: number;
   /** false: delivery does not poll; tests drive it with `relay.delivery.runOnce()`. */
@@ -212,7 +214,10 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     throw new Error(`smtpHost, smtpPort: cannot listen on ${hostPort(config.smtpHost, config.smtpPort)}: ${(err as Error).message}`, { cause: err });
   }
   // the addresses listened on: a host name listens on the first address it resolves to
-  logger.info({ event: 'relay.started', version: VERSION, smtp: hostPort(smtp.address, smtp.port), config: redactConfig(config) }, 'relayq started');
+  logger.info(
+    { event: 'relay.started', version: VERSION, smtp: hostPort(smtp.address, smtp.port), configFile: options.configFile, config: redactConfig(config) },
+    'relayq started',
+  );
   if (api) logger.info({ event: 'api.listening', http: hostPort(api.address, api.port) }, 'HTTP API listening');
   // said now, not first at the next MAIL FROM (452) or health check
   if (disk.isLow()) {

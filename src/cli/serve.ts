@@ -55,7 +55,7 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
   // the relay cannot store mail any more: stop, and exit non-zero for the supervisor to restart it
   const onFatal = () => (relay ? stop(relay, 1) : exitAfterFlush(out, 1));
   try {
-    relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings, onFatal });
+    relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings, configFile: loaded.file, onFatal });
   } catch (err) {
     logger.fatal({ event: 'relay.start_failed', err: (err as Error).message }, 'relayq could not start');
     process.stderr.write(`relayq: ${(err as Error).message}\n`);

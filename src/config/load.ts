@@ -4,7 +4,7 @@
 // where the bad value came from.
 import fs from 'node:fs';
 import os from 'node:os';
-import { isAbsolute } from 'node:path';
+import { isAbsolute, resolve } from 'node:path';
 import { clientFilter, isLoopback, normalizeIp, parseCidr } from '../access-control.js';
 import { repeatedKeys } from '../repeated-keys.js';
 import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, setPath } from './schema.js';
@@ -510,10 +510,10 @@ function clash(a: string, b: string): boolean {
 export function loadConfigFromSources(
   argv: readonly string[],
   env: NodeJS.ProcessEnv,
-): { ok: true; config: Config; warnings: string[] } | { ok: false; message: string } {
+): { ok: true; config: Config; warnings: string[]; file: string | null } | { ok: false; message: string } {
   const file = readConfigFile(findConfigFile(argv, env));
   const loaded = loadConfig(argv, env, file);
-  return loaded.ok ? loaded : { ok: false, message: formatErrors(loaded.errors, file?.path) };
+  return loaded.ok ? { ...loaded, file: file ? resolve(file.path) : null } : { ok: false, message: formatErrors(loaded.errors, file?.path) };
 }
 
 /** Copy of the config with every secret replaced, for logging. */

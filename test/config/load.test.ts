@@ -12,7 +12,7 @@ import { formatErrors, loadConfig, parseFlags, readConfigFile } from '../../src/
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
 import { runCli } from '../cli/run-cli.js';
-import { capturedLog, cliArgs, closedPort, REPO_ROOT, SmtpClient, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
+import { capturedLog, cliArgs, closedPort, REPO_ROOT, SmtpClient, spawnRelay, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
 
 const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
 
@@ -923,3 +923,19 @@ function errorMessages(result: ReturnType<typeof loadConfig>): string[] {
   assert.equal(result.ok, false, 'the config was accepted');
   return result.ok ? [] : result.errors.map((e) => e.message);
 }
+
+test('relay.started names the config file it read, as a full path, or null when there was none', async () => {
+  const withFile = tempDir();
+  fs.writeFileSync(path.join(withFile, 'config.json'), JSON.stringify({ workerCount: 3 }));
+  const without = tempDir();
+  for (const [dir, expected] of [[withFile, path.join(withFile, 'config.json')], [without, null]] as const) {
+    const relay = await spawnRelay(dir);
+    try {
+      const started = JSON.parse(relay.output().split('\n').find((line) => line.includes('"relay.started"')) as string);
+      assert.equal(started.configFile, expected);
+      assert.equal(started.config.workerCount, expected ? 3 : 5);
+    } finally {
+      await relay.kill('SIGTERM');
+    }
+  }
+});
