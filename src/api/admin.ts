@@ -127,8 +127,12 @@ async function filterBody(c: Context<ApiEnv>): Promise<unknown> {
   return body;
 }
 
+/** Queue ids have 20 characters: a longer id is quoted in part, not thousands of characters back. */
+const QUOTED_ID_MAX = 64;
+
 function notFound(id: string): HTTPException {
-  return new HTTPException(404, { message: `no message with id ${id}` });
+  const quoted = id.length <= QUOTED_ID_MAX ? id : `${id.slice(0, QUOTED_ID_MAX)}… (${id.length} characters)`;
+  return new HTTPException(404, { message: `no message with id ${quoted}` });
 }
 
 export function adminRoutes(deps: ApiDeps) {

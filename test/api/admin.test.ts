@@ -497,6 +497,8 @@ describe('admin: queue inspection', () => {
         const missing = await call(relay, path);
         assert.deepEqual([missing.status, missing.body], [404, { error: 'not_found', message: 'no message with id NOSUCHID' }]);
       }
+      const long = await call(relay, `/admin/messages/${'A'.repeat(5000)}`);
+      assert.deepEqual([long.status, long.body.message], [404, `no message with id ${'A'.repeat(64)}… (5000 characters)`]);
     } finally {
       await relay.stop();
     }
