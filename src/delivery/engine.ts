@@ -144,6 +144,12 @@ export class DeliveryEngine {
    */
   private requeueWatermark = Number.NEGATIVE_INFINITY;
   private requeueing = false;
+  /**
+   * Messages failedRetryInterval put back in the queue, since this process started. One that fails
+   * again logs delivery.failed_again (info), not delivery.failed: that warning, and the alerts on
+   * it, came when it first failed; left failing, it would repeat every interval.
+   */
+  private readonly retriedByInterval = new Set<string>();
   private pacingLogged = { at: Number.NEGATIVE_INFINITY, delayed: 0, timedOut: 0 };
   /** After a failed claim: no claim before this (performance.now()); the wait after the next failure doubles. */
   private claimsPausedUntil = 0;
@@ -592,11 +598,14 @@ export class DeliveryEngine {
   /** After the commit that made a message final: export failed mail; drop a stale export. */
   private async afterFinal(id: string, state: string, claims: number): Promise<void> {
     const { config } = this.deps;
+    const again = this.retriedByInterval.delete(id);
     if (state === 'failed') {
       // logged whether or not the export was written: an alert on this event must not miss any
       const reason = lastError(this.deps.sqlite, id);
       const file = await this.exportFailed(id);
-      this.log.warn({ event: 'delivery.failed', queueId: id, reason, export: file ?? null }, file ? 'message failed; exported' : 'message failed; not exported');
+      const line = { event: again ? 'delivery.failed_again' : 'delivery.failed', queueId: id, reason, export: file ?? null };
+      if (again) this.log.info(line, `message failed again after failedRetryInterval; ${file ? 'exported' : 'not exported'}`);
+      else this.log.warn(line, file ? 'message failed; exported' : 'message failed; not exported');
     } else if (state === 'delivered' && claims > 1) {
       // Only a message that needed more than one claim can have failed before (and been retried).
       if (await removeFailedExport(config.emailsDir, id)) {
@@ -643,6 +652,7 @@ export class DeliveryEngine {
             batchDelayMs: this.config.batchDelay,
           });
           requeued += done.length;
+          for (const id of done) this.retriedByInterval.add(id);
           if (done.length > 0) this.log.info({ event: 'delivery.requeued', ids: done, count: done.length }, 'failed mail requeued (failedRetryInterval)');
         } else if (step.next) {
           await nextTurn();

@@ -7,7 +7,8 @@ import { backoffDelayMs, describeGiveUp, giveUpReason } from '../../src/delivery
 import type { Relay } from '../../src/main.js';
 import { openStore } from '../../src/store/db.js';
 import { FAILED_SCAN_SQL, findTemporaryFailures, requeueTemporaryFailures } from '../../src/store/delivery.js';
-import { sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { call } from '../api/fixtures.js';
+import { capturedLog, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { attempts, failedExportExists, message, NO_JITTER, queuedId, readFailedExport, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('retry policy', () => {
@@ -389,4 +390,38 @@ test('a give-up reason counts its attempts in words: 1 attempt, 2 attempts', () 
   const retry = { maxAttempts: 1, maxAge: 60 };
   assert.equal(describeGiveUp('max-attempts', 1, retry), 'gave up after 1 attempt (retry.maxAttempts=1)');
   assert.equal(describeGiveUp('max-attempts', 2, { ...retry, maxAttempts: 2 }), 'gave up after 2 attempts (retry.maxAttempts=2)');
+});
+
+test('mail that failedRetryInterval retried and that fails again logs delivery.failed_again (info), not delivery.failed a second time; a retry by hand does', async () => {
+  const clock = new ManualClock();
+  const upstream = await startScriptedUpstream();
+  upstream.rcptReply = () => ({ code: 451, message: '4.7.1 Try again later' });
+  const log = capturedLog('info');
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { maxAttempts: 1 }, failedRetryInterval: 300 },
+    { clock, startDelivery: false, logger: log.logger },
+  );
+  try {
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['t@example.com'] })).response);
+    await relay.delivery.runOnce();
+    const failures = () => log.entries().filter((e) => String(e.event).startsWith('delivery.failed')).map((e) => [e.event, e.level]);
+    assert.deepEqual(failures(), [['delivery.failed', 40]]);
+    clock.advance(300_000);
+    assert.equal((await relay.delivery.runOnce()).requeued, 1);
+    clock.advance(300_000);
+    assert.equal((await relay.delivery.runOnce()).requeued, 1);
+    assert.equal(message(relay, id).state, 'failed');
+    assert.deepEqual(failures(), [['delivery.failed', 40], ['delivery.failed_again', 30], ['delivery.failed_again', 30]]);
+    const [again] = log.entries().filter((e) => e.event === 'delivery.failed_again');
+    assert.deepEqual([again.queueId, typeof again.reason, again.export], [id, 'string', path.join(relay.config.emailsDir, 'failed', `${id}.json`)]);
+
+    // an operator's retry is news again
+    assert.equal((await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' })).status, 200);
+    clock.advance(1000); // batchDelay after its last batch
+    assert.equal((await relay.delivery.runOnce()).attempts, 1);
+    assert.deepEqual(failures().at(-1), ['delivery.failed', 40]);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
 });
