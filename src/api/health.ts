@@ -14,9 +14,8 @@ import type { ApiDeps, ApiEnv } from './context.js';
 /**
  * The upstream counts as failing when at least `upstreamFailures` attempts in a row failed
  * (outcomes.ts, upstreamVerdict: delivered nothing, and not refused for good) and none succeeded
- * for `upstreamQuietMs` (or ever), while mail waits. One refused connection is not an outage; a
- * run of failures right after a success is not one yet either, and nor is a run whose mail has all
- * reached a final state since (failed, with the relay idle). The queue is nearly full at `queueFullFraction`
+ * for `upstreamQuietMs` (or ever). One refused connection is not an outage; a run of failures
+ * right after a success is not one yet either. The queue is nearly full at `queueFullFraction`
  * of `queueSize`; the other two are below.
  */
 const HEALTH_THRESHOLDS = {
@@ -76,9 +75,8 @@ export function upstreamView(persisted: UpstreamRecord, delivery: ApiDeps['deliv
   };
 }
 
-/** `waiting`: messages not yet final. With none, no mail is kept from leaving, whatever the last attempts said. */
-function upstreamFailing(upstream: UpstreamRecord, now: number, waiting: number): boolean {
-  if (waiting === 0 || upstream.consecutiveFailures < HEALTH_THRESHOLDS.upstreamFailures) return false;
+function upstreamFailing(upstream: UpstreamRecord, now: number): boolean {
+  if (upstream.consecutiveFailures < HEALTH_THRESHOLDS.upstreamFailures) return false;
   return upstream.lastSuccessAt === null || now - upstream.lastSuccessAt >= HEALTH_THRESHOLDS.upstreamQuietMs;
 }
 
@@ -139,12 +137,12 @@ export function healthRoutes(deps: ApiDeps) {
     let rate: ReturnType<typeof successRate> | undefined;
     if (metrics) {
       upstream = upstreamView(metrics.upstream, deps.delivery);
-      active = metrics.queue.queued + metrics.queue.sending;
-      if (upstreamFailing(upstream, now, active)) {
+      if (upstreamFailing(upstream, now)) {
         const since = upstream.lastSuccessAt === null ? 'no attempt has ever succeeded' : `last success ${isoTime(upstream.lastSuccessAt)}`;
         const last = lastAttemptReply(deps.store.sqlite);
         degraded.push(`upstream ${upstreamTarget} failing: ${count(upstream.consecutiveFailures, 'attempt')} in a row failed (${since})${last ? `; last reply: ${last}` : ''}`);
       }
+      active = metrics.queue.queued + metrics.queue.sending;
       if (config.queueSize > 0 && active > config.queueSize * HEALTH_THRESHOLDS.queueFullFraction) {
         degraded.push(`queue is ${Math.round((active / config.queueSize) * 100)}% full (${active} of queueSize ${config.queueSize})`);
       }
