@@ -236,6 +236,26 @@ describe('GET /health', () => {
     }
   });
 
+  test('an outage stays degraded once all its mail has failed and nothing waits: the last attempts all failed', async () => {
+    const clock = new ManualClock();
+    const upstream = await pickyUpstream();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0, retry: { maxAttempts: 1 } },
+      { clock, startDelivery: false },
+    );
+    try {
+      for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort, { to: [`busy${i}@example.com`] });
+      assert.equal((await relay.delivery.runOnce()).attempts, 3);
+      clock.advance(10 * 60_000);
+      const health = (await call<Health>(relay, '/health')).body;
+      assert.deepEqual([health.details.queued_emails, health.details.failed_emails, health.details.upstream.consecutive_failures], [0, 3, 3]);
+      assert.equal(health.status, 'degraded');
+    } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
   test('a failed attempt counts in consecutive_failures at once, while its outcome waits to be committed', async () => {
     const clock = new ManualClock();
     const log = capturedLog('info');
