@@ -2,16 +2,23 @@
 // became final. A failed message that is requeued (by hand, or every failedRetryInterval) and
 // fails again added its whole age once more each time, so one message left failing for days
 // pulled the mean up by hours. `processing_ms_by_message` counts each message once, by its last
-// outcome, as `success_rate` does: a requeue takes back what the message's failure added. It
-// starts at the lifetime total, the best figure an older database has. `processing_ms_total`
-// (relayq_message_processing_seconds_total, a Prometheus counter) stays what it was.
+// outcome, as `success_rate` does: a requeue takes back what the message's failure added. An
+// older database cannot tell which part of its lifetime total the requeued failures added, so the
+// new total starts where the mean stays what it was: the lifetime total's share of the messages
+// counted now. `processing_ms_total` (relayq_message_processing_seconds_total, a Prometheus
+// counter) stays what it was.
 import { type Kysely, sql } from 'kysely';
 
+const COUNTER = (name: string) => `COALESCE((SELECT value FROM counters WHERE name = '${name}'), 0)`;
 const AGE = (row: 'NEW' | 'OLD') => `MAX(0, COALESCE(${row}.finished_at, ${row}.updated_at) - ${row}.received_at)`;
 
 export async function up(db: Kysely<unknown>): Promise<void> {
   const statements = [
-    `INSERT INTO counters (name, value) SELECT 'processing_ms_by_message', value FROM counters WHERE name = 'processing_ms_total'`,
+    `INSERT INTO counters (name, value)
+      SELECT 'processing_ms_by_message', CASE WHEN finals = 0 THEN 0 ELSE total * (delivered + MAX(0, failed - requeued)) / finals END
+      FROM (SELECT MAX(0, ${COUNTER('processing_ms_total')}) AS total, ${COUNTER('messages_delivered')} AS delivered,
+              ${COUNTER('messages_failed')} AS failed, ${COUNTER('messages_requeued')} AS requeued,
+              ${COUNTER('messages_delivered')} + ${COUNTER('messages_failed')} AS finals)`,
     `DROP TRIGGER messages_counted_final`,
     `CREATE TRIGGER messages_counted_final AFTER UPDATE OF state ON messages
       WHEN OLD.state IN ('queued', 'sending') AND NEW.state IN ('delivered', 'failed') BEGIN

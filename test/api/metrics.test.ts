@@ -328,14 +328,24 @@ describe('GET /metrics', () => {
     }
   });
 
-  test('the upgrade to 009 starts the per-message processing time at the lifetime total', async () => {
+  test('the upgrade to 009 starts the per-message processing time where the mean stays what it was', async () => {
     const sqlite = new Database(path.join(tempDir(), 'old.db'));
     const db = kyselyFor(sqlite);
     try {
       await migrateToLatest(db, Object.fromEntries(Object.entries(migrations).filter(([name]) => name < '009')));
-      sqlite.prepare("UPDATE counters SET value = 5000 WHERE name = 'processing_ms_total'").run();
+      // 2 delivered and 2 failures, one of them requeued since: a mean of 2 s over 4 final states
+      const set = sqlite.prepare('UPDATE counters SET value = ? WHERE name = ?');
+      for (const [name, value] of [['processing_ms_total', 8000], ['messages_delivered', 2], ['messages_failed', 2], ['messages_requeued', 1]] as const) set.run(value, name);
       assert.deepEqual(await migrateToLatest(db), ['009_processing_time_by_message']);
-      assert.equal(sqlite.prepare("SELECT value FROM counters WHERE name = 'processing_ms_by_message'").pluck().get(), 5000);
+      assert.equal(sqlite.prepare("SELECT value FROM counters WHERE name = 'processing_ms_by_message'").pluck().get(), 6000, '2 s for each of the 3 messages counted now');
+      const fresh = new Database(path.join(tempDir(), 'fresh.db'));
+      const freshDb = kyselyFor(fresh);
+      try {
+        await migrateToLatest(freshDb);
+        assert.equal(fresh.prepare("SELECT value FROM counters WHERE name = 'processing_ms_by_message'").pluck().get(), 0);
+      } finally {
+        await freshDb.destroy();
+      }
     } finally {
       await db.destroy();
     }
