@@ -59,11 +59,16 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
   }
 }
 
+/** A copy left this long unchanged, by a process that does not run here, is no backup under way. */
+const LEFT_COPY_AGE_MS = 60 * 60_000;
+
 /**
  * The unfinished copies to `file` that backups killed before their end left beside it
  * (`<file>.partial-<pid>`, with the rollback journal of VACUUM INTO): up to the size of the
- * database each, on the disk that minFreeDiskMb may watch. A copy whose process still runs is
- * another backup's, under way, and stays.
+ * database each, on the disk that minFreeDiskMb may watch. One is another backup's, under way,
+ * while its process runs or it changed in the last hour (its process may run where this one does
+ * not see it: another container on the same volume). Removing them is a courtesy: what cannot be
+ * removed stays, and the backup goes on.
  */
 function removeLeftCopies(file: string): void {
   const dir = path.dirname(file);
@@ -76,7 +81,14 @@ function removeLeftCopies(file: string): void {
   }
   for (const name of names) {
     const pid = name.startsWith(prefix) ? /^(\d+)(-journal)?$/.exec(name.slice(prefix.length))?.[1] : undefined;
-    if (pid !== undefined && (Number(pid) === process.pid || !processRuns(Number(pid)))) fs.rmSync(path.join(dir, name), { force: true });
+    if (pid === undefined) continue;
+    const left = path.join(dir, name);
+    try {
+      const own = Number(pid) === process.pid;
+      if (own || (!processRuns(Number(pid)) && Date.now() - fs.lstatSync(left).mtimeMs >= LEFT_COPY_AGE_MS)) fs.rmSync(left, { force: true });
+    } catch {
+      // not ours to remove (another user's, a directory): it stays
+    }
   }
 }
 

@@ -252,16 +252,26 @@ test('a copy that fails halfway leaves no partial file next to the target', asyn
   assert.deepEqual(fs.readdirSync(targetDir), [], 'no copy.db and no copy.db.partial-<pid>');
 });
 
-test('the unfinished copies of backups that were killed are removed by the next backup to that name; one under way is left alone', async () => {
+test('the unfinished copies of killed backups, an hour old, are removed by the next backup to that name; one that may be under way, or cannot be removed, stays', async () => {
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   const dir = tempDir('relayq-backup-left-');
   const running = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60_000)'], { stdio: 'ignore' });
   try {
     const ended = spawn(process.execPath, ['-e', '']);
     await once(ended, 'exit');
-    const left = [`copy.db.partial-${ended.pid}`, `copy.db.partial-${ended.pid}-journal`, `copy.db.partial-${process.pid}`];
-    const kept = [`copy.db.partial-${running.pid}`, `other.db.partial-${ended.pid}`, `copy.db.partial-${ended.pid}.txt`];
-    for (const name of [...left, ...kept]) fs.writeFileSync(path.join(dir, name), 'x'.repeat(1000));
+    const [gone, other] = [ended.pid, Number(ended.pid) + 1_000_000];
+    const left = [`copy.db.partial-${gone}`, `copy.db.partial-${gone}-journal`, `copy.db.partial-${process.pid}`];
+    // a running process's; one changed in the last hour (its process may run unseen, in another
+    // container); other names; a directory, which is not removed
+    const kept = [`copy.db.partial-${running.pid}`, `copy.db.partial-${other}`, `other.db.partial-${gone}`, `copy.db.partial-${gone}.txt`];
+    const hourAgo = new Date(Date.now() - 61 * 60_000);
+    for (const name of [...left, ...kept]) {
+      fs.writeFileSync(path.join(dir, name), 'x'.repeat(1000));
+      if (name !== `copy.db.partial-${other}`) fs.utimesSync(path.join(dir, name), hourAgo, hourAgo);
+    }
+    fs.mkdirSync(path.join(dir, `copy.db.partial-${other + 1}`));
+    fs.utimesSync(path.join(dir, `copy.db.partial-${other + 1}`), hourAgo, hourAgo);
+    kept.push(`copy.db.partial-${other + 1}`);
     backupDatabase(relay.store.sqlite, path.join(dir, 'copy.db'));
     assert.deepEqual(fs.readdirSync(dir).sort(), ['copy.db', ...kept].sort());
   } finally {
