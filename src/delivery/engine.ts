@@ -105,6 +105,8 @@ const TEMP_FILE_MIN_AGE_MS = 60_000;
 /** A failed commit of an outcome is tried again after this long, doubling up to the maximum. */
 const OUTCOME_RETRY_FIRST_MS = 100;
 const OUTCOME_RETRY_MAX_MS = 5000;
+/** Once its tries are OUTCOME_RETRY_MAX_MS apart, an outcome still waiting says so this often. */
+const OUTCOME_RETRY_LOG_MS = 60_000;
 /** Pacing is logged at most this often. */
 const PACING_LOG_MS = 60_000;
 
@@ -564,15 +566,29 @@ export class DeliveryEngine {
    */
   private async recordOutcome(completion: BatchCompletion, active: ActiveAttempt): Promise<CompletionResult> {
     const { claim } = active;
-    for (let waitMs = OUTCOME_RETRY_FIRST_MS; ; waitMs = Math.min(2 * waitMs, OUTCOME_RETRY_MAX_MS)) {
+    const since = performance.now();
+    let loggedAt = Number.NEGATIVE_INFINITY;
+    for (let waitMs = OUTCOME_RETRY_FIRST_MS, tries = 1; ; waitMs = Math.min(2 * waitMs, OUTCOME_RETRY_MAX_MS), tries++) {
       try {
         return await this.deps.commits.write('completeBatch', completion);
       } catch (err) {
         if (this.graceOver) throw err;
-        this.log.warn(
-          { queueId: claim.messageId, event: 'delivery.commit_retry', batch: claim.batch, err: (err as Error).message, retryInMs: waitMs },
-          'recording the delivery outcome failed; trying again',
-        );
+        // each try while they come faster; then once a minute (a lock held for hours would log 720 lines an hour)
+        if (waitMs < OUTCOME_RETRY_MAX_MS || performance.now() - loggedAt >= OUTCOME_RETRY_LOG_MS) {
+          loggedAt = performance.now();
+          this.log.warn(
+            {
+              queueId: claim.messageId,
+              event: 'delivery.commit_retry',
+              batch: claim.batch,
+              err: (err as Error).message,
+              retryInMs: waitMs,
+              tries,
+              waitingMs: Math.round(loggedAt - since),
+            },
+            'recording the delivery outcome failed; trying again',
+          );
+        }
         await this.retryPause(waitMs);
       }
     }
