@@ -1,5 +1,4 @@
 // `relayq backup FILE`: a consistent, fsynced, verified copy of the live database.
-
 import { count } from '../count.js';
 import { BackupError, backupDatabase } from '../store/backup.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
