@@ -4,7 +4,7 @@
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
 import { databaseFileSizes } from '../store/maintenance.js';
-import { metricsSummary, storeMetrics } from '../store/queries.js';
+import { metricsSummary, storeMetrics, successRate } from '../store/queries.js';
 import { type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatAge, formatBytes, formatFields, formatTime } from './table.js';
 
@@ -35,7 +35,7 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
       ['oldest waiting', oldest === null ? 'none' : `${formatTime(oldest)} (${formatAge(now - oldest)} ago)`],
       ['accepted', `${count(m.messagesAccepted, 'message')}, ${count(m.recipientsAccepted, 'recipient')}, ${formatBytes(m.bytesAccepted)}`],
       ['finished', `${m.messagesDelivered} delivered, ${failedNet} failed, ${m.messagesRequeued} requeued after failing (lifetime)`],
-      ['avg processing', m.messagesDelivered + failedNet ? `${summary.avg_processing_time_ms} ms` : '-'],
+      ['avg processing', successRate(m).processed ? `${summary.avg_processing_time_ms} ms` : '-'],
       ['attempts', `${a.delivered} delivered, ${a.partial} partial, ${a.deferred} deferred, ${a.failed} failed`],
       ['upstream ok', formatTime(m.upstream.lastSuccessAt)],
       ['upstream error', `${formatTime(m.upstream.lastFailureAt)} (${count(m.upstream.consecutiveFailures, 'failed attempt')} in a row)`],
