@@ -10,6 +10,11 @@ export function isAscii(text: string): boolean {
   return /^[\x00-\x7f]*$/.test(text);
 }
 
+/** A path as MAIL FROM and RCPT TO write it, `<bob@example.com>` or `<>`, without its brackets. */
+export function withoutAngleBrackets(path: string): string {
+  return /^<(.*)>$/s.exec(path)?.[1] ?? path;
+}
+
 /**
  * An address whose domain is internationalized (non-ASCII, or with an `xn--` label in any case)
  * with that domain as IDNA maps it, in Unicode: lower case, NFC, fullwidth letters made ASCII.

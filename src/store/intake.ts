@@ -4,7 +4,7 @@
 // cannot be split by another session; intake also reads the checks early, at MAIL FROM.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import { decodeIdnDomain } from '../address.js';
+import { decodeIdnDomain, withoutAngleBrackets } from '../address.js';
 import { count } from '../count.js';
 import type { Sqlite } from './db.js';
 import { prepared } from './statements.js';
@@ -105,7 +105,7 @@ export function senderKey(mailFrom: string): string {
  * `<app@example.com>` for an address, since no stored sender starts with `<`.
  */
 export function senderFilterKey(sender: string): string {
-  return senderKey(/^<(.*)>$/s.exec(sender)?.[1] ?? sender);
+  return senderKey(withoutAngleBrackets(sender));
 }
 
 /** The limits in the order they are checked: the first one reached is the one reported. */

@@ -3,7 +3,7 @@
 // and its raw bytes. The counters and the unfiltered pages read a few counter rows or walk an
 // index for as many rows as they return, so they do not slow down as the database grows; a
 // filtered page costs as many rows as the filter matches (listMessages).
-import { decodeIdnDomain } from '../address.js';
+import { decodeIdnDomain, withoutAngleBrackets } from '../address.js';
 import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
 import { replyWithCodeSql } from './delivery.js';
@@ -280,7 +280,7 @@ function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: Cursor | undef
     // may have kept it
     where.push('id IN (SELECT message_id FROM recipients WHERE lower(address) IN (lower(?), lower(?)))');
     // as RCPT TO writes it, `<bob@example.com>`, as the sender filter takes it too
-    const recipient = /^<(.+)>$/s.exec(filter.recipient)?.[1] ?? filter.recipient;
+    const recipient = withoutAngleBrackets(filter.recipient);
     params.push(decodeIdnDomain(recipient), recipient);
   }
   // A leading `+` keeps SQLite from using that column's index when the recipient leads.
