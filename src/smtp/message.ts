@@ -160,8 +160,9 @@ function traceAddress(address: string): string {
   return `${address.slice(0, at)}@${domainToASCII(address.slice(at + 1)) || sanitize(address.slice(at + 1))}`;
 }
 
+/** Text for a Received: field: ASCII, and no `(`, `)` or `;`, which would end its comment or its clauses. */
 function sanitize(text: string): string {
-  return text.replace(/[^\x21-\x7e ]/g, '?').replace(/[()]/g, '?');
+  return text.replace(/[^\x21-\x7e ]/g, '?').replace(/[();]/g, '?');
 }
 
 const DAYS = ['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'];
