@@ -13,7 +13,7 @@ import { repeatedKeys } from '../repeated-keys.js';
 import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, StoppedPartWay } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
 import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
-import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
+import { isMessageState, MESSAGE_STATES } from '../store/schema.js';
 import { type ApiDeps, type ApiEnv, onlyQueries, singleQuery } from './context.js';
 
 const DEFAULT_PAGE_SIZE = 50;
@@ -213,14 +213,14 @@ export function adminRoutes(deps: ApiDeps) {
     .get('/messages', (c) => {
       onlyQueries(c, LIST_FILTERS);
       const state = singleQuery(c, 'state');
-      if (state !== undefined && !MESSAGE_STATES.includes(state as MessageState)) {
+      if (state !== undefined && !isMessageState(state)) {
         throw badRequest(`state must be one of ${MESSAGE_STATES.join(', ')}`);
       }
       const before = singleQuery(c, 'before');
       if (before === '') throw badRequest('before must be the next_before of the previous page, or a message id');
       try {
         const page = listMessages(store.sqlite, {
-          state: state as MessageState | undefined,
+          state,
           sender: singleQuery(c, 'sender'),
           recipient: singleQuery(c, 'recipient'),
           limit: parseLimit(singleQuery(c, 'limit')),

@@ -6,7 +6,7 @@
 // Each command's module is loaded only when it runs, so a quick `relayq status` starts quickly.
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { CONFIG_KEYS } from '../config/schema.js';
-import { MESSAGE_STATES, type MessageState } from '../store/schema.js';
+import { isMessageState, MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { VERSION } from '../version.js';
 import { CliError, configFlags, type GlobalOptions } from './context.js';
 
@@ -114,8 +114,8 @@ function positiveInt(value: string): number {
 }
 
 function parseStateOption(value: string): MessageState {
-  if (!MESSAGE_STATES.includes(value as MessageState)) throw new InvalidArgumentError(`must be one of ${MESSAGE_STATES.join(', ')}`);
-  return value as MessageState;
+  if (!isMessageState(value)) throw new InvalidArgumentError(`must be one of ${MESSAGE_STATES.join(', ')}`);
+  return value;
 }
 
 operatorCommand('status', 'queue counts, lifetime totals (the numbers /metrics reports) and database size').action(

@@ -6,6 +6,11 @@ export type RecipientStatus = 'pending' | 'delivered' | 'failed';
 export type AttemptOutcome = 'delivered' | 'partial' | 'deferred' | 'failed';
 
 export const MESSAGE_STATES: readonly MessageState[] = ['queued', 'sending', 'delivered', 'failed'];
+/** Whether a state filter (`--state`, `?state=`) names a state. */
+export function isMessageState(value: string): value is MessageState {
+  return (MESSAGE_STATES as readonly string[]).includes(value);
+}
+
 export const ATTEMPT_OUTCOMES: readonly AttemptOutcome[] = ['delivered', 'partial', 'deferred', 'failed'];
 
 export interface MessagesTable {
