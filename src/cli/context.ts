@@ -7,8 +7,8 @@ import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { StoppedPartWay } from '../store/admin.js';
-import { BUSY_TIMEOUT_MS, type Sqlite, type Store } from '../store/db.js';
-import { appliedMigrations, openReadOnly, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
+import { BUSY_TIMEOUT_MS, openConnection, type Sqlite } from '../store/db.js';
+import { appliedMigrations, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 
 export class CliError extends Error {
   constructor(
@@ -61,8 +61,9 @@ const NO_SCHEMA = 'no schema: an empty database (start the server on it, or run 
  * Runs `fn` on a read-only connection: it never takes a lock the server's writers wait for.
  * The schema is not migrated; a file that is not a relayq database fails here with one line, and
  * so does one whose schema is older than this relayq (a table or column it reads is missing).
- * Comparing with the migration list would mean loading the migrations, which alone take longer
- * to import than a `relayq status` takes to run.
+ * The applied migrations are not compared with this relayq's list: a read command still reads a
+ * database one migration behind, or one a newer relayq migrated, as long as what it reads is there
+ * (export-failed, which reads the newest tables, asks for the current schema).
  */
 export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
   const file = config.databasePath;
@@ -96,15 +97,17 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
 }
 
 /**
- * Opens the store without migrating; a failure is one CLI line naming the file. The store's module
- * loads here, not at the top: only the commands that write need it.
+ * Opens a read-write connection without migrating; a failure is one CLI line naming the file. It is
+ * closed with `close()` alone, without the full (TRUNCATE) checkpoint the server makes when it
+ * stops: that checkpoint blocks the server's writers while it runs, and checkpointing is its job.
  */
-export async function openStoreForCli(config: Config): Promise<Store> {
+export function openWriterForCli(config: Config): Sqlite {
   const file = config.databasePath;
-  const { openStore } = await import('../store/db.js');
   try {
+    const sqlite = openConnection(file);
     // as on the server's writer: content a command frees must not linger in the file
-    return await openStore(file, { migrate: false, secureDelete: !config.security.logAllEmails });
+    if (!config.security.logAllEmails) overwriteFreedPages(sqlite);
+    return sqlite;
   } catch (err) {
     throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
   }
@@ -120,10 +123,10 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   const file = config.databasePath;
   // refused before the open, which would turn the empty file into a database (WAL mode, -wal, -shm)
   if (requireDatabaseFile(file).size === 0) throw new CliError(`cannot read database ${file}: ${NO_SCHEMA}`);
-  const store = await openStoreForCli(config);
+  const sqlite = openWriterForCli(config);
   try {
-    await requireCurrentSchema(store.sqlite, file);
-    return await fn(store.sqlite);
+    requireCurrentSchema(sqlite, file);
+    return await fn(sqlite);
   } catch (err) {
     // every write of these commands is one transaction: refused, it changed nothing (a retry
     // --failed stopped after a step says what it requeued before)
@@ -134,7 +137,7 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
     }
     throw err;
   } finally {
-    await closeWithoutCheckpoint(store);
+    sqlite.close();
   }
 }
 
@@ -142,7 +145,7 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
  * Refuses a database that needs migrations, or that a newer relayq migrated: the commands that
  * write, and export-failed, which reads the newest tables.
  */
-export async function requireCurrentSchema(sqlite: Sqlite, file: string): Promise<void> {
+export function requireCurrentSchema(sqlite: Sqlite, file: string): void {
   let applied: string[];
   try {
     applied = appliedMigrations(sqlite);
@@ -156,14 +159,6 @@ export async function requireCurrentSchema(sqlite: Sqlite, file: string): Promis
   }
   const missing = MIGRATION_NAMES.filter((name) => !applied.includes(name));
   if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
-}
-
-/**
- * Closes without the full (TRUNCATE) checkpoint that Store.close does: that checkpoint blocks
- * the server's writers while it runs, and checkpointing is the server's job.
- */
-export async function closeWithoutCheckpoint(store: Store): Promise<void> {
-  store.sqlite.close();
 }
 
 export function printJson(value: unknown): void {

@@ -15,7 +15,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
   const config = loadCliConfig(global, process.env);
   const target = dir ?? failedExportDir(config.emailsDir);
   const files = await withReader(config, async (sqlite) => {
-    await requireCurrentSchema(sqlite, config.databasePath);
+    requireCurrentSchema(sqlite, config.databasePath);
     let page = listMessages(sqlite, { state: 'failed', limit: PAGE });
     // the database answered (one that needs migrating does not); now the target: a directory,
     // or one that can be made

@@ -1,8 +1,9 @@
 // `relayq migrate`: applies pending schema migrations (the server also does this at start), so an
 // upgrade can be prepared, or a restored backup brought up to date, before the server runs.
+import type { Sqlite } from '../store/db.js';
 import { lockDatabase } from '../store/maintenance.js';
 import { kyselyFor, migrateToLatest } from '../store/migrate.js';
-import { CliError, closeWithoutCheckpoint, openStoreForCli, type GlobalOptions, loadCliConfig, requireDatabaseFile, printJson, printText } from './context.js';
+import { CliError, type GlobalOptions, loadCliConfig, openWriterForCli, printJson, printText, requireDatabaseFile } from './context.js';
 
 export async function migrateCommand(global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
@@ -16,12 +17,15 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
   } catch (err) {
     throw new CliError(`${file}: ${(err as Error).message}`);
   }
-  const store = await openStoreForCli(config).catch((err) => {
+  let sqlite: Sqlite;
+  try {
+    sqlite = openWriterForCli(config);
+  } catch (err) {
     lock.release();
     throw err;
-  });
+  }
   try {
-    const applied = await migrateToLatest(kyselyFor(store.sqlite)).catch((err: Error) => {
+    const applied = await migrateToLatest(kyselyFor(sqlite)).catch((err: Error) => {
       throw new CliError(`migration failed on ${file}: ${err.message}`);
     });
     if (global.json) {
@@ -32,7 +36,7 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
       printText(`${file} is up to date`);
     }
   } finally {
-    await closeWithoutCheckpoint(store);
+    sqlite.close();
     lock.release();
   }
 }
