@@ -49,6 +49,9 @@ export interface ErrorClass {
   reply: string;
 }
 
+/** What a reply adds when the whole message went out and no reply to its final dot came. */
+export const END_UNANSWERED = '; no reply to the final dot: the upstream may have taken the message, and a retry may deliver it twice';
+
 /** Errors about the message or its envelope; anything else is about the session or the network. */
 const MESSAGE_ERROR_CODES = new Set(['EENVELOPE', 'EMESSAGE']);
 
@@ -61,14 +64,23 @@ const MESSAGE_ERROR_CODES = new Set(['EENVELOPE', 'EMESSAGE']);
  * Unknown errors are temporary: retrying is recoverable, bouncing is not.
  */
 export function classifyUpstreamError(err: unknown): ErrorClass {
-  const e = (err ?? {}) as { code?: unknown; responseCode?: unknown; response?: unknown; message?: unknown; cause?: unknown; reason?: unknown; originalCode?: unknown };
+  const e = (err ?? {}) as {
+    code?: unknown;
+    responseCode?: unknown;
+    response?: unknown;
+    message?: unknown;
+    cause?: unknown;
+    reason?: unknown;
+    originalCode?: unknown;
+    endUnanswered?: unknown;
+  };
   const code = typeof e.responseCode === 'number' && e.responseCode >= 200 && e.responseCode < 600 ? e.responseCode : null;
   const errorCode = typeof e.code === 'string' ? e.code : '';
   const response = typeof e.response === 'string' && e.response.trim() ? e.response.trim() : '';
   // An aborted attempt says why in its cause (the attempt deadline, or shutdown).
   const message =
     errorCode === 'EABORT' && e.cause instanceof Error ? e.cause.message : (openSslMessage(e) ?? (typeof e.message === 'string' ? e.message : String(err)));
-  const reply = shortReply(response || (errorCode ? `${errorCode}: ${message}` : message));
+  const reply = shortReply(`${response || (errorCode ? `${errorCode}: ${message}` : message)}${e.endUnanswered === true ? END_UNANSWERED : ''}`);
   const aboutMessage = MESSAGE_ERROR_CODES.has(errorCode);
   // 503 (bad sequence of commands) and 530 (authentication required: relayq has no or the
   // wrong credentials) are about the session, not the message.

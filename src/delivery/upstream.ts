@@ -175,12 +175,23 @@ function offers(connection: SMTPConnection, extension: string): boolean {
 }
 
 type SendInfo = SMTPConnection.SentMessageInfo;
-type UpstreamError = SMTPConnection.SMTPError & { notSent?: boolean; rejectedErrors?: SMTPConnection.SMTPError[] };
+type UpstreamError = SMTPConnection.SMTPError & { notSent?: boolean; endUnanswered?: boolean; rejectedErrors?: SMTPConnection.SMTPError[] };
 /** What nodemailer's SMTPConnection records of the current transaction's RCPT replies. */
 type EnvelopeState = { accepted?: string[]; rejectedErrors?: SMTPConnection.SMTPError[] };
 
 function abortError(signal: AbortSignal): Error {
   return Object.assign(new Error('Message sending aborted', { cause: signal.reason }), { name: 'AbortError', code: 'EABORT' });
+}
+
+/**
+ * Marks an error that ended a transaction after the whole message went out and before any reply to
+ * its final dot (the connection closed or timed out, the attempt's deadline): the upstream may have
+ * taken the message (RFC 1047), which the stored reply then says.
+ */
+function withEndUnanswered(err: Error, message: Readable): Error {
+  const e = err as UpstreamError;
+  if (message.readableEnded && typeof e.responseCode !== 'number') e.endUnanswered = true;
+  return e;
 }
 
 /** The connection ended: the server closed it, or a network error or timeout did. */
@@ -379,7 +390,7 @@ export class SmtpUpstream {
       const { leftOut } = offer;
       const onAbort = () => {
         connection.close();
-        reject(abortError(signal));
+        reject(withEndUnanswered(abortError(signal), message));
       };
       signal.addEventListener('abort', onAbort, { once: true });
       // a stream, not the buffer itself, so that a failure tells whether any byte went out
@@ -419,6 +430,7 @@ export class SmtpUpstream {
    */
   private failedSend(connection: SMTPConnection, e: UpstreamError, message: Readable, leftOut: SMTPConnection.SMTPError[]): UpstreamError {
     e.notSent = !message.readableDidRead;
+    withEndUnanswered(e, message);
     // A refusal of DATA or of the message says nothing of the recipients the upstream had
     // already refused at RCPT; nodemailer keeps those on the envelope only (which RSET clears).
     const envelopeState = (connection as unknown as { _envelope?: EnvelopeState })._envelope;

@@ -15,6 +15,7 @@ import { capturedLog, closedPort, type DeepPartial, holdWriteLock, sendMail, sta
 import { type Behaviour, startMisbehavingUpstream, WELL_BEHAVED } from './misbehaving-upstream.js';
 import { queuedId } from './smtp-session.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
+import { END_UNANSWERED } from '../../src/delivery/outcomes.js';
 
 const PROCESSING_TIMEOUT_S = 5;
 const INITIAL_DELAY_S = 60;
@@ -176,6 +177,7 @@ describe('upstream faults', () => {
     const id = await queue(relay, RCPTS);
     await relay.delivery.runOnce();
     assertDeferred(relay, id, clock, /ECONNREFUSED|ECONNECTION/);
+    assert.ok(!rows(relay, id).attempts[0].reply?.includes(END_UNANSWERED), 'nothing was sent');
     const upstream = await startMisbehavingUpstream(port);
     cleanup.push(() => upstream.close());
     await deliverEverything(clock, relay, id);
@@ -194,7 +196,9 @@ describe('upstream faults', () => {
   });
 
   test('connection dropped after DATA, before the reply → deferred; the retry makes one duplicate (at-least-once)', async () => {
-    const { upstream } = await deferThenHeal({ dataEnd: 'drop' }, /ECONNECTION|closed|ECONNRESET|EPIPE/i, null, 1);
+    const { relay, upstream, id } = await deferThenHeal({ dataEnd: 'drop' }, /ECONNECTION|closed|ECONNRESET|EPIPE/i, null, 1);
+    // the stored reply says that the upstream may have it
+    assert.ok(rows(relay, id).attempts[0].reply?.endsWith(END_UNANSWERED), rows(relay, id).attempts[0].reply ?? '');
     // the upstream did get the first copy in full: that is the window the spec allows
     const unanswered = upstream.transactions.filter((t) => t.answered === null);
     assert.equal(unanswered.length, 1);
@@ -203,12 +207,15 @@ describe('upstream faults', () => {
 
   test('no reply to DATA at all → the attempt times out, deferred, claim released', async () => {
     // (that the attempt's deadline lies before the lease's end: test/delivery/upstream.test.ts)
-    const { upstream } = await deferThenHeal({ dataEnd: 'silent' }, /timed out|timeout|ETIMEDOUT/i, null);
+    const { relay, upstream, id } = await deferThenHeal({ dataEnd: 'silent' }, /timed out|timeout|ETIMEDOUT/i, null);
+    assert.ok(rows(relay, id).attempts[0].reply?.endsWith(END_UNANSWERED), rows(relay, id).attempts[0].reply ?? '');
     assert.equal(upstream.transactions.filter((t) => t.answered === null).length, 1);
   });
 
   test('4xx to DATA → deferred; 250 later', async () => {
-    await deferThenHeal({ dataEnd: { reply: '451 4.3.0 queue temporarily full' } }, /queue temporarily full/, 451);
+    const { relay, id } = await deferThenHeal({ dataEnd: { reply: '451 4.3.0 queue temporarily full' } }, /queue temporarily full/, 451);
+    // a reply to the final dot says what became of the message: no guess added to it
+    assert.equal(rows(relay, id).attempts[0].reply, '451 4.3.0 queue temporarily full');
   });
 
   test('STARTTLS refused with 454 → deferred, never sent in plain text after it', async () => {
