@@ -33,6 +33,10 @@ function failedExportDocument(detail: MessageDetail, exportedAt: number): Record
     version: FAILED_EXPORT_VERSION,
     id: m.id,
     state: m.state,
+    // near the top: after a start, relayq reads the first bytes of each export to find the
+    // outdated ones (exportIsCurrent)
+    receivedAt: isoTime(m.received_at),
+    failedAt: isoTime(m.finished_at),
     envelope: { mailFrom: m.mail_from, rcptTo: recipients.map((r) => r.address) },
     recipients: recipients.map((r) => ({
       address: r.address,
@@ -42,8 +46,6 @@ function failedExportDocument(detail: MessageDetail, exportedAt: number): Record
       lastReply: r.last_reply,
       temporary: r.temporary === 1,
     })),
-    receivedAt: isoTime(m.received_at),
-    failedAt: isoTime(m.finished_at),
     lastError: m.last_error,
     client: { ip: m.client_ip, hostname: m.client_hostname, helo: m.helo, authUser: m.auth_user },
     size: m.size,
@@ -59,6 +61,30 @@ function failedExportDocument(detail: MessageDetail, exportedAt: number): Record
     })),
     exportedAt: isoTime(exportedAt),
   };
+}
+
+/** The bytes of an export that hold its `failedAt`, whatever the message's id and state. */
+const HEAD_BYTES = 512;
+
+/**
+ * Whether the export of a failed message at `file` is there and of its last failure: its
+ * `failedAt` is `finishedAt`. One that a requeue and a new failure made outdated (the process
+ * died before the new export was written) is not, nor is one written in another key order.
+ */
+export async function exportIsCurrent(file: string, finishedAt: number): Promise<boolean> {
+  let head: string;
+  try {
+    const handle = await fs.open(file, 'r');
+    try {
+      const { buffer, bytesRead } = await handle.read({ buffer: Buffer.alloc(HEAD_BYTES), position: 0 });
+      head = buffer.toString('utf8', 0, bytesRead);
+    } finally {
+      await handle.close();
+    }
+  } catch {
+    return false; // missing, or unreadable: written again (a failure to write is logged)
+  }
+  return /\n {2}"failedAt": "([^"]*)"/.exec(head)?.[1] === isoTime(finishedAt);
 }
 
 /** The message's bytes are encoded this many at a time (a multiple of 3: base64 pieces that join). */

@@ -8,7 +8,7 @@ import type { Sqlite } from '../store/db.js';
 import { type FailedScanCursor, failedPage } from '../store/delivery.js';
 import { messageState } from '../store/queries.js';
 import { removeStrayTempFiles } from './atomic-file.js';
-import { failedExportDir, failedExportPath, removeFailedExport } from './failed-export.js';
+import { exportIsCurrent, failedExportDir, failedExportPath, removeFailedExport } from './failed-export.js';
 
 /** Failed messages whose export is looked for, and exports whose message is, per step. */
 const EXPORT_CHECK_STEP = 500;
@@ -41,9 +41,10 @@ export async function sweepCrashTempFiles(ctx: LeftoversContext, before: number)
 }
 
 /**
- * After a start: failed mail without its JSON export (the process died between the commit
- * and the export, or the export could not be written) is exported now. In steps of
- * EXPORT_CHECK_STEP failed messages, letting SMTP sessions run between them.
+ * After a start: failed mail without its JSON export, or whose export is of an earlier failure
+ * (the process died between the commit and the export, or the export could not be written), is
+ * exported now. In steps of EXPORT_CHECK_STEP failed messages, letting SMTP sessions run between
+ * them.
  */
 export async function exportMissingFailures(ctx: LeftoversContext): Promise<void> {
   const { sqlite, emailsDir, log } = ctx;
@@ -51,14 +52,14 @@ export async function exportMissingFailures(ctx: LeftoversContext): Promise<void
   const exported: string[] = [];
   while (cursor && !ctx.stopping()) {
     const page = failedPage(sqlite, { cursor, limit: EXPORT_CHECK_STEP });
-    for (const { id } of page.messages) {
-      if (await fileExists(failedExportPath(emailsDir, id))) continue;
+    for (const { id, finishedAt } of page.messages) {
+      if (await exportIsCurrent(failedExportPath(emailsDir, id), finishedAt)) continue;
       if (await ctx.exportFailed(id)) exported.push(id);
     }
     cursor = page.next;
     await nextTurn();
   }
-  if (exported.length > 0) log.warn({ event: 'delivery.exports_restored', count: exported.length, ids: exported }, 'failed mail without its export exported');
+  if (exported.length > 0) log.warn({ event: 'delivery.exports_restored', count: exported.length, ids: exported }, 'failed mail whose export was missing or of an earlier failure exported');
 }
 
 /**
@@ -84,13 +85,4 @@ export async function removeDeliveredExports(ctx: LeftoversContext): Promise<voi
     if ((i + 1) % EXPORT_CHECK_STEP === 0) await nextTurn();
   }
   if (removed.length > 0) log.info({ event: 'delivery.exports_removed', count: removed.length, ids: removed }, 'exports of mail delivered after it failed removed');
-}
-
-async function fileExists(file: string): Promise<boolean> {
-  try {
-    await fs.access(file);
-    return true;
-  } catch {
-    return false;
-  }
 }

@@ -515,12 +515,12 @@ FROM (SELECT id, finished_at AS finishedAt FROM messages
 export function failedPage(
   sqlite: Sqlite,
   options: { cursor: FailedScanCursor; finishedBefore?: number; limit: number },
-): { messages: Array<{ id: string; temporary: boolean }>; next: FailedScanCursor | null } {
+): { messages: Array<{ id: string; finishedAt: number; temporary: boolean }>; next: FailedScanCursor | null } {
   const { cursor, finishedBefore = Number.POSITIVE_INFINITY, limit } = options;
   const rows = prepared(sqlite, FAILED_SCAN_SQL).all({ after: cursor.finishedAt, id: cursor.id, before: finishedBefore, limit }) as Array<{ id: string; finishedAt: number; temporary: number }>;
   const last = rows[rows.length - 1];
   return {
-    messages: rows.map((r) => ({ id: r.id, temporary: r.temporary === 1 })),
+    messages: rows.map((r) => ({ id: r.id, finishedAt: r.finishedAt, temporary: r.temporary === 1 })),
     next: rows.length === limit ? { finishedAt: last.finishedAt, id: last.id } : null,
   };
 }

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import Database from 'better-sqlite3';
-import { ManualClock } from '../../src/clock.js';
+import { isoTime, ManualClock } from '../../src/clock.js';
 import { exportFailedMessage } from '../../src/delivery/failed-export.js';
 import { resultFromNodemailer } from '../../src/delivery/outcomes.js';
 import type { Relay } from '../../src/main.js';
@@ -346,6 +346,34 @@ describe('per-recipient outcomes', () => {
     assert.equal(fs.readFileSync(keptFile, 'utf8'), keptText);
   });
 
+  test('at a start an export of an earlier failure (a crash before the export of the next one) is written again', async () => {
+    const { config } = await refusingUpstream();
+    const clock = new ManualClock();
+    const first = await startTestRelay(config, { clock, startDelivery: false });
+    const id = await queue(first, ['nobody@example.com']);
+    const current = await queue(first, ['nobody2@example.com']);
+    await first.delivery.runOnce();
+    const file = path.join(config.emailsDir, 'failed', `${id}.json`);
+    const firstExport = fs.readFileSync(file);
+    clock.advance(60_000);
+    assert.equal(await writeDirect(first, (db) => retryMessage(db, id, clock.now(), 0)), 'requeued');
+    await first.delivery.runOnce();
+    assert.equal(message(first, id).state, 'failed');
+    const failedAt = isoTime(message(first, id).finished_at);
+    assert.equal(readFailedExport(first, id).failedAt, failedAt);
+    await first.stop();
+    // what a crash between the commit of the second failure and its export leaves
+    fs.writeFileSync(file, firstExport);
+    assert.notEqual(readFailedExport(first, id).failedAt, failedAt);
+
+    const { second, restored } = await restartForExports(config);
+    assert.deepEqual(restored.ids, [id], 'the export of the other failed message is current, and kept');
+    const doc = readFailedExport(second, id);
+    assert.equal(doc.failedAt, failedAt);
+    assert.equal((doc.attempts as unknown[]).length, 2);
+    assert.ok(failedExportExists(second, current));
+  });
+
   test('at a start every failed message is checked for its export, not only the first step of the scan', async () => {
     const { config } = await refusingUpstream();
     const clock = new ManualClock();
@@ -353,8 +381,8 @@ describe('per-recipient outcomes', () => {
     const early = await queue(first, ['nobody@example.com']);
     await first.delivery.runOnce();
     // 500 failed messages that finished after it, inserted as such, fill the rest of the scan's
-    // first step (500 messages), so the next one is in its second step. Their exports are there:
-    // the scan asks only whether the file is.
+    // first step (500 messages), so the next one is in its second step. Their exports are there,
+    // of their last failure: the scan reads only their failedAt.
     const filler = Array.from({ length: 500 }, (_, i) => `FILLER${String(i).padStart(4, '0')}`);
     await writeDirect(first, (db) => {
       const insert = db.prepare(
@@ -363,7 +391,10 @@ describe('per-recipient outcomes', () => {
       );
       for (const [i, id] of filler.entries()) insert.run(id, clock.now() + 1 + i);
     });
-    for (const id of filler) fs.writeFileSync(path.join(config.emailsDir, 'failed', `${id}.json`), '{}\n');
+    for (const [i, id] of filler.entries()) {
+      const head = { version: 1, id, state: 'failed', receivedAt: isoTime(0), failedAt: isoTime(clock.now() + 1 + i) };
+      fs.writeFileSync(path.join(config.emailsDir, 'failed', `${id}.json`), `${JSON.stringify(head, null, 2)}\n`);
+    }
     clock.advance(60_000);
     const late = await queue(first, ['nobody2@example.com']);
     await first.delivery.runOnce();
