@@ -11,12 +11,25 @@ import { VERSION } from '../version.js';
 import { CliError, configFlags, type GlobalOptions } from './context.js';
 
 /**
- * A path, not the name of a command: `relayq --config serve`, its value left out, would otherwise
- * read a file named serve, or with no command left print the help. `./serve` is such a file.
+ * A value, not the next option: commander takes whatever follows an option as its value, so
+ * `relayq queue --sender --json` would list the mail of a sender named `--json`, as text. As for
+ * config keys given as flags, a value does not start with `--`.
+ */
+function notAnOption(value: string, forFile = false): string {
+  if (value.startsWith('--')) {
+    throw new InvalidArgumentError(`${value} is an option: give the option its value first${forFile ? ` (./${value} for a file of that name)` : ''}`);
+  }
+  return value;
+}
+
+/**
+ * A path, not the name of a command or an option: `relayq --config serve`, its value left out,
+ * would otherwise read a file named serve, or with no command left print the help. `./serve` is
+ * such a file.
  */
 function pathValue(value: string): string {
   if (program.commands.some((cmd) => cmd.name() === value)) throw new InvalidArgumentError(`${value} is a command: give the option its value first (./${value} for a file of that name)`);
-  return value;
+  return notAnOption(value, true);
 }
 
 /** --config, --databasePath, --emailsDir and --json: taken before a command's name and after it. */
@@ -102,7 +115,7 @@ function globals(cmd: Command): GlobalOptions {
 function once<T>(name: string, parse: (value: string) => T = (value) => value as T): (value: string, previous: T | undefined) => T {
   return (value, previous) => {
     if (previous !== undefined) throw new InvalidArgumentError(`${name} is given twice: give it once`);
-    return parse(value);
+    return parse(notAnOption(value));
   };
 }
 

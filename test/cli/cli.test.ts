@@ -269,6 +269,15 @@ describe('relayq CLI on the database of a running relay', () => {
       // the value left out: the option took the command's name, and no command was left
       runCli(['--config', 'serve']),
     ]);
+    // the value left out before another option: not taken as the value
+    const [senderThenJson, senderThenConfig, configThenJson] = await Promise.all([
+      cli('queue', '--sender', '--json'),
+      cli('retry', '--failed', '--sender', '--config', 'x.json'),
+      runCli(['--config', '--json', 'status']),
+    ]);
+    assertOneLineError(senderThenJson, /^relayq: option '--sender <address>' argument '--json' is invalid\. --json is an option: give the option its value first$/);
+    assertOneLineError(senderThenConfig, /argument '--config' is invalid\. --config is an option/);
+    assertOneLineError(configThenJson, /argument '--json' is invalid\. --json is an option: give the option its value first \(\.\/--json for a file of that name\)$/);
     for (const r of [jsonServe, serveJson]) {
       assertOneLineError(r, /^relayq: --json does not apply to serve: its log lines are JSON already$/);
       assert.equal(r.code, 2);
