@@ -491,7 +491,16 @@ export class DeliveryEngine {
       this.log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
       return;
     }
-    this.log.info({ ...line, state: outcome.state, ...(outcome.state === 'queued' ? { nextAttemptAt: isoTime(outcome.nextAttemptAt) } : {}) }, 'delivery attempt');
+    this.log.info(
+      {
+        ...line,
+        // continueOnError=false: the recipients of the message's other batches, failed with it
+        ...(outcome.notAttempted > 0 ? { notAttempted: outcome.notAttempted } : {}),
+        state: outcome.state,
+        ...(outcome.state === 'queued' ? { nextAttemptAt: isoTime(outcome.nextAttemptAt) } : {}),
+      },
+      'delivery attempt',
+    );
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
   }
 

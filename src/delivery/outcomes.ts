@@ -268,6 +268,8 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       nextAttemptAt: now + backoffDelayMs(r.attempts, ctx.retry, () => draw),
     };
   });
+  // what ended the message names its failure, not the last recipient this batch refused
+  if (failRemaining) lastFailure = failRemaining;
   const total = claim.recipients.length;
   const outcome: AttemptOutcome =
     delivered === total ? 'delivered' : delivered > 0 ? 'partial' : pending > 0 ? 'deferred' : 'failed';

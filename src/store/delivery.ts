@@ -255,13 +255,17 @@ export interface BatchCompletion {
   /** The message's next batch is not due before now + batchDelay. */
   batchDelayMs: number;
   eraseRawOnDelivered: boolean;
-  /** This batch's last failure, as the message reports it (`address: reply`); null when none failed. */
+  /**
+   * This batch's last failure, as the message reports it (`address: reply`), or `failRemaining`
+   * when that ends the message; null when none failed.
+   */
   lastFailure: string | null;
 }
 
 export type CompletionResult =
   | { leaseLost: true }
-  | { leaseLost: false; state: MessageState; nextAttemptAt: number };
+  /** `notAttempted`: the recipients of the message's other batches that failRemaining failed. */
+  | { leaseLost: false; state: MessageState; nextAttemptAt: number; notAttempted: number };
 
 const LEASE_LOST_REPLY = 'lease lost before this outcome was recorded, so it was not applied: ';
 
@@ -300,21 +304,22 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
   for (const r of c.recipients) {
     update.run(r.status, r.code, r.reply, r.temporary ? 1 : 0, r.nextAttemptAt, c.now, c.messageId, r.seq);
   }
+  let notAttempted = 0;
   if (c.failRemaining !== undefined) {
-    prepared(
+    notAttempted = prepared(
       sqlite,
       `UPDATE recipients SET status = 'failed', temporary = 0, updated_at = ?,
          last_reply = CASE WHEN attempts = 0 OR last_reply IS NULL THEN 'not attempted: ' || ?
                       ELSE 'not attempted again: ' || ? || '; last reply: ' || last_reply END
        WHERE message_id = ? AND status = 'pending'`,
-    ).run(c.now, c.failRemaining, c.failRemaining, c.messageId);
+    ).run(c.now, c.failRemaining, c.failRemaining, c.messageId).changes;
   }
   const settled = settleMessage(sqlite, c.messageId, c.now, {
     nextAttemptFloor: c.now + c.batchDelayMs,
     lastFailure: c.lastFailure,
     eraseRawOnDelivered: c.eraseRawOnDelivered,
   });
-  return { leaseLost: false, ...settled };
+  return { leaseLost: false, ...settled, notAttempted };
 }
 
 /** Recipients an earlier transaction of a batch delivered to, with the reply that did (recordDelivered). */

@@ -31,13 +31,13 @@ describe('per-recipient outcomes', () => {
     for (const c of cleanup.reverse()) await c();
   });
 
-  async function setup(overrides: Parameters<typeof startTestRelay>[0] = {}) {
+  async function setup(overrides: Parameters<typeof startTestRelay>[0] = {}, logger?: ReturnType<typeof capturedLog>['logger']) {
     const clock = new ManualClock();
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { initialDelay: 60 }, ...overrides },
-      { clock, startDelivery: false, random: NO_JITTER },
+      { clock, startDelivery: false, random: NO_JITTER, logger },
     );
     cleanup.push(() => relay.stop());
     return { clock, relay, upstream };
@@ -640,7 +640,8 @@ describe('per-recipient outcomes', () => {
   });
 
   test('continueOnError=false: a permanently refused batch stops the later batches, whose recipients fail saying why', async () => {
-    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 0, continueOnError: false });
+    const log = capturedLog('info');
+    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 0, continueOnError: false }, log.logger);
     upstream.dataReply = () => ({ code: 554, message: '5.7.1 Policy rejection' });
     const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com', 'e@example.com']);
     await relay.delivery.runOnce();
@@ -659,6 +660,13 @@ describe('per-recipient outcomes', () => {
     assert.equal(message(relay, id).state, 'failed');
     assert.equal(attempts(relay, id).length, 1);
     assert.match(readFailedExport(relay, id).recipients[4].lastReply!, /continueOnError is false/);
+    // the message's failure is the refusal that ended it, and its attempt's line counts the
+    // recipients of the later batches with this batch's own
+    const ended = /^batch 0 was refused permanently \(554 .*Policy rejection\) and continueOnError is false$/;
+    assert.match(message(relay, id).last_error!, ended);
+    const attempt = log.entries().find((e) => e.event === 'delivery.attempt' && e.queueId === id);
+    assert.deepEqual([attempt?.failed, attempt?.notAttempted, attempt?.state], [2, 3, 'failed']);
+    assert.match(String(log.entries().find((e) => e.event === 'delivery.failed' && e.queueId === id)?.reason), ended);
   });
 
   test('continueOnError=false: a batch whose every RCPT is refused with 5xx stops the later batches too', async () => {
@@ -720,8 +728,8 @@ describe('per-recipient outcomes', () => {
     assert.match(rows[1].last_reply!, /^not attempted again: batch 1 was refused permanently \(554 .*Policy rejection\) and continueOnError is false; last reply: 450 .*Mailbox busy/);
     assert.match(rows[4].last_reply!, /^not attempted: batch 1 was refused permanently/);
     assert.equal(message(relay, id).state, 'failed');
-    // the message reports the refusal, not a recipient that was never tried
-    assert.equal(message(relay, id).last_error, 'd@example.com: 554 5.7.1 Policy rejection');
+    // the message reports the refusal that ended it, not a recipient that was never tried
+    assert.equal(message(relay, id).last_error, 'batch 1 was refused permanently (554 5.7.1 Policy rejection) and continueOnError is false');
   });
 
   test('continueOnError=false: the attempt that fails a recipient deferred in its own batch records it as failed', async () => {
