@@ -77,9 +77,12 @@ function notStored() {
   return reply(451, '4.3.0 Local error in processing: message not stored, try again later');
 }
 
+/** The text of every 421 a shutdown sends (spec §2). */
+const SHUTTING_DOWN = '4.3.2 Service shutting down, try again later';
+
 /** The reply to a connection or MAIL once shutdown has begun, and to DATA once its grace period is over. */
 function shuttingDown() {
-  return reply(421, '4.3.2 Service shutting down, try again later');
+  return reply(421, SHUTTING_DOWN);
 }
 
 /**
@@ -285,7 +288,7 @@ export class SmtpIntake {
       this.deps.logger.info({ event: 'smtp.shutdown_commits', commits: this.commitsInFlight.size }, 'shutdown: waiting for messages being committed');
       await Promise.allSettled(this.commitsInFlight);
     }
-    for (const connection of this.server.connections) connection.send(421, '4.3.2 Service shutting down');
+    for (const connection of this.server.connections) connection.send(421, SHUTTING_DOWN);
   }
 
   /** After shutdown(), once the relay has nothing left to do: the listener closes. */
@@ -294,7 +297,7 @@ export class SmtpIntake {
       this.server.close(() => resolve());
       // smtp-server waits for idle clients; tell them to go away
       for (const connection of this.server.connections) {
-        connection.send(421, '4.3.2 Service shutting down');
+        connection.send(421, SHUTTING_DOWN);
       }
     });
     this.listening = false;
