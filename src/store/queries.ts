@@ -78,7 +78,7 @@ export function successRate(m: StoreMetrics): { processed: number; rate: number 
  * as failed. `upstream`: the store's record, or (the server) that merged with delivery's live view.
  */
 export function metricsSummary(m: StoreMetrics, now: number, upstream: UpstreamRecord = m.upstream) {
-  const { processed } = successRate(m);
+  const { processed, rate } = successRate(m);
   return {
     total_emails: m.messagesAccepted,
     successful_emails: m.messagesDelivered,
@@ -94,7 +94,7 @@ export function metricsSummary(m: StoreMetrics, now: number, upstream: UpstreamR
     rate_limit_refusals: m.rateLimitRefusals,
     queue_full_refusals: m.queueFullRefusals,
     attempts: { ...m.attempts, total: Object.values(m.attempts).reduce((sum, n) => sum + n, 0) },
-    success_rate: successRate(m).rate,
+    success_rate: rate,
     attempt_duration_ms: {
       count: m.attemptDuration.count,
       sum: m.attemptDuration.sumMs,
