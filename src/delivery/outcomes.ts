@@ -80,7 +80,7 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
   // An aborted attempt says why in its cause (the attempt deadline, or shutdown).
   const message =
     errorCode === 'EABORT' && e.cause instanceof Error ? e.cause.message : (openSslMessage(e) ?? (typeof e.message === 'string' ? e.message : String(err)));
-  const reply = shortReply(`${response || (errorCode ? `${errorCode}: ${message}` : message)}${e.endUnanswered === true ? END_UNANSWERED : ''}`);
+  const reply = shortReply(response || (errorCode ? `${errorCode}: ${message}` : message)) + (e.endUnanswered === true ? END_UNANSWERED : '');
   const aboutMessage = MESSAGE_ERROR_CODES.has(errorCode);
   // 503 (bad sequence of commands) and 530 (authentication required: relayq has no or the
   // wrong credentials) are about the session, not the message.

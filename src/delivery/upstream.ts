@@ -183,14 +183,38 @@ function abortError(signal: AbortSignal): Error {
   return Object.assign(new Error('Message sending aborted', { cause: signal.reason }), { name: 'AbortError', code: 'EABORT' });
 }
 
+/** Connections whose current transaction's final dot the kernel has taken: the upstream may have the message. */
+const finalDotFlushed = new WeakSet<SMTPConnection>();
+
 /**
- * Marks an error that ended a transaction after the whole message went out and before any reply to
- * its final dot (the connection closed or timed out, the attempt's deadline): the upstream may have
- * taken the message (RFC 1047), which the stored reply then says.
+ * Notes when a transaction's final dot has left: the data stream ends once its last chunk (the
+ * dot) was written to the socket, and an empty write after it calls back once everything before
+ * it was handed to the kernel (a large message to an upstream that stopped reading may still sit
+ * in the socket's buffer). The hook is nodemailer's private `_createSendStream`; without it
+ * nothing is noted, and no reply says that the upstream may have the message.
  */
-function withEndUnanswered(err: Error, message: Readable): Error {
+function noteFinalDotFlushed(connection: SMTPConnection): void {
+  const internals = connection as unknown as { _createSendStream?: (...args: unknown[]) => unknown; _socket?: net.Socket };
+  const create = internals._createSendStream;
+  if (typeof create !== 'function') return;
+  internals._createSendStream = function (this: unknown, ...args: unknown[]) {
+    const stream = create.apply(this, args) as Readable;
+    stream.once('end', () => {
+      const socket = internals._socket;
+      if (socket && !socket.destroyed) socket.write(Buffer.alloc(0), (err) => !err && finalDotFlushed.add(connection));
+    });
+    return stream;
+  };
+}
+
+/**
+ * Marks an error that ended a transaction after its final dot had left and before any reply to
+ * it (the connection closed or timed out, the attempt's deadline): the upstream may have taken
+ * the message (RFC 1047), which the stored reply then says.
+ */
+function withEndUnanswered(err: Error, connection: SMTPConnection): Error {
   const e = err as UpstreamError;
-  if (message.readableEnded && typeof e.responseCode !== 'number') e.endUnanswered = true;
+  if (finalDotFlushed.has(connection) && typeof e.responseCode !== 'number' && !e.response) e.endUnanswered = true;
   return e;
 }
 
@@ -388,13 +412,14 @@ export class SmtpUpstream {
         return reject(offer.refusal);
       }
       const { leftOut } = offer;
-      const onAbort = () => {
-        connection.close();
-        reject(withEndUnanswered(abortError(signal), message));
-      };
-      signal.addEventListener('abort', onAbort, { once: true });
       // a stream, not the buffer itself, so that a failure tells whether any byte went out
       const message = Readable.from(pieces(raw), { objectMode: false });
+      finalDotFlushed.delete(connection); // of the connection's previous transaction
+      const onAbort = () => {
+        connection.close();
+        reject(withEndUnanswered(abortError(signal), connection));
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
       connection.send({ ...offer.envelope }, message, (err, info) => {
         signal.removeEventListener('abort', onAbort);
         if (signal.aborted) return;
@@ -430,7 +455,7 @@ export class SmtpUpstream {
    */
   private failedSend(connection: SMTPConnection, e: UpstreamError, message: Readable, leftOut: SMTPConnection.SMTPError[]): UpstreamError {
     e.notSent = !message.readableDidRead;
-    withEndUnanswered(e, message);
+    withEndUnanswered(e, connection);
     // A refusal of DATA or of the message says nothing of the recipients the upstream had
     // already refused at RCPT; nodemailer keeps those on the envelope only (which RSET clears).
     const envelopeState = (connection as unknown as { _envelope?: EnvelopeState })._envelope;
@@ -460,6 +485,7 @@ export class SmtpUpstream {
       const connection = new SMTPConnection(this.options);
       this.openedAt.set(connection, this.now());
       writeEachMessageAtOnce(connection);
+      noteFinalDotFlushed(connection);
       requireGoAheadForData(connection);
       requireHelloReply(connection);
       let settled = false;

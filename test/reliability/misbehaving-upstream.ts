@@ -17,6 +17,8 @@ export interface Behaviour {
   rcpt: (address: string) => string | undefined;
   /** Reply line for DATA instead of `354` (the message is then not read as such). */
   data?: string;
+  /** After the `354`, stop reading: a large message never leaves the client's buffers in full. */
+  stallData?: boolean;
   dataEnd: DataEnd;
 }
 
@@ -152,6 +154,7 @@ export async function startMisbehavingUpstream(port = 0): Promise<MisbehavingUps
         if (now.data) return say(now.data);
         inData = true;
         say('354 go ahead');
+        if (now.stallData) socket.pause();
       } else if (verb === 'RSET') {
         tx = undefined;
         say('250 2.0.0 ok');

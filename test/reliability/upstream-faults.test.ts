@@ -212,6 +212,18 @@ describe('upstream faults', () => {
     assert.equal(upstream.transactions.filter((t) => t.answered === null).length, 1);
   });
 
+  test('an upstream that stops reading a large message: deferred by the deadline, with no word that it may have the message', async () => {
+    const { clock, relay, upstream } = await setup();
+    upstream.behaviour = { ...WELL_BEHAVED, stallData: true };
+    // larger than what the sockets' buffers take: its final dot never leaves relayq
+    const info = await sendMail(relay.smtpPort, { to: RCPTS, subject: 'large', text: 'x'.repeat(76).concat('\r\n').repeat(250_000) });
+    const id = queuedId(info.response);
+    assert.ok(id, info.response);
+    await relay.delivery.runOnce();
+    assertDeferred(relay, id, clock, /timed out: the attempt exceeded \d+ ms \(processingTimeout\)$/);
+    assert.equal(upstream.transactions.length, 0, 'the upstream never had the whole message');
+  });
+
   test('4xx to DATA → deferred; 250 later', async () => {
     const { relay, id } = await deferThenHeal({ dataEnd: { reply: '451 4.3.0 queue temporarily full' } }, /queue temporarily full/, 451);
     // a reply to the final dot says what became of the message: no guess added to it
