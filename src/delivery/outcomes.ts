@@ -230,6 +230,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
   let delivered = 0;
   let pending = 0;
   let lastFailure: string | null = null;
+  let stopped = false;
   const recipients = claim.recipients.map((r, i): RecipientOutcome => {
     const res = result.recipients[i];
     const text = withCode(res.code, res.reply);
@@ -255,6 +256,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       };
     }
     if (failRemaining) {
+      stopped = true;
       const reply = `not attempted again: ${failRemaining}; last reply: ${res.reply}`;
       return { seq: r.seq, status: 'failed', code: res.code, reply, temporary: false, nextAttemptAt: now };
     }
@@ -268,8 +270,6 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       nextAttemptAt: now + backoffDelayMs(r.attempts, ctx.retry, () => draw),
     };
   });
-  // what ended the message names its failure, not the last recipient this batch refused
-  if (failRemaining) lastFailure = failRemaining;
   const total = claim.recipients.length;
   const outcome: AttemptOutcome =
     delivered === total ? 'delivered' : delivered > 0 ? 'partial' : pending > 0 ? 'deferred' : 'failed';
@@ -293,6 +293,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     eraseRawOnDelivered: ctx.eraseRawOnDelivered,
     lastFailure,
     failRemaining,
+    stoppedInBatch: stopped,
   };
 }
 

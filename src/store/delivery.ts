@@ -247,6 +247,8 @@ export interface BatchCompletion {
    * was deferred earlier, whose last code is kept).
    */
   failRemaining?: string;
+  /** failRemaining failed recipients of this batch that had been deferred. */
+  stoppedInBatch?: boolean;
   /**
    * The attempt failed for the upstream's or the network's sake, not because of this mail
    * (outcomes.ts, upstreamVerdict): the run of failures `/health` reads grows; otherwise it ends.
@@ -255,10 +257,7 @@ export interface BatchCompletion {
   /** The message's next batch is not due before now + batchDelay. */
   batchDelayMs: number;
   eraseRawOnDelivered: boolean;
-  /**
-   * This batch's last failure, as the message reports it (`address: reply`), or `failRemaining`
-   * when that ends the message; null when none failed.
-   */
+  /** This batch's last failure, as the message reports it (`address: reply`); null when none failed. */
   lastFailure: string | null;
 }
 
@@ -316,7 +315,8 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
   }
   const settled = settleMessage(sqlite, c.messageId, c.now, {
     nextAttemptFloor: c.now + c.batchDelayMs,
-    lastFailure: c.lastFailure,
+    // a message that continueOnError=false stopped names the refusal that stopped it
+    lastFailure: notAttempted > 0 || c.stoppedInBatch ? (c.failRemaining ?? c.lastFailure) : c.lastFailure,
     eraseRawOnDelivered: c.eraseRawOnDelivered,
   });
   return { leaseLost: false, ...settled, notAttempted };

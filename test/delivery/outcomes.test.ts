@@ -669,6 +669,18 @@ describe('per-recipient outcomes', () => {
     assert.match(String(log.entries().find((e) => e.event === 'delivery.failed' && e.queueId === id)?.reason), ended);
   });
 
+  test('continueOnError=false: a message of one batch, refused, names the recipient that failed: nothing was stopped', async () => {
+    const log = capturedLog('info');
+    const { relay, upstream } = await setup({ batchSize: 2, continueOnError: false }, log.logger);
+    upstream.dataReply = () => ({ code: 554, message: '5.7.1 Policy rejection' });
+    const id = await queue(relay, ['a@example.com', 'b@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'failed');
+    assert.equal(message(relay, id).last_error, 'b@example.com: 554 5.7.1 Policy rejection');
+    const attempt = log.entries().find((e) => e.event === 'delivery.attempt' && e.queueId === id);
+    assert.deepEqual([attempt?.failed, attempt?.notAttempted], [2, undefined]);
+  });
+
   test('continueOnError=false: a batch whose every RCPT is refused with 5xx stops the later batches too', async () => {
     const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 0, continueOnError: false });
     upstream.rcptReply = (a) => (a === 'a@example.com' || a === 'b@example.com' ? { code: 550, message: '5.1.1 No such user' } : undefined);
