@@ -33,8 +33,8 @@ function failedExportDocument(detail: MessageDetail, exportedAt: number): Record
     version: FAILED_EXPORT_VERSION,
     id: m.id,
     state: m.state,
-    // near the top: after a start, relayq reads the first bytes of each export to find the
-    // outdated ones (exportIsCurrent)
+    // near the top: after a start, relayq reads each export up to here to find the outdated
+    // ones (exportIsCurrent)
     receivedAt: isoTime(m.received_at),
     failedAt: isoTime(m.finished_at),
     envelope: { mailFrom: m.mail_from, rcptTo: recipients.map((r) => r.address) },
@@ -63,28 +63,37 @@ function failedExportDocument(detail: MessageDetail, exportedAt: number): Record
   };
 }
 
-/** The bytes of an export that hold its `failedAt`, whatever the message's id and state. */
-const HEAD_BYTES = 512;
+/** An export is read this many bytes at a time to find its `failedAt`. */
+const HEAD_STEP = 16 * 1024;
 
 /**
  * Whether the export of a failed message at `file` is there and of its last failure: its
  * `failedAt` is `finishedAt`. One that a requeue and a new failure made outdated (the process
- * died before the new export was written) is not, nor is one written in another key order.
+ * died before the new export was written) is not. `failedAt` is near the top (after the
+ * recipients in exports of earlier versions): the file is read up to it, never into `raw`.
  */
 export async function exportIsCurrent(file: string, finishedAt: number): Promise<boolean> {
-  let head: string;
+  let handle: fs.FileHandle;
   try {
-    const handle = await fs.open(file, 'r');
-    try {
-      const { buffer, bytesRead } = await handle.read({ buffer: Buffer.alloc(HEAD_BYTES), position: 0 });
-      head = buffer.toString('utf8', 0, bytesRead);
-    } finally {
-      await handle.close();
-    }
+    handle = await fs.open(file, 'r');
   } catch {
     return false; // missing, or unreadable: written again (a failure to write is logged)
   }
-  return /\n {2}"failedAt": "([^"]*)"/.exec(head)?.[1] === isoTime(finishedAt);
+  try {
+    let head = '';
+    for (;;) {
+      const { buffer, bytesRead } = await handle.read({ buffer: Buffer.alloc(HEAD_STEP), position: head.length });
+      if (bytesRead === 0) return false;
+      head += buffer.toString('latin1', 0, bytesRead); // one character per byte: positions stay byte offsets
+      const failedAt = /\n {2}"failedAt": "([^"]*)"/.exec(head)?.[1];
+      if (failedAt !== undefined) return failedAt === isoTime(finishedAt);
+      if (head.includes('\n  "raw": ')) return false;
+    }
+  } catch {
+    return false;
+  } finally {
+    await handle.close();
+  }
 }
 
 /** The message's bytes are encoded this many at a time (a multiple of 3: base64 pieces that join). */

@@ -1,6 +1,6 @@
 // What a crash can leave in emailsDir, put right after a start: temp files of local deliveries
-// and exports it cut off, failed mail without its JSON export, and the exports of mail delivered
-// since. Each walk goes in bounded steps and lets SMTP sessions run between them.
+// and exports it cut off, failed mail without its JSON export or with that of an earlier
+// failure, and the exports of mail delivered since. Each walk goes in bounded steps and lets SMTP sessions run between them.
 import fs from 'node:fs/promises';
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import type { Logger } from 'pino';
@@ -12,6 +12,9 @@ import { exportIsCurrent, failedExportDir, failedExportPath, removeFailedExport 
 
 /** Failed messages whose export is looked for, and exports whose message is, per step. */
 const EXPORT_CHECK_STEP = 500;
+
+/** A log line of this clean-up names at most this many messages (its count gives them all). */
+const MAX_LOGGED_IDS = 100;
 
 export interface LeftoversContext {
   sqlite: Sqlite;
@@ -59,7 +62,7 @@ export async function exportMissingFailures(ctx: LeftoversContext): Promise<void
     cursor = page.next;
     await nextTurn();
   }
-  if (exported.length > 0) log.warn({ event: 'delivery.exports_restored', count: exported.length, ids: exported }, 'failed mail whose export was missing or of an earlier failure exported');
+  if (exported.length > 0) log.warn({ event: 'delivery.exports_restored', count: exported.length, ids: exported.slice(0, MAX_LOGGED_IDS) }, 'failed mail whose export was missing or of an earlier failure exported');
 }
 
 /**
@@ -84,5 +87,5 @@ export async function removeDeliveredExports(ctx: LeftoversContext): Promise<voi
     if (id && messageState(sqlite, id) === 'delivered' && (await removeFailedExport(emailsDir, id))) removed.push(id);
     if ((i + 1) % EXPORT_CHECK_STEP === 0) await nextTurn();
   }
-  if (removed.length > 0) log.info({ event: 'delivery.exports_removed', count: removed.length, ids: removed }, 'exports of mail delivered after it failed removed');
+  if (removed.length > 0) log.info({ event: 'delivery.exports_removed', count: removed.length, ids: removed.slice(0, MAX_LOGGED_IDS) }, 'exports of mail delivered after it failed removed');
 }

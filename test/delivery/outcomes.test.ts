@@ -346,6 +346,29 @@ describe('per-recipient outcomes', () => {
     assert.equal(fs.readFileSync(keptFile, 'utf8'), keptText);
   });
 
+  test('at a start an export of the current failure in the key order of earlier versions is kept, however far down its failedAt', async () => {
+    const { config } = await refusingUpstream();
+    const first = await startTestRelay({ ...config, batchSize: 200 }, { startDelivery: false });
+    const to = Array.from({ length: 200 }, (_, i) => `nobody${i}@example.com`);
+    const kept = await queue(first, to);
+    const lost = await queue(first, ['lost@example.com']);
+    await first.delivery.runOnce();
+    assert.deepEqual([message(first, kept).state, message(first, lost).state], ['failed', 'failed']);
+    // earlier versions wrote receivedAt and failedAt after the recipients: here past byte 16,384
+    const { receivedAt, failedAt, ...rest } = readFailedExport(first, kept);
+    const { version, id, state, envelope, recipients: rcpts, ...tail } = rest;
+    const oldLayout = `${JSON.stringify({ version, id, state, envelope, recipients: rcpts, receivedAt, failedAt, ...tail }, null, 2)}\n`;
+    assert.ok(oldLayout.indexOf('"failedAt"') > 16_384, String(oldLayout.indexOf('"failedAt"')));
+    const keptFile = path.join(config.emailsDir, 'failed', `${kept}.json`);
+    fs.writeFileSync(keptFile, oldLayout);
+    fs.rmSync(path.join(config.emailsDir, 'failed', `${lost}.json`));
+    await first.stop();
+
+    const { restored } = await restartForExports(config);
+    assert.deepEqual(restored.ids, [lost]);
+    assert.equal(fs.readFileSync(keptFile, 'utf8'), oldLayout, 'not written again');
+  });
+
   test('at a start an export of an earlier failure (a crash before the export of the next one) is written again', async () => {
     const { config } = await refusingUpstream();
     const clock = new ManualClock();
