@@ -162,6 +162,13 @@ test('credentials a client sends after its AUTH was refused (538, 503, 504) or c
     assert.match(await c.send(`AUTH PLAIN ${base64(`\0app\0${password}`)}`), /^235 /);
     assert.match(await c.send('AUTH LOGIN'), /^503 /);
     assert.match(await c.send(base64(password)), /^5/);
+    // AUTH that smtp-server does not read as a command (500): a tab after the word, a space
+    // before it; each after a command that ended the masking of the lines before
+    for (const auth of ['AUTH\tPLAIN', ' AUTH PLAIN']) {
+      assert.match(await c.send('NOOP'), /^250 /);
+      assert.match(await c.send(`${auth} ${base64(`\0app\0${password}`)}`), /^500 /);
+    }
+    assert.match(await c.send(base64(password)), /^5/);
     await c.send('QUIT');
     c.close();
   } finally {
@@ -170,7 +177,7 @@ test('credentials a client sends after its AUTH was refused (538, 503, 504) or c
   const output = lines.join('\n');
   assert.deepEqual(leaks(output, password, 'app'), []);
   assert.deepEqual(leaks(output.toUpperCase(), base64(password).toUpperCase()), [], 'nor upper-cased as a command name');
-  assert.equal(output.split('"msg":"C: /* secured */"').length - 1, 9, 'the nine lines after AUTH commands, masked');
+  assert.equal(output.split('"msg":"C: /* secured */"').length - 1, 10, 'the ten lines after AUTH commands, masked');
   assert.ok(output.includes('"msg":"C: NOOP"'), 'the command after them is logged as usual');
 });
 
