@@ -13,10 +13,10 @@ import { CliError, configFlags, type GlobalOptions } from './context.js';
 /**
  * A value, not the next option: commander takes whatever follows an option as its value, so
  * `relayq queue --sender --json` would list the mail of a sender named `--json`, as text. As for
- * config keys given as flags, a value does not start with `--`.
+ * config keys given as flags, a value does not start with `--`; an address may (`--x@example.com`).
  */
 function notAnOption(value: string, forFile = false): string {
-  if (value.startsWith('--')) {
+  if (/^--[^@]*$/.test(value)) {
     throw new InvalidArgumentError(`${value} is an option: give the option its value first${forFile ? ` (./${value} for a file of that name)` : ''}`);
   }
   return value;

@@ -277,6 +277,10 @@ describe('relayq CLI on the database of a running relay', () => {
     ]);
     assertOneLineError(senderThenJson, /^relayq: option '--sender <address>' argument '--json' is invalid\. --json is an option: give the option its value first$/);
     assertOneLineError(senderThenConfig, /argument '--config' is invalid\. --config is an option/);
+    // an address may start with --
+    const dashes = await cli('queue', '--sender', '--bounce@example.com', '--json');
+    assert.equal(dashes.code, 0, dashes.stderr);
+    assert.deepEqual(JSON.parse(dashes.stdout).messages, []);
     assertOneLineError(configThenJson, /argument '--json' is invalid\. --json is an option: give the option its value first \(\.\/--json for a file of that name\)$/);
     for (const r of [jsonServe, serveJson]) {
       assertOneLineError(r, /^relayq: --json does not apply to serve: its log lines are JSON already$/);
