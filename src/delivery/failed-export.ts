@@ -63,14 +63,17 @@ function failedExportDocument(detail: MessageDetail, exportedAt: number): Record
   };
 }
 
-/** An export is read this many bytes at a time to find its `failedAt`. */
+/** An export is read this many bytes at a time to find its `failedAt`, at most HEAD_LIMIT bytes far. */
 const HEAD_STEP = 16 * 1024;
+const HEAD_LIMIT = 4 * 1024 * 1024;
 
 /**
  * Whether the export of a failed message at `file` is there and of its last failure: its
  * `failedAt` is `finishedAt`. One that a requeue and a new failure made outdated (the process
  * died before the new export was written) is not. `failedAt` is near the top (after the
- * recipients in exports of earlier versions): the file is read up to it, never into `raw`.
+ * recipients in exports of earlier versions): the file is read up to it, never into `raw`, and
+ * one whose `failedAt` is further down than HEAD_LIMIT counts as outdated (rewritten, it has it at
+ * the top).
  */
 export async function exportIsCurrent(file: string, finishedAt: number): Promise<boolean> {
   let handle: fs.FileHandle;
@@ -80,15 +83,19 @@ export async function exportIsCurrent(file: string, finishedAt: number): Promise
     return false; // missing, or unreadable: written again (a failure to write is logged)
   }
   try {
-    let head = '';
-    for (;;) {
-      const { buffer, bytesRead } = await handle.read({ buffer: Buffer.alloc(HEAD_STEP), position: head.length });
+    // each step searches its bytes and the end of the step before, where a match may begin
+    let carried = '';
+    for (let position = 0; position < HEAD_LIMIT; ) {
+      const { buffer, bytesRead } = await handle.read({ buffer: Buffer.alloc(HEAD_STEP), position });
       if (bytesRead === 0) return false;
-      head += buffer.toString('latin1', 0, bytesRead); // one character per byte: positions stay byte offsets
-      const failedAt = /\n {2}"failedAt": "([^"]*)"/.exec(head)?.[1];
+      position += bytesRead;
+      const text = carried + buffer.toString('latin1', 0, bytesRead); // the dates are ASCII
+      const failedAt = /\n {2}"failedAt": "([^"]*)"/.exec(text)?.[1];
       if (failedAt !== undefined) return failedAt === isoTime(finishedAt);
-      if (head.includes('\n  "raw": ')) return false;
+      if (text.includes('\n  "raw": ')) return false;
+      carried = text.slice(-128);
     }
+    return false;
   } catch {
     return false;
   } finally {
