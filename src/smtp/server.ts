@@ -23,8 +23,9 @@
 // 7. After an AUTH that was refused (relayq's 538 and 503, smtp-server's 503 and 504) the client
 //    may still send its credentials (the base64 lines of LOGIN, a PLAIN response), also after
 //    cancelling one with `*`: so after any AUTH every line up to the next SMTP command is logged
-//    masked at debug, as smtp-server masks the lines of an AUTH exchange. An AUTH that smtp-server
-//    does not read as one (a tab after the word, a space before it: `500`) is masked the same way.
+//    masked at debug, as smtp-server masks the lines of an AUTH exchange. A line that starts with
+//    AUTH but that smtp-server does not read as one (`AUTH<tab>PLAIN`, ` AUTH`, `AUTH=`: `500`) is
+//    logged as `AUTH /* secured */`, and the lines after it are masked the same way.
 // 8. A client that shuts down its sending side after its last command (`nc -N`, a script that
 //    half-closes after `.` or QUIT) still gets the replies to what it sent, as Postfix gives
 //    them: the listener keeps the socket half-open (intake sets `allowHalfOpen`), replies are
@@ -127,10 +128,14 @@ class RelayqConnection extends SMTPConnection {
 
   _redactCredentials(commandName: string, line: string): { commandName: string; line: string } {
     if (this.afterAuth && !COMMANDS.has(commandName)) return { commandName: 'AUTH', line: '/* secured */' };
-    // smtp-server names a command by what precedes its first space: `AUTH\tPLAIN …` is no AUTH to it
-    const auth = commandName === 'AUTH' || /^\s*AUTH\s/i.test(line);
-    this.afterAuth = auth;
-    return redactCredentials.call(this, auth ? 'AUTH' : commandName, line);
+    // smtp-server names a command by what precedes its first space: `AUTH\tPLAIN …`, ` AUTH …`
+    // and `AUTH=PLAIN …` are no AUTH to it (500), and all that follows the word is masked
+    if (commandName !== 'AUTH' && /^[\s\0]*AUTH(?![A-Za-z0-9_-])/i.test(line)) {
+      this.afterAuth = true;
+      return { commandName: 'AUTH', line: 'AUTH /* secured */' };
+    }
+    this.afterAuth = commandName === 'AUTH';
+    return redactCredentials.call(this, commandName, line);
   }
 
   override send(code: number, data?: string | string[] | null, context?: string | false): void {
