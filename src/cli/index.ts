@@ -16,8 +16,10 @@ import { CliError, configFlags, type GlobalOptions } from './context.js';
  * config keys given as flags, a value does not start with `--`; an address may (`--x@example.com`).
  */
 function notAnOption(value: string, forFile = false): string {
-  if (/^--[^@]*$/.test(value)) {
-    throw new InvalidArgumentError(`${value} is an option: give the option its value first${forFile ? ` (./${value} for a file of that name)` : ''}`);
+  if (/^--[^=@]*(=|$)/.test(value)) {
+    // named without its value, which may be a secret (--defaultPassword=…)
+    const name = value.split('=')[0];
+    throw new InvalidArgumentError(`${name} is an option: give the option its value first${forFile ? ` (./${name} for a file of that name)` : ''}`);
   }
   return value;
 }
@@ -47,8 +49,8 @@ program
   .description('Durable SMTP store-and-forward relay')
   .version(VERSION, '-V, --version', 'print the version')
   // Usage errors (bad option value, unknown command) are one line like every other failure. An
-  // unknown option is named without its value: `relayq --defaultPassword=… serve` (a key given
-  // before the command name) must not print the password.
+  // unknown option, or one taken for another's value, is named without its value: `relayq
+  // --defaultPassword=… serve` (a key given before the command name) must not print the password.
   .configureOutput({
     // one line: commander puts its suggestion for an unknown command or option on a second one
     outputError: (text, write) =>
@@ -56,6 +58,7 @@ program
         `relayq: ${text
           .replace(/^error: /, '')
           .replace(/(unknown option '-[^'=]*)=.*'/, "$1'")
+          .replace(/(argument '--[^'=]*)=.*?(' is invalid)/, '$1$2')
           .replace(/\n\(Did you mean (.*)\?\)/, ' (did you mean $1?)')}`,
       ),
   })

@@ -270,11 +270,16 @@ describe('relayq CLI on the database of a running relay', () => {
       runCli(['--config', 'serve']),
     ]);
     // the value left out before another option: not taken as the value
-    const [senderThenJson, senderThenConfig, configThenJson] = await Promise.all([
+    const [senderThenJson, senderThenConfig, configThenJson, senderThenRecipient, configThenSecret] = await Promise.all([
       cli('queue', '--sender', '--json'),
       cli('retry', '--failed', '--sender', '--config', 'x.json'),
       runCli(['--config', '--json', 'status']),
+      cli('queue', '--sender', '--recipient=a@example.com'),
+      runCli(['--config', '--defaultPassword=Hunter2Secret', 'status']),
     ]);
+    assertOneLineError(senderThenRecipient, /^relayq: option '--sender <address>' argument '--recipient' is invalid\. --recipient is an option/);
+    assertOneLineError(configThenSecret, /^relayq: option '--config <file>' argument '--defaultPassword' is invalid\. --defaultPassword is an option/);
+    assert.doesNotMatch(configThenSecret.stderr, /Hunter2Secret/, 'an option taken for a value is named without its own value');
     assertOneLineError(senderThenJson, /^relayq: option '--sender <address>' argument '--json' is invalid\. --json is an option: give the option its value first$/);
     assertOneLineError(senderThenConfig, /argument '--config' is invalid\. --config is an option/);
     // an address may start with --
