@@ -201,7 +201,7 @@ function noteFinalDotFlushed(connection: SMTPConnection): void {
     const stream = create.apply(this, args) as Readable;
     stream.once('end', () => {
       const socket = internals._socket;
-      if (socket && !socket.destroyed) socket.write(Buffer.alloc(0), (err) => !err && finalDotFlushed.add(connection));
+      if (socket && !socket.destroyed && !socket.writableEnded) socket.write(Buffer.alloc(0), (err) => !err && finalDotFlushed.add(connection));
     });
     return stream;
   };
