@@ -183,26 +183,21 @@ function abortError(signal: AbortSignal): Error {
   return Object.assign(new Error('Message sending aborted', { cause: signal.reason }), { name: 'AbortError', code: 'EABORT' });
 }
 
-/** Connections whose current transaction's final dot the kernel has taken: the upstream may have the message. */
-const finalDotFlushed = new WeakSet<SMTPConnection>();
+/** Each connection's current data stream (the message and its final dot, dot-stuffed). */
+const dataStreams = new WeakMap<SMTPConnection, Readable>();
 
 /**
- * Notes when a transaction's final dot has left: the data stream ends once its last chunk (the
- * dot) was written to the socket, and an empty write after it calls back once everything before
- * it was handed to the kernel (a large message to an upstream that stopped reading may still sit
- * in the socket's buffer). The hook is nodemailer's private `_createSendStream`; without it
- * nothing is noted, and no reply says that the upstream may have the message.
+ * Keeps each transaction's data stream, which nodemailer does not expose. The hook is
+ * nodemailer's private `_createSendStream`; without it no reply says that the upstream may have
+ * the message.
  */
-function noteFinalDotFlushed(connection: SMTPConnection): void {
-  const internals = connection as unknown as { _createSendStream?: (...args: unknown[]) => unknown; _socket?: net.Socket };
+function keepDataStream(connection: SMTPConnection): void {
+  const internals = connection as unknown as { _createSendStream?: (...args: unknown[]) => unknown };
   const create = internals._createSendStream;
   if (typeof create !== 'function') return;
   internals._createSendStream = function (this: unknown, ...args: unknown[]) {
     const stream = create.apply(this, args) as Readable;
-    stream.once('end', () => {
-      const socket = internals._socket;
-      if (socket && !socket.destroyed && !socket.writableEnded) socket.write(Buffer.alloc(0), (err) => !err && finalDotFlushed.add(connection));
-    });
+    dataStreams.set(connection, stream);
     return stream;
   };
 }
@@ -210,11 +205,15 @@ function noteFinalDotFlushed(connection: SMTPConnection): void {
 /**
  * Marks an error that ended a transaction after its final dot had left and before any reply to
  * it (the connection closed or timed out, the attempt's deadline): the upstream may have taken
- * the message (RFC 1047), which the stored reply then says.
+ * the message (RFC 1047), which the stored reply then says. The dot has left when the data
+ * stream has ended (its last chunk, the dot, written to the socket) and the socket holds nothing
+ * unsent: a large message to an upstream that stopped reading may still sit in its buffer.
  */
 function withEndUnanswered(err: Error, connection: SMTPConnection): Error {
   const e = err as UpstreamError;
-  if (finalDotFlushed.has(connection) && typeof e.responseCode !== 'number' && !e.response) e.endUnanswered = true;
+  const socket = (connection as unknown as { _socket?: net.Socket })._socket;
+  const left = dataStreams.get(connection)?.readableEnded === true && socket?.writableLength === 0;
+  if (left && typeof e.responseCode !== 'number' && !e.response) e.endUnanswered = true;
   return e;
 }
 
@@ -414,7 +413,7 @@ export class SmtpUpstream {
       const { leftOut } = offer;
       // a stream, not the buffer itself, so that a failure tells whether any byte went out
       const message = Readable.from(pieces(raw), { objectMode: false });
-      finalDotFlushed.delete(connection); // of the connection's previous transaction
+      dataStreams.delete(connection); // of the connection's previous transaction
       const onAbort = () => {
         connection.close();
         reject(withEndUnanswered(abortError(signal), connection));
@@ -485,7 +484,7 @@ export class SmtpUpstream {
       const connection = new SMTPConnection(this.options);
       this.openedAt.set(connection, this.now());
       writeEachMessageAtOnce(connection);
-      noteFinalDotFlushed(connection);
+      keepDataStream(connection);
       requireGoAheadForData(connection);
       requireHelloReply(connection);
       let settled = false;
