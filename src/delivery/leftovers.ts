@@ -1,6 +1,7 @@
 // What a crash can leave in emailsDir, put right after a start: temp files of local deliveries
 // and exports it cut off, failed mail without its JSON export or with that of an earlier
-// failure, and the exports of mail delivered since. Each walk goes in bounded steps and lets SMTP sessions run between them.
+// failure, and the exports of mail delivered since. Each walk goes in bounded steps and lets
+// SMTP sessions run between them.
 import fs from 'node:fs/promises';
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import type { Logger } from 'pino';
