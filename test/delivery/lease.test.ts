@@ -26,7 +26,7 @@ describe('claims and leases', () => {
 
   async function relayWithMail(overrides: Parameters<typeof startTestRelay>[0] = {}, to = ['a@example.com', 'b@example.com', 'c@example.com']) {
     const clock = new ManualClock();
-    const relay = await startTestRelay({ processingTimeout: 60, ...overrides }, { clock, startDelivery: false, random: NO_JITTER });
+    const relay = await startTestRelay({ processingTimeout: 60, ...overrides }, { clock, startDelivery: false, startRetention: false, random: NO_JITTER });
     cleanup.push(() => relay.stop());
     const id = queuedId((await sendMail(relay.smtpPort, { to, raw: 'Subject: lease\r\n\r\nbody\r\n' })).response);
     return { clock, relay, id };
