@@ -49,7 +49,7 @@ export interface ErrorClass {
   reply: string;
 }
 
-/** What a reply adds when the whole message went out and no reply to its final dot came. */
+/** What a reply adds when the final dot had left (withEndUnanswered in upstream.ts) and no reply to it came. */
 export const END_UNANSWERED = '; no reply to the final dot: the upstream may have taken the message, and a retry may deliver it twice';
 
 /** Errors about the message or its envelope; anything else is about the session or the network. */
