@@ -43,6 +43,17 @@ function isHost(host: string): boolean {
 }
 
 /**
+ * A name relayq gives itself in its greeting, in EHLO and in every `Received:` header: a host name
+ * in ASCII or an address literal (`[192.0.2.25]`, `[IPv6:2001:db8::25]`, RFC 5321 §4.1.3). Not
+ * merely printable: a `(` or `;` there would open a comment or end a clause of `Received:`.
+ */
+function isServerName(name: string): boolean {
+  const literal = /^\[(IPv6:)?([^\]]+)\]$/i.exec(name);
+  if (literal) return net.isIP(literal[2]) === (literal[1] ? 6 : 4);
+  return HOST_NAME.test(name);
+}
+
+/**
  * A listen address must be given: Node would take an empty one (an unset `${VAR}` in compose) as
  * every interface. 0.0.0.0 or :: says that on purpose. Not Postfix's `[::1]` (Node would look it
  * up as a name), nor `host:port` (the port has its own key).
@@ -76,8 +87,7 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
     path: 'serverName',
     type: 'string',
     default: os.hostname(),
-    // written into every Received: header and sent in EHLO: a CR or LF would inject lines
-    pattern: { match: /^[\x21-\x7e]+$/, what: 'a host name (printable ASCII, no spaces)' },
+    pattern: { match: { test: isServerName }, what: 'a host name in ASCII (letters, digits, - and _ between dots) or an address literal like [192.0.2.25]' },
     doc: 'name in the greeting and in `Received:` (default: the host name)',
   },
   { path: 'defaultUsername', type: 'string', default: '', doc: 'SMTP AUTH user name' },

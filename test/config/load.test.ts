@@ -419,16 +419,20 @@ describe('loadConfig', () => {
     assert.ok(b.ok && b.config.forwardSSL);
   });
 
-  test('serverName, written into Received: and sent in EHLO, takes no spaces or line breaks', () => {
-    for (const bad of ['evil\r\nX-Injected: yes', 'two words', '']) {
-      const r = loadConfig([], { SERVER_NAME: bad });
-      assert.equal(r.ok, false, JSON.stringify(bad));
+  test('serverName, written into Received: and sent in EHLO, is a host name or an address literal', () => {
+    // a ( opens a comment in Received:, a ; ends its clauses, CR LF would inject a header
+    const bad = ['evil\r\nX-Injected: yes', 'two words', '', 'relay;x(y', '-bad..name', 'relay.(primary)', '[2001:db8::1]', '[IPv6:192.0.2.1]', '[relay]'];
+    for (const name of bad) {
+      const r = loadConfig([], { SERVER_NAME: name });
+      assert.equal(r.ok, false, JSON.stringify(name));
       if (r.ok) return;
       assert.deepEqual(r.errors.map((e) => e.key), ['serverName']);
-      assert.match(r.errors[0].message, /^SERVER_NAME \(serverName\): must be a host name \(printable ASCII, no spaces\)/);
+      assert.match(r.errors[0].message, /^SERVER_NAME \(serverName\): must be a host name in ASCII .* or an address literal like \[192\.0\.2\.25\]/);
     }
-    const ok = loadConfig(['--serverName', 'mx-1.relay.example.com'], {});
-    assert.ok(ok.ok && ok.config.serverName === 'mx-1.relay.example.com');
+    for (const name of ['mx-1.relay.example.com', 'mailhost', 'relay_1.internal.', '[192.0.2.25]', '[IPv6:2001:db8::25]']) {
+      const ok = loadConfig(['--serverName', name], {});
+      assert.ok(ok.ok && ok.config.serverName === name, name);
+    }
   });
 
   test('listen addresses must be given: an empty one (an unset variable in a compose file) would mean every interface', () => {
