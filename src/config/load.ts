@@ -236,12 +236,9 @@ export function loadConfig(
   for (const [path, raw] of flags.values) applyText(KEYS_BY_PATH.get(path) as KeyDef, raw, 'flag', `--${path}`);
 
   const typed = config as unknown as Config;
-  // Checked on the values that were valid; a combination that names a key whose own value was
+  // Checked on the values that were valid; a combination that involves a key whose own value was
   // already refused is left out (the default standing in for it would only confuse).
-  const refused = new Set(errors.map((e) => e.key));
-  const combinations: ConfigError[] = [];
-  checkCombinations(typed, origins, combinations, warnings);
-  errors.push(...combinations.filter((e) => !refused.has(e.key)));
+  checkCombinations(typed, origins, new Set(errors.map((e) => e.key)), errors, warnings);
   return errors.length ? { ok: false, errors } : { ok: true, config: typed, warnings };
 }
 
@@ -350,8 +347,9 @@ function inRange(key: KeyDef, n: number, text = String(n)): Checked {
  * Checks that involve several keys. Each error names the key to change, and says where the
  * values involved came from; its source is that of the first of them set anywhere.
  */
-function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, errors: ConfigError[], warnings: string[]) {
+function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, refused: ReadonlySet<string>, errors: ConfigError[], warnings: string[]) {
   const fail = (key: string, involved: string[], message: string) => {
+    if (involved.some((k) => refused.has(k))) return;
     const set = involved.find((k) => origins.has(k));
     const from = involved.map((k) => `${k} ${origins.has(k) ? `from ${origins.get(k)}` : 'by default'}`).join(', ');
     errors.push({ key, source: set ? (origins.get(set) as Source) : 'config', message: `${message} [${from}]` });

@@ -379,6 +379,10 @@ describe('loadConfig', () => {
     assert.equal(r.errors.length, 1);
     assert.equal(r.errors[0].key, 'retry.initialDelay');
     assert.match(r.errors[0].message, /RETRY_INITIAL_DELAY \(retry\.initialDelay\): must be an integer/);
+    // nor one that another key is named for: the credentials error assumed requireAuth's default
+    assert.deepEqual(errorMessages(loadConfig([], { SECURITY_REQUIRE_AUTH: 'maybe', SECURITY_ALLOW_LOCAL_ONLY: 'false' })), [
+      'SECURITY_REQUIRE_AUTH (security.requireAuth): must be true/false/1/0/yes/no, got "maybe"',
+    ]);
   });
 
   test('an integer with anything after its digits is refused, not read as NaN or as a number in another notation', () => {
