@@ -304,11 +304,26 @@ export class DeliveryEngine {
       this.requeueCheckedAt = performance.now();
       this.track(this.requeueTemporaryFailures(false));
     }
-    if (this.inFlow.delayMs > 0) {
-      this.inFlow.measured(countDueQueued(this.deps.sqlite, now, this.inFlow.limit));
+    if (this.inFlow.delayMs > 0 && performance.now() >= this.claimsPausedUntil) {
+      try {
+        this.inFlow.measured(countDueQueued(this.deps.sqlite, now, this.inFlow.limit));
+      } catch (err) {
+        return this.pauseClaims(err as Error);
+      }
       this.notePacing(now);
     }
     this.pump();
+  }
+
+  /**
+   * Looking for work or claiming it failed: a read on this thread (an I/O error, a schema changed
+   * by another process) or the claim write (a full disk, a read-only file). Each would fail again
+   * at every wake-up and poll: claims wait, longer each time, as outcome commits do.
+   */
+  private pauseClaims(err: Error): void {
+    this.claimRetryMs = Math.min(Math.max(2 * this.claimRetryMs, OUTCOME_RETRY_FIRST_MS), OUTCOME_RETRY_MAX_MS);
+    this.claimsPausedUntil = performance.now() + this.claimRetryMs;
+    this.log.error({ event: 'delivery.claim_failed', err: err.message, retryInMs: this.claimRetryMs }, 'claiming due work failed');
   }
 
   /**
@@ -322,7 +337,14 @@ export class DeliveryEngine {
     const free = this.config.workerCount - this.busySlots;
     if (free <= 0 || performance.now() < this.claimsPausedUntil) return;
     const held = this.held();
-    if (!hasDueWork(this.deps.sqlite, this.deps.clock.now(), held)) return;
+    let due: boolean;
+    try {
+      due = hasDueWork(this.deps.sqlite, this.deps.clock.now(), held);
+    } catch (err) {
+      // also called when an attempt has its answer: a throw here would leave that attempt unsettled
+      return this.pauseClaims(err as Error);
+    }
+    if (!due) return;
     this.busySlots += free;
     const task = this.claim(free, held).then(
       (claimed) => {
@@ -347,11 +369,7 @@ export class DeliveryEngine {
       },
       (err: Error) => {
         this.busySlots -= free;
-        // A write that fails at once (a full disk, a read-only file) would otherwise be tried
-        // again at every wake-up and poll: wait, longer each time, as outcome commits do.
-        this.claimRetryMs = Math.min(Math.max(2 * this.claimRetryMs, OUTCOME_RETRY_FIRST_MS), OUTCOME_RETRY_MAX_MS);
-        this.claimsPausedUntil = performance.now() + this.claimRetryMs;
-        this.log.error({ event: 'delivery.claim_failed', err: err.message, retryInMs: this.claimRetryMs }, 'claiming due work failed');
+        this.pauseClaims(err);
         return -1;
       },
     );

@@ -5,7 +5,19 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { newQueueId } from '../../src/store/intake.js';
-import { capturedLog, closedPort, holdWriteLock, messageCount, newMessage, openSession, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { openConnection } from '../../src/store/db.js';
+import {
+  capturedLog,
+  closedPort,
+  holdWriteLock,
+  messageCount,
+  newMessage,
+  openSession,
+  sendMail,
+  startHoldingUpstream,
+  startTestRelay,
+  waitFor,
+} from '../helpers.js';
 import { assertStillServing, INTAKE_ONLY, queuedId } from './smtp-session.js';
 
 type SmtpError = Error & { responseCode?: number; response?: string };
@@ -206,6 +218,42 @@ test('claims that fail at once (a read-only database) are tried again after a pa
     await waitFor(() => claims() > 0, 10_000, 'a claim once the database takes writes again');
   } finally {
     await relay.stop();
+  }
+});
+
+test('a read that fails while looking for due work (the schema changed under the relay) pauses claims, and the attempt in flight still ends', async () => {
+  const upstream = await startHoldingUpstream();
+  const log = capturedLog('info');
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port },
+    { logger: log.logger, startRetention: false },
+  );
+  // another process, as a newer relayq's migration would: the queries for due work name this index
+  const other = openConnection(relay.config.databasePath);
+  const state = (id: string) => (relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').get(id) as { state: string }).state;
+  try {
+    const held = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
+    await waitFor(() => relay.delivery.holds(held), 10_000, 'the attempt in flight');
+    other.exec('DROP INDEX messages_due');
+    const failures = () => log.entries().filter((e) => e.event === 'delivery.claim_failed');
+    // the poll's read fails (it threw out of a timer and ended the process)
+    await waitFor(() => failures().length >= 1, 10_000, 'a failed look for due work');
+    assert.match(String(failures()[0].err), /no such index: messages_due/);
+    // the answer frees a slot, whose look for work fails too; the attempt's outcome is committed all the same
+    upstream.release();
+    await waitFor(() => state(held) === 'delivered', 10_000, 'the held message delivered');
+    await waitFor(() => relay.delivery.status().inFlight === 0, 10_000, 'no attempt left in flight');
+    assert.equal(relay.delivery.holds(held), false);
+    const waits = failures().map((e) => e.retryInMs as number);
+    assert.deepEqual(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000].slice(0, waits.length), 'paused, not tried at every turn');
+
+    other.exec(`CREATE INDEX messages_due ON messages (next_attempt_at) WHERE state = 'queued'`);
+    const next = queuedId((await sendMail(relay.smtpPort, { to: ['b@example.com'] })).response);
+    await waitFor(() => state(next) === 'delivered', 15_000, 'mail delivered once the reads work again');
+  } finally {
+    other.close();
+    await relay.stop();
+    await upstream.close();
   }
 });
 
