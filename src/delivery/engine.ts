@@ -308,7 +308,8 @@ export class DeliveryEngine {
       try {
         this.inFlow.measured(countDueQueued(this.deps.sqlite, now, this.inFlow.limit));
       } catch (err) {
-        return this.pauseClaims(err as Error);
+        this.pauseClaims(err as Error);
+        return;
       }
       this.notePacing(now);
     }
@@ -342,7 +343,8 @@ export class DeliveryEngine {
       due = hasDueWork(this.deps.sqlite, this.deps.clock.now(), held);
     } catch (err) {
       // also called when an attempt has its answer: a throw here would leave that attempt unsettled
-      return this.pauseClaims(err as Error);
+      this.pauseClaims(err as Error);
+      return;
     }
     if (!due) return;
     this.busySlots += free;

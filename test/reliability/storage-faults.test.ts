@@ -232,7 +232,7 @@ test('a read that fails while looking for due work (the schema changed under the
   const other = openConnection(relay.config.databasePath);
   const state = (id: string) => (relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').get(id) as { state: string }).state;
   try {
-    const held = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
+    const held = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response) as string;
     await waitFor(() => relay.delivery.holds(held), 10_000, 'the attempt in flight');
     other.exec('DROP INDEX messages_due');
     const failures = () => log.entries().filter((e) => e.event === 'delivery.claim_failed');
@@ -248,7 +248,7 @@ test('a read that fails while looking for due work (the schema changed under the
     assert.deepEqual(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000].slice(0, waits.length), 'paused, not tried at every turn');
 
     other.exec(`CREATE INDEX messages_due ON messages (next_attempt_at) WHERE state = 'queued'`);
-    const next = queuedId((await sendMail(relay.smtpPort, { to: ['b@example.com'] })).response);
+    const next = queuedId((await sendMail(relay.smtpPort, { to: ['b@example.com'] })).response) as string;
     await waitFor(() => state(next) === 'delivered', 15_000, 'mail delivered once the reads work again');
   } finally {
     other.close();
