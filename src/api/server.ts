@@ -2,8 +2,8 @@
 // keep-alive connections at once and cuts the rest after a short grace, so shutdown is bounded.
 // A request the app never sees is answered in JSON too: one @hono/node-server cannot make into a
 // Request (no `Host`, `GET *`) and one Node's parser refuses (a head over 16 KB, a control
-// character in a header); both would otherwise get a status with an empty body. So is a CONNECT,
-// which Node would close unanswered.
+// character in a header); both would otherwise get a status with an empty body, as would an
+// `Expect:` other than 100-continue. So is a CONNECT, which Node would close unanswered.
 import { createServer, STATUS_CODES } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { getRequestListener, RequestError } from '@hono/node-server';
@@ -56,6 +56,11 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
   server.on('connect', (_req, socket: Socket) =>
     answerAndClose(socket, 405, 'method_not_allowed', 'CONNECT is not served: this is the API of relayq, not a proxy', 'Allow: GET, HEAD, POST, DELETE\r\n'),
   );
+  // Node answers an Expect other than 100-continue itself, with an empty 417, unless this is heard
+  server.on('checkExpectation', (req, res) => {
+    const body = JSON.stringify({ error: 'expectation_failed', message: `Expect: ${req.headers.expect} is not supported (only 100-continue)` });
+    res.writeHead(417, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) }).end(body);
+  });
   server.maxConnections = limits.maxConnections;
   return new Promise((resolve, reject) => {
     server.once('error', reject);

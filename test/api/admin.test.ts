@@ -647,7 +647,7 @@ describe('HTTP errors are JSON', () => {
     }
   });
 
-  test('requests the app never sees (no Host, GET *, a head over 16 KB, a control character in a header, CONNECT) get JSON errors too', async () => {
+  test('requests the app never sees (no Host, GET *, a head over 16 KB, a control character in a header, CONNECT, an Expect other than 100-continue) get JSON errors too', async () => {
     const relay = await startTestRelay({}, { startDelivery: false });
     /** One request written as is; the response as status, content type and parsed body. */
     const raw = (request: string) =>
@@ -677,6 +677,12 @@ describe('HTTP errors are JSON', () => {
         [`GET /admin/messages?sender=${'a'.repeat(17_000)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, 431, 'request_header_fields_too_large', /^request head too large: its request line and headers may take at most 16 KiB$/],
         ['GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Bad: a\x01b\r\n\r\n', 400, 'bad_request', /^malformed request: Invalid header value char$/],
         ['CONNECT 127.0.0.1:25 HTTP/1.1\r\nHost: 127.0.0.1:25\r\n\r\n', 405, 'method_not_allowed', /^CONNECT is not served: this is the API of relayq, not a proxy$/],
+        [
+          'POST /admin/retry-failed HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n',
+          417,
+          'expectation_failed',
+          /^Expect: 200-ok is not supported \(only 100-continue\)$/,
+        ],
       ];
       for (const [request, status, error, message] of cases) {
         const r = await raw(request);
