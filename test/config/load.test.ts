@@ -385,6 +385,12 @@ describe('loadConfig', () => {
     ]);
   });
 
+  test('retry.initialDelay is at least 1 s: with 0 no retry would ever wait', () => {
+    assert.deepEqual(errorMessages(loadConfig([], { RETRY_INITIAL_DELAY: '0' })), ['RETRY_INITIAL_DELAY (retry.initialDelay): must be at least 1, got 0']);
+    const ok = loadConfig([], { RETRY_INITIAL_DELAY: '1' });
+    assert.ok(ok.ok && ok.config.retry.initialDelay === 1);
+  });
+
   test('an integer with anything after its digits is refused, not read as NaN or as a number in another notation', () => {
     assert.deepEqual(errorMessages(loadConfig(['--workerCount', '1e3'], { SMTP_PORT: '25x' })), [
       'SMTP_PORT (smtpPort): must be an integer, got "25x"',
