@@ -483,17 +483,24 @@ const SPREAD_ADDRESSES = [
 /**
  * Whether connecting to `host` reaches a listener on `listenHost` (the same port assumed): the
  * same host (however written: `LOCALHOST.`, `::ffff:127.0.0.1`), `localhost` and the loopback
- * address it stands for, or this machine (its loopback addresses, its name) for a listener on
- * every interface. Another loopback address (127.0.0.2) reaches another listener.
+ * address it stands for, or this machine (its loopback addresses, its name, the addresses of its
+ * interfaces) for a listener on every interface. Another loopback address (127.0.0.2) reaches
+ * another listener. Connecting to 0.0.0.0 or :: reaches this machine's 127.0.0.1 or ::1.
  */
 function reaches(host: string, listenHost: string): boolean {
   const [h, l] = [host, listenHost].map((x) => normalizeIp(x.toLowerCase().replace(/\.$/, '')));
   if (h === l) return true;
+  if (EVERY_INTERFACE.has(h)) return reaches(h === '::' ? '::1' : '127.0.0.1', listenHost);
   // this machine, whatever its addresses
-  if (EVERY_INTERFACE.has(l)) return h === 'localhost' || isLoopback(h) || EVERY_INTERFACE.has(h) || h === os.hostname().toLowerCase();
+  if (EVERY_INTERFACE.has(l)) return h === 'localhost' || isLoopback(h) || h === os.hostname().toLowerCase() || interfaceAddresses().has(h);
   // localhost is 127.0.0.1 or ::1, whichever it resolves to first
   const loopback = (x: string) => x === 'localhost' || x === '127.0.0.1' || x === '::1';
   return loopback(h) && loopback(l) && (h === 'localhost' || l === 'localhost');
+}
+
+/** The addresses of this machine's interfaces, as normalizeIp writes them. */
+function interfaceAddresses(): Set<string> {
+  return new Set(Object.values(os.networkInterfaces()).flatMap((addresses) => (addresses ?? []).map((a) => normalizeIp(a.address.toLowerCase()))));
 }
 
 /** Whether two listeners on one port would refuse each other: one address, however written, or every interface. */

@@ -37,9 +37,12 @@ export const MIN_MESSAGE_SIZE_LIMIT = 1024;
 /** Labels of letters, digits, '-' and '_', a hyphen at neither end; a trailing dot allowed. */
 const HOST_NAME = /^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$/;
 
-/** An IP address or a host name in ASCII: no brackets, no port. */
+/**
+ * An IP address or a host name in ASCII: no brackets, no port. A name whose last label is all
+ * digits is none (RFC 3696 §2): the system would read `127.1` or `0` as an address.
+ */
 function isHost(host: string): boolean {
-  return net.isIP(host) !== 0 || HOST_NAME.test(host);
+  return net.isIP(host) !== 0 || (HOST_NAME.test(host) && !/(^|\.)[0-9]+\.?$/.test(host));
 }
 
 /**

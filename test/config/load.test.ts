@@ -359,6 +359,16 @@ describe('loadConfig', () => {
     assert.deepEqual(keys(loadConfig([], forward('::ffff:127.0.0.1', '2525'))), ['forwardPort']);
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward(os.hostname(), '25') })), ['forwardPort']);
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: 'localhost', ...forward('127.0.0.2', '2525') })), []);
+    // connecting to 0.0.0.0 or :: reaches this machine's loopback address
+    assert.deepEqual(keys(loadConfig([], forward('0.0.0.0', '2525'))), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::1', ...forward('::', '2525') })), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward('::', '25') })), ['forwardPort']);
+    // a listener on every interface is reached at each interface's address
+    for (const { address } of Object.values(os.networkInterfaces()).flatMap((a) => a ?? [])) {
+      assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::', SMTP_PORT: '25', ...forward(address, '25') })), ['forwardPort'], address);
+    }
+    // the system would read these as addresses (127.0.0.1, 0.0.0.0): no host names
+    for (const name of ['127.1', '0', '10.0.0.1.']) assert.deepEqual(keys(loadConfig([], forward(name, '2525'))), ['forwardHost'], name);
 
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025'], {})), ['healthCheckPort']);
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--healthCheckHost', '0.0.0.0'], {})), ['healthCheckPort']);
