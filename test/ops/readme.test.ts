@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import { readmeConfigTable, renderConfigTable } from '../../src/config/docs.js';
 import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
 import { ManualClock } from '../../src/clock.js';
-import { sendMail, startTestRelay } from '../helpers.js';
+import { sendMail, startTestRelay, writeDirect } from '../helpers.js';
 import { REPO_ROOT } from '../cli/run-cli.js';
 
 const readme = fs.readFileSync(path.join(REPO_ROOT, 'README.md'), 'utf8');
@@ -40,10 +40,27 @@ test("the Operations section's sqlite3 queries run against a relayq database", a
   try {
     const info = await sendMail(relay.smtpPort, { to: ['a@example.com', 'b@example.com'] });
     await sendMail(relay.smtpPort);
+    const refused = await sendMail(relay.smtpPort, { to: ['x@example.com', 'y@example.com', 'z@example.com'] });
     await relay.delivery.runOnce();
     const id = /queued as (\S+)/.exec(info.response)?.[1] as string;
+    // failures as the upstream words them: two for one reason, each naming its recipient, and one other
+    await writeDirect(relay, (db) => {
+      const fail = db.prepare("UPDATE recipients SET status = 'failed', last_code = ?, last_reply = ? WHERE message_id = ? AND address = ?");
+      const refusedId = /queued as (\S+)/.exec(refused.response)?.[1];
+      fail.run(550, '550 5.1.1 <x@example.com>: Recipient address rejected: User unknown', refusedId, 'x@example.com');
+      fail.run(550, '550 5.1.1 <y@example.com>: Recipient address rejected: User unknown', refusedId, 'y@example.com');
+      fail.run(550, '550 5.7.1 Relaying denied', refusedId, 'z@example.com');
+    });
     const results = queries.map((sql) => relay.store.sqlite.prepare(sql.replaceAll('QUEUE_ID', id)).all());
-    assert.deepEqual(results[0], [{ state: 'delivered', messages: 2, recipients: 3 }]);
+    assert.deepEqual(results[0], [{ state: 'delivered', messages: 3, recipients: 6 }]);
+    const byReply = queries.findIndex((q) => q.includes("where status = 'failed' group by"));
+    assert.deepEqual(
+      (results[byReply] as Array<Record<string, unknown>>).map((r) => [r.code, r.enhanced_code, r.recipients, r.messages]),
+      [
+        [550, '5.1.1', 2, 1],
+        [550, '5.7.1', 1, 1],
+      ],
+    );
     const perMessage = queries.findIndex((q) => q.includes('from recipients where message_id'));
     assert.deepEqual(
       (results[perMessage] as Array<{ address: string }>).map((r) => r.address),
