@@ -12,7 +12,7 @@ import { removeFailedExport } from '../delivery/failed-export.js';
 import { repeatedKeys } from '../repeated-keys.js';
 import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, StoppedPartWay } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
-import { listMessages, messageDetail, messageRaw, UnknownCursor } from '../store/queries.js';
+import { BadFilter, listMessages, messageDetail, messageRaw } from '../store/queries.js';
 import { isMessageState, MESSAGE_STATES } from '../store/schema.js';
 import { type ApiDeps, type ApiEnv, onlyQueries, singleQuery } from './context.js';
 
@@ -228,7 +228,7 @@ export function adminRoutes(deps: ApiDeps) {
         });
         return c.json({ messages: page.messages.map(withIsoTimes), next_before: page.nextBefore });
       } catch (err) {
-        if (err instanceof UnknownCursor) throw badRequest(err.message);
+        if (err instanceof BadFilter) throw badRequest(err.message);
         throw err;
       }
     })

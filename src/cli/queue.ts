@@ -1,5 +1,5 @@
 // `relayq queue`: a page of messages, newest first, filtered like GET /admin/messages.
-import { listMessages, type MessageSummary, UnknownCursor } from '../store/queries.js';
+import { BadFilter, listMessages, type MessageSummary } from '../store/queries.js';
 import type { MessageState } from '../store/schema.js';
 import { CliError, configFlags, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatTable, formatTime } from './table.js';
@@ -18,7 +18,7 @@ export async function queueCommand(options: QueueOptions, global: GlobalOptions)
     try {
       return listMessages(sqlite, options);
     } catch (err) {
-      if (err instanceof UnknownCursor) throw new CliError(`--${err.message}`);
+      if (err instanceof BadFilter) throw new CliError(`--${err.message}`);
       throw err;
     }
   });

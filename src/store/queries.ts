@@ -217,7 +217,8 @@ export interface MessagePage {
   nextBefore: string | null;
 }
 
-export class UnknownCursor extends Error {}
+/** A filter that can name no message: its message starts with the filter's name (`before: …`). */
+export class BadFilter extends Error {}
 
 const SUMMARY_COLUMNS = `id, state, mail_from, auth_user, client_ip, size, recipient_count, received_at,
   next_attempt_at, claims, last_error, finished_at`;
@@ -242,14 +243,15 @@ type Cursor = { receivedAt: number; id: string };
 function parseCursor(sqlite: Sqlite, before: string): Cursor {
   const written = /^(\d{1,15})-([0-9A-Za-z]+)$/.exec(before);
   if (written) return { receivedAt: Number(written[1]), id: canonicalQueueId(written[2]) };
-  if (before.includes('-')) throw new UnknownCursor(`before: ${before} is not a cursor (<received_at>-<id>, as next_before gives it)`);
+  if (before.includes('-')) throw new BadFilter(`before: ${before} is not a cursor (<received_at>-<id>, as next_before gives it)`);
   const id = canonicalQueueId(before);
   const row = prepared(sqlite, 'SELECT received_at FROM messages WHERE id = ?').get(id) as { received_at: number } | undefined;
-  if (!row) throw new UnknownCursor(`before: no message with id ${before}`);
+  if (!row) throw new BadFilter(`before: no message with id ${before}`);
   return { receivedAt: row.received_at, id };
 }
 
 function listMessagesNow(sqlite: Sqlite, filter: MessageFilter): MessagePage {
+  if (filter.recipient === '') throw new BadFilter('recipient: must be an address (a recipient is never empty; the null sender is a sender)');
   const cursor = filter.before === undefined ? undefined : parseCursor(sqlite, filter.before);
   const fetch = filter.limit + 1;
   let rows: MessageSummary[];

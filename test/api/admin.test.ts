@@ -413,6 +413,7 @@ describe('admin: queue inspection', () => {
         ['before=-1A2239F2D794D2B77B69', 'before: -1A2239F2D794D2B77B69 is not a cursor (<received_at>-<id>, as next_before gives it)'],
         ['before=99999999999999999999-X', 'before: 99999999999999999999-X is not a cursor (<received_at>-<id>, as next_before gives it)'],
         ['before=', 'before must be the next_before of the previous page, or a message id'],
+        ['recipient=', 'recipient: must be an address (a recipient is never empty; the null sender is a sender)'],
         ['state=failed&state=queued', 'state may be given only once'],
         ['limit=5&sender=a%40example.com&limit=5', 'limit may be given only once'],
         ['stat=failed', 'unknown query parameter "stat": expected state, sender, recipient, limit, before'],
