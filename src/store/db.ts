@@ -47,14 +47,14 @@ export function openConnection(file: string): Sqlite {
   const sqlite = new Database(file);
   try {
     refuseForeignDatabase(sqlite);
+    sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+    sqlite.pragma('journal_mode = WAL');
+    sqlite.pragma('synchronous = FULL');
+    sqlite.pragma('foreign_keys = ON');
   } catch (err) {
     sqlite.close();
     throw err;
   }
-  sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
-  sqlite.pragma('journal_mode = WAL');
-  sqlite.pragma('synchronous = FULL');
-  sqlite.pragma('foreign_keys = ON');
   return sqlite;
 }
 
