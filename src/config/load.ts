@@ -290,6 +290,11 @@ function applyFileObject(
 
 type Checked = { value: unknown } | { error: string };
 
+/** A refused value as an error shows it: a URL's password (`smtp://user:secret@host`) masked. */
+function withoutPassword(value: string): string {
+  return value.replace(/(\/\/[^/@:\s]*:)[^/@\s]*@/g, '$1***@');
+}
+
 function checkValue(key: KeyDef, value: unknown): Checked {
   switch (key.type) {
     case 'string':
@@ -300,7 +305,7 @@ function checkValue(key: KeyDef, value: unknown): Checked {
         return chosen === undefined ? { error: `must be one of ${key.values.join(', ')}` } : { value: chosen };
       }
       if (key.pattern && !key.pattern.match.test(value)) {
-        return { error: `must be ${key.pattern.what}${key.secret ? '' : `, got ${JSON.stringify(value)}`}` };
+        return { error: `must be ${key.pattern.what}${key.secret ? '' : `, got ${JSON.stringify(withoutPassword(value))}`}` };
       }
       return { value };
     case 'bool':

@@ -395,6 +395,12 @@ describe('loadConfig', () => {
     ]);
   });
 
+  test('a URL refused as forwardHost is shown without its password', () => {
+    assert.deepEqual(errorMessages(loadConfig([], { FORWARD_SMTP: 'true', FORWARD_HOST: 'smtps://mailer:S3cr3t-pass@smtp.example.com:465' })), [
+      'FORWARD_HOST (forwardHost): must be a host name (xn-- for an internationalized one) or an IP address, without a port (that is forwardPort) or [brackets], got "smtps://mailer:***@smtp.example.com:465"',
+    ]);
+  });
+
   test('retry.initialDelay is at least 1 s: with 0 no retry would ever wait', () => {
     assert.deepEqual(errorMessages(loadConfig([], { RETRY_INITIAL_DELAY: '0' })), ['RETRY_INITIAL_DELAY (retry.initialDelay): must be at least 1, got 0']);
     const ok = loadConfig([], { RETRY_INITIAL_DELAY: '1' });
