@@ -227,6 +227,11 @@ export class SmtpIntake {
     } as ConstructorParameters<typeof RelayqSmtpServer>[0], {
       plaintextAuth: (session) => isLoopback(this.peer(session)),
       onRefusal: (session, text) => this.onRefusal(session, text),
+      onSizeRefused: (session, sender, declared) =>
+        deps.logger.info(
+          { event: 'smtp.refused', session: session.id, reason: 'size', declared, sender, client: this.peer(session) },
+          'message too large (SIZE on MAIL FROM)',
+        ),
       // Only with credentials to check: a client that logs in whenever AUTH is offered
       // (nodemailer, Postfix with smtp_sasl_auth_enable) would otherwise get 535 for every
       // message on a relay that takes loopback mail without AUTH.

@@ -181,7 +181,10 @@ class RelayqConnection extends SMTPConnection {
    */
   override _validateMailParams(parsed: Parameters<SMTPConnection['_validateMailParams']>[0]): ReturnType<SMTPConnection['_validateMailParams']> {
     const { REQUIRETLS: _, ...args } = parsed.args || {};
-    return super._validateMailParams({ ...parsed, args });
+    const refusal = super._validateMailParams({ ...parsed, args });
+    // the SIZE declared is over the limit: refused here, before onMailFrom
+    if (refusal?.code === 552) this.relayq.onSizeRefused(this.session, parsed.address, Number(args.SIZE));
+    return refusal;
   }
 
   override handler_EHLO(command: Buffer, callback: () => void): void {
@@ -259,6 +262,8 @@ export interface RelayqListenerOptions {
   plaintextAuth: (session: SMTPServerSession) => boolean;
   /** A reply of 400 or above was sent in this session (module comment, 6). */
   onRefusal: (session: SMTPServerSession, reply: string) => void;
+  /** MAIL FROM declared a SIZE over the limit, and got `552` without reaching onMailFrom. */
+  onSizeRefused: (session: SMTPServerSession, sender: string, declared: number) => void;
   /**
    * False when there are no credentials to check: AUTH is then neither offered nor taken
    * (smtp-server itself always offers its `authMethods`).
@@ -266,7 +271,7 @@ export interface RelayqListenerOptions {
   authEnabled: boolean;
 }
 
-const EVERY_SESSION: RelayqListenerOptions = { plaintextAuth: () => true, onRefusal: () => {}, authEnabled: true };
+const EVERY_SESSION: RelayqListenerOptions = { plaintextAuth: () => true, onRefusal: () => {}, onSizeRefused: () => {}, authEnabled: true };
 
 export class RelayqSmtpServer extends SMTPServer {
   constructor(

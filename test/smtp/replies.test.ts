@@ -254,6 +254,20 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.equal(refused[0].client, '127.0.0.1');
   });
 
+  test('a SIZE over maxMessageSize on MAIL FROM → 552 5.3.4 there, logged as a refusal for size', async () => {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    assert.match(await c.send('EHLO client.test'), /^250/);
+    assert.match(await c.send('MAIL FROM:<big@example.com> SIZE=999999'), /^552 5\.3\.4 /);
+    assert.match(await c.send('MAIL FROM:<small@example.com> SIZE=100'), /^250 /);
+    c.close();
+    const refused = log.entries().filter((e) => e.event === 'smtp.refused' && e.reason === 'size' && e.declared !== undefined);
+    assert.deepEqual(
+      refused.map((e) => [e.declared, e.sender, e.client]),
+      [[999999, 'big@example.com', '127.0.0.1']],
+    );
+  });
+
   test('bare LF or CR in DATA (SMTP smuggling) → 550 5.6.0, nothing stored', async () => {
     const before = messageCount(relay);
     for (const body of ['a\n.\nMAIL FROM:<x@example.com>\r\nb', 'line\rmore', 'trailing lf\n']) {
