@@ -374,7 +374,7 @@ export class SmtpIntake {
       return cb(reply(421, '4.4.2 Connection lost'));
     }
     if (!this.allowed(client)) {
-      this.deps.logger.warn({ event: 'smtp.refused', session: session.id, client }, 'client not allowed');
+      this.deps.logger.warn({ event: 'smtp.refused', session: session.id, reason: 'not-allowed', client }, 'client not allowed');
       return cb(reply(554, '5.7.1 Access denied: client not allowed'));
     }
     cb();

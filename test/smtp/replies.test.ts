@@ -402,9 +402,10 @@ describe('storage faults', () => {
 
 describe('SMTP access control', () => {
   test('client outside allowedNetworks → 554 5.7.1 at connect, then close', async () => {
+    const log = capturedLog('info');
     await withTestRelay(
       { defaultUsername: 'u', defaultPassword: 'p', security: { allowLocalOnly: false, allowedNetworks: ['10.0.0.0/8'] } },
-      {},
+      { logger: log.logger },
       async (relay) => {
         const c = await SmtpClient.connect(relay.smtpPort);
         assert.match(await c.read(), /^554 5\.7\.1 /);
@@ -412,6 +413,8 @@ describe('SMTP access control', () => {
         assert.ok(c.closed);
       },
     );
+    const refused = log.entries().filter((e) => e.event === 'smtp.refused');
+    assert.deepEqual(refused.map((e) => [e.reason, e.client]), [['not-allowed', '127.0.0.1']]);
   });
 
   test('allowedNetworks containing the client → greeting', async () => {
