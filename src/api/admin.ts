@@ -130,9 +130,12 @@ async function filterBody(c: Context<ApiEnv>): Promise<unknown> {
 /** Queue ids have 20 characters: a longer id is quoted in part, not thousands of characters back. */
 const QUOTED_ID_MAX = 64;
 
+function quotedId(id: string): string {
+  return id.length <= QUOTED_ID_MAX ? id : `${id.slice(0, QUOTED_ID_MAX)}… (${id.length} characters)`;
+}
+
 function notFound(id: string): HTTPException {
-  const quoted = id.length <= QUOTED_ID_MAX ? id : `${id.slice(0, QUOTED_ID_MAX)}… (${id.length} characters)`;
-  return new HTTPException(404, { message: `no message with id ${quoted}` });
+  return new HTTPException(404, { message: `no message with id ${quotedId(id)}` });
 }
 
 export function adminRoutes(deps: ApiDeps) {
@@ -142,13 +145,15 @@ export function adminRoutes(deps: ApiDeps) {
   /** Logs a command on one message with who asked: its result, or (at warn) why it failed. */
   async function logged<T extends string>(c: Context<ApiEnv>, action: string, id: string, command: Promise<T>): Promise<T> {
     const who = c.get('requester');
-    const line = { event: 'api.admin', action, id, client: who.ip, via: who.via };
+    // queueId, as every other line about one message has it
+    const queueId = quotedId(id);
+    const line = { event: 'api.admin', action, queueId, client: who.ip, via: who.via };
     try {
       const result = await command;
-      log.info({ ...line, result }, `${action} ${id}: ${result}`);
+      log.info({ ...line, result }, `${action} ${queueId}: ${result}`);
       return result;
     } catch (err) {
-      log.warn({ ...line, result: 'error', err: (err as Error).message }, `${action} ${id} failed`);
+      log.warn({ ...line, result: 'error', err: (err as Error).message }, `${action} ${queueId} failed`);
       throw err;
     }
   }

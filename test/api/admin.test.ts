@@ -960,12 +960,16 @@ test('a retry or delete of one message is logged at info with its result and who
     assert.equal((await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' })).status, 200);
     assert.equal((await call(relay, `/admin/messages/${id}`, { method: 'DELETE' })).status, 200);
     assert.equal((await call(relay, '/admin/messages/NOSUCHID/retry', { method: 'POST' })).status, 404);
+    // an id of thousands of characters is quoted in part, as in the 404
+    assert.equal((await call(relay, `/admin/messages/${'A'.repeat(15_000)}`, { method: 'DELETE' })).status, 404);
+    const long = `${'A'.repeat(64)}… (15000 characters)`;
     assert.deepEqual(
-      log.entries().filter((e) => e.event === 'api.admin').map((e) => [e.level, e.action, e.id, e.result, e.client, e.via, e.msg]),
+      log.entries().filter((e) => e.event === 'api.admin').map((e) => [e.level, e.action, e.queueId, e.result, e.client, e.via, e.msg]),
       [
         [30, 'retry', id, 'due-now', '127.0.0.1', 'loopback', `retry ${id}: due-now`],
         [30, 'delete', id, 'deleted', '127.0.0.1', 'loopback', `delete ${id}: deleted`],
         [30, 'retry', 'NOSUCHID', 'not-found', '127.0.0.1', 'loopback', 'retry NOSUCHID: not-found'],
+        [30, 'delete', long, 'not-found', '127.0.0.1', 'loopback', `delete ${long}: not-found`],
       ],
     );
   } finally {
