@@ -164,8 +164,16 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
       );
     }
   } catch (err) {
-    await closeStorage();
-    throw refused(err as Error);
+    // A full disk need not stop the start: those claims are taken again when their lease ends,
+    // and meanwhile the relay answers 4xx and /health says why, where a refused start would not.
+    if ((err as { code?: unknown }).code !== 'SQLITE_FULL') {
+      await closeStorage();
+      throw refused(err as Error);
+    }
+    logger.error(
+      { event: 'delivery.claims_not_recovered', err: (err as Error).message, leaseSeconds: config.processingTimeout },
+      'messages being delivered when relayq last stopped could not be handed back now: they are due again when their lease ends',
+    );
   }
   const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
   const delivery = new DeliveryEngine({

@@ -2,6 +2,9 @@
 // (no message row without its recipients, no counter moved), and intake recovers on its own as
 // soon as the fault clears.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { newQueueId } from '../../src/store/intake.js';
@@ -14,8 +17,10 @@ import {
   newMessage,
   openSession,
   sendMail,
+  spawnRelay,
   startHoldingUpstream,
   startTestRelay,
+  tempDir,
   waitFor,
 } from '../helpers.js';
 import { assertStillServing, INTAKE_ONLY, queuedId } from './smtp-session.js';
@@ -254,6 +259,56 @@ test('a read that fails while looking for due work (the schema changed under the
     other.close();
     await relay.stop();
     await upstream.close();
+  }
+});
+
+test('a start that cannot hand back the claims of a killed relay for lack of room still starts; they are due again when their lease ends', async (t) => {
+  const dir = tempDir();
+  const dataDir = path.join(dir, 'data');
+  fs.mkdirSync(dataDir);
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', dataDir], { stdio: 'ignore' });
+  } catch {
+    t.skip('mounting a small tmpfs (a disk to fill) needs root');
+    return;
+  }
+  let db: ReturnType<typeof openConnection> | undefined;
+  try {
+    const databasePath = path.join(dataDir, 'relayq.db');
+    const relay = await startTestRelay({ databasePath }, { startDelivery: false, startRetention: false });
+    try {
+      for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort, { to: ['a@example.com'] });
+    } finally {
+      await relay.stop();
+    }
+    // as a relay killed while delivering leaves them: claimed, their lease running
+    db = openConnection(databasePath);
+    db.prepare("UPDATE messages SET state = 'sending', claims = 1, lease_token = 'killed', lease_expires_at = ?").run(Date.now() + 3_600_000);
+    // kept open until the end: closed now it would remove the -wal and -shm files, which a
+    // killed relay leaves behind (and a full disk has no room to make again)
+    const filler = fs.openSync(path.join(dataDir, 'filler'), 'w');
+    try {
+      for (;;) fs.writeSync(filler, Buffer.alloc(65536));
+    } catch (err) {
+      assert.equal((err as NodeJS.ErrnoException).code, 'ENOSPC');
+    } finally {
+      fs.closeSync(filler);
+    }
+    // it exited 1 here: "databasePath …: database or disk is full"
+    const restarted = await spawnRelay(dir, ['--databasePath', databasePath]);
+    try {
+      const line = restarted
+        .output()
+        .split('\n')
+        .find((l) => l.includes('"delivery.claims_not_recovered"'));
+      assert.ok(line, restarted.output());
+      assert.match(JSON.parse(line).err, /database or disk is full/);
+    } finally {
+      await restarted.kill('SIGKILL');
+    }
+  } finally {
+    db?.close();
+    execFileSync('umount', [dataDir]);
   }
 });
 
