@@ -139,10 +139,17 @@ function smtpServerLogger(log: Logger, intakeLog: Logger): LibraryLogger {
   const methods = libraryLogger(log, 'smtp-server');
   const { error } = methods;
   const logged = new WeakSet<object>();
+  /** The session whose lost connection was logged last: over TLS, the TLS and the TCP socket both report it. */
+  let lastLost: unknown;
   methods.error = (entry, ...rest) => {
     const { err, tnx } = (entry ?? {}) as { err?: unknown; tnx?: string };
     if (tnx === 'error' && lostConnection(err)) {
-      intakeLog.info({ event: 'smtp.connection_lost', client: err.remoteAddress && normalizeIp(err.remoteAddress), code: err.code }, 'client connection lost');
+      // smtp-server's message is '%s %s %s': the session's id, the client's address, the error
+      const session = rest[1];
+      if (session !== undefined && session === lastLost) return;
+      lastLost = session;
+      const client = err.remoteAddress && normalizeIp(err.remoteAddress);
+      intakeLog.info({ event: 'smtp.connection_lost', session, client, code: err.code }, 'client connection lost');
     } else if (tnx === 'error' && clientTlsFailure(err)) {
       if (logged.has(err)) return;
       logged.add(err);

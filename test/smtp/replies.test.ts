@@ -667,6 +667,58 @@ describe('STARTTLS', () => {
     );
   });
 
+  test('a TLS client that resets its connection after QUIT is one smtp.connection_lost line, which names its session', async () => {
+    const path = await import('node:path');
+    const net = await import('node:net');
+    const tls = await import('node:tls');
+    const { default: tlsOptions } = await import('smtp-server/lib/tls-options.js');
+    const { key, cert } = tlsOptions({}) as { key: string; cert: string };
+    const dir = (await import('../helpers.js')).tempDir();
+    fs.writeFileSync(path.join(dir, 'key.pem'), key);
+    fs.writeFileSync(path.join(dir, 'cert.pem'), cert);
+    const log = capturedLog('info');
+    await withTestRelay({ tls: { key: path.join(dir, 'key.pem'), cert: path.join(dir, 'cert.pem') } }, { logger: log.logger, startDelivery: false }, async (relay) => {
+      for (let i = 0; i < 2; i++) {
+        // a client that reads no more after 221 and ends with a reset (SO_LINGER 0, or a process
+        // that exits with the relay's close still unread), as Python's smtplib and swaks can
+        const plain = net.connect({ port: relay.smtpPort, host: '127.0.0.1', allowHalfOpen: true });
+        let text = '';
+        const onData = (d: Buffer) => {
+          text += d.toString();
+        };
+        const reply = async (code: string) => {
+          await waitFor(() => new RegExp(`^${code} `, 'm').test(text), 10_000, `a ${code} reply`);
+          text = '';
+        };
+        plain.on('data', onData);
+        await reply('220');
+        plain.write('EHLO client.test\r\n');
+        await reply('250');
+        plain.write('STARTTLS\r\n');
+        await reply('220');
+        plain.off('data', onData);
+        const secure = tls.connect({ socket: plain, rejectUnauthorized: false });
+        await new Promise((resolve) => secure.once('secureConnect', resolve));
+        secure.on('data', onData);
+        secure.write('QUIT\r\n');
+        await reply('221');
+        secure.pause();
+        await new Promise((r) => setTimeout(r, 200));
+        plain.resetAndDestroy();
+      }
+      await waitFor(() => log.entries().filter((e) => e.event === 'smtp.session').length === 2, 10_000, 'two sessions logged');
+      await waitFor(() => log.entries().filter((e) => e.event === 'smtp.connection_lost').length >= 2, 10_000, 'lost connections logged');
+      await new Promise((r) => setTimeout(r, 200));
+    });
+    const sessions = log.entries().filter((e) => e.event === 'smtp.session').map((e) => e.session);
+    const lost = log.entries().filter((e) => e.event === 'smtp.connection_lost');
+    assert.deepEqual(
+      lost.map((e) => e.session),
+      sessions,
+      'one line for each session, not one for the TLS socket and one for the TCP socket under it',
+    );
+  });
+
   test('a tls.cert that is expired or not valid yet starts, with a warning in the log and in /health', async () => {
     const path = await import('node:path');
     const { ManualClock } = await import('../../src/clock.js');
