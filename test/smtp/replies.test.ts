@@ -617,22 +617,28 @@ describe('clients that are not on loopback (peer address injected)', () => {
   });
 });
 
+/** smtp-server's own certificate (valid 2015-02-12T11:32:58Z to 2025-02-09T11:32:58Z) and key, as the files tls.cert and tls.key name. */
+async function tlsFiles(): Promise<{ key: string; cert: string }> {
+  const path = await import('node:path');
+  const { default: tlsOptions } = await import('smtp-server/lib/tls-options.js');
+  const { key, cert } = tlsOptions({}) as { key: string; cert: string };
+  const dir = (await import('../helpers.js')).tempDir();
+  const files = { key: path.join(dir, 'key.pem'), cert: path.join(dir, 'cert.pem') };
+  fs.writeFileSync(files.key, key);
+  fs.writeFileSync(files.cert, cert);
+  return files;
+}
+
 describe('STARTTLS', () => {
   test('is offered when tls.cert/tls.key are set, and AUTH + mail work over it', async () => {
-    const fs = await import('node:fs');
-    const path = await import('node:path');
-    const { default: tlsOptions } = await import('smtp-server/lib/tls-options.js');
-    const { key, cert } = tlsOptions({}) as { key: string; cert: string };
-    const dir = (await import('../helpers.js')).tempDir();
-    fs.writeFileSync(path.join(dir, 'key.pem'), key);
-    fs.writeFileSync(path.join(dir, 'cert.pem'), cert);
+    const files = await tlsFiles();
     const log = capturedLog('info');
     await withTestRelay(
       {
         defaultUsername: 'app',
         defaultPassword: 'pw',
         security: { allowLocalOnly: false },
-        tls: { key: path.join(dir, 'key.pem'), cert: path.join(dir, 'cert.pem') },
+        tls: files,
       },
       { smtpPeerAddress: () => '203.0.113.8', logger: log.logger },
       async (relay) => {
@@ -668,16 +674,10 @@ describe('STARTTLS', () => {
   });
 
   test('a TLS client that resets its connection after QUIT is one smtp.connection_lost line, which names its session', async () => {
-    const path = await import('node:path');
     const net = await import('node:net');
     const tls = await import('node:tls');
-    const { default: tlsOptions } = await import('smtp-server/lib/tls-options.js');
-    const { key, cert } = tlsOptions({}) as { key: string; cert: string };
-    const dir = (await import('../helpers.js')).tempDir();
-    fs.writeFileSync(path.join(dir, 'key.pem'), key);
-    fs.writeFileSync(path.join(dir, 'cert.pem'), cert);
     const log = capturedLog('info');
-    await withTestRelay({ tls: { key: path.join(dir, 'key.pem'), cert: path.join(dir, 'cert.pem') } }, { logger: log.logger, startDelivery: false }, async (relay) => {
+    await withTestRelay({ tls: await tlsFiles() }, { logger: log.logger, startDelivery: false }, async (relay) => {
       for (let i = 0; i < 2; i++) {
         // a client that reads no more after 221 and ends with a reset (SO_LINGER 0, or a process
         // that exits with the relay's close still unread), as Python's smtplib and swaks can
@@ -720,15 +720,8 @@ describe('STARTTLS', () => {
   });
 
   test('a tls.cert that is expired or not valid yet starts, with a warning in the log and in /health', async () => {
-    const path = await import('node:path');
     const { ManualClock } = await import('../../src/clock.js');
-    const { default: tlsOptions } = await import('smtp-server/lib/tls-options.js');
-    // smtp-server's own certificate: valid from 2015-02-12T11:32:58Z to 2025-02-09T11:32:58Z
-    const { key, cert } = tlsOptions({}) as { key: string; cert: string };
-    const dir = (await import('../helpers.js')).tempDir();
-    const files = { key: path.join(dir, 'key.pem'), cert: path.join(dir, 'cert.pem') };
-    fs.writeFileSync(files.key, key);
-    fs.writeFileSync(files.cert, cert);
+    const files = await tlsFiles();
     const warningsAt = async (time: number) => {
       const log = capturedLog('warn');
       const relay = await startTestRelay({ tls: files }, { clock: new ManualClock(time), logger: log.logger, startDelivery: false });
