@@ -85,6 +85,26 @@ test('deleting a message, by hand or by retention, deletes its bytes', async () 
   }
 });
 
+test('retention deletes no more stored bytes in one batch than it may, but always one message; erased content counts nothing', async () => {
+  const file = path.join(tempDir(), 'batch.db');
+  const { sqlite, close } = await openStore(file);
+  try {
+    for (const id of ['A', 'B', 'C', 'D', 'E']) store(sqlite, id, Buffer.alloc(1000, 'x'));
+    // E's content was erased at its delivery (logAllEmails=false)
+    sqlite.prepare("DELETE FROM message_bodies WHERE id = (SELECT body_id FROM messages WHERE id = 'E')").run();
+    sqlite.prepare("UPDATE messages SET body_id = NULL WHERE id = 'E'").run();
+    sqlite.prepare("UPDATE messages SET state = 'delivered', finished_at = CASE id WHEN 'A' THEN 1 WHEN 'B' THEN 2 WHEN 'C' THEN 3 WHEN 'D' THEN 4 ELSE 0 END").run();
+    const left = () => (sqlite.prepare('SELECT id FROM messages ORDER BY id').all() as Array<{ id: string }>).map((r) => r.id);
+    // E (nothing stored), A and B: 2,000 bytes; with C it would be 3,000
+    assert.equal(deleteDeliveredBefore(sqlite, 10, 10, 2_500), 3);
+    assert.deepEqual(left(), ['C', 'D']);
+    assert.equal(deleteDeliveredBefore(sqlite, 10, 10, 500), 1, 'one message even when it alone is larger');
+    assert.deepEqual(left(), ['D']);
+  } finally {
+    await close();
+  }
+});
+
 interface OldMessage {
   id: string;
   state: 'queued' | 'delivered' | 'failed';
