@@ -71,11 +71,16 @@ function retentionCutoff(now: number, deliveredDays: number): number {
  * buckets with what is left of the limit. So a steady flow of mail coming due, a little at
  * every sweep, does not keep the buckets from being pruned.
  */
-export function retentionSweep(sqlite: Sqlite, options: { now: number; deliveredDays: number; limit: number }) {
+export function retentionSweep(sqlite: Sqlite, options: { now: number; deliveredDays: number; limit: number; maxBytes?: number }): SweepResult {
   const { now, deliveredDays, limit } = options;
-  const messages = deliveredDays > 0 ? deleteDeliveredBefore(sqlite, retentionCutoff(now, deliveredDays), limit) : 0;
+  const cutoff = retentionCutoff(now, deliveredDays);
+  const messages = deliveredDays > 0 ? deleteDeliveredBefore(sqlite, cutoff, limit, options.maxBytes) : 0;
   const buckets = messages < limit ? pruneRateBuckets(sqlite, now, limit - messages) : 0;
-  return { messages, buckets };
+  // a batch cut short by its bytes leaves mail that is due: the next one comes soon, not at the idle interval
+  const more =
+    deliveredDays > 0 &&
+    (prepared(sqlite, "SELECT EXISTS (SELECT 1 FROM messages WHERE state = 'delivered' AND finished_at < ?) AS more").get(cutoff) as { more: number }).more === 1;
+  return { messages, buckets, more };
 }
 
 export interface RetentionOptions {
@@ -86,6 +91,8 @@ export interface RetentionOptions {
   deliveredDays: number;
   /** Rows per write operation; small so one batch adds little to a shared commit. */
   batchSize?: number;
+  /** Stored bytes per write operation (RETENTION_BATCH_BYTES; at least one message). */
+  batchBytes?: number;
   /** Pause between sweeps once nothing is left to delete. */
   idleIntervalMs?: number;
   /** Pause between two batches while there is a backlog, so intake commits in between. */
@@ -95,6 +102,8 @@ export interface RetentionOptions {
 export interface SweepResult {
   messages: number;
   buckets: number;
+  /** Delivered mail past its age is left (the batch was full, or cut short by its bytes). */
+  more: boolean;
 }
 
 /**
@@ -122,7 +131,7 @@ export class RetentionSweeper {
     const { commits, clock, deliveredDays } = this.options;
     const now = clock.now();
     const limit = this.batchSize;
-    const result = await commits.write('retentionSweep', { now, deliveredDays, limit });
+    const result = await commits.write('retentionSweep', { now, deliveredDays, limit, maxBytes: this.options.batchBytes });
     this.totals.messages += result.messages;
     this.totals.buckets += result.buckets;
     if (result.messages || result.buckets) {
@@ -156,7 +165,7 @@ export class RetentionSweeper {
     const run = this.runOnce();
     this.running = run;
     run.then(
-      (r) => this.schedule(r.messages + r.buckets >= this.batchSize ? this.busyIntervalMs : this.idleIntervalMs),
+      (r) => this.schedule(r.more || r.messages + r.buckets >= this.batchSize ? this.busyIntervalMs : this.idleIntervalMs),
       (err: Error) => {
         // The store may be closing, or the disk full: try again later rather than spin.
         if (!this.stopped) this.options.logger.warn({ event: 'retention.failed', err: err.message }, 'retention batch failed');

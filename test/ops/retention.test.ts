@@ -85,8 +85,8 @@ describe('retention with an injected clock', () => {
     clock.set(t0 + 7 * DAY + MINUTE);
     const before = storeMetrics(relay.store.sqlite);
     const sweeper = new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 2 });
-    assert.deepEqual(await sweeper.runOnce(), { messages: 2, buckets: 0 });
-    assert.equal((await sweeper.runOnce()).messages, 1);
+    assert.deepEqual(await sweeper.runOnce(), { messages: 2, buckets: 0, more: true });
+    assert.deepEqual(await sweeper.runOnce(), { messages: 1, buckets: 0, more: false });
     for (const id of ids.old) {
       assert.equal(state(id), undefined, `${id} deleted`);
       assert.equal(rowsOf('recipients', id), 0);
@@ -131,6 +131,30 @@ describe('retention with an injected clock', () => {
     assert.equal(state(ids.failed), 'failed');
     assert.equal(state(ids.deferred), 'queued');
   });
+
+  test('a backlog of batches cut short by their bytes is worked through as quickly, not one batch per idle interval', async () => {
+    clock.set(t0 + 30 * DAY);
+    const big = [];
+    for (let i = 0; i < 3; i++) big.push(await send(`ok-big${i}@example.com`));
+    await relay.delivery.runOnce();
+    clock.set(t0 + 60 * DAY);
+    const sweeper = new RetentionSweeper({
+      commits: relay.commits,
+      clock,
+      logger: pino({ level: 'silent' }),
+      deliveredDays: 7,
+      batchSize: 200,
+      batchBytes: 1, // every batch is its one message
+      busyIntervalMs: 0,
+      idleIntervalMs: 60_000,
+    });
+    sweeper.start();
+    await waitFor(() => sweeper.totals.messages === 3, 10_000, 'the sweeper to delete the 3 delivered messages');
+    await sweeper.stop();
+    for (const id of big) assert.equal(state(id), undefined);
+    assert.equal(state(ids.failed), 'failed');
+    assert.equal(state(ids.deferred), 'queued');
+  });
 });
 
 test('rate buckets are pruned in the batch that deletes delivered mail, so a steady flow of it does not keep them', async () => {
@@ -142,7 +166,7 @@ test('rate buckets are pruned in the batch that deletes delivered mail, so a ste
     await relay.delivery.runOnce();
     clock.set(t0 + 7 * DAY + MINUTE);
     // the message, and t0's minute and hour buckets of its sender and of all mail ('*')
-    assert.deepEqual(await relay.retention.runOnce(), { messages: 1, buckets: 4 });
+    assert.deepEqual(await relay.retention.runOnce(), { messages: 1, buckets: 4, more: false });
     const rows = (table: string) => (relay.store.sqlite.prepare(`SELECT COUNT(*) AS n FROM ${table}`).get() as { n: number }).n;
     assert.equal(rows('rate_buckets') + rows('rate_hours'), 0);
   } finally {
@@ -236,8 +260,8 @@ test('a sweep removes at most its batch of rows in all: delivered mail first, bu
     clock.set(t0 + 7 * DAY + MINUTE);
     const sweeper = new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 3 });
     // two messages, then t0's minute and hour buckets of the sender and of all mail: four
-    assert.deepEqual(await sweeper.runOnce(), { messages: 2, buckets: 1 });
-    assert.deepEqual(await sweeper.runOnce(), { messages: 0, buckets: 3 });
+    assert.deepEqual(await sweeper.runOnce(), { messages: 2, buckets: 1, more: false });
+    assert.deepEqual(await sweeper.runOnce(), { messages: 0, buckets: 3, more: false });
   } finally {
     await relay.stop();
   }
