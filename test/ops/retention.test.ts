@@ -5,7 +5,7 @@ import pino from 'pino';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { PRUNE_RATE_BUCKETS_SQL, PRUNE_RATE_HOURS_SQL, RetentionSweeper } from '../../src/store/retention.js';
+import { PRUNE_RATE_BUCKETS_SQL, PRUNE_RATE_HOURS_SQL, type RetentionOptions, RetentionSweeper } from '../../src/store/retention.js';
 import { capturedLog, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor } from '../helpers.js';
 
 const MINUTE = 60_000;
@@ -110,20 +110,16 @@ describe('retention with an injected clock', () => {
     assert.equal(state(ids.recent), 'delivered');
   });
 
+  /** A sweeper on the timer: no pause while there is a backlog, a minute otherwise. */
+  const timedSweeper = (batch: Pick<RetentionOptions, 'batchSize' | 'batchBytes'>) =>
+    new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, busyIntervalMs: 0, idleIntervalMs: 60_000, ...batch });
+
   test('the timer works through a backlog batch by batch and stops on stop()', async () => {
     clock.set(t0 + 7 * DAY - MINUTE);
     const more = [await send('ok5@example.com'), await send('ok6@example.com'), await send('ok7@example.com')];
     await relay.delivery.runOnce();
     clock.set(t0 + 30 * DAY);
-    const sweeper = new RetentionSweeper({
-      commits: relay.commits,
-      clock,
-      logger: pino({ level: 'silent' }),
-      deliveredDays: 7,
-      batchSize: 1,
-      busyIntervalMs: 0,
-      idleIntervalMs: 60_000,
-    });
+    const sweeper = timedSweeper({ batchSize: 1 });
     sweeper.start();
     await waitFor(() => sweeper.totals.messages === 4, 10_000, 'the sweeper to delete the 4 delivered messages');
     await sweeper.stop();
@@ -138,16 +134,8 @@ describe('retention with an injected clock', () => {
     for (let i = 0; i < 3; i++) big.push(await send(`ok-big${i}@example.com`));
     await relay.delivery.runOnce();
     clock.set(t0 + 60 * DAY);
-    const sweeper = new RetentionSweeper({
-      commits: relay.commits,
-      clock,
-      logger: pino({ level: 'silent' }),
-      deliveredDays: 7,
-      batchSize: 200,
-      batchBytes: 1, // every batch is its one message
-      busyIntervalMs: 0,
-      idleIntervalMs: 60_000,
-    });
+    // every batch is its one message
+    const sweeper = timedSweeper({ batchSize: 200, batchBytes: 1 });
     sweeper.start();
     await waitFor(() => sweeper.totals.messages === 3, 10_000, 'the sweeper to delete the 3 delivered messages');
     await sweeper.stop();
