@@ -290,9 +290,12 @@ function applyFileObject(
 
 type Checked = { value: unknown } | { error: string };
 
-/** A refused value as an error shows it: a URL's password (`smtp://user:secret@host`) masked. */
+/**
+ * A refused value as an error shows it: a password before a host (`smtp://user:secret@host`,
+ * `user:secret@host`) masked, all of it up to the last `@`, which may be in the password too.
+ */
 function withoutPassword(value: string): string {
-  return value.replace(/(\/\/[^/@:\s]*:)[^/@\s]*@/g, '$1***@');
+  return value.replace(/^((?:[a-z][a-z0-9+.-]*:\/\/)?[^:@/\s]*:).*@/i, '$1***@');
 }
 
 function checkValue(key: KeyDef, value: unknown): Checked {

@@ -399,6 +399,15 @@ describe('loadConfig', () => {
     assert.deepEqual(errorMessages(loadConfig([], { FORWARD_SMTP: 'true', FORWARD_HOST: 'smtps://mailer:S3cr3t-pass@smtp.example.com:465' })), [
       'FORWARD_HOST (forwardHost): must be a host name (xn-- for an internationalized one) or an IP address, without a port (that is forwardPort) or [brackets], got "smtps://mailer:***@smtp.example.com:465"',
     ]);
+    // a / or an @ in the password, and no scheme at all
+    for (const [host, shown] of [
+      ['smtp://u:pa/ss@mx.example.net', 'smtp://u:***@mx.example.net'],
+      ['smtp://u:p@ss@mx.example.net', 'smtp://u:***@mx.example.net'],
+      ['u:secret@mx.example.net', 'u:***@mx.example.net'],
+    ]) {
+      const [message] = errorMessages(loadConfig([], { FORWARD_SMTP: 'true', FORWARD_HOST: host }));
+      assert.ok(message.endsWith(`got "${shown}"`), message);
+    }
   });
 
   test('retry.initialDelay is at least 1 s: with 0 no retry would ever wait', () => {
