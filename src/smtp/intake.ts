@@ -139,15 +139,19 @@ function smtpServerLogger(log: Logger, intakeLog: Logger): LibraryLogger {
   const methods = libraryLogger(log, 'smtp-server');
   const { error } = methods;
   const logged = new WeakSet<object>();
-  /** The session whose lost connection was logged last: over TLS, the TLS and the TCP socket both report it. */
-  let lastLost: unknown;
+  /** Sessions whose lost connection was logged lately: over TLS, the TLS and the TCP socket both report it. */
+  const lost = new Set<string>();
   methods.error = (entry, ...rest) => {
     const { err, tnx } = (entry ?? {}) as { err?: unknown; tnx?: string };
     if (tnx === 'error' && lostConnection(err)) {
       // smtp-server's message is '%s %s %s': the session's id, the client's address, the error
-      const session = rest[1];
-      if (session !== undefined && session === lastLost) return;
-      lastLost = session;
+      const session = typeof rest[1] === 'string' ? rest[1] : undefined;
+      if (session !== undefined) {
+        if (lost.has(session)) return;
+        lost.add(session);
+        // the second report comes right after the first, though another session's may come between
+        if (lost.size > 64) lost.delete(lost.values().next().value as string);
+      }
       const client = err.remoteAddress && normalizeIp(err.remoteAddress);
       intakeLog.info({ event: 'smtp.connection_lost', session, client, code: err.code }, 'client connection lost');
     } else if (tnx === 'error' && clientTlsFailure(err)) {

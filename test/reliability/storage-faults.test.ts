@@ -262,7 +262,7 @@ test('a read that fails while looking for due work (the schema changed under the
   }
 });
 
-test('a start that cannot hand back the claims of a killed relay for lack of room still starts; they are due again when their lease ends', async (t) => {
+test('a start that cannot hand back the claims of a killed relay for lack of room still starts, and logs why', async (t) => {
   const dir = tempDir();
   const dataDir = path.join(dir, 'data');
   fs.mkdirSync(dataDir);
