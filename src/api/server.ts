@@ -4,7 +4,7 @@
 // Request (no `Host`, `GET *`) and one Node's parser refuses (a head over 16 KB, a control
 // character in a header); both would otherwise get a status with an empty body, as would an
 // `Expect:` other than 100-continue. So is a CONNECT, which Node would close unanswered.
-import { createServer, STATUS_CODES } from 'node:http';
+import { createServer, type ServerResponse, STATUS_CODES } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { getRequestListener, RequestError } from '@hono/node-server';
 import type { Hono } from 'hono';
@@ -48,8 +48,7 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
   };
   const server = createServer(options, (req, res) => {
     if (req.httpVersion !== '1.1' || req.headers.host !== undefined) return listener(req, res);
-    const body = JSON.stringify({ error: 'bad_request', message: 'malformed request: an HTTP/1.1 request needs a Host header' });
-    res.writeHead(400, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), Connection: 'close' }).end(body);
+    answerJson(res, 400, 'bad_request', 'malformed request: an HTTP/1.1 request needs a Host header', { Connection: 'close' });
   });
   server.on('clientError', (err: NodeJS.ErrnoException & { reason?: string }, socket: Socket) => clientError(err, socket, timeouts));
   // Node hands a CONNECT to this event, and closes the connection unanswered when nobody listens
@@ -57,10 +56,9 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
     answerAndClose(socket, 405, 'method_not_allowed', 'CONNECT is not served: this is the API of relayq, not a proxy', 'Allow: GET, HEAD, POST, DELETE\r\n'),
   );
   // Node answers an Expect other than 100-continue itself, with an empty 417, unless this is heard
-  server.on('checkExpectation', (req, res) => {
-    const body = JSON.stringify({ error: 'expectation_failed', message: `Expect: ${req.headers.expect} is not supported (only 100-continue)` });
-    res.writeHead(417, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) }).end(body);
-  });
+  server.on('checkExpectation', (req, res) =>
+    answerJson(res, 417, 'expectation_failed', `Expect: ${req.headers.expect} is not supported (only 100-continue)`),
+  );
   server.maxConnections = limits.maxConnections;
   return new Promise((resolve, reject) => {
     server.once('error', reject);
@@ -111,6 +109,12 @@ function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: S
         ? [408, 'request_timeout', `request too slow: a request head must arrive within ${seconds(timeouts.headersTimeoutMs)} and the whole request within ${seconds(timeouts.requestTimeoutMs)}`]
         : [400, 'bad_request', `malformed request: ${err.reason ?? 'bad request'}`];
   answerAndClose(socket, status, error, message);
+}
+
+/** A JSON error for a request the app never sees. */
+function answerJson(res: ServerResponse, status: number, error: string, message: string, headers: Record<string, string> = {}): void {
+  const body = JSON.stringify({ error, message });
+  res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), ...headers }).end(body);
 }
 
 /** A JSON error written on the socket itself, which is then closed. */
