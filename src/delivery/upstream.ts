@@ -105,28 +105,6 @@ function sizeLimit(connection: SMTPConnection): number {
 export const RECEIVED_HEADER_ROOM = 2048;
 
 /**
- * nodemailer hands a message to the socket in two writes, its bytes and then the final dot: two
- * TCP segments (TCP_NODELAY) and two reads at the upstream. The socket is corked when nodemailer
- * creates the message's stream (after the 354) and uncorked when this turn of the event loop is
- * over; the message is one buffer in memory, so by then both writes are in and leave as one.
- * Anything written later (a large message waiting for the socket to drain) is written uncorked.
- * The hook is nodemailer's private `_createSendStream`; without it nothing changes.
- */
-function writeEachMessageAtOnce(connection: SMTPConnection): void {
-  const internals = connection as unknown as { _createSendStream?: (...args: unknown[]) => unknown; _socket?: net.Socket };
-  const create = internals._createSendStream;
-  if (typeof create !== 'function') return;
-  internals._createSendStream = function (this: unknown, ...args: unknown[]) {
-    const socket = internals._socket;
-    if (socket && !socket.destroyed) {
-      socket.cork();
-      setImmediate(() => socket.uncork());
-    }
-    return create.apply(this, args);
-  };
-}
-
-/**
  * The reply to DATA must be `354` (RFC 5321 §4.1.1.4; Postfix checks for a 3xx, and so does
  * this); nodemailer also goes ahead on a 2xx, for servers said to send `250` there. A 2xx there
  * mostly means that the replies are out of step with the commands (an upstream that sent one
@@ -187,15 +165,26 @@ function abortError(signal: AbortSignal): Error {
 const dataStreams = new WeakMap<SMTPConnection, Readable>();
 
 /**
- * Keeps each transaction's data stream, which nodemailer does not expose. The hook is
- * nodemailer's private `_createSendStream`; without it no reply says that the upstream may have
- * the message.
+ * A hook on nodemailer's private `_createSendStream`, called after the `354`, that does two
+ * things (a nodemailer without that method loses both, and delivers as before):
+ * - It keeps each transaction's data stream, which nodemailer does not expose, so that a reply can
+ *   say the upstream may have the message (`withEndUnanswered`).
+ * - It writes each message at once. nodemailer hands a message to the socket in two writes, its
+ *   bytes and then the final dot: two TCP segments (TCP_NODELAY) and two reads at the upstream.
+ *   The socket is corked here and uncorked when this turn of the event loop is over; the message
+ *   is one buffer in memory, so by then both writes are in and leave as one. Anything written
+ *   later (a large message waiting for the socket to drain) is written uncorked.
  */
-function keepDataStream(connection: SMTPConnection): void {
-  const internals = connection as unknown as { _createSendStream?: (...args: unknown[]) => unknown };
+function hookSendStream(connection: SMTPConnection): void {
+  const internals = connection as unknown as { _createSendStream?: (...args: unknown[]) => unknown; _socket?: net.Socket };
   const create = internals._createSendStream;
   if (typeof create !== 'function') return;
   internals._createSendStream = function (this: unknown, ...args: unknown[]) {
+    const socket = internals._socket;
+    if (socket && !socket.destroyed) {
+      socket.cork();
+      setImmediate(() => socket.uncork());
+    }
     const stream = create.apply(this, args) as Readable;
     dataStreams.set(connection, stream);
     return stream;
@@ -483,8 +472,7 @@ export class SmtpUpstream {
     return new Promise((resolve, reject) => {
       const connection = new SMTPConnection(this.options);
       this.openedAt.set(connection, this.now());
-      writeEachMessageAtOnce(connection);
-      keepDataStream(connection);
+      hookSendStream(connection);
       requireGoAheadForData(connection);
       requireHelloReply(connection);
       let settled = false;

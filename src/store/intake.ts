@@ -57,7 +57,10 @@ export class PolicyRefusal extends Error {
 }
 
 const HOUR_MINUTES = 60;
-const DAY_MINUTES = 1440;
+/** The longest rate-limit window, a rolling day: retention prunes the buckets no window reaches. */
+export const DAY_MINUTES = 1440;
+/** The rate-limit bucket (minute since the epoch) of a time in ms. */
+export const minuteOf = (ms: number): number => Math.floor(ms / 60_000);
 export const GLOBAL_SENDER_KEY = '*';
 
 /** Random bytes drawn in blocks: one call into the system's generator per 800 queue ids. */
@@ -130,7 +133,7 @@ const RATE_WINDOWS_SQL = `SELECT ${windowTerms('@key', 'sender')}, ${windowTerms
  *     that one and the current one (rate_hours).
  */
 export function rateWindows(sqlite: Sqlite, key: string, now: number): Record<LimitName, number> {
-  const current = Math.floor(now / 60000);
+  const current = minuteOf(now);
   const currentHour = Math.floor(current / 60);
   const dayStart = current - DAY_MINUTES + 1;
   const dayFirstHour = Math.floor(dayStart / 60);

@@ -8,7 +8,15 @@ import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
 import { replyWithCodeSql } from './delivery.js';
 import { canonicalQueueId, senderFilterKey } from './intake.js';
-import { ATTEMPT_OUTCOMES, type AttemptOutcome, MESSAGE_STATES, type MessageState, type RecipientStatus } from './schema.js';
+import {
+  ATTEMPT_OUTCOMES,
+  type AttemptOutcome,
+  type AttemptsTable,
+  MESSAGE_STATES,
+  type MessageState,
+  type MessagesTable,
+  type RecipientsTable,
+} from './schema.js';
 import { prepared } from './statements.js';
 
 export interface DurationBucket {
@@ -192,20 +200,11 @@ export interface MessageFilter {
   before?: string;
 }
 
-export interface MessageSummary {
-  id: string;
-  state: MessageState;
-  mail_from: string;
-  auth_user: string | null;
-  client_ip: string;
-  size: number;
-  recipient_count: number;
-  received_at: number;
-  next_attempt_at: number;
-  claims: number;
-  last_error: string | null;
-  finished_at: number | null;
-}
+/** The columns of a message that a page lists. */
+export type MessageSummary = Pick<
+  MessagesTable,
+  'id' | 'state' | 'mail_from' | 'auth_user' | 'client_ip' | 'size' | 'recipient_count' | 'received_at' | 'next_attempt_at' | 'claims' | 'last_error' | 'finished_at'
+>;
 
 export interface MessagePage {
   messages: MessageSummary[];
@@ -305,39 +304,14 @@ function pageQuery(sqlite: Sqlite, filter: MessageFilter, cursor: Cursor | undef
   return prepared(sqlite, sql).all(...params, limit) as MessageSummary[];
 }
 
-export interface MessageRow extends MessageSummary {
-  sender_key: string;
-  client_hostname: string | null;
-  helo: string | null;
-  lease_expires_at: number | null;
-  updated_at: number;
+export type MessageRow = Omit<MessagesTable, 'body_id' | 'lease_token'> & {
   /** 1 when the raw bytes were erased (logAllEmails=false after delivery). */
   raw_erased: number;
-}
+};
 
-export interface RecipientRow {
-  seq: number;
-  address: string;
-  status: RecipientStatus;
-  attempts: number;
-  next_attempt_at: number;
-  last_code: number | null;
-  last_reply: string | null;
-  temporary: number;
-  updated_at: number;
-}
+export type RecipientRow = Omit<RecipientsTable, 'message_id'>;
 
-export interface AttemptRow {
-  id: number;
-  batch: number;
-  recipients: string[];
-  upstream: string;
-  started_at: number;
-  duration_ms: number;
-  outcome: AttemptOutcome;
-  code: number | null;
-  reply: string | null;
-}
+export type AttemptRow = Omit<AttemptsTable, 'message_id' | 'recipients'> & { recipients: string[] };
 
 export interface MessageDetail {
   message: MessageRow;

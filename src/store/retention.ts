@@ -6,11 +6,10 @@ import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
 import type { StoreWriter } from './writer.js';
 import type { Sqlite } from './db.js';
+import { DAY_MINUTES, minuteOf } from './intake.js';
 import { prepared } from './statements.js';
 
 const DAY_MS = 86_400_000;
-/** The longest rate-limit window is a rolling day. */
-const RATE_WINDOW_MINUTES = 1440;
 
 /**
  * The stored bytes one batch deletes at most (and at least one message): freeing a message's
@@ -55,7 +54,7 @@ export const PRUNE_RATE_HOURS_SQL = `DELETE FROM rate_hours WHERE (sender_key, h
  * reach any more.
  */
 export function pruneRateBuckets(sqlite: Sqlite, now: number, limit: number): number {
-  const oldestLiveMinute = Math.floor(now / 60000) - RATE_WINDOW_MINUTES;
+  const oldestLiveMinute = minuteOf(now) - DAY_MINUTES;
   const minutes = prepared(sqlite, PRUNE_RATE_BUCKETS_SQL).run(oldestLiveMinute, limit).changes;
   if (minutes >= limit) return minutes;
   const oldestLiveHour = Math.floor(oldestLiveMinute / 60);

@@ -1,5 +1,5 @@
-// Row types of the SQLite schema (see migrations/), as the store and the tests read them.
-import type { Generated } from 'kysely';
+// Rows of the SQLite schema's main tables (see migrations/) as SQLite returns them, which the
+// store's queries and the tests read.
 
 export type MessageState = 'queued' | 'sending' | 'delivered' | 'failed';
 export type RecipientStatus = 'pending' | 'delivered' | 'failed';
@@ -30,16 +30,10 @@ export interface MessagesTable {
   next_attempt_at: number;
   lease_token: string | null;
   lease_expires_at: number | null;
-  claims: Generated<number>;
+  claims: number;
   last_error: string | null;
   updated_at: number;
   finished_at: number | null;
-}
-
-/** The stored bytes of a message (the Received: header relayq adds, then the client's bytes). */
-export interface MessageBodiesTable {
-  id: Generated<number>;
-  raw: Buffer;
 }
 
 export interface RecipientsTable {
@@ -47,16 +41,16 @@ export interface RecipientsTable {
   seq: number;
   address: string;
   status: RecipientStatus;
-  attempts: Generated<number>;
+  attempts: number;
   next_attempt_at: number;
   last_code: number | null;
   last_reply: string | null;
-  temporary: Generated<number>;
+  temporary: number;
   updated_at: number;
 }
 
 export interface AttemptsTable {
-  id: Generated<number>;
+  id: number;
   message_id: string;
   batch: number;
   recipients: string;
@@ -66,22 +60,4 @@ export interface AttemptsTable {
   outcome: AttemptOutcome;
   code: number | null;
   reply: string | null;
-}
-
-export interface RateBucketsTable {
-  sender_key: string;
-  minute: number;
-  count: number;
-}
-
-/** Accepted messages per sender key and hour (received_at / 3,600,000). */
-export interface RateHoursTable {
-  sender_key: string;
-  hour: number;
-  count: number;
-}
-
-export interface CountersTable {
-  name: string;
-  value: number;
 }

@@ -4,7 +4,6 @@
 import fs from 'node:fs';
 import type net from 'node:net';
 import path from 'node:path';
-import type { Selectable } from 'kysely';
 import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import type { Relay } from '../../src/main.js';
 import type { AttemptsTable, MessagesTable, RecipientsTable } from '../../src/store/schema.js';
@@ -138,9 +137,9 @@ function closeServer(server: SMTPServer): Promise<void> {
 }
 
 /** Rows as SQLite returns them (the schema's own types). */
-export type MessageRow = Selectable<MessagesTable> & { raw: Buffer | null };
-export type RecipientRow = Selectable<RecipientsTable>;
-export type AttemptRow = Selectable<AttemptsTable>;
+export type MessageRow = MessagesTable & { raw: Buffer | null };
+export type RecipientRow = RecipientsTable;
+export type AttemptRow = AttemptsTable;
 
 export function message(relay: Pick<Relay, 'store'>, id: string): MessageRow {
   return relay.store.sqlite
