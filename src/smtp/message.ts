@@ -13,12 +13,14 @@ const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:
 /**
  * An envelope path relayq accepts: local@domain without controls or spaces, whose domain's labels
  * start and end with a letter or digit and are at most 63 octets in ASCII form (RFC 5321
- * §4.1.2), local@[address literal], or '' (null sender). Quoted local parts are not accepted.
+ * §4.1.2), local@[address literal], or '' (null sender). Quoted local parts are not accepted,
+ * nor is an address that is not UTF-8.
  */
 export function isValidAddress(address: string, allowEmpty: boolean): boolean {
   if (address === '') return allowEmpty;
   if (address.length > MAX_ADDRESS_LENGTH) return false;
-  if (/[\r\n\0]/.test(address)) return false;
+  // U+FFFD: bytes that are not UTF-8, as smtp-server decoded them; stored, they would be another address
+  if (/[\r\n\0\uFFFD]/.test(address)) return false;
   if (ADDRESS.test(address)) return validLabels(address.slice(address.lastIndexOf('@') + 1));
   const literal = ADDRESS_LITERAL.exec(address);
   return literal !== null && (literal[1] ? net.isIPv6(literal[2]) : net.isIPv4(literal[2]));

@@ -35,6 +35,11 @@
 //    STARTTLS handshake there is no parser to end, so a FIN then ends the connection.
 //    `inputAhead(session)` tells the handlers whether the client has sent more than the
 //    command being answered (more input, or its FIN): such a client may never read the answer.
+// 9. A DATA that is refused (no recipient was accepted, or it has an argument: `501 5.5.4`, as
+//    Postfix answers) while the client has already sent more: that is the message of a client
+//    that did not wait for the `354`, and its lines would run as commands (a `RCPT TO:` in a
+//    body would become another message's envelope). The refusal is followed by `421 4.5.0` and
+//    the connection is closed, with nothing of what followed read as commands.
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
@@ -104,6 +109,19 @@ class RelayqConnection extends SMTPConnection {
   override _createParser(): SMTPStream {
     const parser = super._createParser();
     parser.continue = continueClearedFirst;
+    // where in its input the parser is (module comment, 9): each command line ends at a LF
+    const write = parser._write;
+    parser._write = (chunk, encoding, next) => {
+      this.commandChunk = parser._dataMode ? null : chunk;
+      this.nextLine = 0;
+      write.call(parser, chunk, encoding, next);
+    };
+    const oncommand = parser.oncommand;
+    parser.oncommand = (command, callback) => {
+      const chunk = this.commandChunk;
+      if (chunk) this.nextLine = chunk.indexOf(0x0a, this.nextLine) + 1 || chunk.length;
+      oncommand.call(parser, command, callback);
+    };
     // the client's input has ended and every command in it has been answered (module comment, 8)
     parser.once('finish', () => this.close());
     return parser;
@@ -123,6 +141,9 @@ class RelayqConnection extends SMTPConnection {
   }
 
   private corked = false;
+  /** The input the parser reads command lines from, and where the line after the current one starts. */
+  private commandChunk: Buffer | null = null;
+  private nextLine = 0;
   /** Whether lines are masked until the next command, after an AUTH (module comment, 7). */
   private afterAuth = false;
 
@@ -185,6 +206,26 @@ class RelayqConnection extends SMTPConnection {
     // the SIZE declared is over the limit: refused here, before onMailFrom
     if (refusal?.code === 552) this.relayq.onSizeRefused(this.session, parsed.address, Number(args.SIZE));
     return refusal;
+  }
+
+  override handler_DATA(command: Buffer, callback: () => void): void {
+    const withArgument = command.toString().trim().length > 'DATA'.length;
+    if (!withArgument && this.session.envelope.rcptTo.length > 0) {
+      super.handler_DATA(command, callback);
+      return;
+    }
+    if (this.session.envelope.rcptTo.length === 0) super.handler_DATA(command, () => {});
+    else this.send(501, '5.5.4 Syntax: DATA');
+    // module comment, 9: a 421 closes the connection
+    if (this.sentAhead()) this.send(421, '4.5.0 Error: message content sent before the reply to DATA, closing connection');
+    callback();
+  }
+
+  /** Whether the client has sent anything after the command being answered (its FIN aside). */
+  private sentAhead(): boolean {
+    const chunk = this.commandChunk;
+    const inChunk = chunk ? chunk.length : 0;
+    return this.nextLine < inChunk || this._socket.readableLength > 0 || (this._parser ? this._parser.writableLength > inChunk : false);
   }
 
   override handler_EHLO(command: Buffer, callback: () => void): void {

@@ -109,7 +109,10 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
   test('a non-ASCII local part without SMTPUTF8 → 553 5.6.7; with it the mail is taken, and said so in Received', async () => {
     const { c } = await ehlo(relay.smtpPort);
     assert.match(await c.send('MAIL FROM:<jörg@example.com>'), /^553 5\.6\.7 /);
+    // bytes that are not UTF-8 (Latin-1 "ö") would be stored as U+FFFD, another address
+    assert.match(await c.send(Buffer.from('MAIL FROM:<j\xf6rg@example.com> SMTPUTF8\r\n', 'latin1')), /^501 5\.1\.3 /);
     assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    assert.match(await c.send(Buffer.from('RCPT TO:<j\xf6rg@example.com>\r\n', 'latin1')), /^501 5\.1\.3 /);
     assert.match(await c.send('RCPT TO:<用户@example.net>'), /^553 5\.6\.7 /);
     assert.match(await c.send('RSET'), /^250 /);
     // refused with SMTPUTF8: the next MAIL without it does not inherit it
@@ -170,6 +173,40 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     c.close();
     const stored = ids.map((id) => /Subject: burst (\d)/.exec(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '')?.[1]);
     assert.deepEqual(stored, ['1', '2', '3', '4']);
+  });
+
+  test('a refused DATA with the message sent behind it: 421 and closed, none of its lines run as commands', async () => {
+    const before = messageCount(relay);
+    // an application that sends whole messages without waiting for 354, whose one recipient is
+    // refused (user input): the body must not become another message's envelope
+    const body = 'Subject: contact form\r\n\r\nRSET\r\nMAIL FROM:<x@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: INJECTED\r\n\r\nhi\r\n.\r\n';
+    for (const [rcpt, data, refusal] of [
+      ['<user input@example.com>', 'DATA', /^503 5\.5\.1 /],
+      ['<b@example.com>', 'DATA now', /^501 5\.5\.4 Syntax: DATA/],
+    ] as const) {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      await c.send('EHLO client.test');
+      c.write(`MAIL FROM:<app@example.com>\r\nRCPT TO:${rcpt}\r\n${data}\r\n${body}.\r\nQUIT\r\n`);
+      const replies = await c.readAll();
+      assert.equal(replies.length, 4, replies.join(' | '));
+      assert.match(replies[2], refusal);
+      assert.match(replies[3], /^421 4\.5\.0 .*sent before the reply to DATA/);
+    }
+    assert.equal(messageCount(relay), before);
+    // the session's line lists it among what was refused
+    await waitFor(() => log.entries().some((e) => e.event === 'smtp.session' && String(e.replies).includes('421 4.5.0')));
+  });
+
+  test('a refused DATA with nothing behind it (a client that waits) leaves the session open', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^503 5\.5\.1 /);
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    assert.match(await c.send('RCPT TO:<b@example.com>'), /^250 /);
+    assert.match(await c.send('DATA foo'), /^501 5\.5\.4 Syntax: DATA/);
+    assert.match(await c.send('DATA '), /^354/);
+    assert.match(await c.send(MSG.slice(0, -2)), /^250 2\.0\.0 Ok: queued as /);
+    c.close();
   });
 
   test('the EHLO/HELO name is stored and put in Received: as the client wrote it', async () => {
