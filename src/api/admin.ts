@@ -9,7 +9,7 @@ import { MAX_ADDRESS_LENGTH } from '../address.js';
 import { isoTime } from '../clock.js';
 import { count } from '../count.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
-import { repeatedKeys } from '../repeated-keys.js';
+import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
 import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, StoppedPartWay } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
 import { BadFilter, listMessages, messageDetail, messageRaw } from '../store/queries.js';
@@ -121,6 +121,7 @@ async function filterBody(c: Context<ApiEnv>): Promise<unknown> {
   } catch {
     throw badRequest('the body is not valid JSON');
   }
+  if (nestedDeeperThan(body, MAX_NESTING)) throw badRequest(`the body nests objects or arrays more than ${MAX_NESTING} levels deep`);
   // as a query parameter given twice: JSON.parse would take the last value without a word
   const [repeated] = repeatedKeys(text);
   if (repeated !== undefined) throw badRequest(`${repeated} may be given only once`);
@@ -132,6 +133,10 @@ const QUOTED_ID_MAX = 64;
 
 function quotedId(id: string): string {
   return id.length <= QUOTED_ID_MAX ? id : `${id.slice(0, QUOTED_ID_MAX)}… (${id.length} characters)`;
+}
+
+function held(id: string): HTTPException {
+  return new HTTPException(409, { message: `${id}: ${HELD}; try again later` });
 }
 
 function notFound(id: string): HTTPException {
@@ -238,6 +243,7 @@ export function adminRoutes(deps: ApiDeps) {
       }
     })
     .get('/messages/:id', (c) => {
+      onlyQueries(c, []);
       const id = canonicalQueueId(c.req.param('id'));
       const detail = messageDetail(store.sqlite, id);
       if (!detail) throw notFound(id);
@@ -250,6 +256,7 @@ export function adminRoutes(deps: ApiDeps) {
       });
     })
     .get('/messages/:id/raw', (c) => {
+      onlyQueries(c, []);
       const id = canonicalQueueId(c.req.param('id'));
       const row = messageRaw(store.sqlite, id);
       if (!row) throw notFound(id);
@@ -262,13 +269,14 @@ export function adminRoutes(deps: ApiDeps) {
       });
     })
     .post('/messages/:id/retry', async (c) => {
+      onlyQueries(c, []);
       const id = canonicalQueueId(c.req.param('id'));
       const result = await logged(c, 'retry', id, unlessDelivering(id, () => commits.write('retryMessage', id, clock.now(), deps.config.batchDelay)));
       switch (result) {
         case 'not-found':
           throw notFound(id);
         case 'held':
-          throw new HTTPException(409, { message: `${id}: ${HELD}; try again later` });
+          throw held(id);
         case 'delivered':
           throw new HTTPException(409, { message: `${id} is delivered to every recipient; nothing to retry` });
         default:
@@ -276,10 +284,11 @@ export function adminRoutes(deps: ApiDeps) {
       }
     })
     .delete('/messages/:id', async (c) => {
+      onlyQueries(c, []);
       const id = canonicalQueueId(c.req.param('id'));
       const result = await logged(c, 'delete', id, unlessDelivering(id, () => commits.write('deleteMessage', id, clock.now())));
       if (result === 'not-found') throw notFound(id);
-      if (result === 'held') throw new HTTPException(409, { message: `${id}: ${HELD}; try again later` });
+      if (result === 'held') throw held(id);
       // a failed message's export goes with it: it would describe mail that is no longer there
       await removeFailedExport(deps.config.emailsDir, id);
       return c.json({ id, deleted: true });

@@ -64,5 +64,7 @@ export function singleQuery(c: Context, name: string): string | undefined {
  */
 export function onlyQueries(c: Context, names: readonly string[]): void {
   const [unknown] = Object.keys(c.req.queries()).filter((name) => !names.includes(name));
-  if (unknown !== undefined) throw new HTTPException(400, { message: `unknown query parameter ${JSON.stringify(unknown)}: expected ${names.join(', ')}` });
+  if (unknown === undefined) return;
+  const expected = names.length > 0 ? `expected ${names.join(', ')}` : 'this request takes none';
+  throw new HTTPException(400, { message: `unknown query parameter ${JSON.stringify(unknown)}: ${expected}` });
 }

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { isAbsolute, resolve } from 'node:path';
 import { clientFilter, isLoopback, normalizeIp, parseCidr } from '../access-control.js';
-import { repeatedKeys } from '../repeated-keys.js';
+import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
 import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, setPath } from './schema.js';
 
 export type Source = 'file' | 'env' | 'flag';
@@ -204,6 +204,8 @@ export function loadConfig(
     if (parsed !== undefined) {
       if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
         errors.push({ key: 'config', source: 'file', message: `${file.path} must hold a JSON object` });
+      } else if (nestedDeeperThan(parsed, MAX_NESTING)) {
+        errors.push({ key: 'config', source: 'file', message: `${file.path} nests objects or arrays more than ${MAX_NESTING} levels deep` });
       } else {
         applyFileObject(parsed as Record<string, unknown>, '', config, errors, origins);
         for (const key of repeatedKeys(file.text)) {

@@ -170,11 +170,17 @@ describe('admin: requeue failed mail', () => {
         [postJson({ state: 'failed' }), 'unknown field "state": expected ids, sender, since'],
         // JSON.parse would take the last one: the filter narrowed without a word
         [{ method: 'POST', body: '{"sender": "a@example.com", "sender": "b@example.com"}' }, 'sender may be given only once'],
+        // 20 KB: the check of repeated keys reads a document recursively
+        [{ method: 'POST', body: `{"ids":${'['.repeat(10_000)}${']'.repeat(10_000)}}` }, 'the body nests objects or arrays more than 32 levels deep'],
+        [postJson({ ids: [JSON.parse(`${'['.repeat(31)}${']'.repeat(31)}`)] }), 'the body nests objects or arrays more than 32 levels deep'],
       ];
       for (const [init, message] of cases) {
         const res = await call(relay, '/admin/retry-failed', init);
         assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }]);
       }
+      // 32 levels (the body, ids and 30 arrays) are read, and refused for what they hold
+      const deepest = await call(relay, '/admin/retry-failed', postJson({ ids: [JSON.parse(`${'['.repeat(30)}${']'.repeat(30)}`)] }));
+      assert.deepEqual(deepest.body, { error: 'bad_request', message: 'ids must be a non-empty array of at most 10000 message ids' });
       for (const since of ['2026-03-03', '2026-03-03T08:00Z', '2026-03-03T09:00:00.5+01:00', 0]) {
         const res = await call(relay, '/admin/retry-failed', postJson({ since }));
         assert.deepEqual([res.status, res.body], [200, { requeued: 0 }], String(since));
@@ -424,6 +430,13 @@ describe('admin: queue inspection', () => {
         assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }], query);
       }
       for (const limit of [1, 1000]) assert.equal((await call(relay, `/admin/messages?limit=${limit}`)).status, 200, `limit=${limit}`);
+      // the requests about one message take no parameter: a `?dry_run=1` must not delete it
+      for (const [method, route] of [['GET', ''], ['GET', '/raw'], ['POST', '/retry'], ['DELETE', '']]) {
+        const res = await call(relay, `/admin/messages/${old}${route}?dry_run=1`, { method });
+        const message = 'unknown query parameter "dry_run": this request takes none';
+        assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }], `${method} ${route}`);
+      }
+      assert.equal((await call(relay, `/admin/messages/${old}`)).status, 200, 'still there');
     } finally {
       await relay.stop();
     }

@@ -223,6 +223,13 @@ describe('loadConfig', () => {
     assert.ok(once.ok, JSON.stringify(!once.ok && once.errors));
   });
 
+  test('a file that nests deeper than any config is refused as such', () => {
+    const text = `{"smtpPort": 2600, "x": ${'['.repeat(10_000)}${']'.repeat(10_000)}}`;
+    const deep = loadConfig([], {}, { path: 'c.json', text });
+    assert.ok(!deep.ok);
+    assert.equal(formatErrors(deep.errors, 'c.json'), 'config error (file): c.json nests objects or arrays more than 32 levels deep');
+  });
+
   test('an error of the file names the file once', () => {
     const text = '{"smtpPort": "x"';
     const broken = loadConfig([], {}, { path: 'c.json', text });
