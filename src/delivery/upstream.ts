@@ -147,6 +147,35 @@ function requireHelloReply(connection: SMTPConnection): void {
   }
 }
 
+/**
+ * nodemailer reads the replies that came in one burst one per turn of the event loop, and takes
+ * the connection's close as it comes: replies still queued then were lost, and the attempt was
+ * "Connection closed unexpectedly" with no code. An upstream that answers a pipelined command
+ * with a `421` or a `550` and closes at once (RFC 5321 §3.8; Haraka's DENYDISCONNECT) does just
+ * that, and a `550` to one RCPT was then retried as a temporary failure. The close now waits
+ * until the queued replies are read, as long as each turn reads one. The hook is nodemailer's
+ * private `_onClose`; without it nothing changes.
+ */
+function readRepliesBeforeClose(connection: SMTPConnection): void {
+  const internals = connection as unknown as { _onClose?: () => void; _responseQueue?: unknown[]; _destroyed?: boolean };
+  const onClose = internals._onClose;
+  if (typeof onClose !== 'function') return;
+  internals._onClose = function (this: typeof internals) {
+    let queued = Number.POSITIVE_INFINITY;
+    const closeOnceRead = () => {
+      const now = this._responseQueue?.length ?? 0;
+      // a reply that came only in part stays queued for ever: the close goes ahead
+      if (now > 0 && now < queued && !this._destroyed) {
+        queued = now;
+        setImmediate(closeOnceRead);
+      } else {
+        onClose.call(this);
+      }
+    };
+    closeOnceRead();
+  };
+}
+
 /** Whether the upstream's EHLO reply offered an extension (as nodemailer parsed it). */
 function offers(connection: SMTPConnection, extension: string): boolean {
   return ((connection as unknown as { _supportedExtensions?: string[] })._supportedExtensions ?? []).includes(extension);
@@ -475,6 +504,7 @@ export class SmtpUpstream {
       hookSendStream(connection);
       requireGoAheadForData(connection);
       requireHelloReply(connection);
+      readRepliesBeforeClose(connection);
       let settled = false;
       const settle = (err?: Error) => {
         if (settled) return;
