@@ -521,6 +521,9 @@ export class DeliveryEngine {
       },
       'delivery attempt',
     );
+    // a failure whose commit waited (a lock, a full disk) is finished before the point the scans of
+    // failedRetryInterval have passed meanwhile: they must come back for it
+    if (outcome.state === 'failed') this.requeueWatermark = Math.min(this.requeueWatermark, completion.now);
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
   }
 

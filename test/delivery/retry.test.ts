@@ -8,7 +8,7 @@ import type { Relay } from '../../src/main.js';
 import { openStore } from '../../src/store/db.js';
 import { FAILED_SCAN_SQL, findTemporaryFailures, requeueTemporaryFailures } from '../../src/store/delivery.js';
 import { call } from '../api/fixtures.js';
-import { capturedLog, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { capturedLog, holdWriteLock, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { attempts, failedExportExists, message, NO_JITTER, queuedId, readFailedExport, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('retry policy', () => {
@@ -295,6 +295,44 @@ describe('retries against a real upstream, with an injected clock', () => {
     await waitFor(() => failed(second), 10_000, 'a failure after the step back');
     clock.advance(10_000);
     await waitFor(() => claims(second) === 2, 10_000, 'its requeue, an interval later');
+  });
+
+  test('failedRetryInterval still requeues mail whose failure was committed late (the write lock held meanwhile)', async () => {
+    const clock = new ManualClock();
+    let answer: () => void = () => {};
+    const answered = new Promise<void>((resolve) => {
+      answer = resolve;
+    });
+    let asked = false;
+    const upstream = await startScriptedUpstream({
+      // the first RCPT is answered 451 when the test says so; later ones at once
+      onRcptTo(_address, _session, cb) {
+        asked = true;
+        answered.then(() => cb(Object.assign(new Error('try later'), { responseCode: 451 })));
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { maxAttempts: 1 }, failedRetryInterval: 10 },
+      { clock, deliveryPollMs: 20, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com']);
+    await waitFor(() => asked, 10_000, 'the attempt reaches RCPT');
+    const finishedAt = clock.now();
+    // another process holds the write lock as the upstream answers: the outcome's commit waits
+    const lock = await holdWriteLock(relay, 50);
+    answer();
+    await waitFor(() => log.entries().some((e) => e.event === 'delivery.commit_retry'), 10_000, 'the commit waits');
+    // meanwhile the scans of failedRetryInterval (once a second) pass the attempt's time
+    clock.advance(60_000);
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    await lock.release();
+    await waitFor(() => message(relay, id).state === 'failed', 10_000, 'the failure is committed');
+    assert.equal(message(relay, id).finished_at, finishedAt, 'finished when the upstream answered');
+    clock.advance(10_000);
+    await waitFor(() => message(relay, id).claims === 2, 10_000, 'the requeue of the failure committed late');
   });
 });
 
