@@ -424,7 +424,10 @@ export async function spawnRelay(dir: string, flags: string[] = [], env: NodeJS.
   child.stderr.setEncoding('utf8').on('data', (d: string) => (out += d));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const started = await new Promise<{ smtp: string }>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`relay did not start:\n${out}`)), 30_000);
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL'); // it would hold its database and ports after the test
+      reject(new Error(`relay did not start:\n${out}`));
+    }, 30_000);
     const onData = () => {
       for (const line of out.split('\n')) {
         if (!line.includes('"relay.started"')) continue;

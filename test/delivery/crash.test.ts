@@ -25,16 +25,21 @@ async function spawnRelay(args: string[], cwd: string): Promise<Child> {
   child.stderr.on('data', (d: Buffer) => (output += d.toString()));
   const exited = new Promise<NodeJS.Signals | number | null>((resolve) => child.once('exit', (code, signal) => resolve(signal ?? code)));
   let smtpPort = 0;
-  await waitFor(
-    () => {
-      const line = output.split('\n').find((l) => l.includes('"relay.started"'));
-      if (line) smtpPort = Number(/"smtp":"[^"]*:(\d+)"/.exec(line)?.[1]);
-      if (child.exitCode !== null) throw new Error(`relay exited early:\n${output}`);
-      return smtpPort > 0;
-    },
-    20_000,
-    'the relay to start',
-  );
+  try {
+    await waitFor(
+      () => {
+        const line = output.split('\n').find((l) => l.includes('"relay.started"'));
+        if (line) smtpPort = Number(/"smtp":"[^"]*:(\d+)"/.exec(line)?.[1]);
+        if (child.exitCode !== null) throw new Error(`relay exited early:\n${output}`);
+        return smtpPort > 0;
+      },
+      20_000,
+      'the relay to start',
+    );
+  } catch (err) {
+    child.kill('SIGKILL'); // it would hold its database and ports after the test
+    throw err;
+  }
   return { process: child, smtpPort, exited, output: () => output };
 }
 

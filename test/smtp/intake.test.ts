@@ -20,6 +20,7 @@ describe('durable intake', () => {
     const raw = Buffer.from(
       'From: Alice <alice@example.com>\r\nTo: team@example.com\r\nSubject: exact bytes\r\nMessage-ID: <m1@example.com>\r\n\r\nline one\r\n..leading dot\r\n\r\nbye\r\n',
     );
+    const sentAt = Date.now();
     const info = await sendMail(relay.smtpPort, {
       from: 'alice@example.com',
       to: ['b@example.com', 'c@example.com', 'd@example.com'],
@@ -46,7 +47,10 @@ describe('durable intake', () => {
     assert.match(header, new RegExp(`by relayq\\.test \\(relayq\\) with ESMTP id ${id};`));
     // three recipients: no `for` clause, which would name one of them (a Bcc, maybe) to all
     assert.doesNotMatch(header, /\bfor </);
-    assert.ok(received.length > 0);
+    // the header ends with the time of arrival, as RFC 5322 writes a date (to the second)
+    const date = /;\r\n\t(.+)\r\n$/.exec(received.toString())?.[1] ?? '';
+    assert.match(date, /^\w{3}, \d{1,2} \w{3} \d{4} \d{2}:\d{2}:\d{2} [+-]\d{4}$/);
+    assert.ok(Date.parse(date) >= Math.floor(sentAt / 1000) * 1000 && Date.parse(date) <= Date.now(), `${date}, sent at ${new Date(sentAt).toISOString()}`);
     assert.equal(row.size, stored.length);
     const rcpts = relay.store.sqlite.prepare('SELECT seq, address, status FROM recipients WHERE message_id = ? ORDER BY seq').all(id);
     assert.deepEqual(rcpts, [

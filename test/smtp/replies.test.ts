@@ -27,7 +27,11 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
   after(() => relay.stop());
 
   test('EHLO advertises the spec extensions; AUTH only with credentials to check', async () => {
-    const { c, reply } = await ehlo(relay.smtpPort);
+    const c = await SmtpClient.connect(relay.smtpPort);
+    // serverName names the relay in its greeting and its EHLO reply
+    assert.match(await c.read(), /^220 relayq\.test ESMTP/);
+    const reply = await c.send('EHLO client.test');
+    assert.match(reply, /^250-relayq\.test /);
     for (const ext of ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'SIZE 2048', 'ENHANCEDSTATUSCODES']) {
       assert.match(reply, new RegExp(`250[- ]${ext}`), ext);
     }
