@@ -421,6 +421,8 @@ describe('loadConfig', () => {
     assert.deepEqual(errorMessages(loadConfig([], { RETRY_INITIAL_DELAY: '0' })), ['RETRY_INITIAL_DELAY (retry.initialDelay): must be at least 1, got 0']);
     const ok = loadConfig([], { RETRY_INITIAL_DELAY: '1' });
     assert.ok(ok.ok && ok.config.retry.initialDelay === 1);
+    // and so is retry.maxDelay, which initialDelay may not exceed: its own range says so
+    assert.deepEqual(errorMessages(loadConfig([], { RETRY_INITIAL_DELAY: '1', RETRY_MAX_DELAY: '0' })), ['RETRY_MAX_DELAY (retry.maxDelay): must be at least 1, got 0']);
   });
 
   test('an integer with anything after its digits is refused, not read as NaN or as a number in another notation', () => {
