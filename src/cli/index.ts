@@ -186,7 +186,8 @@ operatorCommand('migrate', 'apply pending database migrations (the server also d
 program.hook('preAction', (_program, command) => {
   if (command.name() === 'serve') return;
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code === 'EPIPE') process.exit(0);
+    // the reader went away: the command's own status (1 for a retry that did nothing), else 0
+    if (err.code === 'EPIPE') process.exit();
     process.stderr.write(`relayq: cannot write the output: ${err.message}\n`);
     process.exit(1);
   });

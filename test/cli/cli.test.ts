@@ -339,6 +339,9 @@ describe('relayq CLI on the database of a running relay', () => {
     const gone = (...args: string[]) => runCli(['--config', configFile, ...args], { closeStdout: true });
     const results = await Promise.all([gone('queue'), gone('status'), gone('show', ids.mixed[0]), gone('show', ids.mixed[0], '--raw'), gone('status', '--json')]);
     for (const r of results) assert.deepEqual([r.code, r.stderr], [0, '']);
+    // the status a command exits with stays its own: retrying a delivered message did nothing
+    const retried = await gone('retry', ids.delivered[0]);
+    assert.deepEqual([retried.code, retried.stderr], [1, '']);
   });
 
   test('output that cannot be written (a full disk) fails with one line that says so', async () => {
