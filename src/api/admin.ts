@@ -135,6 +135,16 @@ function quotedId(id: string): string {
   return id.length <= QUOTED_ID_MAX ? id : `${id.slice(0, QUOTED_ID_MAX)}… (${id.length} characters)`;
 }
 
+/**
+ * An address filter of the query string. A query string reads `+` as a space, and no address
+ * relayq stores has one: `?sender=app+tag@example.com` would find nothing, without a word.
+ */
+function addressQuery(c: Context<ApiEnv>, name: string): string | undefined {
+  const value = singleQuery(c, name);
+  if (value?.includes(' ')) throw badRequest(`${name}: an address has no space; a + in a query string is a space, write it %2B`);
+  return value;
+}
+
 function held(id: string): HTTPException {
   return new HTTPException(409, { message: `${id}: ${HELD}; try again later` });
 }
@@ -231,8 +241,8 @@ export function adminRoutes(deps: ApiDeps) {
       try {
         const page = listMessages(store.sqlite, {
           state,
-          sender: singleQuery(c, 'sender'),
-          recipient: singleQuery(c, 'recipient'),
+          sender: addressQuery(c, 'sender'),
+          recipient: addressQuery(c, 'recipient'),
           limit: parseLimit(singleQuery(c, 'limit')),
           before,
         });

@@ -420,6 +420,8 @@ describe('admin: queue inspection', () => {
         ['before=99999999999999999999-X', 'before: 99999999999999999999-X is not a cursor (<received_at>-<id>, as next_before gives it)'],
         ['before=', 'before must be the next_before of the previous page, or a message id'],
         ['recipient=', 'recipient: must be an address (a recipient is never empty; the null sender is a sender)'],
+        ['sender=app+tag%40example.com', 'sender: an address has no space; a + in a query string is a space, write it %2B'],
+        ['recipient=bob%20smith%40example.com', 'recipient: an address has no space; a + in a query string is a space, write it %2B'],
         ['state=failed&state=queued', 'state may be given only once'],
         ['limit=5&sender=a%40example.com&limit=5', 'limit may be given only once'],
         ['stat=failed', 'unknown query parameter "stat": expected state, sender, recipient, limit, before'],
@@ -430,6 +432,9 @@ describe('admin: queue inspection', () => {
         assert.deepEqual([res.status, res.body], [400, { error: 'bad_request', message }], query);
       }
       for (const limit of [1, 1000]) assert.equal((await call(relay, `/admin/messages?limit=${limit}`)).status, 200, `limit=${limit}`);
+      const tagged = await send(relay, 'app+tag@example.com', ['x@example.com']);
+      const byTag = await call<Page>(relay, `/admin/messages?sender=${encodeURIComponent('app+tag@example.com')}`);
+      assert.deepEqual(byTag.body.messages.map((m) => m.id), [tagged]);
       // the requests about one message take no parameter: a `?dry_run=1` must not delete it
       for (const [method, route] of [['GET', ''], ['GET', '/raw'], ['POST', '/retry'], ['DELETE', '']]) {
         const res = await call(relay, `/admin/messages/${old}${route}?dry_run=1`, { method });
