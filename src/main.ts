@@ -58,7 +58,7 @@ export interface Relay {
   config: Config;
   store: Store;
   /** Every write of the server goes through here (the writer thread's group commit). */
-  commits: StoreWriter;
+  writer: StoreWriter;
   intake: SmtpIntake;
   delivery: DeliveryEngine;
   retention: RetentionSweeper;
@@ -135,18 +135,18 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   }
   warnIfShared(config.databasePath, logger);
   // The main thread's connection only reads; the writer thread owns every write.
-  const commits = new StoreWriter({ file: config.databasePath, secureDelete: !config.security.logAllEmails });
+  const writer = new StoreWriter({ file: config.databasePath, secureDelete: !config.security.logAllEmails });
   // The writer thread opens its connection while the rest starts (writes made meanwhile wait for
   // it). If it cannot, or dies later, every write is refused from then on: say so, and let the
   // caller stop the relay (`relayq serve` exits 1 for its supervisor to restart it).
-  commits.onFailed = (err) => {
+  writer.onFailed = (err) => {
     logger.fatal({ event: 'relay.writer_failed', err: err.message }, 'the writer thread failed: nothing can be stored any more');
     options.onFatal?.(err);
   };
   /** The last step of a stop, and of a start that failed: queued writes commit, then both close. */
   const closeStorage = async () => {
     try {
-      await commits.close();
+      await writer.close();
       await store.close();
     } finally {
       lock.release();
@@ -156,7 +156,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   // ended without handing it back. It is due again now, as Postfix's queue manager moves its
   // active queue back at its start, rather than once its lease (processingTimeout) has run out.
   try {
-    const orphaned = await commits.write('releaseOrphanedClaims', clock.now());
+    const orphaned = await writer.write('releaseOrphanedClaims', clock.now());
     if (orphaned.length > 0) {
       logger.warn(
         { event: 'delivery.claims_recovered', count: orphaned.length, ids: orphaned.slice(0, 10) },
@@ -179,7 +179,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   const delivery = new DeliveryEngine({
     config,
     sqlite: store.sqlite,
-    commits,
+    writer,
     clock,
     logger: logger.child({ component: 'delivery' }),
     random: options.random,
@@ -188,7 +188,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   const intake = new SmtpIntake({
     config,
     sqlite: store.sqlite,
-    commits,
+    writer,
     disk,
     clock,
     logger: logger.child({ component: 'smtp' }),
@@ -201,7 +201,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   // delivery has claimed any (its /health says the SMTP listener is down until it listens).
   let api: ApiServer | undefined;
   if (config.enableHealthCheck) {
-    const app = createApp({ config, store, commits, disk, intake, clock, logger, warnings, delivery, getClientIp: options.apiClientIp });
+    const app = createApp({ config, store, writer, disk, intake, clock, logger, warnings, delivery, getClientIp: options.apiClientIp });
     try {
       api = await startApiServer(app, config.healthCheckHost, config.healthCheckPort);
     } catch (err) {
@@ -236,12 +236,12 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   }
 
   if (options.startDelivery ?? true) {
-    commits.onCommitted = () => delivery.wake();
+    writer.onCommitted = () => delivery.wake();
     delivery.start();
   }
 
   const retention = new RetentionSweeper({
-    commits,
+    writer,
     clock,
     logger: logger.child({ component: 'retention' }),
     deliveredDays: config.retention.deliveredDays,
@@ -253,7 +253,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   const relay: Relay = {
     config,
     store,
-    commits,
+    writer,
     intake,
     delivery,
     retention,
@@ -273,7 +273,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
         // until now a client that connects is told `421`, not refused
         await intake.close();
         await closeStorage();
-        logger.info({ event: 'relay.stopped', writes: commits.stats.writes, commits: commits.stats.commits }, 'relayq stopped');
+        logger.info({ event: 'relay.stopped', writes: writer.stats.writes, commits: writer.stats.commits }, 'relayq stopped');
       })();
       return stopping;
     },

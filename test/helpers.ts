@@ -374,14 +374,14 @@ export async function closedPort(): Promise<number> {
  * BUSY_TIMEOUT_MS. `release()` lets go of the lock and gives the writer its usual timeout back.
  */
 export async function holdWriteLock(relay: Relay, writerBusyTimeoutMs?: number): Promise<{ release(): Promise<void> }> {
-  if (writerBusyTimeoutMs !== undefined) await relay.commits.pragma(`busy_timeout = ${writerBusyTimeoutMs}`);
+  if (writerBusyTimeoutMs !== undefined) await relay.writer.pragma(`busy_timeout = ${writerBusyTimeoutMs}`);
   const holder = openConnection(relay.config.databasePath);
   holder.exec('BEGIN IMMEDIATE');
   return {
     async release() {
       holder.exec('COMMIT');
       holder.close();
-      if (writerBusyTimeoutMs !== undefined) await relay.commits.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+      if (writerBusyTimeoutMs !== undefined) await relay.writer.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
     },
   };
 }

@@ -154,7 +154,7 @@ function notFound(id: string): HTTPException {
 }
 
 export function adminRoutes(deps: ApiDeps) {
-  const { commits, clock, store } = deps;
+  const { writer, clock, store } = deps;
   const log = deps.logger;
 
   /** Logs a command on one message with who asked: its result, or (at warn) why it failed. */
@@ -215,7 +215,7 @@ export function adminRoutes(deps: ApiDeps) {
         c,
         { action: 'retry-failed', filter: { ...filter, ...ids }, count: 'requeued' },
         (n) => `requeued ${count(n, 'failed message')}`,
-        requeueFailedInSteps(store.sqlite, filter, (step) => commits.write('requeueFailed', step, now, deps.config.batchDelay)),
+        requeueFailedInSteps(store.sqlite, filter, (step) => writer.write('requeueFailed', step, now, deps.config.batchDelay)),
       );
       return c.json({ requeued });
     })
@@ -226,7 +226,7 @@ export function adminRoutes(deps: ApiDeps) {
         c,
         { action: 'retry-queued', filter, count: 'dueNow' },
         (n) => `made ${count(n, 'queued message')} due now`,
-        flushQueuedInSteps(store.sqlite, filter.sender, (ids) => commits.write('flushQueued', ids, now, deps.config.batchDelay)),
+        flushQueuedInSteps(store.sqlite, filter.sender, (ids) => writer.write('flushQueued', ids, now, deps.config.batchDelay)),
       );
       return c.json({ due_now: dueNow });
     })
@@ -281,7 +281,7 @@ export function adminRoutes(deps: ApiDeps) {
     .post('/messages/:id/retry', async (c) => {
       onlyQueries(c, []);
       const id = canonicalQueueId(c.req.param('id'));
-      const result = await logged(c, 'retry', id, unlessDelivering(id, () => commits.write('retryMessage', id, clock.now(), deps.config.batchDelay)));
+      const result = await logged(c, 'retry', id, unlessDelivering(id, () => writer.write('retryMessage', id, clock.now(), deps.config.batchDelay)));
       switch (result) {
         case 'not-found':
           throw notFound(id);
@@ -296,7 +296,7 @@ export function adminRoutes(deps: ApiDeps) {
     .delete('/messages/:id', async (c) => {
       onlyQueries(c, []);
       const id = canonicalQueueId(c.req.param('id'));
-      const result = await logged(c, 'delete', id, unlessDelivering(id, () => commits.write('deleteMessage', id, clock.now())));
+      const result = await logged(c, 'delete', id, unlessDelivering(id, () => writer.write('deleteMessage', id, clock.now())));
       if (result === 'not-found') throw notFound(id);
       if (result === 'held') throw held(id);
       // a failed message's export goes with it: it would describe mail that is no longer there

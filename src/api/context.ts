@@ -27,7 +27,7 @@ export interface DeliveryView {
 export interface ApiDeps {
   config: Config;
   store: { sqlite: Sqlite };
-  commits: Pick<StoreWriter, 'write' | 'storageFault'>;
+  writer: Pick<StoreWriter, 'write' | 'storageFault'>;
   disk: Pick<DiskSpace, 'freeMb' | 'isLow' | 'readError'>;
   intake: { readonly isListening: boolean; spoolFault(withinMs: number): string | undefined };
   clock: Clock;

@@ -95,13 +95,13 @@ export function healthRoutes(deps: ApiDeps) {
 
     let database: 'ok' | 'error' = 'ok';
     try {
-      await deps.commits.write('probeWrite');
+      await deps.writer.write('probeWrite');
     } catch (err) {
       database = 'error';
       errors.push(`database is not writable: ${(err as Error).message}`);
     }
     // the probe is small: it may still commit where messages and claims no longer fit
-    const fault = database === 'ok' ? deps.commits.storageFault(HEALTH_THRESHOLDS.storageFaultMs) : undefined;
+    const fault = database === 'ok' ? deps.writer.storageFault(HEALTH_THRESHOLDS.storageFaultMs) : undefined;
     if (fault) {
       database = 'error';
       errors.push(`the database refused a write in the last minute: ${fault}`);

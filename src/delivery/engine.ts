@@ -34,7 +34,7 @@ import { SmtpUpstream } from './upstream.js';
 export interface DeliveryDeps {
   config: Config;
   sqlite: Sqlite;
-  commits: StoreWriter;
+  writer: StoreWriter;
   clock: Clock;
   logger: Logger;
   /** Jitter source for the retry backoff, [0, 1) like Math.random. */
@@ -384,7 +384,7 @@ export class DeliveryEngine {
 
   private claim(limit: number, held = this.held()): Promise<ClaimResult> {
     const { clock, config } = this.deps;
-    return this.deps.commits.write('claimDueBatches', {
+    return this.deps.writer.write('claimDueBatches', {
       now: clock.now(),
       leaseMs: this.leaseMs,
       // Local delivery writes the message once for all of its recipients.
@@ -537,7 +537,7 @@ export class DeliveryEngine {
       token: b.token,
       ...(options.uncount ? { unsent: b.recipients.map((r) => r.seq) } : {}),
     }));
-    return this.deps.commits.write('releaseClaims', claims, this.deps.clock.now()).catch((err: Error) => {
+    return this.deps.writer.write('releaseClaims', claims, this.deps.clock.now()).catch((err: Error) => {
       this.log.error({ event: 'delivery.release_failed', err: err.message }, 'releasing claims failed; they expire with their lease');
       return 0;
     });
@@ -571,7 +571,7 @@ export class DeliveryEngine {
     });
     if (recipients.length === 0) return;
     const { messageId, token } = claim;
-    const held = await this.deps.commits.write('recordDelivered', { messageId, token, now: this.deps.clock.now(), recipients }).catch((err: Error) => {
+    const held = await this.deps.writer.write('recordDelivered', { messageId, token, now: this.deps.clock.now(), recipients }).catch((err: Error) => {
       this.log.warn(
         { queueId: messageId, event: 'delivery.progress_failed', batch: claim.batch, err: err.message },
         "recording the recipients delivered so far failed; the batch's outcome records them",
@@ -602,7 +602,7 @@ export class DeliveryEngine {
     let loggedAt = Number.NEGATIVE_INFINITY;
     for (let waitMs = OUTCOME_RETRY_FIRST_MS, tries = 1; ; waitMs = Math.min(2 * waitMs, OUTCOME_RETRY_MAX_MS), tries++) {
       try {
-        return await this.deps.commits.write('completeBatch', completion);
+        return await this.deps.writer.write('completeBatch', completion);
       } catch (err) {
         if (this.graceOver) throw err;
         // each try while they come faster; then once a minute (a lock held for hours would log 720 lines an hour)
@@ -686,7 +686,7 @@ export class DeliveryEngine {
     if (interval <= 0 || (this.requeueing && !everything)) return 0;
     this.requeueing = true;
     try {
-      const { sqlite, clock, commits } = this.deps;
+      const { sqlite, clock, writer } = this.deps;
       const now = clock.now();
       const finishedBefore = now - interval * 1000;
       let cursor: FailedScanCursor | null = { finishedAt: everything ? Number.NEGATIVE_INFINITY : this.requeueWatermark, id: '' };
@@ -694,7 +694,7 @@ export class DeliveryEngine {
       while (cursor) {
         const step = findTemporaryFailures(sqlite, { cursor, finishedBefore, limit: REQUEUE_SCAN_STEP });
         if (step.ids.length > 0) {
-          const done = await commits.write('requeueTemporaryFailures', step.ids, {
+          const done = await writer.write('requeueTemporaryFailures', step.ids, {
             now,
             maxAttempts: this.config.retry.maxAttempts,
             batchDelayMs: this.config.batchDelay,

@@ -26,7 +26,7 @@ import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
 export interface IntakeDeps {
   config: Config;
   sqlite: Sqlite;
-  commits: StoreWriter;
+  writer: StoreWriter;
   disk: DiskSpace;
   clock: Clock;
   logger: Logger;
@@ -541,7 +541,7 @@ export class SmtpIntake {
    */
   private async commitAndAnswer(session: SMTPServerSession, queueId: string, received: ReceivedBytes, cb: (err?: Error | null, message?: string) => void): Promise<void> {
     if (this.graceOver) return cb(shuttingDown());
-    const { config, clock, commits } = this.deps;
+    const { config, clock, writer } = this.deps;
     const log = this.deps.logger;
     const mailFrom = session.envelope.mailFrom ? decodeIdnDomain(session.envelope.mailFrom.address) : '';
     // smtp-server merged the recipients that differ only in case; two spellings of one xn--
@@ -573,7 +573,7 @@ export class SmtpIntake {
     const subject = config.security.logAllEmails ? subjectOf(raw) : undefined;
     const authUser = authUserOf(session);
     const state = this.state(session);
-    const write = commits.writeMoving(
+    const write = writer.writeMoving(
       [raw],
       'insertMessage',
       { id: queueId, mailFrom, recipients, authUser, clientIp, clientHostname, helo, raw, spooled, receivedAt: now },
@@ -614,7 +614,7 @@ export class SmtpIntake {
 
   /** A refusal by policy: a rate limit `hit`, else a full queue. Counted, and logged if a limit. */
   private policyRefused(session: SMTPServerSession, sender: string, hit?: LimitHit): Error {
-    this.deps.commits.write('countRefusal', hit ? 'rate-limit' : 'queue-full').catch(() => {});
+    this.deps.writer.write('countRefusal', hit ? 'rate-limit' : 'queue-full').catch(() => {});
     const who = { session: session.id, client: this.peer(session), sender };
     if (!hit) {
       this.deps.logger.warn({ event: 'smtp.queue_full', ...who, queueSize: this.deps.config.queueSize }, 'queue full: mail refused');

@@ -1,6 +1,6 @@
 // Operator commands on the queue, shared by the HTTP API and the CLI: requeue failed mail, make
 // queued mail due now, retry one message now, delete one message. Each runs inside one write
-// transaction (the server passes them to commits.write). Delivered recipients are never
+// transaction (the server passes them to writer.write). Delivered recipients are never
 // touched, so a requeue can only re-send to recipients that did not get the message.
 import type { Sqlite } from './db.js';
 import { type FailedScanCursor, failedPage, nextBatchAt } from './delivery.js';

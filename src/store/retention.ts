@@ -83,7 +83,7 @@ export function retentionSweep(sqlite: Sqlite, options: { now: number; delivered
 }
 
 export interface RetentionOptions {
-  commits: StoreWriter;
+  writer: StoreWriter;
   clock: Clock;
   logger: Logger;
   /** retention.deliveredDays; 0 keeps delivered mail forever (buckets are still pruned). */
@@ -127,10 +127,10 @@ export class RetentionSweeper {
 
   /** One batch (see retentionSweep). */
   async runOnce(): Promise<SweepResult> {
-    const { commits, clock, deliveredDays } = this.options;
+    const { writer, clock, deliveredDays } = this.options;
     const now = clock.now();
     const limit = this.batchSize;
-    const result = await commits.write('retentionSweep', { now, deliveredDays, limit, maxBytes: this.options.batchBytes });
+    const result = await writer.write('retentionSweep', { now, deliveredDays, limit, maxBytes: this.options.batchBytes });
     this.totals.messages += result.messages;
     this.totals.buckets += result.buckets;
     if (result.messages || result.buckets) {

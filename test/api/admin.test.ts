@@ -803,11 +803,11 @@ test('retry-failed requeues any number of failed messages in writes of at most 5
       }
     });
     const steps: number[] = [];
-    const write = relay.commits.write.bind(relay.commits);
-    relay.commits.write = ((op, ...args) => {
+    const write = relay.writer.write.bind(relay.writer);
+    relay.writer.write = ((op, ...args) => {
       if (op === 'requeueFailed') steps.push((args[0] as { ids: string[] }).ids.length);
       return write(op, ...args);
-    }) as typeof relay.commits.write;
+    }) as typeof relay.writer.write;
 
     // odd senders finished at 1100 or later: i odd with i % 700 >= 100, 300 + 250 of them
     const some = await call(relay, '/admin/retry-failed', postJson({ sender: 'ODD@example.com', since: 1100 }));
@@ -903,13 +903,13 @@ function insertMessages(relay: Relay, count: number, state: 'failed' | 'queued')
 function lockAfterFirstStep(relay: Relay, runStep: (db: Database.Database, args: unknown[]) => number): { release(): void } {
   const locker = new Database(relay.config.databasePath);
   const late = new Database(relay.config.databasePath, { timeout: 0 });
-  const write = relay.commits.write.bind(relay.commits) as (...args: unknown[]) => Promise<number>;
+  const write = relay.writer.write.bind(relay.writer) as (...args: unknown[]) => Promise<number>;
   let steps = 0;
-  relay.commits.write = (async (...args: unknown[]) => {
+  relay.writer.write = (async (...args: unknown[]) => {
     if (steps++ === 0) return write(...args);
     locker.exec('BEGIN IMMEDIATE');
     return late.transaction(() => runStep(late, args.slice(1))).immediate();
-  }) as typeof relay.commits.write;
+  }) as typeof relay.writer.write;
   return {
     release() {
       if (locker.inTransaction) locker.exec('ROLLBACK');

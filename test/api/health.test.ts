@@ -343,7 +343,7 @@ describe('GET /health', () => {
     const relay = await startTestRelay({}, { startDelivery: false, logger: log.logger });
     try {
       // The connection refuses every write (SQLITE_READONLY), as with a read-only database.
-      await relay.commits.pragma('query_only = ON');
+      await relay.writer.pragma('query_only = ON');
       const { status, body } = await call<Health>(relay, '/health');
       assert.equal(status, 503);
       assert.equal(body.status, 'error');
@@ -352,7 +352,7 @@ describe('GET /health', () => {
       // SMTP intake cannot store either: the two agree.
       await assert.rejects(sendMail(relay.smtpPort), /451/);
 
-      await relay.commits.pragma('query_only = OFF');
+      await relay.writer.pragma('query_only = OFF');
       const recovered = await call<Health>(relay, '/health');
       assert.equal(recovered.status, 200);
       assert.equal(recovered.body.details.database, 'ok');

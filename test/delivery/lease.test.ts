@@ -65,7 +65,7 @@ describe('claims and leases', () => {
     }
     const options = { now: clock.now(), leaseMs: 60_000, batchSize: 10, limit: 2, maxAttempts: 10 };
     // both writes go in one turn of the event loop: one commit, and their results cross back together
-    const results = await Promise.all([relay.commits.write('claimDueBatches', options), relay.commits.write('claimDueBatches', options)]);
+    const results = await Promise.all([relay.writer.write('claimDueBatches', options), relay.writer.write('claimDueBatches', options)]);
     const batches = results.flatMap((r) => r.batches);
     assert.deepEqual(batches.map((b) => b.messageId).sort(), [...ids].sort());
     for (const b of batches) {
@@ -85,10 +85,10 @@ describe('claims and leases', () => {
   test('two writes of one turn that move the same memory: it crosses once, and both commit', async () => {
     const { relay } = await relayWithMail();
     const bytes = Buffer.alloc(10_000);
-    const writes = relay.commits.stats.writes;
-    await Promise.all([relay.commits.writeMoving([bytes], 'probeWrite'), relay.commits.writeMoving([bytes], 'probeWrite')]);
+    const writes = relay.writer.stats.writes;
+    await Promise.all([relay.writer.writeMoving([bytes], 'probeWrite'), relay.writer.writeMoving([bytes], 'probeWrite')]);
     assert.equal(bytes.byteLength, 0, 'the memory moved to the writer thread');
-    assert.equal(relay.commits.stats.writes, writes + 2);
+    assert.equal(relay.writer.stats.writes, writes + 2);
   });
 
   test('a claim sets the lease and a fresh token and counts attempts before anything is sent', async () => {
@@ -185,13 +185,13 @@ describe('claims and leases', () => {
     const first = await startTestRelay(config, { startDelivery: false });
     const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com'], raw: 'Subject: late claim\r\n\r\nbody\r\n' })).response);
     // SIGTERM arrives while the first claim commits
-    const write = first.commits.write.bind(first.commits);
+    const write = first.writer.write.bind(first.writer);
     let stopping: Promise<void> | undefined;
-    first.commits.write = ((op, ...args) => {
+    first.writer.write = ((op, ...args) => {
       const result = write(op, ...args);
       if (op === 'claimDueBatches' && !stopping) stopping = first.stop();
       return result;
-    }) as typeof first.commits.write;
+    }) as typeof first.writer.write;
     first.delivery.start();
     await waitFor(() => stopping !== undefined, 10_000, 'the first claim');
     await stopping;
@@ -220,7 +220,7 @@ describe('claims and leases', () => {
     let stopping: Promise<void> | undefined;
     try {
       first.delivery.start();
-      await waitFor(() => first.commits.waiting === 1, 10_000, 'the claim waiting for the writer');
+      await waitFor(() => first.writer.waiting === 1, 10_000, 'the claim waiting for the writer');
       stopping = first.stop();
       const waiting = waitFor(() => log.entries().some((e) => e.event === 'delivery.shutdown_claims'), 10_000, 'shutdown waiting for the claim');
       await Promise.race([stopping, waiting.catch(() => {})]);

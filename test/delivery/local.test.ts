@@ -115,7 +115,7 @@ test("a restart right after a crash removes that crash's temp files once they ar
   const engine = new DeliveryEngine({
     config: relay.config,
     sqlite: relay.store.sqlite,
-    commits: relay.commits,
+    writer: relay.writer,
     clock: relay.clock,
     logger: pino({ level: 'silent' }),
     tempFileMinAgeMs: 500,

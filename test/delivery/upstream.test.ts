@@ -12,7 +12,7 @@ function engineOn(relay: Relay, clock: ManualClock, extra: Partial<DeliveryDeps>
   return new DeliveryEngine({
     config: relay.config,
     sqlite: relay.store.sqlite,
-    commits: relay.commits,
+    writer: relay.writer,
     clock,
     logger: pino({ level: 'silent' }),
     random: NO_JITTER,
@@ -293,7 +293,7 @@ describe('attempt deadline', () => {
       let running: Promise<unknown> | undefined;
       try {
         running = relay.delivery.runOnce();
-        await waitFor(() => relay.commits.waiting === 1, 10_000, 'the claim waiting for the writer');
+        await waitFor(() => relay.writer.waiting === 1, 10_000, 'the claim waiting for the writer');
         clock.advance(2_500);
       } finally {
         await lock.release();

@@ -53,7 +53,7 @@ test('logAllEmails=false: content already checkpointed into the database file is
   try {
     await sendMail(relay.smtpPort, { text: `${marker}\n${'d'.repeat(10_000)}`, subject: 'private' });
     // as happens to mail that waits (deferred, a backlog): a checkpoint copies it into the file
-    await relay.commits.pragma('wal_checkpoint(TRUNCATE)');
+    await relay.writer.pragma('wal_checkpoint(TRUNCATE)');
     const file = relay.config.databasePath;
     const holders = () => [file, `${file}-wal`].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(marker) >= 0);
     assert.deepEqual(holders(), [file], 'control: the content is in the database file before delivery');
@@ -73,7 +73,7 @@ test('logAllEmails=false: a reader holding an old snapshot delays the erasure of
   const reader = openReadOnly(relay.config.databasePath);
   try {
     await sendMail(relay.smtpPort, { text: `${marker}\n${'e'.repeat(10_000)}`, subject: 'private' });
-    await relay.commits.pragma('wal_checkpoint(TRUNCATE)');
+    await relay.writer.pragma('wal_checkpoint(TRUNCATE)');
     const file = relay.config.databasePath;
     const holders = () => [file, `${file}-wal`].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(marker) >= 0);
     // a CLI command or a backup in the middle of its read: the checkpoint may not copy past its snapshot

@@ -84,7 +84,7 @@ describe('retention with an injected clock', () => {
   test('deletes only delivered mail past its age, in batches, with its recipients and attempts', async () => {
     clock.set(t0 + 7 * DAY + MINUTE);
     const before = storeMetrics(relay.store.sqlite);
-    const sweeper = new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 2 });
+    const sweeper = new RetentionSweeper({ writer: relay.writer, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 2 });
     assert.deepEqual(await sweeper.runOnce(), { messages: 2, buckets: 0, more: true });
     assert.deepEqual(await sweeper.runOnce(), { messages: 1, buckets: 0, more: false });
     for (const id of ids.old) {
@@ -105,14 +105,14 @@ describe('retention with an injected clock', () => {
 
   test('deliveredDays 0 keeps delivered mail forever', async () => {
     clock.set(t0 + 3650 * DAY);
-    const keep = new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 0 });
+    const keep = new RetentionSweeper({ writer: relay.writer, clock, logger: pino({ level: 'silent' }), deliveredDays: 0 });
     assert.equal((await keep.runOnce()).messages, 0);
     assert.equal(state(ids.recent), 'delivered');
   });
 
   /** A sweeper on the timer: no pause while there is a backlog, a minute otherwise. */
   const timedSweeper = (batch: Pick<RetentionOptions, 'batchSize' | 'batchBytes'>) =>
-    new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, busyIntervalMs: 0, idleIntervalMs: 60_000, ...batch });
+    new RetentionSweeper({ writer: relay.writer, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, busyIntervalMs: 0, idleIntervalMs: 60_000, ...batch });
 
   test('the timer works through a backlog batch by batch and stops on stop()', async () => {
     clock.set(t0 + 7 * DAY - MINUTE);
@@ -221,7 +221,7 @@ test('delivered mail goes once it is more than deliveredDays old, not at the ins
     }
     const state = (id: string) => (relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').get(id) as { state: string } | undefined)?.state;
     assert.deepEqual(ids.map(state), ['delivered', 'delivered', 'delivered']);
-    const sweeper = new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 1 });
+    const sweeper = new RetentionSweeper({ writer: relay.writer, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 1 });
 
     clock.set(t0 + 7 * DAY);
     assert.equal((await sweeper.runOnce()).messages, 0, 'delivered exactly 7 days ago: kept');
@@ -246,7 +246,7 @@ test('a sweep removes at most its batch of rows in all: delivered mail first, bu
     for (const to of ['a@example.com', 'b@example.com']) await sendMail(relay.smtpPort, { from: 'app@example.com', to: [to] });
     await relay.delivery.runOnce();
     clock.set(t0 + 7 * DAY + MINUTE);
-    const sweeper = new RetentionSweeper({ commits: relay.commits, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 3 });
+    const sweeper = new RetentionSweeper({ writer: relay.writer, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 3 });
     // two messages, then t0's minute and hour buckets of the sender and of all mail: four
     assert.deepEqual(await sweeper.runOnce(), { messages: 2, buckets: 1, more: false });
     assert.deepEqual(await sweeper.runOnce(), { messages: 0, buckets: 3, more: false });
@@ -302,14 +302,14 @@ test('a batch that fails (a full disk, say) is tried again later: retention does
     await relay.delivery.runOnce();
     clock.set(t0 + 7 * DAY + MINUTE);
     // the first sweep's write is refused; every later one goes to the writer thread
-    const write = relay.commits.write.bind(relay.commits);
+    const write = relay.writer.write.bind(relay.writer);
     let refused = 0;
-    relay.commits.write = ((op, ...args) => {
+    relay.writer.write = ((op, ...args) => {
       if (op === 'retentionSweep' && refused++ === 0) return Promise.reject(new Error('database or disk is full'));
       return write(op, ...args);
-    }) as typeof relay.commits.write;
+    }) as typeof relay.writer.write;
     const log = capturedLog('warn');
-    const sweeper = new RetentionSweeper({ commits: relay.commits, clock, logger: log.logger, deliveredDays: 7, busyIntervalMs: 0, idleIntervalMs: 10 });
+    const sweeper = new RetentionSweeper({ writer: relay.writer, clock, logger: log.logger, deliveredDays: 7, busyIntervalMs: 0, idleIntervalMs: 10 });
     sweeper.start();
     try {
       await waitFor(() => sweeper.totals.messages === 2, 10_000, 'the sweeper to delete the 2 delivered messages after its failed batch');

@@ -70,21 +70,21 @@ describe('storage faults', () => {
 
   test('every commit is fsynced before its 250: the writing connection runs WAL with synchronous=FULL', async () => {
     // a power cut, which no test here can cause, would lose what NORMAL had not synced yet
-    assert.equal(await relay.commits.pragma('journal_mode'), 'wal');
-    assert.equal(await relay.commits.pragma('synchronous'), 2);
+    assert.equal(await relay.writer.pragma('journal_mode'), 'wal');
+    assert.equal(await relay.writer.pragma('synchronous'), 2);
     assert.equal(relay.store.sqlite.pragma('synchronous', { simple: true }), 2, 'the main thread writes too (claims in tests, the CLI)');
   });
 
   test('a read-only database → 451 4.3.0 for every concurrent session, nothing stored; all pass once writable again', async () => {
     const before = footprint(relay);
-    await relay.commits.pragma('query_only = ON');
+    await relay.writer.pragma('query_only = ON');
     try {
       await Promise.all(
         Array.from({ length: 10 }, (_, i) => refusedWith451(sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: recipients(3) }))),
       );
       assert.deepEqual(footprint(relay), before);
     } finally {
-      await relay.commits.pragma('query_only = OFF');
+      await relay.writer.pragma('query_only = OFF');
     }
     const results = await Promise.all(
       Array.from({ length: 10 }, (_, i) => sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: recipients(3) })),
@@ -96,15 +96,15 @@ describe('storage faults', () => {
 
   test('a full database (max_page_count): each message is stored whole or refused whole', async () => {
     const sqlite = relay.store.sqlite;
-    const maxBefore = (await relay.commits.pragma('max_page_count')) as number;
+    const maxBefore = (await relay.writer.pragma('max_page_count')) as number;
     let refused = 0;
     let accepted = 0;
     try {
       // a growing page budget: below the boundary the message row may fit while its recipients
       // do not; the first budget that holds everything must store it whole
       for (let extra = 0; extra <= 40 && accepted === 0; extra++) {
-        const pages = (await relay.commits.pragma('page_count')) as number;
-        await relay.commits.pragma(`max_page_count = ${pages + extra}`);
+        const pages = (await relay.writer.pragma('page_count')) as number;
+        await relay.writer.pragma(`max_page_count = ${pages + extra}`);
         const before = footprint(relay);
         try {
           const info = await sendMail(relay.smtpPort, { to: recipients(400), text: 'y'.repeat(6000) });
@@ -121,7 +121,7 @@ describe('storage faults', () => {
         assertConsistent(relay);
       }
     } finally {
-      await relay.commits.pragma(`max_page_count = ${maxBefore}`);
+      await relay.writer.pragma(`max_page_count = ${maxBefore}`);
     }
     assert.ok(refused > 1, 'the fault was hit at more than one budget');
     assert.equal(accepted, 1, 'a large enough budget stores the message');
@@ -131,23 +131,23 @@ describe('storage faults', () => {
 
   test('in one group commit, an operation that does not fit fails alone or takes the others with it, never half', async () => {
     const sqlite = relay.store.sqlite;
-    const maxBefore = (await relay.commits.pragma('max_page_count')) as number;
+    const maxBefore = (await relay.writer.pragma('max_page_count')) as number;
     const now = relay.clock.now();
     const message = (raw: Buffer, n: number) => newMessage({ id: newQueueId(now), mailFrom: 'group@example.com', recipients: recipients(n), raw, receivedAt: now });
     const policy = { rateLimits: relay.config.rateLimits, queueSize: 0 };
     const small = message(Buffer.from('Subject: small\r\n\r\nsmall\r\n'), 1);
     const large = message(Buffer.alloc(512 * 1024, 'x'), 50);
-    const pages = (await relay.commits.pragma('page_count')) as number;
-    await relay.commits.pragma(`max_page_count = ${pages + 4}`);
+    const pages = (await relay.writer.pragma('page_count')) as number;
+    await relay.writer.pragma(`max_page_count = ${pages + 4}`);
     let outcomes: PromiseSettledResult<string>[];
     try {
       // sent to the writer together: one transaction, one savepoint each
       outcomes = await Promise.allSettled([
-        relay.commits.write('insertMessage', small, policy),
-        relay.commits.write('insertMessage', large, policy),
+        relay.writer.write('insertMessage', small, policy),
+        relay.writer.write('insertMessage', large, policy),
       ]);
     } finally {
-      await relay.commits.pragma(`max_page_count = ${maxBefore}`);
+      await relay.writer.pragma(`max_page_count = ${maxBefore}`);
     }
     assert.equal(outcomes[1].status, 'rejected');
     for (const [i, msg] of [small, large].entries()) {
@@ -183,7 +183,7 @@ test('the writer thread dies: the relay says so once, refuses mail with 451 4.3.
   try {
     const before = messageCount(relay);
     // what an out-of-memory abort or a crash in native code would do to the thread
-    await (relay.commits as unknown as { worker: import('node:worker_threads').Worker }).worker.terminate();
+    await (relay.writer as unknown as { worker: import('node:worker_threads').Worker }).worker.terminate();
     assert.equal(fatal.length, 1);
     assert.match(fatal[0].message, /writer thread exited/);
     await assert.rejects(sendMail(relay.smtpPort, { to: ['a@example.com'] }), (err: SmtpError) => {
@@ -206,7 +206,7 @@ test('claims that fail at once (a read-only database) are tried again after a pa
   );
   try {
     const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
-    await relay.commits.pragma('query_only = ON');
+    await relay.writer.pragma('query_only = ON');
     relay.delivery.start();
     const failures = () => log.entries().filter((e) => e.event === 'delivery.claim_failed');
     await waitFor(() => failures().length >= 4, 10_000, 'four failed claims');
@@ -218,7 +218,7 @@ test('claims that fail at once (a read-only database) are tried again after a pa
       const gap = (seen[i].time as number) - (seen[i - 1].time as number);
       assert.ok(gap >= waits[i - 1] - 1, `claim ${i + 1} came ${gap} ms after the one before, not after the ${waits[i - 1]} ms pause`);
     }
-    await relay.commits.pragma('query_only = OFF');
+    await relay.writer.pragma('query_only = OFF');
     const claims = () => (relay.store.sqlite.prepare('SELECT claims FROM messages WHERE id = ?').get(id) as { claims: number }).claims;
     await waitFor(() => claims() > 0, 10_000, 'a claim once the database takes writes again');
   } finally {
@@ -319,20 +319,20 @@ test('/health says error while the database refuses messages for lack of room, t
     return { status: res.status, body: (await res.json()) as { status: string; details: { database: string; warnings: string[] } } };
   };
   try {
-    const maxBefore = (await relay.commits.pragma('max_page_count')) as number;
-    await relay.commits.pragma(`max_page_count = ${(await relay.commits.pragma('page_count')) as number}`);
+    const maxBefore = (await relay.writer.pragma('max_page_count')) as number;
+    await relay.writer.pragma(`max_page_count = ${(await relay.writer.pragma('page_count')) as number}`);
     try {
       await refusedWith451(sendMail(relay.smtpPort, { to: recipients(50), text: 'y'.repeat(20_000) }));
       // small writes still fit: the health check's own, and a claim (delivery goes on draining)
-      await relay.commits.write('probeWrite');
-      await relay.commits.write('claimDueBatches', { now: Date.now(), leaseMs: 60_000, batchSize: 10, limit: 1, maxAttempts: 5 });
+      await relay.writer.write('probeWrite');
+      await relay.writer.write('claimDueBatches', { now: Date.now(), leaseMs: 60_000, batchSize: 10, limit: 1, maxAttempts: 5 });
       const full = await health();
       assert.equal(full.status, 503);
       assert.equal(full.body.status, 'error');
       assert.equal(full.body.details.database, 'error');
       assert.ok(full.body.details.warnings.some((w) => /^the database refused a write in the last minute: .*full/.test(w)), String(full.body.details.warnings));
     } finally {
-      await relay.commits.pragma(`max_page_count = ${maxBefore}`);
+      await relay.writer.pragma(`max_page_count = ${maxBefore}`);
     }
     // a message stored clears it
     await sendMail(relay.smtpPort, { to: recipients(50), text: 'y'.repeat(20_000) });

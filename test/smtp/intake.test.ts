@@ -76,13 +76,13 @@ describe('durable intake', () => {
     // pragma runs after every write queued before it, so the counts below start from a quiet writer.
     const lock = await holdWriteLock(relay, 120_000);
     const before = messageCount(relay);
-    const commitsBefore = relay.commits.stats.commits;
+    const commitsBefore = relay.writer.stats.commits;
     let answered = 0;
     const sends = Array.from({ length: 30 }, (_, i) =>
       sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: [`r${i}@example.com`] }).finally(() => answered++),
     );
     try {
-      await waitFor(() => relay.commits.waiting >= 30, 60_000, 'all 30 messages waiting for the writer');
+      await waitFor(() => relay.writer.waiting >= 30, 60_000, 'all 30 messages waiting for the writer');
       // let the last turn's writes cross to the writer thread
       await new Promise((r) => setImmediate(r));
       assert.equal(answered, 0, 'no 250 before the commit');
@@ -95,7 +95,7 @@ describe('durable intake', () => {
     assert.equal(messageCount(relay), before + 30);
     // the writer's first transaction holds what reached it before it had to wait (at least one
     // message); everything that arrived while it waited goes in the next one
-    const commits = relay.commits.stats.commits - commitsBefore;
+    const commits = relay.writer.stats.commits - commitsBefore;
     assert.ok(commits >= 1 && commits <= 2, `${commits} commits for 30 messages`);
   });
 });
@@ -232,7 +232,7 @@ describe('intake log', () => {
       refused.close();
       assert.match(await leaving.send('DATA'), /^354 /);
       leaving.write('Subject: left\r\n\r\nbody\r\n.\r\n');
-      await waitFor(() => relay.commits.waiting === 1, 10_000, 'the message waiting for the writer');
+      await waitFor(() => relay.writer.waiting === 1, 10_000, 'the message waiting for the writer');
       leaving.close();
       await waitFor(() => log.entries().filter((l) => l.event === 'smtp.session').length === 1, 10_000, 'the refused session logged');
       await lock.release();

@@ -417,9 +417,9 @@ describe('storage faults', () => {
     const sqlite = relay.store.sqlite;
     const before = messageCount(relay);
     // the fault is set on the connection that writes (the writer thread's)
-    const pages = (await relay.commits.pragma('page_count')) as number;
-    const maxBefore = (await relay.commits.pragma('max_page_count')) as number;
-    await relay.commits.pragma(`max_page_count = ${pages}`);
+    const pages = (await relay.writer.pragma('page_count')) as number;
+    const maxBefore = (await relay.writer.pragma('max_page_count')) as number;
+    await relay.writer.pragma(`max_page_count = ${pages}`);
     try {
       await assert.rejects(
         sendMail(relay.smtpPort, { text: 'x'.repeat(200_000) }),
@@ -433,7 +433,7 @@ describe('storage faults', () => {
       const orphans = sqlite.prepare('SELECT COUNT(*) AS n FROM recipients WHERE message_id NOT IN (SELECT id FROM messages)').get() as { n: number };
       assert.equal(orphans.n, 0);
     } finally {
-      await relay.commits.pragma(`max_page_count = ${maxBefore}`);
+      await relay.writer.pragma(`max_page_count = ${maxBefore}`);
     }
     const ok = await sendMail(relay.smtpPort, { text: 'after the fault' });
     assert.match(ok.response, /^250 2\.0\.0 /);
@@ -516,7 +516,7 @@ describe('shutdown', () => {
       late.write('Subject: late\r\n\r\npart one\r\n');
       committing.write(MSG);
       const answer = committing.read(120_000);
-      await waitFor(() => relay.commits.waiting === 1, 10_000, 'the message waiting for the writer');
+      await waitFor(() => relay.writer.waiting === 1, 10_000, 'the message waiting for the writer');
       stopping = relay.stop();
       // until the grace period is over (or the client has its answer early: told 421 while its
       // message is being committed, it would send it again)
@@ -528,7 +528,7 @@ describe('shutdown', () => {
       const lateAnswer = late.read(120_000).finally(() => {
         lateAnswered = true;
       });
-      await waitFor(() => lateAnswered || relay.commits.waiting > 1, 10_000, 'an answer, or the late message sent to the writer');
+      await waitFor(() => lateAnswered || relay.writer.waiting > 1, 10_000, 'an answer, or the late message sent to the writer');
       await lock.release();
       assert.match(await answer, /^250 2\.0\.0 Ok: queued as /);
       assert.match(await lateAnswer, /^421 4\.3\.2 /);

@@ -26,13 +26,13 @@ describe('group commit', () => {
     const now = relay.clock.now();
     const policy = { rateLimits: { enabled: true, maxPerHour: 1, maxPerDay: 100, globalMaxPerHour: 100, globalMaxPerDay: 100 }, queueSize: 0 };
     const from = (mailFrom: string) => newMessage({ id: newQueueId(now), mailFrom, raw: Buffer.from(`Subject: ${mailFrom}\r\n\r\nhi\r\n`), receivedAt: now });
-    await relay.commits.write('insertMessage', from('limited@example.com'), policy);
+    await relay.writer.write('insertMessage', from('limited@example.com'), policy);
     const [over, other, again] = [from('limited@example.com'), from('other@example.com'), from('third@example.com')];
     // sent to the writer together: one transaction, one savepoint each
     const outcomes = await Promise.allSettled([
-      relay.commits.write('insertMessage', other, policy),
-      relay.commits.write('insertMessage', over, policy),
-      relay.commits.write('insertMessage', again, policy),
+      relay.writer.write('insertMessage', other, policy),
+      relay.writer.write('insertMessage', over, policy),
+      relay.writer.write('insertMessage', again, policy),
     ]);
     assert.deepEqual(
       outcomes.map((o) => o.status),
@@ -57,7 +57,7 @@ describe('group commit', () => {
         () => (settled = true),
         () => (settled = true),
       );
-      await waitFor(() => relay.commits.waiting === 1 || settled, 30_000, 'the message sent to the writer');
+      await waitFor(() => relay.writer.waiting === 1 || settled, 30_000, 'the message sent to the writer');
       // the writer thread is inside its transaction by now, waiting for the lock
       await new Promise((r) => setTimeout(r, 500));
       assert.equal(messageCount(relay), before);
@@ -80,9 +80,9 @@ test('the writer thread dies while a message is being committed: its session get
     try {
       assert.match(await c.send('DATA'), /^354 /);
       c.write('Subject: in flight\r\n\r\nbody\r\n.\r\n');
-      await waitFor(() => relay.commits.waiting === 1, 30_000, 'the message sent to the writer');
+      await waitFor(() => relay.writer.waiting === 1, 30_000, 'the message sent to the writer');
       // what an out-of-memory abort would do; the thread stops once the lock lets its write go on
-      const worker = (relay.commits as unknown as { worker: Worker }).worker;
+      const worker = (relay.writer as unknown as { worker: Worker }).worker;
       const terminated = worker.terminate();
       await new Promise((r) => setTimeout(r, 200));
       await lock.release();
@@ -92,7 +92,7 @@ test('the writer thread dies while a message is being committed: its session get
       c.close();
     }
     assert.equal(fatal.length, 1);
-    assert.equal(relay.commits.waiting, 0);
+    assert.equal(relay.writer.waiting, 0);
   } finally {
     await relay.stop();
   }
