@@ -200,7 +200,7 @@ export class SmtpIntake {
     const tlsOn = Boolean(deps.tls);
     // smtp-server's per-session chatter only at debug; never louder than the root logger
     const smtpLog = deps.logger.child({});
-    if (deps.logger.levelVal > 20 && deps.logger.levelVal < 40) smtpLog.level = 'warn';
+    if (deps.logger.level === 'info') smtpLog.level = 'warn';
     // smtp-server wraps the logger it is given so that every command and reply builds a log
     // entry before the level is looked at; it gets the levels that are on, and no-ops.
     const serverLog = smtpServerLogger(smtpLog, deps.logger);
