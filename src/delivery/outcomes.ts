@@ -110,8 +110,10 @@ function openSslMessage(e: { reason?: unknown; originalCode?: unknown; code?: un
 const REPLY_LIMIT = 2048;
 
 function shortReply(text: string): string {
-  // without the line end some errors carry (OpenSSL's), which `relayq show` would print as a blank line
-  const reply = text.trimEnd();
+  // without the line end some errors carry (OpenSSL's), which `relayq show` would print as a blank
+  // line; the lines of a multi-line reply joined by a space, as Postfix logs them, so that a row
+  // or a log line holds one line
+  const reply = text.trimEnd().replace(/\r?\n/g, ' ');
   return reply.length <= REPLY_LIMIT ? reply : `${reply.slice(0, REPLY_LIMIT)}… (${reply.length} characters)`;
 }
 

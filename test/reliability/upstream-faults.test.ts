@@ -276,6 +276,16 @@ describe('upstream faults', () => {
     assertNoClaimLeft(relay);
   });
 
+  test('a multi-line refusal is stored as one line, its lines joined by a space (as Postfix logs it)', async () => {
+    const { relay, upstream } = await setup();
+    upstream.behaviour = { ...WELL_BEHAVED, rcpt: (a) => (a.startsWith('never') ? '550-5.1.1 no such user\r\n550 5.1.1 see https://example.com/bounce' : undefined) };
+    const id = await queue(relay, ['never@example.com', 'ok@example.com']);
+    await relay.delivery.runOnce();
+    const never = rows(relay, id).recipients.find((r) => r.address === 'never@example.com') as RecipientRow;
+    assert.deepEqual([never.status, never.last_code], ['failed', 550]);
+    assert.equal(never.last_reply, '550-5.1.1 no such user 550 5.1.1 see https://example.com/bounce');
+  });
+
   test('a reply that is no SMTP reply, to RCPT or to the final dot → deferred, not failed', async () => {
     await deferThenHeal({ rcpt: () => 'HELLO THIS IS NOT SMTP' }, /^HELLO THIS IS NOT SMTP$/, null);
     await deferThenHeal({ dataEnd: { reply: '999 what is this' } }, /^999 what is this$/, null);
