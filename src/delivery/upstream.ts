@@ -275,6 +275,41 @@ function withImplicitTlsHint(err: Error): Error {
 const TOO_MANY = /^\d{3}[ -][45]\.5\.3\b|too many recipients/i;
 
 /**
+ * nodemailer's options for one upstream connection. Its socketTimeout (inactivity on an open
+ * connection) is the attempt's whole budget: the reply to the final dot may take long (RFC 5321
+ * §4.5.3.2.6 gives it 10 minutes, as Postfix's smtp_data_done_timeout does), and the attempt's
+ * deadline bounds the whole transaction anyway.
+ */
+export function connectionOptions(settings: UpstreamSettings): SMTPConnection.Options {
+  const budget = settings.attemptTimeoutMs;
+  const setupTimeout = Math.min(30_000, Math.max(1000, Math.floor(budget / 3)));
+  // nodemailer logs every session step at info and every refused message at error; relayq's
+  // own `delivery.attempt` line carries the same facts once, so its log is for debugging only.
+  const debug = settings.logger.isLevelEnabled('debug');
+  return {
+    host: settings.host,
+    port: settings.port,
+    secure: settings.secure,
+    // STARTTLS is used whenever offered (nodemailer's default); a certificate that does not
+    // verify is a TLS error (retried), never a silent fallback to plain text.
+    ignoreTLS: false,
+    requireTLS: false,
+    // explicit, so that NODE_TLS_REJECT_UNAUTHORIZED=0 in the environment does not turn it off
+    tls: { rejectUnauthorized: true, ...settings.tls },
+    name: settings.clientName,
+    connectionTimeout: setupTimeout,
+    greetingTimeout: setupTimeout,
+    dnsTimeout: setupTimeout,
+    socketTimeout: budget,
+    logger: debug ? (libraryLogger(settings.logger, 'nodemailer') as never) : false,
+    // and at debug the session's commands and replies, AUTH masked, without the message
+    transactionLog: debug,
+    // nodemailer sets TCP_NODELAY on every socket it opens (smtp-connection _onConnect), so
+    // the final "." is not held back by Nagle's algorithm waiting for a delayed ACK.
+  };
+}
+
+/**
  * The positions of the recipients a transaction deferred as over the upstream's limit of
  * recipients per transaction (`452`, or `552` taken for one, with `x.5.3` or "too many
  * recipients"), when it delivered to others; none when it delivered to none (nothing would change
@@ -311,34 +346,8 @@ export class SmtpUpstream {
 
   constructor(settings: UpstreamSettings) {
     this.label = hostPort(settings.host, settings.port);
-    const budget = settings.attemptTimeoutMs;
-    const setupTimeout = Math.min(30_000, Math.max(1000, Math.floor(budget / 3)));
-    // nodemailer logs every session step at info and every refused message at error; relayq's
-    // own `delivery.attempt` line carries the same facts once, so its log is for debugging only.
-    const debug = settings.logger.isLevelEnabled('debug');
-    this.options = {
-      host: settings.host,
-      port: settings.port,
-      secure: settings.secure,
-      // STARTTLS is used whenever offered (nodemailer's default); a certificate that does not
-      // verify is a TLS error (retried), never a silent fallback to plain text.
-      ignoreTLS: false,
-      requireTLS: false,
-      // explicit, so that NODE_TLS_REJECT_UNAUTHORIZED=0 in the environment does not turn it off
-      tls: { rejectUnauthorized: true, ...settings.tls },
-      name: settings.clientName,
-      connectionTimeout: setupTimeout,
-      greetingTimeout: setupTimeout,
-      dnsTimeout: setupTimeout,
-      // inactivity on an open connection; the attempt deadline bounds the whole transaction
-      socketTimeout: Math.min(120_000, budget),
-      logger: debug ? (libraryLogger(settings.logger, 'nodemailer') as never) : false,
-      // and at debug the session's commands and replies, AUTH masked, without the message
-      transactionLog: debug,
-      // nodemailer sets TCP_NODELAY on every socket it opens (smtp-connection _onConnect), so
-      // the final "." is not held back by Nagle's algorithm waiting for a delayed ACK.
-    };
-    this.idleMs = Math.min(IDLE_QUIT_MS, Math.floor((this.options.socketTimeout ?? budget) / 2));
+    this.options = connectionOptions(settings);
+    this.idleMs = Math.min(IDLE_QUIT_MS, Math.floor(settings.attemptTimeoutMs / 2));
     this.auth = settings.username ? { user: settings.username, pass: settings.password } : undefined;
     this.peerAddress = settings.peerAddress ?? ((address) => address);
     this.now = settings.now ?? Date.now;

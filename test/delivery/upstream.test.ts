@@ -3,6 +3,7 @@ import { after, describe, test } from 'node:test';
 import pino from 'pino';
 import { ManualClock } from '../../src/clock.js';
 import { type DeliveryDeps, DeliveryEngine } from '../../src/delivery/engine.js';
+import { connectionOptions } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
 import { holdWriteLock, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
@@ -326,3 +327,15 @@ describe('attempt deadline', () => {
     }
   });
 });
+
+test('the wait for a reply (the final dot\'s too) is the attempt\'s whole budget, so a longer processingTimeout gives a slow upstream more time', () => {
+  const settings = { host: '127.0.0.1', port: 25, secure: false, username: '', password: '', clientName: 'relay.test', maxMessageSize: 1000, logger: pino({ level: 'silent' }) };
+  // processingTimeout 900 (less its 10 % margin), past RFC 5321's 10 minutes for the final dot
+  assert.deepEqual(pick(connectionOptions({ ...settings, attemptTimeoutMs: 810_000 })), { socketTimeout: 810_000, greetingTimeout: 30_000, connectionTimeout: 30_000 });
+  // the default, 300 s
+  assert.deepEqual(pick(connectionOptions({ ...settings, attemptTimeoutMs: 270_000 })), { socketTimeout: 270_000, greetingTimeout: 30_000, connectionTimeout: 30_000 });
+});
+
+function pick(options: ReturnType<typeof connectionOptions>) {
+  return { socketTimeout: options.socketTimeout, greetingTimeout: options.greetingTimeout, connectionTimeout: options.connectionTimeout };
+}
