@@ -109,9 +109,19 @@ class RelayqConnection extends SMTPConnection {
   override _createParser(): SMTPStream {
     const parser = super._createParser();
     parser.continue = continueClearedFirst;
-    // where in its input the parser is (module comment, 9): each command line ends at a LF
+    // where in its input the parser is (module comment, 9): each command line ends at a LF. The
+    // parser also writes to itself, the rest of a chunk after a message's final dot: its input
+    // is then part of the chunk the socket gave, which stays counted until all of it is read.
     const write = parser._write;
     parser._write = (chunk, encoding, next) => {
+      if (this.socketChunk === 0) {
+        this.socketChunk = chunk.length;
+        const done = next;
+        next = (err) => {
+          this.socketChunk = 0;
+          done(err);
+        };
+      }
       this.commandChunk = parser._dataMode ? null : chunk;
       this.nextLine = 0;
       write.call(parser, chunk, encoding, next);
@@ -144,6 +154,8 @@ class RelayqConnection extends SMTPConnection {
   /** The input the parser reads command lines from, and where the line after the current one starts. */
   private commandChunk: Buffer | null = null;
   private nextLine = 0;
+  /** The length of the chunk of the socket the parser is reading (0: none); what it writes to itself is part of it. */
+  private socketChunk = 0;
   /** Whether lines are masked until the next command, after an AUTH (module comment, 7). */
   private afterAuth = false;
 
@@ -223,9 +235,9 @@ class RelayqConnection extends SMTPConnection {
 
   /** Whether the client has sent anything after the command being answered (its FIN aside). */
   private sentAhead(): boolean {
-    const chunk = this.commandChunk;
-    const inChunk = chunk ? chunk.length : 0;
-    return this.nextLine < inChunk || this._socket.readableLength > 0 || (this._parser ? this._parser.writableLength > inChunk : false);
+    const inChunk = this.commandChunk ? this.commandChunk.length : 0;
+    // the rest of this chunk, what the socket has not handed over, the chunks queued behind this one
+    return this.nextLine < inChunk || this._socket.readableLength > 0 || (this._parser ? this._parser.writableLength > this.socketChunk : false);
   }
 
   override handler_EHLO(command: Buffer, callback: () => void): void {

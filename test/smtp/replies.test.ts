@@ -202,6 +202,35 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     await waitFor(() => log.entries().some((e) => e.event === 'smtp.session' && String(e.replies).includes('421 4.5.0')));
   });
 
+  test('a client that pipelines its next group behind a final dot and waits (RFC 2920): its refused DATA leaves the session open', async () => {
+    for (const [group, refusal] of [
+      ['MAIL FROM:<a@example.com>\r\nRCPT TO:<user input@example.com>\r\nDATA\r\n', /^503 5\.5\.1 /],
+      ['RSET\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA now\r\n', /^501 5\.5\.4 /],
+    ] as const) {
+      const { c } = await ehlo(relay.smtpPort);
+      c.write('MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n');
+      for (const code of ['250', '250', '354']) assert.equal((await c.read()).slice(0, 3), code);
+      // the message, its dot and the next group in one write: nothing after that DATA
+      c.write(`${MSG}${group}`);
+      assert.match(await c.read(), /^250 2\.0\.0 Ok: queued as /);
+      const replies = await Promise.all(group.split('\r\n').slice(0, -1).map(() => c.read()));
+      assert.match(replies.at(-1) ?? '', refusal, replies.join(' | '));
+      assert.match(await c.send('RSET'), /^250 /, 'the session goes on');
+      c.close();
+    }
+  });
+
+  test('a DATA line split across two reads, with the message behind it: still 421, nothing run', async () => {
+    const before = messageCount(relay);
+    const { c } = await ehlo(relay.smtpPort);
+    c.write('MAIL FROM:<a@example.com>\r\nRCPT TO:<user input@example.com>\r\nDA');
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    c.write('TA\r\nRSET\r\nMAIL FROM:<x@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n\r\nINJECTED\r\n.\r\n');
+    const replies = await c.readAll();
+    assert.match(replies.at(-1) ?? '', /^421 4\.5\.0 /, replies.join(' | '));
+    assert.equal(messageCount(relay), before);
+  });
+
   test('a refused DATA with nothing behind it (a client that waits) leaves the session open', async () => {
     const { c } = await ehlo(relay.smtpPort);
     assert.match(await c.send('DATA'), /^503 5\.5\.1 /);
