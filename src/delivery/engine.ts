@@ -145,6 +145,8 @@ export class DeliveryEngine {
    * a clock stepped back it moves back too: mail that fails then is finished "before" it.
    */
   private requeueWatermark = Number.NEGATIVE_INFINITY;
+  /** The earliest finish of the failures committed while a scan runs (it may have passed them). */
+  private failedDuringScan = Number.POSITIVE_INFINITY;
   private requeueing = false;
   /**
    * Messages failedRetryInterval put back in the queue, since this process started. One that fails
@@ -523,7 +525,10 @@ export class DeliveryEngine {
     );
     // a failure whose commit waited (a lock, a full disk) is finished before the point the scans of
     // failedRetryInterval have passed meanwhile: they must come back for it
-    if (outcome.state === 'failed') this.requeueWatermark = Math.min(this.requeueWatermark, completion.now);
+    if (outcome.state === 'failed') {
+      this.requeueWatermark = Math.min(this.requeueWatermark, completion.now);
+      this.failedDuringScan = Math.min(this.failedDuringScan, completion.now);
+    }
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
   }
 
@@ -689,6 +694,7 @@ export class DeliveryEngine {
       const { sqlite, clock, writer } = this.deps;
       const now = clock.now();
       const finishedBefore = now - interval * 1000;
+      this.failedDuringScan = Number.POSITIVE_INFINITY;
       let cursor: FailedScanCursor | null = { finishedAt: everything ? Number.NEGATIVE_INFINITY : this.requeueWatermark, id: '' };
       let requeued = 0;
       while (cursor) {
@@ -707,7 +713,7 @@ export class DeliveryEngine {
         }
         cursor = step.next;
       }
-      this.requeueWatermark = finishedBefore;
+      this.requeueWatermark = Math.min(finishedBefore, this.failedDuringScan);
       if (requeued > 0) this.wake();
       return requeued;
     } finally {

@@ -153,8 +153,10 @@ function requireHelloReply(connection: SMTPConnection): void {
  * "Connection closed unexpectedly" with no code. An upstream that answers a pipelined command
  * with a `421` or a `550` and closes at once (RFC 5321 §3.8; Haraka's DENYDISCONNECT) does just
  * that, and a `550` to one RCPT was then retried as a temporary failure. The close now waits
- * until the queued replies are read, as long as each turn reads one. The hook is nodemailer's
- * private `_onClose`; without it nothing changes.
+ * until the queued replies are read, as long as each turn reads one. Meanwhile the connection is
+ * not yet destroyed: a command on it fails at once as on a closed connection (a message is then
+ * not sent), and its `end` takes it out of the pool. The hook is nodemailer's private `_onClose`;
+ * without it nothing changes.
  */
 function readRepliesBeforeClose(connection: SMTPConnection): void {
   const internals = connection as unknown as { _onClose?: () => void; _responseQueue?: unknown[]; _destroyed?: boolean };
