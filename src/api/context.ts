@@ -8,6 +8,7 @@ import type { Config } from '../config/schema.js';
 import type { InFlowStats } from '../delivery/in-flow.js';
 import type { Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
+import type { UpstreamRecord } from '../store/queries.js';
 import type { StoreWriter } from '../store/writer.js';
 
 /**
@@ -15,7 +16,7 @@ import type { StoreWriter } from '../store/writer.js';
  * pacing (counted since this process started).
  */
 export interface DeliveryView {
-  status(): { upstream: string; lastSuccessAt: number | null; lastFailureAt: number | null; consecutiveFailures: number };
+  status(): UpstreamRecord & { upstream: string };
   inFlow: { stats(): InFlowStats };
   /**
    * An attempt of this relay is delivering the message now. Its lease in the database says the

@@ -10,6 +10,7 @@ import type { Logger } from 'pino';
 import { type Clock, isoTime } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import type { Sqlite } from '../store/db.js';
+import type { UpstreamRecord } from '../store/queries.js';
 import type { RecipientStatus } from '../store/schema.js';
 import {
   type BatchCompletion,
@@ -52,17 +53,11 @@ export interface DeliveryDeps {
 }
 
 /** The engine's live state, for /health and the tests; times are the clock's milliseconds. */
-export interface DeliveryHealth {
+export interface DeliveryHealth extends UpstreamRecord {
   /** "host:port" of the smart host, or "local". */
   upstream: string;
   /** Attempts between claim and commit of their outcome. */
   inFlight: number;
-  /** Last attempt that delivered at least one recipient. */
-  lastSuccessAt: number | null;
-  /** Last attempt that delivered nothing (refused, deferred, unreachable). */
-  lastFailureAt: number | null;
-  /** Attempts in a row that failed (upstreamVerdict): a delivery or a refusal of the mail ends the run. */
-  consecutiveFailures: number;
 }
 
 export interface RunReport {

@@ -31,7 +31,7 @@ export interface UpstreamRecord {
   lastSuccessAt: number | null;
   /** When the last attempt that did not deliver anything ended; null = never. */
   lastFailureAt: number | null;
-  /** Attempts since the last success, all without a delivery. */
+  /** Attempts in a row that failed (upstreamVerdict): a delivery or a refusal of the mail ends the run. */
   consecutiveFailures: number;
 }
 
