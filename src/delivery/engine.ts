@@ -379,10 +379,11 @@ export class DeliveryEngine {
     this.track(task.then((count) => count === free && this.wake()));
   }
 
-  private claim(limit: number, held = this.held()): Promise<ClaimResult> {
+  private async claim(limit: number, held = this.held()): Promise<ClaimResult> {
     const { clock, config } = this.deps;
-    return this.deps.writer.write('claimDueBatches', {
-      now: clock.now(),
+    const now = clock.now();
+    const claimed = await this.deps.writer.write('claimDueBatches', {
+      now,
       leaseMs: this.leaseMs,
       // Local delivery writes the message once for all of its recipients.
       batchSize: this.upstream ? config.batchSize : Number.POSITIVE_INFINITY,
@@ -390,6 +391,9 @@ export class DeliveryEngine {
       maxAttempts: config.retry.maxAttempts,
       held,
     });
+    // messages the claim found finished (attempts used up, retry.maxAge) failed at `now`
+    if (claimed.finalized.some((f) => f.state === 'failed')) this.failedAt(now);
+    return claimed;
   }
 
   /** An attempt in progress is delivering this message (see DeliveryView). */
@@ -518,12 +522,7 @@ export class DeliveryEngine {
       },
       'delivery attempt',
     );
-    // a failure whose commit waited (a lock, a full disk) is finished before the point the scans of
-    // failedRetryInterval have passed meanwhile: they must come back for it
-    if (outcome.state === 'failed') {
-      this.requeueWatermark = Math.min(this.requeueWatermark, completion.now);
-      this.failedDuringScan = Math.min(this.failedDuringScan, completion.now);
-    }
+    if (outcome.state === 'failed') this.failedAt(completion.now);
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
   }
 
@@ -624,6 +623,16 @@ export class DeliveryEngine {
         await this.retryPause(waitMs);
       }
     }
+  }
+
+  /**
+   * A message failed at `finishedAt`. A failure whose commit waited (a lock, a full disk) is
+   * finished before the point the scans of failedRetryInterval have passed meanwhile, or the one
+   * running now will pass: they must come back for it.
+   */
+  private failedAt(finishedAt: number): void {
+    this.requeueWatermark = Math.min(this.requeueWatermark, finishedAt);
+    this.failedDuringScan = Math.min(this.failedDuringScan, finishedAt);
   }
 
   /** Waits `ms`, or less if shutdown wakes it. */

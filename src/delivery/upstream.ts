@@ -588,15 +588,25 @@ export class SmtpUpstream {
     return this.now() - (this.openedAt.get(connection) ?? Number.NEGATIVE_INFINITY) >= REUSE_TIME_LIMIT_MS;
   }
 
-  /** RSET after a refused message: the connection goes back to the pool once it is answered. */
+  /**
+   * RSET after a refused message: the connection goes back to the pool once it is answered. A live
+   * server answers at once; one that has not within a greeting's time (at most 30 s; no attempt's
+   * deadline bounds this wait) is cut off.
+   */
   private reset(connection: SMTPConnection): void {
     const answered = new Promise<void>((resolve) => {
-      connection.reset((err) => {
+      let finished = false;
+      const done = (err: Error | null) => {
+        if (finished) return;
+        finished = true;
+        clearTimeout(cutOff);
         this.resetting.delete(connection);
         if (err) connection.close();
         else this.release(connection);
         resolve();
-      });
+      };
+      const cutOff = setTimeout(() => done(new Error('no reply to RSET')), this.options.greetingTimeout).unref();
+      connection.reset((err) => done(err ?? null));
     });
     this.resetting.set(connection, answered);
   }

@@ -35,8 +35,8 @@
 //    STARTTLS handshake there is no parser to end, so a FIN then ends the connection.
 //    `inputAhead(session)` tells the handlers whether the client has sent more than the
 //    command being answered (more input, or its FIN): such a client may never read the answer.
-// 9. A DATA that is refused (no recipient was accepted, or it has an argument: `501 5.5.4`, as
-//    Postfix answers) while the client has already sent more: that is the message of a client
+// 9. A DATA that is refused (no recipient was accepted, no EHLO yet, or it has an argument:
+//    `501 5.5.4`, as Postfix answers) while the client has already sent more: that is the message of a client
 //    that did not wait for the `354`, and its lines would run as commands (a `RCPT TO:` in a
 //    body would become another message's envelope). The refusal is followed by `421 4.5.0` and
 //    the connection is closed, with nothing of what followed read as commands.
@@ -228,9 +228,20 @@ class RelayqConnection extends SMTPConnection {
     }
     if (this.session.envelope.rcptTo.length === 0) super.handler_DATA(command, () => {});
     else this.send(501, '5.5.4 Syntax: DATA');
-    // module comment, 9: a 421 closes the connection
-    if (this.sentAhead()) this.send(421, '4.5.0 Error: message content sent before the reply to DATA, closing connection');
     callback();
+  }
+
+  /**
+   * A DATA that did not start a message, whoever refused it (handler_DATA, or smtp-server before
+   * an EHLO), with input behind it: `421`, which closes the connection (module comment, 9).
+   */
+  override _onCommand(command: Buffer, callback?: () => void): void {
+    const data = !this._nextHandler && /^DATA(\s|$)/i.test(command.toString());
+    super._onCommand(command, callback);
+    const parser = this._parser;
+    if (data && parser && !parser._dataMode && !parser.isClosed && !this._upgrading && this.sentAhead()) {
+      this.send(421, '4.5.0 Error: message content sent before the reply to DATA, closing connection');
+    }
   }
 
   /** Whether the client has sent anything after the command being answered (its FIN aside). */

@@ -8,7 +8,7 @@ import type { Relay } from '../../src/main.js';
 import { openStore } from '../../src/store/db.js';
 import { FAILED_SCAN_SQL, findTemporaryFailures, requeueTemporaryFailures } from '../../src/store/delivery.js';
 import { call } from '../api/fixtures.js';
-import { capturedLog, holdWriteLock, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { capturedLog, holdWriteLock, sendMail, startTestRelay, tempDir, waitFor, writeDirect } from '../helpers.js';
 import { attempts, failedExportExists, message, NO_JITTER, queuedId, readFailedExport, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('retry policy', () => {
@@ -295,6 +295,35 @@ describe('retries against a real upstream, with an injected clock', () => {
     await waitFor(() => failed(second), 10_000, 'a failure after the step back');
     clock.advance(10_000);
     await waitFor(() => claims(second) === 2, 10_000, 'its requeue, an interval later');
+  });
+
+  test('failedRetryInterval still requeues mail that its claim gave up on and committed late (the write lock held meanwhile)', async () => {
+    const clock = new ManualClock();
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    await upstream.goDown();
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { maxAttempts: 3, initialDelay: 600 }, failedRetryInterval: 10 },
+      { clock, deliveryPollMs: 20, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com']);
+    await waitFor(() => message(relay, id).claims === 1 && message(relay, id).lease_token === null, 10_000, 'the first attempt deferred');
+    // its attempts used up (as after retry.maxAttempts was lowered): the next claim gives it up
+    await writeDirect(relay, (db) => db.prepare('UPDATE recipients SET attempts = 3 WHERE message_id = ?').run(id));
+    const lock = await holdWriteLock(relay);
+    const claimedAt = message(relay, id).next_attempt_at;
+    clock.set(claimedAt);
+    // the claim (now = claimedAt) waits for the lock, and meanwhile the scans pass claimedAt
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    clock.advance(60_000);
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    await lock.release();
+    await waitFor(() => message(relay, id).state === 'failed', 10_000, 'the give-up is committed');
+    assert.equal(message(relay, id).finished_at, claimedAt, "finished at the claim's time");
+    clock.advance(11_000);
+    await waitFor(() => log.entries().some((e) => e.event === 'delivery.requeued'), 10_000, 'the requeue of the failure committed late');
   });
 
   test('failedRetryInterval still requeues mail whose failure was committed late (the write lock held meanwhile)', async () => {

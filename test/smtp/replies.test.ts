@@ -220,6 +220,20 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     }
   });
 
+  test('before EHLO too (smtp-server refuses DATA itself then): the message behind a refused DATA is not run', async () => {
+    const before = messageCount(relay);
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    c.write('MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nEHLO evil.test\r\nMAIL FROM:<x@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n\r\nINJECTED\r\n.\r\n');
+    const replies = await c.readAll();
+    assert.deepEqual(
+      replies.map((r) => r.slice(0, 9)),
+      ['503 5.5.1', '503 5.5.1', '503 5.5.1', '421 4.5.0'],
+      replies.join(' | '),
+    );
+    assert.equal(messageCount(relay), before);
+  });
+
   test('a DATA line split across two reads, with the message behind it: still 421, nothing run', async () => {
     const before = messageCount(relay);
     const { c } = await ehlo(relay.smtpPort);
