@@ -90,6 +90,20 @@ describe('retries against a real upstream, with an injected clock', () => {
     return { clock, relay, upstream };
   }
 
+  /**
+   * While a failure's commit waits for `lock`, the clock moves on and the scans of
+   * failedRetryInterval (once a second) pass its time; then it is committed, finished at
+   * `finishedAt`, and the clock moves past the interval.
+   */
+  async function passScansThenCommit(clock: ManualClock, relay: Relay, id: string, lock: { release(): Promise<void> }, finishedAt: number) {
+    clock.advance(60_000);
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    await lock.release();
+    await waitFor(() => message(relay, id).state === 'failed', 10_000, 'the failure is committed');
+    assert.equal(message(relay, id).finished_at, finishedAt, 'finished when it failed, not when committed');
+    clock.advance(11_000);
+  }
+
   async function queue(relay: Relay, to = ['a@example.com', 'b@example.com']): Promise<string> {
     return queuedId((await sendMail(relay.smtpPort, { to, raw: 'Subject: retry\r\n\r\nbody\r\n' })).response);
   }
@@ -317,12 +331,7 @@ describe('retries against a real upstream, with an injected clock', () => {
     clock.set(claimedAt);
     // the claim (now = claimedAt) waits for the lock, and meanwhile the scans pass claimedAt
     await new Promise((resolve) => setTimeout(resolve, 300));
-    clock.advance(60_000);
-    await new Promise((resolve) => setTimeout(resolve, 2500));
-    await lock.release();
-    await waitFor(() => message(relay, id).state === 'failed', 10_000, 'the give-up is committed');
-    assert.equal(message(relay, id).finished_at, claimedAt, "finished at the claim's time");
-    clock.advance(11_000);
+    await passScansThenCommit(clock, relay, id, lock, claimedAt);
     await waitFor(() => log.entries().some((e) => e.event === 'delivery.requeued'), 10_000, 'the requeue of the failure committed late');
   });
 
@@ -354,13 +363,7 @@ describe('retries against a real upstream, with an injected clock', () => {
     const lock = await holdWriteLock(relay, 50);
     answer();
     await waitFor(() => log.entries().some((e) => e.event === 'delivery.commit_retry'), 10_000, 'the commit waits');
-    // meanwhile the scans of failedRetryInterval (once a second) pass the attempt's time
-    clock.advance(60_000);
-    await new Promise((resolve) => setTimeout(resolve, 2500));
-    await lock.release();
-    await waitFor(() => message(relay, id).state === 'failed', 10_000, 'the failure is committed');
-    assert.equal(message(relay, id).finished_at, finishedAt, 'finished when the upstream answered');
-    clock.advance(10_000);
+    await passScansThenCommit(clock, relay, id, lock, finishedAt);
     await waitFor(() => message(relay, id).claims === 2, 10_000, 'the requeue of the failure committed late');
   });
 });
