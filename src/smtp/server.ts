@@ -36,10 +36,10 @@
 //    `inputAhead(session)` tells the handlers whether the client has sent more than the
 //    command being answered (more input, or its FIN): such a client may never read the answer.
 // 9. A DATA that is refused (no recipient was accepted, no EHLO yet, or it has an argument:
-//    `501 5.5.4`, as Postfix answers) while the client has already sent more: that is the message of a client
-//    that did not wait for the `354`, and its lines would run as commands (a `RCPT TO:` in a
-//    body would become another message's envelope). The refusal is followed by `421 4.5.0` and
-//    the connection is closed, with nothing of what followed read as commands.
+//    `501 5.5.4`, as Postfix answers) while the client has already sent more: that is the
+//    message of a client that did not wait for the `354`, and its lines would run as commands
+//    (a `RCPT TO:` in a body would become another message's envelope). The refusal is followed
+//    by `421 4.5.0` and the connection is closed, with nothing of what followed read as commands.
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
@@ -220,15 +220,14 @@ class RelayqConnection extends SMTPConnection {
     return refusal;
   }
 
+  /** DATA takes no argument: `501 5.5.4`, as Postfix answers (smtp-server started a message). */
   override handler_DATA(command: Buffer, callback: () => void): void {
-    const withArgument = command.toString().trim().length > 'DATA'.length;
-    if (!withArgument && this.session.envelope.rcptTo.length > 0) {
-      super.handler_DATA(command, callback);
+    if (this.session.envelope.rcptTo.length > 0 && command.toString().trim().length > 'DATA'.length) {
+      this.send(501, '5.5.4 Syntax: DATA');
+      callback();
       return;
     }
-    if (this.session.envelope.rcptTo.length === 0) super.handler_DATA(command, () => {});
-    else this.send(501, '5.5.4 Syntax: DATA');
-    callback();
+    super.handler_DATA(command, callback);
   }
 
   /**
