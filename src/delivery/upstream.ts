@@ -165,10 +165,10 @@ function readRepliesBeforeClose(connection: SMTPConnection): void {
   internals._onClose = function (this: typeof internals) {
     let queued = Number.POSITIVE_INFINITY;
     const closeOnceRead = () => {
-      const now = this._responseQueue?.length ?? 0;
+      const left = this._responseQueue?.length ?? 0;
       // a reply that came only in part stays queued for ever: the close goes ahead
-      if (now > 0 && now < queued && !this._destroyed) {
-        queued = now;
+      if (left > 0 && left < queued && !this._destroyed) {
+        queued = left;
         setImmediate(closeOnceRead);
       } else {
         onClose.call(this);

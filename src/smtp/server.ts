@@ -243,7 +243,10 @@ class RelayqConnection extends SMTPConnection {
     }
   }
 
-  /** Whether the client has sent anything after the command being answered (its FIN aside). */
+  /**
+   * Whether the client has sent anything after the command being answered (its FIN aside).
+   * Unlike inputAhead (module comment, 8), it counts the rest of the chunk being read too.
+   */
   private sentAhead(): boolean {
     const inChunk = this.commandChunk ? this.commandChunk.length : 0;
     // the rest of this chunk, what the socket has not handed over, the chunks queued behind this one
