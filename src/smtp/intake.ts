@@ -418,6 +418,7 @@ export class SmtpIntake {
     this.authFailures.set(client, { count: failed + 1, at: now });
     if (this.authFailures.size > MAX_AUTH_CLIENTS) this.authFailures.delete(this.authFailures.keys().next().value as string);
     if (ok) {
+      this.deps.logger.warn({ event: 'smtp.auth_slowed', session: session.id, client: ip, user: auth.username, failures: failed, replyInMs }, 'right login after failures from this address: answered late');
       setTimeout(() => {
         if (this.state(session).closed) return;
         // A client that sent its FIN or more input before the slowed answer may have hung up
