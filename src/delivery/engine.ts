@@ -23,6 +23,7 @@ import {
   hasDueWork,
   lastError,
 } from '../store/delivery.js';
+import { roomForRequeued } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
 import { exportFailedMessage, failedExportDir, removeFailedExport } from './failed-export.js';
 import { InFlowGate, inFlowBacklogLimit } from './in-flow.js';
@@ -686,7 +687,8 @@ export class DeliveryEngine {
   }
 
   /**
-   * failedRetryInterval: put failed mail whose last error was temporary back in the queue. Scans
+   * failedRetryInterval: put failed mail whose last error was temporary back in the queue, oldest
+   * first, while there is room for it (roomForRequeued); the rest waits for the next scans. Scans
    * failed mail in bounded steps and lets SMTP sessions run between them, so the first scan after
    * a start does not hold the main thread however much failed mail the store keeps.
    */
@@ -701,10 +703,13 @@ export class DeliveryEngine {
       this.failedDuringScan = Number.POSITIVE_INFINITY;
       let cursor: FailedScanCursor | null = { finishedAt: everything ? Number.NEGATIVE_INFINITY : this.requeueWatermark, id: '' };
       let requeued = 0;
+      // where a scan stopped for want of room: the next one starts there
+      let stoppedAt = Number.POSITIVE_INFINITY;
       while (cursor) {
         const step = findTemporaryFailures(sqlite, { cursor, finishedBefore, limit: REQUEUE_SCAN_STEP });
-        if (step.ids.length > 0) {
-          const done = await writer.write('requeueTemporaryFailures', step.ids, {
+        const taken = step.messages.slice(0, roomForRequeued(sqlite, this.config.queueSize));
+        if (taken.length > 0) {
+          const done = await writer.write('requeueTemporaryFailures', taken.map((m) => m.id), {
             now,
             maxAttempts: this.config.retry.maxAttempts,
             batchDelayMs: this.config.batchDelay,
@@ -715,9 +720,13 @@ export class DeliveryEngine {
         } else if (step.next) {
           await nextTurn();
         }
+        if (taken.length < step.messages.length) {
+          stoppedAt = step.messages[taken.length].finishedAt;
+          break;
+        }
         cursor = step.next;
       }
-      this.requeueWatermark = Math.min(finishedBefore, this.failedDuringScan);
+      this.requeueWatermark = Math.min(finishedBefore, this.failedDuringScan, stoppedAt);
       if (requeued > 0) this.wake();
       return requeued;
     } finally {

@@ -530,13 +530,13 @@ export function failedPage(
   };
 }
 
-/** One step of failedRetryInterval's look for failed mail: the ids, of that step, with a temporarily failed recipient. */
+/** One step of failedRetryInterval's look for failed mail: the messages, of that step, with a temporarily failed recipient. */
 export function findTemporaryFailures(
   sqlite: Sqlite,
   options: { cursor: FailedScanCursor; finishedBefore: number; limit: number },
-): { ids: string[]; next: FailedScanCursor | null } {
+): { messages: Array<{ id: string; finishedAt: number }>; next: FailedScanCursor | null } {
   const page = failedPage(sqlite, options);
-  return { ids: page.messages.filter((m) => m.temporary).map((m) => m.id), next: page.next };
+  return { messages: page.messages.filter((m) => m.temporary), next: page.next };
 }
 
 /**

@@ -173,6 +173,15 @@ export function isQueueFull(sqlite: Sqlite, queueSize: number): boolean {
   return queueSize > 0 && activeCount(sqlite) >= queueSize;
 }
 
+/**
+ * How many failed messages failedRetryInterval may put back in the queue now: it fills the queue
+ * to half of queueSize at most, so that mail that already failed never takes the room new mail
+ * needs (Postfix's deferred mail does not count against new mail either).
+ */
+export function roomForRequeued(sqlite: Sqlite, queueSize: number): number {
+  return queueSize > 0 ? Math.max(0, Math.ceil(queueSize / 2) - activeCount(sqlite)) : Number.POSITIVE_INFINITY;
+}
+
 export function rateLimitMessage(hit: LimitHit): string {
   const scope = hit.limit.startsWith('global') ? 'all senders' : 'sender';
   const window = hit.limit.endsWith('Hour') ? 'hour' : 'day';

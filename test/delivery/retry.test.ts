@@ -311,6 +311,30 @@ describe('retries against a real upstream, with an injected clock', () => {
     await waitFor(() => claims(second) === 2, 10_000, 'its requeue, an interval later');
   });
 
+  test('failedRetryInterval fills at most half of queueSize, oldest first, and the next scans take the rest: failed mail never keeps new mail out', async () => {
+    const clock = new ManualClock();
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    await upstream.goDown();
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, queueSize: 4, retry: { maxAttempts: 1 }, failedRetryInterval: 10 },
+      { clock, deliveryPollMs: 20, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    const ids: string[] = [];
+    for (const to of ['a', 'b', 'c', 'd']) {
+      ids.push(await queue(relay, [`${to}@example.com`]));
+      clock.advance(1);
+    }
+    await waitFor(() => ids.every((id) => message(relay, id).state === 'failed'), 10_000, 'all four failed');
+    clock.advance(10_000);
+    const requeued = () => log.entries().filter((e) => e.event === 'delivery.requeued').map((e) => e.ids as string[]);
+    await waitFor(() => ids.every((id) => message(relay, id).claims === 2 && message(relay, id).state === 'failed'), 10_000, 'each requeued once and failed again');
+    // two at a time (half of queueSize 4), the oldest first
+    assert.deepEqual(requeued(), [ids.slice(0, 2), ids.slice(2)]);
+  });
+
   test('failedRetryInterval still requeues mail that its claim gave up on and committed late (the write lock held meanwhile)', async () => {
     const clock = new ManualClock();
     const upstream = await startScriptedUpstream();
@@ -441,7 +465,7 @@ test('the failed-mail scan goes in bounded steps and finds every temporary failu
     let cursor: { finishedAt: number; id: string } | null = { finishedAt: Number.NEGATIVE_INFINITY, id: '' };
     while (cursor) {
       const step = findTemporaryFailures(store.sqlite, { cursor, finishedBefore: 10_000, limit: 200 });
-      found.push(...step.ids);
+      found.push(...step.messages.map((m) => m.id));
       cursor = step.next;
       steps++;
     }
