@@ -90,6 +90,21 @@ describe('retries against a real upstream, with an injected clock', () => {
     return { clock, relay, upstream };
   }
 
+  /** A relay delivering as it would run (polling every 20 ms) to an upstream that is down, its log kept. */
+  async function runningAgainstDownUpstream(overrides: Parameters<typeof startTestRelay>[0]) {
+    const clock = new ManualClock();
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    await upstream.goDown();
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, ...overrides },
+      { clock, deliveryPollMs: 20, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    return { clock, relay, log };
+  }
+
   /**
    * While a failure's commit waits for `lock`, the clock moves on and the scans of
    * failedRetryInterval (once a second) pass its time; then it is committed, finished at
@@ -289,15 +304,7 @@ describe('retries against a real upstream, with an injected clock', () => {
   });
 
   test('failedRetryInterval still requeues mail that failed after the clock was stepped back', async () => {
-    const clock = new ManualClock();
-    const upstream = await startScriptedUpstream();
-    cleanup.push(() => upstream.close());
-    await upstream.goDown();
-    const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { maxAttempts: 1 }, failedRetryInterval: 10 },
-      { clock, deliveryPollMs: 20 },
-    );
-    cleanup.push(() => relay.stop());
+    const { clock, relay } = await runningAgainstDownUpstream({ retry: { maxAttempts: 1 }, failedRetryInterval: 10 });
     const claims = (id: string) => message(relay, id).claims;
     const failed = (id: string) => message(relay, id).state === 'failed';
     const first = await queue(relay, ['a@example.com']);
@@ -312,16 +319,7 @@ describe('retries against a real upstream, with an injected clock', () => {
   });
 
   test('failedRetryInterval fills at most half of queueSize, oldest first, and the next scans take the rest: failed mail never keeps new mail out', async () => {
-    const clock = new ManualClock();
-    const upstream = await startScriptedUpstream();
-    cleanup.push(() => upstream.close());
-    await upstream.goDown();
-    const log = capturedLog('info');
-    const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, queueSize: 4, retry: { maxAttempts: 1 }, failedRetryInterval: 10 },
-      { clock, deliveryPollMs: 20, logger: log.logger },
-    );
-    cleanup.push(() => relay.stop());
+    const { clock, relay, log } = await runningAgainstDownUpstream({ queueSize: 4, retry: { maxAttempts: 1 }, failedRetryInterval: 10 });
     const ids: string[] = [];
     for (const to of ['a', 'b', 'c', 'd']) {
       ids.push(await queue(relay, [`${to}@example.com`]));
@@ -336,16 +334,7 @@ describe('retries against a real upstream, with an injected clock', () => {
   });
 
   test('failedRetryInterval still requeues mail that its claim gave up on and committed late (the write lock held meanwhile)', async () => {
-    const clock = new ManualClock();
-    const upstream = await startScriptedUpstream();
-    cleanup.push(() => upstream.close());
-    await upstream.goDown();
-    const log = capturedLog('info');
-    const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { maxAttempts: 3, initialDelay: 600 }, failedRetryInterval: 10 },
-      { clock, deliveryPollMs: 20, logger: log.logger },
-    );
-    cleanup.push(() => relay.stop());
+    const { clock, relay, log } = await runningAgainstDownUpstream({ retry: { maxAttempts: 3, initialDelay: 600 }, failedRetryInterval: 10 });
     const id = await queue(relay, ['a@example.com']);
     await waitFor(() => message(relay, id).claims === 1 && message(relay, id).lease_token === null, 10_000, 'the first attempt deferred');
     // its attempts used up (as after retry.maxAttempts was lowered): the next claim gives it up
