@@ -397,10 +397,10 @@ export class SmtpIntake {
     const ip = this.peer(session);
     const client = authClientKey(ip);
     const { defaultUsername, defaultPassword } = this.deps.config;
-    const ok =
-      this.credentialsConfigured &&
-      secretsEqual(auth.username ?? '', defaultUsername) &&
-      secretsEqual(auth.password ?? '', defaultPassword);
+    // both compared every time: a wrong user name takes as long as a wrong password
+    const userOk = secretsEqual(auth.username ?? '', defaultUsername);
+    const passwordOk = secretsEqual(auth.password ?? '', defaultPassword);
+    const ok = this.credentialsConfigured && userOk && passwordOk;
     // After failures from this address every answer to it comes more and more slowly (never a
     // lockout), a success too: a guesser that hangs up when no quick answer comes learns nothing.
     const now = this.deps.clock.now();

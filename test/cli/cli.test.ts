@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -11,7 +11,7 @@ import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { startScriptedUpstream } from '../delivery/fixtures.js';
 import { cliArgs, NO_LIMITS, newMessage, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable, writeDirect } from '../helpers.js';
-import { CLI_CWD, cleanEnv, runCli, runCliJson, writeConfigFile } from './run-cli.js';
+import { CLI_CWD, cleanEnv, REPO_ROOT, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 const queuedId = (response: string) => {
   const m = /queued as (\S+)/.exec(response);
@@ -977,4 +977,10 @@ test('retry --queued makes queued mail due now, past its backoff (postqueue -f);
     await relay.stop();
     await upstream.close();
   }
+});
+
+test("the package's bin runs as a command of its own (what npm link puts on the PATH), also after a fresh build", () => {
+  const pkg = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8')) as { version: string; bin: { relayq: string } };
+  const out = execFileSync(path.join(REPO_ROOT, pkg.bin.relayq), ['--version'], { cwd: CLI_CWD, env: cleanEnv(), encoding: 'utf8' });
+  assert.equal(out.trim(), pkg.version);
 });

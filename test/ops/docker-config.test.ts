@@ -114,6 +114,11 @@ test('compose mounts config, data and emails, publishes on loopback only, restar
   assert.equal(composeEnv(compose).SECURITY_ALLOWED_NETWORKS, `127.0.0.0/8,::1/128,${subnet}`, 'SMTP is open to loopback and the compose network, not beyond');
 });
 
+test('git ignores the .env that the Docker steps write the admin token into, and local data', () => {
+  const ignored = read('.gitignore').split('\n');
+  for (const entry of ['.env', 'config.json', 'data/*', 'emails/', 'dist/']) assert.ok(ignored.includes(entry), entry);
+});
+
 test('.dockerignore keeps local data, secrets and build output out of the build context', () => {
   const ignored = read('.dockerignore')
     .split('\n')
