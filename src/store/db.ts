@@ -44,6 +44,7 @@ export const BUSY_TIMEOUT_MS = 5000;
  */
 export function openConnection(file: string): Sqlite {
   createPrivateFile(file);
+  refuseHardLinks(file);
   const sqlite = new Database(file);
   try {
     refuseForeignDatabase(sqlite);
@@ -56,6 +57,21 @@ export function openConnection(file: string): Sqlite {
     throw err;
   }
   return sqlite;
+}
+
+/**
+ * SQLite keeps a database's WAL and shared memory beside the name it was opened by: through a
+ * second name (a hard link) the same file would have a second WAL, and writes through either
+ * name would overwrite the other's, acknowledged mail included. The relay's lock is kept beside
+ * the name too (lockDatabase), so it would not refuse a second relay either.
+ */
+export function refuseHardLinks(file: string): void {
+  const names = fs.statSync(file, { throwIfNoEntry: false })?.nlink ?? 0;
+  if (names > 1) {
+    throw new Error(
+      `${file} has ${names} hard links: SQLite keeps a WAL beside each name, so writes through one name would overwrite those through another; remove the other names (find / -xdev -samefile ${file})`,
+    );
+  }
 }
 
 /** Creates `file` empty, readable by the relay's user alone, unless it is there already. */

@@ -8,7 +8,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { BUSY_TIMEOUT_MS, createPrivateFile, type Sqlite } from './db.js';
+import { BUSY_TIMEOUT_MS, createPrivateFile, refuseHardLinks, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
@@ -123,6 +123,7 @@ export function refuseNewerSchema(applied: readonly string[], known: readonly st
  * migrations, so a command starts quickly.
  */
 export function openReadOnly(file: string): Sqlite {
+  refuseHardLinks(file);
   const sqlite = new Database(file, { readonly: true, fileMustExist: true });
   sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
   return sqlite;

@@ -211,6 +211,20 @@ test('a second relay on the same database is refused before it touches anything,
       'one empty lock file: no journal beside it',
     );
     assert.equal(fs.statSync(`${databasePath}-lock`).size, 0);
+    // nor through a second name of the file (a hard link has a lock file and a WAL of its own):
+    // refused, and so is every command on it, while the relay on the first name serves on
+    const hardLink = path.join(dir, 'hard.db');
+    fs.linkSync(databasePath, hardLink);
+    const [viaHardLink, status] = await Promise.all([
+      runCli(['serve', '--smtpPort', '0', '--healthCheckPort', '0', '--minFreeDiskMb', '0', '--databasePath', hardLink, '--emailsDir', path.join(dir, 'emails4')]),
+      runCli(['status', '--databasePath', hardLink]),
+    ]);
+    for (const refused of [viaHardLink, status]) {
+      assert.equal(refused.code, 1, refused.stderr);
+      assert.match(refused.stderr, /hard\.db has 2 hard links: SQLite keeps a WAL beside each name/);
+    }
+    assert.ok(!fs.existsSync(`${hardLink}-wal`), 'nothing opened through the second name');
+    fs.unlinkSync(hardLink);
     await sendMail(first.smtpPort);
     assert.equal(await first.kill('SIGKILL'), null);
     // the kernel let go of the lock with the process

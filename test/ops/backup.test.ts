@@ -177,12 +177,13 @@ describe('relayq backup while mail is accepted and delivered', () => {
     const db = relay.config.databasePath;
     const linkedDir = path.join(dir, 'linked-data');
     fs.symlinkSync(path.dirname(db), linkedDir);
-    const hardLink = path.join(dir, 'hard-link.db');
-    fs.linkSync(db, hardLink);
     const linkToWal = path.join(dir, 'wal-link');
     fs.symlinkSync(`${db}-wal`, linkToWal);
     const before = fs.statSync(db).ino;
     const sqlite = openReadOnly(db);
+    // made after the open, which refuses a database file with a second name
+    const hardLink = path.join(dir, 'hard-link.db');
+    fs.linkSync(db, hardLink);
     try {
       fs.mkdirSync(`${db}-spool`, { recursive: true });
       for (const target of [path.join(linkedDir, path.basename(db)), `${db}-wal`, `${db}-shm`, `${db}-lock`, hardLink, linkToWal, path.join(`${db}-spool`, 'copy.db')]) {
@@ -194,6 +195,7 @@ describe('relayq backup while mail is accepted and delivered', () => {
       assert.throws(() => backupDatabase(sqlite, dir), /is not a regular file/, 'not "already exists": --force would not help');
     } finally {
       sqlite.close();
+      fs.unlinkSync(hardLink);
     }
     assert.equal(fs.statSync(db).ino, before, 'the database file is the one the relay opened');
     const info = await nodemailer.createTransport({ host: '127.0.0.1', port: relay.smtpPort, ignoreTLS: true }).sendMail({
