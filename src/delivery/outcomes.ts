@@ -33,14 +33,25 @@ export interface BatchResult {
  * What an attempt says about the upstream, for `/health`'s run of failures: it delivered to at
  * least one recipient; it refused every recipient for good (a 5xx to MAIL, RCPT or DATA, or
  * relayq's own size or SMTPUTF8 check): it works, and the mail was at fault, e.g. unknown
- * addresses; or it failed otherwise (no connection, TLS, AUTH, a timeout, a 4xx). Only the last
- * makes the run longer.
+ * addresses; or it failed otherwise (no connection, TLS, AUTH, a timeout, a 4xx, or every
+ * recipient refused as relayq's own mail is: refusesRelay). Only the last makes the run longer.
  */
 export type UpstreamVerdict = 'delivered' | 'refused' | 'failed';
 
 export function upstreamVerdict(result: BatchResult): UpstreamVerdict {
   if (result.recipients.some((r) => r.verdict === 'delivered')) return 'delivered';
-  return result.recipients.every((r) => r.verdict === 'failed') ? 'refused' : 'failed';
+  if (result.recipients.every((r) => r.verdict === 'failed') && !result.recipients.every(refusesRelay)) return 'refused';
+  return 'failed';
+}
+
+/**
+ * A refusal of relayq rather than of the address or the message: a `5.7.x` enhanced code
+ * (security or policy, RFC 3463), as in Postfix's `554 5.7.1 Relay access denied` to a relay it
+ * does not know. Mail fails for good by it all the same. (A `530`, authentication required, is
+ * not even that: it defers the mail, as an AUTH failure does.)
+ */
+function refusesRelay(r: RecipientResult): boolean {
+  return /^5\d\d[ -]5\.7\.\d{1,3}\b/.test(r.reply);
 }
 
 export interface ErrorClass {

@@ -30,12 +30,16 @@ interface Health {
   };
 }
 
-/** An upstream that refuses `unknown…` recipients for good (550), defers `busy…` ones (451) and takes the rest. */
+/**
+ * An upstream that refuses `unknown…` recipients for good (550), defers `busy…` ones (451),
+ * refuses to relay to `denied…` ones (554 5.7.1) and takes the rest.
+ */
 function pickyUpstream(): Promise<Upstream> {
   return startUpstream({
     onRcptTo(address, _session, cb) {
       const local = address.address.split('@')[0];
       if (local.startsWith('unknown')) return cb(Object.assign(new Error('5.1.1 No such user'), { responseCode: 550 }));
+      if (local.startsWith('denied')) return cb(Object.assign(new Error('5.7.1 Relay access denied'), { responseCode: 554 }));
       if (local.startsWith('busy')) return cb(Object.assign(new Error('4.7.1 Try again later'), { responseCode: 451 }));
       cb();
     },
@@ -233,6 +237,29 @@ describe('GET /health', () => {
       assert.equal(health.status, 'ok', health.details.warnings.join('; '));
       assert.equal(health.details.upstream.consecutive_failures, 0);
       assert.equal(storeMetrics(relay.store.sqlite).upstream.consecutiveFailures, 0);
+    } finally {
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
+  test('an upstream that refuses to relay for relayq (554 5.7.1 Relay access denied) is failing, though the mail fails for good', async () => {
+    const clock = new ManualClock();
+    const upstream = await pickyUpstream();
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, failedRetryInterval: 0 }, { clock, startDelivery: false });
+    try {
+      for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort, { to: [`denied${i}@example.com`, `denied-too${i}@example.com`] });
+      assert.equal((await relay.delivery.runOnce()).attempts, 3);
+      clock.advance(10 * 60_000);
+      const health = (await call<Health>(relay, '/health')).body;
+      assert.equal(health.status, 'degraded');
+      assert.equal(health.details.upstream.consecutive_failures, 3);
+      assert.equal(health.details.failed_emails, 3, 'failed for good all the same');
+      assert.match(health.details.warnings.join('; '), /last reply: 554 5\.7\.1 Relay access denied/);
+      // an unknown address beside a refused relay is an answer about the address: the upstream works
+      await sendMail(relay.smtpPort, { to: ['denied9@example.com', 'unknown9@example.com'] });
+      await relay.delivery.runOnce();
+      assert.equal((await call<Health>(relay, '/health')).body.details.upstream.consecutive_failures, 0);
     } finally {
       await relay.stop();
       await upstream.close();
