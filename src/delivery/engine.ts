@@ -23,7 +23,7 @@ import {
   hasDueWork,
   lastError,
 } from '../store/delivery.js';
-import { roomForRequeued } from '../store/intake.js';
+import { activeCount } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
 import { exportFailedMessage, failedExportDir, removeFailedExport } from './failed-export.js';
 import { InFlowGate, inFlowBacklogLimit } from './in-flow.js';
@@ -707,7 +707,7 @@ export class DeliveryEngine {
       let stoppedAt = Number.POSITIVE_INFINITY;
       while (cursor) {
         const step = findTemporaryFailures(sqlite, { cursor, finishedBefore, limit: REQUEUE_SCAN_STEP });
-        const taken = step.messages.slice(0, roomForRequeued(sqlite, this.config.queueSize));
+        const taken = step.messages.length > 0 ? step.messages.slice(0, this.roomForRequeued(now)) : [];
         if (taken.length > 0) {
           const done = await writer.write('requeueTemporaryFailures', taken.map((m) => m.id), {
             now,
@@ -732,6 +732,20 @@ export class DeliveryEngine {
     } finally {
       this.requeueing = false;
     }
+  }
+
+  /**
+   * How many failed messages failedRetryInterval may put back now: only spare room, so that mail
+   * that already failed never holds new mail back, by a 452 or by pacing (Postfix's deferred mail
+   * does not count against new mail either). Messages not yet final stay under half of queueSize,
+   * and due ones waiting for a worker under half of the backlog at which in-flow pacing starts.
+   */
+  private roomForRequeued(now: number): number {
+    const { sqlite } = this.deps;
+    const { limit } = this.inFlow;
+    const belowPacing = Math.floor(limit / 2) - countDueQueued(sqlite, now, limit);
+    const belowQueueSize = this.config.queueSize > 0 ? Math.floor(this.config.queueSize / 2) - activeCount(sqlite) : Number.POSITIVE_INFINITY;
+    return Math.max(0, Math.min(belowPacing, belowQueueSize));
   }
 
   /**

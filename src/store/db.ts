@@ -69,7 +69,7 @@ export function refuseHardLinks(file: string): void {
   const names = fs.statSync(file, { throwIfNoEntry: false })?.nlink ?? 0;
   if (names > 1) {
     throw new Error(
-      `${file} has ${names} hard links: SQLite keeps a WAL beside each name, so writes through one name would overwrite those through another; remove the other names (find / -xdev -samefile ${file})`,
+      `${file} has ${names} hard links: SQLite keeps a WAL beside each name, so writes through one name would overwrite those through another; remove the other names (find "$(stat -c %m ${file})" -xdev -samefile ${file} lists them)`,
     );
   }
 }

@@ -164,22 +164,13 @@ export function checkRateLimits(sqlite: Sqlite, mailFrom: string, now: number, l
 }
 
 /** Messages not yet final (queued + sending), from trigger-maintained counters: no scan. */
-function activeCount(sqlite: Sqlite): number {
+export function activeCount(sqlite: Sqlite): number {
   const row = prepared(sqlite, "SELECT SUM(value) AS n FROM counters WHERE name IN ('state_queued', 'state_sending')").get() as { n: number | null };
   return row.n ?? 0;
 }
 
 export function isQueueFull(sqlite: Sqlite, queueSize: number): boolean {
   return queueSize > 0 && activeCount(sqlite) >= queueSize;
-}
-
-/**
- * How many failed messages failedRetryInterval may put back in the queue now: it fills the queue
- * to half of queueSize at most, so that mail that already failed never takes the room new mail
- * needs (Postfix's deferred mail does not count against new mail either).
- */
-export function roomForRequeued(sqlite: Sqlite, queueSize: number): number {
-  return queueSize > 0 ? Math.max(0, Math.ceil(queueSize / 2) - activeCount(sqlite)) : Number.POSITIVE_INFINITY;
 }
 
 export function rateLimitMessage(hit: LimitHit): string {

@@ -34,6 +34,7 @@ export function lockDatabase(databasePath: string): { release(): void } {
   }
   // not a lock file beside a directory: the open of the database would fail anyway
   if (fs.statSync(real, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`${databasePath} is a directory`);
+  refuseHardLinks(real);
   const file = `${real}-lock`;
   let lock: Sqlite | undefined;
   try {

@@ -318,8 +318,9 @@ describe('retries against a real upstream, with an injected clock', () => {
     await waitFor(() => claims(second) === 2, 10_000, 'its requeue, an interval later');
   });
 
-  test('failedRetryInterval fills at most half of queueSize, oldest first, and the next scans take the rest: failed mail never keeps new mail out', async () => {
-    const { clock, relay, log } = await runningAgainstDownUpstream({ queueSize: 4, retry: { maxAttempts: 1 }, failedRetryInterval: 10 });
+  test('failedRetryInterval puts failed mail back only into spare room, oldest first, and the next scans take the rest', async () => {
+    // queueSize 8: pacing starts at 4 due messages, so at most 2 go back at a time
+    const { clock, relay, log } = await runningAgainstDownUpstream({ queueSize: 8, retry: { maxAttempts: 1 }, failedRetryInterval: 10 });
     const ids: string[] = [];
     for (const to of ['a', 'b', 'c', 'd']) {
       ids.push(await queue(relay, [`${to}@example.com`]));
@@ -329,8 +330,29 @@ describe('retries against a real upstream, with an injected clock', () => {
     clock.advance(10_000);
     const requeued = () => log.entries().filter((e) => e.event === 'delivery.requeued').map((e) => e.ids as string[]);
     await waitFor(() => ids.every((id) => message(relay, id).claims === 2 && message(relay, id).state === 'failed'), 10_000, 'each requeued once and failed again');
-    // two at a time (half of queueSize 4), the oldest first
     assert.deepEqual(requeued(), [ids.slice(0, 2), ids.slice(2)]);
+  });
+
+  test('the room failedRetryInterval fills: under half of the due backlog that starts pacing, and under half of queueSize', async () => {
+    const { clock, relay, upstream } = await setup({ queueSize: 8, retry: { maxAttempts: 1 }, failedRetryInterval: 10 });
+    await upstream.goDown();
+    const failed: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      failed.push(await queue(relay, [`f${i}@example.com`]));
+      await relay.delivery.runOnce();
+      clock.advance(1); // each failed a millisecond after the one before
+    }
+    clock.advance(10_000);
+    // pacing starts at 4 due messages (half of queueSize 8): 2 go back
+    assert.equal((await relay.delivery.runOnce()).requeued, 2);
+    assert.deepEqual(failed.map((id) => message(relay, id).claims), [2, 2, 1, 1]);
+    clock.advance(10_000);
+    // 3 messages waiting for a retry tomorrow are not due, but count against queueSize: 4 - 3 = 1
+    const waiting: string[] = [];
+    for (let i = 0; i < 3; i++) waiting.push(await queue(relay, [`w${i}@example.com`]));
+    await writeDirect(relay, (db) => db.prepare(`UPDATE messages SET next_attempt_at = ? WHERE id IN (${waiting.map(() => '?').join()})`).run(clock.now() + 86_400_000, ...waiting));
+    assert.equal((await relay.delivery.runOnce()).requeued, 1);
+    assert.deepEqual(failed.map((id) => message(relay, id).claims), [2, 2, 2, 1], 'the oldest first');
   });
 
   test('failedRetryInterval still requeues mail that its claim gave up on and committed late (the write lock held meanwhile)', async () => {
