@@ -118,9 +118,20 @@ export interface ReceivedBytes {
   spooled?: { file: string; bytes: number };
 }
 
+/**
+ * A chunk shorter than this is copied into a block of BLOCK bytes instead of being kept as it
+ * came: a client that sends a byte per TCP segment hands over a Buffer per byte, and each costs
+ * over 100 bytes of memory (and its own write to the spool file).
+ */
+const SMALL_CHUNK = 1024;
+const BLOCK = 16 * 1024;
+
 export class MessageBytes {
   private readonly chunks: Buffer[] = [];
   private held = 0;
+  /** Small chunks gathered (the first `blockUsed` bytes), kept or written once the block is full. */
+  private block: Buffer | undefined;
+  private blockUsed = 0;
   private file: { path: string; stream: fs.WriteStream; bytes: number; draining: boolean; openedAt: number } | undefined;
   /** The spool file could not be created or written: the message cannot be stored. */
   private failed: Error | undefined;
@@ -134,6 +145,28 @@ export class MessageBytes {
   ) {}
 
   add(chunk: Buffer): void {
+    if (this.discarded || this.failed) return;
+    if (chunk.length >= SMALL_CHUNK) {
+      this.flushBlock();
+      this.keep(chunk);
+      return;
+    }
+    this.block ??= Buffer.allocUnsafe(BLOCK);
+    const taken = chunk.copy(this.block, this.blockUsed);
+    this.blockUsed += taken;
+    if (this.blockUsed === BLOCK) this.flushBlock();
+    if (taken < chunk.length) this.add(chunk.subarray(taken));
+  }
+
+  /** The gathered small chunks, as one chunk of their own (the block is used again). */
+  private flushBlock(): void {
+    if (this.blockUsed === 0 || !this.block) return;
+    const gathered = Buffer.from(this.block.subarray(0, this.blockUsed));
+    this.blockUsed = 0;
+    this.keep(gathered);
+  }
+
+  private keep(chunk: Buffer): void {
     if (this.discarded || this.failed) return;
     if (!this.file && (this.spool.after === 0 || this.held + chunk.length <= this.spool.after)) {
       this.chunks.push(chunk);
@@ -155,6 +188,7 @@ export class MessageBytes {
 
   /** Waits for the file's writes; rejects when one failed (the message cannot be stored). */
   async finish(): Promise<ReceivedBytes> {
+    this.flushBlock();
     const file = this.file;
     if (file && !this.failed) {
       file.stream.end();
@@ -173,6 +207,7 @@ export class MessageBytes {
   discard(): void {
     this.discarded = true;
     this.chunks.length = 0;
+    this.block = undefined;
     const file = this.file;
     if (!file) return;
     // a stream still opening its file creates it before it closes: remove the file after that

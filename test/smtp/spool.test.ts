@@ -401,6 +401,27 @@ describe('a message\'s bytes past spoolAfter (MessageBytes)', () => {
     return { dir, spool, data, bytes: new MessageBytes(spool, name, data) };
   }
 
+  test('a message sent a byte per TCP segment is held in blocks, not a Buffer per byte (each costs over 100 bytes), in order, in memory and in the file', async () => {
+    const spool = new Spool(path.join(tempDir(), 'spool'), 256 * 1024);
+    const bytes = new MessageBytes(spool, '1A22AF1C0B4CA8658AC6', new PassThrough());
+    const sent: Buffer[] = [];
+    const send = (chunk: Buffer) => {
+      sent.push(chunk);
+      bytes.add(chunk);
+    };
+    for (let i = 0; i < 200_000; i++) send(Buffer.from([0x61 + (i % 26)]));
+    send(Buffer.alloc(3000, 'L')); // a large one between small ones keeps its place
+    for (let i = 0; i < 100_000; i++) send(Buffer.from([0x30 + (i % 10)]));
+    const received = await bytes.finish();
+    // in memory: 200,000 bytes in 13 chunks (12 blocks of 16 KiB and the rest, at the large
+    // chunk), the large chunk, and 3 blocks more up to 256 KiB; then the file
+    assert.equal(received.chunks.length, 17);
+    assert.ok(received.spooled);
+    const stored = Buffer.concat([...received.chunks, fs.readFileSync(received.spooled.file)]);
+    assert.ok(stored.equals(Buffer.concat(sent)), 'the bytes as sent, in order');
+    bytes.discard();
+  });
+
   test('DATA is paused while the spool file\'s writes are behind, and resumed once they drained', async () => {
     const { bytes, data } = receiving('1A22AF1C0B4CA8658AC7');
     // far past the file stream's buffer (16 KiB): its write() asks for a drain
