@@ -405,6 +405,12 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, refu
       `inFlowDelay is in milliseconds: ${c.inFlowDelay} ms hardly slows intake while delivery is behind; Postfix's in_flow_delay = 1s is inFlowDelay 1000`,
     );
   }
+  if (c.failedRetryInterval > 0 && c.queueSize > 0 && c.queueSize < 4) {
+    // it puts failed mail back only into room under half of queueSize and of the pacing backlog
+    warnings.push(
+      `failedRetryInterval puts failed mail back only while less than half of queueSize is in use: with queueSize ${c.queueSize} that is never; retry failed mail by hand (relayq retry --failed) or raise queueSize to 4 or more`,
+    );
+  }
   if (/(^|\.)example(\.(com|net|org))?\.?$/i.test(c.serverName)) {
     // config.example.json's placeholder, copied and left as it was
     warnings.push(

@@ -69,9 +69,14 @@ export function refuseHardLinks(file: string): void {
   const names = fs.statSync(file, { throwIfNoEntry: false })?.nlink ?? 0;
   if (names > 1) {
     throw new Error(
-      `${file} has ${names} hard links: SQLite keeps a WAL beside each name, so writes through one name would overwrite those through another; remove the other names (find "$(stat -c %m ${file})" -xdev -samefile ${file} lists them)`,
+      `${file} has ${names} hard links: SQLite keeps a WAL beside each name, so writes through one name would overwrite those through another; remove the other names (find "$(stat -c %m ${shellWord(file)})" -xdev -samefile ${shellWord(file)} lists them)`,
     );
   }
+}
+
+/** `text` as one word of a POSIX shell command line: single-quoted unless it needs no quotes. */
+export function shellWord(text: string): string {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replaceAll("'", `'\\''`)}'`;
 }
 
 /** Creates `file` empty, readable by the relay's user alone, unless it is there already. */

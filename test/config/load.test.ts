@@ -160,6 +160,22 @@ describe('loadConfig', () => {
     }
   });
 
+  test('a queueSize too small for failedRetryInterval to put anything back gets a warning', () => {
+    const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' };
+    for (const size of ['1', '3']) {
+      const r = loadConfig(['--queueSize', size], credentials);
+      assert.ok(r.ok);
+      assert.deepEqual(r.warnings, [
+        `failedRetryInterval puts failed mail back only while less than half of queueSize is in use: with queueSize ${size} that is never; retry failed mail by hand (relayq retry --failed) or raise queueSize to 4 or more`,
+      ]);
+    }
+    for (const args of [['--queueSize', '4'], ['--queueSize', '0'], ['--queueSize', '2', '--failedRetryInterval', '0']]) {
+      const r = loadConfig(args, credentials);
+      assert.ok(r.ok);
+      assert.deepEqual(r.warnings, [], args.join(' '));
+    }
+  });
+
   test('requireAuth for remote clients without tls.*: a warning that they cannot authenticate; none with TLS or only loopback', () => {
     const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' };
     const remote = loadConfig([], { ...credentials, SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8' });
