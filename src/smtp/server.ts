@@ -25,7 +25,9 @@
 //    cancelling one with `*`: so after any AUTH every line up to the next SMTP command is logged
 //    masked at debug, as smtp-server masks the lines of an AUTH exchange. A line that starts with
 //    AUTH but that smtp-server does not read as one (`AUTH<tab>PLAIN`, ` AUTH`, `AUTH=`: `500`) is
-//    logged as `AUTH /* secured */`, and the lines after it are masked the same way.
+//    logged as `AUTH /* secured */`, and the lines after it are masked the same way. Of an AUTH
+//    line itself only the word AUTH and a mechanism's name are logged: `AUTH <base64>` (no
+//    mechanism, `504`) is logged as `AUTH /* secured */`.
 // 8. A client that shuts down its sending side after its last command (`nc -N`, a script that
 //    half-closes after `.` or QUIT) still gets the replies to what it sent, as Postfix gives
 //    them: the listener keeps the socket half-open (intake sets `allowHalfOpen`), replies are
@@ -54,6 +56,9 @@ const ENHANCED = /^[245]\.\d{1,3}\.\d{1,3} /;
 
 /** Commands smtp-server knows: a line after a refused AUTH that is none of these may be a credential. */
 const COMMANDS = new Set(['HELO', 'EHLO', 'LHLO', 'MAIL', 'RCPT', 'DATA', 'RSET', 'NOOP', 'QUIT', 'VRFY', 'HELP', 'STARTTLS', 'AUTH', 'BDAT', 'XCLIENT', 'XFORWARD']);
+
+/** Mechanisms an AUTH line may name in the log; any other word there may be a credential. */
+const SASL_MECHANISMS = /^(PLAIN|LOGIN|CRAM-MD5|XOAUTH2|OAUTHBEARER|SCRAM-SHA-1|SCRAM-SHA-256|GSSAPI|NTLM|EXTERNAL|ANONYMOUS)$/i;
 
 /** smtp-server's own masking of AUTH lines, which RelayqConnection extends (module comment, 7). */
 const redactCredentials = (SMTPConnection.prototype as unknown as { _redactCredentials(commandName: string, line: string): { commandName: string; line: string } })
@@ -168,7 +173,13 @@ class RelayqConnection extends SMTPConnection {
       return { commandName: 'AUTH', line: 'AUTH /* secured */' };
     }
     this.afterAuth = commandName === 'AUTH';
-    return redactCredentials.call(this, commandName, line);
+    if (commandName !== 'AUTH' || this._nextHandler) return redactCredentials.call(this, commandName, line);
+    // smtp-server keeps the word after AUTH, which is a credential when the client left out the
+    // mechanism (`AUTH <base64>`, answered 504): only a mechanism name is logged as it was sent
+    const [, mechanism, ...response] = line.trim().split(/\s+/);
+    if (mechanism === undefined) return { commandName, line: 'AUTH' };
+    if (!SASL_MECHANISMS.test(mechanism)) return { commandName, line: 'AUTH /* secured */' };
+    return { commandName, line: response.length > 0 ? `AUTH ${mechanism} /* secured */` : `AUTH ${mechanism}` };
   }
 
   override send(code: number, data?: string | string[] | null, context?: string | false): void {

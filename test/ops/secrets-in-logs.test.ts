@@ -154,6 +154,9 @@ test('credentials a client sends after its AUTH was refused (538, 503, 504) or c
     await c.send('EHLO client.test');
     assert.match(await c.send('AUTH XOAUTH2'), /^504 /);
     assert.match(await c.send(base64(password)), /^5/);
+    // a response without the mechanism before it: its one word is the credential
+    assert.match(await c.send(`AUTH ${base64(`\0app\0${password}`)}`), /^504 /);
+    assert.match(await c.send(`AUTH ${base64(password)}`), /^504 /);
     // a LOGIN cancelled with `*`, then both lines sent all the same
     assert.match(await c.send('AUTH LOGIN'), /^334 /);
     assert.match(await c.send('*'), /^501 /);
@@ -178,6 +181,8 @@ test('credentials a client sends after its AUTH was refused (538, 503, 504) or c
   assert.deepEqual(leaks(output, password, 'app'), []);
   assert.deepEqual(leaks(output.toUpperCase(), base64(password).toUpperCase()), [], 'nor upper-cased as a command name');
   assert.equal(output.split('"msg":"C: /* secured */"').length - 1, 10, 'the ten lines after AUTH commands, masked');
+  assert.equal(output.split('"msg":"C: AUTH /* secured */"').length - 1, 5, 'AUTH lines without a mechanism, or that smtp-server does not read as AUTH');
+  assert.ok(output.includes('"msg":"C: AUTH XOAUTH2"'), 'a mechanism alone is logged as sent');
   assert.ok(output.includes('"msg":"C: NOOP"'), 'the command after them is logged as usual');
 });
 
