@@ -193,6 +193,11 @@ program.hook('preAction', (_program, command) => {
   });
 });
 
+// stderr is where a command says what went wrong. When it cannot be written either (`2>&1` into a
+// full disk, a pipe whose reader has gone), there is nowhere left to say so: the command goes on
+// as it would have (serve goes on serving mail) instead of dying of the unhandled write error.
+process.stderr.on('error', () => {});
+
 program.parseAsync(process.argv).catch((err: Error) => {
   // The reason, not a stack: one line, or one per bad key of a config error, each marked as ours.
   process.stderr.write(err.message.split('\n').map((line) => `relayq: ${line}\n`).join(''));

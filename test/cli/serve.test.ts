@@ -43,16 +43,16 @@ test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail 
 });
 
 /** A relay started as `relayq serve` on ports known beforehand, its stdout given by the caller. */
-async function serveWith(dir: string, stdout: number | 'pipe', databasePath = path.join(dir, 'data', 'relayq.db')) {
+async function serveWith(dir: string, stdout: number | 'pipe', databasePath = path.join(dir, 'data', 'relayq.db'), stderr: number | 'pipe' = 'pipe') {
   const [smtpPort, httpPort] = [await closedPort(), await closedPort()];
   const configFile = writeConfigFile(dir, { databasePath, emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0, smtpPort, healthCheckPort: httpPort });
   const child = spawn(process.execPath, cliArgs('serve', '--config', configFile), {
     cwd: CLI_CWD,
     env: cleanEnv(),
-    stdio: ['ignore', stdout, 'pipe'],
+    stdio: ['ignore', stdout, stderr],
   });
-  let stderr = '';
-  child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  let stderrText = '';
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderrText += d));
   const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
   const accepting = async () => {
     await waitFor(
@@ -62,7 +62,7 @@ async function serveWith(dir: string, stdout: number | 'pipe', databasePath = pa
       100,
     );
   };
-  return { child, smtpPort, exited, accepting, stderr: () => stderr };
+  return { child, smtpPort, exited, accepting, stderr: () => stderrText };
 }
 
 /** Resolves with the exit code, or with 'still running' after `ms`. */
@@ -89,6 +89,23 @@ test('a log that cannot be written (stdout on /dev/full) stops logging, says so 
     assert.match(relay.stderr(), /^relayq: the log cannot be written to stdout \(ENOSPC\); logging stops, mail is still served$/m);
     relay.child.kill('SIGTERM');
     assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
+  } finally {
+    relay.child.kill('SIGKILL');
+  }
+});
+
+test('a log that cannot be written, with stderr on the same full disk (`> log 2>&1`), still does not stop the relay', async () => {
+  const dir = tempDir('relayq-serve-');
+  const full = fs.openSync('/dev/full', 'w');
+  const relay = await serveWith(dir, full, undefined, full);
+  fs.closeSync(full);
+  try {
+    await relay.accepting();
+    // the relay has written its log by now, and the line on stderr that says it cannot
+    for (let i = 0; i < 3; i++) assert.match((await sendMail(relay.smtpPort)).response, /^250 2\.0\.0 Ok: queued as /);
+    assert.equal(await exitWithin(relay.exited, 0), 'still running');
+    relay.child.kill('SIGTERM');
+    assert.equal(await exitWithin(relay.exited, 20_000), 0);
   } finally {
     relay.child.kill('SIGKILL');
   }
