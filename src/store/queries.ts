@@ -238,9 +238,13 @@ export function listMessages(sqlite: Sqlite, filter: MessageFilter): MessagePage
 
 type Cursor = { receivedAt: number; id: string };
 
-/** `<received_at>-<id>` as nextBefore writes it; a bare message id (queue ids have no `-`) is looked up. */
+/**
+ * `<received_at>-<id>` as nextBefore writes it, the id a queue id's 20 characters (a cursor cut
+ * short in a copy would start the page at another message); a bare message id (queue ids have no
+ * `-`) is looked up.
+ */
 function parseCursor(sqlite: Sqlite, before: string): Cursor {
-  const written = /^(\d{1,15})-([0-9A-Za-z]+)$/.exec(before);
+  const written = /^(\d{1,15})-([0-9A-Za-z]{20})$/.exec(before);
   if (written) return { receivedAt: Number(written[1]), id: canonicalQueueId(written[2]) };
   if (before.includes('-')) throw new BadFilter(`before: ${before} is not a cursor (<received_at>-<id>, as next_before gives it)`);
   const id = canonicalQueueId(before);

@@ -418,6 +418,9 @@ describe('admin: queue inspection', () => {
         ['before=1-', 'before: 1- is not a cursor (<received_at>-<id>, as next_before gives it)'],
         ['before=-1A2239F2D794D2B77B69', 'before: -1A2239F2D794D2B77B69 is not a cursor (<received_at>-<id>, as next_before gives it)'],
         ['before=99999999999999999999-X', 'before: 99999999999999999999-X is not a cursor (<received_at>-<id>, as next_before gives it)'],
+        // the id of a cursor cut short, or not a queue id at all
+        ['before=1796375915710-1A240592CBD48E7C65', 'before: 1796375915710-1A240592CBD48E7C65 is not a cursor (<received_at>-<id>, as next_before gives it)'],
+        ['before=1796375915710-nonsense', 'before: 1796375915710-nonsense is not a cursor (<received_at>-<id>, as next_before gives it)'],
         ['before=', 'before must be the next_before of the previous page, or a message id'],
         ['recipient=', 'recipient: must be an address (a recipient is never empty; the null sender is a sender)'],
         ['sender=app+tag%40example.com', 'sender: an address has no space; a + in a query string is a space, write it %2B'],
