@@ -73,6 +73,9 @@ const LISTEN_ADDRESS = {
  */
 const PATH = { match: /./, what: 'a path (not empty)' };
 
+/** The one file that keeps the mail: not SQLite's `:memory:`, a database that is gone at the exit. */
+const DATABASE_PATH = { match: /^(?!:memory:$)./, what: 'the path of a file (not empty, nor ":memory:", which keeps nothing)' };
+
 /**
  * An upstream host: a host name in ASCII or an IP address. Not `host:port`, nor Postfix's
  * `[host]`: the port is forwardPort, and either would be looked up as a name and every message
@@ -132,7 +135,7 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   },
   { path: 'tls.cert', type: 'string', default: '', doc: 'PEM certificate file; with tls.key enables STARTTLS' },
   { path: 'tls.key', type: 'string', default: '', doc: 'PEM private key file; with tls.cert enables STARTTLS' },
-  { path: 'databasePath', type: 'string', default: 'data/relayq.db', pattern: PATH, doc: 'the one SQLite file' },
+  { path: 'databasePath', type: 'string', default: 'data/relayq.db', pattern: DATABASE_PATH, doc: 'the one SQLite file' },
   { path: 'emailsDir', type: 'string', default: 'emails', pattern: PATH, doc: 'local deliveries; failed exports go to `emailsDir/failed`' },
   { path: 'maxMessageSize', type: 'int', default: 26214400, min: MIN_MESSAGE_SIZE_LIMIT, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'larger messages get `552` (at most 500 MiB: SQLite stores a message as one value, of at most 512 MiB)' },
   { path: 'spoolAfter', type: 'int', default: 262144, min: 0, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'a message being received is held in memory up to this size, the rest in a file in `<databasePath>-spool/` until its commit (as Haraka\'s spool_after); 0 = all in memory' },

@@ -511,14 +511,18 @@ describe('loadConfig', () => {
     }
   });
 
-  test('the database and the emails directory must be named: an empty path (an unset variable in a compose file) is refused', () => {
+  test('the database and the emails directory must be named: an empty path (an unset variable in a compose file) and an in-memory database are refused', () => {
+    const database = 'must be the path of a file (not empty, nor ":memory:", which keeps nothing)';
     assert.deepEqual(errorMessages(loadConfig([], { DATABASE_PATH: '', EMAILS_DIR: '' })), [
-      'DATABASE_PATH (databasePath): must be a path (not empty), got ""',
+      `DATABASE_PATH (databasePath): ${database}, got ""`,
       'EMAILS_DIR (emailsDir): must be a path (not empty), got ""',
     ]);
-    assert.deepEqual(errorMessages(loadConfig(['--databasePath', ''], {})), ['--databasePath: must be a path (not empty), got ""']);
-    const ok = loadConfig([], { DATABASE_PATH: 'q.db', EMAILS_DIR: 'mail' });
-    assert.ok(ok.ok && ok.config.databasePath === 'q.db' && ok.config.emailsDir === 'mail');
+    assert.deepEqual(errorMessages(loadConfig(['--databasePath', ''], {})), [`--databasePath: ${database}, got ""`]);
+    assert.deepEqual(errorMessages(loadConfig(['--databasePath', ':memory:'], {})), [`--databasePath: ${database}, got ":memory:"`]);
+    for (const file of ['q.db', './:memory:', ':memory:.db']) {
+      const ok = loadConfig([], { DATABASE_PATH: file, EMAILS_DIR: 'mail' });
+      assert.ok(ok.ok && ok.config.databasePath === file && ok.config.emailsDir === 'mail', file);
+    }
   });
 
   test('an adminToken that is short, or has a space a Bearer header cannot carry, is refused without showing it', () => {
