@@ -161,6 +161,14 @@ export function requireCurrentSchema(sqlite: Sqlite, file: string): void {
   if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
 }
 
+/** A reason for stderr: each of its lines marked as relayq's. */
+export function ourLines(text: string): string {
+  return text
+    .split('\n')
+    .map((line) => `relayq: ${line}\n`)
+    .join('');
+}
+
 export function printJson(value: unknown): void {
   process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
 }

@@ -8,7 +8,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { CONFIG_KEYS } from '../config/schema.js';
 import { isMessageState, MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { VERSION } from '../version.js';
-import { CliError, configFlags, type GlobalOptions } from './context.js';
+import { CliError, configFlags, type GlobalOptions, ourLines } from './context.js';
 
 /**
  * A value, not the next option: commander takes whatever follows an option as its value, so
@@ -200,6 +200,6 @@ process.stderr.on('error', () => {});
 
 program.parseAsync(process.argv).catch((err: Error) => {
   // The reason, not a stack: one line, or one per bad key of a config error, each marked as ours.
-  process.stderr.write(err.message.split('\n').map((line) => `relayq: ${line}\n`).join(''));
+  process.stderr.write(ourLines(err.message));
   process.exit(err instanceof CliError ? err.exitCode : 1);
 });

@@ -6,6 +6,7 @@
 import { loadConfigFromSources } from '../config/load.js';
 import { createLogger, type StdoutLog, stdoutLog } from '../logger.js';
 import { type Relay, startRelay } from '../main.js';
+import { ourLines } from './context.js';
 
 const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP'] as const;
 /** The first signal again within this long is the same request delivered twice, not a second one. */
@@ -15,7 +16,7 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
   const loaded = loadConfigFromSources(argv, env);
   if (!loaded.ok) {
     // one line per bad key, each marked as ours, as every other command writes its errors
-    process.stderr.write(loaded.message.split('\n').map((line) => `relayq: ${line}\n`).join(''));
+    process.stderr.write(ourLines(loaded.message));
     process.exit(2);
   }
   const out = stdoutLog();
@@ -58,7 +59,7 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
     relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings, configFile: loaded.file, onFatal });
   } catch (err) {
     logger.fatal({ event: 'relay.start_failed', err: (err as Error).message }, 'relayq could not start');
-    process.stderr.write(`relayq: ${(err as Error).message}\n`);
+    process.stderr.write(ourLines((err as Error).message));
     exitAfterFlush(out, 1);
     return;
   }

@@ -6,16 +6,19 @@ import fs from 'node:fs';
 import tls from 'node:tls';
 import { isoTime } from '../clock.js';
 
-/** The certificate and key for STARTTLS; an error names the config key to fix. */
+/** The certificate and key for STARTTLS; an error names the config key to fix (both, one line each, when neither can be read). */
 export function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer; key: Buffer } {
+  const unreadable: string[] = [];
   const read = (key: string, file: string) => {
     try {
       return fs.readFileSync(file);
     } catch (err) {
-      throw new Error(`config error: ${key}: cannot read ${file}: ${(err as Error).message}`);
+      unreadable.push(`config error: ${key}: cannot read ${file}: ${(err as Error).message}`);
+      return Buffer.alloc(0);
     }
   };
   const files = { cert: read('tls.cert', certFile), key: read('tls.key', keyFile) };
+  if (unreadable.length > 0) throw new Error(unreadable.join('\n'));
   if (isEncryptedKey(files.key)) {
     throw new Error(
       `config error: tls.key: ${keyFile} is encrypted with a passphrase, which relayq cannot be given: ` +

@@ -733,6 +733,14 @@ describe('what only the start can find out names the key to fix', () => {
       /^Error: config error: tls\.cert: cannot read .*missing\.pem: ENOENT/,
     );
     await assert.rejects(startTestRelay({ tls: { cert: notPem, key: notPem } }), /^Error: config error: tls\.cert, tls\.key: .*not\.pem and .*not\.pem are not a PEM certificate and its key/);
+    // neither readable: both named at once, one line each, not one per start
+    await assert.rejects(startTestRelay({ tls: { cert: path.join(dir, 'missing.pem'), key: path.join(dir, 'missing-key.pem') } }), (err: Error) => {
+      const lines = err.message.split('\n');
+      assert.equal(lines.length, 2, err.message);
+      assert.match(lines[0], /^config error: tls\.cert: cannot read .*missing\.pem: ENOENT/);
+      assert.match(lines[1], /^config error: tls\.key: cannot read .*missing-key\.pem: ENOENT/);
+      return true;
+    });
   });
 
   test('an unreadable tls.key is named as tls.key, whatever the certificate', async () => {
