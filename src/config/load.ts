@@ -359,7 +359,8 @@ function inRange(key: KeyDef, n: number, text = String(n)): Checked {
  */
 function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, refused: ReadonlySet<string>, errors: ConfigError[], warnings: string[]) {
   const fail = (key: string, involved: string[], message: string) => {
-    if (involved.some((k) => refused.has(k))) return;
+    // a key is refused with the object that holds it (`tls` given twice refuses tls.cert too)
+    if (involved.some((k) => refused.has(k) || refused.has(k.slice(0, k.lastIndexOf('.'))))) return;
     const set = involved.find((k) => origins.has(k));
     const from = involved.map((k) => `${k} ${origins.has(k) ? `from ${origins.get(k)}` : 'by default'}`).join(', ');
     errors.push({ key, source: set ? (origins.get(set) as Source) : 'config', message: `${message} [${from}]` });

@@ -235,6 +235,13 @@ describe('loadConfig', () => {
         'config error (file c.json): workerCount: given more than once in the file; keep one (JSON would take the last without a word)',
       ].join('\n'),
     );
+    // an object given twice: refused as such, and none of its keys is then said to be missing
+    const object = loadConfig([], {}, { path: 'c.json', text: '{"tls": {"cert": "a.pem"}, "tls": {"key": "b.pem"}}' });
+    assert.ok(!object.ok);
+    assert.equal(
+      formatErrors(object.errors, 'c.json'),
+      'config error (file c.json): tls: given more than once in the file; keep one (JSON would take the last without a word)',
+    );
     const once = loadConfig([], {}, { path: 'c.json', text: '{"retry": {"maxAttempts": 2}, "rateLimits": {"enabled": true, "maxPerHour": 5}, "security": {"logAllEmails": true}}' });
     assert.ok(once.ok, JSON.stringify(!once.ok && once.errors));
   });
