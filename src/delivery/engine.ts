@@ -461,7 +461,9 @@ export class DeliveryEngine {
       this.log.info({ queueId, event: 'delivery.attempt_released', batch: claim.batch }, 'attempt aborted after its claim was released at shutdown');
       return undefined;
     }
-    this.noteUpstreamVerdict(result);
+    // the attempt's end as the store records it (started_at + duration_ms), so that /health and
+    // /metrics, which merge this with the store's record, agree with `relayq status` to the ms
+    this.noteUpstreamVerdict(result, startedAt + Math.round(durationMs));
     const completion = planCompletion(claim, result, {
       now: clock.now(),
       startedAt,
@@ -763,11 +765,10 @@ export class DeliveryEngine {
   }
 
   /** What /health says of the upstream: the last success, the last failure, the failures in a row. */
-  private noteUpstreamVerdict(result: BatchResult): void {
-    const now = this.deps.clock.now();
+  private noteUpstreamVerdict(result: BatchResult, endedAt: number): void {
     const verdict = upstreamVerdict(result);
-    if (verdict === 'delivered') this.stats.lastSuccessAt = now;
-    else this.stats.lastFailureAt = now;
+    if (verdict === 'delivered') this.stats.lastSuccessAt = endedAt;
+    else this.stats.lastFailureAt = endedAt;
     this.stats.consecutiveFailures = verdict === 'failed' ? this.stats.consecutiveFailures + 1 : 0;
   }
 

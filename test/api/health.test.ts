@@ -84,6 +84,30 @@ describe('GET /health', () => {
     }
   });
 
+  test("the upstream's last success is the attempt's end as stored: /health, /metrics and the store agree to the ms", async () => {
+    // a clock that moves on by a second at every reading: a time read after the attempt ended
+    // would be seconds past the end the store records
+    const clock = new (class extends ManualClock {
+      override now(): number {
+        const t = super.now();
+        this.advance(1000);
+        return t;
+      }
+    })();
+    const relay = await startTestRelay({}, { clock, startDelivery: false });
+    try {
+      await sendMail(relay.smtpPort);
+      await relay.delivery.runOnce();
+      const ended = relay.store.sqlite.prepare('SELECT started_at + duration_ms AS t FROM attempts').get() as { t: number };
+      const expected = new Date(ended.t).toISOString();
+      assert.equal(storeMetrics(relay.store.sqlite).upstream.lastSuccessAt, ended.t);
+      assert.equal((await call<Health>(relay, '/health')).body.details.upstream.last_success, expected);
+      assert.equal((await call<{ upstream: { last_success: string } }>(relay, '/metrics')).body.upstream.last_success, expected);
+    } finally {
+      await relay.stop();
+    }
+  });
+
   test('the oldest queued age counts a message being sent as well', async () => {
     const clock = new ManualClock();
     const upstream = await startHoldingUpstream();
