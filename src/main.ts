@@ -245,6 +245,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     clock,
     logger: logger.child({ component: 'retention' }),
     deliveredDays: config.retention.deliveredDays,
+    eraseDeliveredContent: !config.security.logAllEmails,
   });
   if (options.startRetention ?? true) retention.start();
 

@@ -82,6 +82,42 @@ export function retentionSweep(sqlite: Sqlite, options: { now: number; delivered
   return { messages, buckets, more };
 }
 
+/** Where a pass of eraseDeliveredContent goes on: after this delivered message (by messages_finished). */
+export type EraseCursor = { finishedAt: number; rowid: number };
+
+/** Delivered messages after a cursor, in the order of messages_finished. */
+export const ERASE_SCAN_SQL = `SELECT rowid, finished_at AS finishedAt, body_id AS bodyId, size FROM messages INDEXED BY messages_finished
+  WHERE state = 'delivered' AND (finished_at, rowid) > (?, ?) ORDER BY finished_at, rowid LIMIT CAST(? AS INTEGER)`;
+
+/**
+ * logAllEmails=false erases content as each message is delivered; mail delivered while it was
+ * true keeps its content. This erases it: it reads up to `scan` delivered messages (through
+ * messages_finished, from `after` on) and erases the content of up to `limit` of them, no more
+ * than `maxBytes` of it unless the first alone has more. `next` is null once every delivered
+ * message has been read.
+ */
+export function eraseDeliveredContent(
+  sqlite: Sqlite,
+  options: { after: EraseCursor; limit: number; maxBytes?: number; scan?: number },
+): { erased: number; next: EraseCursor | null } {
+  const { after, limit, maxBytes = RETENTION_BATCH_BYTES, scan = limit * 25 } = options;
+  const rows = prepared(sqlite, ERASE_SCAN_SQL).all(after.finishedAt, after.rowid, scan) as Array<{ rowid: number; finishedAt: number; bodyId: number | null; size: number }>;
+  let erased = 0;
+  let bytes = 0;
+  let read: EraseCursor = after;
+  for (const row of rows) {
+    if (row.bodyId !== null) {
+      if (erased === limit || (erased > 0 && bytes + row.size > maxBytes)) return { erased, next: read };
+      prepared(sqlite, 'DELETE FROM message_bodies WHERE id = ?').run(row.bodyId);
+      prepared(sqlite, 'UPDATE messages SET body_id = NULL WHERE rowid = ?').run(row.rowid);
+      erased++;
+      bytes += row.size;
+    }
+    read = { finishedAt: row.finishedAt, rowid: row.rowid };
+  }
+  return { erased, next: rows.length === scan ? read : null };
+}
+
 export interface RetentionOptions {
   writer: StoreWriter;
   clock: Clock;
@@ -96,6 +132,8 @@ export interface RetentionOptions {
   idleIntervalMs?: number;
   /** Pause between two batches while there is a backlog, so intake commits in between. */
   busyIntervalMs?: number;
+  /** logAllEmails=false: first erase the content that mail delivered before it was set kept (eraseDeliveredContent). */
+  eraseDeliveredContent?: boolean;
 }
 
 export interface SweepResult {
@@ -123,20 +161,38 @@ export class RetentionSweeper {
     this.batchSize = options.batchSize ?? 200;
     this.idleIntervalMs = options.idleIntervalMs ?? 60_000;
     this.busyIntervalMs = options.busyIntervalMs ?? 50;
+    this.erasing = options.eraseDeliveredContent ? { finishedAt: Number.MIN_SAFE_INTEGER, rowid: 0 } : null;
   }
 
-  /** One batch (see retentionSweep). */
+  /** One batch (see retentionSweep), after one of erasure while that pass lasts. */
   async runOnce(): Promise<SweepResult> {
     const { writer, clock, deliveredDays } = this.options;
-    const now = clock.now();
     const limit = this.batchSize;
+    if (this.erasing) await this.eraseStep(this.erasing);
+    const now = clock.now();
     const result = await writer.write('retentionSweep', { now, deliveredDays, limit, maxBytes: this.options.batchBytes });
     this.totals.messages += result.messages;
     this.totals.buckets += result.buckets;
     if (result.messages || result.buckets) {
       this.options.logger.info({ event: 'retention.deleted', messages: result.messages, buckets: result.buckets }, 'retention deleted old rows');
     }
-    return result;
+    return { ...result, more: result.more || this.erasing !== null };
+  }
+
+  /** The erasure pass's place among delivered mail; null when there is none to make or it is done. */
+  private erasing: EraseCursor | null;
+  private erasedContent = 0;
+
+  private async eraseStep(after: EraseCursor): Promise<void> {
+    const step = await this.options.writer.write('eraseDeliveredContent', { after, limit: this.batchSize, maxBytes: this.options.batchBytes });
+    this.erasing = step.next;
+    this.erasedContent += step.erased;
+    if (step.next === null && this.erasedContent > 0) {
+      this.options.logger.info(
+        { event: 'retention.content_erased', messages: this.erasedContent },
+        'content of mail delivered while security.logAllEmails was true erased',
+      );
+    }
   }
 
   start(): void {

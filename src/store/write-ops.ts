@@ -6,7 +6,7 @@ import { deleteMessage, flushQueued, requeueFailed, retryMessage } from './admin
 import type { Sqlite } from './db.js';
 import { type ClaimOptions, type ClaimResult, claimDueBatches, completeBatch, recordDelivered, releaseClaims, releaseOrphanedClaims, requeueTemporaryFailures } from './delivery.js';
 import { countRefusal, insertMessage } from './intake.js';
-import { retentionSweep } from './retention.js';
+import { eraseDeliveredContent, retentionSweep } from './retention.js';
 import { prepared } from './statements.js';
 
 export const WRITE_OPS = {
@@ -32,6 +32,7 @@ export const WRITE_OPS = {
     prepared(sqlite, "INSERT INTO counters (name, value) VALUES ('health_checks', 1) ON CONFLICT (name) DO UPDATE SET value = value + 1").run();
   },
   retentionSweep,
+  eraseDeliveredContent,
 };
 
 export type WriteOps = typeof WRITE_OPS;
