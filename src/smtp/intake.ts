@@ -444,10 +444,13 @@ export class SmtpIntake {
     const address = path.address;
     const refused = refusedPath(path, session.envelope.smtpUtf8, true);
     if (refused) return cb(refused);
-    if (this.deps.disk.isLow()) {
+    const declared = Number(path.args !== false && path.args.SIZE) || 0;
+    if (this.deps.disk.isLow(declared)) {
+      const { disk } = this.deps;
+      const why = disk.readError ? 'free disk space cannot be read' : disk.isLow() ? 'disk space low' : 'its declared SIZE would take free disk space below minFreeDiskMb';
       this.deps.logger.warn(
-        { event: 'smtp.disk_low', session: session.id, client: this.peer(session), sender: address, freeMb: this.deps.disk.freeMb(), err: this.deps.disk.readError },
-        this.deps.disk.readError ? 'refusing mail: free disk space cannot be read' : 'refusing mail: disk space low',
+        { event: 'smtp.disk_low', session: session.id, client: this.peer(session), sender: address, freeMb: disk.freeMb(), size: declared || undefined, err: disk.readError },
+        `refusing mail: ${why}`,
       );
       return cb(reply(452, '4.3.1 Insufficient system storage, try again later'));
     }

@@ -30,8 +30,11 @@ export class DiskSpace {
     return this.cached.error;
   }
 
-  /** True when free space is below minFreeDiskMb (new mail is refused). */
-  isLow(): boolean {
-    return this.minFreeMb > 0 && this.freeMb() < this.minFreeMb;
+  /**
+   * True when free space is below minFreeDiskMb (new mail is refused), or would be once a message
+   * of `declaredBytes` (MAIL FROM's SIZE) were stored, as Postfix weighs SIZE against queue_minfree.
+   */
+  isLow(declaredBytes = 0): boolean {
+    return this.minFreeMb > 0 && this.freeMb() - declaredBytes / (1024 * 1024) < this.minFreeMb;
   }
 }

@@ -1,12 +1,13 @@
 // Rate limits, queue backpressure and the disk guard, with an injected clock.
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { claimDueBatches } from '../../src/store/delivery.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { capturedLog, type DeepPartial, messageCount, openSession, SmtpClient, sendMail, startTestRelay, startUpstream, testConfig, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, type DeepPartial, messageCount, openSession, SmtpClient, sendMail, startTestRelay, startUpstream, tempDir, testConfig, waitFor, writeDirect } from '../helpers.js';
 import pino from 'pino';
 
 const HOUR = 3_600_000;
@@ -248,6 +249,29 @@ describe('backpressure', () => {
       assert.match(await c.send('MAIL FROM:<a@example.com>'), /^452 4\.3\.1 /);
       c.close();
       assert.equal(messageCount(relay), 0);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('a MAIL FROM whose SIZE would take free disk below minFreeDiskMb → 452 4.3.1; a smaller one, or none, is taken', async () => {
+    const dir = tempDir();
+    const { bavail, bsize } = fs.statfsSync(dir);
+    const freeMb = Math.floor((bavail * bsize) / 2 ** 20);
+    // 200 MB above the floor: 400 MB do not fit, 1 KB does (whatever else writes meanwhile)
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ minFreeDiskMb: Math.max(1, freeMb - 200), maxMessageSize: 500 * 2 ** 20 }, { startDelivery: false, logger: log.logger });
+    try {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      await c.send('EHLO disk.test');
+      assert.match(await c.send(`MAIL FROM:<a@example.com> SIZE=${400 * 2 ** 20}`), /^452 4\.3\.1 Insufficient system storage/);
+      const [refusal] = log.entries().filter((e) => e.event === 'smtp.disk_low');
+      assert.deepEqual([refusal?.msg, refusal?.size], ['refusing mail: its declared SIZE would take free disk space below minFreeDiskMb', 400 * 2 ** 20]);
+      assert.match(await c.send('MAIL FROM:<a@example.com> SIZE=1024'), /^250 /);
+      assert.match(await c.send('RSET'), /^250 /);
+      assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+      c.close();
     } finally {
       await relay.stop();
     }
