@@ -1,7 +1,9 @@
 // Retention: delivered messages older than retention.deliveredDays and rate-limit buckets older
 // than the longest window (one day) are deleted a small batch at a time. Each batch is one
 // operation of the group commit, so intake keeps committing between batches and never waits
-// for a long delete. Failed messages are kept until an operator retries or deletes them.
+// for a long delete. Failed messages are kept until an operator retries or deletes them. With
+// logAllEmails=false the sweeps of a start first erase, the same way, the content that mail
+// delivered while it was true still has.
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
 import type { StoreWriter } from './writer.js';
@@ -153,6 +155,9 @@ export class RetentionSweeper {
   private running: Promise<unknown> | undefined;
   private stopped = true;
   readonly totals = { messages: 0, buckets: 0 };
+  /** The erasure pass's place among delivered mail; null when there is none to make or it is done. */
+  private erasing: EraseCursor | null;
+  private erasedContent = 0;
   private readonly batchSize: number;
   private readonly idleIntervalMs: number;
   private readonly busyIntervalMs: number;
@@ -178,10 +183,6 @@ export class RetentionSweeper {
     }
     return { ...result, more: result.more || this.erasing !== null };
   }
-
-  /** The erasure pass's place among delivered mail; null when there is none to make or it is done. */
-  private erasing: EraseCursor | null;
-  private erasedContent = 0;
 
   private async eraseStep(after: EraseCursor): Promise<void> {
     const step = await this.options.writer.write('eraseDeliveredContent', { after, limit: this.batchSize, maxBytes: this.options.batchBytes });
