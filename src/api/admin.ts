@@ -300,7 +300,13 @@ export function adminRoutes(deps: ApiDeps) {
       if (result === 'not-found') throw notFound(id);
       if (result === 'held') throw held(id);
       // a failed message's export goes with it: it would describe mail that is no longer there
-      await removeFailedExport(deps.config.emailsDir, id);
+      try {
+        await removeFailedExport(deps.config.emailsDir, id);
+      } catch (err) {
+        const warning = `its failed export could not be removed: ${(err as Error).message}`;
+        log.warn({ event: 'api.admin', action: 'delete', queueId: quotedId(id), result: 'deleted', err: (err as Error).message }, `delete ${quotedId(id)}: ${warning}`);
+        return c.json({ id, deleted: true, warning });
+      }
       return c.json({ id, deleted: true });
     });
 }

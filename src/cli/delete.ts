@@ -23,7 +23,15 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
       .immediate(),
   );
   // failed messages' exports go with them: they would describe mail that is no longer there
-  for (const id of unique) await removeFailedExport(config.emailsDir, id);
-  if (global.json) printJson({ deleted: unique });
+  const warnings: string[] = [];
+  for (const id of unique) {
+    try {
+      await removeFailedExport(config.emailsDir, id);
+    } catch (err) {
+      warnings.push(`message ${id} deleted, but its failed export could not be removed: ${(err as Error).message}`);
+    }
+  }
+  if (global.json) printJson(warnings.length > 0 ? { deleted: unique, warnings } : { deleted: unique });
   else printText(`deleted ${count(unique.length, 'message')}: ${unique.join(' ')}`);
+  for (const warning of warnings) process.stderr.write(`relayq: warning: ${warning}\n`);
 }

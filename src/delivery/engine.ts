@@ -668,8 +668,15 @@ export class DeliveryEngine {
       else this.log.warn(line, file ? 'message failed; exported' : 'message failed; not exported');
     } else if (state === 'delivered' && claims > 1) {
       // Only a message that needed more than one claim can have failed before (and been retried).
-      if (await removeFailedExport(config.emailsDir, id)) {
-        this.log.info({ event: 'delivery.export_removed', queueId: id }, 'delivered after a retry; failed export removed');
+      try {
+        if (await removeFailedExport(config.emailsDir, id)) {
+          this.log.info({ event: 'delivery.export_removed', queueId: id }, 'delivered after a retry; failed export removed');
+        }
+      } catch (err) {
+        this.log.warn(
+          { event: 'delivery.export_not_removed', queueId: id, err: (err as Error).message },
+          'delivered after a retry; its failed export could not be removed',
+        );
       }
     }
   }

@@ -142,12 +142,16 @@ export async function exportFailedMessage(sqlite: Sqlite, directory: string, id:
   return file;
 }
 
-/** Removes the export of a failed message that was delivered since, or deleted; false when it had none. */
+/**
+ * Removes the export of a failed message that was delivered since, or deleted; false when it had
+ * none. Any other failure is thrown (the file stays: a directory relayq may not write, say).
+ */
 export async function removeFailedExport(emailsDir: string, id: string): Promise<boolean> {
   try {
     await fs.unlink(failedExportPath(emailsDir, id));
     return true;
-  } catch {
-    return false;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw err;
   }
 }

@@ -83,10 +83,25 @@ export async function removeDeliveredExports(ctx: LeftoversContext): Promise<voi
     return;
   }
   const removed: string[] = [];
+  const stayed: string[] = [];
+  let stayedBecause = '';
   for (let i = 0; i < names.length && !ctx.stopping(); i++) {
     const id = names[i].endsWith('.json') ? names[i].slice(0, -'.json'.length) : '';
-    if (id && messageState(sqlite, id) === 'delivered' && (await removeFailedExport(emailsDir, id))) removed.push(id);
+    if (id && messageState(sqlite, id) === 'delivered') {
+      try {
+        if (await removeFailedExport(emailsDir, id)) removed.push(id);
+      } catch (err) {
+        stayed.push(id);
+        stayedBecause ||= (err as Error).message;
+      }
+    }
     if ((i + 1) % EXPORT_CHECK_STEP === 0) await nextTurn();
   }
   if (removed.length > 0) log.info({ event: 'delivery.exports_removed', count: removed.length, ids: removed.slice(0, MAX_LOGGED_IDS) }, 'exports of mail delivered after it failed removed');
+  if (stayed.length > 0) {
+    log.warn(
+      { event: 'delivery.exports_not_removed', count: stayed.length, ids: stayed.slice(0, MAX_LOGGED_IDS), err: stayedBecause },
+      'exports of mail delivered after it failed could not be removed',
+    );
+  }
 }

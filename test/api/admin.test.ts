@@ -850,6 +850,41 @@ test('deleting a failed message removes its JSON export too', async () => {
   }
 });
 
+test('a deleted message whose export cannot be removed is deleted all the same, with a warning in the reply and the log', async () => {
+  const fs = await import('node:fs');
+  const path = await import('node:path');
+  const upstream = await startUpstream({
+    onRcptTo(_address, _session, cb) {
+      cb(Object.assign(new Error('5.1.1 No such user'), { responseCode: 550 }));
+    },
+  });
+  const log = capturedLog('info');
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port },
+    { ...options(new ManualClock()), logger: log.logger },
+  );
+  try {
+    const id = await send(relay, 'a@example.com', ['nobody@example.com']);
+    await relay.delivery.runOnce();
+    // a path unlink refuses (EISDIR) where the export was, as an unwritable directory would make
+    const file = path.join(relay.config.emailsDir, 'failed', `${id}.json`);
+    fs.rmSync(file);
+    fs.mkdirSync(path.join(file, 'in-the-way'), { recursive: true });
+    const res = await call(relay, `/admin/messages/${id}`, { method: 'DELETE' });
+    assert.equal(res.status, 200);
+    const body = res.body as { id: string; deleted: boolean; warning: string };
+    assert.deepEqual([body.id, body.deleted], [id, true]);
+    assert.match(body.warning, /^its failed export could not be removed: EISDIR/);
+    assert.equal(relay.store.sqlite.prepare('SELECT COUNT(*) FROM messages WHERE id = ?').pluck().get(id), 0);
+    const lines = log.entries().filter((e) => e.event === 'api.admin' && e.action === 'delete');
+    assert.deepEqual(lines.map((e) => [e.level, e.queueId, e.result]), [[30, id, 'deleted'], [40, id, 'deleted']]);
+    assert.match(String(lines[1].err), /EISDIR/);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+});
+
 test('a client that closes the connection in the middle of its request body is logged at info, not as an error', async () => {
   const log = capturedLog('info');
   const relay = await startTestRelay({}, { logger: log.logger, startDelivery: false });

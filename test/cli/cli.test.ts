@@ -486,6 +486,31 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal(fs.existsSync(serverExport), false, "the relay's export went with the message");
   });
 
+  test('delete deletes a message whose failed export cannot be removed, and warns about the file', async () => {
+    rejectRecipient = (a) => a.startsWith('bad');
+    const sent = await Promise.all(['bad-stuck1@example.com', 'bad-stuck2@example.com'].map((to) => sendMail(relay.smtpPort, { from: 'app@example.com', to: [to] })));
+    const [first, second] = sent.map((i) => queuedId(i.response));
+    await relay.delivery.runOnce();
+    rejectRecipient = () => false;
+    for (const id of [first, second]) {
+      // a path unlink refuses (EISDIR) where the export was, as an unwritable directory would make
+      const file = path.join(relay.config.emailsDir, 'failed', `${id}.json`);
+      fs.rmSync(file);
+      fs.mkdirSync(path.join(file, 'in-the-way'), { recursive: true });
+    }
+    const text = await cli('delete', first);
+    assert.equal(text.code, 0, text.stderr);
+    assert.match(text.stdout, new RegExp(`^deleted 1 message: ${first}$`, 'm'));
+    assert.match(text.stderr, new RegExp(`^relayq: warning: message ${first} deleted, but its failed export could not be removed: EISDIR`, 'm'));
+    const json = await cli('--json', 'delete', second);
+    assert.equal(json.code, 0, json.stderr);
+    const printed = JSON.parse(json.stdout) as { deleted: string[]; warnings: string[] };
+    assert.deepEqual(printed.deleted, [second]);
+    assert.equal(printed.warnings.length, 1);
+    assert.match(printed.warnings[0], /EISDIR/);
+    assert.equal(relay.store.sqlite.prepare('SELECT COUNT(*) FROM messages WHERE id IN (?, ?)').pluck().get(first, second), 0);
+  });
+
   test('commands work while the relay accepts mail, without lock errors', async () => {
     const sends = Promise.all(
       Array.from({ length: 100 }, (_, i) => sendMail(relay.smtpPort, { from: 'load@example.com', to: [`load${i}@example.com`] })),

@@ -634,6 +634,36 @@ describe('per-recipient outcomes', () => {
     assert.ok(fs.existsSync(foreign), 'a file of a message this database does not hold stays');
   });
 
+  test('an export that cannot be removed once its message is delivered is logged, at the delivery and at the next start', async () => {
+    const { upstream, config } = await refusingUpstream();
+    const log = capturedLog('info');
+    const first = await startTestRelay(config, { startDelivery: false, logger: log.logger });
+    const id = await queue(first, ['later@example.com']);
+    await first.delivery.runOnce();
+    // a path unlink refuses (EISDIR) stands where the export was, as an unwritable directory would
+    const file = path.join(config.emailsDir, 'failed', `${id}.json`);
+    fs.rmSync(file);
+    fs.mkdirSync(path.join(file, 'in-the-way'), { recursive: true });
+
+    upstream.rcptReply = () => undefined;
+    assert.equal(await writeDirect(first, (db) => retryMessage(db, id, Date.now(), 0)), 'requeued');
+    await first.delivery.runOnce();
+    assert.equal(message(first, id).state, 'delivered');
+    const atDelivery = log.entries().filter((e) => e.event === 'delivery.export_not_removed');
+    assert.deepEqual(atDelivery.map((e) => [e.queueId, e.level]), [[id, 40]]);
+    assert.match(String(atDelivery[0].err), /EISDIR|EPERM/);
+    assert.equal(log.entries().filter((e) => e.event === 'delivery.export_removed').length, 0);
+    await first.stop();
+
+    const again = capturedLog('info');
+    const second = await startTestRelay(config, { logger: again.logger });
+    cleanup.push(() => second.stop());
+    await waitFor(() => again.entries().some((e) => e.event === 'delivery.exports_not_removed'), 10_000, 'the export that stays to be logged');
+    const atStart = again.entries().find((e) => e.event === 'delivery.exports_not_removed')!;
+    assert.deepEqual([atStart.count, atStart.ids, atStart.level], [1, [id], 40]);
+    assert.ok(fs.existsSync(file));
+  });
+
   test('an export that the delivery or deletion of its message overtakes while it is written does not stay', async () => {
     const { config } = await refusingUpstream();
     const relay = await startTestRelay(config, { startDelivery: false });
