@@ -4,7 +4,6 @@
 // backoff (the message's next_attempt_at says when it is due); a crash leaves claims that
 // expire with their lease; a shutdown releases them so a restart picks them up at once.
 import { performance } from 'node:perf_hooks';
-import { setImmediate as nextTurn } from 'node:timers/promises';
 import type tls from 'node:tls';
 import type { Logger } from 'pino';
 import { type Clock, isoTime } from '../clock.js';
@@ -18,14 +17,12 @@ import {
   type ClaimResult,
   type CompletionResult,
   countDueQueued,
-  type FailedScanCursor,
-  findTemporaryFailures,
   hasDueWork,
   lastError,
 } from '../store/delivery.js';
-import { activeCount } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
 import { exportFailedMessage, failedExportDir, removeFailedExport } from './failed-export.js';
+import { FailedRetry } from './failed-retry.js';
 import { InFlowGate, inFlowBacklogLimit } from './in-flow.js';
 import { exportMissingFailures, type LeftoversContext, removeDeliveredExports, sweepCrashTempFiles } from './leftovers.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
@@ -91,9 +88,6 @@ interface ActiveAttempt {
 }
 
 const DEFAULT_POLL_MS = 100;
-const REQUEUE_CHECK_MS = 1000;
-/** Failed messages looked at per step of the failedRetryInterval scan. */
-const REQUEUE_SCAN_STEP = 500;
 /** After the grace period, how long released attempts get to notice their abort. */
 const ABORT_SETTLE_MS = 1000;
 /** A temp file this old was left by a crash (younger ones may be another process's). */
@@ -134,22 +128,8 @@ export class DeliveryEngine {
   private poll: NodeJS.Timeout | undefined;
   /** The second look for temp files a crash left (see start). */
   private tempSweep: NodeJS.Timeout | undefined;
-  /** performance.now() of the last look for failed mail to requeue. */
-  private requeueCheckedAt = Number.NEGATIVE_INFINITY;
-  /**
-   * failedRetryInterval: failed messages finished at or before this were looked at already. After
-   * a clock stepped back it moves back too: mail that fails then is finished "before" it.
-   */
-  private requeueWatermark = Number.NEGATIVE_INFINITY;
-  /** The earliest finish of the failures committed while a scan runs (it may have passed them). */
-  private failedDuringScan = Number.POSITIVE_INFINITY;
-  private requeueing = false;
-  /**
-   * Messages failedRetryInterval put back in the queue, since this process started. One that fails
-   * again logs delivery.failed_again (info), not delivery.failed: that warning, and the alerts on
-   * it, came when it first failed; left failing, it would repeat every interval.
-   */
-  private readonly retriedByInterval = new Set<string>();
+  /** failedRetryInterval's scans of failed mail. */
+  private readonly failedRetry: FailedRetry;
   private pacingLogged = { at: Number.NEGATIVE_INFINITY, delayed: 0, timedOut: 0 };
   /** After a failed claim: no claim before this (performance.now()); the wait after the next failure doubles. */
   private claimsPausedUntil = 0;
@@ -166,6 +146,7 @@ export class DeliveryEngine {
     this.random = deps.random ?? Math.random;
     this.leaseMs = this.config.processingTimeout * 1000;
     this.inFlow = new InFlowGate(inFlowBacklogLimit(this.config.workerCount, this.config.queueSize), this.config.inFlowDelay);
+    this.failedRetry = new FailedRetry({ ...deps, pacingLimit: this.inFlow.limit, requeued: () => this.wake() });
     this.leaseMarginMs = Math.max(1000, Math.floor(this.leaseMs / 10));
     this.attemptTimeoutMs = Math.min(deps.attemptTimeoutMs ?? Number.POSITIVE_INFINITY, this.leaseMs - this.leaseMarginMs);
     // Without time to send, every claim would be handed back as too late, and claimed again at once.
@@ -242,7 +223,7 @@ export class DeliveryEngine {
    * is committed (and failed mail exported). For tests and tools that drive the clock.
    */
   async runOnce(): Promise<RunReport> {
-    const requeued = await this.requeueTemporaryFailures(true);
+    const requeued = await this.failedRetry.scan(true);
     let attempts = 0;
     // a stop ends the run: what it released is the next start's
     while (!this.stopping) {
@@ -298,10 +279,7 @@ export class DeliveryEngine {
   private tick(): void {
     if (!this.running || this.stopping) return;
     const now = this.deps.clock.now();
-    if (this.config.failedRetryInterval > 0 && performance.now() - this.requeueCheckedAt >= REQUEUE_CHECK_MS) {
-      this.requeueCheckedAt = performance.now();
-      this.track(this.requeueTemporaryFailures(false));
-    }
+    if (this.failedRetry.due()) this.track(this.failedRetry.scan(false));
     if (this.inFlow.delayMs > 0 && performance.now() >= this.claimsPausedUntil) {
       try {
         this.inFlow.measured(countDueQueued(this.deps.sqlite, now, this.inFlow.limit));
@@ -393,7 +371,7 @@ export class DeliveryEngine {
       held,
     });
     // messages the claim found finished (attempts used up, retry.maxAge) failed at `now`
-    if (claimed.finalized.some((f) => f.state === 'failed')) this.failedAt(now);
+    if (claimed.finalized.some((f) => f.state === 'failed')) this.failedRetry.failedAt(now);
     return claimed;
   }
 
@@ -525,7 +503,7 @@ export class DeliveryEngine {
       },
       'delivery attempt',
     );
-    if (outcome.state === 'failed') this.failedAt(completion.now);
+    if (outcome.state === 'failed') this.failedRetry.failedAt(completion.now);
     await this.afterFinal(claim.messageId, outcome.state, claim.claims);
   }
 
@@ -628,16 +606,6 @@ export class DeliveryEngine {
     }
   }
 
-  /**
-   * A message failed at `finishedAt`. A failure whose commit waited (a lock, a full disk) is
-   * finished before the point the scans of failedRetryInterval have passed meanwhile, or the one
-   * running now will pass: they must come back for it.
-   */
-  private failedAt(finishedAt: number): void {
-    this.requeueWatermark = Math.min(this.requeueWatermark, finishedAt);
-    this.failedDuringScan = Math.min(this.failedDuringScan, finishedAt);
-  }
-
   /** Waits `ms`, or less if shutdown wakes it. */
   private retryPause(ms: number): Promise<void> {
     return new Promise((resolve) => {
@@ -658,7 +626,7 @@ export class DeliveryEngine {
   /** After the commit that made a message final: export failed mail; drop a stale export. */
   private async afterFinal(id: string, state: string, claims: number): Promise<void> {
     const { config } = this.deps;
-    const again = this.retriedByInterval.delete(id);
+    const again = this.failedRetry.takeRetried(id);
     if (state === 'failed') {
       // logged whether or not the export was written: an alert on this event must not miss any
       const reason = lastError(this.deps.sqlite, id);
@@ -693,68 +661,6 @@ export class DeliveryEngine {
       );
       return undefined;
     }
-  }
-
-  /**
-   * failedRetryInterval: put failed mail whose last error was temporary back in the queue, oldest
-   * first, while there is room for it (roomForRequeued); the rest waits for the next scans. Scans
-   * failed mail in bounded steps and lets SMTP sessions run between them, so the first scan after
-   * a start does not hold the main thread however much failed mail the store keeps.
-   */
-  private async requeueTemporaryFailures(everything: boolean): Promise<number> {
-    const interval = this.config.failedRetryInterval;
-    if (interval <= 0 || (this.requeueing && !everything)) return 0;
-    this.requeueing = true;
-    try {
-      const { sqlite, clock, writer } = this.deps;
-      const now = clock.now();
-      const finishedBefore = now - interval * 1000;
-      this.failedDuringScan = Number.POSITIVE_INFINITY;
-      let cursor: FailedScanCursor | null = { finishedAt: everything ? Number.NEGATIVE_INFINITY : this.requeueWatermark, id: '' };
-      let requeued = 0;
-      // where a scan stopped for want of room: the next one starts there
-      let stoppedAt = Number.POSITIVE_INFINITY;
-      while (cursor) {
-        const step = findTemporaryFailures(sqlite, { cursor, finishedBefore, limit: REQUEUE_SCAN_STEP });
-        const taken = step.messages.length > 0 ? step.messages.slice(0, this.roomForRequeued(now)) : [];
-        if (taken.length > 0) {
-          const done = await writer.write('requeueTemporaryFailures', taken.map((m) => m.id), {
-            now,
-            maxAttempts: this.config.retry.maxAttempts,
-            batchDelayMs: this.config.batchDelay,
-          });
-          requeued += done.length;
-          for (const id of done) this.retriedByInterval.add(id);
-          if (done.length > 0) this.log.info({ event: 'delivery.requeued', ids: done, count: done.length }, 'failed mail requeued (failedRetryInterval)');
-        } else if (step.next) {
-          await nextTurn();
-        }
-        if (taken.length < step.messages.length) {
-          stoppedAt = step.messages[taken.length].finishedAt;
-          break;
-        }
-        cursor = step.next;
-      }
-      this.requeueWatermark = Math.min(finishedBefore, this.failedDuringScan, stoppedAt);
-      if (requeued > 0) this.wake();
-      return requeued;
-    } finally {
-      this.requeueing = false;
-    }
-  }
-
-  /**
-   * How many failed messages failedRetryInterval may put back now: only spare room, so that mail
-   * that already failed never holds new mail back, by a 452 or by pacing (Postfix's deferred mail
-   * does not count against new mail either). Messages not yet final stay under half of queueSize,
-   * and due ones waiting for a worker under half of the backlog at which in-flow pacing starts.
-   */
-  private roomForRequeued(now: number): number {
-    const { sqlite } = this.deps;
-    const { limit } = this.inFlow;
-    const belowPacing = Math.floor(limit / 2) - countDueQueued(sqlite, now, limit);
-    const belowQueueSize = this.config.queueSize > 0 ? Math.floor(this.config.queueSize / 2) - activeCount(sqlite) : Number.POSITIVE_INFINITY;
-    return Math.max(0, Math.min(belowPacing, belowQueueSize));
   }
 
   /**
