@@ -850,6 +850,37 @@ test('deleting a failed message removes its JSON export too', async () => {
   }
 });
 
+test('the AUTH user a message came with is in its failed export, the admin API and relayq show', async () => {
+  const fs = await import('node:fs');
+  const path = await import('node:path');
+  const { runCliJson } = await import('../cli/run-cli.js');
+  const upstream = await startUpstream({
+    onRcptTo(_address, _session, cb) {
+      cb(Object.assign(new Error('5.1.1 No such user'), { responseCode: 550 }));
+    },
+  });
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, defaultUsername: 'billing-app', defaultPassword: 's3cret' },
+    options(new ManualClock()),
+  );
+  try {
+    const info = await sendMail(relay.smtpPort, { from: 'a@example.com', to: ['nobody@example.com'], auth: { user: 'billing-app', pass: 's3cret' } });
+    const id = queueIdOf(info.response);
+    await relay.delivery.runOnce();
+    const file = path.join(relay.config.emailsDir, 'failed', `${id}.json`);
+    assert.equal(JSON.parse(fs.readFileSync(file, 'utf8')).client.authUser, 'billing-app');
+    const one = await call(relay, `/admin/messages/${id}`);
+    assert.equal((one.body as { auth_user: string }).auth_user, 'billing-app');
+    const list = await call(relay, '/admin/messages?state=failed');
+    assert.deepEqual((list.body as { messages: Array<{ id: string; auth_user: string }> }).messages.map((m) => [m.id, m.auth_user]), [[id, 'billing-app']]);
+    const shown = await runCliJson<{ message: { auth_user: string } }>(['show', id, '--databasePath', relay.config.databasePath]);
+    assert.equal(shown.message.auth_user, 'billing-app');
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+});
+
 test('a deleted message whose export cannot be removed is deleted all the same, with a warning in the reply and the log', async () => {
   const fs = await import('node:fs');
   const path = await import('node:path');

@@ -3,8 +3,8 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { refuseHardLinks, shellWord } from '../../src/store/db.js';
-import { tempDir } from '../helpers.js';
+import { openConnection, refuseHardLinks, shellWord } from '../../src/store/db.js';
+import { startTestRelay, tempDir } from '../helpers.js';
 
 test('shellWord leaves plain words alone and quotes the rest so that a shell reads them back', () => {
   assert.equal(shellWord('/var/lib/relayq/relayq.db'), '/var/lib/relayq/relayq.db');
@@ -33,4 +33,22 @@ test('a hard-linked database is refused with a command that lists its names, how
   // find says so of the directories it may not read, and exits 1 for them
   const listed = execFileSync('sh', ['-c', `${command} 2>/dev/null || true`], { encoding: 'utf8' }).trim().split('\n').sort();
   assert.deepEqual(listed, [file, path.join(dir, 'second name.db')].sort());
+});
+
+test('every connection of a relay, and the CLI\'s, is in WAL mode with synchronous=FULL: a commit is on the disk before its 250', async () => {
+  // SQLite's numbers: synchronous 2 is FULL (NORMAL, 1, would not fsync the WAL at each commit)
+  const relay = await startTestRelay({}, { startDelivery: false });
+  try {
+    assert.equal(relay.store.sqlite.pragma('synchronous', { simple: true }), 2, 'the main thread\'s connection');
+    assert.equal(await relay.writer.pragma('synchronous'), 2, 'the writer thread\'s connection, which commits the mail');
+    assert.equal(await relay.writer.pragma('journal_mode'), 'wal');
+    const cli = openConnection(relay.config.databasePath);
+    try {
+      assert.deepEqual([cli.pragma('synchronous', { simple: true }), cli.pragma('journal_mode', { simple: true })], [2, 'wal']);
+    } finally {
+      cli.close();
+    }
+  } finally {
+    await relay.stop();
+  }
 });
