@@ -99,7 +99,7 @@ describe('retries against a real upstream, with an injected clock', () => {
     const log = capturedLog('info');
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, ...overrides },
-      { clock, deliveryPollMs: 20, logger: log.logger },
+      { clock, deliveryPollMs: 20, logger: log.logger, startRetention: false },
     );
     cleanup.push(() => relay.stop());
     return { clock, relay, log };
@@ -364,8 +364,10 @@ describe('retries against a real upstream, with an injected clock', () => {
     const lock = await holdWriteLock(relay);
     const claimedAt = message(relay, id).next_attempt_at;
     clock.set(claimedAt);
-    // the claim (now = claimedAt) waits for the lock, and meanwhile the scans pass claimedAt
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    // the claim (now = claimedAt) waits for the lock, and meanwhile the scans pass claimedAt;
+    // with the lock held (and no retention sweeps) it is the one write waiting, and the clock
+    // moves on only once it is sent
+    await waitFor(() => relay.writer.waiting > 0, 10_000, 'the claim to wait for the lock');
     await passScansThenCommit(clock, relay, id, lock, claimedAt);
     await waitFor(() => log.entries().some((e) => e.event === 'delivery.requeued'), 10_000, 'the requeue of the failure committed late');
   });
@@ -388,7 +390,7 @@ describe('retries against a real upstream, with an injected clock', () => {
     const log = capturedLog('info');
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { maxAttempts: 1 }, failedRetryInterval: 10 },
-      { clock, deliveryPollMs: 20, logger: log.logger },
+      { clock, deliveryPollMs: 20, logger: log.logger, startRetention: false },
     );
     cleanup.push(() => relay.stop());
     const id = await queue(relay, ['a@example.com']);
