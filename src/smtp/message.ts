@@ -26,11 +26,18 @@ export function isValidAddress(address: string, allowEmpty: boolean): boolean {
   return literal !== null && (literal[1] ? net.isIPv6(literal[2]) : net.isIPv4(literal[2]));
 }
 
-/** No label starts or ends with '-' (as written: an internationalized one too), none is over 63 octets in ASCII. */
+/**
+ * No label is empty (`a..b`, a leading or trailing dot, or the `xn--` label with nothing after it
+ * that smtp-server decodes to nothing: `b@a.xn--` reaches relayq as `b@a.`), none starts or ends
+ * with '-' (as written: an internationalized one too), none is over 63 octets in ASCII.
+ */
 function validLabels(domain: string): boolean {
   const ascii = isAscii(domain) ? domain : domainToASCII(domain);
   if (ascii === '') return false;
-  return domain.split('.').every((label) => !label.startsWith('-') && !label.endsWith('-')) && ascii.split('.').every((label) => label.length <= 63);
+  return (
+    domain.split('.').every((label) => label !== '' && !label.startsWith('-') && !label.endsWith('-')) &&
+    ascii.split('.').every((label) => label.length <= 63)
+  );
 }
 
 /**

@@ -80,9 +80,15 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.match(await c.send('RCPT TO:<x\0y@example.com>'), /^501 5\.1\.3 /);
     assert.match(await c.send('RCPT TO:<>'), /^501 5\.1\.3 /);
     // RFC 5321 §4.1.2: a label starts and ends with a letter or digit, and has 63 octets at most
-    for (const domain of ['-x.example.com', 'x-.example.com', 'example.com-', `${'x'.repeat(64)}.example.com`, '-bücher.example']) {
+    // and none is empty: nor the xn-- label with nothing after it, which smtp-server decodes to
+    // nothing (b@a.xn-- would otherwise be stored, and sent upstream, as b@a.)
+    const empty = ['example.com.', '.example.com', 'a..example.com', 'a.xn--', 'a.b.xn--', 'xn--ls8h.xn--'];
+    for (const domain of ['-x.example.com', 'x-.example.com', 'example.com-', `${'x'.repeat(64)}.example.com`, '-bücher.example', ...empty]) {
       assert.match(await c.send(`RCPT TO:<a@${domain}>`), /^501 5\.1\.3 /, domain);
     }
+    assert.match(await c.send('RSET'), /^250 /);
+    assert.match(await c.send('MAIL FROM:<app@b.xn-->'), /^501 5\.1\.3 /);
+    assert.match(await c.send('MAIL FROM:<ok@example.com>'), /^250 /);
     assert.match(await c.send(`RCPT TO:<a@x-y.${'x'.repeat(63)}.example.com>`), /^250 /);
     assert.match(await c.send('RCPT TO:<a@bücher.example>'), /^250 /);
     // an xn-- label that does not decode: the client's mistake, not an error of relayq's
