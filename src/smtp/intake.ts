@@ -58,6 +58,11 @@ interface SessionState {
   /** Its replies of 400 and above, the first MAX_LISTED of them, and how many in all. */
   refused?: string[];
   refusedCount?: number;
+  /**
+   * The recipients of the transaction under way (smtp-server's list, a new one at each MAIL and
+   * RSET) by the key they are stored under, which maxRecipients counts.
+   */
+  recipients?: { of: SMTPServerAddress[]; keys: Set<string> };
   /** A MAIL waiting for in-flow pacing; cancelled if the connection closes meanwhile. */
   pacing?: PacedMail;
   /** The client has gone. */
@@ -210,7 +215,6 @@ export class SmtpIntake {
       size: config.maxMessageSize,
       rejectOversized: true,
       maxClients: config.maxConnections,
-      maxRecipients: config.maxRecipients,
       authMethods: ['PLAIN', 'LOGIN'],
       authOptional: true,
       allowInsecureAuth: true,
@@ -475,8 +479,22 @@ export class SmtpIntake {
     cb();
   }
 
+  /**
+   * maxRecipients counts recipients as they are stored: two spellings of one address (`xn--` and
+   * Unicode, or in another case) are one recipient, and a repeated one takes no second place.
+   */
   private onRcptTo(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
-    cb(refusedPath(path, session.envelope.smtpUtf8 === true, false));
+    const refused = refusedPath(path, session.envelope.smtpUtf8 === true, false);
+    if (refused) return cb(refused);
+    const s = this.state(session);
+    const listed = session.envelope.rcptTo;
+    if (s.recipients?.of !== listed) s.recipients = { of: listed, keys: new Set(listed.map((r) => recipientKey(r.address))) };
+    const key = recipientKey(path.address);
+    const { keys } = s.recipients;
+    const max = this.deps.config.maxRecipients;
+    if (keys.size >= max && !keys.has(key)) return cb(reply(452, '4.5.3 Error: too many recipients'));
+    keys.add(key);
+    cb();
   }
 
   private onData(stream: SMTPServerDataStream, session: SMTPServerSession, cb: (err?: Error | null, message?: string) => void) {
@@ -641,6 +659,11 @@ export function authClientKey(ip: string): string {
   if (isLoopback(ip)) return 'loopback';
   if (!ip.includes(':')) return ip;
   return `${ipv6Groups(ip).slice(0, 4).map((g) => g.toString(16)).join(':')}::/64`;
+}
+
+/** What makes two recipients one: the address with its domain decoded from `xn--`, in lower case. */
+function recipientKey(address: string): string {
+  return decodeIdnDomain(address).toLowerCase();
 }
 
 /** The addresses in order, each once, compared without regard to case (the first spelling stays). */

@@ -325,8 +325,25 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
 
   test('too many recipients → 452 4.5.3', async () => {
     const c = await openSession(relay.smtpPort, 'a@example.com', ['1@example.com', '2@example.com', '3@example.com']);
-    assert.match(await c.send('RCPT TO:<4@example.com>'), /^452 4\.5\.3 /);
+    assert.match(await c.send('RCPT TO:<4@example.com>'), /^452 4\.5\.3 Error: too many recipients$/);
+    // a recipient given again takes no second place, in another case either
+    assert.match(await c.send('RCPT TO:<2@EXAMPLE.com>'), /^250 /);
+    // the limit is for each transaction
+    assert.match(await c.send('RSET'), /^250 /);
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    assert.match(await c.send('RCPT TO:<4@example.com>'), /^250 /);
     c.close();
+  });
+
+  test('maxRecipients counts two spellings of an internationalized address once, as they are stored once', async () => {
+    const c = await openSession(relay.smtpPort, 'a@example.com', ['bob@münchen.de', 'bob@XN--MNCHEN-3YA.DE', 'bob@ｍüｎｃｈｅｎ.de', 'r2@example.com']);
+    assert.match(await c.send('RCPT TO:<r3@example.com>'), /^250 /);
+    assert.match(await c.send('RCPT TO:<r4@example.com>'), /^452 4\.5\.3 /);
+    assert.match(await c.send('DATA'), /^354/);
+    const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+    c.close();
+    const stored = relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ? ORDER BY seq').pluck().all(id);
+    assert.deepEqual(stored, ['bob@münchen.de', 'r2@example.com', 'r3@example.com']);
   });
 
   test('message over maxMessageSize → 552 5.3.4, nothing stored', async () => {
