@@ -5,6 +5,7 @@
 // prints a table for people or JSON for scripts, and on bad input exits non-zero with one line.
 // Each command's module is loaded only when it runs, so a quick `relayq status` starts quickly.
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { didYouMean } from '../config/names.js';
 import { CONFIG_KEYS } from '../config/schema.js';
 import { isMessageState, MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { VERSION } from '../version.js';
@@ -43,6 +44,8 @@ function withGlobalOptions(cmd: Command): Command {
     .option('--json', 'machine-readable JSON output');
 }
 
+const CONFIG_PATHS = CONFIG_KEYS.map((k) => k.path);
+
 const program = new Command();
 program
   .name('relayq')
@@ -59,7 +62,11 @@ program
           .replace(/^error: /, '')
           .replace(/(unknown option '-[^'=]*)=.*'/, "$1'")
           .replace(/(argument '--[^'=]*)=.*?(' is invalid)/, '$1$2')
-          .replace(/\n\(Did you mean (.*)\?\)/, ' (did you mean $1?)')}`,
+          .replace(/\n\(Did you mean (.*)\?\)/, ' (did you mean $1?)')
+          // commander suggests only the options --help shows: config keys are hidden ones
+          .replace(/unknown option '--([^'=]*)'(?=\n|$)/, (unknown, name: string) =>
+            CONFIG_PATHS.includes(name) ? `${unknown} (a config key goes after the command name)` : unknown + didYouMean(name, CONFIG_PATHS, '--'),
+          )}`,
       ),
   })
   // Options after a command name belong to that command, so `serve` receives its

@@ -7,6 +7,7 @@ import os from 'node:os';
 import { isAbsolute, resolve } from 'node:path';
 import { clientFilter, isLoopback, normalizeIp, parseCidr } from '../access-control.js';
 import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
+import { closestName, didYouMean } from './names.js';
 import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, setPath } from './schema.js';
 
 export type Source = 'file' | 'env' | 'flag';
@@ -33,44 +34,6 @@ const FILE_NAMES = [...new Set(CONFIG_KEYS.flatMap((k) => k.path.split('.').map(
 const FLAG_NAMES = ['config', ...KEYS_BY_PATH.keys()];
 /** Every environment variable relayq reads: RELAYQ_CONFIG and one per key. */
 const ENV_NAMES = ['RELAYQ_CONFIG', ...CONFIG_KEYS.map((k) => envName(k.path))];
-
-/** A name without case and punctuation: `worker-count`, `WORKER_COUNT` and `workerCount` are one. */
-const folded = (name: string) => name.toLowerCase().replace(/[^a-z0-9.]/g, '');
-
-/** Edits (insert, delete, replace) from one name to the other. */
-function editDistance(a: string, b: string): number {
-  let row = Array.from({ length: b.length + 1 }, (_, j) => j);
-  for (let i = 1; i <= a.length; i++) {
-    const next = [i];
-    for (let j = 1; j <= b.length; j++) next[j] = Math.min(row[j] + 1, next[j - 1] + 1, row[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
-    row = next;
-  }
-  return row[b.length];
-}
-
-/**
- * The known name an unknown one was likely meant to be: the same but for case and punctuation,
- * or one letter off (two in a name of nine letters or more; none in one of four or fewer).
- */
-function closestName(name: string, names: readonly string[]): string | undefined {
-  const wanted = folded(name);
-  let best: { name: string; distance: number } | undefined;
-  for (const known of names) {
-    const limit = best?.distance ?? Math.min(3, Math.ceil(wanted.length / 4));
-    const candidate = folded(known);
-    // names that differ this much in length are this many edits apart at least
-    if (Math.abs(candidate.length - wanted.length) >= limit) continue;
-    const distance = editDistance(wanted, candidate);
-    if (distance < limit) best = { name: known, distance };
-  }
-  return best?.name;
-}
-
-/** ` (did you mean <prefix><name>?)` for closestName's name; empty when there is none. */
-function didYouMean(name: string, names: readonly string[], prefix = ''): string {
-  const best = closestName(name, names);
-  return best ? ` (did you mean ${prefix}${best}?)` : '';
-}
 
 /**
  * A flag whose value is never shown and may start with `--`: a secret key's, or an unknown flag
