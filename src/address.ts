@@ -29,3 +29,13 @@ export function decodeIdnDomain(address: string): string {
   const ascii = domainToASCII(domain);
   return `${address.slice(0, at)}@${(ascii && domainToUnicode(ascii)) || domain}`;
 }
+
+/**
+ * What makes two addresses one: the domain decoded (decodeIdnDomain), then the whole lower-cased.
+ * Decoding comes first: IDNA maps some capitals otherwise than their lower case (`ẞ.de` is
+ * `ss.de`, `ß.de` a domain of its own). Rate limits count senders by it, maxRecipients counts
+ * recipients by it, and a message stores each recipient once by it.
+ */
+export function addressKey(address: string): string {
+  return decodeIdnDomain(address).toLowerCase();
+}

@@ -4,7 +4,7 @@
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import { clientFilter, ipv6Groups, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
-import { decodeIdnDomain, isAscii } from '../address.js';
+import { addressKey, decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import { type LibraryLogger, libraryLogger } from '../logger.js';
@@ -488,8 +488,8 @@ export class SmtpIntake {
     if (refused) return cb(refused);
     const s = this.state(session);
     const listed = session.envelope.rcptTo;
-    if (s.recipients?.of !== listed) s.recipients = { of: listed, keys: new Set(listed.map((r) => recipientKey(r.address))) };
-    const key = recipientKey(path.address);
+    if (s.recipients?.of !== listed) s.recipients = { of: listed, keys: new Set(listed.map((r) => addressKey(r.address))) };
+    const key = addressKey(path.address);
     const { keys } = s.recipients;
     const max = this.deps.config.maxRecipients;
     if (keys.size >= max && !keys.has(key)) return cb(reply(452, '4.5.3 Error: too many recipients'));
@@ -568,7 +568,7 @@ export class SmtpIntake {
     const mailFrom = session.envelope.mailFrom ? decodeIdnDomain(session.envelope.mailFrom.address) : '';
     // smtp-server merged the recipients that differ only in case; two spellings of one xn--
     // domain meet only here, once decoded
-    const recipients = uniqueIgnoringCase(session.envelope.rcptTo.map((r) => decodeIdnDomain(r.address)));
+    const recipients = uniqueAddresses(session.envelope.rcptTo.map((r) => decodeIdnDomain(r.address)));
     const clientIp = this.peer(session);
     const now = clock.now();
     // RFC 3848 and RFC 6531 §3.7.3: SMTP after HELO, ESMTP after EHLO, UTF8SMTP with SMTPUTF8;
@@ -661,16 +661,11 @@ export function authClientKey(ip: string): string {
   return `${ipv6Groups(ip).slice(0, 4).map((g) => g.toString(16)).join(':')}::/64`;
 }
 
-/** What makes two recipients one: the address with its domain decoded from `xn--`, in lower case. */
-function recipientKey(address: string): string {
-  return decodeIdnDomain(address).toLowerCase();
-}
-
-/** The addresses in order, each once, compared without regard to case (the first spelling stays). */
-function uniqueIgnoringCase(addresses: string[]): string[] {
+/** The addresses in order, each once by addressKey (the first spelling stays). */
+function uniqueAddresses(addresses: string[]): string[] {
   const seen = new Set<string>();
   return addresses.filter((address) => {
-    const key = address.toLowerCase();
+    const key = addressKey(address);
     if (seen.has(key)) return false;
     seen.add(key);
     return true;

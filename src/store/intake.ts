@@ -4,7 +4,7 @@
 // cannot be split by another session; intake also reads the checks early, at MAIL FROM.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import { decodeIdnDomain, withoutAngleBrackets } from '../address.js';
+import { addressKey, withoutAngleBrackets } from '../address.js';
 import { count } from '../count.js';
 import type { Sqlite } from './db.js';
 import { prepared } from './statements.js';
@@ -92,14 +92,12 @@ export function canonicalQueueId(input: string): string {
 }
 
 /**
- * Rate limits apply per envelope sender, its domain decoded as stored (decodeIdnDomain), then
- * lower-cased. The null sender `<>` is the key ''. The sender filters compare this key too.
- * Decoding comes first, as for the stored sender: IDNA maps some capitals otherwise than their
- * lower case (`ẞ.de` is `ss.de`, `ß.de` a domain of its own), and the check at MAIL FROM, which
- * gets the address as the client wrote it, must find the key the stored message counts under.
+ * Rate limits apply per envelope sender, by its addressKey: the check at MAIL FROM, which gets
+ * the address as the client wrote it, finds the key the stored message counts under. The null
+ * sender `<>` is the key ''. The sender filters compare this key too.
  */
 export function senderKey(mailFrom: string): string {
-  return decodeIdnDomain(mailFrom).toLowerCase();
+  return addressKey(mailFrom);
 }
 
 /**
