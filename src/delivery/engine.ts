@@ -623,8 +623,12 @@ export class DeliveryEngine {
     for (const wake of [...this.waitingRetries]) wake();
   }
 
-  /** After the commit that made a message final: export failed mail; drop a stale export. */
+  /**
+   * After the commit of an outcome: once it made the message final, export failed mail and drop a
+   * stale export. A batch that leaves the message queued (its other batches not done) ends nothing.
+   */
   private async afterFinal(id: string, state: string, claims: number): Promise<void> {
+    if (state !== 'failed' && state !== 'delivered') return;
     const { config } = this.deps;
     const again = this.failedRetry.takeRetried(id);
     if (state === 'failed') {

@@ -493,6 +493,34 @@ test('the failed-mail scan goes in bounded steps and finds every temporary failu
   }
 });
 
+test('a message of several batches that failedRetryInterval retried logs delivery.failed_again when it fails again, however its batches end', async () => {
+  const clock = new ManualClock();
+  const upstream = await startScriptedUpstream();
+  upstream.rcptReply = () => ({ code: 451, message: '4.7.1 Try again later' });
+  const log = capturedLog('info');
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 1, batchDelay: 0, retry: { maxAttempts: 1 }, failedRetryInterval: 300 },
+    { clock, startDelivery: false, logger: log.logger },
+  );
+  try {
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['t1@example.com', 't2@example.com', 't3@example.com'] })).response);
+    await relay.delivery.runOnce();
+    const failures = () => log.entries().filter((e) => e.queueId === id && String(e.event).startsWith('delivery.failed')).map((e) => [e.event, e.level]);
+    assert.deepEqual(failures(), [['delivery.failed', 40]]);
+    for (let i = 0; i < 2; i++) {
+      clock.advance(300_000);
+      assert.equal((await relay.delivery.runOnce()).requeued, 1);
+      assert.equal(message(relay, id).state, 'failed');
+    }
+    // each retry was three attempts, the first two ending with the message still queued
+    assert.equal(log.entries().filter((e) => e.queueId === id && e.event === 'delivery.attempt').length, 9);
+    assert.deepEqual(failures(), [['delivery.failed', 40], ['delivery.failed_again', 30], ['delivery.failed_again', 30]]);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+});
+
 test('a give-up reason counts its attempts in words: 1 attempt, 2 attempts', () => {
   const retry = { maxAttempts: 1, maxAge: 60 };
   assert.equal(describeGiveUp('max-attempts', 1, retry), 'gave up after 1 attempt (retry.maxAttempts=1)');
