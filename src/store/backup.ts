@@ -103,8 +103,10 @@ function processRuns(pid: number): boolean {
 
 /**
  * Gives the finished copy its name unless something took the name meanwhile (another backup),
- * where a rename would replace it: a hard link, or on a file system without them (vfat, some
- * network shares) an exclusive copy.
+ * where a rename would replace it: a hard link. On a file system without them (vfat, some network
+ * shares) the name is looked at just before a rename: a backup to the same name starting in that
+ * instant could be replaced, but `FILE` is never a copy cut short, as one written under that name
+ * would be by a kill or a full disk.
  */
 function placeWithoutReplacing(partial: string, file: string, target: string): void {
   const taken = () => new BackupError(`${target} already exists (use --force to replace it)`);
@@ -114,13 +116,9 @@ function placeWithoutReplacing(partial: string, file: string, target: string): v
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'EEXIST') throw taken();
     if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') throw err;
-    try {
-      fs.copyFileSync(partial, file, fs.constants.COPYFILE_EXCL);
-    } catch (copyErr) {
-      if ((copyErr as NodeJS.ErrnoException).code === 'EEXIST') throw taken();
-      throw copyErr;
-    }
-    fsyncFile(file);
+    if (fs.lstatSync(file, { throwIfNoEntry: false })) throw taken();
+    fs.renameSync(partial, file);
+    return;
   }
   fs.rmSync(partial);
 }

@@ -241,6 +241,40 @@ test('a damaged live database: the error names it, not the target', async () => 
   }
 });
 
+test('on a file system without hard links the copy is renamed into place: no name ever holds a copy cut short', async (t) => {
+  const relay = await startTestRelay({}, { startDelivery: false });
+  const dir = tempDir('relayq-nolink-');
+  try {
+    await sendMail(relay.smtpPort, { to: ['a@example.com'] });
+    // vfat refuses link() with EPERM; a copy under the final name that a full disk cuts short
+    // would stay there, as one a kill cuts short would
+    t.mock.method(fs, 'linkSync', () => {
+      throw Object.assign(new Error('EPERM: operation not permitted, link'), { code: 'EPERM', syscall: 'link' });
+    });
+    t.mock.method(fs, 'copyFileSync', (from: string, to: string) => {
+      fs.writeFileSync(to, fs.readFileSync(from).subarray(0, 4096));
+      throw Object.assign(new Error('ENOSPC: no space left on device, copyfile'), { code: 'ENOSPC', syscall: 'copyfile' });
+    });
+    const target = path.join(dir, 'copy.db');
+    const done = backupDatabase(relay.store.sqlite, target);
+    assert.deepEqual([done.integrity, done.messages], ['ok', 1]);
+    const copy = new Database(target, { readonly: true });
+    try {
+      assert.equal(copy.prepare('SELECT COUNT(*) FROM messages').pluck().get(), 1);
+    } finally {
+      copy.close();
+    }
+    // the name taken: refused, and what holds it is left as it was
+    fs.writeFileSync(path.join(dir, 'taken.db'), 'an older backup');
+    assert.throws(() => backupDatabase(relay.store.sqlite, path.join(dir, 'taken.db')), /taken\.db already exists \(use --force to replace it\)/);
+    assert.equal(fs.readFileSync(path.join(dir, 'taken.db'), 'utf8'), 'an older backup');
+    assert.deepEqual(fs.readdirSync(dir).sort(), ['copy.db', 'taken.db']);
+  } finally {
+    await relay.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('a copy that fails halfway leaves no partial file next to the target', async () => {
   const { dir, db } = await damagedDatabase();
   const targetDir = path.join(dir, 'backups');
