@@ -491,6 +491,12 @@ export class SmtpIntake {
     if (s.recipients?.of !== listed) s.recipients = { of: listed, keys: new Set(listed.map((r) => addressKey(r.address))) };
     const key = addressKey(path.address);
     const { keys } = s.recipients;
+    // smtp-server merges recipients equal in lower case; `BOB@ẞ.DE` (ss.de) and `bob@ß.de` are
+    // two addresses that it would merge into one, losing the first: the second is refused
+    const lower = path.address.toLowerCase();
+    if (!keys.has(key) && listed.some((r) => r.address.toLowerCase() === lower)) {
+      return cb(reply(550, '5.1.3 Error: another recipient of this message differs from this one only in case; send it in a message of its own'));
+    }
     const max = this.deps.config.maxRecipients;
     if (keys.size >= max && !keys.has(key)) return cb(reply(452, '4.5.3 Error: too many recipients'));
     keys.add(key);

@@ -346,6 +346,15 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.deepEqual(stored, ['bob@münchen.de', 'r2@example.com', 'r3@example.com']);
   });
 
+  test('a recipient equal to another in lower case but another address (ẞ.de is ss.de, ß.de is not) is refused, not merged into it', async () => {
+    const c = await openSession(relay.smtpPort, 'a@example.com', ['bob@ß.de']);
+    assert.match(await c.send('RCPT TO:<BOB@ẞ.DE>'), /^550 5\.1\.3 /);
+    assert.match(await c.send('DATA'), /^354/);
+    const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+    c.close();
+    assert.deepEqual(relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ?').pluck().all(id), ['bob@ß.de']);
+  });
+
   test('message over maxMessageSize → 552 5.3.4, nothing stored', async () => {
     const before = messageCount(relay);
     const c = await openSession(relay.smtpPort);
