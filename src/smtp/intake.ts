@@ -62,7 +62,7 @@ interface SessionState {
    * The recipients of the transaction under way (smtp-server's list, a new one at each MAIL and
    * RSET) by the key they are stored under, which maxRecipients counts.
    */
-  recipients?: { of: SMTPServerAddress[]; keys: Set<string> };
+  recipients?: { of: SMTPServerAddress[]; keys: Set<string>; lowerCased: Set<string> };
   /** A MAIL waiting for in-flow pacing; cancelled if the connection closes meanwhile. */
   pacing?: PacedMail;
   /** The client has gone. */
@@ -488,18 +488,21 @@ export class SmtpIntake {
     if (refused) return cb(refused);
     const s = this.state(session);
     const listed = session.envelope.rcptTo;
-    if (s.recipients?.of !== listed) s.recipients = { of: listed, keys: new Set(listed.map((r) => addressKey(r.address))) };
+    if (s.recipients?.of !== listed) {
+      s.recipients = { of: listed, keys: new Set(listed.map((r) => addressKey(r.address))), lowerCased: new Set(listed.map((r) => r.address.toLowerCase())) };
+    }
     const key = addressKey(path.address);
-    const { keys } = s.recipients;
+    const { keys, lowerCased } = s.recipients;
     // smtp-server merges recipients equal in lower case; `BOB@ẞ.DE` (ss.de) and `bob@ß.de` are
     // two addresses that it would merge into one, losing the first: the second is refused
     const lower = path.address.toLowerCase();
-    if (!keys.has(key) && listed.some((r) => r.address.toLowerCase() === lower)) {
+    if (!keys.has(key) && lowerCased.has(lower)) {
       return cb(reply(550, '5.1.3 Error: another recipient of this message differs from this one only in case; send it in a message of its own'));
     }
     const max = this.deps.config.maxRecipients;
     if (keys.size >= max && !keys.has(key)) return cb(reply(452, '4.5.3 Error: too many recipients'));
     keys.add(key);
+    lowerCased.add(lower);
     cb();
   }
 
