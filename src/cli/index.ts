@@ -60,8 +60,8 @@ program
       write(
         `relayq: ${text
           .replace(/^error: /, '')
-          .replace(/(unknown option '-[^'=]*)=.*'/, "$1'")
-          .replace(/(argument '--[^'=]*)=.*?(' is invalid)/, '$1$2')
+          .replace(/(unknown option '-[^'=]*)=[\s\S]*'/, "$1'")
+          .replace(/(argument '--[^'=]*)=[\s\S]*?(' is invalid)/, '$1$2')
           .replace(/\n\(Did you mean (.*)\?\)/, ' (did you mean $1?)')
           // commander suggests only the options --help shows: config keys are hidden ones
           .replace(/unknown option '--([^'=]*)'(?=\n|$)/, (unknown, name: string) =>

@@ -262,7 +262,8 @@ describe('relayq CLI on the database of a running relay', () => {
     const serveFlags = ['--smtpPort', '0', '--enableHealthCheck', 'false', '--databasePath', path.join(dir, 'serve.db'), '--emailsDir', path.join(dir, 'serve-emails')];
     const [beforeCommand, onOperatorCommand, mistypedOption, mistypedCommand, senderAlone, jsonServe, serveJson, configLeftOut] = await Promise.all([
       runCli(["--defaultPassword=Hun'ter2Secret", 'serve']),
-      runCli(['status', '--forwardPasword=Hunter2Secret']),
+      // a value over two lines is left out whole, not from its first line on
+      runCli(['status', '--forwardPasword=Hunter2\nSecret']),
       runCli(['queue', '--stat', 'failed']),
       runCli(['stauts']),
       cli('retry', '--sender', 'x@example.com'),
@@ -277,11 +278,11 @@ describe('relayq CLI on the database of a running relay', () => {
       cli('retry', '--failed', '--sender', '--config', 'x.json'),
       runCli(['--config', '--json', 'status']),
       cli('queue', '--sender', '--recipient=a@example.com'),
-      runCli(['--config', '--defaultPassword=Hunter2Secret', 'status']),
+      runCli(['--config', '--defaultPassword=Hunter2\nSecret', 'status']),
     ]);
     assertOneLineError(senderThenRecipient, /^relayq: option '--sender <address>' argument '--recipient' is invalid\. --recipient is an option/);
     assertOneLineError(configThenSecret, /^relayq: option '--config <file>' argument '--defaultPassword' is invalid\. --defaultPassword is an option/);
-    assert.doesNotMatch(configThenSecret.stderr, /Hunter2Secret/, 'an option taken for a value is named without its own value');
+    assert.doesNotMatch(configThenSecret.stderr, /Hunter2|Secret/, 'an option taken for a value is named without its own value');
     assertOneLineError(senderThenJson, /^relayq: option '--sender <address>' argument '--json' is invalid\. --json is an option: give the option its value first$/);
     assertOneLineError(senderThenConfig, /argument '--config' is invalid\. --config is an option/);
     // an address may start with --
@@ -297,7 +298,7 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(beforeCommand, /^relayq: unknown option '--defaultPassword' \(a config key goes after the command name\)$/);
     // a config key mistyped: the suggestion commander does not make, as serve's config error makes it
     assertOneLineError(onOperatorCommand, /^relayq: unknown option '--forwardPasword' \(did you mean --forwardPassword\?\)$/);
-    assert.doesNotMatch(beforeCommand.stderr + onOperatorCommand.stderr, /Hun'?ter2Secret/);
+    assert.doesNotMatch(beforeCommand.stderr + onOperatorCommand.stderr, /Hun'?ter2|Secret/);
     // commander's suggestion, on the same line
     assertOneLineError(mistypedOption, /^relayq: unknown option '--stat' \(did you mean --state\?\)$/);
     assertOneLineError(mistypedCommand, /^relayq: unknown command 'stauts' \(did you mean status\?\)$/);
