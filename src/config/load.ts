@@ -62,16 +62,27 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
   const unknown: string[] = [];
   const missing: string[] = [];
   let configPath: string | undefined;
-  /** The flag whose value the previous argument was. */
-  let previousFlag = '';
+  /**
+   * Set after a secret's value, or a stray `-defaultPassword` or `DEFAULT_PASSWORD`: the words up
+   * to the next flag may be the rest of an unquoted secret, so they are named by it, not shown.
+   */
+  let hiding: { what: string; named: boolean } | undefined;
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (!arg.startsWith('--')) {
-      // a space in an unquoted password leaves its second word here: name the flag, not the word
-      unknown.push(previousFlag && secretFlag(previousFlag) ? `the word after --${previousFlag}'s value (quote a value that has spaces)` : arg);
-      previousFlag = '';
+      if (hiding) {
+        if (!hiding.named) unknown.push(hiding.what);
+        hiding.named = true;
+        continue;
+      }
+      // `-defaultPassword=…` (one dash) or `DEFAULT_PASSWORD=…` (a variable's name) is shown without its value
+      const eq = arg.indexOf('=');
+      unknown.push(eq >= 0 ? `${arg.slice(0, eq)}=…` : arg);
+      const name = (eq >= 0 ? arg.slice(0, eq) : arg).replace(/^-+/, '');
+      if (eq < 0 && secretFlag(name)) hiding = { what: `the words after ${arg}`, named: false };
       continue;
     }
+    hiding = undefined;
     let name = arg.slice(2);
     let value: string | undefined;
     const eq = name.indexOf('=');
@@ -81,12 +92,15 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
     }
     const key = KEYS_BY_PATH.get(name);
     const next = argv[i + 1];
-    // a password or token may start with `--`; any other value, and another known flag, may not
-    const mayTake = next !== undefined && (!next.startsWith('--') || (secretFlag(name) && !isFlagName(next)));
+    // a password or token may start with `--`, and so does PEM text (refused as a path, unshown);
+    // any other value, and another known flag, may not
+    const mayTake = next !== undefined && (!next.startsWith('--') || next.startsWith('-----BEGIN') || (secretFlag(name) && !isFlagName(next)));
     if (value === undefined && mayTake) value = argv[++i];
-    previousFlag = value === undefined ? '' : name;
+    // a space in an unquoted password leaves its next words here
+    if (value !== undefined && secretFlag(name)) hiding = { what: `the words after --${name}'s value (quote a value that has spaces)`, named: false };
     const known = name === 'config' || key !== undefined;
-    if (!known) unknown.push(`--${name}`);
+    // a name is shown: not text that only starts with -- (a key's PEM, a password's second word)
+    if (!known) unknown.push(/^[\w.-]*$/.test(name) ? `--${name}` : 'an argument that starts with -- but is no option name');
     else if (value === undefined && key?.type === 'bool') values.set(name, 'true');
     else if (value === undefined || (name === 'config' && value === '')) missing.push(name);
     else if (name === 'config') configPath = value;
@@ -127,7 +141,8 @@ function describeJsonError(err: Error, text: string): string {
 function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv): string | undefined {
   const { configPath } = parseFlags(argv);
   if (configPath !== undefined) return configPath;
-  if (env.RELAYQ_CONFIG) return env.RELAYQ_CONFIG;
+  // set but empty (`RELAYQ_CONFIG=${UNSET}`) is an error of loadConfig's, not a fallback
+  if (env.RELAYQ_CONFIG !== undefined) return env.RELAYQ_CONFIG;
   const local = `${process.cwd()}/config.json`;
   return fs.existsSync(local) ? local : undefined;
 }
@@ -193,6 +208,9 @@ export function loadConfig(
   const warnings = mistypedEnvNames(env);
 
   const flags = parseFlags(argv);
+  if (env.RELAYQ_CONFIG === '' && flags.configPath === undefined) {
+    errors.push({ key: 'RELAYQ_CONFIG', source: 'env', message: 'RELAYQ_CONFIG is empty: set it to the config file\'s path, or unset it to read ./config.json' });
+  }
   for (const arg of flags.unknown) {
     const message = arg.startsWith('--') ? `unknown option ${arg}${didYouMean(arg.slice(2), FLAG_NAMES, '--')}` : `unexpected argument: ${arg}`;
     errors.push({ key: arg, source: 'flag', message });
@@ -273,7 +291,9 @@ function checkValue(key: KeyDef, value: unknown): Checked {
         return chosen === undefined ? { error: `must be one of ${key.values.join(', ')}` } : { value: chosen };
       }
       if (key.pattern && !key.pattern.match.test(value)) {
-        return { error: `must be ${key.pattern.what}${key.secret ? '' : `, got ${JSON.stringify(withoutPassword(value))}`}` };
+        // a value of several lines is no path, name or address: it may be a key or a certificate
+        const shown = key.secret || /[\r\n]|-----BEGIN/.test(value) ? '' : `, got ${JSON.stringify(withoutPassword(value))}`;
+        return { error: `must be ${key.pattern.what}${shown}` };
       }
       return { value };
     case 'bool':
@@ -498,7 +518,10 @@ export function loadConfigFromSources(
 ): { ok: true; config: Config; warnings: string[]; file: string | null } | { ok: false; message: string } {
   const file = readConfigFile(findConfigFile(argv, env));
   const loaded = loadConfig(argv, env, file);
-  return loaded.ok ? { ...loaded, file: file ? resolve(file.path) : null } : { ok: false, message: formatErrors(loaded.errors, file?.path) };
+  if (loaded.ok) return { ...loaded, file: file ? resolve(file.path) : null };
+  // a mistyped variable's name (FORWARD_HOSTT) may be why a key is missing: said with the errors
+  const warnings = mistypedEnvNames(env).map((w) => `\nwarning: ${w}`);
+  return { ok: false, message: formatErrors(loaded.errors, file?.path) + warnings.join('') };
 }
 
 /** Copy of the config with every secret replaced, for logging. */

@@ -73,6 +73,12 @@ const LISTEN_ADDRESS = {
  */
 const PATH = { match: /./, what: 'a path (not empty)' };
 
+/**
+ * A PEM file's path, or empty. Its text given instead (TLS_KEY="$(cat key.pem)", as some
+ * platforms pass certificates) is refused at once, and never shown: it may be a private key.
+ */
+const PEM_FILE = { match: { test: (v: string) => !/[\r\n]|-----BEGIN/.test(v) }, what: 'the path of a PEM file, not its text (write the text to a file and give its path)' };
+
 /** The one file that keeps the mail: not SQLite's `:memory:`, a database that is gone at the exit. */
 const DATABASE_PATH = { match: /^(?!:memory:$)./, what: 'the path of a file (not empty, nor ":memory:", which keeps nothing)' };
 
@@ -133,8 +139,8 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
     pattern: { match: /^(?:[\x21-\x7e]{16,})?$/, what: 'empty, or at least 16 printable ASCII characters without spaces (openssl rand -hex 32 makes one)' },
     doc: 'bearer token that lets non-loopback clients use the HTTP API',
   },
-  { path: 'tls.cert', type: 'string', default: '', doc: 'PEM certificate file; with tls.key enables STARTTLS' },
-  { path: 'tls.key', type: 'string', default: '', doc: 'PEM private key file; with tls.cert enables STARTTLS' },
+  { path: 'tls.cert', type: 'string', default: '', pattern: PEM_FILE, doc: 'PEM certificate file; with tls.key enables STARTTLS' },
+  { path: 'tls.key', type: 'string', default: '', pattern: PEM_FILE, doc: 'PEM private key file; with tls.cert enables STARTTLS' },
   { path: 'databasePath', type: 'string', default: 'data/relayq.db', pattern: DATABASE_PATH, doc: 'the one SQLite file' },
   { path: 'emailsDir', type: 'string', default: 'emails', pattern: PATH, doc: 'local deliveries; failed exports go to `emailsDir/failed`' },
   { path: 'maxMessageSize', type: 'int', default: 26214400, min: MIN_MESSAGE_SIZE_LIMIT, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'larger messages get `552` (at most 500 MiB: SQLite stores a message as one value, of at most 512 MiB)' },

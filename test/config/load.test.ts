@@ -8,7 +8,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { clientFilter } from '../../src/access-control.js';
-import { formatErrors, loadConfig, parseFlags, readConfigFile } from '../../src/config/load.js';
+import { formatErrors, loadConfig, loadConfigFromSources, parseFlags, readConfigFile } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
 import { runCli } from '../cli/run-cli.js';
@@ -570,9 +570,9 @@ describe('loadConfig', () => {
     assert.deepEqual(errorMessages(loadConfig(['--defaultUsername', 'app', '--serverName', '--defaultPassword=hunter2Secret'], {})), ['--serverName needs a value']);
     assert.deepEqual(errorMessages(loadConfig(['--forwardHost', '--forwardSMTP'], {})), ['--forwardHost needs a value']);
     assert.deepEqual(errorMessages(loadConfig(['--defaultPassword', '--logLevel', 'debug'], {})), ['--defaultPassword needs a value']);
-    const split = errorMessages(loadConfig(['--forwardPassword', 'correct', 'horsebattery', '--serverName', 'a', 'stray'], {}));
+    const split = errorMessages(loadConfig(['--forwardPassword', 'correct', 'horse', 'battery', 'staple', '--serverName', 'a', 'stray'], {}));
     assert.deepEqual(split, [
-      "unexpected argument: the word after --forwardPassword's value (quote a value that has spaces)",
+      "unexpected argument: the words after --forwardPassword's value (quote a value that has spaces)",
       'unexpected argument: stray',
     ]);
   });
@@ -581,9 +581,14 @@ describe('loadConfig', () => {
     const cases: Array<[string[], string[]]> = [
       [['--defaultPasword', '--x7Secret'], ['unknown option --defaultPasword (did you mean --defaultPassword?)']],
       [
-        ['--defaultPasword', 'foo', 'barSecret'],
-        ['unknown option --defaultPasword (did you mean --defaultPassword?)', "unexpected argument: the word after --defaultPasword's value (quote a value that has spaces)"],
+        ['--defaultPasword', 'foo', 'barSecret', 'bazSecret'],
+        ['unknown option --defaultPasword (did you mean --defaultPassword?)', "unexpected argument: the words after --defaultPasword's value (quote a value that has spaces)"],
       ],
+      [['--security.adminToken=has', 'spaceSecret', 'andmoreSecret'], ["unexpected argument: the words after --security.adminToken's value (quote a value that has spaces)", '--security.adminToken: must be empty, or at least 16 printable ASCII characters without spaces (openssl rand -hex 32 makes one)']],
+      // one dash, or the environment variable's name, given as a flag: named without the value
+      [['-defaultPassword=hunter2Secret'], ['unexpected argument: -defaultPassword=…']],
+      [['DEFAULT_PASSWORD=hunter2Secret', 'x'], ['unexpected argument: DEFAULT_PASSWORD=…', 'unexpected argument: x']],
+      [['-forwardPassword', 'twoSecret', 'wordsSecret'], ['unexpected argument: -forwardPassword', 'unexpected argument: the words after -forwardPassword']],
       [['--forward-pass', '--hunter2Secret'], ['unknown option --forward-pass']],
       [['--security.admintoken', '--tokenSecret', '--smtpPort', '2600'], ['unknown option --security.admintoken (did you mean --security.adminToken?)']],
       // any other unknown flag takes no value that looks like a flag: both are named
@@ -599,6 +604,47 @@ describe('loadConfig', () => {
   test('an empty --config is an error, not a silent fallback to ./config.json', () => {
     assert.deepEqual(errorMessages(loadConfig(['--config', ''], {})), ['--config needs a value']);
     assert.deepEqual(errorMessages(loadConfig(['--config='], {})), ['--config needs a value']);
+  });
+
+  test('an empty RELAYQ_CONFIG (an unset variable in compose) is an error, not a silent fallback to ./config.json', () => {
+    const dir = tempDir();
+    fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ smtpPort: 2600 }));
+    const cwd = process.cwd();
+    process.chdir(dir);
+    try {
+      const empty = loadConfigFromSources([], { RELAYQ_CONFIG: '' });
+      assert.deepEqual(empty, { ok: false, message: "config error (env): RELAYQ_CONFIG is empty: set it to the config file's path, or unset it to read ./config.json" });
+      // --config wins over it, and unset it falls back
+      const named = loadConfigFromSources(['--config', 'config.json'], { RELAYQ_CONFIG: '' });
+      assert.ok(named.ok && named.config.smtpPort === 2600);
+      const unset = loadConfigFromSources([], {});
+      assert.ok(unset.ok && unset.config.smtpPort === 2600);
+    } finally {
+      process.chdir(cwd);
+    }
+  });
+
+  test('a start that fails also says which environment variables looked mistyped: they may be the reason', () => {
+    const r = loadConfigFromSources(['--config', path.join(REPO_ROOT, 'config.example.json')], { FORWARD_SMTP: '1', FORWARD_HOSTT: 'smtp.example.com' });
+    assert.ok(!r.ok);
+    assert.deepEqual(r.message.split('\n'), [
+      'config error (env): forwardHost is required when forwardSMTP is true [forwardSMTP from env, forwardHost from file]',
+      'warning: FORWARD_HOSTT: not an environment variable relayq reads, so it is ignored (did you mean FORWARD_HOST?)',
+    ]);
+  });
+
+  test('a certificate or key given as PEM text instead of a path is refused and never shown', () => {
+    const pem = '-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKeySecret\n-----END PRIVATE KEY-----\n';
+    const fromEnv = loadConfig([], { TLS_CERT: 'cert.pem', TLS_KEY: pem });
+    const fromFile = loadConfig([], {}, { path: 'c.json', text: JSON.stringify({ tls: { cert: pem.replace('PRIVATE KEY', 'CERTIFICATE'), key: 'key.pem' } }) });
+    const oneLine = loadConfig(['--tls.cert', 'cert.pem', '--tls.key', '-----BEGIN PRIVATE KEY----- MC4CAQAwBQYDK2VwBCIEIKeySecret'], {});
+    assert.deepEqual(errorMessages(fromEnv), ['TLS_KEY (tls.key): must be the path of a PEM file, not its text (write the text to a file and give its path)']);
+    assert.deepEqual(errorMessages(fromFile), ['tls.cert: must be the path of a PEM file, not its text (write the text to a file and give its path)']);
+    assert.deepEqual(errorMessages(oneLine), ['--tls.key: must be the path of a PEM file, not its text (write the text to a file and give its path)']);
+    // nor taken for an option: it starts with --
+    const stray = loadConfig(['--tls.cert', 'cert.pem', '--tls.key', 'key.pem', '-----BEGIN PRIVATE KEY----- MC4CAQAwBQYDK2VwBCIEIKeySecret'], {});
+    assert.deepEqual(errorMessages(stray), ['unexpected argument: an argument that starts with -- but is no option name']);
+    assert.doesNotMatch(JSON.stringify([fromEnv, fromFile, oneLine, stray]), /KeySecret/);
   });
 
   test('the file nests its keys: a dotted name is an unknown key that says how to write it', () => {
