@@ -83,6 +83,7 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
     cause?: unknown;
     reason?: unknown;
     originalCode?: unknown;
+    hint?: unknown;
     endUnanswered?: unknown;
   };
   const code = typeof e.responseCode === 'number' && e.responseCode >= 200 && e.responseCode < 600 ? e.responseCode : null;
@@ -103,18 +104,22 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
   return { temporary: true, code, reply };
 }
 
+/** The OpenSSL code of a TLS error: ERR_SSL_WRONG_VERSION_NUMBER is what a peer that does not speak TLS causes. */
+export function openSslCode(e: { originalCode?: unknown; code?: unknown }): string | undefined {
+  const code = typeof e.originalCode === 'string' ? e.originalCode : e.code;
+  return typeof code === 'string' && code.startsWith('ERR_SSL_') ? code : undefined;
+}
+
 /**
  * An OpenSSL error says `80ACCBCB7F7F0000:error:0A00010B:SSL routines:ssl3_get_record:wrong version
  * number:ssl3_record.c:350:`, whose first field differs from process to process: its reason and
- * code instead, so that one fault reads the same every time. The reason a plain port gives a
- * TLS client says what to check.
+ * code instead, so that one fault reads the same every time, and the hint the connection gave it
+ * (what to check, which depends on forwardSSL).
  */
-function openSslMessage(e: { reason?: unknown; originalCode?: unknown; code?: unknown }): string | undefined {
-  const code = typeof e.originalCode === 'string' ? e.originalCode : e.code;
-  if (typeof e.reason !== 'string' || typeof code !== 'string' || !code.startsWith('ERR_SSL_')) return undefined;
-  const hint =
-    code === 'ERR_SSL_WRONG_VERSION_NUMBER' ? ': the upstream did not answer in TLS (with forwardSSL=true its port must start with TLS, as 465 does)' : '';
-  return `TLS ${e.reason} (${code})${hint}`;
+function openSslMessage(e: { reason?: unknown; originalCode?: unknown; code?: unknown; hint?: unknown }): string | undefined {
+  const code = openSslCode(e);
+  if (typeof e.reason !== 'string' || code === undefined) return undefined;
+  return `TLS ${e.reason} (${code})${typeof e.hint === 'string' ? `: ${e.hint}` : ''}`;
 }
 
 /** Replies are kept to this many characters (Postfix's line_length_limit): they are stored per recipient and logged. */

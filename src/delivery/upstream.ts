@@ -17,7 +17,7 @@ import { isAscii } from '../address.js';
 import { MIN_MESSAGE_SIZE_LIMIT } from '../config/schema.js';
 import { libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
-import { type BatchResult, type RecipientResult, resultFromNodemailer, uniformResult } from './outcomes.js';
+import { type BatchResult, openSslCode, type RecipientResult, resultFromNodemailer, uniformResult } from './outcomes.js';
 import { settleWithin } from './settle.js';
 
 export interface UpstreamSettings {
@@ -272,6 +272,19 @@ function withImplicitTlsHint(err: Error): Error {
   if ((err as { timeoutType?: unknown }).timeoutType !== 'GREETING_TIMEOUT') return err;
   err.message += ': no 220 came (with forwardSSL=false its port must start in plain text; a port that starts with TLS, as 465 does, needs forwardSSL=true)';
   return err;
+}
+
+/**
+ * A peer that does not speak TLS where TLS was expected: with forwardSSL, a port that starts in
+ * plain text (587, 25); without it, an upstream that offered STARTTLS and then did not answer in
+ * TLS (a fault of the upstream, or of something between), where forwardSSL would not help.
+ */
+function withTlsHint(err: Error, secure: boolean): Error {
+  if (openSslCode(err as { code?: unknown }) !== 'ERR_SSL_WRONG_VERSION_NUMBER') return err;
+  const hint = secure
+    ? 'the upstream did not answer in TLS (with forwardSSL=true its port must start with TLS, as 465 does)'
+    : 'the upstream offered STARTTLS, then did not answer in TLS (check the upstream, or a proxy between it and relayq)';
+  return Object.assign(err, { hint });
 }
 
 const TOO_MANY = /^\d{3}[ -][45]\.5\.3\b|too many recipients/i;
@@ -532,7 +545,7 @@ export class SmtpUpstream {
       signal.addEventListener('abort', onAbort, { once: true });
       // Errors of a transaction reach its send callback; one that ends an idle connection only
       // ends it. Either way the connection leaves the pool when it ends.
-      connection.on('error', (err: Error) => settle(this.options.secure ? err : withImplicitTlsHint(err)));
+      connection.on('error', (err: Error) => settle(this.options.secure ? withTlsHint(err, true) : withImplicitTlsHint(withTlsHint(err, false))));
       connection.once('end', () => {
         this.forget(connection);
         settle(Object.assign(new Error('Connection closed unexpectedly'), { code: 'ECONNECTION' }));

@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import { after, describe, test } from 'node:test';
 import pino from 'pino';
 import { ManualClock } from '../../src/clock.js';
@@ -101,6 +102,30 @@ describe('upstream connection: TLS and AUTH', () => {
     assert.equal(
       r.last_reply,
       'ESOCKET: TLS wrong version number (ERR_SSL_WRONG_VERSION_NUMBER): the upstream did not answer in TLS (with forwardSSL=true its port must start with TLS, as 465 does)',
+    );
+  });
+
+  test('an upstream that offers STARTTLS and then does not answer in TLS defers with a reply that does not point at forwardSSL', async () => {
+    // plain text where the TLS handshake should be: what a broken upstream or a proxy in between sends
+    const server = net.createServer((socket) => {
+      socket.write('220 plain.example ESMTP\r\n');
+      socket.on('data', (data) => {
+        const line = data.toString();
+        if (/^EHLO/i.test(line)) socket.write('250-plain.example\r\n250 STARTTLS\r\n');
+        else if (/^STARTTLS/i.test(line)) socket.write('220 go ahead\r\n');
+        else socket.write('500 5.5.2 not TLS\r\n');
+      });
+      socket.on('error', () => {});
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    cleanup.push(() => new Promise((resolve) => server.close(resolve)));
+    const { relay, id } = await relayFor((server.address() as net.AddressInfo).port);
+    await relay.delivery.runOnce();
+    const [r] = recipients(relay, id);
+    assert.equal(r.status, 'pending');
+    assert.equal(
+      r.last_reply,
+      'ESOCKET: TLS wrong version number (ERR_SSL_WRONG_VERSION_NUMBER): the upstream offered STARTTLS, then did not answer in TLS (check the upstream, or a proxy between it and relayq)',
     );
   });
 
