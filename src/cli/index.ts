@@ -89,7 +89,7 @@ program
   .action(async (_args: string[], _opts: unknown, cmd: Command) => {
     // before the command name or after it
     if (program.opts<GlobalOptions>().json || cmd.args.includes('--json')) {
-      throw new CliError('--json does not apply to serve: its log lines are JSON already', 2);
+      throw new CliError('--json does not apply to serve: its log lines are JSON already');
     }
     const { serve } = await import('./serve.js');
     await serve([...configFlags(program.opts<GlobalOptions>()), ...cmd.args], process.env);

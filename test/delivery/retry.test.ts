@@ -521,6 +521,35 @@ test('a message of several batches that failedRetryInterval retried logs deliver
   }
 });
 
+test('after a restart, failed mail that the start\'s scan puts back and that fails again logs delivery.failed_again, not a second warning', async () => {
+  const clock = new ManualClock();
+  const upstream = await startScriptedUpstream();
+  upstream.rcptReply = () => ({ code: 451, message: '4.7.1 Try again later' });
+  const log = capturedLog('info');
+  const config = { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, retry: { maxAttempts: 1 }, failedRetryInterval: 300 };
+  const first = await startTestRelay(config, { clock, startDelivery: false, logger: log.logger });
+  let second: Awaited<ReturnType<typeof startTestRelay>> | undefined;
+  try {
+    const id = queuedId((await sendMail(first.smtpPort, { to: ['t@example.com'] })).response);
+    await first.delivery.runOnce();
+    await first.stop();
+    const failures = () => log.entries().filter((e) => String(e.event).startsWith('delivery.failed')).map((e) => [e.event, e.level]);
+    assert.deepEqual(failures(), [['delivery.failed', 40]]);
+    clock.advance(300_000);
+    second = await startTestRelay(
+      { ...config, databasePath: first.config.databasePath, emailsDir: first.config.emailsDir },
+      { clock, startDelivery: false, logger: log.logger },
+    );
+    assert.equal((await second.delivery.runOnce()).requeued, 1);
+    assert.equal(message(second, id).state, 'failed');
+    assert.deepEqual(failures(), [['delivery.failed', 40], ['delivery.failed_again', 30]]);
+  } finally {
+    await first.stop();
+    await second?.stop();
+    await upstream.close();
+  }
+});
+
 test('a give-up reason counts its attempts in words: 1 attempt, 2 attempts', () => {
   const retry = { maxAttempts: 1, maxAge: 60 };
   assert.equal(describeGiveUp('max-attempts', 1, retry), 'gave up after 1 attempt (retry.maxAttempts=1)');
