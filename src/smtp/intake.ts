@@ -404,7 +404,10 @@ export class SmtpIntake {
     // both compared every time: a wrong user name takes as long as a wrong password
     const userOk = secretsEqual(auth.username ?? '', defaultUsername);
     const passwordOk = secretsEqual(auth.password ?? '', defaultPassword);
-    const ok = this.credentialsConfigured && userOk && passwordOk;
+    // AUTH PLAIN may ask to act as someone else (RFC 4616's authzid): no user here may, so such a
+    // request fails (RFC 4616, 2) rather than being granted as the user who logged in
+    const authzid = (auth as { authzid?: string }).authzid ?? '';
+    const ok = this.credentialsConfigured && userOk && passwordOk && (authzid === '' || authzid === auth.username);
     // After failures from this address every answer to it comes more and more slowly (never a
     // lockout), a success too: a guesser that hangs up when no quick answer comes learns nothing.
     const now = this.deps.clock.now();

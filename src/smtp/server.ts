@@ -42,6 +42,9 @@
 //    message of a client that did not wait for the `354`, and its lines would run as commands
 //    (a `RCPT TO:` in a body would become another message's envelope). The refusal is followed
 //    by `421 4.5.0` and the connection is closed, with nothing of what followed read as commands.
+// 10. Out-of-order commands are answered as Postfix does: RCPT or DATA with no MAIL gets `503 need
+//    MAIL command` (smtp-server checked RCPT's address first, and asked DATA for RCPT), and EXPN,
+//    a command of RFC 5321 that relayq does not implement, gets `502` (smtp-server: unknown, `500`).
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
@@ -55,7 +58,7 @@ import type { SMTPStream } from 'smtp-server/lib/smtp-stream.js';
 const ENHANCED = /^[245]\.\d{1,3}\.\d{1,3} /;
 
 /** Commands smtp-server knows: a line after a refused AUTH that is none of these may be a credential. */
-const COMMANDS = new Set(['HELO', 'EHLO', 'LHLO', 'MAIL', 'RCPT', 'DATA', 'RSET', 'NOOP', 'QUIT', 'VRFY', 'HELP', 'STARTTLS', 'AUTH', 'BDAT', 'XCLIENT', 'XFORWARD']);
+const COMMANDS = new Set(['HELO', 'EHLO', 'LHLO', 'MAIL', 'RCPT', 'DATA', 'RSET', 'NOOP', 'QUIT', 'VRFY', 'EXPN', 'HELP', 'STARTTLS', 'AUTH', 'BDAT', 'XCLIENT', 'XFORWARD']);
 
 /** Mechanisms an AUTH line may name in the log; any other word there may be a credential. */
 const SASL_MECHANISMS = /^(PLAIN|LOGIN|CRAM-MD5|XOAUTH2|OAUTHBEARER|SCRAM-SHA-1|SCRAM-SHA-256|GSSAPI|NTLM|EXTERNAL|ANONYMOUS)$/i;
@@ -231,14 +234,38 @@ class RelayqConnection extends SMTPConnection {
     return refusal;
   }
 
-  /** DATA takes no argument: `501 5.5.4`, as Postfix answers (smtp-server started a message). */
+  /** RCPT outside a transaction is out of order, whatever its address: smtp-server checked the address first. */
+  override handler_RCPT(command: Buffer, callback: () => void): void {
+    if (!this.session.envelope.mailFrom) {
+      this.send(503, 'Error: need MAIL command');
+      callback();
+      return;
+    }
+    super.handler_RCPT(command, callback);
+  }
+
+  /**
+   * DATA takes no argument: `501 5.5.4`, as Postfix answers (smtp-server started a message). With
+   * no transaction open, MAIL is what is missing (smtp-server asks for RCPT).
+   */
   override handler_DATA(command: Buffer, callback: () => void): void {
+    if (!this.session.envelope.mailFrom) {
+      this.send(503, 'Error: need MAIL command');
+      callback();
+      return;
+    }
     if (this.session.envelope.rcptTo.length > 0 && command.toString().trim().length > 'DATA'.length) {
       this.send(501, '5.5.4 Syntax: DATA');
       callback();
       return;
     }
     super.handler_DATA(command, callback);
+  }
+
+  /** EXPN is a command of RFC 5321 that relayq does not implement (502), not an unknown one (500, counted towards smtp-server's limit). */
+  handler_EXPN(_command: Buffer, callback: () => void): void {
+    this.send(502, 'Error: EXPN not implemented');
+    callback();
   }
 
   /**

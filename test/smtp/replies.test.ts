@@ -62,6 +62,17 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     c.close();
   });
 
+  test('DATA or RCPT with no transaction open → 503 5.5.1 need MAIL, whatever the address; EXPN → 502 5.5.1, not an unknown command', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    for (const line of ['DATA', 'RCPT TO:<b@example.com>', 'RCPT TO:<"a b"@example.com>']) {
+      assert.match(await c.send(line), /^503 5\.5\.1 Error: need MAIL command$/, line);
+    }
+    assert.match(await c.send('EXPN staff'), /^502 5\.5\.1 /);
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    assert.match(await c.send('DATA'), /^503 5\.5\.1 Error: need RCPT command$/);
+    c.close();
+  });
+
   test('accepted → 250 2.0.0 Ok: queued as <id>', async () => {
     const c = await openSession(relay.smtpPort);
     assert.match(await c.send('DATA'), /^354/);
@@ -445,7 +456,11 @@ describe('SMTP replies with AUTH required', () => {
     const { c } = await ehlo(relay.smtpPort);
     const bad = Buffer.from('\0app\0wrong').toString('base64');
     assert.match(await c.send(`AUTH PLAIN ${bad}`), /^535 5\.7\.8 /);
-    const good = Buffer.from('\0app\0s3cret').toString('base64');
+    // the right password, asking to act as another user (RFC 4616's authzid): refused, not granted as app
+    const asAnother = Buffer.from('root\0app\0s3cret').toString('base64');
+    assert.match(await c.send(`AUTH PLAIN ${asAnother}`), /^535 5\.7\.8 /);
+    // asking to act as oneself is taking no authzid
+    const good = Buffer.from('app\0app\0s3cret').toString('base64');
     assert.match(await c.send(`AUTH PLAIN ${good}`), /^235 /);
     assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
     c.close();
