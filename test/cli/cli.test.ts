@@ -231,13 +231,14 @@ describe('relayq CLI on the database of a running relay', () => {
     staleStore.sqlite.exec('DROP TABLE messages');
     await staleStore.close();
     const staleTarget = path.join(dir, 'export-from-stale');
-    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, noRecipient, unreadable, missing, badConfig, exportIntoFile, exportMissing, rawAsJson] = await Promise.all([
+    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, noRecipient, spacedRecipient, unreadable, missing, badConfig, exportIntoFile, exportMissing, rawAsJson] = await Promise.all([
       cli('show', 'NOSUCHID'),
       cli('delete', keep, 'NOSUCHID'),
       cli('queue', '--state', 'lost'),
       cli('queue', '--before', 'NOSUCHID'),
       cli('queue', '--before', '12-'),
       cli('queue', '--recipient', ''),
+      cli('queue', '--recipient', 'a b@example.com'),
       runCli(['status'], { env: { DATABASE_PATH: garbage } }),
       runCli(['queue'], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
       runCli(['status', '--config', badJson]),
@@ -254,6 +255,7 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(unknownBefore, /^relayq: --before: no message with id NOSUCHID$/);
     assertOneLineError(badBefore, /^relayq: --before: 12- is not a cursor/);
     assertOneLineError(noRecipient, /^relayq: --recipient: must be an address \(a recipient is never empty; the null sender is a sender\)$/);
+    assertOneLineError(spacedRecipient, /^relayq: --recipient: an address has no space$/);
     assertOneLineError(unreadable, /cannot read database .*not-a-database\.db: file is not a database/);
     assertOneLineError(missing, /no database at .*missing\.db/);
     assertOneLineError(badConfig, /bad\.json is not valid JSON/);
