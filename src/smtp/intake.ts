@@ -444,7 +444,7 @@ export class SmtpIntake {
     // so a MAIL refused with it would leave it set for the next MAIL without it
     session.envelope.smtpUtf8 = path.args !== false && Boolean(path.args.SMTPUTF8);
     if (this.closing) return cb(shuttingDown());
-    const { config, sqlite, clock } = this.deps;
+    const { config } = this.deps;
     if (config.security.requireAuth && !session.user && (this.credentialsConfigured || !isLoopback(this.peer(session)))) {
       return cb(reply(530, '5.7.0 Authentication required'));
     }
@@ -452,29 +452,43 @@ export class SmtpIntake {
     const refused = refusedPath(path, session.envelope.smtpUtf8, true);
     if (refused) return cb(refused);
     const declared = Number(path.args !== false && path.args.SIZE) || 0;
-    if (this.deps.disk.isLow(declared)) {
-      const { disk } = this.deps;
-      const why = disk.readError ? 'free disk space cannot be read' : disk.isLow() ? 'disk space low' : 'its declared SIZE would take free disk space below minFreeDiskMb';
-      this.deps.logger.warn(
-        { event: 'smtp.disk_low', session: session.id, client: this.peer(session), sender: address, freeMb: disk.freeMb(), size: declared || undefined, err: disk.readError },
-        `refusing mail: ${why}`,
-      );
-      return cb(reply(452, '4.3.1 Insufficient system storage, try again later'));
-    }
-    if (isQueueFull(sqlite, config.queueSize)) return cb(this.policyRefused(session, address));
-    const hit = checkRateLimits(sqlite, address, clock.now(), config.rateLimits);
-    if (hit) return cb(this.policyRefused(session, address, hit));
-    // In-flow pacing: mail that may be accepted waits while delivery is behind. The checks above
-    // are not repeated after the wait: the transaction that stores the message runs them again.
+    const refusal = this.roomFor(session, address, declared);
+    if (refusal) return cb(refusal);
+    // In-flow pacing: mail that may be accepted waits while delivery is behind. The room is looked
+    // at again after the wait (up to inFlowDelay, in which the queue may have filled or the sender
+    // reached its limit), so that a refusal still comes before the client sends its message.
     const paced = this.deps.inFlow.admit();
     if (!paced) return this.mailAccepted(session, cb);
     const s = this.state(session);
     s.pacing = paced;
     paced.then(() => {
       s.pacing = undefined;
-      if (this.closing) cb(shuttingDown());
+      if (this.closing) return cb(shuttingDown());
+      const late = this.roomFor(session, address, declared);
+      if (late) cb(late);
       else this.mailAccepted(session, cb);
     });
+  }
+
+  /**
+   * Whether a message from `address` may be taken now: free disk space (weighing a declared SIZE),
+   * queueSize and the rate limits. The insert's transaction checks the last two again, with no
+   * other write between check and insert.
+   */
+  private roomFor(session: SMTPServerSession, address: string, declared: number): Error | undefined {
+    const { config, sqlite, clock, disk } = this.deps;
+    if (disk.isLow(declared)) {
+      const why = disk.readError ? 'free disk space cannot be read' : disk.isLow() ? 'disk space low' : 'its declared SIZE would take free disk space below minFreeDiskMb';
+      this.deps.logger.warn(
+        { event: 'smtp.disk_low', session: session.id, client: this.peer(session), sender: address, freeMb: disk.freeMb(), size: declared || undefined, err: disk.readError },
+        `refusing mail: ${why}`,
+      );
+      return reply(452, '4.3.1 Insufficient system storage, try again later');
+    }
+    if (isQueueFull(sqlite, config.queueSize)) return this.policyRefused(session, address);
+    const hit = checkRateLimits(sqlite, address, clock.now(), config.rateLimits);
+    if (hit) return this.policyRefused(session, address, hit);
+    return undefined;
   }
 
   private mailAccepted(session: SMTPServerSession, cb: Callback) {

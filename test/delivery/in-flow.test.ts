@@ -114,7 +114,7 @@ describe('in-flow pacing in the relay', () => {
    * that holds every DATA until released, and a client session after EHLO. Everything is closed
    * after the test, the upstream released first.
    */
-  async function pacedRelay(t: TestContext, inFlowDelay: number, logger?: Logger) {
+  async function pacedRelay(t: TestContext, inFlowDelay: number, logger?: Logger, config: Parameters<typeof startTestRelay>[0] = {}) {
     const held: Array<() => void> = [];
     let holding = true;
     const upstream = await startUpstream({
@@ -128,7 +128,7 @@ describe('in-flow pacing in the relay', () => {
       for (const answer of held.splice(0)) answer();
     };
     const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, workerCount: 1, batchDelay: 0, queueSize: 0, inFlowDelay },
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, workerCount: 1, batchDelay: 0, queueSize: 0, inFlowDelay, ...config },
       { deliveryPollMs: 20, ...(logger ? { logger } : {}) },
     );
     const client = await SmtpClient.connect(relay.smtpPort);
@@ -151,8 +151,8 @@ describe('in-flow pacing in the relay', () => {
   }
 
   /** As pacedRelay, with the first message held at the upstream and LIMIT due behind it. */
-  async function backlogged(t: TestContext, inFlowDelay: number, logger?: Logger) {
-    const paced = await pacedRelay(t, inFlowDelay, logger);
+  async function backlogged(t: TestContext, inFlowDelay: number, logger?: Logger, config: Parameters<typeof startTestRelay>[0] = {}) {
+    const paced = await pacedRelay(t, inFlowDelay, logger, config);
     await fillBacklog(paced);
     return paced;
   }
@@ -200,6 +200,31 @@ describe('in-flow pacing in the relay', () => {
     const text = await prometheus();
     assert.match(text, /^relayq_intake_paced_total 1$/m);
     assert.match(text, /^relayq_intake_paced_timeouts_total 0$/m);
+  });
+
+  test('a MAIL let go after its sender reached its limit meanwhile is refused then, before the client sends its message', async (t) => {
+    // the backlog is LIMIT + 1 messages from sender@example.com: one more fits its hourly limit
+    const { relay, client } = await backlogged(t, 10_000, undefined, { rateLimits: { enabled: true, maxPerHour: LIMIT + 2 } });
+    const second = await SmtpClient.connect(relay.smtpPort);
+    t.after(() => second.close());
+    assert.match(await second.read(), /^220/);
+    assert.match(await second.send('EHLO second.test'), /^250/);
+    client.write('MAIL FROM:<sender@example.com>\r\n');
+    const first = client.read(30_000);
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the first MAIL waiting');
+    second.write('MAIL FROM:<sender@example.com>\r\n');
+    const late = second.read(30_000);
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 2, 10_000, 'the second MAIL waiting');
+    // delivery takes one message: the first goes ahead, and its message takes the last place
+    relay.delivery.inFlow.taken(1);
+    assert.match(await first, /^250/);
+    assert.match(await client.send('RCPT TO:<rcpt@example.com>'), /^250/);
+    assert.match(await client.send('DATA'), /^354/);
+    assert.match(await client.send('Subject: the last one\r\n\r\nbody\r\n.'), /^250/);
+    assert.equal(await settled(late), false);
+    relay.delivery.inFlow.taken(1);
+    assert.match(await late, /^451 4\.7\.1 /);
+    assert.equal(count(relay, 'queued'), LIMIT + 1);
   });
 
   test('with the upstream stuck, a MAIL waits inFlowDelay and is then accepted: nothing is refused', async (t) => {
