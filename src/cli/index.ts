@@ -4,6 +4,8 @@
 // --json (before or after its name) and, after its name, any other config key as a flag; it
 // prints a table for people or JSON for scripts, and on bad input exits non-zero with one line.
 // Each command's module is loaded only when it runs, so a quick `relayq status` starts quickly.
+// first: serve's stop signals are kept from here on, while the rest loads
+import './early-signals.js';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { didYouMean } from '../config/names.js';
 import { CONFIG_KEYS } from '../config/schema.js';

@@ -2,13 +2,14 @@
 // start the relay, and shut down in order on SIGTERM, SIGINT or SIGHUP (a second signal forces
 // exit; the first one repeated within a second does not). The signals are taken from the first
 // moment: one that comes while the relay starts (a long migration) stops it once it has started,
-// rather than killing it mid-start or, as PID 1 in a container, being ignored.
+// rather than killing it mid-start or, as PID 1 in a container, being ignored (early-signals.ts
+// keeps those that come before this module runs).
 import { loadConfigFromSources } from '../config/load.js';
 import { createLogger, type StdoutLog, stdoutLog } from '../logger.js';
 import { type Relay, startRelay } from '../main.js';
 import { ourLines } from './context.js';
+import { STOP_SIGNALS, takeEarlySignals } from './early-signals.js';
 
-const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP'] as const;
 /** The first signal again within this long is the same request delivered twice, not a second one. */
 const REPEAT_WINDOW_MS = 1000;
 
@@ -39,10 +40,10 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
   };
   let signals = 0;
   let first: { signal: string; at: number } | undefined;
-  const onSignal = (signal: string) => {
+  const onSignal = (signal: string, at = performance.now()) => {
     // `timeout` sends its signal to the process and then to its process group: one request, twice
-    if (first?.signal === signal && performance.now() - first.at < REPEAT_WINDOW_MS) return;
-    first ??= { signal, at: performance.now() };
+    if (first?.signal === signal && at - first.at < REPEAT_WINDOW_MS) return;
+    first ??= { signal, at };
     signals++;
     if (signals > 1) {
       logger.warn({ event: 'relay.forced_exit', signal }, 'second signal: exiting now');
@@ -53,6 +54,7 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
     if (relay) stop(relay, 0);
   };
   for (const signal of STOP_SIGNALS) process.on(signal, () => onSignal(signal));
+  for (const early of takeEarlySignals()) onSignal(early.signal, early.at);
   // the relay cannot store mail any more: stop, and exit non-zero for the supervisor to restart it
   const onFatal = () => (relay ? stop(relay, 1) : exitAfterFlush(out, 1));
   try {
@@ -66,15 +68,21 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
   if (signals === 1) stop(relay, 0);
 }
 
-let exiting = false;
+/** The code of the exit decided, once one is. */
+let exiting: number | undefined;
 
 /**
  * The log is written asynchronously: write out what is left, for `ms` at most (a reader that is
- * slow, not gone, gets its lines), then exit. The first exit decided wins (a second signal's,
- * over the stop it cut short).
+ * slow, not gone, gets its lines), then exit. An exit decided again, by a second signal while the
+ * log is being written out after the stop or during it, shortens the wait to its own and exits
+ * with the higher code (1 over a stop's 0).
  */
 function exitAfterFlush(out: StdoutLog, code: number, ms = 5000): void {
-  if (exiting) return;
-  exiting = true;
-  out.closeWithin(ms).then(() => process.exit(code));
+  if (exiting !== undefined) {
+    exiting = Math.max(exiting, code);
+    setTimeout(() => process.exit(exiting), ms);
+    return;
+  }
+  exiting = code;
+  out.closeWithin(ms).then(() => process.exit(exiting));
 }

@@ -111,18 +111,35 @@ test('a log that cannot be written, with stderr on the same full disk (`> log 2>
   }
 });
 
-test('a stop whose log nobody reads (a full pipe) still exits, and keeps every message', async () => {
-  const dir = tempDir('relayq-serve-');
+/**
+ * A relay whose stdout is a pipe nobody reads, full after the 150 messages it has accepted (about
+ * 1 KB of log lines each at info: far more than the pipe holds). `stop` kills it and closes the pipe.
+ */
+async function relayWithUnreadLog(dir: string) {
   const fifo = path.join(dir, 'stdout');
   execFileSync('mkfifo', [fifo]);
   const reader = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK); // held, never read
   const writer = fs.openSync(fifo, fs.constants.O_WRONLY);
   const relay = await serveWith(dir, writer);
   fs.closeSync(writer);
+  const stop = () => {
+    relay.child.kill('SIGKILL');
+    fs.closeSync(reader);
+  };
   try {
     await relay.accepting();
-    // about 1 KB of log lines per message at info: far more than the pipe holds
     for (let i = 0; i < 150; i++) assert.match((await sendMail(relay.smtpPort)).response, /^250 /);
+  } catch (err) {
+    stop();
+    throw err;
+  }
+  return { ...relay, stop };
+}
+
+test('a stop whose log nobody reads (a full pipe) still exits, and keeps every message', async () => {
+  const dir = tempDir('relayq-serve-');
+  const relay = await relayWithUnreadLog(dir);
+  try {
     relay.child.kill('SIGTERM');
     assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
     assert.match(relay.stderr(), /^relayq: stdout took no log for 5 s; exiting without the last \d+ bytes of it$/m);
@@ -130,8 +147,62 @@ test('a stop whose log nobody reads (a full pipe) still exits, and keeps every m
     assert.equal(db.prepare('SELECT count(*) FROM messages').pluck().get(), 150);
     db.close();
   } finally {
-    relay.child.kill('SIGKILL');
-    fs.closeSync(reader);
+    relay.stop();
+  }
+});
+
+test('a second signal while the stop waits for a log nobody reads exits at once with code 1', async () => {
+  const dir = tempDir('relayq-serve-');
+  const relay = await relayWithUnreadLog(dir);
+  try {
+    relay.child.kill('SIGTERM');
+    // the stop is over once the store is closed (its -wal file goes with the last connection);
+    // what is left is the wait of up to 5 s for the log
+    const wal = path.join(dir, 'data', 'relayq.db-wal');
+    await waitFor(() => !fs.existsSync(wal), 20_000, 'the stop to close the store');
+    relay.child.kill('SIGINT');
+    assert.equal(await exitWithin(relay.exited, 20_000), 1, relay.stderr());
+  } finally {
+    relay.stop();
+  }
+});
+
+test('a SIGTERM that comes while the CLI still loads (here: reading its config file from a pipe) stops the relay once started, not killing it', async () => {
+  const dir = tempDir('relayq-serve-');
+  // the config file is a FIFO: the start waits in reading it until the test has signalled
+  const fifo = path.join(dir, 'config.json');
+  execFileSync('mkfifo', [fifo]);
+  const [smtpPort, httpPort] = [await closedPort(), await closedPort()];
+  const child = spawn(process.execPath, cliArgs('serve', '--config', fifo), { cwd: CLI_CWD, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout?.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  let writer: number | undefined;
+  try {
+    // a non-blocking open for writing succeeds once the relay has the FIFO open for reading
+    await waitFor(() => {
+      try {
+        writer = fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
+        return true;
+      } catch {
+        return false;
+      }
+    }, 20_000, 'the relay to open its config file');
+    child.kill('SIGTERM');
+    await new Promise((r) => setTimeout(r, 100));
+    const config = { databasePath: path.join(dir, 'relayq.db'), emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0, smtpPort, healthCheckPort: httpPort };
+    fs.writeSync(writer as number, JSON.stringify(config));
+    fs.closeSync(writer as number);
+    writer = undefined;
+    assert.equal(await exitWithin(exited, 20_000), 0, `${stderr} (null: killed by the signal)`);
+    const events = stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { event?: string; starting?: boolean });
+    assert.deepEqual(events.find((e) => e.event === 'relay.signal')?.starting, true, stdout);
+    assert.deepEqual(events.filter((e) => e.event?.startsWith('relay.')).slice(-2).map((e) => e.event), ['relay.stopping', 'relay.stopped']);
+  } finally {
+    if (writer !== undefined) fs.closeSync(writer);
+    child.kill('SIGKILL');
   }
 });
 

@@ -1,0 +1,34 @@
+// `relayq serve` takes its stop signals from its first moment. Without a listener Node ends the
+// process at once, so a stop that came while the CLI's modules loaded (some hundreds of
+// milliseconds on a busy machine) killed the relay mid-start, and as PID 1 in a container the
+// signal was ignored. The CLI loads this module before any other; serve takes over what it kept.
+
+export const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP'] as const;
+
+export interface EarlySignal {
+  signal: NodeJS.Signals;
+  /** performance.now() when it came. */
+  at: number;
+}
+
+/** The global options that take a value: the word after one is not the command's name. */
+const VALUED = new Set(['--config', '--databasePath', '--emailsDir']);
+
+/** The command `args` name (the first word that is neither an option nor a global option's value), as commander will read it. */
+export function commandName(args: readonly string[]): string | undefined {
+  for (let i = 0; i < args.length; i++) {
+    if (VALUED.has(args[i])) i++;
+    else if (!args[i].startsWith('-')) return args[i];
+  }
+  return undefined;
+}
+
+const kept: EarlySignal[] = [];
+const keep = (signal: NodeJS.Signals) => kept.push({ signal, at: performance.now() });
+if (commandName(process.argv.slice(2)) === 'serve') for (const signal of STOP_SIGNALS) process.on(signal, keep);
+
+/** The signals that came before serve listened for them; they are no longer kept from now on. */
+export function takeEarlySignals(): EarlySignal[] {
+  for (const signal of STOP_SIGNALS) process.off(signal, keep);
+  return kept.splice(0);
+}
