@@ -1,0 +1,212 @@
+// The `relayq` command, which index.ts loads. `serve` runs the relay; the other commands work on
+// the same database file while it runs. Every command takes --config FILE, --databasePath FILE,
+// --emailsDir DIR and --json (before or after its name) and, after its name, any other config key
+// as a flag; it prints a table for people or JSON for scripts, and on bad input exits non-zero
+// with one line. Each command's module is loaded only when it runs, so a quick `relayq status`
+// starts quickly.
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { didYouMean } from '../config/names.js';
+import { CONFIG_KEYS } from '../config/schema.js';
+import { isMessageState, MESSAGE_STATES, type MessageState } from '../store/schema.js';
+import { VERSION } from '../version.js';
+import { CliError, configFlags, type GlobalOptions, ourLines } from './context.js';
+
+/**
+ * A value, not the next option: commander takes whatever follows an option as its value, so
+ * `relayq queue --sender --json` would list the mail of a sender named `--json`, as text. As for
+ * config keys given as flags, a value does not start with `--`; an address may (`--x@example.com`).
+ */
+function notAnOption(value: string, forFile = false): string {
+  if (/^--[^=@]*(=|$)/.test(value)) {
+    // named without its value, which may be a secret (--defaultPassword=…)
+    const name = value.split('=')[0];
+    throw new InvalidArgumentError(`${name} is an option: give the option its value first${forFile ? ` (./${name} for a file of that name)` : ''}`);
+  }
+  return value;
+}
+
+/**
+ * A path, not the name of a command or an option: `relayq --config serve`, its value left out,
+ * would otherwise read a file named serve, or with no command left print the help. `./serve` is
+ * such a file.
+ */
+function pathValue(value: string): string {
+  if (program.commands.some((cmd) => cmd.name() === value)) throw new InvalidArgumentError(`${value} is a command: give the option its value first (./${value} for a file of that name)`);
+  return notAnOption(value, true);
+}
+
+/** --config, --databasePath, --emailsDir and --json: taken before a command's name and after it. */
+function withGlobalOptions(cmd: Command): Command {
+  return cmd
+    .option('--config <file>', 'config file (default: RELAYQ_CONFIG, else ./config.json if present)', pathValue)
+    .option('--databasePath <file>', 'the database file (default: databasePath from the config)', pathValue)
+    .option('--emailsDir <dir>', 'the directory of local deliveries and failed-mail exports (default: emailsDir from the config)', pathValue)
+    .option('--json', 'machine-readable JSON output');
+}
+
+const CONFIG_PATHS = CONFIG_KEYS.map((k) => k.path);
+
+const program = new Command();
+program
+  .name('relayq')
+  .description('Durable SMTP store-and-forward relay')
+  .version(VERSION, '-V, --version', 'print the version')
+  // Usage errors (bad option value, unknown command) are one line like every other failure. An
+  // unknown option, or one taken for another's value, is named without its value: `relayq
+  // --defaultPassword=… serve` (a key given before the command name) must not print the password.
+  .configureOutput({
+    // one line: commander puts its suggestion for an unknown command or option on a second one
+    outputError: (text, write) =>
+      write(
+        `relayq: ${text
+          .replace(/^error: /, '')
+          .replace(/(unknown option '-[^'=]*)=[\s\S]*'/, "$1'")
+          .replace(/(argument '--[^'=]*)=[\s\S]*?(' is invalid)/, '$1$2')
+          .replace(/\n\(Did you mean (.*)\?\)/, ' (did you mean $1?)')
+          // commander suggests only the options --help shows: config keys are hidden ones
+          .replace(/unknown option '--([^'=]*)'(?=\n|$)/, (unknown, name: string) =>
+            CONFIG_PATHS.includes(name) ? `${unknown} (a config key goes after the command name)` : unknown + didYouMean(name, CONFIG_PATHS, '--'),
+          )}`,
+      ),
+  })
+  // Options after a command name belong to that command, so `serve` receives its
+  // `--config` and `--<key> value` flags untouched.
+  .enablePositionalOptions();
+withGlobalOptions(program);
+
+program
+  .command('serve')
+  .description('run the relay (SMTP intake, delivery workers, HTTP API); config keys may be given as --key value')
+  .allowUnknownOption(true)
+  .helpOption('-h, --help')
+  .usage('[--config FILE] [--<key> value ...]')
+  .argument('[options...]')
+  .addHelpText(
+    'after',
+    '\nAny config key is a flag: --smtpPort 2526, --databasePath FILE, --security.requireAuth false.\n' +
+      'They override the config file (--config FILE, RELAYQ_CONFIG, ./config.json) and the environment (SMTP_PORT, ...).',
+  )
+  .action(async (_args: string[], _opts: unknown, cmd: Command) => {
+    // before the command name or after it
+    if (program.opts<GlobalOptions>().json || cmd.args.includes('--json')) {
+      throw new CliError('--json does not apply to serve: its log lines are JSON already');
+    }
+    const { serve } = await import('./serve.js');
+    await serve([...configFlags(program.opts<GlobalOptions>()), ...cmd.args], process.env);
+  });
+
+/**
+ * A subcommand that also accepts the global options after its name, and every config key as a
+ * flag, as `serve` does (a relay configured by flags alone: `--security.logAllEmails false` makes
+ * `delete` overwrite what it frees). Only --databasePath and --emailsDir show in --help.
+ */
+function operatorCommand(name: string, description: string): Command {
+  const cmd = withGlobalOptions(program.command(name).description(description));
+  for (const { path, type } of CONFIG_KEYS) {
+    // a boolean alone is true, as serve takes it: `--forwardSMTP --forwardHost h`
+    if (path !== 'databasePath' && path !== 'emailsDir') cmd.addOption(new Option(`--${path} ${type === 'bool' ? '[value]' : '<value>'}`).hideHelp());
+  }
+  return cmd;
+}
+
+/**
+ * The global options, those after the command name over those before it: as `serve` takes them,
+ * the later one wins (commander's optsWithGlobals() would give the earlier one).
+ */
+function globals(cmd: Command): GlobalOptions {
+  return { ...program.opts<GlobalOptions>(), ...cmd.opts<GlobalOptions>() };
+}
+
+/**
+ * An option that narrows what a command works on, refused when given twice: `--state failed
+ * --state queued` would otherwise list only the queued ones, where the user may well expect both
+ * (the API answers a parameter given twice with a 400 too).
+ */
+function once<T>(name: string, parse: (value: string) => T = (value) => value as T): (value: string, previous: T | undefined) => T {
+  return (value, previous) => {
+    if (previous !== undefined) throw new InvalidArgumentError(`${name} is given twice: give it once`);
+    return parse(notAnOption(value));
+  };
+}
+
+function positiveInt(value: string): number {
+  if (!/^\d+$/.test(value) || Number(value) < 1 || Number(value) > 100_000) {
+    throw new InvalidArgumentError('must be an integer from 1 to 100000');
+  }
+  return Number(value);
+}
+
+function parseStateOption(value: string): MessageState {
+  if (!isMessageState(value)) throw new InvalidArgumentError(`must be one of ${MESSAGE_STATES.join(', ')}`);
+  return value;
+}
+
+operatorCommand('status', 'queue counts, lifetime totals (the numbers /metrics reports) and database size').action(
+  async (_opts: unknown, cmd: Command) => (await import('./status.js')).statusCommand(globals(cmd)),
+);
+
+operatorCommand('queue', 'list messages, newest first')
+  .option('--state <state>', `only messages in this state (${MESSAGE_STATES.join(', ')})`, once('--state', parseStateOption))
+  .option('--sender <address>', 'only mail from this envelope sender (case-insensitive; "<>" or "" = the null sender)', once('--sender'))
+  .option('--recipient <address>', 'only mail to this recipient', once('--recipient'))
+  .option('--limit <n>', 'at most this many messages (default: 50)', once('--limit', positiveInt))
+  .option('--before <cursor>', 'the page after this one (the cursor printed at the end of a full page, or a message id)', once('--before'))
+  .action(async (opts, cmd: Command) =>
+    (await import('./queue.js')).queueCommand({ state: opts.state, sender: opts.sender, recipient: opts.recipient, limit: opts.limit ?? 50, before: opts.before }, globals(cmd)),
+  );
+
+operatorCommand('show', 'one message: envelope, recipients and delivery attempts')
+  .argument('<id>', 'queue id')
+  .option('--raw', 'write the stored message (RFC 5322 bytes) to stdout instead (not with --json)')
+  .action(async (id: string, opts: { raw?: boolean }, cmd: Command) => (await import('./show.js')).showCommand(id, opts, globals(cmd)));
+
+operatorCommand('retry', 'make messages due now (at the earliest batchDelay after their last batch); failed recipients get a fresh set of attempts')
+  .argument('[ids...]', 'queue ids')
+  .option('--failed', 'requeue every failed message')
+  .option('--queued', 'make every queued message due now, retries waiting for their backoff included (postqueue -f)')
+  .option('--sender <address>', 'with --failed or --queued: only mail from this envelope sender', once('--sender'))
+  .action(async (ids: string[], opts: { failed?: boolean; queued?: boolean; sender?: string }, cmd: Command) =>
+    (await import('./retry.js')).retryCommand(ids, opts, globals(cmd)),
+  );
+
+operatorCommand('delete', 'delete messages with their recipients and attempts (refused while a worker delivers one)')
+  .argument('<ids...>', 'queue ids')
+  .action(async (ids: string[], _opts: unknown, cmd: Command) => (await import('./delete.js')).deleteCommand(ids, globals(cmd)));
+
+operatorCommand('backup', 'write a consistent, fsynced, verified copy of the database while the server runs')
+  .argument('<file>', 'where to write the copy')
+  .option('--force', 'replace FILE if it exists')
+  .action(async (file: string, opts: { force?: boolean }, cmd: Command) => (await import('./backup.js')).backupCommand(file, opts, globals(cmd)));
+
+operatorCommand('export-failed', 'write the JSON export of every failed message')
+  .argument('[dir]', 'target directory (default: emailsDir/failed)')
+  .action(async (dir: string | undefined, _opts: unknown, cmd: Command) => (await import('./export-failed.js')).exportFailedCommand(dir, globals(cmd)));
+
+operatorCommand('migrate', 'apply pending database migrations (the server also does this at start)').action(
+  async (_opts: unknown, cmd: Command) => (await import('./migrate.js')).migrateCommand(globals(cmd)),
+);
+
+// `relayq queue | head`: once the reader has gone, the rest of the output has nowhere to go. A
+// command stops there quietly, as Unix tools do, instead of with a stack trace. Output that
+// cannot be written otherwise (`show --raw > msg.eml` on a full disk) is a failure of one line.
+// (Not `serve`: its log has its own handling.)
+program.hook('preAction', (_program, command) => {
+  if (command.name() === 'serve') return;
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    // the reader went away: the command's own status (1 for a retry that did nothing), else 0
+    if (err.code === 'EPIPE') process.exit();
+    process.stderr.write(`relayq: cannot write the output: ${err.message}\n`);
+    process.exit(1);
+  });
+});
+
+// stderr is where a command says what went wrong. When it cannot be written either (`2>&1` into a
+// full disk, a pipe whose reader has gone), there is nowhere left to say so: the command goes on
+// as it would have (serve goes on serving mail) instead of dying of the unhandled write error.
+process.stderr.on('error', () => {});
+
+program.parseAsync(process.argv).catch((err: Error) => {
+  // The reason, not a stack: one line, or one per bad key of a config error, each marked as ours.
+  process.stderr.write(ourLines(err.message));
+  process.exit(err instanceof CliError ? err.exitCode : 1);
+});
