@@ -36,7 +36,16 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
     // the copy holds every message: readable by this user alone, as the database is (VACUUM INTO
     // takes an empty file)
     fs.writeFileSync(partial, '', { flag: 'wx', mode: 0o600 });
-    sqlite.prepare('VACUUM INTO ?').run(partial);
+    // Building the copy's b-trees moves cells from page to page; without secure_delete the bytes
+    // they leave behind stay in the copy's free space, a second copy of some messages that no
+    // erasure reaches once the copy is restored (logAllEmails=false erases only what it frees).
+    const secureDelete = sqlite.pragma('secure_delete', { simple: true });
+    sqlite.pragma('secure_delete = ON');
+    try {
+      sqlite.prepare('VACUUM INTO ?').run(partial);
+    } finally {
+      sqlite.pragma(`secure_delete = ${Number(secureDelete)}`);
+    }
     fsyncFile(partial);
     const checked = verifyBackup(partial);
     if (options.overwrite) {

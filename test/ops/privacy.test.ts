@@ -203,6 +203,22 @@ test('logAllEmails=false: an erasure a kill -9 left in the WAL reaches the datab
   }
 });
 
+test('a backup holds each message\'s content once: no stale copy in free space that a restored relay with logAllEmails=false would keep after delivery', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const tag = crypto.randomBytes(6).toString('hex');
+  const markers = Array.from({ length: 40 }, (_, i) => `MARK${String(i).padStart(3, '0')}-${tag}`);
+  try {
+    for (const marker of markers) await sendMail(relay.smtpPort, { text: `${marker}\n${'x'.repeat(1500)}`, subject: 'private' });
+    const copy = path.join(tempDir(), 'backup.db');
+    backupDatabase(relay.store.sqlite, copy);
+    const bytes = fs.readFileSync(copy).toString('latin1');
+    const counts = markers.map((m) => bytes.split(m).length - 1);
+    assert.deepEqual(counts, Array(markers.length).fill(1));
+  } finally {
+    await relay.stop();
+  }
+});
+
 describe('security.logAllEmails=false and the CLI', () => {
   /**
    * Queues a message carrying `marker`, stops the relay, deletes the message with the CLI (given
