@@ -27,7 +27,8 @@
 //    AUTH but that smtp-server does not read as one (`AUTH<tab>PLAIN`, ` AUTH`, `AUTH=`: `500`) is
 //    logged as `AUTH /* secured */`, and the lines after it are masked the same way. Of an AUTH
 //    line itself only the word AUTH and a mechanism's name are logged: `AUTH <base64>` (no
-//    mechanism, `504`) is logged as `AUTH /* secured */`.
+//    mechanism, `504`) is logged as `AUTH /* secured */`. A line that is no command at all is
+//    logged by its length only: it is most often a message sent behind a refused DATA.
 // 8. A client that shuts down its sending side after its last command (`nc -N`, a script that
 //    half-closes after `.` or QUIT) still gets the replies to what it sent, as Postfix gives
 //    them: the listener keeps the socket half-open (intake sets `allowHalfOpen`), replies are
@@ -176,6 +177,9 @@ class RelayqConnection extends SMTPConnection {
       return { commandName: 'AUTH', line: 'AUTH /* secured */' };
     }
     this.afterAuth = commandName === 'AUTH';
+    // a line that is no command is most often a message sent behind a refused DATA (a client that
+    // did not wait for the 354): its content, which logAllEmails=false keeps out of the logs
+    if (!this._nextHandler && !COMMANDS.has(commandName)) return { commandName: 'UNKNOWN', line: `/* not a command: ${Buffer.byteLength(line)} bytes */` };
     if (commandName !== 'AUTH' || this._nextHandler) return redactCredentials.call(this, commandName, line);
     // smtp-server keeps the word after AUTH, which is a credential when the client left out the
     // mechanism (`AUTH <base64>`, answered 504): only a mechanism name is logged as it was sent

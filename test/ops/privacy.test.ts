@@ -8,7 +8,7 @@ import { writeFileAtomic } from '../../src/delivery/atomic-file.js';
 import { backupDatabase } from '../../src/store/backup.js';
 import { openReadOnly } from '../../src/store/maintenance.js';
 import { ERASE_SCAN_SQL, type EraseCursor, eraseDeliveredContent } from '../../src/store/retention.js';
-import { capturedLog, REPO_ROOT, sendMail, startTestRelay, tempDir, writeDirect } from '../helpers.js';
+import { capturedLog, REPO_ROOT, SmtpClient, sendMail, startTestRelay, tempDir, writeDirect } from '../helpers.js';
 
 /** Delivers a few messages carrying `marker` (one small, two spanning overflow pages), then stops. */
 async function deliverAndStop(logAllEmails: boolean, marker: string) {
@@ -217,6 +217,28 @@ test('a backup holds each message\'s content once: no stale copy in free space t
   } finally {
     await relay.stop();
   }
+});
+
+test('a message sent behind a refused DATA, once its 503 came, runs as commands: none of its lines is logged, also at debug', async () => {
+  const marker = `PRIVATE-${crypto.randomBytes(8).toString('hex')}`;
+  const log = capturedLog('debug');
+  const relay = await startTestRelay({ security: { logAllEmails: false } }, { logger: log.logger, startDelivery: false, startRetention: false });
+  try {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO client.test');
+    assert.match(await c.send('MAIL FROM:<app@example.com>'), /^250 /);
+    assert.match(await c.send('RCPT TO:<no-at-sign>'), /^501 /);
+    assert.match(await c.send('DATA'), /^503 /);
+    for (const line of [`Subject: ${marker}`, '', `Body: ${marker}`]) assert.match(await c.send(line), /^500 /);
+    assert.match(await c.send('NOOP'), /^250 /);
+    c.close();
+  } finally {
+    await relay.stop();
+  }
+  assert.deepEqual(log.lines.filter((line) => line.includes(marker)), []);
+  assert.equal(log.lines.filter((line) => line.includes('"msg":"C: /* not a command: ')).length, 3);
+  assert.ok(log.lines.some((line) => line.includes('"msg":"C: NOOP"')), 'commands are logged as usual');
 });
 
 describe('security.logAllEmails=false and the CLI', () => {
