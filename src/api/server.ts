@@ -23,15 +23,18 @@ const CLOSE_GRACE_MS = 2000;
  * Bounds on the API's connections, so that clients of the API (a slow request head holds a
  * connection before the access check can run) cannot use up the file descriptors that SMTP
  * intake needs: at most `maxConnections` at once (more are closed at once), a request head within
- * `headersTimeoutMs` and a whole request within `requestTimeoutMs` (then `408`).
+ * `headersTimeoutMs` and a whole request within `requestTimeoutMs` (then `408`), and a
+ * connection on which nothing moves for `idleTimeoutMs` is closed: a client that stopped reading
+ * its answer (a message's raw bytes) would otherwise hold its place and the answer's memory.
  */
 export interface ApiLimits {
   maxConnections: number;
   headersTimeoutMs: number;
   requestTimeoutMs: number;
+  idleTimeoutMs: number;
 }
 
-const API_LIMITS: ApiLimits = { maxConnections: 256, headersTimeoutMs: 10_000, requestTimeoutMs: 30_000 };
+const API_LIMITS: ApiLimits = { maxConnections: 256, headersTimeoutMs: 10_000, requestTimeoutMs: 30_000, idleTimeoutMs: 60_000 };
 
 export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, limits: ApiLimits = API_LIMITS): Promise<ApiServer> {
   // what @hono/node-server's serve() does, with the error handler it does not pass on
@@ -60,6 +63,7 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
     answerJson(res, 417, 'expectation_failed', `Expect: ${req.headers.expect} is not supported (only 100-continue)`),
   );
   server.maxConnections = limits.maxConnections;
+  server.setTimeout(limits.idleTimeoutMs, (socket: Socket) => socket.destroy());
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => {
@@ -96,7 +100,7 @@ function requestError(err: unknown): Response {
  * part of a response. The socket is closed once the answer is written, whether or not the client
  * closes its side: one that never does must not keep holding a place under `maxConnections`.
  */
-function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: Socket, timeouts: Omit<ApiLimits, 'maxConnections'>): void {
+function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: Socket, timeouts: Pick<ApiLimits, 'headersTimeoutMs' | 'requestTimeoutMs'>): void {
   const response = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage;
   if (!socket.writable || response?.headersSent || err.code === 'ECONNRESET') {
     socket.destroy();

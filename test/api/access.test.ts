@@ -5,7 +5,8 @@ import { after, before, describe, test } from 'node:test';
 import { createApp } from '../../src/api/app.js';
 import { startApiServer } from '../../src/api/server.js';
 import type { Relay } from '../../src/main.js';
-import { capturedLog, startTestRelay } from '../helpers.js';
+import { queuedId } from '../delivery/fixtures.js';
+import { capturedLog, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { call } from './fixtures.js';
 
 const TOKEN = 'k9-Qx7mT2vLr8cWz';
@@ -219,7 +220,7 @@ function namingHost(relay: Relay, host: string, headers: Record<string, string> 
 
 test('API clients cannot hold more connections than its limit, nor a request longer than its timeouts', async () => {
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
-  const api = await startApiServer(createApp(relay), '127.0.0.1', 0, { maxConnections: 5, headersTimeoutMs: 1000, requestTimeoutMs: 2000 });
+  const api = await startApiServer(createApp(relay), '127.0.0.1', 0, { maxConnections: 5, headersTimeoutMs: 1000, requestTimeoutMs: 2000, idleTimeoutMs: 60_000 });
   const sockets: net.Socket[] = [];
   try {
     // a client that never closes its side, as a stuck or hostile one may not: the server must
@@ -267,6 +268,35 @@ test('API clients cannot hold more connections than its limit, nor a request lon
     for (const c of fresh) assert.match(c.received(), /^HTTP\/1\.1 200 /);
   } finally {
     for (const s of sockets) s.destroy();
+    await api.close();
+    await relay.stop();
+  }
+});
+
+test('a client that stops reading its answer (a large raw message) is cut off once nothing moves, and its place is free again', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const api = await startApiServer(createApp(relay), '127.0.0.1', 0, { maxConnections: 1, headersTimeoutMs: 1000, requestTimeoutMs: 2000, idleTimeoutMs: 1000 });
+  let socket: net.Socket | undefined;
+  try {
+    // far more than the socket buffers hold
+    const id = queuedId((await sendMail(relay.smtpPort, { raw: `Subject: big\r\n\r\n${`${'x'.repeat(998)}\r\n`.repeat(20_000)}` })).response);
+    const client = net.connect({ port: api.port, host: '127.0.0.1' });
+    socket = client;
+    client.on('error', () => {});
+    await new Promise((resolve) => client.once('connect', resolve));
+    client.pause();
+    client.write(`GET /admin/messages/${id}/raw HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`);
+    // it holds the one place (a client that reads nothing does not see its end): others are
+    // closed at once until the server has cut it off
+    const health = () =>
+      fetch(`http://127.0.0.1:${api.port}/health`).then(
+        (res) => res.status,
+        () => 'refused',
+      );
+    assert.equal(await health(), 'refused');
+    await waitFor(async () => (await health()) === 200, 30_000, 'the place of the client that reads nothing to be free again', 200);
+  } finally {
+    socket?.destroy();
     await api.close();
     await relay.stop();
   }
