@@ -5,7 +5,7 @@
 // those to prom-client's formatter instead of observations made in this process.
 import { Counter, Gauge, Histogram, Registry, type RegistryContentType } from 'prom-client';
 import type { InFlowStats } from '../delivery/in-flow.js';
-import type { StoreMetrics, UpstreamRecord } from '../store/queries.js';
+import { averageProcessingMs, type StoreMetrics, type UpstreamRecord } from '../store/queries.js';
 import { MESSAGE_STATES } from '../store/schema.js';
 
 export interface MetricsSnapshot {
@@ -78,8 +78,13 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
   counter('relayq_messages_requeued_total', 'Failed messages put back in the queue.', m.messagesRequeued);
   counter(
     'relayq_message_processing_seconds_total',
-    'Sum of receipt-to-final-state times; divide by delivered plus failed for the mean.',
+    'Sum of receipt-to-final-state times, added at every transition to delivered or failed: a failed message requeued and failed again adds its whole age again.',
     m.processingMsTotal / 1000,
+  );
+  gauge(
+    'relayq_message_processing_seconds_average',
+    'Mean receipt-to-final-state time per message, by its last outcome (avg_processing_time_ms of the JSON form).',
+    averageProcessingMs(m) / 1000,
   );
   const refusals = new Counter({ name: 'relayq_refusals_total', help: 'Messages refused by policy, by reason.', labelNames: ['reason'], registers });
   refusals.inc({ reason: 'rate_limit' }, m.rateLimitRefusals);

@@ -80,6 +80,12 @@ export function successRate(m: StoreMetrics): { processed: number; rate: number 
   return { processed, rate };
 }
 
+/** Receipt to final state, in ms, per message by its last outcome: one failed again and again counts once. */
+export function averageProcessingMs(m: StoreMetrics): number {
+  const { processed } = successRate(m);
+  return processed === 0 ? 0 : m.processingMsByMessage / processed;
+}
+
 /**
  * The lifetime totals, queue figures and upstream record that GET /metrics and `relayq status
  * --json` both report, under the same names. A failed message that was requeued no longer counts
@@ -94,8 +100,7 @@ export function metricsSummary(m: StoreMetrics, now: number, upstream: UpstreamR
     requeued_emails: m.messagesRequeued,
     total_recipients: m.recipientsAccepted,
     total_bytes: m.bytesAccepted,
-    // per message, by its last outcome: a message failed again and again counts once
-    avg_processing_time_ms: processed === 0 ? 0 : Math.round(m.processingMsByMessage / processed),
+    avg_processing_time_ms: Math.round(averageProcessingMs(m)),
     queue: m.queue,
     deferred_emails: m.deferred,
     oldest_queued_age_seconds: oldestAgeSeconds(m, now),

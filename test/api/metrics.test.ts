@@ -293,6 +293,7 @@ describe('GET /metrics', () => {
       assert.equal(body.avg_processing_time_ms, (11_000 + 10_000) / 2, 'not (1 s + 11 s + 10 s) / 3: the first failure was taken back');
       const { body: text } = await call<string>(relay, '/metrics?format=prometheus');
       assert.match(text, /^relayq_message_processing_seconds_total 22$/m, 'the counter keeps every final transition');
+      assert.match(text, /^relayq_message_processing_seconds_average 10\.5$/m, 'the mean per message, as the JSON form gives it');
       const status = await runCliJson<Json>(['status', '--databasePath', relay.config.databasePath]);
       assert.equal(status.avg_processing_time_ms, 10_500);
     } finally {
