@@ -135,6 +135,11 @@ function quotedId(id: string): string {
   return id.length <= QUOTED_ID_MAX ? id : `${id.slice(0, QUOTED_ID_MAX)}… (${id.length} characters)`;
 }
 
+/** A bulk command's filter as its log line shows it: a few ids, each quoted in part when long. */
+function loggedFilter<F extends { ids?: string[] }>(filter: F): F & { idCount?: number } {
+  return filter.ids ? { ...filter, ids: filter.ids.slice(0, MAX_LOGGED_IDS).map(quotedId), idCount: filter.ids.length } : filter;
+}
+
 /**
  * An address filter of the query string. A query string reads `+` as a space, and no address
  * relayq stores has one: `?sender=app+tag@example.com` would find nothing, without a word.
@@ -209,11 +214,10 @@ export function adminRoutes(deps: ApiDeps) {
     .post('/retry-failed', limitBody, async (c) => {
       const filter = parseRequeueFilter(await filterBody(c));
       const now = clock.now();
-      // the ids a request may list (up to MAX_IDS) would make one line of up to a megabyte
-      const ids = filter.ids && { ids: filter.ids.slice(0, MAX_LOGGED_IDS), idCount: filter.ids.length };
+      // the ids a request may list (up to MAX_IDS), or one long one, would make a line of up to a megabyte
       const requeued = await loggedBulk(
         c,
-        { action: 'retry-failed', filter: { ...filter, ...ids }, count: 'requeued' },
+        { action: 'retry-failed', filter: loggedFilter(filter), count: 'requeued' },
         (n) => `requeued ${count(n, 'failed message')}`,
         requeueFailedInSteps(store.sqlite, filter, (step) => writer.write('requeueFailed', step, now, deps.config.batchDelay)),
       );

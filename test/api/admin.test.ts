@@ -1018,6 +1018,14 @@ test('retry-failed logs the first ten ids it was given, and how many: a request 
     assert.deepEqual([res.status, res.body], [200, { requeued: 0 }]);
     const entry = log.entries().find((e) => e.event === 'api.admin');
     assert.deepEqual(entry?.filter, { ids: ids.slice(0, 10), idCount: 500, sender: 'a@example.com' });
+    // a few long ones are quoted in part: the line stays short
+    const long = Array.from({ length: 16 }, () => 'X'.repeat(60_000));
+    assert.equal((await call(relay, '/admin/retry-failed', postJson({ ids: long }))).status, 200);
+    const line = log.lines.filter((l) => l.includes('"event":"api.admin"')).at(-1) ?? '';
+    assert.ok(line.length < 4000, `a line of ${line.length} characters`);
+    const filter = log.entries().filter((e) => e.event === 'api.admin').at(-1)?.filter as { ids: string[]; idCount: number };
+    assert.equal(filter.idCount, 16);
+    assert.deepEqual(filter.ids, Array(10).fill(`${'X'.repeat(64)}… (60000 characters)`));
   } finally {
     await relay.stop();
   }
