@@ -259,7 +259,9 @@ function parseCursor(sqlite: Sqlite, before: string): Cursor {
 }
 
 function listMessagesNow(sqlite: Sqlite, filter: MessageFilter): MessagePage {
-  if (filter.recipient === '') throw new BadFilter('recipient: must be an address (a recipient is never empty; the null sender is a sender)');
+  if (filter.recipient !== undefined && withoutAngleBrackets(filter.recipient) === '') {
+    throw new BadFilter('recipient: must be an address (a recipient is never empty; the null sender is a sender)');
+  }
   // relayq takes no quoted local part, so no stored address has one: a filter with one finds nothing
   for (const name of ['sender', 'recipient'] as const) {
     if (filter[name]?.includes(' ')) throw new BadFilter(`${name}: an address has no space`);

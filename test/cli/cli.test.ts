@@ -231,7 +231,7 @@ describe('relayq CLI on the database of a running relay', () => {
     staleStore.sqlite.exec('DROP TABLE messages');
     await staleStore.close();
     const staleTarget = path.join(dir, 'export-from-stale');
-    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, noRecipient, spacedRecipient, unreadable, missing, badConfig, exportIntoFile, exportMissing, rawAsJson] = await Promise.all([
+    const [unknownShow, unknownDelete, badState, unknownBefore, badBefore, noRecipient, spacedRecipient, nullRecipient, unreadable, missing, badConfig, exportIntoFile, exportMissing, rawAsJson] = await Promise.all([
       cli('show', 'NOSUCHID'),
       cli('delete', keep, 'NOSUCHID'),
       cli('queue', '--state', 'lost'),
@@ -239,6 +239,7 @@ describe('relayq CLI on the database of a running relay', () => {
       cli('queue', '--before', '12-'),
       cli('queue', '--recipient', ''),
       cli('queue', '--recipient', 'a b@example.com'),
+      cli('queue', '--recipient', '<>'),
       runCli(['status'], { env: { DATABASE_PATH: garbage } }),
       runCli(['queue'], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
       runCli(['status', '--config', badJson]),
@@ -256,6 +257,7 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(badBefore, /^relayq: --before: 12- is not a cursor/);
     assertOneLineError(noRecipient, /^relayq: --recipient: must be an address \(a recipient is never empty; the null sender is a sender\)$/);
     assertOneLineError(spacedRecipient, /^relayq: --recipient: an address has no space$/);
+    assertOneLineError(nullRecipient, /^relayq: --recipient: must be an address \(a recipient is never empty/);
     assertOneLineError(unreadable, /cannot read database .*not-a-database\.db: file is not a database/);
     assertOneLineError(missing, /no database at .*missing\.db/);
     assertOneLineError(badConfig, /bad\.json is not valid JSON/);
