@@ -24,8 +24,9 @@ const CLOSE_GRACE_MS = 2000;
  * connection before the access check can run) cannot use up the file descriptors that SMTP
  * intake needs: at most `maxConnections` at once (more are closed at once), a request head within
  * `headersTimeoutMs` and a whole request within `requestTimeoutMs` (then `408`), and a
- * connection on which nothing moves for `idleTimeoutMs` is closed: a client that stopped reading
- * its answer (a message's raw bytes) would otherwise hold its place and the answer's memory.
+ * connection on which nothing moves for `idleTimeoutMs` while its answer is sent is closed: a
+ * client that stopped reading its answer (a message's raw bytes) would otherwise hold its place
+ * and the answer's memory. An answer still being prepared (a bulk requeue) is waited for.
  */
 export interface ApiLimits {
   maxConnections: number;
@@ -49,7 +50,10 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
     // how often those timeouts are checked (Node's default, 30 s, would let a slow head stay 40 s)
     connectionsCheckingInterval: Math.min(1000, limits.headersTimeoutMs),
   };
+  /** The response each connection is answering now: a handler that takes long (a bulk requeue) is not idle. */
+  const answering = new WeakMap<Socket, ServerResponse>();
   const server = createServer(options, (req, res) => {
+    answering.set(req.socket, res);
     if (req.httpVersion !== '1.1' || req.headers.host !== undefined) return listener(req, res);
     answerJson(res, 400, 'bad_request', 'malformed request: an HTTP/1.1 request needs a Host header', { Connection: 'close' });
   });
@@ -63,7 +67,12 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
     answerJson(res, 417, 'expectation_failed', `Expect: ${req.headers.expect} is not supported (only 100-continue)`),
   );
   server.maxConnections = limits.maxConnections;
-  server.setTimeout(limits.idleTimeoutMs, (socket: Socket) => socket.destroy());
+  server.setTimeout(limits.idleTimeoutMs, (socket: Socket) => {
+    const res = answering.get(socket);
+    // still working on its answer: the client waits for it, and so does the timer
+    if (res && !res.headersSent && !res.writableEnded) socket.setTimeout(limits.idleTimeoutMs);
+    else socket.destroy();
+  });
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => {

@@ -6,7 +6,7 @@ import { createApp } from '../../src/api/app.js';
 import { startApiServer } from '../../src/api/server.js';
 import type { Relay } from '../../src/main.js';
 import { queuedId } from '../delivery/fixtures.js';
-import { capturedLog, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, holdWriteLock, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { call } from './fixtures.js';
 
 const TOKEN = 'k9-Qx7mT2vLr8cWz';
@@ -297,6 +297,22 @@ test('a client that stops reading its answer (a large raw message) is cut off on
     await waitFor(async () => (await health()) === 200, 30_000, 'the place of the client that reads nothing to be free again', 200);
   } finally {
     socket?.destroy();
+    await api.close();
+    await relay.stop();
+  }
+});
+
+test('an answer that takes longer than the idle time to prepare (here /health waiting for a locked database) is still given', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const api = await startApiServer(createApp(relay), '127.0.0.1', 0, { maxConnections: 5, headersTimeoutMs: 1000, requestTimeoutMs: 2000, idleTimeoutMs: 500 });
+  // the health check's write waits 2 s for the lock another connection holds, then gives up
+  const lock = await holdWriteLock(relay, 2000);
+  try {
+    const res = await fetch(`http://127.0.0.1:${api.port}/health`);
+    assert.equal(res.status, 503);
+    assert.equal(((await res.json()) as { status: string }).status, 'error');
+  } finally {
+    await lock.release();
     await api.close();
     await relay.stop();
   }
