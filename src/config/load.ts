@@ -77,9 +77,10 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
       }
       // `-defaultPassword=…` (one dash) or `DEFAULT_PASSWORD=…` (a variable's name) is shown without its value
       const eq = arg.indexOf('=');
-      unknown.push(eq >= 0 ? `${arg.slice(0, eq)}=…` : arg);
-      const name = (eq >= 0 ? arg.slice(0, eq) : arg).replace(/^-+/, '');
-      if (eq < 0 && secretFlag(name)) hiding = { what: `the words after ${arg}`, named: false };
+      const shown = eq >= 0 ? `${arg.slice(0, eq)}=…` : arg;
+      unknown.push(shown);
+      // its value, or the rest of it (`DEFAULT_PASSWORD=correct horse`), may follow
+      if (secretFlag((eq >= 0 ? arg.slice(0, eq) : arg).replace(/^-+/, ''))) hiding = { what: `the words after ${shown}`, named: false };
       continue;
     }
     hiding = undefined;
