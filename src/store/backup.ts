@@ -44,7 +44,7 @@ export function backupDatabase(sqlite: Sqlite, target: string, options: { overwr
     try {
       sqlite.prepare('VACUUM INTO ?').run(partial);
     } finally {
-      sqlite.pragma(`secure_delete = ${Number(secureDelete)}`);
+      sqlite.pragma(`secure_delete = ${secureDelete === 2 ? 'FAST' : Number(secureDelete)}`);
     }
     fsyncFile(partial);
     const checked = verifyBackup(partial);

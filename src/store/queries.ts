@@ -92,7 +92,7 @@ export function averageProcessingMs(m: StoreMetrics): number {
  * as failed. `upstream`: the store's record, or (the server) that merged with delivery's live view.
  */
 export function metricsSummary(m: StoreMetrics, now: number, upstream: UpstreamRecord = m.upstream) {
-  const { processed, rate } = successRate(m);
+  const { rate } = successRate(m);
   return {
     total_emails: m.messagesAccepted,
     successful_emails: m.messagesDelivered,
