@@ -8,7 +8,7 @@ import { isAbsolute, resolve } from 'node:path';
 import { clientFilter, isLoopback, normalizeIp, parseCidr } from '../access-control.js';
 import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
 import { closestName, didYouMean } from './names.js';
-import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, setPath } from './schema.js';
+import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, PEM_OR_LINES, setPath } from './schema.js';
 
 export type Source = 'file' | 'env' | 'flag';
 
@@ -77,10 +77,11 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
       }
       // `-defaultPassword=…` (one dash) or `DEFAULT_PASSWORD=…` (a variable's name) is shown without its value
       const eq = arg.indexOf('=');
-      const shown = eq >= 0 ? `${arg.slice(0, eq)}=…` : arg;
+      const name = eq >= 0 ? arg.slice(0, eq) : arg;
+      const shown = eq >= 0 ? `${name}=…` : arg;
       unknown.push(shown);
       // its value, or the rest of it (`DEFAULT_PASSWORD=correct horse`), may follow
-      if (secretFlag((eq >= 0 ? arg.slice(0, eq) : arg).replace(/^-+/, ''))) hiding = { what: `the words after ${shown}`, named: false };
+      if (secretFlag(name.replace(/^-+/, ''))) hiding = { what: `the words after ${shown}`, named: false };
       continue;
     }
     hiding = undefined;
@@ -292,8 +293,7 @@ function checkValue(key: KeyDef, value: unknown): Checked {
         return chosen === undefined ? { error: `must be one of ${key.values.join(', ')}` } : { value: chosen };
       }
       if (key.pattern && !key.pattern.match.test(value)) {
-        // a value of several lines is no path, name or address: it may be a key or a certificate
-        const shown = key.secret || /[\r\n]|-----BEGIN/.test(value) ? '' : `, got ${JSON.stringify(withoutPassword(value))}`;
+        const shown = key.secret || PEM_OR_LINES.test(value) ? '' : `, got ${JSON.stringify(withoutPassword(value))}`;
         return { error: `must be ${key.pattern.what}${shown}` };
       }
       return { value };

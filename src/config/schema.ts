@@ -74,10 +74,13 @@ const LISTEN_ADDRESS = {
 const PATH = { match: /./, what: 'a path (not empty)' };
 
 /**
- * A PEM file's path, or empty. Its text given instead (TLS_KEY="$(cat key.pem)", as some
- * platforms pass certificates) is refused at once, and never shown: it may be a private key.
+ * Text of several lines, or a PEM block: no path, name or address is, and it may be a private key
+ * (TLS_KEY="$(cat key.pem)", as some platforms pass certificates), so a refusal never shows it.
  */
-const PEM_FILE = { match: { test: (v: string) => !/[\r\n]|-----BEGIN/.test(v) }, what: 'the path of a PEM file, not its text (write the text to a file and give its path)' };
+export const PEM_OR_LINES = /[\r\n]|-----BEGIN/;
+
+/** A PEM file's path, or empty: its text given instead is refused at once. */
+const PEM_FILE = { match: { test: (v: string) => !PEM_OR_LINES.test(v) }, what: 'the path of a PEM file, not its text (write the text to a file and give its path)' };
 
 /** The one file that keeps the mail: not SQLite's `:memory:`, a database that is gone at the exit. */
 const DATABASE_PATH = { match: /^(?!:memory:$)./, what: 'the path of a file (not empty, nor ":memory:", which keeps nothing)' };

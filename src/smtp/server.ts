@@ -238,14 +238,17 @@ class RelayqConnection extends SMTPConnection {
     return refusal;
   }
 
+  /** With no transaction open, `503 need MAIL command` is answered and true returned. */
+  private refusedWithoutMail(callback: () => void): boolean {
+    if (this.session.envelope.mailFrom) return false;
+    this.send(503, 'Error: need MAIL command');
+    callback();
+    return true;
+  }
+
   /** RCPT outside a transaction is out of order, whatever its address: smtp-server checked the address first. */
   override handler_RCPT(command: Buffer, callback: () => void): void {
-    if (!this.session.envelope.mailFrom) {
-      this.send(503, 'Error: need MAIL command');
-      callback();
-      return;
-    }
-    super.handler_RCPT(command, callback);
+    if (!this.refusedWithoutMail(callback)) super.handler_RCPT(command, callback);
   }
 
   /**
@@ -253,11 +256,7 @@ class RelayqConnection extends SMTPConnection {
    * no transaction open, MAIL is what is missing (smtp-server asks for RCPT).
    */
   override handler_DATA(command: Buffer, callback: () => void): void {
-    if (!this.session.envelope.mailFrom) {
-      this.send(503, 'Error: need MAIL command');
-      callback();
-      return;
-    }
+    if (this.refusedWithoutMail(callback)) return;
     if (this.session.envelope.rcptTo.length > 0 && command.toString().trim().length > 'DATA'.length) {
       this.send(501, '5.5.4 Syntax: DATA');
       callback();
