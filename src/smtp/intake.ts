@@ -571,7 +571,7 @@ export class SmtpIntake {
       // while a spooled message's last bytes are still being written, before its commit begins
       const committing: Promise<void> = body
         .finish()
-        .then((received) => this.commitAndAnswer(session, queueId, received, done))
+        .then((received) => this.commitAndAnswer(session, queueId, received, hops.startsFolded, done))
         .catch((err: Error) => {
           log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: err.message }, 'storing the message failed');
           done(notStored());
@@ -587,7 +587,13 @@ export class SmtpIntake {
    * Commits the message; `cb` (which removes its spool file) runs once the write has settled.
    * Resolves when the client has been answered.
    */
-  private async commitAndAnswer(session: SMTPServerSession, queueId: string, received: ReceivedBytes, cb: (err?: Error | null, message?: string) => void): Promise<void> {
+  private async commitAndAnswer(
+    session: SMTPServerSession,
+    queueId: string,
+    received: ReceivedBytes,
+    startsFolded: boolean,
+    cb: (err?: Error | null, message?: string) => void,
+  ): Promise<void> {
     if (this.graceOver) return cb(shuttingDown());
     const { config, clock, writer } = this.deps;
     const log = this.deps.logger;
@@ -612,6 +618,7 @@ export class SmtpIntake {
       queueId,
       recipients,
       now,
+      endHeaderSection: startsFolded,
     });
     const { chunks, spooled } = received;
     const raw = Buffer.concat([header, ...chunks]);

@@ -94,6 +94,13 @@ export const MAX_RECEIVED_HEADERS = 50;
  */
 export class ReceivedHeaderCounter {
   count = 0;
+  /**
+   * The message's first line starts with a space or tab: after relayq's header it would read as
+   * that header's continuation, so relayq's header is followed by an empty line (as Postfix's
+   * cleanup does for a header section that begins with no field) and the line stays in the body.
+   */
+  startsFolded = false;
+  private started = false;
   private ended = false;
   /** Where the current line is: in its first 8 bytes, after `received`, or past what counts. */
   private state: 'name' | 'colon' | 'rest' = 'name';
@@ -101,6 +108,10 @@ export class ReceivedHeaderCounter {
   private start = '';
 
   scan(chunk: Buffer): void {
+    if (!this.started && chunk.length > 0) {
+      this.started = true;
+      this.startsFolded = chunk[0] === 32 || chunk[0] === 9;
+    }
     let i = 0;
     while (!this.ended && i < chunk.length) {
       if (this.state === 'rest') {
@@ -133,6 +144,8 @@ export interface ReceivedInfo {
   queueId: string;
   recipients: readonly string[];
   now: number;
+  /** An empty line after the header, so that a first line starting with a space or tab does not continue it. */
+  endHeaderSection?: boolean;
 }
 
 /**
@@ -152,7 +165,7 @@ export function receivedHeader(info: ReceivedInfo): Buffer {
   const literal = info.clientIp.includes(':') ? `IPv6:${info.clientIp}` : info.clientIp;
   const forPart = info.recipients.length === 1 ? `\r\n\tfor <${traceAddress(info.recipients[0])}>` : '';
   return Buffer.from(
-    `Received: from ${sanitize(from)} (${sanitize(host)}[${literal}])\r\n\tby ${info.serverName} (relayq) with ${info.protocol} id ${info.queueId}${forPart};\r\n\t${rfc5322Date(info.now)}\r\n`,
+    `Received: from ${sanitize(from)} (${sanitize(host)}[${literal}])\r\n\tby ${info.serverName} (relayq) with ${info.protocol} id ${info.queueId}${forPart};\r\n\t${rfc5322Date(info.now)}\r\n${info.endHeaderSection ? '\r\n' : ''}`,
   );
 }
 

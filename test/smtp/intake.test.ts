@@ -60,6 +60,29 @@ describe('durable intake', () => {
     ]);
   });
 
+  test('a message whose first line starts with a space or tab gets an empty line after the Received header, so it does not continue it', async () => {
+    const stored = async (raw: Buffer): Promise<Buffer> => {
+      const info = await sendMail(relay.smtpPort, { from: 'a@example.com', to: ['b@example.com'], raw });
+      const id = /queued as ([0-9A-F]{20})$/.exec(info.response)?.[1];
+      const row = relay.store.sqlite.prepare('SELECT raw FROM messages JOIN message_bodies ON message_bodies.id = body_id WHERE messages.id = ?').get(id) as { raw: Buffer };
+      return row.raw;
+    };
+    for (const first of [' indented first line', '\tindented first line']) {
+      const raw = Buffer.from(`${first}\r\nSubject: not a header any more\r\n\r\nbody\r\n`);
+      const got = await stored(raw);
+      assert.deepEqual(got.subarray(got.length - raw.length), raw, 'client bytes unchanged');
+      const header = got.subarray(0, got.length - raw.length).toString();
+      assert.match(header, /^Received: from [^\r]+\r\n(\t[^\r]+\r\n)+\r\n$/, JSON.stringify(header));
+    }
+    // a message that starts with a field, or with a line that is no field, is not changed
+    for (const raw of [Buffer.from('Subject: s\r\n\r\nbody\r\n'), Buffer.from('no header at all\r\n')]) {
+      const got = await stored(raw);
+      const header = got.subarray(0, got.length - raw.length).toString();
+      assert.deepEqual(got.subarray(got.length - raw.length), raw);
+      assert.doesNotMatch(header, /\r\n\r\n$/, JSON.stringify(header));
+    }
+  });
+
   test('a large message (its memory moved to the writer thread, below spoolAfter) is stored byte for byte', async () => {
     const body = Buffer.alloc(204_000, 'abcdefghij\r\n');
     const raw = Buffer.concat([Buffer.from('Subject: large\r\n\r\n'), body]);

@@ -14,6 +14,19 @@ test('Received: header fields are counted however the bytes arrive split, in the
   }
 });
 
+test('a first line that starts with a space or tab is noticed however the bytes arrive split', () => {
+  const starts = (...chunks: string[]) => {
+    const counter = new ReceivedHeaderCounter();
+    for (const c of chunks) counter.scan(Buffer.from(c));
+    return counter.startsFolded;
+  };
+  assert.equal(starts('', ' x\r\n'), true, 'after an empty chunk');
+  assert.equal(starts('\t', 'x\r\n'), true);
+  assert.equal(starts('Subject: x\r\n', ' folded\r\n'), false, 'a folded field further down');
+  assert.equal(starts('x', ' y\r\n'), false);
+  assert.equal(starts(), false, 'an empty message');
+});
+
 test('a bare LF or CR is found wherever the chunks split the message; CRLF split between two chunks is not one', () => {
   const split = (message: string, at: number) => {
     const bytes = Buffer.from(message);
