@@ -448,9 +448,10 @@ export class SmtpIntake {
     if (config.security.requireAuth && !session.user && (this.credentialsConfigured || !isLoopback(this.peer(session)))) {
       return cb(reply(530, '5.7.0 Authentication required'));
     }
-    const address = path.address;
     const refused = refusedPath(path, session.envelope.smtpUtf8, true);
     if (refused) return cb(refused);
+    // as the sender is stored and logged once the message is in: an xn-- domain decoded
+    const address = decodeIdnDomain(path.address);
     const declared = Number(path.args !== false && path.args.SIZE) || 0;
     const refusal = this.roomFor(session, address, declared);
     if (refusal) return cb(refusal);

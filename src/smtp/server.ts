@@ -358,7 +358,8 @@ function withEnhancedCode(code: number, data: string | string[] | null | undefin
   if (typeof data === 'string' && (code >= 400 || code === 250)) {
     if (ENHANCED.test(data)) return [data, false] as const;
     const own = OWN_REPLIES.find(([c, pattern]) => c === code && pattern.test(data));
-    if (own) return [`${own[2]} ${data}`, false] as const;
+    // `Error: Bad sender address syntax` reads as relayq's own `Bad sender address syntax`
+    if (own) return [`${own[2]} ${data.replace(/^Error: /, '')}`, false] as const;
   }
   return [data, context === 'LHLO' ? undefined : context] as const;
 }

@@ -78,7 +78,8 @@ describe('rate limits', () => {
   });
 
   test('a sender is one sender whatever the case of its address, an xn-- domain in capitals included', async () => {
-    const relay = await startTestRelay(limits({ maxPerHour: 2 }), { clock: new ManualClock() });
+    const log = capturedLog('info');
+    const relay = await startTestRelay(limits({ maxPerHour: 2 }), { clock: new ManualClock(), logger: log.logger });
     try {
       await send(relay.smtpPort, 'H@münchen.de');
       await send(relay.smtpPort, 'h@XN--MNCHEN-3YA.DE');
@@ -86,6 +87,12 @@ describe('rate limits', () => {
       assert.match(await mailFrom(relay.smtpPort, 'h@xn--mnchen-3ya.de'), /^451 4\.7\.1 /);
       const keys = relay.store.sqlite.prepare('SELECT DISTINCT sender_key FROM messages').all();
       assert.deepEqual(keys, [{ sender_key: 'h@münchen.de' }]);
+      // the refusal names the sender as smtp.accepted and the stored row do: the domain decoded
+      const logged = log.entries().filter((e) => e.event === 'smtp.rate_limited' || e.event === 'smtp.accepted');
+      assert.deepEqual(
+        logged.map((e) => e.from ?? e.sender),
+        ['H@münchen.de', 'h@münchen.de', 'h@münchen.de', 'h@münchen.de'],
+      );
     } finally {
       await relay.stop();
     }
