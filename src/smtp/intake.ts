@@ -486,9 +486,18 @@ export class SmtpIntake {
       );
       return reply(452, '4.3.1 Insufficient system storage, try again later');
     }
-    if (isQueueFull(sqlite, config.queueSize)) return this.policyRefused(session, address);
-    const hit = checkRateLimits(sqlite, address, clock.now(), config.rateLimits);
-    if (hit) return this.policyRefused(session, address, hit);
+    let full: boolean;
+    let hit: LimitHit | undefined;
+    try {
+      full = isQueueFull(sqlite, config.queueSize);
+      hit = full ? undefined : checkRateLimits(sqlite, address, clock.now(), config.rateLimits);
+    } catch (err) {
+      // the database cannot be read: what storing the message would run into
+      const why = { err: (err as Error).message };
+      this.deps.logger.error({ event: 'smtp.store_failed', session: session.id, client: this.peer(session), sender: address, ...why }, 'reading the queue size and rate limits failed');
+      return notStored();
+    }
+    if (full || hit) return this.policyRefused(session, address, hit);
     return undefined;
   }
 

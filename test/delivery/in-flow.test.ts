@@ -6,6 +6,7 @@ import { describe, type TestContext, test } from 'node:test';
 import { createApp } from '../../src/api/app.js';
 import { InFlowGate, inFlowBacklogLimit } from '../../src/delivery/in-flow.js';
 import type { Relay } from '../../src/main.js';
+import { openConnection } from '../../src/store/db.js';
 import type { Logger } from 'pino';
 import { capturedLog, openSession, SmtpClient, startTestRelay, startUpstream, waitFor } from '../helpers.js';
 
@@ -225,6 +226,27 @@ describe('in-flow pacing in the relay', () => {
     relay.delivery.inFlow.taken(1);
     assert.match(await late, /^451 4\.7\.1 /);
     assert.equal(count(relay, 'queued'), LIMIT + 1);
+  });
+
+  test('a MAIL let go when the database cannot be read is answered 451 4.3.0 and logged; the relay goes on', async (t) => {
+    const log = capturedLog('info');
+    const { relay, client } = await backlogged(t, 10_000, log.logger, { rateLimits: { enabled: true } });
+    client.write('MAIL FROM:<sender@example.com>\r\n');
+    const reply = client.read(30_000);
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
+    // another process changes the schema under the relay: its read of the rate limits fails
+    const other = openConnection(relay.config.databasePath);
+    t.after(() => other.close());
+    other.exec('ALTER TABLE rate_hours RENAME TO rate_hours_away');
+    relay.delivery.inFlow.taken(1);
+    assert.match(await reply, /^451 4\.3\.0 /);
+    const failed = log.entries().filter((e) => e.event === 'smtp.store_failed');
+    assert.equal(failed.length, 1);
+    assert.equal(failed[0].sender, 'sender@example.com');
+    assert.match(String(failed[0].err), /rate_hours/);
+    other.exec('ALTER TABLE rate_hours_away RENAME TO rate_hours');
+    relay.delivery.inFlow.taken(LIMIT + 1);
+    await sendOne(client, 'after');
   });
 
   test('with the upstream stuck, a MAIL waits inFlowDelay and is then accepted: nothing is refused', async (t) => {

@@ -17,6 +17,7 @@ import {
   newMessage,
   openSession,
   sendMail,
+  SmtpClient,
   spawnRelay,
   startHoldingUpstream,
   startTestRelay,
@@ -259,6 +260,31 @@ test('a read that fails while looking for due work (the schema changed under the
     other.close();
     await relay.stop();
     await upstream.close();
+  }
+});
+
+test('a MAIL whose checks cannot read the database gets 451 4.3.0 and an error line; served again once they can', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay({ rateLimits: { enabled: true }, queueSize: 100 }, { logger: log.logger, startDelivery: false });
+  const other = openConnection(relay.config.databasePath);
+  try {
+    const c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO faults.test');
+    // another process changes the schema under the relay, as a newer relayq's migration might
+    for (const [table, away] of [['rate_hours', 'rate_hours_away'], ['counters', 'counters_away']]) {
+      other.exec(`ALTER TABLE ${table} RENAME TO ${away}`);
+      assert.match(await c.send('MAIL FROM:<app@example.com>'), /^451 4\.3\.0 /, table);
+      const failed = log.entries().filter((e) => e.event === 'smtp.store_failed');
+      assert.equal(failed.at(-1)?.level, 50);
+      assert.match(String(failed.at(-1)?.err), new RegExp(table), table);
+      other.exec(`ALTER TABLE ${away} RENAME TO ${table}`);
+    }
+    assert.match(await c.send('MAIL FROM:<app@example.com>'), /^250 /);
+    c.close();
+  } finally {
+    other.close();
+    await relay.stop();
   }
 });
 
