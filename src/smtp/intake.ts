@@ -614,8 +614,9 @@ export class SmtpIntake {
     const clientIp = this.peer(session);
     const now = clock.now();
     // RFC 3848 and RFC 6531 §3.7.3: SMTP after HELO, ESMTP after EHLO, UTF8SMTP with SMTPUTF8;
-    // S (TLS) and A (AUTH) are registered for the last two only, so a HELO session is SMTP
-    const base = session.envelope.smtpUtf8 ? 'UTF8SMTP' : session.openingCommand === 'HELO' ? 'SMTP' : 'ESMTP';
+    // UTF8, S (TLS) and A (AUTH) are registered for ESMTP only, so a HELO session is SMTP (also
+    // when its client used SMTPUTF8, which smtp-server takes after HELO too)
+    const base = session.openingCommand === 'HELO' ? 'SMTP' : session.envelope.smtpUtf8 ? 'UTF8SMTP' : 'ESMTP';
     const protocol = base === 'SMTP' ? base : `${base}${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
     const helo = session.hostNameAppearsAs || null;
     const clientHostname = clientName(session.clientHostname);

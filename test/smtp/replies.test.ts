@@ -433,17 +433,19 @@ describe('SMTP replies with AUTH required', () => {
   });
   after(() => relay.stop());
 
-  test('an authenticated HELO session is "with SMTP": ESMTPA and its kin are names for ESMTP only (RFC 3848)', async () => {
+  test('an authenticated HELO session is "with SMTP", with SMTPUTF8 too: ESMTPA, UTF8SMTP and their kin are names for ESMTP only (RFC 3848, RFC 6531)', async () => {
     const c = await SmtpClient.connect(relay.smtpPort);
     await c.read();
     assert.match(await c.send('HELO client.test'), /^250/);
     assert.match(await c.send(`AUTH PLAIN ${Buffer.from('\0app\0s3cret').toString('base64')}`), /^235 /);
-    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
-    assert.match(await c.send('RCPT TO:<b@example.com>'), /^250 /);
-    assert.match(await c.send('DATA'), /^354/);
-    const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+    for (const sender of ['<a@example.com>', '<jörg@example.com> SMTPUTF8']) {
+      assert.match(await c.send(`MAIL FROM:${sender}`), /^250 /);
+      assert.match(await c.send('RCPT TO:<b@example.com>'), /^250 /);
+      assert.match(await c.send('DATA'), /^354/);
+      const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+      assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', new RegExp(`\\(relayq\\) with SMTP id ${id}`), sender);
+    }
     c.close();
-    assert.match(messageRaw(relay.store.sqlite, id)?.raw?.toString() ?? '', new RegExp(`\\(relayq\\) with SMTP id ${id}`));
   });
 
   test('MAIL before AUTH → 530 5.7.0', async () => {
