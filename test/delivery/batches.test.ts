@@ -94,6 +94,7 @@ describe('recipient batches', () => {
     assert.deepEqual(upstream.accepted.flatMap((t) => t.to), rcpts, 'every recipient once, in RCPT order');
     for (const t of upstream.accepted) {
       assert.equal(t.from, 'app@example.com', 'original envelope sender');
+      assert.equal(t.helo, relay.config.serverName, 'EHLO names serverName');
       assert.deepEqual(t.raw, stored, 'stored bytes unchanged');
     }
     const rows = attempts(relay, id);

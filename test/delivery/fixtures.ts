@@ -19,6 +19,8 @@ export interface Transaction {
   bodyType: string;
   /** MAIL FROM carried SMTPUTF8. */
   smtpUtf8: boolean;
+  /** The name relayq gave in its EHLO. */
+  helo: string;
 }
 
 export interface Reply {
@@ -98,6 +100,7 @@ export async function startScriptedUpstream(options: Partial<SMTPServerOptions> 
             user: typeof session.user === 'string' ? session.user : undefined,
             bodyType: (session.envelope as { bodyType?: string }).bodyType ?? '',
             smtpUtf8: session.envelope.smtpUtf8 === true,
+            helo: session.hostNameAppearsAs,
           };
           if (upstream.hold(t)) {
             upstream.held.push(t);

@@ -208,6 +208,41 @@ test('retention counts deliveredDays from the delivery, not the arrival: mail de
   }
 });
 
+test("the relay's sweeper keeps delivered mail for the configured deliveredDays, not the default 7; 0 keeps it for good", async () => {
+  const upstream = await startUpstream();
+  try {
+    for (const [days, keptUntil] of [
+      [30, 30 * DAY],
+      [0, 400 * DAY],
+    ]) {
+      const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
+      const t0 = clock.now();
+      const relay = await startTestRelay(
+        { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchDelay: 0, retention: { deliveredDays: days } },
+        { clock, startDelivery: false, startRetention: false },
+      );
+      try {
+        const id = /queued as (\S+)/.exec((await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['a@example.com'] })).response)?.[1];
+        await relay.delivery.runOnce();
+        const state = () => (relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').get(id) as { state: string } | undefined)?.state;
+        assert.equal(state(), 'delivered');
+        clock.set(t0 + 7 * DAY + MINUTE);
+        assert.equal((await relay.retention.runOnce()).messages, 0, `deliveredDays ${days}: kept past the default`);
+        clock.set(t0 + keptUntil);
+        await relay.retention.runOnce();
+        assert.equal(state(), 'delivered', `deliveredDays ${days}`);
+        clock.set(t0 + keptUntil + MINUTE);
+        assert.equal((await relay.retention.runOnce()).messages, days === 0 ? 0 : 1, `deliveredDays ${days}`);
+        assert.equal(state(), days === 0 ? 'delivered' : undefined);
+      } finally {
+        await relay.stop();
+      }
+    }
+  } finally {
+    await upstream.close();
+  }
+});
+
 test('delivered mail goes once it is more than deliveredDays old, not at the instant it is that old, and the oldest goes first', async () => {
   const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
   const t0 = clock.now();

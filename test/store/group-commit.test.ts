@@ -61,6 +61,7 @@ describe('group commit', () => {
       // the writer thread is inside its transaction by now, waiting for the lock
       await new Promise((r) => setTimeout(r, 500));
       assert.equal(messageCount(relay), before);
+      assert.equal(settled, false, 'no answer before the commit');
     } finally {
       await lock.release();
     }
