@@ -130,7 +130,7 @@ export class DeliveryEngine {
   private tempSweep: NodeJS.Timeout | undefined;
   /** failedRetryInterval's scans of failed mail. */
   private readonly failedRetry: FailedRetry;
-  private pacingLogged = { at: Number.NEGATIVE_INFINITY, delayed: 0, timedOut: 0 };
+  private pacingLogged = { at: Number.NEGATIVE_INFINITY, ended: 0, timedOut: 0 };
   /** After a failed claim: no claim before this (performance.now()); the wait after the next failure doubles. */
   private claimsPausedUntil = 0;
   private claimRetryMs = 0;
@@ -668,17 +668,20 @@ export class DeliveryEngine {
   }
 
   /**
-   * At most once a minute: how many MAIL commands waited for delivery to catch up; `final` (the
-   * stop) logs what was counted since the last line at once.
+   * At most once a minute: how many MAIL commands waited for delivery to catch up, and of those
+   * how many waited the whole delay; `final` (the stop) logs what was counted since the last line
+   * at once. A wait is counted once it has ended, when it is known whether it timed out: those
+   * still waiting are only named (`waiting`), and counted in a later line.
    */
   private notePacing(now: number, final = false): void {
-    const { delayed, timedOut, backlog, limit } = this.inFlow.stats();
-    if (delayed === this.pacingLogged.delayed || (!final && now - this.pacingLogged.at < PACING_LOG_MS)) return;
+    const { delayed, timedOut, waiting, backlog, limit } = this.inFlow.stats();
+    const ended = delayed - waiting;
+    if (ended === this.pacingLogged.ended || (!final && now - this.pacingLogged.at < PACING_LOG_MS)) return;
     this.log.warn(
-      { event: 'intake.paced', delayed: delayed - this.pacingLogged.delayed, timedOut: timedOut - this.pacingLogged.timedOut, backlog, limit },
+      { event: 'intake.paced', delayed: ended - this.pacingLogged.ended, timedOut: timedOut - this.pacingLogged.timedOut, waiting, backlog, limit },
       'delivery is behind: new mail waits at MAIL FROM (inFlowDelay)',
     );
-    this.pacingLogged = { at: now, delayed, timedOut };
+    this.pacingLogged = { at: now, ended, timedOut };
   }
 
   /** What /health says of the upstream: the last success, the last failure, the failures in a row. */

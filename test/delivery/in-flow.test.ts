@@ -279,6 +279,26 @@ describe('in-flow pacing in the relay', () => {
     );
   });
 
+  test('intake.paced counts a wait once it has ended, so no line has more timeouts than waits, and the stop logs the last', async (t) => {
+    const log = capturedLog('warn');
+    const { relay, client } = await backlogged(t, 3000, log.logger);
+    client.write('MAIL FROM:<sender@example.com>\r\n');
+    const reply = client.read(30_000);
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
+    // polls run while it waits (every 20 ms here); then it waits the whole delay
+    await new Promise((r) => setTimeout(r, 300));
+    assert.match(await reply, /^250/);
+    client.close();
+    await relay.stop();
+    const lines = log.entries().filter((e) => e.event === 'intake.paced');
+    for (const line of lines) assert.ok((line.timedOut as number) <= (line.delayed as number), JSON.stringify(line));
+    assert.deepEqual(
+      [lines.reduce((n, e) => n + (e.delayed as number), 0), lines.reduce((n, e) => n + (e.timedOut as number), 0)],
+      [1, 1],
+      JSON.stringify(lines),
+    );
+  });
+
   test('a count that ran ahead of the store (MAILs that stored nothing) is corrected by the next poll', async (t) => {
     // no claim comes to lower it: only the poll's count of due mail (none) lets the MAIL go
     const { relay, client } = await pacedRelay(t, 10_000);
