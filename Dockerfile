@@ -45,5 +45,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.HEALTH_CHECK_PORT||8025)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
 
 # Not `npm start`: its prestart builds, which needs the devDependencies pruned above.
-# relayq handles SIGTERM itself (drain, release claims, checkpoint), so it can be PID 1.
+# relayq handles SIGTERM itself (drain, release claims, checkpoint), so it can be PID 1; only a
+# signal in Node's first ~0.1 s, before it listens, is lost then (`docker run --init` avoids that).
 CMD ["node", "dist/src/cli/index.js", "serve"]

@@ -107,6 +107,7 @@ test('compose mounts config, data and emails, publishes on loopback only, restar
   const ports = [...compose.matchAll(/^\s+- "([^"]+:\d+)"$/gm)].map((m) => m[1]);
   assert.deepEqual(ports, ['127.0.0.1:2525:25', '127.0.0.1:8025:8025']);
   assert.match(compose, /^ {4}restart: unless-stopped$/m);
+  assert.match(compose, /^ {4}init: true$/m, 'signals reach relayq also before it listens for them');
   assert.match(compose, /^ {4}sysctls:\n {6}net\.ipv4\.ip_unprivileged_port_start: 0$/m, 'the non-root process may bind port 25');
   // the port the relay listens on, also when HEALTH_CHECK_PORT comes from .env
   assert.match(compose, /^ {4}healthcheck:\n {6}test: \["CMD", "node", "-e", "fetch\('http:\/\/127\.0\.0\.1:'\+\(process\.env\.HEALTH_CHECK_PORT\|\|8025\)\+'\/health'\)/m);
