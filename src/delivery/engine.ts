@@ -370,7 +370,7 @@ export class DeliveryEngine {
       maxAttempts: config.retry.maxAttempts,
       held,
     });
-    // messages the claim found finished (attempts used up, retry.maxAge) failed at `now`
+    // messages the claim found finished (their attempts used up) failed at `now`
     if (claimed.finalized.some((f) => f.state === 'failed')) this.failedRetry.failedAt(now);
     return claimed;
   }

@@ -7,6 +7,7 @@ import { type FailedScanCursor, failedPage, nextBatchAt } from './delivery.js';
 import { senderFilterKey } from './intake.js';
 import { listMessages } from './queries.js';
 import { prepared } from './statements.js';
+import { count } from '../count.js';
 
 export interface RequeueFilter {
   /** Only these messages (those among them that are failed). */
@@ -29,7 +30,7 @@ export const ADMIN_STEP = 500;
  */
 export function requeueFailedInSteps(reader: Sqlite, filter: RequeueFilter, write: (step: RequeueStep) => Promise<number>): Promise<number> {
   const pages = filter.ids === undefined ? failedIdPages(reader, filter.since) : idSlices([...new Set(filter.ids)]);
-  const done = (n: number) => `${n} failed message${n === 1 ? ' was' : 's were'} requeued before that and stay requeued`;
+  const done = (n: number) => `${count(n, 'failed message')} ${n === 1 ? 'was' : 'were'} requeued before that and stay requeued`;
   return writeInSteps(pages, (ids) => write({ ...filter, ids }), done);
 }
 
@@ -41,7 +42,7 @@ export function requeueFailedInSteps(reader: Sqlite, filter: RequeueFilter, writ
  * how many it made due. Mail that arrives meanwhile is due at once anyway.
  */
 export function flushQueuedInSteps(reader: Sqlite, sender: string | undefined, write: (ids: string[]) => Promise<number>): Promise<number> {
-  return writeInSteps(queuedIdPages(reader, sender), write, (n) => `${n} queued message${n === 1 ? ' was' : 's were'} made due before that`);
+  return writeInSteps(queuedIdPages(reader, sender), write, (n) => `${count(n, 'queued message')} ${n === 1 ? 'was' : 'were'} made due before that`);
 }
 
 /** Writes each page of ids in a step of its own; a failure after a step committed says what stays done. */
