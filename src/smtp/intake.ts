@@ -493,8 +493,10 @@ export class SmtpIntake {
       hit = full ? undefined : checkRateLimits(sqlite, address, clock.now(), config.rateLimits);
     } catch (err) {
       // the database cannot be read: what storing the message would run into
-      const why = { err: (err as Error).message };
-      this.deps.logger.error({ event: 'smtp.store_failed', session: session.id, client: this.peer(session), sender: address, ...why }, 'reading the queue size and rate limits failed');
+      this.deps.logger.error(
+        { event: 'smtp.store_failed', session: session.id, client: this.peer(session), sender: address, err: (err as Error).message },
+        'reading the queue size and rate limits failed',
+      );
       return notStored();
     }
     if (full || hit) return this.policyRefused(session, address, hit);

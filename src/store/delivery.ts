@@ -132,7 +132,8 @@ const GAVE_UP_UNFINISHED = 'gave up: the maximum number of attempts was used wit
 /**
  * Why a recipient whose attempts are used up when its batch is claimed is given up. Attempts are
  * counted at the claim: with one of them not recorded, a batch never finished (the process died
- * while it was out, or a stop released it unanswered); with every one recorded, retry.maxAttempts was lowered below them since.
+ * while it was out, or a stop released it unanswered); with every one recorded, retry.maxAttempts
+ * was lowered below them since.
  */
 function gaveUpReason(sqlite: Sqlite, id: string, recipient: { address: string; attempts: number }, maxAttempts: number): string {
   const recorded = prepared(
