@@ -168,6 +168,7 @@ export class DeliveryEngine {
           peerAddress: deps.upstreamAddress,
           now: () => deps.clock.now(),
           maxMessageSize: this.config.maxMessageSize,
+          maxConnections: this.config.workerCount,
         })
       : undefined;
   }

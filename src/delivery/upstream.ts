@@ -40,6 +40,8 @@ export interface UpstreamSettings {
   now?: () => number;
   /** The largest message relayq accepts (maxMessageSize): an upstream SIZE below it gets a warning. */
   maxMessageSize: number;
+  /** The most connections open at once (workerCount: one per attempt in flight). */
+  maxConnections: number;
 }
 
 /**
@@ -353,6 +355,9 @@ export class SmtpUpstream {
   private readonly quitting = new Set<Promise<void>>();
   /** Connections waiting for the reply to the RSET after a refused message, and that wait. */
   private readonly resetting = new Map<SMTPConnection, Promise<void>>();
+  /** Connections opened and not yet ended or told to QUIT: in a transaction, idle or resetting. */
+  private readonly open = new Set<SMTPConnection>();
+  private readonly maxConnections: number;
   private closed = false;
   private readonly log: Logger;
   private readonly maxMessageSize: number;
@@ -368,6 +373,7 @@ export class SmtpUpstream {
     this.now = settings.now ?? Date.now;
     this.log = settings.logger;
     this.maxMessageSize = settings.maxMessageSize;
+    this.maxConnections = settings.maxConnections;
   }
 
   /**
@@ -442,7 +448,23 @@ export class SmtpUpstream {
         if (!(e.notSent && endedConnection(e)) || signal.aborted) throw err;
       }
     }
+    this.makeRoom();
     return this.sendOn(await this.connect(signal), envelope, raw, signal);
+  }
+
+  /**
+   * Before a new connection: with maxConnections open, those that have waited longest for the
+   * reply to their RSET are closed. An upstream slow to answer RSET (one that slows its replies
+   * after an error, as Postfix's smtpd_error_sleep_time does) would otherwise have every attempt
+   * open a connection of its own while the earlier ones wait.
+   */
+  private makeRoom(): void {
+    for (const connection of this.resetting.keys()) {
+      if (this.open.size < this.maxConnections) return;
+      this.forget(connection);
+      this.open.delete(connection);
+      connection.close();
+    }
   }
 
   private sendOn(connection: SMTPConnection, envelope: Envelope, raw: Uint8Array, signal: AbortSignal): Promise<SendInfo> {
@@ -525,6 +547,7 @@ export class SmtpUpstream {
     return new Promise((resolve, reject) => {
       const connection = new SMTPConnection(this.options);
       this.openedAt.set(connection, this.now());
+      this.open.add(connection);
       hookSendStream(connection);
       requireGoAheadForData(connection);
       requireHelloReply(connection);
@@ -548,6 +571,7 @@ export class SmtpUpstream {
       connection.on('error', (err: Error) => settle(this.options.secure ? withTlsHint(err, true) : withImplicitTlsHint(withTlsHint(err, false))));
       connection.once('end', () => {
         this.forget(connection);
+        this.open.delete(connection);
         settle(Object.assign(new Error('Connection closed unexpectedly'), { code: 'ECONNECTION' }));
       });
       connection.connect((err) => {
@@ -630,6 +654,7 @@ export class SmtpUpstream {
    */
   private quit(connection: SMTPConnection): void {
     this.forget(connection);
+    this.open.delete(connection);
     const ended = new Promise<void>((resolve) => {
       const cutOff = setTimeout(() => {
         connection.close();

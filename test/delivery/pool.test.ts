@@ -327,6 +327,46 @@ test('a connection says QUIT before it is closed: once it has been idle, and at 
   assert.ok(connections[1].closedByClient);
 });
 
+test('an upstream slow to answer RSET does not make relayq open more than workerCount connections', async () => {
+  // every RCPT refused, and each RSET after it answered 1.5 s late (as an upstream that slows its
+  // replies after errors does): the connections waiting for it make way for new attempts
+  let open = 0;
+  let opened = 0;
+  const server = await startRawUpstream((socket) => {
+    open++;
+    opened++;
+    socket.on('close', () => open--);
+    return (line) => {
+      if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
+      else if (/^RCPT/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
+      else if (/^RSET/i.test(line)) setTimeout(() => socket.writable && socket.write('250 ok\r\n'), 1500);
+      else socket.write('250 ok\r\n');
+    };
+  });
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 2, batchDelay: 0 },
+    { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
+  );
+  try {
+    const ids = [];
+    for (let i = 0; i < 8; i++) ids.push(queuedId((await sendMail(relay.smtpPort, { to: [`r${i}@example.com`], raw: 'Subject: s\r\n\r\nbody\r\n' })).response));
+    // four rounds of workerCount attempts, each round's connections still waiting for their RSET
+    assert.equal((await relay.delivery.runOnce()).attempts, 8);
+    assert.deepEqual(
+      ids.map((id) => message(relay, id).state),
+      ids.map(() => 'failed'),
+    );
+    assert.equal(opened, 8, 'each attempt found no connection free');
+    // those closed to make way are gone at the upstream too; the RSETs answered since keep no more
+    await waitFor(() => open <= 2, 10_000, `at most workerCount connections open (${open})`);
+    await new Promise((r) => setTimeout(r, 1600));
+    assert.ok(open <= 2, `${open} open after the RSET replies`);
+  } finally {
+    await relay.stop();
+    server.close();
+  }
+});
+
 test('a connection whose RSET is refused is closed, not reused: the next message goes on a new one', async () => {
   const connections: string[][] = [];
   const server = await startRawUpstream((socket) => {
