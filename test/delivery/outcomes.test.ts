@@ -555,6 +555,11 @@ describe('per-recipient outcomes', () => {
     ]);
     assert.match(rows[4].last_reply!, /not attempted: batch 0 was refused permanently \(554 .*Rejected as spam\) and continueOnError is false/);
     assert.equal(message(relay, id).state, 'failed');
+    // one row for the attempt, with the reply that refused the batch, not the first transaction's 250
+    assert.deepEqual(
+      attempts(relay, id).map((a) => [a.outcome, a.code]),
+      [['partial', 554]],
+    );
   });
 
   test('continueOnError=false: a follow-up transaction whose one recipient is refused at RCPT does not stop the message', async () => {
