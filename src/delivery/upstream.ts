@@ -434,13 +434,8 @@ export class SmtpUpstream {
    * sent; the transaction then runs once more on a new connection.
    */
   private async transaction(envelope: Envelope, raw: Uint8Array, signal: AbortSignal): Promise<SendInfo> {
-    let reused = this.idle.at(-1);
-    if (reused && this.pastReuseLimit(reused)) {
-      this.quit(reused);
-      reused = undefined;
-    }
+    const reused = await this.idleConnection(signal);
     if (reused) {
-      this.forget(reused);
       try {
         return await this.sendOn(reused, envelope, raw, signal);
       } catch (err) {
@@ -448,22 +443,34 @@ export class SmtpUpstream {
         if (!(e.notSent && endedConnection(e)) || signal.aborted) throw err;
       }
     }
-    this.makeRoom();
+    // aborted while it waited for a connection: none is opened
+    if (signal.aborted) throw abortError(signal);
     return this.sendOn(await this.connect(signal), envelope, raw, signal);
   }
 
   /**
-   * Before a new connection: with maxConnections open, those that have waited longest for the
-   * reply to their RSET are closed. An upstream slow to answer RSET (one that slows its replies
-   * after an error, as Postfix's smtpd_error_sleep_time does) would otherwise have every attempt
-   * open a connection of its own while the earlier ones wait.
+   * An idle connection, taken out of the pool, or undefined when a new one is to be opened. With
+   * maxConnections open and none idle, waits for a connection's RSET to be answered (it then comes
+   * back to the pool; one not answered within the greeting timeout is closed) rather than open
+   * one more, as Postfix's client finishes its RSET before it takes the next message: an upstream
+   * slow to answer after an error (Postfix's smtpd_error_sleep_time) would otherwise get a new
+   * session from every attempt while the earlier ones wait.
    */
-  private makeRoom(): void {
-    for (const connection of this.resetting.keys()) {
-      if (this.open.size < this.maxConnections) return;
-      this.forget(connection);
-      this.open.delete(connection);
-      connection.close();
+  private async idleConnection(signal: AbortSignal): Promise<SMTPConnection | undefined> {
+    let aborted: Promise<void> | undefined;
+    for (;;) {
+      const connection = this.idle.at(-1);
+      if (connection && this.pastReuseLimit(connection)) {
+        this.quit(connection);
+        continue;
+      }
+      if (connection) {
+        this.forget(connection);
+        return connection;
+      }
+      if (this.resetting.size === 0 || this.open.size < this.maxConnections || signal.aborted) return undefined;
+      aborted ??= new Promise((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+      await Promise.race([...this.resetting.values(), aborted]);
     }
   }
 
