@@ -244,7 +244,7 @@ export class SmtpIntake {
       onRefusal: (session, text) => this.onRefusal(session, text),
       onSizeRefused: (session, sender, declared) =>
         deps.logger.info(
-          { event: 'smtp.refused', session: session.id, reason: 'size', declared, sender, client: this.peer(session) },
+          { event: 'smtp.refused', session: session.id, reason: 'size', declared, sender: decodeIdnDomain(sender), client: this.peer(session) },
           'message too large (SIZE on MAIL FROM)',
         ),
       // Only with credentials to check: a client that logs in whenever AUTH is offered

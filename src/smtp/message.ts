@@ -111,6 +111,8 @@ export class ReceivedHeaderCounter {
     if (!this.started && chunk.length > 0) {
       this.started = true;
       this.startsFolded = chunk[0] === 32 || chunk[0] === 9;
+      // then the message has no header section: its lines all follow relayq's empty line
+      if (this.startsFolded) this.ended = true;
     }
     let i = 0;
     while (!this.ended && i < chunk.length) {

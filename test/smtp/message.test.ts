@@ -25,6 +25,10 @@ test('a first line that starts with a space or tab is noticed however the bytes 
   assert.equal(starts('Subject: x\r\n', ' folded\r\n'), false, 'a folded field further down');
   assert.equal(starts('x', ' y\r\n'), false);
   assert.equal(starts(), false, 'an empty message');
+  // such a message has no header section, so its Received: lines are no hops
+  const counter = new ReceivedHeaderCounter();
+  counter.scan(Buffer.from(` x\r\n${'Received: from h\r\n'.repeat(60)}\r\nbody\r\n`));
+  assert.equal(counter.count, 0);
 });
 
 test('a bare LF or CR is found wherever the chunks split the message; CRLF split between two chunks is not one', () => {

@@ -386,12 +386,17 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     await c.read();
     assert.match(await c.send('EHLO client.test'), /^250/);
     assert.match(await c.send('MAIL FROM:<big@example.com> SIZE=999999'), /^552 5\.3\.4 /);
+    // the sender as every other line names it: an xn-- domain decoded, whatever its case
+    assert.match(await c.send('MAIL FROM:<big@XN--MNCHEN-3YA.DE> SIZE=999999'), /^552 5\.3\.4 /);
     assert.match(await c.send('MAIL FROM:<small@example.com> SIZE=100'), /^250 /);
     c.close();
     const refused = log.entries().filter((e) => e.event === 'smtp.refused' && e.reason === 'size' && e.declared !== undefined);
     assert.deepEqual(
       refused.map((e) => [e.declared, e.sender, e.client]),
-      [[999999, 'big@example.com', '127.0.0.1']],
+      [
+        [999999, 'big@example.com', '127.0.0.1'],
+        [999999, 'big@münchen.de', '127.0.0.1'],
+      ],
     );
   });
 
