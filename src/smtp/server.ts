@@ -46,6 +46,9 @@
 // 10. Out-of-order commands are answered as Postfix does: RCPT or DATA with no MAIL gets `503 need
 //    MAIL command` (smtp-server checked RCPT's address first, and asked DATA for RCPT), and EXPN,
 //    a command of RFC 5321 that relayq does not implement, gets `502` (smtp-server: unknown, `500`).
+// 11. AUTH data that is not base64 (an initial response, or a line of the exchange) gets `501
+//    5.5.2` and ends the exchange (RFC 4954 §4): smtp-server decodes it leniently, skipping the
+//    characters that are none, so `!AGFwcAB…=!!` logged in as the user that the rest spells.
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
@@ -67,6 +70,14 @@ const SASL_MECHANISMS = /^(PLAIN|LOGIN|CRAM-MD5|XOAUTH2|OAUTHBEARER|SCRAM-SHA-1|
 /** smtp-server's own masking of AUTH lines, which RelayqConnection extends (module comment, 7). */
 const redactCredentials = (SMTPConnection.prototype as unknown as { _redactCredentials(commandName: string, line: string): { commandName: string; line: string } })
   ._redactCredentials;
+
+/** Base64 as RFC 4648 writes it; the padding may be left out, as some clients do. */
+const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
+
+/** A SASL response that is not base64 (module comment, 11); `*` (cancel) and `=` (empty) are no data. */
+function notBase64(response: string): boolean {
+  return response !== '*' && response !== '=' && (!BASE64.test(response) || response.replace(/=+$/, '').length % 4 === 1);
+}
 
 /** smtp-server's own replies that the spec gives another enhanced code. */
 const OWN_REPLIES: Array<[number, RegExp, string]> = [
@@ -219,6 +230,9 @@ class RelayqConnection extends SMTPConnection {
     } else if (this.authNeedsTls()) {
       this.send(538, '5.7.11 Encryption required for requested authentication mechanism');
       callback();
+    } else if (notBase64(command.toString().trim().split(/\s+/)[2] ?? '')) {
+      this.send(501, '5.5.2 Invalid base64 data in the initial response');
+      callback();
     } else {
       super.handler_AUTH(command, callback);
     }
@@ -276,6 +290,13 @@ class RelayqConnection extends SMTPConnection {
    * an EHLO), with input behind it: `421`, which closes the connection (module comment, 9).
    */
   override _onCommand(command: Buffer, callback?: () => void): void {
+    if (this._nextHandler && notBase64(command.toString().trim())) {
+      // a line of an AUTH exchange (module comment, 11)
+      this._nextHandler = false;
+      this.send(501, '5.5.2 Invalid base64 data in the authentication exchange');
+      callback?.();
+      return;
+    }
     const data = !this._nextHandler && /^DATA(\s|$)/i.test(command.toString());
     super._onCommand(command, callback);
     const parser = this._parser;

@@ -228,7 +228,7 @@ describe('hostile SMTP input', () => {
   });
 
   async function badAuthExchanges(relay: Relay): Promise<void> {
-    const c = await SmtpClient.connect(relay.smtpPort);
+    let c = await SmtpClient.connect(relay.smtpPort);
     await c.read();
     await c.send('EHLO auth.test');
     assert.match(await c.send('AUTH PLAIN !!!not-base64!!!'), /^501 /);
@@ -241,6 +241,21 @@ describe('hostile SMTP input', () => {
     assert.match(await c.send(`AUTH PLAIN ${Buffer.from('no separators at all').toString('base64')}`), /^(501|535) /);
     assert.match(await c.send(`AUTH PLAIN ${'QUFB'.repeat(3000)}`), /^(501|535) /);
     assert.match(await c.send('AUTH CRAM-MD5'), /^504 /);
+    // the right credentials with characters around them that are not base64: refused, not
+    // decoded leniently into a login (RFC 4954 §4)
+    assert.match(await c.send('AUTH PLAIN !AGFwcABzM2NyZXQ=!!'), /^501 5\.5\.2 /);
+    assert.match(await c.send('AUTH LOGIN #YXBw#'), /^501 5\.5\.2 /);
+    assert.match(await c.send('AUTH LOGIN'), /^334 /);
+    assert.match(await c.send('#YXBw#'), /^501 5\.5\.2 /);
+    assert.match(await c.send('AUTH LOGIN'), /^334 /);
+    assert.match(await c.send('YXBw'), /^334 /);
+    assert.match(await c.send('*czNjcmV0**'), /^501 5\.5\.2 /);
+    assert.match(await c.send('AUTH PLAIN'), /^334/);
+    assert.match(await c.send('AGFwcABzM2NyZXQ'), /^235 /, 'base64 without its padding is base64');
+    c.close();
+    c = await SmtpClient.connect(relay.smtpPort);
+    await c.read();
+    await c.send('EHLO auth.test');
     // the session still works
     assert.match(await c.send(`AUTH PLAIN ${Buffer.from('\0app\0s3cret').toString('base64')}`), /^235 /);
     assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
