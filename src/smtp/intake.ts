@@ -230,7 +230,8 @@ export class SmtpIntake {
       hideSTARTTLS: !tlsOn,
       // without tls.* smtp-server would upgrade with its built-in certificate, whose private key
       // is public, and the session would then count as secure for AUTH (no 538)
-      disabledCommands: tlsOn ? [] : ['STARTTLS'],
+      // and smtp-server's jokes, which are no SMTP: WIZ answered 200, a code RFC 5321 has not
+      disabledCommands: [...(tlsOn ? [] : ['STARTTLS']), 'WIZ', 'SHELL', 'KILL'],
       ...deps.tls,
       logger: serverLog as never,
       onConnect: (session, cb) => this.onConnect(session, cb),

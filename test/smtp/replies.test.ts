@@ -68,6 +68,8 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
       assert.match(await c.send(line), /^503 5\.5\.1 Error: need MAIL command$/, line);
     }
     assert.match(await c.send('EXPN staff'), /^502 5\.5\.1 /);
+    // smtp-server's jokes are no commands here (WIZ answered 200, which is no SMTP reply)
+    for (const line of ['WIZ please', 'SHELL', 'KILL']) assert.match(await c.send(line), /^500 5\.5\.2 Error: command not recognized$/, line);
     assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
     assert.match(await c.send('DATA'), /^503 5\.5\.1 Error: need RCPT command$/);
     c.close();
