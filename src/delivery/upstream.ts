@@ -357,6 +357,8 @@ export class SmtpUpstream {
   private readonly resetting = new Map<SMTPConnection, Promise<void>>();
   /** Connections opened and not yet ended or told to QUIT: in a transaction, idle or resetting. */
   private readonly open = new Set<SMTPConnection>();
+  /** Places kept for connections about to be opened (idleConnection). */
+  private connecting = 0;
   private readonly maxConnections: number;
   private closed = false;
   private readonly log: Logger;
@@ -431,11 +433,12 @@ export class SmtpUpstream {
   /**
    * Sends on an idle connection when there is one, else on a new one. A reused connection that
    * the upstream had closed meanwhile (its idle timeout) fails before a byte of the message was
-   * sent; the transaction then runs once more on a new connection.
+   * sent; the transaction then runs once more, on another connection.
    */
   private async transaction(envelope: Envelope, raw: Uint8Array, signal: AbortSignal): Promise<SendInfo> {
-    const reused = await this.idleConnection(signal);
-    if (reused) {
+    for (;;) {
+      const reused = await this.idleConnection(signal);
+      if (!reused) break;
       try {
         return await this.sendOn(reused, envelope, raw, signal);
       } catch (err) {
@@ -443,22 +446,24 @@ export class SmtpUpstream {
         if (!(e.notSent && endedConnection(e)) || signal.aborted) throw err;
       }
     }
-    // aborted while it waited for a connection: none is opened
-    if (signal.aborted) throw abortError(signal);
+    // the place idleConnection kept for it becomes the connection, in one step (connect counts it)
+    this.connecting--;
     return this.sendOn(await this.connect(signal), envelope, raw, signal);
   }
 
   /**
-   * An idle connection, taken out of the pool, or undefined when a new one is to be opened. With
-   * maxConnections open and none idle, waits for a connection's RSET to be answered (it then comes
-   * back to the pool; one not answered within the greeting timeout is closed) rather than open
-   * one more, as Postfix's client finishes its RSET before it takes the next message: an upstream
-   * slow to answer after an error (Postfix's smtpd_error_sleep_time) would otherwise get a new
-   * session from every attempt while the earlier ones wait.
+   * An idle connection, taken out of the pool; or undefined, with a place kept (`connecting`) for
+   * a new one, which the caller opens. With maxConnections open and none idle, waits for a
+   * connection's RSET to be answered (it then comes back to the pool; one not answered within the
+   * greeting timeout, or that ends, is gone) rather than open one more, as Postfix's client
+   * finishes its RSET before it takes the next message: an upstream slow to answer after an error
+   * (Postfix's smtpd_error_sleep_time) would otherwise get a new session from every attempt while
+   * the earlier ones wait. Throws once `signal` has aborted: no connection is opened then.
    */
   private async idleConnection(signal: AbortSignal): Promise<SMTPConnection | undefined> {
     let aborted: Promise<void> | undefined;
     for (;;) {
+      if (signal.aborted) throw abortError(signal);
       const connection = this.idle.at(-1);
       if (connection && this.pastReuseLimit(connection)) {
         this.quit(connection);
@@ -468,7 +473,11 @@ export class SmtpUpstream {
         this.forget(connection);
         return connection;
       }
-      if (this.resetting.size === 0 || this.open.size < this.maxConnections || signal.aborted) return undefined;
+      // attempts that start together (one claim's batches) decide before any of them connects
+      if (this.resetting.size === 0 || this.open.size + this.connecting < this.maxConnections) {
+        this.connecting++;
+        return undefined;
+      }
       aborted ??= new Promise((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
       await Promise.race([...this.resetting.values(), aborted]);
     }
@@ -644,12 +653,16 @@ export class SmtpUpstream {
         if (finished) return;
         finished = true;
         clearTimeout(cutOff);
+        connection.removeListener('end', ended);
         this.resetting.delete(connection);
         if (err) connection.close();
         else this.release(connection);
         resolve();
       };
       const cutOff = setTimeout(() => done(new Error('no reply to RSET')), this.options.greetingTimeout).unref();
+      // a connection that ends meanwhile never calls back: an attempt waiting for it goes on
+      const ended = () => done(new Error('connection ended before the reply to RSET'));
+      connection.once('end', ended);
       connection.reset((err) => done(err ?? null));
     });
     this.resetting.set(connection, answered);

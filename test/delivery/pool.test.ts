@@ -365,6 +365,67 @@ test('an upstream slow to answer RSET gets no more than workerCount sessions: th
   }
 });
 
+test('attempts that start together while connections wait for their RSET open only the connections workerCount leaves room for', async () => {
+  let open = 0;
+  let mostOpen = 0;
+  const server = await startRawUpstream((socket) => {
+    mostOpen = Math.max(mostOpen, ++open);
+    socket.on('close', () => open--);
+    return (line) => {
+      if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
+      else if (/^RCPT TO:<bad/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
+      else if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
+      else if (/^RSET/i.test(line)) setTimeout(() => socket.writable && socket.write('250 ok\r\n'), 1000);
+      else socket.write('250 ok\r\n');
+    };
+  });
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 4, batchDelay: 0 },
+    { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
+  );
+  const send = async (to: string) => queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: s\r\n\r\nbody\r\n' })).response);
+  try {
+    // two connections left waiting for their RSET
+    const refused = [await send('bad1@example.com'), await send('bad2@example.com')];
+    assert.equal((await relay.delivery.runOnce()).attempts, 2);
+    const good = [];
+    for (let i = 0; i < 4; i++) good.push(await send(`ok${i}@example.com`));
+    // one claim of four batches: two new connections, and two attempts that wait for the RSETs
+    assert.equal((await relay.delivery.runOnce()).attempts, 4);
+    assert.deepEqual([...refused, ...good].map((id) => message(relay, id).state), ['failed', 'failed', 'delivered', 'delivered', 'delivered', 'delivered']);
+    assert.equal(mostOpen, 4);
+  } finally {
+    await relay.stop();
+    server.close();
+  }
+});
+
+test('a connection that ends while its RSET waits for a reply frees its place at once', async () => {
+  // workerCount 1: the next message can only go once that connection is gone; the wait for a
+  // reply to RSET would last the greeting timeout (30 s here)
+  const server = await startRawUpstream((socket) => (line) => {
+    if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
+    else if (/^RCPT TO:<bad/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
+    else if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
+    else if (/^RSET/i.test(line)) setTimeout(() => socket.destroy(), 200);
+    else socket.write('250 ok\r\n');
+  });
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 1, batchDelay: 0 },
+    { startRetention: false },
+  );
+  const send = async (to: string) => queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: s\r\n\r\nbody\r\n' })).response);
+  try {
+    const refused = await send('bad@example.com');
+    await waitFor(() => message(relay, refused).state === 'failed', 10_000, 'the refused message failed');
+    const next = await send('ok@example.com');
+    await waitFor(() => message(relay, next).state === 'delivered', 10_000, 'the next message delivered on a new connection');
+  } finally {
+    await relay.stop();
+    server.close();
+  }
+});
+
 test('a connection whose RSET is refused is closed, not reused: the next message goes on a new one', async () => {
   const connections: string[][] = [];
   const server = await startRawUpstream((socket) => {
