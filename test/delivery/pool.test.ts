@@ -327,38 +327,51 @@ test('a connection says QUIT before it is closed: once it has been idle, and at 
   assert.ok(connections[1].closedByClient);
 });
 
-test('an upstream slow to answer RSET gets no more than workerCount sessions: the next attempt waits for the reply', async () => {
-  // every RCPT refused, and each RSET after it answered 0.5 s late (as an upstream that slows its
-  // replies after errors does)
-  let open = 0;
-  let mostOpen = 0;
-  let opened = 0;
+/**
+ * A raw upstream that refuses every recipient named bad… (550) and answers each RSET `rsetDelayMs`
+ * late, as an upstream that slows its replies after errors does; it counts its connections.
+ */
+async function slowRsetUpstream(rsetDelayMs: number) {
+  const count = { open: 0, mostOpen: 0, opened: 0 };
   const server = await startRawUpstream((socket) => {
-    opened++;
-    mostOpen = Math.max(mostOpen, ++open);
-    socket.on('close', () => open--);
+    count.opened++;
+    count.mostOpen = Math.max(count.mostOpen, ++count.open);
+    socket.on('close', () => count.open--);
     return (line) => {
       if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
-      else if (/^RCPT/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
-      else if (/^RSET/i.test(line)) setTimeout(() => socket.writable && socket.write('250 ok\r\n'), 500);
+      else if (/^RCPT TO:<bad/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
+      else if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
+      else if (/^RSET/i.test(line)) setTimeout(() => socket.writable && socket.write('250 ok\r\n'), rsetDelayMs);
       else socket.write('250 ok\r\n');
     };
   });
+  return { server, count };
+}
+
+/** A relay forwarding to `port` with `workerCount` workers, delivery run by hand; `send` queues one message. */
+async function relayTo(port: number, workerCount: number) {
   const relay = await startTestRelay(
-    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 2, batchDelay: 0 },
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, workerCount, batchDelay: 0 },
     { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
   );
+  const send = async (to: string) => queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: s\r\n\r\nbody\r\n' })).response);
+  return { relay, send };
+}
+
+test('an upstream slow to answer RSET gets no more than workerCount sessions: the next attempt waits for the reply', async () => {
+  const { server, count } = await slowRsetUpstream(500);
+  const { relay, send } = await relayTo(server.port, 2);
   try {
     const ids = [];
-    for (let i = 0; i < 8; i++) ids.push(queuedId((await sendMail(relay.smtpPort, { to: [`r${i}@example.com`], raw: 'Subject: s\r\n\r\nbody\r\n' })).response));
+    for (let i = 0; i < 8; i++) ids.push(await send(`bad${i}@example.com`));
     // four rounds of workerCount attempts, each after the last round's connections were reset
     assert.equal((await relay.delivery.runOnce()).attempts, 8);
     assert.deepEqual(
       ids.map((id) => message(relay, id).state),
       ids.map(() => 'failed'),
     );
-    assert.equal(opened, 2, 'every attempt went on one of two connections');
-    assert.equal(mostOpen, 2);
+    assert.equal(count.opened, 2, 'every attempt went on one of two connections');
+    assert.equal(count.mostOpen, 2);
   } finally {
     await relay.stop();
     server.close();
@@ -366,24 +379,8 @@ test('an upstream slow to answer RSET gets no more than workerCount sessions: th
 });
 
 test('attempts that start together while connections wait for their RSET open only the connections workerCount leaves room for', async () => {
-  let open = 0;
-  let mostOpen = 0;
-  const server = await startRawUpstream((socket) => {
-    mostOpen = Math.max(mostOpen, ++open);
-    socket.on('close', () => open--);
-    return (line) => {
-      if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
-      else if (/^RCPT TO:<bad/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
-      else if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
-      else if (/^RSET/i.test(line)) setTimeout(() => socket.writable && socket.write('250 ok\r\n'), 1000);
-      else socket.write('250 ok\r\n');
-    };
-  });
-  const relay = await startTestRelay(
-    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 4, batchDelay: 0 },
-    { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
-  );
-  const send = async (to: string) => queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: s\r\n\r\nbody\r\n' })).response);
+  const { server, count } = await slowRsetUpstream(1000);
+  const { relay, send } = await relayTo(server.port, 4);
   try {
     // two connections left waiting for their RSET
     const refused = [await send('bad1@example.com'), await send('bad2@example.com')];
@@ -393,7 +390,7 @@ test('attempts that start together while connections wait for their RSET open on
     // one claim of four batches: two new connections, and two attempts that wait for the RSETs
     assert.equal((await relay.delivery.runOnce()).attempts, 4);
     assert.deepEqual([...refused, ...good].map((id) => message(relay, id).state), ['failed', 'failed', 'delivered', 'delivered', 'delivered', 'delivered']);
-    assert.equal(mostOpen, 4);
+    assert.equal(count.mostOpen, 4);
   } finally {
     await relay.stop();
     server.close();
