@@ -7,6 +7,7 @@ import path from 'node:path';
 import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import type { Relay } from '../../src/main.js';
 import type { AttemptsTable, MessagesTable, RecipientsTable } from '../../src/store/schema.js';
+import { closedPort } from '../helpers.js';
 
 export interface Transaction {
   from: string;
@@ -120,9 +121,18 @@ export async function startScriptedUpstream(options: Partial<SMTPServerOptions> 
     created.on('error', (err) => upstream.errors.push(err));
     return created;
   };
-  server = create();
-  upstream.port = await listen(server, 0);
-  return upstream;
+  // Not port 0: a port the system hands out for port 0 is free while the upstream is down, and
+  // another test's listener could be given it meanwhile (the relay would then deliver to it, or
+  // wait for its greeting). closedPort's ports lie below that range.
+  for (;;) {
+    server = create();
+    try {
+      upstream.port = await listen(server, await closedPort());
+      return upstream;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE') throw err;
+    }
+  }
 }
 
 function listen(server: SMTPServer, port: number): Promise<number> {
