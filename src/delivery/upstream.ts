@@ -594,13 +594,15 @@ export class SmtpUpstream {
         if (err) return settle(err);
         this.warnOfSizeLimit(sizeLimit(connection));
         if (!this.auth) return settle();
-        if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH' }));
         // The password goes out encrypted, or over loopback: an upstream that offers no STARTTLS
-        // (or a man in the middle that strips it) does not get it (Postfix: noplaintext).
+        // (or a man in the middle that strips it) does not get it (Postfix: noplaintext). This
+        // comes first: a submission server offers AUTH only after STARTTLS, so with STARTTLS
+        // stripped it offers neither, and the fault is the missing TLS, not the credentials.
         const socket = (connection as unknown as { _socket?: { remoteAddress?: string } })._socket;
         if (!connection.secure && !isLoopback(this.peerAddress(socket?.remoteAddress ?? ''))) {
           return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS' }));
         }
+        if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH' }));
         connection.login(this.auth, (loginErr) => settle(loginErr ?? undefined));
       });
     });

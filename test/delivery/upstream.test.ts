@@ -235,6 +235,19 @@ describe('upstream AUTH and plain text', () => {
     assert.equal(attempts(relay, id)[0].outcome, 'deferred');
   });
 
+  test('an upstream elsewhere that offers neither STARTTLS nor AUTH (a submission server with STARTTLS stripped) is deferred for the missing TLS', async () => {
+    const upstream = await startScriptedUpstream({ disabledCommands: ['AUTH', 'STARTTLS'] });
+    cleanup.push(() => upstream.close());
+    const { clock, relay, id } = await relayWithCredentials(upstream.port);
+    const engine = engineOn(relay, clock, { upstreamAddress: () => '192.0.2.25' });
+    cleanup.push(() => engine.stop(0));
+    await engine.runOnce();
+    assert.equal(upstream.accepted.length, 0);
+    const [r] = recipients(relay, id);
+    assert.deepEqual([r.status, r.temporary], ['pending', 1]);
+    assert.match(r.last_reply!, /upstream offered no TLS \(STARTTLS\), so forwardUsername\/forwardPassword were not sent in plain text/);
+  });
+
   test('with STARTTLS the password goes out encrypted; over loopback also in plain text', async () => {
     const tlsUpstream = await authUpstream(true);
     const remote = await relayWithCredentials(tlsUpstream.upstream.port);
