@@ -7,7 +7,7 @@ import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { claimDueBatches } from '../../src/store/delivery.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { capturedLog, type DeepPartial, messageCount, openSession, SmtpClient, sendMail, startTestRelay, startUpstream, tempDir, testConfig, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, closedPort, type DeepPartial, messageCount, openSession, SmtpClient, sendMail, startTestRelay, startUpstream, tempDir, testConfig, waitFor, writeDirect } from '../helpers.js';
 import pino from 'pino';
 
 const HOUR = 3_600_000;
@@ -184,10 +184,9 @@ describe('backpressure', () => {
   });
 
   test('queueSize 10 with the upstream down: the 11th message gets 452 4.3.1; accepted again once the queue drains', async () => {
-    // reserve a port, then leave it closed: the upstream is down
-    const probe = await startUpstream();
-    const port = probe.port;
-    await probe.close();
+    // a port below the range handed out for port 0: no other test file's listener is given it
+    // while the upstream is down (see closedPort)
+    const port = await closedPort();
     const clock = new ManualClock();
     const relay = await startTestRelay(
       { queueSize: 10, forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, batchDelay: 0, retry: { initialDelay: 1 } },
