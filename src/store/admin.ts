@@ -142,7 +142,7 @@ function requeueOne(sqlite: Sqlite, id: string, now: number, batchDelayMs: numbe
 /**
  * "Now" below is at the earliest batchDelay after the message's last batch ended.
  * - requeued: it was failed; its failed recipients are pending again, due now.
- * - due-now: it was waiting for a retry, or its worker's lease ran out (it is queued again); it is due now.
+ * - due-now: it was waiting for a retry (or its worker's lease ran out); it is due now.
  * - held: a worker holds it right now (HELD).
  * - delivered: every recipient has it; nothing to retry.
  */
@@ -160,16 +160,8 @@ export function retryMessage(sqlite: Sqlite, id: string, now: number, batchDelay
     case 'delivered':
       return 'delivered';
     case 'sending':
-      if (row.lease_expires_at !== null && row.lease_expires_at > now) return 'held';
-      // Its lease ran out (its worker, or its relay, stopped without handing it back): it goes
-      // back to the queue, as a start releases the claims its relay left, and the lapsed worker's
-      // writes no longer match the claim.
-      prepared(
-        sqlite,
-        "UPDATE messages SET state = 'queued', lease_token = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ? AND state = 'sending'",
-      ).run(now, id);
-      queuedDueNow(sqlite, id, now, batchDelayMs);
-      return 'due-now';
+      // An expired lease is claimable again already; the delivery engine takes it back.
+      return row.lease_expires_at !== null && row.lease_expires_at > now ? 'held' : 'due-now';
     default:
       queuedDueNow(sqlite, id, now, batchDelayMs);
       return 'due-now';
