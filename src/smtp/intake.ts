@@ -189,11 +189,6 @@ export class SmtpIntake {
   /** Writes of messages sent to the writer and not yet answered to their clients. */
   private readonly commitsInFlight = new Set<Promise<void>>();
   private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
-  /**
-   * The SIZE declared at MAIL FROM by each session whose transaction is open: space that its
-   * message will take, counted against minFreeDiskMb by the other sessions' MAIL FROM.
-   */
-  private readonly declaredSizes = new Map<SMTPServerSession, number>();
   private readonly authFailures = new Map<string, { count: number; at: number }>();
   private readonly allowed: (ip: string | undefined) => boolean;
   /** Loopback clients may send without AUTH when requireAuth is on but no credentials are set. */
@@ -360,7 +355,6 @@ export class SmtpIntake {
   private onClose(session: SMTPServerSession) {
     const s = this.state(session);
     s.closed = true;
-    this.declaredSizes.delete(session);
     // a session that leaves while its MAIL waits for pacing gives up its place
     s.pacing?.cancel();
     const logLine = () =>
@@ -466,7 +460,7 @@ export class SmtpIntake {
     // at again after the wait (up to inFlowDelay, in which the queue may have filled or the sender
     // reached its limit), so that a refusal still comes before the client sends its message.
     const paced = this.deps.inFlow.admit();
-    if (!paced) return this.mailAccepted(session, declared, cb);
+    if (!paced) return this.mailAccepted(session, cb);
     const s = this.state(session);
     s.pacing = paced;
     paced.then(() => {
@@ -474,22 +468,8 @@ export class SmtpIntake {
       if (this.closing) return cb(shuttingDown());
       const late = this.roomFor(session, address, declared);
       if (late) cb(late);
-      else this.mailAccepted(session, declared, cb);
+      else this.mailAccepted(session, cb);
     });
-  }
-
-  /**
-   * The bytes that other sessions declared (SIZE) for messages not yet stored. A transaction
-   * ends with the reply to its DATA, RSET, EHLO or HELO, which leave smtp-server's envelope with
-   * no sender; its entry goes then, or when its session closes.
-   */
-  private declaredByOthers(session: SMTPServerSession): number {
-    let bytes = 0;
-    for (const [other, declared] of this.declaredSizes) {
-      if (other.envelope.mailFrom === false) this.declaredSizes.delete(other);
-      else if (other !== session) bytes += declared;
-    }
-    return bytes;
   }
 
   /**
@@ -499,26 +479,10 @@ export class SmtpIntake {
    */
   private roomFor(session: SMTPServerSession, address: string, declared: number): Error | undefined {
     const { config, sqlite, clock, disk } = this.deps;
-    const others = this.declaredByOthers(session);
-    if (disk.isLow(declared + others)) {
-      const why = disk.readError
-        ? 'free disk space cannot be read'
-        : disk.isLow()
-          ? 'disk space low'
-          : disk.isLow(declared)
-            ? 'its declared SIZE would take free disk space below minFreeDiskMb'
-            : `${declared ? 'its declared SIZE and ' : ''}the SIZE declared by sessions still sending would take free disk space below minFreeDiskMb`;
+    if (disk.isLow(declared)) {
+      const why = disk.readError ? 'free disk space cannot be read' : disk.isLow() ? 'disk space low' : 'its declared SIZE would take free disk space below minFreeDiskMb';
       this.deps.logger.warn(
-        {
-          event: 'smtp.disk_low',
-          session: session.id,
-          client: this.peer(session),
-          sender: address,
-          freeMb: disk.freeMb(),
-          size: declared || undefined,
-          declaredByOthers: others || undefined,
-          err: disk.readError,
-        },
+        { event: 'smtp.disk_low', session: session.id, client: this.peer(session), sender: address, freeMb: disk.freeMb(), size: declared || undefined, err: disk.readError },
         `refusing mail: ${why}`,
       );
       return reply(452, '4.3.1 Insufficient system storage, try again later');
@@ -540,10 +504,8 @@ export class SmtpIntake {
     return undefined;
   }
 
-  private mailAccepted(session: SMTPServerSession, declared: number, cb: Callback) {
+  private mailAccepted(session: SMTPServerSession, cb: Callback) {
     this.state(session).queueId = newQueueId(this.deps.clock.now());
-    if (declared > 0) this.declaredSizes.set(session, declared);
-    else this.declaredSizes.delete(session);
     cb();
   }
 
