@@ -290,7 +290,7 @@ function checkValue(key: KeyDef, value: unknown): Checked {
       // a choice is taken in any case (LOG_LEVEL=INFO), as booleans are
       if (key.values) {
         const chosen = key.values.find((v) => v === value.toLowerCase());
-        return chosen === undefined ? { error: `must be one of ${key.values.join(', ')}` } : { value: chosen };
+        return chosen === undefined ? { error: `must be one of ${key.values.join(', ')}, got ${JSON.stringify(value)}` } : { value: chosen };
       }
       if (key.pattern && !key.pattern.match.test(value)) {
         const shown = key.secret || PEM_OR_LINES.test(value) ? '' : `, got ${JSON.stringify(withoutPassword(value))}`;

@@ -216,7 +216,7 @@ describe('loadConfig', () => {
   test('a choice is taken in any case, and a config file may start with a byte order mark', () => {
     const r = loadConfig([], { LOG_LEVEL: 'INFO' });
     assert.ok(r.ok && r.config.logLevel === 'info');
-    assert.match(errorMessages(loadConfig([], { LOG_LEVEL: 'verbose' }))[0], /must be one of fatal, error, warn, info, debug, trace, silent/);
+    assert.match(errorMessages(loadConfig([], { LOG_LEVEL: 'verbose' }))[0], /^LOG_LEVEL \(logLevel\): must be one of fatal, error, warn, info, debug, trace, silent, got "verbose"$/);
     const file = path.join(tempDir(), 'config.json');
     fs.writeFileSync(file, '\uFEFF{"smtpPort": 2600}\n');
     const withBom = loadConfig([], {}, readConfigFile(file));
