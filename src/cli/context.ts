@@ -157,6 +157,14 @@ export function requireCurrentSchema(sqlite: Sqlite, file: string): void {
   } catch (err) {
     throw new CliError(`database ${file}: ${(err as Error).message}`);
   }
+  requireMigrated(applied, file);
+}
+
+/**
+ * Every migration of this relayq applied (a newer relayq's may be there too): `relayq status`
+ * reads counters that a pending migration would add, and would report them as 0.
+ */
+export function requireMigrated(applied: string[], file: string): void {
   const missing = MIGRATION_NAMES.filter((name) => !applied.includes(name));
   if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
 }

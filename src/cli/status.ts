@@ -3,14 +3,17 @@
 // record and the size of the database files.
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
-import { databaseFileSizes } from '../store/maintenance.js';
+import { appliedMigrations, databaseFileSizes } from '../store/maintenance.js';
 import { metricsSummary, storeMetrics, successRate } from '../store/queries.js';
-import { type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
+import { type GlobalOptions, loadCliConfig, printJson, printText, requireMigrated, withReader } from './context.js';
 import { formatAge, formatBytes, formatFields, formatTime } from './table.js';
 
 export async function statusCommand(global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
-  const { m, now } = await withReader(config, (sqlite) => ({ m: storeMetrics(sqlite), now: systemClock.now() }));
+  const { m, now } = await withReader(config, (sqlite) => {
+    requireMigrated(appliedMigrations(sqlite), config.databasePath);
+    return { m: storeMetrics(sqlite), now: systemClock.now() };
+  });
   const oldest = m.oldestActiveReceivedAt;
   const files = databaseFileSizes(config.databasePath);
   const summary = metricsSummary(m, now);

@@ -227,6 +227,12 @@ test('CLI commands that read refuse a database the migration has not reached yet
   assert.equal(r.code, 1, r.stdout);
   assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, 007_upstream_failures, 008_processing_time_floor, 009_processing_time_by_message: run `relayq migrate`/);
   assert.equal(fs.existsSync(exports), false);
+  // status reads counters that the pending migrations add: it would report them as 0
+  for (const args of [['status'], ['status', '--json']]) {
+    const s = await runCli([...args, '--databasePath', file]);
+    assert.equal(s.code, 1, `${args.join(' ')}: ${s.stdout}`);
+    assert.match(s.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, .*009_processing_time_by_message: run `relayq migrate` or start the server$/);
+  }
 });
 
 test('a WAL grown past 16 MiB under a long reader is cut back to 16 MiB once the reader is gone', async () => {
