@@ -8,6 +8,7 @@ import { after, describe, test } from 'node:test';
 import type { SMTPServerOptions } from 'smtp-server';
 import { ManualClock } from '../../src/clock.js';
 import { normalizeForEnvelope } from '../../src/delivery/upstream.js';
+import type { Relay } from '../../src/main.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
@@ -329,9 +330,10 @@ test('a connection says QUIT before it is closed: once it has been idle, and at 
 
 /**
  * A raw upstream that refuses every recipient named bad… (550) and answers each RSET `rsetDelayMs`
- * late, as an upstream that slows its replies after errors does; it counts its connections.
+ * late, as an upstream that slows its replies after errors does, or hangs up then instead
+ * (`hangUp`); it counts its connections.
  */
-async function slowRsetUpstream(rsetDelayMs: number) {
+async function slowRsetUpstream(rsetDelayMs: number, hangUp = false) {
   const count = { open: 0, mostOpen: 0, opened: 0 };
   const server = await startRawUpstream((socket) => {
     count.opened++;
@@ -341,11 +343,16 @@ async function slowRsetUpstream(rsetDelayMs: number) {
       if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
       else if (/^RCPT TO:<bad/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
       else if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
-      else if (/^RSET/i.test(line)) setTimeout(() => socket.writable && socket.write('250 ok\r\n'), rsetDelayMs);
+      else if (/^RSET/i.test(line)) setTimeout(() => (hangUp ? socket.destroy() : socket.writable && socket.write('250 ok\r\n')), rsetDelayMs);
       else socket.write('250 ok\r\n');
     };
   });
   return { server, count };
+}
+
+/** Queues one message to `to`; returns its id. */
+async function queueTo(relay: Relay, to: string): Promise<string> {
+  return queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: s\r\n\r\nbody\r\n' })).response);
 }
 
 /** A relay forwarding to `port` with `workerCount` workers, delivery run by hand; `send` queues one message. */
@@ -354,8 +361,7 @@ async function relayTo(port: number, workerCount: number) {
     { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, workerCount, batchDelay: 0 },
     { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
   );
-  const send = async (to: string) => queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: s\r\n\r\nbody\r\n' })).response);
-  return { relay, send };
+  return { relay, send: (to: string) => queueTo(relay, to) };
 }
 
 test('an upstream slow to answer RSET gets no more than workerCount sessions: the next attempt waits for the reply', async () => {
@@ -400,22 +406,15 @@ test('attempts that start together while connections wait for their RSET open on
 test('a connection that ends while its RSET waits for a reply frees its place at once', async () => {
   // workerCount 1: the next message can only go once that connection is gone; the wait for a
   // reply to RSET would last the greeting timeout (30 s here)
-  const server = await startRawUpstream((socket) => (line) => {
-    if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
-    else if (/^RCPT TO:<bad/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
-    else if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
-    else if (/^RSET/i.test(line)) setTimeout(() => socket.destroy(), 200);
-    else socket.write('250 ok\r\n');
-  });
+  const { server } = await slowRsetUpstream(200, true);
   const relay = await startTestRelay(
     { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 1, batchDelay: 0 },
     { startRetention: false },
   );
-  const send = async (to: string) => queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: s\r\n\r\nbody\r\n' })).response);
   try {
-    const refused = await send('bad@example.com');
+    const refused = await queueTo(relay, 'bad@example.com');
     await waitFor(() => message(relay, refused).state === 'failed', 10_000, 'the refused message failed');
-    const next = await send('ok@example.com');
+    const next = await queueTo(relay, 'ok@example.com');
     await waitFor(() => message(relay, next).state === 'delivered', 10_000, 'the next message delivered on a new connection');
   } finally {
     await relay.stop();
