@@ -6,8 +6,8 @@ import path from 'node:path';
 
 /**
  * Makes `dir` and its missing parents with `mode`; a directory that is there already is fine.
- * Fails as Node's recursive mkdir does: EEXIST for a file in its place, ENOTDIR for a file on its
- * path, ENOENT for a link that points nowhere, and ENOENT, at once, under /proc.
+ * Fails with ENOTDIR for a file in its place or on its path (Node's mkdir says EEXIST, "file already
+ * exists", for the first), ENOENT for a link that points nowhere, and ENOENT, at once, under /proc.
  */
 export function makeDirectory(dir: string, mode: number): void {
   let failure = mkdirFailure(dir, mode);
@@ -23,7 +23,10 @@ export function makeDirectory(dir: string, mode: number): void {
     failure = mkdirFailure(dir, mode);
   }
   // statSync throws ENOENT for a link that points nowhere
-  if (failure?.code === 'EEXIST' && fs.statSync(dir).isDirectory()) return;
+  if (failure?.code === 'EEXIST') {
+    if (fs.statSync(dir).isDirectory()) return;
+    throw Object.assign(new Error(`ENOTDIR: not a directory, mkdir '${dir}'`), { code: 'ENOTDIR', errno: -20, syscall: 'mkdir', path: dir });
+  }
   if (failure) throw failure;
 }
 

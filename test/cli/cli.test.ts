@@ -308,7 +308,7 @@ describe('relayq CLI on the database of a running relay', () => {
     assertOneLineError(mistypedOption, /^relayq: unknown option '--stat' \(did you mean --state\?\)$/);
     assertOneLineError(mistypedCommand, /^relayq: unknown command 'stauts' \(did you mean status\?\)$/);
     assertOneLineError(configLeftOut, /^relayq: option '--config <file>' argument 'serve' is invalid\. serve is a command: give the option its value first \(\.\/serve for a file of that name\)$/);
-    assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: EEXIST/);
+    assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: ENOTDIR: not a directory, mkdir '.*a-file'$/);
     assert.equal(fs.readFileSync(aFile, 'utf8'), 'not a directory\n');
     assertOneLineError(exportMissing, /no database at .*missing\.db/);
     assertOneLineError(rawAsJson, /^relayq: --raw writes the message itself, not JSON: give one of --raw and --json$/);

@@ -34,7 +34,7 @@ describe('makeDirectory', () => {
     assert.deepEqual(
       ['file', 'file/sub', 'dangling', 'dangling/sub/x'].map((name) => [name, errorCode(() => makeDirectory(path.join(dir, name), 0o700))]),
       [
-        ['file', 'EEXIST'],
+        ['file', 'ENOTDIR'],
         ['file/sub', 'ENOTDIR'],
         ['dangling', 'ENOENT'],
         ['dangling/sub/x', 'ENOENT'],
