@@ -148,9 +148,9 @@ function smtpServerLogger(log: Logger, intakeLog: Logger): LibraryLogger {
   const lost = new Set<string>();
   methods.error = (entry, ...rest) => {
     const { err, tnx } = (entry ?? {}) as { err?: unknown; tnx?: string };
+    // smtp-server's message is '%s %s %s': the session's id, the client's address, the error
+    const session = typeof rest[1] === 'string' ? rest[1] : undefined;
     if (tnx === 'error' && lostConnection(err)) {
-      // smtp-server's message is '%s %s %s': the session's id, the client's address, the error
-      const session = typeof rest[1] === 'string' ? rest[1] : undefined;
       if (session !== undefined) {
         if (lost.has(session)) return;
         lost.add(session);
@@ -163,7 +163,7 @@ function smtpServerLogger(log: Logger, intakeLog: Logger): LibraryLogger {
       if (logged.has(err)) return;
       logged.add(err);
       const client = err.remoteAddress && normalizeIp(err.remoteAddress);
-      intakeLog.info({ event: 'smtp.tls_failed', client, code: err.code, reason: err.reason }, 'TLS with the client failed');
+      intakeLog.info({ event: 'smtp.tls_failed', session, client, code: err.code, reason: err.reason }, 'TLS with the client failed');
     } else if (tnx === 'punycode') {
       // a client's address that cannot be decoded: its 501 is in the session's line
       methods.debug(entry, ...rest);
