@@ -15,6 +15,8 @@ export type Source = 'file' | 'env' | 'flag';
 export interface ConfigError {
   key: string;
   source: Source | 'config';
+  /** The other sources of the values a check of several keys involves, after `source`. */
+  alsoFrom?: Source[];
   message: string;
 }
 
@@ -339,15 +341,22 @@ function inRange(key: KeyDef, n: number, text = String(n)): Checked {
 
 /**
  * Checks that involve several keys. Each error names the key to change, and says where the
- * values involved came from; its source is that of the first of them set anywhere.
+ * values involved came from (an environment variable by its name); its source is that of the
+ * first of them set anywhere, and the others follow in `alsoFrom`.
  */
 function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, refused: ReadonlySet<string>, errors: ConfigError[], warnings: string[]) {
   const fail = (key: string, involved: string[], message: string) => {
     // a key is refused with the object that holds it (`tls` given twice refuses tls.cert too)
     if (involved.some((k) => refused.has(k) || refused.has(k.slice(0, k.lastIndexOf('.'))))) return;
-    const set = involved.find((k) => origins.has(k));
-    const from = involved.map((k) => `${k} ${origins.has(k) ? `from ${origins.get(k)}` : 'by default'}`).join(', ');
-    errors.push({ key, source: set ? (origins.get(set) as Source) : 'config', message: `${message} [${from}]` });
+    const sources = [...new Set(involved.flatMap((k) => origins.get(k) ?? []))];
+    const origin = (k: string) => {
+      const source = origins.get(k);
+      if (source === undefined) return 'by default';
+      return source === 'env' ? `from env ${envName(k)}` : `from ${source}`;
+    };
+    const from = involved.map((k) => `${k} ${origin(k)}`).join(', ');
+    const [source = 'config', ...alsoFrom] = sources;
+    errors.push({ key, source, ...(alsoFrom.length > 0 ? { alsoFrom } : {}), message: `${message} [${from}]` });
   };
   if (c.forwardSMTP && !c.forwardHost) {
     fail('forwardHost', ['forwardSMTP', 'forwardHost'], 'forwardHost is required when forwardSMTP is true');
@@ -537,5 +546,6 @@ export function redactConfig(config: Config): Config {
 /** One line per error; an error of the file names it (`./config.json` or `$RELAYQ_CONFIG` may have been read). */
 export function formatErrors(errors: readonly ConfigError[], file?: string): string {
   // an error about the whole file (key 'config') names it already
-  return errors.map((e) => `config error (${e.source === 'file' && file && e.key !== 'config' ? `file ${file}` : e.source}): ${e.message}`).join('\n');
+  const label = (e: ConfigError, source: Source | 'config') => (source === 'file' && file && e.key !== 'config' ? `file ${file}` : source);
+  return errors.map((e) => `config error (${[e.source, ...(e.alsoFrom ?? [])].map((s) => label(e, s)).join(', ')}): ${e.message}`).join('\n');
 }

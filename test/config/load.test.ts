@@ -209,8 +209,12 @@ describe('loadConfig', () => {
     assert.deepEqual(r.errors.map((e) => `${e.source}:${e.key}`).sort(), ['env:smtpPort', 'env:tls.key', 'file:retry.initialDelay', 'flag:forwardHost']);
     const message = (key: string) => r.errors.find((e) => e.key === key)?.message;
     assert.match(message('forwardHost')!, /required when forwardSMTP is true \[forwardSMTP from flag, forwardHost by default\]$/);
-    assert.match(message('tls.key')!, /\[tls\.cert from env, tls\.key by default\]$/);
-    assert.match(message('retry.initialDelay')!, /\[retry\.initialDelay from file, retry\.maxDelay from env\]$/);
+    assert.match(message('tls.key')!, /\[tls\.cert from env TLS_CERT, tls\.key by default\]$/);
+    assert.match(message('retry.initialDelay')!, /\[retry\.initialDelay from file, retry\.maxDelay from env RETRY_MAX_DELAY\]$/);
+    // the error names both sources, first the first key's
+    const retry = r.errors.find((e) => e.key === 'retry.initialDelay')!;
+    assert.deepEqual([retry.source, retry.alsoFrom], ['file', ['env']]);
+    assert.equal(r.errors.find((e) => e.key === 'tls.key')!.alsoFrom, undefined);
   });
 
   test('a choice is taken in any case, and a config file may start with a byte order mark', () => {
@@ -285,7 +289,7 @@ describe('loadConfig', () => {
     assert.equal(unused.ok, false);
     if (unused.ok) return;
     assert.deepEqual(unused.errors.map((e) => `${e.source}:${e.key}`), ['env:security.allowedNetworks']);
-    assert.match(unused.errors[0].message, /applies only with security\.allowLocalOnly=false .*\[security\.allowLocalOnly by default, security\.allowedNetworks from env\]$/);
+    assert.match(unused.errors[0].message, /applies only with security\.allowLocalOnly=false .*\[security\.allowLocalOnly by default, security\.allowedNetworks from env SECURITY_ALLOWED_NETWORKS\]$/);
     for (const everyone of ['0.0.0.0/0', '10.0.0.0/8, ::/0', '0.0.0.0/1,128.0.0.0/1', '::ffff:0.0.0.0/96', '2000::/3']) {
       const open = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_REQUIRE_AUTH: 'false', SECURITY_ALLOWED_NETWORKS: everyone });
       assert.equal(open.ok, false, everyone);
@@ -340,7 +344,7 @@ describe('loadConfig', () => {
       userOnly.errors.map((e) => `${e.source}:${e.key}`),
       ['env:forwardPassword'],
     );
-    assert.match(userOnly.errors[0].message, /must be set together .* \[forwardUsername from env, forwardPassword by default\]$/);
+    assert.match(userOnly.errors[0].message, /must be set together .* \[forwardUsername from env FORWARD_USERNAME, forwardPassword by default\]$/);
     const passwordOnly = loadConfig(['--forwardPassword=secret'], forwarding);
     assert.equal(passwordOnly.ok, false);
     if (passwordOnly.ok) return;
@@ -630,7 +634,7 @@ describe('loadConfig', () => {
     const r = loadConfigFromSources(['--config', path.join(REPO_ROOT, 'config.example.json')], { FORWARD_SMTP: '1', FORWARD_HOSTT: 'smtp.example.com' });
     assert.ok(!r.ok);
     assert.deepEqual(r.message.split('\n'), [
-      'config error (env): forwardHost is required when forwardSMTP is true [forwardSMTP from env, forwardHost from file]',
+      `config error (env, file ${path.join(REPO_ROOT, 'config.example.json')}): forwardHost is required when forwardSMTP is true [forwardSMTP from env FORWARD_SMTP, forwardHost from file]`,
       'warning: FORWARD_HOSTT: not an environment variable relayq reads, so it is ignored (did you mean FORWARD_HOST?)',
     ]);
   });
@@ -734,8 +738,8 @@ describe('loadConfig', () => {
     assert.deepEqual(
       r.errors.map((e) => `${e.source}:${e.key}: ${e.message}`),
       [
-        'env:rateLimits.maxPerHour: rateLimits.maxPerHour must not exceed rateLimits.maxPerDay [rateLimits.maxPerHour from env, rateLimits.maxPerDay from env]',
-        'env:rateLimits.globalMaxPerHour: rateLimits.globalMaxPerHour must not exceed rateLimits.globalMaxPerDay [rateLimits.globalMaxPerHour from env, rateLimits.globalMaxPerDay by default]',
+        'env:rateLimits.maxPerHour: rateLimits.maxPerHour must not exceed rateLimits.maxPerDay [rateLimits.maxPerHour from env RATE_LIMITS_MAX_PER_HOUR, rateLimits.maxPerDay from env RATE_LIMITS_MAX_PER_DAY]',
+        'env:rateLimits.globalMaxPerHour: rateLimits.globalMaxPerHour must not exceed rateLimits.globalMaxPerDay [rateLimits.globalMaxPerHour from env RATE_LIMITS_GLOBAL_MAX_PER_HOUR, rateLimits.globalMaxPerDay by default]',
       ],
     );
     const equal = loadConfig([], {
