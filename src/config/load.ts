@@ -222,6 +222,18 @@ export function loadConfig(
   for (const name of flags.missing) errors.push({ key: name, source: 'flag', message: `--${name} needs a value` });
   for (const [path, raw] of flags.values) applyText(KEYS_BY_PATH.get(path) as KeyDef, raw, 'flag', `--${path}`);
 
+  // A bad value that a later source replaced is not used: a warning, so that a flag can stand in
+  // for a bad variable (and a variable for a bad line of the file) while it is fixed.
+  const rank = { file: 0, env: 1, flag: 2, config: -1 } as const;
+  const overridden = (e: ConfigError) => {
+    const origin = origins.get(e.key);
+    return origin !== undefined && rank[origin] > rank[e.source];
+  };
+  for (const e of errors.filter(overridden)) {
+    warnings.push(`${e.source === 'file' && file ? `${file.path}: ` : ''}${e.message} (not used: ${origins.get(e.key) === 'flag' ? `--${e.key}` : envName(e.key)} replaces it)`);
+  }
+  errors.splice(0, errors.length, ...errors.filter((e) => !overridden(e)));
+
   const typed = config as unknown as Config;
   // Checked on the values that were valid; a combination that involves a key whose own value was
   // already refused is left out (the default standing in for it would only confuse).

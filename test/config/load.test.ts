@@ -67,6 +67,23 @@ describe('loadConfig', () => {
     assert.equal(fromFlag.config.smtpPort, 3002);
   });
 
+  test('a bad value that a later source replaces is not used: a warning that names both, not an error', () => {
+    const f = file({ smtpPort: 'x', batchSize: 0 });
+    const r = loadConfig(['--smtpPort', '3002', '--workerCount=4'], { SMTP_PORT: 'y', BATCH_SIZE: '7', WORKER_COUNT: 'many' }, f);
+    assert.ok(r.ok, JSON.stringify(r));
+    assert.deepEqual([r.config.smtpPort, r.config.batchSize, r.config.workerCount], [3002, 7, 4]);
+    assert.deepEqual(r.warnings.filter((w) => w.includes('not used')).sort(), [
+      'SMTP_PORT (smtpPort): must be an integer, got "y" (not used: --smtpPort replaces it)',
+      'WORKER_COUNT (workerCount): must be an integer, got "many" (not used: --workerCount replaces it)',
+      'config.json: batchSize: must be at least 1, got 0 (not used: BATCH_SIZE replaces it)',
+      'config.json: smtpPort: must be an integer (not used: --smtpPort replaces it)',
+    ]);
+    // replaced by a value that is bad too: both are errors
+    const bad = loadConfig(['--smtpPort', 'z'], { SMTP_PORT: 'y' });
+    assert.ok(!bad.ok);
+    assert.deepEqual(bad.errors.map((e) => `${e.source}:${e.key}`), ['env:smtpPort', 'flag:smtpPort']);
+  });
+
   test('booleans accept true/false/1/0/yes/no and lists are comma-separated in env', () => {
     for (const [text, value] of [['yes', true], ['0', false], ['TRUE', true], ['no', false]] as const) {
       const r = loadConfig([], { FORWARD_SSL: text });
