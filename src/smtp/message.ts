@@ -7,6 +7,8 @@ import { isAscii, MAX_ADDRESS_LENGTH } from '../address.js';
 
 const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+$/u;
 /** local@[192.0.2.1] or local@[IPv6:2001:db8::1]: a domain that is an address literal (RFC 5321 §4.1.3). */
+/** The longest address smtp-server takes as a client writes it (local@domain, no brackets). */
+const MAX_PATH_ADDRESS_LENGTH = 253;
 const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:]+)\]$/iu;
 
 
@@ -14,30 +16,40 @@ const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:
  * An envelope path relayq accepts: local@domain without controls or spaces, whose domain's labels
  * start and end with a letter or digit and are at most 63 octets in ASCII form (RFC 5321
  * §4.1.2), local@[address literal], or '' (null sender). Quoted local parts are not accepted,
- * nor is an address that is not UTF-8.
+ * nor is an address that is not UTF-8. It is at most 253 characters with its domain in the ASCII
+ * form it goes upstream in, whichever form the client wrote: smtp-server refuses a longer one as
+ * written (RFC 5321 §4.5.3.1.3: a path is 256 octets at most, with its brackets), and an upstream
+ * would refuse it in ASCII.
  */
 export function isValidAddress(address: string, allowEmpty: boolean): boolean {
   if (address === '') return allowEmpty;
   if (address.length > MAX_ADDRESS_LENGTH) return false;
   // U+FFFD: bytes that are not UTF-8, as smtp-server decoded them; stored, they would be another address
   if (/[\r\n\0\uFFFD]/.test(address)) return false;
-  if (ADDRESS.test(address)) return validLabels(address.slice(address.lastIndexOf('@') + 1));
+  if (ADDRESS.test(address)) {
+    const at = address.lastIndexOf('@');
+    const ascii = asciiDomain(address.slice(at + 1));
+    return ascii !== undefined && at + 1 + ascii.length <= MAX_PATH_ADDRESS_LENGTH;
+  }
   const literal = ADDRESS_LITERAL.exec(address);
   return literal !== null && (literal[1] ? net.isIPv6(literal[2]) : net.isIPv4(literal[2]));
 }
 
 /**
- * No label is empty (`a..b`, a leading or trailing dot, or the `xn--` label with nothing after it
- * that smtp-server decodes to nothing: `b@a.xn--` reaches relayq as `b@a.`), none starts or ends
- * with '-' (as written: an internationalized one too), none is over 63 octets in ASCII.
+ * The domain in ASCII, or undefined when it is no valid one: a label is empty (`a..b`, a leading
+ * or trailing dot, or the `xn--` label with nothing after it that smtp-server decodes to nothing:
+ * `b@a.xn--` reaches relayq as `b@a.`), starts or ends with '-' (as written: an internationalized
+ * one too), or is over 63 octets in ASCII; or IDNA refuses it. An
+ * `xn--` label is checked in any case: smtp-server decodes only lower-case ones, and
+ * `XN--A-ECP` is as invalid as `xn--a-ecp`.
  */
-function validLabels(domain: string): boolean {
-  const ascii = isAscii(domain) ? domain : domainToASCII(domain);
-  if (ascii === '') return false;
-  return (
+function asciiDomain(domain: string): string | undefined {
+  const ascii = isAscii(domain) && !/(^|\.)xn--/i.test(domain) ? domain : domainToASCII(domain);
+  if (ascii === '') return undefined;
+  const valid =
     domain.split('.').every((label) => label !== '' && !label.startsWith('-') && !label.endsWith('-')) &&
-    ascii.split('.').every((label) => label.length <= 63)
-  );
+    ascii.split('.').every((label) => label.length <= 63);
+  return valid ? ascii : undefined;
 }
 
 /**

@@ -3,6 +3,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { after, before, describe, test } from 'node:test';
+import { domainToASCII } from 'node:url';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor, withSteppedClock, withTestRelay } from '../helpers.js';
 import { openReadOnly } from '../../src/store/maintenance.js';
@@ -106,6 +107,22 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.match(await c.send('RCPT TO:<a@bücher.example>'), /^250 /);
     // an xn-- label that does not decode: the client's mistake, not an error of relayq's
     assert.match(await c.send('RCPT TO:<b@xn--99999999999999.com>'), /^501 5\.1\.3 /);
+    // one that decodes to what IDNA disallows (a⒈), in either case: smtp-server decodes only lower case
+    assert.match(await c.send('RCPT TO:<b@xn--a-ecp.de>'), /^501 5\.1\.3 /);
+    assert.match(await c.send('RCPT TO:<b@XN--A-ECP.de>'), /^501 5\.1\.3 /);
+    assert.match(await c.send('RCPT TO:<b@XN--MNCHEN-3YA.DE>'), /^250 /);
+    // an address is 253 characters at most (as smtp-server takes them) in the ASCII form it goes
+    // upstream in, however it was written: a domain of 234 characters in Unicode, 322 in xn--
+    const long = Array(8).fill('用户'.repeat(14)).join('.') + '.de';
+    assert.match(await c.send(`RCPT TO:<b@${long}>`), /^501 5\.1\.3 /);
+    assert.match(await c.send(`RCPT TO:<b@${domainToASCII(long)}>`), /^501 5\.1\.3 /);
+    assert.match(await c.send('RSET'), /^250 /);
+    assert.match(await c.send(`MAIL FROM:<x@${long}> SMTPUTF8`), /^501 5\.1\.3 /);
+    const near = Array(5).fill('用户'.repeat(14)).join('.') + '.de'; // 147 characters, 202 in xn--
+    assert.match(await c.send(`MAIL FROM:<${'x'.repeat(50)}@${near}> SMTPUTF8`), /^250 /);
+    assert.match(await c.send('RSET'), /^250 /);
+    assert.match(await c.send(`MAIL FROM:<${'x'.repeat(51)}@${near}> SMTPUTF8`), /^501 5\.1\.3 /);
+    assert.match(await c.send(`MAIL FROM:<${'x'.repeat(51)}@${domainToASCII(near)}>`), /^501 5\.1\.3 /);
     c.close();
     assert.deepEqual(log.entries().filter((e) => (e.level as number) >= 50), []);
   });
