@@ -113,12 +113,12 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.match(await c.send('RCPT TO:<b@XN--MNCHEN-3YA.DE>'), /^250 /);
     // an address is 253 characters at most (as smtp-server takes them) in the ASCII form it goes
     // upstream in, however it was written: a domain of 234 characters in Unicode, 322 in xn--
-    const long = Array(8).fill('用户'.repeat(14)).join('.') + '.de';
+    const long = `${Array(8).fill('用户'.repeat(14)).join('.')}.de`;
     assert.match(await c.send(`RCPT TO:<b@${long}>`), /^501 5\.1\.3 /);
     assert.match(await c.send(`RCPT TO:<b@${domainToASCII(long)}>`), /^501 5\.1\.3 /);
     assert.match(await c.send('RSET'), /^250 /);
     assert.match(await c.send(`MAIL FROM:<x@${long}> SMTPUTF8`), /^501 5\.1\.3 /);
-    const near = Array(5).fill('用户'.repeat(14)).join('.') + '.de'; // 147 characters, 202 in xn--
+    const near = `${Array(5).fill('用户'.repeat(14)).join('.')}.de`; // 147 characters, 202 in xn--
     assert.match(await c.send(`MAIL FROM:<${'x'.repeat(50)}@${near}> SMTPUTF8`), /^250 /);
     assert.match(await c.send('RSET'), /^250 /);
     assert.match(await c.send(`MAIL FROM:<${'x'.repeat(51)}@${near}> SMTPUTF8`), /^501 5\.1\.3 /);
