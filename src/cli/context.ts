@@ -142,6 +142,28 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
 }
 
 /**
+ * Runs `fn` in a write transaction of its own, one step of a command that changes many messages,
+ * then waits as long as the step took (1-100 ms) before the next can begin. The relay's commits
+ * that wait for the lock meanwhile try again after sleeps of up to 100 ms (SQLite's busy
+ * handler): without the pause they would find the next step's transaction begun at nearly every
+ * try, and a `250` or a delivery's outcome could wait past the busy timeout.
+ */
+export async function writeStep<T>(sqlite: Sqlite, fn: () => T): Promise<T> {
+  const started = performance.now();
+  const result = sqlite.transaction(fn).immediate();
+  await new Promise((resolve) => setTimeout(resolve, Math.min(100, Math.max(1, performance.now() - started))));
+  return result;
+}
+
+/**
+ * A command on a list of ids whose write failed after the writes of earlier ids committed: which
+ * ones those were (the ids are written in the order given), so that it can be run again on the rest.
+ */
+export function stoppedAt(err: unknown, next: string, done: string): CliError {
+  return new CliError(`${(err as Error).message}; the ids before ${next} were ${done}, ${next} and those after it were not`);
+}
+
+/**
  * Refuses a database that needs migrations, or that a newer relayq migrated: the commands that
  * write, and export-failed, which reads the newest tables.
  */

@@ -1,21 +1,23 @@
 // `relayq retry ID...` puts messages back in the queue, due now (at the earliest batchDelay after
 // their last batch, as the engine spaces batches); `relayq retry --failed` requeues every failed
 // message; `relayq retry --queued` makes every queued one due now (postqueue -f). Only failed or
-// pending recipients are tried again, never delivered ones. --failed and --queued write in short
-// transactions (500 messages each) so the running server barely waits; the ids given are
-// requeued in one (all or nothing).
+// pending recipients are tried again, never delivered ones. Every form writes in short
+// transactions (500 messages each) so the running server barely waits; with ids, an unknown one
+// and nothing is changed.
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
-import { flushQueued, flushQueuedInSteps, HELD, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
+import { flushQueued, flushQueuedInSteps, HELD, holdOf, idSlices, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
-import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter } from './context.js';
+import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, stoppedAt, withWriter, writeStep } from './context.js';
 import { formatTable } from './table.js';
 
-const EXPLAIN: Record<Exclude<RetryResult, 'not-found'>, string> = {
+const EXPLAIN: Record<RetryResult, string> = {
   requeued: 'requeued: failed recipients will be tried again now',
   'due-now': 'due now',
   held: `${HELD}; nothing changed`,
   delivered: 'already delivered to every recipient; nothing to retry',
+  // after the check that every id is a message: another command deleted it meanwhile
+  'not-found': 'deleted meanwhile; nothing to retry',
 };
 
 export async function retryCommand(ids: string[], options: { failed?: boolean; queued?: boolean; sender?: string }, global: GlobalOptions): Promise<void> {
@@ -29,7 +31,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
 
   if (options.queued) {
     const flushed = await withWriter(config, (sqlite) =>
-      flushQueuedInSteps(sqlite, options.sender, async (ids) => sqlite.transaction(() => flushQueued(sqlite, ids, systemClock.now(), config.batchDelay)).immediate()),
+      flushQueuedInSteps(sqlite, options.sender, (ids) => writeStep(sqlite, () => flushQueued(sqlite, ids, systemClock.now(), config.batchDelay))),
     );
     if (global.json) printJson({ due_now: flushed });
     else printText(`${flushed} queued message${flushed === 1 ? ' is' : 's are'} due now`);
@@ -39,36 +41,36 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   if (options.failed) {
     const requeued = await withWriter(config, (sqlite) => {
       const now = systemClock.now();
-      return requeueFailedInSteps(sqlite, { sender: options.sender }, async (step) =>
-        sqlite.transaction(() => requeueFailed(sqlite, step, now, config.batchDelay)).immediate(),
-      );
+      return requeueFailedInSteps(sqlite, { sender: options.sender }, (step) => writeStep(sqlite, () => requeueFailed(sqlite, step, now, config.batchDelay)));
     });
     if (global.json) printJson({ requeued });
     else printText(`requeued ${count(requeued, 'failed message')}`);
     return;
   }
 
-  const results = await withWriter(config, (sqlite) =>
-    // All or nothing: one unknown id and no message is touched.
-    sqlite
-      .transaction(() =>
-        [...new Set(ids.map(canonicalQueueId))].map((id) => {
-          const result = retryMessage(sqlite, id, systemClock.now(), config.batchDelay);
-          if (result === 'not-found') throw new CliError(`no message with id ${id}; nothing changed`);
-          return { id, result };
-        }),
-      )
-      .immediate(),
-  );
+  const unique = [...new Set(ids.map(canonicalQueueId))];
+  const results = await withWriter(config, async (sqlite) => {
+    // one unknown id and no message is touched
+    for (const id of unique) if (holdOf(sqlite, id, systemClock.now()) === 'not-found') throw new CliError(`no message with id ${id}; nothing changed`);
+    const done: Array<{ id: string; result: RetryResult }> = [];
+    for (const step of idSlices(unique)) {
+      try {
+        done.push(...(await writeStep(sqlite, () => step.map((id) => ({ id, result: retryMessage(sqlite, id, systemClock.now(), config.batchDelay) })))));
+      } catch (err) {
+        throw done.length > 0 ? stoppedAt(err, step[0], 'retried') : err;
+      }
+    }
+    return done;
+  });
   if (global.json) printJson({ results });
   else {
     printText(
       formatTable(results, [
         { header: 'ID', value: (r) => r.id },
-        { header: 'RESULT', value: (r) => EXPLAIN[r.result as Exclude<RetryResult, 'not-found'>] },
+        { header: 'RESULT', value: (r) => EXPLAIN[r.result] },
       ]),
     );
   }
   // like the API's 409: a message a worker holds, or one delivered already, was not retried
-  if (results.some((r) => r.result === 'held' || r.result === 'delivered')) process.exitCode = 1;
+  if (results.some((r) => r.result !== 'requeued' && r.result !== 'due-now')) process.exitCode = 1;
 }

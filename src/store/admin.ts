@@ -56,7 +56,8 @@ async function writeInSteps(pages: Iterable<string[]>, write: (ids: string[]) =>
   }
 }
 
-function* idSlices(ids: string[]): Generator<string[]> {
+/** `ids` in pieces of at most ADMIN_STEP, each a write of its own. */
+export function* idSlices(ids: string[]): Generator<string[]> {
   for (let i = 0; i < ids.length; i += ADMIN_STEP) yield ids.slice(i, i + ADMIN_STEP);
 }
 
@@ -193,10 +194,17 @@ export type DeleteResult = 'deleted' | 'held' | 'not-found';
 
 /** Deletes a message with its recipients and attempts, unless a worker holds a live lease on it. */
 export function deleteMessage(sqlite: Sqlite, id: string, now: number): DeleteResult {
-  const deleted = prepared(
-    sqlite,
-    `DELETE FROM messages WHERE id = ? AND NOT (state = 'sending' AND lease_expires_at IS NOT NULL AND lease_expires_at > ?)`,
-  ).run(id, now).changes;
-  if (deleted > 0) return 'deleted';
-  return prepared(sqlite, 'SELECT 1 FROM messages WHERE id = ?').get(id) ? 'held' : 'not-found';
+  const hold = holdOf(sqlite, id, now);
+  if (hold !== 'free') return hold;
+  prepared(sqlite, 'DELETE FROM messages WHERE id = ?').run(id);
+  return 'deleted';
+}
+
+/** Whether `id` is a message, and whether a delivery worker holds it now (its lease has not run out). */
+export function holdOf(sqlite: Sqlite, id: string, now: number): 'not-found' | 'held' | 'free' {
+  const row = prepared(sqlite, 'SELECT state, lease_expires_at FROM messages WHERE id = ?').get(id) as
+    | { state: string; lease_expires_at: number | null }
+    | undefined;
+  if (!row) return 'not-found';
+  return row.state === 'sending' && row.lease_expires_at !== null && row.lease_expires_at > now ? 'held' : 'free';
 }

@@ -5,7 +5,8 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
-import { flushQueuedInSteps, queuedDueNow } from '../../src/store/admin.js';
+import { failedExportPath } from '../../src/delivery/failed-export.js';
+import { ADMIN_STEP, flushQueuedInSteps, queuedDueNow } from '../../src/store/admin.js';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
@@ -1016,4 +1017,47 @@ test("the package's bin runs as a command of its own (what npm link puts on the 
   const pkg = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8')) as { version: string; bin: { relayq: string } };
   const out = execFileSync(path.join(REPO_ROOT, pkg.bin.relayq), ['--version'], { cwd: CLI_CWD, env: cleanEnv(), encoding: 'utf8' });
   assert.equal(out.trim(), pkg.version);
+});
+
+test('retry and delete of more ids than one write takes go in steps; a write lock taken between two ends delete there, naming the first id it left', async () => {
+  const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
+  const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
+  let locker: ReturnType<typeof openConnection> | undefined;
+  try {
+    const ids = await writeDirect(relay, (db) => {
+      const made = Array.from({ length: 4 * ADMIN_STEP }, (_, i) => `BULK${String(i).padStart(16, '0')}`);
+      for (const [i, id] of made.entries()) insertMessage(db, newMessage({ id, raw: Buffer.from('x'), receivedAt: 1000 + i }), NO_LIMITS);
+      db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at").run();
+      return made;
+    });
+    fs.mkdirSync(path.dirname(failedExportPath(relay.config.emailsDir, ids[0])), { recursive: true });
+    for (const id of ids) fs.writeFileSync(failedExportPath(relay.config.emailsDir, id), '{}');
+    const state = (id: string) => relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(id);
+
+    const retried = await runCliJson<{ results: Array<{ id: string; result: string }> }>(['retry', ...ids], { env });
+    assert.deepEqual(retried.results, ids.map((id) => ({ id, result: 'requeued' })));
+    assert.deepEqual([...new Set(ids.map(state))], ['queued']);
+
+    const stored = () => relay.store.sqlite.prepare('SELECT count(*) FROM messages').pluck().get() as number;
+    const deleting = runCli(['delete', ...ids], { env, timeoutMs: 60_000 });
+    await waitFor(() => stored() < ids.length, 30_000, 'the first step of the delete committed');
+    // the next step waits for the lock past the busy timeout
+    locker = openConnection(relay.config.databasePath);
+    locker.exec('BEGIN IMMEDIATE');
+    const r = await deleting;
+    locker.exec('ROLLBACK');
+    assertOneLineError(r, /^relayq: database is locked; the ids before \S+ were deleted, \S+ and those after it were not$/);
+    const next = /the ids before (\S+) were deleted/.exec(r.stderr)?.[1] as string;
+    const done = ids.indexOf(next);
+    assert.ok(done > 0 && done < ids.length && done % ADMIN_STEP === 0, `stopped between two steps: ${done}`);
+    assert.equal(stored(), ids.length - done);
+    // the exports of the messages deleted went with them; the others stay
+    const exported = (id: string) => fs.existsSync(failedExportPath(relay.config.emailsDir, id));
+    assert.deepEqual([ids.slice(0, done).some(exported), ids.slice(done).every(exported)], [false, true]);
+    assert.deepEqual([state(ids[done - 1]), state(ids[done])], [undefined, 'queued']);
+  } finally {
+    if (locker?.inTransaction) locker.exec('ROLLBACK');
+    locker?.close();
+    await relay.stop();
+  }
 });
