@@ -85,6 +85,7 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
     originalCode?: unknown;
     hint?: unknown;
     endUnanswered?: unknown;
+    ownRefusal?: unknown;
   };
   const code = typeof e.responseCode === 'number' && e.responseCode >= 200 && e.responseCode < 600 ? e.responseCode : null;
   const errorCode = typeof e.code === 'string' ? e.code : '';
@@ -92,7 +93,8 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
   // An aborted attempt says why in its cause (the attempt deadline, or shutdown).
   const message =
     errorCode === 'EABORT' && e.cause instanceof Error ? e.cause.message : (openSslMessage(e) ?? (typeof e.message === 'string' ? e.message : String(err)));
-  const reply = shortReply(response || (errorCode ? `${errorCode}: ${message}` : message)) + (e.endUnanswered === true ? END_UNANSWERED : '');
+  // relayq's own refusals (`5.6.7 SMTPUTF8 is required, …`) as written, their enhanced code first, as Postfix logs its dsn
+  const reply = shortReply(response || (errorCode && e.ownRefusal !== true ? `${errorCode}: ${message}` : message)) + (e.endUnanswered === true ? END_UNANSWERED : '');
   const aboutMessage = MESSAGE_ERROR_CODES.has(errorCode);
   // 503 (bad sequence of commands) and 530 (authentication required: relayq has no or the
   // wrong credentials) are about the session, not the message.

@@ -83,7 +83,7 @@ interface Envelope {
 /** A transaction, or one recipient of it, the upstream cannot take without SMTPUTF8 (RFC 6531 §3.2). */
 function smtpUtf8Refusal(label: string, recipient?: string): UpstreamError {
   const message = `5.6.7 SMTPUTF8 is required, but was not offered by ${label}`;
-  return Object.assign(new Error(message), { code: 'EENVELOPE', ...(recipient === undefined ? { notSent: true } : { recipient }) });
+  return Object.assign(new Error(message), { code: 'EENVELOPE', ownRefusal: true, ...(recipient === undefined ? { notSent: true } : { recipient }) });
 }
 
 /**
@@ -92,7 +92,7 @@ function smtpUtf8Refusal(label: string, recipient?: string): UpstreamError {
  */
 function sizeRefusal(label: string, size: number, limit: number): UpstreamError {
   const message = `5.3.4 message size ${size} exceeds the size limit ${limit} of ${label}`;
-  return Object.assign(new Error(message), { code: 'EMESSAGE', notSent: true });
+  return Object.assign(new Error(message), { code: 'EMESSAGE', ownRefusal: true, notSent: true });
 }
 
 /** The upstream's SIZE limit as nodemailer read it from the EHLO reply; 0 when none is given. */
@@ -186,7 +186,13 @@ function offers(connection: SMTPConnection, extension: string): boolean {
 }
 
 type SendInfo = SMTPConnection.SentMessageInfo;
-type UpstreamError = SMTPConnection.SMTPError & { notSent?: boolean; endUnanswered?: boolean; rejectedErrors?: SMTPConnection.SMTPError[] };
+type UpstreamError = SMTPConnection.SMTPError & {
+  notSent?: boolean;
+  endUnanswered?: boolean;
+  rejectedErrors?: SMTPConnection.SMTPError[];
+  /** relayq's own refusal before sending (smtpUtf8Refusal, sizeRefusal): its text starts with its enhanced code. */
+  ownRefusal?: boolean;
+};
 /** What nodemailer's SMTPConnection records of the current transaction's RCPT replies. */
 type EnvelopeState = { accepted?: string[]; rejectedErrors?: SMTPConnection.SMTPError[] };
 

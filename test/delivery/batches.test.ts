@@ -211,7 +211,7 @@ describe('recipient batches', () => {
     );
 
     const lacks = await setup({}, new ManualClock(), { hideSMTPUTF8: true });
-    const smtpUtf8Required = /5\.6\.7 SMTPUTF8 is required, but was not offered by 127\.0\.0\.1:\d+/;
+    const smtpUtf8Required = /^5\.6\.7 SMTPUTF8 is required, but was not offered by 127\.0\.0\.1:\d+/;
     // an ASCII sender (its domain in punycode): the ASCII recipient gets the mail
     const split = queuedId((await sendMail(lacks.relay.smtpPort, { from: 'app@bücher.example', to, raw })).response);
     await lacks.relay.delivery.runOnce();
@@ -244,7 +244,7 @@ describe('recipient batches', () => {
     const size = message(relay, big).raw!.length;
     for (const r of recipients(relay, big)) {
       assert.equal(r.status, 'failed');
-      assert.match(r.last_reply ?? '', new RegExp(`5\\.3\\.4 message size ${size} exceeds the size limit 300 of 127\\.0\\.0\\.1:\\d+`));
+      assert.match(r.last_reply ?? '', new RegExp(`^5\\.3\\.4 message size ${size} exceeds the size limit 300 of 127\\.0\\.0\\.1:\\d+`));
     }
     const small = queuedId((await sendMail(relay.smtpPort, { to: ['c@example.com'], raw: Buffer.from('Subject: s\r\n\r\nhi\r\n') })).response);
     await relay.delivery.runOnce();
