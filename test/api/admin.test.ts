@@ -6,7 +6,8 @@ import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { ADMIN_STEP, deleteMessage, flushQueued, type RequeueStep, requeueFailed, requeueFailedInSteps, retryMessage } from '../../src/store/admin.js';
 import { insertMessage } from '../../src/store/intake.js';
-import { messageRaw } from '../../src/store/queries.js';
+import { listMessages, messageRaw, pageSql } from '../../src/store/queries.js';
+import type { MessageState } from '../../src/store/schema.js';
 import { capturedLog, holdWriteLock, NO_LIMITS, newMessage, openSession, sendMail, startHoldingUpstream, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 
@@ -746,10 +747,30 @@ test('an HTTP/1.0 request without Host is answered; an HTTP/1.1 one gets its 400
   }
 });
 
+test('a sender with a state other than delivered is listed through the state index, newest first; with delivered, through the sender index', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  try {
+    const plan = (state: MessageState) => {
+      const { sql, params } = pageSql({ sender: 'a@example.com', state });
+      return (relay.store.sqlite.prepare(`EXPLAIN QUERY PLAN ${sql}`).all(...params, 10) as Array<{ detail: string }>).map((r) => r.detail).join('\n');
+    };
+    for (const state of ['queued', 'sending', 'failed'] as const) assert.match(plan(state), /USING INDEX messages_state_received \(state=\?\)/, state);
+    assert.match(plan('delivered'), /USING INDEX messages_sender \(sender_key=\?\)/);
+    // and it finds the sender's messages in that state, newest first
+    const a: string[] = [];
+    for (let i = 0; i < 3; i++) a.push(await send(relay, 'A@example.com', ['r@example.com']));
+    await send(relay, 'b@example.com', ['r@example.com']);
+    await writeDirect(relay, (db) => db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at WHERE id = ?").run(a[1]));
+    const list = (state: MessageState) => listMessages(relay.store.sqlite, { sender: 'a@example.com', state, limit: 10 }).messages.map((m) => m.id);
+    assert.deepEqual([list('queued'), list('failed'), list('delivered')], [[a[2], a[0]], [a[1]], []]);
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('the unfiltered message list is one snapshot: a message changing state meanwhile shows up exactly once', async () => {
   const { Worker } = await import('node:worker_threads');
   const { createRequire } = await import('node:module');
-  const { listMessages } = await import('../../src/store/queries.js');
   const relay = await startTestRelay({}, { startDelivery: false });
   // [0]: set to stop the other thread; [1]: the state flips it has committed
   const shared = new Int32Array(new SharedArrayBuffer(8));
