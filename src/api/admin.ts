@@ -56,7 +56,7 @@ function parseTime(name: string, value: unknown): number {
 
 function parseSender(value: unknown): string {
   if (typeof value !== 'string') throw badRequest('sender must be a string (an envelope sender address, "<>" or "" for the null sender)');
-  if (value.length > MAX_ADDRESS_LENGTH) throw badRequest(`sender must be at most ${MAX_ADDRESS_LENGTH} characters, as every envelope sender relayq takes`);
+  if (value.length > MAX_ADDRESS_LENGTH) throw badRequest(`sender must be at most ${MAX_ADDRESS_LENGTH} characters: no envelope sender is longer`);
   return value;
 }
 

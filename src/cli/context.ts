@@ -156,11 +156,12 @@ export async function writeStep<T>(sqlite: Sqlite, fn: () => T): Promise<T> {
 }
 
 /**
- * A command on a list of ids whose write failed after the writes of earlier ids committed: which
- * ones those were (the ids are written in the order given), so that it can be run again on the rest.
+ * A command on a list of ids whose write failed after the writes of earlier ids committed. The
+ * command prints what it did with those first, as it would have at the end; this names where it
+ * stopped (the ids are written in the order given), so that it can be run again on the rest.
  */
-export function stoppedAt(err: unknown, next: string, done: string): CliError {
-  return new CliError(`${(err as Error).message}; the ids before ${next} were ${done}, ${next} and those after it were not`);
+export function stoppedAt(err: unknown, next: string, notDone: string): CliError {
+  return new CliError(`${(err as Error).message}; stopped at ${next}: it and the ids after it were not ${notDone} (what was done before it is listed above)`);
 }
 
 /**

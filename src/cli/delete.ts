@@ -2,7 +2,8 @@
 // export. An unknown id, or a message a worker is delivering right now, and nothing is deleted.
 // Many ids are deleted in writes of ADMIN_STEP messages each, so that the running relay's commits
 // never wait long; a message a worker claims after that check, while the steps run, is left
-// alone and named (exit 1).
+// alone and named (exit 1). A step that fails after others committed ends the command there,
+// after it has said what those did.
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
@@ -16,6 +17,7 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
   const deleted: string[] = [];
   const held: string[] = [];
   const warnings: string[] = [];
+  let stopped: CliError | undefined;
   await withWriter(config, async (sqlite) => {
     for (const id of unique) {
       const hold = holdOf(sqlite, id, systemClock.now());
@@ -27,7 +29,9 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
       try {
         results = await writeStep(sqlite, () => step.map((id) => deleteMessage(sqlite, id, systemClock.now())));
       } catch (err) {
-        throw deleted.length + held.length > 0 ? stoppedAt(err, step[0], 'deleted') : err;
+        if (deleted.length + held.length === 0) throw err;
+        stopped = stoppedAt(err, step[0], 'deleted');
+        break;
       }
       for (const [i, id] of step.entries()) {
         // one deleted meanwhile (by another command) is gone, as asked
@@ -48,5 +52,6 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
   if (global.json) printJson(warnings.length > 0 ? { deleted, warnings } : { deleted });
   else printText(`deleted ${count(deleted.length, 'message')}: ${deleted.join(' ')}`);
   for (const warning of warnings) process.stderr.write(`relayq: warning: ${warning}\n`);
+  if (stopped) throw stopped;
   if (held.length > 0) process.exitCode = 1;
 }

@@ -49,6 +49,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   }
 
   const unique = [...new Set(ids.map(canonicalQueueId))];
+  let stopped: CliError | undefined;
   const results = await withWriter(config, async (sqlite) => {
     // one unknown id and no message is touched
     for (const id of unique) if (holdOf(sqlite, id, systemClock.now()) === 'not-found') throw new CliError(`no message with id ${id}; nothing changed`);
@@ -57,7 +58,9 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
       try {
         done.push(...(await writeStep(sqlite, () => step.map((id) => ({ id, result: retryMessage(sqlite, id, systemClock.now(), config.batchDelay) })))));
       } catch (err) {
-        throw done.length > 0 ? stoppedAt(err, step[0], 'retried') : err;
+        if (done.length === 0) throw err;
+        stopped = stoppedAt(err, step[0], 'retried');
+        break;
       }
     }
     return done;
@@ -71,6 +74,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
       ]),
     );
   }
+  if (stopped) throw stopped;
   // like the API's 409: a message a worker holds, or one delivered already, was not retried
   if (results.some((r) => r.result !== 'requeued' && r.result !== 'due-now')) process.exitCode = 1;
 }

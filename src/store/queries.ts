@@ -230,10 +230,11 @@ const SUMMARY_COLUMNS = `id, state, mail_from, auth_user, client_ip, size, recip
 /**
  * Newest first (arrival time, then id). Each filter leads with the index that answers it: the
  * recipient through recipients_address_lower, the sender through messages_sender, the state through
- * messages_state_received. With no filter at all the four states are read separately from that
- * index and merged, so a page costs `limit` rows per state, never a sort of the whole table. A
- * recipient or sender filter reads every message of that address (the recipient's are sorted),
- * so its cost grows with that address's share of the store, not with the page.
+ * messages_state_received (also with a sender, unless the state is delivered: see pageSql). With
+ * no filter at all the four states are read separately from that index and merged, so a page
+ * costs `limit` rows per state, never a sort of the whole table. A recipient filter reads every
+ * message of that address (sorted), so its cost grows with that address's share of the store,
+ * not with the page; so does a sender filter with a state that only a few of its messages are in.
  */
 export function listMessages(sqlite: Sqlite, filter: MessageFilter): MessagePage {
   // one snapshot for the cursor and the per-state reads: a message that changes state between

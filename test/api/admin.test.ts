@@ -188,7 +188,7 @@ describe('admin: requeue failed mail', () => {
       }
       const long = `${'a'.repeat(64)}@${'d'.repeat(256)}`;
       const longSender = await call(relay, '/admin/retry-failed', postJson({ sender: long }));
-      assert.deepEqual(longSender.body, { error: 'bad_request', message: 'sender must be at most 320 characters, as every envelope sender relayq takes' });
+      assert.deepEqual(longSender.body, { error: 'bad_request', message: 'sender must be at most 320 characters: no envelope sender is longer' });
       // as GET /admin/messages takes it: left out, it would requeue everything
       const inQuery = await call(relay, '/admin/retry-failed?sender=a@example.com', { method: 'POST' });
       assert.deepEqual([inQuery.status, inQuery.body], [400, { error: 'bad_request', message: 'the filters go in the JSON body, not in the query string' }]);
@@ -274,7 +274,7 @@ describe('admin: make queued mail due now', () => {
         [postJson(['a@example.com']), 'the body must be a JSON object with an optional sender'],
         [postJson({ sender: 5 }), 'sender must be a string (an envelope sender address, "<>" or "" for the null sender)'],
         [postJson({ ids: ['ABC'] }), 'unknown field "ids": expected sender'],
-        [postJson({ sender: `a@${'d'.repeat(319)}` }), 'sender must be at most 320 characters, as every envelope sender relayq takes'],
+        [postJson({ sender: `a@${'d'.repeat(319)}` }), 'sender must be at most 320 characters: no envelope sender is longer'],
       ];
       for (const [init, message] of cases) {
         const res = await call(relay, '/admin/retry-queued', init);

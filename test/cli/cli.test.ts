@@ -6,7 +6,7 @@ import { after, before, describe, test } from 'node:test';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { failedExportPath } from '../../src/delivery/failed-export.js';
-import { ADMIN_STEP, flushQueuedInSteps, queuedDueNow } from '../../src/store/admin.js';
+import { ADMIN_STEP, flushQueuedInSteps, HELD, queuedDueNow } from '../../src/store/admin.js';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
@@ -1019,7 +1019,7 @@ test("the package's bin runs as a command of its own (what npm link puts on the 
   assert.equal(out.trim(), pkg.version);
 });
 
-test('retry and delete of more ids than one write takes go in steps; a write lock taken between two ends delete there, naming the first id it left', async () => {
+test('retry and delete of more ids than one write takes go in steps; a write lock taken between two ends delete there, after it has said what it did', async () => {
   const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
   const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
   let locker: ReturnType<typeof openConnection> | undefined;
@@ -1028,33 +1028,53 @@ test('retry and delete of more ids than one write takes go in steps; a write loc
       const made = Array.from({ length: 4 * ADMIN_STEP }, (_, i) => `BULK${String(i).padStart(16, '0')}`);
       for (const [i, id] of made.entries()) insertMessage(db, newMessage({ id, raw: Buffer.from('x'), receivedAt: 1000 + i }), NO_LIMITS);
       db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at").run();
+      // one delivered meanwhile, which retry leaves (exit 1)
+      db.prepare("UPDATE messages SET state = 'delivered' WHERE id = ?").run(made[7]);
       return made;
     });
     fs.mkdirSync(path.dirname(failedExportPath(relay.config.emailsDir, ids[0])), { recursive: true });
     for (const id of ids) fs.writeFileSync(failedExportPath(relay.config.emailsDir, id), '{}');
     const state = (id: string) => relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(id);
 
-    const retried = await runCliJson<{ results: Array<{ id: string; result: string }> }>(['retry', ...ids], { env });
-    assert.deepEqual(retried.results, ids.map((id) => ({ id, result: 'requeued' })));
-    assert.deepEqual([...new Set(ids.map(state))], ['queued']);
+    const retried = await runCli(['--json', 'retry', ...ids], { env });
+    assert.equal(retried.code, 1, retried.stderr);
+    assert.deepEqual(
+      (JSON.parse(retried.stdout) as { results: unknown[] }).results,
+      ids.map((id, i) => ({ id, result: i === 7 ? 'delivered' : 'requeued' })),
+    );
+    assert.deepEqual([...new Set(ids.filter((_, i) => i !== 7).map(state))], ['queued']);
 
+    // a worker claims ids[5] after delete has checked the list, while its first step runs
+    await writeDirect(relay, (db) =>
+      db.exec(`CREATE TRIGGER claim_meanwhile AFTER DELETE ON messages WHEN OLD.id = '${ids[0]}' BEGIN
+        UPDATE messages SET state = 'sending', lease_expires_at = ${Date.now() + 3600_000} WHERE id = '${ids[5]}'; END`),
+    );
     const stored = () => relay.store.sqlite.prepare('SELECT count(*) FROM messages').pluck().get() as number;
-    const deleting = runCli(['delete', ...ids], { env, timeoutMs: 60_000 });
+    const deleting = runCli(['--json', 'delete', ...ids], { env, timeoutMs: 60_000 });
     await waitFor(() => stored() < ids.length, 30_000, 'the first step of the delete committed');
     // the next step waits for the lock past the busy timeout
     locker = openConnection(relay.config.databasePath);
     locker.exec('BEGIN IMMEDIATE');
     const r = await deleting;
     locker.exec('ROLLBACK');
-    assertOneLineError(r, /^relayq: database is locked; the ids before \S+ were deleted, \S+ and those after it were not$/);
-    const next = /the ids before (\S+) were deleted/.exec(r.stderr)?.[1] as string;
+    assert.equal(r.code, 1);
+    const next = /^relayq: database is locked; stopped at (\S+): it and the ids after it were not deleted \(what was done before it is listed above\)$/m.exec(r.stderr)?.[1];
+    assert.ok(next, r.stderr);
     const done = ids.indexOf(next);
     assert.ok(done > 0 && done < ids.length && done % ADMIN_STEP === 0, `stopped between two steps: ${done}`);
-    assert.equal(stored(), ids.length - done);
+    // what the steps before did, as the command says at its end: all deleted but the one claimed
+    const said = JSON.parse(r.stdout) as { deleted: string[]; warnings: string[] };
+    assert.deepEqual(said.deleted, ids.slice(0, done).filter((id) => id !== ids[5]));
+    assert.deepEqual(said.warnings, [`message ${ids[5]}: ${HELD}; not deleted, try again later`]);
+    assert.match(r.stderr, new RegExp(`^relayq: warning: message ${ids[5]}: a delivery worker holds it`, 'm'));
+    assert.equal(stored(), ids.length - done + 1);
+    assert.deepEqual([state(ids[5]), state(ids[done - 1]), state(ids[done])], ['sending', undefined, 'queued']);
     // the exports of the messages deleted went with them; the others stay
     const exported = (id: string) => fs.existsSync(failedExportPath(relay.config.emailsDir, id));
-    assert.deepEqual([ids.slice(0, done).some(exported), ids.slice(done).every(exported)], [false, true]);
-    assert.deepEqual([state(ids[done - 1]), state(ids[done])], [undefined, 'queued']);
+    assert.deepEqual(
+      ids.filter(exported),
+      ids.filter((id, i) => i >= done || id === ids[5]),
+    );
   } finally {
     if (locker?.inTransaction) locker.exec('ROLLBACK');
     locker?.close();
