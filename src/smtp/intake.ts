@@ -671,7 +671,7 @@ export class SmtpIntake {
       },
       (err: unknown) => {
         // checked at MAIL FROM, but another session's message may have come first
-        if (err instanceof PolicyRefusal) return cb(this.policyRefused(session, mailFrom, err.hit));
+        if (err instanceof PolicyRefusal) return cb(this.policyRefused(session, mailFrom, err.hit, queueId));
         log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: (err as Error).message }, 'storing the message failed');
         cb(notStored());
       },
@@ -681,10 +681,13 @@ export class SmtpIntake {
     return answered;
   }
 
-  /** A refusal by policy: a rate limit `hit`, else a full queue. Counted, and logged if a limit. */
-  private policyRefused(session: SMTPServerSession, sender: string, hit?: LimitHit): Error {
+  /**
+   * A refusal by policy: a rate limit `hit`, else a full queue. Counted and logged, with the
+   * message's `queueId` when it comes at the end of DATA (another session's message came first).
+   */
+  private policyRefused(session: SMTPServerSession, sender: string, hit?: LimitHit, queueId?: string): Error {
     this.deps.writer.write('countRefusal', hit ? 'rate-limit' : 'queue-full').catch(() => {});
-    const who = { session: session.id, client: this.peer(session), sender };
+    const who = { ...(queueId ? { queueId } : {}), session: session.id, client: this.peer(session), sender };
     if (!hit) {
       this.deps.logger.warn({ event: 'smtp.queue_full', ...who, queueSize: this.deps.config.queueSize }, 'queue full: mail refused');
       return reply(452, '4.3.1 Queue full, try again later');

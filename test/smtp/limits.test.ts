@@ -169,7 +169,8 @@ describe('backpressure', () => {
   });
 
   test('a message both a full queue and a rate limit refuse after DATA gets the reply MAIL FROM would give: 452 4.3.1', async () => {
-    const relay = await startTestRelay({ queueSize: 1, ...limits({ maxPerHour: 1 }) }, { startDelivery: false, clock: new ManualClock() });
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ queueSize: 1, ...limits({ maxPerHour: 1 }) }, { startDelivery: false, clock: new ManualClock(), logger: log.logger });
     try {
       const [first, second] = await Promise.all([openSession(relay.smtpPort), openSession(relay.smtpPort)]);
       assert.match(await first.send('DATA'), /^354/);
@@ -178,6 +179,11 @@ describe('backpressure', () => {
       assert.match(await second.send('Subject: two\r\n\r\nbody\r\n.'), /^452 4\.3\.1 /);
       for (const c of [first, second]) c.close();
       assert.match(await mailFrom(relay.smtpPort, 'sender@example.com'), /^452 4\.3\.1 /);
+      // the refusal after DATA names the message it refused, as the other refusals there do; the one at MAIL has none yet
+      const full = log.entries().filter((e) => e.event === 'smtp.queue_full');
+      assert.equal(full.length, 2);
+      assert.match(String(full[0].queueId), /^[0-9A-F]{20}$/);
+      assert.equal(full[1].queueId, undefined);
     } finally {
       await relay.stop();
     }
