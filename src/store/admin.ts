@@ -105,9 +105,9 @@ export type RequeueStep = RequeueFilter & { ids: string[] };
 /**
  * The step's failed messages matching every given filter go back to the queue, due now (or
  * batchDelay after their last batch, if that is later): their failed recipients become pending
- * with a fresh attempt count. Returns how many messages were requeued.
+ * with a fresh attempt count. Returns the ids of those requeued.
  */
-export function requeueFailed(sqlite: Sqlite, filter: RequeueStep, now: number, batchDelayMs: number): number {
+export function requeueFailed(sqlite: Sqlite, filter: RequeueStep, now: number, batchDelayMs: number): string[] {
   const where = ["state = 'failed'"];
   const params: unknown[] = [];
   if (filter.sender !== undefined) {
@@ -119,9 +119,7 @@ export function requeueFailed(sqlite: Sqlite, filter: RequeueStep, now: number, 
     params.push(filter.since);
   }
   const matches = prepared(sqlite, `SELECT id FROM messages WHERE id = ? AND ${where.join(' AND ')}`);
-  let requeued = 0;
-  for (const id of filter.ids) if (matches.get(id, ...params) !== undefined && requeueOne(sqlite, id, now, batchDelayMs)) requeued++;
-  return requeued;
+  return filter.ids.filter((id) => matches.get(id, ...params) !== undefined && requeueOne(sqlite, id, now, batchDelayMs));
 }
 
 function requeueOne(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): boolean {

@@ -1018,13 +1018,34 @@ test('retry-failed requeues each failed message once per call, even one that fai
       stepIds.push(step.ids ?? []);
       // as a fast worker would: the step's messages are requeued, tried, and failed again at once
       return writeDirect(relay, (db) => {
-        const n = requeueFailed(db, step, 5000, 0);
+        const n = requeueFailed(db, step, 5000, 0).length;
         db.prepare(`UPDATE messages SET state = 'failed', finished_at = 9000 WHERE id IN (${(step.ids ?? []).map(() => '?').join(',')})`).run(...(step.ids ?? []));
         return n;
       });
     });
     assert.equal(requeued, ids.length);
     assert.deepEqual(stepIds.flat().sort(), ids, 'every failed message was requeued exactly once');
+  } finally {
+    await relay.stop();
+  }
+});
+
+test('retry-failed names each message it requeued, a line per write, as failedRetryInterval does', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false, logger: log.logger });
+  try {
+    const ids = await insertMessages(relay, ADMIN_STEP + 3, 'failed');
+    const res = await call(relay, '/admin/retry-failed', postJson({ ids: [...ids, 'NOSUCHID'] }));
+    assert.deepEqual([res.status, res.body], [200, { requeued: ids.length }]);
+    const lines = log.entries().filter((e) => e.event === 'delivery.requeued');
+    assert.deepEqual(
+      lines.map((e) => [e.by, e.count]),
+      [
+        ['api', ADMIN_STEP],
+        ['api', 3],
+      ],
+    );
+    assert.deepEqual(lines.flatMap((e) => e.ids as string[]), ids);
   } finally {
     await relay.stop();
   }
@@ -1125,7 +1146,7 @@ test('an admin command the database cannot run (another process holds the write 
 test('retry-failed that fails after its first step says how many it requeued, in its 503 and in the admin log', async () => {
   const log = capturedLog('info');
   const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false, logger: log.logger });
-  const lock = lockAfterFirstStep(relay, (db, [step, now, batchDelay]) => requeueFailed(db, step as RequeueStep, now as number, batchDelay as number));
+  const lock = lockAfterFirstStep(relay, (db, [step, now, batchDelay]) => requeueFailed(db, step as RequeueStep, now as number, batchDelay as number).length);
   try {
     await insertMessages(relay, ADMIN_STEP + 100, 'failed');
     const res = await call(relay, '/admin/retry-failed', { method: 'POST' });
