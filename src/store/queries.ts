@@ -234,7 +234,9 @@ const SUMMARY_COLUMNS = `id, state, mail_from, auth_user, client_ip, size, recip
  * no filter at all the four states are read separately from that index and merged, so a page
  * costs `limit` rows per state, never a sort of the whole table. A recipient filter reads every
  * message of that address (sorted), so its cost grows with that address's share of the store,
- * not with the page; so does a sender filter with a state that only a few of its messages are in.
+ * not with the page. A sender filter with a state reads rows of the index it goes through until
+ * it has a page: with delivered, up to all of the sender's messages; otherwise, up to all of
+ * those in the state.
  */
 export function listMessages(sqlite: Sqlite, filter: MessageFilter): MessagePage {
   // one snapshot for the cursor and the per-state reads: a message that changes state between
