@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
-import { StoppedPartWay } from '../store/admin.js';
+import { idSlices, StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, openConnection, type Sqlite } from '../store/db.js';
 import { appliedMigrations, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 
@@ -156,12 +156,29 @@ export async function writeStep<T>(sqlite: Sqlite, fn: () => T): Promise<T> {
 }
 
 /**
- * A command on a list of ids whose write failed after the writes of earlier ids committed. The
- * command prints what it did with those first, as it would have at the end; this names where it
- * stopped (the ids are written in the order given), so that it can be run again on the rest.
+ * Runs `each` on every id, in the order given, in writes of at most ADMIN_STEP ids (writeStep).
+ * `results` are what the committed writes returned, one per id from the first. A write that fails
+ * after earlier ones committed ends the walk, and `stopped` says where: the command says what
+ * those did, as it would have at its end, then fails with it, so that it can be run again on the
+ * rest. A first write that fails throws (nothing changed).
  */
-export function stoppedAt(err: unknown, next: string, notDone: string): CliError {
-  return new CliError(`${(err as Error).message}; stopped at ${next}: it and the ids after it were not ${notDone} (what was done before it is listed above)`);
+export async function writeEachInSteps<R>(
+  sqlite: Sqlite,
+  ids: string[],
+  each: (id: string) => R,
+  notDone: string,
+): Promise<{ results: R[]; stopped?: CliError }> {
+  const results: R[] = [];
+  for (const step of idSlices(ids)) {
+    try {
+      results.push(...(await writeStep(sqlite, () => step.map(each))));
+    } catch (err) {
+      if (results.length === 0) throw err;
+      const message = `${(err as Error).message}; stopped at ${step[0]}: it and the ids after it were not ${notDone} (what was done before it is listed above)`;
+      return { results, stopped: new CliError(message) };
+    }
+  }
+  return { results };
 }
 
 /**

@@ -7,47 +7,33 @@
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
-import { deleteMessage, HELD, holdOf, idSlices } from '../store/admin.js';
+import { deleteMessage, HELD, holdOf } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
-import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, stoppedAt, withWriter, writeStep } from './context.js';
+import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter, writeEachInSteps } from './context.js';
 
 export async function deleteCommand(ids: string[], global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
   const unique = [...new Set(ids.map(canonicalQueueId))];
-  const deleted: string[] = [];
-  const held: string[] = [];
-  const warnings: string[] = [];
-  let stopped: CliError | undefined;
-  await withWriter(config, async (sqlite) => {
+  const { results, stopped } = await withWriter(config, (sqlite) => {
     for (const id of unique) {
       const hold = holdOf(sqlite, id, systemClock.now());
       if (hold === 'not-found') throw new CliError(`no message with id ${id}; nothing deleted`);
       if (hold === 'held') throw new CliError(`message ${id}: ${HELD}; nothing deleted, try again later`);
     }
-    for (const step of idSlices(unique)) {
-      let results: ReturnType<typeof deleteMessage>[];
-      try {
-        results = await writeStep(sqlite, () => step.map((id) => deleteMessage(sqlite, id, systemClock.now())));
-      } catch (err) {
-        if (deleted.length + held.length === 0) throw err;
-        stopped = stoppedAt(err, step[0], 'deleted');
-        break;
-      }
-      for (const [i, id] of step.entries()) {
-        // one deleted meanwhile (by another command) is gone, as asked
-        if (results[i] === 'held') held.push(id);
-        else deleted.push(id);
-      }
-      // failed messages' exports go with them: they would describe mail that is no longer there
-      for (const id of step.filter((_, i) => results[i] !== 'held')) {
-        try {
-          await removeFailedExport(config.emailsDir, id);
-        } catch (err) {
-          warnings.push(`message ${id} deleted, but its failed export could not be removed: ${(err as Error).message}`);
-        }
-      }
-    }
+    return writeEachInSteps(sqlite, unique, (id) => deleteMessage(sqlite, id, systemClock.now()), 'deleted');
   });
+  // one deleted meanwhile (by another command) is gone, as asked
+  const deleted = unique.filter((_, i) => i < results.length && results[i] !== 'held');
+  const held = unique.filter((_, i) => results[i] === 'held');
+  // failed messages' exports go with them: they would describe mail that is no longer there
+  const warnings: string[] = [];
+  for (const id of deleted) {
+    try {
+      await removeFailedExport(config.emailsDir, id);
+    } catch (err) {
+      warnings.push(`message ${id} deleted, but its failed export could not be removed: ${(err as Error).message}`);
+    }
+  }
   for (const id of held) warnings.push(`message ${id}: ${HELD}; not deleted, try again later`);
   if (global.json) printJson(warnings.length > 0 ? { deleted, warnings } : { deleted });
   else printText(`deleted ${count(deleted.length, 'message')}: ${deleted.join(' ')}`);

@@ -6,9 +6,9 @@
 // and nothing is changed.
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
-import { flushQueued, flushQueuedInSteps, HELD, holdOf, idSlices, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
+import { flushQueued, flushQueuedInSteps, HELD, holdOf, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
-import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, stoppedAt, withWriter, writeStep } from './context.js';
+import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter, writeEachInSteps, writeStep } from './context.js';
 import { formatTable } from './table.js';
 
 const EXPLAIN: Record<RetryResult, string> = {
@@ -49,22 +49,12 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   }
 
   const unique = [...new Set(ids.map(canonicalQueueId))];
-  let stopped: CliError | undefined;
-  const results = await withWriter(config, async (sqlite) => {
+  const { results: outcomes, stopped } = await withWriter(config, (sqlite) => {
     // one unknown id and no message is touched
     for (const id of unique) if (holdOf(sqlite, id, systemClock.now()) === 'not-found') throw new CliError(`no message with id ${id}; nothing changed`);
-    const done: Array<{ id: string; result: RetryResult }> = [];
-    for (const step of idSlices(unique)) {
-      try {
-        done.push(...(await writeStep(sqlite, () => step.map((id) => ({ id, result: retryMessage(sqlite, id, systemClock.now(), config.batchDelay) })))));
-      } catch (err) {
-        if (done.length === 0) throw err;
-        stopped = stoppedAt(err, step[0], 'retried');
-        break;
-      }
-    }
-    return done;
+    return writeEachInSteps(sqlite, unique, (id) => retryMessage(sqlite, id, systemClock.now(), config.batchDelay), 'retried');
   });
+  const results = outcomes.map((result, i) => ({ id: unique[i], result }));
   if (global.json) printJson({ results });
   else {
     printText(
