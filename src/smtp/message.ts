@@ -7,9 +7,9 @@ import { isAscii, MAX_ADDRESS_LENGTH } from '../address.js';
 
 const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+$/u;
 /** local@[192.0.2.1] or local@[IPv6:2001:db8::1]: a domain that is an address literal (RFC 5321 §4.1.3). */
+const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:]+)\]$/iu;
 /** The longest address smtp-server takes as a client writes it (local@domain, no brackets). */
 const MAX_PATH_ADDRESS_LENGTH = 253;
-const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:]+)\]$/iu;
 
 
 /**
@@ -39,9 +39,8 @@ export function isValidAddress(address: string, allowEmpty: boolean): boolean {
  * The domain in ASCII, or undefined when it is no valid one: a label is empty (`a..b`, a leading
  * or trailing dot, or the `xn--` label with nothing after it that smtp-server decodes to nothing:
  * `b@a.xn--` reaches relayq as `b@a.`), starts or ends with '-' (as written: an internationalized
- * one too), or is over 63 octets in ASCII; or IDNA refuses it. An
- * `xn--` label is checked in any case: smtp-server decodes only lower-case ones, and
- * `XN--A-ECP` is as invalid as `xn--a-ecp`.
+ * one too), or is over 63 octets in ASCII; or IDNA refuses it. An `xn--` label is checked in
+ * any case: smtp-server decodes only lower-case ones, and `XN--A-ECP` is as invalid as `xn--a-ecp`.
  */
 function asciiDomain(domain: string): string | undefined {
   const ascii = isAscii(domain) && !/(^|\.)xn--/i.test(domain) ? domain : domainToASCII(domain);
