@@ -1019,10 +1019,9 @@ test("the package's bin runs as a command of its own (what npm link puts on the 
   assert.equal(out.trim(), pkg.version);
 });
 
-test('retry and delete of more ids than one write takes go in steps; a write lock taken between two ends delete there, after it has said what it did', async () => {
+test('retry and delete of more ids than one write takes go in steps; a step that fails ends them there, after they have said what the steps before did', async () => {
   const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
   const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
-  let locker: ReturnType<typeof openConnection> | undefined;
   try {
     const ids = await writeDirect(relay, (db) => {
       const made = Array.from({ length: 4 * ADMIN_STEP }, (_, i) => `BULK${String(i).padStart(16, '0')}`);
@@ -1035,12 +1034,32 @@ test('retry and delete of more ids than one write takes go in steps; a write loc
     fs.mkdirSync(path.dirname(failedExportPath(relay.config.emailsDir, ids[0])), { recursive: true });
     for (const id of ids) fs.writeFileSync(failedExportPath(relay.config.emailsDir, id), '{}');
     const state = (id: string) => relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(id);
+    const stored = () => relay.store.sqlite.prepare('SELECT count(*) FROM messages').pluck().get() as number;
+    // the third step's write fails, as one that meets a full disk would
+    const third = ids[2 * ADMIN_STEP];
+    const failThirdStep = (action: 'UPDATE' | 'DELETE', row: 'NEW' | 'OLD') =>
+      writeDirect(relay, (db) =>
+        db.exec(`DROP TRIGGER IF EXISTS fail_third_step; CREATE TRIGGER fail_third_step BEFORE ${action} ON messages WHEN ${row}.id = '${third}' BEGIN
+          SELECT RAISE(ABORT, 'no room left'); END`),
+      );
+    const stoppedThere = (done: string) =>
+      new RegExp(`^relayq: no room left; stopped at ${third}: it and the ids after it were not ${done} \\(what was done before it is listed above\\)$`, 'm');
 
+    await failThirdStep('UPDATE', 'NEW');
+    const stopped = await runCli(['--json', 'retry', ...ids], { env });
+    assert.equal(stopped.code, 1);
+    assert.match(stopped.stderr, stoppedThere('retried'));
+    assert.deepEqual(
+      (JSON.parse(stopped.stdout) as { results: unknown[] }).results,
+      ids.slice(0, 2 * ADMIN_STEP).map((id, i) => ({ id, result: i === 7 ? 'delivered' : 'requeued' })),
+    );
+    assert.deepEqual([state(ids[2 * ADMIN_STEP - 1]), state(third)], ['queued', 'failed']);
+    await writeDirect(relay, (db) => db.exec('DROP TRIGGER fail_third_step'));
     const retried = await runCli(['--json', 'retry', ...ids], { env });
     assert.equal(retried.code, 1, retried.stderr);
     assert.deepEqual(
       (JSON.parse(retried.stdout) as { results: unknown[] }).results,
-      ids.map((id, i) => ({ id, result: i === 7 ? 'delivered' : 'requeued' })),
+      ids.map((id, i) => ({ id, result: i === 7 ? 'delivered' : i < 2 * ADMIN_STEP ? 'due-now' : 'requeued' })),
     );
     assert.deepEqual([...new Set(ids.filter((_, i) => i !== 7).map(state))], ['queued']);
 
@@ -1049,35 +1068,24 @@ test('retry and delete of more ids than one write takes go in steps; a write loc
       db.exec(`CREATE TRIGGER claim_meanwhile AFTER DELETE ON messages WHEN OLD.id = '${ids[0]}' BEGIN
         UPDATE messages SET state = 'sending', lease_expires_at = ${Date.now() + 3600_000} WHERE id = '${ids[5]}'; END`),
     );
-    const stored = () => relay.store.sqlite.prepare('SELECT count(*) FROM messages').pluck().get() as number;
-    const deleting = runCli(['--json', 'delete', ...ids], { env, timeoutMs: 60_000 });
-    await waitFor(() => stored() < ids.length, 30_000, 'the first step of the delete committed');
-    // the next step waits for the lock past the busy timeout
-    locker = openConnection(relay.config.databasePath);
-    locker.exec('BEGIN IMMEDIATE');
-    const r = await deleting;
-    locker.exec('ROLLBACK');
+    await failThirdStep('DELETE', 'OLD');
+    const r = await runCli(['--json', 'delete', ...ids], { env });
     assert.equal(r.code, 1);
-    const next = /^relayq: database is locked; stopped at (\S+): it and the ids after it were not deleted \(what was done before it is listed above\)$/m.exec(r.stderr)?.[1];
-    assert.ok(next, r.stderr);
-    const done = ids.indexOf(next);
-    assert.ok(done > 0 && done < ids.length && done % ADMIN_STEP === 0, `stopped between two steps: ${done}`);
+    assert.match(r.stderr, stoppedThere('deleted'));
     // what the steps before did, as the command says at its end: all deleted but the one claimed
     const said = JSON.parse(r.stdout) as { deleted: string[]; warnings: string[] };
-    assert.deepEqual(said.deleted, ids.slice(0, done).filter((id) => id !== ids[5]));
+    assert.deepEqual(said.deleted, ids.slice(0, 2 * ADMIN_STEP).filter((id) => id !== ids[5]));
     assert.deepEqual(said.warnings, [`message ${ids[5]}: ${HELD}; not deleted, try again later`]);
     assert.match(r.stderr, new RegExp(`^relayq: warning: message ${ids[5]}: a delivery worker holds it`, 'm'));
-    assert.equal(stored(), ids.length - done + 1);
-    assert.deepEqual([state(ids[5]), state(ids[done - 1]), state(ids[done])], ['sending', undefined, 'queued']);
+    assert.equal(stored(), ids.length - 2 * ADMIN_STEP + 1);
+    assert.deepEqual([state(ids[5]), state(ids[2 * ADMIN_STEP - 1]), state(third)], ['sending', undefined, 'queued']);
     // the exports of the messages deleted went with them; the others stay
     const exported = (id: string) => fs.existsSync(failedExportPath(relay.config.emailsDir, id));
     assert.deepEqual(
       ids.filter(exported),
-      ids.filter((id, i) => i >= done || id === ids[5]),
+      ids.filter((id, i) => i >= 2 * ADMIN_STEP || id === ids[5]),
     );
   } finally {
-    if (locker?.inTransaction) locker.exec('ROLLBACK');
-    locker?.close();
     await relay.stop();
   }
 });
