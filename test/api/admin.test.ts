@@ -640,6 +640,14 @@ describe('admin: retry and delete one message', () => {
       assert.equal(await at((db) => retryMessage(db, retried, leaseEnds - 1, 0)), 'held');
       assert.equal(await at((db) => deleteMessage(db, deleted, leaseEnds - 1)), 'held');
       assert.equal(await at((db) => retryMessage(db, retried, leaseEnds, 0)), 'due-now', 'claimable again: the delivery engine takes it back');
+      // and left as it is for the engine to take back: a process that is not the engine cannot
+      // tell whether an attempt still holds it (one committing its outcome late), and clearing
+      // the claim would let the message be sent twice
+      assert.deepEqual(relay.store.sqlite.prepare('SELECT state, lease_token, lease_expires_at FROM messages WHERE id = ?').get(retried), {
+        state: 'sending',
+        lease_token: 'stopped',
+        lease_expires_at: leaseEnds,
+      });
       assert.equal(await at((db) => deleteMessage(db, deleted, leaseEnds)), 'deleted');
       assert.equal(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(deleted), undefined);
     } finally {

@@ -52,6 +52,8 @@ export interface ScriptedUpstream {
   comeBack(): Promise<void>;
   /** Open client connections right now. */
   connections(): number;
+  /** Says `421 Timeout - closing connection` on every open connection and closes it, as smtp-server's idle timeout does. */
+  timeOutConnections(): void;
   close(): Promise<void>;
 }
 
@@ -74,6 +76,9 @@ export async function startScriptedUpstream(options: Partial<SMTPServerOptions> 
     },
     close: () => closeServer(server),
     connections: () => server.connections.size,
+    timeOutConnections: () => {
+      for (const connection of server.connections) (connection as unknown as { send(code: number, text: string): void }).send(421, 'Timeout - closing connection');
+    },
   };
   const create = () => {
     const created = new SMTPServer({

@@ -152,6 +152,20 @@ describe('rate limits', () => {
   });
 });
 
+/**
+ * Two sessions of one sender pass MAIL FROM before either sends its message; the first's is
+ * stored. Resolves with the second's reply to its final dot.
+ */
+async function secondAfterFirst(port: number): Promise<string> {
+  const [first, second] = await Promise.all([openSession(port), openSession(port)]);
+  assert.match(await first.send('DATA'), /^354/);
+  assert.match(await first.send('Subject: one\r\n\r\nbody\r\n.'), /^250 /);
+  assert.match(await second.send('DATA'), /^354/);
+  const reply = await second.send('Subject: two\r\n\r\nbody\r\n.');
+  for (const c of [first, second]) c.close();
+  return reply;
+}
+
 describe('backpressure', () => {
   test('queueSize 5 and 20 sessions that all passed MAIL FROM before any message was stored: exactly 5 stored, the rest 452 4.3.1 after DATA', async () => {
     const relay = await startTestRelay({ queueSize: 5 }, { startDelivery: false });
@@ -172,18 +186,27 @@ describe('backpressure', () => {
     const log = capturedLog('info');
     const relay = await startTestRelay({ queueSize: 1, ...limits({ maxPerHour: 1 }) }, { startDelivery: false, clock: new ManualClock(), logger: log.logger });
     try {
-      const [first, second] = await Promise.all([openSession(relay.smtpPort), openSession(relay.smtpPort)]);
-      assert.match(await first.send('DATA'), /^354/);
-      assert.match(await first.send('Subject: one\r\n\r\nbody\r\n.'), /^250 /);
-      assert.match(await second.send('DATA'), /^354/);
-      assert.match(await second.send('Subject: two\r\n\r\nbody\r\n.'), /^452 4\.3\.1 /);
-      for (const c of [first, second]) c.close();
+      assert.match(await secondAfterFirst(relay.smtpPort), /^452 4\.3\.1 /);
       assert.match(await mailFrom(relay.smtpPort, 'sender@example.com'), /^452 4\.3\.1 /);
       // the refusal after DATA names the message it refused, as the other refusals there do; the one at MAIL has none yet
       const full = log.entries().filter((e) => e.event === 'smtp.queue_full');
       assert.equal(full.length, 2);
       assert.match(String(full[0].queueId), /^[0-9A-F]{20}$/);
       assert.equal(full[1].queueId, undefined);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('a rate limit that another session reached while this one sent its message refuses it after DATA, naming its queueId', async () => {
+    const log = capturedLog('info');
+    const relay = await startTestRelay(limits({ maxPerHour: 1 }), { startDelivery: false, clock: new ManualClock(), logger: log.logger });
+    try {
+      assert.match(await secondAfterFirst(relay.smtpPort), /^451 4\.7\.1 /);
+      const limited = log.entries().filter((e) => e.event === 'smtp.rate_limited');
+      assert.equal(limited.length, 1);
+      assert.match(String(limited[0].queueId), /^[0-9A-F]{20}$/);
+      assert.equal(messageCount(relay), 1);
     } finally {
       await relay.stop();
     }
@@ -284,6 +307,18 @@ describe('backpressure', () => {
       assert.match(await c.send('RSET'), /^250 /);
       assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
       c.close();
+      // each MAIL FROM is weighed on its own, as Postfix weighs SIZE against queue_minfree: three
+      // sessions that declared 100 MB each and then wait do not refuse a fourth (with the sizes
+      // counted together, idle sessions could refuse every client that declares one)
+      const sessions = [];
+      for (let i = 0; i < 4; i++) {
+        const s = await SmtpClient.connect(relay.smtpPort);
+        await s.read();
+        await s.send('EHLO disk.test');
+        assert.match(await s.send(`MAIL FROM:<s${i}@example.com> SIZE=${100 * 2 ** 20}`), /^250 /, `session ${i}`);
+        sessions.push(s);
+      }
+      for (const s of sessions) s.close();
     } finally {
       await relay.stop();
     }
