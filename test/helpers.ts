@@ -15,7 +15,7 @@ import type { Clock } from '../src/clock.js';
 import { defaultConfig, type Config } from '../src/config/schema.js';
 import { type Relay, type RelayOptions, startRelay } from '../src/main.js';
 import { BUSY_TIMEOUT_MS, openConnection } from '../src/store/db.js';
-import type { IntakePolicy, NewMessage } from '../src/store/intake.js';
+import { type IntakePolicy, insertMessage, type NewMessage } from '../src/store/intake.js';
 
 /** Absolute paths, so child processes work from any working directory. */
 export const REPO_ROOT = path.resolve(import.meta.dirname, '..');
@@ -462,6 +462,24 @@ export async function spawnRelay(dir: string, flags: string[] = [], env: NodeJS.
 export async function writeDirect<T>(relay: Relay, fn: (db: Relay['store']['sqlite']) => T): Promise<T> {
   const db = relay.store.sqlite;
   return db.transaction(() => fn(db)).immediate();
+}
+
+/**
+ * `count` messages written straight into the relay's database, failed or queued (waiting out an
+ * hour's backoff); their ids in order.
+ */
+export function insertMessages(relay: Relay, count: number, state: 'failed' | 'queued'): Promise<string[]> {
+  return writeDirect(relay, (db) => {
+    const made: string[] = [];
+    for (let i = 0; i < count; i++) {
+      const id = `${state.toUpperCase()}${String(i).padStart(14, '0')}`;
+      insertMessage(db, newMessage({ id, raw: Buffer.from('x'), receivedAt: 1000 + i }), NO_LIMITS);
+      made.push(id);
+    }
+    if (state === 'failed') db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at WHERE id LIKE 'FAILED%'").run();
+    else db.prepare("UPDATE messages SET next_attempt_at = ? WHERE id LIKE 'QUEUED%'").run(Date.now() + 3600_000);
+    return made;
+  });
 }
 
 /**

@@ -5,10 +5,9 @@ import Database from 'better-sqlite3';
 import { ManualClock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { ADMIN_STEP, deleteMessage, flushQueued, type RequeueStep, requeueFailed, requeueFailedInSteps, retryMessage } from '../../src/store/admin.js';
-import { insertMessage } from '../../src/store/intake.js';
 import { listMessages, messageRaw, pageSql } from '../../src/store/queries.js';
 import type { MessageState } from '../../src/store/schema.js';
-import { capturedLog, holdWriteLock, NO_LIMITS, newMessage, openSession, sendMail, startHoldingUpstream, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, holdWriteLock, insertMessages, openSession, sendMail, startHoldingUpstream, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
 import { call, postJson, queueIdOf, upstreamOutage } from './fixtures.js';
 
 interface MessageJson {
@@ -974,24 +973,6 @@ test('a client that closes the connection in the middle of its request body is l
     await relay.stop();
   }
 });
-
-/**
- * `count` messages written straight into the relay's database, failed or queued (waiting out an
- * hour's backoff); their ids in order.
- */
-function insertMessages(relay: Relay, count: number, state: 'failed' | 'queued'): Promise<string[]> {
-  return writeDirect(relay, (db) => {
-    const made: string[] = [];
-    for (let i = 0; i < count; i++) {
-      const id = `${state.toUpperCase()}${String(i).padStart(14, '0')}`;
-      insertMessage(db, newMessage({ id, raw: Buffer.from('x'), receivedAt: 1000 + i }), NO_LIMITS);
-      made.push(id);
-    }
-    if (state === 'failed') db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at WHERE id LIKE 'FAILED%'").run();
-    else db.prepare("UPDATE messages SET next_attempt_at = ? WHERE id LIKE 'QUEUED%'").run(Date.now() + 3600_000);
-    return made;
-  });
-}
 
 /**
  * From the second step of a command on many messages, the relay's write meets a write lock that

@@ -11,7 +11,7 @@ import { openConnection, openStore } from '../../src/store/db.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { startScriptedUpstream } from '../delivery/fixtures.js';
-import { cliArgs, NO_LIMITS, newMessage, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable, writeDirect } from '../helpers.js';
+import { cliArgs, insertMessages, NO_LIMITS, newMessage, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable, writeDirect } from '../helpers.js';
 import { CLI_CWD, cleanEnv, REPO_ROOT, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 const queuedId = (response: string) => {
@@ -1023,14 +1023,9 @@ test('retry and delete of more ids than one write takes go in steps; a step that
   const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
   const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
   try {
-    const ids = await writeDirect(relay, (db) => {
-      const made = Array.from({ length: 4 * ADMIN_STEP }, (_, i) => `BULK${String(i).padStart(16, '0')}`);
-      for (const [i, id] of made.entries()) insertMessage(db, newMessage({ id, raw: Buffer.from('x'), receivedAt: 1000 + i }), NO_LIMITS);
-      db.prepare("UPDATE messages SET state = 'failed', finished_at = received_at").run();
-      // one delivered meanwhile, which retry leaves (exit 1)
-      db.prepare("UPDATE messages SET state = 'delivered' WHERE id = ?").run(made[7]);
-      return made;
-    });
+    const ids = await insertMessages(relay, 4 * ADMIN_STEP, 'failed');
+    // one delivered meanwhile, which retry leaves (exit 1)
+    await writeDirect(relay, (db) => db.prepare("UPDATE messages SET state = 'delivered' WHERE id = ?").run(ids[7]));
     fs.mkdirSync(path.dirname(failedExportPath(relay.config.emailsDir, ids[0])), { recursive: true });
     for (const id of ids) fs.writeFileSync(failedExportPath(relay.config.emailsDir, id), '{}');
     const state = (id: string) => relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(id);
