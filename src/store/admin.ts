@@ -29,7 +29,7 @@ export const ADMIN_STEP = 500;
  * requeued.
  */
 export function requeueFailedInSteps(reader: Sqlite, filter: RequeueFilter, write: (step: RequeueStep) => Promise<number>): Promise<number> {
-  const pages = filter.ids === undefined ? failedIdPages(reader, filter.since) : idSlices([...new Set(filter.ids)]);
+  const pages = filter.ids === undefined ? failedIdPages(reader, filter) : idSlices([...new Set(filter.ids)]);
   const done = (n: number) => `${count(n, 'failed message')} ${n === 1 ? 'was' : 'were'} requeued before that and stay requeued`;
   return writeInSteps(pages, (ids) => write({ ...filter, ids }), done);
 }
@@ -61,14 +61,18 @@ export function* idSlices(ids: string[]): Generator<string[]> {
   for (let i = 0; i < ids.length; i += ADMIN_STEP) yield ids.slice(i, i + ADMIN_STEP);
 }
 
-/** The failed messages finished at or after `since`, each once, a page read as the previous one is written. */
-function* failedIdPages(reader: Sqlite, since = Number.NEGATIVE_INFINITY): Generator<string[]> {
+/**
+ * The failed messages finished at or after `since` (from `sender`, when given), each once, a page
+ * read as the previous one is written.
+ */
+function* failedIdPages(reader: Sqlite, { since = Number.NEGATIVE_INFINITY, sender }: RequeueFilter): Generator<string[]> {
+  const senderKey = sender === undefined ? undefined : senderFilterKey(sender);
   let cursor: FailedScanCursor | null = { finishedAt: since, id: '' };
   // A message requeued by an early step that fails again before the walk ends has a later finish
   // time, so a later page meets it again: it is requeued once per call, not once per meeting.
   const seen = new Set<string>();
   while (cursor) {
-    const page = failedPage(reader, { cursor, limit: ADMIN_STEP });
+    const page = failedPage(reader, { cursor, limit: ADMIN_STEP, senderKey });
     const ids = page.messages.map((m) => m.id).filter((id) => !seen.has(id));
     for (const id of ids) seen.add(id);
     yield ids;

@@ -508,6 +508,7 @@ export const FAILED_SCAN_SQL = `SELECT id, finishedAt,
   EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.status = 'failed' AND r.temporary = 1) AS temporary
 FROM (SELECT id, finished_at AS finishedAt FROM messages
       WHERE state = 'failed' AND finished_at >= @after AND finished_at <= @before AND (finished_at > @after OR id > @id)
+        AND (@senderKey IS NULL OR sender_key = @senderKey)
       ORDER BY finished_at, id LIMIT CAST(@limit AS INTEGER)) AS m`;
 
 /**
@@ -516,14 +517,15 @@ FROM (SELECT id, finished_at AS finishedAt FROM messages
  * messages_finished index, each with whether a recipient's last failure was temporary. A step
  * costs the same however much failed mail the store holds; `next` is where the following step
  * starts (null: done). failedRetryInterval, the requeue of failed mail and the export check
- * after a start all walk this way.
+ * after a start all walk this way. With `senderKey`, a page holds only that sender's mail (the
+ * walk still reads all failed mail, through the same index, but writes only theirs).
  */
 export function failedPage(
   sqlite: Sqlite,
-  options: { cursor: FailedScanCursor; finishedBefore?: number; limit: number },
+  options: { cursor: FailedScanCursor; finishedBefore?: number; limit: number; senderKey?: string },
 ): { messages: Array<{ id: string; finishedAt: number; temporary: boolean }>; next: FailedScanCursor | null } {
-  const { cursor, finishedBefore = Number.POSITIVE_INFINITY, limit } = options;
-  const rows = prepared(sqlite, FAILED_SCAN_SQL).all({ after: cursor.finishedAt, id: cursor.id, before: finishedBefore, limit }) as Array<{ id: string; finishedAt: number; temporary: number }>;
+  const { cursor, finishedBefore = Number.POSITIVE_INFINITY, limit, senderKey = null } = options;
+  const rows = prepared(sqlite, FAILED_SCAN_SQL).all({ after: cursor.finishedAt, id: cursor.id, before: finishedBefore, limit, senderKey }) as Array<{ id: string; finishedAt: number; temporary: number }>;
   const last = rows[rows.length - 1];
   return {
     messages: rows.map((r) => ({ id: r.id, finishedAt: r.finishedAt, temporary: r.temporary === 1 })),

@@ -843,7 +843,8 @@ test('retry-failed requeues any number of failed messages in writes of at most 5
     // odd senders finished at 1100 or later: i odd with i % 700 >= 100, 300 + 250 of them
     const some = await call(relay, '/admin/retry-failed', postJson({ sender: 'ODD@example.com', since: 1100 }));
     assert.deepEqual(some.body, { requeued: 550 });
-    assert.deepEqual(steps, [500, 500, 100], 'the 1,100 failed messages finished since 1100, in steps');
+    // only theirs are written: not a step for each page of everyone's failed mail
+    assert.deepEqual(steps, [500, 50], 'the 550 failed messages of odd senders finished since 1100, in steps');
     steps.length = 0;
     const rest = await call(relay, '/admin/retry-failed', { method: 'POST' });
     assert.deepEqual(rest.body, { requeued: 750 });
