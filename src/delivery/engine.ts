@@ -494,7 +494,8 @@ export class DeliveryEngine {
       this.log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
       return;
     }
-    this.log.info(
+    // relayq's own login failed (a wrong forwardPassword): a setting to fix, as Postfix warns of a SASL failure
+    this.log[result.loginFault ? 'warn' : 'info'](
       {
         ...line,
         // continueOnError=false: the recipients of the message's other batches, failed with it

@@ -27,6 +27,11 @@ export interface BatchResult {
   permanentFailure: boolean;
   /** A 5xx to MAIL FROM or DATA, or an error before any RCPT: refused as a whole, not recipient by recipient. */
   refusedWhole: boolean;
+  /**
+   * relayq did not log in: the upstream refused forwardUsername/forwardPassword, offered no AUTH,
+   * or no TLS to send them over. Its settings need fixing, not the mail.
+   */
+  loginFault?: boolean;
 }
 
 /**
@@ -193,7 +198,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
     });
     return { upstream, code, reply: response, recipients, permanentFailure: false, refusedWhole: false };
   }
-  const error = outcome.error as { rejectedErrors?: NodemailerInfo['rejectedErrors'] };
+  const error = outcome.error as { rejectedErrors?: NodemailerInfo['rejectedErrors']; loginFault?: unknown };
   const whole = classifyUpstreamError(outcome.error);
   const perRecipient = rcptRefusals(error?.rejectedErrors);
   const recipients = rcpts.map((key): RecipientResult => {
@@ -205,7 +210,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
   const rest = rcpts.filter((key) => !perRecipient.has(key));
   const refusedWhole = rest.length > 0 && !whole.temporary;
   const permanentFailure = refusedWhole || (rest.length === 0 && recipients.length > 0 && recipients.every((r) => r.verdict === 'failed'));
-  return { upstream, code: whole.code, reply: whole.reply, recipients, permanentFailure, refusedWhole };
+  return { upstream, code: whole.code, reply: whole.reply, recipients, permanentFailure, refusedWhole, ...(error?.loginFault === true ? { loginFault: true } : {}) };
 }
 
 /** The same verdict for every recipient: local delivery, or an error before any RCPT. */

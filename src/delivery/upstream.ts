@@ -606,10 +606,10 @@ export class SmtpUpstream {
         // stripped it offers neither, and the fault is the missing TLS, not the credentials.
         const socket = (connection as unknown as { _socket?: { remoteAddress?: string } })._socket;
         if (!connection.secure && !isLoopback(this.peerAddress(socket?.remoteAddress ?? ''))) {
-          return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS' }));
+          return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS', loginFault: true }));
         }
-        if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH' }));
-        connection.login(this.auth, (loginErr) => settle(loginErr ?? undefined));
+        if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH', loginFault: true }));
+        connection.login(this.auth, (loginErr) => settle(loginErr ? Object.assign(loginErr, { loginFault: true }) : undefined));
       });
     });
   }

@@ -6,7 +6,7 @@ import { ManualClock } from '../../src/clock.js';
 import { type DeliveryDeps, DeliveryEngine } from '../../src/delivery/engine.js';
 import { connectionOptions } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
-import { holdWriteLock, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, holdWriteLock, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
 /** A second engine on a test relay's store, silent and without jitter, with the given extra dependencies. */
@@ -28,11 +28,11 @@ describe('upstream connection: TLS and AUTH', () => {
     for (const c of cleanup.reverse()) await c();
   });
 
-  async function relayFor(port: number, overrides: Parameters<typeof startTestRelay>[0] = {}) {
+  async function relayFor(port: number, overrides: Parameters<typeof startTestRelay>[0] = {}, logger?: pino.Logger) {
     const clock = new ManualClock();
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, ...overrides },
-      { clock, startDelivery: false, random: NO_JITTER },
+      { clock, startDelivery: false, random: NO_JITTER, logger },
     );
     cleanup.push(() => relay.stop());
     const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw: 'Subject: tls\r\n\r\nbody\r\n' })).response);
@@ -158,20 +158,33 @@ describe('upstream connection: TLS and AUTH', () => {
     });
     cleanup.push(() => upstream.close());
 
-    const wrong = await relayFor(upstream.port, { forwardUsername: 'relay', forwardPassword: 'wrong' });
+    const wrongLog = capturedLog();
+    const wrong = await relayFor(upstream.port, { forwardUsername: 'relay', forwardPassword: 'wrong' }, wrongLog.logger);
     await wrong.relay.delivery.runOnce();
     const [r] = recipients(wrong.relay, wrong.id);
     assert.equal(r.status, 'pending', 'a bad password is a configuration problem, not the message’s');
     assert.equal(r.last_code, 535);
     assert.equal(attempts(wrong.relay, wrong.id)[0].outcome, 'deferred');
+    // a setting to fix: the attempt's line is a warning, as Postfix warns of a SASL failure
+    assert.deepEqual(attemptLines(wrongLog), [[40, 'deferred', 535]]);
 
-    const right = await relayFor(upstream.port, { forwardUsername: 'relay', forwardPassword: 's3cret' });
+    const rightLog = capturedLog();
+    const right = await relayFor(upstream.port, { forwardUsername: 'relay', forwardPassword: 's3cret' }, rightLog.logger);
     await right.relay.delivery.runOnce();
     assert.equal(message(right.relay, right.id).state, 'delivered');
+    assert.deepEqual(attemptLines(rightLog), [[30, 'delivered', 250]]);
     assert.equal(upstream.accepted.length, 1);
     assert.equal(upstream.accepted[0].user, 'relay');
   });
 });
+
+/** Each delivery.attempt line's level, outcome and code. */
+function attemptLines(log: ReturnType<typeof capturedLog>): unknown[][] {
+  return log
+    .entries()
+    .filter((e) => e.event === 'delivery.attempt')
+    .map((e) => [e.level, e.outcome, e.code]);
+}
 
 describe('upstream AUTH and plain text', () => {
   const cleanup: Array<() => Promise<unknown>> = [];
@@ -196,11 +209,11 @@ describe('upstream AUTH and plain text', () => {
     return { upstream, logins };
   }
 
-  async function relayWithCredentials(port: number) {
+  async function relayWithCredentials(port: number, logger?: pino.Logger) {
     const clock = new ManualClock();
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, forwardUsername: 'relay', forwardPassword: 's3cret' },
-      { clock, startDelivery: false, random: NO_JITTER },
+      { clock, startDelivery: false, random: NO_JITTER, logger },
     );
     cleanup.push(() => relay.stop());
     const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
@@ -210,7 +223,8 @@ describe('upstream AUTH and plain text', () => {
   test('an upstream elsewhere that offers no STARTTLS never gets the password: the mail is deferred, saying why', async () => {
     const { upstream, logins } = await authUpstream(false);
     const { clock, relay, id } = await relayWithCredentials(upstream.port);
-    const engine = engineOn(relay, clock, { upstreamAddress: () => '192.0.2.25' });
+    const log = capturedLog();
+    const engine = engineOn(relay, clock, { upstreamAddress: () => '192.0.2.25', logger: log.logger });
     cleanup.push(() => engine.stop(0));
     await engine.runOnce();
     assert.deepEqual(logins, [], 'no AUTH was tried');
@@ -219,13 +233,15 @@ describe('upstream AUTH and plain text', () => {
     assert.equal(r.status, 'pending');
     assert.equal(r.temporary, 1);
     assert.match(r.last_reply!, /not sent in plain text/);
+    assert.deepEqual(attemptLines(log), [[40, 'deferred', null]]);
   });
 
   test('an upstream that offers no AUTH while credentials are set gets nothing: the mail is deferred, saying why', async () => {
     // e.g. forwardPort pointing at an MX's port 25, which would refuse relaying with a 554
     const upstream = await startScriptedUpstream({ disabledCommands: ['AUTH', 'STARTTLS'] });
     cleanup.push(() => upstream.close());
-    const { relay, id } = await relayWithCredentials(upstream.port);
+    const log = capturedLog();
+    const { relay, id } = await relayWithCredentials(upstream.port, log.logger);
     await relay.delivery.runOnce();
     assert.equal(upstream.accepted.length, 0);
     const [r] = recipients(relay, id);
@@ -233,6 +249,7 @@ describe('upstream AUTH and plain text', () => {
     assert.equal(r.temporary, 1);
     assert.match(r.last_reply!, /forwardUsername is set but the upstream offered no AUTH/);
     assert.equal(attempts(relay, id)[0].outcome, 'deferred');
+    assert.deepEqual(attemptLines(log), [[40, 'deferred', null]]);
   });
 
   test('an upstream elsewhere that offers neither STARTTLS nor AUTH (a submission server with STARTTLS stripped) is deferred for the missing TLS', async () => {
