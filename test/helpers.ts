@@ -350,12 +350,13 @@ export async function startHoldingUpstream(refusal: () => Error | undefined = ()
 /**
  * A port on 127.0.0.1 with nothing listening on it (connection refused), that a test may listen
  * on later, e.g. an upstream that comes back after an outage. It is taken below the range the
- * system hands out for port 0 (32768 and up on Linux, 49152 and up elsewhere), so that no other
- * test's listener is given it in between.
+ * system hands out for port 0 (on Linux `ip_local_port_range`, 32768 and up by default; 49152
+ * and up elsewhere), so that no other test's listener is given it in between.
  */
 export async function closedPort(): Promise<number> {
+  const [low, high] = belowEphemeralPorts();
   for (let tries = 0; tries < 100; tries++) {
-    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    const port = low + Math.floor(Math.random() * (high - low));
     const server = net.createServer();
     const bound = await new Promise<boolean>((resolve) => {
       server.once('error', () => resolve(false));
@@ -365,7 +366,19 @@ export async function closedPort(): Promise<number> {
     await new Promise<void>((resolve) => server.close(() => resolve()));
     return port;
   }
-  throw new Error('no free port between 20000 and 32000');
+  throw new Error(`no free port between ${low} and ${high}`);
+}
+
+/** Up to 12,000 ports below the first one the system hands out for port 0, and not below 1024. */
+function belowEphemeralPorts(): [number, number] {
+  let first = 32_768;
+  try {
+    first = Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || first;
+  } catch {
+    // not Linux: 49152 and up, so below 32768 is below it too
+  }
+  if (first <= 2048) throw new Error(`the system hands out ports from ${first} up for port 0: no room below for a port that stays closed`);
+  return [Math.max(1024, first - 12_000), first];
 }
 
 /**
