@@ -3,6 +3,7 @@
 // Widths are terminal columns, not string lengths: an address may be internationalized
 // (SMTPUTF8), and a CJK character or an emoji takes two columns, a combining accent none.
 import stringWidth from 'string-width';
+import { TERMINAL_UNSAFE } from '../terminal-unsafe.js';
 
 export interface Column<Row> {
   header: string;
@@ -33,13 +34,12 @@ export function formatFields(fields: ReadonlyArray<[string, string | number | nu
   return fields.map(([k, v]) => `${`${k}:`.padEnd(width + 1)} ${cell(v)}`.trimEnd()).join('\n');
 }
 
-const UNPRINTABLE = /[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+const UNPRINTABLE = new RegExp(`[\\x00-\\x1f${TERMINAL_UNSAFE}]`, 'g');
 
 function cell(value: string | number | null | undefined, max?: number): string {
   if (value === null || value === undefined || value === '') return '-';
   // Control characters from mail (a reply text, an address) must not break the layout or reach
-  // the terminal: C0, DEL, C1 (U+009B is a CSI) and the bidirectional overrides and isolates,
-  // which would show an address or a reply reversed.
+  // the terminal: C0 and TERMINAL_UNSAFE.
   const text = String(value).replace(/[\r\n\t]+/g, ' ').replace(UNPRINTABLE, '?');
   return max && stringWidth(text) > max ? `${cut(text, max - 1)}…` : text;
 }

@@ -5,6 +5,7 @@ import path from 'node:path';
 import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
+import { createLogger } from '../../src/logger.js';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 
@@ -182,6 +183,36 @@ describe('intake log', () => {
       assert.ok(lines.filter((l) => l.event === 'smtp.connection_lost').length > 0);
       const sessions = lines.filter((l) => l.event === 'smtp.session');
       assert.deepEqual(new Set(sessions.map(({ refused, replies }) => [refused, replies].join())), new Set(['0,']));
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test("what a terminal would act on, in a subject, an address or a HELO name, is a JSON escape in the log's line", async () => {
+    const log = capturedLog('info', createLogger);
+    const relay = await startTestRelay({}, { startDelivery: false, logger: log.logger });
+    try {
+      const helo = 'client\u202eelpmaxe.test';
+      const from = 'evil\u202emoc.elpmaxe@example.com';
+      const subject = 'Invoice \u009b2J\u009b31mPAID\u009b0m \u2066x\u2069';
+      const client = await SmtpClient.connect(relay.smtpPort);
+      await client.read();
+      assert.match(await client.send(`EHLO ${helo}`), /^250/);
+      assert.match(await client.send(`MAIL FROM:<${from}> SMTPUTF8`), /^250 /);
+      assert.match(await client.send('RCPT TO:<rcpt@example.com>'), /^250 /);
+      assert.match(await client.send('DATA'), /^354 /);
+      assert.match(await client.send(`Subject: ${subject}\r\n\r\nbody\r\n.`), /^250 /);
+      await client.send('QUIT');
+      await waitFor(() => log.entries().some((l) => l.event === 'smtp.session'), 10_000, 'the session logged');
+      const unsafe = /[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/;
+      assert.deepEqual(log.lines.filter((line) => unsafe.test(line)), []);
+      const accepted = log.lines.find((line) => line.includes('"smtp.accepted"')) ?? '';
+      assert.ok(accepted.includes('Invoice \\u009b2J'), accepted);
+      // the same values to a JSON reader
+      const entries = log.entries();
+      const entry = entries.find((l) => l.event === 'smtp.accepted');
+      assert.deepEqual([entry?.from, entry?.subject], [from, subject]);
+      assert.equal(entries.find((l) => l.event === 'smtp.session')?.helo, helo);
     } finally {
       await relay.stop();
     }
