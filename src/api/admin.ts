@@ -12,7 +12,7 @@ import { removeFailedExport } from '../delivery/failed-export.js';
 import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
 import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, StoppedPartWay } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
-import { BadFilter, listMessages, messageDetail, messageRaw } from '../store/queries.js';
+import { addressFilterProblem, BadFilter, listMessages, messageDetail, messageRaw } from '../store/queries.js';
 import { isMessageState, MESSAGE_STATES } from '../store/schema.js';
 import { type ApiDeps, type ApiEnv, onlyQueries, singleQuery } from './context.js';
 
@@ -57,6 +57,8 @@ function parseTime(name: string, value: unknown): number {
 function parseSender(value: unknown): string {
   if (typeof value !== 'string') throw badRequest('sender must be a string (an envelope sender address, "<>" or "" for the null sender)');
   if (value.length > MAX_ADDRESS_LENGTH) throw badRequest(`sender must be at most ${MAX_ADDRESS_LENGTH} characters: no envelope sender is longer`);
+  const problem = addressFilterProblem('sender', value);
+  if (problem) throw badRequest(problem);
   return value;
 }
 

@@ -8,6 +8,7 @@ import { systemClock } from '../clock.js';
 import { count } from '../count.js';
 import { flushQueued, flushQueuedInSteps, HELD, holdOf, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
+import { addressFilterProblem } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter, writeEachInSteps, writeStep } from './context.js';
 import { formatTable } from './table.js';
 
@@ -27,6 +28,8 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   if (!options.failed && !options.queued && ids.length === 0) {
     throw new CliError('give one or more message ids, --failed to requeue every failed message, or --queued to make every queued one due now');
   }
+  const problem = addressFilterProblem('sender', options.sender);
+  if (problem) throw new CliError(`--${problem}`);
   const config = loadCliConfig(global, process.env);
 
   if (options.queued) {

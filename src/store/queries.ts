@@ -261,13 +261,23 @@ function parseCursor(sqlite: Sqlite, before: string): Cursor {
   return { receivedAt: row.received_at, id };
 }
 
+/**
+ * Why an address filter can match no message (`sender: an address has no space`), or undefined:
+ * relayq takes no quoted local part, so no stored address has a space, and a filter with one
+ * (`App Team <app@example.com>`, pasted from a From: line) is a mistake to point out, not a
+ * search that finds nothing. The listings, retry-failed and retry-queued all refuse it.
+ */
+export function addressFilterProblem(name: 'sender' | 'recipient', value: string | undefined): string | undefined {
+  return value?.includes(' ') ? `${name}: an address has no space` : undefined;
+}
+
 function listMessagesNow(sqlite: Sqlite, filter: MessageFilter): MessagePage {
   if (filter.recipient !== undefined && withoutAngleBrackets(filter.recipient) === '') {
     throw new BadFilter('recipient: must be an address (a recipient is never empty; the null sender is a sender)');
   }
-  // relayq takes no quoted local part, so no stored address has one: a filter with one finds nothing
   for (const name of ['sender', 'recipient'] as const) {
-    if (filter[name]?.includes(' ')) throw new BadFilter(`${name}: an address has no space`);
+    const problem = addressFilterProblem(name, filter[name]);
+    if (problem) throw new BadFilter(problem);
   }
   const cursor = filter.before === undefined ? undefined : parseCursor(sqlite, filter.before);
   const fetch = filter.limit + 1;

@@ -188,6 +188,11 @@ describe('admin: requeue failed mail', () => {
       const long = `${'a'.repeat(64)}@${'d'.repeat(256)}`;
       const longSender = await call(relay, '/admin/retry-failed', postJson({ sender: long }));
       assert.deepEqual(longSender.body, { error: 'bad_request', message: 'sender must be at most 320 characters: no envelope sender is longer' });
+      // a From: line pasted: refused as GET /admin/messages?sender= refuses it, not an internal error
+      for (const path of ['/admin/retry-failed', '/admin/retry-queued']) {
+        const pasted = await call(relay, path, postJson({ sender: 'App Team <app@example.com>' }));
+        assert.deepEqual([pasted.status, pasted.body], [400, { error: 'bad_request', message: 'sender: an address has no space' }], path);
+      }
       // as GET /admin/messages takes it: left out, it would requeue everything
       const inQuery = await call(relay, '/admin/retry-failed?sender=a@example.com', { method: 'POST' });
       assert.deepEqual([inQuery.status, inQuery.body], [400, { error: 'bad_request', message: 'the filters go in the JSON body, not in the query string' }]);

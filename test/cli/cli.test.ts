@@ -248,6 +248,10 @@ describe('relayq CLI on the database of a running relay', () => {
       runCli(['export-failed', exportTarget], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
       cli('show', keep, '--raw', '--json'),
     ]);
+    // a From: line pasted, to the commands that write: refused, as queue refuses it
+    for (const retry of await Promise.all([cli('retry', '--failed', '--sender', 'App Team <app@example.com>'), cli('retry', '--queued', '--sender', 'a b@example.com')])) {
+      assertOneLineError(retry, /^relayq: --sender: an address has no space$/);
+    }
     const exportStale = await runCli(['export-failed', staleTarget], { env: { DATABASE_PATH: stale } });
     assertOneLineError(exportStale, /^relayq: database .*stale\.db needs migrations \(no such table: messages\)/);
     assert.ok(!fs.existsSync(staleTarget), 'export-failed on a database that needs migrating creates no directory');
