@@ -66,6 +66,12 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
   server.on('checkExpectation', (req, res) =>
     answerJson(res, 417, 'expectation_failed', `Expect: ${req.headers.expect} is not supported (only 100-continue)`),
   );
+  // A client that closes its sending side after its request (`nc -N`, a script's shutdown(SHUT_WR))
+  // waits for the answer; by default Node drops the request at that FIN, so a health check or an
+  // admin command that answers after a write got nothing, though the command ran. The switch is
+  // Node's own (http.Server's httpAllowHalfOpen), though not in its documentation: a test of
+  // such a client fails if it goes.
+  Object.assign(server, { httpAllowHalfOpen: true });
   server.maxConnections = limits.maxConnections;
   server.setTimeout(limits.idleTimeoutMs, (socket: Socket) => {
     const res = answering.get(socket);

@@ -273,6 +273,33 @@ test('API clients cannot hold more connections than its limit, nor a request lon
   }
 });
 
+test('a client that closes its sending side after its request (nc -N, shutdown(SHUT_WR)) still gets the answer', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  try {
+    const id = queuedId((await sendMail(relay.smtpPort, {})).response);
+    /** The request, then the client's FIN at once; everything it reads until the server closes. */
+    const halfClosed = async (request: string) => {
+      const socket = net.connect({ port: relay.httpPort as number, host: '127.0.0.1', allowHalfOpen: true });
+      socket.on('error', () => {});
+      let received = '';
+      socket.setEncoding('utf8').on('data', (d: string) => (received += d));
+      const closed = new Promise((resolve) => socket.once('close', resolve));
+      await new Promise((resolve) => socket.once('connect', resolve));
+      socket.end(request);
+      await closed;
+      return received;
+    };
+    // answered after a write to the database (the health probe, an admin command), not at once
+    assert.match(await halfClosed('GET /health HTTP/1.0\r\n\r\n'), /^HTTP\/1\.1 200 [^]*"status":"ok"/);
+    const retried = await halfClosed(`POST /admin/messages/${id}/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n`);
+    assert.match(retried, /^HTTP\/1\.1 200 /);
+    assert.match(retried, /"result":"due-now"/);
+    assert.match(await halfClosed('GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n'), /^HTTP\/1\.1 200 /);
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('a client that stops reading its answer (a large raw message) is cut off once nothing moves, and its place is free again', async () => {
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   const api = await startApiServer(createApp(relay), '127.0.0.1', 0, { maxConnections: 1, headersTimeoutMs: 1000, requestTimeoutMs: 2000, idleTimeoutMs: 1000 });
