@@ -136,12 +136,10 @@ const GAVE_UP_UNFINISHED = 'gave up: the maximum number of attempts was used wit
  * was lowered below them since.
  */
 function gaveUpReason(sqlite: Sqlite, id: string, recipient: { address: string; attempts: number }, maxAttempts: number): string {
-  const recorded = prepared(
+  const { recorded } = prepared(
     sqlite,
-    'SELECT count(*) FROM attempts WHERE message_id = ? AND EXISTS (SELECT 1 FROM json_each(recipients) WHERE value = ?)',
-  )
-    .pluck()
-    .get(id, recipient.address) as number;
+    'SELECT count(*) AS recorded FROM attempts WHERE message_id = ? AND EXISTS (SELECT 1 FROM json_each(recipients) WHERE value = ?)',
+  ).get(id, recipient.address) as { recorded: number };
   if (recorded < recipient.attempts) return GAVE_UP_UNFINISHED;
   return `gave up: retry.maxAttempts is ${maxAttempts}, and it has had ${count(recipient.attempts, 'attempt')}`;
 }
@@ -467,14 +465,13 @@ export function releaseClaims(
  * release, the attempts counted at their claim stay counted. Returns the messages' ids.
  */
 export function releaseOrphanedClaims(sqlite: Sqlite, now: number): string[] {
-  return prepared(
+  const released = prepared(
     sqlite,
     `UPDATE messages SET state = 'queued', lease_expires_at = NULL, next_attempt_at = ?, updated_at = ?
      WHERE id IN (SELECT id FROM messages INDEXED BY messages_lease WHERE state = 'sending')
      RETURNING id`,
-  )
-    .pluck()
-    .all(now, now) as string[];
+  ).all(now, now) as Array<{ id: string }>;
+  return released.map((row) => row.id);
 }
 
 export interface RequeueOptions {
