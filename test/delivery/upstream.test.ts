@@ -1,8 +1,9 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { after, describe, test } from 'node:test';
+import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import pino from 'pino';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import { type DeliveryDeps, DeliveryEngine } from '../../src/delivery/engine.js';
 import { connectionOptions } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
@@ -21,6 +22,30 @@ function engineOn(relay: Relay, clock: ManualClock, extra: Partial<DeliveryDeps>
     ...extra,
   });
 }
+
+test("the nodemailer internals relayq's upstream connections hook are all there", () => {
+  // Each hook does nothing when its member is missing (src/delivery/upstream.ts): an update of
+  // nodemailer that renamed one would drop a check without a word, such as "DATA must get 354".
+  const connection = new SMTPConnection({}) as unknown as Record<string, unknown>;
+  const kinds = Object.fromEntries(
+    ['_actionDATA', '_actionEHLO', '_actionHELO', '_onClose', '_createSendStream', '_responseQueue', '_supportedExtensions', '_envelope', '_maxAllowedSize', '_socket', '_destroyed'].map(
+      (name) => [name, Array.isArray(connection[name]) ? 'array' : typeof connection[name]],
+    ),
+  );
+  assert.deepEqual(kinds, {
+    _actionDATA: 'function',
+    _actionEHLO: 'function',
+    _actionHELO: 'function',
+    _onClose: 'function',
+    _createSendStream: 'function',
+    _responseQueue: 'array',
+    _supportedExtensions: 'array',
+    _envelope: 'boolean',
+    _maxAllowedSize: 'number',
+    _socket: 'boolean',
+    _destroyed: 'boolean',
+  });
+});
 
 describe('upstream connection: TLS and AUTH', () => {
   const cleanup: Array<() => Promise<unknown>> = [];
