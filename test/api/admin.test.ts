@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import type { Relay } from '../../src/main.js';
 import { ADMIN_STEP, deleteMessage, flushQueued, type RequeueStep, requeueFailed, requeueFailedInSteps, retryMessage } from '../../src/store/admin.js';
 import { listMessages, messageRaw, pageSql } from '../../src/store/queries.js';

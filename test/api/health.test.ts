@@ -6,7 +6,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { capturedLog, closedPort, holdWriteLock, sendMail, spawnRelay, startHoldingUpstream, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable } from '../helpers.js';
 import { call, upstreamOutage } from './fixtures.js';

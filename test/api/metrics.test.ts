@@ -4,7 +4,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { migrations } from '../../migrations/index.js';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import type { Relay } from '../../src/main.js';
 import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
 import { closedPort, sendMail, startHoldingUpstream, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';

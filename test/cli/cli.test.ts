@@ -3,7 +3,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import type { Relay } from '../../src/main.js';
 import { failedExportPath } from '../../src/delivery/failed-export.js';
 import { ADMIN_STEP, flushQueuedInSteps, HELD, queuedDueNow } from '../../src/store/admin.js';

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import { MESSAGE_PIECE_BYTES, RECEIVED_HEADER_ROOM } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
 import { insertMessage } from '../../src/store/intake.js';

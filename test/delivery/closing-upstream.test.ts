@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { after, describe, test } from 'node:test';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import { sendMail, startTestRelay } from '../helpers.js';
 import { attempts, queuedId, recipients } from './fixtures.js';
 

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import { capturedLog, cliArgs, sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
 import { message, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 

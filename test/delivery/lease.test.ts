@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import type { Relay } from '../../src/main.js';
 import { deleteMessage } from '../../src/store/admin.js';
 import {

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import pino from 'pino';
 import { startRelay } from '../../src/main.js';
 import { removeStrayTempFiles, syncDirectory } from '../../src/delivery/atomic-file.js';

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { after, describe, test } from 'node:test';
 import type { SMTPServerOptions } from 'smtp-server';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import { normalizeForEnvelope } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
 import { messageRaw } from '../../src/store/queries.js';

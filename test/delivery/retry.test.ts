@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import { classifyUpstreamError } from '../../src/delivery/outcomes.js';
 import { backoffDelayMs, describeGiveUp, giveUpReason } from '../../src/delivery/retry-policy.js';
 import type { Relay } from '../../src/main.js';

@@ -7,7 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import nodemailer from 'nodemailer';
 import pino from 'pino';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import { type Relay, startRelay } from '../../src/main.js';
 import { BackupError, backupDatabase } from '../../src/store/backup.js';
 import { openReadOnly } from '../../src/store/maintenance.js';

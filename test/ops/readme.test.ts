@@ -4,7 +4,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { readmeConfigTable, renderConfigTable } from '../../src/config/docs.js';
 import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import { sendMail, startTestRelay, writeDirect } from '../helpers.js';
 import { REPO_ROOT } from '../cli/run-cli.js';
 

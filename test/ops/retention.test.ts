@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import pino from 'pino';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import type { Relay } from '../../src/main.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { PRUNE_RATE_BUCKETS_SQL, PRUNE_RATE_HOURS_SQL, type RetentionOptions, RetentionSweeper } from '../../src/store/retention.js';

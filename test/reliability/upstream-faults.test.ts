@@ -8,7 +8,7 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import type { Config } from '../../src/config/schema.js';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, closedPort, type DeepPartial, holdWriteLock, sendMail, startTestRelay, waitFor } from '../helpers.js';

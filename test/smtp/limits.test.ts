@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { describe, test } from 'node:test';
-import { ManualClock } from '../../src/clock.js';
+import { ManualClock } from '../manual-clock.js';
 import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { claimDueBatches } from '../../src/store/delivery.js';

@@ -877,7 +877,7 @@ describe('STARTTLS', () => {
   });
 
   test('a tls.cert that is expired or not valid yet starts, with a warning in the log and in /health', async () => {
-    const { ManualClock } = await import('../../src/clock.js');
+    const { ManualClock } = await import('../manual-clock.js');
     const files = await tlsFiles();
     const warningsAt = async (time: number) => {
       const log = capturedLog('warn');
