@@ -144,10 +144,10 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     options.onFatal?.(err);
   };
   /** The last step of a stop, and of a start that failed: queued writes commit, then both close. */
-  const closeStorage = async () => {
+  const closeStorage = async (): Promise<boolean> => {
     try {
       await writer.close();
-      await store.close();
+      return await store.close();
     } finally {
       lock.release();
     }
@@ -273,7 +273,12 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
         await Promise.all([api?.close(), intake.shutdown(graceMs), delivery.stop(graceMs), retention.stop()]);
         // until now a client that connects is told `421`, not refused
         await intake.close();
-        await closeStorage();
+        if (!(await closeStorage())) {
+          logger.info(
+            { event: 'store.wal_kept', walPath: `${config.databasePath}-wal` },
+            'the WAL was not checkpointed into the database file: a reader (sqlite3, the CLI, a backup) still reads from it; the next start checkpoints it',
+          );
+        }
         logger.info({ event: 'relay.stopped', writes: writer.stats.writes, commits: writer.stats.commits }, 'relayq stopped');
       })();
       return stopping;

@@ -17,7 +17,12 @@ export interface Store {
   sqlite: Sqlite;
   /** The migrations this open applied, and how long they took (ms). */
   migrated: { names: string[]; durationMs: number };
-  close(): Promise<void>;
+  /**
+   * Checkpoints the WAL into the database file, without waiting for a reader, and closes. Resolves
+   * with whether the WAL was emptied: a reader (sqlite3, the CLI, a backup) still reading older
+   * frames keeps them, and the next open checkpoints them.
+   */
+  close(): Promise<boolean>;
 }
 
 export interface OpenOptions {
@@ -111,14 +116,19 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
     sqlite,
     migrated,
     async close() {
-      if (closed) return;
+      if (closed) return true;
       closed = true;
+      let emptied = false;
       try {
-        sqlite.pragma('wal_checkpoint(TRUNCATE)');
+        // a reader may read for as long as it likes: a stop does not wait for it (busy_timeout 0)
+        sqlite.pragma('busy_timeout = 0');
+        const [result] = sqlite.pragma('wal_checkpoint(TRUNCATE)') as Array<{ busy: number }>;
+        emptied = result?.busy === 0;
       } catch {
-        // another connection may hold the database; the next open checkpoints
+        // another connection holds the database; the next open checkpoints
       }
       sqlite.close();
+      return emptied;
     },
   };
 }

@@ -4,8 +4,9 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
+import Database from 'better-sqlite3';
 import { openConnection, openStore } from '../../src/store/db.js';
-import { cliArgs, closedPort, sendMail, spawnRelay, tempDir, waitFor } from '../helpers.js';
+import { capturedLog, cliArgs, closedPort, sendMail, spawnRelay, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { CLI_CWD, cleanEnv, runCli, writeConfigFile } from './run-cli.js';
 
 test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail and exits 0 on SIGTERM', async () => {
@@ -36,9 +37,39 @@ test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail 
     child.kill('SIGTERM');
     assert.equal(await exited, 0, stderr);
     assert.match(stdout, /"event":"relay.stopped"/);
+    // the WAL was checkpointed into the database file at the stop
+    assert.doesNotMatch(stdout, /store\.wal_kept/);
+    const wal = path.join(dir, 'data', 'relayq.db-wal');
+    assert.equal(fs.existsSync(wal) ? fs.statSync(wal).size : 0, 0);
   } finally {
     clearTimeout(kill);
     child.kill('SIGKILL');
+  }
+});
+
+test('a stop while a reader (sqlite3 -readonly, the CLI) reads older frames leaves the WAL to the next start, saying so', async () => {
+  const log = capturedLog();
+  const relay = await startTestRelay({}, { startDelivery: false, logger: log.logger });
+  const reader = new Database(relay.config.databasePath, { readonly: true });
+  try {
+    await sendMail(relay.smtpPort);
+    reader.exec('BEGIN');
+    reader.prepare('SELECT count(*) FROM messages').get();
+    await sendMail(relay.smtpPort); // a frame the reader's snapshot does not have
+    await relay.stop();
+    const kept = log.entries().filter((e) => e.event === 'store.wal_kept');
+    assert.deepEqual(kept.map((e) => e.walPath), [`${relay.config.databasePath}-wal`]);
+    assert.ok(fs.statSync(`${relay.config.databasePath}-wal`).size > 0);
+    assert.ok(log.entries().some((e) => e.event === 'relay.stopped'));
+  } finally {
+    reader.close();
+  }
+  // the next open checkpoints it; both messages are there
+  const store = await openStore(relay.config.databasePath);
+  try {
+    assert.equal((store.sqlite.prepare('SELECT count(*) AS n FROM messages').get() as { n: number }).n, 2);
+  } finally {
+    await store.close();
   }
 });
 
