@@ -126,7 +126,9 @@ function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: S
       ? [431, 'request_header_fields_too_large', 'request head too large: its request line and headers may take at most 16 KiB']
       : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
         ? [408, 'request_timeout', `request too slow: a request head must arrive within ${seconds(timeouts.headersTimeoutMs)} and the whole request within ${seconds(timeouts.requestTimeoutMs)}`]
-        : [400, 'bad_request', `malformed request: ${err.reason ?? 'bad request'}`];
+        : err.code === 'HPE_INVALID_EOF_STATE'
+          ? [400, 'bad_request', 'incomplete request: the client closed its side before the end of its request (head or body)']
+          : [400, 'bad_request', `malformed request: ${err.reason ?? 'bad request'}`];
   answerAndClose(socket, status, error, message);
 }
 

@@ -295,6 +295,13 @@ test('a client that closes its sending side after its request (nc -N, shutdown(S
     assert.match(retried, /^HTTP\/1\.1 200 /);
     assert.match(retried, /"result":"due-now"/);
     assert.match(await halfClosed('GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n'), /^HTTP\/1\.1 200 /);
+    // one that closes its side before its request is complete is told so
+    const incomplete = await halfClosed('POST /admin/retry-failed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{"ids":');
+    assert.match(incomplete, /^HTTP\/1\.1 400 /);
+    assert.deepEqual(JSON.parse(incomplete.slice(incomplete.indexOf('\r\n\r\n') + 4)), {
+      error: 'bad_request',
+      message: 'incomplete request: the client closed its side before the end of its request (head or body)',
+    });
   } finally {
     await relay.stop();
   }
