@@ -53,7 +53,12 @@ export async function showCommand(given: string, options: { raw?: boolean }, glo
   );
   printText('');
   if (detail.attempts.length === 0) {
-    printText('no delivery attempts yet');
+    // a try has a row once it ends: one released at a stop or cut off by a kill -9 has none
+    printText(
+      m.claims === 0
+        ? 'no delivery attempts yet'
+        : `no delivery attempt has ended yet: its ${m.claims === 1 ? 'try was' : `${m.claims} tries were`} released unfinished at a stop or cut off by a kill -9 (each may have reached the upstream), or one is in progress now`,
+    );
     return;
   }
   printText(

@@ -194,6 +194,16 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.match(waiting.stdout, new RegExp(`^next attempt: ${new Date(due).toISOString().replace('T', ' ').replace(/\.\d{3}Z$/, 'Z')}$`, 'm'));
     assert.match(waiting.stdout, /^tries: +0$/m);
     assert.match(waiting.stdout, /\n\nno delivery attempts yet\n$/);
+    // tried, and no attempt ended: released unfinished at a stop (or cut off by a kill -9), it may have reached the upstream
+    const setClaims = (n: number) => writeDirect(relay, (db) => db.prepare('UPDATE messages SET claims = ? WHERE id = ?').run(n, ids.queued[0]));
+    await setClaims(2);
+    try {
+      const released = await cli('show', ids.queued[0]);
+      assert.match(released.stdout, /^tries: +2$/m);
+      assert.match(released.stdout, /\n\nno delivery attempt has ended yet: its 2 tries were released unfinished at a stop or cut off by a kill -9 \(each may have reached the upstream\), or one is in progress now\n$/);
+    } finally {
+      await setClaims(0);
+    }
     const stored = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
     assert.equal(raw.code, 0, raw.stderr);
     assert.equal(raw.stdout, stored.raw.toString('utf8'), 'show --raw writes the stored bytes');
