@@ -166,12 +166,20 @@ export class MessageBytes {
     this.keep(gathered);
   }
 
-  private keep(chunk: Buffer): void {
+  private keep(whole: Buffer): void {
     if (this.discarded || this.failed) return;
-    if (!this.file && (this.spool.after === 0 || this.held + chunk.length <= this.spool.after)) {
-      this.chunks.push(chunk);
-      this.held += chunk.length;
-      return;
+    let chunk = whole;
+    if (!this.file) {
+      // the first spoolAfter bytes stay in memory however the reads cut them (the log's subject is
+      // read from them), and the rest goes to the file
+      const room = this.spool.after === 0 ? chunk.length : this.spool.after - this.held;
+      const kept = chunk.length <= room ? chunk : chunk.subarray(0, room);
+      if (kept.length > 0) {
+        this.chunks.push(kept);
+        this.held += kept.length;
+      }
+      if (kept === chunk) return;
+      chunk = chunk.subarray(kept.length);
     }
     const file = this.file ?? this.openFile();
     if (!file) return;

@@ -414,8 +414,9 @@ describe('a message\'s bytes past spoolAfter (MessageBytes)', () => {
     for (let i = 0; i < 100_000; i++) send(Buffer.from([0x30 + (i % 10)]));
     const received = await bytes.finish();
     // in memory: 200,000 bytes in 13 chunks (12 blocks of 16 KiB and the rest, at the large
-    // chunk), the large chunk, and 3 blocks more up to 256 KiB; then the file
-    assert.equal(received.chunks.length, 17);
+    // chunk), the large chunk, 3 blocks more and the start of a fourth, up to 256 KiB; then the file
+    assert.equal(received.chunks.length, 18);
+    assert.equal(Buffer.concat(received.chunks).length, 256 * 1024);
     assert.ok(received.spooled);
     const stored = Buffer.concat([...received.chunks, fs.readFileSync(received.spooled.file)]);
     assert.ok(stored.equals(Buffer.concat(sent)), 'the bytes as sent, in order');
@@ -431,8 +432,23 @@ describe('a message\'s bytes past spoolAfter (MessageBytes)', () => {
     await waitFor(() => !data.isPaused(), 10_000, 'DATA resumed after the drain');
     const received = await bytes.finish();
     assert.ok(received.spooled);
-    assert.equal(received.spooled.bytes, big.length);
-    assert.equal(fs.statSync(received.spooled.file).size, big.length);
+    assert.equal(received.spooled.bytes, big.length - SPOOL_AFTER);
+    assert.equal(fs.statSync(received.spooled.file).size, big.length - SPOOL_AFTER);
+    bytes.discard();
+  });
+
+  test('the first spoolAfter bytes stay in memory however the reads cut them: a first read past it is split', async () => {
+    const { bytes } = receiving('1A22AF1C0B4CA8658AC9');
+    // a client's whole message in one read, as a socket hands over up to 64 KiB at once
+    const message = Buffer.from(`Subject: one read\r\n\r\n${'y'.repeat(78)}\r\n`.repeat(100));
+    bytes.add(message);
+    const received = await bytes.finish();
+    const inMemory = Buffer.concat(received.chunks);
+    assert.equal(inMemory.length, SPOOL_AFTER);
+    assert.match(inMemory.toString(), /^Subject: one read\r\n/);
+    assert.ok(received.spooled);
+    assert.equal(received.spooled.bytes, message.length - SPOOL_AFTER);
+    assert.ok(Buffer.concat([inMemory, fs.readFileSync(received.spooled.file)]).equals(message));
     bytes.discard();
   });
 
