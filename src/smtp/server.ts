@@ -297,7 +297,8 @@ class RelayqConnection extends SMTPConnection {
       callback?.();
       return;
     }
-    const data = !this._nextHandler && /^DATA(\s|$)/i.test(command.toString());
+    // a DATA with anything after its name, such as a NUL (smtp-server: "command not recognized"), is a DATA too
+    const data = !this._nextHandler && /^DATA\b/i.test(command.toString());
     super._onCommand(command, callback);
     const parser = this._parser;
     if (data && parser && !parser._dataMode && !parser.isClosed && !this._upgrading && this.sentAhead()) {

@@ -223,6 +223,8 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     for (const [rcpt, data, refusal] of [
       ['<user input@example.com>', 'DATA', /^503 5\.5\.1 /],
       ['<b@example.com>', 'DATA now', /^501 5\.5\.4 Syntax: DATA/],
+      // not a command smtp-server knows (500), but a DATA all the same
+      ['<b@example.com>', 'DATA\0', /^500 /],
     ] as const) {
       const c = await SmtpClient.connect(relay.smtpPort);
       await c.read();
