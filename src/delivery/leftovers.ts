@@ -7,7 +7,7 @@ import { setImmediate as nextTurn } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import type { Sqlite } from '../store/db.js';
 import { type FailedScanCursor, failedPage } from '../store/delivery.js';
-import { messageState } from '../store/queries.js';
+import { failedAt, messageState } from '../store/queries.js';
 import { removeStrayTempFiles } from './atomic-file.js';
 import { exportIsCurrent, failedExportDir, failedExportPath, removeFailedExport } from './failed-export.js';
 
@@ -58,6 +58,9 @@ export async function exportMissingFailures(ctx: LeftoversContext): Promise<void
     const page = failedPage(sqlite, { cursor, limit: EXPORT_CHECK_STEP });
     for (const { id, finishedAt } of page.messages) {
       if (await exportIsCurrent(failedExportPath(emailsDir, id), finishedAt)) continue;
+      // requeued since the page was read (failedRetryInterval's first scan runs beside this walk),
+      // and maybe failed again: this process exports that failure itself, and nothing was missing
+      if (failedAt(sqlite, id) !== finishedAt) continue;
       if (await ctx.exportFailed(id)) exported.push(id);
     }
     cursor = page.next;

@@ -406,6 +406,11 @@ export function messageState(sqlite: Sqlite, id: string): MessageState | undefin
   return (prepared(sqlite, 'SELECT state FROM messages WHERE id = ?').get(id) as { state: MessageState } | undefined)?.state;
 }
 
+/** When a failed message failed (finished_at); undefined when it is not failed (any more). */
+export function failedAt(sqlite: Sqlite, id: string): number | undefined {
+  return (prepared(sqlite, "SELECT finished_at FROM messages WHERE id = ? AND state = 'failed'").get(id) as { finished_at: number } | undefined)?.finished_at;
+}
+
 /** undefined = no such message; raw null = erased after delivery (logAllEmails=false). */
 export function messageRaw(sqlite: Sqlite, id: string): { raw: Buffer | null } | undefined {
   return prepared(sqlite, 'SELECT (SELECT raw FROM message_bodies WHERE id = body_id) AS raw FROM messages WHERE id = ?').get(id) as

@@ -6,9 +6,11 @@ import Database from 'better-sqlite3';
 import { isoTime } from '../../src/clock.js';
 import { ManualClock } from '../manual-clock.js';
 import { exportFailedMessage } from '../../src/delivery/failed-export.js';
+import { exportMissingFailures } from '../../src/delivery/leftovers.js';
 import { resultFromNodemailer } from '../../src/delivery/outcomes.js';
 import type { Relay } from '../../src/main.js';
 import { retryMessage } from '../../src/store/admin.js';
+import { openConnection } from '../../src/store/db.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { capturedLog, openSession, SmtpClient, sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
 import { startMisbehavingUpstream } from '../reliability/misbehaving-upstream.js';
@@ -344,6 +346,33 @@ describe('per-recipient outcomes', () => {
     const after = fs.statSync(keptFile);
     assert.deepEqual([after.ino, after.mtimeMs], [before.ino, before.mtimeMs], 'the export still there is not written again');
     assert.equal(fs.readFileSync(keptFile, 'utf8'), keptText);
+  });
+
+  test("at a start a message that fails again while the walk runs (failedRetryInterval's first scan beside it) is not taken for a missing export", async () => {
+    const { config } = await refusingUpstream();
+    const relay = await startTestRelay(config, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const ids = [await queue(relay, ['nobody@example.com']), await queue(relay, ['nobody2@example.com'])];
+    await relay.delivery.runOnce();
+    const log = capturedLog('info');
+    const ctx = {
+      sqlite: relay.store.sqlite,
+      emailsDir: config.emailsDir,
+      log: log.logger,
+      stopping: () => false,
+      exportFailed: (id: string) => exportFailedMessage(relay.store.sqlite, path.join(config.emailsDir, 'failed'), id, Date.now()),
+    };
+    // the walk has read its page; then the second message is requeued and fails again, and its
+    // new export is not written yet (the engine writes it after the commit)
+    // (here before the walk's first await: it reads its page at once)
+    const walk = exportMissingFailures(ctx);
+    const other = openConnection(config.databasePath);
+    other.prepare('UPDATE messages SET finished_at = finished_at + 1 WHERE id = ?').run(ids[1]);
+    other.close();
+    fs.rmSync(path.join(config.emailsDir, 'failed', `${ids[1]}.json`));
+    await walk;
+    assert.deepEqual(log.entries().filter((e) => e.event === 'delivery.exports_restored'), []);
+    assert.equal(failedExportExists(relay, ids[1]), false, "this failure's export is the engine's to write");
   });
 
   test('at a start an export of the current failure in the key order of earlier versions is kept, however far down its failedAt', async () => {
