@@ -274,11 +274,12 @@ const NO_AUTH_OFFERED =
 
 /**
  * A port that starts with TLS (465) waits for the client's TLS hello while a plain client waits
- * for its `220`: the greeting timeout is all that happens, so the reply says what to check.
+ * for its `220`: the greeting timeout is all that happens, as with an upstream that hangs, so the
+ * reply names both.
  */
 function withImplicitTlsHint(err: Error): Error {
   if ((err as { timeoutType?: unknown }).timeoutType !== 'GREETING_TIMEOUT') return err;
-  err.message += ': no 220 came (with forwardSSL=false its port must start in plain text; a port that starts with TLS, as 465 does, needs forwardSSL=true)';
+  err.message += ': no 220 came: the upstream is hung or overloaded, or its port starts with TLS (as 465 does), which needs forwardSSL=true';
   return err;
 }
 

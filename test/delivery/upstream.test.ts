@@ -164,7 +164,7 @@ describe('upstream connection: TLS and AUTH', () => {
     assert.equal(r.status, 'pending');
     assert.equal(
       r.last_reply,
-      'ETIMEDOUT: Greeting never received: no 220 came (with forwardSSL=false its port must start in plain text; a port that starts with TLS, as 465 does, needs forwardSSL=true)',
+      'ETIMEDOUT: Greeting never received: no 220 came: the upstream is hung or overloaded, or its port starts with TLS (as 465 does), which needs forwardSSL=true',
     );
     assert.equal(upstream.accepted.length, 0);
     await waitFor(() => upstream.errors.length > 0, 10_000, 'the upstream saw its TLS handshake cut short');
