@@ -213,6 +213,7 @@ function rfc5322Date(ms: number): string {
 export function subjectOf(raw: Buffer): string | undefined {
   const end = raw.indexOf('\r\n\r\n');
   const head = raw.subarray(0, end === -1 ? Math.min(raw.length, 65536) : end).toString('utf8');
-  const match = /^Subject:[ \t]*(.*(?:\r\n[ \t].*)*)/im.exec(head);
+  // lines end at CRLF only: a U+2028 in another header is no line start (`X-Note: a\u2028Subject: …`)
+  const match = /(?:^|\r\n)Subject:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)/i.exec(head);
   return match ? match[1].replace(/\r\n[ \t]/g, ' ').slice(0, 200) : undefined;
 }

@@ -194,14 +194,15 @@ describe('intake log', () => {
     try {
       const helo = 'client\u202eelpmaxe.test';
       const from = 'evil\u202emoc.elpmaxe@example.com';
-      const subject = 'Invoice \u009b2J\u009b31mPAID\u009b0m \u2066x\u2069';
+      const subject = 'Invoice \u009b2J\u009b31mPAID\u009b0m \u2066x\u2069 \u2028line';
       const client = await SmtpClient.connect(relay.smtpPort);
       await client.read();
       assert.match(await client.send(`EHLO ${helo}`), /^250/);
       assert.match(await client.send(`MAIL FROM:<${from}> SMTPUTF8`), /^250 /);
       assert.match(await client.send('RCPT TO:<rcpt@example.com>'), /^250 /);
       assert.match(await client.send('DATA'), /^354 /);
-      assert.match(await client.send(`Subject: ${subject}\r\n\r\nbody\r\n.`), /^250 /);
+      // a line separator is no line end: the header after it is not the Subject
+      assert.match(await client.send(`X-Note: a\u2028Subject: spoofed\r\nSubject: ${subject}\r\n\r\nbody\r\n.`), /^250 /);
       await client.send('QUIT');
       await waitFor(() => log.entries().some((l) => l.event === 'smtp.session'), 10_000, 'the session logged');
       const unsafe = /[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/;
