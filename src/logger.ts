@@ -11,7 +11,7 @@
 import { format } from 'node:util';
 import pino, { type Logger } from 'pino';
 import { CONFIG_KEYS } from './config/schema.js';
-import { TERMINAL_UNSAFE } from './terminal-unsafe.js';
+import { escapeTerminalUnsafe } from './terminal-unsafe.js';
 
 const SECRET_KEYS = CONFIG_KEYS.filter((key) => key.secret).map((key) => key.path);
 
@@ -44,17 +44,6 @@ export function createLogger(level: string, destination: pino.DestinationStream 
   );
 }
 
-const UNSAFE = new RegExp(`[${TERMINAL_UNSAFE}]`);
-const UNSAFE_ALL = new RegExp(UNSAFE.source, 'g');
-
-/**
- * A line with the characters a client may put in a subject, an address or a HELO name that a
- * terminal would act on (`tail -f` of the log) written as JSON escapes (`\u009b`): the same value
- * to a JSON reader, plain ASCII to a terminal. JSON itself escapes only the C0 controls.
- */
-export function escapeTerminalUnsafe(line: string): string {
-  return UNSAFE.test(line) ? line.replace(UNSAFE_ALL, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`) : line;
-}
 
 export type StdoutLog = ReturnType<typeof pino.destination> & {
   /** Writes out what is buffered, waiting at most `ms` (then says on stderr what it dropped), and then nothing more. */

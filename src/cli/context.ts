@@ -9,6 +9,7 @@ import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, openConnection, type Sqlite } from '../store/db.js';
 import { appliedMigrations, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
+import { escapeTerminalUnsafe } from '../terminal-unsafe.js';
 
 export class CliError extends Error {
   constructor(
@@ -217,8 +218,9 @@ export function ourLines(text: string): string {
     .join('');
 }
 
+/** JSON for scripts, with what a terminal would act on written as `\uXXXX`, as in the log. */
 export function printJson(value: unknown): void {
-  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+  process.stdout.write(`${escapeTerminalUnsafe(JSON.stringify(value, null, 2))}\n`);
 }
 
 export function printText(text: string): void {

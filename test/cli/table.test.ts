@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { printJson } from '../../src/cli/context.js';
 import { formatAge, formatFields, formatTable } from '../../src/cli/table.js';
 
 test('text from mail reaches the terminal without control characters: C0, DEL, C1 and bidirectional overrides become ?', () => {
@@ -14,6 +15,25 @@ test('text from mail reaches the terminal without control characters: C0, DEL, C
   assert.ok(!/[\u0080-\u009f\u202a-\u202e\u2066-\u2069\x00-\x09\x0b-\x1f]/.test(table), table);
   // what is printable stays as it is, non-ASCII letters included
   assert.equal(formatFields([['to', 'jürgen@münchen.de']]), 'to: jürgen@münchen.de');
+});
+
+test('--json writes what a terminal would act on as \\u escapes: to a JSON reader the values are the same', () => {
+  const value = { from: 'gnp.exe\u202e@example.com', reply: '550 \u009b31mred\u009b0m \u2028next \x7f', to: 'jürgen@münchen.de' };
+  let out = '';
+  const write = process.stdout.write;
+  process.stdout.write = ((chunk: string) => {
+    out += chunk;
+    return true;
+  }) as typeof process.stdout.write;
+  try {
+    printJson(value);
+  } finally {
+    process.stdout.write = write;
+  }
+  assert.ok(!/[\u007f-\u009f\u2028\u202e]/.test(out), out);
+  assert.match(out, /"gnp\.exe\\u202e@example\.com"/);
+  assert.match(out, /"to": "jürgen@münchen\.de"/);
+  assert.deepEqual(JSON.parse(out), value);
 });
 
 test('an age is in seconds below 2 minutes, minutes below 2 hours, hours below 2 days, then days; a clock behind the data is 0s', () => {
