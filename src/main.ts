@@ -276,7 +276,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
         if (!(await closeStorage())) {
           logger.info(
             { event: 'store.wal_kept', walPath: `${config.databasePath}-wal` },
-            'the WAL was not checkpointed into the database file: a reader (sqlite3, the CLI, a backup) still reads from it; the next start checkpoints it',
+            'not all of the WAL was checkpointed into the database file: a reader (sqlite3, the CLI, a backup) still reads older frames of it; the next start checkpoints them',
           );
         }
         logger.info({ event: 'relay.stopped', writes: writer.stats.writes, commits: writer.stats.commits }, 'relayq stopped');

@@ -19,8 +19,9 @@ export interface Store {
   migrated: { names: string[]; durationMs: number };
   /**
    * Checkpoints the WAL into the database file, without waiting for a reader, and closes. Resolves
-   * with whether the WAL was emptied: a reader (sqlite3, the CLI, a backup) still reading older
-   * frames keeps them, and the next open checkpoints them.
+   * with whether every frame reached the database file: a reader (sqlite3, the CLI, a backup)
+   * still reading older frames keeps those, and the next open checkpoints them. (A reader of the
+   * newest frames keeps only the WAL file from being truncated.)
    */
   close(): Promise<boolean>;
 }
@@ -118,17 +119,17 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
     async close() {
       if (closed) return true;
       closed = true;
-      let emptied = false;
+      let checkpointed = false;
       try {
         // a reader may read for as long as it likes: a stop does not wait for it (busy_timeout 0)
         sqlite.pragma('busy_timeout = 0');
-        const [result] = sqlite.pragma('wal_checkpoint(TRUNCATE)') as Array<{ busy: number }>;
-        emptied = result?.busy === 0;
+        const [result] = sqlite.pragma('wal_checkpoint(TRUNCATE)') as Array<{ busy: number; log: number; checkpointed: number }>;
+        checkpointed = result !== undefined && (result.busy === 0 || result.checkpointed === result.log);
       } catch {
         // another connection holds the database; the next open checkpoints
       }
       sqlite.close();
-      return emptied;
+      return checkpointed;
     },
   };
 }
