@@ -4,7 +4,7 @@
 // Request (no `Host`, `GET *`) and one Node's parser refuses (a head over 16 KB, a control
 // character in a header); both would otherwise get a status with an empty body, as would an
 // `Expect:` other than 100-continue. So is a CONNECT, which Node would close unanswered.
-import { createServer, type ServerResponse, STATUS_CODES } from 'node:http';
+import { createServer, type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { getRequestListener, RequestError } from '@hono/node-server';
 import type { Hono } from 'hono';
@@ -52,12 +52,20 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
   };
   /** The response each connection is answering now: a handler that takes long (a bulk requeue) is not idle. */
   const answering = new WeakMap<Socket, ServerResponse>();
+  const received = new WeakMap<ServerResponse, IncomingMessage>();
   const server = createServer(options, (req, res) => {
     answering.set(req.socket, res);
+    received.set(res, req);
     if (req.httpVersion !== '1.1' || req.headers.host !== undefined) return listener(req, res);
     answerJson(res, 400, 'bad_request', 'malformed request: an HTTP/1.1 request needs a Host header', { Connection: 'close' });
   });
-  server.on('clientError', (err: NodeJS.ErrnoException & { reason?: string }, socket: Socket) => clientError(err, socket, timeouts));
+  server.on('clientError', (err: NodeJS.ErrnoException & { reason?: string }, socket: Socket) => {
+    const res = answering.get(socket);
+    // bytes that are no request after a whole one (a wrong Content-Length, a stray line ending):
+    // the request may have run a command already, so its answer goes out, and then the connection closes
+    if (res && !res.headersSent && !res.writableEnded && received.get(res)?.complete && socket.writable) res.shouldKeepAlive = false;
+    else clientError(err, socket, timeouts);
+  });
   // Node hands a CONNECT to this event, and closes the connection unanswered when nobody listens
   server.on('connect', (_req, socket: Socket) =>
     answerAndClose(socket, 405, 'method_not_allowed', 'CONNECT is not served: this is the API of relayq, not a proxy', 'Allow: GET, HEAD, POST, DELETE\r\n'),

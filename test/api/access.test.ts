@@ -295,6 +295,11 @@ test('a client that closes its sending side after its request (nc -N, shutdown(S
     assert.match(retried, /^HTTP\/1\.1 200 /);
     assert.match(retried, /"result":"due-now"/);
     assert.match(await halfClosed('GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n'), /^HTTP\/1\.1 200 /);
+    // bytes that are no request after a whole one (a stray byte, a Content-Length too short): the
+    // request is answered, as its command may have run
+    assert.match(await halfClosed('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nX'), /^HTTP\/1\.1 200 [\s\S]*"status":"ok"/);
+    const shortLength = await halfClosed(`POST /admin/messages/${id}/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n{}`);
+    assert.match(shortLength, /^HTTP\/1\.1 200 [\s\S]*"result":"due-now"/);
     // one that closes its side before its request is complete is told so
     const incomplete = await halfClosed('POST /admin/retry-failed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{"ids":');
     assert.match(incomplete, /^HTTP\/1\.1 400 /);
