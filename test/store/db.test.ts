@@ -1,10 +1,12 @@
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { openConnection, refuseHardLinks, shellWord } from '../../src/store/db.js';
-import { startTestRelay, tempDir } from '../helpers.js';
+import { pathToFileURL } from 'node:url';
+import Database from 'better-sqlite3';
+import { openConnection, openStore, refuseHardLinks, shellWord } from '../../src/store/db.js';
+import { startTestRelay, tempDir, waitFor } from '../helpers.js';
 
 test('shellWord leaves plain words alone and quotes the rest so that a shell reads them back', () => {
   assert.equal(shellWord('/var/lib/relayq/relayq.db'), '/var/lib/relayq/relayq.db');
@@ -50,5 +52,35 @@ test('every connection of a relay, and the CLI\'s, is in WAL mode with synchrono
     }
   } finally {
     await relay.stop();
+  }
+});
+
+test('closing a store does not wait for a reader of older frames, however long its busy timeout: those frames stay in the WAL', async () => {
+  const file = path.join(tempDir(), 'relayq.db');
+  const store = await openStore(file);
+  const bump = () => store.sqlite.prepare("UPDATE counters SET value = value + 1 WHERE name = 'upstream_consecutive_failures'").run();
+  bump();
+  const reader = new Database(file, { readonly: true });
+  try {
+    reader.exec('BEGIN');
+    reader.prepare('SELECT count(*) FROM messages').get();
+    bump(); // a frame the reader's snapshot does not have
+    store.sqlite.close();
+    // In another process, as a close that waited would block its event loop: with a busy timeout
+    // of 24 days, it ends only if the close does not wait for the reader.
+    const db = pathToFileURL(path.resolve('src/store/db.ts')).href;
+    const code = `const { openStore } = await import(${JSON.stringify(db)}); const store = await openStore(${JSON.stringify(file)}); store.sqlite.pragma('busy_timeout = 2147483647'); process.stdout.write(String(await store.close()));`;
+    const child = spawn(process.execPath, [...process.execArgv, '--input-type=module', '-e', code], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
+    const exited = new Promise<number | null>((resolve) => child.on('close', resolve));
+    try {
+      await waitFor(() => child.exitCode !== null, 30_000, 'the close to end while the reader still reads');
+    } finally {
+      child.kill('SIGKILL');
+    }
+    assert.deepEqual([await exited, out], [0, 'false']);
+  } finally {
+    reader.close();
   }
 });
