@@ -46,6 +46,13 @@ export class StoreWriter {
     return this.pending.size;
   }
 
+  /** Writes of operation `op` sent and not yet answered (for tests). */
+  waitingFor(op: string): number {
+    let n = 0;
+    for (const p of this.pending.values()) if (p.op === op) n++;
+    return n;
+  }
+
   constructor(options: WriterThreadOptions) {
     this.worker = startWorker(options);
     this.worker.on('message', (replies: WriterReply[]) => this.onReplies(replies));

@@ -220,7 +220,7 @@ describe('claims and leases', () => {
     let stopping: Promise<void> | undefined;
     try {
       first.delivery.start();
-      await waitFor(() => first.writer.waiting === 1, 10_000, 'the claim waiting for the writer');
+      await waitFor(() => first.writer.waitingFor('claimDueBatches') === 1, 10_000, 'the claim waiting for the writer');
       stopping = first.stop();
       const waiting = waitFor(() => log.entries().some((e) => e.event === 'delivery.shutdown_claims'), 10_000, 'shutdown waiting for the claim');
       await Promise.race([stopping, waiting.catch(() => {})]);

@@ -364,10 +364,9 @@ describe('retries against a real upstream, with an injected clock', () => {
     const lock = await holdWriteLock(relay);
     const claimedAt = message(relay, id).next_attempt_at;
     clock.set(claimedAt);
-    // the claim (now = claimedAt) waits for the lock, and meanwhile the scans pass claimedAt;
-    // with the lock held (and no retention sweeps) it is the one write waiting, and the clock
-    // moves on only once it is sent
-    await waitFor(() => relay.writer.waiting > 0, 10_000, 'the claim to wait for the lock');
+    // the claim (now = claimedAt) waits for the lock, and meanwhile the scans pass claimedAt; the
+    // clock moves on only once it is sent (nothing was due before: it is the claim of this message)
+    await waitFor(() => relay.writer.waitingFor('claimDueBatches') > 0, 10_000, 'the claim to wait for the lock');
     await passScansThenCommit(clock, relay, id, lock, claimedAt);
     await waitFor(() => log.entries().some((e) => e.event === 'delivery.requeued'), 10_000, 'the requeue of the failure committed late');
   });

@@ -25,10 +25,11 @@ function engineOn(relay: Relay, clock: ManualClock, extra: Partial<DeliveryDeps>
 
 test("the nodemailer internals relayq's upstream connections hook are all there", () => {
   // Each hook does nothing when its member is missing (src/delivery/upstream.ts): an update of
-  // nodemailer that renamed one would drop a check without a word, such as "DATA must get 354".
+  // nodemailer that renamed one would drop a check without a word, such as "DATA must get 354"
+  // (or, for _onError, which the hooks call, throw).
   const connection = new SMTPConnection({}) as unknown as Record<string, unknown>;
   const kinds = Object.fromEntries(
-    ['_actionDATA', '_actionEHLO', '_actionHELO', '_onClose', '_createSendStream', '_responseQueue', '_supportedExtensions', '_envelope', '_maxAllowedSize', '_socket', '_destroyed'].map(
+    ['_actionDATA', '_actionEHLO', '_actionHELO', '_onClose', '_onError', '_createSendStream', '_responseQueue', '_supportedExtensions', '_envelope', '_maxAllowedSize', '_socket', '_destroyed'].map(
       (name) => [name, Array.isArray(connection[name]) ? 'array' : typeof connection[name]],
     ),
   );
@@ -37,6 +38,7 @@ test("the nodemailer internals relayq's upstream connections hook are all there"
     _actionEHLO: 'function',
     _actionHELO: 'function',
     _onClose: 'function',
+    _onError: 'function',
     _createSendStream: 'function',
     _responseQueue: 'array',
     _supportedExtensions: 'array',
@@ -374,7 +376,7 @@ describe('attempt deadline', () => {
       let running: Promise<unknown> | undefined;
       try {
         running = relay.delivery.runOnce();
-        await waitFor(() => relay.writer.waiting === 1, 10_000, 'the claim waiting for the writer');
+        await waitFor(() => relay.writer.waitingFor('claimDueBatches') === 1, 10_000, 'the claim waiting for the writer');
         clock.advance(2_500);
       } finally {
         await lock.release();

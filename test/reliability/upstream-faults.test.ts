@@ -388,7 +388,7 @@ describe('upstream faults', () => {
     let running: Promise<unknown> | undefined;
     try {
       running = relay.delivery.runOnce();
-      await waitFor(() => relay.writer.waiting === 1, 10_000, 'the claim waiting for the writer');
+      await waitFor(() => relay.writer.waitingFor('claimDueBatches') === 1, 10_000, 'the claim waiting for the writer');
       clock.advance(PROCESSING_TIMEOUT_S * 1000 - 500);
     } finally {
       await lock.release();

@@ -194,7 +194,7 @@ describe('intake log', () => {
     try {
       const helo = 'client\u202eelpmaxe.test';
       const from = 'evil\u202emoc.elpmaxe@example.com';
-      const subject = 'Invoice \u009b2J\u009b31mPAID\u009b0m \u2066x\u2069 \u2028line';
+      const subject = 'Invoice \u009b2J\u009b31mPAID\u009b0m \u2066x\u2069 \u2028line \u2029para \u061c\u200e\u200f\x7f';
       const client = await SmtpClient.connect(relay.smtpPort);
       await client.read();
       assert.match(await client.send(`EHLO ${helo}`), /^250/);
