@@ -81,7 +81,9 @@ test('a stop while a reader (sqlite3 -readonly, the CLI) reads older frames leav
 
 /** A relay started as `relayq serve` on ports known beforehand, its stdout given by the caller. */
 async function serveWith(dir: string, stdout: number | 'pipe', databasePath = path.join(dir, 'data', 'relayq.db'), stderr: number | 'pipe' = 'pipe') {
-  const [smtpPort, httpPort] = [await closedPort(), await closedPort()];
+  const smtpPort = await closedPort();
+  let httpPort = await closedPort();
+  while (httpPort === smtpPort) httpPort = await closedPort();
   const configFile = writeConfigFile(dir, { databasePath, emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0, smtpPort, healthCheckPort: httpPort });
   const child = spawn(process.execPath, cliArgs('serve', '--config', configFile), {
     cwd: CLI_CWD,
@@ -92,8 +94,14 @@ async function serveWith(dir: string, stdout: number | 'pipe', databasePath = pa
   child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderrText += d));
   const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
   const accepting = async () => {
+    let exitCode: number | null | undefined;
+    exited.then((code) => (exitCode = code));
     await waitFor(
-      () => new Promise<boolean>((resolve) => net.connect(smtpPort, '127.0.0.1').on('connect', function (this: net.Socket) { this.destroy(); resolve(true); }).on('error', () => resolve(false))),
+      () => {
+        // a relay that stopped at its start (a port taken meanwhile) says so, not a timeout
+        if (exitCode !== undefined) throw new Error(`the relay exited ${exitCode} before it accepted mail: ${stderrText}`);
+        return new Promise<boolean>((resolve) => net.connect(smtpPort, '127.0.0.1').on('connect', function (this: net.Socket) { this.destroy(); resolve(true); }).on('error', () => resolve(false)));
+      },
       30_000,
       'the relay to accept SMTP connections',
       100,
@@ -209,7 +217,9 @@ test('a SIGTERM that comes while the CLI still loads (here: reading its config f
   // the config file is a FIFO: the start waits in reading it until the test has signalled
   const fifo = path.join(dir, 'config.json');
   execFileSync('mkfifo', [fifo]);
-  const [smtpPort, httpPort] = [await closedPort(), await closedPort()];
+  const smtpPort = await closedPort();
+  let httpPort = await closedPort();
+  while (httpPort === smtpPort) httpPort = await closedPort();
   const child = spawn(process.execPath, cliArgs('serve', '--config', fifo), { cwd: CLI_CWD, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
