@@ -44,7 +44,6 @@ export function createLogger(level: string, destination: pino.DestinationStream 
   );
 }
 
-
 export type StdoutLog = ReturnType<typeof pino.destination> & {
   /** Writes out what is buffered, waiting at most `ms` (then says on stderr what it dropped), and then nothing more. */
   closeWithin(ms: number): Promise<void>;

@@ -4,7 +4,7 @@
 // Request (no `Host`, `GET *`) and one Node's parser refuses (a head over 16 KB, a control
 // character in a header); both would otherwise get a status with an empty body, as would an
 // `Expect:` other than 100-continue. So is a CONNECT, which Node would close unanswered.
-import { createServer, type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
+import { createServer, type ServerResponse, STATUS_CODES } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { getRequestListener, RequestError } from '@hono/node-server';
 import type { Hono } from 'hono';
@@ -52,10 +52,8 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
   };
   /** The response each connection is answering now: a handler that takes long (a bulk requeue) is not idle. */
   const answering = new WeakMap<Socket, ServerResponse>();
-  const received = new WeakMap<ServerResponse, IncomingMessage>();
   const server = createServer(options, (req, res) => {
     answering.set(req.socket, res);
-    received.set(res, req);
     if (req.httpVersion !== '1.1' || req.headers.host !== undefined) return listener(req, res);
     answerJson(res, 400, 'bad_request', 'malformed request: an HTTP/1.1 request needs a Host header', { Connection: 'close' });
   });
@@ -63,7 +61,7 @@ export function startApiServer(app: Hono<ApiEnv>, host: string, port: number, li
     const res = answering.get(socket);
     // bytes that are no request after a whole one (a wrong Content-Length, a stray line ending):
     // the request may have run a command already, so its answer goes out, and then the connection closes
-    if (res && !res.headersSent && !res.writableEnded && received.get(res)?.complete && socket.writable) res.shouldKeepAlive = false;
+    if (res && !res.headersSent && !res.writableEnded && res.req.complete && socket.writable) res.shouldKeepAlive = false;
     else clientError(err, socket, timeouts);
   });
   // Node hands a CONNECT to this event, and closes the connection unanswered when nobody listens
