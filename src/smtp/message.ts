@@ -11,7 +11,6 @@ const ADDRESS_LITERAL = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@\[(IPv6:)?([0-9a-f.:
 /** The longest address smtp-server takes as a client writes it (local@domain, no brackets). */
 const MAX_PATH_ADDRESS_LENGTH = 253;
 
-
 /**
  * An envelope path relayq accepts: local@domain without controls or spaces, whose domain's labels
  * start and end with a letter or digit and are at most 63 octets in ASCII form (RFC 5321

@@ -152,9 +152,7 @@ function requeueOne(sqlite: Sqlite, id: string, now: number, batchDelayMs: numbe
 export type RetryResult = 'requeued' | 'due-now' | 'held' | 'delivered' | 'not-found';
 
 export function retryMessage(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): RetryResult {
-  const row = prepared(sqlite, 'SELECT state, lease_expires_at FROM messages WHERE id = ?').get(id) as
-    | { state: string; lease_expires_at: number | null }
-    | undefined;
+  const row = leaseOf(sqlite, id);
   if (!row) return 'not-found';
   switch (row.state) {
     case 'failed':
@@ -164,7 +162,7 @@ export function retryMessage(sqlite: Sqlite, id: string, now: number, batchDelay
       return 'delivered';
     case 'sending':
       // An expired lease is claimable again already; the delivery engine takes it back.
-      return row.lease_expires_at !== null && row.lease_expires_at > now ? 'held' : 'due-now';
+      return heldAt(row, now) ? 'held' : 'due-now';
     default:
       queuedDueNow(sqlite, id, now, batchDelayMs);
       return 'due-now';
@@ -204,9 +202,21 @@ export function deleteMessage(sqlite: Sqlite, id: string, now: number): DeleteRe
 
 /** Whether `id` is a message, and whether a delivery worker holds it now (its lease has not run out). */
 export function holdOf(sqlite: Sqlite, id: string, now: number): 'not-found' | 'held' | 'free' {
-  const row = prepared(sqlite, 'SELECT state, lease_expires_at FROM messages WHERE id = ?').get(id) as
-    | { state: string; lease_expires_at: number | null }
-    | undefined;
+  const row = leaseOf(sqlite, id);
   if (!row) return 'not-found';
-  return row.state === 'sending' && row.lease_expires_at !== null && row.lease_expires_at > now ? 'held' : 'free';
+  return heldAt(row, now) ? 'held' : 'free';
+}
+
+interface LeaseRow {
+  state: string;
+  lease_expires_at: number | null;
+}
+
+function leaseOf(sqlite: Sqlite, id: string): LeaseRow | undefined {
+  return prepared(sqlite, 'SELECT state, lease_expires_at FROM messages WHERE id = ?').get(id) as LeaseRow | undefined;
+}
+
+/** A delivery worker holds the message now: it is being sent, and its lease has not run out. */
+function heldAt(row: LeaseRow, now: number): boolean {
+  return row.state === 'sending' && row.lease_expires_at !== null && row.lease_expires_at > now;
 }
