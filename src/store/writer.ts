@@ -47,7 +47,7 @@ export class StoreWriter {
   }
 
   /** Writes of operation `op` sent and not yet answered (for tests). */
-  waitingFor(op: string): number {
+  waitingFor(op: WriteOpName): number {
     let n = 0;
     for (const p of this.pending.values()) if (p.op === op) n++;
     return n;
