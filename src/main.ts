@@ -105,6 +105,16 @@ function warnIfShared(databasePath: string, logger: Logger): void {
   );
 }
 
+/** The database file's free pages, in bytes (0 when they cannot be read: the disk check stands alone). */
+function freePageBytes(store: Store): number {
+  try {
+    const pages = store.sqlite.pragma('freelist_count', { simple: true }) as number;
+    return pages * (store.sqlite.pragma('page_size', { simple: true }) as number);
+  } catch {
+    return 0;
+  }
+}
+
 export async function startRelay(config: Config, options: RelayOptions = {}): Promise<Relay> {
   const clock = options.clock ?? systemClock;
   const logger = options.logger ?? createLogger(config.logLevel);
@@ -175,7 +185,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
       'messages being delivered when relayq last stopped could not be handed back now: they are due again when their lease ends',
     );
   }
-  const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb);
+  const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb, () => freePageBytes(store));
   const delivery = new DeliveryEngine({
     config,
     sqlite: store.sqlite,

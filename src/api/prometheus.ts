@@ -129,7 +129,7 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
     'End of the last attempt that delivered nothing (0 = never).',
     (s.upstream.lastFailureAt ?? 0) / 1000,
   );
-  gauge('relayq_disk_free_bytes', 'Free space on the filesystem of the database.', Number.isFinite(s.diskFreeMb) ? s.diskFreeMb * 1024 * 1024 : 0);
+  gauge('relayq_disk_free_bytes', 'Free space for the database: on its filesystem, and free pages in its file.', Number.isFinite(s.diskFreeMb) ? s.diskFreeMb * 1024 * 1024 : 0);
   counter('relayq_intake_paced_total', 'MAIL commands that waited for delivery to catch up (inFlowDelay), since this process started.', s.pacing.delayed);
   counter('relayq_intake_paced_timeouts_total', 'Of those, the ones that waited the whole inFlowDelay.', s.pacing.timedOut);
   gauge('relayq_intake_paced_waiting', 'MAIL commands waiting now.', s.pacing.waiting);

@@ -1,10 +1,12 @@
 // Rate limits, queue backpressure and the disk guard, with an injected clock.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import path from 'node:path';
 import { describe, test } from 'node:test';
 import { ManualClock } from '../manual-clock.js';
 import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
+import { openStore } from '../../src/store/db.js';
 import { claimDueBatches } from '../../src/store/delivery.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { capturedLog, closedPort, type DeepPartial, messageCount, openSession, SmtpClient, sendMail, startTestRelay, startUpstream, tempDir, testConfig, waitFor, writeDirect } from '../helpers.js';
@@ -323,5 +325,67 @@ describe('backpressure', () => {
       await relay.stop();
     }
   });
-});
 
+  test('free pages inside the database count as free space: a file grown to the floor and emptied takes mail again', async () => {
+    const dir = tempDir();
+    const databasePath = path.join(dir, 'relayq.db');
+    // 48 MiB the file grew by and then gave back (as delivered content erased, or retention)
+    const store = await openStore(databasePath);
+    store.sqlite.exec(`CREATE TABLE scratch (b BLOB);
+      WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 48) INSERT INTO scratch SELECT zeroblob(1048576) FROM n;
+      DROP TABLE scratch`);
+    const freeBytes = (store.sqlite.pragma('freelist_count', { simple: true }) as number) * (store.sqlite.pragma('page_size', { simple: true }) as number);
+    await store.close();
+    assert.ok(freeBytes >= 48 * 2 ** 20, `free pages: ${freeBytes} bytes`);
+    const { bavail, bsize } = fs.statfsSync(dir);
+    const freeMb = Math.floor((bavail * bsize) / 2 ** 20);
+    // the floor 200 MB under the filesystem's free space: 220 MB fit only with the file's 48
+    const relay = await startTestRelay({ databasePath, minFreeDiskMb: Math.max(1, freeMb - 200), maxMessageSize: 500 * 2 ** 20 }, { startDelivery: false });
+    try {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      await c.send('EHLO disk.test');
+      assert.match(await c.send(`MAIL FROM:<a@example.com> SIZE=${220 * 2 ** 20}`), /^250 /);
+      assert.match(await c.send('RSET'), /^250 /);
+      assert.match(await c.send(`MAIL FROM:<a@example.com> SIZE=${260 * 2 ** 20}`), /^452 4\.3\.1 /);
+      c.close();
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test('a databasePath that is a symbolic link is weighed by the free space where the file is', async (t) => {
+    // a link in the temp dir to a database on /dev/shm, when that is a filesystem of its own
+    const shm = '/dev/shm';
+    const dir = tempDir();
+    const freeMbOf = (d: string) => {
+      const s = fs.statfsSync(d);
+      return (s.bavail * s.bsize) / 2 ** 20;
+    };
+    let shmFree: number;
+    try {
+      if (fs.statfsSync(shm).type === fs.statfsSync(dir).type) return t.skip(`${shm} is not a filesystem of its own here`);
+      shmFree = freeMbOf(shm);
+    } catch {
+      return t.skip(`no ${shm} here`);
+    }
+    const linkFree = freeMbOf(dir);
+    if (Math.abs(linkFree - shmFree) < 1024) return t.skip('the two filesystems have about as much free space');
+    const real = fs.mkdtempSync(path.join(shm, 'relayq-test-'));
+    t.after(() => fs.rmSync(real, { recursive: true, force: true }));
+    await (await openStore(path.join(real, 'relayq.db'))).close();
+    const databasePath = path.join(dir, 'relayq.db');
+    fs.symlinkSync(path.join(real, 'relayq.db'), databasePath);
+    // a floor between the two: mail is refused when the target's filesystem has less, taken when more
+    const relay = await startTestRelay({ databasePath, minFreeDiskMb: Math.round((linkFree + shmFree) / 2) }, { startDelivery: false });
+    try {
+      const c = await SmtpClient.connect(relay.smtpPort);
+      await c.read();
+      await c.send('EHLO disk.test');
+      assert.match(await c.send('MAIL FROM:<a@example.com>'), shmFree < linkFree ? /^452 4\.3\.1 / : /^250 /);
+      c.close();
+    } finally {
+      await relay.stop();
+    }
+  });
+});
