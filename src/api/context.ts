@@ -17,6 +17,7 @@ import type { StoreWriter } from '../store/writer.js';
  */
 export interface DeliveryView {
   status(): UpstreamRecord & { upstream: string };
+  claimFailure(): { since: number; err: string } | null;
   inFlow: { stats(): InFlowStats };
   /**
    * An attempt of this relay is delivering the message now. Its lease in the database says the

@@ -148,6 +148,8 @@ export function healthRoutes(deps: ApiDeps) {
       }
       rate = successRate(metrics);
     }
+    const claims = deps.delivery.claimFailure();
+    if (claims) degraded.push(`delivery cannot claim due mail (since ${isoTime(claims.since)}): ${claims.err}`);
 
     const status: HealthStatus = errors.length ? 'error' : degraded.length ? 'degraded' : 'ok';
     const body = {

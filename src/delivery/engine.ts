@@ -134,6 +134,8 @@ export class DeliveryEngine {
   /** After a failed claim: no claim before this (performance.now()); the wait after the next failure doubles. */
   private claimsPausedUntil = 0;
   private claimRetryMs = 0;
+  /** Since when (the clock's ms) claiming due work has failed, and the last error; null while it works. */
+  private claimFault: { since: number; err: string } | null = null;
   private readonly stats = {
     lastSuccessAt: null as number | null,
     lastFailureAt: null as number | null,
@@ -180,6 +182,14 @@ export class DeliveryEngine {
   /** Live upstream status for /health (the API merges it with the persisted counters). */
   status(): DeliveryHealth {
     return { upstream: this.upstreamLabel, inFlight: this.active.size, ...this.stats };
+  }
+
+  /**
+   * Claiming due work fails, since when and why (null while it works): a damaged page, a schema
+   * changed under the relay. Mail is still taken then, but none leaves.
+   */
+  claimFailure(): { since: number; err: string } | null {
+    return this.claimFault;
   }
 
   /** Starts polling for due work (and reacting to wake()). */
@@ -301,6 +311,7 @@ export class DeliveryEngine {
   private pauseClaims(err: Error): void {
     this.claimRetryMs = Math.min(Math.max(2 * this.claimRetryMs, OUTCOME_RETRY_FIRST_MS), OUTCOME_RETRY_MAX_MS);
     this.claimsPausedUntil = performance.now() + this.claimRetryMs;
+    this.claimFault = { since: this.claimFault?.since ?? this.deps.clock.now(), err: err.message };
     this.log.error({ event: 'delivery.claim_failed', err: err.message, retryInMs: this.claimRetryMs }, 'claiming due work failed');
   }
 
@@ -323,11 +334,15 @@ export class DeliveryEngine {
       this.pauseClaims(err as Error);
       return;
     }
-    if (!due) return;
+    if (!due) {
+      this.claimFault = null;
+      return;
+    }
     this.busySlots += free;
     const task = this.claim(free, held).then(
       (claimed) => {
         this.claimRetryMs = 0;
+        this.claimFault = null;
         this.busySlots -= free - claimed.batches.length;
         this.inFlow.taken(claimed.batches.length);
         for (const f of claimed.finalized) this.track(this.afterFinal(f.id, f.state, 0));

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ManualClock } from '../manual-clock.js';
+import { openConnection } from '../../src/store/db.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { capturedLog, closedPort, holdWriteLock, sendMail, spawnRelay, startHoldingUpstream, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, whileImmutable } from '../helpers.js';
 import { call, upstreamOutage } from './fixtures.js';
@@ -359,6 +360,32 @@ describe('GET /health', () => {
       assert.ok(body.details.warnings.includes('queue is 100% full (20 of queueSize 20)'), body.details.warnings.join('; '));
     } finally {
       await relay.stop();
+    }
+  });
+
+  test('degraded while claiming due mail fails (a message the database cannot give back), with why; ok once claims work', async () => {
+    const upstream = await startUpstream();
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startRetention: false });
+    // another connection makes every claim fail, as a damaged page under the oldest due message does
+    const other = openConnection(relay.config.databasePath);
+    try {
+      other.exec(`CREATE TRIGGER claim_fails BEFORE UPDATE OF lease_token ON messages WHEN NEW.state = 'sending'
+        BEGIN SELECT RAISE(ABORT, 'this message cannot be read'); END`);
+      await sendMail(relay.smtpPort, { to: ['a@example.com'] });
+      let body: Health | undefined;
+      await waitFor(async () => (body = (await call<Health>(relay, '/health')).body).status === 'degraded', 10_000, 'degraded');
+      const warning = body?.details.warnings.find((w) => w.startsWith('delivery cannot claim'));
+      assert.match(String(warning), /^delivery cannot claim due mail \(since \d{4}-\d\d-\d\dT[\d:.]+Z\): this message cannot be read$/);
+      // mail is still taken
+      await sendMail(relay.smtpPort, { to: ['b@example.com'] });
+      other.exec('DROP TRIGGER claim_fails');
+      await waitFor(() => upstream.received.length === 2, 15_000, 'both messages delivered once claims work');
+      const { body: after } = await call<Health>(relay, '/health');
+      assert.deepEqual([after.status, after.details.warnings], ['ok', []]);
+    } finally {
+      other.close();
+      await relay.stop();
+      await upstream.close();
     }
   });
 
