@@ -19,7 +19,7 @@ import { makeDirectory } from './make-dir.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { SpoolError } from './smtp/spool.js';
 import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
-import { openStore, type Store } from './store/db.js';
+import { openStore, type Store, type WalKept } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
 import { lockDatabase } from './store/maintenance.js';
 import { RetentionSweeper } from './store/retention.js';
@@ -154,7 +154,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     options.onFatal?.(err);
   };
   /** The last step of a stop, and of a start that failed: queued writes commit, then both close. */
-  const closeStorage = async (): Promise<boolean> => {
+  const closeStorage = async (): Promise<WalKept | undefined> => {
     try {
       await writer.close();
       return await store.close();
@@ -283,10 +283,18 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
         await Promise.all([api?.close(), intake.shutdown(graceMs), delivery.stop(graceMs), retention.stop()]);
         // until now a client that connects is told `421`, not refused
         await intake.close();
-        if (!(await closeStorage())) {
+        const kept = await closeStorage();
+        const walPath = `${config.databasePath}-wal`;
+        if (kept?.cause === 'reader') {
           logger.info(
-            { event: 'store.wal_kept', walPath: `${config.databasePath}-wal` },
+            { event: 'store.wal_kept', walPath },
             'not all of the WAL was checkpointed into the database file: a reader (sqlite3, the CLI, a backup) still reads older frames of it; the next start checkpoints them',
+          );
+        } else if (kept) {
+          // the frames are safe in the WAL; a checkpoint that fails may be a failing disk
+          logger.warn(
+            { event: 'store.wal_kept', walPath, err: kept.err },
+            'the WAL could not be checkpointed into the database file: the next start checkpoints it; keep the -wal file with the database',
           );
         }
         logger.info({ event: 'relay.stopped', writes: writer.stats.writes, commits: writer.stats.commits }, 'relayq stopped');

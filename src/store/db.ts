@@ -19,12 +19,16 @@ export interface Store {
   migrated: { names: string[]; durationMs: number };
   /**
    * Checkpoints the WAL into the database file, without waiting for a reader, and closes. Resolves
-   * with whether every frame reached the database file: a reader (sqlite3, the CLI, a backup)
-   * still reading older frames keeps those, and the next open checkpoints them. (A reader of the
-   * newest frames keeps only the WAL file from being truncated.)
+   * with why frames stayed out of the database file, if some did: a reader (sqlite3, the CLI, a
+   * backup) still reading older frames keeps those, as does a checkpoint that failed (a full disk,
+   * an I/O error); the next open checkpoints them. (A reader of the newest frames keeps only the
+   * WAL file from being truncated.)
    */
-  close(): Promise<boolean>;
+  close(): Promise<WalKept | undefined>;
 }
+
+/** Why a close left frames in the WAL: a reader of older frames, or a checkpoint that failed. */
+export type WalKept = { cause: 'reader' } | { cause: 'error'; err: string };
 
 export interface OpenOptions {
   /**
@@ -117,19 +121,21 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
     sqlite,
     migrated,
     async close() {
-      if (closed) return true;
+      if (closed) return undefined;
       closed = true;
-      let checkpointed = false;
+      let kept: WalKept | undefined;
       try {
         // a reader may read for as long as it likes: a stop does not wait for it (busy_timeout 0)
         sqlite.pragma('busy_timeout = 0');
         const [result] = sqlite.pragma('wal_checkpoint(TRUNCATE)') as Array<{ busy: number; log: number; checkpointed: number }>;
-        checkpointed = result !== undefined && (result.busy === 0 || result.checkpointed === result.log);
-      } catch {
-        // another connection holds the database; the next open checkpoints
+        if (result !== undefined && result.busy !== 0 && result.checkpointed !== result.log) {
+          kept = { cause: 'reader' };
+        }
+      } catch (err) {
+        kept = { cause: 'error', err: (err as Error).message };
       }
       sqlite.close();
-      return checkpointed;
+      return kept;
     },
   };
 }

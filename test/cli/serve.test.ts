@@ -6,7 +6,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import Database from 'better-sqlite3';
 import { openConnection, openStore } from '../../src/store/db.js';
-import { capturedLog, cliArgs, closedPort, sendMail, spawnRelay, startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { capturedLog, cliArgs, closedPort, sendMail, spawnRelay, startTestRelay, tempDir, waitFor, whileImmutable } from '../helpers.js';
 import { CLI_CWD, cleanEnv, runCli, writeConfigFile } from './run-cli.js';
 
 test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail and exits 0 on SIGTERM', async () => {
@@ -47,6 +47,34 @@ test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail 
   }
 });
 
+test('a stop whose checkpoint fails (the database file cannot be written) says so, not that a reader is in the way; the mail is in the WAL', async (t) => {
+  const log = capturedLog();
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
+  const databasePath = relay.config.databasePath;
+  let stopped = false;
+  try {
+    await sendMail(relay.smtpPort);
+    // the WAL still takes writes; the checkpoint's writes to the database file fail
+    const ran = await whileImmutable(t, databasePath, async () => {
+      await relay.stop();
+      stopped = true;
+    });
+    if (!ran) return;
+  } finally {
+    if (!stopped) await relay.stop();
+  }
+  const kept = log.entries().filter((e) => e.event === 'store.wal_kept');
+  assert.deepEqual(kept.map((e) => [e.level, e.walPath]), [[40, `${databasePath}-wal`]]);
+  assert.match(String(kept[0].err), /I\/O error|readonly|permission/i);
+  assert.doesNotMatch(String(kept[0].msg), /reader/);
+  const store = await openStore(databasePath);
+  try {
+    assert.equal((store.sqlite.prepare('SELECT count(*) AS n FROM messages').get() as { n: number }).n, 1);
+  } finally {
+    await store.close();
+  }
+});
+
 test('a stop while a reader (sqlite3 -readonly, the CLI) reads older frames leaves the WAL to the next start, saying so', async () => {
   const log = capturedLog();
   const relay = await startTestRelay({}, { startDelivery: false, logger: log.logger });
@@ -58,7 +86,8 @@ test('a stop while a reader (sqlite3 -readonly, the CLI) reads older frames leav
     await sendMail(relay.smtpPort); // a frame the reader's snapshot does not have
     await relay.stop();
     const kept = log.entries().filter((e) => e.event === 'store.wal_kept');
-    assert.deepEqual(kept.map((e) => e.walPath), [`${relay.config.databasePath}-wal`]);
+    assert.deepEqual(kept.map((e) => [e.level, e.walPath, e.err]), [[30, `${relay.config.databasePath}-wal`, undefined]]);
+    assert.match(String(kept[0].msg), /a reader \(sqlite3, the CLI, a backup\) still reads older frames/);
     assert.ok(fs.statSync(`${relay.config.databasePath}-wal`).size > 0);
     assert.ok(log.entries().some((e) => e.event === 'relay.stopped'));
   } finally {
@@ -72,7 +101,7 @@ test('a stop while a reader (sqlite3 -readonly, the CLI) reads older frames leav
     assert.equal((store.sqlite.prepare('SELECT count(*) AS n FROM messages').get() as { n: number }).n, 2);
     newest.exec('BEGIN');
     newest.prepare('SELECT count(*) FROM messages').get();
-    assert.equal(await store.close(), true);
+    assert.equal(await store.close(), undefined);
   } finally {
     newest.close();
     await store.close();
