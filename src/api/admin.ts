@@ -10,7 +10,7 @@ import { isoTime } from '../clock.js';
 import { count } from '../count.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
 import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
-import { flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, StoppedPartWay } from '../store/admin.js';
+import { type DeleteResult, flushQueuedInSteps, HELD, type RequeueFilter, requeueFailedInSteps, type RetryResult, StoppedPartWay } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
 import { addressFilterProblem, BadFilter, listMessages, messageDetail, messageRaw } from '../store/queries.js';
 import { isMessageState, MESSAGE_STATES } from '../store/schema.js';
@@ -160,19 +160,29 @@ function notFound(id: string): HTTPException {
   return new HTTPException(404, { message: `no message with id ${quotedId(id)}` });
 }
 
+/** What a command on one message did, in the words of its log line (`result` has the code). */
+const RESULT_WORDS: Record<RetryResult | DeleteResult, string> = {
+  requeued: 'requeued',
+  'due-now': 'due now',
+  deleted: 'deleted',
+  held: `refused: ${HELD}`,
+  delivered: 'nothing to retry: delivered to every recipient',
+  'not-found': 'no such message',
+};
+
 export function adminRoutes(deps: ApiDeps) {
   const { writer, clock, store } = deps;
   const log = deps.logger;
 
   /** Logs a command on one message with who asked: its result, or (at warn) why it failed. */
-  async function logged<T extends string>(c: Context<ApiEnv>, action: string, id: string, command: Promise<T>): Promise<T> {
+  async function logged<T extends RetryResult | DeleteResult>(c: Context<ApiEnv>, action: string, id: string, command: Promise<T>): Promise<T> {
     const who = c.get('requester');
     // queueId, as every other line about one message has it
     const queueId = quotedId(id);
     const line = { event: 'api.admin', action, queueId, client: who.ip, via: who.via };
     try {
       const result = await command;
-      log.info({ ...line, result }, `${action} ${queueId}: ${result}`);
+      log.info({ ...line, result }, `${action} ${queueId}: ${RESULT_WORDS[result]}`);
       return result;
     } catch (err) {
       log.warn({ ...line, result: 'error', err: (err as Error).message }, `${action} ${queueId} failed`);

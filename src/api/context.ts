@@ -65,6 +65,16 @@ export function singleQuery(c: Context, name: string): string | undefined {
  * `/metrics?fromat=prometheus` JSON).
  */
 export function onlyQueries(c: Context, names: readonly string[]): void {
+  // Hono keeps a value it cannot decode as it was: `sender=%ZZ` would be a filter for "%ZZ"
+  const query = c.req.url.includes('?') ? c.req.url.slice(c.req.url.indexOf('?') + 1) : '';
+  for (const part of query.split(/[&=]/)) {
+    try {
+      decodeURIComponent(part);
+    } catch {
+      const shown = part.length > 64 ? `${part.slice(0, 64)}…` : part;
+      throw new HTTPException(400, { message: `the query string is not valid percent-encoded UTF-8 at ${JSON.stringify(shown)}` });
+    }
+  }
   const [unknown] = Object.keys(c.req.queries()).filter((name) => !names.includes(name));
   if (unknown === undefined) return;
   const expected = names.length > 0 ? `expected ${names.join(', ')}` : 'this request takes none';

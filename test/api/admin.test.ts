@@ -434,6 +434,10 @@ describe('admin: queue inspection', () => {
         ['limit=5&sender=a%40example.com&limit=5', 'limit may be given only once'],
         ['stat=failed', 'unknown query parameter "stat": expected state, sender, recipient, limit, before'],
         ['state=failed&Sender=a%40example.com', 'unknown query parameter "Sender": expected state, sender, recipient, limit, before'],
+        // a value that cannot be decoded is not a filter for its undecoded text
+        ['sender=%ZZ%40example.com', 'the query string is not valid percent-encoded UTF-8 at "%ZZ%40example.com"'],
+        ['recipient=%E0%A4%40example.com', 'the query string is not valid percent-encoded UTF-8 at "%E0%A4%40example.com"'],
+        [`sender=a%4${'x'.repeat(100)}`, `the query string is not valid percent-encoded UTF-8 at "a%4${'x'.repeat(61)}…"`],
       ];
       for (const [query, message] of bad) {
         const res = await call(relay, `/admin/messages?${query}`);
@@ -1088,8 +1092,10 @@ test('a retry or delete of one message is logged at info with its result and who
   const log = capturedLog('info');
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
   try {
-    const [id] = await insertMessages(relay, 1, 'queued');
+    const [id, done] = await insertMessages(relay, 2, 'queued');
+    await writeDirect(relay, (db) => db.prepare("UPDATE messages SET state = 'delivered', finished_at = received_at WHERE id = ?").run(done));
     assert.equal((await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' })).status, 200);
+    assert.equal((await call(relay, `/admin/messages/${done}/retry`, { method: 'POST' })).status, 409);
     assert.equal((await call(relay, `/admin/messages/${id}`, { method: 'DELETE' })).status, 200);
     assert.equal((await call(relay, '/admin/messages/NOSUCHID/retry', { method: 'POST' })).status, 404);
     // an id of thousands of characters is quoted in part, as in the 404
@@ -1098,10 +1104,11 @@ test('a retry or delete of one message is logged at info with its result and who
     assert.deepEqual(
       log.entries().filter((e) => e.event === 'api.admin').map((e) => [e.level, e.action, e.queueId, e.result, e.client, e.via, e.msg]),
       [
-        [30, 'retry', id, 'due-now', '127.0.0.1', 'loopback', `retry ${id}: due-now`],
+        [30, 'retry', id, 'due-now', '127.0.0.1', 'loopback', `retry ${id}: due now`],
+        [30, 'retry', done, 'delivered', '127.0.0.1', 'loopback', `retry ${done}: nothing to retry: delivered to every recipient`],
         [30, 'delete', id, 'deleted', '127.0.0.1', 'loopback', `delete ${id}: deleted`],
-        [30, 'retry', 'NOSUCHID', 'not-found', '127.0.0.1', 'loopback', 'retry NOSUCHID: not-found'],
-        [30, 'delete', long, 'not-found', '127.0.0.1', 'loopback', `delete ${long}: not-found`],
+        [30, 'retry', 'NOSUCHID', 'not-found', '127.0.0.1', 'loopback', 'retry NOSUCHID: no such message'],
+        [30, 'delete', long, 'not-found', '127.0.0.1', 'loopback', `delete ${long}: no such message`],
       ],
     );
   } finally {
