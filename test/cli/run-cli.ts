@@ -1,5 +1,6 @@
 // Runs the relayq CLI (the build) as a real child process, with a config file of its own, none
 // of the caller's relayq environment variables, and an empty working directory.
+import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -71,4 +72,19 @@ export async function runCliJson<T = unknown>(args: string[], options?: { env?: 
   const r = await runCli([...args, '--json'], options);
   if (r.code !== 0) throw new Error(`relayq ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
   return JSON.parse(r.stdout) as T;
+}
+
+export const queuedId = (response: string) => {
+  const m = /queued as (\S+)/.exec(response);
+  assert.ok(m, response);
+  return m[1];
+};
+
+/** stderr must be exactly one line that says why. */
+export function assertOneLineError(r: { code: number | null; signal: NodeJS.Signals | null; stderr: string; stdout: string }, reason: RegExp) {
+  assert.equal(r.signal, null, 'the command was killed: it ran past its time limit');
+  assert.notEqual(r.code, 0, `expected a failure, got stdout ${r.stdout}`);
+  const lines = r.stderr.trimEnd().split('\n');
+  assert.equal(lines.length, 1, `one line of stderr, got: ${r.stderr}`);
+  assert.match(lines[0], reason);
 }
