@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ManualClock } from '../manual-clock.js';
 import pino from 'pino';
 import { startRelay } from '../../src/main.js';
-import { removeStrayTempFiles, syncDirectory } from '../../src/delivery/atomic-file.js';
+import { removeStrayTempFiles, syncDirectory, writeFileAtomic } from '../../src/delivery/atomic-file.js';
 import { DeliveryEngine } from '../../src/delivery/engine.js';
 import { failedExportDir } from '../../src/delivery/failed-export.js';
 import { sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
@@ -144,8 +145,37 @@ test("only temp files written before the given time are taken for a crash's", as
   assert.deepEqual(await removeStrayTempFiles(path.join(dir, 'missing'), before), []);
 });
 
-test('a directory whose rename cannot be made durable (it cannot be opened: EMFILE, EACCES, gone) is an error, not a delivery', async () => {
+test('a directory that cannot be opened to make a rename durable (gone, EMFILE, EACCES) is an error', async () => {
   const dir = tempDir();
   await syncDirectory(dir);
   await assert.rejects(syncDirectory(path.join(dir, 'gone')), { code: 'ENOENT' });
+});
+
+test('a message file is fsynced before its rename, and its directory after it', async (t) => {
+  const dir = tempDir();
+  const events: string[] = [];
+  // which file each handle is open on, and the order of the steps that make the write durable
+  const openedOn = new Map<object, string>();
+  const open = fsp.open;
+  t.mock.method(fsp, 'open', async (file: string, ...rest: [string?, number?]) => {
+    const handle = await open(file, ...rest);
+    openedOn.set(handle, file === dir ? 'directory' : path.basename(file).endsWith('.tmp') ? 'temp file' : file);
+    return handle;
+  });
+  const probe = await open(path.join(dir, 'probe'), 'w');
+  const handles = Object.getPrototypeOf(probe) as { sync(): Promise<void> };
+  await probe.close();
+  const sync = handles.sync;
+  t.mock.method(handles, 'sync', function (this: object) {
+    events.push(`sync ${openedOn.get(this)}`);
+    return sync.call(this);
+  });
+  const rename = fsp.rename;
+  t.mock.method(fsp, 'rename', async (from: string, to: string) => {
+    events.push('rename');
+    return rename(from, to);
+  });
+  await writeFileAtomic(path.join(dir, 'A.eml'), 'Subject: x\r\n\r\nbody\r\n');
+  assert.deepEqual(events, ['sync temp file', 'rename', 'sync directory']);
+  assert.equal(fs.readFileSync(path.join(dir, 'A.eml'), 'utf8'), 'Subject: x\r\n\r\nbody\r\n');
 });

@@ -275,6 +275,39 @@ test('on a file system without hard links the copy is renamed into place: no nam
   }
 });
 
+test('the copy is fsynced before it takes its name, and its directory after', async (t) => {
+  const relay = await startTestRelay({}, { startDelivery: false });
+  const dir = tempDir('relayq-fsync-');
+  try {
+    await sendMail(relay.smtpPort, { to: ['a@example.com'] });
+    const target = path.join(dir, 'copy.db');
+    const events: string[] = [];
+    const openedOn = new Map<number, string>();
+    const { openSync, fsyncSync, linkSync, renameSync } = fs;
+    t.mock.method(fs, 'openSync', (file: string, flags: fs.OpenMode, mode?: fs.Mode) => {
+      const fd = openSync(file, flags, mode);
+      openedOn.set(fd, file === dir ? 'directory' : file.startsWith(`${target}.partial-`) ? 'copy' : file);
+      return fd;
+    });
+    t.mock.method(fs, 'fsyncSync', (fd: number) => {
+      events.push(`fsync ${openedOn.get(fd)}`);
+      fsyncSync(fd);
+    });
+    t.mock.method(fs, 'linkSync', (from: string, to: string) => {
+      events.push('name');
+      linkSync(from, to);
+    });
+    t.mock.method(fs, 'renameSync', (from: string, to: string) => {
+      events.push('name');
+      renameSync(from, to);
+    });
+    assert.equal(backupDatabase(relay.store.sqlite, target).messages, 1);
+    assert.deepEqual(events, ['fsync copy', 'name', 'fsync directory']);
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('a copy that fails halfway leaves no partial file next to the target', async () => {
   const { dir, db } = await damagedDatabase();
   const targetDir = path.join(dir, 'backups');
