@@ -629,6 +629,27 @@ describe('loadConfig', () => {
     assert.deepEqual(errorMessages(loadConfig(['--config='], {})), ['--config needs a value']);
   });
 
+  test('the config file is --config FILE, else RELAYQ_CONFIG, else ./config.json', () => {
+    const dir = tempDir();
+    for (const [name, smtpPort] of [['config.json', 2601], ['env.json', 2602], ['flag.json', 2603]] as const) {
+      fs.writeFileSync(path.join(dir, name), JSON.stringify({ smtpPort }));
+    }
+    const cwd = process.cwd();
+    process.chdir(dir);
+    try {
+      const port = (argv: string[], env: NodeJS.ProcessEnv) => {
+        const r = loadConfigFromSources(argv, env);
+        assert.ok(r.ok, r.ok ? '' : r.message);
+        return r.config.smtpPort;
+      };
+      assert.equal(port(['--config', 'flag.json'], { RELAYQ_CONFIG: 'env.json' }), 2603);
+      assert.equal(port([], { RELAYQ_CONFIG: 'env.json' }), 2602);
+      assert.equal(port([], {}), 2601);
+    } finally {
+      process.chdir(cwd);
+    }
+  });
+
   test('an empty RELAYQ_CONFIG (an unset variable in compose) is an error, not a silent fallback to ./config.json', () => {
     const dir = tempDir();
     fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ smtpPort: 2600 }));

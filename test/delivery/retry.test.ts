@@ -272,12 +272,16 @@ describe('retries against a real upstream, with an injected clock', () => {
     );
   });
 
-  test('failedRetryInterval re-attempts only the temporarily failed recipients of a message; one refused with 550 stays failed', async () => {
+  test('failedRetryInterval re-attempts only the temporarily failed recipients of a message; one refused with 550 stays failed, one delivered is not sent again', async () => {
     const { clock, relay, upstream } = await setup({ retry: { initialDelay: 1, maxDelay: 1, maxAttempts: 2 }, failedRetryInterval: 300 });
     let deferring = true;
     upstream.rcptReply = (a) =>
-      a === 'p@example.com' ? { code: 550, message: '5.1.1 Unknown user' } : deferring ? { code: 451, message: '4.7.1 Try again later' } : undefined;
-    const id = await queue(relay, ['p@example.com', 't@example.com']);
+      a === 'p@example.com'
+        ? { code: 550, message: '5.1.1 Unknown user' }
+        : a === 't@example.com' && deferring
+          ? { code: 451, message: '4.7.1 Try again later' }
+          : undefined;
+    const id = await queue(relay, ['p@example.com', 't@example.com', 'd@example.com']);
     await runWhenDue(clock, relay, id);
     await runWhenDue(clock, relay, id);
     assert.equal(message(relay, id).state, 'failed');
@@ -285,21 +289,23 @@ describe('retries against a real upstream, with an injected clock', () => {
     assert.deepEqual(failed, [
       ['p@example.com', 'failed', 0, 550],
       ['t@example.com', 'failed', 1, 451],
+      ['d@example.com', 'delivered', 0, 250],
     ]);
 
     deferring = false;
     clock.set(message(relay, id).finished_at! + 300_000);
     const report = await relay.delivery.runOnce();
     assert.equal(report.requeued, 1);
-    const [p, t] = recipients(relay, id);
+    const [p, t, d] = recipients(relay, id);
     assert.deepEqual([p.status, p.temporary, p.last_code, p.attempts], ['failed', 0, 550, 1], 'the 550 is kept, not re-attempted');
+    assert.deepEqual([d.status, d.attempts], ['delivered', 1]);
     assert.match(p.last_reply!, /Unknown user/);
     assert.equal(t.status, 'delivered');
-    assert.deepEqual(upstream.accepted.map((tr) => tr.to), [['t@example.com']]);
+    assert.deepEqual(upstream.accepted.map((tr) => tr.to), [['d@example.com'], ['t@example.com']]);
     assert.deepEqual(
-      upstream.rcpts.filter((a) => a === 'p@example.com'),
-      ['p@example.com'],
-      'the upstream saw the refused RCPT once',
+      upstream.rcpts.filter((a) => a === 'p@example.com' || a === 'd@example.com'),
+      ['p@example.com', 'd@example.com'],
+      'the upstream saw the refused RCPT and the delivered one once',
     );
   });
 

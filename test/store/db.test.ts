@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import Database from 'better-sqlite3';
 import { openConnection, openStore, refuseHardLinks, shellWord } from '../../src/store/db.js';
-import { startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 
 test('shellWord leaves plain words alone and quotes the rest so that a shell reads them back', () => {
   assert.equal(shellWord('/var/lib/relayq/relayq.db'), '/var/lib/relayq/relayq.db');
@@ -82,5 +82,33 @@ test('closing a store does not wait for a reader of older frames, however long i
     assert.deepEqual([await exited, out], [0, 'false']);
   } finally {
     reader.close();
+  }
+});
+
+test('the -wal file a reader kept growing is cut back to 16 MiB once that reader is gone (journal_size_limit)', async () => {
+  const relay = await startTestRelay({ maxMessageSize: 2 * 2 ** 20 }, { startDelivery: false, startRetention: false });
+  const wal = `${relay.config.databasePath}-wal`;
+  const reader = new Database(relay.config.databasePath, { readonly: true });
+  try {
+    // a snapshot held open (a long sqlite3 session, a backup) keeps the WAL from being reused
+    reader.exec('BEGIN');
+    reader.prepare('SELECT count(*) FROM messages').get();
+    const text = 'x'.repeat(1000).concat('\r\n').repeat(1000); // 1 MB
+    for (let i = 0; i < 20; i++) await sendMail(relay.smtpPort, { text });
+    assert.ok(fs.statSync(wal).size > 16 * 2 ** 20, `the WAL grew past 16 MiB: ${fs.statSync(wal).size}`);
+    reader.exec('COMMIT');
+    reader.close();
+    // a checkpoint, then a commit that starts the WAL over and cuts it back
+    await waitFor(
+      async () => {
+        await sendMail(relay.smtpPort);
+        return fs.statSync(wal).size <= 16 * 2 ** 20;
+      },
+      20_000,
+      `the WAL cut back: ${fs.statSync(wal).size}`,
+    );
+  } finally {
+    if (reader.open) reader.close();
+    await relay.stop();
   }
 });
