@@ -14,11 +14,17 @@ export interface RecipientResult {
   reply: string;
 }
 
-/** What one attempt (one SMTP transaction, or one local write) produced. */
+/**
+ * What one attempt produced: one local write, or one SMTP transaction and any further ones for the
+ * recipients over the upstream's limit per transaction (SmtpUpstream.send).
+ */
 export interface BatchResult {
   /** "host:port" or "local". */
   upstream: string;
-  /** Transaction-level reply (the DATA reply, or the error that ended the transaction). */
+  /**
+   * The first transaction's reply (its DATA reply, or the error that ended it), or that of a later
+   * one that refused the batch as a whole (a 5xx to MAIL FROM or DATA).
+   */
   code: number | null;
   reply: string;
   /** One entry per claimed recipient, same order. */
@@ -156,16 +162,11 @@ function replyCode(reply: string | undefined): number | null {
 }
 
 interface NodemailerInfo {
-  accepted?: unknown[];
-  rejected?: unknown[];
+  /** The addresses as the RCPT commands gave them (SMTPConnection's own lists, not Mail's objects). */
+  accepted?: string[];
+  rejected?: string[];
   rejectedErrors?: Array<{ recipient?: string; responseCode?: number; response?: string; message?: string }>;
   response?: string;
-}
-
-function addressOf(entry: unknown): string {
-  if (typeof entry === 'string') return entry;
-  if (entry && typeof entry === 'object' && 'address' in entry) return String((entry as { address: unknown }).address);
-  return String(entry);
 }
 
 /** Each refused recipient's refusal, by address. */
@@ -183,9 +184,9 @@ function rcptRefusals(refusals: NodemailerInfo['rejectedErrors']): Map<string, E
 export function resultFromNodemailer(upstream: string, rcpts: readonly string[], outcome: { info: NodemailerInfo } | { error: unknown }): BatchResult {
   if ('info' in outcome) {
     const { info } = outcome;
-    const accepted = new Set((info.accepted ?? []).map(addressOf));
+    const accepted = new Set(info.accepted);
     const rejections = rcptRefusals(info.rejectedErrors);
-    const rejected = new Set((info.rejected ?? []).map(addressOf));
+    const rejected = new Set(info.rejected);
     const response = shortReply((info.response ?? '').trim());
     const code = replyCode(response);
     const recipients = rcpts.map((key): RecipientResult => {

@@ -57,7 +57,7 @@ export interface ClaimOptions {
   batchSize: number;
   /** Max messages to claim in this write. */
   limit: number;
-  /** Recipients that already used this many attempts without a result are failed, not sent. */
+  /** Recipients that already used this many attempts are failed, not sent (gaveUpReason says why). */
   maxAttempts: number;
   newToken: () => string;
   /** Messages this process is sending now: never claimed again, even when their lease looks expired. */
@@ -425,8 +425,9 @@ function settleMessage(
 }
 
 /**
- * Gives claims back (shutdown): the message is due again at once, so a restart picks it up
- * without waiting for the lease to expire. Fenced by token; returns how many were released.
+ * Gives claims back, at shutdown and for claims the engine cannot use (committed too late, or after
+ * a stop began): the message is due again at once, so a worker or a restart picks it up without
+ * waiting for the lease to expire. Fenced by token; returns how many were released.
  * The token stays until the message is claimed again, so an outcome that arrives while the
  * release commits (the upstream answered just then) is still recorded instead of being lost.
  * Attempts counted at claim time stay counted, as the batch may have reached the upstream;
