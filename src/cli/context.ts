@@ -3,6 +3,7 @@
 // file the server may be writing, and output as a table or as JSON. Failures are CliErrors:
 // the entry point prints their one-line message and exits non-zero.
 import fs from 'node:fs';
+import path from 'node:path';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
@@ -50,7 +51,11 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
 /** The database file's stat: it must be there, and be a file. */
 export function requireDatabaseFile(file: string): fs.Stats {
   const stat = fs.statSync(file, { throwIfNoEntry: false });
-  if (!stat) throw new CliError(`no database at ${file} (set databasePath in the config file, DATABASE_PATH, --databasePath or --config)`);
+  if (!stat) {
+    // a relative databasePath is read from the working directory, not from the config file's
+    const where = path.isAbsolute(file) ? file : `${file} (${path.resolve(file)}: a relative databasePath is taken from the working directory)`;
+    throw new CliError(`no database at ${where}; set databasePath in the config file, DATABASE_PATH, --databasePath or --config`);
+  }
   // else SQLite says "disk I/O error", and sends the operator looking at the disk
   if (stat.isDirectory()) throw new CliError(`cannot open database ${file}: it is a directory (databasePath names the database file)`);
   return stat;

@@ -314,7 +314,10 @@ function checkValue(key: KeyDef, value: unknown): Checked {
     case 'bool':
       return typeof value === 'boolean' ? { value } : { error: 'must be true or false' };
     case 'int':
-      if (typeof value !== 'number' || !Number.isInteger(value)) return { error: 'must be an integer' };
+      if (typeof value !== 'number' || !Number.isInteger(value)) {
+        const got = typeof value === 'string' && inUnit(key, value) !== undefined ? `, got ${JSON.stringify(value)}` : '';
+        return { error: `${integerIn(key)}${got}${unitHint(key, value)}` };
+      }
       return inRange(key, value);
     case 'list':
       if (!Array.isArray(value) || value.some((v) => typeof v !== 'string')) return { error: 'must be a list of strings' };
@@ -333,7 +336,7 @@ function parseString(key: KeyDef, raw: string): Checked {
       return { error: `must be true/false/1/0/yes/no, got "${raw}"` };
     }
     case 'int':
-      if (!/^-?\d+$/.test(raw.trim())) return { error: `must be an integer, got "${raw}"` };
+      if (!/^-?\d+$/.test(raw.trim())) return { error: `${integerIn(key)}, got "${raw}"${unitHint(key, raw)}` };
       return inRange(key, Number(raw.trim()), raw);
     case 'list':
       return {
@@ -343,6 +346,34 @@ function parseString(key: KeyDef, raw: string): Checked {
           .filter(Boolean),
       };
   }
+}
+
+const UNIT_WORDS: Record<string, string> = { ms: 'milliseconds', s: 'seconds', bytes: 'bytes' };
+const MS_PER: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000, w: 604_800_000 };
+const BYTES_PER: Record<string, number> = { k: 1024, m: 1024 ** 2, g: 1024 ** 3 };
+
+function integerIn(key: KeyDef): string {
+  return key.unit ? `must be an integer number of ${UNIT_WORDS[key.unit] ?? key.unit}` : 'must be an integer';
+}
+
+/**
+ * A value written with a unit, as in Postfix's main.cf (`5d`, `1s`, `25M`), in the key's own unit:
+ * what it would be, when it is a whole number of it.
+ */
+function inUnit(key: KeyDef, text: string): number | undefined {
+  const m = /^\s*(\d+)\s*([a-z]+)\s*$/i.exec(text);
+  if (!m || !key.unit) return undefined;
+  const suffix = m[2].toLowerCase();
+  const n =
+    key.unit === 'bytes'
+      ? Number(m[1]) * (BYTES_PER[suffix.replace(/i?b$/, '')] ?? Number.NaN)
+      : (Number(m[1]) * (MS_PER[suffix] ?? Number.NaN)) / (key.unit === 's' ? 1000 : 1);
+  return Number.isInteger(n) ? n : undefined;
+}
+
+function unitHint(key: KeyDef, value: unknown): string {
+  const n = typeof value === 'string' ? inUnit(key, value) : undefined;
+  return n === undefined ? '' : ` (${String(value).trim()} is ${n})`;
 }
 
 function inRange(key: KeyDef, n: number, text = String(n)): Checked {

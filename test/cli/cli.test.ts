@@ -7,7 +7,7 @@ import type { Relay } from '../../src/main.js';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
-import { assertOneLineError, queuedId, runCli, runCliJson, writeConfigFile } from './run-cli.js';
+import { assertOneLineError, CLI_CWD, queuedId, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 describe('relayq CLI on the database of a running relay', () => {
   let relay: Relay;
@@ -242,6 +242,10 @@ describe('relayq CLI on the database of a running relay', () => {
     for (const retry of await Promise.all([cli('retry', '--failed', '--sender', 'App Team <app@example.com>'), cli('retry', '--queued', '--sender', 'a b@example.com')])) {
       assertOneLineError(retry, /^relayq: --sender: an address has no space$/);
     }
+    // a relative path is the working directory's, which the error shows
+    const relative = await runCli(['status', '--databasePath', 'data/nowhere.db']);
+    assertOneLineError(relative, /^relayq: no database at data\/nowhere\.db \(/);
+    assert.ok(relative.stderr.includes(`(${path.join(CLI_CWD, 'data', 'nowhere.db')}: a relative databasePath is taken from the working directory)`), relative.stderr);
     const exportStale = await runCli(['export-failed', staleTarget], { env: { DATABASE_PATH: stale } });
     assertOneLineError(exportStale, /^relayq: database .*stale\.db needs migrations \(no such table: messages\)/);
     assert.ok(!fs.existsSync(staleTarget), 'export-failed on a database that needs migrating creates no directory');

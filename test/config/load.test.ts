@@ -433,6 +433,22 @@ describe('loadConfig', () => {
     assert.deepEqual(keys(loadConfig(['--smtpPort', '0', '--healthCheckPort', '0'], {})), []);
   });
 
+  test("an integer key with a unit says which, and what a Postfix-style value (5d, 1s, 25M) would be in it", () => {
+    assert.deepEqual(errorMessages(loadConfig([], { RETRY_MAX_AGE: '5d', BATCH_DELAY: '1s', MAX_MESSAGE_SIZE: '25M', PROCESSING_TIMEOUT: '1500ms', WORKER_COUNT: '5x' })), [
+      'BATCH_DELAY (batchDelay): must be an integer number of milliseconds, got "1s" (1s is 1000)',
+      'WORKER_COUNT (workerCount): must be an integer, got "5x"',
+      'PROCESSING_TIMEOUT (processingTimeout): must be an integer number of seconds, got "1500ms"',
+      'MAX_MESSAGE_SIZE (maxMessageSize): must be an integer number of bytes, got "25M" (25M is 26214400)',
+      'RETRY_MAX_AGE (retry.maxAge): must be an integer number of seconds, got "5d" (5d is 432000)',
+    ]);
+    const text = JSON.stringify({ retry: { maxAge: '5d', maxDelay: 'soon' }, spoolAfter: '256KiB' });
+    assert.deepEqual(errorMessages(loadConfig([], {}, { path: 'c.json', text })), [
+      'retry.maxAge: must be an integer number of seconds, got "5d" (5d is 432000)',
+      'retry.maxDelay: must be an integer number of seconds',
+      'spoolAfter: must be an integer number of bytes, got "256KiB" (256KiB is 262144)',
+    ]);
+  });
+
   test('a combination with a key whose own value was refused is not reported a second time', () => {
     const r = loadConfig([], { RETRY_INITIAL_DELAY: 'soon', RETRY_MAX_DELAY: '10' });
     assert.equal(r.ok, false);
@@ -1073,7 +1089,7 @@ test('an empty database file gets a command to say so, and stays empty; migrate 
     assert.match(r.stderr, /^relayq: cannot read database .*empty\.db: no schema: an empty database \(start the server on it, or run `relayq migrate`\)\n$/);
   }
   assert.equal(migrate.code, 1);
-  assert.match(migrate.stderr, /^relayq: no database at .*typo\/relayq\.db /);
+  assert.match(migrate.stderr, /^relayq: no database at .*typo\/relayq\.db; /);
   assert.deepEqual(fs.readdirSync(dir), ['empty.db'], 'nothing was created');
   assert.equal(fs.statSync(empty).size, 0, 'the empty file was not made a database');
 });
