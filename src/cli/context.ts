@@ -39,12 +39,16 @@ export function configFlags(options: GlobalOptions): string[] {
   return flags;
 }
 
+/** The keys the CLI's commands read; an error in another one is a warning to them (serve refuses it). */
+export const CLI_READS: ReadonlySet<string> = new Set(['databasePath', 'emailsDir', 'batchDelay', 'retention.deliveredDays', 'security.logAllEmails']);
+
 export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): Config {
-  const loaded = loadConfigFromSources(configFlags(options), env);
+  const loaded = loadConfigFromSources(configFlags(options), env, CLI_READS);
   if (!loaded.ok) throw new CliError(loaded.message, 2);
   // Of the start's warnings, only these can change what a command reads (DATABASE_PAHT): as
   // Postfix's commands warn of an unused parameter in main.cf, on stderr.
   for (const warning of mistypedEnvNames(env)) process.stderr.write(`relayq: warning: ${warning}\n`);
+  for (const error of loaded.unread) process.stderr.write(`relayq: warning: ${error} (this command does not read it; serve refuses it)\n`);
   return loaded.config;
 }
 

@@ -26,7 +26,11 @@ export interface ConfigFile {
   text: string;
 }
 
-export type LoadResult = { ok: true; config: Config; warnings: string[] } | { ok: false; errors: ConfigError[] };
+/**
+ * `unread`: errors in keys the caller said it does not read (`reads`), as warnings; their keys
+ * keep their defaults.
+ */
+export type LoadResult = { ok: true; config: Config; warnings: string[]; unread: string[] } | { ok: false; errors: ConfigError[] };
 
 const KEYS_BY_PATH = new Map(CONFIG_KEYS.map((k) => [k.path, k]));
 
@@ -168,6 +172,7 @@ export function loadConfig(
   argv: readonly string[],
   env: NodeJS.ProcessEnv,
   file?: ConfigFile | { path: string; error: string },
+  reads?: ReadonlySet<string>,
 ): LoadResult {
   const config = defaultConfig() as unknown as Record<string, unknown>;
   const errors: ConfigError[] = [];
@@ -238,7 +243,13 @@ export function loadConfig(
   // Checked on the values that were valid; a combination that involves a key whose own value was
   // already refused is left out (the default standing in for it would only confuse).
   checkCombinations(typed, origins, new Set(errors.map((e) => e.key)), errors, warnings);
-  return errors.length ? { ok: false, errors } : { ok: true, config: typed, warnings };
+  // A command that reads a few keys (the CLI's) is not kept from its work by another one's bad
+  // value, as Postfix's postqueue is not by a main.cf parameter it does not use. A key the file
+  // misspells is no such key: it may be one the command reads.
+  const unreadKey = (e: ConfigError) => reads !== undefined && KEYS_BY_PATH.has(e.key) && !reads.has(e.key);
+  const unread = errors.filter(unreadKey).map((e) => formatErrors([e], file?.path));
+  const used = errors.filter((e) => !unreadKey(e));
+  return used.length ? { ok: false, errors: used } : { ok: true, config: typed, warnings, unread };
 }
 
 /**
@@ -568,9 +579,10 @@ function clash(a: string, b: string): boolean {
 export function loadConfigFromSources(
   argv: readonly string[],
   env: NodeJS.ProcessEnv,
-): { ok: true; config: Config; warnings: string[]; file: string | null } | { ok: false; message: string } {
+  reads?: ReadonlySet<string>,
+): { ok: true; config: Config; warnings: string[]; unread: string[]; file: string | null } | { ok: false; message: string } {
   const file = readConfigFile(findConfigFile(argv, env));
-  const loaded = loadConfig(argv, env, file);
+  const loaded = loadConfig(argv, env, file, reads);
   if (loaded.ok) return { ...loaded, file: file ? resolve(file.path) : null };
   // a mistyped variable's name (FORWARD_HOSTT) may be why a key is missing: said with the errors
   const warnings = mistypedEnvNames(env).map((w) => `\nwarning: ${w}`);

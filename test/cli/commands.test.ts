@@ -7,12 +7,14 @@ import { test } from 'node:test';
 import { ManualClock } from '../manual-clock.js';
 import { failedExportPath } from '../../src/delivery/failed-export.js';
 import { ADMIN_STEP, flushQueuedInSteps, HELD, queuedDueNow } from '../../src/store/admin.js';
-import { openConnection } from '../../src/store/db.js';
+import { CLI_READS } from '../../src/cli/context.js';
+import { CONFIG_KEYS } from '../../src/config/schema.js';
+import { openConnection, openStore } from '../../src/store/db.js';
 import { insertMessage } from '../../src/store/intake.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { startScriptedUpstream } from '../delivery/fixtures.js';
 import { cliArgs, insertMessages, NO_LIMITS, newMessage, sendMail, startTestRelay, startUpstream, tempDir, waitFor, writeDirect } from '../helpers.js';
-import { assertOneLineError, CLI_CWD, cleanEnv, queuedId, REPO_ROOT, runCli, runCliJson } from './run-cli.js';
+import { assertOneLineError, CLI_CWD, cleanEnv, queuedId, REPO_ROOT, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 test('export-failed writes a large message a slice at a time: 20 MB in a 48 MB heap', async () => {
   const upstream = await startUpstream({ onRcptTo: (_address, _session, cb) => cb(Object.assign(new Error('5.1.1 no such user'), { responseCode: 550 })) });
@@ -544,4 +546,28 @@ test('retry and delete of more ids than one write takes go in steps; a step that
   } finally {
     await relay.stop();
   }
+});
+
+test("a bad value in a key the CLI does not read is a warning to its commands, which still work; serve and a key they read still refuse it", async () => {
+  const dir = tempDir();
+  const databasePath = path.join(dir, 'relayq.db');
+  await (await openStore(databasePath)).close();
+  // as an operator edits the config for the next restart, and takes a backup first
+  const config = writeConfigFile(dir, { databasePath, emailsDir: path.join(dir, 'emails'), forwardSMTP: true, forwardHost: 'smtp.example.com:587' });
+  const bad = 'forwardHost: must be a host name';
+  const status = await runCli(['status', '--config', config]);
+  assert.equal(status.code, 0, status.stderr);
+  assert.match(status.stderr, new RegExp(`^relayq: warning: config error \\(file ${config}\\): ${bad}.* \\(this command does not read it; serve refuses it\\)\\n$`));
+  const backup = await runCli(['backup', path.join(dir, 'copy.db'), '--config', config]);
+  assert.equal(backup.code, 0, backup.stderr);
+  assert.ok(fs.existsSync(path.join(dir, 'copy.db')));
+  const serve = await runCli(['serve', '--config', config, '--smtpPort', '0', '--healthCheckPort', '0']);
+  assert.equal(serve.code, 2);
+  assert.match(serve.stderr, new RegExp(bad));
+  // a key the commands read, or one the file misspells (it may be databasePath), still stops them
+  const misspelt = writeConfigFile(dir, { databasPath: databasePath });
+  assertOneLineError(await runCli(['status', '--config', misspelt]), /databasPath.*did you mean databasePath/);
+  const badDelay = writeConfigFile(dir, { databasePath, batchDelay: 'soon' });
+  assertOneLineError(await runCli(['retry', '--queued', '--config', badDelay]), /batchDelay: must be an integer/);
+  for (const key of CLI_READS) assert.ok(CONFIG_KEYS.some((k) => k.path === key), key);
 });
