@@ -53,7 +53,8 @@ export const BUSY_TIMEOUT_MS = 5000;
  * the database file's mode.
  */
 export function openConnection(file: string): Sqlite {
-  createPrivateFile(file);
+  // through a symbolic link to a file not made yet (a first start on a mounted volume): made there
+  createPrivateFile(realDatabasePath(file));
   refuseHardLinks(file);
   const sqlite = new Database(file);
   try {
@@ -89,6 +90,25 @@ export function shellWord(text: string): string {
   return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replaceAll("'", `'\\''`)}'`;
 }
 
+/**
+ * The file a database path names, through symbolic links, also to a file not made yet; the path
+ * itself (absolute) where it names none. Its -wal, -shm and -lock files are beside this file.
+ */
+export function realDatabasePath(file: string): string {
+  let current = path.resolve(file);
+  // as the kernel, which gives up on a path after 40 links
+  for (let links = 0; links < 40; links++) {
+    try {
+      return fs.realpathSync(current);
+    } catch {
+      // not there yet (the start creates it), or not to be reached: opening it says why
+      if (!fs.lstatSync(current, { throwIfNoEntry: false })?.isSymbolicLink()) return current;
+      current = path.resolve(path.dirname(current), fs.readlinkSync(current));
+    }
+  }
+  return path.resolve(file);
+}
+
 /** Creates `file` empty, readable by the relay's user alone, unless it is there already. */
 export function createPrivateFile(file: string): void {
   makeDirectory(path.dirname(path.resolve(file)), 0o700);
@@ -110,6 +130,10 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
     try {
       migrated.names = await migratePending(sqlite);
       migrated.durationMs = Math.round(performance.now() - started);
+      // Into the database file at once: a new database's schema would otherwise stay in the WAL
+      // until a thousand pages had been written, and a -wal file removed after a crash (against
+      // advice) would leave a file that looks new and is silently migrated again, empty.
+      if (migrated.names.length > 0) sqlite.pragma('wal_checkpoint(PASSIVE)');
       requireWritable(sqlite);
     } catch (err) {
       sqlite.close();

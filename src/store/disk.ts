@@ -3,6 +3,7 @@
 // and the free pages inside the file, which SQLite fills before it grows the file.
 import fs from 'node:fs';
 import path from 'node:path';
+import { realDatabasePath } from './db.js';
 
 export class DiskSpace {
   private cached: { at: number; mb: number; error?: string } = { at: 0, mb: Number.POSITIVE_INFINITY };
@@ -22,7 +23,7 @@ export class DiskSpace {
     const t = Date.now();
     if (t - this.cached.at >= 1000 || t < this.cached.at) {
       try {
-        const s = fs.statfsSync(path.dirname(realFile(this.databasePath)));
+        const s = fs.statfsSync(path.dirname(realDatabasePath(this.databasePath)));
         this.cached = { at: t, mb: Math.floor((s.bavail * s.bsize + this.reusableBytes()) / (1024 * 1024)) };
       } catch (err) {
         // taken for a full disk: new mail is refused until the space can be read again
@@ -43,14 +44,5 @@ export class DiskSpace {
    */
   isLow(declaredBytes = 0): boolean {
     return this.minFreeMb > 0 && this.freeMb() - declaredBytes / (1024 * 1024) < this.minFreeMb;
-  }
-}
-
-/** The file a path names, through symbolic links; the path itself when it cannot be resolved. */
-function realFile(file: string): string {
-  try {
-    return fs.realpathSync(file);
-  } catch {
-    return path.resolve(file);
   }
 }

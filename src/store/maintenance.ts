@@ -6,9 +6,8 @@
 // CLI, a backup, a sqlite3 shell) pins an old snapshot. journal_size_limit truncates it back
 // once such a reader is gone.
 import fs from 'node:fs';
-import path from 'node:path';
 import Database from 'better-sqlite3';
-import { BUSY_TIMEOUT_MS, createPrivateFile, refuseHardLinks, type Sqlite } from './db.js';
+import { BUSY_TIMEOUT_MS, createPrivateFile, realDatabasePath, refuseHardLinks, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
@@ -26,12 +25,7 @@ export function limitWalSize(sqlite: Sqlite): void {
  * schema changed under a running relay); the other CLI commands work beside a running relay.
  */
 export function lockDatabase(databasePath: string): { release(): void } {
-  let real = path.resolve(databasePath);
-  try {
-    real = fs.realpathSync(databasePath);
-  } catch {
-    // not there yet: the start creates it at this path
-  }
+  const real = realDatabasePath(databasePath);
   // not a lock file beside a directory: the open of the database would fail anyway
   if (fs.statSync(real, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`${databasePath} is a directory`);
   refuseHardLinks(real);

@@ -6,7 +6,8 @@ import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import Database from 'better-sqlite3';
 import { openConnection, openStore, refuseHardLinks, shellWord } from '../../src/store/db.js';
-import { sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { lockDatabase } from '../../src/store/maintenance.js';
+import { startTestRelay, tempDir, waitFor } from '../helpers.js';
 
 test('shellWord leaves plain words alone and quotes the rest so that a shell reads them back', () => {
   assert.equal(shellWord('/var/lib/relayq/relayq.db'), '/var/lib/relayq/relayq.db');
@@ -69,7 +70,7 @@ test('closing a store does not wait for a reader of older frames, however long i
     // In another process, as a close that waited would block its event loop: with a busy timeout
     // of 24 days, it ends only if the close does not wait for the reader.
     const db = pathToFileURL(path.resolve('src/store/db.ts')).href;
-    const code = `const { openStore } = await import(${JSON.stringify(db)}); const store = await openStore(${JSON.stringify(file)}); store.sqlite.pragma('busy_timeout = 2147483647'); process.stdout.write(String(await store.close()));`;
+    const code = `const { openStore } = await import(${JSON.stringify(db)}); const store = await openStore(${JSON.stringify(file)}); store.sqlite.pragma('busy_timeout = 2147483647'); process.stdout.write(JSON.stringify(await store.close()));`;
     const child = spawn(process.execPath, [...process.execArgv, '--input-type=module', '-e', code], { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
@@ -79,36 +80,42 @@ test('closing a store does not wait for a reader of older frames, however long i
     } finally {
       child.kill('SIGKILL');
     }
-    assert.deepEqual([await exited, out], [0, 'false']);
+    assert.deepEqual([await exited, out], [0, '{"cause":"reader"}']);
   } finally {
     reader.close();
   }
 });
 
-test('the -wal file a reader kept growing is cut back to 16 MiB once that reader is gone (journal_size_limit)', async () => {
-  const relay = await startTestRelay({ maxMessageSize: 2 * 2 ** 20 }, { startDelivery: false, startRetention: false });
-  const wal = `${relay.config.databasePath}-wal`;
-  const reader = new Database(relay.config.databasePath, { readonly: true });
+test('a migration is checkpointed into the database file at once: the file holds the schema without its -wal', async () => {
+  const dir = tempDir();
+  const file = path.join(dir, 'relayq.db');
+  const store = await openStore(file);
+  // copied while open, as a running relay keeps it (its close checkpoints too)
+  fs.copyFileSync(file, path.join(dir, 'alone.db'));
+  await store.close();
+  const alone = new Database(path.join(dir, 'alone.db'), { readonly: true });
   try {
-    // a snapshot held open (a long sqlite3 session, a backup) keeps the WAL from being reused
-    reader.exec('BEGIN');
-    reader.prepare('SELECT count(*) FROM messages').get();
-    const text = 'x'.repeat(1000).concat('\r\n').repeat(1000); // 1 MB
-    for (let i = 0; i < 20; i++) await sendMail(relay.smtpPort, { text });
-    assert.ok(fs.statSync(wal).size > 16 * 2 ** 20, `the WAL grew past 16 MiB: ${fs.statSync(wal).size}`);
-    reader.exec('COMMIT');
-    reader.close();
-    // a checkpoint, then a commit that starts the WAL over and cuts it back
-    await waitFor(
-      async () => {
-        await sendMail(relay.smtpPort);
-        return fs.statSync(wal).size <= 16 * 2 ** 20;
-      },
-      20_000,
-      `the WAL cut back: ${fs.statSync(wal).size}`,
-    );
+    const tables = alone.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('messages', 'schema_migrations')").pluck().all();
+    assert.deepEqual(tables.sort(), ['messages', 'schema_migrations']);
   } finally {
-    if (reader.open) reader.close();
-    await relay.stop();
+    alone.close();
   }
+});
+
+test('a databasePath that is a symbolic link to a file not made yet: the file is made where the link points, with its lock beside it', async () => {
+  const dir = tempDir();
+  fs.mkdirSync(path.join(dir, 'volume'));
+  fs.mkdirSync(path.join(dir, 'conf'));
+  const link = path.join(dir, 'conf', 'relayq.db');
+  fs.symlinkSync('../volume/relayq.db', link); // relative, as ln -s makes it
+  const lock = lockDatabase(link);
+  try {
+    await (await openStore(link)).close();
+  } finally {
+    lock.release();
+  }
+  assert.ok(fs.lstatSync(link).isSymbolicLink(), 'the link is left as it was');
+  assert.deepEqual(fs.readdirSync(path.join(dir, 'conf')), ['relayq.db']);
+  assert.deepEqual(fs.readdirSync(path.join(dir, 'volume')).sort(), ['relayq.db', 'relayq.db-lock']);
+  assert.equal(fs.statSync(path.join(dir, 'volume', 'relayq.db')).mode & 0o777, 0o600);
 });
