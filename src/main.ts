@@ -17,9 +17,9 @@ import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
 import { makeDirectory } from './make-dir.js';
 import { SmtpIntake } from './smtp/intake.js';
-import { SpoolError } from './smtp/spool.js';
+import { Spool, SpoolError } from './smtp/spool.js';
 import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
-import { openStore, type Store, type WalKept } from './store/db.js';
+import { openStore, realDatabasePath, type Store, type WalKept } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
 import { lockDatabase } from './store/maintenance.js';
 import { RetentionSweeper } from './store/retention.js';
@@ -185,7 +185,13 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
       'messages being delivered when relayq last stopped could not be handed back now: they are due again when their lease ends',
     );
   }
-  const disk = new DiskSpace(config.databasePath, config.minFreeDiskMb, () => freePageBytes(store));
+  const disk = new DiskSpace({
+    databasePath: config.databasePath,
+    minFreeMb: config.minFreeDiskMb,
+    spoolDir: Spool.dirFor(config.databasePath),
+    spoolAfter: config.spoolAfter,
+    reusableBytes: () => freePageBytes(store),
+  });
   const delivery = new DeliveryEngine({
     config,
     sqlite: store.sqlite,
@@ -284,7 +290,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
         // until now a client that connects is told `421`, not refused
         await intake.close();
         const kept = await closeStorage();
-        const walPath = `${config.databasePath}-wal`;
+        const walPath = `${realDatabasePath(config.databasePath)}-wal`;
         if (kept?.cause === 'reader') {
           logger.info(
             { event: 'store.wal_kept', walPath },

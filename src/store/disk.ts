@@ -5,44 +5,84 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { realDatabasePath } from './db.js';
 
-export class DiskSpace {
-  private cached: { at: number; mb: number; error?: string } = { at: 0, mb: Number.POSITIVE_INFINITY };
+const MB = 1024 * 1024;
 
+interface Sample {
+  at: number;
+  /** The database's filesystem and its free pages together: what minFreeDiskMb weighs. */
+  mb: number;
+  /** The database's filesystem alone, where the WAL grows; and the spool directory's, when another. */
+  fsMb: number;
+  spoolMb?: number;
+  error?: string;
+}
+
+export interface DiskSpaceOptions {
+  databasePath: string;
+  minFreeMb: number;
+  /** `<databasePath>-spool`, which may be on another filesystem (beside a symbolic link). */
+  spoolDir?: string;
+  /** Messages over this many bytes are spooled while they arrive (0: none are). */
+  spoolAfter?: number;
   /**
-   * `reusableBytes`: the database file's free pages, in bytes. Space that delivery, retention or a
-   * delete gave back stays in the file (it does not shrink), so counting only the filesystem would
-   * refuse mail for good once the file had grown to the floor, however empty the queue.
+   * The database file's free pages, in bytes. Space that delivery, retention or a delete gave
+   * back stays in the file (it does not shrink), so counting only the filesystem would refuse
+   * mail for good once the file had grown to the floor, however empty the queue.
    */
-  constructor(
-    private readonly databasePath: string,
-    private readonly minFreeMb: number,
-    private readonly reusableBytes: () => number = () => 0,
-  ) {}
+  reusableBytes?: () => number;
+}
 
-  freeMb(): number {
+export class DiskSpace {
+  private cached: Sample = { at: 0, mb: Number.POSITIVE_INFINITY, fsMb: Number.POSITIVE_INFINITY };
+
+  constructor(private readonly options: DiskSpaceOptions) {}
+
+  private sample(): Sample {
     const t = Date.now();
     if (t - this.cached.at >= 1000 || t < this.cached.at) {
+      const { databasePath, spoolDir, reusableBytes } = this.options;
       try {
-        const s = fs.statfsSync(path.dirname(realDatabasePath(this.databasePath)));
-        this.cached = { at: t, mb: Math.floor((s.bavail * s.bsize + this.reusableBytes()) / (1024 * 1024)) };
+        const dir = path.dirname(realDatabasePath(databasePath));
+        const fsMb = freeMbOf(dir);
+        // the spool directory is made at the start; before, its parent stands in
+        const spool = spoolDir && (fs.existsSync(spoolDir) ? spoolDir : path.dirname(spoolDir));
+        const spoolMb = spool && fs.statSync(spool).dev !== fs.statSync(dir).dev ? freeMbOf(spool) : undefined;
+        this.cached = { at: t, mb: Math.floor(fsMb + (reusableBytes?.() ?? 0) / MB), fsMb, spoolMb };
       } catch (err) {
         // taken for a full disk: new mail is refused until the space can be read again
-        this.cached = { at: t, mb: 0, error: (err as Error).message };
+        this.cached = { at: t, mb: 0, fsMb: 0, error: (err as Error).message };
       }
     }
-    return this.cached.mb;
+    return this.cached;
+  }
+
+  freeMb(): number {
+    return this.sample().mb;
   }
 
   /** Why the free space could not be read at the last sample, if it could not. */
   get readError(): string | undefined {
-    return this.cached.error;
+    return this.sample().error;
   }
 
   /**
    * True when free space is below minFreeDiskMb (new mail is refused), or would be once a message
-   * of `declaredBytes` (MAIL FROM's SIZE) were stored, as Postfix weighs SIZE against queue_minfree.
+   * of `declaredBytes` (MAIL FROM's SIZE) were stored, as Postfix weighs SIZE against queue_minfree;
+   * or when the filesystem itself has no room for such a message: it goes to the WAL before a
+   * checkpoint moves it into the file's free pages, and to the spool first if it is over spoolAfter.
    */
   isLow(declaredBytes = 0): boolean {
-    return this.minFreeMb > 0 && this.freeMb() - declaredBytes / (1024 * 1024) < this.minFreeMb;
+    const { minFreeMb, spoolAfter = 0 } = this.options;
+    if (minFreeMb <= 0) return false;
+    const s = this.sample();
+    const declared = declaredBytes / MB;
+    if (s.mb - declared < minFreeMb) return true;
+    if (!(spoolAfter > 0 && declaredBytes > spoolAfter)) return s.fsMb < declared;
+    return s.spoolMb === undefined ? s.fsMb < 2 * declared : s.fsMb < declared || s.spoolMb < declared;
   }
+}
+
+function freeMbOf(dir: string): number {
+  const s = fs.statfsSync(dir);
+  return (s.bavail * s.bsize) / MB;
 }

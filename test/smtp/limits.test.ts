@@ -7,6 +7,7 @@ import { ManualClock } from '../manual-clock.js';
 import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { openStore } from '../../src/store/db.js';
+import { DiskSpace } from '../../src/store/disk.js';
 import { claimDueBatches } from '../../src/store/delivery.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { capturedLog, closedPort, type DeepPartial, messageCount, openSession, SmtpClient, sendMail, startTestRelay, startUpstream, tempDir, testConfig, waitFor, writeDirect } from '../helpers.js';
@@ -352,6 +353,20 @@ describe('backpressure', () => {
     } finally {
       await relay.stop();
     }
+  });
+
+  test("the database file's free pages do not stand in for the filesystem's room for a message: the WAL, and the spool first, need it", () => {
+    const dir = tempDir();
+    const { bavail, bsize } = fs.statfsSync(dir);
+    const fsFree = bavail * bsize;
+    // a file with free pages far beyond any message, on a filesystem that has what it has
+    const disk = (spoolAfter: number) =>
+      new DiskSpace({ databasePath: path.join(dir, 'relayq.db'), minFreeMb: 1, spoolDir: path.join(dir, 'relayq.db-spool'), spoolAfter, reusableBytes: () => 2 ** 50 });
+    assert.equal(disk(0).isLow(1024), false);
+    assert.equal(disk(0).isLow(fsFree * 0.75), false, 'held in memory, it needs its size once: in the WAL');
+    assert.equal(disk(0).isLow(fsFree * 1.25), true, 'more than the filesystem holds');
+    assert.equal(disk(1).isLow(fsFree * 0.75), true, 'spooled, it needs its size twice: the spool file and the WAL');
+    assert.equal(disk(1).isLow(fsFree * 0.25), false);
   });
 
   test('a databasePath that is a symbolic link is weighed by the free space where the file is', async (t) => {
