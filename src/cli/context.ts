@@ -56,6 +56,10 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
 export function requireDatabaseFile(file: string): fs.Stats {
   const stat = fs.statSync(file, { throwIfNoEntry: false });
   if (!stat) {
+    // ls shows a link whose target is missing: say which is missing
+    if (fs.lstatSync(file, { throwIfNoEntry: false })?.isSymbolicLink()) {
+      throw new CliError(`no database at ${file}: it is a symbolic link to ${fs.readlinkSync(file)}, which does not exist`);
+    }
     // a relative databasePath is read from the working directory, not from the config file's
     const where = path.isAbsolute(file) ? file : `${file} (${path.resolve(file)}: a relative databasePath is taken from the working directory)`;
     throw new CliError(`no database at ${where}; set databasePath in the config file, DATABASE_PATH, --databasePath or --config`);

@@ -33,6 +33,8 @@ export interface ConfigFile {
 export type LoadResult = { ok: true; config: Config; warnings: string[]; unread: string[] } | { ok: false; errors: ConfigError[] };
 
 const KEYS_BY_PATH = new Map(CONFIG_KEYS.map((k) => [k.path, k]));
+/** The objects that group keys in the file (`rateLimits`, `tls`, …). */
+const SECTIONS = new Set(CONFIG_KEYS.filter((k) => k.path.includes('.')).map((k) => k.path.split('.')[0]));
 
 /** Every name a file may use: the keys, and the objects that hold nested ones (`rateLimits`). */
 const FILE_NAMES = [...new Set(CONFIG_KEYS.flatMap((k) => k.path.split('.').map((_, i, parts) => parts.slice(0, i + 1).join('.'))))];
@@ -244,9 +246,14 @@ export function loadConfig(
   // already refused is left out (the default standing in for it would only confuse).
   checkCombinations(typed, origins, new Set(errors.map((e) => e.key)), errors, warnings);
   // A command that reads a few keys (the CLI's) is not kept from its work by another one's bad
-  // value, as Postfix's postqueue is not by a main.cf parameter it does not use. A key the file
-  // misspells is no such key: it may be one the command reads.
-  const unreadKey = (e: ConfigError) => reads !== undefined && KEYS_BY_PATH.has(e.key) && !reads.has(e.key);
+  // value, as Postfix's postqueue is not by a main.cf parameter it does not use. A name the file
+  // misspells may be one the command reads, unless it is in a section that holds none of those.
+  const unreadKey = (e: ConfigError) => {
+    if (reads === undefined || reads.has(e.key)) return false;
+    if (KEYS_BY_PATH.has(e.key)) return true;
+    const section = e.key.split('.')[0];
+    return SECTIONS.has(section) && ![...reads].some((k) => k.startsWith(`${section}.`));
+  };
   const unread = errors.filter(unreadKey).map((e) => formatErrors([e], file?.path));
   const used = errors.filter((e) => !unreadKey(e));
   return used.length ? { ok: false, errors: used } : { ok: true, config: typed, warnings, unread };
@@ -368,17 +375,16 @@ function integerIn(key: KeyDef): string {
 }
 
 /**
- * A value written with a unit, as in Postfix's main.cf (`5d`, `1s`, `25M`), in the key's own unit:
+ * A value written with a unit, a time as in Postfix's main.cf (`5d`, `1s`) or a size in binary units
+ * (`25M`, `25MiB`: 25 × 1024²), in the key's own unit:
  * what it would be, when it is a whole number of it.
  */
 function inUnit(key: KeyDef, text: string): number | undefined {
   const m = /^\s*(\d+)\s*([a-z]+)\s*$/i.exec(text);
   if (!m || !key.unit) return undefined;
   const suffix = m[2].toLowerCase();
-  const n =
-    key.unit === 'bytes'
-      ? Number(m[1]) * (BYTES_PER[suffix.replace(/i?b$/, '')] ?? Number.NaN)
-      : (Number(m[1]) * (MS_PER[suffix] ?? Number.NaN)) / (key.unit === 's' ? 1000 : 1);
+  const ms = Number(m[1]) * (MS_PER[suffix] ?? Number.NaN);
+  const n = key.unit === 'bytes' ? Number(m[1]) * (BYTES_PER[suffix.replace(/i?b$/, '')] ?? Number.NaN) : key.unit === 's' ? ms / 1000 : key.unit === 'ms' ? ms : Number.NaN;
   return Number.isInteger(n) ? n : undefined;
 }
 

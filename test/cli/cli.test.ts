@@ -246,6 +246,9 @@ describe('relayq CLI on the database of a running relay', () => {
     const relative = await runCli(['status', '--databasePath', 'data/nowhere.db']);
     assertOneLineError(relative, /^relayq: no database at data\/nowhere\.db \(/);
     assert.ok(relative.stderr.includes(`(${path.join(CLI_CWD, 'data', 'nowhere.db')}: a relative databasePath is taken from the working directory)`), relative.stderr);
+    const dangling = path.join(dir, 'dangling.db');
+    fs.symlinkSync('volume/relayq.db', dangling);
+    assertOneLineError(await runCli(['status', '--databasePath', dangling]), /^relayq: no database at .*dangling\.db: it is a symbolic link to volume\/relayq\.db, which does not exist$/);
     const exportStale = await runCli(['export-failed', staleTarget], { env: { DATABASE_PATH: stale } });
     assertOneLineError(exportStale, /^relayq: database .*stale\.db needs migrations \(no such table: messages\)/);
     assert.ok(!fs.existsSync(staleTarget), 'export-failed on a database that needs migrating creates no directory');

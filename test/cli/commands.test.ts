@@ -564,9 +564,20 @@ test("a bad value in a key the CLI does not read is a warning to its commands, w
   const serve = await runCli(['serve', '--config', config, '--smtpPort', '0', '--healthCheckPort', '0']);
   assert.equal(serve.code, 2);
   assert.match(serve.stderr, new RegExp(bad));
-  // a key the commands read, or one the file misspells (it may be databasePath), still stops them
+  // so is a name the file misspells in a section the commands read nothing of
+  const sections = writeConfigFile(dir, { databasePath, tls: { crt: 'x' }, rateLimits: 'on' });
+  const inSections = await runCli(['status', '--config', sections]);
+  assert.equal(inSections.code, 0, inSections.stderr);
+  assert.deepEqual(
+    inSections.stderr.trimEnd().split('\n').map((line) => /^relayq: warning: config error \(file .*\): ([\w.]+): .*\(this command does not read it; serve refuses it\)$/.exec(line)?.[1]),
+    ['tls.crt', 'rateLimits'],
+  );
+  // a key the commands read, or a name the file misspells where it may be one (databasePath, or
+  // in a section they read), still stops them
   const misspelt = writeConfigFile(dir, { databasPath: databasePath });
   assertOneLineError(await runCli(['status', '--config', misspelt]), /databasPath.*did you mean databasePath/);
+  const inRead = writeConfigFile(dir, { databasePath, retention: { deliverdDays: 3 } });
+  assertOneLineError(await runCli(['status', '--config', inRead]), /retention\.deliverdDays: unknown key/);
   const badDelay = writeConfigFile(dir, { databasePath, batchDelay: 'soon' });
   assertOneLineError(await runCli(['retry', '--queued', '--config', badDelay]), /batchDelay: must be an integer/);
   for (const key of CLI_READS) assert.ok(CONFIG_KEYS.some((k) => k.path === key), key);
