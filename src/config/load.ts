@@ -333,8 +333,9 @@ function checkValue(key: KeyDef, value: unknown): Checked {
       return typeof value === 'boolean' ? { value } : { error: 'must be true or false' };
     case 'int':
       if (typeof value !== 'number' || !Number.isInteger(value)) {
-        const got = typeof value === 'string' && inUnit(key, value) !== undefined ? `, got ${JSON.stringify(value)}` : '';
-        return { error: `${integerIn(key)}${got}${unitHint(key, value)}` };
+        // a value written with a unit is shown, with what it would be in the key's
+        const hint = unitHint(key, value);
+        return { error: `${integerIn(key)}${hint && `, got ${JSON.stringify(value)}${hint}`}` };
       }
       return inRange(key, value);
     case 'list':
