@@ -7,6 +7,7 @@ import path from 'node:path';
 import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
 import { cliArgs, tempDir } from '../helpers.js';
 
+export { queuedId } from '../delivery/fixtures.js';
 export { REPO_ROOT } from '../helpers.js';
 
 /**
@@ -74,11 +75,6 @@ export async function runCliJson<T = unknown>(args: string[], options?: { env?: 
   return JSON.parse(r.stdout) as T;
 }
 
-export const queuedId = (response: string) => {
-  const m = /queued as (\S+)/.exec(response);
-  assert.ok(m, response);
-  return m[1];
-};
 
 /** stderr must be exactly one line that says why. */
 export function assertOneLineError(r: { code: number | null; signal: NodeJS.Signals | null; stderr: string; stdout: string }, reason: RegExp) {

@@ -47,6 +47,29 @@ test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail 
   }
 });
 
+test("store.wal_kept names the -wal file beside the database's real file when databasePath is a symbolic link", async () => {
+  const dir = tempDir();
+  fs.mkdirSync(path.join(dir, 'volume'));
+  const real = path.join(dir, 'volume', 'relayq.db');
+  const link = path.join(dir, 'relayq.db');
+  fs.symlinkSync(real, link);
+  const log = capturedLog();
+  const relay = await startTestRelay({ databasePath: link }, { startDelivery: false, logger: log.logger });
+  const reader = new Database(link, { readonly: true });
+  try {
+    await sendMail(relay.smtpPort);
+    reader.exec('BEGIN');
+    reader.prepare('SELECT count(*) FROM messages').get();
+    await sendMail(relay.smtpPort);
+    await relay.stop();
+  } finally {
+    reader.close();
+  }
+  const kept = log.entries().filter((e) => e.event === 'store.wal_kept');
+  assert.deepEqual(kept.map((e) => e.walPath), [`${real}-wal`]);
+  assert.equal(fs.existsSync(`${link}-wal`), false);
+});
+
 test('a stop whose checkpoint fails (the database file cannot be written) says so, not that a reader is in the way; the mail is in the WAL', async (t) => {
   const log = capturedLog();
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
