@@ -360,8 +360,7 @@ describe('backpressure', () => {
       await relay.stop();
     }
     // the floor weighs the two together (the filesystem alone is checked for room for a message)
-    const { bavail, bsize } = fs.statfsSync(dir);
-    const floor = Math.floor((bavail * bsize) / 2 ** 20) + 1000;
+    const floor = Math.floor(freeMbOf(dir)) + 1000;
     const disk = (reusable: number) => new DiskSpace({ databasePath, minFreeMb: floor, reusableBytes: () => reusable });
     assert.equal(disk(2 ** 50).isLow(), false);
     assert.equal(disk(0).isLow(), true);
@@ -369,8 +368,7 @@ describe('backpressure', () => {
 
   test("the database file's free pages do not stand in for the filesystem's room for a message: the WAL, and the spool first, need it", () => {
     const dir = tempDir();
-    const { bavail, bsize } = fs.statfsSync(dir);
-    const fsFree = bavail * bsize;
+    const fsFree = freeMbOf(dir) * 2 ** 20;
     // a file with free pages far beyond any message, on a filesystem that has what it has
     const disk = (spoolAfter: number) =>
       new DiskSpace({ databasePath: path.join(dir, 'relayq.db'), minFreeMb: 1, spoolDir: path.join(dir, 'relayq.db-spool'), spoolAfter, reusableBytes: () => 2 ** 50 });
@@ -385,10 +383,6 @@ describe('backpressure', () => {
     // a link in the temp dir to a database on /dev/shm, when that is a filesystem of its own
     const shm = '/dev/shm';
     const dir = tempDir();
-    const freeMbOf = (d: string) => {
-      const s = fs.statfsSync(d);
-      return (s.bavail * s.bsize) / 2 ** 20;
-    };
     let shmFree: number;
     try {
       if (fs.statfsSync(shm).type === fs.statfsSync(dir).type) return t.skip(`${shm} is not a filesystem of its own here`);
