@@ -294,7 +294,8 @@ export function adminRoutes(deps: ApiDeps) {
       if (row.raw === null) {
         throw new HTTPException(404, { message: `the content of ${id} was erased after delivery (security.logAllEmails is false)` });
       }
-      return c.body(new Uint8Array(row.raw), 200, {
+      // a view of the bytes, not a copy of a message that may be 25 MB
+      return c.body(new Uint8Array(row.raw.buffer as ArrayBuffer, row.raw.byteOffset, row.raw.byteLength), 200, {
         'Content-Type': 'message/rfc822',
         'Content-Disposition': `attachment; filename="${id.replace(/[^A-Za-z0-9._-]/g, '_')}.eml"`,
       });

@@ -48,8 +48,9 @@ export function lockDatabase(databasePath: string): { release(): void } {
   return { release: () => held.close() };
 }
 
-/** Bytes of the database file and of its -wal file (0 when absent). */
+/** Bytes of the database file and of its -wal file (0 when absent), beside the real file when databasePath is a link. */
 export function databaseFileSizes(databasePath: string): { database: number; wal: number } {
+  const file = realDatabasePath(databasePath);
   const size = (file: string) => {
     try {
       return fs.statSync(file).size;
@@ -57,7 +58,7 @@ export function databaseFileSizes(databasePath: string): { database: number; wal
       return 0;
     }
   };
-  return { database: size(databasePath), wal: size(`${databasePath}-wal`) };
+  return { database: size(file), wal: size(`${file}-wal`) };
 }
 
 /**

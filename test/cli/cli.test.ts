@@ -86,6 +86,15 @@ describe('relayq CLI on the database of a running relay', () => {
       bytes: fs.statSync(relay.config.databasePath).size,
       wal_bytes: fs.statSync(`${relay.config.databasePath}-wal`).size,
     });
+    assert.ok(database.wal_bytes > 0, 'the relay has a -wal file to measure');
+    // through a symbolic link: the -wal file is beside the real file, not beside the link
+    const link = path.join(tempDir(), 'link.db');
+    fs.symlinkSync(relay.config.databasePath, link);
+    const linked = await cliJson<{ database: { bytes: number; wal_bytes: number } }>('status', '--databasePath', link);
+    assert.deepEqual(
+      [linked.database.bytes, linked.database.wal_bytes],
+      [fs.statSync(relay.config.databasePath).size, fs.statSync(`${relay.config.databasePath}-wal`).size],
+    );
     const text = await cli('status');
     assert.equal(text.code, 0, text.stderr);
     assert.match(text.stdout, /^queued: +2 \(0 tried before\)$/m);
