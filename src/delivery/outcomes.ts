@@ -29,9 +29,9 @@ export interface BatchResult {
   reply: string;
   /** One entry per claimed recipient, same order. */
   recipients: RecipientResult[];
-  /** Refused as a whole with a 5xx (MAIL FROM, DATA, or every RCPT): continueOnError=false stops here. */
+  /** Refused as a whole with a 5xx (MAIL FROM, DATA, or every RCPT): continueOnError=false stops here (see planCompletion). */
   permanentFailure: boolean;
-  /** A 5xx to MAIL FROM or DATA, or an error before any RCPT: refused as a whole, not recipient by recipient. */
+  /** A 5xx to MAIL FROM or DATA (in any transaction of the batch), or an error before any RCPT: refused as a whole, not recipient by recipient. */
   refusedWhole: boolean;
   /**
    * relayq did not log in: the upstream refused forwardUsername/forwardPassword, offered no AUTH,
@@ -248,9 +248,11 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
   // due together and go out in one transaction again, instead of one by one as each comes due.
   const draw = ctx.random();
   // continueOnError=false: a permanent refusal fails what is left of the message, this batch's
-  // deferred recipients included (the store fails those of its other batches)
+  // deferred recipients included (the store fails those of its other batches). Every RCPT of a
+  // retry refused one by one is not one when an earlier attempt of the batch delivered to others:
+  // the batch was not refused, some of its recipients were.
   const failRemaining =
-    result.permanentFailure && !ctx.continueOnError
+    result.permanentFailure && (result.refusedWhole || !claim.deliveredBefore) && !ctx.continueOnError
       ? `batch ${claim.batch} was refused permanently (${withCode(result.code, result.reply)}) and continueOnError is false`
       : undefined;
   let delivered = 0;

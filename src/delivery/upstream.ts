@@ -408,7 +408,7 @@ export class SmtpUpstream {
       });
       // refused as a whole (a 5xx to MAIL FROM or DATA): so is the batch, for continueOnError; its
       // recipients all refused one by one are not (the first transaction delivered to others)
-      if (next.refusedWhole) Object.assign(result, { permanentFailure: true, code: next.code, reply: next.reply });
+      if (next.refusedWhole) Object.assign(result, { permanentFailure: true, refusedWhole: true, code: next.code, reply: next.reply });
       again = overLimit(next.recipients).map((k) => again[k]);
     }
     return result;

@@ -28,8 +28,10 @@ export interface ClaimedRecipient {
 export interface ClaimedBatch {
   messageId: string;
   token: string;
-  /** Index of the batch within the message: floor(first seq / batchSize). */
+  /** Index of the batch within the message: floor(seq / batchSize) of each of its recipients. */
   batch: number;
+  /** An earlier attempt of this batch delivered to some of its recipients. */
+  deliveredBefore: boolean;
   mailFrom: string;
   /**
    * The stored bytes; null only if the content was erased, which never happens to pending mail.
@@ -144,6 +146,11 @@ function gaveUpReason(sqlite: Sqlite, id: string, recipient: { address: string; 
   return `gave up: retry.maxAttempts is ${maxAttempts}, and it has had ${count(recipient.attempts, 'attempt')}`;
 }
 
+/** The batch a recipient belongs to: its place in RCPT order divided by batchSize. */
+function batchOf(seq: number, batchSize: number): number {
+  return Number.isFinite(batchSize) ? Math.floor(seq / batchSize) : 0;
+}
+
 function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result: ClaimResult): ClaimedBatch | undefined {
   const { now, batchSize, maxAttempts } = options;
   const pending = prepared(
@@ -153,8 +160,12 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
   ).all(id, now) as Array<{ seq: number; address: string; attempts: number; last_reply: string | null }>;
   const chosen: ClaimedRecipient[] = [];
   let gaveUp: string | null = null;
+  // The recipients are split into batches once, by RCPT order: a transaction holds the due
+  // recipients of one batch, so a retry of an earlier batch never joins or delays a later one.
+  let batch: number | undefined;
   for (const r of pending) {
-    if (chosen.length >= batchSize) break;
+    const index = batchOf(r.seq, batchSize);
+    if (batch !== undefined && index !== batch) break;
     // Attempts are counted at claim time, so a batch whose delivery kills the process every
     // time still runs out of attempts instead of looping forever.
     if (r.attempts >= maxAttempts) {
@@ -167,9 +178,10 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
       ).run(reply, now, id, r.seq);
       continue;
     }
+    batch = index;
     chosen.push({ seq: r.seq, address: r.address, attempts: r.attempts + 1 });
   }
-  if (chosen.length === 0) {
+  if (batch === undefined) {
     // Nothing to send now: put the message back where its recipients say it belongs.
     const settled = settleMessage(sqlite, id, now, {
       nextAttemptFloor: now,
@@ -201,10 +213,16 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     received_at: number;
     claims: number;
   };
+  const [first, end] = Number.isFinite(batchSize) ? [batch * batchSize, (batch + 1) * batchSize] : [0, Number.MAX_SAFE_INTEGER];
+  const deliveredBefore = prepared(
+    sqlite,
+    `SELECT EXISTS (SELECT 1 FROM recipients WHERE message_id = ? AND seq >= ? AND seq < ? AND status = 'delivered') AS d`,
+  ).get(id, first, end) as { d: number };
   return {
     messageId: id,
     token,
-    batch: Number.isFinite(batchSize) ? Math.floor(chosen[0].seq / batchSize) : 0,
+    batch,
+    deliveredBefore: deliveredBefore.d === 1,
     mailFrom: message.mail_from,
     raw: message.raw,
     receivedAt: message.received_at,

@@ -789,6 +789,80 @@ describe('per-recipient outcomes', () => {
     assert.deepEqual(attempts(relay, id).map((a) => [a.batch, a.outcome]), [[0, 'failed']]);
   });
 
+  /**
+   * Queues a message to a, b, c and d (batches of 2, 120 s apart), runs delivery, calls `then`
+   * (the upstream changes its replies), and runs it twice more, 120 s apart each.
+   */
+  async function deliverInRounds(relay: Relay, clock: ManualClock, then: () => void): Promise<string> {
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com']);
+    await relay.delivery.runOnce();
+    then();
+    for (let round = 0; round < 2; round++) {
+      clock.advance(120_000);
+      await relay.delivery.runOnce();
+    }
+    return id;
+  }
+
+  /** [batch, recipients] of each attempt, in order. */
+  const sent = (relay: Relay, id: string) => attempts(relay, id).map((a) => [a.batch, JSON.parse(a.recipients) as string[]]);
+  const BUSY = { code: 450, message: '4.2.1 Busy' };
+  const NO_SUCH_USER = { code: 550, message: '5.1.1 No such user' };
+
+  test('a retry goes out with the recipients of its own batch only: it neither joins nor delays a later batch', async () => {
+    // b is deferred once; its retry is due (60 s) before the next batch (batchDelay 120 s)
+    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 120_000 });
+    upstream.rcptReply = (a) => (a === 'b@example.com' ? BUSY : undefined);
+    const id = await deliverInRounds(relay, clock, () => {
+      upstream.rcptReply = () => undefined;
+    });
+    assert.deepEqual(sent(relay, id), [
+      [0, ['a@example.com', 'b@example.com']],
+      [0, ['b@example.com']],
+      [1, ['c@example.com', 'd@example.com']],
+    ]);
+    assert.equal(message(relay, id).state, 'delivered');
+  });
+
+  test('continueOnError=false: a retry whose every RCPT is refused does not stop the message when its batch delivered to others', async () => {
+    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 120_000, continueOnError: false });
+    upstream.rcptReply = (a) => (a === 'b@example.com' ? BUSY : a === 'c@example.com' ? NO_SUCH_USER : undefined);
+    const id = await deliverInRounds(relay, clock, () => {
+      upstream.rcptReply = (a) => (a === 'b@example.com' || a === 'c@example.com' ? NO_SUCH_USER : undefined);
+    });
+    assert.deepEqual(sent(relay, id), [
+      [0, ['a@example.com', 'b@example.com']],
+      [0, ['b@example.com']],
+      [1, ['c@example.com', 'd@example.com']],
+    ]);
+    assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status, r.last_code]), [
+      ['a@example.com', 'delivered', 250],
+      ['b@example.com', 'failed', 550],
+      ['c@example.com', 'failed', 550],
+      ['d@example.com', 'delivered', 250],
+    ]);
+  });
+
+  test('continueOnError=false: a retry whose every RCPT is refused stops the message when its batch delivered to none', async () => {
+    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 120_000, continueOnError: false });
+    upstream.rcptReply = (a) => (a === 'a@example.com' || a === 'b@example.com' ? BUSY : undefined);
+    const id = await deliverInRounds(relay, clock, () => {
+      upstream.rcptReply = (a) => (a === 'a@example.com' || a === 'b@example.com' ? NO_SUCH_USER : undefined);
+    });
+    assert.deepEqual(sent(relay, id), [
+      [0, ['a@example.com', 'b@example.com']],
+      [0, ['a@example.com', 'b@example.com']],
+    ]);
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.address, r.status, r.attempts]), [
+      ['a@example.com', 'failed', 2],
+      ['b@example.com', 'failed', 2],
+      ['c@example.com', 'failed', 0],
+      ['d@example.com', 'failed', 0],
+    ]);
+    for (const r of rows.slice(2)) assert.match(r.last_reply!, /^not attempted: batch 0 was refused permanently \(550 .*\) and continueOnError is false/);
+  });
+
   test('a recipient refused at RCPT keeps its own reply when DATA is then refused or deferred', async () => {
     const { relay, upstream } = await setup();
     upstream.rcptReply = (a) =>
