@@ -1,6 +1,8 @@
 // What an envelope address is for every part of relayq: its longest length, and the form of its
 // domain that relayq stores, counts and looks up.
+import net from 'node:net';
 import { domainToASCII, domainToUnicode } from 'node:url';
+import { normalizeIPv6 } from 'smtp-server/lib/ipv6-normalize.js';
 
 /** The longest envelope address relayq accepts (64 octets of local part, @, 255 of domain). */
 export const MAX_ADDRESS_LENGTH = 320;
@@ -20,11 +22,15 @@ export function withoutAngleBrackets(path: string): string {
  * with that domain as IDNA maps it, in Unicode: lower case, NFC, fullwidth letters made ASCII.
  * `bob@XN--MNCHEN-3YA.DE`, `bob@MÜNCHEN.de` and `bob@ｍüｎｃｈｅｎ.de` go upstream as one address,
  * so they are stored, counted and found as one (smtp-server decodes only lower-case `xn--`
- * labels). An ASCII domain, or one IDNA refuses, is returned as written.
+ * labels). An IPv6 literal is written as smtp-server stores it (`[IPv6:2001:DB8:0:0:0:0:0:1]` is
+ * `[IPv6:2001:db8::1]`), so that a filter finds it however it is written. Any other ASCII domain,
+ * or one IDNA refuses, is returned as written.
  */
 export function decodeIdnDomain(address: string): string {
   const at = address.lastIndexOf('@');
   const domain = address.slice(at + 1);
+  const ipv6 = /^\[IPv6:(.*)\]$/i.exec(domain)?.[1];
+  if (at >= 0 && ipv6 !== undefined && net.isIPv6(ipv6)) return `${address.slice(0, at)}@[IPv6:${normalizeIPv6(ipv6)}]`;
   if (at < 0 || (isAscii(domain) && !/(^|\.)xn--/i.test(domain))) return address;
   const ascii = domainToASCII(domain);
   return `${address.slice(0, at)}@${(ascii && domainToUnicode(ascii)) || domain}`;

@@ -75,8 +75,11 @@ export function onlyQueries(c: Context, names: readonly string[]): void {
       throw new HTTPException(400, { message: `the query string is not valid percent-encoded UTF-8 at ${JSON.stringify(shown)}` });
     }
   }
+  const expected = names.length > 0 ? `expected ${names.join(', ')}` : 'this request takes none';
+  // Hono leaves out a parameter without a name (`?=prometheus`), as it would a misspelt one
+  const nameless = query.split('&').find((pair) => pair.startsWith('='));
+  if (nameless !== undefined) throw new HTTPException(400, { message: `a query parameter without a name (${JSON.stringify(nameless.slice(0, 64))}): ${expected}` });
   const [unknown] = Object.keys(c.req.queries()).filter((name) => !names.includes(name));
   if (unknown === undefined) return;
-  const expected = names.length > 0 ? `expected ${names.join(', ')}` : 'this request takes none';
   throw new HTTPException(400, { message: `unknown query parameter ${JSON.stringify(unknown)}: ${expected}` });
 }

@@ -413,6 +413,17 @@ describe('admin: queue inspection', () => {
       await writeDirect(relay, (db) => db.prepare("UPDATE recipients SET address = 'dave@XN--MNCHEN-3YA.DE' WHERE message_id = ?").run(old));
       const found = await call<Page>(relay, `/admin/messages?recipient=${encodeURIComponent('dave@xn--mnchen-3ya.de')}`);
       assert.deepEqual(found.body.messages.map((m) => m.id), [old]);
+      // an IPv6 literal is stored in its canonical form and found however it is written
+      const literal = await sendAsWritten(relay, 'dev@[IPv6:2001:DB8:0:0:0:0:0:1]', ['r@[IPv6:2001:DB8:0:0:0:0:0:2]']);
+      for (const [filter, query] of [
+        ['sender', 'dev@[IPv6:2001:DB8:0:0:0:0:0:1]'],
+        ['sender', '<dev@[ipv6:2001:db8::1]>'],
+        ['recipient', 'r@[IPv6:2001:DB8:0:0:0:0:0:2]'],
+        ['recipient', 'R@[IPv6:2001:0db8::0:2]'],
+      ]) {
+        const res = await call<Page>(relay, `/admin/messages?${filter}=${encodeURIComponent(query)}`);
+        assert.deepEqual(res.body.messages.map((m) => m.id), [literal], query);
+      }
 
       const bad: Array<[string, string]> = [
         ['state=lost', 'state must be one of queued, sending, delivered, failed'],
@@ -434,6 +445,7 @@ describe('admin: queue inspection', () => {
         ['limit=5&sender=a%40example.com&limit=5', 'limit may be given only once'],
         ['stat=failed', 'unknown query parameter "stat": expected state, sender, recipient, limit, before'],
         ['state=failed&Sender=a%40example.com', 'unknown query parameter "Sender": expected state, sender, recipient, limit, before'],
+        ['=failed', 'a query parameter without a name ("=failed"): expected state, sender, recipient, limit, before'],
         // a value that cannot be decoded is not a filter for its undecoded text
         ['sender=%ZZ%40example.com', 'the query string is not valid percent-encoded UTF-8 at "%ZZ%40example.com"'],
         ['recipient=%E0%A4%40example.com', 'the query string is not valid percent-encoded UTF-8 at "%E0%A4%40example.com"'],

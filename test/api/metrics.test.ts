@@ -439,6 +439,9 @@ describe('GET /metrics', () => {
       // a misspelt parameter is refused, not answered in JSON as if it were not there
       const typo = await call(relay, '/metrics?fromat=prometheus');
       assert.deepEqual([typo.status, typo.body], [400, { error: 'bad_request', message: 'unknown query parameter "fromat": expected format' }]);
+      // and so is one without its name, over HTTP too
+      const nameless = await fetch(`http://127.0.0.1:${relay.httpPort}/metrics?=prometheus`);
+      assert.deepEqual([nameless.status, await nameless.json()], [400, { error: 'bad_request', message: 'a query parameter without a name ("=prometheus"): expected format' }]);
     } finally {
       await relay.stop();
     }
