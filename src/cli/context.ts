@@ -8,7 +8,7 @@ import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
-import { BUSY_TIMEOUT_MS, openConnection, type Sqlite } from '../store/db.js';
+import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
 import { appliedMigrations, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 import { escapeTerminalUnsafe } from '../terminal-unsafe.js';
 
@@ -66,6 +66,11 @@ export function requireDatabaseFile(file: string): fs.Stats {
   }
   // else SQLite says "disk I/O error", and sends the operator looking at the disk
   if (stat.isDirectory()) throw new CliError(`cannot open database ${file}: it is a directory (databasePath names the database file)`);
+  try {
+    refuseForeignWal(file);
+  } catch (err) {
+    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
+  }
   return stat;
 }
 

@@ -85,6 +85,35 @@ export function refuseHardLinks(file: string): void {
   }
 }
 
+/**
+ * A -wal file beside a database in rollback-journal mode is another database's: a backup
+ * (`relayq backup` writes one in that mode) copied over a database whose -wal a crash left behind.
+ * SQLite would read that WAL's pages into the file, and on the first checkpoint write them there
+ * for good. Reads the database file's header, so it runs before this process opens the database:
+ * closing a descriptor of the file would drop SQLite's locks on it.
+ */
+export function refuseForeignWal(file: string): void {
+  const real = realDatabasePath(file);
+  if (!fs.statSync(`${real}-wal`, { throwIfNoEntry: false })?.size) return;
+  const header = Buffer.alloc(20);
+  let fd: number;
+  try {
+    fd = fs.openSync(real, 'r');
+  } catch {
+    return; // not there, or not readable: opening it says why
+  }
+  try {
+    if (fs.readSync(fd, header, 0, header.length, 0) < header.length) return;
+  } finally {
+    fs.closeSync(fd);
+  }
+  // bytes 18 and 19: the file format versions to write and to read, 1 for rollback, 2 for WAL
+  if (header[18] !== 1 || header[19] !== 1) return;
+  throw new Error(
+    `${real}-wal does not belong to ${file}: the database is in rollback-journal mode, as a backup is, and SQLite would read another database's pages from that WAL into it. If a backup was restored here, remove ${shellWord(`${real}-wal`)} and ${shellWord(`${real}-shm`)} (see Backup and restore in the README)`,
+  );
+}
+
 /** `text` as one word of a POSIX shell command line: single-quoted unless it needs no quotes. */
 export function shellWord(text: string): string {
   return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replaceAll("'", `'\\''`)}'`;

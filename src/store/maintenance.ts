@@ -7,7 +7,7 @@
 // once such a reader is gone.
 import fs from 'node:fs';
 import Database from 'better-sqlite3';
-import { BUSY_TIMEOUT_MS, createPrivateFile, realDatabasePath, refuseHardLinks, type Sqlite } from './db.js';
+import { BUSY_TIMEOUT_MS, createPrivateFile, realDatabasePath, refuseForeignWal, refuseHardLinks, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
@@ -45,6 +45,12 @@ export function lockDatabase(databasePath: string): { release(): void } {
     throw new Error(`${file}: ${(err as Error).message}`, { cause: err });
   }
   const held = lock;
+  try {
+    refuseForeignWal(real);
+  } catch (err) {
+    held.close();
+    throw err;
+  }
   return { release: () => held.close() };
 }
 

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -11,7 +11,7 @@ import { ManualClock } from '../manual-clock.js';
 import { type Relay, startRelay } from '../../src/main.js';
 import { BackupError, backupDatabase } from '../../src/store/backup.js';
 import { openReadOnly } from '../../src/store/maintenance.js';
-import { sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { REPO_ROOT, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { runCli, writeConfigFile } from '../cli/run-cli.js';
 
 const CLIENTS = 12;
@@ -375,5 +375,48 @@ test('a database opened through a symlink: its WAL and shared memory beside the 
   } finally {
     await relay.stop();
     fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a backup restored beside the -wal of the database it replaced is refused, by the relay and the CLI, until that -wal is removed', async () => {
+  const dir = tempDir('relayq-stale-wal-');
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const copy = path.join(dir, 'copy.db');
+  try {
+    await sendMail(relay.smtpPort, { to: ['rcpt@example.com'] });
+    const sqlite = openReadOnly(relay.config.databasePath);
+    try {
+      backupDatabase(sqlite, copy);
+    } finally {
+      sqlite.close();
+    }
+  } finally {
+    await relay.stop();
+  }
+  // the restore of step 2, with step 3 forgotten: the WAL that a crash left of the replaced
+  // database (a process that ends without closing it) is still there
+  const restored = path.join(dir, 'relayq.db');
+  const crashed = spawnSync(
+    process.execPath,
+    ['-e', `const db = new (require('better-sqlite3'))(${JSON.stringify(restored)}); db.pragma('journal_mode = WAL'); db.exec("CREATE TABLE t (x); INSERT INTO t VALUES (zeroblob(20000))"); process.exit(0)`],
+    { cwd: REPO_ROOT, encoding: 'utf8' },
+  );
+  assert.equal(crashed.status, 0, crashed.stderr);
+  assert.ok(fs.statSync(`${restored}-wal`).size > 0);
+  fs.copyFileSync(copy, restored);
+  const config = { ...relay.config, smtpPort: 0, healthCheckPort: 0, databasePath: restored, emailsDir: path.join(dir, 'emails') };
+  const refusal = new RegExp(`relayq\\.db-wal does not belong to .*relayq\\.db: .*remove ${restored}-wal and ${restored}-shm`);
+  // (a relay that started after all is stopped, so that the test fails instead of hanging)
+  await assert.rejects(startRelay(config, { logger: pino({ level: 'silent' }) }).then((started) => started.stop()), refusal);
+  const status = await runCli(['status', '--databasePath', restored]);
+  assert.equal(status.code, 1, status.stderr);
+  assert.match(status.stderr, refusal);
+  assert.deepEqual(fs.readFileSync(restored), fs.readFileSync(copy), 'the restored copy is untouched');
+  fs.rmSync(`${restored}-wal`);
+  const again = await startRelay(config, { logger: pino({ level: 'silent' }), startDelivery: false });
+  try {
+    assert.equal((again.store.sqlite.prepare('SELECT COUNT(*) AS n FROM messages').get() as { n: number }).n, 1);
+  } finally {
+    await again.stop();
   }
 });
