@@ -318,15 +318,16 @@ describe('attempt deadline', () => {
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 5 },
       { clock, startDelivery: false, random: NO_JITTER },
     );
-    const engine = engineOn(relay, clock, { attemptTimeoutMs: 300 });
+    // time enough for the whole transaction up to the final dot on a loaded machine
+    const engine = engineOn(relay, clock, { attemptTimeoutMs: 2000 });
     try {
       const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
-      assert.equal(engine.attemptTimeoutMs, 300);
+      assert.equal(engine.attemptTimeoutMs, 2000);
       assert.equal(relay.delivery.attemptTimeoutMs, 4000, 'by default 10 % (at least 1 s) below the 5 s lease');
       await engine.runOnce();
       const [r] = recipients(relay, id);
       assert.equal(r.status, 'pending');
-      assert.match(r.last_reply!, /timed out: the attempt exceeded 300 ms/);
+      assert.match(r.last_reply!, /timed out: the attempt exceeded 2000 ms.*; no reply to the final dot: /);
       assert.equal(message(relay, id).lease_token, null, 'recorded while the lease was still held');
       assert.equal(upstream.held.length, 1);
       await waitFor(() => upstream.connections() === 0, 10_000, 'the stalled connection to close');
