@@ -136,7 +136,11 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   } catch (err) {
     throw refused(err as Error);
   }
-  const store = await openStore(config.databasePath, { secureDelete: !config.security.logAllEmails }).catch((err: Error) => {
+  const store = await openStore(config.databasePath, {
+    secureDelete: !config.security.logAllEmails,
+    // a migration of a large store may take minutes, with nothing listening meanwhile
+    onMigrating: (names) => logger.info({ event: 'store.migrating', migrations: names }, 'applying schema migrations'),
+  }).catch((err: Error) => {
     lock.release();
     throw refused(err);
   });

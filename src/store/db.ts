@@ -41,6 +41,8 @@ export interface OpenOptions {
    * not linger in the file), from the migrations on: they rewrite rows that hold message content.
    */
   secureDelete?: boolean;
+  /** Called with the pending migrations' names before they run (they may take long on a large store). */
+  onMigrating?: (names: string[]) => void;
 }
 
 /** How long a connection waits for another one's write lock before SQLITE_BUSY. */
@@ -157,7 +159,7 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
   if (options.migrate ?? true) {
     const started = performance.now();
     try {
-      migrated.names = await migratePending(sqlite);
+      migrated.names = await migratePending(sqlite, options.onMigrating);
       migrated.durationMs = Math.round(performance.now() - started);
       // Into the database file at once: a new database's schema would otherwise stay in the WAL
       // until a thousand pages had been written, and a -wal file removed after a crash (against
@@ -197,7 +199,7 @@ export async function openStore(file: string, options: OpenOptions = {}): Promis
  * Applies the pending migrations and names them. The migrator, and the query builder it runs on,
  * load only when one is pending: most starts have none.
  */
-async function migratePending(sqlite: Sqlite): Promise<string[]> {
+async function migratePending(sqlite: Sqlite, onMigrating?: (names: string[]) => void): Promise<string[]> {
   let applied: string[];
   try {
     applied = appliedMigrations(sqlite);
@@ -206,7 +208,9 @@ async function migratePending(sqlite: Sqlite): Promise<string[]> {
     applied = []; // a new database
   }
   refuseNewerSchema(applied, MIGRATION_NAMES);
-  if (MIGRATION_NAMES.every((name) => applied.includes(name))) return [];
+  const pending = MIGRATION_NAMES.filter((name) => !applied.includes(name));
+  if (pending.length === 0) return [];
+  onMigrating?.(pending);
   const { kyselyFor, migrateToLatest } = await import('./migrate.js');
   return migrateToLatest(kyselyFor(sqlite));
 }

@@ -170,20 +170,21 @@ test('the upgrade moves every stored message into message_bodies, and the relay 
   }
 });
 
-test('a start that migrates says which migrations it applied, and how long they took; the next start says nothing', async () => {
+test('a start that migrates says which migrations it applies before it begins, and how long they took after; the next start says nothing', async () => {
   const file = path.join(tempDir(), 'old.db');
   const { db } = await databaseBefore006(file, [{ id: 'Q', state: 'queued', raw: Buffer.from('Subject: q\r\n\r\nbody\r\n'), rcpt: 'q@example.net' }]);
   await db.destroy();
-  const migratedLines = async () => {
+  const migrationLines = async () => {
     const { logger, entries } = capturedLog('info');
     const relay = await startTestRelay({ databasePath: file }, { logger, startDelivery: false });
     await relay.stop();
-    return entries().filter((e) => e.event === 'store.migrated');
+    return entries().filter((e) => e.event === 'store.migrating' || e.event === 'store.migrated');
   };
-  const [line, ...more] = await migratedLines();
-  assert.deepEqual([line?.migrations, more], [['006_message_bodies', '007_upstream_failures', '008_processing_time_floor', '009_processing_time_by_message'], []]);
-  assert.equal(typeof line.durationMs, 'number');
-  assert.deepEqual(await migratedLines(), []);
+  const pending = ['006_message_bodies', '007_upstream_failures', '008_processing_time_floor', '009_processing_time_by_message'];
+  const [starting, done, ...more] = await migrationLines();
+  assert.deepEqual([starting?.event, starting?.migrations, done?.event, done?.migrations, more], ['store.migrating', pending, 'store.migrated', pending, []]);
+  assert.equal(typeof done.durationMs, 'number');
+  assert.deepEqual(await migrationLines(), []);
 });
 
 test('with logAllEmails=false no copy of moved content stays in the file once the mail is delivered', async () => {
