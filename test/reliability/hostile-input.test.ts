@@ -322,6 +322,16 @@ describe('hostile SMTP input', () => {
     assert.deepEqual(raw.subarray(raw.length - content.length), content);
   });
 
+  test('dot-stuffing: a line of two dots loses one; a line of one dot and more text keeps it, as the client sent it', async () => {
+    const c = await openSession(relay.smtpPort);
+    assert.match(await c.send('DATA'), /^354 /);
+    const id = queuedId(await c.send('Subject: dots\r\n\r\n..stuffed\r\n.unstuffed\r\n..\r\n...\r\n.'));
+    c.close();
+    assert.ok(id);
+    const body = '\r\n\r\n.stuffed\r\n.unstuffed\r\n.\r\n..\r\n';
+    assert.equal(rawOf(relay, id).toString().slice(-body.length), body);
+  });
+
   test('a client that leaves in the middle of DATA leaves nothing behind', async () => {
     const before = messageCount(relay);
     const c = await openSession(relay.smtpPort);
