@@ -809,7 +809,7 @@ describe('per-recipient outcomes', () => {
   const BUSY = { code: 450, message: '4.2.1 Busy' };
   const NO_SUCH_USER = { code: 550, message: '5.1.1 No such user' };
 
-  test('a retry goes out with the recipients of its own batch only: it neither joins nor delays a later batch', async () => {
+  test('a retry goes out with the recipients of its own batch only, in the turn of the next batch, which goes batchDelay later', async () => {
     // b is deferred once; its retry is due (60 s) before the next batch (batchDelay 120 s)
     const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 120_000 });
     upstream.rcptReply = (a) => (a === 'b@example.com' ? BUSY : undefined);
@@ -821,6 +821,8 @@ describe('per-recipient outcomes', () => {
       [0, ['b@example.com']],
       [1, ['c@example.com', 'd@example.com']],
     ]);
+    const started = attempts(relay, id).map((a) => a.started_at);
+    assert.deepEqual(started.map((t) => t - started[0]), [0, 120_000, 240_000]);
     assert.equal(message(relay, id).state, 'delivered');
   });
 
