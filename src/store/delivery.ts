@@ -30,7 +30,7 @@ export interface ClaimedBatch {
   token: string;
   /** Index of the batch within the message: floor(seq / batchSize) of each of its recipients. */
   batch: number;
-  /** An earlier attempt of this batch delivered to some of its recipients. */
+  /** This is a retry, and an earlier attempt of this batch delivered to some of its recipients. */
   deliveredBefore: boolean;
   mailFrom: string;
   /**
@@ -112,8 +112,8 @@ export function countDueQueued(sqlite: Sqlite, now: number, limit: number): numb
 }
 
 /**
- * Claims up to `limit` messages that are due (or whose lease expired) and, for each, its next
- * batch of due pending recipients in RCPT order. Sets the lease and a fresh token, counts the
+ * Claims up to `limit` messages that are due (or whose lease expired) and, for each, the due
+ * pending recipients of one of its batches (claimMessage says which), in RCPT order. Sets the lease and a fresh token, counts the
  * claim and the batch recipients' attempts. Run inside `writer.write`.
  */
 export function claimDueBatches(sqlite: Sqlite, options: ClaimOptions): ClaimResult {
@@ -151,21 +151,29 @@ function batchOf(seq: number, batchSize: number): number {
   return Number.isFinite(batchSize) ? Math.floor(seq / batchSize) : 0;
 }
 
+/** The range of seq, [first, end), of a batch's recipients. */
+function seqRange(batch: number, batchSize: number): [number, number] {
+  return Number.isFinite(batchSize) ? [batch * batchSize, (batch + 1) * batchSize] : [0, Number.MAX_SAFE_INTEGER];
+}
+
 function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result: ClaimResult): ClaimedBatch | undefined {
   const { now, batchSize, maxAttempts } = options;
   const pending = prepared(
     sqlite,
-    `SELECT seq, address, attempts, last_reply FROM recipients
+    `SELECT seq, address, attempts, last_reply, next_attempt_at FROM recipients
      WHERE message_id = ? AND status = 'pending' AND next_attempt_at <= ? ORDER BY seq`,
-  ).all(id, now) as Array<{ seq: number; address: string; attempts: number; last_reply: string | null }>;
+  ).all(id, now) as Array<{ seq: number; address: string; attempts: number; last_reply: string | null; next_attempt_at: number }>;
+  // A transaction holds the due recipients of one batch: the batch of the recipient that has
+  // waited longest, so a batch not tried yet goes before the retry of an earlier one, which
+  // would otherwise take every turn while its retries come due within batchDelay.
+  let first: (typeof pending)[number] | undefined;
+  for (const r of pending) if (r.attempts < maxAttempts && (!first || r.next_attempt_at < first.next_attempt_at)) first = r;
+  const batch = first && batchOf(first.seq, batchSize);
   const chosen: ClaimedRecipient[] = [];
   let gaveUp: string | null = null;
-  // The recipients are split into batches once, by RCPT order: a transaction holds the due
-  // recipients of one batch, so a retry of an earlier batch never joins or delays a later one.
-  let batch: number | undefined;
+  let retry = false;
   for (const r of pending) {
-    const index = batchOf(r.seq, batchSize);
-    if (batch !== undefined && index !== batch) break;
+    if (batch !== undefined && batchOf(r.seq, batchSize) !== batch) continue;
     // Attempts are counted at claim time, so a batch whose delivery kills the process every
     // time still runs out of attempts instead of looping forever.
     if (r.attempts >= maxAttempts) {
@@ -178,7 +186,7 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
       ).run(reply, now, id, r.seq);
       continue;
     }
-    batch = index;
+    if (r.last_reply !== null) retry = true;
     chosen.push({ seq: r.seq, address: r.address, attempts: r.attempts + 1 });
   }
   if (batch === undefined) {
@@ -213,16 +221,21 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     received_at: number;
     claims: number;
   };
-  const [first, end] = Number.isFinite(batchSize) ? [batch * batchSize, (batch + 1) * batchSize] : [0, Number.MAX_SAFE_INTEGER];
-  const deliveredBefore = prepared(
-    sqlite,
-    `SELECT EXISTS (SELECT 1 FROM recipients WHERE message_id = ? AND seq >= ? AND seq < ? AND status = 'delivered') AS d`,
-  ).get(id, first, end) as { d: number };
+  // a retry (a recipient of it was tried before) of a batch that delivered to others; a first try
+  // is never one, also where a batchSize changed since has put delivered recipients in its batch
+  const deliveredBefore =
+    retry &&
+    (
+      prepared(
+        sqlite,
+        `SELECT EXISTS (SELECT 1 FROM recipients WHERE message_id = ? AND seq >= ? AND seq < ? AND status = 'delivered') AS d`,
+      ).get(id, ...seqRange(batch, batchSize)) as { d: number }
+    ).d === 1;
   return {
     messageId: id,
     token,
     batch,
-    deliveredBefore: deliveredBefore.d === 1,
+    deliveredBefore,
     mailFrom: message.mail_from,
     raw: message.raw,
     receivedAt: message.received_at,

@@ -82,7 +82,7 @@ describe('per-recipient outcomes', () => {
     assert.deepEqual([message(relay, id).state, message(relay, id).last_error], ['queued', 'deferred tmp@example.com: 450 4.2.1 Busy']);
   });
 
-  test('a message waiting between batches names a deferral while its recipient waits, and none once that recipient is delivered', async () => {
+  test('a message waiting between batches names a deferral while its recipient waits, and none once it is delivered', async () => {
     const { clock, relay, upstream } = await setup({ batchSize: 1, batchDelay: 1000 });
     let busy = true;
     upstream.rcptReply = (a) => (a === 'tmp@example.com' && busy ? { code: 450, message: '4.2.1 Busy' } : undefined);
@@ -96,10 +96,11 @@ describe('per-recipient outcomes', () => {
     // a later batch delivered: the message still waits for tmp@
     assert.deepEqual(await waiting(1000), ['pending delivered pending', 'deferred tmp@example.com: 450 4.2.1 Busy']);
     busy = false;
-    // tmp@ delivered on its retry: the message waits only for b@'s batch, and no problem is left
-    assert.deepEqual(await waiting(60_000), ['delivered delivered pending', null]);
+    // b@'s batch, not tried yet, goes before tmp@'s retry, due as well
+    assert.deepEqual(await waiting(60_000), ['pending delivered delivered', 'deferred tmp@example.com: 450 4.2.1 Busy']);
+    // tmp@ delivered on its retry: no problem is left
     assert.deepEqual(await waiting(1000), ['delivered delivered delivered', null]);
-    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com'], ['tmp@example.com'], ['b@example.com']]);
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com'], ['b@example.com'], ['tmp@example.com']]);
   });
 
   test('550 to one RCPT → that recipient failed, the others delivered, message failed and exported with the original bytes', async () => {
@@ -809,7 +810,7 @@ describe('per-recipient outcomes', () => {
   const BUSY = { code: 450, message: '4.2.1 Busy' };
   const NO_SUCH_USER = { code: 550, message: '5.1.1 No such user' };
 
-  test('a retry goes out with the recipients of its own batch only, in the turn of the next batch, which goes batchDelay later', async () => {
+  test('a retry goes out with the recipients of its own batch only, after the batches not tried yet', async () => {
     // b is deferred once; its retry is due (60 s) before the next batch (batchDelay 120 s)
     const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 120_000 });
     upstream.rcptReply = (a) => (a === 'b@example.com' ? BUSY : undefined);
@@ -818,12 +819,25 @@ describe('per-recipient outcomes', () => {
     });
     assert.deepEqual(sent(relay, id), [
       [0, ['a@example.com', 'b@example.com']],
-      [0, ['b@example.com']],
       [1, ['c@example.com', 'd@example.com']],
+      [0, ['b@example.com']],
     ]);
     const started = attempts(relay, id).map((a) => a.started_at);
     assert.deepEqual(started.map((t) => t - started[0]), [0, 120_000, 240_000]);
     assert.equal(message(relay, id).state, 'delivered');
+  });
+
+  test('a retry that keeps coming due within batchDelay does not hold back the batches after it', async () => {
+    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 120_000, retry: { initialDelay: 60, maxDelay: 60, maxAttempts: 6 } });
+    upstream.rcptReply = (a) => (a === 'b@example.com' ? BUSY : undefined);
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com', 'e@example.com']);
+    await relay.delivery.runOnce();
+    for (let round = 0; round < 2; round++) {
+      clock.advance(120_000);
+      await relay.delivery.runOnce();
+    }
+    assert.deepEqual(sent(relay, id).map(([batch]) => batch), [0, 1, 2]);
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'pending', 'delivered', 'delivered', 'delivered']);
   });
 
   test('continueOnError=false: a retry whose every RCPT is refused does not stop the message when its batch delivered to others', async () => {
@@ -834,8 +848,8 @@ describe('per-recipient outcomes', () => {
     });
     assert.deepEqual(sent(relay, id), [
       [0, ['a@example.com', 'b@example.com']],
-      [0, ['b@example.com']],
       [1, ['c@example.com', 'd@example.com']],
+      [0, ['b@example.com']],
     ]);
     assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status, r.last_code]), [
       ['a@example.com', 'delivered', 250],
@@ -847,22 +861,77 @@ describe('per-recipient outcomes', () => {
 
   test('continueOnError=false: a retry whose every RCPT is refused stops the message when its batch delivered to none', async () => {
     const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 120_000, continueOnError: false });
-    upstream.rcptReply = (a) => (a === 'a@example.com' || a === 'b@example.com' ? BUSY : undefined);
+    upstream.rcptReply = (a) => (a === 'a@example.com' || a === 'b@example.com' || a === 'c@example.com' ? BUSY : undefined);
     const id = await deliverInRounds(relay, clock, () => {
-      upstream.rcptReply = (a) => (a === 'a@example.com' || a === 'b@example.com' ? NO_SUCH_USER : undefined);
+      upstream.rcptReply = (a) => (a === 'a@example.com' || a === 'b@example.com' ? NO_SUCH_USER : a === 'c@example.com' ? BUSY : undefined);
     });
     assert.deepEqual(sent(relay, id), [
       [0, ['a@example.com', 'b@example.com']],
+      [1, ['c@example.com', 'd@example.com']],
       [0, ['a@example.com', 'b@example.com']],
     ]);
     const rows = recipients(relay, id);
     assert.deepEqual(rows.map((r) => [r.address, r.status, r.attempts]), [
       ['a@example.com', 'failed', 2],
       ['b@example.com', 'failed', 2],
-      ['c@example.com', 'failed', 0],
-      ['d@example.com', 'failed', 0],
+      ['c@example.com', 'failed', 1],
+      ['d@example.com', 'delivered', 1],
     ]);
-    for (const r of rows.slice(2)) assert.match(r.last_reply!, /^not attempted: batch 0 was refused permanently \(550 .*\) and continueOnError is false/);
+    assert.match(rows[2].last_reply!, /^not attempted again: batch 0 was refused permanently \(550 .*\) and continueOnError is false; last reply: 450/);
+  });
+
+  test('continueOnError=false: a first try whose every RCPT is refused stops the message, also in a batch a larger batchSize gave delivered recipients', async () => {
+    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 120_000, continueOnError: false });
+    upstream.rcptReply = (a) => (a === 'c@example.com' || a === 'd@example.com' ? NO_SUCH_USER : undefined);
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com', 'e@example.com']);
+    await relay.delivery.runOnce();
+    // as after a restart with a larger batchSize: a and b, delivered, are now in c and d's batch
+    relay.config.batchSize = 4;
+    clock.advance(120_000);
+    await relay.delivery.runOnce();
+    assert.deepEqual(sent(relay, id), [
+      [0, ['a@example.com', 'b@example.com']],
+      [0, ['c@example.com', 'd@example.com']],
+    ]);
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => r.status), ['delivered', 'delivered', 'failed', 'failed', 'failed']);
+    assert.match(rows[4].last_reply!, /^not attempted: batch 0 was refused permanently/);
+  });
+
+  test('continueOnError=false: a retry whose follow-up transaction is refused at DATA stops the message, though its batch delivered before', async () => {
+    // the upstream takes two recipients per transaction, and is busy for all but a at first
+    let busy = true;
+    const upstream = await startScriptedUpstream({
+      onRcptTo(address, session, cb) {
+        if (busy && address.address !== 'a@example.com') return cb(Object.assign(new Error('4.2.1 Busy'), { responseCode: 450 }));
+        if (session.envelope.rcptTo.length >= 2) return cb(Object.assign(new Error('4.5.3 Too many recipients'), { responseCode: 452 }));
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    upstream.dataReply = (t) => (t.to.includes('d@example.com') ? { code: 554, message: '5.7.1 Rejected as spam' } : undefined);
+    const clock = new ManualClock();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 4, batchDelay: 120_000, continueOnError: false, retry: { initialDelay: 60 } },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com', 'e@example.com']);
+    await relay.delivery.runOnce(); // a delivered; b, c and d deferred
+    clock.advance(120_000);
+    await relay.delivery.runOnce(); // batch 1: e deferred
+    busy = false;
+    clock.advance(120_000);
+    await relay.delivery.runOnce(); // b and c delivered, d refused at DATA in the follow-up transaction
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.address, r.status, r.last_code]), [
+      ['a@example.com', 'delivered', 250],
+      ['b@example.com', 'delivered', 250],
+      ['c@example.com', 'delivered', 250],
+      ['d@example.com', 'failed', 554],
+      ['e@example.com', 'failed', 450],
+    ]);
+    assert.match(rows[4].last_reply!, /^not attempted again: batch 0 was refused permanently \(554 .*Rejected as spam\)/);
   });
 
   test('a recipient refused at RCPT keeps its own reply when DATA is then refused or deferred', async () => {
