@@ -29,7 +29,7 @@ export function withoutAngleBrackets(path: string): string {
 export function decodeIdnDomain(address: string): string {
   const at = address.lastIndexOf('@');
   const domain = address.slice(at + 1);
-  const ipv6 = /^\[IPv6:(.*)\]$/i.exec(domain)?.[1];
+  const ipv6 = domain.startsWith('[') ? /^\[IPv6:(.*)\]$/i.exec(domain)?.[1] : undefined;
   if (at >= 0 && ipv6 !== undefined && net.isIPv6(ipv6)) return `${address.slice(0, at)}@[IPv6:${normalizeIPv6(ipv6)}]`;
   if (at < 0 || (isAscii(domain) && !/(^|\.)xn--/i.test(domain))) return address;
   const ascii = domainToASCII(domain);

@@ -231,7 +231,7 @@ export function adminRoutes(deps: ApiDeps) {
         c,
         { action: 'retry-failed', filter: loggedFilter(filter), count: 'requeued' },
         (n) => `requeued ${count(n, 'failed message')}`,
-        requeueFailedInSteps(store.sqlite, filter, async (step) => {
+        requeueFailedInSteps(store.sqlite, filter, now, async (step) => {
           const ids = await writer.write('requeueFailed', step, now, deps.config.batchDelay);
           // each message by its queueId, as failedRetryInterval's requeue names it
           if (ids.length > 0) log.info({ event: 'delivery.requeued', ids, count: ids.length, by: 'api' }, 'failed mail requeued (retry-failed)');

@@ -67,18 +67,18 @@ export function singleQuery(c: Context, name: string): string | undefined {
 export function onlyQueries(c: Context, names: readonly string[]): void {
   // Hono keeps a value it cannot decode as it was: `sender=%ZZ` would be a filter for "%ZZ"
   const query = c.req.url.includes('?') ? c.req.url.slice(c.req.url.indexOf('?') + 1) : '';
+  const shown = (part: string) => JSON.stringify(part.length > 64 ? `${part.slice(0, 64)}…` : part);
   for (const part of query.split(/[&=]/)) {
     try {
       decodeURIComponent(part);
     } catch {
-      const shown = part.length > 64 ? `${part.slice(0, 64)}…` : part;
-      throw new HTTPException(400, { message: `the query string is not valid percent-encoded UTF-8 at ${JSON.stringify(shown)}` });
+      throw new HTTPException(400, { message: `the query string is not valid percent-encoded UTF-8 at ${shown(part)}` });
     }
   }
   const expected = names.length > 0 ? `expected ${names.join(', ')}` : 'this request takes none';
   // Hono leaves out a parameter without a name (`?=prometheus`), as it would a misspelt one
   const nameless = query.split('&').find((pair) => pair.startsWith('='));
-  if (nameless !== undefined) throw new HTTPException(400, { message: `a query parameter without a name (${JSON.stringify(nameless.slice(0, 64))}): ${expected}` });
+  if (nameless !== undefined) throw new HTTPException(400, { message: `a query parameter without a name (${shown(nameless)}): ${expected}` });
   const [unknown] = Object.keys(c.req.queries()).filter((name) => !names.includes(name));
   if (unknown === undefined) return;
   throw new HTTPException(400, { message: `unknown query parameter ${JSON.stringify(unknown)}: ${expected}` });

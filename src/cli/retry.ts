@@ -44,7 +44,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   if (options.failed) {
     const requeued = await withWriter(config, (sqlite) => {
       const now = systemClock.now();
-      return requeueFailedInSteps(sqlite, { sender: options.sender }, (step) => writeStep(sqlite, () => requeueFailed(sqlite, step, now, config.batchDelay).length));
+      return requeueFailedInSteps(sqlite, { sender: options.sender }, now, (step) => writeStep(sqlite, () => requeueFailed(sqlite, step, now, config.batchDelay).length));
     });
     if (global.json) printJson({ requeued });
     else printText(`requeued ${count(requeued, 'failed message')}`);

@@ -28,8 +28,8 @@ export const ADMIN_STEP = 500;
  * requeueFailed for one step (at most ADMIN_STEP distinct ids) and resolves with how many it
  * requeued.
  */
-export function requeueFailedInSteps(reader: Sqlite, filter: RequeueFilter, write: (step: RequeueStep) => Promise<number>): Promise<number> {
-  const pages = filter.ids === undefined ? failedIdPages(reader, filter) : idSlices([...new Set(filter.ids)]);
+export function requeueFailedInSteps(reader: Sqlite, filter: RequeueFilter, now: number, write: (step: RequeueStep) => Promise<number>): Promise<number> {
+  const pages = filter.ids === undefined ? failedIdPages(reader, filter, now) : idSlices([...new Set(filter.ids)]);
   const done = (n: number) => `${count(n, 'failed message')} ${n === 1 ? 'was' : 'were'} requeued before that and stay requeued`;
   return writeInSteps(pages, (ids) => write({ ...filter, ids }), done);
 }
@@ -63,20 +63,24 @@ export function* idSlices(ids: string[]): Generator<string[]> {
 
 /**
  * The failed messages finished at or after `since` (from `sender`, when given), each once, a page
- * read as the previous one is written.
+ * read as the previous one is written. `now`: the time the requeue writes.
  */
-function* failedIdPages(reader: Sqlite, { since = Number.NEGATIVE_INFINITY, sender }: RequeueFilter): Generator<string[]> {
+function* failedIdPages(reader: Sqlite, { since = Number.NEGATIVE_INFINITY, sender }: RequeueFilter, now: number): Generator<string[]> {
   const senderKey = sender === undefined ? undefined : senderFilterKey(sender);
-  // The walk ends at the last failure there was when it began: a message requeued by an early
-  // step that fails again before the walk ends finishes later, so no later page meets it again.
-  // (Only a clock set back meanwhile could bring one back, for one more attempt.) Remembering
-  // the ids met instead cost about 150 bytes per failed message for the whole walk.
+  // A message requeued by an early step that fails again before the walk ends finishes at `now`
+  // or later, after the last failure there was when the walk began, where the walk ends: no
+  // later page meets it again. Only a failure recorded at a time still to come (the clock was set
+  // back since) puts that end after `now`: then the ids met are remembered instead, which costs
+  // about 150 bytes per failed message for the whole walk.
   const { last } = prepared(reader, `SELECT MAX(finished_at) AS last FROM messages WHERE state = 'failed'`).get() as { last: number | null };
   if (last === null) return;
+  const seen = last >= now ? new Set<string>() : undefined;
   let cursor: FailedScanCursor | null = { finishedAt: since, id: '' };
   while (cursor) {
     const page = failedPage(reader, { cursor, finishedBefore: last, limit: ADMIN_STEP, senderKey });
-    yield page.messages.map((m) => m.id);
+    const ids = page.messages.map((m) => m.id).filter((id) => !seen?.has(id));
+    if (seen) for (const id of ids) seen.add(id);
+    yield ids;
     cursor = page.next;
   }
 }

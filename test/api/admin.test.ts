@@ -1020,26 +1020,33 @@ function lockAfterFirstStep(relay: Relay, runStep: (db: Database.Database, args:
   };
 }
 
-test('retry-failed requeues each failed message once per call, even one that fails again while the call walks the rest', async () => {
-  const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
-  try {
-    const ids = await insertMessages(relay, ADMIN_STEP + 100, 'failed');
-    const stepIds: string[][] = [];
-    const requeued = await requeueFailedInSteps(relay.store.sqlite, {}, async (step) => {
-      stepIds.push(step.ids ?? []);
-      // as a fast worker would: the step's messages are requeued, tried, and failed again at once
-      return writeDirect(relay, (db) => {
-        const n = requeueFailed(db, step, 5000, 0).length;
-        db.prepare(`UPDATE messages SET state = 'failed', finished_at = 9000 WHERE id IN (${(step.ids ?? []).map(() => '?').join(',')})`).run(...(step.ids ?? []));
-        return n;
+for (const [when, latest] of [
+  ['', undefined],
+  [', also after the clock was set back below a failure recorded before', 100_000],
+] as const) {
+  test(`retry-failed requeues each failed message once per call, even one that fails again while the call walks the rest${when}`, async () => {
+    const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false });
+    try {
+      const ids = await insertMessages(relay, ADMIN_STEP + 100, 'failed');
+      // a failure recorded at 100,000 by a clock that was ahead, which then stepped back to 5,000
+      if (latest !== undefined) await writeDirect(relay, (db) => db.prepare('UPDATE messages SET finished_at = ? WHERE id = ?').run(latest, ids[0]));
+      const stepIds: string[][] = [];
+      const requeued = await requeueFailedInSteps(relay.store.sqlite, {}, 5000, async (step) => {
+        stepIds.push(step.ids ?? []);
+        // as a fast worker would: the step's messages are requeued, tried, and failed again at once
+        return writeDirect(relay, (db) => {
+          const n = requeueFailed(db, step, 5000, 0).length;
+          db.prepare(`UPDATE messages SET state = 'failed', finished_at = 9000 WHERE id IN (${(step.ids ?? []).map(() => '?').join(',')})`).run(...(step.ids ?? []));
+          return n;
+        });
       });
-    });
-    assert.equal(requeued, ids.length);
-    assert.deepEqual(stepIds.flat().sort(), ids, 'every failed message was requeued exactly once');
-  } finally {
-    await relay.stop();
-  }
-});
+      assert.equal(requeued, ids.length);
+      assert.deepEqual(stepIds.flat().sort(), ids, 'every failed message was requeued exactly once');
+    } finally {
+      await relay.stop();
+    }
+  });
+}
 
 test('retry-failed names each message it requeued, a line per write, as failedRetryInterval does', async () => {
   const log = capturedLog('info');
