@@ -113,8 +113,9 @@ export function countDueQueued(sqlite: Sqlite, now: number, limit: number): numb
 
 /**
  * Claims up to `limit` messages that are due (or whose lease expired) and, for each, the due
- * pending recipients of one of its batches (claimMessage says which), in RCPT order. Sets the lease and a fresh token, counts the
- * claim and the batch recipients' attempts. Run inside `writer.write`.
+ * pending recipients of one of its batches (claimMessage says which), in RCPT order. Sets the
+ * lease and a fresh token, counts the claim and the batch recipients' attempts. Run inside
+ * `writer.write`.
  */
 export function claimDueBatches(sqlite: Sqlite, options: ClaimOptions): ClaimResult {
   const { now, limit } = options;
