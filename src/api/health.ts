@@ -1,8 +1,8 @@
 // GET /health: `ok`, `degraded` (200) or `error` (503). Error = the database does not take a
 // write right now, free disk is below minFreeDiskMb, or the SMTP listener is down: mail cannot
 // be accepted. Degraded = mail is accepted but not leaving: the upstream has failed every
-// attempt for a while, or the queue is over 80 % of queueSize; or some mail is not accepted:
-// spool files fail, or file descriptors run out. All numbers are counter rows or
+// attempt for a while, the queue is over 80 % of queueSize, or claiming due mail fails; or some
+// mail is not accepted: spool files fail, or file descriptors run out. All numbers are counter rows or
 // single index steps, so the check costs the same with a thousand or a million messages.
 import fs from 'node:fs';
 import { Hono } from 'hono';

@@ -1,6 +1,5 @@
 // `relayq show ID`: one message with its envelope, every recipient and every delivery attempt;
 // `--raw` writes the stored message bytes instead (as GET /admin/messages/:id/raw does).
-import { clientName } from '../smtp/message.js';
 import { canonicalQueueId } from '../store/intake.js';
 import { type AttemptRow, messageDetail, messageRaw, type RecipientRow } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
@@ -30,7 +29,7 @@ export async function showCommand(given: string, options: { raw?: boolean }, glo
       ['state', m.state],
       ['from', m.mail_from === '' ? '<>' : m.mail_from],
       ['auth user', m.auth_user],
-      ['client', `${m.client_ip}${clientName(m.client_hostname) ? ` (${m.client_hostname})` : ''}${m.helo ? ` helo ${m.helo}` : ''}`],
+      ['client', `${m.client_ip}${m.helo ? ` helo ${m.helo}` : ''}`],
       ['size', `${m.size} bytes${m.raw_erased ? ' (content erased after delivery)' : ''}`],
       ['received', formatTime(m.received_at)],
       ['next attempt', m.state === 'queued' ? formatTime(m.next_attempt_at) : null],

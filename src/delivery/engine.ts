@@ -655,7 +655,7 @@ export class DeliveryEngine {
       const line = { event: again ? 'delivery.failed_again' : 'delivery.failed', queueId: id, reason, export: file ?? null };
       if (again) this.log.info(line, `message failed again after failedRetryInterval; ${file ? 'exported' : 'not exported'}`);
       else this.log.warn(line, file ? 'message failed; exported' : 'message failed; not exported');
-    } else if (state === 'delivered' && claims > 1) {
+    } else if (claims > 1) {
       // Only a message that needed more than one claim can have failed before (and been retried).
       try {
         if (await removeFailedExport(config.emailsDir, id)) {

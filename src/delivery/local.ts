@@ -20,18 +20,18 @@ function emlPath(emailsDir: string, id: string): string {
 
 export async function deliverLocally(emailsDir: string, claim: ClaimedBatch): Promise<BatchResult> {
   const count = claim.recipients.length;
-  if (!claim.raw) return uniformResult(LOCAL_UPSTREAM, count, 'failed', null, 'message content is missing');
+  if (!claim.raw) return uniformResult(LOCAL_UPSTREAM, count, 'failed', 'message content is missing');
   let file: string;
   try {
     file = emlPath(emailsDir, claim.messageId);
   } catch (err) {
-    return uniformResult(LOCAL_UPSTREAM, count, 'failed', null, (err as Error).message);
+    return uniformResult(LOCAL_UPSTREAM, count, 'failed', (err as Error).message);
   }
   try {
     await writeFileAtomic(file, claim.raw);
   } catch (err) {
     // Disk full, permissions: the operator can fix it, so the mail waits.
-    return uniformResult(LOCAL_UPSTREAM, count, 'deferred', null, `local delivery failed: ${(err as Error).message}`);
+    return uniformResult(LOCAL_UPSTREAM, count, 'deferred', `local delivery failed: ${(err as Error).message}`);
   }
-  return uniformResult(LOCAL_UPSTREAM, count, 'delivered', null, `stored as ${path.basename(file)}`);
+  return uniformResult(LOCAL_UPSTREAM, count, 'delivered', `stored as ${path.basename(file)}`);
 }

@@ -214,13 +214,13 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
   return { upstream, code: whole.code, reply: whole.reply, recipients, permanentFailure, refusedWhole, ...(error?.loginFault === true ? { loginFault: true } : {}) };
 }
 
-/** The same verdict for every recipient: local delivery, or an error before any RCPT. */
-export function uniformResult(upstream: string, count: number, verdict: Verdict, code: number | null, reply: string): BatchResult {
+/** The same verdict for every recipient, with no SMTP reply code: local delivery, or no content to send. */
+export function uniformResult(upstream: string, count: number, verdict: Verdict, reply: string): BatchResult {
   return {
     upstream,
-    code,
+    code: null,
     reply,
-    recipients: Array.from({ length: count }, () => ({ verdict, code, reply })),
+    recipients: Array.from({ length: count }, () => ({ verdict, code: null, reply })),
     permanentFailure: verdict === 'failed',
     refusedWhole: verdict === 'failed',
   };

@@ -392,7 +392,7 @@ export class SmtpUpstream {
    */
   async send(claim: ClaimedBatch, signal: AbortSignal, beforeNext?: (sofar: BatchResult) => Promise<void>): Promise<BatchResult> {
     const addresses = claim.recipients.map((r) => r.address);
-    if (!claim.raw) return uniformResult(this.label, addresses.length, 'failed', null, 'message content is missing');
+    if (!claim.raw) return uniformResult(this.label, addresses.length, 'failed', 'message content is missing');
     const rcpts = addresses.map(normalizeForEnvelope);
     // 8-bit bytes in the message: BODY=8BITMIME when the upstream offers it
     const envelope: Envelope = { from: normalizeForEnvelope(claim.mailFrom), to: rcpts, size: claim.raw.length, use8BitMime: !isAsciiBytes(claim.raw) };

@@ -19,7 +19,7 @@ import {
   rateLimitMessage,
 } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
-import { BareLineEndingScanner, clientName, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
+import { BareLineEndingScanner, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
 import { inputAhead, RelayqSmtpServer } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
 
@@ -622,10 +622,8 @@ export class SmtpIntake {
     const base = session.openingCommand === 'HELO' ? 'SMTP' : session.envelope.smtpUtf8 ? 'UTF8SMTP' : 'ESMTP';
     const protocol = base === 'SMTP' ? base : `${base}${session.secure ? 'S' : ''}${session.user ? 'A' : ''}`;
     const helo = session.hostNameAppearsAs || null;
-    const clientHostname = clientName(session.clientHostname);
     const header = receivedHeader({
       helo,
-      clientHostname,
       clientIp,
       serverName: config.serverName,
       protocol,
@@ -645,7 +643,7 @@ export class SmtpIntake {
     const write = writer.writeMoving(
       [raw],
       'insertMessage',
-      { id: queueId, mailFrom, recipients, authUser, clientIp, clientHostname, helo, raw, spooled, receivedAt: now },
+      { id: queueId, mailFrom, recipients, authUser, clientIp, helo, raw, spooled, receivedAt: now },
       { rateLimits: config.rateLimits, queueSize: config.queueSize },
     );
 

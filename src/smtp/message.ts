@@ -149,7 +149,6 @@ export class ReceivedHeaderCounter {
 
 export interface ReceivedInfo {
   helo: string | null;
-  clientHostname: string | null;
   clientIp: string;
   serverName: string;
   protocol: string;
@@ -161,23 +160,16 @@ export interface ReceivedInfo {
 }
 
 /**
- * The client's host name, or null when there is none: relayq does no reverse lookup, and
- * smtp-server then gives the address in brackets in its place (rows stored before this hold it).
+ * RFC 5321 §4.4 trace header; `for` is given only for a single recipient. The comment after
+ * `from` has the client's address only: relayq does no reverse lookup.
  */
-export function clientName(hostname: string | null | undefined): string | null {
-  return hostname && !hostname.startsWith('[') ? hostname : null;
-}
-
-/** RFC 5321 §4.4 trace header; `for` is given only for a single recipient. */
 export function receivedHeader(info: ReceivedInfo): Buffer {
   const from = info.helo || info.clientIp;
-  // intake gives a name only when there is one (relayq does no reverse lookup)
-  const host = info.clientHostname && info.clientHostname !== info.clientIp ? `${info.clientHostname} ` : '';
   // an address literal: IPv6 ones carry the "IPv6:" tag (RFC 5321 section 4.1.3)
   const literal = info.clientIp.includes(':') ? `IPv6:${info.clientIp}` : info.clientIp;
   const forPart = info.recipients.length === 1 ? `\r\n\tfor <${traceAddress(info.recipients[0])}>` : '';
   return Buffer.from(
-    `Received: from ${sanitize(from)} (${sanitize(host)}[${literal}])\r\n\tby ${info.serverName} (relayq) with ${info.protocol} id ${info.queueId}${forPart};\r\n\t${rfc5322Date(info.now)}\r\n${info.endHeaderSection ? '\r\n' : ''}`,
+    `Received: from ${sanitize(from)} ([${literal}])\r\n\tby ${info.serverName} (relayq) with ${info.protocol} id ${info.queueId}${forPart};\r\n\t${rfc5322Date(info.now)}\r\n${info.endHeaderSection ? '\r\n' : ''}`,
   );
 }
 

@@ -401,12 +401,10 @@ export interface RelayqListenerOptions {
   authEnabled: boolean;
 }
 
-const EVERY_SESSION: RelayqListenerOptions = { plaintextAuth: () => true, onRefusal: () => {}, onSizeRefused: () => {}, authEnabled: true };
-
 export class RelayqSmtpServer extends SMTPServer {
   constructor(
     options: SMTPServerOptions,
-    readonly relayq: RelayqListenerOptions = EVERY_SESSION,
+    readonly relayq: RelayqListenerOptions,
   ) {
     super(options);
   }

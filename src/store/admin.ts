@@ -153,6 +153,7 @@ function requeueOne(sqlite: Sqlite, id: string, now: number, batchDelayMs: numbe
  * - due-now: it was waiting for a retry (or its worker's lease ran out); it is due now.
  * - held: a worker holds it right now (HELD).
  * - delivered: every recipient has it; nothing to retry.
+ * - not-found: no message has this id.
  */
 export type RetryResult = 'requeued' | 'due-now' | 'held' | 'delivered' | 'not-found';
 

@@ -32,11 +32,6 @@ export type WalKept = { cause: 'reader' } | { cause: 'error'; err: string };
 
 export interface OpenOptions {
   /**
-   * Apply pending migrations, and check that the file can be written (the server does; the CLI
-   * opens with false, `relayq migrate` then runs them itself).
-   */
-  migrate?: boolean;
-  /**
    * Overwrite the pages this connection frees with zeros (logAllEmails=false: erased content must
    * not linger in the file), from the migrations on: they rewrite rows that hold message content.
    */
@@ -152,24 +147,23 @@ export function createPrivateFile(file: string): void {
   }
 }
 
+/** The server's connection: pending migrations applied, and the file checked to be writable. */
 export async function openStore(file: string, options: OpenOptions = {}): Promise<Store> {
   const sqlite = openConnection(file);
   if (options.secureDelete) overwriteFreedPages(sqlite);
   const migrated = { names: [] as string[], durationMs: 0 };
-  if (options.migrate ?? true) {
-    const started = performance.now();
-    try {
-      migrated.names = await migratePending(sqlite, options.onMigrating);
-      migrated.durationMs = Math.round(performance.now() - started);
-      // Into the database file at once: a new database's schema would otherwise stay in the WAL
-      // until a thousand pages had been written, and a -wal file removed after a crash (against
-      // advice) would leave a file that looks new and is silently migrated again, empty.
-      if (migrated.names.length > 0) sqlite.pragma('wal_checkpoint(PASSIVE)');
-      requireWritable(sqlite);
-    } catch (err) {
-      sqlite.close();
-      throw err;
-    }
+  const started = performance.now();
+  try {
+    migrated.names = await migratePending(sqlite, options.onMigrating);
+    migrated.durationMs = Math.round(performance.now() - started);
+    // Into the database file at once: a new database's schema would otherwise stay in the WAL
+    // until a thousand pages had been written, and a -wal file removed after a crash (against
+    // advice) would leave a file that looks new and is silently migrated again, empty.
+    if (migrated.names.length > 0) sqlite.pragma('wal_checkpoint(PASSIVE)');
+    requireWritable(sqlite);
+  } catch (err) {
+    sqlite.close();
+    throw err;
   }
   let closed = false;
   return {

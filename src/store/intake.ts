@@ -29,7 +29,6 @@ export interface NewMessage {
   recipients: string[];
   authUser: string | null;
   clientIp: string;
-  clientHostname: string | null;
   helo: string | null;
   /** The message's bytes; with `spooled`, its first part, and the rest is in that file. */
   raw: Buffer;
@@ -189,16 +188,15 @@ export function insertMessage(sqlite: Sqlite, msg: NewMessage, policy: IntakePol
   const body = prepared(sqlite, 'INSERT INTO message_bodies (raw) VALUES (?)').run(raw);
   prepared(
     sqlite,
-    `INSERT INTO messages (id, state, mail_from, sender_key, auth_user, client_ip, client_hostname, helo,
+    `INSERT INTO messages (id, state, mail_from, sender_key, auth_user, client_ip, helo,
        size, recipient_count, body_id, received_at, next_attempt_at, updated_at)
-     VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+     VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
   ).run(
     msg.id,
     msg.mailFrom,
     senderKey(msg.mailFrom),
     msg.authUser,
     msg.clientIp,
-    msg.clientHostname,
     msg.helo,
     raw.length,
     msg.recipients.length,

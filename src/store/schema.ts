@@ -20,6 +20,7 @@ export interface MessagesTable {
   sender_key: string;
   auth_user: string | null;
   client_ip: string;
+  /** NULL: relayq does no reverse lookup (rows stored by earlier builds hold `[address]`). */
   client_hostname: string | null;
   helo: string | null;
   size: number;

@@ -8,7 +8,7 @@
 //     (counting-sink.ts), so that it takes little of the CPU the relay is measured on.
 import type net from 'node:net';
 import { SMTPServer, type SMTPServerOptions } from 'smtp-server';
-import { RelayqSmtpServer } from '../../src/smtp/server.js';
+import { type RelayqListenerOptions, RelayqSmtpServer } from '../../src/smtp/server.js';
 import { createCountingSink, newCounters, type SinkCounters } from './counting-sink.js';
 
 export type SinkListener = 'stock' | 'relayq' | 'counting';
@@ -60,8 +60,11 @@ const options: SMTPServerOptions = {
   },
 };
 
+/** relayq's listener with no policy of its own: every session may AUTH, nothing is refused. */
+const EVERY_SESSION: RelayqListenerOptions = { plaintextAuth: () => true, onRefusal: () => {}, onSizeRefused: () => {}, authEnabled: true };
+
 function smtpServer(): net.Server {
-  const server = listener === 'relayq' ? new RelayqSmtpServer(options) : new SMTPServer(options);
+  const server = listener === 'relayq' ? new RelayqSmtpServer(options, EVERY_SESSION) : new SMTPServer(options);
   server.on('error', () => {
     // client resets during the benchmark are expected
   });
