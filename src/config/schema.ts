@@ -113,6 +113,12 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'forwardUsername', type: 'string', default: '', doc: 'upstream AUTH user (no AUTH when empty; set it with `forwardPassword`)' },
   { path: 'forwardPassword', type: 'string', default: '', secret: true, doc: 'upstream AUTH password (set it with `forwardUsername`)' },
   { path: 'forwardSSL', type: 'bool', default: false, doc: 'implicit TLS (port 465 style); false = STARTTLS when offered' },
+  {
+    path: 'forwardRequireTLS',
+    type: 'bool',
+    default: false,
+    doc: 'send only over TLS: an upstream that offers no STARTTLS gets no mail, the attempts are deferred (Postfix `smtp_tls_security_level = encrypt`)',
+  },
   { path: 'batchSize', type: 'int', default: 20, min: 1, max: 10000, doc: 'max recipients per upstream SMTP transaction' },
   { path: 'batchDelay', type: 'int', default: 1000, min: 0, max: 3600000, unit: 'ms', doc: 'pause between two batches of the same message' },
   { path: 'continueOnError', type: 'bool', default: true, doc: "a failed batch does not stop the message's other batches" },
@@ -173,6 +179,7 @@ export interface Config {
   forwardUsername: string;
   forwardPassword: string;
   forwardSSL: boolean;
+  forwardRequireTLS: boolean;
   batchSize: number;
   batchDelay: number;
   continueOnError: boolean;

@@ -161,6 +161,7 @@ export class DeliveryEngine {
           host: this.config.forwardHost,
           port: this.config.forwardPort,
           secure: this.config.forwardSSL,
+          requireTls: this.config.forwardRequireTLS,
           username: this.config.forwardUsername,
           password: this.config.forwardPassword,
           clientName: this.config.serverName,
@@ -499,6 +500,7 @@ export class DeliveryEngine {
       reply: result.reply,
       durationMs: Math.round(durationMs),
       upstream: result.upstream,
+      ...(result.tls === undefined ? {} : { tls: result.tls }),
       rcpts: claim.recipients.length,
       ...counts,
       // `reply` is the transaction's: the recipients with a reply of their own say why they were not delivered
@@ -509,8 +511,8 @@ export class DeliveryEngine {
       this.log.warn({ ...line, event: 'delivery.lease_lost' }, 'lease lost before the outcome was recorded; outcome not applied');
       return;
     }
-    // relayq's own login failed (a wrong forwardPassword): a setting to fix, as Postfix warns of a SASL failure
-    this.log[result.loginFault ? 'warn' : 'info'](
+    // a setting to fix (a wrong forwardPassword, an upstream without the TLS it needs), as Postfix warns of a SASL failure
+    this.log[result.settingFault ? 'warn' : 'info'](
       {
         ...line,
         // continueOnError=false: the recipients of the message's other batches, failed with it

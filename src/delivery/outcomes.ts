@@ -34,10 +34,16 @@ export interface BatchResult {
   /** A 5xx to MAIL FROM or DATA (in any transaction of the batch), or an error before any RCPT: refused as a whole, not recipient by recipient. */
   refusedWhole: boolean;
   /**
-   * relayq did not log in: the upstream refused forwardUsername/forwardPassword, offered no AUTH,
-   * or no TLS to send them over. Its settings need fixing, not the mail.
+   * The upstream and relayq's settings disagree: it refused forwardUsername/forwardPassword, or
+   * offered no AUTH, or no TLS to send them over or that forwardRequireTLS asks for. The settings
+   * (or the upstream) need fixing, not the mail.
    */
-  loginFault?: boolean;
+  settingFault?: boolean;
+  /**
+   * The TLS version of the connection of the first transaction (`TLSv1.3`), or null in plain text;
+   * absent when there was none (no connection, or no login) or for local delivery.
+   */
+  tls?: string | null;
 }
 
 /**
@@ -167,6 +173,7 @@ interface NodemailerInfo {
   rejected?: string[];
   rejectedErrors?: Array<{ recipient?: string; responseCode?: number; response?: string; message?: string }>;
   response?: string;
+  tls?: string | null;
 }
 
 /** Each refused recipient's refusal, by address. */
@@ -197,9 +204,9 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
       // Not in either list: we cannot know whether it was accepted, so it is tried again.
       return { verdict: 'deferred', code: null, reply: 'the upstream gave no reply for this recipient' };
     });
-    return { upstream, code, reply: response, recipients, permanentFailure: false, refusedWhole: false };
+    return { upstream, code, reply: response, recipients, permanentFailure: false, refusedWhole: false, ...tlsOf(info) };
   }
-  const error = outcome.error as { rejectedErrors?: NodemailerInfo['rejectedErrors']; loginFault?: unknown };
+  const error = outcome.error as { rejectedErrors?: NodemailerInfo['rejectedErrors']; settingFault?: unknown; tls?: string | null };
   const whole = classifyUpstreamError(outcome.error);
   const perRecipient = rcptRefusals(error?.rejectedErrors);
   const recipients = rcpts.map((key): RecipientResult => {
@@ -211,7 +218,11 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
   const rest = rcpts.filter((key) => !perRecipient.has(key));
   const refusedWhole = rest.length > 0 && !whole.temporary;
   const permanentFailure = refusedWhole || (rest.length === 0 && recipients.length > 0 && recipients.every((r) => r.verdict === 'failed'));
-  return { upstream, code: whole.code, reply: whole.reply, recipients, permanentFailure, refusedWhole, ...(error?.loginFault === true ? { loginFault: true } : {}) };
+  return { upstream, code: whole.code, reply: whole.reply, recipients, permanentFailure, refusedWhole, ...(error?.settingFault === true ? { settingFault: true } : {}), ...tlsOf(error ?? {}) };
+}
+
+function tlsOf(source: { tls?: string | null }): { tls?: string | null } {
+  return source.tls === undefined ? {} : { tls: source.tls };
 }
 
 /** The same verdict for every recipient, with no SMTP reply code: local delivery, or no content to send. */

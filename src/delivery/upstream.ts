@@ -25,6 +25,8 @@ export interface UpstreamSettings {
   port: number;
   /** Implicit TLS (port 465 style); otherwise STARTTLS whenever the upstream offers it. */
   secure: boolean;
+  /** Without implicit TLS, an upstream that offers no STARTTLS gets nothing (forwardRequireTLS). */
+  requireTls: boolean;
   username: string;
   password: string;
   /** Our name in EHLO. */
@@ -185,8 +187,17 @@ function offers(connection: SMTPConnection, extension: string): boolean {
   return ((connection as unknown as { _supportedExtensions?: string[] })._supportedExtensions ?? []).includes(extension);
 }
 
-type SendInfo = SMTPConnection.SentMessageInfo;
+/** The TLS version of a connection (`TLSv1.3`), or null in plain text. */
+function tlsVersion(connection: SMTPConnection): string | null {
+  if (!connection.secure) return null;
+  const socket = (connection as unknown as { _socket?: { getProtocol?: () => string | null } })._socket;
+  return socket?.getProtocol?.() ?? 'TLS';
+}
+
+type SendInfo = SMTPConnection.SentMessageInfo & { tls?: string | null };
 type UpstreamError = SMTPConnection.SMTPError & {
+  /** The TLS version of the connection the transaction failed on (null: plain text). */
+  tls?: string | null;
   notSent?: boolean;
   endUnanswered?: boolean;
   rejectedErrors?: SMTPConnection.SMTPError[];
@@ -260,6 +271,12 @@ const REUSE_TIME_LIMIT_MS = 300_000;
 const IDLE_QUIT_MS = 30_000;
 /** How long a QUIT waits for the upstream's reply before the connection is cut off. */
 const QUIT_WAIT_MS = 1000;
+
+/** forwardRequireTLS: the message is not sent over a connection that STARTTLS did not secure. */
+function tlsRequired(label: string): Error {
+  const message = `TLS is required (forwardRequireTLS=true), but ${label} offered no STARTTLS, so nothing was sent; check forwardHost and forwardPort, or a proxy between the upstream and relayq that strips STARTTLS`;
+  return Object.assign(new Error(message), { code: 'ETLS', settingFault: true });
+}
 
 const PLAINTEXT_AUTH_REFUSED =
   'the upstream offered no TLS (STARTTLS), so forwardUsername/forwardPassword were not sent in plain text; use forwardSSL or an upstream with STARTTLS';
@@ -348,6 +365,7 @@ export class SmtpUpstream {
   readonly label: string;
   private readonly options: SMTPConnection.Options;
   private readonly auth: SMTPConnection.Credentials | undefined;
+  private readonly requireTls: boolean;
   private readonly peerAddress: (socketAddress: string) => string;
   /** Connections between two transactions, most recently used last. */
   private readonly idle: SMTPConnection[] = [];
@@ -378,6 +396,7 @@ export class SmtpUpstream {
     this.options = connectionOptions(settings);
     this.idleMs = Math.min(IDLE_QUIT_MS, Math.floor(settings.attemptTimeoutMs / 2));
     this.auth = settings.username ? { user: settings.username, pass: settings.password } : undefined;
+    this.requireTls = settings.requireTls;
     this.peerAddress = settings.peerAddress ?? ((address) => address);
     this.now = settings.now ?? Date.now;
     this.log = settings.logger;
@@ -510,9 +529,10 @@ export class SmtpUpstream {
         signal.removeEventListener('abort', onAbort);
         if (signal.aborted) return;
         if (err) return reject(this.failedSend(connection, err as UpstreamError, message, leftOut));
+        const tls = tlsVersion(connection);
         this.release(connection);
         if (leftOut.length) info.rejectedErrors = [...(info.rejectedErrors ?? []), ...leftOut];
-        resolve(info);
+        resolve(Object.assign(info, { tls }));
       });
     });
   }
@@ -541,6 +561,7 @@ export class SmtpUpstream {
    */
   private failedSend(connection: SMTPConnection, e: UpstreamError, message: Readable, leftOut: SMTPConnection.SMTPError[]): UpstreamError {
     e.notSent = !message.readableDidRead;
+    e.tls = tlsVersion(connection);
     withEndUnanswered(e, connection);
     // A refusal of DATA or of the message says nothing of the recipients the upstream had
     // already refused at RCPT; nodemailer keeps those on the envelope only (which RSET clears).
@@ -599,6 +620,9 @@ export class SmtpUpstream {
       });
       connection.connect((err) => {
         if (err) return settle(err);
+        // with implicit TLS, or after STARTTLS, the connection is secure; nodemailer goes on in
+        // plain text when the upstream's EHLO offered no STARTTLS
+        if (this.requireTls && !connection.secure) return settle(tlsRequired(this.label));
         this.warnOfSizeLimit(sizeLimit(connection));
         if (!this.auth) return settle();
         // The password goes out encrypted, or over loopback: an upstream that offers no STARTTLS
@@ -607,10 +631,10 @@ export class SmtpUpstream {
         // stripped it offers neither, and the fault is the missing TLS, not the credentials.
         const socket = (connection as unknown as { _socket?: { remoteAddress?: string } })._socket;
         if (!connection.secure && !isLoopback(this.peerAddress(socket?.remoteAddress ?? ''))) {
-          return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS', loginFault: true }));
+          return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS', settingFault: true }));
         }
-        if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH', loginFault: true }));
-        connection.login(this.auth, (loginErr) => settle(loginErr ? Object.assign(loginErr, { loginFault: true }) : undefined));
+        if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH', settingFault: true }));
+        connection.login(this.auth, (loginErr) => settle(loginErr ? Object.assign(loginErr, { settingFault: true }) : undefined));
       });
     });
   }

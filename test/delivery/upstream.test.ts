@@ -92,6 +92,43 @@ describe('upstream connection: TLS and AUTH', () => {
     assert.equal(upstream.accepted[0].secure, true, 'upgraded with STARTTLS');
   });
 
+  test('forwardRequireTLS: an upstream that offers no STARTTLS gets nothing, and the attempt is deferred with a warning that says why', async () => {
+    const upstream = await startScriptedUpstream(); // plain, STARTTLS off
+    cleanup.push(() => upstream.close());
+    const log = capturedLog();
+    const { relay, id } = await relayFor(upstream.port, { forwardRequireTLS: true }, log.logger);
+    await relay.delivery.runOnce();
+    assert.deepEqual([upstream.rcpts, upstream.accepted.length], [[], 0], 'no envelope, no message in plain text');
+    const [r] = recipients(relay, id);
+    assert.deepEqual([r.status, r.temporary], ['pending', 1]);
+    assert.equal(
+      r.last_reply,
+      `ETLS: TLS is required (forwardRequireTLS=true), but 127.0.0.1:${upstream.port} offered no STARTTLS, so nothing was sent; check forwardHost and forwardPort, or a proxy between the upstream and relayq that strips STARTTLS`,
+    );
+    const [line] = log.entries().filter((e) => e.event === 'delivery.attempt');
+    assert.deepEqual([line.level, line.outcome, 'tls' in line], [40, 'deferred', false]);
+  });
+
+  test('the attempt line names the TLS version of the upstream connection, or null in plain text', async () => {
+    const tlsUpstream = await startScriptedUpstream({ disabledCommands: [] });
+    const plainUpstream = await startScriptedUpstream();
+    cleanup.push(() => tlsUpstream.close(), () => plainUpstream.close());
+    const secured = await relayFor(tlsUpstream.port, { forwardRequireTLS: true });
+    const tlsLog = capturedLog();
+    const engine = engineOn(secured.relay, secured.clock, { upstreamTls: { rejectUnauthorized: false }, logger: tlsLog.logger });
+    cleanup.push(() => engine.stop(0));
+    await engine.runOnce();
+    assert.equal(message(secured.relay, secured.id).state, 'delivered');
+    assert.equal(tlsUpstream.accepted[0].secure, true);
+    const plainLog = capturedLog();
+    const plain = await relayFor(plainUpstream.port, {}, plainLog.logger);
+    await plain.relay.delivery.runOnce();
+    assert.equal(message(plain.relay, plain.id).state, 'delivered');
+    const tlsOf = (log: ReturnType<typeof capturedLog>) => log.entries().filter((e) => e.event === 'delivery.attempt').map((e) => [e.level, e.tls]);
+    assert.deepEqual(tlsOf(tlsLog), [[30, 'TLSv1.3']]);
+    assert.deepEqual(tlsOf(plainLog), [[30, null]]);
+  });
+
   test('NODE_TLS_REJECT_UNAUTHORIZED=0 in the environment does not turn certificate checks off', async () => {
     const upstream = await startScriptedUpstream({ disabledCommands: [] }); // self-signed
     cleanup.push(() => upstream.close());
@@ -412,7 +449,7 @@ describe('attempt deadline', () => {
 });
 
 test('the wait for a reply (the final dot\'s too) is the attempt\'s whole budget, so a longer processingTimeout gives a slow upstream more time', () => {
-  const settings = { host: '127.0.0.1', port: 25, secure: false, username: '', password: '', clientName: 'relay.test', maxMessageSize: 1000, maxConnections: 1, logger: pino({ level: 'silent' }) };
+  const settings = { host: '127.0.0.1', port: 25, secure: false, requireTls: false, username: '', password: '', clientName: 'relay.test', maxMessageSize: 1000, maxConnections: 1, logger: pino({ level: 'silent' }) };
   // processingTimeout 900 (less its 10 % margin), past RFC 5321's 10 minutes for the final dot
   assert.deepEqual(pick(connectionOptions({ ...settings, attemptTimeoutMs: 810_000 })), { socketTimeout: 810_000, greetingTimeout: 30_000, connectionTimeout: 30_000 });
   // the default, 300 s
