@@ -7,7 +7,7 @@
 // once such a reader is gone.
 import fs from 'node:fs';
 import Database from 'better-sqlite3';
-import { BUSY_TIMEOUT_MS, createPrivateFile, realDatabasePath, refuseForeignWal, refuseHardLinks, type Sqlite } from './db.js';
+import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, realDatabasePath, refuseForeignWal, refuseHardLinks, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
@@ -33,6 +33,7 @@ export function lockDatabase(databasePath: string): { release(): void } {
   let lock: Sqlite | undefined;
   try {
     createPrivateFile(file);
+    ownLikeDatabase(file, real);
     lock = new Database(file);
     lock.pragma('busy_timeout = 0');
     lock.pragma('journal_mode = MEMORY'); // no -lock-journal file beside it
@@ -52,6 +53,18 @@ export function lockDatabase(databasePath: string): { release(): void } {
     throw err;
   }
   return { release: () => held.close() };
+}
+
+/**
+ * Run as root (`relayq migrate` by an administrator), a command would leave a lock file that only
+ * root may open, and the relay's own user could not start any more: it gets the database file's
+ * owner, as SQLite gives its -wal and -shm files.
+ */
+function ownLikeDatabase(file: string, database: string): void {
+  if (process.getuid?.() !== 0) return;
+  const owner = fs.statSync(database, { throwIfNoEntry: false });
+  const lock = fs.statSync(file);
+  if (owner && (lock.uid !== owner.uid || lock.gid !== owner.gid)) fs.chownSync(file, owner.uid, owner.gid);
 }
 
 /** Bytes of the database file and of its -wal file (0 when absent), beside the real file when databasePath is a link. */
@@ -105,9 +118,7 @@ export function requireWritable(sqlite: Sqlite): void {
         { cause: err },
       );
     }
-    throw new Error(`cannot write to it (${(err as Error).message}): the relay's user must be able to write the file, its -wal and -shm files and its directory`, {
-      cause: err,
-    });
+    throw cannotWrite(err as Error);
   }
 }
 

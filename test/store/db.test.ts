@@ -119,3 +119,18 @@ test('a databasePath that is a symbolic link to a file not made yet: the file is
   assert.deepEqual(fs.readdirSync(path.join(dir, 'volume')).sort(), ['relayq.db', 'relayq.db-lock']);
   assert.equal(fs.statSync(path.join(dir, 'volume', 'relayq.db')).mode & 0o777, 0o600);
 });
+
+test('a command run as root leaves the lock file to the database file\'s owner, so that the relay\'s own user can still start', {
+  skip: process.getuid?.() === 0 ? false : 'giving a file another owner takes root',
+}, async () => {
+  const file = path.join(tempDir(), 'relayq.db');
+  await (await openStore(file)).close();
+  fs.chownSync(file, 1000, 1000);
+  const ownerOf = (f: string) => [fs.statSync(f).uid, fs.statSync(f).gid];
+  lockDatabase(file).release(); // creates the lock file, as `relayq migrate` does on a database from before locks
+  assert.deepEqual(ownerOf(`${file}-lock`), [1000, 1000]);
+  assert.equal(fs.statSync(`${file}-lock`).mode & 0o777, 0o600);
+  fs.chownSync(`${file}-lock`, 0, 0); // one that an earlier build left to root
+  lockDatabase(file).release();
+  assert.deepEqual(ownerOf(`${file}-lock`), [1000, 1000]);
+});
