@@ -53,18 +53,28 @@ export function openConnection(file: string): Sqlite {
   // through a symbolic link to a file not made yet (a first start on a mounted volume): made there
   createPrivateFile(realDatabasePath(file));
   refuseHardLinks(file);
-  const sqlite = new Database(file);
+  let sqlite: Sqlite | undefined;
   try {
+    sqlite = new Database(file);
     refuseForeignDatabase(sqlite);
     sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
     sqlite.pragma('journal_mode = WAL');
     sqlite.pragma('synchronous = FULL');
     sqlite.pragma('foreign_keys = ON');
   } catch (err) {
-    sqlite.close();
-    throw err;
+    sqlite?.close();
+    // a directory where the -wal and -shm files cannot be made (a read-only file system): SQLite
+    // says only "unable to open database file"
+    throw /^SQLITE_(CANTOPEN|READONLY)/.test(String((err as { code?: unknown }).code)) ? cannotWrite(err as Error) : err;
   }
   return sqlite;
+}
+
+/** A database file, or its -wal and -shm files, that this process may not write. */
+export function cannotWrite(err: Error): Error {
+  return new Error(`cannot write to it (${err.message}): the relay's user must be able to write the file, its -wal and -shm files and its directory`, {
+    cause: err,
+  });
 }
 
 /**

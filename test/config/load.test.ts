@@ -953,6 +953,18 @@ describe('what only the start can find out names the key to fix', () => {
     await again.stop();
   });
 
+  test('a database whose directory the relay may not write (its -wal and -shm cannot be made, as on a read-only file system) stops the start, saying so', async (t) => {
+    const relay = await startTestRelay({}, { startDelivery: false });
+    const file = relay.config.databasePath;
+    await relay.stop();
+    await whileImmutable(t, path.dirname(file), async () => {
+      await assert.rejects(
+        startTestRelay({ databasePath: file }, { startDelivery: false }),
+        /^Error: databasePath \S+: cannot write to it \(unable to open database file\): the relay's user must be able to write the file, its -wal and -shm files and its directory$/,
+      );
+    });
+  });
+
   test('a database another process keeps write-locked past the busy timeout stops the start, saying so (not as a permission problem)', async () => {
     const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
     const file = relay.config.databasePath;
