@@ -832,6 +832,47 @@ describe('STARTTLS', () => {
     );
   });
 
+  test('commands sent behind STARTTLS in plain text are dropped, not run inside TLS (CVE-2011-0411), also behind a message', async () => {
+    const net = await import('node:net');
+    const tls = await import('node:tls');
+    await withTestRelay({ tls: await tlsFiles() }, { startDelivery: false }, async (relay) => {
+      // what the client writes in one packet once EHLO is answered, and the replies it gets before TLS
+      const cases: Array<[string, RegExp]> = [
+        ['STARTTLS\r\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\n', /^220 /],
+        [`MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n${MSG}STARTTLS\r\nMAIL FROM:<evil@example.com>\r\n`, /^250 [\s\S]*\r\n354 [\s\S]*\r\n250 2\.0\.0 Ok: queued as [0-9A-F]+\r\n220 /],
+      ];
+      for (const [packet, beforeTls] of cases) {
+        const plain = net.connect({ port: relay.smtpPort, host: '127.0.0.1' });
+        let text = '';
+        const onData = (d: Buffer) => {
+          text += d.toString();
+        };
+        plain.on('data', onData);
+        await waitFor(() => /^220 /m.test(text), 10_000, 'the greeting');
+        text = '';
+        plain.write('EHLO client.test\r\n');
+        await waitFor(() => /^250 /m.test(text), 10_000, 'the EHLO reply');
+        text = '';
+        plain.write(packet);
+        await waitFor(() => /^220 .*\r\n$/m.test(text), 10_000, 'the reply to STARTTLS');
+        assert.match(text, beforeTls);
+        plain.off('data', onData);
+        text = '';
+        const secure = tls.connect({ socket: plain, rejectUnauthorized: false });
+        await new Promise((resolve) => secure.once('secureConnect', resolve));
+        secure.on('data', onData);
+        // a reply to the plain-text MAIL or RCPT would come now, unasked
+        await new Promise((r) => setTimeout(r, 300));
+        assert.equal(text, '', 'no reply inside TLS to a command sent before it');
+        secure.write('MAIL FROM:<a@example.com>\r\n');
+        await waitFor(() => /^\d{3} .*\r\n$/m.test(text), 10_000, 'the reply to MAIL');
+        assert.match(text, /^503 /, 'no EHLO inside TLS yet: the session starts again, with nothing of before');
+        secure.end();
+      }
+      assert.equal(messageCount(relay), 1, 'the one message sent before STARTTLS');
+    });
+  });
+
   test('a TLS client that resets its connection after QUIT is one smtp.connection_lost line, which names its session', async () => {
     const net = await import('node:net');
     const tls = await import('node:tls');
