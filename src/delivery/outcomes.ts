@@ -35,8 +35,8 @@ export interface BatchResult {
   refusedWhole: boolean;
   /**
    * The upstream and relayq's settings disagree: it refused forwardUsername/forwardPassword, or
-   * offered no AUTH, or no TLS to send them over or that forwardRequireTLS asks for. The settings
-   * (or the upstream) need fixing, not the mail.
+   * offered no AUTH, or no TLS to send them over or that forwardRequireTLS asks for, or its
+   * certificate does not verify. The settings (or the upstream) need fixing, not the mail.
    */
   settingFault?: boolean;
   /**

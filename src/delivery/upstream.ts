@@ -313,6 +313,31 @@ function withTlsHint(err: Error, secure: boolean): Error {
   return Object.assign(err, { hint });
 }
 
+/** Node's codes for an upstream certificate that does not verify, by what to check. */
+const CERTIFICATE_HINTS: ReadonlyArray<[RegExp, string]> = [
+  [
+    /^(DEPTH_ZERO_SELF_SIGNED_CERT|SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_(VERIFY_LEAF_SIGNATURE|GET_ISSUER_CERT(_LOCALLY)?)|CERT_UNTRUSTED)$/,
+    "the upstream's certificate is not signed by a CA that relayq trusts: for a private CA, start relayq with NODE_EXTRA_CA_CERTS naming the CA's PEM file",
+  ],
+  [/^CERT_(HAS_EXPIRED|NOT_YET_VALID)$/, "the upstream's certificate is out of its dates (or this machine's clock is wrong)"],
+  [
+    /^ERR_TLS_CERT_ALTNAME_INVALID$/,
+    "set forwardHost to a name the upstream's certificate holds (openssl s_client -starttls smtp -connect HOST:PORT shows them; -connect alone with forwardSSL)",
+  ],
+];
+
+/**
+ * An upstream certificate that does not verify: a setting to fix (or the upstream's certificate),
+ * so the attempt is logged as a warning, with what to check.
+ */
+function withCertificateHint(err: Error): Error {
+  const code = (err as { originalCode?: unknown }).originalCode;
+  const hint = typeof code === 'string' && CERTIFICATE_HINTS.find(([codes]) => codes.test(code))?.[1];
+  if (!hint) return err;
+  err.message += `: ${hint}`;
+  return Object.assign(err, { settingFault: true });
+}
+
 const TOO_MANY = /^\d{3}[ -][45]\.5\.3\b|too many recipients/i;
 
 /**
@@ -612,7 +637,9 @@ export class SmtpUpstream {
       signal.addEventListener('abort', onAbort, { once: true });
       // Errors of a transaction reach its send callback; one that ends an idle connection only
       // ends it. Either way the connection leaves the pool when it ends.
-      connection.on('error', (err: Error) => settle(this.options.secure ? withTlsHint(err, true) : withImplicitTlsHint(withTlsHint(err, false))));
+      connection.on('error', (err: Error) =>
+        settle(withCertificateHint(this.options.secure ? withTlsHint(err, true) : withImplicitTlsHint(withTlsHint(err, false)))),
+      );
       connection.once('end', () => {
         this.forget(connection);
         this.open.delete(connection);

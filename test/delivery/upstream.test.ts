@@ -1,5 +1,8 @@
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import pino from 'pino';
@@ -7,7 +10,7 @@ import { ManualClock } from '../manual-clock.js';
 import { type DeliveryDeps, DeliveryEngine } from '../../src/delivery/engine.js';
 import { connectionOptions } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
-import { capturedLog, holdWriteLock, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, holdWriteLock, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
 /** A second engine on a test relay's store, silent and without jitter, with the given extra dependencies. */
@@ -127,6 +130,49 @@ describe('upstream connection: TLS and AUTH', () => {
     const tlsOf = (log: ReturnType<typeof capturedLog>) => log.entries().filter((e) => e.event === 'delivery.attempt').map((e) => [e.level, e.tls]);
     assert.deepEqual(tlsOf(tlsLog), [[30, 'TLSv1.3']]);
     assert.deepEqual(tlsOf(plainLog), [[30, null]]);
+  });
+
+  test('an upstream certificate that does not verify defers the attempt with a warning that says what to check', async (t) => {
+    // a certificate for relayq.test alone, made for this test
+    const dir = tempDir('relayq-tls-');
+    const [certFile, keyFile] = [path.join(dir, 'cert.pem'), path.join(dir, 'key.pem')];
+    try {
+      execFileSync(
+        'openssl',
+        ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', keyFile, '-out', certFile, '-days', '1', '-subj', '/CN=relayq.test', '-addext', 'subjectAltName=DNS:relayq.test'],
+        { stdio: 'ignore' },
+      );
+    } catch {
+      return t.skip('openssl is not installed');
+    }
+    const cert = fs.readFileSync(certFile, 'utf8');
+    const own = await startScriptedUpstream({ disabledCommands: [], key: fs.readFileSync(keyFile, 'utf8'), cert });
+    const expired = await startScriptedUpstream({ disabledCommands: [] }); // smtp-server's own certificate, expired in 2025
+    cleanup.push(() => own.close(), () => expired.close());
+    const cases: Array<[number, Record<string, unknown> | undefined, string]> = [
+      [
+        own.port,
+        undefined,
+        "ESOCKET: self-signed certificate: the upstream's certificate is not signed by a CA that relayq trusts: for a private CA, start relayq with NODE_EXTRA_CA_CERTS naming the CA's PEM file",
+      ],
+      [
+        own.port,
+        { ca: cert }, // trusted, as NODE_EXTRA_CA_CERTS would make it, but not for 127.0.0.1
+        "ESOCKET: Hostname/IP does not match certificate's altnames: IP: 127.0.0.1 is not in the cert's list: : set forwardHost to a name the upstream's certificate holds (openssl s_client -starttls smtp -connect HOST:PORT shows them; -connect alone with forwardSSL)",
+      ],
+      [expired.port, { ca: cert }, "ESOCKET: certificate has expired: the upstream's certificate is out of its dates (or this machine's clock is wrong)"],
+    ];
+    for (const [port, tls, reply] of cases) {
+      const { clock, relay, id } = await relayFor(port);
+      const log = capturedLog();
+      const engine = engineOn(relay, clock, { upstreamTls: tls, logger: log.logger });
+      cleanup.push(() => engine.stop(0));
+      await engine.runOnce();
+      const [r] = recipients(relay, id);
+      assert.deepEqual([r.status, r.temporary, r.last_reply], ['pending', 1, reply]);
+      assert.deepEqual(attemptLines(log), [[40, 'deferred', null]]);
+    }
+    assert.equal(own.accepted.length + expired.accepted.length, 0);
   });
 
   test('NODE_TLS_REJECT_UNAUTHORIZED=0 in the environment does not turn certificate checks off', async () => {
