@@ -326,7 +326,11 @@ export function adminRoutes(deps: ApiDeps) {
         await removeFailedExport(deps.config.emailsDir, id);
       } catch (err) {
         const warning = `its failed export could not be removed: ${(err as Error).message}`;
-        log.warn({ event: 'api.admin', action: 'delete', queueId: quotedId(id), result: 'deleted', err: (err as Error).message }, `delete ${quotedId(id)}: ${warning}`);
+        const who = c.get('requester');
+        log.warn(
+          { event: 'api.admin', action: 'delete', queueId: quotedId(id), client: who.ip, via: who.via, result: 'deleted', err: (err as Error).message },
+          `delete ${quotedId(id)}: ${warning}`,
+        );
         return c.json({ id, deleted: true, warning });
       }
       return c.json({ id, deleted: true });

@@ -958,7 +958,14 @@ test('a deleted message whose export cannot be removed is deleted all the same, 
     assert.match(body.warning, /^its failed export could not be removed: EISDIR/);
     assert.equal(relay.store.sqlite.prepare('SELECT COUNT(*) FROM messages WHERE id = ?').pluck().get(id), 0);
     const lines = log.entries().filter((e) => e.event === 'api.admin' && e.action === 'delete');
-    assert.deepEqual(lines.map((e) => [e.level, e.queueId, e.result]), [[30, id, 'deleted'], [40, id, 'deleted']]);
+    assert.deepEqual(
+      lines.map((e) => [e.level, e.queueId, e.result, e.via]),
+      [
+        [30, id, 'deleted', 'loopback'],
+        [40, id, 'deleted', 'loopback'],
+      ],
+      'both lines say who asked',
+    );
     assert.match(String(lines[1].err), /EISDIR/);
   } finally {
     await relay.stop();
