@@ -9,7 +9,7 @@ import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
-import { appliedMigrations, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
+import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 import { escapeTerminalUnsafe } from '../terminal-unsafe.js';
 
 export class CliError extends Error {
@@ -106,7 +106,7 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
     } catch (err) {
       const message = (err as Error).message;
       if (/^no such (table|column)/.test(message)) {
-        throw new CliError(`database ${file} needs migrations (${message}): run \`relayq migrate\` or start the server`);
+        throw new CliError(`database ${file} needs migrations (${message}): ${migrationAdvice(file)}`);
       }
       throw err;
     }
@@ -225,7 +225,14 @@ export function requireCurrentSchema(sqlite: Sqlite, file: string): void {
  */
 export function requireMigrated(applied: string[], file: string): void {
   const missing = MIGRATION_NAMES.filter((name) => !applied.includes(name));
-  if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: run \`relayq migrate\` or start the server`);
+  if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: ${migrationAdvice(file)}`);
+}
+
+/** What brings a database's schema up to date: a relay that runs on it may be doing so right now. */
+function migrationAdvice(file: string): string {
+  return isLockHeld(file)
+    ? 'a relayq runs on it: this version applies them as it starts (its store.migrated log line says when they are done), an older one does not (stop it, and start this version)'
+    : 'run `relayq migrate` or start the server';
 }
 
 /** A reason for stderr: each of its lines marked as relayq's. */

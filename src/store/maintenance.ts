@@ -55,6 +55,23 @@ export function lockDatabase(databasePath: string): { release(): void } {
   return { release: () => held.close() };
 }
 
+/** Whether a relay (or `relayq migrate`) holds the database's lock now; nothing is created to find out. */
+export function isLockHeld(databasePath: string): boolean {
+  const file = `${realDatabasePath(databasePath)}-lock`;
+  let lock: Sqlite | undefined;
+  try {
+    lock = new Database(file, { fileMustExist: true });
+    lock.pragma('busy_timeout = 0');
+    lock.exec('BEGIN EXCLUSIVE');
+    lock.exec('ROLLBACK');
+    return false;
+  } catch (err) {
+    return (err as { code?: unknown }).code === 'SQLITE_BUSY';
+  } finally {
+    lock?.close();
+  }
+}
+
 /**
  * Run as root (`relayq migrate` by an administrator), a command would leave a lock file that only
  * root may open, and the relay's own user could not start any more: it gets the database file's

@@ -11,6 +11,7 @@ import { openStore, type Sqlite } from '../../src/store/db.js';
 import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
 import { claimDueBatches, completeBatch } from '../../src/store/delivery.js';
 import { insertMessage } from '../../src/store/intake.js';
+import { lockDatabase } from '../../src/store/maintenance.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { deleteDeliveredBefore } from '../../src/store/retention.js';
 import { runCli } from '../cli/run-cli.js';
@@ -233,6 +234,17 @@ test('CLI commands that read refuse a database the migration has not reached yet
     const s = await runCli([...args, '--databasePath', file]);
     assert.equal(s.code, 1, `${args.join(' ')}: ${s.stdout}`);
     assert.match(s.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, .*009_processing_time_by_message: run `relayq migrate` or start the server$/);
+  }
+  // with a relay running on it (which migrates it as it starts, or is older), the advice says so
+  const lock = lockDatabase(file);
+  try {
+    for (const args of [['status'], ['show', 'F']]) {
+      const s = await runCli([...args, '--databasePath', file]);
+      assert.equal(s.code, 1, `${args.join(' ')}: ${s.stdout}`);
+      assert.match(s.stderr.trim(), /^relayq: database .*old\.db needs migrations .*: a relayq runs on it: this version applies them as it starts \(its store\.migrated log line says when they are done\), an older one does not \(stop it, and start this version\)$/);
+    }
+  } finally {
+    lock.release();
   }
 });
 
