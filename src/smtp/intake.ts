@@ -20,7 +20,7 @@ import {
 } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
 import { BareLineEndingScanner, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
-import { inputAhead, RelayqSmtpServer } from './server.js';
+import { inputAhead, RelayqSmtpServer, tlsNotCompleted } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
 
 export interface IntakeDeps {
@@ -367,6 +367,8 @@ export class SmtpIntake {
           user: authUserOf(session) ?? undefined,
           // as Postfix logs a TLS session: protocol and cipher (after STARTTLS)
           ...(session.tlsOptions ? { tls: `${session.tlsOptions.version} ${session.tlsOptions.name}` } : {}),
+          // Postfix's "lost connection after STARTTLS": a client that never began its handshake
+          ...(tlsNotCompleted(session) ? { tls: 'not completed' } : {}),
           accepted: s.accepted ?? 0,
           ...(s.queueIds ? { queueIds: s.queueIds } : {}),
           refused: s.refusedCount ?? 0,

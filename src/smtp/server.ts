@@ -107,6 +107,14 @@ export function inputAhead(session: SMTPServerSession): boolean {
   return inputsAhead.get(session)?.() ?? false;
 }
 
+/** Sessions whose STARTTLS was answered `220` and whose handshake has not completed (yet). */
+const tlsPending = new WeakSet<SMTPServerSession>();
+
+/** STARTTLS was answered and no TLS session followed: at the end, a client that never started it, or failed. */
+export function tlsNotCompleted(session: SMTPServerSession): boolean {
+  return tlsPending.has(session);
+}
+
 class RelayqConnection extends SMTPConnection {
   override init(): void {
     // the socket and parser of the moment: those of the TLS session after STARTTLS
@@ -163,7 +171,9 @@ class RelayqConnection extends SMTPConnection {
    */
   override upgrade(callback: () => void, secureCallback?: () => void): void {
     this._socket.allowHalfOpen = false;
+    tlsPending.add(this.session);
     super.upgrade(callback, () => {
+      tlsPending.delete(this.session);
       this._socket.allowHalfOpen = true;
       this.acceptedOpening = false; // as smtp-server forgets the greeting (RFC 3207 §4.2)
       secureCallback?.();

@@ -873,6 +873,27 @@ describe('STARTTLS', () => {
     });
   });
 
+  test('a client that leaves after the 220 to STARTTLS without a handshake is logged as such', async () => {
+    const net = await import('node:net');
+    const log = capturedLog('info');
+    await withTestRelay({ tls: await tlsFiles() }, { logger: log.logger, startDelivery: false }, async (relay) => {
+      const socket = net.connect({ port: relay.smtpPort, host: '127.0.0.1' });
+      let text = '';
+      socket.on('data', (d: Buffer) => {
+        text += d.toString();
+      });
+      await waitFor(() => /^220 /m.test(text), 10_000, 'the greeting');
+      socket.write('EHLO client.test\r\n');
+      await waitFor(() => /^250 /m.test(text), 10_000, 'the EHLO reply');
+      socket.write('STARTTLS\r\n');
+      await waitFor(() => /^220 .*TLS/im.test(text), 10_000, 'the reply to STARTTLS');
+      socket.end();
+      await waitFor(() => log.entries().some((e) => e.event === 'smtp.session'), 10_000, 'the session line');
+    });
+    const [line] = log.entries().filter((e) => e.event === 'smtp.session');
+    assert.deepEqual([line.helo, line.tls], ['client.test', 'not completed']);
+  });
+
   test('a TLS client that resets its connection after QUIT is one smtp.connection_lost line, which names its session', async () => {
     const net = await import('node:net');
     const tls = await import('node:tls');
