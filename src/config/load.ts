@@ -596,12 +596,16 @@ export function loadConfigFromSources(
   return { ok: false, message: formatErrors(loaded.errors, file?.path) + warnings.join('') };
 }
 
-/** Copy of the config with every secret replaced, for logging. */
+/**
+ * Copy of the config with every secret replaced, for logging. A forwardUsername that is the
+ * password too (an API token some providers take as both) goes with it.
+ */
 export function redactConfig(config: Config): Config {
   const copy = structuredClone(config) as unknown as Record<string, unknown>;
   for (const key of CONFIG_KEYS) {
     if (key.secret && getPath(copy, key.path)) setPath(copy, key.path, '[redacted]');
   }
+  if (config.forwardUsername && config.forwardUsername === config.forwardPassword) Object.assign(copy, { forwardUsername: '[redacted]' });
   return copy as unknown as Config;
 }
 

@@ -197,4 +197,7 @@ test('redactConfig replaces every secret that is set, leaves empty ones and the 
   for (const key of set) assert.equal(getPath(redacted, key.path), '[redacted]', key.path);
   assert.equal(getPath(redacted, unset.path), '', `${unset.path} is not set, and shown so`);
   for (const key of CONFIG_KEYS.filter((k) => !k.secret)) assert.deepEqual(getPath(redacted, key.path), getPath(config as unknown as Record<string, unknown>, key.path), key.path);
+  // a provider's API token given as both user name and password (Postmark's server tokens)
+  const token = { ...defaultConfig(), forwardUsername: 'token-f00d', forwardPassword: 'token-f00d' };
+  assert.deepEqual([redactConfig(token).forwardUsername, redactConfig({ ...token, forwardPassword: 'other' }).forwardUsername], ['[redacted]', 'token-f00d']);
 });
