@@ -597,6 +597,24 @@ export function loadConfigFromSources(
 }
 
 /**
+ * A config file that sets a password or token and that every user of the machine may read (Postfix
+ * asks the same of its sasl_passwd). A group that may read it is taken as meant (root:relayq 0640).
+ */
+export function exposedSecretsWarning(file: string | null): string | undefined {
+  if (file === null) return undefined;
+  try {
+    const mode = fs.statSync(file).mode & 0o777;
+    if ((mode & 0o004) === 0) return undefined;
+    const values = JSON.parse(fs.readFileSync(file, 'utf8').replace(/^\uFEFF/, '')) as Record<string, unknown>;
+    const set = CONFIG_KEYS.filter((key) => key.secret && getPath(values, key.path)).map((key) => key.path);
+    if (set.length === 0) return undefined;
+    return `${file} sets ${set.join(', ')}, and every user of this machine may read it (mode 0${mode.toString(8)}): chmod o-r it, or give the secrets in the environment`;
+  } catch {
+    return undefined; // read once already: changed since, which the next start sees
+  }
+}
+
+/**
  * Copy of the config with every secret replaced, for logging. A forwardUsername that is the
  * password too (an API token some providers take as both) goes with it.
  */

@@ -11,7 +11,13 @@ import { CLI_CWD, cleanEnv, runCli, writeConfigFile } from './run-cli.js';
 
 test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail and exits 0 on SIGTERM', async () => {
   const dir = tempDir('relayq-serve-');
-  const configFile = writeConfigFile(dir, { databasePath: path.join(dir, 'data', 'relayq.db'), emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0 });
+  const configFile = writeConfigFile(dir, {
+    databasePath: path.join(dir, 'data', 'relayq.db'),
+    emailsDir: path.join(dir, 'emails'),
+    minFreeDiskMb: 0,
+    security: { adminToken: 'a-token-for-this-test' },
+  });
+  fs.chmodSync(configFile, 0o644);
   const child = spawn(
     process.execPath,
     cliArgs('serve', '--config', configFile, '--smtpPort', '0', '--healthCheckPort=0', '--logLevel', 'info'),
@@ -32,6 +38,11 @@ test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail 
       exited.then((code) => reject(new Error(`serve exited ${code} before starting: ${stderr}${stdout}`)));
     });
     assert.ok(smtpPort > 0);
+    const warnings = stdout.split('\n').filter((line) => line.includes('"event":"config.warning"')).map((line) => JSON.parse(line).msg);
+    assert.deepEqual(
+      warnings.filter((w: string) => w.startsWith(configFile)),
+      [`${configFile} sets security.adminToken, and every user of this machine may read it (mode 0644): chmod o-r it, or give the secrets in the environment`],
+    );
     const info = await sendMail(smtpPort);
     assert.match(info.response, /^250 2\.0\.0 Ok: queued as /);
     child.kill('SIGTERM');

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { clientFilter } from '../../src/access-control.js';
-import { formatErrors, loadConfig, loadConfigFromSources, parseFlags, readConfigFile } from '../../src/config/load.js';
+import { exposedSecretsWarning, formatErrors, loadConfig, loadConfigFromSources, parseFlags, readConfigFile } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
 import { runCli } from '../cli/run-cli.js';
@@ -1139,4 +1139,22 @@ test('relay.started names the config file it read, as a full path, or null when 
       await relay.kill('SIGTERM');
     }
   }
+});
+
+test('a config file that sets a secret is a warning when every user may read it; a group that may read it is taken as meant', () => {
+  const dir = tempDir();
+  const file = path.join(dir, 'config.json');
+  fs.writeFileSync(file, '\uFEFF{"forwardPassword": "pw", "security": {"adminToken": "a-token-for-this-test"}}');
+  const warningAt = (mode: number) => {
+    fs.chmodSync(file, mode);
+    return exposedSecretsWarning(file);
+  };
+  assert.equal(
+    warningAt(0o604),
+    `${file} sets forwardPassword, security.adminToken, and every user of this machine may read it (mode 0604): chmod o-r it, or give the secrets in the environment`,
+  );
+  assert.deepEqual([warningAt(0o640), warningAt(0o600)], [undefined, undefined]);
+  fs.writeFileSync(file, '{"forwardPassword": "", "smtpPort": 2526}');
+  assert.equal(warningAt(0o644), undefined, 'no secret set in it');
+  assert.equal(exposedSecretsWarning(null), undefined);
 });
