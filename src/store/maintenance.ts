@@ -40,10 +40,13 @@ export function lockDatabase(databasePath: string): { release(): void } {
     lock.exec('BEGIN EXCLUSIVE');
   } catch (err) {
     lock?.close();
-    if ((err as { code?: string }).code === 'SQLITE_BUSY') {
+    const code = String((err as { code?: unknown }).code);
+    if (code === 'SQLITE_BUSY') {
       throw new Error(`another relayq is running on this database: ${file} is locked (on a network file system without locks it always is)`);
     }
-    throw new Error(`${file}: ${(err as Error).message}`, { cause: err });
+    // a read-only file system, a directory or a lock file of another user (an older build run as root)
+    const hint = /^(EACCES|EPERM|EROFS|SQLITE_CANTOPEN|SQLITE_READONLY)/.test(code) ? ": the relay's user must be able to write it and the database's directory" : '';
+    throw new Error(`${file}: ${(err as Error).message}${hint}`, { cause: err });
   }
   const held = lock;
   try {
@@ -75,13 +78,24 @@ export function isLockHeld(databasePath: string): boolean {
 /**
  * Run as root (`relayq migrate` by an administrator), a command would leave a lock file that only
  * root may open, and the relay's own user could not start any more: it gets the database file's
- * owner, as SQLite gives its -wal and -shm files.
+ * owner, as SQLite gives its -wal and -shm files. Never through a link: the directory is that
+ * user's, who could put one there to any file of the machine. An owner that cannot be given (no
+ * CAP_CHOWN) is left, as SQLite leaves it.
  */
 function ownLikeDatabase(file: string, database: string): void {
   if (process.getuid?.() !== 0) return;
   const owner = fs.statSync(database, { throwIfNoEntry: false });
-  const lock = fs.statSync(file);
-  if (owner && (lock.uid !== owner.uid || lock.gid !== owner.gid)) fs.chownSync(file, owner.uid, owner.gid);
+  if (!owner) return;
+  let fd: number | undefined;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+    const lock = fs.fstatSync(fd);
+    if (lock.isFile() && lock.nlink === 1 && (lock.uid !== owner.uid || lock.gid !== owner.gid)) fs.fchownSync(fd, owner.uid, owner.gid);
+  } catch {
+    // a link (ELOOP), or no right to give it away: the file stays as it is
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
+  }
 }
 
 /** Bytes of the database file and of its -wal file (0 when absent), beside the real file when databasePath is a link. */

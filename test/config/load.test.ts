@@ -963,6 +963,14 @@ describe('what only the start can find out names the key to fix', () => {
         /^Error: databasePath \S+: cannot write to it \(unable to open database file\): the relay's user must be able to write the file, its -wal and -shm files and its directory$/,
       );
     });
+    // without its lock file (made by the first start), the lock file is what cannot be made
+    fs.rmSync(`${file}-lock`);
+    await whileImmutable(t, path.dirname(file), async () => {
+      await assert.rejects(
+        startTestRelay({ databasePath: file }, { startDelivery: false }),
+        /^Error: databasePath \S+: \S+relayq\.db-lock: EPERM: operation not permitted, open '\S+': the relay's user must be able to write it and the database's directory$/,
+      );
+    });
   });
 
   test('a database another process keeps write-locked past the busy timeout stops the start, saying so (not as a permission problem)', async () => {

@@ -133,4 +133,11 @@ test('a command run as root leaves the lock file to the database file\'s owner, 
   fs.chownSync(`${file}-lock`, 0, 0); // one that an earlier build left to root
   lockDatabase(file).release();
   assert.deepEqual(ownerOf(`${file}-lock`), [1000, 1000]);
+  // a link the database's owner put in its place is not followed to give its target away
+  const target = path.join(tempDir(), 'root-only');
+  fs.writeFileSync(target, 'secret\n', { mode: 0o600 });
+  fs.rmSync(`${file}-lock`);
+  fs.symlinkSync(target, `${file}-lock`);
+  assert.throws(() => lockDatabase(file).release());
+  assert.deepEqual(ownerOf(target), [0, 0]);
 });
