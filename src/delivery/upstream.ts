@@ -187,11 +187,17 @@ function offers(connection: SMTPConnection, extension: string): boolean {
   return ((connection as unknown as { _supportedExtensions?: string[] })._supportedExtensions ?? []).includes(extension);
 }
 
-/** The TLS version of a connection (`TLSv1.3`), or null in plain text. */
-function tlsVersion(connection: SMTPConnection): string | null {
+/** The TLS version of each connection (`TLSv1.3`), or null in plain text: read once it is set up, while its socket is there. */
+const tlsVersions = new WeakMap<SMTPConnection, string | null>();
+
+function readTlsVersion(connection: SMTPConnection): string | null {
   if (!connection.secure) return null;
   const socket = (connection as unknown as { _socket?: { getProtocol?: () => string | null } })._socket;
   return socket?.getProtocol?.() ?? 'TLS';
+}
+
+function tlsVersion(connection: SMTPConnection): string | null {
+  return tlsVersions.get(connection) ?? null;
 }
 
 type SendInfo = SMTPConnection.SentMessageInfo & { tls?: string | null };
@@ -334,7 +340,8 @@ function withCertificateHint(err: Error): Error {
   const code = (err as { originalCode?: unknown }).originalCode;
   const hint = typeof code === 'string' && CERTIFICATE_HINTS.find(([codes]) => codes.test(code))?.[1];
   if (!hint) return err;
-  err.message += `: ${hint}`;
+  // Node ends a name mismatch with its list of names, which may be empty: `…cert's list: `
+  err.message = `${err.message.replace(/:\s*$/, '')}: ${hint}`;
   return Object.assign(err, { settingFault: true });
 }
 
@@ -547,17 +554,16 @@ export class SmtpUpstream {
       dataStreams.delete(connection); // of the connection's previous transaction
       const onAbort = () => {
         connection.close();
-        reject(withEndUnanswered(abortError(signal), connection));
+        reject(Object.assign(withEndUnanswered(abortError(signal), connection), { tls: tlsVersion(connection) }));
       };
       signal.addEventListener('abort', onAbort, { once: true });
       connection.send({ ...offer.envelope }, message, (err, info) => {
         signal.removeEventListener('abort', onAbort);
         if (signal.aborted) return;
         if (err) return reject(this.failedSend(connection, err as UpstreamError, message, leftOut));
-        const tls = tlsVersion(connection);
         this.release(connection);
         if (leftOut.length) info.rejectedErrors = [...(info.rejectedErrors ?? []), ...leftOut];
-        resolve(Object.assign(info, { tls }));
+        resolve(Object.assign(info, { tls: tlsVersion(connection) }));
       });
     });
   }
@@ -647,6 +653,7 @@ export class SmtpUpstream {
       });
       connection.connect((err) => {
         if (err) return settle(err);
+        tlsVersions.set(connection, readTlsVersion(connection));
         // with implicit TLS, or after STARTTLS, the connection is secure; nodemailer goes on in
         // plain text when the upstream's EHLO offered no STARTTLS
         if (this.requireTls && !connection.secure) return settle(tlsRequired(this.label));

@@ -158,7 +158,7 @@ describe('upstream connection: TLS and AUTH', () => {
       [
         own.port,
         { ca: cert }, // trusted, as NODE_EXTRA_CA_CERTS would make it, but not for 127.0.0.1
-        "ESOCKET: Hostname/IP does not match certificate's altnames: IP: 127.0.0.1 is not in the cert's list: : set forwardHost to a name the upstream's certificate holds (openssl s_client -starttls smtp -connect HOST:PORT shows them; -connect alone with forwardSSL)",
+        "ESOCKET: Hostname/IP does not match certificate's altnames: IP: 127.0.0.1 is not in the cert's list: set forwardHost to a name the upstream's certificate holds (openssl s_client -starttls smtp -connect HOST:PORT shows them; -connect alone with forwardSSL)",
       ],
       [expired.port, { ca: cert }, "ESOCKET: certificate has expired: the upstream's certificate is out of its dates (or this machine's clock is wrong)"],
     ];
@@ -402,7 +402,8 @@ describe('attempt deadline', () => {
       { clock, startDelivery: false, random: NO_JITTER },
     );
     // time enough for the whole transaction up to the final dot on a loaded machine
-    const engine = engineOn(relay, clock, { attemptTimeoutMs: 2000 });
+    const log = capturedLog();
+    const engine = engineOn(relay, clock, { attemptTimeoutMs: 2000, logger: log.logger });
     try {
       const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
       assert.equal(engine.attemptTimeoutMs, 2000);
@@ -411,6 +412,8 @@ describe('attempt deadline', () => {
       const [r] = recipients(relay, id);
       assert.equal(r.status, 'pending');
       assert.match(r.last_reply!, /timed out: the attempt exceeded 2000 ms.*; no reply to the final dot: /);
+      const [line] = log.entries().filter((e) => e.event === 'delivery.attempt');
+      assert.equal(line.tls, null, 'the message went out in plain text, and the line says so');
       assert.equal(message(relay, id).lease_token, null, 'recorded while the lease was still held');
       assert.equal(upstream.held.length, 1);
       await waitFor(() => upstream.connections() === 0, 10_000, 'the stalled connection to close');
