@@ -599,12 +599,15 @@ export function loadConfigFromSources(
 /**
  * A config file that sets a password or token and that every user of the machine may read (Postfix
  * asks the same of its sasl_passwd). A group that may read it is taken as meant (root:relayq 0640).
+ * Only a regular file is read again: a pipe (`--config <(…)`) holds nothing more to read, and a
+ * read of it would wait for ever.
  */
 export function exposedSecretsWarning(file: string | null): string | undefined {
   if (file === null) return undefined;
   try {
-    const mode = fs.statSync(file).mode & 0o777;
-    if ((mode & 0o004) === 0) return undefined;
+    const stat = fs.statSync(file);
+    const mode = stat.mode & 0o777;
+    if (!stat.isFile() || (mode & 0o004) === 0) return undefined;
     const values = JSON.parse(fs.readFileSync(file, 'utf8').replace(/^\uFEFF/, '')) as Record<string, unknown>;
     const set = CONFIG_KEYS.filter((key) => key.secret && getPath(values, key.path)).map((key) => key.path);
     if (set.length === 0) return undefined;
