@@ -6,6 +6,7 @@ import { count } from '../count.js';
 import { EMAILS_DIR_MODE } from '../delivery/atomic-file.js';
 import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.js';
 import { makeDirectory } from '../make-dir.js';
+import { refuseOthersDirectoriesAsRoot } from '../store/db.js';
 import { listMessages } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, requireCurrentSchema, withReader } from './context.js';
 
@@ -20,6 +21,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     // the database answered (one that needs migrating does not); now the target: a directory,
     // or one that can be made
     try {
+      refuseOthersDirectoriesAsRoot([target]);
       makeDirectory(target, EMAILS_DIR_MODE);
     } catch (err) {
       throw new CliError(`cannot export into ${target}: ${(err as Error).message}`);

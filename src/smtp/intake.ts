@@ -367,7 +367,7 @@ export class SmtpIntake {
           user: authUserOf(session) ?? undefined,
           // as Postfix logs a TLS session: protocol and cipher (after STARTTLS)
           ...(session.tlsOptions ? { tls: `${session.tlsOptions.version} ${session.tlsOptions.name}` } : {}),
-          // Postfix's "lost connection after STARTTLS": a client that never began its handshake
+          // Postfix's "lost connection after STARTTLS": no TLS session followed the 220 (none begun, or failed)
           ...(tlsNotCompleted(session) ? { tls: 'not completed' } : {}),
           accepted: s.accepted ?? 0,
           ...(s.queueIds ? { queueIds: s.queueIds } : {}),

@@ -78,6 +78,26 @@ export function cannotWrite(err: Error): Error {
 }
 
 /**
+ * Run as root, relayq works only in directories that no other user may change. In one that
+ * another user may write (the relay's user owns its data directory), that user could put links
+ * where relayq makes, opens or removes files (the lock file, the spool, the database itself, the
+ * exports), and root would follow them to any file of the machine. A directory that does not
+ * exist yet is made by relayq, root's. A sticky one (/tmp) keeps others from replacing root's files.
+ */
+export function refuseOthersDirectoriesAsRoot(dirs: readonly string[]): void {
+  if (process.getuid?.() !== 0) return;
+  for (const dir of dirs) {
+    const stat = fs.statSync(dir, { throwIfNoEntry: false });
+    if (!stat?.isDirectory()) continue;
+    const writable = (stat.mode & 0o022) !== 0 && (stat.mode & 0o1000) === 0;
+    if (stat.uid === 0 && !writable) continue;
+    const who = stat.uid === 0 ? 'users other than root' : `its owner, uid ${stat.uid}`;
+    const as = stat.uid === 0 ? "the relay's user" : `that user (sudo -u '#${stat.uid}' relayq …)`;
+    throw new Error(`${dir} may be written by ${who}: as root, relayq would follow the links put there to other files; run it as ${as}`);
+  }
+}
+
+/**
  * SQLite keeps a database's WAL and shared memory beside the name it was opened by: through a
  * second name (a hard link) the same file would have a second WAL, and writes through either
  * name would overwrite the other's, acknowledged mail included. The relay's lock is kept beside

@@ -6,8 +6,9 @@
 // CLI, a backup, a sqlite3 shell) pins an old snapshot. journal_size_limit truncates it back
 // once such a reader is gone.
 import fs from 'node:fs';
+import path from 'node:path';
 import Database from 'better-sqlite3';
-import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, realDatabasePath, refuseForeignWal, refuseHardLinks, type Sqlite } from './db.js';
+import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, realDatabasePath, refuseForeignWal, refuseHardLinks, refuseOthersDirectoriesAsRoot, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
@@ -29,13 +30,14 @@ export function lockDatabase(databasePath: string): { release(): void } {
   // not a lock file beside a directory: the open of the database would fail anyway
   if (fs.statSync(real, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`${databasePath} is a directory`);
   refuseHardLinks(real);
+  refuseOthersDirectoriesAsRoot([path.dirname(path.resolve(databasePath)), path.dirname(real)]);
   const file = `${real}-lock`;
   let lock: Sqlite | undefined;
   try {
     createPrivateFile(file);
-    ownLikeDatabase(file, real);
     lock = new Database(file);
-    lock.pragma('busy_timeout = 0');
+    // a moment: a CLI command's look at the lock (isLockHeld) holds it as long as that
+    lock.pragma('busy_timeout = 250');
     lock.pragma('journal_mode = MEMORY'); // no -lock-journal file beside it
     lock.exec('BEGIN EXCLUSIVE');
   } catch (err) {
@@ -72,29 +74,6 @@ export function isLockHeld(databasePath: string): boolean {
     return (err as { code?: unknown }).code === 'SQLITE_BUSY';
   } finally {
     lock?.close();
-  }
-}
-
-/**
- * Run as root (`relayq migrate` by an administrator), a command would leave a lock file that only
- * root may open, and the relay's own user could not start any more: it gets the database file's
- * owner, as SQLite gives its -wal and -shm files. Never through a link: the directory is that
- * user's, who could put one there to any file of the machine. An owner that cannot be given (no
- * CAP_CHOWN) is left, as SQLite leaves it.
- */
-function ownLikeDatabase(file: string, database: string): void {
-  if (process.getuid?.() !== 0) return;
-  const owner = fs.statSync(database, { throwIfNoEntry: false });
-  if (!owner) return;
-  let fd: number | undefined;
-  try {
-    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
-    const lock = fs.fstatSync(fd);
-    if (lock.isFile() && lock.nlink === 1 && (lock.uid !== owner.uid || lock.gid !== owner.gid)) fs.fchownSync(fd, owner.uid, owner.gid);
-  } catch {
-    // a link (ELOOP), or no right to give it away: the file stays as it is
-  } finally {
-    if (fd !== undefined) fs.closeSync(fd);
   }
 }
 

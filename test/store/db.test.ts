@@ -7,6 +7,7 @@ import { pathToFileURL } from 'node:url';
 import Database from 'better-sqlite3';
 import { openConnection, openStore, refuseHardLinks, shellWord } from '../../src/store/db.js';
 import { lockDatabase } from '../../src/store/maintenance.js';
+import { runCli } from '../cli/run-cli.js';
 import { startTestRelay, tempDir, waitFor } from '../helpers.js';
 
 test('shellWord leaves plain words alone and quotes the rest so that a shell reads them back', () => {
@@ -120,24 +121,28 @@ test('a databasePath that is a symbolic link to a file not made yet: the file is
   assert.equal(fs.statSync(path.join(dir, 'volume', 'relayq.db')).mode & 0o777, 0o600);
 });
 
-test('a command run as root leaves the lock file to the database file\'s owner, so that the relay\'s own user can still start', {
-  skip: process.getuid?.() === 0 ? false : 'giving a file another owner takes root',
+test('as root, relayq refuses a database directory another user may write: links put there would lead root to other files', {
+  skip: process.getuid?.() === 0 ? false : 'giving a directory another owner takes root',
 }, async () => {
-  const file = path.join(tempDir(), 'relayq.db');
+  const dir = path.join(tempDir(), 'data');
+  const file = path.join(dir, 'relayq.db');
   await (await openStore(file)).close();
-  fs.chownSync(file, 1000, 1000);
-  const ownerOf = (f: string) => [fs.statSync(f).uid, fs.statSync(f).gid];
-  lockDatabase(file).release(); // creates the lock file, as `relayq migrate` does on a database from before locks
-  assert.deepEqual(ownerOf(`${file}-lock`), [1000, 1000]);
-  assert.equal(fs.statSync(`${file}-lock`).mode & 0o777, 0o600);
-  fs.chownSync(`${file}-lock`, 0, 0); // one that an earlier build left to root
-  lockDatabase(file).release();
-  assert.deepEqual(ownerOf(`${file}-lock`), [1000, 1000]);
-  // a link the database's owner put in its place is not followed to give its target away
-  const target = path.join(tempDir(), 'root-only');
-  fs.writeFileSync(target, 'secret\n', { mode: 0o600 });
+  const victim = path.join(tempDir(), 'root-only');
+  fs.writeFileSync(victim, '', { mode: 0o600 });
+  fs.rmSync(`${file}-lock`, { force: true });
+  fs.symlinkSync(victim, `${file}-lock`); // as the owner of the directory could
+  fs.chownSync(dir, 1000, 1000);
+  const refusal = `${dir} may be written by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)`;
+  assert.throws(() => lockDatabase(file), { message: refusal });
+  const migrate = await runCli(['migrate', '--databasePath', file]);
+  assert.deepEqual([migrate.code, migrate.stderr.trim()], [1, `relayq: ${file}: ${refusal}`]);
+  await assert.rejects(startTestRelay({ databasePath: file }, { startDelivery: false }), { message: `databasePath ${file}: ${refusal}` });
+  assert.equal(fs.readFileSync(victim, 'utf8'), '', 'what the link points to is untouched');
+  // a directory root owns that others may write is refused too; a sticky one (/tmp) is not
+  fs.chownSync(dir, 0, 0);
+  fs.chmodSync(dir, 0o777);
+  assert.throws(() => lockDatabase(file), /may be written by users other than root: .*run it as the relay's user$/);
+  fs.chmodSync(dir, 0o1777);
   fs.rmSync(`${file}-lock`);
-  fs.symlinkSync(target, `${file}-lock`);
-  assert.throws(() => lockDatabase(file).release());
-  assert.deepEqual(ownerOf(target), [0, 0]);
+  lockDatabase(file).release();
 });
