@@ -1,6 +1,7 @@
 // `relayq export-failed [DIR]`: (re)writes the JSON export of every failed message, by default
 // into emailsDir/failed where the delivery engine writes them, e.g. after a restore or to hand
 // the failures to another tool. Same document, same atomic write as the automatic export.
+import path from 'node:path';
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
 import { EMAILS_DIR_MODE } from '../delivery/atomic-file.js';
@@ -21,7 +22,8 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     // the database answered (one that needs migrating does not); now the target: a directory,
     // or one that can be made
     try {
-      refuseOthersDirectoriesAsRoot([target]);
+      // and the one it is in: a link there (emailsDir/failed) would lead elsewhere
+      refuseOthersDirectoriesAsRoot([path.dirname(path.resolve(target)), target]);
       makeDirectory(target, EMAILS_DIR_MODE);
     } catch (err) {
       throw new CliError(`cannot export into ${target}: ${(err as Error).message}`);

@@ -145,4 +145,13 @@ test('as root, relayq refuses a database directory another user may write: links
   fs.chmodSync(dir, 0o1777);
   fs.rmSync(`${file}-lock`);
   lockDatabase(file).release();
+  // export-failed into emailsDir/failed, which its owner made a link to a directory of root's
+  const emails = path.join(tempDir(), 'emails');
+  const rootsDir = tempDir();
+  fs.mkdirSync(emails);
+  fs.symlinkSync(rootsDir, path.join(emails, 'failed'));
+  fs.chownSync(emails, 1000, 1000);
+  const exported = await runCli(['export-failed', '--databasePath', file, '--emailsDir', emails]);
+  assert.equal(exported.code, 1, exported.stdout);
+  assert.match(exported.stderr, /^relayq: cannot export into \S+failed: \S+emails may be written by its owner, uid 1000: /);
 });
