@@ -2,8 +2,8 @@
 // write right now, free disk is below minFreeDiskMb, or the SMTP listener is down: mail cannot
 // be accepted. Degraded = mail is accepted but not leaving: the upstream has failed every
 // attempt for a while, the queue is over 80 % of queueSize, or claiming due mail fails; or some
-// mail is not accepted: spool files fail, or file descriptors run out. All numbers are counter rows or
-// single index steps, so the check costs the same with a thousand or a million messages.
+// mail is not accepted: spool files fail, or file descriptors run out. All numbers are counter
+// rows or single index steps, so the check costs the same with a thousand or a million messages.
 import fs from 'node:fs';
 import { Hono } from 'hono';
 import { lastAttemptReply, oldestAgeSeconds, type StoreMetrics, storeMetrics, successRate, type UpstreamRecord } from '../store/queries.js';
