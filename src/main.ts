@@ -19,7 +19,7 @@ import { makeDirectory } from './make-dir.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { Spool, SpoolError } from './smtp/spool.js';
 import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
-import { openStore, realDatabasePath, refuseOthersDirectoriesAsRoot, type Store, type WalKept } from './store/db.js';
+import { openStore, realDatabasePath, refuseOthersPathsAsRoot, type Store, type WalKept } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
 import { lockDatabase } from './store/maintenance.js';
 import { RetentionSweeper } from './store/retention.js';
@@ -81,7 +81,7 @@ export interface Relay {
 function prepareEmailsDir(emailsDir: string): void {
   const failedDir = failedExportDir(emailsDir);
   try {
-    refuseOthersDirectoriesAsRoot([emailsDir, failedDir]);
+    refuseOthersPathsAsRoot([emailsDir, failedDir]);
     // not writable by others, whatever the umask: the files hold messages, and a directory others
     // may write to would let them swap in a link to another place
     makeDirectory(failedDir, EMAILS_DIR_MODE);

@@ -1,6 +1,7 @@
 // `relayq backup FILE`: a consistent, fsynced, verified copy of the live database.
 import { count } from '../count.js';
 import { BackupError, backupDatabase } from '../store/backup.js';
+import { refuseOthersPathsAsRoot } from '../store/db.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatBytes } from './table.js';
 
@@ -8,6 +9,7 @@ export async function backupCommand(file: string, options: { force?: boolean }, 
   const config = loadCliConfig(global, process.env);
   const result = await withReader(config, (sqlite) => {
     try {
+      refuseOthersPathsAsRoot([file]);
       return backupDatabase(sqlite, file, { overwrite: options.force });
     } catch (err) {
       if (err instanceof BackupError) throw new CliError(`backup failed: ${err.message}`);

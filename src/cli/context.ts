@@ -8,7 +8,7 @@ import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
-import { BUSY_TIMEOUT_MS, openConnection, realDatabasePath, refuseForeignWal, refuseOthersDirectoriesAsRoot, type Sqlite } from '../store/db.js';
+import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, refuseOthersPathsAsRoot, type Sqlite } from '../store/db.js';
 import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 import { escapeTerminalUnsafe } from '../terminal-unsafe.js';
 
@@ -124,7 +124,7 @@ export function openWriterForCli(config: Config): Sqlite {
   const file = config.databasePath;
   try {
     // the exports in emailsDir too: `delete` removes a message's
-    refuseOthersDirectoriesAsRoot([path.dirname(path.resolve(file)), path.dirname(realDatabasePath(file)), config.emailsDir, path.join(config.emailsDir, 'failed')]);
+    refuseOthersPathsAsRoot([file, config.emailsDir, path.join(config.emailsDir, 'failed')]);
     const sqlite = openConnection(file);
     // as on the server's writer: content a command frees must not linger in the file
     if (!config.security.logAllEmails) overwriteFreedPages(sqlite);

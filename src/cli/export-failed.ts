@@ -1,13 +1,12 @@
 // `relayq export-failed [DIR]`: (re)writes the JSON export of every failed message, by default
 // into emailsDir/failed where the delivery engine writes them, e.g. after a restore or to hand
 // the failures to another tool. Same document, same atomic write as the automatic export.
-import path from 'node:path';
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
 import { EMAILS_DIR_MODE } from '../delivery/atomic-file.js';
 import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.js';
 import { makeDirectory } from '../make-dir.js';
-import { refuseOthersDirectoriesAsRoot } from '../store/db.js';
+import { refuseOthersPathsAsRoot } from '../store/db.js';
 import { listMessages } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, requireCurrentSchema, withReader } from './context.js';
 
@@ -22,8 +21,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     // the database answered (one that needs migrating does not); now the target: a directory,
     // or one that can be made
     try {
-      // and the one it is in: a link there (emailsDir/failed) would lead elsewhere
-      refuseOthersDirectoriesAsRoot([path.dirname(path.resolve(target)), target]);
+      refuseOthersPathsAsRoot([target]);
       makeDirectory(target, EMAILS_DIR_MODE);
     } catch (err) {
       throw new CliError(`cannot export into ${target}: ${(err as Error).message}`);

@@ -78,23 +78,47 @@ export function cannotWrite(err: Error): Error {
 }
 
 /**
- * Run as root, relayq works only in directories that no other user may change. In one that
- * another user may write (the relay's user owns its data directory), that user could put links
- * where relayq makes, opens or removes files (the lock file, the spool, the database itself, the
- * exports), and root would follow them to any file of the machine. A directory that does not
- * exist yet is made by relayq, root's. A sticky one (/tmp) keeps others from replacing root's files.
+ * Run as root, relayq works only with files and directories that no other user may change, nor
+ * any directory above them. In one that another user may write (the relay's user owns its data directory), or
+ * whose parent it may write (it could put a link in the directory's place), that user could lead
+ * relayq where it makes, opens or removes files (the lock file, the spool, the database itself, the
+ * exports), and root would follow to any file of the machine. Each path is checked as given and
+ * as its real path, up to the root; what is not made yet is made by relayq, as root's. A sticky
+ * directory (/tmp) keeps others from renaming or removing root's entries; a link must be root's.
  */
-export function refuseOthersDirectoriesAsRoot(dirs: readonly string[]): void {
+export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
   if (process.getuid?.() !== 0) return;
-  for (const dir of dirs) {
-    const stat = fs.statSync(dir, { throwIfNoEntry: false });
-    if (!stat?.isDirectory()) continue;
-    const writable = (stat.mode & 0o022) !== 0 && (stat.mode & 0o1000) === 0;
-    if (stat.uid === 0 && !writable) continue;
-    const who = stat.uid === 0 ? 'users other than root' : `its owner, uid ${stat.uid}`;
-    const as = stat.uid === 0 ? "the relay's user" : `that user (sudo -u '#${stat.uid}' relayq …)`;
-    throw new Error(`${dir} may be written by ${who}: as root, relayq would follow the links put there to other files; run it as ${as}`);
+  for (const place of paths) {
+    const given = path.resolve(place);
+    let real = given;
+    try {
+      real = fs.realpathSync(given);
+    } catch {
+      // not made yet: its parents are what can be checked
+    }
+    for (const place of new Set([...selfAndParents(given), ...selfAndParents(real)])) refuseOthersPlace(place);
   }
+}
+
+function* selfAndParents(dir: string): Generator<string> {
+  for (let at = dir; ; at = path.dirname(at)) {
+    yield at;
+    if (path.dirname(at) === at) return;
+  }
+}
+
+function refuseOthersPlace(place: string): void {
+  const stat = fs.lstatSync(place, { throwIfNoEntry: false });
+  if (!stat) return;
+  const others = (who: string, as: string) =>
+    new Error(`${place} may be changed by ${who}: as root, relayq would follow the links put there to other files; run it as ${as}`);
+  if (stat.isSymbolicLink()) {
+    if (stat.uid !== 0) throw others(`its owner, uid ${stat.uid} (a symbolic link)`, `that user (sudo -u '#${stat.uid}' relayq …)`);
+    return;
+  }
+  if (!stat.isDirectory()) return;
+  if (stat.uid !== 0) throw others(`its owner, uid ${stat.uid}`, `that user (sudo -u '#${stat.uid}' relayq …)`);
+  if ((stat.mode & 0o022) !== 0 && (stat.mode & 0o1000) === 0) throw others('users other than root', "the relay's user");
 }
 
 /**

@@ -6,9 +6,8 @@
 // CLI, a backup, a sqlite3 shell) pins an old snapshot. journal_size_limit truncates it back
 // once such a reader is gone.
 import fs from 'node:fs';
-import path from 'node:path';
 import Database from 'better-sqlite3';
-import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, realDatabasePath, refuseForeignWal, refuseHardLinks, refuseOthersDirectoriesAsRoot, type Sqlite } from './db.js';
+import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, realDatabasePath, refuseForeignWal, refuseHardLinks, refuseOthersPathsAsRoot, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
@@ -30,8 +29,8 @@ export function lockDatabase(databasePath: string): { release(): void } {
   // not a lock file beside a directory: the open of the database would fail anyway
   if (fs.statSync(real, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`${databasePath} is a directory`);
   refuseHardLinks(real);
-  refuseOthersDirectoriesAsRoot([path.dirname(path.resolve(databasePath)), path.dirname(real)]);
   const file = `${real}-lock`;
+  refuseOthersPathsAsRoot([databasePath, file]); // the spool checks its own (spool.ts)
   let lock: Sqlite | undefined;
   try {
     createPrivateFile(file);

@@ -132,7 +132,7 @@ test('as root, relayq refuses a database directory another user may write: links
   fs.rmSync(`${file}-lock`, { force: true });
   fs.symlinkSync(victim, `${file}-lock`); // as the owner of the directory could
   fs.chownSync(dir, 1000, 1000);
-  const refusal = `${dir} may be written by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)`;
+  const refusal = `${dir} may be changed by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)`;
   assert.throws(() => lockDatabase(file), { message: refusal });
   const migrate = await runCli(['migrate', '--databasePath', file]);
   assert.deepEqual([migrate.code, migrate.stderr.trim()], [1, `relayq: ${file}: ${refusal}`]);
@@ -141,10 +141,23 @@ test('as root, relayq refuses a database directory another user may write: links
   // a directory root owns that others may write is refused too; a sticky one (/tmp) is not
   fs.chownSync(dir, 0, 0);
   fs.chmodSync(dir, 0o777);
-  assert.throws(() => lockDatabase(file), /may be written by users other than root: .*run it as the relay's user$/);
+  assert.throws(() => lockDatabase(file), /may be changed by users other than root: .*run it as the relay's user$/);
   fs.chmodSync(dir, 0o1777);
   fs.rmSync(`${file}-lock`);
   lockDatabase(file).release();
+  // a directory of root's in one its owner may change (it could put a link in its place), and a
+  // link of another user's in a sticky directory, as a database path
+  const parent = path.dirname(dir);
+  fs.chmodSync(dir, 0o700);
+  fs.chownSync(parent, 1000, 1000);
+  assert.throws(() => lockDatabase(file), { message: refusal.replace(dir, parent) });
+  fs.chownSync(parent, 0, 0);
+  fs.chmodSync(parent, 0o1777);
+  const planted = path.join(parent, 'planted.db');
+  fs.symlinkSync(path.join(tempDir(), 'new.db'), planted);
+  fs.lchownSync(planted, 1000, 1000);
+  assert.throws(() => lockDatabase(planted), /^Error: \S+planted\.db may be changed by its owner, uid 1000 \(a symbolic link\): /);
+  fs.chmodSync(parent, 0o700);
   // export-failed into emailsDir/failed, which its owner made a link to a directory of root's
   const emails = path.join(tempDir(), 'emails');
   const rootsDir = tempDir();
@@ -153,5 +166,5 @@ test('as root, relayq refuses a database directory another user may write: links
   fs.chownSync(emails, 1000, 1000);
   const exported = await runCli(['export-failed', '--databasePath', file, '--emailsDir', emails]);
   assert.equal(exported.code, 1, exported.stdout);
-  assert.match(exported.stderr, /^relayq: cannot export into \S+failed: \S+emails may be written by its owner, uid 1000: /);
+  assert.match(exported.stderr, /^relayq: cannot export into \S+failed: \S+emails may be changed by its owner, uid 1000: /);
 });
