@@ -79,17 +79,17 @@ export function cannotWrite(err: Error): Error {
 
 /**
  * Run as root, relayq works only with files and directories that no other user may change, nor
- * any directory above them. In one that another user may write (the relay's user owns its data directory), or
- * whose parent it may write (it could put a link in the directory's place), that user could lead
- * relayq where it makes, opens or removes files (the lock file, the spool, the database itself, the
- * exports), and root would follow to any file of the machine. Each path is checked as given and
- * as its real path, up to the root; what is not made yet is made by relayq, as root's. A sticky
- * directory (/tmp) keeps others from renaming or removing root's entries; a link must be root's.
+ * any directory above them. In one that another user may write (the relay's user owns its data
+ * directory), or whose parent it may write (it could put a link in the directory's place), that
+ * user could lead relayq where it makes, opens or removes files (the lock file, the spool, the
+ * database itself, the exports), and root would follow to any file of the machine. Each path is
+ * checked as given and as its real path, up to the root; what is not made yet is made by relayq,
+ * as root's. A sticky directory (/tmp) keeps others from renaming or removing root's entries; a
+ * link must be root's.
  */
 export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
   if (process.getuid?.() !== 0) return;
-  for (const place of paths) {
-    const given = path.resolve(place);
+  for (const given of paths.map((p) => path.resolve(p))) {
     let real = given;
     try {
       real = fs.realpathSync(given);
@@ -109,16 +109,13 @@ function* selfAndParents(dir: string): Generator<string> {
 
 function refuseOthersPlace(place: string): void {
   const stat = fs.lstatSync(place, { throwIfNoEntry: false });
-  if (!stat) return;
-  const others = (who: string, as: string) =>
+  if (!stat || !(stat.isSymbolicLink() || stat.isDirectory())) return;
+  const refusal = (who: string, as: string) =>
     new Error(`${place} may be changed by ${who}: as root, relayq would follow the links put there to other files; run it as ${as}`);
-  if (stat.isSymbolicLink()) {
-    if (stat.uid !== 0) throw others(`its owner, uid ${stat.uid} (a symbolic link)`, `that user (sudo -u '#${stat.uid}' relayq …)`);
-    return;
-  }
-  if (!stat.isDirectory()) return;
-  if (stat.uid !== 0) throw others(`its owner, uid ${stat.uid}`, `that user (sudo -u '#${stat.uid}' relayq …)`);
-  if ((stat.mode & 0o022) !== 0 && (stat.mode & 0o1000) === 0) throw others('users other than root', "the relay's user");
+  const link = stat.isSymbolicLink() ? ' (a symbolic link)' : '';
+  if (stat.uid !== 0) throw refusal(`its owner, uid ${stat.uid}${link}`, `that user (sudo -u '#${stat.uid}' relayq …)`);
+  // a link's own mode says nothing: what it points to is checked in its turn, as the real path
+  if (!link && (stat.mode & 0o022) !== 0 && (stat.mode & 0o1000) === 0) throw refusal('users other than root', "the relay's user");
 }
 
 /**
