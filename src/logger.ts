@@ -106,14 +106,51 @@ export type LibraryLogger = Record<(typeof LEVELS)[number], LogMethod>;
  *   - arguments after the message are formatted as bunyan does: pino drops those without a
  *     placeholder, as in smtp-server's `debug(entry, 'C:', line)`, and with them the command;
  *   - the `component` the library puts in each entry is dropped: the line already has relayq's
- *     own, and JSON tools keep only the last of two keys with one name.
+ *     own, and JSON tools keep only the last of two keys with one name;
+ *   - each of `secrets` is masked in the message and the entry's text fields, as is and in base64.
+ *     The libraries mask a password themselves but log the user name, plain and in AUTH's
+ *     base64, and a user name may be the password too (an API token some providers take as both).
  */
-export function libraryLogger(log: Logger, name: string): LibraryLogger {
+export function libraryLogger(log: Logger, name: string, secrets: readonly string[] = []): LibraryLogger {
   const lib = log.child({ lib: name });
+  const mask = masker(secrets);
   const noop: LogMethod = () => {};
   const method = (level: (typeof LEVELS)[number]): LogMethod => {
     const write = lib[level].bind(lib) as (entry: object, message?: string) => void;
-    return (entry, message, ...args) => write({ ...entry, component: undefined }, args.length ? format(message, ...args) : message);
+    return (entry, message, ...args) => {
+      const text = args.length ? format(message, ...args) : message;
+      if (!mask) return write({ ...entry, component: undefined }, text);
+      const fields = Object.entries(entry ?? {}).map(([key, value]) => [key, typeof value === 'string' ? mask(value) : value]);
+      write({ ...Object.fromEntries(fields), component: undefined }, text === undefined ? text : mask(text));
+    };
   };
   return Object.fromEntries(LEVELS.map((level) => [level, log.isLevelEnabled(level) ? method(level) : noop])) as LibraryLogger;
+}
+
+/**
+ * A function that replaces every form of the non-empty `secrets` in a text with `[redacted]`:
+ * the secret itself, and what is certain of it in base64 wherever it starts in the encoded bytes
+ * (its whole 4-character groups at each of the three byte offsets: `\0user\0pass` puts the user
+ * at offset 1). Undefined when there is nothing to mask.
+ */
+export function masker(secrets: readonly string[]): ((text: string) => string) | undefined {
+  const forms = new Set<string>();
+  for (const secret of secrets.filter(Boolean)) {
+    forms.add(secret);
+    const bytes = Buffer.from(secret);
+    for (const offset of [0, 1, 2]) {
+      const encoded = Buffer.concat([Buffer.alloc(offset), bytes]).toString('base64');
+      const first = Math.ceil(offset / 3);
+      const end = Math.floor((offset + bytes.length) / 3);
+      if (end > first) forms.add(encoded.slice(first * 4, end * 4));
+    }
+  }
+  if (forms.size === 0) return undefined;
+  // the longest first, so that a form inside another does not leave the rest of that one
+  const pattern = new RegExp([...forms].sort((a, b) => b.length - a.length).map(escapeRegExp).join('|'), 'g');
+  return (text) => text.replace(pattern, '[redacted]');
+}
+
+function escapeRegExp(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }

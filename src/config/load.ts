@@ -618,8 +618,8 @@ export function exposedSecretsWarning(file: string | null): string | undefined {
 }
 
 /**
- * Copy of the config with every secret replaced, for logging. A forwardUsername that is the
- * password too (an API token some providers take as both) goes with it.
+ * Copy of the config with every secret replaced, for logging. A user name that is the password
+ * too (an API token some providers take as both) goes with it.
  */
 export function redactConfig(config: Config): Config {
   const copy = structuredClone(config) as unknown as Record<string, unknown>;
@@ -627,6 +627,7 @@ export function redactConfig(config: Config): Config {
     if (key.secret && getPath(copy, key.path)) setPath(copy, key.path, '[redacted]');
   }
   if (config.forwardUsername && config.forwardUsername === config.forwardPassword) Object.assign(copy, { forwardUsername: '[redacted]' });
+  if (config.defaultUsername && config.defaultUsername === config.defaultPassword) Object.assign(copy, { defaultUsername: '[redacted]' });
   return copy as unknown as Config;
 }
 

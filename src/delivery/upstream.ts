@@ -374,7 +374,7 @@ export function connectionOptions(settings: UpstreamSettings): SMTPConnection.Op
     greetingTimeout: setupTimeout,
     dnsTimeout: setupTimeout,
     socketTimeout: budget,
-    logger: debug ? (libraryLogger(settings.logger, 'nodemailer') as never) : false,
+    logger: debug ? (libraryLogger(settings.logger, 'nodemailer', [settings.password]) as never) : false,
     // and at debug the session's commands and replies, AUTH masked, without the message
     transactionLog: debug,
     // nodemailer sets TCP_NODELAY on every socket it opens (smtp-connection _onConnect), so

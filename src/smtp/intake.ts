@@ -140,8 +140,8 @@ function clientTlsFailure(err: unknown): err is Error & { code: string; reason?:
  * failed, is logged to `intakeLog` at info instead, in one line (`smtp.connection_lost`,
  * `smtp.tls_failed`), as Postfix logs "lost connection" and "SSL_accept error".
  */
-function smtpServerLogger(log: Logger, intakeLog: Logger): LibraryLogger {
-  const methods = libraryLogger(log, 'smtp-server');
+function smtpServerLogger(log: Logger, intakeLog: Logger, secrets: readonly string[]): LibraryLogger {
+  const methods = libraryLogger(log, 'smtp-server', secrets);
   const { error } = methods;
   const logged = new WeakSet<object>();
   /** Sessions whose lost connection was logged lately: over TLS, the TLS and the TCP socket both report it. */
@@ -208,7 +208,7 @@ export class SmtpIntake {
     if (deps.logger.level === 'info') smtpLog.level = 'warn';
     // smtp-server wraps the logger it is given so that every command and reply builds a log
     // entry before the level is looked at; it gets the levels that are on, and no-ops.
-    const serverLog = smtpServerLogger(smtpLog, deps.logger);
+    const serverLog = smtpServerLogger(smtpLog, deps.logger, [config.defaultPassword]);
     this.server = new RelayqSmtpServer({
       name: config.serverName,
       banner: 'relayq',
@@ -364,7 +364,7 @@ export class SmtpIntake {
           session: session.id,
           client: this.peer(session),
           helo: session.hostNameAppearsAs || undefined,
-          user: authUserOf(session) ?? undefined,
+          user: this.loggedUser(authUserOf(session)),
           // as Postfix logs a TLS session: protocol and cipher (after STARTTLS)
           ...(session.tlsOptions ? { tls: `${session.tlsOptions.version} ${session.tlsOptions.name}` } : {}),
           // Postfix's "lost connection after STARTTLS": no TLS session followed the 220 (none begun, or failed)
@@ -428,7 +428,7 @@ export class SmtpIntake {
     this.authFailures.set(client, { count: failed + 1, at: now });
     if (this.authFailures.size > MAX_AUTH_CLIENTS) this.authFailures.delete(this.authFailures.keys().next().value as string);
     if (ok) {
-      this.deps.logger.warn({ event: 'smtp.auth_slowed', session: session.id, client: ip, user: auth.username, failures: failed, replyInMs }, 'right login after failures from this address: answered late');
+      this.deps.logger.warn({ event: 'smtp.auth_slowed', session: session.id, client: ip, user: this.loggedUser(auth.username), failures: failed, replyInMs }, 'right login after failures from this address: answered late');
       setTimeout(() => {
         if (this.state(session).closed) return;
         // A client that sent its FIN or more input before the slowed answer may have hung up
@@ -438,8 +438,14 @@ export class SmtpIntake {
       }, replyInMs).unref();
       return;
     }
-    this.deps.logger.warn({ event: 'smtp.auth_failed', session: session.id, client: ip, user: auth.username, failures: failed + 1, replyInMs }, 'authentication failed');
+    this.deps.logger.warn({ event: 'smtp.auth_failed', session: session.id, client: ip, user: this.loggedUser(auth.username), failures: failed + 1, replyInMs }, 'authentication failed');
     setTimeout(() => cb(reply(535, '5.7.8 Authentication credentials invalid')), replyInMs).unref();
+  }
+
+  /** A user name as logged: one that is the password too (a token used as both) is not written out. */
+  private loggedUser(user: string | null | undefined): string | undefined {
+    if (!user) return undefined;
+    return user === this.deps.config.defaultPassword ? '[redacted]' : user;
   }
 
   private onMailFrom(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
@@ -660,7 +666,7 @@ export class SmtpIntake {
             rcpts: recipients.length,
             size,
             client: clientIp,
-            user: authUser ?? undefined,
+            user: this.loggedUser(authUser),
             ...(subject !== undefined ? { subject } : {}),
           },
           'message queued',

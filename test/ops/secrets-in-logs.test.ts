@@ -6,7 +6,7 @@ import crypto from 'node:crypto';
 import { test } from 'node:test';
 import { CONFIG_KEYS, defaultConfig, getPath, setPath } from '../../src/config/schema.js';
 import { redactConfig } from '../../src/config/load.js';
-import { createLogger } from '../../src/logger.js';
+import { createLogger, masker } from '../../src/logger.js';
 import { capturedLog, SmtpClient, sendMail, spawnRelay, startTestRelay, startUpstream, tempDir, waitFor } from '../helpers.js';
 
 const secret = (name: string) => `${name}-${crypto.randomBytes(6).toString('hex')}`;
@@ -198,6 +198,77 @@ test('redactConfig replaces every secret that is set, leaves empty ones and the 
   assert.equal(getPath(redacted, unset.path), '', `${unset.path} is not set, and shown so`);
   for (const key of CONFIG_KEYS.filter((k) => !k.secret)) assert.deepEqual(getPath(redacted, key.path), getPath(config as unknown as Record<string, unknown>, key.path), key.path);
   // a provider's API token given as both user name and password (Postmark's server tokens)
-  const token = { ...defaultConfig(), forwardUsername: 'token-f00d', forwardPassword: 'token-f00d' };
+  const token = { ...defaultConfig(), forwardUsername: 'token-f00d', forwardPassword: 'token-f00d', defaultUsername: 'token-beef', defaultPassword: 'token-beef' };
   assert.deepEqual([redactConfig(token).forwardUsername, redactConfig({ ...token, forwardPassword: 'other' }).forwardUsername], ['[redacted]', 'token-f00d']);
+  assert.deepEqual([redactConfig(token).defaultUsername, redactConfig({ ...token, defaultPassword: 'other' }).defaultUsername], ['[redacted]', 'token-beef']);
+});
+
+/** `value` as is, or inside any run of base64 in `output` (decoded at each of its four character offsets). */
+function decodedLeaks(output: string, value: string): string[] {
+  const found = output.includes(value) ? [value] : [];
+  for (const [run] of output.matchAll(/[A-Za-z0-9+/]{4,}={0,2}/g)) {
+    for (const skip of [0, 1, 2, 3]) {
+      if (Buffer.from(run.slice(skip), 'base64').toString('latin1').includes(value)) found.push(run);
+    }
+  }
+  return found;
+}
+
+test('a user name that is also the password (a token used as both) is not logged either, plain or in base64', async () => {
+  const intakeToken = secret('intake-token');
+  const forwardToken = secret('forward-token');
+  const upstream = await startUpstream({
+    authOptional: false,
+    allowInsecureAuth: true,
+    authMethods: ['LOGIN'],
+    onAuth(auth, _session, cb) {
+      if (auth.username === forwardToken && auth.password === forwardToken) return cb(null, { user: auth.username });
+      cb(new Error('invalid credentials'));
+    },
+  });
+  const relay = await spawnRelay(tempDir(), [
+    '--logLevel', 'debug',
+    '--defaultUsername', intakeToken,
+    '--defaultPassword', intakeToken,
+    '--forwardSMTP', 'true',
+    '--forwardHost', '127.0.0.1',
+    '--forwardPort', String(upstream.port),
+    '--forwardUsername', forwardToken,
+    '--forwardPassword', forwardToken,
+  ]);
+  try {
+    // a client that puts the password where the user name goes
+    await assert.rejects(sendMail(relay.smtpPort, { auth: { user: intakeToken, pass: 'wrong' } }), /535/);
+    const info = await sendMail(relay.smtpPort, { auth: { user: intakeToken, pass: intakeToken } });
+    assert.match(info.response, /^250 /);
+    await waitFor(() => upstream.received.length === 1, 10_000, 'delivery with AUTH LOGIN');
+  } finally {
+    await relay.kill('SIGTERM');
+    await upstream.close();
+  }
+  const output = relay.output();
+  // the lines that would name the user are there, with the name masked
+  assert.match(output, /"event":"smtp.auth_failed"[^\n]*"user":"\[redacted\]"/);
+  assert.match(output, /"event":"smtp.accepted"[^\n]*"user":"\[redacted\]"/);
+  assert.match(output, /"lib":"smtp-server"[^\n]*"msg":"\[redacted\] authenticated using PLAIN"/);
+  assert.match(output, /"lib":"nodemailer"[^\n]*"msg":"User \\"\[redacted\]\\" authenticated"/);
+  assert.match(output, /"tnx":"client","msg":"AUTH LOGIN"/, 'the upstream AUTH exchange was logged');
+  const started = JSON.parse(output.split('\n').find((line) => line.includes('"relay.started"')) as string);
+  assert.deepEqual([started.config.defaultUsername, started.config.forwardUsername], ['[redacted]', '[redacted]']);
+  assert.deepEqual(decodedLeaks(output, intakeToken), []);
+  assert.deepEqual(decodedLeaks(output, forwardToken), []);
+});
+
+test('masker hides a secret as is and inside base64 at any byte offset, and leaves the rest', () => {
+  const token = 'token-5ecret';
+  const mask = masker(['', token]) as (text: string) => string;
+  for (const before of ['', '\0', '\0\0', 'user\0', 'x']) {
+    for (const after of ['', '\0/* secret */', '!']) {
+      const line = `AUTH PLAIN ${base64(before + token + after)}`;
+      assert.deepEqual(decodedLeaks(mask(line), token), [], JSON.stringify(before + token + after));
+    }
+  }
+  assert.equal(mask(`User "${token}" authenticated`), 'User "[redacted]" authenticated');
+  assert.equal(mask('MAIL FROM:<a@example.com>'), 'MAIL FROM:<a@example.com>');
+  assert.equal(masker(['', '']), undefined);
 });
