@@ -54,7 +54,13 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
 
 /** The database file's stat: it must be there, and be a file. */
 export function requireDatabaseFile(file: string): fs.Stats {
-  const stat = fs.statSync(file, { throwIfNoEntry: false });
+  let stat: fs.Stats | undefined;
+  try {
+    stat = fs.statSync(file, { throwIfNoEntry: false });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EACCES') throw err;
+    throw new CliError(`cannot open database ${file}: permission denied (this user may not look into a directory on its path); run the command as the relay's user`);
+  }
   if (!stat) {
     // ls shows a link whose target is missing: say which is missing
     if (fs.lstatSync(file, { throwIfNoEntry: false })?.isSymbolicLink()) {
@@ -66,6 +72,15 @@ export function requireDatabaseFile(file: string): fs.Stats {
   }
   // else SQLite says "disk I/O error", and sends the operator looking at the disk
   if (stat.isDirectory()) throw new CliError(`cannot open database ${file}: it is a directory (databasePath names the database file)`);
+  // a FIFO would keep SQLite's open waiting for a writer
+  if (!stat.isFile()) throw new CliError(`cannot open database ${file}: it is not a regular file`);
+  // else SQLite says "unable to open database file"
+  try {
+    fs.closeSync(fs.openSync(file, 'r'));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EACCES') throw err;
+    throw new CliError(`cannot open database ${file}: permission denied (owner uid ${stat.uid}, mode ${(stat.mode & 0o777).toString(8).padStart(4, '0')}); run the command as the relay's user`);
+  }
   try {
     refuseForeignWal(file);
   } catch (err) {
@@ -99,7 +114,7 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
         throw new Error(NO_SCHEMA);
       }
     } catch (err) {
-      throw new CliError(`cannot read database ${file}: ${(err as Error).message}`);
+      throw new CliError(`cannot read database ${file}: ${(err as Error).message}${shmHint(err, file)}`);
     }
     try {
       return await fn(sqlite);
@@ -113,6 +128,17 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   } finally {
     sqlite.close();
   }
+}
+
+/**
+ * A reader of a database in WAL mode needs its -shm file, and makes it when it is not there (a
+ * relay that stopped removed it): in a directory this user may not write, SQLite says only
+ * "attempt to write a readonly database" (or, where no one may, "unable to open database file").
+ */
+function shmHint(err: unknown, file: string): string {
+  const code = (err as { code?: unknown }).code;
+  if (code !== 'SQLITE_READONLY_DIRECTORY' && code !== 'SQLITE_READONLY_CANTINIT' && code !== 'SQLITE_CANTOPEN') return '';
+  return ` (to read a database in WAL mode SQLite needs ${path.basename(file)}-shm beside it, and this user may not make it in ${path.dirname(path.resolve(file))}, or not write it); run the command as a user who may, such as the relay's`;
 }
 
 /**

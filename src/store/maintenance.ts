@@ -26,8 +26,11 @@ export function limitWalSize(sqlite: Sqlite): void {
  */
 export function lockDatabase(databasePath: string): { release(): void } {
   const real = realDatabasePath(databasePath);
-  // not a lock file beside a directory: the open of the database would fail anyway
-  if (fs.statSync(real, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`${databasePath} is a directory`);
+  // not a lock file beside a directory: the open of the database would fail anyway (a FIFO with
+  // SQLite's "disk I/O error")
+  const stat = fs.statSync(real, { throwIfNoEntry: false });
+  if (stat?.isDirectory()) throw new Error(`${databasePath} is a directory`);
+  if (stat && !stat.isFile()) throw new Error(`${databasePath} is not a regular file`);
   refuseHardLinks(real);
   const file = `${real}-lock`;
   refuseOthersPathsAsRoot([databasePath, file]); // the spool checks its own (spool.ts)

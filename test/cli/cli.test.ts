@@ -1,10 +1,14 @@
 // The CLI on the database of one running relay, shared by the tests of this file.
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
+import { requireDatabaseFile, withReader } from '../../src/cli/context.js';
+import { defaultConfig } from '../../src/config/schema.js';
 import { openConnection, openStore } from '../../src/store/db.js';
+import { lockDatabase } from '../../src/store/maintenance.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
 import { assertOneLineError, CLI_CWD, queuedId, runCli, runCliJson, writeConfigFile } from './run-cli.js';
@@ -563,4 +567,44 @@ describe('relayq CLI on the database of a running relay', () => {
     }
     assert.equal(count(), 1);
   });
+});
+
+test('a database this user may not read, or whose -shm it may not make beside it, is named with what to do', async (t) => {
+  const dir = tempDir();
+  const file = path.join(dir, 'relayq.db');
+  await (await openStore(file)).close();
+  assert.ok(!fs.existsSync(`${file}-shm`), 'a closed store leaves no -shm');
+  // a FIFO, whose open would wait for a writer, and a directory
+  const fifo = path.join(dir, 'fifo.db');
+  assert.equal(spawnSync('mkfifo', [fifo]).status, 0);
+  assertOneLineError(await runCli(['status', '--databasePath', fifo]), /^relayq: cannot open database \S+fifo\.db: it is not a regular file$/);
+  assert.throws(() => lockDatabase(fifo), { message: `${fifo} is not a regular file` });
+  assertOneLineError(await runCli(['queue', '--databasePath', dir]), /^relayq: cannot open database \S+: it is a directory \(databasePath names the database file\)$/);
+  fs.rmSync(fifo);
+  const shm = /cannot read database \S+relayq\.db: .* \(to read a database in WAL mode SQLite needs relayq\.db-shm beside it, and this user may not make it in \S+, or not write it\); run the command as a user who may, such as the relay's$/;
+  // a read command makes the -shm of a database no relay has open: not in a directory no one may write
+  const immutable = await whileImmutable(t, dir, async () => assertOneLineError(await runCli(['status', '--databasePath', file]), new RegExp(`^relayq: ${shm.source}`)));
+  if (!immutable || process.getuid?.() !== 0) return;
+  // as another user (only root may become one for a moment): a file it may not read, and one
+  // whose directory it may not look into, in a process of its own the CLI's checks run in
+  const other = 1000;
+  const asOther = <T>(fn: () => T): T => {
+    process.seteuid?.(other);
+    try {
+      return fn();
+    } finally {
+      process.seteuid?.(0);
+    }
+  };
+  fs.chmodSync(file, 0o600);
+  fs.chmodSync(dir, 0o755);
+  assert.throws(() => asOther(() => requireDatabaseFile(file)), { message: `cannot open database ${file}: permission denied (owner uid 0, mode 0600); run the command as the relay's user` });
+  fs.chmodSync(dir, 0o700);
+  assert.throws(() => asOther(() => requireDatabaseFile(file)), {
+    message: `cannot open database ${file}: permission denied (this user may not look into a directory on its path); run the command as the relay's user`,
+  });
+  fs.chmodSync(dir, 0o755);
+  fs.chmodSync(file, 0o644);
+  // readable, in a directory it may not write: SQLite cannot make the -shm
+  await assert.rejects(asOther(() => withReader({ ...defaultConfig(), databasePath: file }, () => 0)), { message: shm });
 });
