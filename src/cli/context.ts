@@ -99,9 +99,10 @@ const NO_SCHEMA = 'no schema: an empty database (start the server on it, or run 
  * database one migration behind, or one a newer relayq migrated, as long as what it reads is there
  * (export-failed, which reads the newest tables, asks for the current schema).
  */
-export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
+export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>, options: { writesAsRoot?: boolean } = {}): Promise<T> {
   const file = config.databasePath;
-  requireDatabaseFile(file);
+  const stat = requireDatabaseFile(file);
+  readAsOwnerWhereShared(file, stat, options.writesAsRoot ?? false);
   let sqlite: Sqlite;
   try {
     sqlite = openReadOnly(file);
@@ -127,6 +128,25 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
     }
   } finally {
     sqlite.close();
+  }
+}
+
+/**
+ * Run as root, a command that reads a database where other users may put files (the relay's data
+ * directory) reads it as the database's owner: a reader makes the -shm file there and gives it
+ * the database's owner, and root would do that to a file of root's linked there by another name.
+ * A command that writes files as root too (backup, export-failed) is refused instead, as the
+ * commands that write are (refuseOthersPathsAsRoot).
+ */
+function readAsOwnerWhereShared(file: string, stat: fs.Stats, writesAsRoot: boolean): void {
+  if (process.getuid?.() !== 0) return;
+  try {
+    refuseOthersPathsAsRoot([file]);
+  } catch (err) {
+    if (writesAsRoot || stat.uid === 0) throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
+    process.setgroups?.([]);
+    process.setgid?.(stat.gid);
+    process.setuid?.(stat.uid);
   }
 }
 

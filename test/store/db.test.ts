@@ -121,6 +121,38 @@ test('a databasePath that is a symbolic link to a file not made yet: the file is
   assert.equal(fs.statSync(path.join(dir, 'volume', 'relayq.db')).mode & 0o777, 0o600);
 });
 
+test("as root, the commands that read a database in another user's directory read it as its owner; backup and export-failed refuse it", {
+  skip: process.getuid?.() === 0 ? false : 'giving a directory another owner takes root',
+}, async () => {
+  const top = tempDir();
+  fs.chmodSync(top, 0o755);
+  const dir = path.join(top, 'data');
+  const file = path.join(dir, 'relayq.db');
+  await (await openStore(file)).close();
+  fs.chownSync(dir, 1000, 1000);
+  fs.chownSync(file, 1000, 1000);
+  // a file of root's under the name a reader gives the -shm it makes (the directory's owner could
+  // link it there where fs.protected_hardlinks is 0): SQLite would give it the database's owner
+  const victim = path.join(top, 'root-only');
+  fs.writeFileSync(victim, 'root\n', { mode: 0o600 });
+  fs.linkSync(victim, `${file}-shm`);
+  const status = await runCli(['status', '--databasePath', file]);
+  assert.equal(status.code, 1, status.stdout);
+  assert.match(status.stderr, /^relayq: cannot read database \S+: .*relayq\.db-shm/);
+  assert.deepEqual([fs.readFileSync(victim, 'utf8'), fs.statSync(victim).uid], ['root\n', 0], 'the linked file is untouched');
+  fs.rmSync(`${file}-shm`);
+  const [read, backup, exported] = await Promise.all([
+    runCli(['queue', '--databasePath', file, '--json']),
+    runCli(['backup', path.join(top, 'copy.db'), '--databasePath', file]),
+    runCli(['export-failed', path.join(top, 'exports'), '--databasePath', file]),
+  ]);
+  assert.deepEqual([read.code, JSON.parse(read.stdout).messages], [0, []], read.stderr);
+  const refusal = `relayq: cannot open database ${file}: ${dir} may be changed by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)`;
+  assert.deepEqual([backup.code, backup.stderr.trim()], [1, refusal]);
+  assert.deepEqual([exported.code, exported.stderr.trim()], [1, refusal]);
+  assert.deepEqual(fs.readdirSync(top).sort(), ['data', 'root-only']);
+});
+
 test('as root, relayq refuses a database directory another user may write: links put there would lead root to other files', {
   skip: process.getuid?.() === 0 ? false : 'giving a directory another owner takes root',
 }, async () => {
@@ -138,13 +170,35 @@ test('as root, relayq refuses a database directory another user may write: links
   assert.deepEqual([migrate.code, migrate.stderr.trim()], [1, `relayq: ${file}: ${refusal}`]);
   await assert.rejects(startTestRelay({ databasePath: file }, { startDelivery: false }), { message: `databasePath ${file}: ${refusal}` });
   assert.equal(fs.readFileSync(victim, 'utf8'), '', 'what the link points to is untouched');
-  // a directory root owns that others may write is refused too; a sticky one (/tmp) is not
+  // a directory root owns that others may write is refused too; a sticky one (/tmp) may be on
+  // the way, but does not hold relayq's files: others may have made a name there first (the
+  // -shm, a hard link to a file of root's that SQLite would give the database's owner)
   fs.chownSync(dir, 0, 0);
   fs.chmodSync(dir, 0o777);
   assert.throws(() => lockDatabase(file), /may be changed by users other than root: .*run it as the relay's user$/);
   fs.chmodSync(dir, 0o1777);
   fs.rmSync(`${file}-lock`);
+  const shared = `${dir} is shared (sticky, as /tmp is): as root, relayq does not make its files where other users may have made theirs first (files SQLite opens by name, links); use a directory of root's in it, or run it as the relay's user`;
+  assert.throws(() => lockDatabase(file), { message: shared });
+  const inside = path.join(dir, 'root-only');
+  fs.mkdirSync(inside, { mode: 0o700 });
+  lockDatabase(path.join(inside, 'relayq.db')).release();
+  fs.rmSync(inside, { recursive: true });
+  fs.chmodSync(dir, 0o700);
   lockDatabase(file).release();
+  // nor a directory made there: the check cannot see who makes a name first
+  const sticky = tempDir();
+  fs.chmodSync(sticky, 0o1777);
+  const exportedToShared = await runCli(['export-failed', path.join(sticky, 'not-yet', 'exports'), '--databasePath', file]);
+  assert.match(exportedToShared.stderr, new RegExp(`^relayq: cannot export into \\S+exports: ${sticky} is shared \\(sticky`));
+  assert.deepEqual(fs.readdirSync(sticky), []);
+  // a link of another user's in the middle of a chain of links: root's link leads to it
+  const chain = path.join(tempDir(), 'chain.db');
+  const middle = path.join(tempDir(), 'middle.lnk');
+  fs.symlinkSync(file, middle);
+  fs.lchownSync(middle, 1000, 1000);
+  fs.symlinkSync(middle, chain);
+  assert.throws(() => lockDatabase(chain), { message: new RegExp(`^${middle} may be changed by its owner, uid 1000 \\(a symbolic link\\): `) });
   // a directory of root's in one its owner may change (it could put a link in its place), and a
   // link of another user's in a sticky directory, as a database path
   const parent = path.dirname(dir);
