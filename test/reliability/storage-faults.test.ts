@@ -293,7 +293,7 @@ test('a start that cannot hand back the claims of a killed relay for lack of roo
   const dataDir = path.join(dir, 'data');
   fs.mkdirSync(dataDir);
   try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', dataDir], { stdio: 'ignore' });
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m,mode=0700', 'tmpfs', dataDir], { stdio: 'ignore' });
   } catch {
     t.skip('mounting a small tmpfs (a disk to fill) needs root');
     return;
