@@ -491,9 +491,10 @@ describe('admin: queue inspection', () => {
     }
   });
 
-  test('detail has the envelope, recipients and attempts; raw is the stored bytes as message/rfc822', async () => {
+  test('detail has the envelope, recipients and attempts; raw is the stored bytes as message/rfc822, and its reading is logged', async () => {
     const clock = new ManualClock();
-    const relay = await startTestRelay({}, options(clock));
+    const log = capturedLog('info');
+    const relay = await startTestRelay({}, { ...options(clock), logger: log.logger });
     try {
       const id = await send(relay, 'alice@example.com', ['b@example.com', 'c@example.com']);
       clock.advance(500);
@@ -523,6 +524,11 @@ describe('admin: queue inspection', () => {
       assert.equal(res.headers.get('content-disposition'), `attachment; filename="${id}.eml"`);
       const stored = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
       assert.deepEqual(Buffer.from(await res.arrayBuffer()), stored.raw);
+      const reads = log.entries().filter((e) => e.action === 'read-raw');
+      assert.deepEqual(
+        reads.map(({ event, queueId, client, via, size, msg }) => ({ event, queueId, client, via, size, msg })),
+        [{ event: 'api.admin', queueId: id, client: '127.0.0.1', via: 'loopback', size: stored.raw.length, msg: `read-raw ${id}` }],
+      );
 
       // an id typed in lower case names the same message, and replies name it as stored
       const lower = id.toLowerCase();
