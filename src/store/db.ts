@@ -208,8 +208,10 @@ export function createPrivateFile(file: string): void {
     fs.writeFileSync(file, '', { flag: 'wx', mode: 0o600 });
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-    // else SQLite says only "unable to open database file"
-    if (fs.statSync(file).isDirectory()) throw new Error(`${file} is a directory`);
+    // else SQLite says only "unable to open database file" (a FIFO: "disk I/O error")
+    const stat = fs.statSync(file);
+    if (stat.isDirectory()) throw new Error(`${file} is a directory`);
+    if (!stat.isFile()) throw new Error(`${file} is not a regular file`);
   }
 }
 

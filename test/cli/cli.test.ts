@@ -579,6 +579,9 @@ test('a database this user may not read, or whose -shm it may not make beside it
   assert.equal(spawnSync('mkfifo', [fifo]).status, 0);
   assertOneLineError(await runCli(['status', '--databasePath', fifo]), /^relayq: cannot open database \S+fifo\.db: it is not a regular file$/);
   assert.throws(() => lockDatabase(fifo), { message: `${fifo} is not a regular file` });
+  assert.equal(spawnSync('mkfifo', [`${file}-lock`]).status, 0);
+  assert.throws(() => lockDatabase(file), { message: `${file}-lock: ${file}-lock is not a regular file` });
+  fs.rmSync(`${file}-lock`);
   assertOneLineError(await runCli(['queue', '--databasePath', dir]), /^relayq: cannot open database \S+: it is a directory \(databasePath names the database file\)$/);
   fs.rmSync(fifo);
   const shm = /cannot read database \S+relayq\.db: .* \(to read a database in WAL mode SQLite needs relayq\.db-shm beside it, and this user may not make it in \S+, or not write it\); run the command as a user who may, such as the relay's$/;
