@@ -107,9 +107,9 @@ export type LibraryLogger = Record<(typeof LEVELS)[number], LogMethod>;
  *     placeholder, as in smtp-server's `debug(entry, 'C:', line)`, and with them the command;
  *   - the `component` the library puts in each entry is dropped: the line already has relayq's
  *     own, and JSON tools keep only the last of two keys with one name;
- *   - each of `secrets` is masked in the message and the entry's text fields, as is and in base64.
- *     The libraries mask a password themselves but log the user name, plain and in AUTH's
- *     base64, and a user name may be the password too (an API token some providers take as both).
+ *   - `secrets` are masked (see masker) in the message and the entry's text fields. The libraries
+ *     mask a password themselves but log the user name, plain and in AUTH's base64, and a user
+ *     name may be the password too (an API token some providers take as both).
  */
 export function libraryLogger(log: Logger, name: string, secrets: readonly string[] = []): LibraryLogger {
   const lib = log.child({ lib: name });
@@ -128,28 +128,32 @@ export function libraryLogger(log: Logger, name: string, secrets: readonly strin
 }
 
 /**
- * A function that replaces every form of the non-empty `secrets` in a text with `[redacted]`:
- * the secret itself, and what is certain of it in base64 wherever it starts in the encoded bytes
- * (its whole 4-character groups at each of the three byte offsets: `\0user\0pass` puts the user
- * at offset 1). Undefined when there is nothing to mask.
+ * A function that hides the non-empty `secrets` in a line of a library's transcript: a secret
+ * that stands as a word of its own (between spaces, quotes or the ends of the text, as in `User
+ * "token" authenticated`, also as JSON escapes it), and, for a secret of 4 bytes or more, every
+ * base64 word whose bytes hold it (the AUTH responses: the user name alone, `\0user\0…`,
+ * `user …`), each replaced whole by `[redacted]`. A secret inside a longer word (an address, a
+ * host name) is left as it is: masking it there would garble the line, and tell the secret by
+ * what is missing. Undefined when there is nothing to mask.
  */
 export function masker(secrets: readonly string[]): ((text: string) => string) | undefined {
-  const forms = new Set<string>();
-  for (const secret of secrets.filter(Boolean)) {
-    forms.add(secret);
-    const bytes = Buffer.from(secret);
-    for (const offset of [0, 1, 2]) {
-      const encoded = Buffer.concat([Buffer.alloc(offset), bytes]).toString('base64');
-      const first = Math.ceil(offset / 3);
-      const end = Math.floor((offset + bytes.length) / 3);
-      if (end > first) forms.add(encoded.slice(first * 4, end * 4));
-    }
-  }
-  if (forms.size === 0) return undefined;
-  // the longest first, so that a form inside another does not leave the rest of that one
-  const pattern = new RegExp([...forms].sort((a, b) => b.length - a.length).map(escapeRegExp).join('|'), 'g');
-  return (text) => text.replace(pattern, '[redacted]');
+  const list = [...new Set(secrets.filter(Boolean))];
+  if (list.length === 0) return undefined;
+  const plain = [...new Set(list.flatMap((secret) => [secret, JSON.stringify(secret).slice(1, -1)]))];
+  // the longest first, so that a secret inside another does not leave the rest of that one
+  const alternatives = plain.sort((a, b) => b.length - a.length).map(escapeRegExp).join('|');
+  const words = new RegExp(`(?<=^|[\\s"'])(?:${alternatives})(?=$|[\\s"'])`, 'g');
+  const encoded = list.map((secret) => Buffer.from(secret)).filter((bytes) => bytes.length >= 4);
+  const mask = (text: string) => text.replace(words, '[redacted]');
+  if (encoded.length === 0) return mask;
+  return (text) =>
+    mask(text).replace(BASE64_WORD, (word) => {
+      const decoded = Buffer.from(word, 'base64');
+      return encoded.some((bytes) => decoded.includes(bytes)) ? '[redacted]' : word;
+    });
 }
+
+const BASE64_WORD = /(?<=^|\s)[A-Za-z0-9+/]{4,}={0,2}(?=$|\s)/g;
 
 function escapeRegExp(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');

@@ -294,9 +294,11 @@ export function adminRoutes(deps: ApiDeps) {
       if (row.raw === null) {
         throw new HTTPException(404, { message: `the content of ${id} was erased after delivery (security.logAllEmails is false)` });
       }
-      // who read a message's content, as the commands that change one are logged
-      const who = c.get('requester');
-      log.info({ event: 'api.admin', action: 'read-raw', queueId: quotedId(id), client: who.ip, via: who.via, size: row.raw.byteLength }, `read-raw ${quotedId(id)}`);
+      // who read a message's content, as the commands that change one are logged (HEAD reads none)
+      if (c.req.method !== 'HEAD') {
+        const who = c.get('requester');
+        log.info({ event: 'api.admin', action: 'read-raw', queueId: quotedId(id), client: who.ip, via: who.via, size: row.raw.byteLength }, `read-raw ${quotedId(id)}`);
+      }
       // a view of the bytes, not a copy of a message that may be 25 MB
       return c.body(new Uint8Array(row.raw.buffer as ArrayBuffer, row.raw.byteOffset, row.raw.byteLength), 200, {
         'Content-Type': 'message/rfc822',

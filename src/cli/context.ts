@@ -115,7 +115,7 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
         throw new Error(NO_SCHEMA);
       }
     } catch (err) {
-      throw new CliError(`cannot read database ${file}: ${(err as Error).message}${shmHint(err, file)}`);
+      throw new CliError(`cannot read database ${file}: ${(err as Error).message}${sideFileHint(err, file)}`);
     }
     try {
       return await fn(sqlite);
@@ -151,13 +151,19 @@ function readAsOwnerWhereShared(file: string, stat: fs.Stats, writesAsRoot: bool
 }
 
 /**
- * A reader of a database in WAL mode needs its -shm file, and makes it when it is not there (a
- * relay that stopped removed it): in a directory this user may not write, SQLite says only
- * "attempt to write a readonly database" (or, where no one may, "unable to open database file").
+ * A reader of a database in WAL mode reads its -wal file and needs its -shm file, which it makes
+ * when it is not there (a relay that stopped removed it): in a directory this user may not write,
+ * SQLite says only "attempt to write a readonly database" (or, where no one may, "unable to open
+ * database file"), and of a -wal it may not read "unable to open database file".
  */
-function shmHint(err: unknown, file: string): string {
+function sideFileHint(err: unknown, file: string): string {
   const code = (err as { code?: unknown }).code;
   if (code !== 'SQLITE_READONLY_DIRECTORY' && code !== 'SQLITE_READONLY_CANTINIT' && code !== 'SQLITE_CANTOPEN') return '';
+  try {
+    fs.closeSync(fs.openSync(`${file}-wal`, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK));
+  } catch (walErr) {
+    if ((walErr as NodeJS.ErrnoException).code === 'EACCES') return ` (this user may not read ${path.basename(file)}-wal); run the command as the relay's user`;
+  }
   return ` (to read a database in WAL mode SQLite needs ${path.basename(file)}-shm beside it, and this user may not make it in ${path.dirname(path.resolve(file))}, or not write it); run the command as a user who may, such as the relay's`;
 }
 

@@ -364,7 +364,7 @@ export class SmtpIntake {
           session: session.id,
           client: this.peer(session),
           helo: session.hostNameAppearsAs || undefined,
-          user: this.loggedUser(authUserOf(session)),
+          user: authUserOf(session) ?? undefined,
           // as Postfix logs a TLS session: protocol and cipher (after STARTTLS)
           ...(session.tlsOptions ? { tls: `${session.tlsOptions.version} ${session.tlsOptions.name}` } : {}),
           // Postfix's "lost connection after STARTTLS": no TLS session followed the 220 (none begun, or failed)
@@ -418,7 +418,9 @@ export class SmtpIntake {
     const failed = previous && now - previous.at < 15 * 60_000 ? previous.count : 0;
     // No failure to hide a right guess among: answered at once, and logins that arrive together
     // (a connection pool starting) do not slow each other down.
-    if (ok && failed === 0) return cb(null, { user: auth.username });
+    // the name the session goes by (logs, the stored message's auth_user, the API): not a secret
+    const user = this.loggedUser(auth.username);
+    if (ok && failed === 0) return cb(null, { user });
     const replyInMs = failed > 0 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** failed, AUTH_FAILURE_MAX_DELAY_MS) : 0;
     // Counted as a failure until its answer is given: a guesser that hung up must not learn from
     // how fast its next guess is answered that this one was right. Re-inserted, so that the Map's
@@ -428,21 +430,21 @@ export class SmtpIntake {
     this.authFailures.set(client, { count: failed + 1, at: now });
     if (this.authFailures.size > MAX_AUTH_CLIENTS) this.authFailures.delete(this.authFailures.keys().next().value as string);
     if (ok) {
-      this.deps.logger.warn({ event: 'smtp.auth_slowed', session: session.id, client: ip, user: this.loggedUser(auth.username), failures: failed, replyInMs }, 'right login after failures from this address: answered late');
+      this.deps.logger.warn({ event: 'smtp.auth_slowed', session: session.id, client: ip, user, failures: failed, replyInMs }, 'right login after failures from this address: answered late');
       setTimeout(() => {
         if (this.state(session).closed) return;
         // A client that sent its FIN or more input before the slowed answer may have hung up
         // and never read it: the login is answered and still counts as a failure.
         if (!inputAhead(session)) this.authFailures.delete(client);
-        cb(null, { user: auth.username });
+        cb(null, { user });
       }, replyInMs).unref();
       return;
     }
-    this.deps.logger.warn({ event: 'smtp.auth_failed', session: session.id, client: ip, user: this.loggedUser(auth.username), failures: failed + 1, replyInMs }, 'authentication failed');
+    this.deps.logger.warn({ event: 'smtp.auth_failed', session: session.id, client: ip, user, failures: failed + 1, replyInMs }, 'authentication failed');
     setTimeout(() => cb(reply(535, '5.7.8 Authentication credentials invalid')), replyInMs).unref();
   }
 
-  /** A user name as logged: one that is the password too (a token used as both) is not written out. */
+  /** A user name as logged and stored: one that is the password too (a token used as both) is not written out. */
   private loggedUser(user: string | null | undefined): string | undefined {
     if (!user) return undefined;
     return user === this.deps.config.defaultPassword ? '[redacted]' : user;
@@ -666,7 +668,7 @@ export class SmtpIntake {
             rcpts: recipients.length,
             size,
             client: clientIp,
-            user: this.loggedUser(authUser),
+            user: authUser ?? undefined,
             ...(subject !== undefined ? { subject } : {}),
           },
           'message queued',

@@ -524,6 +524,8 @@ describe('admin: queue inspection', () => {
       assert.equal(res.headers.get('content-disposition'), `attachment; filename="${id}.eml"`);
       const stored = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
       assert.deepEqual(Buffer.from(await res.arrayBuffer()), stored.raw);
+      const head = await fetch(`http://127.0.0.1:${relay.httpPort}/admin/messages/${id}/raw`, { method: 'HEAD' });
+      assert.deepEqual([head.status, (await head.arrayBuffer()).byteLength], [200, 0]);
       const reads = log.entries().filter((e) => e.action === 'read-raw');
       assert.deepEqual(
         reads.map(({ event, queueId, client, via, size, msg }) => ({ event, queueId, client, via, size, msg })),

@@ -610,4 +610,10 @@ test('a database this user may not read, or whose -shm it may not make beside it
   fs.chmodSync(file, 0o644);
   // readable, in a directory it may not write: SQLite cannot make the -shm
   await assert.rejects(asOther(() => withReader({ ...defaultConfig(), databasePath: file }, () => 0)), { message: shm });
+  // a -wal it may not read
+  fs.writeFileSync(`${file}-wal`, '', { mode: 0o600 });
+  await assert.rejects(asOther(() => withReader({ ...defaultConfig(), databasePath: file }, () => 0)), {
+    message: new RegExp(`^cannot read database ${file}: .* \\(this user may not read relayq\\.db-wal\\); run the command as the relay's user$`),
+  });
+  fs.rmSync(`${file}-wal`);
 });

@@ -3,7 +3,9 @@
 // wrong password), logs in to its upstream and serves an API call with the admin token.
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
+import path from 'node:path';
 import { test } from 'node:test';
+import Database from 'better-sqlite3';
 import { CONFIG_KEYS, defaultConfig, getPath, setPath } from '../../src/config/schema.js';
 import { redactConfig } from '../../src/config/load.js';
 import { createLogger, masker } from '../../src/logger.js';
@@ -203,20 +205,28 @@ test('redactConfig replaces every secret that is set, leaves empty ones and the 
   assert.deepEqual([redactConfig(token).defaultUsername, redactConfig({ ...token, defaultPassword: 'other' }).defaultUsername], ['[redacted]', 'token-beef']);
 });
 
-/** `value` as is, or inside any run of base64 in `output` (decoded at each of its four character offsets). */
+/**
+ * Where any 6 characters of a random `value` are in `output`: as is, JSON-escaped, or inside any
+ * run of base64 (decoded at each of its four character offsets).
+ */
 function decodedLeaks(output: string, value: string): string[] {
-  const found = output.includes(value) ? [value] : [];
+  const windows = (text: string) => Array.from({ length: Math.max(1, text.length - 5) }, (_, i) => text.slice(i, i + 6));
+  const pieces = [...windows(value), ...windows(JSON.stringify(value).slice(1, -1))];
+  const found = pieces.filter((piece) => output.includes(piece));
   for (const [run] of output.matchAll(/[A-Za-z0-9+/]{4,}={0,2}/g)) {
     for (const skip of [0, 1, 2, 3]) {
-      if (Buffer.from(run.slice(skip), 'base64').toString('latin1').includes(value)) found.push(run);
+      const decoded = Buffer.from(run.slice(skip), 'base64').toString('latin1');
+      if (pieces.some((piece) => decoded.includes(Buffer.from(piece).toString('latin1')))) found.push(run);
     }
   }
   return found;
 }
 
-test('a user name that is also the password (a token used as both) is not logged either, plain or in base64', async () => {
-  const intakeToken = secret('intake-token');
-  const forwardToken = secret('forward-token');
+test('a user name that is also the password (a token used as both) is not logged or stored, plain or in base64', async () => {
+  // quotes, a backslash and non-ASCII: JSON escapes them, and the escaped form is masked too
+  const token = () => `${crypto.randomBytes(15).toString('base64url')}"\\é`;
+  const intakeToken = token();
+  const forwardToken = token();
   const upstream = await startUpstream({
     authOptional: false,
     allowInsecureAuth: true,
@@ -226,7 +236,8 @@ test('a user name that is also the password (a token used as both) is not logged
       cb(new Error('invalid credentials'));
     },
   });
-  const relay = await spawnRelay(tempDir(), [
+  const dir = tempDir();
+  const relay = await spawnRelay(dir, [
     '--logLevel', 'debug',
     '--defaultUsername', intakeToken,
     '--defaultPassword', intakeToken,
@@ -257,18 +268,35 @@ test('a user name that is also the password (a token used as both) is not logged
   assert.deepEqual([started.config.defaultUsername, started.config.forwardUsername], ['[redacted]', '[redacted]']);
   assert.deepEqual(decodedLeaks(output, intakeToken), []);
   assert.deepEqual(decodedLeaks(output, forwardToken), []);
+  // nor is it kept as the message's AUTH user (shown by the API, `relayq show` and exports)
+  const db = new Database(path.join(dir, 'data', 'relayq.db'), { readonly: true });
+  try {
+    assert.deepEqual(db.prepare('SELECT auth_user FROM messages').pluck().all(), ['[redacted]']);
+  } finally {
+    db.close();
+  }
 });
 
-test('masker hides a secret as is and inside base64 at any byte offset, and leaves the rest', () => {
+test('masker hides a secret standing as a word and any base64 word that holds it, whole, and leaves the rest', () => {
   const token = 'token-5ecret';
   const mask = masker(['', token]) as (text: string) => string;
   for (const before of ['', '\0', '\0\0', 'user\0', 'x']) {
-    for (const after of ['', '\0/* secret */', '!']) {
+    for (const after of ['', '\0/* secret */', ' /* secret */', '!']) {
       const line = `AUTH PLAIN ${base64(before + token + after)}`;
-      assert.deepEqual(decodedLeaks(mask(line), token), [], JSON.stringify(before + token + after));
+      assert.equal(mask(line), 'AUTH PLAIN [redacted]', JSON.stringify(before + token + after));
     }
   }
   assert.equal(mask(`User "${token}" authenticated`), 'User "[redacted]" authenticated');
+  assert.equal(mask(`${token} authenticated using PLAIN`), '[redacted] authenticated using PLAIN');
+  assert.equal(mask(base64(token)), '[redacted]');
+  // JSON's escapes of a token with a quote and a backslash
+  const quoted = 'tok"en\\1';
+  assert.equal((masker([quoted]) as (text: string) => string)(`User ${JSON.stringify(quoted)} authenticated`), 'User "[redacted]" authenticated');
+  // inside a longer word it stays: masking there would garble the line and tell a short secret
+  const short = masker(['a']) as (text: string) => string;
+  for (const line of ['C: MAIL FROM:<alice@example.com>', 'S: 220 mail.example.com ESMTP relayq', 'S: 354 End data with <CR><LF>.<CR><LF>', 'DATA']) {
+    assert.equal(short(line), line);
+  }
   assert.equal(mask('MAIL FROM:<a@example.com>'), 'MAIL FROM:<a@example.com>');
   assert.equal(masker(['', '']), undefined);
 });
