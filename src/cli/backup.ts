@@ -1,7 +1,7 @@
 // `relayq backup FILE`: a consistent, fsynced, verified copy of the live database.
 import { count } from '../count.js';
 import { BackupError, backupDatabase } from '../store/backup.js';
-import { refuseOthersPathsAsRoot } from '../store/db.js';
+import { refuseOthersPathsAsRoot } from '../root-guard.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatBytes } from './table.js';
 

@@ -7,8 +7,9 @@ import path from 'node:path';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
+import { refuseOthersPathsAsRoot } from '../root-guard.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
-import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, refuseOthersPathsAsRoot, type Sqlite } from '../store/db.js';
+import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
 import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 import { escapeTerminalUnsafe } from '../terminal-unsafe.js';
 
@@ -101,8 +102,8 @@ const NO_SCHEMA = 'no schema: an empty database (start the server on it, or run 
  */
 export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>, options: { writesAsRoot?: boolean } = {}): Promise<T> {
   const file = config.databasePath;
-  const stat = requireDatabaseFile(file);
-  readAsOwnerWhereShared(file, stat, options.writesAsRoot ?? false);
+  readAsOwnerWhereShared(file, options.writesAsRoot ?? false);
+  requireDatabaseFile(file);
   let sqlite: Sqlite;
   try {
     sqlite = openReadOnly(file);
@@ -133,20 +134,32 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
 
 /**
  * Run as root, a command that reads a database where other users may put files (the relay's data
- * directory) reads it as the database's owner: a reader makes the -shm file there and gives it
- * the database's owner, and root would do that to a file of root's linked there by another name.
- * A command that writes files as root too (backup, export-failed) is refused instead, as the
- * commands that write are (refuseOthersPathsAsRoot).
+ * directory) reads it as that directory's owner, when the database is that user's too: a reader
+ * makes the -shm file there and gives it the database's owner, and root would do that to a file
+ * of root's linked there by another name. It is checked before anything there is opened. A
+ * command that writes files as root too (backup, export-failed), or a database of another user
+ * than its directory's, is refused instead, as the commands that write are.
  */
-function readAsOwnerWhereShared(file: string, stat: fs.Stats, writesAsRoot: boolean): void {
+function readAsOwnerWhereShared(file: string, writesAsRoot: boolean): void {
   if (process.getuid?.() !== 0) return;
   try {
     refuseOthersPathsAsRoot([file]);
   } catch (err) {
-    if (writesAsRoot || stat.uid === 0) throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
+    const refused = new CliError(`cannot open database ${file}: ${(err as Error).message}`);
+    if (writesAsRoot) throw refused;
+    let owner: fs.Stats;
+    let directoryOwner: number;
+    try {
+      const real = fs.realpathSync(file);
+      owner = fs.statSync(real);
+      directoryOwner = fs.statSync(path.dirname(real)).uid;
+    } catch {
+      throw refused; // not there: it is refused rather than said missing
+    }
+    if (owner.uid === 0 || owner.uid !== directoryOwner) throw refused;
     process.setgroups?.([]);
-    process.setgid?.(stat.gid);
-    process.setuid?.(stat.uid);
+    process.setgid?.(owner.gid);
+    process.setuid?.(owner.uid);
   }
 }
 
@@ -168,6 +181,19 @@ function sideFileHint(err: unknown, file: string): string {
 }
 
 /**
+ * Run as root, a command that writes refuses a database, or an emailsDir (`delete` removes a
+ * message's export), where another user could lead it to other files (refuseOthersPathsAsRoot);
+ * before anything there is opened.
+ */
+export function refuseOthersPathsForWriter(config: Config): void {
+  try {
+    refuseOthersPathsAsRoot([config.databasePath, config.emailsDir, path.join(config.emailsDir, 'failed')]);
+  } catch (err) {
+    throw new CliError(`cannot open database ${config.databasePath}: ${(err as Error).message}`);
+  }
+}
+
+/**
  * Opens a read-write connection without migrating; a failure is one CLI line naming the file. It is
  * closed with `close()` alone, without the full (TRUNCATE) checkpoint the server makes when it
  * stops: that checkpoint blocks the server's writers while it runs, and checkpointing is its job.
@@ -175,8 +201,6 @@ function sideFileHint(err: unknown, file: string): string {
 export function openWriterForCli(config: Config): Sqlite {
   const file = config.databasePath;
   try {
-    // the exports in emailsDir too: `delete` removes a message's
-    refuseOthersPathsAsRoot([file, config.emailsDir, path.join(config.emailsDir, 'failed')]);
     const sqlite = openConnection(file);
     // as on the server's writer: content a command frees must not linger in the file
     if (!config.security.logAllEmails) overwriteFreedPages(sqlite);
@@ -194,6 +218,7 @@ export function openWriterForCli(config: Config): Sqlite {
  */
 export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
   const file = config.databasePath;
+  refuseOthersPathsForWriter(config);
   // refused before the open, which would turn the empty file into a database (WAL mode, -wal, -shm)
   if (requireDatabaseFile(file).size === 0) throw new CliError(`cannot read database ${file}: ${NO_SCHEMA}`);
   const sqlite = openWriterForCli(config);

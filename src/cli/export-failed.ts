@@ -6,7 +6,7 @@ import { count } from '../count.js';
 import { EMAILS_DIR_MODE } from '../delivery/atomic-file.js';
 import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.js';
 import { makeDirectory } from '../make-dir.js';
-import { refuseOthersPathsAsRoot } from '../store/db.js';
+import { refuseOthersPathsAsRoot } from '../root-guard.js';
 import { listMessages } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, requireCurrentSchema, withReader } from './context.js';
 

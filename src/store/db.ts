@@ -78,62 +78,6 @@ export function cannotWrite(err: Error): Error {
 }
 
 /**
- * Run as root, relayq works only with files and directories that no other user may change, nor
- * any directory above them. In one that another user may write (the relay's user owns its data
- * directory), or whose parent it may write (it could put a link in the directory's place), that
- * user could lead relayq where it makes, opens or removes files (the lock file, the spool, the
- * database itself and its -wal, -shm and -journal files, the exports), and root would follow to
- * any file of the machine. Every directory and link on the way is checked, up to the root, and
- * every link's target in its turn; what is not made yet is made by relayq, as root's. A sticky
- * directory (/tmp) keeps others from renaming or removing root's entries, so it may be on the way;
- * but not where relayq makes its files (the directory that holds a path, or the path itself when
- * it is a directory): others could have made a name there first, or a file SQLite opens by name.
- */
-export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
-  if (process.getuid?.() !== 0) return;
-  for (const given of paths.map((p) => path.resolve(p))) {
-    for (const place of placesOnTheWay(given)) refuseOthersPlace(place, false);
-    for (const place of holders(given)) refuseOthersPlace(place, true);
-  }
-}
-
-/** `target`, the directories above it, and through every link among them, its target's in turn. */
-function placesOnTheWay(target: string, seen = new Set<string>()): Set<string> {
-  for (let at = target; !seen.has(at); at = path.dirname(at)) {
-    seen.add(at);
-    if (fs.lstatSync(at, { throwIfNoEntry: false })?.isSymbolicLink()) placesOnTheWay(path.resolve(path.dirname(at), fs.readlinkSync(at)), seen);
-    if (path.dirname(at) === at) break;
-  }
-  return seen;
-}
-
-/** The directories relayq makes entries in for `given`: the nearest one above it that exists, and itself when it is one. */
-function holders(given: string): string[] {
-  let above = path.dirname(given);
-  while (!fs.existsSync(above) && path.dirname(above) !== above) above = path.dirname(above);
-  const places = [fs.realpathSync(above)];
-  if (fs.statSync(given, { throwIfNoEntry: false })?.isDirectory()) places.push(fs.realpathSync(given));
-  return places;
-}
-
-function refuseOthersPlace(place: string, holder: boolean): void {
-  const stat = fs.lstatSync(place, { throwIfNoEntry: false });
-  if (!stat || !(stat.isSymbolicLink() || stat.isDirectory())) return;
-  const refusal = (who: string, as: string) =>
-    new Error(`${place} may be changed by ${who}: as root, relayq would follow the links put there to other files; run it as ${as}`);
-  const link = stat.isSymbolicLink() ? ' (a symbolic link)' : '';
-  if (stat.uid !== 0) throw refusal(`its owner, uid ${stat.uid}${link}`, `that user (sudo -u '#${stat.uid}' relayq …)`);
-  // a link's own mode says nothing: what it points to is checked in its turn
-  if (link || (stat.mode & 0o022) === 0) return;
-  if ((stat.mode & 0o1000) === 0) throw refusal('users other than root', "the relay's user");
-  if (holder) {
-    throw new Error(
-      `${place} is shared (sticky, as /tmp is): as root, relayq does not make its files where other users may have made theirs first (files SQLite opens by name, links); use a directory of root's in it, or run it as the relay's user`,
-    );
-  }
-}
-
-/**
  * SQLite keeps a database's WAL and shared memory beside the name it was opened by: through a
  * second name (a hard link) the same file would have a second WAL, and writes through either
  * name would overwrite the other's, acknowledged mail included. The relay's lock is kept beside

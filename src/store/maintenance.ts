@@ -7,7 +7,8 @@
 // once such a reader is gone.
 import fs from 'node:fs';
 import Database from 'better-sqlite3';
-import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, realDatabasePath, refuseForeignWal, refuseHardLinks, refuseOthersPathsAsRoot, type Sqlite } from './db.js';
+import { refuseOthersPathsAsRoot } from '../root-guard.js';
+import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, realDatabasePath, refuseForeignWal, refuseHardLinks, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;

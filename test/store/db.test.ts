@@ -151,6 +151,20 @@ test("as root, the commands that read a database in another user's directory rea
   assert.deepEqual([backup.code, backup.stderr.trim()], [1, refusal]);
   assert.deepEqual([exported.code, exported.stderr.trim()], [1, refusal]);
   assert.deepEqual(fs.readdirSync(top).sort(), ['data', 'root-only']);
+
+  // root's link to the database of another user in a sticky directory: read as whom? neither
+  const sticky = path.join(top, 'scratch');
+  fs.mkdirSync(sticky, { mode: 0o1777 });
+  fs.chmodSync(sticky, 0o1777);
+  const theirs = path.join(sticky, 'theirs.db');
+  fs.copyFileSync(file, theirs);
+  fs.chownSync(theirs, 1000, 1000);
+  fs.linkSync(victim, `${theirs}-shm`);
+  const link = path.join(tempDir(), 'relayq.db');
+  fs.symlinkSync(theirs, link);
+  const viaLink = await runCli(['status', '--databasePath', link]);
+  assert.deepEqual([viaLink.code, viaLink.stderr.trim()], [1, `relayq: cannot open database ${link}: ${sticky} is shared (sticky, as /tmp is): as root, relayq does not make its files where other users may have made theirs first (files SQLite opens by name, links); use a directory of root's in it, or run it as the relay's user`]);
+  assert.deepEqual([fs.readFileSync(victim, 'utf8'), fs.statSync(victim).uid], ['root\n', 0], 'the linked file is untouched');
 });
 
 test('as root, relayq refuses a database directory another user may write: links put there would lead root to other files', {
@@ -167,7 +181,7 @@ test('as root, relayq refuses a database directory another user may write: links
   const refusal = `${dir} may be changed by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)`;
   assert.throws(() => lockDatabase(file), { message: refusal });
   const migrate = await runCli(['migrate', '--databasePath', file]);
-  assert.deepEqual([migrate.code, migrate.stderr.trim()], [1, `relayq: ${file}: ${refusal}`]);
+  assert.deepEqual([migrate.code, migrate.stderr.trim()], [1, `relayq: cannot open database ${file}: ${refusal}`]);
   await assert.rejects(startTestRelay({ databasePath: file }, { startDelivery: false }), { message: `databasePath ${file}: ${refusal}` });
   assert.equal(fs.readFileSync(victim, 'utf8'), '', 'what the link points to is untouched');
   // a directory root owns that others may write is refused too; a sticky one (/tmp) may be on
@@ -199,6 +213,27 @@ test('as root, relayq refuses a database directory another user may write: links
   fs.lchownSync(middle, 1000, 1000);
   fs.symlinkSync(middle, chain);
   assert.throws(() => lockDatabase(chain), { message: new RegExp(`^${middle} may be changed by its owner, uid 1000 \\(a symbolic link\\): `) });
+  // `..` after a link is the parent of the link's target, not the link's: a directory of theirs
+  const theirs = path.join(tempDir(), 'theirs');
+  fs.mkdirSync(path.join(theirs, 'sub'), { recursive: true });
+  fs.chownSync(theirs, 1000, 1000);
+  const current = path.join(dir, 'current');
+  fs.symlinkSync(path.join(theirs, 'sub'), current);
+  assert.throws(() => lockDatabase(`${current}/../relayq.db`), { message: `${theirs} may be changed by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)` });
+  assert.deepEqual(fs.readdirSync(theirs), ['sub']);
+  fs.rmSync(current);
+  // a config file another user may change would choose the paths root writes
+  const config = path.join(dir, 'config.json');
+  fs.writeFileSync(config, JSON.stringify({ databasePath: file }));
+  fs.chownSync(config, 1000, 1000);
+  const configured = await runCli(['migrate', '--config', config]);
+  assert.equal(configured.code, 2, configured.stdout);
+  assert.match(configured.stderr, new RegExp(`${config} may be changed by its owner, uid 1000: as root, relayq would take paths and settings from it; run it as that user`));
+  fs.chownSync(config, 0, 0);
+  fs.chmodSync(config, 0o666);
+  assert.match((await runCli(['status', '--config', config])).stderr, /config\.json may be changed by users other than root: as root, relayq would take paths and settings from it; run it as the relay's user/);
+  fs.chmodSync(config, 0o644);
+  assert.equal((await runCli(['status', '--config', config])).code, 0);
   // a directory of root's in one its owner may change (it could put a link in its place), and a
   // link of another user's in a sticky directory, as a database path
   const parent = path.dirname(dir);

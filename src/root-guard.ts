@@ -1,0 +1,103 @@
+// Run as root, relayq works only with files and directories that no other user may change, nor
+// any directory above them. In one that another user may write (the relay's user owns its data
+// directory), or whose parent it may write (it could put a link in the directory's place), that
+// user could lead relayq where it makes, opens or removes files (the lock file, the spool, the
+// database itself and its -wal, -shm and -journal files, the exports), and root would follow to
+// any file of the machine; a config file of theirs could choose those paths. As nobody else may
+// change what was checked, it is checked once, before relayq opens anything there.
+import fs from 'node:fs';
+import path from 'node:path';
+
+/**
+ * As root, refuses each path unless every directory and link the kernel passes on the way to it
+ * (every link's target in its turn) is root's alone, and the directory relayq makes its files in
+ * is not shared: the directory that holds the path (the nearest one that exists) or the path
+ * itself when it is a directory. A sticky directory (/tmp) keeps others from renaming or removing
+ * root's entries, so it may be on the way; but where relayq makes its files, others could have made
+ * a name first (one SQLite opens by name, a link). What is not made yet is made by relayq, as root's.
+ */
+export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
+  if (process.getuid?.() !== 0) return;
+  for (const given of paths) {
+    const places = new Set<string>();
+    const real = walk(absolute(given), places, 0);
+    for (const place of places) refuseOthersPlace(place);
+    refuseShared(holder(real));
+  }
+}
+
+/**
+ * As root, refuses a file to read settings from (the config file) unless it and every directory
+ * and link on the way to it are root's alone: its owner could choose the paths root writes.
+ */
+export function refuseOthersFileAsRoot(file: string): void {
+  if (process.getuid?.() !== 0) return;
+  const places = new Set<string>();
+  const real = walk(absolute(file), places, 0);
+  for (const place of places) refuseOthersPlace(place);
+  const stat = fs.statSync(real, { throwIfNoEntry: false });
+  // a pipe (`--config <(…)`) is as its writer made it: root's, as root's shell is
+  if (stat && !stat.isFIFO()) refuseOthersOwner(file, stat, 'would take paths and settings from it');
+}
+
+/** `given` made absolute without resolving `..` by its text: after a link, `..` is the parent of the link's target. */
+function absolute(given: string): string {
+  return path.isAbsolute(given) ? given : `${process.cwd()}/${given}`;
+}
+
+/**
+ * Follows `target` as the kernel does, one name at a time from `/`, adding to `places` every
+ * directory and link it passes (a link's target followed in turn), and returns the real path it
+ * reaches; its last names may not exist yet.
+ */
+function walk(target: string, places: Set<string>, links: number): string {
+  let at = '/';
+  places.add(at);
+  for (const name of target.split('/')) {
+    if (name === '' || name === '.') continue;
+    if (name === '..') {
+      at = path.dirname(at);
+      continue;
+    }
+    const next = path.join(at, name);
+    places.add(next);
+    if (!fs.lstatSync(next, { throwIfNoEntry: false })?.isSymbolicLink()) {
+      at = next;
+      continue;
+    }
+    if (links === 40) throw new Error(`${target}: too many levels of symbolic links`);
+    const destination = fs.readlinkSync(next);
+    at = walk(path.isAbsolute(destination) ? destination : `${at}/${destination}`, places, links + 1);
+  }
+  return at;
+}
+
+/** Where relayq makes its files for a path: the path itself when it is a directory, else the nearest directory above it that exists. */
+function holder(real: string): string {
+  if (fs.statSync(real, { throwIfNoEntry: false })?.isDirectory()) return real;
+  let above = path.dirname(real);
+  while (!fs.existsSync(above)) above = path.dirname(above);
+  return above;
+}
+
+function refuseOthersPlace(place: string): void {
+  const stat = fs.lstatSync(place, { throwIfNoEntry: false });
+  if (!stat || !(stat.isSymbolicLink() || stat.isDirectory())) return;
+  refuseOthersOwner(place, stat, 'would follow the links put there to other files');
+}
+
+function refuseOthersOwner(place: string, stat: fs.Stats, risk: string): void {
+  const refusal = (who: string, as: string) => new Error(`${place} may be changed by ${who}: as root, relayq ${risk}; run it as ${as}`);
+  const link = stat.isSymbolicLink() ? ' (a symbolic link)' : '';
+  if (stat.uid !== 0) throw refusal(`its owner, uid ${stat.uid}${link}`, `that user (sudo -u '#${stat.uid}' relayq …)`);
+  // a link's own mode says nothing: what it points to is checked in its turn
+  if (!link && (stat.mode & 0o022) !== 0 && (stat.mode & 0o1000) === 0) throw refusal('users other than root', "the relay's user");
+}
+
+/** A directory others may write in that is root's (refuseOthersPlace let it pass): a sticky one. */
+function refuseShared(place: string): void {
+  if ((fs.statSync(place).mode & 0o022) === 0) return;
+  throw new Error(
+    `${place} is shared (sticky, as /tmp is): as root, relayq does not make its files where other users may have made theirs first (files SQLite opens by name, links); use a directory of root's in it, or run it as the relay's user`,
+  );
+}
