@@ -16,10 +16,10 @@ import { DeliveryEngine } from './delivery/engine.js';
 import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
 import { makeDirectory } from './make-dir.js';
+import { refuseOthersPathsAsRoot } from './root-guard.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { Spool, SpoolError } from './smtp/spool.js';
 import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
-import { refuseOthersPathsAsRoot } from './root-guard.js';
 import { openStore, realDatabasePath, type Store, type WalKept } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
 import { lockDatabase } from './store/maintenance.js';
@@ -194,7 +194,7 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   const disk = new DiskSpace({
     databasePath: config.databasePath,
     minFreeMb: config.minFreeDiskMb,
-    spoolDir: Spool.dirFor(config.databasePath),
+    spoolDir: Spool.dirFor(realDatabasePath(config.databasePath)),
     spoolAfter: config.spoolAfter,
     reusableBytes: () => freePageBytes(store),
   });

@@ -19,25 +19,47 @@ import path from 'node:path';
 export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
   if (process.getuid?.() !== 0) return;
   for (const given of paths) {
-    const places = new Set<string>();
-    const real = walk(absolute(given), places, 0);
-    for (const place of places) refuseOthersPlace(place);
-    refuseShared(holder(real));
+    for (const place of placesOnTheWay(given)) refuseOthersPlace(place);
+    refuseShared(holder(physicalPath(given)));
   }
 }
 
 /**
- * As root, refuses a file to read settings from (the config file) unless it and every directory
- * and link on the way to it are root's alone: its owner could choose the paths root writes.
+ * Reads a file of settings (the config file). As root, only one that is root's alone, as is every
+ * directory and link on the way to it: its owner could choose the paths root writes. The owner
+ * is that of what was opened, so a file made between the look and the open is seen too; a pipe
+ * (`--config <(…)`) is its writer's, root's shell's.
  */
-export function refuseOthersFileAsRoot(file: string): void {
-  if (process.getuid?.() !== 0) return;
+export function readRootsFile(file: string): string {
+  if (process.getuid?.() !== 0) return fs.readFileSync(file, 'utf8');
+  for (const place of placesOnTheWay(file)) refuseOthersPlace(place);
+  const fd = fs.openSync(file, 'r');
+  try {
+    refuseOthersOwner(file, fs.fstatSync(fd), 'would take paths and settings from it');
+    return fs.readFileSync(fd, 'utf8');
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * The path the kernel reaches for `given`: absolute, through every link, with a `..` after a link
+ * taken as the parent of the link's target (path.resolve takes it by its text); its last names
+ * may not exist yet. `given`, absolute, where it cannot be followed (a loop, a directory this user
+ * may not look into): opening it says why.
+ */
+export function physicalPath(given: string): string {
+  try {
+    return walk(absolute(given), new Set(), 0);
+  } catch {
+    return path.resolve(given);
+  }
+}
+
+function placesOnTheWay(given: string): Set<string> {
   const places = new Set<string>();
-  const real = walk(absolute(file), places, 0);
-  for (const place of places) refuseOthersPlace(place);
-  const stat = fs.statSync(real, { throwIfNoEntry: false });
-  // a pipe (`--config <(…)`) is as its writer made it: root's, as root's shell is
-  if (stat && !stat.isFIFO()) refuseOthersOwner(file, stat, 'would take paths and settings from it');
+  walk(absolute(given), places, 0);
+  return places;
 }
 
 /** `given` made absolute without resolving `..` by its text: after a link, `..` is the parent of the link's target. */

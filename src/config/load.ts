@@ -7,7 +7,7 @@ import os from 'node:os';
 import { isAbsolute, resolve } from 'node:path';
 import { clientFilter, isLoopback, normalizeIp, parseCidr } from '../access-control.js';
 import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
-import { refuseOthersFileAsRoot } from '../root-guard.js';
+import { readRootsFile } from '../root-guard.js';
 import { closestName, didYouMean } from './names.js';
 import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, PEM_OR_LINES, setPath } from './schema.js';
 
@@ -162,13 +162,8 @@ function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv): string
 export function readConfigFile(path: string | undefined): ConfigFile | undefined | { path: string; error: string } {
   if (!path) return undefined;
   try {
-    refuseOthersFileAsRoot(path);
-  } catch (err) {
-    return { path, error: (err as Error).message };
-  }
-  try {
     // without a UTF-8 byte order mark, which some editors write and JSON.parse refuses
-    return { path, text: fs.readFileSync(path, 'utf8').replace(/^\uFEFF/, '') };
+    return { path, text: readRootsFile(path).replace(/^\uFEFF/, '') };
   } catch (err) {
     // a relative path is read from the working directory, which `npm start` sets to the package's
     const from = isAbsolute(path) ? '' : ` (looked for from ${process.cwd()})`;

@@ -8,7 +8,7 @@ import { addressKey, decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import { type LibraryLogger, libraryLogger } from '../logger.js';
-import type { Sqlite } from '../store/db.js';
+import { realDatabasePath, type Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import {
   checkRateLimits,
@@ -201,7 +201,7 @@ export class SmtpIntake {
     const { config } = deps;
     this.allowed = clientFilter(config.security);
     this.credentialsConfigured = Boolean(config.defaultUsername && config.defaultPassword);
-    this.spool = new Spool(Spool.dirFor(config.databasePath), config.spoolAfter);
+    this.spool = new Spool(Spool.dirFor(realDatabasePath(config.databasePath)), config.spoolAfter);
     const tlsOn = Boolean(deps.tls);
     // smtp-server's per-session chatter only at debug; never louder than the root logger
     const smtpLog = deps.logger.child({});

@@ -144,8 +144,8 @@ function checkTarget(target: string, databaseFile: string, overwrite: boolean): 
   if (existing && !existing.isFile()) throw new BackupError(`${target} is not a regular file`);
 
   // the database, its WAL, shared memory, rollback journal, the relay's lock (lockDatabase) and
-  // spool directory (see spool.ts, which names it after the path as configured), by the path it
-  // was opened with and by its real path
+  // spool directory (beside the real path; an older relayq made it beside the path as configured),
+  // by the path it was opened with and by its real path
   const bases = [...new Set([path.resolve(databaseFile), fs.realpathSync(databaseFile)])];
   const own = bases.flatMap((db) => [db, ...['-wal', '-shm', '-journal', '-lock', '-spool'].map((suffix) => db + suffix)]);
   const names = [path.join(fs.realpathSync(dir), path.basename(file)), ...(existing ? [fs.realpathSync(file)] : [])];

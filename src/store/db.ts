@@ -9,6 +9,7 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { makeDirectory } from '../make-dir.js';
+import { physicalPath } from '../root-guard.js';
 import { appliedMigrations, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema, requireWritable } from './maintenance.js';
 
 export type Sqlite = Database.Database;
@@ -127,22 +128,11 @@ export function shellWord(text: string): string {
 }
 
 /**
- * The file a database path names, through symbolic links, also to a file not made yet; the path
- * itself (absolute) where it names none. Its -wal, -shm and -lock files are beside this file.
+ * The file a database path names, through symbolic links (a `..` after one taken as the kernel
+ * takes it), also to a file not made yet. Its -wal, -shm, -lock and -spool are beside this file.
  */
 export function realDatabasePath(file: string): string {
-  let current = path.resolve(file);
-  // as the kernel, which gives up on a path after 40 links
-  for (let links = 0; links < 40; links++) {
-    try {
-      return fs.realpathSync(current);
-    } catch {
-      // not there yet (the start creates it), or not to be reached: opening it says why
-      if (!fs.lstatSync(current, { throwIfNoEntry: false })?.isSymbolicLink()) return current;
-      current = path.resolve(path.dirname(current), fs.readlinkSync(current));
-    }
-  }
-  return path.resolve(file);
+  return physicalPath(file);
 }
 
 /** Creates `file` empty, readable by the relay's user alone, unless it is there already. */

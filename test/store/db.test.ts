@@ -5,10 +5,10 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import Database from 'better-sqlite3';
-import { openConnection, openStore, refuseHardLinks, shellWord } from '../../src/store/db.js';
+import { openConnection, openStore, realDatabasePath, refuseHardLinks, shellWord } from '../../src/store/db.js';
 import { lockDatabase } from '../../src/store/maintenance.js';
 import { runCli } from '../cli/run-cli.js';
-import { startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 
 test('shellWord leaves plain words alone and quotes the rest so that a shell reads them back', () => {
   assert.equal(shellWord('/var/lib/relayq/relayq.db'), '/var/lib/relayq/relayq.db');
@@ -119,6 +119,24 @@ test('a databasePath that is a symbolic link to a file not made yet: the file is
   assert.deepEqual(fs.readdirSync(path.join(dir, 'conf')), ['relayq.db']);
   assert.deepEqual(fs.readdirSync(path.join(dir, 'volume')).sort(), ['relayq.db', 'relayq.db-lock']);
   assert.equal(fs.statSync(path.join(dir, 'volume', 'relayq.db')).mode & 0o777, 0o600);
+});
+
+test('a databasePath with `..` after a link names what the kernel opens: the lock, the spool and the database are beside it, as SQLite puts the -wal', async () => {
+  const dir = tempDir();
+  fs.mkdirSync(path.join(dir, 'data', 'sub'), { recursive: true });
+  fs.symlinkSync(path.join(dir, 'data', 'sub'), path.join(dir, 'current'));
+  const given = `${dir}/current/../relayq.db`;
+  assert.equal(realDatabasePath(given), path.join(dir, 'data', 'relayq.db'));
+  const relay = await startTestRelay({ databasePath: given, spoolAfter: 1024 }, { startDelivery: false, startRetention: false });
+  try {
+    // over spoolAfter: its bytes go through the spool, which must be where it was made
+    const info = await sendMail(relay.smtpPort, { text: 'x'.repeat(4096) });
+    assert.match(info.response, /^250 /);
+  } finally {
+    await relay.stop();
+  }
+  assert.deepEqual(fs.readdirSync(dir).sort(), ['current', 'data']);
+  assert.deepEqual(fs.readdirSync(path.join(dir, 'data')).sort(), ['relayq.db', 'relayq.db-lock', 'relayq.db-spool', 'sub']);
 });
 
 test("as root, the commands that read a database in another user's directory read it as its owner; backup and export-failed refuse it", {
@@ -234,6 +252,15 @@ test('as root, relayq refuses a database directory another user may write: links
   assert.match((await runCli(['status', '--config', config])).stderr, /config\.json may be changed by users other than root: as root, relayq would take paths and settings from it; run it as the relay's user/);
   fs.chmodSync(config, 0o644);
   assert.equal((await runCli(['status', '--config', config])).code, 0);
+  // nor a FIFO of theirs, whose owner is seen once it is opened (it waits for its writer)
+  const fifo = path.join(dir, 'fifo.json');
+  execFileSync('mkfifo', [fifo]);
+  fs.chownSync(fifo, 1000, 1000);
+  const writer = spawn('sh', ['-c', `echo '{"databasePath": "${file}"}' > ${fifo}`]);
+  const piped = await runCli(['status', '--config', fifo]);
+  writer.kill();
+  assert.equal(piped.code, 2, piped.stdout);
+  assert.match(piped.stderr, /fifo\.json may be changed by its owner, uid 1000: as root, relayq would take paths and settings from it/);
   // a directory of root's in one its owner may change (it could put a link in its place), and a
   // link of another user's in a sticky directory, as a database path
   const parent = path.dirname(dir);
