@@ -33,9 +33,17 @@ export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
 export function readRootsFile(file: string): string {
   if (process.getuid?.() !== 0) return fs.readFileSync(file, 'utf8');
   for (const place of placesOnTheWay(file)) refuseOthersPlace(place);
+  const refuse = (stat: fs.Stats) => {
+    refuseOthersOwner(file, stat, 'would take paths and settings from it');
+    // another name of a file of root's whose content another user chose (a spool file)
+    if (stat.isFile() && stat.nlink > 1) throw new Error(`${file} has ${stat.nlink} hard links: as root, relayq reads a config file with one name only`);
+  };
+  // before the open too: a FIFO of another user's nobody writes to would hold the open for ever
+  const seen = fs.statSync(file, { throwIfNoEntry: false });
+  if (seen) refuse(seen);
   const fd = fs.openSync(file, 'r');
   try {
-    refuseOthersOwner(file, fs.fstatSync(fd), 'would take paths and settings from it');
+    refuse(fs.fstatSync(fd));
     return fs.readFileSync(fd, 'utf8');
   } finally {
     fs.closeSync(fd);
@@ -112,8 +120,10 @@ function refuseOthersOwner(place: string, stat: fs.Stats, risk: string): void {
   const refusal = (who: string, as: string) => new Error(`${place} may be changed by ${who}: as root, relayq ${risk}; run it as ${as}`);
   const link = stat.isSymbolicLink() ? ' (a symbolic link)' : '';
   if (stat.uid !== 0) throw refusal(`its owner, uid ${stat.uid}${link}`, `that user (sudo -u '#${stat.uid}' relayq …)`);
-  // a link's own mode says nothing: what it points to is checked in its turn
-  if (!link && (stat.mode & 0o022) !== 0 && (stat.mode & 0o1000) === 0) throw refusal('users other than root', "the relay's user");
+  // a link's own mode says nothing: what it points to is checked in its turn; sticky (as /tmp)
+  // keeps others from renaming a directory's entries, and does nothing for a file
+  const sticky = stat.isDirectory() && (stat.mode & 0o1000) !== 0;
+  if (!link && (stat.mode & 0o022) !== 0 && !sticky) throw refusal('users other than root', "the relay's user");
 }
 
 /** A directory others may write in that is root's (refuseOthersPlace let it pass): a sticky one. */

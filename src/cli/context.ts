@@ -7,7 +7,7 @@ import path from 'node:path';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
-import { refuseOthersPathsAsRoot } from '../root-guard.js';
+import { physicalPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
 import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
@@ -150,13 +150,14 @@ function readAsOwnerWhereShared(file: string, writesAsRoot: boolean): void {
     let owner: fs.Stats;
     let directoryOwner: number;
     try {
-      const real = fs.realpathSync(file);
+      const real = physicalPath(file);
       owner = fs.statSync(real);
       directoryOwner = fs.statSync(path.dirname(real)).uid;
     } catch {
       throw refused; // not there: it is refused rather than said missing
     }
-    if (owner.uid === 0 || owner.uid !== directoryOwner) throw refused;
+    // root's group would still be root's: a file of group root linked as the -shm
+    if (owner.uid === 0 || owner.gid === 0 || owner.uid !== directoryOwner) throw refused;
     process.setgroups?.([]);
     process.setgid?.(owner.gid);
     process.setuid?.(owner.uid);

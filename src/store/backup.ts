@@ -5,6 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
+import { physicalPath } from '../root-guard.js';
 import type { Sqlite } from './db.js';
 import { appliedMigrations } from './maintenance.js';
 
@@ -135,7 +136,8 @@ function placeWithoutReplacing(partial: string, file: string, target: string): v
 /** The target as an absolute path, once it is known to be a place a backup may be written. */
 function checkTarget(target: string, databaseFile: string, overwrite: boolean): string {
   if (target.endsWith('/') || target.endsWith(path.sep)) throw new BackupError(`${target} names a directory, not a file`);
-  const file = path.resolve(target);
+  // where the kernel writes it, as the root check saw it: a `..` after a link is its target's parent
+  const file = physicalPath(target);
   const dir = path.dirname(file);
   const dirStat = fs.statSync(dir, { throwIfNoEntry: false });
   if (!dirStat) throw new BackupError(`directory ${dir} does not exist`);
@@ -146,9 +148,9 @@ function checkTarget(target: string, databaseFile: string, overwrite: boolean): 
   // the database, its WAL, shared memory, rollback journal, the relay's lock (lockDatabase) and
   // spool directory (beside the real path; an older relayq made it beside the path as configured),
   // by the path it was opened with and by its real path
-  const bases = [...new Set([path.resolve(databaseFile), fs.realpathSync(databaseFile)])];
+  const bases = [...new Set([path.resolve(databaseFile), physicalPath(databaseFile)])];
   const own = bases.flatMap((db) => [db, ...['-wal', '-shm', '-journal', '-lock', '-spool'].map((suffix) => db + suffix)]);
-  const names = [path.join(fs.realpathSync(dir), path.basename(file)), ...(existing ? [fs.realpathSync(file)] : [])];
+  const names = [path.join(physicalPath(dir), path.basename(file)), ...(existing ? [physicalPath(file)] : [])];
   const sameFile = (other: string) => {
     const st = existing && fs.statSync(other, { throwIfNoEntry: false });
     return st !== undefined && st.dev === existing?.dev && st.ino === existing.ino;

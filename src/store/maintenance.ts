@@ -34,7 +34,8 @@ export function lockDatabase(databasePath: string): { release(): void } {
   if (stat && !stat.isFile()) throw new Error(`${databasePath} is not a regular file`);
   refuseHardLinks(real);
   const file = `${real}-lock`;
-  refuseOthersPathsAsRoot([databasePath, file]); // the spool checks its own (spool.ts)
+  // the spool too, which a start empties: its own checks (spool.ts) look at the entry alone
+  refuseOthersPathsAsRoot([databasePath, file, `${real}-spool`]);
   let lock: Sqlite | undefined;
   try {
     createPrivateFile(file);

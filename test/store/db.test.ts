@@ -135,8 +135,11 @@ test('a databasePath with `..` after a link names what the kernel opens: the loc
   } finally {
     await relay.stop();
   }
+  const backup = await runCli(['backup', `${dir}/current/../copy.db`, '--databasePath', given]);
+  assert.equal(backup.code, 0, backup.stderr);
   assert.deepEqual(fs.readdirSync(dir).sort(), ['current', 'data']);
-  assert.deepEqual(fs.readdirSync(path.join(dir, 'data')).sort(), ['relayq.db', 'relayq.db-lock', 'relayq.db-spool', 'sub']);
+  const made = fs.readdirSync(path.join(dir, 'data')).filter((name) => !/-(wal|shm)$/.test(name)); // a reader's, kept
+  assert.deepEqual(made.sort(), ['copy.db', 'relayq.db', 'relayq.db-lock', 'relayq.db-spool', 'sub']);
 });
 
 test("as root, the commands that read a database in another user's directory read it as its owner; backup and export-failed refuse it", {
@@ -159,6 +162,10 @@ test("as root, the commands that read a database in another user's directory rea
   assert.match(status.stderr, /^relayq: cannot read database \S+: .*relayq\.db-shm/);
   assert.deepEqual([fs.readFileSync(victim, 'utf8'), fs.statSync(victim).uid], ['root\n', 0], 'the linked file is untouched');
   fs.rmSync(`${file}-shm`);
+  // a file of group root: dropping to it would keep root's group
+  fs.chownSync(file, 1000, 0);
+  assert.deepEqual((await runCli(['status', '--databasePath', file])).stderr.trim(), `relayq: cannot open database ${file}: ${dir} may be changed by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)`);
+  fs.chownSync(file, 1000, 1000);
   const [read, backup, exported] = await Promise.all([
     runCli(['queue', '--databasePath', file, '--json']),
     runCli(['backup', path.join(top, 'copy.db'), '--databasePath', file]),
@@ -250,8 +257,20 @@ test('as root, relayq refuses a database directory another user may write: links
   fs.chownSync(config, 0, 0);
   fs.chmodSync(config, 0o666);
   assert.match((await runCli(['status', '--config', config])).stderr, /config\.json may be changed by users other than root: as root, relayq would take paths and settings from it; run it as the relay's user/);
+  // sticky does nothing for a file; a second name could be a file whose content another user chose
+  fs.chmodSync(config, 0o1666);
+  assert.match((await runCli(['status', '--config', config])).stderr, /config\.json may be changed by users other than root/);
   fs.chmodSync(config, 0o644);
+  fs.linkSync(config, path.join(dir, 'second-name.json'));
+  assert.match((await runCli(['status', '--config', config])).stderr, /config\.json has 2 hard links: as root, relayq reads a config file with one name only/);
+  fs.rmSync(path.join(dir, 'second-name.json'));
   assert.equal((await runCli(['status', '--config', config])).code, 0);
+  // the spool, which a start empties, as a link into a directory of theirs
+  const theirSpool = path.join(theirs, 'spool');
+  fs.mkdirSync(theirSpool);
+  fs.symlinkSync(theirSpool, `${file}-spool`);
+  assert.throws(() => lockDatabase(file), { message: `${theirs} may be changed by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)` });
+  fs.rmSync(`${file}-spool`);
   // nor a FIFO of theirs, whose owner is seen once it is opened (it waits for its writer)
   const fifo = path.join(dir, 'fifo.json');
   execFileSync('mkfifo', [fifo]);
