@@ -25,16 +25,17 @@ export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
 }
 
 /**
- * Reads a file of settings (the config file). As root, only one that is root's alone, as is every
- * directory and link on the way to it: its owner could choose the paths root writes. The owner
+ * Reads a file of settings (the config file, the TLS certificate and key). As root, only one that
+ * is root's alone, as is every directory and link on the way to it: its owner could choose the
+ * paths root writes, or the identity it serves, or put a FIFO there that holds the start. The owner
  * is that of what was opened, so a file made between the look and the open is seen too; a pipe
  * (`--config <(…)`) is its writer's, root's shell's.
  */
-export function readRootsFile(file: string): string {
-  if (process.getuid?.() !== 0) return fs.readFileSync(file, 'utf8');
+export function readRootsFile(file: string, uses = 'would take paths and settings from it'): Buffer {
+  if (process.getuid?.() !== 0) return fs.readFileSync(file);
   for (const place of placesOnTheWay(file)) refuseOthersPlace(place);
   const refuse = (stat: fs.Stats) => {
-    refuseOthersOwner(file, stat, 'would take paths and settings from it');
+    refuseOthersOwner(file, stat, uses);
     // another name of a file of root's whose content another user chose (a spool file)
     if (stat.isFile() && stat.nlink > 1) throw new Error(`${file} has ${stat.nlink} hard links: as root, relayq reads a config file with one name only`);
   };
@@ -44,7 +45,7 @@ export function readRootsFile(file: string): string {
   const fd = fs.openSync(file, 'r');
   try {
     refuse(fs.fstatSync(fd));
-    return fs.readFileSync(fd, 'utf8');
+    return fs.readFileSync(fd);
   } finally {
     fs.closeSync(fd);
   }
@@ -58,7 +59,7 @@ export function readRootsFile(file: string): string {
  */
 export function physicalPath(given: string): string {
   try {
-    return walk(absolute(given), new Set(), 0);
+    return walk(absolute(given), new Set(), { followed: 0 });
   } catch {
     return path.resolve(given);
   }
@@ -66,7 +67,7 @@ export function physicalPath(given: string): string {
 
 function placesOnTheWay(given: string): Set<string> {
   const places = new Set<string>();
-  walk(absolute(given), places, 0);
+  walk(absolute(given), places, { followed: 0 });
   return places;
 }
 
@@ -80,7 +81,7 @@ function absolute(given: string): string {
  * directory and link it passes (a link's target followed in turn), and returns the real path it
  * reaches; its last names may not exist yet.
  */
-function walk(target: string, places: Set<string>, links: number): string {
+function walk(target: string, places: Set<string>, links: { followed: number }): string {
   let at = '/';
   places.add(at);
   for (const name of target.split('/')) {
@@ -95,9 +96,10 @@ function walk(target: string, places: Set<string>, links: number): string {
       at = next;
       continue;
     }
-    if (links === 40) throw new Error(`${target}: too many levels of symbolic links`);
+    // as the kernel, which follows 40 links at most on the way to one path
+    if (++links.followed > 40) throw new Error(`${target}: too many levels of symbolic links`);
     const destination = fs.readlinkSync(next);
-    at = walk(path.isAbsolute(destination) ? destination : `${at}/${destination}`, places, links + 1);
+    at = walk(path.isAbsolute(destination) ? destination : `${at}/${destination}`, places, links);
   }
   return at;
 }

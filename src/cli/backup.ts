@@ -15,7 +15,7 @@ export async function backupCommand(file: string, options: { force?: boolean }, 
       if (err instanceof BackupError) throw new CliError(`backup failed: ${err.message}`);
       throw err;
     }
-  }, { writesAsRoot: true });
+  });
   if (global.json) {
     printJson({ source: config.databasePath, ...result });
     return;

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
-import { physicalPath, refuseOthersPathsAsRoot } from '../root-guard.js';
+import { refuseOthersPathsAsRoot } from '../root-guard.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
 import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
@@ -100,9 +100,9 @@ const NO_SCHEMA = 'no schema: an empty database (start the server on it, or run 
  * database one migration behind, or one a newer relayq migrated, as long as what it reads is there
  * (export-failed, which reads the newest tables, asks for the current schema).
  */
-export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>, options: { writesAsRoot?: boolean } = {}): Promise<T> {
+export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
   const file = config.databasePath;
-  readAsOwnerWhereShared(file, options.writesAsRoot ?? false);
+  refuseOthersPathsForReader(file);
   requireDatabaseFile(file);
   let sqlite: Sqlite;
   try {
@@ -133,34 +133,17 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
 }
 
 /**
- * Run as root, a command that reads a database where other users may put files (the relay's data
- * directory) reads it as that directory's owner, when the database is that user's too: a reader
- * makes the -shm file there and gives it the database's owner, and root would do that to a file
- * of root's linked there by another name. It is checked before anything there is opened. A
- * command that writes files as root too (backup, export-failed), or a database of another user
- * than its directory's, is refused instead, as the commands that write are.
+ * Run as root, a command that reads refuses a database where other users may put files, as the
+ * commands that write do, before anything there is opened: a reader makes the -shm file there and
+ * gives it the database's owner, and root would do that to a file of root's linked there by
+ * another name. (Reading as that user instead would not do: a process that drops to a user is
+ * that user's to signal, and SIGUSR1 opens Node's inspector on what root loaded.)
  */
-function readAsOwnerWhereShared(file: string, writesAsRoot: boolean): void {
-  if (process.getuid?.() !== 0) return;
+function refuseOthersPathsForReader(file: string): void {
   try {
     refuseOthersPathsAsRoot([file]);
   } catch (err) {
-    const refused = new CliError(`cannot open database ${file}: ${(err as Error).message}`);
-    if (writesAsRoot) throw refused;
-    let owner: fs.Stats;
-    let directoryOwner: number;
-    try {
-      const real = physicalPath(file);
-      owner = fs.statSync(real);
-      directoryOwner = fs.statSync(path.dirname(real)).uid;
-    } catch {
-      throw refused; // not there: it is refused rather than said missing
-    }
-    // root's group would still be root's: a file of group root linked as the -shm
-    if (owner.uid === 0 || owner.gid === 0 || owner.uid !== directoryOwner) throw refused;
-    process.setgroups?.([]);
-    process.setgid?.(owner.gid);
-    process.setuid?.(owner.uid);
+    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
   }
 }
 

@@ -42,7 +42,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
       if (page.nextBefore === null) return written;
       page = listMessages(sqlite, { state: 'failed', limit: PAGE, before: page.nextBefore });
     }
-  }, { writesAsRoot: true });
+  });
   if (global.json) printJson({ directory: target, exported: files.length, files });
   else printText(`exported ${count(files.length, 'failed message')} to ${target}`);
 }

@@ -163,7 +163,7 @@ export function readConfigFile(path: string | undefined): ConfigFile | undefined
   if (!path) return undefined;
   try {
     // without a UTF-8 byte order mark, which some editors write and JSON.parse refuses
-    return { path, text: readRootsFile(path).replace(/^\uFEFF/, '') };
+    return { path, text: readRootsFile(path).toString('utf8').replace(/^\uFEFF/, '') };
   } catch (err) {
     // a relative path is read from the working directory, which `npm start` sets to the package's
     const from = isAbsolute(path) ? '' : ` (looked for from ${process.cwd()})`;

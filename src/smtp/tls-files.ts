@@ -2,16 +2,16 @@
 // that a wrong path or a key that does not fit stops the start with the key named, and a
 // certificate out of its validity dates is a startup warning rather than failed handshakes.
 import { X509Certificate } from 'node:crypto';
-import fs from 'node:fs';
 import tls from 'node:tls';
 import { isoTime } from '../clock.js';
+import { readRootsFile } from '../root-guard.js';
 
 /** The certificate and key for STARTTLS; an error names the config key to fix (both, one line each, when neither can be read). */
 export function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer; key: Buffer } {
   const unreadable: string[] = [];
   const read = (key: string, file: string) => {
     try {
-      return fs.readFileSync(file);
+      return readRootsFile(file, 'would serve the certificate or key put there');
     } catch (err) {
       unreadable.push(`config error: ${key}: cannot read ${file}: ${(err as Error).message}`);
       return Buffer.alloc(0);

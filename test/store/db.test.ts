@@ -142,7 +142,7 @@ test('a databasePath with `..` after a link names what the kernel opens: the loc
   assert.deepEqual(made.sort(), ['copy.db', 'relayq.db', 'relayq.db-lock', 'relayq.db-spool', 'sub']);
 });
 
-test("as root, the commands that read a database in another user's directory read it as its owner; backup and export-failed refuse it", {
+test("as root, the commands that read refuse a database in another user's directory too, before they open anything there", {
   skip: process.getuid?.() === 0 ? false : 'giving a directory another owner takes root',
 }, async () => {
   const top = tempDir();
@@ -157,27 +157,19 @@ test("as root, the commands that read a database in another user's directory rea
   const victim = path.join(top, 'root-only');
   fs.writeFileSync(victim, 'root\n', { mode: 0o600 });
   fs.linkSync(victim, `${file}-shm`);
-  const status = await runCli(['status', '--databasePath', file]);
-  assert.equal(status.code, 1, status.stdout);
-  assert.match(status.stderr, /^relayq: cannot read database \S+: .*relayq\.db-shm/);
-  assert.deepEqual([fs.readFileSync(victim, 'utf8'), fs.statSync(victim).uid], ['root\n', 0], 'the linked file is untouched');
-  fs.rmSync(`${file}-shm`);
-  // a file of group root: dropping to it would keep root's group
-  fs.chownSync(file, 1000, 0);
-  assert.deepEqual((await runCli(['status', '--databasePath', file])).stderr.trim(), `relayq: cannot open database ${file}: ${dir} may be changed by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)`);
-  fs.chownSync(file, 1000, 1000);
-  const [read, backup, exported] = await Promise.all([
-    runCli(['queue', '--databasePath', file, '--json']),
+  const refusal = `relayq: cannot open database ${file}: ${dir} may be changed by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)`;
+  const results = await Promise.all([
+    runCli(['status', '--databasePath', file]),
+    runCli(['queue', '--databasePath', file]),
+    runCli(['show', 'X', '--databasePath', file]),
     runCli(['backup', path.join(top, 'copy.db'), '--databasePath', file]),
     runCli(['export-failed', path.join(top, 'exports'), '--databasePath', file]),
   ]);
-  assert.deepEqual([read.code, JSON.parse(read.stdout).messages], [0, []], read.stderr);
-  const refusal = `relayq: cannot open database ${file}: ${dir} may be changed by its owner, uid 1000: as root, relayq would follow the links put there to other files; run it as that user (sudo -u '#1000' relayq …)`;
-  assert.deepEqual([backup.code, backup.stderr.trim()], [1, refusal]);
-  assert.deepEqual([exported.code, exported.stderr.trim()], [1, refusal]);
+  for (const r of results) assert.deepEqual([r.code, r.stderr.trim()], [1, refusal]);
+  assert.deepEqual([fs.readFileSync(victim, 'utf8'), fs.statSync(victim).uid], ['root\n', 0], 'the linked file is untouched');
   assert.deepEqual(fs.readdirSync(top).sort(), ['data', 'root-only']);
 
-  // root's link to the database of another user in a sticky directory: read as whom? neither
+  // root's link to the database of another user in a sticky directory
   const sticky = path.join(top, 'scratch');
   fs.mkdirSync(sticky, { mode: 0o1777 });
   fs.chmodSync(sticky, 0o1777);
@@ -190,6 +182,26 @@ test("as root, the commands that read a database in another user's directory rea
   const viaLink = await runCli(['status', '--databasePath', link]);
   assert.deepEqual([viaLink.code, viaLink.stderr.trim()], [1, `relayq: cannot open database ${link}: ${sticky} is shared (sticky, as /tmp is): as root, relayq does not make its files where other users may have made theirs first (files SQLite opens by name, links); use a directory of root's in it, or run it as the relay's user`]);
   assert.deepEqual([fs.readFileSync(victim, 'utf8'), fs.statSync(victim).uid], ['root\n', 0], 'the linked file is untouched');
+
+  // links that lead to links: 40 followed in all, as the kernel allows, and then a refusal, at once
+  const loops = path.join(tempDir(), 'loops');
+  fs.mkdirSync(loops);
+  fs.symlinkSync('.', path.join(loops, 'L0'));
+  for (let i = 1; i <= 8; i++) fs.symlinkSync(`L${i - 1}/L${i - 1}/`, path.join(loops, `L${i}`));
+  const deep = await runCli(['status', '--databasePath', path.join(loops, 'L8', 'relayq.db')], { timeoutMs: 20_000 });
+  assert.equal(deep.signal, null, 'refused without walking the links for ever');
+  assert.match(deep.stderr, /too many levels of symbolic links/);
+
+  // the STARTTLS key and certificate: a key of theirs would be the identity root serves
+  const tlsDir = path.join(tempDir(), 'tls');
+  fs.mkdirSync(tlsDir);
+  fs.writeFileSync(path.join(tlsDir, 'key.pem'), '');
+  fs.writeFileSync(path.join(tlsDir, 'cert.pem'), '');
+  fs.chownSync(path.join(tlsDir, 'key.pem'), 1000, 1000);
+  const tls = { cert: path.join(tlsDir, 'cert.pem'), key: path.join(tlsDir, 'key.pem') };
+  await assert.rejects(startTestRelay({ tls }, { startDelivery: false }), /tls\.key: cannot read \S+key\.pem: \S+key\.pem may be changed by its owner, uid 1000: as root, relayq would serve the certificate or key put there/);
+  fs.chownSync(tlsDir, 1000, 1000);
+  await assert.rejects(startTestRelay({ tls }, { startDelivery: false }), new RegExp(`tls\\.cert: cannot read \\S+cert\\.pem: ${tlsDir} may be changed by its owner, uid 1000: as root, relayq would follow the links`));
 });
 
 test('as root, relayq refuses a database directory another user may write: links put there would lead root to other files', {
