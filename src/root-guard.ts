@@ -19,8 +19,10 @@ import path from 'node:path';
 export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
   if (process.getuid?.() !== 0) return;
   for (const given of paths) {
-    for (const place of placesOnTheWay(given)) refuseOthersPlace(place);
-    refuseShared(holder(physicalPath(given)));
+    const places = new Set<string>();
+    const real = walk(absolute(given), places, { followed: 0 });
+    for (const place of places) refuseOthersPlace(place);
+    refuseShared(holder(real));
   }
 }
 
@@ -33,11 +35,13 @@ export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
  */
 export function readRootsFile(file: string, uses = 'would take paths and settings from it'): Buffer {
   if (process.getuid?.() !== 0) return fs.readFileSync(file);
-  for (const place of placesOnTheWay(file)) refuseOthersPlace(place);
+  const places = new Set<string>();
+  walk(absolute(file), places, { followed: 0 });
+  for (const place of places) refuseOthersPlace(place);
   const refuse = (stat: fs.Stats) => {
     refuseOthersOwner(file, stat, uses);
     // another name of a file of root's whose content another user chose (a spool file)
-    if (stat.isFile() && stat.nlink > 1) throw new Error(`${file} has ${stat.nlink} hard links: as root, relayq reads a config file with one name only`);
+    if (stat.isFile() && stat.nlink > 1) throw new Error(`${file} has ${stat.nlink} hard links: as root, relayq reads a file it takes settings from by one name only`);
   };
   // before the open too: a FIFO of another user's nobody writes to would hold the open for ever
   const seen = fs.statSync(file, { throwIfNoEntry: false });
@@ -63,12 +67,6 @@ export function physicalPath(given: string): string {
   } catch {
     return path.resolve(given);
   }
-}
-
-function placesOnTheWay(given: string): Set<string> {
-  const places = new Set<string>();
-  walk(absolute(given), places, { followed: 0 });
-  return places;
 }
 
 /** `given` made absolute without resolving `..` by its text: after a link, `..` is the parent of the link's target. */

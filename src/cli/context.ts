@@ -102,7 +102,7 @@ const NO_SCHEMA = 'no schema: an empty database (start the server on it, or run 
  */
 export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
   const file = config.databasePath;
-  refuseOthersPathsForReader(file);
+  refuseOthersPathsForCli(file);
   requireDatabaseFile(file);
   let sqlite: Sqlite;
   try {
@@ -133,21 +133,6 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
 }
 
 /**
- * Run as root, a command that reads refuses a database where other users may put files, as the
- * commands that write do, before anything there is opened: a reader makes the -shm file there and
- * gives it the database's owner, and root would do that to a file of root's linked there by
- * another name. (Reading as that user instead would not do: a process that drops to a user is
- * that user's to signal, and SIGUSR1 opens Node's inspector on what root loaded.)
- */
-function refuseOthersPathsForReader(file: string): void {
-  try {
-    refuseOthersPathsAsRoot([file]);
-  } catch (err) {
-    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
-  }
-}
-
-/**
  * A reader of a database in WAL mode reads its -wal file and needs its -shm file, which it makes
  * when it is not there (a relay that stopped removed it): in a directory this user may not write,
  * SQLite says only "attempt to write a readonly database" (or, where no one may, "unable to open
@@ -165,16 +150,24 @@ function sideFileHint(err: unknown, file: string): string {
 }
 
 /**
- * Run as root, a command that writes refuses a database, or an emailsDir (`delete` removes a
- * message's export), where another user could lead it to other files (refuseOthersPathsAsRoot);
- * before anything there is opened.
+ * Run as root, a command refuses its database, or the other `paths` it uses, where another user
+ * could lead it to other files (refuseOthersPathsAsRoot), before anything there is opened. Also a
+ * command that only reads: a reader makes the -shm file beside the database and SQLite gives it
+ * the database's owner, and root would do that to a file of root's linked there by another name.
+ * (Reading as that user instead would not do: a process that drops to a user is that user's to
+ * signal, and SIGUSR1 opens Node's inspector on what root loaded.)
  */
-export function refuseOthersPathsForWriter(config: Config): void {
+function refuseOthersPathsForCli(file: string, paths: readonly string[] = [file]): void {
   try {
-    refuseOthersPathsAsRoot([config.databasePath, config.emailsDir, path.join(config.emailsDir, 'failed')]);
+    refuseOthersPathsAsRoot(paths);
   } catch (err) {
-    throw new CliError(`cannot open database ${config.databasePath}: ${(err as Error).message}`);
+    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
   }
+}
+
+/** The paths a command that writes uses: the database and emailsDir (`delete` removes a message's export). */
+export function refuseOthersPathsForWriter(config: Config): void {
+  refuseOthersPathsForCli(config.databasePath, [config.databasePath, config.emailsDir, path.join(config.emailsDir, 'failed')]);
 }
 
 /**

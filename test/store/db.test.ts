@@ -274,7 +274,7 @@ test('as root, relayq refuses a database directory another user may write: links
   assert.match((await runCli(['status', '--config', config])).stderr, /config\.json may be changed by users other than root/);
   fs.chmodSync(config, 0o644);
   fs.linkSync(config, path.join(dir, 'second-name.json'));
-  assert.match((await runCli(['status', '--config', config])).stderr, /config\.json has 2 hard links: as root, relayq reads a config file with one name only/);
+  assert.match((await runCli(['status', '--config', config])).stderr, /config\.json has 2 hard links: as root, relayq reads a file it takes settings from by one name only/);
   fs.rmSync(path.join(dir, 'second-name.json'));
   assert.equal((await runCli(['status', '--config', config])).code, 0);
   // the spool, which a start empties, as a link into a directory of theirs
