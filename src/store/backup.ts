@@ -150,7 +150,8 @@ function checkTarget(target: string, databaseFile: string, overwrite: boolean): 
   // by the path it was opened with and by its real path
   const bases = [...new Set([path.resolve(databaseFile), physicalPath(databaseFile)])];
   const own = bases.flatMap((db) => [db, ...['-wal', '-shm', '-journal', '-lock', '-spool'].map((suffix) => db + suffix)]);
-  const names = [path.join(physicalPath(dir), path.basename(file)), ...(existing ? [physicalPath(file)] : [])];
+  // `file` is physical already: its directory and itself past every link
+  const names = [file];
   const sameFile = (other: string) => {
     const st = existing && fs.statSync(other, { throwIfNoEntry: false });
     return st !== undefined && st.dev === existing?.dev && st.ino === existing.ino;
