@@ -3,6 +3,7 @@
 // period (in-flight deliveries finish or are released), then the last commits are made and the
 // database is checkpointed and closed.
 import fs from 'node:fs';
+import path from 'node:path';
 import type { Context } from 'hono';
 import type { Logger } from 'pino';
 import { hostPort } from './access-control.js';
@@ -16,7 +17,7 @@ import { DeliveryEngine } from './delivery/engine.js';
 import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
 import { makeDirectory } from './make-dir.js';
-import { refuseOthersPathsAsRoot } from './root-guard.js';
+import { followedPath, refuseOthersPathsAsRoot } from './root-guard.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { Spool, SpoolError } from './smtp/spool.js';
 import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
@@ -77,12 +78,15 @@ export interface Relay {
 /**
  * emailsDir holds local deliveries and the exports of failed mail (emailsDir/failed, also when
  * forwarding): a path that cannot be such a directory stops the start, instead of the first
- * delivery or failure.
+ * delivery or failure. Returns it as the kernel reaches it, which the root check looked at, for
+ * files to be named in from then on: the text of a path with `..` after a link names another one.
  */
-function prepareEmailsDir(emailsDir: string): void {
-  const failedDir = failedExportDir(emailsDir);
+function prepareEmailsDir(given: string): string {
+  let emailsDir = given;
   try {
-    refuseOthersPathsAsRoot([emailsDir, failedDir]);
+    refuseOthersPathsAsRoot([given, failedExportDir(given)]);
+    emailsDir = followedPath(given);
+    const failedDir = failedExportDir(emailsDir);
     // not writable by others, whatever the umask: the files hold messages, and a directory others
     // may write to would let them swap in a link to another place
     makeDirectory(failedDir, EMAILS_DIR_MODE);
@@ -90,21 +94,59 @@ function prepareEmailsDir(emailsDir: string): void {
     fs.accessSync(emailsDir, fs.constants.W_OK | fs.constants.X_OK);
     fs.accessSync(failedDir, fs.constants.W_OK | fs.constants.X_OK);
   } catch (err) {
-    throw new Error(`config error: emailsDir: ${emailsDir} cannot hold deliveries and failed-mail exports: ${(err as Error).message}`, { cause: err });
+    throw new Error(`config error: emailsDir: ${asGiven('emailsDir', given)} cannot hold deliveries and failed-mail exports: ${(err as Error).message}`, { cause: err });
   }
+  return emailsDir;
+}
+
+/** A path of the config in an error: a relative one with where it was looked for (the working directory, not the config file's). */
+function asGiven(key: string, given: string): string {
+  return path.isAbsolute(given) ? given : `${given} (${path.resolve(given)}: a relative ${key} is taken from the working directory)`;
+}
+
+/** A start's warning about what other users may do to relayq's files, with the path and its mode. */
+export interface PermissionWarning {
+  path: string;
+  mode: string;
+  message: string;
 }
 
 /**
- * relayq creates its database readable by its user alone; one made otherwise (before, by hand, by
- * a restore) that other users may read holds every message for them: say so at start.
+ * What other users could do to relayq's files, said at start (in the log and in /health): read
+ * every message, in a database made readable (by hand, by a restore: relayq makes it for its user
+ * alone); remove or replace files in a directory they may write that is not sticky, the
+ * database's (its -wal holds acknowledged mail until a checkpoint) or emailsDir's (deliveries,
+ * exports). Postfix warns so of a queue directory others may write. A directory a group may write
+ * is taken as meant (a shared group, a container's group 0). Run as root, relayq refuses all such
+ * places before this (root-guard.ts).
  */
-function warnIfShared(databasePath: string, logger: Logger): void {
-  const mode = fs.statSync(databasePath).mode & 0o777;
-  if ((mode & 0o077) === 0) return;
-  logger.warn(
-    { event: 'store.permissions', databasePath, mode: `0${mode.toString(8)}` },
-    'other users may read the database, which holds every message: chmod 600 it and its -wal and -shm files',
-  );
+export function permissionWarnings(databasePath: string, emailsDir: string): PermissionWarning[] {
+  const warnings: PermissionWarning[] = [];
+  const modeOf = (file: string) => fs.statSync(file, { throwIfNoEntry: false })?.mode;
+  const octal = (mode: number) => `0${(mode & 0o7777).toString(8)}`;
+  const databaseMode = modeOf(databasePath);
+  if (databaseMode !== undefined && (databaseMode & 0o077) !== 0) {
+    warnings.push({
+      path: databasePath,
+      mode: octal(databaseMode),
+      message: `other users may read the database ${databasePath} (mode ${octal(databaseMode)}), which holds every message: chmod 600 it and its -wal and -shm files`,
+    });
+  }
+  const directories: Array<[string, string]> = [
+    [path.dirname(realDatabasePath(databasePath)), "the database's -wal, with mail acknowledged and not yet in the database file"],
+    [emailsDir, 'local deliveries'],
+    [failedExportDir(emailsDir), 'the exports of failed mail'],
+  ];
+  for (const [dir, holds] of directories) {
+    const mode = modeOf(dir);
+    if (mode === undefined || (mode & 0o002) === 0 || (mode & 0o1000) !== 0) continue;
+    warnings.push({
+      path: dir,
+      mode: octal(mode),
+      message: `other users may remove or replace the files in ${dir} (mode ${octal(mode)}), ${holds} among them: chmod o-w it`,
+    });
+  }
+  return warnings;
 }
 
 /** The database file's free pages, in bytes (0 when they cannot be read: the disk check stands alone). */
@@ -117,7 +159,8 @@ function freePageBytes(store: Store): number {
   }
 }
 
-export async function startRelay(config: Config, options: RelayOptions = {}): Promise<Relay> {
+export async function startRelay(configured: Config, options: RelayOptions = {}): Promise<Relay> {
+  let config = configured;
   const clock = options.clock ?? systemClock;
   const logger = options.logger ?? createLogger(config.logLevel);
   const warnings = options.warnings ?? [];
@@ -130,8 +173,8 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
     warnings.push(expiry);
     logger.warn({ event: 'config.warning' }, expiry);
   }
-  prepareEmailsDir(config.emailsDir);
-  const refused = (err: Error) => new Error(`databasePath ${config.databasePath}: ${err.message}`, { cause: err });
+  config = { ...config, emailsDir: prepareEmailsDir(config.emailsDir) };
+  const refused = (err: Error) => new Error(`databasePath ${asGiven('databasePath', config.databasePath)}: ${err.message}`, { cause: err });
   let lock: { release(): void };
   try {
     lock = lockDatabase(config.databasePath);
@@ -149,7 +192,10 @@ export async function startRelay(config: Config, options: RelayOptions = {}): Pr
   if (store.migrated.names.length > 0) {
     logger.info({ event: 'store.migrated', migrations: store.migrated.names, durationMs: store.migrated.durationMs }, 'schema migrations applied');
   }
-  warnIfShared(config.databasePath, logger);
+  for (const w of permissionWarnings(config.databasePath, config.emailsDir)) {
+    warnings.push(w.message);
+    logger.warn({ event: 'store.permissions', path: w.path, mode: w.mode }, w.message);
+  }
   // The main thread's connection only reads; the writer thread owns every write.
   const writer = new StoreWriter({ file: config.databasePath, secureDelete: !config.security.logAllEmails });
   // The writer thread opens its connection while the rest starts (writes made meanwhile wait for

@@ -31,25 +31,30 @@ export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
  * is root's alone, as is every directory and link on the way to it: its owner could choose the
  * paths root writes, or the identity it serves, or put a FIFO there that holds the start. The owner
  * is that of what was opened, so a file made between the look and the open is seen too; a pipe
- * (`--config <(…)`) is its writer's, root's shell's.
+ * (`--config <(…)`) is its writer's, root's shell's. Returns the bytes and the stat of what was read
+ * (whoever runs it), for any later judgement of the file to be of the same one.
  */
-export function readRootsFile(file: string, uses = 'would take paths and settings from it'): Buffer {
-  if (process.getuid?.() !== 0) return fs.readFileSync(file);
-  const places = new Set<string>();
-  walk(absolute(file), places, { followed: 0 });
-  for (const place of places) refuseOthersPlace(place);
+export function readRootsFile(file: string, uses = 'would take paths and settings from it'): { bytes: Buffer; stat: fs.Stats } {
+  const asRoot = process.getuid?.() === 0;
   const refuse = (stat: fs.Stats) => {
+    if (!asRoot) return;
     refuseOthersOwner(file, stat, uses);
     // another name of a file of root's whose content another user chose (a spool file)
     if (stat.isFile() && stat.nlink > 1) throw new Error(`${file} has ${stat.nlink} hard links: as root, relayq reads a file it takes settings from by one name only`);
   };
-  // before the open too: a FIFO of another user's nobody writes to would hold the open for ever
-  const seen = fs.statSync(file, { throwIfNoEntry: false });
-  if (seen) refuse(seen);
+  if (asRoot) {
+    const places = new Set<string>();
+    walk(absolute(file), places, { followed: 0 });
+    for (const place of places) refuseOthersPlace(place);
+    // before the open too: a FIFO of another user's nobody writes to would hold the open for ever
+    const seen = fs.statSync(file, { throwIfNoEntry: false });
+    if (seen) refuse(seen);
+  }
   const fd = fs.openSync(file, 'r');
   try {
-    refuse(fs.fstatSync(fd));
-    return fs.readFileSync(fd);
+    const stat = fs.fstatSync(fd);
+    refuse(stat);
+    return { bytes: fs.readFileSync(fd), stat };
   } finally {
     fs.closeSync(fd);
   }
@@ -63,10 +68,19 @@ export function readRootsFile(file: string, uses = 'would take paths and setting
  */
 export function physicalPath(given: string): string {
   try {
-    return walk(absolute(given), new Set(), { followed: 0 });
+    return followedPath(given);
   } catch {
     return path.resolve(given);
   }
+}
+
+/**
+ * As physicalPath, but a path the kernel would not follow either (a loop of links, a directory
+ * this user may not look into) throws: for a place relayq is about to write to, where the text of
+ * the path (path.resolve) would put the file somewhere else.
+ */
+export function followedPath(given: string): string {
+  return walk(absolute(given), new Set(), { followed: 0 });
 }
 
 /** `given` made absolute without resolving `..` by its text: after a link, `..` is the parent of the link's target. */

@@ -10,6 +10,10 @@ export async function backupCommand(file: string, options: { force?: boolean }, 
   const result = await withReader(config, (sqlite) => {
     try {
       refuseOthersPathsAsRoot([file]);
+    } catch (err) {
+      throw new CliError(`backup failed: ${(err as Error).message}`);
+    }
+    try {
       return backupDatabase(sqlite, file, { overwrite: options.force });
     } catch (err) {
       if (err instanceof BackupError) throw new CliError(`backup failed: ${err.message}`);

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
-import { refuseOthersPathsAsRoot } from '../root-guard.js';
+import { physicalPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
 import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
@@ -50,25 +50,27 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
   // Postfix's commands warn of an unused parameter in main.cf, on stderr.
   for (const warning of mistypedEnvNames(env)) process.stderr.write(`relayq: warning: ${warning}\n`);
   for (const error of loaded.unread) process.stderr.write(`relayq: warning: ${error} (this command does not read it; serve refuses it)\n`);
-  return loaded.config;
+  // as the server names its files there (`delete` removes a message's export): in the directory
+  // the kernel reaches, which the root check looks at, not the one the path's text names
+  return { ...loaded.config, emailsDir: physicalPath(loaded.config.emailsDir) };
 }
 
 /** The database file's stat: it must be there, and be a file. */
 export function requireDatabaseFile(file: string): fs.Stats {
+  // a relative databasePath is read from the working directory, not from the config file's
+  const where = path.isAbsolute(file) ? file : `${file} (${path.resolve(file)}: a relative databasePath is taken from the working directory)`;
   let stat: fs.Stats | undefined;
   try {
     stat = fs.statSync(file, { throwIfNoEntry: false });
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EACCES') throw err;
-    throw new CliError(`cannot open database ${file}: permission denied (this user may not look into a directory on its path); run the command as the relay's user`);
+    throw new CliError(`cannot open database ${where}: permission denied (this user may not look into a directory on its path); run the command as the relay's user`);
   }
   if (!stat) {
     // ls shows a link whose target is missing: say which is missing
     if (fs.lstatSync(file, { throwIfNoEntry: false })?.isSymbolicLink()) {
       throw new CliError(`no database at ${file}: it is a symbolic link to ${fs.readlinkSync(file)}, which does not exist`);
     }
-    // a relative databasePath is read from the working directory, not from the config file's
-    const where = path.isAbsolute(file) ? file : `${file} (${path.resolve(file)}: a relative databasePath is taken from the working directory)`;
     throw new CliError(`no database at ${where}; set databasePath in the config file, DATABASE_PATH, --databasePath or --config`);
   }
   // else SQLite says "disk I/O error", and sends the operator looking at the disk
@@ -157,9 +159,9 @@ function sideFileHint(err: unknown, file: string): string {
  * (Reading as that user instead would not do: a process that drops to a user is that user's to
  * signal, and SIGUSR1 opens Node's inspector on what root loaded.)
  */
-function refuseOthersPathsForCli(file: string, paths: readonly string[] = [file]): void {
+function refuseOthersPathsForCli(file: string): void {
   try {
-    refuseOthersPathsAsRoot(paths);
+    refuseOthersPathsAsRoot([file]);
   } catch (err) {
     throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
   }
@@ -167,7 +169,12 @@ function refuseOthersPathsForCli(file: string, paths: readonly string[] = [file]
 
 /** The paths a command that writes uses: the database and emailsDir (`delete` removes a message's export). */
 export function refuseOthersPathsForWriter(config: Config): void {
-  refuseOthersPathsForCli(config.databasePath, [config.databasePath, config.emailsDir, path.join(config.emailsDir, 'failed')]);
+  refuseOthersPathsForCli(config.databasePath);
+  try {
+    refuseOthersPathsAsRoot([config.emailsDir, path.join(config.emailsDir, 'failed')]);
+  } catch (err) {
+    throw new CliError(`cannot use emailsDir ${config.emailsDir}: ${(err as Error).message}`);
+  }
 }
 
 /**

@@ -1,12 +1,13 @@
 // `relayq export-failed [DIR]`: (re)writes the JSON export of every failed message, by default
 // into emailsDir/failed where the delivery engine writes them, e.g. after a restore or to hand
 // the failures to another tool. Same document, same atomic write as the automatic export.
+import fs from 'node:fs';
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
 import { EMAILS_DIR_MODE } from '../delivery/atomic-file.js';
 import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.js';
 import { makeDirectory } from '../make-dir.js';
-import { refuseOthersPathsAsRoot } from '../root-guard.js';
+import { followedPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import { listMessages } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, requireCurrentSchema, withReader } from './context.js';
 
@@ -14,17 +15,22 @@ const PAGE = 500;
 
 export async function exportFailedCommand(dir: string | undefined, global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
-  const target = dir ?? failedExportDir(config.emailsDir);
+  const given = dir ?? failedExportDir(config.emailsDir);
+  let target = given;
   const files = await withReader(config, async (sqlite) => {
     requireCurrentSchema(sqlite, config.databasePath);
     let page = listMessages(sqlite, { state: 'failed', limit: PAGE });
     // the database answered (one that needs migrating does not); now the target: a directory,
-    // or one that can be made
+    // or one that can be made. Its files are named in the directory the kernel reaches, which the
+    // root check looked at: the text of a path with `..` after a link names another one.
     try {
-      refuseOthersPathsAsRoot([target]);
+      refuseOthersPathsAsRoot([given]);
+      target = followedPath(given);
       makeDirectory(target, EMAILS_DIR_MODE);
+      // one this user may not write fails now, also when there is nothing to export
+      fs.accessSync(target, fs.constants.W_OK | fs.constants.X_OK);
     } catch (err) {
-      throw new CliError(`cannot export into ${target}: ${(err as Error).message}`);
+      throw new CliError(`cannot export into ${given}: ${(err as Error).message}`);
     }
     const written: string[] = [];
     for (;;) {

@@ -16,7 +16,7 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
   try {
     lock = lockDatabase(file);
   } catch (err) {
-    throw new CliError(`${file}: ${(err as Error).message}`);
+    throw new CliError(`${file}: ${(err as Error).message}; stop it first, then run migrate again (or start the new relayq: it applies pending migrations at its start)`);
   }
   let sqlite: Sqlite;
   try {

@@ -4,7 +4,7 @@
 // moment: one that comes while the relay starts (a long migration) stops it once it has started,
 // rather than killing it mid-start or, as PID 1 in a container, being ignored (early-signals.ts
 // keeps those that come before this module runs).
-import { exposedSecretsWarning, loadConfigFromSources } from '../config/load.js';
+import { loadConfigFromSources } from '../config/load.js';
 import { createLogger, type StdoutLog, stdoutLog } from '../logger.js';
 import { type Relay, startRelay } from '../main.js';
 import { ourLines } from './context.js';
@@ -58,9 +58,7 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
   // the relay cannot store mail any more: stop, and exit non-zero for the supervisor to restart it
   const onFatal = () => (relay ? stop(relay, 1) : exitAfterFlush(out, 1));
   try {
-    const exposed = exposedSecretsWarning(loaded.file);
-    const warnings = exposed === undefined ? loaded.warnings : [...loaded.warnings, exposed];
-    relay = await startRelay(loaded.config, { logger, warnings, configFile: loaded.file, onFatal });
+    relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings, configFile: loaded.file, onFatal });
   } catch (err) {
     logger.fatal({ event: 'relay.start_failed', err: (err as Error).message }, 'relayq could not start');
     process.stderr.write(ourLines((err as Error).message));

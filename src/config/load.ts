@@ -7,7 +7,7 @@ import os from 'node:os';
 import { isAbsolute, resolve } from 'node:path';
 import { clientFilter, isLoopback, normalizeIp, parseCidr } from '../access-control.js';
 import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
-import { readRootsFile } from '../root-guard.js';
+import { physicalPath, readRootsFile } from '../root-guard.js';
 import { closestName, didYouMean } from './names.js';
 import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, PEM_OR_LINES, setPath } from './schema.js';
 
@@ -25,6 +25,8 @@ export interface ConfigFile {
   path: string;
   /** Raw file text; parse errors are reported as config errors. */
   text: string;
+  /** The permission bits of what was read, when it is a regular file (not a pipe, `--config <(…)`). */
+  mode?: number;
 }
 
 /**
@@ -162,8 +164,9 @@ function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv): string
 export function readConfigFile(path: string | undefined): ConfigFile | undefined | { path: string; error: string } {
   if (!path) return undefined;
   try {
+    const { bytes, stat } = readRootsFile(path);
     // without a UTF-8 byte order mark, which some editors write and JSON.parse refuses
-    return { path, text: readRootsFile(path).toString('utf8').replace(/^\uFEFF/, '') };
+    return { path, text: bytes.toString('utf8').replace(/^\uFEFF/, ''), mode: stat.isFile() ? stat.mode & 0o7777 : undefined };
   } catch (err) {
     // a relative path is read from the working directory, which `npm start` sets to the package's
     const from = isAbsolute(path) ? '' : ` (looked for from ${process.cwd()})`;
@@ -591,7 +594,13 @@ export function loadConfigFromSources(
 ): { ok: true; config: Config; warnings: string[]; unread: string[]; file: string | null } | { ok: false; message: string } {
   const file = readConfigFile(findConfigFile(argv, env));
   const loaded = loadConfig(argv, env, file, reads);
-  if (loaded.ok) return { ...loaded, file: file ? resolve(file.path) : null };
+  if (loaded.ok) {
+    if (!file || 'error' in file) return { ...loaded, file: null };
+    const exposed = exposedSecretsWarning(file);
+    // the file that was read: through its links, as the kernel opened it (a pipe by its name)
+    const read = file.mode === undefined ? resolve(file.path) : physicalPath(file.path);
+    return { ...loaded, warnings: exposed ? [...loaded.warnings, exposed] : loaded.warnings, file: read };
+  }
   // a mistyped variable's name (FORWARD_HOSTT) may be why a key is missing: said with the errors
   const warnings = mistypedEnvNames(env).map((w) => `\nwarning: ${w}`);
   return { ok: false, message: formatErrors(loaded.errors, file?.path) + warnings.join('') };
@@ -600,22 +609,19 @@ export function loadConfigFromSources(
 /**
  * A config file that sets a password or token and that every user of the machine may read (Postfix
  * asks the same of its sasl_passwd). A group that may read it is taken as meant (root:relayq 0640).
- * Only a regular file is read again: a pipe (`--config <(…)`) holds nothing more to read, and a
- * read of it would wait for ever.
+ * Judged on what was read, by its mode then: a pipe (`--config <(…)`) has none to judge.
  */
-export function exposedSecretsWarning(file: string | null): string | undefined {
-  if (file === null) return undefined;
+export function exposedSecretsWarning(file: ConfigFile): string | undefined {
+  if (file.mode === undefined || (file.mode & 0o004) === 0) return undefined;
+  let values: Record<string, unknown>;
   try {
-    const stat = fs.statSync(file);
-    const mode = stat.mode & 0o777;
-    if (!stat.isFile() || (mode & 0o004) === 0) return undefined;
-    const values = JSON.parse(fs.readFileSync(file, 'utf8').replace(/^\uFEFF/, '')) as Record<string, unknown>;
-    const set = CONFIG_KEYS.filter((key) => key.secret && getPath(values, key.path)).map((key) => key.path);
-    if (set.length === 0) return undefined;
-    return `${file} sets ${set.join(', ')}, and every user of this machine may read it (mode 0${mode.toString(8)}): chmod o-r it, or give the secrets in the environment`;
+    values = JSON.parse(file.text) as Record<string, unknown>;
   } catch {
-    return undefined; // read once already: changed since, which the next start sees
+    return undefined; // reported as a config error
   }
+  const set = CONFIG_KEYS.filter((key) => key.secret && getPath(values, key.path)).map((key) => key.path);
+  if (set.length === 0) return undefined;
+  return `${file.path} sets ${set.join(', ')}, and every user of this machine may read it (mode 0${(file.mode & 0o777).toString(8)}): chmod o-r it, or give the secrets in the environment`;
 }
 
 /**

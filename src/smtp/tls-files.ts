@@ -11,7 +11,7 @@ export function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer;
   const unreadable: string[] = [];
   const read = (key: string, file: string) => {
     try {
-      return readRootsFile(file, 'would serve the certificate or key put there');
+      return readRootsFile(file, 'would serve the certificate or key put there').bytes;
     } catch (err) {
       unreadable.push(`config error: ${key}: cannot read ${file}: ${(err as Error).message}`);
       return Buffer.alloc(0);

@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { physicalPath } from '../root-guard.js';
+import { followedPath, physicalPath } from '../root-guard.js';
 import type { Sqlite } from './db.js';
 import { appliedMigrations } from './maintenance.js';
 
@@ -137,7 +137,13 @@ function placeWithoutReplacing(partial: string, file: string, target: string): v
 function checkTarget(target: string, databaseFile: string, overwrite: boolean): string {
   if (target.endsWith('/') || target.endsWith(path.sep)) throw new BackupError(`${target} names a directory, not a file`);
   // where the kernel writes it, as the root check saw it: a `..` after a link is its target's parent
-  const file = physicalPath(target);
+  // (and nowhere, for a path it would not follow: its text alone names another place)
+  let file: string;
+  try {
+    file = followedPath(target);
+  } catch (err) {
+    throw new BackupError(`cannot follow ${target}: ${(err as Error).message}`);
+  }
   const dir = path.dirname(file);
   const dirStat = fs.statSync(dir, { throwIfNoEntry: false });
   if (!dirStat) throw new BackupError(`directory ${dir} does not exist`);

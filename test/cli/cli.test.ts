@@ -152,6 +152,9 @@ describe('relayq CLI on the database of a running relay', () => {
 
   test('show prints envelope, recipients and attempts; export-failed writes the JSON copies', async () => {
     const id = ids.mixed[0];
+    // with `..` after a link, into the directory the kernel reaches (the text alone names dir/export)
+    fs.mkdirSync(path.join(dir, 'deep', 'inner'), { recursive: true });
+    fs.symlinkSync(path.join(dir, 'deep', 'inner'), path.join(dir, 'inner-link'));
     const [detail, text, raw, exported, waiting] = await Promise.all([
       cliJson<{ message: { id: string; state: string }; recipients: Array<{ address: string; status: string }>; attempts: unknown[] }>(
         'show',
@@ -159,7 +162,7 @@ describe('relayq CLI on the database of a running relay', () => {
       ),
       cli('show', id),
       cli('show', id, '--raw'),
-      cliJson<{ exported: number; files: string[] }>('export-failed', path.join(dir, 'export')),
+      cliJson<{ directory: string; exported: number; files: string[] }>('export-failed', `${dir}/inner-link/../export`),
       cli('show', ids.queued[0]),
     ]);
     assert.equal(detail.message.state, 'failed');
@@ -202,7 +205,9 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal(raw.stdout, stored.raw.toString('utf8'), 'show --raw writes the stored bytes');
 
     assert.equal(exported.exported, 5);
-    const doc = JSON.parse(fs.readFileSync(path.join(dir, 'export', `${id}.json`), 'utf8'));
+    assert.equal(exported.directory, path.join(dir, 'deep', 'export'));
+    assert.equal(fs.existsSync(path.join(dir, 'export')), false);
+    const doc = JSON.parse(fs.readFileSync(path.join(dir, 'deep', 'export', `${id}.json`), 'utf8'));
     assert.equal(doc.id, id);
     assert.match(Buffer.from(doc.raw, 'base64').toString(), new RegExp(`id ${id}`));
   });
@@ -214,7 +219,8 @@ describe('relayq CLI on the database of a running relay', () => {
     // write itself fails)
     await whileImmutable(t, locked, async () => {
       const [exported, backup] = await Promise.all([cli('export-failed', locked), cli('backup', path.join(locked, 'copy.db'))]);
-      assertOneLineError(exported, /^relayq: cannot export [0-9A-F]+ into .*locked \(0 exported before it\): EPERM/);
+      // found before the first file (also with nothing to export)
+      assertOneLineError(exported, /^relayq: cannot export into .*locked: EPERM: operation not permitted, access /);
       assertOneLineError(backup, /^relayq: backup failed: cannot write .*locked\/copy\.db: EPERM/);
       assert.deepEqual(fs.readdirSync(locked), []);
     });
@@ -606,6 +612,16 @@ test('a database this user may not read, or whose -shm it may not make beside it
   assert.throws(() => asOther(() => requireDatabaseFile(file)), {
     message: `cannot open database ${file}: permission denied (this user may not look into a directory on its path); run the command as the relay's user`,
   });
+  // a relative path, from a working directory this user may not look into (root's, after sudo -u)
+  const cwd = process.cwd();
+  process.chdir(dir);
+  try {
+    assert.throws(() => asOther(() => requireDatabaseFile('relayq.db')), {
+      message: `cannot open database relayq.db (${file}: a relative databasePath is taken from the working directory): permission denied (this user may not look into a directory on its path); run the command as the relay's user`,
+    });
+  } finally {
+    process.chdir(cwd);
+  }
   fs.chmodSync(dir, 0o755);
   fs.chmodSync(file, 0o644);
   // readable, in a directory it may not write: SQLite cannot make the -shm

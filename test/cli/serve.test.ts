@@ -402,7 +402,7 @@ test('a second relay on the same database is refused before it touches anything,
     assert.equal(viaLink.code, 1, viaLink.stderr);
     assert.match(viaLink.stderr, /another relayq is running on this database/);
     assert.equal(migrate.code, 1, migrate.stderr);
-    assert.match(migrate.stderr, /^relayq: \S+relayq\.db: another relayq is running on this database/);
+    assert.match(migrate.stderr, /^relayq: \S+relayq\.db: another relayq is running on this database: .*; stop it first, then run migrate again \(or start the new relayq: it applies pending migrations at its start\)$/m);
     assert.deepEqual(
       fs.readdirSync(path.dirname(databasePath)).filter((f) => f.includes('-lock')),
       ['relayq.db-lock'],

@@ -934,6 +934,11 @@ describe('what only the start can find out names the key to fix', () => {
       startTestRelay({ emailsDir: path.join(file, 'emails'), databasePath: path.join(dir, 'relayq.db') }, { startDelivery: false }),
       /^Error: config error: emailsDir: .*a-file\/emails cannot hold deliveries and failed-mail exports: ENOTDIR/,
     );
+    // a relative one says where it was looked for: from the working directory
+    const relative = path.relative(process.cwd(), path.join(file, 'emails'));
+    await assert.rejects(startTestRelay({ emailsDir: relative, databasePath: path.join(dir, 'relayq.db') }, { startDelivery: false }), {
+      message: new RegExp(`^config error: emailsDir: ${relative} \\(${path.join(file, 'emails')}: a relative emailsDir is taken from the working directory\\) cannot hold .*ENOTDIR`),
+    });
     // nothing was started or created: not even the database
     assert.deepEqual(fs.readdirSync(dir), ['a-file']);
   });
@@ -1149,13 +1154,31 @@ test('relay.started names the config file it read, as a full path, or null when 
   }
 });
 
+test('a config file reached through `..` after a link: the file read is the one named in the log and judged for its secrets', () => {
+  const dir = tempDir();
+  fs.mkdirSync(path.join(dir, 'deep', 'inner'), { recursive: true });
+  fs.symlinkSync(path.join(dir, 'deep', 'inner'), path.join(dir, 'inner-link'));
+  const read = path.join(dir, 'deep', 'config.json');
+  fs.writeFileSync(read, '{"smtpPort": 2601, "forwardPassword": "pw"}', { mode: 0o644 });
+  fs.chmodSync(read, 0o644);
+  // where the path's text points: not read
+  fs.writeFileSync(path.join(dir, 'config.json'), '{"smtpPort": 2602}', { mode: 0o600 });
+  const loaded = loadConfigFromSources(['--config', `${dir}/inner-link/../config.json`], {});
+  assert.ok(loaded.ok, loaded.ok ? '' : loaded.message);
+  assert.equal(loaded.config.smtpPort, 2601);
+  assert.equal(loaded.file, read);
+  assert.ok(loaded.warnings.some((w) => /sets forwardPassword, and every user of this machine may read it \(mode 0644\)/.test(w)), loaded.warnings.join('\n'));
+});
+
 test('a config file that sets a secret is a warning when every user may read it; a group that may read it is taken as meant', () => {
   const dir = tempDir();
   const file = path.join(dir, 'config.json');
   fs.writeFileSync(file, '\uFEFF{"forwardPassword": "pw", "security": {"adminToken": "a-token-for-this-test"}}');
   const warningAt = (mode: number) => {
     fs.chmodSync(file, mode);
-    return exposedSecretsWarning(file);
+    const read = readConfigFile(file);
+    assert.ok(read && 'text' in read);
+    return exposedSecretsWarning(read);
   };
   assert.equal(
     warningAt(0o604),
@@ -1164,8 +1187,6 @@ test('a config file that sets a secret is a warning when every user may read it;
   assert.deepEqual([warningAt(0o640), warningAt(0o600)], [undefined, undefined]);
   fs.writeFileSync(file, '{"forwardPassword": "", "smtpPort": 2526}');
   assert.equal(warningAt(0o644), undefined, 'no secret set in it');
-  assert.equal(exposedSecretsWarning(null), undefined);
-  // a pipe (`--config <(…)`, a FIFO) is not read again, which would wait for ever: the test of a
-  // SIGTERM while serve reads its config from a FIFO (test/cli/serve.test.ts) covers it in a child
-  // process, where a hang ends with a timeout instead of this test process's
+  // a pipe (`--config <(…)`, a FIFO) has no mode to judge: it is its writer's
+  assert.equal(exposedSecretsWarning({ path: '/dev/fd/63', text: '{"forwardPassword": "pw"}' }), undefined);
 });

@@ -49,6 +49,21 @@ describe('local delivery (forwardSMTP=false)', () => {
     assert.match(fs.readFileSync(path.join(relay.config.emailsDir, `${ids[1]}.eml`), 'utf8'), /second/);
   });
 
+  test('an emailsDir with `..` after a link: its files are where the kernel reaches (and the root check looked), not where the text points', async () => {
+    const dir = tempDir('relayq-emails-link-');
+    fs.mkdirSync(path.join(dir, 'deep', 'inner'), { recursive: true });
+    fs.symlinkSync(path.join(dir, 'deep', 'inner'), path.join(dir, 'inner-link'));
+    const relay = await startTestRelay({ forwardSMTP: false, emailsDir: `${dir}/inner-link/../emails` }, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const real = path.join(dir, 'deep', 'emails');
+    assert.equal(relay.config.emailsDir, real);
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
+    await relay.delivery.runOnce();
+    assert.ok(fs.existsSync(path.join(real, `${id}.eml`)));
+    assert.ok(fs.existsSync(failedExportDir(real)));
+    assert.equal(fs.existsSync(path.join(dir, 'emails')), false);
+  });
+
   test('a write that fails is deferred, not lost, and succeeds once the directory is writable', async () => {
     const clock = new ManualClock();
     const relay = await startTestRelay({ forwardSMTP: false, retry: { initialDelay: 5 } }, { clock, startDelivery: false, random: () => 0.5 });

@@ -189,6 +189,14 @@ describe('relayq backup while mail is accepted and delivered', () => {
       for (const target of [path.join(linkedDir, path.basename(db)), `${db}-wal`, `${db}-shm`, `${db}-lock`, hardLink, linkToWal, path.join(`${db}-spool`, 'copy.db')]) {
         assert.throws(() => backupDatabase(sqlite, target, { overwrite: true }), /is the database or one of its files/, target);
       }
+      // a path the kernel would not follow (a loop of links): its text alone, with `..` taken
+      // away, names the database's own -journal, which the next writer would take as a hot journal
+      const loop = path.join(path.dirname(db), 'loop');
+      fs.symlinkSync('loop', loop);
+      const throughLoop = `${linkedDir}/loop/../${path.basename(db)}-journal`;
+      assert.throws(() => backupDatabase(sqlite, throughLoop), /cannot follow .*too many levels of symbolic links/);
+      assert.equal(fs.existsSync(`${db}-journal`), false);
+      fs.unlinkSync(loop);
       const newDir = path.join(dir, 'new-dir');
       assert.throws(() => backupDatabase(sqlite, `${newDir}/`), /names a directory, not a file/);
       assert.equal(fs.existsSync(newDir), false);

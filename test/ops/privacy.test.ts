@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { writeFileAtomic } from '../../src/delivery/atomic-file.js';
+import { permissionWarnings } from '../../src/main.js';
 import { backupDatabase } from '../../src/store/backup.js';
 import { openReadOnly } from '../../src/store/maintenance.js';
 import { ERASE_SCAN_SQL, type EraseCursor, eraseDeliveredContent } from '../../src/store/retention.js';
@@ -321,10 +322,34 @@ describe('file permissions', () => {
     fs.chmodSync(databasePath, 0o644);
     const log = capturedLog('info');
     const relay = await startTestRelay({ databasePath }, { logger: log.logger, startDelivery: false, startRetention: false });
+    const health = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { details: { warnings: string[] } };
     await relay.stop();
     const warning = log.entries().find((e) => e.event === 'store.permissions');
     assert.ok(warning, 'a store.permissions warning');
     assert.equal(warning.mode, '0644');
     assert.match(String(warning.msg), /chmod 600/);
+    assert.ok(health.details.warnings.includes(String(warning.msg)), 'in /health too');
+  });
+
+  test('a directory of its files that every user may write, not sticky, gets a warning at start: they could remove the -wal', () => {
+    const dir = tempDir();
+    const databasePath = path.join(dir, 'data', 'relayq.db');
+    const emailsDir = path.join(dir, 'emails');
+    for (const made of [path.dirname(databasePath), path.join(emailsDir, 'failed')]) fs.mkdirSync(made, { recursive: true, mode: 0o700 });
+    fs.writeFileSync(databasePath, '', { mode: 0o600 });
+    assert.deepEqual(permissionWarnings(databasePath, emailsDir), []);
+    // a group that may write is taken as meant; a sticky directory keeps others from removing files
+    fs.chmodSync(path.dirname(databasePath), 0o770);
+    fs.chmodSync(emailsDir, 0o1777);
+    assert.deepEqual(permissionWarnings(databasePath, emailsDir), []);
+    fs.chmodSync(path.dirname(databasePath), 0o777);
+    fs.chmodSync(path.join(emailsDir, 'failed'), 0o757);
+    assert.deepEqual(
+      permissionWarnings(databasePath, emailsDir).map((w) => [w.path, w.mode, w.message]),
+      [
+        [path.dirname(databasePath), '0777', `other users may remove or replace the files in ${path.dirname(databasePath)} (mode 0777), the database's -wal, with mail acknowledged and not yet in the database file among them: chmod o-w it`],
+        [path.join(emailsDir, 'failed'), '0757', `other users may remove or replace the files in ${path.join(emailsDir, 'failed')} (mode 0757), the exports of failed mail among them: chmod o-w it`],
+      ],
+    );
   });
 });

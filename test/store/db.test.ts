@@ -242,6 +242,8 @@ test('as root, relayq refuses a database directory another user may write: links
   fs.chmodSync(sticky, 0o1777);
   const exportedToShared = await runCli(['export-failed', path.join(sticky, 'not-yet', 'exports'), '--databasePath', file]);
   assert.match(exportedToShared.stderr, new RegExp(`^relayq: cannot export into \\S+exports: ${sticky} is shared \\(sticky`));
+  const backupToShared = await runCli(['backup', path.join(sticky, 'copy.db'), '--databasePath', file]);
+  assert.match(backupToShared.stderr, new RegExp(`^relayq: backup failed: ${sticky} is shared \\(sticky`));
   assert.deepEqual(fs.readdirSync(sticky), []);
   // a link of another user's in the middle of a chain of links: root's link leads to it
   const chain = path.join(tempDir(), 'chain.db');
@@ -314,4 +316,8 @@ test('as root, relayq refuses a database directory another user may write: links
   const exported = await runCli(['export-failed', '--databasePath', file, '--emailsDir', emails]);
   assert.equal(exported.code, 1, exported.stdout);
   assert.match(exported.stderr, /^relayq: cannot export into \S+failed: \S+emails may be changed by its owner, uid 1000: /);
+  // a command that writes names the key that is refused, not the database
+  const deleted = await runCli(['delete', '1A23BC3C88F4F86B3CCE', '--databasePath', file, '--emailsDir', emails]);
+  assert.equal(deleted.code, 1, deleted.stdout);
+  assert.match(deleted.stderr, /^relayq: cannot use emailsDir \S+emails: \S+emails may be changed by its owner, uid 1000: /);
 });
