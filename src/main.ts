@@ -17,7 +17,7 @@ import { DeliveryEngine } from './delivery/engine.js';
 import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
 import { makeDirectory } from './make-dir.js';
-import { followedPath, refuseOthersPathsAsRoot } from './root-guard.js';
+import { followedPath, physicalPath, refuseOthersPathsAsRoot } from './root-guard.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { Spool, SpoolError } from './smtp/spool.js';
 import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
@@ -84,9 +84,9 @@ export interface Relay {
 function prepareEmailsDir(given: string): string {
   let emailsDir = given;
   try {
-    refuseOthersPathsAsRoot([given, failedExportDir(given)]);
     emailsDir = followedPath(given);
     const failedDir = failedExportDir(emailsDir);
+    refuseOthersPathsAsRoot([given, failedDir]);
     // not writable by others, whatever the umask: the files hold messages, and a directory others
     // may write to would let them swap in a link to another place
     makeDirectory(failedDir, EMAILS_DIR_MODE);
@@ -101,7 +101,7 @@ function prepareEmailsDir(given: string): string {
 
 /** A path of the config in an error: a relative one with where it was looked for (the working directory, not the config file's). */
 function asGiven(key: string, given: string): string {
-  return path.isAbsolute(given) ? given : `${given} (${path.resolve(given)}: a relative ${key} is taken from the working directory)`;
+  return path.isAbsolute(given) ? given : `${given} (${physicalPath(given)}: a relative ${key} is taken from the working directory)`;
 }
 
 /** A start's warning about what other users may do to relayq's files, with the path and its mode. */
@@ -291,7 +291,7 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
   }
   // the addresses listened on: a host name listens on the first address it resolves to
   logger.info(
-    { event: 'relay.started', version: VERSION, smtp: hostPort(smtp.address, smtp.port), configFile: options.configFile, config: redactConfig(config) },
+    { event: 'relay.started', version: VERSION, smtp: hostPort(smtp.address, smtp.port), configFile: options.configFile, config: redactConfig(configured) },
     'relayq started',
   );
   if (api) logger.info({ event: 'api.listening', http: hostPort(api.address, api.port) }, 'HTTP API listening');

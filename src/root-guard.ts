@@ -68,7 +68,7 @@ export function readRootsFile(file: string, uses = 'would take paths and setting
  */
 export function physicalPath(given: string): string {
   try {
-    return followedPath(given);
+    return walk(absolute(given), new Set(), { followed: 0 });
   } catch {
     return path.resolve(given);
   }
@@ -77,10 +77,12 @@ export function physicalPath(given: string): string {
 /**
  * As physicalPath, but a path the kernel would not follow either (a loop of links, a directory
  * this user may not look into) throws: for a place relayq is about to write to, where the text of
- * the path (path.resolve) would put the file somewhere else.
+ * the path (path.resolve) would put the file somewhere else. So does a link to a place that does
+ * not exist (a volume not mounted): relayq would make the place, and its files would be hidden
+ * once the volume is there.
  */
 export function followedPath(given: string): string {
-  return walk(absolute(given), new Set(), { followed: 0 });
+  return walk(absolute(given), new Set(), { followed: 0, strict: true });
 }
 
 /** `given` made absolute without resolving `..` by its text: after a link, `..` is the parent of the link's target. */
@@ -93,25 +95,30 @@ function absolute(given: string): string {
  * directory and link it passes (a link's target followed in turn), and returns the real path it
  * reaches; its last names may not exist yet.
  */
-function walk(target: string, places: Set<string>, links: { followed: number }): string {
+function walk(target: string, places: Set<string>, links: { followed: number; strict?: boolean }, via?: string): string {
   let at = '/';
   places.add(at);
+  let missing = false;
   for (const name of target.split('/')) {
     if (name === '' || name === '.') continue;
     if (name === '..') {
+      if (missing && links.strict) throw new Error(`${target}: ${at} does not exist (a \`..\` after it leads nowhere)`);
       at = path.dirname(at);
       continue;
     }
     const next = path.join(at, name);
     places.add(next);
-    if (!fs.lstatSync(next, { throwIfNoEntry: false })?.isSymbolicLink()) {
+    const stat = fs.lstatSync(next, { throwIfNoEntry: false });
+    if (!stat && via !== undefined && links.strict) throw new Error(`${via} is a symbolic link to ${fs.readlinkSync(via)}, which does not exist`);
+    missing ||= !stat;
+    if (!stat?.isSymbolicLink()) {
       at = next;
       continue;
     }
     // as the kernel, which follows 40 links at most on the way to one path
     if (++links.followed > 40) throw new Error(`${target}: too many levels of symbolic links`);
     const destination = fs.readlinkSync(next);
-    at = walk(path.isAbsolute(destination) ? destination : `${at}/${destination}`, places, links);
+    at = walk(path.isAbsolute(destination) ? destination : `${at}/${destination}`, places, links, next);
   }
   return at;
 }

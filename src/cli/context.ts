@@ -7,7 +7,7 @@ import path from 'node:path';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
-import { physicalPath, refuseOthersPathsAsRoot } from '../root-guard.js';
+import { followedPath, physicalPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
 import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
@@ -50,15 +50,26 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
   // Postfix's commands warn of an unused parameter in main.cf, on stderr.
   for (const warning of mistypedEnvNames(env)) process.stderr.write(`relayq: warning: ${warning}\n`);
   for (const error of loaded.unread) process.stderr.write(`relayq: warning: ${error} (this command does not read it; serve refuses it)\n`);
-  // as the server names its files there (`delete` removes a message's export): in the directory
-  // the kernel reaches, which the root check looks at, not the one the path's text names
-  return { ...loaded.config, emailsDir: physicalPath(loaded.config.emailsDir) };
+  return loaded.config;
+}
+
+/**
+ * emailsDir as the server names its files there (`delete` removes a message's export): the
+ * directory the kernel reaches, which the root check looks at, not the one the path's text names;
+ * one it would not reach is an error, as at the server's start.
+ */
+export function emailsDirOf(config: Config): string {
+  try {
+    return followedPath(config.emailsDir);
+  } catch (err) {
+    throw new CliError(`cannot use emailsDir ${config.emailsDir}: ${(err as Error).message}`);
+  }
 }
 
 /** The database file's stat: it must be there, and be a file. */
 export function requireDatabaseFile(file: string): fs.Stats {
   // a relative databasePath is read from the working directory, not from the config file's
-  const where = path.isAbsolute(file) ? file : `${file} (${path.resolve(file)}: a relative databasePath is taken from the working directory)`;
+  const where = path.isAbsolute(file) ? file : `${file} (${physicalPath(file)}: a relative databasePath is taken from the working directory)`;
   let stat: fs.Stats | undefined;
   try {
     stat = fs.statSync(file, { throwIfNoEntry: false });
@@ -171,8 +182,9 @@ function refuseOthersPathsForCli(file: string): void {
 export function refuseOthersPathsForWriter(config: Config): void {
   refuseOthersPathsForCli(config.databasePath);
   try {
-    refuseOthersPathsAsRoot([config.emailsDir, path.join(config.emailsDir, 'failed')]);
+    refuseOthersPathsAsRoot([config.emailsDir, path.join(emailsDirOf(config), 'failed')]);
   } catch (err) {
+    if (err instanceof CliError) throw err;
     throw new CliError(`cannot use emailsDir ${config.emailsDir}: ${(err as Error).message}`);
   }
 }

@@ -9,7 +9,7 @@ import { count } from '../count.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
 import { deleteMessage, HELD, holdOf } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
-import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter, writeEachInSteps } from './context.js';
+import { CliError, emailsDirOf, type GlobalOptions, loadCliConfig, printJson, printText, withWriter, writeEachInSteps } from './context.js';
 
 export async function deleteCommand(ids: string[], global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
@@ -27,9 +27,10 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
   const held = unique.filter((_, i) => results[i] === 'held');
   // failed messages' exports go with them: they would describe mail that is no longer there
   const warnings: string[] = [];
+  const emailsDir = emailsDirOf(config);
   for (const id of deleted) {
     try {
-      await removeFailedExport(config.emailsDir, id);
+      await removeFailedExport(emailsDir, id);
     } catch (err) {
       warnings.push(`message ${id} deleted, but its failed export could not be removed: ${(err as Error).message}`);
     }

@@ -9,13 +9,14 @@ import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.
 import { makeDirectory } from '../make-dir.js';
 import { followedPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import { listMessages } from '../store/queries.js';
-import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, requireCurrentSchema, withReader } from './context.js';
+import { CliError, emailsDirOf, type GlobalOptions, loadCliConfig, printJson, printText, requireCurrentSchema, withReader } from './context.js';
 
 const PAGE = 500;
 
 export async function exportFailedCommand(dir: string | undefined, global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
-  const given = dir ?? failedExportDir(config.emailsDir);
+  // emailsDir/failed by the directory the kernel reaches (path.join would take a `..` by its text)
+  const given = dir ?? failedExportDir(emailsDirOf(config));
   let target = given;
   const files = await withReader(config, async (sqlite) => {
     requireCurrentSchema(sqlite, config.databasePath);

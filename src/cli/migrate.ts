@@ -16,7 +16,9 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
   try {
     lock = lockDatabase(file);
   } catch (err) {
-    throw new CliError(`${file}: ${(err as Error).message}; stop it first, then run migrate again (or start the new relayq: it applies pending migrations at its start)`);
+    const running = (err as { code?: unknown }).code === 'SQLITE_BUSY';
+    const hint = running ? '; stop it first, then run migrate again (or start the new relayq: it applies pending migrations at its start)' : '';
+    throw new CliError(`${file}: ${(err as Error).message}${hint}`);
   }
   let sqlite: Sqlite;
   try {

@@ -48,7 +48,8 @@ export function lockDatabase(databasePath: string): { release(): void } {
     lock?.close();
     const code = String((err as { code?: unknown }).code);
     if (code === 'SQLITE_BUSY') {
-      throw new Error(`another relayq is running on this database: ${file} is locked (on a network file system without locks it always is)`);
+      const running = `another relayq is running on this database: ${file} is locked (on a network file system without locks it always is)`;
+      throw Object.assign(new Error(running), { code: 'SQLITE_BUSY' });
     }
     // a read-only file system, a directory or a lock file of another user (an older build run as root)
     const hint = /^(EACCES|EPERM|EROFS|SQLITE_CANTOPEN|SQLITE_READONLY)/.test(code) ? ": the relay's user must be able to write it and the database's directory" : '';

@@ -587,6 +587,8 @@ test('a database this user may not read, or whose -shm it may not make beside it
   assert.throws(() => lockDatabase(fifo), { message: `${fifo} is not a regular file` });
   assert.equal(spawnSync('mkfifo', [`${file}-lock`]).status, 0);
   assert.throws(() => lockDatabase(file), { message: `${file}-lock: ${file}-lock is not a regular file` });
+  // no relay runs: nothing to stop
+  assertOneLineError(await runCli(['migrate', '--databasePath', file]), /^relayq: \S+relayq\.db: \S+-lock: \S+-lock is not a regular file$/);
   fs.rmSync(`${file}-lock`);
   assertOneLineError(await runCli(['queue', '--databasePath', dir]), /^relayq: cannot open database \S+: it is a directory \(databasePath names the database file\)$/);
   fs.rmSync(fifo);

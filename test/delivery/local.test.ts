@@ -9,6 +9,7 @@ import { startRelay } from '../../src/main.js';
 import { removeStrayTempFiles, syncDirectory, writeFileAtomic } from '../../src/delivery/atomic-file.js';
 import { DeliveryEngine } from '../../src/delivery/engine.js';
 import { failedExportDir } from '../../src/delivery/failed-export.js';
+import { runCli } from '../cli/run-cli.js';
 import { sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
 import { attempts, message, queuedId, recipients } from './fixtures.js';
 
@@ -62,6 +63,27 @@ describe('local delivery (forwardSMTP=false)', () => {
     assert.ok(fs.existsSync(path.join(real, `${id}.eml`)));
     assert.ok(fs.existsSync(failedExportDir(real)));
     assert.equal(fs.existsSync(path.join(dir, 'emails')), false);
+  });
+
+  test('an emailsDir that is a link to a place that does not exist (a volume not mounted), or a loop of links: the start and the CLI refuse it, and make nothing', async () => {
+    const dir = tempDir('relayq-emails-dangling-');
+    const databasePath = path.join(dir, 'relayq.db');
+    fs.mkdirSync(path.join(dir, 'mnt'));
+    fs.symlinkSync('mnt/nas/relayq/emails', path.join(dir, 'emails'));
+    fs.symlinkSync('loop', path.join(dir, 'loop'));
+    await assert.rejects(startTestRelay({ forwardSMTP: false, databasePath, emailsDir: path.join(dir, 'emails') }, { startDelivery: false }), {
+      message: `config error: emailsDir: ${path.join(dir, 'emails')} cannot hold deliveries and failed-mail exports: ${path.join(dir, 'emails')} is a symbolic link to mnt/nas/relayq/emails, which does not exist`,
+    });
+    await assert.rejects(startTestRelay({ forwardSMTP: false, databasePath, emailsDir: `${dir}/loop/../emails2` }, { startDelivery: false }), /too many levels of symbolic links/);
+    assert.deepEqual(fs.readdirSync(path.join(dir, 'mnt')), []);
+    await (await startTestRelay({ forwardSMTP: false, databasePath, emailsDir: path.join(dir, 'made') }, { startDelivery: false })).stop();
+    const [exported, deleted] = await Promise.all([
+      runCli(['export-failed', path.join(dir, 'emails'), '--databasePath', databasePath]),
+      runCli(['delete', '1A23BC3C88F4F86B3CCE', '--databasePath', databasePath, '--emailsDir', `${dir}/loop/../made`]),
+    ]);
+    assert.match(exported.stderr, /^relayq: cannot export into \S+emails: \S+emails is a symbolic link to mnt\/nas\/relayq\/emails, which does not exist\n$/);
+    assert.match(deleted.stderr, /^relayq: cannot use emailsDir \S+loop\/\.\.\/made: \S+: too many levels of symbolic links\n$/);
+    assert.deepEqual(fs.readdirSync(path.join(dir, 'mnt')), []);
   });
 
   test('a write that fails is deferred, not lost, and succeeds once the directory is writable', async () => {

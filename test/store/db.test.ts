@@ -320,4 +320,15 @@ test('as root, relayq refuses a database directory another user may write: links
   const deleted = await runCli(['delete', '1A23BC3C88F4F86B3CCE', '--databasePath', file, '--emailsDir', emails]);
   assert.equal(deleted.code, 1, deleted.stdout);
   assert.match(deleted.stderr, /^relayq: cannot use emailsDir \S+emails: \S+emails may be changed by its owner, uid 1000: /);
+  // an emailsDir with `..` after a link: its failed/ is checked where the kernel reaches it, where
+  // the exports go (the path's text names another one)
+  const base = tempDir();
+  fs.mkdirSync(path.join(base, 'a'));
+  fs.mkdirSync(path.join(base, 'P', 'sub'), { recursive: true });
+  fs.symlinkSync('../P/sub', path.join(base, 'a', 'l'));
+  fs.mkdirSync(path.join(base, 'P', 'failed'));
+  fs.chownSync(path.join(base, 'P', 'failed'), 1000, 1000);
+  await assert.rejects(startTestRelay({ databasePath: path.join(tempDir(), 'relayq.db'), emailsDir: `${base}/a/l/..` }, { startDelivery: false }), {
+    message: new RegExp(`^config error: emailsDir: \\S+ cannot hold deliveries and failed-mail exports: ${path.join(base, 'P', 'failed')} may be changed by its owner, uid 1000`),
+  });
 });
