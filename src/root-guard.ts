@@ -78,11 +78,12 @@ export function physicalPath(given: string): string {
  * As physicalPath, but a path the kernel would not follow either (a loop of links, a directory
  * this user may not look into) throws: for a place relayq is about to write to, where the text of
  * the path (path.resolve) would put the file somewhere else. So does a link to a place that does
- * not exist (a volume not mounted): relayq would make the place, and its files would be hidden
- * once the volume is there.
+ * not exist (a volume not mounted), where relayq would make the directories, and its files would
+ * be hidden once the volume is there; `links: 'to-missing-too'` follows such a link (a file to
+ * make, in a directory that must exist).
  */
-export function followedPath(given: string): string {
-  return walk(absolute(given), new Set(), { followed: 0, strict: true });
+export function followedPath(given: string, links: 'to-existing' | 'to-missing-too' = 'to-existing'): string {
+  return walk(absolute(given), new Set(), { followed: 0, strict: links === 'to-existing' });
 }
 
 /** `given` made absolute without resolving `..` by its text: after a link, `..` is the parent of the link's target. */
@@ -93,7 +94,7 @@ function absolute(given: string): string {
 /**
  * Follows `target` as the kernel does, one name at a time from `/`, adding to `places` every
  * directory and link it passes (a link's target followed in turn), and returns the real path it
- * reaches; its last names may not exist yet.
+ * reaches; its last names may not exist yet (but a `..` after one throws, as the kernel fails there).
  */
 function walk(target: string, places: Set<string>, links: { followed: number; strict?: boolean }, via?: string): string {
   let at = '/';
@@ -102,7 +103,9 @@ function walk(target: string, places: Set<string>, links: { followed: number; st
   for (const name of target.split('/')) {
     if (name === '' || name === '.') continue;
     if (name === '..') {
-      if (missing && links.strict) throw new Error(`${target}: ${at} does not exist (a \`..\` after it leads nowhere)`);
+      // as the kernel: a name that is not there has no parent to go back to (and another user
+      // could make it a link between a look at the path and its use)
+      if (missing) throw new Error(`${target}: ${at} does not exist (a \`..\` after it leads nowhere)`);
       at = path.dirname(at);
       continue;
     }
@@ -119,6 +122,7 @@ function walk(target: string, places: Set<string>, links: { followed: number; st
     if (++links.followed > 40) throw new Error(`${target}: too many levels of symbolic links`);
     const destination = fs.readlinkSync(next);
     at = walk(path.isAbsolute(destination) ? destination : `${at}/${destination}`, places, links, next);
+    missing = !fs.existsSync(at);
   }
   return at;
 }

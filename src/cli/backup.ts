@@ -1,18 +1,12 @@
 // `relayq backup FILE`: a consistent, fsynced, verified copy of the live database.
 import { count } from '../count.js';
 import { BackupError, backupDatabase } from '../store/backup.js';
-import { refuseOthersPathsAsRoot } from '../root-guard.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatBytes } from './table.js';
 
 export async function backupCommand(file: string, options: { force?: boolean }, global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
   const result = await withReader(config, (sqlite) => {
-    try {
-      refuseOthersPathsAsRoot([file]);
-    } catch (err) {
-      throw new CliError(`backup failed: ${(err as Error).message}`);
-    }
     try {
       return backupDatabase(sqlite, file, { overwrite: options.force });
     } catch (err) {

@@ -54,13 +54,16 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
 }
 
 /**
- * emailsDir as the server names its files there (`delete` removes a message's export): the
- * directory the kernel reaches, which the root check looks at, not the one the path's text names;
- * one it would not reach is an error, as at the server's start.
+ * emailsDir for a command that writes or removes files there (`delete` removes a message's
+ * export), as the server names its files there: the directory the kernel reaches, not the one the
+ * path's text names, followed once; one it would not reach is an error, as at the server's start.
+ * As root, that directory and its failed/ are checked before anything is opened.
  */
 export function emailsDirOf(config: Config): string {
   try {
-    return followedPath(config.emailsDir);
+    const reached = followedPath(config.emailsDir);
+    refuseOthersPathsAsRoot([config.emailsDir, path.join(reached, 'failed')]);
+    return reached;
   } catch (err) {
     throw new CliError(`cannot use emailsDir ${config.emailsDir}: ${(err as Error).message}`);
   }
@@ -178,15 +181,9 @@ function refuseOthersPathsForCli(file: string): void {
   }
 }
 
-/** The paths a command that writes uses: the database and emailsDir (`delete` removes a message's export). */
+/** The database of a command that writes (`delete` checks emailsDir too: emailsDirOf). */
 export function refuseOthersPathsForWriter(config: Config): void {
   refuseOthersPathsForCli(config.databasePath);
-  try {
-    refuseOthersPathsAsRoot([config.emailsDir, path.join(emailsDirOf(config), 'failed')]);
-  } catch (err) {
-    if (err instanceof CliError) throw err;
-    throw new CliError(`cannot use emailsDir ${config.emailsDir}: ${(err as Error).message}`);
-  }
 }
 
 /**

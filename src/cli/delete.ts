@@ -14,6 +14,8 @@ import { CliError, emailsDirOf, type GlobalOptions, loadCliConfig, printJson, pr
 export async function deleteCommand(ids: string[], global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
   const unique = [...new Set(ids.map(canonicalQueueId))];
+  // before the database is opened: the exports of the deleted messages are removed there
+  const emailsDir = emailsDirOf(config);
   const { results, stopped } = await withWriter(config, (sqlite) => {
     for (const id of unique) {
       const hold = holdOf(sqlite, id, systemClock.now());
@@ -27,7 +29,6 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
   const held = unique.filter((_, i) => results[i] === 'held');
   // failed messages' exports go with them: they would describe mail that is no longer there
   const warnings: string[] = [];
-  const emailsDir = emailsDirOf(config);
   for (const id of deleted) {
     try {
       await removeFailedExport(emailsDir, id);

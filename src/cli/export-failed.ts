@@ -15,22 +15,24 @@ const PAGE = 500;
 
 export async function exportFailedCommand(dir: string | undefined, global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
-  // emailsDir/failed by the directory the kernel reaches (path.join would take a `..` by its text)
-  const given = dir ?? failedExportDir(emailsDirOf(config));
+  // as configured, for messages; the files go where the kernel reaches it (path.join would take a
+  // `..` in emailsDir by its text)
+  const given = dir ?? failedExportDir(config.emailsDir);
+  const reached = () => (dir === undefined ? failedExportDir(emailsDirOf(config)) : followedPath(dir));
   let target = given;
   const files = await withReader(config, async (sqlite) => {
     requireCurrentSchema(sqlite, config.databasePath);
     let page = listMessages(sqlite, { state: 'failed', limit: PAGE });
     // the database answered (one that needs migrating does not); now the target: a directory,
-    // or one that can be made. Its files are named in the directory the kernel reaches, which the
-    // root check looked at: the text of a path with `..` after a link names another one.
+    // or one that can be made, followed once: where root's check looks is where the files go
     try {
-      refuseOthersPathsAsRoot([given]);
-      target = followedPath(given);
+      target = reached();
+      refuseOthersPathsAsRoot([dir ?? config.emailsDir, target]);
       makeDirectory(target, EMAILS_DIR_MODE);
       // one this user may not write fails now, also when there is nothing to export
       fs.accessSync(target, fs.constants.W_OK | fs.constants.X_OK);
     } catch (err) {
+      if (err instanceof CliError) throw err;
       throw new CliError(`cannot export into ${given}: ${(err as Error).message}`);
     }
     const written: string[] = [];
@@ -42,7 +44,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
         } catch (err) {
           // a file system error; the database's own (a schema that needs migrating) pass as they are
           if ((err as NodeJS.ErrnoException).syscall === undefined) throw err;
-          throw new CliError(`cannot export ${id} into ${target} (${written.length} exported before it): ${(err as Error).message}`);
+          throw new CliError(`cannot export ${id} into ${given} (${written.length} exported before it): ${(err as Error).message}`);
         }
         if (file) written.push(file);
       }
@@ -51,5 +53,5 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     }
   });
   if (global.json) printJson({ directory: target, exported: files.length, files });
-  else printText(`exported ${count(files.length, 'failed message')} to ${target}`);
+  else printText(`exported ${count(files.length, 'failed message')} to ${given}`);
 }

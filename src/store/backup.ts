@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { followedPath, physicalPath } from '../root-guard.js';
+import { followedPath, physicalPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import type { Sqlite } from './db.js';
 import { appliedMigrations } from './maintenance.js';
 
@@ -136,13 +136,19 @@ function placeWithoutReplacing(partial: string, file: string, target: string): v
 /** The target as an absolute path, once it is known to be a place a backup may be written. */
 function checkTarget(target: string, databaseFile: string, overwrite: boolean): string {
   if (target.endsWith('/') || target.endsWith(path.sep)) throw new BackupError(`${target} names a directory, not a file`);
-  // where the kernel writes it, as the root check saw it: a `..` after a link is its target's parent
-  // (and nowhere, for a path it would not follow: its text alone names another place)
+  // where the kernel writes it: a `..` after a link is its target's parent (and nowhere, for a path
+  // it would not follow: its text alone names another place). Followed once, and that is where
+  // root's check looks and where the copy goes.
   let file: string;
   try {
-    file = followedPath(target);
+    file = followedPath(target, 'to-missing-too');
   } catch (err) {
     throw new BackupError(`cannot follow ${target}: ${(err as Error).message}`);
+  }
+  try {
+    refuseOthersPathsAsRoot([target, file]);
+  } catch (err) {
+    throw new BackupError((err as Error).message);
   }
   const dir = path.dirname(file);
   const dirStat = fs.statSync(dir, { throwIfNoEntry: false });

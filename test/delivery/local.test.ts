@@ -77,13 +77,23 @@ describe('local delivery (forwardSMTP=false)', () => {
     await assert.rejects(startTestRelay({ forwardSMTP: false, databasePath, emailsDir: `${dir}/loop/../emails2` }, { startDelivery: false }), /too many levels of symbolic links/);
     assert.deepEqual(fs.readdirSync(path.join(dir, 'mnt')), []);
     await (await startTestRelay({ forwardSMTP: false, databasePath, emailsDir: path.join(dir, 'made') }, { startDelivery: false })).stop();
-    const [exported, deleted] = await Promise.all([
+    const [exported, exportedByDefault, afterMissing, deleted, migrated, retried] = await Promise.all([
       runCli(['export-failed', path.join(dir, 'emails'), '--databasePath', databasePath]),
+      runCli(['export-failed', '--databasePath', databasePath, '--emailsDir', path.join(dir, 'emails')]),
+      // a `..` after a name that is not there: the kernel would not go back from it
+      runCli(['export-failed', `${dir}/missing/../exports`, '--databasePath', databasePath]),
       runCli(['delete', '1A23BC3C88F4F86B3CCE', '--databasePath', databasePath, '--emailsDir', `${dir}/loop/../made`]),
+      // the commands that do not write there do not look at it
+      runCli(['migrate', '--databasePath', databasePath, '--emailsDir', path.join(dir, 'emails')]),
+      runCli(['retry', '--queued', '--databasePath', databasePath, '--emailsDir', path.join(dir, 'emails')]),
     ]);
     assert.match(exported.stderr, /^relayq: cannot export into \S+emails: \S+emails is a symbolic link to mnt\/nas\/relayq\/emails, which does not exist\n$/);
+    assert.match(exportedByDefault.stderr, /^relayq: cannot use emailsDir \S+emails: \S+emails is a symbolic link to mnt\/nas\/relayq\/emails, which does not exist\n$/);
+    assert.match(afterMissing.stderr, /^relayq: cannot export into \S+missing\/\.\.\/exports: \S+: \S+missing does not exist \(a `\.\.` after it leads nowhere\)\n$/);
     assert.match(deleted.stderr, /^relayq: cannot use emailsDir \S+loop\/\.\.\/made: \S+: too many levels of symbolic links\n$/);
+    assert.deepEqual([migrated.code, retried.code], [0, 0], migrated.stderr + retried.stderr);
     assert.deepEqual(fs.readdirSync(path.join(dir, 'mnt')), []);
+    assert.deepEqual([fs.existsSync(path.join(dir, 'missing')), fs.existsSync(path.join(dir, 'exports'))], [false, false]);
   });
 
   test('a write that fails is deferred, not lost, and succeeds once the directory is writable', async () => {

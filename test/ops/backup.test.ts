@@ -197,6 +197,12 @@ describe('relayq backup while mail is accepted and delivered', () => {
       assert.throws(() => backupDatabase(sqlite, throughLoop), /cannot follow .*too many levels of symbolic links/);
       assert.equal(fs.existsSync(`${db}-journal`), false);
       fs.unlinkSync(loop);
+      assert.throws(() => backupDatabase(sqlite, `${dir}/missing/../copy-after-missing.db`), /does not exist \(a `\.\.` after it leads nowhere\)/);
+      // a link to a file not made yet, in a directory that is there: the copy is made where it points
+      const toMake = path.join(dir, 'link-to-copy.db');
+      fs.symlinkSync('made-through-link.db', toMake);
+      assert.equal(backupDatabase(sqlite, toMake).file, path.join(dir, 'made-through-link.db'));
+      assert.ok(fs.lstatSync(toMake).isSymbolicLink() && fs.statSync(toMake).isFile());
       const newDir = path.join(dir, 'new-dir');
       assert.throws(() => backupDatabase(sqlite, `${newDir}/`), /names a directory, not a file/);
       assert.equal(fs.existsSync(newDir), false);

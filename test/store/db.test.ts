@@ -315,7 +315,7 @@ test('as root, relayq refuses a database directory another user may write: links
   fs.chownSync(emails, 1000, 1000);
   const exported = await runCli(['export-failed', '--databasePath', file, '--emailsDir', emails]);
   assert.equal(exported.code, 1, exported.stdout);
-  assert.match(exported.stderr, /^relayq: cannot export into \S+failed: \S+emails may be changed by its owner, uid 1000: /);
+  assert.match(exported.stderr, /^relayq: cannot use emailsDir \S+emails: \S+emails may be changed by its owner, uid 1000: /);
   // a command that writes names the key that is refused, not the database
   const deleted = await runCli(['delete', '1A23BC3C88F4F86B3CCE', '--databasePath', file, '--emailsDir', emails]);
   assert.equal(deleted.code, 1, deleted.stdout);
