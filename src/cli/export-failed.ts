@@ -18,16 +18,19 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
   // as configured, for messages; the files go where the kernel reaches it (path.join would take a
   // `..` in emailsDir by its text)
   const given = dir ?? failedExportDir(config.emailsDir);
-  const reached = () => (dir === undefined ? failedExportDir(emailsDirOf(config)) : followedPath(dir));
-  let target = given;
-  const files = await withReader(config, async (sqlite) => {
+  const { target, files } = await withReader(config, async (sqlite) => {
     requireCurrentSchema(sqlite, config.databasePath);
     let page = listMessages(sqlite, { state: 'failed', limit: PAGE });
     // the database answered (one that needs migrating does not); now the target: a directory,
     // or one that can be made, followed once: where root's check looks is where the files go
+    let target: string;
     try {
-      target = reached();
-      refuseOthersPathsAsRoot([dir ?? config.emailsDir, target]);
+      if (dir === undefined) {
+        target = failedExportDir(emailsDirOf(config)); // checked there
+      } else {
+        target = followedPath(dir);
+        refuseOthersPathsAsRoot([dir, target]);
+      }
       makeDirectory(target, EMAILS_DIR_MODE);
       // one this user may not write fails now, also when there is nothing to export
       fs.accessSync(target, fs.constants.W_OK | fs.constants.X_OK);
@@ -48,7 +51,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
         }
         if (file) written.push(file);
       }
-      if (page.nextBefore === null) return written;
+      if (page.nextBefore === null) return { target, files: written };
       page = listMessages(sqlite, { state: 'failed', limit: PAGE, before: page.nextBefore });
     }
   });
