@@ -100,12 +100,15 @@ function walk(target: string, places: Set<string>, links: { followed: number; st
   let at = '/';
   places.add(at);
   let missing = false;
+  let file = false;
   for (const name of target.split('/')) {
+    // as the kernel: nothing comes after a file, and a name that is not there has no parent to go
+    // back to (what the check looked at would not be what is opened: another user could make
+    // either a link between the look and the use)
+    if (file) throw new Error(`${at} is not a directory`);
     if (name === '' || name === '.') continue;
     if (name === '..') {
-      // as the kernel: a name that is not there has no parent to go back to (and another user
-      // could make it a link between a look at the path and its use)
-      if (missing) throw new Error(`${target}: ${at} does not exist (a \`..\` after it leads nowhere)`);
+      if (missing) throw new Error(`${at} does not exist (a \`..\` after it leads nowhere)`);
       at = path.dirname(at);
       continue;
     }
@@ -116,13 +119,16 @@ function walk(target: string, places: Set<string>, links: { followed: number; st
     missing ||= !stat;
     if (!stat?.isSymbolicLink()) {
       at = next;
+      file = stat !== undefined && !stat.isDirectory();
       continue;
     }
     // as the kernel, which follows 40 links at most on the way to one path
     if (++links.followed > 40) throw new Error(`${target}: too many levels of symbolic links`);
     const destination = fs.readlinkSync(next);
     at = walk(path.isAbsolute(destination) ? destination : `${at}/${destination}`, places, links, next);
-    missing = !fs.existsSync(at);
+    const reached = fs.statSync(at, { throwIfNoEntry: false });
+    missing = !reached;
+    file = reached !== undefined && !reached.isDirectory();
   }
   return at;
 }

@@ -69,6 +69,16 @@ export function emailsDirOf(config: Config): string {
   }
 }
 
+/** Why the kernel would not follow `file`, in words. */
+function notFollowed(file: string): string {
+  try {
+    followedPath(file, 'to-missing-too');
+    return 'a name on its path is not a directory';
+  } catch (err) {
+    return (err as Error).message;
+  }
+}
+
 /** The database file's stat: it must be there, and be a file. */
 export function requireDatabaseFile(file: string): fs.Stats {
   // a relative databasePath is read from the working directory, not from the config file's
@@ -77,7 +87,10 @@ export function requireDatabaseFile(file: string): fs.Stats {
   try {
     stat = fs.statSync(file, { throwIfNoEntry: false });
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EACCES') throw err;
+    const code = (err as NodeJS.ErrnoException).code;
+    // which name is a file: the walk along the path says
+    if (code === 'ENOTDIR') throw new CliError(`cannot open database ${where}: ${notFollowed(file)}`);
+    if (code !== 'EACCES') throw err;
     throw new CliError(`cannot open database ${where}: permission denied (this user may not look into a directory on its path); run the command as the relay's user`);
   }
   if (!stat) {

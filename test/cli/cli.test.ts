@@ -265,6 +265,7 @@ describe('relayq CLI on the database of a running relay', () => {
     const relative = await runCli(['status', '--databasePath', 'data/nowhere.db']);
     assertOneLineError(relative, /^relayq: no database at data\/nowhere\.db \(/);
     assert.ok(relative.stderr.includes(`(${path.join(CLI_CWD, 'data', 'nowhere.db')}: a relative databasePath is taken from the working directory)`), relative.stderr);
+    assertOneLineError(await runCli(['status', '--databasePath', path.join(aFile, 'relayq.db')]), /^relayq: cannot open database \S+a-file\/relayq\.db: \S+a-file is not a directory$/);
     const dangling = path.join(dir, 'dangling.db');
     fs.symlinkSync('volume/relayq.db', dangling);
     assertOneLineError(await runCli(['status', '--databasePath', dangling]), /^relayq: no database at .*dangling\.db: it is a symbolic link to volume\/relayq\.db, which does not exist$/);

@@ -932,12 +932,12 @@ describe('what only the start can find out names the key to fix', () => {
     fs.writeFileSync(file, 'not a directory\n');
     await assert.rejects(
       startTestRelay({ emailsDir: path.join(file, 'emails'), databasePath: path.join(dir, 'relayq.db') }, { startDelivery: false }),
-      /^Error: config error: emailsDir: .*a-file\/emails cannot hold deliveries and failed-mail exports: ENOTDIR/,
+      /^Error: config error: emailsDir: .*a-file\/emails cannot hold deliveries and failed-mail exports: \S+a-file is not a directory$/,
     );
     // a relative one says where it was looked for: from the working directory
     const relative = path.relative(process.cwd(), path.join(file, 'emails'));
     await assert.rejects(startTestRelay({ emailsDir: relative, databasePath: path.join(dir, 'relayq.db') }, { startDelivery: false }), {
-      message: new RegExp(`^config error: emailsDir: ${relative} \\(${path.join(file, 'emails')}: a relative emailsDir is taken from the working directory\\) cannot hold .*ENOTDIR`),
+      message: new RegExp(`^config error: emailsDir: ${relative} \\(${path.join(file, 'emails')}: a relative emailsDir is taken from the working directory\\) cannot hold .*a-file is not a directory$`),
     });
     // nothing was started or created: not even the database
     assert.deepEqual(fs.readdirSync(dir), ['a-file']);

@@ -89,7 +89,7 @@ describe('local delivery (forwardSMTP=false)', () => {
     ]);
     assert.match(exported.stderr, /^relayq: cannot export into \S+emails: \S+emails is a symbolic link to mnt\/nas\/relayq\/emails, which does not exist\n$/);
     assert.match(exportedByDefault.stderr, /^relayq: cannot use emailsDir \S+emails: \S+emails is a symbolic link to mnt\/nas\/relayq\/emails, which does not exist\n$/);
-    assert.match(afterMissing.stderr, /^relayq: cannot export into \S+missing\/\.\.\/exports: \S+: \S+missing does not exist \(a `\.\.` after it leads nowhere\)\n$/);
+    assert.match(afterMissing.stderr, /^relayq: cannot export into \S+missing\/\.\.\/exports: \S+missing does not exist \(a `\.\.` after it leads nowhere\)\n$/);
     assert.match(deleted.stderr, /^relayq: cannot use emailsDir \S+loop\/\.\.\/made: \S+: too many levels of symbolic links\n$/);
     assert.deepEqual([migrated.code, retried.code], [0, 0], migrated.stderr + retried.stderr);
     assert.deepEqual(fs.readdirSync(path.join(dir, 'mnt')), []);

@@ -245,6 +245,16 @@ test('as root, relayq refuses a database directory another user may write: links
   const backupToShared = await runCli(['backup', path.join(sticky, 'copy.db'), '--databasePath', file]);
   assert.match(backupToShared.stderr, new RegExp(`^relayq: backup failed: ${sticky} is shared \\(sticky`));
   assert.deepEqual(fs.readdirSync(sticky), []);
+  // another user's file there, with `..` after it, on the way to a directory of root's: the kernel
+  // does not go back from a file, and that user could swap it for a link between check and open
+  fs.mkdirSync(path.join(sticky, 'x'), { mode: 0o700 });
+  fs.copyFileSync(file, path.join(sticky, 'x', 'relayq.db'));
+  fs.writeFileSync(path.join(sticky, 'F'), '');
+  fs.chownSync(path.join(sticky, 'F'), 1000, 1000);
+  const throughFile = await runCli(['status', '--databasePath', `${sticky}/F/../x/relayq.db`]);
+  assert.equal(throughFile.stderr, `relayq: cannot open database ${sticky}/F/../x/relayq.db: ${sticky}/F is not a directory\n`);
+  fs.rmSync(path.join(sticky, 'x'), { recursive: true });
+  fs.rmSync(path.join(sticky, 'F'));
   // a link of another user's in the middle of a chain of links: root's link leads to it
   const chain = path.join(tempDir(), 'chain.db');
   const middle = path.join(tempDir(), 'middle.lnk');
