@@ -17,7 +17,7 @@ import { DeliveryEngine } from './delivery/engine.js';
 import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
 import { makeDirectory } from './make-dir.js';
-import { followedPath, physicalPath, refuseOthersPathsAsRoot } from './root-guard.js';
+import { followedForUse, physicalPath } from './root-guard.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { Spool, SpoolError } from './smtp/spool.js';
 import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
@@ -84,9 +84,8 @@ export interface Relay {
 function prepareEmailsDir(given: string): string {
   let emailsDir = given;
   try {
-    emailsDir = followedPath(given);
+    emailsDir = followedForUse(given, { inside: 'failed' });
     const failedDir = failedExportDir(emailsDir);
-    refuseOthersPathsAsRoot([given, failedDir]);
     // not writable by others, whatever the umask: the files hold messages, and a directory others
     // may write to would let them swap in a link to another place
     makeDirectory(failedDir, EMAILS_DIR_MODE);

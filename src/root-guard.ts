@@ -18,12 +18,27 @@ import path from 'node:path';
  */
 export function refuseOthersPathsAsRoot(paths: readonly string[]): void {
   if (process.getuid?.() !== 0) return;
-  for (const given of paths) {
-    const places = new Set<string>();
-    const real = walk(absolute(given), places, { followed: 0 });
-    for (const place of places) refuseOthersPlace(place);
-    refuseShared(holder(real));
-  }
+  for (const given of paths) refuseShared(holder(refuseOthersOnTheWay(given)));
+}
+
+/**
+ * As root, for a path this process is about to use: follows it once (followedPath) and refuses
+ * both the path and where it leads (`inside` it, when files are made in a directory of it) unless
+ * they are root's alone. What is then used is the path returned, the one that was checked: the
+ * path's text, or a second walk along it, could be led elsewhere by another user in between.
+ */
+export function followedForUse(given: string, options: { links?: 'to-existing' | 'to-missing-too'; inside?: string } = {}): string {
+  const reached = followedPath(given, options.links);
+  refuseOthersPathsAsRoot([given, options.inside === undefined ? reached : path.join(reached, options.inside)]);
+  return reached;
+}
+
+/** Every directory and link on the way to `given` judged (refuseOthersPlace); the real path it reaches. */
+function refuseOthersOnTheWay(given: string): string {
+  const places = new Set<string>();
+  const real = walk(absolute(given), places, { followed: 0 });
+  for (const place of places) refuseOthersPlace(place);
+  return real;
 }
 
 /**
@@ -43,9 +58,7 @@ export function readRootsFile(file: string, uses = 'would take paths and setting
     if (stat.isFile() && stat.nlink > 1) throw new Error(`${file} has ${stat.nlink} hard links: as root, relayq reads a file it takes settings from by one name only`);
   };
   if (asRoot) {
-    const places = new Set<string>();
-    walk(absolute(file), places, { followed: 0 });
-    for (const place of places) refuseOthersPlace(place);
+    refuseOthersOnTheWay(file);
     // before the open too: a FIFO of another user's nobody writes to would hold the open for ever
     const seen = fs.statSync(file, { throwIfNoEntry: false });
     if (seen) refuse(seen);
@@ -99,16 +112,16 @@ function absolute(given: string): string {
 function walk(target: string, places: Set<string>, links: { followed: number; strict?: boolean }, via?: string): string {
   let at = '/';
   places.add(at);
-  let missing = false;
-  let file = false;
+  /** What `at` is (the parent of a directory is one). */
+  let kind: 'directory' | 'file' | 'missing' = 'directory';
   for (const name of target.split('/')) {
     // as the kernel: nothing comes after a file, and a name that is not there has no parent to go
     // back to (what the check looked at would not be what is opened: another user could make
     // either a link between the look and the use)
-    if (file) throw new Error(`${at} is not a directory`);
+    if (kind === 'file') throw new Error(`${at} is not a directory`);
     if (name === '' || name === '.') continue;
     if (name === '..') {
-      if (missing) throw new Error(`${at} does not exist (a \`..\` after it leads nowhere)`);
+      if (kind === 'missing') throw new Error(`${at} does not exist (a \`..\` after it leads nowhere)`);
       at = path.dirname(at);
       continue;
     }
@@ -116,21 +129,22 @@ function walk(target: string, places: Set<string>, links: { followed: number; st
     places.add(next);
     const stat = fs.lstatSync(next, { throwIfNoEntry: false });
     if (!stat && via !== undefined && links.strict) throw new Error(`${via} is a symbolic link to ${fs.readlinkSync(via)}, which does not exist`);
-    missing ||= !stat;
     if (!stat?.isSymbolicLink()) {
       at = next;
-      file = stat !== undefined && !stat.isDirectory();
+      kind = kindOf(stat);
       continue;
     }
     // as the kernel, which follows 40 links at most on the way to one path
     if (++links.followed > 40) throw new Error(`${target}: too many levels of symbolic links`);
     const destination = fs.readlinkSync(next);
     at = walk(path.isAbsolute(destination) ? destination : `${at}/${destination}`, places, links, next);
-    const reached = fs.statSync(at, { throwIfNoEntry: false });
-    missing = !reached;
-    file = reached !== undefined && !reached.isDirectory();
+    kind = kindOf(fs.statSync(at, { throwIfNoEntry: false }));
   }
   return at;
+}
+
+function kindOf(stat: fs.Stats | undefined): 'directory' | 'file' | 'missing' {
+  return stat === undefined ? 'missing' : stat.isDirectory() ? 'directory' : 'file';
 }
 
 /** Where relayq makes its files for a path: the path itself when it is a directory, else the nearest directory above it that exists. */

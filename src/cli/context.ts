@@ -7,7 +7,7 @@ import path from 'node:path';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
-import { followedPath, physicalPath, refuseOthersPathsAsRoot } from '../root-guard.js';
+import { followedForUse, followedPath, physicalPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
 import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
@@ -61,9 +61,7 @@ export function loadCliConfig(options: GlobalOptions, env: NodeJS.ProcessEnv): C
  */
 export function emailsDirOf(config: Config): string {
   try {
-    const reached = followedPath(config.emailsDir);
-    refuseOthersPathsAsRoot([config.emailsDir, path.join(reached, 'failed')]);
-    return reached;
+    return followedForUse(config.emailsDir, { inside: 'failed' });
   } catch (err) {
     throw new CliError(`cannot use emailsDir ${config.emailsDir}: ${(err as Error).message}`);
   }
@@ -179,24 +177,19 @@ function sideFileHint(err: unknown, file: string): string {
 }
 
 /**
- * Run as root, a command refuses its database, or the other `paths` it uses, where another user
- * could lead it to other files (refuseOthersPathsAsRoot), before anything there is opened. Also a
+ * Run as root, a command refuses its database where another user could lead it to other files
+ * (refuseOthersPathsAsRoot), before anything there is opened (emailsDir: emailsDirOf). Also a
  * command that only reads: a reader makes the -shm file beside the database and SQLite gives it
  * the database's owner, and root would do that to a file of root's linked there by another name.
  * (Reading as that user instead would not do: a process that drops to a user is that user's to
  * signal, and SIGUSR1 opens Node's inspector on what root loaded.)
  */
-function refuseOthersPathsForCli(file: string): void {
+export function refuseOthersPathsForCli(file: string): void {
   try {
     refuseOthersPathsAsRoot([file]);
   } catch (err) {
     throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
   }
-}
-
-/** The database of a command that writes (`delete` checks emailsDir too: emailsDirOf). */
-export function refuseOthersPathsForWriter(config: Config): void {
-  refuseOthersPathsForCli(config.databasePath);
 }
 
 /**
@@ -224,7 +217,7 @@ export function openWriterForCli(config: Config): Sqlite {
  */
 export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | Promise<T>): Promise<T> {
   const file = config.databasePath;
-  refuseOthersPathsForWriter(config);
+  refuseOthersPathsForCli(file);
   // refused before the open, which would turn the empty file into a database (WAL mode, -wal, -shm)
   if (requireDatabaseFile(file).size === 0) throw new CliError(`cannot read database ${file}: ${NO_SCHEMA}`);
   const sqlite = openWriterForCli(config);

@@ -7,7 +7,7 @@ import { count } from '../count.js';
 import { EMAILS_DIR_MODE } from '../delivery/atomic-file.js';
 import { exportFailedMessage, failedExportDir } from '../delivery/failed-export.js';
 import { makeDirectory } from '../make-dir.js';
-import { followedPath, refuseOthersPathsAsRoot } from '../root-guard.js';
+import { followedForUse } from '../root-guard.js';
 import { listMessages } from '../store/queries.js';
 import { CliError, emailsDirOf, type GlobalOptions, loadCliConfig, printJson, printText, requireCurrentSchema, withReader } from './context.js';
 
@@ -28,8 +28,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
       if (dir === undefined) {
         target = failedExportDir(emailsDirOf(config)); // checked there
       } else {
-        target = followedPath(dir);
-        refuseOthersPathsAsRoot([dir, target]);
+        target = followedForUse(dir);
       }
       makeDirectory(target, EMAILS_DIR_MODE);
       // one this user may not write fails now, also when there is nothing to export

@@ -3,12 +3,12 @@
 import type { Sqlite } from '../store/db.js';
 import { lockDatabase } from '../store/maintenance.js';
 import { kyselyFor, migrateToLatest } from '../store/migrate.js';
-import { CliError, type GlobalOptions, loadCliConfig, openWriterForCli, printJson, printText, refuseOthersPathsForWriter, requireDatabaseFile } from './context.js';
+import { CliError, type GlobalOptions, loadCliConfig, openWriterForCli, printJson, printText, refuseOthersPathsForCli, requireDatabaseFile } from './context.js';
 
 export async function migrateCommand(global: GlobalOptions): Promise<void> {
   const config = loadCliConfig(global, process.env);
   const file = config.databasePath;
-  refuseOthersPathsForWriter(config);
+  refuseOthersPathsForCli(file);
   // an upgrade of a database that is not there would create an empty one and call it a success
   requireDatabaseFile(file);
   // not under a running relay: it would go on with the schema it started with
