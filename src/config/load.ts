@@ -455,6 +455,17 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, refu
       'rateLimits.globalMaxPerHour must not exceed rateLimits.globalMaxPerDay',
     );
   }
+  // Set on purpose above the global limit, a per-sender limit never applies: all senders together stop first.
+  for (const [sender, all] of [
+    ['maxPerHour', 'globalMaxPerHour'],
+    ['maxPerDay', 'globalMaxPerDay'],
+  ] as const) {
+    if (origins.has(`rateLimits.${sender}`) && c.rateLimits[sender] > c.rateLimits[all]) {
+      warnings.push(
+        `rateLimits.${sender} ${c.rateLimits[sender]} is above rateLimits.${all} ${c.rateLimits[all]}: all senders together reach the global limit first, so the per-sender one never applies`,
+      );
+    }
+  }
   if (c.retry.initialDelay > c.retry.maxDelay) {
     fail('retry.initialDelay', ['retry.initialDelay', 'retry.maxDelay'], 'retry.initialDelay must not exceed retry.maxDelay');
   }

@@ -177,6 +177,25 @@ describe('loadConfig', () => {
     }
   });
 
+  test('a per-sender rate limit set above the global one gets a warning (it could never apply); left at its default, none', () => {
+    const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' };
+    const both = loadConfig(['--rateLimits.maxPerHour', '100', '--rateLimits.maxPerDay', '200', '--rateLimits.globalMaxPerHour', '10', '--rateLimits.globalMaxPerDay', '20'], credentials);
+    assert.ok(both.ok);
+    assert.deepEqual(both.warnings, [
+      'rateLimits.maxPerHour 100 is above rateLimits.globalMaxPerHour 10: all senders together reach the global limit first, so the per-sender one never applies',
+      'rateLimits.maxPerDay 200 is above rateLimits.globalMaxPerDay 20: all senders together reach the global limit first, so the per-sender one never applies',
+    ]);
+    const day = loadConfig([], { ...credentials, RATE_LIMITS_MAX_PER_DAY: '6000' });
+    assert.ok(day.ok);
+    assert.deepEqual(day.warnings, ['rateLimits.maxPerDay 6000 is above rateLimits.globalMaxPerDay 5000: all senders together reach the global limit first, so the per-sender one never applies']);
+    // equal is a limit that applies; a global limit lowered under the default per-sender one is a global cap
+    for (const args of [['--rateLimits.maxPerHour', '1000'], ['--rateLimits.globalMaxPerHour', '100', '--rateLimits.globalMaxPerDay', '1000']]) {
+      const r = loadConfig(args, credentials);
+      assert.ok(r.ok);
+      assert.deepEqual(r.warnings, [], args.join(' '));
+    }
+  });
+
   test('a queueSize too small for failedRetryInterval to put anything back gets a warning', () => {
     const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' };
     for (const size of ['1', '3']) {
