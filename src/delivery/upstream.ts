@@ -34,7 +34,7 @@ export interface UpstreamSettings {
   /** The whole attempt must end before this; connection-level timeouts are derived from it. */
   attemptTimeoutMs: number;
   logger: Logger;
-  /** Extra tls.connect options (a private CA, for instance). Certificates are verified. */
+  /** Extra tls.connect options (a private CA, for instance); see verifiesCertificates. */
   tls?: tls.ConnectionOptions;
   /** Test hook: the upstream's address as the AUTH policy sees it (default: the socket's peer). */
   peerAddress?: (socketAddress: string) => string;
@@ -348,6 +348,18 @@ function withCertificateHint(err: Error): Error {
 const TOO_MANY = /^\d{3}[ -][45]\.5\.3\b|too many recipients/i;
 
 /**
+ * Whether the upstream's certificate must verify: where that protects something. Implicit TLS
+ * cannot be stripped, forwardRequireTLS asks for a secured upstream, and credentials must not go
+ * to whoever answers. Otherwise STARTTLS is opportunistic, as Postfix's `may` level: encryption
+ * against a listener, with whatever certificate; refusing one that does not verify would only
+ * turn mail away that a man in the middle could still have in plain text, by stripping STARTTLS
+ * from the EHLO reply.
+ */
+export function verifiesCertificates(settings: Pick<UpstreamSettings, 'secure' | 'requireTls' | 'username'>): boolean {
+  return settings.secure || settings.requireTls || settings.username !== '';
+}
+
+/**
  * nodemailer's options for one upstream connection. Its socketTimeout (inactivity on an open
  * connection) is the attempt's whole budget: the reply to the final dot may take long (RFC 5321
  * §4.5.3.2.6 gives it 10 minutes, as Postfix's smtp_data_done_timeout does), and the attempt's
@@ -363,12 +375,12 @@ export function connectionOptions(settings: UpstreamSettings): SMTPConnection.Op
     host: settings.host,
     port: settings.port,
     secure: settings.secure,
-    // STARTTLS is used whenever offered (nodemailer's default); a certificate that does not
-    // verify is a TLS error (retried), never a silent fallback to plain text.
+    // STARTTLS is used whenever offered (nodemailer's default); where the certificate must
+    // verify, one that does not is a TLS error (retried), never a fallback to plain text.
     ignoreTLS: false,
     requireTLS: false,
-    // explicit, so that NODE_TLS_REJECT_UNAUTHORIZED=0 in the environment does not turn it off
-    tls: { rejectUnauthorized: true, ...settings.tls },
+    // explicit, so that NODE_TLS_REJECT_UNAUTHORIZED in the environment changes nothing
+    tls: { rejectUnauthorized: verifiesCertificates(settings), ...settings.tls },
     name: settings.clientName,
     connectionTimeout: setupTimeout,
     greetingTimeout: setupTimeout,
@@ -654,6 +666,7 @@ export class SmtpUpstream {
       connection.connect((err) => {
         if (err) return settle(err);
         tlsVersions.set(connection, readTlsVersion(connection));
+        this.noteUnverified(connection);
         // with implicit TLS, or after STARTTLS, the connection is secure; nodemailer goes on in
         // plain text when the upstream's EHLO offered no STARTTLS
         if (this.requireTls && !connection.secure) return settle(tlsRequired(this.label));
@@ -671,6 +684,18 @@ export class SmtpUpstream {
         connection.login(this.auth, (loginErr) => settle(loginErr ? Object.assign(loginErr, { settingFault: true }) : undefined));
       });
     });
+  }
+
+  /** Opportunistic STARTTLS with a certificate that did not verify: said once per connection, as Postfix does. */
+  private noteUnverified(connection: SMTPConnection): void {
+    const socket = (connection as unknown as { _socket?: { authorized?: boolean; authorizationError?: Error | string } })._socket;
+    if (!connection.secure || socket?.authorized !== false) return;
+    // OpenSSL's code (CERT_HAS_EXPIRED, DEPTH_ZERO_SELF_SIGNED_CERT), or Node's error for a name the certificate does not hold
+    const { authorizationError: why } = socket;
+    this.log.info(
+      { event: 'upstream.tls_unverified', upstream: this.label, tls: tlsVersion(connection), reason: why instanceof Error ? why.message : String(why) },
+      'untrusted TLS connection to the upstream: its certificate did not verify, which opportunistic STARTTLS accepts (forwardRequireTLS or upstream credentials would require it to)',
+    );
   }
 
   /**

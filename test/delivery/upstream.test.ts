@@ -76,10 +76,42 @@ describe('upstream connection: TLS and AUTH', () => {
     return engine;
   }
 
-  test('STARTTLS is used when offered, and a certificate that does not verify is a temporary error, never plain text', async () => {
-    const upstream = await startScriptedUpstream({ disabledCommands: [] }); // smtp-server's self-signed certificate
+  test("STARTTLS is used when offered; a certificate that does not verify is taken (Postfix's `may`) and said once per connection", async () => {
+    const upstream = await startScriptedUpstream({ disabledCommands: [] }); // smtp-server's own certificate, not signed by a CA relayq trusts
     cleanup.push(() => upstream.close());
-    const { clock, relay, id } = await relayFor(upstream.port);
+    const log = capturedLog();
+    const { relay, id } = await relayFor(upstream.port, {}, log.logger);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'delivered');
+    // the next message reuses the connection
+    const next = queuedId((await sendMail(relay.smtpPort, { to: ['b@example.com'] })).response);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, next).state, 'delivered');
+    assert.deepEqual(
+      upstream.accepted.map((m) => m.secure),
+      [true, true],
+      'both over STARTTLS',
+    );
+    const unverified = log.entries().filter((e) => e.event === 'upstream.tls_unverified');
+    assert.deepEqual(
+      unverified.map((e) => [e.level, e.upstream, e.tls]),
+      [[30, `127.0.0.1:${upstream.port}`, 'TLSv1.3']],
+      'one line for the one connection both messages used',
+    );
+    assert.match(String(unverified[0].reason), /^(CERT_HAS_EXPIRED|DEPTH_ZERO_SELF_SIGNED_CERT|UNABLE_TO_VERIFY_LEAF_SIGNATURE)$/);
+    assert.deepEqual(
+      log.entries().filter((e) => e.event === 'delivery.attempt').map((e) => [e.level, e.tls]),
+      [
+        [30, 'TLSv1.3'],
+        [30, 'TLSv1.3'],
+      ],
+    );
+  });
+
+  test('with forwardRequireTLS, a certificate that does not verify is a temporary error, never plain text', async () => {
+    const upstream = await startScriptedUpstream({ disabledCommands: [] });
+    cleanup.push(() => upstream.close());
+    const { clock, relay, id } = await relayFor(upstream.port, { forwardRequireTLS: true });
 
     await relay.delivery.runOnce();
     assert.equal(upstream.accepted.length, 0, 'nothing sent over an unverified or plain connection');
@@ -149,6 +181,7 @@ describe('upstream connection: TLS and AUTH', () => {
     const own = await startScriptedUpstream({ disabledCommands: [], key: fs.readFileSync(keyFile, 'utf8'), cert });
     const expired = await startScriptedUpstream({ disabledCommands: [] }); // smtp-server's own certificate, expired in 2025
     cleanup.push(() => own.close(), () => expired.close());
+    // where the certificate must verify (forwardRequireTLS here; also implicit TLS and credentials)
     const cases: Array<[number, Record<string, unknown> | undefined, string]> = [
       [
         own.port,
@@ -163,7 +196,7 @@ describe('upstream connection: TLS and AUTH', () => {
       [expired.port, { ca: cert }, "ESOCKET: certificate has expired: the upstream's certificate is out of its dates (or this machine's clock is wrong)"],
     ];
     for (const [port, tls, reply] of cases) {
-      const { clock, relay, id } = await relayFor(port);
+      const { clock, relay, id } = await relayFor(port, { forwardRequireTLS: true });
       const log = capturedLog();
       const engine = engineOn(relay, clock, { upstreamTls: tls, logger: log.logger });
       cleanup.push(() => engine.stop(0));
@@ -175,10 +208,10 @@ describe('upstream connection: TLS and AUTH', () => {
     assert.equal(own.accepted.length + expired.accepted.length, 0);
   });
 
-  test('NODE_TLS_REJECT_UNAUTHORIZED=0 in the environment does not turn certificate checks off', async () => {
+  test('NODE_TLS_REJECT_UNAUTHORIZED=0 in the environment does not turn certificate checks off where they apply', async () => {
     const upstream = await startScriptedUpstream({ disabledCommands: [] }); // self-signed
     cleanup.push(() => upstream.close());
-    const { relay, id } = await relayFor(upstream.port);
+    const { relay, id } = await relayFor(upstream.port, { forwardRequireTLS: true });
     const before = process.env.NODE_TLS_REJECT_UNAUTHORIZED;
     process.env.NODE_TLS_REJECT_UNAUTHORIZED = '0';
     try {
@@ -193,10 +226,14 @@ describe('upstream connection: TLS and AUTH', () => {
     assert.match(r.last_reply!, /ETLS|certificate/i);
   });
 
-  test('forwardSSL=true speaks implicit TLS', async () => {
+  test('forwardSSL=true speaks implicit TLS, with a certificate that must verify', async () => {
     const upstream = await startScriptedUpstream({ secure: true });
     cleanup.push(() => upstream.close());
     const { clock, relay, id } = await relayFor(upstream.port, { forwardSSL: true });
+    await relay.delivery.runOnce();
+    assert.equal(upstream.accepted.length, 0);
+    assert.match(recipients(relay, id)[0].last_reply!, /^ESOCKET: .*certificate/);
+    clock.set(message(relay, id).next_attempt_at);
     await engineWith(relay, clock, { rejectUnauthorized: false }).runOnce();
     assert.equal(message(relay, id).state, 'delivered');
     assert.equal(upstream.accepted[0].secure, true);
@@ -373,6 +410,19 @@ describe('upstream AUTH and plain text', () => {
     const [r] = recipients(relay, id);
     assert.deepEqual([r.status, r.temporary], ['pending', 1]);
     assert.match(r.last_reply!, /upstream offered no TLS \(STARTTLS\), so forwardUsername\/forwardPassword were not sent in plain text/);
+  });
+
+  test('with credentials, an upstream whose certificate does not verify gets neither the password nor the mail', async () => {
+    const { upstream, logins } = await authUpstream(true); // smtp-server's own certificate
+    const log = capturedLog();
+    const { relay, id } = await relayWithCredentials(upstream.port, log.logger);
+    await relay.delivery.runOnce();
+    assert.deepEqual([logins, upstream.accepted.length], [[], 0]);
+    const [r] = recipients(relay, id);
+    assert.deepEqual([r.status, r.temporary], ['pending', 1]);
+    assert.match(r.last_reply!, /^ESOCKET: .*certificate/);
+    assert.deepEqual(attemptLines(log), [[40, 'deferred', null]]);
+    assert.equal(log.entries().filter((e) => e.event === 'upstream.tls_unverified').length, 0);
   });
 
   test('with STARTTLS the password goes out encrypted; over loopback also in plain text', async () => {
