@@ -580,6 +580,8 @@ export class SmtpIntake {
       if (stream.sizeExceeded) {
         // stream.byteLength: every byte of the DATA, also those after the limit that were not kept
         log.info({ queueId, event: 'smtp.refused', session: session.id, reason: 'size', bytes: stream.byteLength, client: this.peer(session) }, 'message too large');
+        // the client reads smtp-server's own reply (rejectOversized): `552 5.3.4 Error: message
+        // exceeds fixed maximum message size N`; this one ends the transaction, nothing stored
         return done(reply(552, '5.3.4 Message size exceeds fixed maximum message size'));
       }
       if (scanner.finish()) {
