@@ -456,11 +456,12 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, refu
     );
   }
   // Set on purpose above the global limit, a per-sender limit never applies: all senders together stop first.
+  // (With the limits off, none does.)
   for (const [sender, all] of [
     ['maxPerHour', 'globalMaxPerHour'],
     ['maxPerDay', 'globalMaxPerDay'],
   ] as const) {
-    if (origins.has(`rateLimits.${sender}`) && c.rateLimits[sender] > c.rateLimits[all]) {
+    if (c.rateLimits.enabled && origins.has(`rateLimits.${sender}`) && c.rateLimits[sender] > c.rateLimits[all]) {
       warnings.push(
         `rateLimits.${sender} ${c.rateLimits[sender]} is above rateLimits.${all} ${c.rateLimits[all]}: all senders together reach the global limit first, so the per-sender one never applies`,
       );

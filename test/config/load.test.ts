@@ -177,8 +177,8 @@ describe('loadConfig', () => {
     }
   });
 
-  test('a per-sender rate limit set above the global one gets a warning (it could never apply); left at its default, none', () => {
-    const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' };
+  test('a per-sender rate limit set above the global one gets a warning (it could never apply); left at its default, or the limits off, none', () => {
+    const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p', RATE_LIMITS_ENABLED: 'true' };
     const both = loadConfig(['--rateLimits.maxPerHour', '100', '--rateLimits.maxPerDay', '200', '--rateLimits.globalMaxPerHour', '10', '--rateLimits.globalMaxPerDay', '20'], credentials);
     assert.ok(both.ok);
     assert.deepEqual(both.warnings, [
@@ -188,9 +188,15 @@ describe('loadConfig', () => {
     const day = loadConfig([], { ...credentials, RATE_LIMITS_MAX_PER_DAY: '6000' });
     assert.ok(day.ok);
     assert.deepEqual(day.warnings, ['rateLimits.maxPerDay 6000 is above rateLimits.globalMaxPerDay 5000: all senders together reach the global limit first, so the per-sender one never applies']);
-    // equal is a limit that applies; a global limit lowered under the default per-sender one is a global cap
-    for (const args of [['--rateLimits.maxPerHour', '1000'], ['--rateLimits.globalMaxPerHour', '100', '--rateLimits.globalMaxPerDay', '1000']]) {
-      const r = loadConfig(args, credentials);
+    // equal is a limit that applies; a global limit lowered under the default per-sender one is a
+    // global cap; with the limits off (the default) none applies
+    for (const [args, env] of [
+      [['--rateLimits.maxPerHour', '1000'], credentials],
+      [['--rateLimits.globalMaxPerHour', '100', '--rateLimits.globalMaxPerDay', '1000'], credentials],
+      [['--rateLimits.maxPerHour', '900', '--rateLimits.globalMaxPerHour', '100'], { ...credentials, RATE_LIMITS_ENABLED: 'false' }],
+      [['--rateLimits.maxPerHour', '900', '--rateLimits.globalMaxPerHour', '100'], { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' }],
+    ] as const) {
+      const r = loadConfig([...args], env);
       assert.ok(r.ok);
       assert.deepEqual(r.warnings, [], args.join(' '));
     }
