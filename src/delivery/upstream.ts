@@ -348,15 +348,28 @@ function withCertificateHint(err: Error): Error {
 const TOO_MANY = /^\d{3}[ -][45]\.5\.3\b|too many recipients/i;
 
 /**
- * Whether the upstream's certificate must verify: where that protects something. Implicit TLS
- * cannot be stripped, forwardRequireTLS asks for a secured upstream, and credentials must not go
- * to whoever answers. Otherwise STARTTLS is opportunistic, as Postfix's `may` level: encryption
- * against a listener, with whatever certificate; refusing one that does not verify would only
- * turn mail away that a man in the middle could still have in plain text, by stripping STARTTLS
- * from the EHLO reply.
+ * Whether the upstream's certificate must verify for a connection to go on: where that protects
+ * something. Implicit TLS cannot be stripped, and forwardRequireTLS asks for a secured upstream.
+ * Otherwise STARTTLS is opportunistic, as Postfix's `may` level: encryption against a listener,
+ * with whatever certificate; refusing one that does not verify would only turn mail away that a
+ * man in the middle could still have in plain text, by stripping STARTTLS from the EHLO reply.
+ * Credentials are the exception, judged once connected (see connect): they go to an upstream
+ * elsewhere only if its certificate verified.
  */
-export function verifiesCertificates(settings: Pick<UpstreamSettings, 'secure' | 'requireTls' | 'username'>): boolean {
-  return settings.secure || settings.requireTls || settings.username !== '';
+export function verifiesCertificates(settings: Pick<UpstreamSettings, 'secure' | 'requireTls'>): boolean {
+  return settings.secure || settings.requireTls;
+}
+
+/** Why a certificate did not verify: OpenSSL's code (CERT_HAS_EXPIRED, DEPTH_ZERO_SELF_SIGNED_CERT), or Node's for a name it does not hold. */
+function unverifiedReason(authorizationError: unknown): string {
+  return authorizationError instanceof Error ? ((authorizationError as { code?: string }).code ?? authorizationError.message) : String(authorizationError);
+}
+
+/** Credentials kept from an upstream elsewhere whose certificate did not verify (OpenSSL's code, or Node's for a name). */
+function unverifiedForCredentials(reason: string): Error {
+  const hint = CERTIFICATE_HINTS.find(([codes]) => codes.test(reason))?.[1] ?? 'check its certificate';
+  const message = `the upstream's certificate did not verify (${reason}), so forwardUsername/forwardPassword were not sent: ${hint}`;
+  return Object.assign(new Error(message), { code: 'ETLS', settingFault: true });
 }
 
 /**
@@ -672,13 +685,15 @@ export class SmtpUpstream {
         if (this.requireTls && !connection.secure) return settle(tlsRequired(this.label));
         this.warnOfSizeLimit(sizeLimit(connection));
         if (!this.auth) return settle();
-        // The password goes out encrypted, or over loopback: an upstream that offers no STARTTLS
-        // (or a man in the middle that strips it) does not get it (Postfix: noplaintext). This
-        // comes first: a submission server offers AUTH only after STARTTLS, so with STARTTLS
-        // stripped it offers neither, and the fault is the missing TLS, not the credentials.
-        const socket = (connection as unknown as { _socket?: { remoteAddress?: string } })._socket;
-        if (!connection.secure && !isLoopback(this.peerAddress(socket?.remoteAddress ?? ''))) {
-          return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS', settingFault: true }));
+        // The password goes out encrypted to the upstream the certificate names, or over
+        // loopback: an upstream elsewhere that offers no STARTTLS (or a man in the middle that
+        // strips it, or answers with a certificate of its own) does not get it (Postfix:
+        // noplaintext). This comes first: a submission server offers AUTH only after STARTTLS, so
+        // with STARTTLS stripped it offers neither, and the fault is the missing TLS, not the credentials.
+        const socket = (connection as unknown as { _socket?: { remoteAddress?: string; authorized?: boolean; authorizationError?: unknown } })._socket;
+        if (!isLoopback(this.peerAddress(socket?.remoteAddress ?? ''))) {
+          if (!connection.secure) return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS', settingFault: true }));
+          if (socket?.authorized === false) return settle(unverifiedForCredentials(unverifiedReason(socket.authorizationError)));
         }
         if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH', settingFault: true }));
         connection.login(this.auth, (loginErr) => settle(loginErr ? Object.assign(loginErr, { settingFault: true }) : undefined));
@@ -688,13 +703,11 @@ export class SmtpUpstream {
 
   /** Opportunistic STARTTLS with a certificate that did not verify: said once per connection, as Postfix does. */
   private noteUnverified(connection: SMTPConnection): void {
-    const socket = (connection as unknown as { _socket?: { authorized?: boolean; authorizationError?: Error | string } })._socket;
+    const socket = (connection as unknown as { _socket?: { authorized?: boolean; authorizationError?: unknown } })._socket;
     if (!connection.secure || socket?.authorized !== false) return;
-    // OpenSSL's code (CERT_HAS_EXPIRED, DEPTH_ZERO_SELF_SIGNED_CERT), or Node's error for a name the certificate does not hold
-    const { authorizationError: why } = socket;
     this.log.info(
-      { event: 'upstream.tls_unverified', upstream: this.label, tls: tlsVersion(connection), reason: why instanceof Error ? why.message : String(why) },
-      'untrusted TLS connection to the upstream: its certificate did not verify, which opportunistic STARTTLS accepts (forwardRequireTLS or upstream credentials would require it to)',
+      { event: 'upstream.tls_unverified', upstream: this.label, tls: tlsVersion(connection), reason: unverifiedReason(socket.authorizationError) },
+      'untrusted TLS connection to the upstream: its certificate did not verify, which opportunistic STARTTLS accepts (forwardRequireTLS does not, nor do credentials for an upstream off loopback)',
     );
   }
 

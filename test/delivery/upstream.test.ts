@@ -165,20 +165,11 @@ describe('upstream connection: TLS and AUTH', () => {
   });
 
   test('an upstream certificate that does not verify defers the attempt with a warning that says what to check', async (t) => {
-    // a certificate for relayq.test alone, made for this test
-    const dir = tempDir('relayq-tls-');
-    const [certFile, keyFile] = [path.join(dir, 'cert.pem'), path.join(dir, 'key.pem')];
-    try {
-      execFileSync(
-        'openssl',
-        ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', keyFile, '-out', certFile, '-days', '1', '-subj', '/CN=relayq.test', '-addext', 'subjectAltName=DNS:relayq.test'],
-        { stdio: 'ignore' },
-      );
-    } catch {
-      return t.skip('openssl is not installed');
-    }
-    const cert = fs.readFileSync(certFile, 'utf8');
-    const own = await startScriptedUpstream({ disabledCommands: [], key: fs.readFileSync(keyFile, 'utf8'), cert });
+    // a certificate for relayq.test alone
+    const made = ownCertificate('DNS:relayq.test');
+    if (!made) return t.skip('openssl is not installed');
+    const { cert, key } = made;
+    const own = await startScriptedUpstream({ disabledCommands: [], key, cert });
     const expired = await startScriptedUpstream({ disabledCommands: [] }); // smtp-server's own certificate, expired in 2025
     cleanup.push(() => own.close(), () => expired.close());
     // where the certificate must verify (forwardRequireTLS here; also implicit TLS and credentials)
@@ -326,6 +317,22 @@ describe('upstream connection: TLS and AUTH', () => {
 });
 
 /** Each delivery.attempt line's level, outcome and code. */
+/** A self-signed certificate made for a test, for `names` (its subjectAltName); undefined without openssl. */
+function ownCertificate(names: string): { cert: string; key: string } | undefined {
+  const dir = tempDir('relayq-tls-');
+  const [certFile, keyFile] = [path.join(dir, 'cert.pem'), path.join(dir, 'key.pem')];
+  try {
+    execFileSync(
+      'openssl',
+      ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', keyFile, '-out', certFile, '-days', '1', '-subj', '/CN=relayq.test', '-addext', `subjectAltName=${names}`],
+      { stdio: 'ignore' },
+    );
+  } catch {
+    return undefined;
+  }
+  return { cert: fs.readFileSync(certFile, 'utf8'), key: fs.readFileSync(keyFile, 'utf8') };
+}
+
 function attemptLines(log: ReturnType<typeof capturedLog>): unknown[][] {
   return log
     .entries()
@@ -340,9 +347,10 @@ describe('upstream AUTH and plain text', () => {
   });
 
   /** An upstream that takes AUTH PLAIN/LOGIN (in plain text too) and records every login tried. */
-  async function authUpstream(startTls: boolean) {
+  async function authUpstream(startTls: boolean, certificate: { cert?: string; key?: string } = {}) {
     const logins: Array<{ username?: string; secure: boolean }> = [];
     const upstream = await startScriptedUpstream({
+      ...certificate,
       disabledCommands: startTls ? [] : ['STARTTLS'],
       authOptional: false,
       allowInsecureAuth: true,
@@ -412,23 +420,38 @@ describe('upstream AUTH and plain text', () => {
     assert.match(r.last_reply!, /upstream offered no TLS \(STARTTLS\), so forwardUsername\/forwardPassword were not sent in plain text/);
   });
 
-  test('with credentials, an upstream whose certificate does not verify gets neither the password nor the mail', async () => {
-    const { upstream, logins } = await authUpstream(true); // smtp-server's own certificate
+  test('an upstream elsewhere whose certificate does not verify gets neither the password nor the mail; one on loopback gets both, over TLS', async () => {
+    const { upstream, logins } = await authUpstream(true); // smtp-server's own certificate, not signed by a CA relayq trusts
+    const { clock, relay, id } = await relayWithCredentials(upstream.port);
     const log = capturedLog();
-    const { relay, id } = await relayWithCredentials(upstream.port, log.logger);
-    await relay.delivery.runOnce();
+    const engine = engineOn(relay, clock, { upstreamAddress: () => '192.0.2.25', logger: log.logger });
+    cleanup.push(() => engine.stop(0));
+    await engine.runOnce();
     assert.deepEqual([logins, upstream.accepted.length], [[], 0]);
     const [r] = recipients(relay, id);
     assert.deepEqual([r.status, r.temporary], ['pending', 1]);
-    assert.match(r.last_reply!, /^ESOCKET: .*certificate/);
+    assert.match(
+      r.last_reply!,
+      /^ETLS: the upstream's certificate did not verify \((CERT_HAS_EXPIRED|DEPTH_ZERO_SELF_SIGNED_CERT|UNABLE_TO_VERIFY_LEAF_SIGNATURE)\), so forwardUsername\/forwardPassword were not sent: the upstream's certificate /,
+    );
     assert.deepEqual(attemptLines(log), [[40, 'deferred', null]]);
-    assert.equal(log.entries().filter((e) => e.event === 'upstream.tls_unverified').length, 0);
+
+    // over loopback the password would go in plain text to an upstream without STARTTLS: any certificate does
+    const local = capturedLog();
+    const loopback = await relayWithCredentials(upstream.port, local.logger);
+    await loopback.relay.delivery.runOnce();
+    assert.equal(message(loopback.relay, loopback.id).state, 'delivered');
+    assert.deepEqual(logins, [{ username: 'relay', secure: true }]);
+    assert.equal(local.entries().filter((e) => e.event === 'upstream.tls_unverified').length, 1);
   });
 
-  test('with STARTTLS the password goes out encrypted; over loopback also in plain text', async () => {
-    const tlsUpstream = await authUpstream(true);
+  test('with STARTTLS the password goes out encrypted; over loopback also in plain text', async (t) => {
+    // a certificate that verifies: trusted (as NODE_EXTRA_CA_CERTS would make it) and naming 127.0.0.1
+    const made = ownCertificate('IP:127.0.0.1');
+    if (!made) return t.skip('openssl is not installed');
+    const tlsUpstream = await authUpstream(true, made);
     const remote = await relayWithCredentials(tlsUpstream.upstream.port);
-    const engine = engineOn(remote.relay, remote.clock, { upstreamAddress: () => '192.0.2.25', upstreamTls: { rejectUnauthorized: false } });
+    const engine = engineOn(remote.relay, remote.clock, { upstreamAddress: () => '192.0.2.25', upstreamTls: { ca: made.cert } });
     cleanup.push(() => engine.stop(0));
     await engine.runOnce();
     assert.equal(message(remote.relay, remote.id).state, 'delivered');
