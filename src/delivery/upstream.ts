@@ -190,10 +190,14 @@ function offers(connection: SMTPConnection, extension: string): boolean {
 /** The TLS version of each connection (`TLSv1.3`), or null in plain text: read once it is set up, while its socket is there. */
 const tlsVersions = new WeakMap<SMTPConnection, string | null>();
 
+/** nodemailer's socket of a connection: after STARTTLS, the TLS one. */
+function socketOf(connection: SMTPConnection): (net.Socket & Partial<Pick<tls.TLSSocket, 'authorized' | 'authorizationError' | 'getProtocol'>>) | undefined {
+  return (connection as unknown as { _socket?: net.Socket })._socket;
+}
+
 function readTlsVersion(connection: SMTPConnection): string | null {
   if (!connection.secure) return null;
-  const socket = (connection as unknown as { _socket?: { getProtocol?: () => string | null } })._socket;
-  return socket?.getProtocol?.() ?? 'TLS';
+  return socketOf(connection)?.getProtocol?.() ?? 'TLS';
 }
 
 function tlsVersion(connection: SMTPConnection): string | null {
@@ -256,7 +260,7 @@ function hookSendStream(connection: SMTPConnection): void {
  */
 function withEndUnanswered(err: Error, connection: SMTPConnection): Error {
   const e = err as UpstreamError;
-  const socket = (connection as unknown as { _socket?: net.Socket })._socket;
+  const socket = socketOf(connection);
   const left = dataStreams.get(connection)?.readableEnded === true && socket?.writableLength === 0;
   if (left && typeof e.responseCode !== 'number' && !e.response) e.endUnanswered = true;
   return e;
@@ -690,7 +694,7 @@ export class SmtpUpstream {
         // strips it, or answers with a certificate of its own) does not get it (Postfix:
         // noplaintext). This comes first: a submission server offers AUTH only after STARTTLS, so
         // with STARTTLS stripped it offers neither, and the fault is the missing TLS, not the credentials.
-        const socket = (connection as unknown as { _socket?: { remoteAddress?: string; authorized?: boolean; authorizationError?: unknown } })._socket;
+        const socket = socketOf(connection);
         if (!isLoopback(this.peerAddress(socket?.remoteAddress ?? ''))) {
           if (!connection.secure) return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS', settingFault: true }));
           if (socket?.authorized === false) return settle(unverifiedForCredentials(unverifiedReason(socket.authorizationError)));
@@ -703,7 +707,7 @@ export class SmtpUpstream {
 
   /** Opportunistic STARTTLS with a certificate that did not verify: said once per connection, as Postfix does. */
   private noteUnverified(connection: SMTPConnection): void {
-    const socket = (connection as unknown as { _socket?: { authorized?: boolean; authorizationError?: unknown } })._socket;
+    const socket = socketOf(connection);
     if (!connection.secure || socket?.authorized !== false) return;
     this.log.info(
       { event: 'upstream.tls_unverified', upstream: this.label, tls: tlsVersion(connection), reason: unverifiedReason(socket.authorizationError) },
