@@ -172,7 +172,7 @@ describe('upstream connection: TLS and AUTH', () => {
     const own = await startScriptedUpstream({ disabledCommands: [], key, cert });
     const expired = await startScriptedUpstream({ disabledCommands: [] }); // smtp-server's own certificate, expired in 2025
     cleanup.push(() => own.close(), () => expired.close());
-    // where the certificate must verify (forwardRequireTLS here; also implicit TLS and credentials)
+    // where the certificate must verify (forwardRequireTLS here; also implicit TLS, and credentials for an upstream off loopback)
     const cases: Array<[number, Record<string, unknown> | undefined, string]> = [
       [
         own.port,
@@ -316,7 +316,6 @@ describe('upstream connection: TLS and AUTH', () => {
   });
 });
 
-/** Each delivery.attempt line's level, outcome and code. */
 /** A self-signed certificate made for a test, for `names` (its subjectAltName); undefined without openssl. */
 function ownCertificate(names: string): { cert: string; key: string } | undefined {
   const dir = tempDir('relayq-tls-');
@@ -333,6 +332,7 @@ function ownCertificate(names: string): { cert: string; key: string } | undefine
   return { cert: fs.readFileSync(certFile, 'utf8'), key: fs.readFileSync(keyFile, 'utf8') };
 }
 
+/** Each delivery.attempt line's level, outcome and code. */
 function attemptLines(log: ReturnType<typeof capturedLog>): unknown[][] {
   return log
     .entries()
