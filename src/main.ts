@@ -10,14 +10,14 @@ import { hostPort } from './access-control.js';
 import { createApp } from './api/app.js';
 import { type ApiServer, startApiServer } from './api/server.js';
 import { type Clock, systemClock } from './clock.js';
-import { redactConfig } from './config/load.js';
+import { asGiven, redactConfig } from './config/load.js';
 import type { Config } from './config/schema.js';
 import { EMAILS_DIR_MODE } from './delivery/atomic-file.js';
 import { DeliveryEngine } from './delivery/engine.js';
 import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
 import { makeDirectory } from './make-dir.js';
-import { followedForUse, physicalPath } from './root-guard.js';
+import { followedForUse } from './root-guard.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { Spool, SpoolError } from './smtp/spool.js';
 import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
@@ -96,11 +96,6 @@ function prepareEmailsDir(given: string): string {
     throw new Error(`config error: emailsDir: ${asGiven('emailsDir', given)} cannot hold deliveries and failed-mail exports: ${(err as Error).message}`, { cause: err });
   }
   return emailsDir;
-}
-
-/** A path of the config in an error: a relative one with where it was looked for (the working directory, not the config file's). */
-function asGiven(key: string, given: string): string {
-  return path.isAbsolute(given) ? given : `${given} (${physicalPath(given)}: a relative ${key} is taken from the working directory)`;
 }
 
 /** A start's warning about what other users may do to relayq's files, with the path and its mode. */

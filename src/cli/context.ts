@@ -5,9 +5,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
-import { loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
+import { asGiven, loadConfigFromSources, mistypedEnvNames } from '../config/load.js';
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
-import { followedForUse, followedPath, physicalPath, refuseOthersPathsAsRoot } from '../root-guard.js';
+import { followedForUse, followedPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
 import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
@@ -79,8 +79,7 @@ function notFollowed(file: string): string {
 
 /** The database file's stat: it must be there, and be a file. */
 export function requireDatabaseFile(file: string): fs.Stats {
-  // a relative databasePath is read from the working directory, not from the config file's
-  const where = path.isAbsolute(file) ? file : `${file} (${physicalPath(file)}: a relative databasePath is taken from the working directory)`;
+  const where = asGiven('databasePath', file);
   let stat: fs.Stats | undefined;
   try {
     stat = fs.statSync(file, { throwIfNoEntry: false });

@@ -25,11 +25,7 @@ export async function exportFailedCommand(dir: string | undefined, global: Globa
     // or one that can be made, followed once: where root's check looks is where the files go
     let target: string;
     try {
-      if (dir === undefined) {
-        target = failedExportDir(emailsDirOf(config)); // checked there
-      } else {
-        target = followedForUse(dir);
-      }
+      target = dir === undefined ? failedExportDir(emailsDirOf(config)) : followedForUse(dir);
       makeDirectory(target, EMAILS_DIR_MODE);
       // one this user may not write fails now, also when there is nothing to export
       fs.accessSync(target, fs.constants.W_OK | fs.constants.X_OK);

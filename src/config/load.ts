@@ -636,6 +636,11 @@ export function exposedSecretsWarning(file: ConfigFile): string | undefined {
   return `${file.path} sets ${set.join(', ')}, and every user of this machine may read it (mode 0${(file.mode & 0o777).toString(8)}): chmod o-r it, or give the secrets in the environment`;
 }
 
+/** A path of the config in an error: a relative one with where it was looked for (the working directory, not the config file's). */
+export function asGiven(key: string, given: string): string {
+  return isAbsolute(given) ? given : `${given} (${physicalPath(given)}: a relative ${key} is taken from the working directory)`;
+}
+
 /**
  * Copy of the config with every secret replaced, for logging. A user name that is the password
  * too (an API token some providers take as both) goes with it.
