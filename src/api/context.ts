@@ -24,6 +24,11 @@ export interface DeliveryView {
    * same, except after the wall clock stepped forward past it: the attempt keeps its message.
    */
   holds(messageId: string): boolean;
+  /**
+   * An operator asks for mail to go now: a suspension of delivery to an upstream found
+   * unreachable ends, so that the mail is tried at once instead of deferred without an attempt.
+   */
+  resumeUpstream(): void;
 }
 
 export interface ApiDeps {

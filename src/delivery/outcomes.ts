@@ -40,6 +40,12 @@ export interface BatchResult {
    */
   settingFault?: boolean;
   /**
+   * The upstream was not reached: a new connection was refused, timed out or closed before a
+   * session was set up, with no reply to say why. The engine suspends delivery for a while (see
+   * DeliveryEngine.noteReach).
+   */
+  unreachable?: boolean;
+  /**
    * The TLS version of the connection of the first transaction (`TLSv1.3`), or null in plain text;
    * absent when there was none (no connection, or no login) or for local delivery.
    */
@@ -206,7 +212,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
     });
     return { upstream, code, reply: response, recipients, permanentFailure: false, refusedWhole: false, ...tlsOf(info) };
   }
-  const error = outcome.error as { rejectedErrors?: NodemailerInfo['rejectedErrors']; settingFault?: unknown; tls?: string | null };
+  const error = outcome.error as { rejectedErrors?: NodemailerInfo['rejectedErrors']; settingFault?: unknown; unreachable?: unknown; tls?: string | null };
   const whole = classifyUpstreamError(outcome.error);
   const perRecipient = rcptRefusals(error?.rejectedErrors);
   const recipients = rcpts.map((key): RecipientResult => {
@@ -218,7 +224,17 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
   const rest = rcpts.filter((key) => !perRecipient.has(key));
   const refusedWhole = rest.length > 0 && !whole.temporary;
   const permanentFailure = refusedWhole || (rest.length === 0 && recipients.length > 0 && recipients.every((r) => r.verdict === 'failed'));
-  return { upstream, code: whole.code, reply: whole.reply, recipients, permanentFailure, refusedWhole, ...(error?.settingFault === true ? { settingFault: true } : {}), ...tlsOf(error ?? {}) };
+  return {
+    upstream,
+    code: whole.code,
+    reply: whole.reply,
+    recipients,
+    permanentFailure,
+    refusedWhole,
+    ...(error?.settingFault === true ? { settingFault: true } : {}),
+    ...(error?.unreachable === true ? { unreachable: true } : {}),
+    ...tlsOf(error ?? {}),
+  };
 }
 
 function tlsOf(source: { tls?: string | null }): { tls?: string | null } {

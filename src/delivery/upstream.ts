@@ -213,9 +213,26 @@ type UpstreamError = SMTPConnection.SMTPError & {
   rejectedErrors?: SMTPConnection.SMTPError[];
   /** relayq's own refusal before sending (smtpUtf8Refusal, sizeRefusal): its text starts with its enhanced code. */
   ownRefusal?: boolean;
+  /** A setting of relayq's and the upstream disagree (BatchResult.settingFault). */
+  settingFault?: boolean;
+  /** No session could be set up, and no reply told why (see unreachable). */
+  unreachable?: boolean;
 };
 /** What nodemailer's SMTPConnection records of the current transaction's RCPT replies. */
 type EnvelopeState = { accepted?: string[]; rejectedErrors?: SMTPConnection.SMTPError[] };
+
+/** nodemailer's codes for a connection that failed at the network: refused, reset, timed out, or a name not resolved. */
+const NETWORK_ERROR_CODES = new Set(['ECONNECTION', 'ESOCKET', 'ETIMEDOUT', 'EDNS']);
+
+/**
+ * A new connection failed without a reply from the upstream to say why, and not in TLS (a
+ * certificate, a port that does not speak it: a setting to fix): refused, timed out before or at
+ * the greeting, or closed or reset before a session was set up. Postfix takes such a failure for
+ * a dead host.
+ */
+function unreachable(err: UpstreamError): boolean {
+  return NETWORK_ERROR_CODES.has(String(err.code)) && err.responseCode === undefined && err.settingFault !== true && openSslCode(err) === undefined;
+}
 
 function abortError(signal: AbortSignal): Error {
   return Object.assign(new Error('Message sending aborted', { cause: signal.reason }), { name: 'AbortError', code: 'EABORT' });
@@ -663,7 +680,9 @@ export class SmtpUpstream {
         signal.removeEventListener('abort', onAbort);
         if (err) {
           connection.close();
-          reject(err);
+          const e = err as UpstreamError;
+          if (!signal.aborted && unreachable(e)) e.unreachable = true;
+          reject(e);
         } else {
           resolve(connection);
         }

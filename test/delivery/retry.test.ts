@@ -243,6 +243,8 @@ describe('retries against a real upstream, with an injected clock', () => {
     await runWhenDue(clock, relay, temporary);
     assert.equal(message(relay, temporary).state, 'failed');
     await upstream.comeBack();
+    // past the suspension that the unreachable upstream began (90 % of initialDelay)
+    clock.advance(900);
     upstream.rcptReply = (a) => (a === 'p@example.com' ? { code: 550, message: '5.1.1 Unknown user' } : undefined);
     const permanent = await queue(relay, ['p@example.com']);
     await relay.delivery.runOnce();

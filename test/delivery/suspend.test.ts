@@ -1,0 +1,217 @@
+// An upstream that cannot be reached suspends delivery for a while (Postfix's dead host): the
+// batches that come due meanwhile are deferred without a connection attempt, so that an upstream
+// that lets connections hang does not cost every batch its connection timeout.
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { after, describe, test } from 'node:test';
+import type { Relay } from '../../src/main.js';
+import { call } from '../api/fixtures.js';
+import { capturedLog, sendMail, startTestRelay } from '../helpers.js';
+import { ManualClock } from '../manual-clock.js';
+import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
+
+const SUSPENDED = 'delivery temporarily suspended: ';
+
+describe('delivery to an upstream that cannot be reached', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  async function relayFor(port: number, overrides: Parameters<typeof startTestRelay>[0] = {}) {
+    const clock = new ManualClock();
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, retry: { initialDelay: 10, maxDelay: 100, maxAttempts: 10 }, ...overrides },
+      { clock, startDelivery: false, random: NO_JITTER, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    return { clock, relay, log };
+  }
+
+  async function queue(relay: Relay, to = ['a@example.com']): Promise<string> {
+    return queuedId((await sendMail(relay.smtpPort, { to, raw: 'Subject: suspend\r\n\r\nbody\r\n' })).response);
+  }
+
+  /** A TCP server on 127.0.0.1 for `onSocket`, closed with its sockets (and those added to the set) after the tests; its port. */
+  async function tcpServer(onSocket: (socket: net.Socket, sockets: Set<net.Socket>) => void): Promise<number> {
+    const sockets = new Set<net.Socket>();
+    const server = net.createServer((socket) => {
+      sockets.add(socket);
+      socket.on('error', () => {});
+      onSocket(socket, sockets);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    cleanup.push(
+      () =>
+        new Promise((resolve) => {
+          for (const s of sockets) s.destroy();
+          server.close(resolve);
+        }),
+    );
+    return (server.address() as net.AddressInfo).port;
+  }
+
+  /** A TCP server that accepts connections and never says a word (a hung upstream); counts them. */
+  async function silentServer(): Promise<{ port: number; connections: () => number }> {
+    let count = 0;
+    const port = await tcpServer(() => count++);
+    return { port, connections: () => count };
+  }
+
+  const events = (log: ReturnType<typeof capturedLog>, event: string) => log.entries().filter((e) => e.event === event);
+
+  test('a hung upstream: after the attempts that found it so, due batches are deferred at once, without connecting, until 90 % of initialDelay has passed', async () => {
+    const hung = await silentServer();
+    // processingTimeout 5 s: the greeting is waited for 1.3 s
+    const { clock, relay, log } = await relayFor(hung.port, { processingTimeout: 5, workerCount: 2 });
+    const first = [await queue(relay), await queue(relay)];
+    assert.equal((await relay.delivery.runOnce()).attempts, 2);
+    assert.equal(hung.connections(), 2, 'both tried the upstream');
+    for (const id of first) assert.match(attempts(relay, id)[0].reply ?? '', /^ETIMEDOUT: Greeting never received/);
+    const [suspended] = events(log, 'upstream.suspended');
+    assert.equal(suspended.forMs, 9000);
+    assert.equal(events(log, 'upstream.suspended').length, 1, 'said once, not per attempt');
+
+    const later = [await queue(relay), await queue(relay), await queue(relay)];
+    const started = performance.now();
+    assert.equal((await relay.delivery.runOnce()).attempts, 3);
+    assert.ok(performance.now() - started < 1000, 'no attempt waited for a greeting');
+    assert.equal(hung.connections(), 2, 'no new connection');
+    for (const id of later) {
+      const [a] = attempts(relay, id);
+      assert.equal(a.outcome, 'deferred');
+      assert.equal(a.reply, SUSPENDED + attempts(relay, first[1])[0].reply);
+      const [r] = recipients(relay, id);
+      assert.deepEqual([r.status, r.attempts, r.next_attempt_at], ['pending', 1, clock.now() + 10_000], 'counted and rescheduled as any deferral');
+    }
+
+    // 90 % of initialDelay later the upstream is tried again; still hung, it suspends delivery again
+    clock.advance(9000);
+    const again = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(hung.connections(), 3);
+    assert.match(attempts(relay, again)[0].reply ?? '', /^ETIMEDOUT: Greeting never received/);
+    const fresh = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(hung.connections(), 3);
+    assert.ok(attempts(relay, fresh)[0].reply?.startsWith(SUSPENDED));
+    assert.equal(events(log, 'upstream.suspended').length, 1, 'a suspension renewed is not said again');
+  });
+
+  test('refused connections suspend delivery; once past the suspension, the first attempt that reaches the upstream resumes it and the deferred mail goes at its retry', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    await upstream.goDown();
+    const { clock, relay, log } = await relayFor(upstream.port);
+    const a = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.match(attempts(relay, a)[0].reply ?? '', /ECONNREFUSED/);
+    await upstream.comeBack();
+    const b = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(attempts(relay, b)[0].reply, SUSPENDED + attempts(relay, a)[0].reply, 'still suspended: not tried though it is back');
+    assert.equal(upstream.rcpts.length, 0);
+
+    clock.advance(9000);
+    const c = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, c).state, 'delivered');
+    const [resumed] = events(log, 'upstream.resumed');
+    assert.deepEqual([resumed.by, resumed.suspendedMs], ['reached', 9000]);
+    clock.advance(1000);
+    await relay.delivery.runOnce();
+    assert.deepEqual([message(relay, a).state, message(relay, b).state], ['delivered', 'delivered']);
+  });
+
+  test('one connection that fails while another reaches the upstream suspends nothing', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    // a proxy that passes every other connection on, and cuts the others (before any greeting)
+    // once the relay has recorded a delivery: a failure that comes after another attempt reached the upstream
+    let accepted = 0;
+    let relay: Relay | undefined;
+    const delivered = () => relay !== undefined && relay.store.sqlite.prepare("SELECT 1 FROM messages WHERE state = 'delivered'").get() !== undefined;
+    const proxyPort = await tcpServer((client, sockets) => {
+      if (++accepted % 2 === 0) {
+        const cut = setInterval(() => {
+          if (!delivered()) return;
+          clearInterval(cut);
+          client.destroy();
+        }, 10);
+        return;
+      }
+      const server = net.connect(upstream.port, '127.0.0.1');
+      sockets.add(server);
+      server.on('error', () => client.destroy());
+      client.pipe(server).pipe(client);
+    });
+    const started = await relayFor(proxyPort, { workerCount: 2 });
+    const { log } = started;
+    relay = started.relay;
+    const ids = [await queue(relay), await queue(relay)];
+    await relay.delivery.runOnce();
+    const states = ids.map((id) => message(relay, id).state).sort();
+    assert.deepEqual(states, ['delivered', 'queued'], 'one went through, one connection was cut');
+    assert.equal(events(log, 'upstream.suspended').length, 0);
+    const next = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, next).state, 'delivered', 'tried at once');
+  });
+
+  test('an upstream reached that fails in TLS (forwardSSL against a port in plain text) suspends nothing: a setting to fix, not a host down', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const { relay, log } = await relayFor(upstream.port, { forwardSSL: true });
+    const a = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.match(attempts(relay, a)[0].reply ?? '', /ERR_SSL_WRONG_VERSION_NUMBER/);
+    const b = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.match(attempts(relay, b)[0].reply ?? '', /^ESOCKET: TLS wrong version number/, 'tried, not deferred without an attempt');
+    assert.equal(events(log, 'upstream.suspended').length, 0);
+  });
+
+  const requests: Array<[string, (id: string) => string, Record<string, unknown>]> = [
+    ['retry-queued', () => '/admin/retry-queued', { due_now: 1 }],
+    ['retry-failed', () => '/admin/retry-failed', { requeued: 1 }],
+    ['messages/:id/retry', (id) => `/admin/messages/${id}/retry`, { result: 'due-now' }],
+  ];
+  for (const [name, path, answer] of requests) {
+    test(`the admin API asking for mail now (${name}) ends a suspension: the mail is tried at once`, async () => {
+      const upstream = await startScriptedUpstream();
+      cleanup.push(() => upstream.close());
+      await upstream.goDown();
+      // retry-failed: mail that failed at its one attempt
+      const maxAttempts = name === 'retry-failed' ? 1 : 10;
+      const { relay, log } = await relayFor(upstream.port, { batchDelay: 0, retry: { initialDelay: 10, maxAttempts } });
+      const a = await queue(relay);
+      await relay.delivery.runOnce();
+      assert.equal(events(log, 'upstream.suspended').length, 1);
+      await upstream.comeBack();
+      const res = await call(relay, path(a), { method: 'POST' });
+      assert.equal(res.status, 200);
+      assert.deepEqual({ ...res.body, id: undefined }, { ...answer, id: undefined });
+      await relay.delivery.runOnce();
+      assert.equal(message(relay, a).state, 'delivered');
+      const [resumed] = events(log, 'upstream.resumed');
+      assert.equal(resumed.by, 'admin');
+    });
+  }
+
+  test('a wall clock stepped back does not lengthen a suspension', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    await upstream.goDown();
+    // a suspension of 900 ms
+    const { clock, relay } = await relayFor(upstream.port, { retry: { initialDelay: 1, maxDelay: 1 } });
+    await queue(relay);
+    await relay.delivery.runOnce();
+    await upstream.comeBack();
+    clock.advance(-3_600_000);
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const b = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, b).state, 'delivered');
+  });
+});
