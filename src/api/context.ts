@@ -29,6 +29,8 @@ export interface DeliveryView {
    * unreachable ends, so that the mail is tried at once instead of deferred without an attempt.
    */
   resumeUpstream(): void;
+  /** While delivery to an upstream found unreachable is suspended, when that ends (the clock's ms); else null. */
+  suspendedUntil(): number | null;
 }
 
 export interface ApiDeps {

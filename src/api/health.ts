@@ -171,6 +171,7 @@ export function healthRoutes(deps: ApiDeps) {
           last_success: isoTime(upstream?.lastSuccessAt),
           last_failure: isoTime(upstream?.lastFailureAt),
           consecutive_failures: upstream?.consecutiveFailures ?? null,
+          suspended_until: isoTime(deps.delivery.suspendedUntil()),
         },
         warnings: [...errors, ...degraded, ...deps.warnings],
       },

@@ -38,6 +38,7 @@ export function metricsRoutes(deps: ApiDeps) {
       now: deps.clock.now(),
       store,
       upstream: upstreamView(store.upstream, deps.delivery),
+      upstreamSuspendedUntil: deps.delivery.suspendedUntil(),
       queueSize: deps.config.queueSize,
       diskFreeMb: deps.disk.freeMb(),
       smtpListening: deps.intake.isListening,

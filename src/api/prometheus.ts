@@ -12,6 +12,8 @@ export interface MetricsSnapshot {
   now: number;
   store: StoreMetrics;
   upstream: UpstreamRecord;
+  /** When a suspension of delivery to the upstream ends (the clock's ms); null when there is none. */
+  upstreamSuspendedUntil: number | null;
   queueSize: number;
   diskFreeMb: number;
   smtpListening: boolean;
@@ -118,6 +120,11 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
     s.store.oldestActiveReceivedAt === null ? 0 : Math.max(0, (s.now - s.store.oldestActiveReceivedAt) / 1000),
   );
   gauge('relayq_queue_size_limit_messages', 'The queueSize setting (0 = unlimited).', s.queueSize);
+  gauge(
+    'relayq_upstream_suspended_until_timestamp_seconds',
+    'While delivery is suspended because the upstream could not be reached, when that ends (0 = not suspended).',
+    (s.upstreamSuspendedUntil ?? 0) / 1000,
+  );
   gauge('relayq_upstream_consecutive_failures', 'Attempts in a row that failed (delivered nothing, and not refused for good).', s.upstream.consecutiveFailures);
   gauge(
     'relayq_upstream_last_success_timestamp_seconds',

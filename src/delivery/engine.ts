@@ -491,7 +491,7 @@ export class DeliveryEngine {
    */
   private suspendedResult(claim: ClaimedBatch): BatchResult | undefined {
     const s = this.suspension;
-    if (!this.upstream || !s || this.deps.clock.now() >= s.until || performance.now() >= s.perfUntil) return undefined;
+    if (!this.upstream || !s || this.suspendedUntil() === null) return undefined;
     return uniformResult(this.upstream.label, claim.recipients.length, 'deferred', `delivery temporarily suspended: ${s.reply}`);
   }
 
@@ -535,6 +535,12 @@ export class DeliveryEngine {
       { event: 'upstream.resumed', upstream: this.upstream.label, by: why, suspendedMs },
       why === 'reached' ? 'the upstream was reached again: delivery resumes' : 'delivery resumes: asked for through the admin API',
     );
+  }
+
+  /** While delivery to the upstream is suspended, when the suspension ends (the clock's ms); else null. */
+  suspendedUntil(): number | null {
+    const s = this.suspension;
+    return s && this.deps.clock.now() < s.until && performance.now() < s.perfUntil ? s.until : null;
   }
 
   /** An operator asked for queued or failed mail to go now (the admin API): the upstream is tried again at once, as `postqueue -f` makes Postfix forget dead hosts. */

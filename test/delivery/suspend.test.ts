@@ -59,6 +59,15 @@ describe('delivery to an upstream that cannot be reached', () => {
     return { port, connections: () => count };
   }
 
+  /** What /health (details.upstream.suspended_until) and the Prometheus gauge say of a suspension. */
+  async function suspendedUntil(relay: Relay): Promise<[unknown, number]> {
+    const health = await call<{ details: { upstream: { suspended_until: unknown } } }>(relay, '/health');
+    const metrics = await call<string>(relay, '/metrics?format=prometheus');
+    const gauge = /^relayq_upstream_suspended_until_timestamp_seconds (\S+)$/m.exec(metrics.body);
+    assert.ok(gauge, 'the gauge is exposed');
+    return [health.body.details.upstream.suspended_until, Number(gauge[1])];
+  }
+
   const events = (log: ReturnType<typeof capturedLog>, event: string) => log.entries().filter((e) => e.event === event);
 
   test('a hung upstream: after the attempts that found it so, due batches are deferred at once, without connecting, until 90 % of initialDelay has passed', async () => {
@@ -107,6 +116,7 @@ describe('delivery to an upstream that cannot be reached', () => {
     const a = await queue(relay);
     await relay.delivery.runOnce();
     assert.match(attempts(relay, a)[0].reply ?? '', /ECONNREFUSED/);
+    assert.deepEqual(await suspendedUntil(relay), [new Date(clock.now() + 9000).toISOString(), (clock.now() + 9000) / 1000]);
     await upstream.comeBack();
     const b = await queue(relay);
     await relay.delivery.runOnce();
@@ -119,6 +129,7 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(message(relay, c).state, 'delivered');
     const [resumed] = events(log, 'upstream.resumed');
     assert.deepEqual([resumed.by, resumed.suspendedMs], ['reached', 9000]);
+    assert.deepEqual(await suspendedUntil(relay), [null, 0]);
     clock.advance(1000);
     await relay.delivery.runOnce();
     assert.deepEqual([message(relay, a).state, message(relay, b).state], ['delivered', 'delivered']);
