@@ -158,7 +158,7 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'maxConnections', type: 'int', default: 500, min: 1, max: 100000, doc: 'concurrent SMTP connections' },
   { path: 'retry.maxAttempts', type: 'int', default: 10, min: 1, max: 1000, doc: 'attempts before a temporarily failing batch becomes failed' },
   // not 0: every delay would be 0 × 2^(n-1), and a message would spend its retry.maxAttempts in seconds
-  { path: 'retry.initialDelay', type: 'int', default: 60, min: 1, max: 86400, unit: 's', doc: 'delay after the first temporary failure; 90 % of it is how long delivery is suspended when the upstream cannot be reached' },
+  { path: 'retry.initialDelay', type: 'int', default: 60, min: 1, max: 86400, unit: 's', doc: 'delay after the first temporary failure; 90 % of it, at most 60 s, is how long delivery is suspended when the upstream cannot be reached' },
   { path: 'retry.maxDelay', type: 'int', default: 3600, min: 1, max: 604800, unit: 's', doc: 'cap of the exponential backoff (delay doubles, with jitter)' },
   { path: 'retry.maxAge', type: 'int', default: 432000, min: 60, max: 31536000, unit: 's', doc: 'give up on mail older than this (5 days)' },
   { path: 'failedRetryInterval', type: 'int', default: 3600, min: 0, max: 31536000, unit: 's', doc: 're-attempt failed mail whose last error was temporary; 0 = off' },

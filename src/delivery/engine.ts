@@ -98,6 +98,8 @@ const OUTCOME_RETRY_FIRST_MS = 100;
 const OUTCOME_RETRY_MAX_MS = 5000;
 /** Once its tries are OUTCOME_RETRY_MAX_MS apart, an outcome still waiting says so this often. */
 const OUTCOME_RETRY_LOG_MS = 60_000;
+/** The longest suspension of delivery to an upstream that could not be reached (see noteReach). */
+const SUSPENSION_MAX_MS = 60_000;
 /** Pacing is logged at most this often. */
 const PACING_LOG_MS = 60_000;
 
@@ -500,10 +502,11 @@ export class DeliveryEngine {
    * closed before a session was set up) suspends delivery, as Postfix does with a dead host, unless
    * another attempt reached it meanwhile (one failed connection among working ones is not the
    * upstream down). For the shortest time after which a deferred batch is tried again (90 % of
-   * retry.initialDelay), batches that come due are deferred at once: with an upstream that lets
-   * connections hang, each attempt would cost its whole connection timeout, and the queue would
-   * fall behind its retry schedule. After that, attempts try the upstream again: the first that
-   * fails to reach it suspends delivery again, the first that reaches it ends the suspension.
+   * retry.initialDelay), at most a minute, batches that come due are deferred at once: with an
+   * upstream that lets connections hang, each attempt would cost its whole connection timeout,
+   * and the queue would fall behind its retry schedule. After that, attempts try the upstream
+   * again: the first that fails to reach it suspends delivery again, the first that reaches it
+   * ends the suspension.
    */
   private noteReach(result: BatchResult, started: number): void {
     if (!this.upstream) return;
@@ -514,7 +517,7 @@ export class DeliveryEngine {
     }
     if (this.lastReachedAt > started) return;
     const { clock, config } = this.deps;
-    const ms = backoffDelayMs(1, config.retry, () => 0);
+    const ms = Math.min(backoffDelayMs(1, config.retry, () => 0), SUSPENSION_MAX_MS);
     const now = clock.now();
     const since = this.suspension?.since;
     this.suspension = { since: since ?? now, until: now + ms, perfUntil: performance.now() + ms, reply: result.reply };

@@ -210,6 +210,21 @@ describe('delivery to an upstream that cannot be reached', () => {
     });
   }
 
+  test('a suspension lasts at most a minute, however long retry.initialDelay is', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    await upstream.goDown();
+    const { clock, relay, log } = await relayFor(upstream.port, { retry: { initialDelay: 3600, maxDelay: 3600 } });
+    await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(events(log, 'upstream.suspended')[0].forMs, 60_000);
+    await upstream.comeBack();
+    clock.advance(60_000);
+    const b = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, b).state, 'delivered');
+  });
+
   test('a wall clock stepped back does not lengthen a suspension', async () => {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
