@@ -191,7 +191,9 @@ function offers(connection: SMTPConnection, extension: string): boolean {
 const tlsVersions = new WeakMap<SMTPConnection, string | null>();
 
 /** nodemailer's socket of a connection: after STARTTLS, the TLS one. */
-function socketOf(connection: SMTPConnection): (net.Socket & Partial<Pick<tls.TLSSocket, 'authorized' | 'authorizationError' | 'getProtocol'>>) | undefined {
+function socketOf(
+  connection: SMTPConnection,
+): (net.Socket & Partial<Pick<tls.TLSSocket, 'authorized' | 'authorizationError' | 'getProtocol' | 'getPeerCertificate'>>) | undefined {
   return (connection as unknown as { _socket?: net.Socket })._socket;
 }
 
@@ -386,10 +388,14 @@ function unverifiedReason(authorizationError: unknown): string {
   return authorizationError instanceof Error ? ((authorizationError as { code?: string }).code ?? authorizationError.message) : String(authorizationError);
 }
 
-/** Credentials kept from an upstream elsewhere whose certificate did not verify (OpenSSL's code, or Node's for a name). */
-function unverifiedForCredentials(reason: string): Error {
+/**
+ * Credentials kept from an upstream elsewhere whose certificate did not verify (OpenSSL's code, or
+ * Node's for a name, with the names the certificate holds, as Node's own error for a name lists them).
+ */
+function unverifiedForCredentials(reason: string, names: string | undefined): Error {
   const hint = CERTIFICATE_HINTS.find(([codes]) => codes.test(reason))?.[1] ?? 'check its certificate';
-  const message = `the upstream's certificate did not verify (${reason}), so forwardUsername/forwardPassword were not sent: ${hint}`;
+  const named = reason === 'ERR_TLS_CERT_ALTNAME_INVALID' ? `: it names ${names || 'no host'}` : '';
+  const message = `the upstream's certificate did not verify (${reason}${named}), so forwardUsername/forwardPassword were not sent: ${hint}`;
   return Object.assign(new Error(message), { code: 'ETLS', settingFault: true });
 }
 
@@ -716,7 +722,9 @@ export class SmtpUpstream {
         const socket = socketOf(connection);
         if (!isLoopback(this.peerAddress(socket?.remoteAddress ?? ''))) {
           if (!connection.secure) return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS', settingFault: true }));
-          if (socket?.authorized === false) return settle(unverifiedForCredentials(unverifiedReason(socket.authorizationError)));
+          if (socket?.authorized === false) {
+            return settle(unverifiedForCredentials(unverifiedReason(socket.authorizationError), socket.getPeerCertificate?.().subjectaltname));
+          }
         }
         if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH', settingFault: true }));
         connection.login(this.auth, (loginErr) => settle(loginErr ? Object.assign(loginErr, { settingFault: true }) : undefined));

@@ -445,6 +445,21 @@ describe('upstream AUTH and plain text', () => {
     assert.equal(local.entries().filter((e) => e.event === 'upstream.tls_unverified').length, 1);
   });
 
+  test("credentials kept from an upstream elsewhere whose certificate names another host: the reply gives the names it holds", async (t) => {
+    const made = ownCertificate('DNS:mail.example.net,DNS:smtp.example.net');
+    if (!made) return t.skip('openssl is not installed');
+    const { upstream, logins } = await authUpstream(true, made);
+    const { clock, relay, id } = await relayWithCredentials(upstream.port);
+    const engine = engineOn(relay, clock, { upstreamAddress: () => '192.0.2.25', upstreamTls: { ca: made.cert } });
+    cleanup.push(() => engine.stop(0));
+    await engine.runOnce();
+    assert.deepEqual([logins, upstream.accepted.length], [[], 0]);
+    assert.equal(
+      recipients(relay, id)[0].last_reply,
+      "ETLS: the upstream's certificate did not verify (ERR_TLS_CERT_ALTNAME_INVALID: it names DNS:mail.example.net, DNS:smtp.example.net), so forwardUsername/forwardPassword were not sent: set forwardHost to a name the upstream's certificate holds (openssl s_client -starttls smtp -connect HOST:PORT shows them; -connect alone with forwardSSL)",
+    );
+  });
+
   test('with STARTTLS the password goes out encrypted; over loopback also in plain text', async (t) => {
     // a certificate that verifies: trusted (as NODE_EXTRA_CA_CERTS would make it) and naming 127.0.0.1
     const made = ownCertificate('IP:127.0.0.1');
