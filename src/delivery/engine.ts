@@ -26,9 +26,9 @@ import { FailedRetry } from './failed-retry.js';
 import { InFlowGate, inFlowBacklogLimit } from './in-flow.js';
 import { exportMissingFailures, type LeftoversContext, removeDeliveredExports, sweepCrashTempFiles } from './leftovers.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
-import { type BatchResult, planCompletion, uniformResult, upstreamVerdict } from './outcomes.js';
-import { backoffDelayMs } from './retry-policy.js';
+import { type BatchResult, planCompletion, upstreamVerdict } from './outcomes.js';
 import { settleWithin } from './settle.js';
+import { suspensionMs, UpstreamSuspension } from './suspension.js';
 import { SmtpUpstream } from './upstream.js';
 
 export interface DeliveryDeps {
@@ -98,8 +98,6 @@ const OUTCOME_RETRY_FIRST_MS = 100;
 const OUTCOME_RETRY_MAX_MS = 5000;
 /** Once its tries are OUTCOME_RETRY_MAX_MS apart, an outcome still waiting says so this often. */
 const OUTCOME_RETRY_LOG_MS = 60_000;
-/** The longest suspension of delivery to an upstream that could not be reached (see noteReach). */
-const SUSPENSION_MAX_MS = 60_000;
 /** Pacing is logged at most this often. */
 const PACING_LOG_MS = 60_000;
 
@@ -139,14 +137,8 @@ export class DeliveryEngine {
   private claimRetryMs = 0;
   /** Since when (the clock's ms) claiming due work has failed, and the last error; null while it works. */
   private claimFault: { since: number; err: string } | null = null;
-  /**
-   * The upstream could not be reached (see noteReach): until `until` (the clock's ms) or
-   * `perfUntil` (performance.now(), so that a clock stepped back does not lengthen it), whichever
-   * comes first, batches are deferred without a connection attempt. `since`: when it began.
-   */
-  private suspension: { since: number; until: number; perfUntil: number; reply: string } | null = null;
-  /** performance.now() when an attempt last reached the upstream. */
-  private lastReachedAt = Number.NEGATIVE_INFINITY;
+  /** Delivery to the upstream suspended while it cannot be reached; none for local delivery. */
+  private readonly suspension: UpstreamSuspension | undefined;
   private readonly stats = {
     lastSuccessAt: null as number | null,
     lastFailureAt: null as number | null,
@@ -185,6 +177,7 @@ export class DeliveryEngine {
           maxConnections: this.config.workerCount,
         })
       : undefined;
+    this.suspension = this.upstream && new UpstreamSuspension(this.upstream.label, suspensionMs(this.config.retry), deps.clock, this.log);
   }
 
   get upstreamLabel(): string {
@@ -458,7 +451,7 @@ export class DeliveryEngine {
       await this.release([claim], { uncount: true });
       return 'late';
     }
-    const suspended = this.suspendedResult(claim);
+    const suspended = this.suspension?.deferral(claim.recipients.length);
     const result = suspended ?? (await this.send(claim, budgetMs, abort));
     const durationMs = performance.now() - started;
     if (abort.signal.aborted && this.released.delete(claim.token)) {
@@ -472,7 +465,7 @@ export class DeliveryEngine {
     // /metrics, which merge this with the store's record, agree with `relayq status` to the ms
     this.noteUpstreamVerdict(result, startedAt + Math.round(durationMs));
     // an attempt cut off by its deadline says nothing of whether the upstream can be reached
-    if (!suspended && !abort.signal.aborted) this.noteReach(result, started);
+    if (!suspended && !abort.signal.aborted) this.suspension?.note(result, started);
     const completion = planCompletion(claim, result, {
       now: clock.now(),
       startedAt,
@@ -487,68 +480,14 @@ export class DeliveryEngine {
     return { result, completion, durationMs, committed: this.recordOutcome(completion, active) };
   }
 
-  /**
-   * While delivery to the upstream is suspended, the batch's result without a connection attempt:
-   * every recipient deferred with the reply of the attempt that found the upstream unreachable.
-   */
-  private suspendedResult(claim: ClaimedBatch): BatchResult | undefined {
-    const s = this.suspension;
-    if (!this.upstream || !s || this.suspendedUntil() === null) return undefined;
-    return uniformResult(this.upstream.label, claim.recipients.length, 'deferred', `delivery temporarily suspended: ${s.reply}`);
-  }
-
-  /**
-   * After an attempt that tried the upstream: one that could not reach it (refused, timed out,
-   * closed before a session was set up) suspends delivery, as Postfix does with a dead host, unless
-   * another attempt reached it meanwhile (one failed connection among working ones is not the
-   * upstream down). For the shortest time after which a deferred batch is tried again (90 % of
-   * retry.initialDelay), at most a minute, batches that come due are deferred at once: with an
-   * upstream that lets connections hang, each attempt would cost its whole connection timeout,
-   * and the queue would fall behind its retry schedule. After that, attempts try the upstream
-   * again: the first that fails to reach it suspends delivery again, the first that reaches it
-   * ends the suspension.
-   */
-  private noteReach(result: BatchResult, started: number): void {
-    if (!this.upstream) return;
-    if (!result.unreachable) {
-      this.lastReachedAt = performance.now();
-      if (this.suspension) this.endSuspension('reached');
-      return;
-    }
-    if (this.lastReachedAt > started) return;
-    const { clock, config } = this.deps;
-    const ms = Math.min(backoffDelayMs(1, config.retry, () => 0), SUSPENSION_MAX_MS);
-    const now = clock.now();
-    const since = this.suspension?.since;
-    this.suspension = { since: since ?? now, until: now + ms, perfUntil: performance.now() + ms, reply: result.reply };
-    if (since !== undefined) return;
-    this.log.warn(
-      { event: 'upstream.suspended', upstream: this.upstream.label, reply: result.reply, forMs: ms },
-      'the upstream could not be reached: delivery is suspended, and batches that come due meanwhile are deferred without a connection attempt',
-    );
-  }
-
-  /** Ends a suspension of delivery: an attempt reached the upstream, or an operator asked for delivery now (`admin`). */
-  private endSuspension(why: 'reached' | 'admin'): void {
-    const s = this.suspension;
-    if (!s || !this.upstream) return;
-    this.suspension = null;
-    const suspendedMs = Math.max(0, this.deps.clock.now() - s.since);
-    this.log.info(
-      { event: 'upstream.resumed', upstream: this.upstream.label, by: why, suspendedMs },
-      why === 'reached' ? 'the upstream was reached again: delivery resumes' : 'delivery resumes: asked for through the admin API',
-    );
-  }
-
   /** While delivery to the upstream is suspended, when the suspension ends (the clock's ms); else null. */
   suspendedUntil(): number | null {
-    const s = this.suspension;
-    return s && this.deps.clock.now() < s.until && performance.now() < s.perfUntil ? s.until : null;
+    return this.suspension?.until() ?? null;
   }
 
   /** An operator asked for queued or failed mail to go now (the admin API): the upstream is tried again at once, as `postqueue -f` makes Postfix forget dead hosts. */
   resumeUpstream(): void {
-    this.endSuspension('admin');
+    this.suspension?.end('admin');
   }
 
   /** Waits for the outcome's commit, logs the attempt, and acts on a final state. */

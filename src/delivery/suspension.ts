@@ -1,0 +1,89 @@
+// Postfix's dead host: an upstream that could not be reached suspends delivery to it for a while,
+// and the batches that come due meanwhile are deferred without a connection attempt. With an
+// upstream that lets connections hang, each attempt would otherwise cost its whole connection
+// timeout, and the queue would fall behind its retry schedule.
+import { performance } from 'node:perf_hooks';
+import type { Logger } from 'pino';
+import type { Clock } from '../clock.js';
+import { type BatchResult, uniformResult } from './outcomes.js';
+import { backoffDelayMs, type RetrySettings } from './retry-policy.js';
+
+/** The longest suspension. */
+const MAX_MS = 60_000;
+
+const SUSPENDED_REPLY = 'delivery temporarily suspended: ';
+
+/**
+ * How long a suspension lasts: the shortest time after which a deferred batch is tried again (90 %
+ * of retry.initialDelay), so that the batch that found the upstream down is never kept from its own
+ * retry; at most a minute, so that with a long initialDelay mail that comes after a short outage
+ * is not deferred for long.
+ */
+export function suspensionMs(retry: Pick<RetrySettings, 'initialDelay' | 'maxDelay'>): number {
+  return Math.min(backoffDelayMs(1, retry, () => 0), MAX_MS);
+}
+
+export class UpstreamSuspension {
+  /**
+   * Until `until` (the clock's ms) or `perfUntil` (performance.now(), so that a clock stepped back
+   * does not lengthen it), whichever comes first; `since`: when it began; `reply`: the reply of the
+   * attempt that found the upstream unreachable.
+   */
+  private state: { since: number; until: number; perfUntil: number; reply: string } | null = null;
+  /** performance.now() when an attempt last reached the upstream. */
+  private lastReachedAt = Number.NEGATIVE_INFINITY;
+
+  constructor(
+    private readonly upstream: string,
+    private readonly durationMs: number,
+    private readonly clock: Clock,
+    private readonly log: Logger,
+  ) {}
+
+  /** While delivery is suspended, when that ends (the clock's ms); else null. */
+  until(): number | null {
+    const s = this.state;
+    return s && this.clock.now() < s.until && performance.now() < s.perfUntil ? s.until : null;
+  }
+
+  /** While delivery is suspended, a batch's result without an attempt: every recipient deferred. */
+  deferral(recipients: number): BatchResult | undefined {
+    if (!this.state || this.until() === null) return undefined;
+    return uniformResult(this.upstream, recipients, 'deferred', SUSPENDED_REPLY + this.state.reply);
+  }
+
+  /**
+   * After an attempt that tried the upstream (begun at `started`, performance.now()): one that could
+   * not reach it suspends delivery, unless another attempt reached it meanwhile (one failed
+   * connection among working ones is not the upstream down); one that reached it ends a suspension.
+   * Once a suspension is over, attempts try the upstream again: the first that fails to reach it
+   * suspends delivery again (said once, not at each renewal).
+   */
+  note(result: BatchResult, started: number): void {
+    if (!result.unreachable) {
+      this.lastReachedAt = performance.now();
+      this.end('reached');
+      return;
+    }
+    if (this.lastReachedAt > started) return;
+    const now = this.clock.now();
+    const since = this.state?.since;
+    this.state = { since: since ?? now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };
+    if (since !== undefined) return;
+    this.log.warn(
+      { event: 'upstream.suspended', upstream: this.upstream, reply: result.reply, forMs: this.durationMs },
+      'the upstream could not be reached: delivery is suspended, and batches that come due meanwhile are deferred without a connection attempt',
+    );
+  }
+
+  /** Ends a suspension: an attempt reached the upstream, or an operator asked for delivery now (`admin`). */
+  end(why: 'reached' | 'admin'): void {
+    const s = this.state;
+    if (!s) return;
+    this.state = null;
+    this.log.info(
+      { event: 'upstream.resumed', upstream: this.upstream, by: why, suspendedMs: Math.max(0, this.clock.now() - s.since) },
+      why === 'reached' ? 'the upstream was reached again: delivery resumes' : 'delivery resumes: asked for through the admin API',
+    );
+  }
+}
