@@ -27,6 +27,7 @@ import { InFlowGate, inFlowBacklogLimit } from './in-flow.js';
 import { exportMissingFailures, type LeftoversContext, removeDeliveredExports, sweepCrashTempFiles } from './leftovers.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
 import { type BatchResult, planCompletion, upstreamVerdict } from './outcomes.js';
+import { giveUpReason } from './retry-policy.js';
 import { settleWithin } from './settle.js';
 import { suspensionMs, UpstreamSuspension } from './suspension.js';
 import { SmtpUpstream } from './upstream.js';
@@ -177,7 +178,8 @@ export class DeliveryEngine {
           maxConnections: this.config.workerCount,
         })
       : undefined;
-    this.suspension = this.upstream && new UpstreamSuspension(this.upstream.label, suspensionMs(this.config.retry), deps.clock, this.log);
+    const upstream = this.upstream;
+    this.suspension = upstream && new UpstreamSuspension(upstream.label, suspensionMs(this.config.retry), deps.clock, this.log, () => upstream.inTransaction());
   }
 
   get upstreamLabel(): string {
@@ -451,7 +453,8 @@ export class DeliveryEngine {
       await this.release([claim], { uncount: true });
       return 'late';
     }
-    const suspended = this.suspension?.deferral(claim.recipients.length);
+    // a batch whose deferral would end its retries is tried all the same: mail does not fail unoffered
+    const suspended = this.lastChance(claim, startedAt) ? undefined : this.suspension?.deferral(claim.recipients.length);
     const result = suspended ?? (await this.send(claim, budgetMs, abort));
     const durationMs = performance.now() - started;
     if (abort.signal.aborted && this.released.delete(claim.token)) {
@@ -478,6 +481,11 @@ export class DeliveryEngine {
     });
     active.answered = true;
     return { result, completion, durationMs, committed: this.recordOutcome(completion, active) };
+  }
+
+  /** A deferral now would fail one of the batch's recipients (retry.maxAttempts or retry.maxAge). */
+  private lastChance(claim: ClaimedBatch, now: number): boolean {
+    return claim.recipients.some((r) => giveUpReason(r.attempts, claim.receivedAt, now, this.config.retry) !== undefined);
   }
 
   /** While delivery to the upstream is suspended, when the suspension ends (the clock's ms); else null. */

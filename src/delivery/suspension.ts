@@ -38,6 +38,8 @@ export class UpstreamSuspension {
     private readonly durationMs: number,
     private readonly clock: Clock,
     private readonly log: Logger,
+    /** Attempts in a transaction with the upstream now (it greeted them). */
+    private readonly inTransaction: () => number,
   ) {}
 
   /** While delivery is suspended, when that ends (the clock's ms); else null. */
@@ -54,8 +56,9 @@ export class UpstreamSuspension {
 
   /**
    * After an attempt that tried the upstream (begun at `started`, performance.now()): one that could
-   * not reach it suspends delivery, unless another attempt reached it meanwhile (one failed
-   * connection among working ones is not the upstream down); one that reached it ends a suspension.
+   * not reach it suspends delivery, unless another attempt reached it meanwhile or is in a
+   * transaction with it now (one failed connection among working ones is not the upstream down);
+   * one that reached it ends a suspension.
    * Once a suspension is over, attempts try the upstream again: the first that fails to reach it
    * suspends delivery again (said once, not at each renewal).
    */
@@ -65,7 +68,7 @@ export class UpstreamSuspension {
       this.end('reached');
       return;
     }
-    if (this.lastReachedAt > started) return;
+    if (this.lastReachedAt > started || this.inTransaction() > 0) return;
     const now = this.clock.now();
     const since = this.state?.since;
     this.state = { since: since ?? now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };

@@ -466,6 +466,8 @@ export class SmtpUpstream {
   private readonly resetting = new Map<SMTPConnection, Promise<void>>();
   /** Connections opened and not yet ended or told to QUIT: in a transaction, idle or resetting. */
   private readonly open = new Set<SMTPConnection>();
+  /** Connections in a transaction: each was greeted and set up, and an attempt is sending on it. */
+  private readonly transacting = new Set<SMTPConnection>();
   /** Places kept for connections about to be opened (idleConnection). */
   private connecting = 0;
   private readonly maxConnections: number;
@@ -486,6 +488,11 @@ export class SmtpUpstream {
     this.log = settings.logger;
     this.maxMessageSize = settings.maxMessageSize;
     this.maxConnections = settings.maxConnections;
+  }
+
+  /** Attempts in a transaction with the upstream now, on connections it greeted: it can be reached. */
+  inTransaction(): number {
+    return this.transacting.size;
   }
 
   /**
@@ -605,11 +612,14 @@ export class SmtpUpstream {
       const message = Readable.from(pieces(raw), { objectMode: false });
       dataStreams.delete(connection); // of the connection's previous transaction
       const onAbort = () => {
+        this.transacting.delete(connection);
         connection.close();
         reject(Object.assign(withEndUnanswered(abortError(signal), connection), { tls: tlsVersion(connection) }));
       };
       signal.addEventListener('abort', onAbort, { once: true });
+      this.transacting.add(connection);
       connection.send({ ...offer.envelope }, message, (err, info) => {
+        this.transacting.delete(connection);
         signal.removeEventListener('abort', onAbort);
         if (signal.aborted) return;
         if (err) return reject(this.failedSend(connection, err as UpstreamError, message, leftOut));

@@ -6,7 +6,7 @@ import net from 'node:net';
 import { after, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { call } from '../api/fixtures.js';
-import { capturedLog, sendMail, startTestRelay } from '../helpers.js';
+import { capturedLog, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { ManualClock } from '../manual-clock.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
@@ -168,6 +168,50 @@ describe('delivery to an upstream that cannot be reached', () => {
     const next = await queue(relay);
     await relay.delivery.runOnce();
     assert.equal(message(relay, next).state, 'delivered', 'tried at once');
+  });
+
+  test('one connection that fails while another attempt is in a transaction with the upstream suspends nothing', async () => {
+    // the first message's DATA is never answered: its attempt stays in its transaction (until its deadline)
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.hold = (t) => t.to.includes('held@example.com');
+    let accepted = 0;
+    const proxyPort = await tcpServer((client, sockets) => {
+      // the second connection is cut before any greeting
+      if (++accepted === 2) return client.destroy();
+      const server = net.connect(upstream.port, '127.0.0.1');
+      sockets.add(server);
+      server.on('error', () => client.destroy());
+      client.pipe(server).pipe(client);
+    });
+    const { relay, log } = await relayFor(proxyPort, { processingTimeout: 5 });
+    const held = await queue(relay, ['held@example.com']);
+    const holding = relay.delivery.runOnce();
+    await waitFor(() => upstream.held.length === 1, 10_000, 'the first attempt is in its transaction');
+    const cut = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.match(attempts(relay, cut)[0].reply ?? '', /^ECONNECTION: Connection closed unexpectedly/);
+    assert.equal(events(log, 'upstream.suspended').length, 0);
+    const next = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, next).state, 'delivered', 'tried at once');
+    await holding;
+    assert.equal(message(relay, held).state, 'queued');
+  });
+
+  test('a batch whose deferral would end its retries is tried all the same: mail does not fail without being offered', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    await upstream.goDown();
+    const { relay, log } = await relayFor(upstream.port, { retry: { initialDelay: 10, maxAttempts: 1 } });
+    const a = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, a).state, 'failed');
+    assert.equal(events(log, 'upstream.suspended').length, 1);
+    await upstream.comeBack();
+    const b = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, b).state, 'delivered', 'its one attempt went to the upstream');
   });
 
   test('an upstream reached that fails in TLS (forwardSSL against a port in plain text) suspends nothing: a setting to fix, not a host down', async () => {
