@@ -59,6 +59,21 @@ describe('delivery to an upstream that cannot be reached', () => {
     return { port, connections: () => count };
   }
 
+  /**
+   * A relay whose first message found the upstream down (connection refused): delivery is
+   * suspended. The upstream listens again on the same port once `comeBack()` is called.
+   */
+  async function suspendedRelay(overrides: Parameters<typeof startTestRelay>[0] = {}) {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    await upstream.goDown();
+    const started = await relayFor(upstream.port, overrides);
+    const first = await queue(started.relay);
+    await started.relay.delivery.runOnce();
+    assert.equal(events(started.log, 'upstream.suspended').length, 1);
+    return { ...started, upstream, first };
+  }
+
   /** What /health (details.upstream.suspended_until) and the Prometheus gauge say of a suspension. */
   async function suspendedUntil(relay: Relay): Promise<[unknown, number]> {
     const health = await call<{ details: { upstream: { suspended_until: unknown } } }>(relay, '/health');
@@ -109,12 +124,7 @@ describe('delivery to an upstream that cannot be reached', () => {
   });
 
   test('refused connections suspend delivery; once past the suspension, the first attempt that reaches the upstream resumes it and the deferred mail goes at its retry', async () => {
-    const upstream = await startScriptedUpstream();
-    cleanup.push(() => upstream.close());
-    await upstream.goDown();
-    const { clock, relay, log } = await relayFor(upstream.port);
-    const a = await queue(relay);
-    await relay.delivery.runOnce();
+    const { clock, relay, log, upstream, first: a } = await suspendedRelay();
     assert.match(attempts(relay, a)[0].reply ?? '', /ECONNREFUSED/);
     assert.deepEqual(await suspendedUntil(relay), [new Date(clock.now() + 9000).toISOString(), (clock.now() + 9000) / 1000]);
     await upstream.comeBack();
@@ -200,14 +210,8 @@ describe('delivery to an upstream that cannot be reached', () => {
   });
 
   test('a batch whose deferral would end its retries is tried all the same: mail does not fail without being offered', async () => {
-    const upstream = await startScriptedUpstream();
-    cleanup.push(() => upstream.close());
-    await upstream.goDown();
-    const { relay, log } = await relayFor(upstream.port, { retry: { initialDelay: 10, maxAttempts: 1 } });
-    const a = await queue(relay);
-    await relay.delivery.runOnce();
+    const { relay, upstream, first: a } = await suspendedRelay({ retry: { initialDelay: 10, maxAttempts: 1 } });
     assert.equal(message(relay, a).state, 'failed');
-    assert.equal(events(log, 'upstream.suspended').length, 1);
     await upstream.comeBack();
     const b = await queue(relay);
     await relay.delivery.runOnce();
@@ -234,15 +238,9 @@ describe('delivery to an upstream that cannot be reached', () => {
   ];
   for (const [name, path, answer] of requests) {
     test(`the admin API asking for mail now (${name}) ends a suspension: the mail is tried at once`, async () => {
-      const upstream = await startScriptedUpstream();
-      cleanup.push(() => upstream.close());
-      await upstream.goDown();
       // retry-failed: mail that failed at its one attempt
       const maxAttempts = name === 'retry-failed' ? 1 : 10;
-      const { relay, log } = await relayFor(upstream.port, { batchDelay: 0, retry: { initialDelay: 10, maxAttempts } });
-      const a = await queue(relay);
-      await relay.delivery.runOnce();
-      assert.equal(events(log, 'upstream.suspended').length, 1);
+      const { relay, log, upstream, first: a } = await suspendedRelay({ batchDelay: 0, retry: { initialDelay: 10, maxAttempts } });
       await upstream.comeBack();
       const res = await call(relay, path(a), { method: 'POST' });
       assert.equal(res.status, 200);
@@ -255,12 +253,7 @@ describe('delivery to an upstream that cannot be reached', () => {
   }
 
   test('a suspension lasts at most a minute, however long retry.initialDelay is', async () => {
-    const upstream = await startScriptedUpstream();
-    cleanup.push(() => upstream.close());
-    await upstream.goDown();
-    const { clock, relay, log } = await relayFor(upstream.port, { retry: { initialDelay: 3600, maxDelay: 3600 } });
-    await queue(relay);
-    await relay.delivery.runOnce();
+    const { clock, relay, log, upstream } = await suspendedRelay({ retry: { initialDelay: 3600, maxDelay: 3600 } });
     assert.equal(events(log, 'upstream.suspended')[0].forMs, 60_000);
     await upstream.comeBack();
     clock.advance(60_000);
@@ -270,13 +263,8 @@ describe('delivery to an upstream that cannot be reached', () => {
   });
 
   test('a wall clock stepped back does not lengthen a suspension', async () => {
-    const upstream = await startScriptedUpstream();
-    cleanup.push(() => upstream.close());
-    await upstream.goDown();
     // a suspension of 900 ms
-    const { clock, relay } = await relayFor(upstream.port, { retry: { initialDelay: 1, maxDelay: 1 } });
-    await queue(relay);
-    await relay.delivery.runOnce();
+    const { clock, relay, upstream } = await suspendedRelay({ retry: { initialDelay: 1, maxDelay: 1 } });
     await upstream.comeBack();
     clock.advance(-3_600_000);
     await new Promise((resolve) => setTimeout(resolve, 1000));
