@@ -178,8 +178,7 @@ export class DeliveryEngine {
           maxConnections: this.config.workerCount,
         })
       : undefined;
-    const upstream = this.upstream;
-    this.suspension = upstream && new UpstreamSuspension(upstream.label, suspensionMs(this.config.retry), deps.clock, this.log, () => upstream.inTransaction());
+    this.suspension = this.upstream && new UpstreamSuspension(this.upstream, suspensionMs(this.config.retry), deps.clock, this.log);
   }
 
   get upstreamLabel(): string {
@@ -440,6 +439,11 @@ export class DeliveryEngine {
     const { clock, config } = this.deps;
     const { claim, abort } = active;
     const queueId = claim.messageId;
+    if (this.suspension?.judging()) {
+      await this.suspension.judged(abort.signal);
+      // released at shutdown meanwhile: the release made the message due again for the next start
+      if (abort.signal.aborted && this.released.delete(claim.token)) return undefined;
+    }
     const startedAt = clock.now();
     const started = performance.now();
     // The lease counts from the claim, not from now: a claim that took long to commit (a busy

@@ -23,6 +23,13 @@ export function suspensionMs(retry: Pick<RetrySettings, 'initialDelay' | 'maxDel
   return Math.min(backoffDelayMs(1, retry, () => 0), MAX_MS);
 }
 
+/** What the upstream's connections say of whether it can be reached (SmtpUpstream). */
+export interface Reachability {
+  readonly label: string;
+  reachedSince(since: number): boolean;
+  setupsSettled(): Promise<void> | undefined;
+}
+
 export class UpstreamSuspension {
   /**
    * Until `until` (the clock's ms) or `perfUntil` (performance.now(), so that a clock stepped back
@@ -32,15 +39,36 @@ export class UpstreamSuspension {
   private state: { since: number; until: number; perfUntil: number; reply: string } | null = null;
   /** performance.now() when an attempt last reached the upstream. */
   private lastReachedAt = Number.NEGATIVE_INFINITY;
+  /** A failure to reach the upstream waits to be judged until the connections being set up with it are. */
+  private verdict: Promise<void> | undefined;
+  private readonly upstream: string;
 
   constructor(
-    private readonly upstream: string,
+    private readonly reach: Reachability,
     private readonly durationMs: number,
     private readonly clock: Clock,
     private readonly log: Logger,
-    /** Attempts in a transaction with the upstream now (it greeted them). */
-    private readonly inTransaction: () => number,
-  ) {}
+  ) {
+    this.upstream = reach.label;
+  }
+
+  /**
+   * Resolves once no failure waits to be judged (at once when none does), or when `signal` aborts.
+   * An attempt waits for that before it sends, rather than open one more connection that may
+   * hang as the others did.
+   */
+  async judged(signal: AbortSignal): Promise<void> {
+    let aborted: Promise<void> | undefined;
+    while (this.verdict && !signal.aborted) {
+      aborted ??= new Promise((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+      await Promise.race([this.verdict, aborted]);
+    }
+  }
+
+  /** A failure waits to be judged (see judged). */
+  judging(): boolean {
+    return this.verdict !== undefined;
+  }
 
   /** While delivery is suspended, when that ends (the clock's ms); else null. */
   until(): number | null {
@@ -55,10 +83,12 @@ export class UpstreamSuspension {
   }
 
   /**
-   * After an attempt that tried the upstream (begun at `started`, performance.now()): one that could
-   * not reach it suspends delivery, unless another attempt reached it meanwhile or is in a
-   * transaction with it now (one failed connection among working ones is not the upstream down);
-   * one that reached it ends a suspension.
+   * After an attempt that tried the upstream (begun at `started`, performance.now()): one that
+   * reached it ends a suspension; one that could not suspends delivery, unless the upstream was
+   * reached meanwhile (another attempt, a new connection) or another attempt is in a transaction
+   * with it now: one failed connection among working ones is not the upstream down. Connections
+   * still being set up are waited for before that is judged (as Postfix judges a cohort of
+   * connections), and attempts that would connect meanwhile wait too (judged).
    * Once a suspension is over, attempts try the upstream again: the first that fails to reach it
    * suspends delivery again (said once, not at each renewal).
    */
@@ -68,7 +98,20 @@ export class UpstreamSuspension {
       this.end('reached');
       return;
     }
-    if (this.lastReachedAt > started || this.inTransaction() > 0) return;
+    const settled = this.reach.setupsSettled();
+    if (!settled) {
+      this.judge(result, started);
+      return;
+    }
+    const verdict = settled.then(() => {
+      if (this.verdict === verdict) this.verdict = undefined;
+      this.judge(result, started);
+    });
+    this.verdict = verdict;
+  }
+
+  private judge(result: BatchResult, started: number): void {
+    if (this.lastReachedAt > started || this.reach.reachedSince(started)) return;
     const now = this.clock.now();
     const since = this.state?.since;
     this.state = { since: since ?? now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };

@@ -7,6 +7,7 @@
 // so a stalled upstream can never hold a batch past its lease.
 import { isAscii as isAsciiBytes } from 'node:buffer';
 import type net from 'node:net';
+import { performance } from 'node:perf_hooks';
 import { Readable } from 'node:stream';
 import type tls from 'node:tls';
 import { domainToASCII } from 'node:url';
@@ -468,6 +469,10 @@ export class SmtpUpstream {
   private readonly open = new Set<SMTPConnection>();
   /** Connections in a transaction: each was greeted and set up, and an attempt is sending on it. */
   private readonly transacting = new Set<SMTPConnection>();
+  /** New connections being set up (connect). */
+  private readonly settingUp = new Set<Promise<SMTPConnection>>();
+  /** performance.now() when a new connection was last set up. */
+  private lastSetUpAt = Number.NEGATIVE_INFINITY;
   /** Places kept for connections about to be opened (idleConnection). */
   private connecting = 0;
   private readonly maxConnections: number;
@@ -490,9 +495,18 @@ export class SmtpUpstream {
     this.maxConnections = settings.maxConnections;
   }
 
-  /** Attempts in a transaction with the upstream now, on connections it greeted: it can be reached. */
-  inTransaction(): number {
-    return this.transacting.size;
+  /**
+   * The upstream was reached since `since` (performance.now()): a new connection was set up, or an
+   * attempt is in a transaction with it now (on a connection it greeted).
+   */
+  reachedSince(since: number): boolean {
+    return this.lastSetUpAt > since || this.transacting.size > 0;
+  }
+
+  /** Resolves when the new connections being set up now have been (or failed); undefined when there are none. */
+  setupsSettled(): Promise<void> | undefined {
+    if (this.settingUp.size === 0) return undefined;
+    return Promise.allSettled(this.settingUp).then(() => undefined);
   }
 
   /**
@@ -681,6 +695,14 @@ export class SmtpUpstream {
 
   /** A new connection, greeted, secured (STARTTLS when offered) and logged in when configured. */
   private connect(signal: AbortSignal): Promise<SMTPConnection> {
+    const setUp = this.openConnection(signal);
+    this.settingUp.add(setUp);
+    const done = () => this.settingUp.delete(setUp);
+    setUp.then(done, done);
+    return setUp;
+  }
+
+  private openConnection(signal: AbortSignal): Promise<SMTPConnection> {
     return new Promise((resolve, reject) => {
       const connection = new SMTPConnection(this.options);
       this.openedAt.set(connection, this.now());
@@ -700,6 +722,7 @@ export class SmtpUpstream {
           if (!signal.aborted && unreachable(e)) e.unreachable = true;
           reject(e);
         } else {
+          this.lastSetUpAt = performance.now();
           resolve(connection);
         }
       };

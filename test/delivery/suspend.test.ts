@@ -209,6 +209,50 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(message(relay, held).state, 'queued');
   });
 
+  test('a connection that fails while others are being set up waits for them: as they reach the upstream, nothing is suspended', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    // the first connection is cut at once; the others reach the upstream 300 ms after they came
+    let accepted = 0;
+    const proxyPort = await tcpServer((client, sockets) => {
+      if (++accepted === 1) return client.destroy();
+      setTimeout(() => {
+        const server = net.connect(upstream.port, '127.0.0.1');
+        sockets.add(server);
+        server.on('error', () => client.destroy());
+        client.pipe(server).pipe(client);
+      }, 300);
+    });
+    const { relay, log } = await relayFor(proxyPort, { workerCount: 3 });
+    const ids: string[] = [];
+    for (let i = 0; i < 6; i++) ids.push(await queue(relay));
+    // delivery as it runs: the slot the cut connection frees claims the next message at once
+    relay.delivery.start();
+    await waitFor(() => ids.filter((id) => message(relay, id).state === 'delivered').length === 5, 10_000, 'five delivered');
+    assert.equal(ids.filter((id) => message(relay, id).state === 'queued').length, 1, 'the one whose connection was cut waits for its retry');
+    const replies = ids.flatMap((id) => attempts(relay, id).map((a) => a.reply ?? ''));
+    assert.deepEqual(replies.filter((r) => r.startsWith(SUSPENDED)), []);
+    assert.equal(events(log, 'upstream.suspended').length, 0);
+  });
+
+  test('while a failure waits for the connections being set up, no attempt opens another: a hung upstream costs each wave only the connections begun before its first failure', async () => {
+    const hung = await silentServer();
+    // processingTimeout 12 s: the greeting is waited for 3.7 s
+    const { relay, log } = await relayFor(hung.port, { processingTimeout: 12, workerCount: 2 });
+    relay.delivery.start();
+    const a = await queue(relay);
+    await waitFor(() => hung.connections() === 1, 10_000, "the first message's connection");
+    // a second connection begun later: still waiting for its greeting when the first gives up
+    const b = await queue(relay);
+    await waitFor(() => hung.connections() === 2, 10_000, "the second message's connection");
+    const later = [await queue(relay), await queue(relay)];
+    await waitFor(() => later.every((id) => attempts(relay, id).length === 1), 20_000, 'the later messages deferred');
+    assert.equal(hung.connections(), 2, 'the later messages opened no connection');
+    for (const id of [a, b]) assert.match(attempts(relay, id)[0].reply ?? '', /^ETIMEDOUT: Greeting never received/);
+    for (const id of later) assert.ok(attempts(relay, id)[0].reply?.startsWith(SUSPENDED));
+    assert.equal(events(log, 'upstream.suspended').length, 1);
+  });
+
   test('a batch whose deferral would end its retries is tried all the same: mail does not fail without being offered', async () => {
     const { relay, upstream, first: a } = await suspendedRelay({ retry: { initialDelay: 10, maxAttempts: 1 } });
     assert.equal(message(relay, a).state, 'failed');
