@@ -52,6 +52,23 @@ describe('delivery to an upstream that cannot be reached', () => {
     return (server.address() as net.AddressInfo).port;
   }
 
+  /**
+   * A TCP proxy to the upstream on `port`: `route` gets each connection's number (from 1) and
+   * decides what becomes of it; `pass` joins it to the upstream.
+   */
+  function proxyTo(port: number, route: (n: number, client: net.Socket, pass: () => void) => void): Promise<number> {
+    let accepted = 0;
+    return tcpServer((client, sockets) => {
+      const pass = () => {
+        const server = net.connect(port, '127.0.0.1');
+        sockets.add(server);
+        server.on('error', () => client.destroy());
+        client.pipe(server).pipe(client);
+      };
+      route(++accepted, client, pass);
+    });
+  }
+
   /** A TCP server that accepts connections and never says a word (a hung upstream); counts them. */
   async function silentServer(): Promise<{ port: number; connections: () => number }> {
     let count = 0;
@@ -150,22 +167,15 @@ describe('delivery to an upstream that cannot be reached', () => {
     cleanup.push(() => upstream.close());
     // a proxy that passes every other connection on, and cuts the others (before any greeting)
     // once the relay has recorded a delivery: a failure that comes after another attempt reached the upstream
-    let accepted = 0;
     let relay: Relay | undefined;
     const delivered = () => relay !== undefined && relay.store.sqlite.prepare("SELECT 1 FROM messages WHERE state = 'delivered'").get() !== undefined;
-    const proxyPort = await tcpServer((client, sockets) => {
-      if (++accepted % 2 === 0) {
-        const cut = setInterval(() => {
-          if (!delivered()) return;
-          clearInterval(cut);
-          client.destroy();
-        }, 10);
-        return;
-      }
-      const server = net.connect(upstream.port, '127.0.0.1');
-      sockets.add(server);
-      server.on('error', () => client.destroy());
-      client.pipe(server).pipe(client);
+    const proxyPort = await proxyTo(upstream.port, (n, client, pass) => {
+      if (n % 2 === 1) return pass();
+      const cut = setInterval(() => {
+        if (!delivered()) return;
+        clearInterval(cut);
+        client.destroy();
+      }, 10);
     });
     const started = await relayFor(proxyPort, { workerCount: 2 });
     const { log } = started;
@@ -185,15 +195,8 @@ describe('delivery to an upstream that cannot be reached', () => {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     upstream.hold = (t) => t.to.includes('held@example.com');
-    let accepted = 0;
-    const proxyPort = await tcpServer((client, sockets) => {
-      // the second connection is cut before any greeting
-      if (++accepted === 2) return client.destroy();
-      const server = net.connect(upstream.port, '127.0.0.1');
-      sockets.add(server);
-      server.on('error', () => client.destroy());
-      client.pipe(server).pipe(client);
-    });
+    // the second connection is cut before any greeting
+    const proxyPort = await proxyTo(upstream.port, (n, client, pass) => (n === 2 ? client.destroy() : pass()));
     const { relay, log } = await relayFor(proxyPort, { processingTimeout: 5 });
     const held = await queue(relay, ['held@example.com']);
     const holding = relay.delivery.runOnce();
@@ -213,16 +216,7 @@ describe('delivery to an upstream that cannot be reached', () => {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     // the first connection is cut at once; the others reach the upstream 300 ms after they came
-    let accepted = 0;
-    const proxyPort = await tcpServer((client, sockets) => {
-      if (++accepted === 1) return client.destroy();
-      setTimeout(() => {
-        const server = net.connect(upstream.port, '127.0.0.1');
-        sockets.add(server);
-        server.on('error', () => client.destroy());
-        client.pipe(server).pipe(client);
-      }, 300);
-    });
+    const proxyPort = await proxyTo(upstream.port, (n, client, pass) => (n === 1 ? client.destroy() : setTimeout(pass, 300)));
     const { relay, log } = await relayFor(proxyPort, { workerCount: 3 });
     const ids: string[] = [];
     for (let i = 0; i < 6; i++) ids.push(await queue(relay));
