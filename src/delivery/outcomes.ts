@@ -41,8 +41,8 @@ export interface BatchResult {
   settingFault?: boolean;
   /**
    * The upstream was not reached: a new connection was refused, timed out or closed before a
-   * session was set up, with no reply to say why. The engine suspends delivery for a while (see
-   * DeliveryEngine.noteReach).
+   * session was set up, with no reply to say why. Delivery may be suspended for a while (see
+   * UpstreamSuspension).
    */
   unreachable?: boolean;
   /**

@@ -88,7 +88,7 @@ export class UpstreamSuspension {
    * reached meanwhile (another attempt, a new connection) or another attempt is in a transaction
    * with it now: one failed connection among working ones is not the upstream down. Connections
    * still being set up are waited for before that is judged (as Postfix judges a cohort of
-   * connections), and attempts that would connect meanwhile wait too (judged).
+   * connections), and other attempts wait meanwhile (see judged).
    * Once a suspension is over, attempts try the upstream again: the first that fails to reach it
    * suspends delivery again (said once, not at each renewal).
    */
