@@ -87,6 +87,8 @@ interface ActiveAttempt {
   abort: AbortController;
   /** The upstream has answered; only the commit of the outcome is left. */
   answered: boolean;
+  /** Still waiting for a failure to reach the upstream to be judged: nothing was sent yet. */
+  waiting: boolean;
 }
 
 const DEFAULT_POLL_MS = 100;
@@ -276,11 +278,17 @@ export class DeliveryEngine {
       this.log.info({ event: 'delivery.shutdown_claims', claims: this.claiming.size }, 'shutdown: waiting for claims being committed, to hand them back');
       await Promise.allSettled(this.claiming);
     }
+    this.suspension?.stop();
     const unfinished = [...this.active.values()].filter((a) => !a.answered);
     if (unfinished.length > 0) {
       for (const a of unfinished) this.released.add(a.claim.token);
-      // these may have reached the upstream: their attempts stay counted
-      const released = await this.release(unfinished.map((a) => a.claim), { uncount: false });
+      // those that sent may have reached the upstream: their attempts stay counted; those still
+      // waiting for a judgement (see UpstreamSuspension) sent nothing
+      const releaseThose = (waiting: boolean) => {
+        const claims = unfinished.filter((a) => a.waiting === waiting).map((a) => a.claim);
+        return claims.length > 0 ? this.release(claims, { uncount: waiting }) : 0;
+      };
+      const released = (await releaseThose(false)) + (await releaseThose(true));
       this.log.warn(
         { event: 'delivery.released', released, ids: unfinished.map((a) => a.claim.messageId) },
         'shutdown: unfinished deliveries released for the next start',
@@ -415,7 +423,7 @@ export class DeliveryEngine {
    */
   private async attempt(claim: ClaimedBatch, onSent?: () => void): Promise<boolean> {
     const leaseEndsAt = performance.now() + (claim.leaseExpiresAt - this.deps.clock.now());
-    const active: ActiveAttempt = { claim, leaseEndsAt, abort: new AbortController(), answered: false };
+    const active: ActiveAttempt = { claim, leaseEndsAt, abort: new AbortController(), answered: false, waiting: false };
     this.active.set(claim.token, active);
     let sent: SentAttempt | 'late' | undefined;
     try {
@@ -440,9 +448,14 @@ export class DeliveryEngine {
     const { claim, abort } = active;
     const queueId = claim.messageId;
     if (this.suspension?.judging()) {
+      active.waiting = true;
       await this.suspension.judged(abort.signal);
-      // released at shutdown meanwhile: the release made the message due again for the next start
-      if (abort.signal.aborted && this.released.delete(claim.token)) return undefined;
+      active.waiting = false;
+      if (abort.signal.aborted && this.released.delete(claim.token)) {
+        // released at shutdown meanwhile, uncounted: the release made the message due again for the next start
+        this.log.info({ queueId, event: 'delivery.attempt_released', batch: claim.batch }, 'attempt released at shutdown before it was sent');
+        return undefined;
+      }
     }
     const startedAt = clock.now();
     const started = performance.now();

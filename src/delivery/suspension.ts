@@ -41,6 +41,7 @@ export class UpstreamSuspension {
   private lastReachedAt = Number.NEGATIVE_INFINITY;
   /** A failure to reach the upstream waits to be judged until the connections being set up with it are. */
   private verdict: Promise<void> | undefined;
+  private stopped = false;
   private readonly upstream: string;
 
   constructor(
@@ -110,8 +111,13 @@ export class UpstreamSuspension {
     this.verdict = verdict;
   }
 
+  /** At shutdown: the connections a judgement waits for end by their abort, which says nothing of the upstream. */
+  stop(): void {
+    this.stopped = true;
+  }
+
   private judge(result: BatchResult, started: number): void {
-    if (this.lastReachedAt > started || this.reach.reachedSince(started)) return;
+    if (this.stopped || this.lastReachedAt > started || this.reach.reachedSince(started)) return;
     const now = this.clock.now();
     const since = this.state?.since;
     this.state = { since: since ?? now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };

@@ -503,10 +503,16 @@ export class SmtpUpstream {
     return this.lastSetUpAt > since || this.transacting.size > 0;
   }
 
-  /** Resolves when the new connections being set up now have been (or failed); undefined when there are none. */
+  /**
+   * Resolves when one of the new connections being set up now has been (the upstream is reached),
+   * or all of them have failed; undefined when there are none.
+   */
   setupsSettled(): Promise<void> | undefined {
     if (this.settingUp.size === 0) return undefined;
-    return Promise.allSettled(this.settingUp).then(() => undefined);
+    return Promise.any(this.settingUp).then(
+      () => undefined,
+      () => undefined,
+    );
   }
 
   /**

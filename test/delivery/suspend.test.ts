@@ -3,6 +3,7 @@
 // that lets connections hang does not cost every batch its connection timeout.
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import Database from 'better-sqlite3';
 import { after, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { call } from '../api/fixtures.js';
@@ -18,12 +19,12 @@ describe('delivery to an upstream that cannot be reached', () => {
     for (const c of cleanup.reverse()) await c();
   });
 
-  async function relayFor(port: number, overrides: Parameters<typeof startTestRelay>[0] = {}) {
+  async function relayFor(port: number, overrides: Parameters<typeof startTestRelay>[0] = {}, shutdownGraceMs = 2000) {
     const clock = new ManualClock();
     const log = capturedLog('info');
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, retry: { initialDelay: 10, maxDelay: 100, maxAttempts: 10 }, ...overrides },
-      { clock, startDelivery: false, random: NO_JITTER, logger: log.logger },
+      { clock, startDelivery: false, random: NO_JITTER, logger: log.logger, shutdownGraceMs },
     );
     cleanup.push(() => relay.stop());
     return { clock, relay, log };
@@ -227,6 +228,51 @@ describe('delivery to an upstream that cannot be reached', () => {
     const replies = ids.flatMap((id) => attempts(relay, id).map((a) => a.reply ?? ''));
     assert.deepEqual(replies.filter((r) => r.startsWith(SUSPENDED)), []);
     assert.equal(events(log, 'upstream.suspended').length, 0);
+  });
+
+  test('a failure waits for the connections being set up only until one of them reaches the upstream: one that hangs holds up nothing', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    // the first connection is cut at once, the second hangs (never greeted), the others reach the upstream
+    const proxyPort = await proxyTo(upstream.port, (n, client, pass) => (n === 1 ? client.destroy() : n === 2 ? undefined : pass()));
+    // processingTimeout 60 s: the hung connection waits 18 s for its greeting
+    const { relay, log } = await relayFor(proxyPort, { workerCount: 3, processingTimeout: 60 });
+    const ids: string[] = [];
+    for (let i = 0; i < 6; i++) ids.push(await queue(relay));
+    relay.delivery.start();
+    await waitFor(() => ids.filter((id) => message(relay, id).state === 'delivered').length === 4, 15_000, 'four delivered');
+    const hanging = ids.filter((id) => message(relay, id).state === 'sending');
+    assert.equal(hanging.length, 1, 'one still waits for its greeting');
+    assert.deepEqual(attempts(relay, hanging[0]), [], 'the others went out before its attempt ended');
+    assert.equal(events(log, 'upstream.suspended').length, 0);
+  });
+
+  test('an attempt released at shutdown while it waited for a judgement sent nothing: its attempt is not counted', async () => {
+    const hung = await silentServer();
+    // processingTimeout 12 s: the greeting is waited for 3.7 s; a stop waits 200 ms for attempts
+    const { relay, log } = await relayFor(hung.port, { processingTimeout: 12, workerCount: 2 }, 200);
+    relay.delivery.start();
+    await queue(relay);
+    await waitFor(() => hung.connections() === 1, 10_000, "the first message's connection");
+    // the second connection begins 2 s after the first, and gives up 2 s after it
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+    await queue(relay);
+    await waitFor(() => hung.connections() === 2, 10_000, "the second message's connection");
+    const waiting = await queue(relay);
+    // the first connection gives up; the second is still set up: the third message waits for the judgement
+    await waitFor(() => message(relay, waiting).state === 'sending', 10_000, 'the third message claimed');
+    const dbFile = relay.config.databasePath;
+    await relay.stop();
+    const db = new Database(dbFile, { readonly: true });
+    try {
+      const row = db.prepare('SELECT attempts, status FROM recipients WHERE message_id = ?').get(waiting) as { attempts: number; status: string };
+      assert.deepEqual(row, { attempts: 0, status: 'pending' });
+      assert.equal(db.prepare('SELECT COUNT(*) AS n FROM attempts WHERE message_id = ?').pluck().get(waiting), 0);
+    } finally {
+      db.close();
+    }
+    assert.ok(log.entries().some((e) => e.event === 'delivery.attempt_released' && e.queueId === waiting));
+    assert.equal(events(log, 'upstream.suspended').length, 0, 'connections ended by the stop say nothing of the upstream');
   });
 
   test('while a failure waits for the connections being set up, no attempt opens another: a hung upstream costs each wave only the connections begun before its first failure', async () => {
