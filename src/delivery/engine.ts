@@ -8,6 +8,7 @@ import type tls from 'node:tls';
 import type { Logger } from 'pino';
 import { type Clock, isoTime } from '../clock.js';
 import type { Config } from '../config/schema.js';
+import { deliveryRequests } from '../store/admin.js';
 import type { Sqlite } from '../store/db.js';
 import type { UpstreamRecord } from '../store/queries.js';
 import type { RecipientStatus } from '../store/schema.js';
@@ -180,7 +181,8 @@ export class DeliveryEngine {
           maxConnections: this.config.workerCount,
         })
       : undefined;
-    this.suspension = this.upstream && new UpstreamSuspension(this.upstream, suspensionMs(this.config.retry), deps.clock, this.log);
+    this.suspension =
+      this.upstream && new UpstreamSuspension(this.upstream, suspensionMs(this.config.retry), deps.clock, this.log, () => deliveryRequests(deps.sqlite));
   }
 
   get upstreamLabel(): string {

@@ -13,6 +13,12 @@ const MAX_MS = 60_000;
 
 const SUSPENDED_REPLY = 'delivery temporarily suspended: ';
 
+const RESUMED = {
+  reached: 'the upstream was reached again: delivery resumes',
+  admin: 'delivery resumes: asked for through the admin API',
+  command: 'delivery resumes: asked for with relayq retry',
+};
+
 /**
  * How long a suspension lasts: the shortest time after which a deferred batch is tried again (90 %
  * of retry.initialDelay), so that the batch that found the upstream down is never kept from its own
@@ -34,9 +40,10 @@ export class UpstreamSuspension {
   /**
    * Until `until` (the clock's ms) or `perfUntil` (performance.now(), so that a clock stepped back
    * does not lengthen it), whichever comes first; `since`: when it began; `reply`: the reply of the
-   * attempt that found the upstream unreachable.
+   * attempt that found the upstream unreachable; `asked`: the count of operators' requests for
+   * delivery (`relayq retry`) when it began or was renewed.
    */
-  private state: { since: number; until: number; perfUntil: number; reply: string } | null = null;
+  private state: { since: number; until: number; perfUntil: number; reply: string; asked: number } | null = null;
   /** performance.now() when an attempt last reached the upstream. */
   private lastReachedAt = Number.NEGATIVE_INFINITY;
   /** A failure to reach the upstream waits to be judged until the connections being set up with it are. */
@@ -49,6 +56,8 @@ export class UpstreamSuspension {
     private readonly durationMs: number,
     private readonly clock: Clock,
     private readonly log: Logger,
+    /** How many times an operator asked for mail to go now from another process (deliveryRequests). */
+    private readonly requests: () => number = () => 0,
   ) {
     this.upstream = reach.label;
   }
@@ -71,10 +80,27 @@ export class UpstreamSuspension {
     return this.verdict !== undefined;
   }
 
-  /** While delivery is suspended, when that ends (the clock's ms); else null. */
+  /**
+   * While delivery is suspended, when that ends (the clock's ms); else null. A suspension that an
+   * operator asked since it began to end (`relayq retry`) ends at this look.
+   */
   until(): number | null {
     const s = this.state;
-    return s && this.clock.now() < s.until && performance.now() < s.perfUntil ? s.until : null;
+    if (!s || this.clock.now() >= s.until || performance.now() >= s.perfUntil) return null;
+    if (this.askedCount(Number.NEGATIVE_INFINITY) > s.asked) {
+      this.end('command');
+      return null;
+    }
+    return s.until;
+  }
+
+  /** The count of requests (see `requests`), or `unreadable` when a database fault keeps it from being read. */
+  private askedCount(unreadable: number): number {
+    try {
+      return this.requests();
+    } catch {
+      return unreadable;
+    }
   }
 
   /** While delivery is suspended, a batch's result without an attempt: every recipient deferred. */
@@ -120,7 +146,14 @@ export class UpstreamSuspension {
     if (this.stopped || this.lastReachedAt > started || this.reach.reachedSince(started)) return;
     const now = this.clock.now();
     const since = this.state?.since;
-    this.state = { since: since ?? now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };
+    this.state = {
+      since: since ?? now,
+      until: now + this.durationMs,
+      perfUntil: performance.now() + this.durationMs,
+      reply: result.reply,
+      // unreadable, no request counts: the suspension keeps to its time
+      asked: this.askedCount(Number.POSITIVE_INFINITY),
+    };
     if (since !== undefined) return;
     this.log.warn(
       { event: 'upstream.suspended', upstream: this.upstream, reply: result.reply, forMs: this.durationMs },
@@ -128,14 +161,14 @@ export class UpstreamSuspension {
     );
   }
 
-  /** Ends a suspension: an attempt reached the upstream, or an operator asked for delivery now (`admin`). */
-  end(why: 'reached' | 'admin'): void {
+  /** Ends a suspension: an attempt reached the upstream, or an operator asked for delivery now (the admin API, or `relayq retry`). */
+  end(why: 'reached' | 'admin' | 'command'): void {
     const s = this.state;
     if (!s) return;
     this.state = null;
     this.log.info(
       { event: 'upstream.resumed', upstream: this.upstream, by: why, suspendedMs: Math.max(0, this.clock.now() - s.since) },
-      why === 'reached' ? 'the upstream was reached again: delivery resumes' : 'delivery resumes: asked for through the admin API',
+      RESUMED[why],
     );
   }
 }

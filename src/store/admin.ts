@@ -192,6 +192,22 @@ export function flushQueued(sqlite: Sqlite, ids: string[], now: number, batchDel
   return ids.filter((id) => queuedDueNow(sqlite, id, now, batchDelayMs)).length;
 }
 
+/**
+ * `relayq retry` asks for mail to go now from a process of its own, which cannot tell the relay:
+ * each request it carries out is counted here, in the write that carries it out, and a relay whose
+ * delivery is suspended ends the suspension when the count has grown since it began, as the admin
+ * API's requests end it (see UpstreamSuspension). The row is made by the first request.
+ */
+export function noteDeliveryRequest(sqlite: Sqlite): void {
+  prepared(sqlite, "INSERT INTO counters (name, value) VALUES ('delivery_requests', 1) ON CONFLICT (name) DO UPDATE SET value = value + 1").run();
+}
+
+/** How many requests noteDeliveryRequest counted. */
+export function deliveryRequests(sqlite: Sqlite): number {
+  const row = prepared(sqlite, "SELECT value FROM counters WHERE name = 'delivery_requests'").get() as { value: number } | undefined;
+  return row?.value ?? 0;
+}
+
 /** What a `held` result means, in the words of the CLI and the API. */
 export const HELD =
   'a delivery worker holds it: it is being delivered, or was when its relay stopped without handing it back (then until the relay starts again, or its processingTimeout lease runs out)';

@@ -7,6 +7,7 @@ import Database from 'better-sqlite3';
 import { after, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { call } from '../api/fixtures.js';
+import { runCli } from '../cli/run-cli.js';
 import { capturedLog, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { ManualClock } from '../manual-clock.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
@@ -19,8 +20,7 @@ describe('delivery to an upstream that cannot be reached', () => {
     for (const c of cleanup.reverse()) await c();
   });
 
-  async function relayFor(port: number, overrides: Parameters<typeof startTestRelay>[0] = {}, shutdownGraceMs = 2000) {
-    const clock = new ManualClock();
+  async function relayFor(port: number, overrides: Parameters<typeof startTestRelay>[0] = {}, shutdownGraceMs = 2000, clock = new ManualClock()) {
     const log = capturedLog('info');
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, retry: { initialDelay: 10, maxDelay: 100, maxAttempts: 10 }, ...overrides },
@@ -335,6 +335,71 @@ describe('delivery to an upstream that cannot be reached', () => {
       assert.equal(resumed.by, 'admin');
     });
   }
+
+  const commands: Array<[string, (id: string) => string[], (id: string) => unknown]> = [
+    ['retry --queued', () => ['retry', '--queued'], () => ({ due_now: 1 })],
+    ['retry --failed', () => ['retry', '--failed'], () => ({ requeued: 1 })],
+    ['retry ID', (id) => ['retry', id], (id) => ({ results: [{ id, result: 'due-now' }] })],
+  ];
+  for (const [name, args, answer] of commands) {
+    test(`relayq ${name}, another process, ends a suspension too: the mail is tried at once`, async () => {
+      // the relay's clock keeps to the wall clock, which the command's times come from; the
+      // suspension lasts 54 s of it
+      const clock = new ManualClock(Date.now());
+      const upstream = await startScriptedUpstream();
+      cleanup.push(() => upstream.close());
+      const { relay, log } = await relayFor(upstream.port, { batchDelay: 0, retry: { initialDelay: 60 } }, undefined, clock);
+      // --failed: mail the upstream refused for good before it went away; its requeue's attempt is
+      // not its last, which would be tried all the same
+      const failed = name === 'retry --failed';
+      upstream.rcptReply = () => (failed ? { code: 550, message: '5.1.1 no such user' } : undefined);
+      const a = failed ? await queue(relay) : undefined;
+      await relay.delivery.runOnce();
+      upstream.rcptReply = () => undefined;
+      await upstream.goDown();
+      const b = await queue(relay);
+      await relay.delivery.runOnce();
+      assert.equal(events(log, 'upstream.suspended').length, 1);
+      const id = a ?? b;
+      assert.equal(message(relay, id).state, failed ? 'failed' : 'queued');
+      await upstream.comeBack();
+      const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
+      const done = await runCli([...args(id), '--json'], { env });
+      assert.equal(done.code, 0, done.stderr);
+      assert.deepEqual(JSON.parse(done.stdout), answer(id));
+      clock.set(Math.max(clock.now(), Date.now()) + 1000);
+      await relay.delivery.runOnce();
+      assert.equal(message(relay, id).state, 'delivered');
+      const [resumed] = events(log, 'upstream.resumed');
+      assert.equal(resumed.by, 'command');
+      assert.deepEqual(await suspendedUntil(relay), [null, 0]);
+    });
+  }
+
+  test('a relayq retry that makes nothing due leaves a suspension alone', async () => {
+    const clock = new ManualClock(Date.now());
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const { relay, log } = await relayFor(upstream.port, { retry: { initialDelay: 60 } }, undefined, clock);
+    const delivered = await queue(relay);
+    await relay.delivery.runOnce();
+    await upstream.goDown();
+    const a = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(events(log, 'upstream.suspended').length, 1);
+    await upstream.comeBack();
+    const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
+    const done = await runCli(['retry', delivered, '--json'], { env });
+    assert.equal(done.code, 1, done.stderr);
+    assert.deepEqual(JSON.parse(done.stdout), { results: [{ id: delivered, result: 'delivered' }] });
+    clock.advance(10_000);
+    const b = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, b).state, 'queued');
+    assert.equal(attempts(relay, b)[0].reply?.startsWith(SUSPENDED), true);
+    assert.equal(message(relay, a).state, 'queued');
+    assert.equal(events(log, 'upstream.resumed').length, 0);
+  });
 
   test('a suspension lasts at most a minute, however long retry.initialDelay is', async () => {
     const { clock, relay, log, upstream } = await suspendedRelay({ retry: { initialDelay: 3600, maxDelay: 3600 } });
