@@ -157,7 +157,9 @@ function findConfigFile(argv: readonly string[], env: NodeJS.ProcessEnv): string
   // set but empty (`RELAYQ_CONFIG=${UNSET}`) is an error of loadConfig's, not a fallback
   if (env.RELAYQ_CONFIG !== undefined) return env.RELAYQ_CONFIG;
   const local = `${process.cwd()}/config.json`;
-  return fs.existsSync(local) ? local : undefined;
+  // a name there is the file meant, even a link to nothing: read, it fails with the reason, rather
+  // than the relay start on the defaults
+  return fs.lstatSync(local, { throwIfNoEntry: false }) ? local : undefined;
 }
 
 /** Reads the file chosen by findConfigFile; a missing explicit file is reported by loadConfig. */
@@ -247,8 +249,11 @@ export function loadConfig(
 
   const typed = config as unknown as Config;
   // Checked on the values that were valid; a combination that involves a key whose own value was
-  // already refused is left out (the default standing in for it would only confuse).
-  checkCombinations(typed, origins, new Set(errors.map((e) => e.key)), errors, warnings);
+  // already refused is left out (the default standing in for it would only confuse), and so is one
+  // with a key at its default when the file could not be read (the file may set it).
+  const unjudged = new Set(errors.map((e) => e.key));
+  if (unjudged.has('config')) for (const key of CONFIG_KEYS) if (!origins.has(key.path)) unjudged.add(key.path);
+  checkCombinations(typed, origins, unjudged, errors, warnings);
   // A command that reads a few keys (the CLI's) is not kept from its work by another one's bad
   // value, as Postfix's postqueue is not by a main.cf parameter it does not use. A name the file
   // misspells may be one the command reads, unless it is in a section that holds none of those.

@@ -691,6 +691,35 @@ describe('loadConfig', () => {
     }
   });
 
+  test('a ./config.json that is a link to nothing is an error, not a start on the defaults', () => {
+    const dir = tempDir();
+    fs.symlinkSync(path.join(dir, 'provisioned', 'relayq.json'), path.join(dir, 'config.json'));
+    const cwd = process.cwd();
+    process.chdir(dir);
+    try {
+      const r = loadConfigFromSources([], {});
+      assert.equal(r.ok, false);
+      assert.match(r.ok ? '' : r.message, /^config error \(file\): cannot read .*config\.json: ENOENT/);
+    } finally {
+      process.chdir(cwd);
+    }
+  });
+
+  test('a file that cannot be read or parsed sets nothing: no combination is judged on a key it may set', () => {
+    const broken = { path: 'c.json', text: '{"forwardHost": "smtp.example.net",}' };
+    const r = loadConfig([], { FORWARD_SMTP: '1', SECURITY_ALLOW_LOCAL_ONLY: '0' }, broken);
+    assert.deepEqual(
+      errorMessages(r).map((m) => m.replace(/:.*/, '')),
+      ['c.json is not valid JSON'],
+    );
+    const missing = loadConfig([], { FORWARD_SMTP: '1' }, readConfigFile('no-such-dir/config.json'));
+    assert.equal(errorMessages(missing).length, 1);
+    // what the environment and flags give on their own is judged all the same
+    const both = loadConfig(['--forwardHost', '127.0.0.1', '--forwardPort', '2525', '--smtpHost', '127.0.0.1', '--smtpPort', '2525'], { FORWARD_SMTP: '1' }, broken);
+    assert.equal(errorMessages(both).length, 2);
+    assert.match(errorMessages(both)[1], /relayq's own SMTP listener/);
+  });
+
   test('an empty RELAYQ_CONFIG (an unset variable in compose) is an error, not a silent fallback to ./config.json', () => {
     const dir = tempDir();
     fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ smtpPort: 2600 }));
