@@ -225,7 +225,6 @@ export function adminRoutes(deps: ApiDeps) {
   return new Hono<ApiEnv>()
     .post('/retry-failed', limitBody, async (c) => {
       const filter = parseRequeueFilter(await filterBody(c));
-      deps.delivery.resumeUpstream();
       const now = clock.now();
       // the ids a request may list (up to MAX_IDS), or one long one, would make a line of up to a megabyte
       const requeued = await loggedBulk(
@@ -243,7 +242,6 @@ export function adminRoutes(deps: ApiDeps) {
     })
     .post('/retry-queued', limitBody, async (c) => {
       const filter = parseFlushFilter(await filterBody(c));
-      deps.delivery.resumeUpstream();
       const now = clock.now();
       const dueNow = await loggedBulk(
         c,
@@ -310,7 +308,6 @@ export function adminRoutes(deps: ApiDeps) {
     .post('/messages/:id/retry', async (c) => {
       onlyQueries(c, []);
       const id = canonicalQueueId(c.req.param('id'));
-      deps.delivery.resumeUpstream();
       const result = await logged(c, 'retry', id, unlessDelivering(id, () => writer.write('retryMessage', id, clock.now(), deps.config.batchDelay)));
       switch (result) {
         case 'not-found':

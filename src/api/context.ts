@@ -24,11 +24,6 @@ export interface DeliveryView {
    * same, except after the wall clock stepped forward past it: the attempt keeps its message.
    */
   holds(messageId: string): boolean;
-  /**
-   * An operator asks for mail to go now: a suspension of delivery to an upstream found
-   * unreachable ends, so that the mail is tried at once instead of deferred without an attempt.
-   */
-  resumeUpstream(): void;
   /** While delivery to an upstream found unreachable is suspended, when that ends (the clock's ms); else null. */
   suspendedUntil(): number | null;
 }

@@ -4,11 +4,11 @@
 // pending recipients are tried again, never delivered ones. Every form writes in short
 // transactions (500 messages each) so the running server barely waits; with ids, an unknown one
 // and nothing is changed. Mail made due also ends a running relay's suspension of delivery to an
-// upstream it found unreachable, as `postqueue -f` makes Postfix forget its dead hosts.
+// upstream it found unreachable (see noteDeliveryRequest), as `postqueue -f` makes Postfix forget
+// its dead hosts.
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
-import { flushQueued, flushQueuedInSteps, HELD, holdOf, noteDeliveryRequest, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
-import type { Sqlite } from '../store/db.js';
+import { flushQueued, flushQueuedInSteps, HELD, holdOf, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
 import { canonicalQueueId } from '../store/intake.js';
 import { addressFilterProblem } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter, writeEachInSteps, writeStep } from './context.js';
@@ -23,15 +23,6 @@ const EXPLAIN: Record<RetryResult, string> = {
   'not-found': 'deleted meanwhile; nothing to retry',
 };
 
-/**
- * A write that made mail due also tells a running relay whose delivery is suspended to end the
- * suspension (noteDeliveryRequest), as the admin API does; `changed`: how many messages it made due.
- */
-function asked(sqlite: Sqlite, changed: number): number {
-  if (changed > 0) noteDeliveryRequest(sqlite);
-  return changed;
-}
-
 export async function retryCommand(ids: string[], options: { failed?: boolean; queued?: boolean; sender?: string }, global: GlobalOptions): Promise<void> {
   if (options.failed && options.queued) throw new CliError('give --failed or --queued, not both');
   if ((options.failed || options.queued) && ids.length) throw new CliError(`give message ids or --${options.failed ? 'failed' : 'queued'}, not both`);
@@ -45,7 +36,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
 
   if (options.queued) {
     const flushed = await withWriter(config, (sqlite) =>
-      flushQueuedInSteps(sqlite, options.sender, (ids) => writeStep(sqlite, () => asked(sqlite, flushQueued(sqlite, ids, systemClock.now(), config.batchDelay)))),
+      flushQueuedInSteps(sqlite, options.sender, (ids) => writeStep(sqlite, () => flushQueued(sqlite, ids, systemClock.now(), config.batchDelay))),
     );
     if (global.json) printJson({ due_now: flushed });
     else printText(`${flushed} queued message${flushed === 1 ? ' is' : 's are'} due now`);
@@ -55,7 +46,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   if (options.failed) {
     const requeued = await withWriter(config, (sqlite) => {
       const now = systemClock.now();
-      return requeueFailedInSteps(sqlite, { sender: options.sender }, now, (step) => writeStep(sqlite, () => asked(sqlite, requeueFailed(sqlite, step, now, config.batchDelay).length)));
+      return requeueFailedInSteps(sqlite, { sender: options.sender }, now, (step) => writeStep(sqlite, () => requeueFailed(sqlite, step, now, config.batchDelay).length));
     });
     if (global.json) printJson({ requeued });
     else printText(`requeued ${count(requeued, 'failed message')}`);
@@ -66,16 +57,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   const { results: outcomes, stopped } = await withWriter(config, (sqlite) => {
     // one unknown id and no message is touched
     for (const id of unique) if (holdOf(sqlite, id, systemClock.now()) === 'not-found') throw new CliError(`no message with id ${id}; nothing changed`);
-    return writeEachInSteps(
-      sqlite,
-      unique,
-      (id) => {
-        const result = retryMessage(sqlite, id, systemClock.now(), config.batchDelay);
-        if (result === 'requeued' || result === 'due-now') asked(sqlite, 1);
-        return result;
-      },
-      'retried',
-    );
+    return writeEachInSteps(sqlite, unique, (id) => retryMessage(sqlite, id, systemClock.now(), config.batchDelay), 'retried');
   });
   const results = outcomes.map((result, i) => ({ id: unique[i], result }));
   if (global.json) printJson({ results });

@@ -512,11 +512,6 @@ export class DeliveryEngine {
     return this.suspension?.until() ?? null;
   }
 
-  /** An operator asked for queued or failed mail to go now (the admin API): the upstream is tried again at once, as `postqueue -f` makes Postfix forget dead hosts. */
-  resumeUpstream(): void {
-    this.suspension?.end('admin');
-  }
-
   /** Waits for the outcome's commit, logs the attempt, and acts on a final state. */
   private async settle(claim: ClaimedBatch, sent: SentAttempt): Promise<void> {
     const { result, completion, durationMs } = sent;

@@ -15,8 +15,7 @@ const SUSPENDED_REPLY = 'delivery temporarily suspended: ';
 
 const RESUMED = {
   reached: 'the upstream was reached again: delivery resumes',
-  admin: 'delivery resumes: asked for through the admin API',
-  command: 'delivery resumes: asked for with relayq retry',
+  operator: 'delivery resumes: an operator made mail due (the admin API, or relayq retry)',
 };
 
 /**
@@ -41,9 +40,9 @@ export class UpstreamSuspension {
    * Until `until` (the clock's ms) or `perfUntil` (performance.now(), so that a clock stepped back
    * does not lengthen it), whichever comes first; `since`: when it began; `reply`: the reply of the
    * attempt that found the upstream unreachable; `asked`: the count of operators' requests for
-   * delivery (`relayq retry`) when it began or was renewed.
+   * delivery when it began or was renewed (undefined: it could not be read).
    */
-  private state: { since: number; until: number; perfUntil: number; reply: string; asked: number } | null = null;
+  private state: { since: number; until: number; perfUntil: number; reply: string; asked: number | undefined } | null = null;
   /** performance.now() when an attempt last reached the upstream. */
   private lastReachedAt = Number.NEGATIVE_INFINITY;
   /** A failure to reach the upstream waits to be judged until the connections being set up with it are. */
@@ -56,7 +55,7 @@ export class UpstreamSuspension {
     private readonly durationMs: number,
     private readonly clock: Clock,
     private readonly log: Logger,
-    /** How many times an operator asked for mail to go now from another process (deliveryRequests). */
+    /** The count of operators' requests that made mail due (deliveryRequests: the admin API's, `relayq retry`'s). */
     private readonly requests: () => number = () => 0,
   ) {
     this.upstream = reach.label;
@@ -81,25 +80,27 @@ export class UpstreamSuspension {
   }
 
   /**
-   * While delivery is suspended, when that ends (the clock's ms); else null. A suspension that an
-   * operator asked since it began to end (`relayq retry`) ends at this look.
+   * While delivery is suspended, when that ends (the clock's ms); else null. An operator's request
+   * that made mail due since it began (the count changed: grown, or set back by hand) ends it at
+   * this look, as `postqueue -f` makes Postfix forget its dead hosts.
    */
   until(): number | null {
     const s = this.state;
     if (!s || this.clock.now() >= s.until || performance.now() >= s.perfUntil) return null;
-    if (this.askedCount(Number.NEGATIVE_INFINITY) > s.asked) {
-      this.end('command');
+    const asked = this.askedCount();
+    if (s.asked !== undefined && asked !== undefined && asked !== s.asked) {
+      this.end('operator');
       return null;
     }
     return s.until;
   }
 
-  /** The count of requests (see `requests`), or `unreadable` when a database fault keeps it from being read. */
-  private askedCount(unreadable: number): number {
+  /** The count of requests (see `requests`); undefined when a database fault keeps it from being read. */
+  private askedCount(): number | undefined {
     try {
       return this.requests();
     } catch {
-      return unreadable;
+      return undefined;
     }
   }
 
@@ -151,8 +152,8 @@ export class UpstreamSuspension {
       until: now + this.durationMs,
       perfUntil: performance.now() + this.durationMs,
       reply: result.reply,
-      // unreadable, no request counts: the suspension keeps to its time
-      asked: this.askedCount(Number.POSITIVE_INFINITY),
+      // unreadable, no request ends it: the suspension keeps to its time
+      asked: this.askedCount(),
     };
     if (since !== undefined) return;
     this.log.warn(
@@ -161,8 +162,8 @@ export class UpstreamSuspension {
     );
   }
 
-  /** Ends a suspension: an attempt reached the upstream, or an operator asked for delivery now (the admin API, or `relayq retry`). */
-  end(why: 'reached' | 'admin' | 'command'): void {
+  /** Ends a suspension: an attempt reached the upstream, or an operator made mail due. */
+  private end(why: keyof typeof RESUMED): void {
     const s = this.state;
     if (!s) return;
     this.state = null;

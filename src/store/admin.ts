@@ -128,7 +128,9 @@ export function requeueFailed(sqlite: Sqlite, filter: RequeueStep, now: number, 
     params.push(filter.since);
   }
   const matches = prepared(sqlite, `SELECT id FROM messages WHERE id = ? AND ${where.join(' AND ')}`);
-  return filter.ids.filter((id) => matches.get(id, ...params) !== undefined && requeueOne(sqlite, id, now, batchDelayMs));
+  const requeued = filter.ids.filter((id) => matches.get(id, ...params) !== undefined && requeueOne(sqlite, id, now, batchDelayMs));
+  if (requeued.length > 0) noteDeliveryRequest(sqlite);
+  return requeued;
 }
 
 function requeueOne(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): boolean {
@@ -158,6 +160,12 @@ function requeueOne(sqlite: Sqlite, id: string, now: number, batchDelayMs: numbe
 export type RetryResult = 'requeued' | 'due-now' | 'held' | 'delivered' | 'not-found';
 
 export function retryMessage(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): RetryResult {
+  const result = retryOne(sqlite, id, now, batchDelayMs);
+  if (result === 'requeued' || result === 'due-now') noteDeliveryRequest(sqlite);
+  return result;
+}
+
+function retryOne(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): RetryResult {
   const row = leaseOf(sqlite, id);
   if (!row) return 'not-found';
   switch (row.state) {
@@ -189,16 +197,19 @@ export function queuedDueNow(sqlite: Sqlite, id: string, now: number, batchDelay
 
 /** One step of flushQueuedInSteps: those of `ids` still queued become due now. Returns how many. */
 export function flushQueued(sqlite: Sqlite, ids: string[], now: number, batchDelayMs: number): number {
-  return ids.filter((id) => queuedDueNow(sqlite, id, now, batchDelayMs)).length;
+  const dueNow = ids.filter((id) => queuedDueNow(sqlite, id, now, batchDelayMs)).length;
+  if (dueNow > 0) noteDeliveryRequest(sqlite);
+  return dueNow;
 }
 
 /**
- * `relayq retry` asks for mail to go now from a process of its own, which cannot tell the relay:
- * each request it carries out is counted here, in the write that carries it out, and a relay whose
- * delivery is suspended ends the suspension when the count has grown since it began, as the admin
- * API's requests end it (see UpstreamSuspension). The row is made by the first request.
+ * An operator's request that made mail due (retryMessage, requeueFailed, flushQueued: the admin
+ * API's or `relayq retry`'s, another process) is counted in the write that carries it out; a relay
+ * whose delivery to an upstream found unreachable is suspended ends the suspension when it sees the
+ * count changed since it began (see UpstreamSuspension), so that the mail is tried at once rather
+ * than deferred without an attempt. The row is made by the first request.
  */
-export function noteDeliveryRequest(sqlite: Sqlite): void {
+function noteDeliveryRequest(sqlite: Sqlite): void {
   prepared(sqlite, "INSERT INTO counters (name, value) VALUES ('delivery_requests', 1) ON CONFLICT (name) DO UPDATE SET value = value + 1").run();
 }
 

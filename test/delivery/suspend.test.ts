@@ -6,7 +6,7 @@ import net from 'node:net';
 import Database from 'better-sqlite3';
 import { after, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
-import { call } from '../api/fixtures.js';
+import { call, postJson } from '../api/fixtures.js';
 import { runCli } from '../cli/run-cli.js';
 import { capturedLog, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { ManualClock } from '../manual-clock.js';
@@ -315,43 +315,41 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(events(log, 'upstream.suspended').length, 0);
   });
 
-  const requests: Array<[string, (id: string) => string, Record<string, unknown>]> = [
-    ['retry-queued', () => '/admin/retry-queued', { due_now: 1 }],
-    ['retry-failed', () => '/admin/retry-failed', { requeued: 1 }],
-    ['messages/:id/retry', (id) => `/admin/messages/${id}/retry`, { result: 'due-now' }],
+  /** An operator's request that makes the message due, and the answer it gets. */
+  type Request = (relay: Relay, id: string) => Promise<{ answer: unknown; expected: unknown }>;
+  const api =
+    (path: string, expected: (id: string) => unknown): Request =>
+    async (relay, id) => {
+      const res = await call(relay, path.replace(':id', id), { method: 'POST' });
+      return { answer: res.body, expected: expected(id) };
+    };
+  const cli =
+    (args: string[], expected: (id: string) => unknown): Request =>
+    async (relay, id) => {
+      const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
+      const done = await runCli([...args.map((a) => a.replace(':id', id)), '--json'], { env });
+      assert.equal(done.code, 0, done.stderr);
+      return { answer: JSON.parse(done.stdout), expected: expected(id) };
+    };
+  const requests: Array<[string, Request]> = [
+    ['POST /admin/retry-queued', api('/admin/retry-queued', () => ({ due_now: 1 }))],
+    ['POST /admin/retry-failed', api('/admin/retry-failed', () => ({ requeued: 1 }))],
+    ['POST /admin/messages/:id/retry', api('/admin/messages/:id/retry', (id) => ({ id, result: 'due-now' }))],
+    ['relayq retry --queued, another process,', cli(['retry', '--queued'], () => ({ due_now: 1 }))],
+    ['relayq retry --failed, another process,', cli(['retry', '--failed'], () => ({ requeued: 1 }))],
+    ['relayq retry ID, another process,', cli(['retry', ':id'], (id) => ({ results: [{ id, result: 'due-now' }] }))],
   ];
-  for (const [name, path, answer] of requests) {
-    test(`the admin API asking for mail now (${name}) ends a suspension: the mail is tried at once`, async () => {
-      // retry-failed: mail that failed at its one attempt
-      const maxAttempts = name === 'retry-failed' ? 1 : 10;
-      const { relay, log, upstream, first: a } = await suspendedRelay({ batchDelay: 0, retry: { initialDelay: 10, maxAttempts } });
-      await upstream.comeBack();
-      const res = await call(relay, path(a), { method: 'POST' });
-      assert.equal(res.status, 200);
-      assert.deepEqual({ ...res.body, id: undefined }, { ...answer, id: undefined });
-      await relay.delivery.runOnce();
-      assert.equal(message(relay, a).state, 'delivered');
-      const [resumed] = events(log, 'upstream.resumed');
-      assert.equal(resumed.by, 'admin');
-    });
-  }
-
-  const commands: Array<[string, (id: string) => string[], (id: string) => unknown]> = [
-    ['retry --queued', () => ['retry', '--queued'], () => ({ due_now: 1 })],
-    ['retry --failed', () => ['retry', '--failed'], () => ({ requeued: 1 })],
-    ['retry ID', (id) => ['retry', id], (id) => ({ results: [{ id, result: 'due-now' }] })],
-  ];
-  for (const [name, args, answer] of commands) {
-    test(`relayq ${name}, another process, ends a suspension too: the mail is tried at once`, async () => {
+  for (const [name, request] of requests) {
+    test(`${name} making mail due ends a suspension: the mail is tried at once`, async () => {
       // the relay's clock keeps to the wall clock, which the command's times come from; the
       // suspension lasts 54 s of it
       const clock = new ManualClock(Date.now());
       const upstream = await startScriptedUpstream();
       cleanup.push(() => upstream.close());
       const { relay, log } = await relayFor(upstream.port, { batchDelay: 0, retry: { initialDelay: 60 } }, undefined, clock);
-      // --failed: mail the upstream refused for good before it went away; its requeue's attempt is
-      // not its last, which would be tried all the same
-      const failed = name === 'retry --failed';
+      // retry-failed: mail the upstream refused for good before it went away (its requeue's
+      // attempt is not its last, which would be tried all the same)
+      const failed = name.includes('failed');
       upstream.rcptReply = () => (failed ? { code: 550, message: '5.1.1 no such user' } : undefined);
       const a = failed ? await queue(relay) : undefined;
       await relay.delivery.runOnce();
@@ -363,41 +361,50 @@ describe('delivery to an upstream that cannot be reached', () => {
       const id = a ?? b;
       assert.equal(message(relay, id).state, failed ? 'failed' : 'queued');
       await upstream.comeBack();
-      const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
-      const done = await runCli([...args(id), '--json'], { env });
-      assert.equal(done.code, 0, done.stderr);
-      assert.deepEqual(JSON.parse(done.stdout), answer(id));
+      const { answer, expected } = await request(relay, id);
+      assert.deepEqual(answer, expected);
       clock.set(Math.max(clock.now(), Date.now()) + 1000);
       await relay.delivery.runOnce();
       assert.equal(message(relay, id).state, 'delivered');
       const [resumed] = events(log, 'upstream.resumed');
-      assert.equal(resumed.by, 'command');
+      assert.equal(resumed.by, 'operator');
       assert.deepEqual(await suspendedUntil(relay), [null, 0]);
     });
   }
 
-  test('a relayq retry that makes nothing due leaves a suspension alone', async () => {
+  test('a request that makes nothing due, or one made before the suspension began, leaves it alone', async () => {
     const clock = new ManualClock(Date.now());
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
-    const { relay, log } = await relayFor(upstream.port, { retry: { initialDelay: 60 } }, undefined, clock);
+    const { relay, log } = await relayFor(upstream.port, { batchDelay: 0, retry: { initialDelay: 60 } }, undefined, clock);
+    const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
     const delivered = await queue(relay);
     await relay.delivery.runOnce();
+    upstream.rcptReply = () => ({ code: 550, message: '5.1.1 no such user' });
+    const failed = await queue(relay);
+    await relay.delivery.runOnce();
+    upstream.rcptReply = () => undefined;
+    // made due before the upstream goes away
+    const before = await runCli(['retry', '--failed', '--json'], { env });
+    assert.deepEqual(JSON.parse(before.stdout), { requeued: 1 });
     await upstream.goDown();
-    const a = await queue(relay);
+    clock.set(Math.max(clock.now(), Date.now()) + 1000);
     await relay.delivery.runOnce();
     assert.equal(events(log, 'upstream.suspended').length, 1);
+    assert.equal(message(relay, failed).state, 'queued');
     await upstream.comeBack();
-    const env = { DATABASE_PATH: relay.config.databasePath, EMAILS_DIR: relay.config.emailsDir };
-    const done = await runCli(['retry', delivered, '--json'], { env });
-    assert.equal(done.code, 1, done.stderr);
-    assert.deepEqual(JSON.parse(done.stdout), { results: [{ id: delivered, result: 'delivered' }] });
+    const cli = await runCli(['retry', delivered, '--json'], { env });
+    assert.equal(cli.code, 1, cli.stderr);
+    assert.deepEqual(JSON.parse(cli.stdout), { results: [{ id: delivered, result: 'delivered' }] });
+    assert.equal((await call(relay, `/admin/messages/${delivered}/retry`, { method: 'POST' })).status, 409);
+    const none = await call(relay, '/admin/retry-queued', postJson({ sender: 'nobody@example.com' }));
+    assert.deepEqual(none.body, { due_now: 0 });
+    assert.notEqual((await suspendedUntil(relay))[0], null);
     clock.advance(10_000);
     const b = await queue(relay);
     await relay.delivery.runOnce();
     assert.equal(message(relay, b).state, 'queued');
     assert.equal(attempts(relay, b)[0].reply?.startsWith(SUSPENDED), true);
-    assert.equal(message(relay, a).state, 'queued');
     assert.equal(events(log, 'upstream.resumed').length, 0);
   });
 
