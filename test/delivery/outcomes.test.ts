@@ -191,6 +191,10 @@ describe('per-recipient outcomes', () => {
         ['tmp@example.com', 'failed', '450 4.2.1'],
       ],
     );
+    // every address, as Postfix's to=, so that a grep for one finds its message and its attempts
+    const all = ['ok@example.com', 'bad@example.com', 'tmp@example.com'];
+    assert.deepEqual(attempt?.to, all);
+    assert.deepEqual(events.find((e) => e.event === 'smtp.accepted')?.to, all);
     const failed = events.find((e) => e.event === 'delivery.failed');
     assert.equal(failed?.reason, message(relay, id).last_error);
     assert.match(String(failed?.reason), /@example\.com: (550|gave up)/);
@@ -207,6 +211,28 @@ describe('per-recipient outcomes', () => {
         ['tmp2@example.com', '450 4.2.1'],
         ['bad2@example.com', '550 5.1.1'],
       ],
+    ]);
+  });
+
+  test('the log lines of a message and of an attempt name its first ten recipients, and count them all', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 12, batchDelay: 0 },
+      { clock: new ManualClock(), startDelivery: false, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    const to = Array.from({ length: 13 }, (_, i) => `r${i}@example.com`);
+    const id = await queue(relay, to);
+    await relay.delivery.runOnce();
+    const lines = log.entries().filter((e) => e.queueId === id);
+    const accepted = lines.find((e) => e.event === 'smtp.accepted');
+    assert.deepEqual([accepted?.to, accepted?.rcpts], [to.slice(0, 10), 13]);
+    const attempts = lines.filter((e) => e.event === 'delivery.attempt').map((e) => [e.to, e.rcpts]);
+    assert.deepEqual(attempts, [
+      [to.slice(0, 10), 12],
+      [to.slice(12), 1],
     ]);
   });
 
