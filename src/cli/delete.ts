@@ -8,7 +8,7 @@ import { systemClock } from '../clock.js';
 import { count } from '../count.js';
 import { removeFailedExport } from '../delivery/failed-export.js';
 import { deleteMessage, HELD, holdOf } from '../store/admin.js';
-import { canonicalQueueId } from '../store/intake.js';
+import { canonicalQueueId, typedId } from '../store/intake.js';
 import { CliError, emailsDirOf, type GlobalOptions, loadCliConfig, printJson, printText, withWriter, writeEachInSteps } from './context.js';
 
 export async function deleteCommand(ids: string[], global: GlobalOptions): Promise<void> {
@@ -19,7 +19,7 @@ export async function deleteCommand(ids: string[], global: GlobalOptions): Promi
   const { results, stopped } = await withWriter(config, (sqlite) => {
     for (const id of unique) {
       const hold = holdOf(sqlite, id, systemClock.now());
-      if (hold === 'not-found') throw new CliError(`no message with id ${id}; nothing deleted`);
+      if (hold === 'not-found') throw new CliError(`no message with id ${typedId(id)}; nothing deleted`);
       if (hold === 'held') throw new CliError(`message ${id}: ${HELD}; nothing deleted, try again later`);
     }
     return writeEachInSteps(sqlite, unique, (id) => deleteMessage(sqlite, id, systemClock.now()), 'deleted');

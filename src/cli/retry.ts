@@ -9,7 +9,7 @@
 import { systemClock } from '../clock.js';
 import { count } from '../count.js';
 import { flushQueued, flushQueuedInSteps, HELD, holdOf, type RetryResult, requeueFailed, requeueFailedInSteps, retryMessage } from '../store/admin.js';
-import { canonicalQueueId } from '../store/intake.js';
+import { canonicalQueueId, typedId } from '../store/intake.js';
 import { addressFilterProblem } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withWriter, writeEachInSteps, writeStep } from './context.js';
 import { formatTable } from './table.js';
@@ -56,7 +56,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   const unique = [...new Set(ids.map(canonicalQueueId))];
   const { results: outcomes, stopped } = await withWriter(config, (sqlite) => {
     // one unknown id and no message is touched
-    for (const id of unique) if (holdOf(sqlite, id, systemClock.now()) === 'not-found') throw new CliError(`no message with id ${id}; nothing changed`);
+    for (const id of unique) if (holdOf(sqlite, id, systemClock.now()) === 'not-found') throw new CliError(`no message with id ${typedId(id)}; nothing changed`);
     return writeEachInSteps(sqlite, unique, (id) => retryMessage(sqlite, id, systemClock.now(), config.batchDelay), 'retried');
   });
   const results = outcomes.map((result, i) => ({ id: unique[i], result }));

@@ -1,6 +1,6 @@
 // `relayq show ID`: one message with its envelope, every recipient and every delivery attempt;
 // `--raw` writes the stored message bytes instead (as GET /admin/messages/:id/raw does).
-import { canonicalQueueId } from '../store/intake.js';
+import { canonicalQueueId, typedId } from '../store/intake.js';
 import { type AttemptRow, messageDetail, messageRaw, type RecipientRow } from '../store/queries.js';
 import { CliError, type GlobalOptions, loadCliConfig, printJson, printText, withReader } from './context.js';
 import { formatFields, formatTable, formatTime } from './table.js';
@@ -11,13 +11,13 @@ export async function showCommand(given: string, options: { raw?: boolean }, glo
   const id = canonicalQueueId(given);
   if (options.raw) {
     const found = await withReader(config, (sqlite) => messageRaw(sqlite, id));
-    if (!found) throw new CliError(`no message with id ${id}`);
+    if (!found) throw new CliError(`no message with id ${typedId(id)}`);
     if (!found.raw) throw new CliError(`message ${id} has no stored content (erased after delivery: security.logAllEmails is false)`);
     process.stdout.write(found.raw);
     return;
   }
   const detail = await withReader(config, (sqlite) => messageDetail(sqlite, id));
-  if (!detail) throw new CliError(`no message with id ${id}`);
+  if (!detail) throw new CliError(`no message with id ${typedId(id)}`);
   if (global.json) {
     printJson(detail);
     return;

@@ -6,6 +6,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { addressKey, withoutAngleBrackets } from '../address.js';
 import { count } from '../count.js';
+import { escapeTerminalUnsafe } from '../terminal-unsafe.js';
 import type { Sqlite } from './db.js';
 import { prepared } from './statements.js';
 
@@ -88,6 +89,16 @@ export function newQueueId(now: number): string {
  */
 export function canonicalQueueId(input: string): string {
   return /^[0-9a-f]+$/i.test(input) ? input.toUpperCase() : input;
+}
+
+/**
+ * An id as someone typed it, for a reason given on one line: as it is when it is letters, digits
+ * and `_.@+-`, else as a JSON string, so that a newline or an escape sequence in it is written
+ * `\n`, `\u001b` instead of acting on the terminal; at most 64 characters of it.
+ */
+export function typedId(input: string): string {
+  const cut = input.length <= 64 ? input : `${input.slice(0, 64)}…`;
+  return /^[\w.@+-]*$/.test(input) ? cut : escapeTerminalUnsafe(JSON.stringify(cut));
 }
 
 /**

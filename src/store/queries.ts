@@ -7,7 +7,7 @@ import { decodeIdnDomain, withoutAngleBrackets } from '../address.js';
 import { isoTime } from '../clock.js';
 import type { Sqlite } from './db.js';
 import { replyWithCodeSql } from './delivery.js';
-import { canonicalQueueId, senderFilterKey } from './intake.js';
+import { canonicalQueueId, senderFilterKey, typedId } from './intake.js';
 import {
   ATTEMPT_OUTCOMES,
   type AttemptOutcome,
@@ -254,10 +254,10 @@ type Cursor = { receivedAt: number; id: string };
 function parseCursor(sqlite: Sqlite, before: string): Cursor {
   const written = /^(\d{1,15})-([0-9A-Za-z]{20})$/.exec(before);
   if (written) return { receivedAt: Number(written[1]), id: canonicalQueueId(written[2]) };
-  if (before.includes('-')) throw new BadFilter(`before: ${before} is not a cursor (<received_at>-<id>, as next_before gives it)`);
+  if (before.includes('-')) throw new BadFilter(`before: ${typedId(before)} is not a cursor (<received_at>-<id>, as next_before gives it)`);
   const id = canonicalQueueId(before);
   const row = prepared(sqlite, 'SELECT received_at FROM messages WHERE id = ?').get(id) as { received_at: number } | undefined;
-  if (!row) throw new BadFilter(`before: no message with id ${before}`);
+  if (!row) throw new BadFilter(`before: no message with id ${typedId(before)}`);
   return { receivedAt: row.received_at, id };
 }
 

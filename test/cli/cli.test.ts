@@ -257,6 +257,12 @@ describe('relayq CLI on the database of a running relay', () => {
       runCli(['export-failed', exportTarget], { env: { DATABASE_PATH: path.join(dir, 'missing.db') } }),
       cli('show', keep, '--raw', '--json'),
     ]);
+    // an id pasted with a newline and an escape sequence in it: written as a JSON string, on one line
+    for (const args of [['show'], ['retry'], ['delete'], ['queue', '--before']]) {
+      const r = await cli(...args, '1A\x1b[31mX\nY');
+      assertOneLineError(r, /no message with id "1A\\u001b\[31mX\\nY"/);
+      assert.doesNotMatch(r.stderr, /\x1b/);
+    }
     // a From: line pasted, to the commands that write: refused, as queue refuses it
     for (const retry of await Promise.all([cli('retry', '--failed', '--sender', 'App Team <app@example.com>'), cli('retry', '--queued', '--sender', 'a b@example.com')])) {
       assertOneLineError(retry, /^relayq: --sender: an address has no space$/);
