@@ -234,6 +234,11 @@ export function loadConfig(
   }
   for (const name of flags.missing) errors.push({ key: name, source: 'flag', message: `--${name} needs a value` });
   for (const [path, raw] of flags.values) applyText(KEYS_BY_PATH.get(path) as KeyDef, raw, 'flag', `--${path}`);
+  // as of a config file that every user may read (exposedSecretsWarning)
+  const secretFlags = CONFIG_KEYS.filter((k) => k.secret && origins.get(k.path) === 'flag' && getPath(config, k.path)).map((k) => `--${k.path}`);
+  if (secretFlags.length > 0) {
+    warnings.push(`${secretFlags.join(', ')} on the command line: every user of this machine may read it there (ps); give it in the environment or the config file`);
+  }
 
   // A bad value that a later source replaced is not used: a warning, so that a flag can stand in
   // for a bad variable (and a variable for a bad line of the file) while it is fixed.

@@ -691,6 +691,17 @@ describe('loadConfig', () => {
     }
   });
 
+  test('a password or token given as a flag gets a warning: every user may read it in ps; not in the environment', () => {
+    const flags = loadConfig(['--defaultUsername', 'app', '--defaultPassword', 'pw-Secret', '--security.adminToken', 'token-Secret-0123456789'], {});
+    assert.ok(flags.ok);
+    const said = flags.warnings.filter((w) => w.includes('(ps)'));
+    assert.deepEqual(said, ['--defaultPassword, --security.adminToken on the command line: every user of this machine may read it there (ps); give it in the environment or the config file']);
+    assert.doesNotMatch(JSON.stringify(flags.warnings), /Secret/);
+    const env = loadConfig(['--defaultUsername', 'app'], { DEFAULT_PASSWORD: 'pw-Secret' });
+    assert.ok(env.ok);
+    assert.deepEqual(env.warnings.filter((w) => w.includes('(ps)')), []);
+  });
+
   test('a ./config.json that is a link to nothing is an error, not a start on the defaults', () => {
     const dir = tempDir();
     fs.symlinkSync(path.join(dir, 'provisioned', 'relayq.json'), path.join(dir, 'config.json'));
