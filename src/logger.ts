@@ -109,16 +109,19 @@ export type LibraryLogger = Record<(typeof LEVELS)[number], LogMethod>;
  *     own, and JSON tools keep only the last of two keys with one name;
  *   - `secrets` are masked (see masker) in the message and the entry's text fields. The libraries
  *     mask a password themselves but log the user name, plain and in AUTH's base64, and a user
- *     name may be the password too (an API token some providers take as both).
+ *     name may be the password too (an API token some providers take as both);
+ *   - with `idKey`, the connection id the library calls `cid` is under that key (smtp-server's is
+ *     the session id that relayq's own lines give as `session`).
  */
-export function libraryLogger(log: Logger, name: string, secrets: readonly string[] = []): LibraryLogger {
+export function libraryLogger(log: Logger, name: string, secrets: readonly string[] = [], idKey = 'cid'): LibraryLogger {
   const lib = log.child({ lib: name });
   const mask = masker(secrets);
   const noop: LogMethod = () => {};
   const method = (level: (typeof LEVELS)[number]): LogMethod => {
     const write = lib[level].bind(lib) as (entry: object, message?: string) => void;
-    return (entry, message, ...args) => {
+    return (given, message, ...args) => {
       const text = args.length ? format(message, ...args) : message;
+      const entry = idKey !== 'cid' && given && 'cid' in given ? { ...given, cid: undefined, [idKey]: given.cid } : given;
       if (!mask) return write({ ...entry, component: undefined }, text);
       const fields = Object.entries(entry ?? {}).map(([key, value]) => [key, typeof value === 'string' ? mask(value) : value]);
       write({ ...Object.fromEntries(fields), component: undefined }, text === undefined ? text : mask(text));

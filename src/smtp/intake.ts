@@ -141,7 +141,7 @@ function clientTlsFailure(err: unknown): err is Error & { code: string; reason?:
  * `smtp.tls_failed`), as Postfix logs "lost connection" and "SSL_accept error".
  */
 function smtpServerLogger(log: Logger, intakeLog: Logger, secrets: readonly string[]): LibraryLogger {
-  const methods = libraryLogger(log, 'smtp-server', secrets);
+  const methods = libraryLogger(log, 'smtp-server', secrets, 'session');
   const { error } = methods;
   const logged = new WeakSet<object>();
   /** Sessions whose lost connection was logged lately: over TLS, the TLS and the TCP socket both report it. */

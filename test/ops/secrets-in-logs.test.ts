@@ -76,6 +76,11 @@ test('no password or token reaches the log of a relay at debug level', async () 
   assert.match(output, /"component":"delivery","lib":"nodemailer"/);
   const twice = output.split('\n').filter((line) => line.split('"component":').length > 2);
   assert.deepEqual(twice, []);
+  // smtp-server's transcript gives its session as relayq's own lines do: a filter on `session` keeps it
+  const lines = output.split('\n').filter((line) => line.startsWith('{')).map((line) => JSON.parse(line) as Record<string, unknown>);
+  const sessions = lines.filter((l) => l.event === 'smtp.session').map((l) => l.session);
+  const mail = lines.find((l) => l.lib === 'smtp-server' && l.msg === 'C: MAIL FROM:<sender@example.com>');
+  assert.ok(mail && sessions.includes(mail.session) && !('cid' in mail), JSON.stringify(mail));
   const started = JSON.parse(output.split('\n').find((line) => line.includes('"relay.started"')) as string);
   assert.equal(started.config.defaultPassword, '[redacted]');
   assert.equal(started.config.forwardPassword, '[redacted]');
