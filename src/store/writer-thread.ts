@@ -1,6 +1,7 @@
 // The writer thread: owns the one connection that writes, and runs every write of the server in
 // its group commit. Keeping the commit (and its fsync) off the main thread means SMTP sessions
 // keep being served while the disk works; messages that arrive meanwhile share the next commit.
+import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { CommitQueue } from './commit-queue.js';
 import { openConnection } from './db.js';
@@ -39,6 +40,12 @@ const port = parentPort;
 
 const sqlite = openConnection(options.file);
 limitWalSize(sqlite);
+/**
+ * The database file this connection has open. Removed or replaced at its path while the relay runs
+ * (an `rm`, a backup moved over it), it still takes every write, but the next start would not find
+ * what they stored: new mail, and the health check's write, are refused then (see moved).
+ */
+const opened = fs.statSync(options.file);
 // Every operation of a group commit runs in a savepoint, whose undo journal SQLite keeps in a
 // temporary file by default: a write syscall per page an operation touches again. In memory it is
 // a copy (the pages are small, and the journal lives only until the operation's RELEASE).
@@ -81,6 +88,30 @@ if (options.secureDelete) {
   overwriteFreedPages(sqlite);
   commits.onCommitted = scheduleWalTruncation;
   scheduleWalTruncation(); // what a kill -9 left in the WAL
+}
+
+/** The commit count when the file was last found where it was opened: looked at once per commit. */
+let foundAt = -1;
+
+/** The error that refuses new mail while `databasePath` no longer names the file this connection has open. */
+function moved(): Error | undefined {
+  if (foundAt === commits.stats.commits) return undefined;
+  let now: fs.Stats | undefined;
+  try {
+    now = fs.statSync(options.file, { throwIfNoEntry: false });
+  } catch {
+    return undefined; // a directory that cannot be searched says nothing of the file
+  }
+  if (now?.ino === opened.ino && now.dev === opened.dev) {
+    foundAt = commits.stats.commits;
+    return undefined;
+  }
+  return Object.assign(
+    new Error(
+      `the database file ${options.file} was removed or replaced while relayq runs: new mail is refused, since the next start would not find it; the mail queued before is still delivered from the file relayq has open (/health counts it). Put the file back, or stop relayq once that queue is empty`,
+    ),
+    { code: 'RELAYQ_DATABASE_MOVED' },
+  );
 }
 
 function serialize(err: unknown): SerializedError {
@@ -129,6 +160,11 @@ function runRequest(request: WriterRequest): void {
     return;
   }
   const { id, op, args } = request;
+  const gone = op === 'insertMessage' || op === 'probeWrite' ? moved() : undefined;
+  if (gone) {
+    reply({ type: 'result', id, commits: commits.stats.commits, ok: false, error: serialize(gone) });
+    return;
+  }
   const fn = WRITE_OPS[op] as (db: typeof sqlite, ...a: unknown[]) => unknown;
   commits.write((db) => fn(db, ...args), largeBytes(request)).then(
     (value) => reply({ type: 'result', id, commits: commits.stats.commits, ok: true, value }, movableResult(op, value)),

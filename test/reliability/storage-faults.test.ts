@@ -369,3 +369,35 @@ test('/health says error while the database refuses messages for lack of room, t
     await relay.stop();
   }
 });
+
+test('the database file removed or replaced while the relay runs: new mail is refused 451 4.3.0 and /health says error; the mail queued before is still delivered; put back, all is well', async () => {
+  const relay = await startTestRelay({}, INTAKE_ONLY);
+  const file = relay.config.databasePath;
+  const health = async () => {
+    const res = await fetch(`http://127.0.0.1:${relay.httpPort}/health`);
+    return { status: res.status, body: (await res.json()) as { details: { database: string; warnings: string[] } } };
+  };
+  try {
+    const queued = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response);
+    // removed (moved away), then replaced (another file at its path)
+    for (const change of [(f: string) => fs.renameSync(f, `${f}.moved`), (f: string) => fs.copyFileSync(`${f}.moved`, f)]) {
+      change(file);
+      const before = messageCount(relay);
+      await refusedWith451(sendMail(relay.smtpPort, { to: ['b@example.com'] }));
+      assert.equal(messageCount(relay), before, 'nothing stored in the file the next start would not find');
+      const refused = await health();
+      assert.equal(refused.status, 503);
+      assert.equal(refused.body.details.database, 'error');
+      assert.ok(refused.body.details.warnings.some((w) => w.includes(`the database file ${file} was removed or replaced while relayq runs`)), String(refused.body.details.warnings));
+      if (fs.existsSync(file)) fs.rmSync(file); // the copy: another file at the path
+    }
+    // what was queued before still goes, from the file the relay has open
+    await relay.delivery.runOnce();
+    assert.equal((relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').get(queued) as { state: string }).state, 'delivered');
+    fs.renameSync(`${file}.moved`, file);
+    assert.match((await sendMail(relay.smtpPort, { to: ['c@example.com'] })).response, /^250 /);
+    assert.equal((await health()).status, 200);
+  } finally {
+    await relay.stop();
+  }
+});
