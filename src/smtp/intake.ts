@@ -59,10 +59,12 @@ interface SessionState {
   refused?: string[];
   refusedCount?: number;
   /**
-   * The recipients of the transaction under way (smtp-server's list, a new one at each MAIL and
-   * RSET) by the key they are stored under, which maxRecipients counts.
+   * The recipients of the transaction under way (`of`: smtp-server's list, a new one at each MAIL
+   * and RSET) by the key they are stored under, which maxRecipients counts; `spelled`: each address
+   * in lower case to its first spelling, which smtp-server's list loses when the client repeats the
+   * address in another case.
    */
-  recipients?: { of: SMTPServerAddress[]; keys: Set<string>; lowerCased: Set<string> };
+  recipients?: { of: SMTPServerAddress[]; keys: Set<string>; spelled: Map<string, string> };
   /** A MAIL waiting for in-flow pacing; cancelled if the connection closes meanwhile. */
   pacing?: PacedMail;
   /** The client has gone. */
@@ -534,20 +536,20 @@ export class SmtpIntake {
     const s = this.state(session);
     const listed = session.envelope.rcptTo;
     if (s.recipients?.of !== listed) {
-      s.recipients = { of: listed, keys: new Set(listed.map((r) => addressKey(r.address))), lowerCased: new Set(listed.map((r) => r.address.toLowerCase())) };
+      s.recipients = { of: listed, keys: new Set(listed.map((r) => addressKey(r.address))), spelled: new Map(listed.map((r) => [r.address.toLowerCase(), r.address])) };
     }
     const key = addressKey(path.address);
-    const { keys, lowerCased } = s.recipients;
+    const { keys, spelled } = s.recipients;
     // smtp-server merges recipients equal in lower case; `BOB@ẞ.DE` (ss.de) and `bob@ß.de` are
     // two addresses that it would merge into one, losing the first: the second is refused
     const lower = path.address.toLowerCase();
-    if (!keys.has(key) && lowerCased.has(lower)) {
+    if (!keys.has(key) && spelled.has(lower)) {
       return cb(reply(550, '5.1.3 Error: another recipient of this message differs from this one only in case; send it in a message of its own'));
     }
     const max = this.deps.config.maxRecipients;
     if (keys.size >= max && !keys.has(key)) return cb(reply(452, '4.5.3 Error: too many recipients'));
     keys.add(key);
-    lowerCased.add(lower);
+    if (!spelled.has(lower)) spelled.set(lower, path.address);
     cb();
   }
 
@@ -628,9 +630,12 @@ export class SmtpIntake {
     const { config, clock, writer } = this.deps;
     const log = this.deps.logger;
     const mailFrom = session.envelope.mailFrom ? decodeIdnDomain(session.envelope.mailFrom.address) : '';
-    // smtp-server merged the recipients that differ only in case; two spellings of one xn--
-    // domain meet only here, once decoded
-    const recipients = uniqueAddresses(session.envelope.rcptTo.map((r) => decodeIdnDomain(r.address)));
+    // smtp-server merged the recipients that differ only in case, keeping the place of the first
+    // and the spelling of the last: the first's is taken back; two spellings of one xn-- domain
+    // meet only here, once decoded
+    const { recipients: counted } = this.state(session);
+    const spelled = counted?.of === session.envelope.rcptTo ? counted.spelled : undefined;
+    const recipients = uniqueAddresses(session.envelope.rcptTo.map((r) => decodeIdnDomain(spelled?.get(r.address.toLowerCase()) ?? r.address)));
     const clientIp = this.peer(session);
     const now = clock.now();
     // RFC 3848 and RFC 6531 §3.7.3: SMTP after HELO, ESMTP after EHLO, UTF8SMTP with SMTPUTF8;

@@ -378,6 +378,15 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.deepEqual(stored, ['bob@münchen.de', 'r2@example.com', 'r3@example.com']);
   });
 
+  test('a recipient repeated in another case is stored once, in its first place and first spelling', async () => {
+    const c = await openSession(relay.smtpPort, 'a@example.com', ['first@example.com', 'second@example.com', 'First@Example.COM', 'third@example.com']);
+    assert.match(await c.send('DATA'), /^354/);
+    const id = /queued as (\S+)/.exec(await c.send(MSG.slice(0, -2)))?.[1] ?? '';
+    c.close();
+    const stored = relay.store.sqlite.prepare('SELECT address FROM recipients WHERE message_id = ? ORDER BY seq').pluck().all(id);
+    assert.deepEqual(stored, ['first@example.com', 'second@example.com', 'third@example.com']);
+  });
+
   test('a recipient equal to another in lower case but another address (ẞ.de is ss.de, ß.de is not) is refused, not merged into it', async () => {
     const c = await openSession(relay.smtpPort, 'a@example.com', ['bob@ß.de']);
     assert.match(await c.send('RCPT TO:<BOB@ẞ.DE>'), /^550 5\.1\.3 /);
