@@ -540,8 +540,8 @@ export class DeliveryEngine {
       durationMs: Math.round(durationMs),
       upstream: result.upstream,
       ...(result.tls === undefined ? {} : { tls: result.tls }),
-      // as Postfix's to=, so that a grep for an address finds its deliveries (the first ten)
-      to: claim.recipients.slice(0, MAX_LOGGED_RECIPIENTS).map((r) => r.address),
+      // every address of the batch, as Postfix's to=: a grep for an address finds each attempt for it
+      to: claim.recipients.map((r) => r.address),
       rcpts: claim.recipients.length,
       ...counts,
       // `reply` is the transaction's: the recipients with a reply of their own say why they were not delivered
