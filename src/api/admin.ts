@@ -152,8 +152,12 @@ function addressQuery(c: Context<ApiEnv>, name: string): string | undefined {
   return value;
 }
 
+/**
+ * A message a delivery worker holds. This relay gave back at its start the claims of one stopped
+ * without handing them back (HELD's other case), so here a worker of its own holds it.
+ */
 function held(id: string): HTTPException {
-  return new HTTPException(409, { message: `${id}: ${HELD}; try again later` });
+  return new HTTPException(409, { message: `${id}: a delivery worker is delivering it right now; try again once that attempt has ended` });
 }
 
 function notFound(id: string): HTTPException {

@@ -632,6 +632,7 @@ describe('admin: retry and delete one message', () => {
       const refused = await call(relay, `/admin/messages/${busy}`, { method: 'DELETE' });
       assert.equal(refused.status, 409);
       assert.equal(refused.body.error, 'conflict');
+      assert.equal(refused.body.message, `${busy}: a delivery worker is delivering it right now; try again once that attempt has ended`);
       assert.equal((await call(relay, `/admin/messages/${busy}/retry`, { method: 'POST' })).status, 409);
       assert.equal(((await call(relay, '/metrics')).body.queue as Record<string, number>).sending, 1);
 
