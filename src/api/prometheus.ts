@@ -91,6 +91,7 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
   const refusals = new Counter({ name: 'relayq_refusals_total', help: 'Messages refused by policy, by reason.', labelNames: ['reason'], registers });
   refusals.inc({ reason: 'rate_limit' }, m.rateLimitRefusals);
   refusals.inc({ reason: 'queue_full' }, m.queueFullRefusals);
+  refusals.inc({ reason: 'disk_low' }, m.diskLowRefusals);
   const attempts = new Counter({
     name: 'relayq_delivery_attempts_total',
     help: 'Upstream transactions (one per recipient batch), by outcome.',

@@ -42,7 +42,7 @@ export async function statusCommand(global: GlobalOptions): Promise<void> {
       ['attempts', `${a.delivered} delivered, ${a.partial} partial, ${a.deferred} deferred, ${a.failed} failed`],
       ['upstream ok', formatTime(m.upstream.lastSuccessAt)],
       ['upstream error', `${formatTime(m.upstream.lastFailureAt)} (${count(m.upstream.consecutiveFailures, 'failed attempt')} in a row)`],
-      ['refused', `${m.rateLimitRefusals} over a rate limit, ${m.queueFullRefusals} queue full`],
+      ['refused', `${m.rateLimitRefusals} over a rate limit, ${m.queueFullRefusals} queue full, ${m.diskLowRefusals} disk low`],
     ]),
   );
 }

@@ -502,6 +502,8 @@ export class SmtpIntake {
         { event: 'smtp.disk_low', session: session.id, client: this.peer(session), sender: address, freeMb: disk.freeMb(), size: declared || undefined, err: disk.readError },
         `refusing mail: ${why}`,
       );
+      // a write so small that it may fit still; one that does not says nothing more
+      this.deps.writer.write('countRefusal', 'disk-low').catch(() => {});
       return reply(452, '4.3.1 Insufficient system storage, try again later');
     }
     let full: boolean;

@@ -259,7 +259,9 @@ function messageBytes(msg: Pick<NewMessage, 'raw' | 'spooled'>): Buffer {
   return whole;
 }
 
-/** Persisted count of refusals by reason, exposed by the metrics. */
-export function countRefusal(sqlite: Sqlite, kind: 'rate-limit' | 'queue-full'): void {
-  prepared(sqlite, 'UPDATE counters SET value = value + 1 WHERE name = ?').run(kind === 'rate-limit' ? 'rate_limit_refusals' : 'queue_full_refusals');
+const REFUSAL_COUNTERS = { 'rate-limit': 'rate_limit_refusals', 'queue-full': 'queue_full_refusals', 'disk-low': 'disk_low_refusals' } as const;
+
+/** Persisted count of refusals by reason, exposed by the metrics (the row of disk_low_refusals is made by the first). */
+export function countRefusal(sqlite: Sqlite, kind: keyof typeof REFUSAL_COUNTERS): void {
+  prepared(sqlite, 'INSERT INTO counters (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1').run(REFUSAL_COUNTERS[kind]);
 }

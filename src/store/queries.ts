@@ -50,6 +50,8 @@ export interface StoreMetrics {
   processingMsByMessage: number;
   rateLimitRefusals: number;
   queueFullRefusals: number;
+  /** MAIL FROM refused 452 for free disk below minFreeDiskMb (or a declared SIZE that would take it there). */
+  diskLowRefusals: number;
   queue: Record<MessageState, number>;
   /** Queued messages that were claimed before: waiting for a retry, or for their next recipient batch. */
   deferred: number;
@@ -106,6 +108,7 @@ export function metricsSummary(m: StoreMetrics, now: number, upstream: UpstreamR
     oldest_queued_age_seconds: oldestAgeSeconds(m, now),
     rate_limit_refusals: m.rateLimitRefusals,
     queue_full_refusals: m.queueFullRefusals,
+    disk_low_refusals: m.diskLowRefusals,
     attempts: { ...m.attempts, total: Object.values(m.attempts).reduce((sum, n) => sum + n, 0) },
     success_rate: rate,
     attempt_duration_ms: {
@@ -168,6 +171,7 @@ export function storeMetrics(sqlite: Sqlite): StoreMetrics {
     processingMsByMessage: n('processing_ms_by_message'),
     rateLimitRefusals: n('rate_limit_refusals'),
     queueFullRefusals: n('queue_full_refusals'),
+    diskLowRefusals: n('disk_low_refusals'),
     queue,
     deferred: n('queued_deferred'),
     attempts,

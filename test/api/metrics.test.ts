@@ -82,6 +82,7 @@ describe('GET /metrics', () => {
           oldest_queued_age_seconds: null,
           rate_limit_refusals: 1,
           queue_full_refusals: 0,
+          disk_low_refusals: 0,
           attempts: { delivered: 1, partial: 1, deferred: 0, failed: 1, total: 3 },
           intake_pacing: { waiting: 0, delayed: 0, timed_out: 0 },
         },

@@ -74,6 +74,7 @@ describe('relayq CLI on the database of a running relay', () => {
       'deferred_emails',
       'rate_limit_refusals',
       'queue_full_refusals',
+      'disk_low_refusals',
       'attempts',
       'success_rate',
       'attempt_duration_ms',

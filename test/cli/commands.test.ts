@@ -163,7 +163,7 @@ test('status: each line shows its own numbers, the upstream\'s last success and 
         'attempts:       1 delivered, 0 partial, 1 deferred, 0 failed',
         `upstream ok:    ${time(json.upstream.last_success)}`,
         `upstream error: ${time(json.upstream.last_failure)} (1 failed attempt in a row)`,
-        'refused:        2 over a rate limit, 1 queue full',
+        'refused:        2 over a rate limit, 1 queue full, 0 disk low',
       ],
     );
     assert.match(forever.stdout, /^delivered: +1 \(kept forever\)$/m);

@@ -292,8 +292,13 @@ describe('backpressure', () => {
       await c.read();
       await c.send('EHLO disk.test');
       assert.match(await c.send('MAIL FROM:<a@example.com>'), /^452 4\.3\.1 /);
+      assert.match(await c.send('MAIL FROM:<a@example.com>'), /^452 4\.3\.1 /);
       c.close();
       assert.equal(messageCount(relay), 0);
+      // counted, for /metrics and relayq status (a counter row is small enough to fit still)
+      await waitFor(() => storeMetrics(relay.store.sqlite).diskLowRefusals === 2, 10_000, 'the refusals to be counted');
+      const metrics = await (await fetch(`http://127.0.0.1:${relay.httpPort}/metrics?format=prometheus`)).text();
+      assert.match(metrics, /^relayq_refusals_total\{reason="disk_low"\} 2$/m);
     } finally {
       await relay.stop();
     }
