@@ -44,6 +44,9 @@ export function createLogger(level: string, destination: pino.DestinationStream 
   );
 }
 
+/** Log not yet taken by stdout's reader that is kept; more is dropped (see stdoutLog). */
+const MAX_BUFFERED_LOG_BYTES = 16 * 2 ** 20;
+
 export type StdoutLog = ReturnType<typeof pino.destination> & {
   /** Writes out what is buffered, waiting at most `ms` (then says on stderr what it dropped), and then nothing more. */
   closeWithin(ms: number): Promise<void>;
@@ -57,8 +60,21 @@ export type StdoutLog = ReturnType<typeof pino.destination> & {
  * which kept a relay whose stdout nobody read from exiting, signals and all. So the exit does
  * not flush synchronously either: closeWithin() writes what is left asynchronously, for a while.
  */
-export function stdoutLog(): StdoutLog {
-  const stream = pino.destination({ fd: 1, sync: false });
+export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES): StdoutLog {
+  const stream = pino.destination({ fd: 1, sync: false, maxLength: maxBufferedBytes });
+  // A reader that stopped reading (a paused pager, a hung log shipper) would have the lines wait
+  // in memory without end: past maxBufferedBytes they are dropped, as syslog drops what it cannot
+  // pass on, and stderr says so once, and again with how many when the reader takes them again.
+  let dropped = 0;
+  stream.on('drop', () => {
+    if (dropped++ > 0) return;
+    process.stderr.write(`relayq: stdout has taken no log while ${maxBufferedBytes} bytes of it waited; log lines are dropped until it reads again\n`);
+  });
+  stream.on('drain', () => {
+    if (dropped === 0) return;
+    process.stderr.write(`relayq: stdout reads the log again; ${dropped} log line${dropped === 1 ? ' was' : 's were'} dropped\n`);
+    dropped = 0;
+  });
   let abandoned = false;
   const abandon = () => {
     abandoned = true;

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import Database from 'better-sqlite3';
 import { openConnection, openStore } from '../../src/store/db.js';
-import { capturedLog, cliArgs, closedPort, sendMail, spawnRelay, startTestRelay, tempDir, waitFor, whileImmutable } from '../helpers.js';
+import { capturedLog, cliArgs, closedPort, REPO_ROOT, sendMail, spawnRelay, startTestRelay, tempDir, waitFor, whileImmutable } from '../helpers.js';
 import { CLI_CWD, cleanEnv, runCli, writeConfigFile } from './run-cli.js';
 
 test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail and exits 0 on SIGTERM', async () => {
@@ -243,6 +243,37 @@ async function relayWithUnreadLog(dir: string) {
   }
   return { ...relay, stop };
 }
+
+test('log that stdout does not take waits in memory up to a bound: past it lines are dropped, and stderr says so and how many', async () => {
+  // the logger of the build, in a process whose stdout is a pipe not read until the log is written
+  const logger = path.join(REPO_ROOT, 'dist', 'src', 'logger.js');
+  const script = `
+    import { stdoutLog } from ${JSON.stringify(logger)};
+    const log = stdoutLog(256 * 1024);
+    for (let i = 0; i < 2000; i++) log.write(JSON.stringify({ i, pad: 'x'.repeat(1000) }) + '\\n');
+    process.stderr.write('waiting ' + log._len + '\\n');
+    log.once('drain', () => log.flush(() => process.exit(0)));
+  `;
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  const exited = new Promise<number | null>((resolve) => child.on('close', resolve));
+  try {
+    await waitFor(() => stderr.includes('waiting '), 20_000, 'the lines written');
+    const waiting = Number(/waiting (\d+)/.exec(stderr)?.[1]);
+    assert.ok(waiting <= 256 * 1024, `at most the bound waits: ${waiting}`);
+    assert.match(stderr, /^relayq: stdout has taken no log while 262144 bytes of it waited; log lines are dropped until it reads again$/m);
+    let read = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (read += d));
+    assert.equal(await exited, 0, stderr);
+    const dropped = Number(/^relayq: stdout reads the log again; (\d+) log lines were dropped$/m.exec(stderr)?.[1]);
+    const lines = read.split('\n').filter(Boolean);
+    assert.equal(lines.length + dropped, 2000, 'every line either written or counted as dropped');
+    assert.deepEqual(JSON.parse(lines[0]).i, 0, 'the first lines are kept, the later ones dropped');
+  } finally {
+    child.kill('SIGKILL');
+  }
+});
 
 test('a stop whose log nobody reads (a full pipe) still exits, and keeps every message', async () => {
   const dir = tempDir('relayq-serve-');
