@@ -33,10 +33,12 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   const problem = addressFilterProblem('sender', options.sender);
   if (problem) throw new CliError(`--${problem}`);
   const config = loadCliConfig(global, process.env);
+  // one time for every step of the command: the time of its request (see noteDeliveryRequest)
+  const now = systemClock.now();
 
   if (options.queued) {
     const flushed = await withWriter(config, (sqlite) =>
-      flushQueuedInSteps(sqlite, options.sender, (ids) => writeStep(sqlite, () => flushQueued(sqlite, ids, systemClock.now(), config.batchDelay))),
+      flushQueuedInSteps(sqlite, options.sender, (ids) => writeStep(sqlite, () => flushQueued(sqlite, ids, now, config.batchDelay))),
     );
     if (global.json) printJson({ due_now: flushed });
     else printText(`${flushed} queued message${flushed === 1 ? ' is' : 's are'} due now`);
@@ -45,7 +47,6 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
 
   if (options.failed) {
     const requeued = await withWriter(config, (sqlite) => {
-      const now = systemClock.now();
       return requeueFailedInSteps(sqlite, { sender: options.sender }, now, (step) => writeStep(sqlite, () => requeueFailed(sqlite, step, now, config.batchDelay).length));
     });
     if (global.json) printJson({ requeued });
@@ -57,7 +58,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   const { results: outcomes, stopped } = await withWriter(config, (sqlite) => {
     // one unknown id and no message is touched
     for (const id of unique) if (holdOf(sqlite, id, systemClock.now()) === 'not-found') throw new CliError(`no message with id ${typedId(id)}; nothing changed`);
-    return writeEachInSteps(sqlite, unique, (id) => retryMessage(sqlite, id, systemClock.now(), config.batchDelay), 'retried');
+    return writeEachInSteps(sqlite, unique, (id) => retryMessage(sqlite, id, now, config.batchDelay), 'retried');
   });
   const results = outcomes.map((result, i) => ({ id: unique[i], result }));
   if (global.json) printJson({ results });

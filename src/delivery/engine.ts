@@ -8,7 +8,7 @@ import type tls from 'node:tls';
 import type { Logger } from 'pino';
 import { type Clock, isoTime } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import { deliveryRequests } from '../store/admin.js';
+import { lastDeliveryRequest } from '../store/admin.js';
 import type { Sqlite } from '../store/db.js';
 import type { UpstreamRecord } from '../store/queries.js';
 import type { RecipientStatus } from '../store/schema.js';
@@ -182,7 +182,7 @@ export class DeliveryEngine {
         })
       : undefined;
     this.suspension =
-      this.upstream && new UpstreamSuspension(this.upstream, suspensionMs(this.config.retry), deps.clock, this.log, () => deliveryRequests(deps.sqlite));
+      this.upstream && new UpstreamSuspension(this.upstream, suspensionMs(this.config.retry), deps.clock, this.log, () => lastDeliveryRequest(deps.sqlite));
   }
 
   get upstreamLabel(): string {

@@ -39,10 +39,9 @@ export class UpstreamSuspension {
   /**
    * Until `until` (the clock's ms) or `perfUntil` (performance.now(), so that a clock stepped back
    * does not lengthen it), whichever comes first; `since`: when it began; `reply`: the reply of the
-   * attempt that found the upstream unreachable; `asked`: the count of operators' requests for
-   * delivery when it began or was renewed (undefined: it could not be read).
+   * attempt that found the upstream unreachable.
    */
-  private state: { since: number; until: number; perfUntil: number; reply: string; asked: number | undefined } | null = null;
+  private state: { since: number; until: number; perfUntil: number; reply: string } | null = null;
   /** performance.now() when an attempt last reached the upstream. */
   private lastReachedAt = Number.NEGATIVE_INFINITY;
   /** A failure to reach the upstream waits to be judged until the connections being set up with it are. */
@@ -55,8 +54,8 @@ export class UpstreamSuspension {
     private readonly durationMs: number,
     private readonly clock: Clock,
     private readonly log: Logger,
-    /** The count of operators' requests that made mail due (deliveryRequests: the admin API's, `relayq retry`'s). */
-    private readonly requests: () => number = () => 0,
+    /** When an operator last made mail due, the clock's ms (lastDeliveryRequest: the admin API, `relayq retry`). */
+    private readonly requested: () => number = () => 0,
   ) {
     this.upstream = reach.label;
   }
@@ -81,26 +80,25 @@ export class UpstreamSuspension {
 
   /**
    * While delivery is suspended, when that ends (the clock's ms); else null. An operator's request
-   * that made mail due since it began (the count changed: grown, or set back by hand) ends it at
-   * this look, as `postqueue -f` makes Postfix forget its dead hosts.
+   * that made mail due since it began ends it at this look, as `postqueue -f` makes Postfix forget
+   * its dead hosts: each request at most one suspension, since the next begins after it.
    */
   until(): number | null {
     const s = this.state;
     if (!s || this.clock.now() >= s.until || performance.now() >= s.perfUntil) return null;
-    const asked = this.askedCount();
-    if (s.asked !== undefined && asked !== undefined && asked !== s.asked) {
+    if (this.lastRequest() >= s.since) {
       this.end('operator');
       return null;
     }
     return s.until;
   }
 
-  /** The count of requests (see `requests`); undefined when a database fault keeps it from being read. */
-  private askedCount(): number | undefined {
+  /** When an operator last made mail due (see `requested`); never when a database fault keeps it from being read. */
+  private lastRequest(): number {
     try {
-      return this.requests();
+      return this.requested();
     } catch {
-      return undefined;
+      return Number.NEGATIVE_INFINITY;
     }
   }
 
@@ -152,8 +150,6 @@ export class UpstreamSuspension {
       until: now + this.durationMs,
       perfUntil: performance.now() + this.durationMs,
       reply: result.reply,
-      // unreadable, no request ends it: the suspension keeps to its time
-      asked: this.askedCount(),
     };
     if (since !== undefined) return;
     this.log.warn(

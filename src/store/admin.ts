@@ -129,7 +129,7 @@ export function requeueFailed(sqlite: Sqlite, filter: RequeueStep, now: number, 
   }
   const matches = prepared(sqlite, `SELECT id FROM messages WHERE id = ? AND ${where.join(' AND ')}`);
   const requeued = filter.ids.filter((id) => matches.get(id, ...params) !== undefined && requeueOne(sqlite, id, now, batchDelayMs));
-  if (requeued.length > 0) noteDeliveryRequest(sqlite);
+  if (requeued.length > 0) noteDeliveryRequest(sqlite, now);
   return requeued;
 }
 
@@ -161,7 +161,7 @@ export type RetryResult = 'requeued' | 'due-now' | 'held' | 'delivered' | 'not-f
 
 export function retryMessage(sqlite: Sqlite, id: string, now: number, batchDelayMs: number): RetryResult {
   const result = retryOne(sqlite, id, now, batchDelayMs);
-  if (result === 'requeued' || result === 'due-now') noteDeliveryRequest(sqlite);
+  if (result === 'requeued' || result === 'due-now') noteDeliveryRequest(sqlite, now);
   return result;
 }
 
@@ -198,24 +198,25 @@ export function queuedDueNow(sqlite: Sqlite, id: string, now: number, batchDelay
 /** One step of flushQueuedInSteps: those of `ids` still queued become due now. Returns how many. */
 export function flushQueued(sqlite: Sqlite, ids: string[], now: number, batchDelayMs: number): number {
   const dueNow = ids.filter((id) => queuedDueNow(sqlite, id, now, batchDelayMs)).length;
-  if (dueNow > 0) noteDeliveryRequest(sqlite);
+  if (dueNow > 0) noteDeliveryRequest(sqlite, now);
   return dueNow;
 }
 
 /**
  * An operator's request that made mail due (retryMessage, requeueFailed, flushQueued: the admin
- * API's or `relayq retry`'s, another process) is counted in the write that carries it out; a relay
- * whose delivery to an upstream found unreachable is suspended ends the suspension when it sees the
- * count changed since it began (see UpstreamSuspension), so that the mail is tried at once rather
- * than deferred without an attempt. The row is made by the first request.
+ * API's or `relayq retry`'s, another process) writes its time (`now`, one for all the steps of a
+ * request) in the write that carries it out; a relay whose delivery to an upstream found
+ * unreachable is suspended ends the suspension when a request came since it began (see
+ * UpstreamSuspension), so that the mail is tried at once rather than deferred without an attempt.
+ * The row is made by the first request.
  */
-function noteDeliveryRequest(sqlite: Sqlite): void {
-  prepared(sqlite, "INSERT INTO counters (name, value) VALUES ('delivery_requests', 1) ON CONFLICT (name) DO UPDATE SET value = value + 1").run();
+function noteDeliveryRequest(sqlite: Sqlite, now: number): void {
+  prepared(sqlite, "INSERT INTO counters (name, value) VALUES ('delivery_requested_at', ?) ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)").run(now);
 }
 
-/** How many requests noteDeliveryRequest counted. */
-export function deliveryRequests(sqlite: Sqlite): number {
-  const row = prepared(sqlite, "SELECT value FROM counters WHERE name = 'delivery_requests'").get() as { value: number } | undefined;
+/** The time of the latest request noteDeliveryRequest wrote (ms); 0 before any. */
+export function lastDeliveryRequest(sqlite: Sqlite): number {
+  const row = prepared(sqlite, "SELECT value FROM counters WHERE name = 'delivery_requested_at'").get() as { value: number } | undefined;
   return row?.value ?? 0;
 }
 

@@ -408,6 +408,22 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(events(log, 'upstream.resumed').length, 0);
   });
 
+  test('a request ends one suspension at most: the next, begun after it, holds', async () => {
+    const { clock, relay, log, first: a } = await suspendedRelay({ batchDelay: 0, retry: { initialDelay: 60 } });
+    clock.advance(1000);
+    assert.deepEqual((await call(relay, '/admin/retry-queued', { method: 'POST' })).body, { due_now: 1 });
+    clock.advance(1);
+    // the upstream is still down: the mail made due is tried, and delivery is suspended again
+    await relay.delivery.runOnce();
+    assert.equal(attempts(relay, a).length, 2);
+    assert.equal(attempts(relay, a)[1].reply?.startsWith(SUSPENDED), false, 'tried');
+    assert.equal(events(log, 'upstream.resumed').length, 1);
+    const b = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(attempts(relay, b)[0].reply?.startsWith(SUSPENDED), true, 'deferred without an attempt');
+    assert.equal(events(log, 'upstream.resumed').length, 1);
+  });
+
   test('a suspension lasts at most a minute, however long retry.initialDelay is', async () => {
     const { clock, relay, log, upstream } = await suspendedRelay({ retry: { initialDelay: 3600, maxDelay: 3600 } });
     assert.equal(events(log, 'upstream.suspended')[0].forMs, 60_000);
