@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { CommitQueue } from './commit-queue.js';
-import { openConnection } from './db.js';
+import { openConnection, realDatabasePath } from './db.js';
 import type { NewMessage } from './intake.js';
 import { limitWalSize, overwriteFreedPages } from './maintenance.js';
 import { movableResult, ownMemory, WRITE_OPS, type WriteOpName } from './write-ops.js';
@@ -41,11 +41,16 @@ const port = parentPort;
 const sqlite = openConnection(options.file);
 limitWalSize(sqlite);
 /**
- * The database file this connection has open. Removed or replaced at its path while the relay runs
- * (an `rm`, a backup moved over it), it still takes every write, but the next start would not find
- * what they stored: new mail, and the health check's write, are refused then (see moved).
+ * The database file this connection has open, and its WAL. Removed or replaced at its path while
+ * the relay runs (an `rm`, a backup moved over it, the WAL removed as a restore does), it still
+ * takes every write, but the next start would not find what they stored: new mail, and the health
+ * check's write, are refused then (see moved). A copy written into the file itself (`cp` over it)
+ * cannot be told: the README says to stop relayq first.
  */
 const opened = fs.statSync(options.file);
+const walPath = `${realDatabasePath(options.file)}-wal`;
+/** The WAL's inode, once it is there (SQLite makes it at the first write); this relay's connections keep it. */
+let walIno: number | undefined;
 // Every operation of a group commit runs in a savepoint, whose undo journal SQLite keeps in a
 // temporary file by default: a write syscall per page an operation touches again. In memory it is
 // a copy (the pages are small, and the journal lives only until the operation's RELEASE).
@@ -97,12 +102,19 @@ let foundAt = -1;
 function moved(): Error | undefined {
   if (foundAt === commits.stats.commits) return undefined;
   let now: fs.Stats | undefined;
+  let wal: fs.Stats | undefined;
   try {
     now = fs.statSync(options.file, { throwIfNoEntry: false });
-  } catch {
-    return undefined; // a directory that cannot be searched says nothing of the file
+    wal = fs.statSync(walPath, { throwIfNoEntry: false });
+  } catch (err) {
+    // a directory that cannot be searched says nothing of the file; a path that no longer leads to
+    // one (a directory where a file was, a loop of links) does
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EACCES' || code === 'EPERM') return undefined;
   }
-  if (now?.ino === opened.ino && now.dev === opened.dev) {
+  if (wal && walIno === undefined) walIno = wal.ino;
+  const walKept = walIno === undefined || wal?.ino === walIno;
+  if (now?.ino === opened.ino && now.dev === opened.dev && walKept) {
     foundAt = commits.stats.commits;
     return undefined;
   }

@@ -370,7 +370,7 @@ test('/health says error while the database refuses messages for lack of room, t
   }
 });
 
-test('the database file removed or replaced while the relay runs: new mail is refused 451 4.3.0 and /health says error; the mail queued before is still delivered; put back, all is well', async () => {
+test('the database file removed or replaced while the relay runs: new mail is refused 451 4.3.0 and /health says error; the mail queued before is still delivered; put back, all is well; its WAL removed, refused again', async () => {
   const relay = await startTestRelay({}, INTAKE_ONLY);
   const file = relay.config.databasePath;
   const health = async () => {
@@ -397,6 +397,21 @@ test('the database file removed or replaced while the relay runs: new mail is re
     fs.renameSync(`${file}.moved`, file);
     assert.match((await sendMail(relay.smtpPort, { to: ['c@example.com'] })).response, /^250 /);
     assert.equal((await health()).status, 200);
+    // its directory moved away and a file in its place: the path leads to no file (ENOTDIR)
+    const dir = path.dirname(file);
+    fs.renameSync(dir, `${dir}.away`);
+    fs.writeFileSync(dir, '');
+    try {
+      await refusedWith451(sendMail(relay.smtpPort, { to: ['c2@example.com'] }));
+    } finally {
+      fs.rmSync(dir);
+      fs.renameSync(`${dir}.away`, dir);
+    }
+    assert.match((await sendMail(relay.smtpPort, { to: ['c3@example.com'] })).response, /^250 /);
+    // the WAL removed, as a restore does: what is committed now would be lost with it
+    fs.rmSync(`${file}-wal`);
+    await refusedWith451(sendMail(relay.smtpPort, { to: ['d@example.com'] }));
+    assert.equal((await health()).status, 503);
   } finally {
     await relay.stop();
   }
