@@ -88,7 +88,7 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
     'Mean receipt-to-final-state time per message, by its last outcome (avg_processing_time_ms of the JSON form).',
     averageProcessingMs(m) / 1000,
   );
-  const refusals = new Counter({ name: 'relayq_refusals_total', help: 'Messages refused by policy, by reason.', labelNames: ['reason'], registers });
+  const refusals = new Counter({ name: 'relayq_refusals_total', help: 'Messages refused by policy or for free disk below minFreeDiskMb, by reason.', labelNames: ['reason'], registers });
   refusals.inc({ reason: 'rate_limit' }, m.rateLimitRefusals);
   refusals.inc({ reason: 'queue_full' }, m.queueFullRefusals);
   refusals.inc({ reason: 'disk_low' }, m.diskLowRefusals);

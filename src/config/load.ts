@@ -237,7 +237,8 @@ export function loadConfig(
   // as of a config file that every user may read (exposedSecretsWarning)
   const secretFlags = CONFIG_KEYS.filter((k) => k.secret && origins.get(k.path) === 'flag' && getPath(config, k.path)).map((k) => `--${k.path}`);
   if (secretFlags.length > 0) {
-    warnings.push(`${secretFlags.join(', ')} on the command line: every user of this machine may read it there (ps); give it in the environment or the config file`);
+    const it = secretFlags.length === 1 ? 'it' : 'them';
+    warnings.push(`${secretFlags.join(', ')} on the command line: every user of this machine may read ${it} there (ps); give ${it} in the environment or the config file`);
   }
 
   // A bad value that a later source replaced is not used: a warning, so that a flag can stand in

@@ -540,8 +540,9 @@ export class DeliveryEngine {
       durationMs: Math.round(durationMs),
       upstream: result.upstream,
       ...(result.tls === undefined ? {} : { tls: result.tls }),
-      // every address of the batch, as Postfix's to=: a grep for an address finds each attempt for it
-      to: claim.recipients.map((r) => r.address),
+      // the batch's addresses, as Postfix's to=: a grep for an address finds each attempt for it
+      // (up to MAX_TO_LOGGED: a batchSize of thousands would make lines that log shippers split)
+      to: claim.recipients.slice(0, MAX_TO_LOGGED).map((r) => r.address),
       rcpts: claim.recipients.length,
       ...counts,
       // `reply` is the transaction's: the recipients with a reply of their own say why they were not delivered
@@ -768,6 +769,8 @@ function loggedStatus(status: RecipientStatus): 'deferred' | 'delivered' | 'fail
 
 /** Recipients the log lists at most per attempt line (its counts give them all). */
 const MAX_LOGGED_RECIPIENTS = 10;
+/** How many of a batch's addresses its attempt's log line names (batchSize is 20 by default). */
+const MAX_TO_LOGGED = 100;
 
 /** The recipients of a batch that were not delivered with a reply other than `reply`, each with its own. */
 function notDelivered(claim: ClaimedBatch, completion: BatchCompletion, reply: string) {

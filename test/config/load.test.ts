@@ -695,7 +695,7 @@ describe('loadConfig', () => {
     const flags = loadConfig(['--defaultUsername', 'app', '--defaultPassword', 'pw-Secret', '--security.adminToken', 'token-Secret-0123456789'], {});
     assert.ok(flags.ok);
     const said = flags.warnings.filter((w) => w.includes('(ps)'));
-    assert.deepEqual(said, ['--defaultPassword, --security.adminToken on the command line: every user of this machine may read it there (ps); give it in the environment or the config file']);
+    assert.deepEqual(said, ['--defaultPassword, --security.adminToken on the command line: every user of this machine may read them there (ps); give them in the environment or the config file']);
     assert.doesNotMatch(JSON.stringify(flags.warnings), /Secret/);
     const env = loadConfig(['--defaultUsername', 'app'], { DEFAULT_PASSWORD: 'pw-Secret' });
     assert.ok(env.ok);

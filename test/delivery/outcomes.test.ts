@@ -236,6 +236,22 @@ describe('per-recipient outcomes', () => {
     ]);
   });
 
+  test("an attempt's log line names at most 100 addresses of a larger batch", async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 150 },
+      { clock: new ManualClock(), startDelivery: false, logger: log.logger },
+    );
+    cleanup.push(() => relay.stop());
+    const to = Array.from({ length: 130 }, (_, i) => `r${i}@example.com`);
+    const id = await queue(relay, to);
+    await relay.delivery.runOnce();
+    const line = log.entries().find((e) => e.queueId === id && e.event === 'delivery.attempt');
+    assert.deepEqual([line?.to, line?.rcpts, line?.delivered], [to.slice(0, 100), 130, 130]);
+  });
+
   test("an attempt that leaves its message queued logs the message's next attempt as an ISO time, as the API gives it", async () => {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
