@@ -57,7 +57,7 @@ export async function retryCommand(ids: string[], options: { failed?: boolean; q
   const unique = [...new Set(ids.map(canonicalQueueId))];
   const { results: outcomes, stopped } = await withWriter(config, (sqlite) => {
     // one unknown id and no message is touched
-    for (const id of unique) if (holdOf(sqlite, id, systemClock.now()) === 'not-found') throw new CliError(`no message with id ${typedId(id)}; nothing changed`);
+    for (const id of unique) if (holdOf(sqlite, id, now) === 'not-found') throw new CliError(`no message with id ${typedId(id)}; nothing changed`);
     return writeEachInSteps(sqlite, unique, (id) => retryMessage(sqlite, id, now, config.batchDelay), 'retried');
   });
   const results = outcomes.map((result, i) => ({ id: unique[i], result }));

@@ -145,12 +145,7 @@ export class UpstreamSuspension {
     if (this.stopped || this.lastReachedAt > started || this.reach.reachedSince(started)) return;
     const now = this.clock.now();
     const since = this.state?.since;
-    this.state = {
-      since: since ?? now,
-      until: now + this.durationMs,
-      perfUntil: performance.now() + this.durationMs,
-      reply: result.reply,
-    };
+    this.state = { since: since ?? now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };
     if (since !== undefined) return;
     this.log.warn(
       { event: 'upstream.suspended', upstream: this.upstream, reply: result.reply, forMs: this.durationMs },
