@@ -635,7 +635,8 @@ export class SmtpIntake {
     // smtp-server merged the recipients that differ only in case, keeping the place of the first
     // and the spelling of the last: the first's is taken back; two spellings of one xn-- domain
     // meet only here, once decoded
-    const { recipients: counted } = this.state(session);
+    const state = this.state(session);
+    const counted = state.recipients;
     const spelled = counted?.of === session.envelope.rcptTo ? counted.spelled : undefined;
     const recipients = uniqueAddresses(session.envelope.rcptTo.map((r) => decodeIdnDomain(spelled?.get(r.address.toLowerCase()) ?? r.address)));
     const clientIp = this.peer(session);
@@ -663,7 +664,6 @@ export class SmtpIntake {
     const size = raw.length + (spooled?.bytes ?? 0);
     const subject = config.security.logAllEmails ? subjectOf(raw) : undefined;
     const authUser = authUserOf(session);
-    const state = this.state(session);
     const write = writer.writeMoving(
       [raw],
       'insertMessage',
