@@ -117,7 +117,7 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
     path: 'forwardRequireTLS',
     type: 'bool',
     default: false,
-    doc: 'send only over TLS with a certificate that verifies: an upstream that offers no STARTTLS, or whose certificate does not verify, gets no mail, the attempts are deferred (Postfix `smtp_tls_security_level = secure`)',
+    doc: 'send only over TLS with a certificate that verifies: an upstream that offers no STARTTLS, whose STARTTLS fails, or whose certificate does not verify gets no mail, the attempts are deferred (Postfix `smtp_tls_security_level = secure`)',
   },
   { path: 'batchSize', type: 'int', default: 20, min: 1, max: 10000, doc: 'max recipients per upstream SMTP transaction' },
   { path: 'batchDelay', type: 'int', default: 1000, min: 0, max: 3600000, unit: 'ms', doc: 'pause between two batches of the same message' },

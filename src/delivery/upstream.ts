@@ -18,7 +18,7 @@ import { isAscii } from '../address.js';
 import { MIN_MESSAGE_SIZE_LIMIT } from '../config/schema.js';
 import { libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
-import { type BatchResult, openSslCode, type RecipientResult, resultFromNodemailer, uniformResult } from './outcomes.js';
+import { type BatchResult, classifyUpstreamError, openSslCode, type RecipientResult, resultFromNodemailer, uniformResult } from './outcomes.js';
 import { settleWithin } from './settle.js';
 
 export interface UpstreamSettings {
@@ -150,6 +150,21 @@ function requireHelloReply(connection: SMTPConnection): void {
       this._onError(new Error(message), 'EPROTOCOL');
     };
   }
+}
+
+/**
+ * Calls `refused` with the upstream's reply when it refuses STARTTLS (`454`), before nodemailer
+ * handles it (with opportunisticTLS it goes on in plain text, and says so only in its own log).
+ * The hook is nodemailer's private `_actionSTARTTLS`; without it nothing is said.
+ */
+function onStartTlsRefused(connection: SMTPConnection, refused: (reply: string) => void): void {
+  const internals = connection as unknown as { _actionSTARTTLS?: (reply: string) => void };
+  const action = internals._actionSTARTTLS;
+  if (typeof action !== 'function') return;
+  internals._actionSTARTTLS = function (this: unknown, reply: string) {
+    if (!reply.startsWith('2')) refused(reply);
+    return action.call(this, reply);
+  };
 }
 
 /**
@@ -384,6 +399,21 @@ export function verifiesCertificates(settings: Pick<UpstreamSettings, 'secure' |
   return settings.secure || settings.requireTls;
 }
 
+/**
+ * Opportunistic TLS (Postfix's `may`): a retry whose STARTTLS fails, refused or in its handshake,
+ * goes on in plain text, as it would if a man in the middle had stripped the offer. Not where TLS
+ * is required (forwardSSL, forwardRequireTLS), nor with credentials, which do not follow a failed
+ * STARTTLS into plain text.
+ */
+function fallsBackToPlain(settings: Pick<UpstreamSettings, 'secure' | 'requireTls' | 'username'>): boolean {
+  return !verifiesCertificates(settings) && !settings.username;
+}
+
+/** Whether nodemailer was in a STARTTLS handshake when the connection failed. */
+function upgrading(connection: SMTPConnection): boolean {
+  return (connection as unknown as { upgrading?: boolean }).upgrading === true;
+}
+
 /** Why a certificate did not verify: OpenSSL's code (CERT_HAS_EXPIRED, DEPTH_ZERO_SELF_SIGNED_CERT), or Node's for a name it does not hold. */
 function unverifiedReason(authorizationError: unknown): string {
   return authorizationError instanceof Error ? ((authorizationError as { code?: string }).code ?? authorizationError.message) : String(authorizationError);
@@ -449,6 +479,12 @@ function overLimit(results: RecipientResult[]): number[] {
 export class SmtpUpstream {
   readonly label: string;
   private readonly options: SMTPConnection.Options;
+  /**
+   * Where a retry's failed STARTTLS is followed by plain text (fallsBackToPlain): the options of a
+   * retry's connection (a refused STARTTLS goes on in plain text on it), and of the connection
+   * opened after a failed handshake (no STARTTLS).
+   */
+  private readonly fallback: { retry: SMTPConnection.Options; plain: SMTPConnection.Options } | undefined;
   private readonly auth: SMTPConnection.Credentials | undefined;
   private readonly requireTls: boolean;
   private readonly peerAddress: (socketAddress: string) => string;
@@ -485,6 +521,9 @@ export class SmtpUpstream {
   constructor(settings: UpstreamSettings) {
     this.label = hostPort(settings.host, settings.port);
     this.options = connectionOptions(settings);
+    this.fallback = fallsBackToPlain(settings)
+      ? { retry: { ...this.options, opportunisticTLS: true }, plain: { ...this.options, ignoreTLS: true } }
+      : undefined;
     this.idleMs = Math.min(IDLE_QUIT_MS, Math.floor(settings.attemptTimeoutMs / 2));
     this.auth = settings.username ? { user: settings.username, pass: settings.password } : undefined;
     this.requireTls = settings.requireTls;
@@ -526,13 +565,15 @@ export class SmtpUpstream {
     const rcpts = addresses.map(normalizeForEnvelope);
     // 8-bit bytes in the message: BODY=8BITMIME when the upstream offers it
     const envelope: Envelope = { from: normalizeForEnvelope(claim.mailFrom), to: rcpts, size: claim.raw.length, use8BitMime: !isAsciiBytes(claim.raw) };
-    const result = await this.sendTo(envelope, claim.raw, signal);
+    // a retry (an earlier attempt of the batch failed) may go on in plain text after a failed STARTTLS
+    const retry = claim.recipients.some((r) => r.attempts > 1);
+    const result = await this.sendTo(envelope, claim.raw, signal, retry);
     // The recipients over the upstream's limit per transaction go at once in another one, as long
     // as each delivers to some (RFC 5321 §4.5.3.1.10); they are not held back for a retry.
     let again = overLimit(result.recipients);
     while (again.length > 0 && !signal.aborted) {
       await beforeNext?.(result);
-      const next = await this.sendTo({ ...envelope, to: again.map((i) => rcpts[i]) }, claim.raw, signal);
+      const next = await this.sendTo({ ...envelope, to: again.map((i) => rcpts[i]) }, claim.raw, signal, retry);
       again.forEach((i, k) => {
         result.recipients[i] = next.recipients[k];
       });
@@ -545,9 +586,9 @@ export class SmtpUpstream {
   }
 
   /** One transaction; never throws. */
-  private async sendTo(envelope: Envelope, raw: Uint8Array, signal: AbortSignal): Promise<BatchResult> {
+  private async sendTo(envelope: Envelope, raw: Uint8Array, signal: AbortSignal, retry: boolean): Promise<BatchResult> {
     try {
-      const info = await this.transaction(envelope, raw, signal);
+      const info = await this.transaction(envelope, raw, signal, retry);
       return resultFromNodemailer(this.label, envelope.to, { info });
     } catch (error) {
       return resultFromNodemailer(this.label, envelope.to, { error });
@@ -572,7 +613,7 @@ export class SmtpUpstream {
    * the upstream had closed meanwhile (its idle timeout) fails before a byte of the message was
    * sent; the transaction then runs once more, on another connection.
    */
-  private async transaction(envelope: Envelope, raw: Uint8Array, signal: AbortSignal): Promise<SendInfo> {
+  private async transaction(envelope: Envelope, raw: Uint8Array, signal: AbortSignal, retry: boolean): Promise<SendInfo> {
     for (;;) {
       const reused = await this.idleConnection(signal);
       if (!reused) break;
@@ -585,7 +626,7 @@ export class SmtpUpstream {
     }
     // the place idleConnection kept for it becomes the connection, in one step (connect counts it)
     this.connecting--;
-    return this.sendOn(await this.connect(signal), envelope, raw, signal);
+    return this.sendOn(await this.connect(signal, retry), envelope, raw, signal);
   }
 
   /**
@@ -699,24 +740,37 @@ export class SmtpUpstream {
     return e;
   }
 
-  /** A new connection, greeted, secured (STARTTLS when offered) and logged in when configured. */
-  private connect(signal: AbortSignal): Promise<SMTPConnection> {
-    const setUp = this.openConnection(signal);
+  /**
+   * A new connection, greeted, secured (STARTTLS when offered) and logged in when configured. A
+   * failed STARTTLS defers a first attempt; a retry goes on in plain text where that is allowed
+   * (fallsBackToPlain): after a refused STARTTLS on the same connection, after a failed handshake
+   * on a new one. So does Postfix at its `may` level: it defers the mail at first, and falls back
+   * to plain text when STARTTLS fails again at the next attempt.
+   */
+  private connect(signal: AbortSignal, retry: boolean): Promise<SMTPConnection> {
+    const fallback = retry ? this.fallback : undefined;
+    const setUp = this.openConnection(signal, fallback?.retry ?? this.options).catch((err: UpstreamError & { inHandshake?: boolean }) => {
+      if (!err.inHandshake || !fallback || signal.aborted) throw err;
+      this.noteTlsFailed(classifyUpstreamError(err).reply);
+      return this.openConnection(signal, fallback.plain);
+    });
     this.settingUp.add(setUp);
     const done = () => this.settingUp.delete(setUp);
     setUp.then(done, done);
     return setUp;
   }
 
-  private openConnection(signal: AbortSignal): Promise<SMTPConnection> {
+  private openConnection(signal: AbortSignal, options: SMTPConnection.Options): Promise<SMTPConnection> {
     return new Promise((resolve, reject) => {
-      const connection = new SMTPConnection(this.options);
+      const connection = new SMTPConnection(options);
       this.openedAt.set(connection, this.now());
       this.open.add(connection);
       hookSendStream(connection);
       requireGoAheadForData(connection);
       requireHelloReply(connection);
       readRepliesBeforeClose(connection);
+      // nodemailer goes on in plain text after a refused STARTTLS (opportunisticTLS)
+      if (options.opportunisticTLS) onStartTlsRefused(connection, (reply) => this.noteTlsFailed(reply));
       let settled = false;
       const settle = (err?: Error) => {
         if (settled) return;
@@ -736,9 +790,10 @@ export class SmtpUpstream {
       signal.addEventListener('abort', onAbort, { once: true });
       // Errors of a transaction reach its send callback; one that ends an idle connection only
       // ends it. Either way the connection leaves the pool when it ends.
-      connection.on('error', (err: Error) =>
-        settle(withCertificateHint(this.options.secure ? withTlsHint(err, true) : withImplicitTlsHint(withTlsHint(err, false)))),
-      );
+      connection.on('error', (err: Error) => {
+        if (upgrading(connection)) Object.assign(err, { inHandshake: true });
+        settle(withCertificateHint(this.options.secure ? withTlsHint(err, true) : withImplicitTlsHint(withTlsHint(err, false))));
+      });
       connection.once('end', () => {
         this.forget(connection);
         this.open.delete(connection);
@@ -769,6 +824,14 @@ export class SmtpUpstream {
         connection.login(this.auth, (loginErr) => settle(loginErr ? Object.assign(loginErr, { settingFault: true }) : undefined));
       });
     });
+  }
+
+  /** A retry's STARTTLS failed, and the connection goes on in plain text (connect). */
+  private noteTlsFailed(err: string): void {
+    this.log.warn(
+      { event: 'upstream.tls_failed', upstream: this.label, err },
+      'STARTTLS with the upstream failed again: this retry goes on in plain text, as opportunistic TLS does (forwardRequireTLS would defer it)',
+    );
   }
 
   /** Opportunistic STARTTLS with a certificate that did not verify: said once per connection, as Postfix does. */

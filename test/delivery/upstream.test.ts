@@ -32,7 +32,7 @@ test("the nodemailer internals relayq's upstream connections hook are all there"
   // (or, for _onError, which the hooks call, throw).
   const connection = new SMTPConnection({}) as unknown as Record<string, unknown>;
   const kinds = Object.fromEntries(
-    ['_actionDATA', '_actionEHLO', '_actionHELO', '_onClose', '_onError', '_createSendStream', '_responseQueue', '_supportedExtensions', '_envelope', '_maxAllowedSize', '_socket', '_destroyed'].map(
+    ['_actionDATA', '_actionEHLO', '_actionHELO', '_actionSTARTTLS', '_onClose', '_onError', '_createSendStream', '_responseQueue', '_supportedExtensions', '_envelope', '_maxAllowedSize', '_socket', '_destroyed'].map(
       (name) => [name, Array.isArray(connection[name]) ? 'array' : typeof connection[name]],
     ),
   );
@@ -40,6 +40,7 @@ test("the nodemailer internals relayq's upstream connections hook are all there"
     _actionDATA: 'function',
     _actionEHLO: 'function',
     _actionHELO: 'function',
+    _actionSTARTTLS: 'function',
     _onClose: 'function',
     _onError: 'function',
     _createSendStream: 'function',
@@ -243,29 +244,123 @@ describe('upstream connection: TLS and AUTH', () => {
     );
   });
 
-  test('an upstream that offers STARTTLS and then does not answer in TLS defers with a reply that does not point at forwardSSL', async () => {
-    // plain text where the TLS handshake should be: what a broken upstream or a proxy in between sends
+  /**
+   * An upstream on raw sockets that offers STARTTLS and fails it: `handshake` answers `220` and
+   * then plain text where the TLS handshake should be (what a broken upstream or a proxy in
+   * between sends), `refused` answers `454`. Without STARTTLS it takes mail in plain text.
+   */
+  async function failingStartTls(mode: 'handshake' | 'refused') {
+    const sessions: Array<{ startTls: boolean; delivered: number }> = [];
     const server = net.createServer((socket) => {
+      const session = { startTls: false, delivered: 0 };
+      sessions.push(session);
+      let inData = false;
+      let buffered = '';
       socket.write('220 plain.example ESMTP\r\n');
       socket.on('data', (data) => {
-        const line = data.toString();
-        if (/^EHLO/i.test(line)) socket.write('250-plain.example\r\n250 STARTTLS\r\n');
-        else if (/^STARTTLS/i.test(line)) socket.write('220 go ahead\r\n');
-        else socket.write('500 5.5.2 not TLS\r\n');
+        buffered += data.toString('latin1');
+        if (session.startTls && mode === 'handshake') {
+          socket.write('500 5.5.2 not TLS\r\n');
+          buffered = '';
+          return;
+        }
+        for (let end = buffered.indexOf('\r\n'); end !== -1; end = buffered.indexOf('\r\n')) {
+          const line = buffered.slice(0, end);
+          buffered = buffered.slice(end + 2);
+          if (inData) {
+            if (line === '.') {
+              inData = false;
+              session.delivered++;
+              socket.write('250 2.0.0 queued\r\n');
+            }
+          } else if (/^EHLO/i.test(line)) socket.write('250-plain.example\r\n250 STARTTLS\r\n');
+          else if (/^STARTTLS/i.test(line)) {
+            session.startTls = true;
+            socket.write(mode === 'handshake' ? '220 go ahead\r\n' : '454 4.7.0 TLS not available\r\n');
+          } else if (/^DATA/i.test(line)) {
+            inData = true;
+            socket.write('354 go on\r\n');
+          } else if (/^QUIT/i.test(line)) socket.end('221 bye\r\n');
+          else socket.write('250 ok\r\n');
+        }
       });
       socket.on('error', () => {});
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     cleanup.push(() => new Promise((resolve) => server.close(resolve)));
-    const { relay, id } = await relayFor((server.address() as net.AddressInfo).port);
-    await relay.delivery.runOnce();
-    const [r] = recipients(relay, id);
-    assert.equal(r.status, 'pending');
-    assert.equal(
-      r.last_reply,
-      'ESOCKET: TLS wrong version number (ERR_SSL_WRONG_VERSION_NUMBER): the upstream offered STARTTLS, then did not answer in TLS (check the upstream, or a proxy between it and relayq)',
-    );
+    return { port: (server.address() as net.AddressInfo).port, sessions };
+  }
+
+  const HANDSHAKE_FAILED =
+    'ESOCKET: TLS wrong version number (ERR_SSL_WRONG_VERSION_NUMBER): the upstream offered STARTTLS, then did not answer in TLS (check the upstream, or a proxy between it and relayq)';
+
+  test("a failed STARTTLS defers the first attempt; the retry goes on in plain text when it fails again, as at Postfix's `may` level", async () => {
+    for (const mode of ['handshake', 'refused'] as const) {
+      const upstream = await failingStartTls(mode);
+      const log = capturedLog();
+      const { clock, relay, id } = await relayFor(upstream.port, {}, log.logger);
+      await relay.delivery.runOnce();
+      const [r] = recipients(relay, id);
+      assert.equal(r.status, 'pending', mode);
+      assert.equal(r.last_reply, mode === 'handshake' ? HANDSHAKE_FAILED : '454 4.7.0 TLS not available');
+      assert.deepEqual(upstream.sessions, [{ startTls: true, delivered: 0 }], mode);
+
+      clock.set(message(relay, id).next_attempt_at);
+      await relay.delivery.runOnce();
+      assert.equal(message(relay, id).state, 'delivered', mode);
+      // after a failed handshake on a new connection without STARTTLS, after a refusal on the same one
+      assert.deepEqual(
+        upstream.sessions.slice(1),
+        mode === 'handshake'
+          ? [
+              { startTls: true, delivered: 0 },
+              { startTls: false, delivered: 1 },
+            ]
+          : [{ startTls: true, delivered: 1 }],
+        mode,
+      );
+      assert.deepEqual(
+        log.entries().filter((e) => e.event === 'upstream.tls_failed').map((e) => [e.level, e.err]),
+        [[40, mode === 'handshake' ? HANDSHAKE_FAILED : '454 4.7.0 TLS not available']],
+        mode,
+      );
+      assert.deepEqual(
+        log.entries().filter((e) => e.event === 'delivery.attempt').map((e) => [e.outcome, e.tls]),
+        [
+          ['deferred', undefined], // it ended before its transaction began
+          ['delivered', null],
+        ],
+        mode,
+      );
+    }
   });
+
+  for (const [name, overrides] of [
+    ['forwardRequireTLS', { forwardRequireTLS: true }],
+    ['credentials', { forwardUsername: 'relay', forwardPassword: 's3cret' }],
+  ] as const) {
+    test(`with ${name}, a retry whose STARTTLS fails is deferred too: nothing goes in plain text`, async () => {
+      for (const mode of ['handshake', 'refused'] as const) {
+        const upstream = await failingStartTls(mode);
+        const { clock, relay, id } = await relayFor(upstream.port, overrides);
+        await relay.delivery.runOnce();
+        clock.set(message(relay, id).next_attempt_at);
+        await relay.delivery.runOnce();
+        const [r] = recipients(relay, id);
+        assert.equal(r.status, 'pending', mode);
+        assert.equal(r.attempts, 2, mode);
+        assert.equal(r.last_reply, mode === 'handshake' ? HANDSHAKE_FAILED : '454 4.7.0 TLS not available');
+        assert.deepEqual(
+          upstream.sessions,
+          [
+            { startTls: true, delivered: 0 },
+            { startTls: true, delivered: 0 },
+          ],
+          mode,
+        );
+      }
+    });
+  }
 
   test('forwardSSL=false against a port that starts with TLS defers when no greeting comes, with a reply that says what to check', async () => {
     const upstream = await startScriptedUpstream({ secure: true });

@@ -230,14 +230,14 @@ describe('upstream faults', () => {
     assert.equal(rows(relay, id).attempts[0].reply, '451 4.3.0 queue temporarily full');
   });
 
-  test('STARTTLS refused with 454 → deferred, never sent in plain text after it', async () => {
+  test('STARTTLS refused with 454 → the first attempt is deferred, nothing sent in plain text after it', async () => {
     const { upstream } = await deferThenHeal({ startTls: { reply: '454 4.7.0 TLS not available' } }, /TLS not available/, 454);
     assert.deepEqual(upstream.afterStartTls, []);
     // the first session carried no envelope at all
     assert.equal(upstream.transactions.length, 1);
   });
 
-  test('STARTTLS handshake answered with garbage → deferred, nothing sent in plain text', async () => {
+  test('STARTTLS handshake answered with garbage → the first attempt is deferred, nothing sent in plain text', async () => {
     const { upstream } = await deferThenHeal({ startTls: 'garbage-handshake' }, /TLS|SSL|wrong version|ETLS|ECONNECTION/i, null);
     assert.deepEqual(upstream.afterStartTls, []);
   });
