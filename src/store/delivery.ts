@@ -178,8 +178,10 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     // Attempts are counted at claim time, so a batch whose delivery kills the process every
     // time still runs out of attempts instead of looping forever.
     if (r.attempts >= maxAttempts) {
-      gaveUp = gaveUpReason(sqlite, id, r, maxAttempts);
-      const reply = r.last_reply ? `${gaveUp} (last reply: ${r.last_reply})` : gaveUp;
+      const reason = gaveUpReason(sqlite, id, r, maxAttempts);
+      const reply = r.last_reply ? `${reason} (last reply: ${r.last_reply})` : reason;
+      // the message's last error names the recipient, as an attempt's give-up does (planCompletion)
+      gaveUp = `${r.address}: ${reply}`;
       prepared(
         sqlite,
         `UPDATE recipients SET status = 'failed', temporary = 1, last_reply = ?, updated_at = ?

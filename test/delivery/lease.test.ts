@@ -291,7 +291,11 @@ describe('claims and leases', () => {
         ['b@example.com', 'failed', `gave up: the maximum number of attempts was used without a result (last reply: ${deferred})`],
       ],
     );
-    assert.equal(message(relay, id).last_error, 'gave up: the maximum number of attempts was used without a result');
+    // the message's names the recipient and its last reply, as a give-up after an attempt does
+    assert.equal(
+      message(relay, id).last_error,
+      `b@example.com: gave up: the maximum number of attempts was used without a result (last reply: ${deferred})`,
+    );
   });
 
   test('the running engine exports and logs mail that ran out of attempts at its claim', async () => {
