@@ -57,7 +57,7 @@ export interface DeliveryDeps {
 export interface DeliveryHealth extends UpstreamRecord {
   /** "host:port" of the smart host, or "local". */
   upstream: string;
-  /** Attempts between claim and commit of their outcome. */
+  /** Attempts between claim and commit of their outcome (read by the tests; /health does not show it). */
   inFlight: number;
 }
 

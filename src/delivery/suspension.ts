@@ -55,7 +55,7 @@ export class UpstreamSuspension {
     private readonly clock: Clock,
     private readonly log: Logger,
     /** When an operator last made mail due, the clock's ms (lastDeliveryRequest: the admin API, `relayq retry`). */
-    private readonly requested: () => number = () => 0,
+    private readonly requested: () => number,
   ) {
     this.upstream = reach.label;
   }

@@ -596,8 +596,9 @@ export class SmtpUpstream {
   }
 
   /**
-   * Says QUIT on the idle connections and waits (at most QUIT_WAIT_MS) for them to end; in-flight
-   * transactions were aborted by their signals first.
+   * Says QUIT on the idle connections and waits for them to end (QUIT_WAIT_MS for the RSETs being
+   * answered, then QUIT_WAIT_MS for each QUIT); in-flight transactions were aborted by their
+   * signals first.
    */
   async close(): Promise<void> {
     this.closed = true;

@@ -178,11 +178,6 @@ function smtpServerLogger(log: Logger, intakeLog: Logger, secrets: readonly stri
 
 /** How many of a session's refusals and stored messages its closing log line lists (it counts all of them). */
 const MAX_LISTED = 10;
-
-/** The first MAX_LISTED of a message's recipients, for its log line (which counts them all in `rcpts`). */
-function listed(recipients: string[]): string[] {
-  return recipients.length <= MAX_LISTED ? recipients : recipients.slice(0, MAX_LISTED);
-}
 const AUTH_FAILURE_DELAY_MS = 250;
 const AUTH_FAILURE_MAX_DELAY_MS = 5000;
 
@@ -679,7 +674,7 @@ export class SmtpIntake {
             event: 'smtp.accepted',
             session: session.id,
             from: mailFrom,
-            to: listed(recipients),
+            to: recipients.slice(0, MAX_LISTED), // `rcpts` counts them all
             rcpts: recipients.length,
             size,
             client: clientIp,

@@ -18,7 +18,7 @@ export interface RequeueFilter {
   since?: number;
 }
 
-/** Messages changed per write by requeueFailedInSteps and flushQueuedInSteps. */
+/** Messages changed per write by requeueFailedInSteps and flushQueuedInSteps, and per step of idSlices (the CLI's delete and retry ID). */
 export const ADMIN_STEP = 500;
 
 /**

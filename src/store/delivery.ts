@@ -303,9 +303,10 @@ const LEASE_LOST_REPLY = 'lease lost before this outcome was recorded, so it was
 
 /**
  * Records the attempt and applies a batch's outcome, fenced by the claim token: zero rows means
- * the lease was lost, and only the attempt is recorded (its reply says so; another claim owns
- * the recipients now). Otherwise updates the batch recipients and moves the message to its next
- * state (back to 'queued' with the lease released, or to a final state).
+ * the lease was lost, and only the attempt (its reply says so; another claim owns the recipients
+ * now) and the upstream's run of failures are recorded. Otherwise updates the batch recipients
+ * and moves the message to its next state (back to 'queued' with the lease released, or to a
+ * final state).
  */
 export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionResult {
   const fenced = prepared(sqlite, 'UPDATE messages SET updated_at = ? WHERE id = ? AND lease_token = ?').run(
