@@ -5,24 +5,26 @@ import { test } from 'node:test';
 import { settleWithin } from '../../src/delivery/settle.js';
 import { withSteppedClock } from '../helpers.js';
 
+/** `work` in `tasks` until it settles, as the engine tracks its attempts. */
+function track(tasks: Set<Promise<unknown>>, work: Promise<unknown>): void {
+  tasks.add(work);
+  void work.finally(() => tasks.delete(work));
+}
+
 test('settleWithin ends after its time even when the wall clock steps back meanwhile', async () => {
   let settled = false;
   const slow = new Promise<void>((resolve) => setTimeout(resolve, 3000)).then(() => {
     settled = true;
   });
-  const tasks = new Set([slow]);
+  // tracked, so that a wait that overran its time ends with the task instead of spinning on it
+  const tasks = new Set<Promise<unknown>>();
+  track(tasks, slow);
   const waiting = settleWithin(tasks, 200);
   // the step comes while the wait is in progress
   await withSteppedClock(-3_600_000, () => waiting);
   assert.equal(settled, false, 'settleWithin waited for the task instead of its 200 ms');
   await slow;
 });
-
-/** `work` in `tasks` until it settles, as the engine tracks its attempts. */
-function track(tasks: Set<Promise<unknown>>, work: Promise<unknown>): void {
-  tasks.add(work);
-  void work.finally(() => tasks.delete(work));
-}
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 

@@ -116,10 +116,8 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(events(log, 'upstream.suspended').length, 1, 'said once, not per attempt');
 
     const later = [await queue(relay), await queue(relay), await queue(relay)];
-    const started = performance.now();
     assert.equal((await relay.delivery.runOnce()).attempts, 3);
-    assert.ok(performance.now() - started < 1000, 'no attempt waited for a greeting');
-    assert.equal(hung.connections(), 2, 'no new connection');
+    assert.equal(hung.connections(), 2, 'no new connection: no attempt waited for a greeting');
     for (const id of later) {
       const [a] = attempts(relay, id);
       assert.equal(a.outcome, 'deferred');

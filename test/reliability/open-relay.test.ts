@@ -184,14 +184,15 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     return answer;
   }
 
-  /** A login followed by `more`, and a hang-up `afterMs` later, without waiting for the answer. */
-  async function guessAndHangUp(password: string, more: string, afterMs: number): Promise<void> {
+  /** A login followed by `more`, and a hang-up (a FIN, or a reset) `afterMs` later, without waiting for the answer. */
+  async function guessAndHangUp(password: string, more: string, afterMs: number, hangUp: 'close' | 'reset' = 'close'): Promise<void> {
     const c = await SmtpClient.connect(relay.smtpPort);
     await c.read();
     await c.send('EHLO guesser.test');
     c.write(`AUTH PLAIN ${plain(USER, password)}\r\n${more}`);
     await new Promise((resolve) => setTimeout(resolve, afterMs));
-    c.close();
+    if (hangUp === 'reset') c.socket.resetAndDestroy();
+    else c.close();
   }
 
   test('a right password whose client hung up before the answer still counts: the next guess is not answered faster', async () => {
@@ -206,6 +207,19 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     // the hung-up right guess is the 3rd attempt on the count, so the next is the 4th, 2 s late
     assert.deepEqual(failures.map((e) => [e.failures, e.replyInMs]), [[1, 0], [2, 500], [4, 2000]]);
     // an answered login clears the count
+    assert.match(await guess(PASSWORD), /^235 /);
+  });
+
+  test('a right password whose client reset the connection before the answer still counts', async () => {
+    const logged = log.entries().length;
+    assert.match(await guess('wrong-1'), /^535 /);
+    assert.match(await guess('wrong-2'), /^535 /);
+    // a reset leaves no FIN to read: the session's close is what tells
+    await guessAndHangUp(PASSWORD, '', 50, 'reset');
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    assert.match(await guess('wrong-3'), /^535 /);
+    const failures = log.entries().slice(logged).filter((e) => e.event === 'smtp.auth_failed' && e.client === '127.0.0.1');
+    assert.deepEqual(failures.map((e) => [e.failures, e.replyInMs]), [[1, 0], [2, 500], [4, 2000]]);
     assert.match(await guess(PASSWORD), /^235 /);
   });
 
