@@ -103,10 +103,21 @@ program
 function operatorCommand(name: string, description: string): Command {
   const cmd = withGlobalOptions(program.command(name).description(description));
   for (const { path, type } of CONFIG_KEYS) {
+    if (path === 'databasePath' || path === 'emailsDir') continue;
     // a boolean alone is true, as serve takes it: `--forwardSMTP --forwardHost h`
-    if (path !== 'databasePath' && path !== 'emailsDir') cmd.addOption(new Option(`--${path} ${type === 'bool' ? '[value]' : '<value>'}`).hideHelp());
+    if (type === 'bool') cmd.addOption(new Option(`--${path} [value]`).hideHelp().argParser(booleanWord));
+    else cmd.addOption(new Option(`--${path} <value>`).hideHelp());
   }
   return cmd;
+}
+
+/**
+ * A boolean flag's value: commander takes the word after it, so `retry --security.logAllEmails ID`
+ * would read the id as the flag's value, and then find no id.
+ */
+function booleanWord(value: string): string {
+  if (/^(true|false|1|0|yes|no)$/i.test(value.trim())) return value;
+  throw new InvalidArgumentError(`must be true/false/1/0/yes/no, got ${JSON.stringify(value)} (alone, a boolean flag goes after the other arguments, or give it as --key=true)`);
 }
 
 /**

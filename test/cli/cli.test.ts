@@ -427,6 +427,14 @@ describe('relayq CLI on the database of a running relay', () => {
       const r = await runCli(['status', '--databasePath', file, ...flags]);
       assert.equal(r.code, 0, `${flags.join(' ')}: ${r.stderr}`);
     }
+    // the word after a boolean flag is its value, so an id there is refused as one, not read as
+    // the flag's value (and then "give one or more message ids")
+    const swallowed = await runCli(['retry', '--databasePath', file, '--security.logAllEmails', '1A2B3C4D5E6F7A8B9C0D']);
+    assert.equal(swallowed.code, 1);
+    assertOneLineError(
+      swallowed,
+      /^relayq: option '--security\.logAllEmails \[value\]' argument '1A2B3C4D5E6F7A8B9C0D' is invalid\. must be true\/false\/1\/0\/yes\/no, got "1A2B3C4D5E6F7A8B9C0D" \(alone, a boolean flag goes after the other arguments, or give it as --key=true\)$/,
+    );
   });
 
   test("a mistyped relayq environment variable gets a warning on stderr, and the command reads what it would without it", async () => {
