@@ -401,7 +401,7 @@ export function verifiesCertificates(settings: Pick<UpstreamSettings, 'secure' |
 
 /**
  * Opportunistic TLS (Postfix's `may`): a retry whose STARTTLS fails, refused or in its handshake,
- * goes on in plain text, as it would if a man in the middle had stripped the offer. Not where TLS
+ * goes on in plain text, as it would if a man in the middle had stripped the offer (connect). Not where TLS
  * is required (forwardSSL, forwardRequireTLS), nor with credentials, which do not follow a failed
  * STARTTLS into plain text.
  */
@@ -485,6 +485,11 @@ export class SmtpUpstream {
    * opened after a failed handshake (no STARTTLS).
    */
   private readonly fallback: { retry: SMTPConnection.Options; plain: SMTPConnection.Options } | undefined;
+  /**
+   * Connections in plain text after a failed STARTTLS: each serves the retry it was opened for and
+   * then says QUIT, so that no other mail's first attempt goes out on it without trying STARTTLS.
+   */
+  private readonly plainFallbacks = new WeakSet<SMTPConnection>();
   private readonly auth: SMTPConnection.Credentials | undefined;
   private readonly requireTls: boolean;
   private readonly peerAddress: (socketAddress: string) => string;
@@ -565,15 +570,16 @@ export class SmtpUpstream {
     const rcpts = addresses.map(normalizeForEnvelope);
     // 8-bit bytes in the message: BODY=8BITMIME when the upstream offers it
     const envelope: Envelope = { from: normalizeForEnvelope(claim.mailFrom), to: rcpts, size: claim.raw.length, use8BitMime: !isAsciiBytes(claim.raw) };
-    // a retry (an earlier attempt of the batch failed) may go on in plain text after a failed STARTTLS
-    const retry = claim.recipients.some((r) => r.attempts > 1);
-    const result = await this.sendTo(envelope, claim.raw, signal, retry);
+    // a retry (the batch had an attempt before, whatever its outcome) may go on in plain text
+    // after a failed STARTTLS
+    const retryOf = claim.recipients.some((r) => r.attempts > 1) ? claim.messageId : undefined;
+    const result = await this.sendTo(envelope, claim.raw, signal, retryOf);
     // The recipients over the upstream's limit per transaction go at once in another one, as long
     // as each delivers to some (RFC 5321 §4.5.3.1.10); they are not held back for a retry.
     let again = overLimit(result.recipients);
     while (again.length > 0 && !signal.aborted) {
       await beforeNext?.(result);
-      const next = await this.sendTo({ ...envelope, to: again.map((i) => rcpts[i]) }, claim.raw, signal, retry);
+      const next = await this.sendTo({ ...envelope, to: again.map((i) => rcpts[i]) }, claim.raw, signal, retryOf);
       again.forEach((i, k) => {
         result.recipients[i] = next.recipients[k];
       });
@@ -586,9 +592,9 @@ export class SmtpUpstream {
   }
 
   /** One transaction; never throws. */
-  private async sendTo(envelope: Envelope, raw: Uint8Array, signal: AbortSignal, retry: boolean): Promise<BatchResult> {
+  private async sendTo(envelope: Envelope, raw: Uint8Array, signal: AbortSignal, retryOf: string | undefined): Promise<BatchResult> {
     try {
-      const info = await this.transaction(envelope, raw, signal, retry);
+      const info = await this.transaction(envelope, raw, signal, retryOf);
       return resultFromNodemailer(this.label, envelope.to, { info });
     } catch (error) {
       return resultFromNodemailer(this.label, envelope.to, { error });
@@ -614,7 +620,7 @@ export class SmtpUpstream {
    * the upstream had closed meanwhile (its idle timeout) fails before a byte of the message was
    * sent; the transaction then runs once more, on another connection.
    */
-  private async transaction(envelope: Envelope, raw: Uint8Array, signal: AbortSignal, retry: boolean): Promise<SendInfo> {
+  private async transaction(envelope: Envelope, raw: Uint8Array, signal: AbortSignal, retryOf: string | undefined): Promise<SendInfo> {
     for (;;) {
       const reused = await this.idleConnection(signal);
       if (!reused) break;
@@ -627,7 +633,7 @@ export class SmtpUpstream {
     }
     // the place idleConnection kept for it becomes the connection, in one step (connect counts it)
     this.connecting--;
-    return this.sendOn(await this.connect(signal, retry), envelope, raw, signal);
+    return this.sendOn(await this.connect(signal, retryOf), envelope, raw, signal);
   }
 
   /**
@@ -743,17 +749,17 @@ export class SmtpUpstream {
 
   /**
    * A new connection, greeted, secured (STARTTLS when offered) and logged in when configured. A
-   * failed STARTTLS defers a first attempt; a retry goes on in plain text where that is allowed
-   * (fallsBackToPlain): after a refused STARTTLS on the same connection, after a failed handshake
-   * on a new one. So does Postfix at its `may` level: it defers the mail at first, and falls back
-   * to plain text when STARTTLS fails again at the next attempt.
+   * failed STARTTLS defers a first attempt; a retry (of the message `retryOf`) goes on in plain
+   * text where that is allowed (fallsBackToPlain): after a refused STARTTLS on the same connection,
+   * after a failed handshake on a new one. So does Postfix at its `may` level: it defers the mail
+   * at first, and falls back to plain text when STARTTLS fails again once the mail has waited.
    */
-  private connect(signal: AbortSignal, retry: boolean): Promise<SMTPConnection> {
-    const fallback = retry ? this.fallback : undefined;
-    const setUp = this.openConnection(signal, fallback?.retry ?? this.options).catch((err: UpstreamError & { inHandshake?: boolean }) => {
+  private connect(signal: AbortSignal, retryOf: string | undefined): Promise<SMTPConnection> {
+    const fallback = retryOf === undefined ? undefined : this.fallback;
+    const setUp = this.openConnection(signal, fallback?.retry ?? this.options, retryOf).catch((err: UpstreamError & { inHandshake?: boolean }) => {
       if (!err.inHandshake || !fallback || signal.aborted) throw err;
-      this.noteTlsFailed(classifyUpstreamError(err).reply);
-      return this.openConnection(signal, fallback.plain);
+      this.noteTlsFailed(classifyUpstreamError(err).reply, retryOf);
+      return this.openConnection(signal, fallback.plain, retryOf);
     });
     this.settingUp.add(setUp);
     const done = () => this.settingUp.delete(setUp);
@@ -761,9 +767,10 @@ export class SmtpUpstream {
     return setUp;
   }
 
-  private openConnection(signal: AbortSignal, options: SMTPConnection.Options): Promise<SMTPConnection> {
+  private openConnection(signal: AbortSignal, options: SMTPConnection.Options, retryOf: string | undefined): Promise<SMTPConnection> {
     return new Promise((resolve, reject) => {
       const connection = new SMTPConnection(options);
+      if (options === this.fallback?.plain) this.plainFallbacks.add(connection);
       this.openedAt.set(connection, this.now());
       this.open.add(connection);
       hookSendStream(connection);
@@ -771,7 +778,12 @@ export class SmtpUpstream {
       requireHelloReply(connection);
       readRepliesBeforeClose(connection);
       // nodemailer goes on in plain text after a refused STARTTLS (opportunisticTLS)
-      if (options.opportunisticTLS) onStartTlsRefused(connection, (reply) => this.noteTlsFailed(reply));
+      if (options.opportunisticTLS) {
+        onStartTlsRefused(connection, (reply) => {
+          this.plainFallbacks.add(connection);
+          this.noteTlsFailed(reply, retryOf);
+        });
+      }
       let settled = false;
       const settle = (err?: Error) => {
         if (settled) return;
@@ -827,11 +839,11 @@ export class SmtpUpstream {
     });
   }
 
-  /** A retry's STARTTLS failed, and the connection goes on in plain text (connect). */
-  private noteTlsFailed(err: string): void {
+  /** A retry's STARTTLS failed: it is tried in plain text (connect), on that connection or a new one. */
+  private noteTlsFailed(err: string, queueId: string | undefined): void {
     this.log.warn(
-      { event: 'upstream.tls_failed', upstream: this.label, err },
-      'STARTTLS with the upstream failed again: this retry goes on in plain text, as opportunistic TLS does (forwardRequireTLS would defer it)',
+      { event: 'upstream.tls_failed', upstream: this.label, queueId, err },
+      'STARTTLS with the upstream failed at a retry: it is tried in plain text, as opportunistic TLS does (forwardRequireTLS would defer it)',
     );
   }
 
@@ -868,7 +880,7 @@ export class SmtpUpstream {
   private release(connection: SMTPConnection): void {
     if (connection.destroyed) {
       connection.close();
-    } else if (this.closed || this.pastReuseLimit(connection)) {
+    } else if (this.closed || this.pastReuseLimit(connection) || this.plainFallbacks.has(connection)) {
       this.quit(connection);
     } else {
       this.idle.push(connection);

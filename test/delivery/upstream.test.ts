@@ -320,8 +320,8 @@ describe('upstream connection: TLS and AUTH', () => {
         mode,
       );
       assert.deepEqual(
-        log.entries().filter((e) => e.event === 'upstream.tls_failed').map((e) => [e.level, e.err]),
-        [[40, mode === 'handshake' ? HANDSHAKE_FAILED : '454 4.7.0 TLS not available']],
+        log.entries().filter((e) => e.event === 'upstream.tls_failed').map((e) => [e.level, e.queueId, e.err]),
+        [[40, id, mode === 'handshake' ? HANDSHAKE_FAILED : '454 4.7.0 TLS not available']],
         mode,
       );
       assert.deepEqual(
@@ -332,6 +332,12 @@ describe('upstream connection: TLS and AUTH', () => {
         ],
         mode,
       );
+      // the plain connection served that retry alone: the first attempt of the next message
+      // tries STARTTLS on a connection of its own, and is deferred
+      const next = queuedId((await sendMail(relay.smtpPort, { to: ['b@example.com'] })).response);
+      await relay.delivery.runOnce();
+      assert.equal(message(relay, next).state, 'queued', mode);
+      assert.deepEqual(upstream.sessions.at(-1), { startTls: true, delivered: 0 }, mode);
     }
   });
 
