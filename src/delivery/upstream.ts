@@ -401,9 +401,9 @@ export function verifiesCertificates(settings: Pick<UpstreamSettings, 'secure' |
 
 /**
  * Opportunistic TLS (Postfix's `may`): a retry whose STARTTLS fails, refused or in its handshake,
- * goes on in plain text, as it would if a man in the middle had stripped the offer (connect). Not where TLS
- * is required (forwardSSL, forwardRequireTLS), nor with credentials, which do not follow a failed
- * STARTTLS into plain text.
+ * goes on in plain text (connect), as it would if a man in the middle had stripped the offer. Not
+ * where TLS is required (forwardSSL, forwardRequireTLS), nor with credentials, which do not follow
+ * a failed STARTTLS into plain text.
  */
 function fallsBackToPlain(settings: Pick<UpstreamSettings, 'secure' | 'requireTls' | 'username'>): boolean {
   return !verifiesCertificates(settings) && !settings.username;
