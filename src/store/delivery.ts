@@ -181,7 +181,7 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
       const reason = gaveUpReason(sqlite, id, r, maxAttempts);
       const reply = r.last_reply ? `${reason} (last reply: ${r.last_reply})` : reason;
       // the message's last error names the recipient, as an attempt's give-up does (planCompletion)
-      gaveUp = `${r.address}: ${reply}`;
+      gaveUp = r.last_reply ? `${r.address}: ${reason}; last reply: ${r.last_reply}` : `${r.address}: ${reason}`;
       prepared(
         sqlite,
         `UPDATE recipients SET status = 'failed', temporary = 1, last_reply = ?, updated_at = ?

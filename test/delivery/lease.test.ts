@@ -294,7 +294,7 @@ describe('claims and leases', () => {
     // the message's names the recipient and its last reply, as a give-up after an attempt does
     assert.equal(
       message(relay, id).last_error,
-      `b@example.com: gave up: the maximum number of attempts was used without a result (last reply: ${deferred})`,
+      `b@example.com: gave up: the maximum number of attempts was used without a result; last reply: ${deferred}`,
     );
   });
 
