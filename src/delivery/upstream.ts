@@ -235,6 +235,8 @@ type UpstreamError = SMTPConnection.SMTPError & {
   settingFault?: boolean;
   /** No session could be set up, and no reply told why (see unreachable). */
   unreachable?: boolean;
+  /** The connection failed in its STARTTLS handshake (see connect). */
+  inHandshake?: boolean;
 };
 /** What nodemailer's SMTPConnection records of the current transaction's RCPT replies. */
 type EnvelopeState = { accepted?: string[]; rejectedErrors?: SMTPConnection.SMTPError[] };
@@ -756,7 +758,7 @@ export class SmtpUpstream {
    */
   private connect(signal: AbortSignal, retryOf: string | undefined): Promise<SMTPConnection> {
     const fallback = retryOf === undefined ? undefined : this.fallback;
-    const setUp = this.openConnection(signal, fallback?.retry ?? this.options, retryOf).catch((err: UpstreamError & { inHandshake?: boolean }) => {
+    const setUp = this.openConnection(signal, fallback?.retry ?? this.options, retryOf).catch((err: UpstreamError) => {
       if (!err.inHandshake || !fallback || signal.aborted) throw err;
       this.noteTlsFailed(classifyUpstreamError(err).reply, retryOf);
       return this.openConnection(signal, fallback.plain, retryOf);
