@@ -45,9 +45,12 @@ export function clientFilter(policy: ClientPolicy): (address: string | undefined
 
 /**
  * "10.0.0.0/8" → parts, or undefined when malformed. `network` is the address with its host bits
- * cleared (what the entry admits), `hostBits` whether the address had any set (`10.0.0.1/8`).
+ * cleared (what the entry admits), `first` the same as a number, `hostBits` whether the address
+ * had any set (`10.0.0.1/8`).
  */
-export function parseCidr(cidr: string): { address: string; bits: number; family: 4 | 6; network: string; hostBits: boolean } | undefined {
+export function parseCidr(
+  cidr: string,
+): { address: string; bits: number; family: 4 | 6; network: string; first: bigint; hostBits: boolean } | undefined {
   const [address, bitsText, extra] = cidr.split('/');
   if (extra !== undefined) return undefined;
   const family = net.isIP(address);
@@ -63,7 +66,7 @@ export function parseCidr(cidr: string): { address: string; bits: number; family
   const maskedGroups = groups.map((_, i) => Number((masked >> (groupBits * BigInt(groups.length - 1 - i))) & ((1n << groupBits) - 1n)));
   const network =
     family === 4 ? maskedGroups.join('.') : new net.SocketAddress({ address: maskedGroups.map((g) => g.toString(16)).join(':'), family: 'ipv6' }).address;
-  return { address, bits, family: family as 4 | 6, network, hostBits: (value & hostMask) !== 0n };
+  return { address, bits, family: family as 4 | 6, network, first: masked, hostBits: (value & hostMask) !== 0n };
 }
 
 /** The eight 16-bit groups of an IPv6 address ("::1", "::ffff:1.2.3.4", "fe80::1%eth0"). */

@@ -548,16 +548,15 @@ function checkAccessPolicy(c: Config, fail: (key: string, involved: string[], me
         'set tls.cert and tls.key, or security.requireAuth=false with security.allowedNetworks',
     );
   }
-  // a list that lets in every address (0.0.0.0/0, ::/0, two halves, ::ffff:0:0/96, 2000::/3) is
-  // as good as none: one that admits addresses from all four quarters of IPv4, of IPv6 or of its
-  // routed part is taken for that
-  const anyClient = c.security.allowedNetworks.length === 0 || SPREAD_ADDRESSES.some((quarters) => quarters.every(admits));
+  // a list that lets in every address (0.0.0.0/0, ::/0, two halves, ::ffff:0:0/96, 2000::/3), or
+  // a large part of them, is as good as none
+  const anyClient = c.security.allowedNetworks.length === 0 || admitsQuarter(c.security.allowedNetworks);
   if (!c.security.requireAuth && !c.security.allowLocalOnly && anyClient) {
     fail(
       'security.allowedNetworks',
       ['security.requireAuth', 'security.allowLocalOnly', 'security.allowedNetworks'],
-      'security.requireAuth=false with security.allowLocalOnly=false and security.allowedNetworks empty or open to every address ' +
-        'would be an open relay; list the networks that may send, or turn security.requireAuth on',
+      'security.requireAuth=false with security.allowLocalOnly=false and security.allowedNetworks empty or open to a quarter or more ' +
+        'of the IPv4 addresses or of the routed IPv6 ones (2000::/3) would be an open relay; list the networks that may send, or turn security.requireAuth on',
     );
   }
   if (c.security.allowLocalOnly && c.security.allowedNetworks.length > 0) {
@@ -571,12 +570,47 @@ function checkAccessPolicy(c: Config, fail: (key: string, involved: string[], me
 }
 
 const EVERY_INTERFACE = new Set(['0.0.0.0', '::']);
-/** One address from each quarter of the IPv4 space, of the IPv6 space, and of its routed part (2000::/3). */
-const SPREAD_ADDRESSES = [
-  ['1.0.0.1', '64.0.0.1', '128.0.0.1', '192.0.0.1'],
-  ['1::1', '4000::1', '8000::1', 'c000::1'],
-  ['2000::1', '2800::1', '3000::1', '3800::1'],
+
+/** The IPv4 addresses (as IPv6 writes them, ::ffff:0:0/96) and the routed IPv6 ones (2000::/3). */
+const ADDRESS_SPACES = [
+  { first: 0xffff_0000_0000n, size: 1n << 32n },
+  { first: 0x2n << 124n, size: 1n << 125n },
 ];
+
+interface Block {
+  first: bigint;
+  size: bigint;
+}
+
+/**
+ * Whether the networks together admit a quarter or more of the IPv4 addresses or of the routed
+ * IPv6 ones: however a large network is cut into small ones, its pieces add up. A private network
+ * (10.0.0.0/8 is a 256th of IPv4) is far below.
+ */
+function admitsQuarter(cidrs: readonly string[]): boolean {
+  const blocks = cidrs.flatMap((cidr): Block[] => {
+    const parsed = parseCidr(cidr);
+    if (!parsed) return [];
+    // an IPv4 network as the IPv4-mapped IPv6 one, which admits the same clients
+    if (parsed.family === 4) return [{ first: 0xffff_0000_0000n + parsed.first, size: 1n << BigInt(32 - parsed.bits) }];
+    return [{ first: parsed.first, size: 1n << BigInt(128 - parsed.bits) }];
+  });
+  const within = (inner: Block, outer: Block) => outer.first <= inner.first && inner.first + inner.size <= outer.first + outer.size;
+  return ADDRESS_SPACES.some((space) => {
+    if (blocks.some((b) => within(space, b))) return true;
+    // Two networks are either apart or one inside the other: in the order of their first
+    // address, the larger first, a network that starts inside the one before is inside it.
+    const inside = blocks.filter((b) => within(b, space)).sort((a, b) => (a.first === b.first ? (a.size > b.size ? -1 : 1) : a.first < b.first ? -1 : 1));
+    let admitted = 0n;
+    let end = space.first;
+    for (const b of inside) {
+      if (b.first < end) continue;
+      admitted += b.size;
+      end = b.first + b.size;
+    }
+    return admitted * 4n >= space.size;
+  });
+}
 
 /**
  * Whether connecting to `host` reaches a listener on `listenHost` (the same port assumed): the

@@ -332,11 +332,21 @@ describe('loadConfig', () => {
     if (unused.ok) return;
     assert.deepEqual(unused.errors.map((e) => `${e.source}:${e.key}`), ['env:security.allowedNetworks']);
     assert.match(unused.errors[0].message, /applies only with security\.allowLocalOnly=false .*\[security\.allowLocalOnly by default, security\.allowedNetworks from env SECURITY_ALLOWED_NETWORKS\]$/);
-    for (const everyone of ['0.0.0.0/0', '10.0.0.0/8, ::/0', '0.0.0.0/1,128.0.0.0/1', '::ffff:0.0.0.0/96', '2000::/3']) {
+    // the networks' ranges merged: a quarter of IPv4 or of 2000::/3, however it is cut up, is too much
+    const quarterInPieces = ['64.0.0.0/8', '1.0.0.0/8', '2.0.0.0/7', '4.0.0.0/6', '8.0.0.0/5', '16.0.0.0/4', '32.0.0.0/3'];
+    const everyOne = ['0.0.0.0/0', '10.0.0.0/8, ::/0', '0.0.0.0/1,128.0.0.0/1', '::ffff:0.0.0.0/96', '2000::/3', '0.0.0.0/2', '2000::/5'];
+    for (const everyone of [...everyOne, quarterInPieces.join(','), '::ffff:64.0.0.0/98', '2400::/6,2800::/6', '2000::/6,2000::/7,2400::/6']) {
       const open = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_REQUIRE_AUTH: 'false', SECURITY_ALLOWED_NETWORKS: everyone });
       assert.equal(open.ok, false, everyone);
       if (open.ok) return;
       assert.match(open.errors[0].message, /would be an open relay/);
+    }
+    // below a quarter: the private networks (half a percent of IPv4 in all, though they reach all
+    // four quarters of it), a piece short of one, the same network listed twice, the rest of IPv6
+    const below = ['10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fc00::/7', quarterInPieces.slice(1).join(','), '0.0.0.0/3,0.0.0.0/3', '4000::/2,fe80::/10'];
+    for (const some of below) {
+      const r = loadConfig([], { SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_REQUIRE_AUTH: 'false', SECURITY_ALLOWED_NETWORKS: some });
+      assert.ok(r.ok, `${some}: ${JSON.stringify(!r.ok && r.errors)}`);
     }
   });
 
