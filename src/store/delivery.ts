@@ -179,8 +179,9 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     // time still runs out of attempts instead of looping forever.
     if (r.attempts >= maxAttempts) {
       const reason = gaveUpReason(sqlite, id, r, maxAttempts);
-      const reply = r.last_reply ? `${reason} (last reply: ${r.last_reply})` : reason;
-      // the message's last error names the recipient, as an attempt's give-up does (planCompletion)
+      // the recipient's reply and the message's last error (naming the recipient) as an attempt's
+      // give-up writes them (planCompletion): the reply first, so that its codes lead
+      const reply = r.last_reply ? `${r.last_reply} (${reason})` : reason;
       gaveUp = r.last_reply ? `${r.address}: ${reason}; last reply: ${r.last_reply}` : `${r.address}: ${reason}`;
       prepared(
         sqlite,

@@ -287,8 +287,8 @@ describe('claims and leases', () => {
     assert.deepEqual(
       recipients(relay, id).map((r) => [r.address, r.status, r.last_reply]),
       [
-        ['a@example.com', 'failed', `gave up: retry.maxAttempts is 3, and it has had 3 attempts (last reply: ${deferred})`],
-        ['b@example.com', 'failed', `gave up: the maximum number of attempts was used without a result (last reply: ${deferred})`],
+        ['a@example.com', 'failed', `${deferred} (gave up: retry.maxAttempts is 3, and it has had 3 attempts)`],
+        ['b@example.com', 'failed', `${deferred} (gave up: the maximum number of attempts was used without a result)`],
       ],
     );
     // the message's names the recipient and its last reply, as a give-up after an attempt does
