@@ -191,7 +191,8 @@ export class RetentionSweeper {
     if (step.next === null && this.erasedContent > 0) {
       this.options.logger.info(
         { event: 'retention.content_erased', messages: this.erasedContent },
-        'content of mail delivered while security.logAllEmails was true erased',
+        'content of mail delivered while security.logAllEmails was true erased; copies SQLite left in the unused space of its pages ' +
+          'stay until written over: VACUUM the database file while relayq is stopped to remove them',
       );
     }
   }
