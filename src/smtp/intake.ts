@@ -192,6 +192,8 @@ export class SmtpIntake {
   private readonly commitsInFlight = new Set<Promise<void>>();
   private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
   private readonly authFailures = new Map<string, { count: number; at: number }>();
+  /** Per client (authClientKey), the logins whose slowed answers are being held back now. */
+  private readonly authWaiting = new Map<string, number>();
   private readonly allowed: (ip: string | undefined) => boolean;
   /** Loopback clients may send without AUTH when requireAuth is on but no credentials are set. */
   private readonly credentialsConfigured: boolean;
@@ -424,6 +426,22 @@ export class SmtpIntake {
     const user = this.loggedUser(auth.username);
     if (ok && failed === 0) return cb(null, { user });
     const replyInMs = failed > 0 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** failed, AUTH_FAILURE_MAX_DELAY_MS) : 0;
+    // Each held-back answer waits on its own connection: a guesser with many connections would get
+    // as many answers per delay. A login beyond MAX_AUTH_WAITING answers being held back for its
+    // address is told to come back later (RFC 4954's temporary failure), whatever its credentials,
+    // and is not counted; as late as a failure would be, so that it is no quicker to try again.
+    const waiting = this.authWaiting.get(client) ?? 0;
+    if (waiting >= MAX_AUTH_WAITING) {
+      this.deps.logger.warn({ event: 'smtp.auth_busy', session: session.id, client: ip, user, waiting, replyInMs }, 'login refused: too many logins from this address waiting for their answer');
+      setTimeout(() => cb(reply(454, '4.7.0 Too many logins from this address at once, try again later')), replyInMs).unref();
+      return;
+    }
+    this.authWaiting.set(client, waiting + 1);
+    const answered = () => {
+      const left = (this.authWaiting.get(client) ?? 1) - 1;
+      if (left > 0) this.authWaiting.set(client, left);
+      else this.authWaiting.delete(client);
+    };
     // Counted as a failure until its answer is given: a guesser that hung up must not learn from
     // how fast its next guess is answered that this one was right. Re-inserted, so that the Map's
     // order is the order of the last failures: at the limit the client that failed longest ago is
@@ -434,6 +452,7 @@ export class SmtpIntake {
     if (ok) {
       this.deps.logger.warn({ event: 'smtp.auth_slowed', session: session.id, client: ip, user, failures: failed, replyInMs }, 'right login after failures from this address: answered late');
       setTimeout(() => {
+        answered();
         if (this.state(session).closed) return;
         // A client that sent its FIN or more input before the slowed answer may have hung up
         // and never read it: the login is answered and still counts as a failure.
@@ -443,7 +462,10 @@ export class SmtpIntake {
       return;
     }
     this.deps.logger.warn({ event: 'smtp.auth_failed', session: session.id, client: ip, user, failures: failed + 1, replyInMs }, 'authentication failed');
-    setTimeout(() => cb(reply(535, '5.7.8 Authentication credentials invalid')), replyInMs).unref();
+    setTimeout(() => {
+      answered();
+      cb(reply(535, '5.7.8 Authentication credentials invalid'));
+    }, replyInMs).unref();
   }
 
   /** A user name as logged and stored: one that is the password too (a token used as both) is not written out. */
@@ -717,6 +739,8 @@ export class SmtpIntake {
 
 /** Clients whose failed logins are remembered (for the slow-down); the oldest go first. */
 const MAX_AUTH_CLIENTS = 10_000;
+/** Slowed answers held back at once for one client (authClientKey): at most 2 guesses a second at the 5 s delay. */
+const MAX_AUTH_WAITING = 10;
 
 /**
  * Whose failed logins count together: every loopback address is one client (any local user can

@@ -259,6 +259,41 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     }
   });
 
+  test('at most 10 slowed answers are held back for one address: a login beyond them gets 454 4.7.0, whatever its password', async () => {
+    const logged = log.entries().length;
+    assert.match(await guess('wrong-0'), /^535 /);
+    const clients = await Promise.all(
+      Array.from({ length: 11 }, async () => {
+        const c = await SmtpClient.connect(relay.smtpPort);
+        await c.read();
+        await c.send('EHLO guessers.test');
+        return c;
+      }),
+    );
+    try {
+      // answered after 0.5 to 5 s
+      const held = (c: SmtpClient, password: string) => {
+        c.write(`AUTH PLAIN ${plain(USER, password)}\r\n`);
+        return c.read(20_000);
+      };
+      const guesses = Promise.all(clients.slice(0, 10).map((c, i) => held(c, `wrong-${i + 1}`)));
+      const failed = () => log.entries().slice(logged).filter((e) => e.event === 'smtp.auth_failed');
+      await waitFor(() => failed().length === 11, 10_000, 'ten guesses held back');
+      // the right password, while ten answers are held back: refused without being looked at (and
+      // as late as a failure, 5 s)
+      assert.match(await held(clients[10], PASSWORD), /^454 4\.7\.0 Too many logins from this address at once/);
+      for (const answer of await guesses) assert.match(answer, /^535 5\.7\.8 /);
+      assert.deepEqual(failed().map((e) => e.failures), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+      const busy = log.entries().slice(logged).filter((e) => e.event === 'smtp.auth_busy');
+      assert.deepEqual(busy.map((e) => [e.client, e.user, e.waiting, e.replyInMs]), [['127.0.0.1', USER, 10, 5000]]);
+      assert.deepEqual(log.entries().slice(logged).filter((e) => e.event === 'smtp.auth_slowed'), []);
+      // the answers given, a login is held back again, not refused (and the right one clears the count)
+      assert.match(await held(clients[10], PASSWORD), /^235 /);
+    } finally {
+      for (const c of clients) c.close();
+    }
+  });
+
   test("one address's failures do not slow down another address", { skip: certificate ? false : 'openssl not available' }, async () => {
     const guesser = await listenAsPeer(relay, '203.0.113.77');
     const bystander = await listenAsPeer(relay, '203.0.113.78');
