@@ -174,6 +174,18 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     await assertStillServing(relay, { auth: AUTH });
   });
 
+  /** `count` connections at once, each past its EHLO. */
+  function sessions(count: number, name: string): Promise<SmtpClient[]> {
+    return Promise.all(
+      Array.from({ length: count }, async () => {
+        const c = await SmtpClient.connect(relay.smtpPort);
+        await c.read();
+        await c.send(`EHLO ${name}`);
+        return c;
+      }),
+    );
+  }
+
   /** A login on a new connection: its answer, then the connection closes. */
   async function guess(password: string): Promise<string> {
     const c = await SmtpClient.connect(relay.smtpPort);
@@ -238,14 +250,7 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
   });
 
   test('right logins that arrive together, with no failure before them, are all answered at once: a connection pool is not slowed down', async () => {
-    const clients = await Promise.all(
-      Array.from({ length: 6 }, async () => {
-        const c = await SmtpClient.connect(relay.smtpPort);
-        await c.read();
-        await c.send('EHLO pool.test');
-        return c;
-      }),
-    );
+    const clients = await sessions(6, 'pool.test');
     const logged = log.entries().length;
     try {
       const logins = await Promise.all(clients.map((c) => c.send(`AUTH PLAIN ${plain(USER, PASSWORD)}`)));
@@ -262,14 +267,7 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
   test('at most 10 slowed answers are held back for one address: a login beyond them gets 454 4.7.0, whatever its password', async () => {
     const logged = log.entries().length;
     assert.match(await guess('wrong-0'), /^535 /);
-    const clients = await Promise.all(
-      Array.from({ length: 11 }, async () => {
-        const c = await SmtpClient.connect(relay.smtpPort);
-        await c.read();
-        await c.send('EHLO guessers.test');
-        return c;
-      }),
-    );
+    const clients = await sessions(11, 'guessers.test');
     try {
       // answered after 0.5 to 5 s
       const held = (c: SmtpClient, password: string) => {
