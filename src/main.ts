@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import { hostPort } from './access-control.js';
 import { createApp } from './api/app.js';
 import { type ApiServer, startApiServer } from './api/server.js';
-import { type Clock, systemClock } from './clock.js';
+import { type Clock, isoTime, systemClock } from './clock.js';
 import { asGiven, redactConfig } from './config/load.js';
 import type { Config } from './config/schema.js';
 import { EMAILS_DIR_MODE } from './delivery/atomic-file.js';
@@ -24,9 +24,13 @@ import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
 import { openStore, realDatabasePath, type Store, type WalKept } from './store/db.js';
 import { DiskSpace } from './store/disk.js';
 import { lockDatabase } from './store/maintenance.js';
+import { newestRecordedTime } from './store/queries.js';
 import { RetentionSweeper } from './store/retention.js';
 import { StoreWriter } from './store/writer.js';
 import { VERSION } from './version.js';
+
+/** A clock this far behind the newest time in the database at the start is taken for one stepped back. */
+const CLOCK_BEHIND_WARNING_MS = 60_000;
 
 export interface RelayOptions {
   clock?: Clock;
@@ -294,6 +298,16 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
     logger.warn(
       { event: 'relay.disk_low', freeMb: disk.freeMb(), minFreeDiskMb: config.minFreeDiskMb },
       'free disk space is below minFreeDiskMb: new mail is refused with 452 until there is more',
+    );
+  }
+  // Times in the database are wall-clock times: after a step back, mail waiting now waits the
+  // length of the step longer (README, "When the clock steps"); said, not silently waited out.
+  const newest = newestRecordedTime(store.sqlite);
+  if (newest !== null && newest - clock.now() > CLOCK_BEHIND_WARNING_MS) {
+    logger.warn(
+      { event: 'relay.clock_behind', behindSeconds: Math.round((newest - clock.now()) / 1000), newest: isoTime(newest) },
+      'the clock is behind the newest time in the database, as if it was stepped back: any mail waiting now waits that much longer ' +
+        '(relayq retry --queued, or POST /admin/retry-queued, makes it due now)',
     );
   }
 

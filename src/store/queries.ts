@@ -198,6 +198,19 @@ function oldestActiveReceivedAt(sqlite: Sqlite): number | null {
   return times.length ? Math.min(...times) : null;
 }
 
+/**
+ * The newest time the database holds: the last message received, the last attempt started. A
+ * start whose clock is well behind it had its clock stepped back (main.ts says so). Each MAX is
+ * one step into an index (messages_state_received, attempts_started).
+ */
+export function newestRecordedTime(sqlite: Sqlite): number | null {
+  const newest = prepared(sqlite, 'SELECT MAX(received_at) AS t FROM messages WHERE state = ?');
+  const times = (['queued', 'sending', 'delivered', 'failed'] as const).map((state) => (newest.get(state) as { t: number | null }).t);
+  times.push((prepared(sqlite, 'SELECT MAX(started_at) AS t FROM attempts').get() as { t: number | null }).t);
+  const known = times.filter((t): t is number => t !== null);
+  return known.length ? Math.max(...known) : null;
+}
+
 export interface MessageFilter {
   state?: MessageState;
   /** Envelope sender, compared case-insensitively ('' = the null sender). */

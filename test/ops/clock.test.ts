@@ -1,0 +1,29 @@
+// Times in the database are wall-clock times: a start whose clock is well behind the newest of
+// them (a clock stepped back while relayq was down) says so, since mail waiting then waits the
+// length of the step longer.
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { test } from 'node:test';
+import { ManualClock } from '../manual-clock.js';
+import { capturedLog, sendMail, startTestRelay, tempDir } from '../helpers.js';
+
+test('a start with the clock more than a minute behind the newest time in the database warns, relay.clock_behind', async () => {
+  const dir = tempDir();
+  const config = { databasePath: path.join(dir, 'relayq.db'), emailsDir: path.join(dir, 'emails') };
+  const received = Date.parse('2026-06-01T12:00:00Z');
+  /** The relay's start-up warnings of its clock, when started with the clock at `now`. */
+  const startAt = async (now: number, send = false) => {
+    const log = capturedLog('info');
+    const relay = await startTestRelay(config, { clock: new ManualClock(now), startDelivery: false, logger: log.logger });
+    try {
+      if (send) await sendMail(relay.smtpPort, { to: ['a@example.com'] });
+    } finally {
+      await relay.stop();
+    }
+    return log.entries().filter((e) => e.event === 'relay.clock_behind').map((e) => [e.level, e.behindSeconds, e.newest]);
+  };
+  assert.deepEqual(await startAt(received, true), [], 'an empty database');
+  assert.deepEqual(await startAt(received + 3_600_000), [], 'a clock ahead');
+  assert.deepEqual(await startAt(received - 60_000), [], 'a minute behind: not taken for a step');
+  assert.deepEqual(await startAt(received - 86_400_000), [[40, 86_400, '2026-06-01T12:00:00.000Z']]);
+});
