@@ -8,7 +8,7 @@ import { addressKey, decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
 import { type LibraryLogger, libraryLogger } from '../logger.js';
-import { realDatabasePath, type Sqlite } from '../store/db.js';
+import { LOCK_HELD_TOO_LONG, realDatabasePath, type Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import {
   checkRateLimits,
@@ -77,6 +77,12 @@ type Callback = (err?: Error | null) => void;
 
 function reply(code: number, text: string): Error & { responseCode: number } {
   return Object.assign(new Error(text), { responseCode: code });
+}
+
+/** A storage error as logged: SQLite's bare "database is locked" says what held it. */
+function storeError(err: unknown): string {
+  const message = (err as Error).message;
+  return (err as { code?: unknown }).code === 'SQLITE_BUSY' ? `${message}: ${LOCK_HELD_TOO_LONG}` : message;
 }
 
 /** Storage write failed (spec §2): nothing was stored. */
@@ -531,7 +537,7 @@ export class SmtpIntake {
     } catch (err) {
       // the database cannot be read: what storing the message would run into
       this.deps.logger.error(
-        { event: 'smtp.store_failed', session: session.id, client: this.peer(session), sender: address, err: (err as Error).message },
+        { event: 'smtp.store_failed', session: session.id, client: this.peer(session), sender: address, err: storeError(err) },
         'reading the queue size and rate limits failed',
       );
       return notStored();
@@ -624,7 +630,7 @@ export class SmtpIntake {
         .finish()
         .then((received) => this.commitAndAnswer(session, queueId, received, hops.startsFolded, done))
         .catch((err: Error) => {
-          log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: err.message }, 'storing the message failed');
+          log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: storeError(err) }, 'storing the message failed');
           done(notStored());
         });
       s.committing = committing;
@@ -712,7 +718,7 @@ export class SmtpIntake {
       (err: unknown) => {
         // checked at MAIL FROM, but another session's message may have come first
         if (err instanceof PolicyRefusal) return cb(this.policyRefused(session, mailFrom, err.hit, queueId));
-        log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: (err as Error).message }, 'storing the message failed');
+        log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: storeError(err) }, 'storing the message failed');
         cb(notStored());
       },
     );

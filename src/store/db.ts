@@ -44,6 +44,9 @@ export interface OpenOptions {
 /** How long a connection waits for another one's write lock before SQLITE_BUSY. */
 export const BUSY_TIMEOUT_MS = 5000;
 
+/** What SQLITE_BUSY ("database is locked") means on a relay's database, for its errors and log lines. */
+export const LOCK_HELD_TOO_LONG = `another process (a sqlite3 shell inside a transaction, a relayq command) held its write lock for more than ${BUSY_TIMEOUT_MS / 1000} s`;
+
 /**
  * A better-sqlite3 connection with relayq's pragmas; every connection to the file uses this. A
  * database it creates is readable by the relay's user alone (0600, in a directory made 0700 if it

@@ -8,7 +8,7 @@
 import fs from 'node:fs';
 import Database from 'better-sqlite3';
 import { refuseOthersPathsAsRoot } from '../root-guard.js';
-import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, realDatabasePath, refuseForeignWal, refuseHardLinks, type Sqlite } from './db.js';
+import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, LOCK_HELD_TOO_LONG, realDatabasePath, refuseForeignWal, refuseHardLinks, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
@@ -129,7 +129,7 @@ export function requireWritable(sqlite: Sqlite): void {
     // the file can be written, but another connection kept its write lock past the busy timeout
     if ((err as { code?: unknown }).code === 'SQLITE_BUSY') {
       throw new Error(
-        `it is locked: another process (a sqlite3 shell inside a transaction, a relayq command) held its write lock for more than ${BUSY_TIMEOUT_MS / 1000} s; start again once it is done`,
+        `it is locked: ${LOCK_HELD_TOO_LONG}; start again once it is done`,
         { cause: err },
       );
     }

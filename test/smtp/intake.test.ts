@@ -277,6 +277,27 @@ describe('intake log', () => {
     }
   });
 
+  test("a write lock held too long by another process: 451 4.3.0, and smtp.store_failed says what SQLite's 'database is locked' means", async () => {
+    const log = capturedLog();
+    const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });
+    const lock = await holdWriteLock(relay, 50);
+    try {
+      const c = await openSession(relay.smtpPort);
+      assert.match(await c.send('DATA'), /^354 /);
+      assert.match(await c.send('Subject: locked out\r\n\r\nbody\r\n.'), /^451 4\.3\.0 /);
+      c.close();
+      const failed = log.entries().filter((e) => e.event === 'smtp.store_failed');
+      assert.deepEqual(
+        failed.map((e) => e.err),
+        ['database is locked: another process (a sqlite3 shell inside a transaction, a relayq command) held its write lock for more than 5 s'],
+      );
+      assert.equal(messageCount(relay), 0);
+    } finally {
+      await lock.release();
+      await relay.stop();
+    }
+  });
+
   test('smtp.session names the client refused for too many connections, and counts a message stored after its client left', async () => {
     const log = capturedLog();
     const relay = await startTestRelay({ maxConnections: 1 }, { startDelivery: false, startRetention: false, logger: log.logger });
