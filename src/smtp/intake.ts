@@ -200,6 +200,8 @@ export class SmtpIntake {
   private readonly authFailures = new Map<string, { count: number; at: number }>();
   /** Per client (authClientKey), the logins whose slowed answers are being held back now. */
   private readonly authWaiting = new Map<string, number>();
+  /** Per client, the logins waiting their turn while MAX_AUTH_WAITING answers are held back. */
+  private readonly authQueue = new Map<string, Array<{ session: SMTPServerSession; take: () => void }>>();
   private readonly allowed: (ip: string | undefined) => boolean;
   /** Loopback clients may send without AUTH when requireAuth is on but no credentials are set. */
   private readonly credentialsConfigured: boolean;
@@ -433,20 +435,26 @@ export class SmtpIntake {
     if (ok && failed === 0) return cb(null, { user });
     const replyInMs = failed > 0 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** failed, AUTH_FAILURE_MAX_DELAY_MS) : 0;
     // Each held-back answer waits on its own connection: a guesser with many connections would get
-    // as many answers per delay. A login beyond MAX_AUTH_WAITING answers being held back for its
-    // address is told to come back later (RFC 4954's temporary failure), whatever its credentials,
-    // and is not counted; as late as a failure would be, so that it is no quicker to try again.
+    // as many answers per delay. Beyond MAX_AUTH_WAITING answers held back for its address, a login
+    // waits its turn, first come first served, before it is looked at or counted.
     const waiting = this.authWaiting.get(client) ?? 0;
     if (waiting >= MAX_AUTH_WAITING) {
-      this.deps.logger.warn({ event: 'smtp.auth_busy', session: session.id, client: ip, user, waiting, replyInMs }, 'login refused: too many logins from this address waiting for their answer');
-      setTimeout(() => cb(reply(454, '4.7.0 Too many logins from this address at once, try again later')), replyInMs).unref();
+      const queue = (this.authQueue.get(client) ?? []).filter((turn) => !this.state(turn.session).closed);
+      queue.push({ session, take: () => this.onAuth(auth, session, cb) });
+      this.authQueue.set(client, queue);
       return;
     }
     this.authWaiting.set(client, waiting + 1);
+    /** The answer is given: the next logins waiting their turn, if any, are looked at. */
     const answered = () => {
       const left = (this.authWaiting.get(client) ?? 1) - 1;
       if (left > 0) this.authWaiting.set(client, left);
       else this.authWaiting.delete(client);
+      for (let queue = this.authQueue.get(client); queue && (this.authWaiting.get(client) ?? 0) < MAX_AUTH_WAITING; queue = this.authQueue.get(client)) {
+        const turn = queue.shift();
+        if (queue.length === 0) this.authQueue.delete(client);
+        if (turn && !this.state(turn.session).closed) turn.take();
+      }
     };
     // Counted as a failure until its answer is given: a guesser that hung up must not learn from
     // how fast its next guess is answered that this one was right. Re-inserted, so that the Map's
@@ -458,19 +466,20 @@ export class SmtpIntake {
     if (ok) {
       this.deps.logger.warn({ event: 'smtp.auth_slowed', session: session.id, client: ip, user, failures: failed, replyInMs }, 'right login after failures from this address: answered late');
       setTimeout(() => {
+        if (!this.state(session).closed) {
+          // A client that sent its FIN or more input before the slowed answer may have hung up
+          // and never read it: the login is answered and still counts as a failure.
+          if (!inputAhead(session)) this.authFailures.delete(client);
+          cb(null, { user });
+        }
         answered();
-        if (this.state(session).closed) return;
-        // A client that sent its FIN or more input before the slowed answer may have hung up
-        // and never read it: the login is answered and still counts as a failure.
-        if (!inputAhead(session)) this.authFailures.delete(client);
-        cb(null, { user });
       }, replyInMs).unref();
       return;
     }
     this.deps.logger.warn({ event: 'smtp.auth_failed', session: session.id, client: ip, user, failures: failed + 1, replyInMs }, 'authentication failed');
     setTimeout(() => {
-      answered();
       cb(reply(535, '5.7.8 Authentication credentials invalid'));
+      answered();
     }, replyInMs).unref();
   }
 
@@ -745,7 +754,7 @@ export class SmtpIntake {
 
 /** Clients whose failed logins are remembered (for the slow-down); the oldest go first. */
 const MAX_AUTH_CLIENTS = 10_000;
-/** Slowed answers held back at once for one client (authClientKey): at most 2 guesses a second at the 5 s delay. */
+/** Slowed answers held back at once for one client (authClientKey): at most 2 verdicts a second at the 5 s delay. */
 const MAX_AUTH_WAITING = 10;
 
 /**

@@ -186,6 +186,12 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     );
   }
 
+  /** A login on an open session, and its answer: a held-back one comes after 0.5-5 s, or after its turn and that. */
+  function login(c: SmtpClient, password: string): Promise<string> {
+    c.write(`AUTH PLAIN ${plain(USER, password)}\r\n`);
+    return c.read(30_000);
+  }
+
   /** A login on a new connection: its answer, then the connection closes. */
   async function guess(password: string): Promise<string> {
     const c = await SmtpClient.connect(relay.smtpPort);
@@ -264,29 +270,48 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     }
   });
 
-  test('at most 10 slowed answers are held back for one address: a login beyond them gets 454 4.7.0, whatever its password', async () => {
+  test('at most 10 slowed answers are held back for one address: a login beyond them waits its turn, then is looked at', async () => {
     const logged = log.entries().length;
     assert.match(await guess('wrong-0'), /^535 /);
-    const clients = await sessions(11, 'guessers.test');
+    const clients = await sessions(12, 'guessers.test');
     try {
-      // answered after 0.5 to 5 s
-      const held = (c: SmtpClient, password: string) => {
-        c.write(`AUTH PLAIN ${plain(USER, password)}\r\n`);
-        return c.read(20_000);
-      };
-      const guesses = Promise.all(clients.slice(0, 10).map((c, i) => held(c, `wrong-${i + 1}`)));
-      const failed = () => log.entries().slice(logged).filter((e) => e.event === 'smtp.auth_failed');
-      await waitFor(() => failed().length === 11, 10_000, 'ten guesses held back');
-      // the right password, while ten answers are held back: refused without being looked at (and
-      // as late as a failure, 5 s)
-      assert.match(await held(clients[10], PASSWORD), /^454 4\.7\.0 Too many logins from this address at once/);
+      const entries = (event: string) => log.entries().slice(logged).filter((e) => e.event === event);
+      let answeredGuesses = 0;
+      const guesses = Promise.all(clients.slice(0, 10).map((c, i) => login(c, `wrong-${i + 1}`).finally(() => answeredGuesses++)));
+      await waitFor(() => entries('smtp.auth_failed').length === 11, 10_000, 'ten guesses held back');
+      // two more, the right password last: not looked at (nor logged) while ten answers are held back
+      const waitingGuess = login(clients[10], 'wrong-11');
+      const right = login(clients[11], PASSWORD).then((reply) => ({ reply, afterGuesses: answeredGuesses }));
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      assert.equal(entries('smtp.auth_failed').length, 11);
+      assert.deepEqual(entries('smtp.auth_slowed'), []);
       for (const answer of await guesses) assert.match(answer, /^535 5\.7\.8 /);
-      assert.deepEqual(failed().map((e) => e.failures), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
-      const busy = log.entries().slice(logged).filter((e) => e.event === 'smtp.auth_busy');
-      assert.deepEqual(busy.map((e) => [e.client, e.user, e.waiting, e.replyInMs]), [['127.0.0.1', USER, 10, 5000]]);
-      assert.deepEqual(log.entries().slice(logged).filter((e) => e.event === 'smtp.auth_slowed'), []);
-      // the answers given, a login is held back again, not refused (and the right one clears the count)
-      assert.match(await held(clients[10], PASSWORD), /^235 /);
+      assert.match(await waitingGuess, /^535 5\.7\.8 /);
+      // its turn came once a held-back answer was given; then it was slowed down as the 13th login
+      const { reply, afterGuesses } = await right;
+      assert.match(reply, /^235 /);
+      assert.ok(afterGuesses >= 1, 'the right login was answered before any held-back one');
+      assert.deepEqual(entries('smtp.auth_failed').map((e) => e.failures), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+      assert.deepEqual(entries('smtp.auth_slowed').map((e) => [e.failures, e.replyInMs]), [[12, 5000]]);
+      // the right login cleared the count: the next is answered at once
+      assert.match(await guess(PASSWORD), /^235 /);
+      assert.equal(entries('smtp.auth_slowed').length, 1);
+    } finally {
+      for (const c of clients) c.close();
+    }
+  });
+
+  test('a pool of 20 connections logging in right after a failure from its address: every login gets in', async () => {
+    const logged = log.entries().length;
+    assert.match(await guess('wrong'), /^535 /);
+    const clients = await sessions(20, 'pool.test');
+    try {
+      const logins = await Promise.all(clients.map((c) => login(c, PASSWORD)));
+      for (const reply of logins) assert.match(reply, /^235 /);
+      // ten held back (the first answered after 0.5 s clears the count); the other ten, their turn
+      // come, are answered at once
+      const slowed = log.entries().slice(logged).filter((e) => e.event === 'smtp.auth_slowed');
+      assert.equal(slowed.length, 10);
     } finally {
       for (const c of clients) c.close();
     }
