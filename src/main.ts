@@ -223,6 +223,16 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
         'messages were being delivered when relayq last stopped without handing them back: due again now',
       );
     }
+    // Times in the database are wall-clock times: after a step back, mail waiting now waits the
+    // length of the step longer (README, "When the clock steps"); said, not silently waited out.
+    const newest = newestRecordedTime(store.sqlite);
+    if (newest !== null && newest - clock.now() > CLOCK_BEHIND_WARNING_MS) {
+      logger.warn(
+        { event: 'relay.clock_behind', behindSeconds: Math.round((newest - clock.now()) / 1000), newest: isoTime(newest) },
+        'the clock is behind the newest time in the database, as if it was stepped back: any mail waiting now waits that much longer ' +
+          '(relayq retry --queued, or POST /admin/retry-queued, makes it due now)',
+      );
+    }
   } catch (err) {
     // A full disk need not stop the start: those claims are taken again when their lease ends,
     // and meanwhile the relay answers 4xx and /health says why, where a refused start would not.
@@ -298,16 +308,6 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
     logger.warn(
       { event: 'relay.disk_low', freeMb: disk.freeMb(), minFreeDiskMb: config.minFreeDiskMb },
       'free disk space is below minFreeDiskMb: new mail is refused with 452 until there is more',
-    );
-  }
-  // Times in the database are wall-clock times: after a step back, mail waiting now waits the
-  // length of the step longer (README, "When the clock steps"); said, not silently waited out.
-  const newest = newestRecordedTime(store.sqlite);
-  if (newest !== null && newest - clock.now() > CLOCK_BEHIND_WARNING_MS) {
-    logger.warn(
-      { event: 'relay.clock_behind', behindSeconds: Math.round((newest - clock.now()) / 1000), newest: isoTime(newest) },
-      'the clock is behind the newest time in the database, as if it was stepped back: any mail waiting now waits that much longer ' +
-        '(relayq retry --queued, or POST /admin/retry-queued, makes it due now)',
     );
   }
 
