@@ -436,11 +436,17 @@ export class SmtpIntake {
     const replyInMs = failed > 0 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** failed, AUTH_FAILURE_MAX_DELAY_MS) : 0;
     // Each held-back answer waits on its own connection: a guesser with many connections would get
     // as many answers per delay. Beyond MAX_AUTH_WAITING answers held back for its address, a login
-    // waits its turn, first come first served, before it is looked at or counted.
+    // waits its turn, first come first served, before it is looked at or counted. One whose client
+    // has hung up, or shut down its side (FIN) or sent more meanwhile, would spend a turn on an
+    // answer it may never read: it is told to come back later (RFC 4954's temporary failure),
+    // without being looked at.
     const waiting = this.authWaiting.get(client) ?? 0;
     if (waiting >= MAX_AUTH_WAITING) {
       const queue = (this.authQueue.get(client) ?? []).filter((turn) => !this.state(turn.session).closed);
-      queue.push({ session, take: () => this.onAuth(auth, session, cb) });
+      queue.push({
+        session,
+        take: () => (inputAhead(session) ? cb(reply(454, '4.7.0 Temporary authentication failure, try again later')) : this.onAuth(auth, session, cb)),
+      });
       this.authQueue.set(client, queue);
       return;
     }
@@ -466,20 +472,25 @@ export class SmtpIntake {
     if (ok) {
       this.deps.logger.warn({ event: 'smtp.auth_slowed', session: session.id, client: ip, user, failures: failed, replyInMs }, 'right login after failures from this address: answered late');
       setTimeout(() => {
-        if (!this.state(session).closed) {
+        try {
+          if (this.state(session).closed) return;
           // A client that sent its FIN or more input before the slowed answer may have hung up
           // and never read it: the login is answered and still counts as a failure.
           if (!inputAhead(session)) this.authFailures.delete(client);
           cb(null, { user });
+        } finally {
+          answered();
         }
-        answered();
       }, replyInMs).unref();
       return;
     }
     this.deps.logger.warn({ event: 'smtp.auth_failed', session: session.id, client: ip, user, failures: failed + 1, replyInMs }, 'authentication failed');
     setTimeout(() => {
-      cb(reply(535, '5.7.8 Authentication credentials invalid'));
-      answered();
+      try {
+        cb(reply(535, '5.7.8 Authentication credentials invalid'));
+      } finally {
+        answered();
+      }
     }, replyInMs).unref();
   }
 

@@ -192,6 +192,21 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
     return c.read(30_000);
   }
 
+  /**
+   * One failure, then `count` sessions, the first ten of which send wrong guesses: once it returns,
+   * those ten answers are held back (for 0.5-5 s). `entries` are the log's lines since the failure.
+   */
+  async function tenGuessesHeldBack(count: number) {
+    const logged = log.entries().length;
+    const entries = (event: string) => log.entries().slice(logged).filter((e) => e.event === event);
+    assert.match(await guess('wrong-0'), /^535 /);
+    const clients = await sessions(count, 'guessers.test');
+    let answered = 0;
+    const guesses = Promise.all(clients.slice(0, 10).map((c, i) => login(c, `wrong-${i + 1}`).finally(() => answered++)));
+    await waitFor(() => entries('smtp.auth_failed').length === 11, 10_000, 'ten guesses held back');
+    return { clients, entries, guesses, answered: () => answered };
+  }
+
   /** A login on a new connection: its answer, then the connection closes. */
   async function guess(password: string): Promise<string> {
     const c = await SmtpClient.connect(relay.smtpPort);
@@ -271,17 +286,11 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
   });
 
   test('at most 10 slowed answers are held back for one address: a login beyond them waits its turn, then is looked at', async () => {
-    const logged = log.entries().length;
-    assert.match(await guess('wrong-0'), /^535 /);
-    const clients = await sessions(12, 'guessers.test');
+    const { clients, entries, guesses, answered } = await tenGuessesHeldBack(12);
     try {
-      const entries = (event: string) => log.entries().slice(logged).filter((e) => e.event === event);
-      let answeredGuesses = 0;
-      const guesses = Promise.all(clients.slice(0, 10).map((c, i) => login(c, `wrong-${i + 1}`).finally(() => answeredGuesses++)));
-      await waitFor(() => entries('smtp.auth_failed').length === 11, 10_000, 'ten guesses held back');
       // two more, the right password last: not looked at (nor logged) while ten answers are held back
       const waitingGuess = login(clients[10], 'wrong-11');
-      const right = login(clients[11], PASSWORD).then((reply) => ({ reply, afterGuesses: answeredGuesses }));
+      const right = login(clients[11], PASSWORD).then((reply) => ({ reply, afterGuesses: answered() }));
       await new Promise((resolve) => setTimeout(resolve, 100));
       assert.equal(entries('smtp.auth_failed').length, 11);
       assert.deepEqual(entries('smtp.auth_slowed'), []);
@@ -296,6 +305,32 @@ describe('no open relay: allowLocalOnly=false, requireAuth=true', () => {
       // the right login cleared the count: the next is answered at once
       assert.match(await guess(PASSWORD), /^235 /);
       assert.equal(entries('smtp.auth_slowed').length, 1);
+    } finally {
+      for (const c of clients) c.close();
+    }
+  });
+
+  test('a login waiting its turn whose client hung up is skipped, and one that shut down its side gets 454 4.7.0: neither is looked at', async () => {
+    const { clients, entries, guesses } = await tenGuessesHeldBack(17);
+    try {
+      // three that wait their turn and hang up (reset), three that wait and shut down their side (FIN),
+      // then the right password
+      for (const c of clients.slice(10, 13)) c.write(`AUTH PLAIN ${plain(USER, PASSWORD)}\r\n`);
+      const halfClosed = clients.slice(13, 16).map((c) => {
+        c.write(`AUTH PLAIN ${plain(USER, PASSWORD)}\r\n`);
+        c.socket.end();
+        return c.read(30_000);
+      });
+      const right = login(clients[16], PASSWORD);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      // a reset: a FIN alone would leave the session open, half-closed
+      for (const c of clients.slice(10, 13)) c.socket.resetAndDestroy();
+      for (const answer of await Promise.all(halfClosed)) assert.match(answer, /^454 4\.7\.0 /);
+      assert.match(await right, /^235 /);
+      await guesses;
+      // the six were not looked at: the right login came after eleven failures, as if they had not been there
+      assert.equal(entries('smtp.auth_failed').length, 11);
+      assert.deepEqual(entries('smtp.auth_slowed').map((e) => [e.user, e.failures]), [[USER, 11]]);
     } finally {
       for (const c of clients) c.close();
     }
