@@ -226,9 +226,10 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
     // Times in the database are wall-clock times: after a step back, mail waiting now waits the
     // length of the step longer (README, "When the clock steps"); said, not silently waited out.
     const newest = newestRecordedTime(store.sqlite);
-    if (newest !== null && newest - clock.now() > CLOCK_BEHIND_WARNING_MS) {
+    const behindMs = newest === null ? 0 : newest - clock.now();
+    if (behindMs > CLOCK_BEHIND_WARNING_MS) {
       logger.warn(
-        { event: 'relay.clock_behind', behindSeconds: Math.round((newest - clock.now()) / 1000), newest: isoTime(newest) },
+        { event: 'relay.clock_behind', behindSeconds: Math.round(behindMs / 1000), newest: isoTime(newest) },
         'the clock is behind the newest time in the database, as if it was stepped back: any mail waiting now waits that much longer ' +
           '(relayq retry --queued, or POST /admin/retry-queued, makes it due now)',
       );
