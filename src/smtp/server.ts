@@ -49,6 +49,10 @@
 // 11. AUTH data that is not base64 (an initial response, or a line of the exchange) gets `501
 //    5.5.2` and ends the exchange (RFC 4954 §4): smtp-server decodes it leniently, skipping the
 //    characters that are none, so `!AGFwcAB…=!!` logged in as the user that the rest spells.
+// 12. A MAIL parameter repeated with the same value (`SMTPUTF8 SMTPUTF8`, `BODY=8BITMIME` twice,
+//    what Python's smtplib sends when its caller asked for them too) is taken once, as Postfix
+//    takes it; smtp-server refuses any repeat (`501 5.5.4 Error: duplicate … parameter`). A repeat
+//    with another value, and any repeated DSN parameter (RFC 3461 §4), is still refused so.
 // And one change to how replies are written: the replies a connection produces in one pass over
 // its input (MAIL, RCPT and DATA of a pipelining client) leave in one write instead of one each;
 // the socket is corked until the current tick's work is done. A `220` (greeting, STARTTLS) is
@@ -70,6 +74,25 @@ const SASL_MECHANISMS = /^(PLAIN|LOGIN|CRAM-MD5|XOAUTH2|OAUTHBEARER|SCRAM-SHA-1|
 /** smtp-server's own masking of AUTH lines, which RelayqConnection extends (module comment, 7). */
 const redactCredentials = (SMTPConnection.prototype as unknown as { _redactCredentials(commandName: string, line: string): { commandName: string; line: string } })
   ._redactCredentials;
+
+/** MAIL parameters that may come twice with the same value (module comment, 12). */
+const REPEATABLE = new Set(['SIZE', 'BODY', 'SMTPUTF8']);
+
+/** The first parameter of a MAIL line that is repeated with another value, or may not be repeated at all. */
+function conflictingRepeat(line: string): string | undefined {
+  // the parameters follow the path, as smtp-server splits them
+  const parameters = line.split(':').slice(1).join(':').trim().split(/\s+/).slice(1);
+  const seen = new Map<string, string>();
+  for (const parameter of parameters) {
+    const [name, ...value] = parameter.split('=');
+    const key = name.toUpperCase();
+    if (!key) continue;
+    const upper = value.join('=').toUpperCase();
+    if (seen.has(key) && (!REPEATABLE.has(key) || seen.get(key) !== upper)) return key;
+    seen.set(key, upper);
+  }
+  return undefined;
+}
 
 /** Base64 as RFC 4648 writes it; the padding may be left out, as some clients do. */
 const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
@@ -246,6 +269,17 @@ class RelayqConnection extends SMTPConnection {
     } else {
       super.handler_AUTH(command, callback);
     }
+  }
+
+  /** A repeated MAIL parameter that is harmless is no duplicate (module comment, 12). */
+  override _parseAddressCommand(rawName: string, rawCommand: Buffer | string): ReturnType<SMTPConnection['_parseAddressCommand']> {
+    const parsed = super._parseAddressCommand(rawName, rawCommand);
+    if (parsed !== false && parsed.duplicate && rawName === 'mail from') {
+      const conflict = conflictingRepeat(rawCommand.toString());
+      if (conflict) parsed.duplicate = conflict;
+      else delete parsed.duplicate;
+    }
+    return parsed;
   }
 
   /**

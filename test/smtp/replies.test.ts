@@ -146,6 +146,23 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     c.close();
   });
 
+  test('a MAIL parameter repeated with the same value is taken (smtplib sends SMTPUTF8 twice); another value, or a DSN one twice → 501 5.5.4', async () => {
+    const { c } = await ehlo(relay.smtpPort);
+    // what Python's send_message(msg, mail_options=['SMTPUTF8']) sends for a non-ASCII address
+    assert.match(await c.send('MAIL FROM:<jösé@example.com> SMTPUTF8 SMTPUTF8 BODY=8BITMIME'), /^250 /);
+    assert.match(await c.send('RCPT TO:<ünï@example.net>'), /^250 /);
+    assert.match(await c.send('RSET'), /^250 /);
+    assert.match(await c.send('MAIL FROM:<a@example.com> BODY=8BITMIME SIZE=100 body=8bitmime SIZE=100'), /^250 /);
+    assert.match(await c.send('RSET'), /^250 /);
+    assert.match(await c.send('MAIL FROM:<a@example.com> BODY=8BITMIME BODY=7BIT'), /^501 5\.5\.4 Error: duplicate BODY parameter/);
+    assert.match(await c.send('MAIL FROM:<a@example.com> SIZE=100 SIZE=200'), /^501 5\.5\.4 Error: duplicate SIZE parameter/);
+    assert.match(await c.send('MAIL FROM:<a@example.com> SMTPUTF8 ENVID=x ENVID=x SMTPUTF8'), /^501 5\.5\.4 Error: duplicate ENVID parameter/);
+    assert.match(await c.send('MAIL FROM:<a@example.com> RET=FULL RET=FULL'), /^501 5\.5\.4 Error: duplicate RET parameter/);
+    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    assert.match(await c.send('RCPT TO:<b@example.com> NOTIFY=NEVER NOTIFY=NEVER'), /^501 5\.5\.4 Error: duplicate NOTIFY parameter/);
+    c.close();
+  });
+
   test('a non-ASCII local part without SMTPUTF8 → 553 5.6.7; with it the mail is taken, and said so in Received', async () => {
     const { c } = await ehlo(relay.smtpPort);
     assert.match(await c.send('MAIL FROM:<jörg@example.com>'), /^553 5\.6\.7 /);
