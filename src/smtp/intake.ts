@@ -3,7 +3,7 @@
 // message; every refusal carries the reply code and enhanced code of the spec's §2 table.
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
-import { clientFilter, ipv6Groups, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
+import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
 import { addressKey, decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
@@ -19,6 +19,7 @@ import {
   rateLimitMessage,
 } from '../store/intake.js';
 import type { StoreWriter } from '../store/writer.js';
+import { authClientKey, LoginThrottle } from './login-throttle.js';
 import { BareLineEndingScanner, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
 import { inputAhead, RelayqSmtpServer, tlsNotCompleted } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
@@ -184,8 +185,6 @@ function smtpServerLogger(log: Logger, intakeLog: Logger, secrets: readonly stri
 
 /** How many of a session's refusals and stored messages its closing log line lists (it counts all of them). */
 const MAX_LISTED = 10;
-const AUTH_FAILURE_DELAY_MS = 250;
-const AUTH_FAILURE_MAX_DELAY_MS = 5000;
 
 export class SmtpIntake {
   readonly server: RelayqSmtpServer;
@@ -197,11 +196,8 @@ export class SmtpIntake {
   /** Writes of messages sent to the writer and not yet answered to their clients. */
   private readonly commitsInFlight = new Set<Promise<void>>();
   private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
-  private readonly authFailures = new Map<string, { count: number; at: number }>();
-  /** Per client (authClientKey), the logins whose slowed answers are being held back now. */
-  private readonly authWaiting = new Map<string, number>();
-  /** Per client, the logins waiting their turn while MAX_AUTH_WAITING answers are held back. */
-  private readonly authQueue = new Map<string, Array<{ session: SMTPServerSession; take: () => void }>>();
+  /** Slowed answers to logins from addresses that failed lately (login-throttle.ts). */
+  private readonly logins = new LoginThrottle();
   private readonly allowed: (ip: string | undefined) => boolean;
   /** Loopback clients may send without AUTH when requireAuth is on but no credentials are set. */
   private readonly credentialsConfigured: boolean;
@@ -426,72 +422,42 @@ export class SmtpIntake {
     // After failures from this address every answer to it comes more and more slowly (never a
     // lockout), a success too: a guesser that hangs up when no quick answer comes learns nothing.
     const now = this.deps.clock.now();
-    const previous = this.authFailures.get(client);
-    const failed = previous && now - previous.at < 15 * 60_000 ? previous.count : 0;
-    // No failure to hide a right guess among: answered at once, and logins that arrive together
-    // (a connection pool starting) do not slow each other down.
+    const failed = this.logins.recentFailures(client, now);
     // the name the session goes by (logs, the stored message's auth_user, the API): not a secret
     const user = this.loggedUser(auth.username);
+    // No failure to hide a right guess among: answered at once, and logins that arrive together
+    // (a connection pool starting) do not slow each other down.
     if (ok && failed === 0) return cb(null, { user });
-    const replyInMs = failed > 0 ? Math.min(AUTH_FAILURE_DELAY_MS * 2 ** failed, AUTH_FAILURE_MAX_DELAY_MS) : 0;
     // Each held-back answer waits on its own connection: a guesser with many connections would get
-    // as many answers per delay. Beyond MAX_AUTH_WAITING answers held back for its address, a login
-    // waits its turn, first come first served, before it is looked at or counted. One whose client
-    // has hung up, or shut down its side (FIN) or sent more meanwhile, would spend a turn on an
-    // answer it may never read: it is told to come back later (RFC 4954's temporary failure),
-    // without being looked at.
-    const waiting = this.authWaiting.get(client) ?? 0;
-    if (waiting >= MAX_AUTH_WAITING) {
-      const queue = (this.authQueue.get(client) ?? []).filter((turn) => !this.state(turn.session).closed);
-      queue.push({
-        session,
-        take: () => (inputAhead(session) ? cb(reply(454, '4.7.0 Temporary authentication failure, try again later')) : this.onAuth(auth, session, cb)),
-      });
-      this.authQueue.set(client, queue);
-      return;
-    }
-    this.authWaiting.set(client, waiting + 1);
-    /** The answer is given: the next logins waiting their turn, if any, are looked at. */
-    const answered = () => {
-      const left = (this.authWaiting.get(client) ?? 1) - 1;
-      if (left > 0) this.authWaiting.set(client, left);
-      else this.authWaiting.delete(client);
-      for (let queue = this.authQueue.get(client); queue && (this.authWaiting.get(client) ?? 0) < MAX_AUTH_WAITING; queue = this.authQueue.get(client)) {
-        const turn = queue.shift();
-        if (queue.length === 0) this.authQueue.delete(client);
-        if (turn && !this.state(turn.session).closed) turn.take();
-      }
-    };
-    // Counted as a failure until its answer is given: a guesser that hung up must not learn from
-    // how fast its next guess is answered that this one was right. Re-inserted, so that the Map's
-    // order is the order of the last failures: at the limit the client that failed longest ago is
-    // forgotten, never the one being slowed down now.
-    this.authFailures.delete(client);
-    this.authFailures.set(client, { count: failed + 1, at: now });
-    if (this.authFailures.size > MAX_AUTH_CLIENTS) this.authFailures.delete(this.authFailures.keys().next().value as string);
-    if (ok) {
-      this.deps.logger.warn({ event: 'smtp.auth_slowed', session: session.id, client: ip, user, failures: failed, replyInMs }, 'right login after failures from this address: answered late');
+    // as many answers per delay. Beyond MAX_AUTH_WAITING held back for its address, a login waits
+    // its turn before it is looked at or counted. One whose client has hung up, or shut down its
+    // side (FIN) or sent more meanwhile, would spend a turn on an answer it may never read: it is
+    // told to come back later (RFC 4954's temporary failure), without being looked at.
+    const gone = () => this.state(session).closed === true;
+    const retry = () => (inputAhead(session) ? cb(reply(454, '4.7.0 Temporary authentication failure, try again later')) : this.onAuth(auth, session, cb));
+    if (!this.logins.hold(client, gone, retry)) return;
+    const replyInMs = this.logins.delayMs(failed);
+    this.logins.failed(client, failed + 1, now);
+    const answerLater = (answer: () => void) =>
       setTimeout(() => {
         try {
-          if (this.state(session).closed) return;
-          // A client that sent its FIN or more input before the slowed answer may have hung up
-          // and never read it: the login is answered and still counts as a failure.
-          if (!inputAhead(session)) this.authFailures.delete(client);
-          cb(null, { user });
+          answer();
         } finally {
-          answered();
+          this.logins.answered(client);
         }
       }, replyInMs).unref();
-      return;
+    if (ok) {
+      this.deps.logger.warn({ event: 'smtp.auth_slowed', session: session.id, client: ip, user, failures: failed, replyInMs }, 'right login after failures from this address: answered late');
+      return answerLater(() => {
+        if (gone()) return;
+        // A client that sent its FIN or more input before the slowed answer may have hung up
+        // and never read it: the login is answered and still counts as a failure.
+        if (!inputAhead(session)) this.logins.succeeded(client);
+        cb(null, { user });
+      });
     }
     this.deps.logger.warn({ event: 'smtp.auth_failed', session: session.id, client: ip, user, failures: failed + 1, replyInMs }, 'authentication failed');
-    setTimeout(() => {
-      try {
-        cb(reply(535, '5.7.8 Authentication credentials invalid'));
-      } finally {
-        answered();
-      }
-    }, replyInMs).unref();
+    answerLater(() => cb(reply(535, '5.7.8 Authentication credentials invalid')));
   }
 
   /** A user name as logged and stored: one that is the password too (a token used as both) is not written out. */
@@ -761,22 +727,6 @@ export class SmtpIntake {
     this.deps.logger.warn({ event: 'smtp.rate_limited', ...who, limit: hit.limit, count: hit.count, max: hit.max }, 'rate limit reached');
     return reply(451, `4.7.1 ${rateLimitMessage(hit)}, try again later`);
   }
-}
-
-/** Clients whose failed logins are remembered (for the slow-down); the oldest go first. */
-const MAX_AUTH_CLIENTS = 10_000;
-/** Slowed answers held back at once for one client (authClientKey): at most 2 verdicts a second at the 5 s delay. */
-const MAX_AUTH_WAITING = 10;
-
-/**
- * Whose failed logins count together: every loopback address is one client (any local user can
- * send from any of 127/8's 16 million addresses), an IPv6 client is its /64 (what one host or
- * site is given), an IPv4 client its address.
- */
-export function authClientKey(ip: string): string {
-  if (isLoopback(ip)) return 'loopback';
-  if (!ip.includes(':')) return ip;
-  return `${ipv6Groups(ip).slice(0, 4).map((g) => g.toString(16)).join(':')}::/64`;
 }
 
 /** The addresses in order, each once by addressKey (the first spelling stays). */

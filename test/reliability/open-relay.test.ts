@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { ManualClock } from '../manual-clock.js';
-import { authClientKey } from '../../src/smtp/intake.js';
+import { authClientKey } from '../../src/smtp/login-throttle.js';
 import { capturedLog, messageCount, SmtpClient, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { assertStillServing, closedByPeer, INTAKE_ONLY, listenAsPeer, type PeerListener, queuedId } from './smtp-session.js';
 
