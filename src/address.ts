@@ -1,5 +1,5 @@
-// What an envelope address is for every part of relayq: its longest length, and the form of its
-// domain that relayq stores, counts and looks up.
+// What an envelope address is for every part of relayq: its longest length, the form of its
+// domain that relayq stores, counts and looks up, and the form it takes in the envelope sent upstream.
 import net from 'node:net';
 import { domainToASCII, domainToUnicode } from 'node:url';
 import { normalizeIPv6 } from 'smtp-server/lib/ipv6-normalize.js';
@@ -44,4 +44,20 @@ export function decodeIdnDomain(address: string): string {
  */
 export function addressKey(address: string): string {
   return decodeIdnDomain(address).toLowerCase();
+}
+
+/**
+ * The form an address takes in the envelope sent upstream (MAIL FROM and RCPT TO): the domain
+ * lower-cased, and an internationalized domain in its ASCII (punycode) form, as nodemailer writes
+ * it. The upstream's replies name recipients in this form, so outcomes are matched back through
+ * it too. An address literal (`[IPv6:…]`, `[127.0.0.1]`) stays as it is: RFC 5321 writes the tag
+ * `IPv6:`, and a strict upstream could refuse `ipv6:`.
+ */
+export function normalizeForEnvelope(address: string): string {
+  const at = address.lastIndexOf('@');
+  if (at < 0) return address;
+  const domain = address.slice(at + 1);
+  if (domain.startsWith('[')) return address;
+  const ascii = isAscii(domain) ? domain : domainToASCII(domain) || domain;
+  return `${address.slice(0, at)}@${ascii.toLowerCase()}`;
 }

@@ -1,6 +1,7 @@
 // Builds the effective configuration from defaults, a JSON file, the environment and flags
-// (later wins). loadConfig is pure, given the file's text, argv and env; loadConfigFromSources
-// finds and reads the file. Errors are returned, all of them at once, each naming the key and
+// (later wins). loadConfig reads no file and changes nothing: given the file's text, argv and env
+// it depends only on this host's name and interface addresses (serverName's default; whether
+// forwardSMTP would reach relayq's own listener). loadConfigFromSources finds and reads the file. Errors are returned, all of them at once, each naming the key and
 // where the bad value came from.
 import fs from 'node:fs';
 import os from 'node:os';

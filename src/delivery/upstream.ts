@@ -10,11 +10,10 @@ import type net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { Readable } from 'node:stream';
 import type tls from 'node:tls';
-import { domainToASCII } from 'node:url';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import type { Logger } from 'pino';
 import { hostPort, isLoopback } from '../access-control.js';
-import { isAscii } from '../address.js';
+import { isAscii, normalizeForEnvelope } from '../address.js';
 import { MIN_MESSAGE_SIZE_LIMIT } from '../config/schema.js';
 import { libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
@@ -45,22 +44,6 @@ export interface UpstreamSettings {
   maxMessageSize: number;
   /** The most connections open at once (workerCount: one per attempt in flight). */
   maxConnections: number;
-}
-
-/**
- * The form an address takes in the envelope sent upstream (MAIL FROM and RCPT TO): the domain
- * lower-cased, and an internationalized domain in its ASCII (punycode) form, as nodemailer writes
- * it. The upstream's replies name recipients in this form, so outcomes are matched back through
- * it too. An address literal (`[IPv6:…]`, `[127.0.0.1]`) stays as it is: RFC 5321 writes the tag
- * `IPv6:`, and a strict upstream could refuse `ipv6:`.
- */
-export function normalizeForEnvelope(address: string): string {
-  const at = address.lastIndexOf('@');
-  if (at < 0) return address;
-  const domain = address.slice(at + 1);
-  if (domain.startsWith('[')) return address;
-  const ascii = isAscii(domain) ? domain : domainToASCII(domain) || domain;
-  return `${address.slice(0, at)}@${ascii.toLowerCase()}`;
 }
 
 /**
@@ -397,7 +380,7 @@ const TOO_MANY = /^\d{3}[ -][45]\.5\.3\b|too many recipients/i;
  * Credentials are the exception, judged once connected (see connect): they go to an upstream
  * elsewhere only if its certificate verified.
  */
-export function verifiesCertificates(settings: Pick<UpstreamSettings, 'secure' | 'requireTls'>): boolean {
+function verifiesCertificates(settings: Pick<UpstreamSettings, 'secure' | 'requireTls'>): boolean {
   return settings.secure || settings.requireTls;
 }
 

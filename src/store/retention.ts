@@ -18,7 +18,7 @@ const DAY_MS = 86_400_000;
  * pages costs the writer in proportion to its size, and 200 messages of 100 KB held it for about
  * 300 ms, which every commit of intake and delivery waited behind.
  */
-export const RETENTION_BATCH_BYTES = 8 * 1024 * 1024;
+const RETENTION_BATCH_BYTES = 8 * 1024 * 1024;
 
 /**
  * Deletes up to `limit` delivered messages that finished before `cutoff` (oldest first), with

@@ -7,7 +7,7 @@ import net from 'node:net';
 import { after, describe, test } from 'node:test';
 import type { SMTPServerOptions } from 'smtp-server';
 import { ManualClock } from '../manual-clock.js';
-import { normalizeForEnvelope } from '../../src/delivery/upstream.js';
+import { normalizeForEnvelope } from '../../src/address.js';
 import type { Relay } from '../../src/main.js';
 import { messageRaw } from '../../src/store/queries.js';
 import { sendMail, startTestRelay, waitFor } from '../helpers.js';
