@@ -157,6 +157,51 @@ function freePageBytes(store: Store): number {
   }
 }
 
+/**
+ * The lock says no other relay runs on this database: a claim still held was left by one that
+ * ended without handing it back. It is due again now, as Postfix's queue manager moves its active
+ * queue back at its start, rather than once its lease (processingTimeout) has run out. Then the
+ * clock is weighed against the times in the database.
+ */
+async function recoverAtStart(writer: StoreWriter, store: Store, clock: Clock, logger: Logger): Promise<void> {
+  const orphaned = await writer.write('releaseOrphanedClaims', clock.now());
+  if (orphaned.length > 0) {
+    logger.warn(
+      { event: 'delivery.claims_recovered', count: orphaned.length, ids: orphaned.slice(0, 10) },
+      'messages were being delivered when relayq last stopped without handing them back: due again now',
+    );
+  }
+  // Times in the database are wall-clock times: after a step back, mail waiting now waits the
+  // length of the step longer (README, "When the clock steps"); said, not silently waited out.
+  const newest = newestRecordedTime(store.sqlite);
+  const behindMs = newest === null ? 0 : newest - clock.now();
+  if (behindMs > CLOCK_BEHIND_WARNING_MS) {
+    logger.warn(
+      { event: 'relay.clock_behind', behindSeconds: Math.round(behindMs / 1000), newest: isoTime(newest) },
+      'the clock is behind the newest time in the database, as if it was stepped back: any mail waiting now waits that much longer ' +
+        '(relayq retry --queued, or POST /admin/retry-queued, makes it due now)',
+    );
+  }
+}
+
+/** What a stop says of WAL frames left uncheckpointed: safe there, and checkpointed at the next start. */
+function reportWalKept(kept: WalKept | undefined, databasePath: string, logger: Logger): void {
+  if (!kept) return;
+  const walPath = `${realDatabasePath(databasePath)}-wal`;
+  if (kept.cause === 'reader') {
+    logger.info(
+      { event: 'store.wal_kept', walPath },
+      'not all of the WAL was checkpointed into the database file: a reader (sqlite3, the CLI, a backup) still reads older frames of it; the next start checkpoints them',
+    );
+  } else {
+    // the frames are safe in the WAL; a checkpoint that fails may be a failing disk
+    logger.warn(
+      { event: 'store.wal_kept', walPath, err: kept.err },
+      'the WAL could not be checkpointed into the database file: the next start checkpoints it; keep the -wal file with the database',
+    );
+  }
+}
+
 export async function startRelay(configured: Config, options: RelayOptions = {}): Promise<Relay> {
   let config = configured;
   const clock = options.clock ?? systemClock;
@@ -212,28 +257,8 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
       lock.release();
     }
   };
-  // The lock says no other relay runs on this database: a claim still held was left by one that
-  // ended without handing it back. It is due again now, as Postfix's queue manager moves its
-  // active queue back at its start, rather than once its lease (processingTimeout) has run out.
   try {
-    const orphaned = await writer.write('releaseOrphanedClaims', clock.now());
-    if (orphaned.length > 0) {
-      logger.warn(
-        { event: 'delivery.claims_recovered', count: orphaned.length, ids: orphaned.slice(0, 10) },
-        'messages were being delivered when relayq last stopped without handing them back: due again now',
-      );
-    }
-    // Times in the database are wall-clock times: after a step back, mail waiting now waits the
-    // length of the step longer (README, "When the clock steps"); said, not silently waited out.
-    const newest = newestRecordedTime(store.sqlite);
-    const behindMs = newest === null ? 0 : newest - clock.now();
-    if (behindMs > CLOCK_BEHIND_WARNING_MS) {
-      logger.warn(
-        { event: 'relay.clock_behind', behindSeconds: Math.round(behindMs / 1000), newest: isoTime(newest) },
-        'the clock is behind the newest time in the database, as if it was stepped back: any mail waiting now waits that much longer ' +
-          '(relayq retry --queued, or POST /admin/retry-queued, makes it due now)',
-      );
-    }
+    await recoverAtStart(writer, store, clock, logger);
   } catch (err) {
     // A full disk need not stop the start: those claims are taken again when their lease ends,
     // and meanwhile the relay answers 4xx and /health says why, where a refused start would not.
@@ -350,20 +375,7 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
         await Promise.all([api?.close(), intake.shutdown(graceMs), delivery.stop(graceMs), retention.stop()]);
         // until now a client that connects is told `421`, not refused
         await intake.close();
-        const kept = await closeStorage();
-        const walPath = `${realDatabasePath(config.databasePath)}-wal`;
-        if (kept?.cause === 'reader') {
-          logger.info(
-            { event: 'store.wal_kept', walPath },
-            'not all of the WAL was checkpointed into the database file: a reader (sqlite3, the CLI, a backup) still reads older frames of it; the next start checkpoints them',
-          );
-        } else if (kept) {
-          // the frames are safe in the WAL; a checkpoint that fails may be a failing disk
-          logger.warn(
-            { event: 'store.wal_kept', walPath, err: kept.err },
-            'the WAL could not be checkpointed into the database file: the next start checkpoints it; keep the -wal file with the database',
-          );
-        }
+        reportWalKept(await closeStorage(), config.databasePath, logger);
         logger.info({ event: 'relay.stopped', writes: writer.stats.writes, commits: writer.stats.commits }, 'relayq stopped');
       })();
       return stopping;
