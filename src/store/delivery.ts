@@ -325,6 +325,7 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     ).run(c.messageId, a.batch, JSON.stringify(a.recipients), a.upstream, a.startedAt, Math.round(a.durationMs), a.outcome, a.code, leaseLost ? LEASE_LOST_REPLY + a.reply : a.reply);
   }
+  // (the insert's trigger, attempts_counted, keeps the attempt counters and the upstream's last success or failure time)
   prepared(
     sqlite,
     `UPDATE counters SET value = CASE WHEN ? THEN value + 1 ELSE 0 END WHERE name = 'upstream_consecutive_failures'`,

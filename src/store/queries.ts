@@ -180,6 +180,8 @@ export function storeMetrics(sqlite: Sqlite): StoreMetrics {
       sumMs: n('attempt_duration_ms_total'),
       count: buckets.reduce((sum, b) => sum + b.count, 0),
     },
+    // the times kept by the attempts table's insert trigger (migrations 002 and 007), the run of
+    // failures by completeBatch, which alone knows whether an attempt counts as failed
     upstream: {
       lastSuccessAt: n('upstream_last_success_at') || null,
       lastFailureAt: n('upstream_last_failure_at') || null,
