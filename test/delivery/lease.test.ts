@@ -127,6 +127,12 @@ describe('claims and leases', () => {
       ['b@example.com', 2],
     ]);
 
+    // a stale holder's release leaves the current claim alone: still sending, no attempt undone
+    const staleRelease = { messageId: id, token: first.token, unsent: [0, 1] };
+    assert.equal(await writeDirect(relay, (db) => releaseClaims(db, [staleRelease], clock.now())), 0, 'a stale release is fenced');
+    assert.deepEqual([message(relay, id).state, message(relay, id).lease_token], ['sending', second.token]);
+    assert.deepEqual(recipients(relay, id).map((r) => r.attempts), [2, 2, 0]);
+
     const sofar = (token: string) => ({ messageId: id, token, now: clock.now(), recipients: [{ seq: 0, code: 250, reply: '250 ok' }] });
     assert.equal(await writeDirect(relay, (db) => recordDelivered(db, sofar(first.token))), false);
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending', 'pending'], 'the stale holder recorded no recipient delivered');
@@ -148,6 +154,22 @@ describe('claims and leases', () => {
     assert.equal(message(relay, id).state, 'queued');
     assert.equal(message(relay, id).lease_token, null);
     assert.equal(await writeDirect(relay, (db) => releaseClaims(db, [{ messageId: id, token: second.token }], clock.now())), 0, 'release is fenced too');
+  });
+
+  test('an outcome never makes a recipient pending again that an earlier transaction of its batch delivered', async () => {
+    const { clock, relay, id } = await relayWithMail();
+    const batch = (await claim(relay, claimOptions(clock))).batches[0];
+    const delivered = { messageId: id, token: batch.token, now: clock.now(), recipients: [{ seq: 0, code: 250, reply: '250 ok' }] };
+    assert.equal(await writeDirect(relay, (db) => recordDelivered(db, delivered)), true);
+    const outcome = deliveredOutcome(clock, id, batch.token);
+    const deferred = {
+      ...outcome,
+      attempt: { ...outcome.attempt, outcome: 'deferred' as const, code: 451, reply: '451 later' },
+      recipients: [0, 1].map((seq) => ({ seq, status: 'pending' as const, code: 451, reply: '451 later', temporary: true, nextAttemptAt: clock.now() + 60_000 })),
+      upstreamFailed: true,
+    };
+    assert.equal((await writeDirect(relay, (db) => completeBatch(db, deferred))).leaseLost, false);
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'pending', 'pending']);
   });
 
   test('a released claim keeps its token until the next claim: an answer that comes while the release commits is recorded', async () => {

@@ -884,21 +884,43 @@ describe('per-recipient outcomes', () => {
 
   test('continueOnError=false: a retry whose every RCPT is refused does not stop the message when its batch delivered to others', async () => {
     const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 120_000, continueOnError: false });
-    upstream.rcptReply = (a) => (a === 'b@example.com' ? BUSY : a === 'c@example.com' ? NO_SUCH_USER : undefined);
+    upstream.rcptReply = (a) => (a === 'b@example.com' ? BUSY : undefined);
     const id = await deliverInRounds(relay, clock, () => {
-      upstream.rcptReply = (a) => (a === 'b@example.com' || a === 'c@example.com' ? NO_SUCH_USER : undefined);
+      upstream.rcptReply = (a) => (a === 'b@example.com' ? NO_SUCH_USER : a === 'c@example.com' ? BUSY : undefined);
     });
     assert.deepEqual(sent(relay, id), [
       [0, ['a@example.com', 'b@example.com']],
       [1, ['c@example.com', 'd@example.com']],
       [0, ['b@example.com']],
     ]);
+    // c, deferred in its own batch, waits for its retry: the message was not stopped
     assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status, r.last_code]), [
       ['a@example.com', 'delivered', 250],
       ['b@example.com', 'failed', 550],
-      ['c@example.com', 'failed', 550],
+      ['c@example.com', 'pending', 450],
       ['d@example.com', 'delivered', 250],
     ]);
+  });
+
+  test('continueOnError=false: a retry whose every RCPT is refused stops the message when its batch-mates failed (none delivered)', async () => {
+    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 120_000, continueOnError: false });
+    upstream.rcptReply = (a) => (a === 'a@example.com' ? NO_SUCH_USER : a === 'b@example.com' ? BUSY : undefined);
+    const id = await deliverInRounds(relay, clock, () => {
+      upstream.rcptReply = (a) => (a === 'a@example.com' || a === 'b@example.com' ? NO_SUCH_USER : a === 'c@example.com' ? BUSY : undefined);
+    });
+    assert.deepEqual(sent(relay, id), [
+      [0, ['a@example.com', 'b@example.com']],
+      [1, ['c@example.com', 'd@example.com']],
+      [0, ['b@example.com']],
+    ]);
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.address, r.status]), [
+      ['a@example.com', 'failed'],
+      ['b@example.com', 'failed'],
+      ['c@example.com', 'failed'],
+      ['d@example.com', 'delivered'],
+    ]);
+    assert.match(rows[2].last_reply!, /^not attempted again: batch 0 was refused permanently/);
   });
 
   test('continueOnError=false: a retry whose every RCPT is refused stops the message when its batch delivered to none', async () => {

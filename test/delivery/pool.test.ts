@@ -164,6 +164,27 @@ async function startRawUpstream(session: (socket: net.Socket) => (command: strin
   return { port: (server.address() as net.AddressInfo).port, close: () => server.close() };
 }
 
+/**
+ * A raw upstream that keeps each connection's commands (their names), and answers a line with
+ * `special(line)` when that gives a reply, else as a willing server does.
+ */
+async function startRecordingUpstream(special: (line: string) => string | undefined) {
+  const connections: string[][] = [];
+  const server = await startRawUpstream((socket) => {
+    const commands: string[] = [];
+    connections.push(commands);
+    return (line) => {
+      commands.push(line.split(/[ :]/)[0].toUpperCase());
+      const reply = special(line);
+      if (reply !== undefined) socket.write(`${reply}\r\n`);
+      else if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
+      else if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
+      else socket.write('250 ok\r\n');
+    };
+  });
+  return { server, connections };
+}
+
 test('with PIPELINING offered, MAIL, every RCPT and DATA go out without waiting for replies', async () => {
   // A raw upstream that answers MAIL only once it has read DATA: a client that waits for each
   // reply would stall here until the upstream gives up waiting (3 s) and answers anyway.
@@ -282,6 +303,28 @@ test('the running engine: claims that overlap (a slot freed while another claim 
   } finally {
     await relay.stop();
     await upstream.close();
+  }
+});
+
+test('a 421 in a transaction closes the connection, also one the upstream keeps open: no RSET on it, the next message on a new one', async () => {
+  const { server, connections } = await startRecordingUpstream((line) => (/^RCPT TO:<closing@/i.test(line) ? '421 4.3.2 shutting down' : undefined));
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 1 },
+    { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
+  );
+  const queueOne = async (to: string) => queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: 421\r\n\r\nbody\r\n' })).response);
+  try {
+    const deferred = await queueOne('closing@example.com');
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, deferred).state, 'queued', 'deferred by the 421');
+    const next = await queueOne('a@example.com');
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, next).state, 'delivered');
+    assert.equal(connections.length, 2, 'the next message went on a new connection');
+    assert.ok(!connections[0].includes('RSET'), `no RSET after the 421: ${connections[0].join(' ')}`);
+  } finally {
+    await relay.stop();
+    server.close();
   }
 });
 
@@ -427,19 +470,9 @@ test('a connection that ends while its RSET waits for a reply frees its place at
 });
 
 test('a connection whose RSET is refused is closed, not reused: the next message goes on a new one', async () => {
-  const connections: string[][] = [];
-  const server = await startRawUpstream((socket) => {
-    const commands: string[] = [];
-    connections.push(commands);
-    return (line) => {
-      commands.push(line.split(/[ :]/)[0].toUpperCase());
-      if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
-      else if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
-      else if (/^RCPT TO:<refused@/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
-      else if (/^RSET/i.test(line)) socket.write('500 5.5.1 unrecognized command\r\n');
-      else socket.write('250 ok\r\n');
-    };
-  });
+  const { server, connections } = await startRecordingUpstream((line) =>
+    /^RCPT TO:<refused@/i.test(line) ? '550 5.1.1 no such user' : /^RSET/i.test(line) ? '500 5.5.1 unrecognized command' : undefined,
+  );
   const relay = await startTestRelay(
     { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 1 },
     { startDelivery: false, random: NO_JITTER },

@@ -70,3 +70,20 @@ test('close commits what is queued, large writes included, and refuses what come
     sqlite.close();
   }
 });
+
+test('a write that fails after writing is rolled back alone: the others of its commit stay', async () => {
+  const { sqlite, queue, op } = queueOnFile();
+  try {
+    const failing = queue.write((db) => {
+      op('half')(db);
+      throw new Error('after its insert');
+    });
+    const other = queue.write(op('other'));
+    await assert.rejects(failing, /after its insert/);
+    await other;
+    assert.equal(queue.stats.commits, 1);
+    assert.deepEqual(sqlite.prepare('SELECT name FROM t ORDER BY rowid').pluck().all(), ['other']);
+  } finally {
+    sqlite.close();
+  }
+});
