@@ -243,6 +243,10 @@ describe('GET /metrics', () => {
       assert.equal(json.oldest_queued_age_seconds, 3792, 'the requeued messages arrived 2 s before the attempt, 3790 s ago');
       assert.equal(sample('relayq_queue_size_limit_messages'), 7);
       assert.equal(sample('relayq_smtp_listener_up'), 1);
+      // /health's free MB (MiB, as the disk guard counts them) in bytes; the two reads may be a sample apart
+      const freeMb = ((await call(relay, '/health')).body.details as { disk_space_available_mb: number }).disk_space_available_mb;
+      const freeBytes = sample('relayq_disk_free_bytes');
+      assert.ok(Math.abs(freeBytes / 2 ** 20 - freeMb) <= 1, `${freeBytes} bytes against ${freeMb} MB`);
       await new Promise<void>((resolve) => relay.intake.server.server.close(() => resolve()));
       assert.match((await call<string>(relay, '/metrics?format=prometheus')).body, /^relayq_smtp_listener_up 0$/m);
     } finally {
@@ -422,6 +426,7 @@ describe('GET /metrics', () => {
       assert.match(await type('/metrics', 'text/plain;q=0.9, application/openmetrics-text;q=0.9'), /^application\/openmetrics-text/);
       assert.match(await type('/metrics', 'application/openmetrics-text;q=0.5, application/json;q=0.5'), /^application\/json/);
       assert.match(await type('/metrics', 'text/plain;q=abc'), /^application\/json/, 'a q-value that is no number counts for nothing');
+      assert.match(await type('/metrics', 'text/plain;q=abc, application/openmetrics-text;q=0.5'), /^application\/openmetrics-text/, 'nor does its entry');
       // What Prometheus sends when it scrapes.
       const scrape = 'application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1';
       const om = await call<string>(relay, '/metrics', { headers: { accept: scrape } });

@@ -8,6 +8,7 @@ import pino from 'pino';
 import { startRelay } from '../../src/main.js';
 import { removeStrayTempFiles, syncDirectory, writeFileAtomic } from '../../src/delivery/atomic-file.js';
 import { DeliveryEngine } from '../../src/delivery/engine.js';
+import { safeFileStem } from '../../src/delivery/local.js';
 import { failedExportDir } from '../../src/delivery/failed-export.js';
 import { runCli } from '../cli/run-cli.js';
 import { sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
@@ -192,10 +193,24 @@ test("only temp files written before the given time are taken for a crash's", as
   assert.deepEqual(await removeStrayTempFiles(path.join(dir, 'missing'), before), []);
 });
 
-test('a directory that cannot be opened to make a rename durable (gone, EMFILE, EACCES) is an error', async () => {
+test('only a queue id becomes a file name: no dot, slash or leading dash', () => {
+  assert.equal(safeFileStem('1A248F51EE1264D5FA2C'), '1A248F51EE1264D5FA2C');
+  for (const id of ['a.b', '..', '../x', 'a/b', '-a', '', 'a b']) assert.throws(() => safeFileStem(id), /unsafe message id/, id);
+});
+
+test('a directory that cannot be opened to make a rename durable (gone, EMFILE, EACCES) is an error', async (t) => {
   const dir = tempDir();
   await syncDirectory(dir);
   await assert.rejects(syncDirectory(path.join(dir, 'gone')), { code: 'ENOENT' });
+  // no file descriptor left: an error (the delivery is deferred), where a file system that cannot
+  // sync a directory (EINVAL) is not
+  const openFails = (code: string) => t.mock.method(fsp, 'open', async () => Promise.reject(Object.assign(new Error(code), { code })));
+  let open = openFails('EMFILE');
+  await assert.rejects(syncDirectory(dir), { code: 'EMFILE' });
+  open.mock.restore();
+  open = openFails('EINVAL');
+  await syncDirectory(dir);
+  open.mock.restore();
 });
 
 test('a message file is fsynced before its rename, and its directory after it', async (t) => {

@@ -5,6 +5,9 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import Database from 'better-sqlite3';
 import { after, describe, test } from 'node:test';
+import pino from 'pino';
+import { uniformResult } from '../../src/delivery/outcomes.js';
+import { UpstreamSuspension } from '../../src/delivery/suspension.js';
 import type { Relay } from '../../src/main.js';
 import { call, postJson } from '../api/fixtures.js';
 import { runCli } from '../cli/run-cli.js';
@@ -442,4 +445,15 @@ describe('delivery to an upstream that cannot be reached', () => {
     await relay.delivery.runOnce();
     assert.equal(message(relay, b).state, 'delivered');
   });
+});
+
+test('an attempt that could not reach the upstream does not suspend delivery when another, pooled, reached it after it started', () => {
+  // no connection of the pool says it reached the upstream since: only the other attempt's result does
+  const reach = { label: 'up.test:25', reachedSince: () => false, setupsSettled: () => undefined };
+  const suspension = new UpstreamSuspension(reach, 60_000, new ManualClock(), pino({ level: 'silent' }), () => Number.NEGATIVE_INFINITY);
+  const startedAt = performance.now() - 1000;
+  suspension.note(uniformResult('up.test:25', 1, 'delivered', '250 ok'), performance.now());
+  suspension.note({ ...uniformResult('up.test:25', 1, 'deferred', 'connect ECONNREFUSED'), unreachable: true }, startedAt);
+  assert.equal(suspension.until(), null);
+  assert.equal(suspension.deferral(1), undefined);
 });

@@ -254,6 +254,11 @@ describe('hostile SMTP input', () => {
     assert.match(await c.send('AUTH LOGIN'), /^334 /);
     assert.match(await c.send('YXBw'), /^334 /);
     assert.match(await c.send('*czNjcmV0**'), /^501 5\.5\.2 /);
+    // the right credentials and one character more: 4k+1 characters are no base64 (node would
+    // decode them, dropping the last)
+    assert.match(await c.send('AUTH PLAIN AGFwcABzM2NyZXQxA'), /^501 5\.5\.2 /);
+    assert.match(await c.send('AUTH PLAIN'), /^334/);
+    assert.match(await c.send('AGFwcABzM2NyZXQxA'), /^501 5\.5\.2 /);
     assert.match(await c.send('AUTH PLAIN'), /^334/);
     assert.match(await c.send('AGFwcABzM2NyZXQ'), /^235 /, 'base64 without its padding is base64');
     c.close();

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { ManualClock } from '../manual-clock.js';
-import { authClientKey } from '../../src/smtp/login-throttle.js';
+import { authClientKey, LoginThrottle } from '../../src/smtp/login-throttle.js';
 import { capturedLog, messageCount, SmtpClient, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { assertStillServing, closedByPeer, INTAKE_ONLY, listenAsPeer, type PeerListener, queuedId } from './smtp-session.js';
 
@@ -488,6 +488,15 @@ test('failed logins from any loopback address count together, an IPv6 client by 
   assert.equal(authClientKey('2001:0db8:0001:0003::1'), '2001:db8:1:3::/64');
   assert.equal(authClientKey('192.0.2.7'), '192.0.2.7');
   assert.equal(authClientKey('::1'), 'loopback');
+});
+
+test('the failed logins of at most 10,000 clients are remembered: past that, the one that failed longest ago is forgotten', () => {
+  const logins = new LoginThrottle();
+  const now = 1_000_000;
+  for (let i = 0; i <= 10_000; i++) logins.failed(`198.51.${i >> 8}.${i & 255}`, 3, now + i);
+  assert.equal(logins.recentFailures('198.51.0.0', now + 10_001), 0, 'the oldest is forgotten');
+  assert.equal(logins.recentFailures('198.51.0.1', now + 10_001), 3);
+  assert.equal(logins.recentFailures('198.51.39.16', now + 10_001), 3, 'the newest is kept');
 });
 
 describe('allowLocalOnly=true (the default)', () => {

@@ -369,6 +369,14 @@ describe('backpressure', () => {
     const disk = (reusable: number) => new DiskSpace({ databasePath, minFreeMb: floor, reusableBytes: () => reusable });
     assert.equal(disk(2 ** 50).isLow(), false);
     assert.equal(disk(0).isLow(), true);
+    // refused below minFreeDiskMb, not at it (free space is sampled once a second: one sample here)
+    const options = { databasePath, minFreeMb: 1 };
+    const sampled = new DiskSpace(options);
+    const free = sampled.freeMb();
+    options.minFreeMb = free;
+    assert.equal(sampled.isLow(), false, `${free} MB free, minFreeDiskMb ${free}`);
+    options.minFreeMb = free + 1;
+    assert.equal(sampled.isLow(), true);
   });
 
   test("the database file's free pages do not stand in for the filesystem's room for a message: the WAL, and the spool first, need it", () => {
