@@ -10,7 +10,7 @@ const FAILURE_MEMORY_MS = 15 * 60_000;
 /** Clients whose failed logins are remembered (for the slow-down); the oldest go first. */
 const MAX_AUTH_CLIENTS = 10_000;
 /** Slowed answers held back at once for one client: at most 2 verdicts a second at the 5 s delay. */
-export const MAX_AUTH_WAITING = 10;
+const MAX_AUTH_WAITING = 10;
 
 /**
  * Whose failed logins count together: every loopback address is one client (any local user can
