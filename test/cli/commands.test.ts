@@ -543,6 +543,18 @@ test('retry and delete of more ids than one write takes go in steps; a step that
       ids.filter(exported),
       ids.filter((id, i) => i >= 2 * ADMIN_STEP || id === ids[5]),
     );
+
+    // claimed meanwhile with every step written: the others are deleted, and still exit 1
+    const last = ids[ids.length - 1];
+    await writeDirect(relay, (db) =>
+      db.exec(`DROP TRIGGER fail_third_step; DROP TRIGGER claim_meanwhile;
+        CREATE TRIGGER claim_meanwhile AFTER DELETE ON messages WHEN OLD.id = '${third}' BEGIN
+        UPDATE messages SET state = 'sending', lease_expires_at = ${Date.now() + 3600_000} WHERE id = '${last}'; END`),
+    );
+    const rest = await runCli(['--json', 'delete', ...ids.slice(2 * ADMIN_STEP)], { env });
+    assert.equal(rest.code, 1, rest.stderr);
+    assert.deepEqual(JSON.parse(rest.stdout), { deleted: ids.slice(2 * ADMIN_STEP, -1), warnings: [`message ${last}: ${HELD}; not deleted, try again later`] });
+    assert.equal(stored(), 2);
   } finally {
     await relay.stop();
   }
