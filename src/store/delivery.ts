@@ -157,17 +157,24 @@ function seqRange(batch: number, batchSize: number): [number, number] {
   return Number.isFinite(batchSize) ? [batch * batchSize, (batch + 1) * batchSize] : [0, Number.MAX_SAFE_INTEGER];
 }
 
+type PendingRecipient = { seq: number; address: string; attempts: number; last_reply: string | null; next_attempt_at: number };
+
+/**
+ * Claims one batch of a due message: its due pending recipients, or those of the batch whose
+ * recipient has waited longest; recipients with their attempts used up are failed instead.
+ * Undefined when none is left to send (the message is settled where its recipients say).
+ */
 function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result: ClaimResult): ClaimedBatch | undefined {
   const { now, batchSize, maxAttempts } = options;
   const pending = prepared(
     sqlite,
     `SELECT seq, address, attempts, last_reply, next_attempt_at FROM recipients
      WHERE message_id = ? AND status = 'pending' AND next_attempt_at <= ? ORDER BY seq`,
-  ).all(id, now) as Array<{ seq: number; address: string; attempts: number; last_reply: string | null; next_attempt_at: number }>;
+  ).all(id, now) as PendingRecipient[];
   // A transaction holds the due recipients of one batch: the batch of the recipient that has
   // waited longest, so a batch not tried yet goes before the retry of an earlier one, which
   // would otherwise take every turn while its retries come due within batchDelay.
-  let first: (typeof pending)[number] | undefined;
+  let first: PendingRecipient | undefined;
   for (const r of pending) if (r.attempts < maxAttempts && (!first || r.next_attempt_at < first.next_attempt_at)) first = r;
   const batch = first && batchOf(first.seq, batchSize);
   const chosen: ClaimedRecipient[] = [];
@@ -178,16 +185,7 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     // Attempts are counted at claim time, so a batch whose delivery kills the process every
     // time still runs out of attempts instead of looping forever.
     if (r.attempts >= maxAttempts) {
-      const reason = gaveUpReason(sqlite, id, r, maxAttempts);
-      // the recipient's reply and the message's last error (naming the recipient) as an attempt's
-      // give-up writes them (planCompletion): the reply first, so that its codes lead
-      const reply = r.last_reply ? `${r.last_reply} (${reason})` : reason;
-      gaveUp = r.last_reply ? `${r.address}: ${reason}; last reply: ${r.last_reply}` : `${r.address}: ${reason}`;
-      prepared(
-        sqlite,
-        `UPDATE recipients SET status = 'failed', temporary = 1, last_reply = ?, updated_at = ?
-         WHERE message_id = ? AND seq = ? AND status = 'pending'`,
-      ).run(reply, now, id, r.seq);
+      gaveUp = giveUp(sqlite, id, r, maxAttempts, now);
       continue;
     }
     if (r.last_reply !== null) retry = true;
@@ -203,6 +201,32 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     if (settled.state === 'delivered' || settled.state === 'failed') result.finalized.push({ id, state: settled.state });
     return undefined;
   }
+  return leaseBatch(sqlite, id, batch, chosen, retry, options);
+}
+
+/**
+ * Fails a recipient whose attempts are used up, with its last reply and why; returns the
+ * message's last error naming it. Both as an attempt's give-up writes them (planCompletion): the
+ * reply first, so that its codes lead.
+ */
+function giveUp(sqlite: Sqlite, id: string, r: PendingRecipient, maxAttempts: number, now: number): string {
+  const reason = gaveUpReason(sqlite, id, r, maxAttempts);
+  const reply = r.last_reply ? `${r.last_reply} (${reason})` : reason;
+  prepared(
+    sqlite,
+    `UPDATE recipients SET status = 'failed', temporary = 1, last_reply = ?, updated_at = ?
+     WHERE message_id = ? AND seq = ? AND status = 'pending'`,
+  ).run(reply, now, id, r.seq);
+  return r.last_reply ? `${r.address}: ${reason}; last reply: ${r.last_reply}` : `${r.address}: ${reason}`;
+}
+
+/**
+ * Leases the message to the batch of `chosen` recipients: a fresh token and lease, the claim and
+ * the recipients' attempts counted; the message's bytes read for sending. `retry`: one of them
+ * was tried before.
+ */
+function leaseBatch(sqlite: Sqlite, id: string, batch: number, chosen: ClaimedRecipient[], retry: boolean, options: ClaimOptions): ClaimedBatch {
+  const { now, batchSize } = options;
   const token = options.newToken();
   const leaseExpiresAt = now + options.leaseMs;
   prepared(
