@@ -4,7 +4,7 @@ import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { ManualClock } from '../manual-clock.js';
 import type { Relay } from '../../src/main.js';
-import { ADMIN_STEP, deleteMessage, flushQueued, type RequeueStep, requeueFailed, requeueFailedInSteps, retryMessage } from '../../src/store/admin.js';
+import { ADMIN_STEP, deleteMessage, flushQueued, lastDeliveryRequest, type RequeueStep, requeueFailed, requeueFailedInSteps, retryMessage } from '../../src/store/admin.js';
 import { listMessages, messageRaw, pageSql } from '../../src/store/queries.js';
 import type { MessageState } from '../../src/store/schema.js';
 import { capturedLog, holdWriteLock, insertMessages, openSession, sendMail, startHoldingUpstream, startTestRelay, startUpstream, type Upstream, waitFor, writeDirect } from '../helpers.js';
@@ -524,9 +524,12 @@ describe('admin: queue inspection', () => {
       assert.equal(res.headers.get('content-disposition'), `attachment; filename="${id}.eml"`);
       const stored = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
       assert.deepEqual(Buffer.from(await res.arrayBuffer()), stored.raw);
+      const reads = log.entries().filter((e) => e.action === 'read-raw');
+      // the GET that returned the content is logged; a HEAD, which returns none, is not
+      assert.equal(reads.length, 1, 'the GET is logged');
       const head = await fetch(`http://127.0.0.1:${relay.httpPort}/admin/messages/${id}/raw`, { method: 'HEAD' });
       assert.deepEqual([head.status, (await head.arrayBuffer()).byteLength], [200, 0]);
-      const reads = log.entries().filter((e) => e.action === 'read-raw');
+      assert.equal(log.entries().filter((e) => e.action === 'read-raw').length, 1, 'the HEAD is not');
       assert.deepEqual(
         reads.map(({ event, queueId, client, via, size, msg }) => ({ event, queueId, client, via, size, msg })),
         [{ event: 'api.admin', queueId: id, client: '127.0.0.1', via: 'loopback', size: stored.raw.length, msg: `read-raw ${id}` }],
@@ -1228,6 +1231,23 @@ test('retry-queued that fails after its first step says how many it made due, in
     assert.equal(relay.store.sqlite.prepare('SELECT count(*) FROM messages WHERE next_attempt_at <= ?').pluck().get(Date.now()), ADMIN_STEP);
   } finally {
     lock.release();
+    await relay.stop();
+  }
+});
+
+test('the time of the latest delivery request never goes back: a request committed late with an earlier time leaves it', async () => {
+  // the steps of one `relayq retry --failed` all carry the time it started, so a later step may
+  // commit after another request of a later time, whose time a suspension compares with its start
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  try {
+    const id = queueIdOf((await sendMail(relay.smtpPort, { text: 'x' })).response);
+    assert.equal(lastDeliveryRequest(relay.store.sqlite), 0, 'none before the first request');
+    await writeDirect(relay, (db) => retryMessage(db, id, 2_000_000, 0));
+    await writeDirect(relay, (db) => retryMessage(db, id, 1_000_000, 0));
+    assert.equal(lastDeliveryRequest(relay.store.sqlite), 2_000_000);
+    await writeDirect(relay, (db) => retryMessage(db, id, 3_000_000, 0));
+    assert.equal(lastDeliveryRequest(relay.store.sqlite), 3_000_000);
+  } finally {
     await relay.stop();
   }
 });

@@ -10,7 +10,7 @@ import { defaultConfig } from '../../src/config/schema.js';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { lockDatabase } from '../../src/store/maintenance.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
-import { sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
+import { insertMessages, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
 import { assertOneLineError, CLI_CWD, queuedId, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 describe('relayq CLI on the database of a running relay', () => {
@@ -198,7 +198,20 @@ describe('relayq CLI on the database of a running relay', () => {
       const released = await cli('show', ids.queued[0]);
       assert.match(released.stdout, /^tries: +2$/m);
       assert.match(released.stdout, /\n\nno delivery attempt has ended yet: its 2 tries were released unfinished at a stop or cut off by a kill -9 \(each may have reached the upstream\), or one is in progress now\n$/);
+      // one try, the common case after a kill -9
+      await setClaims(1);
+      const once = await cli('show', ids.queued[0]);
+      assert.match(once.stdout, /\n\nno delivery attempt has ended yet: its try was released unfinished at a stop or cut off by a kill -9 \(each may have reached the upstream\), or one is in progress now\n$/);
+      assert.match(once.stdout, /^lease until: +-$/m, 'no lease while queued');
+      // being sent: until when its worker holds it, and no next attempt
+      const leaseUntil = Date.UTC(2031, 0, 2, 3, 4, 5);
+      await writeDirect(relay, (db) => db.prepare("UPDATE messages SET state = 'sending', lease_expires_at = ? WHERE id = ?").run(leaseUntil, ids.queued[0]));
+      const sending = await cli('show', ids.queued[0]);
+      assert.match(sending.stdout, /^state: +sending$/m);
+      assert.match(sending.stdout, /^lease until: +2031-01-02 03:04:05Z$/m);
+      assert.match(sending.stdout, /^next attempt: +-$/m);
     } finally {
+      await writeDirect(relay, (db) => db.prepare("UPDATE messages SET state = 'queued', lease_expires_at = NULL WHERE id = ?").run(ids.queued[0]));
       await setClaims(0);
     }
     const stored = messageRaw(relay.store.sqlite, id) as { raw: Buffer };
@@ -576,10 +589,13 @@ describe('relayq CLI on the database of a running relay', () => {
     const id = ids.queued[0];
     const count = () => relay.store.sqlite.prepare('SELECT count(*) FROM messages WHERE id = ?').pluck().get(id);
     assert.equal(count(), 1);
+    // a failed message for retry --failed to requeue, whatever the tests before left
+    const [failed] = await insertMessages(relay, 1, 'failed');
     const holder = openConnection(relay.config.databasePath);
     holder.exec('BEGIN IMMEDIATE');
     try {
-      const results = await Promise.all([cli('delete', id), cli('retry', id)]);
+      // --failed and --queued write in steps: refused at the first, they changed nothing either
+      const results = await Promise.all([cli('delete', id), cli('retry', id), cli('retry', '--failed'), cli('retry', '--queued')]);
       for (const r of results) {
         assertOneLineError(r, /^relayq: database .* is locked: another process \(the relay, a sqlite3 shell inside a transaction\) held its write lock for more than 5 s; nothing was changed, run the command again$/);
       }
@@ -588,6 +604,7 @@ describe('relayq CLI on the database of a running relay', () => {
       holder.close();
     }
     assert.equal(count(), 1);
+    assert.equal(relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(failed), 'failed', 'not requeued');
   });
 });
 

@@ -1,11 +1,13 @@
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
+import pino from 'pino';
 import { ManualClock } from '../manual-clock.js';
+import { FailedRetry } from '../../src/delivery/failed-retry.js';
 import { classifyUpstreamError } from '../../src/delivery/outcomes.js';
 import { backoffDelayMs, describeGiveUp, giveUpReason } from '../../src/delivery/retry-policy.js';
 import type { Relay } from '../../src/main.js';
-import { openStore } from '../../src/store/db.js';
+import { openConnection, openStore } from '../../src/store/db.js';
 import { FAILED_SCAN_SQL, findTemporaryFailures, requeueTemporaryFailures } from '../../src/store/delivery.js';
 import { call } from '../api/fixtures.js';
 import { capturedLog, holdWriteLock, sendMail, startTestRelay, tempDir, waitFor, writeDirect } from '../helpers.js';
@@ -361,6 +363,49 @@ describe('retries against a real upstream, with an injected clock', () => {
     await writeDirect(relay, (db) => db.prepare(`UPDATE messages SET next_attempt_at = ? WHERE id IN (${waiting.map(() => '?').join()})`).run(clock.now() + 86_400_000, ...waiting));
     assert.equal((await relay.delivery.runOnce()).requeued, 1);
     assert.deepEqual(failed.map((id) => message(relay, id).claims), [2, 2, 2, 1], 'the oldest first');
+    clock.advance(10_000);
+    // 6 waiting, more than half of queueSize: no room, and nothing goes back
+    for (let i = 3; i < 6; i++) waiting.push(await queue(relay, [`w${i}@example.com`]));
+    await writeDirect(relay, (db) => db.prepare(`UPDATE messages SET next_attempt_at = ? WHERE id IN (${waiting.map(() => '?').join()})`).run(clock.now() + 86_400_000, ...waiting));
+    assert.equal((await relay.delivery.runOnce()).requeued, 0);
+    assert.deepEqual(failed.map((id) => message(relay, id).claims), [2, 2, 2, 1]);
+  });
+
+  test('failedRetryInterval comes back for a failure committed late while a scan runs, finished before the point that scan passes', async () => {
+    const { clock, relay, upstream } = await setup({ retry: { maxAttempts: 1 }, failedRetryInterval: 10 });
+    await upstream.goDown();
+    const early = await queue(relay, ['early@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, early).state, 'failed');
+    const late = await queue(relay, ['late@example.com']);
+    const failedAt = clock.now();
+    clock.advance(20_000);
+    const scans = new FailedRetry({
+      config: relay.config,
+      sqlite: relay.store.sqlite,
+      writer: relay.writer,
+      clock,
+      logger: pino({ level: 'silent' }),
+      pacingLimit: 100,
+      requeued: () => {},
+    });
+    // another process holds the write lock: the scan read the early failure and waits to requeue it
+    const holder = openConnection(relay.config.databasePath);
+    holder.exec('BEGIN IMMEDIATE');
+    const first = scans.scan(false);
+    await waitFor(() => relay.writer.waitingFor('requeueTemporaryFailures') > 0, 10_000, 'the requeue to wait for the lock');
+    // meanwhile the late message's failure, finished long before the scan's point, commits
+    holder.prepare("UPDATE messages SET state = 'failed', finished_at = ? WHERE id = ?").run(failedAt, late);
+    holder.prepare("UPDATE recipients SET status = 'failed', temporary = 1 WHERE message_id = ?").run(late);
+    scans.failedAt(failedAt);
+    holder.exec('COMMIT');
+    holder.close();
+    assert.equal(await first, 1);
+    assert.equal(message(relay, early).state, 'queued');
+    // the next scan, a moment later, comes back for it
+    clock.advance(1);
+    assert.equal(await scans.scan(false), 1);
+    assert.equal(message(relay, late).state, 'queued');
   });
 
   test('failedRetryInterval still requeues mail that its claim gave up on and committed late (the write lock held meanwhile)', async () => {

@@ -127,6 +127,34 @@ test('the erasure pass goes through delivered mail in steps of at most `limit` m
   }
 });
 
+test('the erasure pass goes on past a scan window that found no content to erase (mail delivered while logAllEmails was false)', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  try {
+    for (let i = 0; i < 4; i++) await sendMail(relay.smtpPort, { text: `message ${i}` });
+    await relay.delivery.runOnce();
+    await writeDirect(relay, (db) => {
+      db.prepare("UPDATE messages SET finished_at = 1 WHERE state = 'delivered'").run();
+      // the three oldest were delivered while logAllEmails was false: their content is gone
+      const first = db.prepare("SELECT rowid, body_id FROM messages WHERE state = 'delivered' ORDER BY rowid LIMIT 3").all() as Array<{ rowid: number; body_id: number }>;
+      for (const r of first) {
+        db.prepare('UPDATE messages SET body_id = NULL WHERE rowid = ?').run(r.rowid);
+        db.prepare('DELETE FROM message_bodies WHERE id = ?').run(r.body_id);
+      }
+    });
+    const steps: number[] = [];
+    for (let at: EraseCursor | null = { finishedAt: Number.MIN_SAFE_INTEGER, rowid: 0 }; at && steps.length < 10; ) {
+      const step = await writeDirect(relay, (db) => eraseDeliveredContent(db, { after: at as EraseCursor, limit: 1, scan: 2 }));
+      steps.push(step.erased);
+      at = step.next;
+    }
+    // a full window of two erased nothing; the next one found the fourth message's content
+    assert.deepEqual(steps, [0, 1, 0]);
+    assert.deepEqual(relay.store.sqlite.prepare("SELECT COUNT(*) AS n, COUNT(body_id) AS kept FROM messages WHERE state = 'delivered'").get(), { n: 4, kept: 0 });
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('logAllEmails=false: content already checkpointed into the database file is gone from both files soon after delivery, while the relay runs', async () => {
   const marker = `PRIVATE-${crypto.randomBytes(8).toString('hex')}`;
   const relay = await startTestRelay({ security: { logAllEmails: false } }, { startDelivery: false, startRetention: false });

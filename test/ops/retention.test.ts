@@ -6,7 +6,7 @@ import { ManualClock } from '../manual-clock.js';
 import type { Relay } from '../../src/main.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { PRUNE_RATE_BUCKETS_SQL, PRUNE_RATE_HOURS_SQL, type RetentionOptions, RetentionSweeper } from '../../src/store/retention.js';
-import { capturedLog, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor } from '../helpers.js';
+import { capturedLog, insertMessages, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, waitFor, writeDirect } from '../helpers.js';
 
 const MINUTE = 60_000;
 const DAY = 86_400_000;
@@ -143,6 +143,42 @@ describe('retention with an injected clock', () => {
     assert.equal(state(ids.failed), 'failed');
     assert.equal(state(ids.deferred), 'queued');
   });
+});
+
+test('a backlog of stale rate buckets alone is worked through at the busy interval, not one batch per idle interval', async () => {
+  const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
+  const relay = await startTestRelay({}, { clock, startDelivery: false, startRetention: false });
+  try {
+    await writeDirect(relay, (db) => {
+      const insert = db.prepare('INSERT INTO rate_buckets (sender_key, minute, count) VALUES (?, ?, 1)');
+      for (let i = 0; i < 12; i++) insert.run(`s${i}@example.com`, 1000 + i);
+    });
+    const sweeper = new RetentionSweeper({ writer: relay.writer, clock, logger: pino({ level: 'silent' }), deliveredDays: 7, batchSize: 5, busyIntervalMs: 0, idleIntervalMs: 60_000 });
+    sweeper.start();
+    try {
+      // batches of 5, 5 and 2: the two full ones are each followed by the busy interval
+      await waitFor(() => sweeper.totals.buckets === 12, 10_000, 'every stale bucket pruned');
+    } finally {
+      await sweeper.stop();
+    }
+  } finally {
+    await relay.stop();
+  }
+});
+
+test("the relay's sweeper deletes delivered mail 200 messages a batch", async () => {
+  const clock = new ManualClock(Date.UTC(2026, 2, 1, 12, 0, 0));
+  const relay = await startTestRelay({}, { clock, startDelivery: false, startRetention: false });
+  try {
+    await insertMessages(relay, 201, 'failed');
+    await writeDirect(relay, (db) => db.prepare("UPDATE messages SET state = 'delivered', finished_at = 1").run());
+    const sweeper = new RetentionSweeper({ writer: relay.writer, clock, logger: pino({ level: 'silent' }), deliveredDays: 7 });
+    assert.deepEqual(await sweeper.runOnce(), { messages: 200, buckets: 0, more: true });
+    // the rest, with the rate buckets the inserts counted in (all from 1970)
+    assert.deepEqual(await sweeper.runOnce(), { messages: 1, buckets: 4, more: false });
+  } finally {
+    await relay.stop();
+  }
 });
 
 test('rate buckets are pruned in the batch that deletes delivered mail, so a steady flow of it does not keep them', async () => {
