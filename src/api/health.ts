@@ -140,7 +140,11 @@ export function healthRoutes(deps: ApiDeps) {
       if (upstreamFailing(upstream, now)) {
         const since = upstream.lastSuccessAt === null ? 'no attempt has ever succeeded' : `last success ${isoTime(upstream.lastSuccessAt)}`;
         const last = lastAttemptReply(deps.store.sqlite);
-        degraded.push(`upstream ${upstreamTarget} failing: ${count(upstream.consecutiveFailures, 'attempt')} in a row failed (${since})${last ? `; last reply: ${last}` : ''}`);
+        // the attempts of a suspension were deferred without a connection: that run is no count of connections
+        const suspendedUntil = deps.delivery.suspendedUntil();
+        const suspended =
+          suspendedUntil === null ? '' : `; delivery to it is suspended until ${isoTime(suspendedUntil)}: the batches due meanwhile are deferred without a connection, and count as failed attempts`;
+        degraded.push(`upstream ${upstreamTarget} failing: ${count(upstream.consecutiveFailures, 'attempt')} in a row failed (${since})${last ? `; last reply: ${last}` : ''}${suspended}`);
       }
       active = metrics.queue.queued + metrics.queue.sending;
       if (config.queueSize > 0 && active > config.queueSize * HEALTH_THRESHOLDS.queueFullFraction) {

@@ -146,6 +146,14 @@ describe('delivery to an upstream that cannot be reached', () => {
     const { clock, relay, log, upstream, first: a } = await suspendedRelay();
     assert.match(attempts(relay, a)[0].reply ?? '', /ECONNREFUSED/);
     assert.deepEqual(await suspendedUntil(relay), [new Date(clock.now() + 9000).toISOString(), (clock.now() + 9000) / 1000]);
+    // /health's warning says that the run of failures counts deferrals without a connection
+    await queue(relay);
+    await queue(relay);
+    await relay.delivery.runOnce();
+    const warnings = (await call<{ details: { warnings: string[] } }>(relay, '/health')).body.details.warnings.filter((w) => w.startsWith('upstream '));
+    assert.deepEqual(warnings, [
+      `upstream 127.0.0.1:${upstream.port} failing: 3 attempts in a row failed (no attempt has ever succeeded); last reply: ${SUSPENDED}${attempts(relay, a)[0].reply}; delivery to it is suspended until ${new Date(clock.now() + 9000).toISOString()}: the batches due meanwhile are deferred without a connection, and count as failed attempts`,
+    ]);
     await upstream.comeBack();
     const b = await queue(relay);
     await relay.delivery.runOnce();
