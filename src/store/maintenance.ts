@@ -113,9 +113,24 @@ export function refuseForeignDatabase(sqlite: Sqlite): string[] {
   return names;
 }
 
-/** Names of the migrations applied to this database; throws on a file that is not relayq's. */
+/**
+ * Migrations that a database may have recorded under an earlier name: the first relayq numbered
+ * the metrics migration 003, with the same statements as 002_metrics now.
+ */
+const RENAMED_MIGRATIONS: ReadonlyMap<string, string> = new Map([['003_metrics', '002_metrics']]);
+
+/** A recorded migration's name now. */
+export function currentMigrationName(recorded: string): string {
+  return RENAMED_MIGRATIONS.get(recorded) ?? recorded;
+}
+
+/**
+ * Names of the migrations applied to this database (an earlier name as it is now: migrating
+ * records it so); throws on a file that is not relayq's.
+ */
 export function appliedMigrations(sqlite: Sqlite): string[] {
-  return (sqlite.prepare('SELECT name FROM schema_migrations ORDER BY name').all() as Array<{ name: string }>).map((r) => r.name);
+  const recorded = sqlite.prepare('SELECT name FROM schema_migrations ORDER BY name').all() as Array<{ name: string }>;
+  return recorded.map((r) => currentMigrationName(r.name)).sort();
 }
 
 /**

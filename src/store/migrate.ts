@@ -4,7 +4,7 @@
 import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect, sql } from 'kysely';
 import { migrations } from '../../migrations/index.js';
 import type { Sqlite } from './db.js';
-import { refuseNewerSchema } from './maintenance.js';
+import { currentMigrationName, refuseNewerSchema } from './maintenance.js';
 
 /**
  * SQLite changes its schema inside transactions, but Kysely's adapter says it cannot, and its
@@ -42,7 +42,12 @@ export async function migrateToLatest<T>(db: Kysely<T>, set: Record<string, Migr
       throw err;
     },
   );
-  refuseNewerSchema(applied, Object.keys(set));
+  // recorded under an earlier name: recorded under its name now, so that the migrator knows it
+  for (const name of applied) {
+    const now = currentMigrationName(name);
+    if (now !== name) await sql`UPDATE schema_migrations SET name = ${now} WHERE name = ${name}`.execute(db);
+  }
+  refuseNewerSchema(applied.map(currentMigrationName), Object.keys(set));
   const migrator = new Migrator({
     db,
     provider: { getMigrations: async () => set },

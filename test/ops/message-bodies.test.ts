@@ -6,6 +6,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import Database from 'better-sqlite3';
 import { migrations } from '../../migrations/index.js';
+import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { deleteMessage } from '../../src/store/admin.js';
 import { openStore, type Sqlite } from '../../src/store/db.js';
 import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
@@ -113,9 +114,9 @@ interface OldMessage {
   rcpt: string;
 }
 
-/** A database with the schema before migration 006 (bytes in messages.raw), holding `messages`. */
-async function databaseBefore006(file: string, messages: OldMessage[]) {
-  const before = Object.fromEntries(Object.entries(migrations).filter(([name]) => name < '006'));
+/** A database with the schema before migration `next` (006 by default: bytes in messages.raw), holding `messages`. */
+async function databaseBefore006(file: string, messages: OldMessage[], next = '006') {
+  const before = Object.fromEntries(Object.entries(migrations).filter(([name]) => name < next));
   const sqlite = new Database(file);
   const db = kyselyFor(sqlite);
   await migrateToLatest(db, before);
@@ -292,6 +293,42 @@ test('a database a newer relayq migrated is refused by the start, by relayq migr
     const r = await runCli([...args, '--databasePath', file]);
     assert.equal(r.code, 0, `reading still works: ${args.join(' ')}: ${r.stderr}`);
   }
+});
+
+test('a database of the first relayq, which recorded the metrics migration as 003_metrics, is migrated: the CLI says so, and the start migrates it', async () => {
+  const dir = tempDir();
+  const file = path.join(dir, 'first.db');
+  const { sqlite, db } = await databaseBefore006(file, [{ id: 'Q', state: 'queued', raw: Buffer.from('Subject: q\r\n\r\nbody\r\n'), rcpt: 'q@example.net' }], '003');
+  sqlite.prepare("UPDATE schema_migrations SET name = '003_metrics' WHERE name = '002_metrics'").run();
+  await db.destroy();
+  const later = MIGRATION_NAMES.filter((name) => name >= '003');
+  const s = await runCli(['status', '--databasePath', file]);
+  assert.equal(s.code, 1, s.stdout);
+  assert.equal(s.stderr.trim(), `relayq: database ${file} needs migrations ${later.join(', ')}: run \`relayq migrate\` or start the server`);
+
+  const upstream = await startUpstream();
+  const { logger, entries } = capturedLog('info');
+  const relay = await startTestRelay({ databasePath: file, forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { logger, startDelivery: false });
+  try {
+    assert.deepEqual(entries().find((e) => e.event === 'store.migrated')?.migrations, later);
+    const recorded = relay.store.sqlite.prepare('SELECT name FROM schema_migrations ORDER BY name').pluck().all();
+    assert.deepEqual(recorded, [...MIGRATION_NAMES]);
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.received.map((m) => m.to), [['q@example.net']]);
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+  // and relayq migrate, on another such database
+  const other = path.join(dir, 'other.db');
+  const made = await databaseBefore006(other, [], '003');
+  made.sqlite.prepare("UPDATE schema_migrations SET name = '003_metrics' WHERE name = '002_metrics'").run();
+  await made.db.destroy();
+  const m = await runCli(['migrate', '--databasePath', other]);
+  assert.equal(m.code, 0, m.stderr);
+  const reader = new Database(other, { readonly: true });
+  assert.deepEqual(reader.prepare('SELECT name FROM schema_migrations ORDER BY name').pluck().all(), [...MIGRATION_NAMES]);
+  reader.close();
 });
 
 test('a databasePath that is a directory is refused as one', async () => {
