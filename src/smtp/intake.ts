@@ -93,6 +93,8 @@ function notStored() {
 
 /** The text of every 421 a shutdown sends (spec §2). */
 const SHUTTING_DOWN = '4.3.2 Service shutting down, try again later';
+/** How long close() waits for the session lines of the connections it closed (see close). */
+const SESSION_LINES_WAIT_MS = 1000;
 
 /** The reply to a connection or MAIL once shutdown has begun, and to DATA once its grace period is over. */
 function shuttingDown() {
@@ -196,6 +198,8 @@ export class SmtpIntake {
   /** Writes of messages sent to the writer and not yet answered to their clients. */
   private readonly commitsInFlight = new Set<Promise<void>>();
   private readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
+  /** Sessions begun (onConnect) whose onClose has not come yet. */
+  private readonly openSessions = new Set<SMTPServerSession>();
   /** Slowed answers to logins from addresses that failed lately (login-throttle.ts). */
   private readonly logins = new LoginThrottle();
   private readonly allowed: (ip: string | undefined) => boolean;
@@ -330,6 +334,11 @@ export class SmtpIntake {
       }
     });
     this.listening = false;
+    // smtp-server calls onClose a turn after a socket has closed, and its close() may call back
+    // before that (a connection it closed leaves its set at once): the session lines are waited
+    // for (a moment at most), so that they come before the relay's last lines
+    const deadline = performance.now() + SESSION_LINES_WAIT_MS;
+    while (this.openSessions.size > 0 && performance.now() < deadline) await delay(5);
     // no session is left, and every commit has read its file: what remains belongs to messages
     // cut off at the end of the grace period, whose removal may still be under way
     try {
@@ -361,6 +370,7 @@ export class SmtpIntake {
 
   /** One line per session, as Postfix's "disconnect from": who it was, what it got stored, what was refused. */
   private onClose(session: SMTPServerSession) {
+    this.openSessions.delete(session);
     const s = this.state(session);
     s.closed = true;
     // a session that leaves while its MAIL waits for pacing gives up its place
@@ -391,6 +401,7 @@ export class SmtpIntake {
   }
 
   private onConnect(session: SMTPServerSession, cb: Callback) {
+    this.openSessions.add(session);
     if (this.closing) return cb(shuttingDown());
     const client = this.peer(session);
     // A client that reset the connection at once (a TCP health check, a port scan) is gone before
