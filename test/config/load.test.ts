@@ -371,6 +371,8 @@ describe('loadConfig', () => {
     ]);
     const admits = clientFilter(r.config.security);
     assert.deepEqual(['192.168.1.200', '192.168.2.1', '2001:db8:ffff::1', '2001:db9::1'].map(admits), [true, false, true, false]);
+    // no address (a socket already gone), or none that is an IP: not admitted
+    assert.deepEqual([undefined, '', 'unknown'].map(admits), [false, false, false]);
   });
 
   test('an allowedNetworks entry that is not a CIDR is refused and quoted: a prefix length out of range or not in digits, a second slash', () => {

@@ -139,7 +139,14 @@ test('temp files a crash left in emailsDir and emailsDir/failed are removed at s
   const failedDir = failedExportDir(config.emailsDir);
   fs.mkdirSync(failedDir, { recursive: true });
   const stray = [path.join(config.emailsDir, '.19CB2FAB2202390B919A.eml.0a1b2c3d4e5f.tmp'), path.join(failedDir, '.19CB2FAB2202390B919A.json.a1b2c3d4e5f6.tmp')];
-  const kept = [path.join(config.emailsDir, 'notes.tmp'), path.join(config.emailsDir, '.hidden'), path.join(failedDir, 'X.json')];
+  // (and names that only look like them: a suffix of other than 12 hex digits)
+  const kept = [
+    path.join(config.emailsDir, 'notes.tmp'),
+    path.join(config.emailsDir, '.hidden'),
+    path.join(failedDir, 'X.json'),
+    path.join(config.emailsDir, '.a.eml.abc.tmp'),
+    path.join(config.emailsDir, '.a.eml.0123456789abcdef.tmp'),
+  ];
   const crashedAt = new Date(Date.now() - 120_000);
   for (const file of [...stray, ...kept]) {
     fs.writeFileSync(file, 'x');

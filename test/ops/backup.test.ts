@@ -289,6 +289,36 @@ test('on a file system without hard links the copy is renamed into place: no nam
   }
 });
 
+test('a copy that does not pass integrity_check (damaged on its way to the disk) never takes the name, and leaves nothing behind', async (t) => {
+  const relay = await startTestRelay({}, { startDelivery: false });
+  const dir = tempDir('relayq-damaged-');
+  try {
+    await sendMail(relay.smtpPort, { to: ['a@example.com'] });
+    const { fsyncSync } = fs;
+    let damaged = false;
+    // as the copy is fsynced, its second page is overwritten: what a bad disk or cable would do
+    t.mock.method(fs, 'fsyncSync', (fd: number) => {
+      const partial = fs.readdirSync(dir).find((f) => f.includes('.partial-'));
+      if (!damaged && partial) {
+        damaged = true;
+        const file = path.join(dir, partial);
+        const handle = fs.openSync(file, 'r+');
+        fs.writeSync(handle, Buffer.alloc(4096, 0xa5), 0, 4096, 4096);
+        fs.closeSync(handle);
+      }
+      return fsyncSync(fd);
+    });
+    const target = path.join(dir, 'copy.db');
+    assert.throws(() => backupDatabase(relay.store.sqlite, target), (err: Error) => err instanceof BackupError && /integrity_check failed on the copy|malformed/.test(err.message));
+    assert.ok(damaged, 'control: the copy was damaged');
+    assert.deepEqual(fs.readdirSync(dir), [], 'no copy.db and no partial copy');
+  } finally {
+    t.mock.restoreAll();
+    await relay.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('the copy is fsynced before it takes its name, and its directory after', async (t) => {
   const relay = await startTestRelay({}, { startDelivery: false });
   const dir = tempDir('relayq-fsync-');
@@ -335,7 +365,7 @@ test('a copy that fails halfway leaves no partial file next to the target', asyn
   assert.deepEqual(fs.readdirSync(targetDir), [], 'no copy.db and no copy.db.partial-<pid>');
 });
 
-test('the unfinished copies of killed backups, an hour old, are removed by the next backup to that name; one that may be under way, or cannot be removed, stays', async () => {
+test('the unfinished copies of killed backups, an hour old, are removed by the next backup to that name; one that may be under way, or cannot be removed, stays', async (t) => {
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   const dir = tempDir('relayq-backup-left-');
   const running = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60_000)'], { stdio: 'ignore' });
@@ -346,18 +376,30 @@ test('the unfinished copies of killed backups, an hour old, are removed by the n
     const left = [`copy.db.partial-${gone}`, `copy.db.partial-${gone}-journal`, `copy.db.partial-${process.pid}`];
     // a running process's; one changed in the last hour (its process may run unseen, in another
     // container); other names; a directory, which is not removed
-    const kept = [`copy.db.partial-${running.pid}`, `copy.db.partial-${other}`, `other.db.partial-${gone}`, `copy.db.partial-${gone}.txt`];
+    // (half an hour ago); another user's process, which this one may not signal (EPERM); other
+    // names; a directory, which is not removed
+    const otherUsers = other + 2;
+    const kept = [`copy.db.partial-${running.pid}`, `copy.db.partial-${other}`, `copy.db.partial-${otherUsers}`, `other.db.partial-${gone}`, `copy.db.partial-${gone}.txt`];
     const hourAgo = new Date(Date.now() - 61 * 60_000);
+    const halfAnHourAgo = new Date(Date.now() - 30 * 60_000);
     for (const name of [...left, ...kept]) {
       fs.writeFileSync(path.join(dir, name), 'x'.repeat(1000));
-      if (name !== `copy.db.partial-${other}`) fs.utimesSync(path.join(dir, name), hourAgo, hourAgo);
+      const changed = name === `copy.db.partial-${other}` ? halfAnHourAgo : hourAgo;
+      fs.utimesSync(path.join(dir, name), changed, changed);
     }
+    const kill = process.kill.bind(process);
+    t.mock.method(process, 'kill', (pid: number, signal?: string | number) => {
+      if (pid === otherUsers) throw Object.assign(new Error('kill EPERM'), { code: 'EPERM' });
+      return kill(pid, signal);
+    });
     fs.mkdirSync(path.join(dir, `copy.db.partial-${other + 1}`));
     fs.utimesSync(path.join(dir, `copy.db.partial-${other + 1}`), hourAgo, hourAgo);
     kept.push(`copy.db.partial-${other + 1}`);
     backupDatabase(relay.store.sqlite, path.join(dir, 'copy.db'));
+    t.mock.restoreAll();
     assert.deepEqual(fs.readdirSync(dir).sort(), ['copy.db', ...kept].sort());
   } finally {
+    t.mock.restoreAll();
     running.kill();
     await relay.stop();
   }

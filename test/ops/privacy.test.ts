@@ -338,6 +338,9 @@ describe('file permissions', () => {
       await writeFileAtomic(path.join(nested, 'X.json'), '{}\n');
       for (const made of [emailsDir, path.join(emailsDir, 'failed'), nested]) assert.equal(mode(made), 0o750, made);
       assert.equal(mode(path.join(nested, 'X.json')), 0o640);
+      // and a file written into a directory that is there already
+      await writeFileAtomic(path.join(emailsDir, 'Y.eml'), 'x');
+      assert.equal(mode(path.join(emailsDir, 'Y.eml')), 0o640);
     } finally {
       process.umask(umask);
     }
