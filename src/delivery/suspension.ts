@@ -38,10 +38,11 @@ export interface Reachability {
 export class UpstreamSuspension {
   /**
    * Until `until` (the clock's ms) or `perfUntil` (performance.now(), so that a clock stepped back
-   * does not lengthen it), whichever comes first; `since`: when it began; `reply`: the reply of the
-   * attempt that found the upstream unreachable.
+   * does not lengthen it), whichever comes first; `since`: when it began; `renewedAt`: when it was
+   * last begun or renewed (an attempt after its end found the upstream unreachable again); `reply`:
+   * the reply of the attempt that found the upstream unreachable.
    */
-  private state: { since: number; until: number; perfUntil: number; reply: string } | null = null;
+  private state: { since: number; renewedAt: number; until: number; perfUntil: number; reply: string } | null = null;
   /** performance.now() when an attempt last reached the upstream. */
   private lastReachedAt = Number.NEGATIVE_INFINITY;
   /** A failure to reach the upstream waits to be judged until the connections being set up with it are. */
@@ -81,12 +82,13 @@ export class UpstreamSuspension {
   /**
    * While delivery is suspended, when that ends (the clock's ms); else null. An operator's request
    * that made mail due since it began ends it at this look, as `postqueue -f` makes Postfix forget
-   * its dead hosts: each request at most one suspension, since the next begins after it.
+   * its dead hosts: each request at most one suspension, since the next begins (or the same is
+   * renewed) after it.
    */
   until(): number | null {
     const s = this.state;
     if (!s || this.clock.now() >= s.until || performance.now() >= s.perfUntil) return null;
-    if (this.lastRequest() >= s.since) {
+    if (this.lastRequest() >= s.renewedAt) {
       this.end('operator');
       return null;
     }
@@ -145,7 +147,7 @@ export class UpstreamSuspension {
     if (this.stopped || this.lastReachedAt > started || this.reach.reachedSince(started)) return;
     const now = this.clock.now();
     const since = this.state?.since;
-    this.state = { since: since ?? now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };
+    this.state = { since: since ?? now, renewedAt: now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };
     if (since !== undefined) return;
     this.log.warn(
       { event: 'upstream.suspended', upstream: this.upstream, reply: result.reply, forMs: this.durationMs },

@@ -465,3 +465,33 @@ test('an attempt that could not reach the upstream does not suspend delivery whe
   assert.equal(suspension.until(), null);
   assert.equal(suspension.deferral(1), undefined);
 });
+
+test('an operator request made after a suspension ran out does not end the one the next failure renews; one made during it does', () => {
+  const reach = { label: 'up.test:25', reachedSince: () => false, setupsSettled: () => undefined };
+  const clock = new ManualClock();
+  let requestedAt = Number.NEGATIVE_INFINITY;
+  const suspension = new UpstreamSuspension(reach, 1000, clock, pino({ level: 'silent' }), () => requestedAt);
+  const unreachable = () => suspension.note({ ...uniformResult('up.test:25', 1, 'deferred', 'connect ECONNREFUSED'), unreachable: true }, performance.now());
+  unreachable();
+  assert.equal(suspension.until(), clock.now() + 1000);
+  clock.advance(1000);
+  assert.equal(suspension.until(), null, 'ran out');
+  // mail made due now is tried, finds the upstream unreachable again, and renews the suspension
+  requestedAt = clock.now();
+  clock.advance(10);
+  unreachable();
+  assert.equal(suspension.until(), clock.now() + 1000, 'the request came before the renewal');
+  requestedAt = clock.now();
+  assert.equal(suspension.until(), null, 'a request since the renewal ends it');
+});
+
+test('a suspension stays while the time of the last operator request cannot be read (a database fault)', () => {
+  const reach = { label: 'up.test:25', reachedSince: () => false, setupsSettled: () => undefined };
+  const clock = new ManualClock();
+  const suspension = new UpstreamSuspension(reach, 60_000, clock, pino({ level: 'silent' }), () => {
+    throw new Error('SQLITE_IOERR: disk I/O error');
+  });
+  suspension.note({ ...uniformResult('up.test:25', 1, 'deferred', 'connect ECONNREFUSED'), unreachable: true }, performance.now());
+  assert.equal(suspension.until(), clock.now() + 60_000);
+  assert.equal(suspension.deferral(1)?.recipients[0].verdict, 'deferred');
+});
