@@ -143,7 +143,7 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
     c.close();
   });
 
-  test('a spool file that cannot be created: 451 4.3.0, nothing stored, the next message goes through', async () => {
+  test('a spool file that cannot be created: 451 4.3.0, nothing stored, the next message goes through', async (t) => {
     const dir = Spool.dirFor(relay.config.databasePath);
     const before = messageCount(relay);
     // a plain file where the directory should be
@@ -165,6 +165,20 @@ describe('spooling a large message while it is received (spoolAfter)', () => {
         details.warnings.some((w) => /^messages over spoolAfter \(4096 bytes\) get 451: a spool file failed in the last minute: .*(EEXIST|ENOTDIR)/.test(w)),
         details.warnings.join('\n'),
       );
+      // for a minute: a little less than a minute later it is still said, a minute later no more
+      const realNow = performance.now.bind(performance);
+      const spoolWarnings = async (laterMs: number) => {
+        const now = t.mock.method(performance, 'now', () => realNow() + laterMs);
+        try {
+          const later = await createApp({ ...relay, getClientIp: () => '127.0.0.1' }).request('/health');
+          const warnings = ((await later.json()) as { details: { warnings: string[] } }).details.warnings;
+          return warnings.filter((w) => w.startsWith('messages over spoolAfter')).length;
+        } finally {
+          now.mock.restore();
+        }
+      };
+      assert.equal(await spoolWarnings(55_000), 1);
+      assert.equal(await spoolWarnings(60_000), 0);
     } finally {
       fs.rmSync(dir, { force: true });
     }
