@@ -262,7 +262,7 @@ test('on a file system without hard links the copy is renamed into place: no nam
     await sendMail(relay.smtpPort, { to: ['a@example.com'] });
     // vfat refuses link() with EPERM; a copy under the final name that a full disk cuts short
     // would stay there, as one a kill cuts short would
-    t.mock.method(fs, 'linkSync', () => {
+    const noLinks = t.mock.method(fs, 'linkSync', () => {
       throw Object.assign(new Error('EPERM: operation not permitted, link'), { code: 'EPERM', syscall: 'link' });
     });
     t.mock.method(fs, 'copyFileSync', (from: string, to: string) => {
@@ -282,7 +282,15 @@ test('on a file system without hard links the copy is renamed into place: no nam
     fs.writeFileSync(path.join(dir, 'taken.db'), 'an older backup');
     assert.throws(() => backupDatabase(relay.store.sqlite, path.join(dir, 'taken.db')), /taken\.db already exists \(use --force to replace it\)/);
     assert.equal(fs.readFileSync(path.join(dir, 'taken.db'), 'utf8'), 'an older backup');
-    assert.deepEqual(fs.readdirSync(dir).sort(), ['copy.db', 'taken.db']);
+    // taken while the copy was made (another backup to the same name): refused all the same
+    const raced = path.join(dir, 'raced.db');
+    noLinks.mock.mockImplementation((_from: fs.PathLike, to: fs.PathLike) => {
+      if (to === raced) fs.writeFileSync(raced, 'the other backup');
+      throw Object.assign(new Error('EPERM: operation not permitted, link'), { code: 'EPERM', syscall: 'link' });
+    });
+    assert.throws(() => backupDatabase(relay.store.sqlite, raced), /raced\.db already exists \(use --force to replace it\)/);
+    assert.equal(fs.readFileSync(raced, 'utf8'), 'the other backup');
+    assert.deepEqual(fs.readdirSync(dir).sort(), ['copy.db', 'raced.db', 'taken.db']);
   } finally {
     await relay.stop();
     fs.rmSync(dir, { recursive: true, force: true });
