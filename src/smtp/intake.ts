@@ -1,6 +1,7 @@
 // SMTP intake: access control, AUTH, envelope checks, policy (limits, queue size, disk) and the
 // durable insert. Invariant: `250` is sent only from the callback of the commit that holds the
 // message; every refusal carries the reply code and enhanced code of the spec's §2 table.
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
@@ -336,9 +337,10 @@ export class SmtpIntake {
     this.listening = false;
     // smtp-server calls onClose a turn after a socket has closed, and its close() may call back
     // before that (a connection it closed leaves its set at once): the session lines are waited
-    // for (a moment at most), so that they come before the relay's last lines
+    // for (a moment at most, on timers that keep the process up meanwhile), so that they come
+    // before the relay's last lines
     const deadline = performance.now() + SESSION_LINES_WAIT_MS;
-    while (this.openSessions.size > 0 && performance.now() < deadline) await delay(5);
+    while (this.openSessions.size > 0 && performance.now() < deadline) await sleep(5);
     // no session is left, and every commit has read its file: what remains belongs to messages
     // cut off at the end of the grace period, whose removal may still be under way
     try {
