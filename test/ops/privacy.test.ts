@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { writeFileAtomic } from '../../src/delivery/atomic-file.js';
-import { permissionWarnings } from '../../src/main.js';
+import { permissionWarnings, type Relay } from '../../src/main.js';
 import { backupDatabase } from '../../src/store/backup.js';
 import { openReadOnly } from '../../src/store/maintenance.js';
 import { ERASE_SCAN_SQL, type EraseCursor, eraseDeliveredContent } from '../../src/store/retention.js';
@@ -89,6 +89,17 @@ test('logAllEmails switched to false: the content of mail delivered before is er
   assert.deepEqual(holders, []);
 });
 
+/** The erasure pass from the first delivered message to its end, a step at a time: what each step erased. */
+async function erasePass(relay: Relay, options: { limit: number; maxBytes?: number; scan: number }): Promise<number[]> {
+  const erased: number[] = [];
+  for (let at: EraseCursor | null = { finishedAt: Number.MIN_SAFE_INTEGER, rowid: 0 }; at && erased.length < 20; ) {
+    const step = await writeDirect(relay, (db) => eraseDeliveredContent(db, { ...options, after: at as EraseCursor }));
+    erased.push(step.erased);
+    at = step.next;
+  }
+  return erased;
+}
+
 test('the erasure pass goes through delivered mail in steps of at most `limit` messages and `maxBytes` of content, to the end', async () => {
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   try {
@@ -97,27 +108,14 @@ test('the erasure pass goes through delivered mail in steps of at most `limit` m
     await sendMail(relay.smtpPort, { text: 'queued' });
     // delivered in one millisecond: the cursor tells them apart by rowid
     await writeDirect(relay, (db) => db.prepare("UPDATE messages SET finished_at = 1 WHERE state = 'delivered'").run());
-    const steps: Array<{ erased: number; next: unknown }> = [];
-    let after: EraseCursor | null = { finishedAt: Number.MIN_SAFE_INTEGER, rowid: 0 };
-    while (after && steps.length < 20) {
-      const step = await writeDirect(relay, (db) => eraseDeliveredContent(db, { after: after as EraseCursor, limit: 3, maxBytes: 1, scan: 3 }));
-      steps.push(step);
-      after = step.next;
-    }
     // one message a step for want of bytes (each is erased alone); the step that reads fewer than
     // `scan` has read to the end
-    assert.deepEqual(steps.map((s) => s.erased), [1, 1, 1, 1, 1]);
+    assert.deepEqual(await erasePass(relay, { limit: 3, maxBytes: 1, scan: 3 }), [1, 1, 1, 1, 1]);
     assert.deepEqual(await writeDirect(relay, (db) => db.prepare("SELECT COUNT(body_id) AS n FROM messages WHERE state = 'queued'").get()), { n: 1 });
     // and at most `limit` a step, however many it reads: the queued one and five more delivered
     for (let i = 5; i < 10; i++) await sendMail(relay.smtpPort, { text: `message ${i}` });
     await relay.delivery.runOnce();
-    const limited: number[] = [];
-    for (let at: EraseCursor | null = { finishedAt: Number.MIN_SAFE_INTEGER, rowid: 0 }; at && limited.length < 20; ) {
-      const step = await writeDirect(relay, (db) => eraseDeliveredContent(db, { after: at as EraseCursor, limit: 2, scan: 100 }));
-      limited.push(step.erased);
-      at = step.next;
-    }
-    assert.deepEqual(limited, [2, 2, 2]);
+    assert.deepEqual(await erasePass(relay, { limit: 2, scan: 100 }), [2, 2, 2]);
     const left = relay.store.sqlite.prepare('SELECT state, COUNT(*) AS n, COUNT(body_id) AS kept FROM messages GROUP BY state').all();
     assert.deepEqual(left, [{ state: 'delivered', n: 11, kept: 0 }]);
     const plan = relay.store.sqlite.prepare(`EXPLAIN QUERY PLAN ${ERASE_SCAN_SQL}`).all(0, 0, 3) as Array<{ detail: string }>;
@@ -141,14 +139,8 @@ test('the erasure pass goes on past a scan window that found no content to erase
         db.prepare('DELETE FROM message_bodies WHERE id = ?').run(r.body_id);
       }
     });
-    const steps: number[] = [];
-    for (let at: EraseCursor | null = { finishedAt: Number.MIN_SAFE_INTEGER, rowid: 0 }; at && steps.length < 10; ) {
-      const step = await writeDirect(relay, (db) => eraseDeliveredContent(db, { after: at as EraseCursor, limit: 1, scan: 2 }));
-      steps.push(step.erased);
-      at = step.next;
-    }
     // a full window of two erased nothing; the next one found the fourth message's content
-    assert.deepEqual(steps, [0, 1, 0]);
+    assert.deepEqual(await erasePass(relay, { limit: 1, scan: 2 }), [0, 1, 0]);
     assert.deepEqual(relay.store.sqlite.prepare("SELECT COUNT(*) AS n, COUNT(body_id) AS kept FROM messages WHERE state = 'delivered'").get(), { n: 4, kept: 0 });
   } finally {
     await relay.stop();
