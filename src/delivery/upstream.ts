@@ -6,7 +6,6 @@
 // the claim lease, and an attempt that outlives its deadline is aborted (its connection closed),
 // so a stalled upstream can never hold a batch past its lease.
 import { isAscii as isAsciiBytes } from 'node:buffer';
-import type net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { Readable } from 'node:stream';
 import type tls from 'node:tls';
@@ -17,6 +16,18 @@ import { isAscii, normalizeForEnvelope } from '../address.js';
 import { MIN_MESSAGE_SIZE_LIMIT } from '../config/schema.js';
 import { libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
+import {
+  hookSendStream,
+  offers,
+  onStartTlsRefused,
+  readRepliesBeforeClose,
+  recipientReplies,
+  requireGoAheadForData,
+  requireHelloReply,
+  sizeLimit,
+  socketOf,
+  upgrading,
+} from './nodemailer-internals.js';
 import { type BatchResult, classifyUpstreamError, openSslCode, type RecipientResult, resultFromNodemailer, uniformResult } from './outcomes.js';
 import { settleWithin } from './settle.js';
 
@@ -81,120 +92,14 @@ function sizeRefusal(label: string, size: number, limit: number): UpstreamError 
   return Object.assign(new Error(message), { code: 'EMESSAGE', ownRefusal: true, notSent: true });
 }
 
-/** The upstream's SIZE limit as nodemailer read it from the EHLO reply; 0 when none is given. */
-function sizeLimit(connection: SMTPConnection): number {
-  return (connection as unknown as { _maxAllowedSize?: number })._maxAllowedSize ?? 0;
-}
-
 /**
  * Room above maxMessageSize for the Received: header relayq adds to a message (usually 150-300
  * bytes; a long HELO, client name or recipient makes it longer).
  */
 export const RECEIVED_HEADER_ROOM = 2048;
 
-/**
- * The reply to DATA must be `354` (RFC 5321 §4.1.1.4; Postfix checks for a 3xx, and so does
- * this); nodemailer also goes ahead on a 2xx, for servers said to send `250` there. A 2xx there
- * mostly means that the replies are out of step with the commands (an upstream that sent one
- * line too many, such as a second greeting line): the message would go out, the `354` would then
- * be read as the reply to the final dot, and every retry would deliver it again. So the
- * transaction ends before the message is sent, as a temporary failure, and the connection is
- * closed. The hook is nodemailer's private `_actionDATA`; without it nothing changes.
- */
-function requireGoAheadForData(connection: SMTPConnection): void {
-  type Callback = (err: Error | null, info?: unknown) => void;
-  const internals = connection as unknown as { _actionDATA?: (reply: string, callback: Callback) => void };
-  const action = internals._actionDATA;
-  if (typeof action !== 'function') return;
-  internals._actionDATA = function (this: unknown, reply: string, callback: Callback) {
-    action.call(this, reply, (err, info) => {
-      if (err || reply.startsWith('3')) return callback(err, info);
-      const message = `the upstream answered DATA with "${reply.slice(0, 200)}" instead of 354: its replies are out of step with the commands`;
-      callback(Object.assign(new Error(message), { code: 'EPROTOCOL' }));
-    });
-  };
-}
-
-/**
- * The reply to EHLO or HELO must be `250` (RFC 5321 §4.3.2); nodemailer takes any 2xx. Another
- * 2xx there (a second `220` greeting line) means that every later reply is one out of step with
- * its command, and a refusal of one RCPT would be read as another's: the connection fails
- * (EPROTOCOL, temporary) before a transaction starts. The hooks are nodemailer's private
- * `_actionEHLO` and `_actionHELO`; without them nothing changes.
- */
-function requireHelloReply(connection: SMTPConnection): void {
-  const internals = connection as unknown as Record<string, unknown> & { _onError(err: Error, type: string): void };
-  for (const [name, command] of [['_actionEHLO', 'EHLO'], ['_actionHELO', 'HELO']] as const) {
-    const action = internals[name];
-    if (typeof action !== 'function') continue;
-    internals[name] = function (this: typeof internals, reply: string) {
-      if (!reply.startsWith('2') || reply.startsWith('250')) return action.call(this, reply);
-      const message = `the upstream answered ${command} with "${reply.slice(0, 200)}" instead of 250: its replies are out of step with the commands`;
-      this._onError(new Error(message), 'EPROTOCOL');
-    };
-  }
-}
-
-/**
- * Calls `refused` with the upstream's reply when it refuses STARTTLS (`454`), before nodemailer
- * handles it (with opportunisticTLS it goes on in plain text, and says so only in its own log).
- * The hook is nodemailer's private `_actionSTARTTLS`; without it nothing is said.
- */
-function onStartTlsRefused(connection: SMTPConnection, refused: (reply: string) => void): void {
-  const internals = connection as unknown as { _actionSTARTTLS?: (reply: string) => void };
-  const action = internals._actionSTARTTLS;
-  if (typeof action !== 'function') return;
-  internals._actionSTARTTLS = function (this: unknown, reply: string) {
-    if (!reply.startsWith('2')) refused(reply);
-    return action.call(this, reply);
-  };
-}
-
-/**
- * nodemailer reads the replies that came in one burst one per turn of the event loop, and takes
- * the connection's close as it comes: replies still queued then were lost, and the attempt was
- * "Connection closed unexpectedly" with no code. An upstream that answers a pipelined command
- * with a `421` or a `550` and closes at once (RFC 5321 §3.8; Haraka's DENYDISCONNECT) does just
- * that, and a `550` to one RCPT was then retried as a temporary failure. The close now waits
- * until the queued replies are read, as long as each turn reads one. Meanwhile the connection is
- * not yet destroyed: a command on it fails at once as on a closed connection (a message is then
- * not sent), and its `end` takes it out of the pool. The hook is nodemailer's private `_onClose`;
- * without it nothing changes.
- */
-function readRepliesBeforeClose(connection: SMTPConnection): void {
-  const internals = connection as unknown as { _onClose?: () => void; _responseQueue?: unknown[]; _destroyed?: boolean };
-  const onClose = internals._onClose;
-  if (typeof onClose !== 'function') return;
-  internals._onClose = function (this: typeof internals) {
-    let queued = Number.POSITIVE_INFINITY;
-    const closeOnceRead = () => {
-      const left = this._responseQueue?.length ?? 0;
-      // a reply that came only in part stays queued for ever: the close goes ahead
-      if (left > 0 && left < queued && !this._destroyed) {
-        queued = left;
-        setImmediate(closeOnceRead);
-      } else {
-        onClose.call(this);
-      }
-    };
-    closeOnceRead();
-  };
-}
-
-/** Whether the upstream's EHLO reply offered an extension (as nodemailer parsed it). */
-function offers(connection: SMTPConnection, extension: string): boolean {
-  return ((connection as unknown as { _supportedExtensions?: string[] })._supportedExtensions ?? []).includes(extension);
-}
-
 /** The TLS version of each connection (`TLSv1.3`), or null in plain text: read once it is set up, while its socket is there. */
 const tlsVersions = new WeakMap<SMTPConnection, string | null>();
-
-/** nodemailer's socket of a connection: after STARTTLS, the TLS one. */
-function socketOf(
-  connection: SMTPConnection,
-): (net.Socket & Partial<Pick<tls.TLSSocket, 'authorized' | 'authorizationError' | 'getProtocol' | 'getPeerCertificate'>>) | undefined {
-  return (connection as unknown as { _socket?: net.Socket })._socket;
-}
 
 function readTlsVersion(connection: SMTPConnection): string | null {
   if (!connection.secure) return null;
@@ -221,8 +126,6 @@ type UpstreamError = SMTPConnection.SMTPError & {
   /** The connection failed in its STARTTLS handshake (see connect). */
   inHandshake?: boolean;
 };
-/** What nodemailer's SMTPConnection records of the current transaction's RCPT replies. */
-type EnvelopeState = { accepted?: string[]; rejectedErrors?: SMTPConnection.SMTPError[] };
 
 /** nodemailer's codes for a connection that failed at the network: refused, reset, timed out, or a name not resolved. */
 const NETWORK_ERROR_CODES = new Set(['ECONNECTION', 'ESOCKET', 'ETIMEDOUT', 'EDNS']);
@@ -241,35 +144,8 @@ function abortError(signal: AbortSignal): Error {
   return Object.assign(new Error('Message sending aborted', { cause: signal.reason }), { name: 'AbortError', code: 'EABORT' });
 }
 
-/** Each connection's current data stream (the message and its final dot, dot-stuffed). */
+/** Each connection's current data stream (the message and its final dot, dot-stuffed), as hookSendStream hands it over. */
 const dataStreams = new WeakMap<SMTPConnection, Readable>();
-
-/**
- * A hook on nodemailer's private `_createSendStream`, called after the `354`, that does two
- * things (a nodemailer without that method loses both, and delivers as before):
- * - It keeps each transaction's data stream, which nodemailer does not expose, so that a reply can
- *   say the upstream may have the message (`withEndUnanswered`).
- * - It writes each message at once. nodemailer hands a message to the socket in two writes, its
- *   bytes and then the final dot: two TCP segments (TCP_NODELAY) and two reads at the upstream.
- *   The socket is corked here and uncorked when this turn of the event loop is over; the message
- *   is one buffer in memory, so by then both writes are in and leave as one. Anything written
- *   later (a large message waiting for the socket to drain) is written uncorked.
- */
-function hookSendStream(connection: SMTPConnection): void {
-  const internals = connection as unknown as { _createSendStream?: (...args: unknown[]) => unknown; _socket?: net.Socket };
-  const create = internals._createSendStream;
-  if (typeof create !== 'function') return;
-  internals._createSendStream = function (this: unknown, ...args: unknown[]) {
-    const socket = internals._socket;
-    if (socket && !socket.destroyed) {
-      socket.cork();
-      setImmediate(() => socket.uncork());
-    }
-    const stream = create.apply(this, args) as Readable;
-    dataStreams.set(connection, stream);
-    return stream;
-  };
-}
 
 /**
  * Marks an error that ended a transaction after its final dot had left and before any reply to
@@ -392,11 +268,6 @@ function verifiesCertificates(settings: Pick<UpstreamSettings, 'secure' | 'requi
  */
 function fallsBackToPlain(settings: Pick<UpstreamSettings, 'secure' | 'requireTls' | 'username'>): boolean {
   return !verifiesCertificates(settings) && !settings.username;
-}
-
-/** Whether nodemailer was in a STARTTLS handshake when the connection failed. */
-function upgrading(connection: SMTPConnection): boolean {
-  return (connection as unknown as { upgrading?: boolean }).upgrading === true;
 }
 
 /** Why a certificate did not verify: OpenSSL's code (CERT_HAS_EXPIRED, DEPTH_ZERO_SELF_SIGNED_CERT), or Node's for a name it does not hold. */
@@ -711,7 +582,7 @@ export class SmtpUpstream {
     withEndUnanswered(e, connection);
     // A refusal of DATA or of the message says nothing of the recipients the upstream had
     // already refused at RCPT; nodemailer keeps those on the envelope only (which RSET clears).
-    const envelopeState = (connection as unknown as { _envelope?: EnvelopeState })._envelope;
+    const envelopeState = recipientReplies(connection);
     // Replies out of step with the commands (a 2xx to DATA, a 354 to the final dot) were
     // read against the wrong RCPTs too: none of those is taken, and every recipient waits.
     const outOfStep =
@@ -758,7 +629,7 @@ export class SmtpUpstream {
       if (options === this.fallback?.plain) this.plainFallbacks.add(connection);
       this.openedAt.set(connection, this.now());
       this.open.add(connection);
-      hookSendStream(connection);
+      hookSendStream(connection, (stream) => dataStreams.set(connection, stream));
       requireGoAheadForData(connection);
       requireHelloReply(connection);
       readRepliesBeforeClose(connection);

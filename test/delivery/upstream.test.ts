@@ -27,7 +27,7 @@ function engineOn(relay: Relay, clock: ManualClock, extra: Partial<DeliveryDeps>
 }
 
 test("the nodemailer internals relayq's upstream connections hook are all there", () => {
-  // Each hook does nothing when its member is missing (src/delivery/upstream.ts): an update of
+  // Each hook does nothing when its member is missing (src/delivery/nodemailer-internals.ts): an update of
   // nodemailer that renamed one would drop a check without a word, such as "DATA must get 354"
   // (or, for _onError, which the hooks call, throw).
   const connection = new SMTPConnection({}) as unknown as Record<string, unknown>;
