@@ -305,11 +305,14 @@ export function requireMigrated(applied: string[], file: string): void {
   if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: ${migrationAdvice(file)}`);
 }
 
-/** What brings a database's schema up to date: a relay that runs on it may be doing so right now. */
+/**
+ * What brings a database's schema up to date: a relay that runs on it may be doing so right now.
+ * A relayq older than the lock may run on it unseen, and could not store mail on the new schema.
+ */
 function migrationAdvice(file: string): string {
   return isLockHeld(file)
     ? 'a relayq runs on it: this version applies them as it starts (its store.migrated log line says when they are done), an older one does not (stop it, and start this version)'
-    : 'run `relayq migrate` or start the server';
+    : 'stop any relayq running on it, then run `relayq migrate` or start the server';
 }
 
 /** A reason for stderr: each of its lines marked as relayq's. */

@@ -222,19 +222,19 @@ test('CLI commands that read refuse a database the migration has not reached yet
   for (const args of [['show', 'F'], ['show', 'F', '--raw']]) {
     const r = await runCli([...args, '--databasePath', file]);
     assert.equal(r.code, 1, `${args.join(' ')}: ${r.stdout}`);
-    assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations \(no such (table|column): [a-z_]+\): run `relayq migrate` or start the server$/);
+    assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations \(no such (table|column): [a-z_]+\): stop any relayq running on it, then run `relayq migrate` or start the server$/);
   }
   // export-failed reads the newest tables: it asks for every migration, before it makes its directory
   const exports = path.join(dir, 'exports');
   const r = await runCli(['export-failed', exports, '--databasePath', file]);
   assert.equal(r.code, 1, r.stdout);
-  assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, 007_upstream_failures, 008_processing_time_floor, 009_processing_time_by_message: run `relayq migrate`/);
+  assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, 007_upstream_failures, 008_processing_time_floor, 009_processing_time_by_message: stop any relayq running on it, then run `relayq migrate`/);
   assert.equal(fs.existsSync(exports), false);
   // status reads counters that the pending migrations add: it would report them as 0
   for (const args of [['status'], ['status', '--json']]) {
     const s = await runCli([...args, '--databasePath', file]);
     assert.equal(s.code, 1, `${args.join(' ')}: ${s.stdout}`);
-    assert.match(s.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, .*009_processing_time_by_message: run `relayq migrate` or start the server$/);
+    assert.match(s.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, .*009_processing_time_by_message: stop any relayq running on it, then run `relayq migrate` or start the server$/);
   }
   // with a relay running on it (which migrates it as it starts, or is older), the advice says so
   const lock = lockDatabase(file);
@@ -304,7 +304,7 @@ test('a database of the first relayq, which recorded the metrics migration as 00
   const later = MIGRATION_NAMES.filter((name) => name >= '003');
   const s = await runCli(['status', '--databasePath', file]);
   assert.equal(s.code, 1, s.stdout);
-  assert.equal(s.stderr.trim(), `relayq: database ${file} needs migrations ${later.join(', ')}: run \`relayq migrate\` or start the server`);
+  assert.equal(s.stderr.trim(), `relayq: database ${file} needs migrations ${later.join(', ')}: stop any relayq running on it, then run \`relayq migrate\` or start the server`);
 
   const upstream = await startUpstream();
   const { logger, entries } = capturedLog('info');
