@@ -35,6 +35,12 @@ function pathValue(value: string): string {
   return notAnOption(value, true);
 }
 
+/** A path given as an argument: an empty one would be the working directory, or no file at all. */
+function pathArgument(value: string): string {
+  if (value === '') throw new InvalidArgumentError('must be a path (not empty)');
+  return value;
+}
+
 /** --config, --databasePath, --emailsDir and --json: taken before a command's name and after it. */
 function withGlobalOptions(cmd: Command): Command {
   return cmd
@@ -185,12 +191,12 @@ operatorCommand('delete', 'delete messages with their recipients and attempts (r
   .action(async (ids: string[], _opts: unknown, cmd: Command) => (await import('./delete.js')).deleteCommand(ids, globals(cmd)));
 
 operatorCommand('backup', 'write a consistent, fsynced, verified copy of the database while the server runs')
-  .argument('<file>', 'where to write the copy')
+  .argument('<file>', 'where to write the copy', pathArgument)
   .option('--force', 'replace FILE if it exists')
   .action(async (file: string, opts: { force?: boolean }, cmd: Command) => (await import('./backup.js')).backupCommand(file, opts, globals(cmd)));
 
 operatorCommand('export-failed', 'write the JSON export of every failed message')
-  .argument('[dir]', 'target directory (default: emailsDir/failed)')
+  .argument('[dir]', 'target directory (default: emailsDir/failed)', pathArgument)
   .action(async (dir: string | undefined, _opts: unknown, cmd: Command) => (await import('./export-failed.js')).exportFailedCommand(dir, globals(cmd)));
 
 operatorCommand('migrate', 'apply pending database migrations (the server also does this at start)').action(

@@ -98,7 +98,7 @@ export function canonicalQueueId(input: string): string {
  */
 export function typedId(input: string): string {
   const cut = input.length <= 64 ? input : `${input.slice(0, 64)}…`;
-  return /^[\w.@+-]*$/.test(input) ? cut : escapeTerminalUnsafe(JSON.stringify(cut));
+  return /^[\w.@+-]+$/.test(input) ? cut : escapeTerminalUnsafe(JSON.stringify(cut));
 }
 
 /**

@@ -277,6 +277,15 @@ describe('relayq CLI on the database of a running relay', () => {
       assertOneLineError(r, /no message with id "1A\\u001b\[31mX\\nY"/);
       assert.doesNotMatch(r.stderr, /\x1b/);
     }
+    // an empty id is named as one; an empty path is not taken for the working directory
+    for (const args of [['show'], ['retry'], ['delete'], ['queue', '--before']]) {
+      assertOneLineError(await cli(...args, ''), /no message with id ""/);
+    }
+    const before = fs.readdirSync(CLI_CWD);
+    for (const [command, argument] of [['export-failed', 'dir'], ['backup', 'file']]) {
+      assertOneLineError(await cli(command, ''), new RegExp(`^relayq: command-argument value '' is invalid for argument '${argument}'\\. must be a path \\(not empty\\)$`));
+    }
+    assert.deepEqual(fs.readdirSync(CLI_CWD), before, 'nothing written into the working directory');
     // a From: line pasted, to the commands that write: refused, as queue refuses it
     for (const retry of await Promise.all([cli('retry', '--failed', '--sender', 'App Team <app@example.com>'), cli('retry', '--queued', '--sender', 'a b@example.com')])) {
       assertOneLineError(retry, /^relayq: --sender: an address has no space$/);
