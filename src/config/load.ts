@@ -128,7 +128,7 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
  * (it may be a password: `"defaultPassword": 'secret'`). V8 gives a position for most errors; for
  * an unexpected token it quotes the 10 characters before and after it instead, which locate it.
  */
-function describeJsonError(err: Error, text: string): string {
+function describeJsonError(err: Error, text: string, padded = false): string {
   const at = (pos: number) => {
     const before = text.slice(0, pos).split('\n');
     return ` at line ${before.length}, column ${before[before.length - 1].length + 1}`;
@@ -144,6 +144,17 @@ function describeJsonError(err: Error, text: string): string {
   const token = /^Unexpected token '(.{1,2}?)', (\.\.\.)?"(.*)"(\.\.\.)? is not valid JSON$/s.exec(err.message);
   if (!token) return 'syntax error';
   const [, char, lead, context, trail] = token;
+  if (!lead && !trail && !padded) {
+    // V8 quotes a text of under 21 characters whole, which gives no position; spaces after it
+    // (JSON ignores them, and they do not move the error) make it quote the ten characters on
+    // each side of the error instead
+    const spaced = text + ' '.repeat(32);
+    try {
+      JSON.parse(spaced);
+    } catch (again) {
+      return describeJsonError(again as Error, spaced, true);
+    }
+  }
   let pos: number | undefined;
   if (lead && text.includes(context)) pos = text.indexOf(context) + 10;
   else if (!lead && trail) pos = context.length - 10;

@@ -627,6 +627,10 @@ describe('loadConfig', () => {
       ['{\n  // the relay\n  "smtpPort": 25\n}', /^c\.json is not valid JSON: .* at line 2, column 3 \(JSON takes no comments\)$/],
       ['{"smtpPort": 25, /* the port */ "forwardPort": 587}', /^c\.json is not valid JSON: .* at line 1, column 18 \(JSON takes no comments\)$/],
       ['{"smtpPort": /* the port */ 25}', /^c\.json is not valid JSON: .* at line 1, column 14 \(JSON takes no comments\)$/],
+      // under 21 characters, which V8's message quotes whole, without a position
+      ['{"smtpPort":x}\n', /^c\.json is not valid JSON: unexpected character at line 1, column 13 \(strings must be in double quotes\)$/],
+      ['{"a":{}, "b":}', /^c\.json is not valid JSON: unexpected character at line 1, column 14$/],
+      ['{"a":1}\n\n}', /^c\.json is not valid JSON: .* at line 3, column 1$/],
     ];
     for (const [text, expected] of cases) {
       const messages = errorMessages(loadConfig([], {}, { path: 'c.json', text }));
