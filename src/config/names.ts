@@ -25,6 +25,8 @@ export function closestName(name: string, names: readonly string[]): string | un
   for (const known of names) {
     const limit = best?.distance ?? Math.min(3, Math.ceil(wanted.length / 4));
     const candidate = folded(known);
+    // the section the name is in (`rateLimits` for `rateLimits.x`) is not what it meant
+    if (wanted.startsWith(`${candidate}.`)) continue;
     // names that differ this much in length are this many edits apart at least
     if (Math.abs(candidate.length - wanted.length) >= limit) continue;
     const distance = editDistance(wanted, candidate);

@@ -802,6 +802,7 @@ describe('loadConfig', () => {
       security: { requireauth: true },
       ratelimits: {},
       tls: { crt: 'a.pem' },
+      retention: { x: 1 },
       forwardPrt: 25,
       maxmessagesze: 1,
       port: 1,
@@ -812,6 +813,8 @@ describe('loadConfig', () => {
       'security.requireauth: unknown key (did you mean security.requireAuth?)',
       'ratelimits: unknown key (did you mean rateLimits?)',
       'tls.crt: unknown key (did you mean tls.cert?)',
+      // not the section it is in
+      'retention.x: unknown key',
       'forwardPrt: unknown key (did you mean forwardPort?)',
       'maxmessagesze: unknown key (did you mean maxMessageSize?)',
       // a short name is not guessed at: smtpPort, healthCheckPort or forwardPort?
