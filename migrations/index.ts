@@ -11,6 +11,7 @@ import * as messageBodies from './006_message_bodies.js';
 import * as upstreamFailures from './007_upstream_failures.js';
 import * as processingTimeFloor from './008_processing_time_floor.js';
 import * as processingTimeByMessage from './009_processing_time_by_message.js';
+import * as smtpUtf8Request from './010_smtputf8_request.js';
 import type { MigrationName } from './names.js';
 
 export const migrations: Record<MigrationName, Migration> = {
@@ -23,4 +24,5 @@ export const migrations: Record<MigrationName, Migration> = {
   '007_upstream_failures': upstreamFailures,
   '008_processing_time_floor': processingTimeFloor,
   '009_processing_time_by_message': processingTimeByMessage,
+  '010_smtputf8_request': smtpUtf8Request,
 };

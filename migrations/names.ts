@@ -12,6 +12,7 @@ export const MIGRATION_NAMES = [
   '007_upstream_failures',
   '008_processing_time_floor',
   '009_processing_time_by_message',
+  '010_smtputf8_request',
 ] as const;
 
 export type MigrationName = (typeof MIGRATION_NAMES)[number];

@@ -48,7 +48,7 @@ export const NO_LIMITS: IntakePolicy = { rateLimits: { enabled: false, maxPerHou
 
 /** A message as intake hands it to insertMessage; what a test does not name is a plain default. */
 export function newMessage(fields: Pick<NewMessage, 'id' | 'raw' | 'receivedAt'> & Partial<NewMessage>): NewMessage {
-  return { mailFrom: 'a@example.com', recipients: ['b@example.net'], authUser: null, clientIp: '127.0.0.1', helo: 'client.test', ...fields };
+  return { mailFrom: 'a@example.com', recipients: ['b@example.net'], authUser: null, clientIp: '127.0.0.1', helo: 'client.test', smtpUtf8: false, ...fields };
 }
 
 const tempDirs: string[] = [];

@@ -282,9 +282,10 @@ export function adminRoutes(deps: ApiDeps) {
       const id = canonicalQueueId(c.req.param('id'));
       const detail = messageDetail(store.sqlite, id);
       if (!detail) throw notFound(id);
-      const { raw_erased, ...message } = detail.message;
+      const { raw_erased, smtputf8, ...message } = detail.message;
       return c.json({
         ...withIsoTimes(message),
+        smtputf8: smtputf8 === 1,
         raw_erased: raw_erased === 1,
         recipients: detail.recipients.map((r) => ({ ...withIsoTimes(r), temporary: r.temporary === 1 })),
         attempts: detail.attempts.map(withIsoTimes),

@@ -27,7 +27,7 @@ export async function showCommand(given: string, options: { raw?: boolean }, glo
     formatFields([
       ['id', m.id],
       ['state', m.state],
-      ['from', m.mail_from === '' ? '<>' : m.mail_from],
+      ['from', `${m.mail_from === '' ? '<>' : m.mail_from}${m.smtputf8 ? ' (SMTPUTF8)' : ''}`],
       ['auth user', m.auth_user],
       ['client', `${m.client_ip}${m.helo ? ` helo ${m.helo}` : ''}`],
       ['size', `${m.size} bytes${m.raw_erased ? ' (content erased after delivery)' : ''}`],

@@ -101,6 +101,25 @@ export function readRepliesBeforeClose(connection: SMTPConnection): void {
   };
 }
 
+/**
+ * Adds SMTPUTF8 to the MAIL FROM of a transaction that `wanted` says asks for it, when the
+ * upstream offered it. nodemailer adds it only for an address that is not ASCII, so a client's
+ * request for a message with UTF-8 in its header fields alone (RFC 6532) would not go on. The
+ * hook is nodemailer's private `_sendCommand`; without it, such a message goes out without
+ * SMTPUTF8.
+ */
+export function requestSmtpUtf8(connection: SMTPConnection, wanted: () => boolean): void {
+  const internals = connection as unknown as { _sendCommand?: (command: string, logged?: string) => void };
+  const send = internals._sendCommand;
+  if (typeof send !== 'function') return;
+  internals._sendCommand = function (this: unknown, command: string, logged?: string) {
+    // the parameters follow the path's `>` (nodemailer takes no `>` in an address)
+    const more =
+      command.startsWith('MAIL FROM:') && wanted() && offers(connection, 'SMTPUTF8') && !command.slice(command.lastIndexOf('>') + 1).split(' ').includes('SMTPUTF8');
+    return send.call(this, more ? `${command} SMTPUTF8` : command, logged);
+  };
+}
+
 /** Whether the upstream's EHLO reply offered an extension (as nodemailer parsed it). */
 export function offers(connection: SMTPConnection, extension: string): boolean {
   return ((connection as unknown as { _supportedExtensions?: string[] })._supportedExtensions ?? []).includes(extension);

@@ -22,6 +22,7 @@ import {
   onStartTlsRefused,
   readRepliesBeforeClose,
   recipientReplies,
+  requestSmtpUtf8,
   requireGoAheadForData,
   requireHelloReply,
   sizeLimit,
@@ -75,6 +76,8 @@ interface Envelope {
   to: string[];
   size: number;
   use8BitMime: boolean;
+  /** The client asked for SMTPUTF8: it is asked for upstream too, where offered. */
+  smtpUtf8: boolean;
 }
 
 /** A transaction, or one recipient of it, the upstream cannot take without SMTPUTF8 (RFC 6531 §3.2). */
@@ -143,6 +146,9 @@ function unreachable(err: UpstreamError): boolean {
 function abortError(signal: AbortSignal): Error {
   return Object.assign(new Error('Message sending aborted', { cause: signal.reason }), { name: 'AbortError', code: 'EABORT' });
 }
+
+/** The connections whose current transaction asks for SMTPUTF8 (Envelope.smtpUtf8). */
+const smtpUtf8Transactions = new WeakSet<SMTPConnection>();
 
 /** Each connection's current data stream (the message and its final dot, dot-stuffed), as hookSendStream hands it over. */
 const dataStreams = new WeakMap<SMTPConnection, Readable>();
@@ -425,7 +431,13 @@ export class SmtpUpstream {
     if (!claim.raw) return uniformResult(this.label, addresses.length, 'failed', 'message content is missing');
     const rcpts = addresses.map(normalizeForEnvelope);
     // 8-bit bytes in the message: BODY=8BITMIME when the upstream offers it
-    const envelope: Envelope = { from: normalizeForEnvelope(claim.mailFrom), to: rcpts, size: claim.raw.length, use8BitMime: !isAsciiBytes(claim.raw) };
+    const envelope: Envelope = {
+      from: normalizeForEnvelope(claim.mailFrom),
+      to: rcpts,
+      size: claim.raw.length,
+      use8BitMime: !isAsciiBytes(claim.raw),
+      smtpUtf8: claim.smtpUtf8,
+    };
     // a retry (the batch had an attempt before, whatever its outcome) may go on in plain text
     // after a failed STARTTLS
     const retryOf = claim.recipients.some((r) => r.attempts > 1) ? claim.messageId : undefined;
@@ -535,6 +547,8 @@ export class SmtpUpstream {
       // a stream, not the buffer itself, so that a failure tells whether any byte went out
       const message = Readable.from(pieces(raw), { objectMode: false });
       dataStreams.delete(connection); // of the connection's previous transaction
+      if (offer.envelope.smtpUtf8) smtpUtf8Transactions.add(connection);
+      else smtpUtf8Transactions.delete(connection);
       const onAbort = () => {
         this.transacting.delete(connection);
         connection.close();
@@ -630,6 +644,7 @@ export class SmtpUpstream {
       this.openedAt.set(connection, this.now());
       this.open.add(connection);
       hookSendStream(connection, (stream) => dataStreams.set(connection, stream));
+      requestSmtpUtf8(connection, () => smtpUtf8Transactions.has(connection));
       requireGoAheadForData(connection);
       requireHelloReply(connection);
       readRepliesBeforeClose(connection);

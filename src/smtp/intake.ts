@@ -689,7 +689,7 @@ export class SmtpIntake {
     const write = writer.writeMoving(
       [raw],
       'insertMessage',
-      { id: queueId, mailFrom, recipients, authUser, clientIp, helo, raw, spooled, receivedAt: now },
+      { id: queueId, mailFrom, recipients, authUser, clientIp, helo, smtpUtf8: session.envelope.smtpUtf8 === true, raw, spooled, receivedAt: now },
       { rateLimits: config.rateLimits, queueSize: config.queueSize },
     );
 

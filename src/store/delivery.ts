@@ -33,6 +33,8 @@ export interface ClaimedBatch {
   /** This is a retry, and an earlier attempt of this batch delivered to some of its recipients. */
   deliveredBefore: boolean;
   mailFrom: string;
+  /** The client asked for SMTPUTF8 (RFC 6531). */
+  smtpUtf8: boolean;
   /**
    * The stored bytes; null only if the content was erased, which never happens to pending mail.
    * A Uint8Array, not a Buffer: it comes from the writer thread, and a structured clone does not
@@ -241,10 +243,11 @@ function leaseBatch(sqlite: Sqlite, id: string, batch: number, chosen: ClaimedRe
   for (const r of chosen) countAttempt.run(now, id, r.seq);
   const message = prepared(
     sqlite,
-    `SELECT mail_from, (SELECT raw FROM message_bodies WHERE id = body_id) AS raw, received_at, claims
+    `SELECT mail_from, smtputf8, (SELECT raw FROM message_bodies WHERE id = body_id) AS raw, received_at, claims
      FROM messages WHERE id = ?`,
   ).get(id) as {
     mail_from: string;
+    smtputf8: number;
     raw: Buffer | null;
     received_at: number;
     claims: number;
@@ -265,6 +268,7 @@ function leaseBatch(sqlite: Sqlite, id: string, batch: number, chosen: ClaimedRe
     batch,
     deliveredBefore,
     mailFrom: message.mail_from,
+    smtpUtf8: message.smtputf8 === 1,
     raw: message.raw,
     receivedAt: message.received_at,
     claims: message.claims,

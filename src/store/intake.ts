@@ -31,6 +31,8 @@ export interface NewMessage {
   authUser: string | null;
   clientIp: string;
   helo: string | null;
+  /** The client's MAIL FROM carried SMTPUTF8. */
+  smtpUtf8: boolean;
   /** The message's bytes; with `spooled`, its first part, and the rest is in that file. */
   raw: Buffer;
   spooled?: { file: string; bytes: number };
@@ -199,9 +201,9 @@ export function insertMessage(sqlite: Sqlite, msg: NewMessage, policy: IntakePol
   const body = prepared(sqlite, 'INSERT INTO message_bodies (raw) VALUES (?)').run(raw);
   prepared(
     sqlite,
-    `INSERT INTO messages (id, state, mail_from, sender_key, auth_user, client_ip, helo,
+    `INSERT INTO messages (id, state, mail_from, sender_key, auth_user, client_ip, helo, smtputf8,
        size, recipient_count, body_id, received_at, next_attempt_at, updated_at)
-     VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+     VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
   ).run(
     msg.id,
     msg.mailFrom,
@@ -209,6 +211,7 @@ export function insertMessage(sqlite: Sqlite, msg: NewMessage, policy: IntakePol
     msg.authUser,
     msg.clientIp,
     msg.helo,
+    msg.smtpUtf8 ? 1 : 0,
     raw.length,
     msg.recipients.length,
     body.lastInsertRowid,

@@ -384,7 +384,7 @@ export function messageDetail(sqlite: Sqlite, id: string): MessageDetail | undef
 function messageDetailNow(sqlite: Sqlite, id: string): MessageDetail | undefined {
   const message = prepared(
     sqlite,
-    `SELECT ${SUMMARY_COLUMNS}, sender_key, client_hostname, helo, lease_expires_at, updated_at, body_id IS NULL AS raw_erased
+    `SELECT ${SUMMARY_COLUMNS}, sender_key, client_hostname, helo, smtputf8, lease_expires_at, updated_at, body_id IS NULL AS raw_erased
      FROM messages WHERE id = ?`,
   ).get(id) as MessageRow | undefined;
   if (!message) return undefined;

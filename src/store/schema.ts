@@ -23,6 +23,8 @@ export interface MessagesTable {
   /** NULL: relayq does no reverse lookup (rows stored by earlier builds hold `[address]`). */
   client_hostname: string | null;
   helo: string | null;
+  /** 1: the client's MAIL FROM carried SMTPUTF8 (RFC 6531), which delivery makes too. */
+  smtputf8: number;
   size: number;
   recipient_count: number;
   /** The row of message_bodies holding the stored bytes; NULL once erased (logAllEmails=false). */

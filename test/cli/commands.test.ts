@@ -363,14 +363,18 @@ test('retry ID... with an unknown id changes nothing; retry and delete --json an
   }
 });
 
-test('show of a message whose content was erased after delivery says so, and show --raw refuses it in one line', async () => {
+test('show of a message whose content was erased after delivery says so, and show --raw refuses it in one line; show names a client\'s SMTPUTF8', async () => {
   const relay = await startTestRelay({ security: { logAllEmails: false } }, { startRetention: false });
   try {
     const id = queuedId((await sendMail(relay.smtpPort)).response);
+    // nodemailer asks for SMTPUTF8 for a UTF-8 address
+    const utf8 = queuedId((await sendMail(relay.smtpPort, { from: 'jörg@example.com' })).response);
     await waitFor(() => relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(id) === 'delivered', 10_000, 'the local delivery');
     const db = ['--databasePath', relay.config.databasePath];
-    const [text, raw] = await Promise.all([runCli(['show', id, ...db]), runCli(['show', id, '--raw', ...db])]);
+    const [text, raw, utf8Text] = await Promise.all([runCli(['show', id, ...db]), runCli(['show', id, '--raw', ...db]), runCli(['show', utf8, ...db])]);
     assert.equal(text.code, 0, text.stderr);
+    assert.match(text.stdout, /^from: +sender@example\.com$/m);
+    assert.match(utf8Text.stdout, /^from: +jörg@example\.com \(SMTPUTF8\)$/m);
     assert.match(text.stdout, /^size: +\d+ bytes \(content erased after delivery\)$/m);
     assertOneLineError(raw, new RegExp(`^relayq: message ${id} has no stored content \\(erased after delivery: security\\.logAllEmails is false\\)$`));
     assert.equal(raw.stdout, '');

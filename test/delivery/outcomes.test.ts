@@ -1132,7 +1132,7 @@ describe('envelope details', () => {
     assert.deepEqual(recipients(relay, id).map((r) => r.address), ['Mixed@EXAMPLE.COM', 'user@bücher.example']);
     await relay.delivery.runOnce();
     // nodemailer lower-cases and punycodes the domains (smtp-server shows IDN domains decoded again),
-    // so the envelope is ASCII and needs no SMTPUTF8 upstream.
+    // so the envelope is ASCII (the client's SMTPUTF8 goes upstream all the same).
     assert.deepEqual(upstream.accepted.map((t) => [t.from, t.to]), [['', ['Mixed@example.com', 'user@bücher.example']]]);
     assert.ok(upstream.rcpts.includes('Mixed@example.com'));
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'delivered'], 'not deferred for want of a matching reply');

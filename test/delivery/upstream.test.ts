@@ -6,11 +6,11 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import pino from 'pino';
-import { ManualClock } from '../manual-clock.js';
 import { type DeliveryDeps, DeliveryEngine } from '../../src/delivery/engine.js';
 import { connectionOptions } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, holdWriteLock, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { ManualClock } from '../manual-clock.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
 /** A second engine on a test relay's store, silent and without jitter, with the given extra dependencies. */
@@ -32,7 +32,7 @@ test("the nodemailer internals relayq's upstream connections hook are all there"
   // (or, for _onError, which the hooks call, throw).
   const connection = new SMTPConnection({}) as unknown as Record<string, unknown>;
   const kinds = Object.fromEntries(
-    ['_actionDATA', '_actionEHLO', '_actionHELO', '_actionSTARTTLS', '_onClose', '_onError', '_createSendStream', '_responseQueue', '_supportedExtensions', '_envelope', '_maxAllowedSize', '_socket', '_destroyed'].map(
+    ['_actionDATA', '_actionEHLO', '_actionHELO', '_actionSTARTTLS', '_onClose', '_onError', '_createSendStream', '_sendCommand', '_responseQueue', '_supportedExtensions', '_envelope', '_maxAllowedSize', '_socket', '_destroyed'].map(
       (name) => [name, Array.isArray(connection[name]) ? 'array' : typeof connection[name]],
     ),
   );
@@ -44,6 +44,7 @@ test("the nodemailer internals relayq's upstream connections hook are all there"
     _onClose: 'function',
     _onError: 'function',
     _createSendStream: 'function',
+    _sendCommand: 'function',
     _responseQueue: 'array',
     _supportedExtensions: 'array',
     _envelope: 'boolean',
