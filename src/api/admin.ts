@@ -105,7 +105,9 @@ function parseLimit(value: string | undefined): number {
 
 const limitBody = bodyLimit({
   maxSize: MAX_BODY_BYTES,
-  onError: (c) => c.json({ error: 'payload_too_large', message: `the body is over ${MAX_BODY_BYTES} bytes` }, 413),
+  // the rest of the body is not read, so the connection ends with the answer: said, a client
+  // does not send its next request on it (a POST would fail, as it may not be sent again)
+  onError: (c) => c.json({ error: 'payload_too_large', message: `the body is over ${MAX_BODY_BYTES} bytes` }, 413, { Connection: 'close' }),
 });
 
 /**
@@ -115,6 +117,11 @@ const limitBody = bodyLimit({
  */
 async function filterBody(c: Context<ApiEnv>): Promise<unknown> {
   if (new URL(c.req.url).search !== '') throw badRequest('the filters go in the JSON body, not in the query string');
+  // read as it came, a gzipped body would be "not valid JSON"; RFC 9110 §8.4.1 answers 415
+  const encoding = c.req.header('content-encoding')?.trim().toLowerCase();
+  if (encoding && encoding !== 'identity') {
+    throw new HTTPException(415, { message: `the body must come as it is, not in a Content-Encoding (${encoding.slice(0, 40)})` });
+  }
   const text = await c.req.text();
   if (text.trim() === '') return undefined;
   let body: unknown;

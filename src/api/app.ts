@@ -17,6 +17,7 @@ const ERROR_NAMES: Record<number, string> = {
   404: 'not_found',
   405: 'method_not_allowed',
   409: 'conflict',
+  415: 'unsupported_media_type',
   503: 'unavailable',
 };
 

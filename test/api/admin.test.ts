@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import { gzipSync } from 'node:zlib';
 import { describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { ManualClock } from '../manual-clock.js';
@@ -198,6 +199,14 @@ describe('admin: requeue failed mail', () => {
       assert.deepEqual([inQuery.status, inQuery.body], [400, { error: 'bad_request', message: 'the filters go in the JSON body, not in the query string' }]);
       const huge = await call(relay, '/admin/retry-failed', postJson({ ids: Array.from({ length: 60_000 }, (_, i) => `ID${i}`.padEnd(20, '0')) }));
       assert.deepEqual([huge.status, huge.body], [413, { error: 'payload_too_large', message: 'the body is over 1048576 bytes' }]);
+      // the body left unread ends the connection, which the answer says: fetch sends the next POST on another
+      assert.equal(huge.headers.get('connection'), 'close');
+      // an encoded body is not read as it came (gzip would be "not valid JSON"); identity is no encoding
+      const gzipped = { method: 'POST', headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' }, body: gzipSync('{}') };
+      const encoded = await call(relay, '/admin/retry-failed', gzipped);
+      assert.deepEqual([encoded.status, encoded.body], [415, { error: 'unsupported_media_type', message: 'the body must come as it is, not in a Content-Encoding (gzip)' }]);
+      const identity = await call(relay, '/admin/retry-failed', { ...postJson({}), headers: { 'content-type': 'application/json', 'content-encoding': 'identity' } });
+      assert.deepEqual([identity.status, identity.body], [200, { requeued: 0 }]);
     } finally {
       await relay.stop();
     }
