@@ -1,7 +1,8 @@
 // `relayq migrate`: applies pending schema migrations (the server also does this at start), so an
 // upgrade can be prepared, or a restored backup brought up to date, before the server runs.
+import { MIGRATION_NAMES } from '../../migrations/names.js';
 import type { Sqlite } from '../store/db.js';
-import { lockDatabase } from '../store/maintenance.js';
+import { appliedMigrations, lockDatabase, openReadOnly } from '../store/maintenance.js';
 import { kyselyFor, migrateToLatest } from '../store/migrate.js';
 import { CliError, type GlobalOptions, loadCliConfig, openWriterForCli, printJson, printText, refuseOthersPathsForCli, requireDatabaseFile } from './context.js';
 
@@ -17,6 +18,8 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
     lock = lockDatabase(file);
   } catch (err) {
     const running = (err as { code?: unknown }).code === 'SQLITE_BUSY';
+    // with nothing to apply there is nothing to stop the relay for (a check before an upgrade)
+    if (running && upToDate(file)) return report(file, [], global);
     const hint = running ? '; stop it first, then run migrate again (or start the new relayq: it applies pending migrations at its start)' : '';
     throw new CliError(`${file}: ${(err as Error).message}${hint}`);
   }
@@ -31,15 +34,33 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
     const applied = await migrateToLatest(kyselyFor(sqlite)).catch((err: Error) => {
       throw new CliError(`migration failed on ${file}: ${err.message}`);
     });
-    if (global.json) {
-      printJson({ database: file, applied });
-    } else if (applied.length) {
-      printText(`applied ${applied.join(', ')} to ${file}`);
-    } else {
-      printText(`${file} is up to date`);
-    }
+    report(file, applied, global);
   } finally {
     sqlite.close();
     lock.release();
+  }
+}
+
+/** Whether every migration of this relayq is applied, and none other (read without a lock). */
+function upToDate(file: string): boolean {
+  let sqlite: Sqlite | undefined;
+  try {
+    sqlite = openReadOnly(file);
+    const applied = appliedMigrations(sqlite);
+    return applied.length === MIGRATION_NAMES.length && MIGRATION_NAMES.every((name) => applied.includes(name));
+  } catch {
+    return false;
+  } finally {
+    sqlite?.close();
+  }
+}
+
+function report(file: string, applied: string[], global: GlobalOptions): void {
+  if (global.json) {
+    printJson({ database: file, applied });
+  } else if (applied.length) {
+    printText(`applied ${applied.join(', ')} to ${file}`);
+  } else {
+    printText(`${file} is up to date`);
   }
 }
