@@ -120,6 +120,7 @@ async function filterBody(c: Context<ApiEnv>): Promise<unknown> {
   // read as it came, a gzipped body would be "not valid JSON"; RFC 9110 §8.4.1 answers 415
   const encoding = c.req.header('content-encoding')?.trim().toLowerCase();
   if (encoding && encoding !== 'identity') {
+    c.header('Accept-Encoding', 'identity');
     throw new HTTPException(415, { message: `the body must come as it is, not in a Content-Encoding (${encoding.slice(0, 40)})` });
   }
   const text = await c.req.text();

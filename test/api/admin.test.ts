@@ -205,6 +205,7 @@ describe('admin: requeue failed mail', () => {
       const gzipped = { method: 'POST', headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' }, body: gzipSync('{}') };
       const encoded = await call(relay, '/admin/retry-failed', gzipped);
       assert.deepEqual([encoded.status, encoded.body], [415, { error: 'unsupported_media_type', message: 'the body must come as it is, not in a Content-Encoding (gzip)' }]);
+      assert.equal(encoded.headers.get('accept-encoding'), 'identity', 'what it takes (RFC 9110 §15.5.16)');
       const identity = await call(relay, '/admin/retry-failed', { ...postJson({}), headers: { 'content-type': 'application/json', 'content-encoding': 'identity' } });
       assert.deepEqual([identity.status, identity.body], [200, { requeued: 0 }]);
     } finally {
