@@ -10,7 +10,7 @@ import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { followedForUse, followedPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
 import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
-import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
+import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, pendingMigrations, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 import { escapeTerminalUnsafe } from '../terminal-unsafe.js';
 
 export class CliError extends Error {
@@ -301,7 +301,7 @@ export function requireCurrentSchema(sqlite: Sqlite, file: string): void {
  * reads counters that a pending migration would add, and would report them as 0.
  */
 export function requireMigrated(applied: string[], file: string): void {
-  const missing = MIGRATION_NAMES.filter((name) => !applied.includes(name));
+  const missing = pendingMigrations(applied);
   if (missing.length) throw new CliError(`database ${file} needs migrations ${missing.join(', ')}: ${migrationAdvice(file)}`);
 }
 

@@ -2,7 +2,7 @@
 // upgrade can be prepared, or a restored backup brought up to date, before the server runs.
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import type { Sqlite } from '../store/db.js';
-import { appliedMigrations, lockDatabase, openReadOnly } from '../store/maintenance.js';
+import { appliedMigrations, lockDatabase, openReadOnly, pendingMigrations, refuseNewerSchema } from '../store/maintenance.js';
 import { kyselyFor, migrateToLatest } from '../store/migrate.js';
 import { CliError, type GlobalOptions, loadCliConfig, openWriterForCli, printJson, printText, refuseOthersPathsForCli, requireDatabaseFile } from './context.js';
 
@@ -47,7 +47,8 @@ function upToDate(file: string): boolean {
   try {
     sqlite = openReadOnly(file);
     const applied = appliedMigrations(sqlite);
-    return applied.length === MIGRATION_NAMES.length && MIGRATION_NAMES.every((name) => applied.includes(name));
+    refuseNewerSchema(applied, MIGRATION_NAMES);
+    return pendingMigrations(applied).length === 0;
   } catch {
     return false;
   } finally {

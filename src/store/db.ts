@@ -10,7 +10,7 @@ import Database from 'better-sqlite3';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { makeDirectory } from '../make-dir.js';
 import { physicalPath } from '../root-guard.js';
-import { appliedMigrations, overwriteFreedPages, refuseForeignDatabase, refuseNewerSchema, requireWritable } from './maintenance.js';
+import { appliedMigrations, overwriteFreedPages, pendingMigrations, refuseForeignDatabase, refuseNewerSchema, requireWritable } from './maintenance.js';
 
 export type Sqlite = Database.Database;
 
@@ -207,7 +207,7 @@ async function migratePending(sqlite: Sqlite, onMigrating?: (names: string[]) =>
     applied = []; // a new database
   }
   refuseNewerSchema(applied, MIGRATION_NAMES);
-  const pending = MIGRATION_NAMES.filter((name) => !applied.includes(name));
+  const pending = pendingMigrations(applied);
   if (pending.length === 0) return [];
   onMigrating?.(pending);
   const { kyselyFor, migrateToLatest } = await import('./migrate.js');

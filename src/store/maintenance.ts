@@ -7,6 +7,7 @@
 // once such a reader is gone.
 import fs from 'node:fs';
 import Database from 'better-sqlite3';
+import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { refuseOthersPathsAsRoot } from '../root-guard.js';
 import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, LOCK_HELD_TOO_LONG, realDatabasePath, refuseForeignWal, refuseHardLinks, type Sqlite } from './db.js';
 
@@ -131,6 +132,11 @@ export function currentMigrationName(recorded: string): string {
 export function appliedMigrations(sqlite: Sqlite): string[] {
   const recorded = sqlite.prepare('SELECT name FROM schema_migrations ORDER BY name').all() as Array<{ name: string }>;
   return recorded.map((r) => currentMigrationName(r.name)).sort();
+}
+
+/** This relayq's migrations that `applied` lacks, in order. */
+export function pendingMigrations(applied: readonly string[]): string[] {
+  return MIGRATION_NAMES.filter((name) => !applied.includes(name));
 }
 
 /**
