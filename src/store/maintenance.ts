@@ -37,6 +37,9 @@ export function lockDatabase(databasePath: string): { release(): void } {
   const file = `${real}-lock`;
   // the spool too, which a start empties: its own checks (spool.ts) look at the entry alone
   refuseOthersPathsAsRoot([databasePath, file, `${real}-spool`]);
+  // a file that is no SQLite database (a mistyped path) gets no lock file beside it: the open
+  // would refuse it, in SQLite's words, anyway
+  if (stat && stat.size > 0 && !startsAsSqlite(real)) throw new Error('file is not a database');
   let lock: Sqlite | undefined;
   try {
     createPrivateFile(file);
@@ -64,6 +67,19 @@ export function lockDatabase(databasePath: string): { release(): void } {
     throw err;
   }
   return { release: () => held.close() };
+}
+
+/** The 16 bytes every SQLite database file starts with. */
+const SQLITE_HEADER = Buffer.from('SQLite format 3\0', 'latin1');
+
+function startsAsSqlite(file: string): boolean {
+  const head = Buffer.alloc(SQLITE_HEADER.length);
+  const fd = fs.openSync(file, 'r');
+  try {
+    return fs.readSync(fd, head, 0, head.length, 0) === head.length && head.equals(SQLITE_HEADER);
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 /** Whether a relay (or `relayq migrate`) holds the database's lock now; nothing is created to find out. */

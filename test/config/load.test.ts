@@ -1081,6 +1081,18 @@ describe('what only the start can find out names the key to fix', () => {
     await again.stop();
   });
 
+  test('a file that is no SQLite database as databasePath is refused by serve and by migrate, and gets no lock file beside it', async () => {
+    const dir = tempDir();
+    const file = path.join(dir, 'notes.txt');
+    fs.writeFileSync(file, 'not a database\n');
+    await assert.rejects(startTestRelay({ databasePath: file }), /^Error: databasePath .*notes\.txt: file is not a database$/);
+    const migrate = await runCli(['migrate', '--databasePath', file]);
+    assert.equal(migrate.code, 1);
+    assert.match(migrate.stderr.trim(), /^relayq: .*notes\.txt: file is not a database$/);
+    assert.deepEqual(fs.readdirSync(dir), ['notes.txt']);
+    assert.equal(fs.readFileSync(file, 'utf8'), 'not a database\n');
+  });
+
   test("another program's SQLite file as databasePath is refused and left as it was, by serve and by migrate", async () => {
     const dir = tempDir();
     const file = path.join(dir, 'other.db');
