@@ -97,27 +97,36 @@ export function refuseHardLinks(file: string): void {
 }
 
 /**
+ * The first `length` bytes of a database file (fewer in a shorter file), or undefined when it is
+ * not there or not readable: opening it says why. Only before this process opens the database:
+ * closing a descriptor of the file would drop SQLite's locks on it.
+ */
+export function databaseHead(file: string, length: number): Buffer | undefined {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch {
+    return undefined;
+  }
+  try {
+    const head = Buffer.alloc(length);
+    return head.subarray(0, fs.readSync(fd, head, 0, length, 0));
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
  * A -wal file beside a database in rollback-journal mode is another database's: a backup
  * (`relayq backup` writes one in that mode) copied over a database whose -wal a crash left behind.
  * SQLite would read that WAL's pages into the file, and on the first checkpoint write them there
- * for good. Reads the database file's header, so it runs before this process opens the database:
- * closing a descriptor of the file would drop SQLite's locks on it.
+ * for good. Reads the database file's header, so it runs before this process opens the database.
  */
 export function refuseForeignWal(file: string): void {
   const real = realDatabasePath(file);
   if (!fs.statSync(`${real}-wal`, { throwIfNoEntry: false })?.size) return;
-  const header = Buffer.alloc(20);
-  let fd: number;
-  try {
-    fd = fs.openSync(real, 'r');
-  } catch {
-    return; // not there, or not readable: opening it says why
-  }
-  try {
-    if (fs.readSync(fd, header, 0, header.length, 0) < header.length) return;
-  } finally {
-    fs.closeSync(fd);
-  }
+  const header = databaseHead(real, 20);
+  if (!header || header.length < 20) return;
   // bytes 18 and 19: the file format versions to write and to read, 1 for rollback, 2 for WAL
   if (header[18] !== 1 || header[19] !== 1) return;
   throw new Error(

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import Database from 'better-sqlite3';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { refuseOthersPathsAsRoot } from '../root-guard.js';
-import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, LOCK_HELD_TOO_LONG, realDatabasePath, refuseForeignWal, refuseHardLinks, type Sqlite } from './db.js';
+import { BUSY_TIMEOUT_MS, cannotWrite, createPrivateFile, databaseHead, LOCK_HELD_TOO_LONG, realDatabasePath, refuseForeignWal, refuseHardLinks, type Sqlite } from './db.js';
 
 /** Size the -wal file is cut back to after a checkpoint that emptied it. */
 const WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024;
@@ -39,7 +39,8 @@ export function lockDatabase(databasePath: string): { release(): void } {
   refuseOthersPathsAsRoot([databasePath, file, `${real}-spool`]);
   // a file that is no SQLite database (a mistyped path) gets no lock file beside it: the open
   // would refuse it, in SQLite's words, anyway
-  if (stat && stat.size > 0 && !startsAsSqlite(real)) throw new Error('file is not a database');
+  const head = stat && stat.size > 0 ? databaseHead(real, SQLITE_HEADER.length) : undefined;
+  if (head && !head.equals(SQLITE_HEADER)) throw new Error('file is not a database');
   let lock: Sqlite | undefined;
   try {
     createPrivateFile(file);
@@ -71,16 +72,6 @@ export function lockDatabase(databasePath: string): { release(): void } {
 
 /** The 16 bytes every SQLite database file starts with. */
 const SQLITE_HEADER = Buffer.from('SQLite format 3\0', 'latin1');
-
-function startsAsSqlite(file: string): boolean {
-  const head = Buffer.alloc(SQLITE_HEADER.length);
-  const fd = fs.openSync(file, 'r');
-  try {
-    return fs.readSync(fd, head, 0, head.length, 0) === head.length && head.equals(SQLITE_HEADER);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 /** Whether a relay (or `relayq migrate`) holds the database's lock now; nothing is created to find out. */
 export function isLockHeld(databasePath: string): boolean {
