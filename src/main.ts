@@ -16,7 +16,7 @@ import { EMAILS_DIR_MODE } from './delivery/atomic-file.js';
 import { DeliveryEngine } from './delivery/engine.js';
 import { failedExportDir } from './delivery/failed-export.js';
 import { createLogger } from './logger.js';
-import { makeDirectory } from './make-dir.js';
+import { makeDirectory, removeMade } from './make-dir.js';
 import { followedForUse } from './root-guard.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { Spool, SpoolError } from './smtp/spool.js';
@@ -85,21 +85,23 @@ export interface Relay {
  * delivery or failure. Returns it as the kernel reaches it, which the root check looked at, for
  * files to be named in from then on: the text of a path with `..` after a link names another one.
  */
-function prepareEmailsDir(given: string): string {
+function prepareEmailsDir(given: string): { emailsDir: string; made: string[] } {
   let emailsDir = given;
+  let made: string[] = [];
   try {
     emailsDir = followedForUse(given, { inside: 'failed' });
     const failedDir = failedExportDir(emailsDir);
     // not writable by others, whatever the umask: the files hold messages, and a directory others
     // may write to would let them swap in a link to another place
-    makeDirectory(failedDir, EMAILS_DIR_MODE);
+    made = makeDirectory(failedDir, EMAILS_DIR_MODE);
     // writing a file into a directory takes write and search (execute) permission on it
     fs.accessSync(emailsDir, fs.constants.W_OK | fs.constants.X_OK);
     fs.accessSync(failedDir, fs.constants.W_OK | fs.constants.X_OK);
   } catch (err) {
+    removeMade(made);
     throw new Error(`config error: emailsDir: ${asGiven('emailsDir', given)} cannot hold deliveries and failed-mail exports: ${(err as Error).message}`, { cause: err });
   }
-  return emailsDir;
+  return { emailsDir, made };
 }
 
 /** A start's warning about what other users may do to relayq's files, with the path and its mode. */
@@ -216,8 +218,13 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
     warnings.push(expiry);
     logger.warn({ event: 'config.warning' }, expiry);
   }
-  config = { ...config, emailsDir: prepareEmailsDir(config.emailsDir) };
-  const refused = (err: Error) => new Error(`databasePath ${asGiven('databasePath', config.databasePath)}: ${err.message}`, { cause: err });
+  const emails = prepareEmailsDir(config.emailsDir);
+  config = { ...config, emailsDir: emails.emailsDir };
+  // a database refused (a mistyped path, another relay running on it) leaves no emailsDir made for it
+  const refused = (err: Error) => {
+    removeMade(emails.made);
+    return new Error(`databasePath ${asGiven('databasePath', config.databasePath)}: ${err.message}`, { cause: err });
+  };
   let lock: { release(): void };
   try {
     lock = lockDatabase(config.databasePath);

@@ -6,15 +6,17 @@ import path from 'node:path';
 
 /**
  * Makes `dir` and its missing parents with `mode`; a directory that is there already is fine.
- * Fails with ENOTDIR for a file in its place or on its path (Node's mkdir says EEXIST, "file already
- * exists", for the first), ENOENT for a link that points nowhere, and ENOENT, at once, under /proc.
+ * Returns the directories it made, outermost first (see removeMade). Fails with ENOTDIR for a file
+ * in its place or on its path (Node's mkdir says EEXIST, "file already exists", for the first),
+ * ENOENT for a link that points nowhere, and ENOENT, at once, under /proc.
  */
-export function makeDirectory(dir: string, mode: number): void {
+export function makeDirectory(dir: string, mode: number): string[] {
   let failure = mkdirFailure(dir, mode);
   const parent = path.dirname(dir);
+  const made: string[] = [];
   if (failure?.code === 'ENOENT' && parent !== dir) {
     try {
-      makeDirectory(parent, mode);
+      made.push(...makeDirectory(parent, mode));
     } catch (err) {
       // a parent that is there but no directory (a link that points nowhere): the child's error says it
       if ((err as NodeJS.ErrnoException).syscall === 'mkdir' && (err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
@@ -24,10 +26,26 @@ export function makeDirectory(dir: string, mode: number): void {
   }
   // statSync throws ENOENT for a link that points nowhere
   if (failure?.code === 'EEXIST') {
-    if (fs.statSync(dir).isDirectory()) return;
+    if (fs.statSync(dir).isDirectory()) return made;
     throw Object.assign(new Error(`ENOTDIR: not a directory, mkdir '${dir}'`), { code: 'ENOTDIR', errno: -20, syscall: 'mkdir', path: dir });
   }
   if (failure) throw failure;
+  return [...made, dir];
+}
+
+/**
+ * Takes back what makeDirectory made, innermost first, as far as it is still empty: a start that
+ * is refused after it made emailsDir leaves nothing behind. A directory something was put in since
+ * stays, with its parents.
+ */
+export function removeMade(made: readonly string[]): void {
+  for (const dir of [...made].reverse()) {
+    try {
+      fs.rmdirSync(dir);
+    } catch {
+      return;
+    }
+  }
 }
 
 function mkdirFailure(dir: string, mode: number): NodeJS.ErrnoException | undefined {

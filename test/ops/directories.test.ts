@@ -23,11 +23,11 @@ describe('makeDirectory', () => {
   test('makes the missing parents with the mode given, accepts a directory that is there, and fails as mkdir -p does', () => {
     const dir = tempDir();
     const deep = path.join(dir, 'a', 'b', 'c');
-    makeDirectory(deep, 0o700);
+    assert.deepEqual(makeDirectory(deep, 0o700), [path.join(dir, 'a'), path.join(dir, 'a', 'b'), deep], 'what it made, outermost first');
     for (const made of [path.join(dir, 'a'), path.join(dir, 'a', 'b'), deep]) {
       assert.equal(fs.statSync(made).mode & 0o777, 0o700, made);
     }
-    makeDirectory(deep, 0o700);
+    assert.deepEqual(makeDirectory(deep, 0o700), []);
     makeDirectory(dir, 0o700);
     fs.writeFileSync(path.join(dir, 'file'), 'x');
     fs.symlinkSync(path.join(dir, 'nowhere'), path.join(dir, 'dangling'));
@@ -40,6 +40,31 @@ describe('makeDirectory', () => {
         ['dangling/sub/x', 'ENOENT'],
       ],
     );
+  });
+});
+
+describe('a start refused for its database', () => {
+  test('takes back the directories it made for emailsDir, and only those', async () => {
+    const dir = tempDir();
+    const notSqlite = path.join(dir, 'notes.txt');
+    fs.writeFileSync(notSqlite, 'not a database, a mistyped path\n');
+    fs.mkdirSync(path.join(dir, 'there'));
+    const r = await runCli(['serve', '--smtpPort', '0', '--enableHealthCheck', 'false', '--databasePath', notSqlite, '--emailsDir', path.join(dir, 'there', 'mail', 'out')]);
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /^relayq: databasePath .*notes\.txt: file is not a database$/m);
+    assert.deepEqual(fs.readdirSync(dir).sort(), ['notes.txt', 'there']);
+    assert.deepEqual(fs.readdirSync(path.join(dir, 'there')), []);
+  });
+
+  test('keeps an emailsDir that was there before', async () => {
+    const dir = tempDir();
+    const notSqlite = path.join(dir, 'notes.txt');
+    fs.writeFileSync(notSqlite, 'not a database, a mistyped path\n');
+    fs.mkdirSync(path.join(dir, 'emails'));
+    const r = await runCli(['serve', '--smtpPort', '0', '--enableHealthCheck', 'false', '--databasePath', notSqlite, '--emailsDir', path.join(dir, 'emails')]);
+    assert.equal(r.code, 1, r.stderr);
+    // its failed/ was made by this start, and goes
+    assert.deepEqual(fs.readdirSync(path.join(dir, 'emails')), []);
   });
 });
 
@@ -64,6 +89,7 @@ describe('a path under /proc', { skip: !fs.existsSync('/proc/self') && 'no /proc
       runCli(['export-failed', '/proc/relayq-test/failed', '--databasePath', database], { timeoutMs: 60_000 }),
     ]);
     oneLine(underProc, /^relayq: databasePath \/proc\/relayq-test\/relayq\.db: .*ENOENT: no such file or directory, mkdir '\/proc\/relayq-test'$/);
+    assert.equal(fs.existsSync(path.join(dir, 'emails')), false, 'the refused start took back the emailsDir it made');
     oneLine(emailsUnderProc, /^relayq: config error: emailsDir: \/proc\/relayq-test\/emails cannot hold .*ENOENT: no such file or directory, mkdir '\/proc\/relayq-test'$/);
     oneLine(exportUnderProc, /^relayq: cannot export into \/proc\/relayq-test\/failed: ENOENT: no such file or directory, mkdir '\/proc\/relayq-test'$/);
   });
