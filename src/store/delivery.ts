@@ -492,7 +492,8 @@ function settleMessage(
 /**
  * Gives claims back, at shutdown and for claims the engine cannot use (committed too late, or after
  * a stop began): the message is due again at once, so a worker or a restart picks it up without
- * waiting for the lease to expire. Fenced by token; returns how many were released.
+ * waiting for the lease to expire, and in its place in the queue (the time it was due when it was
+ * claimed), not behind the mail that came in meanwhile. Fenced by token; returns how many were released.
  * The token stays until the message is claimed again, so an outcome that arrives while the
  * release commits (the upstream answered just then) is still recorded instead of being lost.
  * Attempts counted at claim time stay counted, as the batch may have reached the upstream;
@@ -505,7 +506,7 @@ export function releaseClaims(
 ): number {
   const release = prepared(
     sqlite,
-    `UPDATE messages SET state = 'queued', lease_expires_at = NULL, next_attempt_at = ?, updated_at = ?
+    `UPDATE messages SET state = 'queued', lease_expires_at = NULL, next_attempt_at = MIN(next_attempt_at, ?), updated_at = ?
      WHERE id = ? AND lease_token = ? AND state = 'sending'`,
   );
   const uncountClaim = prepared(sqlite, 'UPDATE messages SET claims = claims - 1 WHERE id = ? AND claims > 0');
@@ -527,13 +528,14 @@ export function releaseClaims(
 /**
  * At the start, under the database lock (no other relay runs on this file): every claim still
  * held was left by a relay that ended without handing it back (`kill -9`, a crash, power loss).
- * They are given back, due at once, instead of waiting out their leases; as in a shutdown's
+ * They are given back, due at once and in their place in the queue, instead of waiting out their
+ * leases; as in a shutdown's
  * release, the attempts counted at their claim stay counted. Returns the messages' ids.
  */
 export function releaseOrphanedClaims(sqlite: Sqlite, now: number): string[] {
   const released = prepared(
     sqlite,
-    `UPDATE messages SET state = 'queued', lease_expires_at = NULL, next_attempt_at = ?, updated_at = ?
+    `UPDATE messages SET state = 'queued', lease_expires_at = NULL, next_attempt_at = MIN(next_attempt_at, ?), updated_at = ?
      WHERE id IN (SELECT id FROM messages INDEXED BY messages_lease WHERE state = 'sending')
      RETURNING id`,
   ).all(now, now) as Array<{ id: string }>;

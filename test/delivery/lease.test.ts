@@ -10,6 +10,7 @@ import {
   hasDueWork,
   recordDelivered,
   releaseClaims,
+  releaseOrphanedClaims,
   SELECT_DUE_SQL,
   SELECT_EXPIRED_SQL,
 } from '../../src/store/delivery.js';
@@ -170,6 +171,25 @@ describe('claims and leases', () => {
     };
     assert.equal((await writeDirect(relay, (db) => completeBatch(db, deferred))).leaseLost, false);
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'pending', 'pending']);
+  });
+
+  test('a claim given back, at a stop or at the start after a crash, keeps its place in the queue: before the mail that came in meanwhile', async () => {
+    const { clock, relay, id } = await relayWithMail({}, ['a@example.com']);
+    const dueAt = message(relay, id).next_attempt_at;
+    const one = (c: ManualClock) => claimOptions(c, { limit: 1 });
+    const first = (await claim(relay, one(clock))).batches[0];
+    clock.advance(5_000);
+    const later = queuedId((await sendMail(relay.smtpPort, { to: ['b@example.com'] })).response);
+    clock.advance(5_000);
+    assert.equal(await writeDirect(relay, (db) => releaseClaims(db, [{ messageId: id, token: first.token }], clock.now())), 1);
+    assert.equal(message(relay, id).next_attempt_at, dueAt);
+    const second = (await claim(relay, one(clock))).batches[0];
+    assert.equal(second.messageId, id, 'the message given back goes first, not behind the later one');
+
+    clock.advance(5_000);
+    assert.deepEqual(await writeDirect(relay, (db) => releaseOrphanedClaims(db, clock.now())), [id]);
+    assert.equal(message(relay, id).next_attempt_at, dueAt);
+    assert.deepEqual((await claim(relay, claimOptions(clock))).batches.map((b) => b.messageId), [id, later]);
   });
 
   test('a released claim keeps its token until the next claim: an answer that comes while the release commits is recorded', async () => {
