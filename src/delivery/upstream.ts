@@ -769,8 +769,8 @@ export class SmtpUpstream {
    * deadline bounds this wait) is cut off.
    */
   private reset(connection: SMTPConnection): void {
+    let finished = false;
     const answered = new Promise<void>((resolve) => {
-      let finished = false;
       const done = (err: Error | null) => {
         if (finished) return;
         finished = true;
@@ -787,7 +787,10 @@ export class SmtpUpstream {
       connection.once('end', ended);
       connection.reset((err) => done(err ?? null));
     });
-    this.resetting.set(connection, answered);
+    // a connection that has ended already is answered at once, before it would be in the map: an
+    // entry then would stay for good, and an attempt waiting for a reset (idleConnection) would
+    // race a settled promise for ever, starving the event loop
+    if (!finished) this.resetting.set(connection, answered);
   }
 
   /**

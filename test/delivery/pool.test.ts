@@ -493,3 +493,60 @@ test('a connection whose RSET is refused is closed, not reused: the next message
     server.close();
   }
 });
+
+test('a connection the upstream closed right after refusing a pipelined envelope leaves no reset waiting: later attempts go on', async () => {
+  // Answers a pipelined envelope line by line; to RCPT closing@ the refusal, the reply to the DATA
+  // behind it and the close in one write; RSET after a pause, as an upstream slow after errors.
+  const server = net.createServer((socket) => {
+    socket.on('error', () => {});
+    socket.write('220 raw.example ESMTP\r\n');
+    let buffered = '';
+    let accepted = 0;
+    let inData = false;
+    socket.on('data', (chunk) => {
+      buffered += chunk.toString('latin1');
+      for (let eol = buffered.indexOf('\r\n'); eol >= 0 && !socket.writableEnded; eol = buffered.indexOf('\r\n')) {
+        const line = buffered.slice(0, eol);
+        buffered = buffered.slice(eol + 2);
+        if (inData) {
+          if (line === '.') {
+            inData = false;
+            socket.write('250 2.0.0 queued\r\n');
+          }
+        } else if (/^EHLO/i.test(line)) socket.write('250-raw.example\r\n250 PIPELINING\r\n');
+        else if (/^MAIL/i.test(line)) {
+          accepted = 0;
+          socket.write('250 2.1.0 ok\r\n');
+        } else if (/^RCPT TO:<closing@/i.test(line)) socket.end('550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n');
+        else if (/^RCPT TO:<bad@/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
+        else if (/^RCPT/i.test(line)) {
+          accepted++;
+          socket.write('250 2.1.5 ok\r\n');
+        } else if (/^DATA/i.test(line)) {
+          inData = accepted > 0;
+          socket.write(inData ? '354 go ahead\r\n' : '554 5.5.1 no valid recipients\r\n');
+        } else if (/^RSET/i.test(line)) setTimeout(() => socket.writable && socket.write('250 2.0.0 ok\r\n'), 300);
+        else if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
+        else socket.write('502 5.5.2 unknown\r\n');
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
+  const { relay, send } = await relayTo((server.address() as net.AddressInfo).port, 1);
+  try {
+    const closing = await send('closing@example.com');
+    await relay.delivery.runOnce();
+    assert.deepEqual([message(relay, closing).state, recipients(relay, closing)[0].last_code], ['failed', 550]);
+    // A reset entry left for it would make the next attempt that waits for a reset (one
+    // connection, taken by bad@'s RSET) race a settled promise for ever: nothing else would run.
+    const pool = (relay.delivery as unknown as { upstream: { resetting: Map<unknown, unknown> } }).upstream;
+    await waitFor(() => pool.resetting.size === 0, 5_000, 'no reset left waiting for the closed connection');
+    const bad = await send('bad@example.com');
+    const ok = await send('ok@example.com');
+    assert.equal((await relay.delivery.runOnce()).attempts, 2);
+    assert.deepEqual([message(relay, bad).state, message(relay, ok).state], ['failed', 'delivered']);
+  } finally {
+    await relay.stop();
+    server.close();
+  }
+});
