@@ -137,12 +137,17 @@ export function upgrading(connection: SMTPConnection): boolean {
   return (connection as unknown as { upgrading?: boolean }).upgrading === true;
 }
 
-/** What nodemailer records of the current transaction's RCPT replies (RSET clears it). */
-export function recipientReplies(connection: SMTPConnection): RecipientReplies | undefined {
-  return (connection as unknown as { _envelope?: RecipientReplies })._envelope;
+/**
+ * What nodemailer records of a transaction's replies to MAIL and RCPT, on the envelope object that
+ * `send` was given (so it is that transaction's only when it is that object: a send that failed
+ * before it set its envelope leaves the previous transaction's there). With PIPELINING, nodemailer
+ * decides on them at the reply to DATA; a connection that closes before that one leaves them here.
+ */
+export function envelopeReplies(connection: SMTPConnection): EnvelopeReplies | undefined {
+  return (connection as unknown as { _envelope?: EnvelopeReplies })._envelope;
 }
 
-type RecipientReplies = { accepted?: string[]; rejectedErrors?: SMTPConnection.SMTPError[] };
+type EnvelopeReplies = { accepted?: string[]; rejectedErrors?: SMTPConnection.SMTPError[]; mailError?: SMTPConnection.SMTPError };
 
 /**
  * A hook on nodemailer's private `_createSendStream`, called after the `354`, that does two

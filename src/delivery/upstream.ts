@@ -21,7 +21,7 @@ import {
   offers,
   onStartTlsRefused,
   readRepliesBeforeClose,
-  recipientReplies,
+  envelopeReplies,
   requestSmtpUtf8,
   requireGoAheadForData,
   requireHelloReply,
@@ -118,6 +118,8 @@ type UpstreamError = SMTPConnection.SMTPError & {
   /** The TLS version of the connection the transaction failed on (null: plain text). */
   tls?: string | null;
   notSent?: boolean;
+  /** The upstream answered a RCPT of the transaction before it failed. */
+  answered?: boolean;
   endUnanswered?: boolean;
   rejectedErrors?: SMTPConnection.SMTPError[];
   /** relayq's own refusal before sending (smtpUtf8Refusal, sizeRefusal): its text starts with its enhanced code. */
@@ -485,8 +487,9 @@ export class SmtpUpstream {
 
   /**
    * Sends on an idle connection when there is one, else on a new one. A reused connection that
-   * the upstream had closed meanwhile (its idle timeout) fails before a byte of the message was
-   * sent; the transaction then runs once more, on another connection.
+   * the upstream had closed meanwhile (its idle timeout) fails before it answers a recipient and
+   * before a byte of the message was sent; the transaction then runs once more, on another
+   * connection.
    */
   private async transaction(envelope: Envelope, raw: Uint8Array, signal: AbortSignal, retryOf: string | undefined): Promise<SendInfo> {
     for (;;) {
@@ -496,7 +499,7 @@ export class SmtpUpstream {
         return await this.sendOn(reused, envelope, raw, signal);
       } catch (err) {
         const e = err as UpstreamError;
-        if (!(e.notSent && endedConnection(e)) || signal.aborted) throw err;
+        if (!(e.notSent && !e.answered && endedConnection(e)) || signal.aborted) throw err;
       }
     }
     // the place idleConnection kept for it becomes the connection, in one step (connect counts it)
@@ -556,11 +559,13 @@ export class SmtpUpstream {
       };
       signal.addEventListener('abort', onAbort, { once: true });
       this.transacting.add(connection);
-      connection.send({ ...offer.envelope }, message, (err, info) => {
+      // a fresh object: nodemailer records this transaction's replies on it (envelopeReplies)
+      const sent = { ...offer.envelope };
+      connection.send(sent, message, (err, info) => {
         this.transacting.delete(connection);
         signal.removeEventListener('abort', onAbort);
         if (signal.aborted) return;
-        if (err) return reject(this.failedSend(connection, err as UpstreamError, message, leftOut));
+        if (err) return reject(this.failedSend(connection, err as UpstreamError, { message, sent, leftOut }));
         this.release(connection);
         if (leftOut.length) info.rejectedErrors = [...(info.rejectedErrors ?? []), ...leftOut];
         resolve(Object.assign(info, { tls: tlsVersion(connection) }));
@@ -590,24 +595,36 @@ export class SmtpUpstream {
    * A send that failed: the error with what it says of the recipients, and the connection reset
    * for the next message when only this message was refused, else closed.
    */
-  private failedSend(connection: SMTPConnection, e: UpstreamError, message: Readable, leftOut: SMTPConnection.SMTPError[]): UpstreamError {
+  private failedSend(
+    connection: SMTPConnection,
+    err: UpstreamError,
+    transaction: { message: Readable; sent: Envelope; leftOut: SMTPConnection.SMTPError[] },
+  ): UpstreamError {
+    const { message, sent, leftOut } = transaction;
+    // the replies to this transaction's MAIL and RCPTs (none when it failed before it sent them)
+    const replies = envelopeReplies(connection) === sent ? envelopeReplies(connection) : undefined;
+    // A pipelined MAIL refused and the connection closed before the reply to DATA (RFC 5321 §3.8;
+    // Haraka's DENYDISCONNECT): the refusal, not the close, is what happened to the message.
+    const e = err.code === 'ECONNECTION' && replies?.mailError ? (replies.mailError as UpstreamError) : err;
     e.notSent = !message.readableDidRead;
     e.tls = tlsVersion(connection);
     withEndUnanswered(e, connection);
-    // A refusal of DATA or of the message says nothing of the recipients the upstream had
-    // already refused at RCPT; nodemailer keeps those on the envelope only (which RSET clears).
-    const envelopeState = recipientReplies(connection);
     // Replies out of step with the commands (a 2xx to DATA, a 354 to the final dot) were
     // read against the wrong RCPTs too: none of those is taken, and every recipient waits.
     const outOfStep =
       e.code === 'EPROTOCOL' || (e.command === 'DATA' && typeof e.responseCode === 'number' && (e.responseCode < 400 || e.responseCode >= 600));
     if (outOfStep) e.rejectedErrors = undefined;
-    else if (!e.rejectedErrors && envelopeState?.accepted?.length && envelopeState.rejectedErrors?.length) {
-      e.rejectedErrors = envelopeState.rejectedErrors;
+    else if (!e.rejectedErrors && replies?.rejectedErrors?.length) {
+      // A refusal of DATA or of the message, or a close, says nothing of the recipients the
+      // upstream had already refused at RCPT; nodemailer keeps those on the envelope only.
+      e.rejectedErrors = replies.rejectedErrors;
     }
+    // the upstream answered a recipient of this transaction: it was there, not a connection
+    // that had ended while it waited in the pool (transaction())
+    if (replies?.accepted?.length || replies?.rejectedErrors?.length) e.answered = true;
     if (leftOut.length) e.rejectedErrors = [...(e.rejectedErrors ?? []), ...leftOut];
     const refusal = !outOfStep && typeof e.responseCode === 'number' && e.responseCode >= 400 && e.responseCode < 600 && e.responseCode !== 421;
-    if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && refusal && !connection.destroyed) {
+    if ((err.code === 'EENVELOPE' || err.code === 'EMESSAGE') && refusal && !connection.destroyed) {
       // the upstream refused this message; the session itself is fine (another reply, such
       // as a 354 to the final dot, says it is not)
       this.reset(connection);
