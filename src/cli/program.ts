@@ -186,7 +186,7 @@ operatorCommand('retry', 'make messages due now (at the earliest batchDelay afte
     (await import('./retry.js')).retryCommand(ids, opts, globals(cmd)),
   );
 
-operatorCommand('delete', 'delete messages with their recipients and attempts (refused while a worker delivers one)')
+operatorCommand('delete', 'delete messages with their recipients, attempts and failed-mail exports (refused while a worker delivers one)')
   .argument('<ids...>', 'queue ids')
   .action(async (ids: string[], _opts: unknown, cmd: Command) => (await import('./delete.js')).deleteCommand(ids, globals(cmd)));
 
