@@ -22,7 +22,7 @@ import {
 import type { StoreWriter } from '../store/writer.js';
 import { authClientKey, LoginThrottle } from './login-throttle.js';
 import { BareLineEndingScanner, isValidAddress, MAX_RECEIVED_HEADERS, ReceivedHeaderCounter, receivedHeader, subjectOf } from './message.js';
-import { inputAhead, RelayqSmtpServer, tlsNotCompleted } from './server.js';
+import { inputAhead, RelayqSmtpServer, tlsNotCompleted, whenInputEnds } from './server.js';
 import { MessageBytes, type ReceivedBytes, Spool } from './spool.js';
 
 export interface IntakeDeps {
@@ -502,13 +502,24 @@ export class SmtpIntake {
     if (!paced) return this.mailAccepted(session, cb);
     const s = this.state(session);
     s.pacing = paced;
-    paced.then(() => {
+    let answered = false;
+    const answer = () => {
+      if (answered) return;
+      answered = true;
       s.pacing = undefined;
+      stopWatching();
       if (this.closing) return cb(shuttingDown());
       const late = this.roomFor(session, address, declared);
       if (late) cb(late);
       else this.mailAccepted(session, cb);
+    };
+    // A client that shuts down its side (FIN) after its MAIL sends no message: it gives up its
+    // place at once (the connection stays open until the MAIL is answered), as one that hangs up.
+    const stopWatching = whenInputEnds(session, () => {
+      paced.cancel();
+      answer();
     });
+    paced.then(answer);
   }
 
   /**

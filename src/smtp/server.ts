@@ -130,6 +130,19 @@ export function inputAhead(session: SMTPServerSession): boolean {
   return inputsAhead.get(session)?.() ?? false;
 }
 
+/** Each session's watch for its client's FIN (whenInputEnds). */
+const inputEnds = new WeakMap<SMTPServerSession, (ended: () => void) => () => void>();
+
+/**
+ * Calls `ended` once the client of this session has shut down its sending side (its FIN read;
+ * soon after this call if it has been already) with nothing sent after the command being
+ * answered; returns what stops the watch. A client that sent more (a pipelined transaction) is
+ * still there for its replies, and so is not `ended`.
+ */
+export function whenInputEnds(session: SMTPServerSession, ended: () => void): () => void {
+  return inputEnds.get(session)?.(ended) ?? (() => {});
+}
+
 /** Sessions whose STARTTLS was answered `220` and whose handshake has not completed (yet). */
 const tlsPending = new WeakSet<SMTPServerSession>();
 
@@ -144,6 +157,18 @@ class RelayqConnection extends SMTPConnection {
     inputsAhead.set(this.session, () => {
       const socket = this._socket;
       return socket.readableEnded || socket.readableLength > 0 || (this._parser ? this._parser.writableNeedDrain : false);
+    });
+    inputEnds.set(this.session, (ended) => {
+      const socket = this._socket;
+      const onEnd = () => {
+        if (!this.sentAhead()) ended();
+      };
+      if (socket.readableEnded) {
+        queueMicrotask(onEnd);
+        return () => {};
+      }
+      socket.once('end', onEnd);
+      return () => socket.off('end', onEnd);
     });
     this._setListeners(() => {
       const { maxClients } = this._server.options;

@@ -326,6 +326,18 @@ describe('in-flow pacing in the relay', () => {
     assert.equal(relay.delivery.inFlow.stats().timedOut, 0);
   });
 
+  test('a client that shuts down its side (FIN) right after its waiting MAIL gives up its place at once, and still gets its reply', async (t) => {
+    const { relay, client } = await backlogged(t, 60_000);
+    client.write('MAIL FROM:<sender@example.com>\r\n');
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the MAIL waiting');
+    const backlog = relay.delivery.inFlow.stats().backlog;
+    client.socket.end();
+    // without it, it would keep its place, and its connection, for the whole minute (the upstream holds)
+    assert.match(await client.read(10_000), /^250/);
+    const stats = relay.delivery.inFlow.stats();
+    assert.deepEqual([stats.waiting, stats.timedOut, stats.backlog], [0, 0, backlog], 'given up, not let through');
+  });
+
   test('a client that half-closes after its whole transaction keeps its place, and gets its 250 once its MAIL goes ahead', async (t) => {
     const { relay, client, release } = await backlogged(t, 60_000);
     client.socket.end('MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.com>\r\nDATA\r\nSubject: paced, half-closed\r\n\r\nbody\r\n.\r\nQUIT\r\n');
