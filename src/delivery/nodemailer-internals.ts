@@ -147,7 +147,7 @@ export function envelopeReplies(connection: SMTPConnection): EnvelopeReplies | u
   return (connection as unknown as { _envelope?: EnvelopeReplies })._envelope;
 }
 
-type EnvelopeReplies = { accepted?: string[]; rejectedErrors?: SMTPConnection.SMTPError[]; mailError?: SMTPConnection.SMTPError };
+export type EnvelopeReplies = { accepted?: string[]; rejectedErrors?: SMTPConnection.SMTPError[]; mailError?: SMTPConnection.SMTPError };
 
 /**
  * A hook on nodemailer's private `_createSendStream`, called after the `354`, that does two

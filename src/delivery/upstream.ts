@@ -21,6 +21,7 @@ import {
   offers,
   onStartTlsRefused,
   readRepliesBeforeClose,
+  type EnvelopeReplies,
   envelopeReplies,
   requestSmtpUtf8,
   requireGoAheadForData,
@@ -168,6 +169,25 @@ function withEndUnanswered(err: Error, connection: SMTPConnection): Error {
   const left = dataStreams.get(connection)?.readableEnded === true && socket?.writableLength === 0;
   if (left && typeof e.responseCode !== 'number' && !e.response) e.endUnanswered = true;
   return e;
+}
+
+/**
+ * The refusal that replies to a pipelined envelope made before the connection closed, as nodemailer
+ * gives it when the reply to DATA comes: the MAIL's, or every recipient's (the first temporary
+ * one, else the last, leads). Undefined when a recipient was accepted or not answered.
+ */
+function refusalBeforeClose(replies: EnvelopeReplies, recipients: number): UpstreamError | undefined {
+  if (replies.mailError) return replies.mailError;
+  const refused = replies.rejectedErrors ?? [];
+  if (replies.accepted?.length || refused.length < recipients) return undefined;
+  const lead = refused.find((r) => typeof r.responseCode === 'number' && r.responseCode < 500) ?? refused[refused.length - 1];
+  return Object.assign(new Error(`Can't send mail - all recipients were rejected: ${lead.response}`), {
+    code: 'EENVELOPE',
+    command: 'RCPT TO',
+    response: lead.response,
+    responseCode: lead.responseCode,
+    rejectedErrors: refused,
+  });
 }
 
 /** The connection ended: the server closed it, or a network error or timeout did. */
@@ -603,9 +623,9 @@ export class SmtpUpstream {
     const { message, sent, leftOut } = transaction;
     // the replies to this transaction's MAIL and RCPTs (none when it failed before it sent them)
     const replies = envelopeReplies(connection) === sent ? envelopeReplies(connection) : undefined;
-    // A pipelined MAIL refused and the connection closed before the reply to DATA (RFC 5321 §3.8;
-    // Haraka's DENYDISCONNECT): the refusal, not the close, is what happened to the message.
-    const e = err.code === 'ECONNECTION' && replies?.mailError ? (replies.mailError as UpstreamError) : err;
+    // A pipelined envelope refused and the connection closed before the reply to DATA (RFC 5321
+    // §3.8; Haraka's DENYDISCONNECT): the refusal, not the close, is what happened to the message.
+    const e = (err.code === 'ECONNECTION' && replies && refusalBeforeClose(replies, sent.to.length)) || err;
     e.notSent = !message.readableDidRead;
     e.tls = tlsVersion(connection);
     withEndUnanswered(e, connection);
@@ -614,9 +634,10 @@ export class SmtpUpstream {
     const outOfStep =
       e.code === 'EPROTOCOL' || (e.command === 'DATA' && typeof e.responseCode === 'number' && (e.responseCode < 400 || e.responseCode >= 600));
     if (outOfStep) e.rejectedErrors = undefined;
-    else if (!e.rejectedErrors && replies?.rejectedErrors?.length) {
+    else if (!e.rejectedErrors && !replies?.mailError && replies?.rejectedErrors?.length) {
       // A refusal of DATA or of the message, or a close, says nothing of the recipients the
-      // upstream had already refused at RCPT; nodemailer keeps those on the envelope only.
+      // upstream had already refused at RCPT; nodemailer keeps those on the envelope only. (After
+      // a refused MAIL, the replies to RCPT are the upstream's `503 need MAIL command`.)
       e.rejectedErrors = replies.rejectedErrors;
     }
     // the upstream answered a recipient of this transaction: it was there, not a connection

@@ -8,7 +8,14 @@ import { ManualClock } from '../manual-clock.js';
 import { sendMail, startTestRelay } from '../helpers.js';
 import { attempts, queuedId, recipients } from './fixtures.js';
 
-type Refusal = { command: 'MAIL' | 'RCPT1' | 'RCPT3' | 'DATA'; reply: string; to?: string };
+type Refusal = {
+  command: 'MAIL' | 'RCPT1' | 'RCPT3' | 'DATA';
+  reply: string;
+  /** Only in the transaction with this recipient (default: every one). */
+  to?: string;
+  /** The reply to the other RCPTs of that transaction (default `250 ok`). */
+  otherRcpts?: string;
+};
 
 /**
  * Pipelining upstream: every reply of a burst in one write; in the transaction to `refusal.to`
@@ -49,6 +56,7 @@ async function closingUpstream(refusal: Refusal) {
         closing = refusing && refusal.command === (verb === 'RCPT' ? `RCPT${rcpts}` : verb);
         inData = !closing && verb === 'DATA';
         if (closing) replies.push(refusal.reply);
+        else if (verb === 'RCPT' && refusing && refusal.otherRcpts) replies.push(refusal.otherRcpts);
         else replies.push(verb === 'EHLO' ? '250-up.test\r\n250-PIPELINING\r\n250 8BITMIME' : verb === 'QUIT' ? '221 bye' : inData ? '354 go ahead' : '250 ok');
       }
       if (replies.length > 0) socket.write(`${replies.join('\r\n')}\r\n`);
@@ -108,6 +116,20 @@ describe('an upstream that refuses within a pipelined burst and closes at once',
     const result = await attempt({ command: 'MAIL', reply: '550 5.7.1 up.test sender refused, disconnecting' });
     assert.deepEqual([result.attempt.outcome, result.attempt.code], ['failed', 550], String(result.attempt.reply));
     assert.match(String(result.attempt.reply), /sender refused/);
+    assert.deepEqual(
+      result.recipients.map((r) => [r.status, r.last_code, r.temporary]),
+      [
+        ['failed', 550, 0],
+        ['failed', 550, 0],
+        ['failed', 550, 0],
+      ],
+    );
+  });
+
+  test('every RCPT refused, then the close: the batch fails with the refusals, the attempt with the last of them', async () => {
+    const result = await attempt({ command: 'RCPT3', reply: '550 5.7.1 up.test c refused, disconnecting', otherRcpts: '550 5.1.1 up.test no such user' });
+    assert.deepEqual([result.attempt.outcome, result.attempt.code], ['failed', 550]);
+    assert.match(String(result.attempt.reply), /c refused/);
     assert.deepEqual(
       result.recipients.map((r) => [r.status, r.last_code, r.temporary]),
       [

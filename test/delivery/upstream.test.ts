@@ -698,3 +698,52 @@ test('the wait for a reply (the final dot\'s too) is the attempt\'s whole budget
 function pick(options: ReturnType<typeof connectionOptions>) {
   return { socketTimeout: options.socketTimeout, greetingTimeout: options.greetingTimeout, connectionTimeout: options.connectionTimeout };
 }
+
+describe('an upstream that refuses MAIL FROM in a pipelined envelope, and answers its RCPTs "503 need MAIL command"', () => {
+  const cleanup: Array<() => Promise<unknown>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  async function refusedSender(code: number, text: string) {
+    const upstream = await startScriptedUpstream({
+      onMailFrom(_address, _session, cb) {
+        cb(Object.assign(new Error(text), { responseCode: code }));
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchDelay: 0, failedRetryInterval: 0 },
+      { clock: new ManualClock(), startDelivery: false, startRetention: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    const id = queuedId((await sendMail(relay.smtpPort, { from: 'bad@example.org', to: ['a@example.com', 'b@example.com'], subject: 's', text: 'x' })).response);
+    await relay.delivery.runOnce();
+    return { message: message(relay, id), recipients: recipients(relay, id) };
+  }
+
+  test('a 5xx fails the batch with it, not with the 503s', async () => {
+    const result = await refusedSender(553, '5.7.1 <bad@example.org>: Sender address rejected');
+    assert.equal(result.message.state, 'failed');
+    assert.deepEqual(
+      result.recipients.map((r) => [r.status, r.last_code]),
+      [
+        ['failed', 553],
+        ['failed', 553],
+      ],
+    );
+    assert.match(String(result.recipients[0].last_reply), /Sender address rejected/);
+  });
+
+  test('a 4xx defers the batch with it, not with the 503s', async () => {
+    const result = await refusedSender(450, '4.1.8 <bad@example.org>: Sender address rejected: Domain not found');
+    assert.equal(result.message.state, 'queued');
+    assert.deepEqual(
+      result.recipients.map((r) => [r.status, r.last_code]),
+      [
+        ['pending', 450],
+        ['pending', 450],
+      ],
+    );
+  });
+});
