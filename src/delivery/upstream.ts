@@ -572,15 +572,17 @@ export class SmtpUpstream {
       dataStreams.delete(connection); // of the connection's previous transaction
       if (offer.envelope.smtpUtf8) smtpUtf8Transactions.add(connection);
       else smtpUtf8Transactions.delete(connection);
+      // a fresh object: nodemailer records this transaction's replies on it (envelopeReplies)
+      const sent = { ...offer.envelope };
+      // the attempt's deadline, or a stop: the connection is closed, and the replies that came
+      // before count as they would before a close
       const onAbort = () => {
         this.transacting.delete(connection);
         connection.close();
-        reject(Object.assign(withEndUnanswered(abortError(signal), connection), { tls: tlsVersion(connection) }));
+        reject(this.failedSend(connection, abortError(signal), { message, sent, leftOut }));
       };
       signal.addEventListener('abort', onAbort, { once: true });
       this.transacting.add(connection);
-      // a fresh object: nodemailer records this transaction's replies on it (envelopeReplies)
-      const sent = { ...offer.envelope };
       connection.send(sent, message, (err, info) => {
         this.transacting.delete(connection);
         signal.removeEventListener('abort', onAbort);
@@ -623,9 +625,11 @@ export class SmtpUpstream {
     const { message, sent, leftOut } = transaction;
     // the replies to this transaction's MAIL and RCPTs (none when it failed before it sent them)
     const replies = envelopeReplies(connection) === sent ? envelopeReplies(connection) : undefined;
-    // A pipelined envelope refused and the connection closed before the reply to DATA (RFC 5321
-    // §3.8; Haraka's DENYDISCONNECT): the refusal, not the close, is what happened to the message.
-    const e = (err.code === 'ECONNECTION' && replies && refusalBeforeClose(replies, sent.to.length)) || err;
+    // A pipelined envelope refused and the connection closed (RFC 5321 §3.8; Haraka's
+    // DENYDISCONNECT), or the attempt's time up, before the reply to DATA: the refusal, not the
+    // close, is what happened to the message.
+    const ended = err.code === 'ECONNECTION' || err.code === 'EABORT';
+    const e = (ended && replies && refusalBeforeClose(replies, sent.to.length)) || err;
     e.notSent = !message.readableDidRead;
     e.tls = tlsVersion(connection);
     withEndUnanswered(e, connection);

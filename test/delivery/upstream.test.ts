@@ -618,6 +618,72 @@ describe('attempt deadline', () => {
     }
   });
 
+  test('an attempt cut off by its deadline keeps the refusals that came before: a recipient refused at RCPT fails', async () => {
+    const upstream = await startScriptedUpstream();
+    upstream.rcptReply = (address) => (address.startsWith('b@') ? { code: 550, message: '5.1.1 no such user here' } : undefined);
+    upstream.hold = () => true;
+    const clock = new ManualClock();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 5 },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    const engine = engineOn(relay, clock, { attemptTimeoutMs: 1500 });
+    try {
+      const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com', 'b@example.com'] })).response);
+      await engine.runOnce();
+      const [a, b] = recipients(relay, id);
+      assert.equal(a.status, 'pending');
+      assert.match(a.last_reply!, /timed out: the attempt exceeded 1500 ms.*; no reply to the final dot: /);
+      assert.deepEqual([b.status, b.last_code, b.temporary], ['failed', 550, 0], String(b.last_reply));
+      assert.match(b.last_reply!, /no such user here/);
+    } finally {
+      await engine.stop(0);
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
+  test('an attempt cut off by its deadline after a refused MAIL FROM (the upstream silent since) fails the batch with the refusal', async () => {
+    // refuses MAIL, and then answers nothing
+    const server = net.createServer((socket) => {
+      socket.on('error', () => {});
+      socket.write('220 silent.example ESMTP\r\n');
+      socket.on('data', (chunk) => {
+        for (const line of chunk.toString('latin1').split('\r\n')) {
+          if (/^EHLO/i.test(line)) socket.write('250-silent.example\r\n250 PIPELINING\r\n');
+          else if (/^MAIL/i.test(line)) socket.write('550 5.7.1 sender refused here\r\n');
+        }
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
+    const clock = new ManualClock();
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: (server.address() as net.AddressInfo).port, processingTimeout: 5 },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    const engine = engineOn(relay, clock, { attemptTimeoutMs: 1500 });
+    try {
+      const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com', 'b@example.com'] })).response);
+      await engine.runOnce();
+      assert.equal(message(relay, id).state, 'failed');
+      assert.deepEqual(
+        recipients(relay, id).map((r) => [r.status, r.last_code]),
+        [
+          ['failed', 550],
+          ['failed', 550],
+        ],
+      );
+      assert.deepEqual(
+        attempts(relay, id).map((a) => [a.outcome, a.code]),
+        [['failed', 550]],
+      );
+    } finally {
+      await engine.stop(0);
+      await relay.stop();
+      server.close();
+    }
+  });
+
   test('an attempt cut off by what is left of its lease says so in whole milliseconds', async () => {
     const upstream = await startScriptedUpstream();
     upstream.hold = () => true;
