@@ -493,8 +493,8 @@ function settleMessage(
  * Gives claims back, at shutdown and for claims the engine cannot use (committed too late, or after
  * a stop began): the message is due again at once, so a worker or a restart picks it up without
  * waiting for the lease to expire, and in its place in the queue (the time it was due when it was
- * claimed), not behind the mail that came in meanwhile. Fenced by token; returns how many were released.
- * The token stays until the message is claimed again, so an outcome that arrives while the
+ * claimed), not behind the mail that came in meanwhile. Fenced by token; returns how many were
+ * released. The token stays until the message is claimed again, so an outcome that arrives while the
  * release commits (the upstream answered just then) is still recorded instead of being lost.
  * Attempts counted at claim time stay counted, as the batch may have reached the upstream;
  * `unsent` lists the recipients (seqs) of a batch that never went out, whose count is undone.
@@ -529,8 +529,8 @@ export function releaseClaims(
  * At the start, under the database lock (no other relay runs on this file): every claim still
  * held was left by a relay that ended without handing it back (`kill -9`, a crash, power loss).
  * They are given back, due at once and in their place in the queue, instead of waiting out their
- * leases; as in a shutdown's
- * release, the attempts counted at their claim stay counted. Returns the messages' ids.
+ * leases; as in a shutdown's release, the attempts counted at their claim stay counted. Returns
+ * the messages' ids.
  */
 export function releaseOrphanedClaims(sqlite: Sqlite, now: number): string[] {
   const released = prepared(
