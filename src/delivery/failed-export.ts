@@ -5,7 +5,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { isoTime } from '../clock.js';
 import type { Sqlite } from '../store/db.js';
-import { failedMessage, type MessageDetail, messageState } from '../store/queries.js';
+import { failedAt, failedMessage, type MessageDetail, messageState } from '../store/queries.js';
 import { writeFileAtomic } from './atomic-file.js';
 import { safeFileStem } from './local.js';
 
@@ -128,19 +128,28 @@ function* failedExportText(document: Record<string, unknown>, raw: Buffer | null
  * undefined when the message is gone or no longer failed (a retry got in first).
  */
 export async function exportFailedMessage(sqlite: Sqlite, directory: string, id: string, now: number): Promise<string | undefined> {
-  const read = failedMessage(sqlite, id);
-  if (!read) return undefined;
   const file = exportFile(directory, id);
-  await writeFileAtomic(file, failedExportText(failedExportDocument(read.detail, now), read.raw));
-  // Delivered after a retry, or deleted, while the file was being written: the removal that
-  // followed found no file yet, so the export would outlive the failure.
-  const state = messageState(sqlite, id);
-  if (state === undefined || state === 'delivered') {
-    await fs.rm(file, { force: true });
-    return undefined;
+  for (let round = 1; ; round++) {
+    const read = failedMessage(sqlite, id);
+    if (!read) return undefined;
+    await writeFileAtomic(file, failedExportText(failedExportDocument(read.detail, now), read.raw));
+    // Delivered after a retry, or deleted, while the file was being written: the removal that
+    // followed found no file yet, so the export would outlive the failure.
+    const state = messageState(sqlite, id);
+    if (state === undefined || state === 'delivered') {
+      await fs.rm(file, { force: true });
+      return undefined;
+    }
+    // Retried and failed again meanwhile: the export of that failure may have been written
+    // before this one replaced it, so this one is written again (a few times at most; the
+    // export check of the next start rewrites any still out of date).
+    const at = failedAt(sqlite, id);
+    if (at === undefined || at === read.detail.message.finished_at || round === MAX_EXPORT_ROUNDS) return file;
   }
-  return file;
 }
+
+/** How many times exportFailedMessage writes a message that keeps failing again while it writes. */
+const MAX_EXPORT_ROUNDS = 3;
 
 /**
  * Removes the export of a failed message that was delivered since, or deleted; false when it had

@@ -742,28 +742,32 @@ describe('per-recipient outcomes', () => {
     assert.ok(fs.existsSync(file));
   });
 
-  test('an export that the delivery or deletion of its message overtakes while it is written does not stay', async () => {
+  test('an export that the delivery, deletion or next failure of its message overtakes while it is written does not stay as it was', async () => {
     const { config } = await refusingUpstream();
     const relay = await startTestRelay(config, { startDelivery: false });
     cleanup.push(() => relay.stop());
     const delivered = await queue(relay, ['later@example.com']);
     const deleted = await queue(relay, ['gone@example.com']);
     const retried = await queue(relay, ['again@example.com']);
+    const failedAgain = await queue(relay, ['twice@example.com']);
     await relay.delivery.runOnce();
     const dir = path.join(config.emailsDir, 'failed');
     // Another connection changes each message between the export's read and its write, as a
-    // retry and a delivery (or a delete) committed meanwhile would.
+    // retry and a delivery (or a delete, or a second failure) committed meanwhile would.
     const other = new Database(config.databasePath);
     try {
-      const exports = [delivered, deleted, retried].map((id) => exportFailedMessage(relay.store.sqlite, dir, id, Date.now()));
+      const exports = [delivered, deleted, retried, failedAgain].map((id) => exportFailedMessage(relay.store.sqlite, dir, id, Date.now()));
       other.prepare("UPDATE messages SET state = 'delivered' WHERE id = ?").run(delivered);
       other.prepare('DELETE FROM messages WHERE id = ?').run(deleted);
       other.prepare("UPDATE messages SET state = 'queued' WHERE id = ?").run(retried);
+      other.prepare("UPDATE messages SET finished_at = finished_at + 60000, last_error = 'failed again' WHERE id = ?").run(failedAgain);
       const files = await Promise.all(exports);
-      assert.deepEqual(files, [undefined, undefined, path.join(dir, `${retried}.json`)]);
+      assert.deepEqual(files, [undefined, undefined, path.join(dir, `${retried}.json`), path.join(dir, `${failedAgain}.json`)]);
     } finally {
       other.close();
     }
+    const again = JSON.parse(fs.readFileSync(path.join(dir, `${failedAgain}.json`), 'utf8'));
+    assert.deepEqual([again.failedAt, again.lastError], [new Date(message(relay, failedAgain).finished_at!).toISOString(), 'failed again'], 'the export of the later failure');
     assert.ok(!fs.existsSync(path.join(dir, `${delivered}.json`)), 'no export of delivered mail');
     assert.ok(!fs.existsSync(path.join(dir, `${deleted}.json`)), 'no export of deleted mail');
     assert.ok(fs.existsSync(path.join(dir, `${retried}.json`)), 'retried mail keeps its export until it is delivered');
