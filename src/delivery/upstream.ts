@@ -624,7 +624,8 @@ export class SmtpUpstream {
   ): UpstreamError {
     const { message, sent, leftOut } = transaction;
     // the replies to this transaction's MAIL and RCPTs (none when it failed before it sent them)
-    const replies = envelopeReplies(connection) === sent ? envelopeReplies(connection) : undefined;
+    const recorded = envelopeReplies(connection);
+    const replies = recorded === sent ? recorded : undefined;
     // A pipelined envelope refused and the connection closed (RFC 5321 §3.8; Haraka's
     // DENYDISCONNECT), or the attempt's time up, before the reply to DATA: the refusal, not the
     // close, is what happened to the message.
