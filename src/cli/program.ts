@@ -108,13 +108,41 @@ program
  */
 function operatorCommand(name: string, description: string): Command {
   const cmd = withGlobalOptions(program.command(name).description(description));
-  for (const { path, type } of CONFIG_KEYS) {
+  for (const { path, type, secret } of CONFIG_KEYS) {
     if (path === 'databasePath' || path === 'emailsDir') continue;
     // a boolean alone is true, as serve takes it: `--forwardSMTP --forwardHost h`
     if (type === 'bool') cmd.addOption(new Option(`--${path} [value]`).hideHelp().argParser(booleanWord));
-    else cmd.addOption(new Option(`--${path} <value>`).hideHelp());
+    else cmd.addOption(new Option(`--${path} <value>`).hideHelp().argParser((value: string) => configValue(cmd, value, secret === true)));
   }
   return cmd;
+}
+
+/**
+ * A config key's value, as serve takes it: not the next option (`--smtpPort $PORT --json` with PORT
+ * unset). A password or token may start with `--`, unless it is one of the command's options
+ * (`--defaultPassword --json` would be a password of `--json`, and no JSON).
+ */
+function configValue(cmd: Command, value: string, secret: boolean): string {
+  if (secret && !cmd.options.some((option) => option.long === value.split('=')[0])) return value;
+  return notAnOption(value);
+}
+
+/**
+ * An unquoted password with spaces (`--defaultPassword correct horse`) leaves its next words where a
+ * command's arguments go: `delete` would look for a message named horse, `backup` write a file of
+ * that name. As serve does, a word right after a secret's value is refused, and not shown; the
+ * arguments go before such a flag.
+ */
+function refuseWordsAfterSecret(args: readonly string[]): void {
+  for (let i = 0; i < args.length; i++) {
+    const [flag, ...inline] = args[i].split('=');
+    const key = flag.startsWith('--') ? CONFIG_KEYS.find((k) => `--${k.path}` === flag) : undefined;
+    if (!key?.secret) continue;
+    const after = args[i + (inline.length > 0 ? 1 : 2)];
+    if (after !== undefined && !after.startsWith('-')) {
+      throw new CliError(`the words after ${flag}'s value are not arguments: quote a value that has spaces, and give a command's arguments before its config keys`, 2);
+    }
+  }
 }
 
 /**
@@ -209,6 +237,7 @@ operatorCommand('migrate', 'apply pending database migrations (the server also d
 // (Not `serve`: its log has its own handling.)
 program.hook('preAction', (_program, command) => {
   if (command.name() === 'serve') return;
+  refuseWordsAfterSecret(process.argv.slice(2));
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
     // the reader went away: the command's own status (1 for a retry that did nothing), else 0
     if (err.code === 'EPIPE') process.exit();

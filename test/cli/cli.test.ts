@@ -395,6 +395,46 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal((await cliJson<{ queue: { failed: number } }>('status')).queue.failed, failedBefore, 'nothing was requeued');
   });
 
+
+  test("a config key's value is not the next option, and an unquoted password's words are not a command's arguments", async () => {
+    const keep = ids.queued[0];
+    const backupTarget = path.join(dir, 'horse.db');
+    const exportTarget = path.join(dir, 'horse');
+    const [deleteWords, backupWords, exportWords, inlineWords, portThenJson, levelThenState, secretThenJson, tokenThenOption] = await Promise.all([
+      cli('delete', keep, '--defaultPassword', 'correct', 'horse', 'battery'),
+      cli('backup', '--forwardUsername', 'u', '--forwardPassword', 'correct', backupTarget),
+      cli('export-failed', '--forwardPassword=correct', exportTarget),
+      cli('retry', '--security.adminToken=correct', keep),
+      cli('status', '--smtpPort', '--json'),
+      cli('queue', '--logLevel', '--state', 'failed'),
+      cli('status', '--defaultPassword', '--json'),
+      cli('status', '--security.adminToken', '--databasePath', relay.config.databasePath),
+    ]);
+    for (const [r, flag] of [
+      [deleteWords, '--defaultPassword'],
+      [backupWords, '--forwardPassword'],
+      [exportWords, '--forwardPassword'],
+      [inlineWords, '--security.adminToken'],
+    ] as const) {
+      assertOneLineError(r, new RegExp(`^relayq: the words after ${flag}'s value are not arguments: quote a value that has spaces`));
+      assert.equal(r.code, 2);
+      assert.doesNotMatch(r.stderr, /correct|horse|battery/);
+    }
+    assert.ok(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(keep), 'nothing deleted');
+    assert.ok(!fs.existsSync(backupTarget) && !fs.existsSync(exportTarget), 'no file named after the password');
+    for (const [r, key, next] of [
+      [portThenJson, 'smtpPort', 'json'],
+      [levelThenState, 'logLevel', 'state'],
+      [secretThenJson, 'defaultPassword', 'json'],
+      [tokenThenOption, 'security.adminToken', 'databasePath'],
+    ] as const) {
+      assertOneLineError(r, new RegExp(`^relayq: option '--${key} <value>' argument '--${next}' is invalid\\. --${next} is an option: give the option its value first$`));
+    }
+    // a password may start with --, and the arguments go before it
+    const dashed = await cli('show', keep, '--defaultPassword', '--not-an-option', '--json');
+    assert.equal(dashed.code, 0, dashed.stderr);
+    assert.equal(JSON.parse(dashed.stdout).message.id, keep);
+  });
   test('a reader that goes away (relayq queue | head) ends a command quietly, without a stack trace', async () => {
     const gone = (...args: string[]) => runCli(['--config', configFile, ...args], { closeStdout: true });
     const results = await Promise.all([gone('queue'), gone('status'), gone('show', ids.mixed[0]), gone('show', ids.mixed[0], '--raw'), gone('status', '--json')]);
