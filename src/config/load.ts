@@ -5,8 +5,9 @@
 // where the bad value came from.
 import fs from 'node:fs';
 import os from 'node:os';
+import net from 'node:net';
 import { isAbsolute, resolve } from 'node:path';
-import { clientFilter, isLoopback, normalizeIp, parseCidr } from '../access-control.js';
+import { clientFilter, hostPort, isLoopback, parseCidr } from '../access-control.js';
 import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
 import { physicalPath, readRootsFile } from '../root-guard.js';
 import { closestName, didYouMean } from './names.js';
@@ -461,7 +462,7 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, refu
     fail(
       'forwardPort',
       ['forwardHost', 'forwardPort', 'smtpHost', 'smtpPort'],
-      `forwardHost:forwardPort ${c.forwardHost}:${c.forwardPort} is relayq's own SMTP listener: every message would go round in a loop`,
+      `forwardHost:forwardPort ${hostPort(c.forwardHost, c.forwardPort)} is relayq's own SMTP listener: every message would go round in a loop`,
     );
   }
   if (c.enableHealthCheck && c.smtpPort !== 0 && c.smtpPort === c.healthCheckPort && clash(c.healthCheckHost, c.smtpHost)) {
@@ -632,7 +633,7 @@ function admitsQuarter(cidrs: readonly string[]): boolean {
  * another listener. Connecting to 0.0.0.0 or :: reaches this machine's 127.0.0.1 or ::1.
  */
 function reaches(host: string, listenHost: string): boolean {
-  const [h, l] = [host, listenHost].map((x) => normalizeIp(x.toLowerCase().replace(/\.$/, '')));
+  const [h, l] = [host, listenHost].map(canonicalHost);
   if (h === l) return true;
   if (EVERY_INTERFACE.has(h)) return reaches(h === '::' ? '::1' : '127.0.0.1', listenHost);
   // this machine, whatever its addresses
@@ -642,14 +643,34 @@ function reaches(host: string, listenHost: string): boolean {
   return loopback(h) && loopback(l) && (h === 'localhost' || l === 'localhost');
 }
 
-/** The addresses of this machine's interfaces, as normalizeIp writes them. */
+/**
+ * A host in one spelling: a name in lower case without its final dot, an IPv6 address as URLs
+ * write it (`0:0:0:0:0:0:0:1` is ::1) and an IPv4-mapped one as its IPv4 address
+ * (`::ffff:7f00:1` and `::ffff:127.0.0.1` are 127.0.0.1).
+ */
+function canonicalHost(host: string): string {
+  const bare = host.toLowerCase().replace(/\.$/, '');
+  if (!net.isIPv6(bare)) return bare;
+  let canonical: string;
+  try {
+    canonical = new URL(`http://[${bare}]/`).hostname.slice(1, -1);
+  } catch {
+    return bare; // with a zone (fe80::1%eth0), which a URL does not take
+  }
+  const mapped = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(canonical);
+  if (!mapped) return canonical;
+  const [high, low] = [mapped[1], mapped[2]].map((group) => Number.parseInt(group, 16));
+  return [high >> 8, high & 255, low >> 8, low & 255].join('.');
+}
+
+/** The addresses of this machine's interfaces, as canonicalHost writes them. */
 function interfaceAddresses(): Set<string> {
-  return new Set(Object.values(os.networkInterfaces()).flatMap((addresses) => (addresses ?? []).map((a) => normalizeIp(a.address.toLowerCase()))));
+  return new Set(Object.values(os.networkInterfaces()).flatMap((addresses) => (addresses ?? []).map((a) => canonicalHost(a.address))));
 }
 
 /** Whether two listeners on one port would refuse each other: one address, however written, or every interface. */
 function clash(a: string, b: string): boolean {
-  return EVERY_INTERFACE.has(a) || EVERY_INTERFACE.has(b) || reaches(a, b);
+  return EVERY_INTERFACE.has(canonicalHost(a)) || EVERY_INTERFACE.has(canonicalHost(b)) || reaches(a, b);
 }
 
 /**

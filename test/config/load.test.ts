@@ -445,6 +445,15 @@ describe('loadConfig', () => {
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::1', ...forward('localhost', '2525') })), ['forwardPort']);
     assert.deepEqual(keys(loadConfig([], forward('LOCALHOST.', '2525'))), ['forwardPort']);
     assert.deepEqual(keys(loadConfig([], forward('::ffff:127.0.0.1', '2525'))), ['forwardPort']);
+    // an IPv6 address written out in full, an IPv4-mapped one in hexadecimal
+    const spelledOut = loadConfig([], { SMTP_HOST: '::1', ...forward('0:0:0:0:0:0:0:1', '2525') });
+    assert.deepEqual(keys(spelledOut), ['forwardPort']);
+    assert.match(spelledOut.ok ? '' : spelledOut.errors[0].message, /forwardHost:forwardPort \[0:0:0:0:0:0:0:1\]:2525 is relayq's own SMTP listener/);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0000::0001', ...forward('::1', '2525') })), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], forward('::FFFF:7F00:1', '2525'))), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::ffff:7f00:1', ...forward('localhost', '2525') })), ['forwardPort']);
+    assert.deepEqual(keys(loadConfig([], forward('::ffff:7f00:2', '2525'))), []);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::1', ...forward('0:0:0:0:0:0:0:0', '2525') })), ['forwardPort']);
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward(os.hostname(), '25') })), ['forwardPort']);
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: 'localhost', ...forward('127.0.0.2', '2525') })), []);
     // connecting to 0.0.0.0 or :: reaches this machine's loopback address
@@ -466,6 +475,8 @@ describe('loadConfig', () => {
     assert.deepEqual(keys(loadConfig(['--smtpHost', 'localhost', '--smtpPort', '8025'], {})), ['healthCheckPort']);
     assert.deepEqual(keys(loadConfig(['--smtpHost', '::1', '--smtpPort', '8025', '--healthCheckHost', 'LOCALHOST.'], {})), ['healthCheckPort']);
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--healthCheckHost', '::ffff:127.0.0.1'], {})), ['healthCheckPort']);
+    assert.deepEqual(keys(loadConfig(['--smtpHost', '::1', '--smtpPort', '8025', '--healthCheckHost', '0:0:0:0:0:0:0:1'], {})), ['healthCheckPort']);
+    assert.deepEqual(keys(loadConfig(['--smtpHost', '::1', '--smtpPort', '8025', '--healthCheckHost', '0:0:0:0:0:0:0:0'], {})), ['healthCheckPort']);
     assert.deepEqual(keys(loadConfig(['--smtpHost', 'localhost', '--smtpPort', '8025', '--healthCheckHost', '127.0.0.2'], {})), []);
     assert.deepEqual(keys(loadConfig(['--smtpPort', '0', '--healthCheckPort', '0'], {})), []);
   });
