@@ -72,6 +72,12 @@ describe('GET /health', () => {
       assert.equal(d.smtp_listener, 'listening');
       assert.deepEqual(d.upstream, { target: 'local', last_success: null, last_failure: null, consecutive_failures: 0, suspended_until: null });
       assert.deepEqual(d.warnings, ['loopback clients may send without AUTH']);
+      // a monitor's query string is ignored, whatever it is
+      for (const query of ['?ts=1733480000', '?%ZZ', '?a=1&a=2']) {
+        const checked = await call<Health>(relay, `/health${query}`);
+        assert.equal(checked.status, 200, query);
+        assert.equal(checked.body.status, 'ok', query);
+      }
 
       await relay.delivery.runOnce();
       const after = (await call<Health>(relay, '/health')).body.details;
