@@ -148,7 +148,7 @@ export function healthRoutes(deps: ApiDeps) {
       }
       active = metrics.queue.queued + metrics.queue.sending;
       if (config.queueSize > 0 && active > config.queueSize * HEALTH_THRESHOLDS.queueFullFraction) {
-        degraded.push(`queue is ${Math.round((active / config.queueSize) * 100)}% full (${active} of queueSize ${config.queueSize})`);
+        degraded.push(`queue is ${Math.floor((active / config.queueSize) * 100)}% full (${active} of queueSize ${config.queueSize})`);
       }
       rate = successRate(metrics);
     }

@@ -6,6 +6,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import nodemailer from 'nodemailer';
 import { ManualClock } from '../manual-clock.js';
 import { openConnection } from '../../src/store/db.js';
 import { storeMetrics } from '../../src/store/queries.js';
@@ -366,6 +367,20 @@ describe('GET /health', () => {
       assert.equal(body.details.queued_emails, 20);
       assert.ok(body.details.warnings.includes('queue is 100% full (20 of queueSize 20)'), body.details.warnings.join('; '));
     } finally {
+      await relay.stop();
+    }
+  });
+
+  test('a queue one short of queueSize is not said to be 100% full: mail is still taken', async () => {
+    const relay = await startTestRelay({ queueSize: 200 }, { startDelivery: false });
+    const transport = nodemailer.createTransport({ host: '127.0.0.1', port: relay.smtpPort, pool: true, maxConnections: 5, maxMessages: Infinity, ignoreTLS: true });
+    try {
+      await Promise.all(Array.from({ length: 199 }, () => transport.sendMail({ from: 'sender@example.com', to: 'rcpt@example.com', text: 'hello' })));
+      const { body } = await call<Health>(relay, '/health');
+      assert.equal(body.details.queued_emails, 199);
+      assert.ok(body.details.warnings.includes('queue is 99% full (199 of queueSize 200)'), body.details.warnings.join('; '));
+    } finally {
+      transport.close();
       await relay.stop();
     }
   });
