@@ -41,7 +41,7 @@ USER node
 
 # The check runs inside the container, so it comes from loopback and needs no admin token.
 # 200 for ok and degraded, 503 for error; no curl in the image, node's fetch does it.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+HEALTHCHECK --interval=30s --timeout=15s --start-period=20s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.HEALTH_CHECK_PORT||8025)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
 
 # Not `npm start`: its prestart builds, which needs the devDependencies pruned above.
