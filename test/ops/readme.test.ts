@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { readmeConfigTable, renderConfigTable } from '../../src/config/docs.js';
 import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
 import { ManualClock } from '../manual-clock.js';
-import { sendMail, startTestRelay, writeDirect } from '../helpers.js';
+import { sendMail, startTestRelay, tempDir, writeDirect } from '../helpers.js';
 import { REPO_ROOT } from '../cli/run-cli.js';
 
 const readme = fs.readFileSync(path.join(REPO_ROOT, 'README.md'), 'utf8');
@@ -33,8 +34,36 @@ test("README's configuration table is the one the schema renders (run `npm run d
   );
 });
 
+/** The Operations section's sqlite3 queries; `writefile` is the sqlite3 shell's own function. */
+function operationsQueries(): { queries: string[]; shellOnly: string[] } {
+  const all = [...section('Operations').matchAll(/sqlite3 [^"\n]*"([^"]+)"/g)].map((m) => m[1]);
+  return { queries: all.filter((q) => !q.includes('writefile(')), shellOnly: all.filter((q) => q.includes('writefile(')) };
+}
+
+function sqlite3Available(): boolean {
+  return spawnSync('sqlite3', ['-version'], { stdio: 'ignore' }).status === 0;
+}
+
+test("the Operations section's sqlite3 query that writes a stored message to a file writes its bytes", { skip: sqlite3Available() ? false : 'the sqlite3 shell is not installed (apt-get install sqlite3)' }, async () => {
+  const [query] = operationsQueries().shellOnly;
+  assert.ok(query, 'the README shows a writefile query');
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const dir = tempDir('relayq-readme-');
+  try {
+    const info = await sendMail(relay.smtpPort, { raw: 'Subject: bytes\r\n\r\nno final line break' });
+    const id = /queued as (\S+)/.exec(info.response)?.[1] as string;
+    const run = spawnSync('sqlite3', ['-readonly', relay.config.databasePath, query.replaceAll('QUEUE_ID', id)], { cwd: dir, encoding: 'utf8' });
+    assert.equal(run.status, 0, run.stderr);
+    const stored = relay.store.sqlite.prepare('SELECT raw FROM message_bodies WHERE id = (SELECT body_id FROM messages WHERE id = ?)').get(id) as { raw: Buffer };
+    assert.deepEqual(fs.readFileSync(path.join(dir, `${id}.eml`)), stored.raw);
+  } finally {
+    await relay.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test("the Operations section's sqlite3 queries run against a relayq database", async () => {
-  const queries = [...section('Operations').matchAll(/sqlite3 [^"\n]*"([^"]+)"/g)].map((m) => m[1]);
+  const { queries } = operationsQueries();
   assert.ok(queries.length >= 6, `found ${queries.length} queries`);
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   try {
