@@ -134,6 +134,10 @@ describe('API access: loopback, or a bearer token', () => {
     const withToken = await viaProxy(guarded, { authorization: `Bearer ${TOKEN}` });
     assert.equal(withToken.status, 200);
     assert.ok(Array.isArray(withToken.body.messages));
+    // a proxy that passes the client's Host on and adds no forwarding header: the token lets it in too
+    const unmarked = await namingHost(guarded, 'relay.example.com', { authorization: `Bearer ${TOKEN}` });
+    assert.equal(unmarked.status, 200);
+    assert.ok(Array.isArray(unmarked.body.messages));
     for (const headers of [{}, { authorization: TOKEN }] as Array<Record<string, string>>) {
       // relayed (X-Forwarded-For): a remote client without the token
       const refused = await viaProxy(guarded, headers);

@@ -446,6 +446,30 @@ test('relayq migrate with migrations to apply is refused while a relayq holds th
   }
 });
 
+test('a writer thread that dies stops relayq serve with exit code 1 for its supervisor, and what was stored stays', async () => {
+  const dir = tempDir('relayq-serve-');
+  const endWorkers = path.join(REPO_ROOT, 'test', 'cli', 'end-worker-threads.mjs');
+  const relay = await spawnRelay(dir, [], { NODE_OPTIONS: `--import ${endWorkers}` });
+  try {
+    const info = await sendMail(relay.smtpPort);
+    const id = /queued as (\S+)/.exec(info.response)?.[1];
+    // a relay that went on running without its writer would answer every message 451 for ever
+    const exited = await Promise.race([relay.kill('SIGUSR2'), sleep(60_000, 'still running', { ref: false })]);
+    assert.equal(exited, 1, relay.output());
+    const events = relay.output().split('\n').flatMap((line) => (line.startsWith('{') ? [JSON.parse(line).event] : []));
+    assert.ok(events.includes('relay.writer_failed'), relay.output());
+    assert.equal(events.at(-1), 'relay.stopped', 'an orderly stop, to its last line');
+    const db = new Database(path.join(dir, 'data', 'relayq.db'), { readonly: true });
+    try {
+      assert.deepEqual(db.prepare('SELECT id FROM messages').all(), [{ id }]);
+    } finally {
+      db.close();
+    }
+  } finally {
+    await relay.kill();
+  }
+});
+
 test('a second relay on the same database is refused before it touches anything, until the first is gone (kill -9 included)', async () => {
   const dir = tempDir('relayq-serve-');
   const first = await spawnRelay(dir);
