@@ -57,6 +57,9 @@ export async function exportMissingFailures(ctx: LeftoversContext): Promise<void
   while (cursor && !ctx.stopping()) {
     const page = failedPage(sqlite, { cursor, limit: EXPORT_CHECK_STEP });
     for (const { id, finishedAt } of page.messages) {
+      // a stop waits for the walk: one export at most, not a page of them (a page of large
+      // messages takes longer than the grace, and the store would close under an export)
+      if (ctx.stopping()) break;
       if (await exportIsCurrent(failedExportPath(emailsDir, id), finishedAt)) continue;
       // requeued since the page was read (failedRetryInterval's first scan runs beside this walk),
       // and maybe failed again: this process exports that failure itself, and nothing was missing

@@ -391,6 +391,34 @@ describe('per-recipient outcomes', () => {
     assert.equal(fs.readFileSync(keptFile, 'utf8'), keptText);
   });
 
+  test('a stop during the start\'s walk of missing exports waits for one export, not for a page of them', async () => {
+    const { config } = await refusingUpstream();
+    const relay = await startTestRelay(config, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const ids = [await queue(relay, ['nobody@example.com']), await queue(relay, ['nobody2@example.com']), await queue(relay, ['nobody3@example.com'])];
+    await relay.delivery.runOnce();
+    for (const id of ids) fs.rmSync(path.join(config.emailsDir, 'failed', `${id}.json`));
+    const log = capturedLog('info');
+    let stopping = false;
+    await exportMissingFailures({
+      sqlite: relay.store.sqlite,
+      emailsDir: config.emailsDir,
+      log: log.logger,
+      stopping: () => stopping,
+      exportFailed: async (id: string) => {
+        const file = await exportFailedMessage(relay.store.sqlite, path.join(config.emailsDir, 'failed'), id, Date.now());
+        stopping = true; // the stop comes while the first export is written
+        return file;
+      },
+    });
+    assert.deepEqual(ids.map((id) => failedExportExists(relay, id)), [true, false, false]);
+    assert.deepEqual(
+      log.entries().filter((e) => e.event === 'delivery.exports_restored').map((e) => e.ids),
+      [[ids[0]]],
+      'what was restored before the stop is said',
+    );
+  });
+
   test("at a start a message that fails again while the walk runs (failedRetryInterval's first scan beside it) is not taken for a missing export", async () => {
     const { config } = await refusingUpstream();
     const relay = await startTestRelay(config, { startDelivery: false });
