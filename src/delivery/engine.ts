@@ -1,8 +1,8 @@
 // The delivery engine: claims due batches under a lease (group-committed writes), sends each
 // batch upstream (or writes it locally), and applies the outcome fenced by the claim token.
 // Invariants: at most workerCount attempts in flight; no worker sleeps through batchDelay or a
-// backoff (the message's next_attempt_at says when it is due); a crash leaves claims that
-// expire with their lease; a shutdown releases them so a restart picks them up at once.
+// backoff (the message's next_attempt_at says when it is due); a crash leaves claims, which the
+// next start takes back (and which expire with their lease); a shutdown releases them itself.
 import { performance } from 'node:perf_hooks';
 import type tls from 'node:tls';
 import type { Logger } from 'pino';
@@ -293,7 +293,7 @@ export class DeliveryEngine {
       const released = (await releaseThose(false)) + (await releaseThose(true));
       this.log.warn(
         { event: 'delivery.released', released, ids: unfinished.map((a) => a.claim.messageId) },
-        'shutdown: unfinished deliveries released for the next start',
+        'shutdown: unfinished deliveries stopped and released for the next start (one still claimed, its release failed, is taken back by that start)',
       );
       for (const a of unfinished) a.abort.abort(new Error('aborted: relayq is shutting down'));
     }
@@ -579,7 +579,7 @@ export class DeliveryEngine {
       ...(options.uncount ? { unsent: b.recipients.map((r) => r.seq) } : {}),
     }));
     return this.deps.writer.write('releaseClaims', claims, this.deps.clock.now()).catch((err: Error) => {
-      this.log.error({ event: 'delivery.release_failed', err: err.message }, 'releasing claims failed; they expire with their lease');
+      this.log.error({ event: 'delivery.release_failed', err: err.message }, 'releasing claims failed: the next start takes them back');
       return 0;
     });
   }
