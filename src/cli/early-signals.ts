@@ -1,9 +1,17 @@
-// `relayq serve` takes its stop signals from its first moment. Without a listener Node ends the
+// `relayq serve` takes its signals from its first moment. Without a listener Node ends the
 // process at once, so a stop that came while the CLI's modules loaded (some hundreds of
 // milliseconds on a busy machine) killed the relay mid-start, and as PID 1 in a container the
 // signal was ignored. The CLI loads this module before any other; serve takes over what it kept.
 
 export const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP'] as const;
+
+/**
+ * Signals serve ignores and logs: without a listener, SIGUSR1 opens Node's inspector (a debugger
+ * that every local user could reach on 127.0.0.1:9229, and run code as the relay) and SIGUSR2
+ * ends the process with no stop in order. Operators send them to ask for a log to be reopened,
+ * which a log on stdout does not need.
+ */
+export const IGNORED_SIGNALS = ['SIGUSR1', 'SIGUSR2'] as const;
 
 export interface EarlySignal {
   signal: NodeJS.Signals;
@@ -25,10 +33,10 @@ export function commandName(args: readonly string[]): string | undefined {
 
 const kept: EarlySignal[] = [];
 const keep = (signal: NodeJS.Signals) => kept.push({ signal, at: performance.now() });
-if (commandName(process.argv.slice(2)) === 'serve') for (const signal of STOP_SIGNALS) process.on(signal, keep);
+if (commandName(process.argv.slice(2)) === 'serve') for (const signal of [...STOP_SIGNALS, ...IGNORED_SIGNALS]) process.on(signal, keep);
 
 /** The signals that came before serve listened for them; they are no longer kept from now on. */
 export function takeEarlySignals(): EarlySignal[] {
-  for (const signal of STOP_SIGNALS) process.off(signal, keep);
+  for (const signal of [...STOP_SIGNALS, ...IGNORED_SIGNALS]) process.off(signal, keep);
   return kept.splice(0);
 }

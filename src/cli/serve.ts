@@ -8,7 +8,7 @@ import { loadConfigFromSources } from '../config/load.js';
 import { createLogger, type StdoutLog, stdoutLog } from '../logger.js';
 import { type Relay, startRelay } from '../main.js';
 import { ourLines } from './context.js';
-import { STOP_SIGNALS, takeEarlySignals } from './early-signals.js';
+import { IGNORED_SIGNALS, STOP_SIGNALS, takeEarlySignals } from './early-signals.js';
 
 /** The first signal again within this long is the same request delivered twice, not a second one. */
 const REPEAT_WINDOW_MS = 1000;
@@ -53,8 +53,13 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
     logger.info({ event: 'relay.signal', signal, ...(relay ? {} : { starting: true }) }, relay ? 'signal received' : 'signal received while starting: stopping once started');
     if (relay) stop(relay, 0);
   };
+  const ignore = (signal: string) => logger.warn({ event: 'relay.signal_ignored', signal }, `${signal} ignored: relayq stops on SIGTERM, SIGINT or SIGHUP, and its log on stdout needs no reopening`);
   for (const signal of STOP_SIGNALS) process.on(signal, () => onSignal(signal));
-  for (const early of takeEarlySignals()) onSignal(early.signal, early.at);
+  for (const signal of IGNORED_SIGNALS) process.on(signal, () => ignore(signal));
+  for (const early of takeEarlySignals()) {
+    if ((IGNORED_SIGNALS as readonly string[]).includes(early.signal)) ignore(early.signal);
+    else onSignal(early.signal, early.at);
+  }
   // the relay cannot store mail any more: stop, and exit non-zero for the supervisor to restart it
   const onFatal = () => (relay ? stop(relay, 1) : exitAfterFlush(out, 1));
   try {

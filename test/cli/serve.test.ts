@@ -446,6 +446,25 @@ test('relayq migrate with migrations to apply is refused while a relayq holds th
   }
 });
 
+test('SIGUSR1 and SIGUSR2 are ignored and logged: no debugger opens, and the relay serves on', async () => {
+  const dir = tempDir('relayq-serve-');
+  // were the inspector opened, on a port of the system's choosing
+  const relay = await spawnRelay(dir, [], { NODE_OPTIONS: '--inspect-port=127.0.0.1:0' });
+  try {
+    const ignored = () => relay.output().split('\n').filter((line) => line.includes('"relay.signal_ignored"')).map((line) => JSON.parse(line).signal);
+    relay.child.kill('SIGUSR1');
+    await waitFor(() => ignored().length === 1, 30_000, 'SIGUSR1 logged');
+    relay.child.kill('SIGUSR2');
+    await waitFor(() => ignored().length === 2, 30_000, 'SIGUSR2 logged');
+    assert.deepEqual(ignored(), ['SIGUSR1', 'SIGUSR2']);
+    assert.match((await sendMail(relay.smtpPort)).response, /^250 /);
+    assert.doesNotMatch(relay.output(), /Debugger listening/);
+    assert.equal(await relay.kill('SIGTERM'), 0, relay.output());
+  } finally {
+    await relay.kill();
+  }
+});
+
 test('a writer thread that dies stops relayq serve with exit code 1 for its supervisor, and what was stored stays', async () => {
   const dir = tempDir('relayq-serve-');
   const endWorkers = path.join(REPO_ROOT, 'test', 'cli', 'end-worker-threads.mjs');
