@@ -22,13 +22,19 @@ export interface EarlySignal {
 /** The global options that take a value: the word after one is not the command's name. */
 const VALUED = new Set(['--config', '--databasePath', '--emailsDir']);
 
-/** The command `args` name (the first word that is neither an option nor a global option's value), as commander will read it. */
-export function commandName(args: readonly string[]): string | undefined {
+/** Where in `args` the command's name is (the first word that is neither an option nor a global option's value), as commander will read it; -1 when none is. */
+export function commandIndex(args: readonly string[]): number {
   for (let i = 0; i < args.length; i++) {
     if (VALUED.has(args[i])) i++;
-    else if (!args[i].startsWith('-')) return args[i];
+    else if (!args[i].startsWith('-')) return i;
   }
-  return undefined;
+  return -1;
+}
+
+/** The command `args` name, if they name one. */
+export function commandName(args: readonly string[]): string | undefined {
+  const i = commandIndex(args);
+  return i < 0 ? undefined : args[i];
 }
 
 const kept: EarlySignal[] = [];

@@ -10,6 +10,7 @@ import { CONFIG_KEYS } from '../config/schema.js';
 import { isMessageState, MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { VERSION } from '../version.js';
 import { CliError, configFlags, type GlobalOptions, ourLines } from './context.js';
+import { commandIndex } from './early-signals.js';
 
 /**
  * A value, not the next option: commander takes whatever follows an option as its value, so
@@ -112,7 +113,7 @@ function operatorCommand(name: string, description: string): Command {
     if (path === 'databasePath' || path === 'emailsDir') continue;
     // a boolean alone is true, as serve takes it: `--forwardSMTP --forwardHost h`
     if (type === 'bool') cmd.addOption(new Option(`--${path} [value]`).hideHelp().argParser(booleanWord));
-    else cmd.addOption(new Option(`--${path} <value>`).hideHelp().argParser((value: string) => configValue(cmd, value, secret === true)));
+    else cmd.addOption(new Option(`--${path} <value>`).hideHelp().argParser((value: string) => configValue(cmd, path, value, secret === true)));
   }
   return cmd;
 }
@@ -120,26 +121,38 @@ function operatorCommand(name: string, description: string): Command {
 /**
  * A config key's value, as serve takes it: not the next option (`--smtpPort $PORT --json` with PORT
  * unset). A password or token may start with `--`, unless it is one of the command's options
- * (`--defaultPassword --json` would be a password of `--json`, and no JSON).
+ * (`--defaultPassword --json` would be a password of `--json`, and no JSON) given apart from its
+ * flag; PEM text may too, and is refused as a path later without being shown.
  */
-function configValue(cmd: Command, value: string, secret: boolean): string {
-  if (secret && !cmd.options.some((option) => option.long === value.split('=')[0])) return value;
+function configValue(cmd: Command, path: string, value: string, secret: boolean): string {
+  if (value.startsWith('-----BEGIN')) return value;
+  if (secret && (process.argv.includes(`--${path}=${value}`) || !cmd.options.some((option) => option.long === value.split('=')[0]))) return value;
   return notAnOption(value);
+}
+
+/** Whether `word` is an option of relayq or of one of its commands (`--json`, `--smtpPort=25`). */
+function isOptionName(word: string | undefined): boolean {
+  const name = word?.split('=')[0];
+  return [program, ...program.commands].some((cmd) => cmd.options.some((option) => option.long === name));
 }
 
 /**
  * An unquoted password with spaces (`--defaultPassword correct horse`) leaves its next words where a
- * command's arguments go: `delete` would look for a message named horse, `backup` write a file of
- * that name. As serve does, a word right after a secret's value is refused, and not shown; the
- * arguments go before such a flag.
+ * command's arguments and options go: `delete` would look for a message named horse, `backup`
+ * write a file of that name, and `-horse` would be shown as an unknown option. As serve does, the
+ * words after a secret's value, up to the next `--` option, are refused and not shown; the
+ * arguments go before such a flag. Run before commander parses the command's words (`args`, after
+ * its name).
  */
 function refuseWordsAfterSecret(args: readonly string[]): void {
   for (let i = 0; i < args.length; i++) {
     const [flag, ...inline] = args[i].split('=');
     const key = flag.startsWith('--') ? CONFIG_KEYS.find((k) => `--${k.path}` === flag) : undefined;
     if (!key?.secret) continue;
+    // no value: the option after it (commander says so)
+    if (inline.length === 0 && isOptionName(args[i + 1])) continue;
     const after = args[i + (inline.length > 0 ? 1 : 2)];
-    if (after !== undefined && !after.startsWith('-')) {
+    if (after !== undefined && !after.startsWith('--')) {
       throw new CliError(`the words after ${flag}'s value are not arguments: quote a value that has spaces, and give a command's arguments before its config keys`, 2);
     }
   }
@@ -237,7 +250,6 @@ operatorCommand('migrate', 'apply pending database migrations (the server also d
 // (Not `serve`: its log has its own handling.)
 program.hook('preAction', (_program, command) => {
   if (command.name() === 'serve') return;
-  refuseWordsAfterSecret(process.argv.slice(2));
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
     // the reader went away: the command's own status (1 for a retry that did nothing), else 0
     if (err.code === 'EPIPE') process.exit();
@@ -251,8 +263,15 @@ program.hook('preAction', (_program, command) => {
 // as it would have (serve goes on serving mail) instead of dying of the unhandled write error.
 process.stderr.on('error', () => {});
 
-program.parseAsync(process.argv).catch((err: Error) => {
-  // The reason, not a stack: one line, or one per bad key of a config error, each marked as ours.
-  process.stderr.write(ourLines(err.message));
-  process.exit(err instanceof CliError ? err.exitCode : 1);
-});
+const args = process.argv.slice(2);
+const named = commandIndex(args);
+Promise.resolve()
+  .then(() => {
+    if (named >= 0 && args[named] !== 'serve') refuseWordsAfterSecret(args.slice(named + 1));
+    return program.parseAsync(process.argv);
+  })
+  .catch((err: Error) => {
+    // The reason, not a stack: one line, or one per bad key of a config error, each marked as ours.
+    process.stderr.write(ourLines(err.message));
+    process.exit(err instanceof CliError ? err.exitCode : 1);
+  });

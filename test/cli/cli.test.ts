@@ -400,11 +400,13 @@ describe('relayq CLI on the database of a running relay', () => {
     const keep = ids.queued[0];
     const backupTarget = path.join(dir, 'horse.db');
     const exportTarget = path.join(dir, 'horse');
-    const [deleteWords, backupWords, exportWords, inlineWords, portThenJson, levelThenState, secretThenJson, tokenThenOption] = await Promise.all([
+    const [deleteWords, backupWords, exportWords, inlineWords, dashedWords, dashWord, portThenJson, levelThenState, secretThenJson, tokenThenOption] = await Promise.all([
       cli('delete', keep, '--defaultPassword', 'correct', 'horse', 'battery'),
       cli('backup', '--forwardUsername', 'u', '--forwardPassword', 'correct', backupTarget),
       cli('export-failed', '--forwardPassword=correct', exportTarget),
       cli('retry', '--security.adminToken=correct', keep),
+      cli('show', keep, '--defaultPassword', 'correct', '-horse', 'battery'),
+      cli('backup', '--forwardPassword', 'correct', '-'),
       cli('status', '--smtpPort', '--json'),
       cli('queue', '--logLevel', '--state', 'failed'),
       cli('status', '--defaultPassword', '--json'),
@@ -415,11 +417,14 @@ describe('relayq CLI on the database of a running relay', () => {
       [backupWords, '--forwardPassword'],
       [exportWords, '--forwardPassword'],
       [inlineWords, '--security.adminToken'],
+      [dashedWords, '--defaultPassword'],
+      [dashWord, '--forwardPassword'],
     ] as const) {
       assertOneLineError(r, new RegExp(`^relayq: the words after ${flag}'s value are not arguments: quote a value that has spaces`));
       assert.equal(r.code, 2);
       assert.doesNotMatch(r.stderr, /correct|horse|battery/);
     }
+    assert.ok(!fs.existsSync(path.join(CLI_CWD, '-')), 'no backup named -');
     assert.ok(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(keep), 'nothing deleted');
     assert.ok(!fs.existsSync(backupTarget) && !fs.existsSync(exportTarget), 'no file named after the password');
     for (const [r, key, next] of [
@@ -430,10 +435,18 @@ describe('relayq CLI on the database of a running relay', () => {
     ] as const) {
       assertOneLineError(r, new RegExp(`^relayq: option '--${key} <value>' argument '--${next}' is invalid\\. --${next} is an option: give the option its value first$`));
     }
-    // a password may start with --, and the arguments go before it
-    const dashed = await cli('show', keep, '--defaultPassword', '--not-an-option', '--json');
-    assert.equal(dashed.code, 0, dashed.stderr);
-    assert.equal(JSON.parse(dashed.stdout).message.id, keep);
+    // a password may start with --, and the arguments go before it; one given with = may be an option's name
+    for (const password of [['--defaultPassword', '--not-an-option'], ['--defaultPassword=--json']]) {
+      const dashed = await cli('show', keep, ...password, '--json');
+      assert.equal(dashed.code, 0, dashed.stderr);
+      assert.equal(JSON.parse(dashed.stdout).message.id, keep);
+    }
+    // PEM text where a path goes is refused as serve refuses it, without being shown
+    const pem = '-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIHiddenKeyMaterialHiddenKeyMaterialAAAAAA\n-----END PRIVATE KEY-----\n';
+    const pemFlag = await cli('status', '--tls.key', pem);
+    assert.equal(pemFlag.code, 0, pemFlag.stderr);
+    assert.match(pemFlag.stderr, /--tls\.key: must be the path of a PEM file, not its text/);
+    assert.doesNotMatch(pemFlag.stderr, /HiddenKeyMaterial|BEGIN/);
   });
   test('a reader that goes away (relayq queue | head) ends a command quietly, without a stack trace', async () => {
     const gone = (...args: string[]) => runCli(['--config', configFile, ...args], { closeStdout: true });
