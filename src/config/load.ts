@@ -629,15 +629,20 @@ function admitsQuarter(cidrs: readonly string[]): boolean {
  * Whether connecting to `host` reaches a listener on `listenHost` (the same port assumed): the
  * same host (however written: `LOCALHOST.`, `::ffff:127.0.0.1`), `localhost` and the loopback
  * address it stands for, or this machine (its loopback addresses, its name, the addresses of its
- * interfaces) for a listener on every interface. Another loopback address (127.0.0.2) reaches
- * another listener. Connecting to 0.0.0.0 or :: reaches this machine's 127.0.0.1 or ::1.
+ * interfaces) for a listener on every interface (on every IPv4 one, for 0.0.0.0). Another
+ * loopback address (127.0.0.2) reaches another listener. Connecting to 0.0.0.0 or :: reaches this
+ * machine's 127.0.0.1 or ::1.
  */
 function reaches(host: string, listenHost: string): boolean {
   const [h, l] = [host, listenHost].map(canonicalHost);
   if (h === l) return true;
   if (EVERY_INTERFACE.has(h)) return reaches(h === '::' ? '::1' : '127.0.0.1', listenHost);
   // this machine, whatever its addresses
-  if (EVERY_INTERFACE.has(l)) return h === 'localhost' || isLoopback(h) || h === os.hostname().toLowerCase() || interfaceAddresses().has(h);
+  if (EVERY_INTERFACE.has(l)) {
+    // 0.0.0.0 takes IPv4 alone: an IPv6 address (::1, this machine's own) reaches another listener
+    if (l === '0.0.0.0' && net.isIPv6(h)) return false;
+    return h === 'localhost' || isLoopback(h) || h === os.hostname().toLowerCase() || interfaceAddresses().has(h);
+  }
   // localhost is 127.0.0.1 or ::1, whichever it resolves to first
   const loopback = (x: string) => x === 'localhost' || x === '127.0.0.1' || x === '::1';
   return loopback(h) && loopback(l) && (h === 'localhost' || l === 'localhost');
@@ -645,17 +650,19 @@ function reaches(host: string, listenHost: string): boolean {
 
 /**
  * A host in one spelling: a name in lower case without its final dot, an IPv6 address as URLs
- * write it (`0:0:0:0:0:0:0:1` is ::1) and an IPv4-mapped one as its IPv4 address
- * (`::ffff:7f00:1` and `::ffff:127.0.0.1` are 127.0.0.1).
+ * write it (`0:0:0:0:0:0:0:1` is ::1) without its zone (`fe80::1%eth0` is an address of this
+ * machine's when fe80::1 is), and an IPv4-mapped one as its IPv4 address (`::ffff:7f00:1` and
+ * `::ffff:127.0.0.1` are 127.0.0.1).
  */
 function canonicalHost(host: string): string {
   const bare = host.toLowerCase().replace(/\.$/, '');
   if (!net.isIPv6(bare)) return bare;
+  const address = bare.replace(/%.*$/, '');
   let canonical: string;
   try {
-    canonical = new URL(`http://[${bare}]/`).hostname.slice(1, -1);
+    canonical = new URL(`http://[${address}]/`).hostname.slice(1, -1);
   } catch {
-    return bare; // with a zone (fe80::1%eth0), which a URL does not take
+    return address; // an address Node takes and a URL does not
   }
   const mapped = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(canonical);
   if (!mapped) return canonical;
@@ -668,9 +675,16 @@ function interfaceAddresses(): Set<string> {
   return new Set(Object.values(os.networkInterfaces()).flatMap((addresses) => (addresses ?? []).map((a) => canonicalHost(a.address))));
 }
 
-/** Whether two listeners on one port would refuse each other: one address, however written, or every interface. */
+/**
+ * Whether two listeners on one port would refuse each other: one address, however written, or
+ * every interface (`::` takes both families, as Linux binds it; 0.0.0.0 every IPv4 address, so
+ * that a listener on ::1 is apart from it).
+ */
 function clash(a: string, b: string): boolean {
-  return EVERY_INTERFACE.has(canonicalHost(a)) || EVERY_INTERFACE.has(canonicalHost(b)) || reaches(a, b);
+  const [x, y] = [canonicalHost(a), canonicalHost(b)];
+  if (x === '::' || y === '::') return true;
+  if (x === '0.0.0.0' || y === '0.0.0.0') return !net.isIPv6(x === '0.0.0.0' ? y : x);
+  return reaches(a, b);
 }
 
 /**

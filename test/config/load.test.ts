@@ -459,10 +459,14 @@ describe('loadConfig', () => {
     // connecting to 0.0.0.0 or :: reaches this machine's loopback address
     assert.deepEqual(keys(loadConfig([], forward('0.0.0.0', '2525'))), ['forwardPort']);
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::1', ...forward('::', '2525') })), ['forwardPort']);
-    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward('::', '25') })), ['forwardPort']);
-    // a listener on every interface is reached at each interface's address
-    for (const { address } of Object.values(os.networkInterfaces()).flatMap((a) => a ?? [])) {
+    // an IPv4 listener on every interface is no IPv6 one: connecting to :: or ::1 reaches another
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward('::', '25') })), []);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward('::1', '25') })), []);
+    assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::', SMTP_PORT: '25', ...forward('0.0.0.0', '25') })), ['forwardPort']);
+    // a listener on every interface is reached at each interface's address, also with its zone
+    for (const { address, family } of Object.values(os.networkInterfaces()).flatMap((a) => a ?? [])) {
       assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::', SMTP_PORT: '25', ...forward(address, '25') })), ['forwardPort'], address);
+      if (family === 'IPv6') assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '::', SMTP_PORT: '25', ...forward(`${address.toUpperCase()}%eth0`, '25') })), ['forwardPort'], address);
     }
     // the system would read these as addresses (127.0.0.1, 0.0.0.0): no host names
     for (const name of ['127.1', '0', '10.0.0.1.']) assert.deepEqual(keys(loadConfig([], forward(name, '2525'))), ['forwardHost'], name);
@@ -477,6 +481,11 @@ describe('loadConfig', () => {
     assert.deepEqual(keys(loadConfig(['--smtpPort', '8025', '--healthCheckHost', '::ffff:127.0.0.1'], {})), ['healthCheckPort']);
     assert.deepEqual(keys(loadConfig(['--smtpHost', '::1', '--smtpPort', '8025', '--healthCheckHost', '0:0:0:0:0:0:0:1'], {})), ['healthCheckPort']);
     assert.deepEqual(keys(loadConfig(['--smtpHost', '::1', '--smtpPort', '8025', '--healthCheckHost', '0:0:0:0:0:0:0:0'], {})), ['healthCheckPort']);
+    // 0.0.0.0 and ::1 are two listeners that coexist; :: takes IPv4 too
+    assert.deepEqual(keys(loadConfig(['--smtpHost', '0.0.0.0', '--smtpPort', '8025', '--healthCheckHost', '::1'], {})), []);
+    assert.deepEqual(keys(loadConfig(['--smtpHost', '::ffff:0.0.0.0', '--smtpPort', '8025', '--healthCheckHost', '::1'], {})), []);
+    assert.deepEqual(keys(loadConfig(['--smtpHost', '0.0.0.0', '--smtpPort', '8025', '--healthCheckHost', '127.0.0.2'], {})), ['healthCheckPort']);
+    assert.deepEqual(keys(loadConfig(['--smtpHost', '::', '--smtpPort', '8025', '--healthCheckHost', '127.0.0.2'], {})), ['healthCheckPort']);
     assert.deepEqual(keys(loadConfig(['--smtpHost', 'localhost', '--smtpPort', '8025', '--healthCheckHost', '127.0.0.2'], {})), []);
     assert.deepEqual(keys(loadConfig(['--smtpPort', '0', '--healthCheckPort', '0'], {})), []);
   });
