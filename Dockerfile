@@ -42,7 +42,7 @@ USER node
 # The check runs inside the container, so it comes from loopback and needs no admin token.
 # 200 for ok and degraded, 503 for error; no curl in the image, node's fetch does it.
 HEALTHCHECK --interval=30s --timeout=15s --start-period=20s --retries=3 \
-  CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.HEALTH_CHECK_PORT||8025)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
+  CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.HEALTH_CHECK_PORT||8025)+'/health').then(async r=>{console.log(r.status,await r.text());process.exit(r.ok?0:1)},e=>{console.log(e.message);process.exit(1)})"]
 
 # Not `npm start`: its prestart builds, which needs the devDependencies pruned above.
 # relayq handles SIGTERM itself (drain, release claims, checkpoint), so it can be PID 1; only a

@@ -3,11 +3,13 @@
 // and loads, over config.example.json, into a valid configuration; the mounts, ports, user,
 // health check and command are the ones the README promises.
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { loadConfig } from '../../src/config/load.js';
 import { CONFIG_KEYS, envName } from '../../src/config/schema.js';
+import { closedPort, startTestRelay } from '../helpers.js';
 import { REPO_ROOT } from '../cli/run-cli.js';
 
 const read = (file: string) => fs.readFileSync(path.join(REPO_ROOT, file), 'utf8');
@@ -127,4 +129,38 @@ test('.dockerignore keeps local data, secrets and build output out of the build 
     .filter((l) => l && !l.startsWith('#'));
   for (const entry of ['node_modules', 'dist', 'data', 'emails', 'config.json', '.env', '.git']) assert.ok(ignored.includes(entry), entry);
   assert.ok(!ignored.includes('src') && !ignored.includes('migrations') && !ignored.includes('package-lock.json'));
+});
+
+test("the image's and compose's health check is one script: exit 0 on an ok relay, 1 on one in error, saying why", async () => {
+  const script = (text: string) => /"node", "-e", "([^"]+)"\]/.exec(text)?.[1];
+  const inImage = script(read('Dockerfile'));
+  assert.ok(inImage, 'the Dockerfile runs a node -e script');
+  assert.equal(script(read('docker-compose.yml')), inImage);
+  // not spawnSync: the relay runs in this process, and answers only while it is free to
+  const check = (port: number | undefined) =>
+    new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
+      const child = execFile(process.execPath, ['-e', inImage], { env: { PATH: process.env.PATH, HEALTH_CHECK_PORT: String(port) }, timeout: 60_000 }, (_err, stdout, stderr) =>
+        resolve({ status: child.exitCode, stdout, stderr }),
+      );
+    });
+  const healthy = await startTestRelay({}, { startDelivery: false });
+  try {
+    const ok = await check(healthy.httpPort);
+    assert.equal(ok.status, 0, ok.stdout + ok.stderr);
+    assert.match(ok.stdout, /^200 \{"status":"ok"/);
+  } finally {
+    await healthy.stop();
+  }
+  // free disk below minFreeDiskMb: mail cannot be accepted
+  const full = await startTestRelay({ minFreeDiskMb: 1_000_000_000 }, { startDelivery: false });
+  try {
+    const error = await check(full.httpPort);
+    assert.equal(error.status, 1, error.stdout + error.stderr);
+    assert.match(error.stdout, /^503 \{"status":"error".*minFreeDiskMb/);
+  } finally {
+    await full.stop();
+  }
+  const nothing = await check(await closedPort());
+  assert.equal(nothing.status, 1);
+  assert.match(nothing.stdout, /fetch failed/);
 });
