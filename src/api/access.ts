@@ -64,10 +64,10 @@ export function requireAdminAccess(deps: ApiDeps): MiddlewareHandler<ApiEnv> {
 /** Headers a proxy adds to say whom it relays (RFC 7239, and the older de facto ones). */
 const FORWARDING_HEADERS = ['forwarded', 'x-forwarded-for', 'x-real-ip'] as const;
 
-/** localhost, 127.x.x.x or ::1, as a URL or `Host` header writes them (a port and brackets allowed). */
+/** localhost, 127.x.x.x or ::1, as a URL or `Host` header writes them (a port, brackets and a name's final dot allowed). */
 function isLoopbackName(host: string): boolean {
   const name = host.trim().toLowerCase();
-  const bare = name.startsWith('[') ? name.slice(1, name.indexOf(']')) : name.replace(/:\d*$/, '');
+  const bare = name.startsWith('[') ? name.slice(1, name.indexOf(']')) : name.replace(/:\d*$/, '').replace(/\.$/, '');
   return bare === 'localhost' || bare.endsWith('.localhost') || isLoopback(bare);
 }
 

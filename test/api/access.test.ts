@@ -121,7 +121,7 @@ describe('API access: loopback, or a bearer token', () => {
 
   test('a name under .localhost, or a loopback name in capitals, is a loopback host in Host and Origin', async () => {
     const loopback = createApp({ ...open, getClientIp: () => '127.0.0.1' });
-    for (const headers of [{ host: 'relayq.localhost:8025' }, { host: 'LOCALHOST:8025' }, { host: 'Localhost' }, { origin: 'http://app.localhost:3000' }, { host: 'a.b.localhost', origin: 'http://LOCALHOST' }] as Array<Record<string, string>>) {
+    for (const headers of [{ host: 'relayq.localhost:8025' }, { host: 'LOCALHOST:8025' }, { host: 'Localhost' }, { origin: 'http://app.localhost:3000' }, { host: 'a.b.localhost', origin: 'http://LOCALHOST' }, { host: 'localhost.:8025' }, { host: '127.0.0.1.', origin: 'http://relayq.localhost.:8025' }] as Array<Record<string, string>>) {
       assert.equal((await loopback.request('/admin/messages', { headers })).status, 200, JSON.stringify(headers));
     }
     for (const headers of [{ host: 'localhost.evil.example' }, { origin: 'http://localhost.evil.example' }] as Array<Record<string, string>>) {

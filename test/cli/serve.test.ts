@@ -468,7 +468,7 @@ test('SIGUSR1 and SIGUSR2 are ignored and logged: no debugger opens, and the rel
 test('a writer thread that dies stops relayq serve with exit code 1 for its supervisor, and what was stored stays', async () => {
   const dir = tempDir('relayq-serve-');
   const endWorkers = path.join(REPO_ROOT, 'test', 'cli', 'end-worker-threads.mjs');
-  const relay = await spawnRelay(dir, [], { NODE_OPTIONS: `--import ${endWorkers}` });
+  const relay = await spawnRelay(dir, [], { NODE_OPTIONS: `--import ${JSON.stringify(endWorkers)}` });
   try {
     const info = await sendMail(relay.smtpPort);
     const id = /queued as (\S+)/.exec(info.response)?.[1];
