@@ -126,14 +126,14 @@ function operatorCommand(name: string, description: string): Command {
  */
 function configValue(cmd: Command, path: string, value: string, secret: boolean): string {
   if (value.startsWith('-----BEGIN')) return value;
-  if (secret && (process.argv.includes(`--${path}=${value}`) || !cmd.options.some((option) => option.long === value.split('=')[0]))) return value;
+  if (secret && (process.argv.includes(`--${path}=${value}`) || !isOptionOf(cmd, value))) return value;
   return notAnOption(value);
 }
 
-/** Whether `word` is an option of relayq or of one of its commands (`--json`, `--smtpPort=25`). */
-function isOptionName(word: string | undefined): boolean {
+/** Whether `word` is one of `cmd`'s options (`--json`, `--smtpPort=25`, `-h`), its help included. */
+function isOptionOf(cmd: Command, word: string | undefined): boolean {
   const name = word?.split('=')[0];
-  return [program, ...program.commands].some((cmd) => cmd.options.some((option) => option.long === name));
+  return name === '--help' || name === '-h' || cmd.options.some((option) => option.long === name || option.short === name);
 }
 
 /**
@@ -144,15 +144,15 @@ function isOptionName(word: string | undefined): boolean {
  * arguments go before such a flag. Run before commander parses the command's words (`args`, after
  * its name).
  */
-function refuseWordsAfterSecret(args: readonly string[]): void {
+function refuseWordsAfterSecret(cmd: Command, args: readonly string[]): void {
   for (let i = 0; i < args.length; i++) {
     const [flag, ...inline] = args[i].split('=');
     const key = flag.startsWith('--') ? CONFIG_KEYS.find((k) => `--${k.path}` === flag) : undefined;
     if (!key?.secret) continue;
     // no value: the option after it (commander says so)
-    if (inline.length === 0 && isOptionName(args[i + 1])) continue;
+    if (inline.length === 0 && isOptionOf(cmd, args[i + 1])) continue;
     const after = args[i + (inline.length > 0 ? 1 : 2)];
-    if (after !== undefined && !after.startsWith('--')) {
+    if (after !== undefined && !after.startsWith('--') && !isOptionOf(cmd, after)) {
       throw new CliError(`the words after ${flag}'s value are not arguments: quote a value that has spaces, and give a command's arguments before its config keys`, 2);
     }
   }
@@ -265,9 +265,12 @@ process.stderr.on('error', () => {});
 
 const args = process.argv.slice(2);
 const named = commandIndex(args);
+// (a command not known, or serve, is commander's or serve's to judge)
+const operator = named >= 0 && args[named] !== 'serve' ? program.commands.find((cmd) => cmd.name() === args[named]) : undefined;
 Promise.resolve()
   .then(() => {
-    if (named >= 0 && args[named] !== 'serve') refuseWordsAfterSecret(args.slice(named + 1));
+    // `relayq -h queue …` and `relayq -V …` print the help or the version, whatever follows
+    if (operator && !args.slice(0, named).some((arg) => ['-h', '--help', '-V', '--version'].includes(arg))) refuseWordsAfterSecret(operator, args.slice(named + 1));
     return program.parseAsync(process.argv);
   })
   .catch((err: Error) => {

@@ -400,13 +400,15 @@ describe('relayq CLI on the database of a running relay', () => {
     const keep = ids.queued[0];
     const backupTarget = path.join(dir, 'horse.db');
     const exportTarget = path.join(dir, 'horse');
-    const [deleteWords, backupWords, exportWords, inlineWords, dashedWords, dashWord, portThenJson, levelThenState, secretThenJson, tokenThenOption] = await Promise.all([
+    const [deleteWords, backupWords, exportWords, inlineWords, dashedWords, dashWord, otherOption, portThenJson, levelThenState, secretThenJson, tokenThenOption] = await Promise.all([
       cli('delete', keep, '--defaultPassword', 'correct', 'horse', 'battery'),
       cli('backup', '--forwardUsername', 'u', '--forwardPassword', 'correct', backupTarget),
       cli('export-failed', '--forwardPassword=correct', exportTarget),
       cli('retry', '--security.adminToken=correct', keep),
       cli('show', keep, '--defaultPassword', 'correct', '-horse', 'battery'),
       cli('backup', '--forwardPassword', 'correct', '-'),
+      // a password that is another command's option (show's --raw): a value, and the words after it stray ones
+      cli('delete', keep, '--defaultPassword', '--raw', ids.queued[1]),
       cli('status', '--smtpPort', '--json'),
       cli('queue', '--logLevel', '--state', 'failed'),
       cli('status', '--defaultPassword', '--json'),
@@ -419,13 +421,21 @@ describe('relayq CLI on the database of a running relay', () => {
       [inlineWords, '--security.adminToken'],
       [dashedWords, '--defaultPassword'],
       [dashWord, '--forwardPassword'],
+      [otherOption, '--defaultPassword'],
     ] as const) {
       assertOneLineError(r, new RegExp(`^relayq: the words after ${flag}'s value are not arguments: quote a value that has spaces`));
       assert.equal(r.code, 2);
       assert.doesNotMatch(r.stderr, /correct|horse|battery/);
     }
     assert.ok(!fs.existsSync(path.join(CLI_CWD, '-')), 'no backup named -');
-    assert.ok(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(keep), 'nothing deleted');
+    for (const id of [keep, ids.queued[1]]) assert.ok(relay.store.sqlite.prepare('SELECT 1 FROM messages WHERE id = ?').get(id), 'nothing deleted');
+    // help after a password, or before the command, is help; --help is no password
+    for (const args of [['status', '--defaultPassword', 'pw', '-h'], ['-h', 'status', '--defaultPassword', 'pw', 'horse']]) {
+      const help = await cli(...args);
+      assert.equal(help.code, 0, help.stderr);
+      assert.match(help.stdout, /^Usage: relayq /);
+    }
+    assertOneLineError(await cli('status', '--defaultPassword', '--help'), /argument '--help' is invalid\. --help is an option: give the option its value first$/);
     assert.ok(!fs.existsSync(backupTarget) && !fs.existsSync(exportTarget), 'no file named after the password');
     for (const [r, key, next] of [
       [portThenJson, 'smtpPort', 'json'],
