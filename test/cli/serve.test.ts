@@ -315,9 +315,11 @@ test('the same signal again, past the window of a repeated delivery, while the s
   }
 });
 
-test('a SIGTERM that comes while the CLI still loads (here: reading its config file from a pipe) stops the relay once started, not killing it', async () => {
-  const dir = tempDir('relayq-serve-');
-  // the config file is a FIFO: the start waits in reading it until the test has signalled
+/**
+ * A relay whose config file is a FIFO: its start waits in reading it (with only the CLI's first
+ * module loaded) until `feed` writes the config.
+ */
+async function serveFromFifo(dir: string) {
   const fifo = path.join(dir, 'config.json');
   execFileSync('mkfifo', [fifo]);
   const smtpPort = await closedPort();
@@ -330,29 +332,63 @@ test('a SIGTERM that comes while the CLI still loads (here: reading its config f
   child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d));
   const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
   let writer: number | undefined;
+  // a non-blocking open for writing succeeds once the relay has the FIFO open for reading
+  await waitFor(() => {
+    try {
+      writer = fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
+      return true;
+    } catch {
+      return false;
+    }
+  }, 20_000, 'the relay to open its config file');
+  return {
+    child,
+    exited,
+    stdout: () => stdout,
+    stderr: () => stderr,
+    events: () => stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { event?: string; starting?: boolean; signal?: string }),
+    feed() {
+      const config = { databasePath: path.join(dir, 'relayq.db'), emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0, smtpPort, healthCheckPort: httpPort };
+      fs.writeSync(writer as number, JSON.stringify(config));
+      fs.closeSync(writer as number);
+      writer = undefined;
+    },
+    end() {
+      if (writer !== undefined) fs.closeSync(writer);
+      child.kill('SIGKILL');
+    },
+  };
+}
+
+test('a SIGTERM that comes while the CLI still loads (here: reading its config file from a pipe) stops the relay once started, not killing it', async () => {
+  const relay = await serveFromFifo(tempDir('relayq-serve-'));
   try {
-    // a non-blocking open for writing succeeds once the relay has the FIFO open for reading
-    await waitFor(() => {
-      try {
-        writer = fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
-        return true;
-      } catch {
-        return false;
-      }
-    }, 20_000, 'the relay to open its config file');
-    child.kill('SIGTERM');
+    relay.child.kill('SIGTERM');
     await new Promise((r) => setTimeout(r, 100));
-    const config = { databasePath: path.join(dir, 'relayq.db'), emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0, smtpPort, healthCheckPort: httpPort };
-    fs.writeSync(writer as number, JSON.stringify(config));
-    fs.closeSync(writer as number);
-    writer = undefined;
-    assert.equal(await exitWithin(exited, 20_000), 0, `${stderr} (null: killed by the signal)`);
-    const events = stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { event?: string; starting?: boolean });
-    assert.deepEqual(events.find((e) => e.event === 'relay.signal')?.starting, true, stdout);
+    relay.feed();
+    assert.equal(await exitWithin(relay.exited, 20_000), 0, `${relay.stderr()} (null: killed by the signal)`);
+    const events = relay.events();
+    assert.deepEqual(events.find((e) => e.event === 'relay.signal')?.starting, true, relay.stdout());
     assert.deepEqual(events.filter((e) => e.event?.startsWith('relay.')).slice(-2).map((e) => e.event), ['relay.stopping', 'relay.stopped']);
   } finally {
-    if (writer !== undefined) fs.closeSync(writer);
-    child.kill('SIGKILL');
+    relay.end();
+  }
+});
+
+test('SIGUSR1 and SIGUSR2 that come while the CLI still loads are ignored too: no debugger opens, the relay starts', async () => {
+  const relay = await serveFromFifo(tempDir('relayq-serve-'));
+  try {
+    relay.child.kill('SIGUSR1');
+    relay.child.kill('SIGUSR2');
+    await new Promise((r) => setTimeout(r, 100));
+    relay.feed();
+    await waitFor(() => relay.events().some((e) => e.event === 'relay.started'), 20_000, 'the relay to start');
+    assert.deepEqual(relay.events().filter((e) => e.event === 'relay.signal_ignored').map((e) => e.signal).sort(), ['SIGUSR1', 'SIGUSR2']);
+    relay.child.kill('SIGTERM');
+    assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
+    assert.doesNotMatch(relay.stderr(), /Debugger listening/);
+  } finally {
+    relay.end();
   }
 });
 
