@@ -20,12 +20,12 @@ export interface EarlySignal {
 }
 
 /** The global options that take a value: the word after one is not the command's name. */
-const VALUED = new Set(['--config', '--databasePath', '--emailsDir']);
+export const VALUED_GLOBAL_OPTIONS: ReadonlySet<string> = new Set(['--config', '--databasePath', '--emailsDir']);
 
 /** Where in `args` the command's name is (the first word that is neither an option nor a global option's value), as commander will read it; -1 when none is. */
 export function commandIndex(args: readonly string[]): number {
   for (let i = 0; i < args.length; i++) {
-    if (VALUED.has(args[i])) i++;
+    if (VALUED_GLOBAL_OPTIONS.has(args[i])) i++;
     else if (!args[i].startsWith('-')) return i;
   }
   return -1;

@@ -10,7 +10,7 @@ import { CONFIG_KEYS } from '../config/schema.js';
 import { isMessageState, MESSAGE_STATES, type MessageState } from '../store/schema.js';
 import { VERSION } from '../version.js';
 import { CliError, configFlags, type GlobalOptions, ourLines } from './context.js';
-import { commandIndex } from './early-signals.js';
+import { commandIndex, VALUED_GLOBAL_OPTIONS } from './early-signals.js';
 
 /**
  * A value, not the next option: commander takes whatever follows an option as its value, so
@@ -121,13 +121,15 @@ function operatorCommand(name: string, description: string): Command {
 /**
  * A config key's value, as serve takes it: not the next option (`--smtpPort $PORT --json` with PORT
  * unset). A password or token may start with `--`, unless it is one of the command's options
- * (`--defaultPassword --json` would be a password of `--json`, and no JSON) given apart from its
- * flag; PEM text may too, and is refused as a path later without being shown.
+ * (`--defaultPassword --json` would be a password of `--json`, and no JSON; `-h` would be no
+ * help) given apart from its flag; PEM text may too, and is refused as a path later without being
+ * shown.
  */
 function configValue(cmd: Command, path: string, value: string, secret: boolean): string {
   if (value.startsWith('-----BEGIN')) return value;
-  if (secret && (process.argv.includes(`--${path}=${value}`) || !isOptionOf(cmd, value))) return value;
-  return notAnOption(value);
+  if (secret && process.argv.includes(`--${path}=${value}`)) return value;
+  if (isOptionOf(cmd, value)) throw new InvalidArgumentError(`${value.split('=')[0]} is an option: give the option its value first`);
+  return secret ? value : notAnOption(value);
 }
 
 /** Whether `word` is one of `cmd`'s options (`--json`, `--smtpPort=25`, `-h`), its help included. */
@@ -270,7 +272,8 @@ const operator = named >= 0 && args[named] !== 'serve' ? program.commands.find((
 Promise.resolve()
   .then(() => {
     // `relayq -h queue …` and `relayq -V …` print the help or the version, whatever follows
-    if (operator && !args.slice(0, named).some((arg) => ['-h', '--help', '-V', '--version'].includes(arg))) refuseWordsAfterSecret(operator, args.slice(named + 1));
+    const helpOrVersion = args.slice(0, named).some((arg, i) => ['-h', '--help', '-V', '--version'].includes(arg) && !VALUED_GLOBAL_OPTIONS.has(args[i - 1]));
+    if (operator && !helpOrVersion) refuseWordsAfterSecret(operator, args.slice(named + 1));
     return program.parseAsync(process.argv);
   })
   .catch((err: Error) => {

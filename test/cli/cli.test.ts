@@ -435,7 +435,15 @@ describe('relayq CLI on the database of a running relay', () => {
       assert.equal(help.code, 0, help.stderr);
       assert.match(help.stdout, /^Usage: relayq /);
     }
-    assertOneLineError(await cli('status', '--defaultPassword', '--help'), /argument '--help' is invalid\. --help is an option: give the option its value first$/);
+    for (const option of ['--help', '-h']) {
+      assertOneLineError(await cli('status', '--defaultPassword', option), new RegExp(`argument '${option}' is invalid\\. ${option} is an option: give the option its value first$`));
+    }
+    // nor is -h a password that lets the words after it through
+    assertOneLineError(await cli('delete', keep, '--defaultPassword', '-h', ids.queued[1]), /argument '-h' is invalid\. -h is an option/);
+    // a global option's value that looks like -h is no help: the words after the password are judged
+    const valued = await cli('--emailsDir', '-h', 'show', keep, '--defaultPassword', 'correct', '-horse', 'battery');
+    assertOneLineError(valued, /^relayq: the words after --defaultPassword's value are not arguments/);
+    assert.doesNotMatch(valued.stderr, /horse|battery/);
     assert.ok(!fs.existsSync(backupTarget) && !fs.existsSync(exportTarget), 'no file named after the password');
     for (const [r, key, next] of [
       [portThenJson, 'smtpPort', 'json'],

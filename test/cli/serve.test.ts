@@ -340,7 +340,10 @@ async function serveFromFifo(dir: string) {
     } catch {
       return false;
     }
-  }, 20_000, 'the relay to open its config file');
+  }, 20_000, 'the relay to open its config file').catch((err: Error) => {
+    child.kill('SIGKILL');
+    throw err;
+  });
   return {
     child,
     exited,
