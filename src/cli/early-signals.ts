@@ -39,10 +39,11 @@ export function commandName(args: readonly string[]): string | undefined {
 
 const kept: EarlySignal[] = [];
 const keep = (signal: NodeJS.Signals) => kept.push({ signal, at: performance.now() });
-if (commandName(process.argv.slice(2)) === 'serve') for (const signal of [...STOP_SIGNALS, ...IGNORED_SIGNALS]) process.on(signal, keep);
+const KEPT = [...STOP_SIGNALS, ...IGNORED_SIGNALS];
+if (commandName(process.argv.slice(2)) === 'serve') for (const signal of KEPT) process.on(signal, keep);
 
 /** The signals that came before serve listened for them; they are no longer kept from now on. */
 export function takeEarlySignals(): EarlySignal[] {
-  for (const signal of [...STOP_SIGNALS, ...IGNORED_SIGNALS]) process.off(signal, keep);
+  for (const signal of KEPT) process.off(signal, keep);
   return kept.splice(0);
 }

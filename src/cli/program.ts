@@ -18,12 +18,14 @@ import { commandIndex, VALUED_GLOBAL_OPTIONS } from './early-signals.js';
  * config keys given as flags, a value does not start with `--`; an address may (`--x@example.com`).
  */
 function notAnOption(value: string, forFile = false): string {
-  if (/^--[^=@]*(=|$)/.test(value)) {
-    // named without its value, which may be a secret (--defaultPassword=…)
-    const name = value.split('=')[0];
-    throw new InvalidArgumentError(`${name} is an option: give the option its value first${forFile ? ` (./${name} for a file of that name)` : ''}`);
-  }
+  if (/^--[^=@]*(=|$)/.test(value)) throw optionAsValue(value, forFile);
   return value;
+}
+
+/** The error for an option taken as another's value: named without its own value, which may be a secret (--defaultPassword=…). */
+function optionAsValue(option: string, forFile = false): InvalidArgumentError {
+  const name = option.split('=')[0];
+  return new InvalidArgumentError(`${name} is an option: give the option its value first${forFile ? ` (./${name} for a file of that name)` : ''}`);
 }
 
 /**
@@ -128,7 +130,7 @@ function operatorCommand(name: string, description: string): Command {
 function configValue(cmd: Command, path: string, value: string, secret: boolean): string {
   if (value.startsWith('-----BEGIN')) return value;
   if (secret && process.argv.includes(`--${path}=${value}`)) return value;
-  if (isOptionOf(cmd, value)) throw new InvalidArgumentError(`${value.split('=')[0]} is an option: give the option its value first`);
+  if (isOptionOf(cmd, value)) throw optionAsValue(value);
   return secret ? value : notAnOption(value);
 }
 
