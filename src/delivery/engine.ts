@@ -293,7 +293,9 @@ export class DeliveryEngine {
       const released = (await releaseThose(false)) + (await releaseThose(true));
       this.log.warn(
         { event: 'delivery.released', released, ids: unfinished.map((a) => a.claim.messageId) },
-        'shutdown: unfinished deliveries stopped and released for the next start (one still claimed, its release failed, is taken back by that start)',
+        released === unfinished.length
+          ? 'shutdown: unfinished deliveries stopped and released for the next start'
+          : 'shutdown: unfinished deliveries stopped; those not released (no longer theirs, or their release failed) are taken back by the next start',
       );
       for (const a of unfinished) a.abort.abort(new Error('aborted: relayq is shutting down'));
     }

@@ -138,7 +138,7 @@ function lostConnection(err: unknown): err is Error & { code: string; remoteAddr
 }
 
 /**
- * TLS that failed on the client's side: plain text after `220 Ready to start TLS`, a protocol or
+ * TLS that failed on the client's side: plain text after `220 2.0.0 Ready to start TLS`, a protocol or
  * cipher the client lacks, a client that refused the certificate. Not a relay fault.
  */
 function clientTlsFailure(err: unknown): err is Error & { code: string; reason?: string; remoteAddress?: string } {

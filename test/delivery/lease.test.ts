@@ -409,16 +409,28 @@ describe('claims and leases', () => {
     assert.ok(!lines.some((l) => l.includes('delivery.lease_lost')), 'the attempt kept its lease');
   });
 
-  test('shutdown releases an unfinished claim: due again at once, delivered by the next start', async () => {
+  /** A relay whose one message is being delivered: the upstream holds its DATA. */
+  async function deliveryHeldUpstream(shutdownGraceMs: number) {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     upstream.hold = () => true;
     const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 300 });
-    const first = await startTestRelay(config, { shutdownGraceMs: 300 });
+    const log = capturedLog('info');
+    const first = await startTestRelay(config, { shutdownGraceMs, logger: log.logger });
     const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com'], raw: 'Subject: held\r\n\r\nbody\r\n' })).response);
     await waitFor(() => upstream.held.length === 1, 10_000, 'the upstream to hold DATA');
+    return { upstream, config, log, first, id };
+  }
+
+  test('shutdown releases an unfinished claim: due again at once, delivered by the next start', async () => {
+    const { upstream, config, log, first, id } = await deliveryHeldUpstream(300);
     assert.equal(first.delivery.status().inFlight, 1);
     await first.stop();
+    const [released] = log.entries().filter((e) => e.event === 'delivery.released');
+    assert.deepEqual(
+      [released?.released, released?.ids, released?.msg],
+      [1, [id], 'shutdown: unfinished deliveries stopped and released for the next start'],
+    );
 
     const second = await startTestRelay(config, { startDelivery: false });
     cleanup.push(() => second.stop());
@@ -432,6 +444,32 @@ describe('claims and leases', () => {
     await second.delivery.runOnce();
     assert.equal(message(second, id).state, 'delivered');
     assert.equal(upstream.accepted.length, 1);
+  });
+
+  test('a release that fails at shutdown leaves the claim to the next start, which takes it back at once', async () => {
+    const { upstream, config, log, first, id } = await deliveryHeldUpstream(100);
+    // another process holds the write lock past the writer's (shortened) busy timeout
+    const lock = await holdWriteLock(first, 50);
+    try {
+      await first.stop();
+    } finally {
+      await lock.release().catch(() => {});
+    }
+    const events = log.entries().filter((e) => e.event === 'delivery.release_failed' || e.event === 'delivery.released');
+    assert.deepEqual(events.map((e) => e.event), ['delivery.release_failed', 'delivery.released']);
+    assert.match(String(events[0].err), /locked|busy/i);
+    assert.deepEqual([events[1].released, events[1].ids], [0, [id]]);
+    assert.match(String(events[1].msg), /those not released .* are taken back by the next start/);
+
+    const secondLog = capturedLog('info');
+    const second = await startTestRelay(config, { startDelivery: false, logger: secondLog.logger });
+    cleanup.push(() => second.stop());
+    assert.ok(secondLog.entries().some((e) => e.event === 'delivery.claims_recovered'), 'taken back by the start');
+    const m = message(second, id);
+    assert.deepEqual([m.state, m.lease_expires_at], ['queued', null]);
+    upstream.hold = () => false;
+    await second.delivery.runOnce();
+    assert.equal(message(second, id).state, 'delivered');
   });
 
   /** An upstream that takes one recipient per transaction, and holds the DATA of b's. */
