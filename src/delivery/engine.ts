@@ -13,6 +13,7 @@ import type { Sqlite } from '../store/db.js';
 import type { UpstreamRecord } from '../store/queries.js';
 import type { RecipientStatus } from '../store/schema.js';
 import {
+  type AttemptRecord,
   type BatchCompletion,
   type ClaimedBatch,
   type ClaimResult,
@@ -483,6 +484,7 @@ export class DeliveryEngine {
       // message due again for the next start, and the abort is no outcome to record. (An
       // answer that came before the abort is recorded: the release keeps the claim token.)
       this.log.info({ queueId, event: 'delivery.attempt_released', batch: claim.batch }, 'attempt aborted after its claim was released at shutdown');
+      await this.recordCutOff(claim, result, startedAt, durationMs);
       return undefined;
     }
     // the attempt's end as the store records it (started_at + duration_ms), so that /health and
@@ -622,6 +624,32 @@ export class DeliveryEngine {
       return true;
     });
     if (!held) abort.abort(new Error('lease lost: another worker holds the message now'));
+  }
+
+  /**
+   * An attempt cut off at shutdown after an earlier transaction of its batch delivered (those
+   * recipients were recorded then, see recordDelivered): its row of `attempts`, with that
+   * transaction's reply. One cut off before anything was delivered records nothing.
+   */
+  private async recordCutOff(claim: ClaimedBatch, result: BatchResult, startedAt: number, durationMs: number): Promise<void> {
+    const delivered = result.recipients.filter((r) => r.verdict === 'delivered').length;
+    if (delivered === 0) return;
+    const attempt: AttemptRecord = {
+      batch: claim.batch,
+      recipients: claim.recipients.map((r) => r.address),
+      upstream: result.upstream,
+      startedAt,
+      durationMs,
+      outcome: delivered === claim.recipients.length ? 'delivered' : 'partial',
+      code: result.code,
+      reply: result.reply,
+    };
+    await this.deps.writer.write('recordCutOffAttempt', { messageId: claim.messageId, attempt }).catch((err: Error) => {
+      this.log.warn(
+        { queueId: claim.messageId, event: 'delivery.progress_failed', batch: claim.batch, err: err.message },
+        'recording the attempt cut off at shutdown failed; the recipients it delivered to are recorded',
+      );
+    });
   }
 
   /** What is left of the claim's lease now, less the margin an attempt must keep to its end. */

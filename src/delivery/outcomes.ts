@@ -113,11 +113,12 @@ export function classifyUpstreamError(err: unknown): ErrorClass {
   const code = typeof e.responseCode === 'number' && e.responseCode >= 200 && e.responseCode < 600 ? e.responseCode : null;
   const errorCode = typeof e.code === 'string' ? e.code : '';
   const response = typeof e.response === 'string' && e.response.trim() ? e.response.trim() : '';
-  // An aborted attempt says why in its cause (the attempt deadline, or shutdown).
-  const message =
-    errorCode === 'EABORT' && e.cause instanceof Error ? e.cause.message : (openSslMessage(e) ?? (typeof e.message === 'string' ? e.message : String(err)));
+  // An aborted attempt says why in its cause (the attempt deadline, ETIMEDOUT, or shutdown).
+  const cause = errorCode === 'EABORT' && e.cause instanceof Error ? (e.cause as Error & { code?: unknown }) : undefined;
+  const message = cause ? cause.message : (openSslMessage(e) ?? (typeof e.message === 'string' ? e.message : String(err)));
+  const shownCode = typeof cause?.code === 'string' ? cause.code : errorCode;
   // relayq's own refusals (`5.6.7 SMTPUTF8 is required, …`) as written, their enhanced code first, as Postfix logs its dsn
-  const reply = shortReply(response || (errorCode && e.ownRefusal !== true ? `${errorCode}: ${message}` : message)) + (e.endUnanswered === true ? END_UNANSWERED : '');
+  const reply = shortReply(response || (shownCode && e.ownRefusal !== true ? `${shownCode}: ${message}` : message)) + (e.endUnanswered === true ? END_UNANSWERED : '');
   const aboutMessage = MESSAGE_ERROR_CODES.has(errorCode);
   // 503 (bad sequence of commands) and 530 (authentication required: relayq has no or the
   // wrong credentials) are about the session, not the message.

@@ -288,20 +288,23 @@ export interface RecipientOutcome {
   nextAttemptAt: number;
 }
 
+/** A row of `attempts`. */
+export interface AttemptRecord {
+  batch: number;
+  recipients: string[];
+  upstream: string;
+  startedAt: number;
+  durationMs: number;
+  outcome: AttemptOutcome;
+  code: number | null;
+  reply: string;
+}
+
 export interface BatchCompletion {
   messageId: string;
   token: string;
   now: number;
-  attempt: {
-    batch: number;
-    recipients: string[];
-    upstream: string;
-    startedAt: number;
-    durationMs: number;
-    outcome: AttemptOutcome;
-    code: number | null;
-    reply: string;
-  };
+  attempt: AttemptRecord;
   recipients: RecipientOutcome[];
   /**
    * continueOnError=false after a permanent failure: every other pending recipient fails for this
@@ -346,12 +349,7 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
   const leaseLost = fenced.changes === 0;
   // with the lease lost, the message may be gone too: deleted once its lease had run out
   if (!leaseLost || prepared(sqlite, 'SELECT 1 FROM messages WHERE id = ?').get(c.messageId)) {
-    const a = c.attempt;
-    prepared(
-      sqlite,
-      `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply)
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-    ).run(c.messageId, a.batch, JSON.stringify(a.recipients), a.upstream, a.startedAt, Math.round(a.durationMs), a.outcome, a.code, leaseLost ? LEASE_LOST_REPLY + a.reply : a.reply);
+    insertAttempt(sqlite, c.messageId, leaseLost ? { ...c.attempt, reply: LEASE_LOST_REPLY + c.attempt.reply } : c.attempt);
   }
   // (the insert's trigger, attempts_counted, keeps the attempt counters and the upstream's last success or failure time)
   prepared(
@@ -384,6 +382,23 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
     eraseRawOnDelivered: c.eraseRawOnDelivered,
   });
   return { leaseLost: false, ...settled, notAttempted };
+}
+
+function insertAttempt(sqlite: Sqlite, messageId: string, a: AttemptRecord): void {
+  prepared(
+    sqlite,
+    `INSERT INTO attempts (message_id, batch, recipients, upstream, started_at, duration_ms, outcome, code, reply)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+  ).run(messageId, a.batch, JSON.stringify(a.recipients), a.upstream, a.startedAt, Math.round(a.durationMs), a.outcome, a.code, a.reply);
+}
+
+/**
+ * The attempt of a batch that a shutdown cut off after an earlier transaction of it delivered
+ * (recordDelivered recorded those recipients): the release left the message to the next start,
+ * and only the attempt's row is added, if the message is still there.
+ */
+export function recordCutOffAttempt(sqlite: Sqlite, c: { messageId: string; attempt: AttemptRecord }): void {
+  if (prepared(sqlite, 'SELECT 1 FROM messages WHERE id = ?').get(c.messageId)) insertAttempt(sqlite, c.messageId, c.attempt);
 }
 
 /** Recipients an earlier transaction of a batch delivered to, with the reply that did (recordDelivered). */

@@ -4,7 +4,7 @@
 import crypto from 'node:crypto';
 import { deleteMessage, flushQueued, requeueFailed, retryMessage } from './admin.js';
 import type { Sqlite } from './db.js';
-import { type ClaimOptions, type ClaimResult, claimDueBatches, completeBatch, recordDelivered, releaseClaims, releaseOrphanedClaims, requeueTemporaryFailures } from './delivery.js';
+import { type ClaimOptions, type ClaimResult, claimDueBatches, completeBatch, recordCutOffAttempt, recordDelivered, releaseClaims, releaseOrphanedClaims, requeueTemporaryFailures } from './delivery.js';
 import { countRefusal, insertMessage } from './intake.js';
 import { eraseDeliveredContent, retentionSweep } from './retention.js';
 import { prepared } from './statements.js';
@@ -16,6 +16,7 @@ export const WRITE_OPS = {
     claimDueBatches(sqlite, { ...options, newToken: () => crypto.randomUUID() }),
   completeBatch,
   recordDelivered,
+  recordCutOffAttempt,
   releaseClaims,
   releaseOrphanedClaims,
   requeueTemporaryFailures,

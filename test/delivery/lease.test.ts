@@ -567,7 +567,11 @@ describe('claims and leases', () => {
         ['b@example.com', 'pending', 1],
       ],
     );
-    assert.deepEqual(attempts(second, id), [], 'the attempt cut off records nothing');
+    // the attempt cut off is recorded with the reply of its transaction that delivered
+    assert.deepEqual(
+      attempts(second, id).map((a) => [a.batch, a.recipients, a.outcome, a.code]),
+      [[0, '["a@example.com","b@example.com"]', 'partial', 250]],
+    );
     assert.ok(message(second, id).next_attempt_at <= Date.now(), 'b is due at once');
     upstream.hold = () => false;
     await second.delivery.runOnce();

@@ -220,7 +220,7 @@ describe('upstream faults', () => {
     const id = queuedId(info.response);
     assert.ok(id, info.response);
     await relay.delivery.runOnce();
-    assertDeferred(relay, id, clock, /timed out: the attempt exceeded \d+ ms \(processingTimeout\)$/);
+    assertDeferred(relay, id, clock, /^ETIMEDOUT: timed out: the attempt exceeded \d+ ms \(processingTimeout\)$/);
     assert.equal(upstream.transactions.length, 0, 'the upstream never had the whole message');
   });
 
