@@ -473,10 +473,14 @@ export class SmtpIntake {
     answerLater(() => cb(reply(535, '5.7.8 Authentication credentials invalid')));
   }
 
-  /** A user name as logged and stored: one that is the password too (a token used as both) is not written out. */
+  /**
+   * A user name as logged and stored: one that holds the password (a token used as both, or a
+   * client that typed the password as or into its user name) is not written out.
+   */
   private loggedUser(user: string | null | undefined): string | undefined {
     if (!user) return undefined;
-    return user === this.deps.config.defaultPassword ? '[redacted]' : user;
+    const password = this.deps.config.defaultPassword;
+    return password && user.includes(password) ? '[redacted]' : user;
   }
 
   private onMailFrom(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {

@@ -282,6 +282,22 @@ test('a user name that is also the password (a token used as both) is not logged
   }
 });
 
+test('a failed login whose user name holds the password, typed into it, logs that name as [redacted]', async () => {
+  const password = secret('typed-into-user');
+  const { logger, lines } = capturedLog('info', createLogger);
+  const relay = await startTestRelay({ defaultUsername: 'app', defaultPassword: password }, { logger, startDelivery: false, startRetention: false });
+  try {
+    for (const user of [`${password} `, `app:${password}`, 'someone']) {
+      await assert.rejects(sendMail(relay.smtpPort, { auth: { user, pass: 'wrong' } }), /535/);
+    }
+  } finally {
+    await relay.stop();
+  }
+  const failed = lines.filter((l) => l.includes('"smtp.auth_failed"')).map((l) => JSON.parse(l).user);
+  assert.deepEqual(failed, ['[redacted]', '[redacted]', 'someone']);
+  assert.ok(!lines.some((l) => l.includes(password)), 'the password is in no line');
+});
+
 test('masker hides a secret standing as a word and any base64 word that holds it, whole, and leaves the rest', () => {
   const token = 'token-5ecret';
   const mask = masker(['', token]) as (text: string) => string;
