@@ -11,7 +11,7 @@ import type { Config } from '../config/schema.js';
 import { lastDeliveryRequest } from '../store/admin.js';
 import type { Sqlite } from '../store/db.js';
 import type { UpstreamRecord } from '../store/queries.js';
-import type { RecipientStatus } from '../store/schema.js';
+import type { AttemptOutcome, RecipientStatus } from '../store/schema.js';
 import {
   type AttemptRecord,
   type BatchCompletion,
@@ -19,6 +19,7 @@ import {
   type ClaimResult,
   type CompletionResult,
   countDueQueued,
+  type DeliveredSoFar,
   hasDueWork,
   lastError,
 } from '../store/delivery.js';
@@ -535,19 +536,7 @@ export class DeliveryEngine {
     const counts = { delivered: 0, failed: 0, deferred: 0 };
     for (const r of completion.recipients) counts[loggedStatus(r.status)]++;
     const line = {
-      queueId,
-      event: 'delivery.attempt',
-      batch: claim.batch,
-      outcome: completion.attempt.outcome,
-      code: result.code,
-      reply: result.reply,
-      durationMs: Math.round(durationMs),
-      upstream: result.upstream,
-      ...(result.tls === undefined ? {} : { tls: result.tls }),
-      // the batch's addresses, as Postfix's to=: a grep for an address finds each attempt for it
-      // (up to MAX_TO_LOGGED: a batchSize of thousands would make lines that log shippers split)
-      to: claim.recipients.slice(0, MAX_TO_LOGGED).map((r) => r.address),
-      rcpts: claim.recipients.length,
+      ...attemptLine(claim, result, completion.attempt.outcome, durationMs),
       ...counts,
       // `reply` is the transaction's: the recipients with a reply of their own say why they were not delivered
       ...notDelivered(claim, completion, result.reply),
@@ -610,10 +599,7 @@ export class DeliveryEngine {
    * outcome records them anyway. A lease found lost ends the batch: another worker sends the rest.
    */
   private async recordDelivered(claim: ClaimedBatch, sofar: BatchResult, abort: AbortController): Promise<void> {
-    const recipients = claim.recipients.flatMap((r, i) => {
-      const res = sofar.recipients[i];
-      return res.verdict === 'delivered' ? [{ seq: r.seq, code: res.code, reply: res.reply }] : [];
-    });
+    const recipients = deliveredIn(claim, sofar);
     if (recipients.length === 0) return;
     const { messageId, token } = claim;
     const held = await this.deps.writer.write('recordDelivered', { messageId, token, now: this.deps.clock.now(), recipients }).catch((err: Error) => {
@@ -627,29 +613,45 @@ export class DeliveryEngine {
   }
 
   /**
-   * An attempt cut off at shutdown after an earlier transaction of its batch delivered (those
-   * recipients were recorded then, see recordDelivered): its row of `attempts`, with that
-   * transaction's reply. One cut off before anything was delivered records nothing.
+   * An attempt cut off at shutdown after an earlier transaction of its batch delivered: its row of
+   * `attempts`, with that transaction's reply, and those recipients recorded delivered (again:
+   * see recordDelivered, whose write may have failed). One cut off before anything was delivered
+   * records nothing.
    */
   private async recordCutOff(claim: ClaimedBatch, result: BatchResult, startedAt: number, durationMs: number): Promise<void> {
-    const delivered = result.recipients.filter((r) => r.verdict === 'delivered').length;
-    if (delivered === 0) return;
+    const recipients = deliveredIn(claim, result);
+    if (recipients.length === 0) return;
+    const { messageId, token } = claim;
     const attempt: AttemptRecord = {
       batch: claim.batch,
       recipients: claim.recipients.map((r) => r.address),
       upstream: result.upstream,
       startedAt,
       durationMs,
-      outcome: delivered === claim.recipients.length ? 'delivered' : 'partial',
+      outcome: recipients.length === claim.recipients.length ? 'delivered' : 'partial',
       code: result.code,
       reply: result.reply,
     };
-    await this.deps.writer.write('recordCutOffAttempt', { messageId: claim.messageId, attempt }).catch((err: Error) => {
+    const now = this.deps.clock.now();
+    const recorded = await this.deps.writer.write('recordCutOffAttempt', { messageId, token, now, recipients, attempt }).catch((err: Error) => {
       this.log.warn(
-        { queueId: claim.messageId, event: 'delivery.progress_failed', batch: claim.batch, err: err.message },
-        'recording the attempt cut off at shutdown failed; the recipients it delivered to are recorded',
+        { queueId: messageId, event: 'delivery.progress_failed', batch: claim.batch, err: err.message },
+        'recording the attempt cut off at shutdown failed; the next start sends the batch again to the recipients not recorded as delivered',
       );
+      return false;
     });
+    if (!recorded) return;
+    this.log.info(
+      {
+        ...attemptLine(claim, result, attempt.outcome, durationMs),
+        delivered: recipients.length,
+        failed: 0,
+        deferred: claim.recipients.length - recipients.length,
+        state: 'queued',
+        nextAttemptAt: isoTime(now),
+      },
+      'delivery attempt cut off at shutdown; the recipients not delivered are due at the next start',
+    );
   }
 
   /** What is left of the claim's lease now, less the margin an attempt must keep to its end. */
@@ -792,6 +794,14 @@ export class DeliveryEngine {
   }
 }
 
+/** The recipients of a batch that `result` says were delivered, with the replies that did. */
+function deliveredIn(claim: ClaimedBatch, result: BatchResult): DeliveredSoFar['recipients'] {
+  return claim.recipients.flatMap((r, i) => {
+    const res = result.recipients[i];
+    return res.verdict === 'delivered' ? [{ seq: r.seq, code: res.code, reply: res.reply }] : [];
+  });
+}
+
 /** A recipient still pending after an attempt was deferred by it: the log says so. */
 function loggedStatus(status: RecipientStatus): 'deferred' | 'delivered' | 'failed' {
   return status === 'pending' ? 'deferred' : status;
@@ -801,6 +811,25 @@ function loggedStatus(status: RecipientStatus): 'deferred' | 'delivered' | 'fail
 const MAX_LOGGED_RECIPIENTS = 10;
 /** How many of a batch's addresses its attempt's log line names (batchSize is 20 by default). */
 const MAX_TO_LOGGED = 100;
+
+/** The fields of an attempt's `delivery.attempt` line that say what was sent where, and the answer. */
+function attemptLine(claim: ClaimedBatch, result: BatchResult, outcome: AttemptOutcome, durationMs: number) {
+  return {
+    queueId: claim.messageId,
+    event: 'delivery.attempt',
+    batch: claim.batch,
+    outcome,
+    code: result.code,
+    reply: result.reply,
+    durationMs: Math.round(durationMs),
+    upstream: result.upstream,
+    ...(result.tls === undefined ? {} : { tls: result.tls }),
+    // the batch's addresses, as Postfix's to=: a grep for an address finds each attempt for it
+    // (up to MAX_TO_LOGGED: a batchSize of thousands would make lines that log shippers split)
+    to: claim.recipients.slice(0, MAX_TO_LOGGED).map((r) => r.address),
+    rcpts: claim.recipients.length,
+  };
+}
 
 /** The recipients of a batch that were not delivered with a reply other than `reply`, each with its own. */
 function notDelivered(claim: ClaimedBatch, completion: BatchCompletion, reply: string) {

@@ -393,12 +393,16 @@ function insertAttempt(sqlite: Sqlite, messageId: string, a: AttemptRecord): voi
 }
 
 /**
- * The attempt of a batch that a shutdown cut off after an earlier transaction of it delivered
- * (recordDelivered recorded those recipients): the release left the message to the next start,
- * and only the attempt's row is added, if the message is still there.
+ * The attempt of a batch that a shutdown cut off after an earlier transaction of it delivered:
+ * the release left the message to the next start; its row is added, and the recipients delivered
+ * (recorded before the next transaction began, unless that write failed) as recordDelivered
+ * records them, fenced by the claim token, which the release keeps. False: the message is gone.
  */
-export function recordCutOffAttempt(sqlite: Sqlite, c: { messageId: string; attempt: AttemptRecord }): void {
-  if (prepared(sqlite, 'SELECT 1 FROM messages WHERE id = ?').get(c.messageId)) insertAttempt(sqlite, c.messageId, c.attempt);
+export function recordCutOffAttempt(sqlite: Sqlite, c: DeliveredSoFar & { attempt: AttemptRecord }): boolean {
+  if (!prepared(sqlite, 'SELECT 1 FROM messages WHERE id = ?').get(c.messageId)) return false;
+  recordDelivered(sqlite, c);
+  insertAttempt(sqlite, c.messageId, c.attempt);
+  return true;
 }
 
 /** Recipients an earlier transaction of a batch delivered to, with the reply that did (recordDelivered). */

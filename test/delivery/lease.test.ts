@@ -3,6 +3,7 @@ import { after, describe, test } from 'node:test';
 import { ManualClock } from '../manual-clock.js';
 import type { Relay } from '../../src/main.js';
 import { deleteMessage } from '../../src/store/admin.js';
+import { openConnection, type Sqlite } from '../../src/store/db.js';
 import {
   type ClaimOptions,
   claimDueBatches,
@@ -552,11 +553,18 @@ describe('claims and leases', () => {
   test('shutdown cuts off a batch sent in several transactions: the recipients an earlier one delivered to are not sent to again', async () => {
     const upstream = await oneRecipientPerTransaction();
     const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, processingTimeout: 300 });
-    const first = await startTestRelay(config, { shutdownGraceMs: 300 });
+    const log = capturedLog('info');
+    const first = await startTestRelay(config, { shutdownGraceMs: 300, logger: log.logger });
     const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: 'Subject: split\r\n\r\nbody\r\n' })).response);
     await waitFor(() => upstream.held.length === 1, 10_000, "the upstream to hold b's DATA");
     assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com']]);
     await first.stop();
+    const [line] = log.entries().filter((e) => e.event === 'delivery.attempt');
+    assert.deepEqual(
+      [line?.outcome, line?.code, line?.to, line?.delivered, line?.deferred, line?.state],
+      ['partial', 250, ['a@example.com', 'b@example.com'], 1, 1, 'queued'],
+      'the attempt cut off has its line, as its row',
+    );
 
     const second = await startTestRelay(config, { startDelivery: false });
     cleanup.push(() => second.stop());
@@ -577,5 +585,52 @@ describe('claims and leases', () => {
     await second.delivery.runOnce();
     assert.equal(message(second, id).state, 'delivered');
     assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com'], ['b@example.com']], 'a got the message once');
+  });
+
+  test('a stop that cuts off a batch records the recipients an earlier transaction delivered to when recording them then failed', async () => {
+    const upstream = await oneRecipientPerTransaction();
+    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, processingTimeout: 300 });
+    const log = capturedLog('info');
+    const first = await startTestRelay(config, { shutdownGraceMs: 300, logger: log.logger });
+    // another process takes the write lock before a's transaction is answered, and holds it past
+    // the writer's (shortened) busy timeout
+    await first.writer.pragma('busy_timeout = 50');
+    let lock: Sqlite | undefined;
+    upstream.dataReply = (t) => {
+      if (t.to.includes('a@example.com') && !lock) {
+        lock = openConnection(config.databasePath);
+        lock.exec('BEGIN IMMEDIATE');
+      }
+      return undefined;
+    };
+    const letGo = () => {
+      lock?.exec('COMMIT');
+      lock?.close();
+      lock = undefined;
+    };
+    try {
+      const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: 'Subject: split\r\n\r\nbody\r\n' })).response);
+      await waitFor(() => upstream.held.length === 1, 10_000, "the upstream to hold b's DATA");
+      assert.ok(log.entries().some((e) => e.event === 'delivery.progress_failed'), 'recording a as delivered failed');
+      letGo();
+      await first.stop();
+
+      const second = await startTestRelay(config, { startDelivery: false });
+      cleanup.push(() => second.stop());
+      assert.deepEqual(
+        recipients(second, id).map((r) => [r.address, r.status]),
+        [
+          ['a@example.com', 'delivered'],
+          ['b@example.com', 'pending'],
+        ],
+      );
+      assert.deepEqual(attempts(second, id).map((a) => a.outcome), ['partial']);
+      upstream.hold = () => false;
+      await second.delivery.runOnce();
+      assert.equal(message(second, id).state, 'delivered');
+      assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com'], ['b@example.com']], 'a got the message once');
+    } finally {
+      letGo();
+    }
   });
 });
