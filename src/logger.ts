@@ -155,6 +155,11 @@ export function libraryLogger(log: Logger, name: string, secrets: readonly strin
  * host name) is left as it is: masking it there would garble the line, and tell the secret by
  * what is missing. Undefined when there is nothing to mask.
  */
+/** A password, and its user name when that holds it (a token used as both): what a log masks of a credential. */
+export function credentialSecrets(username: string, password: string): string[] {
+  return password && username.includes(password) ? [password, username] : [password];
+}
+
 export function masker(secrets: readonly string[]): ((text: string) => string) | undefined {
   const list = [...new Set(secrets.filter(Boolean))];
   if (list.length === 0) return undefined;

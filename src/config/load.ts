@@ -742,8 +742,9 @@ export function redactConfig(config: Config): Config {
   for (const key of CONFIG_KEYS) {
     if (key.secret && getPath(copy, key.path)) setPath(copy, key.path, '[redacted]');
   }
-  if (config.forwardUsername && config.forwardUsername === config.forwardPassword) Object.assign(copy, { forwardUsername: '[redacted]' });
-  if (config.defaultUsername && config.defaultUsername === config.defaultPassword) Object.assign(copy, { defaultUsername: '[redacted]' });
+  // a user name that holds its password (a token used as both) is a secret too
+  if (config.forwardPassword && config.forwardUsername.includes(config.forwardPassword)) Object.assign(copy, { forwardUsername: '[redacted]' });
+  if (config.defaultPassword && config.defaultUsername.includes(config.defaultPassword)) Object.assign(copy, { defaultUsername: '[redacted]' });
   return copy as unknown as Config;
 }
 

@@ -14,7 +14,7 @@ import type { Logger } from 'pino';
 import { hostPort, isLoopback } from '../access-control.js';
 import { isAscii, normalizeForEnvelope } from '../address.js';
 import { MIN_MESSAGE_SIZE_LIMIT } from '../config/schema.js';
-import { libraryLogger } from '../logger.js';
+import { credentialSecrets, libraryLogger } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
 import {
   hookSendStream,
@@ -341,7 +341,7 @@ export function connectionOptions(settings: UpstreamSettings): SMTPConnection.Op
     greetingTimeout: setupTimeout,
     dnsTimeout: setupTimeout,
     socketTimeout: budget,
-    logger: debug ? (libraryLogger(settings.logger, 'nodemailer', [settings.password]) as never) : false,
+    logger: debug ? (libraryLogger(settings.logger, 'nodemailer', credentialSecrets(settings.username, settings.password)) as never) : false,
     // and at debug the session's commands and replies, AUTH masked, without the message
     transactionLog: debug,
     // nodemailer sets TCP_NODELAY on every socket it opens (smtp-connection _onConnect), so

@@ -8,7 +8,7 @@ import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-c
 import { addressKey, decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import { type LibraryLogger, libraryLogger } from '../logger.js';
+import { credentialSecrets, type LibraryLogger, libraryLogger } from '../logger.js';
 import { LOCK_HELD_TOO_LONG, realDatabasePath, type Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import {
@@ -221,7 +221,7 @@ export class SmtpIntake {
     if (deps.logger.level === 'info') smtpLog.level = 'warn';
     // smtp-server wraps the logger it is given so that every command and reply builds a log
     // entry before the level is looked at; it gets the levels that are on, and no-ops.
-    const serverLog = smtpServerLogger(smtpLog, deps.logger, [config.defaultPassword]);
+    const serverLog = smtpServerLogger(smtpLog, deps.logger, credentialSecrets(config.defaultUsername, config.defaultPassword));
     this.server = new RelayqSmtpServer({
       name: config.serverName,
       banner: 'relayq',

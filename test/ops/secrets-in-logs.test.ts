@@ -208,6 +208,9 @@ test('redactConfig replaces every secret that is set, leaves empty ones and the 
   const token = { ...defaultConfig(), forwardUsername: 'token-f00d', forwardPassword: 'token-f00d', defaultUsername: 'token-beef', defaultPassword: 'token-beef' };
   assert.deepEqual([redactConfig(token).forwardUsername, redactConfig({ ...token, forwardPassword: 'other' }).forwardUsername], ['[redacted]', 'token-f00d']);
   assert.deepEqual([redactConfig(token).defaultUsername, redactConfig({ ...token, defaultPassword: 'other' }).defaultUsername], ['[redacted]', 'token-beef']);
+  // or a user name that holds its password
+  const holds = { ...token, forwardUsername: 'relay-token-f00d', defaultUsername: 'app:token-beef' };
+  assert.deepEqual([redactConfig(holds).forwardUsername, redactConfig(holds).defaultUsername], ['[redacted]', '[redacted]']);
 });
 
 /**
@@ -227,60 +230,66 @@ function decodedLeaks(output: string, value: string): string[] {
   return found;
 }
 
-test('a user name that is also the password (a token used as both) is not logged or stored, plain or in base64', async () => {
-  // quotes, a backslash and non-ASCII: JSON escapes them, and the escaped form is masked too
-  const token = () => `${crypto.randomBytes(15).toString('base64url')}"\\é`;
-  const intakeToken = token();
-  const forwardToken = token();
-  const upstream = await startUpstream({
-    authOptional: false,
-    allowInsecureAuth: true,
-    authMethods: ['LOGIN'],
-    onAuth(auth, _session, cb) {
-      if (auth.username === forwardToken && auth.password === forwardToken) return cb(null, { user: auth.username });
-      cb(new Error('invalid credentials'));
-    },
+for (const [shape, userOf] of [
+  ['is also the password (a token used as both)', (password: string) => password],
+  ['holds the password', (password: string) => `app-${password}`],
+] as const) {
+  test(`a user name that ${shape} is not logged or stored, plain or in base64`, async () => {
+    // quotes, a backslash and non-ASCII: JSON escapes them, and the escaped form is masked too
+    const token = () => `${crypto.randomBytes(15).toString('base64url')}"\\é`;
+    const intakeToken = token();
+    const forwardToken = token();
+    const [intakeUser, forwardUser] = [userOf(intakeToken), userOf(forwardToken)];
+    const upstream = await startUpstream({
+      authOptional: false,
+      allowInsecureAuth: true,
+      authMethods: ['LOGIN'],
+      onAuth(auth, _session, cb) {
+        if (auth.username === forwardUser && auth.password === forwardToken) return cb(null, { user: auth.username });
+        cb(new Error('invalid credentials'));
+      },
+    });
+    const dir = tempDir();
+    const relay = await spawnRelay(dir, [
+      '--logLevel', 'debug',
+      '--defaultUsername', intakeUser,
+      '--defaultPassword', intakeToken,
+      '--forwardSMTP', 'true',
+      '--forwardHost', '127.0.0.1',
+      '--forwardPort', String(upstream.port),
+      '--forwardUsername', forwardUser,
+      '--forwardPassword', forwardToken,
+    ]);
+    try {
+      // a failed login names the user name it tried
+      await assert.rejects(sendMail(relay.smtpPort, { auth: { user: intakeUser, pass: 'wrong' } }), /535/);
+      const info = await sendMail(relay.smtpPort, { auth: { user: intakeUser, pass: intakeToken } });
+      assert.match(info.response, /^250 /);
+      await waitFor(() => upstream.received.length === 1, 10_000, 'delivery with AUTH LOGIN');
+    } finally {
+      await relay.kill('SIGTERM');
+      await upstream.close();
+    }
+    const output = relay.output();
+    // the lines that would name the user are there, with the name masked
+    assert.match(output, /"event":"smtp.auth_failed"[^\n]*"user":"\[redacted\]"/);
+    assert.match(output, /"event":"smtp.accepted"[^\n]*"user":"\[redacted\]"/);
+    assert.match(output, /"lib":"smtp-server"[^\n]*"msg":"\[redacted\] authenticated using PLAIN"/);
+    assert.match(output, /"lib":"nodemailer"[^\n]*"msg":"User \\"\[redacted\]\\" authenticated"/);
+    assert.match(output, /"tnx":"client","msg":"AUTH LOGIN"/, 'the upstream AUTH exchange was logged');
+    const started = JSON.parse(output.split('\n').find((line) => line.includes('"relay.started"')) as string);
+    assert.deepEqual([started.config.defaultUsername, started.config.forwardUsername], ['[redacted]', '[redacted]']);
+    assert.deepEqual(decodedLeaks(output, intakeToken), []);
+    assert.deepEqual(decodedLeaks(output, forwardToken), []);
+    // nor is it kept as the message's AUTH user (shown by the API, `relayq show` and exports)
+    const db = new Database(path.join(dir, 'data', 'relayq.db'), { readonly: true });
+    try {
+      assert.deepEqual(db.prepare('SELECT auth_user FROM messages').pluck().all(), ['[redacted]']);
+    } finally {
+      db.close();
+    }
   });
-  const dir = tempDir();
-  const relay = await spawnRelay(dir, [
-    '--logLevel', 'debug',
-    '--defaultUsername', intakeToken,
-    '--defaultPassword', intakeToken,
-    '--forwardSMTP', 'true',
-    '--forwardHost', '127.0.0.1',
-    '--forwardPort', String(upstream.port),
-    '--forwardUsername', forwardToken,
-    '--forwardPassword', forwardToken,
-  ]);
-  try {
-    // a client that puts the password where the user name goes
-    await assert.rejects(sendMail(relay.smtpPort, { auth: { user: intakeToken, pass: 'wrong' } }), /535/);
-    const info = await sendMail(relay.smtpPort, { auth: { user: intakeToken, pass: intakeToken } });
-    assert.match(info.response, /^250 /);
-    await waitFor(() => upstream.received.length === 1, 10_000, 'delivery with AUTH LOGIN');
-  } finally {
-    await relay.kill('SIGTERM');
-    await upstream.close();
-  }
-  const output = relay.output();
-  // the lines that would name the user are there, with the name masked
-  assert.match(output, /"event":"smtp.auth_failed"[^\n]*"user":"\[redacted\]"/);
-  assert.match(output, /"event":"smtp.accepted"[^\n]*"user":"\[redacted\]"/);
-  assert.match(output, /"lib":"smtp-server"[^\n]*"msg":"\[redacted\] authenticated using PLAIN"/);
-  assert.match(output, /"lib":"nodemailer"[^\n]*"msg":"User \\"\[redacted\]\\" authenticated"/);
-  assert.match(output, /"tnx":"client","msg":"AUTH LOGIN"/, 'the upstream AUTH exchange was logged');
-  const started = JSON.parse(output.split('\n').find((line) => line.includes('"relay.started"')) as string);
-  assert.deepEqual([started.config.defaultUsername, started.config.forwardUsername], ['[redacted]', '[redacted]']);
-  assert.deepEqual(decodedLeaks(output, intakeToken), []);
-  assert.deepEqual(decodedLeaks(output, forwardToken), []);
-  // nor is it kept as the message's AUTH user (shown by the API, `relayq show` and exports)
-  const db = new Database(path.join(dir, 'data', 'relayq.db'), { readonly: true });
-  try {
-    assert.deepEqual(db.prepare('SELECT auth_user FROM messages').pluck().all(), ['[redacted]']);
-  } finally {
-    db.close();
-  }
-});
+}
 
 test('a failed login whose user name holds the password, typed into it, logs that name as [redacted]', async () => {
   const password = secret('typed-into-user');
