@@ -18,6 +18,14 @@ function section(title: string): string {
   return readme.slice(start, end < 0 ? undefined : end);
 }
 
+test('`npm test` runs every test file: its shell pattern, test/*/*.test.ts, matches all of them', () => {
+  const pkg = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8')) as { scripts: { test: string } };
+  assert.ok(pkg.scripts.test.endsWith(' test/*/*.test.ts'), pkg.scripts.test);
+  const all = (fs.readdirSync(path.join(REPO_ROOT, 'test'), { recursive: true }) as string[]).filter((f) => f.endsWith('.test.ts'));
+  assert.ok(all.length > 40, `${all.length} test files`);
+  assert.deepEqual(all.filter((f) => f.split(path.sep).length !== 2), [], 'a test file nested otherwise than in a folder of test/ would not run');
+});
+
 test("README's configuration table is the one the schema renders (run `npm run docs` to update it)", () => {
   const inReadme = readmeConfigTable(readme);
   assert.ok(inReadme, 'README has the config-table markers');
