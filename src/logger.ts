@@ -146,28 +146,34 @@ export function libraryLogger(log: Logger, name: string, secrets: readonly strin
   return Object.fromEntries(LEVELS.map((level) => [level, log.isLevelEnabled(level) ? method(level) : noop])) as LibraryLogger;
 }
 
-/**
- * A function that hides the non-empty `secrets` in a line of a library's transcript: a secret
- * that stands as a word of its own (between spaces, quotes or the ends of the text, as in `User
- * "token" authenticated`, also as JSON escapes it), and, for a secret of 4 bytes or more, every
- * base64 word whose bytes hold it (the AUTH responses: the user name alone, `\0user\0…`,
- * `user …`), each replaced whole by `[redacted]`. A secret inside a longer word (an address, a
- * host name) is left as it is: masking it there would garble the line, and tell the secret by
- * what is missing. Undefined when there is nothing to mask.
- */
 /** A password, and its user name when that holds it (a token used as both): what a log masks of a credential. */
 export function credentialSecrets(username: string, password: string): string[] {
   return password && username.includes(password) ? [password, username] : [password];
 }
 
+/**
+ * A function that hides the non-empty `secrets` in a line of a library's transcript: a secret
+ * that stands as a word of its own (between spaces, quotes or the ends of the text, as in `User
+ * "token" authenticated`, also as JSON escapes it), and, for a secret of 4 bytes or more, every
+ * word that holds it (a client's user name `app:secret`, an address) and every base64 word whose
+ * bytes hold it (the AUTH responses: the user name alone, `\0user\0…`, `user …`), each replaced
+ * whole by `[redacted]`. A shorter secret inside a longer word is left as it is: masking every
+ * word that holds it would garble the transcript. Undefined when there is nothing to mask.
+ */
 export function masker(secrets: readonly string[]): ((text: string) => string) | undefined {
   const list = [...new Set(secrets.filter(Boolean))];
   if (list.length === 0) return undefined;
-  const plain = [...new Set(list.flatMap((secret) => [secret, JSON.stringify(secret).slice(1, -1)]))];
+  const spellings = (secret: string) => [secret, JSON.stringify(secret).slice(1, -1)];
   // the longest first, so that a secret inside another does not leave the rest of that one
-  const alternatives = plain.sort((a, b) => b.length - a.length).map(escapeRegExp).join('|');
-  const words = new RegExp(`(?<=^|[\\s"'])(?:${alternatives})(?=$|[\\s"'])`, 'g');
-  const encoded = list.map((secret) => Buffer.from(secret)).filter((bytes) => bytes.length >= 4);
+  const alternatives = (texts: string[]) => [...new Set(texts)].sort((a, b) => b.length - a.length).map(escapeRegExp).join('|');
+  const long = list.filter((secret) => Buffer.byteLength(secret) >= 4);
+  const short = list.filter((secret) => Buffer.byteLength(secret) < 4);
+  const patterns = [
+    ...(long.length ? [`[^\\s"']*?(?:${alternatives(long.flatMap(spellings))})[^\\s"']*`] : []),
+    ...(short.length ? [`(?:${alternatives(short.flatMap(spellings))})`] : []),
+  ];
+  const words = new RegExp(`(?<=^|[\\s"'])(?:${patterns.join('|')})(?=$|[\\s"'])`, 'g');
+  const encoded = long.map((secret) => Buffer.from(secret));
   const mask = (text: string) => text.replace(words, '[redacted]');
   if (encoded.length === 0) return mask;
   return (text) =>

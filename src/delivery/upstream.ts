@@ -14,7 +14,7 @@ import type { Logger } from 'pino';
 import { hostPort, isLoopback } from '../access-control.js';
 import { isAscii, normalizeForEnvelope } from '../address.js';
 import { MIN_MESSAGE_SIZE_LIMIT } from '../config/schema.js';
-import { credentialSecrets, libraryLogger } from '../logger.js';
+import { credentialSecrets, libraryLogger, masker } from '../logger.js';
 import type { ClaimedBatch } from '../store/delivery.js';
 import {
   hookSendStream,
@@ -404,6 +404,8 @@ export class SmtpUpstream {
   private closed = false;
   private readonly log: Logger;
   private readonly maxMessageSize: number;
+  /** Replies as stored and logged: an upstream may repeat the user name (`535 … for <user>`), which may hold the password. */
+  private readonly maskReply: ((reply: string) => string) | undefined;
   /** The last SIZE limit warned of: a limit is named once, not at every connection. */
   private warnedSizeLimit = 0;
 
@@ -415,6 +417,7 @@ export class SmtpUpstream {
       : undefined;
     this.idleMs = Math.min(IDLE_QUIT_MS, Math.floor(settings.attemptTimeoutMs / 2));
     this.auth = settings.username ? { user: settings.username, pass: settings.password } : undefined;
+    this.maskReply = masker(credentialSecrets(settings.username, settings.password));
     this.requireTls = settings.requireTls;
     this.peerAddress = settings.peerAddress ?? ((address) => address);
     this.now = settings.now ?? Date.now;
@@ -468,7 +471,7 @@ export class SmtpUpstream {
     // as each delivers to some (RFC 5321 §4.5.3.1.10); they are not held back for a retry.
     let again = overLimit(result.recipients);
     while (again.length > 0 && !signal.aborted) {
-      await beforeNext?.(result);
+      await beforeNext?.(this.masked(result));
       const next = await this.sendTo({ ...envelope, to: again.map((i) => rcpts[i]) }, claim.raw, signal, retryOf);
       again.forEach((i, k) => {
         result.recipients[i] = next.recipients[k];
@@ -478,7 +481,7 @@ export class SmtpUpstream {
       if (next.refusedWhole) Object.assign(result, { permanentFailure: true, refusedWhole: true, code: next.code, reply: next.reply });
       again = overLimit(next.recipients).map((k) => again[k]);
     }
-    return result;
+    return this.masked(result);
   }
 
   /** One transaction; never throws. */
@@ -489,6 +492,13 @@ export class SmtpUpstream {
     } catch (error) {
       return resultFromNodemailer(this.label, envelope.to, { error });
     }
+  }
+
+  /** A result as it is stored and logged, once judged (a reply's words may be what judges it). */
+  private masked(result: BatchResult): BatchResult {
+    const mask = this.maskReply;
+    if (!mask) return result;
+    return { ...result, reply: mask(result.reply), recipients: result.recipients.map((r) => ({ ...r, reply: mask(r.reply) })) };
   }
 
   /**

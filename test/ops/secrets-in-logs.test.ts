@@ -293,7 +293,8 @@ for (const [shape, userOf] of [
 
 test('a failed login whose user name holds the password, typed into it, logs that name as [redacted]', async () => {
   const password = secret('typed-into-user');
-  const { logger, lines } = capturedLog('info', createLogger);
+  // smtp-server's own line of the failure too, at debug
+  const { logger, lines } = capturedLog('debug', createLogger);
   const relay = await startTestRelay({ defaultUsername: 'app', defaultPassword: password }, { logger, startDelivery: false, startRetention: false });
   try {
     for (const user of [`${password} `, `app:${password}`, 'someone']) {
@@ -304,6 +305,34 @@ test('a failed login whose user name holds the password, typed into it, logs tha
   }
   const failed = lines.filter((l) => l.includes('"smtp.auth_failed"')).map((l) => JSON.parse(l).user);
   assert.deepEqual(failed, ['[redacted]', '[redacted]', 'someone']);
+  assert.ok(!lines.some((l) => l.includes(password)), 'the password is in no line');
+});
+
+test("an upstream's reply that repeats a user name holding the password is stored and logged masked", async () => {
+  const password = secret('fw');
+  const username = `relay-${password}`;
+  const upstream = await startUpstream({
+    authOptional: false,
+    allowInsecureAuth: true,
+    onAuth(auth, _session, cb) {
+      cb(Object.assign(new Error(`Invalid username or password for ${auth.username}`), { responseCode: 535 }));
+    },
+  });
+  const { logger, lines } = capturedLog('info', createLogger);
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, forwardUsername: username, forwardPassword: password },
+    { logger, startDelivery: false, startRetention: false },
+  );
+  try {
+    await sendMail(relay.smtpPort, { to: ['a@example.com'] });
+    await relay.delivery.runOnce();
+    const [reply] = relay.store.sqlite.prepare('SELECT last_reply FROM recipients').pluck().all() as string[];
+    assert.equal(reply, '535 Invalid username or password for [redacted]');
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+  assert.ok(lines.some((l) => l.includes('"delivery.attempt"') && l.includes('for [redacted]')), 'the attempt is logged');
   assert.ok(!lines.some((l) => l.includes(password)), 'the password is in no line');
 });
 
@@ -322,7 +351,10 @@ test('masker hides a secret standing as a word and any base64 word that holds it
   // JSON's escapes of a token with a quote and a backslash
   const quoted = 'tok"en\\1';
   assert.equal((masker([quoted]) as (text: string) => string)(`User ${JSON.stringify(quoted)} authenticated`), 'User "[redacted]" authenticated');
-  // inside a longer word it stays: masking there would garble the line and tell a short secret
+  // a secret of 4 bytes or more is masked with the word that holds it: a typed user name, an address
+  assert.equal(mask(`Authentication error for app:${token} using PLAIN`), 'Authentication error for [redacted] using PLAIN');
+  assert.equal(mask(`MAIL FROM:<x-${token}@example.com> SIZE=10`), 'MAIL [redacted] SIZE=10');
+  // a shorter one inside a longer word stays: masking every word that holds it would garble the line
   const short = masker(['a']) as (text: string) => string;
   for (const line of ['C: MAIL FROM:<alice@example.com>', 'S: 220 mail.example.com ESMTP relayq', 'S: 354 End data with <CR><LF>.<CR><LF>', 'DATA']) {
     assert.equal(short(line), line);
