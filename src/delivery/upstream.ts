@@ -360,6 +360,9 @@ function overLimit(results: RecipientResult[]): number[] {
   return results.flatMap((r, k) => (r.verdict === 'deferred' && (r.code === 452 || r.code === 552) && TOO_MANY.test(r.reply) ? [k] : []));
 }
 
+/** A reply's code and enhanced code: `554 5.7.1`, `250-`. */
+const REPLY_STATUS = /^\d{3}(?:[ -][245]\.\d{1,3}\.\d{1,3}(?=\s|$)|[ -]|$)/;
+
 export class SmtpUpstream {
   readonly label: string;
   private readonly options: SMTPConnection.Options;
@@ -494,11 +497,18 @@ export class SmtpUpstream {
     }
   }
 
-  /** A result as it is stored and logged, once judged (a reply's words may be what judges it). */
+  /**
+   * A result as it is stored and logged, once judged (a reply's words may be what judges it); a
+   * reply's code and enhanced code, which the engine reads again, are kept as they are.
+   */
   private masked(result: BatchResult): BatchResult {
     const mask = this.maskReply;
     if (!mask) return result;
-    return { ...result, reply: mask(result.reply), recipients: result.recipients.map((r) => ({ ...r, reply: mask(r.reply) })) };
+    const maskReply = (reply: string) => {
+      const status = REPLY_STATUS.exec(reply)?.[0] ?? '';
+      return status + mask(reply.slice(status.length));
+    };
+    return { ...result, reply: maskReply(result.reply), recipients: result.recipients.map((r) => ({ ...r, reply: maskReply(r.reply) })) };
   }
 
   /**

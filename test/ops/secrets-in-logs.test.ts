@@ -336,6 +336,29 @@ test("an upstream's reply that repeats a user name holding the password is store
   assert.ok(!lines.some((l) => l.includes(password)), 'the password is in no line');
 });
 
+test("masking an upstream's replies keeps their codes, which judge them: a password that reads as one changes nothing", async () => {
+  const upstream = await startUpstream({
+    authOptional: false,
+    allowInsecureAuth: true,
+    onAuth: (auth, _session, cb) => cb(null, { user: auth.username }),
+    onRcptTo: (address, _session, cb) => cb(Object.assign(new Error(`5.7.1 <${address.address}>: Relay access denied`), { responseCode: 554 })),
+  });
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, forwardUsername: 'relay', forwardPassword: '5.7.1' },
+    { startDelivery: false, startRetention: false },
+  );
+  try {
+    await sendMail(relay.smtpPort, { to: ['a@example.com'] });
+    await relay.delivery.runOnce();
+    const [reply] = relay.store.sqlite.prepare('SELECT last_reply FROM recipients').pluck().all() as string[];
+    // the refusal of relaying (5.7.x) that /health counts as the upstream's failure
+    assert.equal(reply, '554 5.7.1 <a@example.com>: Relay access denied');
+  } finally {
+    await relay.stop();
+    await upstream.close();
+  }
+});
+
 test('masker hides a secret standing as a word and any base64 word that holds it, whole, and leaves the rest', () => {
   const token = 'token-5ecret';
   const mask = masker(['', token]) as (text: string) => string;
