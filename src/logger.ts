@@ -146,9 +146,14 @@ export function libraryLogger(log: Logger, name: string, secrets: readonly strin
   return Object.fromEntries(LEVELS.map((level) => [level, log.isLevelEnabled(level) ? method(level) : noop])) as LibraryLogger;
 }
 
-/** A password, and its user name when that holds it (a token used as both): what a log masks of a credential. */
+/** Whether a user name holds its password (is it, as an API token taken as both may be, or contains it): a secret too. */
+export function holdsPassword(username: string, password: string): boolean {
+  return password !== '' && username.includes(password);
+}
+
+/** A password, and its user name when that holds it: what a log masks of a credential. */
 export function credentialSecrets(username: string, password: string): string[] {
-  return password && username.includes(password) ? [password, username] : [password];
+  return holdsPassword(username, password) ? [password, username] : [password];
 }
 
 /**

@@ -8,6 +8,7 @@ import os from 'node:os';
 import net from 'node:net';
 import { isAbsolute, resolve } from 'node:path';
 import { clientFilter, hostPort, isLoopback, parseCidr } from '../access-control.js';
+import { holdsPassword } from '../logger.js';
 import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
 import { physicalPath, readRootsFile } from '../root-guard.js';
 import { closestName, didYouMean } from './names.js';
@@ -742,9 +743,8 @@ export function redactConfig(config: Config): Config {
   for (const key of CONFIG_KEYS) {
     if (key.secret && getPath(copy, key.path)) setPath(copy, key.path, '[redacted]');
   }
-  // a user name that holds its password (a token used as both) is a secret too
-  if (config.forwardPassword && config.forwardUsername.includes(config.forwardPassword)) Object.assign(copy, { forwardUsername: '[redacted]' });
-  if (config.defaultPassword && config.defaultUsername.includes(config.defaultPassword)) Object.assign(copy, { defaultUsername: '[redacted]' });
+  if (holdsPassword(config.forwardUsername, config.forwardPassword)) Object.assign(copy, { forwardUsername: '[redacted]' });
+  if (holdsPassword(config.defaultUsername, config.defaultPassword)) Object.assign(copy, { defaultUsername: '[redacted]' });
   return copy as unknown as Config;
 }
 

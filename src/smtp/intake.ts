@@ -8,7 +8,7 @@ import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-c
 import { addressKey, decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import { credentialSecrets, type LibraryLogger, libraryLogger } from '../logger.js';
+import { credentialSecrets, holdsPassword, type LibraryLogger, libraryLogger } from '../logger.js';
 import { LOCK_HELD_TOO_LONG, realDatabasePath, type Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import {
@@ -479,8 +479,7 @@ export class SmtpIntake {
    */
   private loggedUser(user: string | null | undefined): string | undefined {
     if (!user) return undefined;
-    const password = this.deps.config.defaultPassword;
-    return password && user.includes(password) ? '[redacted]' : user;
+    return holdsPassword(user, this.deps.config.defaultPassword) ? '[redacted]' : user;
   }
 
   private onMailFrom(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
