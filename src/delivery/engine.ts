@@ -404,6 +404,7 @@ export class DeliveryEngine {
       batchSize: this.upstream ? config.batchSize : Number.POSITIVE_INFINITY,
       limit,
       maxAttempts: config.retry.maxAttempts,
+      eraseRawOnDelivered: !config.security.logAllEmails,
       held,
     });
     // messages the claim found finished (their attempts used up) failed at `now`

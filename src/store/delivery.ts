@@ -63,6 +63,8 @@ export interface ClaimOptions {
   limit: number;
   /** Recipients that already used this many attempts are failed, not sent (gaveUpReason says why). */
   maxAttempts: number;
+  /** A message found with every recipient delivered loses its content (security.logAllEmails=false). */
+  eraseRawOnDelivered: boolean;
   newToken: () => string;
   /** Messages this process is sending now: never claimed again, even when their lease looks expired. */
   held?: readonly string[];
@@ -198,7 +200,7 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
     const settled = settleMessage(sqlite, id, now, {
       nextAttemptFloor: now,
       lastFailure: gaveUp,
-      eraseRawOnDelivered: false,
+      eraseRawOnDelivered: options.eraseRawOnDelivered,
     });
     if (settled.state === 'delivered' || settled.state === 'failed') result.finalized.push({ id, state: settled.state });
     return undefined;

@@ -121,6 +121,7 @@ export async function measureStoreCosts(fixture: FixtureSummary): Promise<StoreC
             batchSize: 20,
             limit: 16,
             maxAttempts: 10,
+            eraseRawOnDelivered: false,
             newToken: () => `bench-${token++}`,
           });
           claimed = result.batches.length;

@@ -36,7 +36,7 @@ describe('claims and leases', () => {
 
   let tokens = 0;
   function claimOptions(clock: ManualClock, overrides: Partial<ClaimOptions> = {}): ClaimOptions {
-    return { now: clock.now(), leaseMs: 60_000, batchSize: 2, limit: 5, maxAttempts: 10, newToken: () => `token-${++tokens}`, ...overrides };
+    return { now: clock.now(), leaseMs: 60_000, batchSize: 2, limit: 5, maxAttempts: 10, eraseRawOnDelivered: false, newToken: () => `token-${++tokens}`, ...overrides };
   }
 
   function claim(relay: Relay, options: ClaimOptions) {
@@ -65,7 +65,7 @@ describe('claims and leases', () => {
       const raw = `Subject: size ${size}\r\n\r\n${'x'.repeat(size)}\r\n`;
       ids.push(queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw })).response));
     }
-    const options = { now: clock.now(), leaseMs: 60_000, batchSize: 10, limit: 2, maxAttempts: 10 };
+    const options = { now: clock.now(), leaseMs: 60_000, batchSize: 10, limit: 2, maxAttempts: 10, eraseRawOnDelivered: false };
     // both writes go in one turn of the event loop: one commit, and their results cross back together
     const results = await Promise.all([relay.writer.write('claimDueBatches', options), relay.writer.write('claimDueBatches', options)]);
     const batches = results.flatMap((r) => r.batches);
@@ -172,6 +172,22 @@ describe('claims and leases', () => {
     };
     assert.equal((await writeDirect(relay, (db) => completeBatch(db, deferred))).leaseLost, false);
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'pending', 'pending']);
+  });
+
+  test('a claim that finds every recipient delivered settles the message, erasing its content when logAllEmails is false', async () => {
+    for (const logAllEmails of [false, true]) {
+      const { clock, relay, id } = await relayWithMail({ security: { logAllEmails } }, ['a@example.com', 'b@example.com']);
+      // both recipients recorded delivered, and the claim given back before its outcome (a stop
+      // that cut the batch off after its last transaction was answered)
+      const batch = (await claim(relay, claimOptions(clock))).batches[0];
+      const delivered = { messageId: id, token: batch.token, now: clock.now(), recipients: [0, 1].map((seq) => ({ seq, code: 250, reply: '250 ok' })) };
+      assert.equal(await writeDirect(relay, (db) => recordDelivered(db, delivered)), true);
+      assert.equal(await writeDirect(relay, (db) => releaseClaims(db, [{ messageId: id, token: batch.token }], clock.now())), 1);
+      await relay.delivery.runOnce();
+      const settled = message(relay, id);
+      assert.equal(settled.state, 'delivered');
+      assert.equal(settled.raw !== null, logAllEmails, `logAllEmails=${logAllEmails}: content kept`);
+    }
   });
 
   test('a claim given back, at a stop or at the start after a crash, keeps its place in the queue: before the mail that came in meanwhile', async () => {

@@ -45,7 +45,7 @@ test('claiming a 200 KB message and recording its outcome write a few pages, not
 
     let claim: ReturnType<typeof claimDueBatches>['batches'][number] | undefined;
     const claimed = walBytesOf(sqlite, file, () => {
-      claim = claimDueBatches(sqlite, { now: 2_000, leaseMs: 60_000, batchSize: 20, limit: 1, maxAttempts: 10, newToken: () => 'T' }).batches[0];
+      claim = claimDueBatches(sqlite, { now: 2_000, leaseMs: 60_000, batchSize: 20, limit: 1, maxAttempts: 10, eraseRawOnDelivered: false, newToken: () => 'T' }).batches[0];
     });
     assert.deepEqual(claim?.raw, raw, 'the claim still hands over the bytes');
     const completed = walBytesOf(sqlite, file, () =>

@@ -351,7 +351,7 @@ test('/health says error while the database refuses messages for lack of room, t
       await refusedWith451(sendMail(relay.smtpPort, { to: recipients(50), text: 'y'.repeat(20_000) }));
       // small writes still fit: the health check's own, and a claim (delivery goes on draining)
       await relay.writer.write('probeWrite');
-      await relay.writer.write('claimDueBatches', { now: Date.now(), leaseMs: 60_000, batchSize: 10, limit: 1, maxAttempts: 5 });
+      await relay.writer.write('claimDueBatches', { now: Date.now(), leaseMs: 60_000, batchSize: 10, limit: 1, maxAttempts: 5, eraseRawOnDelivered: false });
       const full = await health();
       assert.equal(full.status, 503);
       assert.equal(full.body.status, 'error');

@@ -263,7 +263,7 @@ describe('backpressure', () => {
       for (let i = 0; i < 3; i++) await send(relay.smtpPort, 'a@example.com');
       // two of the three are claimed, as a delivery worker claims them: 'sending'
       const claimed = await writeDirect(relay, (db) =>
-        claimDueBatches(db, { now: clock.now(), leaseMs: 60_000, batchSize: 20, limit: 2, maxAttempts: 10, newToken: () => 'worker' }),
+        claimDueBatches(db, { now: clock.now(), leaseMs: 60_000, batchSize: 20, limit: 2, maxAttempts: 10, eraseRawOnDelivered: false, newToken: () => 'worker' }),
       );
       assert.equal(claimed.batches.length, 2);
       const { queued, sending } = storeMetrics(relay.store.sqlite).queue;
