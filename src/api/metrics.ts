@@ -1,8 +1,9 @@
 // GET /metrics: JSON by default; Prometheus text for ?format=prometheus or an Accept header that
 // prefers text/plain; OpenMetrics for ?format=openmetrics or an Accept header that prefers it
-// (what Prometheus itself sends). Every number is read from the store's counters, so it
-// survives restarts and costs the same whatever the database holds; only the in-flow pacing
-// counts are the delivery engine's, since this process started.
+// (what Prometheus itself sends). The message and attempt figures are read from the store's
+// counters, so they survive restarts and cost the same whatever the database holds; the upstream's
+// last success and failure are the later of the store's and the running engine's (upstreamView),
+// and the suspension, free disk, listener and in-flow pacing figures are this process's own.
 import { Hono } from 'hono';
 import { HTTPException } from 'hono/http-exception';
 import { metricsSummary, storeMetrics } from '../store/queries.js';

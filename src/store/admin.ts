@@ -24,9 +24,9 @@ export const ADMIN_STEP = 500;
 /**
  * Requeues the failed mail that matches `filter` in writes of at most ADMIN_STEP messages,
  * so that a requeue of everything never holds the writer (and the `250`s waiting behind it)
- * for long. Failed messages are read in (finish time, id) order on `reader`; `write` runs
- * requeueFailed for one step (at most ADMIN_STEP distinct ids) and resolves with how many it
- * requeued.
+ * for long. Failed messages are read in (finish time, id) order on `reader`, or, when the filter
+ * names ids, taken in the order given; `write` runs requeueFailed for one step (at most
+ * ADMIN_STEP distinct ids) and resolves with how many it requeued.
  */
 export function requeueFailedInSteps(reader: Sqlite, filter: RequeueFilter, now: number, write: (step: RequeueStep) => Promise<number>): Promise<number> {
   const pages = filter.ids === undefined ? failedIdPages(reader, filter, now) : idSlices([...new Set(filter.ids)]);
