@@ -40,6 +40,7 @@ export interface FixtureSummary {
 }
 
 export const HOT_SENDER = 'hot@bench.example';
+/** Names of the other senders (sender0 ... sender999), each at up to seven domains (app0 ... app6). */
 const SENDERS = 1000;
 const SPAN_MS = 23 * 3600_000;
 
@@ -70,6 +71,7 @@ export async function writeFixture(file: string, options: FixtureOptions): Promi
   const start = options.now - SPAN_MS;
   const step = SPAN_MS / Math.max(1, options.messages);
   const summary = { delivered: 0, queued: 0, failed: 0, hotSenderMessages: 0, allDueAt: options.now };
+  const senders = new Set<string>();
 
   const insertMessageRow = sqlite.prepare(
     `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, helo, size, recipient_count, body_id, received_at,
@@ -92,6 +94,7 @@ export async function writeFixture(file: string, options: FixtureOptions): Promi
       const hot = i % 10 === 3;
       const mailFrom = hot ? HOT_SENDER : `sender${i % SENDERS}@app${i % 7}.bench.example`;
       if (hot) summary.hotSenderMessages++;
+      senders.add(mailFrom);
       const recipients = i % 20 === 7 ? [`user${i % 5000}@example.net`, `other${i % 977}@example.org`] : [`user${i % 5000}@example.net`];
       // sortable, unique and deterministic, in the shape of newQueueId
       const id = receivedAt.toString(16).toUpperCase().padStart(11, '0') + i.toString(16).toUpperCase().padStart(9, '0');
@@ -154,7 +157,7 @@ export async function writeFixture(file: string, options: FixtureOptions): Promi
     file,
     messages: options.messages,
     ...summary,
-    senders: SENDERS + 1,
+    senders: senders.size,
     hotSender: HOT_SENDER,
     spanMs: SPAN_MS,
     now: options.now,
