@@ -9,7 +9,7 @@ import { asGiven, loadConfigFromSources, mistypedEnvNames } from '../config/load
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { followedForUse, followedPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
-import { BUSY_TIMEOUT_MS, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
+import { BUSY_TIMEOUT_MS, cannotWrite, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
 import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, pendingMigrations, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 import { escapeTerminalUnsafe } from '../terminal-unsafe.js';
 
@@ -226,11 +226,15 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   } catch (err) {
     // every write of these commands is one transaction: refused, it changed nothing (a retry
     // --failed stopped after a step says what it requeued before)
-    if ((err as { code?: unknown }).code === 'SQLITE_BUSY' && !(err instanceof StoppedPartWay)) {
+    if (err instanceof StoppedPartWay) throw err;
+    const code = String((err as { code?: unknown }).code);
+    if (code === 'SQLITE_BUSY') {
       throw new CliError(
         `database ${file} is locked: another process (the relay, a sqlite3 shell inside a transaction) held its write lock for more than ${BUSY_TIMEOUT_MS / 1000} s; nothing was changed, run the command again`,
       );
     }
+    // a file, -wal or -shm this user may not write (the open succeeds; the first write fails)
+    if (code.startsWith('SQLITE_READONLY')) throw new CliError(`cannot write database ${file}: ${cannotWrite(err as Error).message}`);
     throw err;
   } finally {
     sqlite.close();

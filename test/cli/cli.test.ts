@@ -688,6 +688,41 @@ describe('relayq CLI on the database of a running relay', () => {
   });
 });
 
+test('a write command on a database file it may not write names the file and what must be writable, and changes nothing', async (t) => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const file = relay.config.databasePath;
+  let ids: string[];
+  try {
+    ids = [...(await insertMessages(relay, 1, 'queued')), ...(await insertMessages(relay, 1, 'failed'))];
+  } finally {
+    await relay.stop();
+  }
+  // opened, SQLite falls back to reading it; the first write is refused
+  await whileImmutable(t, file, async () => {
+    const results = await Promise.all([
+      runCli(['retry', '--queued', '--databasePath', file]),
+      runCli(['retry', '--failed', '--databasePath', file]),
+      runCli(['retry', ids[1], '--databasePath', file]),
+      runCli(['delete', ids[0], '--databasePath', file]),
+    ]);
+    for (const r of results) {
+      assertOneLineError(
+        r,
+        /^relayq: cannot write database \S+relayq\.db: cannot write to it \(attempt to write a readonly database\): the relay's user must be able to write the file, its -wal and -shm files and its directory$/,
+      );
+    }
+  });
+  const sqlite = openConnection(file);
+  try {
+    assert.deepEqual(sqlite.prepare('SELECT id, state FROM messages ORDER BY id').raw().all(), [
+      [ids[1], 'failed'],
+      [ids[0], 'queued'],
+    ]);
+  } finally {
+    sqlite.close();
+  }
+});
+
 test('a database this user may not read, or whose -shm it may not make beside it, is named with what to do', async (t) => {
   const dir = tempDir();
   const file = path.join(dir, 'relayq.db');
