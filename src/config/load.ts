@@ -112,11 +112,17 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
     // any other value, and another known flag, may not
     const mayTake = next !== undefined && (!next.startsWith('--') || next.startsWith('-----BEGIN') || (secretFlag(name) && !isFlagName(next)));
     if (value === undefined && mayTake) value = argv[++i];
-    // a space in an unquoted password leaves its next words here
-    if (value !== undefined && secretFlag(name)) hiding = { what: `the words after --${name}'s value (quote a value that has spaces)`, named: false };
+    // a space in an unquoted password leaves its next words here, as do the lines of an unquoted
+    // key's PEM text (`--tls.key $(cat key.pem)`)
+    if (value !== undefined && (secretFlag(name) || value.startsWith('-----BEGIN'))) {
+      hiding = { what: `the words after --${name}'s value (quote a value that has spaces)`, named: false };
+    }
     const known = name === 'config' || key !== undefined;
     // a name is shown: not text that only starts with -- (a key's PEM, a password's second word)
-    if (!known) unknown.push(/^[\w.-]*$/.test(name) ? `--${name}` : 'an argument that starts with -- but is no option name');
+    if (!known && (!/^[\w.-]*$/.test(name) || name.startsWith('-'))) {
+      unknown.push('an argument that starts with -- but is no option name');
+      if (arg.startsWith('-----')) hiding = { what: 'the words after it', named: false };
+    } else if (!known) unknown.push(`--${name}`);
     else if (value === undefined && key?.type === 'bool') values.set(name, 'true');
     else if (value === undefined || (name === 'config' && value === '')) missing.push(name);
     else if (name === 'config') configPath = value;

@@ -805,7 +805,15 @@ describe('loadConfig', () => {
     // nor taken for an option: it starts with --
     const stray = loadConfig(['--tls.cert', 'cert.pem', '--tls.key', 'key.pem', '-----BEGIN PRIVATE KEY----- MC4CAQAwBQYDK2VwBCIEIKeySecret'], {});
     assert.deepEqual(errorMessages(stray), ['unexpected argument: an argument that starts with -- but is no option name']);
-    assert.doesNotMatch(JSON.stringify([fromEnv, fromFile, oneLine, stray]), /KeySecret/);
+    // unquoted (`--tls.key $(cat key.pem)`): its lines are words of their own, and none is shown
+    const unquoted = loadConfig(['--tls.cert', 'cert.pem', '--tls.key', ...pem.split(/\s+/).filter(Boolean)], {});
+    assert.deepEqual(errorMessages(unquoted), [
+      "unexpected argument: the words after --tls.key's value (quote a value that has spaces)",
+      'unexpected argument: an argument that starts with -- but is no option name',
+      'unexpected argument: the words after it',
+      '--tls.key: must be the path of a PEM file, not its text (write the text to a file and give its path)',
+    ]);
+    assert.doesNotMatch(JSON.stringify([fromEnv, fromFile, oneLine, stray, unquoted]), /KeySecret/);
   });
 
   test('the file nests its keys: a dotted name is an unknown key that says how to write it', () => {
