@@ -354,9 +354,9 @@ function checkValue(key: KeyDef, value: unknown): Checked {
   switch (key.type) {
     case 'string':
       if (typeof value !== 'string') return { error: 'must be a string' };
-      // a choice is taken in any case (LOG_LEVEL=INFO), as booleans are
+      // a choice is taken in any case and with spaces around it (LOG_LEVEL=" Info "), as booleans are
       if (key.values) {
-        const chosen = key.values.find((v) => v === value.toLowerCase());
+        const chosen = key.values.find((v) => v === value.trim().toLowerCase());
         return chosen === undefined ? { error: `must be one of ${key.values.join(', ')}, got ${JSON.stringify(value)}` } : { value: chosen };
       }
       if (key.pattern && !key.pattern.match.test(value)) {

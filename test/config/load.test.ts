@@ -259,9 +259,11 @@ describe('loadConfig', () => {
     assert.equal(r.errors.find((e) => e.key === 'tls.key')!.alsoFrom, undefined);
   });
 
-  test('a choice is taken in any case, and a config file may start with a byte order mark', () => {
-    const r = loadConfig([], { LOG_LEVEL: 'INFO' });
-    assert.ok(r.ok && r.config.logLevel === 'info');
+  test('a choice is taken in any case and with spaces around it, and a config file may start with a byte order mark', () => {
+    for (const level of ['INFO', ' Info ']) {
+      const r = loadConfig([], { LOG_LEVEL: level });
+      assert.ok(r.ok && r.config.logLevel === 'info', level);
+    }
     assert.match(errorMessages(loadConfig([], { LOG_LEVEL: 'verbose' }))[0], /^LOG_LEVEL \(logLevel\): must be one of fatal, error, warn, info, debug, trace, silent, got "verbose"$/);
     const file = path.join(tempDir(), 'config.json');
     fs.writeFileSync(file, '\uFEFF{"smtpPort": 2600}\n');
