@@ -278,7 +278,7 @@ describe('loadConfig', () => {
     assert.equal(
       formatErrors(twice.errors, 'c.json'),
       [
-        'config error (file c.json): enabled: unknown key',
+        'config error (file c.json): enabled: unknown key (did you mean rateLimits.enabled?)',
         'config error (file c.json): retry.maxAttempts: given more than once in the file; keep one (JSON would take the last without a word)',
         'config error (file c.json): workerCount: given more than once in the file; keep one (JSON would take the last without a word)',
       ].join('\n'),
@@ -837,8 +837,11 @@ describe('loadConfig', () => {
       maxmessagesze: 1,
       port: 1,
       zzz: 1,
+      // the right name in the wrong section, or in none
+      requireAuth: false,
+      retry: { maxPerHour: 5 },
     });
-    assert.deepEqual(errorMessages(loadConfig(['--worker_count=3', '--forwardhost', 'h', '--confg', 'c.json', '--rateLimits', '--nope'], {}, { path: 'c.json', text })), [
+    assert.deepEqual(errorMessages(loadConfig(['--worker_count=3', '--forwardhost', 'h', '--confg', 'c.json', '--rateLimits', '--nope', '--maxAttempts', '3'], {}, { path: 'c.json', text })), [
       'workercount: unknown key (did you mean workerCount?)',
       'security.requireauth: unknown key (did you mean security.requireAuth?)',
       'ratelimits: unknown key (did you mean rateLimits?)',
@@ -850,12 +853,15 @@ describe('loadConfig', () => {
       // a short name is not guessed at: smtpPort, healthCheckPort or forwardPort?
       'port: unknown key',
       'zzz: unknown key',
+      'requireAuth: unknown key (did you mean security.requireAuth?)',
+      'retry.maxPerHour: unknown key (did you mean rateLimits.maxPerHour?)',
       'unknown option --worker_count (did you mean --workerCount?)',
       'unknown option --forwardhost (did you mean --forwardHost?)',
       'unknown option --confg (did you mean --config?)',
       // an object, not a flag: its keys are
       'unknown option --rateLimits',
       'unknown option --nope',
+      'unknown option --maxAttempts (did you mean --retry.maxAttempts?)',
     ]);
   });
 
