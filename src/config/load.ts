@@ -166,7 +166,16 @@ function describeJsonError(err: Error, text: string, padded = false): string {
   let pos: number | undefined;
   if (lead && text.includes(context)) pos = text.indexOf(context) + 10;
   else if (!lead && trail) pos = context.length - 10;
-  const hint = /^['\p{L}]/u.test(char) ? ' (strings must be in double quotes)' : pos === undefined ? '' : comment(pos);
+  // True, FALSE, Null: JSON's words are lower case (in double quotes, a string a boolean key refuses)
+  const word = pos === undefined ? undefined : /^\p{L}+/u.exec(text.slice(pos))?.[0];
+  const hint =
+    word && /^(true|false|null)$/i.test(word)
+      ? ' (JSON writes true, false and null in lower case)'
+      : /^['\p{L}]/u.test(char)
+        ? ' (strings must be in double quotes)'
+        : pos === undefined
+          ? ''
+          : comment(pos);
   return `unexpected character${pos === undefined ? '' : at(pos)}${hint}`;
 }
 

@@ -653,6 +653,9 @@ describe('loadConfig', () => {
       ['{"smtpPort":x}\n', /^c\.json is not valid JSON: unexpected character at line 1, column 13 \(strings must be in double quotes\)$/],
       ['{"a":{}, "b":}', /^c\.json is not valid JSON: unexpected character at line 1, column 14$/],
       ['{"a":1}\n\n}', /^c\.json is not valid JSON: .* at line 3, column 1$/],
+      // a word of Python's or YAML's
+      ['{"forwardSMTP": True, "smtpPort": 2525}', /^c\.json is not valid JSON: unexpected character at line 1, column 17 \(JSON writes true, false and null in lower case\)$/],
+      ['{"forwardSMTP": FALSE}', /^c\.json is not valid JSON: unexpected character at line 1, column 17 \(JSON writes true, false and null in lower case\)$/],
     ];
     for (const [text, expected] of cases) {
       const messages = errorMessages(loadConfig([], {}, { path: 'c.json', text }));
