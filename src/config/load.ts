@@ -298,9 +298,9 @@ export function loadConfig(
     const section = e.key.split('.')[0];
     return SECTIONS.has(section) && ![...reads].some((k) => k.startsWith(`${section}.`));
   };
-  const unread = errors.filter(unreadKey).map((e) => formatErrors([e], file?.path));
-  const used = errors.filter((e) => !unreadKey(e));
-  return used.length ? { ok: false, errors: used } : { ok: true, config: typed, warnings, unread };
+  // stopped by one it reads, the command lists them all, as serve does
+  if (errors.some((e) => !unreadKey(e))) return { ok: false, errors };
+  return { ok: true, config: typed, warnings, unread: errors.map((e) => formatErrors([e], file?.path)) };
 }
 
 /**

@@ -596,5 +596,12 @@ test("a bad value in a key the CLI does not read is a warning to its commands, w
   assertOneLineError(await runCli(['status', '--config', inRead]), /retention\.deliverdDays: unknown key/);
   const badDelay = writeConfigFile(dir, { databasePath, batchDelay: 'soon' });
   assertOneLineError(await runCli(['retry', '--queued', '--config', badDelay]), /batchDelay: must be an integer/);
+  // stopped by a key it reads, a command lists every bad key, as serve does
+  const both = await runCli(['retry', '--queued', '--config', writeConfigFile(dir, { databasePath, batchDelay: 'soon', workerCount: 0 })]);
+  assert.equal(both.code, 2);
+  assert.deepEqual(
+    both.stderr.trimEnd().split('\n').map((line) => /^relayq: config error \(file .*\): (\w+): /.exec(line)?.[1]),
+    ['batchDelay', 'workerCount'],
+  );
   for (const key of CLI_READS) assert.ok(CONFIG_KEYS.some((k) => k.path === key), key);
 });
