@@ -20,6 +20,16 @@ const ROUTES: Array<[string, string]> = [
   ['GET', '/no-such-route'],
 ];
 
+/**
+ * Every route the app serves (a message id in place of `:id`), and one it does not: what the
+ * refusals below must cover, a route added later included.
+ */
+function everyRoute(relay: Relay): Array<[string, string]> {
+  const served = createApp(relay).routes.filter((r) => r.method !== 'ALL');
+  const routes = new Map(served.map((r) => [`${r.method} ${r.path}`, [r.method, r.path.replace(':id', '19CB2FAB0123456789AB')] as [string, string]]));
+  return [...routes.values(), ['GET', '/no-such-route']];
+}
+
 describe('API access: loopback, or a bearer token', () => {
   let open: Relay;
   let guarded: Relay;
@@ -46,7 +56,9 @@ describe('API access: loopback, or a bearer token', () => {
 
   test('without a configured token, other clients get 403 on every route, token or not', async () => {
     const app = createApp({ ...open, getClientIp: () => REMOTE });
-    for (const [method, path] of ROUTES) {
+    const routes = everyRoute(open);
+    assert.ok(routes.some(([method, path]) => method === 'DELETE' && path.startsWith('/admin/messages/')), 'the routes of one message are among them');
+    for (const [method, path] of routes) {
       for (const headers of [{}, { authorization: `Bearer ${TOKEN}` }] as Array<Record<string, string>>) {
         const res = await app.request(path, { method, headers });
         assert.equal(res.status, 403, `${method} ${path}`);
@@ -85,6 +97,13 @@ describe('API access: loopback, or a bearer token', () => {
     assert.equal(await status(`bearer ${TOKEN}`), 200);
     assert.equal(await status(`Bearer ${TOKEN}`, '/admin/messages'), 200);
     assert.equal(await status(`Bearer ${TOKEN}`, '/no-such-route'), 404);
+    // every route, the routes of one message included
+    for (const [method, path] of everyRoute(guarded)) {
+      for (const authorization of [undefined, `Bearer ${TOKEN}x`]) {
+        const res = await app.request(path, { method, headers: authorization ? { authorization } : {} });
+        assert.equal(res.status, 401, `${method} ${path} ${authorization ?? 'without a token'}`);
+      }
+    }
   });
 
   test('over real HTTP: the socket peer decides; an injected non-loopback peer needs the token', async () => {
