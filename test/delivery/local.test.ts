@@ -2,16 +2,16 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { after, describe, test } from 'node:test';
+import { after, describe, type TestContext, test } from 'node:test';
 import { ManualClock } from '../manual-clock.js';
 import pino from 'pino';
 import { startRelay } from '../../src/main.js';
 import { removeStrayTempFiles, syncDirectory, writeFileAtomic } from '../../src/delivery/atomic-file.js';
 import { DeliveryEngine } from '../../src/delivery/engine.js';
 import { safeFileStem } from '../../src/delivery/local.js';
-import { failedExportDir } from '../../src/delivery/failed-export.js';
+import { exportFailedMessage, failedExportDir } from '../../src/delivery/failed-export.js';
 import { runCli } from '../cli/run-cli.js';
-import { sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
+import { insertMessages, sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
 import { attempts, message, queuedId, recipients } from './fixtures.js';
 
 describe('local delivery (forwardSMTP=false)', () => {
@@ -220,31 +220,58 @@ test('a directory that cannot be opened to make a rename durable (gone, EMFILE, 
   open.mock.restore();
 });
 
-test('a message file is fsynced before its rename, and its directory after it', async (t) => {
-  const dir = tempDir();
+/**
+ * The steps that make a write in `dir` durable, in order, as they happen: `sync temp file`,
+ * `rename`, `sync directory` (a file written in place would show none of them).
+ */
+async function durableSteps(t: TestContext, dir: string): Promise<string[]> {
   const events: string[] = [];
-  // which file each handle is open on, and the order of the steps that make the write durable
   const openedOn = new Map<object, string>();
   const open = fsp.open;
   t.mock.method(fsp, 'open', async (file: string, ...rest: [string?, number?]) => {
     const handle = await open(file, ...rest);
-    openedOn.set(handle, file === dir ? 'directory' : path.basename(file).endsWith('.tmp') ? 'temp file' : file);
+    if (file === dir) openedOn.set(handle, 'directory');
+    else if (path.dirname(file) === dir) openedOn.set(handle, path.basename(file).endsWith('.tmp') ? 'temp file' : file);
     return handle;
   });
-  const probe = await open(path.join(dir, 'probe'), 'w');
+  const probe = await open(path.join(tempDir(), 'probe'), 'w');
   const handles = Object.getPrototypeOf(probe) as { sync(): Promise<void> };
   await probe.close();
   const sync = handles.sync;
   t.mock.method(handles, 'sync', function (this: object) {
-    events.push(`sync ${openedOn.get(this)}`);
+    if (openedOn.has(this)) events.push(`sync ${openedOn.get(this)}`);
     return sync.call(this);
   });
   const rename = fsp.rename;
   t.mock.method(fsp, 'rename', async (from: string, to: string) => {
-    events.push('rename');
+    if (path.dirname(to) === dir) events.push('rename');
     return rename(from, to);
   });
+  return events;
+}
+
+test('a message file is fsynced before its rename, and its directory after it', async (t) => {
+  const dir = tempDir();
+  const events = await durableSteps(t, dir);
   await writeFileAtomic(path.join(dir, 'A.eml'), 'Subject: x\r\n\r\nbody\r\n');
   assert.deepEqual(events, ['sync temp file', 'rename', 'sync directory']);
   assert.equal(fs.readFileSync(path.join(dir, 'A.eml'), 'utf8'), 'Subject: x\r\n\r\nbody\r\n');
+});
+
+test('local delivery and the failed-mail export write their files that way', async (t) => {
+  const relay = await startTestRelay({ forwardSMTP: false }, { startDelivery: false, startRetention: false });
+  t.after(() => relay.stop());
+  const delivered = await durableSteps(t, relay.config.emailsDir);
+  const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com'], raw: 'Subject: x\r\n\r\nbody\r\n' })).response);
+  await relay.delivery.runOnce();
+  assert.equal(message(relay, id).state, 'delivered');
+  assert.deepEqual(delivered, ['sync temp file', 'rename', 'sync directory'], 'local delivery');
+  t.mock.restoreAll();
+
+  const exportDir = failedExportDir(relay.config.emailsDir);
+  const exported = await durableSteps(t, exportDir);
+  const [failed] = await insertMessages(relay, 1, 'failed');
+  const file = await exportFailedMessage(relay.store.sqlite, exportDir, failed, Date.now());
+  assert.equal(file, path.join(exportDir, `${failed}.json`));
+  assert.deepEqual(exported, ['sync temp file', 'rename', 'sync directory'], 'failed-mail export');
 });
