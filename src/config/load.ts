@@ -119,7 +119,7 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
     }
     const known = name === 'config' || key !== undefined;
     // a name is shown: not text that only starts with -- (a key's PEM, a password's second word)
-    if (!known && (!/^[\w.-]*$/.test(name) || name.startsWith('-'))) {
+    if (!known && (!/^[\w.-]*$/.test(name) || arg.startsWith('-----'))) {
       unknown.push('an argument that starts with -- but is no option name');
       if (arg.startsWith('-----')) hiding = { what: 'the words after it', named: false };
     } else if (!known) unknown.push(`--${name}`);
@@ -166,17 +166,15 @@ function describeJsonError(err: Error, text: string, padded = false): string {
   let pos: number | undefined;
   if (lead && text.includes(context)) pos = text.indexOf(context) + 10;
   else if (!lead && trail) pos = context.length - 10;
-  // True, FALSE, Null: JSON's words are lower case (in double quotes, a string a boolean key refuses)
-  const word = pos === undefined ? undefined : /^\p{L}+/u.exec(text.slice(pos))?.[0];
-  const hint =
-    word && /^(true|false|null)$/i.test(word)
-      ? ' (JSON writes true, false and null in lower case)'
-      : /^['\p{L}]/u.test(char)
-        ? ' (strings must be in double quotes)'
-        : pos === undefined
-          ? ''
-          : comment(pos);
-  return `unexpected character${pos === undefined ? '' : at(pos)}${hint}`;
+  const hint = (): string => {
+    // True, FALSE, Null: JSON's words are lower case (in double quotes, a string a boolean key
+    // refuses); one of them as written is out of place (a colon or comma missing before it)
+    const word = pos === undefined ? undefined : /^\p{L}+/u.exec(text.slice(pos))?.[0];
+    if (word !== undefined && /^(true|false|null)$/i.test(word)) return word === word.toLowerCase() ? '' : ' (JSON writes true, false and null in lower case)';
+    if (/^['\p{L}]/u.test(char)) return ' (strings must be in double quotes)';
+    return pos === undefined ? '' : comment(pos);
+  };
+  return `unexpected character${pos === undefined ? '' : at(pos)}${hint()}`;
 }
 
 /** Which config file to read: `--config`, else RELAYQ_CONFIG, else ./config.json if it exists. */

@@ -17,9 +17,10 @@ function editDistance(a: string, b: string): number {
 
 /**
  * The known name an unknown one was likely meant to be: the same but for case and punctuation,
- * or one letter off (two in a name of nine letters or more; none in one of four or fewer); else
- * the one name of a section that ends as it does (`security.requireAuth` for `requireAuth` or
- * `rateLimits.requireAuth`).
+ * or one letter off (two in a name of nine letters or more; none in one of four or fewer); else,
+ * for a name given outside any section, the one name of a section that ends as it does
+ * (`security.requireAuth` for `requireAuth`). A name in a section is not sent to another: in
+ * `tls.enabled` or `retention.maxAge`, the section says what it is about.
  */
 export function closestName(name: string, names: readonly string[]): string | undefined {
   const wanted = folded(name);
@@ -34,16 +35,12 @@ export function closestName(name: string, names: readonly string[]): string | un
     const distance = editDistance(wanted, candidate);
     if (distance < limit) best = { name: known, distance };
   }
-  return best?.name ?? inOtherSection(wanted, names);
+  return best?.name ?? (wanted.includes('.') ? undefined : inASection(wanted, names));
 }
 
-/** The one name of a section whose last part is the last part of `wanted` (folded), if one is. */
-function inOtherSection(wanted: string, names: readonly string[]): string | undefined {
-  const last = (name: string) => name.slice(name.lastIndexOf('.') + 1);
-  const found = names.filter((known) => {
-    const candidate = folded(known);
-    return candidate.includes('.') && candidate !== wanted && last(candidate) === last(wanted);
-  });
+/** The one name of a section whose last part is `wanted` (folded), if one is. */
+function inASection(wanted: string, names: readonly string[]): string | undefined {
+  const found = names.filter((known) => folded(known).endsWith(`.${wanted}`));
   return found.length === 1 ? found[0] : undefined;
 }
 

@@ -656,6 +656,8 @@ describe('loadConfig', () => {
       // a word of Python's or YAML's
       ['{"forwardSMTP": True, "smtpPort": 2525}', /^c\.json is not valid JSON: unexpected character at line 1, column 17 \(JSON writes true, false and null in lower case\)$/],
       ['{"forwardSMTP": FALSE}', /^c\.json is not valid JSON: unexpected character at line 1, column 17 \(JSON writes true, false and null in lower case\)$/],
+      // a colon missing before a lower-case one: not that hint
+      ['{"smtpPort": 25, "forwardSMTP" false}', /^c\.json is not valid JSON: unexpected character at line 1, column 32$/],
     ];
     for (const [text, expected] of cases) {
       const messages = errorMessages(loadConfig([], {}, { path: 'c.json', text }));
@@ -698,6 +700,8 @@ describe('loadConfig', () => {
       [['--security.admintoken', '--tokenSecret', '--smtpPort', '2600'], ['unknown option --security.admintoken (did you mean --security.adminToken?)']],
       // any other unknown flag takes no value that looks like a flag: both are named
       [['--smtpPrt', '--serverNam'], ['unknown option --smtpPrt (did you mean --smtpPort?)', 'unknown option --serverNam (did you mean --serverName?)']],
+      // one dash too many: still a name
+      [['---smtpPort', '2600'], ['unknown option ---smtpPort (did you mean --smtpPort?)']],
     ];
     for (const [argv, expected] of cases) {
       const r = loadConfig(argv, {});
@@ -835,12 +839,12 @@ describe('loadConfig', () => {
       security: { requireauth: true },
       ratelimits: {},
       tls: { crt: 'a.pem' },
-      retention: { x: 1 },
+      retention: { x: 1, maxAge: 5 },
       forwardPrt: 25,
       maxmessagesze: 1,
       port: 1,
       zzz: 1,
-      // the right name in the wrong section, or in none
+      // the name of a section's key outside any section; in a section, not sent to another
       requireAuth: false,
       retry: { maxPerHour: 5 },
     });
@@ -851,13 +855,14 @@ describe('loadConfig', () => {
       'tls.crt: unknown key (did you mean tls.cert?)',
       // not the section it is in
       'retention.x: unknown key',
+      'retention.maxAge: unknown key',
       'forwardPrt: unknown key (did you mean forwardPort?)',
       'maxmessagesze: unknown key (did you mean maxMessageSize?)',
       // a short name is not guessed at: smtpPort, healthCheckPort or forwardPort?
       'port: unknown key',
       'zzz: unknown key',
       'requireAuth: unknown key (did you mean security.requireAuth?)',
-      'retry.maxPerHour: unknown key (did you mean rateLimits.maxPerHour?)',
+      'retry.maxPerHour: unknown key',
       'unknown option --worker_count (did you mean --workerCount?)',
       'unknown option --forwardhost (did you mean --forwardHost?)',
       'unknown option --confg (did you mean --config?)',
