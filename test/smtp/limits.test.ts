@@ -308,16 +308,17 @@ describe('backpressure', () => {
     const dir = tempDir();
     const { bavail, bsize } = fs.statfsSync(dir);
     const freeMb = Math.floor((bavail * bsize) / 2 ** 20);
-    // 200 MB above the floor: 400 MB do not fit, 1 KB does (whatever else writes meanwhile)
+    // 300 MB above the floor: 490 MB do not fit while whatever else runs frees less than 190 MB
+    // meanwhile, and 1 KB and 100 MB do while it takes less than 200 MB
     const log = capturedLog('info');
-    const relay = await startTestRelay({ minFreeDiskMb: Math.max(1, freeMb - 200), maxMessageSize: 500 * 2 ** 20 }, { startDelivery: false, logger: log.logger });
+    const relay = await startTestRelay({ minFreeDiskMb: Math.max(1, freeMb - 300), maxMessageSize: 500 * 2 ** 20 }, { startDelivery: false, logger: log.logger });
     try {
       const c = await SmtpClient.connect(relay.smtpPort);
       await c.read();
       await c.send('EHLO disk.test');
-      assert.match(await c.send(`MAIL FROM:<a@example.com> SIZE=${400 * 2 ** 20}`), /^452 4\.3\.1 Insufficient system storage/);
+      assert.match(await c.send(`MAIL FROM:<a@example.com> SIZE=${490 * 2 ** 20}`), /^452 4\.3\.1 Insufficient system storage/);
       const [refusal] = log.entries().filter((e) => e.event === 'smtp.disk_low');
-      assert.deepEqual([refusal?.msg, refusal?.size], ['refusing mail: its declared SIZE would take free disk space below minFreeDiskMb', 400 * 2 ** 20]);
+      assert.deepEqual([refusal?.msg, refusal?.size], ['refusing mail: its declared SIZE would take free disk space below minFreeDiskMb', 490 * 2 ** 20]);
       assert.match(await c.send('MAIL FROM:<a@example.com> SIZE=1024'), /^250 /);
       assert.match(await c.send('RSET'), /^250 /);
       assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
