@@ -152,6 +152,11 @@ function clientTlsFailure(err: unknown): err is Error & { code: string; reason?:
  * failed, is logged to `intakeLog` at info instead, in one line (`smtp.connection_lost`,
  * `smtp.tls_failed`), as Postfix logs "lost connection" and "SSL_accept error".
  */
+/** The relay's secrets other than the AUTH password, which a client may paste as a user name. */
+function otherSecrets(config: Config): string[] {
+  return [config.forwardPassword, config.security.adminToken];
+}
+
 function smtpServerLogger(log: Logger, intakeLog: Logger, secrets: readonly string[]): LibraryLogger {
   const methods = libraryLogger(log, 'smtp-server', secrets, 'session');
   const { error } = methods;
@@ -221,7 +226,7 @@ export class SmtpIntake {
     if (deps.logger.level === 'info') smtpLog.level = 'warn';
     // smtp-server wraps the logger it is given so that every command and reply builds a log
     // entry before the level is looked at; it gets the levels that are on, and no-ops.
-    const serverLog = smtpServerLogger(smtpLog, deps.logger, credentialSecrets(config.defaultUsername, config.defaultPassword));
+    const serverLog = smtpServerLogger(smtpLog, deps.logger, [...credentialSecrets(config.defaultUsername, config.defaultPassword), ...otherSecrets(config)]);
     this.server = new RelayqSmtpServer({
       name: config.serverName,
       banner: 'relayq',
@@ -475,11 +480,13 @@ export class SmtpIntake {
 
   /**
    * A user name as logged and stored: one that holds the password (a token used as both, or a
-   * client that typed the password as or into its user name) is not written out.
+   * client that typed the password as or into its user name), or another secret of the relay's
+   * (the admin token or the upstream's password pasted as a user name), is not written out.
    */
   private loggedUser(user: string | null | undefined): string | undefined {
     if (!user) return undefined;
-    return holdsPassword(user, this.deps.config.defaultPassword) ? '[redacted]' : user;
+    const { config } = this.deps;
+    return [config.defaultPassword, ...otherSecrets(config)].some((secret) => holdsPassword(user, secret)) ? '[redacted]' : user;
   }
 
   private onMailFrom(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {

@@ -291,21 +291,26 @@ for (const [shape, userOf] of [
   });
 }
 
-test('a failed login whose user name holds the password, typed into it, logs that name as [redacted]', async () => {
+test("a failed login whose user name holds the password, or another of the relay's secrets, logs that name as [redacted]", async () => {
   const password = secret('typed-into-user');
+  const token = secret('admin-token-pasted');
+  const forward = secret('forward-pasted');
   // smtp-server's own line of the failure too, at debug
   const { logger, lines } = capturedLog('debug', createLogger);
-  const relay = await startTestRelay({ defaultUsername: 'app', defaultPassword: password }, { logger, startDelivery: false, startRetention: false });
+  const relay = await startTestRelay(
+    { defaultUsername: 'app', defaultPassword: password, security: { adminToken: token }, forwardUsername: 'up', forwardPassword: forward },
+    { logger, startDelivery: false, startRetention: false },
+  );
   try {
-    for (const user of [`${password} `, `app:${password}`, 'someone']) {
+    for (const user of [`${password} `, `app:${password}`, token, forward, 'someone']) {
       await assert.rejects(sendMail(relay.smtpPort, { auth: { user, pass: 'wrong' } }), /535/);
     }
   } finally {
     await relay.stop();
   }
   const failed = lines.filter((l) => l.includes('"smtp.auth_failed"')).map((l) => JSON.parse(l).user);
-  assert.deepEqual(failed, ['[redacted]', '[redacted]', 'someone']);
-  assert.ok(!lines.some((l) => l.includes(password)), 'the password is in no line');
+  assert.deepEqual(failed, ['[redacted]', '[redacted]', '[redacted]', '[redacted]', 'someone']);
+  for (const s of [password, token, forward]) assert.ok(!lines.some((l) => l.includes(s)), `${s} is in no line`);
 });
 
 test("an upstream's reply that repeats a user name holding the password is stored and logged masked", async () => {
