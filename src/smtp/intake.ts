@@ -273,6 +273,8 @@ export class SmtpIntake {
     });
     this.server.logger = serverLog as unknown as RelayqSmtpServer['logger'];
     this.server.on('error', (err) => {
+      // before listening: the listen failed, which the start reports (relay.start_failed)
+      if (!this.listening) return;
       // a client that went away, or whose TLS failed: already logged (smtpServerLogger)
       if (!lostConnection(err) && !clientTlsFailure(err)) deps.logger.warn({ event: 'smtp.error', err: err.message }, 'smtp error');
     });

@@ -1022,13 +1022,15 @@ describe('what only the start can find out names the key to fix', () => {
     assert.ok(fs.existsSync(paths.databasePath));
   });
 
-  test('an SMTP port in use', async () => {
+  test('an SMTP port in use: the start fails saying so, with no smtp.error line before it', async () => {
     const relay = await startTestRelay({}, { startDelivery: false });
+    const log = capturedLog('info');
     try {
       await assert.rejects(
-        startTestRelay({ smtpPort: relay.smtpPort }, { startDelivery: false }),
+        startTestRelay({ smtpPort: relay.smtpPort }, { startDelivery: false, logger: log.logger }),
         new RegExp(`^Error: smtpHost, smtpPort: cannot listen on 127\\.0\\.0\\.1:${relay.smtpPort}: .*EADDRINUSE`),
       );
+      assert.deepEqual(log.entries().filter((e) => e.event === 'smtp.error'), []);
     } finally {
       await relay.stop();
     }
