@@ -143,6 +143,8 @@ export class DeliveryEngine {
   private claimRetryMs = 0;
   /** Since when (the clock's ms) claiming due work has failed, and the last error; null while it works. */
   private claimFault: { since: number; err: string } | null = null;
+  /** Failed claims since the last that worked, and when (performance.now()) the last was logged. */
+  private claimFailures = { tries: 0, loggedAt: Number.NEGATIVE_INFINITY };
   /** Delivery to the upstream suspended while it cannot be reached; none for local delivery. */
   private readonly suspension: UpstreamSuspension | undefined;
   private readonly stats = {
@@ -329,10 +331,28 @@ export class DeliveryEngine {
    * at every wake-up and poll: claims wait, longer each time, as outcome commits do.
    */
   private pauseClaims(err: Error): void {
+    // each failure while the pauses grow; then once a minute, as outcome commits that fail (a
+    // write lock held for hours would log 720 lines an hour)
+    const growing = this.claimRetryMs < OUTCOME_RETRY_MAX_MS;
     this.claimRetryMs = Math.min(Math.max(2 * this.claimRetryMs, OUTCOME_RETRY_FIRST_MS), OUTCOME_RETRY_MAX_MS);
     this.claimsPausedUntil = performance.now() + this.claimRetryMs;
+    if (!this.claimFault) this.claimFailures.tries = 0;
     this.claimFault = { since: this.claimFault?.since ?? this.deps.clock.now(), err: err.message };
-    this.log.error({ event: 'delivery.claim_failed', err: err.message, retryInMs: this.claimRetryMs }, 'claiming due work failed');
+    const failures = this.claimFailures;
+    failures.tries++;
+    if (growing || performance.now() - failures.loggedAt >= OUTCOME_RETRY_LOG_MS) {
+      failures.loggedAt = performance.now();
+      this.log.error({ event: 'delivery.claim_failed', err: err.message, retryInMs: this.claimRetryMs, tries: failures.tries }, 'claiming due work failed');
+    }
+  }
+
+  /** Looking for work, or claiming it, worked: after failures, said once. */
+  private claimsWork(): void {
+    this.claimRetryMs = 0;
+    if (!this.claimFault) return;
+    const failedForMs = this.deps.clock.now() - this.claimFault.since;
+    this.log.info({ event: 'delivery.claims_resumed', tries: this.claimFailures.tries, failedForMs }, 'claiming due work works again');
+    this.claimFault = null;
   }
 
   /**
@@ -355,14 +375,13 @@ export class DeliveryEngine {
       return;
     }
     if (!due) {
-      this.claimFault = null;
+      this.claimsWork();
       return;
     }
     this.busySlots += free;
     const task = this.claim(free, held).then(
       (claimed) => {
-        this.claimRetryMs = 0;
-        this.claimFault = null;
+        this.claimsWork();
         this.busySlots -= free - claimed.batches.length;
         this.inFlow.taken(claimed.batches.length);
         for (const f of claimed.finalized) this.track(this.afterFinal(f.id, f.state, 0));

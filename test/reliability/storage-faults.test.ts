@@ -199,7 +199,7 @@ test('the writer thread dies: the relay says so once, refuses mail with 451 4.3.
   assert.equal(fatal.length, 1, 'not again at shutdown');
 });
 
-test('claims that fail at once (a read-only database) are tried again after a pause that doubles, not in a loop', async () => {
+test('claims that fail at once (a read-only database) are tried again after a pause that doubles, not in a loop; logged at each failure while the pause grows, then once a minute', async () => {
   const log = capturedLog('info');
   const relay = await startTestRelay(
     { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: await closedPort() },
@@ -210,18 +210,25 @@ test('claims that fail at once (a read-only database) are tried again after a pa
     await relay.writer.pragma('query_only = ON');
     relay.delivery.start();
     const failures = () => log.entries().filter((e) => e.event === 'delivery.claim_failed');
-    await waitFor(() => failures().length >= 4, 10_000, 'four failed claims');
+    await waitFor(() => failures().length >= 7, 15_000, 'seven failed claims');
     const seen = failures();
     const waits = seen.map((e) => e.retryInMs as number);
-    assert.deepEqual(waits, [100, 200, 400, 800, 1600, 3200, 5000].slice(0, waits.length), 'each wait twice the one before');
+    assert.deepEqual(waits, [100, 200, 400, 800, 1600, 3200, 5000], 'each wait twice the one before, up to 5 s');
+    assert.deepEqual(seen.map((e) => e.tries), [1, 2, 3, 4, 5, 6, 7]);
     // and no claim came sooner (a timer never fires early; pino's time is in ms)
     for (let i = 1; i < seen.length; i++) {
       const gap = (seen[i].time as number) - (seen[i - 1].time as number);
       assert.ok(gap >= waits[i - 1] - 1, `claim ${i + 1} came ${gap} ms after the one before, not after the ${waits[i - 1]} ms pause`);
     }
+    // the eighth failure, 5 s after the seventh, is not logged: the next line would come a minute after the last
+    await new Promise((resolve) => setTimeout(resolve, 5_500));
     await relay.writer.pragma('query_only = OFF');
     const claims = () => (relay.store.sqlite.prepare('SELECT claims FROM messages WHERE id = ?').get(id) as { claims: number }).claims;
     await waitFor(() => claims() > 0, 10_000, 'a claim once the database takes writes again');
+    const [resumed] = log.entries().filter((e) => e.event === 'delivery.claims_resumed');
+    assert.equal(resumed?.tries, 8, 'eight failed claims before the one that worked');
+    assert.ok((resumed?.failedForMs as number) >= 11_000, `failing since the first: ${resumed?.failedForMs} ms`);
+    assert.equal(failures().length, 7, 'the eighth was not logged');
   } finally {
     await relay.stop();
   }
