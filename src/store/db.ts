@@ -10,7 +10,7 @@ import Database from 'better-sqlite3';
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { makeDirectory } from '../make-dir.js';
 import { physicalPath } from '../root-guard.js';
-import { appliedMigrations, overwriteFreedPages, pendingMigrations, refuseForeignDatabase, refuseNewerSchema, requireWritable } from './maintenance.js';
+import { appliedMigrations, lockedTooLong, overwriteFreedPages, pendingMigrations, refuseForeignDatabase, refuseNewerSchema, requireWritable } from './maintenance.js';
 
 export type Sqlite = Database.Database;
 
@@ -220,5 +220,9 @@ async function migratePending(sqlite: Sqlite, onMigrating?: (names: string[]) =>
   if (pending.length === 0) return [];
   onMigrating?.(pending);
   const { kyselyFor, migrateToLatest } = await import('./migrate.js');
-  return migrateToLatest(kyselyFor(sqlite));
+  try {
+    return await migrateToLatest(kyselyFor(sqlite));
+  } catch (err) {
+    throw lockedTooLong(err as Error) ?? err;
+  }
 }

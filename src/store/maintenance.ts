@@ -154,15 +154,14 @@ export function requireWritable(sqlite: Sqlite): void {
   try {
     sqlite.transaction(() => sqlite.prepare('DELETE FROM schema_migrations WHERE 0').run()).immediate();
   } catch (err) {
-    // the file can be written, but another connection kept its write lock past the busy timeout
-    if ((err as { code?: unknown }).code === 'SQLITE_BUSY') {
-      throw new Error(
-        `it is locked: ${LOCK_HELD_TOO_LONG}; start again once it is done`,
-        { cause: err },
-      );
-    }
-    throw cannotWrite(err as Error);
+    throw lockedTooLong(err as Error) ?? cannotWrite(err as Error);
   }
+}
+
+/** The file can be written, but another connection kept its write lock past the busy timeout: said so. */
+export function lockedTooLong(err: Error): Error | undefined {
+  if ((err as { code?: unknown }).code !== 'SQLITE_BUSY') return undefined;
+  return new Error(`it is locked: ${LOCK_HELD_TOO_LONG}; start again once it is done`, { cause: err });
 }
 
 /** Refuses a database a newer relayq migrated: this version would write to a schema it does not know. */

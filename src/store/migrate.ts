@@ -1,7 +1,20 @@
 // The schema migrations, run with Kysely's migrator. Loaded only when a migration is pending
 // (db.ts) or `relayq migrate` runs: the query builder takes longer to load than the rest of a
 // CLI command takes to run.
-import { type DialectAdapter, Kysely, type Migration, Migrator, SqliteAdapter, SqliteDialect, sql } from 'kysely';
+import {
+  CompiledQuery,
+  type DatabaseConnection,
+  type DialectAdapter,
+  type Driver,
+  Kysely,
+  type Migration,
+  Migrator,
+  SqliteAdapter,
+  SqliteDialect,
+  type SqliteDialectConfig,
+  SqliteDriver,
+  sql,
+} from 'kysely';
 import { migrations } from '../../migrations/index.js';
 import type { Sqlite } from './db.js';
 import { currentMigrationName, refuseNewerSchema } from './maintenance.js';
@@ -18,9 +31,29 @@ class TransactionalDdlSqliteAdapter extends SqliteAdapter {
   }
 }
 
+/**
+ * The migrations' transaction takes the write lock as it begins (`BEGIN IMMEDIATE`), waiting out
+ * another process's write for the busy timeout: begun deferred, it would read first and then be
+ * refused the lock at once (SQLite does not wait to turn a reader into the writer), so a start
+ * after an upgrade failed whenever a relayq command or a sqlite3 shell wrote at that moment.
+ */
+class ImmediateSqliteDriver extends SqliteDriver {
+  override async beginTransaction(connection: DatabaseConnection): Promise<void> {
+    await connection.executeQuery(CompiledQuery.raw('begin immediate'));
+  }
+}
+
 class RelayqSqliteDialect extends SqliteDialect {
+  constructor(private readonly settings: SqliteDialectConfig) {
+    super(settings);
+  }
+
   override createAdapter(): DialectAdapter {
     return new TransactionalDdlSqliteAdapter();
+  }
+
+  override createDriver(): Driver {
+    return new ImmediateSqliteDriver(this.settings);
   }
 }
 

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -10,7 +10,9 @@ import Database from 'better-sqlite3';
 import { clientFilter } from '../../src/access-control.js';
 import { exposedSecretsWarning, formatErrors, loadConfig, loadConfigFromSources, parseFlags, readConfigFile } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
+import * as initial from '../../migrations/001_initial.js';
 import { openStore } from '../../src/store/db.js';
+import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
 import { runCli } from '../cli/run-cli.js';
 import { capturedLog, cliArgs, closedPort, REPO_ROOT, SmtpClient, spawnRelay, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
 
@@ -1125,6 +1127,26 @@ describe('what only the start can find out names the key to fix', () => {
     }
     const again = await startTestRelay({ databasePath: file }, { startDelivery: false });
     await again.stop();
+  });
+
+  test('a start with migrations to apply waits for a write of another process, as any write does', async () => {
+    const file = path.join(tempDir(), 'relayq.db');
+    const old = new Database(file);
+    old.pragma('journal_mode = WAL');
+    await migrateToLatest(kyselyFor(old), { '001_initial': initial });
+    old.close();
+    // another process writes for 1 s: the migrations wait for it (begun deferred, they were refused at once)
+    const holder = spawn(
+      process.execPath,
+      ['-e', "const d = new (require('better-sqlite3'))(process.argv[1]); d.exec('BEGIN IMMEDIATE'); console.log('held'); setTimeout(() => { d.exec('ROLLBACK'); d.close(); }, 1000);", file],
+      { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'inherit'] },
+    );
+    await new Promise((resolve) => holder.stdout.once('data', resolve));
+    const log = capturedLog('info');
+    const relay = await startTestRelay({ databasePath: file }, { startDelivery: false, logger: log.logger });
+    await relay.stop();
+    assert.ok(log.entries().some((e) => e.event === 'store.migrated'));
+    await new Promise((resolve) => (holder.exitCode === null ? holder.once('exit', resolve) : resolve(null)));
   });
 
   test('a file that is no SQLite database as databasePath is refused by serve and by migrate, and gets no lock file beside it', async () => {
