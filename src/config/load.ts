@@ -756,8 +756,11 @@ export function redactConfig(config: Config): Config {
   for (const key of CONFIG_KEYS) {
     if (key.secret && getPath(copy, key.path)) setPath(copy, key.path, '[redacted]');
   }
-  if (holdsPassword(config.forwardUsername, config.forwardPassword)) Object.assign(copy, { forwardUsername: '[redacted]' });
-  if (holdsPassword(config.defaultUsername, config.defaultPassword)) Object.assign(copy, { defaultUsername: '[redacted]' });
+  // a user name that holds a secret (its password, as a provider's API token may be both, or another)
+  const secrets = CONFIG_KEYS.filter((key) => key.secret).map((key) => String(getPath(config as unknown as Record<string, unknown>, key.path) ?? ''));
+  for (const user of ['forwardUsername', 'defaultUsername'] as const) {
+    if (secrets.some((secret) => holdsPassword(config[user], secret))) Object.assign(copy, { [user]: '[redacted]' });
+  }
   return copy as unknown as Config;
 }
 

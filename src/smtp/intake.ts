@@ -77,6 +77,11 @@ interface SessionState {
 
 type Callback = (err?: Error | null) => void;
 
+/** The relay's secrets other than the AUTH password, which a client may paste as a user name. */
+function otherSecrets(config: Config): string[] {
+  return [config.forwardPassword, config.security.adminToken];
+}
+
 function reply(code: number, text: string): Error & { responseCode: number } {
   return Object.assign(new Error(text), { responseCode: code });
 }
@@ -152,11 +157,6 @@ function clientTlsFailure(err: unknown): err is Error & { code: string; reason?:
  * failed, is logged to `intakeLog` at info instead, in one line (`smtp.connection_lost`,
  * `smtp.tls_failed`), as Postfix logs "lost connection" and "SSL_accept error".
  */
-/** The relay's secrets other than the AUTH password, which a client may paste as a user name. */
-function otherSecrets(config: Config): string[] {
-  return [config.forwardPassword, config.security.adminToken];
-}
-
 function smtpServerLogger(log: Logger, intakeLog: Logger, secrets: readonly string[]): LibraryLogger {
   const methods = libraryLogger(log, 'smtp-server', secrets, 'session');
   const { error } = methods;
@@ -483,7 +483,8 @@ export class SmtpIntake {
   /**
    * A user name as logged and stored: one that holds the password (a token used as both, or a
    * client that typed the password as or into its user name), or another secret of the relay's
-   * (the admin token or the upstream's password pasted as a user name), is not written out.
+   * (the admin token or the upstream's password, pasted as a user name, or part of the configured
+   * one), is not written out.
    */
   private loggedUser(user: string | null | undefined): string | undefined {
     if (!user) return undefined;
