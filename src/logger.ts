@@ -48,7 +48,11 @@ export function createLogger(level: string, destination: pino.DestinationStream 
 const MAX_BUFFERED_LOG_BYTES = 16 * 2 ** 20;
 
 export type StdoutLog = ReturnType<typeof pino.destination> & {
-  /** Writes out what is buffered, waiting at most `ms` (then says on stderr what it dropped), and then nothing more. */
+  /**
+   * Writes out what is buffered, waiting at most `ms` (then says on stderr what it dropped), and
+   * then nothing more. Called again while it waits (an exit decided sooner), it waits at most `ms`
+   * from then instead, if that is sooner.
+   */
   closeWithin(ms: number): Promise<void>;
 };
 
@@ -90,21 +94,39 @@ export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES): StdoutLog 
     abandon();
     process.stderr.write(`relayq: the log cannot be written to stdout (${err.code ?? err.message}); logging stops, mail is still served\n`);
   });
-  const closeWithin = (ms: number) =>
-    new Promise<void>((resolve) => {
-      if (abandoned) return resolve();
-      const timer = setTimeout(() => {
-        const left = (stream as unknown as { _len?: number })._len;
-        process.stderr.write(`relayq: stdout took no log for ${ms / 1000} s; exiting without the last ${left ?? 'few'} bytes of it\n`);
-        resolve();
-      }, ms);
-      stream.once('close', () => {
-        clearTimeout(timer);
-        resolve();
-      });
-      stream.end();
-      abandon();
+  let closing: { startedAt: number; deadline: number; timer?: NodeJS.Timeout; done: Promise<void>; resolve: () => void } | undefined;
+  const giveUpAt = (deadline: number) => {
+    if (!closing || deadline >= closing.deadline) return;
+    const c = closing;
+    c.deadline = deadline;
+    clearTimeout(c.timer);
+    c.timer = setTimeout(() => {
+      const left = (stream as unknown as { _len?: number })._len;
+      const waited = Math.round((performance.now() - c.startedAt) / 100) / 10;
+      process.stderr.write(`relayq: stdout took no log for ${waited} s; exiting without the last ${left ?? 'few'} bytes of it\n`);
+      c.resolve();
+    }, deadline - performance.now());
+  };
+  const closeWithin = (ms: number): Promise<void> => {
+    if (closing) {
+      giveUpAt(performance.now() + ms);
+      return closing.done;
+    }
+    if (abandoned) return Promise.resolve();
+    let resolve = () => {};
+    const done = new Promise<void>((r) => {
+      resolve = r;
     });
+    closing = { startedAt: performance.now(), deadline: Number.POSITIVE_INFINITY, done, resolve };
+    giveUpAt(performance.now() + ms);
+    stream.once('close', () => {
+      clearTimeout(closing?.timer);
+      resolve();
+    });
+    stream.end();
+    abandon();
+    return done;
+  };
   return Object.assign(stream, { closeWithin });
 }
 

@@ -85,7 +85,8 @@ let exiting: number | undefined;
 function exitAfterFlush(out: StdoutLog, code: number, ms = 5000): void {
   if (exiting !== undefined) {
     exiting = Math.max(exiting, code);
-    setTimeout(() => process.exit(exiting), ms);
+    // the wait in progress ends sooner, with its line on stderr if the log was not all written
+    void out.closeWithin(ms);
     return;
   }
   exiting = code;

@@ -296,7 +296,7 @@ test('a stop whose log nobody reads (a full pipe) still exits, and keeps every m
   }
 });
 
-test('the same signal again, past the window of a repeated delivery, while the stop waits for a log nobody reads exits at once with code 1', async () => {
+test('the same signal again, past the window of a repeated delivery, while the stop waits for a log nobody reads exits within a second with code 1, saying what it dropped', async () => {
   const dir = tempDir('relayq-serve-');
   const relay = await relayWithUnreadLog(dir);
   try {
@@ -310,6 +310,7 @@ test('the same signal again, past the window of a repeated delivery, while the s
     await sleep(Math.max(0, 1100 - (performance.now() - firstAt)));
     relay.child.kill('SIGTERM');
     assert.equal(await exitWithin(relay.exited, 20_000), 1, relay.stderr());
+    assert.match(relay.stderr(), /^relayq: stdout took no log for \d+(\.\d)? s; exiting without the last \d+ bytes of it$/m);
   } finally {
     relay.stop();
   }
