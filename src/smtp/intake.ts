@@ -8,7 +8,7 @@ import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-c
 import { addressKey, decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import { credentialSecrets, holdsPassword, type LibraryLogger, libraryLogger } from '../logger.js';
+import { holdsPassword, type LibraryLogger, libraryLogger } from '../logger.js';
 import { LOCK_HELD_TOO_LONG, realDatabasePath, type Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import {
@@ -226,7 +226,10 @@ export class SmtpIntake {
     if (deps.logger.level === 'info') smtpLog.level = 'warn';
     // smtp-server wraps the logger it is given so that every command and reply builds a log
     // entry before the level is looked at; it gets the levels that are on, and no-ops.
-    const serverLog = smtpServerLogger(smtpLog, deps.logger, [...credentialSecrets(config.defaultUsername, config.defaultPassword), ...otherSecrets(config)]);
+    const secrets = [config.defaultPassword, ...otherSecrets(config)];
+    // and the user name when it holds one (loggedUser): masked as a word even when the secret is too short to be
+    const userHoldsOne = secrets.some((secret) => holdsPassword(config.defaultUsername, secret));
+    const serverLog = smtpServerLogger(smtpLog, deps.logger, userHoldsOne ? [...secrets, config.defaultUsername] : secrets);
     this.server = new RelayqSmtpServer({
       name: config.serverName,
       banner: 'relayq',

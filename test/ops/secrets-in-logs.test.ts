@@ -312,21 +312,26 @@ test("a failed login whose user name holds the password, or another of the relay
   assert.deepEqual(failed, ['[redacted]', '[redacted]', '[redacted]', '[redacted]', 'someone']);
   for (const s of [password, token, forward]) assert.ok(!lines.some((l) => l.includes(s)), `${s} is in no line`);
 
-  // a configured user name that holds the upstream's password: its logins go by [redacted] too
-  const named = capturedLog('debug', createLogger);
-  const relay2 = await startTestRelay(
-    { defaultUsername: `svc-${forward}`, defaultPassword: password, forwardUsername: 'up', forwardPassword: forward },
-    { logger: named.logger, startDelivery: false, startRetention: false },
-  );
-  try {
-    await sendMail(relay2.smtpPort, { auth: { user: `svc-${forward}`, pass: password } });
-  } finally {
-    await relay2.stop();
+  // a configured user name that holds the upstream's password, long or short: its logins go by
+  // [redacted] too, and smtp-server's transcript at debug does not show it
+  for (const upstreamPassword of [forward, 'q7z']) {
+    const user = `svc-${upstreamPassword}`;
+    const named = capturedLog('debug', createLogger);
+    const relay2 = await startTestRelay(
+      { defaultUsername: user, defaultPassword: password, forwardUsername: 'up', forwardPassword: upstreamPassword },
+      { logger: named.logger, startDelivery: false, startRetention: false },
+    );
+    try {
+      await sendMail(relay2.smtpPort, { auth: { user, pass: password } });
+    } finally {
+      await relay2.stop();
+    }
+    const accepted = named.lines.filter((l) => l.includes('"smtp.accepted"')).map((l) => JSON.parse(l).user);
+    assert.deepEqual(accepted, ['[redacted]'], user);
+    assert.ok(named.lines.some((l) => l.includes('authenticated')), "smtp-server's line of the login is there");
+    const leaks = named.lines.filter((l) => l.includes(user) || (upstreamPassword.length >= 4 && l.includes(upstreamPassword)));
+    assert.deepEqual(leaks, [], `${user} is in no line`);
   }
-  const accepted = named.lines.filter((l) => l.includes('"smtp.accepted"')).map((l) => JSON.parse(l).user);
-  assert.deepEqual(accepted, ['[redacted]']);
-  const leaks = named.lines.filter((l) => l.includes(forward));
-  assert.deepEqual(leaks, [], 'the upstream password is in no line');
 });
 
 test("an upstream's reply that repeats a user name holding the password is stored and logged masked", async () => {
