@@ -12,7 +12,7 @@ import { holdsPassword } from '../logger.js';
 import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
 import { physicalPath, readRootsFile } from '../root-guard.js';
 import { closestName, didYouMean } from './names.js';
-import { CONFIG_KEYS, type Config, defaultConfig, envName, getPath, type KeyDef, PEM_OR_LINES, setPath } from './schema.js';
+import { CONFIG_KEYS, type Config, configSecrets, defaultConfig, envName, getPath, type KeyDef, PEM_OR_LINES, setPath } from './schema.js';
 
 export type Source = 'file' | 'env' | 'flag';
 
@@ -757,7 +757,7 @@ export function redactConfig(config: Config): Config {
     if (key.secret && getPath(copy, key.path)) setPath(copy, key.path, '[redacted]');
   }
   // a user name that holds a secret (its password, as a provider's API token may be both, or another)
-  const secrets = CONFIG_KEYS.filter((key) => key.secret).map((key) => String(getPath(config as unknown as Record<string, unknown>, key.path) ?? ''));
+  const secrets = configSecrets(config);
   for (const user of ['forwardUsername', 'defaultUsername'] as const) {
     if (secrets.some((secret) => holdsPassword(config[user], secret))) Object.assign(copy, { [user]: '[redacted]' });
   }

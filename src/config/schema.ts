@@ -251,3 +251,8 @@ export function getPath(source: unknown, path: string): unknown {
   }
   return node;
 }
+
+/** The values of the secret keys (passwords, the admin token), set or empty. */
+export function configSecrets(config: Config): string[] {
+  return CONFIG_KEYS.filter((key) => key.secret).map((key) => String(getPath(config, key.path) ?? ''));
+}

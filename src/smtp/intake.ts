@@ -7,7 +7,7 @@ import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream,
 import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-control.js';
 import { addressKey, decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
-import type { Config } from '../config/schema.js';
+import { type Config, configSecrets } from '../config/schema.js';
 import { holdsPassword, type LibraryLogger, libraryLogger } from '../logger.js';
 import { LOCK_HELD_TOO_LONG, realDatabasePath, type Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
@@ -76,11 +76,6 @@ interface SessionState {
 }
 
 type Callback = (err?: Error | null) => void;
-
-/** The relay's secrets other than the AUTH password, which a client may paste as a user name. */
-function otherSecrets(config: Config): string[] {
-  return [config.forwardPassword, config.security.adminToken];
-}
 
 function reply(code: number, text: string): Error & { responseCode: number } {
   return Object.assign(new Error(text), { responseCode: code });
@@ -226,7 +221,7 @@ export class SmtpIntake {
     if (deps.logger.level === 'info') smtpLog.level = 'warn';
     // smtp-server wraps the logger it is given so that every command and reply builds a log
     // entry before the level is looked at; it gets the levels that are on, and no-ops.
-    const secrets = [config.defaultPassword, ...otherSecrets(config)];
+    const secrets = configSecrets(config);
     // and the user name when it holds one (loggedUser): masked as a word even when the secret is too short to be
     const userHoldsOne = secrets.some((secret) => holdsPassword(config.defaultUsername, secret));
     const serverLog = smtpServerLogger(smtpLog, deps.logger, userHoldsOne ? [...secrets, config.defaultUsername] : secrets);
@@ -491,8 +486,7 @@ export class SmtpIntake {
    */
   private loggedUser(user: string | null | undefined): string | undefined {
     if (!user) return undefined;
-    const { config } = this.deps;
-    return [config.defaultPassword, ...otherSecrets(config)].some((secret) => holdsPassword(user, secret)) ? '[redacted]' : user;
+    return configSecrets(this.deps.config).some((secret) => holdsPassword(user, secret)) ? '[redacted]' : user;
   }
 
   private onMailFrom(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
