@@ -141,10 +141,11 @@ export class DeliveryEngine {
   /** After a failed claim: no claim before this (performance.now()); the wait after the next failure doubles. */
   private claimsPausedUntil = 0;
   private claimRetryMs = 0;
-  /** Since when (the clock's ms) claiming due work has failed, and the last error; null while it works. */
-  private claimFault: { since: number; err: string } | null = null;
-  /** Failed claims since the last that worked, and when (performance.now()) the last was logged. */
-  private claimFailures = { tries: 0, loggedAt: Number.NEGATIVE_INFINITY };
+  /**
+   * Since when (the clock's ms) claiming due work has failed, the last error, how many claims
+   * failed, and when (performance.now()) the last failure was logged; null while it works.
+   */
+  private claimFault: { since: number; err: string; tries: number; loggedAt: number } | null = null;
   /** Delivery to the upstream suspended while it cannot be reached; none for local delivery. */
   private readonly suspension: UpstreamSuspension | undefined;
   private readonly stats = {
@@ -336,13 +337,12 @@ export class DeliveryEngine {
     const growing = this.claimRetryMs < OUTCOME_RETRY_MAX_MS;
     this.claimRetryMs = Math.min(Math.max(2 * this.claimRetryMs, OUTCOME_RETRY_FIRST_MS), OUTCOME_RETRY_MAX_MS);
     this.claimsPausedUntil = performance.now() + this.claimRetryMs;
-    if (!this.claimFault) this.claimFailures.tries = 0;
-    this.claimFault = { since: this.claimFault?.since ?? this.deps.clock.now(), err: err.message };
-    const failures = this.claimFailures;
-    failures.tries++;
-    if (growing || performance.now() - failures.loggedAt >= OUTCOME_RETRY_LOG_MS) {
-      failures.loggedAt = performance.now();
-      this.log.error({ event: 'delivery.claim_failed', err: err.message, retryInMs: this.claimRetryMs, tries: failures.tries }, 'claiming due work failed');
+    const fault = (this.claimFault ??= { since: this.deps.clock.now(), err: '', tries: 0, loggedAt: Number.NEGATIVE_INFINITY });
+    fault.err = err.message;
+    fault.tries++;
+    if (growing || performance.now() - fault.loggedAt >= OUTCOME_RETRY_LOG_MS) {
+      fault.loggedAt = performance.now();
+      this.log.error({ event: 'delivery.claim_failed', err: err.message, retryInMs: this.claimRetryMs, tries: fault.tries }, 'claiming due work failed');
     }
   }
 
@@ -351,7 +351,7 @@ export class DeliveryEngine {
     this.claimRetryMs = 0;
     if (!this.claimFault) return;
     const failedForMs = this.deps.clock.now() - this.claimFault.since;
-    this.log.info({ event: 'delivery.claims_resumed', tries: this.claimFailures.tries, failedForMs }, 'claiming due work works again');
+    this.log.info({ event: 'delivery.claims_resumed', tries: this.claimFault.tries, failedForMs }, 'claiming due work works again');
     this.claimFault = null;
   }
 
