@@ -1,7 +1,7 @@
 // `relayq migrate`: applies pending schema migrations (the server also does this at start), so an
 // upgrade can be prepared, or a restored backup brought up to date, before the server runs.
 import { MIGRATION_NAMES } from '../../migrations/names.js';
-import type { Sqlite } from '../store/db.js';
+import { LOCK_HELD_TOO_LONG, type Sqlite } from '../store/db.js';
 import { appliedMigrations, lockDatabase, openReadOnly, pendingMigrations, refuseNewerSchema } from '../store/maintenance.js';
 import { kyselyFor, migrateToLatest } from '../store/migrate.js';
 import { CliError, type GlobalOptions, loadCliConfig, openWriterForCli, printJson, printText, refuseOthersPathsForCli, requireDatabaseFile } from './context.js';
@@ -32,7 +32,10 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
   }
   try {
     const applied = await migrateToLatest(kyselyFor(sqlite)).catch((err: Error) => {
-      throw new CliError(`migration failed on ${file}: ${err.message}`);
+      // (a sqlite3 shell or a relayq command inside a transaction; a relay holds the -lock file)
+      const locked = (err as { code?: unknown }).code === 'SQLITE_BUSY';
+      const why = locked ? `it is locked: ${LOCK_HELD_TOO_LONG}; nothing was applied, run migrate again once it is done` : err.message;
+      throw new CliError(`migration failed on ${file}: ${why}`);
     });
     report(file, applied, global);
   } finally {

@@ -7,7 +7,10 @@ import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { requireDatabaseFile, withReader } from '../../src/cli/context.js';
 import { defaultConfig } from '../../src/config/schema.js';
+import Database from 'better-sqlite3';
+import * as initial from '../../migrations/001_initial.js';
 import { openConnection, openStore } from '../../src/store/db.js';
+import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
 import { lockDatabase } from '../../src/store/maintenance.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { insertMessages, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
@@ -721,6 +724,27 @@ test('a write command on a database file it may not write names the file and wha
   } finally {
     sqlite.close();
   }
+});
+
+test('migrate waits out another process\'s write for the busy timeout, then says the database is locked, and applies nothing', async () => {
+  const file = path.join(tempDir(), 'relayq.db');
+  const old = new Database(file);
+  old.pragma('journal_mode = WAL');
+  await migrateToLatest(kyselyFor(old), { '001_initial': initial });
+  old.close();
+  const holder = openConnection(file);
+  holder.exec('BEGIN IMMEDIATE');
+  try {
+    assertOneLineError(
+      await runCli(['migrate', '--databasePath', file]),
+      /^relayq: migration failed on \S+relayq\.db: it is locked: another process \(a sqlite3 shell inside a transaction, a relayq command\) held its write lock for more than 5 s; nothing was applied, run migrate again once it is done$/,
+    );
+  } finally {
+    holder.exec('ROLLBACK');
+    holder.close();
+  }
+  const migrated = await runCli(['migrate', '--databasePath', file]);
+  assert.equal(migrated.code, 0, migrated.stderr);
 });
 
 test('a database this user may not read, or whose -shm it may not make beside it, is named with what to do', async (t) => {
