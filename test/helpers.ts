@@ -381,6 +381,19 @@ function belowEphemeralPorts(): [number, number] {
   return [Math.max(1024, first - 12_000), first];
 }
 
+/** A database file with only relayq's first migration applied, as an upgrade finds it (the query builder loaded only here). */
+export async function databaseAtFirstMigration(): Promise<string> {
+  const file = path.join(tempDir(), 'relayq.db');
+  const sqlite = openConnection(file);
+  try {
+    const [{ kyselyFor, migrateToLatest }, initial] = await Promise.all([import('../src/store/migrate.js'), import('../migrations/001_initial.js')]);
+    await migrateToLatest(kyselyFor(sqlite), { '001_initial': initial });
+  } finally {
+    sqlite.close();
+  }
+  return file;
+}
+
 /**
  * Another connection takes the database's write lock, as another process or a long commit would.
  * With `writerBusyTimeoutMs` the relay's writer waits that long for it instead of its usual

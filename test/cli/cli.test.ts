@@ -7,13 +7,10 @@ import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { requireDatabaseFile, withReader } from '../../src/cli/context.js';
 import { defaultConfig } from '../../src/config/schema.js';
-import Database from 'better-sqlite3';
-import * as initial from '../../migrations/001_initial.js';
 import { openConnection, openStore } from '../../src/store/db.js';
-import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
 import { lockDatabase } from '../../src/store/maintenance.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
-import { insertMessages, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
+import { databaseAtFirstMigration, insertMessages, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
 import { assertOneLineError, CLI_CWD, queuedId, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 describe('relayq CLI on the database of a running relay', () => {
@@ -727,11 +724,7 @@ test('a write command on a database file it may not write names the file and wha
 });
 
 test('migrate waits out another process\'s write for the busy timeout, then says the database is locked, and applies nothing', async () => {
-  const file = path.join(tempDir(), 'relayq.db');
-  const old = new Database(file);
-  old.pragma('journal_mode = WAL');
-  await migrateToLatest(kyselyFor(old), { '001_initial': initial });
-  old.close();
+  const file = await databaseAtFirstMigration();
   const holder = openConnection(file);
   holder.exec('BEGIN IMMEDIATE');
   try {

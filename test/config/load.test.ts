@@ -10,11 +10,9 @@ import Database from 'better-sqlite3';
 import { clientFilter } from '../../src/access-control.js';
 import { exposedSecretsWarning, formatErrors, loadConfig, loadConfigFromSources, parseFlags, readConfigFile } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
-import * as initial from '../../migrations/001_initial.js';
 import { openStore } from '../../src/store/db.js';
-import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
 import { runCli } from '../cli/run-cli.js';
-import { capturedLog, cliArgs, closedPort, REPO_ROOT, SmtpClient, spawnRelay, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
+import { capturedLog, cliArgs, closedPort, databaseAtFirstMigration, REPO_ROOT, SmtpClient, spawnRelay, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
 
 const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
 
@@ -1130,11 +1128,7 @@ describe('what only the start can find out names the key to fix', () => {
   });
 
   test('a start with migrations to apply waits for a write of another process, as any write does', async () => {
-    const file = path.join(tempDir(), 'relayq.db');
-    const old = new Database(file);
-    old.pragma('journal_mode = WAL');
-    await migrateToLatest(kyselyFor(old), { '001_initial': initial });
-    old.close();
+    const file = await databaseAtFirstMigration();
     // another process writes for 1 s: the migrations wait for it (begun deferred, they were refused at once)
     const holder = spawn(
       process.execPath,
