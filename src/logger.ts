@@ -168,14 +168,17 @@ export function libraryLogger(log: Logger, name: string, secrets: readonly strin
   return Object.fromEntries(LEVELS.map((level) => [level, log.isLevelEnabled(level) ? method(level) : noop])) as LibraryLogger;
 }
 
-/** Whether a user name holds its password (is it, as an API token taken as both may be, or contains it): a secret too. */
-export function holdsPassword(username: string, password: string): boolean {
-  return password !== '' && username.includes(password);
+/**
+ * Whether a user name holds one of the (non-empty) `secrets`: is it, as an API token taken as
+ * user name and password may be, or contains it. Such a name is a secret too.
+ */
+export function holdsSecret(username: string, secrets: readonly string[]): boolean {
+  return secrets.some((secret) => secret !== '' && username.includes(secret));
 }
 
-/** A password, and its user name when that holds it: what a log masks of a credential. */
-export function credentialSecrets(username: string, password: string): string[] {
-  return holdsPassword(username, password) ? [password, username] : [password];
+/** `secrets`, and the user name when it holds one of them: what a log masks of a credential. */
+export function credentialSecrets(username: string, secrets: readonly string[]): string[] {
+  return holdsSecret(username, secrets) ? [...secrets, username] : [...secrets];
 }
 
 /**

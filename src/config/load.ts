@@ -8,7 +8,7 @@ import os from 'node:os';
 import net from 'node:net';
 import { isAbsolute, resolve } from 'node:path';
 import { clientFilter, hostPort, isLoopback, parseCidr } from '../access-control.js';
-import { holdsPassword } from '../logger.js';
+import { holdsSecret } from '../logger.js';
 import { MAX_NESTING, nestedDeeperThan, repeatedKeys } from '../repeated-keys.js';
 import { physicalPath, readRootsFile } from '../root-guard.js';
 import { closestName, didYouMean } from './names.js';
@@ -759,7 +759,7 @@ export function redactConfig(config: Config): Config {
   // a user name that holds a secret (its password, as a provider's API token may be both, or another)
   const secrets = configSecrets(config);
   for (const user of ['forwardUsername', 'defaultUsername'] as const) {
-    if (secrets.some((secret) => holdsPassword(config[user], secret))) Object.assign(copy, { [user]: '[redacted]' });
+    if (holdsSecret(config[user], secrets)) Object.assign(copy, { [user]: '[redacted]' });
   }
   return copy as unknown as Config;
 }

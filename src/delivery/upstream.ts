@@ -341,7 +341,7 @@ export function connectionOptions(settings: UpstreamSettings): SMTPConnection.Op
     greetingTimeout: setupTimeout,
     dnsTimeout: setupTimeout,
     socketTimeout: budget,
-    logger: debug ? (libraryLogger(settings.logger, 'nodemailer', credentialSecrets(settings.username, settings.password)) as never) : false,
+    logger: debug ? (libraryLogger(settings.logger, 'nodemailer', credentialSecrets(settings.username, [settings.password])) as never) : false,
     // and at debug the session's commands and replies, AUTH masked, without the message
     transactionLog: debug,
     // nodemailer sets TCP_NODELAY on every socket it opens (smtp-connection _onConnect), so
@@ -420,7 +420,7 @@ export class SmtpUpstream {
       : undefined;
     this.idleMs = Math.min(IDLE_QUIT_MS, Math.floor(settings.attemptTimeoutMs / 2));
     this.auth = settings.username ? { user: settings.username, pass: settings.password } : undefined;
-    this.maskReply = masker(credentialSecrets(settings.username, settings.password));
+    this.maskReply = masker(credentialSecrets(settings.username, [settings.password]));
     this.requireTls = settings.requireTls;
     this.peerAddress = settings.peerAddress ?? ((address) => address);
     this.now = settings.now ?? Date.now;

@@ -8,7 +8,7 @@ import { clientFilter, isLoopback, normalizeIp, secretsEqual } from '../access-c
 import { addressKey, decodeIdnDomain, isAscii } from '../address.js';
 import type { Clock } from '../clock.js';
 import { type Config, configSecrets } from '../config/schema.js';
-import { holdsPassword, type LibraryLogger, libraryLogger } from '../logger.js';
+import { credentialSecrets, holdsSecret, type LibraryLogger, libraryLogger } from '../logger.js';
 import { LOCK_HELD_TOO_LONG, realDatabasePath, type Sqlite } from '../store/db.js';
 import type { DiskSpace } from '../store/disk.js';
 import {
@@ -221,10 +221,8 @@ export class SmtpIntake {
     if (deps.logger.level === 'info') smtpLog.level = 'warn';
     // smtp-server wraps the logger it is given so that every command and reply builds a log
     // entry before the level is looked at; it gets the levels that are on, and no-ops.
-    const secrets = configSecrets(config);
-    // and the user name when it holds one (loggedUser): masked as a word even when the secret is too short to be
-    const userHoldsOne = secrets.some((secret) => holdsPassword(config.defaultUsername, secret));
-    const serverLog = smtpServerLogger(smtpLog, deps.logger, userHoldsOne ? [...secrets, config.defaultUsername] : secrets);
+    // the secrets, and the user name when it holds one (loggedUser): masked as a word even when the secret is too short to be
+    const serverLog = smtpServerLogger(smtpLog, deps.logger, credentialSecrets(config.defaultUsername, configSecrets(config)));
     this.server = new RelayqSmtpServer({
       name: config.serverName,
       banner: 'relayq',
@@ -486,7 +484,7 @@ export class SmtpIntake {
    */
   private loggedUser(user: string | null | undefined): string | undefined {
     if (!user) return undefined;
-    return configSecrets(this.deps.config).some((secret) => holdsPassword(user, secret)) ? '[redacted]' : user;
+    return holdsSecret(user, configSecrets(this.deps.config)) ? '[redacted]' : user;
   }
 
   private onMailFrom(path: SMTPServerAddress, session: SMTPServerSession, cb: Callback) {
