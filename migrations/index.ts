@@ -12,6 +12,7 @@ import * as upstreamFailures from './007_upstream_failures.js';
 import * as processingTimeFloor from './008_processing_time_floor.js';
 import * as processingTimeByMessage from './009_processing_time_by_message.js';
 import * as smtpUtf8Request from './010_smtputf8_request.js';
+import * as addressKeys from './011_address_keys.js';
 import type { MigrationName } from './names.js';
 
 export const migrations: Record<MigrationName, Migration> = {
@@ -25,4 +26,5 @@ export const migrations: Record<MigrationName, Migration> = {
   '008_processing_time_floor': processingTimeFloor,
   '009_processing_time_by_message': processingTimeByMessage,
   '010_smtputf8_request': smtpUtf8Request,
+  '011_address_keys': addressKeys,
 };

@@ -13,6 +13,7 @@ export const MIGRATION_NAMES = [
   '008_processing_time_floor',
   '009_processing_time_by_message',
   '010_smtputf8_request',
+  '011_address_keys',
 ] as const;
 
 export type MigrationName = (typeof MIGRATION_NAMES)[number];

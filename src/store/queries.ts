@@ -330,12 +330,10 @@ export function pageSql(filter: Omit<MessageFilter, 'limit' | 'before'>, cursor?
   const params: unknown[] = [];
   const byRecipient = filter.recipient !== undefined;
   if (filter.recipient !== undefined) {
-    // the decoded form, as recipients are stored, and the form given, as mail stored before that
-    // may have kept it
-    where.push('id IN (SELECT message_id FROM recipients WHERE lower(address) IN (lower(?), lower(?)))');
+    // in the decoded form, as recipients are stored (mail stored before that, by migration 011)
+    where.push('id IN (SELECT message_id FROM recipients WHERE lower(address) = lower(?))');
     // as RCPT TO writes it, `<bob@example.com>`, as the sender filter takes it too
-    const recipient = withoutAngleBrackets(filter.recipient);
-    params.push(decodeIdnDomain(recipient), recipient);
+    params.push(decodeIdnDomain(withoutAngleBrackets(filter.recipient)));
   }
   // A leading `+` keeps SQLite from using that column's index when the recipient leads.
   const column = (name: string) => (byRecipient ? `+${name}` : name);
