@@ -45,7 +45,10 @@
 //    by `421 4.5.0` and the connection is closed, with nothing of what followed read as commands.
 // 10. Out-of-order commands are answered as Postfix does: RCPT or DATA with no MAIL gets `503 need
 //    MAIL command` (smtp-server checked RCPT's address first, and asked DATA for RCPT), and EXPN,
-//    a command of RFC 5321 that relayq does not implement, gets `502` (smtp-server: unknown, `500`).
+//    a command of RFC 5321 that relayq does not implement, gets `502` (smtp-server: unknown, `500`),
+//    and so does STARTTLS with no `tls.*` set. MAIL without `FROM:` and RCPT without `TO:` get
+//    `501 5.5.4 Syntax: MAIL FROM:<address>` (smtp-server: `Bad sender address syntax`, which
+//    relayq gives `5.1.3`, for an address it cannot read).
 // 11. AUTH data that is not base64 (an initial response, or a line of the exchange) gets `501
 //    5.5.2` and ends the exchange (RFC 4954 §4): smtp-server decodes it leniently, skipping the
 //    characters that are none, so `!AGFwcAB…=!!` logged in as the user that the rest spells.
@@ -329,9 +332,22 @@ class RelayqConnection extends SMTPConnection {
     return true;
   }
 
+  /** MAIL without `FROM:` is a syntax error, not a bad address (module comment, 10). */
+  override handler_MAIL(command: Buffer, callback: () => void): void {
+    if (!this.refusedSyntax(command, 'MAIL FROM', callback)) super.handler_MAIL(command, callback);
+  }
+
   /** RCPT outside a transaction is out of order, whatever its address: smtp-server checked the address first. */
   override handler_RCPT(command: Buffer, callback: () => void): void {
-    if (!this.refusedWithoutMail(callback)) super.handler_RCPT(command, callback);
+    if (!this.refusedWithoutMail(callback) && !this.refusedSyntax(command, 'RCPT TO', callback)) super.handler_RCPT(command, callback);
+  }
+
+  /** Answers `501 5.5.4` when the command does not start with `name:` as smtp-server reads it; true if it did. */
+  private refusedSyntax(command: Buffer, name: string, callback: () => void): boolean {
+    if (command.toString().split(':')[0].trim().toUpperCase() === name) return false;
+    this.send(501, `5.5.4 Syntax: ${name}:<address>`);
+    callback();
+    return true;
   }
 
   /**
@@ -354,6 +370,16 @@ class RelayqConnection extends SMTPConnection {
     callback();
   }
 
+  /** VRFY verifies nothing: RFC 5321 §3.5.3's `252` with its wording (smtp-server: `2.1.5`, "No promises though"). */
+  override handler_VRFY(command: Buffer, callback: () => void): void {
+    if (!command.toString().trim().split(/\s+/)[1]) {
+      super.handler_VRFY(command, callback); // `501 Syntax: VRFY address`
+      return;
+    }
+    this.send(252, '2.0.0 Cannot VRFY user, but will accept message and attempt delivery');
+    callback();
+  }
+
   /**
    * A DATA that did not start a message, whoever refused it (handler_DATA, or smtp-server before
    * an EHLO), with input behind it: `421`, which closes the connection (module comment, 9).
@@ -363,6 +389,12 @@ class RelayqConnection extends SMTPConnection {
       // a line of an AUTH exchange (module comment, 11)
       this._nextHandler = false;
       this.send(501, '5.5.2 Invalid base64 data in the authentication exchange');
+      callback?.();
+      return;
+    }
+    if (!this._nextHandler && /^STARTTLS\b/i.test(command.toString()) && !this._isSupported('STARTTLS')) {
+      // with no tls.* set, as Postfix without TLS answers it (smtp-server: an unknown command)
+      this.send(502, '5.5.1 Error: command not implemented');
       callback?.();
       return;
     }
@@ -446,7 +478,7 @@ function stillOpenForReplies(socket: net.Socket): void {
 
 /** The text and context smtp-server should send for a reply (see the module comment). */
 function withEnhancedCode(code: number, data: string | string[] | null | undefined, context: string | false | undefined) {
-  if (typeof data === 'string' && (code >= 400 || code === 250)) {
+  if (typeof data === 'string' && (code >= 400 || code === 250 || code === 252)) {
     if (ENHANCED.test(data)) return [data, false] as const;
     const own = OWN_REPLIES.find(([c, pattern]) => c === code && pattern.test(data));
     // `Error: Bad sender address syntax` reads as relayq's own `Bad sender address syntax`

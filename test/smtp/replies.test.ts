@@ -69,10 +69,22 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
       assert.match(await c.send(line), /^503 5\.5\.1 Error: need MAIL command$/, line);
     }
     assert.match(await c.send('EXPN staff'), /^502 5\.5\.1 /);
+    // as Postfix without TLS answers it, and not counted towards the 10 unknown commands
+    for (let i = 0; i < 10; i++) assert.match(await c.send('STARTTLS'), /^502 5\.5\.1 Error: command not implemented$/);
+    assert.match(await c.send('VRFY postmaster'), /^252 2\.0\.0 Cannot VRFY user, but will accept message and attempt delivery$/);
+    assert.match(await c.send('VRFY'), /^501 5\.5\.4 Error: Syntax: VRFY address$/);
     // smtp-server's jokes are no commands here (WIZ answered 200, which is no SMTP reply)
     for (const line of ['WIZ please', 'SHELL', 'KILL']) assert.match(await c.send(line), /^500 5\.5\.2 Error: command not recognized$/, line);
+    // a command without its `FROM:` or `TO:` is a syntax error; an address it cannot read is a bad address
+    for (const line of ['MAIL', 'MAIL TO:<a@example.com>', 'MAIL  FROM:<a@example.com>']) {
+      assert.match(await c.send(line), /^501 5\.5\.4 Syntax: MAIL FROM:<address>$/, line);
+    }
+    assert.match(await c.send('MAIL FROM:a@example.com'), /^501 5\.1\.3 Bad sender address syntax$/);
     assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
     assert.match(await c.send('DATA'), /^503 5\.5\.1 Error: need RCPT command$/);
+    for (const line of ['RCPT', 'RCPT FROM:<b@example.com>']) assert.match(await c.send(line), /^501 5\.5\.4 Syntax: RCPT TO:<address>$/, line);
+    assert.match(await c.send('RCPT TO:b@example.com'), /^501 5\.1\.3 Bad recipient address syntax$/);
+    assert.match(await c.send('RCPT TO:<b@example.com>'), /^250 /);
     c.close();
   });
 
