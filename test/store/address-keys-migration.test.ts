@@ -28,8 +28,10 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
     ['OLDIP600000000000004', 'a@[IPv6:2001:DB8:0:0:0:0:0:1]', 'a@[ipv6:2001:db8:0:0:0:0:0:1]', 'r@[IPv6:2001:DB8::1]'],
     ['ASCII000000000000005', 'Plain@Example.com', 'plain@example.com', 'Z@Example.com'],
   ] as const;
+  // the first and the third in the same minute: the old key's count is added to the new one's
+  const minutesAgo = [0, 1, 0, 2, 3];
   for (const [i, [id, mailFrom, key, rcpt]] of stored.entries()) {
-    message.run(id, mailFrom, key, NOW - i * 60_000, NOW, NOW);
+    message.run(id, mailFrom, key, NOW - minutesAgo[i] * 60_000, NOW, NOW);
     recipient.run(id, rcpt);
   }
   sqlite.close();
@@ -53,6 +55,10 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
       { sender_key: 'a@[ipv6:2001:db8::1]', n: 1 },
       { sender_key: 'h@münchen.de', n: 3 },
       { sender_key: 'plain@example.com', n: 1 },
+    ]);
+    assert.deepEqual(db.prepare("SELECT minute, count FROM rate_buckets WHERE sender_key = 'h@münchen.de' ORDER BY minute").all(), [
+      { minute: NOW / 60_000 - 1, count: 1 },
+      { minute: NOW / 60_000, count: 2 },
     ]);
     const hours = db.prepare("SELECT sender_key, SUM(count) AS n FROM rate_hours WHERE sender_key <> '*' GROUP BY sender_key ORDER BY sender_key").all();
     assert.deepEqual(hours, buckets);
