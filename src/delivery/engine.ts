@@ -289,11 +289,12 @@ export class DeliveryEngine {
     const unfinished = [...this.active.values()].filter((a) => !a.answered);
     if (unfinished.length > 0) {
       for (const a of unfinished) this.released.add(a.claim.token);
-      // those that sent may have reached the upstream: their attempts stay counted; those still
-      // waiting for a judgement (see UpstreamSuspension) sent nothing
+      // an attempt cut off has no result: it does not count towards retry.maxAttempts (a restart
+      // during a slow upstream's last allowed attempt would fail the mail); one still waiting for
+      // a judgement (see UpstreamSuspension) sent nothing, and its claim does not count either
       const releaseThose = (waiting: boolean) => {
         const claims = unfinished.filter((a) => a.waiting === waiting).map((a) => a.claim);
-        return claims.length > 0 ? this.release(claims, { uncount: waiting }) : 0;
+        return claims.length > 0 ? this.release(claims, { uncount: waiting ? 'claim' : 'attempts' }) : 0;
       };
       const released = (await releaseThose(false)) + (await releaseThose(true));
       this.log.warn(
@@ -388,7 +389,7 @@ export class DeliveryEngine {
         if (this.stopping) {
           // Claimed while shutdown began: hand them straight back, as if never claimed.
           this.busySlots -= claimed.batches.length;
-          return this.release(claimed.batches, { uncount: true }).then(() => 0);
+          return this.release(claimed.batches, { uncount: 'claim' }).then(() => 0);
         }
         for (const batch of claimed.batches) {
           this.track(
@@ -493,7 +494,7 @@ export class DeliveryEngine {
       // Nothing was tried: hand the claim back uncounted, due at once (the next claim gets a whole lease).
       this.log.warn({ queueId, event: 'delivery.claim_late', batch: claim.batch }, 'the claim committed too late to send before its lease ends; handed back');
       this.active.delete(claim.token);
-      await this.release([claim], { uncount: true });
+      await this.release([claim], { uncount: 'claim' });
       return 'late';
     }
     // a batch whose deferral would end its retries is tried all the same: mail does not fail unoffered
@@ -582,15 +583,15 @@ export class DeliveryEngine {
   }
 
   /**
-   * Gives claims back: due at once. With `uncount`, as if never made (nothing was sent): the claim
-   * and its recipients' attempts are not counted. Resolves with how many were released.
+   * Gives claims back, due at once, their recipients' attempts not counted; with `uncount: 'claim'`,
+   * as if never made (nothing was sent): the claim is not counted either. Resolves with how many
+   * were released.
    */
-  private release(batches: ClaimedBatch[], options: { uncount: boolean }): Promise<number> {
-    const claims = batches.map((b) => ({
-      messageId: b.messageId,
-      token: b.token,
-      ...(options.uncount ? { unsent: b.recipients.map((r) => r.seq) } : {}),
-    }));
+  private release(batches: ClaimedBatch[], options: { uncount: 'claim' | 'attempts' }): Promise<number> {
+    const claims = batches.map((b) => {
+      const seqs = b.recipients.map((r) => r.seq);
+      return { messageId: b.messageId, token: b.token, ...(options.uncount === 'claim' ? { unsent: seqs } : { unanswered: seqs }) };
+    });
     return this.deps.writer.write('releaseClaims', claims, this.deps.clock.now()).catch((err: Error) => {
       this.log.error({ event: 'delivery.release_failed', err: err.message }, 'releasing claims failed: the next start takes them back');
       return 0;
@@ -818,7 +819,7 @@ export class DeliveryEngine {
 function deliveredIn(claim: ClaimedBatch, result: BatchResult): DeliveredSoFar['recipients'] {
   return claim.recipients.flatMap((r, i) => {
     const res = result.recipients[i];
-    return res.verdict === 'delivered' ? [{ seq: r.seq, code: res.code, reply: res.reply }] : [];
+    return res.verdict === 'delivered' ? [{ seq: r.seq, attempts: r.attempts, code: res.code, reply: res.reply }] : [];
   });
 }
 

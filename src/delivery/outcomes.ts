@@ -292,11 +292,11 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     const text = withCode(res.code, res.reply);
     if (res.verdict === 'delivered') {
       delivered++;
-      return { seq: r.seq, status: 'delivered', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
+      return { seq: r.seq, attempts: r.attempts, status: 'delivered', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
     }
     if (res.verdict === 'failed') {
       lastFailure = `${r.address}: ${text}`;
-      return { seq: r.seq, status: 'failed', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
+      return { seq: r.seq, attempts: r.attempts, status: 'failed', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
     }
     const reason = giveUpReason(r.attempts, claim.receivedAt, now, ctx.retry);
     if (reason) {
@@ -304,6 +304,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
       lastFailure = `${r.address}: ${gaveUp}; last reply: ${text}`;
       return {
         seq: r.seq,
+        attempts: r.attempts,
         status: 'failed',
         code: res.code,
         reply: `${res.reply} (${gaveUp})`,
@@ -314,11 +315,12 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     if (failRemaining) {
       stopped = true;
       const reply = `not attempted again: ${failRemaining}; last reply: ${res.reply}`;
-      return { seq: r.seq, status: 'failed', code: res.code, reply, temporary: false, nextAttemptAt: now };
+      return { seq: r.seq, attempts: r.attempts, status: 'failed', code: res.code, reply, temporary: false, nextAttemptAt: now };
     }
     pending++;
     return {
       seq: r.seq,
+      attempts: r.attempts,
       status: 'pending',
       code: res.code,
       reply: res.reply,

@@ -139,8 +139,8 @@ const GAVE_UP_UNFINISHED = 'gave up: the maximum number of attempts was used wit
 /**
  * Why a recipient whose attempts are used up when its batch is claimed is given up. Attempts are
  * counted at the claim: with one of them not recorded, a batch never finished (the process died
- * while it was out, or a stop released it unanswered); with every one recorded, retry.maxAttempts
- * was lowered below them since.
+ * while it was out; a stop's release undoes the count of what it cut off); with every one
+ * recorded, retry.maxAttempts was lowered below them since.
  */
 function gaveUpReason(sqlite: Sqlite, id: string, recipient: { address: string; attempts: number }, maxAttempts: number): string {
   const { recorded } = prepared(
@@ -281,6 +281,8 @@ function leaseBatch(sqlite: Sqlite, id: string, batch: number, chosen: ClaimedRe
 
 export interface RecipientOutcome {
   seq: number;
+  /** The recipient's attempts with this one, as its claim counted them. */
+  attempts: number;
   status: RecipientStatus;
   code: number | null;
   reply: string;
@@ -359,13 +361,14 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
     `UPDATE counters SET value = CASE WHEN ? THEN value + 1 ELSE 0 END WHERE name = 'upstream_consecutive_failures'`,
   ).run(c.upstreamFailed ? 1 : 0);
   if (leaseLost) return { leaseLost: true };
+  // an answered attempt counts, also one whose claim a stop gave back uncounted as it came (releaseClaims)
   const update = prepared(
     sqlite,
-    `UPDATE recipients SET status = ?, last_code = ?, last_reply = ?, temporary = ?, next_attempt_at = ?, updated_at = ?
+    `UPDATE recipients SET status = ?, last_code = ?, last_reply = ?, temporary = ?, next_attempt_at = ?, attempts = MAX(attempts, ?), updated_at = ?
      WHERE message_id = ? AND seq = ? AND status = 'pending'`,
   );
   for (const r of c.recipients) {
-    update.run(r.status, r.code, r.reply, r.temporary ? 1 : 0, r.nextAttemptAt, c.now, c.messageId, r.seq);
+    update.run(r.status, r.code, r.reply, r.temporary ? 1 : 0, r.nextAttemptAt, r.attempts, c.now, c.messageId, r.seq);
   }
   let notAttempted = 0;
   if (c.failRemaining !== undefined) {
@@ -412,7 +415,8 @@ export interface DeliveredSoFar {
   messageId: string;
   token: string;
   now: number;
-  recipients: Array<{ seq: number; code: number | null; reply: string }>;
+  /** `attempts`: the recipient's attempts with this one, as its claim counted them (see completeBatch). */
+  recipients: Array<{ seq: number; attempts: number; code: number | null; reply: string }>;
 }
 
 /**
@@ -425,10 +429,10 @@ export function recordDelivered(sqlite: Sqlite, d: DeliveredSoFar): boolean {
   if (!prepared(sqlite, 'SELECT 1 FROM messages WHERE id = ? AND lease_token = ?').get(d.messageId, d.token)) return false;
   const update = prepared(
     sqlite,
-    `UPDATE recipients SET status = 'delivered', last_code = ?, last_reply = ?, temporary = 0, updated_at = ?
+    `UPDATE recipients SET status = 'delivered', last_code = ?, last_reply = ?, temporary = 0, attempts = MAX(attempts, ?), updated_at = ?
      WHERE message_id = ? AND seq = ? AND status = 'pending'`,
   );
-  for (const r of d.recipients) update.run(r.code, r.reply, d.now, d.messageId, r.seq);
+  for (const r of d.recipients) update.run(r.code, r.reply, r.attempts, d.now, d.messageId, r.seq);
   return true;
 }
 
@@ -517,12 +521,14 @@ function settleMessage(
  * claimed), not behind the mail that came in meanwhile. Fenced by token; returns how many were
  * released. The token stays until the message is claimed again, so an outcome that arrives while the
  * release commits (the upstream answered just then) is still recorded instead of being lost.
- * Attempts counted at claim time stay counted, as the batch may have reached the upstream;
- * `unsent` lists the recipients (seqs) of a batch that never went out, whose count is undone.
+ * A stop's release undoes the count of the attempts it cut off: `unanswered` lists the recipients
+ * (seqs) of a batch that went out and got no answer, whose attempt does not count (an answer
+ * recorded after the release counts it again: completeBatch); `unsent` those of a batch that never
+ * went out, whose claim does not count either. A claim given back with neither keeps its counts.
  */
 export function releaseClaims(
   sqlite: Sqlite,
-  claims: ReadonlyArray<{ messageId: string; token: string; unsent?: readonly number[] }>,
+  claims: ReadonlyArray<{ messageId: string; token: string; unsent?: readonly number[]; unanswered?: readonly number[] }>,
   now: number,
 ): number {
   const release = prepared(
@@ -531,17 +537,18 @@ export function releaseClaims(
      WHERE id = ? AND lease_token = ? AND state = 'sending'`,
   );
   const uncountClaim = prepared(sqlite, 'UPDATE messages SET claims = claims - 1 WHERE id = ? AND claims > 0');
+  // a recipient an earlier transaction of the batch delivered to had its answer
   const uncountAttempt = prepared(
     sqlite,
-    'UPDATE recipients SET attempts = attempts - 1 WHERE message_id = ? AND seq = ? AND attempts > 0',
+    "UPDATE recipients SET attempts = attempts - 1 WHERE message_id = ? AND seq = ? AND attempts > 0 AND status = 'pending'",
   );
   let released = 0;
   for (const c of claims) {
     const changes = release.run(now, now, c.messageId, c.token).changes;
     released += changes;
-    if (changes === 0 || !c.unsent) continue;
-    uncountClaim.run(c.messageId);
-    for (const seq of c.unsent) uncountAttempt.run(c.messageId, seq);
+    if (changes === 0) continue;
+    if (c.unsent) uncountClaim.run(c.messageId);
+    for (const seq of c.unsent ?? c.unanswered ?? []) uncountAttempt.run(c.messageId, seq);
   }
   return released;
 }

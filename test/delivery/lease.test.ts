@@ -50,7 +50,7 @@ describe('claims and leases', () => {
       token,
       now: clock.now(),
       attempt: { batch: 0, recipients: ['a@example.com', 'b@example.com'], upstream: 'x:25', startedAt: clock.now(), durationMs: 1, outcome: 'delivered' as const, code: 250, reply: '250 ok' },
-      recipients: [0, 1].map((seq) => ({ seq, status: 'delivered' as const, code: 250, reply: '250 ok', temporary: false, nextAttemptAt: clock.now() })),
+      recipients: [0, 1].map((seq) => ({ seq, attempts: 1, status: 'delivered' as const, code: 250, reply: '250 ok', temporary: false, nextAttemptAt: clock.now() })),
       upstreamFailed: false,
       batchDelayMs: 0,
       eraseRawOnDelivered: false,
@@ -135,7 +135,7 @@ describe('claims and leases', () => {
     assert.deepEqual([message(relay, id).state, message(relay, id).lease_token], ['sending', second.token]);
     assert.deepEqual(recipients(relay, id).map((r) => r.attempts), [2, 2, 0]);
 
-    const sofar = (token: string) => ({ messageId: id, token, now: clock.now(), recipients: [{ seq: 0, code: 250, reply: '250 ok' }] });
+    const sofar = (token: string) => ({ messageId: id, token, now: clock.now(), recipients: [{ seq: 0, attempts: 1, code: 250, reply: '250 ok' }] });
     assert.equal(await writeDirect(relay, (db) => recordDelivered(db, sofar(first.token))), false);
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending', 'pending'], 'the stale holder recorded no recipient delivered');
 
@@ -161,13 +161,13 @@ describe('claims and leases', () => {
   test('an outcome never makes a recipient pending again that an earlier transaction of its batch delivered', async () => {
     const { clock, relay, id } = await relayWithMail();
     const batch = (await claim(relay, claimOptions(clock))).batches[0];
-    const delivered = { messageId: id, token: batch.token, now: clock.now(), recipients: [{ seq: 0, code: 250, reply: '250 ok' }] };
+    const delivered = { messageId: id, token: batch.token, now: clock.now(), recipients: [{ seq: 0, attempts: 1, code: 250, reply: '250 ok' }] };
     assert.equal(await writeDirect(relay, (db) => recordDelivered(db, delivered)), true);
     const outcome = deliveredOutcome(clock, id, batch.token);
     const deferred = {
       ...outcome,
       attempt: { ...outcome.attempt, outcome: 'deferred' as const, code: 451, reply: '451 later' },
-      recipients: [0, 1].map((seq) => ({ seq, status: 'pending' as const, code: 451, reply: '451 later', temporary: true, nextAttemptAt: clock.now() + 60_000 })),
+      recipients: [0, 1].map((seq) => ({ seq, attempts: 1, status: 'pending' as const, code: 451, reply: '451 later', temporary: true, nextAttemptAt: clock.now() + 60_000 })),
       upstreamFailed: true,
     };
     assert.equal((await writeDirect(relay, (db) => completeBatch(db, deferred))).leaseLost, false);
@@ -180,7 +180,7 @@ describe('claims and leases', () => {
       // both recipients recorded delivered, and the claim given back before its outcome (a stop
       // that cut the batch off after its last transaction was answered)
       const batch = (await claim(relay, claimOptions(clock))).batches[0];
-      const delivered = { messageId: id, token: batch.token, now: clock.now(), recipients: [0, 1].map((seq) => ({ seq, code: 250, reply: '250 ok' })) };
+      const delivered = { messageId: id, token: batch.token, now: clock.now(), recipients: [0, 1].map((seq) => ({ seq, attempts: 1, code: 250, reply: '250 ok' })) };
       assert.equal(await writeDirect(relay, (db) => recordDelivered(db, delivered)), true);
       assert.equal(await writeDirect(relay, (db) => releaseClaims(db, [{ messageId: id, token: batch.token }], clock.now())), 1);
       await relay.delivery.runOnce();
@@ -209,13 +209,26 @@ describe('claims and leases', () => {
     assert.deepEqual((await claim(relay, claimOptions(clock))).batches.map((b) => b.messageId), [id, later]);
   });
 
+  test("a stop's release does not count the attempt it cut off; an answer recorded after the release counts it again", async () => {
+    const { clock, relay, id } = await relayWithMail();
+    const first = (await claim(relay, claimOptions(clock))).batches[0];
+    const unanswered = first.recipients.map((r) => r.seq);
+    assert.equal(await writeDirect(relay, (db) => releaseClaims(db, [{ messageId: id, token: first.token, unanswered }], clock.now())), 1);
+    assert.deepEqual(recipients(relay, id).map((r) => r.attempts), [0, 0, 0]);
+    assert.equal(message(relay, id).claims, 1, 'the claim counts: the batch went out');
+    const outcome = deliveredOutcome(clock, id, first.token);
+    const deferred = { ...outcome, recipients: outcome.recipients.map((r) => ({ ...r, status: 'pending' as const, code: 451, reply: '451 later', temporary: true })) };
+    assert.equal((await writeDirect(relay, (db) => completeBatch(db, deferred))).leaseLost, false);
+    assert.deepEqual(recipients(relay, id).map((r) => r.attempts), [1, 1, 0], 'answered: counted');
+  });
+
   test('a released claim keeps its token until the next claim: an answer that comes while the release commits is recorded', async () => {
     const { clock, relay, id } = await relayWithMail();
     const first = (await claim(relay, claimOptions(clock))).batches[0];
     assert.equal(await writeDirect(relay, (db) => releaseClaims(db, [{ messageId: id, token: first.token }], clock.now())), 1);
     let m = message(relay, id);
     assert.deepEqual([m.state, m.lease_token, m.lease_expires_at, m.next_attempt_at], ['queued', first.token, null, clock.now()]);
-    assert.deepEqual(recipients(relay, id).map((r) => r.attempts), [1, 1, 0], 'a batch that may have gone out stays counted');
+    assert.deepEqual(recipients(relay, id).map((r) => r.attempts), [1, 1, 0], 'a claim given back as it is stays counted');
     const late = await writeDirect(relay, (db) => completeBatch(db, deliveredOutcome(clock, id, first.token)));
     assert.equal(late.leaseLost, false);
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['delivered', 'delivered', 'pending']);
@@ -331,7 +344,7 @@ describe('claims and leases', () => {
           token: b.token,
           now: clock.now(),
           attempt: { batch: 0, recipients: outcomes.map((r) => r.address), upstream: 'x:25', startedAt: clock.now(), durationMs: 1, outcome: 'deferred', code: 451, reply: deferred },
-          recipients: outcomes.map((r) => ({ seq: r.seq, status: 'pending' as const, code: 451, reply: deferred, temporary: true, nextAttemptAt: clock.now() })),
+          recipients: outcomes.map((r) => ({ seq: r.seq, attempts: r.attempts, status: 'pending' as const, code: 451, reply: deferred, temporary: true, nextAttemptAt: clock.now() })),
           upstreamFailed: false,
           batchDelayMs: 0,
           eraseRawOnDelivered: false,
@@ -427,11 +440,12 @@ describe('claims and leases', () => {
   });
 
   /** A relay whose one message is being delivered: the upstream holds its DATA. */
-  async function deliveryHeldUpstream(shutdownGraceMs: number) {
+  async function deliveryHeldUpstream(shutdownGraceMs: number, maxAttempts?: number) {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     upstream.hold = () => true;
-    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 300 });
+    const retry = maxAttempts === undefined ? {} : { retry: { maxAttempts } };
+    const config = testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, processingTimeout: 300, ...retry });
     const log = capturedLog('info');
     const first = await startTestRelay(config, { shutdownGraceMs, logger: log.logger });
     const id = queuedId((await sendMail(first.smtpPort, { to: ['a@example.com'], raw: 'Subject: held\r\n\r\nbody\r\n' })).response);
@@ -439,8 +453,9 @@ describe('claims and leases', () => {
     return { upstream, config, log, first, id };
   }
 
-  test('shutdown releases an unfinished claim: due again at once, delivered by the next start', async () => {
-    const { upstream, config, log, first, id } = await deliveryHeldUpstream(300);
+  test('shutdown releases an unfinished claim: due again at once, its attempt not counted, delivered by the next start', async () => {
+    // its one allowed attempt cut off by the stop: the mail is not failed for it
+    const { upstream, config, log, first, id } = await deliveryHeldUpstream(300, 1);
     assert.equal(first.delivery.status().inFlight, 1);
     await first.stop();
     const [released] = log.entries().filter((e) => e.event === 'delivery.released');
@@ -456,7 +471,8 @@ describe('claims and leases', () => {
     assert.equal(m.lease_expires_at, null);
     assert.ok(m.next_attempt_at <= Date.now(), 'due at once: the aborted attempt recorded no deferral');
     assert.equal(attempts(second, id).length, 0);
-    assert.equal(recipients(second, id)[0].attempts, 1, 'the attempt stays counted');
+    assert.equal(recipients(second, id)[0].attempts, 0, 'the attempt cut off has no result, and does not count');
+    assert.equal(m.claims, 1, 'the claim counts: the message was tried');
     upstream.hold = () => false;
     await second.delivery.runOnce();
     assert.equal(message(second, id).state, 'delivered');
@@ -588,7 +604,7 @@ describe('claims and leases', () => {
       recipients(second, id).map((r) => [r.address, r.status, r.attempts]),
       [
         ['a@example.com', 'delivered', 1],
-        ['b@example.com', 'pending', 1],
+        ['b@example.com', 'pending', 0], // cut off without an answer: not counted
       ],
     );
     // the attempt cut off is recorded with the reply of its transaction that delivered

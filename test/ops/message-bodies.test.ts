@@ -54,7 +54,7 @@ test('claiming a 200 KB message and recording its outcome write a few pages, not
         token: 'T',
         now: 3_000,
         attempt: { batch: 0, recipients: ['a@example.net'], upstream: 'mx:25', startedAt: 2_000, durationMs: 5, outcome: 'delivered', code: 250, reply: '250 ok' },
-        recipients: [{ seq: 0, status: 'delivered', code: 250, reply: '250 ok', temporary: false, nextAttemptAt: 3_000 }],
+        recipients: [{ seq: 0, attempts: 1, status: 'delivered', code: 250, reply: '250 ok', temporary: false, nextAttemptAt: 3_000 }],
         upstreamFailed: false,
         batchDelayMs: 0,
         lastFailure: null,
