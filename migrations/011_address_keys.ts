@@ -16,21 +16,31 @@ const mayChange = (column: string) =>
   sql.raw(`(${column} LIKE '%xn--%' OR ${column} LIKE '%[ipv6:%' OR length(CAST(${column} AS BLOB)) <> length(${column}))`);
 
 export async function up(db: Kysely<unknown>): Promise<void> {
+  // each old key's new keys, as its messages' senders have them now
+  const rekeyed = new Map<string, Set<string>>();
   const senders = await sql<{ id: string; mail_from: string; sender_key: string }>`
     SELECT id, mail_from, sender_key FROM messages WHERE ${mayChange('sender_key')}`.execute(db);
   for (const m of senders.rows) {
     const key = addressKey(m.mail_from);
+    let keys = rekeyed.get(m.sender_key);
+    if (!keys) rekeyed.set(m.sender_key, (keys = new Set()));
+    keys.add(key);
     if (key !== m.sender_key) await sql`UPDATE messages SET sender_key = ${key} WHERE id = ${m.id}`.execute(db);
   }
 
-  // The rate-limit counts move to the current key, added to what is counted there already.
+  // The rate-limit counts move to the key their messages have now, added to what is counted
+  // there already: the old key lower-cased the address, which IDNA maps otherwise (`h@ẞ.de` was
+  // `h@ß.de`, a domain of its own, and is `h@ss.de`), so it is not always addressKey(old key).
+  // An old key whose messages went to two keys keeps its counts, which cannot be told apart;
+  // one whose messages are gone takes addressKey's.
   for (const table of ['rate_buckets', 'rate_hours'] as const) {
     const slot = sql.raw(table === 'rate_buckets' ? 'minute' : 'hour');
     const keys = await sql<{ sender_key: string }>`
       SELECT DISTINCT sender_key FROM ${sql.table(table)} WHERE sender_key <> '*' AND ${mayChange('sender_key')}`.execute(db);
     for (const { sender_key: old } of keys.rows) {
-      const key = addressKey(old);
-      if (key === old) continue;
+      const targets = rekeyed.get(old) ?? new Set([addressKey(old)]);
+      const [key] = targets;
+      if (targets.size !== 1 || key === old) continue;
       await sql`INSERT INTO ${sql.table(table)} (sender_key, ${slot}, count)
         SELECT ${key}, ${slot}, count FROM ${sql.table(table)} WHERE sender_key = ${old}
         ON CONFLICT (sender_key, ${slot}) DO UPDATE SET count = count + excluded.count`.execute(db);

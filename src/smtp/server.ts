@@ -46,9 +46,9 @@
 // 10. Out-of-order commands are answered as Postfix does: RCPT or DATA with no MAIL gets `503 need
 //    MAIL command` (smtp-server checked RCPT's address first, and asked DATA for RCPT), and EXPN,
 //    a command of RFC 5321 that relayq does not implement, gets `502` (smtp-server: unknown, `500`),
-//    and so does STARTTLS with no `tls.*` set. MAIL without `FROM:` and RCPT without `TO:` get
-//    `501 5.5.4 Syntax: MAIL FROM:<address>` (smtp-server: `Bad sender address syntax`, which
-//    relayq gives `5.1.3`, for an address it cannot read).
+//    and so does STARTTLS with no `tls.*` set. MAIL without `FROM:` gets `501 5.5.4 Syntax: MAIL
+//    FROM:<address>`, RCPT without `TO:` its like (smtp-server: `Bad sender address syntax`,
+//    which relayq gives `5.1.3`, for an address it cannot read).
 // 11. AUTH data that is not base64 (an initial response, or a line of the exchange) gets `501
 //    5.5.2` and ends the exchange (RFC 4954 §4): smtp-server decodes it leniently, skipping the
 //    characters that are none, so `!AGFwcAB…=!!` logged in as the user that the rest spells.

@@ -522,9 +522,10 @@ function settleMessage(
  * released. The token stays until the message is claimed again, so an outcome that arrives while the
  * release commits (the upstream answered just then) is still recorded instead of being lost.
  * A stop's release undoes the count of the attempts it cut off: `unanswered` lists the recipients
- * (seqs) of a batch that went out and got no answer, whose attempt does not count (an answer
- * recorded after the release counts it again: completeBatch); `unsent` those of a batch that never
- * went out, whose claim does not count either. A claim given back with neither keeps its counts.
+ * (seqs) of a batch that went out and was cut off before its outcome, whose attempt does not count
+ * unless an earlier transaction of the batch delivered to them (an outcome recorded after the
+ * release counts it again: completeBatch); `unsent` those of a batch that never went out, whose
+ * claim does not count either. A claim given back with neither keeps its counts.
  */
 export function releaseClaims(
   sqlite: Sqlite,

@@ -27,9 +27,11 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
     ['NEWIDN00000000000003', 'h@münchen.de', 'h@münchen.de', 'x@münchen.de'],
     ['OLDIP600000000000004', 'a@[IPv6:2001:DB8:0:0:0:0:0:1]', 'a@[ipv6:2001:db8:0:0:0:0:0:1]', 'r@[IPv6:2001:DB8::1]'],
     ['ASCII000000000000005', 'Plain@Example.com', 'plain@example.com', 'Z@Example.com'],
+    // lower-cased, ẞ became ß, a domain of its own; IDNA maps ẞ to ss
+    ['SHARPS00000000000006', 'h@ẞ.de', 'h@ß.de', 'y@example.com'],
   ] as const;
   // the first and the third in the same minute: the old key's count is added to the new one's
-  const minutesAgo = [0, 1, 0, 2, 3];
+  const minutesAgo = [0, 1, 0, 2, 3, 4];
   for (const [i, [id, mailFrom, key, rcpt]] of stored.entries()) {
     message.run(id, mailFrom, key, NOW - minutesAgo[i] * 60_000, NOW, NOW);
     recipient.run(id, rcpt);
@@ -46,6 +48,7 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
       NEWIDN00000000000003: 'h@münchen.de',
       OLDIP600000000000004: 'a@[ipv6:2001:db8::1]',
       ASCII000000000000005: 'plain@example.com',
+      SHARPS00000000000006: 'h@ss.de',
     });
     for (const r of stored) assert.equal(keys[r[0]], senderKey(r[1]), 'the key MAIL FROM asks for');
 
@@ -54,6 +57,7 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
     assert.deepEqual(buckets, [
       { sender_key: 'a@[ipv6:2001:db8::1]', n: 1 },
       { sender_key: 'h@münchen.de', n: 3 },
+      { sender_key: 'h@ss.de', n: 1 },
       { sender_key: 'plain@example.com', n: 1 },
     ]);
     assert.deepEqual(db.prepare("SELECT minute, count FROM rate_buckets WHERE sender_key = 'h@münchen.de' ORDER BY minute").all(), [
@@ -62,7 +66,7 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
     ]);
     const hours = db.prepare("SELECT sender_key, SUM(count) AS n FROM rate_hours WHERE sender_key <> '*' GROUP BY sender_key ORDER BY sender_key").all();
     assert.deepEqual(hours, buckets);
-    assert.deepEqual(rateWindows(db, senderKey('h@XN--MNCHEN-3YA.DE'), NOW), { maxPerHour: 3, maxPerDay: 3, globalMaxPerHour: 5, globalMaxPerDay: 5 });
+    assert.deepEqual(rateWindows(db, senderKey('h@XN--MNCHEN-3YA.DE'), NOW), { maxPerHour: 3, maxPerDay: 3, globalMaxPerHour: 6, globalMaxPerDay: 6 });
 
     const ids = (filter: { sender?: string; recipient?: string }) => listMessages(db, { ...filter, limit: 10 }).messages.map((m) => m.id).sort();
     assert.deepEqual(ids({ sender: 'H@münchen.de' }), ['NEWIDN00000000000003', 'OLDIDN00000000000001', 'OLDIDN00000000000002']);
@@ -71,7 +75,7 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
     assert.deepEqual(ids({ recipient: 'r@[ipv6:2001:db8:0:0:0:0:0:1]' }), ['OLDIP600000000000004']);
     const addresses = db.prepare('SELECT address FROM recipients ORDER BY message_id').all().map((r) => (r as { address: string }).address);
     // rewritten as intake stores them now; an ASCII address keeps the case it was given
-    assert.deepEqual(addresses, ['Z@Example.com', 'x@münchen.de', 'x@münchen.de', 'y@example.com', 'r@[IPv6:2001:db8::1]']);
+    assert.deepEqual(addresses, ['Z@Example.com', 'x@münchen.de', 'x@münchen.de', 'y@example.com', 'r@[IPv6:2001:db8::1]', 'y@example.com']);
   } finally {
     await store.close();
   }
