@@ -276,6 +276,11 @@ Promise.resolve()
     // `relayq -h queue …` and `relayq -V …` print the help or the version, whatever follows
     const helpOrVersion = args.slice(0, named).some((arg, i) => ['-h', '--help', '-V', '--version'].includes(arg) && !VALUED_GLOBAL_OPTIONS.has(args[i - 1]));
     if (operator && !helpOrVersion) refuseWordsAfterSecret(operator, args.slice(named + 1));
+    // (commander prints the whole usage for the help of a command it does not know)
+    const asked = args[named] === 'help' ? args[named + 1] : undefined;
+    if (asked !== undefined && asked !== 'help' && !asked.startsWith('-') && !program.commands.some((cmd) => cmd.name() === asked)) {
+      throw new CliError(`unknown command '${asked}': relayq --help lists the commands`);
+    }
     return program.parseAsync(process.argv);
   })
   .catch((err: Error) => {

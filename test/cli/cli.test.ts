@@ -358,6 +358,10 @@ describe('relayq CLI on the database of a running relay', () => {
     // commander's suggestion, on the same line
     assertOneLineError(mistypedOption, /^relayq: unknown option '--stat' \(did you mean --state\?\)$/);
     assertOneLineError(mistypedCommand, /^relayq: unknown command 'stauts' \(did you mean status\?\)$/);
+    // the help of a command that does not exist: not the whole usage
+    assertOneLineError(await runCli(['help', 'stauts']), /^relayq: unknown command 'stauts': relayq --help lists the commands$/);
+    const help = await runCli(['help', 'queue']);
+    assert.deepEqual([help.code, help.stdout.split('\n')[0]], [0, 'Usage: relayq queue [options]']);
     assertOneLineError(configLeftOut, /^relayq: option '--config <file>' argument 'serve' is invalid\. serve is a command: give the option its value first \(\.\/serve for a file of that name\)$/);
     assertOneLineError(exportIntoFile, /^relayq: cannot export into .*a-file: ENOTDIR: not a directory, mkdir '.*a-file'$/);
     assert.equal(fs.readFileSync(aFile, 'utf8'), 'not a directory\n');
