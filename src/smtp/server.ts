@@ -344,7 +344,8 @@ class RelayqConnection extends SMTPConnection {
 
   /** Answers `501 5.5.4` when the command does not start with `name:` as smtp-server reads it; true if it did. */
   private refusedSyntax(command: Buffer, name: string, callback: () => void): boolean {
-    if (command.toString().split(':')[0].trim().toUpperCase() === name) return false;
+    const [given, ...rest] = command.toString().split(':');
+    if (rest.length > 0 && given.trim().toUpperCase() === name) return false;
     this.send(501, `5.5.4 Syntax: ${name}:<address>`);
     callback();
     return true;

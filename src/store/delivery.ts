@@ -361,10 +361,10 @@ export function completeBatch(sqlite: Sqlite, c: BatchCompletion): CompletionRes
     `UPDATE counters SET value = CASE WHEN ? THEN value + 1 ELSE 0 END WHERE name = 'upstream_consecutive_failures'`,
   ).run(c.upstreamFailed ? 1 : 0);
   if (leaseLost) return { leaseLost: true };
-  // an answered attempt counts, also one whose claim a stop gave back uncounted as it came (releaseClaims)
+  // an answered attempt counts as its claim counted it, also when a stop's release took that back as it came (releaseClaims)
   const update = prepared(
     sqlite,
-    `UPDATE recipients SET status = ?, last_code = ?, last_reply = ?, temporary = ?, next_attempt_at = ?, attempts = MAX(attempts, ?), updated_at = ?
+    `UPDATE recipients SET status = ?, last_code = ?, last_reply = ?, temporary = ?, next_attempt_at = ?, attempts = ?, updated_at = ?
      WHERE message_id = ? AND seq = ? AND status = 'pending'`,
   );
   for (const r of c.recipients) {
@@ -429,7 +429,7 @@ export function recordDelivered(sqlite: Sqlite, d: DeliveredSoFar): boolean {
   if (!prepared(sqlite, 'SELECT 1 FROM messages WHERE id = ? AND lease_token = ?').get(d.messageId, d.token)) return false;
   const update = prepared(
     sqlite,
-    `UPDATE recipients SET status = 'delivered', last_code = ?, last_reply = ?, temporary = 0, attempts = MAX(attempts, ?), updated_at = ?
+    `UPDATE recipients SET status = 'delivered', last_code = ?, last_reply = ?, temporary = 0, attempts = ?, updated_at = ?
      WHERE message_id = ? AND seq = ? AND status = 'pending'`,
   );
   for (const r of d.recipients) update.run(r.code, r.reply, r.attempts, d.now, d.messageId, r.seq);

@@ -649,11 +649,13 @@ describe('claims and leases', () => {
 
       const second = await startTestRelay(config, { startDelivery: false });
       cleanup.push(() => second.stop());
+      // a's attempt counts (the release took it back while a was still pending; recording a
+      // delivered counts it again); b's, cut off, does not
       assert.deepEqual(
-        recipients(second, id).map((r) => [r.address, r.status]),
+        recipients(second, id).map((r) => [r.address, r.status, r.attempts]),
         [
-          ['a@example.com', 'delivered'],
-          ['b@example.com', 'pending'],
+          ['a@example.com', 'delivered', 1],
+          ['b@example.com', 'pending', 0],
         ],
       );
       assert.deepEqual(attempts(second, id).map((a) => a.outcome), ['partial']);

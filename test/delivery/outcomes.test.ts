@@ -7,7 +7,7 @@ import { isoTime } from '../../src/clock.js';
 import { ManualClock } from '../manual-clock.js';
 import { exportFailedMessage } from '../../src/delivery/failed-export.js';
 import { exportMissingFailures } from '../../src/delivery/leftovers.js';
-import { resultFromNodemailer } from '../../src/delivery/outcomes.js';
+import { type BatchResult, planCompletion, resultFromNodemailer } from '../../src/delivery/outcomes.js';
 import type { Relay } from '../../src/main.js';
 import { retryMessage } from '../../src/store/admin.js';
 import { openConnection } from '../../src/store/db.js';
@@ -1205,4 +1205,26 @@ test('a recipient the upstream named neither accepted nor rejected is deferred, 
       ['deferred', 'rejected by the upstream without a reply'],
     ],
   );
+});
+
+test("an attempt's outcome carries each recipient's attempts as its claim counted them, whatever becomes of the recipient", () => {
+  const counted = [1, 2, 3, 2];
+  const recipients = ['delivered', 'failed', 'gave-up', 'deferred'].map((address, seq) => ({ seq, address, attempts: counted[seq] }));
+  const claim = { messageId: 'M', token: 'T', batch: 0, deliveredBefore: false, mailFrom: 'a@example.com', smtpUtf8: false, raw: null, receivedAt: 0, claims: 1, leaseExpiresAt: 1, recipients };
+  const verdicts = ['delivered', 'failed', 'deferred', 'deferred'] as const;
+  const result: BatchResult = {
+    upstream: 'x:25',
+    code: 250,
+    reply: '250 ok',
+    recipients: verdicts.map((verdict) => ({ verdict, code: verdict === 'failed' ? 550 : 250, reply: 'r' })),
+    permanentFailure: false,
+    refusedWhole: false,
+  };
+  const ctx = { now: 1000, startedAt: 0, durationMs: 1, retry: { maxAttempts: 3, initialDelay: 1, maxDelay: 10, maxAge: 3600 }, batchDelayMs: 0, continueOnError: true, eraseRawOnDelivered: false, random: () => 0.5 };
+  const planned = planCompletion(claim, result, ctx);
+  assert.deepEqual(planned.recipients.map((r) => [r.status, r.attempts]), [['delivered', 1], ['failed', 2], ['failed', 3], ['pending', 2]]);
+  // a permanent refusal with continueOnError=false fails the deferred recipient too
+  const stopped = planCompletion(claim, { ...result, permanentFailure: true, refusedWhole: true }, { ...ctx, continueOnError: false, retry: { ...ctx.retry, maxAttempts: 10 } });
+  assert.deepEqual(stopped.recipients.map((r) => [r.status, r.attempts]), [['delivered', 1], ['failed', 2], ['failed', 3], ['failed', 2]]);
+  assert.match(stopped.recipients[3].reply, /^not attempted again/);
 });

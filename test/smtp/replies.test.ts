@@ -76,15 +76,15 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     // smtp-server's jokes are no commands here (WIZ answered 200, which is no SMTP reply)
     for (const line of ['WIZ please', 'SHELL', 'KILL']) assert.match(await c.send(line), /^500 5\.5\.2 Error: command not recognized$/, line);
     // a command without its `FROM:` or `TO:` is a syntax error; an address it cannot read is a bad address
-    for (const line of ['MAIL', 'MAIL TO:<a@example.com>', 'MAIL  FROM:<a@example.com>']) {
+    for (const line of ['MAIL', 'MAIL FROM', 'MAIL FROM <a@example.com>', 'MAIL TO:<a@example.com>', 'MAIL  FROM:<a@example.com>']) {
       assert.match(await c.send(line), /^501 5\.5\.4 Syntax: MAIL FROM:<address>$/, line);
     }
     assert.match(await c.send('MAIL FROM:a@example.com'), /^501 5\.1\.3 Bad sender address syntax$/);
-    assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    assert.match(await c.send('mail from:<a@example.com>'), /^250 /, 'in lower case');
     assert.match(await c.send('DATA'), /^503 5\.5\.1 Error: need RCPT command$/);
-    for (const line of ['RCPT', 'RCPT FROM:<b@example.com>']) assert.match(await c.send(line), /^501 5\.5\.4 Syntax: RCPT TO:<address>$/, line);
+    for (const line of ['RCPT', 'RCPT TO', 'RCPT FROM:<b@example.com>']) assert.match(await c.send(line), /^501 5\.5\.4 Syntax: RCPT TO:<address>$/, line);
     assert.match(await c.send('RCPT TO:b@example.com'), /^501 5\.1\.3 Bad recipient address syntax$/);
-    assert.match(await c.send('RCPT TO:<b@example.com>'), /^250 /);
+    assert.match(await c.send('rcpt to:<b@example.com>'), /^250 /, 'in lower case');
     c.close();
   });
 

@@ -10,17 +10,27 @@ import { tempDir } from '../helpers.js';
 
 const NOW = Date.UTC(2026, 11, 6, 12, 30);
 
-test('mail stored under the keys of older versions is rekeyed: its rate-limit counts, sender filters and recipient filters find it', async () => {
+/** A database at the migration before 011 holding `stored` (id, sender, its old key, one recipient), received `minutesAgo`. */
+async function olderDatabase(stored: ReadonlyArray<readonly [string, string, string, string]>, minutesAgo: readonly number[]): Promise<string> {
   const file = path.join(tempDir(), 'relayq.db');
   const sqlite = openConnection(file);
   const { '011_address_keys': _, ...before } = migrations;
   await migrateToLatest(kyselyFor(sqlite), before);
-  // as the first versions stored them: the key the address lower-cased, nothing decoded
   const message = sqlite.prepare(
     `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, received_at, next_attempt_at, updated_at)
      VALUES (?, 'queued', ?, ?, '127.0.0.1', 10, 1, ?, ?, ?)`,
   );
   const recipient = sqlite.prepare(`INSERT INTO recipients (message_id, seq, address, status, next_attempt_at, updated_at) VALUES (?, 0, ?, 'pending', 0, 0)`);
+  for (const [i, [id, mailFrom, key, rcpt]] of stored.entries()) {
+    message.run(id, mailFrom, key, NOW - minutesAgo[i] * 60_000, NOW, NOW);
+    recipient.run(id, rcpt);
+  }
+  sqlite.close();
+  return file;
+}
+
+test('mail stored under the keys of older versions is rekeyed: its rate-limit counts, sender filters and recipient filters find it', async () => {
+  // as the first versions stored them: the key the address lower-cased, nothing decoded
   const stored = [
     ['OLDIDN00000000000001', 'h@XN--MNCHEN-3YA.DE', 'h@xn--mnchen-3ya.de', 'x@XN--MNCHEN-3YA.DE'],
     ['OLDIDN00000000000002', 'h@XN--MNCHEN-3YA.DE', 'h@xn--mnchen-3ya.de', 'y@example.com'],
@@ -31,12 +41,7 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
     ['SHARPS00000000000006', 'h@ẞ.de', 'h@ß.de', 'y@example.com'],
   ] as const;
   // the first and the third in the same minute: the old key's count is added to the new one's
-  const minutesAgo = [0, 1, 0, 2, 3, 4];
-  for (const [i, [id, mailFrom, key, rcpt]] of stored.entries()) {
-    message.run(id, mailFrom, key, NOW - minutesAgo[i] * 60_000, NOW, NOW);
-    recipient.run(id, rcpt);
-  }
-  sqlite.close();
+  const file = await olderDatabase(stored, [0, 1, 0, 2, 3, 4]);
 
   const store = await openStore(file);
   try {
@@ -76,6 +81,31 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
     const addresses = db.prepare('SELECT address FROM recipients ORDER BY message_id').all().map((r) => (r as { address: string }).address);
     // rewritten as intake stores them now; an ASCII address keeps the case it was given
     assert.deepEqual(addresses, ['Z@Example.com', 'x@münchen.de', 'x@münchen.de', 'y@example.com', 'r@[IPv6:2001:db8::1]', 'y@example.com']);
+  } finally {
+    await store.close();
+  }
+});
+
+test('an old key whose messages now have two keys keeps its rate-limit counts: they cannot be told apart', async () => {
+  // h@ẞ.de and h@ß.de were both keyed h@ß.de; now h@ss.de and h@ß.de
+  const file = await olderDatabase(
+    [
+      ['SHARPS00000000000001', 'h@ẞ.de', 'h@ß.de', 'y@example.com'],
+      ['SHARPS00000000000002', 'h@ß.de', 'h@ß.de', 'y@example.com'],
+    ],
+    [0, 1],
+  );
+  const store = await openStore(file);
+  try {
+    const db = store.sqlite;
+    assert.deepEqual(db.prepare('SELECT id, sender_key FROM messages ORDER BY id').all(), [
+      { id: 'SHARPS00000000000001', sender_key: 'h@ss.de' },
+      { id: 'SHARPS00000000000002', sender_key: 'h@ß.de' },
+    ]);
+    for (const table of ['rate_buckets', 'rate_hours']) {
+      const counts = db.prepare(`SELECT sender_key, SUM(count) AS n FROM ${table} WHERE sender_key <> '*' GROUP BY sender_key`).all();
+      assert.deepEqual(counts, [{ sender_key: 'h@ß.de', n: 2 }], table);
+    }
   } finally {
     await store.close();
   }
