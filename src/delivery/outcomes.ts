@@ -290,43 +290,29 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
   const recipients = claim.recipients.map((r, i): RecipientOutcome => {
     const res = result.recipients[i];
     const text = withCode(res.code, res.reply);
+    // the attempts as the claim counted them, this one included
+    const counted = { seq: r.seq, attempts: r.attempts, code: res.code };
     if (res.verdict === 'delivered') {
       delivered++;
-      return { seq: r.seq, attempts: r.attempts, status: 'delivered', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
+      return { ...counted, status: 'delivered', reply: res.reply, temporary: false, nextAttemptAt: now };
     }
     if (res.verdict === 'failed') {
       lastFailure = `${r.address}: ${text}`;
-      return { seq: r.seq, attempts: r.attempts, status: 'failed', code: res.code, reply: res.reply, temporary: false, nextAttemptAt: now };
+      return { ...counted, status: 'failed', reply: res.reply, temporary: false, nextAttemptAt: now };
     }
     const reason = giveUpReason(r.attempts, claim.receivedAt, now, ctx.retry);
     if (reason) {
       const gaveUp = describeGiveUp(reason, r.attempts, ctx.retry);
       lastFailure = `${r.address}: ${gaveUp}; last reply: ${text}`;
-      return {
-        seq: r.seq,
-        attempts: r.attempts,
-        status: 'failed',
-        code: res.code,
-        reply: `${res.reply} (${gaveUp})`,
-        temporary: true,
-        nextAttemptAt: now,
-      };
+      return { ...counted, status: 'failed', reply: `${res.reply} (${gaveUp})`, temporary: true, nextAttemptAt: now };
     }
     if (failRemaining) {
       stopped = true;
       const reply = `not attempted again: ${failRemaining}; last reply: ${res.reply}`;
-      return { seq: r.seq, attempts: r.attempts, status: 'failed', code: res.code, reply, temporary: false, nextAttemptAt: now };
+      return { ...counted, status: 'failed', reply, temporary: false, nextAttemptAt: now };
     }
     pending++;
-    return {
-      seq: r.seq,
-      attempts: r.attempts,
-      status: 'pending',
-      code: res.code,
-      reply: res.reply,
-      temporary: true,
-      nextAttemptAt: now + backoffDelayMs(r.attempts, ctx.retry, () => draw),
-    };
+    return { ...counted, status: 'pending', reply: res.reply, temporary: true, nextAttemptAt: now + backoffDelayMs(r.attempts, ctx.retry, () => draw) };
   });
   const total = claim.recipients.length;
   const outcome: AttemptOutcome =
