@@ -14,7 +14,8 @@ import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp
 import type { Clock } from '../src/clock.js';
 import { defaultConfig, type Config } from '../src/config/schema.js';
 import { type Relay, type RelayOptions, startRelay } from '../src/main.js';
-import { BUSY_TIMEOUT_MS, openConnection } from '../src/store/db.js';
+import { BUSY_TIMEOUT_MS, openConnection, type Sqlite } from '../src/store/db.js';
+import { MIGRATION_NAMES, type MigrationName } from '../migrations/names.js';
 import { type IntakePolicy, insertMessage, type NewMessage } from '../src/store/intake.js';
 
 /** Absolute paths, so child processes work from any working directory. */
@@ -381,13 +382,18 @@ function belowEphemeralPorts(): [number, number] {
   return [Math.max(1024, first - 12_000), first];
 }
 
-/** A database file with only relayq's first migration applied, as an upgrade finds it (the query builder loaded only here). */
-export async function databaseAtFirstMigration(): Promise<string> {
+/**
+ * A database file with relayq's migrations applied up to `last`, as an upgrade finds it, and what
+ * `fill` writes into it then (the query builder loaded only here).
+ */
+export async function databaseAtMigration(last: MigrationName, fill?: (sqlite: Sqlite) => void): Promise<string> {
   const file = path.join(tempDir(), 'relayq.db');
   const sqlite = openConnection(file);
   try {
-    const [{ kyselyFor, migrateToLatest }, initial] = await Promise.all([import('../src/store/migrate.js'), import('../migrations/001_initial.js')]);
-    await migrateToLatest(kyselyFor(sqlite), { '001_initial': initial });
+    const [{ kyselyFor, migrateToLatest }, { migrations }] = await Promise.all([import('../src/store/migrate.js'), import('../migrations/index.js')]);
+    const upTo = MIGRATION_NAMES.slice(0, MIGRATION_NAMES.indexOf(last) + 1);
+    await migrateToLatest(kyselyFor(sqlite), Object.fromEntries(upTo.map((name) => [name, migrations[name]])));
+    fill?.(sqlite);
   } finally {
     sqlite.close();
   }

@@ -10,7 +10,7 @@ import { defaultConfig } from '../../src/config/schema.js';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { lockDatabase } from '../../src/store/maintenance.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
-import { databaseAtFirstMigration, insertMessages, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
+import { databaseAtMigration, insertMessages, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
 import { assertOneLineError, CLI_CWD, queuedId, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 describe('relayq CLI on the database of a running relay', () => {
@@ -728,7 +728,7 @@ test('a write command on a database file it may not write names the file and wha
 });
 
 test('migrate waits out another process\'s write for the busy timeout, then says the database is locked, and applies nothing', async () => {
-  const file = await databaseAtFirstMigration();
+  const file = await databaseAtMigration('001_initial');
   const holder = openConnection(file);
   holder.exec('BEGIN IMMEDIATE');
   try {

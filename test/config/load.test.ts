@@ -12,7 +12,7 @@ import { exposedSecretsWarning, formatErrors, loadConfig, loadConfigFromSources,
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
 import { openStore } from '../../src/store/db.js';
 import { runCli } from '../cli/run-cli.js';
-import { capturedLog, cliArgs, closedPort, databaseAtFirstMigration, REPO_ROOT, SmtpClient, spawnRelay, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
+import { capturedLog, cliArgs, closedPort, databaseAtMigration, REPO_ROOT, SmtpClient, spawnRelay, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
 
 const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
 
@@ -1128,7 +1128,7 @@ describe('what only the start can find out names the key to fix', () => {
   });
 
   test('a start with migrations to apply waits for a write of another process, as any write does', async () => {
-    const file = await databaseAtFirstMigration();
+    const file = await databaseAtMigration('001_initial');
     // another process writes for 1 s: the migrations wait for it (begun deferred, they were refused at once)
     const holder = spawn(
       process.execPath,

@@ -1,32 +1,25 @@
 import assert from 'node:assert/strict';
-import path from 'node:path';
 import { test } from 'node:test';
-import { migrations } from '../../migrations/index.js';
-import { openConnection, openStore } from '../../src/store/db.js';
+import { openStore } from '../../src/store/db.js';
 import { rateWindows, senderKey } from '../../src/store/intake.js';
-import { kyselyFor, migrateToLatest } from '../../src/store/migrate.js';
 import { listMessages } from '../../src/store/queries.js';
-import { tempDir } from '../helpers.js';
+import { databaseAtMigration } from '../helpers.js';
 
 const NOW = Date.UTC(2026, 11, 6, 12, 30);
 
 /** A database at the migration before 011 holding `stored` (id, sender, its old key, one recipient), received `minutesAgo`. */
-async function olderDatabase(stored: ReadonlyArray<readonly [string, string, string, string]>, minutesAgo: readonly number[]): Promise<string> {
-  const file = path.join(tempDir(), 'relayq.db');
-  const sqlite = openConnection(file);
-  const { '011_address_keys': _, ...before } = migrations;
-  await migrateToLatest(kyselyFor(sqlite), before);
-  const message = sqlite.prepare(
-    `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, received_at, next_attempt_at, updated_at)
-     VALUES (?, 'queued', ?, ?, '127.0.0.1', 10, 1, ?, ?, ?)`,
-  );
-  const recipient = sqlite.prepare(`INSERT INTO recipients (message_id, seq, address, status, next_attempt_at, updated_at) VALUES (?, 0, ?, 'pending', 0, 0)`);
-  for (const [i, [id, mailFrom, key, rcpt]] of stored.entries()) {
-    message.run(id, mailFrom, key, NOW - minutesAgo[i] * 60_000, NOW, NOW);
-    recipient.run(id, rcpt);
-  }
-  sqlite.close();
-  return file;
+function olderDatabase(stored: ReadonlyArray<readonly [string, string, string, string]>, minutesAgo: readonly number[]): Promise<string> {
+  return databaseAtMigration('010_smtputf8_request', (sqlite) => {
+    const message = sqlite.prepare(
+      `INSERT INTO messages (id, state, mail_from, sender_key, client_ip, size, recipient_count, received_at, next_attempt_at, updated_at)
+       VALUES (?, 'queued', ?, ?, '127.0.0.1', 10, 1, ?, ?, ?)`,
+    );
+    const recipient = sqlite.prepare(`INSERT INTO recipients (message_id, seq, address, status, next_attempt_at, updated_at) VALUES (?, 0, ?, 'pending', 0, 0)`);
+    for (const [i, [id, mailFrom, key, rcpt]] of stored.entries()) {
+      message.run(id, mailFrom, key, NOW - minutesAgo[i] * 60_000, NOW, NOW);
+      recipient.run(id, rcpt);
+    }
+  });
 }
 
 test('mail stored under the keys of older versions is rekeyed: its rate-limit counts, sender filters and recipient filters find it', async () => {
