@@ -22,7 +22,7 @@ import { SmtpIntake } from './smtp/intake.js';
 import { Spool, SpoolError } from './smtp/spool.js';
 import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
 import { openStore, realDatabasePath, type Store, type WalKept } from './store/db.js';
-import { DiskSpace } from './store/disk.js';
+import { DiskSpace, freePageBytes } from './store/disk.js';
 import { lockDatabase } from './store/maintenance.js';
 import { newestRecordedTime } from './store/queries.js';
 import { RetentionSweeper } from './store/retention.js';
@@ -149,16 +149,6 @@ export function permissionWarnings(databasePath: string, emailsDir: string): Per
   return warnings;
 }
 
-/** The database file's free pages, in bytes (0 when they cannot be read: the disk check stands alone). */
-function freePageBytes(store: Store): number {
-  try {
-    const pages = store.sqlite.pragma('freelist_count', { simple: true }) as number;
-    return pages * (store.sqlite.pragma('page_size', { simple: true }) as number);
-  } catch {
-    return 0;
-  }
-}
-
 /**
  * The lock says no other relay runs on this database: a claim still held was left by one that
  * ended without handing it back. It is due again now, as Postfix's queue manager moves its active
@@ -283,7 +273,7 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
     minFreeMb: config.minFreeDiskMb,
     spoolDir: Spool.dirFor(realDatabasePath(config.databasePath)),
     spoolAfter: config.spoolAfter,
-    reusableBytes: () => freePageBytes(store),
+    reusableBytes: () => freePageBytes(store.sqlite),
   });
   const delivery = new DeliveryEngine({
     config,

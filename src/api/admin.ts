@@ -227,8 +227,9 @@ export function adminRoutes(deps: ApiDeps) {
   }
 
   /**
-   * 'held' while an attempt of this relay delivers the message, as the database says by the
-   * claim's lease, which a wall clock stepped forward ends early; otherwise runs the command.
+   * 'held' while an attempt of this relay delivers the message, as the engine knows it (not by the
+   * claim's lease in the database, which a wall clock stepped forward ends early); otherwise runs
+   * the command.
    */
   function unlessDelivering<T extends string>(id: string, command: () => Promise<T>): Promise<T | 'held'> {
     return deps.delivery.holds(id) ? Promise.resolve('held') : command();

@@ -108,12 +108,17 @@ export function requireDatabaseFile(file: string): fs.Stats {
     if ((err as NodeJS.ErrnoException).code !== 'EACCES') throw err;
     throw new CliError(`cannot open database ${file}: permission denied (owner uid ${stat.uid}, mode ${(stat.mode & 0o777).toString(8).padStart(4, '0')}); run the command as the relay's user`);
   }
+  openingDatabase(file, () => refuseForeignWal(file));
+  return stat;
+}
+
+/** `fn`, whose failure is one CLI line naming the database file. */
+function openingDatabase<T>(file: string, fn: () => T): T {
   try {
-    refuseForeignWal(file);
+    return fn();
   } catch (err) {
     throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
   }
-  return stat;
 }
 
 const NO_SCHEMA = 'no schema: an empty database (start the server on it, or run `relayq migrate`)';
@@ -130,12 +135,7 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
   const file = config.databasePath;
   refuseOthersPathsForCli(file);
   requireDatabaseFile(file);
-  let sqlite: Sqlite;
-  try {
-    sqlite = openReadOnly(file);
-  } catch (err) {
-    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
-  }
+  const sqlite = openingDatabase(file, () => openReadOnly(file));
   try {
     try {
       if (refuseForeignDatabase(sqlite).length === 0 || appliedMigrations(sqlite).length === 0) {
@@ -184,11 +184,7 @@ function sideFileHint(err: unknown, file: string): string {
  * signal, and SIGUSR1 opens Node's inspector on what root loaded.)
  */
 export function refuseOthersPathsForCli(file: string): void {
-  try {
-    refuseOthersPathsAsRoot([file]);
-  } catch (err) {
-    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
-  }
+  openingDatabase(file, () => refuseOthersPathsAsRoot([file]));
 }
 
 /**
@@ -198,14 +194,12 @@ export function refuseOthersPathsForCli(file: string): void {
  */
 export function openWriterForCli(config: Config): Sqlite {
   const file = config.databasePath;
-  try {
+  return openingDatabase(file, () => {
     const sqlite = openConnection(file);
     // as on the server's writer: content a command frees must not linger in the file
     if (!config.security.logAllEmails) overwriteFreedPages(sqlite);
     return sqlite;
-  } catch (err) {
-    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
-  }
+  });
 }
 
 /**

@@ -13,7 +13,6 @@ import type { Sqlite } from '../store/db.js';
 import type { UpstreamRecord } from '../store/queries.js';
 import type { AttemptOutcome, RecipientStatus } from '../store/schema.js';
 import {
-  type AttemptRecord,
   type BatchCompletion,
   type ClaimedBatch,
   type ClaimResult,
@@ -29,7 +28,7 @@ import { FailedRetry } from './failed-retry.js';
 import { InFlowGate, inFlowBacklogLimit } from './in-flow.js';
 import { exportMissingFailures, type LeftoversContext, removeDeliveredExports, sweepCrashTempFiles } from './leftovers.js';
 import { deliverLocally, LOCAL_UPSTREAM } from './local.js';
-import { type BatchResult, planCompletion, upstreamVerdict } from './outcomes.js';
+import { attemptRecord, type BatchResult, planCompletion, upstreamVerdict } from './outcomes.js';
 import { giveUpReason } from './retry-policy.js';
 import { settleWithin } from './settle.js';
 import { suspensionMs, UpstreamSuspension } from './suspension.js';
@@ -643,16 +642,7 @@ export class DeliveryEngine {
     const recipients = deliveredIn(claim, result);
     if (recipients.length === 0) return;
     const { messageId, token } = claim;
-    const attempt: AttemptRecord = {
-      batch: claim.batch,
-      recipients: claim.recipients.map((r) => r.address),
-      upstream: result.upstream,
-      startedAt,
-      durationMs,
-      outcome: recipients.length === claim.recipients.length ? 'delivered' : 'partial',
-      code: result.code,
-      reply: result.reply,
-    };
+    const attempt = attemptRecord(claim, result, recipients.length === claim.recipients.length ? 'delivered' : 'partial', startedAt, durationMs);
     const now = this.deps.clock.now();
     const recorded = await this.deps.writer.write('recordCutOffAttempt', { messageId, token, now, recipients, attempt }).catch((err: Error) => {
       this.log.warn(

@@ -2,7 +2,7 @@
 // classifyUpstreamError decides whether an error is permanent (5xx) or temporary (4xx, network,
 // TLS, timeout, AUTH), and classifyRcptRefusal takes a 552 to RCPT TO for a 452; planCompletion
 // turns a transport result plus the retry policy into the fenced completion the store applies.
-import type { BatchCompletion, ClaimedBatch, RecipientOutcome } from '../store/delivery.js';
+import type { AttemptRecord, BatchCompletion, ClaimedBatch, RecipientOutcome } from '../store/delivery.js';
 import type { AttemptOutcome } from '../store/schema.js';
 import { backoffDelayMs, describeGiveUp, giveUpReason, type RetrySettings } from './retry-policy.js';
 
@@ -321,16 +321,7 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     messageId: claim.messageId,
     token: claim.token,
     now,
-    attempt: {
-      batch: claim.batch,
-      recipients: claim.recipients.map((r) => r.address),
-      upstream: result.upstream,
-      startedAt: ctx.startedAt,
-      durationMs: ctx.durationMs,
-      outcome,
-      code: result.code,
-      reply: result.reply,
-    },
+    attempt: attemptRecord(claim, result, outcome, ctx.startedAt, ctx.durationMs),
     recipients,
     upstreamFailed: upstreamVerdict(result) === 'failed',
     batchDelayMs: ctx.batchDelayMs,
@@ -338,6 +329,20 @@ export function planCompletion(claim: ClaimedBatch, result: BatchResult, ctx: Co
     lastFailure,
     failRemaining,
     stoppedInBatch: stopped,
+  };
+}
+
+/** The row of `attempts` an attempt of `claim` writes. */
+export function attemptRecord(claim: ClaimedBatch, result: BatchResult, outcome: AttemptOutcome, startedAt: number, durationMs: number): AttemptRecord {
+  return {
+    batch: claim.batch,
+    recipients: claim.recipients.map((r) => r.address),
+    upstream: result.upstream,
+    startedAt,
+    durationMs,
+    outcome,
+    code: result.code,
+    reply: result.reply,
   };
 }
 

@@ -209,7 +209,12 @@ const QUIT_WAIT_MS = 1000;
 /** forwardRequireTLS: the message is not sent over a connection that STARTTLS did not secure. */
 function tlsRequired(label: string): Error {
   const message = `TLS is required (forwardRequireTLS=true), but ${label} offered no STARTTLS, so nothing was sent; check forwardHost and forwardPort, or a proxy between the upstream and relayq that strips STARTTLS`;
-  return Object.assign(new Error(message), { code: 'ETLS', settingFault: true });
+  return settingFault('ETLS', message);
+}
+
+/** An error that a setting of relayq's and the upstream's disagree (BatchResult.settingFault). */
+function settingFault(code: 'ETLS' | 'EAUTH', message: string): Error {
+  return Object.assign(new Error(message), { code, settingFault: true });
 }
 
 const PLAINTEXT_AUTH_REFUSED =
@@ -260,13 +265,18 @@ const CERTIFICATE_HINTS: ReadonlyArray<[RegExp, string]> = [
   ],
 ];
 
+/** What to check for a certificate that did not verify with Node's `code`, if it is one we know. */
+function certificateHint(code: unknown): string | undefined {
+  return typeof code === 'string' ? CERTIFICATE_HINTS.find(([codes]) => codes.test(code))?.[1] : undefined;
+}
+
 /**
  * An upstream certificate that does not verify: a setting to fix (or the upstream's certificate),
  * so the attempt is logged as a warning, with what to check.
  */
 function withCertificateHint(err: Error): Error {
   const code = (err as { originalCode?: unknown }).originalCode;
-  const hint = typeof code === 'string' && CERTIFICATE_HINTS.find(([codes]) => codes.test(code))?.[1];
+  const hint = certificateHint(code);
   if (!hint) return err;
   // Node ends a name mismatch with its list of names, which may be empty: `…cert's list: `
   err.message = `${err.message.replace(/:\s*$/, '')}: ${hint}`;
@@ -308,10 +318,10 @@ function unverifiedReason(authorizationError: unknown): string {
  * Node's for a name, with the names the certificate holds, as Node's own error for a name lists them).
  */
 function unverifiedForCredentials(reason: string, names: string | undefined): Error {
-  const hint = CERTIFICATE_HINTS.find(([codes]) => codes.test(reason))?.[1] ?? 'check its certificate';
+  const hint = certificateHint(reason) ?? 'check its certificate';
   const named = reason === 'ERR_TLS_CERT_ALTNAME_INVALID' ? `: it names ${names || 'no host'}` : '';
   const message = `the upstream's certificate did not verify (${reason}${named}), so forwardUsername/forwardPassword were not sent: ${hint}`;
-  return Object.assign(new Error(message), { code: 'ETLS', settingFault: true });
+  return settingFault('ETLS', message);
 }
 
 /**
@@ -762,12 +772,12 @@ export class SmtpUpstream {
         // with STARTTLS stripped it offers neither, and the fault is the missing TLS, not the credentials.
         const socket = socketOf(connection);
         if (!isLoopback(this.peerAddress(socket?.remoteAddress ?? ''))) {
-          if (!connection.secure) return settle(Object.assign(new Error(PLAINTEXT_AUTH_REFUSED), { code: 'ETLS', settingFault: true }));
+          if (!connection.secure) return settle(settingFault('ETLS', PLAINTEXT_AUTH_REFUSED));
           if (socket?.authorized === false) {
             return settle(unverifiedForCredentials(unverifiedReason(socket.authorizationError), socket.getPeerCertificate?.().subjectaltname));
           }
         }
-        if (!connection.allowsAuth) return settle(Object.assign(new Error(NO_AUTH_OFFERED), { code: 'EAUTH', settingFault: true }));
+        if (!connection.allowsAuth) return settle(settingFault('EAUTH', NO_AUTH_OFFERED));
         connection.login(this.auth, (loginErr) => settle(loginErr ? Object.assign(loginErr, { settingFault: true }) : undefined));
       });
     });

@@ -92,6 +92,12 @@ function notStored() {
   return reply(451, '4.3.0 Local error in processing: message not stored, try again later');
 }
 
+/** Storing a message failed: logged, and the reply that says nothing was stored. */
+function storeFailed(log: Logger, session: SMTPServerSession, queueId: string, err: unknown) {
+  log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: storeError(err) }, 'storing the message failed');
+  return notStored();
+}
+
 /** The text of every 421 a shutdown sends (spec §2). */
 const SHUTTING_DOWN = '4.3.2 Service shutting down, try again later';
 /** How long close() waits for the session lines of the connections it closed (see close). */
@@ -220,8 +226,8 @@ export class SmtpIntake {
     const smtpLog = deps.logger.child({});
     if (deps.logger.level === 'info') smtpLog.level = 'warn';
     // smtp-server wraps the logger it is given so that every command and reply builds a log
-    // entry before the level is looked at; it gets the levels that are on, and no-ops.
-    // the secrets, and the user name when it holds one (loggedUser): masked as a word even when the secret is too short to be
+    // entry before the level is looked at; it gets the levels that are on, and no-ops. It masks
+    // the relay's secrets, and defaultUsername when that holds one (credentialSecrets).
     const serverLog = smtpServerLogger(smtpLog, deps.logger, credentialSecrets(config.defaultUsername, configSecrets(config)));
     this.server = new RelayqSmtpServer({
       name: config.serverName,
@@ -647,10 +653,7 @@ export class SmtpIntake {
       const committing: Promise<void> = body
         .finish()
         .then((received) => this.commitAndAnswer(session, queueId, received, hops.startsFolded, done))
-        .catch((err: Error) => {
-          log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: storeError(err) }, 'storing the message failed');
-          done(notStored());
-        });
+        .catch((err: Error) => done(storeFailed(log, session, queueId, err)));
       s.committing = committing;
       committing.finally(() => {
         if (s.committing === committing) s.committing = undefined;
@@ -736,8 +739,7 @@ export class SmtpIntake {
       (err: unknown) => {
         // checked at MAIL FROM, but another session's message may have come first
         if (err instanceof PolicyRefusal) return cb(this.policyRefused(session, mailFrom, err.hit, queueId));
-        log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: storeError(err) }, 'storing the message failed');
-        cb(notStored());
+        cb(storeFailed(log, session, queueId, err));
       },
     );
     this.commitsInFlight.add(answered);

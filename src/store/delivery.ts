@@ -61,7 +61,7 @@ export interface ClaimOptions {
   batchSize: number;
   /** Max messages to claim in this write. */
   limit: number;
-  /** Recipients that already used this many attempts are failed, not sent (gaveUpReason says why). */
+  /** Recipients that already used this many attempts are failed, not sent (usedUpAttemptsReason says why). */
   maxAttempts: number;
   /** A message found with every recipient delivered loses its content (security.logAllEmails=false). */
   eraseRawOnDelivered: boolean;
@@ -142,7 +142,7 @@ const GAVE_UP_UNFINISHED = 'gave up: the maximum number of attempts was used wit
  * while it was out; a stop's release undoes the count of what it cut off); with every one
  * recorded, retry.maxAttempts was lowered below them since.
  */
-function gaveUpReason(sqlite: Sqlite, id: string, recipient: { address: string; attempts: number }, maxAttempts: number): string {
+function usedUpAttemptsReason(sqlite: Sqlite, id: string, recipient: { address: string; attempts: number }, maxAttempts: number): string {
   const { recorded } = prepared(
     sqlite,
     'SELECT count(*) AS recorded FROM attempts WHERE message_id = ? AND EXISTS (SELECT 1 FROM json_each(recipients) WHERE value = ?)',
@@ -214,7 +214,7 @@ function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result:
  * reply first, so that its codes lead.
  */
 function giveUp(sqlite: Sqlite, id: string, r: PendingRecipient, maxAttempts: number, now: number): string {
-  const reason = gaveUpReason(sqlite, id, r, maxAttempts);
+  const reason = usedUpAttemptsReason(sqlite, id, r, maxAttempts);
   const reply = r.last_reply ? `${r.last_reply} (${reason})` : reason;
   prepared(
     sqlite,
@@ -514,6 +514,9 @@ function settleMessage(
   return { state, nextAttemptAt: now };
 }
 
+/** A claimed message given back: due at once (binds now twice), in its place in the queue. */
+const GIVE_BACK = "UPDATE messages SET state = 'queued', lease_expires_at = NULL, next_attempt_at = MIN(next_attempt_at, ?), updated_at = ?";
+
 /**
  * Gives claims back, at shutdown and for claims the engine cannot use (committed too late, or after
  * a stop began): the message is due again at once, so a worker or a restart picks it up without
@@ -532,11 +535,7 @@ export function releaseClaims(
   claims: ReadonlyArray<{ messageId: string; token: string; unsent?: readonly number[]; unanswered?: readonly number[] }>,
   now: number,
 ): number {
-  const release = prepared(
-    sqlite,
-    `UPDATE messages SET state = 'queued', lease_expires_at = NULL, next_attempt_at = MIN(next_attempt_at, ?), updated_at = ?
-     WHERE id = ? AND lease_token = ? AND state = 'sending'`,
-  );
+  const release = prepared(sqlite, `${GIVE_BACK} WHERE id = ? AND lease_token = ? AND state = 'sending'`);
   const uncountClaim = prepared(sqlite, 'UPDATE messages SET claims = claims - 1 WHERE id = ? AND claims > 0');
   // a recipient an earlier transaction of the batch delivered to had its answer
   const uncountAttempt = prepared(
@@ -558,15 +557,13 @@ export function releaseClaims(
  * At the start, under the database lock (no other relay runs on this file): every claim still
  * held was left by a relay that ended without handing it back (`kill -9`, a crash, power loss).
  * They are given back, due at once and in their place in the queue, instead of waiting out their
- * leases; as in a shutdown's release, the attempts counted at their claim stay counted. Returns
- * the messages' ids.
+ * leases; unlike a stop's release, it keeps the attempts counted at their claim (the process may
+ * have ended on the message itself). Returns the messages' ids.
  */
 export function releaseOrphanedClaims(sqlite: Sqlite, now: number): string[] {
   const released = prepared(
     sqlite,
-    `UPDATE messages SET state = 'queued', lease_expires_at = NULL, next_attempt_at = MIN(next_attempt_at, ?), updated_at = ?
-     WHERE id IN (SELECT id FROM messages INDEXED BY messages_lease WHERE state = 'sending')
-     RETURNING id`,
+    `${GIVE_BACK} WHERE id IN (SELECT id FROM messages INDEXED BY messages_lease WHERE state = 'sending') RETURNING id`,
   ).all(now, now) as Array<{ id: string }>;
   return released.map((row) => row.id);
 }

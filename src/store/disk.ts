@@ -3,7 +3,7 @@
 // and the free pages inside the file, which SQLite fills before it grows the file.
 import fs from 'node:fs';
 import path from 'node:path';
-import { realDatabasePath } from './db.js';
+import { realDatabasePath, type Sqlite } from './db.js';
 
 const MB = 1024 * 1024;
 
@@ -30,6 +30,16 @@ export interface DiskSpaceOptions {
    * mail for good once the file had grown to the floor, however empty the queue.
    */
   reusableBytes?: () => number;
+}
+
+/** The database file's free pages, in bytes (0 when they cannot be read: the disk check stands alone). */
+export function freePageBytes(sqlite: Sqlite): number {
+  try {
+    const pages = sqlite.pragma('freelist_count', { simple: true }) as number;
+    return pages * (sqlite.pragma('page_size', { simple: true }) as number);
+  } catch {
+    return 0;
+  }
 }
 
 export class DiskSpace {

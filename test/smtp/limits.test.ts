@@ -8,7 +8,7 @@ import { ManualClock } from '../manual-clock.js';
 import type { Config } from '../../src/config/schema.js';
 import { startRelay } from '../../src/main.js';
 import { openStore } from '../../src/store/db.js';
-import { DiskSpace } from '../../src/store/disk.js';
+import { DiskSpace, freePageBytes } from '../../src/store/disk.js';
 import { claimDueBatches } from '../../src/store/delivery.js';
 import { storeMetrics } from '../../src/store/queries.js';
 import { capturedLog, closedPort, type DeepPartial, messageCount, openSession, SmtpClient, sendMail, startTestRelay, startUpstream, tempDir, testConfig, waitFor, writeDirect } from '../helpers.js';
@@ -348,7 +348,7 @@ describe('backpressure', () => {
     store.sqlite.exec(`CREATE TABLE scratch (b BLOB);
       WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 48) INSERT INTO scratch SELECT zeroblob(1048576) FROM n;
       DROP TABLE scratch`);
-    const freePagesMb = ((store.sqlite.pragma('freelist_count', { simple: true }) as number) * (store.sqlite.pragma('page_size', { simple: true }) as number)) / 2 ** 20;
+    const freePagesMb = freePageBytes(store.sqlite) / 2 ** 20;
     await store.close();
     assert.ok(freePagesMb >= 48, `free pages: ${freePagesMb} MiB`);
     const relay = await startTestRelay({ databasePath, minFreeDiskMb: 1 }, { startDelivery: false });
