@@ -38,13 +38,28 @@ class TransactionalDdlSqliteAdapter extends SqliteAdapter {
  * after an upgrade failed whenever a relayq command or a sqlite3 shell wrote at that moment.
  */
 class ImmediateSqliteDriver extends SqliteDriver {
+  constructor(
+    settings: SqliteDialectConfig,
+    private readonly sqlite: Sqlite,
+  ) {
+    super(settings);
+  }
+
   override async beginTransaction(connection: DatabaseConnection): Promise<void> {
     await connection.executeQuery(CompiledQuery.raw('begin immediate'));
+  }
+
+  /**
+   * A full disk (SQLITE_FULL) or an I/O error may roll the whole transaction back: Kysely's
+   * ROLLBACK would then fail, and its "no transaction is active" would be the error reported.
+   */
+  override async rollbackTransaction(connection: DatabaseConnection): Promise<void> {
+    if (this.sqlite.inTransaction) await super.rollbackTransaction(connection);
   }
 }
 
 class RelayqSqliteDialect extends SqliteDialect {
-  constructor(private readonly settings: SqliteDialectConfig) {
+  constructor(private readonly settings: SqliteDialectConfig & { database: Sqlite }) {
     super(settings);
   }
 
@@ -53,7 +68,7 @@ class RelayqSqliteDialect extends SqliteDialect {
   }
 
   override createDriver(): Driver {
-    return new ImmediateSqliteDriver(this.settings);
+    return new ImmediateSqliteDriver(this.settings, this.settings.database);
   }
 }
 
