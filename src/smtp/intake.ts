@@ -732,6 +732,7 @@ export class SmtpIntake {
           },
           'message queued',
         );
+        this.deps.disk.noteStored(size);
         state.accepted = (state.accepted ?? 0) + 1;
         if (state.accepted <= MAX_LISTED) (state.queueIds ??= []).push(queueId);
         cb(null, `2.0.0 Ok: queued as ${queueId}`);

@@ -30,6 +30,8 @@ export interface DiskSpaceOptions {
    * mail for good once the file had grown to the floor, however empty the queue.
    */
   reusableBytes?: () => number;
+  /** Milliseconds, for the age of a sample (tests move it). */
+  now?: () => number;
 }
 
 /** The database file's free pages, in bytes (0 when they cannot be read: the disk check stands alone). */
@@ -48,7 +50,7 @@ export class DiskSpace {
   constructor(private readonly options: DiskSpaceOptions) {}
 
   private sample(): Sample {
-    const t = Date.now();
+    const t = (this.options.now ?? Date.now)();
     if (t - this.cached.at >= 1000 || t < this.cached.at) {
       const { databasePath, spoolDir, reusableBytes } = this.options;
       try {
@@ -67,7 +69,16 @@ export class DiskSpace {
   }
 
   freeMb(): number {
-    return this.sample().mb;
+    return Math.floor(this.sample().mb);
+  }
+
+  /**
+   * A message of `bytes` was stored: the WAL took them. Taken off the sample at once, so that a
+   * client sending fast does not pass the floor by what it sends until the next sample.
+   */
+  noteStored(bytes: number): void {
+    this.cached.mb -= bytes / MB;
+    this.cached.fsMb -= bytes / MB;
   }
 
   /** Why the free space could not be read at the last sample, if it could not. */

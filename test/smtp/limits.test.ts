@@ -304,12 +304,13 @@ describe('backpressure', () => {
     }
   });
 
-  test('a MAIL FROM whose SIZE would take free disk below minFreeDiskMb → 452 4.3.1; a smaller one, or none, is taken', async () => {
+  test('a MAIL FROM whose SIZE would take free disk below minFreeDiskMb → 452 4.3.1; a smaller one, or none, is taken', async (t) => {
     const dir = tempDir();
-    const { bavail, bsize } = fs.statfsSync(dir);
-    const freeMb = Math.floor((bavail * bsize) / 2 ** 20);
-    // 300 MB above the floor: 490 MB do not fit while whatever else runs frees less than 190 MB
-    // meanwhile, and 1 KB and 100 MB do while it takes less than 200 MB
+    // the filesystem's free space held still: other work on this disk would move it meanwhile
+    const real = fs.statfsSync(dir);
+    t.mock.method(fs, 'statfsSync', () => real);
+    const freeMb = Math.floor((real.bavail * real.bsize) / 2 ** 20);
+    // 300 MB above the floor: 490 MB do not fit, 1 KB and 100 MB do
     const log = capturedLog('info');
     const relay = await startTestRelay({ minFreeDiskMb: Math.max(1, freeMb - 300), maxMessageSize: 500 * 2 ** 20 }, { startDelivery: false, logger: log.logger });
     try {
@@ -378,6 +379,23 @@ describe('backpressure', () => {
     assert.equal(sampled.isLow(), false, `${free} MB free, minFreeDiskMb ${free}`);
     options.minFreeMb = free + 1;
     assert.equal(sampled.isLow(), true);
+  });
+
+  test('each message stored counts against free space at once, not only at the next sample: a fast client does not run past the floor for a second', (t) => {
+    const dir = tempDir();
+    const real = fs.statfsSync(dir);
+    t.mock.method(fs, 'statfsSync', () => real);
+    let now = 60_000;
+    const options = { databasePath: path.join(dir, 'relayq.db'), minFreeMb: 1, now: () => now };
+    const disk = new DiskSpace(options);
+    options.minFreeMb = disk.freeMb() - 100;
+    assert.equal(disk.isLow(), false);
+    disk.noteStored(60 * 2 ** 20);
+    assert.equal(disk.isLow(), false, '40 MB above the floor');
+    disk.noteStored(60 * 2 ** 20);
+    assert.equal(disk.isLow(), true, '20 MB below it until the next sample');
+    now += 1000;
+    assert.equal(disk.isLow(), false, 'the next sample reads the filesystem again, where nothing was written');
   });
 
   test("the database file's free pages do not stand in for the filesystem's room for a message: the WAL, and the spool first, need it", () => {
