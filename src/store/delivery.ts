@@ -161,7 +161,14 @@ function seqRange(batch: number, batchSize: number): [number, number] {
   return Number.isFinite(batchSize) ? [batch * batchSize, (batch + 1) * batchSize] : [0, Number.MAX_SAFE_INTEGER];
 }
 
-type PendingRecipient = { seq: number; address: string; attempts: number; last_reply: string | null; next_attempt_at: number };
+type PendingRecipient = { seq: number; address: string; attempts: number; last_reply: string | null };
+
+/** A message's pending recipients due now (binds the message's id and now). */
+const DUE_RECIPIENTS = "FROM recipients WHERE message_id = ? AND status = 'pending' AND next_attempt_at <= ?";
+/** Of those with attempts left (binds maxAttempts), the one that has waited longest. */
+const LONGEST_WAITING_SQL = `SELECT seq ${DUE_RECIPIENTS} AND attempts < ? ORDER BY next_attempt_at, seq LIMIT 1`;
+/** Those in a range of seq, [?, ?). */
+const DUE_IN_RANGE_SQL = `SELECT seq, address, attempts, last_reply ${DUE_RECIPIENTS} AND seq >= ? AND seq < ? ORDER BY seq`;
 
 /**
  * Claims one batch of a due message: its due pending recipients, or those of the batch whose
@@ -170,22 +177,19 @@ type PendingRecipient = { seq: number; address: string; attempts: number; last_r
  */
 function claimMessage(sqlite: Sqlite, id: string, options: ClaimOptions, result: ClaimResult): ClaimedBatch | undefined {
   const { now, batchSize, maxAttempts } = options;
-  const pending = prepared(
-    sqlite,
-    `SELECT seq, address, attempts, last_reply, next_attempt_at FROM recipients
-     WHERE message_id = ? AND status = 'pending' AND next_attempt_at <= ? ORDER BY seq`,
-  ).all(id, now) as PendingRecipient[];
   // A transaction holds the due recipients of one batch: the batch of the recipient that has
-  // waited longest, so a batch not tried yet goes before the retry of an earlier one, which
-  // would otherwise take every turn while its retries come due within batchDelay.
-  let first: PendingRecipient | undefined;
-  for (const r of pending) if (r.attempts < maxAttempts && (!first || r.next_attempt_at < first.next_attempt_at)) first = r;
+  // waited longest (the first in RCPT order among equals), so a batch not tried yet goes before
+  // the retry of an earlier one, which would otherwise take every turn while its retries come due
+  // within batchDelay. Only that batch's rows are read: a message may have 100,000 recipients.
+  const first = prepared(sqlite, LONGEST_WAITING_SQL).get(id, now, maxAttempts) as { seq: number } | undefined;
   const batch = first && batchOf(first.seq, batchSize);
+  // with none to send, every due recipient has used up its attempts
+  const [from, end] = batch === undefined ? [0, Number.MAX_SAFE_INTEGER] : seqRange(batch, batchSize);
+  const pending = prepared(sqlite, DUE_IN_RANGE_SQL).all(id, now, from, end) as PendingRecipient[];
   const chosen: ClaimedRecipient[] = [];
   let gaveUp: string | null = null;
   let retry = false;
   for (const r of pending) {
-    if (batch !== undefined && batchOf(r.seq, batchSize) !== batch) continue;
     // Attempts are counted at claim time, so a batch whose delivery kills the process every
     // time still runs out of attempts instead of looping forever.
     if (r.attempts >= maxAttempts) {
