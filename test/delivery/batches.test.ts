@@ -198,6 +198,21 @@ describe('recipient batches', () => {
     );
   });
 
+  test('new mail goes out beside a backlog of due mail, not after all of it: every other claim takes what came due last', async () => {
+    const clock = new ManualClock();
+    const { relay, upstream } = await setup({ workerCount: 1 }, clock);
+    // a backlog, all due (as an outage's retries or a retry of failed mail leave it), then new mail
+    for (let i = 0; i < 5; i++) await sendMail(relay.smtpPort, { to: [`old${i}@example.com`], raw: RAW });
+    clock.advance(60_000);
+    await sendMail(relay.smtpPort, { to: ['new@example.com'], raw: RAW });
+    await relay.delivery.runOnce();
+    assert.deepEqual(
+      upstream.accepted.map((t) => t.to[0]),
+      ['old0@example.com', 'new@example.com', 'old1@example.com', 'old4@example.com', 'old2@example.com', 'old3@example.com'],
+      'claims alternate between the mail that came due first and the mail that came due last',
+    );
+  });
+
   test('a non-ASCII address goes out with SMTPUTF8; an upstream without it gets the ASCII recipients only, the others fail with 5.6.7', async () => {
     const to = ['用户@例子.test', 'ascii@example.com'];
     const raw = Buffer.from('Subject: utf8\r\n\r\nhello\r\n');

@@ -13,6 +13,7 @@ import {
   releaseClaims,
   releaseOrphanedClaims,
   SELECT_DUE_SQL,
+  SELECT_LAST_DUE_SQL,
   SELECT_EXPIRED_SQL,
 } from '../../src/store/delivery.js';
 import { prepared } from '../../src/store/statements.js';
@@ -390,6 +391,7 @@ describe('claims and leases', () => {
       (relay.store.sqlite.prepare(`EXPLAIN QUERY PLAN ${sql}`).all(0, 1) as Array<{ detail: string }>).map((r) => r.detail).join('\n');
     for (const [sql, index] of [
       [SELECT_DUE_SQL, 'messages_due'],
+      [SELECT_LAST_DUE_SQL, 'messages_due'],
       [SELECT_EXPIRED_SQL, 'messages_lease'],
     ]) {
       const p = plan(sql);
