@@ -58,13 +58,14 @@ export type StdoutLog = ReturnType<typeof pino.destination> & {
 
 /**
  * stdout, written asynchronously. A write that fails (a full disk under a redirect, /dev/full, a
- * pipe whose reader has gone) ends logging, with one line on stderr, and mail goes on: a relay
+ * pipe whose reader has gone) ends logging, with one line on stderr and `onStopped` (a warning
+ * in /health, where stderr may be lost with stdout), and mail goes on: a relay
  * that stopped serving for want of a log would be worse. An abandoned stream neither writes nor
  * flushes: sonic-boom retries a failed synchronous flush (pino's, at exit) every 100 ms for ever,
  * which kept a relay whose stdout nobody read from exiting, signals and all. So the exit does
  * not flush synchronously either: closeWithin() writes what is left asynchronously, for a while.
  */
-export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES): StdoutLog {
+export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES, onStopped: (why: string) => void = () => {}): StdoutLog {
   const stream = pino.destination({ fd: 1, sync: false, maxLength: maxBufferedBytes });
   // A reader that stopped reading (a paused pager, a hung log shipper) would have the lines wait
   // in memory without end: past maxBufferedBytes they are dropped, as syslog drops what it cannot
@@ -92,7 +93,9 @@ export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES): StdoutLog 
   stream.on('error', (err: NodeJS.ErrnoException) => {
     if (abandoned) return;
     abandon();
-    process.stderr.write(`relayq: the log cannot be written to stdout (${err.code ?? err.message}); logging stops, mail is still served\n`);
+    const cause = err.code ?? err.message;
+    process.stderr.write(`relayq: the log cannot be written to stdout (${cause}); logging stops, mail is still served\n`);
+    onStopped(`logging stopped at ${new Date().toISOString()}: stdout could not be written (${cause}); restart relayq to log again`);
   });
   let closing: { startedAt: number; deadline: number; timer?: NodeJS.Timeout; done: Promise<void>; resolve: () => void } | undefined;
   const giveUpAt = (deadline: number) => {

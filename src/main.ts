@@ -35,7 +35,7 @@ const CLOCK_BEHIND_WARNING_MS = 60_000;
 export interface RelayOptions {
   clock?: Clock;
   logger?: Logger;
-  /** Startup warnings from loadConfig, logged once the logger exists. */
+  /** Warnings for /health: loadConfig's, logged once the logger exists, and any added later (a log that stopped). */
   warnings?: string[];
   /** The config file the config was read from (null: none), as relay.started says. */
   configFile?: string | null;

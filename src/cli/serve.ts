@@ -20,7 +20,9 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
     process.stderr.write(ourLines(loaded.message));
     process.exit(2);
   }
-  const out = stdoutLog();
+  // /health shows these, also those added while the relay runs
+  const warnings = [...loaded.warnings];
+  const out = stdoutLog(undefined, (why) => warnings.push(why));
   const logger = createLogger(loaded.config.logLevel, out);
   let relay: Relay | undefined;
   let exitCode = 0;
@@ -63,7 +65,7 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
   // the relay cannot store mail any more: stop, and exit non-zero for the supervisor to restart it
   const onFatal = () => (relay ? stop(relay, 1) : exitAfterFlush(out, 1));
   try {
-    relay = await startRelay(loaded.config, { logger, warnings: loaded.warnings, configFile: loaded.file, onFatal });
+    relay = await startRelay(loaded.config, { logger, warnings, configFile: loaded.file, onFatal });
   } catch (err) {
     logger.fatal({ event: 'relay.start_failed', err: (err as Error).message }, 'relayq could not start');
     process.stderr.write(ourLines((err as Error).message));

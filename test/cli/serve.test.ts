@@ -172,7 +172,7 @@ async function serveWith(dir: string, stdout: number | 'pipe', databasePath = pa
       100,
     );
   };
-  return { child, smtpPort, exited, accepting, stderr: () => stderrText };
+  return { child, smtpPort, httpPort, exited, accepting, stderr: () => stderrText };
 }
 
 /** Resolves with the exit code, or with 'still running' after `ms`. */
@@ -187,7 +187,7 @@ test('serve --help says how to give the config file and any config key', async (
   assert.match(r.stdout, /^Any config key is a flag: --smtpPort 2526, --databasePath FILE/m);
 });
 
-test('a log that cannot be written (stdout on /dev/full) stops logging, says so on stderr, and mail is still served', async () => {
+test('a log that cannot be written (stdout on /dev/full) stops logging, says so on stderr and in /health, and mail is still served', async () => {
   const dir = tempDir('relayq-serve-');
   const full = fs.openSync('/dev/full', 'w');
   const relay = await serveWith(dir, full);
@@ -197,6 +197,10 @@ test('a log that cannot be written (stdout on /dev/full) stops logging, says so 
     const info = await sendMail(relay.smtpPort);
     assert.match(info.response, /^250 2\.0\.0 Ok: queued as /);
     assert.match(relay.stderr(), /^relayq: the log cannot be written to stdout \(ENOSPC\); logging stops, mail is still served$/m);
+    const health = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { status: string; details: { warnings: string[] } };
+    const stopped = health.details.warnings.filter((w) => w.startsWith('logging stopped'));
+    assert.equal(stopped.length, 1, JSON.stringify(health.details.warnings));
+    assert.match(stopped[0], /^logging stopped at \d{4}-\d\d-\d\dT[\d:.]+Z: stdout could not be written \(ENOSPC\); restart relayq to log again$/);
     relay.child.kill('SIGTERM');
     assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
   } finally {
