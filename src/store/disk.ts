@@ -59,7 +59,7 @@ export class DiskSpace {
         // the spool directory is made at the start; before, its parent stands in
         const spool = spoolDir && (fs.existsSync(spoolDir) ? spoolDir : path.dirname(spoolDir));
         const spoolMb = spool && fs.statSync(spool).dev !== fs.statSync(dir).dev ? freeMbOf(spool) : undefined;
-        this.cached = { at: t, mb: Math.floor(fsMb + (reusableBytes?.() ?? 0) / MB), fsMb, spoolMb };
+        this.cached = { at: t, mb: fsMb + (reusableBytes?.() ?? 0) / MB, fsMb, spoolMb };
       } catch (err) {
         // taken for a full disk: new mail is refused until the space can be read again
         this.cached = { at: t, mb: 0, fsMb: 0, error: (err as Error).message };
@@ -68,8 +68,9 @@ export class DiskSpace {
     return this.cached;
   }
 
+  /** Whole MB, as reported (what was stored since the sample can take it below 0 for a moment). */
   freeMb(): number {
-    return Math.floor(this.sample().mb);
+    return Math.max(0, Math.floor(this.sample().mb));
   }
 
   /**

@@ -394,6 +394,8 @@ describe('backpressure', () => {
     assert.equal(disk.isLow(), false, '40 MB above the floor');
     disk.noteStored(60 * 2 ** 20);
     assert.equal(disk.isLow(), true, '20 MB below it until the next sample');
+    disk.noteStored(disk.freeMb() * 2 ** 20 + 2 ** 20);
+    assert.equal(disk.freeMb(), 0, 'reported as none, not below');
     now += 1000;
     assert.equal(disk.isLow(), false, 'the next sample reads the filesystem again, where nothing was written');
   });
