@@ -13,6 +13,7 @@ import * as processingTimeFloor from './008_processing_time_floor.js';
 import * as processingTimeByMessage from './009_processing_time_by_message.js';
 import * as smtpUtf8Request from './010_smtputf8_request.js';
 import * as addressKeys from './011_address_keys.js';
+import * as newMailIndex from './012_new_mail_index.js';
 import type { MigrationName } from './names.js';
 
 export const migrations: Record<MigrationName, Migration> = {
@@ -27,4 +28,5 @@ export const migrations: Record<MigrationName, Migration> = {
   '009_processing_time_by_message': processingTimeByMessage,
   '010_smtputf8_request': smtpUtf8Request,
   '011_address_keys': addressKeys,
+  '012_new_mail_index': newMailIndex,
 };

@@ -14,6 +14,7 @@ export const MIGRATION_NAMES = [
   '009_processing_time_by_message',
   '010_smtputf8_request',
   '011_address_keys',
+  '012_new_mail_index',
 ] as const;
 
 export type MigrationName = (typeof MIGRATION_NAMES)[number];

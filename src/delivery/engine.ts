@@ -140,8 +140,8 @@ export class DeliveryEngine {
   /** After a failed claim: no claim before this (performance.now()); the wait after the next failure doubles. */
   private claimsPausedUntil = 0;
   private claimRetryMs = 0;
-  /** An odd claim's extra message comes from the end of the due mail that came due last, every other time. */
-  private lastDueTurn = false;
+  /** An odd claim's extra message is new mail every other time. */
+  private freshTurn = false;
   /**
    * Since when (the clock's ms) claiming due work has failed, the last error, how many claims
    * failed, and when (performance.now()) the last failure was logged; null while it works.
@@ -418,18 +418,18 @@ export class DeliveryEngine {
   private async claim(limit: number, held = this.held()): Promise<ClaimResult> {
     const { clock, config } = this.deps;
     const now = clock.now();
-    // Half the claims take the mail that came due last, as Postfix's queue manager alternates
-    // between its incoming and deferred queues: new mail is not held back for as long as a
-    // backlog (an outage's retries coming due, a retry of thousands of failed messages) drains.
-    const lastDue = (limit + (this.lastDueTurn ? 1 : 0)) >> 1;
-    if (limit % 2 === 1) this.lastDueTurn = !this.lastDueTurn;
+    // Half the claims take new mail (never claimed yet), as Postfix's queue manager alternates
+    // between its incoming and deferred queues: new mail is not held back while a backlog (an
+    // outage's retries coming due, a retry of thousands of failed messages) drains.
+    const fresh = (limit + (this.freshTurn ? 1 : 0)) >> 1;
+    if (limit % 2 === 1) this.freshTurn = !this.freshTurn;
     const claimed = await this.deps.writer.write('claimDueBatches', {
       now,
       leaseMs: this.leaseMs,
       // Local delivery writes the message once for all of its recipients.
       batchSize: this.upstream ? config.batchSize : Number.POSITIVE_INFINITY,
       limit,
-      lastDue,
+      fresh,
       maxAttempts: config.retry.maxAttempts,
       eraseRawOnDelivered: !config.security.logAllEmails,
       held,

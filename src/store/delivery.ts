@@ -16,8 +16,9 @@ const DUE = `FROM messages INDEXED BY messages_due WHERE state = 'queued' AND ne
 const EXPIRED = `FROM messages INDEXED BY messages_lease WHERE state = 'sending' AND lease_expires_at <= ?`;
 /** Due work: in index order, so the first rows are the due ones. */
 export const SELECT_DUE_SQL = `SELECT id ${DUE} ORDER BY next_attempt_at LIMIT CAST(? AS INTEGER)`;
-/** Due work from the other end of the index: what came due last. */
-export const SELECT_LAST_DUE_SQL = `SELECT id ${DUE} ORDER BY next_attempt_at DESC LIMIT CAST(? AS INTEGER)`;
+/** Due mail never claimed yet, in the order it came, through the partial index `messages_new`. */
+export const SELECT_NEW_SQL = `SELECT id FROM messages INDEXED BY messages_new WHERE state = 'queued' AND claims = 0 AND next_attempt_at <= ?
+  ORDER BY next_attempt_at LIMIT CAST(? AS INTEGER)`;
 export const SELECT_EXPIRED_SQL = `SELECT id ${EXPIRED} ORDER BY lease_expires_at LIMIT CAST(? AS INTEGER)`;
 
 export interface ClaimedRecipient {
@@ -63,8 +64,8 @@ export interface ClaimOptions {
   batchSize: number;
   /** Max messages to claim in this write. */
   limit: number;
-  /** Of them, how many are taken from the due mail that came due last rather than first. */
-  lastDue?: number;
+  /** Of them, how many are taken from the mail never claimed yet (the rest, and what it lacks, from all due mail). */
+  fresh?: number;
   /** Recipients that already used this many attempts are failed, not sent (usedUpAttemptsReason says why). */
   maxAttempts: number;
   /** A message found with every recipient delivered loses its content (security.logAllEmails=false). */
@@ -120,8 +121,8 @@ export function countDueQueued(sqlite: Sqlite, now: number, limit: number): numb
 }
 
 /**
- * Claims up to `limit` messages that are due (or whose lease expired: those first; then the due
- * ones that came due first, and `lastDue` of those that came due last) and, for each, the due
+ * Claims up to `limit` messages that are due (or whose lease expired: those first; then up to
+ * `fresh` never claimed yet, and the rest the oldest due) and, for each, the due
  * pending recipients of one of its batches (claimMessage says which), in RCPT order. Sets the
  * lease and a fresh token, counts the claim and the batch recipients' attempts. Run inside
  * `writer.write`.
@@ -130,12 +131,12 @@ export function claimDueBatches(sqlite: Sqlite, options: ClaimOptions): ClaimRes
   const { now, limit } = options;
   const expired = expiredClaims(sqlite, now, limit, options.held ?? []);
   const room = limit - expired.length;
-  const fromLast = Math.min(options.lastDue ?? 0, room);
-  const first = room > fromLast ? (prepared(sqlite, SELECT_DUE_SQL).all(now, room - fromLast) as Array<{ id: string }>) : [];
-  // with fewer due than room, the two ends meet: the first `a` and the last `b` rows hold min(a + b, all)
-  const last = fromLast > 0 ? (prepared(sqlite, SELECT_LAST_DUE_SQL).all(now, fromLast) as Array<{ id: string }>) : [];
-  const taken = new Set(first.map((r) => r.id));
-  const due = [...first, ...last.filter((r) => !taken.has(r.id))];
+  const wanted = Math.min(options.fresh ?? 0, room);
+  const fresh = wanted > 0 ? (prepared(sqlite, SELECT_NEW_SQL).all(now, wanted) as Array<{ id: string }>) : [];
+  // the oldest due, past the new mail just taken if they hold it too
+  const taken = new Set(fresh.map((r) => r.id));
+  const oldest = room > fresh.length ? (prepared(sqlite, SELECT_DUE_SQL).all(now, room) as Array<{ id: string }>) : [];
+  const due = [...fresh, ...oldest.filter((r) => !taken.has(r.id)).slice(0, room - fresh.length)];
   const result: ClaimResult = { batches: [], finalized: [] };
   for (const { id } of [...expired, ...due]) {
     const batch = claimMessage(sqlite, id, options, result);

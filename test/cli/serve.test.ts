@@ -472,7 +472,8 @@ test('relayq migrate with migrations to apply is refused while a relayq holds th
   const file = path.join(tempDir('relayq-serve-'), 'relayq.db');
   const store = await openStore(file);
   // as an older relayq leaves it: its last migration not applied
-  store.sqlite.prepare('DELETE FROM schema_migrations WHERE name = ?').run('011_address_keys');
+  store.sqlite.exec('DROP INDEX messages_new');
+  store.sqlite.prepare('DELETE FROM schema_migrations WHERE name = ?').run('012_new_mail_index');
   await store.close();
   const lock = lockDatabase(file);
   let released = false;
@@ -483,7 +484,7 @@ test('relayq migrate with migrations to apply is refused while a relayq holds th
     lock.release();
     released = true;
     const applied = await runCli(['migrate', '--databasePath', file]);
-    assert.deepEqual([applied.code, applied.stdout], [0, `applied 011_address_keys to ${file}\n`], applied.stderr);
+    assert.deepEqual([applied.code, applied.stdout], [0, `applied 012_new_mail_index to ${file}\n`], applied.stderr);
   } finally {
     if (!released) lock.release();
   }

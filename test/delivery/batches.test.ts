@@ -198,18 +198,22 @@ describe('recipient batches', () => {
     );
   });
 
-  test('new mail goes out beside a backlog of due mail, not after all of it: every other claim takes what came due last', async () => {
+  test('new mail goes out beside a backlog of retries, not after all of it: every other claim takes mail never tried', async () => {
     const clock = new ManualClock();
     const { relay, upstream } = await setup({ workerCount: 1 }, clock);
-    // a backlog, all due (as an outage's retries or a retry of failed mail leave it), then new mail
+    // a backlog of deferred mail, all due again (as after an outage), then new mail
+    let down = true;
+    upstream.rcptReply = () => (down ? { code: 451, message: '4.3.0 try again later' } : undefined);
     for (let i = 0; i < 5; i++) await sendMail(relay.smtpPort, { to: [`old${i}@example.com`], raw: RAW });
-    clock.advance(60_000);
+    await relay.delivery.runOnce();
+    down = false;
+    clock.advance(24 * 3600_000);
     await sendMail(relay.smtpPort, { to: ['new@example.com'], raw: RAW });
     await relay.delivery.runOnce();
     assert.deepEqual(
       upstream.accepted.map((t) => t.to[0]),
-      ['old0@example.com', 'new@example.com', 'old1@example.com', 'old4@example.com', 'old2@example.com', 'old3@example.com'],
-      'claims alternate between the mail that came due first and the mail that came due last',
+      ['old0@example.com', 'new@example.com', 'old1@example.com', 'old2@example.com', 'old3@example.com', 'old4@example.com'],
+      'claims alternate between the oldest due mail and mail never tried; with none of the latter, the oldest due',
     );
   });
 

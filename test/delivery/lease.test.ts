@@ -13,7 +13,7 @@ import {
   releaseClaims,
   releaseOrphanedClaims,
   SELECT_DUE_SQL,
-  SELECT_LAST_DUE_SQL,
+  SELECT_NEW_SQL,
   SELECT_EXPIRED_SQL,
 } from '../../src/store/delivery.js';
 import { prepared } from '../../src/store/statements.js';
@@ -391,7 +391,7 @@ describe('claims and leases', () => {
       (relay.store.sqlite.prepare(`EXPLAIN QUERY PLAN ${sql}`).all(0, 1) as Array<{ detail: string }>).map((r) => r.detail).join('\n');
     for (const [sql, index] of [
       [SELECT_DUE_SQL, 'messages_due'],
-      [SELECT_LAST_DUE_SQL, 'messages_due'],
+      [SELECT_NEW_SQL, 'messages_new'],
       [SELECT_EXPIRED_SQL, 'messages_lease'],
     ]) {
       const p = plan(sql);

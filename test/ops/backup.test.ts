@@ -233,10 +233,13 @@ async function damagedDatabase(): Promise<{ dir: string; db: string }> {
   const db = path.join(dir, 'relayq.db');
   const relay = await startTestRelay({ databasePath: db }, { startDelivery: false, startRetention: false });
   await relay.stop();
-  // the last page is in use (a fresh database has no free pages); 0xFF is no b-tree page type
-  const size = fs.statSync(db).size;
+  // the root page of the messages table, which every backup reads; 0xFF is no b-tree page type
+  const reader = openReadOnly(db);
+  const { rootpage } = reader.prepare("SELECT rootpage FROM sqlite_schema WHERE name = 'messages'").get() as { rootpage: number };
+  const pageSize = reader.pragma('page_size', { simple: true }) as number;
+  reader.close();
   const fd = fs.openSync(db, 'r+');
-  fs.writeSync(fd, Buffer.alloc(16, 0xff), 0, 16, size - 4096);
+  fs.writeSync(fd, Buffer.alloc(16, 0xff), 0, 16, (rootpage - 1) * pageSize);
   fs.closeSync(fd);
   return { dir, db };
 }

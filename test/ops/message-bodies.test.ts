@@ -228,13 +228,13 @@ test('CLI commands that read refuse a database the migration has not reached yet
   const exports = path.join(dir, 'exports');
   const r = await runCli(['export-failed', exports, '--databasePath', file]);
   assert.equal(r.code, 1, r.stdout);
-  assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, 007_upstream_failures, 008_processing_time_floor, 009_processing_time_by_message, 010_smtputf8_request, 011_address_keys: stop any relayq running on it, then run `relayq migrate`/);
+  assert.match(r.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, 007_upstream_failures, 008_processing_time_floor, 009_processing_time_by_message, 010_smtputf8_request, 011_address_keys, 012_new_mail_index: stop any relayq running on it, then run `relayq migrate`/);
   assert.equal(fs.existsSync(exports), false);
   // status reads counters that the pending migrations add: it would report them as 0
   for (const args of [['status'], ['status', '--json']]) {
     const s = await runCli([...args, '--databasePath', file]);
     assert.equal(s.code, 1, `${args.join(' ')}: ${s.stdout}`);
-    assert.match(s.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, .*011_address_keys: stop any relayq running on it, then run `relayq migrate` or start the server$/);
+    assert.match(s.stderr.trim(), /^relayq: database .*old\.db needs migrations 006_message_bodies, .*012_new_mail_index: stop any relayq running on it, then run `relayq migrate` or start the server$/);
   }
   // with a relay running on it (which migrates it as it starts, or is older), the advice says so
   const lock = lockDatabase(file);
