@@ -12,13 +12,14 @@ import { prepared } from './statements.js';
 // indexes, which walk every queued row and sort them: a claim would cost O(backlog).
 /** Queued messages due at `?`, read through the partial index `messages_due`. */
 const DUE = `FROM messages INDEXED BY messages_due WHERE state = 'queued' AND next_attempt_at <= ?`;
+/** Due mail never claimed yet, through the partial index `messages_new`. */
+const NEW = `FROM messages INDEXED BY messages_new WHERE state = 'queued' AND claims = 0 AND next_attempt_at <= ?`;
 /** Claims of a crashed or stuck worker whose lease ran out by `?`, through `messages_lease`. */
 const EXPIRED = `FROM messages INDEXED BY messages_lease WHERE state = 'sending' AND lease_expires_at <= ?`;
 /** Due work: in index order, so the first rows are the due ones. */
 export const SELECT_DUE_SQL = `SELECT id ${DUE} ORDER BY next_attempt_at LIMIT CAST(? AS INTEGER)`;
-/** Due mail never claimed yet, in the order it came, through the partial index `messages_new`. */
-export const SELECT_NEW_SQL = `SELECT id FROM messages INDEXED BY messages_new WHERE state = 'queued' AND claims = 0 AND next_attempt_at <= ?
-  ORDER BY next_attempt_at LIMIT CAST(? AS INTEGER)`;
+/** New mail, in the order it came. */
+export const SELECT_NEW_SQL = `SELECT id ${NEW} ORDER BY next_attempt_at LIMIT CAST(? AS INTEGER)`;
 export const SELECT_EXPIRED_SQL = `SELECT id ${EXPIRED} ORDER BY lease_expires_at LIMIT CAST(? AS INTEGER)`;
 
 export interface ClaimedRecipient {
