@@ -3,7 +3,8 @@
 // (what Prometheus itself sends). The message and attempt figures are read from the store's
 // counters, so they survive restarts and cost the same whatever the database holds; the upstream's
 // last success and failure are the later of the store's and the running engine's (upstreamView),
-// and the suspension, free disk, listener and in-flow pacing figures are this process's own.
+// and the suspension, free disk, listener, in-flow pacing and failed-store figures are this
+// process's own.
 import { Hono } from 'hono';
 import { HTTPException } from 'hono/http-exception';
 import { metricsSummary, storeMetrics } from '../store/queries.js';
@@ -44,6 +45,7 @@ export function metricsRoutes(deps: ApiDeps) {
       diskFreeMb: deps.disk.freeMb(),
       smtpListening: deps.intake.isListening,
       pacing: deps.delivery.inFlow.stats(),
+      storeFailures: deps.intake.storeFailureCount,
     };
   };
 
@@ -63,6 +65,7 @@ export function metricsRoutes(deps: ApiDeps) {
       timestamp: isoTime(s.now),
       ...metricsSummary(s.store, s.now, s.upstream),
       intake_pacing: { waiting: s.pacing.waiting, delayed: s.pacing.delayed, timed_out: s.pacing.timedOut },
+      intake_store_failures: s.storeFailures,
     });
   });
 }

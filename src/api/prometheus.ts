@@ -19,6 +19,8 @@ export interface MetricsSnapshot {
   smtpListening: boolean;
   /** In-flow pacing since this process started. */
   pacing: InFlowStats;
+  /** Messages and MAILs answered 451 because storing failed, since this process started. */
+  storeFailures: number;
 }
 
 export type ExpositionFormat = 'prometheus' | 'openmetrics';
@@ -141,6 +143,7 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
   counter('relayq_intake_paced_total', 'MAIL commands that waited for delivery to catch up (inFlowDelay), since this process started.', s.pacing.delayed);
   counter('relayq_intake_paced_timeouts_total', 'Of those, the ones that waited the whole inFlowDelay.', s.pacing.timedOut);
   gauge('relayq_intake_paced_waiting', 'MAIL commands waiting now.', s.pacing.waiting);
+  counter('relayq_intake_store_failures_total', 'Messages and MAIL commands answered 451 4.3.0 because the database or the spool failed, since this process started.', s.storeFailures);
   gauge('relayq_smtp_listener_up', '1 while the SMTP listener accepts connections.', s.smtpListening ? 1 : 0);
 
   return { contentType: registry.contentType as string, body: await registry.metrics() };

@@ -92,12 +92,6 @@ function notStored() {
   return reply(451, '4.3.0 Local error in processing: message not stored, try again later');
 }
 
-/** Storing a message failed: logged, and the reply that says nothing was stored. */
-function storeFailed(log: Logger, session: SMTPServerSession, queueId: string, err: unknown) {
-  log.error({ queueId, event: 'smtp.store_failed', session: session.id, err: storeError(err) }, 'storing the message failed');
-  return notStored();
-}
-
 /** The text of every 421 a shutdown sends (spec §2). */
 const SHUTTING_DOWN = '4.3.2 Service shutting down, try again later';
 /** How long close() waits for the session lines of the connections it closed (see close). */
@@ -215,6 +209,8 @@ export class SmtpIntake {
   private listening = false;
   /** Where the part of a message beyond `spoolAfter` bytes waits for its commit. */
   private readonly spool: Spool;
+  /** Messages (or MAILs) answered 451 because storing failed, since this process started: /metrics. */
+  private storeFailures = 0;
 
   constructor(private readonly deps: IntakeDeps) {
     const { config } = deps;
@@ -307,6 +303,10 @@ export class SmtpIntake {
 
   get isListening(): boolean {
     return this.listening && this.server.server.listening;
+  }
+
+  get storeFailureCount(): number {
+    return this.storeFailures;
   }
 
   /** Why messages over spoolAfter get 451 (a spool file failed in the last `withinMs`, none written since), for /health. */
@@ -564,10 +564,18 @@ export class SmtpIntake {
         { event: 'smtp.store_failed', session: session.id, client: this.peer(session), sender: address, err: storeError(err) },
         'reading the queue size and rate limits failed',
       );
+      this.storeFailures++;
       return notStored();
     }
     if (full || hit) return this.policyRefused(session, address, hit);
     return undefined;
+  }
+
+  /** Storing a message failed: logged, counted, and the reply that says nothing was stored. */
+  private storeFailed(session: SMTPServerSession, queueId: string, err: unknown) {
+    this.deps.logger.error({ queueId, event: 'smtp.store_failed', session: session.id, err: storeError(err) }, 'storing the message failed');
+    this.storeFailures++;
+    return notStored();
   }
 
   private mailAccepted(session: SMTPServerSession, cb: Callback) {
@@ -653,7 +661,7 @@ export class SmtpIntake {
       const committing: Promise<void> = body
         .finish()
         .then((received) => this.commitAndAnswer(session, queueId, received, hops.startsFolded, done))
-        .catch((err: Error) => done(storeFailed(log, session, queueId, err)));
+        .catch((err: Error) => done(this.storeFailed(session, queueId, err)));
       s.committing = committing;
       committing.finally(() => {
         if (s.committing === committing) s.committing = undefined;
@@ -740,7 +748,7 @@ export class SmtpIntake {
       (err: unknown) => {
         // checked at MAIL FROM, but another session's message may have come first
         if (err instanceof PolicyRefusal) return cb(this.policyRefused(session, mailFrom, err.hit, queueId));
-        cb(storeFailed(log, session, queueId, err));
+        cb(this.storeFailed(session, queueId, err));
       },
     );
     this.commitsInFlight.add(answered);

@@ -86,6 +86,7 @@ describe('GET /metrics', () => {
           disk_low_refusals: 0,
           attempts: { delivered: 1, partial: 1, deferred: 0, failed: 1, total: 3 },
           intake_pacing: { waiting: 0, delayed: 0, timed_out: 0 },
+          intake_store_failures: 0,
         },
       );
       // The three attempts run concurrently: which one ended last is not fixed.

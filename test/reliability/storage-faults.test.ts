@@ -53,6 +53,14 @@ function assertConsistent(relay: Relay) {
   assert.equal(f.hours, f.messages, 'hourly rate buckets');
 }
 
+/** The failed stores /metrics counts, in its JSON and its Prometheus form (which must agree). */
+async function storeFailures(relay: Relay): Promise<number> {
+  const json = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/metrics`)).json()) as { intake_store_failures: number };
+  const text = await (await fetch(`http://127.0.0.1:${relay.httpPort}/metrics?format=prometheus`)).text();
+  assert.match(text, new RegExp(`^relayq_intake_store_failures_total ${json.intake_store_failures}$`, 'm'));
+  return json.intake_store_failures;
+}
+
 async function refusedWith451(promise: Promise<unknown>) {
   await assert.rejects(promise, (err: SmtpError) => {
     assert.match(err.response ?? '', /^451 4\.3\.0 /);
@@ -76,14 +84,16 @@ describe('storage faults', () => {
     assert.equal(relay.store.sqlite.pragma('synchronous', { simple: true }), 2, 'the main thread writes too (claims in tests, the CLI)');
   });
 
-  test('a read-only database → 451 4.3.0 for every concurrent session, nothing stored; all pass once writable again', async () => {
+  test('a read-only database → 451 4.3.0 for every concurrent session, nothing stored, each counted in /metrics; all pass once writable again', async () => {
     const before = footprint(relay);
+    const failedBefore = await storeFailures(relay);
     await relay.writer.pragma('query_only = ON');
     try {
       await Promise.all(
         Array.from({ length: 10 }, (_, i) => refusedWith451(sendMail(relay.smtpPort, { from: `s${i}@example.com`, to: recipients(3) }))),
       );
       assert.deepEqual(footprint(relay), before);
+      assert.equal(await storeFailures(relay), failedBefore + 10);
     } finally {
       await relay.writer.pragma('query_only = OFF');
     }
@@ -92,6 +102,7 @@ describe('storage faults', () => {
     );
     assert.ok(results.every((r) => queuedId(r.response)));
     assert.equal(footprint(relay).messages, before.messages + 10);
+    assert.equal(await storeFailures(relay), failedBefore + 10, 'the messages stored are not counted');
     assertConsistent(relay);
   });
 
@@ -270,7 +281,7 @@ test('a read that fails while looking for due work (the schema changed under the
   }
 });
 
-test('a MAIL whose checks cannot read the database gets 451 4.3.0 and an error line; served again once they can', async () => {
+test('a MAIL whose checks cannot read the database gets 451 4.3.0, an error line and a count in /metrics; served again once they can', async () => {
   const log = capturedLog('info');
   const relay = await startTestRelay({ rateLimits: { enabled: true }, queueSize: 100 }, { logger: log.logger, startDelivery: false });
   const other = openConnection(relay.config.databasePath);
@@ -288,6 +299,7 @@ test('a MAIL whose checks cannot read the database gets 451 4.3.0 and an error l
       other.exec(`ALTER TABLE ${away} RENAME TO ${table}`);
     }
     assert.match(await c.send('MAIL FROM:<app@example.com>'), /^250 /);
+    assert.equal(await storeFailures(relay), 2);
     c.close();
   } finally {
     other.close();
