@@ -46,6 +46,8 @@ export function createLogger(level: string, destination: pino.DestinationStream 
 
 /** Log not yet taken by stdout's reader that is kept; more is dropped (see stdoutLog). */
 const MAX_BUFFERED_LOG_BYTES = 16 * 2 ** 20;
+/** While stdout cannot be written, how often the write is tried again when no new line tries it. */
+const LOG_RETRY_MS = 5000;
 
 export type StdoutLog = ReturnType<typeof pino.destination> & {
   /**
@@ -57,15 +59,18 @@ export type StdoutLog = ReturnType<typeof pino.destination> & {
 };
 
 /**
- * stdout, written asynchronously. A write that fails (a full disk under a redirect, /dev/full, a
- * pipe whose reader has gone) ends logging, with one line on stderr and `onStopped` (a warning
- * in /health, where stderr may be lost with stdout), and mail goes on: a relay
- * that stopped serving for want of a log would be worse. An abandoned stream neither writes nor
- * flushes: sonic-boom retries a failed synchronous flush (pino's, at exit) every 100 ms for ever,
- * which kept a relay whose stdout nobody read from exiting, signals and all. So the exit does
- * not flush synchronously either: closeWithin() writes what is left asynchronously, for a while.
+ * stdout, written asynchronously. A write that fails (a full disk under a redirect, /dev/full)
+ * pauses logging, with one line on stderr and `onFault` (a warning in /health, where stderr may
+ * be lost with stdout), and mail goes on: a relay that stopped serving for want of a log would be
+ * worse. Meanwhile lines wait in memory as for a slow reader (below), and the write is tried again
+ * with each line and every few seconds; once one goes through, logging resumes and `onFault` is
+ * told with `undefined`. A pipe whose reader has gone (EPIPE) ends logging for good. A stream
+ * given up neither writes nor flushes: sonic-boom retries a failed synchronous flush (pino's, at
+ * exit) every 100 ms for ever, which kept a relay whose stdout nobody read from exiting, signals
+ * and all. So the exit does not flush synchronously either: closeWithin() writes what is left
+ * asynchronously, for a while.
  */
-export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES, onStopped: (why: string) => void = () => {}): StdoutLog {
+export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES, onFault: (why: string | undefined) => void = () => {}): StdoutLog {
   const stream = pino.destination({ fd: 1, sync: false, maxLength: maxBufferedBytes });
   // A reader that stopped reading (a paused pager, a hung log shipper) would have the lines wait
   // in memory without end: past maxBufferedBytes they are dropped, as syslog drops what it cannot
@@ -90,12 +95,32 @@ export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES, onStopped: 
       end: () => {},
     });
   };
+  /** While writes to stdout fail: since when, why, and the timer that tries again. */
+  let failing: { since: string; cause: string; retry: NodeJS.Timeout } | undefined;
+  const flushSync = stream.flushSync.bind(stream);
+  stream.flushSync = () => {
+    if (!failing) flushSync();
+  };
   stream.on('error', (err: NodeJS.ErrnoException) => {
-    if (abandoned) return;
-    abandon();
+    if (abandoned || failing) return;
     const cause = err.code ?? err.message;
-    process.stderr.write(`relayq: the log cannot be written to stdout (${cause}); logging stops, mail is still served\n`);
-    onStopped(`logging stopped at ${new Date().toISOString()}: stdout could not be written (${cause}); restart relayq to log again`);
+    if (err.code === 'EPIPE') {
+      abandon();
+      process.stderr.write(`relayq: the log cannot be written to stdout (${cause}): its reader has gone; logging stops, mail is still served\n`);
+      onFault(`logging stopped at ${new Date().toISOString()}: stdout's reader has gone (${cause}); restart relayq to log again`);
+      return;
+    }
+    // sonic-boom keeps the line that failed and writes it first when it is given the next one
+    failing = { since: new Date().toISOString(), cause, retry: setInterval(() => stream.write(''), LOG_RETRY_MS).unref() };
+    process.stderr.write(`relayq: the log cannot be written to stdout (${cause}); log lines wait until it can, mail is still served\n`);
+    onFault(`logging paused since ${failing.since}: stdout cannot be written (${cause}); lines wait in memory (up to ${maxBufferedBytes} bytes, then they are dropped) and are written once it can be`);
+  });
+  stream.on('write', () => {
+    if (!failing) return;
+    clearInterval(failing.retry);
+    process.stderr.write(`relayq: stdout takes the log again (it could not since ${failing.since})\n`);
+    failing = undefined;
+    onFault(undefined);
   });
   let closing: { startedAt: number; deadline: number; timer?: NodeJS.Timeout; done: Promise<void>; resolve: () => void } | undefined;
   const giveUpAt = (deadline: number) => {
@@ -116,6 +141,13 @@ export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES, onStopped: 
       return closing.done;
     }
     if (abandoned) return Promise.resolve();
+    if (failing) {
+      clearInterval(failing.retry);
+      const left = (stream as unknown as { _len?: number })._len;
+      process.stderr.write(`relayq: exiting without the last ${left ?? 'few'} bytes of the log: stdout could not be written since ${failing.since}\n`);
+      abandon();
+      return Promise.resolve();
+    }
     let resolve = () => {};
     const done = new Promise<void>((r) => {
       resolve = r;

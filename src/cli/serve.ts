@@ -22,7 +22,13 @@ export async function serve(argv: readonly string[], env: NodeJS.ProcessEnv): Pr
   }
   // /health shows these, also those added while the relay runs
   const warnings = [...loaded.warnings];
-  const out = stdoutLog(undefined, (why) => warnings.push(why));
+  let logFault: string | undefined;
+  const out = stdoutLog(undefined, (why) => {
+    if (logFault) warnings.splice(warnings.indexOf(logFault), 1);
+    if (why) warnings.push(why);
+    else logger.warn({ event: 'relay.log_resumed', paused: logFault }, 'logging resumed: stdout takes the log again');
+    logFault = why;
+  });
   const logger = createLogger(loaded.config.logLevel, out);
   let relay: Relay | undefined;
   let exitCode = 0;

@@ -9,6 +9,7 @@ import Database from 'better-sqlite3';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { lockDatabase } from '../../src/store/maintenance.js';
 import { capturedLog, cliArgs, closedPort, REPO_ROOT, sendMail, spawnRelay, startTestRelay, tempDir, waitFor, whileImmutable } from '../helpers.js';
+import { queuedId } from '../reliability/smtp-session.js';
 import { CLI_CWD, cleanEnv, runCli, writeConfigFile } from './run-cli.js';
 
 test('`relayq serve --config FILE --<key> value` starts the relay, accepts mail and exits 0 on SIGTERM', async () => {
@@ -145,12 +146,15 @@ test('a stop while a reader (sqlite3 -readonly, the CLI) reads older frames leav
 });
 
 /** A relay started as `relayq serve` on ports known beforehand, its stdout given by the caller. */
-async function serveWith(dir: string, stdout: number | 'pipe', databasePath = path.join(dir, 'data', 'relayq.db'), stderr: number | 'pipe' = 'pipe') {
+/** Starts `relayq serve` in a child process; `maxFileKb` limits the size of every file it writes (`ulimit -f`). */
+async function serveWith(dir: string, stdout: number | 'pipe', databasePath = path.join(dir, 'data', 'relayq.db'), stderr: number | 'pipe' = 'pipe', maxFileKb?: number) {
   const smtpPort = await closedPort();
   let httpPort = await closedPort();
   while (httpPort === smtpPort) httpPort = await closedPort();
   const configFile = writeConfigFile(dir, { databasePath, emailsDir: path.join(dir, 'emails'), minFreeDiskMb: 0, smtpPort, healthCheckPort: httpPort });
-  const child = spawn(process.execPath, cliArgs('serve', '--config', configFile), {
+  const command = [process.execPath, ...cliArgs('serve', '--config', configFile)];
+  const limited = maxFileKb === undefined ? command : ['bash', '-c', `ulimit -f ${maxFileKb} && exec "$@"`, 'bash', ...command];
+  const child = spawn(limited[0], limited.slice(1), {
     cwd: CLI_CWD,
     env: cleanEnv(),
     stdio: ['ignore', stdout, stderr],
@@ -187,7 +191,7 @@ test('serve --help says how to give the config file and any config key', async (
   assert.match(r.stdout, /^Any config key is a flag: --smtpPort 2526, --databasePath FILE/m);
 });
 
-test('a log that cannot be written (stdout on /dev/full) stops logging, says so on stderr and in /health, and mail is still served', async () => {
+test('a log that cannot be written (stdout on /dev/full) pauses logging, says so on stderr and in /health, mail is still served, and a stop does not wait for it', async () => {
   const dir = tempDir('relayq-serve-');
   const full = fs.openSync('/dev/full', 'w');
   const relay = await serveWith(dir, full);
@@ -196,11 +200,61 @@ test('a log that cannot be written (stdout on /dev/full) stops logging, says so 
     await relay.accepting();
     const info = await sendMail(relay.smtpPort);
     assert.match(info.response, /^250 2\.0\.0 Ok: queued as /);
-    assert.match(relay.stderr(), /^relayq: the log cannot be written to stdout \(ENOSPC\); logging stops, mail is still served$/m);
+    assert.match(relay.stderr(), /^relayq: the log cannot be written to stdout \(ENOSPC\); log lines wait until it can, mail is still served$/m);
     const health = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { status: string; details: { warnings: string[] } };
-    const stopped = health.details.warnings.filter((w) => w.startsWith('logging stopped'));
-    assert.equal(stopped.length, 1, JSON.stringify(health.details.warnings));
-    assert.match(stopped[0], /^logging stopped at \d{4}-\d\d-\d\dT[\d:.]+Z: stdout could not be written \(ENOSPC\); restart relayq to log again$/);
+    const paused = health.details.warnings.filter((w) => w.startsWith('logging paused'));
+    assert.equal(paused.length, 1, JSON.stringify(health.details.warnings));
+    assert.match(paused[0], /^logging paused since \d{4}-\d\d-\d\dT[\d:.]+Z: stdout cannot be written \(ENOSPC\); lines wait in memory \(up to 16777216 bytes, then they are dropped\) and are written once it can be$/);
+    relay.child.kill('SIGTERM');
+    assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
+    assert.match(relay.stderr(), /^relayq: exiting without the last \d+ bytes of the log: stdout could not be written since \d{4}-/m);
+    assert.doesNotMatch(relay.stderr(), /took no log for/, 'no wait for a write that cannot be made');
+  } finally {
+    relay.child.kill('SIGKILL');
+  }
+});
+
+test('logging paused by a full log file resumes once the file has room: the lines that waited are written, /health drops its warning', async () => {
+  const dir = tempDir('relayq-serve-');
+  const logFile = path.join(dir, 'relay.log');
+  // the relay may write files of at most 4 MiB (ulimit -f), and its log is 1 KiB short of that
+  const maxFileKb = 4096;
+  fs.writeFileSync(logFile, Buffer.alloc(maxFileKb * 1024 - 1024, 'x'));
+  const out = fs.openSync(logFile, 'a');
+  const relay = await serveWith(dir, out, undefined, 'pipe', maxFileKb);
+  fs.closeSync(out);
+  const warnings = async () => ((await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { details: { warnings: string[] } }).details.warnings;
+  try {
+    await relay.accepting();
+    const first = queuedId((await sendMail(relay.smtpPort)).response) ?? assert.fail('not queued');
+    assert.match(relay.stderr(), /^relayq: the log cannot be written to stdout \(EFBIG\); log lines wait until it can, mail is still served$/m);
+    assert.equal((await warnings()).filter((w) => w.startsWith('logging paused since')).length, 1);
+    fs.truncateSync(logFile, 0);
+    // with no new line to write, the write is tried again within 5 s
+    await waitFor(() => relay.stderr().includes('relayq: stdout takes the log again (it could not since '), 15_000, 'logging to resume');
+    const second = queuedId((await sendMail(relay.smtpPort)).response) ?? assert.fail('not queued');
+    assert.deepEqual((await warnings()).filter((w) => w.startsWith('logging')), []);
+    await waitFor(() => fs.readFileSync(logFile, 'utf8').includes(second), 10_000, "the second message's line in the log");
+    const lines = fs.readFileSync(logFile, 'utf8').split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { event?: string; queueId?: string; paused?: string });
+    assert.ok(lines.some((l) => l.event === 'smtp.accepted' && l.queueId === first), 'the line that waited while the file was full');
+    assert.match(lines.find((l) => l.event === 'relay.log_resumed')?.paused ?? '', /^logging paused since .*\(EFBIG\)/);
+    relay.child.kill('SIGTERM');
+    assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
+  } finally {
+    relay.child.kill('SIGKILL');
+  }
+});
+
+test("a log whose pipe's reader has gone (EPIPE) stops logging for good, says so, and mail is still served", async () => {
+  const dir = tempDir('relayq-serve-');
+  const relay = await serveWith(dir, 'pipe');
+  relay.child.stdout?.destroy();
+  try {
+    await relay.accepting();
+    assert.match((await sendMail(relay.smtpPort)).response, /^250 2\.0\.0 Ok: queued as /);
+    await waitFor(() => /^relayq: the log cannot be written to stdout \(EPIPE\): its reader has gone; logging stops, mail is still served$/m.test(relay.stderr()), 10_000, 'the line on stderr');
+    const health = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { details: { warnings: string[] } };
+    assert.equal(health.details.warnings.filter((w) => /^logging stopped at .*\(EPIPE\); restart relayq to log again$/.test(w)).length, 1, JSON.stringify(health.details.warnings));
     relay.child.kill('SIGTERM');
     assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
   } finally {
