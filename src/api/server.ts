@@ -118,7 +118,8 @@ function requestError(err: unknown): Response {
 /**
  * Node's default clientError handling, with a JSON body: 431 for a head that is too large, 408
  * for a request that came too slowly, 400 for the rest, and nothing on a socket that already has
- * part of a response. The socket is closed once the answer is written, whether or not the client
+ * part of a response. A HEAD request, told by the bytes the parser had, gets no body (RFC 9110
+ * §9.3.2): a client would read it as the start of another answer. The socket is closed once the answer is written, whether or not the client
  * closes its side: one that never does must not keep holding a place under `maxConnections`.
  */
 function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: Socket, timeouts: Pick<ApiLimits, 'headersTimeoutMs' | 'requestTimeoutMs'>): void {
@@ -135,7 +136,8 @@ function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: S
         : err.code === 'HPE_INVALID_EOF_STATE'
           ? [400, 'bad_request', 'incomplete request: the client closed its side before the end of its request (head or body)']
           : [400, 'bad_request', `malformed request: ${err.reason ?? 'bad request'}`];
-  answerAndClose(socket, status, error, message);
+  const head = (err as { rawPacket?: Buffer }).rawPacket?.subarray(0, 5).toString('latin1') === 'HEAD ';
+  answerAndClose(socket, status, error, message, '', head);
 }
 
 /** A JSON error for a request the app never sees. */
@@ -145,10 +147,10 @@ function answerJson(res: ServerResponse, status: number, error: string, message:
 }
 
 /** A JSON error written on the socket itself, which is then closed. */
-function answerAndClose(socket: Socket, status: number, error: string, message: string, headers = ''): void {
+function answerAndClose(socket: Socket, status: number, error: string, message: string, headers = '', headOnly = false): void {
   const body = JSON.stringify({ error, message });
   socket.end(
-    `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n${headers}Connection: close\r\n\r\n${body}`,
+    `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n${headers}Connection: close\r\n\r\n${headOnly ? '' : body}`,
     () => socket.destroy(),
   );
 }

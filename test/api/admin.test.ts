@@ -48,6 +48,20 @@ function options(clock: ManualClock) {
   return { clock, startDelivery: false, startRetention: false };
 }
 
+/** One request written as is on a new connection (not ended: the server closes it once it has answered); the whole answer. */
+function rawExchange(port: number, request: string): Promise<string> {
+  return new Promise<string>((resolve, reject) => {
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(request));
+    let text = '';
+    socket.setEncoding('latin1');
+    socket.on('data', (d: string) => {
+      text += d;
+    });
+    socket.on('error', reject);
+    socket.on('close', () => resolve(text));
+  });
+}
+
 describe('admin: requeue failed mail', () => {
   test('retry-failed after an upstream outage delivers the failed mail and reports the number requeued', async () => {
     const clock = new ManualClock();
@@ -715,29 +729,19 @@ describe('HTTP errors are JSON', () => {
     }
   });
 
-  test('requests the app never sees (no Host, GET *, a head over 16 KB, a control character in a header, CONNECT, an Expect other than 100-continue) get JSON errors too', async () => {
+  test('requests the app never sees (no Host, GET *, a head over 16 KB, a control character in a header, CONNECT, an Expect other than 100-continue) get JSON errors too, without the body for HEAD', async () => {
     const relay = await startTestRelay({}, { startDelivery: false });
     /** One request written as is; the response as status, content type and parsed body. */
-    const raw = (request: string) =>
-      new Promise<{ status: number; type: string; body: { error: string; message: string } }>((resolve, reject) => {
-        // written, not ended: the server closes once it has answered (Connection: close)
-        const socket = net.connect(relay.httpPort as number, '127.0.0.1', () => socket.write(request));
-        let text = '';
-        socket.setEncoding('latin1');
-        socket.on('data', (d: string) => {
-          text += d;
-        });
-        socket.on('error', reject);
-        socket.on('close', () => {
-          const [head, body] = [text.slice(0, text.indexOf('\r\n\r\n')), text.slice(text.indexOf('\r\n\r\n') + 4)];
-          const type = /\r\ncontent-type: ([^\r]*)/i.exec(head)?.[1] ?? '';
-          try {
-            resolve({ status: Number(head.split(' ')[1]), type, body: JSON.parse(body) });
-          } catch {
-            reject(new Error(`not JSON: ${JSON.stringify(text)}`));
-          }
-        });
-      });
+    const raw = async (request: string) => {
+      const text = await rawExchange(relay.httpPort as number, request);
+      const [head, body] = [text.slice(0, text.indexOf('\r\n\r\n')), text.slice(text.indexOf('\r\n\r\n') + 4)];
+      const type = /\r\ncontent-type: ([^\r]*)/i.exec(head)?.[1] ?? '';
+      try {
+        return { status: Number(head.split(' ')[1]), type, body: JSON.parse(body) as { error: string; message: string } };
+      } catch {
+        throw new Error(`not JSON: ${JSON.stringify(text)}`);
+      }
+    };
     try {
       const cases: Array<[string, number, string, RegExp]> = [
         ['GET /health HTTP/1.1\r\nConnection: close\r\n\r\n', 400, 'bad_request', /^malformed request: an HTTP\/1\.1 request needs a Host header$/],
@@ -757,6 +761,14 @@ describe('HTTP errors are JSON', () => {
         assert.deepEqual([r.status, r.type.startsWith('application/json'), r.body.error], [status, true, error], request.slice(0, 40));
         assert.match(r.body.message, message);
       }
+      for (const [request, status] of [
+        [`HEAD /health?pad=${'a'.repeat(17_000)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, 431],
+        ['HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Bad: a\x01b\r\n\r\n', 400],
+      ] as const) {
+        const text = await rawExchange(relay.httpPort as number, request);
+        assert.match(text, new RegExp(`^HTTP/1\\.1 ${status} [^\r]*\r\nContent-Type: application/json\r\nContent-Length: \\d+\r\n`));
+        assert.ok(text.endsWith('\r\n\r\n'), `nothing after the head of the answer to HEAD: ${JSON.stringify(text)}`);
+      }
       assert.equal((await call(relay, '/health')).status, 200, 'the API goes on answering');
     } finally {
       await relay.stop();
@@ -766,18 +778,7 @@ describe('HTTP errors are JSON', () => {
 
 test('an HTTP/1.0 request without Host is answered; an HTTP/1.1 one gets its 400 with Connection: close', async () => {
   const relay = await startTestRelay({}, { startDelivery: false });
-  /** One request written as is; the whole answer once the server closes the connection. */
-  const raw = (request: string) =>
-    new Promise<string>((resolve, reject) => {
-      const socket = net.connect(relay.httpPort as number, '127.0.0.1', () => socket.write(request));
-      let text = '';
-      socket.setEncoding('latin1');
-      socket.on('data', (d: string) => {
-        text += d;
-      });
-      socket.on('error', reject);
-      socket.on('close', () => resolve(text));
-    });
+  const raw = (request: string) => rawExchange(relay.httpPort as number, request);
   try {
     // as a plain HTTP/1.0 health check (HAProxy's httpchk, nc) sends it
     const old = await raw('GET /health HTTP/1.0\r\n\r\n');
