@@ -101,9 +101,12 @@ export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES, onFault: (w
   stream.flushSync = () => {
     if (!failing) flushSync();
   };
+  const bytesLeft = () => (stream as unknown as { _len?: number })._len ?? 'few';
   stream.on('error', (err: NodeJS.ErrnoException) => {
-    if (abandoned || failing) return;
     const cause = err.code ?? err.message;
+    // the last lines cannot be written: no use waiting for them
+    if (closing) return closing.finish(`relayq: exiting without the last ${bytesLeft()} bytes of the log: stdout cannot be written (${cause})`);
+    if (abandoned || failing) return;
     if (err.code === 'EPIPE') {
       abandon();
       process.stderr.write(`relayq: the log cannot be written to stdout (${cause}): its reader has gone; logging stops, mail is still served\n`);
@@ -122,17 +125,15 @@ export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES, onFault: (w
     failing = undefined;
     onFault(undefined);
   });
-  let closing: { startedAt: number; deadline: number; timer?: NodeJS.Timeout; done: Promise<void>; resolve: () => void } | undefined;
+  let closing: { startedAt: number; deadline: number; timer?: NodeJS.Timeout; done: Promise<void>; finish(line?: string): void } | undefined;
   const giveUpAt = (deadline: number) => {
     if (!closing || deadline >= closing.deadline) return;
     const c = closing;
     c.deadline = deadline;
     clearTimeout(c.timer);
     c.timer = setTimeout(() => {
-      const left = (stream as unknown as { _len?: number })._len;
       const waited = Math.round((performance.now() - c.startedAt) / 100) / 10;
-      process.stderr.write(`relayq: stdout took no log for ${waited} s; exiting without the last ${left ?? 'few'} bytes of it\n`);
-      c.resolve();
+      c.finish(`relayq: stdout took no log for ${waited} s; exiting without the last ${bytesLeft()} bytes of it`);
     }, deadline - performance.now());
   };
   const closeWithin = (ms: number): Promise<void> => {
@@ -143,8 +144,7 @@ export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES, onFault: (w
     if (abandoned) return Promise.resolve();
     if (failing) {
       clearInterval(failing.retry);
-      const left = (stream as unknown as { _len?: number })._len;
-      process.stderr.write(`relayq: exiting without the last ${left ?? 'few'} bytes of the log: stdout could not be written since ${failing.since}\n`);
+      process.stderr.write(`relayq: exiting without the last ${bytesLeft()} bytes of the log: stdout could not be written since ${failing.since}\n`);
       abandon();
       return Promise.resolve();
     }
@@ -152,12 +152,17 @@ export function stdoutLog(maxBufferedBytes = MAX_BUFFERED_LOG_BYTES, onFault: (w
     const done = new Promise<void>((r) => {
       resolve = r;
     });
-    closing = { startedAt: performance.now(), deadline: Number.POSITIVE_INFINITY, done, resolve };
-    giveUpAt(performance.now() + ms);
-    stream.once('close', () => {
+    let finished = false;
+    const finish = (line?: string) => {
+      if (finished) return;
+      finished = true;
       clearTimeout(closing?.timer);
+      if (line) process.stderr.write(`${line}\n`);
       resolve();
-    });
+    };
+    closing = { startedAt: performance.now(), deadline: Number.POSITIVE_INFINITY, done, finish };
+    giveUpAt(performance.now() + ms);
+    stream.once('close', () => finish());
     stream.end();
     abandon();
     return done;

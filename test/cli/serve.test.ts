@@ -339,6 +339,30 @@ test('log that stdout does not take waits in memory up to a bound: past it lines
   }
 });
 
+test('a log that stops being writable while a stop writes it out ends the wait at once, saying what it leaves', async () => {
+  // the logger of the build, in a process whose files may hold 1 KiB (ulimit -f): its last line does not fit
+  const logger = path.join(REPO_ROOT, 'dist', 'src', 'logger.js');
+  const script = `
+    import { stdoutLog } from ${JSON.stringify(logger)};
+    const log = stdoutLog();
+    log.write('x'.repeat(3000) + '\\n');
+    log.closeWithin(60_000).then(() => process.exit(0));
+  `;
+  const dir = tempDir('relayq-serve-');
+  const out = fs.openSync(path.join(dir, 'log'), 'a');
+  const child = spawn('bash', ['-c', 'ulimit -f 1 && exec "$@"', 'bash', process.execPath, '--input-type=module', '-e', script], { stdio: ['ignore', out, 'pipe'] });
+  fs.closeSync(out);
+  let stderr = '';
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  try {
+    assert.equal(await exitWithin(new Promise((resolve) => child.on('close', resolve)), 30_000), 0, stderr);
+    assert.match(stderr, /^relayq: exiting without the last \d+ bytes of the log: stdout cannot be written \(EFBIG\)$/m);
+    assert.equal(fs.statSync(path.join(dir, 'log')).size, 1024, 'what fitted was written');
+  } finally {
+    child.kill('SIGKILL');
+  }
+});
+
 test('a stop whose log nobody reads (a full pipe) still exits, and keeps every message', async () => {
   const dir = tempDir('relayq-serve-');
   const relay = await relayWithUnreadLog(dir);
