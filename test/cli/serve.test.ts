@@ -304,7 +304,7 @@ async function relayWithUnreadLog(dir: string) {
   return { ...relay, stop };
 }
 
-test('log that stdout does not take waits in memory up to a bound: past it lines are dropped, and stderr says so and how many', async () => {
+test('log lines that come faster than stdout takes them wait in memory up to a bound: past it they are dropped, and stderr says so and how many', async () => {
   // the logger of the build, in a process that writes its lines at once: the first is being
   // written when the others come, so past the bound they are dropped whoever reads stdout
   const logger = path.join(REPO_ROOT, 'dist', 'src', 'logger.js');
