@@ -118,9 +118,10 @@ function requestError(err: unknown): Response {
 /**
  * Node's default clientError handling, with a JSON body: 431 for a head that is too large, 408
  * for a request that came too slowly, 400 for the rest, and nothing on a socket that already has
- * part of a response. A HEAD request, told by the bytes the parser had, gets no body (RFC 9110
- * §9.3.2): a client would read it as the start of another answer. The socket is closed once the answer is written, whether or not the client
- * closes its side: one that never does must not keep holding a place under `maxConnections`.
+ * part of a response. A HEAD request, told by the bytes the parser refused, gets no body (RFC 9110
+ * §9.3.2): a client would read it as the start of another answer. The socket is closed once the
+ * answer is written, whether or not the client closes its side: one that never does must not keep
+ * holding a place under `maxConnections`.
  */
 function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: Socket, timeouts: Pick<ApiLimits, 'headersTimeoutMs' | 'requestTimeoutMs'>): void {
   const response = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage;

@@ -176,7 +176,9 @@ async function serveWith(dir: string, stdout: number | 'pipe', databasePath = pa
       100,
     );
   };
-  return { child, smtpPort, httpPort, exited, accepting, stderr: () => stderrText };
+  /** /health's warnings, over HTTP. */
+  const healthWarnings = async () => ((await (await fetch(`http://127.0.0.1:${httpPort}/health`)).json()) as { details: { warnings: string[] } }).details.warnings;
+  return { child, smtpPort, httpPort, exited, accepting, healthWarnings, stderr: () => stderrText };
 }
 
 /** Resolves with the exit code, or with 'still running' after `ms`. */
@@ -201,9 +203,9 @@ test('a log that cannot be written (stdout on /dev/full) pauses logging, says so
     const info = await sendMail(relay.smtpPort);
     assert.match(info.response, /^250 2\.0\.0 Ok: queued as /);
     assert.match(relay.stderr(), /^relayq: the log cannot be written to stdout \(ENOSPC\); log lines wait until it can, mail is still served$/m);
-    const health = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { status: string; details: { warnings: string[] } };
-    const paused = health.details.warnings.filter((w) => w.startsWith('logging paused'));
-    assert.equal(paused.length, 1, JSON.stringify(health.details.warnings));
+    const warnings = await relay.healthWarnings();
+    const paused = warnings.filter((w) => w.startsWith('logging paused'));
+    assert.equal(paused.length, 1, JSON.stringify(warnings));
     assert.match(paused[0], /^logging paused since \d{4}-\d\d-\d\dT[\d:.]+Z: stdout cannot be written \(ENOSPC\); lines wait in memory \(up to 16777216 bytes, then they are dropped\) and are written once it can be$/);
     relay.child.kill('SIGTERM');
     assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
@@ -223,17 +225,16 @@ test('logging paused by a full log file resumes once the file has room: the line
   const out = fs.openSync(logFile, 'a');
   const relay = await serveWith(dir, out, undefined, 'pipe', maxFileKb);
   fs.closeSync(out);
-  const warnings = async () => ((await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { details: { warnings: string[] } }).details.warnings;
   try {
     await relay.accepting();
     const first = queuedId((await sendMail(relay.smtpPort)).response) ?? assert.fail('not queued');
     assert.match(relay.stderr(), /^relayq: the log cannot be written to stdout \(EFBIG\); log lines wait until it can, mail is still served$/m);
-    assert.equal((await warnings()).filter((w) => w.startsWith('logging paused since')).length, 1);
+    assert.equal((await relay.healthWarnings()).filter((w) => w.startsWith('logging paused since')).length, 1);
     fs.truncateSync(logFile, 0);
     // with no new line to write, the write is tried again within 5 s
     await waitFor(() => relay.stderr().includes('relayq: stdout takes the log again (it could not since '), 15_000, 'logging to resume');
     const second = queuedId((await sendMail(relay.smtpPort)).response) ?? assert.fail('not queued');
-    assert.deepEqual((await warnings()).filter((w) => w.startsWith('logging')), []);
+    assert.deepEqual((await relay.healthWarnings()).filter((w) => w.startsWith('logging')), []);
     await waitFor(() => fs.readFileSync(logFile, 'utf8').includes(second), 10_000, "the second message's line in the log");
     const lines = fs.readFileSync(logFile, 'utf8').split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { event?: string; queueId?: string; paused?: string });
     assert.ok(lines.some((l) => l.event === 'smtp.accepted' && l.queueId === first), 'the line that waited while the file was full');
@@ -253,8 +254,8 @@ test("a log whose pipe's reader has gone (EPIPE) stops logging for good, says so
     await relay.accepting();
     assert.match((await sendMail(relay.smtpPort)).response, /^250 2\.0\.0 Ok: queued as /);
     await waitFor(() => /^relayq: the log cannot be written to stdout \(EPIPE\): its reader has gone; logging stops, mail is still served$/m.test(relay.stderr()), 10_000, 'the line on stderr');
-    const health = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { details: { warnings: string[] } };
-    assert.equal(health.details.warnings.filter((w) => /^logging stopped at .*\(EPIPE\); restart relayq to log again$/.test(w)).length, 1, JSON.stringify(health.details.warnings));
+    const warnings = await relay.healthWarnings();
+    assert.equal(warnings.filter((w) => /^logging stopped at .*\(EPIPE\); restart relayq to log again$/.test(w)).length, 1, JSON.stringify(warnings));
     relay.child.kill('SIGTERM');
     assert.equal(await exitWithin(relay.exited, 20_000), 0, relay.stderr());
   } finally {
