@@ -87,11 +87,6 @@ function storeError(err: unknown): string {
   return (err as { code?: unknown }).code === 'SQLITE_BUSY' ? `${message}: ${LOCK_HELD_TOO_LONG}` : message;
 }
 
-/** Storage write failed (spec §2): nothing was stored. */
-function notStored() {
-  return reply(451, '4.3.0 Local error in processing: message not stored, try again later');
-}
-
 /** The text of every 421 a shutdown sends (spec §2). */
 const SHUTTING_DOWN = '4.3.2 Service shutting down, try again later';
 /** How long close() waits for the session lines of the connections it closed (see close). */
@@ -564,18 +559,22 @@ export class SmtpIntake {
         { event: 'smtp.store_failed', session: session.id, client: this.peer(session), sender: address, err: storeError(err) },
         'reading the queue size and rate limits failed',
       );
-      this.storeFailures++;
-      return notStored();
+      return this.notStored();
     }
     if (full || hit) return this.policyRefused(session, address, hit);
     return undefined;
   }
 
-  /** Storing a message failed: logged, counted, and the reply that says nothing was stored. */
+  /** Storing a message failed: logged, and the reply that says nothing was stored. */
   private storeFailed(session: SMTPServerSession, queueId: string, err: unknown) {
     this.deps.logger.error({ queueId, event: 'smtp.store_failed', session: session.id, err: storeError(err) }, 'storing the message failed');
+    return this.notStored();
+  }
+
+  /** Storage write failed (spec §2): nothing was stored. Counted for /metrics. */
+  private notStored() {
     this.storeFailures++;
-    return notStored();
+    return reply(451, '4.3.0 Local error in processing: message not stored, try again later');
   }
 
   private mailAccepted(session: SMTPServerSession, cb: Callback) {
