@@ -98,13 +98,32 @@ const DEFAULT_POLL_MS = 100;
 const ABORT_SETTLE_MS = 1000;
 /** A temp file this old was left by a crash (younger ones may be another process's). */
 const TEMP_FILE_MIN_AGE_MS = 60_000;
-/** A failed commit of an outcome is tried again after this long, doubling up to the maximum. */
-const OUTCOME_RETRY_FIRST_MS = 100;
-const OUTCOME_RETRY_MAX_MS = 5000;
-/** Once its tries are OUTCOME_RETRY_MAX_MS apart, an outcome still waiting says so this often. */
-const OUTCOME_RETRY_LOG_MS = 60_000;
+/** A failed claim or outcome commit is tried again after this long, doubling up to the maximum. */
+const FAULT_RETRY_FIRST_MS = 100;
+const FAULT_RETRY_MAX_MS = 5000;
+/** Once its tries are FAULT_RETRY_MAX_MS apart, a write still failing says so this often. */
+const FAULT_RETRY_LOG_MS = 60_000;
 /** Pacing is logged at most this often. */
 const PACING_LOG_MS = 60_000;
+
+/**
+ * The waits between tries of a write that keeps failing (a claim, an outcome's commit): each twice
+ * the one before, up to FAULT_RETRY_MAX_MS. Each failure is logged while the waits grow, then once
+ * a minute (a write lock held for hours would otherwise log 720 lines an hour).
+ */
+class FaultPause {
+  private waitMs = 0;
+  private loggedAt = Number.NEGATIVE_INFINITY;
+
+  /** The wait after one more failure, and whether to log that failure. */
+  next(): { waitMs: number; log: boolean } {
+    const growing = this.waitMs < FAULT_RETRY_MAX_MS;
+    this.waitMs = Math.min(Math.max(2 * this.waitMs, FAULT_RETRY_FIRST_MS), FAULT_RETRY_MAX_MS);
+    const log = growing || performance.now() - this.loggedAt >= FAULT_RETRY_LOG_MS;
+    if (log) this.loggedAt = performance.now();
+    return { waitMs: this.waitMs, log };
+  }
+}
 
 export class DeliveryEngine {
   private readonly config: Config;
@@ -139,14 +158,14 @@ export class DeliveryEngine {
   private pacingLogged = { at: Number.NEGATIVE_INFINITY, ended: 0, timedOut: 0 };
   /** After a failed claim: no claim before this (performance.now()); the wait after the next failure doubles. */
   private claimsPausedUntil = 0;
-  private claimRetryMs = 0;
+  private claimPause = new FaultPause();
   /** An odd claim's extra message is new mail every other time. */
   private freshTurn = false;
   /**
    * Since when (the clock's ms) claiming due work has failed, the last error, how many claims
    * failed, and when (performance.now()) the last failure was logged; null while it works.
    */
-  private claimFault: { since: number; err: string; tries: number; loggedAt: number } | null = null;
+  private claimFault: { since: number; err: string; tries: number } | null = null;
   /** Delivery to the upstream suspended while it cannot be reached; none for local delivery. */
   private readonly suspension: UpstreamSuspension | undefined;
   private readonly stats = {
@@ -334,24 +353,18 @@ export class DeliveryEngine {
    * at every wake-up and poll: claims wait, longer each time, as outcome commits do.
    */
   private pauseClaims(err: Error): void {
-    // each failure while the pauses grow; then once a minute, as outcome commits that fail (a
-    // write lock held for hours would log 720 lines an hour)
-    const growing = this.claimRetryMs < OUTCOME_RETRY_MAX_MS;
-    this.claimRetryMs = Math.min(Math.max(2 * this.claimRetryMs, OUTCOME_RETRY_FIRST_MS), OUTCOME_RETRY_MAX_MS);
-    this.claimsPausedUntil = performance.now() + this.claimRetryMs;
-    const fault = (this.claimFault ??= { since: this.deps.clock.now(), err: '', tries: 0, loggedAt: Number.NEGATIVE_INFINITY });
+    const { waitMs, log } = this.claimPause.next();
+    this.claimsPausedUntil = performance.now() + waitMs;
+    const fault = (this.claimFault ??= { since: this.deps.clock.now(), err: '', tries: 0 });
     fault.err = err.message;
     fault.tries++;
-    if (growing || performance.now() - fault.loggedAt >= OUTCOME_RETRY_LOG_MS) {
-      fault.loggedAt = performance.now();
-      this.log.error({ event: 'delivery.claim_failed', err: err.message, retryInMs: this.claimRetryMs, tries: fault.tries }, 'claiming due work failed');
-    }
+    if (log) this.log.error({ event: 'delivery.claim_failed', err: err.message, retryInMs: waitMs, tries: fault.tries }, 'claiming due work failed');
   }
 
   /** Looking for work, or claiming it, worked: after failures, said once. */
   private claimsWork(): void {
-    this.claimRetryMs = 0;
     if (!this.claimFault) return;
+    this.claimPause = new FaultPause();
     const failedForMs = this.deps.clock.now() - this.claimFault.since;
     this.log.info({ event: 'delivery.claims_resumed', tries: this.claimFault.tries, failedForMs }, 'claiming due work works again');
     this.claimFault = null;
@@ -691,15 +704,14 @@ export class DeliveryEngine {
   private async recordOutcome(completion: BatchCompletion, active: ActiveAttempt): Promise<CompletionResult> {
     const { claim } = active;
     const since = performance.now();
-    let loggedAt = Number.NEGATIVE_INFINITY;
-    for (let waitMs = OUTCOME_RETRY_FIRST_MS, tries = 1; ; waitMs = Math.min(2 * waitMs, OUTCOME_RETRY_MAX_MS), tries++) {
+    const pause = new FaultPause();
+    for (let tries = 1; ; tries++) {
       try {
         return await this.deps.writer.write('completeBatch', completion);
       } catch (err) {
         if (this.graceOver) throw err;
-        // each try while they come faster; then once a minute (a lock held for hours would log 720 lines an hour)
-        if (waitMs < OUTCOME_RETRY_MAX_MS || performance.now() - loggedAt >= OUTCOME_RETRY_LOG_MS) {
-          loggedAt = performance.now();
+        const { waitMs, log } = pause.next();
+        if (log) {
           this.log.warn(
             {
               queueId: claim.messageId,
@@ -708,7 +720,7 @@ export class DeliveryEngine {
               err: (err as Error).message,
               retryInMs: waitMs,
               tries,
-              waitingMs: Math.round(loggedAt - since),
+              waitingMs: Math.round(performance.now() - since),
             },
             'recording the delivery outcome failed; trying again',
           );
