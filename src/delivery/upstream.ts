@@ -362,12 +362,14 @@ export function connectionOptions(settings: UpstreamSettings): SMTPConnection.Op
 /**
  * The positions of the recipients a transaction deferred as over the upstream's limit of
  * recipients per transaction (`452`, or `552` taken for one, with `x.5.3` or "too many
- * recipients"), when it delivered to others; none when it delivered to none (nothing would change
- * the next time).
+ * recipients"), when it answered others otherwise: delivered them, or refused or deferred them
+ * for reasons of their own (some upstreams count refused recipients towards the limit). None when
+ * every recipient was over it: another transaction would only be refused the same way. So each
+ * further transaction is smaller than the one before.
  */
 function overLimit(results: RecipientResult[]): number[] {
-  if (!results.some((r) => r.verdict === 'delivered')) return [];
-  return results.flatMap((r, k) => (r.verdict === 'deferred' && (r.code === 452 || r.code === 552) && TOO_MANY.test(r.reply) ? [k] : []));
+  const over = results.flatMap((r, k) => (r.verdict === 'deferred' && (r.code === 452 || r.code === 552) && TOO_MANY.test(r.reply) ? [k] : []));
+  return over.length < results.length ? over : [];
 }
 
 /** A reply's code and enhanced code: `554 5.7.1`, `250-`. */
@@ -481,7 +483,7 @@ export class SmtpUpstream {
     const retryOf = claim.recipients.some((r) => r.attempts > 1) ? claim.messageId : undefined;
     const result = await this.sendTo(envelope, claim.raw, signal, retryOf);
     // The recipients over the upstream's limit per transaction go at once in another one, as long
-    // as each delivers to some (RFC 5321 §4.5.3.1.10); they are not held back for a retry.
+    // as each answers some otherwise (RFC 5321 §4.5.3.1.10); they are not held back for a retry.
     let again = overLimit(result.recipients);
     while (again.length > 0 && !signal.aborted) {
       await beforeNext?.(this.masked(result));

@@ -628,6 +628,62 @@ describe('per-recipient outcomes', () => {
     assert.deepEqual(attempts(relay, id).map((a) => [a.batch, a.outcome, a.code]), [[0, 'partial', 250]]);
   });
 
+  test('an upstream that counts refused recipients towards its limit: the rest go in another transaction also when the first delivered to none', async () => {
+    // two RCPTs per transaction, refused ones counted; the first two recipients are greylisted
+    const rcptsInTransaction = new Map<string, number>();
+    const upstream: ScriptedUpstream = await startScriptedUpstream({
+      onMailFrom(_address, session, cb) {
+        rcptsInTransaction.set(session.id, 0);
+        cb();
+      },
+      onRcptTo(address, session, cb) {
+        upstream.rcpts.push(address.address);
+        const n = (rcptsInTransaction.get(session.id) ?? 0) + 1;
+        rcptsInTransaction.set(session.id, n);
+        if (n > 2) return cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
+        if (address.address.startsWith('grey')) return cb(Object.assign(new Error('4.7.1 Greylisted, try again later'), { responseCode: 450 }));
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['grey1@example.com', 'grey2@example.com', 'a@example.com', 'b@example.com', 'c@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com', 'b@example.com'], ['c@example.com']]);
+    assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status, r.attempts, r.last_code]), [
+      ['grey1@example.com', 'pending', 1, 450],
+      ['grey2@example.com', 'pending', 1, 450],
+      ['a@example.com', 'delivered', 1, 250],
+      ['b@example.com', 'delivered', 1, 250],
+      ['c@example.com', 'delivered', 1, 250],
+    ]);
+    // RCPTs: 5, then the 3 over the limit, then the 1 still over it
+    assert.equal(upstream.rcpts.length, 9);
+    assert.equal(message(relay, id).state, 'queued');
+    // one attempt, with the first transaction's reply (its first refusal: it delivered nothing)
+    assert.deepEqual(attempts(relay, id).map((a) => [a.outcome, a.code]), [['partial', 450]]);
+  });
+
+  test('an upstream that answers every recipient "too many recipients" gets no further transaction: the batch waits for its retry', async () => {
+    const upstream: ScriptedUpstream = await startScriptedUpstream({
+      onRcptTo(address, _session, cb) {
+        upstream.rcpts.push(address.address);
+        cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com', 'b@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.rcpts, ['a@example.com', 'b@example.com']);
+    assert.deepEqual(recipients(relay, id).map((r) => [r.status, r.attempts, r.last_code]), [
+      ['pending', 1, 452],
+      ['pending', 1, 452],
+    ]);
+  });
+
   test('a follow-up transaction refused as a whole with a 5xx stops the message under continueOnError=false, as its batch would', async () => {
     // this upstream says "too many recipients" with a 552, which is taken for a 452
     const upstream: ScriptedUpstream = await startScriptedUpstream({
