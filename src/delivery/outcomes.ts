@@ -23,7 +23,8 @@ export interface BatchResult {
   upstream: string;
   /**
    * The first transaction's reply (its DATA reply, or the error that ended it), or that of a later
-   * one that refused the batch as a whole (a 5xx to MAIL FROM or DATA).
+   * one that refused the batch as a whole (a 5xx to MAIL FROM or DATA, or to the last RCPTs of a
+   * batch whose every recipient was refused).
    */
   code: number | null;
   reply: string;
@@ -45,6 +46,8 @@ export interface BatchResult {
    * UpstreamSuspension).
    */
   unreachable?: boolean;
+  /** Every recipient of the transaction was refused at RCPT (so it never reached DATA). */
+  everyRcptRefused?: boolean;
   /**
    * The TLS version of the connection of the first transaction (`TLSv1.3`), or null in plain text;
    * absent when there was none (no connection, or no login) or for local delivery.
@@ -234,6 +237,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
     refusedWhole,
     ...(error?.settingFault === true ? { settingFault: true } : {}),
     ...(error?.unreachable === true ? { unreachable: true } : {}),
+    ...(rest.length === 0 && rcpts.length > 0 ? { everyRcptRefused: true } : {}),
     ...tlsOf(error ?? {}),
   };
 }

@@ -30,7 +30,7 @@ import {
   socketOf,
   upgrading,
 } from './nodemailer-internals.js';
-import { type BatchResult, classifyUpstreamError, openSslCode, type RecipientResult, resultFromNodemailer, uniformResult } from './outcomes.js';
+import { type BatchResult, classifyUpstreamError, openSslCode, resultFromNodemailer, uniformResult } from './outcomes.js';
 import { settleWithin } from './settle.js';
 
 export interface UpstreamSettings {
@@ -362,14 +362,17 @@ export function connectionOptions(settings: UpstreamSettings): SMTPConnection.Op
 /**
  * The positions of the recipients a transaction deferred as over the upstream's limit of
  * recipients per transaction (`452`, or `552` taken for one, with `x.5.3` or "too many
- * recipients"), when it answered others otherwise: delivered them, or refused or deferred them
+ * recipients"), when it delivered to others, or refused every recipient at RCPT and some of them
  * for reasons of their own (some upstreams count refused recipients towards the limit). None when
- * every recipient was over it: another transaction would only be refused the same way. So each
+ * it went on to DATA and delivered nothing (DATA refused, the connection lost), or when every
+ * recipient was over the limit: another transaction would be refused the same way. So each
  * further transaction is smaller than the one before.
  */
-function overLimit(results: RecipientResult[]): number[] {
-  const over = results.flatMap((r, k) => (r.verdict === 'deferred' && (r.code === 452 || r.code === 552) && TOO_MANY.test(r.reply) ? [k] : []));
-  return over.length < results.length ? over : [];
+function overLimit(result: BatchResult): number[] {
+  const { recipients } = result;
+  if (!result.everyRcptRefused && !recipients.some((r) => r.verdict === 'delivered')) return [];
+  const over = recipients.flatMap((r, k) => (r.verdict === 'deferred' && (r.code === 452 || r.code === 552) && TOO_MANY.test(r.reply) ? [k] : []));
+  return over.length < recipients.length ? over : [];
 }
 
 /** A reply's code and enhanced code: `554 5.7.1`, `250-`. */
@@ -484,17 +487,20 @@ export class SmtpUpstream {
     const result = await this.sendTo(envelope, claim.raw, signal, retryOf);
     // The recipients over the upstream's limit per transaction go at once in another one, as long
     // as each answers some otherwise (RFC 5321 §4.5.3.1.10); they are not held back for a retry.
-    let again = overLimit(result.recipients);
+    let again = overLimit(result);
     while (again.length > 0 && !signal.aborted) {
       await beforeNext?.(this.masked(result));
       const next = await this.sendTo({ ...envelope, to: again.map((i) => rcpts[i]) }, claim.raw, signal, retryOf);
       again.forEach((i, k) => {
         result.recipients[i] = next.recipients[k];
       });
-      // refused as a whole (a 5xx to MAIL FROM or DATA): so is the batch, for continueOnError; its
-      // recipients all refused one by one are not (the first transaction delivered to others)
-      if (next.refusedWhole) Object.assign(result, { permanentFailure: true, refusedWhole: true, code: next.code, reply: next.reply });
-      again = overLimit(next.recipients).map((k) => again[k]);
+      // refused as a whole (a 5xx to MAIL FROM or DATA), or every recipient of the batch refused
+      // for good at RCPT, over its transactions: so is the batch, for continueOnError (its
+      // recipients refused one by one are not when an earlier transaction delivered to others)
+      if (next.refusedWhole || result.recipients.every((r) => r.verdict === 'failed')) {
+        Object.assign(result, { permanentFailure: true, refusedWhole: next.refusedWhole, code: next.code, reply: next.reply });
+      }
+      again = overLimit(next).map((k) => again[k]);
     }
     return this.masked(result);
   }

@@ -628,8 +628,11 @@ describe('per-recipient outcomes', () => {
     assert.deepEqual(attempts(relay, id).map((a) => [a.batch, a.outcome, a.code]), [[0, 'partial', 250]]);
   });
 
-  test('an upstream that counts refused recipients towards its limit: the rest go in another transaction also when the first delivered to none', async () => {
-    // two RCPTs per transaction, refused ones counted; the first two recipients are greylisted
+  /**
+   * An upstream that takes `limit` RCPTs per transaction, counting those it refused too: the
+   * ones after them get `452 4.5.3`; `refuse` answers the others first.
+   */
+  async function countingUpstream(limit: number, refuse: (address: string) => { code: number; message: string } | undefined): Promise<ScriptedUpstream> {
     const rcptsInTransaction = new Map<string, number>();
     const upstream: ScriptedUpstream = await startScriptedUpstream({
       onMailFrom(_address, session, cb) {
@@ -640,12 +643,19 @@ describe('per-recipient outcomes', () => {
         upstream.rcpts.push(address.address);
         const n = (rcptsInTransaction.get(session.id) ?? 0) + 1;
         rcptsInTransaction.set(session.id, n);
-        if (n > 2) return cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
-        if (address.address.startsWith('grey')) return cb(Object.assign(new Error('4.7.1 Greylisted, try again later'), { responseCode: 450 }));
+        const reply = n > limit ? { code: 452, message: '4.5.3 Error: too many recipients' } : refuse(address.address);
+        if (reply) return cb(Object.assign(new Error(reply.message), { responseCode: reply.code }));
         cb();
       },
     });
     cleanup.push(() => upstream.close());
+    return upstream;
+  }
+
+  test('an upstream that counts refused recipients towards its limit: the rest go in another transaction also when the first delivered to none', async () => {
+    // the first two recipients are greylisted
+    const greylisted = { code: 450, message: '4.7.1 Greylisted, try again later' };
+    const upstream = await countingUpstream(2, (address) => (address.startsWith('grey') ? greylisted : undefined));
     const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false });
     cleanup.push(() => relay.stop());
     const id = await queue(relay, ['grey1@example.com', 'grey2@example.com', 'a@example.com', 'b@example.com', 'c@example.com']);
@@ -663,6 +673,85 @@ describe('per-recipient outcomes', () => {
     assert.equal(message(relay, id).state, 'queued');
     // one attempt, with the first transaction's reply (its first refusal: it delivered nothing)
     assert.deepEqual(attempts(relay, id).map((a) => [a.outcome, a.code]), [['partial', 450]]);
+  });
+
+  test("a batch whose every recipient is refused at RCPT over the upstream's transactions is refused as a whole (continueOnError=false)", async () => {
+    const noUser = { code: 550, message: '5.1.1 No such user' };
+    const upstream = await countingUpstream(1, (address) => (address.startsWith('nouser') ? noUser : undefined));
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, batchDelay: 0, continueOnError: false, workerCount: 1 },
+      { startDelivery: false },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['nouser1@example.com', 'nouser2@example.com', 'c@example.com', 'd@example.com']);
+    await relay.delivery.runOnce();
+    // nouser2 went in a second transaction, refused too: batch 0 refused every recipient
+    assert.deepEqual(upstream.rcpts, ['nouser1@example.com', 'nouser2@example.com', 'nouser2@example.com']);
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.address, r.status, r.last_code]), [
+      ['nouser1@example.com', 'failed', 550],
+      ['nouser2@example.com', 'failed', 550],
+      ['c@example.com', 'failed', null],
+      ['d@example.com', 'failed', null],
+    ]);
+    assert.match(rows[2].last_reply!, /^not attempted: batch 0 was refused permanently \(550 .*No such user\) and continueOnError is false/);
+    assert.deepEqual(upstream.accepted, []);
+    assert.deepEqual(attempts(relay, id).map((a) => [a.outcome, a.code]), [['failed', 550]]);
+  });
+
+  test("a transaction that went on to DATA and delivered nothing sends no further one for the recipients over the limit", async () => {
+    const upstream = await countingUpstream(1, () => undefined);
+    // DATA refused for good when a is in it, and for a while when b is
+    upstream.dataReply = (t) =>
+      t.to.includes('a@example.com') ? { code: 554, message: '5.7.1 Rejected as spam' } : t.to.includes('b@example.com') ? { code: 451, message: '4.3.0 Try again later' } : undefined;
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 3, batchDelay: 0, continueOnError: false },
+      { startDelivery: false },
+    );
+    cleanup.push(() => relay.stop());
+    const refused = await queue(relay, ['a@example.com', 'x@example.com', 'y@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.rcpts, ['a@example.com', 'x@example.com', 'y@example.com'], 'one transaction: the message went out once');
+    const rows = recipients(relay, refused);
+    assert.deepEqual(rows.map((r) => [r.address, r.status]), [
+      ['a@example.com', 'failed'],
+      ['x@example.com', 'failed'],
+      ['y@example.com', 'failed'],
+    ]);
+    assert.match(rows[1].last_reply!, /^not attempted again: batch 0 was refused permanently \(554 .*Rejected as spam\)/);
+    assert.deepEqual(attempts(relay, refused).map((a) => [a.outcome, a.code]), [['failed', 554]]);
+
+    upstream.rcpts.length = 0;
+    const deferred = await queue(relay, ['b@example.com', 'x@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.rcpts, ['b@example.com', 'x@example.com'], 'x waits for the next attempt, with b');
+    assert.deepEqual(recipients(relay, deferred).map((r) => [r.address, r.status, r.last_code]), [
+      ['b@example.com', 'pending', 451],
+      ['x@example.com', 'pending', 452],
+    ]);
+  });
+
+  test('a refusal of DATA in a later transaction ends the transactions: the rest of the batch is not sent (continueOnError=false)', async () => {
+    const upstream = await countingUpstream(1, () => undefined);
+    upstream.dataReply = (t) => (t.to.includes('b@example.com') ? { code: 554, message: '5.7.1 Rejected as spam' } : undefined);
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 4, batchDelay: 0, continueOnError: false, workerCount: 1 },
+      { startDelivery: false },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com', 'e@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com']]);
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.address, r.status]), [
+      ['a@example.com', 'delivered'],
+      ['b@example.com', 'failed'],
+      ['c@example.com', 'failed'],
+      ['d@example.com', 'failed'],
+      ['e@example.com', 'failed'],
+    ]);
+    assert.match(rows[2].last_reply!, /^not attempted again: batch 0 was refused permanently \(554 .*Rejected as spam\)/);
+    assert.match(rows[4].last_reply!, /^not attempted: batch 0 was refused permanently/);
   });
 
   test('an upstream that answers every recipient "too many recipients" gets no further transaction: the batch waits for its retry', async () => {
