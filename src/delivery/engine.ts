@@ -638,10 +638,10 @@ export class DeliveryEngine {
    * that only a crash in the moment after an upstream's `250` can send to them again, not one
    * during the transactions that follow (see recordDelivered). A failure is logged; the batch's
    * outcome records them anyway. A lease found lost ends the batch: another worker sends the rest.
+   * The write looks at the lease also when none were delivered (every RCPT refused).
    */
   private async recordDelivered(claim: ClaimedBatch, sofar: BatchResult, abort: AbortController): Promise<void> {
     const recipients = deliveredIn(claim, sofar);
-    if (recipients.length === 0) return;
     const { messageId, token } = claim;
     const held = await this.deps.writer.write('recordDelivered', { messageId, token, now: this.deps.clock.now(), recipients }).catch((err: Error) => {
       this.log.warn(

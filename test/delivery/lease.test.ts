@@ -540,24 +540,66 @@ describe('claims and leases', () => {
     );
   });
 
-  test('a batch whose lease is found lost between two of its transactions sends no further one', async () => {
-    const upstream = await oneRecipientPerTransaction();
+  /** A relay that forwards to `upstream` in batches of two, its log, and a message to a and b queued. */
+  async function queueSplit(upstream: ScriptedUpstream): Promise<{ relay: Relay; id: string; lines: string[] }> {
     const { logger, lines } = capturedLog('info');
     const relay = await startTestRelay(
       { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, processingTimeout: 300 },
       { startDelivery: false, logger },
     );
     cleanup.push(() => relay.stop());
-    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: 'Subject: split\r\n\r\nbody\r\n' })).response);
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['a@example.com', 'b@example.com'], raw: 'Subject: split\r\n\r\nbody\r\n' })).response) as string;
+    return { relay, id, lines };
+  }
+
+  /** What another worker's claim of the message does to this one's lease. */
+  function leaseTakenOver(relay: Relay, id: string): void {
+    writeDirect(relay, (db) => db.prepare("UPDATE messages SET lease_token = 'another worker' WHERE id = ?").run(id));
+  }
+
+  test('a batch whose lease is found lost between two of its transactions sends no further one', async () => {
+    const upstream = await oneRecipientPerTransaction();
+    const { relay, id, lines } = await queueSplit(upstream);
     upstream.hold = () => false;
     // another worker takes the message over while the first transaction's DATA is answered
     upstream.dataReply = () => {
-      writeDirect(relay, (db) => db.prepare("UPDATE messages SET lease_token = 'another worker' WHERE id = ?").run(id));
+      leaseTakenOver(relay, id);
       return undefined;
     };
     await relay.delivery.runOnce();
     assert.deepEqual(upstream.rcpts, ['a@example.com', 'b@example.com'], "b's transaction was not sent");
     assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com']]);
+    assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending'], 'nothing recorded without the lease');
+    assert.ok(lines.some((l) => l.includes('"delivery.lease_lost"')));
+  });
+
+  test('a batch whose first transaction delivered to none (its recipients refused at RCPT) checks its lease before the next one too', async () => {
+    // one RCPT per transaction, refused ones counted: a is greylisted, b over the limit
+    let rcptsInTransaction = 0;
+    const upstream: ScriptedUpstream = await startScriptedUpstream({
+      onMailFrom(_address, _session, cb) {
+        rcptsInTransaction = 0;
+        cb();
+      },
+      onRcptTo(address, _session, cb) {
+        upstream.rcpts.push(address.address);
+        rcptsInTransaction++;
+        if (rcptsInTransaction > 1) return cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
+        if (address.address === 'a@example.com') {
+          // another worker takes the message over while the first transaction is answered
+          if (queued) leaseTakenOver(queued.relay, queued.id);
+          return cb(Object.assign(new Error('4.7.1 Greylisted, try again later'), { responseCode: 450 }));
+        }
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    let queued: { relay: Relay; id: string } | undefined;
+    const { relay, id, lines } = await queueSplit(upstream);
+    queued = { relay, id };
+    await relay.delivery.runOnce();
+    assert.deepEqual(upstream.rcpts, ['a@example.com', 'b@example.com'], "b's own transaction was not sent");
+    assert.deepEqual(upstream.accepted, []);
     assert.deepEqual(recipients(relay, id).map((r) => r.status), ['pending', 'pending'], 'nothing recorded without the lease');
     assert.ok(lines.some((l) => l.includes('"delivery.lease_lost"')));
   });
