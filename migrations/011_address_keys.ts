@@ -29,8 +29,8 @@ export async function up(db: Kysely<unknown>): Promise<void> {
   }
 
   // The rate-limit counts move to the key their messages have now, added to what is counted
-  // there already: the old key lower-cased the address, which IDNA maps otherwise (`h@ẞ.de` was
-  // `h@ß.de`, a domain of its own, and is `h@ss.de`), so it is not always addressKey(old key).
+  // there already: the old key lower-cased the address, which IDNA maps otherwise (`h@ΑΣ-1.gr` was
+  // `h@ας-1.gr`, a domain of its own, and is `h@ασ-1.gr`), so it is not always addressKey(old key).
   // An old key whose messages went to two keys keeps its counts, which cannot be told apart;
   // one whose messages are gone takes addressKey's.
   for (const table of ['rate_buckets', 'rate_hours'] as const) {

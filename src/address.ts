@@ -1,8 +1,8 @@
 // What an envelope address is for every part of relayq: its longest length, the form of its
 // domain that relayq stores, counts and looks up, and the form it takes in the envelope sent upstream.
 import net from 'node:net';
-import { domainToASCII, domainToUnicode } from 'node:url';
 import { normalizeIPv6 } from 'smtp-server/lib/ipv6-normalize.js';
+import { toASCII, toUnicode } from 'tr46';
 
 /** The longest envelope address relayq accepts (64 octets of local part, @, 255 of domain). */
 export const MAX_ADDRESS_LENGTH = 320;
@@ -15,6 +15,30 @@ export function isAscii(text: string): boolean {
 /** A path as MAIL FROM and RCPT TO write it, `<bob@example.com>` or `<>`, without its brackets. */
 export function withoutAngleBrackets(path: string): string {
   return /^<(.*)>$/s.exec(path)?.[1] ?? path;
+}
+
+/**
+ * IDNA processing (UTS #46) with the options of the URL standard's "domain to ASCII": mapped
+ * (lower case, NFC, fullwidth letters made ASCII), not transitional (`ß` stays), hyphens and DNS
+ * lengths not checked here. From the tr46 package, whose Unicode tables the lock file pins, not
+ * from Node's URL parser, whose tables change with Node's version (Node 20 maps `ẞ` to `ss`,
+ * Node 26 to `ß`, as Unicode 15.1 does): the form of a domain that relayq stores, counts and
+ * sends must not change with the Node it runs on.
+ */
+const IDNA = { checkBidi: true, checkHyphens: false, checkJoiners: true, useSTD3ASCIIRules: false, transitionalProcessing: false } as const;
+/** What a host name cannot hold (the URL standard's forbidden domain code points). */
+const FORBIDDEN_IN_DOMAIN = /[\x00-\x20#%/:<>?@[\\\]^|\x7f]/;
+
+/** The domain in ASCII (punycode) as IDNA maps it, or '' when IDNA refuses it. */
+export function domainToAscii(domain: string): string {
+  const ascii = toASCII(domain, { ...IDNA, verifyDNSLength: false });
+  return ascii === null || FORBIDDEN_IN_DOMAIN.test(ascii) ? '' : ascii;
+}
+
+/** An ASCII domain with its punycode labels decoded, or '' when IDNA refuses it. */
+function domainToUnicode(ascii: string): string {
+  const { domain, error } = toUnicode(ascii, IDNA);
+  return error ? '' : domain;
 }
 
 /**
@@ -32,14 +56,14 @@ export function decodeIdnDomain(address: string): string {
   const ipv6 = domain.startsWith('[') ? /^\[IPv6:(.*)\]$/i.exec(domain)?.[1] : undefined;
   if (at >= 0 && ipv6 !== undefined && net.isIPv6(ipv6)) return `${address.slice(0, at)}@[IPv6:${normalizeIPv6(ipv6)}]`;
   if (at < 0 || (isAscii(domain) && !/(^|\.)xn--/i.test(domain))) return address;
-  const ascii = domainToASCII(domain);
+  const ascii = domainToAscii(domain);
   return `${address.slice(0, at)}@${(ascii && domainToUnicode(ascii)) || domain}`;
 }
 
 /**
  * What makes two addresses one: the domain decoded (decodeIdnDomain), then the whole lower-cased.
- * Decoding comes first: IDNA maps some capitals otherwise than their lower case (`ẞ.de` is
- * `ss.de`, `ß.de` a domain of its own). Rate limits count senders by it, maxRecipients counts
+ * Decoding comes first: IDNA maps some capitals otherwise than their lower case (`ΑΣ-1.GR` is
+ * `ασ-1.gr`, where lower case makes the final `Σ` a `ς`, and `ας-1.gr` is a domain of its own). Rate limits count senders by it, maxRecipients counts
  * recipients by it, and a message stores each recipient once by it.
  */
 export function addressKey(address: string): string {
@@ -58,6 +82,6 @@ export function normalizeForEnvelope(address: string): string {
   if (at < 0) return address;
   const domain = address.slice(at + 1);
   if (domain.startsWith('[')) return address;
-  const ascii = isAscii(domain) ? domain : domainToASCII(domain) || domain;
+  const ascii = isAscii(domain) ? domain : domainToAscii(domain) || domain;
   return `${address.slice(0, at)}@${ascii.toLowerCase()}`;
 }

@@ -596,7 +596,7 @@ export class SmtpIntake {
     }
     const key = addressKey(path.address);
     const { keys, spelled } = s.recipients;
-    // smtp-server merges recipients equal in lower case; `BOB@ẞ.DE` (ss.de) and `bob@ß.de` are
+    // smtp-server merges recipients equal in lower case; `BOB@ΑΣ-1.GR` (ασ-1.gr) and `bob@ας-1.gr` are
     // two addresses that it would merge into one, losing the first: the second is refused
     const lower = path.address.toLowerCase();
     if (!keys.has(key) && spelled.has(lower)) {

@@ -2,8 +2,7 @@
 // bare-CR/LF scan that refuses SMTP smuggling, the count of Received: headers that stops a mail
 // loop, and the one Received: header relayq prepends.
 import net from 'node:net';
-import { domainToASCII } from 'node:url';
-import { isAscii, MAX_ADDRESS_LENGTH } from '../address.js';
+import { domainToAscii, isAscii, MAX_ADDRESS_LENGTH } from '../address.js';
 
 const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+$/u;
 /** local@[192.0.2.1] or local@[IPv6:2001:db8::1]: a domain that is an address literal (RFC 5321 §4.1.3). */
@@ -36,17 +35,18 @@ export function isValidAddress(address: string, allowEmpty: boolean): boolean {
 
 /**
  * The domain in ASCII, or undefined when it is no valid one: a label is empty (`a..b`, a leading
- * or trailing dot, or the `xn--` label with nothing after it that smtp-server decodes to nothing:
+ * or trailing dot, a label IDNA maps to nothing (a soft hyphen), or the `xn--` label with nothing
+ * after it that smtp-server decodes to nothing:
  * `b@a.xn--` reaches relayq as `b@a.`), starts or ends with '-' (as written: an internationalized
  * one too), or is over 63 octets in ASCII; or IDNA refuses it. An `xn--` label is checked in
  * any case: smtp-server decodes only lower-case ones, and `XN--A-ECP` is as invalid as `xn--a-ecp`.
  */
 function asciiDomain(domain: string): string | undefined {
-  const ascii = isAscii(domain) && !/(^|\.)xn--/i.test(domain) ? domain : domainToASCII(domain);
+  const ascii = isAscii(domain) && !/(^|\.)xn--/i.test(domain) ? domain : domainToAscii(domain);
   if (ascii === '') return undefined;
   const valid =
     domain.split('.').every((label) => label !== '' && !label.startsWith('-') && !label.endsWith('-')) &&
-    ascii.split('.').every((label) => label.length <= 63);
+    ascii.split('.').every((label) => label !== '' && label.length <= 63);
   return valid ? ascii : undefined;
 }
 
@@ -183,7 +183,7 @@ export function receivedHeader(info: ReceivedInfo): Buffer {
 function traceAddress(address: string): string {
   const at = address.lastIndexOf('@');
   if (at < 0 || isAscii(address)) return address;
-  return `${address.slice(0, at)}@${domainToASCII(address.slice(at + 1)) || sanitize(address.slice(at + 1))}`;
+  return `${address.slice(0, at)}@${domainToAscii(address.slice(at + 1)) || sanitize(address.slice(at + 1))}`;
 }
 
 /** Text for a Received: field: ASCII, and no `(`, `)` or `;`, which would end its comment or its clauses. */

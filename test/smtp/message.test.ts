@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { addressKey, decodeIdnDomain, domainToAscii, normalizeForEnvelope } from '../../src/address.js';
 import { BareLineEndingScanner, ReceivedHeaderCounter } from '../../src/smtp/message.js';
 
 test('Received: header fields are counted however the bytes arrive split, in the header section only', () => {
@@ -45,4 +46,20 @@ test('a bare LF or CR is found wherever the chunks split the message; CRLF split
     for (let at = 0; at <= message.length; at++) assert.equal(split(message, at), true, `${JSON.stringify(message)} split at ${at}`);
   }
   for (let at = 0; at <= clean.length; at++) assert.equal(split(clean, at), false, `clean, split at ${at}`);
+});
+
+test("internationalized domains are mapped by relayq's own IDNA tables (Unicode 15.1 and later), the same on every Node version", () => {
+  // Node 20's URL parser maps ẞ to ss and Node 26's to ß; the keys relayq stores must not follow it
+  assert.equal(decodeIdnDomain('h@ẞ.de'), 'h@ß.de');
+  assert.equal(addressKey('H@ẞ.DE'), addressKey('h@ß.de'));
+  assert.notEqual(addressKey('h@ß.de'), addressKey('h@ss.de'));
+  assert.equal(normalizeForEnvelope('h@ẞ.de'), 'h@xn--zca.de');
+  assert.equal(domainToAscii('MÜNCHEN.de'), 'xn--mnchen-3ya.de');
+  assert.equal(decodeIdnDomain('h@XN--MNCHEN-3YA.DE'), 'h@münchen.de');
+  // Node 26 takes these for valid domains
+  assert.equal(domainToAscii('XN--A-ECP.de'), '');
+  assert.equal(domainToAscii('xn--99999999999999.com'), '');
+  assert.equal(decodeIdnDomain('b@XN--A-ECP.de'), 'b@XN--A-ECP.de', 'one IDNA refuses stays as written');
+  // Node's URL parser ends a host at / ? or #: münchen.de/x would be münchen.de
+  for (const domain of ['münchen.de/x', 'münchen.de?x', 'mü#nchen.de', 'mü%nchen.de']) assert.equal(domainToAscii(domain), '', domain);
 });

@@ -30,8 +30,8 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
     ['NEWIDN00000000000003', 'h@münchen.de', 'h@münchen.de', 'x@münchen.de'],
     ['OLDIP600000000000004', 'a@[IPv6:2001:DB8:0:0:0:0:0:1]', 'a@[ipv6:2001:db8:0:0:0:0:0:1]', 'r@[IPv6:2001:DB8::1]'],
     ['ASCII000000000000005', 'Plain@Example.com', 'plain@example.com', 'Z@Example.com'],
-    // lower-cased, ẞ became ß, a domain of its own; IDNA maps ẞ to ss
-    ['SHARPS00000000000006', 'h@ẞ.de', 'h@ß.de', 'y@example.com'],
+    // lower-cased, a final Σ became ς, a domain of its own; IDNA maps Σ to σ
+    ['SIGMAS00000000000006', 'h@ΑΣ-1.gr', 'h@ας-1.gr', 'y@example.com'],
   ] as const;
   // the first and the third in the same minute: the old key's count is added to the new one's
   const file = await olderDatabase(stored, [0, 1, 0, 2, 3, 4]);
@@ -46,7 +46,7 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
       NEWIDN00000000000003: 'h@münchen.de',
       OLDIP600000000000004: 'a@[ipv6:2001:db8::1]',
       ASCII000000000000005: 'plain@example.com',
-      SHARPS00000000000006: 'h@ss.de',
+      SIGMAS00000000000006: 'h@ασ-1.gr',
     });
     for (const r of stored) assert.equal(keys[r[0]], senderKey(r[1]), 'the key MAIL FROM asks for');
 
@@ -55,7 +55,7 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
     assert.deepEqual(buckets, [
       { sender_key: 'a@[ipv6:2001:db8::1]', n: 1 },
       { sender_key: 'h@münchen.de', n: 3 },
-      { sender_key: 'h@ss.de', n: 1 },
+      { sender_key: 'h@ασ-1.gr', n: 1 },
       { sender_key: 'plain@example.com', n: 1 },
     ]);
     assert.deepEqual(db.prepare("SELECT minute, count FROM rate_buckets WHERE sender_key = 'h@münchen.de' ORDER BY minute").all(), [
@@ -80,11 +80,11 @@ test('mail stored under the keys of older versions is rekeyed: its rate-limit co
 });
 
 test('an old key whose messages now have two keys keeps its rate-limit counts: they cannot be told apart', async () => {
-  // h@ẞ.de and h@ß.de were both keyed h@ß.de; now h@ss.de and h@ß.de
+  // h@ΑΣ-1.gr and h@ας-1.gr were both keyed h@ας-1.gr (lower case makes a final Σ ς); now h@ασ-1.gr and h@ας-1.gr
   const file = await olderDatabase(
     [
-      ['SHARPS00000000000001', 'h@ẞ.de', 'h@ß.de', 'y@example.com'],
-      ['SHARPS00000000000002', 'h@ß.de', 'h@ß.de', 'y@example.com'],
+      ['SIGMAS00000000000001', 'h@ΑΣ-1.gr', 'h@ας-1.gr', 'y@example.com'],
+      ['SIGMAS00000000000002', 'h@ας-1.gr', 'h@ας-1.gr', 'y@example.com'],
     ],
     [0, 1],
   );
@@ -92,12 +92,12 @@ test('an old key whose messages now have two keys keeps its rate-limit counts: t
   try {
     const db = store.sqlite;
     assert.deepEqual(db.prepare('SELECT id, sender_key FROM messages ORDER BY id').all(), [
-      { id: 'SHARPS00000000000001', sender_key: 'h@ss.de' },
-      { id: 'SHARPS00000000000002', sender_key: 'h@ß.de' },
+      { id: 'SIGMAS00000000000001', sender_key: 'h@ασ-1.gr' },
+      { id: 'SIGMAS00000000000002', sender_key: 'h@ας-1.gr' },
     ]);
     for (const table of ['rate_buckets', 'rate_hours']) {
       const counts = db.prepare(`SELECT sender_key, SUM(count) AS n FROM ${table} WHERE sender_key <> '*' GROUP BY sender_key`).all();
-      assert.deepEqual(counts, [{ sender_key: 'h@ß.de', n: 2 }], table);
+      assert.deepEqual(counts, [{ sender_key: 'h@ας-1.gr', n: 2 }], table);
     }
   } finally {
     await store.close();
