@@ -278,8 +278,11 @@ function withCertificateHint(err: Error): Error {
   const code = (err as { originalCode?: unknown }).originalCode;
   const hint = certificateHint(code);
   if (!hint) return err;
-  // Node ends a name mismatch with its list of names, which may be empty: `…cert's list: `
-  err.message = `${err.message.replace(/:\s*$/, '')}: ${hint}`;
+  // Node ends a name mismatch with its list of names, which may be empty: `…cert's list: `; and
+  // since Node 22.15 an untrusted one with advice of its own, a flag that Node 20 lacks: the
+  // hint's advice works on every Node
+  const message = err.message.replace(/; if the root CA is installed locally, try running Node\.js with --use-system-ca\s*$/, '');
+  err.message = `${message.replace(/:\s*$/, '')}: ${hint}`;
   return Object.assign(err, { settingFault: true });
 }
 
