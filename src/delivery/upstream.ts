@@ -489,7 +489,8 @@ export class SmtpUpstream {
     const retryOf = claim.recipients.some((r) => r.attempts > 1) ? claim.messageId : undefined;
     const result = await this.sendTo(envelope, claim.raw, signal, retryOf);
     // The recipients over the upstream's limit per transaction go at once in another one, as long
-    // as each answers some otherwise (RFC 5321 §4.5.3.1.10); they are not held back for a retry.
+    // as each delivers to some or refuses some for reasons of their own at RCPT (RFC 5321
+    // §4.5.3.1.10; see overLimit); they are not held back for a retry.
     let again = overLimit(result);
     while (again.length > 0 && !signal.aborted) {
       await beforeNext?.(this.masked(result));
