@@ -274,7 +274,7 @@ function certificateHint(code: unknown): string | undefined {
  * An upstream certificate that does not verify: a setting to fix (or the upstream's certificate),
  * so the attempt is logged as a warning, with what to check.
  */
-function withCertificateHint(err: Error): Error {
+export function withCertificateHint(err: Error): Error {
   const code = (err as { originalCode?: unknown }).originalCode;
   const hint = certificateHint(code);
   if (!hint) return err;

@@ -37,16 +37,17 @@ export function isValidAddress(address: string, allowEmpty: boolean): boolean {
  * The domain in ASCII, or undefined when it is no valid one: a label is empty (`a..b`, a leading
  * or trailing dot, a label IDNA maps to nothing (a soft hyphen), or the `xn--` label with nothing
  * after it that smtp-server decodes to nothing:
- * `b@a.xn--` reaches relayq as `b@a.`), starts or ends with '-' (as written: an internationalized
- * one too), or is over 63 octets in ASCII; or IDNA refuses it. An `xn--` label is checked in
+ * `b@a.xn--` reaches relayq as `b@a.`), starts or ends with '-' (as written, an internationalized
+ * one too, or once IDNA has mapped it: `ab－` is `ab-`), or is over 63 octets in ASCII; or IDNA
+ * refuses it. An `xn--` label is checked in
  * any case: smtp-server decodes only lower-case ones, and `XN--A-ECP` is as invalid as `xn--a-ecp`.
  */
 function asciiDomain(domain: string): string | undefined {
   const ascii = isAscii(domain) && !/(^|\.)xn--/i.test(domain) ? domain : domainToAscii(domain);
   if (ascii === '') return undefined;
-  const valid =
-    domain.split('.').every((label) => label !== '' && !label.startsWith('-') && !label.endsWith('-')) &&
-    ascii.split('.').every((label) => label !== '' && label.length <= 63);
+  // as written, and in ASCII: IDNA maps a fullwidth hyphen (U+FF0D) to '-'
+  const fits = (label: string) => label !== '' && !label.startsWith('-') && !label.endsWith('-');
+  const valid = domain.split('.').every(fits) && ascii.split('.').every((label) => fits(label) && label.length <= 63);
   return valid ? ascii : undefined;
 }
 

@@ -7,7 +7,7 @@ import { after, describe, test } from 'node:test';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import pino from 'pino';
 import { type DeliveryDeps, DeliveryEngine } from '../../src/delivery/engine.js';
-import { connectionOptions } from '../../src/delivery/upstream.js';
+import { connectionOptions, withCertificateHint } from '../../src/delivery/upstream.js';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, holdWriteLock, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { ManualClock } from '../manual-clock.js';
@@ -52,6 +52,17 @@ test("the nodemailer internals relayq's upstream connections hook are all there"
     _socket: 'boolean',
     _destroyed: 'boolean',
   });
+});
+
+test("an untrusted certificate's error reads the same on every Node: Node 26's advice about a flag Node 20 lacks gives way to relayq's hint", () => {
+  const hint = "the upstream's certificate is not signed by a CA that relayq trusts: for a private CA, start relayq with NODE_EXTRA_CA_CERTS naming the CA's PEM file";
+  const untrusted = (message: string) => Object.assign(new Error(message), { originalCode: 'DEPTH_ZERO_SELF_SIGNED_CERT' });
+  const node26 = withCertificateHint(untrusted('self-signed certificate; if the root CA is installed locally, try running Node.js with --use-system-ca'));
+  const node20 = withCertificateHint(untrusted('self-signed certificate'));
+  assert.equal(node26.message, `self-signed certificate: ${hint}`);
+  assert.equal(node20.message, node26.message);
+  // another error keeps its words
+  assert.equal(withCertificateHint(new Error('connect ECONNREFUSED')).message, 'connect ECONNREFUSED');
 });
 
 describe('upstream connection: TLS and AUTH', () => {

@@ -124,8 +124,10 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.match(await c.send('RCPT TO:<b@XN--A-ECP.de>'), /^501 5\.1\.3 /);
     assert.match(await c.send('RCPT TO:<b@XN--MNCHEN-3YA.DE>'), /^250 /);
     // a label IDNA maps to nothing (a soft hyphen) is an empty one; a character no host name can
-    // hold; a label that breaks the Bidi rule (RFC 5893: a digit first in a right-to-left domain)
-    for (const domain of ['a.\u00ad.de', 'mü#nchen.de', 'mü|nchen.de', '1ש.example']) {
+    // hold; a label that breaks the Bidi rule (RFC 5893: a digit first, in a domain with a
+    // right-to-left label)
+    // a label that IDNA maps to one that starts or ends with '-' (a fullwidth hyphen, U+FF0D)
+    for (const domain of ['a.\u00ad.de', 'mü#nchen.de', 'mü|nchen.de', '1ש.example', '3com.ישראל', 'ab\uff0d.example', '\uff0dcd.example']) {
       assert.match(await c.send(`RCPT TO:<b@${domain}>`), /^501 5\.1\.3 /, domain);
     }
     // an address is 253 characters at most (as smtp-server takes them) in the ASCII form it goes
