@@ -47,7 +47,10 @@ function asciiDomain(domain: string): string | undefined {
   if (ascii === '') return undefined;
   // as written, and in ASCII: IDNA maps a fullwidth hyphen (U+FF0D) to '-'
   const fits = (label: string) => label !== '' && !label.startsWith('-') && !label.endsWith('-');
-  const valid = domain.split('.').every(fits) && ascii.split('.').every((label) => fits(label) && label.length <= 63);
+  // a label not in ASCII is no A-label (`XN--ｍｎcheｎ-3ｙa`), and a U-label has no `--` in its
+  // third and fourth places (RFC 5891 §4.2.3.1); smtp-server refuses one that starts `xn--`
+  const written = (label: string) => fits(label) && (isAscii(label) || label.slice(2, 4) !== '--');
+  const valid = domain.split('.').every(written) && ascii.split('.').every((label) => fits(label) && label.length <= 63);
   return valid ? ascii : undefined;
 }
 
