@@ -25,13 +25,13 @@ export function withoutAngleBrackets(path: string): string {
  * Node 26 to `ß`, as Unicode 15.1 does): the form of a domain that relayq stores, counts and
  * sends must not change with the Node it runs on.
  */
-const IDNA = { checkBidi: true, checkHyphens: false, checkJoiners: true, useSTD3ASCIIRules: false, transitionalProcessing: false } as const;
+const IDNA = { checkBidi: true, checkHyphens: false, checkJoiners: true, useSTD3ASCIIRules: false, transitionalProcessing: false, verifyDNSLength: false } as const;
 /** What a host name cannot hold (the URL standard's forbidden domain code points). */
 const FORBIDDEN_IN_DOMAIN = /[\x00-\x20#%/:<>?@[\\\]^|\x7f]/;
 
 /** The domain in ASCII (punycode) as IDNA maps it, or '' when IDNA refuses it. */
 export function domainToAscii(domain: string): string {
-  const ascii = toASCII(domain, { ...IDNA, verifyDNSLength: false });
+  const ascii = toASCII(domain, IDNA);
   return ascii === null || FORBIDDEN_IN_DOMAIN.test(ascii) ? '' : ascii;
 }
 
@@ -63,8 +63,9 @@ export function decodeIdnDomain(address: string): string {
 /**
  * What makes two addresses one: the domain decoded (decodeIdnDomain), then the whole lower-cased.
  * Decoding comes first: IDNA maps some capitals otherwise than their lower case (`ΑΣ-1.GR` is
- * `ασ-1.gr`, where lower case makes the final `Σ` a `ς`, and `ας-1.gr` is a domain of its own). Rate limits count senders by it, maxRecipients counts
- * recipients by it, and a message stores each recipient once by it.
+ * `ασ-1.gr`, where lower case makes the final `Σ` a `ς`, and `ας-1.gr` is a domain of its own).
+ * Rate limits count senders by it, maxRecipients counts recipients by it, and a message stores
+ * each recipient once by it.
  */
 export function addressKey(address: string): string {
   return decodeIdnDomain(address).toLowerCase();

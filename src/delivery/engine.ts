@@ -162,8 +162,8 @@ export class DeliveryEngine {
   /** An odd claim's extra message is new mail every other time. */
   private freshTurn = false;
   /**
-   * Since when (the clock's ms) claiming due work has failed, the last error, how many claims
-   * failed, and when (performance.now()) the last failure was logged; null while it works.
+   * Since when (the clock's ms) claiming due work has failed, the last error and how many claims
+   * failed; null while it works.
    */
   private claimFault: { since: number; err: string; tries: number } | null = null;
   /** Delivery to the upstream suspended while it cannot be reached; none for local delivery. */

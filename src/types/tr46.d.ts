@@ -12,5 +12,5 @@ declare module 'tr46' {
   /** The domain in ASCII (punycode), or null when UTS #46 processing finds an error. */
   export function toASCII(domainName: string, options?: Options): string | null;
   /** The domain in Unicode, and whether processing found an error. */
-  export function toUnicode(domainName: string, options?: Omit<Options, 'verifyDNSLength'>): { domain: string; error: boolean };
+  export function toUnicode(domainName: string, options?: Options): { domain: string; error: boolean };
 }
