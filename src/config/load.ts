@@ -124,7 +124,8 @@ export function parseFlags(argv: readonly string[]): { configPath?: string; valu
       if (arg.startsWith('-----')) hiding = { what: 'the words after it', named: false };
     } else if (!known) unknown.push(`--${name}`);
     else if (value === undefined && key?.type === 'bool') values.set(name, 'true');
-    else if (value === undefined || (name === 'config' && value === '')) missing.push(name);
+    // an empty value is one for a string (an empty password), not for a number or a boolean
+    else if (value === undefined || (value === '' && (name === 'config' || key?.type === 'int' || key?.type === 'bool'))) missing.push(name);
     else if (name === 'config') configPath = value;
     else values.set(name, value);
   }

@@ -714,6 +714,11 @@ describe('loadConfig', () => {
   test('an empty --config is an error, not a silent fallback to ./config.json', () => {
     assert.deepEqual(errorMessages(loadConfig(['--config', ''], {})), ['--config needs a value']);
     assert.deepEqual(errorMessages(loadConfig(['--config='], {})), ['--config needs a value']);
+    // nothing after = for a number or a boolean; for a string it is the empty string
+    assert.deepEqual(errorMessages(loadConfig(['--queueSize=', '--forwardSMTP='], {})), ['--queueSize needs a value', '--forwardSMTP needs a value']);
+    const empty = loadConfig(['--forwardHost=', '--serverName=relay.example.com', '--defaultUsername='], {});
+    assert.ok(empty.ok);
+    assert.deepEqual([empty.config.forwardHost, empty.config.defaultUsername], ['', '']);
   });
 
   test('the config file is --config FILE, else RELAYQ_CONFIG, else ./config.json', () => {
