@@ -47,9 +47,9 @@ function asciiDomain(domain: string): string | undefined {
   if (ascii === '') return undefined;
   // as written, and in ASCII: IDNA maps a fullwidth hyphen (U+FF0D) to '-'
   const fits = (label: string) => label !== '' && !label.startsWith('-') && !label.endsWith('-');
-  // a label not in ASCII is no A-label (`XN--ｍｎcheｎ-3ｙa`), and a U-label has no `--` in its
-  // third and fourth places (RFC 5891 §4.2.3.1); smtp-server refuses one that starts `xn--`
-  const written = (label: string) => fits(label) && (isAscii(label) || label.slice(2, 4) !== '--');
+  // a label that starts `xn--` once mapped is an A-label, all ASCII as written: `XN--ｍｎcheｎ-3ｙa`
+  // and `ｘｎ--mnchen-3ya` are none (smtp-server refuses the first in lower case)
+  const written = (label: string) => fits(label) && (isAscii(label) || !label.normalize('NFKC').toLowerCase().startsWith('xn--'));
   const valid = domain.split('.').every(written) && ascii.split('.').every((label) => fits(label) && label.length <= 63);
   return valid ? ascii : undefined;
 }

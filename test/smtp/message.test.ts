@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { addressKey, decodeIdnDomain, domainToAscii, normalizeForEnvelope } from '../../src/address.js';
-import { BareLineEndingScanner, ReceivedHeaderCounter } from '../../src/smtp/message.js';
+import { BareLineEndingScanner, isValidAddress, ReceivedHeaderCounter } from '../../src/smtp/message.js';
 
 test('Received: header fields are counted however the bytes arrive split, in the header section only', () => {
   const message = Buffer.from(
@@ -62,4 +62,10 @@ test("internationalized domains are mapped by relayq's own IDNA tables (Unicode 
   assert.equal(decodeIdnDomain('b@XN--A-ECP.de'), 'b@XN--A-ECP.de', 'one IDNA refuses stays as written');
   // Node's URL parser ends a host at / ? or #: münchen.de/x would be münchen.de
   for (const domain of ['münchen.de/x', 'münchen.de?x', 'mü#nchen.de', 'mü%nchen.de']) assert.equal(domainToAscii(domain), '', domain);
+});
+
+test('a label that is not ASCII is refused only when it starts with xn-- once mapped: -- in its third and fourth code units is no prefix', () => {
+  for (const domain of ['XN--ｍｎcheｎ-3ｙa.de', 'ｘｎ--mnchen-3ya.de', 'Ｘｎ--mnchen-3ya.de']) assert.equal(isValidAddress(`a@${domain}`, false), false, domain);
+  // a character outside the BMP is two code units; a decomposed ü is two characters
+  for (const domain of ['𠮷--屋.jp', '😀--a.example', 'u\u0308--x.de', 'zü--x.de', 'XN--Z--X-0RA.DE', 'ab--cd.de']) assert.equal(isValidAddress(`a@${domain}`, false), true, domain);
 });
