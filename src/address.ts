@@ -29,6 +29,14 @@ const IDNA = { checkBidi: true, checkHyphens: false, checkJoiners: true, useSTD3
 /** What a host name cannot hold (the URL standard's forbidden domain code points). */
 const FORBIDDEN_IN_DOMAIN = /[\x00-\x20#%/:<>?@[\\\]^|\x7f]/;
 
+/**
+ * A domain that IDNA may map or refuse: not ASCII, or with an `xn--` label in any case (smtp-server
+ * decodes only lower-case ones). Any other is taken as written.
+ */
+export function isIdnDomain(domain: string): boolean {
+  return !isAscii(domain) || /(^|\.)xn--/i.test(domain);
+}
+
 /** The domain in ASCII (punycode) as IDNA maps it, or '' when IDNA refuses it. */
 export function domainToAscii(domain: string): string {
   const ascii = toASCII(domain, IDNA);
@@ -55,7 +63,7 @@ export function decodeIdnDomain(address: string): string {
   const domain = address.slice(at + 1);
   const ipv6 = domain.startsWith('[') ? /^\[IPv6:(.*)\]$/i.exec(domain)?.[1] : undefined;
   if (at >= 0 && ipv6 !== undefined && net.isIPv6(ipv6)) return `${address.slice(0, at)}@[IPv6:${normalizeIPv6(ipv6)}]`;
-  if (at < 0 || (isAscii(domain) && !/(^|\.)xn--/i.test(domain))) return address;
+  if (at < 0 || !isIdnDomain(domain)) return address;
   const ascii = domainToAscii(domain);
   return `${address.slice(0, at)}@${(ascii && domainToUnicode(ascii)) || domain}`;
 }

@@ -2,7 +2,7 @@
 // bare-CR/LF scan that refuses SMTP smuggling, the count of Received: headers that stops a mail
 // loop, and the one Received: header relayq prepends.
 import net from 'node:net';
-import { domainToAscii, isAscii, MAX_ADDRESS_LENGTH } from '../address.js';
+import { domainToAscii, isAscii, isIdnDomain, MAX_ADDRESS_LENGTH } from '../address.js';
 
 const ADDRESS = /^[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+@[^\s@<>()\\,;:"[\]\x00-\x1f\x7f]+$/u;
 /** local@[192.0.2.1] or local@[IPv6:2001:db8::1]: a domain that is an address literal (RFC 5321 §4.1.3). */
@@ -35,15 +35,15 @@ export function isValidAddress(address: string, allowEmpty: boolean): boolean {
 
 /**
  * The domain in ASCII, or undefined when it is no valid one: a label is empty (`a..b`, a leading
- * or trailing dot, a label IDNA maps to nothing (a soft hyphen), or the `xn--` label with nothing
- * after it that smtp-server decodes to nothing:
- * `b@a.xn--` reaches relayq as `b@a.`), starts or ends with '-' (as written, an internationalized
- * one too, or once IDNA has mapped it: `ab－` is `ab-`), or is over 63 octets in ASCII; or IDNA
- * refuses it. An `xn--` label is checked in
- * any case: smtp-server decodes only lower-case ones, and `XN--A-ECP` is as invalid as `xn--a-ecp`.
+ * or trailing dot, a label IDNA maps to nothing, as a soft hyphen, or the `xn--` label with
+ * nothing after it that smtp-server decodes to nothing: `b@a.xn--` reaches relayq as `b@a.`),
+ * starts or ends with '-' (as written, an internationalized one too, or once IDNA has mapped it:
+ * `ab－` is `ab-`), or is over 63 octets in ASCII; or IDNA refuses it. An `xn--` label is checked
+ * in any case: smtp-server decodes only lower-case ones, and `XN--A-ECP` is as invalid as
+ * `xn--a-ecp`.
  */
 function asciiDomain(domain: string): string | undefined {
-  const ascii = isAscii(domain) && !/(^|\.)xn--/i.test(domain) ? domain : domainToAscii(domain);
+  const ascii = isIdnDomain(domain) ? domainToAscii(domain) : domain;
   if (ascii === '') return undefined;
   // as written, and in ASCII: IDNA maps a fullwidth hyphen (U+FF0D) to '-'
   const fits = (label: string) => label !== '' && !label.startsWith('-') && !label.endsWith('-');
