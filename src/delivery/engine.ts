@@ -256,7 +256,7 @@ export class DeliveryEngine {
 
   /** Something may have become due (a commit of new mail): look now instead of at the next poll. */
   wake(): void {
-    if (!this.running || this.stopping || this.pumpScheduled) return;
+    if (!this.running || this.pumpScheduled) return;
     this.pumpScheduled = true;
     setImmediate(() => {
       this.pumpScheduled = false;
@@ -332,7 +332,7 @@ export class DeliveryEngine {
   }
 
   private tick(): void {
-    if (!this.running || this.stopping) return;
+    if (!this.running) return;
     const now = this.deps.clock.now();
     if (this.failedRetry.due()) this.track(this.failedRetry.scan(false));
     if (this.inFlow.delayMs > 0 && performance.now() >= this.claimsPausedUntil) {
@@ -377,7 +377,7 @@ export class DeliveryEngine {
    * that freed it instead of waiting for that claim to finish first.
    */
   private pump(): void {
-    if (!this.running || this.stopping) return;
+    if (!this.running) return;
     const free = this.config.workerCount - this.busySlots;
     if (free <= 0 || performance.now() < this.claimsPausedUntil) return;
     const held = this.held();

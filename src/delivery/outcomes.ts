@@ -226,8 +226,9 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
   // Refused as a whole: MAIL FROM or DATA refused permanently (for every recipient the upstream
   // had accepted at RCPT), or every RCPT refused permanently.
   const rest = rcpts.filter((key) => !perRecipient.has(key));
+  const everyRcptRefused = rest.length === 0 && rcpts.length > 0;
   const refusedWhole = rest.length > 0 && !whole.temporary;
-  const permanentFailure = refusedWhole || (rest.length === 0 && recipients.length > 0 && recipients.every((r) => r.verdict === 'failed'));
+  const permanentFailure = refusedWhole || (everyRcptRefused && recipients.every((r) => r.verdict === 'failed'));
   return {
     upstream,
     code: whole.code,
@@ -237,7 +238,7 @@ export function resultFromNodemailer(upstream: string, rcpts: readonly string[],
     refusedWhole,
     ...(error?.settingFault === true ? { settingFault: true } : {}),
     ...(error?.unreachable === true ? { unreachable: true } : {}),
-    ...(rest.length === 0 && rcpts.length > 0 ? { everyRcptRefused: true } : {}),
+    ...(everyRcptRefused ? { everyRcptRefused: true } : {}),
     ...tlsOf(error ?? {}),
   };
 }

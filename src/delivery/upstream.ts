@@ -84,7 +84,7 @@ interface Envelope {
 /** A transaction, or one recipient of it, the upstream cannot take without SMTPUTF8 (RFC 6531 §3.2). */
 function smtpUtf8Refusal(label: string, recipient?: string): UpstreamError {
   const message = `5.6.7 SMTPUTF8 is required, but was not offered by ${label}`;
-  return Object.assign(new Error(message), { code: 'EENVELOPE', ownRefusal: true, ...(recipient === undefined ? { notSent: true } : { recipient }) });
+  return Object.assign(new Error(message), { code: 'EENVELOPE', ownRefusal: true, recipient });
 }
 
 /**
@@ -93,7 +93,7 @@ function smtpUtf8Refusal(label: string, recipient?: string): UpstreamError {
  */
 function sizeRefusal(label: string, size: number, limit: number): UpstreamError {
   const message = `5.3.4 message size ${size} exceeds the size limit ${limit} of ${label}`;
-  return Object.assign(new Error(message), { code: 'EMESSAGE', ownRefusal: true, notSent: true });
+  return Object.assign(new Error(message), { code: 'EMESSAGE', ownRefusal: true });
 }
 
 /**
@@ -163,12 +163,10 @@ const dataStreams = new WeakMap<SMTPConnection, Readable>();
  * stream has ended (its last chunk, the dot, written to the socket) and the socket holds nothing
  * unsent: a large message to an upstream that stopped reading may still sit in its buffer.
  */
-function withEndUnanswered(err: Error, connection: SMTPConnection): Error {
-  const e = err as UpstreamError;
+function withEndUnanswered(e: UpstreamError, connection: SMTPConnection): void {
   const socket = socketOf(connection);
   const left = dataStreams.get(connection)?.readableEnded === true && socket?.writableLength === 0;
   if (left && typeof e.responseCode !== 'number' && !e.response) e.endUnanswered = true;
-  return e;
 }
 
 /**

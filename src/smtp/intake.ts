@@ -320,7 +320,7 @@ export class SmtpIntake {
     this.closing = true;
     // on the monotonic clock: a stepped wall clock must neither cut the grace period short nor lengthen it
     const deadline = performance.now() + graceMs;
-    while (this.inFlight > 0 && performance.now() < deadline) await delay(10);
+    while (this.inFlight > 0 && performance.now() < deadline) await sleep(10, undefined, { ref: false });
     this.graceOver = true;
     if (this.commitsInFlight.size > 0) {
       this.deps.logger.info({ event: 'smtp.shutdown_commits', commits: this.commitsInFlight.size }, 'shutdown: waiting for messages being committed');
@@ -785,8 +785,4 @@ function uniqueAddresses(addresses: string[]): string[] {
 /** The name the session authenticated as (onAuth hands smtp-server the username), or null. */
 function authUserOf(session: SMTPServerSession): string | null {
   return typeof session.user === 'string' && session.user !== '' ? session.user : null;
-}
-
-function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms).unref());
 }
