@@ -2,6 +2,7 @@
 // code, and whether anything was stored.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { domainToASCII } from 'node:url';
 import type { Relay } from '../../src/main.js';
@@ -276,6 +277,31 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     assert.equal(messageCount(relay), before);
     // the session's line lists it among what was refused
     await waitFor(() => log.entries().some((e) => e.event === 'smtp.session' && String(e.replies).includes('421 4.5.0')));
+  });
+
+  test('the replies to a pipelined group leave in one write (RFC 2920 §3.1: sent as a unit)', async () => {
+    let writes = 0;
+    // every write the relay's side of the connection hands to the kernel: one per write or writev
+    relay.intake.server.server.once('connection', (socket: net.Socket) => {
+      const counted = socket as unknown as Record<'_write' | '_writev', (...args: unknown[]) => unknown>;
+      for (const method of ['_write', '_writev'] as const) {
+        const original = counted[method];
+        counted[method] = function (this: unknown, ...args: unknown[]) {
+          writes += 1;
+          return original.apply(this, args);
+        };
+      }
+    });
+    const { c } = await ehlo(relay.smtpPort);
+    for (let i = 0; i < 3; i++) {
+      writes = 0;
+      c.write('MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n');
+      const replies = [await c.read(), await c.read(), await c.read(), await c.read()];
+      assert.deepEqual(replies.map((r) => r.slice(0, 3)), ['250', '250', '250', '354']);
+      assert.equal(writes, 1, 'four replies, one write');
+      assert.match(await c.send(MSG.slice(0, -2)), /^250 2\.0\.0 Ok: queued as /);
+    }
+    c.close();
   });
 
   test('a client that pipelines its next group behind a final dot and waits (RFC 2920): its refused DATA leaves the session open', async () => {

@@ -191,6 +191,15 @@ test("as root, the commands that read refuse a database in another user's direct
   const deep = await runCli(['status', '--databasePath', path.join(loops, 'L8', 'relayq.db')], { timeoutMs: 20_000 });
   assert.equal(deep.signal, null, 'refused without walking the links for ever');
   assert.match(deep.stderr, /too many levels of symbolic links/);
+  // a chain of exactly 40 links is followed, as the kernel follows it; one link more is refused
+  const chain = tempDir();
+  await (await openStore(path.join(chain, 'data', 'relayq.db'))).close();
+  fs.symlinkSync('data', path.join(chain, 'l1'));
+  for (let i = 2; i <= 41; i++) fs.symlinkSync(`l${i - 1}`, path.join(chain, `l${i}`));
+  const forty = await runCli(['status', '--databasePath', path.join(chain, 'l40', 'relayq.db')]);
+  assert.equal(forty.code, 0, forty.stderr);
+  const fortyOne = await runCli(['status', '--databasePath', path.join(chain, 'l41', 'relayq.db')]);
+  assert.deepEqual([fortyOne.code, fortyOne.stderr.match(/too many levels of symbolic links/)?.[0]], [1, 'too many levels of symbolic links'], fortyOne.stderr);
 
   // the STARTTLS key and certificate: a key of theirs would be the identity root serves
   const tlsDir = path.join(tempDir(), 'tls');
