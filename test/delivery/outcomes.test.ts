@@ -103,6 +103,18 @@ describe('per-recipient outcomes', () => {
     assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com'], ['b@example.com'], ['tmp@example.com']]);
   });
 
+  test('a message waiting for its next batch names a recipient that gave up after a deferral as failed, not as deferred', async () => {
+    const { relay, upstream } = await setup({ batchSize: 1, batchDelay: 120, retry: { initialDelay: 60, maxAttempts: 1 } });
+    upstream.rcptReply = (a) => (a === 'tmp@example.com' ? { code: 450, message: '4.2.1 Busy' } : undefined);
+    const id = await queue(relay, ['tmp@example.com', 'a@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(recipients(relay, id).map((r) => [r.address, r.status]), [['tmp@example.com', 'failed'], ['a@example.com', 'pending']]);
+    assert.deepEqual(
+      [message(relay, id).state, message(relay, id).last_error],
+      ['queued', 'tmp@example.com: gave up after 1 attempt (retry.maxAttempts=1); last reply: 450 4.2.1 Busy'],
+    );
+  });
+
   test('550 to one RCPT → that recipient failed, the others delivered, message failed and exported with the original bytes', async () => {
     const { clock, relay, upstream } = await setup();
     upstream.rcptReply = (a) => (a === 'bad@example.com' ? { code: 550, message: '5.1.1 No such user' } : undefined);
