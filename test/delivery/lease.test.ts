@@ -302,6 +302,7 @@ describe('claims and leases', () => {
       await lock.release().catch(() => {});
     }
     await stopping;
+    assert.deepEqual(log.entries().filter((e) => e.event === 'delivery.shutdown_claims').map((e) => e.claims), [1], 'the wait is logged');
 
     const second = await startTestRelay(config, { startDelivery: false });
     cleanup.push(() => second.stop());

@@ -172,10 +172,15 @@ test("the relay's sweeper deletes delivered mail 200 messages a batch", async ()
   try {
     await insertMessages(relay, 201, 'failed');
     await writeDirect(relay, (db) => db.prepare("UPDATE messages SET state = 'delivered', finished_at = 1").run());
-    const sweeper = new RetentionSweeper({ writer: relay.writer, clock, logger: pino({ level: 'silent' }), deliveredDays: 7 });
+    const log = capturedLog('info');
+    const sweeper = new RetentionSweeper({ writer: relay.writer, clock, logger: log.logger, deliveredDays: 7 });
     assert.deepEqual(await sweeper.runOnce(), { messages: 200, buckets: 0, more: true });
     // the rest, with the rate buckets the inserts counted in (all from 1970)
     assert.deepEqual(await sweeper.runOnce(), { messages: 1, buckets: 4, more: false });
+    // a batch that deleted nothing says nothing
+    assert.deepEqual(await sweeper.runOnce(), { messages: 0, buckets: 0, more: false });
+    const deleted = log.entries().filter((e) => e.event === 'retention.deleted');
+    assert.deepEqual(deleted.map((e) => [e.messages, e.buckets]), [[200, 0], [1, 4]]);
   } finally {
     await relay.stop();
   }

@@ -272,6 +272,11 @@ test('a read that fails while looking for due work (the schema changed under the
     assert.deepEqual(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000].slice(0, waits.length), 'paused, not tried at every turn');
 
     other.exec(`CREATE INDEX messages_due ON messages (next_attempt_at) WHERE state = 'queued'`);
+    // with nothing due, the next look that works ends the pause: /health no longer degraded, and said once
+    await waitFor(() => relay.delivery.claimFailure() === null, 15_000, 'claims working again with nothing due');
+    const resumed = log.entries().filter((e) => e.event === 'delivery.claims_resumed');
+    assert.equal(resumed.length, 1);
+    assert.ok((resumed[0].tries as number) >= failures().length, 'every failure counted');
     const next = queuedId((await sendMail(relay.smtpPort, { to: ['b@example.com'] })).response) as string;
     await waitFor(() => state(next) === 'delivered', 15_000, 'mail delivered once the reads work again');
   } finally {
