@@ -390,7 +390,7 @@ test('the same signal again, past the window of a repeated delivery, while the s
     const wal = path.join(dir, 'data', 'relayq.db-wal');
     await waitFor(() => !fs.existsSync(wal), 20_000, 'the stop to close the store');
     // an operator's second SIGTERM, not the pair `timeout` sends within the second
-    await sleep(Math.max(0, 1100 - (performance.now() - firstAt)));
+    await sleep(Math.max(0, 1500 - (performance.now() - firstAt)));
     relay.child.kill('SIGTERM');
     assert.equal(await exitWithin(relay.exited, 20_000), 1, relay.stderr());
     assert.match(relay.stderr(), /^relayq: stdout took no log for \d+(\.\d)? s; exiting without the last \d+ bytes of it$/m);
