@@ -167,7 +167,8 @@ function refuseWordsAfterSecret(cmd: Command, args: readonly string[]): void {
  * would read the id as the flag's value, and then find no id.
  */
 function booleanWord(value: string): string {
-  if (/^(true|false|1|0|yes|no)$/i.test(value.trim())) return value;
+  // empty (--key=): the config check says it needs a value, as for any other key
+  if (value === '' || /^(true|false|1|0|yes|no)$/i.test(value.trim())) return value;
   throw new InvalidArgumentError(`must be true/false/1/0/yes/no, got ${JSON.stringify(value)} (alone, a boolean flag goes after the other arguments, or give it as --key=true)`);
 }
 

@@ -524,6 +524,12 @@ describe('relayq CLI on the database of a running relay', () => {
       const r = await runCli(['status', '--databasePath', file, ...flags]);
       assert.equal(r.code, 0, `${flags.join(' ')}: ${r.stderr}`);
     }
+    // a boolean flag with nothing after = needs a value, in serve's words: a warning where the
+    // command does not read the key, an error where it does
+    const empty = await runCli(['status', '--databasePath', file, '--forwardSMTP=']);
+    assert.deepEqual([empty.code, empty.stderr], [0, 'relayq: warning: config error (flag): --forwardSMTP needs a value (this command does not read it; serve refuses it)\n']);
+    const emptyRead = await runCli(['delete', '1A2B3C4D5E6F7A8B9C0D', '--databasePath', file, '--security.logAllEmails=']);
+    assert.deepEqual([emptyRead.code, emptyRead.stderr], [2, 'relayq: config error (flag): --security.logAllEmails needs a value\n']);
     // the word after a boolean flag is its value, so an id there is refused as one, not read as
     // the flag's value (and then "give one or more message ids")
     const swallowed = await runCli(['retry', '--databasePath', file, '--security.logAllEmails', '1A2B3C4D5E6F7A8B9C0D']);
