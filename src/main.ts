@@ -152,10 +152,9 @@ export function permissionWarnings(databasePath: string, emailsDir: string): Per
 /**
  * The lock says no other relay runs on this database: a claim still held was left by one that
  * ended without handing it back. It is due again now, as Postfix's queue manager moves its active
- * queue back at its start, rather than once its lease (processingTimeout) has run out. Then the
- * clock is weighed against the times in the database.
+ * queue back at its start, rather than once its lease (processingTimeout) has run out.
  */
-async function recoverAtStart(writer: StoreWriter, store: Store, clock: Clock, logger: Logger): Promise<void> {
+async function releaseOrphanedAtStart(writer: StoreWriter, clock: Clock, logger: Logger): Promise<void> {
   const orphaned = await writer.write('releaseOrphanedClaims', clock.now());
   if (orphaned.length > 0) {
     logger.warn(
@@ -163,8 +162,13 @@ async function recoverAtStart(writer: StoreWriter, store: Store, clock: Clock, l
       'messages were being delivered when relayq last stopped without handing them back: due again now',
     );
   }
-  // Times in the database are wall-clock times: after a step back, mail waiting now waits the
-  // length of the step longer (README, "When the clock steps"); said, not silently waited out.
+}
+
+/**
+ * Times in the database are wall-clock times: after a step back, mail waiting now waits the
+ * length of the step longer (README, "When the clock steps"); said, not silently waited out.
+ */
+function warnIfClockBehind(store: Store, clock: Clock, logger: Logger): void {
   const newest = newestRecordedTime(store.sqlite);
   const behindMs = newest === null ? 0 : newest - clock.now();
   if (behindMs > CLOCK_BEHIND_WARNING_MS) {
@@ -255,7 +259,8 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
     }
   };
   try {
-    await recoverAtStart(writer, store, clock, logger);
+    warnIfClockBehind(store, clock, logger);
+    await releaseOrphanedAtStart(writer, clock, logger);
   } catch (err) {
     // A full disk need not stop the start: those claims are taken again when their lease ends,
     // and meanwhile the relay answers 4xx and /health says why, where a refused start would not.

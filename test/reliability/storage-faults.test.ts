@@ -331,9 +331,12 @@ test('a start that cannot hand back the claims of a killed relay for lack of roo
     } finally {
       await relay.stop();
     }
-    // as a relay killed while delivering leaves them: claimed, their lease running
+    // as a relay killed while delivering leaves them: claimed, their lease running; and received
+    // an hour ahead of the clock now (stepped back since), which the start warns of all the same
     db = openConnection(databasePath);
-    db.prepare("UPDATE messages SET state = 'sending', claims = 1, lease_token = 'killed', lease_expires_at = ?").run(Date.now() + 3_600_000);
+    db.prepare("UPDATE messages SET state = 'sending', claims = 1, lease_token = 'killed', lease_expires_at = ?, received_at = received_at + 3600000").run(
+      Date.now() + 3_600_000,
+    );
     // kept open until the end: closed now it would remove the -wal and -shm files, which a
     // killed relay leaves behind (and a full disk has no room to make again)
     const filler = fs.openSync(path.join(dataDir, 'filler'), 'w');
@@ -353,6 +356,7 @@ test('a start that cannot hand back the claims of a killed relay for lack of roo
         .find((l) => l.includes('"delivery.claims_not_recovered"'));
       assert.ok(line, restarted.output());
       assert.match(JSON.parse(line).err, /database or disk is full/);
+      assert.match(restarted.output(), /"event":"relay\.clock_behind"/);
     } finally {
       await restarted.kill('SIGKILL');
     }
