@@ -122,19 +122,16 @@ function continueClearedFirst(this: SMTPStream): void {
   }
 }
 
-/** Whether each session's client has sent more than the command being answered (module comment, 8). */
-const inputsAhead = new WeakMap<SMTPServerSession, () => boolean>();
+/** The connection of each session, for the questions intake asks about it (module comment, 8). */
+const connections = new WeakMap<SMTPServerSession, RelayqConnection>();
 
 /**
  * The client of this session has sent its FIN, or more input than the parser takes while it
  * waits for the current command's answer: the socket then stops reading, and a FIN waits unread.
  */
 export function inputAhead(session: SMTPServerSession): boolean {
-  return inputsAhead.get(session)?.() ?? false;
+  return connections.get(session)?.inputAhead() ?? false;
 }
-
-/** Each session's watch for its client's FIN (whenInputEnds). */
-const inputEnds = new WeakMap<SMTPServerSession, (ended: () => void) => () => void>();
 
 /**
  * Calls `ended` once the client of this session has shut down its sending side (its FIN read;
@@ -143,36 +140,17 @@ const inputEnds = new WeakMap<SMTPServerSession, (ended: () => void) => () => vo
  * still there for its replies, and so is not `ended`.
  */
 export function whenInputEnds(session: SMTPServerSession, ended: () => void): () => void {
-  return inputEnds.get(session)?.(ended) ?? (() => {});
+  return connections.get(session)?.whenInputEnds(ended) ?? (() => {});
 }
-
-/** Sessions whose STARTTLS was answered `220` and whose handshake has not completed (yet). */
-const tlsPending = new WeakSet<SMTPServerSession>();
 
 /** STARTTLS was answered and no TLS session followed: at the end, a client that never started it, or failed. */
 export function tlsNotCompleted(session: SMTPServerSession): boolean {
-  return tlsPending.has(session);
+  return connections.get(session)?.tlsPending ?? false;
 }
 
 class RelayqConnection extends SMTPConnection {
   override init(): void {
-    // the socket and parser of the moment: those of the TLS session after STARTTLS
-    inputsAhead.set(this.session, () => {
-      const socket = this._socket;
-      return socket.readableEnded || socket.readableLength > 0 || (this._parser ? this._parser.writableNeedDrain : false);
-    });
-    inputEnds.set(this.session, (ended) => {
-      const socket = this._socket;
-      const onEnd = () => {
-        if (!this.sentAhead()) ended();
-      };
-      if (socket.readableEnded) {
-        queueMicrotask(onEnd);
-        return () => {};
-      }
-      socket.once('end', onEnd);
-      return () => socket.off('end', onEnd);
-    });
+    connections.set(this.session, this);
     this._setListeners(() => {
       const { maxClients } = this._server.options;
       if (maxClients && this._server.connections.size > maxClients) {
@@ -184,6 +162,29 @@ class RelayqConnection extends SMTPConnection {
       this.connectionReady();
     });
   }
+
+  /** See inputAhead; the socket and parser of the moment: those of the TLS session after STARTTLS. */
+  inputAhead(): boolean {
+    const socket = this._socket;
+    return socket.readableEnded || socket.readableLength > 0 || (this._parser ? this._parser.writableNeedDrain : false);
+  }
+
+  /** See whenInputEnds. */
+  whenInputEnds(ended: () => void): () => void {
+    const socket = this._socket;
+    const onEnd = () => {
+      if (!this.sentAhead()) ended();
+    };
+    if (socket.readableEnded) {
+      queueMicrotask(onEnd);
+      return () => {};
+    }
+    socket.once('end', onEnd);
+    return () => socket.off('end', onEnd);
+  }
+
+  /** STARTTLS was answered `220` and its handshake has not completed (yet). */
+  tlsPending = false;
 
   override _createParser(): SMTPStream {
     const parser = super._createParser();
@@ -222,9 +223,9 @@ class RelayqConnection extends SMTPConnection {
    */
   override upgrade(callback: () => void, secureCallback?: () => void): void {
     this._socket.allowHalfOpen = false;
-    tlsPending.add(this.session);
+    this.tlsPending = true;
     super.upgrade(callback, () => {
-      tlsPending.delete(this.session);
+      this.tlsPending = false;
       this._socket.allowHalfOpen = true;
       this.acceptedOpening = false; // as smtp-server forgets the greeting (RFC 3207 §4.2)
       secureCallback?.();
@@ -283,17 +284,13 @@ class RelayqConnection extends SMTPConnection {
   override handler_AUTH(command: Buffer, callback: () => void): void {
     if (!this.relayq.authEnabled) {
       // no credentials configured: AUTH is not offered, and answered as Postfix answers it
-      this.send(503, '5.5.1 Error: authentication not enabled');
-      callback();
+      this.answer(503, '5.5.1 Error: authentication not enabled', callback);
     } else if (this.session.envelope.mailFrom) {
-      this.send(503, '5.5.1 Error: MAIL transaction in progress');
-      callback();
+      this.answer(503, '5.5.1 Error: MAIL transaction in progress', callback);
     } else if (this.authNeedsTls()) {
-      this.send(538, '5.7.11 Encryption required for requested authentication mechanism');
-      callback();
+      this.answer(538, '5.7.11 Encryption required for requested authentication mechanism', callback);
     } else if (notBase64(command.toString().trim().split(/\s+/)[2] ?? '')) {
-      this.send(501, '5.5.2 Invalid base64 data in the initial response');
-      callback();
+      this.answer(501, '5.5.2 Invalid base64 data in the initial response', callback);
     } else {
       super.handler_AUTH(command, callback);
     }
@@ -327,8 +324,7 @@ class RelayqConnection extends SMTPConnection {
   /** With no transaction open, `503 need MAIL command` is answered and true returned. */
   private refusedWithoutMail(callback: () => void): boolean {
     if (this.session.envelope.mailFrom) return false;
-    this.send(503, 'Error: need MAIL command');
-    callback();
+    this.answer(503, 'Error: need MAIL command', callback);
     return true;
   }
 
@@ -346,8 +342,7 @@ class RelayqConnection extends SMTPConnection {
   private refusedSyntax(command: Buffer, name: string, callback: () => void): boolean {
     const [given, ...rest] = command.toString().split(':');
     if (rest.length > 0 && given.trim().toUpperCase() === name) return false;
-    this.send(501, `5.5.4 Syntax: ${name}:<address>`);
-    callback();
+    this.answer(501, `5.5.4 Syntax: ${name}:<address>`, callback);
     return true;
   }
 
@@ -358,8 +353,7 @@ class RelayqConnection extends SMTPConnection {
   override handler_DATA(command: Buffer, callback: () => void): void {
     if (this.refusedWithoutMail(callback)) return;
     if (this.session.envelope.rcptTo.length > 0 && command.toString().trim().length > 'DATA'.length) {
-      this.send(501, '5.5.4 Syntax: DATA');
-      callback();
+      this.answer(501, '5.5.4 Syntax: DATA', callback);
       return;
     }
     super.handler_DATA(command, callback);
@@ -367,8 +361,7 @@ class RelayqConnection extends SMTPConnection {
 
   /** EXPN is a command of RFC 5321 that relayq does not implement (502), not an unknown one (500, counted towards smtp-server's limit). */
   handler_EXPN(_command: Buffer, callback: () => void): void {
-    this.send(502, 'Error: EXPN not implemented');
-    callback();
+    this.answer(502, 'Error: EXPN not implemented', callback);
   }
 
   /** VRFY verifies nothing: RFC 5321 §3.5.3's `252` with its wording (smtp-server: `2.1.5`, "No promises though"). */
@@ -377,26 +370,25 @@ class RelayqConnection extends SMTPConnection {
       super.handler_VRFY(command, callback); // `501 Syntax: VRFY address`
       return;
     }
-    this.send(252, '2.0.0 Cannot VRFY user, but will accept message and attempt delivery');
-    callback();
+    this.answer(252, '2.0.0 Cannot VRFY user, but will accept message and attempt delivery', callback);
   }
 
   /**
-   * A DATA that did not start a message, whoever refused it (handler_DATA, or smtp-server before
-   * an EHLO), with input behind it: `421`, which closes the connection (module comment, 9).
+   * Before smtp-server reads a command: a line of an AUTH exchange that is not base64 (module
+   * comment, 11) and STARTTLS with no `tls.*` set (10) are answered here; a DATA that did not
+   * start a message, whoever refused it (handler_DATA, or smtp-server before an EHLO), with input
+   * behind it gets `421`, which closes the connection (9).
    */
   override _onCommand(command: Buffer, callback?: () => void): void {
     if (this._nextHandler && notBase64(command.toString().trim())) {
       // a line of an AUTH exchange (module comment, 11)
       this._nextHandler = false;
-      this.send(501, '5.5.2 Invalid base64 data in the authentication exchange');
-      callback?.();
+      this.answer(501, '5.5.2 Invalid base64 data in the authentication exchange', callback);
       return;
     }
     if (!this._nextHandler && /^STARTTLS\b/i.test(command.toString()) && !this._isSupported('STARTTLS')) {
       // with no tls.* set, as Postfix without TLS answers it (smtp-server: an unknown command)
-      this.send(502, '5.5.1 Error: command not implemented');
-      callback?.();
+      this.answer(502, '5.5.1 Error: command not implemented', callback);
       return;
     }
     // a DATA with anything after its name, such as a NUL (smtp-server: "command not recognized"), is a DATA too
@@ -446,6 +438,12 @@ class RelayqConnection extends SMTPConnection {
       this.openingCommand = this.acceptedOpening;
     }
     callback();
+  }
+
+  /** Sends a reply of relayq's own and hands the parser its next command. */
+  private answer(code: number, text: string, callback?: () => void): void {
+    this.send(code, text);
+    callback?.();
   }
 
   private get relayq(): RelayqListenerOptions {
