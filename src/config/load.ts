@@ -448,10 +448,10 @@ function inRange(key: KeyDef, n: number, text = String(n)): Checked {
  * values involved came from (an environment variable by its name); its source is that of the
  * first of them set anywhere, and the others follow in `alsoFrom`.
  */
-function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, refused: ReadonlySet<string>, errors: ConfigError[], warnings: string[]) {
+function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, unjudged: ReadonlySet<string>, errors: ConfigError[], warnings: string[]) {
   const fail = (key: string, involved: string[], message: string) => {
     // a key is refused with the object that holds it (`tls` given twice refuses tls.cert too)
-    if (involved.some((k) => refused.has(k) || refused.has(k.slice(0, k.lastIndexOf('.'))))) return;
+    if (involved.some((k) => unjudged.has(k) || unjudged.has(k.slice(0, k.lastIndexOf('.'))))) return;
     const sources = [...new Set(involved.flatMap((k) => origins.get(k) ?? []))];
     const origin = (k: string) => {
       const source = origins.get(k);
@@ -466,13 +466,14 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, refu
     fail('forwardHost', ['forwardSMTP', 'forwardHost'], 'forwardHost is required when forwardSMTP is true');
   }
   /** Two keys given both or neither: the error names the one missing. */
-  const together = (a: string, b: string, aValue: string, bValue: string, hint = '') => {
-    if ((aValue === '') !== (bValue === '')) fail(aValue ? b : a, [a, b], `${a} and ${b} must be set together${hint}`);
+  const together = (a: string, b: string, hint = '') => {
+    const aSet = getPath(c, a) !== '';
+    if (aSet !== (getPath(c, b) !== '')) fail(aSet ? b : a, [a, b], `${a} and ${b} must be set together${hint}`);
   };
   // one without the other would log in with an empty password, or drop the one given
-  if (c.forwardSMTP) together('forwardUsername', 'forwardPassword', c.forwardUsername, c.forwardPassword, ' (leave both empty for no upstream AUTH)');
+  if (c.forwardSMTP) together('forwardUsername', 'forwardPassword', ' (leave both empty for no upstream AUTH)');
   // one without the other turns SMTP AUTH off (an unset variable in a compose file, say)
-  together('defaultUsername', 'defaultPassword', c.defaultUsername, c.defaultPassword, ' (leave both empty for no SMTP AUTH)');
+  together('defaultUsername', 'defaultPassword', ' (leave both empty for no SMTP AUTH)');
   if (c.forwardSMTP && c.forwardPort === c.smtpPort && reaches(c.forwardHost, c.smtpHost)) {
     fail(
       'forwardPort',
@@ -483,7 +484,7 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, refu
   if (c.enableHealthCheck && c.smtpPort !== 0 && c.smtpPort === c.healthCheckPort && clash(c.healthCheckHost, c.smtpHost)) {
     fail('healthCheckPort', ['smtpPort', 'healthCheckPort'], 'smtpPort and healthCheckPort must differ: SMTP and the HTTP API cannot listen on one port');
   }
-  together('tls.cert', 'tls.key', c.tls.cert, c.tls.key);
+  together('tls.cert', 'tls.key');
   if (c.rateLimits.maxPerHour > c.rateLimits.maxPerDay) {
     fail('rateLimits.maxPerHour', ['rateLimits.maxPerHour', 'rateLimits.maxPerDay'], 'rateLimits.maxPerHour must not exceed rateLimits.maxPerDay');
   }

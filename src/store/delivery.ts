@@ -99,7 +99,7 @@ export function hasDueWork(sqlite: Sqlite, now: number, held: readonly string[] 
  */
 function expiredClaims(sqlite: Sqlite, now: number, limit: number, held: readonly string[]): Array<{ id: string }> {
   const rows = prepared(sqlite, SELECT_EXPIRED_SQL).all(now, limit + held.length) as Array<{ id: string }>;
-  return (held.length ? rows.filter((r) => !held.includes(r.id)) : rows).slice(0, limit);
+  return rows.filter((r) => !held.includes(r.id)).slice(0, limit);
 }
 
 /** Why a message last failed or waits (messages.last_error), for the log; null if it is gone. */

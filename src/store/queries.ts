@@ -191,12 +191,14 @@ export function storeMetrics(sqlite: Sqlite): StoreMetrics {
   };
 }
 
+/** MIN or MAX of received_at in each of these states that holds a message: one step into messages_state_received each. */
+function receivedAtByState(sqlite: Sqlite, fn: 'MIN' | 'MAX', states: readonly MessageState[]): number[] {
+  const bound = prepared(sqlite, `SELECT ${fn}(received_at) AS t FROM messages WHERE state = ?`);
+  return states.map((state) => (bound.get(state) as { t: number | null }).t).filter((t): t is number => t !== null);
+}
+
 function oldestActiveReceivedAt(sqlite: Sqlite): number | null {
-  // One MIN per state: each is a single step into messages_state_received.
-  const min = prepared(sqlite, 'SELECT MIN(received_at) AS t FROM messages WHERE state = ?');
-  const times = (['queued', 'sending'] as const)
-    .map((state) => (min.get(state) as { t: number | null }).t)
-    .filter((t): t is number => t !== null);
+  const times = receivedAtByState(sqlite, 'MIN', ['queued', 'sending']);
   return times.length ? Math.min(...times) : null;
 }
 
@@ -206,11 +208,9 @@ function oldestActiveReceivedAt(sqlite: Sqlite): number | null {
  * one step into an index (messages_state_received, attempts_started).
  */
 export function newestRecordedTime(sqlite: Sqlite): number | null {
-  const newest = prepared(sqlite, 'SELECT MAX(received_at) AS t FROM messages WHERE state = ?');
-  const times = (['queued', 'sending', 'delivered', 'failed'] as const).map((state) => (newest.get(state) as { t: number | null }).t);
-  times.push((prepared(sqlite, 'SELECT MAX(started_at) AS t FROM attempts').get() as { t: number | null }).t);
-  const known = times.filter((t): t is number => t !== null);
-  return known.length ? Math.max(...known) : null;
+  const { t } = prepared(sqlite, 'SELECT MAX(started_at) AS t FROM attempts').get() as { t: number | null };
+  const times = [...receivedAtByState(sqlite, 'MAX', MESSAGE_STATES), ...(t === null ? [] : [t])];
+  return times.length ? Math.max(...times) : null;
 }
 
 export interface MessageFilter {
@@ -304,7 +304,6 @@ function listMessagesNow(sqlite: Sqlite, filter: MessageFilter): MessagePage {
   if (filter.recipient === undefined && filter.sender === undefined && filter.state === undefined) {
     rows = MESSAGE_STATES.flatMap((state) => pageQuery(sqlite, { ...filter, state }, cursor, fetch));
     rows.sort(newestFirst);
-    rows = rows.slice(0, fetch);
   } else {
     rows = pageQuery(sqlite, filter, cursor, fetch);
   }
