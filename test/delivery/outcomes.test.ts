@@ -248,7 +248,7 @@ describe('per-recipient outcomes', () => {
     ]);
   });
 
-  test("an attempt's log line names at most 100 addresses of a larger batch", async () => {
+  test("an attempt's log line names at most 100 addresses of a larger batch, and lists at most ten recipients not delivered", async () => {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     const log = capturedLog('info');
@@ -258,10 +258,14 @@ describe('per-recipient outcomes', () => {
     );
     cleanup.push(() => relay.stop());
     const to = Array.from({ length: 130 }, (_, i) => `r${i}@example.com`);
+    // twelve of them refused: the counts give them all
+    const refused = to.slice(100, 112);
+    upstream.rcptReply = (a) => (refused.includes(a) ? { code: 550, message: '5.1.1 No such user' } : undefined);
     const id = await queue(relay, to);
     await relay.delivery.runOnce();
     const line = log.entries().find((e) => e.queueId === id && e.event === 'delivery.attempt');
-    assert.deepEqual([line?.to, line?.rcpts, line?.delivered], [to.slice(0, 100), 130, 130]);
+    const listed = ((line?.notDelivered ?? []) as Array<{ to: string }>).map((r) => r.to);
+    assert.deepEqual([line?.to, line?.rcpts, line?.delivered, line?.failed, listed], [to.slice(0, 100), 130, 118, 12, refused.slice(0, 10)]);
   });
 
   test("an attempt that leaves its message queued logs the message's next attempt as an ISO time, as the API gives it", async () => {
