@@ -18,7 +18,8 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
     lock = lockDatabase(file);
   } catch (err) {
     const running = (err as { code?: unknown }).code === 'SQLITE_BUSY';
-    // with nothing to apply there is nothing to stop the relay for (a check before an upgrade)
+    // with nothing to apply there is nothing to stop the relay for (a check before an upgrade);
+    // a schema a newer relayq made is refused in the same words as without a relay
     if (running && upToDate(file)) return report(file, [], global);
     const hint = running ? '; stop it first, then run migrate again (or start the new relayq: it applies pending migrations at its start)' : '';
     throw new CliError(`${file}: ${(err as Error).message}${hint}`);
@@ -44,19 +45,24 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
   }
 }
 
-/** Whether every migration of this relayq is applied, and none other (read without a lock). */
+/** Whether every migration of this relayq is applied (read without a lock); refuses those of a newer relayq. */
 function upToDate(file: string): boolean {
+  let applied: string[];
   let sqlite: Sqlite | undefined;
   try {
     sqlite = openReadOnly(file);
-    const applied = appliedMigrations(sqlite);
-    refuseNewerSchema(applied, MIGRATION_NAMES);
-    return pendingMigrations(applied).length === 0;
+    applied = appliedMigrations(sqlite);
   } catch {
     return false;
   } finally {
     sqlite?.close();
   }
+  try {
+    refuseNewerSchema(applied, MIGRATION_NAMES);
+  } catch (err) {
+    throw new CliError(`migration failed on ${file}: ${(err as Error).message}`);
+  }
+  return pendingMigrations(applied).length === 0;
 }
 
 function report(file: string, applied: string[], global: GlobalOptions): void {

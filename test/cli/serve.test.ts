@@ -569,6 +569,23 @@ test('relayq migrate with migrations to apply is refused while a relayq holds th
   }
 });
 
+test('relayq migrate refuses a database a newer relayq migrated, in the same words with or without a relayq holding the lock', async () => {
+  const file = path.join(tempDir('relayq-serve-'), 'relayq.db');
+  const store = await openStore(file);
+  store.sqlite.prepare('INSERT INTO schema_migrations (name, timestamp) VALUES (?, ?)').run('099_from_a_newer_relayq', new Date().toISOString());
+  await store.close();
+  const refusal = `relayq: migration failed on ${file}: it was migrated by a newer relayq (099_from_a_newer_relayq): run that version, or restore the backup taken before the upgrade\n`;
+  const alone = await runCli(['migrate', '--databasePath', file]);
+  assert.deepEqual([alone.code, alone.stdout, alone.stderr], [1, '', refusal]);
+  const lock = lockDatabase(file);
+  try {
+    const beside = await runCli(['migrate', '--databasePath', file]);
+    assert.deepEqual([beside.code, beside.stdout, beside.stderr], [1, '', refusal]);
+  } finally {
+    lock.release();
+  }
+});
+
 test('SIGUSR1 and SIGUSR2 are ignored and logged: no debugger opens, and the relay serves on', async () => {
   const dir = tempDir('relayq-serve-');
   // were the inspector opened, on a port of the system's choosing
