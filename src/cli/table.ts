@@ -75,7 +75,10 @@ export function formatAge(ms: number): string {
 
 export function formatBytes(n: number): string {
   if (n < 1024) return `${n} B`;
-  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
-  if (n < 1024 * 1024 * 1024) return `${(n / 1024 / 1024).toFixed(1)} MiB`;
-  return `${(n / 1024 / 1024 / 1024).toFixed(2)} GiB`;
+  // the unit of the figure as rounded: 1,048,575 bytes are 1.0 MiB, not 1024.0 KiB
+  for (const [unit, size] of [['KiB', 1024], ['MiB', 1024 ** 2]] as const) {
+    const shown = (n / size).toFixed(1);
+    if (Number(shown) < 1024) return `${shown} ${unit}`;
+  }
+  return `${(n / 1024 ** 3).toFixed(2)} GiB`;
 }

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { printJson } from '../../src/cli/context.js';
-import { formatAge, formatFields, formatTable } from '../../src/cli/table.js';
+import { formatAge, formatBytes, formatFields, formatTable } from '../../src/cli/table.js';
 
 test('text from mail reaches the terminal without control characters: C0, DEL, C1 and bidirectional overrides become ?', () => {
   const reply = '550 5.1.1 No such user \x1b[2J\u009b31mC1 \u202eRTL\u2066x\u2069 \x7f end\r\nnext';
@@ -40,6 +40,13 @@ test('an age is in seconds below 2 minutes, minutes below 2 hours, hours below 2
   assert.deepEqual(
     [-5000, 0, 119_000, 120_000, 7_199_000, 7_200_000, 172_799_000, 172_800_000, 30 * 86_400_000].map(formatAge),
     ['0s', '0s', '119s', '2m', '120m', '2h', '48h', '2d', '30d'],
+  );
+});
+
+test('sizes are in bytes below 1 KiB, then KiB and MiB to a tenth, then GiB to a hundredth, in the unit of the rounded figure', () => {
+  assert.deepEqual(
+    [0, 1023, 1024, 1536, 1024 * 1024 - 1, 1024 * 1024, 5.25 * 1024 * 1024, 1024 ** 3 - 1, 3.5 * 1024 ** 3].map(formatBytes),
+    ['0 B', '1023 B', '1.0 KiB', '1.5 KiB', '1.0 MiB', '1.0 MiB', '5.3 MiB', '1.00 GiB', '3.50 GiB'],
   );
 });
 
