@@ -54,8 +54,9 @@ describe('API access: loopback, or a bearer token', () => {
     }
   });
 
-  test('without a configured token, other clients get 403 on every route, token or not', async () => {
-    const app = createApp({ ...open, getClientIp: () => REMOTE });
+  test('without a configured token, other clients get 403 on every route, token or not, each logged', async () => {
+    const { logger, entries } = capturedLog();
+    const app = createApp({ ...open, logger, getClientIp: () => REMOTE });
     const routes = everyRoute(open);
     assert.ok(routes.some(([method, path]) => method === 'DELETE' && path.startsWith('/admin/messages/')), 'the routes of one message are among them');
     for (const [method, path] of routes) {
@@ -68,6 +69,8 @@ describe('API access: loopback, or a bearer token', () => {
         });
       }
     }
+    const refusals = entries().filter((e) => e.event === 'api.refused');
+    assert.deepEqual([refusals.length, [...new Set(refusals.map((e) => `${e.level} ${e.client} ${e.reason}`))]], [routes.length * 2, [`40 ${REMOTE} no-token-configured`]]);
     // Addresses that only look local are not loopback.
     for (const ip of ['10.0.0.1', '::ffff:10.0.0.1', '0.0.0.0', '128.0.0.1', '::2']) {
       const res = await createApp({ ...open, getClientIp: () => ip }).request('/health');

@@ -693,6 +693,7 @@ describe('loadConfig', () => {
       [['--security.adminToken=has', 'spaceSecret', 'andmoreSecret'], ["unexpected argument: the words after --security.adminToken's value (quote a value that has spaces)", '--security.adminToken: must be empty, or at least 16 printable ASCII characters without spaces (openssl rand -hex 32 makes one)']],
       // one dash, or the environment variable's name, given as a flag: named without the value
       [['-defaultPassword=hunter2Secret'], ['unexpected argument: -defaultPassword=…']],
+      [['=hunter2Secret'], ['unexpected argument: =…']],
       [['DEFAULT_PASSWORD=hunter2Secret', '--smtpPort', '2600', 'x'], ['unexpected argument: DEFAULT_PASSWORD=…', 'unexpected argument: x']],
       [['DEFAULT_PASSWORD=correct', 'horseSecret', 'batterySecret'], ['unexpected argument: DEFAULT_PASSWORD=…', 'unexpected argument: the words after DEFAULT_PASSWORD=…']],
       [['-forwardPassword=partOne', 'partTwoSecret'], ['unexpected argument: -forwardPassword=…', 'unexpected argument: the words after -forwardPassword=…']],

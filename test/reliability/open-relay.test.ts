@@ -497,6 +497,11 @@ test('the failed logins of at most 10,000 clients are remembered: past that, the
   assert.equal(logins.recentFailures('198.51.0.0', now + 10_001), 0, 'the oldest is forgotten');
   assert.equal(logins.recentFailures('198.51.0.1', now + 10_001), 3);
   assert.equal(logins.recentFailures('198.51.39.16', now + 10_001), 3, 'the newest is kept');
+  // a client that fails again is the newest: the one being slowed down now is not the one forgotten
+  logins.failed('198.51.0.1', 4, now + 10_002);
+  logins.failed('203.0.113.1', 1, now + 10_003);
+  assert.equal(logins.recentFailures('198.51.0.1', now + 10_003), 4);
+  assert.equal(logins.recentFailures('198.51.0.2', now + 10_003), 0, 'the one that failed longest ago is forgotten instead');
 });
 
 describe('allowLocalOnly=true (the default)', () => {
