@@ -54,6 +54,13 @@ describe('per-recipient outcomes', () => {
     return { upstream, config: testConfig({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }) };
   }
 
+  /** A relay forwarding to the upstream on `port`, its delivery run by the test (runOnce), stopped after the tests. */
+  async function relayTo(port: number, overrides: Parameters<typeof startTestRelay>[0] = {}): Promise<Relay> {
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, ...overrides }, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    return relay;
+  }
+
   async function queue(relay: Relay, to: string[]): Promise<string> {
     return queuedId((await sendMail(relay.smtpPort, { from: 'app@example.com', to, raw: RAW })).response);
   }
@@ -592,8 +599,7 @@ describe('per-recipient outcomes', () => {
       },
     });
     cleanup.push(() => upstream.close());
-    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false });
-    cleanup.push(() => relay.stop());
+    const relay = await relayTo(upstream.port);
     const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'full@example.com', 'd@example.com', 'e@example.com']);
     await relay.delivery.runOnce();
     assert.deepEqual(upstream.accepted.map((t) => t.to), [
@@ -625,8 +631,7 @@ describe('per-recipient outcomes', () => {
       },
     });
     cleanup.push(() => upstream.close());
-    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false });
-    cleanup.push(() => relay.stop());
+    const relay = await relayTo(upstream.port);
     const id = await queue(relay, ['a@example.com', 'b@example.com', 'nouser@example.com', 'c@example.com', 'd@example.com']);
     await relay.delivery.runOnce();
     assert.deepEqual(upstream.accepted.map((t) => t.to), [
@@ -672,8 +677,7 @@ describe('per-recipient outcomes', () => {
     // the first two recipients are greylisted
     const greylisted = { code: 450, message: '4.7.1 Greylisted, try again later' };
     const upstream = await countingUpstream(2, (address) => (address.startsWith('grey') ? greylisted : undefined));
-    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false });
-    cleanup.push(() => relay.stop());
+    const relay = await relayTo(upstream.port);
     const id = await queue(relay, ['grey1@example.com', 'grey2@example.com', 'a@example.com', 'b@example.com', 'c@example.com']);
     await relay.delivery.runOnce();
     assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com', 'b@example.com'], ['c@example.com']]);
@@ -694,11 +698,7 @@ describe('per-recipient outcomes', () => {
   test("a batch whose every recipient is refused at RCPT over the upstream's transactions is refused as a whole (continueOnError=false)", async () => {
     const noUser = { code: 550, message: '5.1.1 No such user' };
     const upstream = await countingUpstream(1, (address) => (address.startsWith('nouser') ? noUser : undefined));
-    const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, batchDelay: 0, continueOnError: false, workerCount: 1 },
-      { startDelivery: false },
-    );
-    cleanup.push(() => relay.stop());
+    const relay = await relayTo(upstream.port, { batchSize: 2, batchDelay: 0, continueOnError: false, workerCount: 1 });
     const id = await queue(relay, ['nouser1@example.com', 'nouser2@example.com', 'c@example.com', 'd@example.com']);
     await relay.delivery.runOnce();
     // nouser2 went in a second transaction, refused too: batch 0 refused every recipient
@@ -720,11 +720,7 @@ describe('per-recipient outcomes', () => {
     // DATA refused for good when a is in it, and for a while when b is
     upstream.dataReply = (t) =>
       t.to.includes('a@example.com') ? { code: 554, message: '5.7.1 Rejected as spam' } : t.to.includes('b@example.com') ? { code: 451, message: '4.3.0 Try again later' } : undefined;
-    const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 3, batchDelay: 0, continueOnError: false },
-      { startDelivery: false },
-    );
-    cleanup.push(() => relay.stop());
+    const relay = await relayTo(upstream.port, { batchSize: 3, batchDelay: 0, continueOnError: false });
     const refused = await queue(relay, ['a@example.com', 'x@example.com', 'y@example.com']);
     await relay.delivery.runOnce();
     assert.deepEqual(upstream.rcpts, ['a@example.com', 'x@example.com', 'y@example.com'], 'one transaction: the message went out once');
@@ -750,11 +746,7 @@ describe('per-recipient outcomes', () => {
   test('a refusal of DATA in a later transaction ends the transactions: the rest of the batch is not sent (continueOnError=false)', async () => {
     const upstream = await countingUpstream(1, () => undefined);
     upstream.dataReply = (t) => (t.to.includes('b@example.com') ? { code: 554, message: '5.7.1 Rejected as spam' } : undefined);
-    const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 4, batchDelay: 0, continueOnError: false, workerCount: 1 },
-      { startDelivery: false },
-    );
-    cleanup.push(() => relay.stop());
+    const relay = await relayTo(upstream.port, { batchSize: 4, batchDelay: 0, continueOnError: false, workerCount: 1 });
     const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com', 'e@example.com']);
     await relay.delivery.runOnce();
     assert.deepEqual(upstream.accepted.map((t) => t.to), [['a@example.com']]);
@@ -778,8 +770,7 @@ describe('per-recipient outcomes', () => {
       },
     });
     cleanup.push(() => upstream.close());
-    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startDelivery: false });
-    cleanup.push(() => relay.stop());
+    const relay = await relayTo(upstream.port);
     const id = await queue(relay, ['a@example.com', 'b@example.com']);
     await relay.delivery.runOnce();
     assert.deepEqual(upstream.rcpts, ['a@example.com', 'b@example.com']);
@@ -799,11 +790,7 @@ describe('per-recipient outcomes', () => {
     });
     cleanup.push(() => upstream.close());
     upstream.dataReply = (t) => (t.to.includes('c@example.com') ? { code: 554, message: '5.7.1 Rejected as spam' } : undefined);
-    const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 4, batchDelay: 0, continueOnError: false },
-      { startDelivery: false },
-    );
-    cleanup.push(() => relay.stop());
+    const relay = await relayTo(upstream.port, { batchSize: 4, batchDelay: 0, continueOnError: false });
     const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com', 'd@example.com', 'e@example.com', 'f@example.com']);
     await relay.delivery.runOnce();
     const rows = recipients(relay, id);
@@ -834,11 +821,7 @@ describe('per-recipient outcomes', () => {
       },
     });
     cleanup.push(() => upstream.close());
-    const relay = await startTestRelay(
-      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 2, batchDelay: 0, continueOnError: false },
-      { startDelivery: false },
-    );
-    cleanup.push(() => relay.stop());
+    const relay = await relayTo(upstream.port, { batchSize: 2, batchDelay: 0, continueOnError: false });
     const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com']);
     await relay.delivery.runOnce();
     assert.deepEqual(
