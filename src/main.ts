@@ -23,7 +23,7 @@ import { Spool, SpoolError } from './smtp/spool.js';
 import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
 import { openStore, realDatabasePath, type Store, type WalKept } from './store/db.js';
 import { DiskSpace, freePageBytes } from './store/disk.js';
-import { lockDatabase } from './store/maintenance.js';
+import { type DatabaseLock, lockDatabase } from './store/maintenance.js';
 import { newestRecordedTime } from './store/queries.js';
 import { RetentionSweeper } from './store/retention.js';
 import { StoreWriter } from './store/writer.js';
@@ -219,7 +219,7 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
     removeMade(emails.made);
     return new Error(`databasePath ${asGiven('databasePath', config.databasePath)}: ${err.message}`, { cause: err });
   };
-  let lock: { release(): void };
+  let lock: DatabaseLock;
   try {
     lock = lockDatabase(config.databasePath);
   } catch (err) {
@@ -230,7 +230,7 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
     // a migration of a large store may take minutes, with nothing listening meanwhile
     onMigrating: (names) => logger.info({ event: 'store.migrating', migrations: names }, 'applying schema migrations'),
   }).catch((err: Error) => {
-    lock.release();
+    lock.releaseAfter(err);
     throw refused(err);
   });
   if (store.migrated.names.length > 0) {

@@ -17,8 +17,9 @@ export class CliError extends Error {
   constructor(
     message: string,
     readonly exitCode = 1,
+    options?: ErrorOptions,
   ) {
-    super(message);
+    super(message, options);
   }
 }
 
@@ -117,7 +118,7 @@ function openingDatabase<T>(file: string, fn: () => T): T {
   try {
     return fn();
   } catch (err) {
-    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`);
+    throw new CliError(`cannot open database ${file}: ${(err as Error).message}`, 1, { cause: err });
   }
 }
 

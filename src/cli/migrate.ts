@@ -2,7 +2,7 @@
 // upgrade can be prepared, or a restored backup brought up to date, before the server runs.
 import { MIGRATION_NAMES } from '../../migrations/names.js';
 import { LOCK_HELD_TOO_LONG, type Sqlite } from '../store/db.js';
-import { appliedMigrations, lockDatabase, openReadOnly, pendingMigrations, refuseNewerSchema } from '../store/maintenance.js';
+import { appliedMigrations, type DatabaseLock, lockDatabase, openReadOnly, pendingMigrations, refuseNewerSchema } from '../store/maintenance.js';
 import { kyselyFor, migrateToLatest } from '../store/migrate.js';
 import { CliError, type GlobalOptions, loadCliConfig, openWriterForCli, printJson, printText, refuseOthersPathsForCli, requireDatabaseFile } from './context.js';
 
@@ -13,7 +13,7 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
   // an upgrade of a database that is not there would create an empty one and call it a success
   requireDatabaseFile(file);
   // not under a running relay: it would go on with the schema it started with
-  let lock: { release(): void };
+  let lock: DatabaseLock;
   try {
     lock = lockDatabase(file);
   } catch (err) {
@@ -28,7 +28,7 @@ export async function migrateCommand(global: GlobalOptions): Promise<void> {
   try {
     sqlite = openWriterForCli(config);
   } catch (err) {
-    lock.release();
+    lock.releaseAfter(err);
     throw err;
   }
   try {

@@ -147,17 +147,19 @@ export function realDatabasePath(file: string): string {
   return physicalPath(file);
 }
 
-/** Creates `file` empty, readable by the relay's user alone, unless it is there already. */
-export function createPrivateFile(file: string): void {
+/** Creates `file` empty, readable by the relay's user alone, unless it is there already; whether it made it. */
+export function createPrivateFile(file: string): boolean {
   makeDirectory(path.dirname(path.resolve(file)), 0o700);
   try {
     fs.writeFileSync(file, '', { flag: 'wx', mode: 0o600 });
+    return true;
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     // else SQLite says only "unable to open database file" (a FIFO: "disk I/O error")
     const stat = fs.statSync(file);
     if (stat.isDirectory()) throw new Error(`${file} is a directory`);
     if (!stat.isFile()) throw new Error(`${file} is not a regular file`);
+    return false;
   }
 }
 

@@ -26,7 +26,7 @@ export function limitWalSize(sqlite: Sqlite): void {
  * sessions; it is refused before it opens the database. `relayq migrate` takes the lock too (a
  * schema changed under a running relay); the other CLI commands work beside a running relay.
  */
-export function lockDatabase(databasePath: string): { release(): void } {
+export function lockDatabase(databasePath: string): DatabaseLock {
   const real = realDatabasePath(databasePath);
   // not a lock file beside a directory: the open of the database would fail anyway (a FIFO with
   // SQLite's "disk I/O error")
@@ -42,8 +42,9 @@ export function lockDatabase(databasePath: string): { release(): void } {
   const head = stat && stat.size > 0 ? databaseHead(real, SQLITE_HEADER.length) : undefined;
   if (head && !head.equals(SQLITE_HEADER)) throw new Error('file is not a database');
   let lock: Sqlite | undefined;
+  let made = false;
   try {
-    createPrivateFile(file);
+    made = createPrivateFile(file);
     lock = new Database(file);
     // a moment: a CLI command's look at the lock (isLockHeld) holds it as long as that
     lock.pragma('busy_timeout = 250');
@@ -67,8 +68,26 @@ export function lockDatabase(databasePath: string): { release(): void } {
     held.close();
     throw err;
   }
-  return { release: () => held.close() };
+  return {
+    release: () => held.close(),
+    releaseAfter: (err) => {
+      held.close();
+      // no relayq runs on it: nothing to keep a lock file for, nor a race to lose with one
+      const foreign = err instanceof ForeignDatabase || (err instanceof Error && err.cause instanceof ForeignDatabase);
+      if (made && foreign) fs.rmSync(file, { force: true });
+    },
+  };
 }
+
+/** The lock a relay (or `relayq migrate`) holds on its database from before its open to its stop. */
+export interface DatabaseLock {
+  release(): void;
+  /** Releases it after the open failed with `err` (or with what caused it): another program's file is left with no lock file beside it. */
+  releaseAfter(err: unknown): void;
+}
+
+/** A file of another program's tables (refuseForeignDatabase). */
+export class ForeignDatabase extends Error {}
 
 /** The 16 bytes every SQLite database file starts with. */
 const SQLITE_HEADER = Buffer.from('SQLite format 3\0', 'latin1');
@@ -116,7 +135,7 @@ export function refuseForeignDatabase(sqlite: Sqlite): string[] {
   ).map((r) => r.name);
   if (names.length > 0 && !names.includes('schema_migrations')) {
     const shown = names.slice(0, 5).join(', ') + (names.length > 5 ? ', …' : '');
-    throw new Error(`not a relayq database: it holds tables relayq did not create (${shown}) and no schema_migrations`);
+    throw new ForeignDatabase(`not a relayq database: it holds tables relayq did not create (${shown}) and no schema_migrations`);
   }
   return names;
 }

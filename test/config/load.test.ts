@@ -1190,7 +1190,8 @@ describe('what only the start can find out names the key to fix', () => {
     const after = new Database(file, { readonly: true });
     assert.equal(after.pragma('journal_mode', { simple: true }), 'delete');
     after.close();
-    assert.ok(!fs.existsSync(`${file}-wal`), 'no WAL file beside it');
+    // nor anything beside it: no WAL, no lock file, no spool
+    assert.deepEqual(fs.readdirSync(dir), ['other.db']);
   });
 });
 
