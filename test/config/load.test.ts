@@ -1115,23 +1115,28 @@ describe('what only the start can find out names the key to fix', () => {
     });
   });
 
-  test('a database another process keeps write-locked past the busy timeout stops the start, saying so (not as a permission problem)', async () => {
+  test('a database another process keeps write-locked past the busy timeout stops the start, saying so (not as a permission problem), one with a migration to apply too', async () => {
     const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
-    const file = relay.config.databasePath;
+    const current = relay.config.databasePath;
     await relay.stop();
-    const holder = new Database(file);
-    holder.exec('BEGIN IMMEDIATE');
-    try {
-      await assert.rejects(
-        startTestRelay({ databasePath: file }, { startDelivery: false }),
-        /^Error: databasePath \S+: it is locked: another process \(a sqlite3 shell inside a transaction, a relayq command\) held its write lock for more than 5 s; start again once it is done$/,
-      );
-    } finally {
-      holder.exec('ROLLBACK');
-      holder.close();
-    }
-    const again = await startTestRelay({ databasePath: file }, { startDelivery: false });
-    await again.stop();
+    const behind = await databaseAtMigration('011_address_keys');
+    await Promise.all(
+      [current, behind].map(async (file) => {
+        const holder = new Database(file);
+        holder.exec('BEGIN IMMEDIATE');
+        try {
+          await assert.rejects(
+            startTestRelay({ databasePath: file }, { startDelivery: false }),
+            /^Error: databasePath \S+: it is locked: another process \(a sqlite3 shell inside a transaction, a relayq command\) held its write lock for more than 5 s; start again once it is done$/,
+          );
+        } finally {
+          holder.exec('ROLLBACK');
+          holder.close();
+        }
+        const again = await startTestRelay({ databasePath: file }, { startDelivery: false });
+        await again.stop();
+      }),
+    );
   });
 
   test('a start with migrations to apply waits for a write of another process, as any write does', async () => {

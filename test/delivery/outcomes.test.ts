@@ -857,9 +857,11 @@ describe('per-recipient outcomes', () => {
     assert.equal(events.filter((e) => e.event === 'delivery.export_failed').length, 1);
   });
 
-  test('the export of mail delivered after a retry, left by a crash before its removal, is removed at the next start', async () => {
+  test('the export of mail delivered after a retry is removed, and one left by a crash before its removal at the next start; both logged', async () => {
     const { upstream, config } = await refusingUpstream();
-    const first = await startTestRelay(config, { startDelivery: false });
+    const log = capturedLog('info');
+    const first = await startTestRelay(config, { startDelivery: false, logger: log.logger });
+    cleanup.push(() => first.stop());
     const retried = await queue(first, ['later@example.com']);
     const stillFailed = await queue(first, ['nobody@example.com']);
     await first.delivery.runOnce();
@@ -871,15 +873,20 @@ describe('per-recipient outcomes', () => {
     await first.delivery.runOnce();
     assert.equal(message(first, retried).state, 'delivered');
     assert.ok(!fs.existsSync(file(retried)), 'removed once delivered');
+    assert.deepEqual(log.entries().filter((e) => e.event === 'delivery.export_removed').map((e) => e.queueId), [retried]);
     await first.stop();
     // What a crash between the commit of the delivery and the removal of the export leaves.
     fs.writeFileSync(file(retried), leftover);
     const foreign = file('0123456789ABCDEF0123');
     fs.writeFileSync(foreign, '{}\n');
 
-    const second = await startTestRelay(config);
+    const again = capturedLog('info');
+    const second = await startTestRelay(config, { logger: again.logger });
     cleanup.push(() => second.stop());
-    await waitFor(() => !fs.existsSync(file(retried)), 10_000, 'the stale export to be removed');
+    await waitFor(() => again.entries().some((e) => e.event === 'delivery.exports_removed'), 10_000, 'the stale export to be removed');
+    const atStart = again.entries().filter((e) => e.event === 'delivery.exports_removed');
+    assert.deepEqual(atStart.map((e) => [e.count, e.ids]), [[1, [retried]]]);
+    assert.ok(!fs.existsSync(file(retried)));
     assert.ok(failedExportExists(second, stillFailed), 'the export of mail still failed stays');
     assert.ok(fs.existsSync(foreign), 'a file of a message this database does not hold stays');
   });

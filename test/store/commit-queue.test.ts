@@ -61,10 +61,11 @@ test('large writes go up to HEAVY_GROUP_BYTES a transaction, and a small write t
 test('close commits what is queued, large writes included, and refuses what comes after', async () => {
   const { sqlite, queue, events, op } = queueOnFile();
   try {
-    const written = [queue.write(op('heavy'), MB), queue.write(op('small'))];
+    // two groups of large writes: the last one too
+    const written = [queue.write(op('heavy 1'), 3 * MB), queue.write(op('small')), queue.write(op('heavy 2'), 3 * MB)];
     queue.close();
+    assert.deepEqual(events, ['small', 'commit', 'heavy 1', 'commit', 'heavy 2', 'commit']);
     await Promise.all(written);
-    assert.deepEqual(events, ['small', 'commit', 'heavy', 'commit']);
     await assert.rejects(queue.write(op('late')), /store is closed/);
   } finally {
     sqlite.close();
