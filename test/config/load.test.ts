@@ -438,6 +438,8 @@ describe('loadConfig', () => {
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward('127.0.0.1', '25') })), ['forwardPort']);
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '0.0.0.0', SMTP_PORT: '25', ...forward('smtp.example.com', '25') })), []);
     assert.deepEqual(keys(loadConfig([], forward('localhost', '587'))), []);
+    // no loop while nothing is forwarded (local delivery, the upstream set up ahead)
+    assert.deepEqual(keys(loadConfig([], { ...forward('localhost', '2525'), FORWARD_SMTP: 'false' })), []);
     // another loopback address is another listener: relayq in front of a Postfix on 127.0.0.1:25
     assert.deepEqual(keys(loadConfig([], { SMTP_HOST: '127.0.0.2', SMTP_PORT: '25', ...forward('127.0.0.1', '25') })), []);
     assert.deepEqual(keys(loadConfig([], forward('::1', '2525'))), []);
@@ -1029,15 +1031,27 @@ describe('what only the start can find out names the key to fix', () => {
     assert.ok(fs.existsSync(paths.databasePath));
   });
 
-  test('an SMTP port in use: the start fails saying so, with no smtp.error line before it', async () => {
+  /** 'connected', or why a connection to 127.0.0.1:`port` failed ('ECONNREFUSED': nothing listens). */
+  const connectTo = (port: number) =>
+    new Promise<string>((resolve) => {
+      const socket = net.connect(port, '127.0.0.1', () => {
+        socket.destroy();
+        resolve('connected');
+      });
+      socket.on('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? 'error'));
+    });
+
+  test('an SMTP port in use: the start fails saying so, with no smtp.error line before it, and the HTTP API it opened first is closed again', async () => {
     const relay = await startTestRelay({}, { startDelivery: false });
+    const httpPort = await closedPort();
     const log = capturedLog('info');
     try {
       await assert.rejects(
-        startTestRelay({ smtpPort: relay.smtpPort }, { startDelivery: false, logger: log.logger }),
+        startTestRelay({ smtpPort: relay.smtpPort, healthCheckPort: httpPort }, { startDelivery: false, logger: log.logger }),
         new RegExp(`^Error: smtpHost, smtpPort: cannot listen on 127\\.0\\.0\\.1:${relay.smtpPort}: .*EADDRINUSE`),
       );
       assert.deepEqual(log.entries().filter((e) => e.event === 'smtp.error'), []);
+      assert.equal(await connectTo(httpPort), 'ECONNREFUSED', 'nothing listens on the HTTP port any more');
     } finally {
       await relay.stop();
     }
@@ -1052,11 +1066,7 @@ describe('what only the start can find out names the key to fix', () => {
         startTestRelay({ smtpPort, healthCheckPort: relay.httpPort }, { logger: log.logger }),
         new RegExp(`^Error: healthCheckHost, healthCheckPort: cannot listen on 127\\.0\\.0\\.1:${relay.httpPort}: .*EADDRINUSE`),
       );
-      const refused = await new Promise<string>((resolve) => {
-        const socket = net.connect(smtpPort, '127.0.0.1', () => resolve('connected'));
-        socket.on('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? 'error'));
-      });
-      assert.equal(refused, 'ECONNREFUSED', 'SMTP does not listen');
+      assert.equal(await connectTo(smtpPort), 'ECONNREFUSED', 'SMTP does not listen');
       assert.deepEqual(log.entries().filter((e) => e.event === 'relay.started'), [], 'the relay never started: SMTP never listened');
     } finally {
       await relay.stop();

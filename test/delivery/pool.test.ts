@@ -68,15 +68,26 @@ describe('upstream connection pool', () => {
     assert.equal(opened.count, 2, 'and that one is reused');
   });
 
-  test('a refused message keeps the connection for the next one (RSET, not a reconnect)', async () => {
+  test('refused messages keep the connection for the next one (RSET, not a reconnect), and leave no listener on it behind', async () => {
     const { upstream, relay, opened, send } = await setup();
     upstream.rcptReply = (address) => (address.startsWith('bad') ? { code: 550, message: 'no such user' } : undefined);
-    const refused = await send(['bad@example.com']);
-    const fine = await send(['good@example.com']);
-    await relay.delivery.runOnce();
-    assert.equal(message(relay, refused).state, 'failed');
-    assert.equal(message(relay, fine).state, 'delivered');
-    assert.equal(opened.count, 1);
+    // one listener per RSET left on the connection would make Node warn at the eleventh
+    const warnings: string[] = [];
+    const onWarning = (warning: Error) => warnings.push(warning.name);
+    process.on('warning', onWarning);
+    try {
+      const refused = [];
+      for (let i = 0; i < 12; i++) refused.push(await send([`bad${i}@example.com`]));
+      const fine = await send(['good@example.com']);
+      await relay.delivery.runOnce();
+      for (const id of refused) assert.equal(message(relay, id).state, 'failed');
+      assert.equal(message(relay, fine).state, 'delivered');
+      assert.equal(opened.count, 1);
+      await new Promise((resolve) => setImmediate(resolve));
+      assert.deepEqual(warnings, []);
+    } finally {
+      process.off('warning', onWarning);
+    }
   });
 
   test('a connection the upstream closed while idle is replaced; the mail is not deferred', async () => {

@@ -285,6 +285,38 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(events(log, 'upstream.suspended').length, 0, 'connections ended by the stop say nothing of the upstream');
   });
 
+  test('an attempt that waited for a judgement and then went out, cut off at shutdown, keeps its claim counted: its message may have reached the upstream', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.hold = () => true; // DATA read, never answered
+    // the first connection is cut after 300 ms while the second is still set up (it reaches the
+    // upstream after 1.5 s): a failure that waits for it to be judged; the others pass at once
+    let cut = false;
+    const port = await proxyTo(upstream.port, (n, client, pass) => {
+      if (n === 1) {
+        setTimeout(() => {
+          client.destroy();
+          cut = true;
+        }, 300);
+      } else setTimeout(pass, n === 2 ? 1500 : 0);
+    });
+    const { relay } = await relayFor(port, { processingTimeout: 30, workerCount: 3 }, 200);
+    await queue(relay);
+    await queue(relay);
+    relay.delivery.start();
+    await waitFor(() => cut, 10_000, 'the first connection cut');
+    const judged = await queue(relay);
+    await waitFor(() => upstream.held.length === 2, 10_000, "the second and the third message's DATA at the upstream");
+    const dbFile = relay.config.databasePath;
+    await relay.stop();
+    const db = new Database(dbFile, { readonly: true });
+    try {
+      assert.equal(db.prepare('SELECT claims FROM messages WHERE id = ?').pluck().get(judged), 1);
+    } finally {
+      db.close();
+    }
+  });
+
   test('while a failure waits for the connections being set up, no attempt opens another: a hung upstream costs each wave only the connections begun before its first failure', async () => {
     const hung = await silentServer();
     // processingTimeout 12 s: the greeting is waited for 3.7 s
