@@ -6,7 +6,8 @@ import { after, before, describe, test } from 'node:test';
 import type { Worker } from 'node:worker_threads';
 import type { Relay } from '../../src/main.js';
 import { newQueueId, PolicyRefusal } from '../../src/store/intake.js';
-import { holdWriteLock, messageCount, newMessage, openSession, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { openConnection } from '../../src/store/db.js';
+import { holdWriteLock, messageCount, NO_LIMITS, newMessage, openSession, sendMail, startTestRelay, waitFor } from '../helpers.js';
 
 const INTAKE_ONLY = { startDelivery: false, startRetention: false } as const;
 
@@ -97,4 +98,25 @@ test('the writer thread dies while a message is being committed: its session get
   } finally {
     await relay.stop();
   }
+});
+
+test('a stop lets the writes already queued commit before it resolves: none is cut off when the process exits', async () => {
+  const relay = await startTestRelay({}, INTAKE_ONLY);
+  const id = newQueueId(relay.clock.now());
+  // the write waits in the writer thread for this lock (up to the busy timeout, 5 s) while the stop begins
+  const lock = await holdWriteLock(relay);
+  let answered = false;
+  const write = relay.writer.write('insertMessage', newMessage({ id, raw: Buffer.from('Subject: s\r\n\r\nhi\r\n'), receivedAt: relay.clock.now() }), NO_LIMITS).then(() => {
+    answered = true;
+  });
+  const released = new Promise<void>((resolve) => setTimeout(() => lock.release().then(resolve), 300));
+  await relay.stop();
+  assert.equal(answered, true, 'the write was answered before the stop resolved');
+  const db = openConnection(relay.config.databasePath);
+  try {
+    assert.equal(db.prepare('SELECT count(*) FROM messages WHERE id = ?').pluck().get(id), 1);
+  } finally {
+    db.close();
+  }
+  await Promise.all([released, write]);
 });
