@@ -11,7 +11,7 @@ import { DeliveryEngine } from '../../src/delivery/engine.js';
 import { safeFileStem } from '../../src/delivery/local.js';
 import { exportFailedMessage, failedExportDir } from '../../src/delivery/failed-export.js';
 import { runCli } from '../cli/run-cli.js';
-import { insertMessages, sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
+import { capturedLog, insertMessages, sendMail, startTestRelay, tempDir, testConfig, waitFor } from '../helpers.js';
 import { attempts, message, queuedId, recipients } from './fixtures.js';
 
 describe('local delivery (forwardSMTP=false)', () => {
@@ -168,12 +168,13 @@ test("a restart right after a crash removes that crash's temp files once they ar
   fs.writeFileSync(stray, 'cut off by a kill -9 a moment ago');
   const crashedAt = new Date(Date.now() - 100);
   fs.utimesSync(stray, crashedAt, crashedAt);
+  const log = capturedLog('info');
   const engine = new DeliveryEngine({
     config: relay.config,
     sqlite: relay.store.sqlite,
     writer: relay.writer,
     clock: relay.clock,
-    logger: pino({ level: 'silent' }),
+    logger: log.logger,
     tempFileMinAgeMs: 500,
   });
   try {
@@ -184,6 +185,12 @@ test("a restart right after a crash removes that crash's temp files once they ar
     await engine.stop(1000);
     await relay.stop();
   }
+  // one line for the one file removed: none for a sweep, or a directory, that found nothing
+  const removed = log.entries().filter((e) => e.event === 'delivery.temp_files_removed');
+  assert.deepEqual(
+    removed.map((e) => [e.dir, e.files]),
+    [[relay.config.emailsDir, [path.basename(stray)]]],
+  );
 });
 
 test("only temp files written before the given time are taken for a crash's", async () => {

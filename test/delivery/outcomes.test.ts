@@ -6,7 +6,7 @@ import Database from 'better-sqlite3';
 import { isoTime } from '../../src/clock.js';
 import { ManualClock } from '../manual-clock.js';
 import { exportFailedMessage } from '../../src/delivery/failed-export.js';
-import { exportMissingFailures } from '../../src/delivery/leftovers.js';
+import { exportMissingFailures, removeDeliveredExports } from '../../src/delivery/leftovers.js';
 import { type BatchResult, planCompletion, resultFromNodemailer } from '../../src/delivery/outcomes.js';
 import type { Relay } from '../../src/main.js';
 import { retryMessage } from '../../src/store/admin.js';
@@ -889,6 +889,33 @@ describe('per-recipient outcomes', () => {
     assert.ok(!fs.existsSync(file(retried)));
     assert.ok(failedExportExists(second, stillFailed), 'the export of mail still failed stays');
     assert.ok(fs.existsSync(foreign), 'a file of a message this database does not hold stays');
+  });
+
+  test("a stop during the start's walk for exports of delivered mail ends it: what it removed before is said", async () => {
+    const relay = await startTestRelay({ forwardSMTP: false }, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const ids = [await queue(relay, ['one@example.com']), await queue(relay, ['two@example.com'])];
+    await relay.delivery.runOnce();
+    assert.deepEqual(ids.map((id) => message(relay, id).state), ['delivered', 'delivered']);
+    // what crashes between the commits of the deliveries and the removal of the exports leave
+    const file = (id: string) => path.join(relay.config.emailsDir, 'failed', `${id}.json`);
+    for (const id of ids) fs.writeFileSync(file(id), '{}\n');
+    const log = capturedLog('info');
+    let looks = 0;
+    await removeDeliveredExports({
+      sqlite: relay.store.sqlite,
+      emailsDir: relay.config.emailsDir,
+      log: log.logger,
+      // the stop comes once the first file has been looked at
+      stopping: () => looks++ > 0,
+      exportFailed: async () => undefined,
+    });
+    const removed = ids.filter((id) => !fs.existsSync(file(id)));
+    assert.equal(removed.length, 1, 'the walk ended at the stop');
+    assert.deepEqual(
+      log.entries().filter((e) => e.event === 'delivery.exports_removed').map((e) => [e.count, e.ids]),
+      [[1, removed]],
+    );
   });
 
   test('an export that cannot be removed once its message is delivered is logged, at the delivery and at the next start', async () => {
