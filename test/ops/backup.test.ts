@@ -10,6 +10,7 @@ import pino from 'pino';
 import { ManualClock } from '../manual-clock.js';
 import { type Relay, startRelay } from '../../src/main.js';
 import { BackupError, backupDatabase } from '../../src/store/backup.js';
+import { openStore } from '../../src/store/db.js';
 import { openReadOnly } from '../../src/store/maintenance.js';
 import { REPO_ROOT, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { runCli, writeConfigFile } from '../cli/run-cli.js';
@@ -330,6 +331,44 @@ test('a copy that does not pass integrity_check (damaged on its way to the disk)
   }
 });
 
+test('a copy whose integrity_check finds a single problem (a NULL where the schema forbids it) is refused too', async () => {
+  const dir = tempDir('relayq-one-problem-');
+  const file = path.join(dir, 'relayq.db');
+  await (await openStore(file)).close();
+  // one row damaged as a foreign tool could: with the NOT NULL lifted from the schema a NULL goes
+  // in, then the NOT NULL is put back; VACUUM INTO copies the row as it is
+  const withDatabase = <T>(fn: (db: Database.Database) => T): T => {
+    const db = new Database(file);
+    try {
+      return fn(db);
+    } finally {
+      db.close();
+    }
+  };
+  const setSchema = (sql: string) =>
+    withDatabase((db) => {
+      db.unsafeMode(true);
+      db.pragma('writable_schema = ON');
+      db.prepare("UPDATE sqlite_schema SET sql = ? WHERE name = 'counters'").run(sql);
+    });
+  const schema = withDatabase((db) => db.prepare("SELECT sql FROM sqlite_schema WHERE name = 'counters'").pluck().get() as string);
+  assert.match(schema, /value INTEGER NOT NULL/);
+  setSchema(schema.replace('value INTEGER NOT NULL', 'value INTEGER'));
+  withDatabase((db) => db.prepare("INSERT INTO counters (name, value) VALUES ('damaged', NULL)").run());
+  setSchema(schema);
+  const sqlite = openReadOnly(file);
+  try {
+    assert.deepEqual(sqlite.pragma('integrity_check'), [{ integrity_check: 'NULL value in counters.value' }], 'control: one problem');
+    assert.throws(
+      () => backupDatabase(sqlite, path.join(dir, 'copy.db')),
+      (err: Error) => err instanceof BackupError && /integrity_check failed on the copy: NULL value in counters\.value$/.test(err.message),
+    );
+    assert.deepEqual(fs.readdirSync(dir).filter((f) => f.startsWith('copy.db')), [], 'no copy.db and no partial copy');
+  } finally {
+    sqlite.close();
+  }
+});
+
 test('the copy is fsynced before it takes its name, and its directory after', async (t) => {
   const relay = await startTestRelay({}, { startDelivery: false });
   const dir = tempDir('relayq-fsync-');
@@ -386,16 +425,16 @@ test('the unfinished copies of killed backups, an hour old, are removed by the n
     const [gone, other] = [ended.pid, Number(ended.pid) + 1_000_000];
     const left = [`copy.db.partial-${gone}`, `copy.db.partial-${gone}-journal`, `copy.db.partial-${process.pid}`];
     // a running process's; one changed in the last hour (its process may run unseen, in another
-    // container); other names; a directory, which is not removed
-    // (half an hour ago); another user's process, which this one may not signal (EPERM); other
-    // names; a directory, which is not removed
+    // container; half a minute within it, while the others changed half a minute past it);
+    // another user's process, which this one may not signal (EPERM); other names; a directory,
+    // which is not removed
     const otherUsers = other + 2;
     const kept = [`copy.db.partial-${running.pid}`, `copy.db.partial-${other}`, `copy.db.partial-${otherUsers}`, `other.db.partial-${gone}`, `copy.db.partial-${gone}.txt`];
-    const hourAgo = new Date(Date.now() - 61 * 60_000);
-    const halfAnHourAgo = new Date(Date.now() - 30 * 60_000);
+    const hourAgo = new Date(Date.now() - 60.5 * 60_000);
+    const withinTheHour = new Date(Date.now() - 59.5 * 60_000);
     for (const name of [...left, ...kept]) {
       fs.writeFileSync(path.join(dir, name), 'x'.repeat(1000));
-      const changed = name === `copy.db.partial-${other}` ? halfAnHourAgo : hourAgo;
+      const changed = name === `copy.db.partial-${other}` ? withinTheHour : hourAgo;
       fs.utimesSync(path.join(dir, name), changed, changed);
     }
     const kill = process.kill.bind(process);
