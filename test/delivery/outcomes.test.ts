@@ -1277,6 +1277,67 @@ describe('per-recipient outcomes', () => {
     assert.deepEqual(listed.map((r) => [r.to, r.status]), [['busy@example.com', 'failed']]);
   });
 
+  test('continueOnError=false: a recipient of a later batch whose try got no reply (cut off by a kill -9) fails "not attempted", with that reply', async () => {
+    const { clock, relay, upstream } = await setup({ batchSize: 1, batchDelay: 0, continueOnError: false });
+    upstream.rcptReply = (address) => (address === 'a@example.com' ? { code: 550, message: '5.1.1 No such user' } : undefined);
+    const id = await queue(relay, ['a@example.com', 'b@example.com']);
+    // b's batch was claimed once (a claim counts the try) and the process died before any reply:
+    // one try, no reply, waiting for its retry
+    await writeDirect(relay, (db) =>
+      db.prepare("UPDATE recipients SET attempts = 1, next_attempt_at = ? WHERE message_id = ? AND address = 'b@example.com'").run(clock.now() + 3_600_000, id),
+    );
+    await relay.delivery.runOnce();
+    const rows = recipients(relay, id);
+    assert.deepEqual(
+      rows.map((r) => [r.address, r.status, r.attempts]),
+      [
+        ['a@example.com', 'failed', 1],
+        ['b@example.com', 'failed', 1],
+      ],
+    );
+    assert.match(rows[1].last_reply ?? '(none)', /^not attempted: batch 0 was refused permanently \(550 .*No such user\) and continueOnError is false$/);
+  });
+
+  test('a batch sent in several transactions: each recipient keeps the time of the transaction that delivered it', async () => {
+    const clock = new ManualClock();
+    const perTransaction = new Map<string, number>();
+    const upstream: ScriptedUpstream = await startScriptedUpstream({
+      onMailFrom(_address, session, cb) {
+        perTransaction.set(session.id, 0);
+        clock.advance(1000); // each transaction a second after the one before
+        cb();
+      },
+      // one recipient per transaction
+      onRcptTo(address, session, cb) {
+        upstream.rcpts.push(address.address);
+        const n = (perTransaction.get(session.id) ?? 0) + 1;
+        perTransaction.set(session.id, n);
+        if (n > 1) return cb(Object.assign(new Error('4.5.3 Error: too many recipients'), { responseCode: 452 }));
+        cb();
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, batchSize: 3, batchDelay: 0 },
+      { clock, startDelivery: false, random: NO_JITTER },
+    );
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['a@example.com', 'b@example.com', 'c@example.com']);
+    await relay.delivery.runOnce();
+    assert.deepEqual(
+      upstream.accepted.map((t) => t.to),
+      [['a@example.com'], ['b@example.com'], ['c@example.com']],
+      'control: three transactions',
+    );
+    const rows = recipients(relay, id);
+    assert.deepEqual(
+      rows.map((r) => r.status),
+      ['delivered', 'delivered', 'delivered'],
+    );
+    const [a, b, c] = rows.map((r) => r.updated_at);
+    assert.ok(a < b && b < c, `updated_at ${[a, b, c].join(', ')}`);
+  });
+
   test('continueOnError=true (default): later batches still go after a refused one', async () => {
     const { relay, upstream } = await setup({ batchSize: 2, batchDelay: 0 });
     let first = true;
