@@ -185,12 +185,13 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.match(text.stdout, /^SEQ {2}RECIPIENT +STATUS +TRIES {2}CODE/m);
     assert.match(text.stdout, /^ {2}0 {2}ok-mixed1@example\.com +delivered +1 {2}250 /m);
     assert.match(text.stdout, /^ {2}1 {2}bad-mixed1@example\.com +failed +1 {2}550 /m);
-    // so are BATCH, RCPTS and MS in the attempts: a duration of one digit stands under the S of MS
-    await writeDirect(relay, (db) => db.prepare('UPDATE attempts SET duration_ms = 7 WHERE message_id = ?').run(id));
+    // so are BATCH, RCPTS and MS in the attempts: a duration of one digit stands under the S of MS;
+    // a reply over 80 columns is cut to 80, the last of them an ellipsis
+    await writeDirect(relay, (db) => db.prepare("UPDATE attempts SET duration_ms = 7, reply = ? WHERE message_id = ?").run(`250 2.0.0 ${'x'.repeat(90)}`, id));
     const attempts = (await cli('show', id)).stdout.split('\n');
     const header = attempts.findIndex((l) => l.startsWith('STARTED'));
     assert.match(attempts[header], /^STARTED {15}BATCH {2}RCPTS {2}UPSTREAM +MS {2}OUTCOME +CODE {2}REPLY$/);
-    assert.match(attempts[header + 1], /^\S+ \S+ {6}0 {6}2 {2}\S+ +7 {2}partial {2}250 {3}250 OK/, attempts.join('\n'));
+    assert.match(attempts[header + 1], /^\S+ \S+ {6}0 {6}2 {2}\S+ +7 {2}partial {2}250 {3}250 2\.0\.0 x{69}…$/, attempts.join('\n'));
     // a message not tried yet: when it is due, and no attempts
     const due = relay.store.sqlite.prepare('SELECT next_attempt_at FROM messages WHERE id = ?').pluck().get(ids.queued[0]) as number;
     assert.equal(waiting.code, 0, waiting.stderr);

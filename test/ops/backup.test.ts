@@ -149,7 +149,13 @@ describe('relayq backup while mail is accepted and delivered', () => {
 
   test('--json names the source and the copy with its size, messages and schema; the text says the same for people', async () => {
     const target = path.join(dir, 'reported.db');
-    const json = await runCli(['--config', configFile, 'backup', target, '--json']);
+    // how long the copy took lies within what the command took
+    const within = async (args: string[]) => {
+      const started = Date.now();
+      const out = await runCli(args);
+      return { out, took: Date.now() - started };
+    };
+    const { out: json, took } = await within(['--config', configFile, 'backup', target, '--json']);
     assert.equal(json.code, 0, json.stderr);
     const result = JSON.parse(json.stdout) as Record<string, unknown>;
     const copy = new Database(target, { readonly: true, fileMustExist: true });
@@ -166,8 +172,11 @@ describe('relayq backup while mail is accepted and delivered', () => {
       { ...result, durationMs: 0 },
       { source: relay.config.databasePath, file: target, bytes: fs.statSync(target).size, messages, migrations, integrity: 'ok', durationMs: 0 },
     );
-    const text = await runCli(['--config', configFile, 'backup', path.join(dir, 'reported-text.db')]);
+    assert.ok(Number(result.durationMs) >= 0 && Number(result.durationMs) <= took, `durationMs ${result.durationMs}; the command took ${took} ms`);
+    const { out: text, took: textTook } = await within(['--config', configFile, 'backup', path.join(dir, 'reported-text.db')]);
     assert.equal(text.code, 0, text.stderr);
+    const textMs = Number(/ in (\d+) ms;/.exec(text.stdout)?.[1]);
+    assert.ok(textMs >= 0 && textMs <= textTook, `${text.stdout}; the command took ${textTook} ms`);
     assert.match(
       text.stdout,
       new RegExp(`^copied ${relay.config.databasePath.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} to .*reported-text\\.db \\([\\d.]+ [KM]iB, ${messages} messages, schema ${migrations.at(-1)}\\) in \\d+ ms; fsynced; integrity_check ok\\n$`),
