@@ -25,6 +25,18 @@ async function deliverAndStop(logAllEmails: boolean, marker: string) {
   return { rows, onDisk, log };
 }
 
+/** Which of the database file and its WAL hold `text`. */
+function filesHolding(file: string, text: string): string[] {
+  return [file, `${file}-wal`].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(text) >= 0);
+}
+
+/** Those that still hold `text` once neither does, or 15 s have passed. */
+async function filesHoldingAfterWait(file: string, text: string): Promise<string[]> {
+  const deadline = Date.now() + 15_000;
+  while (filesHolding(file, text).length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  return filesHolding(file, text);
+}
+
 describe('security.logAllEmails', () => {
   test('false: delivered mail leaves no raw bytes in the database, not even in freed pages', async () => {
     const marker = `PRIVATE-${crypto.randomBytes(8).toString('hex')}`;
@@ -85,8 +97,7 @@ test('logAllEmails switched to false: the content of mail delivered before is er
   // The pages the erasure freed were overwritten (secure_delete), and the WAL checkpointed at the
   // stop. (What the file kept in the unused space of pages while logAllEmails was true, as the
   // short message's cell where rows moved, only a VACUUM clears: the README says so.)
-  const holders = [files.databasePath, `${files.databasePath}-wal`].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(` ${delivered}`) >= 0);
-  assert.deepEqual(holders, []);
+  assert.deepEqual(filesHolding(files.databasePath, ` ${delivered}`), []);
 });
 
 /** The erasure pass from the first delivered message to its end, a step at a time: what each step erased. */
@@ -155,13 +166,10 @@ test('logAllEmails=false: content already checkpointed into the database file is
     // as happens to mail that waits (deferred, a backlog): a checkpoint copies it into the file
     await relay.writer.pragma('wal_checkpoint(TRUNCATE)');
     const file = relay.config.databasePath;
-    const holders = () => [file, `${file}-wal`].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(marker) >= 0);
-    assert.deepEqual(holders(), [file], 'control: the content is in the database file before delivery');
+    assert.deepEqual(filesHolding(file, marker), [file], 'control: the content is in the database file before delivery');
     await relay.delivery.runOnce();
     assert.equal((relay.store.sqlite.prepare('SELECT state FROM messages').get() as { state: string }).state, 'delivered');
-    const deadline = Date.now() + 15_000;
-    while (holders().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    assert.deepEqual(holders(), [], 'neither the database file nor the WAL holds the content');
+    assert.deepEqual(await filesHoldingAfterWait(file, marker), [], 'neither the database file nor the WAL holds the content');
   } finally {
     await relay.stop();
   }
@@ -175,17 +183,14 @@ test('logAllEmails=false: a reader holding an old snapshot delays the erasure of
     await sendMail(relay.smtpPort, { text: `${marker}\n${'e'.repeat(10_000)}`, subject: 'private' });
     await relay.writer.pragma('wal_checkpoint(TRUNCATE)');
     const file = relay.config.databasePath;
-    const holders = () => [file, `${file}-wal`].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(marker) >= 0);
     // a CLI command or a backup in the middle of its read: the checkpoint may not copy past its snapshot
     reader.prepare('BEGIN').run();
     reader.prepare('SELECT count(*) FROM messages').get();
     await relay.delivery.runOnce();
     await new Promise((r) => setTimeout(r, 2500)); // past the first truncation, and its first retry
-    assert.deepEqual(holders(), [file], 'control: the reader keeps the checkpoint from overwriting the file');
+    assert.deepEqual(filesHolding(file, marker), [file], 'control: the reader keeps the checkpoint from overwriting the file');
     reader.prepare('COMMIT').run();
-    const deadline = Date.now() + 15_000;
-    while (holders().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    assert.deepEqual(holders(), [], 'the truncation was tried again after the reader left');
+    assert.deepEqual(await filesHoldingAfterWait(file, marker), [], 'the truncation was tried again after the reader left');
   } finally {
     reader.close();
     await relay.stop();
@@ -212,12 +217,9 @@ test('logAllEmails=false: a truncation of the WAL that fails is tried again, wit
     } finally {
       spawnSync('chattr', ['-a', wal]);
     }
-    const holders = () => [file, wal].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(marker) >= 0);
     // the checkpoint copied the erased pages into the file; the WAL's earlier frames still hold the content
-    assert.deepEqual(holders(), [wal], 'control: the truncation failed');
-    const deadline = Date.now() + 15_000;
-    while (holders().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    assert.deepEqual(holders(), [], 'the truncation was tried again once it could succeed');
+    assert.deepEqual(filesHolding(file, marker), [wal], 'control: the truncation failed');
+    assert.deepEqual(await filesHoldingAfterWait(file, marker), [], 'the truncation was tried again once it could succeed');
     assert.equal(fs.statSync(wal).size, 0);
   } finally {
     await relay.stop();
@@ -244,13 +246,10 @@ test('logAllEmails=false: an erasure a kill -9 left in the WAL reaches the datab
     { cwd: REPO_ROOT },
   );
   assert.equal(erase.signal, 'SIGKILL', String(erase.stderr));
-  const holders = () => [file, `${file}-wal`].filter((f) => fs.existsSync(f) && fs.readFileSync(f).indexOf(marker) >= 0);
-  assert.deepEqual(holders(), [file], 'control: the erasure is in the WAL only');
+  assert.deepEqual(filesHolding(file, marker), [file], 'control: the erasure is in the WAL only');
   const relay = await startTestRelay({ databasePath: file, security: { logAllEmails: false } }, { startDelivery: false, startRetention: false });
   try {
-    const deadline = Date.now() + 15_000;
-    while (holders().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    assert.deepEqual(holders(), [], 'the start checkpointed the erasure into the file');
+    assert.deepEqual(await filesHoldingAfterWait(file, marker), [], 'the start checkpointed the erasure into the file');
   } finally {
     await relay.stop();
   }
