@@ -338,6 +338,25 @@ describe('in-flow pacing in the relay', () => {
     assert.deepEqual([stats.waiting, stats.timedOut, stats.backlog], [0, 0, backlog], 'given up, not let through');
   });
 
+  test('a MAIL whose client had already shut down its side (FIN read while the message before it committed) gives up its place at once', async (t) => {
+    const { relay, client } = await backlogged(t, 60_000);
+    client.write('MAIL FROM:<sender@example.com>\r\n');
+    const first = client.read(30_000);
+    await waitFor(() => relay.delivery.inFlow.stats().waiting === 1, 10_000, 'the first MAIL waiting');
+    relay.delivery.inFlow.taken(1);
+    assert.match(await first, /^250/);
+    assert.match(await client.send('RCPT TO:<rcpt@example.com>'), /^250/);
+    assert.match(await client.send('DATA'), /^354/);
+    // one write: the message's end, the next MAIL and the FIN. The FIN is read while the message
+    // commits, so by the time the MAIL is looked at (after the 250) its client's side has ended
+    client.socket.end('Subject: the last one\r\n\r\nbody\r\n.\r\nMAIL FROM:<sender@example.com>\r\n');
+    assert.match(await client.read(10_000), /^250 2\.0\.0 Ok: queued/);
+    // without it, it would wait for an end already past, and keep its place for the whole minute
+    assert.match(await client.read(10_000), /^250/, 'the MAIL answered at once');
+    const stats = relay.delivery.inFlow.stats();
+    assert.deepEqual([stats.waiting, stats.timedOut], [0, 0], 'given up, not let through by the delay');
+  });
+
   test('a client that half-closes after its whole transaction keeps its place, and gets its 250 once its MAIL goes ahead', async (t) => {
     const { relay, client, release } = await backlogged(t, 60_000);
     client.socket.end('MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.com>\r\nDATA\r\nSubject: paced, half-closed\r\n\r\nbody\r\n.\r\nQUIT\r\n');

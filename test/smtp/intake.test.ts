@@ -255,6 +255,9 @@ describe('intake log', () => {
           { level: 30, client: '127.0.0.1', helo: undefined, accepted: 0, queueIds: undefined, refused: 0, replies: undefined },
         ],
       );
+      // a client that did not log in: no user in its lines, not even a null one (jq's has("user") is false)
+      const withUser = log.entries().filter((l) => (l.event === 'smtp.session' || l.event === 'smtp.accepted') && 'user' in l);
+      assert.deepEqual(withUser, []);
     } finally {
       await relay.stop();
     }

@@ -465,7 +465,8 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     const c = await openSession(relay.smtpPort);
     assert.match(await c.send('DATA'), /^354/);
     const reply = await c.send(`Subject: big\r\n\r\n${'x'.repeat(3000)}\r\n.`);
-    assert.match(reply, /^552 5\.3\.4 /);
+    // smtp-server's own reply, which names the limit as the refusal of a SIZE= over it does
+    assert.equal(reply, '552 5.3.4 Error: message exceeds fixed maximum message size 2048');
     assert.equal(messageCount(relay), before);
     c.close();
     // the log line says how big it was (all of it, not what was kept) and from whom
@@ -479,7 +480,7 @@ describe('SMTP replies (default config: loopback without AUTH)', () => {
     const c = await SmtpClient.connect(relay.smtpPort);
     await c.read();
     assert.match(await c.send('EHLO client.test'), /^250/);
-    assert.match(await c.send('MAIL FROM:<big@example.com> SIZE=999999'), /^552 5\.3\.4 /);
+    assert.equal(await c.send('MAIL FROM:<big@example.com> SIZE=999999'), '552 5.3.4 Error: message exceeds fixed maximum message size 2048');
     // the sender as every other line names it: an xn-- domain decoded, whatever its case
     assert.match(await c.send('MAIL FROM:<big@XN--MNCHEN-3YA.DE> SIZE=999999'), /^552 5\.3\.4 /);
     assert.match(await c.send('MAIL FROM:<small@example.com> SIZE=100'), /^250 /);
