@@ -320,16 +320,12 @@ test('the running engine: claims that overlap (a slot freed while another claim 
 
 test('a 421 in a transaction closes the connection, also one the upstream keeps open: no RSET on it, the next message on a new one', async () => {
   const { server, connections } = await startRecordingUpstream((line) => (/^RCPT TO:<closing@/i.test(line) ? '421 4.3.2 shutting down' : undefined));
-  const relay = await startTestRelay(
-    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: server.port, workerCount: 1 },
-    { clock: new ManualClock(), startDelivery: false, random: NO_JITTER },
-  );
-  const queueOne = async (to: string) => queuedId((await sendMail(relay.smtpPort, { to: [to], raw: 'Subject: 421\r\n\r\nbody\r\n' })).response);
+  const { relay, send } = await relayTo(server.port, 1);
   try {
-    const deferred = await queueOne('closing@example.com');
+    const deferred = await send('closing@example.com');
     await relay.delivery.runOnce();
     assert.equal(message(relay, deferred).state, 'queued', 'deferred by the 421');
-    const next = await queueOne('a@example.com');
+    const next = await send('a@example.com');
     await relay.delivery.runOnce();
     assert.equal(message(relay, next).state, 'delivered');
     assert.equal(connections.length, 2, 'the next message went on a new connection');
@@ -387,8 +383,41 @@ test('a connection says QUIT before it is closed: once it has been idle, and at 
   await waitFor(() => connections[1].closedByClient, 5_000, 'the upstream to see the connection closed');
 });
 
+test('an upstream that does not answer QUIT is cut off a second later, not left open until the socket times out', async () => {
+  const connections: Array<{ quit: boolean; closed: boolean }> = [];
+  const server = await startRawUpstream((socket) => {
+    const seen = { quit: false, closed: false };
+    connections.push(seen);
+    socket.on('close', () => {
+      seen.closed = true;
+    });
+    return (line) => {
+      if (/^QUIT/i.test(line)) seen.quit = true; // never answered
+      else if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
+      else socket.write('250 ok\r\n');
+    };
+  });
+  // processingTimeout 300 s (the default): the socket's own timeout would end it after about five minutes
+  const { relay, send } = await relayTo(server.port, 1);
+  try {
+    await send('a@example.com');
+    await relay.delivery.runOnce();
+    // past the reuse limit on the relay's clock: the next attempt says QUIT on the first connection
+    (relay.clock as ManualClock).advance(300_000);
+    await send('b@example.com');
+    await relay.delivery.runOnce();
+    assert.equal(connections.length, 2, 'the next message went on a new connection');
+    await waitFor(() => connections[0].quit, 10_000, 'QUIT on the old connection');
+    await waitFor(() => connections[0].closed, 10_000, 'the old connection cut off');
+  } finally {
+    await relay.stop();
+    server.close();
+  }
+});
+
 /**
- * A raw upstream that refuses every recipient named bad… (550) and answers each RSET `rsetDelayMs`
+ * A raw upstream that refuses every recipient named bad… (550), and drop… with a 421 (relayq then
+ * closes the connection), and answers each RSET `rsetDelayMs`
  * late, as an upstream that slows its replies after errors does, or hangs up then instead
  * (`hangUp`); it counts its connections.
  */
@@ -401,6 +430,7 @@ async function slowRsetUpstream(rsetDelayMs: number, hangUp = false) {
     return (line) => {
       if (/^QUIT/i.test(line)) socket.end('221 2.0.0 bye\r\n');
       else if (/^RCPT TO:<bad/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
+      else if (/^RCPT TO:<drop/i.test(line)) socket.write('421 4.3.2 shutting down\r\n');
       else if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
       else if (/^RSET/i.test(line)) setTimeout(() => (hangUp ? socket.destroy() : socket.writable && socket.write('250 ok\r\n')), rsetDelayMs);
       else socket.write('250 ok\r\n');
@@ -456,6 +486,28 @@ test('attempts that start together while connections wait for their RSET open on
     assert.equal((await relay.delivery.runOnce()).attempts, 4);
     assert.deepEqual([...refused, ...good].map((id) => message(relay, id).state), ['failed', 'failed', 'delivered', 'delivered', 'delivered', 'delivered']);
     assert.equal(count.mostOpen, 4);
+  } finally {
+    await relay.stop();
+    server.close();
+  }
+});
+
+test('a connection closed after a 421 frees its place: with the other one waiting for its RSET, the next message opens a new one', async () => {
+  const { server, count } = await slowRsetUpstream(3000);
+  const { relay, send } = await relayTo(server.port, 2);
+  try {
+    const dropped = await send('drop@example.com');
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, dropped).state, 'queued', 'deferred by the 421; relayq closed that connection');
+    const refused = await send('bad@example.com');
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, refused).state, 'failed', 'refused; its connection waits 3 s for the reply to its RSET');
+    const next = await send('ok@example.com');
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, next).state, 'delivered');
+    // had the closed connection still counted, the two would fill workerCount, and the message would
+    // have waited for the RSET and gone on that connection
+    assert.equal(count.opened, 3, 'the next message went on a new connection');
   } finally {
     await relay.stop();
     server.close();
