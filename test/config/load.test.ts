@@ -646,7 +646,7 @@ describe('loadConfig', () => {
       ['{\n  "smtpPort": 25,\n  "defaultPassword": \'Tr0ub4dor&3\'\n}', /^c\.json is not valid JSON: unexpected character at line 3, column 22 \(strings must be in double quotes\)$/],
       ['{"defaultPassword": hunter2secret}', /^c\.json is not valid JSON: unexpected character at line 1, column 21 \(strings must be in double quotes\)$/],
       ['{"defaultPassword": "abc"Tr0ub4dor"}', /^c\.json is not valid JSON: .* at line 1, column 26$/],
-      ['{"smtpPort": 25,}', /^c\.json is not valid JSON: .* at line 1, column 17$/],
+      ['{"smtpPort": 25,}', /^c\.json is not valid JSON: (?!.*after the object).* at line 1, column 17$/],
       ['{"smtpPort": ', /^c\.json is not valid JSON: unexpected end of the file$/],
       ['{\n  // the relay\n  "smtpPort": 25\n}', /^c\.json is not valid JSON: .* at line 2, column 3 \(JSON takes no comments\)$/],
       ['{"smtpPort": 25, /* the port */ "forwardPort": 587}', /^c\.json is not valid JSON: .* at line 1, column 18 \(JSON takes no comments\)$/],
@@ -654,7 +654,8 @@ describe('loadConfig', () => {
       // under 21 characters, which V8's message quotes whole, without a position
       ['{"smtpPort":x}\n', /^c\.json is not valid JSON: unexpected character at line 1, column 13 \(strings must be in double quotes\)$/],
       ['{"a":{}, "b":}', /^c\.json is not valid JSON: unexpected character at line 1, column 14$/],
-      ['{"a":1}\n\n}', /^c\.json is not valid JSON: .* at line 3, column 1$/],
+      // text past the end of the object is said to be there
+      ['{"a":1}\n\n}', /^c\.json is not valid JSON: .* after the object at line 3, column 1$/],
       // a word of Python's or YAML's
       ['{"forwardSMTP": True, "smtpPort": 2525}', /^c\.json is not valid JSON: unexpected character at line 1, column 17 \(JSON writes true, false and null in lower case\)$/],
       ['{"forwardSMTP": FALSE}', /^c\.json is not valid JSON: unexpected character at line 1, column 17 \(JSON writes true, false and null in lower case\)$/],

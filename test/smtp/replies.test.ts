@@ -947,25 +947,39 @@ describe('STARTTLS', () => {
     });
   });
 
-  test('a client that leaves after the 220 to STARTTLS without a handshake is logged as such', async () => {
-    const net = await import('node:net');
+  test('a client without a handshake after the 220 to STARTTLS is logged as such, whether it leaves or is still there at shutdown (the 421 it cannot read is no refusal)', async () => {
+    const { connect } = await import('node:net');
     const log = capturedLog('info');
+    const sockets: net.Socket[] = [];
     await withTestRelay({ tls: await tlsFiles() }, { logger: log.logger, startDelivery: false }, async (relay) => {
-      const socket = net.connect({ port: relay.smtpPort, host: '127.0.0.1' });
-      let text = '';
-      socket.on('data', (d: Buffer) => {
-        text += d.toString();
-      });
-      await waitFor(() => /^220 /m.test(text), 10_000, 'the greeting');
-      socket.write('EHLO client.test\r\n');
-      await waitFor(() => /^250 /m.test(text), 10_000, 'the EHLO reply');
-      socket.write('STARTTLS\r\n');
-      await waitFor(() => /^220 .*TLS/im.test(text), 10_000, 'the reply to STARTTLS');
-      socket.end();
-      await waitFor(() => log.entries().some((e) => e.event === 'smtp.session'), 10_000, 'the session line');
+      for (let i = 0; i < 2; i++) {
+        const socket = connect({ port: relay.smtpPort, host: '127.0.0.1' });
+        sockets.push(socket);
+        socket.on('error', () => {});
+        let text = '';
+        socket.on('data', (d: Buffer) => {
+          text += d.toString();
+        });
+        await waitFor(() => /^220 /m.test(text), 10_000, 'the greeting');
+        socket.write('EHLO client.test\r\n');
+        await waitFor(() => /^250 /m.test(text), 10_000, 'the EHLO reply');
+        socket.write('STARTTLS\r\n');
+        await waitFor(() => /^220 .*TLS/im.test(text), 10_000, 'the reply to STARTTLS');
+      }
+      sockets[0].end();
+      await waitFor(() => log.entries().some((e) => e.event === 'smtp.session'), 10_000, 'the first session line');
+      // the other sends no ClientHello: the relay stops (a 421 to every session) while it waits for one
     });
-    const [line] = log.entries().filter((e) => e.event === 'smtp.session');
-    assert.deepEqual([line.helo, line.tls], ['client.test', 'not completed']);
+    sockets[1].destroy();
+    await waitFor(() => log.entries().filter((e) => e.event === 'smtp.session').length === 2, 10_000, 'the second session line');
+    const lines = log.entries().filter((e) => e.event === 'smtp.session');
+    assert.deepEqual(
+      lines.map((l) => [l.helo, l.tls, l.refused, l.replies]),
+      [
+        ['client.test', 'not completed', 0, undefined],
+        ['client.test', 'not completed', 0, undefined],
+      ],
+    );
   });
 
   test('a TLS client that resets its connection after QUIT is one smtp.connection_lost line, which names its session', async () => {

@@ -7,6 +7,7 @@ import { pathToFileURL } from 'node:url';
 import Database from 'better-sqlite3';
 import { openConnection, openStore, realDatabasePath, refuseHardLinks, shellWord } from '../../src/store/db.js';
 import { lockDatabase } from '../../src/store/maintenance.js';
+import { readRootsFile } from '../../src/root-guard.js';
 import { runCli } from '../cli/run-cli.js';
 import { sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 
@@ -350,4 +351,41 @@ test('as root, relayq refuses a database directory another user may write: links
   await assert.rejects(startTestRelay({ databasePath: path.join(tempDir(), 'relayq.db'), emailsDir: `${base}/a/l/..` }, { startDelivery: false }), {
     message: new RegExp(`^config error: emailsDir: \\S+ cannot hold deliveries and failed-mail exports: ${path.join(base, 'P', 'failed')} may be changed by its owner, uid 1000`),
   });
+});
+
+test('as root, a config file another user makes between the look at its name and the open is refused, not read', {
+  skip: process.getuid?.() === 0 ? false : 'a file of another user, made as that user, takes root',
+}, async () => {
+  // a sticky directory of root's that everyone may write in, as /tmp is, may be on the way
+  const dir = tempDir();
+  fs.chmodSync(dir, 0o1777);
+  const file = path.join(dir, 'relayq.json');
+  // another user makes the file and removes it again, over and over: now and then it appears after
+  // the look found no file and before the open, where only the owner of what was opened tells
+  const racer = spawn(process.execPath, ['-e', 'const fs = require("fs"); const f = process.argv[1]; for (;;) { try { fs.writeFileSync(f, "{}"); fs.unlinkSync(f); } catch {} }', file], {
+    uid: 65534,
+    gid: 65534,
+    stdio: 'ignore',
+  });
+  try {
+    await waitFor(() => fs.existsSync(file), 10_000, "the other user's file");
+    const outcomes: Record<string, number> = {};
+    const until = performance.now() + 2000;
+    while (performance.now() < until && !outcomes.read) {
+      let outcome: string;
+      try {
+        readRootsFile(file);
+        outcome = 'read';
+      } catch (err) {
+        const e = err as NodeJS.ErrnoException;
+        outcome = e.code ?? (/may be changed by its owner, uid 65534: as root, relayq would take paths and settings from it/.test(e.message) ? 'refused' : e.message);
+      }
+      outcomes[outcome] = (outcomes[outcome] ?? 0) + 1;
+    }
+    assert.equal(outcomes.read, undefined, JSON.stringify(outcomes));
+    assert.ok(outcomes.refused > 0, JSON.stringify(outcomes));
+    assert.deepEqual(Object.keys(outcomes).filter((o) => o !== 'ENOENT' && o !== 'refused'), [], JSON.stringify(outcomes));
+  } finally {
+    racer.kill('SIGKILL');
+  }
 });
