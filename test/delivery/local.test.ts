@@ -265,6 +265,28 @@ test('a message file is fsynced before its rename, and its directory after it', 
   assert.equal(fs.readFileSync(path.join(dir, 'A.eml'), 'utf8'), 'Subject: x\r\n\r\nbody\r\n');
 });
 
+test('a write that fails halfway removes its temp file and closes it (a removed file open keeps its blocks in use)', { skip: !fs.existsSync('/proc/self/fd') && 'no /proc here' }, async () => {
+  const dir = tempDir();
+  function* pieces(): Generator<string> {
+    yield 'Subject: first piece\r\n\r\n';
+    throw new Error('the source failed halfway');
+  }
+  await assert.rejects(writeFileAtomic(path.join(dir, 'A.eml'), pieces()), /the source failed halfway/);
+  assert.deepEqual(fs.readdirSync(dir), [], 'no file and no temp file');
+  // what this process still holds open there: a removed file reads "<path> (deleted)"
+  const held = fs
+    .readdirSync('/proc/self/fd')
+    .map((fd) => {
+      try {
+        return fs.readlinkSync(`/proc/self/fd/${fd}`);
+      } catch {
+        return ''; // the descriptor readdir itself used, closed since
+      }
+    })
+    .filter((target) => target.startsWith(`${dir}${path.sep}`));
+  assert.deepEqual(held, []);
+});
+
 test('local delivery and the failed-mail export write their files that way', async (t) => {
   const relay = await startTestRelay({ forwardSMTP: false }, { startDelivery: false, startRetention: false });
   t.after(() => relay.stop());

@@ -48,6 +48,7 @@ describe('retry policy', () => {
       [{ code: 'EMESSAGE', responseCode: 554, response: '554 5.7.1 Spam' }, false, 554],
       [{ code: 'EENVELOPE', responseCode: 450, response: '450 4.2.1 Busy' }, true, 450],
       [{ code: 'EMESSAGE', responseCode: 451, response: '451 4.3.0 Local error' }, true, 451],
+      [{ code: 'EMESSAGE', responseCode: 500, response: '500 5.5.2 Syntax error' }, false, 500],
       [{ code: 'EENVELOPE', responseCode: 503, response: '503 5.5.1 Bad sequence' }, true, 503],
       [{ code: 'EENVELOPE', responseCode: 530, response: '530 5.7.0 Authentication required' }, true, 530],
       [{ code: 'ECONNECTION', message: 'connect ECONNREFUSED 127.0.0.1:1' }, true, null],
