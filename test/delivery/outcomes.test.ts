@@ -5,14 +5,14 @@ import { after, describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { isoTime } from '../../src/clock.js';
 import { ManualClock } from '../manual-clock.js';
-import { exportFailedMessage } from '../../src/delivery/failed-export.js';
+import { exportFailedMessage, exportIsCurrent } from '../../src/delivery/failed-export.js';
 import { exportMissingFailures, removeDeliveredExports } from '../../src/delivery/leftovers.js';
 import { type BatchResult, planCompletion, resultFromNodemailer } from '../../src/delivery/outcomes.js';
 import type { Relay } from '../../src/main.js';
 import { retryMessage } from '../../src/store/admin.js';
 import { openConnection } from '../../src/store/db.js';
 import { storeMetrics } from '../../src/store/queries.js';
-import { capturedLog, openSession, SmtpClient, sendMail, startTestRelay, testConfig, waitFor, writeDirect } from '../helpers.js';
+import { capturedLog, openSession, SmtpClient, sendMail, startTestRelay, tempDir, testConfig, waitFor, writeDirect } from '../helpers.js';
 import { startMisbehavingUpstream } from '../reliability/misbehaving-upstream.js';
 import {
   attempts,
@@ -469,7 +469,7 @@ describe('per-recipient outcomes', () => {
     assert.equal(failedExportExists(relay, ids[1]), false, "this failure's export is the engine's to write");
   });
 
-  test('at a start an export of the current failure in the key order of earlier versions is kept, however far down its failedAt', async () => {
+  test('at a start an export of the current failure in the key order of earlier versions is kept, its failedAt further down than the first read', async () => {
     const { config } = await refusingUpstream();
     const first = await startTestRelay({ ...config, batchSize: 200 }, { startDelivery: false });
     const to = Array.from({ length: 200 }, (_, i) => `nobody${i}@example.com`);
@@ -1466,4 +1466,17 @@ test("an attempt's outcome carries each recipient's attempts as its claim counte
   const stopped = planCompletion(claim, { ...result, permanentFailure: true, refusedWhole: true }, { ...ctx, continueOnError: false, retry: { ...ctx.retry, maxAttempts: 10 } });
   assert.deepEqual(stopped.recipients.map((r) => [r.status, r.attempts]), [['delivered', 1], ['failed', 2], ['failed', 3], ['failed', 2]]);
   assert.match(stopped.recipients[3].reply, /^not attempted again/);
+});
+
+test("an export's failedAt is looked for in its first 4 MiB: further down, the export counts as outdated (written again, it has failedAt at the top)", async () => {
+  const dir = tempDir();
+  const finishedAt = Date.UTC(2026, 0, 2, 3, 4, 5, 678);
+  // the layout of earlier versions: failedAt after the recipients, here a list of `bytes` bytes
+  const current = async (bytes: number) => {
+    const file = path.join(dir, `${bytes}.json`);
+    const recipients = `  "recipients": ["${'r'.repeat(bytes)}"],`;
+    fs.writeFileSync(file, `{\n  "id": "M1",\n${recipients}\n  "failedAt": "${isoTime(finishedAt)}",\n  "raw": ""\n}\n`);
+    return exportIsCurrent(file, finishedAt);
+  };
+  assert.deepEqual([await current(Math.round(3.9 * 1024 * 1024)), await current(Math.round(4.1 * 1024 * 1024))], [true, false]);
 });
