@@ -465,6 +465,28 @@ describe('GET /health', () => {
     }
   });
 
+  test('error and 503 while the figures cannot be read; each figure read from the database is null, not left out', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+    // another connection takes the counters' table away, as a damaged page would make it unreadable
+    const other = openConnection(relay.config.databasePath);
+    try {
+      other.exec('ALTER TABLE counters RENAME TO counters_away');
+      const { status, body } = await call<Health>(relay, '/health');
+      assert.equal(status, 503);
+      assert.equal(body.status, 'error');
+      assert.equal(body.details.database, 'error');
+      assert.ok(body.details.warnings.some((w) => /^database is not readable: .*counters/.test(w)), body.details.warnings.join('; '));
+      for (const key of ['queued_emails', 'deferred_emails', 'failed_emails', 'total_emails_processed', 'success_rate', 'oldest_queued_age_seconds'] as const) {
+        assert.ok(key in body.details, `${key} is in the answer`);
+        assert.equal(body.details[key], null, key);
+      }
+    } finally {
+      other.exec('ALTER TABLE counters_away RENAME TO counters');
+      other.close();
+      await relay.stop();
+    }
+  });
+
   test('error and 503 on every check while the database file cannot be written (an I/O error at commit)', async (t) => {
     const relay = await startTestRelay({}, { startDelivery: false });
     const wal = `${relay.config.databasePath}-wal`;
