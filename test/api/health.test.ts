@@ -411,6 +411,31 @@ describe('GET /health', () => {
     }
   });
 
+  test('ok again as soon as a claim works, while every worker is busy with what it claimed and more mail is due', async () => {
+    // one worker, held at the upstream: no pass finds nothing due, which also says claims work
+    const upstream = await startHoldingUpstream();
+    const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, workerCount: 1, inFlowDelay: 0 }, { startRetention: false });
+    const other = openConnection(relay.config.databasePath);
+    try {
+      other.exec(`CREATE TRIGGER claim_fails BEFORE UPDATE OF lease_token ON messages WHEN NEW.state = 'sending'
+        BEGIN SELECT RAISE(ABORT, 'this message cannot be read'); END`);
+      await sendMail(relay.smtpPort, { to: ['a@example.com'] });
+      await sendMail(relay.smtpPort, { to: ['b@example.com'] });
+      await waitFor(async () => (await call<Health>(relay, '/health')).body.status === 'degraded', 10_000, 'degraded');
+      other.exec('DROP TRIGGER claim_fails');
+      let body: Health | undefined;
+      await waitFor(async () => (body = (await call<Health>(relay, '/health')).body).status === 'ok', 15_000, 'ok once a claim works');
+      assert.deepEqual(body?.details.warnings, []);
+      const { queue } = storeMetrics(relay.store.sqlite);
+      assert.deepEqual([queue.sending, queue.queued, upstream.received.length], [1, 1, 0], 'one attempt held at the upstream, the other message due');
+    } finally {
+      upstream.release();
+      other.close();
+      await relay.stop();
+      await upstream.close();
+    }
+  });
+
   test('with queueSize 0 (no limit) a queue of any length is ok', async () => {
     const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false });
     try {

@@ -8,6 +8,7 @@ import type { Relay } from '../../src/main.js';
 import { requireDatabaseFile, withReader } from '../../src/cli/context.js';
 import { defaultConfig } from '../../src/config/schema.js';
 import { openConnection, openStore } from '../../src/store/db.js';
+import { ADMIN_STEP } from '../../src/store/admin.js';
 import { lockDatabase } from '../../src/store/maintenance.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { databaseAtMigration, insertMessages, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
@@ -703,6 +704,44 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal(count(), 1);
     assert.equal(relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(failed), 'failed', 'not requeued');
   });
+});
+
+test('retry --failed kept from the database after a step says how many it requeued and that they stay so, not that nothing changed', async () => {
+  const total = 6 * ADMIN_STEP;
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const file = relay.config.databasePath;
+  try {
+    await insertMessages(relay, total, 'failed');
+  } finally {
+    await relay.stop();
+  }
+  const holder = openConnection(file);
+  try {
+    holder.pragma('busy_timeout = 0');
+    const requeued = holder.prepare("SELECT count(*) FROM messages WHERE state = 'queued'").pluck();
+    const run = runCli(['retry', '--failed', '--databasePath', file]);
+    // once a step has committed, the write lock is taken between two steps and held past the
+    // command's busy timeout (this loop holds the test's event loop: the command is another process)
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      assert.ok(Date.now() < deadline, 'no step committed');
+      if (requeued.get() === 0) continue;
+      try {
+        holder.exec('BEGIN IMMEDIATE');
+        break;
+      } catch (err) {
+        if ((err as { code?: string }).code !== 'SQLITE_BUSY') throw err;
+      }
+    }
+    const r = await run;
+    holder.exec('ROLLBACK');
+    const n = requeued.get() as number;
+    assert.ok(n > 0 && n < total && n % ADMIN_STEP === 0, `${n} requeued in whole steps, not all`);
+    assertOneLineError(r, new RegExp(`^relayq: database is locked; ${n} failed messages were requeued before that and stay requeued \\(run it again for the rest\\)$`));
+  } finally {
+    if (holder.inTransaction) holder.exec('ROLLBACK');
+    holder.close();
+  }
 });
 
 test('a write command on a database file it may not write names the file and what must be writable, and changes nothing', async (t) => {

@@ -336,11 +336,11 @@ test('a 421 in a transaction closes the connection, also one the upstream keeps 
   }
 });
 
-test('a connection says QUIT before it is closed: once it has been idle, and at shutdown', async () => {
-  // A raw upstream that keeps each connection's commands, and whether the client closed it.
-  const connections: Array<{ commands: string[]; closedByClient: boolean }> = [];
+test('a connection says QUIT before it is closed: once it has been idle, and at shutdown, which waits for its answer', async () => {
+  // A raw upstream that keeps each connection's commands, whether it answered QUIT, and whether the client closed it.
+  const connections: Array<{ commands: string[]; quitAnswered: boolean; closedByClient: boolean }> = [];
   const server = await startRawUpstream((socket) => {
-    const seen = { commands: [] as string[], closedByClient: false };
+    const seen = { commands: [] as string[], quitAnswered: false, closedByClient: false };
     connections.push(seen);
     socket.on('end', () => {
       seen.closedByClient = true;
@@ -349,8 +349,12 @@ test('a connection says QUIT before it is closed: once it has been idle, and at 
     return (line) => {
       seen.commands.push(line.split(/[ :]/)[0].toUpperCase());
       if (/^DATA/i.test(line)) socket.write('354 go ahead\r\n');
-      else if (/^QUIT/i.test(line)) socket.write('221 2.0.0 bye\r\n');
-      else if (/^RCPT TO:<refused@/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
+      else if (/^QUIT/i.test(line)) {
+        setTimeout(() => {
+          seen.quitAnswered = true;
+          socket.write('221 2.0.0 bye\r\n');
+        }, 300);
+      } else if (/^RCPT TO:<refused@/i.test(line)) socket.write('550 5.1.1 no such user\r\n');
       else if (/^RSET/i.test(line)) setTimeout(() => socket.write('250 ok\r\n'), 300);
       else socket.write('250 ok\r\n');
     };
@@ -379,6 +383,7 @@ test('a connection says QUIT before it is closed: once it has been idle, and at 
     server.close();
   }
   assert.deepEqual(connections[1].commands, ['EHLO', 'MAIL', 'RCPT', 'DATA', 'MAIL', 'RCPT', 'RSET', 'QUIT'], 'QUIT at shutdown');
+  assert.ok(connections[1].quitAnswered, 'the stop waited for the answer to QUIT');
   // the stop ends on nodemailer's own side closing; the upstream sees the FIN a turn later
   await waitFor(() => connections[1].closedByClient, 5_000, 'the upstream to see the connection closed');
 });
