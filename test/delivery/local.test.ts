@@ -287,6 +287,13 @@ test('a write that fails halfway removes its temp file and closes it (a removed 
   assert.deepEqual(held, []);
 });
 
+test('a rename that fails (a directory where the file goes) removes its temp file: no copy of the message stays behind', async () => {
+  const dir = tempDir();
+  fs.mkdirSync(path.join(dir, 'A.eml'));
+  await assert.rejects(writeFileAtomic(path.join(dir, 'A.eml'), 'Subject: x\r\n\r\nbody\r\n'), { code: 'EISDIR' });
+  assert.deepEqual(fs.readdirSync(dir), ['A.eml'], 'no temp file: only the sweep at the next start would remove it');
+});
+
 test('local delivery and the failed-mail export write their files that way', async (t) => {
   const relay = await startTestRelay({ forwardSMTP: false }, { startDelivery: false, startRetention: false });
   t.after(() => relay.stop());

@@ -148,6 +148,9 @@ describe('per-recipient outcomes', () => {
     assert.equal(attempts(relay, id)[0].outcome, 'partial');
 
     const doc = readFailedExport(relay, id);
+    // the format's version first, as the README documents the document: what other tools read it by
+    assert.deepEqual(Object.keys(doc).slice(0, 5), ['version', 'id', 'state', 'receivedAt', 'failedAt']);
+    assert.equal(doc.version, 1);
     assert.equal(doc.id, id);
     assert.deepEqual(doc.envelope, { mailFrom: 'app@example.com', rcptTo: ['a@example.com', 'bad@example.com', 'c@example.com'] });
     assert.deepEqual(

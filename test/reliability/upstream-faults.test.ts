@@ -4,6 +4,7 @@
 // go only to the recipients still pending. Delivery is driven with an injected clock and runOnce().
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -511,4 +512,27 @@ describe('upstream faults', () => {
     assert.ok(fs.existsSync(path.join(relay.config.emailsDir, 'failed', `${id}.json`)));
     assertNoClaimLeft(relay);
   });
+});
+
+test('a stop during the set-up of a connection (an upstream that never greets) closes that connection, not only at the greeting timeout', async (t) => {
+  // takes the connection and says nothing: the set-up waits for the greeting, here up to 30 s
+  const sockets: net.Socket[] = [];
+  const closed: net.Socket[] = [];
+  const upstream = net.createServer((socket) => {
+    sockets.push(socket);
+    socket.on('close', () => closed.push(socket));
+    socket.on('error', () => {});
+  });
+  await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    for (const socket of sockets) socket.destroy();
+    return new Promise<void>((resolve) => upstream.close(() => resolve()));
+  });
+  const port = (upstream.address() as net.AddressInfo).port;
+  const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, processingTimeout: 300 }, { shutdownGraceMs: 100, startRetention: false });
+  await sendMail(relay.smtpPort, { to: ['a@example.com'], raw: 'Subject: x\r\n\r\nbody\r\n' });
+  await waitFor(() => sockets.length === 1, 10_000, 'the connection at the upstream');
+  await relay.stop();
+  // the attempt was aborted at the end of the grace period, and its connection with it
+  await waitFor(() => closed.length === 1, 10_000, 'the connection closed by the stop');
 });
