@@ -244,26 +244,30 @@ function namingHost(relay: Relay, host: string, headers: Record<string, string> 
   });
 }
 
+/**
+ * A raw client of the API that never closes its side, as a stuck or hostile one may not: the
+ * server must not wait for it once it has answered. Its socket is added to `sockets`.
+ */
+async function openRawClient(port: number, sockets: net.Socket[]) {
+  const socket = net.connect({ port, host: '127.0.0.1', allowHalfOpen: true });
+  sockets.push(socket);
+  let received = '';
+  socket.setEncoding('utf8').on('data', (d: string) => (received += d));
+  const closed = new Promise<void>((resolve) => {
+    socket.on('end', () => resolve());
+    socket.on('close', () => resolve());
+  });
+  socket.on('error', () => {});
+  await new Promise((resolve) => socket.once('connect', resolve));
+  return { socket, closed, received: () => received };
+}
+
 test('API clients cannot hold more connections than its limit, nor a request longer than its timeouts', async () => {
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   const api = await startApiServer(createApp(relay), '127.0.0.1', 0, { maxConnections: 5, headersTimeoutMs: 3000, requestTimeoutMs: 4000, idleTimeoutMs: 60_000 });
   const sockets: net.Socket[] = [];
   try {
-    // a client that never closes its side, as a stuck or hostile one may not: the server must
-    // not wait for it once it has answered
-    const open = async () => {
-      const socket = net.connect({ port: api.port, host: '127.0.0.1', allowHalfOpen: true });
-      sockets.push(socket);
-      let received = '';
-      socket.setEncoding('utf8').on('data', (d: string) => (received += d));
-      const closed = new Promise<void>((resolve) => {
-        socket.on('end', () => resolve());
-        socket.on('close', () => resolve());
-      });
-      socket.on('error', () => {});
-      await new Promise((resolve) => socket.once('connect', resolve));
-      return { socket, closed, received: () => received };
-    };
+    const open = () => openRawClient(api.port, sockets);
     // four clients that start a request and never finish its head, and one that never finishes its body
     const slow = [];
     for (let i = 0; i < 4; i++) {
@@ -292,6 +296,29 @@ test('API clients cannot hold more connections than its limit, nor a request lon
     for (const c of fresh) c.socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n');
     await Promise.all(fresh.map((c) => c.closed));
     for (const c of fresh) assert.match(c.received(), /^HTTP\/1\.1 200 /);
+  } finally {
+    for (const s of sockets) s.destroy();
+    await api.close();
+    await relay.stop();
+  }
+});
+
+test('with the limits serve uses, the API takes 256 connections at once: the 256th is answered, the 257th closed unanswered', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const api = await startApiServer(createApp(relay), '127.0.0.1', 0);
+  const sockets: net.Socket[] = [];
+  try {
+    // 255 clients hold a place each with a request head begun (the 10 s head timeout leaves time)
+    for (let i = 0; i < 255; i++) (await openRawClient(api.port, sockets)).socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n');
+    const last = await openRawClient(api.port, sockets);
+    last.socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n');
+    const over = await openRawClient(api.port, sockets);
+    over.socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n');
+    await over.closed;
+    assert.equal(over.received(), '', 'the 257th is closed at once, unanswered');
+    last.socket.write('Connection: close\r\n\r\n');
+    await last.closed;
+    assert.match(last.received(), /^HTTP\/1\.1 200 /, 'the 256th is answered');
   } finally {
     for (const s of sockets) s.destroy();
     await api.close();

@@ -764,12 +764,15 @@ describe('attempt deadline', () => {
   });
 });
 
-test('the wait for a reply (the final dot\'s too) is the attempt\'s whole budget, so a longer processingTimeout gives a slow upstream more time', () => {
+test('the wait for a reply (the final dot\'s too) is the attempt\'s whole budget; for the connection and the greeting a third of it, 1 s to 30 s', () => {
   const settings = { host: '127.0.0.1', port: 25, secure: false, requireTls: false, username: '', password: '', clientName: 'relay.test', maxMessageSize: 1000, maxConnections: 1, logger: pino({ level: 'silent' }) };
   // processingTimeout 900 (less its 10 % margin), past RFC 5321's 10 minutes for the final dot
   assert.deepEqual(pick(connectionOptions({ ...settings, attemptTimeoutMs: 810_000 })), { socketTimeout: 810_000, greetingTimeout: 30_000, connectionTimeout: 30_000 });
   // the default, 300 s
   assert.deepEqual(pick(connectionOptions({ ...settings, attemptTimeoutMs: 270_000 })), { socketTimeout: 270_000, greetingTimeout: 30_000, connectionTimeout: 30_000 });
+  // processingTimeout 12: a third of its 10.8 s; a budget under 3 s still gives the greeting 1 s
+  assert.deepEqual(pick(connectionOptions({ ...settings, attemptTimeoutMs: 10_800 })), { socketTimeout: 10_800, greetingTimeout: 3_600, connectionTimeout: 3_600 });
+  assert.deepEqual(pick(connectionOptions({ ...settings, attemptTimeoutMs: 2_000 })), { socketTimeout: 2_000, greetingTimeout: 1_000, connectionTimeout: 1_000 });
 });
 
 function pick(options: ReturnType<typeof connectionOptions>) {
