@@ -218,7 +218,7 @@ describe('hostile SMTP input', () => {
     await assertStillServing(relay);
   });
 
-  test('invalid base64 and aborted exchanges in AUTH → 501, the session stays usable', async () => {
+  test('invalid base64 and aborted exchanges in AUTH → 501, the session stays usable; AUTH LOGIN logs in, its lines never taken for commands', async () => {
     const withAuth = await startTestRelay({ defaultUsername: 'app', defaultPassword: 's3cret' }, INTAKE_ONLY);
     try {
       await badAuthExchanges(withAuth);
@@ -266,6 +266,21 @@ describe('hostile SMTP input', () => {
     // the session still works
     assert.match(await c.send(`AUTH PLAIN ${Buffer.from('\0app\0s3cret').toString('base64')}`), /^235 /);
     assert.match(await c.send('MAIL FROM:<a@example.com>'), /^250 /);
+    c.close();
+    // AUTH LOGIN logs in too (smtp-server gives its exchange no authorization identity)
+    c = await greeted();
+    assert.match(await c.send('AUTH LOGIN'), /^334 /);
+    assert.match(await c.send('YXBw'), /^334 /);
+    assert.match(await c.send('czNjcmV0'), /^235 /);
+    c.close();
+    // a password line that reads DATA (base64 too) with a command behind it is a line of the
+    // exchange, not a DATA whose message came ahead of its reply (421)
+    c = await greeted();
+    assert.match(await c.send('AUTH LOGIN'), /^334 /);
+    assert.match(await c.send('YXBw'), /^334 /);
+    c.write('DATA\r\nNOOP\r\n');
+    assert.match(await c.read(), /^535 /);
+    assert.match(await c.read(), /^250 /);
     c.close();
     await assertStillServing(relay, { auth: { user: 'app', pass: 's3cret' } });
   }
