@@ -583,6 +583,8 @@ describe('GET /health', () => {
       await assert.rejects(sendMail(relay.smtpPort), /452 4\.3\.1/);
       const [refusal] = log.entries().filter((e) => e.event === 'smtp.disk_low');
       assert.match(String(refusal?.err), /^ENOENT/);
+      // the log says why mail is refused: not that the disk is full
+      assert.equal(refusal?.msg, 'refusing mail: free disk space cannot be read');
     } finally {
       await relay.stop();
     }
