@@ -48,6 +48,10 @@ function pickyUpstream(): Promise<Upstream> {
   });
 }
 
+/** Makes every claim fail, as a damaged page under the oldest due message does; `DROP TRIGGER claim_fails` ends it. */
+const CLAIMS_FAIL = `CREATE TRIGGER claim_fails BEFORE UPDATE OF lease_token ON messages WHEN NEW.state = 'sending'
+  BEGIN SELECT RAISE(ABORT, 'this message cannot be read'); END`;
+
 describe('GET /health', () => {
   test('ok while healthy, with the seed names, the oldest queued age and the startup warnings', async () => {
     const clock = new ManualClock();
@@ -388,11 +392,10 @@ describe('GET /health', () => {
   test('degraded while claiming due mail fails (a message the database cannot give back), with why; ok once claims work', async () => {
     const upstream = await startUpstream();
     const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port }, { startRetention: false });
-    // another connection makes every claim fail, as a damaged page under the oldest due message does
+    // another connection makes every claim fail
     const other = openConnection(relay.config.databasePath);
     try {
-      other.exec(`CREATE TRIGGER claim_fails BEFORE UPDATE OF lease_token ON messages WHEN NEW.state = 'sending'
-        BEGIN SELECT RAISE(ABORT, 'this message cannot be read'); END`);
+      other.exec(CLAIMS_FAIL);
       await sendMail(relay.smtpPort, { to: ['a@example.com'] });
       let body: Health | undefined;
       await waitFor(async () => (body = (await call<Health>(relay, '/health')).body).status === 'degraded', 10_000, 'degraded');
@@ -417,8 +420,7 @@ describe('GET /health', () => {
     const relay = await startTestRelay({ forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: upstream.port, workerCount: 1, inFlowDelay: 0 }, { startRetention: false });
     const other = openConnection(relay.config.databasePath);
     try {
-      other.exec(`CREATE TRIGGER claim_fails BEFORE UPDATE OF lease_token ON messages WHEN NEW.state = 'sending'
-        BEGIN SELECT RAISE(ABORT, 'this message cannot be read'); END`);
+      other.exec(CLAIMS_FAIL);
       await sendMail(relay.smtpPort, { to: ['a@example.com'] });
       await sendMail(relay.smtpPort, { to: ['b@example.com'] });
       await waitFor(async () => (await call<Health>(relay, '/health')).body.status === 'degraded', 10_000, 'degraded');
