@@ -284,7 +284,13 @@ export class SmtpIntake {
       this.server.listen(port, host, () => {
         this.server.server.off('error', onError);
         try {
-          this.spool.clear();
+          const left = this.spool.clear();
+          if (left.entries > 0) {
+            this.deps.logger.info(
+              { event: 'smtp.spool_cleared', dir: this.spool.dir, files: left.entries, bytes: left.bytes },
+              'removed the spool files of messages cut off by an earlier stop (none of them was answered 250)',
+            );
+          }
         } catch (err) {
           this.server.server.close();
           return reject(err);

@@ -52,9 +52,10 @@ export class Spool {
    * relayq can write there when it spools. The directory itself stays: it may be a mount point
    * or a link that the operator made (as this user or as root). A link or a directory that
    * another user made (in a directory others may write to) is refused: emptying would delete
-   * whatever that user pointed it at (refuseForeign).
+   * whatever that user pointed it at (refuseForeign). Says how many entries it removed, and the
+   * bytes of those that are files.
    */
-  clear(): void {
+  clear(): { entries: number; bytes: number } {
     let names: string[];
     try {
       this.refuseForeign('empty');
@@ -65,17 +66,24 @@ export class Spool {
         // made now rather than at the first large message: relayq's, before another user could
         // put a link of theirs at this name
         if (this.after > 0) this.makeDir();
-        return;
+        return { entries: 0, bytes: 0 };
       }
       throw new SpoolError(`cannot read ${this.dir}: ${(err as Error).message}`, { cause: err });
     }
+    let bytes = 0;
     try {
-      for (const name of names) fs.rmSync(path.join(this.dir, name), { recursive: true, force: true });
+      for (const name of names) {
+        const entry = path.join(this.dir, name);
+        const stat = fs.lstatSync(entry, { throwIfNoEntry: false });
+        if (stat?.isFile()) bytes += stat.size;
+        fs.rmSync(entry, { recursive: true, force: true });
+      }
       // else every message larger than spoolAfter would get 451, for as long as relayq runs
       if (this.after > 0) fs.accessSync(this.dir, fs.constants.W_OK | fs.constants.X_OK);
     } catch (err) {
       throw new SpoolError(`cannot empty or write into ${this.dir}: ${(err as Error).message}`, { cause: err });
     }
+    return { entries: names.length, bytes };
   }
 
   /**

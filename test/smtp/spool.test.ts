@@ -211,15 +211,30 @@ test('files that an earlier process left in the spool directory are removed at s
   const target = tempDir('relayq-spool-');
   fs.mkdirSync(path.dirname(dir), { recursive: true });
   fs.symlinkSync(target, dir);
-  fs.writeFileSync(path.join(dir, '1A22AF1C0B4CA8658AC5.4242.1'), 'a message that never got its 250');
+  const cutOff = 'a message that never got its 250';
+  fs.writeFileSync(path.join(dir, '1A22AF1C0B4CA8658AC5.4242.1'), cutOff);
+  fs.writeFileSync(path.join(dir, '1A22AF1C0B4CA8658AC6.4242.2'), cutOff.repeat(3));
   fs.mkdirSync(path.join(dir, 'stray'));
-  const relay = await startTestRelay({ databasePath: config.databasePath }, { startDelivery: false });
+  const log = capturedLog('info');
+  const relay = await startTestRelay({ databasePath: config.databasePath }, { startDelivery: false, logger: log.logger });
   try {
     assert.ok(fs.lstatSync(dir).isSymbolicLink());
     assert.deepEqual(fs.readdirSync(target), []);
+    // said once, with what was removed: the bytes are the files' (a directory's own size is not counted)
+    const cleared = log.entries().filter((e) => e.event === 'smtp.spool_cleared');
+    assert.equal(cleared.length, 1);
+    assert.equal(cleared[0]!.files, 3);
+    assert.equal(cleared[0]!.bytes, cutOff.length * 4);
+    assert.match(String(cleared[0]!.msg), /spool files of messages cut off by an earlier stop \(none of them was answered 250\)/);
   } finally {
     await relay.stop();
   }
+  // a start that finds the spool empty says nothing of it
+  const again = capturedLog('info');
+  const restarted = await startTestRelay({ databasePath: config.databasePath }, { startDelivery: false, logger: again.logger });
+  await restarted.stop();
+  assert.ok(again.entries().some((e) => e.event === 'relay.started'));
+  assert.equal(again.entries().filter((e) => e.event === 'smtp.spool_cleared').length, 0);
 });
 
 test('a spool link that another user made is refused at start, and what it points to is left alone', {
