@@ -39,7 +39,7 @@ export async function queueCommand(options: QueueOptions, global: GlobalOptions)
       { header: 'RCPTS', value: (m) => m.recipient_count, right: true },
       { header: 'SIZE', value: (m) => m.size, right: true },
       { header: 'RECEIVED', value: (m) => formatTime(m.received_at) },
-      { header: 'NEXT ATTEMPT', value: (m) => (m.state === 'queued' ? formatTime(m.next_attempt_at) : null) },
+      { header: 'NEXT ATTEMPT', value: (m) => formatTime(m.next_attempt_at) },
       { header: 'TRIES', value: (m) => m.claims, right: true },
       { header: 'LAST ERROR', value: (m) => m.last_error, max: 60 },
     ]),

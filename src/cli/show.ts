@@ -32,7 +32,7 @@ export async function showCommand(given: string, options: { raw?: boolean }, glo
       ['client', `${m.client_ip}${m.helo ? ` helo ${m.helo}` : ''}`],
       ['size', `${m.size} bytes${m.raw_erased ? ' (content erased after delivery)' : ''}`],
       ['received', formatTime(m.received_at)],
-      ['next attempt', m.state === 'queued' ? formatTime(m.next_attempt_at) : null],
+      ['next attempt', formatTime(m.next_attempt_at)],
       ['lease until', m.state === 'sending' ? formatTime(m.lease_expires_at) : null],
       ['finished', formatTime(m.finished_at)],
       ['tries', m.claims],

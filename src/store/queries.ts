@@ -224,11 +224,14 @@ export interface MessageFilter {
   before?: string;
 }
 
-/** The columns of a message that a page lists. */
+/**
+ * The columns of a message that a page lists. `next_attempt_at` is when a queued message is due,
+ * null in the other states (the column keeps its last value there, which says nothing).
+ */
 export type MessageSummary = Pick<
   MessagesTable,
-  'id' | 'state' | 'mail_from' | 'auth_user' | 'client_ip' | 'size' | 'recipient_count' | 'received_at' | 'next_attempt_at' | 'claims' | 'last_error' | 'finished_at'
->;
+  'id' | 'state' | 'mail_from' | 'auth_user' | 'client_ip' | 'size' | 'recipient_count' | 'received_at' | 'claims' | 'last_error' | 'finished_at'
+> & { next_attempt_at: number | null };
 
 export interface MessagePage {
   messages: MessageSummary[];
@@ -244,7 +247,7 @@ export interface MessagePage {
 export class BadFilter extends Error {}
 
 const SUMMARY_COLUMNS = `id, state, mail_from, auth_user, client_ip, size, recipient_count, received_at,
-  next_attempt_at, claims, last_error, finished_at`;
+  CASE WHEN state = 'queued' THEN next_attempt_at END AS next_attempt_at, claims, last_error, finished_at`;
 
 /**
  * Newest first (arrival time, then id). Each filter leads with the index that answers it: the
@@ -358,12 +361,15 @@ export function pageSql(filter: Omit<MessageFilter, 'limit' | 'before'>, cursor?
   return { sql, params };
 }
 
-export type MessageRow = Omit<MessagesTable, 'body_id' | 'lease_token'> & {
+export type MessageRow = Omit<MessagesTable, 'body_id' | 'lease_token' | 'next_attempt_at'> & {
+  /** When it is due while queued, else null (as in MessageSummary). */
+  next_attempt_at: number | null;
   /** 1 when the raw bytes were erased (logAllEmails=false after delivery). */
   raw_erased: number;
 };
 
-export type RecipientRow = Omit<RecipientsTable, 'message_id'>;
+/** `next_attempt_at`: when a pending recipient is due, null once it is delivered or failed. */
+export type RecipientRow = Omit<RecipientsTable, 'message_id' | 'next_attempt_at'> & { next_attempt_at: number | null };
 
 export type AttemptRow = Omit<AttemptsTable, 'message_id' | 'recipients'> & { recipients: string[] };
 
@@ -387,7 +393,8 @@ function messageDetailNow(sqlite: Sqlite, id: string): MessageDetail | undefined
   if (!message) return undefined;
   const recipients = prepared(
     sqlite,
-    `SELECT seq, address, status, attempts, next_attempt_at, last_code, last_reply, temporary, updated_at
+    `SELECT seq, address, status, attempts, CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at,
+       last_code, last_reply, temporary, updated_at
      FROM recipients WHERE message_id = ? ORDER BY seq`,
   ).all(id) as RecipientRow[];
   const attempts = (

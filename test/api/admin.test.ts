@@ -16,11 +16,11 @@ interface MessageJson {
   state: string;
   mail_from: string;
   received_at: string;
-  next_attempt_at: string;
+  next_attempt_at: string | null;
   finished_at: string | null;
   last_error: string | null;
   raw_erased: boolean;
-  recipients: Array<{ seq: number; address: string; status: string; attempts: number; temporary: boolean; last_code: number | null }>;
+  recipients: Array<{ seq: number; address: string; status: string; attempts: number; temporary: boolean; last_code: number | null; next_attempt_at: string | null }>;
   attempts: Array<{ batch: number; recipients: string[]; upstream: string; outcome: string; code: number | null; started_at: string }>;
 }
 
@@ -239,7 +239,7 @@ describe('admin: make queued mail due now', () => {
       const a1 = await send(relay, 'a@example.com', ['x@example.com']);
       const b1 = await send(relay, 'B@Example.com', ['z@example.com']);
       await relay.delivery.runOnce();
-      const dueAt = async (id: string) => (await call<MessageJson>(relay, `/admin/messages/${id}`)).body.next_attempt_at;
+      const dueAt = async (id: string) => (await call<MessageJson>(relay, `/admin/messages/${id}`)).body.next_attempt_at ?? '';
       for (const id of [a1, b1]) assert.ok(Date.parse(await dueAt(id)) > clock.now(), 'deferred: waiting out its backoff');
 
       upstream = await outage.recover();
@@ -607,13 +607,19 @@ describe('admin: retry and delete one message', () => {
       await relay.delivery.runOnce();
       const deferred = (await call<MessageJson>(relay, `/admin/messages/${id}`)).body;
       assert.equal(deferred.state, 'queued');
-      assert.ok(Date.parse(deferred.next_attempt_at) > clock.now(), 'waiting for its backoff');
+      assert.ok(Date.parse(deferred.next_attempt_at ?? '') > clock.now(), 'waiting for its backoff');
+      assert.equal(deferred.recipients[0].next_attempt_at, deferred.next_attempt_at, 'its pending recipient is due then too');
 
       const now = await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
       assert.deepEqual([now.status, now.body], [200, { id, result: 'due-now' }]);
       assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.next_attempt_at, new Date(clock.now()).toISOString());
       await relay.delivery.runOnce();
-      assert.equal((await call<MessageJson>(relay, `/admin/messages/${id}`)).body.state, 'failed', 'second attempt was the last');
+      const failed = (await call<MessageJson>(relay, `/admin/messages/${id}`)).body;
+      assert.equal(failed.state, 'failed', 'second attempt was the last');
+      // nothing is due any more: no time of a next attempt, in the detail, its recipient and the list
+      assert.deepEqual([failed.next_attempt_at, failed.recipients[0].status, failed.recipients[0].next_attempt_at], [null, 'failed', null]);
+      const listed = (await call<{ messages: MessageJson[] }>(relay, '/admin/messages?state=failed')).body.messages;
+      assert.deepEqual(listed.map((m) => [m.id, m.next_attempt_at]), [[id, null]]);
 
       upstream = await outage.recover();
       const requeued = await call(relay, `/admin/messages/${id}/retry`, { method: 'POST' });
