@@ -118,6 +118,7 @@ function openingDatabase<T>(file: string, fn: () => T): T {
   try {
     return fn();
   } catch (err) {
+    if (err instanceof CliError) throw err;
     throw new CliError(`cannot open database ${file}: ${(err as Error).message}`, 1, { cause: err });
   }
 }
@@ -196,11 +197,23 @@ export function refuseOthersPathsForCli(file: string): void {
 export function openWriterForCli(config: Config): Sqlite {
   const file = config.databasePath;
   return openingDatabase(file, () => {
-    const sqlite = openConnection(file);
+    let sqlite: Sqlite;
+    try {
+      sqlite = openConnection(file);
+    } catch (err) {
+      // a database in rollback-journal mode (a restored backup) is switched to WAL at its open
+      throw (err as { code?: unknown }).code === 'SQLITE_BUSY' ? lockedForCli(file) : err;
+    }
     // as on the server's writer: content a command frees must not linger in the file
     if (!config.security.logAllEmails) overwriteFreedPages(sqlite);
     return sqlite;
   });
+}
+
+function lockedForCli(file: string): CliError {
+  return new CliError(
+    `database ${file} is locked: another process (the relay, a sqlite3 shell inside a transaction) held its write lock for more than ${BUSY_TIMEOUT_MS / 1000} s; nothing was changed, run the command again`,
+  );
 }
 
 /**
@@ -223,11 +236,7 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
     // --failed stopped after a step says what it requeued before)
     if (err instanceof StoppedPartWay) throw err;
     const code = String((err as { code?: unknown }).code);
-    if (code === 'SQLITE_BUSY') {
-      throw new CliError(
-        `database ${file} is locked: another process (the relay, a sqlite3 shell inside a transaction) held its write lock for more than ${BUSY_TIMEOUT_MS / 1000} s; nothing was changed, run the command again`,
-      );
-    }
+    if (code === 'SQLITE_BUSY') throw lockedForCli(file);
     // a file, -wal or -shm this user may not write (the open succeeds; the first write fails)
     if (code.startsWith('SQLITE_READONLY')) throw new CliError(`cannot write database ${file}: ${cannotWrite(err as Error).message}`);
     throw err;

@@ -62,7 +62,7 @@ export function openConnection(file: string): Sqlite {
     sqlite = new Database(file);
     refuseForeignDatabase(sqlite);
     sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
-    sqlite.pragma('journal_mode = WAL');
+    enterWalMode(sqlite);
     sqlite.pragma('synchronous = FULL');
     sqlite.pragma('foreign_keys = ON');
   } catch (err) {
@@ -73,6 +73,28 @@ export function openConnection(file: string): Sqlite {
   }
   return sqlite;
 }
+
+/**
+ * Into WAL mode (a no-op once the file is in it). Switching takes the database's exclusive lock,
+ * and while another connection holds the write lock of a file still in rollback-journal mode (a
+ * new file, a restored backup) SQLite refuses at once instead of waiting out busy_timeout: the
+ * switch is tried again until then, as any write would wait. Synchronous, as the open is.
+ */
+function enterWalMode(sqlite: Sqlite): void {
+  const deadline = performance.now() + BUSY_TIMEOUT_MS;
+  for (;;) {
+    try {
+      sqlite.pragma('journal_mode = WAL');
+      return;
+    } catch (err) {
+      if ((err as { code?: unknown }).code !== 'SQLITE_BUSY' || performance.now() >= deadline) throw err;
+      Atomics.wait(PAUSE, 0, 0, WAL_SWITCH_RETRY_MS);
+    }
+  }
+}
+
+const WAL_SWITCH_RETRY_MS = 50;
+const PAUSE = new Int32Array(new SharedArrayBuffer(4));
 
 /** A database file, or its -wal and -shm files, that this process may not write. */
 export function cannotWrite(err: Error): Error {
@@ -165,7 +187,12 @@ export function createPrivateFile(file: string): boolean {
 
 /** The server's connection: pending migrations applied, and the file checked to be writable. */
 export async function openStore(file: string, options: OpenOptions = {}): Promise<Store> {
-  const sqlite = openConnection(file);
+  let sqlite: Sqlite;
+  try {
+    sqlite = openConnection(file);
+  } catch (err) {
+    throw lockedTooLong(err as Error) ?? err;
+  }
   if (options.secureDelete) overwriteFreedPages(sqlite);
   const migrated = { names: [] as string[], durationMs: 0 };
   const started = performance.now();

@@ -4,12 +4,14 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import Database from 'better-sqlite3';
 import type { Relay } from '../../src/main.js';
 import { requireDatabaseFile, withReader } from '../../src/cli/context.js';
 import { defaultConfig } from '../../src/config/schema.js';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { ADMIN_STEP } from '../../src/store/admin.js';
-import { lockDatabase } from '../../src/store/maintenance.js';
+import { lockDatabase, openReadOnly } from '../../src/store/maintenance.js';
+import { backupDatabase } from '../../src/store/backup.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
 import { databaseAtMigration, insertMessages, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
 import { assertOneLineError, CLI_CWD, queuedId, runCli, runCliJson, writeConfigFile } from './run-cli.js';
@@ -689,19 +691,41 @@ describe('relayq CLI on the database of a running relay', () => {
     assert.equal(count(), 1);
     // a failed message for retry --failed to requeue, whatever the tests before left
     const [failed] = await insertMessages(relay, 1, 'failed');
-    const holder = openConnection(relay.config.databasePath);
-    holder.exec('BEGIN IMMEDIATE');
+    // and a restored backup, still in rollback-journal mode: its switch to WAL waits as a write does
+    const restored = path.join(tempDir(), 'restored.db');
+    const source = openReadOnly(relay.config.databasePath);
+    try {
+      backupDatabase(source, restored);
+    } finally {
+      source.close();
+    }
+    const holders = [openConnection(relay.config.databasePath), new Database(restored)];
+    for (const holder of holders) holder.exec('BEGIN IMMEDIATE');
     try {
       // --failed and --queued write in steps: refused at the first, they changed nothing either
-      const results = await Promise.all([cli('delete', id), cli('retry', id), cli('retry', '--failed'), cli('retry', '--queued')]);
+      const results = await Promise.all([
+        cli('delete', id),
+        cli('retry', id),
+        cli('retry', '--failed'),
+        cli('retry', '--queued'),
+        cli('--databasePath', restored, 'delete', id),
+      ]);
       for (const r of results) {
         assertOneLineError(r, /^relayq: database .* is locked: another process \(the relay, a sqlite3 shell inside a transaction\) held its write lock for more than 5 s; nothing was changed, run the command again$/);
       }
     } finally {
-      holder.exec('ROLLBACK');
-      holder.close();
+      for (const holder of holders) {
+        holder.exec('ROLLBACK');
+        holder.close();
+      }
     }
     assert.equal(count(), 1);
+    const inRestored = new Database(restored, { readonly: true });
+    try {
+      assert.equal(inRestored.prepare('SELECT count(*) FROM messages WHERE id = ?').pluck().get(id), 1, 'not deleted from the restored copy');
+    } finally {
+      inRestored.close();
+    }
     assert.equal(relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(failed), 'failed', 'not requeued');
   });
 });

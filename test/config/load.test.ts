@@ -10,7 +10,9 @@ import Database from 'better-sqlite3';
 import { clientFilter } from '../../src/access-control.js';
 import { exposedSecretsWarning, formatErrors, loadConfig, loadConfigFromSources, parseFlags, readConfigFile } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
+import { backupDatabase } from '../../src/store/backup.js';
 import { openStore } from '../../src/store/db.js';
+import { openReadOnly } from '../../src/store/maintenance.js';
 import { runCli } from '../cli/run-cli.js';
 import { capturedLog, cliArgs, closedPort, databaseAtMigration, REPO_ROOT, SmtpClient, spawnRelay, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
 
@@ -1126,13 +1128,14 @@ describe('what only the start can find out names the key to fix', () => {
     });
   });
 
-  test('a database another process keeps write-locked past the busy timeout stops the start, saying so (not as a permission problem), one with a migration to apply too', async () => {
+  test('a database another process keeps write-locked past the busy timeout stops the start, saying so (not as a permission problem), one with a migration to apply too, and one not yet in WAL mode', async () => {
     const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
     const current = relay.config.databasePath;
     await relay.stop();
     const behind = await databaseAtMigration('011_address_keys');
+    const restored = await rollbackJournalCopy(current);
     await Promise.all(
-      [current, behind].map(async (file) => {
+      [current, behind, restored].map(async (file) => {
         const holder = new Database(file);
         holder.exec('BEGIN IMMEDIATE');
         try {
@@ -1150,20 +1153,31 @@ describe('what only the start can find out names the key to fix', () => {
     );
   });
 
+  test('a start on a database not yet in WAL mode (a restored backup) waits for a write of another process, as any write does', async () => {
+    const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+    const file = await rollbackJournalCopy(relay.config.databasePath);
+    await relay.stop();
+    // SQLite refuses the switch to WAL at once while another connection writes to such a file:
+    // the start tries it again until the write is done (1 s here)
+    const holder = await writeFromAnotherProcess(file, 1000);
+    const again = await startTestRelay({ databasePath: file }, { startDelivery: false, startRetention: false });
+    try {
+      assert.equal(again.store.sqlite.pragma('journal_mode', { simple: true }), 'wal');
+    } finally {
+      await again.stop();
+    }
+    await holder.ended;
+  });
+
   test('a start with migrations to apply waits for a write of another process, as any write does', async () => {
     const file = await databaseAtMigration('001_initial');
     // another process writes for 1 s: the migrations wait for it (begun deferred, they were refused at once)
-    const holder = spawn(
-      process.execPath,
-      ['-e', "const d = new (require('better-sqlite3'))(process.argv[1]); d.exec('BEGIN IMMEDIATE'); console.log('held'); setTimeout(() => { d.exec('ROLLBACK'); d.close(); }, 1000);", file],
-      { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'inherit'] },
-    );
-    await new Promise((resolve) => holder.stdout.once('data', resolve));
+    const holder = await writeFromAnotherProcess(file, 1000);
     const log = capturedLog('info');
     const relay = await startTestRelay({ databasePath: file }, { startDelivery: false, logger: log.logger });
     await relay.stop();
     assert.ok(log.entries().some((e) => e.event === 'store.migrated'));
-    await new Promise((resolve) => (holder.exitCode === null ? holder.once('exit', resolve) : resolve(null)));
+    await holder.ended;
   });
 
   test('a file that is no SQLite database as databasePath is refused by serve and by migrate, and gets no lock file beside it', async () => {
@@ -1315,6 +1329,36 @@ test('a database path that is a directory is named as one by every command, and 
 });
 
 /** The error messages of a load that must have failed. */
+/** Another process holds the write lock of `file` for `ms` (resolves once it has it); `ended` settles when that process has ended. */
+async function writeFromAnotherProcess(file: string, ms: number): Promise<{ ended: Promise<void> }> {
+  const holder = spawn(
+    process.execPath,
+    ['-e', "const d = new (require('better-sqlite3'))(process.argv[1]); d.exec('BEGIN IMMEDIATE'); console.log('held'); setTimeout(() => { d.exec('ROLLBACK'); d.close(); }, Number(process.argv[2]));", file, String(ms)],
+    { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  const ended = new Promise<void>((resolve) => holder.once('exit', () => resolve()));
+  await new Promise((resolve) => holder.stdout.once('data', resolve));
+  return { ended };
+}
+
+/** A copy of the relay database `file` as `relayq backup` writes it: in rollback-journal mode, as a restore finds it. */
+async function rollbackJournalCopy(file: string): Promise<string> {
+  const copy = path.join(tempDir(), 'restored.db');
+  const source = openReadOnly(file);
+  try {
+    backupDatabase(source, copy);
+  } finally {
+    source.close();
+  }
+  const check = new Database(copy, { readonly: true });
+  try {
+    assert.equal(check.pragma('journal_mode', { simple: true }), 'delete');
+  } finally {
+    check.close();
+  }
+  return copy;
+}
+
 function errorMessages(result: ReturnType<typeof loadConfig>): string[] {
   assert.equal(result.ok, false, 'the config was accepted');
   return result.ok ? [] : result.errors.map((e) => e.message);
