@@ -690,6 +690,20 @@ describe('shutdown', () => {
 
   test('commands after shutdown began → 421 4.3.2; a message in DATA still completes', () => messageInDataCompletes(0));
 
+  test('a stop after mail was stored, with no message being committed, waits for no commit and says none', async () => {
+    const log = capturedLog('info');
+    const relay = await startTestRelay({}, { logger: log.logger, startDelivery: false });
+    try {
+      for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort, { subject: `m${i}` });
+      assert.equal(messageCount(relay), 3);
+    } finally {
+      await relay.stop();
+    }
+    // each commit got its answer before the stop (nor are answered commits kept for the relay's lifetime)
+    assert.deepEqual(log.entries().filter((e) => e.event === 'smtp.shutdown_commits'), []);
+    assert.ok(log.entries().some((e) => e.event === 'relay.stopped'));
+  });
+
   // an NTP step or a resumed VM: the grace period runs on the monotonic clock
   test('a wall clock stepped forward during the grace period does not end it: a message in DATA still completes', () =>
     messageInDataCompletes(3_600_000));
