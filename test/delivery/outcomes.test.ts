@@ -1024,6 +1024,24 @@ describe('per-recipient outcomes', () => {
     assert.deepEqual([attempt?.failed, attempt?.notAttempted], [2, undefined]);
   });
 
+  test('continueOnError=false: a message of one batch whose DATA is refused, with a recipient deferred at RCPT, names the refusal that stopped it', async () => {
+    const log = capturedLog('info');
+    const { relay, upstream } = await setup({ batchSize: 2, continueOnError: false }, log.logger);
+    upstream.rcptReply = (a) => (a === 'a@example.com' ? { code: 450, message: '4.2.1 Busy' } : undefined);
+    upstream.dataReply = () => ({ code: 554, message: '5.7.1 Policy rejection' });
+    const id = await queue(relay, ['a@example.com', 'b@example.com']);
+    await relay.delivery.runOnce();
+    const rows = recipients(relay, id);
+    assert.deepEqual(rows.map((r) => [r.address, r.status]), [['a@example.com', 'failed'], ['b@example.com', 'failed']]);
+    assert.match(rows[0].last_reply!, /^not attempted again: batch 0 was refused permanently \(554 .*Policy rejection\) and continueOnError is false; last reply: /);
+    // a was stopped by the refusal, not refused itself: no later batch is left, and still the
+    // message names that refusal, not b's reply
+    const ended = /^batch 0 was refused permanently \(554 .*Policy rejection\) and continueOnError is false$/;
+    assert.equal(message(relay, id).state, 'failed');
+    assert.match(message(relay, id).last_error!, ended);
+    assert.match(String(log.entries().find((e) => e.event === 'delivery.failed' && e.queueId === id)?.reason), ended);
+  });
+
   test('continueOnError=false: a batch whose every RCPT is refused with 5xx stops the later batches too', async () => {
     const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 0, continueOnError: false });
     upstream.rcptReply = (a) => (a === 'a@example.com' || a === 'b@example.com' ? { code: 550, message: '5.1.1 No such user' } : undefined);
@@ -1479,7 +1497,9 @@ test("an export's failedAt is looked for in its first 4 MiB: further down, the e
     const file = path.join(dir, `${bytes}.json`);
     const recipients = `  "recipients": ["${'r'.repeat(bytes)}"],`;
     fs.writeFileSync(file, `{\n  "id": "M1",\n${recipients}\n  "failedAt": "${isoTime(finishedAt)}",\n  "raw": ""\n}\n`);
-    return exportIsCurrent(file, finishedAt);
+    return { at: fs.readFileSync(file, 'latin1').indexOf('\n  "failedAt"'), current: await exportIsCurrent(file, finishedAt) };
   };
-  assert.deepEqual([await current(Math.round(3.9 * 1024 * 1024)), await current(Math.round(4.1 * 1024 * 1024))], [true, false]);
+  assert.deepEqual([(await current(Math.round(3.9 * 1024 * 1024))).current, (await current(Math.round(4.1 * 1024 * 1024))).current], [true, false]);
+  // found also where its line straddles two of the 16 KiB reads
+  assert.deepEqual(await current(16 * 1024 - 10 - 37), { at: 16 * 1024 - 10, current: true });
 });
