@@ -804,15 +804,24 @@ test('an HTTP/1.0 request without Host is answered; an HTTP/1.1 one gets its 400
   }
 });
 
-test('a sender with a state other than delivered is listed through the state index, newest first; with delivered, through the sender index', async () => {
+test('a sender with a state other than delivered is listed through the state index, newest first; with delivered, through the sender index; a recipient, through the recipient index whatever else is given', async () => {
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
   try {
-    const plan = (state: MessageState) => {
-      const { sql, params } = pageSql({ sender: 'a@example.com', state });
+    const planOf = (filter: Parameters<typeof pageSql>[0]) => {
+      const { sql, params } = pageSql(filter);
       return (relay.store.sqlite.prepare(`EXPLAIN QUERY PLAN ${sql}`).all(...params, 10) as Array<{ detail: string }>).map((r) => r.detail).join('\n');
     };
+    const plan = (state: MessageState) => planOf({ sender: 'a@example.com', state });
     for (const state of ['queued', 'sending', 'failed'] as const) assert.match(plan(state), /USING INDEX messages_state_received \(state=\?\)/, state);
     assert.match(plan('delivered'), /USING INDEX messages_sender \(sender_key=\?\)/);
+    // the recipient's messages by id, not every message in a state (delivered: most of the store) or of a sender
+    for (const state of [undefined, 'queued', 'delivered'] as const) {
+      for (const sender of [undefined, 'a@example.com']) {
+        const recipientPlan = planOf({ recipient: 'r@example.com', state, sender });
+        assert.match(recipientPlan, /SEARCH recipients USING COVERING INDEX recipients_address_lower/, `${state} ${sender}`);
+        assert.match(recipientPlan, /SEARCH messages USING INDEX sqlite_autoindex_messages_1 \(id=\?\)/, `${state} ${sender}`);
+      }
+    }
     // and it finds the sender's messages in that state, newest first
     const a: string[] = [];
     for (let i = 0; i < 3; i++) a.push(await send(relay, 'A@example.com', ['r@example.com']));
