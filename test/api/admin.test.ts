@@ -1200,6 +1200,10 @@ test('an admin command the database cannot run (another process holds the write 
         assert.deepEqual([entry?.level, entry?.result, entry?.client, entry?.via], [40, 'error', '127.0.0.1', 'loopback'], action);
         assert.match(String(entry?.err), /database is locked/);
       }
+      // refused at their first step, the bulk commands say they changed none
+      const bulk = (action: string) => log.entries().find((e) => e.event === 'api.admin' && e.action === action);
+      assert.deepEqual([bulk('retry-failed')?.requeued, bulk('retry-failed')?.msg], [0, 'requeued 0 failed messages, then stopped']);
+      assert.deepEqual([bulk('retry-queued')?.dueNow, bulk('retry-queued')?.msg], [0, 'made 0 queued messages due now, then stopped']);
     } finally {
       await lock.release();
     }

@@ -346,6 +346,18 @@ describe('GET /metrics', () => {
       for (const [name, value] of [['processing_ms_total', 8000], ['messages_delivered', 2], ['messages_failed', 2], ['messages_requeued', 1]] as const) set.run(value, name);
       assert.deepEqual(await migrateToLatest(db), MIGRATION_NAMES.filter((name) => name >= '009'));
       assert.equal(sqlite.prepare("SELECT value FROM counters WHERE name = 'processing_ms_by_message'").pluck().get(), 6000, '2 s for each of the 3 messages counted now');
+      // a total of 0 (as 008 leaves one a stepped clock made negative) keeps a mean of 0
+      const zero = new Database(path.join(tempDir(), 'zero.db'));
+      const zeroDb = kyselyFor(zero);
+      try {
+        await migrateToLatest(zeroDb, Object.fromEntries(Object.entries(migrations).filter(([name]) => name < '009')));
+        const setZero = zero.prepare('UPDATE counters SET value = ? WHERE name = ?');
+        for (const [name, value] of [['processing_ms_total', 0], ['messages_delivered', 3], ['messages_failed', 0], ['messages_requeued', 0]] as const) setZero.run(value, name);
+        await migrateToLatest(zeroDb);
+        assert.equal(zero.prepare("SELECT value FROM counters WHERE name = 'processing_ms_by_message'").pluck().get(), 0);
+      } finally {
+        await zeroDb.destroy();
+      }
       const fresh = new Database(path.join(tempDir(), 'fresh.db'));
       const freshDb = kyselyFor(fresh);
       try {

@@ -656,6 +656,9 @@ describe('loadConfig', () => {
       // under 21 characters, which V8's message quotes whole, without a position
       ['{"smtpPort":x}\n', /^c\.json is not valid JSON: unexpected character at line 1, column 13 \(strings must be in double quotes\)$/],
       ['{"a":{}, "b":}', /^c\.json is not valid JSON: unexpected character at line 1, column 14$/],
+      // in the first ten characters of a longer text, which V8 quotes with no leading "..."
+      ['{"a":x, "bbbbbbbbbbbbbbbbbbbbbb": 2}', /^c\.json is not valid JSON: unexpected character at line 1, column 6 \(strings must be in double quotes\)$/],
+      ['{"a": True, "smtpPort": 25}', /^c\.json is not valid JSON: unexpected character at line 1, column 7 \(JSON writes true, false and null in lower case\)$/],
       // text past the end of the object is said to be there
       ['{"a":1}\n\n}', /^c\.json is not valid JSON: .* after the object at line 3, column 1$/],
       // a word of Python's or YAML's
