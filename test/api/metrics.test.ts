@@ -337,38 +337,30 @@ describe('GET /metrics', () => {
   });
 
   test('the upgrade to 009 starts the per-message processing time where the mean stays what it was', async () => {
-    const sqlite = new Database(path.join(tempDir(), 'old.db'));
-    const db = kyselyFor(sqlite);
-    try {
-      await migrateToLatest(db, Object.fromEntries(Object.entries(migrations).filter(([name]) => name < '009')));
-      // 2 delivered and 2 failures, one of them requeued since: a mean of 2 s over 4 final states
-      const set = sqlite.prepare('UPDATE counters SET value = ? WHERE name = ?');
-      for (const [name, value] of [['processing_ms_total', 8000], ['messages_delivered', 2], ['messages_failed', 2], ['messages_requeued', 1]] as const) set.run(value, name);
-      assert.deepEqual(await migrateToLatest(db), MIGRATION_NAMES.filter((name) => name >= '009'));
-      assert.equal(sqlite.prepare("SELECT value FROM counters WHERE name = 'processing_ms_by_message'").pluck().get(), 6000, '2 s for each of the 3 messages counted now');
-      // a total of 0 (as 008 leaves one a stepped clock made negative) keeps a mean of 0
-      const zero = new Database(path.join(tempDir(), 'zero.db'));
-      const zeroDb = kyselyFor(zero);
+    /** processing_ms_by_message after 009, on a database at 008 with these lifetime counters (none: a new database). */
+    const startedAt = async (counters?: { total: number; delivered: number; failed: number; requeued: number }) => {
+      const sqlite = new Database(path.join(tempDir(), 'old.db'));
+      const db = kyselyFor(sqlite);
       try {
-        await migrateToLatest(zeroDb, Object.fromEntries(Object.entries(migrations).filter(([name]) => name < '009')));
-        const setZero = zero.prepare('UPDATE counters SET value = ? WHERE name = ?');
-        for (const [name, value] of [['processing_ms_total', 0], ['messages_delivered', 3], ['messages_failed', 0], ['messages_requeued', 0]] as const) setZero.run(value, name);
-        await migrateToLatest(zeroDb);
-        assert.equal(zero.prepare("SELECT value FROM counters WHERE name = 'processing_ms_by_message'").pluck().get(), 0);
+        if (counters) {
+          await migrateToLatest(db, Object.fromEntries(Object.entries(migrations).filter(([name]) => name < '009')));
+          const set = sqlite.prepare('UPDATE counters SET value = ? WHERE name = ?');
+          const { total, delivered, failed, requeued } = counters;
+          for (const [name, value] of [['processing_ms_total', total], ['messages_delivered', delivered], ['messages_failed', failed], ['messages_requeued', requeued]] as const) set.run(value, name);
+          assert.deepEqual(await migrateToLatest(db), MIGRATION_NAMES.filter((name) => name >= '009'));
+        } else {
+          await migrateToLatest(db);
+        }
+        return sqlite.prepare("SELECT value FROM counters WHERE name = 'processing_ms_by_message'").pluck().get();
       } finally {
-        await zeroDb.destroy();
+        await db.destroy();
       }
-      const fresh = new Database(path.join(tempDir(), 'fresh.db'));
-      const freshDb = kyselyFor(fresh);
-      try {
-        await migrateToLatest(freshDb);
-        assert.equal(fresh.prepare("SELECT value FROM counters WHERE name = 'processing_ms_by_message'").pluck().get(), 0);
-      } finally {
-        await freshDb.destroy();
-      }
-    } finally {
-      await db.destroy();
-    }
+    };
+    // 2 delivered and 2 failures, one of them requeued since: a mean of 2 s over 4 final states
+    assert.equal(await startedAt({ total: 8000, delivered: 2, failed: 2, requeued: 1 }), 6000, '2 s for each of the 3 messages counted now');
+    // a total of 0 (as 008 leaves one a stepped clock made negative) keeps a mean of 0
+    assert.equal(await startedAt({ total: 0, delivered: 3, failed: 0, requeued: 0 }), 0);
+    assert.equal(await startedAt(), 0, 'a new database');
   });
 
   test('the attempt-duration histogram is built from the persisted bucket counts', async () => {
