@@ -314,6 +314,29 @@ describe('retries against a real upstream, with an injected clock', () => {
     );
   });
 
+  test("continueOnError=false, then failedRetryInterval: a message failed again names the recipient the upstream refused, not one of a later batch failed 'not attempted'", async () => {
+    const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 0, continueOnError: false, retry: { maxAttempts: 1 }, failedRetryInterval: 300 });
+    // batch 0 = t, p; batch 1 = x. t is deferred at RCPT (and gives up: maxAttempts 1), p's DATA is refused
+    let refusing = true;
+    upstream.rcptReply = (a) => (a === 't@example.com' && refusing ? { code: 451, message: '4.7.1 Try again later' } : undefined);
+    upstream.dataReply = () => (refusing ? { code: 554, message: '5.7.1 Policy rejection' } : undefined);
+    const id = queuedId((await sendMail(relay.smtpPort, { to: ['t@example.com', 'p@example.com', 'x@example.com'], raw: 'Subject: probe\r\n\r\nbody\r\n' })).response);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'failed');
+    assert.deepEqual(
+      recipients(relay, id).map((r) => [r.address, r.status, r.temporary]),
+      [['t@example.com', 'failed', 1], ['p@example.com', 'failed', 0], ['x@example.com', 'failed', 0]],
+    );
+    assert.match(recipients(relay, id)[2].last_reply!, /^not attempted: /);
+    // failedRetryInterval puts t back, and it is delivered: the message fails again, for p's refusal
+    refusing = false;
+    clock.set(message(relay, id).finished_at! + 300_000);
+    assert.equal((await relay.delivery.runOnce()).requeued, 1);
+    assert.equal(recipients(relay, id)[0].status, 'delivered');
+    assert.equal(message(relay, id).state, 'failed');
+    assert.equal(message(relay, id).last_error, 'p@example.com: 554 5.7.1 Policy rejection');
+  });
+
   test('failedRetryInterval still requeues mail that failed after the clock was stepped back', async () => {
     const { clock, relay } = await runningAgainstDownUpstream({ retry: { maxAttempts: 1 }, failedRetryInterval: 10 });
     const claims = (id: string) => message(relay, id).claims;

@@ -175,6 +175,21 @@ test('logAllEmails=false: content already checkpointed into the database file is
   }
 });
 
+test('logAllEmails=false from the start: the erasure pass finds no content to erase, and logs no retention.content_erased (nor its VACUUM advice)', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay({ security: { logAllEmails: false } }, { startDelivery: false, startRetention: false, logger: log.logger });
+  try {
+    await sendMail(relay.smtpPort, { text: 'delivered: its content is erased by the delivery itself' });
+    await relay.delivery.runOnce();
+    await relay.retention.runOnce();
+    await relay.retention.runOnce();
+    assert.ok(log.entries().some((e) => e.event === 'delivery.attempt' && e.outcome === 'delivered'));
+    assert.deepEqual(log.entries().filter((e) => e.event === 'retention.content_erased'), []);
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('logAllEmails=false: a reader holding an old snapshot delays the erasure of checkpointed content; it happens once the reader is gone, with no commit after it', async () => {
   const marker = `PRIVATE-${crypto.randomBytes(8).toString('hex')}`;
   const relay = await startTestRelay({ security: { logAllEmails: false } }, { startDelivery: false, startRetention: false });
