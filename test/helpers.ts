@@ -14,7 +14,9 @@ import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp
 import type { Clock } from '../src/clock.js';
 import { defaultConfig, type Config } from '../src/config/schema.js';
 import { type Relay, type RelayOptions, startRelay } from '../src/main.js';
+import { backupDatabase } from '../src/store/backup.js';
 import { BUSY_TIMEOUT_MS, openConnection, type Sqlite } from '../src/store/db.js';
+import { openReadOnly } from '../src/store/maintenance.js';
 import { MIGRATION_NAMES, type MigrationName } from '../migrations/names.js';
 import { type IntakePolicy, insertMessage, type NewMessage } from '../src/store/intake.js';
 
@@ -398,6 +400,25 @@ export async function databaseAtMigration(last: MigrationName, fill?: (sqlite: S
     sqlite.close();
   }
   return file;
+}
+
+/** A copy of the relay database `file` as `relayq backup` writes it: in rollback-journal mode, as a restore finds it. */
+export function rollbackJournalCopy(file: string): string {
+  const copy = path.join(tempDir(), 'restored.db');
+  const source = openReadOnly(file);
+  try {
+    backupDatabase(source, copy);
+  } finally {
+    source.close();
+  }
+  const check = openReadOnly(copy);
+  try {
+    const mode = check.pragma('journal_mode', { simple: true });
+    if (mode !== 'delete') throw new Error(`a backup in journal mode ${String(mode)}, not delete`);
+  } finally {
+    check.close();
+  }
+  return copy;
 }
 
 /**

@@ -10,10 +10,9 @@ import { requireDatabaseFile, withReader } from '../../src/cli/context.js';
 import { defaultConfig } from '../../src/config/schema.js';
 import { openConnection, openStore } from '../../src/store/db.js';
 import { ADMIN_STEP } from '../../src/store/admin.js';
-import { lockDatabase, openReadOnly } from '../../src/store/maintenance.js';
-import { backupDatabase } from '../../src/store/backup.js';
+import { lockDatabase } from '../../src/store/maintenance.js';
 import { messageRaw, storeMetrics } from '../../src/store/queries.js';
-import { databaseAtMigration, insertMessages, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
+import { databaseAtMigration, insertMessages, rollbackJournalCopy, sendMail, startTestRelay, startUpstream, tempDir, type Upstream, whileImmutable, writeDirect } from '../helpers.js';
 import { assertOneLineError, CLI_CWD, queuedId, runCli, runCliJson, writeConfigFile } from './run-cli.js';
 
 describe('relayq CLI on the database of a running relay', () => {
@@ -692,13 +691,7 @@ describe('relayq CLI on the database of a running relay', () => {
     // a failed message for retry --failed to requeue, whatever the tests before left
     const [failed] = await insertMessages(relay, 1, 'failed');
     // and a restored backup, still in rollback-journal mode: its switch to WAL waits as a write does
-    const restored = path.join(tempDir(), 'restored.db');
-    const source = openReadOnly(relay.config.databasePath);
-    try {
-      backupDatabase(source, restored);
-    } finally {
-      source.close();
-    }
+    const restored = rollbackJournalCopy(relay.config.databasePath);
     const holders = [openConnection(relay.config.databasePath), new Database(restored)];
     for (const holder of holders) holder.exec('BEGIN IMMEDIATE');
     try {

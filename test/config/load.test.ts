@@ -10,11 +10,9 @@ import Database from 'better-sqlite3';
 import { clientFilter } from '../../src/access-control.js';
 import { exposedSecretsWarning, formatErrors, loadConfig, loadConfigFromSources, parseFlags, readConfigFile } from '../../src/config/load.js';
 import { CONFIG_KEYS, defaultConfig, envName, MAX_MESSAGE_SIZE_LIMIT } from '../../src/config/schema.js';
-import { backupDatabase } from '../../src/store/backup.js';
 import { openStore } from '../../src/store/db.js';
-import { openReadOnly } from '../../src/store/maintenance.js';
 import { runCli } from '../cli/run-cli.js';
-import { capturedLog, cliArgs, closedPort, databaseAtMigration, REPO_ROOT, SmtpClient, spawnRelay, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
+import { capturedLog, cliArgs, closedPort, databaseAtMigration, REPO_ROOT, rollbackJournalCopy, SmtpClient, spawnRelay, startTestRelay, tempDir, whileImmutable } from '../helpers.js';
 
 const file = (obj: unknown) => ({ path: 'config.json', text: JSON.stringify(obj) });
 
@@ -1136,7 +1134,7 @@ describe('what only the start can find out names the key to fix', () => {
     const current = relay.config.databasePath;
     await relay.stop();
     const behind = await databaseAtMigration('011_address_keys');
-    const restored = await rollbackJournalCopy(current);
+    const restored = rollbackJournalCopy(current);
     await Promise.all(
       [current, behind, restored].map(async (file) => {
         const holder = new Database(file);
@@ -1158,7 +1156,7 @@ describe('what only the start can find out names the key to fix', () => {
 
   test('a start on a database not yet in WAL mode (a restored backup) waits for a write of another process, as any write does', async () => {
     const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
-    const file = await rollbackJournalCopy(relay.config.databasePath);
+    const file = rollbackJournalCopy(relay.config.databasePath);
     await relay.stop();
     // SQLite refuses the switch to WAL at once while another connection writes to such a file:
     // the start tries it again until the write is done (1 s here)
@@ -1342,24 +1340,6 @@ async function writeFromAnotherProcess(file: string, ms: number): Promise<{ ende
   const ended = new Promise<void>((resolve) => holder.once('exit', () => resolve()));
   await new Promise((resolve) => holder.stdout.once('data', resolve));
   return { ended };
-}
-
-/** A copy of the relay database `file` as `relayq backup` writes it: in rollback-journal mode, as a restore finds it. */
-async function rollbackJournalCopy(file: string): Promise<string> {
-  const copy = path.join(tempDir(), 'restored.db');
-  const source = openReadOnly(file);
-  try {
-    backupDatabase(source, copy);
-  } finally {
-    source.close();
-  }
-  const check = new Database(copy, { readonly: true });
-  try {
-    assert.equal(check.pragma('journal_mode', { simple: true }), 'delete');
-  } finally {
-    check.close();
-  }
-  return copy;
 }
 
 function errorMessages(result: ReturnType<typeof loadConfig>): string[] {
