@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
 import { openStore } from '../../src/store/db.js';
 import { senderKey } from '../../src/store/intake.js';
 
@@ -167,13 +168,10 @@ export async function writeFixture(file: string, options: FixtureOptions): Promi
 }
 
 async function main() {
-  const arg = (name: string, fallback: string) => {
-    const i = process.argv.indexOf(`--${name}`);
-    return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
-  };
-  const messages = Number(arg('messages', '1000000'));
-  const out = path.resolve(arg('out', path.join('data', `fixture-${messages}.db`)));
-  if (!Number.isInteger(messages) || messages < 1) throw new Error('--messages must be a positive integer');
+  const { values } = parseArgs({ options: { messages: { type: 'string', default: '1000000' }, out: { type: 'string' } } });
+  const messages = /^\d+$/.test(values.messages) ? Number(values.messages) : Number.NaN;
+  if (!Number.isSafeInteger(messages) || messages < 1) throw new Error(`--messages takes a positive integer, not "${values.messages}"`);
+  const out = path.resolve(values.out ?? path.join('data', `fixture-${messages}.db`));
   fs.mkdirSync(path.dirname(out), { recursive: true });
   const summary = await writeFixture(out, { messages, now: Date.now() });
   process.stdout.write(`${JSON.stringify(summary, null, 2)}\n`);

@@ -8,10 +8,13 @@
 //   npm run bench -- --only intake,fsync
 //   npm run bench -- --cpu-prof        also write a CPU profile of every relay process
 //   npm run bench:wal                  10 minutes of sustained load; WAL size over time
+//   (every flag and its default: the README's Performance section)
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
 import { defaultConfig } from '../../src/config/schema.js';
 import { type FsyncCeiling, measureFsyncCeiling } from './fsync.js';
 import {
@@ -33,7 +36,7 @@ import { runSustained, type SustainedResult } from './sustained-bench.js';
 const SECTIONS = ['fsync', 'intake', 'memory', 'sustained', 'scale', 'wal'] as const;
 type Section = (typeof SECTIONS)[number];
 
-interface Options {
+export interface Options {
   quick: boolean;
   sections: Set<Section>;
   runMs: number;
@@ -61,55 +64,84 @@ interface Options {
 /** The relay's own default, which the sustained runs use unless they are the unpaced ones. */
 const IN_FLOW_DELAY_DEFAULT = defaultConfig().inFlowDelay;
 
-function numbers(list: string): number[] {
-  return list === '' ? [] : list.split(',').map(Number);
+/** A mistake on the command line: said in one line, without a stack. */
+export class UsageError extends Error {}
+
+const FLAGS = {
+  quick: { type: 'boolean' },
+  'cpu-prof': { type: 'boolean' },
+  only: { type: 'string' },
+  'run-ms': { type: 'string' },
+  repeats: { type: 'string' },
+  'warm-up-ms': { type: 'string' },
+  'sustained-seconds': { type: 'string' },
+  'sustained-workers': { type: 'string' },
+  'sustained-unpaced': { type: 'string' },
+  'wal-seconds': { type: 'string' },
+  'scale-messages': { type: 'string' },
+  'small-messages': { type: 'string' },
+  'relay-runs': { type: 'string' },
+  'fixture-dir': { type: 'string' },
+  'memory-clients': { type: 'string' },
+  'memory-bytes': { type: 'string' },
+  relay: { type: 'string' },
+  out: { type: 'string' },
+} as const;
+
+function parseFlags(argv: string[]) {
+  try {
+    return parseArgs({ args: argv, options: FLAGS }).values;
+  } catch (err) {
+    throw new UsageError(`${(err as Error).message} (the README lists the flags under Performance)`);
+  }
 }
 
-function parseOptions(argv: string[]): Options {
-  const value = (name: string): string | undefined => {
-    const i = argv.findIndex((a) => a === `--${name}` || a.startsWith(`--${name}=`));
-    if (i < 0) return undefined;
-    const arg = argv[i];
-    return arg.includes('=') ? arg.slice(arg.indexOf('=') + 1) : argv[i + 1];
+export function parseOptions(argv: string[]): Options {
+  const values = parseFlags(argv);
+  const integer = (name: string, text: string, min: number): number => {
+    const n = /^\d+$/.test(text) ? Number(text) : Number.NaN;
+    if (!Number.isSafeInteger(n) || n < min) throw new UsageError(`--${name} takes an integer of at least ${min}, not "${text}"`);
+    return n;
   };
-  const quick = argv.includes('--quick');
-  const only = value('only');
-  const sections = new Set<Section>(
-    only ? (only.split(',') as Section[]) : SECTIONS.filter((s) => s !== 'wal'),
-  );
-  for (const s of sections) if (!SECTIONS.includes(s)) throw new Error(`unknown section ${s}; known: ${SECTIONS.join(', ')}`);
-  const num = (name: string, fallback: number) => {
-    const v = value(name);
-    return v === undefined ? fallback : Number(v);
+  const num = (name: keyof typeof FLAGS, fallback: number, min = 1) => {
+    const text = values[name];
+    return typeof text === 'string' ? integer(name, text, min) : fallback;
   };
+  const numbers = (name: keyof typeof FLAGS, fallback: string) => {
+    const text = values[name] ?? fallback;
+    return typeof text === 'string' && text !== '' ? text.split(',').map((n) => integer(name, n, 1)) : [];
+  };
+  const quick = values.quick === true;
+  const sections = new Set<Section>(values.only !== undefined ? (values.only.split(',') as Section[]) : SECTIONS.filter((s) => s !== 'wal'));
+  for (const s of sections) if (!SECTIONS.includes(s)) throw new UsageError(`unknown section "${s}"; known: ${SECTIONS.join(', ')}`);
   return {
     quick,
     sections,
     runMs: num('run-ms', quick ? 1000 : 2000),
     repeats: num('repeats', quick ? 1 : 3),
-    warmUpMs: num('warm-up-ms', quick ? 1000 : 5000),
+    warmUpMs: num('warm-up-ms', quick ? 1000 : 5000, 0),
     sustainedSeconds: num('sustained-seconds', quick ? 10 : 60),
-    sustainedWorkers: numbers(value('sustained-workers') ?? '16,128'),
-    sustainedUnpaced: numbers(value('sustained-unpaced') ?? '16'),
+    sustainedWorkers: numbers('sustained-workers', '16,128'),
+    sustainedUnpaced: numbers('sustained-unpaced', '16'),
     walSeconds: num('wal-seconds', 600),
     scaleMessages: num('scale-messages', quick ? 100_000 : 1_000_000),
     smallMessages: num('small-messages', 1000),
     relayRuns: num('relay-runs', quick ? 2 : 5),
-    fixtureDir: value('fixture-dir') ?? path.join(os.tmpdir(), 'relayq-bench-fixtures'),
+    fixtureDir: values['fixture-dir'] ?? path.join(os.tmpdir(), 'relayq-bench-fixtures'),
     memoryClients: num('memory-clients', 200),
     memoryBytes: num('memory-bytes', 1024 * 1024),
     relayConfig: Object.fromEntries(
-      (value('relay') ?? '')
+      (values.relay ?? '')
         .split(',')
         .filter(Boolean)
         .map((pair) => {
           const eq = pair.indexOf('=');
-          if (eq < 1) throw new Error(`--relay takes key=value pairs separated by commas, not "${pair}"`);
+          if (eq < 1) throw new UsageError(`--relay takes key=value pairs separated by commas, not "${pair}"`);
           return [pair.slice(0, eq), pair.slice(eq + 1)];
         }),
     ),
-    cpuProf: argv.includes('--cpu-prof'),
-    out: value('out') ?? path.join(repoRoot(), 'bench-results'),
+    cpuProf: values['cpu-prof'] === true,
+    out: values.out ?? path.join(repoRoot(), 'bench-results'),
   };
 }
 
@@ -423,7 +455,9 @@ function intakeTable(rows: IntakeCaseResult[], fsync: FsyncCeiling | undefined):
   );
 }
 
-main().catch((err) => {
-  process.stderr.write(`bench failed: ${(err as Error).stack ?? err}\n`);
-  process.exit(1);
-});
+if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  main().catch((err) => {
+    process.stderr.write(err instanceof UsageError ? `bench: ${err.message}\n` : `bench failed: ${(err as Error).stack ?? err}\n`);
+    process.exit(1);
+  });
+}
