@@ -605,3 +605,29 @@ test("a bad value in a key the CLI does not read is a warning to its commands, w
   );
   for (const key of CLI_READS) assert.ok(CONFIG_KEYS.some((k) => k.path === key), key);
 });
+
+test('a write command on a stopped relay\'s database closes it, refused or not: no -wal or -shm is left behind', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const ids: string[] = [];
+  try {
+    for (let i = 0; i < 2; i++) ids.push(queuedId((await sendMail(relay.smtpPort, { from: 'app@example.com', to: [`r${i}@example.com`] })).response));
+  } finally {
+    await relay.stop();
+  }
+  const db = relay.config.databasePath;
+  const sideFiles = () => [fs.existsSync(`${db}-wal`), fs.existsSync(`${db}-shm`)];
+  assert.deepEqual(sideFiles(), [false, false], "the relay's stop removed them");
+  const env = { DATABASE_PATH: db, EMAILS_DIR: relay.config.emailsDir };
+  // the refused ones exit 1 after the connection's close, which checkpoints the WAL into the file
+  const commands: Array<[string[], number]> = [
+    [['delete', ids[0]], 0],
+    [['retry', '--queued'], 0],
+    [['delete', '1A22AF1C0B4CA8658AC5'], 1],
+    [['retry', ids[0]], 1],
+  ];
+  for (const [args, code] of commands) {
+    const run = await runCli(args, { env });
+    assert.equal(run.code, code, run.stderr);
+    assert.deepEqual(sideFiles(), [false, false], args.join(' '));
+  }
+});
