@@ -45,6 +45,9 @@ export function lockDatabase(databasePath: string): DatabaseLock {
   let made = false;
   try {
     made = createPrivateFile(file);
+    // SQLite opens a file it may not write read-only, without a word, and a read-only connection's
+    // BEGIN EXCLUSIVE on the empty lock file locks nothing: a second relay would run beside this one
+    fs.closeSync(fs.openSync(file, 'r+'));
     lock = new Database(file);
     // a moment: a CLI command's look at the lock (isLockHeld) holds it as long as that
     lock.pragma('busy_timeout = 250');

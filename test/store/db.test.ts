@@ -9,7 +9,7 @@ import { openConnection, openStore, realDatabasePath, refuseHardLinks, shellWord
 import { lockDatabase } from '../../src/store/maintenance.js';
 import { readRootsFile } from '../../src/root-guard.js';
 import { runCli } from '../cli/run-cli.js';
-import { sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
+import { sendMail, startTestRelay, tempDir, waitFor, whileImmutable } from '../helpers.js';
 
 test('shellWord leaves plain words alone and quotes the rest so that a shell reads them back', () => {
   assert.equal(shellWord('/var/lib/relayq/relayq.db'), '/var/lib/relayq/relayq.db');
@@ -388,4 +388,24 @@ test('as root, a config file another user makes between the look at its name and
   } finally {
     racer.kill('SIGKILL');
   }
+});
+
+test('a lock file the relay may not write is refused: opened read-only, it would lock nothing and a second relay would run beside the first', async (t) => {
+  const file = path.join(tempDir(), 'relayq.db');
+  lockDatabase(file).release();
+  const lockFile = `${file}-lock`;
+  const refusal = new RegExp(`^${lockFile}: (EACCES|EPERM)[^\\n]*: the relay's user must be able to write it and the database's directory$`);
+  const bothRefused = async () => {
+    assert.throws(() => lockDatabase(file), { message: refusal });
+    assert.throws(() => lockDatabase(file), { message: refusal });
+  };
+  // root writes a file of mode 0444 (as a relay's user one of root's 0644 that an older build made)
+  if (process.getuid?.() === 0) {
+    if (!(await whileImmutable(t, lockFile, bothRefused))) return;
+  } else {
+    fs.chmodSync(lockFile, 0o444);
+    await bothRefused();
+    fs.chmodSync(lockFile, 0o600);
+  }
+  lockDatabase(file).release();
 });
