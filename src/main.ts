@@ -325,9 +325,17 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
     if (err instanceof SpoolError) throw new Error(`databasePath: ${err.message}`, { cause: err });
     throw new Error(`smtpHost, smtpPort: cannot listen on ${hostPort(config.smtpHost, config.smtpPort)}: ${(err as Error).message}`, { cause: err });
   }
-  // the addresses listened on: a host name listens on the first address it resolves to
+  // the addresses listened on: a host name listens on the first address it resolves to; and where
+  // relative paths led (a service started in another working directory makes a new, empty queue)
   logger.info(
-    { event: 'relay.started', version: VERSION, smtp: hostPort(smtp.address, smtp.port), configFile: options.configFile, config: redactConfig(configured) },
+    {
+      event: 'relay.started',
+      version: VERSION,
+      smtp: hostPort(smtp.address, smtp.port),
+      configFile: options.configFile,
+      paths: { databasePath: path.resolve(config.databasePath), emailsDir: path.resolve(config.emailsDir) },
+      config: redactConfig(configured),
+    },
     'relayq started',
   );
   if (api) logger.info({ event: 'api.listening', http: hostPort(api.address, api.port) }, 'HTTP API listening');

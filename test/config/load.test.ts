@@ -1347,9 +1347,9 @@ function errorMessages(result: ReturnType<typeof loadConfig>): string[] {
   return result.ok ? [] : result.errors.map((e) => e.message);
 }
 
-test('relay.started names the config file it read, as a full path, or null when there was none', async () => {
+test('relay.started names the config file it read, as a full path, or null when there was none, and where the relative paths led', async () => {
   const withFile = tempDir();
-  fs.writeFileSync(path.join(withFile, 'config.json'), JSON.stringify({ workerCount: 3 }));
+  fs.writeFileSync(path.join(withFile, 'config.json'), JSON.stringify({ workerCount: 3, emailsDir: 'mail/out' }));
   const without = tempDir();
   for (const [dir, expected] of [[withFile, path.join(withFile, 'config.json')], [without, null]] as const) {
     const relay = await spawnRelay(dir);
@@ -1357,6 +1357,8 @@ test('relay.started names the config file it read, as a full path, or null when 
       const started = JSON.parse(relay.output().split('\n').find((line) => line.includes('"relay.started"')) as string);
       assert.equal(started.configFile, expected);
       assert.equal(started.config.workerCount, expected ? 3 : 5);
+      assert.equal(started.config.databasePath, 'data/relayq.db');
+      assert.deepEqual(started.paths, { databasePath: path.join(dir, 'data', 'relayq.db'), emailsDir: path.join(dir, expected ? 'mail/out' : 'emails') });
     } finally {
       await relay.kill('SIGTERM');
     }
