@@ -9,7 +9,7 @@ import { asGiven, loadConfigFromSources, mistypedEnvNames } from '../config/load
 import { CONFIG_KEYS, type Config } from '../config/schema.js';
 import { followedForUse, followedPath, refuseOthersPathsAsRoot } from '../root-guard.js';
 import { idSlices, StoppedPartWay } from '../store/admin.js';
-import { BUSY_TIMEOUT_MS, cannotWrite, openConnection, refuseForeignWal, type Sqlite } from '../store/db.js';
+import { BUSY_TIMEOUT_MS, cannotWrite, openConnection, readOnlyDirectory, refuseForeignWal, type Sqlite } from '../store/db.js';
 import { appliedMigrations, isLockHeld, openReadOnly, overwriteFreedPages, pendingMigrations, refuseForeignDatabase, refuseNewerSchema } from '../store/maintenance.js';
 import { escapeTerminalUnsafe } from '../terminal-unsafe.js';
 
@@ -169,6 +169,11 @@ export async function withReader<T>(config: Config, fn: (sqlite: Sqlite) => T | 
 function sideFileHint(err: unknown, file: string): string {
   const code = (err as { code?: unknown }).code;
   if (code !== 'SQLITE_READONLY_DIRECTORY' && code !== 'SQLITE_READONLY_CANTINIT' && code !== 'SQLITE_CANTOPEN') return '';
+  const readOnly = readOnlyDirectory(file);
+  if (readOnly) {
+    const name = path.basename(file);
+    return ` (to read a database in WAL mode SQLite needs ${name}-shm beside it, and ${readOnly} is on a read-only file system); copy ${name}, and its -wal if there is one, to another directory and read the copy`;
+  }
   try {
     fs.closeSync(fs.openSync(`${file}-wal`, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK));
   } catch (walErr) {
@@ -238,7 +243,7 @@ export async function withWriter<T>(config: Config, fn: (sqlite: Sqlite) => T | 
     const code = String((err as { code?: unknown }).code);
     if (code === 'SQLITE_BUSY') throw lockedForCli(file);
     // a file, -wal or -shm this user may not write (the open succeeds; the first write fails)
-    if (code.startsWith('SQLITE_READONLY')) throw new CliError(`cannot write database ${file}: ${cannotWrite(err as Error).message}`);
+    if (code.startsWith('SQLITE_READONLY')) throw new CliError(`cannot write database ${file}: ${cannotWrite(err as Error, file).message}`);
     throw err;
   } finally {
     sqlite.close();

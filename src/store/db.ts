@@ -69,7 +69,7 @@ export function openConnection(file: string): Sqlite {
     sqlite?.close();
     // a directory where the -wal and -shm files cannot be made (a read-only file system): SQLite
     // says only "unable to open database file"
-    throw /^SQLITE_(CANTOPEN|READONLY)/.test(String((err as { code?: unknown }).code)) ? cannotWrite(err as Error) : err;
+    throw /^SQLITE_(CANTOPEN|READONLY)/.test(String((err as { code?: unknown }).code)) ? cannotWrite(err as Error, file) : err;
   }
   return sqlite;
 }
@@ -97,10 +97,24 @@ const WAL_SWITCH_RETRY_MS = 50;
 const PAUSE = new Int32Array(new SharedArrayBuffer(4));
 
 /** A database file, or its -wal and -shm files, that this process may not write. */
-export function cannotWrite(err: Error): Error {
-  return new Error(`cannot write to it (${err.message}): the relay's user must be able to write the file, its -wal and -shm files and its directory`, {
-    cause: err,
-  });
+export function cannotWrite(err: Error, file: string): Error {
+  const readOnly = readOnlyDirectory(file);
+  const why = readOnly ? `${readOnly} is on a read-only file system` : "the relay's user must be able to write the file, its -wal and -shm files and its directory";
+  return new Error(`cannot write to it (${err.message}): ${why}`, { cause: err });
+}
+
+/**
+ * The database's directory when its file system is mounted read-only (as after an ext4
+ * errors=remount-ro), which SQLite does not tell from a lack of permission; else undefined.
+ */
+export function readOnlyDirectory(file: string): string | undefined {
+  const dir = path.dirname(path.resolve(realDatabasePath(file)));
+  try {
+    fs.accessSync(dir, fs.constants.W_OK);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EROFS') return dir;
+  }
+  return undefined;
 }
 
 /**

@@ -176,7 +176,7 @@ export function requireWritable(sqlite: Sqlite): void {
   try {
     sqlite.transaction(() => sqlite.prepare('DELETE FROM schema_migrations WHERE 0').run()).immediate();
   } catch (err) {
-    throw lockedTooLong(err as Error) ?? cannotWrite(err as Error);
+    throw lockedTooLong(err as Error) ?? cannotWrite(err as Error, sqlite.name);
   }
 }
 

@@ -24,6 +24,7 @@ import {
   tempDir,
   waitFor,
 } from '../helpers.js';
+import { runCli } from '../cli/run-cli.js';
 import { assertStillServing, INTAKE_ONLY, queuedId } from './smtp-session.js';
 
 type SmtpError = Error & { responseCode?: number; response?: string };
@@ -362,6 +363,51 @@ test('a start that cannot hand back the claims of a killed relay for lack of roo
     }
   } finally {
     db?.close();
+    execFileSync('umount', [dataDir]);
+  }
+});
+
+test('on a file system that turned read-only, the start and every command say so, and the mail stays readable in a copy', async (t) => {
+  const dir = tempDir();
+  const dataDir = path.join(dir, 'data');
+  fs.mkdirSync(dataDir);
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m,mode=0700', 'tmpfs', dataDir], { stdio: 'ignore' });
+  } catch {
+    t.skip('mounting a tmpfs (a file system to remount read-only) needs root');
+    return;
+  }
+  try {
+    const databasePath = path.join(dataDir, 'relayq.db');
+    const relay = await startTestRelay({ databasePath }, { startDelivery: false, startRetention: false });
+    let id: string;
+    try {
+      const reply = (await sendMail(relay.smtpPort, { to: ['a@example.com'] })).response;
+      id = queuedId(reply) ?? assert.fail(reply);
+    } finally {
+      await relay.stop();
+    }
+    // as an ext4 errors=remount-ro does (the lock file stays from the first start)
+    execFileSync('mount', ['-o', 'remount,ro', dataDir]);
+    const serve = await runCli(['serve', '--smtpPort', '0', '--enableHealthCheck', 'false', '--databasePath', databasePath]);
+    assert.equal(serve.code, 1, serve.stderr);
+    assert.match(serve.stderr, new RegExp(`^relayq: databasePath \\S+: ${databasePath}-lock: EROFS: read-only file system, open `, 'm'));
+    const readOnly = `${dataDir} is on a read-only file system`;
+    for (const args of [['delete', id], ['retry', '--queued']]) {
+      const run = await runCli([...args, '--databasePath', databasePath]);
+      assert.deepEqual([run.code, run.stderr], [1, `relayq: cannot open database ${databasePath}: cannot write to it (unable to open database file): ${readOnly}\n`], args[0]);
+    }
+    const status = await runCli(['status', '--databasePath', databasePath]);
+    assert.deepEqual(
+      [status.code, status.stderr],
+      [1, `relayq: cannot read database ${databasePath}: unable to open database file (to read a database in WAL mode SQLite needs relayq.db-shm beside it, and ${readOnly}); copy relayq.db, and its -wal if there is one, to another directory and read the copy\n`],
+    );
+    const copy = path.join(tempDir(), 'relayq.db');
+    fs.copyFileSync(databasePath, copy);
+    const shown = await runCli(['show', id, '--databasePath', copy]);
+    assert.equal(shown.code, 0, shown.stderr);
+    assert.match(shown.stdout, /state: +queued/);
+  } finally {
     execFileSync('umount', [dataDir]);
   }
 });
