@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { after, before, describe, type TestContext, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
 import { newQueueId } from '../../src/store/intake.js';
 import { openConnection } from '../../src/store/db.js';
@@ -313,71 +313,75 @@ test('a MAIL whose checks cannot read the database gets 451 4.3.0, an error line
   }
 });
 
-test('a start that cannot hand back the claims of a killed relay for lack of room still starts, and logs why', async (t) => {
+/**
+ * Runs `fn` with `dataDir`, a directory in the fresh temp dir `dir`, on an 8 MB tmpfs of its own
+ * (a disk to fill, a file system to remount read-only), unmounted after; skipped where mounting
+ * one needs root.
+ */
+async function onSmallTmpfs(t: TestContext, fn: (dir: string, dataDir: string) => Promise<void>): Promise<void> {
   const dir = tempDir();
   const dataDir = path.join(dir, 'data');
   fs.mkdirSync(dataDir);
   try {
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m,mode=0700', 'tmpfs', dataDir], { stdio: 'ignore' });
   } catch {
-    t.skip('mounting a small tmpfs (a disk to fill) needs root');
+    t.skip('mounting a tmpfs needs root');
     return;
   }
-  let db: ReturnType<typeof openConnection> | undefined;
   try {
-    const databasePath = path.join(dataDir, 'relayq.db');
-    const relay = await startTestRelay({ databasePath }, { startDelivery: false, startRetention: false });
-    try {
-      for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort, { to: ['a@example.com'] });
-    } finally {
-      await relay.stop();
-    }
-    // as a relay killed while delivering leaves them: claimed, their lease running; and received
-    // an hour ahead of the clock now (stepped back since), which the start warns of all the same
-    db = openConnection(databasePath);
-    db.prepare("UPDATE messages SET state = 'sending', claims = 1, lease_token = 'killed', lease_expires_at = ?, received_at = received_at + 3600000").run(
-      Date.now() + 3_600_000,
-    );
-    // kept open until the end: closed now it would remove the -wal and -shm files, which a
-    // killed relay leaves behind (and a full disk has no room to make again)
-    const filler = fs.openSync(path.join(dataDir, 'filler'), 'w');
-    try {
-      for (;;) fs.writeSync(filler, Buffer.alloc(65536));
-    } catch (err) {
-      assert.equal((err as NodeJS.ErrnoException).code, 'ENOSPC');
-    } finally {
-      fs.closeSync(filler);
-    }
-    // it exited 1 here: "databasePath …: database or disk is full"
-    const restarted = await spawnRelay(dir, ['--databasePath', databasePath]);
-    try {
-      const line = restarted
-        .output()
-        .split('\n')
-        .find((l) => l.includes('"delivery.claims_not_recovered"'));
-      assert.ok(line, restarted.output());
-      assert.match(JSON.parse(line).err, /database or disk is full/);
-      assert.match(restarted.output(), /"event":"relay\.clock_behind"/);
-    } finally {
-      await restarted.kill('SIGKILL');
-    }
+    await fn(dir, dataDir);
   } finally {
-    db?.close();
     execFileSync('umount', [dataDir]);
   }
-});
+}
 
-test('on a file system that turned read-only, the start and every command say so, and the mail stays readable in a copy', async (t) => {
-  const dir = tempDir();
-  const dataDir = path.join(dir, 'data');
-  fs.mkdirSync(dataDir);
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m,mode=0700', 'tmpfs', dataDir], { stdio: 'ignore' });
-  } catch {
-    t.skip('mounting a tmpfs (a file system to remount read-only) needs root');
-    return;
-  }
-  try {
+test('a start that cannot hand back the claims of a killed relay for lack of room still starts, and logs why', (t) =>
+  onSmallTmpfs(t, async (dir, dataDir) => {
+    let db: ReturnType<typeof openConnection> | undefined;
+    try {
+      const databasePath = path.join(dataDir, 'relayq.db');
+      const relay = await startTestRelay({ databasePath }, { startDelivery: false, startRetention: false });
+      try {
+        for (let i = 0; i < 3; i++) await sendMail(relay.smtpPort, { to: ['a@example.com'] });
+      } finally {
+        await relay.stop();
+      }
+      // as a relay killed while delivering leaves them: claimed, their lease running; and received
+      // an hour ahead of the clock now (stepped back since), which the start warns of all the same
+      db = openConnection(databasePath);
+      db.prepare("UPDATE messages SET state = 'sending', claims = 1, lease_token = 'killed', lease_expires_at = ?, received_at = received_at + 3600000").run(
+        Date.now() + 3_600_000,
+      );
+      // kept open until the end: closed now it would remove the -wal and -shm files, which a
+      // killed relay leaves behind (and a full disk has no room to make again)
+      const filler = fs.openSync(path.join(dataDir, 'filler'), 'w');
+      try {
+        for (;;) fs.writeSync(filler, Buffer.alloc(65536));
+      } catch (err) {
+        assert.equal((err as NodeJS.ErrnoException).code, 'ENOSPC');
+      } finally {
+        fs.closeSync(filler);
+      }
+      // it exited 1 here: "databasePath …: database or disk is full"
+      const restarted = await spawnRelay(dir, ['--databasePath', databasePath]);
+      try {
+        const line = restarted
+          .output()
+          .split('\n')
+          .find((l) => l.includes('"delivery.claims_not_recovered"'));
+        assert.ok(line, restarted.output());
+        assert.match(JSON.parse(line).err, /database or disk is full/);
+        assert.match(restarted.output(), /"event":"relay\.clock_behind"/);
+      } finally {
+        await restarted.kill('SIGKILL');
+      }
+    } finally {
+      db?.close();
+    }
+  }));
+
+test('on a file system that turned read-only, the start and every command say so, and the mail stays readable in a copy', (t) =>
+  onSmallTmpfs(t, async (_dir, dataDir) => {
     const databasePath = path.join(dataDir, 'relayq.db');
     const relay = await startTestRelay({ databasePath }, { startDelivery: false, startRetention: false });
     let id: string;
@@ -407,10 +411,7 @@ test('on a file system that turned read-only, the start and every command say so
     const shown = await runCli(['show', id, '--databasePath', copy]);
     assert.equal(shown.code, 0, shown.stderr);
     assert.match(shown.stdout, /state: +queued/);
-  } finally {
-    execFileSync('umount', [dataDir]);
-  }
-});
+  }));
 
 test('/health says error while the database refuses messages for lack of room, though its small probe still commits', async () => {
   const relay = await startTestRelay(undefined, INTAKE_ONLY);
