@@ -77,8 +77,13 @@ class RelayqSqliteDialect extends SqliteDialect {
  * destroy() closes the connection: the connection's owner closes it instead.
  */
 export function kyselyFor<T>(sqlite: Sqlite): Kysely<T> {
-  return new Kysely<T>({ dialect: new RelayqSqliteDialect({ database: sqlite }) });
+  const db = new Kysely<T>({ dialect: new RelayqSqliteDialect({ database: sqlite }) });
+  connections.set(db, sqlite);
+  return db;
 }
+
+/** The connection under each query builder kyselyFor made. */
+const connections = new WeakMap<object, Sqlite>();
 
 /** Applies pending migrations: all of relayq's, or (tests of an upgrade) the first few of them. */
 export async function migrateToLatest<T>(db: Kysely<T>, set: Record<string, Migration> = migrations): Promise<string[]> {
@@ -90,15 +95,24 @@ export async function migrateToLatest<T>(db: Kysely<T>, set: Record<string, Migr
       throw err;
     },
   );
-  // recorded under an earlier name: recorded under its name now, so that the migrator knows it
-  for (const name of applied) {
-    const now = currentMigrationName(name);
-    if (now !== name) await sql`UPDATE schema_migrations SET name = ${now} WHERE name = ${name}`.execute(db);
-  }
   refuseNewerSchema(applied.map(currentMigrationName), Object.keys(set));
+  const sqlite = connections.get(db);
+  if (!sqlite) throw new Error('migrateToLatest takes a query builder made by kyselyFor');
   const migrator = new Migrator({
     db,
-    provider: { getMigrations: async () => set },
+    provider: {
+      // read in the migrations' transaction, before the applied ones: a migration recorded under
+      // an earlier name is renamed, so that the migrator knows it, in that transaction, so that an
+      // upgrade that fails leaves the name the relayq that wrote it knows (and can start with)
+      getMigrations: async () => {
+        if (!sqlite.inTransaction) throw new Error('the migrations are read outside their transaction');
+        for (const name of applied) {
+          const now = currentMigrationName(name);
+          if (now !== name) sqlite.prepare('UPDATE schema_migrations SET name = ? WHERE name = ?').run(now, name);
+        }
+        return set;
+      },
+    },
     migrationTableName: 'schema_migrations',
     migrationLockTableName: 'schema_migrations_lock',
   });

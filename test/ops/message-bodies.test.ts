@@ -336,6 +336,28 @@ test('a database of the first relayq, which recorded the metrics migration as 00
   reader.close();
 });
 
+test('an upgrade of such a database that fails part-way (a full disk) leaves it recorded as the first relayq knows it, and a later one migrates it', async () => {
+  const file = path.join(tempDir(), 'first.db');
+  const made = await databaseBefore006(file, [], '004');
+  made.sqlite.prepare("UPDATE schema_migrations SET name = '003_metrics' WHERE name = '002_metrics'").run();
+  await made.db.destroy();
+  const sqlite = new Database(file);
+  try {
+    const recorded = () => sqlite.prepare('SELECT name FROM schema_migrations ORDER BY name').pluck().all();
+    const before = recorded();
+    assert.deepEqual(before, ['001_initial', '003_metrics', '003_rate_bucket_minute']);
+    // the file may not grow: the first migration that adds a table fails
+    sqlite.pragma(`max_page_count = ${sqlite.pragma('page_count', { simple: true })}`);
+    await assert.rejects(migrateToLatest(kyselyFor(sqlite)), /database or disk is full/);
+    assert.deepEqual(recorded(), before, 'the first relayq would find migrations it does not know');
+    sqlite.pragma('max_page_count = 1073741823');
+    assert.deepEqual(await migrateToLatest(kyselyFor(sqlite)), MIGRATION_NAMES.filter((name) => name >= '004'));
+    assert.deepEqual(recorded(), [...MIGRATION_NAMES]);
+  } finally {
+    sqlite.close();
+  }
+});
+
 test('a databasePath that is a directory is refused as one', async () => {
   const dir = tempDir();
   await assert.rejects(startTestRelay({ databasePath: dir }), new RegExp(`^Error: databasePath ${dir}: ${dir} is a directory$`));
