@@ -33,7 +33,7 @@ export interface ApiDeps {
   store: { sqlite: Sqlite };
   writer: Pick<StoreWriter, 'write' | 'storageFault'>;
   disk: Pick<DiskSpace, 'freeMb' | 'isLow' | 'readError'>;
-  intake: { readonly isListening: boolean; readonly storeFailureCount: number; spoolFault(withinMs: number): string | undefined };
+  intake: { readonly isListening: boolean; readonly storeFailureCount: number; readonly connectionLimitCount: number; spoolFault(withinMs: number): string | undefined };
   clock: Clock;
   logger: Logger;
   /** Startup warnings shown in /health (e.g. loopback clients accepted without AUTH). */

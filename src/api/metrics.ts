@@ -46,6 +46,7 @@ export function metricsRoutes(deps: ApiDeps) {
       smtpListening: deps.intake.isListening,
       pacing: deps.delivery.inFlow.stats(),
       storeFailures: deps.intake.storeFailureCount,
+      connectionLimitRefusals: deps.intake.connectionLimitCount,
     };
   };
 
@@ -66,6 +67,7 @@ export function metricsRoutes(deps: ApiDeps) {
       ...metricsSummary(s.store, s.now, s.upstream),
       intake_pacing: { waiting: s.pacing.waiting, delayed: s.pacing.delayed, timed_out: s.pacing.timedOut },
       intake_store_failures: s.storeFailures,
+      smtp_connection_limit_refusals: s.connectionLimitRefusals,
     });
   });
 }

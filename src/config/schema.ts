@@ -155,7 +155,7 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'maxMessageSize', type: 'int', default: 26214400, min: MIN_MESSAGE_SIZE_LIMIT, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'larger messages get `552` (at most 500 MiB: SQLite stores a message as one value, of at most 512 MiB)' },
   { path: 'spoolAfter', type: 'int', default: 262144, min: 0, max: MAX_MESSAGE_SIZE_LIMIT, unit: 'bytes', doc: 'a message being received is held in memory up to this size, the rest in a file in `<databasePath>-spool/` until its commit (as Haraka\'s spool_after); 0 = all in memory' },
   { path: 'maxRecipients', type: 'int', default: 1000, min: 1, max: 100000, doc: 'more RCPTs get `452`' },
-  { path: 'maxConnections', type: 'int', default: 500, min: 1, max: 100000, doc: 'concurrent SMTP connections' },
+  { path: 'maxConnections', type: 'int', default: 500, min: 1, max: 100000, doc: 'concurrent SMTP connections; more get `421 4.7.0` as they connect' },
   { path: 'retry.maxAttempts', type: 'int', default: 10, min: 1, max: 1000, doc: 'attempts before a temporarily failing batch becomes failed' },
   // not 0: every delay would be 0 × 2^(n-1), and a message would spend its retry.maxAttempts in seconds
   { path: 'retry.initialDelay', type: 'int', default: 60, min: 1, max: 86400, unit: 's', doc: 'delay after the first temporary failure; 90 % of it, at most 60 s, is how long delivery is suspended when the upstream cannot be reached' },

@@ -91,6 +91,8 @@ function storeError(err: unknown): string {
 const SHUTTING_DOWN = '4.3.2 Service shutting down, try again later';
 /** How long close() waits for the session lines of the connections it closed (see close). */
 const SESSION_LINES_WAIT_MS = 1000;
+/** smtp.connection_limit lines at most this often (noteConnectionLimit). */
+const CONNECTION_LIMIT_LOG_MS = 60_000;
 
 /** The reply to a connection or MAIL once shutdown has begun, and to DATA once its grace period is over. */
 function shuttingDown() {
@@ -206,6 +208,9 @@ export class SmtpIntake {
   private readonly spool: Spool;
   /** Messages (or MAILs) answered 451 because storing failed, since this process started: /metrics. */
   private storeFailures = 0;
+  /** Connections turned away at maxConnections since this process started (/metrics), and the log's count of them. */
+  private connectionLimitRefusals = 0;
+  private connectionLimitLogged = { count: 0, at: Number.NEGATIVE_INFINITY };
 
   constructor(private readonly deps: IntakeDeps) {
     const { config } = deps;
@@ -254,6 +259,10 @@ export class SmtpIntake {
     } as ConstructorParameters<typeof RelayqSmtpServer>[0], {
       plaintextAuth: (session) => isLoopback(this.peer(session)),
       onRefusal: (session, text) => this.onRefusal(session, text),
+      onConnectionLimit: () => {
+        this.connectionLimitRefusals++;
+        this.noteConnectionLimit();
+      },
       onSizeRefused: (session, sender, declared) =>
         deps.logger.info(
           { event: 'smtp.refused', session: session.id, reason: 'size', declared, sender: decodeIdnDomain(sender), client: this.peer(session) },
@@ -310,6 +319,27 @@ export class SmtpIntake {
     return this.storeFailures;
   }
 
+  get connectionLimitCount(): number {
+    return this.connectionLimitRefusals;
+  }
+
+  /**
+   * At most once a minute, at warn: how many connections maxConnections turned away since the last
+   * line (the first of a flood at once; those after it with the next one turned away a minute
+   * later, or at the stop: `final`). Each also has its smtp.session line, at info.
+   */
+  private noteConnectionLimit(final = false): void {
+    const now = this.deps.clock.now();
+    const { count, at } = this.connectionLimitLogged;
+    const refused = this.connectionLimitRefusals - count;
+    if (refused === 0 || (!final && Math.abs(now - at) < CONNECTION_LIMIT_LOG_MS)) return;
+    this.deps.logger.warn(
+      { event: 'smtp.connection_limit', refused, maxConnections: this.deps.config.maxConnections },
+      'connections over maxConnections were turned away with 421 4.7.0',
+    );
+    this.connectionLimitLogged = { count: this.connectionLimitRefusals, at: now };
+  }
+
   /** Why messages over spoolAfter get 451 (a spool file failed in the last `withinMs`, none written since), for /health. */
   spoolFault(withinMs: number): string | undefined {
     return this.spool.fault(withinMs);
@@ -324,6 +354,7 @@ export class SmtpIntake {
    */
   async shutdown(graceMs: number): Promise<void> {
     this.closing = true;
+    this.noteConnectionLimit(true);
     // on the monotonic clock: a stepped wall clock must neither cut the grace period short nor lengthen it
     const deadline = performance.now() + graceMs;
     while (this.inFlight > 0 && performance.now() < deadline) await sleep(10, undefined, { ref: false });

@@ -156,6 +156,7 @@ class RelayqConnection extends SMTPConnection {
       if (maxClients && this._server.connections.size > maxClients) {
         // smtp-server fills the session in only for a connection it serves; the log line needs this
         this.session.remoteAddress = this.remoteAddress;
+        this.relayq.onConnectionLimit(this.session);
         this.send(421, '4.7.0 Too many connections, try again later');
         return;
       }
@@ -494,6 +495,8 @@ export interface RelayqListenerOptions {
   onRefusal: (session: SMTPServerSession, reply: string) => void;
   /** MAIL FROM declared a SIZE over the limit, and got `552` without reaching onMailFrom. */
   onSizeRefused: (session: SMTPServerSession, sender: string, declared: number) => void;
+  /** A connection over maxClients, about to get `421 4.7.0` and be closed. */
+  onConnectionLimit: (session: SMTPServerSession) => void;
   /**
    * False when there are no credentials to check: AUTH is then neither offered nor taken
    * (smtp-server itself always offers its `authMethods`).

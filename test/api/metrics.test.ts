@@ -87,6 +87,7 @@ describe('GET /metrics', () => {
           attempts: { delivered: 1, partial: 1, deferred: 0, failed: 1, total: 3 },
           intake_pacing: { waiting: 0, delayed: 0, timed_out: 0 },
           intake_store_failures: 0,
+          smtp_connection_limit_refusals: 0,
         },
       );
       // The three attempts run concurrently: which one ended last is not fixed.

@@ -61,7 +61,7 @@ const options: SMTPServerOptions = {
 };
 
 /** relayq's listener with no policy of its own: every session may AUTH, nothing is refused. */
-const EVERY_SESSION: RelayqListenerOptions = { plaintextAuth: () => true, onRefusal: () => {}, onSizeRefused: () => {}, authEnabled: true };
+const EVERY_SESSION: RelayqListenerOptions = { plaintextAuth: () => true, onRefusal: () => {}, onSizeRefused: () => {}, onConnectionLimit: () => {}, authEnabled: true };
 
 function smtpServer(): net.Server {
   const server = listener === 'relayq' ? new RelayqSmtpServer(options, EVERY_SESSION) : new SMTPServer(options);

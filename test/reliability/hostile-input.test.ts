@@ -4,7 +4,9 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import type { Relay } from '../../src/main.js';
+import { call } from '../api/fixtures.js';
 import { capturedLog, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { ManualClock } from '../manual-clock.js';
 import { assertStillServing, closedByPeer, INTAKE_ONLY, queuedId } from './smtp-session.js';
 import { messageRaw } from '../../src/store/queries.js';
 
@@ -447,18 +449,48 @@ describe('idle and slow clients', () => {
 });
 
 describe('connection flood', () => {
-  test('more than maxConnections at once → 421 4.7.0 for the extra ones; the admitted ones keep working', async () => {
-    const relay = await startTestRelay({ maxConnections: 3 }, INTAKE_ONLY);
-    try {
-      const held = await Promise.all([1, 2, 3].map(() => SmtpClient.connect(relay.smtpPort)));
-      for (const c of held) assert.match(await c.read(), /^220 /);
-      const flood = await Promise.all(Array.from({ length: 20 }, () => SmtpClient.connect(relay.smtpPort)));
+  test('more than maxConnections at once → 421 4.7.0 for the extra ones, counted and logged at most once a minute; the admitted ones keep working', async () => {
+    const clock = new ManualClock();
+    const { logger, entries } = capturedLog('info');
+    const relay = await startTestRelay({ maxConnections: 3 }, { ...INTAKE_ONLY, clock, logger });
+    const limitLines = () => entries().filter((e) => e.event === 'smtp.connection_limit');
+    const refusedSoFar = async () => {
+      const json = (await call<{ smtp_connection_limit_refusals: number }>(relay, '/metrics')).body.smtp_connection_limit_refusals;
+      assert.match((await call<string>(relay, '/metrics?format=prometheus')).body, new RegExp(`^relayq_smtp_connection_limit_refusals_total ${json}$`, 'm'));
+      return json;
+    };
+    const turnedAway = async (n: number) => {
+      const flood = await Promise.all(Array.from({ length: n }, () => SmtpClient.connect(relay.smtpPort)));
       const replies = await Promise.all(flood.map((c) => c.read()));
       assert.ok(
         replies.every((r) => /^421 4\.7\.0 /.test(r)),
         replies.join('\n'),
       );
       await Promise.all(flood.map((c) => closedByPeer(c.socket)));
+    };
+    let stopped = false;
+    try {
+      const held = await Promise.all([1, 2, 3].map(() => SmtpClient.connect(relay.smtpPort)));
+      for (const c of held) assert.match(await c.read(), /^220 /);
+      await turnedAway(20);
+      // the first at once; the other 19 wait for the next line
+      assert.equal(await refusedSoFar(), 20);
+      assert.deepEqual(
+        limitLines().map((e) => [e.level, e.refused, e.maxConnections]),
+        [[40, 1, 3]],
+      );
+      clock.advance(59_000);
+      await turnedAway(1);
+      assert.equal(limitLines().length, 1, 'not twice in a minute');
+      clock.advance(1000);
+      // a minute on: the first of these says how many since the last line; the second waits again
+      await turnedAway(2);
+      assert.deepEqual(
+        limitLines().map((e) => e.refused),
+        [1, 21],
+      );
+      assert.equal(await refusedSoFar(), 23);
+      await turnedAway(1);
       // an admitted client completes a transaction while the flood is being turned away
       const [first, ...others] = held;
       await first.send('EHLO held.test');
@@ -470,8 +502,15 @@ describe('connection flood', () => {
       for (const c of others) c.close();
       await waitFor(() => relay.intake.server.connections.size === 0, 10_000, 'connections to close');
       await assertStillServing(relay);
-    } finally {
+      // the stop says what is left unsaid
       await relay.stop();
+      stopped = true;
+      assert.deepEqual(
+        limitLines().map((e) => e.refused),
+        [1, 21, 2],
+      );
+    } finally {
+      if (!stopped) await relay.stop();
     }
   });
 });
