@@ -20,7 +20,7 @@ import { makeDirectory, removeMade } from './make-dir.js';
 import { followedForUse } from './root-guard.js';
 import { SmtpIntake } from './smtp/intake.js';
 import { Spool, SpoolError } from './smtp/spool.js';
-import { certificateWarning, readTlsFiles } from './smtp/tls-files.js';
+import { certificateWarning, exposedKeyWarning, readTlsFiles } from './smtp/tls-files.js';
 import { openStore, realDatabasePath, type Store, type WalKept } from './store/db.js';
 import { DiskSpace, freePageBytes } from './store/disk.js';
 import { type DatabaseLock, lockDatabase } from './store/maintenance.js';
@@ -206,11 +206,13 @@ export async function startRelay(configured: Config, options: RelayOptions = {})
   for (const w of warnings) logger.warn({ event: 'config.warning' }, w);
 
   // before anything is created: a key that cannot be used stops the start as a config error does
-  const tls = config.tls.cert && config.tls.key ? readTlsFiles(config.tls.cert, config.tls.key) : undefined;
-  const expiry = tls && certificateWarning(config.tls.cert, tls.cert, clock.now());
-  if (expiry) {
-    warnings.push(expiry);
-    logger.warn({ event: 'config.warning' }, expiry);
+  const tlsFiles = config.tls.cert && config.tls.key ? readTlsFiles(config.tls.cert, config.tls.key) : undefined;
+  const tls = tlsFiles && { cert: tlsFiles.cert, key: tlsFiles.key };
+  const tlsWarnings = tlsFiles ? [certificateWarning(config.tls.cert, tlsFiles.cert, clock.now()), exposedKeyWarning(config.tls.key, tlsFiles.keyMode)] : [];
+  for (const w of tlsWarnings) {
+    if (!w) continue;
+    warnings.push(w);
+    logger.warn({ event: 'config.warning' }, w);
   }
   const emails = prepareEmailsDir(config.emailsDir);
   config = { ...config, emailsDir: emails.emailsDir };

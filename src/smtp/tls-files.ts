@@ -7,11 +7,14 @@ import { isoTime } from '../clock.js';
 import { readRootsFile } from '../root-guard.js';
 
 /** The certificate and key for STARTTLS; an error names the config key to fix (both, one line each, when neither can be read). */
-export function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer; key: Buffer } {
+export function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer; key: Buffer; keyMode: number } {
   const unreadable: string[] = [];
+  let keyMode = 0;
   const read = (key: string, file: string) => {
     try {
-      return readRootsFile(file, 'would serve the certificate or key put there').bytes;
+      const { bytes, stat } = readRootsFile(file, 'would serve the certificate or key put there');
+      if (key === 'tls.key') keyMode = stat.mode;
+      return bytes;
     } catch (err) {
       unreadable.push(`config error: ${key}: cannot read ${file}: ${(err as Error).message}`);
       return Buffer.alloc(0);
@@ -30,7 +33,17 @@ export function readTlsFiles(certFile: string, keyFile: string): { cert: Buffer;
   } catch (err) {
     throw new Error(`config error: tls.cert, tls.key: ${certFile} and ${keyFile} are not a PEM certificate and its key: ${(err as Error).message}`);
   }
-  return files;
+  return { ...files, keyMode };
+}
+
+/**
+ * A warning when every user of the machine may read `tls.key` (mode `keyMode`): any of them could
+ * pose as the relay to its clients and take the passwords they send. A group that may read it is
+ * taken as meant (root:relayq 0640), as for a config file that holds secrets.
+ */
+export function exposedKeyWarning(keyFile: string, keyMode: number): string | undefined {
+  if ((keyMode & 0o004) === 0) return undefined;
+  return `tls.key ${keyFile} may be read by every user of this machine (mode 0${(keyMode & 0o777).toString(8)}), who could pose as this relay to its clients: chmod o-r it`;
 }
 
 /** PKCS#8 (`BEGIN ENCRYPTED PRIVATE KEY`) and the older OpenSSL form (`Proc-Type: 4,ENCRYPTED`). */

@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { domainToASCII } from 'node:url';
+import type { Clock } from '../../src/clock.js';
 import type { Relay } from '../../src/main.js';
 import { capturedLog, holdWriteLock, messageCount, openSession, SmtpClient, sendMail, startTestRelay, waitFor, withSteppedClock, withTestRelay } from '../helpers.js';
 import { openReadOnly } from '../../src/store/maintenance.js';
@@ -871,9 +872,23 @@ async function tlsFiles(): Promise<{ key: string; cert: string }> {
   const { key, cert } = tlsOptions({}) as { key: string; cert: string };
   const dir = (await import('../helpers.js')).tempDir();
   const files = { key: path.join(dir, 'key.pem'), cert: path.join(dir, 'cert.pem') };
-  fs.writeFileSync(files.key, key);
+  fs.writeFileSync(files.key, key, { mode: 0o600 });
   fs.writeFileSync(files.cert, cert);
   return files;
+}
+
+/** The config warnings a relay started with `config` logs, which /health's `warnings` repeats. */
+async function startWarnings(config: Parameters<typeof startTestRelay>[0], clock?: Clock): Promise<string[]> {
+  const log = capturedLog('warn');
+  const relay = await startTestRelay(config, { clock, logger: log.logger, startDelivery: false });
+  try {
+    const health = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { details: { warnings: string[] } };
+    const logged = log.entries().filter((e) => e.event === 'config.warning').map((e) => String(e.msg));
+    assert.deepEqual(health.details.warnings, logged);
+    return logged;
+  } finally {
+    await relay.stop();
+  }
 }
 
 describe('STARTTLS', () => {
@@ -1045,18 +1060,7 @@ describe('STARTTLS', () => {
   test('a tls.cert that is expired or not valid yet starts, with a warning in the log and in /health', async () => {
     const { ManualClock } = await import('../manual-clock.js');
     const files = await tlsFiles();
-    const warningsAt = async (time: number) => {
-      const log = capturedLog('warn');
-      const relay = await startTestRelay({ tls: files }, { clock: new ManualClock(time), logger: log.logger, startDelivery: false });
-      try {
-        const health = (await (await fetch(`http://127.0.0.1:${relay.httpPort}/health`)).json()) as { details: { warnings: string[] } };
-        const logged = log.entries().filter((e) => e.event === 'config.warning').map((e) => e.msg);
-        assert.deepEqual(health.details.warnings, logged);
-        return logged.filter((w) => String(w).startsWith('tls.cert'));
-      } finally {
-        await relay.stop();
-      }
-    };
+    const warningsAt = async (time: number) => (await startWarnings({ tls: files }, new ManualClock(time))).filter((w) => w.startsWith('tls.cert'));
     assert.deepEqual(await warningsAt(Date.UTC(2026, 0, 1)), [
       `tls.cert ${files.cert} expired on 2025-02-09T11:32:58.000Z: clients that verify certificates cannot use STARTTLS`,
     ]);
@@ -1064,5 +1068,18 @@ describe('STARTTLS', () => {
     assert.deepEqual(await warningsAt(Date.UTC(2010, 0, 1)), [
       `tls.cert ${files.cert} is not valid before 2015-02-12T11:32:58.000Z: clients that verify certificates cannot use STARTTLS`,
     ]);
+  });
+
+  test('a tls.key every user may read starts, with a warning in the log and in /health; one its group may read does not warn', async () => {
+    const files = await tlsFiles();
+    const keyWarnings = async (mode: number) => {
+      fs.chmodSync(files.key, mode);
+      return (await startWarnings({ tls: files })).filter((w) => w.startsWith('tls.key'));
+    };
+    assert.deepEqual(await keyWarnings(0o644), [
+      `tls.key ${files.key} may be read by every user of this machine (mode 0644), who could pose as this relay to its clients: chmod o-r it`,
+    ]);
+    assert.deepEqual(await keyWarnings(0o640), []);
+    assert.deepEqual(await keyWarnings(0o600), []);
   });
 });
