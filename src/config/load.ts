@@ -538,6 +538,9 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, unju
 }
 
 /** Who may send: never everyone without AUTH (an open relay), and AUTH only where it can work. */
+/** Below this length a password that non-loopback clients may log in with is a warning. */
+const MIN_EXPOSED_PASSWORD = 12;
+
 function checkAccessPolicy(c: Config, fail: (key: string, involved: string[], message: string) => void, warnings: string[]) {
   for (const cidr of c.security.allowedNetworks) {
     const parsed = parseCidr(cidr);
@@ -566,6 +569,14 @@ function checkAccessPolicy(c: Config, fail: (key: string, involved: string[], me
           '(set DEFAULT_USERNAME and DEFAULT_PASSWORD, or set security.allowLocalOnly=true); relayq never runs as an open relay',
       );
     }
+  }
+  // guessed over the network (the slow-down is per address and locks no one out); adminToken must
+  // be 16 characters, but a password may be one an application already has
+  if (c.security.requireAuth && !noCredentials && !c.security.allowLocalOnly && [...c.defaultPassword].length < MIN_EXPOSED_PASSWORD) {
+    warnings.push(
+      `defaultPassword is shorter than ${MIN_EXPOSED_PASSWORD} characters, and clients other than loopback may log in with it ` +
+        '(security.allowLocalOnly=false): at about two guesses a second from each address, a short one is found; use a long random one (openssl rand -hex 16)',
+    );
   }
   if (c.security.requireAuth && !noCredentials && !c.security.allowLocalOnly && !c.tls.cert) {
     // AUTH in plain text is for loopback clients only (538 5.7.11 to others): with no STARTTLS a

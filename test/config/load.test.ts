@@ -219,12 +219,29 @@ describe('loadConfig', () => {
   });
 
   test('requireAuth for remote clients without tls.*: a warning that they cannot authenticate; none with TLS or only loopback', () => {
-    const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' };
+    const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'a-long-random-password' };
     const remote = loadConfig([], { ...credentials, SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8' });
     assert.ok(remote.ok);
     assert.equal(remote.warnings.length, 1);
     assert.match(remote.warnings[0], /^security\.requireAuth with security\.allowLocalOnly=false and no tls\.cert\/tls\.key: clients other than loopback cannot authenticate/);
     for (const env of [{ ...credentials }, { ...credentials, SECURITY_ALLOW_LOCAL_ONLY: 'false', TLS_CERT: 'c.pem', TLS_KEY: 'k.pem' }, { SECURITY_REQUIRE_AUTH: 'false', SECURITY_ALLOW_LOCAL_ONLY: 'false', SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8' }]) {
+      const r = loadConfig([], env);
+      assert.ok(r.ok);
+      assert.deepEqual(r.warnings, [], JSON.stringify(env));
+    }
+  });
+
+  test('a defaultPassword of fewer than 12 characters that non-loopback clients may log in with gets a warning; a longer one, or one for loopback only, does not', () => {
+    const remote = { DEFAULT_USERNAME: 'u', SECURITY_ALLOW_LOCAL_ONLY: 'false', TLS_CERT: 'c.pem', TLS_KEY: 'k.pem' };
+    const warned = loadConfig([], { ...remote, DEFAULT_PASSWORD: 'ß'.repeat(11) });
+    assert.ok(warned.ok);
+    assert.deepEqual(warned.warnings, [
+      'defaultPassword is shorter than 12 characters, and clients other than loopback may log in with it (security.allowLocalOnly=false): ' +
+        'at about two guesses a second from each address, a short one is found; use a long random one (openssl rand -hex 16)',
+    ]);
+    assert.ok(!warned.warnings[0].includes('ß'), 'the password itself is not shown');
+    // characters, not bytes: 12 of them, 24 bytes in UTF-8, are enough
+    for (const env of [{ ...remote, DEFAULT_PASSWORD: 'ß'.repeat(12) }, { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p' }, { ...remote, DEFAULT_PASSWORD: 'p', SECURITY_REQUIRE_AUTH: 'false', SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8' }]) {
       const r = loadConfig([], env);
       assert.ok(r.ok);
       assert.deepEqual(r.warnings, [], JSON.stringify(env));
@@ -353,7 +370,7 @@ describe('loadConfig', () => {
   });
 
   test('requireAuth over plain text with an allowedNetworks that leaves out loopback: the warning says no client can send', () => {
-    const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'p', SECURITY_ALLOW_LOCAL_ONLY: 'false' };
+    const credentials = { DEFAULT_USERNAME: 'u', DEFAULT_PASSWORD: 'a-long-random-password', SECURITY_ALLOW_LOCAL_ONLY: 'false' };
     const none = loadConfig([], { ...credentials, SECURITY_ALLOWED_NETWORKS: '10.0.0.0/8' });
     assert.ok(none.ok);
     assert.match(none.warnings[0], /does not list loopback: no client can send/);
