@@ -1114,6 +1114,19 @@ test('retry-failed names each message it requeued, a line per write, as failedRe
   }
 });
 
+test('retry-failed that requeues nothing (ids of no failed message) logs no delivery.requeued line', async () => {
+  const log = capturedLog('info');
+  const relay = await startTestRelay({ queueSize: 0 }, { startDelivery: false, startRetention: false, logger: log.logger });
+  try {
+    const queued = await insertMessages(relay, 2, 'queued');
+    const res = await call(relay, '/admin/retry-failed', postJson({ ids: [...queued, 'NOSUCHID'] }));
+    assert.deepEqual([res.status, res.body], [200, { requeued: 0 }]);
+    assert.deepEqual(log.entries().filter((e) => e.event === 'delivery.requeued'), []);
+  } finally {
+    await relay.stop();
+  }
+});
+
 test('retry-failed logs the first ten ids it was given, and how many: a request may list 10,000', async () => {
   const log = capturedLog('info');
   const relay = await startTestRelay({}, { startDelivery: false, startRetention: false, logger: log.logger });

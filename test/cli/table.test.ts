@@ -71,3 +71,9 @@ test('columns line up in terminal columns: a CJK address or an emoji takes two, 
     ].join('\n'),
   );
 });
+
+test('a cell exactly as wide as its column limit is shown whole; one column more is cut with an ellipsis', () => {
+  const rows = [{ reply: '日本語の' }, { reply: 'abcdefgh' }, { reply: 'abcdefghi' }];
+  const table = formatTable(rows, [{ header: 'REPLY', value: (r) => r.reply, max: 8 }]);
+  assert.equal(table, ['REPLY', '日本語の', 'abcdefgh', 'abcdefg…'].join('\n'));
+});

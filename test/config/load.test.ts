@@ -903,6 +903,15 @@ describe('loadConfig', () => {
     ]);
   });
 
+  test('a long unknown key three letters off a known one gets no guess: two letters off is the most that is said to be a typo', () => {
+    // maxMessageSize with three letters replaced (two would be guessed, as maxmessagesze is)
+    const text = JSON.stringify({ maxmassegesiza: 1, maxmassegesize: 1 });
+    assert.deepEqual(errorMessages(loadConfig([], {}, { path: 'c.json', text })), [
+      'maxmassegesiza: unknown key',
+      'maxmassegesize: unknown key (did you mean maxMessageSize?)',
+    ]);
+  });
+
   test("an environment variable that is relayq's but for a letter or its underscores gets a warning and is ignored; other programs' are left alone", () => {
     const env = {
       DEFAULT_USERNAME: 'u',

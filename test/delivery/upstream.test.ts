@@ -306,6 +306,28 @@ describe('upstream connection: TLS and AUTH', () => {
   const HANDSHAKE_FAILED =
     'ESOCKET: TLS wrong version number (ERR_SSL_WRONG_VERSION_NUMBER): the upstream offered STARTTLS, then did not answer in TLS (check the upstream, or a proxy between it and relayq)';
 
+  test('a retry whose connection fails for a reason other than TLS (a 421 greeting) is not taken for a failed STARTTLS: one session, no plain-text retry, no upstream.tls_failed', async () => {
+    let sessions = 0;
+    const server = net.createServer((socket) => {
+      sessions++;
+      socket.on('error', () => {});
+      socket.end('421 4.3.2 busy, try later\r\n');
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    cleanup.push(() => new Promise((resolve) => server.close(resolve)));
+    const port = (server.address() as net.AddressInfo).port;
+    const log = capturedLog();
+    const { clock, relay, id } = await relayFor(port, {}, log.logger);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'queued');
+    assert.equal(sessions, 1);
+    clock.set(message(relay, id).next_attempt_at);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).claims, 2, 'the retry was made');
+    assert.equal(sessions, 2, 'the retry opened one session, not a second one in plain text');
+    assert.deepEqual(log.entries().filter((e) => e.event === 'upstream.tls_failed'), []);
+  });
+
   test("a failed STARTTLS defers the first attempt; the retry goes on in plain text when it fails again, as at Postfix's `may` level", async () => {
     for (const mode of ['handshake', 'refused'] as const) {
       const upstream = await failingStartTls(mode);

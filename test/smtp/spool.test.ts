@@ -525,3 +525,15 @@ describe('a message\'s bytes past spoolAfter (MessageBytes)', () => {
     await waitFor(() => fs.readdirSync(dir).length === 0, 10_000, 'the spool file removed');
   });
 });
+
+test('a spool directory that another user owns: clear() says so as it is, not as a directory it cannot read', {
+  skip: process.getuid?.() === 0 ? false : 'giving a directory another owner takes root',
+}, () => {
+  const config = testConfig();
+  const dir = Spool.dirFor(config.databasePath);
+  fs.mkdirSync(dir, { recursive: true });
+  fs.chownSync(dir, 65534, 65534);
+  assert.throws(() => new Spool(dir, 1024).clear(), {
+    message: `${dir} belongs to another user (uid 65534); relayq will not empty it: remove it, or give it to relayq's user`,
+  });
+});
