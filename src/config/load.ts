@@ -537,10 +537,10 @@ function checkCombinations(c: Config, origins: ReadonlyMap<string, Source>, unju
   checkAccessPolicy(c, fail, warnings);
 }
 
-/** Who may send: never everyone without AUTH (an open relay), and AUTH only where it can work. */
 /** Below this length a password that non-loopback clients may log in with is a warning. */
 const MIN_EXPOSED_PASSWORD = 12;
 
+/** Who may send: never everyone without AUTH (an open relay), and AUTH only where it can work. */
 function checkAccessPolicy(c: Config, fail: (key: string, involved: string[], message: string) => void, warnings: string[]) {
   for (const cidr of c.security.allowedNetworks) {
     const parsed = parseCidr(cidr);
