@@ -93,6 +93,8 @@ const SHUTTING_DOWN = '4.3.2 Service shutting down, try again later';
 const SESSION_LINES_WAIT_MS = 1000;
 /** smtp.connection_limit lines at most this often (noteConnectionLimit). */
 const CONNECTION_LIMIT_LOG_MS = 60_000;
+/** Connections one non-loopback client address may hold (Postfix's smtpd_client_connection_count_limit). */
+export const MAX_CONNECTIONS_PER_CLIENT = 50;
 
 /** The reply to a connection or MAIL once shutdown has begun, and to DATA once its grace period is over. */
 function shuttingDown() {
@@ -208,7 +210,7 @@ export class SmtpIntake {
   private readonly spool: Spool;
   /** Messages (or MAILs) answered 451 because storing failed, since this process started: /metrics. */
   private storeFailures = 0;
-  /** Connections turned away at maxConnections since this process started (/metrics), and the log's count of them. */
+  /** Connections turned away at maxConnections, or over MAX_CONNECTIONS_PER_CLIENT from one address, since this process started (/metrics), and the log's count of them. */
   private connectionLimitRefusals = 0;
   private connectionLimitLogged = { count: 0, at: Number.NEGATIVE_INFINITY };
 
@@ -324,9 +326,9 @@ export class SmtpIntake {
   }
 
   /**
-   * At most once a minute, at warn: how many connections maxConnections turned away since the last
-   * line (the first of a flood at once; those after it with the next one turned away a minute
-   * later, or at the stop: `final`). Each also has its smtp.session line, at info.
+   * At most once a minute, at warn: how many connections the connection limits turned away since
+   * the last line (the first of a flood at once; those after it with the next one turned away a
+   * minute later, or at the stop: `final`). Each also has its smtp.session line, at info.
    */
   private noteConnectionLimit(final = false): void {
     const now = this.deps.clock.now();
@@ -334,8 +336,8 @@ export class SmtpIntake {
     const refused = this.connectionLimitRefusals - count;
     if (refused === 0 || (!final && Math.abs(now - at) < CONNECTION_LIMIT_LOG_MS)) return;
     this.deps.logger.warn(
-      { event: 'smtp.connection_limit', refused, maxConnections: this.deps.config.maxConnections },
-      'connections over maxConnections were turned away with 421 4.7.0',
+      { event: 'smtp.connection_limit', refused, maxConnections: this.deps.config.maxConnections, maxPerClient: MAX_CONNECTIONS_PER_CLIENT },
+      'connections over maxConnections, or over maxPerClient from one address, were turned away with 421 4.7.0',
     );
     this.connectionLimitLogged = { count: this.connectionLimitRefusals, at: now };
   }
@@ -457,7 +459,21 @@ export class SmtpIntake {
       this.deps.logger.warn({ event: 'smtp.refused', session: session.id, reason: 'not-allowed', client }, 'client not allowed');
       return cb(reply(554, '5.7.1 Access denied: client not allowed'));
     }
+    // one client may not take every connection, as with Postfix's smtpd_client_connection_count_limit
+    // (which exempts mynetworks): loopback clients are not counted
+    if (!isLoopback(client) && this.sessionsFrom(client) > MAX_CONNECTIONS_PER_CLIENT) {
+      this.connectionLimitRefusals++;
+      this.noteConnectionLimit();
+      return cb(reply(421, `4.7.0 Too many connections from ${client}, try again later`));
+    }
     cb();
+  }
+
+  /** Open sessions from `client`, the one connecting included. */
+  private sessionsFrom(client: string): number {
+    let n = 0;
+    for (const session of this.openSessions) if (this.peer(session) === client) n++;
+    return n;
   }
 
   private onAuth(auth: SMTPServerAuthentication, session: SMTPServerSession, cb: (err: Error | null | undefined, response?: { user?: unknown }) => void) {

@@ -9,6 +9,7 @@ import { capturedLog, messageCount, openSession, SmtpClient, sendMail, startTest
 import { ManualClock } from '../manual-clock.js';
 import { assertStillServing, closedByPeer, INTAKE_ONLY, queuedId } from './smtp-session.js';
 import { messageRaw } from '../../src/store/queries.js';
+import { MAX_CONNECTIONS_PER_CLIENT } from '../../src/smtp/intake.js';
 
 const MAX_SIZE = 4096;
 
@@ -449,6 +450,51 @@ describe('idle and slow clients', () => {
 });
 
 describe('connection flood', () => {
+  test('more than 50 connections from one non-loopback address → 421 4.7.0 for the extra ones; other addresses and loopback are not held to it', async () => {
+    let from = '10.0.0.5';
+    const peers = new WeakMap<object, string>();
+    const { logger, entries } = capturedLog('info');
+    const relay = await startTestRelay(
+      { maxConnections: 200, defaultUsername: 'u', defaultPassword: 'a-long-random-password', security: { allowLocalOnly: false, allowedNetworks: ['10.0.0.0/8', '127.0.0.0/8'] } },
+      {
+        ...INTAKE_ONLY,
+        logger,
+        smtpPeerAddress: (session) => {
+          if (!peers.has(session)) peers.set(session, from);
+          return peers.get(session) as string;
+        },
+      },
+    );
+    const open: SmtpClient[] = [];
+    const connect = async (peer: string) => {
+      from = peer;
+      const c = await SmtpClient.connect(relay.smtpPort);
+      open.push(c);
+      return c.read();
+    };
+    try {
+      for (let i = 0; i < MAX_CONNECTIONS_PER_CLIENT; i++) assert.match(await connect('10.0.0.5'), /^220 /);
+      assert.match(await connect('10.0.0.5'), /^421 4\.7\.0 Too many connections from 10\.0\.0\.5, try again later/);
+      assert.match(await connect('10.0.0.6'), /^220 /);
+      for (let i = 0; i < MAX_CONNECTIONS_PER_CLIENT + 10; i++) assert.match(await connect('127.0.0.1'), /^220 /);
+      // one of the first address's connections gone: it may open another
+      open[0].close();
+      await waitFor(() => relay.intake.server.connections.size === open.length - 2, 10_000, 'the refused and the closed connection to end');
+      assert.match(await connect('10.0.0.5'), /^220 /);
+      const metrics = await call<{ smtp_connection_limit_refusals: number }>(relay, '/metrics');
+      assert.equal(metrics.body.smtp_connection_limit_refusals, 1);
+      assert.deepEqual(
+        entries()
+          .filter((e) => e.event === 'smtp.connection_limit')
+          .map((e) => [e.refused, e.maxPerClient]),
+        [[1, MAX_CONNECTIONS_PER_CLIENT]],
+      );
+    } finally {
+      for (const c of open) c.close();
+      await relay.stop();
+    }
+  });
+
   test('more than maxConnections at once → 421 4.7.0 for the extra ones, counted and logged at most once a minute; the admitted ones keep working', async () => {
     const clock = new ManualClock();
     const { logger, entries } = capturedLog('info');
