@@ -146,7 +146,7 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
   counter('relayq_intake_paced_timeouts_total', 'Of those, the ones that waited the whole inFlowDelay.', s.pacing.timedOut);
   gauge('relayq_intake_paced_waiting', 'MAIL commands waiting now.', s.pacing.waiting);
   counter('relayq_intake_store_failures_total', 'Messages and MAIL commands answered 451 4.3.0 because the database or the spool failed, since this process started.', s.storeFailures);
-  counter('relayq_smtp_connection_limit_refusals_total', 'SMTP connections turned away with 421 4.7.0 at maxConnections or at 50 from one non-loopback address, since this process started.', s.connectionLimitRefusals);
+  counter('relayq_smtp_connection_limit_refusals_total', 'SMTP connections turned away with 421 4.7.0 at maxConnections, or at 50 from one address where any may connect, since this process started.', s.connectionLimitRefusals);
   gauge('relayq_smtp_listener_up', '1 while the SMTP listener accepts connections.', s.smtpListening ? 1 : 0);
 
   return { contentType: registry.contentType as string, body: await registry.metrics() };

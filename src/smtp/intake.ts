@@ -93,7 +93,7 @@ const SHUTTING_DOWN = '4.3.2 Service shutting down, try again later';
 const SESSION_LINES_WAIT_MS = 1000;
 /** smtp.connection_limit lines at most this often (noteConnectionLimit). */
 const CONNECTION_LIMIT_LOG_MS = 60_000;
-/** Connections one non-loopback client address may hold (Postfix's smtpd_client_connection_count_limit). */
+/** Connections one client address may hold when any address may connect (Postfix's smtpd_client_connection_count_limit). */
 export const MAX_CONNECTIONS_PER_CLIENT = 50;
 
 /** The reply to a connection or MAIL once shutdown has begun, and to DATA once its grace period is over. */
@@ -203,6 +203,8 @@ export class SmtpIntake {
   /** Slowed answers to logins from addresses that failed lately (login-throttle.ts). */
   private readonly logins = new LoginThrottle();
   private readonly allowed: (ip: string | undefined) => boolean;
+  /** Any address may connect (allowLocalOnly=false, no allowedNetworks): each is held to MAX_CONNECTIONS_PER_CLIENT. */
+  private readonly limitPerClient: boolean;
   /** Loopback clients may send without AUTH when requireAuth is on but no credentials are set. */
   private readonly credentialsConfigured: boolean;
   private listening = false;
@@ -217,6 +219,7 @@ export class SmtpIntake {
   constructor(private readonly deps: IntakeDeps) {
     const { config } = deps;
     this.allowed = clientFilter(config.security);
+    this.limitPerClient = !config.security.allowLocalOnly && config.security.allowedNetworks.length === 0;
     this.credentialsConfigured = Boolean(config.defaultUsername && config.defaultPassword);
     this.spool = new Spool(Spool.dirFor(realDatabasePath(config.databasePath)), config.spoolAfter);
     const tlsOn = Boolean(deps.tls);
@@ -459,9 +462,10 @@ export class SmtpIntake {
       this.deps.logger.warn({ event: 'smtp.refused', session: session.id, reason: 'not-allowed', client }, 'client not allowed');
       return cb(reply(554, '5.7.1 Access denied: client not allowed'));
     }
-    // one client may not take every connection, as with Postfix's smtpd_client_connection_count_limit
-    // (which exempts mynetworks): loopback clients are not counted
-    if (!isLoopback(client) && this.sessionsFrom(client) > MAX_CONNECTIONS_PER_CLIENT) {
+    // one client may not take every connection, as with Postfix's smtpd_client_connection_count_limit,
+    // which exempts mynetworks: here loopback and allowedNetworks (behind a NAT, a container's
+    // published port, every client has the gateway's address)
+    if (this.limitPerClient && !isLoopback(client) && this.sessionsFrom(client) > MAX_CONNECTIONS_PER_CLIENT) {
       this.connectionLimitRefusals++;
       this.noteConnectionLimit();
       return cb(reply(421, `4.7.0 Too many connections from ${client}, try again later`));

@@ -450,12 +450,12 @@ describe('idle and slow clients', () => {
 });
 
 describe('connection flood', () => {
-  test('more than 50 connections from one non-loopback address → 421 4.7.0 for the extra ones; other addresses and loopback are not held to it', async () => {
+  test('where any address may connect, more than 50 connections from one (not loopback) → 421 4.7.0 for the extra ones; other addresses and loopback are not held to it', async () => {
     let from = '10.0.0.5';
     const peers = new WeakMap<object, string>();
     const { logger, entries } = capturedLog('info');
     const relay = await startTestRelay(
-      { maxConnections: 200, defaultUsername: 'u', defaultPassword: 'a-long-random-password', security: { allowLocalOnly: false, allowedNetworks: ['10.0.0.0/8', '127.0.0.0/8'] } },
+      { maxConnections: 200, defaultUsername: 'u', defaultPassword: 'a-long-random-password', security: { allowLocalOnly: false } },
       {
         ...INTAKE_ONLY,
         logger,
@@ -489,6 +489,25 @@ describe('connection flood', () => {
           .map((e) => [e.refused, e.maxPerClient]),
         [[1, MAX_CONNECTIONS_PER_CLIENT]],
       );
+    } finally {
+      for (const c of open) c.close();
+      await relay.stop();
+    }
+  });
+
+  test('clients admitted by allowedNetworks are not held to 50 connections each (behind a NAT or a published container port they share one address)', async () => {
+    const { logger } = capturedLog('info');
+    const relay = await startTestRelay(
+      { maxConnections: 200, defaultUsername: 'u', defaultPassword: 'a-long-random-password', security: { allowLocalOnly: false, allowedNetworks: ['172.28.0.0/16'] } },
+      { ...INTAKE_ONLY, logger, smtpPeerAddress: () => '172.28.0.1' },
+    );
+    const open: SmtpClient[] = [];
+    try {
+      for (let i = 0; i < MAX_CONNECTIONS_PER_CLIENT + 10; i++) {
+        const c = await SmtpClient.connect(relay.smtpPort);
+        open.push(c);
+        assert.match(await c.read(), /^220 /);
+      }
     } finally {
       for (const c of open) c.close();
       await relay.stop();
