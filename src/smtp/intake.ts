@@ -264,10 +264,7 @@ export class SmtpIntake {
     } as ConstructorParameters<typeof RelayqSmtpServer>[0], {
       plaintextAuth: (session) => isLoopback(this.peer(session)),
       onRefusal: (session, text) => this.onRefusal(session, text),
-      onConnectionLimit: () => {
-        this.connectionLimitRefusals++;
-        this.noteConnectionLimit();
-      },
+      onConnectionLimit: () => this.refusedByConnectionLimit(),
       onSizeRefused: (session, sender, declared) =>
         deps.logger.info(
           { event: 'smtp.refused', session: session.id, reason: 'size', declared, sender: decodeIdnDomain(sender), client: this.peer(session) },
@@ -326,6 +323,12 @@ export class SmtpIntake {
 
   get connectionLimitCount(): number {
     return this.connectionLimitRefusals;
+  }
+
+  /** A connection turned away by maxConnections or MAX_CONNECTIONS_PER_CLIENT: counted, and logged as noteConnectionLimit says. */
+  private refusedByConnectionLimit(): void {
+    this.connectionLimitRefusals++;
+    this.noteConnectionLimit();
   }
 
   /**
@@ -466,8 +469,7 @@ export class SmtpIntake {
     // which exempts mynetworks: here loopback and allowedNetworks (behind a NAT, a container's
     // published port, every client has the gateway's address)
     if (this.limitPerClient && !isLoopback(client) && this.sessionsFrom(client) > MAX_CONNECTIONS_PER_CLIENT) {
-      this.connectionLimitRefusals++;
-      this.noteConnectionLimit();
+      this.refusedByConnectionLimit();
       return cb(reply(421, `4.7.0 Too many connections from ${client}, try again later`));
     }
     cb();
