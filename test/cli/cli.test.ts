@@ -472,6 +472,13 @@ describe('relayq CLI on the database of a running relay', () => {
       assert.equal(dashed.code, 0, dashed.stderr);
       assert.equal(JSON.parse(dashed.stdout).message.id, keep);
     }
+    // after a password's value, `--` still ends the options, and a mistyped option is still named as one
+    const ended = await cli('show', '--forwardUsername', 'u', '--json', '--forwardPassword', 'correct', '--', keep);
+    assert.equal(ended.code, 0, ended.stderr);
+    assert.equal(JSON.parse(ended.stdout).message.id, keep);
+    const mistyped = await cli('queue', '--forwardPassword', 'correct', '--stat', 'failed');
+    assertOneLineError(mistyped, /^relayq: unknown option '--stat' \(did you mean --state\?\)$/);
+    assert.equal(mistyped.code, 1);
     // PEM text where a path goes is refused as serve refuses it, without being shown
     const pem = '-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIHiddenKeyMaterialHiddenKeyMaterialAAAAAA\n-----END PRIVATE KEY-----\n';
     const pemFlag = await cli('status', '--tls.key', pem);
