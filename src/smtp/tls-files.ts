@@ -55,12 +55,14 @@ function isEncryptedKey(pem: Buffer): boolean {
 /**
  * A warning when `tls.cert` (`pem`, checked by readTlsFiles) is expired or not valid yet: relayq
  * starts with it (clients that do not verify certificates still use it), but every client that
- * verifies fails its STARTTLS.
+ * verifies fails its STARTTLS. A certificate's times are whole seconds, and it is valid from its
+ * notBefore through its notAfter, both included (RFC 5280 4.1.2.5), so `now` is compared to the second.
  */
-export function certificateWarning(certFile: string, pem: Buffer, now: number): string | undefined {
+export function certificateWarning(certFile: string, pem: Buffer, nowMs: number): string | undefined {
   const cert = new X509Certificate(pem);
   const validFrom = Date.parse(cert.validFrom);
   const validTo = Date.parse(cert.validTo);
+  const now = Math.floor(nowMs / 1000) * 1000;
   if (now > validTo) return `tls.cert ${certFile} expired on ${isoTime(validTo)}: clients that verify certificates cannot use STARTTLS`;
   if (now < validFrom) return `tls.cert ${certFile} is not valid before ${isoTime(validFrom)}: clients that verify certificates cannot use STARTTLS`;
   return undefined;

@@ -1065,6 +1065,12 @@ describe('STARTTLS', () => {
       `tls.cert ${files.cert} expired on 2025-02-09T11:32:58.000Z: clients that verify certificates cannot use STARTTLS`,
     ]);
     assert.deepEqual(await warningsAt(Date.UTC(2020, 0, 1)), []);
+    // valid from notBefore through notAfter, both included, to the second (RFC 5280 4.1.2.5)
+    const notBefore = Date.UTC(2015, 1, 12, 11, 32, 58);
+    const notAfter = Date.UTC(2025, 1, 9, 11, 32, 58);
+    for (const time of [notBefore, notAfter, notAfter + 999]) assert.deepEqual(await warningsAt(time), [], new Date(time).toISOString());
+    assert.equal((await warningsAt(notAfter + 1000)).length, 1);
+    assert.equal((await warningsAt(notBefore - 1)).length, 1);
     assert.deepEqual(await warningsAt(Date.UTC(2010, 0, 1)), [
       `tls.cert ${files.cert} is not valid before 2015-02-12T11:32:58.000Z: clients that verify certificates cannot use STARTTLS`,
     ]);
