@@ -311,12 +311,16 @@ export class DeliveryEngine {
       for (const a of unfinished) this.released.add(a.claim.token);
       // an attempt cut off has no result: it does not count towards retry.maxAttempts (a restart
       // during a slow upstream's last allowed attempt would fail the mail); one still waiting for
-      // a judgement (see UpstreamSuspension) sent nothing, and its claim does not count either
-      const releaseThose = (waiting: boolean) => {
-        const claims = unfinished.filter((a) => a.waiting === waiting).map((a) => a.claim);
-        return claims.length > 0 ? this.release(claims, { uncount: waiting ? 'claim' : 'attempts' }) : 0;
-      };
-      const released = (await releaseThose(false)) + (await releaseThose(true));
+      // a judgement (see UpstreamSuspension) sent nothing, and its claim does not count either.
+      // They are told apart once, before the first write: a judgement that came while it commits
+      // would otherwise put an attempt in neither. The waiting ones are aborted first, so that none
+      // goes out (sendBatch sees the abort as its wait ends) once released as never sent.
+      const waiting = unfinished.filter((a) => a.waiting);
+      const sending = unfinished.filter((a) => !a.waiting);
+      for (const a of waiting) a.abort.abort(new Error('aborted: relayq is shutting down'));
+      const releaseThose = (those: ActiveAttempt[], uncount: 'claim' | 'attempts') =>
+        those.length > 0 ? this.release(those.map((a) => a.claim), { uncount }) : 0;
+      const released = (await releaseThose(sending, 'attempts')) + (await releaseThose(waiting, 'claim'));
       this.log.warn(
         { event: 'delivery.released', released, ids: unfinished.map((a) => a.claim.messageId) },
         released === unfinished.length

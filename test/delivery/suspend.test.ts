@@ -11,7 +11,7 @@ import { UpstreamSuspension } from '../../src/delivery/suspension.js';
 import type { Relay } from '../../src/main.js';
 import { call, postJson } from '../api/fixtures.js';
 import { runCli } from '../cli/run-cli.js';
-import { capturedLog, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, holdWriteLock, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { ManualClock } from '../manual-clock.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
@@ -312,6 +312,51 @@ describe('delivery to an upstream that cannot be reached', () => {
     const db = new Database(dbFile, { readonly: true });
     try {
       assert.equal(db.prepare('SELECT claims FROM messages WHERE id = ?').pluck().get(judged), 1);
+    } finally {
+      db.close();
+    }
+  });
+
+  test('an attempt whose judgement comes while the stop releases the others is released too, and sends nothing', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.hold = () => true; // DATA read, never answered: the attempts stay unfinished
+    // the first connection is cut after 300 ms while the second is held in its setup until the
+    // test lets it through: the third message's attempt waits for that failure to be judged
+    let cut = false;
+    let passSecond: (() => void) | undefined;
+    const port = await proxyTo(upstream.port, (n, client, pass) => {
+      if (n === 1) {
+        setTimeout(() => {
+          client.destroy();
+          cut = true;
+        }, 300);
+      } else if (n === 2) passSecond = pass;
+      else pass();
+    });
+    const { relay } = await relayFor(port, { processingTimeout: 60, workerCount: 3 }, 200);
+    await queue(relay);
+    const second = await queue(relay);
+    relay.delivery.start();
+    await waitFor(() => cut && passSecond !== undefined, 10_000, 'the first connection cut, the second being set up');
+    const judged = await queue(relay);
+    await waitFor(() => message(relay, judged).state === 'sending', 10_000, 'the third message claimed');
+    // the stop's release waits for the write lock; meanwhile the second connection is set up,
+    // which judges the failure and ends the third attempt's wait
+    const lock = await holdWriteLock(relay, 20_000);
+    const dbFile = relay.config.databasePath;
+    const stopped = relay.stop();
+    await new Promise((resolve) => setTimeout(resolve, 800)); // past the 200 ms grace
+    passSecond?.();
+    await waitFor(() => upstream.held.length === 1, 10_000, "the second message's DATA at the upstream");
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    await lock.release();
+    await stopped;
+    assert.equal(upstream.held.length, 1, 'the third message did not go out during the stop');
+    const db = new Database(dbFile, { readonly: true });
+    try {
+      const row = db.prepare('SELECT state, lease_expires_at AS lease FROM messages WHERE id = ?');
+      for (const id of [second, judged]) assert.deepEqual(row.get(id), { state: 'queued', lease: null }, id === judged ? 'the attempt that waited' : 'the attempt sending');
     } finally {
       db.close();
     }
