@@ -73,6 +73,25 @@ describe('delivery to an upstream that cannot be reached', () => {
     });
   }
 
+  /**
+   * A proxy to the upstream on `port` that cuts the first connection after 300 ms, hands the
+   * second to `second` (to pass it when it will: meanwhile the first one's failure waits to be
+   * judged), and passes the others at once.
+   */
+  async function cutFirstConnection(port: number, second: (pass: () => void) => void): Promise<{ port: number; cut: () => boolean }> {
+    let cut = false;
+    const proxyPort = await proxyTo(port, (n, client, pass) => {
+      if (n === 1) {
+        setTimeout(() => {
+          client.destroy();
+          cut = true;
+        }, 300);
+      } else if (n === 2) second(pass);
+      else pass();
+    });
+    return { port: proxyPort, cut: () => cut };
+  }
+
   /** A TCP server that accepts connections and never says a word (a hung upstream); counts them. */
   async function silentServer(): Promise<{ port: number; connections: () => number }> {
     let count = 0;
@@ -289,22 +308,13 @@ describe('delivery to an upstream that cannot be reached', () => {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     upstream.hold = () => true; // DATA read, never answered
-    // the first connection is cut after 300 ms while the second is still set up (it reaches the
-    // upstream after 1.5 s): a failure that waits for it to be judged; the others pass at once
-    let cut = false;
-    const port = await proxyTo(upstream.port, (n, client, pass) => {
-      if (n === 1) {
-        setTimeout(() => {
-          client.destroy();
-          cut = true;
-        }, 300);
-      } else setTimeout(pass, n === 2 ? 1500 : 0);
-    });
-    const { relay } = await relayFor(port, { processingTimeout: 30, workerCount: 3 }, 200);
+    // the second connection reaches the upstream after 1.5 s
+    const proxy = await cutFirstConnection(upstream.port, (pass) => setTimeout(pass, 1500));
+    const { relay } = await relayFor(proxy.port, { processingTimeout: 30, workerCount: 3 }, 200);
     await queue(relay);
     await queue(relay);
     relay.delivery.start();
-    await waitFor(() => cut, 10_000, 'the first connection cut');
+    await waitFor(proxy.cut, 10_000, 'the first connection cut');
     const judged = await queue(relay);
     await waitFor(() => upstream.held.length === 2, 10_000, "the second and the third message's DATA at the upstream");
     const dbFile = relay.config.databasePath;
@@ -321,24 +331,16 @@ describe('delivery to an upstream that cannot be reached', () => {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     upstream.hold = () => true; // DATA read, never answered: the attempts stay unfinished
-    // the first connection is cut after 300 ms while the second is held in its setup until the
-    // test lets it through: the third message's attempt waits for that failure to be judged
-    let cut = false;
+    // the second connection is held in its setup until the test lets it through
     let passSecond: (() => void) | undefined;
-    const port = await proxyTo(upstream.port, (n, client, pass) => {
-      if (n === 1) {
-        setTimeout(() => {
-          client.destroy();
-          cut = true;
-        }, 300);
-      } else if (n === 2) passSecond = pass;
-      else pass();
+    const proxy = await cutFirstConnection(upstream.port, (pass) => {
+      passSecond = pass;
     });
-    const { relay } = await relayFor(port, { processingTimeout: 60, workerCount: 3 }, 200);
+    const { relay } = await relayFor(proxy.port, { processingTimeout: 60, workerCount: 3 }, 200);
     await queue(relay);
     const second = await queue(relay);
     relay.delivery.start();
-    await waitFor(() => cut && passSecond !== undefined, 10_000, 'the first connection cut, the second being set up');
+    await waitFor(() => proxy.cut() && passSecond !== undefined, 10_000, 'the first connection cut, the second being set up');
     const judged = await queue(relay);
     await waitFor(() => message(relay, judged).state === 'sending', 10_000, 'the third message claimed');
     // the stop's release waits for the write lock; meanwhile the second connection is set up,
