@@ -122,7 +122,7 @@ export const CONFIG_KEYS: readonly KeyDef[] = [
   { path: 'batchSize', type: 'int', default: 20, min: 1, max: 10000, doc: 'max recipients per upstream SMTP transaction' },
   { path: 'batchDelay', type: 'int', default: 1000, min: 0, max: 3600000, unit: 'ms', doc: 'pause between two batches of the same message' },
   { path: 'continueOnError', type: 'bool', default: true, doc: "a failed batch does not stop the message's other batches" },
-  { path: 'workerCount', type: 'int', default: 5, min: 1, max: 1000, doc: 'concurrent deliveries' },
+  { path: 'workerCount', type: 'int', default: 5, min: 1, max: 1000, doc: "concurrent deliveries; with forwardSMTP each has its own upstream connection, so best at most the upstream's limit of connections per client" },
   { path: 'queueSize', type: 'int', default: 1000, min: 0, max: 100000000, doc: 'max messages not yet final (queued + sending); more get `452`; 0 = unlimited' },
   { path: 'inFlowDelay', type: 'int', default: 1000, min: 0, max: 10000, unit: 'ms', doc: 'while 100 messages per worker (at most 10,000, at most half of queueSize) are due and waiting, each MAIL FROM waits up to this long for delivery to take some (modelled on Postfix in_flow_delay); 0 = off' },
   { path: 'processingTimeout', type: 'int', default: 300, min: 5, max: 86400, unit: 's', doc: 'limit for one delivery attempt; also the claim lease' },

@@ -146,6 +146,11 @@ function unreachable(err: UpstreamError): boolean {
   return NETWORK_ERROR_CODES.has(String(err.code)) && err.responseCode === undefined && err.settingFault !== true && openSslCode(err) === undefined;
 }
 
+/** Resolves when `signal` aborts. */
+function whenAborted(signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+}
+
 function abortError(signal: AbortSignal): Error {
   return Object.assign(new Error('Message sending aborted', { cause: signal.reason }), { name: 'AbortError', code: 'EABORT' });
 }
@@ -203,6 +208,8 @@ const REUSE_TIME_LIMIT_MS = 300_000;
 const IDLE_QUIT_MS = 30_000;
 /** How long a QUIT waits for the upstream's reply before the connection is cut off. */
 const QUIT_WAIT_MS = 1000;
+/** After the upstream refused a connection beyond those open (atConnectionLimit), one more is tried after this long without such a refusal. */
+const LIMIT_RAISE_MS = 60_000;
 
 /** forwardRequireTLS: the message is not sent over a connection that STARTTLS did not secure. */
 function tlsRequired(label: string): Error {
@@ -420,6 +427,16 @@ export class SmtpUpstream {
   /** Places kept for connections about to be opened (idleConnection). */
   private connecting = 0;
   private readonly maxConnections: number;
+  /** Connections set up (greeted, secured, logged in): open ones of these work. */
+  private readonly ready = new WeakSet<SMTPConnection>();
+  /** How many connections the pool opens: maxConnections, or fewer after the upstream refused more (atConnectionLimit). */
+  private limit: number;
+  /** now() when the upstream last refused a connection beyond those open, or the limit was last raised. */
+  private limitedAt = Number.NEGATIVE_INFINITY;
+  /** The lowest limit a warning named. */
+  private warnedLimit: number;
+  /** Attempts waiting for a connection to come back to the pool or end (idleConnection). */
+  private waiters: Array<() => void> = [];
   private closed = false;
   private readonly log: Logger;
   private readonly maxMessageSize: number;
@@ -443,6 +460,8 @@ export class SmtpUpstream {
     this.log = settings.logger;
     this.maxMessageSize = settings.maxMessageSize;
     this.maxConnections = settings.maxConnections;
+    this.limit = settings.maxConnections;
+    this.warnedLimit = settings.maxConnections;
   }
 
   /**
@@ -554,17 +573,69 @@ export class SmtpUpstream {
   private async transaction(envelope: Envelope, raw: Uint8Array, signal: AbortSignal, retryOf: string | undefined): Promise<SendInfo> {
     for (;;) {
       const reused = await this.idleConnection(signal);
-      if (!reused) break;
-      try {
-        return await this.sendOn(reused, envelope, raw, signal);
-      } catch (err) {
-        const e = err as UpstreamError;
-        if (!(e.notSent && !e.answered && endedConnection(e)) || signal.aborted) throw err;
+      if (reused) {
+        try {
+          return await this.sendOn(reused, envelope, raw, signal);
+        } catch (err) {
+          const e = err as UpstreamError;
+          if (!(e.notSent && !e.answered && endedConnection(e)) || signal.aborted) throw err;
+          continue;
+        }
       }
+      // the place idleConnection kept for it becomes the connection, in one step (connect counts it)
+      this.connecting--;
+      let connection: SMTPConnection;
+      try {
+        connection = await this.connect(signal, retryOf);
+      } catch (err) {
+        if (await this.atConnectionLimit(err as UpstreamError, signal)) continue;
+        throw err;
+      }
+      return this.sendOn(connection, envelope, raw, signal);
     }
-    // the place idleConnection kept for it becomes the connection, in one step (connect counts it)
-    this.connecting--;
-    return this.sendOn(await this.connect(signal, retryOf), envelope, raw, signal);
+  }
+
+  /**
+   * A new connection refused with `421` while others to the upstream work: the upstream's limit of
+   * connections per client (smtp-server's maxClients; Postfix's
+   * smtpd_client_connection_count_limit answers `421 4.7.0 … too many connections`), not a
+   * failure of this attempt, which waits for one of those connections instead of being deferred.
+   * The pool keeps to as many connections as work, and tries one more after LIMIT_RAISE_MS
+   * without such a refusal (raiseLimit), as Postfix's concurrency feedback lowers and raises its
+   * number of sessions. Connections being set up meanwhile are waited for first: attempts that
+   * start together learn together which of them the upstream took.
+   */
+  private async atConnectionLimit(err: UpstreamError, signal: AbortSignal): Promise<boolean> {
+    if (err.responseCode !== 421 || signal.aborted) return false;
+    if (this.settingUp.size > 0) await Promise.race([Promise.allSettled(this.settingUp), whenAborted(signal)]);
+    const working = [...this.open].filter((c) => this.ready.has(c)).length;
+    if (working === 0 || signal.aborted) return false;
+    this.limitedAt = this.now();
+    this.limit = Math.min(this.limit, working);
+    if (working < this.warnedLimit) {
+      this.warnedLimit = working;
+      const reply = this.maskReply ? this.maskReply(String(err.response)) : err.response;
+      this.log.warn(
+        { event: 'upstream.connection_limit', upstream: this.label, connections: working, workerCount: this.maxConnections, reply },
+        `the upstream refused a connection while ${working} to it were open: attempts wait for those instead of being deferred, and relayq opens no more than ${working} until a minute without such a refusal has passed; a workerCount of at most the upstream's limit of connections per client avoids the refusals`,
+      );
+    }
+    return true;
+  }
+
+  /** A transaction delivered: one connection more may be opened once LIMIT_RAISE_MS passed without a refusal (atConnectionLimit). */
+  private raiseLimit(): void {
+    if (this.limit >= this.maxConnections || this.now() - this.limitedAt < LIMIT_RAISE_MS) return;
+    this.limit++;
+    this.limitedAt = this.now();
+    this.poolChanged();
+  }
+
+  /** Wakes the attempts waiting for a connection (idleConnection): one came back to the pool, ended, or may be opened. */
+  private poolChanged(): void {
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const wake of waiters) wake();
   }
 
   /**
@@ -574,7 +645,9 @@ export class SmtpUpstream {
    * greeting timeout, or that ends, is gone) rather than open one more, as Postfix's client
    * finishes its RSET before it takes the next message: an upstream slow to answer after an error
    * (Postfix's smtpd_error_sleep_time) would otherwise get a new session from every attempt while
-   * the earlier ones wait. Throws once `signal` has aborted: no connection is opened then.
+   * the earlier ones wait. So does an attempt with as many connections open as the upstream
+   * takes (atConnectionLimit), for one of them. Throws once `signal` has aborted: no connection is
+   * opened then.
    */
   private async idleConnection(signal: AbortSignal): Promise<SMTPConnection | undefined> {
     let aborted: Promise<void> | undefined;
@@ -590,12 +663,13 @@ export class SmtpUpstream {
         return connection;
       }
       // attempts that start together (one claim's batches) decide before any of them connects
-      if (this.resetting.size === 0 || this.open.size + this.connecting < this.maxConnections) {
+      const room = this.open.size + this.connecting < this.limit;
+      if (room || (this.resetting.size === 0 && this.limit === this.maxConnections)) {
         this.connecting++;
         return undefined;
       }
-      aborted ??= new Promise((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
-      await Promise.race([...this.resetting.values(), aborted]);
+      aborted ??= whenAborted(signal);
+      await Promise.race([new Promise<void>((resolve) => this.waiters.push(resolve)), aborted]);
     }
   }
 
@@ -629,6 +703,7 @@ export class SmtpUpstream {
         if (signal.aborted) return;
         if (err) return reject(this.failedSend(connection, err as UpstreamError, { message, sent, leftOut }));
         this.release(connection);
+        this.raiseLimit();
         if (leftOut.length) info.rejectedErrors = [...(info.rejectedErrors ?? []), ...leftOut];
         resolve(Object.assign(info, { tls: tlsVersion(connection) }));
       });
@@ -750,6 +825,7 @@ export class SmtpUpstream {
           reject(e);
         } else {
           this.lastSetUpAt = performance.now();
+          this.ready.add(connection);
           resolve(connection);
         }
       };
@@ -764,6 +840,7 @@ export class SmtpUpstream {
       connection.once('end', () => {
         this.forget(connection);
         this.open.delete(connection);
+        this.poolChanged();
         settle(Object.assign(new Error('Connection closed unexpectedly'), { code: 'ECONNECTION' }));
       });
       connection.connect((err) => {
@@ -840,6 +917,7 @@ export class SmtpUpstream {
       this.idle.push(connection);
       this.idleTimers.set(connection, setTimeout(() => this.quit(connection), this.idleMs).unref());
     }
+    this.poolChanged();
   }
 
   private pastReuseLimit(connection: SMTPConnection): boolean {
@@ -862,6 +940,7 @@ export class SmtpUpstream {
         this.resetting.delete(connection);
         if (err) connection.close();
         else this.release(connection);
+        this.poolChanged();
         resolve();
       };
       const cutOff = setTimeout(() => done(new Error('no reply to RSET')), this.options.greetingTimeout).unref();
@@ -883,6 +962,7 @@ export class SmtpUpstream {
   private quit(connection: SMTPConnection): void {
     this.forget(connection);
     this.open.delete(connection);
+    this.poolChanged();
     const ended = new Promise<void>((resolve) => {
       const cutOff = setTimeout(() => {
         connection.close();

@@ -10,7 +10,7 @@ import { ManualClock } from '../manual-clock.js';
 import { normalizeForEnvelope } from '../../src/address.js';
 import type { Relay } from '../../src/main.js';
 import { messageRaw } from '../../src/store/queries.js';
-import { sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, sendMail, startTestRelay, waitFor } from '../helpers.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
 describe('upstream connection pool', () => {
@@ -138,6 +138,95 @@ describe('upstream connection pool', () => {
     assert.equal(upstream.accepted.length, 2);
     assert.equal(opened.count, 2);
   });
+});
+
+/**
+ * An upstream that takes at most `limit.max` connections at once, as Postfix's
+ * smtpd_client_connection_count_limit does: a proxy to a scripted upstream that greets the one
+ * over it with `421 4.7.0` and closes it. Counts the refused ones and the most open at once.
+ */
+async function connectionLimitedUpstream(max: number) {
+  const upstream = await startScriptedUpstream();
+  const limit = { max, open: 0, mostOpen: 0, refused: 0 };
+  const sockets = new Set<net.Socket>();
+  const proxy = net.createServer((client) => {
+    sockets.add(client);
+    client.on('error', () => {});
+    if (limit.open >= limit.max) {
+      limit.refused++;
+      client.end('421 4.7.0 upstream.test Error: too many connections from 127.0.0.1\r\n');
+      return;
+    }
+    limit.open++;
+    limit.mostOpen = Math.max(limit.mostOpen, limit.open);
+    client.once('close', () => limit.open--);
+    const server = net.connect(upstream.port, '127.0.0.1');
+    sockets.add(server);
+    server.on('error', () => client.destroy());
+    server.on('close', () => client.destroy());
+    client.pipe(server).pipe(client);
+  });
+  await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+  const close = async () => {
+    for (const socket of sockets) socket.destroy();
+    await new Promise((resolve) => proxy.close(resolve));
+    await upstream.close();
+  };
+  return { port: (proxy.address() as net.AddressInfo).port, upstream, limit, close };
+}
+
+test('an upstream that takes fewer connections than workerCount (421 to the others): the attempts wait for the open ones, none is deferred, and one more is tried after a minute', async () => {
+  const limited = await connectionLimitedUpstream(2);
+  const log = capturedLog('info');
+  const relay = await startTestRelay(
+    { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: limited.port, workerCount: 5, batchDelay: 0 },
+    { clock: new ManualClock(), startDelivery: false, random: NO_JITTER, logger: log.logger },
+  );
+  const clock = relay.clock as ManualClock;
+  const deliverAll = async (count: number) => {
+    const ids = [];
+    for (let i = 0; i < count; i++) ids.push(await queueTo(relay, `r${i}@example.com`));
+    await relay.delivery.runOnce();
+    for (const id of ids) assert.deepEqual(attempts(relay, id).map((a) => a.outcome), ['delivered'], id);
+  };
+  try {
+    await deliverAll(20);
+    assert.ok(limited.limit.refused > 0, 'the upstream refused the connections over its limit');
+    assert.equal(limited.limit.mostOpen, 2);
+    const warnings = log.entries().filter((e) => e.event === 'upstream.connection_limit');
+    assert.deepEqual(
+      warnings.map((e) => [e.connections, e.workerCount, e.reply]),
+      [[2, 5, '421 4.7.0 upstream.test Error: too many connections from 127.0.0.1']],
+    );
+    // the upstream takes three now: within a minute of the refusal relayq keeps to two, and tries no other
+    limited.limit.max = 3;
+    const refused = limited.limit.refused;
+    await deliverAll(10);
+    assert.equal(limited.limit.mostOpen, 2);
+    assert.equal(limited.limit.refused, refused);
+    clock.advance(60_000);
+    await deliverAll(10);
+    assert.equal(limited.limit.mostOpen, 3, 'a third connection, a minute later');
+    assert.equal(log.entries().filter((e) => e.event === 'upstream.connection_limit').length, 1, 'a limit warned of once');
+  } finally {
+    await relay.stop();
+    await limited.close();
+  }
+});
+
+test('an upstream that refuses every connection with 421 (none open): the batch is deferred, as a greeting refused', async () => {
+  const limited = await connectionLimitedUpstream(0);
+  const { relay, send } = await relayTo(limited.port, 3);
+  try {
+    const ids = [await send('a@example.com'), await send('b@example.com')];
+    await relay.delivery.runOnce();
+    for (const id of ids) {
+      assert.deepEqual(recipients(relay, id).map((r) => [r.status, r.last_code]), [['pending', 421]]);
+    }
+  } finally {
+    await relay.stop();
+    await limited.close();
+  }
 });
 
 /**
