@@ -542,6 +542,29 @@ describe('upstream AUTH and plain text', () => {
     assert.deepEqual(attemptLines(log), [[40, 'deferred', null]]);
   });
 
+  test('an upstream that offers AUTH with none of PLAIN, LOGIN, CRAM-MD5 (XOAUTH2 only) gets AUTH PLAIN, and its refusal defers the mail', async () => {
+    const mechanisms: string[] = [];
+    const upstream = await startScriptedUpstream({
+      authOptional: false,
+      allowInsecureAuth: true,
+      authMethods: ['XOAUTH2'],
+      onAuth(auth, _session, cb) {
+        mechanisms.push(auth.method);
+        cb(null, { user: auth.username });
+      },
+    });
+    cleanup.push(() => upstream.close());
+    const log = capturedLog();
+    const { relay, id } = await relayWithCredentials(upstream.port, log.logger);
+    await relay.delivery.runOnce();
+    assert.deepEqual(mechanisms, [], 'smtp-server refuses a mechanism it does not offer before its onAuth');
+    assert.equal(upstream.accepted.length, 0);
+    const [r] = recipients(relay, id);
+    assert.deepEqual([r.status, r.last_code, r.temporary], ['pending', 504, 1]);
+    assert.match(r.last_reply!, /^504 Error: Unrecognized authentication type/);
+    assert.deepEqual(attemptLines(log), [[40, 'deferred', 504]]);
+  });
+
   test('an upstream elsewhere that offers neither STARTTLS nor AUTH (a submission server with STARTTLS stripped) is deferred for the missing TLS', async () => {
     const upstream = await startScriptedUpstream({ disabledCommands: ['AUTH', 'STARTTLS'] });
     cleanup.push(() => upstream.close());
