@@ -26,6 +26,8 @@ export interface DeliveryView {
   holds(messageId: string): boolean;
   /** While delivery to an upstream found unreachable is suspended, when that ends (the clock's ms); else null. */
   suspendedUntil(): number | null;
+  /** Since when that upstream could not be reached: from `upstream.suspended` to `upstream.resumed`, across renewed suspensions; else null. */
+  unreachableSince(): number | null;
 }
 
 export interface ApiDeps {

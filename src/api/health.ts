@@ -176,6 +176,7 @@ export function healthRoutes(deps: ApiDeps) {
           last_failure: isoTime(upstream?.lastFailureAt),
           consecutive_failures: upstream?.consecutiveFailures ?? null,
           suspended_until: isoTime(deps.delivery.suspendedUntil()),
+          unreachable_since: isoTime(deps.delivery.unreachableSince()),
         },
         warnings: [...errors, ...degraded, ...deps.warnings],
       },

@@ -41,6 +41,7 @@ export function metricsRoutes(deps: ApiDeps) {
       store,
       upstream: upstreamView(store.upstream, deps.delivery),
       upstreamSuspendedUntil: deps.delivery.suspendedUntil(),
+      upstreamUnreachableSince: deps.delivery.unreachableSince(),
       queueSize: deps.config.queueSize,
       diskFreeMb: deps.disk.freeMb(),
       smtpListening: deps.intake.isListening,

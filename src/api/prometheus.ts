@@ -14,6 +14,7 @@ export interface MetricsSnapshot {
   upstream: UpstreamRecord;
   /** When a suspension of delivery to the upstream ends (the clock's ms); null when there is none. */
   upstreamSuspendedUntil: number | null;
+  upstreamUnreachableSince: number | null;
   queueSize: number;
   diskFreeMb: number;
   smtpListening: boolean;
@@ -129,6 +130,11 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
     'relayq_upstream_suspended_until_timestamp_seconds',
     'While delivery is suspended because the upstream could not be reached, when that ends (0 = not suspended).',
     (s.upstreamSuspendedUntil ?? 0) / 1000,
+  );
+  gauge(
+    'relayq_upstream_unreachable_since_timestamp_seconds',
+    'Since when the upstream could not be reached, across the suspensions renewed meanwhile and the gaps between them (0 = reached since, or never found unreachable).',
+    (s.upstreamUnreachableSince ?? 0) / 1000,
   );
   gauge('relayq_upstream_consecutive_failures', 'Attempts in a row that failed (delivered nothing, and not refused for good).', s.upstream.consecutiveFailures);
   gauge(

@@ -562,6 +562,11 @@ export class DeliveryEngine {
     return this.suspension?.until() ?? null;
   }
 
+  /** Since when the upstream could not be reached (the clock's ms; see UpstreamSuspension.unreachableSince); else null. */
+  unreachableSince(): number | null {
+    return this.suspension?.unreachableSince() ?? null;
+  }
+
   /** Waits for the outcome's commit, logs the attempt, and acts on a final state. */
   private async settle(claim: ClaimedBatch, sent: SentAttempt): Promise<void> {
     const { result, completion, durationMs } = sent;

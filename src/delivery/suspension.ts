@@ -95,6 +95,16 @@ export class UpstreamSuspension {
     return s.until;
   }
 
+  /**
+   * Since when the upstream could not be reached: from `upstream.suspended` to `upstream.resumed`,
+   * through the suspensions renewed meanwhile and the gaps between them (when until() is null
+   * until the next attempt finds the upstream still down); else null.
+   */
+  unreachableSince(): number | null {
+    this.until(); // an operator's request ends it
+    return this.state?.since ?? null;
+  }
+
   /** When an operator last made mail due (see `requested`); never when a database fault keeps it from being read. */
   private lastRequest(): number {
     try {

@@ -27,7 +27,7 @@ interface Health {
     queue_size_limit: number;
     database: string;
     smtp_listener: string;
-    upstream: { target: string; last_success: string | null; last_failure: string | null; consecutive_failures: number | null; suspended_until: string | null };
+    upstream: { target: string; last_success: string | null; last_failure: string | null; consecutive_failures: number | null; suspended_until: string | null; unreachable_since: string | null };
     warnings: string[];
   };
 }
@@ -75,7 +75,7 @@ describe('GET /health', () => {
       assert.equal(d.oldest_queued_age_seconds, 90);
       assert.equal(d.database, 'ok');
       assert.equal(d.smtp_listener, 'listening');
-      assert.deepEqual(d.upstream, { target: 'local', last_success: null, last_failure: null, consecutive_failures: 0, suspended_until: null });
+      assert.deepEqual(d.upstream, { target: 'local', last_success: null, last_failure: null, consecutive_failures: 0, suspended_until: null, unreachable_since: null });
       assert.deepEqual(d.warnings, ['loopback clients may send without AUTH']);
       // a monitor's query string is ignored, whatever it is
       for (const query of ['?ts=1733480000', '?%ZZ', '?a=1&a=2']) {

@@ -114,14 +114,16 @@ describe('delivery to an upstream that cannot be reached', () => {
     return { ...started, upstream, first };
   }
 
-  /** What /health (details.upstream.suspended_until) and the Prometheus gauge say of a suspension. */
-  async function suspendedUntil(relay: Relay): Promise<[unknown, number]> {
-    const health = await call<{ details: { upstream: { suspended_until: unknown } } }>(relay, '/health');
+  /** What /health (`details.upstream[field]`) and the Prometheus gauge `metric` say of a suspension or an outage. */
+  async function upstreamTime(relay: Relay, field: 'suspended_until' | 'unreachable_since', metric: string): Promise<[unknown, number]> {
+    const health = await call<{ details: { upstream: Record<string, unknown> } }>(relay, '/health');
     const metrics = await call<string>(relay, '/metrics?format=prometheus');
-    const gauge = /^relayq_upstream_suspended_until_timestamp_seconds (\S+)$/m.exec(metrics.body);
+    const gauge = new RegExp(`^${metric} (\\S+)$`, 'm').exec(metrics.body);
     assert.ok(gauge, 'the gauge is exposed');
-    return [health.body.details.upstream.suspended_until, Number(gauge[1])];
+    return [health.body.details.upstream[field], Number(gauge[1])];
   }
+  const suspendedUntil = (relay: Relay) => upstreamTime(relay, 'suspended_until', 'relayq_upstream_suspended_until_timestamp_seconds');
+  const unreachableSince = (relay: Relay) => upstreamTime(relay, 'unreachable_since', 'relayq_upstream_unreachable_since_timestamp_seconds');
 
   const events = (log: ReturnType<typeof capturedLog>, event: string) => log.entries().filter((e) => e.event === event);
 
@@ -165,6 +167,8 @@ describe('delivery to an upstream that cannot be reached', () => {
     const { clock, relay, log, upstream, first: a } = await suspendedRelay();
     assert.match(attempts(relay, a)[0].reply ?? '', /ECONNREFUSED/);
     assert.deepEqual(await suspendedUntil(relay), [new Date(clock.now() + 9000).toISOString(), (clock.now() + 9000) / 1000]);
+    const outage = [new Date(clock.now()).toISOString(), clock.now() / 1000];
+    assert.deepEqual(await unreachableSince(relay), outage);
     // /health's warning says that the run of failures counts deferrals without a connection
     await queue(relay);
     await queue(relay);
@@ -180,12 +184,16 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(upstream.rcpts.length, 0);
 
     clock.advance(9000);
+    // the suspension is over, and no attempt has reached the upstream yet: the outage goes on
+    assert.deepEqual(await suspendedUntil(relay), [null, 0]);
+    assert.deepEqual(await unreachableSince(relay), outage);
     const c = await queue(relay);
     await relay.delivery.runOnce();
     assert.equal(message(relay, c).state, 'delivered');
     const [resumed] = events(log, 'upstream.resumed');
     assert.deepEqual([resumed.by, resumed.suspendedMs], ['reached', 9000]);
     assert.deepEqual(await suspendedUntil(relay), [null, 0]);
+    assert.deepEqual(await unreachableSince(relay), [null, 0]);
     clock.advance(1000);
     await relay.delivery.runOnce();
     assert.deepEqual([message(relay, a).state, message(relay, b).state], ['delivered', 'delivered']);
@@ -458,6 +466,7 @@ describe('delivery to an upstream that cannot be reached', () => {
       const [resumed] = events(log, 'upstream.resumed');
       assert.equal(resumed.by, 'operator');
       assert.deepEqual(await suspendedUntil(relay), [null, 0]);
+      assert.deepEqual(await unreachableSince(relay), [null, 0]);
     });
   }
 
