@@ -128,12 +128,12 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
   gauge('relayq_queue_size_limit_messages', 'The queueSize setting (0 = unlimited).', s.queueSize);
   gauge(
     'relayq_upstream_suspended_until_timestamp_seconds',
-    'While delivery is suspended because the upstream could not be reached, when that ends (0 = not suspended).',
+    'While delivery is suspended because the upstream could not be reached or refused the session, when that ends (0 = not suspended).',
     (s.upstreamSuspendedUntil ?? 0) / 1000,
   );
   gauge(
     'relayq_upstream_unreachable_since_timestamp_seconds',
-    'Since when the upstream could not be reached, across the suspensions renewed meanwhile and the gaps between them (0 = reached since, or never found unreachable).',
+    'Since when the upstream could not be reached or refused the session, across the suspensions renewed meanwhile and the gaps between them (0 = reached since, or never found unreachable).',
     (s.upstreamUnreachableSince ?? 0) / 1000,
   );
   gauge('relayq_upstream_consecutive_failures', 'Attempts in a row that failed (delivered nothing, and not refused for good).', s.upstream.consecutiveFailures);

@@ -1,7 +1,8 @@
-// Postfix's dead host: an upstream that could not be reached suspends delivery to it for a while,
-// and the batches that come due meanwhile are deferred without a connection attempt. With an
-// upstream that lets connections hang, each attempt would otherwise cost its whole connection
-// timeout, and the queue would fall behind its retry schedule.
+// Postfix's dead host: an upstream that could not be reached, or refused the session (its
+// greeting, relayq's login), suspends delivery to it for a while, and the batches that come due
+// meanwhile are deferred without a connection attempt. With an upstream that lets connections
+// hang, each attempt would otherwise cost its whole connection timeout, and the queue would fall
+// behind its retry schedule; one that refuses the login would get a failed login from each.
 import { performance } from 'node:perf_hooks';
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
@@ -161,7 +162,7 @@ export class UpstreamSuspension {
     if (since !== undefined) return;
     this.log.warn(
       { event: 'upstream.suspended', upstream: this.upstream, reply: result.reply, forMs: this.durationMs },
-      'the upstream could not be reached: delivery is suspended, and batches that come due meanwhile are deferred without a connection attempt',
+      'the upstream could not be reached, or refused the session: delivery is suspended, and batches that come due meanwhile are deferred without a connection attempt',
     );
   }
 

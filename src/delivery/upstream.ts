@@ -127,7 +127,7 @@ type UpstreamError = SMTPConnection.SMTPError & {
   ownRefusal?: boolean;
   /** A setting of relayq's and the upstream disagree (BatchResult.settingFault). */
   settingFault?: boolean;
-  /** No session could be set up, and no reply told why (see unreachable). */
+  /** No session could be set up: the upstream could not be reached, or refused the session (see unreachable, refusedSession). */
   unreachable?: boolean;
   /** The connection failed in its STARTTLS handshake (see connect). */
   inHandshake?: boolean;
@@ -144,6 +144,18 @@ const NETWORK_ERROR_CODES = new Set(['ECONNECTION', 'ESOCKET', 'ETIMEDOUT', 'EDN
  */
 function unreachable(err: UpstreamError): boolean {
   return NETWORK_ERROR_CODES.has(String(err.code)) && err.responseCode === undefined && err.settingFault !== true && openSslCode(err) === undefined;
+}
+
+/**
+ * A new connection the upstream refused a session on: its greeting was a refusal (`421`, `554`:
+ * Postfix's "host refused to talk to me"), or it refused relayq's login (Postfix's "SASL
+ * authentication failed"). Postfix suspends delivery to such a host as to one it cannot reach, and
+ * so does relayq: a wrong password is then not tried again for every batch that comes due, which a
+ * provider may take for password guessing and answer by locking the account.
+ */
+function refusedSession(err: UpstreamError): boolean {
+  const refusal = typeof err.responseCode === 'number' && err.responseCode >= 400 && err.responseCode < 600;
+  return refusal && (err.command === 'CONN' || err.code === 'EAUTH');
 }
 
 /** Resolves when `signal` aborts. */
@@ -821,7 +833,7 @@ export class SmtpUpstream {
         if (err) {
           connection.close();
           const e = err as UpstreamError;
-          if (!signal.aborted && unreachable(e)) e.unreachable = true;
+          if (!signal.aborted && (unreachable(e) || refusedSession(e))) e.unreachable = true;
           reject(e);
         } else {
           this.lastSetUpAt = performance.now();

@@ -163,6 +163,42 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(events(log, 'upstream.suspended').length, 1, 'a suspension renewed is not said again');
   });
 
+  test("an upstream that refuses the session, at its greeting or at relayq's login, suspends delivery as Postfix does: one session per suspension, not one per batch", async () => {
+    // a greeting that refuses (Postfix: "host refused to talk to me")
+    let greeted = 0;
+    const refusing = await tcpServer((socket) => {
+      greeted++;
+      socket.end('421 4.7.0 upstream.test busy, try again later\r\n');
+    });
+    // a login refused (Postfix: "SASL authentication failed"): a password rotated at the provider
+    const logins: string[] = [];
+    const authUpstream = await startScriptedUpstream({
+      authOptional: false,
+      allowInsecureAuth: true,
+      authMethods: ['PLAIN'],
+      onAuth(auth, _session, cb) {
+        logins.push(auth.username ?? '');
+        cb(Object.assign(new Error('5.7.8 Authentication credentials invalid'), { responseCode: 535 }));
+      },
+    });
+    cleanup.push(() => authUpstream.close());
+    for (const [port, overrides, sessions, reply] of [
+      [refusing, {}, () => greeted, /^421 4\.7\.0 upstream\.test busy/],
+      [authUpstream.port, { forwardUsername: 'relay', forwardPassword: 'rotated-at-the-provider' }, () => logins.length, /^535 5\.7\.8 Authentication credentials invalid/],
+    ] as const) {
+      const { relay, log } = await relayFor(port, { ...overrides, workerCount: 1 });
+      const ids = [await queue(relay), await queue(relay), await queue(relay)];
+      await relay.delivery.runOnce();
+      assert.equal(sessions(), 1, 'one session refused; the batches due meanwhile waited for the suspension to end');
+      const [first, ...others] = ids.map((id) => attempts(relay, id)[0].reply ?? '');
+      assert.match(first, reply);
+      for (const later of others) assert.equal(later, SUSPENDED + first);
+      const [suspended] = events(log, 'upstream.suspended');
+      assert.match(String(suspended.reply), reply);
+      assert.deepEqual(ids.map((id) => message(relay, id).state), ['queued', 'queued', 'queued']);
+    }
+  });
+
   test('refused connections suspend delivery; once past the suspension, the first attempt that reaches the upstream resumes it and the deferred mail goes at its retry', async () => {
     const { clock, relay, log, upstream, first: a } = await suspendedRelay();
     assert.match(attempts(relay, a)[0].reply ?? '', /ECONNREFUSED/);
