@@ -132,3 +132,19 @@ test("the rate-limit section's sqlite3 queries count what maxPerHour counts", as
     await relay.stop();
   }
 });
+
+test("the alert rules in the HTTP API section name only metrics a relay exposes", async () => {
+  const api = section('HTTP API');
+  const rules = /\*\*Alerting\.\*\*[\s\S]*?```yaml\n([\s\S]*?)```/.exec(api)?.[1];
+  assert.ok(rules, 'the section has its alert rules');
+  const named = new Set(rules.match(/\brelayq_\w+/g));
+  assert.ok(named.size >= 8, [...named].join(' '));
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  try {
+    const exposition = await (await fetch(`http://127.0.0.1:${relay.httpPort}/metrics?format=prometheus`)).text();
+    const exposed = new Set([...exposition.matchAll(/^# TYPE (\w+) /gm)].map((m) => m[1]));
+    assert.deepEqual([...named].filter((name) => !exposed.has(name)), []);
+  } finally {
+    await relay.stop();
+  }
+});
