@@ -102,6 +102,18 @@ describe('upstream faults', () => {
    * An upstream that holds its reply to DATA until `accept()`, and a relay (manual clock, a 60 s
    * lease) whose warnings are captured.
    */
+  /**
+   * A running relay whose one message is at the upstream, waiting for `accept()`, while another
+   * process holds the database's write lock (the relay's busy timeout cut to 100 ms), so that the
+   * outcome's commit fails until `lock.release()`.
+   */
+  async function outcomeAgainstHeldLock(shutdownGraceMs: number) {
+    const setup = await gatedSetup({ startDelivery: true, shutdownGraceMs });
+    const id = await queue(setup.relay, RCPTS);
+    await waitFor(() => setup.upstream.transactions.length === 1, 10_000, 'DATA at the upstream');
+    return { ...setup, id, lock: await holdWriteLock(setup.relay, 100) };
+  }
+
   async function gatedSetup(options: { startDelivery: boolean; processingTimeout?: number; shutdownGraceMs?: number }) {
     const upstream = await startMisbehavingUpstream();
     cleanup.push(() => upstream.close());
@@ -473,10 +485,7 @@ describe('upstream faults', () => {
 
   test('at shutdown an outcome waiting to be committed again is tried at once, not released to go out a second time', async () => {
     // the grace period and the wait for released attempts after it (1 s) end before the next try
-    const { upstream, log, relay, accept } = await gatedSetup({ startDelivery: true, shutdownGraceMs: 1000 });
-    const id = await queue(relay, RCPTS);
-    await waitFor(() => upstream.transactions.length === 1, 10_000, 'DATA at the upstream');
-    const lock = await holdWriteLock(relay, 100);
+    const { upstream, log, relay, accept, id, lock } = await outcomeAgainstHeldLock(1000);
     try {
       accept();
       // the outcome's commit failed five times: its next try is 3.2 s away, far past the grace period
@@ -498,6 +507,31 @@ describe('upstream faults', () => {
     assert.equal(upstream.transactions.length, 1);
     const events = log.entries().map((e) => e.event);
     assert.ok(!events.includes('delivery.released') && !events.includes('delivery.commit_failed'), events.join(' '));
+  });
+
+  test('at shutdown an outcome whose commit still fails when the grace period ends is given up and said so, not tried again after the stop', async () => {
+    // another process holds the write lock through the whole stop
+    const { log, relay, accept, id, lock } = await outcomeAgainstHeldLock(500);
+    try {
+      accept();
+      await waitFor(() => log.entries().some((e) => e.event === 'delivery.commit_retry'), 10_000, 'a retried outcome commit');
+      await relay.stop();
+      const events = log.entries().map((e) => e.event);
+      assert.ok(log.entries().some((e) => e.event === 'delivery.commit_failed' && e.queueId === id), events.join(' '));
+      const retries = () => log.entries().filter((e) => e.event === 'delivery.commit_retry').length;
+      const atStop = retries();
+      await sleep(3000);
+      assert.equal(retries(), atStop, 'no outcome commit is tried after the stop');
+    } finally {
+      await lock.release().catch(() => {}); // the writer is closed: only its busy_timeout cannot be set back
+    }
+    // the batch stays claimed, for the next start to send again (at least once), not half recorded
+    const db = new Database(relay.config.databasePath, { readonly: true });
+    try {
+      assert.equal(db.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(id), 'sending');
+    } finally {
+      db.close();
+    }
   });
 
   test('a fault that outlasts retry.maxAttempts → failed (temporary) and exported, nothing left queued', async () => {
