@@ -982,6 +982,42 @@ describe('per-recipient outcomes', () => {
     assert.ok(fs.existsSync(path.join(dir, `${retried}.json`)), 'retried mail keeps its export until it is delivered');
   });
 
+  test('an export overtaken by a further failure at each of its first two writes is written a third time, of the last failure', async () => {
+    const { config } = await refusingUpstream();
+    const relay = await startTestRelay(config, { startDelivery: false });
+    cleanup.push(() => relay.stop());
+    const id = await queue(relay, ['thrice@example.com']);
+    await relay.delivery.runOnce();
+    const dir = path.join(config.emailsDir, 'failed');
+    // Another connection records a further failure right after each of the export's first two
+    // reads of the message (each in a transaction of its own), as two retries that failed again
+    // while it was written would.
+    const other = new Database(config.databasePath);
+    let reads = 0;
+    const sqlite = new Proxy(relay.store.sqlite, {
+      get(target, key) {
+        const value = Reflect.get(target, key, target);
+        if (key !== 'transaction') return typeof value === 'function' ? value.bind(target) : value;
+        return (fn: () => unknown) => {
+          const run = target.transaction(fn);
+          return () => {
+            const result = run();
+            if (++reads <= 2) other.prepare('UPDATE messages SET finished_at = finished_at + 60000, last_error = ? WHERE id = ?').run(`failed again ${reads}`, id);
+            return result;
+          };
+        };
+      },
+    });
+    try {
+      assert.equal(await exportFailedMessage(sqlite, dir, id, Date.now()), path.join(dir, `${id}.json`));
+    } finally {
+      other.close();
+    }
+    assert.equal(reads, 3, 'written three times');
+    const written = JSON.parse(fs.readFileSync(path.join(dir, `${id}.json`), 'utf8'));
+    assert.deepEqual([written.failedAt, written.lastError], [new Date(message(relay, id).finished_at!).toISOString(), 'failed again 2'], 'the export of the last failure');
+  });
+
   test('continueOnError=false: a permanently refused batch stops the later batches, whose recipients fail saying why', async () => {
     const log = capturedLog('info');
     const { clock, relay, upstream } = await setup({ batchSize: 2, batchDelay: 0, continueOnError: false }, log.logger);
