@@ -449,6 +449,8 @@ export class SmtpUpstream {
   private warnedLimit: number;
   /** Attempts waiting for a connection to come back to the pool or end (idleConnection). */
   private waiters: Array<() => void> = [];
+  /** performance.now() when a connection the upstream had taken last said QUIT or ended: the upstream may count it a moment longer. */
+  private lastEndedAt = Number.NEGATIVE_INFINITY;
   private closed = false;
   private readonly log: Logger;
   private readonly maxMessageSize: number;
@@ -615,13 +617,23 @@ export class SmtpUpstream {
    * The pool keeps to as many connections as work, and tries one more after LIMIT_RAISE_MS
    * without such a refusal (raiseLimit), as Postfix's concurrency feedback lowers and raises its
    * number of sessions. Connections being set up meanwhile are waited for first: attempts that
-   * start together learn together which of them the upstream took.
+   * start together learn together which of them the upstream took. With none open, a refusal
+   * within QUIT_WAIT_MS of relayq's closing a connection it had set up is waited out and the
+   * connection tried once more: the upstream may count the closed one until it sees it close.
    */
   private async atConnectionLimit(err: UpstreamError, signal: AbortSignal): Promise<boolean> {
     if (err.responseCode !== 421 || signal.aborted) return false;
     if (this.settingUp.size > 0) await Promise.race([Promise.allSettled(this.settingUp), whenAborted(signal)]);
     const working = [...this.open].filter((c) => this.ready.has(c)).length;
-    if (working === 0 || signal.aborted) return false;
+    if (signal.aborted) return false;
+    if (working === 0) {
+      // none open: the refusal may be for relayq's own connection that just said QUIT or ended
+      // (the upstream counts it until it sees the close): tried again once that is past
+      const wait = this.lastEndedAt + QUIT_WAIT_MS - performance.now();
+      if (wait <= 0) return false;
+      await Promise.race([new Promise((resolve) => setTimeout(resolve, wait).unref()), whenAborted(signal)]);
+      return !signal.aborted;
+    }
     this.limitedAt = this.now();
     this.limit = Math.min(this.limit, working);
     if (working < this.warnedLimit) {
@@ -850,6 +862,7 @@ export class SmtpUpstream {
         settle(withCertificateHint(this.options.secure ? withTlsHint(err, true) : withImplicitTlsHint(withTlsHint(err, false))));
       });
       connection.once('end', () => {
+        if (this.open.has(connection) && this.ready.has(connection)) this.lastEndedAt = performance.now();
         this.forget(connection);
         this.open.delete(connection);
         this.poolChanged();
@@ -972,6 +985,7 @@ export class SmtpUpstream {
    * drops a cached connection; an upstream that does not answer within QUIT_WAIT_MS is cut off.
    */
   private quit(connection: SMTPConnection): void {
+    this.lastEndedAt = performance.now();
     this.forget(connection);
     this.open.delete(connection);
     this.poolChanged();

@@ -142,11 +142,12 @@ describe('upstream connection pool', () => {
 
 /**
  * An upstream that takes at most `limit.max` connections at once, as Postfix's
- * smtpd_client_connection_count_limit does: a proxy to a scripted upstream that greets the one
- * over it with `421 4.7.0` and closes it. Counts the refused ones and the most open at once.
+ * smtpd_client_connection_count_limit does: a proxy to a scripted upstream (with `options`) that
+ * greets the one over it with `421 4.7.0` and closes it. A connection counts until the proxy
+ * sees it close, a moment after relayq's QUIT or close. Counts the refused ones and the most open at once.
  */
-async function connectionLimitedUpstream(max: number) {
-  const upstream = await startScriptedUpstream();
+async function connectionLimitedUpstream(max: number, options: Partial<SMTPServerOptions> = {}) {
+  const upstream = await startScriptedUpstream(options);
   const limit = { max, open: 0, mostOpen: 0, refused: 0 };
   const sockets = new Set<net.Socket>();
   const proxy = net.createServer((client) => {
@@ -208,6 +209,57 @@ test('an upstream that takes fewer connections than workerCount (421 to the othe
     await deliverAll(10);
     assert.equal(limited.limit.mostOpen, 3, 'a third connection, a minute later');
     assert.equal(log.entries().filter((e) => e.event === 'upstream.connection_limit').length, 1, 'a limit warned of once');
+  } finally {
+    await relay.stop();
+    await limited.close();
+  }
+});
+
+for (const workerCount of [1, 2]) {
+  test(`workerCount ${workerCount}, the upstream's limit of connections: a connection replaced at the reuse limit, which the upstream still counts for a moment, defers and suspends nothing`, async () => {
+    const limited = await connectionLimitedUpstream(workerCount);
+    const { relay, send } = await relayTo(limited.port, workerCount);
+    const clock = relay.clock as ManualClock;
+    const deliverAll = async (tag: string) => {
+      const ids = [];
+      for (let i = 0; i < workerCount; i++) ids.push(await send(`${tag}${i}@example.com`));
+      await relay.delivery.runOnce();
+      return ids.map((id) => attempts(relay, id).map((a) => a.outcome));
+    };
+    try {
+      assert.deepEqual(await deliverAll('a'), Array(workerCount).fill(['delivered']));
+      clock.advance(300_000); // past the reuse limit: the next attempts say QUIT and open new connections
+      assert.deepEqual(await deliverAll('b'), Array(workerCount).fill(['delivered']));
+      assert.deepEqual(await deliverAll('c'), Array(workerCount).fill(['delivered']));
+      assert.equal(limited.limit.mostOpen, workerCount);
+    } finally {
+      await relay.stop();
+      await limited.close();
+    }
+  });
+}
+
+test("an upstream that takes one connection and one message on it (421 to the next MAIL): each message goes on a new connection, though the upstream still counts the old one for a moment", async () => {
+  const transactions = new Map<string, number>();
+  const limited = await connectionLimitedUpstream(1, {
+    onMailFrom(_address, session, cb) {
+      const n = (transactions.get(session.id) ?? 0) + 1;
+      transactions.set(session.id, n);
+      if (n > 1) return cb(Object.assign(new Error('4.7.0 too many messages on this connection'), { responseCode: 421 }));
+      cb();
+    },
+  });
+  const { relay, send } = await relayTo(limited.port, 1);
+  try {
+    const ids = [];
+    for (const to of ['a', 'b', 'c']) {
+      ids.push(await send(`${to}@example.com`));
+      await relay.delivery.runOnce();
+    }
+    assert.deepEqual(
+      ids.map((id) => attempts(relay, id).map((a) => a.outcome)),
+      ids.map(() => ['delivered']),
+    );
   } finally {
     await relay.stop();
     await limited.close();
