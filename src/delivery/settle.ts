@@ -1,5 +1,11 @@
 // Bounded waits of the shutdown: for in-flight attempts (the engine) and for upstream sessions
 // still being answered (the pool). Each waited-for promise leaves its collection when it settles.
+// And the end of an attempt's wait: its abort.
+
+/** Resolves when `signal` aborts. */
+export function whenAborted(signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+}
 
 /**
  * Waits until every task settled (including ones added meanwhile) or `ms` passed. `tasks` is a

@@ -8,6 +8,7 @@ import type { Logger } from 'pino';
 import type { Clock } from '../clock.js';
 import { type BatchResult, uniformResult } from './outcomes.js';
 import { backoffDelayMs, type RetrySettings } from './retry-policy.js';
+import { whenAborted } from './settle.js';
 
 /** The longest suspension. */
 const MAX_MS = 60_000;
@@ -70,7 +71,7 @@ export class UpstreamSuspension {
   async judged(signal: AbortSignal): Promise<void> {
     let aborted: Promise<void> | undefined;
     while (this.verdict && !signal.aborted) {
-      aborted ??= new Promise((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+      aborted ??= whenAborted(signal);
       await Promise.race([this.verdict, aborted]);
     }
   }

@@ -31,7 +31,7 @@ import {
   upgrading,
 } from './nodemailer-internals.js';
 import { type BatchResult, classifyUpstreamError, openSslCode, resultFromNodemailer, uniformResult } from './outcomes.js';
-import { settleWithin } from './settle.js';
+import { settleWithin, whenAborted } from './settle.js';
 
 export interface UpstreamSettings {
   host: string;
@@ -156,11 +156,6 @@ function unreachable(err: UpstreamError): boolean {
 function refusedSession(err: UpstreamError): boolean {
   const refusal = typeof err.responseCode === 'number' && err.responseCode >= 400 && err.responseCode < 600;
   return refusal && (err.command === 'CONN' || err.code === 'EAUTH');
-}
-
-/** Resolves when `signal` aborts. */
-function whenAborted(signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
 }
 
 function abortError(signal: AbortSignal): Error {
