@@ -333,8 +333,9 @@ export class SmtpIntake {
 
   /**
    * At most once a minute, at warn: how many connections the connection limits turned away since
-   * the last line (the first of a flood at once; those after it with the next one turned away a
-   * minute later, or at the stop: `final`). Each also has its smtp.session line, at info.
+   * the last line (the first of a flood at once; those after it with the next connection, turned
+   * away or let in, a minute later, or at the stop: `final`). Each also has its smtp.session line,
+   * at info.
    */
   private noteConnectionLimit(final = false): void {
     const now = this.deps.clock.now();
@@ -472,6 +473,8 @@ export class SmtpIntake {
       this.refusedByConnectionLimit();
       return cb(reply(421, `4.7.0 Too many connections from ${client}, try again later`));
     }
+    // the refusals not yet told of are told at the first connection let in a minute after the last line
+    if (this.connectionLimitRefusals !== this.connectionLimitLogged.count) this.noteConnectionLimit();
     cb();
   }
 

@@ -514,7 +514,7 @@ describe('connection flood', () => {
     }
   });
 
-  test('more than maxConnections at once → 421 4.7.0 for the extra ones, counted and logged at most once a minute; the admitted ones keep working', async () => {
+  test('more than maxConnections at once → 421 4.7.0 for the extra ones, counted and logged at most once a minute (the rest with the next connection a minute on, or at the stop); the admitted ones keep working', async () => {
     const clock = new ManualClock();
     const { logger, entries } = capturedLog('info');
     const relay = await startTestRelay({ maxConnections: 3 }, { ...INTAKE_ONLY, clock, logger });
@@ -567,12 +567,24 @@ describe('connection flood', () => {
       for (const c of others) c.close();
       await waitFor(() => relay.intake.server.connections.size === 0, 10_000, 'connections to close');
       await assertStillServing(relay);
+      assert.equal(limitLines().length, 2, 'a connection let in within the minute tells nothing');
+      clock.advance(60_000);
+      // a minute on, the next connection let in tells of those left unsaid
+      await assertStillServing(relay);
+      assert.deepEqual(
+        limitLines().map((e) => e.refused),
+        [1, 21, 2],
+      );
+      const full = await Promise.all([1, 2, 3].map(() => SmtpClient.connect(relay.smtpPort)));
+      for (const c of full) assert.match(await c.read(), /^220 /);
+      await turnedAway(1);
+      for (const c of full) c.close();
       // the stop says what is left unsaid
       await relay.stop();
       stopped = true;
       assert.deepEqual(
         limitLines().map((e) => e.refused),
-        [1, 21, 2],
+        [1, 21, 2, 1],
       );
     } finally {
       if (!stopped) await relay.stop();
