@@ -99,7 +99,7 @@ export async function renderExposition(s: MetricsSnapshot, format: ExpositionFor
   refusals.inc({ reason: 'disk_low' }, m.diskLowRefusals);
   const attempts = new Counter({
     name: 'relayq_delivery_attempts_total',
-    help: 'Upstream transactions (one per recipient batch), by outcome.',
+    help: 'Delivery attempts, one per try of a recipient batch (several upstream transactions when the upstream takes fewer recipients per transaction, none while delivery is suspended), by outcome.',
     labelNames: ['outcome'],
     registers,
   });
