@@ -8,7 +8,7 @@ import type tls from 'node:tls';
 import type { Logger } from 'pino';
 import { type Clock, isoTime } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import { lastDeliveryRequest } from '../store/admin.js';
+import { dueAfterOutageInSteps, lastDeliveryRequest } from '../store/admin.js';
 import type { Sqlite } from '../store/db.js';
 import type { UpstreamRecord } from '../store/queries.js';
 import type { AttemptOutcome, RecipientStatus } from '../store/schema.js';
@@ -207,7 +207,15 @@ export class DeliveryEngine {
         })
       : undefined;
     this.suspension =
-      this.upstream && new UpstreamSuspension(this.upstream, suspensionMs(this.config.retry), deps.clock, this.log, () => lastDeliveryRequest(deps.sqlite));
+      this.upstream &&
+      new UpstreamSuspension(
+        this.upstream,
+        suspensionMs(this.config.retry),
+        deps.clock,
+        this.log,
+        () => lastDeliveryRequest(deps.sqlite),
+        () => this.track(this.dueAfterOutage()),
+      );
   }
 
   get upstreamLabel(): string {
@@ -625,6 +633,24 @@ export class DeliveryEngine {
       this.log.error({ event: 'delivery.release_failed', err: err.message }, 'releasing claims failed: the next start takes them back');
       return 0;
     });
+  }
+
+  /**
+   * An attempt reached the upstream after an outage: the mail waiting for its retry is made due at
+   * once, as `relayq retry --queued` would, instead of each message waiting out its backoff (up to
+   * retry.maxDelay) while it, and with a full queue the new mail refused with 452, could go.
+   */
+  private async dueAfterOutage(): Promise<void> {
+    const now = this.deps.clock.now();
+    const count = await dueAfterOutageInSteps(
+      this.deps.sqlite,
+      now,
+      (ids) => this.deps.writer.write('makeDue', ids, now, this.config.batchDelay),
+      () => this.stopping,
+    );
+    if (count === 0) return;
+    this.log.info({ event: 'delivery.due_after_outage', count }, 'the upstream was reached again: the mail waiting for a retry is due now');
+    this.wake();
   }
 
   /** Sends the batch upstream (or writes it locally), aborted after `budgetMs`. */

@@ -49,6 +49,8 @@ export class UpstreamSuspension {
   private lastReachedAt = Number.NEGATIVE_INFINITY;
   /** A failure to reach the upstream waits to be judged until the connections being set up with it are. */
   private verdict: Promise<void> | undefined;
+  /** An attempt found the upstream unreachable, and none has reached it since (an operator's request may have ended the suspension meanwhile). */
+  private outage = false;
   private stopped = false;
   private readonly upstream: string;
 
@@ -59,6 +61,8 @@ export class UpstreamSuspension {
     private readonly log: Logger,
     /** When an operator last made mail due, the clock's ms (lastDeliveryRequest: the admin API, `relayq retry`). */
     private readonly requested: () => number,
+    /** An attempt reached the upstream after an outage (see `outage`). */
+    private readonly reachedAgain: () => void = () => {},
   ) {
     this.upstream = reach.label;
   }
@@ -136,6 +140,10 @@ export class UpstreamSuspension {
     if (!result.unreachable) {
       this.lastReachedAt = performance.now();
       this.end('reached');
+      if (this.outage && !this.stopped) {
+        this.outage = false;
+        this.reachedAgain();
+      }
       return;
     }
     const settled = this.reach.setupsSettled();
@@ -160,6 +168,7 @@ export class UpstreamSuspension {
     const now = this.clock.now();
     const since = this.state?.since;
     this.state = { since: since ?? now, renewedAt: now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };
+    this.outage = true;
     if (since !== undefined) return;
     this.log.warn(
       { event: 'upstream.suspended', upstream: this.upstream, reply: result.reply, forMs: this.durationMs },

@@ -202,6 +202,38 @@ export function flushQueued(sqlite: Sqlite, ids: string[], now: number, batchDel
   return dueNow;
 }
 
+/** One step of dueAfterOutageInSteps: those of `ids` still queued become due now, with no operator's request noted. Returns how many. */
+export function makeDue(sqlite: Sqlite, ids: string[], now: number, batchDelayMs: number): number {
+  return ids.filter((id) => queuedDueNow(sqlite, id, now, batchDelayMs)).length;
+}
+
+/**
+ * Makes due now, in writes of at most ADMIN_STEP messages, the queued mail that waits for a time
+ * after `now` (a retry's backoff, or batchDelay after its last batch, which stays): the relay's
+ * own `relayq retry --queued` once the upstream is reached after an outage. Read in
+ * (next_attempt_at, rowid) order through the messages_due index, past each page as it is written.
+ * `write` runs makeDue for one step; resolves with how many were made due (before `stopped`).
+ */
+export async function dueAfterOutageInSteps(reader: Sqlite, now: number, write: (ids: string[]) => Promise<number>, stopped: () => boolean): Promise<number> {
+  const page = prepared(
+    reader,
+    `SELECT id, next_attempt_at AS at, rowid FROM messages INDEXED BY messages_due
+     WHERE state = 'queued' AND next_attempt_at >= @at AND (next_attempt_at > @at OR rowid > @rowid)
+     ORDER BY next_attempt_at, rowid LIMIT ${ADMIN_STEP}`,
+  );
+  // first those due after now, then those after the last row of each page
+  let cursor = { at: now, rowid: Number.MAX_SAFE_INTEGER };
+  let changed = 0;
+  while (!stopped()) {
+    const rows = page.all(cursor) as Array<{ id: string; at: number; rowid: number }>;
+    if (rows.length === 0) break;
+    changed += await write(rows.map((r) => r.id));
+    const last = rows[rows.length - 1];
+    cursor = { at: last.at, rowid: last.rowid };
+  }
+  return changed;
+}
+
 /**
  * An operator's request that made mail due (retryMessage, requeueFailed, flushQueued: the admin
  * API's or `relayq retry`'s, another process) writes its time (`now`, one for all the steps of a

@@ -232,7 +232,7 @@ describe('admin: requeue failed mail', () => {
 });
 
 describe('admin: make queued mail due now', () => {
-  test('retry-queued after an upstream outage sends the deferred mail at once (postqueue -f); sender narrows it', async () => {
+  test('retry-queued after an upstream outage sends the deferred mail at once (postqueue -f); sender narrows it, and the attempt that reaches the upstream makes the rest due', async () => {
     const clock = new ManualClock();
     const outage = await upstreamOutage();
     const log = capturedLog('info');
@@ -251,10 +251,9 @@ describe('admin: make queued mail due now', () => {
       assert.equal(await dueAt(b1), new Date(clock.now()).toISOString());
       assert.ok(Date.parse(await dueAt(a1)) > clock.now(), 'another sender still waits');
       await relay.delivery.runOnce();
-      assert.deepEqual(upstream.received.map((m) => m.to[0]), ['z@example.com']);
-
-      const rest = await call(relay, '/admin/retry-queued', { method: 'POST' });
-      assert.deepEqual([rest.status, rest.body], [200, { due_now: 1 }]);
+      assert.equal(upstream.received[0].to[0], 'z@example.com');
+      // the attempt that reached the upstream again makes the rest due: the relay's own retry-queued
+      await waitFor(() => log.entries().some((e) => e.event === 'delivery.due_after_outage'), 10_000, 'the rest to be made due');
       await relay.delivery.runOnce();
       assert.deepEqual(upstream.received.map((m) => m.to[0]).sort(), ['x@example.com', 'z@example.com']);
       assert.deepEqual((await call(relay, '/admin/retry-queued', { method: 'POST' })).body, { due_now: 0 }, 'nothing queued any more');
@@ -262,7 +261,6 @@ describe('admin: make queued mail due now', () => {
         log.entries().filter((e) => e.event === 'api.admin').map((e) => [e.action, e.filter, e.dueNow]),
         [
           ['retry-queued', { sender: 'b@example.com' }, 1],
-          ['retry-queued', {}, 1],
           ['retry-queued', {}, 0],
         ],
       );

@@ -199,7 +199,7 @@ describe('delivery to an upstream that cannot be reached', () => {
     }
   });
 
-  test('refused connections suspend delivery; once past the suspension, the first attempt that reaches the upstream resumes it and the deferred mail goes at its retry', async () => {
+  test('refused connections suspend delivery; once past the suspension, the first attempt that reaches the upstream resumes it, and the mail waiting for a retry is due at once', async () => {
     const { clock, relay, log, upstream, first: a } = await suspendedRelay();
     assert.match(attempts(relay, a)[0].reply ?? '', /ECONNREFUSED/);
     assert.deepEqual(await suspendedUntil(relay), [new Date(clock.now() + 9000).toISOString(), (clock.now() + 9000) / 1000]);
@@ -230,9 +230,12 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.deepEqual([resumed.by, resumed.suspendedMs], ['reached', 9000]);
     assert.deepEqual(await suspendedUntil(relay), [null, 0]);
     assert.deepEqual(await unreachableSince(relay), [null, 0]);
-    clock.advance(1000);
+    // a, b and the two sent for the warning wait for their retries no longer: due at once, the clock unmoved
+    await waitFor(() => events(log, 'delivery.due_after_outage').length === 1, 10_000, 'the deferred mail to be made due');
+    assert.equal(events(log, 'delivery.due_after_outage')[0].count, 4);
     await relay.delivery.runOnce();
     assert.deepEqual([message(relay, a).state, message(relay, b).state], ['delivered', 'delivered']);
+    assert.equal(upstream.rcpts.length, 5);
   });
 
   test('one connection that fails while another reaches the upstream suspends nothing', async () => {
@@ -261,6 +264,9 @@ describe('delivery to an upstream that cannot be reached', () => {
     const next = await queue(relay);
     await relay.delivery.runOnce();
     assert.equal(message(relay, next).state, 'delivered', 'tried at once');
+    // no outage ended: the mail waiting for its retry keeps waiting
+    assert.equal(events(log, 'delivery.due_after_outage').length, 0);
+    assert.equal(message(relay, ids.find((id) => message(relay, id).state === 'queued') ?? '').state, 'queued');
   });
 
   test('one connection that fails while another attempt is in a transaction with the upstream suspends nothing', async () => {
@@ -540,6 +546,25 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(message(relay, b).state, 'queued');
     assert.equal(attempts(relay, b)[0].reply?.startsWith(SUSPENDED), true);
     assert.equal(events(log, 'upstream.resumed').length, 0);
+  });
+
+  test("after an operator's request for one message ended the suspension, the attempt that reaches the upstream makes the other mail waiting for a retry due at once", async () => {
+    const { relay, log, upstream, first: a } = await suspendedRelay({ batchDelay: 0, retry: { initialDelay: 60 } });
+    const b = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(attempts(relay, b)[0].reply?.startsWith(SUSPENDED), true);
+    await upstream.comeBack();
+    assert.deepEqual((await call(relay, `/admin/messages/${a}/retry`, { method: 'POST' })).body, { id: a, result: 'due-now' });
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, a).state, 'delivered');
+    assert.deepEqual(
+      events(log, 'upstream.resumed').map((e) => e.by),
+      ['operator'],
+    );
+    await waitFor(() => events(log, 'delivery.due_after_outage').length === 1, 10_000, 'the rest to be made due');
+    assert.equal(events(log, 'delivery.due_after_outage')[0].count, 1);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, b).state, 'delivered');
   });
 
   test('a request ends one suspension at most: the next, begun after it, holds', async () => {
