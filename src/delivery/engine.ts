@@ -168,6 +168,8 @@ export class DeliveryEngine {
   private claimFault: { since: number; err: string; tries: number } | null = null;
   /** Delivery to the upstream suspended while it cannot be reached; none for local delivery. */
   private readonly suspension: UpstreamSuspension | undefined;
+  /** Aborted when the stop begins: a probe of the upstream (probeUpstream) ends with it. */
+  private readonly stopAbort = new AbortController();
   private readonly stats = {
     lastSuccessAt: null as number | null,
     lastFailureAt: null as number | null,
@@ -302,6 +304,7 @@ export class DeliveryEngine {
     if (this.stopping) return;
     this.stopping = true;
     this.running = false;
+    this.stopAbort.abort(new Error('aborted: relayq is shutting down'));
     if (this.poll) clearInterval(this.poll);
     clearTimeout(this.tempSweep);
     this.inFlow.setEnabled(false);
@@ -357,6 +360,16 @@ export class DeliveryEngine {
       this.notePacing(now);
     }
     this.pump();
+    // nothing claimed or in flight: after a suspension, a probe finds out whether the upstream is back
+    if (this.busySlots === 0) this.probeUpstream();
+  }
+
+  /** A dead host probe when one is due (UpstreamSuspension.probe): a connection without a transaction. */
+  private probeUpstream(): void {
+    const { upstream, suspension } = this;
+    if (!upstream || !suspension) return;
+    const probing = suspension.probe(() => upstream.probe(this.stopAbort.signal));
+    if (probing) this.track(probing);
   }
 
   /**

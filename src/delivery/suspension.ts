@@ -51,6 +51,8 @@ export class UpstreamSuspension {
   private verdict: Promise<void> | undefined;
   /** An attempt found the upstream unreachable, and none has reached it since (an operator's request may have ended the suspension meanwhile). */
   private outage = false;
+  /** A probe (see probe) is under way. */
+  private probing = false;
   private stopped = false;
   private readonly upstream: string;
 
@@ -156,6 +158,26 @@ export class UpstreamSuspension {
       this.judge(result, started);
     });
     this.verdict = verdict;
+  }
+
+  /**
+   * After a suspension in an outage, with no batch due to find out whether the upstream is back
+   * (the caller looks): `connect` sets up a connection without a transaction, judged as an attempt
+   * would be. One that reaches the upstream ends the outage (and the mail waiting for a retry is
+   * made due: reachedAgain); one that fails begins the next suspension, so there is one probe per
+   * suspension at most. Undefined when none is due.
+   */
+  probe(connect: () => Promise<BatchResult>): Promise<void> | undefined {
+    if (!this.outage || this.stopped || this.probing || this.verdict || this.until() !== null) return undefined;
+    this.probing = true;
+    const started = performance.now();
+    return connect()
+      .then((result) => {
+        if (!this.stopped) this.note(result, started);
+      })
+      .finally(() => {
+        this.probing = false;
+      });
   }
 
   /** At shutdown: the connections a judgement waits for end by their abort, which says nothing of the upstream. */

@@ -535,6 +535,26 @@ export class SmtpUpstream {
     return this.masked(result);
   }
 
+  /**
+   * Sets up a connection (greeting, EHLO, STARTTLS, login) without a transaction, and leaves it
+   * in the pool for the next batch: a dead host probe (UpstreamSuspension.probe). Never throws:
+   * resolves with the result a batch that failed the same way would have, of no recipient.
+   */
+  async probe(signal: AbortSignal): Promise<BatchResult> {
+    try {
+      let connection = await this.idleConnection(signal);
+      if (!connection) {
+        // the place idleConnection kept for it becomes the connection (see transaction)
+        this.connecting--;
+        connection = await this.connect(signal, undefined);
+      }
+      this.release(connection);
+      return uniformResult(this.label, 0, 'delivered', 'connected');
+    } catch (error) {
+      return this.masked(resultFromNodemailer(this.label, [], { error }));
+    }
+  }
+
   /** One transaction; never throws. */
   private async sendTo(envelope: Envelope, raw: Uint8Array, signal: AbortSignal, retryOf: string | undefined): Promise<BatchResult> {
     try {

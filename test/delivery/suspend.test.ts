@@ -567,6 +567,51 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(message(relay, b).state, 'delivered');
   });
 
+  test('after a suspension, with no batch due, relayq tries a connection without a transaction, once per suspension; the one that reaches the upstream makes the mail waiting for a retry due at once', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    let down = true;
+    let connections = 0;
+    const port = await proxyTo(upstream.port, (_n, client, pass) => {
+      connections++;
+      if (down) client.destroy();
+      else pass();
+    });
+    const clock = new ManualClock();
+    const log = capturedLog('info');
+    // suspensions of 60 s (at most a minute), retries after 600 s
+    const relay = await startTestRelay(
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: port, retry: { initialDelay: 600, maxDelay: 3600 } },
+      { clock, random: NO_JITTER, logger: log.logger, deliveryPollMs: 20 },
+    );
+    cleanup.push(() => relay.stop());
+    const settle = () => new Promise((resolve) => setTimeout(resolve, 300));
+    const a = await queue(relay);
+    await waitFor(() => events(log, 'upstream.suspended').length === 1, 10_000, 'delivery to be suspended');
+    assert.equal(connections, 1);
+    clock.advance(59_000);
+    await settle();
+    assert.equal(connections, 1, 'no probe while the suspension lasts');
+    clock.advance(1000);
+    await waitFor(() => connections === 2, 10_000, 'a probe once the suspension is over');
+    await settle();
+    assert.equal(connections, 2, 'the failed probe began the next suspension');
+    assert.equal(message(relay, a).state, 'queued');
+    assert.equal(attempts(relay, a).length, 1, 'a probe is no attempt');
+
+    down = false;
+    clock.advance(60_000);
+    await waitFor(() => message(relay, a).state === 'delivered', 10_000, 'the mail to be delivered');
+    assert.ok(clock.now() < (attempts(relay, a)[0].started_at as number) + 600_000, 'before its retry was due');
+    assert.deepEqual(
+      events(log, 'upstream.resumed').map((e) => e.by),
+      ['reached'],
+    );
+    assert.equal(events(log, 'delivery.due_after_outage')[0]?.count, 1);
+    assert.equal(connections, 3, "the probe's connection carried the mail");
+    assert.equal(attempts(relay, a).length, 2);
+  });
+
   test('a request ends one suspension at most: the next, begun after it, holds', async () => {
     const { clock, relay, log, first: a } = await suspendedRelay({ batchDelay: 0, retry: { initialDelay: 60 } });
     clock.advance(1000);
