@@ -53,6 +53,8 @@ export class UpstreamSuspension {
   private outage = false;
   /** A probe (see probe) is under way. */
   private probing = false;
+  /** The outage's last failure was no login the upstream refused (see probe). */
+  private probeable = false;
   private stopped = false;
   private readonly upstream: string;
 
@@ -165,10 +167,12 @@ export class UpstreamSuspension {
    * (the caller looks): `connect` sets up a connection without a transaction, judged as an attempt
    * would be. One that reaches the upstream ends the outage (and the mail waiting for a retry is
    * made due: reachedAgain); one that fails begins the next suspension, so there is one probe per
-   * suspension at most. Undefined when none is due.
+   * suspension at most. None after a login the upstream refused: relayq's settings need fixing,
+   * and a failed login a minute may look like password guessing to the upstream (the mail's own
+   * retries still try it). Undefined when none is due.
    */
   probe(connect: () => Promise<BatchResult>): Promise<void> | undefined {
-    if (!this.outage || this.stopped || this.probing || this.verdict || this.until() !== null) return undefined;
+    if (!this.outage || !this.probeable || this.stopped || this.probing || this.verdict || this.until() !== null) return undefined;
     this.probing = true;
     const started = performance.now();
     return connect()
@@ -191,6 +195,7 @@ export class UpstreamSuspension {
     const since = this.state?.since;
     this.state = { since: since ?? now, renewedAt: now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };
     this.outage = true;
+    this.probeable = result.settingFault !== true;
     if (since !== undefined) return;
     this.log.warn(
       { event: 'upstream.suspended', upstream: this.upstream, reply: result.reply, forMs: this.durationMs },

@@ -690,3 +690,37 @@ test('a suspension stays while the time of the last operator request cannot be r
   assert.equal(suspension.until(), clock.now() + 60_000);
   assert.equal(suspension.deferral(1)?.recipients[0].verdict, 'deferred');
 });
+
+test('a probe is due once a suspension is over, in an outage, one at a time; never after a login the upstream refused', async () => {
+  const reach = { label: 'up.test:25', reachedSince: () => false, setupsSettled: () => undefined };
+  const clock = new ManualClock();
+  const suspension = new UpstreamSuspension(reach, 60_000, clock, pino({ level: 'silent' }), () => 0);
+  let probes = 0;
+  let answer: () => void = () => {};
+  const connect = () => {
+    probes++;
+    return new Promise<ReturnType<typeof uniformResult>>((resolve) => {
+      answer = () => resolve({ ...uniformResult('up.test:25', 0, 'deferred', 'connect ECONNREFUSED'), unreachable: true });
+    });
+  };
+  assert.equal(suspension.probe(connect), undefined, 'no outage');
+  suspension.note({ ...uniformResult('up.test:25', 1, 'deferred', 'connect ECONNREFUSED'), unreachable: true }, performance.now());
+  assert.equal(suspension.probe(connect), undefined, 'while suspended');
+  clock.advance(60_000);
+  const probing = suspension.probe(connect);
+  assert.ok(probing);
+  assert.equal(suspension.probe(connect), undefined, 'one at a time');
+  answer();
+  await probing;
+  assert.equal(probes, 1);
+  assert.equal(suspension.until(), clock.now() + 60_000, 'the failed probe began the next suspension');
+
+  const refusedLogin = new UpstreamSuspension(reach, 60_000, clock, pino({ level: 'silent' }), () => 0);
+  refusedLogin.note(
+    { ...uniformResult('up.test:25', 1, 'deferred', '535 5.7.8 Error: authentication failed'), unreachable: true, settingFault: true },
+    performance.now(),
+  );
+  clock.advance(60_000);
+  assert.equal(refusedLogin.until(), null);
+  assert.equal(refusedLogin.probe(connect), undefined, 'after a refused login');
+});
