@@ -631,3 +631,22 @@ test('a write command on a stopped relay\'s database closes it, refused or not: 
     assert.deepEqual(sideFiles(), [false, false], args.join(' '));
   }
 });
+
+test('a write command given a second hard link of a running relay\'s database is refused before it opens it: nothing changed, no WAL beside that name', async () => {
+  const relay = await startTestRelay({}, { startDelivery: false, startRetention: false });
+  const dir = tempDir('relayq-hard-link-cli-');
+  const hardLink = path.join(dir, 'hard.db');
+  try {
+    const id = queuedId((await sendMail(relay.smtpPort, { from: 'app@example.com', to: ['a@example.com'] })).response);
+    fs.linkSync(relay.config.databasePath, hardLink);
+    for (const args of [['retry', '--queued'], ['delete', id]]) {
+      const run = await runCli([...args, '--databasePath', hardLink]);
+      assertOneLineError(run, /hard\.db has 2 hard links: SQLite keeps a WAL beside each name/);
+    }
+    assert.deepEqual(fs.readdirSync(dir), ['hard.db'], 'nothing made beside the second name: no -wal, no -shm');
+    assert.equal(relay.store.sqlite.prepare('SELECT state FROM messages WHERE id = ?').pluck().get(id), 'queued');
+  } finally {
+    fs.rmSync(hardLink, { force: true });
+    await relay.stop();
+  }
+});

@@ -1427,3 +1427,24 @@ test('a config file that sets a secret is a warning when every user may read it;
   // a pipe (`--config <(…)`, a FIFO) has no mode to judge: it is its writer's
   assert.equal(exposedSecretsWarning({ path: '/dev/fd/63', text: '{"forwardPassword": "pw"}' }), undefined);
 });
+
+test('an emailsDir the relay may not write stops the start, even with a failed/ in it that it may write: a local delivery goes into emailsDir itself', async (t) => {
+  const dir = tempDir();
+  const emailsDir = path.join(dir, 'emails');
+  fs.mkdirSync(path.join(emailsDir, 'failed'), { recursive: true, mode: 0o700 });
+  const config = { emailsDir, databasePath: path.join(dir, 'relayq.db') };
+  const ran = await whileImmutable(t, emailsDir, async () => {
+    // a relay that does start is stopped before the assertion, so a failing probe leaves nothing running
+    const outcome = await startTestRelay(config, { startDelivery: false }).then(
+      async (relay) => {
+        await relay.stop();
+        return 'started';
+      },
+      (err: Error) => err.message,
+    );
+    assert.match(outcome, /^config error: emailsDir: \S+emails cannot hold deliveries and failed-mail exports: EPERM: operation not permitted, access '\S+emails'$/);
+  });
+  if (!ran) return;
+  const again = await startTestRelay(config, { startDelivery: false });
+  await again.stop();
+});

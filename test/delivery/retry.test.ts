@@ -479,6 +479,35 @@ describe('retries against a real upstream, with an injected clock', () => {
     await passScansThenCommit(clock, relay, id, lock, finishedAt);
     await waitFor(() => message(relay, id).claims === 2, 10_000, 'the requeue of the failure committed late');
   });
+  test('a failedRetryInterval scan whose failures were all retried by hand before its requeue committed requeues none and logs no delivery.requeued line', async () => {
+    const { clock, relay, upstream } = await setup({ retry: { maxAttempts: 1 }, failedRetryInterval: 10 });
+    await upstream.goDown();
+    const id = await queue(relay, ['a@example.com']);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, id).state, 'failed');
+    clock.advance(20_000);
+    const log = capturedLog('info');
+    const scans = new FailedRetry({
+      config: relay.config,
+      sqlite: relay.store.sqlite,
+      writer: relay.writer,
+      clock,
+      logger: log.logger,
+      pacingLimit: 100,
+      requeued: () => {},
+    });
+    // another process holds the write lock: the scan read the failure and waits to requeue it
+    const holder = openConnection(relay.config.databasePath);
+    holder.exec('BEGIN IMMEDIATE');
+    const scan = scans.scan(false);
+    await waitFor(() => relay.writer.waitingFor('requeueTemporaryFailures') > 0, 10_000, 'the requeue to wait for the lock');
+    // meanwhile that process (an operator's `relayq retry`) makes the message queued again
+    holder.prepare("UPDATE messages SET state = 'queued', finished_at = NULL WHERE id = ?").run(id);
+    holder.exec('COMMIT');
+    holder.close();
+    assert.equal(await scan, 0);
+    assert.deepEqual(log.entries().filter((e) => e.event === 'delivery.requeued'), [], 'nothing was requeued: no line says so');
+  });
 });
 
 /** A store of its own (no relay), with inserts for messages and recipients in any state. */

@@ -535,3 +535,41 @@ test('a backup restored beside the -wal of the database it replaced is refused, 
     await again.stop();
   }
 });
+
+test('a copy refused by integrity_check is reported in those words alone, not as a copy of the live database that failed', async () => {
+  const dir = tempDir('relayq-one-problem-words-');
+  const file = path.join(dir, 'relayq.db');
+  await (await openStore(file)).close();
+  // a NULL where the schema forbids it, put in as a foreign tool could (as in the test above)
+  const withDatabase = <T>(fn: (db: Database.Database) => T): T => {
+    const db = new Database(file);
+    try {
+      return fn(db);
+    } finally {
+      db.close();
+    }
+  };
+  const setSchema = (sql: string) =>
+    withDatabase((db) => {
+      db.unsafeMode(true);
+      db.pragma('writable_schema = ON');
+      db.prepare("UPDATE sqlite_schema SET sql = ? WHERE name = 'counters'").run(sql);
+    });
+  const schema = withDatabase((db) => db.prepare("SELECT sql FROM sqlite_schema WHERE name = 'counters'").pluck().get() as string);
+  setSchema(schema.replace('value INTEGER NOT NULL', 'value INTEGER'));
+  withDatabase((db) => db.prepare("INSERT INTO counters (name, value) VALUES ('damaged', NULL)").run());
+  setSchema(schema);
+  const sqlite = openReadOnly(file);
+  try {
+    assert.throws(
+      () => backupDatabase(sqlite, path.join(dir, 'copy.db')),
+      (err: Error) => {
+        assert.ok(err instanceof BackupError);
+        assert.equal(err.message, 'integrity_check failed on the copy: NULL value in counters.value');
+        return true;
+      },
+    );
+  } finally {
+    sqlite.close();
+  }
+});
