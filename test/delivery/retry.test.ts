@@ -93,6 +93,11 @@ describe('retries against a real upstream, with an injected clock', () => {
     return { clock, relay, upstream };
   }
 
+  /** failedRetryInterval's scans of `relay`'s failed mail, run by the test itself. */
+  function failedRetryOf(relay: Relay, clock: ManualClock, logger = pino({ level: 'silent' })): FailedRetry {
+    return new FailedRetry({ config: relay.config, sqlite: relay.store.sqlite, writer: relay.writer, clock, logger, pacingLimit: 100, requeued: () => {} });
+  }
+
   /** A relay delivering as it would run (polling every 20 ms) to an upstream that is down, its log kept. */
   async function runningAgainstDownUpstream(overrides: Parameters<typeof startTestRelay>[0]) {
     const clock = new ManualClock();
@@ -404,15 +409,7 @@ describe('retries against a real upstream, with an injected clock', () => {
     const late = await queue(relay, ['late@example.com']);
     const failedAt = clock.now();
     clock.advance(20_000);
-    const scans = new FailedRetry({
-      config: relay.config,
-      sqlite: relay.store.sqlite,
-      writer: relay.writer,
-      clock,
-      logger: pino({ level: 'silent' }),
-      pacingLimit: 100,
-      requeued: () => {},
-    });
+    const scans = failedRetryOf(relay, clock);
     // another process holds the write lock: the scan read the early failure and waits to requeue it
     const holder = openConnection(relay.config.databasePath);
     holder.exec('BEGIN IMMEDIATE');
@@ -479,6 +476,7 @@ describe('retries against a real upstream, with an injected clock', () => {
     await passScansThenCommit(clock, relay, id, lock, finishedAt);
     await waitFor(() => message(relay, id).claims === 2, 10_000, 'the requeue of the failure committed late');
   });
+
   test('a failedRetryInterval scan whose failures were all retried by hand before its requeue committed requeues none and logs no delivery.requeued line', async () => {
     const { clock, relay, upstream } = await setup({ retry: { maxAttempts: 1 }, failedRetryInterval: 10 });
     await upstream.goDown();
@@ -487,15 +485,7 @@ describe('retries against a real upstream, with an injected clock', () => {
     assert.equal(message(relay, id).state, 'failed');
     clock.advance(20_000);
     const log = capturedLog('info');
-    const scans = new FailedRetry({
-      config: relay.config,
-      sqlite: relay.store.sqlite,
-      writer: relay.writer,
-      clock,
-      logger: log.logger,
-      pacingLimit: 100,
-      requeued: () => {},
-    });
+    const scans = failedRetryOf(relay, clock, log.logger);
     // another process holds the write lock: the scan read the failure and waits to requeue it
     const holder = openConnection(relay.config.databasePath);
     holder.exec('BEGIN IMMEDIATE');

@@ -370,7 +370,8 @@ test('a copy whose integrity_check finds a single problem (a NULL where the sche
     assert.deepEqual(sqlite.pragma('integrity_check'), [{ integrity_check: 'NULL value in counters.value' }], 'control: one problem');
     assert.throws(
       () => backupDatabase(sqlite, path.join(dir, 'copy.db')),
-      (err: Error) => err instanceof BackupError && /integrity_check failed on the copy: NULL value in counters\.value$/.test(err.message),
+      // in those words alone: not as a copy of the live database that failed
+      (err: Error) => err instanceof BackupError && err.message === 'integrity_check failed on the copy: NULL value in counters.value',
     );
     assert.deepEqual(fs.readdirSync(dir).filter((f) => f.startsWith('copy.db')), [], 'no copy.db and no partial copy');
   } finally {
@@ -533,43 +534,5 @@ test('a backup restored beside the -wal of the database it replaced is refused, 
     assert.equal((again.store.sqlite.prepare('SELECT COUNT(*) AS n FROM messages').get() as { n: number }).n, 1);
   } finally {
     await again.stop();
-  }
-});
-
-test('a copy refused by integrity_check is reported in those words alone, not as a copy of the live database that failed', async () => {
-  const dir = tempDir('relayq-one-problem-words-');
-  const file = path.join(dir, 'relayq.db');
-  await (await openStore(file)).close();
-  // a NULL where the schema forbids it, put in as a foreign tool could (as in the test above)
-  const withDatabase = <T>(fn: (db: Database.Database) => T): T => {
-    const db = new Database(file);
-    try {
-      return fn(db);
-    } finally {
-      db.close();
-    }
-  };
-  const setSchema = (sql: string) =>
-    withDatabase((db) => {
-      db.unsafeMode(true);
-      db.pragma('writable_schema = ON');
-      db.prepare("UPDATE sqlite_schema SET sql = ? WHERE name = 'counters'").run(sql);
-    });
-  const schema = withDatabase((db) => db.prepare("SELECT sql FROM sqlite_schema WHERE name = 'counters'").pluck().get() as string);
-  setSchema(schema.replace('value INTEGER NOT NULL', 'value INTEGER'));
-  withDatabase((db) => db.prepare("INSERT INTO counters (name, value) VALUES ('damaged', NULL)").run());
-  setSchema(schema);
-  const sqlite = openReadOnly(file);
-  try {
-    assert.throws(
-      () => backupDatabase(sqlite, path.join(dir, 'copy.db')),
-      (err: Error) => {
-        assert.ok(err instanceof BackupError);
-        assert.equal(err.message, 'integrity_check failed on the copy: NULL value in counters.value');
-        return true;
-      },
-    );
-  } finally {
-    sqlite.close();
   }
 });
