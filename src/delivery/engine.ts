@@ -216,7 +216,7 @@ export class DeliveryEngine {
         deps.clock,
         this.log,
         () => lastDeliveryRequest(deps.sqlite),
-        () => this.track(this.dueAfterOutage()),
+        (since) => this.track(this.dueAfterOutage(since)),
       );
   }
 
@@ -368,7 +368,11 @@ export class DeliveryEngine {
   private probeUpstream(): void {
     const { upstream, suspension } = this;
     if (!upstream || !suspension) return;
-    const probing = suspension.probe(() => upstream.probe(this.stopAbort.signal));
+    const { signal } = this.stopAbort;
+    const probing = suspension.probe(async () => {
+      const result = await upstream.probe(signal);
+      return signal.aborted ? undefined : result;
+    });
     if (probing) this.track(probing);
   }
 
@@ -649,20 +653,22 @@ export class DeliveryEngine {
   }
 
   /**
-   * An attempt reached the upstream after an outage: the mail waiting for its retry is made due at
-   * once, as `relayq retry --queued` would, instead of each message waiting out its backoff (up to
-   * retry.maxDelay) while it, and with a full queue the new mail refused with 452, could go.
+   * An attempt reached the upstream after an outage that began at `since`: the mail the outage
+   * deferred is made due at once, as `relayq retry --queued` would, instead of each message
+   * waiting out its backoff (up to retry.maxDelay) while it, and with a full queue the new mail
+   * refused with 452, could go.
    */
-  private async dueAfterOutage(): Promise<void> {
+  private async dueAfterOutage(since: number): Promise<void> {
     const now = this.deps.clock.now();
     const count = await dueAfterOutageInSteps(
       this.deps.sqlite,
       now,
-      (ids) => this.deps.writer.write('makeDue', ids, now, this.config.batchDelay),
+      since,
+      (ids, outage) => this.deps.writer.write('makeDue', ids, now, this.config.batchDelay, outage),
       () => this.stopping,
     );
     if (count === 0) return;
-    this.log.info({ event: 'delivery.due_after_outage', count }, 'the upstream was reached again: the mail waiting for a retry is due now');
+    this.log.info({ event: 'delivery.due_after_outage', count }, 'the upstream was reached again: the mail the outage deferred is due now');
     this.wake();
   }
 

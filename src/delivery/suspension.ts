@@ -51,6 +51,8 @@ export class UpstreamSuspension {
   private verdict: Promise<void> | undefined;
   /** An attempt found the upstream unreachable, and none has reached it since (an operator's request may have ended the suspension meanwhile). */
   private outage = false;
+  /** When the attempt that found the upstream unreachable, beginning the outage, began (the clock's ms). */
+  private outageSince = 0;
   /** A probe (see probe) is under way. */
   private probing = false;
   /** The outage's last failure was no login the upstream refused (see probe). */
@@ -65,8 +67,8 @@ export class UpstreamSuspension {
     private readonly log: Logger,
     /** When an operator last made mail due, the clock's ms (lastDeliveryRequest: the admin API, `relayq retry`). */
     private readonly requested: () => number,
-    /** An attempt reached the upstream after an outage (see `outage`). */
-    private readonly reachedAgain: () => void = () => {},
+    /** An attempt reached the upstream after an outage (see `outage`) that began at `since` (outageSince). */
+    private readonly reachedAgain: (since: number) => void = () => {},
   ) {
     this.upstream = reach.label;
   }
@@ -146,7 +148,7 @@ export class UpstreamSuspension {
       this.end('reached');
       if (this.outage && !this.stopped) {
         this.outage = false;
-        this.reachedAgain();
+        this.reachedAgain(this.outageSince);
       }
       return;
     }
@@ -171,13 +173,14 @@ export class UpstreamSuspension {
    * and a failed login a minute may look like password guessing to the upstream (the mail's own
    * retries still try it). Undefined when none is due.
    */
-  probe(connect: () => Promise<BatchResult>): Promise<void> | undefined {
+  probe(connect: () => Promise<BatchResult | undefined>): Promise<void> | undefined {
     if (!this.outage || !this.probeable || this.stopped || this.probing || this.verdict || this.until() !== null) return undefined;
     this.probing = true;
     const started = performance.now();
     return connect()
       .then((result) => {
-        if (!this.stopped) this.note(result, started);
+        // undefined: cut off by the stop, which says nothing of the upstream
+        if (result && !this.stopped) this.note(result, started);
       })
       .finally(() => {
         this.probing = false;
@@ -194,6 +197,7 @@ export class UpstreamSuspension {
     const now = this.clock.now();
     const since = this.state?.since;
     this.state = { since: since ?? now, renewedAt: now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };
+    if (!this.outage) this.outageSince = now - (performance.now() - started);
     this.outage = true;
     this.probeable = result.settingFault !== true;
     if (since !== undefined) return;

@@ -202,19 +202,43 @@ export function flushQueued(sqlite: Sqlite, ids: string[], now: number, batchDel
   return dueNow;
 }
 
-/** One step of dueAfterOutageInSteps: those of `ids` still queued become due now, with no operator's request noted. Returns how many. */
-export function makeDue(sqlite: Sqlite, ids: string[], now: number, batchDelayMs: number): number {
-  return ids.filter((id) => queuedDueNow(sqlite, id, now, batchDelayMs)).length;
+/** The attempts of an outage (dueAfterOutageInSteps): begun at `since` or later, `lastAttemptId` or earlier. */
+export interface OutageAttempts {
+  since: number;
+  lastAttemptId: number;
+}
+
+/**
+ * One step of dueAfterOutageInSteps: those of `ids` still queued whose last attempt is one of the
+ * outage's become due now, with no operator's request noted. Returns how many.
+ */
+export function makeDue(sqlite: Sqlite, ids: string[], now: number, batchDelayMs: number, outage: OutageAttempts): number {
+  const last = prepared(sqlite, 'SELECT id, started_at AS startedAt FROM attempts WHERE message_id = ? ORDER BY id DESC LIMIT 1');
+  const deferredByOutage = (id: string) => {
+    const attempt = last.get(id) as { id: number; startedAt: number } | undefined;
+    return attempt !== undefined && attempt.startedAt >= outage.since && attempt.id <= outage.lastAttemptId;
+  };
+  return ids.filter((id) => deferredByOutage(id) && queuedDueNow(sqlite, id, now, batchDelayMs)).length;
 }
 
 /**
  * Makes due now, in writes of at most ADMIN_STEP messages, the queued mail that waits for a time
- * after `now` (a retry's backoff, or batchDelay after its last batch, which stays): the relay's
- * own `relayq retry --queued` once the upstream is reached after an outage. Read in
- * (next_attempt_at, rowid) order through the messages_due index, past each page as it is written.
- * `write` runs makeDue for one step; resolves with how many were made due (before `stopped`).
+ * after `now` (a retry's backoff, or batchDelay after its last batch, which stays) and whose last
+ * attempt came in the outage that began at `since`: the one that found the upstream down, or a
+ * deferral while delivery was suspended. Mail a reachable upstream deferred with a 4xx before it
+ * keeps its backoff; so does mail tried since this walk began (made due by an earlier step, or due
+ * anyway), which has had its early attempt. Read in (next_attempt_at, rowid) order through the
+ * messages_due index, past each page as it is written. `write` runs makeDue for one step;
+ * resolves with how many were made due (before `stopped`).
  */
-export async function dueAfterOutageInSteps(reader: Sqlite, now: number, write: (ids: string[]) => Promise<number>, stopped: () => boolean): Promise<number> {
+export async function dueAfterOutageInSteps(
+  reader: Sqlite,
+  now: number,
+  since: number,
+  write: (ids: string[], outage: OutageAttempts) => Promise<number>,
+  stopped: () => boolean,
+): Promise<number> {
+  const outage = { since, lastAttemptId: prepared(reader, 'SELECT COALESCE(MAX(id), 0) FROM attempts').pluck().get() as number };
   const page = prepared(
     reader,
     `SELECT id, next_attempt_at AS at, rowid FROM messages INDEXED BY messages_due
@@ -227,7 +251,7 @@ export async function dueAfterOutageInSteps(reader: Sqlite, now: number, write: 
   while (!stopped()) {
     const rows = page.all(cursor) as Array<{ id: string; at: number; rowid: number }>;
     if (rows.length === 0) break;
-    changed += await write(rows.map((r) => r.id));
+    changed += await write(rows.map((r) => r.id), outage);
     const last = rows[rows.length - 1];
     cursor = { at: last.at, rowid: last.rowid };
   }

@@ -199,7 +199,7 @@ describe('delivery to an upstream that cannot be reached', () => {
     }
   });
 
-  test('refused connections suspend delivery; once past the suspension, the first attempt that reaches the upstream resumes it, and the mail waiting for a retry is due at once', async () => {
+  test('refused connections suspend delivery; once past the suspension, the first attempt that reaches the upstream resumes it, and the mail the outage deferred is due at once', async () => {
     const { clock, relay, log, upstream, first: a } = await suspendedRelay();
     assert.match(attempts(relay, a)[0].reply ?? '', /ECONNREFUSED/);
     assert.deepEqual(await suspendedUntil(relay), [new Date(clock.now() + 9000).toISOString(), (clock.now() + 9000) / 1000]);
@@ -548,7 +548,7 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(events(log, 'upstream.resumed').length, 0);
   });
 
-  test("after an operator's request for one message ended the suspension, the attempt that reaches the upstream makes the other mail waiting for a retry due at once", async () => {
+  test("after an operator's request for one message ended the suspension, the attempt that reaches the upstream makes the other mail the outage deferred due at once", async () => {
     const { relay, log, upstream, first: a } = await suspendedRelay({ batchDelay: 0, retry: { initialDelay: 60 } });
     const b = await queue(relay);
     await relay.delivery.runOnce();
@@ -567,7 +567,7 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(message(relay, b).state, 'delivered');
   });
 
-  test('after a suspension, with no batch due, relayq tries a connection without a transaction, once per suspension; the one that reaches the upstream makes the mail waiting for a retry due at once', async () => {
+  test('after a suspension, with no batch due, relayq tries a connection without a transaction, once per suspension; the one that reaches the upstream makes the mail the outage deferred due at once', async () => {
     const upstream = await startScriptedUpstream();
     cleanup.push(() => upstream.close());
     let down = true;
@@ -610,6 +610,51 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.equal(events(log, 'delivery.due_after_outage')[0]?.count, 1);
     assert.equal(connections, 3, "the probe's connection carried the mail");
     assert.equal(attempts(relay, a).length, 2);
+  });
+
+  test("a stop while a probe waits for a silent upstream's greeting ends it at once, and says nothing of the upstream", async () => {
+    const silent = await silentServer();
+    const clock = new ManualClock();
+    const log = capturedLog('info');
+    const relay = await startTestRelay(
+      // processingTimeout 30: a greeting is waited for 9 s
+      { forwardSMTP: true, forwardHost: '127.0.0.1', forwardPort: silent.port, processingTimeout: 30, retry: { initialDelay: 10, maxDelay: 100 } },
+      { clock, random: NO_JITTER, logger: log.logger, deliveryPollMs: 20 },
+    );
+    cleanup.push(() => relay.stop());
+    await queue(relay);
+    await waitFor(() => events(log, 'upstream.suspended').length === 1, 20_000, 'delivery to be suspended');
+    clock.advance(9000);
+    await waitFor(() => silent.connections() === 2, 10_000, 'the probe');
+    await relay.stop();
+    assert.deepEqual(events(log, 'upstream.resumed'), [], 'the upstream was never reached');
+    assert.deepEqual(events(log, 'delivery.due_after_outage'), []);
+  });
+
+  test('mail a reachable upstream deferred with a 4xx before an outage keeps its backoff when the outage ends; the mail the outage deferred is due at once', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    upstream.rcptReply = () => ({ code: 451, message: '4.3.0 backend unavailable, try again later' });
+    const { clock, relay, log } = await relayFor(upstream.port, { retry: { initialDelay: 600, maxDelay: 3600 } });
+    const greylisted = await queue(relay);
+    await relay.delivery.runOnce();
+    const dueAt = message(relay, greylisted).next_attempt_at;
+    clock.advance(1000);
+    await upstream.goDown();
+    const deferredByOutage = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(events(log, 'upstream.suspended').length, 1);
+    await upstream.comeBack();
+    clock.advance(60_000);
+    upstream.rcptReply = () => undefined;
+    const next = await queue(relay);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, next).state, 'delivered');
+    await waitFor(() => events(log, 'delivery.due_after_outage').length === 1, 10_000, 'the outage\'s mail to be made due');
+    assert.equal(events(log, 'delivery.due_after_outage')[0].count, 1);
+    await relay.delivery.runOnce();
+    assert.equal(message(relay, deferredByOutage).state, 'delivered');
+    assert.deepEqual([message(relay, greylisted).state, message(relay, greylisted).next_attempt_at, attempts(relay, greylisted).length], ['queued', dueAt, 1]);
   });
 
   test('a request ends one suspension at most: the next, begun after it, holds', async () => {
