@@ -167,7 +167,7 @@ export class UpstreamSuspension {
   /**
    * After a suspension in an outage, with no batch due to find out whether the upstream is back
    * (the caller looks): `connect` sets up a connection without a transaction, judged as an attempt
-   * would be. One that reaches the upstream ends the outage (and the mail waiting for a retry is
+   * would be. One that reaches the upstream ends the outage (and the mail the outage deferred is
    * made due: reachedAgain); one that fails begins the next suspension, so there is one probe per
    * suspension at most. None after a login the upstream refused: relayq's settings need fixing,
    * and a failed login a minute may look like password guessing to the upstream (the mail's own
