@@ -562,7 +562,7 @@ export class DeliveryEngine {
     // /metrics, which merge this with the store's record, agree with `relayq status` to the ms
     this.noteUpstreamVerdict(result, startedAt + Math.round(durationMs));
     // an attempt cut off by its deadline says nothing of whether the upstream can be reached
-    if (!suspended && !abort.signal.aborted) this.suspension?.note(result, started);
+    if (!suspended && !abort.signal.aborted) this.suspension?.note(result, started, startedAt);
     const completion = planCompletion(claim, result, {
       now: clock.now(),
       startedAt,

@@ -51,7 +51,7 @@ export class UpstreamSuspension {
   private verdict: Promise<void> | undefined;
   /** An attempt found the upstream unreachable, and none has reached it since (an operator's request may have ended the suspension meanwhile). */
   private outage = false;
-  /** When the attempt that found the upstream unreachable, beginning the outage, began (the clock's ms). */
+  /** When the earliest attempt found failing in the outage began (the clock's ms, as its attempt row records it). */
   private outageSince = 0;
   /** A probe (see probe) is under way. */
   private probing = false;
@@ -133,8 +133,9 @@ export class UpstreamSuspension {
   }
 
   /**
-   * After an attempt that tried the upstream (begun at `started`, performance.now()): one that
-   * reached it ends a suspension; one that could not suspends delivery, unless the upstream was
+   * After an attempt that tried the upstream (begun at `started`, performance.now(), and at
+   * `startedAt` on the clock, as its attempt row records it): one that reached it ends a
+   * suspension; one that could not suspends delivery, unless the upstream was
    * reached meanwhile (another attempt, a new connection) or another attempt is in a transaction
    * with it now: one failed connection among working ones is not the upstream down. Connections
    * still being set up are waited for before that is judged (as Postfix judges a cohort of
@@ -142,7 +143,7 @@ export class UpstreamSuspension {
    * Once a suspension is over, attempts try the upstream again: the first that fails to reach it
    * suspends delivery again (said once, not at each renewal).
    */
-  note(result: BatchResult, started: number): void {
+  note(result: BatchResult, started: number, startedAt = this.clock.now()): void {
     if (!result.unreachable) {
       this.lastReachedAt = performance.now();
       this.end('reached');
@@ -154,12 +155,12 @@ export class UpstreamSuspension {
     }
     const settled = this.reach.setupsSettled();
     if (!settled) {
-      this.judge(result, started);
+      this.judge(result, started, startedAt);
       return;
     }
     const verdict = settled.then(() => {
       if (this.verdict === verdict) this.verdict = undefined;
-      this.judge(result, started);
+      this.judge(result, started, startedAt);
     });
     this.verdict = verdict;
   }
@@ -176,11 +177,12 @@ export class UpstreamSuspension {
   probe(connect: () => Promise<BatchResult | undefined>): Promise<void> | undefined {
     if (!this.outage || !this.probeable || this.stopped || this.probing || this.verdict || this.until() !== null) return undefined;
     this.probing = true;
+    const startedAt = this.clock.now();
     const started = performance.now();
     return connect()
       .then((result) => {
         // undefined: cut off by the stop, which says nothing of the upstream
-        if (result && !this.stopped) this.note(result, started);
+        if (result && !this.stopped) this.note(result, started, startedAt);
       })
       .finally(() => {
         this.probing = false;
@@ -192,12 +194,13 @@ export class UpstreamSuspension {
     this.stopped = true;
   }
 
-  private judge(result: BatchResult, started: number): void {
+  private judge(result: BatchResult, started: number, startedAt: number): void {
     if (this.stopped || this.lastReachedAt > started || this.reach.reachedSince(started)) return;
     const now = this.clock.now();
     const since = this.state?.since;
     this.state = { since: since ?? now, renewedAt: now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };
-    if (!this.outage) this.outageSince = now - (performance.now() - started);
+    // from the start of the earliest attempt found failing in it: those of one cohort fail together
+    this.outageSince = this.outage ? Math.min(this.outageSince, startedAt) : startedAt;
     this.outage = true;
     this.probeable = result.settingFault !== true;
     if (since !== undefined) return;

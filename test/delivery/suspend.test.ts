@@ -769,3 +769,24 @@ test('a probe is due once a suspension is over, in an outage, one at a time; nev
   assert.equal(refusedLogin.until(), null);
   assert.equal(refusedLogin.probe(connect), undefined, 'after a refused login');
 });
+
+test('an outage begins at the start of the earliest attempt found failing in it, as its attempt row records it: the mail of a whole cohort is made due when the upstream is reached again', () => {
+  const reach = { label: 'up.test:25', reachedSince: () => false, setupsSettled: () => undefined };
+  const clock = new ManualClock();
+  const outages: number[] = [];
+  const suspension = new UpstreamSuspension(reach, 60_000, clock, pino({ level: 'silent' }), () => 0, (since) => outages.push(since));
+  const unreachable = { ...uniformResult('up.test:25', 1, 'deferred', 'connect ECONNREFUSED'), unreachable: true };
+  const begun = clock.now();
+  clock.advance(1500);
+  // the first judged began 1 s ago; another of its cohort, judged next, 1.5 s ago
+  suspension.note(unreachable, performance.now(), begun + 500);
+  suspension.note(unreachable, performance.now(), begun);
+  suspension.note(unreachable, performance.now(), begun + 1000);
+  clock.advance(60_000);
+  suspension.note(uniformResult('up.test:25', 1, 'delivered', '250 ok'), performance.now());
+  assert.deepEqual(outages, [begun]);
+  // the next outage begins afresh
+  suspension.note(unreachable, performance.now(), clock.now());
+  suspension.note(uniformResult('up.test:25', 1, 'delivered', '250 ok'), performance.now());
+  assert.deepEqual(outages, [begun, clock.now()]);
+});
