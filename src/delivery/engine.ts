@@ -8,7 +8,7 @@ import type tls from 'node:tls';
 import type { Logger } from 'pino';
 import { type Clock, isoTime } from '../clock.js';
 import type { Config } from '../config/schema.js';
-import { dueAfterOutageInSteps, lastDeliveryRequest } from '../store/admin.js';
+import { dueAfterOutageInSteps, lastDeliveryRequest, rememberedOutage } from '../store/admin.js';
 import type { Sqlite } from '../store/db.js';
 import type { UpstreamRecord } from '../store/queries.js';
 import type { AttemptOutcome, RecipientStatus } from '../store/schema.js';
@@ -216,8 +216,13 @@ export class DeliveryEngine {
         deps.clock,
         this.log,
         () => lastDeliveryRequest(deps.sqlite),
-        (since) => this.track(this.dueAfterOutage(since)),
+        {
+          reachedAgain: (since) => this.track(this.dueAfterOutage(since)),
+          outageFrom: (since) => this.track(deps.writer.write('noteOutage', since)),
+        },
       );
+    const outage = this.suspension ? rememberedOutage(deps.sqlite) : null;
+    if (outage !== null) this.suspension?.remember(outage);
   }
 
   get upstreamLabel(): string {
@@ -667,6 +672,8 @@ export class DeliveryEngine {
       (ids, outage) => this.deps.writer.write('makeDue', ids, now, this.config.batchDelay, outage),
       () => this.stopping,
     );
+    // all of it made due: a start from now on has nothing to take up
+    if (!this.stopping) await this.deps.writer.write('outageOver', since);
     if (count === 0) return;
     this.log.info({ event: 'delivery.due_after_outage', count }, 'the upstream was reached again: the mail the outage deferred is due now');
     this.wake();

@@ -67,8 +67,12 @@ export class UpstreamSuspension {
     private readonly log: Logger,
     /** When an operator last made mail due, the clock's ms (lastDeliveryRequest: the admin API, `relayq retry`). */
     private readonly requested: () => number,
-    /** An attempt reached the upstream after an outage (see `outage`) that began at `since` (outageSince). */
-    private readonly reachedAgain: (since: number) => void = () => {},
+    private readonly hooks: {
+      /** An attempt reached the upstream after an outage (see `outage`) that began at `since` (outageSince). */
+      reachedAgain?: (since: number) => void;
+      /** An outage began, or was found to have begun earlier, at `since`. */
+      outageFrom?: (since: number) => void;
+    } = {},
   ) {
     this.upstream = reach.label;
   }
@@ -149,7 +153,7 @@ export class UpstreamSuspension {
       this.end('reached');
       if (this.outage && !this.stopped) {
         this.outage = false;
-        this.reachedAgain(this.outageSince);
+        this.hooks.reachedAgain?.(this.outageSince);
       }
       return;
     }
@@ -189,6 +193,16 @@ export class UpstreamSuspension {
       });
   }
 
+  /**
+   * An outage an earlier run of the relay found, whose mail was not yet made due (noteOutage): the
+   * first attempt or probe that reaches the upstream makes it due, as if found by this run.
+   */
+  remember(since: number): void {
+    this.outage = true;
+    this.outageSince = since;
+    this.probeable = true;
+  }
+
   /** At shutdown: the connections a judgement waits for end by their abort, which says nothing of the upstream. */
   stop(): void {
     this.stopped = true;
@@ -200,7 +214,9 @@ export class UpstreamSuspension {
     const since = this.state?.since;
     this.state = { since: since ?? now, renewedAt: now, until: now + this.durationMs, perfUntil: performance.now() + this.durationMs, reply: result.reply };
     // from the start of the earliest attempt found failing in it: those of one cohort fail together
-    this.outageSince = this.outage ? Math.min(this.outageSince, startedAt) : startedAt;
+    const outageSince = this.outage ? Math.min(this.outageSince, startedAt) : startedAt;
+    if (!this.outage || outageSince < this.outageSince) this.hooks.outageFrom?.(outageSince);
+    this.outageSince = outageSince;
     this.outage = true;
     this.probeable = result.settingFault !== true;
     if (since !== undefined) return;

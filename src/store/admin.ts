@@ -259,6 +259,26 @@ export async function dueAfterOutageInSteps(
 }
 
 /**
+ * An outage of the upstream is remembered in the database (the `counters` row
+ * `upstream_outage_since`: when its earliest failing attempt began) until the mail it deferred has
+ * been made due (dueAfterOutageInSteps), so that a relay started meanwhile takes it up. A second
+ * outage before that keeps the earlier time.
+ */
+export function noteOutage(sqlite: Sqlite, since: number): void {
+  prepared(sqlite, "INSERT INTO counters (name, value) VALUES ('upstream_outage_since', ?) ON CONFLICT (name) DO UPDATE SET value = MIN(value, excluded.value)").run(since);
+}
+
+/** The mail of the outage that began at `since` was made due (see noteOutage). */
+export function outageOver(sqlite: Sqlite, since: number): void {
+  prepared(sqlite, "DELETE FROM counters WHERE name = 'upstream_outage_since' AND value = ?").run(since);
+}
+
+/** When the outage remembered began (see noteOutage); null when none is. */
+export function rememberedOutage(sqlite: Sqlite): number | null {
+  return (prepared(sqlite, "SELECT value FROM counters WHERE name = 'upstream_outage_since'").pluck().get() as number | undefined) ?? null;
+}
+
+/**
  * An operator's request that made mail due (retryMessage, requeueFailed, flushQueued: the admin
  * API's or `relayq retry`'s, another process) writes its time (`now`, one for all the steps of a
  * request) in the write that carries it out; a relay whose delivery to an upstream found

@@ -2,7 +2,7 @@
 // group commit (see writer.ts); arguments and results cross the thread boundary by structured
 // clone, so they are plain data: no functions, no class instances.
 import crypto from 'node:crypto';
-import { deleteMessage, flushQueued, makeDue, requeueFailed, retryMessage } from './admin.js';
+import { deleteMessage, flushQueued, makeDue, noteOutage, outageOver, requeueFailed, retryMessage } from './admin.js';
 import type { Sqlite } from './db.js';
 import { type ClaimOptions, type ClaimResult, claimDueBatches, completeBatch, recordCutOffAttempt, recordDelivered, releaseClaims, releaseOrphanedClaims, requeueTemporaryFailures } from './delivery.js';
 import { countRefusal, insertMessage } from './intake.js';
@@ -23,6 +23,8 @@ export const WRITE_OPS = {
   requeueFailed,
   flushQueued,
   makeDue,
+  noteOutage,
+  outageOver,
   retryMessage,
   deleteMessage,
   /**

@@ -3,6 +3,7 @@
 // that lets connections hang does not cost every batch its connection timeout.
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import path from 'node:path';
 import Database from 'better-sqlite3';
 import { after, describe, test } from 'node:test';
 import pino from 'pino';
@@ -11,7 +12,7 @@ import { UpstreamSuspension } from '../../src/delivery/suspension.js';
 import type { Relay } from '../../src/main.js';
 import { call, postJson } from '../api/fixtures.js';
 import { runCli } from '../cli/run-cli.js';
-import { capturedLog, holdWriteLock, sendMail, startTestRelay, waitFor } from '../helpers.js';
+import { capturedLog, holdWriteLock, sendMail, startTestRelay, tempDir, waitFor } from '../helpers.js';
 import { ManualClock } from '../manual-clock.js';
 import { attempts, message, NO_JITTER, queuedId, recipients, startScriptedUpstream } from './fixtures.js';
 
@@ -657,6 +658,41 @@ describe('delivery to an upstream that cannot be reached', () => {
     assert.deepEqual([message(relay, greylisted).state, message(relay, greylisted).next_attempt_at, attempts(relay, greylisted).length], ['queued', dueAt, 1]);
   });
 
+  test('an outage outlives a restart: the relay started meanwhile probes the upstream at once, and the mail the outage deferred goes when it is reached', async () => {
+    const upstream = await startScriptedUpstream();
+    cleanup.push(() => upstream.close());
+    await upstream.goDown();
+    const dir = tempDir();
+    const config = {
+      databasePath: path.join(dir, 'data', 'relayq.db'),
+      emailsDir: path.join(dir, 'emails'),
+      forwardSMTP: true,
+      forwardHost: '127.0.0.1',
+      forwardPort: upstream.port,
+      retry: { initialDelay: 600, maxDelay: 3600 },
+    };
+    const clock = new ManualClock();
+    const first = await startTestRelay(config, { clock, startDelivery: false, random: NO_JITTER });
+    const a = await queue(first);
+    await first.delivery.runOnce();
+    const remembered = () => first.store.sqlite.prepare("SELECT value FROM counters WHERE name = 'upstream_outage_since'").pluck().get();
+    await waitFor(() => remembered() !== undefined, 10_000, 'the outage to be written down');
+    assert.equal(remembered(), attempts(first, a)[0].started_at);
+    await first.stop();
+
+    // a restart (a deploy, a reboot) while the upstream is down; it comes back afterwards
+    clock.advance(60_000);
+    await upstream.comeBack();
+    const log = capturedLog('info');
+    const second = await startTestRelay(config, { clock, random: NO_JITTER, logger: log.logger, deliveryPollMs: 20 });
+    cleanup.push(() => second.stop());
+    await waitFor(() => message(second, a).state === 'delivered', 10_000, 'the mail the outage deferred to go');
+    assert.equal(events(log, 'delivery.due_after_outage')[0]?.count, 1);
+    assert.equal(attempts(second, a).length, 2);
+    const stillRemembered = () => second.store.sqlite.prepare("SELECT count(*) FROM counters WHERE name = 'upstream_outage_since'").pluck().get();
+    await waitFor(() => stillRemembered() === 0, 10_000, 'the outage to be over in the database too');
+  });
+
   test('a request ends one suspension at most: the next, begun after it, holds', async () => {
     const { clock, relay, log, first: a } = await suspendedRelay({ batchDelay: 0, retry: { initialDelay: 60 } });
     clock.advance(1000);
@@ -774,7 +810,7 @@ test('an outage begins at the start of the earliest attempt found failing in it,
   const reach = { label: 'up.test:25', reachedSince: () => false, setupsSettled: () => undefined };
   const clock = new ManualClock();
   const outages: number[] = [];
-  const suspension = new UpstreamSuspension(reach, 60_000, clock, pino({ level: 'silent' }), () => 0, (since) => outages.push(since));
+  const suspension = new UpstreamSuspension(reach, 60_000, clock, pino({ level: 'silent' }), () => 0, { reachedAgain: (since) => outages.push(since) });
   const unreachable = { ...uniformResult('up.test:25', 1, 'deferred', 'connect ECONNREFUSED'), unreachable: true };
   const begun = clock.now();
   clock.advance(1500);
